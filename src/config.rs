@@ -1,0 +1,285 @@
+//! The configuration: one TOML file, environment overrides `DARKWATCH__SECTION__KEY`,
+//! typed sections with `deny_unknown_fields`, and semantic validation.
+//!
+//! The binary loads a [`DarkwatchConfig`] here and hands typed sections to the parts
+//! that `build()` from them; the library never reads the environment itself except
+//! through [`load`], which the binary calls.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{OutputKind, ScalerKind};
+use crate::ring::FullPolicy;
+use crate::score::{Head, HeadKind};
+use crate::train::TrainConfig;
+
+/// Prefix of environment overrides: `DARKWATCH__TRAIN__EPOCHS_MAX=50`.
+pub const ENV_PREFIX: &str = "DARKWATCH";
+
+/// The whole configuration. Every section has documented defaults, so an empty file is valid.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DarkwatchConfig {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub score: ScoreConfig,
+    pub pipeline: PipelineConfig,
+    pub input: InputConfig,
+}
+
+/// Shape of the autoencoder that `train` builds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `probabilistic` (mean and variance outputs, Gaussian NLL; needed by `wnll`) or `plain` (MSE).
+    pub kind: OutputKind,
+    /// Hidden layer widths; empty means the MSS-PAE rule for the input dimension.
+    pub hidden_sizes: Vec<usize>,
+    /// Feature scaling fitted on the training data: `z_score` or `min_max`.
+    pub scaler: ScalerKind,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            kind: OutputKind::Probabilistic,
+            hidden_sizes: Vec::new(),
+            scaler: ScalerKind::ZScore,
+        }
+    }
+}
+
+/// How frames are scored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoreConfig {
+    /// `wnll` (weighted Gaussian NLL), `mse`, or `max_abs`.
+    pub head: HeadKind,
+    /// wnll weight of the variance-normalised error.
+    pub wnll_alpha: f32,
+    /// wnll weight of the log-variance.
+    pub wnll_beta: f32,
+    /// Contributing features reported per frame (at most 16).
+    pub top_contributions: usize,
+}
+
+impl Default for ScoreConfig {
+    fn default() -> Self {
+        ScoreConfig {
+            head: HeadKind::Wnll,
+            wnll_alpha: 0.5,
+            wnll_beta: 2.0,
+            top_contributions: 3,
+        }
+    }
+}
+
+impl ScoreConfig {
+    /// The head this section describes.
+    pub fn head(&self) -> Head {
+        Head {
+            kind: self.head,
+            alpha: self.wnll_alpha,
+            beta: self.wnll_beta,
+        }
+    }
+}
+
+/// Most contributions a frame can carry (fixed so records need no allocation).
+pub const MAX_TOP_CONTRIBUTIONS: usize = 16;
+
+/// The ring and the scorer thread.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Frames the source-to-scorer ring holds.
+    pub ring_capacity_frames: usize,
+    /// Most frames the scorer drains and scores as one micro-batch.
+    pub batch_max_frames: usize,
+    /// What a live source does when the ring is full: `drop_newest` (counted) or `block`.
+    /// File replay always blocks, so a replay never loses a frame.
+    pub full_policy: FullPolicy,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            ring_capacity_frames: 4096,
+            batch_max_frames: 256,
+            full_policy: FullPolicy::DropNewest,
+        }
+    }
+}
+
+/// How input files are read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// CSV column holding timestamps; empty means auto-detect `timestamp`, `time` or `ts`.
+    pub timestamp_column: String,
+}
+
+/// A configuration that could not be loaded or is invalid. Its message names the file,
+/// the key and the reason; the binary exits with 78 (EX_CONFIG) on it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {reason}")]
+    Load { file: String, reason: String },
+    #[error("{file}: key `{key}`: {reason}")]
+    Invalid { file: String, key: String, reason: String },
+}
+
+/// Loads `path` (or only the defaults when `None`) with environment overrides from `env`
+/// (pairs of name and value; the binary passes `std::env::vars()`), then validates it.
+///
+/// # Errors
+/// Unreadable or malformed file, unknown key, wrong type, or a value out of range.
+pub fn load<I>(path: Option<&Path>, env: I) -> Result<DarkwatchConfig, ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let file = path.map_or_else(|| "(defaults)".to_string(), |p| p.display().to_string());
+    let mut builder = config::Config::builder();
+    if let Some(p) = path {
+        if !p.is_file() {
+            return Err(ConfigError::Load {
+                file,
+                reason: "no such file".into(),
+            });
+        }
+        builder = builder.add_source(config::File::from(PathBuf::from(p)).format(config::FileFormat::Toml));
+    }
+    let overrides: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .collect();
+    let env_names: Vec<String> = overrides.keys().cloned().collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("model.hidden_sizes")
+            .source(Some(overrides)),
+    );
+    let source = if env_names.is_empty() {
+        file.clone()
+    } else {
+        format!("{file} (with environment {})", env_names.join(", "))
+    };
+    let cfg: DarkwatchConfig = builder
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigError::Load {
+            file: source.clone(),
+            reason: e.to_string(),
+        })?;
+    cfg.validate().map_err(|(key, reason)| ConfigError::Invalid {
+        file: source,
+        key,
+        reason,
+    })?;
+    Ok(cfg)
+}
+
+impl DarkwatchConfig {
+    /// Semantic checks the types cannot express. Returns the dotted key and the reason.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        self.train
+            .validate()
+            .map_err(|(k, r)| (format!("train.{k}"), r))?;
+        if self.model.hidden_sizes.contains(&0) {
+            return Err(("model.hidden_sizes".into(), "layer widths must be at least 1".into()));
+        }
+        self.score
+            .head()
+            .check(self.model.kind)
+            .map_err(|e| ("score.head".to_string(), e.to_string()))?;
+        if !(1..=MAX_TOP_CONTRIBUTIONS).contains(&self.score.top_contributions) {
+            return Err((
+                "score.top_contributions".into(),
+                format!("must be between 1 and {MAX_TOP_CONTRIBUTIONS}, got {}", self.score.top_contributions),
+            ));
+        }
+        if self.pipeline.ring_capacity_frames == 0 {
+            return Err(("pipeline.ring_capacity_frames".into(), "must be at least 1".into()));
+        }
+        if self.pipeline.batch_max_frames == 0 {
+            return Err(("pipeline.batch_max_frames".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (what `darkwatch print-config` shows).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn shipped_default_file_equals_builtin_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/darkwatch.toml");
+        let cfg = load(Some(&path), Vec::new()).unwrap();
+        assert_eq!(cfg, DarkwatchConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let f = write("[train]\nepochs_maxx = 3\n");
+        let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("epochs_maxx"), "{err}");
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let f = write("[train]\nepochs_max = 3\n");
+        let env = vec![
+            ("DARKWATCH__TRAIN__EPOCHS_MAX".to_string(), "7".to_string()),
+            ("DARKWATCH__MODEL__HIDDEN_SIZES".to_string(), "8,4,8".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let cfg = load(Some(f.path()), env).unwrap();
+        assert_eq!(cfg.train.epochs_max, 7);
+        assert_eq!(cfg.model.hidden_sizes, vec![8, 4, 8]);
+    }
+
+    #[test]
+    fn semantic_error_names_key() {
+        let f = write("[model]\nkind = \"plain\"\n[score]\nhead = \"wnll\"\n");
+        match load(Some(f.path()), Vec::new()).unwrap_err() {
+            ConfigError::Invalid { key, .. } => assert_eq!(key, "score.head"),
+            e => panic!("wrong error {e}"),
+        }
+        let f = write("[pipeline]\nbatch_max_frames = 0\n");
+        let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("pipeline.batch_max_frames"), "{err}");
+    }
+
+    #[test]
+    fn bad_type_and_missing_file_are_errors() {
+        let f = write("[train]\nepochs_max = \"many\"\n");
+        assert!(load(Some(f.path()), Vec::new()).is_err());
+        assert!(load(Some(Path::new("/nonexistent/x.toml")), Vec::new()).is_err());
+    }
+
+    #[test]
+    fn print_config_round_trips() {
+        let cfg = DarkwatchConfig::default();
+        let f = write(&cfg.to_toml());
+        assert_eq!(load(Some(f.path()), Vec::new()).unwrap(), cfg);
+    }
+}

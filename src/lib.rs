@@ -1,0 +1,28 @@
+//! darkwatch: a streaming anomaly-detection agent.
+//!
+//! # Layout
+//!
+//! The modules follow the data flow of `DESIGN.md`:
+//!
+//! - [`config`]: the TOML configuration (`DarkwatchConfig`), environment overrides, validation.
+//! - [`ingest`]: file inputs (CSV, NPY, label files) and the file source that replays them.
+//! - [`ring`]: the lock-free SPSC frame ring between a source and the scorer, with its full policy.
+//! - [`model`]: the dense autoencoder (plain or probabilistic), its scaler and its model directory.
+//! - [`train`]: Adam, mini-batches and early stopping for the autoencoder.
+//! - [`score`]: score heads (`mse`, `max_abs`, `wnll`) with per-feature contributions.
+//! - [`pipeline`]: the scorer thread that drains the ring in micro-batches and feeds sinks.
+//! - [`eval`]: point-wise AUROC / AUPRC / best-F1 (and the labelled point-adjusted F1).
+//! - [`bench`]: the operator-facing latency and throughput summary.
+//! - [`stats`]: small allocation-free helpers (latency histogram, top-k selection).
+
+pub mod bench;
+// pub mod config;
+pub mod eval;
+pub mod ingest;
+pub mod model;
+pub mod pipeline;
+pub mod ring;
+pub mod rng;
+// pub mod score;
+pub mod stats;
+pub mod train;
