@@ -127,7 +127,11 @@ pub enum ConfigError {
     #[error("{file}: {reason}")]
     Load { file: String, reason: String },
     #[error("{file}: key `{key}`: {reason}")]
-    Invalid { file: String, key: String, reason: String },
+    Invalid {
+        file: String,
+        key: String,
+        reason: String,
+    },
 }
 
 /// Loads `path` (or only the defaults when `None`) with environment overrides from `env`
@@ -148,7 +152,8 @@ where
                 reason: "no such file".into(),
             });
         }
-        builder = builder.add_source(config::File::from(PathBuf::from(p)).format(config::FileFormat::Toml));
+        builder = builder
+            .add_source(config::File::from(PathBuf::from(p)).format(config::FileFormat::Toml));
     }
     let overrides: config::Map<String, String> = env
         .into_iter()
@@ -176,11 +181,12 @@ where
             file: source.clone(),
             reason: e.to_string(),
         })?;
-    cfg.validate().map_err(|(key, reason)| ConfigError::Invalid {
-        file: source,
-        key,
-        reason,
-    })?;
+    cfg.validate()
+        .map_err(|(key, reason)| ConfigError::Invalid {
+            file: source,
+            key,
+            reason,
+        })?;
     Ok(cfg)
 }
 
@@ -191,7 +197,10 @@ impl DarkwatchConfig {
             .validate()
             .map_err(|(k, r)| (format!("train.{k}"), r))?;
         if self.model.hidden_sizes.contains(&0) {
-            return Err(("model.hidden_sizes".into(), "layer widths must be at least 1".into()));
+            return Err((
+                "model.hidden_sizes".into(),
+                "layer widths must be at least 1".into(),
+            ));
         }
         self.score
             .head()
@@ -200,14 +209,23 @@ impl DarkwatchConfig {
         if !(1..=MAX_TOP_CONTRIBUTIONS).contains(&self.score.top_contributions) {
             return Err((
                 "score.top_contributions".into(),
-                format!("must be between 1 and {MAX_TOP_CONTRIBUTIONS}, got {}", self.score.top_contributions),
+                format!(
+                    "must be between 1 and {MAX_TOP_CONTRIBUTIONS}, got {}",
+                    self.score.top_contributions
+                ),
             ));
         }
         if self.pipeline.ring_capacity_frames == 0 {
-            return Err(("pipeline.ring_capacity_frames".into(), "must be at least 1".into()));
+            return Err((
+                "pipeline.ring_capacity_frames".into(),
+                "must be at least 1".into(),
+            ));
         }
         if self.pipeline.batch_max_frames == 0 {
-            return Err(("pipeline.batch_max_frames".into(), "must be at least 1".into()));
+            return Err((
+                "pipeline.batch_max_frames".into(),
+                "must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -249,7 +267,10 @@ mod tests {
         let f = write("[train]\nepochs_max = 3\n");
         let env = vec![
             ("DARKWATCH__TRAIN__EPOCHS_MAX".to_string(), "7".to_string()),
-            ("DARKWATCH__MODEL__HIDDEN_SIZES".to_string(), "8,4,8".to_string()),
+            (
+                "DARKWATCH__MODEL__HIDDEN_SIZES".to_string(),
+                "8,4,8".to_string(),
+            ),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
         let cfg = load(Some(f.path()), env).unwrap();

@@ -16,13 +16,14 @@
 //! - [`stats`]: small allocation-free helpers (latency histogram, top-k selection).
 
 pub mod bench;
-// pub mod config;
+pub mod config;
 pub mod eval;
 pub mod ingest;
 pub mod model;
 pub mod pipeline;
+pub mod replay;
 pub mod ring;
 pub mod rng;
-// pub mod score;
+pub mod score;
 pub mod stats;
 pub mod train;

@@ -1,1 +1,255 @@
-fn main(){}
+//! The `darkwatch` binary: parses arguments, sets up logging, calls the library, and maps
+//! errors to exit codes (0 ok, 1 failure, 2 usage, 78 configuration error).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use darkwatch::config::{self, ConfigError, DarkwatchConfig};
+use darkwatch::ingest::{self, TableOptions};
+use darkwatch::model::{self, Model};
+use darkwatch::replay::{self, ReplayRequest};
+use darkwatch::score::HeadKind;
+
+/// Exit status for configuration errors (sysexits EX_CONFIG); the systemd unit does not restart on it.
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "darkwatch",
+    version,
+    about = "Streaming anomaly detection with autoencoders"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train an autoencoder on a CSV or NPY file and write a model directory.
+    Train {
+        /// Training data (.csv with a header row, or 2-D .npy).
+        #[arg(long)]
+        input: PathBuf,
+        /// Model directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Configuration file (default: the documented defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Replay a recorded file through the scoring pipeline and evaluate it.
+    Replay {
+        /// Model directory written by `darkwatch train`.
+        #[arg(long)]
+        model: PathBuf,
+        /// Recorded frames (.csv or .npy) with the model's features.
+        #[arg(long)]
+        input: PathBuf,
+        /// One 0/1 label per input row (1 = anomalous): enables AUROC / AUPRC / F1.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Write one CSV row per frame (score and top contributions) here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Score with this head instead of the model's own.
+        #[arg(long, value_enum)]
+        head: Option<HeadArg>,
+        /// Pace the replay at this many frames per second (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Measure scoring latency and throughput on this machine.
+    Bench {
+        /// Model to time (default: an untrained model of the default shape for 38 features).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Frames timed one at a time.
+        #[arg(long, default_value_t = 20_000)]
+        frames: usize,
+    },
+    /// Print a model directory's metadata.
+    Inspect {
+        dir: PathBuf,
+        /// Print the raw model.json instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a configuration file without starting anything.
+    Validate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the effective configuration (file, then environment overrides, over defaults).
+    PrintConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HeadArg {
+    Mse,
+    MaxAbs,
+    Wnll,
+}
+
+impl From<HeadArg> for HeadKind {
+    fn from(h: HeadArg) -> Self {
+        match h {
+            HeadArg::Mse => HeadKind::Mse,
+            HeadArg::MaxAbs => HeadKind::MaxAbs,
+            HeadArg::Wnll => HeadKind::Wnll,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("darkwatch: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<DarkwatchConfig> {
+    Ok(config::load(path, std::env::vars())?)
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Train { input, out, config } => train(&input, &out, config.as_deref()),
+        Command::Replay {
+            model,
+            input,
+            labels,
+            out,
+            head,
+            rate,
+            config,
+        } => {
+            let cfg = load_config(config.as_deref())?;
+            let req = ReplayRequest {
+                model_dir: model,
+                input,
+                labels,
+                out_csv: out,
+                rate,
+                head: head.map(Into::into),
+            };
+            let outcome = replay::replay(&req, &cfg)?;
+            print!("{outcome}");
+            if let Some(path) = &req.out_csv {
+                println!("scores      {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Bench { model, frames } => {
+            let model = match model {
+                Some(dir) => Model::load(&dir)?,
+                None => model::fit::synthetic(38, 0),
+            };
+            let opts = darkwatch::bench::BenchOptions {
+                latency_frames: frames.max(100),
+                ..Default::default()
+            };
+            eprintln!("darkwatch: timing each head (a few seconds)…");
+            print!("{}", darkwatch::bench::run(Arc::new(model), &opts));
+            Ok(())
+        }
+        Command::Inspect { dir, json } => {
+            let model = Model::load(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&model.meta)?);
+            } else {
+                print!("{}", model::io::describe(&model, &dir));
+            }
+            Ok(())
+        }
+        Command::Validate { config } => {
+            let cfg = load_config(Some(&config))?;
+            cfg.validate().ok();
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::PrintConfig { config } => {
+            print!("{}", load_config(config.as_deref())?.to_toml());
+            Ok(())
+        }
+    }
+}
+
+fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
+    let cfg = load_config(config)?;
+    let opts = TableOptions {
+        timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
+    };
+    let table = ingest::read_table(input, &opts)?;
+    let sha = ingest::file_sha256(input)?;
+    eprintln!(
+        "darkwatch: training on {} ({} rows × {} features)",
+        input.display(),
+        table.values.nrows(),
+        table.values.ncols()
+    );
+    let bar = ProgressBar::new(cfg.train.epochs_max as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let (model, report) = model::fit::fit(&table, &sha, &cfg, &mut |e| {
+        bar.set_position(e.epoch as u64);
+        match e.val_loss {
+            Some(v) => bar.set_message(format!("loss {:.4} val {:.4}", e.train_loss, v)),
+            None => bar.set_message(format!("loss {:.4}", e.train_loss)),
+        }
+    })
+    .context("training failed")?;
+    bar.finish_and_clear();
+    model.save(out)?;
+    let p = &model.meta.provenance;
+    println!(
+        "trained {} in {:.1} s: {} epochs (best {}{}), train loss {:.4}, validation loss {}",
+        model.meta.id,
+        p.train_seconds,
+        report.epochs_run,
+        report.best_epoch,
+        if report.stopped_early {
+            ", stopped early"
+        } else {
+            ""
+        },
+        report.train_losses.last().copied().unwrap_or(f64::NAN),
+        report
+            .best_val_loss
+            .map_or("n/a".into(), |v| format!("{v:.4}")),
+    );
+    println!(
+        "calibration: training scores q0.99 {:.4}, q0.999 {:.4}",
+        model.meta.calibration.quantile(0.99).unwrap_or(f32::NAN),
+        model.meta.calibration.quantile(0.999).unwrap_or(f32::NAN)
+    );
+    println!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,1 +1,515 @@
-//! (in progress)
+//! The one scoring pipeline: a source pushes frames into the [`crate::ring`], a named
+//! scorer thread drains bounded micro-batches, scales them, runs the model and the score
+//! head, and hands [`ScoredFrame`]s through a second ring to a sink thread.
+//!
+//! `replay` runs exactly this with a [`FileSource`]; the agent runs it with live sources.
+//! There is no second, batch-only scoring path: calibration at training time uses the
+//! same [`Scorer`] that the scorer thread owns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use ringbuf::traits::{Consumer, Observer, Producer, Split};
+use ringbuf::{HeapCons, HeapProd, HeapRb};
+
+use crate::config::{MAX_TOP_CONTRIBUTIONS, PipelineConfig};
+use crate::model::{Model, Workspace};
+use crate::ring::{FrameConsumer, FrameMeta, FrameProducer, FullPolicy, Pushed, frame_ring};
+use crate::score::{Head, HeadError};
+use crate::stats::{LatencyHistogram, top_k_indices};
+
+/// One feature's share of a frame's score.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Contribution {
+    pub feature: u32,
+    pub value: f32,
+}
+
+/// A scored frame as it leaves the scorer: fixed size, so the output ring never allocates.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoredFrame {
+    pub meta: FrameMeta,
+    pub score: f32,
+    /// Largest contributions first; only the first `n_top` are set.
+    pub top: [Contribution; MAX_TOP_CONTRIBUTIONS],
+    pub n_top: u8,
+    /// From ring entry to score, in ns.
+    pub latency_ns: u64,
+}
+
+impl Default for ScoredFrame {
+    fn default() -> Self {
+        ScoredFrame {
+            meta: FrameMeta::default(),
+            score: 0.0,
+            top: [Contribution::default(); MAX_TOP_CONTRIBUTIONS],
+            n_top: 0,
+            latency_ns: 0,
+        }
+    }
+}
+
+impl ScoredFrame {
+    pub fn top(&self) -> &[Contribution] {
+        &self.top[..self.n_top as usize]
+    }
+}
+
+/// The scoring step for one micro-batch: scale in place, forward pass, score head,
+/// contributions. Owns every buffer it needs, sized once for `max_batch` rows.
+pub struct Scorer {
+    model: Arc<Model>,
+    head: Head,
+    ws: Workspace,
+    input: Array2<f32>,
+    scaled: Array2<f32>,
+    scores: Vec<f32>,
+    contrib: Array2<f32>,
+    top_k: usize,
+}
+
+impl Scorer {
+    /// # Errors
+    /// The head cannot run on this model (e.g. `wnll` on a plain model).
+    pub fn new(
+        model: Arc<Model>,
+        head: Head,
+        max_batch: usize,
+        top_k: usize,
+    ) -> Result<Self, HeadError> {
+        head.check(model.ae.output)?;
+        let d = model.n_features();
+        let max_batch = max_batch.max(1);
+        Ok(Scorer {
+            ws: model.ae.workspace(max_batch),
+            input: Array2::zeros((max_batch, d)),
+            scaled: Array2::zeros((max_batch, d)),
+            scores: vec![0.0; max_batch],
+            contrib: Array2::zeros((max_batch, d)),
+            top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
+            model,
+            head,
+        })
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.input.nrows()
+    }
+
+    pub fn n_features(&self) -> usize {
+        self.input.ncols()
+    }
+
+    /// The raw input rows, `max_batch × d`, row-major: fill the first n rows, then [`Self::score`].
+    pub fn input_mut(&mut self) -> &mut [f32] {
+        self.input
+            .as_slice_mut()
+            .expect("owned arrays are contiguous")
+    }
+
+    /// Scores the first `n` rows of the input buffer; returns their scores.
+    pub fn score(&mut self, n: usize) -> &[f32] {
+        let n = n.min(self.max_batch());
+        let scaler = &self.model.meta.scaler;
+        for (src, mut dst) in self
+            .input
+            .rows()
+            .into_iter()
+            .zip(self.scaled.rows_mut())
+            .take(n)
+        {
+            dst.assign(&src);
+            scaler.apply_row(dst);
+        }
+        let x = self.scaled.slice(ndarray::s![..n, ..]);
+        let recon = self.model.ae.forward(x, &mut self.ws);
+        self.head
+            .score_batch(x, &recon, &mut self.scores[..n], self.contrib.view_mut());
+        &self.scores[..n]
+    }
+
+    /// The per-feature contributions of the last scored batch (n × d).
+    pub fn contributions(&self, n: usize) -> ArrayView2<'_, f32> {
+        self.contrib.slice(ndarray::s![..n, ..])
+    }
+
+    /// Fills the top contributions of row `i` of the last batch; returns how many.
+    pub fn top_contributions(
+        &self,
+        i: usize,
+        out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS],
+    ) -> u8 {
+        let mut idx = [0usize; MAX_TOP_CONTRIBUTIONS];
+        let row = self.contrib.row(i);
+        let row = row
+            .as_slice()
+            .expect("rows of an owned array are contiguous");
+        top_k_indices(row, &mut idx[..self.top_k]);
+        for (o, &j) in out.iter_mut().zip(&idx[..self.top_k]) {
+            *o = Contribution {
+                feature: j as u32,
+                value: row[j],
+            };
+        }
+        self.top_k as u8
+    }
+
+    /// Scores a whole matrix in chunks (training-time calibration uses this, so there is
+    /// one scoring path). Returns one score per row.
+    pub fn score_all(&mut self, x: ArrayView2<f32>) -> Vec<f32> {
+        let d = self.n_features();
+        let mut out = Vec::with_capacity(x.nrows());
+        for chunk in x.axis_chunks_iter(ndarray::Axis(0), self.max_batch()) {
+            let n = chunk.nrows();
+            let mut dst = ArrayViewMut2::from_shape((n, d), &mut self.input_mut()[..n * d])
+                .expect("buffer sized for max_batch");
+            dst.assign(&chunk);
+            out.extend_from_slice(self.score(n));
+        }
+        out
+    }
+}
+
+/// What feeds the pipeline. Runs on its own thread and pushes frames until it is done or
+/// `stop` is set.
+pub trait Source: Send + 'static {
+    /// Runs to completion; returns the number of frames it offered.
+    fn run(self: Box<Self>, producer: &mut FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64;
+}
+
+/// What consumes scored frames. Runs on the sink thread.
+pub trait Sink: Send + 'static {
+    /// Takes one scored frame. Must not block for long: the scorer waits on a full output ring.
+    fn accept(&mut self, frame: &ScoredFrame);
+    /// Called once after the last frame.
+    fn finish(&mut self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+}
+
+/// The pipeline's monotonic clock (ns since the pipeline started).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock {
+            start: Instant::now(),
+        }
+    }
+    #[inline]
+    pub fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Replays the rows of a matrix as one stream, optionally paced to a frame rate.
+pub struct FileSource {
+    values: Array2<f32>,
+    timestamps: Option<Vec<f64>>,
+    /// Frames per second; `None` replays as fast as the scorer takes them.
+    rate: Option<f64>,
+}
+
+impl FileSource {
+    pub fn new(values: Array2<f32>, timestamps: Option<Vec<f64>>, rate: Option<f64>) -> Self {
+        let values = values.as_standard_layout().into_owned();
+        FileSource {
+            values,
+            timestamps,
+            rate,
+        }
+    }
+}
+
+impl Source for FileSource {
+    fn run(self: Box<Self>, producer: &mut FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64 {
+        let period_ns = self.rate.filter(|r| *r > 0.0).map(|r| 1e9 / r);
+        let start = clock.now_ns();
+        let mut offered = 0;
+        for (i, row) in self.values.rows().into_iter().enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Some(p) = period_ns {
+                let due = start + (i as f64 * p) as u64;
+                loop {
+                    let now = clock.now_ns();
+                    if now >= due {
+                        break;
+                    }
+                    let wait = due - now;
+                    if wait > 200_000 {
+                        thread::sleep(Duration::from_nanos(wait - 100_000));
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            let meta = FrameMeta {
+                seq: i as u64,
+                stream: 0,
+                timestamp: self.timestamps.as_ref().map_or(f64::NAN, |t| t[i]),
+                enqueued_ns: clock.now_ns(),
+            };
+            offered += 1;
+            let values = row.to_slice().expect("standard layout rows are contiguous");
+            if producer.push(meta, values) == Pushed::Closed {
+                break;
+            }
+        }
+        offered
+    }
+}
+
+/// Counters and timings of one pipeline run.
+#[derive(Debug, Clone)]
+pub struct PipelineReport {
+    pub frames_offered: u64,
+    pub frames_accepted: u64,
+    pub frames_dropped: u64,
+    /// Frames with NaN/Inf values: counted and skipped, never scored.
+    pub frames_invalid: u64,
+    pub frames_scored: u64,
+    pub batches: u64,
+    pub elapsed: Duration,
+    /// Ring entry to score, per frame (includes queueing).
+    pub latency: LatencyHistogram,
+    /// Scoring compute per frame (batch time / batch size): what the model itself costs.
+    pub compute: LatencyHistogram,
+}
+
+impl PipelineReport {
+    pub fn frames_per_second(&self) -> f64 {
+        self.frames_scored as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Errors that stop a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    #[error("{0} thread panicked")]
+    Panicked(&'static str),
+    #[error("sink failed: {0}")]
+    Sink(std::io::Error),
+    #[error("cannot start the {name} thread: {source}")]
+    Spawn {
+        name: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Runs a source to its end through the scorer into the sink, on named threads.
+/// `policy` is the ring's full policy (replay passes `Block`).
+///
+/// # Errors
+/// The head does not fit the model, a thread panicked, or the sink failed to finish.
+pub fn run<S: Source, K: Sink>(
+    model: Arc<Model>,
+    head: Head,
+    top_k: usize,
+    cfg: &PipelineConfig,
+    policy: FullPolicy,
+    source: S,
+    mut sink: K,
+) -> Result<(PipelineReport, K), PipelineError> {
+    let d = model.n_features();
+    let mut scorer = Scorer::new(model, head, cfg.batch_max_frames, top_k)?;
+    let (mut producer, consumer) = frame_ring(cfg.ring_capacity_frames, d, policy);
+    let (out_p, out_c) = HeapRb::<ScoredFrame>::new(cfg.ring_capacity_frames.max(1)).split();
+    let ring_stats = producer.stats();
+    let clock = Clock::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let invalid = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+
+    let spawn = |name: &'static str| thread::Builder::new().name(format!("darkwatch-{name}"));
+    let sink_thread = spawn("sink")
+        .spawn(move || {
+            drain_sink(out_c, &mut sink);
+            sink.finish().map(|()| sink)
+        })
+        .map_err(|source| PipelineError::Spawn {
+            name: "sink",
+            source,
+        })?;
+    let inv = invalid.clone();
+    let scorer_thread = spawn("scorer")
+        .spawn(move || score_loop(&mut scorer, consumer, out_p, &clock, &inv))
+        .map_err(|source| PipelineError::Spawn {
+            name: "scorer",
+            source,
+        })?;
+    let source_stop = stop.clone();
+    let source_thread = spawn("source")
+        .spawn(move || {
+            let offered = Box::new(source).run(&mut producer, &clock, &source_stop);
+            drop(producer);
+            offered
+        })
+        .map_err(|source| PipelineError::Spawn {
+            name: "source",
+            source,
+        })?;
+
+    let offered = source_thread
+        .join()
+        .map_err(|_| PipelineError::Panicked("source"))?;
+    let (scored, batches, latency, compute) = scorer_thread
+        .join()
+        .map_err(|_| PipelineError::Panicked("scorer"))?;
+    let sink = sink_thread
+        .join()
+        .map_err(|_| PipelineError::Panicked("sink"))?
+        .map_err(PipelineError::Sink)?;
+    let report = PipelineReport {
+        frames_offered: offered,
+        frames_accepted: ring_stats.pushed.load(Ordering::Relaxed),
+        frames_dropped: ring_stats.dropped.load(Ordering::Relaxed),
+        frames_invalid: invalid.load(Ordering::Relaxed),
+        frames_scored: scored,
+        batches,
+        elapsed: started.elapsed(),
+        latency,
+        compute,
+    };
+    Ok((report, sink))
+}
+
+/// How long the scorer spins before parking when the ring is empty.
+const IDLE_SPIN: Duration = Duration::from_micros(50);
+/// Longest park; the producer unparks the scorer sooner when it pushes.
+const IDLE_PARK: Duration = Duration::from_millis(5);
+
+fn score_loop(
+    scorer: &mut Scorer,
+    mut consumer: FrameConsumer,
+    mut out: HeapProd<ScoredFrame>,
+    clock: &Clock,
+    invalid: &AtomicU64,
+) -> (u64, u64, LatencyHistogram, LatencyHistogram) {
+    consumer.register_current_thread();
+    let d = scorer.n_features();
+    let max_batch = scorer.max_batch();
+    let mut metas = vec![FrameMeta::default(); max_batch];
+    let mut latency = LatencyHistogram::new();
+    let mut compute = LatencyHistogram::new();
+    let (mut scored, mut batches) = (0u64, 0u64);
+    let mut idle_since: Option<u64> = None;
+    let mut frame = ScoredFrame::default();
+    loop {
+        let n = consumer.pop_batch(&mut metas, scorer.input_mut());
+        if n == 0 {
+            if consumer.is_finished() {
+                break;
+            }
+            let now = clock.now_ns();
+            let since = *idle_since.get_or_insert(now);
+            if now - since < IDLE_SPIN.as_nanos() as u64 {
+                std::hint::spin_loop();
+            } else {
+                consumer.wait(IDLE_PARK);
+            }
+            continue;
+        }
+        idle_since = None;
+        let t0 = clock.now_ns();
+        // A stream may carry NaN/Inf: count and skip those frames, compacting the batch.
+        let n = compact_finite(scorer.input_mut(), &mut metas[..n], d, invalid);
+        if n == 0 {
+            continue;
+        }
+        scorer.score(n);
+        let t1 = clock.now_ns();
+        compute.record((t1 - t0) / n as u64);
+        batches += 1;
+        for (i, meta) in metas[..n].iter().enumerate() {
+            frame.meta = *meta;
+            frame.score = scorer.scores[i];
+            frame.n_top = scorer.top_contributions(i, &mut frame.top);
+            frame.latency_ns = t1.saturating_sub(meta.enqueued_ns);
+            latency.record(frame.latency_ns);
+            let mut spins = 0u32;
+            while out.try_push(frame).is_err() {
+                if !out.read_is_held() {
+                    return (scored, batches, latency, compute);
+                }
+                spins += 1;
+                if spins < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    thread::sleep(Duration::from_micros(20));
+                }
+            }
+            scored += 1;
+        }
+    }
+    (scored, batches, latency, compute)
+}
+
+/// Moves rows holding only finite values to the front; returns how many there are.
+fn compact_finite(
+    values: &mut [f32],
+    metas: &mut [FrameMeta],
+    d: usize,
+    invalid: &AtomicU64,
+) -> usize {
+    let mut keep = 0;
+    for i in 0..metas.len() {
+        let ok = values[i * d..(i + 1) * d].iter().all(|v| v.is_finite());
+        if !ok {
+            invalid.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if keep != i {
+            values.copy_within(i * d..(i + 1) * d, keep * d);
+            metas[keep] = metas[i];
+        }
+        keep += 1;
+    }
+    if keep < metas.len() {
+        tracing::warn!(
+            skipped = metas.len() - keep,
+            "Frames with NaN/Inf values skipped."
+        );
+    }
+    keep
+}
+
+fn drain_sink<K: Sink>(mut input: HeapCons<ScoredFrame>, sink: &mut K) {
+    let mut spins = 0u32;
+    loop {
+        match input.try_pop() {
+            Some(frame) => {
+                spins = 0;
+                sink.accept(&frame);
+            }
+            None => {
+                if !input.write_is_held() && input.is_empty() {
+                    return;
+                }
+                spins += 1;
+                if spins < 64 {
+                    std::hint::spin_loop();
+                } else if spins < 128 {
+                    thread::yield_now();
+                } else {
+                    thread::sleep(Duration::from_micros(100));
+                }
+            }
+        }
+    }
+}

@@ -81,7 +81,11 @@ pub struct FrameConsumer {
 }
 
 /// Creates a ring holding `capacity_frames` frames of `dim` values.
-pub fn frame_ring(capacity_frames: usize, dim: usize, policy: FullPolicy) -> (FrameProducer, FrameConsumer) {
+pub fn frame_ring(
+    capacity_frames: usize,
+    dim: usize,
+    policy: FullPolicy,
+) -> (FrameProducer, FrameConsumer) {
     let capacity_frames = capacity_frames.max(1);
     let (meta_p, meta_c) = HeapRb::<FrameMeta>::new(capacity_frames).split();
     let (val_p, val_c) = HeapRb::<f32>::new((capacity_frames * dim).max(1)).split();

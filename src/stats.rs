@@ -93,7 +93,11 @@ impl LatencyHistogram {
     }
 
     pub fn mean_ns(&self) -> f64 {
-        if self.total == 0 { 0.0 } else { self.sum_ns as f64 / self.total as f64 }
+        if self.total == 0 {
+            0.0
+        } else {
+            self.sum_ns as f64 / self.total as f64
+        }
     }
 
     /// The q-quantile (0..=1) in ns: the midpoint of the bucket holding it; 0 if empty.
@@ -107,7 +111,11 @@ impl LatencyHistogram {
             seen += c;
             if seen >= rank {
                 let lo = Self::bucket_floor(i) as f64;
-                let hi = if i + 1 < self.counts.len() { Self::bucket_floor(i + 1) as f64 } else { lo };
+                let hi = if i + 1 < self.counts.len() {
+                    Self::bucket_floor(i + 1) as f64
+                } else {
+                    lo
+                };
                 return ((lo + hi) / 2.0).min(self.max_ns as f64);
             }
         }
@@ -184,7 +192,10 @@ mod tests {
     fn bucket_floors_are_monotonic() {
         for i in 1..OCTAVES * SUB {
             assert!(LatencyHistogram::bucket_floor(i) > LatencyHistogram::bucket_floor(i - 1));
-            assert_eq!(LatencyHistogram::bucket(LatencyHistogram::bucket_floor(i)), i);
+            assert_eq!(
+                LatencyHistogram::bucket(LatencyHistogram::bucket_floor(i)),
+                i
+            );
         }
     }
 

@@ -1,1 +1,701 @@
-//! (in progress)
+//! Training: Adam on shuffled mini-batches, a held-out validation split and early stopping.
+//!
+//! Fed scaled frames (by the trainer thread or the `train` command) and an initialised
+//! [`Autoencoder`]; fits its weights in place with [`Autoencoder::loss_and_grad`] and returns a
+//! [`TrainReport`], which the model directory stores as training provenance. There are no labels
+//! here: early stopping watches the validation loss only.
+
+use ndarray::{Array2, ArrayView2, Axis, Zip, s};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info};
+
+use crate::model::nn::{Gradients, TrainWorkspace};
+use crate::model::{Autoencoder, Dense};
+use crate::rng::Rng;
+
+/// Adam's first-moment decay.
+const BETA1: f64 = 0.9;
+/// Adam's second-moment decay.
+const BETA2: f64 = 0.999;
+/// Adam's denominator guard.
+const ADAM_EPS: f32 = 1e-8;
+
+/// How to train an autoencoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Most passes over the training rows (at least 1).
+    pub epochs_max: usize,
+    /// Rows per Adam step (at least 1); an epoch's last batch may be smaller.
+    pub batch_size: usize,
+    /// Adam's step size (positive).
+    pub learning_rate: f64,
+    /// Share of the rows held out, by a seeded draw before training, to measure the validation
+    /// loss, in [0, 0.5]. With 0 every row trains, every epoch runs and the last weights are kept.
+    pub validation_fraction: f64,
+    /// Stop after this many epochs in a row without a validation-loss improvement of at least
+    /// `min_improvement` (at least 1; set it to `epochs_max` or more to never stop early).
+    pub patience_epochs: usize,
+    /// Relative drop of the validation loss, against the last loss that counted, that resets the
+    /// patience: 1e-4 means 0.01 % (≥ 0).
+    pub min_improvement: f64,
+    /// Seed of the validation split and of each epoch's shuffle.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs_max: 200,
+            batch_size: 256,
+            learning_rate: 1e-3,
+            validation_fraction: 0.1,
+            patience_epochs: 10,
+            min_improvement: 1e-4,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks every value.
+    ///
+    /// # Errors
+    /// The first offending key and why it is wrong.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.epochs_max == 0 {
+            return Err(("epochs_max", "must be at least 1".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(("batch_size", "must be at least 1".into()));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err((
+                "learning_rate",
+                format!("must be a positive number, not {}", self.learning_rate),
+            ));
+        }
+        if !(0.0..=0.5).contains(&self.validation_fraction) {
+            return Err((
+                "validation_fraction",
+                format!("must lie in [0, 0.5], not {}", self.validation_fraction),
+            ));
+        }
+        if self.patience_epochs == 0 {
+            return Err((
+                "patience_epochs",
+                "must be at least 1 (set it to epochs_max or more to never stop early)".into(),
+            ));
+        }
+        if !(self.min_improvement.is_finite() && self.min_improvement >= 0.0) {
+            return Err((
+                "min_improvement",
+                format!("must be a finite number ≥ 0, not {}", self.min_improvement),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one finished epoch reports to the caller's callback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// 1-based.
+    pub epoch: usize,
+    /// The configured upper bound (the run may stop earlier).
+    pub epochs_max: usize,
+    /// Mean training loss over the epoch's batches (weighted by batch size).
+    pub train_loss: f64,
+    /// Loss on the held-out rows after the epoch; `None` without validation.
+    pub val_loss: Option<f64>,
+}
+
+/// How a training run went; stored in the model's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Epochs completed.
+    pub epochs_run: usize,
+    /// 1-based epoch whose weights the model holds: the lowest validation loss, or the last
+    /// epoch without validation.
+    pub best_epoch: usize,
+    /// Validation loss of `best_epoch`; `None` without validation.
+    pub best_val_loss: Option<f64>,
+    /// One per epoch run.
+    pub train_losses: Vec<f64>,
+    /// One per epoch run; empty without validation.
+    pub val_losses: Vec<f64>,
+    /// Whether patience ran out before `epochs_max`.
+    pub stopped_early: bool,
+    /// Rows trained on.
+    pub rows_train: usize,
+    /// Rows held out for validation.
+    pub rows_val: usize,
+}
+
+/// Why training could not run or finish. On any error the model keeps the weights it came with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainError {
+    #[error(
+        "too few rows to train: got {rows}, need at least {needed} \
+         (validation_fraction {validation_fraction} must leave a validation row and a training row)"
+    )]
+    TooFewRows {
+        rows: usize,
+        needed: usize,
+        validation_fraction: f64,
+    },
+    #[error("training data has {got} features, the model takes {expected}")]
+    FeatureMismatch { expected: usize, got: usize },
+    #[error("training data holds a non-finite value at row {row}, column {col}")]
+    NonFiniteInput { row: usize, col: usize },
+    #[error("training diverged at epoch {epoch}: the loss is not finite")]
+    Diverged { epoch: usize },
+    #[error("invalid train config key `{key}`: {reason}")]
+    InvalidConfig { key: &'static str, reason: String },
+}
+
+/// Trains `model` in place on `x` (`[rows, n_features]`, already scaled).
+///
+/// A seeded `validation_fraction` of the rows is held out first. Each epoch shuffles the
+/// training rows (seeded), takes one Adam step per mini-batch, then measures the validation
+/// loss; training stops once `patience_epochs` epochs pass without a relative improvement of
+/// `min_improvement`, and the weights of the lowest validation loss are restored. Without
+/// validation every epoch runs and the last weights stay. `on_epoch` hears about each epoch.
+/// The same seed, data, config and starting model give bit-identical weights.
+///
+/// # Errors
+/// An invalid config, a feature-count mismatch, non-finite input, too few rows for the split,
+/// or a loss that stops being finite ([`TrainError::Diverged`]). The model is then unchanged.
+pub fn train(
+    model: &mut Autoencoder,
+    x: ArrayView2<f32>,
+    cfg: &TrainConfig,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<TrainReport, TrainError> {
+    cfg.validate()
+        .map_err(|(key, reason)| TrainError::InvalidConfig { key, reason })?;
+    if x.ncols() != model.n_features {
+        return Err(TrainError::FeatureMismatch {
+            expected: model.n_features,
+            got: x.ncols(),
+        });
+    }
+    if let Some(((row, col), _)) = x.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(TrainError::NonFiniteInput { row, col });
+    }
+    let needed = rows_needed(cfg.validation_fraction);
+    if x.nrows() < needed {
+        return Err(TrainError::TooFewRows {
+            rows: x.nrows(),
+            needed,
+            validation_fraction: cfg.validation_fraction,
+        });
+    }
+
+    let mut rng = Rng::new(cfg.seed);
+    let (train_idx, val_idx) = split(x.nrows(), cfg.validation_fraction, &mut rng);
+    let x_train = x.select(Axis(0), &train_idx);
+    let x_val = x.select(Axis(0), &val_idx);
+    let (n_train, n_val) = (train_idx.len(), val_idx.len());
+    debug!(rows_train = n_train, rows_val = n_val, "Training starts.");
+
+    let initial = model.layers.clone();
+    let result = fit(model, x_train.view(), x_val.view(), cfg, &mut rng, on_epoch);
+    if result.is_err() {
+        model.layers = initial;
+    }
+    result
+}
+
+/// The epoch loop of [`train`], on rows already split.
+fn fit(
+    model: &mut Autoencoder,
+    x_train: ArrayView2<f32>,
+    x_val: ArrayView2<f32>,
+    cfg: &TrainConfig,
+    rng: &mut Rng,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<TrainReport, TrainError> {
+    let (n_train, n_val, d) = (x_train.nrows(), x_val.nrows(), model.n_features);
+    let batch = cfg.batch_size.min(n_train);
+    let mut order: Vec<usize> = (0..n_train).collect();
+    let mut xb = Array2::<f32>::zeros((batch, d));
+    let mut tws: TrainWorkspace = model.train_workspace(batch);
+    let mut grads = Gradients::zeros(model);
+    let mut adam = Adam::new(model, cfg.learning_rate);
+    let mut val_ws = model.workspace(256.min(n_val.max(1)));
+
+    let mut report = TrainReport {
+        epochs_run: 0,
+        best_epoch: 0,
+        best_val_loss: None,
+        train_losses: Vec::new(),
+        val_losses: Vec::new(),
+        stopped_early: false,
+        rows_train: n_train,
+        rows_val: n_val,
+    };
+    let mut best: Option<(f64, Vec<Dense>)> = None;
+    // Validation loss at the last improvement that counted, and epochs since.
+    let mut reference = f64::INFINITY;
+    let mut stale = 0;
+
+    for epoch in 1..=cfg.epochs_max {
+        rng.shuffle(&mut order);
+        let mut total = 0.0;
+        for chunk in order.chunks(batch) {
+            let mut xb = xb.slice_mut(s![..chunk.len(), ..]);
+            for (mut row, &i) in xb.rows_mut().into_iter().zip(chunk) {
+                row.assign(&x_train.row(i));
+            }
+            let loss = model.loss_and_grad(xb.view(), &mut tws, &mut grads);
+            if !loss.is_finite() {
+                return Err(TrainError::Diverged { epoch });
+            }
+            total += loss * chunk.len() as f64;
+            adam.step(model, &grads);
+        }
+        let train_loss = total / n_train as f64;
+        let val_loss = (n_val > 0).then(|| model.loss(x_val, &mut val_ws));
+        if val_loss.is_some_and(|v| !v.is_finite()) {
+            return Err(TrainError::Diverged { epoch });
+        }
+        report.epochs_run = epoch;
+        report.train_losses.push(train_loss);
+        debug!(epoch, train_loss, val_loss, "Epoch finished.");
+        on_epoch(&EpochReport {
+            epoch,
+            epochs_max: cfg.epochs_max,
+            train_loss,
+            val_loss,
+        });
+
+        let Some(val) = val_loss else {
+            report.best_epoch = epoch;
+            continue;
+        };
+        report.val_losses.push(val);
+        if best.as_ref().is_none_or(|(b, _)| val < *b) {
+            best = Some((val, model.layers.clone()));
+            report.best_epoch = epoch;
+            report.best_val_loss = Some(val);
+        }
+        // The loss may be negative (NLL), so "relative" is against its magnitude.
+        if reference.is_infinite()
+            || (val < reference && reference - val >= cfg.min_improvement * reference.abs())
+        {
+            reference = val;
+            stale = 0;
+        } else {
+            stale += 1;
+            if stale >= cfg.patience_epochs && epoch < cfg.epochs_max {
+                report.stopped_early = true;
+                break;
+            }
+        }
+    }
+    if let Some((_, layers)) = best {
+        model.layers = layers;
+    }
+    info!(
+        epochs_run = report.epochs_run,
+        best_epoch = report.best_epoch,
+        best_val_loss = report.best_val_loss,
+        stopped_early = report.stopped_early,
+        "Training finished."
+    );
+    Ok(report)
+}
+
+/// Fewest rows for which the split leaves at least one validation row (when the fraction is
+/// positive) and one training row.
+fn rows_needed(fraction: f64) -> usize {
+    if fraction <= 0.0 {
+        return 1;
+    }
+    // Start at ⌈1/fraction⌉ and correct for rounding either way.
+    let mut n = ((1.0 / fraction).ceil() as usize).max(2);
+    while n_val(n, fraction) == 0 {
+        n += 1;
+    }
+    while n > 2 && n_val(n - 1, fraction) > 0 {
+        n -= 1;
+    }
+    n
+}
+
+/// Validation rows out of `n`.
+fn n_val(n: usize, fraction: f64) -> usize {
+    (n as f64 * fraction).floor() as usize
+}
+
+/// Seeded split of `0..n` into (training, validation) row indices, each in ascending order.
+fn split(n: usize, fraction: f64, rng: &mut Rng) -> (Vec<usize>, Vec<usize>) {
+    let mut idx: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut idx);
+    let mut val = idx.split_off(n - n_val(n, fraction));
+    idx.sort_unstable();
+    val.sort_unstable();
+    (idx, val)
+}
+
+/// Adam with bias correction, as PyTorch's `torch.optim.Adam` (no weight decay, no amsgrad).
+struct Adam {
+    lr: f64,
+    t: i32,
+    m: Gradients,
+    v: Gradients,
+}
+
+impl Adam {
+    fn new(model: &Autoencoder, lr: f64) -> Adam {
+        Adam {
+            lr,
+            t: 0,
+            m: Gradients::zeros(model),
+            v: Gradients::zeros(model),
+        }
+    }
+
+    fn step(&mut self, model: &mut Autoencoder, g: &Gradients) {
+        self.t += 1;
+        let bc1 = 1.0 - BETA1.powi(self.t);
+        let bc2 = 1.0 - BETA2.powi(self.t);
+        let step = (self.lr / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let (b1, b2) = (BETA1 as f32, BETA2 as f32);
+        let update = |p: &mut f32, &g: &f32, m: &mut f32, v: &mut f32| {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p -= step * *m / (v.sqrt() / bc2_sqrt + ADAM_EPS);
+        };
+        for (l, layer) in model.layers.iter_mut().enumerate() {
+            Zip::from(&mut layer.w)
+                .and(&g.w[l])
+                .and(&mut self.m.w[l])
+                .and(&mut self.v.w[l])
+                .for_each(update);
+            Zip::from(&mut layer.b)
+                .and(&g.b[l])
+                .and(&mut self.m.b[l])
+                .and(&mut self.v.b[l])
+                .for_each(update);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::Array2;
+
+    use super::*;
+    use crate::model::OutputKind;
+
+    /// Rank-2 structure in `d` dimensions plus a little noise.
+    fn low_rank(rows: usize, d: usize, seed: u64) -> Array2<f32> {
+        let mut rng = Rng::new(seed);
+        let basis = Array2::from_shape_simple_fn((2, d), || rng.uniform(-1.0, 1.0));
+        let mut x = Array2::zeros((rows, d));
+        for mut row in x.rows_mut() {
+            let (a, b) = (rng.uniform(-2.0, 2.0), rng.uniform(-2.0, 2.0));
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = a * basis[[0, j]] + b * basis[[1, j]] + 0.05 * rng.uniform(-1.0, 1.0);
+            }
+        }
+        x
+    }
+
+    fn quick(epochs: usize) -> TrainConfig {
+        TrainConfig {
+            epochs_max: epochs,
+            batch_size: 32,
+            learning_rate: 1e-2,
+            ..TrainConfig::default()
+        }
+    }
+
+    fn run(
+        model: &mut Autoencoder,
+        x: &Array2<f32>,
+        cfg: &TrainConfig,
+    ) -> Result<TrainReport, TrainError> {
+        train(model, x.view(), cfg, &mut |_| {})
+    }
+
+    #[test]
+    fn loss_falls_on_low_rank_data() {
+        let x = low_rank(400, 8, 1);
+        for output in [OutputKind::Plain, OutputKind::Probabilistic] {
+            let mut model = Autoencoder::new(8, &[6, 4, 6], output, 2);
+            let before = model.loss(x.view(), &mut model.workspace(64));
+            let mut seen = Vec::new();
+            let report = train(&mut model, x.view(), &quick(40), &mut |e| {
+                seen.push(e.clone())
+            })
+            .expect("trains");
+            let after = model.loss(x.view(), &mut model.workspace(64));
+            assert_eq!(seen.len(), report.epochs_run);
+            assert_eq!(seen[0].epoch, 1);
+            assert_eq!((report.rows_train, report.rows_val), (360, 40));
+            let first = report.train_losses[0];
+            let last = *report.train_losses.last().expect("epochs ran");
+            match output {
+                // MSE summed over 8 features: from several units to near the noise floor.
+                OutputKind::Plain => {
+                    assert!(after < 0.2 * before, "{output:?}: {before} -> {after}");
+                    assert!(last < 0.3 * first, "{output:?}: {first} -> {last}");
+                }
+                // NLL goes negative once the variances shrink towards the noise.
+                OutputKind::Probabilistic => {
+                    assert!(after < before - 5.0, "{output:?}: {before} -> {after}");
+                    assert!(last < first - 5.0, "{output:?}: {first} -> {last}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_gives_bit_identical_weights() {
+        let x = low_rank(300, 6, 3);
+        let cfg = TrainConfig {
+            seed: 9,
+            ..quick(5)
+        };
+        let init = Autoencoder::new(6, &[3], OutputKind::Probabilistic, 4);
+        let (mut a, mut b, mut c) = (init.clone(), init.clone(), init.clone());
+        let ra = run(&mut a, &x, &cfg).expect("trains");
+        let rb = run(&mut b, &x, &cfg).expect("trains");
+        assert_eq!(a, b);
+        assert_eq!(ra, rb);
+        assert_ne!(a, init);
+        run(&mut c, &x, &TrainConfig { seed: 10, ..cfg }).expect("trains");
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn early_stopping_fires_on_a_plateau_and_restores_the_best_weights() {
+        // Pure noise through a 1-wide bottleneck: nothing to learn past the mean, so the
+        // validation loss flattens out quickly.
+        let mut rng = Rng::new(5);
+        let x = Array2::from_shape_simple_fn((400, 4), || rng.uniform(-1.0, 1.0));
+        let cfg = TrainConfig {
+            patience_epochs: 3,
+            min_improvement: 1e-2,
+            ..quick(500)
+        };
+        let mut model = Autoencoder::new(4, &[1], OutputKind::Plain, 6);
+        let report = run(&mut model, &x, &cfg).expect("trains");
+        assert!(report.stopped_early);
+        assert!(report.epochs_run < 500);
+        assert_eq!(report.val_losses.len(), report.epochs_run);
+        let min = report
+            .val_losses
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(report.best_val_loss, Some(min));
+        assert_eq!(report.val_losses[report.best_epoch - 1], min);
+
+        // The model holds the best epoch's weights: its loss on the same held-out rows matches.
+        let (_, val_idx) = split(400, cfg.validation_fraction, &mut Rng::new(cfg.seed));
+        let x_val = x.select(Axis(0), &val_idx);
+        let n_val = x_val.nrows();
+        assert_eq!(
+            model.loss(x_val.view(), &mut model.workspace(256.min(n_val))),
+            min
+        );
+    }
+
+    #[test]
+    fn without_validation_every_epoch_runs() {
+        let x = low_rank(50, 4, 7);
+        let cfg = TrainConfig {
+            validation_fraction: 0.0,
+            ..quick(7)
+        };
+        let mut model = Autoencoder::new(4, &[2], OutputKind::Plain, 1);
+        let report = run(&mut model, &x, &cfg).expect("trains");
+        assert_eq!(
+            (report.epochs_run, report.best_epoch, report.rows_val),
+            (7, 7, 0)
+        );
+        assert!(
+            report.val_losses.is_empty() && report.best_val_loss.is_none() && !report.stopped_early
+        );
+    }
+
+    #[test]
+    fn invalid_config_is_rejected_with_its_key() {
+        let cases: [(TrainConfig, &str); 8] = [
+            (
+                TrainConfig {
+                    epochs_max: 0,
+                    ..Default::default()
+                },
+                "epochs_max",
+            ),
+            (
+                TrainConfig {
+                    batch_size: 0,
+                    ..Default::default()
+                },
+                "batch_size",
+            ),
+            (
+                TrainConfig {
+                    learning_rate: 0.0,
+                    ..Default::default()
+                },
+                "learning_rate",
+            ),
+            (
+                TrainConfig {
+                    learning_rate: f64::NAN,
+                    ..Default::default()
+                },
+                "learning_rate",
+            ),
+            (
+                TrainConfig {
+                    validation_fraction: 0.6,
+                    ..Default::default()
+                },
+                "validation_fraction",
+            ),
+            (
+                TrainConfig {
+                    validation_fraction: -0.1,
+                    ..Default::default()
+                },
+                "validation_fraction",
+            ),
+            (
+                TrainConfig {
+                    patience_epochs: 0,
+                    ..Default::default()
+                },
+                "patience_epochs",
+            ),
+            (
+                TrainConfig {
+                    min_improvement: -1.0,
+                    ..Default::default()
+                },
+                "min_improvement",
+            ),
+        ];
+        let x = low_rank(50, 4, 1);
+        for (cfg, key) in cases {
+            assert_eq!(cfg.validate().map_err(|e| e.0), Err(key));
+            let mut model = Autoencoder::new(4, &[2], OutputKind::Plain, 1);
+            match run(&mut model, &x, &cfg) {
+                Err(TrainError::InvalidConfig { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        assert_eq!(TrainConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn config_reads_partial_toml_style_json_and_rejects_unknown_keys() {
+        let cfg: TrainConfig = serde_json::from_str(r#"{"epochs_max": 5}"#).expect("parses");
+        assert_eq!(
+            cfg,
+            TrainConfig {
+                epochs_max: 5,
+                ..Default::default()
+            }
+        );
+        assert!(serde_json::from_str::<TrainConfig>(r#"{"epochs": 5}"#).is_err());
+    }
+
+    #[test]
+    fn too_few_rows_is_an_error() {
+        let mut model = Autoencoder::new(4, &[2], OutputKind::Plain, 1);
+        let before = model.clone();
+        let x = low_rank(3, 4, 1);
+        let err = run(&mut model, &x, &TrainConfig::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TrainError::TooFewRows {
+                    rows: 3,
+                    needed: 10,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("got 3, need at least 10"));
+        let none = Array2::zeros((0, 4));
+        let cfg = TrainConfig {
+            validation_fraction: 0.0,
+            ..Default::default()
+        };
+        assert!(matches!(
+            run(&mut model, &none, &cfg),
+            Err(TrainError::TooFewRows {
+                rows: 0,
+                needed: 1,
+                ..
+            })
+        ));
+        assert_eq!(model, before);
+        // Just enough rows works, with one validation row.
+        let report = run(&mut model, &low_rank(10, 4, 1), &quick(2)).expect("trains");
+        assert_eq!((report.rows_train, report.rows_val), (9, 1));
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let mut model = Autoencoder::new(4, &[2], OutputKind::Plain, 1);
+        let x = low_rank(20, 5, 1);
+        assert_eq!(
+            run(&mut model, &x, &quick(1)),
+            Err(TrainError::FeatureMismatch {
+                expected: 4,
+                got: 5
+            })
+        );
+        let mut x = low_rank(20, 4, 1);
+        x[[7, 2]] = f32::NAN;
+        assert_eq!(
+            run(&mut model, &x, &quick(1)),
+            Err(TrainError::NonFiniteInput { row: 7, col: 2 })
+        );
+    }
+
+    #[test]
+    fn divergence_is_reported_and_leaves_the_model_unchanged() {
+        let x = low_rank(100, 4, 2);
+        let mut model = Autoencoder::new(4, &[2], OutputKind::Probabilistic, 3);
+        let before = model.clone();
+        let cfg = TrainConfig {
+            learning_rate: 1e30,
+            ..quick(20)
+        };
+        let err = run(&mut model, &x, &cfg).unwrap_err();
+        assert!(matches!(err, TrainError::Diverged { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("training diverged at epoch "));
+        assert_eq!(model, before);
+    }
+
+    #[test]
+    fn rows_needed_matches_the_split() {
+        for fraction in [0.0, 0.01, 0.1, 0.25, 0.3, 0.5] {
+            let n = rows_needed(fraction);
+            let mut rng = Rng::new(0);
+            let (t, v) = split(n, fraction, &mut rng);
+            assert!(
+                !t.is_empty() && (fraction == 0.0 || !v.is_empty()),
+                "{fraction}: {n}"
+            );
+            if n > 2 {
+                assert!(
+                    fraction > 0.0 && n_val(n - 1, fraction) == 0,
+                    "{fraction}: {n} is not the minimum"
+                );
+            }
+        }
+    }
+}

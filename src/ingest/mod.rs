@@ -1,1 +1,527 @@
-//! (in progress)
+//! File inputs: the tables that `train` fits on and `replay` scores, and their labels.
+//!
+//! Fed by paths from the command line or the config; feeds [`crate::train`] (a
+//! [`Table`] of training rows), the replay source (rows in file order, with optional
+//! timestamps) and [`crate::eval`] (point labels from [`read_labels`], anomaly segments
+//! with the blamed metrics from [`read_interpretation_labels`]).
+//!
+//! Everything here is strict: a file given on the command line is either read
+//! completely and finitely, or rejected with an [`IngestError`] whose message is one
+//! line naming the file and the position (line and column for text, row and column
+//! index for NPY). No input makes these readers panic.
+//!
+//! - [`csv`]: comma-separated tables with a header and an optional timestamp column.
+//! - [`npy`]: NumPy `.npy` arrays (2-D, `<f4`/`<f8`, C or Fortran order).
+//! - [`labels`]: point labels (one 0/1 per line) and SMD interpretation labels.
+//! - `time`: epoch-seconds / RFC 3339 timestamp parsing.
+
+pub mod csv;
+pub mod labels;
+pub mod npy;
+mod time;
+
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use ndarray::Array2;
+use sha2::{Digest, Sha256};
+
+pub use labels::{Segment, read_interpretation_labels, read_labels};
+
+/// A numeric table read from a file: one row per sample, one column per feature.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Feature names, one per column of `values` (`f0..f{d-1}` for NPY).
+    pub features: Vec<String>,
+    /// Epoch seconds per row, when the file had a timestamp column (CSV only).
+    pub timestamps: Option<Vec<f64>>,
+    /// rows × features, all finite.
+    pub values: Array2<f32>,
+}
+
+impl Table {
+    /// Number of rows (samples).
+    pub fn rows(&self) -> usize {
+        self.values.nrows()
+    }
+
+    /// Number of features (columns of `values`).
+    pub fn n_features(&self) -> usize {
+        self.values.ncols()
+    }
+}
+
+/// How to read a table.
+#[derive(Default, Clone, Debug)]
+pub struct TableOptions {
+    /// CSV column that holds timestamps (not a feature). When `None`, a header that is
+    /// exactly `timestamp`, `time` or `ts` (any case) is used if there is exactly one.
+    pub timestamp_column: Option<String>,
+}
+
+/// The file formats [`read_table`] understands, by extension.
+pub const SUPPORTED_TABLE_EXTENSIONS: &[&str] = &["csv", "npy"];
+
+/// Where in a text file something went wrong: a line, optionally a named column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextPos {
+    /// 1-based physical line number.
+    pub line: usize,
+    /// Column name from the header (or `column N` when there is no name yet).
+    pub column: Option<String>,
+}
+
+impl TextPos {
+    pub(crate) fn line(line: usize) -> Self {
+        TextPos { line, column: None }
+    }
+
+    pub(crate) fn cell(line: usize, column: &str) -> Self {
+        TextPos {
+            line,
+            column: Some(column.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for TextPos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}", self.line)?;
+        if let Some(c) = &self.column {
+            write!(f, ", column {:?}", Clipped(c))?;
+        }
+        Ok(())
+    }
+}
+
+/// Text quoted from a bad input, shortened so that an error message stays short.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Clipped<'a>(pub &'a str);
+
+impl fmt::Debug for Clipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MAX_CHARS: usize = 40;
+        match self.0.char_indices().nth(MAX_CHARS) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(f, "{:?}…", &self.0[..cut]),
+        }
+    }
+}
+
+/// Why a file could not be read. `Display` is one line that starts with the path.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{}: cannot read: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error(
+        "{}: unsupported file type {:?}; supported: {}",
+        .path.display(),
+        .extension,
+        SUPPORTED_TABLE_EXTENSIONS.iter().map(|e| format!(".{e}")).collect::<Vec<_>>().join(", ")
+    )]
+    UnsupportedFormat { path: PathBuf, extension: String },
+
+    #[error("{}: empty file", .path.display())]
+    Empty { path: PathBuf },
+
+    #[error("{}: no data rows", .path.display())]
+    NoRows { path: PathBuf },
+
+    #[error("{}: no feature columns", .path.display())]
+    NoFeatures { path: PathBuf },
+
+    #[error("{}: {pos}: not valid UTF-8", .path.display())]
+    NotUtf8 { path: PathBuf, pos: TextPos },
+
+    #[error("{}: {pos}: {message}", .path.display())]
+    Syntax {
+        path: PathBuf,
+        pos: TextPos,
+        message: String,
+    },
+
+    #[error("{}: line {line}: expected {expected} fields, found {found}", .path.display())]
+    FieldCount {
+        path: PathBuf,
+        line: usize,
+        expected: usize,
+        found: usize,
+    },
+
+    #[error("{}: line 1: duplicate column name {:?} (columns {first} and {second})", .path.display(), Clipped(.name))]
+    DuplicateColumn {
+        path: PathBuf,
+        name: String,
+        first: usize,
+        second: usize,
+    },
+
+    #[error("{}: timestamp column {:?} is not in the header", .path.display(), Clipped(.name))]
+    MissingTimestampColumn { path: PathBuf, name: String },
+
+    #[error("{}: timestamp column {:?} was asked for, but NPY files have no named columns", .path.display(), Clipped(.name))]
+    TimestampColumnInNpy { path: PathBuf, name: String },
+
+    #[error(
+        "{}: several columns could be the timestamp ({}); name one with timestamp_column",
+        .path.display(),
+        .candidates.join(", ")
+    )]
+    AmbiguousTimestampColumn {
+        path: PathBuf,
+        candidates: Vec<String>,
+    },
+
+    #[error("{}: {pos}: value {:?} is not a number", .path.display(), Clipped(.value))]
+    NotANumber {
+        path: PathBuf,
+        pos: TextPos,
+        value: String,
+    },
+
+    #[error(
+        "{}: {pos}: value {:?} is not a timestamp (epoch seconds, RFC 3339, or YYYY-MM-DD HH:MM:SS[.fff] UTC)",
+        .path.display(),
+        Clipped(.value)
+    )]
+    BadTimestamp {
+        path: PathBuf,
+        pos: TextPos,
+        value: String,
+    },
+
+    #[error("{}: {pos}: NaN/Inf is not allowed", .path.display())]
+    NonFinite { path: PathBuf, pos: TextPos },
+
+    #[error("{}: {pos}: value {:?} is out of range for float32", .path.display(), Clipped(.value))]
+    OutOfRange {
+        path: PathBuf,
+        pos: TextPos,
+        value: String,
+    },
+
+    #[error("{}: row {row}, column {col} (0-based): NaN/Inf is not allowed", .path.display())]
+    NonFiniteAt {
+        path: PathBuf,
+        row: usize,
+        col: usize,
+    },
+
+    #[error("{}: row {row}, column {col} (0-based): value {value:e} is out of range for float32", .path.display())]
+    OutOfRangeAt {
+        path: PathBuf,
+        row: usize,
+        col: usize,
+        value: f64,
+    },
+
+    #[error("{}: not an NPY file: {message}", .path.display())]
+    NpyHeader { path: PathBuf, message: String },
+
+    #[error("{}: unsupported dtype {:?}; supported: '<f4' (float32), '<f8' (float64)", .path.display(), Clipped(.descr))]
+    UnsupportedDtype { path: PathBuf, descr: String },
+
+    #[error("{}: expected a 2-D array, found shape {shape:?}", .path.display())]
+    NotTwoD { path: PathBuf, shape: Vec<u64> },
+
+    #[error(
+        "{}: {}: header says {rows}×{cols} {dtype} ({expected} bytes of data) but the file has {actual} bytes of data",
+        .path.display(),
+        if .actual < .expected { "truncated" } else { "trailing bytes" }
+    )]
+    DataSize {
+        path: PathBuf,
+        rows: u64,
+        cols: u64,
+        dtype: &'static str,
+        expected: u64,
+        actual: u64,
+    },
+
+    #[error("{}: {pos}: label {:?} is not 0 or 1", .path.display(), Clipped(.value))]
+    BadLabel {
+        path: PathBuf,
+        pos: TextPos,
+        value: String,
+    },
+
+    #[error("{}: {found} labels, but the data has {expected} rows", .path.display())]
+    LabelCount {
+        path: PathBuf,
+        found: usize,
+        expected: usize,
+    },
+}
+
+impl IngestError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        IngestError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Read a table, choosing the parser by the file extension (`.csv` or `.npy`, any case).
+///
+/// # Errors
+/// [`IngestError::UnsupportedFormat`] for any other extension, and whatever the
+/// format's reader rejects ([`csv::read_csv`], [`npy::read_npy`]).
+pub fn read_table(path: &Path, opts: &TableOptions) -> Result<Table, IngestError> {
+    let extension = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match extension.as_str() {
+        "csv" => csv::read_csv(path, opts),
+        "npy" => {
+            // NPY has no timestamp column; ignoring a requested one would hide a mistake.
+            if let Some(name) = &opts.timestamp_column {
+                return Err(IngestError::TimestampColumnInNpy {
+                    path: path.to_owned(),
+                    name: name.clone(),
+                });
+            }
+            npy::read_npy(path)
+        }
+        _ => Err(IngestError::UnsupportedFormat {
+            path: path.to_owned(),
+            extension,
+        }),
+    }
+}
+
+/// Lowercase hex SHA-256 of a file's bytes, read in 64 KiB chunks (model provenance).
+///
+/// # Errors
+/// [`IngestError::Io`] when the file cannot be opened or read.
+pub fn file_sha256(path: &Path) -> Result<String, IngestError> {
+    let mut file = File::open(path).map_err(|e| IngestError::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(IngestError::io(path, e)),
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Read a whole file, mapping failures to [`IngestError::Io`] with the path.
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, IngestError> {
+    std::fs::read(path).map_err(|e| IngestError::io(path, e))
+}
+
+/// Split text bytes into lines (without `\n` or a trailing `\r`), after dropping a
+/// UTF-8 BOM. Yields `(1-based line number, line bytes)`; the empty piece after a final
+/// newline is not yielded.
+pub(crate) fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let empty = bytes.is_empty();
+    body.split(|&b| b == b'\n')
+        .filter(move |_| !empty)
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.strip_suffix(b"\r").unwrap_or(l)))
+}
+
+/// A line as UTF-8 text, or [`IngestError::NotUtf8`] naming the line.
+pub(crate) fn line_str<'a>(
+    path: &Path,
+    line_no: usize,
+    line: &'a [u8],
+) -> Result<&'a str, IngestError> {
+    std::str::from_utf8(line).map_err(|_| IngestError::NotUtf8 {
+        path: path.to_owned(),
+        pos: TextPos::line(line_no),
+    })
+}
+
+/// Test helpers shared by the submodules' tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A per-test scratch directory under the system temp dir, removed on drop.
+    pub struct Scratch(pub PathBuf);
+
+    impl Scratch {
+        pub fn new(tag: &str) -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "darkwatch-ingest-{}-{}-{}",
+                tag,
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).expect("create scratch dir");
+            Scratch(dir)
+        }
+
+        pub fn write(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, bytes).expect("write scratch file");
+            p
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The bundled SMD slice, relative to the crate root.
+    pub fn smd(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/smd")
+            .join(name)
+    }
+
+    /// A tiny deterministic generator for fuzz inputs (xorshift64*).
+    pub struct Fuzz(pub u64);
+
+    impl Fuzz {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+
+    #[test]
+    fn dispatches_on_extension_and_lists_supported() {
+        let s = Scratch::new("dispatch");
+        let p = s.write("data.parquet", b"x");
+        let err = read_table(&p, &TableOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, IngestError::UnsupportedFormat { .. }),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("data.parquet") && msg.contains(".csv, .npy"),
+            "{msg}"
+        );
+        let p = s.write("noext", b"x");
+        assert!(matches!(
+            read_table(&p, &TableOptions::default()),
+            Err(IngestError::UnsupportedFormat { .. })
+        ));
+        let p = s.write("UPPER.CSV", b"a,b\n1,2\n");
+        assert_eq!(read_table(&p, &TableOptions::default()).unwrap().rows(), 1);
+    }
+
+    #[test]
+    fn missing_file_is_an_io_error_with_path() {
+        let p = Path::new("/nonexistent/darkwatch/x.csv");
+        let msg = read_table(p, &TableOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("/nonexistent/darkwatch/x.csv: cannot read"),
+            "{msg}"
+        );
+        assert!(matches!(file_sha256(p), Err(IngestError::Io { .. })));
+    }
+
+    #[test]
+    fn sha256_matches_known_digests() {
+        let s = Scratch::new("sha");
+        let p = s.write("abc.txt", b"abc");
+        assert_eq!(
+            file_sha256(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let p = s.write("empty", b"");
+        assert_eq!(
+            file_sha256(&p).unwrap(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        // Larger than one read buffer.
+        assert_eq!(
+            file_sha256(&smd("machine-1-6_test.npy")).unwrap(),
+            "6c3c6cefb6d5c3985b48ddee542beb2d28947581555ef38c46464499570f2faa"
+        );
+    }
+
+    #[test]
+    fn lines_strip_bom_cr_and_final_newline() {
+        let got: Vec<_> = lines(b"\xEF\xBB\xBFa\r\nb\n\nc").collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, &b"a"[..]),
+                (2, &b"b"[..]),
+                (3, &b""[..]),
+                (4, &b"c"[..])
+            ]
+        );
+        assert_eq!(lines(b"").count(), 0);
+        assert_eq!(lines(b"\xEF\xBB\xBF").count(), 0);
+        assert_eq!(lines(b"\n").collect::<Vec<_>>(), vec![(1, &b""[..])]);
+    }
+
+    #[test]
+    fn clipped_values_keep_messages_short() {
+        let long = "x".repeat(1000);
+        let shown = format!("{:?}", Clipped(&long));
+        assert!(shown.len() < 50, "{shown}");
+        assert_eq!(format!("{:?}", Clipped("a\nb")), "\"a\\nb\"");
+    }
+
+    #[test]
+    fn every_error_displays_on_one_line() {
+        let s = Scratch::new("oneline");
+        let cases: Vec<(&str, &[u8])> = vec![
+            ("a.csv", b""),
+            ("b.csv", b"a,b\n"),
+            ("c.csv", b"a,b\n1,2\n1\n"),
+            ("d.csv", b"a,b\n1,\"x\ny\"\n"),
+            ("e.csv", b"a,a\n1,2\n"),
+            ("f.csv", b"a,b\n1,nan\n"),
+            ("g.csv", b"a\n\xff\n"),
+            ("h.npy", b"\x93NUMPY\x01\x00\x02\x00{}"),
+            ("i.npy", b"garbage"),
+            ("j.txt", b"0\n2\n"),
+        ];
+        for (name, bytes) in cases {
+            let p = s.write(name, bytes);
+            let err = if name.ends_with(".txt") {
+                read_labels(&p, None).unwrap_err()
+            } else {
+                read_table(&p, &TableOptions::default()).unwrap_err()
+            };
+            let msg = err.to_string();
+            assert!(!msg.contains('\n') && msg.contains(name), "{name}: {msg}");
+        }
+    }
+}

@@ -1,1 +1,520 @@
-//! (in progress)
+//! The model directory: weights in safetensors, everything else in JSON.
+//!
+//! ```text
+//! DIR/model.json         format, features, scaler, architecture, head, calibration, provenance
+//! DIR/model.safetensors  layers.{i}.weight [out, in] and layers.{i}.bias [out], f32
+//! ```
+//!
+//! Written by `darkwatch train`, read by `replay`, `inspect` and the agent. Loading checks
+//! everything (format version, shapes, dtypes, finiteness, the weights' checksum) and fails
+//! with a message that names the file and the field.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array1, Array2};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{Activation, Autoencoder, Dense, OutputKind, Scaler};
+use crate::score::Head;
+use crate::train::TrainConfig;
+
+/// Value of the `format` field.
+pub const FORMAT: &str = "darkwatch-model";
+/// The newest format this build reads and the one it writes.
+pub const FORMAT_VERSION: u32 = 1;
+pub const META_FILE: &str = "model.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Everything about a model except its weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMeta {
+    pub format: String,
+    pub format_version: u32,
+    /// Short content hash of the weights: changes whenever the model does.
+    pub id: String,
+    /// Feature names in input order.
+    pub features: Vec<String>,
+    pub scaler: Scaler,
+    pub architecture: Architecture,
+    pub head: Head,
+    pub calibration: Calibration,
+    pub provenance: Provenance,
+    pub weights: WeightsRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Architecture {
+    /// Always `dense_autoencoder` in format 1.
+    pub kind: String,
+    pub output: OutputKind,
+    /// Input width, hidden widths, output width (d or 2d).
+    pub layer_widths: Vec<usize>,
+    /// Hidden activation (the last layer is linear).
+    pub activation: Activation,
+}
+
+/// Quantiles of the training data's own scores: a static threshold and a sanity scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    pub rows: usize,
+    pub score_quantiles: Vec<QuantilePoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantilePoint {
+    pub q: f64,
+    pub score: f32,
+}
+
+impl Calibration {
+    /// The stored score at quantile `q`, if that quantile was calibrated.
+    pub fn quantile(&self, q: f64) -> Option<f32> {
+        self.score_quantiles
+            .iter()
+            .find(|p| (p.q - q).abs() < 1e-12)
+            .map(|p| p.score)
+    }
+}
+
+/// How the model came to be: enough to reproduce it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    pub darkwatch_version: String,
+    pub created_unix_secs: u64,
+    pub data_file: String,
+    pub data_sha256: String,
+    pub rows: usize,
+    pub train: TrainConfig,
+    pub rows_train: usize,
+    pub rows_validation: usize,
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+    pub train_losses: Vec<f64>,
+    pub validation_losses: Vec<f64>,
+    pub train_seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsRef {
+    pub file: String,
+    pub sha256: String,
+}
+
+/// A loaded, validated model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub meta: ModelMeta,
+    pub ae: Autoencoder,
+}
+
+/// Why a model directory cannot be used. Each message names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid model metadata: {reason}")]
+    Json { path: PathBuf, reason: String },
+    #[error("{path}: field `{field}`: {reason}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("{path}: tensor `{tensor}`: {reason}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    Weights { path: PathBuf, reason: String },
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn f32_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
+    values.flat_map(f32::to_le_bytes).collect()
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)
+}
+
+impl Model {
+    /// Assembles a model, filling in the architecture, the weights reference and the id.
+    pub fn new(ae: Autoencoder, mut meta: ModelMeta) -> Self {
+        meta.architecture = Architecture {
+            kind: "dense_autoencoder".into(),
+            output: ae.output,
+            layer_widths: ae.widths(),
+            activation: Activation::Relu,
+        };
+        let bytes = serialize_weights(&ae);
+        let sha = sha256_hex(&bytes);
+        meta.id = sha[..12].to_string();
+        meta.weights = WeightsRef {
+            file: WEIGHTS_FILE.into(),
+            sha256: sha,
+        };
+        Model { meta, ae }
+    }
+
+    /// Number of input features.
+    pub fn n_features(&self) -> usize {
+        self.meta.features.len()
+    }
+
+    /// Writes the model directory (created if missing), weights first, metadata last,
+    /// each atomically, so a crash never leaves metadata that points at missing weights.
+    ///
+    /// # Errors
+    /// Any I/O failure, with the path.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write_atomic(&dir.join(WEIGHTS_FILE), &serialize_weights(&self.ae))?;
+        let json = serde_json::to_vec_pretty(&self.meta).map_err(|e| ModelError::Json {
+            path: dir.join(META_FILE),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&dir.join(META_FILE), &json)
+    }
+
+    /// Loads and validates a model directory.
+    ///
+    /// # Errors
+    /// Missing or unreadable files, malformed JSON, an unsupported format version, shapes
+    /// that do not chain, wrong dtypes, non-finite values, or a weights checksum mismatch.
+    pub fn load(dir: &Path) -> Result<Model, ModelError> {
+        let meta_path = dir.join(META_FILE);
+        let text = fs::read_to_string(&meta_path).map_err(|source| ModelError::Io {
+            path: meta_path.clone(),
+            source,
+        })?;
+        let meta: ModelMeta = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+            path: meta_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let meta = ModelMeta {
+            scaler: meta.scaler.finish_load(),
+            ..meta
+        };
+        validate_meta(&meta, &meta_path)?;
+
+        let weights_path = dir.join(&meta.weights.file);
+        let bytes = fs::read(&weights_path).map_err(|source| ModelError::Io {
+            path: weights_path.clone(),
+            source,
+        })?;
+        let sha = sha256_hex(&bytes);
+        if sha != meta.weights.sha256 {
+            return Err(ModelError::Weights {
+                path: weights_path,
+                reason: format!(
+                    "checksum mismatch (file changed or corrupt): model.json says {}, file is {}",
+                    meta.weights.sha256, sha
+                ),
+            });
+        }
+        let ae = deserialize_weights(&bytes, &meta, &weights_path)?;
+        Ok(Model { meta, ae })
+    }
+}
+
+fn serialize_weights(ae: &Autoencoder) -> Vec<u8> {
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (i, layer) in ae.layers.iter().enumerate() {
+        buffers.push((
+            format!("layers.{i}.weight"),
+            vec![layer.outputs(), layer.inputs()],
+            f32_bytes(layer.w.iter().copied()),
+        ));
+        buffers.push((
+            format!("layers.{i}.bias"),
+            vec![layer.outputs()],
+            f32_bytes(layer.b.iter().copied()),
+        ));
+    }
+    let views: Vec<(String, TensorView)> = buffers
+        .iter()
+        .map(|(name, shape, data)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), data)
+                .expect("shape and byte length agree by construction");
+            (name.clone(), view)
+        })
+        .collect();
+    let metadata = HashMap::from([("format".to_string(), FORMAT.to_string())]);
+    safetensors::serialize(views, Some(metadata)).expect("f32 tensors always serialize")
+}
+
+fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
+    let field = |field: &str, reason: String| ModelError::Field {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        reason,
+    };
+    if meta.format != FORMAT {
+        return Err(field(
+            "format",
+            format!("expected \"{FORMAT}\", found \"{}\"", meta.format),
+        ));
+    }
+    if meta.format_version != FORMAT_VERSION {
+        return Err(field(
+            "format_version",
+            format!(
+                "this darkwatch reads version {FORMAT_VERSION}, the model is version {}",
+                meta.format_version
+            ),
+        ));
+    }
+    let d = meta.features.len();
+    if d == 0 {
+        return Err(field(
+            "features",
+            "empty: a model needs at least one feature".into(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = meta.features.iter().find(|f| !seen.insert(f.as_str())) {
+        return Err(field(
+            "features",
+            format!("duplicate feature name \"{dup}\""),
+        ));
+    }
+    for (name, v) in [
+        ("scaler.offset", &meta.scaler.offset),
+        ("scaler.scale", &meta.scaler.scale),
+    ] {
+        if v.len() != d {
+            return Err(field(
+                name,
+                format!("has {} values for {d} features", v.len()),
+            ));
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(field(name, format!("value {i} is not finite")));
+        }
+    }
+    if let Some(i) = meta.scaler.scale.iter().position(|&s| s <= 0.0) {
+        return Err(field("scaler.scale", format!("value {i} is not positive")));
+    }
+    let arch = &meta.architecture;
+    if arch.kind != "dense_autoencoder" {
+        return Err(field(
+            "architecture.kind",
+            format!("unknown kind \"{}\"", arch.kind),
+        ));
+    }
+    let w = &arch.layer_widths;
+    if w.len() < 2 || w.contains(&0) {
+        return Err(field(
+            "architecture.layer_widths",
+            format!("{w:?} is not a valid layer list"),
+        ));
+    }
+    if w[0] != d {
+        return Err(field(
+            "architecture.layer_widths",
+            format!("input width {} does not match {d} features", w[0]),
+        ));
+    }
+    let out = arch.output.output_width(d);
+    if w[w.len() - 1] != out {
+        return Err(field(
+            "architecture.layer_widths",
+            format!(
+                "output width {} should be {out} for a {:?} model of {d} features",
+                w[w.len() - 1],
+                arch.output
+            ),
+        ));
+    }
+    meta.head
+        .check(arch.output)
+        .map_err(|e| field("head", e.to_string()))?;
+    Ok(())
+}
+
+fn deserialize_weights(
+    bytes: &[u8],
+    meta: &ModelMeta,
+    path: &Path,
+) -> Result<Autoencoder, ModelError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("not a valid safetensors file: {e}"),
+    })?;
+    let widths = &meta.architecture.layer_widths;
+    let n_layers = widths.len() - 1;
+    let expected: usize = 2 * n_layers;
+    if st.len() != expected {
+        return Err(ModelError::Weights {
+            path: path.to_path_buf(),
+            reason: format!(
+                "holds {} tensors, the architecture needs {expected}",
+                st.len()
+            ),
+        });
+    }
+    let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>, ModelError> {
+        let err = |reason: String| ModelError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            reason,
+        };
+        let t = st.tensor(name).map_err(|_| err("missing".into()))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(err(format!("dtype {:?}, expected F32", t.dtype())));
+        }
+        if t.shape() != shape {
+            return Err(err(format!("shape {:?}, expected {shape:?}", t.shape())));
+        }
+        let v: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(err(format!("element {i} is not finite")));
+        }
+        Ok(v)
+    };
+    let mut layers = Vec::with_capacity(n_layers);
+    for i in 0..n_layers {
+        let (fan_in, fan_out) = (widths[i], widths[i + 1]);
+        let w = read(&format!("layers.{i}.weight"), &[fan_out, fan_in])?;
+        let b = read(&format!("layers.{i}.bias"), &[fan_out])?;
+        layers.push(Dense {
+            w: Array2::from_shape_vec((fan_out, fan_in), w).expect("length checked against shape"),
+            b: Array1::from(b),
+            act: if i + 1 == n_layers {
+                Activation::Identity
+            } else {
+                meta.architecture.activation
+            },
+        });
+    }
+    Ok(Autoencoder {
+        n_features: widths[0],
+        output: meta.architecture.output,
+        layers,
+    })
+}
+
+/// A human-readable summary of a model (what `darkwatch inspect` prints).
+pub fn describe(model: &Model, dir: &Path) -> String {
+    let m = &model.meta;
+    let p = &m.provenance;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "model      {} (format {} v{})",
+        dir.display(),
+        m.format,
+        m.format_version
+    );
+    let _ = writeln!(s, "id         {}", m.id);
+    let _ = writeln!(
+        s,
+        "network    {:?} dense autoencoder, widths {:?}, {} parameters, {} MACs/frame",
+        m.architecture.output,
+        m.architecture.layer_widths,
+        model.ae.parameter_count(),
+        model.ae.macs_per_frame()
+    );
+    let _ = writeln!(
+        s,
+        "head       {} (alpha {}, beta {})",
+        m.head.kind.name(),
+        m.head.alpha,
+        m.head.beta
+    );
+    let _ = writeln!(
+        s,
+        "scaler     {:?} over {} features",
+        m.scaler.kind,
+        m.features.len()
+    );
+    let shown: Vec<&str> = m.features.iter().take(8).map(String::as_str).collect();
+    let more = if m.features.len() > 8 {
+        format!(" … (+{})", m.features.len() - 8)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(s, "features   {}{more}", shown.join(", "));
+    let qs: Vec<String> = m
+        .calibration
+        .score_quantiles
+        .iter()
+        .map(|p| format!("q{}={:.4}", p.q, p.score))
+        .collect();
+    let _ = writeln!(
+        s,
+        "calibrated {} rows: {}",
+        m.calibration.rows,
+        qs.join("  ")
+    );
+    let _ = writeln!(
+        s,
+        "data       {} ({} rows, sha256 {})",
+        p.data_file, p.rows, p.data_sha256
+    );
+    let _ = writeln!(
+        s,
+        "training   seed {}, {} epochs run (best {}{}), {} train / {} validation rows, {:.1} s",
+        p.train.seed,
+        p.epochs_run,
+        p.best_epoch,
+        if p.stopped_early {
+            ", stopped early"
+        } else {
+            ""
+        },
+        p.rows_train,
+        p.rows_validation,
+        p.train_seconds
+    );
+    if let (Some(t), Some(v)) = (
+        p.train_losses.last(),
+        p.validation_losses.get(p.best_epoch.saturating_sub(1)),
+    ) {
+        let _ = writeln!(s, "loss       last train {t:.4}, best validation {v:.4}");
+    }
+    let _ = writeln!(s, "version    written by darkwatch {}", p.darkwatch_version);
+    s
+}

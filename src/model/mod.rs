@@ -4,6 +4,7 @@
 //! feeds [`crate::score`], which turns a reconstruction into a score and contributions.
 //! The forward and backward kernels live in [`nn`].
 
+pub mod fit;
 pub mod io;
 pub mod nn;
 pub mod scaler;
@@ -11,6 +12,7 @@ pub mod scaler;
 use ndarray::{Array1, Array2};
 use serde::{Deserialize, Serialize};
 
+pub use io::{Model, ModelError, ModelMeta};
 pub use nn::{Recon, Workspace};
 pub use scaler::{Scaler, ScalerKind};
 

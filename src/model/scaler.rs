@@ -57,7 +57,11 @@ impl Scaler {
                     let var = col.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
                     let std = var.sqrt();
                     offset.push(mean as f32);
-                    scale.push(if std < CONSTANT_SPREAD { 1.0 } else { (std + STD_EPSILON) as f32 });
+                    scale.push(if std < CONSTANT_SPREAD {
+                        1.0
+                    } else {
+                        (std + STD_EPSILON) as f32
+                    });
                 }
                 ScalerKind::MinMax => {
                     let (lo, hi) = col
@@ -67,7 +71,11 @@ impl Scaler {
                         });
                     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
                     offset.push(lo as f32);
-                    scale.push(if hi - lo < CONSTANT_SPREAD { 1.0 } else { (hi - lo) as f32 });
+                    scale.push(if hi - lo < CONSTANT_SPREAD {
+                        1.0
+                    } else {
+                        (hi - lo) as f32
+                    });
                 }
             }
         }

@@ -1,0 +1,462 @@
+//! CSV tables: a header of feature names, comma-separated numeric rows, and an optional
+//! timestamp column.
+//!
+//! Tolerated: a UTF-8 BOM, `\r\n` line ends, spaces around fields, simple double-quoted
+//! fields (`"a,b"`, with `""` for a quote; no line breaks inside quotes) and blank
+//! trailing lines. Rejected, with the line and column: blank lines between rows, rows
+//! with the wrong number of fields, non-numbers, NaN/Inf, values that overflow float32,
+//! duplicate or empty column names. Timestamps are parsed but their order is not
+//! checked here.
+
+use std::path::Path;
+
+use ndarray::Array2;
+
+use super::time::parse_timestamp;
+use super::{IngestError, Table, TableOptions, TextPos, line_str, lines, read_bytes};
+
+/// Header names that are taken as the timestamp column when none is configured.
+pub const AUTO_TIMESTAMP_NAMES: &[&str] = &["timestamp", "time", "ts"];
+
+/// Read a CSV table.
+///
+/// # Errors
+/// [`IngestError`] naming the file and, for content errors, the line and column:
+/// `Io`, `Empty`, `NoRows`, `NoFeatures`, `NotUtf8`, `Syntax`, `FieldCount`,
+/// `DuplicateColumn`, `MissingTimestampColumn`, `AmbiguousTimestampColumn`,
+/// `NotANumber`, `BadTimestamp`, `NonFinite`, `OutOfRange`.
+pub fn read_csv(path: &Path, opts: &TableOptions) -> Result<Table, IngestError> {
+    let bytes = read_bytes(path)?;
+    parse_csv(path, &bytes, opts)
+}
+
+/// Parse CSV bytes already in memory; `path` is only used in error messages.
+///
+/// # Errors
+/// As [`read_csv`], minus `Io`.
+pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table, IngestError> {
+    let err_path = || path.to_owned();
+    let all: Vec<(usize, &[u8])> = lines(bytes).collect();
+    // Blank trailing lines are tolerated; any other blank line is an error below.
+    let last_nonblank = all.iter().rposition(|(_, l)| !l.trim_ascii().is_empty());
+    let Some(last) = last_nonblank else {
+        return Err(IngestError::Empty { path: err_path() });
+    };
+    let all = &all[..=last];
+    let (header_no, header_bytes) = all[0];
+    if header_bytes.trim_ascii().is_empty() {
+        return Err(IngestError::Syntax {
+            path: err_path(),
+            pos: TextPos::line(header_no),
+            message: "the header line is blank".into(),
+        });
+    }
+    let header = split_fields(path, header_no, line_str(path, header_no, header_bytes)?)?;
+    for (i, name) in header.iter().enumerate() {
+        if name.is_empty() {
+            return Err(IngestError::Syntax {
+                path: err_path(),
+                pos: TextPos::line(header_no),
+                message: format!("column {} has an empty name", i + 1),
+            });
+        }
+        if let Some(j) = header[..i].iter().position(|n| n == name) {
+            return Err(IngestError::DuplicateColumn {
+                path: err_path(),
+                name: name.clone(),
+                first: j + 1,
+                second: i + 1,
+            });
+        }
+    }
+    let ts_col = timestamp_column(path, &header, opts)?;
+    let features: Vec<String> = header
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| Some(i) != ts_col)
+        .map(|(_, n)| n.clone())
+        .collect();
+    if features.is_empty() {
+        return Err(IngestError::NoFeatures { path: err_path() });
+    }
+
+    let width = header.len();
+    let mut values: Vec<f32> = Vec::with_capacity(features.len() * (all.len() - 1));
+    let mut timestamps: Vec<f64> = Vec::new();
+    let mut fields: Vec<String> = Vec::with_capacity(width);
+    for &(line_no, raw) in &all[1..] {
+        if raw.trim_ascii().is_empty() {
+            return Err(IngestError::Syntax {
+                path: err_path(),
+                pos: TextPos::line(line_no),
+                message: "blank line between data rows".into(),
+            });
+        }
+        let text = line_str(path, line_no, raw)?;
+        split_fields_into(path, line_no, text, &mut fields)?;
+        if fields.len() != width {
+            return Err(IngestError::FieldCount {
+                path: err_path(),
+                line: line_no,
+                expected: width,
+                found: fields.len(),
+            });
+        }
+        for (col, field) in fields.iter().enumerate() {
+            let pos = || TextPos::cell(line_no, &header[col]);
+            if Some(col) == ts_col {
+                let t = parse_timestamp(field).ok_or_else(|| IngestError::BadTimestamp {
+                    path: err_path(),
+                    pos: pos(),
+                    value: field.clone(),
+                })?;
+                timestamps.push(t);
+            } else {
+                values.push(parse_value(path, field, pos)?);
+            }
+        }
+    }
+    let rows = all.len() - 1;
+    if rows == 0 {
+        return Err(IngestError::NoRows { path: err_path() });
+    }
+    let values = Array2::from_shape_vec((rows, features.len()), values)
+        .expect("every row contributed exactly one value per feature");
+    Ok(Table {
+        path: path.to_owned(),
+        features,
+        timestamps: ts_col.map(|_| timestamps),
+        values,
+    })
+}
+
+/// The index of the timestamp column, if any.
+fn timestamp_column(
+    path: &Path,
+    header: &[String],
+    opts: &TableOptions,
+) -> Result<Option<usize>, IngestError> {
+    if let Some(name) = &opts.timestamp_column {
+        return match header.iter().position(|h| h == name.trim()) {
+            Some(i) => Ok(Some(i)),
+            None => Err(IngestError::MissingTimestampColumn {
+                path: path.to_owned(),
+                name: name.clone(),
+            }),
+        };
+    }
+    let candidates: Vec<usize> = (0..header.len())
+        .filter(|&i| {
+            AUTO_TIMESTAMP_NAMES
+                .iter()
+                .any(|n| header[i].eq_ignore_ascii_case(n))
+        })
+        .collect();
+    match candidates.as_slice() {
+        [] => Ok(None),
+        [i] => Ok(Some(*i)),
+        _ => Err(IngestError::AmbiguousTimestampColumn {
+            path: path.to_owned(),
+            candidates: candidates
+                .iter()
+                .map(|&i| format!("{:?}", header[i]))
+                .collect(),
+        }),
+    }
+}
+
+/// One numeric field as a finite float32 (parsed directly as `f32`, correctly rounded).
+fn parse_value(path: &Path, field: &str, pos: impl Fn() -> TextPos) -> Result<f32, IngestError> {
+    match field.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => {
+            // "1e39" parses to inf; only a spelled-out inf/nan is a NaN/Inf error.
+            let lower = field.to_ascii_lowercase();
+            if v.is_nan() || lower.contains("inf") {
+                Err(IngestError::NonFinite {
+                    path: path.to_owned(),
+                    pos: pos(),
+                })
+            } else {
+                Err(IngestError::OutOfRange {
+                    path: path.to_owned(),
+                    pos: pos(),
+                    value: field.to_owned(),
+                })
+            }
+        }
+        Err(_) => Err(IngestError::NotANumber {
+            path: path.to_owned(),
+            pos: pos(),
+            value: field.to_owned(),
+        }),
+    }
+}
+
+fn split_fields(path: &Path, line_no: usize, text: &str) -> Result<Vec<String>, IngestError> {
+    let mut out = Vec::new();
+    split_fields_into(path, line_no, text, &mut out)?;
+    Ok(out)
+}
+
+/// Split one line into trimmed, unquoted fields, reusing `out`'s allocation.
+fn split_fields_into(
+    path: &Path,
+    line_no: usize,
+    text: &str,
+    out: &mut Vec<String>,
+) -> Result<(), IngestError> {
+    out.clear();
+    let syntax = |message: &str| IngestError::Syntax {
+        path: path.to_owned(),
+        pos: TextPos::line(line_no),
+        message: message.to_owned(),
+    };
+    let mut rest = text;
+    loop {
+        let field = rest.trim_start_matches([' ', '\t']);
+        if let Some(quoted) = field.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let after = loop {
+                match chars.next() {
+                    None => return Err(syntax("unterminated quoted field")),
+                    Some((i, '"')) => {
+                        if quoted[i + 1..].starts_with('"') {
+                            value.push('"');
+                            chars.next();
+                        } else {
+                            break &quoted[i + 1..];
+                        }
+                    }
+                    Some((_, c)) => value.push(c),
+                }
+            };
+            let after = after.trim_start_matches([' ', '\t']);
+            out.push(value.trim().to_owned());
+            match after.strip_prefix(',') {
+                Some(next) => rest = next,
+                None if after.is_empty() => return Ok(()),
+                None => return Err(syntax("text after a closing quote")),
+            }
+        } else {
+            match field.find(',') {
+                Some(i) => {
+                    out.push(field[..i].trim().to_owned());
+                    rest = &field[i + 1..];
+                }
+                None => {
+                    out.push(field.trim().to_owned());
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::super::{npy, read_table};
+    use super::*;
+
+    fn parse(text: &str) -> Result<Table, IngestError> {
+        parse_csv(
+            Path::new("data.csv"),
+            text.as_bytes(),
+            &TableOptions::default(),
+        )
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn reads_a_plain_table() {
+        let t = parse("a,b,c\n1,2,3\n4.5,-6e-1,0\n").unwrap();
+        assert_eq!(t.features, ["a", "b", "c"]);
+        assert_eq!(t.timestamps, None);
+        assert_eq!(t.values, ndarray::array![[1.0, 2.0, 3.0], [4.5, -0.6, 0.0]]);
+        assert_eq!(t.path, Path::new("data.csv"));
+    }
+
+    #[test]
+    fn tolerates_bom_crlf_spaces_quotes_and_trailing_blank_lines() {
+        let text = "\u{feff} \"cpu, total\" , mem ,\"say \"\"hi\"\"\"\r\n 1 ,\" 2 \", 3\r\n4,5,6\r\n\r\n  \r\n\n";
+        let t = parse(text).unwrap();
+        assert_eq!(t.features, ["cpu, total", "mem", "say \"hi\""]);
+        assert_eq!(t.values, ndarray::array![[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+        // No final newline at all.
+        assert_eq!(parse("a\n1").unwrap().values, ndarray::array![[1.0]]);
+    }
+
+    #[test]
+    fn auto_detects_timestamp_column_and_drops_it_from_features() {
+        for name in ["timestamp", "Time", "TS"] {
+            let t = parse(&format!(
+                "cpu,{name}\n1,1700000000\n2,2023-11-14 22:14:20\n"
+            ))
+            .unwrap();
+            assert_eq!(t.features, ["cpu"]);
+            assert_eq!(t.timestamps, Some(vec![1_700_000_000.0, 1_700_000_060.0]));
+            assert_eq!(t.values, ndarray::array![[1.0], [2.0]]);
+        }
+        // Not exact names: features.
+        let t = parse("timestamps,time_s\n1,2\n").unwrap();
+        assert_eq!(t.features, ["timestamps", "time_s"]);
+        assert!(t.timestamps.is_none());
+    }
+
+    #[test]
+    fn named_timestamp_column() {
+        let opts = TableOptions {
+            timestamp_column: Some("when".into()),
+        };
+        let t = parse_csv(
+            Path::new("x.csv"),
+            b"when,ts\n2023-11-14T22:13:20Z,5\n",
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(t.features, ["ts"]);
+        assert_eq!(t.timestamps, Some(vec![1_700_000_000.0]));
+        let err = parse_csv(Path::new("x.csv"), b"a,b\n1,2\n", &opts).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "x.csv: timestamp column \"when\" is not in the header"
+        );
+    }
+
+    #[test]
+    fn ambiguous_or_bad_timestamps_are_errors() {
+        let msg = parse_err("time,ts,a\n1,2,3\n");
+        assert!(
+            msg.contains("several columns could be the timestamp"),
+            "{msg}"
+        );
+        assert_eq!(
+            parse_err("timestamp,a\n1,2\nyesterday,3\n"),
+            "data.csv: line 3, column \"timestamp\": value \"yesterday\" is not a timestamp \
+             (epoch seconds, RFC 3339, or YYYY-MM-DD HH:MM:SS[.fff] UTC)"
+        );
+        assert!(parse_err("ts,a\nnan,1\n").contains("line 2, column \"ts\""));
+    }
+
+    #[test]
+    fn position_is_named_for_bad_values() {
+        assert_eq!(
+            parse_err("cpu,mem\n1,2\n3,abc\n"),
+            "data.csv: line 3, column \"mem\": value \"abc\" is not a number"
+        );
+        assert_eq!(
+            parse_err("cpu,mem\n1,2\n3,\n"),
+            "data.csv: line 3, column \"mem\": value \"\" is not a number"
+        );
+        assert_eq!(
+            parse_err("cpu,mem\n1,2\n3\n"),
+            "data.csv: line 3: expected 2 fields, found 1"
+        );
+        assert_eq!(
+            parse_err("cpu,mem\n1,2,\n"),
+            "data.csv: line 2: expected 2 fields, found 3"
+        );
+        for bad in ["NaN", "nan", "inf", "-Infinity", "+inf"] {
+            assert_eq!(
+                parse_err(&format!("cpu,mem\n1,2\n3,4\n5,{bad}\n")),
+                "data.csv: line 4, column \"mem\": NaN/Inf is not allowed"
+            );
+        }
+        assert_eq!(
+            parse_err("cpu\n1e39\n"),
+            "data.csv: line 2, column \"cpu\": value \"1e39\" is out of range for float32"
+        );
+    }
+
+    #[test]
+    fn structural_errors() {
+        assert_eq!(parse_err(""), "data.csv: empty file");
+        assert_eq!(parse_err("\u{feff}\r\n \n"), "data.csv: empty file");
+        assert_eq!(parse_err("a,b\n"), "data.csv: no data rows");
+        assert_eq!(parse_err("a,b\r\n\r\n"), "data.csv: no data rows");
+        assert_eq!(parse_err("ts\n1\n"), "data.csv: no feature columns");
+        assert_eq!(
+            parse_err("a,b,a\n1,2,3\n"),
+            "data.csv: line 1: duplicate column name \"a\" (columns 1 and 3)"
+        );
+        assert_eq!(
+            parse_err("a,,b\n1,2,3\n"),
+            "data.csv: line 1: column 2 has an empty name"
+        );
+        assert_eq!(
+            parse_err("a\n1\n\n2\n"),
+            "data.csv: line 3: blank line between data rows"
+        );
+        assert_eq!(
+            parse_err("\na\n1\n"),
+            "data.csv: line 1: the header line is blank"
+        );
+        assert_eq!(
+            parse_err("a,b\n1,\"2\n"),
+            "data.csv: line 2: unterminated quoted field"
+        );
+        assert_eq!(
+            parse_err("a,b\n1,\"2\"x\n"),
+            "data.csv: line 2: text after a closing quote"
+        );
+        assert_eq!(
+            parse_csv(
+                Path::new("data.csv"),
+                b"a\n1\n\xff\n",
+                &TableOptions::default()
+            )
+            .unwrap_err()
+            .to_string(),
+            "data.csv: line 3: not valid UTF-8"
+        );
+    }
+
+    #[test]
+    fn bundled_small_csv_matches_the_npy_slice_exactly() {
+        let t = read_table(&smd("small.csv"), &TableOptions::default()).unwrap();
+        assert_eq!(t.values.dim(), (2000, 38));
+        assert_eq!(t.features.first().map(String::as_str), Some("m01"));
+        assert_eq!(t.features.last().map(String::as_str), Some("m38"));
+        let ts = t.timestamps.as_ref().unwrap();
+        assert_eq!(ts[0], 1_700_000_000.0);
+        assert!(ts.windows(2).all(|w| w[1] - w[0] == 60.0));
+        let full = npy::read_npy(&smd("machine-1-6_test.npy")).unwrap();
+        assert_eq!(t.values, full.values.slice(ndarray::s![4000..6000, ..]));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = Fuzz(0x5EED);
+        let alphabet = b"01234,.\"\r\n e-+naifNT:Z \xEF\xBB\xBF\xff";
+        let base = std::fs::read(smd("small.csv")).unwrap();
+        let base = &base[..4000];
+        for round in 0..3000 {
+            let bytes: Vec<u8> = match round % 3 {
+                0 => (0..rng.below(80))
+                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .collect(),
+                1 => base[..rng.below(base.len())].to_vec(),
+                _ => {
+                    let mut b = base.to_vec();
+                    for _ in 0..1 + rng.below(5) {
+                        let i = rng.below(b.len());
+                        b[i] = alphabet[rng.below(alphabet.len())];
+                    }
+                    b
+                }
+            };
+            let opts = TableOptions {
+                timestamp_column: (round % 7 == 0).then(|| "m01".into()),
+            };
+            if let Err(e) = parse_csv(Path::new("f.csv"), &bytes, &opts) {
+                let msg = e.to_string();
+                assert!(msg.starts_with("f.csv: ") && !msg.contains('\n'), "{msg}");
+            }
+        }
+    }
+}

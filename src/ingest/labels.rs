@@ -1,0 +1,324 @@
+//! Label files: point labels (one 0/1 per row) and SMD interpretation labels
+//! (anomaly segments with the metrics the labellers blamed).
+//!
+//! Point labels feed [`crate::eval`]; segments let a replay check that an alert names
+//! the right metrics.
+
+use std::path::Path;
+
+use super::{IngestError, TextPos, line_str, lines, read_bytes};
+
+/// One labelled anomaly segment, converted to 0-based indices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// First anomalous row, 0-based.
+    pub start: usize,
+    /// Last anomalous row, 0-based inclusive.
+    pub end: usize,
+    /// The blamed features, 0-based, in file order.
+    pub dims: Vec<usize>,
+}
+
+impl Segment {
+    /// Number of rows in the segment.
+    pub fn len(&self) -> usize {
+        self.end - self.start + 1
+    }
+
+    /// Always false: a segment holds at least one row.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether 0-based `row` lies in the segment.
+    pub fn contains(&self, row: usize) -> bool {
+        (self.start..=self.end).contains(&row)
+    }
+}
+
+/// Read point labels: one `0` or `1` per line (`0.0`/`1.0` are accepted too; spaces,
+/// `\r`, a BOM and blank trailing lines are tolerated).
+///
+/// # Errors
+/// `Io`; `Empty`; `BadLabel` or `Syntax` (blank line before the end) with the line;
+/// `LabelCount` naming both counts when `expected_rows` is given and differs.
+pub fn read_labels(path: &Path, expected_rows: Option<usize>) -> Result<Vec<u8>, IngestError> {
+    let bytes = read_bytes(path)?;
+    parse_labels(path, &bytes, expected_rows)
+}
+
+/// Parse point labels already in memory; `path` is only used in error messages.
+///
+/// # Errors
+/// As [`read_labels`], minus `Io`.
+pub fn parse_labels(
+    path: &Path,
+    bytes: &[u8],
+    expected_rows: Option<usize>,
+) -> Result<Vec<u8>, IngestError> {
+    let mut labels = Vec::new();
+    let mut blank_at: Option<usize> = None;
+    for (line_no, raw) in lines(bytes) {
+        let text = line_str(path, line_no, raw)?.trim();
+        if text.is_empty() {
+            blank_at.get_or_insert(line_no);
+            continue;
+        }
+        if let Some(blank) = blank_at {
+            return Err(IngestError::Syntax {
+                path: path.to_owned(),
+                pos: TextPos::line(blank),
+                message: "blank line between labels".into(),
+            });
+        }
+        let label = match text {
+            "0" => 0,
+            "1" => 1,
+            _ => match text.parse::<f64>() {
+                Ok(0.0) => 0,
+                Ok(1.0) => 1,
+                _ => {
+                    return Err(IngestError::BadLabel {
+                        path: path.to_owned(),
+                        pos: TextPos::line(line_no),
+                        value: text.to_owned(),
+                    });
+                }
+            },
+        };
+        labels.push(label);
+    }
+    if labels.is_empty() {
+        return Err(IngestError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    match expected_rows {
+        Some(expected) if expected != labels.len() => Err(IngestError::LabelCount {
+            path: path.to_owned(),
+            found: labels.len(),
+            expected,
+        }),
+        _ => Ok(labels),
+    }
+}
+
+/// Read OmniAnomaly SMD interpretation labels: one `a-b:d,d,...` per line.
+///
+/// Dims are 1-based and become 0-based. The row range `a-b` is converted so that it
+/// agrees with the same dataset's `test_label` file: rows `a..=b-1` 0-based (NumPy's
+/// `[a:b]`; equivalently 1-based inclusive `a+1..=b`). This was checked on every segment
+/// of SMD machines 1-6, 2-1 and 3-4; reading `a-b` as 1-based inclusive instead would
+/// mark one normal row before every segment. An empty file yields no segments.
+///
+/// # Errors
+/// `Io`; `Syntax` naming the line for anything that is not `a-b:d[,d...]` with
+/// `a < b` and dims ≥ 1.
+pub fn read_interpretation_labels(path: &Path) -> Result<Vec<Segment>, IngestError> {
+    let bytes = read_bytes(path)?;
+    parse_interpretation_labels(path, &bytes)
+}
+
+/// Parse interpretation labels already in memory; `path` is only used in error messages.
+///
+/// # Errors
+/// As [`read_interpretation_labels`], minus `Io`.
+pub fn parse_interpretation_labels(path: &Path, bytes: &[u8]) -> Result<Vec<Segment>, IngestError> {
+    let mut segments = Vec::new();
+    for (line_no, raw) in lines(bytes) {
+        let text = line_str(path, line_no, raw)?.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let syntax = |message: String| IngestError::Syntax {
+            path: path.to_owned(),
+            pos: TextPos::line(line_no),
+            message,
+        };
+        let expected = || {
+            syntax(format!(
+                "expected \"start-end:dim,dim,...\", found {:?}",
+                super::Clipped(text)
+            ))
+        };
+        let (range, dims) = text.split_once(':').ok_or_else(expected)?;
+        let (a, b) = range.split_once('-').ok_or_else(expected)?;
+        let (a, b) = (
+            number(a).ok_or_else(expected)?,
+            number(b).ok_or_else(expected)?,
+        );
+        if a >= b {
+            return Err(syntax(format!("segment {a}-{b} is empty or reversed")));
+        }
+        let dims = dims
+            .split(',')
+            .map(|d| match number(d) {
+                Some(d) if d >= 1 => Ok(d - 1),
+                _ => Err(syntax(format!(
+                    "dim {:?} is not a 1-based index",
+                    super::Clipped(d.trim())
+                ))),
+            })
+            .collect::<Result<Vec<usize>, _>>()?;
+        segments.push(Segment {
+            start: a,
+            end: b - 1,
+            dims,
+        });
+    }
+    Ok(segments)
+}
+
+fn number(text: &str) -> Option<usize> {
+    let t = text.trim();
+    if t.is_empty() || !t.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    t.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+
+    fn labels(text: &str, expected: Option<usize>) -> Result<Vec<u8>, IngestError> {
+        parse_labels(Path::new("labels.txt"), text.as_bytes(), expected)
+    }
+
+    fn segments(text: &str) -> Result<Vec<Segment>, IngestError> {
+        parse_interpretation_labels(Path::new("interp.txt"), text.as_bytes())
+    }
+
+    #[test]
+    fn reads_point_labels() {
+        assert_eq!(
+            labels("0\n1\r\n 1 \n0.0\n1.0\n\n\r\n", None).unwrap(),
+            [0, 1, 1, 0, 1]
+        );
+        assert_eq!(labels("\u{feff}1", Some(1)).unwrap(), [1]);
+    }
+
+    #[test]
+    fn point_label_errors() {
+        assert_eq!(
+            labels("0\n1\n0\n", Some(4)).unwrap_err().to_string(),
+            "labels.txt: 3 labels, but the data has 4 rows"
+        );
+        assert_eq!(
+            labels("0\n2\n", None).unwrap_err().to_string(),
+            "labels.txt: line 2: label \"2\" is not 0 or 1"
+        );
+        assert_eq!(
+            labels("0\nyes\n", None).unwrap_err().to_string(),
+            "labels.txt: line 2: label \"yes\" is not 0 or 1"
+        );
+        assert_eq!(
+            labels("0\n\n1\n", None).unwrap_err().to_string(),
+            "labels.txt: line 2: blank line between labels"
+        );
+        assert_eq!(
+            labels("", None).unwrap_err().to_string(),
+            "labels.txt: empty file"
+        );
+        assert_eq!(
+            labels("\n\n", Some(0)).unwrap_err().to_string(),
+            "labels.txt: empty file"
+        );
+        assert!(labels("0\nnan\n", None).is_err());
+    }
+
+    #[test]
+    fn reads_interpretation_segments() {
+        let s = segments("246-252:1,2,3\r\n2884-2888:6\n\n").unwrap();
+        assert_eq!(
+            s,
+            [
+                Segment {
+                    start: 246,
+                    end: 251,
+                    dims: vec![0, 1, 2]
+                },
+                Segment {
+                    start: 2884,
+                    end: 2887,
+                    dims: vec![5]
+                },
+            ]
+        );
+        assert_eq!(s[0].len(), 6);
+        assert!(s[0].contains(251) && !s[0].contains(252) && !s[0].contains(245));
+        assert!(segments("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn interpretation_errors_name_the_line() {
+        for (text, want) in [
+            (
+                "1-5:1\nabc\n",
+                "interp.txt: line 2: expected \"start-end:dim,dim,...\", found \"abc\"",
+            ),
+            (
+                "5-5:1\n",
+                "interp.txt: line 1: segment 5-5 is empty or reversed",
+            ),
+            (
+                "7-5:1\n",
+                "interp.txt: line 1: segment 7-5 is empty or reversed",
+            ),
+            (
+                "1-5:1,0\n",
+                "interp.txt: line 1: dim \"0\" is not a 1-based index",
+            ),
+            (
+                "1-5:\n",
+                "interp.txt: line 1: dim \"\" is not a 1-based index",
+            ),
+            (
+                "1-5\n",
+                "interp.txt: line 1: expected \"start-end:dim,dim,...\", found \"1-5\"",
+            ),
+            (
+                "-1-5:2\n",
+                "interp.txt: line 1: expected \"start-end:dim,dim,...\", found \"-1-5:2\"",
+            ),
+            (
+                "1-99999999999999999999999:2\n",
+                "interp.txt: line 1: expected \"start-end:dim,dim,...\", found \"1-99999999999999999999999:2\"",
+            ),
+        ] {
+            assert_eq!(segments(text).unwrap_err().to_string(), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bundled_interpretation_labels_agree_with_point_labels() {
+        let points = read_labels(&smd("machine-1-6_test_label.txt"), Some(23689)).unwrap();
+        assert_eq!(points.iter().filter(|&&l| l == 1).count(), 3708);
+        let segs =
+            read_interpretation_labels(&smd("machine-1-6_interpretation_label.txt")).unwrap();
+        assert_eq!(segs.len(), 30);
+        let mut from_segments = vec![0u8; points.len()];
+        for s in &segs {
+            assert!(s.dims.iter().all(|&d| d < 38));
+            from_segments[s.start..=s.end].fill(1);
+        }
+        assert_eq!(from_segments, points);
+        let small = read_labels(&smd("small_labels.txt"), Some(2000)).unwrap();
+        assert_eq!(small, points[4000..6000]);
+        assert_eq!(small.iter().filter(|&&l| l == 1).count(), 420);
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = Fuzz(42);
+        let alphabet = b"0123456789-:,. \r\n\xffa";
+        for _ in 0..3000 {
+            let bytes: Vec<u8> = (0..rng.below(40))
+                .map(|_| alphabet[rng.below(alphabet.len())])
+                .collect();
+            let _ = parse_labels(Path::new("l"), &bytes, Some(rng.below(4)));
+            let _ = parse_interpretation_labels(Path::new("i"), &bytes);
+        }
+    }
+}

@@ -1,0 +1,648 @@
+//! NumPy `.npy` arrays: 2-D, little-endian `<f4` or `<f8`, format versions 1.0, 2.0 and
+//! 3.0, C or Fortran order. Features are named `f0..f{d-1}`; there are no timestamps.
+//!
+//! The header is a Python dict literal (`{'descr': '<f4', 'fortran_order': False,
+//! 'shape': (23689, 38), }`), parsed here by a small literal reader rather than by
+//! pattern matching, so that spacing, key order, quotes and `3L`-style integers written
+//! by old NumPy versions all work. The data size is checked against the header before
+//! anything is allocated for it.
+
+use std::path::Path;
+
+use ndarray::{Array2, ShapeBuilder};
+
+use super::{IngestError, Table, read_bytes};
+
+const MAGIC: &[u8] = b"\x93NUMPY";
+/// Nesting limit for the header literal; real headers nest two deep.
+const MAX_DEPTH: usize = 16;
+
+/// Read a 2-D float `.npy` file as a [`Table`] (float64 is narrowed to float32).
+///
+/// # Errors
+/// `Io`; `NpyHeader` (bad magic, version or header literal); `UnsupportedDtype`;
+/// `NotTwoD`; `DataSize` (truncated or trailing bytes); `NoRows`; `NoFeatures`;
+/// `NonFiniteAt` / `OutOfRangeAt` with the 0-based row and column of the first bad value.
+pub fn read_npy(path: &Path) -> Result<Table, IngestError> {
+    let bytes = read_bytes(path)?;
+    parse_npy(path, &bytes)
+}
+
+/// Parse `.npy` bytes already in memory; `path` is only used in error messages.
+///
+/// # Errors
+/// As [`read_npy`], minus `Io`.
+pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
+    let header_err = |message: String| IngestError::NpyHeader {
+        path: path.to_owned(),
+        message,
+    };
+    if bytes.is_empty() {
+        return Err(IngestError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    if !bytes.starts_with(MAGIC) {
+        return Err(header_err("missing the \\x93NUMPY magic".into()));
+    }
+    let (major, minor) = match bytes.get(6..8) {
+        Some(&[major, minor]) => (major, minor),
+        _ => return Err(header_err("file ends inside the version".into())),
+    };
+    let (len_bytes, header_start) = match major {
+        1 => (2, 10),
+        2 | 3 => (4, 12),
+        _ => {
+            return Err(header_err(format!(
+                "unsupported format version {major}.{minor}"
+            )));
+        }
+    };
+    let header_len = match bytes.get(8..header_start) {
+        Some(b) => b
+            .iter()
+            .rev()
+            .fold(0usize, |acc, &x| (acc << 8) | usize::from(x)),
+        None => return Err(header_err("file ends inside the header length".into())),
+    };
+    debug_assert_eq!(header_start - 8, len_bytes);
+    let data_start = header_start
+        .checked_add(header_len)
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| {
+            header_err(format!(
+                "header length {header_len} runs past the end of the file"
+            ))
+        })?;
+    let raw_header = &bytes[header_start..data_start];
+    // Versions 1 and 2 store the header as latin-1, version 3 as UTF-8.
+    let header: String = if major == 3 {
+        std::str::from_utf8(raw_header)
+            .map_err(|_| header_err("header is not valid UTF-8".into()))?
+            .to_owned()
+    } else {
+        raw_header.iter().map(|&b| char::from(b)).collect()
+    };
+    let NpyHeader {
+        descr,
+        fortran_order,
+        shape,
+    } = parse_header(&header).map_err(header_err)?;
+
+    let (item, dtype) = match descr.as_str() {
+        "<f4" => (4u64, "float32"),
+        "<f8" => (8u64, "float64"),
+        _ => {
+            return Err(IngestError::UnsupportedDtype {
+                path: path.to_owned(),
+                descr,
+            });
+        }
+    };
+    let &[rows, cols] = shape.as_slice() else {
+        return Err(IngestError::NotTwoD {
+            path: path.to_owned(),
+            shape,
+        });
+    };
+    let data = &bytes[data_start..];
+    let expected = rows.checked_mul(cols).and_then(|n| n.checked_mul(item));
+    let actual = data.len() as u64;
+    if expected != Some(actual) {
+        return Err(IngestError::DataSize {
+            path: path.to_owned(),
+            rows,
+            cols,
+            dtype,
+            expected: expected.unwrap_or(u64::MAX),
+            actual,
+        });
+    }
+    if rows == 0 {
+        return Err(IngestError::NoRows {
+            path: path.to_owned(),
+        });
+    }
+    if cols == 0 {
+        return Err(IngestError::NoFeatures {
+            path: path.to_owned(),
+        });
+    }
+    // Both fit in usize: their product is the length of a slice in memory.
+    let (rows, cols) = (rows as usize, cols as usize);
+    let values = if item == 4 {
+        let flat = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let a = to_standard(flat, rows, cols, fortran_order);
+        if let Some(((row, col), _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(IngestError::NonFiniteAt {
+                path: path.to_owned(),
+                row,
+                col,
+            });
+        }
+        a
+    } else {
+        let flat = data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let wide = to_standard(flat, rows, cols, fortran_order);
+        for ((row, col), &v) in wide.indexed_iter() {
+            if !v.is_finite() {
+                return Err(IngestError::NonFiniteAt {
+                    path: path.to_owned(),
+                    row,
+                    col,
+                });
+            }
+            if !(v as f32).is_finite() {
+                return Err(IngestError::OutOfRangeAt {
+                    path: path.to_owned(),
+                    row,
+                    col,
+                    value: v,
+                });
+            }
+        }
+        wide.mapv(|v| v as f32)
+    };
+    Ok(Table {
+        path: path.to_owned(),
+        features: (0..cols).map(|j| format!("f{j}")).collect(),
+        timestamps: None,
+        values,
+    })
+}
+
+/// A row-major `rows × cols` array from NPY's flat data in C or Fortran order.
+fn to_standard<T: Clone>(flat: Vec<T>, rows: usize, cols: usize, fortran_order: bool) -> Array2<T> {
+    let shape = (rows, cols).set_f(fortran_order);
+    let a = Array2::from_shape_vec(shape, flat).expect("data length was checked against the shape");
+    if fortran_order {
+        a.as_standard_layout().into_owned()
+    } else {
+        a
+    }
+}
+
+/// The three keys NumPy writes.
+#[derive(Debug, PartialEq)]
+struct NpyHeader {
+    descr: String,
+    fortran_order: bool,
+    shape: Vec<u64>,
+}
+
+fn parse_header(text: &str) -> Result<NpyHeader, String> {
+    let mut p = LitParser {
+        s: text.as_bytes(),
+        i: 0,
+    };
+    let lit = p.value(0)?;
+    p.skip_ws();
+    if p.i != p.s.len() {
+        return Err(format!(
+            "unexpected text after the header dict at byte {}",
+            p.i
+        ));
+    }
+    let Lit::Dict(entries) = lit else {
+        return Err("header is not a dict".into());
+    };
+    let get = |key: &str| {
+        entries
+            .iter()
+            .find(|(k, _)| matches!(k, Lit::Str(s) if s == key))
+            .map(|(_, v)| v)
+            .ok_or_else(|| format!("header has no {key:?} key"))
+    };
+    let descr = match get("descr")? {
+        Lit::Str(s) => s.clone(),
+        // A list descr is a structured dtype.
+        other => {
+            return Err(format!(
+                "'descr' is {} (structured dtypes are not supported)",
+                other.kind()
+            ));
+        }
+    };
+    let fortran_order = match get("fortran_order")? {
+        Lit::Bool(b) => *b,
+        other => {
+            return Err(format!(
+                "'fortran_order' is {}, expected True or False",
+                other.kind()
+            ));
+        }
+    };
+    let shape = match get("shape")? {
+        Lit::Tuple(items) => items
+            .iter()
+            .map(|x| match x {
+                Lit::Int(n) => Ok(*n),
+                other => Err(format!("'shape' holds {}, expected integers", other.kind())),
+            })
+            .collect::<Result<Vec<u64>, String>>()?,
+        other => return Err(format!("'shape' is {}, expected a tuple", other.kind())),
+    };
+    Ok(NpyHeader {
+        descr,
+        fortran_order,
+        shape,
+    })
+}
+
+/// The Python literal subset that NPY headers use.
+#[derive(Debug, PartialEq)]
+enum Lit {
+    Str(String),
+    Int(u64),
+    Bool(bool),
+    None,
+    Tuple(Vec<Lit>),
+    List(Vec<Lit>),
+    Dict(Vec<(Lit, Lit)>),
+}
+
+impl Lit {
+    fn kind(&self) -> &'static str {
+        match self {
+            Lit::Str(_) => "a string",
+            Lit::Int(_) => "an integer",
+            Lit::Bool(_) => "a bool",
+            Lit::None => "None",
+            Lit::Tuple(_) => "a tuple",
+            Lit::List(_) => "a list",
+            Lit::Dict(_) => "a dict",
+        }
+    }
+}
+
+struct LitParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl LitParser<'_> {
+    fn skip_ws(&mut self) {
+        while self.s.get(self.i).is_some_and(|c| c.is_ascii_whitespace()) {
+            self.i += 1;
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Lit, String> {
+        if depth > MAX_DEPTH {
+            return Err("header nests too deeply".into());
+        }
+        self.skip_ws();
+        let Some(&c) = self.s.get(self.i) else {
+            return Err("header ends where a value was expected".into());
+        };
+        match c {
+            b'\'' | b'"' => self.string(c).map(Lit::Str),
+            b'0'..=b'9' => self.int(),
+            b'(' => self.seq(b')', depth).map(Lit::Tuple),
+            b'[' => self.seq(b']', depth).map(Lit::List),
+            b'{' => self.dict(depth),
+            _ => {
+                let start = self.i;
+                while self.s.get(self.i).is_some_and(|c| c.is_ascii_alphabetic()) {
+                    self.i += 1;
+                }
+                match &self.s[start..self.i] {
+                    b"True" => Ok(Lit::Bool(true)),
+                    b"False" => Ok(Lit::Bool(false)),
+                    b"None" => Ok(Lit::None),
+                    _ => Err(format!(
+                        "unexpected character {:?} at byte {start}",
+                        char::from(c)
+                    )),
+                }
+            }
+        }
+    }
+
+    fn string(&mut self, quote: u8) -> Result<String, String> {
+        let start = self.i;
+        self.i += 1;
+        let mut out = Vec::new();
+        loop {
+            match self.s.get(self.i) {
+                None => return Err(format!("unterminated string starting at byte {start}")),
+                Some(&c) if c == quote => {
+                    self.i += 1;
+                    return Ok(String::from_utf8_lossy(&out).into_owned());
+                }
+                Some(b'\\') => {
+                    // Escapes never occur in NumPy headers; keep the escaped byte as is.
+                    if let Some(&next) = self.s.get(self.i + 1) {
+                        out.push(next);
+                    }
+                    self.i += 2;
+                }
+                Some(&c) => {
+                    out.push(c);
+                    self.i += 1;
+                }
+            }
+        }
+    }
+
+    fn int(&mut self) -> Result<Lit, String> {
+        let start = self.i;
+        let mut n: u64 = 0;
+        while let Some(&c) = self.s.get(self.i).filter(|c| c.is_ascii_digit()) {
+            n = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(c - b'0')))
+                .ok_or_else(|| format!("integer at byte {start} is too large"))?;
+            self.i += 1;
+        }
+        // Python 2 long suffix, written by NumPy on some platforms.
+        if matches!(self.s.get(self.i), Some(b'L' | b'l')) {
+            self.i += 1;
+        }
+        Ok(Lit::Int(n))
+    }
+
+    /// Comma-separated values up to `close`, trailing comma allowed.
+    fn seq(&mut self, close: u8, depth: usize) -> Result<Vec<Lit>, String> {
+        self.i += 1;
+        let mut items = Vec::new();
+        loop {
+            self.skip_ws();
+            if self.s.get(self.i) == Some(&close) {
+                self.i += 1;
+                return Ok(items);
+            }
+            items.push(self.value(depth + 1)?);
+            self.skip_ws();
+            match self.s.get(self.i) {
+                Some(b',') => self.i += 1,
+                Some(&c) if c == close => {}
+                _ => {
+                    return Err(format!(
+                        "expected ',' or {:?} at byte {}",
+                        char::from(close),
+                        self.i
+                    ));
+                }
+            }
+        }
+    }
+
+    fn dict(&mut self, depth: usize) -> Result<Lit, String> {
+        self.i += 1;
+        let mut entries = Vec::new();
+        loop {
+            self.skip_ws();
+            if self.s.get(self.i) == Some(&b'}') {
+                self.i += 1;
+                return Ok(Lit::Dict(entries));
+            }
+            let key = self.value(depth + 1)?;
+            self.skip_ws();
+            if self.s.get(self.i) != Some(&b':') {
+                return Err(format!("expected ':' at byte {}", self.i));
+            }
+            self.i += 1;
+            let value = self.value(depth + 1)?;
+            entries.push((key, value));
+            self.skip_ws();
+            match self.s.get(self.i) {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {}
+                _ => return Err(format!("expected ',' or '}}' at byte {}", self.i)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::super::testutil::*;
+    use super::*;
+
+    /// Build an NPY file: `header` is the dict text, padded as NumPy does.
+    pub(crate) fn npy_bytes(major: u8, header: &str, data: &[u8]) -> Vec<u8> {
+        let len_bytes = if major == 1 { 2 } else { 4 };
+        let prefix = 6 + 2 + len_bytes;
+        let mut h = header.to_owned();
+        while !(prefix + h.len() + 1).is_multiple_of(64) {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut out = MAGIC.to_vec();
+        out.extend([major, 0]);
+        if major == 1 {
+            out.extend((h.len() as u16).to_le_bytes());
+        } else {
+            out.extend((h.len() as u32).to_le_bytes());
+        }
+        out.extend(h.as_bytes());
+        out.extend(data);
+        out
+    }
+
+    fn f4(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn f8(values: &[f64]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Table, IngestError> {
+        parse_npy(Path::new("x.npy"), bytes)
+    }
+
+    fn err(bytes: &[u8]) -> String {
+        parse(bytes).unwrap_err().to_string()
+    }
+
+    const C23: &str = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
+
+    #[test]
+    fn reads_float32_c_order_all_versions() {
+        let data = f4(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        for major in [1, 2, 3] {
+            let t = parse(&npy_bytes(major, C23, &data)).unwrap();
+            assert_eq!(t.values, ndarray::array![[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+            assert_eq!(t.features, ["f0", "f1", "f2"]);
+            assert!(t.timestamps.is_none());
+        }
+    }
+
+    #[test]
+    fn reads_float64_and_fortran_order() {
+        let h = "{'descr': '<f8', 'fortran_order': True, 'shape': (2, 3), }";
+        // Column-major: columns [1,4], [2,5], [3,6].
+        let t = parse(&npy_bytes(1, h, &f8(&[1.0, 4.0, 2.0, 5.0, 3.0, 6.0]))).unwrap();
+        assert_eq!(t.values, ndarray::array![[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+        assert!(t.values.is_standard_layout());
+    }
+
+    #[test]
+    fn header_variants_numpy_has_written() {
+        let data = f4(&[1.0, 2.0]);
+        for h in [
+            "{'descr':'<f4','fortran_order':False,'shape':(1,2)}",
+            "{\"shape\": (1L, 2L), \"fortran_order\": False, \"descr\": \"<f4\"}",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2,), 'extra': [1, None]}",
+        ] {
+            assert_eq!(
+                parse(&npy_bytes(1, h, &data)).unwrap().values,
+                ndarray::array![[1.0, 2.0]],
+                "{h}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_dtypes_and_shapes() {
+        let h = |descr: &str, shape: &str| {
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
+        };
+        for descr in [">f4", "<i4", "<f2", "|u1", "<c8"] {
+            let msg = err(&npy_bytes(1, &h(descr, "(1, 1)"), &[0; 8]));
+            assert_eq!(
+                msg,
+                format!(
+                    "x.npy: unsupported dtype {descr:?}; supported: '<f4' (float32), '<f8' (float64)"
+                )
+            );
+        }
+        let structured = "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }";
+        assert!(
+            err(&npy_bytes(1, structured, &[0; 4])).contains("structured dtypes are not supported")
+        );
+        assert_eq!(
+            err(&npy_bytes(1, &h("<f4", "(4,)"), &[0; 16])),
+            "x.npy: expected a 2-D array, found shape [4]"
+        );
+        assert_eq!(
+            err(&npy_bytes(1, &h("<f4", "(1, 2, 2)"), &[0; 16])),
+            "x.npy: expected a 2-D array, found shape [1, 2, 2]"
+        );
+        assert_eq!(
+            err(&npy_bytes(1, &h("<f4", "(0, 3)"), &[])),
+            "x.npy: no data rows"
+        );
+        assert_eq!(
+            err(&npy_bytes(1, &h("<f4", "(3, 0)"), &[])),
+            "x.npy: no feature columns"
+        );
+    }
+
+    #[test]
+    fn data_size_must_match_the_header() {
+        let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (23688, 38), }";
+        assert_eq!(
+            err(&npy_bytes(1, h, &[0; 1200])),
+            "x.npy: truncated: header says 23688×38 float32 (3600576 bytes of data) but the file has 1200 bytes of data"
+        );
+        assert_eq!(
+            err(&npy_bytes(1, C23, &[0; 28])),
+            "x.npy: trailing bytes: header says 2×3 float32 (24 bytes of data) but the file has 28 bytes of data"
+        );
+        let huge = "{'descr': '<f8', 'fortran_order': False, 'shape': (18446744073709551615, 2), }";
+        assert!(err(&npy_bytes(1, huge, &[0; 8])).starts_with("x.npy: truncated"));
+        let too_big =
+            "{'descr': '<f8', 'fortran_order': False, 'shape': (99999999999999999999, 2), }";
+        assert!(err(&npy_bytes(1, too_big, &[])).contains("too large"));
+    }
+
+    #[test]
+    fn non_finite_values_name_row_and_column() {
+        let mut v = vec![0.0f32; 6];
+        v[5] = f32::NAN;
+        v[4] = f32::INFINITY;
+        assert_eq!(
+            err(&npy_bytes(1, C23, &f4(&v))),
+            "x.npy: row 1, column 1 (0-based): NaN/Inf is not allowed"
+        );
+        // Fortran order: flat index 1 is row 1, column 0, which comes after row 0 in row-major.
+        let hf = "{'descr': '<f8', 'fortran_order': True, 'shape': (2, 3), }";
+        let mut w = vec![0.0f64; 6];
+        w[1] = f64::NAN;
+        w[4] = f64::NEG_INFINITY; // row 0, column 2
+        assert_eq!(
+            err(&npy_bytes(1, hf, &f8(&w))),
+            "x.npy: row 0, column 2 (0-based): NaN/Inf is not allowed"
+        );
+        let h8 = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 2), }";
+        assert_eq!(
+            err(&npy_bytes(1, h8, &f8(&[1.0, 1e300]))),
+            "x.npy: row 0, column 1 (0-based): value 1e300 is out of range for float32"
+        );
+    }
+
+    #[test]
+    fn malformed_headers() {
+        assert_eq!(err(b""), "x.npy: empty file");
+        assert!(err(b"PK\x03\x04").contains("missing the \\x93NUMPY magic"));
+        assert!(err(b"\x93NUMPY").contains("version"));
+        assert!(err(b"\x93NUMPY\x04\x00\x00\x00").contains("unsupported format version 4.0"));
+        assert!(err(b"\x93NUMPY\x01\x00\x10").contains("header length"));
+        assert!(err(b"\x93NUMPY\x01\x00\xff\x00{}").contains("runs past the end"));
+        for h in [
+            "{}",
+            "[]",
+            "{'descr': '<f4'",
+            "{'descr' '<f4'}",
+            "{'descr': <f4}",
+            "{'descr': '<f4'}} x",
+        ] {
+            assert!(
+                err(&npy_bytes(1, h, &[])).starts_with("x.npy: not an NPY file: "),
+                "{h}"
+            );
+        }
+        let deep = format!("{}{}", "(".repeat(100), ")".repeat(100));
+        assert!(err(&npy_bytes(1, &deep, &[])).contains("nests too deeply"));
+        let mut bad_utf8 = npy_bytes(3, C23, &[0; 24]);
+        bad_utf8[13] = 0xff;
+        assert!(err(&bad_utf8).contains("not valid UTF-8"));
+    }
+
+    #[test]
+    fn bundled_smd_arrays() {
+        let test = read_npy(&smd("machine-1-6_test.npy")).unwrap();
+        assert_eq!(test.values.dim(), (23689, 38));
+        let train = read_npy(&smd("machine-1-6_train.npy")).unwrap();
+        assert_eq!(train.values.dim(), (23688, 38));
+        // Min-max scaled by the authors.
+        assert!(train.values.iter().all(|v| (-0.01..=1.01).contains(v)));
+        assert_eq!(test.features[37], "f37");
+    }
+
+    #[test]
+    fn random_and_truncated_bytes_never_panic() {
+        let good = npy_bytes(1, C23, &f4(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        let mut rng = Fuzz(0xBADC0DE);
+        for cut in 0..good.len() {
+            assert!(parse(&good[..cut]).is_err());
+        }
+        for round in 0..5000 {
+            let bytes: Vec<u8> = if round % 2 == 0 {
+                let mut b = good.clone();
+                for _ in 0..1 + rng.below(4) {
+                    let i = rng.below(b.len());
+                    b[i] = rng.next() as u8;
+                }
+                b
+            } else {
+                let mut b = MAGIC.to_vec();
+                b.extend((0..rng.below(200)).map(|_| rng.next() as u8));
+                b
+            };
+            if let Err(e) = parse(&bytes) {
+                let msg = e.to_string();
+                assert!(msg.starts_with("x.npy: ") && !msg.contains('\n'), "{msg}");
+            }
+        }
+    }
+}

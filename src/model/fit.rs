@@ -1,0 +1,166 @@
+//! Fitting a complete [`Model`] from a training table: scaler, autoencoder, training,
+//! calibration of the training scores, provenance. `darkwatch train` calls [`fit`].
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use super::io::{Architecture, Calibration, Provenance, QuantilePoint, WeightsRef};
+use super::{Activation, Autoencoder, Model, ModelMeta, Scaler, default_hidden_sizes};
+use crate::config::DarkwatchConfig;
+use crate::ingest::Table;
+use crate::pipeline::Scorer;
+use crate::train::{EpochReport, TrainError, TrainReport, train};
+
+/// Quantiles of training scores stored with every model.
+pub const CALIBRATION_QUANTILES: [f64; 8] = [0.5, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0];
+
+/// Trains a model on `table` with `cfg`; `data_sha256` is recorded as provenance.
+/// `on_epoch` sees each epoch (the CLI drives a progress bar with it).
+///
+/// # Errors
+/// Training failed (too few rows, divergence, invalid settings).
+pub fn fit(
+    table: &Table,
+    data_sha256: &str,
+    cfg: &DarkwatchConfig,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<(Model, TrainReport), TrainError> {
+    let started = Instant::now();
+    let d = table.values.ncols();
+    let scaler = Scaler::fit(cfg.model.scaler, table.values.view());
+    let x = scaler.transform(table.values.view());
+    let hidden = if cfg.model.hidden_sizes.is_empty() {
+        default_hidden_sizes(d)
+    } else {
+        cfg.model.hidden_sizes.clone()
+    };
+    let mut ae = Autoencoder::new(d, &hidden, cfg.model.kind, cfg.train.seed);
+    let report = train(&mut ae, x.view(), &cfg.train, on_epoch)?;
+    let train_seconds = started.elapsed().as_secs_f64();
+
+    let meta = ModelMeta {
+        format: super::io::FORMAT.into(),
+        format_version: super::io::FORMAT_VERSION,
+        id: String::new(),
+        features: table.features.clone(),
+        scaler,
+        architecture: Architecture {
+            kind: "dense_autoencoder".into(),
+            output: cfg.model.kind,
+            layer_widths: ae.widths(),
+            activation: Activation::Relu,
+        },
+        head: cfg.score.head(),
+        calibration: Calibration {
+            rows: 0,
+            score_quantiles: Vec::new(),
+        },
+        provenance: Provenance {
+            darkwatch_version: env!("CARGO_PKG_VERSION").into(),
+            created_unix_secs: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            data_file: table.path.display().to_string(),
+            data_sha256: data_sha256.into(),
+            rows: table.values.nrows(),
+            train: cfg.train.clone(),
+            rows_train: report.rows_train,
+            rows_validation: report.rows_val,
+            epochs_run: report.epochs_run,
+            best_epoch: report.best_epoch,
+            stopped_early: report.stopped_early,
+            train_losses: report.train_losses.clone(),
+            validation_losses: report.val_losses.clone(),
+            train_seconds,
+        },
+        weights: WeightsRef {
+            file: String::new(),
+            sha256: String::new(),
+        },
+    };
+    let mut model = Model::new(ae, meta);
+    model.meta.calibration = calibrate(&model, table);
+    Ok((model, report))
+}
+
+/// Scores the training table with the model's own head (through the pipeline's
+/// [`Scorer`]) and stores the quantiles.
+pub fn calibrate(model: &Model, table: &Table) -> Calibration {
+    let shared = Arc::new(model.clone());
+    let Ok(mut scorer) = Scorer::new(shared, model.meta.head, 1024, 1) else {
+        return Calibration {
+            rows: 0,
+            score_quantiles: Vec::new(),
+        };
+    };
+    let mut scores = scorer.score_all(table.values.view());
+    scores.sort_by(f32::total_cmp);
+    let score_quantiles = CALIBRATION_QUANTILES
+        .iter()
+        .map(|&q| QuantilePoint {
+            q,
+            score: quantile_sorted(&scores, q),
+        })
+        .collect();
+    Calibration {
+        rows: scores.len(),
+        score_quantiles,
+    }
+}
+
+/// The q-quantile of sorted values (nearest rank, upper).
+pub fn quantile_sorted(sorted: &[f32], q: f64) -> f32 {
+    if sorted.is_empty() {
+        return f32::NAN;
+    }
+    let idx =
+        ((q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[idx]
+}
+
+/// An untrained model of the default shape for `d` features (identity scaling), for
+/// benchmarks and tests where the weights do not matter.
+pub fn synthetic(d: usize, seed: u64) -> Model {
+    let cfg = DarkwatchConfig::default();
+    let ae = Autoencoder::new(d, &default_hidden_sizes(d), cfg.model.kind, seed);
+    let scaler = Scaler::from_parts(super::ScalerKind::ZScore, vec![0.0; d], vec![1.0; d]);
+    let meta = ModelMeta {
+        format: super::io::FORMAT.into(),
+        format_version: super::io::FORMAT_VERSION,
+        id: String::new(),
+        features: (0..d).map(|i| format!("f{i}")).collect(),
+        scaler,
+        architecture: Architecture {
+            kind: "dense_autoencoder".into(),
+            output: cfg.model.kind,
+            layer_widths: ae.widths(),
+            activation: Activation::Relu,
+        },
+        head: cfg.score.head(),
+        calibration: Calibration {
+            rows: 0,
+            score_quantiles: Vec::new(),
+        },
+        provenance: Provenance {
+            darkwatch_version: env!("CARGO_PKG_VERSION").into(),
+            created_unix_secs: 0,
+            data_file: "(synthetic)".into(),
+            data_sha256: String::new(),
+            rows: 0,
+            train: cfg.train.clone(),
+            rows_train: 0,
+            rows_validation: 0,
+            epochs_run: 0,
+            best_epoch: 0,
+            stopped_early: false,
+            train_losses: Vec::new(),
+            validation_losses: Vec::new(),
+            train_seconds: 0.0,
+        },
+        weights: WeightsRef {
+            file: String::new(),
+            sha256: String::new(),
+        },
+    };
+    Model::new(ae, meta)
+}

@@ -1,0 +1,84 @@
+//! Proves the hot path allocates nothing per frame: a counting global allocator around
+//! two replays of different length through the real pipeline. Setup costs the same in
+//! both; any per-frame allocation would show up thousands of times over.
+//! (Its own test binary, because the allocator is process-wide.)
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use darkwatch::config::PipelineConfig;
+use darkwatch::model::fit::synthetic;
+use darkwatch::pipeline::{self, FileSource, ScoredFrame, Sink};
+use darkwatch::ring::FullPolicy;
+use ndarray::Array2;
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+struct CountSink {
+    frames: u64,
+    score_sum: f64,
+}
+
+impl Sink for CountSink {
+    fn accept(&mut self, f: &ScoredFrame) {
+        self.frames += 1;
+        self.score_sum += f.score as f64;
+    }
+}
+
+fn allocations_for_replay(frames: usize) -> (u64, u64) {
+    let model = Arc::new(synthetic(38, 1));
+    let head = model.meta.head;
+    let data = Array2::from_shape_fn((frames, 38), |(i, j)| ((i * 31 + j * 7) % 17) as f32 / 17.0);
+    let source = FileSource::new(data, None, None);
+    let cfg = PipelineConfig {
+        ring_capacity_frames: 256,
+        batch_max_frames: 32,
+        ..PipelineConfig::default()
+    };
+    let sink = CountSink {
+        frames: 0,
+        score_sum: 0.0,
+    };
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let (report, sink) =
+        pipeline::run(model, head, 3, &cfg, FullPolicy::Block, source, sink).unwrap();
+    let after = ALLOCATIONS.load(Ordering::SeqCst);
+    assert_eq!(report.frames_scored, frames as u64);
+    assert_eq!(sink.frames, frames as u64);
+    assert!(sink.score_sum.is_finite());
+    (after - before, report.batches)
+}
+
+#[test]
+fn replay_of_10k_frames_allocates_nothing_per_frame() {
+    let (small, _) = allocations_for_replay(1_000);
+    let (large, batches) = allocations_for_replay(10_000);
+    assert!(batches >= 10_000 / 32, "{batches} batches");
+    // 9,000 more frames (and hundreds more batches): the count may differ by a handful
+    // (thread start-up), never by anything proportional to frames or batches.
+    assert!(
+        large.abs_diff(small) < 50,
+        "allocations grew with frames: {small} for 1k frames, {large} for 10k"
+    );
+}

@@ -1,0 +1,266 @@
+//! Integration tests: the real binary on real files, each in its own temp dir.
+
+mod util;
+
+use util::{darkwatch, labels, quick_config, repo, run, synthetic_csv};
+
+fn anomalies() -> Vec<usize> {
+    (700..720).chain(900..905).collect()
+}
+
+/// Trains a quick model on synthetic data and returns (tempdir, model dir, test csv, labels).
+fn trained() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.csv");
+    synthetic_csv(&train, 1500, 8, &[]);
+    let test = dir.path().join("test.csv");
+    synthetic_csv(&test, 1000, 8, &anomalies());
+    let lab = dir.path().join("labels.txt");
+    labels(&lab, 1000, &anomalies());
+    let model = dir.path().join("model");
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&train)
+        .arg("--out")
+        .arg(&model)
+        .arg("--config")
+        .arg(quick_config(dir.path())));
+    assert_eq!(code, 0, "train failed: {out}\n{err}");
+    (dir, model, test, lab)
+}
+
+#[test]
+fn train_then_replay_detects_injected_anomalies_and_writes_scores() {
+    let (dir, model, test, lab) = trained();
+    let scores = dir.path().join("scores.csv");
+    let (code, out, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&test)
+        .arg("--labels")
+        .arg(&lab)
+        .arg("--out")
+        .arg(&scores));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("AUROC"), "{out}");
+    assert!(out.contains("point-adjusted"), "{out}");
+    // The shifted rows are far from anything seen in training: near-perfect AUROC.
+    let auroc: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("point-wise AUROC:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no AUROC value in {out}"));
+    assert!(auroc > 0.95, "AUROC {auroc}\n{out}");
+    let csv = std::fs::read_to_string(&scores).unwrap();
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap();
+    assert!(
+        header.starts_with("frame,timestamp,score,top1_feature"),
+        "{header}"
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 1000);
+    // Frame 700 is an anomaly on m00: the top contributions name it.
+    let f700: Vec<&str> = rows[700].split(',').collect();
+    assert_eq!(f700[0], "700");
+    assert_eq!(f700[1], (1_700_000_000 + 60 * 700).to_string());
+    let named: Vec<&str> = [3, 5, 7].iter().map(|&i| f700[i]).collect();
+    assert!(named.contains(&"m00"), "{}", rows[700]);
+}
+
+#[test]
+fn training_is_reproducible_from_the_seed() {
+    let (dir, model, _, _) = trained();
+    let again = dir.path().join("again");
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(dir.path().join("train.csv"))
+        .arg("--out")
+        .arg(&again)
+        .arg("--config")
+        .arg(dir.path().join("quick.toml")));
+    assert_eq!(code, 0, "{err}");
+    let a = std::fs::read(model.join("model.safetensors")).unwrap();
+    let b = std::fs::read(again.join("model.safetensors")).unwrap();
+    assert_eq!(
+        a, b,
+        "same data, config and seed must give the same weights"
+    );
+}
+
+#[test]
+fn inspect_prints_metadata() {
+    let (_dir, model, _, _) = trained();
+    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "dense autoencoder",
+        "wnll",
+        "m00",
+        "calibrated",
+        "sha256",
+        "seed 0",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    let (code, out, _) = run(darkwatch().arg("inspect").arg(&model).arg("--json"));
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["format_version"], 1);
+}
+
+#[test]
+fn corrupt_or_truncated_model_is_refused_with_file_named() {
+    let (_dir, model, test, _) = trained();
+    let weights = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x55;
+    std::fs::write(&weights, &bytes).unwrap();
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&test));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("model.safetensors") && err.contains("checksum"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let meta = model.join("model.json");
+    let text = std::fs::read_to_string(&meta).unwrap();
+    std::fs::write(&meta, &text[..text.len() / 2]).unwrap();
+    let (code, _, err) = run(darkwatch().arg("inspect").arg(&model));
+    assert_eq!(code, 1);
+    assert!(err.contains("model.json"), "{err}");
+}
+
+#[test]
+fn model_for_other_feature_count_is_refused() {
+    let (dir, model, _, _) = trained();
+    let wide = dir.path().join("wide.csv");
+    synthetic_csv(&wide, 50, 9, &[]);
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&wide));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("wide.csv") && err.contains("9 features") && err.contains("8"),
+        "{err}"
+    );
+}
+
+#[test]
+fn label_file_of_wrong_length_is_refused() {
+    let (dir, model, test, _) = trained();
+    let short = dir.path().join("short.txt");
+    labels(&short, 999, &[]);
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&test)
+        .arg("--labels")
+        .arg(&short));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("short.txt") && err.contains("999") && err.contains("1000"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_input_files_give_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("nan.csv", b"a,b\n1,2\n3,NaN\n".to_vec(), "line 3"),
+        ("short.csv", b"a,b\n1,2\n3\n".to_vec(), "line 3"),
+        ("empty.csv", Vec::new(), "empty"),
+        (
+            "trunc.npy",
+            {
+                let mut v = std::fs::read(repo("tests/data/smd/machine-1-6_test.npy")).unwrap();
+                v.truncate(5000);
+                v
+            },
+            "truncated",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let (code, out, err) = run(darkwatch()
+            .args(["train", "--input"])
+            .arg(&path)
+            .arg("--out")
+            .arg(dir.path().join("m")));
+        assert_eq!(code, 1, "{name}: {out}{err}");
+        assert!(
+            err.contains(name) && err.to_lowercase().contains(want),
+            "{name}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{name}: not one line: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn validate_names_file_key_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[score]\nhead = \"wnll\"\ntop_contributions = 99\n").unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&bad));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("score.top_contributions"),
+        "{err}"
+    );
+
+    std::fs::write(&bad, "[pipline]\nx = 1\n").unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&bad));
+    assert_eq!(code, 78);
+    assert!(err.contains("pipline"), "{err}");
+
+    let (code, out, _) = run(darkwatch()
+        .args(["validate", "--config"])
+        .arg(repo("config/darkwatch.toml")));
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn print_config_shows_environment_overrides() {
+    let (code, out, err) = run(darkwatch()
+        .arg("print-config")
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "42"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("epochs_max = 42"), "{out}");
+    let (code, _, err) = run(darkwatch()
+        .arg("print-config")
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "lots"));
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("DARKWATCH__TRAIN__EPOCHS_MAX"), "{err}");
+}
+
+#[test]
+fn bundled_model_replays_bundled_smd_slice_above_target() {
+    let (code, out, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(repo("models/smd-machine-1-6"))
+        .arg("--input")
+        .arg(repo("tests/data/smd/machine-1-6_test.npy"))
+        .arg("--labels")
+        .arg(repo("tests/data/smd/machine-1-6_test_label.txt")));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("23689 frames scored"), "{out}");
+    assert!(out.contains("AUPRC"), "{out}");
+}

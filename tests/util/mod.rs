@@ -1,0 +1,85 @@
+//! Shared helpers for the integration tests: the real binary, temp dirs, small data files.
+
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `darkwatch` binary built for this test run.
+pub fn darkwatch() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_darkwatch"));
+    cmd.env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DARKWATCH__") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// Runs a command and returns (exit code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("binary runs");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// Path of a file shipped with the repository.
+pub fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A CSV of `rows` frames of `d` correlated features (a few latent factors plus noise),
+/// deterministic, with a timestamp column. Rows listed in `anomalies` get a large shift
+/// on their first feature.
+pub fn synthetic_csv(path: &Path, rows: usize, d: usize, anomalies: &[usize]) {
+    let mut s = String::from("timestamp");
+    for j in 0..d {
+        let _ = write!(s, ",m{j:02}");
+    }
+    s.push('\n');
+    let mut state = 12345u64;
+    let mut noise = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+    };
+    for i in 0..rows {
+        let t = i as f64 * 0.05;
+        let (a, b) = (t.sin(), (0.7 * t).cos());
+        let _ = write!(s, "{}", 1_700_000_000 + 60 * i);
+        for j in 0..d {
+            let mut v = a * (j as f64 * 0.3).cos() + b * (j as f64 * 0.2).sin() + 0.05 * noise();
+            if j == 0 && anomalies.contains(&i) {
+                v += 4.0;
+            }
+            let _ = write!(s, ",{v:.5}");
+        }
+        s.push('\n');
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+/// A label file with ones at `anomalies`.
+pub fn labels(path: &Path, rows: usize, anomalies: &[usize]) {
+    let s: String = (0..rows)
+        .map(|i| if anomalies.contains(&i) { "1\n" } else { "0\n" })
+        .collect();
+    std::fs::write(path, s).unwrap();
+}
+
+/// Writes a small TOML config for quick training.
+pub fn quick_config(dir: &Path) -> PathBuf {
+    let p = dir.join("quick.toml");
+    std::fs::write(&p, "[train]\nepochs_max = 15\nbatch_size = 64\n").unwrap();
+    p
+}
