@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{OutputKind, ScalerKind};
+use crate::mss::MssConfig;
 use crate::ring::FullPolicy;
 use crate::score::{Head, HeadKind};
 use crate::train::TrainConfig;
@@ -24,6 +25,7 @@ pub struct DarkwatchConfig {
     pub model: ModelConfig,
     pub train: TrainConfig,
     pub score: ScoreConfig,
+    pub mss: MssConfig,
     pub pipeline: PipelineConfig,
     pub input: InputConfig,
 }
@@ -206,6 +208,9 @@ impl DarkwatchConfig {
             .head()
             .check(self.model.kind)
             .map_err(|e| ("score.head".to_string(), e.to_string()))?;
+        self.mss
+            .validate()
+            .map_err(|(k, r)| (format!("mss.{k}"), r))?;
         if !(1..=MAX_TOP_CONTRIBUTIONS).contains(&self.score.top_contributions) {
             return Err((
                 "score.top_contributions".into(),

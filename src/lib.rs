@@ -9,18 +9,24 @@
 //! - [`ring`]: the lock-free SPSC frame ring between a source and the scorer, with its full policy.
 //! - [`model`]: the dense autoencoder (plain or probabilistic), its scaler and its model directory.
 //! - [`train`]: Adam, mini-batches and early stopping for the autoencoder.
+//! - [`mss`]: mean-shift scoring: the reference bank and the exact k-NN shift of a frame.
 //! - [`score`]: score heads (`mse`, `max_abs`, `wnll`) with per-feature contributions.
 //! - [`pipeline`]: the scorer thread that drains the ring in micro-batches and feeds sinks.
+//! - [`alert`]: per-stream alert state (k-of-n hysteresis) and Alertmanager-shaped events.
 //! - [`eval`]: point-wise AUROC / AUPRC / best-F1 (and the labelled point-adjusted F1).
+//! - [`plot`]: the replay score plot (PNG with threshold, alert and label spans).
 //! - [`bench`]: the operator-facing latency and throughput summary.
 //! - [`stats`]: small allocation-free helpers (latency histogram, top-k selection).
 
+pub mod alert;
 pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod ingest;
 pub mod model;
+pub mod mss;
 pub mod pipeline;
+pub mod plot;
 pub mod replay;
 pub mod ring;
 pub mod rng;

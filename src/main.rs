@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use darkwatch::config::{self, ConfigError, DarkwatchConfig};
 use darkwatch::ingest::{self, TableOptions};
 use darkwatch::model::{self, Model};
+use darkwatch::mss::MssConfig;
 use darkwatch::replay::{self, ReplayRequest};
 use darkwatch::score::HeadKind;
 
@@ -60,6 +61,15 @@ enum Command {
         /// Score with this head instead of the model's own.
         #[arg(long, value_enum)]
         head: Option<HeadArg>,
+        /// Turn mean-shift scoring off for this replay (compare with and without MSS).
+        #[arg(long, conflicts_with_all = ["mss_rounds", "mss_neighbours"])]
+        no_mss: bool,
+        /// Mean-shift rounds m for this replay (default: the model's own).
+        #[arg(long)]
+        mss_rounds: Option<usize>,
+        /// Mean-shift neighbourhood k for this replay (default: the model's own).
+        #[arg(long)]
+        mss_neighbours: Option<usize>,
         /// Pace the replay at this many frames per second (default: as fast as possible).
         #[arg(long)]
         rate: Option<f64>,
@@ -121,6 +131,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        // `darkwatch … | head` closing the pipe early is not a failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("darkwatch: {e:#}");
             if e.downcast_ref::<ConfigError>().is_some() {
@@ -130,6 +142,22 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Writes to stdout, returning (not panicking on) a closed pipe.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
 }
 
 fn load_config(path: Option<&Path>) -> Result<DarkwatchConfig> {
@@ -147,8 +175,29 @@ fn run(command: Command) -> Result<()> {
             head,
             rate,
             config,
+            no_mss,
+            mss_rounds,
+            mss_neighbours,
         } => {
             let cfg = load_config(config.as_deref())?;
+            let mss = if no_mss {
+                Some(MssConfig {
+                    rounds: 0,
+                    ..cfg.mss
+                })
+            } else if mss_rounds.is_some() || mss_neighbours.is_some() {
+                let model_mss = Model::load(&model)?.meta.mss;
+                let m = MssConfig {
+                    rounds: mss_rounds.unwrap_or(model_mss.rounds.max(1)),
+                    neighbours: mss_neighbours.unwrap_or(model_mss.neighbours),
+                    ..model_mss
+                };
+                m.validate()
+                    .map_err(|(k, r)| anyhow::anyhow!("--mss-{}: {r}", k.replace('_', "-")))?;
+                Some(m)
+            } else {
+                None
+            };
             let req = ReplayRequest {
                 model_dir: model,
                 input,
@@ -156,11 +205,12 @@ fn run(command: Command) -> Result<()> {
                 out_csv: out,
                 rate,
                 head: head.map(Into::into),
+                mss,
             };
             let outcome = replay::replay(&req, &cfg)?;
-            print!("{outcome}");
+            emit(&outcome.to_string())?;
             if let Some(path) = &req.out_csv {
-                println!("scores      {}", path.display());
+                emit(&format!("scores      {}\n", path.display()))?;
             }
             Ok(())
         }
@@ -174,15 +224,15 @@ fn run(command: Command) -> Result<()> {
                 ..Default::default()
             };
             eprintln!("darkwatch: timing each head (a few seconds)…");
-            print!("{}", darkwatch::bench::run(Arc::new(model), &opts));
+            emit(&darkwatch::bench::run(Arc::new(model), &opts).to_string())?;
             Ok(())
         }
         Command::Inspect { dir, json } => {
             let model = Model::load(&dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&model.meta)?);
+                emit(&format!("{}\n", serde_json::to_string_pretty(&model.meta)?))?;
             } else {
-                print!("{}", model::io::describe(&model, &dir));
+                emit(&model::io::describe(&model, &dir))?;
             }
             Ok(())
         }
@@ -193,7 +243,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::PrintConfig { config } => {
-            print!("{}", load_config(config.as_deref())?.to_toml());
+            emit(&load_config(config.as_deref())?.to_toml())?;
             Ok(())
         }
     }

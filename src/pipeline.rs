@@ -17,6 +17,7 @@ use ringbuf::{HeapCons, HeapProd, HeapRb};
 
 use crate::config::{MAX_TOP_CONTRIBUTIONS, PipelineConfig};
 use crate::model::{Model, Workspace};
+use crate::mss::{MssScratch, ReferenceBank};
 use crate::ring::{FrameConsumer, FrameMeta, FrameProducer, FullPolicy, Pushed, frame_ring};
 use crate::score::{Head, HeadError};
 use crate::stats::{LatencyHistogram, top_k_indices};
@@ -66,6 +67,9 @@ pub struct Scorer {
     ws: Workspace,
     input: Array2<f32>,
     scaled: Array2<f32>,
+    /// The mean-shifted targets (only used when the model has an MSS bank).
+    target: Array2<f32>,
+    mss: Option<MssScratch>,
     scores: Vec<f32>,
     contrib: Array2<f32>,
     top_k: usize,
@@ -87,6 +91,8 @@ impl Scorer {
             ws: model.ae.workspace(max_batch),
             input: Array2::zeros((max_batch, d)),
             scaled: Array2::zeros((max_batch, d)),
+            target: Array2::zeros((max_batch, d)),
+            mss: model.active_bank().map(ReferenceBank::scratch),
             scores: vec![0.0; max_batch],
             contrib: Array2::zeros((max_batch, d)),
             top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
@@ -126,8 +132,28 @@ impl Scorer {
         }
         let x = self.scaled.slice(ndarray::s![..n, ..]);
         let recon = self.model.ae.forward(x, &mut self.ws);
-        self.head
-            .score_batch(x, &recon, &mut self.scores[..n], self.contrib.view_mut());
+        // MSS: the AE saw x; its output is scored against x moved toward the normal data.
+        let target = match (self.model.active_bank(), self.mss.as_mut()) {
+            (Some(bank), Some(scratch)) => {
+                for (src, mut dst) in x.rows().into_iter().zip(self.target.rows_mut()) {
+                    let src = src
+                        .to_slice()
+                        .expect("rows of an owned array are contiguous");
+                    let dst = dst
+                        .as_slice_mut()
+                        .expect("rows of an owned array are contiguous");
+                    bank.shift(src, dst, scratch);
+                }
+                self.target.slice(ndarray::s![..n, ..])
+            }
+            _ => x,
+        };
+        self.head.score_batch(
+            target,
+            &recon,
+            &mut self.scores[..n],
+            self.contrib.view_mut(),
+        );
         &self.scores[..n]
     }
 
@@ -481,10 +507,12 @@ fn compact_finite(
         keep += 1;
     }
     if keep < metas.len() {
-        tracing::warn!(
-            skipped = metas.len() - keep,
-            "Frames with NaN/Inf values skipped."
-        );
+        // Rate-limited: log the 1st, 2nd, 4th, 8th… bad frame, never one line per frame.
+        let skipped = (metas.len() - keep) as u64;
+        let total = invalid.load(Ordering::Relaxed);
+        if (total + 1 - skipped..=total).any(u64::is_power_of_two) {
+            tracing::warn!(skipped, total, "Frames with NaN/Inf values skipped.");
+        }
     }
     keep
 }
@@ -511,5 +539,81 @@ fn drain_sink<K: Sink>(mut input: HeapCons<ScoredFrame>, sink: &mut K) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fit::synthetic;
+    use crate::mss::{MssConfig, ReferenceBank};
+    use crate::rng::Rng;
+
+    fn model_with_bank(rounds: usize, k: usize) -> Model {
+        let mut m = synthetic(6, 3);
+        let mut rng = Rng::new(1);
+        let r0 = Array2::from_shape_fn((200, 6), |_| rng.uniform(-1.0, 1.0));
+        m.bank = Some(ReferenceBank::from_r0(r0, rounds, k));
+        m.with_mss(MssConfig {
+            rounds,
+            neighbours: k,
+            bank_frames: 200,
+        })
+    }
+
+    fn scores(model: Model, x: &Array2<f32>) -> Vec<f32> {
+        let head = model.meta.head;
+        Scorer::new(Arc::new(model), head, 16, 2)
+            .unwrap()
+            .score_all(x.view())
+    }
+
+    #[test]
+    fn mss_with_m0_or_k1_scores_exactly_like_the_plain_head() {
+        let mut rng = Rng::new(2);
+        let x = Array2::from_shape_fn((40, 6), |_| rng.uniform(-3.0, 3.0));
+        let plain = scores(synthetic(6, 3), &x);
+        assert_eq!(scores(model_with_bank(0, 10), &x), plain);
+        assert_eq!(scores(model_with_bank(2, 1), &x), plain);
+        // And it does change the score when on.
+        assert_ne!(scores(model_with_bank(1, 10), &x), plain);
+    }
+
+    #[test]
+    fn scorer_scores_the_same_in_any_batch_size() {
+        let mut rng = Rng::new(4);
+        let x = Array2::from_shape_fn((37, 6), |_| rng.uniform(-2.0, 2.0));
+        let model = Arc::new(model_with_bank(1, 5));
+        let head = model.meta.head;
+        let a = Scorer::new(model.clone(), head, 1, 2)
+            .unwrap()
+            .score_all(x.view());
+        let b = Scorer::new(model, head, 16, 2).unwrap().score_all(x.view());
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn non_finite_frames_are_counted_and_skipped() {
+        let invalid = AtomicU64::new(0);
+        let mut values = vec![1.0, 2.0, f32::NAN, 4.0, 5.0, 6.0];
+        let mut metas = [
+            FrameMeta {
+                seq: 0,
+                ..Default::default()
+            },
+            FrameMeta {
+                seq: 1,
+                ..Default::default()
+            },
+            FrameMeta {
+                seq: 2,
+                ..Default::default()
+            },
+        ];
+        let kept = compact_finite(&mut values, &mut metas, 2, &invalid);
+        assert_eq!(kept, 2);
+        assert_eq!(invalid.load(Ordering::Relaxed), 1);
+        assert_eq!(&values[..4], &[1.0, 2.0, 5.0, 6.0]);
+        assert_eq!((metas[0].seq, metas[1].seq), (0, 2));
     }
 }

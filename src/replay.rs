@@ -15,6 +15,7 @@ use crate::config::DarkwatchConfig;
 use crate::eval::{self, Report};
 use crate::ingest::{self, IngestError, Table, TableOptions};
 use crate::model::{Model, ModelError};
+use crate::mss::MssConfig;
 use crate::pipeline::{self, FileSource, PipelineError, PipelineReport, ScoredFrame, Sink};
 use crate::ring::FullPolicy;
 use crate::score::{Head, HeadKind};
@@ -30,6 +31,8 @@ pub struct ReplayRequest {
     pub rate: Option<f64>,
     /// Score with this head instead of the model's own (α, β from the config).
     pub head: Option<HeadKind>,
+    /// Score with these mean-shift settings instead of the model's own (`rounds = 0`: off).
+    pub mss: Option<MssConfig>,
 }
 
 /// Everything a replay measured.
@@ -113,7 +116,17 @@ pub fn align_features(
 /// Unusable model or input, mismatched features or labels, a pipeline failure, or an
 /// output file that cannot be written.
 pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcome, ReplayError> {
-    let model = Arc::new(Model::load(&req.model_dir)?);
+    let mut model = Model::load(&req.model_dir)?;
+    if let Some(mss) = req.mss {
+        if !mss.is_off() && model.bank.is_none() {
+            return Err(ReplayError::Features {
+                input: req.model_dir.clone(),
+                reason: "this model has no mean-shift reference bank; retrain with [mss] bank_frames > 0".into(),
+            });
+        }
+        model = model.with_mss(mss);
+    }
+    let model = Arc::new(model);
     let opts = TableOptions {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
     };
@@ -166,7 +179,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         }
         None => None,
     };
-    let static_threshold = if head == model.meta.head {
+    let static_threshold = if head == model.meta.head && req.mss.is_none() {
         model
             .meta
             .calibration
@@ -276,9 +289,13 @@ impl std::fmt::Display for ReplayOutcome {
         let p = &self.pipeline;
         writeln!(
             f,
-            "model {} ({} head), {} frames scored in {} batches, {:.2} s",
+            "model {} ({} head, {}), {} frames scored in {} batches, {:.2} s",
             self.model.meta.id,
             self.head.kind.name(),
+            match self.model.active_bank() {
+                Some(b) => format!("MSS m={} k={}", b.rounds(), b.neighbours()),
+                None => "no MSS".into(),
+            },
             p.frames_scored,
             p.batches,
             p.elapsed.as_secs_f64()

@@ -18,6 +18,7 @@
 pub mod csv;
 pub mod labels;
 pub mod npy;
+pub mod npz;
 mod time;
 
 use std::fmt;
@@ -226,7 +227,7 @@ pub enum IngestError {
     #[error("{}: not an NPY file: {message}", .path.display())]
     NpyHeader { path: PathBuf, message: String },
 
-    #[error("{}: unsupported dtype {:?}; supported: '<f4' (float32), '<f8' (float64)", .path.display(), Clipped(.descr))]
+    #[error("{}: unsupported dtype {:?}; supported: little-endian float32, float64 and integer or bool types", .path.display(), Clipped(.descr))]
     UnsupportedDtype { path: PathBuf, descr: String },
 
     #[error("{}: expected a 2-D array, found shape {shape:?}", .path.display())]

@@ -1,4 +1,5 @@
-//! NumPy `.npy` arrays: 2-D, little-endian `<f4` or `<f8`, format versions 1.0, 2.0 and
+//! NumPy `.npy` arrays: 2-D, little-endian float32/float64 (or integer/bool, converted to
+//! float32, as in the ODDS tables), format versions 1.0, 2.0 and
 //! 3.0, C or Fortran order. Features are named `f0..f{d-1}`; there are no timestamps.
 //!
 //! The header is a Python dict literal (`{'descr': '<f4', 'fortran_order': False,
@@ -33,6 +34,18 @@ pub fn read_npy(path: &Path) -> Result<Table, IngestError> {
 /// # Errors
 /// As [`read_npy`], minus `Io`.
 pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
+    parse(path, bytes, false)
+}
+
+/// As [`parse_npy`], but a 1-D array is also accepted, as one column (label vectors).
+///
+/// # Errors
+/// As [`parse_npy`], except that 1-D is allowed.
+pub fn parse_npy_allow_1d(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
+    parse(path, bytes, true)
+}
+
+fn parse(path: &Path, bytes: &[u8], allow_1d: bool) -> Result<Table, IngestError> {
     let header_err = |message: String| IngestError::NpyHeader {
         path: path.to_owned(),
         message,
@@ -89,9 +102,29 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
         shape,
     } = parse_header(&header).map_err(header_err)?;
 
-    let (item, dtype) = match descr.as_str() {
-        "<f4" => (4u64, "float32"),
-        "<f8" => (8u64, "float64"),
+    let (item, dtype, decode): (u64, &'static str, fn(&[u8]) -> f64) = match descr.as_str() {
+        "<f4" => (4, "float32", |c| {
+            f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        }),
+        "<f8" => (8, "float64", |c| {
+            f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+        }),
+        "|u1" | "<u1" | "|b1" => (1, "uint8", |c| f64::from(c[0])),
+        "|i1" | "<i1" => (1, "int8", |c| f64::from(c[0] as i8)),
+        "<u2" => (2, "uint16", |c| f64::from(u16::from_le_bytes([c[0], c[1]]))),
+        "<i2" => (2, "int16", |c| f64::from(i16::from_le_bytes([c[0], c[1]]))),
+        "<u4" => (4, "uint32", |c| {
+            f64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        }),
+        "<i4" => (4, "int32", |c| {
+            f64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        }),
+        "<i8" => (8, "int64", |c| {
+            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64
+        }),
+        "<u8" => (8, "uint64", |c| {
+            u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64
+        }),
         _ => {
             return Err(IngestError::UnsupportedDtype {
                 path: path.to_owned(),
@@ -99,11 +132,15 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
             });
         }
     };
-    let &[rows, cols] = shape.as_slice() else {
-        return Err(IngestError::NotTwoD {
-            path: path.to_owned(),
-            shape,
-        });
+    let (rows, cols) = match *shape.as_slice() {
+        [rows, cols] => (rows, cols),
+        [rows] if allow_1d => (rows, 1),
+        _ => {
+            return Err(IngestError::NotTwoD {
+                path: path.to_owned(),
+                shape,
+            });
+        }
     };
     let data = &bytes[data_start..];
     let expected = rows.checked_mul(cols).and_then(|n| n.checked_mul(item));
@@ -130,7 +167,7 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
     }
     // Both fit in usize: their product is the length of a slice in memory.
     let (rows, cols) = (rows as usize, cols as usize);
-    let values = if item == 4 {
+    let values = if descr == "<f4" {
         let flat = data
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -145,10 +182,7 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
         }
         a
     } else {
-        let flat = data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
+        let flat = data.chunks_exact(item as usize).map(decode).collect();
         let wide = to_standard(flat, rows, cols, fortran_order);
         for ((row, col), &v) in wide.indexed_iter() {
             if !v.is_finite() {
@@ -506,15 +540,20 @@ pub(crate) mod tests {
         let h = |descr: &str, shape: &str| {
             format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
         };
-        for descr in [">f4", "<i4", "<f2", "|u1", "<c8"] {
+        for descr in [">f4", ">i4", "<f2", "<c8"] {
             let msg = err(&npy_bytes(1, &h(descr, "(1, 1)"), &[0; 8]));
             assert_eq!(
                 msg,
                 format!(
-                    "x.npy: unsupported dtype {descr:?}; supported: '<f4' (float32), '<f8' (float64)"
+                    "x.npy: unsupported dtype {descr:?}; supported: little-endian float32, float64 and integer or bool types"
                 )
             );
         }
+        // Integer tables (the ODDS sets ship uint8 and int16) become float32.
+        let t = parse(&npy_bytes(1, &h("<i2", "(1, 2)"), &[0xff, 0xff, 7, 0])).unwrap();
+        assert_eq!(t.values.row(0).to_vec(), vec![-1.0, 7.0]);
+        let t = parse(&npy_bytes(1, &h("|u1", "(1, 2)"), &[200, 3])).unwrap();
+        assert_eq!(t.values.row(0).to_vec(), vec![200.0, 3.0]);
         let structured = "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }";
         assert!(
             err(&npy_bytes(1, structured, &[0; 4])).contains("structured dtypes are not supported")

@@ -1,13 +1,17 @@
-//! Fitting a complete [`Model`] from a training table: scaler, autoencoder, training,
-//! calibration of the training scores, provenance. `darkwatch train` calls [`fit`].
+//! Fitting a complete [`Model`] from a training table: scaler, autoencoder, training, the
+//! MSS reference bank, calibration of the training scores and provenance.
+//! `darkwatch train` calls [`fit`].
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use ndarray::ArrayView2;
+
 use super::io::{Architecture, Calibration, Provenance, QuantilePoint, WeightsRef};
-use super::{Activation, Autoencoder, Model, ModelMeta, Scaler, default_hidden_sizes};
+use super::{Activation, Autoencoder, Model, ModelMeta, Scaler, ScalerKind, default_hidden_sizes};
 use crate::config::DarkwatchConfig;
 use crate::ingest::Table;
+use crate::mss::{MssConfig, ReferenceBank};
 use crate::pipeline::Scorer;
 use crate::train::{EpochReport, TrainError, TrainReport, train};
 
@@ -36,56 +40,71 @@ pub fn fit(
     };
     let mut ae = Autoencoder::new(d, &hidden, cfg.model.kind, cfg.train.seed);
     let report = train(&mut ae, x.view(), &cfg.train, on_epoch)?;
-    let train_seconds = started.elapsed().as_secs_f64();
+    let bank =
+        (cfg.mss.bank_frames > 0).then(|| ReferenceBank::build(x.view(), &cfg.mss, cfg.train.seed));
 
-    let meta = ModelMeta {
+    let provenance = Provenance {
+        darkwatch_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix_secs: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        data_file: table.path.display().to_string(),
+        data_sha256: data_sha256.into(),
+        rows: table.values.nrows(),
+        train: cfg.train.clone(),
+        rows_train: report.rows_train,
+        rows_validation: report.rows_val,
+        epochs_run: report.epochs_run,
+        best_epoch: report.best_epoch,
+        stopped_early: report.stopped_early,
+        train_losses: report.train_losses.clone(),
+        validation_losses: report.val_losses.clone(),
+        train_seconds: started.elapsed().as_secs_f64(),
+    };
+    let meta = new_meta(&ae, table.features.clone(), scaler, cfg, provenance);
+    let mut model = Model::new(ae, meta, bank);
+    model.meta.calibration = calibrate(&model, table.values.view());
+    Ok((model, report))
+}
+
+/// Metadata for a freshly built model (id, weights reference and calibration are filled
+/// in by [`Model::new`] and [`calibrate`]).
+fn new_meta(
+    ae: &Autoencoder,
+    features: Vec<String>,
+    scaler: Scaler,
+    cfg: &DarkwatchConfig,
+    provenance: Provenance,
+) -> ModelMeta {
+    ModelMeta {
         format: super::io::FORMAT.into(),
         format_version: super::io::FORMAT_VERSION,
         id: String::new(),
-        features: table.features.clone(),
+        features,
         scaler,
         architecture: Architecture {
             kind: "dense_autoencoder".into(),
-            output: cfg.model.kind,
+            output: ae.output,
             layer_widths: ae.widths(),
             activation: Activation::Relu,
         },
         head: cfg.score.head(),
+        mss: cfg.mss,
         calibration: Calibration {
             rows: 0,
             score_quantiles: Vec::new(),
         },
-        provenance: Provenance {
-            darkwatch_version: env!("CARGO_PKG_VERSION").into(),
-            created_unix_secs: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            data_file: table.path.display().to_string(),
-            data_sha256: data_sha256.into(),
-            rows: table.values.nrows(),
-            train: cfg.train.clone(),
-            rows_train: report.rows_train,
-            rows_validation: report.rows_val,
-            epochs_run: report.epochs_run,
-            best_epoch: report.best_epoch,
-            stopped_early: report.stopped_early,
-            train_losses: report.train_losses.clone(),
-            validation_losses: report.val_losses.clone(),
-            train_seconds,
-        },
+        provenance,
         weights: WeightsRef {
             file: String::new(),
             sha256: String::new(),
         },
-    };
-    let mut model = Model::new(ae, meta);
-    model.meta.calibration = calibrate(&model, table);
-    Ok((model, report))
+    }
 }
 
-/// Scores the training table with the model's own head (through the pipeline's
-/// [`Scorer`]) and stores the quantiles.
-pub fn calibrate(model: &Model, table: &Table) -> Calibration {
+/// Scores `rows` (raw, unscaled) with the model's own head through the pipeline's
+/// [`Scorer`] (so calibration and streaming share one scoring path) and returns the quantiles.
+pub fn calibrate(model: &Model, rows: ArrayView2<f32>) -> Calibration {
     let shared = Arc::new(model.clone());
     let Ok(mut scorer) = Scorer::new(shared, model.meta.head, 1024, 1) else {
         return Calibration {
@@ -93,7 +112,7 @@ pub fn calibrate(model: &Model, table: &Table) -> Calibration {
             score_quantiles: Vec::new(),
         };
     };
-    let mut scores = scorer.score_all(table.values.view());
+    let mut scores = scorer.score_all(rows);
     scores.sort_by(f32::total_cmp);
     let score_quantiles = CALIBRATION_QUANTILES
         .iter()
@@ -118,49 +137,47 @@ pub fn quantile_sorted(sorted: &[f32], q: f64) -> f32 {
     sorted[idx]
 }
 
-/// An untrained model of the default shape for `d` features (identity scaling), for
-/// benchmarks and tests where the weights do not matter.
+/// An untrained model of the default shape for `d` features (identity scaling, no MSS),
+/// for benchmarks and tests where the weights do not matter.
 pub fn synthetic(d: usize, seed: u64) -> Model {
-    let cfg = DarkwatchConfig::default();
-    let ae = Autoencoder::new(d, &default_hidden_sizes(d), cfg.model.kind, seed);
-    let scaler = Scaler::from_parts(super::ScalerKind::ZScore, vec![0.0; d], vec![1.0; d]);
-    let meta = ModelMeta {
-        format: super::io::FORMAT.into(),
-        format_version: super::io::FORMAT_VERSION,
-        id: String::new(),
-        features: (0..d).map(|i| format!("f{i}")).collect(),
-        scaler,
-        architecture: Architecture {
-            kind: "dense_autoencoder".into(),
-            output: cfg.model.kind,
-            layer_widths: ae.widths(),
-            activation: Activation::Relu,
-        },
-        head: cfg.score.head(),
-        calibration: Calibration {
-            rows: 0,
-            score_quantiles: Vec::new(),
-        },
-        provenance: Provenance {
-            darkwatch_version: env!("CARGO_PKG_VERSION").into(),
-            created_unix_secs: 0,
-            data_file: "(synthetic)".into(),
-            data_sha256: String::new(),
-            rows: 0,
-            train: cfg.train.clone(),
-            rows_train: 0,
-            rows_validation: 0,
-            epochs_run: 0,
-            best_epoch: 0,
-            stopped_early: false,
-            train_losses: Vec::new(),
-            validation_losses: Vec::new(),
-            train_seconds: 0.0,
-        },
-        weights: WeightsRef {
-            file: String::new(),
-            sha256: String::new(),
-        },
+    let mut cfg = DarkwatchConfig::default();
+    cfg.mss = MssConfig {
+        rounds: 0,
+        ..MssConfig::default()
     };
-    Model::new(ae, meta)
+    let ae = Autoencoder::new(d, &default_hidden_sizes(d), cfg.model.kind, seed);
+    let scaler = Scaler::from_parts(ScalerKind::ZScore, vec![0.0; d], vec![1.0; d]);
+    let provenance = Provenance {
+        darkwatch_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix_secs: 0,
+        data_file: "(synthetic)".into(),
+        data_sha256: String::new(),
+        rows: 0,
+        train: cfg.train.clone(),
+        rows_train: 0,
+        rows_validation: 0,
+        epochs_run: 0,
+        best_epoch: 0,
+        stopped_early: false,
+        train_losses: Vec::new(),
+        validation_losses: Vec::new(),
+        train_seconds: 0.0,
+    };
+    let features = (0..d).map(|i| format!("f{i}")).collect();
+    let meta = new_meta(&ae, features, scaler, &cfg, provenance);
+    Model::new(ae, meta, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let v: Vec<f32> = (1..=10).map(|i| i as f32).collect();
+        assert_eq!(quantile_sorted(&v, 0.5), 5.0);
+        assert_eq!(quantile_sorted(&v, 0.95), 10.0);
+        assert_eq!(quantile_sorted(&v, 0.0), 1.0);
+        assert!(quantile_sorted(&[], 0.5).is_nan());
+    }
 }

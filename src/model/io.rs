@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! DIR/model.json         format, features, scaler, architecture, head, calibration, provenance
-//! DIR/model.safetensors  layers.{i}.weight [out, in] and layers.{i}.bias [out], f32
+//! DIR/model.safetensors  layers.{i}.weight [out, in], layers.{i}.bias [out],
+//!                        and mss.bank [frames, d] (the MSS reference frames R⁰), all f32
 //! ```
 //!
 //! Written by `darkwatch train`, read by `replay`, `inspect` and the agent. Loading checks
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{Activation, Autoencoder, Dense, OutputKind, Scaler};
+use crate::mss::{MssConfig, ReferenceBank};
 use crate::score::Head;
 use crate::train::TrainConfig;
 
@@ -30,6 +32,8 @@ pub const FORMAT: &str = "darkwatch-model";
 pub const FORMAT_VERSION: u32 = 1;
 pub const META_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The tensor holding the MSS reference frames.
+pub const BANK_TENSOR: &str = "mss.bank";
 
 /// Everything about a model except its weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +48,9 @@ pub struct ModelMeta {
     pub scaler: Scaler,
     pub architecture: Architecture,
     pub head: Head,
+    /// Mean-shift scoring; when on, the weights file holds the reference frames.
+    #[serde(default)]
+    pub mss: MssConfig,
     pub calibration: Calibration,
     pub provenance: Provenance,
     pub weights: WeightsRef,
@@ -118,6 +125,8 @@ pub struct WeightsRef {
 pub struct Model {
     pub meta: ModelMeta,
     pub ae: Autoencoder,
+    /// The MSS reference bank (standardised frames and their shifted copies), if MSS is on.
+    pub bank: Option<ReferenceBank>,
 }
 
 /// Why a model directory cannot be used. Each message names the file and the field.
@@ -174,21 +183,40 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
 
 impl Model {
     /// Assembles a model, filling in the architecture, the weights reference and the id.
-    pub fn new(ae: Autoencoder, mut meta: ModelMeta) -> Self {
+    /// `bank` holds the MSS reference frames (stored even while MSS is off, so that a
+    /// replay can turn it on without retraining).
+    pub fn new(ae: Autoencoder, mut meta: ModelMeta, bank: Option<ReferenceBank>) -> Self {
         meta.architecture = Architecture {
             kind: "dense_autoencoder".into(),
             output: ae.output,
             layer_widths: ae.widths(),
             activation: Activation::Relu,
         };
-        let bytes = serialize_weights(&ae);
+        let bytes = serialize_weights(&ae, bank.as_ref());
         let sha = sha256_hex(&bytes);
         meta.id = sha[..12].to_string();
         meta.weights = WeightsRef {
             file: WEIGHTS_FILE.into(),
             sha256: sha,
         };
-        Model { meta, ae }
+        Model { meta, ae, bank }
+    }
+
+    /// The same model scored with other mean-shift settings (the bank's R⁰ is reused;
+    /// shifted copies are rebuilt). `rounds = 0` or `neighbours = 1` turn MSS off.
+    pub fn with_mss(&self, mss: MssConfig) -> Model {
+        let mut m = self.clone();
+        m.meta.mss = mss;
+        m.bank = self
+            .bank
+            .as_ref()
+            .map(|b| ReferenceBank::from_r0(b.r0().clone(), mss.rounds, mss.neighbours));
+        m
+    }
+
+    /// The reference bank when mean-shift scoring is on.
+    pub fn active_bank(&self) -> Option<&ReferenceBank> {
+        self.bank.as_ref().filter(|_| !self.meta.mss.is_off())
     }
 
     /// Number of input features.
@@ -206,7 +234,10 @@ impl Model {
             path: dir.to_path_buf(),
             source,
         })?;
-        write_atomic(&dir.join(WEIGHTS_FILE), &serialize_weights(&self.ae))?;
+        write_atomic(
+            &dir.join(WEIGHTS_FILE),
+            &serialize_weights(&self.ae, self.bank.as_ref()),
+        )?;
         let json = serde_json::to_vec_pretty(&self.meta).map_err(|e| ModelError::Json {
             path: dir.join(META_FILE),
             reason: e.to_string(),
@@ -250,13 +281,21 @@ impl Model {
                 ),
             });
         }
-        let ae = deserialize_weights(&bytes, &meta, &weights_path)?;
-        Ok(Model { meta, ae })
+        let (ae, bank) = deserialize_weights(&bytes, &meta, &weights_path)?;
+        Ok(Model { meta, ae, bank })
     }
 }
 
-fn serialize_weights(ae: &Autoencoder) -> Vec<u8> {
+fn serialize_weights(ae: &Autoencoder, bank: Option<&ReferenceBank>) -> Vec<u8> {
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    if let Some(bank) = bank {
+        let r0 = bank.r0();
+        buffers.push((
+            BANK_TENSOR.into(),
+            vec![r0.nrows(), r0.ncols()],
+            f32_bytes(r0.iter().copied()),
+        ));
+    }
     for (i, layer) in ae.layers.iter().enumerate() {
         buffers.push((
             format!("layers.{i}.weight"),
@@ -367,6 +406,9 @@ fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
     meta.head
         .check(arch.output)
         .map_err(|e| field("head", e.to_string()))?;
+    meta.mss
+        .validate()
+        .map_err(|(k, r)| field(&format!("mss.{k}"), r))?;
     Ok(())
 }
 
@@ -374,14 +416,22 @@ fn deserialize_weights(
     bytes: &[u8],
     meta: &ModelMeta,
     path: &Path,
-) -> Result<Autoencoder, ModelError> {
+) -> Result<(Autoencoder, Option<ReferenceBank>), ModelError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights {
         path: path.to_path_buf(),
         reason: format!("not a valid safetensors file: {e}"),
     })?;
     let widths = &meta.architecture.layer_widths;
     let n_layers = widths.len() - 1;
-    let expected: usize = 2 * n_layers;
+    let with_bank = st.names().iter().any(|n| *n == BANK_TENSOR);
+    if !with_bank && !meta.mss.is_off() {
+        return Err(ModelError::Tensor {
+            path: path.to_path_buf(),
+            tensor: BANK_TENSOR.into(),
+            reason: "missing, but model.json turns mean-shift scoring on".into(),
+        });
+    }
+    let expected: usize = 2 * n_layers + usize::from(with_bank);
     if st.len() != expected {
         return Err(ModelError::Weights {
             path: path.to_path_buf(),
@@ -429,11 +479,38 @@ fn deserialize_weights(
             },
         });
     }
-    Ok(Autoencoder {
+    let bank = if with_bank {
+        let d = widths[0];
+        let frames = st
+            .tensor(BANK_TENSOR)
+            .map(|t| t.shape().first().copied().unwrap_or(0))
+            .unwrap_or(0);
+        if frames < meta.mss.neighbours.max(1) {
+            return Err(ModelError::Tensor {
+                path: path.to_path_buf(),
+                tensor: BANK_TENSOR.into(),
+                reason: format!(
+                    "MSS needs at least {} reference frames, found {frames}",
+                    meta.mss.neighbours
+                ),
+            });
+        }
+        let r0 = read(BANK_TENSOR, &[frames, d])?;
+        let r0 = Array2::from_shape_vec((frames, d), r0).expect("length checked against shape");
+        Some(ReferenceBank::from_r0(
+            r0,
+            meta.mss.rounds,
+            meta.mss.neighbours,
+        ))
+    } else {
+        None
+    };
+    let ae = Autoencoder {
         n_features: widths[0],
         output: meta.architecture.output,
         layers,
-    })
+    };
+    Ok((ae, bank))
 }
 
 /// A human-readable summary of a model (what `darkwatch inspect` prints).
@@ -470,6 +547,16 @@ pub fn describe(model: &Model, dir: &Path) -> String {
         m.scaler.kind,
         m.features.len()
     );
+    let bank = model.bank.as_ref().map_or(0, |b| b.frames());
+    if m.mss.is_off() {
+        let _ = writeln!(s, "mss        off ({bank} reference frames stored)");
+    } else {
+        let _ = writeln!(
+            s,
+            "mss        m={} rounds, k={} neighbours, {bank} reference frames",
+            m.mss.rounds, m.mss.neighbours
+        );
+    }
     let shown: Vec<&str> = m.features.iter().take(8).map(String::as_str).collect();
     let more = if m.features.len() > 8 {
         format!(" … (+{})", m.features.len() - 8)
