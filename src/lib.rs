@@ -14,6 +14,7 @@
 //! - [`pipeline`]: the scorer thread that drains the ring in micro-batches and feeds sinks.
 //! - [`alert`]: per-stream alert state (k-of-n hysteresis) and Alertmanager-shaped events.
 //! - [`eval`]: point-wise AUROC / AUPRC / best-F1 (and the labelled point-adjusted F1).
+//! - [`harness`]: trains and replays every SMD machine and ODDS table given, one table of metrics.
 //! - [`plot`]: the replay score plot (PNG with threshold, alert and label spans).
 //! - [`bench`]: the operator-facing latency and throughput summary.
 //! - [`stats`]: small allocation-free helpers (latency histogram, top-k selection).
@@ -22,6 +23,7 @@ pub mod alert;
 pub mod bench;
 pub mod config;
 pub mod eval;
+pub mod harness;
 pub mod ingest;
 pub mod model;
 pub mod mss;

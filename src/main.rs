@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use darkwatch::config::{self, ConfigError, DarkwatchConfig};
+use darkwatch::harness;
 use darkwatch::ingest::{self, TableOptions};
 use darkwatch::model::{self, Model};
 use darkwatch::mss::MssConfig;
@@ -76,6 +77,18 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Train and replay every SMD machine and ODDS table given; print one table of metrics.
+    Harness {
+        /// SMD `<machine>_train.npy` files (test and labels beside them), ODDS `.npz`
+        /// files, or folders of them.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// How ODDS tables are split.
+        #[arg(long, value_enum, default_value_t = ProtocolArg::FitAll)]
+        odds_protocol: ProtocolArg,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Measure scoring latency and throughput on this machine.
     Bench {
         /// Model to time (default: an untrained model of the default shape for 38 features).
@@ -102,6 +115,14 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    /// Train on every row, score every row.
+    FitAll,
+    /// MSS-PAE 50/25/25 split per class; train on 75 %, score 25 %.
+    Split,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -213,6 +234,24 @@ fn run(command: Command) -> Result<()> {
                 emit(&format!("scores      {}\n", path.display()))?;
             }
             Ok(())
+        }
+        Command::Harness {
+            paths,
+            odds_protocol,
+            config,
+        } => {
+            let cfg = load_config(config.as_deref())?;
+            let protocol = match odds_protocol {
+                ProtocolArg::FitAll => harness::OddsProtocol::FitAll,
+                ProtocolArg::Split => harness::OddsProtocol::Split,
+            };
+            let entities = harness::discover(&paths)?;
+            let mut results = Vec::new();
+            for (i, e) in entities.iter().enumerate() {
+                eprintln!("darkwatch: [{}/{}] {}", i + 1, entities.len(), e.name());
+                results.push(harness::run_entity(e, &cfg, protocol)?);
+            }
+            emit(&harness::table(&results, &cfg))
         }
         Command::Bench { model, frames } => {
             let model = match model {

@@ -145,13 +145,52 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         },
         None => model.meta.head,
     };
-    let sink = ReplaySink::new(
-        rows,
-        &model.meta.features,
-        req.out_csv.as_deref(),
-        timestamps.is_some(),
-    )?;
-    let source = FileSource::new(values, timestamps, req.rate);
+    let static_ok = req.head.is_none() && req.mss.is_none();
+    let frames = Frames {
+        values,
+        timestamps,
+        labels,
+    };
+    let out = req.out_csv.as_deref();
+    replay_frames(model, head, frames, out, req.rate, cfg, static_ok).map_err(|e| match e {
+        ReplayError::Labels { reason, .. } => ReplayError::Labels {
+            path: req.labels.clone().unwrap_or_default(),
+            reason,
+        },
+        e => e,
+    })
+}
+
+/// Frames to replay, already aligned to the model's features.
+#[derive(Debug, Clone)]
+pub struct Frames {
+    pub values: Array2<f32>,
+    pub timestamps: Option<Vec<f64>>,
+    pub labels: Option<Vec<u8>>,
+}
+
+/// Replays in-memory frames through the pipeline (what [`replay`] does after loading
+/// files; the evaluation harness calls it directly).
+///
+/// # Errors
+/// A pipeline failure, an output file that cannot be written, or labels that do not fit.
+pub fn replay_frames(
+    model: Arc<Model>,
+    head: Head,
+    frames: Frames,
+    out_csv: Option<&Path>,
+    rate: Option<f64>,
+    cfg: &DarkwatchConfig,
+    report_static_threshold: bool,
+) -> Result<ReplayOutcome, ReplayError> {
+    let Frames {
+        values,
+        timestamps,
+        labels,
+    } = frames;
+    let rows = values.nrows();
+    let sink = ReplaySink::new(rows, &model.meta.features, out_csv)?;
+    let source = FileSource::new(values, timestamps, rate);
     let (report, sink) = pipeline::run(
         model.clone(),
         head,
@@ -163,23 +202,22 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
     )?;
     if let Some(e) = sink.error {
         return Err(ReplayError::Output {
-            path: req.out_csv.clone().unwrap_or_default(),
+            path: out_csv.map(Path::to_path_buf).unwrap_or_default(),
             source: e,
         });
     }
     let scores = sink.scores;
-    let eval = labels.as_ref().map(|l| eval::evaluate(&scores, l));
-    let eval = match eval {
+    let eval = match labels.as_ref().map(|l| eval::evaluate(&scores, l)) {
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => {
             return Err(ReplayError::Labels {
-                path: req.labels.clone().unwrap_or_default(),
+                path: PathBuf::new(),
                 reason: e.to_string(),
             });
         }
         None => None,
     };
-    let static_threshold = if head == model.meta.head && req.mss.is_none() {
+    let static_threshold = if report_static_threshold {
         model
             .meta
             .calibration
@@ -208,12 +246,7 @@ struct ReplaySink {
 }
 
 impl ReplaySink {
-    fn new(
-        rows: usize,
-        features: &[String],
-        out: Option<&Path>,
-        _has_ts: bool,
-    ) -> Result<Self, ReplayError> {
+    fn new(rows: usize, features: &[String], out: Option<&Path>) -> Result<Self, ReplayError> {
         let csv = match out {
             Some(path) => {
                 let file = File::create(path).map_err(|source| ReplayError::Output {
