@@ -11,6 +11,7 @@ use std::time::Instant;
 use ndarray::Array2;
 
 use crate::model::Model;
+use crate::mss::{MssConfig, ReferenceBank};
 use crate::pipeline::Scorer;
 use crate::rng::Rng;
 use crate::score::{Head, HeadKind};
@@ -39,7 +40,10 @@ impl Default for BenchOptions {
 /// One head's numbers.
 #[derive(Debug, Clone)]
 pub struct HeadBench {
-    pub head: HeadKind,
+    /// Head name, with "+mss" when mean-shift scoring was on.
+    pub label: String,
+    /// Arithmetic per frame: the forward pass, plus the k-NN distances when MSS is on.
+    pub flops_per_frame: usize,
     pub batch1: LatencyHistogram,
     pub batch_frames_per_s: f64,
 }
@@ -83,10 +87,46 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
     let d = model.n_features();
     let data = frames(4096, d);
     let mut heads = Vec::new();
-    for kind in [HeadKind::Mse, HeadKind::MaxAbs, HeadKind::Wnll] {
+    let plain = Arc::new(model.with_mss(MssConfig {
+        rounds: 0,
+        ..model.meta.mss
+    }));
+    // MSS with the reference setting: m = 1, k = 10, the model's bank (or, for a
+    // model without one, 2048 synthetic frames).
+    let mss_cfg = MssConfig {
+        rounds: 1,
+        neighbours: 10,
+        bank_frames: 2048,
+    };
+    let mss = match &model.bank {
+        Some(_) => model.with_mss(mss_cfg),
+        None => {
+            let mut m = (*model).clone();
+            m.bank = Some(ReferenceBank::build(frames(2048, d).view(), &mss_cfg, 0));
+            m.with_mss(mss_cfg)
+        }
+    };
+    let mss = Arc::new(mss);
+    let variants = [
+        (HeadKind::Mse, &plain),
+        (HeadKind::MaxAbs, &plain),
+        (HeadKind::Wnll, &plain),
+        (HeadKind::Wnll, &mss),
+    ];
+    for (kind, model) in variants {
         let head = Head {
             kind,
             ..model.meta.head
+        };
+        let label = match model.active_bank() {
+            Some(b) => format!(
+                "{}+mss(m={},k={},{} frames)",
+                kind.name(),
+                b.rounds(),
+                b.neighbours(),
+                b.frames()
+            ),
+            None => kind.name().to_string(),
         };
         let Ok(mut one) = Scorer::new(model.clone(), head, 1, 3) else {
             continue;
@@ -120,8 +160,12 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         }
         let secs = t.elapsed().as_secs_f64();
         std::hint::black_box(sink);
+        let knn_flops = model
+            .active_bank()
+            .map_or(0, |b| 3 * b.rounds() * b.frames() * d);
         heads.push(HeadBench {
-            head: kind,
+            flops_per_frame: 2 * model.ae.macs_per_frame() + knn_flops,
+            label,
             batch1,
             batch_frames_per_s: done as f64 / secs,
         });
@@ -150,7 +194,7 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "{:<8} {:>12} {:>12} {:>16} {:>14}",
+            "{:<34} {:>12} {:>12} {:>16} {:>14}",
             "head",
             "batch-1 p50",
             "batch-1 p99",
@@ -158,11 +202,11 @@ impl fmt::Display for BenchReport {
             "% of matmul"
         )?;
         for h in &self.heads {
-            let gflops = h.batch_frames_per_s * self.flops_per_frame as f64 / 1e9;
+            let gflops = h.batch_frames_per_s * h.flops_per_frame as f64 / 1e9;
             writeln!(
                 f,
-                "{:<8} {:>9.2} µs {:>9.2} µs {:>16.0} {:>13.1}%",
-                h.head.name(),
+                "{:<34} {:>9.2} µs {:>9.2} µs {:>16.0} {:>13.1}%",
+                h.label,
                 h.batch1.quantile_ns(0.5) / 1e3,
                 h.batch1.quantile_ns(0.99) / 1e3,
                 h.batch_frames_per_s,
@@ -171,7 +215,11 @@ impl fmt::Display for BenchReport {
         }
         writeln!(
             f,
-            "batch-1 times include copying the frame in, scaling, the forward pass, the head and contributions"
+            "batch-1 times include copying the frame in, scaling, the forward pass, the head and contributions;"
+        )?;
+        writeln!(
+            f,
+            "% of matmul counts the forward pass and, with MSS, 3·frames·d FLOP of distances per round"
         )
     }
 }

@@ -11,6 +11,7 @@
 //! - [`train`]: Adam, mini-batches and early stopping for the autoencoder.
 //! - [`mss`]: mean-shift scoring: the reference bank and the exact k-NN shift of a frame.
 //! - [`score`]: score heads (`mse`, `max_abs`, `wnll`) with per-feature contributions.
+//! - [`threshold`]: alarm thresholds on the scores (SPOT, drift-aware DSPOT, static quantile).
 //! - [`pipeline`]: the scorer thread that drains the ring in micro-batches and feeds sinks.
 //! - [`alert`]: per-stream alert state (k-of-n hysteresis) and Alertmanager-shaped events.
 //! - [`eval`]: point-wise AUROC / AUPRC / best-F1 (and the labelled point-adjusted F1).
@@ -34,4 +35,5 @@ pub mod ring;
 pub mod rng;
 pub mod score;
 pub mod stats;
+pub mod threshold;
 pub mod train;
