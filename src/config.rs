@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::alert::AlertConfig;
 use crate::model::{OutputKind, ScalerKind};
 use crate::mss::MssConfig;
 use crate::ring::FullPolicy;
 use crate::score::{Head, HeadKind};
+use crate::threshold::ThresholdConfig;
 use crate::train::TrainConfig;
 
 /// Prefix of environment overrides: `DARKWATCH__TRAIN__EPOCHS_MAX=50`.
@@ -26,6 +28,8 @@ pub struct DarkwatchConfig {
     pub train: TrainConfig,
     pub score: ScoreConfig,
     pub mss: MssConfig,
+    pub threshold: ThresholdConfig,
+    pub alert: AlertConfig,
     pub pipeline: PipelineConfig,
     pub input: InputConfig,
 }
@@ -211,6 +215,12 @@ impl DarkwatchConfig {
         self.mss
             .validate()
             .map_err(|(k, r)| (format!("mss.{k}"), r))?;
+        self.threshold
+            .validate()
+            .map_err(|(k, r)| (format!("threshold.{k}"), r))?;
+        self.alert
+            .validate()
+            .map_err(|(k, r)| (format!("alert.{k}"), r))?;
         if !(1..=MAX_TOP_CONTRIBUTIONS).contains(&self.score.top_contributions) {
             return Err((
                 "score.top_contributions".into(),

@@ -18,7 +18,7 @@ use crate::ingest::{self, IngestError, Segment, Table};
 use crate::model::Model;
 use crate::mss::MssConfig;
 use crate::pipeline::Scorer;
-use crate::replay::{Frames, ReplayError, replay_frames};
+use crate::replay::{Frames, Outputs, ReplayError, replay_frames};
 use crate::rng::Rng;
 use crate::train::TrainError;
 
@@ -158,6 +158,8 @@ pub struct EntityResult {
     pub mss_on: bool,
     /// OmniAnomaly HitRate@100 % and @150 % of the culprit metrics, where labelled.
     pub hit_rate: Option<(f64, f64)>,
+    /// Alert events against labelled segments: (precision, recall).
+    pub events: Option<(Option<f64>, Option<f64>)>,
     pub train_seconds: f64,
     pub frames_per_second: f64,
 }
@@ -252,7 +254,7 @@ pub fn run_entity(
             timestamps: None,
             labels: Some(labels.clone()),
         };
-        replay_frames(model, head, frames, None, None, cfg, false).map_err(|source| {
+        replay_frames(model, head, frames, Outputs::default(), None, cfg).map_err(|source| {
             HarnessError::Replay {
                 entity: name.clone(),
                 source,
@@ -278,6 +280,7 @@ pub fn run_entity(
         auprc_mss_toggled: toggled.eval.and_then(|e| e.auprc),
         mss_on: !model.meta.mss.is_off(),
         hit_rate,
+        events: main.event_report.as_ref().map(|e| (e.precision, e.recall)),
         train_seconds,
         frames_per_second: main.pipeline.frames_per_second(),
     })
@@ -371,7 +374,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>7} {:>7} {:>6}",
+        "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>7} {:>7} {:>6} {:>6} {:>6}",
         "entity",
         "protocol",
         "rows",
@@ -382,6 +385,8 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         format!("AUPRC/{alt}"),
         "HR@100",
         "HR@150",
+        "ev-P",
+        "ev-R",
         "train"
     );
     let mut families: Vec<&str> = results.iter().map(|r| r.family).collect();
@@ -391,7 +396,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         for r in &rows {
             let _ = writeln!(
                 s,
-                "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>7} {:>7} {:>5.1}s",
+                "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>7} {:>7} {:>6} {:>6} {:>5.1}s",
                 r.name,
                 r.protocol,
                 r.rows,
@@ -402,6 +407,8 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                 cell(r.auprc_mss_toggled),
                 cell(r.hit_rate.map(|h| h.0)),
                 cell(r.hit_rate.map(|h| h.1)),
+                cell(r.events.and_then(|e| e.0)),
+                cell(r.events.and_then(|e| e.1)),
                 r.train_seconds
             );
         }
@@ -411,7 +418,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>7} {:>7}",
+            "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>7} {:>7} {:>6} {:>6}",
             format!("mean {family}"),
             "",
             "",
@@ -422,11 +429,20 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
             cell(mean(&|r| r.auprc_mss_toggled)),
             cell(mean(&|r| r.hit_rate.map(|h| h.0))),
             cell(mean(&|r| r.hit_rate.map(|h| h.1))),
+            cell(mean(&|r| r.events.and_then(|e| e.0))),
+            cell(mean(&|r| r.events.and_then(|e| e.1))),
         );
     }
     let _ = writeln!(
         s,
         "* PA-F1 is point-adjusted (a segment counts as found if any point in it is flagged): inflated, for comparison with papers only."
+    );
+    let _ = writeln!(
+        s,
+        "ev-P / ev-R: alert episodes ({} threshold, {}-of-{} firing) that overlap a labelled segment / segments an episode overlaps.",
+        cfg.threshold.kind.name(),
+        cfg.alert.fire_k,
+        cfg.alert.fire_n
     );
     s
 }

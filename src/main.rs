@@ -56,9 +56,15 @@ enum Command {
         /// One 0/1 label per input row (1 = anomalous): enables AUROC / AUPRC / F1.
         #[arg(long)]
         labels: Option<PathBuf>,
-        /// Write one CSV row per frame (score and top contributions) here.
+        /// Write one CSV row per frame (score, threshold, alarm, top contributions) here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Write one JSON line per alert event (Alertmanager-shaped) here.
+        #[arg(long)]
+        events: Option<PathBuf>,
+        /// Draw score, threshold, alert spans and labelled segments into this PNG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
         /// Score with this head instead of the model's own.
         #[arg(long, value_enum)]
         head: Option<HeadArg>,
@@ -193,6 +199,8 @@ fn run(command: Command) -> Result<()> {
             input,
             labels,
             out,
+            events,
+            plot,
             head,
             rate,
             config,
@@ -224,14 +232,22 @@ fn run(command: Command) -> Result<()> {
                 input,
                 labels,
                 out_csv: out,
+                events,
+                plot,
                 rate,
                 head: head.map(Into::into),
                 mss,
             };
             let outcome = replay::replay(&req, &cfg)?;
             emit(&outcome.to_string())?;
-            if let Some(path) = &req.out_csv {
-                emit(&format!("scores      {}\n", path.display()))?;
+            for (what, path) in [
+                ("scores", &req.out_csv),
+                ("events", &req.events),
+                ("plot", &req.plot),
+            ] {
+                if let Some(path) = path {
+                    emit(&format!("{what:<11} {}\n", path.display()))?;
+                }
             }
             Ok(())
         }

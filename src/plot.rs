@@ -47,7 +47,7 @@ pub struct PlotSpec<'a> {
     /// Labelled anomaly segments as inclusive frame ranges: blue bands behind the score.
     pub label_spans: &'a [(usize, usize)],
     /// `false`: a linear y-axis clipped to the robust range
-    /// `[p0.5 − (p99.9 − p0.5)/2, max(p99.9 + 2·|p99.9|, 1.5·max threshold)]` (narrowed to
+    /// `[p0.5 − (p99.9 − p0.5)/2, max(p99.9 + 2·|p99.9|, 1.5·p99 threshold)]` (narrowed to
     /// the data where nothing lies beyond), frames outside drawn at the edge.
     /// `true`: a symmetric log axis `sign(s)·log10(1 + |s|/c)`, linear within ±c, where
     /// `c` is the power of ten at or below the 1st percentile of the non-zero `|score|`;
@@ -246,10 +246,25 @@ impl View {
         let q_lo = quantile(&finite, 0.005);
         let q_hi = quantile(&finite, 0.999);
         let mut hi = q_hi + 2.0 * q_hi.abs();
-        if thr_max.is_finite() {
-            hi = hi.max(thr_max + 0.5 * thr_max.abs());
+        // A streaming threshold can spike for a few frames (a GPD refit on a heavy tail);
+        // its 99th percentile, not its maximum, sets the scale. Spikes run off the top.
+        let mut thresholds: Vec<f64> = spec
+            .thresholds
+            .unwrap_or(&[])
+            .iter()
+            .copied()
+            .filter(|t| t.is_finite())
+            .collect();
+        thresholds.sort_unstable_by(f64::total_cmp);
+        let thr_hi = if thresholds.is_empty() {
+            f64::NEG_INFINITY
+        } else {
+            quantile(&thresholds, 0.99)
+        };
+        if thr_hi.is_finite() {
+            hi = hi.max(thr_hi + 0.5 * thr_hi.abs());
         }
-        let y_hi = data_max.min(hi).max(thr_max);
+        let y_hi = data_max.min(hi).max(thr_hi);
         let y_lo = data_min.max(q_lo - 0.5 * (q_hi - q_lo)).min(thr_min);
         let clipped_frames = spec
             .scores

@@ -2,7 +2,10 @@
 //!
 //! Loads a model and a table, aligns the table's columns to the model's features, runs
 //! [`crate::pipeline::run`] with a [`FileSource`] (ring policy `Block`: nothing is lost),
-//! writes one CSV row per frame, and evaluates the scores against labels if given.
+//! and, on the sink thread, does what the agent does with every frame: the streaming
+//! threshold ([`crate::threshold`]) and the alert state ([`crate::alert`]). It writes one
+//! CSV row per frame and one JSON line per alert event, evaluates scores (point-wise) and
+//! alert events (against labelled segments) if labels are given, and can draw the plot.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -11,28 +14,50 @@ use std::sync::Arc;
 
 use ndarray::Array2;
 
+use crate::alert::{AlertEvent, AlertState, AlertStatus, Observation};
 use crate::config::DarkwatchConfig;
 use crate::eval::{self, Report};
 use crate::ingest::{self, IngestError, Table, TableOptions};
 use crate::model::{Model, ModelError};
 use crate::mss::MssConfig;
 use crate::pipeline::{self, FileSource, PipelineError, PipelineReport, ScoredFrame, Sink};
+use crate::plot::{self, PlotError, PlotSpec};
 use crate::ring::FullPolicy;
 use crate::score::{Head, HeadKind};
+use crate::threshold::{Threshold, ThresholdSnapshot};
 
 /// What to replay.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ReplayRequest {
     pub model_dir: PathBuf,
     pub input: PathBuf,
     pub labels: Option<PathBuf>,
+    /// One CSV row per frame: score, threshold, alarm and top contributions.
     pub out_csv: Option<PathBuf>,
+    /// One JSON line per alert event (Alertmanager-shaped).
+    pub events: Option<PathBuf>,
+    /// A PNG of score, threshold, alert spans and labelled segments.
+    pub plot: Option<PathBuf>,
     /// Frames per second; `None` = as fast as the scorer goes.
     pub rate: Option<f64>,
     /// Score with this head instead of the model's own (α, β from the config).
     pub head: Option<HeadKind>,
     /// Score with these mean-shift settings instead of the model's own (`rounds = 0`: off).
     pub mss: Option<MssConfig>,
+}
+
+/// Alert events against labelled anomaly segments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventReport {
+    pub episodes: usize,
+    pub segments: usize,
+    /// Share of alert episodes that overlap a labelled segment.
+    pub precision: Option<f64>,
+    /// Share of labelled segments that an alert episode overlaps.
+    pub recall: Option<f64>,
+    /// Mean frames from a detected segment's start to the first frame of the episode that
+    /// caught it (0 when the episode began before the segment).
+    pub mean_delay_frames: Option<f64>,
 }
 
 /// Everything a replay measured.
@@ -43,10 +68,18 @@ pub struct ReplayOutcome {
     pub pipeline: PipelineReport,
     /// One score per input row, in order.
     pub scores: Vec<f32>,
+    /// The threshold each frame was compared with (NaN without a threshold).
+    pub thresholds: Vec<f64>,
     pub labels: Option<Vec<u8>>,
     pub eval: Option<Report>,
-    /// The model's calibrated 99.9 % training-score quantile and how many frames exceed it.
-    pub static_threshold: Option<(f32, usize)>,
+    /// Alert episodes as inclusive frame ranges.
+    pub alert_spans: Vec<(usize, usize)>,
+    pub events: Vec<AlertEvent>,
+    pub event_report: Option<EventReport>,
+    /// The threshold's state at the end (None when it could not be calibrated).
+    pub threshold: Option<ThresholdSnapshot>,
+    /// Why there is no threshold, when there is none.
+    pub threshold_note: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +99,8 @@ pub enum ReplayError {
     },
     #[error("{path}: {reason}")]
     Labels { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Plot(#[from] PlotError),
 }
 
 /// Puts the table's columns in the model's feature order.
@@ -145,20 +180,50 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         },
         None => model.meta.head,
     };
-    let static_ok = req.head.is_none() && req.mss.is_none();
     let frames = Frames {
         values,
         timestamps,
         labels,
     };
-    let out = req.out_csv.as_deref();
-    replay_frames(model, head, frames, out, req.rate, cfg, static_ok).map_err(|e| match e {
-        ReplayError::Labels { reason, .. } => ReplayError::Labels {
-            path: req.labels.clone().unwrap_or_default(),
-            reason,
-        },
-        e => e,
-    })
+    let outputs = Outputs {
+        csv: req.out_csv.as_deref(),
+        events: req.events.as_deref(),
+    };
+    let outcome =
+        replay_frames(model, head, frames, outputs, req.rate, cfg).map_err(|e| match e {
+            ReplayError::Labels { reason, .. } => ReplayError::Labels {
+                path: req.labels.clone().unwrap_or_default(),
+                reason,
+            },
+            e => e,
+        })?;
+    if let Some(path) = &req.plot {
+        let label_spans = outcome
+            .labels
+            .as_deref()
+            .map(plot::flag_spans)
+            .unwrap_or_default();
+        let title = format!(
+            "{} - model {} ({})",
+            req.input
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            outcome.model.meta.id,
+            outcome.head.kind.name()
+        );
+        let spec = PlotSpec {
+            thresholds: outcome
+                .threshold
+                .as_ref()
+                .map(|_| outcome.thresholds.as_slice()),
+            alert_spans: &outcome.alert_spans,
+            label_spans: &label_spans,
+            ..PlotSpec::new(title, &outcome.scores)
+        };
+        plot::score_plot(path, &spec)?;
+    }
+    Ok(outcome)
 }
 
 /// Frames to replay, already aligned to the model's features.
@@ -169,8 +234,15 @@ pub struct Frames {
     pub labels: Option<Vec<u8>>,
 }
 
-/// Replays in-memory frames through the pipeline (what [`replay`] does after loading
-/// files; the evaluation harness calls it directly).
+/// Optional output files of a replay.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outputs<'a> {
+    pub csv: Option<&'a Path>,
+    pub events: Option<&'a Path>,
+}
+
+/// Replays in-memory frames through the pipeline, thresholds and alerts (what [`replay`]
+/// does after loading files; the evaluation harness calls it directly).
 ///
 /// # Errors
 /// A pipeline failure, an output file that cannot be written, or labels that do not fit.
@@ -178,10 +250,9 @@ pub fn replay_frames(
     model: Arc<Model>,
     head: Head,
     frames: Frames,
-    out_csv: Option<&Path>,
+    outputs: Outputs<'_>,
     rate: Option<f64>,
     cfg: &DarkwatchConfig,
-    report_static_threshold: bool,
 ) -> Result<ReplayOutcome, ReplayError> {
     let Frames {
         values,
@@ -189,7 +260,44 @@ pub fn replay_frames(
         labels,
     } = frames;
     let rows = values.nrows();
-    let sink = ReplaySink::new(rows, &model.meta.features, out_csv)?;
+    // The threshold calibrates on the model's own training scores. With another head or
+    // other MSS settings those scores do not apply: rescore the stored bank-free way is
+    // not possible without the training data, so the threshold is then left out.
+    let (threshold, threshold_note) = if head == model.meta.head
+        && !model.calibration_scores.is_empty()
+    {
+        let calib: Vec<f64> = model
+            .calibration_scores
+            .iter()
+            .map(|&s| f64::from(s))
+            .collect();
+        match cfg.threshold.build(&calib) {
+            Ok(t) => (Some(t), None),
+            Err(e) => (None, Some(format!("no threshold: {e}"))),
+        }
+    } else if model.calibration_scores.is_empty() {
+        (
+            None,
+            Some("no threshold: the model stores no training scores".into()),
+        )
+    } else {
+        (
+            None,
+            Some(
+                "no threshold: the training scores were computed with the model's own head".into(),
+            ),
+        )
+    };
+    let features: Arc<[String]> = model.meta.features.clone().into();
+    let model_version = model.meta.provenance.created_unix_secs.to_string();
+    let alerts = AlertState::new(
+        &cfg.alert,
+        "replay",
+        &model.meta.id,
+        &model_version,
+        features.clone(),
+    );
+    let sink = ReplaySink::new(rows, features, outputs, threshold, alerts)?;
     let source = FileSource::new(values, timestamps, rate);
     let (report, sink) = pipeline::run(
         model.clone(),
@@ -200,11 +308,8 @@ pub fn replay_frames(
         source,
         sink,
     )?;
-    if let Some(e) = sink.error {
-        return Err(ReplayError::Output {
-            path: out_csv.map(Path::to_path_buf).unwrap_or_default(),
-            source: e,
-        });
+    if let Some((path, e)) = sink.error {
+        return Err(ReplayError::Output { path, source: e });
     }
     let scores = sink.scores;
     let eval = match labels.as_ref().map(|l| eval::evaluate(&scores, l)) {
@@ -217,84 +322,139 @@ pub fn replay_frames(
         }
         None => None,
     };
-    let static_threshold = if report_static_threshold {
-        model
-            .meta
-            .calibration
-            .quantile(0.999)
-            .map(|t| (t, scores.iter().filter(|&&s| s > t).count()))
-    } else {
-        None
-    };
+    let alert_spans: Vec<(usize, usize)> = sink
+        .events
+        .iter()
+        .filter(|e| e.status == AlertStatus::Resolved)
+        .map(|e| (e.start_seq as usize, e.end_seq.unwrap_or(e.seq) as usize))
+        .collect();
+    let event_report = labels
+        .as_deref()
+        .filter(|_| sink.threshold.is_some())
+        .map(|l| event_report(&alert_spans, &plot::flag_spans(l)));
     Ok(ReplayOutcome {
         model,
         head,
         pipeline: report,
         scores,
+        thresholds: sink.thresholds,
         labels,
         eval,
-        static_threshold,
+        alert_spans,
+        events: sink.events,
+        event_report,
+        threshold: sink.threshold.as_ref().map(Threshold::snapshot),
+        threshold_note,
     })
 }
 
-/// Collects scores by frame position and streams the per-frame CSV.
+/// Matches alert episodes with labelled segments (both inclusive frame ranges).
+pub fn event_report(episodes: &[(usize, usize)], segments: &[(usize, usize)]) -> EventReport {
+    let overlaps = |a: (usize, usize), b: (usize, usize)| a.0 <= b.1 && b.0 <= a.1;
+    let true_episodes = episodes
+        .iter()
+        .filter(|&&e| segments.iter().any(|&s| overlaps(e, s)))
+        .count();
+    let mut delays = Vec::new();
+    for &s in segments {
+        if let Some(first) = episodes
+            .iter()
+            .filter(|&&e| overlaps(e, s))
+            .map(|e| e.0)
+            .min()
+        {
+            delays.push(first.saturating_sub(s.0) as f64);
+        }
+    }
+    let ratio = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
+    EventReport {
+        episodes: episodes.len(),
+        segments: segments.len(),
+        precision: ratio(true_episodes, episodes.len()),
+        recall: ratio(delays.len(), segments.len()),
+        mean_delay_frames: (!delays.is_empty())
+            .then(|| delays.iter().sum::<f64>() / delays.len() as f64),
+    }
+}
+
+/// The replay's sink: threshold, alert state, per-frame record, CSV and event files.
+/// Per frame it only writes into preallocated vectors and buffered files; an alert
+/// event (rare) allocates its JSON.
 struct ReplaySink {
     scores: Vec<f32>,
-    csv: Option<BufWriter<File>>,
-    features: Arc<Vec<String>>,
-    error: Option<std::io::Error>,
+    thresholds: Vec<f64>,
+    threshold: Option<Threshold>,
+    alerts: AlertState,
+    events: Vec<AlertEvent>,
+    csv: Option<(PathBuf, BufWriter<File>)>,
+    events_out: Option<(PathBuf, BufWriter<File>)>,
+    features: Arc<[String]>,
+    header_done: bool,
+    error: Option<(PathBuf, std::io::Error)>,
+}
+
+fn create(path: &Path) -> Result<(PathBuf, BufWriter<File>), ReplayError> {
+    let file = File::create(path).map_err(|source| ReplayError::Output {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((path.to_path_buf(), BufWriter::with_capacity(1 << 16, file)))
 }
 
 impl ReplaySink {
-    fn new(rows: usize, features: &[String], out: Option<&Path>) -> Result<Self, ReplayError> {
-        let csv = match out {
-            Some(path) => {
-                let file = File::create(path).map_err(|source| ReplayError::Output {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                Some(BufWriter::with_capacity(1 << 16, file))
-            }
-            None => None,
-        };
+    fn new(
+        rows: usize,
+        features: Arc<[String]>,
+        out: Outputs<'_>,
+        threshold: Option<Threshold>,
+        alerts: AlertState,
+    ) -> Result<Self, ReplayError> {
         Ok(ReplaySink {
             scores: vec![f32::NAN; rows],
-            csv,
-            features: Arc::new(features.to_vec()),
+            thresholds: vec![f64::NAN; rows],
+            threshold,
+            alerts,
+            events: Vec::new(),
+            csv: out.csv.map(create).transpose()?,
+            events_out: out.events.map(create).transpose()?,
+            features,
+            header_done: false,
             error: None,
         })
     }
 
-    fn header(&mut self, top: usize) {
-        if let Some(w) = self.csv.as_mut() {
-            let mut r = write!(w, "frame,timestamp,score");
-            for k in 1..=top {
+    fn record_event(&mut self, event: AlertEvent) {
+        if let Some((path, w)) = self.events_out.as_mut() {
+            let line = serde_json::to_string(&event).unwrap_or_default();
+            if let Err(e) = writeln!(w, "{line}") {
+                self.error.get_or_insert((path.clone(), e));
+            }
+        }
+        self.events.push(event);
+    }
+
+    fn write_row(&mut self, f: &ScoredFrame, threshold: f64, alarm: bool) {
+        let Some((path, w)) = self.csv.as_mut() else {
+            return;
+        };
+        let mut r = Ok(());
+        if !self.header_done {
+            self.header_done = true;
+            r = write!(w, "frame,timestamp,score,threshold,alarm");
+            for k in 1..=f.n_top {
                 r = r.and_then(|()| write!(w, ",top{k}_feature,top{k}_contribution"));
             }
-            if let Err(e) = r.and_then(|()| writeln!(w)) {
-                self.error.get_or_insert(e);
-            }
+            r = r.and_then(|()| writeln!(w));
         }
-    }
-}
-
-impl Sink for ReplaySink {
-    fn accept(&mut self, f: &ScoredFrame) {
-        if let Some(slot) = self.scores.get_mut(f.meta.seq as usize) {
-            *slot = f.score;
-        }
-        if f.meta.seq == 0 {
-            self.header(f.n_top as usize);
-        }
-        if self.error.is_some() {
-            return;
-        }
-        let Some(w) = self.csv.as_mut() else { return };
-        let mut r = write!(w, "{},", f.meta.seq);
+        r = r.and_then(|()| write!(w, "{},", f.meta.seq));
         if f.meta.timestamp.is_finite() {
             r = r.and_then(|()| write!(w, "{}", f.meta.timestamp));
         }
-        r = r.and_then(|()| write!(w, ",{}", f.score));
+        r = r.and_then(|()| write!(w, ",{},", f.score));
+        if threshold.is_finite() {
+            r = r.and_then(|()| write!(w, "{threshold}"));
+        }
+        r = r.and_then(|()| write!(w, ",{}", u8::from(alarm)));
         for c in f.top() {
             let name = self
                 .features
@@ -303,15 +463,48 @@ impl Sink for ReplaySink {
             r = r.and_then(|()| write!(w, ",{name},{}", c.value));
         }
         if let Err(e) = r.and_then(|()| writeln!(w)) {
-            self.error = Some(e);
+            self.error = Some((path.clone(), e));
+        }
+    }
+}
+
+impl Sink for ReplaySink {
+    fn accept(&mut self, f: &ScoredFrame) {
+        let i = f.meta.seq as usize;
+        if let Some(slot) = self.scores.get_mut(i) {
+            *slot = f.score;
+        }
+        let (threshold, alarm) = match self.threshold.as_mut() {
+            Some(t) => {
+                let now = t.threshold();
+                (now, t.update(f64::from(f.score)).is_alarm())
+            }
+            None => (f64::NAN, false),
+        };
+        if let Some(slot) = self.thresholds.get_mut(i) {
+            *slot = threshold;
+        }
+        if self.threshold.is_some()
+            && let Some(event) = self.alerts.observe(&Observation::from_scored(f, threshold))
+        {
+            self.record_event(event);
+        }
+        if self.error.is_none() {
+            self.write_row(f, threshold, alarm);
         }
     }
 
     fn finish(&mut self) -> Result<(), std::io::Error> {
-        if let Some(w) = self.csv.as_mut()
-            && let Err(e) = w.flush()
+        if let Some(event) = self.alerts.finish() {
+            self.record_event(event);
+        }
+        for (path, w) in [self.csv.as_mut(), self.events_out.as_mut()]
+            .into_iter()
+            .flatten()
         {
-            self.error.get_or_insert(e);
+            if let Err(e) = w.flush() {
+                self.error.get_or_insert((path.clone(), e));
+            }
         }
         Ok(())
     }
@@ -344,11 +537,37 @@ impl std::fmt::Display for ReplayOutcome {
             Some(r) => writeln!(f, "{r}")?,
             None => writeln!(f, "no labels given: no detection metrics")?,
         }
-        if let Some((t, above)) = self.static_threshold {
+        match (&self.threshold, &self.threshold_note) {
+            (Some(t), _) => {
+                let alarms = self
+                    .scores
+                    .iter()
+                    .zip(&self.thresholds)
+                    .filter(|(s, t)| f64::from(**s) > **t)
+                    .count();
+                writeln!(
+                    f,
+                    "threshold   {} (final {:.4}): {alarms} frames above ({:.2} %), {} alert episodes",
+                    t.kind.name(),
+                    t.threshold,
+                    100.0 * alarms as f64 / self.scores.len().max(1) as f64,
+                    self.alert_spans.len()
+                )?;
+            }
+            (None, Some(note)) => writeln!(f, "threshold   {note}")?,
+            (None, None) => {}
+        }
+        if let Some(e) = &self.event_report {
+            let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} %", 100.0 * v));
             writeln!(
                 f,
-                "static threshold (training q0.999 = {t:.4}): {above} frames above ({:.2} %)",
-                100.0 * above as f64 / self.scores.len().max(1) as f64
+                "events      precision {} ({} episodes), recall {} ({} labelled segments), mean delay {}",
+                pct(e.precision),
+                e.episodes,
+                pct(e.recall),
+                e.segments,
+                e.mean_delay_frames
+                    .map_or("-".into(), |d| format!("{d:.1} frames"))
             )?;
         }
         writeln!(
@@ -381,5 +600,23 @@ impl ReplayOutcome {
     fn pipeline_paced(&self) -> bool {
         // Batches near one frame each mean the scorer kept up: latency is not queueing.
         self.pipeline.frames_scored as f64 / (self.pipeline.batches.max(1) as f64) < 1.5
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_matching_by_hand() {
+        // Segments [10,20] and [50,60]; episodes [15,25] (true, delay 5), [30,31] (false),
+        // [45,52] (true, began before the segment: delay 0).
+        let r = event_report(&[(15, 25), (30, 31), (45, 52)], &[(10, 20), (50, 60)]);
+        assert_eq!(r.episodes, 3);
+        assert_eq!(r.precision, Some(2.0 / 3.0));
+        assert_eq!(r.recall, Some(1.0));
+        assert_eq!(r.mean_delay_frames, Some(2.5));
+        let none = event_report(&[], &[(1, 2)]);
+        assert_eq!((none.precision, none.recall), (None, Some(0.0)));
     }
 }

@@ -84,7 +84,7 @@ impl Default for ThresholdConfig {
             kind: ThresholdKind::Spot,
             risk_q: 1e-4,
             init_level: 0.98,
-            max_peaks: 2000,
+            max_peaks: 500,
             min_peaks: 10,
             dspot_depth: 50,
             quantile: 0.999,
@@ -609,7 +609,15 @@ pub struct Spot {
     z: f64,
     alarms: u64,
     ignored: u64,
+    /// Peaks added since the GPD was last fitted.
+    stale_peaks: usize,
 }
+
+/// The GPD is refitted once the peaks added since the last fit reach this share of the
+/// peaks held (at least one): a 2 % change of the sample moves γ and σ very little, and it
+/// makes a peak cost O(1) on average instead of O(`max_peaks`). The threshold itself is
+/// recomputed from the current fit at every peak, since n and N_t change every time.
+const REFIT_SHARE: f64 = 0.02;
 
 impl Spot {
     /// Calibrates on `scores` (non-finite ones are skipped): t, the initial peaks (the most
@@ -653,6 +661,7 @@ impl Spot {
             z: f64::NAN,
             alarms: 0,
             ignored: 0,
+            stale_peaks: 0,
         };
         for &x in values.iter().filter(|&&x| x > t) {
             spot.peaks.push(x - t);
@@ -670,7 +679,22 @@ impl Spot {
         Ok(spot)
     }
 
+    /// Refits the GPD when enough new peaks have arrived, and recomputes the threshold.
+    fn peak_added(&mut self) {
+        self.stale_peaks += 1;
+        let due = ((self.peaks.buf.len() as f64 * REFIT_SHARE) as usize).max(1);
+        match self.gpd {
+            Some(gpd) if self.stale_peaks < due && self.peaks.buf.len() >= self.min_peaks => {
+                self.z = gpd
+                    .extreme_quantile(self.t, self.risk_q, self.n, self.n_t)
+                    .max(self.t);
+            }
+            _ => self.refit(),
+        }
+    }
+
     fn refit(&mut self) {
+        self.stale_peaks = 0;
         if self.peaks.buf.len() < self.min_peaks {
             self.gpd = None;
             self.z = self.fallback;
@@ -708,7 +732,8 @@ impl Spot {
 
     /// Classifies `score` against the current threshold and, unless it is an alarm or not
     /// finite, counts it (and stores it as a peak and refits when above t).
-    /// O(1) for normal scores, O(`max_peaks`) for peaks; never allocates.
+    /// O(1) for normal scores; a peak refits the GPD (O(`max_peaks`)) only when the peaks
+    /// added since the last fit reach 2 % of those held. Never allocates.
     pub fn update(&mut self, score: f64) -> Verdict {
         if !score.is_finite() {
             self.ignored += 1;
@@ -722,7 +747,7 @@ impl Spot {
         if score > self.t {
             self.peaks.push(score - self.t);
             self.n_t += 1;
-            self.refit();
+            self.peak_added();
             return Verdict::Peak;
         }
         Verdict::Normal

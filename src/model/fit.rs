@@ -7,7 +7,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ndarray::ArrayView2;
 
-use super::io::{Architecture, Calibration, Provenance, QuantilePoint, WeightsRef};
+use super::io::{
+    Architecture, Calibration, MAX_CALIBRATION_SCORES, Provenance, QuantilePoint, WeightsRef,
+};
 use super::{Activation, Autoencoder, Model, ModelMeta, Scaler, ScalerKind, default_hidden_sizes};
 use crate::config::DarkwatchConfig;
 use crate::ingest::Table;
@@ -63,7 +65,11 @@ pub fn fit(
     };
     let meta = new_meta(&ae, table.features.clone(), scaler, cfg, provenance);
     let mut model = Model::new(ae, meta, bank);
-    model.meta.calibration = calibrate(&model, table.values.view());
+    let (calibration, scores) = calibrate(&model, table.values.view());
+    model.meta.calibration = calibration;
+    let keep = scores.len().saturating_sub(MAX_CALIBRATION_SCORES);
+    model.calibration_scores = scores[keep..].to_vec();
+    model.seal();
     Ok((model, report))
 }
 
@@ -103,16 +109,19 @@ fn new_meta(
 }
 
 /// Scores `rows` (raw, unscaled) with the model's own head through the pipeline's
-/// [`Scorer`] (so calibration and streaming share one scoring path) and returns the quantiles.
-pub fn calibrate(model: &Model, rows: ArrayView2<f32>) -> Calibration {
+/// [`Scorer`] (so calibration and streaming share one scoring path); returns the
+/// quantiles and the scores in row order.
+pub fn calibrate(model: &Model, rows: ArrayView2<f32>) -> (Calibration, Vec<f32>) {
     let shared = Arc::new(model.clone());
     let Ok(mut scorer) = Scorer::new(shared, model.meta.head, 1024, 1) else {
-        return Calibration {
+        let empty = Calibration {
             rows: 0,
             score_quantiles: Vec::new(),
         };
+        return (empty, Vec::new());
     };
-    let mut scores = scorer.score_all(rows);
+    let in_order = scorer.score_all(rows);
+    let mut scores = in_order.clone();
     scores.sort_by(f32::total_cmp);
     let score_quantiles = CALIBRATION_QUANTILES
         .iter()
@@ -121,10 +130,11 @@ pub fn calibrate(model: &Model, rows: ArrayView2<f32>) -> Calibration {
             score: quantile_sorted(&scores, q),
         })
         .collect();
-    Calibration {
+    let calibration = Calibration {
         rows: scores.len(),
         score_quantiles,
-    }
+    };
+    (calibration, in_order)
 }
 
 /// The q-quantile of sorted values (nearest rank, upper).

@@ -34,6 +34,10 @@ pub const META_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// The tensor holding the MSS reference frames.
 pub const BANK_TENSOR: &str = "mss.bank";
+/// The tensor holding the training scores, in row order (SPOT/DSPOT calibrate on them).
+pub const CALIBRATION_TENSOR: &str = "calibration.scores";
+/// Most training scores stored (the last ones, in order).
+pub const MAX_CALIBRATION_SCORES: usize = 50_000;
 
 /// Everything about a model except its weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +131,9 @@ pub struct Model {
     pub ae: Autoencoder,
     /// The MSS reference bank (standardised frames and their shifted copies), if MSS is on.
     pub bank: Option<ReferenceBank>,
+    /// The model's own scores of its training rows, in order (at most
+    /// [`MAX_CALIBRATION_SCORES`]): what streaming thresholds calibrate on.
+    pub calibration_scores: Vec<f32>,
 }
 
 /// Why a model directory cannot be used. Each message names the file and the field.
@@ -192,14 +199,28 @@ impl Model {
             layer_widths: ae.widths(),
             activation: Activation::Relu,
         };
-        let bytes = serialize_weights(&ae, bank.as_ref());
-        let sha = sha256_hex(&bytes);
-        meta.id = sha[..12].to_string();
-        meta.weights = WeightsRef {
+        let mut model = Model {
+            meta,
+            ae,
+            bank,
+            calibration_scores: Vec::new(),
+        };
+        model.seal();
+        model
+    }
+
+    /// Recomputes the weights checksum and the id after the tensors changed.
+    pub fn seal(&mut self) {
+        let sha = sha256_hex(&self.weights_bytes());
+        self.meta.id = sha[..12].to_string();
+        self.meta.weights = WeightsRef {
             file: WEIGHTS_FILE.into(),
             sha256: sha,
         };
-        Model { meta, ae, bank }
+    }
+
+    fn weights_bytes(&self) -> Vec<u8> {
+        serialize_weights(&self.ae, self.bank.as_ref(), &self.calibration_scores)
     }
 
     /// The same model scored with other mean-shift settings (the bank's R⁰ is reused;
@@ -234,10 +255,7 @@ impl Model {
             path: dir.to_path_buf(),
             source,
         })?;
-        write_atomic(
-            &dir.join(WEIGHTS_FILE),
-            &serialize_weights(&self.ae, self.bank.as_ref()),
-        )?;
+        write_atomic(&dir.join(WEIGHTS_FILE), &self.weights_bytes())?;
         let json = serde_json::to_vec_pretty(&self.meta).map_err(|e| ModelError::Json {
             path: dir.join(META_FILE),
             reason: e.to_string(),
@@ -281,13 +299,29 @@ impl Model {
                 ),
             });
         }
-        let (ae, bank) = deserialize_weights(&bytes, &meta, &weights_path)?;
-        Ok(Model { meta, ae, bank })
+        let (ae, bank, calibration_scores) = deserialize_weights(&bytes, &meta, &weights_path)?;
+        Ok(Model {
+            meta,
+            ae,
+            bank,
+            calibration_scores,
+        })
     }
 }
 
-fn serialize_weights(ae: &Autoencoder, bank: Option<&ReferenceBank>) -> Vec<u8> {
+fn serialize_weights(
+    ae: &Autoencoder,
+    bank: Option<&ReferenceBank>,
+    calibration: &[f32],
+) -> Vec<u8> {
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    if !calibration.is_empty() {
+        buffers.push((
+            CALIBRATION_TENSOR.into(),
+            vec![calibration.len()],
+            f32_bytes(calibration.iter().copied()),
+        ));
+    }
     if let Some(bank) = bank {
         let r0 = bank.r0();
         buffers.push((
@@ -416,7 +450,7 @@ fn deserialize_weights(
     bytes: &[u8],
     meta: &ModelMeta,
     path: &Path,
-) -> Result<(Autoencoder, Option<ReferenceBank>), ModelError> {
+) -> Result<(Autoencoder, Option<ReferenceBank>, Vec<f32>), ModelError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Weights {
         path: path.to_path_buf(),
         reason: format!("not a valid safetensors file: {e}"),
@@ -431,7 +465,8 @@ fn deserialize_weights(
             reason: "missing, but model.json turns mean-shift scoring on".into(),
         });
     }
-    let expected: usize = 2 * n_layers + usize::from(with_bank);
+    let with_calibration = st.names().iter().any(|n| *n == CALIBRATION_TENSOR);
+    let expected: usize = 2 * n_layers + usize::from(with_bank) + usize::from(with_calibration);
     if st.len() != expected {
         return Err(ModelError::Weights {
             path: path.to_path_buf(),
@@ -510,7 +545,16 @@ fn deserialize_weights(
         output: meta.architecture.output,
         layers,
     };
-    Ok((ae, bank))
+    let calibration = if with_calibration {
+        let n = st
+            .tensor(CALIBRATION_TENSOR)
+            .map(|t| t.shape().first().copied().unwrap_or(0))
+            .unwrap_or(0);
+        read(CALIBRATION_TENSOR, &[n])?
+    } else {
+        Vec::new()
+    };
+    Ok((ae, bank, calibration))
 }
 
 /// A human-readable summary of a model (what `darkwatch inspect` prints).
