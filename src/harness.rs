@@ -280,7 +280,12 @@ pub fn run_entity(
         auprc_mss_toggled: toggled.eval.and_then(|e| e.auprc),
         mss_on: !model.meta.mss.is_off(),
         hit_rate,
-        events: main.event_report.as_ref().map(|e| (e.precision, e.recall)),
+        // Alert episodes (k of n consecutive frames) only mean something on a time series.
+        events: main
+            .event_report
+            .as_ref()
+            .filter(|_| family == "SMD")
+            .map(|e| (e.precision, e.recall)),
         train_seconds,
         frames_per_second: main.pipeline.frames_per_second(),
     })

@@ -260,12 +260,28 @@ pub fn replay_frames(
         labels,
     } = frames;
     let rows = values.nrows();
-    // The threshold calibrates on the model's own training scores. With another head or
-    // other MSS settings those scores do not apply: rescore the stored bank-free way is
-    // not possible without the training data, so the threshold is then left out.
-    let (threshold, threshold_note) = if head == model.meta.head
-        && !model.calibration_scores.is_empty()
-    {
+    // The threshold calibrates on the model's own training scores, which were computed
+    // with the model's head and MSS settings. Scored any other way, those scores do not
+    // describe normal frames, so the replay then reports scores without a threshold.
+    let same_scoring = head == model.meta.head;
+    let (threshold, threshold_note) = if model.calibration_scores.is_empty() {
+        (
+            None,
+            Some(
+                "no threshold: the model has no training scores for these scoring settings"
+                    .to_string(),
+            ),
+        )
+    } else if !same_scoring {
+        (
+            None,
+            Some(format!(
+                "no threshold: the stored training scores are {} scores, not {}",
+                model.meta.head.kind.name(),
+                head.kind.name()
+            )),
+        )
+    } else {
         let calib: Vec<f64> = model
             .calibration_scores
             .iter()
@@ -275,18 +291,6 @@ pub fn replay_frames(
             Ok(t) => (Some(t), None),
             Err(e) => (None, Some(format!("no threshold: {e}"))),
         }
-    } else if model.calibration_scores.is_empty() {
-        (
-            None,
-            Some("no threshold: the model stores no training scores".into()),
-        )
-    } else {
-        (
-            None,
-            Some(
-                "no threshold: the training scores were computed with the model's own head".into(),
-            ),
-        )
     };
     let features: Arc<[String]> = model.meta.features.clone().into();
     let model_version = model.meta.provenance.created_unix_secs.to_string();

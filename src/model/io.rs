@@ -224,9 +224,17 @@ impl Model {
     }
 
     /// The same model scored with other mean-shift settings (the bank's R⁰ is reused;
-    /// shifted copies are rebuilt). `rounds = 0` or `neighbours = 1` turn MSS off.
+    /// shifted copies are rebuilt). `rounds = 0` or `neighbours = 1` turn MSS off. The
+    /// stored training scores describe the original settings only, so they are dropped
+    /// when the settings change.
     pub fn with_mss(&self, mss: MssConfig) -> Model {
         let mut m = self.clone();
+        if mss.is_off() != self.meta.mss.is_off()
+            || (!mss.is_off()
+                && (mss.rounds, mss.neighbours) != (self.meta.mss.rounds, self.meta.mss.neighbours))
+        {
+            m.calibration_scores.clear();
+        }
         m.meta.mss = mss;
         m.bank = self
             .bank
