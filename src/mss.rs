@@ -256,29 +256,20 @@ fn smallest(dist: &[f32], best: &mut [f32], idx: &mut [usize]) -> usize {
     }
     let mut filled = 0;
     for (i, &v) in dist.iter().enumerate() {
-        if !(v < f32::INFINITY) {
+        // Skips NaN and the +inf that marks an excluded row.
+        if !(v < f32::INFINITY) || (filled == k && v >= best[k - 1]) {
             continue;
         }
-        if filled < k {
-            let mut p = filled;
-            while p > 0 && best[p - 1] > v {
-                best[p] = best[p - 1];
-                idx[p] = idx[p - 1];
-                p -= 1;
-            }
-            best[p] = v;
-            idx[p] = i;
-            filled += 1;
-        } else if v < best[k - 1] {
-            let mut p = k - 1;
-            while p > 0 && best[p - 1] > v {
-                best[p] = best[p - 1];
-                idx[p] = idx[p - 1];
-                p -= 1;
-            }
-            best[p] = v;
-            idx[p] = i;
+        // Insert v, shifting larger entries right; when full, the largest falls off.
+        let mut p = filled.min(k - 1);
+        while p > 0 && best[p - 1] > v {
+            best[p] = best[p - 1];
+            idx[p] = idx[p - 1];
+            p -= 1;
         }
+        best[p] = v;
+        idx[p] = i;
+        filled = (filled + 1).min(k);
     }
     filled
 }

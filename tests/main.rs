@@ -8,6 +8,23 @@ fn anomalies() -> Vec<usize> {
     (700..720).chain(900..905).collect()
 }
 
+/// `darkwatch replay` of `test` with `labels` through `model`, plus `extra` arguments.
+fn replay_with<S: AsRef<std::ffi::OsStr>>(
+    model: &std::path::Path,
+    test: &std::path::Path,
+    labels: &std::path::Path,
+    extra: &[S],
+) -> (i32, String, String) {
+    run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(model)
+        .arg("--input")
+        .arg(test)
+        .arg("--labels")
+        .arg(labels)
+        .args(extra))
+}
+
 /// Trains a quick model on synthetic data and returns (tempdir, model dir, test csv, labels).
 fn trained() -> (
     tempfile::TempDir,
@@ -38,15 +55,12 @@ fn trained() -> (
 fn train_then_replay_detects_injected_anomalies_and_writes_scores() {
     let (dir, model, test, lab) = trained();
     let scores = dir.path().join("scores.csv");
-    let (code, out, err) = run(darkwatch()
-        .args(["replay", "--model"])
-        .arg(&model)
-        .arg("--input")
-        .arg(&test)
-        .arg("--labels")
-        .arg(&lab)
-        .arg("--out")
-        .arg(&scores));
+    let (code, out, err) = replay_with(
+        &model,
+        &test,
+        &lab,
+        &[std::ffi::OsStr::new("--out"), scores.as_os_str()],
+    );
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("AUROC"), "{out}");
     assert!(out.contains("point-adjusted"), "{out}");
@@ -165,13 +179,7 @@ fn label_file_of_wrong_length_is_refused() {
     let (dir, model, test, _) = trained();
     let short = dir.path().join("short.txt");
     labels(&short, 999, &[]);
-    let (code, _, err) = run(darkwatch()
-        .args(["replay", "--model"])
-        .arg(&model)
-        .arg("--input")
-        .arg(&test)
-        .arg("--labels")
-        .arg(&short));
+    let (code, _, err) = replay_with(&model, &test, &short, &[] as &[&str]);
     assert_eq!(code, 1);
     assert!(
         err.contains("short.txt") && err.contains("999") && err.contains("1000"),
@@ -271,19 +279,15 @@ fn replay_thresholds_alerts_and_plots_the_injected_anomalies() {
     let events = dir.path().join("events.jsonl");
     let plot = dir.path().join("score.png");
     let scores = dir.path().join("scores.csv");
-    let (code, out, err) = run(darkwatch()
-        .args(["replay", "--model"])
-        .arg(&model)
-        .arg("--input")
-        .arg(&test)
-        .arg("--labels")
-        .arg(&lab)
-        .arg("--out")
-        .arg(&scores)
-        .arg("--events")
-        .arg(&events)
-        .arg("--plot")
-        .arg(&plot));
+    let args = [
+        std::ffi::OsStr::new("--out"),
+        scores.as_os_str(),
+        std::ffi::OsStr::new("--events"),
+        events.as_os_str(),
+        std::ffi::OsStr::new("--plot"),
+        plot.as_os_str(),
+    ];
+    let (code, out, err) = replay_with(&model, &test, &lab, &args);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("threshold   spot"), "{out}");
     assert!(out.contains("events      precision"), "{out}");
@@ -338,14 +342,7 @@ fn replay_thresholds_alerts_and_plots_the_injected_anomalies() {
 fn replay_compares_with_and_without_mss() {
     let (_dir, model, test, lab) = trained();
     let replay = |extra: &[&str]| {
-        let (code, out, err) = run(darkwatch()
-            .args(["replay", "--model"])
-            .arg(&model)
-            .arg("--input")
-            .arg(&test)
-            .arg("--labels")
-            .arg(&lab)
-            .args(extra));
+        let (code, out, err) = replay_with(&model, &test, &lab, extra);
         assert_eq!(code, 0, "{out}\n{err}");
         out
     };
