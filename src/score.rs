@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{OutputKind, Recon};
 
-/// Added to the predicted variance before dividing or taking its log (papers.md §1.2).
-pub const VARIANCE_EPSILON: f32 = 1e-5;
+/// Added to the predicted variance before dividing or taking its log (papers.md §1.2);
+/// the same ε the training loss uses.
+pub const VARIANCE_EPSILON: f32 = crate::model::nn::VARIANCE_EPS;
 
 /// Which score a frame gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

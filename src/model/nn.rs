@@ -24,6 +24,19 @@ use crate::rng::Rng;
 /// (papers.md §1.2). [`Recon::var`] does not include it.
 pub const VARIANCE_EPS: f32 = 1e-5;
 
+/// Coefficients (after the leading 7.037_683_6e-2) of the Cephes-style polynomial for
+/// ln(1 + f), f ∈ [√½ − 1, √2 − 1], shared by the scalar and the AVX2 softplus.
+const LN_POLY: [f32; 8] = [
+    -1.151_461e-1,
+    1.167_699_9e-1,
+    -1.242_014_1e-1,
+    1.424_932_3e-1,
+    -1.666_805_8e-1,
+    2.000_071_4e-1,
+    -2.499_999_4e-1,
+    3.333_333e-1,
+];
+
 /// Numerically stable softplus, `ln(1 + eˣ)`, computed as `max(x, 0) + ln(1 + e^−|x|)` so the
 /// exponent never overflows. NaN stays NaN; `softplus(+∞) = +∞`, `softplus(−∞) = 0`.
 pub fn softplus(x: f32) -> f32 {
@@ -713,16 +726,7 @@ mod portable {
         let f = m - 1.0;
         let f2 = f * f;
         let mut q = 7.037_683_6e-2;
-        for c in [
-            -1.151_461e-1,
-            1.167_699_9e-1,
-            -1.242_014_1e-1,
-            1.424_932_3e-1,
-            -1.666_805_8e-1,
-            2.000_071_4e-1,
-            -2.499_999_4e-1,
-            3.333_333e-1,
-        ] {
+        for c in LN_POLY {
             q = q * f + c;
         }
         let y = q * f * f2 + e * -2.121_944_4e-4 - 0.5 * f2;
@@ -1062,16 +1066,7 @@ mod avx {
         let f = _mm256_sub_ps(m, one);
         let f2 = _mm256_mul_ps(f, f);
         let mut q = _mm256_set1_ps(7.037_683_6e-2);
-        for c in [
-            -1.151_461e-1,
-            1.167_699_9e-1,
-            -1.242_014_1e-1,
-            1.424_932_3e-1,
-            -1.666_805_8e-1,
-            2.000_071_4e-1,
-            -2.499_999_4e-1,
-            3.333_333e-1,
-        ] {
+        for c in LN_POLY {
             q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(c));
         }
         let mut y = _mm256_mul_ps(_mm256_mul_ps(q, f), f2);
