@@ -98,6 +98,7 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         neighbours: 10,
         bank_frames: 2048,
     };
+    let synthetic_bank = model.bank.is_none();
     let mss = match &model.bank {
         Some(_) => model.with_mss(mss_cfg),
         None => {
@@ -120,11 +121,12 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         };
         let label = match model.active_bank() {
             Some(b) => format!(
-                "{}+mss(m={},k={},{} frames)",
+                "{}+mss(m={},k={},{} {}frames)",
                 kind.name(),
                 b.rounds(),
                 b.neighbours(),
-                b.frames()
+                b.frames(),
+                if synthetic_bank { "synthetic " } else { "" }
             ),
             None => kind.name().to_string(),
         };

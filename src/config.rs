@@ -13,7 +13,7 @@ use crate::alert::AlertConfig;
 use crate::model::{OutputKind, ScalerKind};
 use crate::mss::MssConfig;
 use crate::ring::FullPolicy;
-use crate::score::{Head, HeadKind};
+use crate::score::{Head, HeadKind, LogVariance};
 use crate::threshold::ThresholdConfig;
 use crate::train::TrainConfig;
 
@@ -41,6 +41,8 @@ pub struct ModelConfig {
     /// `probabilistic` (mean and variance outputs, Gaussian NLL; needed by `wnll`) or `plain` (MSE).
     pub kind: OutputKind,
     /// Hidden layer widths; empty means the MSS-PAE rule for the input dimension.
+    /// From the environment: `DARKWATCH__MODEL__HIDDEN_SIZES=16,8,16` (or one number).
+    #[serde(deserialize_with = "widths")]
     pub hidden_sizes: Vec<usize>,
     /// Feature scaling fitted on the training data: `z_score` or `min_max`.
     pub scaler: ScalerKind,
@@ -66,6 +68,9 @@ pub struct ScoreConfig {
     pub wnll_alpha: f32,
     /// wnll weight of the log-variance.
     pub wnll_beta: f32,
+    /// `excess`: only log-variance above the feature's usual level counts (a confident
+    /// prediction cannot cancel an error elsewhere); `raw`: β·ln v as in the paper.
+    pub wnll_log_variance: LogVariance,
     /// Contributing features reported per frame (at most 16).
     pub top_contributions: usize,
 }
@@ -76,6 +81,7 @@ impl Default for ScoreConfig {
             head: HeadKind::Wnll,
             wnll_alpha: 0.5,
             wnll_beta: 2.0,
+            wnll_log_variance: LogVariance::Excess,
             top_contributions: 3,
         }
     }
@@ -88,7 +94,32 @@ impl ScoreConfig {
             kind: self.head,
             alpha: self.wnll_alpha,
             beta: self.wnll_beta,
+            log_variance: self.wnll_log_variance,
         }
+    }
+}
+
+/// Layer widths from a TOML array, one integer, or a comma-separated string (how an
+/// environment override arrives).
+fn widths<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Widths {
+        List(Vec<usize>),
+        One(usize),
+        Text(String),
+    }
+    match Widths::deserialize(de)? {
+        Widths::List(v) => Ok(v),
+        Widths::One(w) => Ok(vec![w]),
+        Widths::Text(s) if s.trim().is_empty() => Ok(Vec::new()),
+        Widths::Text(s) => s
+            .split(',')
+            .map(|w| w.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                serde::de::Error::custom(format!("\"{s}\" is not a comma-separated list of widths"))
+            }),
     }
 }
 
@@ -153,9 +184,14 @@ where
     let mut builder = config::Config::builder();
     if let Some(p) = path {
         if !p.is_file() {
+            let reason = if p.is_dir() {
+                "is a directory, not a file"
+            } else {
+                "no such file"
+            };
             return Err(ConfigError::Load {
                 file,
-                reason: "no such file".into(),
+                reason: reason.into(),
             });
         }
         builder = builder
@@ -171,8 +207,6 @@ where
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("model.hidden_sizes")
             .source(Some(overrides)),
     );
     let source = if env_names.is_empty() {
@@ -185,7 +219,12 @@ where
         .and_then(|c| c.try_deserialize())
         .map_err(|e| ConfigError::Load {
             file: source.clone(),
-            reason: e.to_string(),
+            // TOML syntax errors come with a multi-line snippet: keep the message one line.
+            reason: e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
         })?;
     cfg.validate()
         .map_err(|(key, reason)| ConfigError::Invalid {

@@ -92,6 +92,12 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
                 })
                 .collect();
             inner.sort();
+            if inner.is_empty() {
+                return Err(HarnessError::Discover {
+                    path: path.clone(),
+                    reason: "holds no SMD <machine>_train.npy and no .npz file".into(),
+                });
+            }
             out.extend(discover(&inner)?);
             continue;
         }

@@ -14,6 +14,7 @@
 //! - [`threshold`]: alarm thresholds on the scores (SPOT, drift-aware DSPOT, static quantile).
 //! - [`pipeline`]: the scorer thread that drains the ring in micro-batches and feeds sinks.
 //! - [`alert`]: per-stream alert state (k-of-n hysteresis) and Alertmanager-shaped events.
+//! - [`spool`]: the on-disk, size-bounded FIFO that keeps alerts while the broker is unreachable.
 //! - [`eval`]: point-wise AUROC / AUPRC / best-F1 (and the labelled point-adjusted F1).
 //! - [`harness`]: trains and replays every SMD machine and ODDS table given, one table of metrics.
 //! - [`plot`]: the replay score plot (PNG with threshold, alert and label spans).
@@ -34,6 +35,7 @@ pub mod replay;
 pub mod ring;
 pub mod rng;
 pub mod score;
+pub mod spool;
 pub mod stats;
 pub mod threshold;
 pub mod train;

@@ -78,8 +78,9 @@ enum Command {
         #[arg(long)]
         mss_neighbours: Option<usize>,
         /// Pace the replay at this many frames per second (default: as fast as possible).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_rate)]
         rate: Option<f64>,
+        /// Configuration file (thresholds, alerts, pipeline; default: the documented defaults).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -92,6 +93,7 @@ enum Command {
         /// How ODDS tables are split.
         #[arg(long, value_enum, default_value_t = ProtocolArg::FitAll)]
         odds_protocol: ProtocolArg,
+        /// Configuration file used for every entity (default: the documented defaults).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -106,18 +108,21 @@ enum Command {
     },
     /// Print a model directory's metadata.
     Inspect {
+        /// Model directory written by `darkwatch train`.
         dir: PathBuf,
-        /// Print the raw model.json instead of a summary.
+        /// Print the model's metadata as JSON (what model.json holds) instead of a summary.
         #[arg(long)]
         json: bool,
     },
     /// Check a configuration file without starting anything.
     Validate {
+        /// Configuration file to check.
         #[arg(long)]
         config: PathBuf,
     },
     /// Print the effective configuration (file, then environment overrides, over defaults).
     PrintConfig {
+        /// Configuration file (default: only the documented defaults and the environment).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -161,7 +166,7 @@ fn main() -> ExitCode {
         // `darkwatch … | head` closing the pipe early is not a failure.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("darkwatch: {e:#}");
+            eprintln!("darkwatch: {}", one_line(&e));
             if e.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(EXIT_CONFIG)
             } else {
@@ -169,6 +174,34 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A frame rate: finite, at least 0.001 and at most 1e9 frames per second.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && (1e-3..=1e9).contains(&r) => Ok(r),
+        Ok(_) => Err(format!(
+            "{s} is not a frame rate between 0.001 and 1e9 frames per second"
+        )),
+        Err(_) => Err(format!("{s} is not a number")),
+    }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the message
+/// before it already shows (our errors embed their I/O cause).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -221,8 +254,14 @@ fn run(command: Command) -> Result<()> {
                     neighbours: mss_neighbours.unwrap_or(model_mss.neighbours),
                     ..model_mss
                 };
-                m.validate()
-                    .map_err(|(k, r)| anyhow::anyhow!("--mss-{}: {r}", k.replace('_', "-")))?;
+                m.validate().map_err(|(k, r)| match k {
+                    "bank_frames" => anyhow::anyhow!(
+                        "--mss-neighbours {}: the model's reference bank holds only {} frames",
+                        m.neighbours,
+                        m.bank_frames
+                    ),
+                    _ => anyhow::anyhow!("--mss-{}: {r}", k.replace('_', "-")),
+                })?;
                 Some(m)
             } else {
                 None
@@ -278,7 +317,7 @@ fn run(command: Command) -> Result<()> {
                 latency_frames: frames.max(100),
                 ..Default::default()
             };
-            eprintln!("darkwatch: timing each head (a few seconds)…");
+            eprintln!("darkwatch: timing each head (about 15 s)…");
             emit(&darkwatch::bench::run(Arc::new(model), &opts).to_string())?;
             Ok(())
         }
@@ -292,8 +331,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Validate { config } => {
-            let cfg = load_config(Some(&config))?;
-            cfg.validate().ok();
+            load_config(Some(&config))?;
             println!("{}: ok", config.display());
             Ok(())
         }
@@ -309,6 +347,9 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     let opts = TableOptions {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
     };
+    // Find out now, not after training, whether the model can be written.
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create the model directory", out.display()))?;
     let table = ingest::read_table(input, &opts)?;
     let sha = ingest::file_sha256(input)?;
     eprintln!(
@@ -333,6 +374,15 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     .context("training failed")?;
     bar.finish_and_clear();
     model.save(out)?;
+    if report.epochs_run == cfg.train.epochs_max
+        && !report.stopped_early
+        && report.best_epoch == report.epochs_run
+    {
+        eprintln!(
+            "darkwatch: note: validation loss was still falling at epoch {}; a larger [train] epochs_max may fit better",
+            report.epochs_run
+        );
+    }
     let p = &model.meta.provenance;
     println!(
         "trained {} in {:.1} s: {} epochs (best {}{}), train loss {:.4}, validation loss {}",

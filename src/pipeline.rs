@@ -151,6 +151,7 @@ impl Scorer {
         self.head.score_batch(
             target,
             &recon,
+            &self.model.meta.log_variance_baseline,
             &mut self.scores[..n],
             self.contrib.view_mut(),
         );

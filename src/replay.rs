@@ -105,8 +105,8 @@ pub enum ReplayError {
 
 /// Puts the table's columns in the model's feature order.
 ///
-/// Same names in the same order: used as is. Same set of names in another order:
-/// reordered. Generic names (`f0`, `f1`, … from NPY) on either side: matched by position
+/// Same names in the same order: used as is. The model's names among the input's columns
+/// (in any order, extra columns allowed): selected and reordered. Generic names (`f0`, `f1`, … from NPY) on either side: matched by position
 /// when the counts agree. Anything else is an error naming the first difference.
 pub fn align_features(
     model: &Model,
@@ -118,7 +118,9 @@ pub fn align_features(
         input: table.path.clone(),
         reason,
     };
-    if have.len() != want.len() {
+    let generic = |names: &[String]| names.iter().enumerate().all(|(i, n)| *n == format!("f{i}"));
+    let by_name = want.iter().all(|w| have.contains(w));
+    if have.len() != want.len() && !(by_name && !generic(want)) {
         return Err(err(format!(
             "{} features in the input, but the model was trained on {} ({})",
             have.len(),
@@ -126,8 +128,7 @@ pub fn align_features(
             model.meta.provenance.data_file
         )));
     }
-    let generic = |names: &[String]| names.iter().enumerate().all(|(i, n)| *n == format!("f{i}"));
-    if have == want || generic(have) || generic(want) {
+    if have == want || (have.len() == want.len() && (generic(have) || generic(want))) {
         return Ok((table.values, table.timestamps));
     }
     let mut order = Vec::with_capacity(want.len());
@@ -151,6 +152,9 @@ pub fn align_features(
 /// Unusable model or input, mismatched features or labels, a pipeline failure, or an
 /// output file that cannot be written.
 pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcome, ReplayError> {
+    if let Some(path) = &req.plot {
+        check_plot_path(path)?;
+    }
     let mut model = Model::load(&req.model_dir)?;
     if let Some(mss) = req.mss {
         if !mss.is_off() && model.bank.is_none() {
@@ -175,8 +179,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
     let head = match req.head {
         Some(kind) => Head {
             kind,
-            alpha: cfg.score.wnll_alpha,
-            beta: cfg.score.wnll_beta,
+            ..cfg.score.head()
         },
         None => model.meta.head,
     };
@@ -224,6 +227,28 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         plot::score_plot(path, &spec)?;
     }
     Ok(outcome)
+}
+
+/// Refuses a plot path that cannot be written, before any work is done.
+fn check_plot_path(path: &Path) -> Result<(), ReplayError> {
+    let bad = |reason: &str| ReplayError::Output {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, reason.to_string()),
+    };
+    let png = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !png {
+        return Err(bad("the plot is a PNG: name the file *.png"));
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(bad("the folder for the plot does not exist"));
+    }
+    Ok(())
 }
 
 /// Frames to replay, already aligned to the model's features.

@@ -5,7 +5,7 @@
 //! Fed by the model's forward pass ([`crate::model::Recon`]) on the scorer thread;
 //! feeds the pipeline's sinks. All work happens in caller-provided buffers.
 
-use ndarray::{ArrayView2, ArrayViewMut2, Zip};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Zip};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{OutputKind, Recon};
@@ -45,6 +45,26 @@ pub struct Head {
     pub alpha: f32,
     /// Weight of the log-variance term (wnll only).
     pub beta: f32,
+    /// How the wnll log-variance term counts (wnll only).
+    #[serde(default)]
+    pub log_variance: LogVariance,
+}
+
+/// The wnll log-variance term.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogVariance {
+    /// β·max(0, ln v_j − b_j), with b_j the feature's median ln v on held-out training rows:
+    /// only uncertainty above the usual counts; and v_j is capped at the largest variance
+    /// the model predicted for feature j on those rows, so an anomaly cannot be explained
+    /// away by an extrapolated variance. A frame never scores lower because the
+    /// model is more sure of some feature than usual (the paper's form lets a confident
+    /// feature cancel a large error elsewhere), and every contribution is ≥ 0, so alerts
+    /// blame features by how far they are from normal.
+    #[default]
+    Excess,
+    /// β·ln v_j, exactly as in Tan et al.
+    Raw,
 }
 
 /// Error when a head cannot run on a model.
@@ -54,7 +74,9 @@ pub enum HeadError {
         "score head \"wnll\" needs a probabilistic model (model.kind = \"probabilistic\"), but this model is plain"
     )]
     NeedsVariance,
-    #[error("wnll weights must be finite and not both zero (alpha = {alpha}, beta = {beta})")]
+    #[error(
+        "wnll weights must be finite, not negative and not both zero (alpha = {alpha}, beta = {beta})"
+    )]
     BadWeights { alpha: f32, beta: f32 },
 }
 
@@ -70,6 +92,8 @@ impl Head {
             }
             if !self.alpha.is_finite()
                 || !self.beta.is_finite()
+                || self.alpha < 0.0
+                || self.beta < 0.0
                 || (self.alpha == 0.0 && self.beta == 0.0)
             {
                 return Err(HeadError::BadWeights {
@@ -88,6 +112,7 @@ impl Head {
         &self,
         x: ArrayView2<f32>,
         recon: &Recon,
+        log_var_baseline: &[f32],
         scores: &mut [f32],
         mut contrib: ArrayViewMut2<f32>,
     ) {
@@ -122,15 +147,44 @@ impl Head {
             }
             (HeadKind::Wnll, Some(var)) => {
                 let (alpha, beta) = (self.alpha, self.beta);
-                Zip::from(&mut contrib)
-                    .and(&x)
-                    .and(&recon.mean)
-                    .and(var)
-                    .for_each(|c, &x, &m, &s| {
-                        let e = x - m;
-                        let v = s + VARIANCE_EPSILON;
-                        *c = alpha * e * e / v + beta * v.ln();
-                    });
+                let d = x.ncols();
+                let (median, ceiling) = if log_var_baseline.len() == 2 * d {
+                    log_var_baseline.split_at(d)
+                } else {
+                    (&[][..], &[][..])
+                };
+                let median = ArrayView1::from(median);
+                let ceiling = ArrayView1::from(ceiling);
+                match (
+                    median.broadcast(x.raw_dim()),
+                    ceiling.broadcast(x.raw_dim()),
+                ) {
+                    (Some(b), Some(top)) if self.log_variance == LogVariance::Excess => {
+                        Zip::from(&mut contrib)
+                            .and(&x)
+                            .and(&recon.mean)
+                            .and(var)
+                            .and(&b)
+                            .and(&top)
+                            .for_each(|c, &x, &m, &s, &b, &top| {
+                                let e = x - m;
+                                // Never more uncertain than on any held-out normal row: an
+                                // autoencoder must not explain an anomaly away by
+                                // extrapolating a huge variance for it.
+                                let ln_v = (s + VARIANCE_EPSILON).ln().min(top);
+                                *c = alpha * e * e * (-ln_v).exp() + beta * (ln_v - b).max(0.0);
+                            })
+                    }
+                    _ => Zip::from(&mut contrib)
+                        .and(&x)
+                        .and(&recon.mean)
+                        .and(var)
+                        .for_each(|c, &x, &m, &s| {
+                            let e = x - m;
+                            let v = s + VARIANCE_EPSILON;
+                            *c = alpha * e * e / v + beta * v.ln();
+                        }),
+                }
                 for (s, row) in scores.iter_mut().zip(contrib.rows()) {
                     *s = row.sum();
                 }
@@ -158,8 +212,9 @@ mod tests {
     use super::*;
     use ndarray::{Array2, array};
 
-    fn run(
+    fn run_with(
         head: Head,
+        baseline: &[f32],
         x: &Array2<f32>,
         mean: &Array2<f32>,
         var: Option<&Array2<f32>>,
@@ -170,8 +225,17 @@ mod tests {
         };
         let mut scores = vec![0.0; x.nrows()];
         let mut contrib = Array2::zeros(x.dim());
-        head.score_batch(x.view(), &recon, &mut scores, contrib.view_mut());
+        head.score_batch(x.view(), &recon, baseline, &mut scores, contrib.view_mut());
         (scores, contrib)
+    }
+
+    fn run(
+        head: Head,
+        x: &Array2<f32>,
+        mean: &Array2<f32>,
+        var: Option<&Array2<f32>>,
+    ) -> (Vec<f32>, Array2<f32>) {
+        run_with(head, &[], x, mean, var)
     }
 
     #[test]
@@ -182,6 +246,7 @@ mod tests {
             kind: HeadKind::Mse,
             alpha: 1.0,
             beta: 1.0,
+            log_variance: LogVariance::Raw,
         };
         let (s, c) = run(mse, &x, &m, None);
         assert_eq!(s, vec![0.25 + 0.0 + 4.0]);
@@ -204,6 +269,7 @@ mod tests {
             kind: HeadKind::Wnll,
             alpha: 1.0,
             beta: 1.0,
+            log_variance: LogVariance::Raw,
         };
         let (s, _) = run(head, &x, &m, Some(&v));
         let e = 1e-5f64;
@@ -214,6 +280,7 @@ mod tests {
             kind: HeadKind::Wnll,
             alpha: 0.5,
             beta: 2.0,
+            log_variance: LogVariance::Raw,
         };
         let (s, c) = run(head, &x, &m, Some(&v));
         let want = 0.5 / (0.25 + e) + 2.0 * ((0.25 + e).ln() + (2.0 + e).ln());
@@ -222,11 +289,51 @@ mod tests {
     }
 
     #[test]
+    fn excess_log_variance_counts_only_uncertainty_above_the_baseline() {
+        // Feature 0: error 1, variance 0.25 (below its baseline ln 1 = 0: no log term).
+        // Feature 1: no error, variance 2 (above its baseline ln 0.5: counts ln 2 − ln 0.5).
+        let x = array![[1.0f32, 0.0]];
+        let m = array![[0.0f32, 0.0]];
+        let v = array![[0.25f32, 2.0]];
+        let head = Head {
+            kind: HeadKind::Wnll,
+            alpha: 0.5,
+            beta: 2.0,
+            log_variance: LogVariance::Excess,
+        };
+        let baseline = [0.0f32, 0.5f32.ln(), 10.0, 10.0];
+        let (s, c) = run_with(head, &baseline, &x, &m, Some(&v));
+        let e = 1e-5f32;
+        assert!((c[[0, 0]] - 0.5 / (0.25 + e)).abs() < 1e-4, "{c}");
+        assert!(
+            (c[[0, 1]] - 2.0 * ((2.0 + e).ln() - 0.5f32.ln())).abs() < 1e-4,
+            "{c}"
+        );
+        assert!(c.iter().all(|&v| v >= 0.0));
+        assert!((s[0] - c.row(0).sum()).abs() < 1e-5);
+        // A more confident prediction can no longer lower the score below the error term.
+        let sure = array![[0.25f32, 1e-3]];
+        let (s2, _) = run_with(head, &baseline, &x, &m, Some(&sure));
+        assert!(s2[0] >= c[[0, 0]] - 1e-4);
+        // The variance is capped at the held-out maximum (ln 0.5 for feature 1 here).
+        let capped = [0.0f32, 0.5f32.ln(), 10.0, 0.5f32.ln()];
+        let big = array![[0.25f32, 100.0]];
+        let x2 = array![[1.0f32, 3.0]];
+        let (_, c3) = run_with(head, &capped, &x2, &m, Some(&big));
+        assert!((c3[[0, 1]] - 0.5 * 9.0 / 0.5).abs() < 1e-3, "{c3}");
+        // Without a baseline (old models) the head falls back to the raw form.
+        let (raw, _) = run_with(head, &[], &x, &m, Some(&v));
+        let want = 0.5 / (0.25 + e) + 2.0 * ((0.25 + e).ln() + (2.0 + e).ln());
+        assert!((raw[0] - want).abs() < 1e-3);
+    }
+
+    #[test]
     fn wnll_refuses_plain_model() {
         let head = Head {
             kind: HeadKind::Wnll,
             alpha: 0.5,
             beta: 2.0,
+            log_variance: LogVariance::Excess,
         };
         assert_eq!(head.check(OutputKind::Plain), Err(HeadError::NeedsVariance));
         assert!(head.check(OutputKind::Probabilistic).is_ok());
@@ -235,5 +342,7 @@ mod tests {
             ..head
         };
         assert!(bad.check(OutputKind::Probabilistic).is_err());
+        let negative = Head { beta: -1.0, ..head };
+        assert!(negative.check(OutputKind::Probabilistic).is_err());
     }
 }

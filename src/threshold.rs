@@ -85,7 +85,7 @@ impl Default for ThresholdConfig {
             risk_q: 1e-4,
             init_level: 0.98,
             max_peaks: 500,
-            min_peaks: 10,
+            min_peaks: 50,
             dspot_depth: 50,
             quantile: 0.999,
         }
@@ -1039,9 +1039,11 @@ mod tests {
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
+    /// The defaults with `min_peaks` = 10, which the tests below were written around.
     fn cfg(kind: ThresholdKind) -> ThresholdConfig {
         ThresholdConfig {
             kind,
+            min_peaks: 10,
             ..ThresholdConfig::default()
         }
     }

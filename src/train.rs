@@ -130,6 +130,10 @@ pub struct TrainReport {
     pub rows_train: usize,
     /// Rows held out for validation.
     pub rows_val: usize,
+    /// Indices (into the training matrix, ascending) of the held-out rows, for
+    /// calibration on rows the weights never saw.
+    #[serde(skip)]
+    pub validation_rows: Vec<usize>,
 }
 
 /// Why training could not run or finish. On any error the model keeps the weights it came with.
@@ -201,10 +205,16 @@ pub fn train(
 
     let initial = model.layers.clone();
     let result = fit(model, x_train.view(), x_val.view(), cfg, &mut rng, on_epoch);
-    if result.is_err() {
-        model.layers = initial;
+    match result {
+        Ok(mut report) => {
+            report.validation_rows = val_idx;
+            Ok(report)
+        }
+        Err(e) => {
+            model.layers = initial;
+            Err(e)
+        }
     }
-    result
 }
 
 /// The epoch loop of [`train`], on rows already split.
@@ -234,6 +244,7 @@ fn fit(
         stopped_early: false,
         rows_train: n_train,
         rows_val: n_val,
+        validation_rows: Vec::new(),
     };
     let mut best: Option<(f64, Vec<Dense>)> = None;
     // Validation loss at the last improvement that counted, and epochs since.

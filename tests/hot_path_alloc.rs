@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use darkwatch::config::PipelineConfig;
 use darkwatch::model::fit::synthetic;
+use darkwatch::mss::{MssConfig, ReferenceBank};
 use darkwatch::pipeline::{self, FileSource, ScoredFrame, Sink};
 use darkwatch::ring::FullPolicy;
 use ndarray::Array2;
@@ -16,6 +17,8 @@ use ndarray::Array2;
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// The counter is process-wide: the tests take turns so none counts another's work.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -46,8 +49,23 @@ impl Sink for CountSink {
     }
 }
 
-fn allocations_for_replay(frames: usize) -> (u64, u64) {
-    let model = Arc::new(synthetic(38, 1));
+/// The synthetic model, optionally with mean-shift scoring on (m = 1, k = 10, 512 frames).
+fn model(mss: bool) -> Arc<darkwatch::model::Model> {
+    let mut m = synthetic(38, 1);
+    if mss {
+        let r0 = Array2::from_shape_fn((512, 38), |(i, j)| ((i * 13 + j * 5) % 23) as f32 / 23.0);
+        m.bank = Some(ReferenceBank::from_r0(r0, 1, 10));
+        m = m.with_mss(MssConfig {
+            rounds: 1,
+            neighbours: 10,
+            bank_frames: 512,
+        });
+    }
+    Arc::new(m)
+}
+
+fn allocations_for_replay(frames: usize, mss: bool) -> (u64, u64) {
+    let model = model(mss);
     let head = model.meta.head;
     let data = Array2::from_shape_fn((frames, 38), |(i, j)| ((i * 31 + j * 7) % 17) as f32 / 17.0);
     let source = FileSource::new(data, None, None);
@@ -72,13 +90,54 @@ fn allocations_for_replay(frames: usize) -> (u64, u64) {
 
 #[test]
 fn replay_of_10k_frames_allocates_nothing_per_frame() {
-    let (small, _) = allocations_for_replay(1_000);
-    let (large, batches) = allocations_for_replay(10_000);
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (small, _) = allocations_for_replay(1_000, false);
+    let (large, batches) = allocations_for_replay(10_000, false);
     assert!(batches >= 10_000 / 32, "{batches} batches");
     // 9,000 more frames (and hundreds more batches): the count may differ by a handful
     // (thread start-up), never by anything proportional to frames or batches.
     assert!(
         large.abs_diff(small) < 50,
         "allocations grew with frames: {small} for 1k frames, {large} for 10k"
+    );
+}
+
+#[test]
+fn mean_shift_scoring_allocates_nothing_per_frame() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (small, _) = allocations_for_replay(1_000, true);
+    let (large, _) = allocations_for_replay(10_000, true);
+    assert!(
+        large.abs_diff(small) < 50,
+        "allocations grew with frames under MSS: {small} for 1k frames, {large} for 10k"
+    );
+}
+
+#[test]
+fn replay_sink_allocates_nothing_per_frame() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    use darkwatch::config::DarkwatchConfig;
+    use darkwatch::replay::{Frames, Outputs, replay_frames};
+    let run = |frames: usize| {
+        let model = model(false);
+        let head = model.meta.head;
+        let values =
+            Array2::from_shape_fn((frames, 38), |(i, j)| ((i * 31 + j * 7) % 17) as f32 / 17.0);
+        let frames = Frames {
+            values,
+            timestamps: None,
+            labels: None,
+        };
+        let cfg = DarkwatchConfig::default();
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        let out = replay_frames(model, head, frames, Outputs::default(), None, &cfg).unwrap();
+        let after = ALLOCATIONS.load(Ordering::SeqCst);
+        assert_eq!(out.scores.len(), out.pipeline.frames_scored as usize);
+        after - before
+    };
+    let (small, large) = (run(1_000), run(10_000));
+    assert!(
+        large.abs_diff(small) < 50,
+        "allocations grew with frames through the replay sink: {small} for 1k, {large} for 10k"
     );
 }

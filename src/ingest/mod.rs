@@ -13,12 +13,20 @@
 //! - [`csv`]: comma-separated tables with a header and an optional timestamp column.
 //! - [`npy`]: NumPy `.npy` arrays (2-D, `<f4`/`<f8`, C or Fortran order).
 //! - [`labels`]: point labels (one 0/1 per line) and SMD interpretation labels.
+//! - [`examon`]: ExaMon MQTT messages (tags in the topic, `value;timestamp` payload) to samples.
+//! - [`telegraf`]: Telegraf MQTT output (JSON or Influx line protocol) to samples.
+//! - [`raw`]: raw MQTT frames of `d` little-endian `f32` values.
+//! - [`assemble`]: the decoders' `Sample`/`DecodeError`, and samples to per-stream window frames.
 //! - `time`: epoch-seconds / RFC 3339 timestamp parsing.
 
+pub mod assemble;
 pub mod csv;
+pub mod examon;
 pub mod labels;
 pub mod npy;
 pub mod npz;
+pub mod raw;
+pub mod telegraf;
 mod time;
 
 use std::fmt;
@@ -224,6 +232,9 @@ pub enum IngestError {
         value: f64,
     },
 
+    #[error("{}: not an NPZ archive: {message}", .path.display())]
+    Npz { path: PathBuf, message: String },
+
     #[error("{}: not an NPY file: {message}", .path.display())]
     NpyHeader { path: PathBuf, message: String },
 
@@ -277,6 +288,18 @@ impl IngestError {
 /// [`IngestError::UnsupportedFormat`] for any other extension, and whatever the
 /// format's reader rejects ([`csv::read_csv`], [`npy::read_npy`]).
 pub fn read_table(path: &Path, opts: &TableOptions) -> Result<Table, IngestError> {
+    if path.is_dir() {
+        return Err(IngestError::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory, not a data file",
+            ),
+        ));
+    }
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(IngestError::io(path, e));
+    }
     let extension = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())

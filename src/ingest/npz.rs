@@ -46,7 +46,7 @@ pub fn read_npz_labelled(path: &Path) -> Result<(Table, Vec<u8>), IngestError> {
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> IngestError {
-    IngestError::NpyHeader {
+    IngestError::Npz {
         path: path.to_owned(),
         message: message.into(),
     }

@@ -5,16 +5,19 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ndarray::ArrayView2;
+use ndarray::{ArrayView2, Axis};
 
 use super::io::{
     Architecture, Calibration, MAX_CALIBRATION_SCORES, Provenance, QuantilePoint, WeightsRef,
 };
-use super::{Activation, Autoencoder, Model, ModelMeta, Scaler, ScalerKind, default_hidden_sizes};
+use super::{
+    Activation, Autoencoder, Model, ModelMeta, OutputKind, Scaler, ScalerKind, default_hidden_sizes,
+};
 use crate::config::DarkwatchConfig;
 use crate::ingest::Table;
 use crate::mss::{MssConfig, ReferenceBank};
 use crate::pipeline::Scorer;
+use crate::score::VARIANCE_EPSILON;
 use crate::train::{EpochReport, TrainError, TrainReport, train};
 
 /// Quantiles of training scores stored with every model.
@@ -63,9 +66,17 @@ pub fn fit(
         validation_losses: report.val_losses.clone(),
         train_seconds: started.elapsed().as_secs_f64(),
     };
-    let meta = new_meta(&ae, table.features.clone(), scaler, cfg, provenance);
+    // Calibrate on rows the weights never saw: in-sample scores are optimistic, and a
+    // threshold fitted to them fires too often. Without a validation split, all rows.
+    let held_out: Vec<usize> = if report.validation_rows.is_empty() {
+        (0..table.values.nrows()).collect()
+    } else {
+        report.validation_rows.clone()
+    };
+    let mut meta = new_meta(&ae, table.features.clone(), scaler, cfg, provenance);
+    meta.log_variance_baseline = log_variance_baseline(&ae, x.select(Axis(0), &held_out).view());
     let mut model = Model::new(ae, meta, bank);
-    let (calibration, scores) = calibrate(&model, table.values.view());
+    let (calibration, scores) = calibrate(&model, table.values.select(Axis(0), &held_out).view());
     model.meta.calibration = calibration;
     let keep = scores.len().saturating_sub(MAX_CALIBRATION_SCORES);
     model.calibration_scores = scores[keep..].to_vec();
@@ -95,6 +106,7 @@ fn new_meta(
             activation: Activation::Relu,
         },
         head: cfg.score.head(),
+        log_variance_baseline: Vec::new(),
         mss: cfg.mss,
         calibration: Calibration {
             rows: 0,
@@ -106,6 +118,36 @@ fn new_meta(
             sha256: String::new(),
         },
     }
+}
+
+/// Per-feature median and maximum of ln(s + ε) over `rows` (scaled), stored as
+/// `[median_0..d, max_0..d]`: the baseline and the ceiling of the wnll `excess` term.
+/// Empty for plain models.
+pub fn log_variance_baseline(ae: &Autoencoder, rows: ArrayView2<f32>) -> Vec<f32> {
+    if ae.output != OutputKind::Probabilistic || rows.nrows() == 0 {
+        return Vec::new();
+    }
+    let d = ae.n_features;
+    let mut per: Vec<Vec<f32>> = vec![Vec::with_capacity(rows.nrows()); d];
+    let mut ws = ae.workspace(256);
+    for chunk in rows.axis_chunks_iter(Axis(0), 256) {
+        let recon = ae.forward(chunk, &mut ws);
+        let Some(var) = recon.var else {
+            return Vec::new();
+        };
+        for s in var.rows() {
+            for (p, &v) in per.iter_mut().zip(s) {
+                p.push((v + VARIANCE_EPSILON).ln());
+            }
+        }
+    }
+    let mut out = vec![0.0; 2 * d];
+    for (j, v) in per.iter_mut().enumerate() {
+        v.sort_by(f32::total_cmp);
+        out[j] = v[v.len() / 2];
+        out[d + j] = v[v.len() - 1];
+    }
+    out
 }
 
 /// Scores `rows` (raw, unscaled) with the model's own head through the pipeline's

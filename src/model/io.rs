@@ -52,6 +52,11 @@ pub struct ModelMeta {
     pub scaler: Scaler,
     pub architecture: Architecture,
     pub head: Head,
+    /// Per-feature median, then maximum, of ln(predicted variance + ε) on held-out training
+    /// rows (`2·d` values): where the wnll `excess` term starts and where the variance is
+    /// capped (empty: none, the head then uses the paper's raw form).
+    #[serde(default)]
+    pub log_variance_baseline: Vec<f32>,
     /// Mean-shift scoring; when on, the weights file holds the reference frames.
     #[serde(default)]
     pub mss: MssConfig,

@@ -1,0 +1,1028 @@
+//! Samples and frame assembly: the common currency of the message decoders, and the
+//! per-stream windowing that turns single-metric samples into model frames.
+//!
+//! Fed by the decoders ([`super::examon`], [`super::telegraf`]), each of which turns one
+//! MQTT message into [`Sample`]s or a [`DecodeError`] whose [`DecodeError::reason`] names
+//! a counter. The [`Assembler`] buckets samples by stream and `floor(timestamp /
+//! window_secs)`, aggregates each metric within a window, and emits one frame of `d`
+//! values per stream and window, in the model's feature order, for the frame ring
+//! ([`crate::ring`]). Raw frames ([`super::raw`]) skip this step.
+//!
+//! A window closes once a sample of the same stream lands `lateness_windows + 1`
+//! windows later, or once the caller's clock ([`Assembler::poll`]'s `now`) is that far
+//! past it. Windows that received no sample at all produce no frame. Memory is bounded:
+//! at most `max_streams` streams, each with `(lateness_windows + 1) × d` accumulators
+//! sized when the stream first appears; after warm-up a sample for a known stream
+//! allocates nothing.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::Clipped;
+
+/// One metric value of one stream at one time, as decoded from a message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample<'a> {
+    /// Stream id (for ExaMon and Telegraf, the node / host).
+    pub stream: Cow<'a, str>,
+    /// Metric name, matched against the model's feature names.
+    pub metric: Cow<'a, str>,
+    /// The value; decoders only produce finite values.
+    pub value: f64,
+    /// Event time in epoch seconds.
+    pub timestamp: f64,
+}
+
+impl Sample<'_> {
+    /// A copy that owns its strings (allocates only for borrowed ones).
+    pub fn into_owned(self) -> Sample<'static> {
+        Sample {
+            stream: Cow::Owned(self.stream.into_owned()),
+            metric: Cow::Owned(self.metric.into_owned()),
+            value: self.value,
+            timestamp: self.timestamp,
+        }
+    }
+}
+
+/// Why a message (or one sample of it) was not decoded. [`Self::reason`] is a stable
+/// label for the `darkwatch_ingest_decode_errors_total{reason}` counter; quoted input
+/// is clipped so that messages stay short.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is {len} bytes, over the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+
+    #[error("payload is not valid UTF-8")]
+    NotUtf8,
+
+    #[error("bad topic: {0}")]
+    BadTopic(&'static str),
+
+    #[error("topic channel is {:?}, not \"data\"", Clipped(.0))]
+    NotDataChannel(String),
+
+    #[error("no {:?} tag or topic key to take the stream id from", Clipped(.key))]
+    MissingStream { key: String },
+
+    #[error("bad payload: {0}")]
+    BadPayload(&'static str),
+
+    #[error("value {:?} is not a number", Clipped(.0))]
+    NonNumeric(String),
+
+    #[error("string field skipped (only numbers and booleans are scored)")]
+    StringField,
+
+    #[error("value is NaN or infinite")]
+    NonFinite,
+
+    #[error("timestamp is missing and no receive time was given")]
+    TimestampMissing,
+
+    #[error("timestamp {:?} is not a non-negative epoch time", Clipped(.0))]
+    TimestampInvalid(String),
+
+    #[error("frame is {got} bytes; expected {expected}")]
+    WrongLength { expected: usize, got: usize },
+}
+
+impl DecodeError {
+    /// Stable snake_case label of the variant, for counters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::NotUtf8 => "not_utf8",
+            DecodeError::BadTopic(_) => "bad_topic",
+            DecodeError::NotDataChannel(_) => "not_data_channel",
+            DecodeError::MissingStream { .. } => "missing_stream",
+            DecodeError::BadPayload(_) => "bad_payload",
+            DecodeError::NonNumeric(_) => "non_numeric",
+            DecodeError::StringField => "string_field",
+            DecodeError::NonFinite => "non_finite",
+            DecodeError::TimestampMissing => "timestamp_missing",
+            DecodeError::TimestampInvalid(_) => "timestamp_invalid",
+            DecodeError::WrongLength { .. } => "wrong_length",
+        }
+    }
+}
+
+/// At most this many characters of bad input are kept in an error.
+const CLIP_CHARS: usize = 40;
+
+/// Owned copy of at most [`CLIP_CHARS`] characters of `s` (errors keep their context
+/// without holding a whole payload).
+pub(crate) fn clip(s: &str) -> String {
+    match s.char_indices().nth(CLIP_CHARS) {
+        None => s.to_owned(),
+        Some((cut, _)) => s[..cut].to_owned(),
+    }
+}
+
+/// A finite number from text: `NonNumeric` if it does not parse, `NonFinite` for
+/// NaN/Inf (Rust's parser accepts `nan`, `inf`, `infinity`).
+pub(crate) fn parse_value(s: &str) -> Result<f64, DecodeError> {
+    let s = s.trim();
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err(DecodeError::NonFinite),
+        Err(_) => Err(DecodeError::NonNumeric(clip(s))),
+    }
+}
+
+/// A copy of `base` with one to three random bytes changed, inserted or deleted, or
+/// with its tail cut off (the decoders' robustness tests).
+#[cfg(test)]
+pub(crate) fn mutate(rng: &mut crate::rng::Rng, base: &[u8]) -> Vec<u8> {
+    let mut v = base.to_vec();
+    for _ in 0..1 + rng.below(3) {
+        let at = rng.below(v.len() + 1);
+        match rng.below(4) {
+            0 if at < v.len() => v[at] = rng.next_u64() as u8,
+            1 => v.insert(at, rng.next_u64() as u8),
+            2 if at < v.len() => {
+                v.remove(at);
+            }
+            _ => v.truncate(at),
+        }
+    }
+    v
+}
+
+/// How the values of one metric within one window become the frame's value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// The sample with the latest timestamp (ties: the one that arrived last).
+    Last,
+    /// The arithmetic mean.
+    #[default]
+    Mean,
+    /// The largest value.
+    Max,
+}
+
+/// The largest `lateness_windows` accepted (each window of lateness costs `d`
+/// accumulators per stream).
+pub const MAX_LATENESS_WINDOWS: u32 = 64;
+
+/// How samples become frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssemblerConfig {
+    /// Window length in seconds; a sample lands in window `floor(timestamp / window_secs)`
+    /// and the frame carries the window's end time. Default 1.0.
+    pub window_secs: f64,
+    /// How several samples of one metric in one window combine. Default `mean`.
+    pub aggregation: Aggregation,
+    /// A metric with no sample in a window repeats its last value if that value's window
+    /// is at most this many seconds older. Default (absent): 3 × `window_secs`.
+    pub stale_secs: Option<f64>,
+    /// Most streams tracked; samples of further streams are rejected and counted.
+    /// Default 1024.
+    pub max_streams: usize,
+    /// How many windows behind a stream's newest window a late sample may still land.
+    /// Default 1; at most [`MAX_LATENESS_WINDOWS`].
+    pub lateness_windows: u32,
+}
+
+impl Default for AssemblerConfig {
+    fn default() -> Self {
+        AssemblerConfig {
+            window_secs: 1.0,
+            aggregation: Aggregation::Mean,
+            stale_secs: None,
+            max_streams: 1024,
+            lateness_windows: 1,
+        }
+    }
+}
+
+impl AssemblerConfig {
+    /// The running [`Assembler`] for a model with these feature names (in its order).
+    ///
+    /// # Errors
+    /// As [`Assembler::new`].
+    pub fn build(&self, feature_names: Vec<String>) -> Result<Assembler, AssemblerError> {
+        Assembler::new(self.clone(), feature_names)
+    }
+
+    /// `stale_secs` with its default applied.
+    pub fn effective_stale_secs(&self) -> f64 {
+        self.stale_secs.unwrap_or(3.0 * self.window_secs)
+    }
+}
+
+/// A configuration the assembler cannot run with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AssemblerError {
+    #[error("window_secs must be a positive finite number of seconds, got {0}")]
+    WindowSecs(f64),
+    #[error("stale_secs must be a non-negative finite number of seconds, got {0}")]
+    StaleSecs(f64),
+    #[error("max_streams must be at least 1")]
+    MaxStreams,
+    #[error("lateness_windows must be at most {MAX_LATENESS_WINDOWS}, got {0}")]
+    LatenessWindows(u32),
+    #[error("the model has no features")]
+    NoFeatures,
+    #[error("feature name {:?} appears twice", Clipped(.0))]
+    DuplicateFeature(String),
+}
+
+/// Why [`Assembler::push`] did not take a sample (each is also counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// The metric is not one of the model's features.
+    UnknownMetric,
+    /// The sample's window is already closed.
+    Late,
+    /// The stream is new and `max_streams` streams are already tracked.
+    TooManyStreams,
+    /// Value or timestamp is NaN or infinite.
+    NonFinite,
+}
+
+impl Reject {
+    /// Stable snake_case label, for counters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Reject::UnknownMetric => "unknown_metric",
+            Reject::Late => "late",
+            Reject::TooManyStreams => "too_many_streams",
+            Reject::NonFinite => "non_finite",
+        }
+    }
+}
+
+/// What the assembler has done so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AssemblerCounters {
+    /// Every sample given to [`Assembler::push`].
+    pub samples_in: u64,
+    pub unknown_metric: u64,
+    pub late_dropped: u64,
+    pub streams_rejected: u64,
+    pub non_finite: u64,
+    /// Frames emitted with every feature present or carried forward.
+    pub frames_complete: u64,
+    /// Frames emitted with NaN in at least one slot.
+    pub frames_incomplete: u64,
+    /// Feature values repeated from an earlier window (one per slot filled).
+    pub carried_forward: u64,
+}
+
+/// One assembled frame, lent to [`Assembler::poll`]'s callback.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameOut<'a> {
+    /// Stream id.
+    pub stream: &'a str,
+    /// The stream's number in order of first appearance (for [`crate::ring::FrameMeta::stream`]).
+    pub stream_index: u32,
+    /// Position of the frame in its stream, 0-based (for [`crate::ring::FrameMeta::seq`]).
+    pub seq: u64,
+    /// End of the window, epoch seconds.
+    pub window_end: f64,
+    /// `d` values in feature order; NaN where a feature is missing.
+    pub values: &'a [f32],
+    /// True when some value is NaN (missing and not carried forward).
+    pub incomplete: bool,
+}
+
+/// A closed window waiting for [`Assembler::poll`].
+#[derive(Debug)]
+struct Pending {
+    stream: usize,
+    seq: u64,
+    window: i64,
+    incomplete: bool,
+    values: Vec<f32>,
+}
+
+/// Per-stream state, sized once when the stream first appears.
+#[derive(Debug)]
+struct StreamState {
+    name: String,
+    next_seq: u64,
+    newest: Option<i64>,
+    /// Every window below this is closed (emitted or empty).
+    closed_before: i64,
+    /// Window held by each of the `lateness + 1` slots; window `w` lives in slot
+    /// `w mod (lateness + 1)`, and the open windows never span more than that.
+    slot_window: Vec<Option<i64>>,
+    /// `slots × d` aggregation state.
+    acc: Vec<f64>,
+    acc_ts: Vec<f64>,
+    count: Vec<u32>,
+    /// Last emitted value of each feature and the window it came from.
+    last_val: Vec<f64>,
+    last_window: Vec<Option<i64>>,
+}
+
+impl StreamState {
+    fn new(name: &str, slots: usize, d: usize) -> Self {
+        StreamState {
+            name: name.to_owned(),
+            next_seq: 0,
+            newest: None,
+            closed_before: i64::MIN,
+            slot_window: vec![None; slots],
+            acc: vec![0.0; slots * d],
+            acc_ts: vec![0.0; slots * d],
+            count: vec![0; slots * d],
+            last_val: vec![f64::NAN; d],
+            last_window: vec![None; d],
+        }
+    }
+}
+
+/// Turns samples into per-stream, per-window frames in the model's feature order.
+#[derive(Debug)]
+pub struct Assembler {
+    window_secs: f64,
+    aggregation: Aggregation,
+    /// `stale_secs / window_secs`: how many windows back a value may be carried.
+    stale_windows: f64,
+    max_streams: usize,
+    lateness: i64,
+    feature_names: Vec<String>,
+    features: HashMap<String, usize>,
+    index: HashMap<String, usize>,
+    streams: Vec<StreamState>,
+    queue: VecDeque<Pending>,
+    /// Value buffers of frames already handed out, reused for the next ones.
+    pool: Vec<Vec<f32>>,
+    /// Buffers ever allocated (tests check that it stops growing after warm-up).
+    buffers_allocated: usize,
+    counters: AssemblerCounters,
+}
+
+impl Assembler {
+    /// An assembler for a model whose frames hold `feature_names`, in that order.
+    ///
+    /// # Errors
+    /// [`AssemblerError`] when `window_secs` is not positive and finite, `stale_secs` is
+    /// negative or not finite, `max_streams` is 0, `lateness_windows` is over
+    /// [`MAX_LATENESS_WINDOWS`], or the feature names are empty or repeat.
+    pub fn new(cfg: AssemblerConfig, feature_names: Vec<String>) -> Result<Self, AssemblerError> {
+        if !(cfg.window_secs.is_finite() && cfg.window_secs > 0.0) {
+            return Err(AssemblerError::WindowSecs(cfg.window_secs));
+        }
+        let stale_secs = cfg.effective_stale_secs();
+        if !(stale_secs.is_finite() && stale_secs >= 0.0) {
+            return Err(AssemblerError::StaleSecs(stale_secs));
+        }
+        if cfg.max_streams == 0 {
+            return Err(AssemblerError::MaxStreams);
+        }
+        if cfg.lateness_windows > MAX_LATENESS_WINDOWS {
+            return Err(AssemblerError::LatenessWindows(cfg.lateness_windows));
+        }
+        if feature_names.is_empty() {
+            return Err(AssemblerError::NoFeatures);
+        }
+        let mut features = HashMap::with_capacity(feature_names.len());
+        for (j, name) in feature_names.iter().enumerate() {
+            if features.insert(name.clone(), j).is_some() {
+                return Err(AssemblerError::DuplicateFeature(name.clone()));
+            }
+        }
+        Ok(Assembler {
+            window_secs: cfg.window_secs,
+            aggregation: cfg.aggregation,
+            stale_windows: stale_secs / cfg.window_secs,
+            max_streams: cfg.max_streams,
+            lateness: i64::from(cfg.lateness_windows),
+            feature_names,
+            features,
+            index: HashMap::new(),
+            streams: Vec::new(),
+            queue: VecDeque::new(),
+            pool: Vec::new(),
+            buffers_allocated: 0,
+            counters: AssemblerCounters::default(),
+        })
+    }
+
+    /// Frame dimension `d`.
+    pub fn dim(&self) -> usize {
+        self.feature_names.len()
+    }
+
+    /// The model's feature names, in frame order.
+    pub fn feature_names(&self) -> &[String] {
+        &self.feature_names
+    }
+
+    /// Streams tracked so far.
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Counters since creation.
+    pub fn counters(&self) -> &AssemblerCounters {
+        &self.counters
+    }
+
+    /// Closed frames not yet handed out by [`Self::poll`].
+    pub fn pending_frames(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn window_of(&self, t: f64) -> i64 {
+        // `as` saturates, so absurd timestamps land in the extreme windows, not UB.
+        (t / self.window_secs).floor() as i64
+    }
+
+    /// Adds one sample to its stream's window. Frames that it closes wait for
+    /// [`Self::poll`]; call `poll` after each message or batch, since closed frames
+    /// queue until then.
+    ///
+    /// # Errors
+    /// [`Reject`] when the sample is not used; each reason is also counted.
+    pub fn push(&mut self, s: &Sample<'_>) -> Result<(), Reject> {
+        self.counters.samples_in += 1;
+        if !(s.value.is_finite() && s.timestamp.is_finite()) {
+            self.counters.non_finite += 1;
+            return Err(Reject::NonFinite);
+        }
+        let Some(&j) = self.features.get(s.metric.as_ref()) else {
+            self.counters.unknown_metric += 1;
+            return Err(Reject::UnknownMetric);
+        };
+        let idx = match self.index.get(s.stream.as_ref()) {
+            Some(&i) => i,
+            None => {
+                if self.streams.len() >= self.max_streams {
+                    self.counters.streams_rejected += 1;
+                    return Err(Reject::TooManyStreams);
+                }
+                let slots = self.lateness as usize + 1;
+                self.streams
+                    .push(StreamState::new(&s.stream, slots, self.dim()));
+                self.index
+                    .insert(s.stream.as_ref().to_owned(), self.streams.len() - 1);
+                self.streams.len() - 1
+            }
+        };
+        let w = self.window_of(s.timestamp);
+        if w < self.streams[idx].closed_before {
+            self.counters.late_dropped += 1;
+            return Err(Reject::Late);
+        }
+        if self.streams[idx].newest.is_none_or(|n| w > n) {
+            self.streams[idx].newest = Some(w);
+            self.close(idx, w.saturating_sub(self.lateness));
+        }
+        let d = self.dim();
+        let slot = w.rem_euclid(self.lateness + 1) as usize;
+        if let Some(held) = self.streams[idx].slot_window[slot]
+            && held != w
+        {
+            // Cannot happen while open windows span at most `lateness + 1`; closing the
+            // older one keeps the frame rather than mixing two windows.
+            debug_assert!(false, "slot {slot} holds window {held}, wanted {w}");
+            self.finalize(idx, slot);
+        }
+        let st = &mut self.streams[idx];
+        st.slot_window[slot] = Some(w);
+        let k = slot * d + j;
+        let first = st.count[k] == 0;
+        st.count[k] = st.count[k].saturating_add(1);
+        match self.aggregation {
+            Aggregation::Mean => {
+                st.acc[k] = if first { s.value } else { st.acc[k] + s.value };
+            }
+            Aggregation::Max => {
+                st.acc[k] = if first {
+                    s.value
+                } else {
+                    st.acc[k].max(s.value)
+                };
+            }
+            Aggregation::Last => {
+                if first || s.timestamp >= st.acc_ts[k] {
+                    st.acc[k] = s.value;
+                    st.acc_ts[k] = s.timestamp;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every window of stream `idx` below `before`, oldest first.
+    fn close(&mut self, idx: usize, before: i64) {
+        if before <= self.streams[idx].closed_before {
+            return;
+        }
+        self.streams[idx].closed_before = before;
+        // At most `lateness + 1` slots: repeatedly take the oldest closable one.
+        loop {
+            let oldest = self.streams[idx]
+                .slot_window
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, w)| w.filter(|&w| w < before).map(|w| (w, slot)))
+                .min();
+            match oldest {
+                Some((_, slot)) => self.finalize(idx, slot),
+                None => break,
+            }
+        }
+    }
+
+    /// Turns one slot into a pending frame and clears it.
+    fn finalize(&mut self, idx: usize, slot: usize) {
+        let d = self.dim();
+        let mut values = match self.pool.pop() {
+            Some(v) => v,
+            None => {
+                self.buffers_allocated += 1;
+                Vec::with_capacity(d)
+            }
+        };
+        values.clear();
+        let st = &mut self.streams[idx];
+        let Some(w) = st.slot_window[slot].take() else {
+            self.pool.push(values);
+            return;
+        };
+        let mut incomplete = false;
+        for j in 0..d {
+            let k = slot * d + j;
+            let n = st.count[k];
+            let v = if n > 0 {
+                let v = match self.aggregation {
+                    Aggregation::Mean => st.acc[k] / f64::from(n),
+                    Aggregation::Max | Aggregation::Last => st.acc[k],
+                };
+                st.last_val[j] = v;
+                st.last_window[j] = Some(w);
+                v
+            } else {
+                match st.last_window[j] {
+                    Some(lw)
+                        if ((i128::from(w) - i128::from(lw)) as f64)
+                            <= self.stale_windows + 1e-9 =>
+                    {
+                        self.counters.carried_forward += 1;
+                        st.last_val[j]
+                    }
+                    _ => {
+                        incomplete = true;
+                        f64::NAN
+                    }
+                }
+            };
+            values.push(v as f32);
+            st.count[k] = 0;
+        }
+        if incomplete {
+            self.counters.frames_incomplete += 1;
+        } else {
+            self.counters.frames_complete += 1;
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        self.queue.push_back(Pending {
+            stream: idx,
+            seq,
+            window: w,
+            incomplete,
+            values,
+        });
+    }
+
+    /// Closes every window that `now` (epoch seconds; NaN to close by data only) puts
+    /// more than `lateness_windows` windows in the past, then hands out every closed
+    /// frame: per stream in window order.
+    pub fn poll(&mut self, now: f64, out: &mut impl FnMut(FrameOut<'_>)) {
+        if now.is_finite() {
+            let before = self.window_of(now).saturating_sub(self.lateness);
+            for idx in 0..self.streams.len() {
+                self.close(idx, before);
+            }
+        }
+        self.drain(out);
+    }
+
+    /// Closes every open window of every stream and hands out all frames (shutdown, end
+    /// of a replay). Every later sample of a known stream is then late.
+    pub fn flush(&mut self, out: &mut impl FnMut(FrameOut<'_>)) {
+        for idx in 0..self.streams.len() {
+            self.close(idx, i64::MAX);
+            // Window i64::MAX itself (a saturated timestamp) is below no bound.
+            if let Some(slot) = self.streams[idx]
+                .slot_window
+                .iter()
+                .position(|w| w.is_some())
+            {
+                self.finalize(idx, slot);
+            }
+        }
+        self.drain(out);
+    }
+
+    fn drain(&mut self, out: &mut impl FnMut(FrameOut<'_>)) {
+        while let Some(p) = self.queue.pop_front() {
+            let st = &self.streams[p.stream];
+            out(FrameOut {
+                stream: &st.name,
+                stream_index: p.stream as u32,
+                seq: p.seq,
+                window_end: (p.window as f64 + 1.0) * self.window_secs,
+                values: &p.values,
+                incomplete: p.incomplete,
+            });
+            self.pool.push(p.values);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn sample<'a>(stream: &'a str, metric: &'a str, value: f64, timestamp: f64) -> Sample<'a> {
+        Sample {
+            stream: Cow::Borrowed(stream),
+            metric: Cow::Borrowed(metric),
+            value,
+            timestamp,
+        }
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Got {
+        stream: String,
+        idx: u32,
+        seq: u64,
+        end: f64,
+        values: Vec<f32>,
+        incomplete: bool,
+    }
+
+    fn collect(a: &mut Assembler, now: f64) -> Vec<Got> {
+        let mut got = Vec::new();
+        a.poll(now, &mut |f: FrameOut<'_>| {
+            got.push(Got {
+                stream: f.stream.to_owned(),
+                idx: f.stream_index,
+                seq: f.seq,
+                end: f.window_end,
+                values: f.values.to_vec(),
+                incomplete: f.incomplete,
+            })
+        });
+        got
+    }
+
+    fn asm(cfg: AssemblerConfig, features: &[&str]) -> Assembler {
+        Assembler::new(cfg, names(features)).unwrap()
+    }
+
+    #[test]
+    fn two_metrics_in_any_order_form_one_frame() {
+        for order in [["a", "b"], ["b", "a"]] {
+            let mut a = asm(AssemblerConfig::default(), &["a", "b"]);
+            for m in order {
+                let v = if m == "a" { 1.0 } else { 2.0 };
+                a.push(&sample("n1", m, v, 10.2)).unwrap();
+            }
+            assert!(collect(&mut a, f64::NAN).is_empty(), "window still open");
+            // A sample two windows later (lateness 1) closes window 10.
+            a.push(&sample("n1", "a", 5.0, 12.0)).unwrap();
+            let got = collect(&mut a, f64::NAN);
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].values, vec![1.0, 2.0]);
+            assert_eq!(got[0].end, 11.0);
+            assert!(!got[0].incomplete);
+            assert_eq!(a.counters().frames_complete, 1);
+        }
+    }
+
+    #[test]
+    fn mean_last_max_aggregate_by_hand() {
+        // Values of "x" in window [0, 1): 3 at t=0.1, 9 at t=0.7, 6 at t=0.4 (arrives last).
+        let cases = [
+            (Aggregation::Mean, 6.0),
+            (Aggregation::Last, 9.0),
+            (Aggregation::Max, 9.0),
+        ];
+        for (aggregation, want) in cases {
+            let cfg = AssemblerConfig {
+                aggregation,
+                ..Default::default()
+            };
+            let mut a = asm(cfg, &["x"]);
+            a.push(&sample("n", "x", 3.0, 0.1)).unwrap();
+            a.push(&sample("n", "x", 9.0, 0.7)).unwrap();
+            a.push(&sample("n", "x", 6.0, 0.4)).unwrap();
+            let got = collect(&mut a, 10.0);
+            assert_eq!(got.len(), 1, "{aggregation:?}");
+            assert_eq!(got[0].values, vec![want], "{aggregation:?}");
+        }
+        // Last with equal timestamps: the later arrival wins.
+        let cfg = AssemblerConfig {
+            aggregation: Aggregation::Last,
+            ..Default::default()
+        };
+        let mut a = asm(cfg, &["x"]);
+        a.push(&sample("n", "x", 1.0, 0.5)).unwrap();
+        a.push(&sample("n", "x", 2.0, 0.5)).unwrap();
+        assert_eq!(collect(&mut a, 10.0)[0].values, vec![2.0]);
+    }
+
+    #[test]
+    fn carries_forward_within_stale_secs_then_nan_and_incomplete() {
+        // window 1 s, stale 2 s: "b" seen in window 0 fills windows 1 and 2, not 3.
+        let cfg = AssemblerConfig {
+            stale_secs: Some(2.0),
+            ..Default::default()
+        };
+        let mut a = asm(cfg, &["a", "b"]);
+        a.push(&sample("n", "a", 1.0, 0.5)).unwrap();
+        a.push(&sample("n", "b", 7.0, 0.5)).unwrap();
+        for t in [1.5, 2.5, 3.5] {
+            a.push(&sample("n", "a", t, t)).unwrap();
+        }
+        let got = collect(&mut a, 100.0);
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0].values, vec![1.0, 7.0]);
+        assert_eq!(got[1].values, vec![1.5, 7.0]);
+        assert_eq!(got[2].values, vec![2.5, 7.0]);
+        assert!(!got[2].incomplete);
+        assert_eq!(got[3].values[0], 3.5);
+        assert!(got[3].values[1].is_nan());
+        assert!(got[3].incomplete);
+        let c = a.counters();
+        assert_eq!(
+            (c.frames_complete, c.frames_incomplete, c.carried_forward),
+            (3, 1, 2)
+        );
+        assert_eq!(got.iter().map(|g| g.seq).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn never_seen_feature_is_nan_and_default_stale_is_three_windows() {
+        let cfg = AssemblerConfig {
+            window_secs: 10.0,
+            ..Default::default()
+        };
+        assert_eq!(cfg.effective_stale_secs(), 30.0);
+        let mut a = asm(cfg, &["a", "b"]);
+        a.push(&sample("n", "a", 1.0, 5.0)).unwrap();
+        let got = collect(&mut a, 1000.0);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].incomplete && got[0].values[1].is_nan());
+        assert_eq!(got[0].end, 10.0);
+    }
+
+    #[test]
+    fn late_sample_within_lateness_lands_later_one_is_dropped() {
+        let cfg = AssemblerConfig {
+            lateness_windows: 1,
+            ..Default::default()
+        };
+        let mut a = asm(cfg, &["x"]);
+        a.push(&sample("n", "x", 1.0, 10.5)).unwrap();
+        a.push(&sample("n", "x", 2.0, 11.5)).unwrap();
+        // Window 10 is one behind the newest (11): still open.
+        a.push(&sample("n", "x", 3.0, 10.9)).unwrap();
+        a.push(&sample("n", "x", 4.0, 12.5)).unwrap(); // closes window 10
+        assert_eq!(a.push(&sample("n", "x", 5.0, 10.1)), Err(Reject::Late));
+        assert_eq!(a.counters().late_dropped, 1);
+        let got = collect(&mut a, f64::NAN);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].values, vec![2.0]); // mean of 1 and 3
+        assert_eq!(got[0].end, 11.0);
+    }
+
+    #[test]
+    fn zero_lateness_closes_on_the_next_window() {
+        let cfg = AssemblerConfig {
+            lateness_windows: 0,
+            ..Default::default()
+        };
+        let mut a = asm(cfg, &["x"]);
+        a.push(&sample("n", "x", 1.0, 0.5)).unwrap();
+        a.push(&sample("n", "x", 2.0, 1.5)).unwrap();
+        assert_eq!(a.push(&sample("n", "x", 3.0, 0.6)), Err(Reject::Late));
+        assert_eq!(collect(&mut a, f64::NAN).len(), 1);
+    }
+
+    #[test]
+    fn now_closes_windows_of_a_quiet_stream() {
+        let mut a = asm(AssemblerConfig::default(), &["x"]);
+        a.push(&sample("n", "x", 1.0, 10.5)).unwrap();
+        // Window 10 ends at 11; with lateness 1 it closes once now reaches 12.
+        assert!(collect(&mut a, 11.9).is_empty());
+        let got = collect(&mut a, 12.0);
+        assert_eq!(got.len(), 1);
+        assert_eq!(a.push(&sample("n", "x", 1.0, 10.7)), Err(Reject::Late));
+        // Still within lateness of now: lands.
+        a.push(&sample("n", "x", 1.0, 11.2)).unwrap();
+    }
+
+    #[test]
+    fn flush_emits_open_windows() {
+        let mut a = asm(AssemblerConfig::default(), &["x"]);
+        a.push(&sample("n", "x", 1.0, 1.0)).unwrap();
+        a.push(&sample("n", "x", 2.0, 2.0)).unwrap();
+        let mut ends = Vec::new();
+        a.flush(&mut |f: FrameOut<'_>| ends.push(f.window_end));
+        assert_eq!(ends, [2.0, 3.0]);
+    }
+
+    #[test]
+    fn unknown_metric_is_counted_and_creates_no_stream() {
+        let mut a = asm(AssemblerConfig::default(), &["x"]);
+        assert_eq!(
+            a.push(&sample("n", "nope", 1.0, 1.0)),
+            Err(Reject::UnknownMetric)
+        );
+        assert_eq!(a.counters().unknown_metric, 1);
+        assert_eq!(a.stream_count(), 0);
+        assert_eq!(
+            a.push(&sample("n", "x", f64::NAN, 1.0)),
+            Err(Reject::NonFinite)
+        );
+        assert_eq!(a.counters().non_finite, 1);
+        assert_eq!(a.counters().samples_in, 2);
+    }
+
+    #[test]
+    fn max_streams_is_enforced() {
+        let cfg = AssemblerConfig {
+            max_streams: 2,
+            ..Default::default()
+        };
+        let mut a = asm(cfg, &["x"]);
+        a.push(&sample("n1", "x", 1.0, 1.0)).unwrap();
+        a.push(&sample("n2", "x", 1.0, 1.0)).unwrap();
+        assert_eq!(
+            a.push(&sample("n3", "x", 1.0, 1.0)),
+            Err(Reject::TooManyStreams)
+        );
+        // Known streams still work.
+        a.push(&sample("n1", "x", 2.0, 1.5)).unwrap();
+        assert_eq!(a.counters().streams_rejected, 1);
+        assert_eq!(a.stream_count(), 2);
+    }
+
+    #[test]
+    fn interleaved_streams_give_per_stream_frames_in_window_order() {
+        let mut a = asm(AssemblerConfig::default(), &["x"]);
+        for w in 0..6 {
+            let t = w as f64 + 0.5;
+            a.push(&sample("n1", "x", w as f64, t)).unwrap();
+            a.push(&sample("n2", "x", 100.0 + w as f64, t)).unwrap();
+        }
+        let got = collect(&mut a, 1000.0);
+        assert_eq!(got.len(), 12);
+        for (name, idx, base) in [("n1", 0, 0.0), ("n2", 1, 100.0)] {
+            let mine: Vec<&Got> = got.iter().filter(|g| g.stream == name).collect();
+            assert_eq!(mine.len(), 6);
+            for (w, g) in mine.iter().enumerate() {
+                assert_eq!(g.idx, idx);
+                assert_eq!(g.seq, w as u64);
+                assert_eq!(g.end, w as f64 + 1.0);
+                assert_eq!(g.values, vec![(base + w as f64) as f32]);
+            }
+        }
+    }
+
+    #[test]
+    fn buffers_stop_growing_after_warm_up() {
+        let mut a = asm(AssemblerConfig::default(), &["a", "b", "c"]);
+        let streams = ["n1", "n2", "n3"];
+        let run = |a: &mut Assembler, from: usize, to: usize| {
+            for w in from..to {
+                for s in streams {
+                    for m in ["a", "b", "c"] {
+                        a.push(&sample(s, m, 1.0, w as f64 + 0.3)).unwrap();
+                    }
+                }
+                a.poll(w as f64, &mut |_| {});
+            }
+        };
+        run(&mut a, 0, 10);
+        let warm = a.buffers_allocated;
+        run(&mut a, 10, 1000);
+        assert_eq!(a.buffers_allocated, warm);
+        assert_eq!(a.counters().frames_complete, 3 * 998);
+    }
+
+    #[test]
+    fn config_defaults_serde_and_validation() {
+        let cfg: AssemblerConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(cfg, AssemblerConfig::default());
+        let cfg: AssemblerConfig =
+            serde_json::from_str(r#"{"aggregation": "max", "stale_secs": 5.0}"#).unwrap();
+        assert_eq!(cfg.aggregation, Aggregation::Max);
+        assert!(serde_json::from_str::<AssemblerConfig>(r#"{"windo_secs": 1}"#).is_err());
+        let bad = |cfg: AssemblerConfig, f: &[&str]| Assembler::new(cfg, names(f)).unwrap_err();
+        let d = AssemblerConfig::default;
+        assert!(matches!(
+            bad(
+                AssemblerConfig {
+                    window_secs: 0.0,
+                    ..d()
+                },
+                &["x"]
+            ),
+            AssemblerError::WindowSecs(_)
+        ));
+        assert!(matches!(
+            bad(
+                AssemblerConfig {
+                    stale_secs: Some(f64::NAN),
+                    ..d()
+                },
+                &["x"]
+            ),
+            AssemblerError::StaleSecs(_)
+        ));
+        assert_eq!(
+            bad(
+                AssemblerConfig {
+                    max_streams: 0,
+                    ..d()
+                },
+                &["x"]
+            ),
+            AssemblerError::MaxStreams
+        );
+        assert_eq!(
+            bad(
+                AssemblerConfig {
+                    lateness_windows: 65,
+                    ..d()
+                },
+                &["x"]
+            ),
+            AssemblerError::LatenessWindows(65)
+        );
+        assert_eq!(bad(d(), &[]), AssemblerError::NoFeatures);
+        assert_eq!(
+            bad(d(), &["x", "x"]),
+            AssemblerError::DuplicateFeature("x".into())
+        );
+    }
+
+    #[test]
+    fn random_samples_never_panic_and_frames_keep_window_order() {
+        let mut rng = Rng::new(7);
+        let extremes = [
+            0.0,
+            -1.0,
+            -1e300,
+            1e300,
+            f64::MAX,
+            f64::MIN,
+            f64::NAN,
+            f64::INFINITY,
+            9.2e18,
+            -9.3e18,
+        ];
+        for lateness in [0u32, 1, 3] {
+            let cfg = AssemblerConfig {
+                lateness_windows: lateness,
+                max_streams: 3,
+                aggregation: [Aggregation::Last, Aggregation::Mean, Aggregation::Max]
+                    [lateness as usize % 3],
+                ..Default::default()
+            };
+            let mut a = asm(cfg, &["a", "b"]);
+            let mut last_end: HashMap<String, f64> = HashMap::new();
+            for i in 0..5000 {
+                let t = if rng.below(20) == 0 {
+                    extremes[rng.below(extremes.len())]
+                } else {
+                    i as f64 * 0.1 + rng.uniform(-3.0, 3.0) as f64
+                };
+                let stream = ["n0", "n1", "n2", "n3"][rng.below(4)];
+                let metric = ["a", "b", "c"][rng.below(3)];
+                let _ = a.push(&sample(stream, metric, rng.uniform(-5.0, 5.0) as f64, t));
+                let now = if rng.below(10) == 0 { t } else { f64::NAN };
+                a.poll(now, &mut |f: FrameOut<'_>| {
+                    let prev = last_end.insert(f.stream.to_owned(), f.window_end);
+                    if let Some(p) = prev {
+                        assert!(f.window_end >= p, "{} after {p}", f.window_end);
+                    }
+                    assert_eq!(f.values.len(), 2);
+                });
+            }
+            a.flush(&mut |_| {});
+            let c = a.counters();
+            assert_eq!(c.samples_in, 5000);
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! ExaMon MQTT messages: one metric value per message, its tags in the topic.
+//!
+//! Fed by the MQTT source (topic and payload of each message on `org/#`); feeds the
+//! [`super::assemble::Assembler`] one [`Sample`] per message.
+//!
+//! Topic: `org/<o>/cluster/<c>/node/<n>/plugin/<p>/chnl/data[/<k>/<v>…]/<metric>`, read
+//! as key/value pairs then the metric as the last segment. The pairs must be complete
+//! and include `chnl/data`; the stream id is the value of a configurable key (default
+//! `node`). Values and the metric may be URL-encoded (`%2F`, `%23`, `%2B`, `%20`, `%25`);
+//! other `%` sequences are kept as they are.
+//!
+//! Payload: the legacy `"<value>;<epoch seconds>"` (split on the last `;`, since string
+//! values may hold others), or the newer JSON `{"v": <number>, "ts": <number>}`. In both,
+//! a timestamp over 1e11 is taken as milliseconds (1e11 s is the year 5138).
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::assemble::{DecodeError, Sample, clip, parse_value};
+
+/// Timestamps above this are milliseconds, not seconds.
+const MS_THRESHOLD: f64 = 1e11;
+
+/// How ExaMon messages are read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExamonConfig {
+    /// Topic key whose value is the stream id. Default `node`.
+    pub stream_key: String,
+    /// Largest payload accepted, in bytes. Default 4096.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for ExamonConfig {
+    fn default() -> Self {
+        ExamonConfig {
+            stream_key: "node".to_owned(),
+            max_payload_bytes: 4096,
+        }
+    }
+}
+
+impl ExamonConfig {
+    /// The running decoder.
+    pub fn build(&self) -> ExamonDecoder {
+        ExamonDecoder { cfg: self.clone() }
+    }
+}
+
+/// Decodes ExaMon messages into samples.
+#[derive(Debug, Clone)]
+pub struct ExamonDecoder {
+    cfg: ExamonConfig,
+}
+
+/// A topic tag: key and (URL-decoded) value.
+pub type Tag<'t> = (Cow<'t, str>, Cow<'t, str>);
+
+impl ExamonDecoder {
+    /// One sample from one message; the strings borrow from `topic` unless they had to
+    /// be URL-decoded.
+    ///
+    /// # Errors
+    /// `TooLarge`, `BadTopic` (odd segment count, empty key or metric, no `chnl` pair),
+    /// `NotDataChannel`, `MissingStream`, `NotUtf8`, `BadPayload`, `NonNumeric`,
+    /// `NonFinite`, `TimestampMissing`, `TimestampInvalid`.
+    pub fn decode<'t>(&self, topic: &'t str, payload: &[u8]) -> Result<Sample<'t>, DecodeError> {
+        self.decode_inner(topic, payload, None)
+    }
+
+    /// As [`Self::decode`], and also fills `tags` (cleared first) with every topic pair
+    /// except the stream key, in topic order. Reuse `tags` to avoid allocating.
+    ///
+    /// # Errors
+    /// As [`Self::decode`].
+    pub fn decode_with_tags<'t>(
+        &self,
+        topic: &'t str,
+        payload: &[u8],
+        tags: &mut Vec<Tag<'t>>,
+    ) -> Result<Sample<'t>, DecodeError> {
+        tags.clear();
+        self.decode_inner(topic, payload, Some(tags))
+    }
+
+    fn decode_inner<'t>(
+        &self,
+        topic: &'t str,
+        payload: &[u8],
+        mut tags: Option<&mut Vec<Tag<'t>>>,
+    ) -> Result<Sample<'t>, DecodeError> {
+        if payload.len() > self.cfg.max_payload_bytes {
+            return Err(DecodeError::TooLarge {
+                len: payload.len(),
+                max: self.cfg.max_payload_bytes,
+            });
+        }
+        let Some((pairs, metric)) = topic.rsplit_once('/') else {
+            return Err(DecodeError::BadTopic(
+                "no key/value pairs before the metric",
+            ));
+        };
+        if metric.is_empty() {
+            return Err(DecodeError::BadTopic("empty metric name"));
+        }
+        let mut stream = None;
+        let mut channel = None;
+        let mut segments = pairs.split('/');
+        while let Some(key) = segments.next() {
+            let Some(value) = segments.next() else {
+                return Err(DecodeError::BadTopic(
+                    "a key has no value (odd number of segments)",
+                ));
+            };
+            if key.is_empty() {
+                return Err(DecodeError::BadTopic("empty key"));
+            }
+            if key == self.cfg.stream_key {
+                if stream.is_none() {
+                    stream = Some(url_decode(value));
+                }
+                continue;
+            }
+            if key == "chnl" && channel.is_none() {
+                channel = Some(value);
+            }
+            if let Some(tags) = tags.as_deref_mut() {
+                tags.push((Cow::Borrowed(key), url_decode(value)));
+            }
+        }
+        match channel {
+            None => return Err(DecodeError::BadTopic("no chnl/data pair")),
+            Some("data") => {}
+            Some(other) => return Err(DecodeError::NotDataChannel(clip(other))),
+        }
+        let stream = match stream {
+            Some(s) if !s.is_empty() => s,
+            _ => {
+                return Err(DecodeError::MissingStream {
+                    key: clip(&self.cfg.stream_key),
+                });
+            }
+        };
+        let (value, timestamp) = parse_payload(payload)?;
+        Ok(Sample {
+            stream,
+            metric: url_decode(metric),
+            value,
+            timestamp,
+        })
+    }
+}
+
+/// Value and timestamp (epoch seconds) of an ExaMon payload, legacy or JSON.
+///
+/// # Errors
+/// `NotUtf8`, `BadPayload` (no `;`, bad JSON, no `v`), `NonNumeric`, `NonFinite`,
+/// `TimestampMissing`, `TimestampInvalid`.
+pub fn parse_payload(payload: &[u8]) -> Result<(f64, f64), DecodeError> {
+    let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
+    let text = text.trim();
+    if text.starts_with('{') {
+        return parse_json_payload(text);
+    }
+    let Some((value, ts)) = text.rsplit_once(';') else {
+        return Err(DecodeError::BadPayload(
+            "no ';' between value and timestamp",
+        ));
+    };
+    let ts = ts.trim();
+    if ts.is_empty() {
+        return Err(DecodeError::TimestampMissing);
+    }
+    let timestamp = match ts.parse::<f64>() {
+        Ok(t) => epoch_seconds(t, ts)?,
+        Err(_) => return Err(DecodeError::TimestampInvalid(clip(ts))),
+    };
+    Ok((parse_value(value)?, timestamp))
+}
+
+fn parse_json_payload(text: &str) -> Result<(f64, f64), DecodeError> {
+    let doc: Value =
+        serde_json::from_str(text).map_err(|_| DecodeError::BadPayload("invalid JSON"))?;
+    let Some(obj) = doc.as_object() else {
+        return Err(DecodeError::BadPayload("JSON payload is not an object"));
+    };
+    let value = match obj.get("v") {
+        None | Some(Value::Null) => {
+            return Err(DecodeError::BadPayload("JSON payload has no \"v\""));
+        }
+        Some(Value::Number(n)) => n.as_f64().ok_or(DecodeError::NonFinite)?,
+        Some(Value::String(s)) => parse_value(s)?,
+        Some(other) => return Err(DecodeError::NonNumeric(clip(&other.to_string()))),
+    };
+    let timestamp = match obj.get("ts") {
+        None | Some(Value::Null) => return Err(DecodeError::TimestampMissing),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(t) => epoch_seconds(t, &n.to_string())?,
+            None => return Err(DecodeError::TimestampInvalid(clip(&n.to_string()))),
+        },
+        Some(Value::String(s)) => match s.trim().parse::<f64>() {
+            Ok(t) => epoch_seconds(t, s)?,
+            Err(_) => return Err(DecodeError::TimestampInvalid(clip(s))),
+        },
+        Some(other) => return Err(DecodeError::TimestampInvalid(clip(&other.to_string()))),
+    };
+    if !value.is_finite() {
+        return Err(DecodeError::NonFinite);
+    }
+    Ok((value, timestamp))
+}
+
+/// Seconds from a finite non-negative epoch time in seconds or (above 1e11) ms.
+fn epoch_seconds(t: f64, text: &str) -> Result<f64, DecodeError> {
+    if !(t.is_finite() && t >= 0.0) {
+        return Err(DecodeError::TimestampInvalid(clip(text)));
+    }
+    Ok(if t > MS_THRESHOLD { t / 1000.0 } else { t })
+}
+
+/// Decodes the URL escapes ExaMon publishers use in topic values (`%2F %23 %2B %20
+/// %25`, hex in either case); other `%` sequences stay as they are. Borrows when there
+/// is nothing to decode.
+pub fn url_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let decoded = match (bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(b'2'), Some(b'F' | b'f')) => Some('/'),
+                (Some(b'2'), Some(b'3')) => Some('#'),
+                (Some(b'2'), Some(b'B' | b'b')) => Some('+'),
+                (Some(b'2'), Some(b'0')) => Some(' '),
+                (Some(b'2'), Some(b'5')) => Some('%'),
+                _ => None,
+            };
+            if let Some(c) = decoded {
+                // `%` and the two hex digits are ASCII, so these are char boundaries.
+                out.push_str(&s[start..i]);
+                out.push(c);
+                i += 3;
+                start = i;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    out.push_str(&s[start..]);
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::assemble::mutate;
+    use crate::rng::Rng;
+
+    const TOPIC: &str =
+        "org/cineca/cluster/marconi100/node/r205n10/plugin/ipmi_pub/chnl/data/total_power";
+
+    fn dec() -> ExamonDecoder {
+        ExamonConfig::default().build()
+    }
+
+    fn err(topic: &str, payload: &str) -> DecodeError {
+        dec().decode(topic, payload.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn decodes_the_marconi100_example() {
+        let mut tags = Vec::new();
+        let s = dec()
+            .decode_with_tags(TOPIC, b"1523.0;1658832078.001", &mut tags)
+            .unwrap();
+        assert_eq!(s.stream, "r205n10");
+        assert_eq!(s.metric, "total_power");
+        assert_eq!(s.value, 1523.0);
+        assert_eq!(s.timestamp, 1658832078.001);
+        assert!(matches!(s.stream, Cow::Borrowed(_)));
+        let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+        assert_eq!(
+            tags,
+            [
+                ("org", "cineca"),
+                ("cluster", "marconi100"),
+                ("plugin", "ipmi_pub"),
+                ("chnl", "data")
+            ]
+        );
+    }
+
+    #[test]
+    fn plugin_pairs_after_chnl_and_other_stream_keys() {
+        let topic = "org/o/cluster/c/node/n7/plugin/pmu_pub/chnl/data/core/23/aperf";
+        let mut tags = Vec::new();
+        let s = dec()
+            .decode_with_tags(topic, b"10822010350093;1658832078.001", &mut tags)
+            .unwrap();
+        assert_eq!((s.stream.as_ref(), s.metric.as_ref()), ("n7", "aperf"));
+        assert_eq!(s.value, 10822010350093.0);
+        assert_eq!(
+            tags.last().unwrap(),
+            &(Cow::Borrowed("core"), Cow::Borrowed("23"))
+        );
+        let by_cluster = ExamonConfig {
+            stream_key: "cluster".into(),
+            ..Default::default()
+        }
+        .build();
+        assert_eq!(by_cluster.decode(topic, b"1;2").unwrap().stream, "c");
+    }
+
+    #[test]
+    fn payload_splits_on_the_last_semicolon_and_trims() {
+        assert_eq!(parse_payload(b" 2.5;100.25\n").unwrap(), (2.5, 100.25));
+        // A string value with ';' inside is non-numeric, not a timestamp error.
+        assert_eq!(
+            parse_payload(b"a;b;100").unwrap_err(),
+            DecodeError::NonNumeric("a;b".into())
+        );
+        assert_eq!(parse_payload(b"-3e2;0").unwrap(), (-300.0, 0.0));
+    }
+
+    #[test]
+    fn json_payload_and_millisecond_timestamps() {
+        assert_eq!(
+            parse_payload(br#"{"v": 42.5, "ts": 1658832078.5}"#).unwrap(),
+            (42.5, 1658832078.5)
+        );
+        assert_eq!(
+            parse_payload(br#"{"v": 1, "ts": 1658832078500}"#).unwrap(),
+            (1.0, 1658832078.5)
+        );
+        assert_eq!(
+            parse_payload(br#"{"v": "7", "ts": "12"}"#).unwrap(),
+            (7.0, 12.0)
+        );
+        assert_eq!(parse_payload(b"1;1658832078500").unwrap().1, 1658832078.5);
+    }
+
+    #[test]
+    fn url_escapes_in_values_are_decoded() {
+        let topic = "org/o/chnl/data/node/rack%2F1%20n%23%2b%25/m%2Fx";
+        let s = dec().decode(topic, b"1;2").unwrap();
+        assert_eq!(s.stream, "rack/1 n#+%");
+        assert_eq!(s.metric, "m/x");
+        assert_eq!(url_decode("a%zz%2"), "a%zz%2");
+        assert_eq!(url_decode("%"), "%");
+        assert_eq!(url_decode("é%20é"), "é é");
+    }
+
+    #[test]
+    fn every_error_reason() {
+        let ok_topic = "org/o/node/n/chnl/data/m";
+        let cases: Vec<(DecodeError, &str)> = vec![
+            (err("m", "1;2"), "bad_topic"),
+            (err("org/o/node/n/chnl/data/", "1;2"), "bad_topic"),
+            (err("org/o/node/chnl/data/m", "1;2"), "bad_topic"),
+            (err("/o/node/n/chnl/data/m", "1;2"), "bad_topic"),
+            (err("org/o/node/n/m", "1;2"), "bad_topic"),
+            (err("org/o/node/n/chnl/cmd/m", "1;2"), "not_data_channel"),
+            (err("org/o/host/n/chnl/data/m", "1;2"), "missing_stream"),
+            (err("org/o/node//chnl/data/m", "1;2"), "missing_stream"),
+            (err(ok_topic, "12"), "bad_payload"),
+            (err(ok_topic, "{\"v\": 1"), "bad_payload"),
+            (err(ok_topic, "{\"ts\": 1}"), "bad_payload"),
+            (err(ok_topic, "x;2"), "non_numeric"),
+            (err(ok_topic, ";2"), "non_numeric"),
+            (err(ok_topic, "{\"v\": true, \"ts\": 1}"), "non_numeric"),
+            (err(ok_topic, "nan;2"), "non_finite"),
+            (err(ok_topic, "inf;2"), "non_finite"),
+            (err(ok_topic, "1;"), "timestamp_missing"),
+            (err(ok_topic, "{\"v\": 1}"), "timestamp_missing"),
+            (err(ok_topic, "1;yesterday"), "timestamp_invalid"),
+            (err(ok_topic, "1;-5"), "timestamp_invalid"),
+            (err(ok_topic, "1;inf"), "timestamp_invalid"),
+            (
+                err(ok_topic, "{\"v\": 1, \"ts\": [1]}"),
+                "timestamp_invalid",
+            ),
+            (err(ok_topic, &"1".repeat(5000)), "too_large"),
+        ];
+        for (e, reason) in &cases {
+            assert_eq!(e.reason(), *reason, "{e}");
+            assert!(!e.to_string().contains('\n'));
+        }
+        let e = dec().decode(ok_topic, b"\xff;1").unwrap_err();
+        assert_eq!(e.reason(), "not_utf8");
+        assert_eq!(
+            err(ok_topic, &"1".repeat(5000)),
+            DecodeError::TooLarge {
+                len: 5000,
+                max: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn fuzzed_topics_and_payloads_never_panic() {
+        let mut rng = Rng::new(0xE7A);
+        let alphabet = b"/;%2Ff3B0.e-+{}\":,vtsnodechlda1 9\xff\xc3\xa9";
+        let valid_payloads: [&[u8]; 2] = [
+            b"1523.0;1658832078.001",
+            br#"{"v": 1.5, "ts": 1658832078001}"#,
+        ];
+        let d = dec();
+        for _ in 0..20_000 {
+            let topic_bytes: Vec<u8> = match rng.below(3) {
+                0 => (0..rng.below(80))
+                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .collect(),
+                1 => (0..rng.below(80)).map(|_| rng.next_u64() as u8).collect(),
+                _ => mutate(&mut rng, TOPIC.as_bytes()),
+            };
+            let topic = String::from_utf8_lossy(&topic_bytes);
+            let payload: Vec<u8> = match rng.below(3) {
+                0 => (0..rng.below(40))
+                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .collect(),
+                1 => (0..rng.below(40)).map(|_| rng.next_u64() as u8).collect(),
+                _ => {
+                    let base = valid_payloads[rng.below(2)];
+                    mutate(&mut rng, base)
+                }
+            };
+            if let Ok(s) = d.decode(&topic, &payload) {
+                assert!(s.value.is_finite() && s.timestamp.is_finite() && s.timestamp >= 0.0);
+            }
+        }
+        // Every truncation of a valid message.
+        for p in valid_payloads {
+            for n in 0..=p.len() {
+                let _ = d.decode(TOPIC, &p[..n]);
+            }
+        }
+        for n in 0..=TOPIC.len() {
+            let _ = d.decode(&TOPIC[..n], b"1;2");
+        }
+    }
+}

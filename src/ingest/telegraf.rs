@@ -1,0 +1,752 @@
+//! Telegraf MQTT output: JSON metrics or Influx line protocol, several samples per message.
+//!
+//! Fed by the MQTT source (the payload of each message and its receive time); feeds the
+//! [`super::assemble::Assembler`] one [`Sample`] per numeric field, named
+//! `<measurement>.<field>`, with the stream taken from a tag (default `host`).
+//!
+//! JSON: one metric `{"name", "tags", "fields", "timestamp"}`, an array of them, or
+//! `{"metrics": [...]}` (Telegraf's batch layout). Line protocol:
+//! `measurement,tag=v field=1.5,n=3i,ok=t 1700000000000000000`, one metric per line,
+//! with `\,` `\=` `\ ` escapes, quoted string fields, `i`/`u` integers, `t`/`f`
+//! booleans, and `#` comment lines. Booleans become 0/1; string fields are reported as
+//! [`DecodeError::StringField`] and skipped. A metric without a timestamp takes the
+//! receive time. Line-protocol fields arrive in line order; JSON fields in serde_json's
+//! map order (sorted by name unless its `preserve_order` feature is on).
+//!
+//! Errors come at three levels, all through the caller's callback except the first:
+//! the whole message (too large, not UTF-8, not JSON) is the `Err` of
+//! [`TelegrafDecoder::decode`]; a bad metric or line is one `Err` item and none of its
+//! fields; a bad field is one `Err` item and the other fields still arrive.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::assemble::{DecodeError, Sample, clip, parse_value};
+
+/// Which encoding the messages use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TelegrafFormat {
+    /// JSON when the payload starts with `{` or `[`, line protocol otherwise.
+    #[default]
+    Auto,
+    /// Telegraf `data_format = "json"`.
+    Json,
+    /// Telegraf `data_format = "influx"`.
+    Influx,
+}
+
+/// Unit of an integer timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[serde(rename = "s")]
+    Seconds,
+    #[serde(rename = "ms")]
+    Millis,
+    #[serde(rename = "us")]
+    Micros,
+    #[serde(rename = "ns")]
+    Nanos,
+}
+
+impl Precision {
+    /// Seconds per unit.
+    pub fn secs(self) -> f64 {
+        match self {
+            Precision::Seconds => 1.0,
+            Precision::Millis => 1e-3,
+            Precision::Micros => 1e-6,
+            Precision::Nanos => 1e-9,
+        }
+    }
+}
+
+/// How Telegraf messages are read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelegrafConfig {
+    /// `auto`, `json` or `influx`. Default `auto`.
+    pub format: TelegrafFormat,
+    /// Tag whose value is the stream id. Default `host`.
+    pub stream_tag: String,
+    /// Unit of line-protocol timestamps (`s`, `ms`, `us`, `ns`). Default `ns`, Telegraf's
+    /// own default.
+    pub line_precision: Precision,
+    /// Unit of JSON timestamps (Telegraf's `json_timestamp_units`). Default `s`.
+    pub json_timestamp_units: Precision,
+    /// Largest payload accepted, in bytes. Default 1 MiB.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for TelegrafConfig {
+    fn default() -> Self {
+        TelegrafConfig {
+            format: TelegrafFormat::Auto,
+            stream_tag: "host".to_owned(),
+            line_precision: Precision::Nanos,
+            json_timestamp_units: Precision::Seconds,
+            max_payload_bytes: 1 << 20,
+        }
+    }
+}
+
+impl TelegrafConfig {
+    /// The running decoder.
+    pub fn build(&self) -> TelegrafDecoder {
+        TelegrafDecoder { cfg: self.clone() }
+    }
+}
+
+/// Decodes Telegraf messages into samples.
+#[derive(Debug, Clone)]
+pub struct TelegrafDecoder {
+    cfg: TelegrafConfig,
+}
+
+impl TelegrafDecoder {
+    /// Decodes one message, handing each sample, or each metric's / field's error, to
+    /// `out`. `receive_time` (epoch seconds) stands in for a missing timestamp; pass NaN
+    /// to reject such metrics with `TimestampMissing`. Samples borrow from the payload
+    /// and a name buffer; call [`Sample::into_owned`] to keep one.
+    ///
+    /// # Errors
+    /// `TooLarge`, `NotUtf8`, or `BadPayload` when the message as a whole is unreadable
+    /// (invalid JSON, JSON that is not a metric, an array or `{"metrics": [...]}`).
+    pub fn decode(
+        &self,
+        payload: &[u8],
+        receive_time: f64,
+        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
+    ) -> Result<(), DecodeError> {
+        if payload.len() > self.cfg.max_payload_bytes {
+            return Err(DecodeError::TooLarge {
+                len: payload.len(),
+                max: self.cfg.max_payload_bytes,
+            });
+        }
+        let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
+        let json = match self.cfg.format {
+            TelegrafFormat::Json => true,
+            TelegrafFormat::Influx => false,
+            TelegrafFormat::Auto => {
+                matches!(text.trim_start().as_bytes().first(), Some(b'{' | b'['))
+            }
+        };
+        let mut name = String::new();
+        if json {
+            self.decode_json(text, receive_time, &mut name, out)
+        } else {
+            for line in text.split('\n') {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                if let Err(e) = self.decode_line(line, receive_time, &mut name, out) {
+                    out(Err(e));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Convenience for tests and tools: every sample, owned, and every item error.
+    pub fn decode_to_vec(
+        &self,
+        payload: &[u8],
+        receive_time: f64,
+    ) -> Result<Vec<Result<Sample<'static>, DecodeError>>, DecodeError> {
+        let mut all = Vec::new();
+        self.decode(payload, receive_time, &mut |r: Result<
+            Sample<'_>,
+            DecodeError,
+        >| {
+            all.push(r.map(Sample::into_owned))
+        })?;
+        Ok(all)
+    }
+
+    fn decode_json(
+        &self,
+        text: &str,
+        receive_time: f64,
+        name: &mut String,
+        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
+    ) -> Result<(), DecodeError> {
+        let doc: Value =
+            serde_json::from_str(text).map_err(|_| DecodeError::BadPayload("invalid JSON"))?;
+        let metrics: &[Value] = match &doc {
+            Value::Array(items) => items,
+            Value::Object(obj) if !obj.contains_key("name") && obj.contains_key("metrics") => {
+                match obj.get("metrics") {
+                    Some(Value::Array(items)) => items,
+                    _ => return Err(DecodeError::BadPayload("\"metrics\" is not an array")),
+                }
+            }
+            Value::Object(_) => std::slice::from_ref(&doc),
+            _ => {
+                return Err(DecodeError::BadPayload(
+                    "JSON is not a metric or an array of metrics",
+                ));
+            }
+        };
+        for metric in metrics {
+            match metric.as_object() {
+                Some(obj) => {
+                    if let Err(e) = self.json_metric(obj, receive_time, name, out) {
+                        out(Err(e));
+                    }
+                }
+                None => out(Err(DecodeError::BadPayload("metric is not a JSON object"))),
+            }
+        }
+        Ok(())
+    }
+
+    fn json_metric(
+        &self,
+        obj: &Map<String, Value>,
+        receive_time: f64,
+        name: &mut String,
+        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
+    ) -> Result<(), DecodeError> {
+        let Some(measurement) = obj.get("name").and_then(Value::as_str) else {
+            return Err(DecodeError::BadPayload("metric has no \"name\" string"));
+        };
+        let stream = obj
+            .get("tags")
+            .and_then(|t| t.get(&self.cfg.stream_tag))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| self.missing_stream())?;
+        let timestamp = match obj.get("timestamp") {
+            None | Some(Value::Null) => fallback_time(receive_time)?,
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(t) => scaled_time(t, self.cfg.json_timestamp_units, || n.to_string())?,
+                None => return Err(DecodeError::TimestampInvalid(clip(&n.to_string()))),
+            },
+            Some(other) => return Err(DecodeError::TimestampInvalid(clip(&other.to_string()))),
+        };
+        let Some(fields) = obj.get("fields").and_then(Value::as_object) else {
+            return Err(DecodeError::BadPayload("metric has no \"fields\" object"));
+        };
+        for (field, v) in fields {
+            let value = match v {
+                Value::Number(n) => match n.as_f64() {
+                    Some(x) if x.is_finite() => Ok(x),
+                    _ => Err(DecodeError::NonFinite),
+                },
+                Value::Bool(b) => Ok(f64::from(u8::from(*b))),
+                Value::String(_) => Err(DecodeError::StringField),
+                other => Err(DecodeError::NonNumeric(clip(&other.to_string()))),
+            };
+            emit(out, name, measurement, field, stream, value, timestamp);
+        }
+        Ok(())
+    }
+
+    /// One line-protocol line; fields go to `out`, a line-level error is returned.
+    fn decode_line<'l>(
+        &self,
+        line: &'l str,
+        receive_time: f64,
+        name: &mut String,
+        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
+    ) -> Result<(), DecodeError> {
+        let (series, rest) = split_section(line)?;
+        let (fields, ts) = match rest {
+            Some(rest) => split_section(rest)?,
+            None => return Err(DecodeError::BadPayload("line has no fields")),
+        };
+        if fields.is_empty() {
+            return Err(DecodeError::BadPayload("line has no fields"));
+        }
+        let mut parts = Splitter::new(series, b',');
+        let measurement = unescape(parts.next().unwrap_or(""));
+        if measurement.is_empty() {
+            return Err(DecodeError::BadPayload("empty measurement"));
+        }
+        let mut stream: Option<Cow<'l, str>> = None;
+        for tag in parts {
+            let Some((k, v)) = split_key_value(tag) else {
+                return Err(DecodeError::BadPayload("tag without '='"));
+            };
+            if stream.is_none() && unescape(k) == self.cfg.stream_tag.as_str() {
+                stream = Some(unescape(v));
+            }
+        }
+        let stream = stream
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| self.missing_stream())?;
+        let timestamp = match ts.map(str::trim) {
+            None | Some("") => fallback_time(receive_time)?,
+            Some(t) => match t.parse::<i64>() {
+                Ok(n) => scaled_time(n as f64, self.cfg.line_precision, || t.to_owned())?,
+                Err(_) => return Err(DecodeError::TimestampInvalid(clip(t))),
+            },
+        };
+        for field in Splitter::new(fields, b',') {
+            let Some((k, v)) = split_key_value(field) else {
+                out(Err(DecodeError::BadPayload("field without '='")));
+                continue;
+            };
+            let key = unescape(k);
+            if key.is_empty() {
+                out(Err(DecodeError::BadPayload("empty field key")));
+                continue;
+            }
+            emit(
+                out,
+                name,
+                &measurement,
+                &key,
+                &stream,
+                line_value(v),
+                timestamp,
+            );
+        }
+        Ok(())
+    }
+
+    fn missing_stream(&self) -> DecodeError {
+        DecodeError::MissingStream {
+            key: clip(&self.cfg.stream_tag),
+        }
+    }
+}
+
+/// Hands one field's sample (named `<measurement>.<field>` in the reused `name`) or error
+/// to `out`.
+fn emit(
+    out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
+    name: &mut String,
+    measurement: &str,
+    field: &str,
+    stream: &str,
+    value: Result<f64, DecodeError>,
+    timestamp: f64,
+) {
+    match value {
+        Ok(value) => {
+            name.clear();
+            name.push_str(measurement);
+            name.push('.');
+            name.push_str(field);
+            out(Ok(Sample {
+                stream: Cow::Borrowed(stream),
+                metric: Cow::Borrowed(name.as_str()),
+                value,
+                timestamp,
+            }));
+        }
+        Err(e) => out(Err(e)),
+    }
+}
+
+fn fallback_time(receive_time: f64) -> Result<f64, DecodeError> {
+    if receive_time.is_finite() && receive_time >= 0.0 {
+        Ok(receive_time)
+    } else {
+        Err(DecodeError::TimestampMissing)
+    }
+}
+
+fn scaled_time(t: f64, unit: Precision, text: impl FnOnce() -> String) -> Result<f64, DecodeError> {
+    let secs = t * unit.secs();
+    if secs.is_finite() && secs >= 0.0 {
+        Ok(secs)
+    } else {
+        Err(DecodeError::TimestampInvalid(clip(&text())))
+    }
+}
+
+/// Value of one line-protocol field.
+fn line_value(v: &str) -> Result<f64, DecodeError> {
+    if v.starts_with('"') {
+        return if v.len() >= 2 && v.ends_with('"') {
+            Err(DecodeError::StringField)
+        } else {
+            Err(DecodeError::BadPayload("unterminated string field"))
+        };
+    }
+    match v {
+        "t" | "T" | "true" | "True" | "TRUE" => return Ok(1.0),
+        "f" | "F" | "false" | "False" | "FALSE" => return Ok(0.0),
+        _ => {}
+    }
+    if let Some(int) = v.strip_suffix('i') {
+        return int
+            .parse::<i64>()
+            .map(|n| n as f64)
+            .map_err(|_| DecodeError::NonNumeric(clip(v)));
+    }
+    if let Some(uint) = v.strip_suffix('u') {
+        return uint
+            .parse::<u64>()
+            .map(|n| n as f64)
+            .map_err(|_| DecodeError::NonNumeric(clip(v)));
+    }
+    parse_value(v)
+}
+
+/// Splits a line at its first unescaped space outside double quotes: the section
+/// before, and the rest (if any). Fails on an unterminated quote.
+fn split_section(s: &str) -> Result<(&str, Option<&str>), DecodeError> {
+    let b = s.as_bytes();
+    let mut in_quote = false;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 1,
+            b'"' => in_quote = !in_quote,
+            b' ' if !in_quote => return Ok((&s[..i], Some(&s[i + 1..]))),
+            _ => {}
+        }
+        i += 1;
+    }
+    if in_quote {
+        return Err(DecodeError::BadPayload("unterminated string field"));
+    }
+    Ok((s, None))
+}
+
+/// Splits on `sep` where it is neither escaped nor inside double quotes.
+struct Splitter<'a> {
+    rest: Option<&'a str>,
+    sep: u8,
+}
+
+impl<'a> Splitter<'a> {
+    fn new(s: &'a str, sep: u8) -> Self {
+        Splitter { rest: Some(s), sep }
+    }
+}
+
+impl<'a> Iterator for Splitter<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let s = self.rest?;
+        let b = s.as_bytes();
+        let mut in_quote = false;
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'\\' => i += 1,
+                b'"' => in_quote = !in_quote,
+                c if c == self.sep && !in_quote => {
+                    self.rest = Some(&s[i + 1..]);
+                    return Some(&s[..i]);
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        self.rest = None;
+        Some(s)
+    }
+}
+
+/// Key and value at the first unescaped `=`.
+fn split_key_value(s: &str) -> Option<(&str, &str)> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 1,
+            b'=' => return Some((&s[..i], &s[i + 1..])),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Removes the backslash of `\,` `\=` `\ ` (and `\\`); any other backslash stays.
+fn unescape(s: &str) -> Cow<'_, str> {
+    if !s.contains('\\') {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut start = 0;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && matches!(b.get(i + 1), Some(b',' | b'=' | b' ' | b'\\')) {
+            // Both bytes are ASCII, so the slices fall on char boundaries.
+            out.push_str(&s[start..i]);
+            start = i + 1;
+            i += 2;
+            continue;
+        }
+        i += 1;
+    }
+    out.push_str(&s[start..]);
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::assemble::mutate;
+    use crate::rng::Rng;
+
+    /// (stream, metric, value, timestamp) of one sample.
+    type Row = (String, String, f64, f64);
+
+    fn dec() -> TelegrafDecoder {
+        TelegrafConfig::default().build()
+    }
+
+    /// (stream, metric, value, timestamp) of the samples, and the error reasons.
+    fn run(d: &TelegrafDecoder, payload: &str, now: f64) -> (Vec<Row>, Vec<&'static str>) {
+        let mut ok = Vec::new();
+        let mut errs = Vec::new();
+        d.decode(payload.as_bytes(), now, &mut |r: Result<
+            Sample<'_>,
+            DecodeError,
+        >| match r {
+            Ok(s) => ok.push((
+                s.stream.into_owned(),
+                s.metric.into_owned(),
+                s.value,
+                s.timestamp,
+            )),
+            Err(e) => errs.push(e.reason()),
+        })
+        .unwrap();
+        (ok, errs)
+    }
+
+    /// Samples sorted by (stream, metric): JSON field order depends on serde_json's map.
+    fn sorted(mut v: Vec<Row>) -> Vec<Row> {
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
+    }
+
+    fn s(stream: &str, metric: &str, v: f64, t: f64) -> Row {
+        (stream.into(), metric.into(), v, t)
+    }
+
+    #[test]
+    fn json_single_metric() {
+        let msg = r#"{"name": "cpu", "tags": {"host": "n1", "cpu": "cpu-total"},
+            "fields": {"usage_idle": 97.5, "usage_user": 1, "up": true, "note": "x"},
+            "timestamp": 1700000000}"#;
+        let (ok, errs) = run(&dec(), msg, 5.0);
+        let ok = sorted(ok);
+        assert_eq!(
+            ok,
+            [
+                s("n1", "cpu.up", 1.0, 1.7e9),
+                s("n1", "cpu.usage_idle", 97.5, 1.7e9),
+                s("n1", "cpu.usage_user", 1.0, 1.7e9),
+            ]
+        );
+        assert_eq!(errs, ["string_field"]);
+    }
+
+    #[test]
+    fn json_batch_layouts_and_receive_time() {
+        let one = r#"{"name": "mem", "tags": {"host": "a"}, "fields": {"used": 5}}"#;
+        let two = r#"{"name": "mem", "tags": {"host": "b"}, "fields": {"used": 6, "ok": false}, "timestamp": 10}"#;
+        let want = vec![
+            s("a", "mem.used", 5.0, 99.0),
+            s("b", "mem.ok", 0.0, 10.0),
+            s("b", "mem.used", 6.0, 10.0),
+        ];
+        assert_eq!(
+            sorted(run(&dec(), &format!("[{one}, {two}]"), 99.0).0),
+            want
+        );
+        assert_eq!(
+            sorted(run(&dec(), &format!("{{\"metrics\": [{one}, {two}]}}"), 99.0).0),
+            want
+        );
+        // Milliseconds and another stream tag.
+        let cfg = TelegrafConfig {
+            json_timestamp_units: Precision::Millis,
+            stream_tag: "cpu".into(),
+            ..Default::default()
+        };
+        let msg = r#"{"name": "c", "tags": {"cpu": "0"}, "fields": {"x": 1}, "timestamp": 1500}"#;
+        assert_eq!(run(&cfg.build(), msg, 0.0).0, [s("0", "c.x", 1.0, 1.5)]);
+    }
+
+    #[test]
+    fn line_protocol_with_escapes_types_and_several_lines() {
+        let msg = "# comment\n\
+            cpu,host=n1,cpu=cpu-total usage_idle=97.5,n=3i,u=7u,ok=t,off=F,msg=\"a, b=c d\" 1700000000000000000\r\n\
+            \n\
+            my\\ meas\\,x,host=rack\\ 1\\,a\\=b f\\=k=2 1700000001000000000\n\
+            disk,host=n2 free=1e3";
+        let (ok, errs) = run(&dec(), msg, 42.0);
+        assert_eq!(
+            ok,
+            [
+                s("n1", "cpu.usage_idle", 97.5, 1.7e9),
+                s("n1", "cpu.n", 3.0, 1.7e9),
+                s("n1", "cpu.u", 7.0, 1.7e9),
+                s("n1", "cpu.ok", 1.0, 1.7e9),
+                s("n1", "cpu.off", 0.0, 1.7e9),
+                s("rack 1,a=b", "my meas,x.f=k", 2.0, 1_700_000_001.0),
+                s("n2", "disk.free", 1000.0, 42.0),
+            ]
+        );
+        assert_eq!(errs, ["string_field"]);
+        let cfg = TelegrafConfig {
+            line_precision: Precision::Seconds,
+            format: TelegrafFormat::Influx,
+            ..Default::default()
+        };
+        assert_eq!(
+            run(&cfg.build(), "m,host=h v=1 1700000000", 0.0).0,
+            [s("h", "m.v", 1.0, 1.7e9)]
+        );
+    }
+
+    #[test]
+    fn every_error_reason() {
+        let d = dec();
+        let whole = |p: &[u8]| d.decode(p, 0.0, &mut |_| {}).unwrap_err().reason();
+        assert_eq!(whole(b"\xff"), "not_utf8");
+        assert_eq!(whole(b"{\"name\": "), "bad_payload");
+        assert_eq!(whole(b"{\"metrics\": 3}"), "bad_payload");
+        assert_eq!(whole(b"[1"), "bad_payload");
+        let small = TelegrafConfig {
+            max_payload_bytes: 4,
+            ..Default::default()
+        }
+        .build();
+        assert_eq!(
+            small.decode(b"m,host=h v=1", 0.0, &mut |_| {}).unwrap_err(),
+            DecodeError::TooLarge { len: 12, max: 4 }
+        );
+        let items = |p: &str, now: f64| run(&d, p, now).1;
+        assert_eq!(items("m,host=h v=1", f64::NAN), ["timestamp_missing"]);
+        assert_eq!(
+            items(
+                r#"{"name":"m","tags":{"host":"h"},"fields":{"v":1}}"#,
+                f64::NAN
+            ),
+            ["timestamp_missing"]
+        );
+        assert_eq!(items("m,host=h v=1 soon", 0.0), ["timestamp_invalid"]);
+        assert_eq!(items("m,host=h v=1 -5", 0.0), ["timestamp_invalid"]);
+        assert_eq!(
+            items(
+                r#"{"name":"m","tags":{"host":"h"},"fields":{"v":1},"timestamp":"x"}"#,
+                0.0
+            ),
+            ["timestamp_invalid"]
+        );
+        assert_eq!(items("m,cpu=0 v=1", 0.0), ["missing_stream"]);
+        assert_eq!(items("m,host= v=1", 0.0), ["missing_stream"]);
+        assert_eq!(
+            items(r#"{"name":"m","tags":{},"fields":{"v":1}}"#, 0.0),
+            ["missing_stream"]
+        );
+        assert_eq!(
+            items("m,host=h v=abc,w=1.5x,z=12i3", 0.0),
+            ["non_numeric"; 3]
+        );
+        assert_eq!(
+            items(
+                r#"[{"name":"m","tags":{"host":"h"},"fields":{"v":null,"w":[1]}}]"#,
+                0.0
+            ),
+            ["non_numeric"; 2]
+        );
+        assert_eq!(
+            items("m,host=h v=NaN,w=inf,x=-Infinity", 0.0),
+            ["non_finite"; 3]
+        );
+        assert_eq!(items("m,host=h s=\"x\"", 0.0), ["string_field"]);
+        assert_eq!(items("m,host=h", 0.0), ["bad_payload"]);
+        assert_eq!(items("m,host=h ", 0.0), ["bad_payload"]);
+        assert_eq!(items(",host=h v=1", 0.0), ["bad_payload"]);
+        assert_eq!(items("m,host v=1", 0.0), ["bad_payload"]);
+        assert_eq!(items("m,host=h v=\"abc", 0.0), ["bad_payload"]);
+        assert_eq!(items("m,host=h v", 0.0), ["bad_payload"]);
+        assert_eq!(items("[3]", 0.0), ["bad_payload"]);
+        assert_eq!(
+            items(r#"{"tags":{"host":"h"},"fields":{"v":1}}"#, 0.0),
+            ["bad_payload"]
+        );
+        assert_eq!(
+            items(r#"{"name":"m","tags":{"host":"h"}}"#, 0.0),
+            ["bad_payload"]
+        );
+        // A bad line does not stop the next one.
+        let (ok, errs) = run(&d, "bad\nm,host=h v=1 1000000000", 0.0);
+        assert_eq!(
+            (ok, errs),
+            (vec![s("h", "m.v", 1.0, 1.0)], vec!["bad_payload"])
+        );
+    }
+
+    #[test]
+    fn config_serde() {
+        let cfg: TelegrafConfig =
+            serde_json::from_str(r#"{"format": "influx", "line_precision": "ms"}"#).unwrap();
+        assert_eq!(cfg.format, TelegrafFormat::Influx);
+        assert_eq!(cfg.line_precision, Precision::Millis);
+        assert_eq!(cfg.stream_tag, "host");
+        assert!(serde_json::from_str::<TelegrafConfig>(r#"{"hosttag": "x"}"#).is_err());
+    }
+
+    #[test]
+    fn fuzzed_payloads_never_panic() {
+        let mut rng = Rng::new(0x7E1E);
+        let alphabet = b"m,host=h v=1.5i ut\"\\ \n#{}[]:\"namefieldstags0123456789e-.\xff\xc3\xa9";
+        let valid: [&[u8]; 3] = [
+            b"cpu,host=n1,cpu=c\\ 0 usage=97.5,n=3i,s=\"a b\",ok=t 1700000000000000000\nmem,host=n1 used=5u",
+            br#"{"name": "cpu", "tags": {"host": "n1"}, "fields": {"a": 1.5, "b": true, "c": "x"}, "timestamp": 1700000000}"#,
+            br#"{"metrics": [{"name": "m", "tags": {"host": "a"}, "fields": {"v": 1}}]}"#,
+        ];
+        let decoders = [
+            dec(),
+            TelegrafConfig {
+                format: TelegrafFormat::Influx,
+                ..Default::default()
+            }
+            .build(),
+            TelegrafConfig {
+                format: TelegrafFormat::Json,
+                ..Default::default()
+            }
+            .build(),
+        ];
+        let check = |d: &TelegrafDecoder, p: &[u8]| {
+            let _ = d.decode(p, 1.0, &mut |r: Result<Sample<'_>, DecodeError>| {
+                if let Ok(s) = r {
+                    assert!(s.value.is_finite() && s.timestamp.is_finite());
+                }
+            });
+        };
+        for i in 0..20_000 {
+            let payload: Vec<u8> = match rng.below(3) {
+                0 => (0..rng.below(120))
+                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .collect(),
+                1 => (0..rng.below(120)).map(|_| rng.next_u64() as u8).collect(),
+                _ => {
+                    let base = valid[rng.below(valid.len())];
+                    mutate(&mut rng, base)
+                }
+            };
+            check(&decoders[i % 3], &payload);
+        }
+        for p in valid {
+            for n in 0..=p.len() {
+                for d in &decoders {
+                    check(d, &p[..n]);
+                }
+            }
+        }
+        // Deep nesting hits serde_json's recursion limit, not the stack.
+        check(&decoders[0], "[".repeat(100_000).as_bytes());
+    }
+}

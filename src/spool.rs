@@ -1,0 +1,1196 @@
+//! The on-disk alert spool: while the broker is unreachable, alert payloads (serialized
+//! [`AlertEvent`](crate::alert::AlertEvent)s) are appended here and published in order on
+//! reconnect, so an outage loses no alert unless the spool is full.
+//!
+//! The MQTT publisher feeds it ([`Spool::append`]) and drains it ([`Spool::peek`], publish,
+//! [`Spool::ack`]). Pure file logic: no async, no clock, no broker.
+//!
+//! # On disk
+//!
+//! `dir` holds segment files `00000001.spool`, `00000002.spool`, … (sequence numbers only
+//! grow) and a `cursor` file. A segment is a run of records, each framed as
+//!
+//! ```text
+//! len: u32 LE | crc: u32 LE | payload: len bytes
+//! ```
+//!
+//! where `crc` is the CRC-32 (IEEE) of the four `len` bytes followed by the payload; covering
+//! the length means a zero-filled tail (what some filesystems show after a crash) is never a
+//! valid empty record. A segment grows to at most `max_bytes / 8`; then a new one starts.
+//!
+//! The `cursor` (`seq: u64 LE | offset: u64 LE | crc: u32 LE`) names the first
+//! unacknowledged record: byte `offset` of segment `seq`. It is replaced atomically after
+//! every [`Spool::ack`] (temp file, fsync, rename, fsync of the directory). Segments before
+//! the cursor's are consumed and deleted; when the cursor's own segment is gone, reading
+//! starts at the next segment that exists. So deleting a segment never needs a cursor
+//! write, and a restart redelivers at most the one record that was in flight
+//! (at-least-once).
+//!
+//! # Bound
+//!
+//! The segment files never total more than `max_bytes` (framing and acknowledged records
+//! still sitting in the oldest segment included). An append that would cross the bound
+//! deletes the oldest segments first; their unacknowledged records are counted in
+//! [`SpoolStats::dropped_oldest`] with a `warn!` per segment. A record larger than one
+//! segment is refused ([`SpoolError::TooLarge`]).
+//!
+//! # Recovery
+//!
+//! [`Spool::open`] scans every segment. The first record that is torn (cut short) or fails
+//! its CRC ends that segment: the file is truncated there with a `warn!`, counted in
+//! [`SpoolStats::truncated_tail`], never a panic. In the newest segment that is the torn
+//! tail of a crash mid-append. In an older segment (disk corruption) the rest of that
+//! segment is lost, since lengths after a bad record cannot be trusted, but later segments
+//! begin at a known boundary and are still read, in order. A missing or corrupt cursor
+//! means "start at the oldest segment": duplicates, never loss.
+//!
+//! One process owns a spool directory; nothing locks it.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+/// Bytes of framing before each payload: length and CRC.
+pub const RECORD_HEADER_BYTES: u64 = 8;
+
+/// How many segments `max_bytes` is split into: the most a single drop discards is about
+/// one eighth of the spool.
+pub const SEGMENTS_PER_SPOOL: u64 = 8;
+
+/// Smallest `max_bytes` accepted: each segment must hold a one-byte record.
+pub const MIN_MAX_BYTES: u64 = SEGMENTS_PER_SPOOL * (RECORD_HEADER_BYTES + 1);
+
+const SEGMENT_SUFFIX: &str = ".spool";
+const CURSOR_FILE: &str = "cursor";
+const CURSOR_TMP_FILE: &str = "cursor.tmp";
+const CURSOR_BYTES: usize = 20;
+
+/// Where the spool lives and how large it may grow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Directory of the segment files and the cursor; created if missing.
+    pub dir: PathBuf,
+    /// Upper bound on the segment files' total size, framing included. Past it the oldest
+    /// alerts are dropped. One record may take at most `max_bytes / 8`.
+    pub max_bytes: u64,
+    /// `fsync` every append and cursor update. Off trades durability across power loss for
+    /// speed; a process crash still loses nothing that `append` returned `Ok` for.
+    pub fsync: bool,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: PathBuf::from("/var/lib/darkwatch/spool"),
+            max_bytes: 64 * 1024 * 1024,
+            fsync: true,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// Semantic checks the types cannot express. Returns the key and the reason.
+    ///
+    /// # Errors
+    /// An empty `dir`, or `max_bytes` below [`MIN_MAX_BYTES`].
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(("dir", "must not be empty".into()));
+        }
+        if self.max_bytes < MIN_MAX_BYTES {
+            return Err((
+                "max_bytes",
+                format!("must be at least {MIN_MAX_BYTES}, got {}", self.max_bytes),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The most bytes one segment file (and so one framed record) may take.
+    pub fn segment_limit_bytes(&self) -> u64 {
+        self.max_bytes / SEGMENTS_PER_SPOOL
+    }
+}
+
+/// Why the spool cannot open, take a record or read one. Each message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool config: `{key}` {reason}")]
+    Config { key: &'static str, reason: String },
+    #[error("{path}: cannot {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "alert payload of {payload_bytes} bytes does not fit the spool: a record takes \
+         {RECORD_HEADER_BYTES} bytes of framing plus its payload and at most \
+         {segment_limit_bytes} bytes (max_bytes / {SEGMENTS_PER_SPOOL})"
+    )]
+    TooLarge {
+        payload_bytes: usize,
+        segment_limit_bytes: u64,
+    },
+    #[error("{path}: corrupt record at byte {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+}
+
+/// Counters since [`Spool::open`] and the current backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct SpoolStats {
+    /// Records appended.
+    pub appended: u64,
+    /// Records acknowledged.
+    pub acked: u64,
+    /// Unacknowledged records deleted to stay within `max_bytes`.
+    pub dropped_oldest: u64,
+    /// Segments cut short at a torn or corrupt record while opening.
+    pub truncated_tail: u64,
+    /// Records waiting to be acknowledged.
+    pub pending: u64,
+    /// Bytes of the segment files (see [`Spool::bytes`]).
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    seq: u64,
+    /// Valid bytes (the file's length once recovered).
+    bytes: u64,
+    /// Records in the file, acknowledged or not.
+    records: u64,
+}
+
+/// The record at the head: where it ends and, once read, its payload.
+#[derive(Debug)]
+struct Head {
+    end: u64,
+    payload: Vec<u8>,
+}
+
+/// An append-only, size-bounded, crash-safe FIFO of byte records. See the module docs.
+#[derive(Debug)]
+pub struct Spool {
+    cfg: SpoolConfig,
+    /// Oldest first; never empty; the last one is the one appended to. The first one holds
+    /// the head (first unacknowledged record), if any.
+    segments: VecDeque<Segment>,
+    /// Byte offset of the head within `segments[0]`.
+    head_offset: u64,
+    /// Records of `segments[0]` before `head_offset`.
+    head_consumed: u64,
+    /// Open file of the last segment, positioned at its end.
+    writer: File,
+    /// Open file of `segments[0]` when it is being read, with its sequence number.
+    reader: Option<(u64, File)>,
+    /// The head record once read by `peek`, so `ack` need not read it again.
+    head: Option<Head>,
+    stats: SpoolStats,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `cfg.dir` and recovers its state: torn or
+    /// corrupt records are cut away (see the module docs), consumed segments are deleted,
+    /// and the bound is enforced if `max_bytes` shrank since the last run.
+    ///
+    /// # Errors
+    /// An invalid config ([`SpoolConfig::validate`]), or an I/O error on the directory, a
+    /// segment or the cursor.
+    pub fn open(cfg: SpoolConfig) -> Result<Spool, SpoolError> {
+        cfg.validate()
+            .map_err(|(key, reason)| SpoolError::Config { key, reason })?;
+        let dir = cfg.dir.clone();
+        fs::create_dir_all(&dir).map_err(io_err(&dir, "create the spool directory"))?;
+        let tmp = dir.join(CURSOR_TMP_FILE);
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err(&tmp, "remove a stale temp cursor")(e));
+            }
+            _ => {}
+        }
+
+        let cursor = read_cursor(&dir)?;
+        let mut seqs = list_segments(&dir)?;
+        let mut truncated_tail = 0;
+
+        // Segments before the cursor's were fully consumed; a crash stopped their deletion.
+        if let Some((cseq, _)) = cursor {
+            for &seq in seqs.iter().filter(|&&s| s < cseq) {
+                remove_file(&segment_path(&dir, seq))?;
+            }
+            seqs.retain(|&s| s >= cseq);
+        }
+
+        let mut segments = VecDeque::with_capacity(seqs.len() + 1);
+        let mut head_offset = 0;
+        let mut head_consumed = 0;
+        for (i, &seq) in seqs.iter().enumerate() {
+            let path = segment_path(&dir, seq);
+            let data = fs::read(&path).map_err(io_err(&path, "read the segment"))?;
+            let scan = scan_records(&data);
+            if let Some(reason) = scan.stop {
+                let newest = i + 1 == seqs.len();
+                warn!(
+                    path = %path.display(),
+                    offset = scan.valid_bytes,
+                    lost_bytes = data.len() as u64 - scan.valid_bytes,
+                    newest,
+                    reason,
+                    "Spool segment ends in a torn or corrupt record; truncating it there."
+                );
+                truncate_file(&path, scan.valid_bytes, cfg.fsync)?;
+                truncated_tail += 1;
+            }
+            if let Some((cseq, coffset)) = cursor
+                && cseq == seq
+            {
+                // Round down to a record boundary: redeliver rather than skip.
+                let consumed = scan.ends.partition_point(|&end| end <= coffset);
+                head_consumed = consumed as u64;
+                head_offset = if consumed == 0 {
+                    0
+                } else {
+                    scan.ends[consumed - 1]
+                };
+                if coffset > scan.valid_bytes {
+                    warn!(
+                        path = %path.display(),
+                        cursor = coffset,
+                        valid_bytes = scan.valid_bytes,
+                        "Spool cursor points past the recovered end of its segment; resuming at that end."
+                    );
+                } else if head_offset != coffset {
+                    warn!(
+                        path = %path.display(),
+                        cursor = coffset,
+                        head_offset,
+                        "Spool cursor is not on a record boundary; resuming at the previous one."
+                    );
+                }
+                if head_offset != coffset {
+                    // Persist the correction: records appended at the recovered end must
+                    // not look consumed to the next restart.
+                    write_cursor(&dir, seq, head_offset, cfg.fsync)?;
+                }
+            }
+            segments.push_back(Segment {
+                seq,
+                bytes: scan.valid_bytes,
+                records: scan.ends.len() as u64,
+            });
+        }
+
+        let writer = match segments.back() {
+            Some(last) => open_append(&segment_path(&dir, last.seq))?,
+            None => {
+                // Keep sequence numbers above the cursor's, or a new segment would read
+                // as consumed.
+                let seq = cursor.map_or(1, |(cseq, _)| cseq + 1);
+                let file = create_segment(&dir, seq, cfg.fsync)?;
+                segments.push_back(Segment {
+                    seq,
+                    bytes: 0,
+                    records: 0,
+                });
+                file
+            }
+        };
+
+        let mut spool = Spool {
+            cfg,
+            segments,
+            head_offset,
+            head_consumed,
+            writer,
+            reader: None,
+            head: None,
+            stats: SpoolStats {
+                truncated_tail,
+                ..SpoolStats::default()
+            },
+        };
+        spool.delete_consumed_segments()?;
+        if spool.bytes() > spool.cfg.max_bytes {
+            // `max_bytes` shrank: the newest segment alone may be too large, and only a
+            // closed segment can be dropped.
+            spool.rotate()?;
+            spool.drop_oldest_until_fits(0)?;
+        }
+        Ok(spool)
+    }
+
+    /// Appends one record; when `fsync` is on it is on disk before this returns. If the
+    /// spool would exceed `max_bytes`, the oldest segments (and their unacknowledged
+    /// records, counted in `dropped_oldest`) are deleted first.
+    ///
+    /// # Errors
+    /// [`SpoolError::TooLarge`] if the framed record exceeds `max_bytes / 8` (nothing is
+    /// written or dropped), or an I/O error (the segment is cut back to its previous end,
+    /// so the spool stays consistent).
+    pub fn append(&mut self, payload: &[u8]) -> Result<(), SpoolError> {
+        let limit = self.cfg.segment_limit_bytes();
+        let record_bytes = payload.len() as u64 + RECORD_HEADER_BYTES;
+        let len = match u32::try_from(payload.len()) {
+            Ok(len) if record_bytes <= limit => len,
+            _ => {
+                return Err(SpoolError::TooLarge {
+                    payload_bytes: payload.len(),
+                    segment_limit_bytes: limit,
+                });
+            }
+        };
+
+        if self.last().bytes + record_bytes > limit {
+            self.rotate()?;
+        }
+        self.drop_oldest_until_fits(record_bytes)?;
+
+        let mut record = Vec::with_capacity(record_bytes as usize);
+        record.extend_from_slice(&len.to_le_bytes());
+        record.extend_from_slice(&record_crc(payload).to_le_bytes());
+        record.extend_from_slice(payload);
+
+        let last = *self.last();
+        let path = segment_path(&self.cfg.dir, last.seq);
+        let written = self.writer.write_all(&record).and_then(|()| {
+            if self.cfg.fsync {
+                self.writer.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            // Cut a partial record away so the next append starts on a boundary. The file
+            // was opened for appending, so later writes go to the new end.
+            if let Err(e2) = self.writer.set_len(last.bytes) {
+                warn!(path = %path.display(), error = %e2, "Cannot cut a failed spool append back.");
+            }
+            return Err(io_err(&path, "append to the segment")(e));
+        }
+        let seg = self.segments.back_mut().expect("segments is never empty");
+        seg.bytes += record_bytes;
+        seg.records += 1;
+        self.stats.appended += 1;
+        Ok(())
+    }
+
+    /// The oldest unacknowledged record, or `None` when the spool is empty. Calling it
+    /// again without [`Spool::ack`] returns the same record.
+    ///
+    /// # Errors
+    /// An I/O error reading the segment, or [`SpoolError::Corrupt`] if the record changed
+    /// on disk since it was recovered or written.
+    pub fn peek(&mut self) -> Result<Option<Vec<u8>>, SpoolError> {
+        Ok(self.read_head()?.map(|h| h.payload.clone()))
+    }
+
+    /// Acknowledges (removes) the oldest record and persists the new read position, so a
+    /// restart does not deliver it again. A fully consumed segment is deleted. Does nothing
+    /// on an empty spool.
+    ///
+    /// # Errors
+    /// As [`Spool::peek`], or an I/O error writing the cursor or deleting a segment; the
+    /// record then counts as not acknowledged (it may come back after a restart).
+    pub fn ack(&mut self) -> Result<(), SpoolError> {
+        let Some(end) = self.read_head()?.map(|h| h.end) else {
+            return Ok(());
+        };
+        let seq = self.segments[0].seq;
+        write_cursor(&self.cfg.dir, seq, end, self.cfg.fsync)?;
+        self.head = None;
+        self.head_offset = end;
+        self.head_consumed += 1;
+        self.stats.acked += 1;
+        self.delete_consumed_segments()
+    }
+
+    /// Records waiting to be acknowledged.
+    pub fn len(&self) -> u64 {
+        self.segments.iter().map(|s| s.records).sum::<u64>() - self.head_consumed
+    }
+
+    /// Whether no record waits to be acknowledged.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of the segment files: framing included, and acknowledged records that still
+    /// share the oldest segment with pending ones. This is what `max_bytes` bounds.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Counters since [`Spool::open`] and the current backlog.
+    pub fn stats(&self) -> SpoolStats {
+        SpoolStats {
+            pending: self.len(),
+            bytes: self.bytes(),
+            ..self.stats
+        }
+    }
+
+    /// The configuration the spool was opened with.
+    pub fn config(&self) -> &SpoolConfig {
+        &self.cfg
+    }
+
+    fn last(&self) -> &Segment {
+        self.segments.back().expect("segments is never empty")
+    }
+
+    /// Reads (once) the record at the head, if there is one.
+    fn read_head(&mut self) -> Result<Option<&Head>, SpoolError> {
+        if self.head.is_none() {
+            if self.is_empty() {
+                return Ok(None);
+            }
+            let seg = self.segments[0];
+            let path = segment_path(&self.cfg.dir, seg.seq);
+            let file = match &mut self.reader {
+                Some((seq, file)) if *seq == seg.seq => file,
+                slot => {
+                    let file = File::open(&path).map_err(io_err(&path, "open the segment"))?;
+                    &mut slot.insert((seg.seq, file)).1
+                }
+            };
+            let offset = self.head_offset;
+            let corrupt = |reason: &str| SpoolError::Corrupt {
+                path: path.clone(),
+                offset,
+                reason: reason.into(),
+            };
+            let mut header = [0u8; RECORD_HEADER_BYTES as usize];
+            file.seek(SeekFrom::Start(offset))
+                .and_then(|_| file.read_exact(&mut header))
+                .map_err(io_err(&path, "read a record"))?;
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            let end = offset + RECORD_HEADER_BYTES + u64::from(len);
+            if end > seg.bytes {
+                return Err(corrupt("length runs past the end of the segment"));
+            }
+            let mut payload = vec![0u8; len as usize];
+            file.read_exact(&mut payload)
+                .map_err(io_err(&path, "read a record"))?;
+            if record_crc(&payload) != crc {
+                return Err(corrupt("CRC mismatch"));
+            }
+            self.head = Some(Head { end, payload });
+        }
+        Ok(self.head.as_ref())
+    }
+
+    /// Starts a new, empty segment to append to.
+    fn rotate(&mut self) -> Result<(), SpoolError> {
+        let seq = self.last().seq + 1;
+        self.writer = create_segment(&self.cfg.dir, seq, self.cfg.fsync)?;
+        self.segments.push_back(Segment {
+            seq,
+            bytes: 0,
+            records: 0,
+        });
+        self.delete_consumed_segments()
+    }
+
+    /// Deletes oldest segments whose records are all acknowledged, but never the last one.
+    fn delete_consumed_segments(&mut self) -> Result<(), SpoolError> {
+        while self.segments.len() > 1 && self.head_offset >= self.segments[0].bytes {
+            self.remove_oldest()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes oldest segments until `extra` more bytes fit under `max_bytes`.
+    fn drop_oldest_until_fits(&mut self, extra: u64) -> Result<(), SpoolError> {
+        while self.segments.len() > 1 && self.bytes() + extra > self.cfg.max_bytes {
+            let seg = self.segments[0];
+            let dropped = seg.records - self.head_consumed;
+            if dropped > 0 {
+                warn!(
+                    segment = seg.seq,
+                    dropped,
+                    max_bytes = self.cfg.max_bytes,
+                    "Spool full; dropping the oldest alerts."
+                );
+            }
+            self.stats.dropped_oldest += dropped;
+            self.remove_oldest()?;
+        }
+        // The head may now sit in an empty segment that is not the last.
+        self.delete_consumed_segments()
+    }
+
+    /// Deletes `segments[0]`; the head moves to the start of the next segment. The cursor
+    /// file is not rewritten: a cursor naming a missing segment means "the next one".
+    fn remove_oldest(&mut self) -> Result<(), SpoolError> {
+        let seg = self.segments[0];
+        if matches!(self.reader, Some((seq, _)) if seq == seg.seq) {
+            self.reader = None;
+        }
+        remove_file(&segment_path(&self.cfg.dir, seg.seq))?;
+        if self.cfg.fsync {
+            sync_dir(&self.cfg.dir)?;
+        }
+        self.segments.pop_front();
+        self.head_offset = 0;
+        self.head_consumed = 0;
+        self.head = None;
+        Ok(())
+    }
+}
+
+/// Result of scanning one segment's bytes.
+struct Scan {
+    /// End offset of every valid record, ascending.
+    ends: Vec<u64>,
+    /// Bytes up to the end of the last valid record.
+    valid_bytes: u64,
+    /// Why the scan stopped before the end of the data, if it did.
+    stop: Option<&'static str>,
+}
+
+fn scan_records(data: &[u8]) -> Scan {
+    let header = RECORD_HEADER_BYTES as usize;
+    let mut ends = Vec::new();
+    let mut pos = 0usize;
+    let stop = loop {
+        let rest = &data[pos..];
+        if rest.is_empty() {
+            break None;
+        }
+        if rest.len() < header {
+            break Some("torn record header");
+        }
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        if rest.len() - header < len {
+            break Some("torn record payload");
+        }
+        if record_crc(&rest[header..header + len]) != crc {
+            break Some("CRC mismatch");
+        }
+        pos += header + len;
+        ends.push(pos as u64);
+    };
+    Scan {
+        ends,
+        valid_bytes: pos as u64,
+        stop,
+    }
+}
+
+/// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320) lookup table, built at compile time.
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
+fn crc32_update(crc: u32, bytes: &[u8]) -> u32 {
+    let mut c = !crc;
+    for &b in bytes {
+        c = CRC_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+/// CRC-32 of a byte string (the common `crc32` of zlib and Ethernet).
+fn crc32(bytes: &[u8]) -> u32 {
+    crc32_update(0, bytes)
+}
+
+/// The CRC stored in a record's frame: over the length bytes, then the payload.
+fn record_crc(payload: &[u8]) -> u32 {
+    let len = payload.len() as u32;
+    crc32_update(crc32(&len.to_le_bytes()), payload)
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SpoolError {
+    let path = path.to_path_buf();
+    move |source| SpoolError::Io { path, op, source }
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:08}{SEGMENT_SUFFIX}"))
+}
+
+/// Sequence numbers of the segment files in `dir`, ascending. Other files are ignored.
+fn list_segments(dir: &Path) -> Result<Vec<u64>, SpoolError> {
+    let mut seqs = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir, "list the spool directory"))? {
+        let entry = entry.map_err(io_err(dir, "list the spool directory"))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(SEGMENT_SUFFIX)) else {
+            continue;
+        };
+        if !stem.is_empty() && stem.bytes().all(|b| b.is_ascii_digit()) {
+            match stem.parse() {
+                Ok(seq) => seqs.push(seq),
+                Err(_) => warn!(file = %stem, "Ignoring a spool segment name out of range."),
+            }
+        }
+    }
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
+fn create_segment(dir: &Path, seq: u64, fsync: bool) -> Result<File, SpoolError> {
+    let path = segment_path(dir, seq);
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(io_err(&path, "create the segment"))?;
+    if fsync {
+        sync_dir(dir)?;
+    }
+    Ok(file)
+}
+
+fn open_append(path: &Path) -> Result<File, SpoolError> {
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(io_err(path, "open the segment for appending"))
+}
+
+fn truncate_file(path: &Path, len: u64, fsync: bool) -> Result<(), SpoolError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path, "open the segment to truncate it"))?;
+    file.set_len(len)
+        .and_then(|()| if fsync { file.sync_all() } else { Ok(()) })
+        .map_err(io_err(path, "truncate the segment"))
+}
+
+fn remove_file(path: &Path) -> Result<(), SpoolError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path, "delete the segment")(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Makes creations, renames and deletions in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir, "sync the spool directory"))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// The persisted read position, or `None` if there is none or it is unreadable.
+fn read_cursor(dir: &Path) -> Result<Option<(u64, u64)>, SpoolError> {
+    let path = dir.join(CURSOR_FILE);
+    let data = match fs::read(&path) {
+        Ok(data) => data,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path, "read the cursor")(e)),
+    };
+    let parsed = <[u8; CURSOR_BYTES]>::try_from(data.as_slice())
+        .ok()
+        .and_then(|b| {
+            let seq = u64::from_le_bytes(b[0..8].try_into().ok()?);
+            let offset = u64::from_le_bytes(b[8..16].try_into().ok()?);
+            let crc = u32::from_le_bytes(b[16..20].try_into().ok()?);
+            (crc32(&b[..16]) == crc).then_some((seq, offset))
+        });
+    if parsed.is_none() {
+        warn!(
+            path = %path.display(),
+            "Spool cursor is corrupt; replaying from the oldest segment."
+        );
+    }
+    Ok(parsed)
+}
+
+/// Replaces the cursor atomically: temp file, fsync, rename, fsync of the directory.
+fn write_cursor(dir: &Path, seq: u64, offset: u64, fsync: bool) -> Result<(), SpoolError> {
+    let mut buf = [0u8; CURSOR_BYTES];
+    buf[0..8].copy_from_slice(&seq.to_le_bytes());
+    buf[8..16].copy_from_slice(&offset.to_le_bytes());
+    let crc = crc32(&buf[..16]);
+    buf[16..20].copy_from_slice(&crc.to_le_bytes());
+
+    let tmp = dir.join(CURSOR_TMP_FILE);
+    let mut file = File::create(&tmp).map_err(io_err(&tmp, "create the temp cursor"))?;
+    file.write_all(&buf)
+        .and_then(|()| if fsync { file.sync_all() } else { Ok(()) })
+        .map_err(io_err(&tmp, "write the temp cursor"))?;
+    drop(file);
+    let path = dir.join(CURSOR_FILE);
+    fs::rename(&tmp, &path).map_err(io_err(&path, "replace the cursor"))?;
+    if fsync {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn cfg(dir: &Path, max_bytes: u64) -> SpoolConfig {
+        SpoolConfig {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            fsync: false,
+        }
+    }
+
+    /// A payload that names its id, of `len` bytes (at least 8).
+    fn payload(id: u64, len: usize) -> Vec<u8> {
+        let mut p = id.to_le_bytes().to_vec();
+        p.resize(len.max(8), (id % 251) as u8);
+        p
+    }
+
+    fn segment_files(dir: &Path) -> Vec<u64> {
+        list_segments(dir).unwrap()
+    }
+
+    fn drain(spool: &mut Spool) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(p) = spool.peek().unwrap() {
+            out.push(p);
+            spool.ack().unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+        // A zero-filled frame must not pass as an empty record.
+        assert_ne!(record_crc(b""), 0);
+    }
+
+    #[test]
+    fn empty_spool_peeks_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.peek().unwrap(), None);
+        spool.ack().unwrap();
+        assert_eq!(spool.len(), 0);
+        assert!(spool.is_empty());
+        assert_eq!(spool.stats(), SpoolStats::default());
+    }
+
+    #[test]
+    fn delivers_in_order_across_segment_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 100 bytes: five 18-byte records each.
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        for id in 0..17 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        assert_eq!(spool.len(), 17);
+        assert_eq!(spool.bytes(), 17 * 18);
+        assert_eq!(segment_files(dir.path()), vec![1, 2, 3, 4]);
+        // Peek is idempotent.
+        assert_eq!(spool.peek().unwrap(), Some(payload(0, 10)));
+        assert_eq!(spool.peek().unwrap(), Some(payload(0, 10)));
+        for id in 0..12 {
+            assert_eq!(spool.peek().unwrap(), Some(payload(id, 10)));
+            spool.ack().unwrap();
+        }
+        // Two segments fully consumed and deleted; the third is half read.
+        assert_eq!(segment_files(dir.path()), vec![3, 4]);
+        for id in 17..20 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        let rest: Vec<_> = (12..20).map(|id| payload(id, 10)).collect();
+        assert_eq!(drain(&mut spool), rest);
+        assert_eq!(spool.len(), 0);
+        assert_eq!(segment_files(dir.path()), vec![4]);
+        let stats = spool.stats();
+        assert_eq!((stats.appended, stats.acked, stats.pending), (20, 20, 0));
+    }
+
+    #[test]
+    fn reopen_keeps_pending_and_forgets_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        for id in 0..13 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        for _ in 0..7 {
+            spool.ack().unwrap();
+        }
+        drop(spool);
+
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.len(), 6);
+        assert_eq!(spool.stats().truncated_tail, 0);
+        spool.append(&payload(13, 10)).unwrap();
+        let expected: Vec<_> = (7..14).map(|id| payload(id, 10)).collect();
+        assert_eq!(drain(&mut spool), expected);
+        drop(spool);
+
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.peek().unwrap(), None);
+        // New segments keep growing past the consumed ones.
+        spool.append(&payload(14, 10)).unwrap();
+        drop(spool);
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(drain(&mut spool), vec![payload(14, 10)]);
+    }
+
+    #[test]
+    fn unacked_peek_is_redelivered_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        spool.append(b"first-alert").unwrap();
+        spool.append(b"second-alert").unwrap();
+        assert_eq!(spool.peek().unwrap().as_deref(), Some(&b"first-alert"[..]));
+        drop(spool); // crashed while publishing: never acked
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.peek().unwrap().as_deref(), Some(&b"first-alert"[..]));
+    }
+
+    fn last_segment(dir: &Path) -> PathBuf {
+        segment_path(dir, *segment_files(dir).last().unwrap())
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_and_earlier_records_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        for id in 0..8 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        drop(spool);
+        // Cut the last record short, as a crash mid-append would.
+        let path = last_segment(dir.path());
+        let len = fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.stats().truncated_tail, 1);
+        assert_eq!(spool.len(), 7);
+        assert_eq!(fs::metadata(&path).unwrap().len(), len - 18);
+        // Appends continue on a record boundary.
+        spool.append(&payload(8, 10)).unwrap();
+        let expected: Vec<_> = (0..7).chain([8]).map(|id| payload(id, 10)).collect();
+        assert_eq!(drain(&mut spool), expected);
+    }
+
+    #[test]
+    fn corrupt_last_record_is_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        for id in 0..8 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        drop(spool);
+        let path = last_segment(dir.path());
+        let mut data = fs::read(&path).unwrap();
+        let n = data.len();
+        data[n - 2] ^= 0x40;
+        fs::write(&path, &data).unwrap();
+
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.stats().truncated_tail, 1);
+        let expected: Vec<_> = (0..7).map(|id| payload(id, 10)).collect();
+        assert_eq!(drain(&mut spool), expected);
+        drop(spool);
+        // Recovery is done once: the next open finds nothing to cut.
+        let spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.stats().truncated_tail, 0);
+    }
+
+    #[test]
+    fn corrupt_middle_record_ends_its_segment_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        for id in 0..12 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        drop(spool);
+        // Segment 1 holds ids 0..5; damage id 2's payload.
+        let path = segment_path(dir.path(), 1);
+        let mut data = fs::read(&path).unwrap();
+        data[2 * 18 + 9] ^= 1;
+        fs::write(&path, &data).unwrap();
+
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.stats().truncated_tail, 1);
+        let expected: Vec<_> = [0, 1]
+            .into_iter()
+            .chain(5..12)
+            .map(|id| payload(id, 10))
+            .collect();
+        assert_eq!(drain(&mut spool), expected);
+    }
+
+    #[test]
+    fn appends_after_a_torn_acked_tail_are_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        for id in 0..3 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        drain(&mut spool);
+        drop(spool);
+        // The acked newest record is torn (fsync off, power lost): the cursor now points
+        // past the recovered end of the segment.
+        let path = last_segment(dir.path());
+        let len = fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 4)
+            .unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.len(), 0);
+        spool.append(&payload(3, 10)).unwrap();
+        drop(spool);
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(drain(&mut spool), vec![payload(3, 10)]);
+    }
+
+    #[test]
+    fn corrupt_cursor_replays_from_the_oldest_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        for id in 0..3 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        spool.ack().unwrap();
+        drop(spool);
+        fs::write(dir.path().join(CURSOR_FILE), b"garbage").unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        assert_eq!(spool.len(), 3);
+        assert_eq!(spool.peek().unwrap(), Some(payload(0, 10)));
+    }
+
+    #[test]
+    fn drops_oldest_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let max_bytes = 800;
+        let mut spool = Spool::open(cfg(dir.path(), max_bytes)).unwrap();
+        let n = 100u64; // 1800 bytes of records
+        for id in 0..n {
+            spool.append(&payload(id, 10)).unwrap();
+            assert!(
+                spool.bytes() <= max_bytes,
+                "{} > {max_bytes}",
+                spool.bytes()
+            );
+        }
+        let stats = spool.stats();
+        assert!(stats.dropped_oldest > 0);
+        assert_eq!(stats.appended, n);
+        assert_eq!(stats.dropped_oldest + stats.pending, n);
+        // What is left is the newest records, in order, with no gap.
+        let got = drain(&mut spool);
+        let first = n - got.len() as u64;
+        let expected: Vec<_> = (first..n).map(|id| payload(id, 10)).collect();
+        assert_eq!(got, expected);
+        assert_eq!(first, stats.dropped_oldest);
+    }
+
+    #[test]
+    fn shrinking_max_bytes_drops_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 1000 bytes: 55, 55 and 10 records.
+        let mut spool = Spool::open(cfg(dir.path(), 8000)).unwrap();
+        for id in 0..120 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        drop(spool);
+        let mut spool = Spool::open(cfg(dir.path(), 2000)).unwrap();
+        assert!(spool.bytes() <= 2000);
+        assert_eq!(spool.stats().dropped_oldest, 55);
+        assert_eq!(spool.len(), 65);
+        assert_eq!(spool.peek().unwrap(), Some(payload(55, 10)));
+        drop(spool);
+        // Smaller than the newest segment alone: everything goes, nothing breaks.
+        let mut spool = Spool::open(cfg(dir.path(), 100)).unwrap();
+        assert_eq!(spool.stats().dropped_oldest, 65);
+        assert_eq!(spool.peek().unwrap(), None);
+        spool.append(b"last").unwrap();
+        assert_eq!(spool.peek().unwrap().as_deref(), Some(&b"last"[..]));
+    }
+
+    #[test]
+    fn oversized_payload_is_rejected_with_both_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(cfg(dir.path(), 800)).unwrap();
+        spool.append(&[7u8; 92]).unwrap(); // 100 bytes framed: exactly one segment
+        let err = spool.append(&[7u8; 93]).unwrap_err();
+        assert!(matches!(
+            err,
+            SpoolError::TooLarge {
+                payload_bytes: 93,
+                segment_limit_bytes: 100
+            }
+        ));
+        let msg = err.to_string();
+        assert!(msg.contains("93") && msg.contains("100"), "{msg}");
+        assert_eq!(spool.len(), 1);
+        assert_eq!(spool.stats().dropped_oldest, 0);
+    }
+
+    #[test]
+    fn config_defaults_validation_and_unknown_keys() {
+        let d = SpoolConfig::default();
+        assert_eq!(d.dir, PathBuf::from("/var/lib/darkwatch/spool"));
+        assert_eq!(d.max_bytes, 64 << 20);
+        assert!(d.fsync);
+        let parsed: SpoolConfig = serde_json::from_str(r#"{"max_bytes": 4096}"#).unwrap();
+        assert_eq!(parsed.max_bytes, 4096);
+        assert!(parsed.fsync);
+        assert!(serde_json::from_str::<SpoolConfig>(r#"{"max_byte": 1}"#).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let err = Spool::open(cfg(dir.path(), 10)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SpoolError::Config {
+                    key: "max_bytes",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn fsync_on_works_end_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = SpoolConfig {
+            fsync: true,
+            ..cfg(dir.path(), 800)
+        };
+        let mut spool = Spool::open(c.clone()).unwrap();
+        for id in 0..12 {
+            spool.append(&payload(id, 10)).unwrap();
+        }
+        for _ in 0..6 {
+            spool.ack().unwrap();
+        }
+        drop(spool);
+        let mut spool = Spool::open(c).unwrap();
+        let expected: Vec<_> = (6..12).map(|id| payload(id, 10)).collect();
+        assert_eq!(drain(&mut spool), expected);
+        assert!(!dir.path().join(CURSOR_TMP_FILE).exists());
+    }
+
+    /// Random append / peek / ack / reopen / torn-tail sequences, with `max_bytes` changing
+    /// between runs, against an in-memory FIFO.
+    #[test]
+    fn random_operations_match_a_fifo_model() {
+        const SIZES: [u64; 4] = [400, 700, 1000, 1600];
+        for seed in 0..16u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut rng = Rng::new(seed);
+            let mut c = cfg(dir.path(), SIZES[rng.below(SIZES.len())]);
+            let mut spool = Spool::open(c.clone()).unwrap();
+            let mut model: VecDeque<Vec<u8>> = VecDeque::new();
+            let mut next_id = 0u64;
+            for step in 0..800 {
+                let ctx = format!("seed {seed} step {step}");
+                match rng.below(100) {
+                    0..=44 => {
+                        let limit = c.segment_limit_bytes() as usize;
+                        let len = 8 + rng.below(limit - 2 * RECORD_HEADER_BYTES as usize + 1);
+                        let p = payload(next_id, len);
+                        next_id += 1;
+                        let before = spool.stats().dropped_oldest;
+                        spool.append(&p).unwrap();
+                        let dropped = spool.stats().dropped_oldest - before;
+                        assert!(dropped as usize <= model.len(), "{ctx}");
+                        model.drain(..dropped as usize);
+                        model.push_back(p);
+                    }
+                    45..=84 => {
+                        assert_eq!(spool.peek().unwrap().as_ref(), model.front(), "{ctx}");
+                        spool.ack().unwrap();
+                        model.pop_front();
+                    }
+                    85..=91 => {
+                        assert_eq!(spool.peek().unwrap().as_ref(), model.front(), "{ctx}");
+                    }
+                    92..=96 => {
+                        // Restart, sometimes with another bound.
+                        drop(spool);
+                        c.max_bytes = SIZES[rng.below(SIZES.len())];
+                        spool = Spool::open(c.clone()).unwrap();
+                        let stats = spool.stats();
+                        assert_eq!(stats.truncated_tail, 0, "{ctx}");
+                        model.drain(..stats.dropped_oldest as usize);
+                    }
+                    _ => {
+                        // Crash mid-append: the newest record loses its last bytes.
+                        drop(spool);
+                        let path =
+                            segment_path(dir.path(), *segment_files(dir.path()).last().unwrap());
+                        let len = fs::metadata(&path).unwrap().len();
+                        let torn = len > 0;
+                        if torn {
+                            let cut = 1 + rng.below(RECORD_HEADER_BYTES as usize) as u64;
+                            let file = File::options().write(true).open(&path).unwrap();
+                            file.set_len(len - cut).unwrap();
+                            // The newest record on disk is the newest pending one, if any
+                            // is pending; otherwise it was already acknowledged.
+                            model.pop_back();
+                        }
+                        spool = Spool::open(c.clone()).unwrap();
+                        let stats = spool.stats();
+                        assert_eq!(stats.truncated_tail, u64::from(torn), "{ctx}");
+                        model.drain(..stats.dropped_oldest as usize);
+                    }
+                }
+                assert_eq!(spool.len(), model.len() as u64, "{ctx}");
+                assert!(spool.bytes() <= c.max_bytes, "{ctx}");
+                let on_disk: u64 = segment_files(dir.path())
+                    .iter()
+                    .map(|&s| fs::metadata(segment_path(dir.path(), s)).unwrap().len())
+                    .sum();
+                assert_eq!(on_disk, spool.bytes(), "{ctx}");
+            }
+            drop(spool);
+            let mut spool = Spool::open(c).unwrap();
+            assert_eq!(drain(&mut spool), Vec::from(model), "seed {seed}");
+        }
+    }
+}
