@@ -79,6 +79,11 @@ pub fn evaluate(scores: &[f32], labels: &[u8]) -> Result<Report, EvalError> {
 /// (positives × negatives), i.e. the probability that a random anomalous row scores
 /// above a random normal row, ties counting one half (the average-rank convention).
 ///
+/// ```
+/// let auroc = darkwatch::eval::auroc(&[0.1, 0.4, 0.35, 0.8], &[0, 0, 1, 1]).unwrap();
+/// assert_eq!(auroc, Some(0.75));
+/// ```
+///
 /// # Errors
 /// As [`evaluate`]. `Ok(None)` when either class is absent.
 pub fn auroc(scores: &[f32], labels: &[u8]) -> Result<Option<f64>, EvalError> {

@@ -126,6 +126,12 @@ impl LatencyHistogram {
 /// Writes into `out` the indices of the `out.len()` largest values of `values`,
 /// largest first (ties: lower index first). `out.len()` must not exceed `values.len()`.
 /// Insertion into a short sorted list: O(d·k) with k small, and no allocation.
+///
+/// ```
+/// let mut top = [0usize; 2];
+/// darkwatch::stats::top_k_indices(&[0.1, 0.9, 0.4], &mut top);
+/// assert_eq!(top, [1, 2]);
+/// ```
 pub fn top_k_indices(values: &[f32], out: &mut [usize]) {
     let k = out.len().min(values.len());
     let mut filled = 0;
