@@ -300,7 +300,7 @@ pub fn run_entity(
 /// MSS-PAE split: inliers and outliers each shuffled (seeded) and cut 50/25/25; returns
 /// (train ∪ valid rows, test rows), each sorted.
 pub fn split_50_25_25(labels: &[u8], seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let mut rng = Rng::new(seed ^ 0x5350_4C49_54);
+    let mut rng = Rng::new(seed ^ 0x0053_504C_4954);
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for class in [0u8, 1] {
         let mut idx: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();

@@ -257,7 +257,7 @@ fn smallest(dist: &[f32], best: &mut [f32], idx: &mut [usize]) -> usize {
     let mut filled = 0;
     for (i, &v) in dist.iter().enumerate() {
         // Skips NaN and the +inf that marks an excluded row.
-        if !(v < f32::INFINITY) || (filled == k && v >= best[k - 1]) {
+        if v.is_nan() || v == f32::INFINITY || (filled == k && v >= best[k - 1]) {
             continue;
         }
         // Insert v, shifting larger entries right; when full, the largest falls off.

@@ -120,7 +120,8 @@ pub fn align_features(
     };
     let generic = |names: &[String]| names.iter().enumerate().all(|(i, n)| *n == format!("f{i}"));
     let by_name = want.iter().all(|w| have.contains(w));
-    if have.len() != want.len() && !(by_name && !generic(want)) {
+    // A different width is fine only when the model's (real, not f0…) names are all there.
+    if have.len() != want.len() && (!by_name || generic(want)) {
         return Err(err(format!(
             "{} features in the input, but the model was trained on {} ({})",
             have.len(),

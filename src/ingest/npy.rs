@@ -102,7 +102,8 @@ fn parse(path: &Path, bytes: &[u8], allow_1d: bool) -> Result<Table, IngestError
         shape,
     } = parse_header(&header).map_err(header_err)?;
 
-    let (item, dtype, decode): (u64, &'static str, fn(&[u8]) -> f64) = match descr.as_str() {
+    type Decode = fn(&[u8]) -> f64;
+    let (item, dtype, decode): (u64, &'static str, Decode) = match descr.as_str() {
         "<f4" => (4, "float32", |c| {
             f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         }),

@@ -192,10 +192,12 @@ pub fn quantile_sorted(sorted: &[f32], q: f64) -> f32 {
 /// An untrained model of the default shape for `d` features (identity scaling, no MSS),
 /// for benchmarks and tests where the weights do not matter.
 pub fn synthetic(d: usize, seed: u64) -> Model {
-    let mut cfg = DarkwatchConfig::default();
-    cfg.mss = MssConfig {
-        rounds: 0,
-        ..MssConfig::default()
+    let cfg = DarkwatchConfig {
+        mss: MssConfig {
+            rounds: 0,
+            ..MssConfig::default()
+        },
+        ..DarkwatchConfig::default()
     };
     let ae = Autoencoder::new(d, &default_hidden_sizes(d), cfg.model.kind, seed);
     let scaler = Scaler::from_parts(ScalerKind::ZScore, vec![0.0; d], vec![1.0; d]);

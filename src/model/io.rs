@@ -470,7 +470,7 @@ fn deserialize_weights(
     })?;
     let widths = &meta.architecture.layer_widths;
     let n_layers = widths.len() - 1;
-    let with_bank = st.names().iter().any(|n| *n == BANK_TENSOR);
+    let with_bank = st.names().contains(&BANK_TENSOR);
     if !with_bank && !meta.mss.is_off() {
         return Err(ModelError::Tensor {
             path: path.to_path_buf(),
@@ -478,7 +478,7 @@ fn deserialize_weights(
             reason: "missing, but model.json turns mean-shift scoring on".into(),
         });
     }
-    let with_calibration = st.names().iter().any(|n| *n == CALIBRATION_TENSOR);
+    let with_calibration = st.names().contains(&CALIBRATION_TENSOR);
     let expected: usize = 2 * n_layers + usize::from(with_bank) + usize::from(with_calibration);
     if st.len() != expected {
         return Err(ModelError::Weights {
