@@ -9,11 +9,16 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::agent::AgentConfig;
 use crate::alert::AlertConfig;
+use crate::ingest::assemble::AssemblerConfig;
+use crate::ingest::examon::ExamonConfig;
 use crate::model::{OutputKind, ScalerKind};
+use crate::mqtt::MqttConfig;
 use crate::mss::MssConfig;
 use crate::ring::FullPolicy;
 use crate::score::{Head, HeadKind, LogVariance};
+use crate::spool::SpoolConfig;
 use crate::threshold::ThresholdConfig;
 use crate::train::TrainConfig;
 
@@ -32,6 +37,11 @@ pub struct DarkwatchConfig {
     pub alert: AlertConfig,
     pub pipeline: PipelineConfig,
     pub input: InputConfig,
+    pub agent: AgentConfig,
+    pub mqtt: MqttConfig,
+    pub assemble: AssemblerConfig,
+    pub examon: ExamonConfig,
+    pub spool: SpoolConfig,
 }
 
 /// Shape of the autoencoder that `train` builds.
@@ -260,6 +270,15 @@ impl DarkwatchConfig {
         self.alert
             .validate()
             .map_err(|(k, r)| (format!("alert.{k}"), r))?;
+        self.mqtt
+            .validate()
+            .map_err(|(k, r)| (format!("mqtt.{k}"), r))?;
+        self.spool
+            .validate()
+            .map_err(|(k, r)| (format!("spool.{k}"), r))?;
+        if let Err(e) = self.assemble.build(vec!["x".into()]) {
+            return Err(("assemble".into(), e.to_string()));
+        }
         if !(1..=MAX_TOP_CONTRIBUTIONS).contains(&self.score.top_contributions) {
             return Err((
                 "score.top_contributions".into(),

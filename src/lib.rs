@@ -4,6 +4,8 @@
 //!
 //! The modules follow the data flow of `DESIGN.md`:
 //!
+//! - [`agent`]: the daemon: MQTT in, frames per stream, the pipeline, alerts out over MQTT.
+//! - [`demo`]: the self-contained demo (embedded broker, publisher, agent, subscriber).
 //! - [`config`]: the TOML configuration (`DarkwatchConfig`), environment overrides, validation.
 //! - [`ingest`]: file inputs (CSV, NPY, label files) and the file source that replays them.
 //! - [`ring`]: the lock-free SPSC frame ring between a source and the scorer, with its full policy.
@@ -15,19 +17,23 @@
 //! - [`pipeline`]: the scorer thread that drains the ring in micro-batches and feeds sinks.
 //! - [`alert`]: per-stream alert state (k-of-n hysteresis) and Alertmanager-shaped events.
 //! - [`spool`]: the on-disk, size-bounded FIFO that keeps alerts while the broker is unreachable.
+//! - [`mqtt`]: the MQTT client (data in, alerts out through the spool) and the embedded broker.
 //! - [`eval`]: point-wise AUROC / AUPRC / best-F1 (and the labelled point-adjusted F1).
 //! - [`harness`]: trains and replays every SMD machine and ODDS table given, one table of metrics.
 //! - [`plot`]: the replay score plot (PNG with threshold, alert and label spans).
 //! - [`bench`]: the operator-facing latency and throughput summary.
 //! - [`stats`]: small allocation-free helpers (latency histogram, top-k selection).
 
+pub mod agent;
 pub mod alert;
 pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod eval;
 pub mod harness;
 pub mod ingest;
 pub mod model;
+pub mod mqtt;
 pub mod mss;
 pub mod pipeline;
 pub mod plot;

@@ -84,6 +84,31 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run the agent: subscribe to MQTT, score every frame, publish alerts (until SIGTERM/SIGINT).
+    Run {
+        /// Configuration file ([agent] model_dir, [mqtt], [assemble], [spool], …).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Everything on this machine: an embedded broker, a publisher replaying a recorded
+    /// stream as ExaMon messages, the agent, and a subscriber counting alerts.
+    Demo {
+        #[arg(long, default_value = "models/smd-machine-1-6")]
+        model: PathBuf,
+        #[arg(long, default_value = "tests/data/smd/machine-1-6_test.npy")]
+        input: PathBuf,
+        #[arg(long, default_value = "tests/data/smd/machine-1-6_test_label.txt")]
+        labels: PathBuf,
+        /// First row replayed.
+        #[arg(long, default_value_t = 17_500)]
+        start: usize,
+        /// Rows replayed (each becomes one ExaMon message per metric).
+        #[arg(long, default_value_t = 4_000)]
+        frames: usize,
+        /// Configuration file (thresholds, alerts; the demo sets broker, spool and windows).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Train and replay every SMD machine and ODDS table given; print one table of metrics.
     Harness {
         /// SMD `<machine>_train.npy` files (test and labels beside them), ODDS `.npz`
@@ -154,8 +179,8 @@ impl From<HeadArg> for HeadKind {
 }
 
 fn main() -> ExitCode {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,rumqttd=off".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -174,6 +199,32 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Sets `stop` on SIGTERM or SIGINT (a small runtime thread waits for them).
+fn stop_on_signal(stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("darkwatch-signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("Signal received; draining and stopping.");
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+        })?;
+    Ok(())
 }
 
 /// A frame rate: finite, at least 0.001 and at most 1e9 frames per second.
@@ -289,6 +340,40 @@ fn run(command: Command) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Run { config } => {
+            let cfg = load_config(config.as_deref())?;
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            stop_on_signal(stop.clone())?;
+            let counters = Arc::new(darkwatch::agent::AgentCounters::default());
+            let report = darkwatch::agent::run(&cfg, stop, counters, false)?;
+            eprintln!(
+                "darkwatch: stopped after {} frames scored, {} alerts",
+                report.pipeline.frames_scored,
+                report.events.len()
+            );
+            Ok(())
+        }
+        Command::Demo {
+            model,
+            input,
+            labels,
+            start,
+            frames,
+            config,
+        } => {
+            let cfg = load_config(config.as_deref())?;
+            let opts = darkwatch::demo::DemoOptions {
+                model_dir: model,
+                input,
+                labels: Some(labels),
+                start,
+                frames,
+            };
+            eprintln!(
+                "darkwatch: demo: embedded broker, publisher, agent and subscriber starting…"
+            );
+            emit(&darkwatch::demo::run(&opts, &cfg)?.to_string())
         }
         Command::Harness {
             paths,

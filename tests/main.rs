@@ -382,3 +382,35 @@ fn harness_prints_one_table_for_the_bundled_machine() {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
 }
+
+#[test]
+fn demo_streams_over_mqtt_and_alerts_reach_the_subscriber() {
+    // Rows 18500.. of machine-1-6 hold the start of its longest anomaly.
+    let (code, out, err) = run(darkwatch()
+        .current_dir(repo(""))
+        .args(["demo", "--start", "18500", "--frames", "600"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let line = |prefix: &str| {
+        out.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in\n{out}"))
+            .to_string()
+    };
+    // Every message published reached the agent, every row became a scored frame.
+    assert!(
+        line("broker").contains("22800 ExaMon messages published"),
+        "{out}"
+    );
+    assert!(line("agent").starts_with("agent       22800 messages, 0 decode errors, 600 frames assembled (0 incomplete), 600 scored"), "{out}");
+    // Alerts went out over MQTT and the subscriber received each one.
+    let alerts = line("alerts");
+    let words: Vec<&str> = alerts.split_whitespace().collect();
+    let (firing, resolved, received): (u64, u64, u64) = (
+        words[1].parse().unwrap(),
+        words[3].parse().unwrap(),
+        words[6].parse().unwrap(),
+    );
+    assert!(firing >= 1, "{alerts}");
+    assert_eq!(received, firing + resolved, "{alerts}");
+    assert!(out.contains("point-wise AUROC"), "{out}");
+}

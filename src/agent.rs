@@ -1,0 +1,384 @@
+//! The agent: MQTT in, frames assembled per stream, the one pipeline, a threshold and
+//! alert state per stream, Alertmanager-shaped alerts out over MQTT (spooled to disk
+//! first, so none is lost while the broker is away).
+//!
+//! ```text
+//! mqtt client thread ──Incoming──▶ source thread: decode ▶ assemble ▶ frame ring ▶ scorer ▶ sink thread:
+//!        ▲                                                                         threshold + alerts per stream
+//!        └──────────────────────────── Outgoing (alert JSON) ◀─────────────────────┘
+//! ```
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::alert::{AlertEvent, AlertState, Observation};
+use crate::config::DarkwatchConfig;
+use crate::ingest::assemble::{Assembler, AssemblerError};
+use crate::ingest::examon::ExamonDecoder;
+use crate::model::{Model, ModelError};
+use crate::mqtt::{self, Incoming, MqttError, MqttStats, Outgoing};
+use crate::pipeline::{self, Clock, PipelineError, PipelineReport, ScoredFrame, Sink, Source};
+use crate::ring::{FrameMeta, FrameProducer};
+use crate::spool::{Spool, SpoolError};
+use crate::threshold::Threshold;
+
+/// What the agent runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Model directory written by `darkwatch train`.
+    pub model_dir: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            model_dir: PathBuf::from("/var/lib/darkwatch/model"),
+        }
+    }
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("frame assembly: {0}")]
+    Assembler(#[from] AssemblerError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("threshold: {0}")]
+    Threshold(String),
+}
+
+/// Counters of one agent run.
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    pub messages: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub samples_rejected: AtomicU64,
+    pub frames: AtomicU64,
+    pub frames_incomplete: AtomicU64,
+    pub alerts_firing: AtomicU64,
+    pub alerts_resolved: AtomicU64,
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct AgentReport {
+    pub pipeline: PipelineReport,
+    pub counters: Arc<AgentCounters>,
+    pub mqtt: Arc<MqttStats>,
+    /// (stream, seq, score) of every scored frame, when recording was asked for.
+    pub scores: Vec<(u32, u64, f32)>,
+    /// Every alert event, in order.
+    pub events: Vec<AlertEvent>,
+    /// The broker port actually used (the embedded broker may pick one).
+    pub port: u16,
+}
+
+/// Runs the agent until `stop` is set; returns what it did. `counters` can be watched
+/// while it runs. With `record`, every frame's score is kept (the demo evaluates them).
+///
+/// # Errors
+/// The model, spool or broker cannot be set up, or the pipeline fails.
+pub fn run(
+    cfg: &DarkwatchConfig,
+    stop: Arc<AtomicBool>,
+    counters: Arc<AgentCounters>,
+    record: bool,
+) -> Result<AgentReport, AgentError> {
+    let model = Arc::new(Model::load(&cfg.agent.model_dir)?);
+    let mut mqtt_cfg = cfg.mqtt.clone();
+    if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
+        mqtt_cfg.port = mqtt::start_embedded_broker(&mqtt_cfg.host, mqtt_cfg.port)?;
+        tracing::info!(port = mqtt_cfg.port, "Embedded MQTT broker started.");
+    }
+    let port = mqtt_cfg.port;
+    let spool = Spool::open(cfg.spool.clone())?;
+    let (in_tx, in_rx) =
+        std::sync::mpsc::sync_channel::<Incoming>(mqtt_cfg.incoming_capacity.max(1));
+    let (out_tx, out_rx) = std::sync::mpsc::channel::<Outgoing>();
+    let mqtt_stats = Arc::new(MqttStats::default());
+    let client_stop = Arc::new(AtomicBool::new(false));
+    let client = mqtt::spawn_client(
+        mqtt_cfg.clone(),
+        spool,
+        in_tx,
+        out_rx,
+        mqtt_stats.clone(),
+        client_stop.clone(),
+    )?;
+
+    let calibration: Vec<f64> = model
+        .calibration_scores
+        .iter()
+        .map(|&s| f64::from(s))
+        .collect();
+    let template = cfg
+        .threshold
+        .build(&calibration)
+        .map_err(|e| AgentError::Threshold(e.to_string()))?;
+    let streams: Arc<Mutex<Vec<String>>> = Arc::default();
+    let source = AgentSource {
+        incoming: in_rx,
+        decoder: cfg.examon.build(),
+        assembler: cfg.assemble.build(model.meta.features.clone())?,
+        streams: streams.clone(),
+        counters: counters.clone(),
+        stop: stop.clone(),
+        newest: None,
+        known_streams: 0,
+    };
+    let sink = AgentSink {
+        template,
+        per_stream: Vec::new(),
+        streams,
+        alert_cfg: cfg.alert.clone(),
+        mqtt: mqtt_cfg,
+        model_id: model.meta.id.clone(),
+        model_version: model.meta.provenance.created_unix_secs.to_string(),
+        features: model.meta.features.clone().into(),
+        out: out_tx,
+        counters: counters.clone(),
+        record,
+        scores: Vec::new(),
+        events: Vec::new(),
+    };
+    let head = model.meta.head;
+    let (report, sink) = pipeline::run(
+        model,
+        head,
+        cfg.score.top_contributions,
+        &cfg.pipeline,
+        cfg.pipeline.full_policy,
+        source,
+        sink,
+    )?;
+    let AgentSink {
+        scores,
+        events,
+        out,
+        ..
+    } = sink;
+    drop(out);
+    client_stop.store(true, Ordering::SeqCst);
+    let _ = client.join();
+    Ok(AgentReport {
+        pipeline: report,
+        counters,
+        mqtt: mqtt_stats,
+        scores,
+        events,
+        port,
+    })
+}
+
+/// Decodes MQTT messages and assembles frames into the ring.
+struct AgentSource {
+    incoming: Receiver<Incoming>,
+    decoder: ExamonDecoder,
+    assembler: Assembler,
+    streams: Arc<Mutex<Vec<String>>>,
+    counters: Arc<AgentCounters>,
+    stop: Arc<AtomicBool>,
+    /// The newest sample time seen, and when (wall clock) it arrived: the event-time clock
+    /// that closes the windows of a quiet stream. Event time, not wall time, so a replay
+    /// of old data at any speed closes windows exactly as live data would.
+    newest: Option<(f64, std::time::Instant)>,
+    /// Streams whose names are already in `streams`.
+    known_streams: usize,
+}
+
+impl AgentSource {
+    /// Event time now: the newest sample's time plus the wall time since it arrived.
+    fn event_now(&self) -> f64 {
+        self.newest
+            .map_or(f64::NAN, |(t, at)| t + at.elapsed().as_secs_f64())
+    }
+
+    fn emit(&mut self, producer: &mut FrameProducer, clock: &Clock, now: Option<f64>) -> u64 {
+        let mut pushed = 0;
+        let streams = &self.streams;
+        let counters = &self.counters;
+        let known = &mut self.known_streams;
+        let mut push = |f: crate::ingest::assemble::FrameOut<'_>| {
+            // A new stream (rare): publish its name for the sink; no lock otherwise.
+            let i = f.stream_index as usize;
+            if i >= *known
+                && let Ok(mut s) = streams.lock()
+            {
+                if s.len() <= i {
+                    s.resize(i + 1, String::new());
+                }
+                s[i] = f.stream.to_string();
+                *known = s.len();
+            }
+            if f.incomplete {
+                counters.frames_incomplete.fetch_add(1, Ordering::Relaxed);
+            }
+            counters.frames.fetch_add(1, Ordering::Relaxed);
+            let meta = FrameMeta {
+                seq: f.seq,
+                stream: f.stream_index,
+                timestamp: f.window_end,
+                enqueued_ns: clock.now_ns(),
+            };
+            producer.push(meta, f.values);
+            pushed += 1;
+        };
+        match now {
+            Some(t) => self.assembler.poll(t, &mut push),
+            None => self.assembler.flush(&mut push),
+        }
+        pushed
+    }
+}
+
+impl Source for AgentSource {
+    fn run(
+        mut self: Box<Self>,
+        producer: &mut FrameProducer,
+        clock: &Clock,
+        _stop: &AtomicBool,
+    ) -> u64 {
+        let mut offered = 0;
+        loop {
+            match self.incoming.recv_timeout(Duration::from_millis(50)) {
+                Ok(msg) => {
+                    self.counters.messages.fetch_add(1, Ordering::Relaxed);
+                    match self.decoder.decode(&msg.topic, &msg.payload) {
+                        Ok(sample) => {
+                            if self.newest.is_none_or(|(t, _)| sample.timestamp > t) {
+                                self.newest = Some((sample.timestamp, std::time::Instant::now()));
+                            }
+                            if self.assembler.push(&sample).is_err() {
+                                self.counters
+                                    .samples_rejected
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => {
+                            self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    offered += self.emit(producer, clock, Some(f64::NAN));
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let now = self.event_now();
+                    offered += self.emit(producer, clock, Some(now));
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // Shutdown: drain what is already queued, then close every open window.
+        while let Ok(msg) = self.incoming.try_recv() {
+            if let Ok(sample) = self.decoder.decode(&msg.topic, &msg.payload) {
+                let _ = self.assembler.push(&sample);
+            }
+        }
+        offered + self.emit(producer, clock, None)
+    }
+}
+
+/// Thresholds and alert state per stream; alerts leave as MQTT messages.
+struct AgentSink {
+    template: Threshold,
+    per_stream: Vec<Option<(Threshold, AlertState)>>,
+    streams: Arc<Mutex<Vec<String>>>,
+    alert_cfg: crate::alert::AlertConfig,
+    mqtt: mqtt::MqttConfig,
+    model_id: String,
+    model_version: String,
+    features: Arc<[String]>,
+    out: Sender<Outgoing>,
+    counters: Arc<AgentCounters>,
+    record: bool,
+    scores: Vec<(u32, u64, f32)>,
+    events: Vec<AlertEvent>,
+}
+
+impl AgentSink {
+    fn publish(&mut self, stream: &str, event: AlertEvent) {
+        match event.status {
+            crate::alert::AlertStatus::Firing => {
+                self.counters.alerts_firing.fetch_add(1, Ordering::Relaxed)
+            }
+            crate::alert::AlertStatus::Resolved => self
+                .counters
+                .alerts_resolved
+                .fetch_add(1, Ordering::Relaxed),
+        };
+        let payload = serde_json::to_vec(&event).unwrap_or_default();
+        let _ = self.out.send(Outgoing {
+            topic: self.mqtt.alert_topic_for(stream),
+            payload,
+            retain: false,
+        });
+        self.events.push(event);
+    }
+}
+
+impl Sink for AgentSink {
+    fn accept(&mut self, f: &ScoredFrame) {
+        let i = f.meta.stream as usize;
+        if self.per_stream.len() <= i {
+            self.per_stream.resize_with(i + 1, || None);
+        }
+        if self.per_stream[i].is_none() {
+            let name = self
+                .streams
+                .lock()
+                .ok()
+                .and_then(|s| s.get(i).cloned())
+                .unwrap_or_else(|| i.to_string());
+            let state = AlertState::new(
+                &self.alert_cfg,
+                &name,
+                &self.model_id,
+                &self.model_version,
+                self.features.clone(),
+            );
+            self.per_stream[i] = Some((self.template.clone(), state));
+        }
+        let Some((threshold, alerts)) = self.per_stream[i].as_mut() else {
+            return;
+        };
+        let t = threshold.threshold();
+        threshold.update(f64::from(f.score));
+        let event = alerts.observe(&Observation::from_scored(f, t));
+        if self.record {
+            self.scores.push((f.meta.stream, f.meta.seq, f.score));
+        }
+        if let Some(event) = event {
+            let name = event.stream.clone();
+            self.publish(&name, event);
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), std::io::Error> {
+        let mut ending = Vec::new();
+        for (_, alerts) in self.per_stream.iter_mut().flatten() {
+            if let Some(e) = alerts.finish() {
+                ending.push(e);
+            }
+        }
+        for e in ending {
+            let name = e.stream.clone();
+            self.publish(&name, e);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! `darkwatch demo`: the whole agent on one machine with nothing installed. An embedded
+//! broker, a publisher that replays a recorded stream as ExaMon messages, the agent
+//! scoring it, and a subscriber that counts the alerts it receives; then a summary.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::agent::{self, AgentCounters, AgentError, AgentReport};
+use crate::config::DarkwatchConfig;
+use crate::eval::{self, Report};
+use crate::ingest::{self, IngestError, TableOptions};
+use crate::mqtt::{self, BrokerMode};
+
+/// What the demo replays.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub model_dir: PathBuf,
+    pub input: PathBuf,
+    pub labels: Option<PathBuf>,
+    /// First row replayed.
+    pub start: usize,
+    /// Rows replayed.
+    pub frames: usize,
+}
+
+/// What the demo saw.
+#[derive(Debug)]
+pub struct DemoReport {
+    pub agent: AgentReport,
+    pub messages_published: u64,
+    pub alerts_received: u64,
+    pub eval: Option<Report>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Runs the demo.
+///
+/// # Errors
+/// Unreadable inputs, a broker that does not start, or an agent failure.
+pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, DemoError> {
+    let started = Instant::now();
+    let table = ingest::read_table(&opts.input, &TableOptions::default())?;
+    let end = (opts.start + opts.frames).min(table.values.nrows());
+    if opts.start >= end {
+        return Err(DemoError::Other(format!(
+            "{}: --start {} is past its {} rows",
+            opts.input.display(),
+            opts.start,
+            table.values.nrows()
+        )));
+    }
+    let labels = match &opts.labels {
+        Some(p) => {
+            Some(ingest::read_labels(p, Some(table.values.nrows()))?[opts.start..end].to_vec())
+        }
+        None => None,
+    };
+    let port = mqtt::start_embedded_broker("127.0.0.1", 0)?;
+    let spool_dir = std::env::temp_dir().join(format!("darkwatch-demo-{}", std::process::id()));
+    let mut cfg = base.clone();
+    cfg.agent.model_dir = opts.model_dir.clone();
+    cfg.mqtt.broker = BrokerMode::External;
+    cfg.mqtt.host = "127.0.0.1".into();
+    cfg.mqtt.port = port;
+    cfg.mqtt.node_name = "demo".into();
+    cfg.spool.dir = spool_dir.clone();
+    cfg.spool.fsync = false;
+    // One row per minute, as SMD was recorded.
+    cfg.assemble.window_secs = 60.0;
+
+    // The subscriber: counts alerts as an operator's dashboard would receive them.
+    let received = Arc::new(AtomicU64::new(0));
+    let sub_stop = Arc::new(AtomicBool::new(false));
+    let subscriber = {
+        let (received, sub_stop) = (received.clone(), sub_stop.clone());
+        let mut o = rumqttc::MqttOptions::new("darkwatch-demo-subscriber", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(5));
+        let (client, mut connection) = rumqttc::Client::new(o, 64);
+        client
+            .subscribe("darkwatch/+/alerts/#", rumqttc::QoS::AtLeastOnce)
+            .map_err(|e| DemoError::Other(format!("subscriber: {e}")))?;
+        std::thread::Builder::new()
+            .name("darkwatch-demo-sub".into())
+            .spawn(move || {
+                while !sub_stop.load(Ordering::SeqCst) {
+                    match connection.recv_timeout(Duration::from_millis(100)) {
+                        Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_)))) => {
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Err(_)) => std::thread::sleep(Duration::from_millis(100)),
+                        _ => {}
+                    }
+                }
+            })
+            .map_err(|e| DemoError::Other(e.to_string()))?
+    };
+
+    // The agent.
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(AgentCounters::default());
+    let agent = {
+        let (cfg, stop, counters) = (cfg.clone(), stop.clone(), counters.clone());
+        std::thread::Builder::new()
+            .name("darkwatch-demo-agent".into())
+            .spawn(move || agent::run(&cfg, stop, counters, true))
+            .map_err(|e| DemoError::Other(e.to_string()))?
+    };
+    // Give the agent a moment to subscribe before the stream starts.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The publisher: every metric of every row as one ExaMon message.
+    let mut o = rumqttc::MqttOptions::new("darkwatch-demo-publisher", "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_inflight(200);
+    let (client, mut connection) = rumqttc::Client::new(o, 1024);
+    // Drive the connection until our DISCONNECT has gone out (the iterator would
+    // otherwise keep reconnecting).
+    let acked = Arc::new(AtomicU64::new(0));
+    let pump = {
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                    _ => {}
+                }
+            }
+        })
+    };
+    let features = table.features.clone();
+    let t0 = 1_700_000_000.0;
+    let mut published = 0u64;
+    for (i, row) in table
+        .values
+        .rows()
+        .into_iter()
+        .enumerate()
+        .take(end)
+        .skip(opts.start)
+    {
+        let ts = t0 + 60.0 * i as f64 + 30.0;
+        for (name, v) in features.iter().zip(row.iter()) {
+            let topic =
+                format!("org/demo/cluster/smd/node/machine-1-6/plugin/replay/chnl/data/{name}");
+            client
+                .publish(
+                    topic,
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    format!("{v};{ts:.3}"),
+                )
+                .map_err(|e| DemoError::Other(format!("publisher: {e}")))?;
+            published += 1;
+        }
+        // Back-pressure: the embedded broker keeps a bounded log per subscriber, so do not
+        // run more than a few thousand messages ahead of the agent.
+        let ahead = Instant::now();
+        while published.saturating_sub(counters.messages.load(Ordering::Relaxed)) > 4_000
+            && ahead.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    // Disconnect only once the broker has every message (QoS 1 acknowledgements).
+    let waiting = Instant::now();
+    while acked.load(Ordering::Relaxed) < published && waiting.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = client.disconnect();
+    let _ = pump.join();
+
+    // Wait until every published message reached the agent (or nothing moves for 5 s),
+    // then stop it: it drains, closes the open windows and flushes its alerts.
+    let mut last = (0, Instant::now());
+    loop {
+        let seen = counters.messages.load(Ordering::Relaxed);
+        if seen >= published {
+            break;
+        }
+        if seen != last.0 {
+            last = (seen, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(5) {
+            tracing::warn!(
+                seen,
+                published,
+                "Demo: messages stopped arriving; stopping the agent."
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let report = agent
+        .join()
+        .map_err(|_| DemoError::Other("the agent thread panicked".into()))??;
+    std::thread::sleep(Duration::from_millis(300));
+    sub_stop.store(true, Ordering::SeqCst);
+    let _ = subscriber.join();
+    let _ = std::fs::remove_dir_all(&spool_dir);
+
+    let eval = labels.as_ref().and_then(|l| {
+        let mut scores = vec![f32::NAN; l.len()];
+        for &(_, seq, s) in &report.scores {
+            if let Some(slot) = scores.get_mut(seq as usize) {
+                *slot = s;
+            }
+        }
+        let n = report.scores.len().min(l.len());
+        eval::evaluate(&scores[..n], &l[..n]).ok()
+    });
+    Ok(DemoReport {
+        agent: report,
+        messages_published: published,
+        alerts_received: received.load(Ordering::Relaxed),
+        eval,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+impl std::fmt::Display for DemoReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = &self.agent;
+        let c = &a.counters;
+        let p = &a.pipeline;
+        writeln!(
+            f,
+            "broker      embedded rumqttd on 127.0.0.1:{}; {} ExaMon messages published",
+            a.port, self.messages_published
+        )?;
+        writeln!(
+            f,
+            "agent       {} messages, {} decode errors, {} frames assembled ({} incomplete), {} scored",
+            c.messages.load(Ordering::Relaxed),
+            c.decode_errors.load(Ordering::Relaxed),
+            c.frames.load(Ordering::Relaxed),
+            c.frames_incomplete.load(Ordering::Relaxed),
+            p.frames_scored
+        )?;
+        writeln!(
+            f,
+            "alerts      {} firing, {} resolved published; {} received by the subscriber",
+            c.alerts_firing.load(Ordering::Relaxed),
+            c.alerts_resolved.load(Ordering::Relaxed),
+            self.alerts_received
+        )?;
+        if let Some(r) = &self.eval {
+            writeln!(f, "{r}")?;
+        }
+        writeln!(
+            f,
+            "latency     frame assembled to scored: p50 {:.1} µs, p99 {:.1} µs",
+            p.latency.quantile_ns(0.5) / 1e3,
+            p.latency.quantile_ns(0.99) / 1e3
+        )?;
+        writeln!(f, "took        {:.1} s", self.seconds)
+    }
+}

@@ -1,0 +1,1763 @@
+//! The MQTT side of the agent: the client that brings data messages in and takes alerts
+//! out, and the optional in-process broker (rumqttd) for a single-machine setup.
+//!
+//! The agent feeds it [`Outgoing`] alerts through a `std::sync::mpsc` channel; it feeds
+//! the agent [`Incoming`] data messages through a bounded `SyncSender` (full means the
+//! message is dropped and counted in [`MqttStats::incoming_dropped`], the event loop never
+//! blocks). Alerts pass through the crash-safe [`Spool`] before they are published, so
+//! neither an outage of the broker nor a crash of the process loses one (at-least-once:
+//! duplicates are possible, loss is not, unless the spool overflows its `max_bytes`).
+//!
+//! # Threads and tasks
+//!
+//! [`spawn_client`] starts one OS thread with a current-thread tokio runtime and two tasks:
+//!
+//! - the *driver* polls rumqttc's `EventLoop` and is never cancelled mid-poll. It hands
+//!   received publishes to the agent itself and forwards ConnAck, PubAck, the packet id of
+//!   every outgoing publish and every connection error to the controller. After an error
+//!   it sleeps (100 ms doubling to 5 s): rumqttc has no backoff of its own.
+//! - the *controller* owns the spool. It wakes on a driver event or on a tick (1 ms while
+//!   alerts flow, 10 ms when quiet), drains the outgoing channel into the spool, and
+//!   publishes from the spool in order.
+//!
+//! # Spool-driven publishing
+//!
+//! Every spool record gets a sequence number. The controller keeps an in-memory mirror of
+//! the records appended in this run (the spool cannot be read past its head) and a FIFO of
+//! the records in flight on the current connection, at most `inflight_max` long.
+//! rumqttc reports `Outgoing::Publish(pkid)` for requests in the order they were queued,
+//! which is how a packet id is tied to a record. A PubAck marks its record; acknowledged
+//! records at the front of the FIFO are acknowledged in the spool, in order (a PubAck that
+//! overtakes an older one waits for it). On every (re)connect the FIFO is cleared and
+//! publishing restarts at the spool's head, oldest first. rumqttc's own retransmission
+//! is not used: with a clean session it discards its queue on reconnect, and only the
+//! controller publishes while it knows the connection is up.
+//!
+//! Records left by an earlier run (the spool's backlog at start) are not in the mirror:
+//! they are published one at a time from [`Spool::peek`], each acknowledged before the next,
+//! and records of this run wait behind them. Once the backlog is gone, publishing is
+//! pipelined. A large backlog therefore drains at one round trip per alert.
+//!
+//! # Record format in the spool
+//!
+//! `version: u8 = 1 | flags: u8 (bit 0 = retain) | topic_len: u16 LE | topic | payload`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing as Sent,
+    Packet, QoS, SubscribeFilter,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tracing::{debug, info, warn};
+
+use crate::spool::{Spool, SpoolError};
+
+/// Largest packet accepted from the broker. A larger one makes rumqttc drop the connection,
+/// so this is generous: a retained oversize message would otherwise loop forever.
+pub const MAX_INCOMING_PACKET_BYTES: usize = 16 << 20;
+
+/// Largest packet sent, and the embedded broker's payload limit. Alerts whose topic and
+/// payload do not fit are refused before they are spooled (see [`MqttStats::outgoing_rejected`]).
+pub const MAX_OUTGOING_PACKET_BYTES: usize = 1 << 20;
+
+/// Upper bound on `inflight_max`: rumqttc needs a few packet ids beyond it.
+pub const MAX_INFLIGHT: u16 = u16::MAX - 16;
+
+/// Payload of the last will and of the status published on a clean stop.
+pub const OFFLINE_PAYLOAD: &str = r#"{"status":"offline"}"#;
+
+/// How long [`spawn_client`]'s thread keeps flushing after `stop` is set.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the controller looks at the outgoing channel when no event wakes it: often
+/// while alerts flow, less when quiet (an idle 1 ms tick costs about 5% of a core).
+const TICK_BUSY: Duration = Duration::from_millis(1);
+const TICK_IDLE: Duration = Duration::from_millis(10);
+/// Quiet time after which the idle tick applies.
+const BUSY_FOR: Duration = Duration::from_millis(200);
+/// Outgoing alerts moved into the spool per wake-up, so events are not starved.
+const DRAIN_PER_TURN: usize = 1024;
+/// Packet ids rumqttc may use beyond `inflight_max`: subscribe and the two status publishes.
+const EXTRA_PKIDS: u16 = 8;
+/// Fixed header, topic length and packet id of a publish, at most.
+const PUBLISH_OVERHEAD_BYTES: usize = 16;
+const RECORD_VERSION: u8 = 1;
+const RECORD_HEADER_BYTES: usize = 4;
+const BROKER_WAIT: Duration = Duration::from_secs(5);
+const BROKER_POLL: Duration = Duration::from_millis(20);
+/// How long a clean stop waits for the DISCONNECT to be written.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(1);
+
+/// Where the broker comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerMode {
+    /// Start rumqttd inside the agent on `host:port` ([`start_embedded_broker`]).
+    #[default]
+    Embedded,
+    /// Connect to a broker that runs elsewhere.
+    External,
+}
+
+/// The MQTT client (and embedded broker) settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// "embedded": start an in-process rumqttd on host:port (port 0 = pick a free one);
+    /// "external": connect to a broker.
+    pub broker: BrokerMode,
+    /// Broker host (embedded: the address to listen on).
+    pub host: String,
+    /// Broker port; 0 only with an embedded broker (a free port is picked).
+    pub port: u16,
+    /// MQTT client id; empty means `darkwatch-<node name>`.
+    pub client_id: String,
+    /// Username; empty means none.
+    pub username: String,
+    /// Password; only with a username.
+    pub password: String,
+    /// MQTT keep-alive in seconds (0 turns it off; at most 65535).
+    pub keep_alive_secs: u64,
+    /// Topic filters subscribed at QoS 1 on every connect; what arrives becomes [`Incoming`].
+    pub subscribe: Vec<String>,
+    /// Topic of a stream's alerts: `{node}` is this agent's node name, `{stream}` the stream.
+    pub alert_topic: String,
+    /// Retained status topic (`online` on connect, `offline` as last will and on stop).
+    pub status_topic: String,
+    /// Node name used in topics; empty means the machine's hostname.
+    pub node_name: String,
+    /// Most alert publishes waiting for a PubAck at once.
+    pub inflight_max: u16,
+    /// Capacity of the bounded channel of received messages (created by the caller).
+    pub incoming_capacity: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            broker: BrokerMode::Embedded,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: String::new(),
+            username: String::new(),
+            password: String::new(),
+            keep_alive_secs: 30,
+            subscribe: vec!["org/+/cluster/+/node/+/plugin/+/chnl/data/#".into()],
+            alert_topic: "darkwatch/{node}/alerts/{stream}".into(),
+            status_topic: "darkwatch/{node}/status".into(),
+            node_name: String::new(),
+            inflight_max: 100,
+            incoming_capacity: 65536,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// Semantic checks the types cannot express. Returns the key and the reason.
+    ///
+    /// # Errors
+    /// An empty host, port 0 with an external broker, a keep-alive over 65535 s, a password
+    /// without a username, an invalid subscribe filter, an alert or status topic with a
+    /// wildcard, `inflight_max` outside `1..=MAX_INFLIGHT`, or `incoming_capacity` 0.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.host.trim().is_empty() {
+            return Err(("host", "must not be empty".into()));
+        }
+        if self.port == 0 && self.broker == BrokerMode::External {
+            return Err(("port", "must not be 0 with an external broker".into()));
+        }
+        if self.keep_alive_secs > u64::from(u16::MAX) {
+            return Err((
+                "keep_alive_secs",
+                format!("must be at most 65535, got {}", self.keep_alive_secs),
+            ));
+        }
+        if self.username.is_empty() && !self.password.is_empty() {
+            return Err(("password", "is set but `username` is empty".into()));
+        }
+        for filter in &self.subscribe {
+            if !rumqttc::valid_filter(filter) || filter.contains('\0') {
+                return Err((
+                    "subscribe",
+                    format!("`{filter}` is not a valid topic filter"),
+                ));
+            }
+        }
+        for (key, topic) in [
+            ("alert_topic", &self.alert_topic),
+            ("status_topic", &self.status_topic),
+        ] {
+            let probe = topic.replace("{node}", "n").replace("{stream}", "s");
+            if probe.is_empty() || !rumqttc::valid_topic(&probe) || probe.contains('\0') {
+                return Err((
+                    key,
+                    format!("`{topic}` is not a valid topic (empty, or has `+`, `#` or NUL)"),
+                ));
+            }
+        }
+        if self.inflight_max == 0 || self.inflight_max > MAX_INFLIGHT {
+            return Err((
+                "inflight_max",
+                format!("must be in 1..={MAX_INFLIGHT}, got {}", self.inflight_max),
+            ));
+        }
+        if self.incoming_capacity == 0 {
+            return Err(("incoming_capacity", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// This agent's node name: `node_name`, or the machine's hostname
+    /// (`/proc/sys/kernel/hostname`, then `$HOSTNAME`, then `localhost`). `+`, `#`, `/` and
+    /// NUL become `_` so the name is one topic level.
+    pub fn node(&self) -> String {
+        let name = if self.node_name.trim().is_empty() {
+            hostname()
+        } else {
+            self.node_name.trim().to_string()
+        };
+        topic_level(&name)
+    }
+
+    /// The MQTT client id: `client_id`, or `darkwatch-<node>`.
+    pub fn client_id_for(&self) -> String {
+        if self.client_id.is_empty() {
+            format!("darkwatch-{}", self.node())
+        } else {
+            self.client_id.clone()
+        }
+    }
+
+    /// The alert topic of `stream`. `+`, `#` and NUL in the stream become `_` (they are not
+    /// allowed in a topic); `/` is kept and so adds topic levels.
+    pub fn alert_topic_for(&self, stream: &str) -> String {
+        let stream: String = stream
+            .chars()
+            .map(|c| {
+                if matches!(c, '+' | '#' | '\0') {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        self.alert_topic
+            .replace("{node}", &self.node())
+            .replace("{stream}", &stream)
+    }
+
+    /// The status topic with `{node}` filled in.
+    pub fn status_topic_for(&self) -> String {
+        self.status_topic.replace("{node}", &self.node())
+    }
+}
+
+fn hostname() -> String {
+    let from_proc = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string());
+    let from_env = || std::env::var("HOSTNAME").ok().map(|s| s.trim().to_string());
+    from_proc
+        .filter(|s| !s.is_empty())
+        .or_else(|| from_env().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn topic_level(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if matches!(c, '+' | '#' | '/' | '\0') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Why the broker or the client cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("embedded MQTT broker on {addr}: {reason}")]
+    Broker { addr: String, reason: String },
+    #[error("mqtt config: `{key}` {reason}")]
+    Config { key: &'static str, reason: String },
+    #[error("cannot start the {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Starts rumqttd in-process on `host:port` (0 = a free port) on its own thread and returns
+/// the bound port once it accepts TCP connections. rumqttd has no shutdown: the broker
+/// lives until the process exits.
+///
+/// # Errors
+/// [`MqttError::Broker`] (with the address) if `host` does not resolve, the port is taken,
+/// the broker stops, or it does not accept a connection within 5 s; [`MqttError::Spawn`] if
+/// the thread cannot start.
+pub fn start_embedded_broker(host: &str, port: u16) -> Result<u16, MqttError> {
+    let shown = format!("{host}:{port}");
+    let broker_err = |addr: &str, reason: String| MqttError::Broker {
+        addr: addr.to_string(),
+        reason,
+    };
+    let addr: SocketAddr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| broker_err(&shown, format!("cannot resolve the host: {e}")))?
+        .next()
+        .ok_or_else(|| broker_err(&shown, "the host resolves to no address".into()))?;
+    // rumqttd only logs a failed bind, so find out here: bind, note the port, let it go.
+    let addr = TcpListener::bind(addr)
+        .and_then(|l| l.local_addr())
+        .map_err(|e| broker_err(&shown, format!("cannot listen: {e}")))?;
+    let shown = addr.to_string();
+
+    let router = rumqttd::RouterConfig {
+        max_connections: 1000,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 1 << 20,
+        max_segment_count: 10,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    };
+    let server = rumqttd::ServerSettings {
+        name: "darkwatch-mqttd-v4".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 5000,
+            max_payload_size: MAX_OUTGOING_PACKET_BYTES,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router,
+        v4: Some([("1".to_string(), server)].into_iter().collect()),
+        ..Default::default()
+    };
+    let (done_tx, done_rx) = mpsc::channel::<String>();
+    std::thread::Builder::new()
+        .name("darkwatch-mqttd".into())
+        .spawn(move || {
+            let reason = match rumqttd::Broker::new(config).start() {
+                Ok(()) => "the broker stopped (could it bind?)".to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = done_tx.send(reason);
+        })
+        .map_err(|source| MqttError::Spawn {
+            what: "embedded MQTT broker thread",
+            source,
+        })?;
+
+    let start = Instant::now();
+    loop {
+        if let Ok(reason) = done_rx.try_recv() {
+            return Err(broker_err(&shown, reason));
+        }
+        if TcpStream::connect_timeout(&addr, BROKER_POLL).is_ok() {
+            info!(addr = %addr, "Embedded MQTT broker is listening.");
+            return Ok(addr.port());
+        }
+        if start.elapsed() >= BROKER_WAIT {
+            return Err(broker_err(
+                &shown,
+                format!("not accepting connections after {BROKER_WAIT:?}"),
+            ));
+        }
+        std::thread::sleep(BROKER_POLL);
+    }
+}
+
+/// A message received on a subscribed topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// When it was received, in seconds since the Unix epoch.
+    pub received: f64,
+}
+
+/// A message to publish (at QoS 1, through the spool).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// Counters of the MQTT client, shared with the agent.
+#[derive(Debug, Default)]
+pub struct MqttStats {
+    /// Publishes received on subscribed topics.
+    pub received: AtomicU64,
+    /// Received publishes dropped because the incoming channel was full (or closed).
+    pub incoming_dropped: AtomicU64,
+    /// Spooled alerts written to the broker, republishes included.
+    pub published: AtomicU64,
+    /// Spooled alerts acknowledged by the broker and removed from the spool.
+    pub acked: AtomicU64,
+    /// Alerts appended to the spool.
+    pub spooled: AtomicU64,
+    /// Connection errors (each one is followed by a reconnect attempt after a backoff).
+    pub reconnects: AtomicU64,
+    /// Whether the client holds a connection (ConnAck seen, no error since).
+    pub connected: AtomicBool,
+    /// Alerts refused before the spool (invalid topic, too large, spool I/O error) or found
+    /// unreadable in it; each one is lost, with a `warn!`.
+    pub outgoing_rejected: AtomicU64,
+    /// Unacknowledged alerts the spool deleted to stay within its `max_bytes`.
+    pub spool_dropped: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Runs the MQTT client on its own OS thread (`darkwatch-mqtt`) with a current-thread tokio
+/// runtime until `stop` is set and the outgoing channel is drained, or [`STOP_DEADLINE`]
+/// after `stop`. See the module docs for the publishing scheme.
+///
+/// - Connects with a clean session, keep-alive, optional credentials and a retained last
+///   will [`OFFLINE_PAYLOAD`] on the status topic. On every ConnAck it subscribes all
+///   filters at QoS 1 and publishes a retained `{"status":"online","node":…}`.
+/// - Every received publish goes to `incoming.try_send`; a full channel drops it
+///   (counted), the event loop never blocks.
+/// - Every [`Outgoing`] is appended to `spool` first, then published at QoS 1 in spool
+///   order, at most `inflight_max` unacknowledged; while disconnected alerts only spool.
+/// - After a connection error it sleeps 100 ms, doubling to 5 s, and counts a reconnect.
+/// - On `stop`: once the outgoing channel is empty, it exits when the spool is empty or the
+///   client is disconnected (what is left stays spooled for the next run), or at the
+///   deadline. When connected it then publishes the retained offline status and disconnects
+///   cleanly. A closed outgoing channel does not stop the client; only `stop` does.
+///
+/// # Errors
+/// [`MqttError::Config`] if `cfg` is invalid, [`MqttError::Spawn`] if the runtime or the
+/// thread cannot start.
+pub fn spawn_client(
+    cfg: MqttConfig,
+    spool: Spool,
+    incoming: SyncSender<Incoming>,
+    outgoing: Receiver<Outgoing>,
+    stats: Arc<MqttStats>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, MqttError> {
+    cfg.validate()
+        .map_err(|(key, reason)| MqttError::Config { key, reason })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| MqttError::Spawn {
+            what: "MQTT client runtime",
+            source,
+        })?;
+    let publisher = Publisher::new(spool, usize::from(cfg.inflight_max), stats.clone());
+    std::thread::Builder::new()
+        .name("darkwatch-mqtt".into())
+        .spawn(move || {
+            runtime.block_on(run_client(cfg, publisher, incoming, outgoing, stats, stop));
+        })
+        .map_err(|source| MqttError::Spawn {
+            what: "MQTT client thread",
+            source,
+        })
+}
+
+/// What the driver tells the controller.
+#[derive(Debug)]
+enum DriverEvent {
+    Connected,
+    Disconnected,
+    /// rumqttc wrote a publish with this packet id (QoS 1 requests, in queue order).
+    PublishSent(u16),
+    PubAck(u16),
+    DisconnectSent,
+}
+
+fn mqtt_options(cfg: &MqttConfig, status_topic: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(cfg.client_id_for(), cfg.host.clone(), cfg.port);
+    options
+        .set_keep_alive(Duration::from_secs(cfg.keep_alive_secs))
+        .set_clean_session(true)
+        .set_inflight(cfg.inflight_max.saturating_add(EXTRA_PKIDS))
+        .set_max_packet_size(MAX_INCOMING_PACKET_BYTES, MAX_OUTGOING_PACKET_BYTES)
+        .set_last_will(LastWill::new(
+            status_topic,
+            OFFLINE_PAYLOAD,
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if !cfg.username.is_empty() {
+        options.set_credentials(cfg.username.clone(), cfg.password.clone());
+    }
+    options
+}
+
+fn epoch_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Polls the event loop forever. Never cancelled mid-poll: rumqttc's `poll` is not
+/// cancellation-safe while it writes.
+async fn drive(
+    mut eventloop: EventLoop,
+    events: UnboundedSender<DriverEvent>,
+    incoming: SyncSender<Incoming>,
+    stats: Arc<MqttStats>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut was_connected = true; // so the first failure is logged
+    loop {
+        // The event channel is unbounded so that an error is in it before the controller
+        // can run again (a bounded send could wait): the controller must see a disconnect
+        // before it queues more publishes. It holds at most one event per packet in flight
+        // plus one per connection attempt, which the backoff spaces out.
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                let (host, port) = eventloop.mqtt_options.broker_address();
+                info!(
+                    broker = %format!("{host}:{port}"),
+                    session_present = ack.session_present,
+                    "Connected to the MQTT broker."
+                );
+                backoff = BACKOFF_MIN;
+                was_connected = true;
+                stats.connected.store(true, Ordering::Relaxed);
+                DriverEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                bump(&stats.received, 1);
+                let message = Incoming {
+                    topic: publish.topic,
+                    payload: publish.payload.to_vec(),
+                    received: epoch_secs(),
+                };
+                match incoming.try_send(message) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                        bump(&stats.incoming_dropped, 1);
+                    }
+                }
+                continue;
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => DriverEvent::PubAck(ack.pkid),
+            Ok(Event::Outgoing(Sent::Publish(pkid))) => DriverEvent::PublishSent(pkid),
+            Ok(Event::Outgoing(Sent::Disconnect)) => DriverEvent::DisconnectSent,
+            Ok(_) => continue,
+            Err(error) => {
+                stats.connected.store(false, Ordering::Relaxed);
+                bump(&stats.reconnects, 1);
+                if was_connected || !matches!(error, ConnectionError::Io(_)) {
+                    warn!(%error, retry_in = ?backoff, "MQTT connection failed; alerts are spooled until it is back.");
+                } else {
+                    debug!(%error, retry_in = ?backoff, "MQTT connection still failing.");
+                }
+                was_connected = false;
+                if events.send(DriverEvent::Disconnected).is_err() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        if events.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+/// The controller's view of the connection: the client handle and what to do on ConnAck.
+struct Session {
+    client: AsyncClient,
+    filters: Vec<String>,
+    status_topic: String,
+    online: String,
+    connected: bool,
+    disconnect_sent: bool,
+}
+
+impl Session {
+    fn handle(&mut self, event: DriverEvent, publisher: &mut Publisher) {
+        match event {
+            DriverEvent::Connected => {
+                self.connected = true;
+                publisher.reset_connection(true);
+                if !self.filters.is_empty() {
+                    let filters = self
+                        .filters
+                        .iter()
+                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    if let Err(error) = self.client.try_subscribe_many(filters) {
+                        warn!(%error, "Cannot queue the MQTT subscribe request.");
+                    }
+                }
+                self.publish_status(publisher, self.online.clone());
+            }
+            DriverEvent::Disconnected => {
+                self.connected = false;
+                publisher.reset_connection(false);
+            }
+            DriverEvent::PublishSent(pkid) => publisher.on_publish_sent(pkid),
+            DriverEvent::PubAck(pkid) => publisher.on_puback(pkid),
+            DriverEvent::DisconnectSent => self.disconnect_sent = true,
+        }
+    }
+
+    /// Publishes a retained status at QoS 1; its PubAck is not tracked.
+    fn publish_status(&self, publisher: &mut Publisher, payload: String) {
+        match self
+            .client
+            .try_publish(&self.status_topic, QoS::AtLeastOnce, true, payload)
+        {
+            Ok(()) => publisher.note_untracked_publish(),
+            Err(error) => warn!(%error, "Cannot queue the MQTT status publish."),
+        }
+    }
+}
+
+async fn run_client(
+    cfg: MqttConfig,
+    mut publisher: Publisher,
+    incoming: SyncSender<Incoming>,
+    outgoing: Receiver<Outgoing>,
+    stats: Arc<MqttStats>,
+    stop: Arc<AtomicBool>,
+) {
+    let node = cfg.node();
+    let status_topic = cfg.status_topic_for();
+    let options = mqtt_options(&cfg, &status_topic);
+    // Room for every request the controller can have queued: its own in-flight limit, the
+    // subscribe, the status publishes and the disconnect. So `try_*` never finds it full.
+    let capacity = usize::from(cfg.inflight_max) + usize::from(EXTRA_PKIDS) + 8;
+    let (client, eventloop) = AsyncClient::new(options, capacity);
+    let (events_tx, mut events) = unbounded_channel();
+    let driver = tokio::spawn(drive(eventloop, events_tx, incoming, stats.clone()));
+    let mut session = Session {
+        client,
+        filters: cfg.subscribe.clone(),
+        status_topic,
+        online: serde_json::json!({"status": "online", "node": node}).to_string(),
+        connected: false,
+        disconnect_sent: false,
+    };
+    info!(
+        node = %node,
+        broker = %format!("{}:{}", cfg.host, cfg.port),
+        backlog = publisher.len(),
+        "MQTT client starting."
+    );
+
+    let mut last_busy = Instant::now();
+    let mut outgoing_closed = false;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let tick = if last_busy.elapsed() < BUSY_FOR {
+            TICK_BUSY
+        } else {
+            TICK_IDLE
+        };
+        let alive = tokio::select! {
+            biased;
+            event = events.recv() => match event {
+                Some(event) => { session.handle(event, &mut publisher); true }
+                None => false,
+            },
+            _ = tokio::time::sleep(tick) => true,
+        };
+        if !alive {
+            warn!("MQTT event loop task ended; stopping the MQTT client.");
+            break;
+        }
+        // Every event already queued is handled before anything is published, so a
+        // disconnect is always seen before more publishes are queued.
+        drain_events(&mut events, &mut session, &mut publisher);
+
+        let mut outgoing_empty = outgoing_closed;
+        if !outgoing_closed {
+            for _ in 0..DRAIN_PER_TURN {
+                match outgoing.try_recv() {
+                    Ok(message) => {
+                        publisher.append(message);
+                        last_busy = Instant::now();
+                    }
+                    Err(TryRecvError::Empty) => {
+                        outgoing_empty = true;
+                        break;
+                    }
+                    Err(TryRecvError::Disconnected) => {
+                        debug!("Outgoing alert channel closed.");
+                        outgoing_closed = true;
+                        outgoing_empty = true;
+                        break;
+                    }
+                }
+            }
+        }
+        publisher.settle();
+        let client = &session.client;
+        publisher.pump(|m| {
+            client
+                .try_publish(&m.topic, QoS::AtLeastOnce, m.retain, m.payload.clone())
+                .is_ok()
+        });
+
+        if stop.load(Ordering::Relaxed) {
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + STOP_DEADLINE);
+            let flushed = publisher.is_drained() || !session.connected;
+            if (outgoing_empty && flushed) || Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+
+    if session.connected {
+        session.publish_status(&mut publisher, OFFLINE_PAYLOAD.to_string());
+        match session.client.try_disconnect() {
+            Ok(()) => {
+                let until = tokio::time::Instant::now() + DISCONNECT_WAIT;
+                while session.connected && !session.disconnect_sent {
+                    match tokio::time::timeout_at(until, events.recv()).await {
+                        Ok(Some(event)) => session.handle(event, &mut publisher),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            Err(error) => warn!(%error, "Cannot queue the MQTT disconnect."),
+        }
+    }
+    driver.abort();
+    stats.connected.store(false, Ordering::Relaxed);
+    info!(
+        pending = publisher.len(),
+        "MQTT client stopped; pending alerts stay in the spool."
+    );
+}
+
+fn drain_events(
+    events: &mut UnboundedReceiver<DriverEvent>,
+    session: &mut Session,
+    publisher: &mut Publisher,
+) {
+    while let Ok(event) = events.try_recv() {
+        session.handle(event, publisher);
+    }
+}
+
+/// Encodes a message as a spool record (see the module docs).
+fn encode_record(message: &Outgoing) -> Vec<u8> {
+    let topic = message.topic.as_bytes();
+    let mut record = Vec::with_capacity(RECORD_HEADER_BYTES + topic.len() + message.payload.len());
+    record.push(RECORD_VERSION);
+    record.push(u8::from(message.retain));
+    // `check_outgoing` keeps topics within u16.
+    record.extend_from_slice(&(topic.len().min(usize::from(u16::MAX)) as u16).to_le_bytes());
+    record.extend_from_slice(topic);
+    record.extend_from_slice(&message.payload);
+    record
+}
+
+/// Decodes a spool record; `None` if it is not one this version wrote.
+fn decode_record(record: &[u8]) -> Option<Outgoing> {
+    let (&[version, flags, l0, l1], rest) = record.split_first_chunk::<RECORD_HEADER_BYTES>()?;
+    if version != RECORD_VERSION || flags > 1 {
+        return None;
+    }
+    let topic_len = usize::from(u16::from_le_bytes([l0, l1]));
+    if rest.len() < topic_len {
+        return None;
+    }
+    let (topic, payload) = rest.split_at(topic_len);
+    Some(Outgoing {
+        topic: String::from_utf8(topic.to_vec()).ok()?,
+        payload: payload.to_vec(),
+        retain: flags == 1,
+    })
+}
+
+/// Why a message cannot be published, if it cannot.
+fn check_outgoing(message: &Outgoing) -> Result<(), String> {
+    if message.topic.is_empty() {
+        return Err("empty topic".into());
+    }
+    if !rumqttc::valid_topic(&message.topic) || message.topic.contains('\0') {
+        return Err("topic has `+`, `#` or NUL".into());
+    }
+    if message.topic.len() > usize::from(u16::MAX) {
+        return Err(format!("topic of {} bytes", message.topic.len()));
+    }
+    let size = message.topic.len() + message.payload.len() + PUBLISH_OVERHEAD_BYTES;
+    if size > MAX_OUTGOING_PACKET_BYTES {
+        return Err(format!(
+            "packet of about {size} bytes exceeds {MAX_OUTGOING_PACKET_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
+/// A `warn!` at most every 10 s for a condition that repeats every tick.
+#[derive(Debug, Default)]
+struct RateLimit {
+    last: Option<Instant>,
+}
+
+impl RateLimit {
+    fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(10))
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    seq: u64,
+    /// Known once rumqttc reports the publish as written.
+    pkid: Option<u16>,
+    acked: bool,
+}
+
+/// The spool-driven, in-order, at-least-once publisher. Pure logic around the spool: the
+/// caller supplies the send function and reports rumqttc's events. See the module docs.
+///
+/// Sequence numbers: the spool's head record is `head_seq`, the next append gets
+/// `end_seq`, records below `backlog_end` came from an earlier run (not mirrored).
+#[derive(Debug)]
+struct Publisher {
+    spool: Spool,
+    inflight_max: usize,
+    stats: Arc<MqttStats>,
+    head_seq: u64,
+    end_seq: u64,
+    backlog_end: u64,
+    /// Records `max(head_seq, backlog_end)..end_seq`, oldest first.
+    mirror: VecDeque<Outgoing>,
+    /// Next record to publish on this connection.
+    next_send: u64,
+    connected: bool,
+    /// Records published on this connection and not yet acknowledged in the spool, in
+    /// sequence order (acknowledged by the broker ones wait here for older ones).
+    inflight: VecDeque<InFlight>,
+    /// Queued QoS 1 publishes whose packet id is not known yet: `Some(seq)` for a record,
+    /// `None` for a status publish.
+    awaiting: VecDeque<Option<u64>>,
+    spool_warn: RateLimit,
+}
+
+impl Publisher {
+    fn new(spool: Spool, inflight_max: usize, stats: Arc<MqttStats>) -> Publisher {
+        let backlog = spool.len();
+        Publisher {
+            spool,
+            inflight_max: inflight_max.max(1),
+            stats,
+            head_seq: 0,
+            end_seq: backlog,
+            backlog_end: backlog,
+            mirror: VecDeque::new(),
+            next_send: 0,
+            connected: false,
+            inflight: VecDeque::new(),
+            awaiting: VecDeque::new(),
+            spool_warn: RateLimit::default(),
+        }
+    }
+
+    /// Records in the spool not yet acknowledged.
+    fn len(&self) -> u64 {
+        self.end_seq - self.head_seq
+    }
+
+    fn is_drained(&self) -> bool {
+        self.head_seq == self.end_seq
+    }
+
+    fn mirror_front_seq(&self) -> u64 {
+        self.head_seq.max(self.backlog_end)
+    }
+
+    fn check_invariants(&self) {
+        debug_assert_eq!(self.spool.len(), self.len());
+        debug_assert_eq!(
+            self.mirror.len() as u64,
+            self.end_seq - self.mirror_front_seq()
+        );
+        debug_assert!(self.next_send >= self.head_seq && self.next_send <= self.end_seq);
+    }
+
+    /// Appends a message to the spool (it is published from there).
+    fn append(&mut self, message: Outgoing) {
+        if let Err(reason) = check_outgoing(&message) {
+            warn!(topic = %message.topic, reason, "Refusing an outgoing MQTT message.");
+            bump(&self.stats.outgoing_rejected, 1);
+            return;
+        }
+        let dropped_before = self.spool.stats().dropped_oldest;
+        if let Err(error) = self.spool.append(&encode_record(&message)) {
+            warn!(topic = %message.topic, %error, "Cannot spool an alert; it is lost.");
+            bump(&self.stats.outgoing_rejected, 1);
+            return;
+        }
+        let dropped = self.spool.stats().dropped_oldest - dropped_before;
+        if dropped > 0 {
+            self.forget_oldest(dropped);
+        }
+        self.mirror.push_back(message);
+        self.end_seq += 1;
+        bump(&self.stats.spooled, 1);
+        self.check_invariants();
+    }
+
+    /// The spool deleted its `n` oldest records to make room.
+    fn forget_oldest(&mut self, n: u64) {
+        warn!(
+            dropped = n,
+            "Alert spool full; its oldest alerts were dropped."
+        );
+        let old_front = self.mirror_front_seq();
+        self.head_seq = (self.head_seq + n).min(self.end_seq);
+        let pop = (self.mirror_front_seq() - old_front) as usize;
+        self.mirror.drain(..pop.min(self.mirror.len()));
+        self.next_send = self.next_send.max(self.head_seq);
+        // In-flight records that were dropped stay in `inflight` until their PubAck (or the
+        // next reconnect) and are then let go without a spool ack.
+        bump(&self.stats.spool_dropped, n);
+    }
+
+    /// A new connection (`true`) or a lost one: nothing is in flight any more, and
+    /// publishing restarts at the spool's head.
+    fn reset_connection(&mut self, connected: bool) {
+        self.connected = connected;
+        self.inflight.clear();
+        self.awaiting.clear();
+        self.next_send = self.head_seq;
+    }
+
+    /// A QoS 1 publish outside the spool (the status) was queued.
+    fn note_untracked_publish(&mut self) {
+        self.awaiting.push_back(None);
+    }
+
+    fn on_publish_sent(&mut self, pkid: u16) {
+        match self.awaiting.pop_front() {
+            Some(Some(seq)) => {
+                if let Some(entry) = self.inflight.iter_mut().find(|f| f.seq == seq) {
+                    entry.pkid = Some(pkid);
+                }
+                bump(&self.stats.published, 1);
+            }
+            Some(None) => {}
+            None => debug!(pkid, "Publish written that this connection did not queue."),
+        }
+    }
+
+    fn on_puback(&mut self, pkid: u16) {
+        // A PubAck for an unknown id (status, or left over from the previous connection)
+        // matches nothing.
+        if let Some(entry) = self
+            .inflight
+            .iter_mut()
+            .find(|f| f.pkid == Some(pkid) && !f.acked)
+        {
+            entry.acked = true;
+        }
+        self.settle();
+    }
+
+    /// Acknowledges in the spool, in order, the records the broker has acknowledged.
+    fn settle(&mut self) {
+        while let Some(&front) = self.inflight.front() {
+            if !front.acked {
+                break;
+            }
+            if front.seq == self.head_seq {
+                if let Err(error) = self.spool.ack() {
+                    if self.spool_warn.ready() {
+                        warn!(%error, "Cannot acknowledge an alert in the spool; retrying.");
+                    }
+                    return;
+                }
+                if front.seq >= self.backlog_end {
+                    self.mirror.pop_front();
+                }
+                self.head_seq += 1;
+                bump(&self.stats.acked, 1);
+            }
+            // A lower `seq` was dropped by the spool while in flight: nothing to ack.
+            self.inflight.pop_front();
+        }
+        self.check_invariants();
+    }
+
+    /// Drops the spool's head record, unreadable; `false` if even that fails.
+    fn skip_head(&mut self, reason: &str) -> bool {
+        warn!(
+            reason,
+            "Dropping an unreadable record from the alert spool."
+        );
+        if let Err(error) = self.spool.ack() {
+            if self.spool_warn.ready() {
+                warn!(%error, "Cannot drop the unreadable spool record; retrying.");
+            }
+            return false;
+        }
+        self.head_seq += 1;
+        self.next_send = self.next_send.max(self.head_seq);
+        bump(&self.stats.outgoing_rejected, 1);
+        true
+    }
+
+    /// Publishes, oldest first, what the connection and the in-flight limit allow.
+    /// `send` queues one publish and says whether it could.
+    fn pump(&mut self, mut send: impl FnMut(&Outgoing) -> bool) {
+        while self.connected
+            && self.next_send < self.end_seq
+            && self.inflight.len() < self.inflight_max
+        {
+            let seq = self.next_send;
+            let sent = if seq < self.backlog_end {
+                // From an earlier run: only the head is readable, one at a time.
+                if !self.inflight.is_empty() {
+                    break;
+                }
+                match self.spool.peek() {
+                    Ok(Some(record)) => match decode_record(&record) {
+                        Some(message) if check_outgoing(&message).is_ok() => send(&message),
+                        _ => {
+                            if self.skip_head("not a darkwatch MQTT record") {
+                                continue;
+                            }
+                            break;
+                        }
+                    },
+                    Ok(None) => {
+                        warn!("Alert spool is empty where a backlog record was expected.");
+                        break;
+                    }
+                    Err(SpoolError::Corrupt { reason, .. }) => {
+                        if self.skip_head(&reason) {
+                            continue;
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        if self.spool_warn.ready() {
+                            warn!(%error, "Cannot read the alert spool; retrying.");
+                        }
+                        break;
+                    }
+                }
+            } else {
+                let index = (seq - self.mirror_front_seq()) as usize;
+                send(&self.mirror[index])
+            };
+            if !sent {
+                break;
+            }
+            self.inflight.push_back(InFlight {
+                seq,
+                pkid: None,
+                acked: false,
+            });
+            self.awaiting.push_back(Some(seq));
+            self.next_send += 1;
+        }
+        self.check_invariants();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::SpoolConfig;
+    use std::io::Write as _;
+    use std::path::Path;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    fn spool_at(dir: &Path, max_bytes: u64) -> Spool {
+        Spool::open(SpoolConfig {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            fsync: false,
+        })
+        .unwrap()
+    }
+
+    fn alert(i: usize) -> Outgoing {
+        Outgoing {
+            topic: format!("darkwatch/n/alerts/s{}", i % 3),
+            payload: format!("alert-{i}").into_bytes(),
+            retain: i.is_multiple_of(2),
+        }
+    }
+
+    // ---- pure logic ----
+
+    #[test]
+    fn record_roundtrip_and_garbage() {
+        for i in 0..4 {
+            let m = alert(i);
+            assert_eq!(decode_record(&encode_record(&m)), Some(m));
+        }
+        let empty = Outgoing {
+            topic: "t".into(),
+            payload: vec![],
+            retain: false,
+        };
+        assert_eq!(decode_record(&encode_record(&empty)), Some(empty));
+        assert_eq!(decode_record(b""), None);
+        assert_eq!(decode_record(&[2, 0, 1, 0, b't']), None); // unknown version
+        assert_eq!(decode_record(&[1, 0, 9, 0, b't']), None); // topic cut short
+        assert_eq!(decode_record(&[1, 7, 1, 0, b't']), None); // unknown flags
+    }
+
+    #[test]
+    fn config_defaults_topics_and_validation() {
+        let d = MqttConfig::default();
+        assert_eq!(d.broker, BrokerMode::Embedded);
+        assert_eq!((d.host.as_str(), d.port), ("127.0.0.1", 1883));
+        assert_eq!(d.inflight_max, 100);
+        assert_eq!(d.incoming_capacity, 65536);
+        assert!(d.validate().is_ok());
+
+        let c: MqttConfig =
+            serde_json::from_str(r#"{"broker": "external", "node_name": "edge+1", "port": 1884}"#)
+                .unwrap();
+        assert_eq!(c.broker, BrokerMode::External);
+        assert_eq!(c.node(), "edge_1");
+        assert_eq!(c.client_id_for(), "darkwatch-edge_1");
+        assert_eq!(
+            c.alert_topic_for("cpu/core#0"),
+            "darkwatch/edge_1/alerts/cpu/core_0"
+        );
+        assert_eq!(c.status_topic_for(), "darkwatch/edge_1/status");
+        assert!(serde_json::from_str::<MqttConfig>(r#"{"prot": 1}"#).is_err());
+        assert!(!MqttConfig::default().node().is_empty());
+
+        let bad = |f: fn(&mut MqttConfig), key: &str| {
+            let mut c = MqttConfig::default();
+            f(&mut c);
+            assert_eq!(c.validate().unwrap_err().0, key);
+        };
+        bad(|c| c.host.clear(), "host");
+        bad(
+            |c| {
+                c.broker = BrokerMode::External;
+                c.port = 0;
+            },
+            "port",
+        );
+        bad(|c| c.keep_alive_secs = 70_000, "keep_alive_secs");
+        bad(|c| c.password = "x".into(), "password");
+        bad(|c| c.subscribe = vec!["a/#/b".into()], "subscribe");
+        bad(|c| c.alert_topic = "a/+/{stream}".into(), "alert_topic");
+        bad(|c| c.status_topic.clear(), "status_topic");
+        bad(|c| c.inflight_max = 0, "inflight_max");
+        bad(|c| c.incoming_capacity = 0, "incoming_capacity");
+        let embedded0 = MqttConfig {
+            port: 0,
+            ..MqttConfig::default()
+        };
+        assert!(embedded0.validate().is_ok());
+    }
+
+    /// A publisher driven by hand: `sent` collects what it published.
+    struct Harness {
+        p: Publisher,
+        sent: Vec<Outgoing>,
+        next_pkid: u16,
+    }
+
+    impl Harness {
+        fn new(spool: Spool, inflight_max: usize) -> Harness {
+            Harness {
+                p: Publisher::new(spool, inflight_max, Arc::default()),
+                sent: Vec::new(),
+                next_pkid: 1,
+            }
+        }
+        /// Pumps, and reports the packet ids rumqttc would assign, returned in order.
+        fn pump(&mut self) -> Vec<u16> {
+            let before = self.sent.len();
+            let sent = &mut self.sent;
+            self.p.pump(|m| {
+                sent.push(m.clone());
+                true
+            });
+            let mut pkids = Vec::new();
+            for _ in before..self.sent.len() {
+                let pkid = self.next_pkid;
+                self.next_pkid += 1;
+                self.p.on_publish_sent(pkid);
+                pkids.push(pkid);
+            }
+            pkids
+        }
+        fn sent_payloads(&self) -> Vec<String> {
+            self.sent
+                .iter()
+                .map(|m| String::from_utf8(m.payload.clone()).unwrap())
+                .collect()
+        }
+    }
+
+    fn names(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| format!("alert-{i}")).collect()
+    }
+
+    #[test]
+    fn pipelines_acks_in_order_and_republishes_after_reconnect() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::new(spool_at(dir.path(), 1 << 16), 3);
+        for i in 0..5 {
+            h.p.append(alert(i));
+        }
+        assert!(
+            h.pump().is_empty(),
+            "nothing is published while disconnected"
+        );
+        h.p.reset_connection(true);
+        let pkids = h.pump();
+        assert_eq!(pkids.len(), 3, "in-flight limit");
+        // An ack that overtakes an older one waits for it.
+        h.p.on_puback(pkids[1]);
+        assert_eq!(h.p.spool.len(), 5);
+        h.p.on_puback(pkids[0]);
+        assert_eq!(h.p.spool.len(), 3);
+        assert_eq!(h.pump().len(), 2);
+        // Connection lost with alert-2..4 in flight: they come again, in order.
+        h.p.reset_connection(false);
+        h.p.append(alert(5));
+        h.p.reset_connection(true);
+        let pkids = h.pump();
+        assert_eq!(pkids.len(), 3);
+        let mut expected = names(0..5);
+        expected.extend(names(2..5));
+        assert_eq!(h.sent_payloads(), expected);
+        for pkid in pkids {
+            h.p.on_puback(pkid);
+        }
+        h.pump();
+        h.p.on_puback(h.next_pkid - 1);
+        assert!(h.p.is_drained());
+        assert_eq!(h.p.spool.len(), 0);
+        assert_eq!(h.p.stats.acked.load(Ordering::Relaxed), 6);
+        // Unknown or repeated acks change nothing.
+        h.p.on_puback(999);
+        assert_eq!(h.p.spool.len(), 0);
+    }
+
+    #[test]
+    fn previous_run_backlog_goes_first_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut spool = spool_at(dir.path(), 1 << 16);
+            for i in 0..3 {
+                spool.append(&encode_record(&alert(i))).unwrap();
+            }
+            spool.append(b"not a record").unwrap();
+        }
+        let mut h = Harness::new(spool_at(dir.path(), 1 << 16), 10);
+        h.p.append(alert(3));
+        h.p.append(alert(4));
+        h.p.reset_connection(true);
+        for i in 0..3 {
+            let pkids = h.pump();
+            assert_eq!(pkids.len(), 1, "backlog record {i} alone in flight");
+            h.p.on_puback(pkids[0]);
+        }
+        // The garbage record is skipped, then this run's records go pipelined.
+        assert_eq!(h.pump().len(), 2);
+        assert_eq!(h.sent_payloads(), names(0..5));
+        assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn spool_overflow_while_in_flight_keeps_order_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 200 bytes: about 5 records each.
+        let mut h = Harness::new(spool_at(dir.path(), 1600), 4);
+        h.p.reset_connection(true);
+        let mut pending = Vec::new();
+        for i in 0..200 {
+            h.p.append(alert(i));
+            pending.extend(h.pump());
+            // The broker acks only now and then.
+            if i.is_multiple_of(7) {
+                for pkid in pending.drain(..) {
+                    h.p.on_puback(pkid);
+                }
+            }
+        }
+        for _ in 0..100 {
+            for pkid in pending.drain(..) {
+                h.p.on_puback(pkid);
+            }
+            pending.extend(h.pump());
+        }
+        assert!(h.p.is_drained());
+        assert_eq!(h.p.spool.len(), 0);
+        let sent: Vec<usize> = h
+            .sent_payloads()
+            .iter()
+            .map(|s| s["alert-".len()..].parse().unwrap())
+            .collect();
+        assert!(sent.windows(2).all(|w| w[0] < w[1]), "{sent:?}");
+        let stats = &h.p.stats;
+        assert_eq!(
+            stats.acked.load(Ordering::Relaxed) + stats.spool_dropped.load(Ordering::Relaxed),
+            200
+        );
+    }
+
+    #[test]
+    fn invalid_outgoing_is_refused_before_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::new(spool_at(dir.path(), 1 << 16), 4);
+        for topic in ["", "a/+/b", "a/#"] {
+            h.p.append(Outgoing {
+                topic: topic.into(),
+                payload: b"x".to_vec(),
+                retain: false,
+            });
+        }
+        h.p.append(Outgoing {
+            topic: "t".into(),
+            payload: vec![0; MAX_OUTGOING_PACKET_BYTES],
+            retain: false,
+        });
+        assert_eq!(h.p.spool.len(), 0);
+        assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 4);
+    }
+
+    // ---- against a real in-process rumqttd ----
+
+    static CLIENT_IDS: AtomicUsize = AtomicUsize::new(0);
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn client_cfg(port: u16) -> MqttConfig {
+        MqttConfig {
+            broker: BrokerMode::External,
+            port,
+            node_name: "n".into(),
+            keep_alive_secs: 5,
+            subscribe: vec!["org/+/cluster/+/node/+/plugin/+/chnl/data/#".into()],
+            ..MqttConfig::default()
+        }
+    }
+
+    /// A plain rumqttc client subscribed to `filter`, forwarding what it receives.
+    struct Subscriber {
+        client: rumqttc::Client,
+        rx: Receiver<rumqttc::Publish>,
+    }
+
+    impl Subscriber {
+        fn new(port: u16, filter: &str) -> Subscriber {
+            let id = format!("test-{}", CLIENT_IDS.fetch_add(1, Ordering::Relaxed));
+            let mut options = MqttOptions::new(id, "127.0.0.1", port);
+            options.set_keep_alive(Duration::from_secs(5));
+            let (client, mut connection) = rumqttc::Client::new(options, 64);
+            client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+            let (tx, rx) = mpsc::channel();
+            let (ready_tx, ready_rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for event in connection.iter() {
+                    match event {
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            let _ = ready_tx.send(());
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            if tx.send(p).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+            ready_rx
+                .recv_timeout(WAIT)
+                .expect("test subscriber subscribed");
+            Subscriber { client, rx }
+        }
+
+        fn recv(&self) -> rumqttc::Publish {
+            self.rx
+                .recv_timeout(WAIT)
+                .expect("a message within the wait")
+        }
+
+        /// Receives until `n` distinct payloads arrived; returns all payloads in order.
+        fn recv_distinct(&self, n: usize) -> Vec<String> {
+            let mut all = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            while seen.len() < n {
+                let p = self.recv();
+                let s = String::from_utf8(p.payload.to_vec()).unwrap();
+                seen.insert(s.clone());
+                all.push(s);
+            }
+            all
+        }
+    }
+
+    /// First occurrences, in order.
+    fn dedup_first(all: &[String]) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        all.iter().filter(|s| seen.insert(*s)).cloned().collect()
+    }
+
+    /// A TCP relay from `listen_port` to a broker, so the client's port is unreachable
+    /// until the test decides, while test subscribers are already on the broker.
+    struct Relay {
+        conns: Arc<Mutex<Vec<TcpStream>>>,
+        /// While set, bytes from the broker to the client are swallowed (PubAcks lost).
+        mute: Arc<AtomicBool>,
+    }
+
+    impl Relay {
+        fn start(listen_port: u16, broker_port: u16) -> Relay {
+            let listener = TcpListener::bind(("127.0.0.1", listen_port)).unwrap();
+            let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+            let mute: Arc<AtomicBool> = Arc::default();
+            let (held, muted) = (conns.clone(), mute.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(near) = stream else { continue };
+                    let Ok(far) = TcpStream::connect(("127.0.0.1", broker_port)) else {
+                        continue;
+                    };
+                    let mut list = held.lock().unwrap();
+                    list.push(near.try_clone().unwrap());
+                    list.push(far.try_clone().unwrap());
+                    let (n2, f2) = (near.try_clone().unwrap(), far.try_clone().unwrap());
+                    std::thread::spawn(move || pipe(near, far, Arc::default()));
+                    let muted = muted.clone();
+                    std::thread::spawn(move || pipe(f2, n2, muted));
+                }
+            });
+            Relay { conns, mute }
+        }
+
+        /// Cuts every relayed connection, as a network failure would, and unmutes.
+        fn sever(&self) {
+            for s in self.conns.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            self.mute.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn pipe(mut from: TcpStream, mut to: TcpStream, mute: Arc<AtomicBool>) {
+        use std::io::Read as _;
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            if !mute.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    }
+
+    struct Running {
+        handle: JoinHandle<()>,
+        incoming: Receiver<Incoming>,
+        outgoing: mpsc::Sender<Outgoing>,
+        stats: Arc<MqttStats>,
+        stop: Arc<AtomicBool>,
+    }
+
+    fn run(cfg: &MqttConfig, dir: &Path) -> Running {
+        let (in_tx, incoming) = mpsc::sync_channel(cfg.incoming_capacity);
+        let (outgoing, out_rx) = mpsc::channel();
+        let stats = Arc::new(MqttStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = spawn_client(
+            cfg.clone(),
+            spool_at(dir, 1 << 20),
+            in_tx,
+            out_rx,
+            stats.clone(),
+            stop.clone(),
+        )
+        .unwrap();
+        Running {
+            handle,
+            incoming,
+            outgoing,
+            stats,
+            stop,
+        }
+    }
+
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    impl Running {
+        fn send(&self, cfg: &MqttConfig, stream: &str, payload: &str) {
+            self.outgoing
+                .send(Outgoing {
+                    topic: cfg.alert_topic_for(stream),
+                    payload: payload.as_bytes().to_vec(),
+                    retain: false,
+                })
+                .unwrap();
+        }
+
+        fn stop_and_join(self) -> Arc<MqttStats> {
+            self.stop.store(true, Ordering::Relaxed);
+            let handle = self.handle;
+            wait_until("the client thread to exit", || handle.is_finished());
+            handle.join().unwrap();
+            self.stats
+        }
+    }
+
+    #[test]
+    fn subscriber_gets_alert_and_late_subscriber_sees_status() {
+        let port = start_embedded_broker("127.0.0.1", 0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = client_cfg(port);
+        let alerts = Subscriber::new(port, "darkwatch/n/alerts/#");
+        let running = run(&cfg, dir.path());
+        running.send(&cfg, "machine-1", "boom");
+        let p = alerts.recv();
+        assert_eq!(p.topic, "darkwatch/n/alerts/machine-1");
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        assert_eq!(&p.payload[..], b"boom");
+
+        let late = Subscriber::new(port, "darkwatch/n/status");
+        let status = late.recv();
+        assert!(status.retain);
+        let v: serde_json::Value = serde_json::from_slice(&status.payload).unwrap();
+        assert_eq!(v, serde_json::json!({"status": "online", "node": "n"}));
+
+        let stats = running.stop_and_join();
+        assert_eq!(stats.acked.load(Ordering::Relaxed), 1);
+        assert!(!stats.connected.load(Ordering::Relaxed));
+        // A clean stop leaves the retained status offline.
+        let after = Subscriber::new(port, "darkwatch/n/status");
+        assert_eq!(&after.recv().payload[..], OFFLINE_PAYLOAD.as_bytes());
+        assert_eq!(spool_at(dir.path(), 1 << 20).len(), 0);
+    }
+
+    #[test]
+    fn incoming_message_reaches_the_channel() {
+        let port = start_embedded_broker("127.0.0.1", 0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = client_cfg(port);
+        let running = run(&cfg, dir.path());
+        let publisher = Subscriber::new(port, "unused/topic");
+        let topic = "org/o1/cluster/c1/node/n1/plugin/p1/chnl/data/cpu";
+        // The client subscribes right after it connects; publish until it has.
+        let start = Instant::now();
+        let got = loop {
+            assert!(start.elapsed() < WAIT, "no incoming message");
+            publisher
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, b"42.5".to_vec())
+                .unwrap();
+            if let Ok(m) = running.incoming.recv_timeout(Duration::from_millis(200)) {
+                break m;
+            }
+        };
+        assert_eq!(got.topic, topic);
+        assert_eq!(got.payload, b"42.5");
+        assert!(got.received > 1.6e9);
+        let stats = running.stop_and_join();
+        assert!(stats.received.load(Ordering::Relaxed) >= 1);
+        assert_eq!(stats.incoming_dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn no_alert_lost_while_broker_unreachable() {
+        let broker = start_embedded_broker("127.0.0.1", 0).unwrap();
+        let alerts = Subscriber::new(broker, "darkwatch/n/alerts/#");
+        let port = free_port(); // nothing listens here yet
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = client_cfg(port);
+        let running = run(&cfg, dir.path());
+        let n = 20;
+        for i in 0..n {
+            running.send(&cfg, "s", &format!("alert-{i}"));
+        }
+        let stats = running.stats.clone();
+        wait_until("all alerts spooled", || {
+            stats.spooled.load(Ordering::Relaxed) == n as u64
+        });
+        wait_until("a failed connection", || {
+            stats.reconnects.load(Ordering::Relaxed) >= 2
+        });
+        assert!(!stats.connected.load(Ordering::Relaxed));
+        assert!(alerts.rx.try_recv().is_err());
+
+        let _relay = Relay::start(port, broker); // the broker becomes reachable
+        let all = alerts.recv_distinct(n);
+        assert_eq!(dedup_first(&all), names(0..n), "received {all:?}");
+        let stats = running.stop_and_join();
+        assert_eq!(stats.acked.load(Ordering::Relaxed), n as u64);
+        assert_eq!(spool_at(dir.path(), 1 << 20).len(), 0);
+    }
+
+    #[test]
+    fn in_flight_alerts_are_republished_after_a_cut() {
+        let broker = start_embedded_broker("127.0.0.1", 0).unwrap();
+        let alerts = Subscriber::new(broker, "darkwatch/n/alerts/#");
+        let port = free_port();
+        let relay = Relay::start(port, broker);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = client_cfg(port);
+        let running = run(&cfg, dir.path());
+        for i in 0..30 {
+            running.send(&cfg, "s", &format!("alert-{i}"));
+        }
+        let mut all = alerts.recv_distinct(30);
+        // The broker gets alert-30..59 but its PubAcks never reach the client.
+        relay.mute.store(true, Ordering::SeqCst);
+        for i in 30..60 {
+            running.send(&cfg, "s", &format!("alert-{i}"));
+        }
+        while dedup_first(&all).len() < 60 {
+            all.push(String::from_utf8(alerts.recv().payload.to_vec()).unwrap());
+        }
+        let stats = running.stats.clone();
+        assert!(stats.acked.load(Ordering::Relaxed) <= 30);
+        relay.sever();
+        for i in 60..80 {
+            running.send(&cfg, "s", &format!("alert-{i}"));
+        }
+        wait_until("every alert acknowledged", || {
+            stats.acked.load(Ordering::Relaxed) == 80
+        });
+        while let Ok(p) = alerts.rx.recv_timeout(Duration::from_millis(300)) {
+            all.push(String::from_utf8(p.payload.to_vec()).unwrap());
+        }
+        assert_eq!(dedup_first(&all), names(0..80));
+        // The unacknowledged ones went out again after the reconnect.
+        assert!(all.len() >= 110, "{} received", all.len());
+        assert!(stats.published.load(Ordering::Relaxed) >= 110);
+        let stats = running.stop_and_join();
+        assert!(stats.reconnects.load(Ordering::Relaxed) >= 1);
+        assert_eq!(spool_at(dir.path(), 1 << 20).len(), 0);
+    }
+
+    #[test]
+    fn previous_run_spool_is_published_first() {
+        let port = start_embedded_broker("127.0.0.1", 0).unwrap();
+        let alerts = Subscriber::new(port, "darkwatch/n/alerts/#");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = client_cfg(port);
+        {
+            let mut spool = spool_at(dir.path(), 1 << 20);
+            for i in 0..3 {
+                let m = Outgoing {
+                    topic: cfg.alert_topic_for("old"),
+                    payload: format!("alert-{i}").into_bytes(),
+                    retain: false,
+                };
+                spool.append(&encode_record(&m)).unwrap();
+            }
+        }
+        let running = run(&cfg, dir.path());
+        for i in 3..6 {
+            running.send(&cfg, "new", &format!("alert-{i}"));
+        }
+        let all = alerts.recv_distinct(6);
+        assert_eq!(dedup_first(&all), names(0..6));
+        running.stop_and_join();
+        assert_eq!(spool_at(dir.path(), 1 << 20).len(), 0);
+    }
+
+    #[test]
+    fn stop_exits_while_disconnected_and_keeps_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = client_cfg(free_port());
+        let running = run(&cfg, dir.path());
+        for i in 0..3 {
+            running.send(&cfg, "s", &format!("alert-{i}"));
+        }
+        let stats = running.stats.clone();
+        wait_until("alerts spooled", || {
+            stats.spooled.load(Ordering::Relaxed) == 3
+        });
+        running.stop_and_join();
+        assert_eq!(spool_at(dir.path(), 1 << 20).len(), 3);
+    }
+
+    #[test]
+    fn embedded_broker_reports_a_taken_port() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let err = start_embedded_broker("127.0.0.1", port).unwrap_err();
+        assert!(matches!(err, MqttError::Broker { .. }), "{err}");
+        assert!(err.to_string().contains(&port.to_string()), "{err}");
+        let cfg = MqttConfig {
+            inflight_max: 0,
+            ..MqttConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (in_tx, _in_rx) = mpsc::sync_channel(1);
+        let (_out_tx, out_rx) = mpsc::channel();
+        let err = spawn_client(
+            cfg,
+            spool_at(dir.path(), 1 << 16),
+            in_tx,
+            out_rx,
+            Arc::default(),
+            Arc::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            MqttError::Config {
+                key: "inflight_max",
+                ..
+            }
+        ));
+    }
+}
