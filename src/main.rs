@@ -201,6 +201,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Sends a state to systemd when started with `Type=notify` (a datagram to
+/// `$NOTIFY_SOCKET`); does nothing otherwise.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "Could not notify systemd.");
+    }
+}
+
 /// Sets `stop` on SIGTERM or SIGINT (a small runtime thread waits for them).
 fn stop_on_signal(stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -345,8 +367,13 @@ fn run(command: Command) -> Result<()> {
             let cfg = load_config(config.as_deref())?;
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             stop_on_signal(stop.clone())?;
+            // Fail before telling systemd we are ready if the model cannot be loaded.
+            Model::load(&cfg.agent.model_dir)?;
+            sd_notify("READY=1\nSTATUS=scoring");
             let counters = Arc::new(darkwatch::agent::AgentCounters::default());
-            let report = darkwatch::agent::run(&cfg, stop, counters, false)?;
+            let report = darkwatch::agent::run(&cfg, stop, counters, false);
+            sd_notify("STOPPING=1");
+            let report = report?;
             eprintln!(
                 "darkwatch: stopped after {} frames scored, {} alerts",
                 report.pipeline.frames_scored,

@@ -414,3 +414,49 @@ fn demo_streams_over_mqtt_and_alerts_reach_the_subscriber() {
     assert_eq!(received, firing + resolved, "{alerts}");
     assert!(out.contains("point-wise AUROC"), "{out}");
 }
+
+#[test]
+fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let systemd = UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\nfsync = false\n",
+            repo("models/smd-machine-1-6").display(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let mut child = darkwatch()
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = systemd.recv(&mut buf).expect("READY=1 within 30 s");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let n = systemd.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped after"));
+}
