@@ -434,7 +434,7 @@ fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = darkwatch()
+    let child = darkwatch()
         .args(["run", "--config"])
         .arg(&cfg)
         .env("NOTIFY_SOCKET", &notify)
