@@ -101,7 +101,7 @@ pub fn run(
     let mut mqtt_cfg = cfg.mqtt.clone();
     if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
         mqtt_cfg.port = mqtt::start_embedded_broker(&mqtt_cfg.host, mqtt_cfg.port)?;
-        tracing::info!(port = mqtt_cfg.port, "Embedded MQTT broker started.");
+        tracing::info!(host = %mqtt_cfg.host, port = mqtt_cfg.port, "Embedded MQTT broker started.");
     }
     let port = mqtt_cfg.port;
     let spool = Spool::open(cfg.spool.clone())?;
@@ -138,6 +138,7 @@ pub fn run(
         stop: stop.clone(),
         newest: None,
         known_streams: 0,
+        max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * cfg.assemble.window_secs),
     };
     let sink = AgentSink {
         template,
@@ -197,6 +198,8 @@ struct AgentSource {
     newest: Option<(f64, std::time::Instant)>,
     /// Streams whose names are already in `streams`.
     known_streams: usize,
+    /// See [`AgentSource::take`].
+    max_clock_jump: f64,
 }
 
 impl AgentSource {
@@ -244,6 +247,40 @@ impl AgentSource {
     }
 }
 
+impl AgentSource {
+    /// Decodes one message into the assembler, counting what is rejected. The event clock
+    /// moves only with accepted samples, and never jumps more than [`MAX_CLOCK_JUMP_SECS`]
+    /// (or ten windows) ahead: one sample with a wrong clock must not close every
+    /// stream's windows.
+    fn take(&mut self, msg: &Incoming) {
+        self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        match self.decoder.decode(&msg.topic, &msg.payload) {
+            Ok(sample) => {
+                if self.assembler.push(&sample).is_err() {
+                    self.counters
+                        .samples_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let jump = self.max_clock_jump;
+                match self.newest {
+                    None => self.newest = Some((sample.timestamp, std::time::Instant::now())),
+                    Some((t, _)) if sample.timestamp > t && sample.timestamp - t <= jump => {
+                        self.newest = Some((sample.timestamp, std::time::Instant::now()));
+                    }
+                    _ => {}
+                }
+            }
+            Err(_) => {
+                self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Largest step of the event clock from one sample (see [`AgentSource::take`]).
+pub const MAX_CLOCK_JUMP_SECS: f64 = 3600.0;
+
 impl Source for AgentSource {
     fn run(
         mut self: Box<Self>,
@@ -252,42 +289,23 @@ impl Source for AgentSource {
         _stop: &AtomicBool,
     ) -> u64 {
         let mut offered = 0;
-        loop {
+        // `stop` is checked on every turn: a busy feed never lets recv time out.
+        while !self.stop.load(Ordering::SeqCst) {
             match self.incoming.recv_timeout(Duration::from_millis(50)) {
                 Ok(msg) => {
-                    self.counters.messages.fetch_add(1, Ordering::Relaxed);
-                    match self.decoder.decode(&msg.topic, &msg.payload) {
-                        Ok(sample) => {
-                            if self.newest.is_none_or(|(t, _)| sample.timestamp > t) {
-                                self.newest = Some((sample.timestamp, std::time::Instant::now()));
-                            }
-                            if self.assembler.push(&sample).is_err() {
-                                self.counters
-                                    .samples_rejected
-                                    .fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Err(_) => {
-                            self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+                    self.take(&msg);
                     offered += self.emit(producer, clock, Some(f64::NAN));
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.stop.load(Ordering::SeqCst) {
-                        break;
-                    }
                     let now = self.event_now();
                     offered += self.emit(producer, clock, Some(now));
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        // Shutdown: drain what is already queued, then close every open window.
+        // Shutdown: take what is already queued, then close every open window.
         while let Ok(msg) = self.incoming.try_recv() {
-            if let Ok(sample) = self.decoder.decode(&msg.topic, &msg.payload) {
-                let _ = self.assembler.push(&sample);
-            }
+            self.take(&msg);
         }
         offered + self.emit(producer, clock, None)
     }
@@ -380,5 +398,63 @@ impl Sink for AgentSink {
             self.publish(&name, e);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(window_secs: f64) -> (AgentSource, std::sync::mpsc::SyncSender<Incoming>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let mut cfg = DarkwatchConfig::default();
+        cfg.assemble.window_secs = window_secs;
+        let features: Vec<String> = vec!["a".into(), "b".into()];
+        let src = AgentSource {
+            incoming: rx,
+            decoder: cfg.examon.build(),
+            assembler: cfg.assemble.build(features).unwrap(),
+            streams: Arc::default(),
+            counters: Arc::default(),
+            stop: Arc::default(),
+            newest: None,
+            known_streams: 0,
+            max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * window_secs),
+        };
+        (src, tx)
+    }
+
+    fn msg(node: &str, metric: &str, value: f64, ts: f64) -> Incoming {
+        Incoming {
+            topic: format!("org/o/cluster/c/node/{node}/plugin/p/chnl/data/{metric}"),
+            payload: format!("{value};{ts}").into_bytes(),
+            received: ts,
+        }
+    }
+
+    #[test]
+    fn event_clock_ignores_rejected_and_far_future_samples() {
+        let (mut src, _tx) = source(1.0);
+        src.take(&msg("n1", "a", 1.0, 1000.0));
+        assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
+        // An unknown metric is rejected and does not move the clock.
+        src.take(&msg("other", "zzz", 1.0, 5000.0));
+        assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
+        assert_eq!(src.counters.samples_rejected.load(Ordering::Relaxed), 1);
+        // A known metric with a clock far ahead lands in its own stream but does not
+        // drag every stream's clock with it.
+        src.take(&msg("n2", "a", 1.0, 1e9));
+        assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
+        // Ordinary progress moves it.
+        src.take(&msg("n1", "b", 1.0, 1001.0));
+        assert_eq!(src.newest.map(|n| n.0), Some(1001.0));
+        // Garbage is counted, never a panic.
+        src.take(&Incoming {
+            topic: "nonsense".into(),
+            payload: vec![0xff; 3],
+            received: 0.0,
+        });
+        assert_eq!(src.counters.decode_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(src.counters.messages.load(Ordering::Relaxed), 5);
     }
 }

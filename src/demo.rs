@@ -53,6 +53,11 @@ pub enum DemoError {
 /// Unreadable inputs, a broker that does not start, or an agent failure.
 pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, DemoError> {
     let started = Instant::now();
+    // Refuse a missing model before anything starts (the agent would fail in its thread).
+    crate::model::Model::load(&opts.model_dir).map_err(AgentError::from)?;
+    if opts.frames == 0 {
+        return Err(DemoError::Other("--frames must be at least 1".into()));
+    }
     let table = ingest::read_table(&opts.input, &TableOptions::default())?;
     let end = (opts.start + opts.frames).min(table.values.nrows());
     if opts.start >= end {
@@ -174,6 +179,7 @@ pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, Dem
         let ahead = Instant::now();
         while published.saturating_sub(counters.messages.load(Ordering::Relaxed)) > 4_000
             && ahead.elapsed() < Duration::from_secs(10)
+            && !agent.is_finished()
         {
             std::thread::sleep(Duration::from_millis(1));
         }

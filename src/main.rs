@@ -179,13 +179,19 @@ impl From<HeadArg> for HeadKind {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "warn,rumqttd=off".into());
+    let cli = Cli::parse();
+    // The daemon logs its life cycle (journald keeps it); one-shot commands only warn.
+    let default = if matches!(cli.command, Command::Run { .. }) {
+        "info,rumqttd=off"
+    } else {
+        "warn,rumqttd=off"
+    };
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         // `darkwatch … | head` closing the pipe early is not a failure.
@@ -374,8 +380,17 @@ fn run(command: Command) -> Result<()> {
             let report = darkwatch::agent::run(&cfg, stop, counters, false);
             sd_notify("STOPPING=1");
             let report = report?;
+            let c = &report.counters;
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             eprintln!(
-                "darkwatch: stopped after {} frames scored, {} alerts",
+                "darkwatch: stopped after {} messages ({} undecodable, {} samples rejected), {} frames ({} incomplete, {} dropped at the ring), {} frames scored, {} alerts",
+                load(&c.messages),
+                load(&c.decode_errors),
+                load(&c.samples_rejected),
+                load(&c.frames),
+                load(&c.frames_incomplete),
+                report.pipeline.frames_dropped,
                 report.pipeline.frames_scored,
                 report.events.len()
             );

@@ -460,3 +460,99 @@ fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped after"));
 }
+
+#[test]
+fn run_stops_on_sigterm_even_while_messages_keep_arriving() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = {port}\n[spool]\ndir = \"{}\"\nfsync = false\n",
+            repo("models/smd-machine-1-6").display(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let child = darkwatch()
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the embedded broker, then keep publishing until the agent is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "broker never came up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let opts = rumqttc::MqttOptions::new("test-publisher", "127.0.0.1", port);
+            let (client, mut connection) = rumqttc::Client::new(opts, 1024);
+            let pump = std::thread::spawn(move || {
+                for event in connection.iter() {
+                    if event.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut ts = 1_700_000_000.0;
+            while !done.load(Ordering::SeqCst) {
+                for j in 0..38 {
+                    let topic = format!("org/t/cluster/c/node/n1/plugin/p/chnl/data/f{j}");
+                    if client
+                        .try_publish(topic, rumqttc::QoS::AtMostOnce, false, format!("0.5;{ts}"))
+                        .is_err()
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+                ts += 1.0;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let _ = client.disconnect();
+            let _ = pump.join();
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The feed never pauses: the agent must still stop. A generous bound turns a hang
+    // into a failure; it is a liveness check, not a timing claim.
+    let mut child = child;
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > give_up {
+            let _ = child.kill();
+            done.store(true, Ordering::SeqCst);
+            panic!("darkwatch run ignored SIGTERM while messages kept arriving");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    done.store(true, Ordering::SeqCst);
+    let _ = publisher.join();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("stopped after") && err.contains("frames scored"),
+        "{err}"
+    );
+}
