@@ -415,6 +415,22 @@ fn demo_streams_over_mqtt_and_alerts_reach_the_subscriber() {
     assert!(out.contains("point-wise AUROC"), "{out}");
 }
 
+/// A config for `darkwatch run`: the bundled model, an embedded broker on `port` (0: any),
+/// a spool in `dir`.
+fn agent_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = {port}\n[spool]\ndir = \"{}\"\nfsync = false\n",
+            repo("models/smd-machine-1-6").display(),
+            dir.join("spool").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 #[test]
 fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
     use std::os::unix::net::UnixDatagram;
@@ -424,16 +440,7 @@ fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
     systemd
         .set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .unwrap();
-    let cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\nfsync = false\n",
-            repo("models/smd-machine-1-6").display(),
-            dir.path().join("spool").display()
-        ),
-    )
-    .unwrap();
+    let cfg = agent_config(dir.path(), 0);
     let child = darkwatch()
         .args(["run", "--config"])
         .arg(&cfg)
@@ -471,16 +478,7 @@ fn run_stops_on_sigterm_even_while_messages_keep_arriving() {
         .local_addr()
         .unwrap()
         .port();
-    let cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = {port}\n[spool]\ndir = \"{}\"\nfsync = false\n",
-            repo("models/smd-machine-1-6").display(),
-            dir.path().join("spool").display()
-        ),
-    )
-    .unwrap();
+    let cfg = agent_config(dir.path(), port);
     let child = darkwatch()
         .args(["run", "--config"])
         .arg(&cfg)
