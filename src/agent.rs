@@ -155,6 +155,21 @@ pub fn run(
         scores: Vec::new(),
         events: Vec::new(),
     };
+    let metrics_stop = Arc::new(AtomicBool::new(false));
+    if !cfg.metrics.listen.is_empty() {
+        let exposed = crate::metrics::Exposed {
+            counters: counters.clone(),
+            mqtt: mqtt_stats.clone(),
+            model_id: model.meta.id.clone(),
+        };
+        match crate::metrics::serve(&cfg.metrics.listen, exposed, metrics_stop.clone()) {
+            Ok(addr) => tracing::info!(%addr, "Serving /metrics."),
+            // A taken metrics port must not stop anomaly detection: log and go on.
+            Err(e) => {
+                tracing::warn!(listen = %cfg.metrics.listen, error = %e, "Cannot serve /metrics.")
+            }
+        }
+    }
     let head = model.meta.head;
     let (report, sink) = pipeline::run(
         model,
@@ -173,6 +188,7 @@ pub fn run(
     } = sink;
     drop(out);
     client_stop.store(true, Ordering::SeqCst);
+    metrics_stop.store(true, Ordering::SeqCst);
     let _ = client.join();
     Ok(AgentReport {
         pipeline: report,

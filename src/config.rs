@@ -13,6 +13,7 @@ use crate::agent::AgentConfig;
 use crate::alert::AlertConfig;
 use crate::ingest::assemble::AssemblerConfig;
 use crate::ingest::examon::ExamonConfig;
+use crate::metrics::MetricsConfig;
 use crate::model::{OutputKind, ScalerKind};
 use crate::mqtt::MqttConfig;
 use crate::mss::MssConfig;
@@ -42,6 +43,7 @@ pub struct DarkwatchConfig {
     pub assemble: AssemblerConfig,
     pub examon: ExamonConfig,
     pub spool: SpoolConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Shape of the autoencoder that `train` builds.
@@ -273,6 +275,9 @@ impl DarkwatchConfig {
         self.mqtt
             .validate()
             .map_err(|(k, r)| (format!("mqtt.{k}"), r))?;
+        self.metrics
+            .validate()
+            .map_err(|(k, r)| (format!("metrics.{k}"), r))?;
         self.spool
             .validate()
             .map_err(|(k, r)| (format!("spool.{k}"), r))?;

@@ -84,6 +84,7 @@ pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, Dem
     cfg.mqtt.node_name = "demo".into();
     cfg.spool.dir = spool_dir.clone();
     cfg.spool.fsync = false;
+    cfg.metrics.listen = String::new();
     // One row per minute, as SMD was recorded.
     cfg.assemble.window_secs = 60.0;
 

@@ -9,6 +9,7 @@
 //! - [`config`]: the TOML configuration (`DarkwatchConfig`), environment overrides, validation.
 //! - [`ingest`]: file inputs (CSV, NPY, label files) and the file source that replays them.
 //! - [`ring`]: the lock-free SPSC frame ring between a source and the scorer, with its full policy.
+//! - [`metrics`]: Prometheus `/metrics` for the agent.
 //! - [`model`]: the dense autoencoder (plain or probabilistic), its scaler and its model directory.
 //! - [`train`]: Adam, mini-batches and early stopping for the autoencoder.
 //! - [`mss`]: mean-shift scoring: the reference bank and the exact k-NN shift of a frame.
@@ -32,6 +33,7 @@ pub mod demo;
 pub mod eval;
 pub mod harness;
 pub mod ingest;
+pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod mss;

@@ -422,7 +422,7 @@ fn agent_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = {port}\n[spool]\ndir = \"{}\"\nfsync = false\n",
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = {port}\n[spool]\ndir = \"{}\"\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             repo("models/smd-machine-1-6").display(),
             dir.join("spool").display()
         ),

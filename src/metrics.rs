@@ -1,0 +1,235 @@
+//! Prometheus `/metrics` for the agent: a minimal HTTP/1.1 responder on its own thread
+//! that renders the agent's counters in the text exposition format when scraped.
+//!
+//! Names follow the Prometheus conventions (`darkwatch_<noun>_<verb>_total` counters,
+//! gauges without a suffix) with bounded labels. Fed by the atomics the agent's threads
+//! already keep; nothing is computed on the hot path.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::AgentCounters;
+use crate::mqtt::MqttStats;
+
+/// Where `/metrics` is served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to listen on; empty turns the endpoint off.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// Checks that `listen` is empty or a socket address.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
+            return Err((
+                "listen",
+                format!("\"{}\" is not host:port (e.g. 127.0.0.1:9464)", self.listen),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What `/metrics` reports.
+#[derive(Clone)]
+pub struct Exposed {
+    pub counters: Arc<AgentCounters>,
+    pub mqtt: Arc<MqttStats>,
+    pub model_id: String,
+}
+
+/// The exposition text.
+pub fn render(e: &Exposed) -> String {
+    let c = &e.counters;
+    let m = &e.mqtt;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut s = String::new();
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            s,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    };
+    counter(
+        "darkwatch_messages_received_total",
+        "MQTT messages taken by the decoder.",
+        load(&c.messages),
+    );
+    counter(
+        "darkwatch_messages_rejected_total",
+        "Messages that could not be decoded.",
+        load(&c.decode_errors),
+    );
+    counter(
+        "darkwatch_samples_rejected_total",
+        "Decoded samples the assembler refused (unknown metric, late, too many streams).",
+        load(&c.samples_rejected),
+    );
+    counter(
+        "darkwatch_frames_assembled_total",
+        "Frames assembled from samples.",
+        load(&c.frames),
+    );
+    counter(
+        "darkwatch_frames_incomplete_total",
+        "Frames with a missing metric (skipped by the scorer).",
+        load(&c.frames_incomplete),
+    );
+    counter(
+        "darkwatch_mqtt_incoming_dropped_total",
+        "Received messages dropped because the decoder fell behind.",
+        load(&m.incoming_dropped),
+    );
+    counter(
+        "darkwatch_mqtt_reconnects_total",
+        "MQTT connection errors, each followed by a reconnect.",
+        load(&m.reconnects),
+    );
+    counter(
+        "darkwatch_alerts_spooled_total",
+        "Alert events written to the on-disk spool.",
+        load(&m.spooled),
+    );
+    counter(
+        "darkwatch_alerts_acked_total",
+        "Alert events the broker acknowledged.",
+        load(&m.acked),
+    );
+    let _ = writeln!(
+        s,
+        "# HELP darkwatch_alerts_total Alert events raised, by status.\n# TYPE darkwatch_alerts_total counter\n\
+         darkwatch_alerts_total{{status=\"firing\"}} {}\ndarkwatch_alerts_total{{status=\"resolved\"}} {}",
+        load(&c.alerts_firing),
+        load(&c.alerts_resolved)
+    );
+    let _ = writeln!(
+        s,
+        "# HELP darkwatch_mqtt_connected 1 while the MQTT client holds a connection.\n# TYPE darkwatch_mqtt_connected gauge\n\
+         darkwatch_mqtt_connected {}",
+        u8::from(m.connected.load(Ordering::Relaxed))
+    );
+    let _ = writeln!(
+        s,
+        "# HELP darkwatch_model_info The model being scored.\n# TYPE darkwatch_model_info gauge\n\
+         darkwatch_model_info{{model_id=\"{}\"}} 1",
+        e.model_id
+    );
+    s
+}
+
+/// Serves `/metrics` on `listen` until `stop` is set. Returns the bound address.
+///
+/// # Errors
+/// The address cannot be bound, or the thread cannot start.
+pub fn serve(listen: &str, exposed: Exposed, stop: Arc<AtomicBool>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("darkwatch-metrics".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                        let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 1024];
+                        let n = conn.read(&mut buf).unwrap_or(0);
+                        let request = String::from_utf8_lossy(&buf[..n]);
+                        let response = if request.starts_with("GET /metrics") {
+                            let body = render(&exposed);
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                        } else {
+                            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                        };
+                        let _ = conn.write_all(response.as_bytes());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        })?;
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrape_returns_the_counters_in_exposition_format() {
+        let counters = Arc::new(AgentCounters::default());
+        counters.frames.fetch_add(7, Ordering::Relaxed);
+        counters.alerts_firing.fetch_add(2, Ordering::Relaxed);
+        let exposed = Exposed {
+            counters,
+            mqtt: Arc::default(),
+            model_id: "abc123".into(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let addr = serve("127.0.0.1:0", exposed, stop.clone()).unwrap();
+        let get = |path: &str| {
+            let mut conn = std::net::TcpStream::connect(addr).unwrap();
+            write!(conn, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            conn.read_to_string(&mut out).unwrap();
+            out
+        };
+        let body = get("/metrics");
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        assert!(
+            body.contains("\ndarkwatch_frames_assembled_total 7\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("darkwatch_alerts_total{status=\"firing\"} 2"),
+            "{body}"
+        );
+        assert!(
+            body.contains("darkwatch_model_info{model_id=\"abc123\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("# TYPE darkwatch_mqtt_connected gauge"),
+            "{body}"
+        );
+        assert!(get("/other").starts_with("HTTP/1.1 404"));
+        stop.store(true, Ordering::SeqCst);
+        assert!(
+            MetricsConfig {
+                listen: "nope".into()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            MetricsConfig {
+                listen: String::new()
+            }
+            .validate()
+            .is_ok()
+        );
+    }
+}
