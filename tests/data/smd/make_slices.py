@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Rebuild tests/data/smd/ from the SMD copy in the shared data folder (stdlib only).
 
-Usage: python3 tests/data/smd/make_slices.py [SOURCE_DIR]
-SOURCE_DIR defaults to /work/shared/data/smd. The script:
+Usage: python3 tests/data/smd/make_slices.py SOURCE_DIR
+SOURCE_DIR is a copy of the SMD data (the project's shared data folder, smd/). The script:
   1. copies machine-1-6 train/test arrays, test labels, interpretation labels and both
      licence files unchanged (verifying the source SHA-256s below);
   2. writes small.csv / small_labels.txt: test rows WINDOW_START .. WINDOW_START+1999
@@ -19,7 +19,9 @@ import struct
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/smd"
+if len(sys.argv) != 2:
+    sys.exit("usage: make_slices.py SOURCE_DIR  (a folder with the SMD machine-1-6 files)")
+SOURCE = sys.argv[1]
 
 # (source path relative to SOURCE, name here, sha256 from the shared MANIFEST.sha256)
 COPIES = [
