@@ -33,14 +33,42 @@ use crate::threshold::Threshold;
 pub struct AgentConfig {
     /// Model directory written by `darkwatch train`.
     pub model_dir: PathBuf,
+    /// What the subscribed topics carry: `examon` (one metric per message), `telegraf`
+    /// (Telegraf's MQTT output, JSON or Influx line protocol) or `raw` (one little-endian
+    /// f32 frame of the model's width per message; the topic's last segment names the stream).
+    pub format: InputFormat,
+}
+
+/// The payload format of the agent's input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    #[default]
+    Examon,
+    Telegraf,
+    Raw,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             model_dir: PathBuf::from("/var/lib/darkwatch/model"),
+            format: InputFormat::Examon,
         }
     }
+}
+
+/// The decoder of the configured input format.
+enum Decoder {
+    Examon(ExamonDecoder),
+    Telegraf(crate::ingest::telegraf::TelegrafDecoder),
+    /// Raw frames skip the assembler: each message is a frame. Streams are numbered in
+    /// order of appearance (number and next sequence number kept per stream name).
+    Raw {
+        decoder: crate::ingest::raw::RawDecoder,
+        frame: Vec<f32>,
+        streams: std::collections::HashMap<String, (u32, u64)>,
+    },
 }
 
 /// Why the agent could not run.
@@ -131,7 +159,15 @@ pub fn run(
     let streams: Arc<Mutex<Vec<String>>> = Arc::default();
     let source = AgentSource {
         incoming: in_rx,
-        decoder: cfg.examon.build(),
+        decoder: match cfg.agent.format {
+            InputFormat::Examon => Decoder::Examon(cfg.examon.build()),
+            InputFormat::Telegraf => Decoder::Telegraf(cfg.telegraf.build()),
+            InputFormat::Raw => Decoder::Raw {
+                decoder: cfg.raw.build(model.n_features()),
+                frame: Vec::with_capacity(model.n_features()),
+                streams: Default::default(),
+            },
+        },
         assembler: cfg.assemble.build(model.meta.features.clone())?,
         streams: streams.clone(),
         counters: counters.clone(),
@@ -203,7 +239,7 @@ pub fn run(
 /// Decodes MQTT messages and assembles frames into the ring.
 struct AgentSource {
     incoming: Receiver<Incoming>,
-    decoder: ExamonDecoder,
+    decoder: Decoder,
     assembler: Assembler,
     streams: Arc<Mutex<Vec<String>>>,
     counters: Arc<AgentCounters>,
@@ -268,29 +304,90 @@ impl AgentSource {
     /// moves only with accepted samples, and never jumps more than [`MAX_CLOCK_JUMP_SECS`]
     /// (or ten windows) ahead: one sample with a wrong clock must not close every
     /// stream's windows.
-    fn take(&mut self, msg: &Incoming) {
+    /// Returns the frames pushed to the ring directly (raw input only).
+    fn take(&mut self, msg: &Incoming, producer: Option<(&mut FrameProducer, &Clock)>) -> u64 {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
-        match self.decoder.decode(&msg.topic, &msg.payload) {
-            Ok(sample) => {
-                if self.assembler.push(&sample).is_err() {
-                    self.counters
-                        .samples_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                let jump = self.max_clock_jump;
-                match self.newest {
-                    None => self.newest = Some((sample.timestamp, std::time::Instant::now())),
-                    Some((t, _)) if sample.timestamp > t && sample.timestamp - t <= jump => {
-                        self.newest = Some((sample.timestamp, std::time::Instant::now()));
-                    }
-                    _ => {}
-                }
+        let AgentSource {
+            decoder,
+            assembler,
+            counters,
+            newest,
+            max_clock_jump,
+            streams,
+            known_streams,
+            ..
+        } = self;
+        let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
+            if assembler.push(sample).is_err() {
+                counters.samples_rejected.fetch_add(1, Ordering::Relaxed);
+                return;
             }
-            Err(_) => {
-                self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+            match *newest {
+                None => *newest = Some((sample.timestamp, std::time::Instant::now())),
+                Some((t, _)) if sample.timestamp > t && sample.timestamp - t <= *max_clock_jump => {
+                    *newest = Some((sample.timestamp, std::time::Instant::now()));
+                }
+                _ => {}
+            }
+        };
+        match decoder {
+            Decoder::Examon(d) => match d.decode(&msg.topic, &msg.payload) {
+                Ok(sample) => accept(&sample),
+                Err(_) => {
+                    counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            Decoder::Telegraf(d) => {
+                let mut bad = 0u64;
+                let whole = d.decode(&msg.payload, msg.received, &mut |r| match r {
+                    Ok(sample) => accept(&sample),
+                    Err(_) => bad += 1,
+                });
+                bad += u64::from(whole.is_err());
+                counters.decode_errors.fetch_add(bad, Ordering::Relaxed);
+            }
+            Decoder::Raw {
+                decoder,
+                frame,
+                streams: seen,
+            } => {
+                let name = match decoder.decode(&msg.topic, &msg.payload, frame) {
+                    Ok(name) => name.unwrap_or("default"),
+                    Err(_) => {
+                        counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        return 0;
+                    }
+                };
+                let next = seen.len() as u32;
+                let entry = match seen.get_mut(name) {
+                    Some(entry) => entry,
+                    None => seen.entry(name.to_string()).or_insert((next, 0)),
+                };
+                let (index, seq) = *entry;
+                entry.1 += 1;
+                if index as usize >= *known_streams
+                    && let Ok(mut names) = streams.lock()
+                {
+                    if names.len() <= index as usize {
+                        names.resize(index as usize + 1, String::new());
+                    }
+                    names[index as usize] = name.to_string();
+                    *known_streams = names.len();
+                }
+                counters.frames.fetch_add(1, Ordering::Relaxed);
+                if let Some((producer, clock)) = producer {
+                    let meta = FrameMeta {
+                        seq,
+                        stream: index,
+                        timestamp: msg.received,
+                        enqueued_ns: clock.now_ns(),
+                    };
+                    producer.push(meta, frame);
+                    return 1;
+                }
             }
         }
+        0
     }
 }
 
@@ -309,7 +406,7 @@ impl Source for AgentSource {
         while !self.stop.load(Ordering::SeqCst) {
             match self.incoming.recv_timeout(Duration::from_millis(50)) {
                 Ok(msg) => {
-                    self.take(&msg);
+                    offered += self.take(&msg, Some((&mut *producer, clock)));
                     offered += self.emit(producer, clock, Some(f64::NAN));
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -321,7 +418,7 @@ impl Source for AgentSource {
         }
         // Shutdown: take what is already queued, then close every open window.
         while let Ok(msg) = self.incoming.try_recv() {
-            self.take(&msg);
+            offered += self.take(&msg, Some((&mut *producer, clock)));
         }
         offered + self.emit(producer, clock, None)
     }
@@ -428,7 +525,7 @@ mod tests {
         let features: Vec<String> = vec!["a".into(), "b".into()];
         let src = AgentSource {
             incoming: rx,
-            decoder: cfg.examon.build(),
+            decoder: Decoder::Examon(cfg.examon.build()),
             assembler: cfg.assemble.build(features).unwrap(),
             streams: Arc::default(),
             counters: Arc::default(),
@@ -438,6 +535,12 @@ mod tests {
             max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * window_secs),
         };
         (src, tx)
+    }
+
+    impl AgentSource {
+        fn take_one(&mut self, m: &Incoming) {
+            self.take(m, None);
+        }
     }
 
     fn msg(node: &str, metric: &str, value: f64, ts: f64) -> Incoming {
@@ -451,26 +554,76 @@ mod tests {
     #[test]
     fn event_clock_ignores_rejected_and_far_future_samples() {
         let (mut src, _tx) = source(1.0);
-        src.take(&msg("n1", "a", 1.0, 1000.0));
+        src.take_one(&msg("n1", "a", 1.0, 1000.0));
         assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
         // An unknown metric is rejected and does not move the clock.
-        src.take(&msg("other", "zzz", 1.0, 5000.0));
+        src.take_one(&msg("other", "zzz", 1.0, 5000.0));
         assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
         assert_eq!(src.counters.samples_rejected.load(Ordering::Relaxed), 1);
         // A known metric with a clock far ahead lands in its own stream but does not
         // drag every stream's clock with it.
-        src.take(&msg("n2", "a", 1.0, 1e9));
+        src.take_one(&msg("n2", "a", 1.0, 1e9));
         assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
         // Ordinary progress moves it.
-        src.take(&msg("n1", "b", 1.0, 1001.0));
+        src.take_one(&msg("n1", "b", 1.0, 1001.0));
         assert_eq!(src.newest.map(|n| n.0), Some(1001.0));
         // Garbage is counted, never a panic.
-        src.take(&Incoming {
+        src.take_one(&Incoming {
             topic: "nonsense".into(),
             payload: vec![0xff; 3],
             received: 0.0,
         });
         assert_eq!(src.counters.decode_errors.load(Ordering::Relaxed), 1);
         assert_eq!(src.counters.messages.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn telegraf_and_raw_inputs_reach_the_assembler_and_the_ring() {
+        let (mut src, _tx) = source(1.0);
+        src.decoder = Decoder::Telegraf(DarkwatchConfig::default().telegraf.build());
+        // A JSON batch naming fields m.a and m.b: unknown to a model of "a", "b", so they are
+        // decoded (no decode error) and then rejected by the assembler, counted apart.
+        let json =
+            br#"{"name":"m","tags":{"host":"n1"},"fields":{"a":1.5,"b":2},"timestamp":1000}"#;
+        src.take_one(&Incoming {
+            topic: "telegraf/n1".into(),
+            payload: json.to_vec(),
+            received: 1000.0,
+        });
+        assert_eq!(src.counters.decode_errors.load(Ordering::Relaxed), 0);
+        assert_eq!(src.counters.samples_rejected.load(Ordering::Relaxed), 2);
+        src.take_one(&Incoming {
+            topic: "telegraf/n1".into(),
+            payload: b"{not json".to_vec(),
+            received: 1000.0,
+        });
+        assert!(src.counters.decode_errors.load(Ordering::Relaxed) >= 1);
+
+        // Raw frames of the model's width become frames at once, one stream per topic.
+        let cfg = DarkwatchConfig::default();
+        src.decoder = Decoder::Raw {
+            decoder: cfg.raw.build(2),
+            frame: Vec::new(),
+            streams: Default::default(),
+        };
+        let frame: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        for topic in ["act/layer3", "act/layer3", "act/layer7"] {
+            src.take_one(&Incoming {
+                topic: topic.into(),
+                payload: frame.clone(),
+                received: 5.0,
+            });
+        }
+        assert_eq!(src.counters.frames.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            *src.streams.lock().unwrap(),
+            vec!["layer3".to_string(), "layer7".to_string()]
+        );
+        src.take_one(&Incoming {
+            topic: "act/layer3".into(),
+            payload: vec![0; 5],
+            received: 5.0,
+        });
+        assert_eq!(src.counters.frames.load(Ordering::Relaxed), 3);
     }
 }

@@ -13,6 +13,8 @@ use crate::agent::AgentConfig;
 use crate::alert::AlertConfig;
 use crate::ingest::assemble::AssemblerConfig;
 use crate::ingest::examon::ExamonConfig;
+use crate::ingest::raw::RawConfig;
+use crate::ingest::telegraf::TelegrafConfig;
 use crate::metrics::MetricsConfig;
 use crate::model::{OutputKind, ScalerKind};
 use crate::mqtt::MqttConfig;
@@ -42,6 +44,8 @@ pub struct DarkwatchConfig {
     pub mqtt: MqttConfig,
     pub assemble: AssemblerConfig,
     pub examon: ExamonConfig,
+    pub telegraf: TelegrafConfig,
+    pub raw: RawConfig,
     pub spool: SpoolConfig,
     pub metrics: MetricsConfig,
 }
