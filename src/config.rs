@@ -254,9 +254,11 @@ where
 impl DarkwatchConfig {
     /// Semantic checks the types cannot express. Returns the dotted key and the reason.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        self.train
-            .validate()
-            .map_err(|(k, r)| (format!("train.{k}"), r))?;
+        // Every section checks itself and names the key within it; prefix the section.
+        let section = |name: &str, checked: Result<(), (&'static str, String)>| {
+            checked.map_err(|(k, r)| (format!("{name}.{k}"), r))
+        };
+        section("train", self.train.validate())?;
         if self.model.hidden_sizes.contains(&0) {
             return Err((
                 "model.hidden_sizes".into(),
@@ -267,24 +269,12 @@ impl DarkwatchConfig {
             .head()
             .check(self.model.kind)
             .map_err(|e| ("score.head".to_string(), e.to_string()))?;
-        self.mss
-            .validate()
-            .map_err(|(k, r)| (format!("mss.{k}"), r))?;
-        self.threshold
-            .validate()
-            .map_err(|(k, r)| (format!("threshold.{k}"), r))?;
-        self.alert
-            .validate()
-            .map_err(|(k, r)| (format!("alert.{k}"), r))?;
-        self.mqtt
-            .validate()
-            .map_err(|(k, r)| (format!("mqtt.{k}"), r))?;
-        self.metrics
-            .validate()
-            .map_err(|(k, r)| (format!("metrics.{k}"), r))?;
-        self.spool
-            .validate()
-            .map_err(|(k, r)| (format!("spool.{k}"), r))?;
+        section("mss", self.mss.validate())?;
+        section("threshold", self.threshold.validate())?;
+        section("alert", self.alert.validate())?;
+        section("mqtt", self.mqtt.validate())?;
+        section("metrics", self.metrics.validate())?;
+        section("spool", self.spool.validate())?;
         if let Err(e) = self.assemble.build(vec!["x".into()]) {
             return Err(("assemble".into(), e.to_string()));
         }

@@ -60,57 +60,59 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let mut counter = |name: &str, help: &str, value: u64| {
+    let counters: [(&str, &str, u64); 9] = [
+        (
+            "darkwatch_messages_received_total",
+            "MQTT messages taken by the decoder.",
+            load(&c.messages),
+        ),
+        (
+            "darkwatch_messages_rejected_total",
+            "Messages that could not be decoded.",
+            load(&c.decode_errors),
+        ),
+        (
+            "darkwatch_samples_rejected_total",
+            "Decoded samples the assembler refused (unknown metric, late, too many streams).",
+            load(&c.samples_rejected),
+        ),
+        (
+            "darkwatch_frames_assembled_total",
+            "Frames assembled from samples.",
+            load(&c.frames),
+        ),
+        (
+            "darkwatch_frames_incomplete_total",
+            "Frames with a missing metric (skipped by the scorer).",
+            load(&c.frames_incomplete),
+        ),
+        (
+            "darkwatch_mqtt_incoming_dropped_total",
+            "Received messages dropped because the decoder fell behind.",
+            load(&m.incoming_dropped),
+        ),
+        (
+            "darkwatch_mqtt_reconnects_total",
+            "MQTT connection errors, each followed by a reconnect.",
+            load(&m.reconnects),
+        ),
+        (
+            "darkwatch_alerts_spooled_total",
+            "Alert events written to the on-disk spool.",
+            load(&m.spooled),
+        ),
+        (
+            "darkwatch_alerts_acked_total",
+            "Alert events the broker acknowledged.",
+            load(&m.acked),
+        ),
+    ];
+    for (name, help, value) in counters {
         let _ = writeln!(
             s,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
-    };
-    counter(
-        "darkwatch_messages_received_total",
-        "MQTT messages taken by the decoder.",
-        load(&c.messages),
-    );
-    counter(
-        "darkwatch_messages_rejected_total",
-        "Messages that could not be decoded.",
-        load(&c.decode_errors),
-    );
-    counter(
-        "darkwatch_samples_rejected_total",
-        "Decoded samples the assembler refused (unknown metric, late, too many streams).",
-        load(&c.samples_rejected),
-    );
-    counter(
-        "darkwatch_frames_assembled_total",
-        "Frames assembled from samples.",
-        load(&c.frames),
-    );
-    counter(
-        "darkwatch_frames_incomplete_total",
-        "Frames with a missing metric (skipped by the scorer).",
-        load(&c.frames_incomplete),
-    );
-    counter(
-        "darkwatch_mqtt_incoming_dropped_total",
-        "Received messages dropped because the decoder fell behind.",
-        load(&m.incoming_dropped),
-    );
-    counter(
-        "darkwatch_mqtt_reconnects_total",
-        "MQTT connection errors, each followed by a reconnect.",
-        load(&m.reconnects),
-    );
-    counter(
-        "darkwatch_alerts_spooled_total",
-        "Alert events written to the on-disk spool.",
-        load(&m.spooled),
-    );
-    counter(
-        "darkwatch_alerts_acked_total",
-        "Alert events the broker acknowledged.",
-        load(&m.acked),
-    );
+    }
     let _ = writeln!(
         s,
         "# HELP darkwatch_alerts_total Alert events raised, by status.\n# TYPE darkwatch_alerts_total counter\n\
