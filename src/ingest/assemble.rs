@@ -241,7 +241,8 @@ pub enum Reject {
     Late,
     /// The stream is new and `max_streams` streams are already tracked.
     TooManyStreams,
-    /// Value or timestamp is NaN or infinite.
+    /// Value or timestamp is NaN or infinite, or the value is beyond `f32`'s range
+    /// (frames hold `f32`, where it would be infinite).
     NonFinite,
 }
 
@@ -444,7 +445,9 @@ impl Assembler {
     /// [`Reject`] when the sample is not used; each reason is also counted.
     pub fn push(&mut self, s: &Sample<'_>) -> Result<(), Reject> {
         self.counters.samples_in += 1;
-        if !(s.value.is_finite() && s.timestamp.is_finite()) {
+        // Frames hold f32: a value beyond its range would be ±inf in this frame and in
+        // every frame it is carried forward to. Accepted values keep means in range too.
+        if !(s.value.abs() <= f64::from(f32::MAX) && s.timestamp.is_finite()) {
             self.counters.non_finite += 1;
             return Err(Reject::NonFinite);
         }
@@ -856,6 +859,24 @@ mod tests {
         );
         assert_eq!(a.counters().non_finite, 1);
         assert_eq!(a.counters().samples_in, 2);
+    }
+
+    /// Found by `fuzz/fuzz_targets/assemble.rs`: a finite f64 beyond f32's range (an
+    /// ExaMon payload `1e300;…` decodes to one) became `inf` in the frame.
+    #[test]
+    fn value_beyond_f32_range_is_rejected_not_made_infinite() {
+        let mut a = asm(AssemblerConfig::default(), &["x"]);
+        for v in [1e300, -1e39, f64::MAX] {
+            assert_eq!(a.push(&sample("n", "x", v, 1.0)), Err(Reject::NonFinite));
+        }
+        assert_eq!(a.counters().non_finite, 3);
+        let big = f64::from(f32::MAX);
+        a.push(&sample("n", "x", big, 1.0)).unwrap();
+        a.push(&sample("n", "x", big, 1.5)).unwrap();
+        a.push(&sample("n", "x", -big, 3.0)).unwrap();
+        let mut values = Vec::new();
+        a.flush(&mut |f: FrameOut<'_>| values.extend_from_slice(f.values));
+        assert_eq!(values, [f32::MAX, -f32::MAX]);
     }
 
     #[test]
