@@ -7,6 +7,19 @@
 //!        ▲                                                                         threshold + alerts per stream
 //!        └──────────────────────────── Outgoing (alert JSON) ◀─────────────────────┘
 //! ```
+//!
+//! # Reload
+//!
+//! [`Control::reload`] hands a running agent a new, already validated configuration and
+//! model (the binary does this on SIGHUP). The MQTT client, the spool, the embedded broker
+//! and `/metrics` stay up; the pipeline (source, scorer, sink) ends its turn, drains, and
+//! starts again with the new model, thresholds and alert settings. Received messages wait
+//! in the incoming channel meanwhile, so none is lost. Open windows and per-stream alert
+//! state carry over when the input format, the `[assemble]` settings and the model's
+//! features are unchanged (and, for alert state, the model id and the `[threshold]` and
+//! `[alert]` settings); otherwise open windows are dropped and firing alerts are resolved
+//! before the new model takes over. Changes to `[mqtt]`, `[spool]` and `[metrics]` need
+//! a restart; a reload keeps the running ones and logs a warning.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +36,7 @@ use crate::ingest::examon::ExamonDecoder;
 use crate::model::{Model, ModelError};
 use crate::mqtt::{self, Incoming, MqttError, MqttStats, Outgoing};
 use crate::pipeline::{self, Clock, PipelineError, PipelineReport, ScoredFrame, Sink, Source};
-use crate::ring::{FrameMeta, FrameProducer};
+use crate::ring::{FrameMeta, FrameProducer, Pushed};
 use crate::spool::{Spool, SpoolError};
 use crate::threshold::Threshold;
 
@@ -98,6 +111,165 @@ pub struct AgentCounters {
     pub frames_incomplete: AtomicU64,
     pub alerts_firing: AtomicU64,
     pub alerts_resolved: AtomicU64,
+    /// Turns of the source thread's loop (at least one per 50 ms): its heartbeat.
+    pub source_turns: AtomicU64,
+    /// Complete (finite) frames handed to the scorer, ring drops excluded.
+    pub frames_queued: AtomicU64,
+    /// Frames that came out of the scorer into the sink.
+    pub frames_scored: AtomicU64,
+    /// Frames dropped because the ring to the scorer was full (`drop_newest`).
+    pub frames_dropped: AtomicU64,
+    /// Raw input only: MQTT receipt of a frame to its alert handed to the MQTT client.
+    pub alert_latency: LatencyBuckets,
+    /// Reloads applied ([`Control::reload`]).
+    pub reloads: AtomicU64,
+    /// Reloads refused because the new configuration or model was invalid (the binary
+    /// counts these: it validates before handing a reload over).
+    pub reloads_failed: AtomicU64,
+    model_id: Mutex<String>,
+    backend: Mutex<String>,
+    retrain: Mutex<Option<Arc<crate::retrain::RetrainCounters>>>,
+}
+
+impl AgentCounters {
+    /// The id of the model being scored (empty before the agent has loaded one).
+    pub fn model_id(&self) -> String {
+        self.model_id.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    fn set_model_id(&self, id: &str) {
+        if let Ok(mut m) = self.model_id.lock() {
+            *m = id.to_string();
+        }
+    }
+
+    /// What scores the model: `native` or `onnx/<provider>`.
+    pub fn backend(&self) -> String {
+        self.backend.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    fn set_backend(&self, label: &str) {
+        if let Ok(mut m) = self.backend.lock() {
+            *m = label.to_string();
+        }
+    }
+
+    /// The online retraining counters, while retraining is on.
+    pub fn retrain(&self) -> Option<Arc<crate::retrain::RetrainCounters>> {
+        self.retrain.lock().ok().and_then(|r| r.clone())
+    }
+
+    fn set_retrain(&self, counters: Option<Arc<crate::retrain::RetrainCounters>>) {
+        if let Ok(mut r) = self.retrain.lock() {
+            *r = counters;
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the buckets of [`LatencyBuckets`]; a last one is +Inf.
+pub const LATENCY_BUCKETS_SECS: [f64; 12] = [
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 1.0,
+];
+
+/// A latency histogram that threads update without locks (Prometheus-style buckets).
+#[derive(Debug, Default)]
+pub struct LatencyBuckets {
+    /// Observations per bucket of [`LATENCY_BUCKETS_SECS`], then one for larger ones.
+    pub counts: [AtomicU64; 13],
+    pub sum_ns: AtomicU64,
+}
+
+impl LatencyBuckets {
+    /// Adds one observation; negative or non-finite ones (clock steps) are ignored.
+    pub fn record(&self, secs: f64) {
+        if !(secs.is_finite() && secs >= 0.0) {
+            return;
+        }
+        let i = LATENCY_BUCKETS_SECS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS_SECS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add((secs * 1e9) as u64, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (+Inf past the last bound;
+    /// NaN without observations).
+    pub fn quantile_upper(&self, q: f64) -> f64 {
+        let n = self.count();
+        if n == 0 {
+            return f64::NAN;
+        }
+        let want = (q.clamp(0.0, 1.0) * n as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c.load(Ordering::Relaxed);
+            if seen >= want {
+                return LATENCY_BUCKETS_SECS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(f64::INFINITY);
+            }
+        }
+        f64::INFINITY
+    }
+}
+
+/// A validated configuration and its loaded model, for [`Control::reload`].
+#[derive(Debug)]
+pub struct Reload {
+    pub cfg: DarkwatchConfig,
+    pub model: Model,
+}
+
+/// Steers a running agent from another thread: stop it, or reload it.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    stop: Arc<AtomicBool>,
+    /// Set while a reload waits; the source ends its turn on it.
+    reload: Arc<AtomicBool>,
+    pending: Arc<Mutex<Option<Box<Reload>>>>,
+}
+
+impl Control {
+    /// A control whose stop flag is `stop`.
+    pub fn new(stop: Arc<AtomicBool>) -> Control {
+        Control {
+            stop,
+            ..Control::default()
+        }
+    }
+
+    /// Asks the agent to drain and stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Hands the agent a new configuration and model (validated by the caller); it takes
+    /// them over at its next turn (see the module docs). A reload still waiting is replaced.
+    pub fn reload(&self, reload: Reload) {
+        if let Ok(mut p) = self.pending.lock() {
+            *p = Some(Box::new(reload));
+        }
+        self.reload.store(true, Ordering::SeqCst);
+    }
+
+    fn take_reload(&self) -> Option<Reload> {
+        let taken = self.pending.lock().ok().and_then(|mut p| p.take());
+        self.reload.store(false, Ordering::SeqCst);
+        taken.map(|b| *b)
+    }
 }
 
 /// What a finished run reports.
@@ -108,7 +280,8 @@ pub struct AgentReport {
     pub mqtt: Arc<MqttStats>,
     /// (stream, seq, score) of every scored frame, when recording was asked for.
     pub scores: Vec<(u32, u64, f32)>,
-    /// Every alert event, in order.
+    /// Every alert event, in order, when recording was asked for (`counters` count them
+    /// always).
     pub events: Vec<AlertEvent>,
     /// The broker port actually used (the embedded broker may pick one).
     pub port: u16,
@@ -125,7 +298,23 @@ pub fn run(
     counters: Arc<AgentCounters>,
     record: bool,
 ) -> Result<AgentReport, AgentError> {
-    let model = Arc::new(Model::load(&cfg.agent.model_dir)?);
+    let model = Model::load_configured(&cfg.agent.model_dir, cfg)?;
+    run_with(cfg, model, &Control::new(stop), counters, record)
+}
+
+/// Runs the agent with an already loaded `model` until `control` stops it, taking over
+/// the reloads handed to `control` meanwhile (see the module docs).
+///
+/// # Errors
+/// The spool or broker cannot be set up, or the pipeline fails.
+pub fn run_with(
+    cfg: &DarkwatchConfig,
+    model: Model,
+    control: &Control,
+    counters: Arc<AgentCounters>,
+    record: bool,
+) -> Result<AgentReport, AgentError> {
+    let mut model = Arc::new(model);
     let mut mqtt_cfg = cfg.mqtt.clone();
     if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
         mqtt_cfg.port = mqtt::start_embedded_broker(&mqtt_cfg.host, mqtt_cfg.port)?;
@@ -146,51 +335,22 @@ pub fn run(
         mqtt_stats.clone(),
         client_stop.clone(),
     )?;
+    counters.set_model_id(&model.meta.id);
+    counters.set_backend(&model.backend_label());
+    tracing::info!(model = %model.meta.id, version = model.meta.version, backend = %model.backend_label(), "model loaded");
+    let mut retraining = Retraining::start(cfg, &model, &counters)?;
 
-    let calibration: Vec<f64> = model
-        .calibration_scores
-        .iter()
-        .map(|&s| f64::from(s))
-        .collect();
-    let template = cfg
-        .threshold
-        .build(&calibration)
-        .map_err(|e| AgentError::Threshold(e.to_string()))?;
-    let streams: Arc<Mutex<Vec<String>>> = Arc::default();
-    let source = AgentSource {
-        incoming: in_rx,
-        decoder: match cfg.agent.format {
-            InputFormat::Examon => Decoder::Examon(cfg.examon.build()),
-            InputFormat::Telegraf => Decoder::Telegraf(cfg.telegraf.build()),
-            InputFormat::Raw => Decoder::Raw {
-                decoder: cfg.raw.build(model.n_features()),
-                frame: Vec::with_capacity(model.n_features()),
-                streams: Default::default(),
-            },
-        },
-        assembler: cfg.assemble.build(model.meta.features.clone())?,
-        streams: streams.clone(),
-        counters: counters.clone(),
-        stop: stop.clone(),
-        newest: None,
-        known_streams: 0,
-        max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * cfg.assemble.window_secs),
-    };
-    let sink = AgentSink {
-        template,
-        per_stream: Vec::new(),
-        streams,
-        alert_cfg: cfg.alert.clone(),
-        mqtt: mqtt_cfg,
-        model_id: model.meta.id.clone(),
-        model_version: model.meta.provenance.created_unix_secs.to_string(),
-        features: model.meta.features.clone().into(),
-        out: out_tx,
-        counters: counters.clone(),
+    let handback: Handback = Arc::default();
+    let mut source = AgentSource::new(cfg, &model, in_rx, &counters, control, &handback)?;
+    let mut sink = AgentSink::new(
+        cfg,
+        &model,
+        source.streams.clone(),
+        &mqtt_cfg,
+        out_tx,
+        &counters,
         record,
-        scores: Vec::new(),
-        events: Vec::new(),
-    };
+    )?;
     let metrics_stop = Arc::new(AtomicBool::new(false));
     if !cfg.metrics.listen.is_empty() {
         let exposed = crate::metrics::Exposed {
@@ -206,34 +366,248 @@ pub fn run(
             }
         }
     }
-    let head = model.meta.head;
-    let (report, sink) = pipeline::run(
-        model,
-        head,
-        cfg.score.top_contributions,
-        &cfg.pipeline,
-        cfg.pipeline.full_policy,
-        source,
-        sink,
-    )?;
-    let AgentSink {
-        scores,
-        events,
-        out,
-        ..
-    } = sink;
-    drop(out);
+    let started = cfg.clone();
+    let mut cfg = cfg.clone();
+    let mut total: Option<PipelineReport> = None;
+    let ended: Result<AgentSink, AgentError> = loop {
+        let head = model.meta.head;
+        // With online retraining the turn starts from the newest published model.
+        let (turn_model, hooks) = match retraining.as_ref() {
+            Some(r) => (r.shared.cell.load_full(), Some(r.hook(&cfg, &mut sink))),
+            None => (model.clone(), None),
+        };
+        let turn = pipeline::run_hooked(
+            turn_model,
+            head,
+            cfg.score.top_contributions,
+            &cfg.pipeline,
+            cfg.pipeline.full_policy,
+            source,
+            sink,
+            hooks,
+        );
+        let (report, mut done) = match turn {
+            Ok(t) => t,
+            Err(e) => break Err(AgentError::Pipeline(e)),
+        };
+        total = Some(match total.take() {
+            None => report,
+            Some(t) => add_reports(t, &report),
+        });
+        // The source hands itself back when it ended its turn for a reload.
+        let Some(back) = handback.lock().ok().and_then(|mut h| h.take()) else {
+            done.end_alerts();
+            break Ok(done);
+        };
+        source = *back;
+        sink = done;
+        if control.is_stopping() {
+            // Stopped while reloading: one more (immediately ending) turn drains and
+            // flushes the open windows.
+            continue;
+        }
+        let Some(reload) = control.take_reload() else {
+            continue;
+        };
+        match apply_reload(reload, &started, &cfg, &model, source, sink, &counters) {
+            Ok((c, m, so, si)) => (cfg, model, source, sink) = (c, m, so, si),
+            Err(e) => break Err(e),
+        }
+        // A reloaded model (or config) starts its own retraining history.
+        sink.retrain = None;
+        if let Some(r) = retraining.take() {
+            r.stop();
+        }
+        match Retraining::start(&cfg, &model, &counters) {
+            Ok(r) => retraining = r,
+            Err(e) => break Err(e),
+        }
+    };
+    let (scores, events, failed) = match ended {
+        Ok(AgentSink {
+            scores,
+            events,
+            out,
+            ..
+        }) => {
+            drop(out);
+            (scores, events, None)
+        }
+        Err(e) => (Vec::new(), Vec::new(), Some(e)),
+    };
+    if let Some(r) = retraining.take() {
+        r.stop();
+    }
     client_stop.store(true, Ordering::SeqCst);
     metrics_stop.store(true, Ordering::SeqCst);
     let _ = client.join();
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let pipeline = total.ok_or(AgentError::Threshold("no pipeline ran".into()))?;
     Ok(AgentReport {
-        pipeline: report,
+        pipeline,
         counters,
         mqtt: mqtt_stats,
         scores,
         events,
         port,
     })
+}
+
+/// Online retraining of a running agent: the trainer thread and what it shares.
+struct Retraining {
+    shared: crate::retrain::Shared,
+    requests: Sender<crate::retrain::Request>,
+    trainer: std::thread::JoinHandle<()>,
+}
+
+impl Retraining {
+    /// Starts the trainer for `model` when `[retrain] enabled`.
+    fn start(
+        cfg: &DarkwatchConfig,
+        model: &Arc<Model>,
+        counters: &Arc<AgentCounters>,
+    ) -> Result<Option<Retraining>, AgentError> {
+        if !cfg.retrain.enabled {
+            counters.set_retrain(None);
+            return Ok(None);
+        }
+        let shared = crate::retrain::Shared::new(model.clone(), &cfg.retrain, cfg.train.seed);
+        let (requests, trainer) = crate::retrain::Trainer::new(cfg, shared.clone())
+            .spawn()
+            .map_err(|source| {
+                AgentError::Pipeline(PipelineError::Spawn {
+                    name: "trainer",
+                    source,
+                })
+            })?;
+        counters.set_retrain(Some(shared.counters.clone()));
+        tracing::info!(state_dir = %cfg.retrain.state_dir.display(), "online retraining on");
+        Ok(Some(Retraining {
+            shared,
+            requests,
+            trainer,
+        }))
+    }
+
+    /// The scorer's hooks for one pipeline turn, and the sink's matching side.
+    fn hook(&self, cfg: &DarkwatchConfig, sink: &mut AgentSink) -> pipeline::ScorerHooks {
+        let d = self.shared.cell.load().n_features();
+        let (values, consumer) = pipeline::values_ring(&cfg.pipeline, d);
+        sink.retrain = Some(crate::retrain::SinkSide::new(
+            &cfg.retrain,
+            self.shared.clone(),
+            consumer,
+            self.requests.clone(),
+            false,
+        ));
+        sink.threshold_cfg = cfg.threshold.clone();
+        pipeline::ScorerHooks {
+            cell: self.shared.cell.clone(),
+            values,
+        }
+    }
+
+    /// Ends the trainer once it finishes a retrain in progress.
+    fn stop(self) {
+        drop(self.requests);
+        let _ = self.trainer.join();
+    }
+}
+
+/// Where a source that ends its turn for a reload puts itself.
+type Handback = Arc<Mutex<Option<Box<AgentSource>>>>;
+
+/// The counters of two pipeline turns added up.
+fn add_reports(mut a: PipelineReport, b: &PipelineReport) -> PipelineReport {
+    a.frames_offered += b.frames_offered;
+    a.frames_accepted += b.frames_accepted;
+    a.frames_dropped += b.frames_dropped;
+    a.frames_invalid += b.frames_invalid;
+    a.frames_scored += b.frames_scored;
+    a.batches += b.batches;
+    a.elapsed += b.elapsed;
+    a.latency.merge(&b.latency);
+    a.compute.merge(&b.compute);
+    a
+}
+
+/// Takes over a reload between two pipeline turns: returns the configuration, model,
+/// source and sink of the next turn.
+#[allow(clippy::type_complexity)]
+fn apply_reload(
+    reload: Reload,
+    started: &DarkwatchConfig,
+    old_cfg: &DarkwatchConfig,
+    old_model: &Arc<Model>,
+    source: AgentSource,
+    mut sink: AgentSink,
+    counters: &Arc<AgentCounters>,
+) -> Result<(DarkwatchConfig, Arc<Model>, AgentSource, AgentSink), AgentError> {
+    let Reload { cfg, model } = reload;
+    for (section, same) in [
+        ("mqtt", cfg.mqtt == started.mqtt),
+        ("spool", cfg.spool == started.spool),
+        ("metrics", cfg.metrics == started.metrics),
+    ] {
+        if !same {
+            tracing::warn!(
+                section,
+                "Reload: this section changed; it takes effect at the next restart."
+            );
+        }
+    }
+    let model = Arc::new(model);
+    let keep_windows = model.meta.features == old_model.meta.features
+        && cfg.agent.format == old_cfg.agent.format
+        && cfg.assemble == old_cfg.assemble
+        && cfg.examon == old_cfg.examon
+        && cfg.telegraf == old_cfg.telegraf
+        && cfg.raw == old_cfg.raw;
+    let keep_alerts = keep_windows
+        && model.meta.id == old_model.meta.id
+        && cfg.threshold == old_cfg.threshold
+        && cfg.alert == old_cfg.alert;
+    let source = if keep_windows {
+        source
+    } else {
+        let AgentSource {
+            incoming,
+            control,
+            handback,
+            ..
+        } = source;
+        AgentSource::new(&cfg, &model, incoming, counters, &control, &handback)?
+    };
+    if !keep_alerts {
+        // The old model's alerts end here; the new one starts from a clean state.
+        sink.end_alerts();
+        let fresh = AgentSink::new(
+            &cfg,
+            &model,
+            source.streams.clone(),
+            &sink.mqtt,
+            sink.out.clone(),
+            counters,
+            sink.record,
+        )?;
+        sink = AgentSink {
+            scores: std::mem::take(&mut sink.scores),
+            events: std::mem::take(&mut sink.events),
+            ..fresh
+        };
+    }
+    counters.set_model_id(&model.meta.id);
+    counters.reloads.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        model = %model.meta.id,
+        model_dir = %cfg.agent.model_dir.display(),
+        kept_open_windows = keep_windows,
+        kept_alert_state = keep_alerts,
+        "Reloaded the configuration and the model."
+    );
+    Ok((cfg, model, source, sink))
 }
 
 /// Decodes MQTT messages and assembles frames into the ring.
@@ -243,7 +617,9 @@ struct AgentSource {
     assembler: Assembler,
     streams: Arc<Mutex<Vec<String>>>,
     counters: Arc<AgentCounters>,
-    stop: Arc<AtomicBool>,
+    control: Control,
+    /// Where the source puts itself when it ends its turn for a reload.
+    handback: Handback,
     /// The newest sample time seen, and when (wall clock) it arrived: the event-time clock
     /// that closes the windows of a quiet stream. Event time, not wall time, so a replay
     /// of old data at any speed closes windows exactly as live data would.
@@ -255,6 +631,37 @@ struct AgentSource {
 }
 
 impl AgentSource {
+    /// A source for `model` in `cfg`'s input format, reading `incoming`.
+    fn new(
+        cfg: &DarkwatchConfig,
+        model: &Model,
+        incoming: Receiver<Incoming>,
+        counters: &Arc<AgentCounters>,
+        control: &Control,
+        handback: &Handback,
+    ) -> Result<AgentSource, AgentError> {
+        Ok(AgentSource {
+            incoming,
+            decoder: match cfg.agent.format {
+                InputFormat::Examon => Decoder::Examon(cfg.examon.build()),
+                InputFormat::Telegraf => Decoder::Telegraf(cfg.telegraf.build()),
+                InputFormat::Raw => Decoder::Raw {
+                    decoder: cfg.raw.build(model.n_features()),
+                    frame: Vec::with_capacity(model.n_features()),
+                    streams: Default::default(),
+                },
+            },
+            assembler: cfg.assemble.build(model.meta.features.clone())?,
+            streams: Arc::default(),
+            counters: counters.clone(),
+            control: control.clone(),
+            handback: handback.clone(),
+            newest: None,
+            known_streams: 0,
+            max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * cfg.assemble.window_secs),
+        })
+    }
+
     /// Event time now: the newest sample's time plus the wall time since it arrived.
     fn event_now(&self) -> f64 {
         self.newest
@@ -288,7 +695,7 @@ impl AgentSource {
                 timestamp: f.window_end,
                 enqueued_ns: clock.now_ns(),
             };
-            producer.push(meta, f.values);
+            queued(counters, producer.push(meta, f.values), f.values);
             pushed += 1;
         };
         match now {
@@ -382,12 +789,23 @@ impl AgentSource {
                         timestamp: msg.received,
                         enqueued_ns: clock.now_ns(),
                     };
-                    producer.push(meta, frame);
+                    queued(counters, producer.push(meta, frame), frame);
                     return 1;
                 }
             }
         }
         0
+    }
+}
+
+/// Counts a frame the scorer will score (or would have, had it not gone): what the
+/// watchdog compares with the frames that reach the sink. Frames with a non-finite value
+/// are skipped by the scorer, and dropped ones never reach it: neither counts.
+fn queued(counters: &AgentCounters, pushed: Pushed, values: &[f32]) {
+    if pushed == Pushed::Dropped {
+        counters.frames_dropped.fetch_add(1, Ordering::Relaxed);
+    } else if values.iter().all(|v| v.is_finite()) {
+        counters.frames_queued.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -402,8 +820,17 @@ impl Source for AgentSource {
         _stop: &AtomicBool,
     ) -> u64 {
         let mut offered = 0;
-        // `stop` is checked on every turn: a busy feed never lets recv time out.
-        while !self.stop.load(Ordering::SeqCst) {
+        // `stop` and `reload` are checked on every turn: a busy feed never lets recv time out.
+        while !self.control.is_stopping() {
+            if self.control.reload.load(Ordering::SeqCst) {
+                // A reload: keep the open windows and the queued messages for the next turn.
+                let handback = self.handback.clone();
+                if let Ok(mut h) = handback.lock() {
+                    *h = Some(self);
+                }
+                return offered;
+            }
+            self.counters.source_turns.fetch_add(1, Ordering::Relaxed);
             match self.incoming.recv_timeout(Duration::from_millis(50)) {
                 Ok(msg) => {
                     offered += self.take(&msg, Some((&mut *producer, clock)));
@@ -439,9 +866,96 @@ struct AgentSink {
     record: bool,
     scores: Vec<(u32, u64, f32)>,
     events: Vec<AlertEvent>,
+    /// Frame timestamps are MQTT receipt times (raw input): alert latency is measured.
+    receipt_times: bool,
+    /// Online retraining's side of the sink, when it is on.
+    retrain: Option<crate::retrain::SinkSide>,
+    /// How thresholds are rebuilt for a retrained model.
+    threshold_cfg: crate::threshold::ThresholdConfig,
 }
 
 impl AgentSink {
+    /// A sink for `model` with `cfg`'s thresholds and alert settings.
+    fn new(
+        cfg: &DarkwatchConfig,
+        model: &Model,
+        streams: Arc<Mutex<Vec<String>>>,
+        mqtt: &mqtt::MqttConfig,
+        out: Sender<Outgoing>,
+        counters: &Arc<AgentCounters>,
+        record: bool,
+    ) -> Result<AgentSink, AgentError> {
+        let calibration: Vec<f64> = model
+            .calibration_scores
+            .iter()
+            .map(|&s| f64::from(s))
+            .collect();
+        let template = cfg
+            .threshold
+            .build(&calibration)
+            .map_err(|e| AgentError::Threshold(e.to_string()))?;
+        Ok(AgentSink {
+            template,
+            per_stream: Vec::new(),
+            streams,
+            alert_cfg: cfg.alert.clone(),
+            mqtt: mqtt.clone(),
+            model_id: model.meta.id.clone(),
+            model_version: model.meta.provenance.created_unix_secs.to_string(),
+            features: model.meta.features.clone().into(),
+            out,
+            counters: counters.clone(),
+            record,
+            scores: Vec::new(),
+            events: Vec::new(),
+            receipt_times: cfg.agent.format == InputFormat::Raw,
+            retrain: None,
+            threshold_cfg: cfg.threshold.clone(),
+        })
+    }
+
+    /// The first frame of a retrained model: every stream's threshold restarts from that
+    /// model's own calibration, and its alerts carry the new id and version.
+    fn switch_model(&mut self, model: &Model) {
+        let calibration: Vec<f64> = model
+            .calibration_scores
+            .iter()
+            .map(|&s| f64::from(s))
+            .collect();
+        match self.threshold_cfg.build(&calibration) {
+            Ok(t) => {
+                for (threshold, _) in self.per_stream.iter_mut().flatten() {
+                    *threshold = t.clone();
+                }
+                self.template = t;
+            }
+            Err(e) => {
+                tracing::warn!(version = model.meta.version, error = %e, "retrained model has no threshold; keeping the current one");
+            }
+        }
+        self.model_id.clone_from(&model.meta.id);
+        self.model_version = model.meta.version.to_string();
+        for (_, alerts) in self.per_stream.iter_mut().flatten() {
+            alerts.set_model(&self.model_id, &self.model_version);
+        }
+        self.counters.set_model_id(&model.meta.id);
+    }
+
+    /// Resolves every firing alert (the agent stops, or a reload replaces the model).
+    fn end_alerts(&mut self) {
+        let mut ending = Vec::new();
+        for (_, alerts) in self.per_stream.iter_mut().flatten() {
+            if let Some(e) = alerts.finish() {
+                ending.push(e);
+            }
+        }
+        self.per_stream.clear();
+        for e in ending {
+            let name = e.stream.clone();
+            self.publish(&name, e);
+        }
+    }
+
     fn publish(&mut self, stream: &str, event: AlertEvent) {
         match event.status {
             crate::alert::AlertStatus::Firing => {
@@ -458,12 +972,19 @@ impl AgentSink {
             payload,
             retain: false,
         });
-        self.events.push(event);
+        // Kept only when recording (the demo): a daemon must not grow with every alert.
+        if self.record {
+            self.events.push(event);
+        }
     }
 }
 
 impl Sink for AgentSink {
     fn accept(&mut self, f: &ScoredFrame) {
+        self.counters.frames_scored.fetch_add(1, Ordering::Relaxed);
+        if let Some(model) = self.retrain.as_mut().and_then(|r| r.before(f)) {
+            self.switch_model(&model);
+        }
         let i = f.meta.stream as usize;
         if self.per_stream.len() <= i {
             self.per_stream.resize_with(i + 1, || None);
@@ -488,30 +1009,29 @@ impl Sink for AgentSink {
             return;
         };
         let t = threshold.threshold();
-        threshold.update(f64::from(f.score));
+        let alarm = threshold.update(f64::from(f.score)).is_alarm();
         let event = alerts.observe(&Observation::from_scored(f, t));
+        let in_alert = alerts.in_alert();
+        if let Some(r) = self.retrain.as_mut() {
+            r.after(f, alarm || in_alert);
+        }
         if self.record {
             self.scores.push((f.meta.stream, f.meta.seq, f.score));
         }
         if let Some(event) = event {
             let name = event.stream.clone();
             self.publish(&name, event);
+            if self.receipt_times {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(f64::NAN, |d| d.as_secs_f64());
+                self.counters.alert_latency.record(now - f.meta.timestamp);
+            }
         }
     }
 
-    fn finish(&mut self) -> Result<(), std::io::Error> {
-        let mut ending = Vec::new();
-        for (_, alerts) in self.per_stream.iter_mut().flatten() {
-            if let Some(e) = alerts.finish() {
-                ending.push(e);
-            }
-        }
-        for e in ending {
-            let name = e.stream.clone();
-            self.publish(&name, e);
-        }
-        Ok(())
-    }
+    // Alerts are not ended in `finish`: the turn may end for a reload, which keeps them.
+    // The agent calls `end_alerts` when it stops.
 }
 
 #[cfg(test)]
@@ -529,7 +1049,8 @@ mod tests {
             assembler: cfg.assemble.build(features).unwrap(),
             streams: Arc::default(),
             counters: Arc::default(),
-            stop: Arc::default(),
+            control: Control::default(),
+            handback: Arc::default(),
             newest: None,
             known_streams: 0,
             max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * window_secs),
@@ -549,6 +1070,23 @@ mod tests {
             payload: format!("{value};{ts}").into_bytes(),
             received: ts,
         }
+    }
+
+    #[test]
+    fn latency_buckets_count_and_bound_quantiles() {
+        let b = LatencyBuckets::default();
+        assert!(b.quantile_upper(0.5).is_nan());
+        for _ in 0..98 {
+            b.record(0.0003); // in the 0.5 ms bucket
+        }
+        b.record(0.004); // 5 ms bucket
+        b.record(7.0); // past the last bound
+        b.record(-1.0); // a clock step: ignored
+        b.record(f64::NAN);
+        assert_eq!(b.count(), 100);
+        assert_eq!(b.quantile_upper(0.5), 5e-4);
+        assert_eq!(b.quantile_upper(0.99), 5e-3);
+        assert_eq!(b.quantile_upper(1.0), f64::INFINITY);
     }
 
     #[test]

@@ -434,6 +434,12 @@ impl AlertState {
     /// Resolves an open episode at the end of a finite input (replay), ending it at its
     /// last above-threshold frame; `None` when not firing. A live agent that shuts down
     /// should not call this: the anomaly is not over, Alertmanager times it out instead.
+    /// Whether an alert is firing, or has just resolved and is suppressed: frames in this
+    /// state must not be learned as normal (online retraining asks).
+    pub fn in_alert(&self) -> bool {
+        !matches!(self.phase, Phase::Idle)
+    }
+
     pub fn finish(&mut self) -> Option<AlertEvent> {
         let (seq, score, threshold) = match &self.phase {
             Phase::Firing(ep) => (ep.last_seq, ep.last_score, ep.last_threshold),

@@ -11,6 +11,7 @@ use std::time::Instant;
 use ndarray::Array2;
 
 use crate::model::Model;
+use crate::model::onnx::OnnxSession;
 use crate::mss::{MssConfig, ReferenceBank};
 use crate::pipeline::Scorer;
 use crate::rng::Rng;
@@ -40,7 +41,8 @@ impl Default for BenchOptions {
 /// One head's numbers.
 #[derive(Debug, Clone)]
 pub struct HeadBench {
-    /// Head name, with "+mss" when mean-shift scoring was on.
+    /// Head name, with "+mss" when mean-shift scoring was on and the backend when it is
+    /// not native.
     pub label: String,
     /// Arithmetic per frame: the forward pass, plus the k-NN distances when MSS is on.
     pub flops_per_frame: usize,
@@ -57,6 +59,8 @@ pub struct BenchReport {
     pub matmul_gflops: f64,
     pub batch: usize,
     pub heads: Vec<HeadBench>,
+    /// ONNX Runtime's `Session::run` alone at batch 1 (when the model has an ONNX graph).
+    pub onnx_run: Option<LatencyHistogram>,
 }
 
 /// Single-thread fp32 matmul throughput (GFLOP/s), best of a few 256³ products.
@@ -82,15 +86,25 @@ fn frames(n: usize, d: usize) -> Array2<f32> {
     Array2::from_shape_fn((n, d), |_| rng.uniform(-2.0, 2.0))
 }
 
-/// Runs the benchmark on `model` for every head it supports.
+/// Runs the benchmark on `model` for every head it supports, on the native kernels and,
+/// when the model has an ONNX graph attached, on ONNX Runtime too (same frames, same run).
 pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
     let d = model.n_features();
     let data = frames(4096, d);
     let mut heads = Vec::new();
-    let plain = Arc::new(model.with_mss(MssConfig {
+    let no_mss = model.with_mss(MssConfig {
         rounds: 0,
         ..model.meta.mss
-    }));
+    });
+    let onnx = no_mss.onnx.is_some().then(|| Arc::new(no_mss.clone()));
+    let plain = Arc::new(Model {
+        onnx: None,
+        ..no_mss
+    });
+    let model = Arc::new(Model {
+        onnx: None,
+        ..(*model).clone()
+    });
     // MSS with the reference setting: m = 1, k = 10, the model's bank (or, for a
     // model without one, 2048 synthetic frames).
     let mss_cfg = MssConfig {
@@ -108,16 +122,25 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         }
     };
     let mss = Arc::new(mss);
-    let variants = [
+    let mut variants = vec![
         (HeadKind::Mse, &plain),
         (HeadKind::MaxAbs, &plain),
         (HeadKind::Wnll, &plain),
         (HeadKind::Wnll, &mss),
     ];
+    if let Some(onnx) = &onnx {
+        variants.extend([HeadKind::Mse, HeadKind::MaxAbs, HeadKind::Wnll].map(|k| (k, onnx)));
+    }
     for (kind, model) in variants {
         let head = Head {
             kind,
             ..model.meta.head
+        };
+        // ONNX Runtime is an order of magnitude slower per frame: fewer frames, same method.
+        let throughput_frames = if model.onnx.is_some() {
+            opts.throughput_frames / 8
+        } else {
+            opts.throughput_frames
         };
         let label = match model.active_bank() {
             Some(b) => format!(
@@ -128,6 +151,7 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
                 b.frames(),
                 if synthetic_bank { "synthetic " } else { "" }
             ),
+            None if model.onnx.is_some() => format!("{} [{}]", kind.name(), model.backend_label()),
             None => kind.name().to_string(),
         };
         let Ok(mut one) = Scorer::new(model.clone(), head, 1, 3) else {
@@ -154,7 +178,7 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         let slice = data.as_slice().expect("contiguous");
         let mut done = 0usize;
         let t = Instant::now();
-        while done < opts.throughput_frames {
+        while done < throughput_frames {
             let start = (done % rows) * d;
             many.input_mut()[..b * d].copy_from_slice(&slice[start..start + b * d]);
             sink += many.score(b)[0];
@@ -172,7 +196,11 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
             batch_frames_per_s: done as f64 / secs,
         });
     }
+    let onnx_run = onnx
+        .as_ref()
+        .and_then(|m| onnx_run_alone(m, &data, opts.latency_frames));
     BenchReport {
+        onnx_run,
         model_id: model.meta.id.clone(),
         widths: model.ae.widths(),
         flops_per_frame: 2 * model.ae.macs_per_frame(),
@@ -180,6 +208,17 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         batch: opts.batch,
         heads,
     }
+}
+
+/// ONNX Runtime's run alone (the bound tensors the scorer uses) at batch 1 on the first
+/// frame, warmed up like the scorer rows.
+fn onnx_run_alone(model: &Arc<Model>, data: &Array2<f32>, runs: usize) -> Option<LatencyHistogram> {
+    let mut session = OnnxSession::new(model.onnx.clone()?, 1).ok()?;
+    let x = data.slice(ndarray::s![..1, ..]);
+    session.time_runs(x, 1000, |_| ()).ok()?;
+    let mut hist = LatencyHistogram::new();
+    session.time_runs(x, runs, |ns| hist.record(ns)).ok()?;
+    Some(hist)
 }
 
 impl fmt::Display for BenchReport {
@@ -215,6 +254,24 @@ impl fmt::Display for BenchReport {
                 100.0 * gflops / self.matmul_gflops
             )?;
         }
+        if let Some(run) = &self.onnx_run {
+            writeln!(
+                f,
+                "{:<34} {:>9.2} µs {:>9.2} µs",
+                "ONNX Runtime run alone (no head)",
+                run.quantile_ns(0.5) / 1e3,
+                run.quantile_ns(0.99) / 1e3
+            )?;
+            for h in self.heads.iter().filter(|h| h.label.contains('[')) {
+                let p50 = run.quantile_ns(0.5);
+                writeln!(
+                    f,
+                    "darkwatch overhead around Session::run, {}: {:.1}% of the call at p50",
+                    h.label,
+                    100.0 * (h.batch1.quantile_ns(0.5) - p50) / p50
+                )?;
+            }
+        }
         writeln!(
             f,
             "batch-1 times include copying the frame in, scaling, the forward pass, the head and contributions;"
@@ -222,6 +279,153 @@ impl fmt::Display for BenchReport {
         writeln!(
             f,
             "% of matmul counts the forward pass and, with MSS, 3·frames·d FLOP of distances per round"
+        )
+    }
+}
+
+/// What online retraining costs, and whether it slows scoring.
+#[derive(Debug, Clone)]
+pub struct RetrainBench {
+    pub rows: usize,
+    pub epochs: usize,
+    /// Wall time and CPU time of one retrain (refit and gate) on its own thread.
+    pub wall_secs: f64,
+    pub cpu_secs: f64,
+    /// Batch-1 scoring latency with nothing else running, then while retrains run back to
+    /// back on the (low-priority) trainer thread.
+    pub idle: LatencyHistogram,
+    pub busy: LatencyHistogram,
+    pub retrains_during: usize,
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Times one retrain of `model` on `rows` frames drawn from `data` (raw), then the
+/// model's batch-1 scoring latency without and with retrains running beside it.
+pub fn retrain(
+    model: &Arc<Model>,
+    data: ndarray::ArrayView2<f32>,
+    rows: usize,
+    frames: usize,
+) -> RetrainBench {
+    use crate::retrain::{RetrainConfig, gate, refit};
+    let cfg = RetrainConfig {
+        min_frames: 100,
+        ..RetrainConfig::default()
+    };
+    let take: Vec<usize> = (0..rows).map(|i| i % data.nrows()).collect();
+    let train_rows = Arc::new(data.select(ndarray::Axis(0), &take));
+    let clean = Arc::new(vec![true; rows]);
+    let threshold = crate::threshold::ThresholdConfig::default();
+    let once = {
+        let (m, r, c, cfg, th) = (
+            model.clone(),
+            train_rows.clone(),
+            clean.clone(),
+            cfg.clone(),
+            threshold.clone(),
+        );
+        move || {
+            let (w0, c0) = (Instant::now(), thread_cpu_secs());
+            if let Ok(cand) = refit(&m, r.view(), &c, &cfg, 1) {
+                std::hint::black_box(gate(&m, &cand, &cfg, &th));
+            }
+            (w0.elapsed().as_secs_f64(), thread_cpu_secs() - c0)
+        }
+    };
+    let (wall_secs, cpu_secs) = std::thread::spawn(once.clone())
+        .join()
+        .unwrap_or((f64::NAN, f64::NAN));
+
+    let head = model.meta.head;
+    let scaled_free = frames_for_latency(model.n_features());
+    let measure = |hist: &mut LatencyHistogram| {
+        let Ok(mut one) = Scorer::new(model.clone(), head, 1, 3) else {
+            return;
+        };
+        let mut sink = 0.0f32;
+        for i in 0..frames + 1000 {
+            let row = scaled_free.row(i % scaled_free.nrows());
+            let t = Instant::now();
+            one.input_mut()
+                .copy_from_slice(row.as_slice().expect("contiguous"));
+            sink += one.score(1)[0];
+            if i >= 1000 {
+                hist.record(t.elapsed().as_nanos() as u64);
+            }
+        }
+        std::hint::black_box(sink);
+    };
+    let mut idle = LatencyHistogram::new();
+    measure(&mut idle);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trainer = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("darkwatch-trainer".into())
+            .spawn(move || {
+                crate::retrain::lower_priority();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    once();
+                    n += 1;
+                }
+                n
+            })
+            .expect("spawn the bench trainer")
+    };
+    let mut busy = LatencyHistogram::new();
+    measure(&mut busy);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let retrains_during = trainer.join().unwrap_or(0);
+    RetrainBench {
+        rows,
+        epochs: cfg.epochs,
+        wall_secs,
+        cpu_secs,
+        idle,
+        busy,
+        retrains_during,
+    }
+}
+
+fn frames_for_latency(d: usize) -> Array2<f32> {
+    frames(4096, d)
+}
+
+impl fmt::Display for RetrainBench {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "one retrain ({} frames, {} epochs, refit + gate): {:.2} s wall, {:.2} s CPU",
+            self.rows, self.epochs, self.wall_secs, self.cpu_secs
+        )?;
+        let (i50, i99) = (
+            self.idle.quantile_ns(0.5) / 1e3,
+            self.idle.quantile_ns(0.99) / 1e3,
+        );
+        let (b50, b99) = (
+            self.busy.quantile_ns(0.5) / 1e3,
+            self.busy.quantile_ns(0.99) / 1e3,
+        );
+        writeln!(
+            f,
+            "batch-1 scoring, no retrain:        p50 {i50:.2} µs, p99 {i99:.2} µs"
+        )?;
+        writeln!(
+            f,
+            "batch-1 scoring, retrains running:  p50 {b50:.2} µs, p99 {b99:.2} µs ({} retrains meanwhile; p99 {:+.1} %)",
+            self.retrains_during,
+            100.0 * (b99 - i99) / i99
         )
     }
 }

@@ -19,6 +19,7 @@ use crate::metrics::MetricsConfig;
 use crate::model::{OutputKind, ScalerKind};
 use crate::mqtt::MqttConfig;
 use crate::mss::MssConfig;
+use crate::retrain::RetrainConfig;
 use crate::ring::FullPolicy;
 use crate::score::{Head, HeadKind, LogVariance};
 use crate::spool::SpoolConfig;
@@ -48,6 +49,8 @@ pub struct DarkwatchConfig {
     pub raw: RawConfig,
     pub spool: SpoolConfig,
     pub metrics: MetricsConfig,
+    pub onnx: OnnxConfig,
+    pub retrain: RetrainConfig,
 }
 
 /// Shape of the autoencoder that `train` builds.
@@ -89,6 +92,72 @@ pub struct ScoreConfig {
     pub wnll_log_variance: LogVariance,
     /// Contributing features reported per frame (at most 16).
     pub top_contributions: usize,
+    /// What runs the autoencoder: `native` (darkwatch's own kernels) or `onnx` (the model
+    /// directory's ONNX file through ONNX Runtime; needs the `onnx` cargo feature).
+    pub backend: Backend,
+}
+
+/// What runs a model's autoencoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    #[default]
+    Native,
+    Onnx,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Native => "native",
+            Backend::Onnx => "onnx",
+        }
+    }
+}
+
+/// The ONNX Runtime backend (`[score] backend = "onnx"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnnxConfig {
+    /// The ONNX file, relative to the model directory.
+    pub file: String,
+    /// The ONNX Runtime shared library. Empty: `$ORT_DYLIB_PATH`, else `libonnxruntime.so`
+    /// on the loader's search path.
+    pub library: String,
+    /// Execution provider: `cpu` or `cuda`.
+    pub provider: OnnxProvider,
+    /// When the provider is not available: `cpu` (warn and run on CPU) or `error`.
+    pub fallback: OnnxFallback,
+    /// Threads ONNX Runtime may use inside one run (1: the scorer thread only).
+    pub intra_threads: usize,
+}
+
+impl Default for OnnxConfig {
+    fn default() -> Self {
+        OnnxConfig {
+            file: "model.onnx".into(),
+            library: String::new(),
+            provider: OnnxProvider::Cpu,
+            fallback: OnnxFallback::Cpu,
+            intra_threads: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnnxProvider {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnnxFallback {
+    #[default]
+    Cpu,
+    Error,
 }
 
 impl Default for ScoreConfig {
@@ -99,6 +168,7 @@ impl Default for ScoreConfig {
             wnll_beta: 2.0,
             wnll_log_variance: LogVariance::Excess,
             top_contributions: 3,
+            backend: Backend::Native,
         }
     }
 }
@@ -275,6 +345,29 @@ impl DarkwatchConfig {
         section("mqtt", self.mqtt.validate())?;
         section("metrics", self.metrics.validate())?;
         section("spool", self.spool.validate())?;
+        if self.score.backend == Backend::Onnx && !cfg!(feature = "onnx") {
+            return Err((
+                "score.backend".into(),
+                "\"onnx\" needs a darkwatch built with the `onnx` feature \
+                 (cargo build --release --features onnx)"
+                    .into(),
+            ));
+        }
+        section("retrain", self.retrain.validate())?;
+        if self.retrain.enabled && self.score.backend == Backend::Onnx {
+            return Err((
+                "retrain.enabled".into(),
+                "online retraining fine-tunes the native network; it cannot retrain an ONNX graph \
+                 (use [score] backend = \"native\")"
+                    .into(),
+            ));
+        }
+        if self.onnx.file.is_empty() {
+            return Err(("onnx.file".into(), "must name the ONNX file".into()));
+        }
+        if self.onnx.intra_threads == 0 {
+            return Err(("onnx.intra_threads".into(), "must be at least 1".into()));
+        }
         if let Err(e) = self.assemble.build(vec!["x".into()]) {
             return Err(("assemble".into(), e.to_string()));
         }

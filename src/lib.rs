@@ -10,8 +10,11 @@
 //! - [`ingest`]: file inputs (CSV, NPY, label files) and the file source that replays them.
 //! - [`ring`]: the lock-free SPSC frame ring between a source and the scorer, with its full policy.
 //! - [`metrics`]: Prometheus `/metrics` for the agent.
+//! - [`systemd`]: sd_notify (READY, STATUS, WATCHDOG tied to scorer progress) for `darkwatch run`.
 //! - [`model`]: the dense autoencoder (plain or probabilistic), its scaler and its model directory.
 //! - [`train`]: Adam, mini-batches and early stopping for the autoencoder.
+//! - [`retrain`]: online retraining: the clean-frame reservoir, warm-start refits, the
+//!   validation gate, hot swap and crash-safe checkpoints.
 //! - [`mss`]: mean-shift scoring: the reference bank and the exact k-NN shift of a frame.
 //! - [`score`]: score heads (`mse`, `max_abs`, `wnll`) with per-feature contributions.
 //! - [`threshold`]: alarm thresholds on the scores (SPOT, drift-aware DSPOT, static quantile).
@@ -24,6 +27,7 @@
 //! - [`plot`]: the replay score plot (PNG with threshold, alert and label spans).
 //! - [`bench`]: the operator-facing latency and throughput summary.
 //! - [`stats`]: small allocation-free helpers (latency histogram, top-k selection).
+//! - [`sae`]: sparse autoencoders on LM activations (SAELens / sparsify loaders, SIMD forward) and the dark-matter head.
 
 pub mod agent;
 pub mod alert;
@@ -40,10 +44,13 @@ pub mod mss;
 pub mod pipeline;
 pub mod plot;
 pub mod replay;
+pub mod retrain;
 pub mod ring;
 pub mod rng;
+pub mod sae;
 pub mod score;
 pub mod spool;
 pub mod stats;
+pub mod systemd;
 pub mod threshold;
 pub mod train;

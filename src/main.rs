@@ -9,13 +9,15 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use darkwatch::config::{self, ConfigError, DarkwatchConfig};
+use darkwatch::agent::{AgentCounters, Control, Reload};
+use darkwatch::config::{self, Backend, ConfigError, DarkwatchConfig};
 use darkwatch::harness;
 use darkwatch::ingest::{self, TableOptions};
 use darkwatch::model::{self, Model};
 use darkwatch::mss::MssConfig;
 use darkwatch::replay::{self, ReplayRequest};
 use darkwatch::score::HeadKind;
+use darkwatch::systemd::{self, Notifier};
 
 /// Exit status for configuration errors (sysexits EX_CONFIG); the systemd unit does not restart on it.
 const EXIT_CONFIG: u8 = 78;
@@ -68,6 +70,10 @@ enum Command {
         /// Score with this head instead of the model's own.
         #[arg(long, value_enum)]
         head: Option<HeadArg>,
+        /// Run the autoencoder on this backend (default: `[score] backend`); `onnx` runs the
+        /// model directory's ONNX graph (`[onnx] file`) through ONNX Runtime.
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
         /// Turn mean-shift scoring off for this replay (compare with and without MSS).
         #[arg(long, conflicts_with_all = ["mss_rounds", "mss_neighbours"])]
         no_mss: bool,
@@ -130,14 +136,43 @@ enum Command {
         /// Frames timed one at a time.
         #[arg(long, default_value_t = 20_000)]
         frames: usize,
+        /// `onnx`: also time the model directory's ONNX graph through ONNX Runtime (needs
+        /// the `onnx` feature), beside the native rows, in the same run.
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        /// Configuration file (`[onnx]` library, provider, threads).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Also time one online retrain on this many frames (from --retrain-data, else
+        /// synthetic) and scoring latency while retrains run beside it.
+        #[arg(long)]
+        retrain_frames: Option<usize>,
+        /// Raw frames (.npy/.csv) for --retrain-frames, e.g. the model's training data.
+        #[arg(long)]
+        retrain_data: Option<PathBuf>,
     },
-    /// Print a model directory's metadata.
+    /// Measure SAE scoring on this CPU: d_in 384/768 × 16k/32k latents, TopK k = 32, random
+    /// weights; tokens/s at batch 1 and at a batch, and the encoder's share of sgemm.
+    SaeBench {
+        /// Seconds per measurement (three per shape, four shapes).
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
+        /// The large batch.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+    },
+    /// Print a model directory's metadata, or an online-retraining state directory's
+    /// checkpoints and retrain history.
     Inspect {
-        /// Model directory written by `darkwatch train`.
+        /// Model directory written by `darkwatch train`, or `[retrain] state_dir`.
         dir: PathBuf,
         /// Print the model's metadata as JSON (what model.json holds) instead of a summary.
         #[arg(long)]
         json: bool,
+        /// Configuration file: with `[score] backend = "onnx"`, also load the ONNX graph and
+        /// report the execution provider it gets.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Check a configuration file without starting anything.
     Validate {
@@ -159,6 +194,21 @@ enum ProtocolArg {
     FitAll,
     /// MSS-PAE 50/25/25 split per class; train on 75 %, score 25 %.
     Split,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Native,
+    Onnx,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Native => Backend::Native,
+            BackendArg::Onnx => Backend::Onnx,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -207,52 +257,95 @@ fn main() -> ExitCode {
     }
 }
 
-/// Sends a state to systemd when started with `Type=notify` (a datagram to
-/// `$NOTIFY_SOCKET`); does nothing otherwise.
-fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let sent = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        sock.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "Could not notify systemd.");
-    }
+/// The systemd notifier of this process (`$NOTIFY_SOCKET`; off when unset).
+fn notifier() -> Notifier {
+    Notifier::new(std::env::var_os("NOTIFY_SOCKET"))
 }
 
-/// Sets `stop` on SIGTERM or SIGINT (a small runtime thread waits for them).
-fn stop_on_signal(stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+/// Handles signals on a small runtime thread: SIGTERM or SIGINT stop the agent; SIGHUP
+/// re-reads `config` and the model it names and hands them to the agent only when both
+/// are valid (otherwise it logs why and the agent keeps what it runs).
+fn handle_signals(
+    control: Control,
+    config: Option<PathBuf>,
+    counters: Arc<AgentCounters>,
+    notify: Notifier,
+) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Registered here, before the agent starts, so an early SIGHUP is not fatal.
+    let (mut term, mut hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
     std::thread::Builder::new()
         .name("darkwatch-signals".into())
         .spawn(move || {
             rt.block_on(async {
-                let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(s) => s,
-                        Err(_) => return,
-                    };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = term.recv() => break,
+                        _ = hup.recv() => reload(&control, config.as_deref(), &counters, &notify).await,
+                    }
                 }
                 tracing::info!("Signal received; draining and stopping.");
-                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                control.stop();
             });
         })?;
     Ok(())
+}
+
+/// One SIGHUP: validate the configuration and the model, then hand them over.
+async fn reload(
+    control: &Control,
+    config: Option<&Path>,
+    counters: &AgentCounters,
+    notify: &Notifier,
+) {
+    let shown = config.map_or("(defaults)".into(), |p| p.display().to_string());
+    tracing::info!(config = %shown, "SIGHUP: reloading the configuration and the model.");
+    notify.send("RELOADING=1");
+    let loaded = load_config(config).and_then(|cfg| {
+        let model = Model::load_configured(&cfg.agent.model_dir, &cfg)?;
+        Ok(Reload { cfg, model })
+    });
+    match loaded {
+        Ok(next) => {
+            let id = next.model.meta.id.clone();
+            let before = counters.reloads.load(std::sync::atomic::Ordering::Relaxed);
+            control.reload(next);
+            // systemd waits for READY=1 after RELOADING=1: send it once the agent took over.
+            for _ in 0..600 {
+                if counters.reloads.load(std::sync::atomic::Ordering::Relaxed) != before
+                    || control.is_stopping()
+                {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            notify.send(&format!(
+                "READY=1\nSTATUS=reloaded; scoring with model {id}"
+            ));
+        }
+        Err(e) => {
+            counters
+                .reloads_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let why = one_line(&e);
+            tracing::error!(
+                error = %why,
+                "Reload failed; the agent keeps running the previous configuration and model."
+            );
+            notify.send(&format!(
+                "READY=1\nSTATUS=reload failed, running the previous configuration: {why}"
+            ));
+        }
+    }
 }
 
 /// A frame rate: finite, at least 0.001 and at most 1e9 frames per second.
@@ -314,13 +407,17 @@ fn run(command: Command) -> Result<()> {
             events,
             plot,
             head,
+            backend,
             rate,
             config,
             no_mss,
             mss_rounds,
             mss_neighbours,
         } => {
-            let cfg = load_config(config.as_deref())?;
+            let mut cfg = load_config(config.as_deref())?;
+            if let Some(b) = backend {
+                cfg.score.backend = b.into();
+            }
             let mss = if no_mss {
                 Some(MssConfig {
                     rounds: 0,
@@ -371,14 +468,37 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Run { config } => {
             let cfg = load_config(config.as_deref())?;
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            stop_on_signal(stop.clone())?;
             // Fail before telling systemd we are ready if the model cannot be loaded.
-            Model::load(&cfg.agent.model_dir)?;
-            sd_notify("READY=1\nSTATUS=scoring");
-            let counters = Arc::new(darkwatch::agent::AgentCounters::default());
-            let report = darkwatch::agent::run(&cfg, stop, counters, false);
-            sd_notify("STOPPING=1");
+            let model = Model::load_configured(&cfg.agent.model_dir, &cfg)?;
+            let control = Control::default();
+            let counters = Arc::new(AgentCounters::default());
+            let notify = notifier();
+            handle_signals(
+                control.clone(),
+                config.clone(),
+                counters.clone(),
+                notify.clone(),
+            )?;
+            let watchdog = systemd::watchdog_period(
+                std::env::var("WATCHDOG_USEC").ok().as_deref(),
+                std::env::var("WATCHDOG_PID").ok().as_deref(),
+                std::process::id(),
+            );
+            let watchdog_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            systemd::spawn_watchdog(
+                notify.clone(),
+                watchdog,
+                std::time::Duration::from_secs(5),
+                counters.clone(),
+                watchdog_stop.clone(),
+            )?;
+            notify.send(&format!(
+                "READY=1\nSTATUS=scoring with model {}",
+                model.meta.id
+            ));
+            let report = darkwatch::agent::run_with(&cfg, model, &control, counters, false);
+            watchdog_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            notify.send("STOPPING=1");
             let report = report?;
             let c = &report.counters;
             let load =
@@ -392,7 +512,7 @@ fn run(command: Command) -> Result<()> {
                 load(&c.frames_incomplete),
                 report.pipeline.frames_dropped,
                 report.pipeline.frames_scored,
-                report.events.len()
+                load(&c.alerts_firing) + load(&c.alerts_resolved)
             );
             Ok(())
         }
@@ -435,9 +555,23 @@ fn run(command: Command) -> Result<()> {
             }
             emit(&harness::table(&results, &cfg))
         }
-        Command::Bench { model, frames } => {
+        Command::Bench {
+            model,
+            frames,
+            backend,
+            config,
+            retrain_frames,
+            retrain_data,
+        } => {
+            let mut cfg = load_config(config.as_deref())?;
+            if let Some(b) = backend {
+                cfg.score.backend = b.into();
+            }
             let model = match model {
-                Some(dir) => Model::load(&dir)?,
+                Some(dir) => Model::load(&dir)?.with_backend(&dir, cfg.score.backend, &cfg.onnx)?,
+                None if cfg.score.backend == Backend::Onnx => {
+                    anyhow::bail!("--backend onnx needs --model DIR with an ONNX graph");
+                }
                 None => model::fit::synthetic(38, 0),
             };
             let opts = darkwatch::bench::BenchOptions {
@@ -445,11 +579,57 @@ fn run(command: Command) -> Result<()> {
                 ..Default::default()
             };
             eprintln!("darkwatch: timing each head (about 15 s)…");
-            emit(&darkwatch::bench::run(Arc::new(model), &opts).to_string())?;
+            let model = Arc::new(model);
+            emit(&darkwatch::bench::run(model.clone(), &opts).to_string())?;
+            if let Some(rows) = retrain_frames {
+                let data = match retrain_data {
+                    Some(path) => ingest::read_table(&path, &TableOptions::default())?.values,
+                    None => ndarray::Array2::from_shape_fn((4096, model.n_features()), |(i, j)| {
+                        ((i * 31 + j * 17) % 97) as f32 / 97.0
+                    }),
+                };
+                if data.ncols() != model.n_features() {
+                    anyhow::bail!(
+                        "--retrain-data has {} columns, the model takes {}",
+                        data.ncols(),
+                        model.n_features()
+                    );
+                }
+                eprintln!("darkwatch: timing online retraining…");
+                let native = Arc::new(Model {
+                    onnx: None,
+                    ..(*model).clone()
+                });
+                emit(
+                    &darkwatch::bench::retrain(&native, data.view(), rows, opts.latency_frames)
+                        .to_string(),
+                )?;
+            }
             Ok(())
         }
-        Command::Inspect { dir, json } => {
-            let model = Model::load(&dir)?;
+        Command::SaeBench { secs, batch } => {
+            let opts = darkwatch::sae::bench::SaeBenchOptions {
+                secs_per_measurement: secs,
+                batch,
+                ..Default::default()
+            };
+            eprintln!("darkwatch: timing SAE scoring (about a minute)…");
+            emit(&darkwatch::sae::bench::run(&opts)?.to_string())?;
+            Ok(())
+        }
+        Command::Inspect { dir, json, config } => {
+            // An online-retraining state directory: its checkpoints and history.
+            if !dir.join(model::io::META_FILE).exists()
+                && (dir.join(darkwatch::retrain::HISTORY_FILE).exists()
+                    || !darkwatch::retrain::CheckpointStore::new(&dir, 1)
+                        .list()
+                        .is_empty())
+            {
+                emit(&darkwatch::retrain::describe_state(&dir))?;
+                return Ok(());
+            }
+            let cfg = load_config(config.as_deref())?;
+            let model = Model::load(&dir)?.with_backend(&dir, cfg.score.backend, &cfg.onnx)?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&model.meta)?))?;
             } else {

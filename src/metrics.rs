@@ -60,7 +60,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 9] = [
+    let counters: [(&str, &str, u64); 11] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -85,6 +85,16 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_frames_incomplete_total",
             "Frames with a missing metric (skipped by the scorer).",
             load(&c.frames_incomplete),
+        ),
+        (
+            "darkwatch_frames_scored_total",
+            "Frames scored (they reached thresholds and alerts).",
+            load(&c.frames_scored),
+        ),
+        (
+            "darkwatch_frames_dropped_total",
+            "Frames dropped because the ring to the scorer was full.",
+            load(&c.frames_dropped),
         ),
         (
             "darkwatch_mqtt_incoming_dropped_total",
@@ -120,6 +130,35 @@ pub fn render(e: &Exposed) -> String {
         load(&c.alerts_firing),
         load(&c.alerts_resolved)
     );
+    if let Some(r) = c.retrain() {
+        let _ = writeln!(
+            s,
+            "# HELP darkwatch_retrains_total Online retrains, by result (rejected: the validation gate refused the candidate).\n\
+             # TYPE darkwatch_retrains_total counter\n\
+             darkwatch_retrains_total{{result=\"accepted\"}} {}\n\
+             darkwatch_retrains_total{{result=\"rejected\"}} {}\n\
+             darkwatch_retrains_total{{result=\"failed\"}} {}\n\
+             # HELP darkwatch_retrain_adoptions_total Sustained changes adopted as the new normal.\n\
+             # TYPE darkwatch_retrain_adoptions_total counter\n\
+             darkwatch_retrain_adoptions_total {}\n\
+             # HELP darkwatch_reservoir_admitted_total Frames admitted to the clean-frame reservoir.\n\
+             # TYPE darkwatch_reservoir_admitted_total counter\n\
+             darkwatch_reservoir_admitted_total {}\n\
+             # HELP darkwatch_retrain_last_duration_seconds Duration of the last retrain.\n\
+             # TYPE darkwatch_retrain_last_duration_seconds gauge\n\
+             darkwatch_retrain_last_duration_seconds {}\n\
+             # HELP darkwatch_model_version The model version being scored (0: as trained; each accepted retrain adds 1).\n\
+             # TYPE darkwatch_model_version gauge\n\
+             darkwatch_model_version {}",
+            load(&r.accepted),
+            load(&r.rejected),
+            load(&r.failed),
+            load(&r.adoptions),
+            load(&r.admitted),
+            load(&r.last_micros) as f64 / 1e6,
+            load(&r.version)
+        );
+    }
     let _ = writeln!(
         s,
         "# HELP darkwatch_mqtt_connected 1 while the MQTT client holds a connection.\n# TYPE darkwatch_mqtt_connected gauge\n\
@@ -128,9 +167,53 @@ pub fn render(e: &Exposed) -> String {
     );
     let _ = writeln!(
         s,
+        "# HELP darkwatch_config_reloads_total Reloads (SIGHUP) by result; a failed one keeps the running configuration.\n\
+         # TYPE darkwatch_config_reloads_total counter\n\
+         darkwatch_config_reloads_total{{result=\"applied\"}} {}\ndarkwatch_config_reloads_total{{result=\"failed\"}} {}",
+        load(&c.reloads),
+        load(&c.reloads_failed)
+    );
+    let _ = writeln!(
+        s,
+        "# HELP darkwatch_alert_latency_seconds MQTT receipt of a raw frame to its alert handed to the MQTT client (raw input only).\n\
+         # TYPE darkwatch_alert_latency_seconds histogram"
+    );
+    let mut cumulative = 0;
+    for (i, n) in c.alert_latency.counts.iter().enumerate() {
+        cumulative += load(n);
+        let le = crate::agent::LATENCY_BUCKETS_SECS
+            .get(i)
+            .map_or("+Inf".to_string(), |b| b.to_string());
+        let _ = writeln!(
+            s,
+            "darkwatch_alert_latency_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "darkwatch_alert_latency_seconds_sum {}\ndarkwatch_alert_latency_seconds_count {cumulative}",
+        load(&c.alert_latency.sum_ns) as f64 / 1e9
+    );
+    // The agent's current model (a reload may have replaced the one it started with).
+    let live = c.model_id();
+    let model_id = if live.is_empty() { &e.model_id } else { &live };
+    let _ = writeln!(
+        s,
         "# HELP darkwatch_model_info The model being scored.\n# TYPE darkwatch_model_info gauge\n\
          darkwatch_model_info{{model_id=\"{}\"}} 1",
-        e.model_id
+        model_id
+    );
+    let backend = c.backend();
+    let _ = writeln!(
+        s,
+        "# HELP darkwatch_backend_info What runs the autoencoder: native, or onnx/<execution provider actually obtained>.\n\
+         # TYPE darkwatch_backend_info gauge\n\
+         darkwatch_backend_info{{backend=\"{}\"}} 1",
+        if backend.is_empty() {
+            "native"
+        } else {
+            &backend
+        }
     );
     s
 }
@@ -152,8 +235,16 @@ pub fn serve(listen: &str, exposed: Exposed, stop: Arc<AtomicBool>) -> std::io::
                         let _ = conn.set_nonblocking(false);
                         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
                         let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                        // The request line may arrive in pieces: read up to the end of
+                        // the headers (or a full buffer, or the timeout).
                         let mut buf = [0u8; 1024];
-                        let n = conn.read(&mut buf).unwrap_or(0);
+                        let mut n = 0;
+                        while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            match conn.read(&mut buf[n..]) {
+                                Ok(0) | Err(_) => break,
+                                Ok(got) => n += got,
+                            }
+                        }
                         let request = String::from_utf8_lossy(&buf[..n]);
                         let response = if request.starts_with("GET /metrics") {
                             let body = render(&exposed);
@@ -214,7 +305,19 @@ mod tests {
             "{body}"
         );
         assert!(
+            body.contains("darkwatch_backend_info{backend=\"native\"} 1"),
+            "{body}"
+        );
+        assert!(
             body.contains("# TYPE darkwatch_mqtt_connected gauge"),
+            "{body}"
+        );
+        assert!(
+            body.contains("darkwatch_alert_latency_seconds_bucket{le=\"0.001\"} 0\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("darkwatch_alert_latency_seconds_bucket{le=\"+Inf\"} 0\n"),
             "{body}"
         );
         assert!(get("/other").starts_with("HTTP/1.1 404"));

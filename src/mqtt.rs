@@ -45,6 +45,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -141,6 +142,16 @@ pub struct MqttConfig {
     pub inflight_max: u16,
     /// Capacity of the bounded channel of received messages (created by the caller).
     pub incoming_capacity: usize,
+    /// Connect to the (external) broker over TLS (rustls), checking its certificate
+    /// against `ca_file` and its name against `host`.
+    pub tls: bool,
+    /// PEM file of the CA certificate(s) that signed the broker's certificate; required
+    /// with `tls` (a public CA: the system bundle, e.g. `/etc/ssl/certs/ca-certificates.crt`).
+    pub ca_file: PathBuf,
+    /// PEM client certificate (chain) for brokers that require one; empty: none.
+    pub client_cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `client_cert_file`.
+    pub client_key_file: PathBuf,
 }
 
 impl Default for MqttConfig {
@@ -159,6 +170,10 @@ impl Default for MqttConfig {
             node_name: String::new(),
             inflight_max: 100,
             incoming_capacity: 65536,
+            tls: false,
+            ca_file: PathBuf::new(),
+            client_cert_file: PathBuf::new(),
+            client_key_file: PathBuf::new(),
         }
     }
 }
@@ -187,12 +202,7 @@ impl MqttConfig {
             return Err(("password", "is set but `username` is empty".into()));
         }
         for filter in &self.subscribe {
-            if !rumqttc::valid_filter(filter) || filter.contains('\0') {
-                return Err((
-                    "subscribe",
-                    format!("`{filter}` is not a valid topic filter"),
-                ));
-            }
+            check_filter(filter).map_err(|reason| ("subscribe", format!("`{filter}` {reason}")))?;
         }
         for (key, topic) in [
             ("alert_topic", &self.alert_topic),
@@ -214,6 +224,37 @@ impl MqttConfig {
         }
         if self.incoming_capacity == 0 {
             return Err(("incoming_capacity", "must be at least 1".into()));
+        }
+        let files = [
+            ("ca_file", &self.ca_file),
+            ("client_cert_file", &self.client_cert_file),
+            ("client_key_file", &self.client_key_file),
+        ];
+        if !self.tls {
+            if let Some((key, _)) = files.iter().find(|(_, f)| !f.as_os_str().is_empty()) {
+                return Err((key, "is set but `tls` is false".into()));
+            }
+            return Ok(());
+        }
+        if self.broker == BrokerMode::Embedded {
+            return Err((
+                "tls",
+                "needs broker = \"external\" (the embedded broker listens on plain TCP)".into(),
+            ));
+        }
+        if self.ca_file.as_os_str().is_empty() {
+            return Err((
+                "ca_file",
+                "is required with tls = true (PEM CA certificates; for a public CA the system bundle, e.g. /etc/ssl/certs/ca-certificates.crt)".into(),
+            ));
+        }
+        if self.client_cert_file.as_os_str().is_empty()
+            != self.client_key_file.as_os_str().is_empty()
+        {
+            return Err((
+                "client_key_file",
+                "client_cert_file and client_key_file go together".into(),
+            ));
         }
         Ok(())
     }
@@ -263,6 +304,40 @@ impl MqttConfig {
     }
 }
 
+/// Prefix of a shared subscription: `$share/<group>/<filter>`.
+pub const SHARE_PREFIX: &str = "$share/";
+
+/// Splits a shared subscription `$share/<group>/<filter>` into group and filter; `None`
+/// for an ordinary filter.
+pub fn shared_subscription(filter: &str) -> Option<(&str, &str)> {
+    filter.strip_prefix(SHARE_PREFIX)?.split_once('/')
+}
+
+/// Checks a subscribe filter: an MQTT topic filter, or a shared subscription whose group
+/// is a non-empty name without wildcards and whose filter is valid.
+fn check_filter(filter: &str) -> Result<(), String> {
+    if filter.contains('\0') {
+        return Err("contains NUL".into());
+    }
+    let inner = if filter.starts_with(SHARE_PREFIX) {
+        match shared_subscription(filter) {
+            Some((group, inner)) if !group.is_empty() && !group.contains(['+', '#']) => inner,
+            _ => {
+                return Err(
+                    "is not a valid shared subscription (`$share/<group>/<filter>`, the group without `+` or `#`)"
+                        .into(),
+                );
+            }
+        }
+    } else {
+        filter
+    };
+    if !rumqttc::valid_filter(inner) {
+        return Err("is not a valid topic filter".into());
+    }
+    Ok(())
+}
+
 fn hostname() -> String {
     let from_proc = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -293,6 +368,8 @@ pub enum MqttError {
     Broker { addr: String, reason: String },
     #[error("mqtt config: `{key}` {reason}")]
     Config { key: &'static str, reason: String },
+    #[error("mqtt TLS: {file}: {reason}")]
+    Tls { file: String, reason: String },
     #[error("cannot start the {what}: {source}")]
     Spawn {
         what: &'static str,
@@ -463,6 +540,7 @@ pub fn spawn_client(
 ) -> Result<JoinHandle<()>, MqttError> {
     cfg.validate()
         .map_err(|(key, reason)| MqttError::Config { key, reason })?;
+    let options = mqtt_options(&cfg, &cfg.status_topic_for())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -474,7 +552,9 @@ pub fn spawn_client(
     std::thread::Builder::new()
         .name("darkwatch-mqtt".into())
         .spawn(move || {
-            runtime.block_on(run_client(cfg, publisher, incoming, outgoing, stats, stop));
+            runtime.block_on(run_client(
+                cfg, options, publisher, incoming, outgoing, stats, stop,
+            ));
         })
         .map_err(|source| MqttError::Spawn {
             what: "MQTT client thread",
@@ -493,7 +573,52 @@ enum DriverEvent {
     DisconnectSent,
 }
 
-fn mqtt_options(cfg: &MqttConfig, status_topic: &str) -> MqttOptions {
+/// Reads a PEM file for TLS and checks that it holds what `marker` names.
+fn read_pem(path: &std::path::Path, marker: &str, what: &str) -> Result<Vec<u8>, MqttError> {
+    let err = |reason: String| MqttError::Tls {
+        file: path.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read the {what}: {e}")))?;
+    if !String::from_utf8_lossy(&bytes).contains(marker) {
+        return Err(err(format!("not a PEM {what} (no `{marker}` block)")));
+    }
+    Ok(bytes)
+}
+
+/// rumqttc's TLS settings from `cfg` (files read and checked now, so a wrong path is an
+/// error at start, not a reconnect loop).
+fn tls_transport(cfg: &MqttConfig) -> Result<rumqttc::Transport, MqttError> {
+    // rustls needs a process-wide crypto provider; `ring` is the one compiled in. An
+    // error means one is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = read_pem(
+        &cfg.ca_file,
+        "-----BEGIN CERTIFICATE-----",
+        "CA certificate",
+    )?;
+    let client_auth = if cfg.client_cert_file.as_os_str().is_empty() {
+        None
+    } else {
+        Some((
+            read_pem(
+                &cfg.client_cert_file,
+                "-----BEGIN CERTIFICATE-----",
+                "client certificate",
+            )?,
+            read_pem(&cfg.client_key_file, "PRIVATE KEY-----", "client key")?,
+        ))
+    };
+    Ok(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth,
+        },
+    ))
+}
+
+fn mqtt_options(cfg: &MqttConfig, status_topic: &str) -> Result<MqttOptions, MqttError> {
     let mut options = MqttOptions::new(cfg.client_id_for(), cfg.host.clone(), cfg.port);
     options
         .set_keep_alive(Duration::from_secs(cfg.keep_alive_secs))
@@ -509,7 +634,10 @@ fn mqtt_options(cfg: &MqttConfig, status_topic: &str) -> MqttOptions {
     if !cfg.username.is_empty() {
         options.set_credentials(cfg.username.clone(), cfg.password.clone());
     }
-    options
+    if cfg.tls {
+        options.set_transport(tls_transport(cfg)?);
+    }
+    Ok(options)
 }
 
 fn epoch_secs() -> f64 {
@@ -639,6 +767,7 @@ impl Session {
 
 async fn run_client(
     cfg: MqttConfig,
+    options: MqttOptions,
     mut publisher: Publisher,
     incoming: SyncSender<Incoming>,
     outgoing: Receiver<Outgoing>,
@@ -647,11 +776,14 @@ async fn run_client(
 ) {
     let node = cfg.node();
     let status_topic = cfg.status_topic_for();
-    let options = mqtt_options(&cfg, &status_topic);
     // Room for every request the controller can have queued: its own in-flight limit, the
     // subscribe, the status publishes and the disconnect. So `try_*` never finds it full.
     let capacity = usize::from(cfg.inflight_max) + usize::from(EXTRA_PKIDS) + 8;
-    let (client, eventloop) = AsyncClient::new(options, capacity);
+    let (client, mut eventloop) = AsyncClient::new(options, capacity);
+    // Alerts are small and wanted now: no Nagle delay (it adds up to 40 ms with delayed ACKs).
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
     let (events_tx, mut events) = unbounded_channel();
     let driver = tokio::spawn(drive(eventloop, events_tx, incoming, stats.clone()));
     let mut session = Session {
@@ -1180,10 +1312,45 @@ mod tests {
         bad(|c| c.keep_alive_secs = 70_000, "keep_alive_secs");
         bad(|c| c.password = "x".into(), "password");
         bad(|c| c.subscribe = vec!["a/#/b".into()], "subscribe");
+        bad(|c| c.subscribe = vec!["$share//a/#".into()], "subscribe");
+        bad(|c| c.subscribe = vec!["$share/g+/a/#".into()], "subscribe");
+        bad(|c| c.subscribe = vec!["$share/g".into()], "subscribe");
+        bad(|c| c.subscribe = vec!["$share/g/a/#/b".into()], "subscribe");
+        let shared = MqttConfig {
+            subscribe: vec![
+                "$share/darkwatch/org/+/cluster/+/node/+/plugin/+/chnl/data/#".into(),
+                "$share/g2/act/#".into(),
+            ],
+            ..MqttConfig::default()
+        };
+        assert!(shared.validate().is_ok());
+        assert_eq!(
+            shared_subscription("$share/g2/act/#"),
+            Some(("g2", "act/#"))
+        );
+        assert_eq!(shared_subscription("act/#"), None);
         bad(|c| c.alert_topic = "a/+/{stream}".into(), "alert_topic");
         bad(|c| c.status_topic.clear(), "status_topic");
         bad(|c| c.inflight_max = 0, "inflight_max");
         bad(|c| c.incoming_capacity = 0, "incoming_capacity");
+        bad(|c| c.ca_file = "ca.pem".into(), "ca_file");
+        bad(|c| c.tls = true, "tls"); // embedded broker
+        bad(
+            |c| {
+                c.broker = BrokerMode::External;
+                c.tls = true;
+            },
+            "ca_file",
+        );
+        bad(
+            |c| {
+                c.broker = BrokerMode::External;
+                c.tls = true;
+                c.ca_file = "ca.pem".into();
+                c.client_cert_file = "me.pem".into();
+            },
+            "client_key_file",
+        );
         let embedded0 = MqttConfig {
             port: 0,
             ..MqttConfig::default()
@@ -1727,6 +1894,42 @@ mod tests {
         });
         running.stop_and_join();
         assert_eq!(spool_at(dir.path(), 1 << 20).len(), 3);
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let start = |ca: &Path| {
+            let cfg = MqttConfig {
+                broker: BrokerMode::External,
+                tls: true,
+                ca_file: ca.to_path_buf(),
+                ..MqttConfig::default()
+            };
+            let (in_tx, _in_rx) = mpsc::sync_channel(1);
+            let (_out_tx, out_rx) = mpsc::channel();
+            spawn_client(
+                cfg,
+                spool_at(dir.path(), 1 << 16),
+                in_tx,
+                out_rx,
+                Arc::default(),
+                Arc::default(),
+            )
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+        };
+        let missing = dir.path().join("missing.pem");
+        let err = start(&missing);
+        assert!(
+            err.contains("missing.pem") && err.contains("cannot read"),
+            "{err}"
+        );
+        let err = start(&not_pem);
+        assert!(err.contains("ca.txt") && err.contains("not a PEM"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 
 use crate::config::{MAX_TOP_CONTRIBUTIONS, PipelineConfig};
+use crate::model::onnx::{OnnxError, OnnxSession};
 use crate::model::{Model, Workspace};
 use crate::mss::{MssScratch, ReferenceBank};
 use crate::ring::{FrameConsumer, FrameMeta, FrameProducer, FullPolicy, Pushed, frame_ring};
@@ -39,6 +40,8 @@ pub struct ScoredFrame {
     pub n_top: u8,
     /// From ring entry to score, in ns.
     pub latency_ns: u64,
+    /// The version of the model that scored it (online retraining increments it).
+    pub model_version: u64,
 }
 
 impl Default for ScoredFrame {
@@ -49,6 +52,7 @@ impl Default for ScoredFrame {
             top: [Contribution::default(); MAX_TOP_CONTRIBUTIONS],
             n_top: 0,
             latency_ns: 0,
+            model_version: 0,
         }
     }
 }
@@ -73,21 +77,43 @@ pub struct Scorer {
     scores: Vec<f32>,
     contrib: Array2<f32>,
     top_k: usize,
+    /// The model's ONNX graph, when it runs on ONNX Runtime instead of the native kernels.
+    onnx: Option<OnnxSession>,
+    /// Batches ONNX Runtime failed to run (their frames score NaN).
+    backend_errors: u64,
+}
+
+/// Why a scorer cannot be made for a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ScorerError {
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    #[error("the new model takes {model} features, the scorer {scorer}")]
+    Features { model: usize, scorer: usize },
 }
 
 impl Scorer {
     /// # Errors
-    /// The head cannot run on this model (e.g. `wnll` on a plain model).
+    /// The head cannot run on this model (e.g. `wnll` on a plain model), or ONNX Runtime
+    /// cannot open a session for the model's ONNX graph.
     pub fn new(
         model: Arc<Model>,
         head: Head,
         max_batch: usize,
         top_k: usize,
-    ) -> Result<Self, HeadError> {
+    ) -> Result<Self, ScorerError> {
         head.check(model.ae.output)?;
         let d = model.n_features();
         let max_batch = max_batch.max(1);
+        let onnx = match &model.onnx {
+            Some(graph) => Some(OnnxSession::new(graph.clone(), max_batch)?),
+            None => None,
+        };
         Ok(Scorer {
+            onnx,
+            backend_errors: 0,
             ws: model.ae.workspace(max_batch),
             input: Array2::zeros((max_batch, d)),
             scaled: Array2::zeros((max_batch, d)),
@@ -103,6 +129,44 @@ impl Scorer {
 
     pub fn max_batch(&self) -> usize {
         self.input.nrows()
+    }
+
+    /// The model this scorer runs.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Switches to `model` (a retrained version of the same network) between batches. The
+    /// buffers are kept when the shapes match, else remade.
+    ///
+    /// # Errors
+    /// The head cannot run on the new model, or its ONNX session cannot be opened; the
+    /// scorer then keeps the old model.
+    pub fn set_model(&mut self, model: Arc<Model>) -> Result<(), ScorerError> {
+        if model.n_features() != self.n_features() {
+            return Err(ScorerError::Features {
+                model: model.n_features(),
+                scorer: self.n_features(),
+            });
+        }
+        self.head.check(model.ae.output)?;
+        let onnx = match &model.onnx {
+            Some(graph) => Some(OnnxSession::new(graph.clone(), self.max_batch())?),
+            None => None,
+        };
+        if model.ae.widths() != self.model.ae.widths() {
+            self.ws = model.ae.workspace(self.max_batch());
+        }
+        self.mss = model.active_bank().map(ReferenceBank::scratch);
+        self.onnx = onnx;
+        self.model = model;
+        Ok(())
+    }
+
+    /// Row `i` of the raw input of the last batch.
+    pub fn input_row(&self, i: usize) -> &[f32] {
+        let d = self.n_features();
+        &self.input.as_slice().expect("owned arrays are contiguous")[i * d..(i + 1) * d]
     }
 
     pub fn n_features(&self) -> usize {
@@ -131,8 +195,7 @@ impl Scorer {
             scaler.apply_row(dst);
         }
         let x = self.scaled.slice(ndarray::s![..n, ..]);
-        let recon = self.model.ae.forward(x, &mut self.ws);
-        // MSS: the AE saw x; its output is scored against x moved toward the normal data.
+        // MSS: the AE sees x; its output is scored against x moved toward the normal data.
         let target = match (self.model.active_bank(), self.mss.as_mut()) {
             (Some(bank), Some(scratch)) => {
                 for (src, mut dst) in x.rows().into_iter().zip(self.target.rows_mut()) {
@@ -148,14 +211,33 @@ impl Scorer {
             }
             _ => x,
         };
-        self.head.score_batch(
-            target,
-            &recon,
-            &self.model.meta.log_variance_baseline,
-            &mut self.scores[..n],
-            self.contrib.view_mut(),
-        );
+        let (head, baseline) = (&self.head, &self.model.meta.log_variance_baseline);
+        let (scores, contrib) = (&mut self.scores[..n], self.contrib.view_mut());
+        match self.onnx.as_mut() {
+            None => {
+                let recon = self.model.ae.forward(x, &mut self.ws);
+                head.score_batch(target, &recon, baseline, scores, contrib);
+            }
+            Some(session) => {
+                let ran = session.forward(x, |recon| {
+                    head.score_batch(target, recon, baseline, scores, contrib);
+                });
+                if let Err(e) = ran {
+                    // A failed run scores its frames NaN: the pipeline counts them invalid.
+                    self.backend_errors += 1;
+                    if self.backend_errors.is_power_of_two() {
+                        tracing::error!(error = %e, failures = self.backend_errors, "ONNX Runtime run failed");
+                    }
+                    self.scores[..n].fill(f32::NAN);
+                }
+            }
+        }
         &self.scores[..n]
+    }
+
+    /// Batches the backend failed to score (always 0 for the native backend).
+    pub fn backend_errors(&self) -> u64 {
+        self.backend_errors
     }
 
     /// The per-feature contributions of the last scored batch (n × d).
@@ -247,6 +329,8 @@ pub struct FileSource {
     timestamps: Option<Vec<f64>>,
     /// Frames per second; `None` replays as fast as the scorer takes them.
     rate: Option<f64>,
+    /// While set, the stream stands still (a replay waits for a retrain to finish).
+    pause: Option<Arc<AtomicBool>>,
 }
 
 impl FileSource {
@@ -256,7 +340,15 @@ impl FileSource {
             values,
             timestamps,
             rate,
+            pause: None,
         }
+    }
+
+    /// Holds the stream still while `flag` is set (at most [`MAX_PAUSE`] at a time).
+    #[must_use]
+    pub fn paused_by(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.pause = Some(flag);
+        self
     }
 }
 
@@ -268,6 +360,14 @@ impl Source for FileSource {
         for (i, row) in self.values.rows().into_iter().enumerate() {
             if stop.load(Ordering::Relaxed) {
                 break;
+            }
+            if let Some(flag) = &self.pause
+                && flag.load(Ordering::Acquire)
+            {
+                let since = Instant::now();
+                while flag.load(Ordering::Acquire) && since.elapsed() < MAX_PAUSE {
+                    thread::sleep(Duration::from_micros(200));
+                }
             }
             if let Some(p) = period_ns {
                 let due = start + (i as f64 * p) as u64;
@@ -327,7 +427,7 @@ impl PipelineReport {
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
-    Head(#[from] HeadError),
+    Scorer(#[from] ScorerError),
     #[error("{0} thread panicked")]
     Panicked(&'static str),
     #[error("sink failed: {0}")]
@@ -337,6 +437,20 @@ pub enum PipelineError {
         name: &'static str,
         source: std::io::Error,
     },
+}
+
+/// Online retraining's hooks into the scorer thread: the cell it rereads between batches
+/// (a retrain publishes there), and a ring that carries every scored frame's raw values to
+/// the sink, which decides what may enter the reservoir.
+pub struct ScorerHooks {
+    pub cell: Arc<crate::retrain::ModelCell>,
+    pub values: FrameProducer,
+}
+
+/// The ring of [`ScorerHooks::values`]: one slot more than the result ring, so that the
+/// sink, which pops both in lockstep, never leaves the scorer waiting on it.
+pub fn values_ring(cfg: &PipelineConfig, d: usize) -> (FrameProducer, FrameConsumer) {
+    frame_ring(cfg.ring_capacity_frames.max(1) + 2, d, FullPolicy::Block)
 }
 
 /// Runs a source to its end through the scorer into the sink, on named threads.
@@ -351,7 +465,25 @@ pub fn run<S: Source, K: Sink>(
     cfg: &PipelineConfig,
     policy: FullPolicy,
     source: S,
+    sink: K,
+) -> Result<(PipelineReport, K), PipelineError> {
+    run_hooked(model, head, top_k, cfg, policy, source, sink, None)
+}
+
+/// [`run`] with online retraining's hooks.
+///
+/// # Errors
+/// As [`run`].
+#[allow(clippy::too_many_arguments)]
+pub fn run_hooked<S: Source, K: Sink>(
+    model: Arc<Model>,
+    head: Head,
+    top_k: usize,
+    cfg: &PipelineConfig,
+    policy: FullPolicy,
+    source: S,
     mut sink: K,
+    hooks: Option<ScorerHooks>,
 ) -> Result<(PipelineReport, K), PipelineError> {
     let d = model.n_features();
     let mut scorer = Scorer::new(model, head, cfg.batch_max_frames, top_k)?;
@@ -375,7 +507,7 @@ pub fn run<S: Source, K: Sink>(
         })?;
     let inv = invalid.clone();
     let scorer_thread = spawn("scorer")
-        .spawn(move || score_loop(&mut scorer, consumer, out_p, &clock, &inv))
+        .spawn(move || score_loop(&mut scorer, consumer, out_p, &clock, &inv, hooks))
         .map_err(|source| PipelineError::Spawn {
             name: "scorer",
             source,
@@ -416,6 +548,9 @@ pub fn run<S: Source, K: Sink>(
     Ok((report, sink))
 }
 
+/// Longest a paused [`FileSource`] waits (a trainer that died must not hang a replay).
+pub const MAX_PAUSE: Duration = Duration::from_secs(120);
+
 /// How long the scorer spins before parking when the ring is empty.
 const IDLE_SPIN: Duration = Duration::from_micros(50);
 /// Longest park; the producer unparks the scorer sooner when it pushes.
@@ -427,6 +562,7 @@ fn score_loop(
     mut out: HeapProd<ScoredFrame>,
     clock: &Clock,
     invalid: &AtomicU64,
+    mut hooks: Option<ScorerHooks>,
 ) -> (u64, u64, LatencyHistogram, LatencyHistogram) {
     consumer.register_current_thread();
     let d = scorer.n_features();
@@ -459,6 +595,16 @@ fn score_loop(
         if n == 0 {
             continue;
         }
+        if let Some(h) = hooks.as_ref() {
+            // A retrain published a new model: switch between batches, never within one.
+            let published = h.cell.load();
+            if !Arc::ptr_eq(&published, scorer.model())
+                && let Err(e) = scorer.set_model(Arc::clone(&published))
+            {
+                tracing::error!(error = %e, version = published.meta.version, "cannot switch to the retrained model; keeping the current one");
+            }
+        }
+        let version = scorer.model().meta.version;
         scorer.score(n);
         let t1 = clock.now_ns();
         compute.record((t1 - t0) / n as u64);
@@ -468,7 +614,14 @@ fn score_loop(
             frame.score = scorer.scores[i];
             frame.n_top = scorer.top_contributions(i, &mut frame.top);
             frame.latency_ns = t1.saturating_sub(meta.enqueued_ns);
+            frame.model_version = version;
             latency.record(frame.latency_ns);
+            if let Some(h) = hooks.as_mut() {
+                // Before the result: the sink pops a frame's values right after its result.
+                if h.values.push(*meta, scorer.input_row(i)) == Pushed::Closed {
+                    hooks = None;
+                }
+            }
             let mut spins = 0u32;
             while out.try_push(frame).is_err() {
                 if !out.read_is_held() {

@@ -20,8 +20,11 @@ use crate::eval::{self, Report};
 use crate::ingest::{self, IngestError, Table, TableOptions};
 use crate::model::{Model, ModelError};
 use crate::mss::MssConfig;
-use crate::pipeline::{self, FileSource, PipelineError, PipelineReport, ScoredFrame, Sink};
+use crate::pipeline::{
+    self, FileSource, PipelineError, PipelineReport, ScoredFrame, ScorerHooks, Sink,
+};
 use crate::plot::{self, PlotError, PlotSpec};
+use crate::retrain;
 use crate::ring::FullPolicy;
 use crate::score::{Head, HeadKind};
 use crate::threshold::{Threshold, ThresholdSnapshot};
@@ -68,6 +71,8 @@ pub struct ReplayOutcome {
     pub pipeline: PipelineReport,
     /// One score per input row, in order.
     pub scores: Vec<f32>,
+    /// The model version that scored each row (all 0 without online retraining).
+    pub model_versions: Vec<u32>,
     /// The threshold each frame was compared with (NaN without a threshold).
     pub thresholds: Vec<f64>,
     pub labels: Option<Vec<u8>>,
@@ -80,6 +85,8 @@ pub struct ReplayOutcome {
     pub threshold: Option<ThresholdSnapshot>,
     /// Why there is no threshold, when there is none.
     pub threshold_note: Option<String>,
+    /// What online retraining did (`[retrain] enabled`).
+    pub retrain: Option<retrain::RetrainSummary>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +163,10 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
     if let Some(path) = &req.plot {
         check_plot_path(path)?;
     }
-    let mut model = Model::load(&req.model_dir)?;
+    let model =
+        Model::load(&req.model_dir)?.with_backend(&req.model_dir, cfg.score.backend, &cfg.onnx)?;
+    // With online retraining and a state directory, continue from the newest checkpoint.
+    let mut model = retrain::resume(model, &cfg.retrain);
     if let Some(mss) = req.mss {
         if !mss.is_off() && model.bank.is_none() {
             return Err(ReplayError::Features {
@@ -327,17 +337,65 @@ pub fn replay_frames(
         &model_version,
         features.clone(),
     );
-    let sink = ReplaySink::new(rows, features, outputs, threshold, alerts)?;
-    let source = FileSource::new(values, timestamps, rate);
-    let (report, sink) = pipeline::run(
+    let mut sink = ReplaySink::new(rows, features, outputs, threshold, alerts)?;
+    let mut source = FileSource::new(values, timestamps, rate);
+    // Online retraining: the trainer thread, the scorer's hooks and the sink's side.
+    let mut hooks = None;
+    let mut trainer = None;
+    if cfg.retrain.enabled && same_scoring && sink.threshold.is_some() {
+        let shared = retrain::Shared::new(model.clone(), &cfg.retrain, cfg.train.seed);
+        let (requests, handle) =
+            retrain::Trainer::new(cfg, shared.clone())
+                .spawn()
+                .map_err(|source| PipelineError::Spawn {
+                    name: "trainer",
+                    source,
+                })?;
+        let (values_p, values_c) = pipeline::values_ring(&cfg.pipeline, model.n_features());
+        hooks = Some(ScorerHooks {
+            cell: shared.cell.clone(),
+            values: values_p,
+        });
+        if cfg.retrain.replay_pause {
+            source = source.paused_by(shared.busy.clone());
+        }
+        sink.retrain = Some(retrain::SinkSide::new(
+            &cfg.retrain,
+            shared.clone(),
+            values_c,
+            requests,
+            cfg.retrain.replay_pause,
+        ));
+        sink.threshold_cfg = Some(cfg.threshold.clone());
+        trainer = Some((shared, handle));
+    }
+    // With retraining paused on, few frames may be in flight when a retrain starts, so
+    // that when the new model takes over does not depend on how full the rings were.
+    let mut pipeline_cfg = cfg.pipeline.clone();
+    if trainer.is_some() && cfg.retrain.replay_pause {
+        pipeline_cfg.ring_capacity_frames = pipeline_cfg.batch_max_frames;
+    }
+    let (report, mut sink) = pipeline::run_hooked(
         model.clone(),
         head,
         cfg.score.top_contributions,
-        &cfg.pipeline,
+        &pipeline_cfg,
         FullPolicy::Block,
         source,
         sink,
+        hooks,
     )?;
+    // Closing the request channel ends the trainer once it is done with its last retrain.
+    sink.retrain = None;
+    let retrain = match trainer {
+        Some((shared, handle)) => {
+            handle
+                .join()
+                .map_err(|_| PipelineError::Panicked("trainer"))?;
+            Some(shared.summary())
+        }
+        None => None,
+    };
     if let Some((path, e)) = sink.error {
         return Err(ReplayError::Output { path, source: e });
     }
@@ -367,6 +425,7 @@ pub fn replay_frames(
         head,
         pipeline: report,
         scores,
+        model_versions: sink.model_versions,
         thresholds: sink.thresholds,
         labels,
         eval,
@@ -375,6 +434,7 @@ pub fn replay_frames(
         event_report,
         threshold: sink.threshold.as_ref().map(Threshold::snapshot),
         threshold_note,
+        retrain,
     })
 }
 
@@ -412,6 +472,7 @@ pub fn event_report(episodes: &[(usize, usize)], segments: &[(usize, usize)]) ->
 /// event (rare) allocates its JSON.
 struct ReplaySink {
     scores: Vec<f32>,
+    model_versions: Vec<u32>,
     thresholds: Vec<f64>,
     threshold: Option<Threshold>,
     alerts: AlertState,
@@ -421,6 +482,10 @@ struct ReplaySink {
     features: Arc<[String]>,
     header_done: bool,
     error: Option<(PathBuf, std::io::Error)>,
+    /// Online retraining's side of the sink, when it is on.
+    retrain: Option<retrain::SinkSide>,
+    /// How thresholds are rebuilt for a retrained model.
+    threshold_cfg: Option<crate::threshold::ThresholdConfig>,
 }
 
 fn create(path: &Path) -> Result<(PathBuf, BufWriter<File>), ReplayError> {
@@ -441,6 +506,7 @@ impl ReplaySink {
     ) -> Result<Self, ReplayError> {
         Ok(ReplaySink {
             scores: vec![f32::NAN; rows],
+            model_versions: vec![0; rows],
             thresholds: vec![f64::NAN; rows],
             threshold,
             alerts,
@@ -450,6 +516,8 @@ impl ReplaySink {
             features,
             header_done: false,
             error: None,
+            retrain: None,
+            threshold_cfg: None,
         })
     }
 
@@ -500,9 +568,30 @@ impl ReplaySink {
 
 impl Sink for ReplaySink {
     fn accept(&mut self, f: &ScoredFrame) {
+        // The first frame of a retrained model: its threshold comes from that model's own
+        // held-out scores, so no frame is judged against another model's threshold.
+        if let Some(model) = self.retrain.as_mut().and_then(|r| r.before(f)) {
+            let calib: Vec<f64> = model
+                .calibration_scores
+                .iter()
+                .map(|&s| f64::from(s))
+                .collect();
+            if let Some(t) = self
+                .threshold_cfg
+                .as_ref()
+                .and_then(|c| c.build(&calib).ok())
+            {
+                self.threshold = Some(t);
+            }
+            self.alerts
+                .set_model(&model.meta.id, &model.meta.version.to_string());
+        }
         let i = f.meta.seq as usize;
         if let Some(slot) = self.scores.get_mut(i) {
             *slot = f.score;
+        }
+        if let Some(slot) = self.model_versions.get_mut(i) {
+            *slot = u32::try_from(f.model_version).unwrap_or(u32::MAX);
         }
         let (threshold, alarm) = match self.threshold.as_mut() {
             Some(t) => {
@@ -521,6 +610,9 @@ impl Sink for ReplaySink {
         }
         if self.error.is_none() {
             self.write_row(f, threshold, alarm);
+        }
+        if let Some(r) = self.retrain.as_mut() {
+            r.after(f, alarm || self.alerts.in_alert());
         }
     }
 
@@ -545,9 +637,10 @@ impl std::fmt::Display for ReplayOutcome {
         let p = &self.pipeline;
         writeln!(
             f,
-            "model {} ({} head, {}), {} frames scored in {} batches, {:.2} s",
+            "model {} ({} head, {}, {}), {} frames scored in {} batches, {:.2} s",
             self.model.meta.id,
             self.head.kind.name(),
+            self.model.backend_label(),
             match self.model.active_bank() {
                 Some(b) => format!("MSS m={} k={}", b.rounds(), b.neighbours()),
                 None => "no MSS".into(),
@@ -586,6 +679,9 @@ impl std::fmt::Display for ReplayOutcome {
             }
             (None, Some(note)) => writeln!(f, "threshold   {note}")?,
             (None, None) => {}
+        }
+        if let Some(r) = &self.retrain {
+            write!(f, "{r}")?;
         }
         if let Some(e) = &self.event_report {
             let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} %", 100.0 * v));

@@ -1,5 +1,6 @@
 //! Integration tests: the real binary on real files, each in its own temp dir.
 
+mod agent;
 mod util;
 
 use util::{darkwatch, labels, quick_config, repo, run, synthetic_csv};
@@ -255,6 +256,34 @@ fn validate_names_file_key_and_exits_78() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// A build without the `onnx` feature refuses the ONNX backend up front, with the rebuild
+/// command, from the config and from the command line alike.
+#[cfg(not(feature = "onnx"))]
+#[test]
+fn onnx_backend_without_the_feature_says_how_to_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("onnx.toml");
+    std::fs::write(&cfg, "[score]\nbackend = \"onnx\"\n").unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("score.backend") && err.contains("--features onnx"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--backend", "onnx", "--model"])
+        .arg(repo("models/smd-machine-1-6"))
+        .arg("--input")
+        .arg(repo("tests/data/smd/small.csv")));
+    assert_ne!(code, 0);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("model.onnx") && err.contains("--features onnx"),
+        "{err}"
+    );
+}
+
 #[test]
 fn print_config_shows_environment_overrides() {
     let (code, out, err) = run(darkwatch()
@@ -457,8 +486,13 @@ fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let n = systemd.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    // STATUS lines may come first.
+    loop {
+        let n = systemd.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),

@@ -97,6 +97,7 @@ fn new_meta(
         format: super::io::FORMAT.into(),
         format_version: super::io::FORMAT_VERSION,
         id: String::new(),
+        version: 0,
         features,
         scaler,
         architecture: Architecture {

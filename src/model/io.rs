@@ -15,13 +15,16 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ndarray::{Array1, Array2};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::onnx::{OnnxError, OnnxModel};
 use super::{Activation, Autoencoder, Dense, OutputKind, Scaler};
+use crate::config::{Backend, OnnxConfig};
 use crate::mss::{MssConfig, ReferenceBank};
 use crate::score::Head;
 use crate::train::TrainConfig;
@@ -47,6 +50,9 @@ pub struct ModelMeta {
     pub format_version: u32,
     /// Short content hash of the weights: changes whenever the model does.
     pub id: String,
+    /// 0 for a trained model; each accepted online retrain adds 1.
+    #[serde(default)]
+    pub version: u64,
     /// Feature names in input order.
     pub features: Vec<String>,
     pub scaler: Scaler,
@@ -139,6 +145,9 @@ pub struct Model {
     /// The model's own scores of its training rows, in order (at most
     /// [`MAX_CALIBRATION_SCORES`]): what streaming thresholds calibrate on.
     pub calibration_scores: Vec<f32>,
+    /// The ONNX graph that runs this autoencoder instead of the native kernels
+    /// (`[score] backend = "onnx"`, see [`Model::with_backend`]).
+    pub onnx: Option<Arc<OnnxModel>>,
 }
 
 /// Why a model directory cannot be used. Each message names the file and the field.
@@ -165,6 +174,8 @@ pub enum ModelError {
     },
     #[error("{path}: {reason}")]
     Weights { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -209,6 +220,7 @@ impl Model {
             ae,
             bank,
             calibration_scores: Vec::new(),
+            onnx: None,
         };
         model.seal();
         model
@@ -318,7 +330,53 @@ impl Model {
             ae,
             bank,
             calibration_scores,
+            onnx: None,
         })
+    }
+
+    /// Attaches the configured backend. `onnx` loads and validates `dir`/`[onnx] file`
+    /// against this model's features and output kind; `native` detaches any ONNX graph.
+    ///
+    /// # Errors
+    /// The ONNX file or ONNX Runtime cannot be used (the message names the file, the
+    /// mismatch or the library), or darkwatch was built without the `onnx` feature.
+    pub fn with_backend(
+        mut self,
+        dir: &Path,
+        backend: Backend,
+        cfg: &OnnxConfig,
+    ) -> Result<Model, ModelError> {
+        self.onnx = match backend {
+            Backend::Native => None,
+            Backend::Onnx => Some(Arc::new(OnnxModel::load(
+                &dir.join(&cfg.file),
+                self.n_features(),
+                self.ae.output,
+                cfg,
+            )?)),
+        };
+        Ok(self)
+    }
+
+    /// Loads `dir` as `cfg` asks: its backend (`[score]`, `[onnx]`), and, with online
+    /// retraining and a state directory, the newest valid checkpoint instead.
+    ///
+    /// # Errors
+    /// As [`Model::load`] and [`Model::with_backend`].
+    pub fn load_configured(
+        dir: &Path,
+        cfg: &crate::config::DarkwatchConfig,
+    ) -> Result<Model, ModelError> {
+        let model = Model::load(dir)?.with_backend(dir, cfg.score.backend, &cfg.onnx)?;
+        Ok(crate::retrain::resume(model, &cfg.retrain))
+    }
+
+    /// `native`, or `onnx/<provider>`: what scores this model.
+    pub fn backend_label(&self) -> String {
+        match &self.onnx {
+            None => "native".into(),
+            Some(m) => format!("onnx/{}", m.provider()),
+        }
     }
 }
 
@@ -591,6 +649,14 @@ pub fn describe(model: &Model, dir: &Path) -> String {
         model.ae.parameter_count(),
         model.ae.macs_per_frame()
     );
+    match &model.onnx {
+        None => {
+            let _ = writeln!(s, "backend    native");
+        }
+        Some(g) => {
+            let _ = writeln!(s, "backend    {} ({})", model.backend_label(), g.describe());
+        }
+    }
     let _ = writeln!(
         s,
         "head       {} (alpha {}, beta {})",

@@ -7,6 +7,11 @@
 pub mod fit;
 pub mod io;
 pub mod nn;
+#[cfg(feature = "onnx")]
+pub mod onnx;
+#[cfg(not(feature = "onnx"))]
+#[path = "onnx_off.rs"]
+pub mod onnx;
 pub mod scaler;
 
 use ndarray::{Array1, Array2};

@@ -1,0 +1,84 @@
+//! Stand-in for the ONNX Runtime backend in builds without the `onnx` feature: the types
+//! exist so that callers need no `cfg`, but none can be made. `[score] backend = "onnx"`
+//! is refused by config validation (and by [`OnnxModel::load`]) with a rebuild hint.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ndarray::ArrayView2;
+
+use super::OutputKind;
+use super::nn::Recon;
+use crate::config::OnnxConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxError {
+    #[error(
+        "{0}: this darkwatch was built without ONNX Runtime support; rebuild with \
+         `cargo build --release --features onnx`"
+    )]
+    NotBuilt(String),
+}
+
+/// Uninhabited: no ONNX model exists in this build.
+#[derive(Debug)]
+pub enum OnnxModel {}
+
+impl OnnxModel {
+    /// # Errors
+    /// Always: the feature is off.
+    pub fn load(
+        path: &Path,
+        _n_features: usize,
+        _output: OutputKind,
+        _cfg: &OnnxConfig,
+    ) -> Result<OnnxModel, OnnxError> {
+        Err(OnnxError::NotBuilt(path.display().to_string()))
+    }
+
+    pub fn provider(&self) -> &'static str {
+        match *self {}
+    }
+
+    pub fn describe(&self) -> String {
+        match *self {}
+    }
+}
+
+/// Uninhabited: no ONNX session exists in this build.
+#[derive(Debug)]
+pub enum OnnxSession {}
+
+impl OnnxSession {
+    /// # Errors
+    /// Never returns: no [`OnnxModel`] can exist.
+    pub fn new(model: Arc<OnnxModel>, _max_batch: usize) -> Result<Self, OnnxError> {
+        match *model {}
+    }
+
+    /// # Errors
+    /// Never returns.
+    pub fn time_runs(
+        &mut self,
+        _x: ArrayView2<f32>,
+        _runs: usize,
+        _record: impl FnMut(u64),
+    ) -> Result<(), OnnxError> {
+        match *self {}
+    }
+
+    /// # Errors
+    /// Never returns.
+    pub fn forward<R>(
+        &mut self,
+        _x: ArrayView2<f32>,
+        _f: impl FnOnce(&Recon<'_>) -> R,
+    ) -> Result<R, OnnxError> {
+        match *self {}
+    }
+}
+
+/// No ONNX Runtime is ever loaded in this build.
+pub fn runtime_version() -> Option<String> {
+    None
+}

@@ -1,0 +1,275 @@
+//! `darkwatch sae-bench`: what SAE scoring costs on this machine's CPU.
+//!
+//! For each shape (d_in, d_sae) a TopK SAE with random weights runs the full forward pass
+//! (normalise, encode, TopK, sparse decode, error, ‖e‖²) at batch 1 (per-token latency) and at
+//! a larger batch (per-batch latency, tokens/s). The encoder product alone is timed at the
+//! large batch and compared with the machine's single-thread sgemm throughput
+//! ([`crate::bench::matmul_gflops`]); ndarray's `general_mat_mul` (matrixmultiply) on the same
+//! product is timed next to it, so the choice of kernel stays checked.
+
+use std::fmt;
+use std::time::Instant;
+
+use ndarray::Array2;
+
+use super::{Sae, SaeError};
+use crate::rng::Rng;
+use crate::stats::LatencyHistogram;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct SaeBenchOptions {
+    /// `(d_in, d_sae)` pairs.
+    pub shapes: Vec<(usize, usize)>,
+    /// TopK k.
+    pub k: usize,
+    /// The large batch.
+    pub batch: usize,
+    /// Seconds spent per measurement (at least `min_iters` calls are timed).
+    pub secs_per_measurement: f64,
+    pub min_iters: usize,
+    /// Also time ndarray's `general_mat_mul` on the encoder product (needs an unpacked copy
+    /// of W_enc).
+    pub compare_ndarray: bool,
+}
+
+impl Default for SaeBenchOptions {
+    fn default() -> Self {
+        SaeBenchOptions {
+            shapes: vec![(384, 16_384), (384, 32_768), (768, 16_384), (768, 32_768)],
+            k: 32,
+            batch: 256,
+            secs_per_measurement: 2.0,
+            min_iters: 5,
+            compare_ndarray: true,
+        }
+    }
+}
+
+/// One shape's numbers.
+#[derive(Debug, Clone)]
+pub struct SaeBenchRow {
+    pub d_in: usize,
+    pub d_sae: usize,
+    pub k: usize,
+    /// Per-token latency of the full forward pass at batch 1.
+    pub batch1: LatencyHistogram,
+    /// Per-batch latency of the full forward pass at the large batch.
+    pub batched: LatencyHistogram,
+    /// Per-batch latency of the encoder product alone (pre-activations).
+    pub encoder: LatencyHistogram,
+    /// The same calls' on-CPU time (this thread's time on a core, from
+    /// `/proc/thread-self/schedstat`): what the product costs when the machine is shared and
+    /// the thread is preempted. `None` where the file is not available.
+    pub encoder_cpu: Option<LatencyHistogram>,
+    /// Per-batch latency of ndarray's `general_mat_mul` on the same product, if measured.
+    pub ndarray_gemm: Option<LatencyHistogram>,
+}
+
+impl SaeBenchRow {
+    /// Encoder flops per token: 2·d_in·d_sae.
+    pub fn flops_per_token(&self) -> f64 {
+        2.0 * (self.d_in * self.d_sae) as f64
+    }
+
+    /// Tokens per second at batch 1, from the median latency.
+    pub fn batch1_tokens_per_s(&self) -> f64 {
+        1e9 / self.batch1.quantile_ns(0.5)
+    }
+
+    /// Tokens per second at the large batch, from the median batch latency.
+    pub fn batched_tokens_per_s(&self, batch: usize) -> f64 {
+        batch as f64 * 1e9 / self.batched.quantile_ns(0.5)
+    }
+
+    /// GFLOP/s of the encoder product at the large batch (median).
+    pub fn encoder_gflops(&self, batch: usize) -> f64 {
+        batch as f64 * self.flops_per_token() / self.encoder.quantile_ns(0.5)
+    }
+
+    /// GFLOP/s of the encoder product at the large batch from its fastest call.
+    pub fn encoder_best_gflops(&self, batch: usize) -> f64 {
+        batch as f64 * self.flops_per_token() / self.encoder.quantile_ns(0.0).max(1.0)
+    }
+
+    /// GFLOP/s of the encoder product per on-CPU second (median), if measured.
+    pub fn encoder_cpu_gflops(&self, batch: usize) -> Option<f64> {
+        self.encoder_cpu
+            .as_ref()
+            .map(|h| batch as f64 * self.flops_per_token() / h.quantile_ns(0.5))
+    }
+
+    /// GFLOP/s of ndarray's product at the large batch (median), if measured.
+    pub fn ndarray_gflops(&self, batch: usize) -> Option<f64> {
+        self.ndarray_gemm
+            .as_ref()
+            .map(|h| batch as f64 * self.flops_per_token() / h.quantile_ns(0.5))
+    }
+}
+
+/// The whole table.
+#[derive(Debug, Clone)]
+pub struct SaeBenchReport {
+    /// Single-thread sgemm GFLOP/s of this machine (the roofline).
+    pub matmul_gflops: f64,
+    pub kernel: &'static str,
+    pub batch: usize,
+    pub rows: Vec<SaeBenchRow>,
+}
+
+/// Runs the benchmark (single thread; takes about 4 × 3 × `secs_per_measurement` plus the
+/// weight set-up).
+///
+/// # Errors
+/// [`SaeError::Invalid`] for a shape of 0 or `k` outside `1..=d_sae`.
+pub fn run(opts: &SaeBenchOptions) -> Result<SaeBenchReport, SaeError> {
+    let matmul_gflops = crate::bench::matmul_gflops();
+    let batch = opts.batch.max(1);
+    let mut rows = Vec::new();
+    let mut kernel = "portable";
+    for (i, &(d_in, d_sae)) in opts.shapes.iter().enumerate() {
+        let sae = Sae::random(d_in, d_sae, opts.k, 42 + i as u64)?;
+        let mut rng = Rng::new(7);
+        // Inputs on the scale of real residual streams (norm ≈ √d).
+        let pool = Array2::from_shape_fn((4 * batch, d_in), |_| rng.uniform(-1.7, 1.7));
+        let mut ws = sae.workspace(batch);
+        kernel = ws.kernel_name();
+        let timed = |f: &mut dyn FnMut(usize)| {
+            let mut hist = LatencyHistogram::new();
+            f(0); // warm-up
+            let start = Instant::now();
+            let mut it = 0;
+            while it < opts.min_iters || start.elapsed().as_secs_f64() < opts.secs_per_measurement {
+                let t = Instant::now();
+                f(it + 1);
+                hist.record(t.elapsed().as_nanos() as u64);
+                it += 1;
+            }
+            hist
+        };
+        let n_pool = pool.nrows();
+        let batch1 = timed(&mut |it| {
+            let r = it % n_pool;
+            let out = sae
+                .forward(pool.slice(ndarray::s![r..r + 1, ..]), &mut ws)
+                .expect("width matches");
+            std::hint::black_box(out.error_sq_norm()[0]);
+        });
+        let blocks = n_pool / batch;
+        let batched = timed(&mut |it| {
+            let r = (it % blocks) * batch;
+            let out = sae
+                .forward(pool.slice(ndarray::s![r..r + batch, ..]), &mut ws)
+                .expect("width matches");
+            std::hint::black_box(out.error_sq_norm()[0]);
+        });
+        let mut cpu = thread_cpu_ns().map(|_| LatencyHistogram::new());
+        let encoder = timed(&mut |it| {
+            let r = (it % blocks) * batch;
+            let before = thread_cpu_ns();
+            let pre = sae
+                .pre_acts(pool.slice(ndarray::s![r..r + batch, ..]), &mut ws)
+                .expect("width matches");
+            std::hint::black_box(pre[[0, 0]]);
+            if let (Some(h), Some(a), Some(b)) = (cpu.as_mut(), before, thread_cpu_ns())
+                && it > 0
+            {
+                h.record(b.saturating_sub(a));
+            }
+        });
+        let ndarray_gemm = opts.compare_ndarray.then(|| {
+            let w = Array2::from_shape_fn((d_in, d_sae), |(i, j)| sae.w_enc_at(i, j));
+            let mut out = Array2::<f32>::zeros((batch, d_sae));
+            timed(&mut |it| {
+                let r = (it % blocks) * batch;
+                let x = pool.slice(ndarray::s![r..r + batch, ..]);
+                ndarray::linalg::general_mat_mul(1.0, &x, &w, 0.0, &mut out);
+                std::hint::black_box(out[[0, 0]]);
+            })
+        });
+        rows.push(SaeBenchRow {
+            d_in,
+            d_sae,
+            k: opts.k,
+            batch1,
+            batched,
+            encoder,
+            encoder_cpu: cpu,
+            ndarray_gemm,
+        });
+    }
+    // Best of before and after: a shared machine can slow either one.
+    let matmul_gflops = matmul_gflops.max(crate::bench::matmul_gflops());
+    Ok(SaeBenchReport {
+        matmul_gflops,
+        kernel,
+        batch,
+        rows,
+    })
+}
+
+/// This thread's time on a CPU so far, in ns (Linux: `/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+impl fmt::Display for SaeBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.batch;
+        writeln!(
+            f,
+            "SAE scoring on CPU (1 thread, TopK, kernel {}); sgemm roofline {:.1} GFLOP/s",
+            self.kernel, self.matmul_gflops
+        )?;
+        writeln!(
+            f,
+            "{:>5} {:>6} {:>3} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>7} {:>7} {:>7} {:>6} | {:>7}",
+            "d_in",
+            "d_sae",
+            "k",
+            "b1 p50µs",
+            "b1 p99µs",
+            "b1 tok/s",
+            format!("b{b} p50ms"),
+            format!("b{b} p99ms"),
+            format!("b{b} tok/s"),
+            "enc p50",
+            "enc max",
+            "enc cpu",
+            "share",
+            "ndarray"
+        )?;
+        for r in &self.rows {
+            let cpu = r.encoder_cpu_gflops(b);
+            let best = r.encoder_best_gflops(b);
+            writeln!(
+                f,
+                "{:>5} {:>6} {:>3} | {:>9.0} {:>9.0} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | \
+                 {:>7.1} {:>7.1} {:>7} {:>5.0}% | {:>7}",
+                r.d_in,
+                r.d_sae,
+                r.k,
+                r.batch1.quantile_ns(0.5) / 1e3,
+                r.batch1.quantile_ns(0.99) / 1e3,
+                r.batch1_tokens_per_s(),
+                r.batched.quantile_ns(0.5) / 1e6,
+                r.batched.quantile_ns(0.99) / 1e6,
+                r.batched_tokens_per_s(b),
+                r.encoder_gflops(b),
+                best,
+                cpu.map_or_else(|| "-".into(), |g| format!("{g:.1}")),
+                100.0 * best / self.matmul_gflops,
+                r.ndarray_gflops(b)
+                    .map_or_else(|| "-".into(), |g| format!("{g:.1}")),
+            )?;
+        }
+        writeln!(
+            f,
+            "enc: encoder product GFLOP/s at batch {b} (p50 and fastest call, wall clock; cpu: \
+             per on-CPU second, p50); share: fastest call / sgemm roofline (both best-of, so a \
+             shared machine affects them alike); ndarray: general_mat_mul on the same product, p50."
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,410 @@
+//! Load measurement of the agent against Mosquitto: ignored by default, it reports and
+//! asserts nothing about time. Run it on a release build:
+//!
+//! ```text
+//! cargo test --release --test main -- --ignored --nocapture agent::load
+//! ```
+//!
+//! 1. ExaMon flood: 100k messages/s for 10 s (100 nodes × 38 metrics of the bundled model,
+//!    QoS 0): frames/s, drops (broker, incoming channel, ring), agent RSS before and after,
+//!    agent CPU.
+//! 2. Raw frames at 1k frames/s for 10 s, every other frame anomalous (alerts fire and
+//!    resolve on every frame): alert latency from the publisher's send to the alert's
+//!    receipt by a subscriber (two broker hops included, so an upper bound on the agent's
+//!    own receipt-to-publish latency), agent RSS and CPU.
+
+use std::path::Path;
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use super::{config, external};
+use crate::util::broker::{Agent, Collector, Mosquitto, free_port, unique};
+use crate::util::repo;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User plus system CPU time of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // Fields 14 and 15 of the line are utime and stime: 12 and 13 after the comm.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+fn clk_tck() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn rows() -> ndarray::Array2<f32> {
+    darkwatch::ingest::read_table(
+        &repo("tests/data/smd/machine-1-6_test.npy"),
+        &darkwatch::ingest::TableOptions::default(),
+    )
+    .unwrap()
+    .values
+}
+
+/// A QoS 0 publisher (its own connection) and the number of requests it sent.
+fn publisher(port: u16) -> (rumqttc::Client, std::thread::JoinHandle<()>) {
+    let mut o = rumqttc::MqttOptions::new(unique("load-pub"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(o, 100_000);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    connection.eventloop.set_network_options(network);
+    let pump = std::thread::spawn(move || {
+        for event in connection.iter() {
+            if let Err(rumqttc::ConnectionError::RequestsDone) = event {
+                break;
+            }
+            if event.is_err() {
+                break;
+            }
+        }
+    });
+    (client, pump)
+}
+
+/// The agent's own alert latency histogram (from `/metrics`): p50 and p99 bucket bounds.
+fn agent_latency(agent: &Agent) -> String {
+    let body = agent.scrape().unwrap_or_default();
+    let buckets: Vec<(String, f64)> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("darkwatch_alert_latency_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, n) = l.split_once("\"} ")?;
+            Some((le.to_string(), n.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total == 0.0 {
+        return "no observations".into();
+    }
+    let bound = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, n)| *n >= q * total)
+            .map_or("?".to_string(), |(le, _)| le.clone())
+    };
+    format!(
+        "{total} alerts, p50 <= {} s, p99 <= {} s",
+        bound(0.5),
+        bound(0.99)
+    )
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+#[test]
+#[ignore = "a measurement: run on a release build with --ignored --nocapture"]
+fn load() {
+    let Some(mosq) = Mosquitto::shared("load") else {
+        return;
+    };
+    let data = rows();
+    let model = repo("models/smd-machine-1-6");
+    let tck = clk_tck();
+    let dir = tempfile::tempdir().unwrap();
+    flood(&mosq, &model, dir.path(), &data, tck, 100_000.0);
+    // 1k frames/s of ExaMon input: 38k messages/s.
+    flood(&mosq, &model, dir.path(), &data, tck, 38_000.0);
+    latency(&mosq, &model, dir.path(), &data, tck, true);
+    latency(&mosq, &model, dir.path(), &data, tck, false);
+}
+
+fn flood(
+    mosq: &Mosquitto,
+    model: &Path,
+    dir: &Path,
+    data: &ndarray::Array2<f32>,
+    tck: f64,
+    rate: f64,
+) {
+    let (org, node) = (unique("org"), unique("load"));
+    let metrics = free_port();
+    let work = dir.join(format!("flood{rate}"));
+    std::fs::create_dir_all(&work).unwrap();
+    let cfg = config(
+        &work,
+        "agent.toml",
+        model,
+        metrics,
+        "",
+        &external(
+            mosq.port,
+            &node,
+            &format!("org/{org}/cluster/+/node/+/plugin/+/chnl/data/#"),
+        ),
+        "",
+    );
+    let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
+    let agent = Agent::start(&cfg, metrics, &[]);
+    status.wait("online", |g| !g.is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = agent.pid();
+    let rss_before = rss_kib(pid);
+    let cpu0 = cpu_ticks(pid);
+    let (client, pump) = publisher(mosq.port);
+    let (nodes, d) = (100usize, 38usize);
+    let topics: Vec<Vec<String>> = (0..nodes)
+        .map(|n| {
+            (0..d)
+                .map(|j| format!("org/{org}/cluster/c/node/n{n}/plugin/p/chnl/data/f{j}"))
+                .collect()
+        })
+        .collect();
+    let secs = 10.0;
+    let total = (rate * secs) as u64;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut tick = 0u64;
+    while sent < total {
+        let row = data.row(tick as usize % data.nrows());
+        for (n, node_topics) in topics.iter().enumerate() {
+            for (j, topic) in node_topics.iter().enumerate() {
+                let payload = format!("{};{}", row[j] + n as f32 * 1e-4, 1_800_000_000 + tick);
+                while client
+                    .try_publish(
+                        topic.as_str(),
+                        rumqttc::QoS::AtMostOnce,
+                        false,
+                        payload.clone(),
+                    )
+                    .is_err()
+                {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                sent += 1;
+            }
+        }
+        tick += 1;
+        // Pace to `rate`.
+        let due = Duration::from_secs_f64(sent as f64 / rate);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let publish_secs = start.elapsed().as_secs_f64();
+    // Wait until the agent has taken everything that arrives.
+    let mut last = -1.0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let got = agent
+            .metric("darkwatch_messages_received_total")
+            .unwrap_or(0.0)
+            + agent
+                .metric("darkwatch_mqtt_incoming_dropped_total")
+                .unwrap_or(0.0);
+        if got == last || got as u64 >= sent {
+            break;
+        }
+        last = got;
+    }
+    let busy_secs = start.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks(pid) - cpu0) as f64 / tck;
+    let rss_after = rss_kib(pid);
+    let m = |name: &str| agent.metric(name).unwrap_or(f64::NAN);
+    let received = m("darkwatch_messages_received_total");
+    let incoming_dropped = m("darkwatch_mqtt_incoming_dropped_total");
+    let frames = m("darkwatch_frames_assembled_total");
+    let scored = m("darkwatch_frames_scored_total");
+    let ring_dropped = m("darkwatch_frames_dropped_total");
+    drop(client);
+    let _ = pump;
+    let (_, err) = agent.stop();
+    println!(
+        "== ExaMon flood: {nodes} nodes x {d} metrics, QoS 0, target {rate} msg/s for {secs} s"
+    );
+    println!(
+        "published   {sent} messages in {publish_secs:.2} s ({:.0} msg/s)",
+        sent as f64 / publish_secs
+    );
+    println!(
+        "agent       {received} taken by the decoder, {incoming_dropped} dropped at the incoming channel, {} lost before the agent (broker or socket)",
+        sent as f64 - received - incoming_dropped
+    );
+    println!(
+        "frames      {frames} assembled, {scored} scored ({:.0} frames/s over the publish time), {ring_dropped} dropped at the ring",
+        scored / publish_secs
+    );
+    println!(
+        "RSS         {:.1} MB before, {:.1} MB after",
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    );
+    println!(
+        "CPU         {:.2} s over {busy_secs:.1} s ({:.0} % of a core)",
+        cpu,
+        100.0 * cpu / busy_secs
+    );
+    println!(
+        "final       {}",
+        err.lines()
+            .find(|l| l.contains("stopped after"))
+            .unwrap_or("")
+    );
+}
+
+fn latency(
+    mosq: &Mosquitto,
+    model: &Path,
+    dir: &Path,
+    data: &ndarray::Array2<f32>,
+    tck: f64,
+    alternate: bool,
+) {
+    let (prefix, node) = (unique("act"), unique("lat"));
+    let metrics = free_port();
+    let work = dir.join(format!("latency{alternate}"));
+    std::fs::create_dir_all(&work).unwrap();
+    let cfg = config(
+        &work,
+        "agent.toml",
+        model,
+        metrics,
+        "format = \"raw\"",
+        &external(mosq.port, &node, &format!("{prefix}/#")),
+        "[alert]\nfire_k = 1\nfire_n = 1\nresolve_after_frames = 1\n",
+    );
+    // The subscriber notes when each alert arrives.
+    let (tx, rx) = channel::<(Instant, Vec<u8>)>();
+    let mut o = rumqttc::MqttOptions::new(unique("lat-sub"), "127.0.0.1", mosq.port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (sub, mut connection) = rumqttc::Client::new(o, 1000);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    connection.eventloop.set_network_options(network);
+    sub.subscribe(
+        format!("darkwatch/{node}/alerts/#"),
+        rumqttc::QoS::AtLeastOnce,
+    )
+    .unwrap();
+    let (ready_tx, ready_rx) = channel();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    if tx.send((Instant::now(), p.payload.to_vec())).is_err() {
+                        break;
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    status.wait("online", |g| !g.is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = agent.pid();
+    let rss_idle = rss_kib(pid);
+    let cpu0 = cpu_ticks(pid);
+    let (client, _pump) = publisher(mosq.port);
+    let rate = 1000.0;
+    let n = 10_000usize;
+    let topic = format!("{prefix}/s0");
+    let mut sent_at = Vec::with_capacity(n);
+    let start = Instant::now();
+    for k in 0..n {
+        let due = Duration::from_secs_f64(k as f64 / rate);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let row = data.row(k % data.nrows());
+        let shift = if alternate && k % 2 == 1 { 5.0 } else { 0.0 };
+        let bytes: Vec<u8> = row
+            .iter()
+            .flat_map(|&v| (v + shift).to_le_bytes())
+            .collect();
+        sent_at.push(Instant::now());
+        while client
+            .try_publish(
+                topic.as_str(),
+                rumqttc::QoS::AtMostOnce,
+                false,
+                bytes.clone(),
+            )
+            .is_err()
+        {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    let publish_secs = start.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks(pid) - cpu0) as f64 / tck;
+    let rss_busy = rss_kib(pid);
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v as usize >= n);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut lat_us = Vec::new();
+    while let Ok((at, payload)) = rx.try_recv() {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+            continue;
+        };
+        if let Some(seq) = v["seq"].as_u64().filter(|&s| (s as usize) < n) {
+            lat_us.push(at.duration_since(sent_at[seq as usize]).as_secs_f64() * 1e6);
+        }
+    }
+    lat_us.sort_by(f64::total_cmp);
+    let raised = agent.alerts_raised();
+    let inside = agent_latency(&agent);
+    let (_, err) = agent.stop();
+    println!(
+        "== raw frames at {rate} frames/s for {n} frames, {}",
+        if alternate {
+            "every other one anomalous"
+        } else {
+            "recorded rows as they are"
+        }
+    );
+    println!(
+        "alerts      {raised} raised, {} received; publish to receipt (two broker hops): p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+        lat_us.len(),
+        quantile(&lat_us, 0.5),
+        quantile(&lat_us, 0.99),
+        lat_us.last().copied().unwrap_or(f64::NAN)
+    );
+    println!("in agent    MQTT receipt to alert handed to the MQTT client: {inside}");
+    println!(
+        "RSS         {:.1} MB idle (one 38-feature model), {:.1} MB at {rate} frames/s",
+        rss_idle as f64 / 1024.0,
+        rss_busy as f64 / 1024.0
+    );
+    println!(
+        "CPU         {:.2} s over {publish_secs:.1} s ({:.1} % of a core)",
+        cpu,
+        100.0 * cpu / publish_secs
+    );
+    println!(
+        "final       {}",
+        err.lines()
+            .find(|l| l.contains("stopped after"))
+            .unwrap_or("")
+    );
+}

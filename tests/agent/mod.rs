@@ -1,0 +1,661 @@
+//! The agent (`darkwatch run`) against real brokers: systemd notifications and the
+//! watchdog, SIGHUP reloads, and end-to-end runs against Mosquitto (ExaMon in, alerts out,
+//! a 30 s broker outage, shared subscriptions, credentials).
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::util::broker::{
+    Agent, Collector, Mosquitto, Relay, final_count, free_port, publish_all, unique, wait_for,
+};
+use crate::util::repo;
+
+mod load;
+
+/// Writes an agent config into `dir`: `model`, a spool in `dir`, `/metrics` on
+/// `metrics_port`, and the given lines of `[agent]` and `[mqtt]`, then `extra` sections.
+fn config(
+    dir: &Path,
+    name: &str,
+    model: &Path,
+    metrics_port: u16,
+    agent: &str,
+    mqtt: &str,
+    extra: &str,
+) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\n{agent}\n[mqtt]\n{mqtt}\n[spool]\ndir = \"{}\"\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}\n",
+            model.display(),
+            dir.join("spool").display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `[mqtt]` lines for an external broker on `port`, node `node`, subscribed to `filter`.
+fn external(port: u16, node: &str, filter: &str) -> String {
+    format!(
+        "broker = \"external\"\nport = {port}\nnode_name = \"{node}\"\nkeep_alive_secs = 5\nsubscribe = [\"{filter}\"]\n"
+    )
+}
+
+/// The rows of a CSV written by `synthetic_csv`, without the timestamp column.
+fn rows(csv: &Path) -> Vec<Vec<f64>> {
+    std::fs::read_to_string(csv)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').skip(1).map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+/// One ExaMon message per metric of each row; row `i` at time `t0 + i`.
+fn examon(org: &str, node: &str, rows: &[Vec<f64>], t0: f64) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            out.push((
+                format!("org/{org}/cluster/c/node/{node}/plugin/p/chnl/data/m{j:02}"),
+                format!("{v};{}", t0 + i as f64).into_bytes(),
+            ));
+        }
+    }
+    out
+}
+
+/// Receives notify datagrams until one contains `want`; returns every message seen.
+fn notified_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {want:?} from darkwatch ({e}); got {seen:?}"));
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let done = msg.contains(want);
+        seen.push(msg);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// The frame count of a `STATUS=model <id>: <n> frames scored, …` line.
+fn scored_in(msg: &str) -> Option<u64> {
+    let status = msg.split("STATUS=").nth(1)?;
+    status
+        .split(": ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn notify_socket(dir: &Path) -> (PathBuf, UnixDatagram) {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    (path, sock)
+}
+
+#[test]
+fn watchdog_pings_while_idle_and_while_scoring_and_status_counts_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let (notify, sock) = notify_socket(dir.path());
+    let broker = free_port();
+    let metrics = free_port();
+    let model = repo("models/smd-machine-1-6");
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "",
+        &format!("port = {broker}\nnode_name = \"wd\"\n"),
+        "",
+    );
+    let notify_str = notify.to_str().unwrap();
+    // WatchdogSec=1s: a ping every 0.5 s.
+    let mut agent = Agent::start(
+        &cfg,
+        metrics,
+        &[("NOTIFY_SOCKET", notify_str), ("WATCHDOG_USEC", "1000000")],
+    );
+    notified_until(&sock, "READY=1");
+    // Idle (no input at all) is healthy: the pings keep coming.
+    for _ in 0..3 {
+        notified_until(&sock, "WATCHDOG=1");
+    }
+    // Busy: 30 frames of the bundled model's 38 metrics through the embedded broker.
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let msgs: Vec<(String, Vec<u8>)> = (0..30)
+        .flat_map(|i| {
+            (0..38).map(move |j| {
+                (
+                    format!("org/o/cluster/c/node/n1/plugin/p/chnl/data/f{j}"),
+                    format!("0.5;{}", 1_800_000_000 + i).into_bytes(),
+                )
+            })
+        })
+        .collect();
+    // The agent subscribes right after it connects; its online status follows that.
+    let mut status = Collector::new(broker, &["darkwatch/wd/status"], None);
+    status.wait("online status", |got| !got.is_empty());
+    publish_all(broker, &msgs);
+    agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 29.0);
+    // STATUS reports the scored frames; the pings continue after the work.
+    let mut scored = 0;
+    while scored < 29 {
+        let seen = notified_until(&sock, "frames scored");
+        scored = seen.iter().filter_map(|m| scored_in(m)).max().unwrap_or(0);
+    }
+    for _ in 0..2 {
+        notified_until(&sock, "WATCHDOG=1");
+    }
+    let (status, err) = agent.stop();
+    notified_until(&sock, "STOPPING=1");
+    assert!(status.success(), "{err}");
+}
+
+#[test]
+fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
+    let (dir, trained_model, test_csv, _) = crate::trained();
+    let (notify, sock) = notify_socket(dir.path());
+    let broker = free_port();
+    let metrics = free_port();
+    let bundled = repo("models/smd-machine-1-6");
+    let mqtt = format!("port = {broker}\nnode_name = \"hup\"\n");
+    let cfg = config(dir.path(), "agent.toml", &bundled, metrics, "", &mqtt, "");
+    let mut agent = Agent::start(
+        &cfg,
+        metrics,
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap())],
+    );
+    notified_until(&sock, "READY=1");
+    let id = |dir: &Path| -> String {
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("model.json")).unwrap())
+                .unwrap();
+        meta["id"].as_str().unwrap().to_string()
+    };
+    let info = |id: &str| format!("darkwatch_model_info{{model_id=\"{id}\"}}");
+    agent.wait_metric(&info(&id(&bundled)), |v| v == 1.0);
+
+    // A new model (8 features instead of 38) and new alert settings.
+    config(
+        dir.path(),
+        "agent.toml",
+        &trained_model,
+        metrics,
+        "",
+        &mqtt,
+        "[alert]\nfire_k = 1\nfire_n = 1\n",
+    );
+    agent.signal("HUP");
+    notified_until(&sock, "RELOADING=1");
+    let ready = notified_until(&sock, "READY=1");
+    assert!(ready.last().unwrap().contains("reloaded"), "{ready:?}");
+    agent.wait_metric("darkwatch_config_reloads_total{result=\"applied\"}", |v| {
+        v == 1.0
+    });
+    agent.wait_metric(&info(&id(&trained_model)), |v| v == 1.0);
+    // The reloaded agent scores frames of the new model's features (m00..m07).
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut status = Collector::new(broker, &["darkwatch/hup/status"], None);
+    status.wait("online status", |got| !got.is_empty());
+    let data = rows(&test_csv);
+    publish_all(broker, &examon("o", "n1", &data[..40], 1_800_000_000.0));
+    agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 39.0);
+    assert_eq!(agent.metric("darkwatch_samples_rejected_total"), Some(0.0));
+
+    // A broken config, then one naming a missing model: each is refused, the agent runs on.
+    std::fs::write(&cfg, "[agent]\nmodel_dirr = 3\n").unwrap();
+    agent.signal("HUP");
+    agent.wait_metric("darkwatch_config_reloads_total{result=\"failed\"}", |v| {
+        v == 1.0
+    });
+    config(
+        dir.path(),
+        "agent.toml",
+        &dir.path().join("no-such-model"),
+        metrics,
+        "",
+        &mqtt,
+        "",
+    );
+    agent.signal("HUP");
+    agent.wait_metric("darkwatch_config_reloads_total{result=\"failed\"}", |v| {
+        v == 2.0
+    });
+    assert!(agent.is_running(), "{}", agent.stderr());
+    assert_eq!(agent.metric(&info(&id(&trained_model))), Some(1.0));
+    assert_eq!(
+        agent.metric("darkwatch_config_reloads_total{result=\"applied\"}"),
+        Some(1.0)
+    );
+    // Still scoring with the reloaded model.
+    publish_all(broker, &examon("o", "n1", &data[40..60], 1_800_000_040.0));
+    agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 59.0);
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("model_dirr"),
+        "the refused key is logged: {err}"
+    );
+    assert!(err.contains("no-such-model"), "{err}");
+    assert_eq!(err.matches("Reload failed").count(), 2, "{err}");
+}
+
+/// Alert payloads (JSON) of the agent's node `node` in `got`.
+fn alerts(c: &mut Collector, node: &str) -> Vec<String> {
+    c.payloads(&format!("darkwatch/{node}/alerts/"))
+}
+
+#[test]
+fn agent_ingests_examon_from_mosquitto_and_publishes_alerts_to_it() {
+    let Some(mosq) = Mosquitto::shared("agent_ingests_examon_from_mosquitto") else {
+        return;
+    };
+    let (dir, model, test_csv, _) = crate::trained();
+    let (org, node) = (unique("org"), unique("node"));
+    let metrics = free_port();
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "",
+        &external(
+            mosq.port,
+            &node,
+            &format!("org/{org}/cluster/+/node/+/plugin/+/chnl/data/#"),
+        ),
+        "",
+    );
+    let mut sub = Collector::new(
+        mosq.port,
+        &[
+            &format!("darkwatch/{node}/alerts/#"),
+            &format!("darkwatch/{node}/status"),
+        ],
+        None,
+    );
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    sub.wait("the agent's online status", |got| {
+        got.iter().any(|p| p.topic.ends_with("/status"))
+    });
+    // Rows 690..760: the injected anomaly (rows 700..720, +4 on m00) in the middle.
+    let data = rows(&test_csv);
+    publish_all(
+        mosq.port,
+        &examon(&org, "n1", &data[690..760], 1_800_000_000.0),
+    );
+    agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 69.0);
+    agent.wait_metric("darkwatch_alerts_total{status=\"firing\"}", |v| v >= 1.0);
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert_eq!(final_count(&err, "messages"), 70 * 8, "{err}");
+    assert_eq!(final_count(&err, "undecodable"), 0, "{err}");
+    let raised = final_count(&err, "alerts");
+    assert!(raised >= 2, "a firing and its resolution: {err}");
+    sub.wait("every alert", |got| {
+        got.iter()
+            .filter(|p| p.topic.starts_with(&format!("darkwatch/{node}/alerts/")))
+            .count() as u64
+            >= raised
+    });
+    let payloads = alerts(&mut sub, &node);
+    let events: Vec<serde_json::Value> = payloads
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    let firing = events.iter().filter(|e| e["status"] == "firing").count();
+    let resolved = events.iter().filter(|e| e["status"] == "resolved").count();
+    assert_eq!(firing, resolved, "{payloads:?}");
+    let first = &events[0];
+    assert_eq!(first["labels"]["alertname"], "DarkwatchAnomaly");
+    assert_eq!(first["labels"]["stream"], "n1", "{first}");
+    // The anomaly is on m00: the alert names it among its top features.
+    let top: Vec<&str> = first["top_features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["feature"].as_str().unwrap())
+        .collect();
+    assert!(top.contains(&"m00"), "{top:?}");
+    // A clean stop leaves the retained status offline.
+    let mut late = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
+    late.wait("the retained status", |got| !got.is_empty());
+    assert_eq!(&late.got[0].payload[..], br#"{"status":"offline"}"#);
+}
+
+#[test]
+fn no_alert_lost_while_the_broker_is_unreachable_for_30s() {
+    let Some(mosq) = Mosquitto::shared("no_alert_lost_while_the_broker_is_unreachable") else {
+        return;
+    };
+    let (dir, model, test_csv, _) = crate::trained();
+    let (org, node) = (unique("org"), unique("node"));
+    // The agent reaches the broker only through the relay; publisher and subscriber do not.
+    let relay = Relay::start(mosq.port);
+    let metrics = free_port();
+    // Windows of 1 s that close 64 windows late: the whole input arrives at once, before
+    // the outage, and its frames (and alerts) come out one a second, during it.
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "",
+        &external(
+            relay.port,
+            &node,
+            &format!("org/{org}/cluster/+/node/+/plugin/+/chnl/data/#"),
+        ),
+        "[assemble]\nwindow_secs = 1.0\nlateness_windows = 64\n\
+         [alert]\nfire_k = 1\nfire_n = 1\nresolve_after_frames = 1\n",
+    );
+    let mut sub = Collector::new(mosq.port, &[&format!("darkwatch/{node}/alerts/#")], None);
+    let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    status.wait("the agent's online status", |got| !got.is_empty());
+    // 60 rows; rows 3 and 4 of every 6 get the +4 shift on m00: ten short anomalies.
+    let mut data = rows(&test_csv)[100..160].to_vec();
+    for (i, row) in data.iter_mut().enumerate() {
+        if matches!(i % 6, 3 | 4) {
+            row[0] += 4.0;
+        }
+    }
+    publish_all(mosq.port, &examon(&org, "n1", &data, 1_800_000_000.0));
+    agent.wait_metric("darkwatch_messages_received_total", |v| v == 480.0);
+    agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 3.0);
+    relay.cut();
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 0.0);
+    let raised_at_cut = agent.alerts_raised();
+    std::thread::sleep(Duration::from_secs(30));
+    let raised_in_outage = agent.alerts_raised() - raised_at_cut;
+    let received_in_outage = alerts(&mut sub, &node).len() as u64;
+    assert_eq!(
+        agent.metric("darkwatch_mqtt_connected"),
+        Some(0.0),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        raised_in_outage >= 2,
+        "alerts raised during the outage: {raised_in_outage}"
+    );
+    assert!(received_in_outage <= raised_at_cut);
+    relay.restore();
+    agent.wait_metric("darkwatch_frames_assembled_total", |v| v == 60.0);
+    let raised = agent.alerts_raised();
+    agent.wait_metric("darkwatch_alerts_acked_total", |v| v as u64 >= raised);
+    let (status_code, err) = agent.stop();
+    assert!(status_code.success(), "{err}");
+    let raised = final_count(&err, "alerts");
+    sub.wait("every alert raised", |got| {
+        let distinct: std::collections::HashSet<&[u8]> =
+            got.iter().map(|p| &p.payload[..]).collect();
+        distinct.len() as u64 >= raised
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let all = alerts(&mut sub, &node);
+    let distinct: std::collections::HashSet<&String> = all.iter().collect();
+    assert_eq!(
+        distinct.len() as u64,
+        raised,
+        "raised {raised}, received {all:?}"
+    );
+    // QoS 1: only what was in flight at the cut may come twice (at most inflight_max = 100).
+    let duplicates = all.len() - distinct.len();
+    assert!(
+        duplicates as u64 <= raised_at_cut.min(100),
+        "{duplicates} duplicates"
+    );
+    // In order: first arrivals alternate firing, resolved, firing, … (one stream).
+    let mut seen = std::collections::HashSet::new();
+    let statuses: Vec<String> = all
+        .iter()
+        .filter(|p| seen.insert(*p))
+        .map(|p| serde_json::from_str::<serde_json::Value>(p).unwrap()["status"].to_string())
+        .collect();
+    for (i, s) in statuses.iter().enumerate() {
+        let want = if i % 2 == 0 {
+            "\"firing\""
+        } else {
+            "\"resolved\""
+        };
+        assert_eq!(s, want, "event {i} out of order: {statuses:?}");
+    }
+}
+
+#[test]
+fn shared_subscription_splits_raw_frames_between_two_agents() {
+    let Some(mosq) = Mosquitto::shared("shared_subscription_splits_raw_frames") else {
+        return;
+    };
+    let (dir, model, test_csv, _) = crate::trained();
+    let group = unique("g");
+    let prefix = unique("act");
+    let filter = format!("$share/{group}/{prefix}/#");
+    let mut agents = Vec::new();
+    for k in 0..2 {
+        let metrics = free_port();
+        let node = unique("share");
+        let sub = dir.path().join(format!("a{k}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let cfg = config(
+            &sub,
+            "agent.toml",
+            &model,
+            metrics,
+            "format = \"raw\"",
+            &external(mosq.port, &node, &filter),
+            "",
+        );
+        let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
+        let agent = Agent::start(&cfg, metrics, &[]);
+        status.wait("online status", |got| !got.is_empty());
+        agents.push(agent);
+    }
+    // 200 raw frames (8 little-endian f32 each) over four streams.
+    let data = rows(&test_csv);
+    let n = 200;
+    let msgs: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let bytes = data[i]
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect();
+            (format!("{prefix}/s{}", i % 4), bytes)
+        })
+        .collect();
+    publish_all(mosq.port, &msgs);
+    let got = |a: &Agent| a.metric("darkwatch_frames_assembled_total").unwrap_or(0.0) as usize;
+    wait_for("every frame at one of the agents", || {
+        agents.iter().map(got).sum::<usize>() >= n
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let counts: Vec<usize> = agents.iter().map(got).collect();
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        n,
+        "each frame once: {counts:?}"
+    );
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "both agents got a share: {counts:?}"
+    );
+    for a in agents {
+        let (status, err) = a.stop();
+        assert!(status.success(), "{err}");
+        assert_eq!(final_count(&err, "undecodable"), 0, "{err}");
+    }
+}
+
+#[test]
+fn broker_credentials_are_used_and_wrong_ones_are_retried_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["darkwatch", "s3cret"])
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("mosquitto_passwd is required under CI=true");
+        }
+        eprintln!("note: broker_credentials test skipped: no mosquitto_passwd");
+        return;
+    }
+    let extra = format!(
+        "allow_anonymous false\npassword_file {}\n",
+        passwd.display()
+    );
+    let Some(mosq) = Mosquitto::own_in("broker_credentials", dir, &extra) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let model = repo("models/smd-machine-1-6");
+    let node = unique("auth");
+    let run = |name: &str, password: &str| {
+        let metrics = free_port();
+        let sub = work.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let mqtt = format!(
+            "{}username = \"darkwatch\"\npassword = \"{password}\"\n",
+            external(mosq.port, &node, "nothing/#")
+        );
+        let cfg = config(&sub, "agent.toml", &model, metrics, "", &mqtt, "");
+        Agent::start(&cfg, metrics, &[])
+    };
+    let mut status = Collector::new(
+        mosq.port,
+        &[&format!("darkwatch/{node}/status")],
+        Some(("darkwatch", "s3cret")),
+    );
+    let mut good = run("good", "s3cret");
+    status.wait("online status", |got| !got.is_empty());
+    good.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let (code, err) = good.stop();
+    assert!(code.success(), "{err}");
+
+    let mut bad = run("bad", "wrong");
+    bad.wait_metric("darkwatch_mqtt_reconnects_total", |v| v >= 2.0);
+    assert_eq!(bad.metric("darkwatch_mqtt_connected"), Some(0.0));
+    assert!(bad.is_running());
+    let (code, err) = bad.stop();
+    assert!(code.success(), "{err}");
+    assert!(
+        err.to_lowercase().contains("refused") || err.contains("NotAuthorized"),
+        "the refusal is logged: {err}"
+    );
+}
+
+/// Runs `openssl` with `args` in `dir`; `false` when it is missing or fails.
+fn openssl(dir: &Path, args: &str) -> bool {
+    std::process::Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the
+/// `openssl` CLI in `dir` (P-256 keys, valid for two days); `false` without openssl.
+fn make_certificates(dir: &Path) -> bool {
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    [
+        format!("req -x509 {key} -keyout ca.key -out ca.crt -days 2 -subj /CN=darkwatch-test-ca"),
+        format!("req -x509 {key} -keyout other-ca.key -out other-ca.crt -days 2 -subj /CN=other-ca"),
+        format!("req {key} -keyout server.key -out server.csr -subj /CN=localhost"),
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile server.ext".into(),
+        format!("req {key} -keyout client.key -out client.csr -subj /CN=darkwatch"),
+        "x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 2 -extfile client.ext".into(),
+    ]
+    .iter()
+    .all(|args| openssl(dir, args))
+}
+
+#[test]
+fn tls_to_mosquitto_with_client_certificate_and_a_wrong_ca_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    if !make_certificates(certs.path()) {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("the openssl CLI is required under CI=true");
+        }
+        eprintln!("note: tls test skipped: cannot make certificates with openssl");
+        return;
+    }
+    let c = |f: &str| certs.path().join(f).display().to_string();
+    // A plain listener for the test's own subscriber, and a TLS one that requires a client
+    // certificate signed by the test CA.
+    let tls_port = free_port();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        c("ca.crt"),
+        c("server.crt"),
+        c("server.key")
+    );
+    let Some(mosq) = Mosquitto::own("tls_to_mosquitto", &extra) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let model = repo("models/smd-machine-1-6");
+    let node = unique("tls");
+    let run = |name: &str, ca: &str| {
+        let metrics = free_port();
+        let sub = work.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let mqtt = format!(
+            "{}tls = true\nca_file = \"{ca}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+            external(tls_port, &node, &format!("tls/{node}/#")),
+            c("client.crt"),
+            c("client.key")
+        );
+        let cfg = config(&sub, "agent.toml", &model, metrics, "", &mqtt, "");
+        Agent::start(&cfg, metrics, &[])
+    };
+    let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
+    let mut good = run("good", &c("ca.crt"));
+    status.wait("online status over TLS", |got| {
+        got.iter()
+            .any(|p| p.payload.windows(6).any(|w| w == b"online"))
+    });
+    good.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    // Data over the TLS connection reaches the agent.
+    publish_all(
+        mosq.port,
+        &[(format!("tls/{node}/x"), b"not examon".to_vec())],
+    );
+    good.wait_metric("darkwatch_messages_received_total", |v| v == 1.0);
+    let (code, err) = good.stop();
+    assert!(code.success(), "{err}");
+
+    // A broker certificate from another CA is refused; the agent keeps retrying.
+    let mut bad = run("bad", &c("other-ca.crt"));
+    bad.wait_metric("darkwatch_mqtt_reconnects_total", |v| v >= 2.0);
+    assert_eq!(bad.metric("darkwatch_mqtt_connected"), Some(0.0));
+    let (code, err) = bad.stop();
+    assert!(code.success(), "{err}");
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("Tls"),
+        "the TLS failure is logged: {err}"
+    );
+}

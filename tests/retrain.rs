@@ -1,0 +1,331 @@
+//! Online retraining on real SMD telemetry: a new normal is learned, an incident is not,
+//! and a crash in the middle of a checkpoint never leaves the agent without a model.
+
+mod util;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use darkwatch::config::DarkwatchConfig;
+use darkwatch::ingest::{self, TableOptions};
+use darkwatch::model::Model;
+use darkwatch::replay::{self, Frames, Outputs, ReplayOutcome};
+use darkwatch::retrain::{CheckpointStore, RetrainConfig};
+use darkwatch::rng::Rng;
+use ndarray::{Array2, s};
+use util::{darkwatch, repo, run};
+
+const MODEL: &str = "models/smd-machine-1-6";
+/// Metrics whose level moves (SMD machine-1-6 columns, min-max scaled to [0, 1]).
+const SHIFTED: [usize; 3] = [1, 2, 3];
+/// The shift: about 7 standard deviations of these metrics.
+const SHIFT: f32 = 0.3;
+const SHIFT_AT: usize = 6_000;
+/// Injected anomalies: windows of 10 frames, every 500 frames from here.
+const ANOMALIES_AT: usize = 18_000;
+
+fn normal() -> Array2<f32> {
+    ingest::read_table(
+        &repo("tests/data/smd/machine-1-6_train.npy"),
+        &TableOptions::default(),
+    )
+    .expect("bundled training data")
+    .values
+}
+
+/// Ten 10-frame windows with three metrics pushed up by 0.8, from `ANOMALIES_AT` on.
+fn inject(x: &mut Array2<f32>) -> Vec<u8> {
+    let mut labels = vec![0u8; x.nrows()];
+    let mut rng = Rng::new(11);
+    for k in 0..10 {
+        let start = ANOMALIES_AT + 500 * k;
+        for _ in 0..3 {
+            let f = rng.below(x.ncols());
+            x.slice_mut(s![start..start + 10, f])
+                .map_inplace(|v| *v += 0.8);
+        }
+        labels[start..start + 10].fill(1);
+    }
+    labels
+}
+
+fn retrain_cfg() -> RetrainConfig {
+    RetrainConfig {
+        enabled: true,
+        reservoir_frames: 10_000,
+        horizon_frames: 40_000,
+        every_frames: 2_000,
+        every_secs: 0,
+        min_frames: 2_000,
+        adopt_after_frames: 1_000,
+        ..RetrainConfig::default()
+    }
+}
+
+fn replay_frames(x: Array2<f32>, labels: Vec<u8>, retrain: Option<RetrainConfig>) -> ReplayOutcome {
+    let mut cfg = DarkwatchConfig::default();
+    if let Some(r) = retrain {
+        cfg.retrain = r;
+    }
+    let model = Arc::new(Model::load(&repo(MODEL)).unwrap());
+    let head = model.meta.head;
+    let frames = Frames {
+        values: x,
+        timestamps: None,
+        labels: Some(labels),
+    };
+    replay::replay_frames(model, head, frames, Outputs::default(), None, &cfg).expect("replay")
+}
+
+fn alarms(o: &ReplayOutcome) -> Vec<bool> {
+    o.scores
+        .iter()
+        .zip(&o.thresholds)
+        .map(|(&s, &t)| f64::from(s) > t)
+        .collect()
+}
+
+/// Share of unlabelled frames in `lo..hi` above the threshold.
+fn false_alert_rate(o: &ReplayOutcome, labels: &[u8], lo: usize, hi: usize) -> f64 {
+    let a = alarms(o);
+    let normal: Vec<usize> = (lo..hi).filter(|&i| labels[i] == 0).collect();
+    normal.iter().filter(|&&i| a[i]).count() as f64 / normal.len() as f64
+}
+
+/// Share of injected windows with at least one frame above the threshold.
+fn recall(o: &ReplayOutcome) -> f64 {
+    let a = alarms(o);
+    (0..10)
+        .filter(|k| {
+            let start = ANOMALIES_AT + 500 * k;
+            a[start..start + 10].iter().any(|&x| x)
+        })
+        .count() as f64
+        / 10.0
+}
+
+#[test]
+fn a_level_shift_is_learned_and_later_anomalies_are_still_caught() {
+    // Baseline: no shift, no retraining.
+    let mut base = normal();
+    let labels = inject(&mut base);
+    let baseline = replay_frames(base, labels.clone(), None);
+    // The same with three metrics shifted from SHIFT_AT on: a new normal.
+    let mut shifted = normal();
+    shifted
+        .slice_mut(s![SHIFT_AT.., ..])
+        .columns_mut()
+        .into_iter()
+        .enumerate()
+        .filter(|(j, _)| SHIFTED.contains(j))
+        .for_each(|(_, mut c)| c.map_inplace(|v| *v += SHIFT));
+    inject(&mut shifted);
+    let frozen = replay_frames(shifted.clone(), labels.clone(), None);
+    let adapting = replay_frames(shifted, labels.clone(), Some(retrain_cfg()));
+
+    // Adaptation: a bounded 4,000 frames after the shift (adopt_after_frames + a retrain).
+    let after = SHIFT_AT + 4_000;
+    let far_frozen = false_alert_rate(&frozen, &labels, after, ANOMALIES_AT);
+    let far_adapting = false_alert_rate(&adapting, &labels, after, ANOMALIES_AT);
+    let far_before = false_alert_rate(&adapting, &labels, 0, SHIFT_AT);
+    let r = adapting.retrain.as_ref().expect("retraining ran");
+    println!(
+        "false-alert rate before the shift {:.3} %; after it (frames {after}..{ANOMALIES_AT}): \
+         frozen {:.2} %, retraining {:.3} %; recall: baseline {:.2}, frozen {:.2}, retraining {:.2}\n{r}",
+        100.0 * far_before,
+        100.0 * far_frozen,
+        100.0 * far_adapting,
+        recall(&baseline),
+        recall(&frozen),
+        recall(&adapting)
+    );
+    assert!(
+        far_frozen > 0.01,
+        "without retraining the shift keeps alerting ({far_frozen})"
+    );
+    assert!(
+        far_adapting < 0.01,
+        "after adapting, false alerts stay under 1 % ({far_adapting})"
+    );
+    assert!(r.accepted >= 1 && r.adoptions >= 1, "{r}");
+    assert!(
+        recall(&adapting) >= recall(&baseline),
+        "anomalies after the shift are caught as well as without it"
+    );
+    // Versions only go up, and the stream ends on the newest one or the one before (a
+    // retrain may finish after the last frame).
+    assert!(adapting.model_versions.windows(2).all(|w| w[0] <= w[1]));
+    assert!(u64::from(*adapting.model_versions.last().unwrap()) + 1 >= r.final_version);
+}
+
+#[test]
+fn a_long_incident_is_not_learned() {
+    // A 600-frame incident (10 hours at SMD's one frame a minute): the same kind of change as
+    // the drift test, but shorter than adopt_after_frames, and again after later retrains.
+    let incident = |start: usize| start..start + 600;
+    let (first, again) = (incident(8_000), incident(15_000));
+    let mut x = normal();
+    let mut labels = vec![0u8; x.nrows()];
+    for span in [first.clone(), again.clone()] {
+        for j in SHIFTED {
+            x.slice_mut(s![span.clone(), j])
+                .map_inplace(|v| *v += SHIFT);
+        }
+        labels[span].fill(1);
+    }
+    let o = replay_frames(x, labels.clone(), Some(retrain_cfg()));
+    let r = o.retrain.as_ref().expect("retraining ran");
+    println!("{r}");
+    let guard = retrain_cfg().guard_frames as usize;
+    for span in [&first, &again] {
+        let near = (span.start - guard) as u64..(span.end + guard) as u64;
+        let inside: Vec<(u64, f32, f64)> = r
+            .reservoir_seqs
+            .iter()
+            .filter(|s| near.contains(s))
+            .map(|&s| (s, o.scores[s as usize], o.thresholds[s as usize]))
+            .collect();
+        println!("incident frames in the reservoir: {inside:?}");
+        assert!(
+            !r.reservoir_seqs.iter().any(|s| near.contains(s)),
+            "no frame of the incident {span:?} is in the reservoir"
+        );
+    }
+    assert_eq!(r.adoptions, 0, "{r}");
+    let median = |lo: usize, hi: usize| {
+        let mut v = o.scores[lo..hi].to_vec();
+        v.sort_by(f32::total_cmp);
+        v[v.len() / 2]
+    };
+    let early = median(first.start, first.start + 100);
+    let late = median(first.end - 100, first.end);
+    assert!(
+        late >= 0.8 * early,
+        "late frames score as high as early ones ({late} vs {early})"
+    );
+    // Retrains happened between the two occurrences, and the second is still caught.
+    let v_first = o.model_versions[first.start];
+    let v_again = o.model_versions[again.start];
+    assert!(
+        v_again > v_first,
+        "a retrain landed in between ({v_first} -> {v_again})"
+    );
+    let recurrence = median(again.start, again.start + 100);
+    assert!(recurrence >= 0.8 * early, "{recurrence} vs {early}");
+    let a = alarms(&o);
+    let count = |span: &std::ops::Range<usize>| a[span.clone()].iter().filter(|&&x| x).count();
+    let (n_first, n_again) = (count(&first), count(&again));
+    println!(
+        "frames above the threshold: first occurrence {n_first} (threshold {:.0}), recurrence \
+         {n_again} (threshold {:.0}); median score {:.0} and {:.0}",
+        o.thresholds[first.start],
+        o.thresholds[again.start],
+        median(first.start, first.end),
+        median(again.start, again.end)
+    );
+    // The scores say whether the model learned the incident; how many frames cross the
+    // threshold also depends on the retrained models' thresholds, which SPOT refits.
+    assert!(n_again > 0, "the recurrence raises alarms");
+    let episodes = |span: &std::ops::Range<usize>| {
+        o.alert_spans
+            .iter()
+            .filter(|&&(lo, hi)| lo < span.end && span.start <= hi)
+            .count()
+    };
+    assert!(
+        episodes(&again) >= 1,
+        "an alert episode covers the recurrence"
+    );
+}
+
+fn checkpoint_config(dir: &Path) -> std::path::PathBuf {
+    let cfg = dir.join("retrain.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[retrain]\nenabled = true\nreservoir_frames = 4000\nhorizon_frames = 8000\n\
+             every_frames = 500\nevery_secs = 0\nmin_frames = 400\nepochs = 1\n\
+             adopt_after_frames = 0\nreplay_pause = true\nkeep_checkpoints = 3\nstate_dir = \"{}\"\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn a_kill_during_a_checkpoint_never_loses_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = checkpoint_config(dir.path());
+    let state = dir.path().join("state");
+    let replay = || {
+        let mut c = darkwatch();
+        c.args(["replay", "--model"])
+            .arg(repo(MODEL))
+            .arg("--input")
+            .arg(repo("tests/data/smd/machine-1-6_train.npy"))
+            .arg("--config")
+            .arg(&cfg);
+        c
+    };
+    // Kill the replay the moment a checkpoint is being written; repeat until one lands
+    // mid-write (a temporary directory left behind).
+    let mut caught = false;
+    for _ in 0..40 {
+        let mut child = replay()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            let writing = std::fs::read_dir(&state)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"));
+            if writing || started.elapsed().as_secs() > 60 {
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let leftover = std::fs::read_dir(&state)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"));
+        if leftover {
+            caught = true;
+            break;
+        }
+    }
+    assert!(
+        caught,
+        "no kill landed in the middle of a checkpoint write in 40 tries"
+    );
+    let store = CheckpointStore::new(&state, 3);
+    let newest_complete = store.list().first().map(|(v, _)| *v);
+
+    // Also corrupt the newest complete checkpoint, if any: it must be skipped.
+    if let Some((_, path)) = store.list().first() {
+        std::fs::write(path.join("model.safetensors"), b"torn").unwrap();
+    }
+    let (code, out, err) = run(replay().env("RUST_LOG", "warn"));
+    assert_eq!(code, 0, "restart after the kill: {err}");
+    assert!(out.contains("retrain"), "{out}");
+    if newest_complete.is_some() {
+        assert!(
+            err.contains("skipping a checkpoint"),
+            "the corrupt checkpoint is skipped: {err}"
+        );
+    }
+    // Whatever it resumed from, every checkpoint left now loads.
+    for (_, path) in store.list() {
+        Model::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    assert!(!store.list().is_empty());
+}

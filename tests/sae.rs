@@ -1,0 +1,649 @@
+//! SAE checkpoints: every fixture in tests/data/sae (SAELens v6 and pre-6, sparsify; f32,
+//! f16, bf16) loaded and run against its numpy reference, and malformed checkpoints rejected
+//! with errors that name the file and the key or tensor.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use darkwatch::ingest::npy::read_npy;
+use darkwatch::sae::dark::{DarkConfig, DarkHead, DarkStats};
+use darkwatch::sae::{Normalization, Sae, SaeActivation, SaeError, SaeFormat};
+use ndarray::{Array2, ArrayView2, s};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde_json::Value;
+
+/// Counts this thread's allocations (tests run on parallel threads, so the count is per
+/// thread; the `const` thread-local needs no allocation or destructor of its own).
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(|c| c.get())
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sae")
+}
+
+fn npy(path: &Path) -> Array2<f32> {
+    read_npy(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .values
+}
+
+fn expected(case: &Path) -> Value {
+    serde_json::from_slice(&fs::read(case.join("expected.json")).unwrap()).unwrap()
+}
+
+fn cases() -> Vec<PathBuf> {
+    let mut cases: Vec<PathBuf> = fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("expected.json").is_file())
+        .collect();
+    cases.sort();
+    cases
+}
+
+/// Largest |a − b|, panicking on a shape mismatch.
+fn max_abs_diff(a: ArrayView2<f32>, b: ArrayView2<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn assert_close(what: &str, case: &Path, got: ArrayView2<f32>, want: ArrayView2<f32>, tol: f32) {
+    let diff = max_abs_diff(got, want);
+    assert!(
+        diff <= tol,
+        "{}: {what} differs by {diff} (tolerance {tol})",
+        case.display()
+    );
+}
+
+#[test]
+fn every_fixture_matches_its_numpy_reference() {
+    let cases = cases();
+    assert_eq!(cases.len(), 11, "fixture cases: {cases:?}");
+    for case in &cases {
+        let exp = expected(case);
+        let dir = case.join(exp["checkpoint_dir"].as_str().unwrap());
+        let sae = Sae::load(&dir).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+        let name = case.file_name().unwrap().to_string_lossy().into_owned();
+
+        // What the loader inferred.
+        assert_eq!(sae.d_in(), exp["d_in"].as_u64().unwrap() as usize, "{name}");
+        assert_eq!(
+            sae.d_sae(),
+            exp["d_sae"].as_u64().unwrap() as usize,
+            "{name}"
+        );
+        let want_activation = match exp["architecture"].as_str().unwrap() {
+            "standard" => SaeActivation::Relu,
+            "jumprelu" => SaeActivation::JumpRelu,
+            "topk" => SaeActivation::TopK {
+                k: exp["k"].as_u64().unwrap() as usize,
+            },
+            other => panic!("{name}: architecture {other}"),
+        };
+        assert_eq!(sae.activation(), want_activation, "{name}");
+        assert_eq!(
+            sae.apply_b_dec_to_input(),
+            exp["apply_b_dec_to_input"].as_bool().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            sae.normalization().name(),
+            exp["normalize_activations"].as_str().unwrap(),
+            "{name}"
+        );
+        let dtype = match exp["weights_dtype"].as_str().unwrap() {
+            "float32" => "F32",
+            "float16" => "F16",
+            "bfloat16" => "BF16",
+            other => panic!("{name}: dtype {other}"),
+        };
+        assert_eq!(sae.info().stored_dtype, dtype, "{name}");
+        let format = match exp["format"].as_str().unwrap() {
+            "saelens" => SaeFormat::SaeLens,
+            _ => SaeFormat::Sparsify,
+        };
+        assert_eq!(sae.info().format, format, "{name}");
+
+        // The forward pass against the references.
+        let x = npy(&case.join("x.npy"));
+        let tol = exp["tolerance_abs"].as_f64().unwrap() as f32;
+        let mut ws = sae.workspace(x.nrows());
+        let out = sae.forward(x.view(), &mut ws).unwrap();
+        assert_close(
+            "pre_acts",
+            case,
+            out.pre_acts(),
+            npy(&case.join("pre_acts.npy")).view(),
+            tol,
+        );
+        assert_close(
+            "latents",
+            case,
+            out.latents_dense().view(),
+            npy(&case.join("latents.npy")).view(),
+            tol,
+        );
+        assert_close(
+            "recon",
+            case,
+            out.recon(),
+            npy(&case.join("recon.npy")).view(),
+            tol,
+        );
+        let error = npy(&case.join("error.npy"));
+        assert_close("error", case, out.error(), error.view(), tol);
+        for (r, want) in exp["active_per_row"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(out.l0(r), want.as_u64().unwrap() as usize, "{name} row {r}");
+            let sq: f32 = error.row(r).iter().map(|v| v * v).sum();
+            assert!(
+                (out.error_sq_norm()[r] - sq).abs() <= 1e-4 * sq.max(1.0),
+                "{name} row {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rows_give_the_same_result_alone_or_in_a_batch() {
+    let case = fixtures().join("saelens_topk_v6");
+    let sae = Sae::load(&case.join("checkpoint")).unwrap();
+    let x = npy(&case.join("x.npy"));
+    let mut ws = sae.workspace(2);
+    let batched = {
+        let out = sae.forward(x.view(), &mut ws).unwrap(); // grows the workspace
+        out.error().to_owned()
+    };
+    assert!(ws.capacity() >= x.nrows());
+    for r in 0..x.nrows() {
+        let out = sae.forward(x.slice(s![r..r + 1, ..]), &mut ws).unwrap();
+        let diff = max_abs_diff(out.error(), batched.slice(s![r..r + 1, ..]));
+        assert!(diff < 1e-5, "row {r}: {diff}");
+    }
+    // A column-strided input (a transposed copy) gives the same numbers.
+    let xt = x.t().to_owned();
+    let out = sae.forward(xt.t(), &mut ws).unwrap();
+    assert!(max_abs_diff(out.error(), batched.view()) < 1e-6);
+}
+
+#[test]
+fn pre6_standard_architecture_with_topk_activation_runs_topk() {
+    let case = fixtures().join("saelens_topk_pre6_standard_arch");
+    let sae = Sae::load(&case.join("checkpoint")).unwrap();
+    assert_eq!(sae.activation(), SaeActivation::TopK { k: 8 });
+    let x = npy(&case.join("x.npy"));
+    let mut ws = sae.workspace(8);
+    let out = sae.forward(x.view(), &mut ws).unwrap();
+    // Running ReLU instead (what SAELens 6 does with this file) would activate ≈ 30.
+    let relu = expected(&case)["relu_instead_of_topk_active_per_row"].clone();
+    for r in 0..x.nrows() {
+        assert_eq!(out.l0(r), 8);
+        assert!(relu[r].as_u64().unwrap() > 8);
+    }
+}
+
+#[test]
+fn expected_average_only_in_runs_as_identity_unless_given_the_factor() {
+    let case = fixtures().join("saelens_relu_expected_average_only_in");
+    let exp = expected(&case);
+    let mut sae = Sae::load(&case.join("checkpoint")).unwrap();
+    assert_eq!(
+        sae.normalization(),
+        Normalization::ExpectedAverageOnlyIn {
+            scaling_factor: None
+        }
+    );
+    let s = exp["norm_scaling_factor"].as_f64().unwrap() as f32;
+    sae.set_norm_scaling_factor(s).unwrap();
+    let x = npy(&case.join("x.npy"));
+    let mut ws = sae.workspace(8);
+    let out = sae.forward(x.view(), &mut ws).unwrap();
+    let tol = 1e-4;
+    assert_close(
+        "pre_acts_scaled",
+        &case,
+        out.pre_acts(),
+        npy(&case.join("pre_acts_scaled.npy")).view(),
+        tol,
+    );
+    assert_close(
+        "latents_scaled",
+        &case,
+        out.latents_dense().view(),
+        npy(&case.join("latents_scaled.npy")).view(),
+        tol,
+    );
+    assert_close(
+        "recon_scaled",
+        &case,
+        out.recon(),
+        npy(&case.join("recon_scaled.npy")).view(),
+        tol,
+    );
+    assert_close(
+        "error_scaled",
+        &case,
+        out.error(),
+        npy(&case.join("error_scaled.npy")).view(),
+        tol,
+    );
+    assert!(sae.set_norm_scaling_factor(0.0).is_err());
+    let mut other = Sae::load(&fixtures().join("saelens_relu_v6/checkpoint")).unwrap();
+    assert!(other.set_norm_scaling_factor(0.5).is_err());
+}
+
+/// Copies a fixture's checkpoint folder into a temp dir.
+fn copy_checkpoint(case: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join(case).join("checkpoint");
+    copy_dir(&src, tmp.path());
+    let dir = tmp.path().to_path_buf();
+    (tmp, dir)
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst).unwrap();
+    for entry in fs::read_dir(src).unwrap() {
+        let p = entry.unwrap().path();
+        let to = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &to);
+        } else {
+            fs::copy(&p, &to).unwrap();
+        }
+    }
+}
+
+fn edit_cfg(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let path = dir.join("cfg.json");
+    let mut cfg: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(cfg.as_object_mut().unwrap());
+    fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+}
+
+type Owned = (Dtype, Vec<usize>, Vec<u8>);
+
+/// Rewrites a safetensors file after `edit` changed its tensors.
+fn edit_weights(path: &Path, edit: impl FnOnce(&mut HashMap<String, Owned>)) {
+    let bytes = fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: HashMap<String, Owned> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, (d, shape, data))| (n.clone(), TensorView::new(*d, shape.clone(), data).unwrap()))
+        .collect();
+    fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn load_err(dir: &Path) -> (SaeError, String) {
+    let err = Sae::load(dir).expect_err("the checkpoint is malformed");
+    let msg = err.to_string();
+    (err, msg)
+}
+
+#[test]
+fn gemma_scope_guard_subtracting_b_dec_would_change_the_output() {
+    let case = fixtures().join("saelens_jumprelu_gemmascope");
+    let (_tmp, dir) = copy_checkpoint("saelens_jumprelu_gemmascope");
+    edit_cfg(&dir, |cfg| {
+        cfg.insert("apply_b_dec_to_input".into(), Value::Bool(true));
+    });
+    let wrong = Sae::load(&dir).unwrap();
+    let x = npy(&case.join("x.npy"));
+    let mut ws = wrong.workspace(8);
+    let out = wrong.forward(x.view(), &mut ws).unwrap();
+    let diff = max_abs_diff(out.recon(), npy(&case.join("recon.npy")).view());
+    let guard = expected(&case)["guard_max_abs_diff_if_b_dec_wrongly_subtracted"]["recon"]
+        .as_f64()
+        .unwrap() as f32;
+    assert!((diff - guard).abs() < 1e-3, "{diff} vs {guard}");
+}
+
+#[test]
+fn sparsify_run_folder_with_one_layer_loads_and_several_are_listed() {
+    let case = fixtures().join("sparsify_topk_f32");
+    let parent = Sae::load(&case.join("checkpoint")).unwrap();
+    assert_eq!(parent.info().hook.as_deref(), Some("layers.3"));
+    assert_eq!(parent.activation(), SaeActivation::TopK { k: 8 });
+
+    let (_tmp, dir) = copy_checkpoint("sparsify_topk_f32");
+    copy_dir(&dir.join("layers.3"), &dir.join("layers.10"));
+    let (err, msg) = load_err(&dir);
+    assert!(matches!(err, SaeError::SeveralLayers { .. }), "{msg}");
+    assert!(msg.contains("layers.10, layers.3"), "{msg}");
+    // The layer folder itself still loads.
+    assert!(Sae::load(&dir.join("layers.10")).is_ok());
+
+    let empty = tempfile::tempdir().unwrap();
+    let (err, msg) = load_err(empty.path());
+    assert!(matches!(err, SaeError::NotACheckpoint { .. }), "{msg}");
+    let (err, _) = load_err(&empty.path().join("nope"));
+    assert!(matches!(err, SaeError::Io { .. }));
+}
+
+#[test]
+fn missing_tensor_is_named_with_the_file() {
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    edit_weights(&dir.join("sae_weights.safetensors"), |t| {
+        t.remove("b_enc");
+    });
+    let (err, msg) = load_err(&dir);
+    assert!(
+        matches!(err, SaeError::MissingTensor { ref tensor, .. } if tensor == "b_enc"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("sae_weights.safetensors") && msg.contains("W_enc"),
+        "{msg}"
+    );
+
+    // JumpReLU without its threshold.
+    let (_tmp, dir) = copy_checkpoint("saelens_jumprelu_bf16");
+    edit_weights(&dir.join("sae_weights.safetensors"), |t| {
+        t.remove("threshold");
+    });
+    let (_, msg) = load_err(&dir);
+    assert!(msg.contains("`threshold` is missing"), "{msg}");
+
+    // sparsify without its encoder.
+    let (_tmp, dir) = copy_checkpoint("sparsify_topk_bf16");
+    edit_weights(&dir.join("layers.3/sae.safetensors"), |t| {
+        t.remove("encoder.weight");
+    });
+    let (_, msg) = load_err(&dir);
+    assert!(
+        msg.contains("`encoder.weight` is missing") && msg.contains("layers.3"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_shape_says_expected_and_found() {
+    let (_tmp, dir) = copy_checkpoint("saelens_topk_v6");
+    edit_weights(&dir.join("sae_weights.safetensors"), |t| {
+        // W_dec stored transposed: [16, 64] instead of [64, 16].
+        t.get_mut("W_dec").unwrap().1 = vec![16, 64];
+    });
+    let (err, msg) = load_err(&dir);
+    match err {
+        SaeError::Shape {
+            tensor,
+            expected,
+            found,
+            ..
+        } => {
+            assert_eq!(tensor, "W_dec");
+            assert_eq!(expected, vec![64, 16]);
+            assert_eq!(found, vec![16, 64]);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(
+        msg.contains("[64, 16]") && msg.contains("[16, 64]"),
+        "{msg}"
+    );
+
+    // The config's d_in disagrees with the tensors.
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    edit_cfg(&dir, |cfg| {
+        cfg.insert("d_in".into(), 17.into());
+    });
+    let (err, _) = load_err(&dir);
+    assert!(matches!(err, SaeError::Shape { .. }));
+}
+
+#[test]
+fn unknown_architecture_and_unsupported_options_are_refused() {
+    for (arch, needle) in [
+        ("gated", "gated"),
+        ("batchtopk", "batchtopk"),
+        ("mystery", "mystery"),
+    ] {
+        let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+        edit_cfg(&dir, |cfg| {
+            cfg.insert("architecture".into(), arch.into());
+        });
+        let (err, msg) = load_err(&dir);
+        assert!(matches!(err, SaeError::Unsupported { .. }), "{msg}");
+        assert!(msg.contains(needle) && msg.contains("cfg.json"), "{msg}");
+    }
+    let (_tmp, dir) = copy_checkpoint("saelens_topk_v6");
+    edit_cfg(&dir, |cfg| {
+        cfg.insert("rescale_acts_by_decoder_norm".into(), true.into());
+    });
+    assert!(matches!(load_err(&dir).0, SaeError::Unsupported { .. }));
+    let (_tmp, dir) = copy_checkpoint("sparsify_topk_f32");
+    edit_cfg(&dir.join("layers.3"), |cfg| {
+        cfg.insert("activation".into(), "groupmax".into());
+    });
+    let (_, msg) = load_err(&dir);
+    assert!(msg.contains("groupmax"), "{msg}");
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    edit_cfg(&dir, |cfg| {
+        cfg.insert("normalize_activations".into(), "whiten".into());
+    });
+    let (err, msg) = load_err(&dir);
+    assert!(
+        matches!(err, SaeError::Config { ref key, .. } if key == "normalize_activations"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn topk_without_k_is_refused() {
+    let (_tmp, dir) = copy_checkpoint("saelens_topk_v6");
+    edit_cfg(&dir, |cfg| {
+        cfg.remove("k");
+    });
+    let (err, msg) = load_err(&dir);
+    assert!(
+        matches!(err, SaeError::Config { ref key, .. } if key == "k"),
+        "{msg}"
+    );
+
+    let (_tmp, dir) = copy_checkpoint("saelens_topk_pre6_topk_arch");
+    edit_cfg(&dir, |cfg| {
+        cfg.remove("activation_fn_kwargs");
+    });
+    let (_, msg) = load_err(&dir);
+    assert!(msg.contains("`k`") && msg.contains("missing"), "{msg}");
+
+    let (_tmp, dir) = copy_checkpoint("sparsify_topk_f32");
+    edit_cfg(&dir.join("layers.3"), |cfg| {
+        cfg.remove("k");
+    });
+    assert!(matches!(load_err(&dir).0, SaeError::Config { .. }));
+
+    let (_tmp, dir) = copy_checkpoint("saelens_topk_v6");
+    edit_cfg(&dir, |cfg| {
+        cfg.insert("k".into(), 65.into());
+    });
+    let (_, msg) = load_err(&dir);
+    assert!(msg.contains("outside 1..=64"), "{msg}");
+}
+
+#[test]
+fn bad_files_give_errors_not_panics() {
+    // Not JSON.
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    fs::write(dir.join("cfg.json"), b"{ \"d_in\": 16,").unwrap();
+    assert!(matches!(load_err(&dir).0, SaeError::Json { .. }));
+    // Truncated weights.
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    let path = dir.join("sae_weights.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let (err, msg) = load_err(&dir);
+    assert!(matches!(err, SaeError::Weights { .. }), "{msg}");
+    assert!(msg.contains("sae_weights.safetensors"), "{msg}");
+    // An unsupported dtype.
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    edit_weights(&dir.join("sae_weights.safetensors"), |t| {
+        let b = t.get_mut("b_enc").unwrap();
+        b.0 = Dtype::I32;
+    });
+    let (err, msg) = load_err(&dir);
+    assert!(matches!(err, SaeError::Dtype { .. }), "{msg}");
+    assert!(msg.contains("b_enc") && msg.contains("I32"), "{msg}");
+    // A NaN weight.
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    edit_weights(&dir.join("sae_weights.safetensors"), |t| {
+        t.get_mut("W_enc").unwrap().2[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let (err, msg) = load_err(&dir);
+    assert!(matches!(err, SaeError::NonFinite { index: 0, .. }), "{msg}");
+    // A wrong type in the config.
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    edit_cfg(&dir, |cfg| {
+        cfg.insert("d_sae".into(), "sixty-four".into());
+    });
+    let (err, msg) = load_err(&dir);
+    assert!(
+        matches!(err, SaeError::Config { ref key, .. } if key == "d_sae"),
+        "{msg}"
+    );
+    // Input of the wrong width.
+    let sae = Sae::load(&fixtures().join("saelens_relu_v6/checkpoint")).unwrap();
+    let mut ws = sae.workspace(1);
+    let err = sae
+        .forward(Array2::zeros((1, 15)).view(), &mut ws)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SaeError::InputWidth {
+            expected: 16,
+            found: 15
+        }
+    ));
+}
+
+#[test]
+fn nan_input_shows_in_the_error() {
+    let sae = Sae::load(&fixtures().join("saelens_topk_v6/checkpoint")).unwrap();
+    let mut x = npy(&fixtures().join("saelens_topk_v6/x.npy"));
+    x[[2, 3]] = f32::NAN;
+    let mut ws = sae.workspace(8);
+    let out = sae.forward(x.view(), &mut ws).unwrap();
+    assert!(out.error_sq_norm()[2].is_nan());
+    assert!(out.error_sq_norm()[1].is_finite());
+}
+
+#[test]
+fn dark_head_fits_on_sae_errors_of_real_activations() {
+    // A random TopK SAE on the MiniLM fixture: its error is far from linear in x, but the
+    // pipeline (forward → accumulate → fit → score) must run end to end and give finite,
+    // consistent numbers; the vector R² on the fit rows is at least that of predicting ē.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/activations");
+    let train = npy(&dir.join("train.npy"));
+    let test = npy(&dir.join("test.npy"));
+    let sae = Sae::random(384, 1024, 16, 1).unwrap();
+    let mut ws = sae.workspace(256);
+    let mut stats = DarkStats::new(384);
+    for chunk in train.axis_chunks_iter(ndarray::Axis(0), 256) {
+        let out = sae.forward(chunk, &mut ws).unwrap();
+        stats.accumulate(chunk, out.error()).unwrap();
+    }
+    assert_eq!(stats.rows(), 1200);
+    let held = test.slice(s![..320, ..]);
+    let mut held_err = Array2::zeros((320, 384));
+    for (i, chunk) in held.axis_chunks_iter(ndarray::Axis(0), 256).enumerate() {
+        let out = sae.forward(chunk, &mut ws).unwrap();
+        held_err
+            .slice_mut(s![i * 256..i * 256 + chunk.nrows(), ..])
+            .assign(&out.error());
+    }
+    let fit = DarkHead::fit(
+        &stats,
+        &DarkConfig { ridge: 1e-2 },
+        Some((held, held_err.view())),
+    )
+    .unwrap();
+    let held_r2 = fit.held_out.unwrap();
+    assert!(
+        fit.train.vector >= 0.0 && fit.train.vector <= 1.0,
+        "{:?}",
+        fit.train
+    );
+    assert!(
+        held_r2.vector.is_finite() && held_r2.norm.is_finite(),
+        "{held_r2:?}"
+    );
+    let mut dws = fit.head.workspace(320);
+    let scores = fit.head.score(held, held_err.view(), &mut dws).unwrap();
+    for (r, sc) in scores.iter().enumerate() {
+        let sq: f32 = held_err.row(r).iter().map(|v| v * v).sum();
+        assert!((sc.error_sq_norm - sq).abs() <= 1e-3 * sq);
+        assert!(sc.deviation.is_finite() && sc.nonlinear_sq_norm >= 0.0);
+    }
+}
+
+#[test]
+fn forward_and_dark_scoring_do_not_allocate() {
+    for case in [
+        "saelens_topk_v6",
+        "saelens_relu_layer_norm",
+        "saelens_jumprelu_bf16",
+    ] {
+        let sae = Sae::load(&fixtures().join(case).join("checkpoint")).unwrap();
+        let x = npy(&fixtures().join(case).join("x.npy"));
+        let mut ws = sae.workspace(8);
+        let mut stats = DarkStats::new(16);
+        let out = sae.forward(x.view(), &mut ws).unwrap();
+        stats.accumulate(x.view(), out.error()).unwrap();
+        let errors = out.error().to_owned();
+        let head = DarkHead::fit(&stats, &DarkConfig::default(), None)
+            .unwrap()
+            .head;
+        let mut dws = head.workspace(8);
+        let (mut in_forward, mut in_score) = (0, 0);
+        let mut total = 0.0f32;
+        for r in 0..200 {
+            let n = 1 + r % 8;
+            let before = allocations();
+            let out = sae.forward(x.slice(s![..n, ..]), &mut ws).unwrap();
+            total += out.error_sq_norm()[0];
+            in_forward += allocations() - before;
+            let before = allocations();
+            let scores = head
+                .score(x.slice(s![..n, ..]), errors.slice(s![..n, ..]), &mut dws)
+                .unwrap();
+            total += scores[0].deviation;
+            in_score += allocations() - before;
+        }
+        assert_eq!((in_forward, in_score), (0, 0), "{case}");
+        assert!(total.is_finite());
+    }
+}
