@@ -171,8 +171,16 @@ impl Head {
                                 // Never more uncertain than on any held-out normal row: an
                                 // autoencoder must not explain an anomaly away by
                                 // extrapolating a huge variance for it.
-                                let ln_v = (s + VARIANCE_EPSILON).ln().min(top);
-                                *c = alpha * e * e * (-ln_v).exp() + beta * (ln_v - b).max(0.0);
+                                let v = s + VARIANCE_EPSILON;
+                                let ln_v = v.ln();
+                                // 1/v is exp(-ln v) without a second transcendental; a capped
+                                // variance (rare) takes exp(-top).
+                                let (ln_v, inv_v) = if ln_v > top {
+                                    (top, (-top).exp())
+                                } else {
+                                    (ln_v, 1.0 / v)
+                                };
+                                *c = alpha * e * e * inv_v + beta * (ln_v - b).max(0.0);
                             })
                     }
                     _ => Zip::from(&mut contrib)

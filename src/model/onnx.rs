@@ -371,9 +371,21 @@ struct Bound {
     n: usize,
     binding: IoBinding,
     input: Tensor<f32>,
-    /// In the layout's output order.
+    /// In the layout's output order; held so that the memory `output_data` points into
+    /// stays alive (the binding holds them too).
+    #[allow(dead_code)]
     outputs: Vec<Tensor<f32>>,
+    /// The tensors' data, looked up once: `[n, d]` input, then each output `[n, width]`.
+    input_data: DataPtr,
+    output_data: Vec<(DataPtr, usize)>,
 }
+
+/// A pointer into the data of a tensor that the same [`Bound`] owns.
+struct DataPtr(std::ptr::NonNull<f32>);
+
+// SAFETY: the pointee is owned by the Bound's tensors, which move with it; a Bound is only
+// used through `&mut OnnxSession`, so never from two threads at once.
+unsafe impl Send for DataPtr {}
 
 impl Bound {
     fn new(session: &Session, model: &OnnxModel, n: usize) -> ort::Result<Bound> {
@@ -389,17 +401,39 @@ impl Bound {
             OutputLayout::Stacked(x) => vec![(x, 2 * d)],
         };
         let mut outputs = Vec::new();
+        let mut output_data = Vec::new();
         for (name, width) in shapes {
             let mut t = Tensor::<f32>::new(alloc, [n64, width])?;
             binding.bind_output(name, &mut t)?;
+            let data = DataPtr(std::ptr::NonNull::from(t.extract_tensor_mut().1).cast());
+            output_data.push((data, width as usize));
             outputs.push(t);
         }
+        let mut input = input;
+        let input_data = DataPtr(std::ptr::NonNull::from(input.extract_tensor_mut().1).cast());
         Ok(Bound {
             n,
             binding,
             input,
             outputs,
+            input_data,
+            output_data,
         })
+    }
+
+    /// The input tensor's rows, to fill before a run.
+    fn input_mut(&mut self, d: usize) -> &mut [f32] {
+        // SAFETY: `input_data` points at this Bound's input tensor of n·d f32, alive as long
+        // as `self`; `&mut self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.input_data.0.as_ptr(), self.n * d) }
+    }
+
+    /// Output `i` after a run, `[n, width]`.
+    fn output(&self, i: usize) -> ArrayView2<'_, f32> {
+        let (data, width) = &self.output_data[i];
+        // SAFETY: the pointer is to this Bound's output tensor i of n·width f32, which
+        // ONNX Runtime wrote during the run and which lives as long as `self`.
+        unsafe { ArrayView2::from_shape_ptr((self.n, *width), data.0.as_ptr().cast_const()) }
     }
 }
 
@@ -501,7 +535,7 @@ impl OnnxSession {
         let (n, d) = x.dim();
         let (outputs, bound) = match self.bound.iter_mut().find(|b| b.n == n) {
             Some(b) => {
-                let (_, dst) = b.input.extract_tensor_mut();
+                let dst = b.input_mut(d);
                 for (dst, src) in dst.chunks_exact_mut(d).zip(x.rows()) {
                     for (o, &v) in dst.iter_mut().zip(&src) {
                         *o = v;
@@ -526,7 +560,7 @@ impl OnnxSession {
         };
         let view = |i: usize, name: &str, width: usize| -> Result<ArrayView2<'_, f32>, OnnxError> {
             let v = match (&outputs, bound) {
-                (_, Some(b)) => b.outputs[i].extract_array(),
+                (_, Some(b)) => return Ok(b.output(i)),
                 (Some(o), None) => o
                     .get(name)
                     .ok_or_else(|| fail(format!("output `{name}` missing")))?
