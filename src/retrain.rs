@@ -538,6 +538,26 @@ pub struct HistoryEntry {
     pub gate: GateReport,
 }
 
+impl std::fmt::Display for HistoryEntry {
+    /// One line: version, trigger, rows, seconds, the verdict and its reason.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "v{:<4} {:<18} {:>6} rows {:>6.2} s  {}  {}",
+            self.version,
+            self.trigger,
+            self.rows,
+            self.seconds,
+            if self.gate.accepted {
+                "accepted"
+            } else {
+                "REJECTED"
+            },
+            self.gate.reason
+        )
+    }
+}
+
 /// Where accepted models are checkpointed.
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
@@ -610,7 +630,7 @@ impl CheckpointStore {
                 Some((version, e.path()))
             })
             .collect();
-        v.sort_by(|a, b| b.0.cmp(&a.0));
+        v.sort_by_key(|e| std::cmp::Reverse(e.0));
         v
     }
 
@@ -968,7 +988,8 @@ impl Admission {
     ) -> (bool, Option<AdmissionEvent>) {
         let s = stream as usize;
         self.grow(s);
-        let high = !(score < clean_limit);
+        // NaN counts as high: a frame that cannot be scored is not clean.
+        let high = score.partial_cmp(&clean_limit) != Some(std::cmp::Ordering::Less);
         self.high_bits[s] = (self.high_bits[s] << 1) | u64::from(high);
         // A stretch where far more frames than usual score high is treated like an alarm
         // even when the threshold is not crossed: an incident that hovers just below it
@@ -1269,20 +1290,7 @@ impl std::fmt::Display for RetrainSummary {
             self.final_version
         )?;
         for h in &self.history {
-            writeln!(
-                f,
-                "  v{:<4} {:<18} {:>6} rows {:>6.2} s  {}  {}",
-                h.version,
-                h.trigger,
-                h.rows,
-                h.seconds,
-                if h.gate.accepted {
-                    "accepted"
-                } else {
-                    "REJECTED"
-                },
-                h.gate.reason
-            )?;
+            writeln!(f, "  {h}")?;
         }
         Ok(())
     }
@@ -1329,21 +1337,7 @@ pub fn describe_state(dir: &Path) -> String {
         history.len() - accepted
     );
     for h in &history {
-        let _ = writeln!(
-            s,
-            "  unix {} v{:<4} {:<18} {:>6} rows {:>6.2} s  {}  {}",
-            h.unix_secs,
-            h.version,
-            h.trigger,
-            h.rows,
-            h.seconds,
-            if h.gate.accepted {
-                "accepted"
-            } else {
-                "REJECTED"
-            },
-            h.gate.reason
-        );
+        let _ = writeln!(s, "  unix {} {h}", h.unix_secs);
     }
     s
 }
