@@ -121,6 +121,8 @@ pub struct AgentCounters {
     pub frames_dropped: AtomicU64,
     /// Raw input only: MQTT receipt of a frame to its alert handed to the MQTT client.
     pub alert_latency: LatencyBuckets,
+    /// A complete frame entering the ring to its score (queueing, batching, scoring).
+    pub scoring_latency: LatencyBuckets,
     /// Reloads applied ([`Control::reload`]).
     pub reloads: AtomicU64,
     /// Reloads refused because the new configuration or model was invalid (the binary
@@ -428,9 +430,13 @@ pub fn run_with(
             scores,
             events,
             out,
+            retrain,
             ..
         }) => {
             drop(out);
+            // Its request sender must go before the trainer is joined, or the trainer waits
+            // for requests forever.
+            drop(retrain);
             (scores, events, None)
         }
         Err(e) => (Vec::new(), Vec::new(), Some(e)),
@@ -982,6 +988,9 @@ impl AgentSink {
 impl Sink for AgentSink {
     fn accept(&mut self, f: &ScoredFrame) {
         self.counters.frames_scored.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .scoring_latency
+            .record(f.latency_ns as f64 * 1e-9);
         if let Some(model) = self.retrain.as_mut().and_then(|r| r.before(f)) {
             self.switch_model(&model);
         }

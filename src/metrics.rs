@@ -173,26 +173,17 @@ pub fn render(e: &Exposed) -> String {
         load(&c.reloads),
         load(&c.reloads_failed)
     );
-    let _ = writeln!(
-        s,
-        "# HELP darkwatch_alert_latency_seconds MQTT receipt of a raw frame to its alert handed to the MQTT client (raw input only).\n\
-         # TYPE darkwatch_alert_latency_seconds histogram"
+    histogram(
+        &mut s,
+        "darkwatch_alert_latency_seconds",
+        "MQTT receipt of a raw frame to its alert handed to the MQTT client (raw input only).",
+        &c.alert_latency,
     );
-    let mut cumulative = 0;
-    for (i, n) in c.alert_latency.counts.iter().enumerate() {
-        cumulative += load(n);
-        let le = crate::agent::LATENCY_BUCKETS_SECS
-            .get(i)
-            .map_or("+Inf".to_string(), |b| b.to_string());
-        let _ = writeln!(
-            s,
-            "darkwatch_alert_latency_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-        );
-    }
-    let _ = writeln!(
-        s,
-        "darkwatch_alert_latency_seconds_sum {}\ndarkwatch_alert_latency_seconds_count {cumulative}",
-        load(&c.alert_latency.sum_ns) as f64 / 1e9
+    histogram(
+        &mut s,
+        "darkwatch_scoring_latency_seconds",
+        "A complete frame entering the ring to its score (queueing, batching and scoring).",
+        &c.scoring_latency,
     );
     // The agent's current model (a reload may have replaced the one it started with).
     let live = c.model_id();
@@ -216,6 +207,24 @@ pub fn render(e: &Exposed) -> String {
         }
     );
     s
+}
+
+/// One Prometheus histogram from lock-free buckets.
+fn histogram(s: &mut String, name: &str, help: &str, h: &crate::agent::LatencyBuckets) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, n) in h.counts.iter().enumerate() {
+        cumulative += n.load(Ordering::Relaxed);
+        let le = crate::agent::LATENCY_BUCKETS_SECS
+            .get(i)
+            .map_or("+Inf".to_string(), |b| b.to_string());
+        let _ = writeln!(s, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(
+        s,
+        "{name}_sum {}\n{name}_count {cumulative}",
+        h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+    );
 }
 
 /// Serves `/metrics` on `listen` until `stop` is set. Returns the bound address.

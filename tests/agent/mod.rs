@@ -659,3 +659,97 @@ fn tls_to_mosquitto_with_client_certificate_and_a_wrong_ca_is_refused() {
         "the TLS failure is logged: {err}"
     );
 }
+
+/// The agent with online retraining: retrains while it scores a live stream, publishes
+/// each accepted model as a checkpoint, shows it in `/metrics`, and resumes from the newest
+/// checkpoint after a restart.
+#[test]
+fn agent_retrains_online_and_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let broker = free_port();
+    let metrics = free_port();
+    let bundled = repo("models/smd-machine-1-6");
+    let mqtt = format!("port = {broker}\nnode_name = \"learn\"\nsubscribe = [\"act/#\"]\n");
+    let retrain = format!(
+        "[retrain]\nenabled = true\nreservoir_frames = 2000\nhorizon_frames = 4000\n\
+         every_frames = 1500\nevery_secs = 0\nmin_frames = 1000\nepochs = 5\n\
+         adopt_after_frames = 0\nstate_dir = \"{}\"\n",
+        state.display()
+    );
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &bundled,
+        metrics,
+        "format = \"raw\"",
+        &mqtt,
+        &retrain,
+    );
+    let frames = darkwatch::ingest::read_table(
+        &repo("tests/data/smd/machine-1-6_train.npy"),
+        &darkwatch::ingest::TableOptions::default(),
+    )
+    .unwrap()
+    .values;
+    let raw = |lo: usize, hi: usize| -> Vec<(String, Vec<u8>)> {
+        (lo..hi)
+            .map(|i| {
+                let bytes = frames.row(i).iter().flat_map(|v| v.to_le_bytes()).collect();
+                ("act/node1".to_string(), bytes)
+            })
+            .collect()
+    };
+
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    agent.wait_metric("darkwatch_model_version", |v| v == 0.0);
+    // In steps, so that a burst does not overflow the input ring (drops are counted, but
+    // this test wants every frame scored).
+    for step in 0..12 {
+        publish_all(broker, &raw(500 * step, 500 * (step + 1)));
+        let want = (500 * (step + 1)) as f64;
+        agent.wait_metric("darkwatch_frames_scored_total", |v| v >= want);
+    }
+    let accepted = agent.wait_metric("darkwatch_retrains_total{result=\"accepted\"}", |v| {
+        v >= 1.0
+    });
+    let version = agent.wait_metric("darkwatch_model_version", |v| v >= 1.0);
+    assert!(agent.metric("darkwatch_reservoir_admitted_total").unwrap() > 1000.0);
+    // Every scored frame's latency is in the scoring histogram.
+    assert!(
+        agent
+            .metric("darkwatch_scoring_latency_seconds_count")
+            .unwrap()
+            >= 6000.0
+    );
+    assert!(
+        agent
+            .metric("darkwatch_scoring_latency_seconds_sum")
+            .unwrap()
+            > 0.0
+    );
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    let store = darkwatch::retrain::CheckpointStore::new(&state, 5);
+    let newest = store
+        .list()
+        .first()
+        .map(|(v, _)| *v)
+        .expect("a checkpoint was written");
+    assert!(
+        newest as f64 >= version,
+        "checkpoint v{newest}, metric v{version}"
+    );
+    assert!(store.history().iter().filter(|h| h.gate.accepted).count() as f64 >= accepted);
+
+    // Restarted, it scores with the newest checkpoint, not the model directory's model.
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_model_version", |v| v == newest as f64);
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("resuming from the newest valid checkpoint"),
+        "{err}"
+    );
+}
