@@ -16,6 +16,7 @@ use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 
 use crate::config::{MAX_TOP_CONTRIBUTIONS, PipelineConfig};
+use crate::model::cuda::{CudaError, CudaSession};
 use crate::model::onnx::{OnnxError, OnnxSession};
 use crate::model::{Model, Workspace};
 use crate::mss::{MssScratch, ReferenceBank};
@@ -79,7 +80,9 @@ pub struct Scorer {
     top_k: usize,
     /// The model's ONNX graph, when it runs on ONNX Runtime instead of the native kernels.
     onnx: Option<OnnxSession>,
-    /// Batches ONNX Runtime failed to run (their frames score NaN).
+    /// The model's GPU copy, when it runs on the CUDA backend.
+    cuda: Option<CudaSession>,
+    /// Batches ONNX Runtime or CUDA failed to run (their frames score NaN).
     backend_errors: u64,
 }
 
@@ -90,6 +93,8 @@ pub enum ScorerError {
     Head(#[from] HeadError),
     #[error(transparent)]
     Onnx(#[from] OnnxError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
     #[error("the new model takes {model} features, the scorer {scorer}")]
     Features { model: usize, scorer: usize },
 }
@@ -111,8 +116,13 @@ impl Scorer {
             Some(graph) => Some(OnnxSession::new(graph.clone(), max_batch)?),
             None => None,
         };
+        let cuda = match &model.cuda {
+            Some(gpu) => Some(CudaSession::new(gpu.clone(), max_batch)?),
+            None => None,
+        };
         Ok(Scorer {
             onnx,
+            cuda,
             backend_errors: 0,
             ws: model.ae.workspace(max_batch),
             input: Array2::zeros((max_batch, d)),
@@ -154,11 +164,17 @@ impl Scorer {
             Some(graph) => Some(OnnxSession::new(graph.clone(), self.max_batch())?),
             None => None,
         };
+        // A model swapped in carries its own GPU copy (or none: then it scores natively).
+        let cuda = match &model.cuda {
+            Some(gpu) => Some(CudaSession::new(gpu.clone(), self.max_batch())?),
+            None => None,
+        };
         if model.ae.widths() != self.model.ae.widths() {
             self.ws = model.ae.workspace(self.max_batch());
         }
         self.mss = model.active_bank().map(ReferenceBank::scratch);
         self.onnx = onnx;
+        self.cuda = cuda;
         self.model = model;
         Ok(())
     }
@@ -213,12 +229,12 @@ impl Scorer {
         };
         let (head, baseline) = (&self.head, &self.model.meta.log_variance_baseline);
         let (scores, contrib) = (&mut self.scores[..n], self.contrib.view_mut());
-        match self.onnx.as_mut() {
-            None => {
+        match (self.onnx.as_mut(), self.cuda.as_mut()) {
+            (None, None) => {
                 let recon = self.model.ae.forward(x, &mut self.ws);
                 head.score_batch(target, &recon, baseline, scores, contrib);
             }
-            Some(session) => {
+            (Some(session), _) => {
                 let ran = session.forward(x, |recon| {
                     head.score_batch(target, recon, baseline, scores, contrib);
                 });
@@ -227,6 +243,18 @@ impl Scorer {
                     self.backend_errors += 1;
                     if self.backend_errors.is_power_of_two() {
                         tracing::error!(error = %e, failures = self.backend_errors, "ONNX Runtime run failed");
+                    }
+                    self.scores[..n].fill(f32::NAN);
+                }
+            }
+            (None, Some(session)) => {
+                let ran = session.forward(x, |recon| {
+                    head.score_batch(target, recon, baseline, scores, contrib);
+                });
+                if let Err(e) = ran {
+                    self.backend_errors += 1;
+                    if self.backend_errors.is_power_of_two() {
+                        tracing::error!(error = %e, failures = self.backend_errors, "CUDA run failed");
                     }
                     self.scores[..n].fill(f32::NAN);
                 }
@@ -506,8 +534,19 @@ pub fn run_hooked<S: Source, K: Sink>(
             source,
         })?;
     let inv = invalid.clone();
+    let sink_wake = sink_thread.thread().clone();
     let scorer_thread = spawn("scorer")
-        .spawn(move || score_loop(&mut scorer, consumer, out_p, &clock, &inv, hooks))
+        .spawn(move || {
+            score_loop(
+                &mut scorer,
+                consumer,
+                out_p,
+                &clock,
+                &inv,
+                hooks,
+                &sink_wake,
+            )
+        })
         .map_err(|source| PipelineError::Spawn {
             name: "scorer",
             source,
@@ -551,8 +590,10 @@ pub fn run_hooked<S: Source, K: Sink>(
 /// Longest a paused [`FileSource`] waits (a trainer that died must not hang a replay).
 pub const MAX_PAUSE: Duration = Duration::from_secs(120);
 
-/// How long the scorer spins before parking when the ring is empty.
-const IDLE_SPIN: Duration = Duration::from_micros(50);
+/// How long the scorer spins before parking when the ring is empty. Short: at a node's
+/// rates (about a frame a millisecond) every frame ends in a spin, so its length is the
+/// idle agent's CPU; the producer's unpark wakes a parked scorer within microseconds.
+const IDLE_SPIN: Duration = Duration::from_micros(10);
 /// Longest park; the producer unparks the scorer sooner when it pushes.
 const IDLE_PARK: Duration = Duration::from_millis(5);
 
@@ -563,6 +604,7 @@ fn score_loop(
     clock: &Clock,
     invalid: &AtomicU64,
     mut hooks: Option<ScorerHooks>,
+    sink: &thread::Thread,
 ) -> (u64, u64, LatencyHistogram, LatencyHistogram) {
     consumer.register_current_thread();
     let d = scorer.n_features();
@@ -636,7 +678,9 @@ fn score_loop(
             }
             scored += 1;
         }
+        sink.unpark();
     }
+    sink.unpark();
     (scored, batches, latency, compute)
 }
 
@@ -671,6 +715,9 @@ fn compact_finite(
     keep
 }
 
+/// The sink thread's loop: spins a little when the result ring is empty, then parks until
+/// the scorer unparks it after a batch (or [`IDLE_PARK`] passes), so an idle agent costs
+/// no CPU here.
 fn drain_sink<K: Sink>(mut input: HeapCons<ScoredFrame>, sink: &mut K) {
     let mut spins = 0u32;
     loop {
@@ -686,10 +733,8 @@ fn drain_sink<K: Sink>(mut input: HeapCons<ScoredFrame>, sink: &mut K) {
                 spins += 1;
                 if spins < 64 {
                     std::hint::spin_loop();
-                } else if spins < 128 {
-                    thread::yield_now();
                 } else {
-                    thread::sleep(Duration::from_micros(100));
+                    thread::park_timeout(IDLE_PARK);
                 }
             }
         }

@@ -42,6 +42,29 @@ fn cpu_ticks(pid: u32) -> u64 {
     f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
 }
 
+/// CPU ticks of each thread of `pid`, by thread name (threads of one name added up).
+fn thread_ticks(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let Some((head, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("?", |(_, n)| n).to_string();
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        *out.entry(name).or_insert(0) +=
+            f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    }
+    out
+}
+
 fn clk_tck() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -327,6 +350,7 @@ fn latency(
     let pid = agent.pid();
     let rss_idle = rss_kib(pid);
     let cpu0 = cpu_ticks(pid);
+    let threads0 = thread_ticks(pid);
     let (client, _pump) = publisher(mosq.port);
     let rate = 1000.0;
     let n = 10_000usize;
@@ -359,6 +383,14 @@ fn latency(
     }
     let publish_secs = start.elapsed().as_secs_f64();
     let cpu = (cpu_ticks(pid) - cpu0) as f64 / tck;
+    let by_thread: Vec<String> = thread_ticks(pid)
+        .into_iter()
+        .map(|(name, t)| {
+            let t0 = threads0.get(&name).copied().unwrap_or(0);
+            format!("{name} {:.2} s", t.saturating_sub(t0) as f64 / tck)
+        })
+        .collect();
+    println!("threads     {}", by_thread.join(", "));
     let rss_busy = rss_kib(pid);
     agent.wait_metric("darkwatch_frames_scored_total", |v| v as usize >= n);
     std::thread::sleep(Duration::from_secs(1));
