@@ -97,12 +97,15 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         ..model.meta.mss
     });
     let onnx = no_mss.onnx.is_some().then(|| Arc::new(no_mss.clone()));
+    let gpu = no_mss.cuda.is_some().then(|| Arc::new(no_mss.clone()));
     let plain = Arc::new(Model {
         onnx: None,
+        cuda: None,
         ..no_mss
     });
     let model = Arc::new(Model {
         onnx: None,
+        cuda: None,
         ..(*model).clone()
     });
     // MSS with the reference setting: m = 1, k = 10, the model's bank (or, for a
@@ -131,6 +134,9 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
     if let Some(onnx) = &onnx {
         variants.extend([HeadKind::Mse, HeadKind::MaxAbs, HeadKind::Wnll].map(|k| (k, onnx)));
     }
+    if let Some(gpu) = &gpu {
+        variants.extend([HeadKind::Mse, HeadKind::MaxAbs, HeadKind::Wnll].map(|k| (k, gpu)));
+    }
     for (kind, model) in variants {
         let head = Head {
             kind,
@@ -151,7 +157,9 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
                 b.frames(),
                 if synthetic_bank { "synthetic " } else { "" }
             ),
-            None if model.onnx.is_some() => format!("{} [{}]", kind.name(), model.backend_label()),
+            None if model.onnx.is_some() || model.cuda.is_some() => {
+                format!("{} [{}]", kind.name(), model.backend_label())
+            }
             None => kind.name().to_string(),
         };
         let Ok(mut one) = Scorer::new(model.clone(), head, 1, 3) else {

@@ -50,6 +50,7 @@ pub struct DarkwatchConfig {
     pub spool: SpoolConfig,
     pub metrics: MetricsConfig,
     pub onnx: OnnxConfig,
+    pub cuda: CudaConfig,
     pub retrain: RetrainConfig,
 }
 
@@ -92,8 +93,9 @@ pub struct ScoreConfig {
     pub wnll_log_variance: LogVariance,
     /// Contributing features reported per frame (at most 16).
     pub top_contributions: usize,
-    /// What runs the autoencoder: `native` (darkwatch's own kernels) or `onnx` (the model
-    /// directory's ONNX file through ONNX Runtime; needs the `onnx` cargo feature).
+    /// What runs the autoencoder: `native` (darkwatch's own kernels), `onnx` (the model
+    /// directory's ONNX file through ONNX Runtime; needs the `onnx` cargo feature) or `cuda`
+    /// (the same network on an NVIDIA GPU, see [`CudaConfig`]; needs the `cuda` feature).
     pub backend: Backend,
 }
 
@@ -104,6 +106,7 @@ pub enum Backend {
     #[default]
     Native,
     Onnx,
+    Cuda,
 }
 
 impl Backend {
@@ -111,8 +114,42 @@ impl Backend {
         match self {
             Backend::Native => "native",
             Backend::Onnx => "onnx",
+            Backend::Cuda => "cuda",
         }
     }
+}
+
+/// The CUDA backend (`[score] backend = "cuda"`): the native network's weights on an NVIDIA
+/// GPU, run with cuBLAS and darkwatch's own NVRTC kernels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CudaConfig {
+    /// The CUDA device index (0: the first GPU).
+    pub device: usize,
+    /// When no usable GPU is found (no driver, no device, no cuBLAS/NVRTC): `cpu` (warn and
+    /// score with the native kernels) or `error` (refuse to start).
+    pub fallback: CudaFallback,
+    /// Let cuBLAS use TF32 tensor cores for the fp32 GEMMs (faster, ~1e-3 relative error;
+    /// off: full fp32, within 1e-4 of the native scores).
+    pub tf32: bool,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig {
+            device: 0,
+            fallback: CudaFallback::Cpu,
+            tf32: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CudaFallback {
+    #[default]
+    Cpu,
+    Error,
 }
 
 /// The ONNX Runtime backend (`[score] backend = "onnx"`).
@@ -353,7 +390,23 @@ impl DarkwatchConfig {
                     .into(),
             ));
         }
+        if self.score.backend == Backend::Cuda && !cfg!(feature = "cuda") {
+            return Err((
+                "score.backend".into(),
+                "\"cuda\" needs a darkwatch built with the `cuda` feature \
+                 (cargo build --release --features cuda)"
+                    .into(),
+            ));
+        }
         section("retrain", self.retrain.validate())?;
+        if self.retrain.enabled && self.score.backend == Backend::Cuda {
+            return Err((
+                "retrain.enabled".into(),
+                "online retraining is not supported with the CUDA backend yet (a retrained \
+                 model would have to be re-uploaded to the GPU); use [score] backend = \"native\""
+                    .into(),
+            ));
+        }
         if self.retrain.enabled && self.score.backend == Backend::Onnx {
             return Err((
                 "retrain.enabled".into(),

@@ -161,6 +161,96 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         batch: usize,
     },
+    /// Train a TopK sparse autoencoder on activation rows [tokens, d] (.npy / .safetensors)
+    /// and write it as a SAELens folder, with a dark-matter head fitted on its errors in
+    /// OUT/dark/ and the training report in OUT/train_report.json.
+    SaeTrain {
+        /// Activations [tokens, d]: .npy or .safetensors.
+        #[arg(long)]
+        input: PathBuf,
+        /// Tensor name in a .safetensors input with several tensors.
+        #[arg(long)]
+        tensor: Option<String>,
+        /// One prompt id per row (.npy / .safetensors, integers): the held-out share is then
+        /// whole prompts.
+        #[arg(long)]
+        prompt_ids: Option<PathBuf>,
+        /// SAE folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of latents.
+        #[arg(long, default_value_t = 1536)]
+        latents: usize,
+        /// Active latents per token.
+        #[arg(long, default_value_t = 32)]
+        k: usize,
+        #[arg(long, default_value_t = 50)]
+        epochs: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Adam learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f32,
+        /// AuxK latents per row (default d/2).
+        #[arg(long)]
+        k_aux: Option<usize>,
+        /// Tokens without firing after which a latent counts as dead (default: one epoch).
+        #[arg(long)]
+        dead_tokens: Option<u64>,
+        /// Share of prompts (or rows) held out from training, to report held-out numbers.
+        #[arg(long, default_value_t = 0.1)]
+        holdout: f64,
+        /// Ridge of the dark-matter head, relative to the mean feature variance.
+        #[arg(long, default_value_t = 1e-2)]
+        ridge: f64,
+        /// Cross-fit the dark-matter head on out-of-fold SAE errors over this many folds
+        /// (trains this many extra SAEs); 0 fits it on the final SAE's own training rows.
+        #[arg(long, default_value_t = 5)]
+        dark_folds: usize,
+        /// `metadata.model_name` in cfg.json.
+        #[arg(long)]
+        model_name: Option<String>,
+        /// `metadata.hook_name` in cfg.json.
+        #[arg(long)]
+        hook_name: Option<String>,
+    },
+    /// Score activation rows through an SAE and its dark-matter head: per token ‖e‖², the
+    /// predicted ‖e‖², the nonlinear error and the deviation; prompt-level max/mean; with
+    /// labels, token- and prompt-level AUROC / AUPRC of each score.
+    SaeScore {
+        /// SAE folder (SAELens or sparsify).
+        #[arg(long)]
+        sae: PathBuf,
+        /// Dark-matter head folder (default SAE/dark).
+        #[arg(long)]
+        dark: Option<PathBuf>,
+        /// Activations [tokens, d]: .npy or .safetensors.
+        #[arg(long)]
+        input: PathBuf,
+        /// Tensor name in a .safetensors input with several tensors.
+        #[arg(long)]
+        tensor: Option<String>,
+        /// One 0/1 label per row (1 = out of distribution), integer .npy / .safetensors.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// One prompt id per row, integer .npy / .safetensors.
+        #[arg(long)]
+        prompt_ids: Option<PathBuf>,
+        /// In-distribution activations to fit a Mahalanobis baseline on (adds its AUROC).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// Covariance shrinkage of the Mahalanobis baseline towards the scaled identity.
+        #[arg(long, default_value_t = 0.1)]
+        shrinkage: f64,
+        /// Token-level CSV to write.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Prompt-level CSV to write (needs --prompt-ids).
+        #[arg(long)]
+        prompt_out: Option<PathBuf>,
+    },
     /// Print a model directory's metadata, or an online-retraining state directory's
     /// checkpoints and retrain history.
     Inspect {
@@ -200,6 +290,7 @@ enum ProtocolArg {
 enum BackendArg {
     Native,
     Onnx,
+    Cuda,
 }
 
 impl From<BackendArg> for Backend {
@@ -207,6 +298,7 @@ impl From<BackendArg> for Backend {
         match b {
             BackendArg::Native => Backend::Native,
             BackendArg::Onnx => Backend::Onnx,
+            BackendArg::Cuda => Backend::Cuda,
         }
     }
 }
@@ -568,9 +660,12 @@ fn run(command: Command) -> Result<()> {
                 cfg.score.backend = b.into();
             }
             let model = match model {
-                Some(dir) => Model::load(&dir)?.with_backend(&dir, cfg.score.backend, &cfg.onnx)?,
+                Some(dir) => Model::load(&dir)?.with_configured_backend(&dir, &cfg)?,
                 None if cfg.score.backend == Backend::Onnx => {
                     anyhow::bail!("--backend onnx needs --model DIR with an ONNX graph");
+                }
+                None if cfg.score.backend == Backend::Cuda => {
+                    anyhow::bail!("--backend cuda needs --model DIR");
                 }
                 None => model::fit::synthetic(38, 0),
             };
@@ -598,6 +693,7 @@ fn run(command: Command) -> Result<()> {
                 eprintln!("darkwatch: timing online retraining…");
                 let native = Arc::new(Model {
                     onnx: None,
+                    cuda: None,
                     ..(*model).clone()
                 });
                 emit(
@@ -617,6 +713,92 @@ fn run(command: Command) -> Result<()> {
             emit(&darkwatch::sae::bench::run(&opts)?.to_string())?;
             Ok(())
         }
+        Command::SaeTrain {
+            input,
+            tensor,
+            prompt_ids,
+            out,
+            latents,
+            k,
+            epochs,
+            seed,
+            batch_size,
+            lr,
+            k_aux,
+            dead_tokens,
+            holdout,
+            ridge,
+            dark_folds,
+            model_name,
+            hook_name,
+        } => {
+            use darkwatch::sae::{dark::DarkConfig, eval, train};
+            let args = eval::SaeTrainArgs {
+                input: input.clone(),
+                tensor,
+                prompt_ids,
+                out,
+                holdout,
+                config: train::SaeTrainConfig {
+                    latents,
+                    k,
+                    epochs,
+                    seed,
+                    batch_size,
+                    lr,
+                    k_aux,
+                    dead_tokens,
+                    ..Default::default()
+                },
+                dark: DarkConfig { ridge },
+                dark_folds,
+                meta: train::SaveMeta {
+                    model_name,
+                    hook_name,
+                    dataset_path: Some(input.display().to_string()),
+                },
+            };
+            let (_, text) = eval::sae_train_command(&args, &mut |e| {
+                eprintln!(
+                    "epoch {:>3}: train NMSE {:.4}, held-out {}, dead {:.1} %, aux {:.4}",
+                    e.epoch,
+                    e.train_nmse,
+                    e.held_out_nmse.map_or("n/a".into(), |v| format!("{v:.4}")),
+                    100.0 * e.dead_share,
+                    e.aux_loss
+                );
+            })?;
+            emit(&text)?;
+            Ok(())
+        }
+        Command::SaeScore {
+            sae,
+            dark,
+            input,
+            tensor,
+            labels,
+            prompt_ids,
+            baseline,
+            shrinkage,
+            out,
+            prompt_out,
+        } => {
+            let args = darkwatch::sae::eval::SaeScoreArgs {
+                sae,
+                dark,
+                input,
+                tensor,
+                labels,
+                prompt_ids,
+                baseline,
+                baseline_shrinkage: shrinkage,
+                out,
+                prompt_out,
+            };
+            let (_, text) = darkwatch::sae::eval::sae_score_command(&args)?;
+            emit(&text)?;
+            Ok(())
+        }
         Command::Inspect { dir, json, config } => {
             // An online-retraining state directory: its checkpoints and history.
             if !dir.join(model::io::META_FILE).exists()
@@ -629,7 +811,7 @@ fn run(command: Command) -> Result<()> {
                 return Ok(());
             }
             let cfg = load_config(config.as_deref())?;
-            let model = Model::load(&dir)?.with_backend(&dir, cfg.score.backend, &cfg.onnx)?;
+            let model = Model::load(&dir)?.with_configured_backend(&dir, &cfg)?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&model.meta)?))?;
             } else {

@@ -197,13 +197,18 @@ pub fn render(e: &Exposed) -> String {
     let backend = c.backend();
     let _ = writeln!(
         s,
-        "# HELP darkwatch_backend_info What runs the autoencoder: native, or onnx/<execution provider actually obtained>.\n\
+        "# HELP darkwatch_backend_info What runs the autoencoder: native, onnx/<execution provider actually obtained>, cuda/<device> or native (cuda unavailable: <cause>).\n\
          # TYPE darkwatch_backend_info gauge\n\
          darkwatch_backend_info{{backend=\"{}\"}} 1",
         if backend.is_empty() {
-            "native"
+            "native".to_owned()
         } else {
-            &backend
+            // `native (cuda unavailable: <cause>)` carries free text: escape it as
+            // Prometheus label values need.
+            backend
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
         }
     );
     s

@@ -163,8 +163,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
     if let Some(path) = &req.plot {
         check_plot_path(path)?;
     }
-    let model =
-        Model::load(&req.model_dir)?.with_backend(&req.model_dir, cfg.score.backend, &cfg.onnx)?;
+    let model = Model::load(&req.model_dir)?.with_configured_backend(&req.model_dir, cfg)?;
     // With online retraining and a state directory, continue from the newest checkpoint.
     let mut model = retrain::resume(model, &cfg.retrain);
     if let Some(mss) = req.mss {

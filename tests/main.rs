@@ -284,6 +284,63 @@ fn onnx_backend_without_the_feature_says_how_to_rebuild() {
     );
 }
 
+/// A build without the `cuda` feature refuses the CUDA backend up front, with the rebuild
+/// command, from the config and from the command line alike; and retraining is refused
+/// with the CUDA backend in any build.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_backend_without_the_feature_says_how_to_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cuda.toml");
+    std::fs::write(&cfg, "[score]\nbackend = \"cuda\"\n").unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("score.backend") && err.contains("--features cuda"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--backend", "cuda", "--model"])
+        .arg(repo("models/smd-machine-1-6"))
+        .arg("--input")
+        .arg(repo("tests/data/smd/small.csv")));
+    assert_ne!(code, 0);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("--features cuda"), "{err}");
+}
+
+/// `[cuda]` keys are checked like every other section, and retraining is refused with the
+/// CUDA backend (it would fine-tune weights the GPU copy does not see).
+#[test]
+fn cuda_section_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cuda.toml");
+    std::fs::write(
+        &cfg,
+        "[cuda]\ndevice = 1\nfallback = \"error\"\ntf32 = true\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(&cfg, "[cuda]\nfallback = \"gpu\"\n").unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("fallback"), "{err}");
+    let mut c = darkwatch::config::DarkwatchConfig::default();
+    c.score.backend = darkwatch::config::Backend::Cuda;
+    c.retrain.enabled = true;
+    let e = c.validate().expect_err("retraining with cuda is refused");
+    if cfg!(feature = "cuda") {
+        assert!(e.0 == "retrain.enabled" && e.1.contains("CUDA"), "{e:?}");
+    } else {
+        assert!(
+            e.0 == "score.backend" && e.1.contains("--features cuda"),
+            "{e:?}"
+        );
+    }
+}
+
 #[test]
 fn print_config_shows_environment_overrides() {
     let (code, out, err) = run(darkwatch()

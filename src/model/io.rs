@@ -22,9 +22,10 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::cuda::{CudaError, CudaModel};
 use super::onnx::{OnnxError, OnnxModel};
 use super::{Activation, Autoencoder, Dense, OutputKind, Scaler};
-use crate::config::{Backend, OnnxConfig};
+use crate::config::{Backend, CudaConfig, CudaFallback, OnnxConfig};
 use crate::mss::{MssConfig, ReferenceBank};
 use crate::score::Head;
 use crate::train::TrainConfig;
@@ -148,6 +149,11 @@ pub struct Model {
     /// The ONNX graph that runs this autoencoder instead of the native kernels
     /// (`[score] backend = "onnx"`, see [`Model::with_backend`]).
     pub onnx: Option<Arc<OnnxModel>>,
+    /// The weights on a GPU, when the CUDA backend runs this autoencoder
+    /// (`[score] backend = "cuda"`, see [`Model::with_cuda`]).
+    pub cuda: Option<Arc<CudaModel>>,
+    /// Why the configured CUDA backend is not used (`[cuda] fallback = "cpu"` took over).
+    pub cuda_unavailable: Option<String>,
 }
 
 /// Why a model directory cannot be used. Each message names the file and the field.
@@ -176,6 +182,8 @@ pub enum ModelError {
     Weights { path: PathBuf, reason: String },
     #[error(transparent)]
     Onnx(#[from] OnnxError),
+    #[error("[score] backend = \"cuda\": {0}")]
+    Cuda(#[from] CudaError),
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -221,6 +229,8 @@ impl Model {
             bank,
             calibration_scores: Vec::new(),
             onnx: None,
+            cuda: None,
+            cuda_unavailable: None,
         };
         model.seal();
         model
@@ -331,30 +341,87 @@ impl Model {
             bank,
             calibration_scores,
             onnx: None,
+            cuda: None,
+            cuda_unavailable: None,
         })
     }
 
     /// Attaches the configured backend. `onnx` loads and validates `dir`/`[onnx] file`
-    /// against this model's features and output kind; `native` detaches any ONNX graph.
+    /// against this model's features and output kind; `native` detaches any ONNX graph or
+    /// GPU copy; `cuda` uploads the weights with the default `[cuda]` settings (use
+    /// [`Model::with_configured_backend`] or [`Model::with_cuda`] for others).
     ///
     /// # Errors
     /// The ONNX file or ONNX Runtime cannot be used (the message names the file, the
-    /// mismatch or the library), or darkwatch was built without the `onnx` feature.
+    /// mismatch or the library), or darkwatch was built without the `onnx` feature; for
+    /// `cuda`, as [`Model::with_cuda`].
     pub fn with_backend(
-        mut self,
+        self,
         dir: &Path,
         backend: Backend,
         cfg: &OnnxConfig,
     ) -> Result<Model, ModelError> {
+        self.with_backends(dir, backend, cfg, &CudaConfig::default())
+    }
+
+    /// [`Model::with_backend`] with the configuration's `[score] backend`, `[onnx]` and
+    /// `[cuda]` sections.
+    ///
+    /// # Errors
+    /// As [`Model::with_backend`] and [`Model::with_cuda`].
+    pub fn with_configured_backend(
+        self,
+        dir: &Path,
+        cfg: &crate::config::DarkwatchConfig,
+    ) -> Result<Model, ModelError> {
+        self.with_backends(dir, cfg.score.backend, &cfg.onnx, &cfg.cuda)
+    }
+
+    fn with_backends(
+        mut self,
+        dir: &Path,
+        backend: Backend,
+        onnx: &OnnxConfig,
+        cuda: &CudaConfig,
+    ) -> Result<Model, ModelError> {
+        self.cuda = None;
+        self.cuda_unavailable = None;
         self.onnx = match backend {
             Backend::Native => None,
             Backend::Onnx => Some(Arc::new(OnnxModel::load(
-                &dir.join(&cfg.file),
+                &dir.join(&onnx.file),
                 self.n_features(),
                 self.ae.output,
-                cfg,
+                onnx,
             )?)),
+            Backend::Cuda => return self.with_cuda(cuda),
         };
+        Ok(self)
+    }
+
+    /// Uploads the autoencoder to CUDA device `cfg.device` (detaching any ONNX graph).
+    /// Where no usable GPU is found and `cfg.fallback = "cpu"`, logs a warning and keeps
+    /// the native kernels ([`Model::backend_label`] then says why).
+    ///
+    /// # Errors
+    /// With `fallback = "error"`: no CUDA driver, no such device, cuBLAS or NVRTC missing,
+    /// or the upload failed (the message names which); or darkwatch was built without the
+    /// `cuda` feature (whatever the fallback).
+    pub fn with_cuda(mut self, cfg: &CudaConfig) -> Result<Model, ModelError> {
+        self.onnx = None;
+        self.cuda = None;
+        self.cuda_unavailable = None;
+        match CudaModel::load(&self.ae, cfg) {
+            Ok(m) => {
+                tracing::info!(device = cfg.device, name = %m.device_name(), "autoencoder uploaded to the GPU");
+                self.cuda = Some(Arc::new(m));
+            }
+            Err(e) if cfg.fallback == CudaFallback::Cpu && cfg!(feature = "cuda") => {
+                tracing::warn!(error = %e, "CUDA backend unavailable; scoring with the native kernels ([cuda] fallback = \"cpu\")");
+                self.cuda_unavailable = Some(e.to_string());
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(self)
     }
 
@@ -367,15 +434,18 @@ impl Model {
         dir: &Path,
         cfg: &crate::config::DarkwatchConfig,
     ) -> Result<Model, ModelError> {
-        let model = Model::load(dir)?.with_backend(dir, cfg.score.backend, &cfg.onnx)?;
+        let model = Model::load(dir)?.with_configured_backend(dir, cfg)?;
         Ok(crate::retrain::resume(model, &cfg.retrain))
     }
 
-    /// `native`, or `onnx/<provider>`: what scores this model.
+    /// `native`, `onnx/<provider>`, `cuda/<device name>`, or
+    /// `native (cuda unavailable: <why>)`: what scores this model.
     pub fn backend_label(&self) -> String {
-        match &self.onnx {
-            None => "native".into(),
-            Some(m) => format!("onnx/{}", m.provider()),
+        match (&self.onnx, &self.cuda, &self.cuda_unavailable) {
+            (Some(m), _, _) => format!("onnx/{}", m.provider()),
+            (None, Some(c), _) => format!("cuda/{}", c.device_name()),
+            (None, None, Some(why)) => format!("native (cuda unavailable: {why})"),
+            (None, None, None) => "native".into(),
         }
     }
 }
@@ -649,12 +719,15 @@ pub fn describe(model: &Model, dir: &Path) -> String {
         model.ae.parameter_count(),
         model.ae.macs_per_frame()
     );
-    match &model.onnx {
-        None => {
-            let _ = writeln!(s, "backend    native");
-        }
-        Some(g) => {
+    match (&model.onnx, &model.cuda) {
+        (Some(g), _) => {
             let _ = writeln!(s, "backend    {} ({})", model.backend_label(), g.describe());
+        }
+        (None, Some(c)) => {
+            let _ = writeln!(s, "backend    {} ({})", model.backend_label(), c.describe());
+        }
+        (None, None) => {
+            let _ = writeln!(s, "backend    {}", model.backend_label());
         }
     }
     let _ = writeln!(

@@ -4,6 +4,11 @@
 //! feeds [`crate::score`], which turns a reconstruction into a score and contributions.
 //! The forward and backward kernels live in [`nn`].
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_off.rs"]
+pub mod cuda;
 pub mod fit;
 pub mod io;
 pub mod nn;

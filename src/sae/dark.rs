@@ -93,6 +93,8 @@ pub enum DarkError {
     },
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Sae(#[from] super::SaeError),
 }
 
 /// Settings of the fit.
@@ -426,6 +428,45 @@ impl DarkHead {
             sigma,
             meta,
         }
+    }
+
+    /// Runs `sae` over the rows of `train` (in chunks of `batch`), fits the head on the
+    /// (x, e) pairs, and reports R² on the `held_out` rows (also run through `sae`) when given.
+    ///
+    /// # Errors
+    /// As [`DarkHead::fit`], plus [`DarkError::Sae`] when the rows do not have `sae.d_in()`
+    /// columns and [`DarkError::NonFinite`] for a non-finite input or error.
+    pub fn fit_sae(
+        sae: &super::Sae,
+        train: ArrayView2<f32>,
+        held_out: Option<ArrayView2<f32>>,
+        config: &DarkConfig,
+        batch: usize,
+    ) -> Result<DarkFit, DarkError> {
+        let batch = batch.max(1);
+        let mut ws = sae.workspace(batch);
+        let mut stats = DarkStats::new(sae.d_in());
+        for chunk in train.axis_chunks_iter(ndarray::Axis(0), batch) {
+            let out = sae.forward(chunk, &mut ws)?;
+            stats.accumulate(chunk, out.error())?;
+        }
+        let held = match held_out {
+            Some(x) => {
+                let mut e = Array2::<f32>::zeros(x.raw_dim());
+                for (i, chunk) in x.axis_chunks_iter(ndarray::Axis(0), batch).enumerate() {
+                    let out = sae.forward(chunk, &mut ws)?;
+                    e.slice_mut(s![i * batch..i * batch + chunk.nrows(), ..])
+                        .assign(&out.error());
+                }
+                Some((x, e))
+            }
+            None => None,
+        };
+        DarkHead::fit(
+            &stats,
+            config,
+            held.as_ref().map(|(x, e)| (x.view(), e.view())),
+        )
     }
 
     /// Activation width.

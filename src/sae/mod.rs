@@ -71,13 +71,15 @@
 //! # Speed
 //!
 //! The encoder is the cost: 2·d_in·d_sae flops per token. See `kernel` for the packed-panel
-//! SIMD product (one code path for batch 1 and for batches), and [`bench`] for the measured
-//! numbers (`darkwatch sae-bench`).
+//! SIMD product (one layout for batch 1 and for batches), and [`bench`](mod@bench) for the
+//! measured numbers (`darkwatch sae-bench`).
 
 pub mod bench;
 pub mod dark;
+pub mod eval;
 mod kernel;
 mod load;
+pub mod train;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,194 @@
+//! CUDA against native on the bundled 38-feature PAE (models/smd-machine-1-6): batch-1
+//! latency (p50/p99, whole scorer: scale, forward, wnll head, contributions) and batch-65536
+//! throughput, plus the device forward alone (upload, GEMMs, kernels, copy back). Then the
+//! device SAE (d = 768, 32768 latents, k = 32, batch 4096, random weights): tokens/s of the
+//! whole forward (upload, encoder GEMM, TopK, sparse decode, ‖e‖² back) beside the cuBLAS
+//! encoder GEMM alone, against the issue's targets (≥ 1 M tokens/s, ≥ 50 % of the GEMM).
+//!
+//! `cargo bench --features cuda --bench cuda` (tools/gpu-check.sh runs it). Exits 2 with the
+//! cause when no GPU is usable. With `DARKWATCH_BENCH_OUT=FILE` the table also goes there.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use darkwatch::config::{CudaConfig, CudaFallback};
+use darkwatch::ingest::{self, TableOptions};
+use darkwatch::model::Model;
+use darkwatch::model::cuda::{self, CudaSession};
+use darkwatch::pipeline::Scorer;
+use darkwatch::stats::LatencyHistogram;
+use ndarray::Array2;
+
+const PAE: &str = "models/smd-machine-1-6";
+const STREAM: &str = "tests/data/smd/machine-1-6_test.npy";
+const BIG: usize = 65_536;
+
+fn path(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Batch-1 latency through the whole scorer.
+fn batch1(model: &Arc<Model>, x: &Array2<f32>, frames: usize) -> LatencyHistogram {
+    let head = model.meta.head;
+    let mut s = Scorer::new(model.clone(), head, 1, 3).expect("scorer");
+    let mut h = LatencyHistogram::new();
+    let mut sink = 0.0f32;
+    for i in 0..frames + 500 {
+        let row = x.row(i % x.nrows());
+        let t = Instant::now();
+        s.input_mut()
+            .copy_from_slice(row.as_slice().expect("contiguous"));
+        sink += s.score(1)[0];
+        if i >= 500 {
+            h.record(t.elapsed().as_nanos() as u64);
+        }
+    }
+    std::hint::black_box(sink);
+    assert_eq!(s.backend_errors(), 0, "backend failed");
+    h
+}
+
+/// Frames per second through the whole scorer at batch `BIG`.
+fn throughput(model: &Arc<Model>, x: &Array2<f32>, reps: usize) -> f64 {
+    let head = model.meta.head;
+    let mut s = Scorer::new(model.clone(), head, BIG, 3).expect("scorer");
+    let d = x.ncols();
+    let src = x.as_slice().expect("contiguous");
+    s.input_mut()[..BIG * d].copy_from_slice(&src[..BIG * d]);
+    s.score(BIG);
+    let t = Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(s.score(BIG)[0]);
+    }
+    assert_eq!(s.backend_errors(), 0, "backend failed");
+    (reps * BIG) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is taken.
+    let mut out = String::new();
+    let name = match cuda::probe(0) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("cuda bench: no usable GPU: {e}");
+            std::process::exit(2);
+        }
+    };
+    let native = Arc::new(Model::load(&path(PAE)).expect("bundled model"));
+    let cfg = CudaConfig {
+        fallback: CudaFallback::Error,
+        ..CudaConfig::default()
+    };
+    let gpu = Arc::new(
+        Model::load(&path(PAE))
+            .and_then(|m| m.with_cuda(&cfg))
+            .expect("CUDA model"),
+    );
+    let stream = ingest::read_table(&path(STREAM), &TableOptions::default())
+        .expect("bundled stream")
+        .values;
+    // Tile the stream to BIG rows, scaled as the scorer would (for the device-only rows).
+    let d = stream.ncols();
+    let x = Array2::from_shape_fn((BIG, d), |(r, c)| stream[[r % stream.nrows(), c]]);
+    let mut scaled = x.clone();
+    for row in scaled.rows_mut() {
+        native.meta.scaler.apply_row(row);
+    }
+
+    let _ = writeln!(out, "PAE {PAE} widths {:?}, GPU {name}", native.ae.widths());
+    let _ = writeln!(
+        out,
+        "{:<40} {:>12} {:>12} {:>16}",
+        "path", "b1 p50 us", "b1 p99 us", "b65536 frames/s"
+    );
+    for (label, model) in [("native (1 thread)", &native), ("cuda (scorer)", &gpu)] {
+        let h = batch1(model, &x, 20_000);
+        let fps = throughput(model, &x, if model.cuda.is_some() { 20 } else { 5 });
+        let _ = writeln!(
+            out,
+            "{:<40} {:>12.1} {:>12.1} {:>16.3e}",
+            label,
+            h.quantile_ns(0.5) / 1e3,
+            h.quantile_ns(0.99) / 1e3,
+            fps
+        );
+    }
+    // The device forward alone: upload, GEMMs, kernels, copy back (no head).
+    let gm = gpu.cuda.clone().expect("on the GPU");
+    let mut one = CudaSession::new(gm.clone(), 1).expect("session");
+    let x1 = scaled.slice(ndarray::s![..1, ..]);
+    one.time_runs(x1, 500, |_| ()).expect("warm-up");
+    let mut h = LatencyHistogram::new();
+    one.time_runs(x1, 20_000, |ns| h.record(ns))
+        .expect("device runs");
+    let mut big = CudaSession::new(gm, BIG).expect("session");
+    big.time_runs(scaled.view(), 3, |_| ()).expect("warm-up");
+    let mut total = 0u64;
+    big.time_runs(scaled.view(), 20, |ns| total += ns)
+        .expect("device runs");
+    let _ = writeln!(
+        out,
+        "{:<40} {:>12.1} {:>12.1} {:>16.3e}",
+        "cuda forward only (no head)",
+        h.quantile_ns(0.5) / 1e3,
+        h.quantile_ns(0.99) / 1e3,
+        (20 * BIG) as f64 / (total as f64 / 1e9)
+    );
+    sae(&mut out);
+    print!("{out}");
+    if let Ok(file) = std::env::var("DARKWATCH_BENCH_OUT")
+        && let Err(e) = std::fs::write(&file, &out)
+    {
+        eprintln!("cannot write {file}: {e}");
+    }
+}
+
+/// The device SAE against its own encoder GEMM.
+fn sae(out: &mut String) {
+    use darkwatch::model::cuda::CudaSae;
+    let (d, d_sae, k, n) = (768usize, 32_768usize, 32usize, 4096usize);
+    let sae = darkwatch::sae::Sae::random(d, d_sae, k, 42).expect("valid shape");
+    let mut rng = darkwatch::rng::Rng::new(7);
+    let x = Array2::from_shape_fn((n, d), |_| rng.uniform(-1.7, 1.7));
+    for (tf32, label) in [(false, "fp32"), (true, "tf32")] {
+        let cfg = CudaConfig {
+            fallback: CudaFallback::Error,
+            tf32,
+            ..CudaConfig::default()
+        };
+        let mut dev = match CudaSae::load(&sae, n, &cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = writeln!(out, "SAE {label}: cannot load: {e}");
+                continue;
+            }
+        };
+        for _ in 0..3 {
+            dev.forward(x.view()).expect("SAE forward");
+        }
+        let runs = 20;
+        let t = Instant::now();
+        for _ in 0..runs {
+            std::hint::black_box(dev.forward(x.view()).expect("SAE forward")[0]);
+        }
+        let per = t.elapsed().as_secs_f64() / runs as f64;
+        let gemm = dev.time_encoder_gemm(n, runs).expect("GEMM");
+        let flops = 2.0 * (n * d * d_sae) as f64;
+        let tokens = n as f64 / per;
+        let share = gemm / per;
+        let _ = writeln!(
+            out,
+            "SAE {d}x{d_sae} k={k} batch {n} ({label}): {:.3e} tokens/s ({:.2} ms/batch); \
+             encoder GEMM alone {:.2} ms = {:.1} TFLOP/s; forward at {:.0} % of GEMM throughput \
+             [targets: >= 1e6 tokens/s {}, >= 50 % {}]",
+            tokens,
+            per * 1e3,
+            gemm * 1e3,
+            flops / gemm / 1e12,
+            share * 100.0,
+            if tokens >= 1e6 { "MET" } else { "MISSED" },
+            if share >= 0.5 { "MET" } else { "MISSED" },
+        );
+    }
+}

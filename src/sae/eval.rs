@@ -1,0 +1,1270 @@
+//! Offline SAE evaluation on activation files: reading `[tokens, d]` arrays with optional
+//! per-token prompt ids and labels, scoring every token through an SAE and its dark-matter
+//! head, prompt-level scores, a raw-activation Mahalanobis baseline, and the OOD-detection
+//! table (AUROC / AUPRC per score, token- and prompt-level). Behind `darkwatch sae-train` and
+//! `darkwatch sae-score` ([`sae_train_command`], [`sae_score_command`]).
+//!
+//! # Inputs
+//!
+//! - Activations: `.npy` (2-D, float32/float64; see [`crate::ingest::npy`]) or
+//!   `.safetensors` (a 2-D F32, F16, BF16 or F64 tensor, named with `tensor`, or the only
+//!   tensor of the file).
+//! - Prompt ids and labels: 1-D (or `[n, 1]`) integer arrays in `.npy` (int8–int64, uint8–
+//!   uint64; read exactly up to |id| ≤ 2²⁴) or `.safetensors` (I8–I64, U8–U64, exact). Labels
+//!   must be 0 or 1. Their length must equal the number of activation rows.
+//!
+//! # Prompt-level scores
+//!
+//! Tokens are grouped by prompt id (in order of first appearance; a prompt's tokens need not
+//! be contiguous). A prompt's score is the max, or the mean, of its tokens' scores; its label
+//! is the max of its tokens' labels.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use ndarray::{Array1, Array2, ArrayView2, Axis, s};
+use safetensors::tensor::{Dtype, SafeTensors};
+use serde::Serialize;
+
+use super::dark::{DarkConfig, DarkError, DarkHead, DarkScore, DarkStats, R2};
+use super::train::{
+    EpochStats, SaeTrainConfig, SaeTrainError, SaeTrainReport, SaveMeta, save_saelens, train_topk,
+};
+use super::{Sae, SaeError};
+use crate::eval::{self, EvalError};
+use crate::ingest::IngestError;
+
+/// Why an evaluation step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SaeEvalError {
+    #[error("{path}: {reason}")]
+    Input { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Sae(#[from] SaeError),
+    #[error(transparent)]
+    Dark(#[from] DarkError),
+    #[error(transparent)]
+    Train(#[from] SaeTrainError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn input_err(path: &Path, reason: impl Into<String>) -> SaeEvalError {
+    SaeEvalError::Input {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, SaeEvalError> {
+    fs::read(path).map_err(|source| SaeEvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn is_safetensors(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+}
+
+/// Picks the tensor `name`, or the only tensor of the file.
+fn pick_tensor<'a>(
+    path: &Path,
+    st: &'a SafeTensors<'a>,
+    name: Option<&str>,
+) -> Result<safetensors::tensor::TensorView<'a>, SaeEvalError> {
+    let mut names: Vec<&str> = st.names();
+    names.sort_unstable();
+    match name {
+        Some(n) => st.tensor(n).map_err(|_| {
+            input_err(
+                path,
+                format!("no tensor `{n}` (the file holds: {})", names.join(", ")),
+            )
+        }),
+        None if names.len() == 1 => st
+            .tensor(names[0])
+            .map_err(|e| input_err(path, e.to_string())),
+        None => Err(input_err(
+            path,
+            format!(
+                "holds {} tensors ({}); name one with the tensor option",
+                names.len(),
+                names.join(", ")
+            ),
+        )),
+    }
+}
+
+/// Reads activation rows `[tokens, d]` from `.npy` or `.safetensors` (`tensor` names the
+/// tensor in a safetensors file with several).
+///
+/// # Errors
+/// A missing file, an unknown extension, a tensor that is not 2-D or not a float type, no
+/// rows or columns, or a non-finite value — each naming the file.
+pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>, SaeEvalError> {
+    if !is_safetensors(path) {
+        if path.extension().and_then(|e| e.to_str()) != Some("npy") {
+            return Err(input_err(
+                path,
+                "activations must be .npy or .safetensors [tokens, d]",
+            ));
+        }
+        if tensor.is_some() {
+            return Err(input_err(
+                path,
+                "a tensor name applies to .safetensors only",
+            ));
+        }
+        return Ok(crate::ingest::npy::read_npy(path)?.values);
+    }
+    let bytes = read_file(path)?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| input_err(path, format!("not a valid safetensors file: {e}")))?;
+    let t = pick_tensor(path, &st, tensor)?;
+    let (rows, cols) = match *t.shape() {
+        [r, c] => (r, c),
+        _ => {
+            return Err(input_err(
+                path,
+                format!(
+                    "activations must be 2-D [tokens, d], found shape {:?}",
+                    t.shape()
+                ),
+            ));
+        }
+    };
+    if rows == 0 || cols == 0 {
+        return Err(input_err(
+            path,
+            format!("empty activations [{rows}, {cols}]"),
+        ));
+    }
+    let d = t.data();
+    let v: Vec<f32> = match t.dtype() {
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F64 => d
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(input_err(
+                path,
+                format!("activations have dtype {other:?}, expected F32, F64, F16 or BF16"),
+            ));
+        }
+    };
+    let a = Array2::from_shape_vec((rows, cols), v).map_err(|e| input_err(path, e.to_string()))?;
+    if let Some(((row, col), _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(input_err(
+            path,
+            format!("row {row}, column {col} (0-based): NaN/Inf is not allowed"),
+        ));
+    }
+    Ok(a)
+}
+
+/// Reads one integer per row (prompt ids or labels) from `.npy` or `.safetensors`, checking
+/// that there are `rows` of them.
+///
+/// # Errors
+/// A non-integer or (for `.npy`) out-of-exact-range value, a float dtype in safetensors, a
+/// shape other than `[rows]` or `[rows, 1]` — each naming the file and what was found.
+pub fn read_ints(
+    path: &Path,
+    tensor: Option<&str>,
+    rows: usize,
+    what: &str,
+) -> Result<Vec<i64>, SaeEvalError> {
+    let values: Vec<i64> = if is_safetensors(path) {
+        let bytes = read_file(path)?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| input_err(path, format!("not a valid safetensors file: {e}")))?;
+        let t = pick_tensor(path, &st, tensor)?;
+        if !matches!(*t.shape(), [_] | [_, 1]) {
+            return Err(input_err(
+                path,
+                format!("{what} must be 1-D, found shape {:?}", t.shape()),
+            ));
+        }
+        let d = t.data();
+        macro_rules! ints {
+            ($ty:ty, $n:expr) => {
+                d.chunks_exact($n)
+                    .map(|c| <$ty>::from_le_bytes(c.try_into().expect("width")) as i128)
+                    .collect::<Vec<i128>>()
+            };
+        }
+        let wide = match t.dtype() {
+            Dtype::I8 => ints!(i8, 1),
+            Dtype::U8 | Dtype::BOOL => ints!(u8, 1),
+            Dtype::I16 => ints!(i16, 2),
+            Dtype::U16 => ints!(u16, 2),
+            Dtype::I32 => ints!(i32, 4),
+            Dtype::U32 => ints!(u32, 4),
+            Dtype::I64 => ints!(i64, 8),
+            Dtype::U64 => ints!(u64, 8),
+            other => {
+                return Err(input_err(
+                    path,
+                    format!("{what} have dtype {other:?}, expected an integer type"),
+                ));
+            }
+        };
+        wide.into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                i64::try_from(v)
+                    .map_err(|_| input_err(path, format!("{what}: element {i} = {v} is too large")))
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        if tensor.is_some() {
+            return Err(input_err(
+                path,
+                "a tensor name applies to .safetensors only",
+            ));
+        }
+        let bytes = read_file(path)?;
+        let table = crate::ingest::npy::parse_npy_allow_1d(path, &bytes)?;
+        if table.values.ncols() != 1 {
+            return Err(input_err(
+                path,
+                format!(
+                    "{what} must be 1-D, found [{}, {}]",
+                    table.values.nrows(),
+                    table.values.ncols()
+                ),
+            ));
+        }
+        const EXACT: f32 = 16_777_216.0;
+        table
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if v.fract() != 0.0 || v.abs() > EXACT {
+                    Err(input_err(
+                        path,
+                        format!(
+                            "{what}: element {i} = {v} is not an integer in ±2^24 (use an \
+                             integer .npy or a safetensors file)"
+                        ),
+                    ))
+                } else {
+                    Ok(v as i64)
+                }
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if values.len() != rows {
+        return Err(input_err(
+            path,
+            format!(
+                "{} {what} for {rows} activation rows (one per row is needed)",
+                values.len()
+            ),
+        ));
+    }
+    Ok(values)
+}
+
+/// Reads 0/1 labels, one per row (any integer dtype).
+///
+/// # Errors
+/// As [`read_ints`], and a label other than 0 or 1.
+pub fn read_labels(
+    path: &Path,
+    tensor: Option<&str>,
+    rows: usize,
+) -> Result<Vec<u8>, SaeEvalError> {
+    read_ints(path, tensor, rows, "labels")?
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            0 => Ok(0),
+            1 => Ok(1),
+            _ => Err(input_err(
+                path,
+                format!("label {i} is {v}, expected 0 or 1"),
+            )),
+        })
+        .collect()
+}
+
+/// The SAE error e = x − SAE(x) of every row.
+///
+/// # Errors
+/// [`SaeError::InputWidth`] when `x` does not have `d_in` columns.
+pub fn sae_errors(sae: &Sae, x: ArrayView2<f32>) -> Result<Array2<f32>, SaeError> {
+    let mut e = Array2::zeros(x.dim());
+    let mut ws = sae.workspace(256);
+    for (i, chunk) in x.axis_chunks_iter(Axis(0), 256).enumerate() {
+        let out = sae.forward(chunk, &mut ws)?;
+        e.slice_mut(s![i * 256..i * 256 + chunk.nrows(), ..])
+            .assign(&out.error());
+    }
+    Ok(e)
+}
+
+/// Streams the rows of `x` through the SAE and the head in batches of 256, one
+/// [`DarkScore`] per row.
+///
+/// # Errors
+/// Width mismatches between `x`, the SAE and the head.
+pub fn score_tokens(
+    sae: &Sae,
+    head: &DarkHead,
+    x: ArrayView2<f32>,
+) -> Result<Vec<DarkScore>, SaeEvalError> {
+    if head.d() != sae.d_in() {
+        return Err(SaeEvalError::Invalid(format!(
+            "the dark-matter head takes d = {}, the SAE d_in = {}",
+            head.d(),
+            sae.d_in()
+        )));
+    }
+    let mut out = Vec::with_capacity(x.nrows());
+    let mut ws = sae.workspace(256);
+    let mut dws = head.workspace(256);
+    for chunk in x.axis_chunks_iter(Axis(0), 256) {
+        let fwd = sae.forward(chunk, &mut ws)?;
+        out.extend_from_slice(head.score(chunk, fwd.error(), &mut dws)?);
+    }
+    Ok(out)
+}
+
+/// Squared Mahalanobis distance to training rows, with the covariance shrunk towards the
+/// scaled identity: Σ_s = (1 − α)·Σ + α·(tr Σ/d)·I (Σ the maximum-likelihood covariance).
+#[derive(Debug, Clone)]
+pub struct Mahalanobis {
+    mean: Array1<f64>,
+    /// Lower Cholesky factor of Σ_s.
+    chol: Array2<f64>,
+    shrinkage: f64,
+}
+
+impl Mahalanobis {
+    /// Fits mean and shrunk covariance on `x`.
+    ///
+    /// # Errors
+    /// [`SaeEvalError::Invalid`] for fewer than 2 rows, `shrinkage` outside (0, 1], or a
+    /// covariance that is not positive definite (all rows equal).
+    pub fn fit(x: ArrayView2<f32>, shrinkage: f64) -> Result<Mahalanobis, SaeEvalError> {
+        let (n, d) = x.dim();
+        if n < 2 || d == 0 {
+            return Err(SaeEvalError::Invalid(format!(
+                "the Mahalanobis baseline needs at least 2 rows, got [{n}, {d}]"
+            )));
+        }
+        if !(shrinkage > 0.0 && shrinkage <= 1.0) {
+            return Err(SaeEvalError::Invalid(format!(
+                "shrinkage {shrinkage} must be in (0, 1]"
+            )));
+        }
+        let x64 = x.mapv(f64::from);
+        let mean = x64.mean_axis(Axis(0)).expect("n > 0");
+        let c = &x64 - &mean;
+        let mut cov = c.t().dot(&c) / n as f64;
+        let scale = cov.diag().sum() / d as f64;
+        cov *= 1.0 - shrinkage;
+        for i in 0..d {
+            cov[[i, i]] += shrinkage * scale;
+        }
+        let chol = cholesky(cov).ok_or_else(|| {
+            SaeEvalError::Invalid("the shrunk covariance is not positive definite".into())
+        })?;
+        Ok(Mahalanobis {
+            mean,
+            chol,
+            shrinkage,
+        })
+    }
+
+    pub fn shrinkage(&self) -> f64 {
+        self.shrinkage
+    }
+
+    /// (x − μ)ᵀ Σ_s⁻¹ (x − μ) per row.
+    ///
+    /// # Errors
+    /// [`SaeEvalError::Invalid`] for a width mismatch.
+    pub fn score(&self, x: ArrayView2<f32>) -> Result<Vec<f32>, SaeEvalError> {
+        let d = self.mean.len();
+        if x.ncols() != d {
+            return Err(SaeEvalError::Invalid(format!(
+                "rows have {} features, the Mahalanobis baseline was fitted on {d}",
+                x.ncols()
+            )));
+        }
+        let mut y = vec![0.0f64; d];
+        Ok(x.rows()
+            .into_iter()
+            .map(|row| {
+                // Forward substitution L y = x − μ; distance = ‖y‖².
+                let mut dist = 0.0;
+                for i in 0..d {
+                    let li = self.chol.row(i);
+                    let v = f64::from(row[i])
+                        - self.mean[i]
+                        - li.iter().zip(&y[..i]).map(|(l, y)| l * y).sum::<f64>();
+                    y[i] = v / li[i];
+                    dist += y[i] * y[i];
+                }
+                dist as f32
+            })
+            .collect())
+    }
+}
+
+fn cholesky(mut a: Array2<f64>) -> Option<Array2<f64>> {
+    let d = a.nrows();
+    for j in 0..d {
+        let mut diag = a[[j, j]];
+        for k in 0..j {
+            diag -= a[[j, k]] * a[[j, k]];
+        }
+        if diag.is_nan() || diag <= 0.0 {
+            return None;
+        }
+        let diag = diag.sqrt();
+        a[[j, j]] = diag;
+        for i in j + 1..d {
+            let mut v = a[[i, j]];
+            for k in 0..j {
+                v -= a[[i, k]] * a[[j, k]];
+            }
+            a[[i, j]] = v / diag;
+        }
+        for k in j + 1..d {
+            a[[j, k]] = 0.0;
+        }
+    }
+    Some(a)
+}
+
+/// Tokens grouped by prompt id, in order of first appearance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompts {
+    pub ids: Vec<i64>,
+    /// The token rows of each prompt.
+    pub members: Vec<Vec<usize>>,
+}
+
+impl Prompts {
+    pub fn group(ids: &[i64]) -> Prompts {
+        let mut index: HashMap<i64, usize> = HashMap::new();
+        let mut out = Prompts {
+            ids: Vec::new(),
+            members: Vec::new(),
+        };
+        for (row, &id) in ids.iter().enumerate() {
+            let slot = *index.entry(id).or_insert_with(|| {
+                out.ids.push(id);
+                out.members.push(Vec::new());
+                out.ids.len() - 1
+            });
+            out.members[slot].push(row);
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Max of each prompt's token scores (NaN if any token's is NaN).
+    pub fn max(&self, scores: &[f32]) -> Vec<f32> {
+        self.members
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .map(|&r| scores[r])
+                    .fold(f32::NEG_INFINITY, |a, v| {
+                        if v.is_nan() || a.is_nan() {
+                            f32::NAN
+                        } else {
+                            a.max(v)
+                        }
+                    })
+            })
+            .collect()
+    }
+
+    /// Mean of each prompt's token scores (f64 sum).
+    pub fn mean(&self, scores: &[f32]) -> Vec<f32> {
+        self.members
+            .iter()
+            .map(|m| (m.iter().map(|&r| f64::from(scores[r])).sum::<f64>() / m.len() as f64) as f32)
+            .collect()
+    }
+
+    /// A prompt's label: the max of its tokens' labels.
+    pub fn labels(&self, labels: &[u8]) -> Vec<u8> {
+        self.members
+            .iter()
+            .map(|m| m.iter().map(|&r| labels[r]).max().unwrap_or(0))
+            .collect()
+    }
+}
+
+/// One line of the OOD table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OodRow {
+    pub score: String,
+    /// `token`, `prompt max` or `prompt mean`.
+    pub level: &'static str,
+    pub n: usize,
+    pub n_ood: usize,
+    pub auroc: Option<f64>,
+    pub auprc: Option<f64>,
+}
+
+/// AUROC / AUPRC of each named score at token level and, with prompt ids, at prompt level
+/// (max and mean over tokens).
+///
+/// # Errors
+/// Length mismatches or labels other than 0/1.
+pub fn ood_table(
+    scores: &[(String, Vec<f32>)],
+    labels: &[u8],
+    prompts: Option<&Prompts>,
+) -> Result<Vec<OodRow>, SaeEvalError> {
+    let mut rows = Vec::new();
+    let row = |score: &str, level, s: &[f32], l: &[u8]| -> Result<OodRow, SaeEvalError> {
+        let r = eval::evaluate(s, l)?;
+        Ok(OodRow {
+            score: score.to_string(),
+            level,
+            n: r.n,
+            n_ood: r.n_anomalous,
+            auroc: r.auroc,
+            auprc: r.auprc,
+        })
+    };
+    for (name, s) in scores {
+        rows.push(row(name, "token", s, labels)?);
+    }
+    if let Some(p) = prompts {
+        let pl = p.labels(labels);
+        for (name, s) in scores {
+            rows.push(row(name, "prompt max", &p.max(s), &pl)?);
+        }
+        for (name, s) in scores {
+            rows.push(row(name, "prompt mean", &p.mean(s), &pl)?);
+        }
+    }
+    Ok(rows)
+}
+
+/// The table as Markdown.
+pub fn format_ood_table(rows: &[OodRow]) -> String {
+    let f = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.3}"));
+    let mut out =
+        String::from("| level | score | n (OOD) | AUROC | AUPRC |\n|---|---|---|---|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} ({}) | {} | {} |",
+            r.level,
+            r.score,
+            r.n,
+            r.n_ood,
+            f(r.auroc),
+            f(r.auprc)
+        );
+    }
+    out
+}
+
+/// Names of the per-token scores, in table order.
+pub const SCORE_NAMES: [&str; 4] = [
+    "‖e‖²",
+    "nonlinear ‖e − Aᵀx − b‖²",
+    "deviation (‖e‖² − pred)/σ",
+    "Mahalanobis (raw x)",
+];
+
+/// The token score columns from [`DarkScore`]s (‖e‖², nonlinear, deviation), plus the
+/// Mahalanobis scores when given.
+pub fn named_scores(
+    scores: &[DarkScore],
+    mahalanobis: Option<Vec<f32>>,
+) -> Vec<(String, Vec<f32>)> {
+    let mut out = vec![
+        (
+            SCORE_NAMES[0].to_string(),
+            scores.iter().map(|s| s.error_sq_norm).collect(),
+        ),
+        (
+            SCORE_NAMES[1].to_string(),
+            scores.iter().map(|s| s.nonlinear_sq_norm).collect(),
+        ),
+        (
+            SCORE_NAMES[2].to_string(),
+            scores.iter().map(|s| s.deviation).collect(),
+        ),
+    ];
+    if let Some(m) = mahalanobis {
+        out.push((SCORE_NAMES[3].to_string(), m));
+    }
+    out
+}
+
+/// Splits rows into (train, held-out) for `sae-train`: with prompt ids, the last
+/// ⌈fraction·prompts⌉ prompts (in order of first appearance) are held out; without, the last
+/// ⌈fraction·rows⌉ rows. `fraction = 0` holds out nothing.
+///
+/// # Errors
+/// [`SaeEvalError::Invalid`] for a fraction outside [0, 1) or one that leaves fewer than 2
+/// training rows.
+pub fn holdout_split(
+    rows: usize,
+    prompt_ids: Option<&[i64]>,
+    fraction: f64,
+) -> Result<(Vec<usize>, Vec<usize>), SaeEvalError> {
+    if !(0.0..1.0).contains(&fraction) {
+        return Err(SaeEvalError::Invalid(format!(
+            "the held-out fraction {fraction} must be in [0, 1)"
+        )));
+    }
+    let (train, held): (Vec<usize>, Vec<usize>) = match prompt_ids {
+        Some(ids) => {
+            let p = Prompts::group(ids);
+            let n_held = (fraction * p.len() as f64).ceil() as usize;
+            let cut = p.len() - n_held.min(p.len());
+            let mut train: Vec<usize> = p.members[..cut].iter().flatten().copied().collect();
+            let mut held: Vec<usize> = p.members[cut..].iter().flatten().copied().collect();
+            train.sort_unstable();
+            held.sort_unstable();
+            (train, held)
+        }
+        None => {
+            let n_held = (fraction * rows as f64).ceil() as usize;
+            let cut = rows - n_held.min(rows);
+            ((0..cut).collect(), (cut..rows).collect())
+        }
+    };
+    if train.len() < 2 {
+        return Err(SaeEvalError::Invalid(format!(
+            "holding out {fraction} leaves {} training rows",
+            train.len()
+        )));
+    }
+    Ok((train, held))
+}
+
+/// Fits the dark-matter head on the SAE errors of `x` (and reports R² on `held_out` rows).
+///
+/// # Errors
+/// Width mismatches or a failed fit.
+pub fn fit_dark_head(
+    sae: &Sae,
+    x: ArrayView2<f32>,
+    held_out: Option<ArrayView2<f32>>,
+    config: &DarkConfig,
+) -> Result<super::dark::DarkFit, SaeEvalError> {
+    let mut stats = DarkStats::new(sae.d_in());
+    let mut ws = sae.workspace(256);
+    for chunk in x.axis_chunks_iter(Axis(0), 256) {
+        let out = sae.forward(chunk, &mut ws)?;
+        stats.accumulate(chunk, out.error())?;
+    }
+    let held = match held_out {
+        Some(h) if h.nrows() > 0 => Some((h, sae_errors(sae, h)?)),
+        _ => None,
+    };
+    Ok(DarkHead::fit(
+        &stats,
+        config,
+        held.as_ref().map(|(h, e)| (*h, e.view())),
+    )?)
+}
+
+/// Dark-matter statistics from out-of-fold SAE errors: the rows are split into `folds`
+/// groups (whole prompts, round-robin in order of first appearance, when `prompt_ids` are
+/// given; else contiguous row blocks); for each, an SAE with `config` (seed + fold + 1) is
+/// trained on the other groups and its errors on the group are accumulated. An SAE fitted
+/// on few rows reconstructs its own rows much better than new ones, so a head fitted on its
+/// own training errors predicts too small an error for every new token; out-of-fold errors
+/// are what it will see in use.
+///
+/// # Errors
+/// Fewer than 2 folds, a fold that leaves fewer than 2 training rows, or a training error.
+pub fn crossfit_dark_stats(
+    x: ArrayView2<f32>,
+    prompt_ids: Option<&[i64]>,
+    config: &SaeTrainConfig,
+    folds: usize,
+) -> Result<DarkStats, SaeEvalError> {
+    let rows = x.nrows();
+    if folds < 2 || folds > rows {
+        return Err(SaeEvalError::Invalid(format!(
+            "cross-fitting needs 2..={rows} folds, got {folds}"
+        )));
+    }
+    let fold_of: Vec<usize> = match prompt_ids {
+        Some(ids) => {
+            let p = Prompts::group(ids);
+            let mut f = vec![0; rows];
+            for (i, m) in p.members.iter().enumerate() {
+                for &r in m {
+                    f[r] = i % folds;
+                }
+            }
+            f
+        }
+        None => (0..rows).map(|r| r * folds / rows).collect(),
+    };
+    let mut stats = DarkStats::new(x.ncols());
+    for fold in 0..folds {
+        let inside: Vec<usize> = (0..rows).filter(|&r| fold_of[r] == fold).collect();
+        let outside: Vec<usize> = (0..rows).filter(|&r| fold_of[r] != fold).collect();
+        if inside.is_empty() {
+            continue;
+        }
+        if outside.len() < 2 {
+            return Err(SaeEvalError::Invalid(format!(
+                "fold {fold} leaves {} rows to train on",
+                outside.len()
+            )));
+        }
+        let cfg = SaeTrainConfig {
+            seed: config.seed.wrapping_add(fold as u64 + 1),
+            ..config.clone()
+        };
+        let xo = x.select(Axis(0), &outside);
+        let trained = train_topk(xo.view(), None, &cfg, &mut |_| {})?;
+        let xi = x.select(Axis(0), &inside);
+        let e = sae_errors(&trained.sae, xi.view())?;
+        stats.accumulate(xi.view(), e.view())?;
+    }
+    Ok(stats)
+}
+
+/// The folder, under an SAE folder, where `sae-train` writes the dark-matter head.
+pub const DARK_DIR: &str = "dark";
+/// The training report `sae-train` writes beside the SAE.
+pub const TRAIN_REPORT_FILE: &str = "train_report.json";
+
+/// Arguments of `darkwatch sae-train`.
+#[derive(Debug, Clone)]
+pub struct SaeTrainArgs {
+    pub input: PathBuf,
+    pub tensor: Option<String>,
+    pub prompt_ids: Option<PathBuf>,
+    pub out: PathBuf,
+    /// Share of prompts (or rows) held out from SAE and head training, for reporting.
+    pub holdout: f64,
+    pub config: SaeTrainConfig,
+    pub dark: DarkConfig,
+    /// 0: fit the dark-matter head on the final SAE's errors on its own training rows. K ≥ 2:
+    /// cross-fit it on out-of-fold errors (see [`crossfit_dark_stats`]).
+    pub dark_folds: usize,
+    pub meta: SaveMeta,
+}
+
+/// What `sae-train` writes to `train_report.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SaeTrainSummary {
+    pub input: PathBuf,
+    pub sae: SaeTrainReport,
+    pub train_rows: usize,
+    pub held_out_rows: usize,
+    pub dark_ridge: f64,
+    /// 0 = head fitted on the SAE's own training rows; K = cross-fitted over K folds.
+    pub dark_folds: usize,
+    pub dark_train_r2: R2,
+    pub dark_held_out_r2: Option<R2>,
+}
+
+/// `darkwatch sae-train`: reads activations, holds out a share, trains a TopK SAE, writes it
+/// (SAELens layout) to `out`, fits the dark-matter head on the training rows' SAE errors into
+/// `out/dark/`, and writes `out/train_report.json`. Returns a text summary.
+///
+/// # Errors
+/// Bad input, config or a failed write, each naming its file or setting.
+pub fn sae_train_command(
+    args: &SaeTrainArgs,
+    on_epoch: &mut dyn FnMut(&EpochStats),
+) -> Result<(SaeTrainSummary, String), SaeEvalError> {
+    let x = read_activations(&args.input, args.tensor.as_deref())?;
+    let ids = match &args.prompt_ids {
+        Some(p) => Some(read_ints(p, None, x.nrows(), "prompt ids")?),
+        None => None,
+    };
+    let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
+    let train = x.select(Axis(0), &train_rows);
+    let held = x.select(Axis(0), &held_rows);
+    let held_view = (!held_rows.is_empty()).then(|| held.view());
+    args.config.validate(x.ncols())?;
+    fs::create_dir_all(&args.out).map_err(|source| SaeEvalError::Io {
+        path: args.out.clone(),
+        source,
+    })?;
+    let trained = train_topk(train.view(), held_view, &args.config, on_epoch)?;
+    save_saelens(&trained.parts, &args.out, &args.meta)?;
+    let fit = if args.dark_folds >= 2 {
+        let train_ids = ids
+            .as_ref()
+            .map(|ids| train_rows.iter().map(|&r| ids[r]).collect::<Vec<i64>>());
+        let stats = crossfit_dark_stats(
+            train.view(),
+            train_ids.as_deref(),
+            &args.config,
+            args.dark_folds,
+        )?;
+        let held = match held_view {
+            Some(h) => Some((h, sae_errors(&trained.sae, h)?)),
+            None => None,
+        };
+        DarkHead::fit(
+            &stats,
+            &args.dark,
+            held.as_ref().map(|(h, e)| (*h, e.view())),
+        )?
+    } else {
+        fit_dark_head(&trained.sae, train.view(), held_view, &args.dark)?
+    };
+    fit.head.save(&args.out.join(DARK_DIR))?;
+    let summary = SaeTrainSummary {
+        input: args.input.clone(),
+        sae: trained.report.clone(),
+        train_rows: train_rows.len(),
+        held_out_rows: held_rows.len(),
+        dark_ridge: args.dark.ridge,
+        dark_folds: args.dark_folds,
+        dark_train_r2: fit.train,
+        dark_held_out_r2: fit.held_out,
+    };
+    let report_path = args.out.join(TRAIN_REPORT_FILE);
+    let json =
+        serde_json::to_vec_pretty(&summary).map_err(|e| input_err(&report_path, e.to_string()))?;
+    fs::write(&report_path, json).map_err(|source| SaeEvalError::Io {
+        path: report_path.clone(),
+        source,
+    })?;
+    let r = &trained.report;
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "trained TopK SAE: d_in {}, {} latents, k {}, {} epochs ({} steps) on {} rows ({} held out)",
+        r.d_in,
+        r.config.latents,
+        r.config.k,
+        r.config.epochs,
+        r.steps,
+        train_rows.len(),
+        held_rows.len()
+    );
+    let _ = writeln!(
+        text,
+        "normalised MSE: train {:.4}, held-out {}; dead latents {:.1} % (fire on no training row), \
+         {:.1} % by the {}-token rule; mean L0 {:.2}",
+        r.train_nmse,
+        r.held_out_nmse.map_or("n/a".into(), |v| format!("{v:.4}")),
+        100.0 * r.dead_share,
+        100.0 * r.dead_share_tracked,
+        r.dead_tokens,
+        r.mean_l0
+    );
+    let r2 = |v: Option<R2>| {
+        v.map_or("n/a".into(), |v| {
+            format!("vector {:.3}, norm {:.3}", v.vector, v.norm)
+        })
+    };
+    let _ = writeln!(
+        text,
+        "dark-matter head (ridge {}, {}): R² on its fit rows {}; held-out {} (paper: vector ≈ 0.5, norm > 0.9)",
+        args.dark.ridge,
+        if args.dark_folds >= 2 {
+            format!(
+                "cross-fitted on out-of-fold errors of {} SAEs",
+                args.dark_folds
+            )
+        } else {
+            "fitted on the SAE's own training rows".to_string()
+        },
+        r2(Some(fit.train)),
+        r2(fit.held_out)
+    );
+    let _ = writeln!(text, "wrote {}", args.out.display());
+    Ok((summary, text))
+}
+
+/// Arguments of `darkwatch sae-score`.
+#[derive(Debug, Clone, Default)]
+pub struct SaeScoreArgs {
+    pub sae: PathBuf,
+    /// The head's folder; default `<sae>/dark`.
+    pub dark: Option<PathBuf>,
+    pub input: PathBuf,
+    pub tensor: Option<String>,
+    pub labels: Option<PathBuf>,
+    pub prompt_ids: Option<PathBuf>,
+    /// Activations to fit the Mahalanobis baseline on (e.g. the SAE's training rows).
+    pub baseline: Option<PathBuf>,
+    pub baseline_shrinkage: f64,
+    /// Token CSV.
+    pub out: Option<PathBuf>,
+    /// Prompt CSV.
+    pub prompt_out: Option<PathBuf>,
+}
+
+/// What `sae-score` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct SaeScoreSummary {
+    pub rows: usize,
+    pub prompts: Option<usize>,
+    pub table: Vec<OodRow>,
+    /// Dark-matter R² on the rows labelled 0 (held-out in-distribution), when labels are given.
+    pub r2_label0: Option<R2>,
+    /// Normalised MSE of the SAE on the rows labelled 0, and on all rows.
+    pub nmse_label0: Option<f64>,
+    pub nmse_all: f64,
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), SaeEvalError> {
+    fs::write(path, text).map_err(|source| SaeEvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `darkwatch sae-score`: scores every token row through the SAE and its head, writes the
+/// token (and prompt) CSVs if asked, and with labels returns the OOD table.
+///
+/// # Errors
+/// Bad input (shape mismatches are named with both shapes), a missing SAE or head, a failed
+/// write.
+pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String), SaeEvalError> {
+    let sae = Sae::load(&args.sae)?;
+    let dark_dir = args.dark.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
+    let head = DarkHead::load(&dark_dir)?;
+    let x = read_activations(&args.input, args.tensor.as_deref())?;
+    if x.ncols() != sae.d_in() {
+        return Err(input_err(
+            &args.input,
+            format!(
+                "activations are [{}, {}], the SAE in {} takes d_in = {}",
+                x.nrows(),
+                x.ncols(),
+                args.sae.display(),
+                sae.d_in()
+            ),
+        ));
+    }
+    let rows = x.nrows();
+    let labels = match &args.labels {
+        Some(p) => Some(read_labels(p, None, rows)?),
+        None => None,
+    };
+    let ids = match &args.prompt_ids {
+        Some(p) => Some(read_ints(p, None, rows, "prompt ids")?),
+        None => None,
+    };
+    let prompts = ids.as_deref().map(Prompts::group);
+    let scores = score_tokens(&sae, &head, x.view())?;
+    let maha = match &args.baseline {
+        Some(p) => {
+            let base = read_activations(p, None)?;
+            if base.ncols() != x.ncols() {
+                return Err(input_err(
+                    p,
+                    format!(
+                        "baseline rows have {} features, the scored rows {}",
+                        base.ncols(),
+                        x.ncols()
+                    ),
+                ));
+            }
+            Some(Mahalanobis::fit(base.view(), args.baseline_shrinkage)?.score(x.view())?)
+        }
+        None => None,
+    };
+    let named = named_scores(&scores, maha);
+
+    if let Some(out) = &args.out {
+        let mut csv = String::from("row");
+        if ids.is_some() {
+            csv.push_str(",prompt_id");
+        }
+        if labels.is_some() {
+            csv.push_str(",label");
+        }
+        csv.push_str(",error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation");
+        if named.len() > 3 {
+            csv.push_str(",mahalanobis");
+        }
+        csv.push('\n');
+        for (r, sc) in scores.iter().enumerate() {
+            let _ = write!(csv, "{r}");
+            if let Some(ids) = &ids {
+                let _ = write!(csv, ",{}", ids[r]);
+            }
+            if let Some(l) = &labels {
+                let _ = write!(csv, ",{}", l[r]);
+            }
+            let _ = write!(
+                csv,
+                ",{},{},{},{}",
+                sc.error_sq_norm, sc.predicted_sq_norm, sc.nonlinear_sq_norm, sc.deviation
+            );
+            if named.len() > 3 {
+                let _ = write!(csv, ",{}", named[3].1[r]);
+            }
+            csv.push('\n');
+        }
+        write_file(out, &csv)?;
+    }
+    if let Some(out) = &args.prompt_out {
+        let Some(p) = &prompts else {
+            return Err(SaeEvalError::Invalid(
+                "prompt-level output needs prompt ids".into(),
+            ));
+        };
+        let mut csv = String::from("prompt_id,tokens");
+        if labels.is_some() {
+            csv.push_str(",label");
+        }
+        let keys = [
+            "error_sq_norm",
+            "nonlinear_sq_norm",
+            "deviation",
+            "mahalanobis",
+        ];
+        for k in &keys[..named.len()] {
+            let _ = write!(csv, ",{k}_max,{k}_mean");
+        }
+        csv.push('\n');
+        let maxes: Vec<Vec<f32>> = named.iter().map(|(_, s)| p.max(s)).collect();
+        let means: Vec<Vec<f32>> = named.iter().map(|(_, s)| p.mean(s)).collect();
+        let pl = labels.as_deref().map(|l| p.labels(l));
+        for i in 0..p.len() {
+            let _ = write!(csv, "{},{}", p.ids[i], p.members[i].len());
+            if let Some(pl) = &pl {
+                let _ = write!(csv, ",{}", pl[i]);
+            }
+            for (mx, mn) in maxes.iter().zip(&means) {
+                let _ = write!(csv, ",{},{}", mx[i], mn[i]);
+            }
+            csv.push('\n');
+        }
+        write_file(out, &csv)?;
+    }
+
+    let nmse_all = super::train::evaluate_sae(&sae, x.view())?.nmse;
+    let (table, r2_label0, nmse_label0) = match &labels {
+        Some(l) => {
+            let table = ood_table(&named, l, prompts.as_ref())?;
+            let normal: Vec<usize> = (0..rows).filter(|&r| l[r] == 0).collect();
+            let (r2, nmse) = if normal.len() >= 2 {
+                let xn = x.select(Axis(0), &normal);
+                let en = sae_errors(&sae, xn.view())?;
+                (
+                    Some(head.r2(xn.view(), en.view())?),
+                    Some(super::train::evaluate_sae(&sae, xn.view())?.nmse),
+                )
+            } else {
+                (None, None)
+            };
+            (table, r2, nmse)
+        }
+        None => (Vec::new(), None, None),
+    };
+    let summary = SaeScoreSummary {
+        rows,
+        prompts: prompts.as_ref().map(Prompts::len),
+        table,
+        r2_label0,
+        nmse_label0,
+        nmse_all,
+    };
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "scored {rows} tokens{} with {} ({} latents) and {}",
+        summary
+            .prompts
+            .map_or(String::new(), |p| format!(" in {p} prompts")),
+        args.sae.display(),
+        sae.d_sae(),
+        dark_dir.display()
+    );
+    let _ = writeln!(
+        text,
+        "normalised MSE: all rows {:.4}{}",
+        nmse_all,
+        nmse_label0.map_or(String::new(), |v| format!(", label-0 rows {v:.4}"))
+    );
+    if let Some(r2) = r2_label0 {
+        let _ = writeln!(
+            text,
+            "dark-matter R² on label-0 rows: vector {:.3}, norm {:.3} (paper: ≈ 0.5, > 0.9)",
+            r2.vector, r2.norm
+        );
+    }
+    if !summary.table.is_empty() {
+        text.push_str(&format_ood_table(&summary.table));
+    } else if labels.is_none() {
+        let mean = |f: fn(&DarkScore) -> f32| {
+            scores.iter().map(|s| f64::from(f(s))).sum::<f64>() / rows as f64
+        };
+        let _ = writeln!(
+            text,
+            "mean ‖e‖² {:.4}, predicted {:.4}, nonlinear {:.4}, deviation {:.3} (no labels: no AUROC)",
+            mean(|s| s.error_sq_norm),
+            mean(|s| s.predicted_sq_norm),
+            mean(|s| s.nonlinear_sq_norm),
+            mean(|s| s.deviation)
+        );
+    }
+    if let Some(out) = &args.out {
+        let _ = writeln!(text, "wrote {}", out.display());
+    }
+    if let Some(out) = &args.prompt_out {
+        let _ = writeln!(text, "wrote {}", out.display());
+    }
+    Ok((summary, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_group_and_aggregate() {
+        let p = Prompts::group(&[5, 5, 7, 5, 9]);
+        assert_eq!(p.ids, vec![5, 7, 9]);
+        assert_eq!(p.members, vec![vec![0, 1, 3], vec![2], vec![4]]);
+        let s = [1.0, 4.0, 2.0, 1.0, 0.5];
+        assert_eq!(p.max(&s), vec![4.0, 2.0, 0.5]);
+        assert_eq!(p.mean(&s), vec![2.0, 2.0, 0.5]);
+        assert_eq!(p.labels(&[0, 1, 0, 0, 0]), vec![1, 0, 0]);
+    }
+
+    #[test]
+    fn mahalanobis_matches_a_direct_inverse() {
+        // 2-D: cov diag(4, 1) (ML), no shrinkage effect beyond α.
+        let x = Array2::from_shape_vec((4, 2), vec![2.0, 1.0, -2.0, -1.0, 2.0, -1.0, -2.0, 1.0])
+            .unwrap();
+        let m = Mahalanobis::fit(x.view(), 0.5).unwrap();
+        // Σ_s = 0.5·diag(4,1) + 0.5·2.5·I = diag(3.25, 1.75).
+        let q = Array2::from_shape_vec((1, 2), vec![1.0, 1.0]).unwrap();
+        let got = m.score(q.view()).unwrap()[0];
+        let want = 1.0 / 3.25 + 1.0 / 1.75;
+        assert!((f64::from(got) - want).abs() < 1e-6, "{got} vs {want}");
+        assert!(Mahalanobis::fit(x.view(), 0.0).is_err());
+        assert!(m.score(Array2::zeros((1, 3)).view()).is_err());
+    }
+
+    #[test]
+    fn holdout_split_by_prompt_and_by_row() {
+        let ids = [1, 1, 2, 2, 3, 3, 3, 4];
+        let (t, h) = holdout_split(8, Some(&ids), 0.25).unwrap();
+        assert_eq!(t, vec![0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(h, vec![7]);
+        let (t, h) = holdout_split(8, Some(&ids), 0.5).unwrap();
+        assert_eq!((t.len(), h), (4, vec![4, 5, 6, 7]));
+        let (t, h) = holdout_split(10, None, 0.2).unwrap();
+        assert_eq!((t.len(), h), (8, vec![8, 9]));
+        assert_eq!(holdout_split(10, None, 0.0).unwrap().1, Vec::<usize>::new());
+        assert!(holdout_split(10, None, 1.0).is_err());
+        assert!(holdout_split(2, None, 0.9).is_err());
+    }
+
+    #[test]
+    fn ints_from_safetensors_and_npy_with_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = |name: &str, dtype, shape: Vec<usize>, data: Vec<u8>| {
+            let p = dir.path().join(name);
+            let v = safetensors::tensor::TensorView::new(dtype, shape, &data).unwrap();
+            fs::write(&p, safetensors::serialize(vec![("ids", v)], None).unwrap()).unwrap();
+            p
+        };
+        let ids: Vec<u8> = [3i64, -1, 1 << 40]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let p = st("ids.safetensors", Dtype::I64, vec![3], ids);
+        assert_eq!(
+            read_ints(&p, None, 3, "prompt ids").unwrap(),
+            vec![3, -1, 1 << 40]
+        );
+        let e = read_ints(&p, None, 4, "prompt ids")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3 prompt ids for 4 activation rows"), "{e}");
+        assert!(
+            read_labels(&p, None, 3)
+                .unwrap_err()
+                .to_string()
+                .contains("label 0 is 3")
+        );
+        let e = read_ints(&p, Some("nope"), 3, "ids")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no tensor `nope`") && e.contains("ids"), "{e}");
+        let f = st("f.safetensors", Dtype::F32, vec![2], vec![0; 8]);
+        assert!(
+            read_ints(&f, None, 2, "ids")
+                .unwrap_err()
+                .to_string()
+                .contains("integer")
+        );
+        // Activations: shape and dtype errors.
+        let e = read_activations(&f, None).unwrap_err().to_string();
+        assert!(e.contains("2-D"), "{e}");
+        let a = st("a.safetensors", Dtype::F16, vec![2, 3], vec![0; 12]);
+        assert_eq!(read_activations(&a, None).unwrap().dim(), (2, 3));
+        let e = read_activations(&dir.path().join("x.csv"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(".npy or .safetensors"), "{e}");
+        // .npy int32 ids.
+        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+        let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (3,), }";
+        let mut h = header.to_string();
+        while !(10 + h.len() + 1).is_multiple_of(64) {
+            h.push(' ');
+        }
+        h.push('\n');
+        npy.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        npy.extend_from_slice(h.as_bytes());
+        for v in [0i32, 1, 1] {
+            npy.extend_from_slice(&v.to_le_bytes());
+        }
+        let p = dir.path().join("l.npy");
+        fs::write(&p, npy).unwrap();
+        assert_eq!(read_labels(&p, None, 3).unwrap(), vec![0, 1, 1]);
+    }
+}

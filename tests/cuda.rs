@@ -1,0 +1,417 @@
+//! The CUDA backend against the native one, on the bundled models and stream.
+//!
+//! Needs the `cuda` feature. Two kinds of test:
+//!
+//! * **No GPU** (this is what runs on a CPU-only machine): selecting CUDA with
+//!   `fallback = "error"` fails and names the cause; with `fallback = "cpu"` it scores with
+//!   the native kernels, bit for bit. On a machine with a usable GPU these two skip (they
+//!   cannot see a missing GPU there) and say so.
+//! * **GPU parity**: CUDA and native scores agree within 1e-4 relative. Without a usable
+//!   GPU these skip with a printed note, unless `DARKWATCH_REQUIRE_GPU=1` is set (as
+//!   `tools/gpu-check.sh` does): then a missing GPU fails them, so a GPU run cannot pass
+//!   vacuously.
+#![cfg(feature = "cuda")]
+
+mod util;
+
+use std::sync::Arc;
+
+use darkwatch::config::{Backend, CudaConfig, CudaFallback, DarkwatchConfig};
+use darkwatch::ingest::{self, TableOptions};
+use darkwatch::model::Model;
+use darkwatch::model::cuda;
+use darkwatch::pipeline::Scorer;
+use darkwatch::replay::{self, ReplayRequest};
+use darkwatch::score::{Head, HeadKind};
+use util::repo;
+
+const PAE: &str = "models/smd-machine-1-6";
+const MSE: &str = "models/smd-machine-1-6-mse";
+const STREAM: &str = "tests/data/smd/machine-1-6_test.npy";
+
+fn require_gpu() -> bool {
+    std::env::var("DARKWATCH_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// The GPU's name when device 0 is usable; `None` (after printing why) when it is not and
+/// no GPU is required. Panics when `DARKWATCH_REQUIRE_GPU=1` and there is none.
+fn gpu(test: &str) -> Option<String> {
+    match cuda::probe(0) {
+        Ok(name) => Some(name),
+        Err(e) if require_gpu() => {
+            panic!("{test}: DARKWATCH_REQUIRE_GPU=1 but no usable GPU: {e}")
+        }
+        Err(e) => {
+            println!(
+                "SKIPPED {test}: no usable GPU ({e}); set DARKWATCH_REQUIRE_GPU=1 to fail instead"
+            );
+            None
+        }
+    }
+}
+
+/// The cause when there is no usable GPU; `None` (after printing why) when there is one.
+fn no_gpu(test: &str) -> Option<String> {
+    match cuda::probe(0) {
+        Ok(name) => {
+            println!("SKIPPED {test}: a GPU is present ({name}); this test checks the no-GPU path");
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+fn cuda_cfg(fallback: CudaFallback) -> CudaConfig {
+    CudaConfig {
+        fallback,
+        ..CudaConfig::default()
+    }
+}
+
+fn load_native(dir: &str) -> Model {
+    Model::load(&repo(dir)).expect("bundled model loads")
+}
+
+fn load_cuda(dir: &str, cfg: &CudaConfig) -> Model {
+    load_native(dir).with_cuda(cfg).expect("CUDA model loads")
+}
+
+fn stream() -> ndarray::Array2<f32> {
+    ingest::read_table(&repo(STREAM), &TableOptions::default())
+        .expect("bundled stream reads")
+        .values
+}
+
+/// Every frame within 1e-4 relative (relative to max(|a|, |b|, 1e-3)).
+fn assert_close(native: &[f32], gpu: &[f32], what: &str) {
+    assert_eq!(native.len(), gpu.len(), "{what}: lengths");
+    let mut worst = (0.0f32, 0usize);
+    for (i, (&a, &b)) in native.iter().zip(gpu).enumerate() {
+        assert!(
+            a.is_finite() && b.is_finite(),
+            "{what}: row {i}: {a} vs {b}"
+        );
+        let rel = (a - b).abs() / a.abs().max(b.abs()).max(1e-3);
+        if rel > worst.0 {
+            worst = (rel, i);
+        }
+    }
+    println!(
+        "{what}: {} frames, max relative difference {:.2e} (row {})",
+        native.len(),
+        worst.0,
+        worst.1
+    );
+    assert!(
+        worst.0 <= 1e-4,
+        "{what}: row {} differs by {:.2e} relative: native {} vs cuda {}",
+        worst.1,
+        worst.0,
+        native[worst.1],
+        gpu[worst.1]
+    );
+}
+
+// ---------------------------------------------------------------- no GPU: the fallback path
+
+#[test]
+fn fallback_error_names_the_cause() {
+    let Some(cause) = no_gpu("fallback_error_names_the_cause") else {
+        return;
+    };
+    let e = load_native(PAE)
+        .with_cuda(&cuda_cfg(CudaFallback::Error))
+        .expect_err("no GPU: fallback = error refuses");
+    let msg = e.to_string();
+    println!("{msg}");
+    assert!(msg.contains(&cause), "{msg} does not name {cause}");
+    assert!(
+        ["libcuda", "device", "cuBLAS", "NVRTC", "panicked"]
+            .iter()
+            .any(|w| msg.contains(w)),
+        "{msg}"
+    );
+    // Through the configuration too (what replay and the agent use).
+    let mut cfg = DarkwatchConfig::default();
+    cfg.score.backend = Backend::Cuda;
+    cfg.cuda.fallback = CudaFallback::Error;
+    cfg.validate().expect("valid in a cuda build");
+    let e = Model::load_configured(&repo(PAE), &cfg).expect_err("refused");
+    assert!(e.to_string().contains(&cause), "{e}");
+}
+
+#[test]
+fn fallback_cpu_scores_exactly_like_native() {
+    let Some(cause) = no_gpu("fallback_cpu_scores_exactly_like_native") else {
+        return;
+    };
+    let x = stream();
+    for (dir, heads) in [
+        (PAE, &[HeadKind::Wnll, HeadKind::Mse][..]),
+        (MSE, &[HeadKind::Mse, HeadKind::MaxAbs][..]),
+    ] {
+        let native = Arc::new(load_native(dir));
+        let fell_back = Arc::new(load_cuda(dir, &cuda_cfg(CudaFallback::Cpu)));
+        assert!(fell_back.cuda.is_none());
+        assert_eq!(
+            fell_back.backend_label(),
+            format!("native (cuda unavailable: {cause})")
+        );
+        for &kind in heads {
+            let head = Head {
+                kind,
+                ..native.meta.head
+            };
+            let a = Scorer::new(native.clone(), head, 256, 3)
+                .unwrap()
+                .score_all(x.view());
+            let b = Scorer::new(fell_back.clone(), head, 256, 3)
+                .unwrap()
+                .score_all(x.view());
+            assert_eq!(a, b, "{dir} {}: fallback scores differ", kind.name());
+        }
+    }
+}
+
+#[test]
+fn fallback_cpu_replay_reports_the_native_backend() {
+    let Some(cause) = no_gpu("fallback_cpu_replay_reports_the_native_backend") else {
+        return;
+    };
+    let native = replay_with(Backend::Native, PAE);
+    let fell_back = replay_with(Backend::Cuda, PAE);
+    assert!(
+        fell_back.model.backend_label().contains(&cause),
+        "{}",
+        fell_back.model.backend_label()
+    );
+    assert_eq!(native.scores, fell_back.scores);
+    assert_eq!(native.alert_spans, fell_back.alert_spans);
+}
+
+// ---------------------------------------------------------------- NVRTC (no GPU needed)
+
+/// The kernels compile with NVRTC, to PTX and to CUBINs for the GPUs darkwatch targets.
+/// Needs only libnvrtc.so.13 (a CUDA 13 toolkit or the `nvidia-cuda-nvrtc` wheel on
+/// `LD_LIBRARY_PATH`), not a driver; skips without it unless `DARKWATCH_REQUIRE_GPU=1`.
+#[test]
+fn kernels_compile_with_nvrtc() {
+    match cuda::compile_kernels(None) {
+        Err(cuda::CudaError::Library { library }) if !require_gpu() => {
+            println!("SKIPPED kernels_compile_with_nvrtc: {library} not found");
+            return;
+        }
+        Err(e) => panic!("PTX: {e}"),
+        Ok(_) => {}
+    }
+    for arch in ["sm_80", "sm_90"] {
+        cuda::compile_kernels(Some(arch)).unwrap_or_else(|e| panic!("{arch}: {e}"));
+    }
+}
+
+// ---------------------------------------------------------------- GPU parity
+
+/// Every head the model supports, at several batch sizes, CUDA against native.
+fn heads_agree(dir: &str, heads: &[HeadKind], test: &str) {
+    let Some(name) = gpu(test) else {
+        return;
+    };
+    let native = Arc::new(load_native(dir));
+    let gpu_model = Arc::new(load_cuda(dir, &cuda_cfg(CudaFallback::Error)));
+    assert!(gpu_model.cuda.is_some());
+    assert_eq!(gpu_model.backend_label(), format!("cuda/{name}"));
+    let x = stream();
+    for &kind in heads {
+        let head = Head {
+            kind,
+            ..native.meta.head
+        };
+        for batch in [1, 7, 256, 4096] {
+            let a = Scorer::new(native.clone(), head, batch, 3)
+                .unwrap()
+                .score_all(x.view());
+            let mut s = Scorer::new(gpu_model.clone(), head, batch, 3).unwrap();
+            let b = s.score_all(x.view());
+            assert_eq!(s.backend_errors(), 0, "{dir}: CUDA runs failed");
+            assert_close(&a, &b, &format!("{dir} {} batch {batch}", kind.name()));
+        }
+    }
+}
+
+#[test]
+fn pae_scores_agree_with_native_for_every_head() {
+    heads_agree(
+        PAE,
+        &[HeadKind::Wnll, HeadKind::Mse, HeadKind::MaxAbs],
+        "pae_scores_agree_with_native_for_every_head",
+    );
+}
+
+#[test]
+fn plain_ae_scores_agree_with_native() {
+    heads_agree(
+        MSE,
+        &[HeadKind::Mse, HeadKind::MaxAbs],
+        "plain_ae_scores_agree_with_native",
+    );
+}
+
+/// The same contributions (not only scores) come out: the heads run on the host from the
+/// copied-back reconstruction, so the top features must match.
+#[test]
+fn contributions_agree_with_native() {
+    let Some(_) = gpu("contributions_agree_with_native") else {
+        return;
+    };
+    let native = Arc::new(load_native(PAE));
+    let gpu_model = Arc::new(load_cuda(PAE, &cuda_cfg(CudaFallback::Error)));
+    let x = stream();
+    let x = x.slice(ndarray::s![..512, ..]);
+    let head = native.meta.head;
+    let mut a = Scorer::new(native, head, 512, 3).unwrap();
+    let mut b = Scorer::new(gpu_model, head, 512, 3).unwrap();
+    a.score_all(x);
+    b.score_all(x);
+    let (ca, cb) = (a.contributions(512), b.contributions(512));
+    let mut worst = 0.0f32;
+    for (p, q) in ca.iter().zip(cb.iter()) {
+        worst = worst.max((p - q).abs() / p.abs().max(q.abs()).max(1e-3));
+    }
+    println!("contributions: max relative difference {worst:.2e}");
+    assert!(worst <= 1e-4, "contributions differ by {worst:.2e}");
+}
+
+fn replay_with(backend: Backend, dir: &str) -> replay::ReplayOutcome {
+    let mut cfg = DarkwatchConfig::default();
+    cfg.score.backend = backend;
+    let req = ReplayRequest {
+        model_dir: repo(dir),
+        input: repo(STREAM),
+        labels: Some(repo("tests/data/smd/machine-1-6_test_label.txt")),
+        out_csv: None,
+        events: None,
+        plot: None,
+        rate: None,
+        head: None,
+        mss: None,
+    };
+    replay::replay(&req, &cfg).expect("replay runs")
+}
+
+#[test]
+fn replay_of_the_bundled_stream_gives_the_same_scores_and_alerts() {
+    let Some(name) = gpu("replay_of_the_bundled_stream_gives_the_same_scores_and_alerts") else {
+        return;
+    };
+    for dir in [PAE, MSE] {
+        let native = replay_with(Backend::Native, dir);
+        let gpu_run = replay_with(Backend::Cuda, dir);
+        assert_eq!(gpu_run.model.backend_label(), format!("cuda/{name}"));
+        assert_eq!(
+            gpu_run.pipeline.frames_scored,
+            native.pipeline.frames_scored
+        );
+        assert_eq!(gpu_run.pipeline.frames_invalid, 0);
+        assert_close(&native.scores, &gpu_run.scores, &format!("{dir} replay"));
+        assert!(
+            !native.events.is_empty(),
+            "{dir}: the bundled stream raises alerts"
+        );
+        assert_eq!(
+            native.alert_spans, gpu_run.alert_spans,
+            "{dir}: alert spans"
+        );
+    }
+}
+
+#[test]
+fn a_missing_device_index_is_named() {
+    let Some(_) = gpu("a_missing_device_index_is_named") else {
+        return;
+    };
+    let cfg = CudaConfig {
+        device: 999,
+        fallback: CudaFallback::Error,
+        tf32: false,
+    };
+    let e = load_native(PAE).with_cuda(&cfg).expect_err("device 999");
+    assert!(e.to_string().contains("no such device"), "{e}");
+}
+
+// ---------------------------------------------------------------- SAE on the device
+
+fn random_rows(n: usize, d: usize, seed: u64) -> ndarray::Array2<f32> {
+    let mut rng = darkwatch::rng::Rng::new(seed);
+    ndarray::Array2::from_shape_fn((n, d), |_| rng.uniform(-1.7, 1.7))
+}
+
+/// ‖e‖² per row from the device SAE against the CPU forward. A row whose k-th and (k+1)-th
+/// pre-activations nearly tie can pick a different latent on each side (cuBLAS and the CPU
+/// kernel sum in different orders), which changes its error by a whole decoder row: such
+/// rows are counted (at most 1 %) and left out of the 1e-4 comparison.
+#[test]
+fn sae_forward_agrees_with_the_cpu() {
+    use darkwatch::model::cuda::CudaSae;
+    use darkwatch::sae::Sae;
+    let Some(_) = gpu("sae_forward_agrees_with_the_cpu") else {
+        return;
+    };
+    for (d, d_sae, k, n) in [(64, 512, 8, 300), (768, 32_768, 32, 512)] {
+        let sae = Sae::random(d, d_sae, k, 3).unwrap();
+        let x = random_rows(n, d, 11);
+        let mut ws = sae.workspace(n);
+        let cpu = sae.forward(x.view(), &mut ws).unwrap();
+        let mut dev = CudaSae::load(&sae, n, &cuda_cfg(CudaFallback::Error)).unwrap();
+        let got = dev.forward(x.view()).unwrap().to_vec();
+        let (idx, _val) = dev.latents(n).unwrap();
+        let (mut same_a, mut same_b, mut differ) = (Vec::new(), Vec::new(), 0usize);
+        let mut active = Vec::new();
+        for r in 0..n {
+            cpu.active(r, &mut active);
+            let mut a: Vec<u32> = active.iter().map(|&(i, _)| i as u32).collect();
+            let mut b: Vec<u32> = idx[r * k..(r + 1) * k]
+                .iter()
+                .copied()
+                .filter(|&i| i != u32::MAX)
+                .collect();
+            a.sort_unstable();
+            b.sort_unstable();
+            if a == b {
+                same_a.push(cpu.error_sq_norm()[r]);
+                same_b.push(got[r]);
+            } else {
+                differ += 1;
+            }
+        }
+        println!("SAE {d}x{d_sae} k={k}: {differ} of {n} rows chose other latents");
+        assert!(
+            differ <= n / 100 + 1,
+            "{differ} of {n} rows differ in their latents"
+        );
+        assert_close(&same_a, &same_b, &format!("SAE {d}x{d_sae} k={k} error"));
+    }
+}
+
+/// What the device SAE does not cover is refused before any CUDA call (so this runs
+/// everywhere), with the reason.
+#[test]
+fn sae_on_the_device_refuses_what_it_does_not_cover() {
+    use darkwatch::model::cuda::{CudaError, CudaSae};
+    use darkwatch::sae::{Normalization, Sae, SaeActivation, SaeParts};
+    let (d, d_sae) = (8, 32);
+    let sae = Sae::from_parts(SaeParts {
+        w_enc: ndarray::Array2::from_elem((d, d_sae), 0.1),
+        b_enc: ndarray::Array1::zeros(d_sae),
+        w_dec: ndarray::Array2::from_elem((d_sae, d), 0.1),
+        b_dec: ndarray::Array1::zeros(d),
+        threshold: None,
+        activation: SaeActivation::Relu,
+        apply_b_dec_to_input: false,
+        normalization: Normalization::None,
+    })
+    .unwrap();
+    match CudaSae::load(&sae, 4, &CudaConfig::default()) {
+        Err(CudaError::Unsupported(why)) => assert!(why.contains("TopK"), "{why}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
