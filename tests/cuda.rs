@@ -21,7 +21,6 @@ use darkwatch::ingest::{self, TableOptions};
 use darkwatch::model::Model;
 use darkwatch::model::cuda;
 use darkwatch::pipeline::Scorer;
-use darkwatch::replay::{self, ReplayRequest};
 use darkwatch::score::{Head, HeadKind};
 use util::repo;
 
@@ -178,8 +177,8 @@ fn fallback_cpu_replay_reports_the_native_backend() {
     let Some(cause) = no_gpu("fallback_cpu_replay_reports_the_native_backend") else {
         return;
     };
-    let native = replay_with(Backend::Native, PAE);
-    let fell_back = replay_with(Backend::Cuda, PAE);
+    let native = util::replay_bundled(Backend::Native, PAE);
+    let fell_back = util::replay_bundled(Backend::Cuda, PAE);
     assert!(
         fell_back.model.backend_label().contains(&cause),
         "{}",
@@ -281,31 +280,14 @@ fn contributions_agree_with_native() {
     assert!(worst <= 1e-4, "contributions differ by {worst:.2e}");
 }
 
-fn replay_with(backend: Backend, dir: &str) -> replay::ReplayOutcome {
-    let mut cfg = DarkwatchConfig::default();
-    cfg.score.backend = backend;
-    let req = ReplayRequest {
-        model_dir: repo(dir),
-        input: repo(STREAM),
-        labels: Some(repo("tests/data/smd/machine-1-6_test_label.txt")),
-        out_csv: None,
-        events: None,
-        plot: None,
-        rate: None,
-        head: None,
-        mss: None,
-    };
-    replay::replay(&req, &cfg).expect("replay runs")
-}
-
 #[test]
 fn replay_of_the_bundled_stream_gives_the_same_scores_and_alerts() {
     let Some(name) = gpu("replay_of_the_bundled_stream_gives_the_same_scores_and_alerts") else {
         return;
     };
     for dir in [PAE, MSE] {
-        let native = replay_with(Backend::Native, dir);
-        let gpu_run = replay_with(Backend::Cuda, dir);
+        let native = util::replay_bundled(Backend::Native, dir);
+        let gpu_run = util::replay_bundled(Backend::Cuda, dir);
         assert_eq!(gpu_run.model.backend_label(), format!("cuda/{name}"));
         assert_eq!(
             gpu_run.pipeline.frames_scored,

@@ -9,11 +9,11 @@ mod util;
 
 use std::sync::Arc;
 
-use darkwatch::config::{Backend, DarkwatchConfig, OnnxConfig, OnnxFallback, OnnxProvider};
+use darkwatch::config::{Backend, OnnxConfig, OnnxFallback, OnnxProvider};
 use darkwatch::ingest::{self, TableOptions};
 use darkwatch::model::{Model, ModelError};
 use darkwatch::pipeline::Scorer;
-use darkwatch::replay::{self, ReplayRequest};
+use darkwatch::replay;
 use darkwatch::score::{Head, HeadKind};
 use util::{darkwatch, repo, run};
 
@@ -165,28 +165,11 @@ fn mean_shift_scoring_agrees_with_native() {
     assert_close_share(&a, &b, "wnll+mss", 0.02);
 }
 
-fn replay_with(backend: Backend, dir: &str) -> replay::ReplayOutcome {
-    let mut cfg = DarkwatchConfig::default();
-    cfg.score.backend = backend;
-    let req = ReplayRequest {
-        model_dir: repo(dir),
-        input: repo(STREAM),
-        labels: Some(repo("tests/data/smd/machine-1-6_test_label.txt")),
-        out_csv: None,
-        events: None,
-        plot: None,
-        rate: None,
-        head: None,
-        mss: None,
-    };
-    replay::replay(&req, &cfg).expect("replay runs")
-}
-
 #[test]
 fn replay_of_the_bundled_stream_gives_the_same_scores_and_alerts() {
     for dir in [PAE, MSE] {
-        let native = replay_with(Backend::Native, dir);
-        let onnx = replay_with(Backend::Onnx, dir);
+        let native = util::replay_bundled(Backend::Native, dir);
+        let onnx = util::replay_bundled(Backend::Onnx, dir);
         assert_eq!(onnx.model.backend_label(), "onnx/cpu");
         assert_eq!(onnx.pipeline.frames_scored, native.pipeline.frames_scored);
         assert_eq!(onnx.pipeline.frames_invalid, 0);

@@ -34,6 +34,29 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
+/// Replays the bundled SMD test stream (with its labels) through the model in `dir`
+/// (relative to the repository) on `backend`, with default settings otherwise: what the
+/// backend parity tests compare.
+pub fn replay_bundled(
+    backend: darkwatch::config::Backend,
+    dir: &str,
+) -> darkwatch::replay::ReplayOutcome {
+    let mut cfg = darkwatch::config::DarkwatchConfig::default();
+    cfg.score.backend = backend;
+    let req = darkwatch::replay::ReplayRequest {
+        model_dir: repo(dir),
+        input: repo("tests/data/smd/machine-1-6_test.npy"),
+        labels: Some(repo("tests/data/smd/machine-1-6_test_label.txt")),
+        out_csv: None,
+        events: None,
+        plot: None,
+        rate: None,
+        head: None,
+        mss: None,
+    };
+    darkwatch::replay::replay(&req, &cfg).expect("replay runs")
+}
+
 /// Path of a file shipped with the repository.
 pub fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
