@@ -204,6 +204,9 @@ struct Generation {
     seqs: Vec<u64>,
     /// Whether each frame scored below the clean limit (only those are trained on).
     clean: Vec<bool>,
+    /// How many of `clean` are set, kept as frames come and go: the sink asks for it after
+    /// every frame, so it must not cost a scan of the reservoir.
+    n_clean: usize,
     seen: u64,
 }
 
@@ -213,6 +216,7 @@ impl Generation {
             rows: Vec::with_capacity(half * d),
             seqs: Vec::with_capacity(half),
             clean: Vec::with_capacity(half),
+            n_clean: 0,
             seen: 0,
         }
     }
@@ -245,6 +249,7 @@ impl Reservoir {
             g.rows.clear();
             g.seqs.clear();
             g.clean.clear();
+            g.n_clean = 0;
             g.seen = 0;
         }
         let (half, d) = (self.half, self.d);
@@ -254,11 +259,13 @@ impl Reservoir {
             g.rows.extend_from_slice(values);
             g.seqs.push(seq);
             g.clean.push(clean);
+            g.n_clean += usize::from(clean);
         } else {
             let j = (self.rng.next_u64() % g.seen) as usize;
             if j < half {
                 g.rows[j * d..(j + 1) * d].copy_from_slice(values);
                 g.seqs[j] = seq;
+                g.n_clean = g.n_clean + usize::from(clean) - usize::from(g.clean[j]);
                 g.clean[j] = clean;
             }
         }
@@ -285,10 +292,7 @@ impl Reservoir {
 
     /// Frames held that scored below the clean limit.
     pub fn clean_len(&self) -> usize {
-        self.generations
-            .iter()
-            .map(|g| g.clean.iter().filter(|&&c| c).count())
-            .sum()
+        self.generations.iter().map(|g| g.n_clean).sum()
     }
 
     /// A copy of the frames held, previous generation first, with their clean flags.

@@ -621,34 +621,19 @@ pub fn train_topk(
             step += 1;
             let c1 = 1.0 - cfg.beta1.powi(step.min(i32::MAX as usize) as i32);
             let c2 = 1.0 - cfg.beta2.powi(step.min(i32::MAX as usize) as i32);
-            adam[0].step(
-                p.w_enc_t.as_slice_mut().expect("standard layout"),
-                g.w_enc_t.as_slice().expect("standard layout"),
-                &cfg,
-                c1,
-                c2,
-            );
-            adam[1].step(
-                p.b_enc.as_slice_mut().expect("contiguous"),
-                g.b_enc.as_slice().expect("contiguous"),
-                &cfg,
-                c1,
-                c2,
-            );
-            adam[2].step(
-                p.w_dec.as_slice_mut().expect("standard layout"),
-                g.w_dec.as_slice().expect("standard layout"),
-                &cfg,
-                c1,
-                c2,
-            );
-            adam[3].step(
-                p.b_dec.as_slice_mut().expect("contiguous"),
-                g.b_dec.as_slice().expect("contiguous"),
-                &cfg,
-                c1,
-                c2,
-            );
+            let tensors = [
+                (p.w_enc_t.as_slice_mut(), g.w_enc_t.as_slice()),
+                (p.b_enc.as_slice_mut(), g.b_enc.as_slice()),
+                (p.w_dec.as_slice_mut(), g.w_dec.as_slice()),
+                (p.b_dec.as_slice_mut(), g.b_dec.as_slice()),
+            ];
+            for (opt, (param, grad)) in adam.iter_mut().zip(tensors) {
+                let (param, grad) = (
+                    param.expect("standard layout"),
+                    grad.expect("standard layout"),
+                );
+                opt.step(param, grad, &cfg, c1, c2);
+            }
             normalise_rows(&mut p.w_dec);
 
             for (s, &f) in since_fired.iter_mut().zip(&fired) {
