@@ -64,6 +64,44 @@ impl ScoredFrame {
     }
 }
 
+/// What the scorer thread runs on each micro-batch: the autoencoder [`Scorer`], or an SAE
+/// with its dark-matter head ([`crate::sae::detector::SaeScorer`]).
+pub trait BatchScorer: Send + 'static {
+    fn max_batch(&self) -> usize;
+    fn n_features(&self) -> usize;
+    /// The raw input rows, `max_batch × d`, row-major: fill the first n rows, then
+    /// [`Self::score_batch`].
+    fn input_mut(&mut self) -> &mut [f32];
+    /// Row `i` of the raw input of the last batch.
+    fn input_row(&self, i: usize) -> &[f32];
+    /// Scores the first `n` input rows.
+    fn score_batch(&mut self, n: usize);
+    /// The scores of the last batch.
+    fn batch_scores(&self) -> &[f32];
+    /// Fills the top contributions of row `i` of the last batch; returns how many.
+    fn top_contributions(&self, i: usize, out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS]) -> u8;
+    /// Switches to the model a retrain published in `cell`, if it is new (between batches).
+    fn follow(&mut self, _cell: &crate::retrain::ModelCell) {}
+    /// The version of the model that scored the last batch.
+    fn model_version(&self) -> u64 {
+        0
+    }
+}
+
+/// The `top_k` largest entries of `row`, largest first, into `out`; returns how many.
+pub fn fill_top(row: &[f32], top_k: usize, out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS]) -> u8 {
+    let top_k = top_k.min(MAX_TOP_CONTRIBUTIONS).min(row.len());
+    let mut idx = [0usize; MAX_TOP_CONTRIBUTIONS];
+    top_k_indices(row, &mut idx[..top_k]);
+    for (o, &j) in out.iter_mut().zip(&idx[..top_k]) {
+        *o = Contribution {
+            feature: j as u32,
+            value: row[j],
+        };
+    }
+    top_k as u8
+}
+
 /// The scoring step for one micro-batch: scale in place, forward pass, score head,
 /// contributions. Owns every buffer it needs, sized once for `max_batch` rows.
 pub struct Scorer {
@@ -76,6 +114,8 @@ pub struct Scorer {
     target: Array2<f32>,
     mss: Option<MssScratch>,
     scores: Vec<f32>,
+    /// Rows of the last batch.
+    last: usize,
     contrib: Array2<f32>,
     top_k: usize,
     /// The model's ONNX graph, when it runs on ONNX Runtime instead of the native kernels.
@@ -130,6 +170,7 @@ impl Scorer {
             target: Array2::zeros((max_batch, d)),
             mss: model.active_bank().map(ReferenceBank::scratch),
             scores: vec![0.0; max_batch],
+            last: 0,
             contrib: Array2::zeros((max_batch, d)),
             top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
             model,
@@ -199,6 +240,7 @@ impl Scorer {
     /// Scores the first `n` rows of the input buffer; returns their scores.
     pub fn score(&mut self, n: usize) -> &[f32] {
         let n = n.min(self.max_batch());
+        self.last = n;
         let scaler = &self.model.meta.scaler;
         for (src, mut dst) in self
             .input
@@ -279,19 +321,13 @@ impl Scorer {
         i: usize,
         out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS],
     ) -> u8 {
-        let mut idx = [0usize; MAX_TOP_CONTRIBUTIONS];
         let row = self.contrib.row(i);
-        let row = row
-            .as_slice()
-            .expect("rows of an owned array are contiguous");
-        top_k_indices(row, &mut idx[..self.top_k]);
-        for (o, &j) in out.iter_mut().zip(&idx[..self.top_k]) {
-            *o = Contribution {
-                feature: j as u32,
-                value: row[j],
-            };
-        }
-        self.top_k as u8
+        fill_top(
+            row.as_slice()
+                .expect("rows of an owned array are contiguous"),
+            self.top_k,
+            out,
+        )
     }
 
     /// Scores a whole matrix in chunks (training-time calibration uses this, so there is
@@ -307,6 +343,50 @@ impl Scorer {
             out.extend_from_slice(self.score(n));
         }
         out
+    }
+}
+
+impl BatchScorer for Scorer {
+    fn max_batch(&self) -> usize {
+        Scorer::max_batch(self)
+    }
+
+    fn n_features(&self) -> usize {
+        Scorer::n_features(self)
+    }
+
+    fn input_mut(&mut self) -> &mut [f32] {
+        Scorer::input_mut(self)
+    }
+
+    fn input_row(&self, i: usize) -> &[f32] {
+        Scorer::input_row(self, i)
+    }
+
+    fn score_batch(&mut self, n: usize) {
+        self.score(n);
+    }
+
+    fn batch_scores(&self) -> &[f32] {
+        &self.scores[..self.last]
+    }
+
+    fn top_contributions(&self, i: usize, out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS]) -> u8 {
+        Scorer::top_contributions(self, i, out)
+    }
+
+    fn follow(&mut self, cell: &crate::retrain::ModelCell) {
+        // A retrain published a new model: switch between batches, never within one.
+        let published = cell.load();
+        if !Arc::ptr_eq(&published, self.model())
+            && let Err(e) = self.set_model(Arc::clone(&published))
+        {
+            tracing::error!(error = %e, version = published.meta.version, "cannot switch to the retrained model; keeping the current one");
+        }
+    }
+
+    fn model_version(&self) -> u64 {
+        self.model.meta.version
     }
 }
 
@@ -510,11 +590,26 @@ pub fn run_hooked<S: Source, K: Sink>(
     cfg: &PipelineConfig,
     policy: FullPolicy,
     source: S,
+    sink: K,
+    hooks: Option<ScorerHooks>,
+) -> Result<(PipelineReport, K), PipelineError> {
+    let scorer = Scorer::new(model, head, cfg.batch_max_frames, top_k)?;
+    run_scorer(scorer, cfg, policy, source, sink, hooks)
+}
+
+/// [`run_hooked`] with any [`BatchScorer`] (the agent runs SAE detectors this way).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
+    mut scorer: F,
+    cfg: &PipelineConfig,
+    policy: FullPolicy,
+    source: S,
     mut sink: K,
     hooks: Option<ScorerHooks>,
 ) -> Result<(PipelineReport, K), PipelineError> {
-    let d = model.n_features();
-    let mut scorer = Scorer::new(model, head, cfg.batch_max_frames, top_k)?;
+    let d = scorer.n_features();
     let (mut producer, consumer) = frame_ring(cfg.ring_capacity_frames, d, policy);
     let (out_p, out_c) = HeapRb::<ScoredFrame>::new(cfg.ring_capacity_frames.max(1)).split();
     let ring_stats = producer.stats();
@@ -598,7 +693,7 @@ const IDLE_SPIN: Duration = Duration::from_micros(10);
 const IDLE_PARK: Duration = Duration::from_millis(5);
 
 fn score_loop(
-    scorer: &mut Scorer,
+    scorer: &mut impl BatchScorer,
     mut consumer: FrameConsumer,
     mut out: HeapProd<ScoredFrame>,
     clock: &Clock,
@@ -638,22 +733,16 @@ fn score_loop(
             continue;
         }
         if let Some(h) = hooks.as_ref() {
-            // A retrain published a new model: switch between batches, never within one.
-            let published = h.cell.load();
-            if !Arc::ptr_eq(&published, scorer.model())
-                && let Err(e) = scorer.set_model(Arc::clone(&published))
-            {
-                tracing::error!(error = %e, version = published.meta.version, "cannot switch to the retrained model; keeping the current one");
-            }
+            scorer.follow(&h.cell);
         }
-        let version = scorer.model().meta.version;
-        scorer.score(n);
+        let version = scorer.model_version();
+        scorer.score_batch(n);
         let t1 = clock.now_ns();
         compute.record((t1 - t0) / n as u64);
         batches += 1;
         for (i, meta) in metas[..n].iter().enumerate() {
             frame.meta = *meta;
-            frame.score = scorer.scores[i];
+            frame.score = scorer.batch_scores()[i];
             frame.n_top = scorer.top_contributions(i, &mut frame.top);
             frame.latency_ns = t1.saturating_sub(meta.enqueued_ns);
             frame.model_version = version;
