@@ -31,12 +31,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::alert::{AlertEvent, AlertState, Observation};
 use crate::config::DarkwatchConfig;
+use crate::detector::{self, Detector};
 use crate::ingest::assemble::{Assembler, AssemblerError};
 use crate::ingest::examon::ExamonDecoder;
 use crate::model::{Model, ModelError};
 use crate::mqtt::{self, Incoming, MqttError, MqttStats, Outgoing};
 use crate::pipeline::{self, Clock, PipelineError, PipelineReport, ScoredFrame, Sink, Source};
 use crate::ring::{FrameMeta, FrameProducer, Pushed};
+use crate::sae::detector::SaeScorer;
 use crate::spool::{Spool, SpoolError};
 use crate::threshold::Threshold;
 
@@ -89,6 +91,10 @@ enum Decoder {
 pub enum AgentError {
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Detector(#[from] detector::LoadError),
+    #[error("{0}")]
+    Config(String),
     #[error(transparent)]
     Mqtt(#[from] MqttError),
     #[error(transparent)]
@@ -227,7 +233,7 @@ impl LatencyBuckets {
 #[derive(Debug)]
 pub struct Reload {
     pub cfg: DarkwatchConfig,
-    pub model: Model,
+    pub model: Detector,
 }
 
 /// Steers a running agent from another thread: stop it, or reload it.
@@ -300,7 +306,7 @@ pub fn run(
     counters: Arc<AgentCounters>,
     record: bool,
 ) -> Result<AgentReport, AgentError> {
-    let model = Model::load_configured(&cfg.agent.model_dir, cfg)?;
+    let model = Detector::load_configured(&cfg.agent.model_dir, cfg)?;
     run_with(cfg, model, &Control::new(stop), counters, record)
 }
 
@@ -308,15 +314,17 @@ pub fn run(
 /// the reloads handed to `control` meanwhile (see the module docs).
 ///
 /// # Errors
-/// The spool or broker cannot be set up, or the pipeline fails.
+/// The spool or broker cannot be set up, the configuration does not suit the model (an
+/// SAE needs raw input and no retraining), or the pipeline fails.
 pub fn run_with(
     cfg: &DarkwatchConfig,
-    model: Model,
+    model: impl Into<Detector>,
     control: &Control,
     counters: Arc<AgentCounters>,
     record: bool,
 ) -> Result<AgentReport, AgentError> {
-    let mut model = Arc::new(model);
+    let mut model: Detector = model.into();
+    check_suits(cfg, &model)?;
     let mut mqtt_cfg = cfg.mqtt.clone();
     if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
         mqtt_cfg.port = mqtt::start_embedded_broker(&mqtt_cfg.host, mqtt_cfg.port)?;
@@ -337,9 +345,9 @@ pub fn run_with(
         mqtt_stats.clone(),
         client_stop.clone(),
     )?;
-    counters.set_model_id(&model.meta.id);
+    counters.set_model_id(model.id());
     counters.set_backend(&model.backend_label());
-    tracing::info!(model = %model.meta.id, version = model.meta.version, backend = %model.backend_label(), "model loaded");
+    tracing::info!(model = %model.id(), version = model.version(), backend = %model.backend_label(), "model loaded");
     let mut retraining = Retraining::start(cfg, &model, &counters)?;
 
     let handback: Handback = Arc::default();
@@ -358,7 +366,7 @@ pub fn run_with(
         let exposed = crate::metrics::Exposed {
             counters: counters.clone(),
             mqtt: mqtt_stats.clone(),
-            model_id: model.meta.id.clone(),
+            model_id: model.id().to_string(),
         };
         match crate::metrics::serve(&cfg.metrics.listen, exposed, metrics_stop.clone()) {
             Ok(addr) => tracing::info!(%addr, "Serving /metrics."),
@@ -372,22 +380,37 @@ pub fn run_with(
     let mut cfg = cfg.clone();
     let mut total: Option<PipelineReport> = None;
     let ended: Result<AgentSink, AgentError> = loop {
-        let head = model.meta.head;
-        // With online retraining the turn starts from the newest published model.
-        let (turn_model, hooks) = match retraining.as_ref() {
-            Some(r) => (r.shared.cell.load_full(), Some(r.hook(&cfg, &mut sink))),
-            None => (model.clone(), None),
+        let turn = match &model {
+            Detector::Autoencoder(ae) => {
+                // With online retraining the turn starts from the newest published model.
+                let (turn_model, hooks) = match retraining.as_ref() {
+                    Some(r) => (r.shared.cell.load_full(), Some(r.hook(&cfg, &mut sink))),
+                    None => (ae.clone(), None),
+                };
+                pipeline::run_hooked(
+                    turn_model,
+                    ae.meta.head,
+                    cfg.score.top_contributions,
+                    &cfg.pipeline,
+                    cfg.pipeline.full_policy,
+                    source,
+                    sink,
+                    hooks,
+                )
+            }
+            Detector::Sae(sae) => pipeline::run_scorer(
+                SaeScorer::new(
+                    sae.clone(),
+                    cfg.pipeline.batch_max_frames,
+                    cfg.score.top_contributions,
+                ),
+                &cfg.pipeline,
+                cfg.pipeline.full_policy,
+                source,
+                sink,
+                None,
+            ),
         };
-        let turn = pipeline::run_hooked(
-            turn_model,
-            head,
-            cfg.score.top_contributions,
-            &cfg.pipeline,
-            cfg.pipeline.full_policy,
-            source,
-            sink,
-            hooks,
-        );
         let (report, mut done) = match turn {
             Ok(t) => t,
             Err(e) => break Err(AgentError::Pipeline(e)),
@@ -461,6 +484,26 @@ pub fn run_with(
     })
 }
 
+/// Refuses settings an SAE detector cannot run with: it scores raw activation frames, and
+/// online retraining is for autoencoders.
+fn check_suits(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentError> {
+    if let Detector::Sae(_) = model {
+        if cfg.agent.format != InputFormat::Raw {
+            return Err(AgentError::Config(format!(
+                "{} is an SAE folder: it scores activation frames, so [agent] format must be \"raw\"",
+                cfg.agent.model_dir.display()
+            )));
+        }
+        if cfg.retrain.enabled {
+            return Err(AgentError::Config(format!(
+                "{} is an SAE folder: online retraining ([retrain] enabled) is for autoencoders",
+                cfg.agent.model_dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Online retraining of a running agent: the trainer thread and what it shares.
 struct Retraining {
     shared: crate::retrain::Shared,
@@ -472,13 +515,13 @@ impl Retraining {
     /// Starts the trainer for `model` when `[retrain] enabled`.
     fn start(
         cfg: &DarkwatchConfig,
-        model: &Arc<Model>,
+        model: &Detector,
         counters: &Arc<AgentCounters>,
     ) -> Result<Option<Retraining>, AgentError> {
-        if !cfg.retrain.enabled {
+        let Some(model) = model.autoencoder().filter(|_| cfg.retrain.enabled) else {
             counters.set_retrain(None);
             return Ok(None);
-        }
+        };
         let shared = crate::retrain::Shared::new(model.clone(), &cfg.retrain, cfg.train.seed);
         let (requests, trainer) = crate::retrain::Trainer::new(cfg, shared.clone())
             .spawn()
@@ -546,12 +589,13 @@ fn apply_reload(
     reload: Reload,
     started: &DarkwatchConfig,
     old_cfg: &DarkwatchConfig,
-    old_model: &Arc<Model>,
+    old_model: &Detector,
     source: AgentSource,
     mut sink: AgentSink,
     counters: &Arc<AgentCounters>,
-) -> Result<(DarkwatchConfig, Arc<Model>, AgentSource, AgentSink), AgentError> {
+) -> Result<(DarkwatchConfig, Detector, AgentSource, AgentSink), AgentError> {
     let Reload { cfg, model } = reload;
+    check_suits(&cfg, &model)?;
     for (section, same) in [
         ("mqtt", cfg.mqtt == started.mqtt),
         ("spool", cfg.spool == started.spool),
@@ -564,15 +608,14 @@ fn apply_reload(
             );
         }
     }
-    let model = Arc::new(model);
-    let keep_windows = model.meta.features == old_model.meta.features
+    let keep_windows = model.features() == old_model.features()
         && cfg.agent.format == old_cfg.agent.format
         && cfg.assemble == old_cfg.assemble
         && cfg.examon == old_cfg.examon
         && cfg.telegraf == old_cfg.telegraf
         && cfg.raw == old_cfg.raw;
     let keep_alerts = keep_windows
-        && model.meta.id == old_model.meta.id
+        && model.id() == old_model.id()
         && cfg.threshold == old_cfg.threshold
         && cfg.alert == old_cfg.alert;
     let source = if keep_windows {
@@ -604,10 +647,11 @@ fn apply_reload(
             ..fresh
         };
     }
-    counters.set_model_id(&model.meta.id);
+    counters.set_model_id(model.id());
+    counters.set_backend(&model.backend_label());
     counters.reloads.fetch_add(1, Ordering::Relaxed);
     tracing::info!(
-        model = %model.meta.id,
+        model = %model.id(),
         model_dir = %cfg.agent.model_dir.display(),
         kept_open_windows = keep_windows,
         kept_alert_state = keep_alerts,
@@ -640,7 +684,7 @@ impl AgentSource {
     /// A source for `model` in `cfg`'s input format, reading `incoming`.
     fn new(
         cfg: &DarkwatchConfig,
-        model: &Model,
+        model: &Detector,
         incoming: Receiver<Incoming>,
         counters: &Arc<AgentCounters>,
         control: &Control,
@@ -657,7 +701,7 @@ impl AgentSource {
                     streams: Default::default(),
                 },
             },
-            assembler: cfg.assemble.build(model.meta.features.clone())?,
+            assembler: cfg.assemble.build(model.features().to_vec())?,
             streams: Arc::default(),
             counters: counters.clone(),
             control: control.clone(),
@@ -884,7 +928,7 @@ impl AgentSink {
     /// A sink for `model` with `cfg`'s thresholds and alert settings.
     fn new(
         cfg: &DarkwatchConfig,
-        model: &Model,
+        model: &Detector,
         streams: Arc<Mutex<Vec<String>>>,
         mqtt: &mqtt::MqttConfig,
         out: Sender<Outgoing>,
@@ -892,7 +936,7 @@ impl AgentSink {
         record: bool,
     ) -> Result<AgentSink, AgentError> {
         let calibration: Vec<f64> = model
-            .calibration_scores
+            .calibration_scores()
             .iter()
             .map(|&s| f64::from(s))
             .collect();
@@ -906,9 +950,12 @@ impl AgentSink {
             streams,
             alert_cfg: cfg.alert.clone(),
             mqtt: mqtt.clone(),
-            model_id: model.meta.id.clone(),
-            model_version: model.meta.provenance.created_unix_secs.to_string(),
-            features: model.meta.features.clone().into(),
+            model_id: model.id().to_string(),
+            model_version: match model {
+                Detector::Autoencoder(m) => m.meta.provenance.created_unix_secs.to_string(),
+                Detector::Sae(_) => "0".into(),
+            },
+            features: model.features().into(),
             out,
             counters: counters.clone(),
             record,

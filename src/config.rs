@@ -52,6 +52,7 @@ pub struct DarkwatchConfig {
     pub onnx: OnnxConfig,
     pub cuda: CudaConfig,
     pub retrain: RetrainConfig,
+    pub sae: crate::sae::detector::SaeConfig,
 }
 
 /// Shape of the autoencoder that `train` builds.

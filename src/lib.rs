@@ -34,6 +34,7 @@ pub mod alert;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod detector;
 pub mod eval;
 pub mod harness;
 pub mod ingest;

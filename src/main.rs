@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use darkwatch::agent::{AgentCounters, Control, Reload};
 use darkwatch::config::{self, Backend, ConfigError, DarkwatchConfig};
+use darkwatch::detector::Detector;
 use darkwatch::harness;
 use darkwatch::ingest::{self, TableOptions};
 use darkwatch::model::{self, Model};
@@ -162,8 +163,9 @@ enum Command {
         batch: usize,
     },
     /// Train a TopK sparse autoencoder on activation rows [tokens, d] (.npy / .safetensors)
-    /// and write it as a SAELens folder, with a dark-matter head fitted on its errors in
-    /// OUT/dark/ and the training report in OUT/train_report.json.
+    /// and write it as a SAELens folder, with a dark-matter head fitted on its errors and the
+    /// threshold calibration in OUT/dark/ (so `darkwatch run` can watch live activations with
+    /// it) and the training report in OUT/train_report.json.
     SaeTrain {
         /// Activations [tokens, d]: .npy or .safetensors.
         #[arg(long)]
@@ -215,6 +217,32 @@ enum Command {
         /// `metadata.hook_name` in cfg.json.
         #[arg(long)]
         hook_name: Option<String>,
+    },
+    /// Fit the dark-matter head of an existing SAE (SAELens or sparsify folder) on normal
+    /// activations and write it, with the thresholds' calibration, to SAE/dark/, so that
+    /// `darkwatch run` can watch live activations with the SAE.
+    SaeHead {
+        /// SAE folder (SAELens or sparsify).
+        #[arg(long)]
+        sae: PathBuf,
+        /// Normal activations [tokens, d]: .npy or .safetensors.
+        #[arg(long)]
+        input: PathBuf,
+        /// Tensor name in a .safetensors input with several tensors.
+        #[arg(long)]
+        tensor: Option<String>,
+        /// One prompt id per row: the held-out share is then whole prompts.
+        #[arg(long)]
+        prompt_ids: Option<PathBuf>,
+        /// Share of prompts (or rows) held out: held-out R² and the threshold calibration.
+        #[arg(long, default_value_t = 0.2)]
+        holdout: f64,
+        /// Ridge, relative to the mean feature variance.
+        #[arg(long, default_value_t = 1e-2)]
+        ridge: f64,
+        /// Head folder to write (default SAE/dark, where `darkwatch run` looks).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Score activation rows through an SAE and its dark-matter head: per token ‖e‖², the
     /// predicted ‖e‖², the nonlinear error and the deviation; prompt-level max/mean; with
@@ -403,12 +431,12 @@ async fn reload(
     tracing::info!(config = %shown, "SIGHUP: reloading the configuration and the model.");
     notify.send("RELOADING=1");
     let loaded = load_config(config).and_then(|cfg| {
-        let model = Model::load_configured(&cfg.agent.model_dir, &cfg)?;
+        let model = Detector::load_configured(&cfg.agent.model_dir, &cfg)?;
         Ok(Reload { cfg, model })
     });
     match loaded {
         Ok(next) => {
-            let id = next.model.meta.id.clone();
+            let id = next.model.id().to_string();
             let before = counters.reloads.load(std::sync::atomic::Ordering::Relaxed);
             control.reload(next);
             // systemd waits for READY=1 after RELOADING=1: send it once the agent took over.
@@ -561,7 +589,7 @@ fn run(command: Command) -> Result<()> {
         Command::Run { config } => {
             let cfg = load_config(config.as_deref())?;
             // Fail before telling systemd we are ready if the model cannot be loaded.
-            let model = Model::load_configured(&cfg.agent.model_dir, &cfg)?;
+            let model = Detector::load_configured(&cfg.agent.model_dir, &cfg)?;
             let control = Control::default();
             let counters = Arc::new(AgentCounters::default());
             let notify = notifier();
@@ -586,7 +614,7 @@ fn run(command: Command) -> Result<()> {
             )?;
             notify.send(&format!(
                 "READY=1\nSTATUS=scoring with model {}",
-                model.meta.id
+                model.id()
             ));
             let report = darkwatch::agent::run_with(&cfg, model, &control, counters, false);
             watchdog_stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -769,6 +797,27 @@ fn run(command: Command) -> Result<()> {
                 );
             })?;
             emit(&text)?;
+            Ok(())
+        }
+        Command::SaeHead {
+            sae,
+            input,
+            tensor,
+            prompt_ids,
+            holdout,
+            ridge,
+            out,
+        } => {
+            let args = darkwatch::sae::eval::SaeHeadArgs {
+                sae,
+                input,
+                tensor,
+                prompt_ids,
+                holdout,
+                dark: darkwatch::sae::dark::DarkConfig { ridge },
+                out,
+            };
+            emit(&darkwatch::sae::eval::sae_head_command(&args)?)?;
             Ok(())
         }
         Command::SaeScore {

@@ -655,6 +655,61 @@ fn forward_and_dark_scoring_do_not_allocate() {
     }
 }
 
+/// The agent's SAE scorer (SAE, head, score pick, per-dimension contributions, top-k) runs
+/// a batch without allocating, and agrees with `score_tokens`.
+#[test]
+fn live_sae_scorer_does_not_allocate_and_matches_score_tokens() {
+    use darkwatch::pipeline::{BatchScorer, Contribution};
+    use darkwatch::sae::detector::{Calibration, SaeDetector, SaeScoreKind, SaeScorer};
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("saelens_topk_v6");
+    for f in ["cfg.json", "sae_weights.safetensors"] {
+        fs::copy(src.join("checkpoint").join(f), dir.path().join(f)).unwrap();
+    }
+    let sae = Sae::load(dir.path()).unwrap();
+    let x = npy(&src.join("x.npy"));
+    let fit = DarkHead::fit_sae(&sae, x.view(), None, &DarkConfig::default(), 8).unwrap();
+    let dark = dir.path().join(darkwatch::sae::eval::DARK_DIR);
+    fit.head.save(&dark).unwrap();
+    let offline = darkwatch::sae::eval::score_tokens(&sae, &fit.head, x.view()).unwrap();
+    let many: Vec<_> = (0..60).map(|i| offline[i % offline.len()]).collect();
+    Calibration::from_scores(&many, "training", 1000)
+        .save(&dark)
+        .unwrap();
+    for kind in SaeScoreKind::ALL {
+        let det = std::sync::Arc::new(SaeDetector::load(dir.path(), kind).unwrap());
+        let mut scorer = SaeScorer::new(det, 8, 3);
+        let d = scorer.n_features();
+        let n = x.nrows().min(8);
+        let mut top = [Contribution::default(); darkwatch::config::MAX_TOP_CONTRIBUTIONS];
+        let mut allocated = 0;
+        for _ in 0..50 {
+            scorer.input_mut()[..n * d].copy_from_slice(
+                x.slice(s![..n, ..])
+                    .as_standard_layout()
+                    .as_slice()
+                    .unwrap(),
+            );
+            let before = allocations();
+            scorer.score_batch(n);
+            let got = scorer.top_contributions(0, &mut top);
+            allocated += allocations() - before;
+            assert_eq!(got, 3);
+        }
+        assert_eq!(allocated, 0, "{kind:?}");
+        for (i, &s) in scorer.batch_scores().iter().enumerate() {
+            let want = kind.pick(&offline[i]);
+            assert!(
+                (s - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{kind:?} row {i}: {s} vs {want}"
+            );
+        }
+        // The top contribution is the row's largest squared error (or unexplained error).
+        assert!(top[0].value >= top[1].value && top[1].value >= top[2].value);
+        assert!(top[0].value > 0.0);
+    }
+}
+
 #[test]
 fn older_config_spellings_load_the_same_sae() {
     // Older 6.x builds wrote `meta` instead of `metadata`.

@@ -306,6 +306,12 @@ impl DarkWorkspace {
     pub fn capacity(&self) -> usize {
         self.scores.len()
     }
+
+    /// The head's prediction ê of row `r`'s SAE error, from the last [`DarkHead::score`].
+    pub fn predicted_error(&self, r: usize) -> &[f32] {
+        let ld = kernel::padded(self.d);
+        &self.e_hat[r * ld..r * ld + self.d]
+    }
 }
 
 impl DarkHead {

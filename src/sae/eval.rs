@@ -30,6 +30,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use serde::Serialize;
 
 use super::dark::{DarkConfig, DarkError, DarkHead, DarkScore, DarkStats, R2};
+use super::detector::{Calibration, DetectorError};
 use super::train::{
     EpochStats, SaeTrainConfig, SaeTrainError, SaeTrainReport, SaveMeta, save_saelens, train_topk,
 };
@@ -48,6 +49,8 @@ pub enum SaeEvalError {
     Sae(#[from] SaeError),
     #[error(transparent)]
     Dark(#[from] DarkError),
+    #[error(transparent)]
+    Detector(#[from] DetectorError),
     #[error(transparent)]
     Train(#[from] SaeTrainError),
     #[error(transparent)]
@@ -726,6 +729,20 @@ pub fn crossfit_dark_stats(
     config: &SaeTrainConfig,
     folds: usize,
 ) -> Result<DarkStats, SaeEvalError> {
+    crossfit_dark(x, prompt_ids, config, folds).map(|(stats, _)| stats)
+}
+
+/// [`crossfit_dark_stats`], and every row's out-of-fold SAE error (`[rows, d]`, in row
+/// order): what `sae-train` calibrates thresholds on when it holds no rows out.
+///
+/// # Errors
+/// As [`crossfit_dark_stats`].
+pub fn crossfit_dark(
+    x: ArrayView2<f32>,
+    prompt_ids: Option<&[i64]>,
+    config: &SaeTrainConfig,
+    folds: usize,
+) -> Result<(DarkStats, Array2<f32>), SaeEvalError> {
     let rows = x.nrows();
     if folds < 2 || folds > rows {
         return Err(SaeEvalError::Invalid(format!(
@@ -746,6 +763,7 @@ pub fn crossfit_dark_stats(
         None => (0..rows).map(|r| r * folds / rows).collect(),
     };
     let mut stats = DarkStats::new(x.ncols());
+    let mut errors = Array2::zeros(x.dim());
     for fold in 0..folds {
         let inside: Vec<usize> = (0..rows).filter(|&r| fold_of[r] == fold).collect();
         let outside: Vec<usize> = (0..rows).filter(|&r| fold_of[r] != fold).collect();
@@ -767,8 +785,11 @@ pub fn crossfit_dark_stats(
         let xi = x.select(Axis(0), &inside);
         let e = sae_errors(&trained.sae, xi.view())?;
         stats.accumulate(xi.view(), e.view())?;
+        for (&r, row) in inside.iter().zip(e.rows()) {
+            errors.row_mut(r).assign(&row);
+        }
     }
-    Ok(stats)
+    Ok((stats, errors))
 }
 
 /// The folder, under an SAE folder, where `sae-train` writes the dark-matter head.
@@ -805,11 +826,16 @@ pub struct SaeTrainSummary {
     pub dark_folds: usize,
     pub dark_train_r2: R2,
     pub dark_held_out_r2: Option<R2>,
+    /// Which rows' scores thresholds calibrate on: `held_out`, `out_of_fold` or `training`.
+    pub calibration_rows: String,
+    pub calibration_count: usize,
 }
 
 /// `darkwatch sae-train`: reads activations, holds out a share, trains a TopK SAE, writes it
 /// (SAELens layout) to `out`, fits the dark-matter head on the training rows' SAE errors into
-/// `out/dark/`, and writes `out/train_report.json`. Returns a text summary.
+/// `out/dark/` with the thresholds' calibration scores (held-out rows, else out-of-fold
+/// errors, else training rows), and writes `out/train_report.json`. The folder is then a
+/// live detector for the agent ([`super::detector`]). Returns a text summary.
 ///
 /// # Errors
 /// Bad input, config or a failed write, each naming its file or setting.
@@ -833,16 +859,18 @@ pub fn sae_train_command(
     })?;
     let trained = train_topk(train.view(), held_view, &args.config, on_epoch)?;
     save_saelens(&trained.parts, &args.out, &args.meta)?;
+    let mut oof_errors = None;
     let fit = if args.dark_folds >= 2 {
         let train_ids = ids
             .as_ref()
             .map(|ids| train_rows.iter().map(|&r| ids[r]).collect::<Vec<i64>>());
-        let stats = crossfit_dark_stats(
+        let (stats, errors) = crossfit_dark(
             train.view(),
             train_ids.as_deref(),
             &args.config,
             args.dark_folds,
         )?;
+        oof_errors = Some(errors);
         let held = match held_view {
             Some(h) => Some((h, sae_errors(&trained.sae, h)?)),
             None => None,
@@ -855,7 +883,29 @@ pub fn sae_train_command(
     } else {
         fit_dark_head(&trained.sae, train.view(), held_view, &args.dark)?
     };
-    fit.head.save(&args.out.join(DARK_DIR))?;
+    let dark_dir = args.out.join(DARK_DIR);
+    fit.head.save(&dark_dir)?;
+    // Thresholds calibrate on scores of tokens the SAE did not train on: held-out rows,
+    // else out-of-fold errors; the SAE's own training rows only as a last resort (their
+    // errors are too small, so thresholds come out low).
+    let (calibration_scores, calibration_rows) = match (held_view, &oof_errors) {
+        (Some(h), _) => (score_tokens(&trained.sae, &fit.head, h)?, "held_out"),
+        (None, Some(e)) => {
+            let mut ws = fit.head.workspace(train.nrows());
+            let s = fit.head.score(train.view(), e.view(), &mut ws)?.to_vec();
+            (s, "out_of_fold")
+        }
+        (None, None) => (
+            score_tokens(&trained.sae, &fit.head, train.view())?,
+            "training",
+        ),
+    };
+    Calibration::from_scores(
+        &calibration_scores,
+        calibration_rows,
+        crate::model::io::MAX_CALIBRATION_SCORES,
+    )
+    .save(&dark_dir)?;
     let summary = SaeTrainSummary {
         input: args.input.clone(),
         sae: trained.report.clone(),
@@ -865,6 +915,8 @@ pub fn sae_train_command(
         dark_folds: args.dark_folds,
         dark_train_r2: fit.train,
         dark_held_out_r2: fit.held_out,
+        calibration_rows: calibration_rows.into(),
+        calibration_count: calibration_scores.len(),
     };
     let report_path = args.out.join(TRAIN_REPORT_FILE);
     let json =
@@ -917,8 +969,104 @@ pub fn sae_train_command(
         r2(Some(fit.train)),
         r2(fit.held_out)
     );
+    let _ = writeln!(
+        text,
+        "threshold calibration: scores of {} {} rows{}",
+        calibration_scores.len(),
+        calibration_rows.replace('_', "-"),
+        if calibration_rows == "training" {
+            " (the SAE's own: thresholds will be low; hold rows out or cross-fit)"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(text, "wrote {}", args.out.display());
     Ok((summary, text))
+}
+
+/// Arguments of `darkwatch sae-head`.
+#[derive(Debug, Clone)]
+pub struct SaeHeadArgs {
+    /// The SAE folder (SAELens or sparsify).
+    pub sae: PathBuf,
+    /// Normal activations.
+    pub input: PathBuf,
+    pub tensor: Option<String>,
+    pub prompt_ids: Option<PathBuf>,
+    /// Share of prompts (or rows) held out from the fit: R² and the threshold calibration
+    /// come from them.
+    pub holdout: f64,
+    pub dark: DarkConfig,
+    /// Where to write the head; default `<sae>/dark`, where the agent looks for it.
+    pub out: Option<PathBuf>,
+}
+
+/// `darkwatch sae-head`: fits the dark-matter head of an existing SAE (a published one,
+/// say) on normal activations, and writes it with the threshold calibration (the scores of
+/// the held-out rows), so that the agent can score live activations with the SAE.
+///
+/// # Errors
+/// Bad input or a failed fit or write, each naming its file.
+pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
+    let sae = Sae::load(&args.sae)?;
+    let x = read_activations(&args.input, args.tensor.as_deref())?;
+    if x.ncols() != sae.d_in() {
+        return Err(input_err(
+            &args.input,
+            format!(
+                "activations are [{}, {}], the SAE in {} takes d_in = {}",
+                x.nrows(),
+                x.ncols(),
+                args.sae.display(),
+                sae.d_in()
+            ),
+        ));
+    }
+    let ids = match &args.prompt_ids {
+        Some(p) => Some(read_ints(p, None, x.nrows(), "prompt ids")?),
+        None => None,
+    };
+    let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
+    let train = x.select(Axis(0), &train_rows);
+    let held = x.select(Axis(0), &held_rows);
+    let held_view = (!held_rows.is_empty()).then(|| held.view());
+    let fit = fit_dark_head(&sae, train.view(), held_view, &args.dark)?;
+    let dir = args.out.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
+    fit.head.save(&dir)?;
+    let (rows, which) = match held_view {
+        Some(h) => (h, "held-out"),
+        None => (train.view(), "fit"),
+    };
+    let scores = score_tokens(&sae, &fit.head, rows)?;
+    Calibration::from_scores(
+        &scores,
+        if held_view.is_some() {
+            "held_out"
+        } else {
+            "training"
+        },
+        crate::model::io::MAX_CALIBRATION_SCORES,
+    )
+    .save(&dir)?;
+    let r2 = |v: R2| format!("vector {:.3}, norm {:.3}", v.vector, v.norm);
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "dark-matter head (ridge {}) fitted on {} rows of {}: R² {} on them, held-out {} \
+         (paper: vector ≈ 0.5, norm > 0.9)",
+        args.dark.ridge,
+        train_rows.len(),
+        args.input.display(),
+        r2(fit.train),
+        fit.held_out.map_or("n/a".into(), r2)
+    );
+    let _ = writeln!(
+        text,
+        "threshold calibration: scores of {} {which} rows; wrote {}",
+        scores.len(),
+        dir.display()
+    );
+    Ok(text)
 }
 
 /// Arguments of `darkwatch sae-score`.

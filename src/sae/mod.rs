@@ -76,6 +76,7 @@
 
 pub mod bench;
 pub mod dark;
+pub mod detector;
 pub mod eval;
 mod kernel;
 mod load;

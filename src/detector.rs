@@ -1,0 +1,105 @@
+//! What the agent scores with: a darkwatch autoencoder ([`Model`]) or an SAE with its
+//! dark-matter head ([`SaeDetector`]). `[agent] model_dir` decides: a folder with an SAE
+//! checkpoint (`cfg.json` and SAELens or sparsify weights) is an SAE detector, anything
+//! else a model directory written by `darkwatch train`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::DarkwatchConfig;
+use crate::model::{Model, ModelError};
+use crate::sae::detector::{DetectorError, SaeDetector};
+
+/// A loaded detector. Cloning shares the weights.
+#[derive(Debug, Clone)]
+pub enum Detector {
+    Autoencoder(Arc<Model>),
+    Sae(Arc<SaeDetector>),
+}
+
+/// Why a detector cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Sae(#[from] DetectorError),
+}
+
+impl Detector {
+    /// Loads `dir` as configured: an autoencoder with `[score] backend` and a retraining
+    /// checkpoint to resume from ([`Model::load_configured`]), or an SAE scored as `[sae]`
+    /// says.
+    ///
+    /// # Errors
+    /// The folder cannot be loaded; the message names the file.
+    pub fn load_configured(dir: &Path, cfg: &DarkwatchConfig) -> Result<Detector, LoadError> {
+        if SaeDetector::is_sae_dir(dir) {
+            return Ok(Detector::Sae(Arc::new(SaeDetector::load(
+                dir,
+                cfg.sae.score,
+            )?)));
+        }
+        Ok(Detector::Autoencoder(Arc::new(Model::load_configured(
+            dir, cfg,
+        )?)))
+    }
+
+    /// Content hash of what scores (12 hex digits).
+    pub fn id(&self) -> &str {
+        match self {
+            Detector::Autoencoder(m) => &m.meta.id,
+            Detector::Sae(s) => s.id(),
+        }
+    }
+
+    /// 0 as trained (or for an SAE); each accepted online retrain adds 1.
+    pub fn version(&self) -> u64 {
+        match self {
+            Detector::Autoencoder(m) => m.meta.version,
+            Detector::Sae(_) => 0,
+        }
+    }
+
+    /// What alerts call the frame's values, in order.
+    pub fn features(&self) -> &[String] {
+        match self {
+            Detector::Autoencoder(m) => &m.meta.features,
+            Detector::Sae(s) => s.features(),
+        }
+    }
+
+    pub fn n_features(&self) -> usize {
+        self.features().len()
+    }
+
+    /// Scores of normal frames that thresholds calibrate on.
+    pub fn calibration_scores(&self) -> &[f32] {
+        match self {
+            Detector::Autoencoder(m) => &m.calibration_scores,
+            Detector::Sae(s) => s.calibration_scores(),
+        }
+    }
+
+    /// What scores: `native`, `onnx/<provider>`, `cuda/<device>` or `sae (...)`.
+    pub fn backend_label(&self) -> String {
+        match self {
+            Detector::Autoencoder(m) => m.backend_label(),
+            Detector::Sae(s) => s.describe(),
+        }
+    }
+
+    /// The autoencoder, if this is one.
+    pub fn autoencoder(&self) -> Option<&Arc<Model>> {
+        match self {
+            Detector::Autoencoder(m) => Some(m),
+            Detector::Sae(_) => None,
+        }
+    }
+}
+
+impl From<Model> for Detector {
+    fn from(model: Model) -> Detector {
+        Detector::Autoencoder(Arc::new(model))
+    }
+}

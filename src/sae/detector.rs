@@ -1,0 +1,420 @@
+//! An SAE and its dark-matter head as a live detector: what the agent scores raw
+//! activation frames with (`[agent] format = "raw"`, `model_dir` an SAE folder).
+//!
+//! A detector folder is an SAE checkpoint (SAELens or sparsify) with darkwatch's head in
+//! `dark/`: `dark_head.json`, `dark_head.safetensors`, and `calibration.safetensors`, the
+//! scores of normal tokens the streaming thresholds start from. `darkwatch sae-train` writes
+//! all of it; `darkwatch sae-head` adds the head and the calibration to a published SAE.
+//!
+//! Per token the detector scores one of the head's outputs ([`SaeScoreKind`], `[sae]
+//! score`). Its per-dimension contributions, which alerts name as `d<j>`, are the squared
+//! error e_j² (for `error_norm` and `deviation`) or the squared unexplained error
+//! (e_j − ê_j)² (for `nonlinear`): the residual-stream dimensions the SAE misses most.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ndarray::{Array2, s};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::dark::{DARK_META_FILE, DARK_WEIGHTS_FILE, DarkError, DarkHead, DarkScore};
+use super::eval::DARK_DIR;
+use super::{CONFIG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, Sae, SaeError, SaeWorkspace};
+use crate::config::MAX_TOP_CONTRIBUTIONS;
+use crate::pipeline::{BatchScorer, Contribution, fill_top};
+
+/// The file, in the head's folder, that holds the calibration scores.
+pub const CALIBRATION_FILE: &str = "calibration.safetensors";
+
+/// Which of the head's outputs is a token's alert score.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaeScoreKind {
+    /// ‖e‖², the SAE's squared error (best token-level AUROC on the bundled fixture).
+    #[default]
+    ErrorNorm,
+    /// ‖e − (Aᵀx + b)‖², the error the head cannot predict linearly.
+    Nonlinear,
+    /// (‖e‖² − predicted)/σ, the error norm's deviation from its prediction.
+    Deviation,
+}
+
+impl SaeScoreKind {
+    pub const ALL: [SaeScoreKind; 3] = [
+        SaeScoreKind::ErrorNorm,
+        SaeScoreKind::Nonlinear,
+        SaeScoreKind::Deviation,
+    ];
+
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaeScoreKind::ErrorNorm => "error_norm",
+            SaeScoreKind::Nonlinear => "nonlinear",
+            SaeScoreKind::Deviation => "deviation",
+        }
+    }
+
+    /// The tensor of `calibration.safetensors` that holds this score.
+    fn tensor(self) -> &'static str {
+        match self {
+            SaeScoreKind::ErrorNorm => "error_sq_norm",
+            SaeScoreKind::Nonlinear => "nonlinear_sq_norm",
+            SaeScoreKind::Deviation => "deviation",
+        }
+    }
+
+    /// This score of one token.
+    pub fn pick(self, s: &DarkScore) -> f32 {
+        match self {
+            SaeScoreKind::ErrorNorm => s.error_sq_norm,
+            SaeScoreKind::Nonlinear => s.nonlinear_sq_norm,
+            SaeScoreKind::Deviation => s.deviation,
+        }
+    }
+}
+
+/// `[sae]`: how an SAE folder is scored live.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SaeConfig {
+    /// `error_norm`, `nonlinear` or `deviation` (see [`SaeScoreKind`]).
+    pub score: SaeScoreKind,
+}
+
+/// Why a detector folder cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error(transparent)]
+    Sae(#[from] SaeError),
+    #[error(transparent)]
+    Dark(#[from] DarkError),
+    #[error(
+        "{dir}: no dark-matter head (expected {DARK_META_FILE}); `darkwatch sae-train` writes \
+         one, `darkwatch sae-head --sae <SAE> --input <normal activations>` fits one for a \
+         published SAE"
+    )]
+    NoHead { dir: PathBuf },
+    #[error("the dark-matter head in {dir} takes d = {head}, the SAE d_in = {sae}")]
+    Width {
+        dir: PathBuf,
+        head: usize,
+        sae: usize,
+    },
+    #[error("{path}: {reason}")]
+    Calibration { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A loaded SAE, its head, and the calibration of the chosen score.
+#[derive(Debug)]
+pub struct SaeDetector {
+    pub sae: Sae,
+    pub head: DarkHead,
+    pub score: SaeScoreKind,
+    id: String,
+    features: Vec<String>,
+    calibration: Vec<f32>,
+}
+
+/// Scores of normal tokens, one vector per [`SaeScoreKind`], for threshold calibration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Calibration {
+    pub error_sq_norm: Vec<f32>,
+    pub nonlinear_sq_norm: Vec<f32>,
+    pub deviation: Vec<f32>,
+    /// Which rows they come from (`held_out`, `out_of_fold` or `training`).
+    pub rows: String,
+}
+
+impl Calibration {
+    /// The last `max` tokens' scores.
+    pub fn from_scores(scores: &[DarkScore], rows: &str, max: usize) -> Calibration {
+        let tail = &scores[scores.len().saturating_sub(max)..];
+        let take = |kind: SaeScoreKind| tail.iter().map(|s| kind.pick(s)).collect();
+        Calibration {
+            error_sq_norm: take(SaeScoreKind::ErrorNorm),
+            nonlinear_sq_norm: take(SaeScoreKind::Nonlinear),
+            deviation: take(SaeScoreKind::Deviation),
+            rows: rows.to_string(),
+        }
+    }
+
+    fn get(&self, kind: SaeScoreKind) -> &[f32] {
+        match kind {
+            SaeScoreKind::ErrorNorm => &self.error_sq_norm,
+            SaeScoreKind::Nonlinear => &self.nonlinear_sq_norm,
+            SaeScoreKind::Deviation => &self.deviation,
+        }
+    }
+
+    /// Writes `dir/calibration.safetensors`.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn save(&self, dir: &Path) -> Result<(), DetectorError> {
+        let path = dir.join(CALIBRATION_FILE);
+        let bad = |reason: String| DetectorError::Calibration {
+            path: path.clone(),
+            reason,
+        };
+        let bytes: Vec<(SaeScoreKind, Vec<u8>)> = SaeScoreKind::ALL
+            .iter()
+            .map(|&k| {
+                (
+                    k,
+                    self.get(k).iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )
+            })
+            .collect();
+        let mut views = Vec::new();
+        for (k, b) in &bytes {
+            let view = TensorView::new(Dtype::F32, vec![b.len() / 4], b)
+                .map_err(|e| bad(e.to_string()))?;
+            views.push((k.tensor(), view));
+        }
+        let meta = std::collections::HashMap::from([("rows".to_string(), self.rows.clone())]);
+        let st = safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))?;
+        fs::write(&path, st).map_err(|source| DetectorError::Io {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// Reads one score's calibration from `dir/calibration.safetensors`.
+    fn load(dir: &Path, kind: SaeScoreKind) -> Result<Vec<f32>, DetectorError> {
+        let path = dir.join(CALIBRATION_FILE);
+        let bad = |reason: String| DetectorError::Calibration {
+            path: path.clone(),
+            reason,
+        };
+        let bytes = fs::read(&path).map_err(|e| {
+            bad(format!(
+                "{e}: the streaming thresholds calibrate on these scores of normal tokens \
+                 (`darkwatch sae-train` and `darkwatch sae-head` write them)"
+            ))
+        })?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let t = st
+            .tensor(kind.tensor())
+            .map_err(|_| bad(format!("tensor `{}` is missing", kind.tensor())))?;
+        if t.dtype() != Dtype::F32 || t.shape().len() != 1 {
+            return Err(bad(format!(
+                "tensor `{}` is {:?} {:?}, expected 1-D F32",
+                kind.tensor(),
+                t.dtype(),
+                t.shape()
+            )));
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+impl SaeDetector {
+    /// Whether `dir` holds an SAE checkpoint (rather than a darkwatch autoencoder).
+    pub fn is_sae_dir(dir: &Path) -> bool {
+        dir.join(CONFIG_FILE).is_file()
+            && (dir.join(SAELENS_WEIGHTS).is_file() || dir.join(SPARSIFY_WEIGHTS).is_file())
+    }
+
+    /// Loads the SAE in `dir`, its head and calibration from `dir/dark`.
+    ///
+    /// # Errors
+    /// A bad checkpoint or head, a missing head or calibration (each naming the file and
+    /// how to make it), or a head of another width.
+    pub fn load(dir: &Path, score: SaeScoreKind) -> Result<SaeDetector, DetectorError> {
+        let sae = Sae::load(dir)?;
+        let dark = dir.join(DARK_DIR);
+        if !dark.join(DARK_META_FILE).is_file() {
+            return Err(DetectorError::NoHead { dir: dark });
+        }
+        let head = DarkHead::load(&dark)?;
+        if head.d() != sae.d_in() {
+            return Err(DetectorError::Width {
+                dir: dark,
+                head: head.d(),
+                sae: sae.d_in(),
+            });
+        }
+        let calibration = Calibration::load(&dark, score)?;
+        // The id covers everything that changes a score.
+        let mut hash = Sha256::new();
+        for path in [
+            dir.join(CONFIG_FILE),
+            dir.join(SAELENS_WEIGHTS),
+            dir.join(SPARSIFY_WEIGHTS),
+            dark.join(DARK_WEIGHTS_FILE),
+            dark.join(DARK_META_FILE),
+        ] {
+            match fs::read(&path) {
+                Ok(bytes) => hash.update(&bytes),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DetectorError::Io { path, source }),
+            }
+        }
+        hash.update(score.name().as_bytes());
+        let id: String = hash.finalize()[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let features = (0..sae.d_in()).map(|j| format!("d{j}")).collect();
+        Ok(SaeDetector {
+            sae,
+            head,
+            score,
+            id,
+            features,
+            calibration,
+        })
+    }
+
+    /// Content hash of the SAE, head and score kind (12 hex digits).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `d0`, `d1`, …: the names alerts give the activation's dimensions.
+    pub fn features(&self) -> &[String] {
+        &self.features
+    }
+
+    /// The chosen score of normal tokens, in order.
+    pub fn calibration_scores(&self) -> &[f32] {
+        &self.calibration
+    }
+
+    /// What scores, for logs and `/metrics`: `sae/<activation>/<d_in>x<latents>/<score>`.
+    pub fn describe(&self) -> String {
+        let activation = match self.sae.activation() {
+            super::SaeActivation::Relu => "relu".to_string(),
+            super::SaeActivation::TopK { k } => format!("topk{k}"),
+            super::SaeActivation::JumpRelu => "jumprelu".to_string(),
+        };
+        format!(
+            "sae/{activation}/{}x{}/{}",
+            self.sae.d_in(),
+            self.sae.d_sae(),
+            self.score.name()
+        )
+    }
+}
+
+/// The scorer thread's side of an [`SaeDetector`]: buffers for `max_batch` tokens, so a
+/// batch scores without allocating.
+pub struct SaeScorer {
+    detector: Arc<SaeDetector>,
+    ws: SaeWorkspace,
+    dark: super::dark::DarkWorkspace,
+    input: Array2<f32>,
+    scores: Vec<f32>,
+    contrib: Array2<f32>,
+    top_k: usize,
+    last: usize,
+    errors: u64,
+}
+
+impl SaeScorer {
+    pub fn new(detector: Arc<SaeDetector>, max_batch: usize, top_k: usize) -> SaeScorer {
+        let (n, d) = (max_batch.max(1), detector.sae.d_in());
+        SaeScorer {
+            ws: detector.sae.workspace(n),
+            dark: detector.head.workspace(n),
+            input: Array2::zeros((n, d)),
+            scores: vec![0.0; n],
+            contrib: Array2::zeros((n, d)),
+            top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
+            last: 0,
+            errors: 0,
+            detector,
+        }
+    }
+
+    fn try_score(&mut self, n: usize) -> Result<(), DetectorError> {
+        let det = &*self.detector;
+        let x = self.input.slice(s![..n, ..]);
+        let out = det.sae.forward(x, &mut self.ws)?;
+        let e = out.error();
+        let scored = det.head.score(x, e, &mut self.dark)?;
+        for (dst, s) in self.scores.iter_mut().zip(scored) {
+            *dst = det.score.pick(s);
+        }
+        for (r, mut row) in self.contrib.rows_mut().into_iter().take(n).enumerate() {
+            let er = e.row(r);
+            match det.score {
+                SaeScoreKind::Nonlinear => {
+                    let predicted = self.dark.predicted_error(r);
+                    for ((c, &ev), &pv) in row.iter_mut().zip(&er).zip(predicted) {
+                        *c = (ev - pv) * (ev - pv);
+                    }
+                }
+                SaeScoreKind::ErrorNorm | SaeScoreKind::Deviation => {
+                    for (c, &ev) in row.iter_mut().zip(&er) {
+                        *c = ev * ev;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BatchScorer for SaeScorer {
+    fn max_batch(&self) -> usize {
+        self.input.nrows()
+    }
+
+    fn n_features(&self) -> usize {
+        self.input.ncols()
+    }
+
+    fn input_mut(&mut self) -> &mut [f32] {
+        self.input
+            .as_slice_mut()
+            .expect("owned arrays are contiguous")
+    }
+
+    fn input_row(&self, i: usize) -> &[f32] {
+        let d = self.n_features();
+        &self.input.as_slice().expect("owned arrays are contiguous")[i * d..(i + 1) * d]
+    }
+
+    fn score_batch(&mut self, n: usize) {
+        let n = n.min(self.max_batch());
+        self.last = n;
+        if let Err(e) = self.try_score(n) {
+            // Shapes are checked at load, so this is a bug; the frames score NaN (counted
+            // invalid by the sink's threshold) rather than stopping the agent.
+            self.errors += 1;
+            if self.errors.is_power_of_two() {
+                tracing::error!(error = %e, failures = self.errors, "SAE scoring failed");
+            }
+            self.scores[..n].fill(f32::NAN);
+            self.contrib.slice_mut(s![..n, ..]).fill(0.0);
+        }
+    }
+
+    fn batch_scores(&self) -> &[f32] {
+        &self.scores[..self.last]
+    }
+
+    fn top_contributions(&self, i: usize, out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS]) -> u8 {
+        let row = self.contrib.row(i);
+        fill_top(
+            row.as_slice()
+                .expect("rows of an owned array are contiguous"),
+            self.top_k,
+            out,
+        )
+    }
+}

@@ -1,0 +1,236 @@
+//! Issue 7, item 5: live activation frames over MQTT scored by an SAE in the agent.
+//!
+//! A tiny TopK SAE is trained (`sae_train_command`, as `darkwatch sae-train`) on the real
+//! all-MiniLM-L6-v2 activations in tests/data/activations. The agent then runs in-process
+//! against an embedded rumqttd broker with `format = "raw"` and the SAE folder as its model;
+//! every test token is published as one little-endian f32 frame, prose on one stream and
+//! out-of-distribution text on another. Asserted: every frame is scored, each live score
+//! equals what `sae-score` computes offline for that token, the alerts reach an MQTT
+//! subscriber and name activation dimensions, and the OOD stream raises more alerts than
+//! the prose stream. Configurations an SAE cannot run with are refused with clear errors.
+
+mod util;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use darkwatch::agent::{self, AgentCounters, AgentError, InputFormat};
+use darkwatch::alert::AlertStatus;
+use darkwatch::config::DarkwatchConfig;
+use darkwatch::mqtt::{self, BrokerMode};
+use darkwatch::sae::Sae;
+use darkwatch::sae::dark::{DarkConfig, DarkHead};
+use darkwatch::sae::detector::{SaeDetector, SaeScoreKind};
+use darkwatch::sae::eval::{
+    DARK_DIR, SaeHeadArgs, SaeTrainArgs, read_activations, read_labels, sae_head_command,
+    sae_train_command, score_tokens,
+};
+use darkwatch::sae::train::{SaeTrainConfig, SaveMeta};
+use util::broker::{Collector, publish_all};
+use util::repo;
+
+fn train_sae(out: &std::path::Path) {
+    let a = repo("tests/data/activations");
+    let args = SaeTrainArgs {
+        input: a.join("train.npy"),
+        tensor: None,
+        prompt_ids: Some(a.join("train_prompt_ids.npy")),
+        out: out.to_path_buf(),
+        holdout: 0.2,
+        config: SaeTrainConfig {
+            latents: 256,
+            k: 16,
+            epochs: 3,
+            seed: 0,
+            ..Default::default()
+        },
+        dark: DarkConfig { ridge: 1.0 },
+        dark_folds: 0,
+        meta: SaveMeta::default(),
+    };
+    let (summary, _) = sae_train_command(&args, &mut |_| {}).unwrap();
+    assert_eq!(summary.calibration_rows, "held_out");
+    assert_eq!(summary.calibration_count, summary.held_out_rows);
+}
+
+fn agent_config(dir: &std::path::Path, model: &std::path::Path, port: u16) -> DarkwatchConfig {
+    let mut cfg = DarkwatchConfig::default();
+    cfg.agent.model_dir = model.to_path_buf();
+    cfg.agent.format = InputFormat::Raw;
+    cfg.mqtt.broker = BrokerMode::External;
+    cfg.mqtt.host = "127.0.0.1".into();
+    cfg.mqtt.port = port;
+    cfg.mqtt.node_name = "lm".into();
+    cfg.mqtt.subscribe = vec!["act/#".into()];
+    cfg.spool.dir = dir.join("spool");
+    cfg.spool.fsync = false;
+    cfg.metrics.listen = String::new();
+    cfg
+}
+
+fn frame(row: ndarray::ArrayView1<f32>) -> Vec<u8> {
+    row.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[test]
+fn agent_scores_live_activation_frames_with_an_sae_as_sae_score_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae_dir = dir.path().join("sae");
+    train_sae(&sae_dir);
+    let a = repo("tests/data/activations");
+    let x = read_activations(&a.join("test.npy"), None).unwrap();
+    let labels = read_labels(&a.join("test_labels.npy"), None, x.nrows()).unwrap();
+    let sae = Sae::load(&sae_dir).unwrap();
+    let head = DarkHead::load(&sae_dir.join(DARK_DIR)).unwrap();
+    let offline = score_tokens(&sae, &head, x.view()).unwrap();
+    let prose: Vec<usize> = (0..x.nrows()).filter(|&i| labels[i] == 0).collect();
+    let ood: Vec<usize> = (0..x.nrows()).filter(|&i| labels[i] == 1).collect();
+    assert!(!prose.is_empty() && !ood.is_empty());
+
+    let port = mqtt::start_embedded_broker("127.0.0.1", 0).unwrap();
+    let cfg = agent_config(dir.path(), &sae_dir, port);
+    let mut alerts = Collector::new(port, &["darkwatch/lm/alerts/#"], None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(AgentCounters::default());
+    let running = {
+        let (cfg, stop, counters) = (cfg.clone(), stop.clone(), counters.clone());
+        std::thread::spawn(move || agent::run(&cfg, stop, counters, true))
+    };
+    // Probe frames on their own stream until the agent is subscribed (stream 0).
+    let started = Instant::now();
+    while counters.frames_scored.load(Ordering::Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60) && !running.is_finished(),
+            "the agent never scored a probe frame"
+        );
+        publish_all(port, &[("act/probe".into(), frame(x.row(prose[0])))]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let probes = counters.frames_scored.load(Ordering::Relaxed);
+    // Prose is stream 1, OOD stream 2; in steps, so that no burst overflows a ring.
+    for (topic, rows) in [("act/prose", &prose), ("act/ood", &ood)] {
+        for chunk in rows.chunks(100) {
+            let msgs: Vec<(String, Vec<u8>)> = chunk
+                .iter()
+                .map(|&i| (topic.to_string(), frame(x.row(i))))
+                .collect();
+            let want = counters.frames_scored.load(Ordering::Relaxed) + chunk.len() as u64;
+            publish_all(port, &msgs);
+            let waiting = Instant::now();
+            while counters.frames_scored.load(Ordering::Relaxed) < want {
+                assert!(
+                    waiting.elapsed() < Duration::from_secs(60),
+                    "frames not scored"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let report = running.join().unwrap().unwrap();
+    assert_eq!(report.pipeline.frames_scored, probes + x.nrows() as u64);
+    assert_eq!(counters.frames_dropped.load(Ordering::Relaxed), 0);
+    // `/metrics` says what scores.
+    assert_eq!(counters.backend(), "sae/topk16/384x256/error_norm");
+
+    // Every live score is the offline score of the same token.
+    let mut seen = [0usize; 3];
+    for &(stream, seq, score) in &report.scores {
+        let rows = match stream {
+            0 => continue,
+            1 => &prose,
+            2 => &ood,
+            s => panic!("unexpected stream {s}"),
+        };
+        let want = offline[rows[seq as usize]].error_sq_norm;
+        assert!(
+            (score - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "stream {stream} seq {seq}: live {score}, offline {want}"
+        );
+        seen[stream as usize] += 1;
+    }
+    assert_eq!((seen[1], seen[2]), (prose.len(), ood.len()));
+
+    // Alerts: more on the OOD stream, each naming activation dimensions, all over MQTT.
+    let firing = |stream: &str| {
+        report
+            .events
+            .iter()
+            .filter(|e| {
+                e.labels.get("stream").map(String::as_str) == Some(stream)
+                    && e.status == AlertStatus::Firing
+            })
+            .count()
+    };
+    let (on_prose, on_ood) = (firing("prose"), firing("ood"));
+    eprintln!(
+        "{} tokens scored live; alerts fired: prose {on_prose}, OOD {on_ood}",
+        seen[1] + seen[2]
+    );
+    assert!(
+        on_ood > on_prose,
+        "alerts fired: OOD stream {on_ood}, prose stream {on_prose}"
+    );
+    for e in &report.events {
+        let described = e
+            .annotations
+            .get("description")
+            .cloned()
+            .unwrap_or_default();
+        assert!(described.contains(" d"), "{described}");
+    }
+    let n = report.events.len();
+    alerts.wait("every alert event over MQTT", |got| got.len() >= n);
+}
+
+#[test]
+fn sae_head_makes_a_published_sae_watchable_and_bad_setups_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae_dir = dir.path().join("sae");
+    train_sae(&sae_dir);
+    // A "published" SAE: the checkpoint alone.
+    std::fs::remove_dir_all(sae_dir.join(DARK_DIR)).unwrap();
+    let err = SaeDetector::load(&sae_dir, SaeScoreKind::ErrorNorm).unwrap_err();
+    assert!(err.to_string().contains("darkwatch sae-head"), "{err}");
+
+    let a = repo("tests/data/activations");
+    let text = sae_head_command(&SaeHeadArgs {
+        sae: sae_dir.clone(),
+        input: a.join("train.npy"),
+        tensor: None,
+        prompt_ids: Some(a.join("train_prompt_ids.npy")),
+        holdout: 0.25,
+        dark: DarkConfig { ridge: 1.0 },
+        out: None,
+    })
+    .unwrap();
+    assert!(text.contains("held-out rows"), "{text}");
+    for kind in SaeScoreKind::ALL {
+        let det = SaeDetector::load(&sae_dir, kind).unwrap();
+        assert!(det.calibration_scores().len() >= 50, "{kind:?}");
+        assert!(det.calibration_scores().iter().all(|s| s.is_finite()));
+        assert_eq!(det.features()[7], "d7");
+    }
+    // The id changes with the score that alerts.
+    let ids: std::collections::HashSet<String> = SaeScoreKind::ALL
+        .iter()
+        .map(|&k| SaeDetector::load(&sae_dir, k).unwrap().id().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+
+    let port = mqtt::start_embedded_broker("127.0.0.1", 0).unwrap();
+    let refused = |cfg: DarkwatchConfig| -> String {
+        let stop = Arc::new(AtomicBool::new(true));
+        match agent::run(&cfg, stop, Arc::default(), false) {
+            Err(e @ AgentError::Config(_)) => e.to_string(),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    };
+    let mut cfg = agent_config(dir.path(), &sae_dir, port);
+    cfg.agent.format = InputFormat::Examon;
+    assert!(refused(cfg).contains("format must be \"raw\""));
+    let mut cfg = agent_config(dir.path(), &sae_dir, port);
+    cfg.retrain.enabled = true;
+    assert!(refused(cfg).contains("online retraining"));
+}
