@@ -484,10 +484,36 @@ pub fn run_with(
     })
 }
 
+/// Checks that `cfg` can run `model` before anything starts (the binary calls it before
+/// READY=1, and on SIGHUP before handing a reload over, so that a refused reload leaves the
+/// agent running): the thresholds calibrate on the model's scores, and an SAE gets raw
+/// input and no online retraining.
+///
+/// # Errors
+/// What does not fit, naming the setting.
+pub fn validate(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentError> {
+    check_suits(cfg, model)?;
+    let calibration: Vec<f64> = model
+        .calibration_scores()
+        .iter()
+        .map(|&s| f64::from(s))
+        .collect();
+    cfg.threshold
+        .build(&calibration)
+        .map(drop)
+        .map_err(|e| AgentError::Threshold(format!("model {}: {e}", model.id())))
+}
+
 /// Refuses settings an SAE detector cannot run with: it scores raw activation frames, and
 /// online retraining is for autoencoders.
 fn check_suits(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentError> {
     if let Detector::Sae(_) = model {
+        if cfg.score.backend != crate::config::Backend::Native {
+            tracing::warn!(
+                backend = ?cfg.score.backend,
+                "[score] backend applies to autoencoders; the SAE scores on the native kernels"
+            );
+        }
         if cfg.agent.format != InputFormat::Raw {
             return Err(AgentError::Config(format!(
                 "{} is an SAE folder: it scores activation frames, so [agent] format must be \"raw\"",
@@ -951,10 +977,7 @@ impl AgentSink {
             alert_cfg: cfg.alert.clone(),
             mqtt: mqtt.clone(),
             model_id: model.id().to_string(),
-            model_version: match model {
-                Detector::Autoencoder(m) => m.meta.provenance.created_unix_secs.to_string(),
-                Detector::Sae(_) => "0".into(),
-            },
+            model_version: model.version_label(),
             features: model.features().into(),
             out,
             counters: counters.clone(),

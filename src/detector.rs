@@ -13,7 +13,9 @@ use crate::sae::detector::{DetectorError, SaeDetector};
 /// A loaded detector. Cloning shares the weights.
 #[derive(Debug, Clone)]
 pub enum Detector {
+    /// A dense autoencoder written by `darkwatch train` (or a retrained version of one).
     Autoencoder(Arc<Model>),
+    /// An SAE checkpoint with its dark-matter head and calibration.
     Sae(Arc<SaeDetector>),
 }
 
@@ -58,6 +60,14 @@ impl Detector {
         match self {
             Detector::Autoencoder(m) => m.meta.version,
             Detector::Sae(_) => 0,
+        }
+    }
+
+    /// The `model_version` alerts carry: an autoencoder's creation time, 0 for an SAE.
+    pub fn version_label(&self) -> String {
+        match self {
+            Detector::Autoencoder(m) => m.meta.provenance.created_unix_secs.to_string(),
+            Detector::Sae(_) => "0".into(),
         }
     }
 

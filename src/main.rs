@@ -201,7 +201,8 @@ enum Command {
         /// Tokens without firing after which a latent counts as dead (default: one epoch).
         #[arg(long)]
         dead_tokens: Option<u64>,
-        /// Share of prompts (or rows) held out from training, to report held-out numbers.
+        /// Share of prompts (or rows) held out from training: held-out numbers, and the
+        /// scores live thresholds calibrate on (0: cross-fitted scores, with --dark-folds).
         #[arg(long, default_value_t = 0.1)]
         holdout: f64,
         /// Ridge of the dark-matter head, relative to the mean feature variance.
@@ -235,6 +236,7 @@ enum Command {
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
         /// Share of prompts (or rows) held out: held-out R² and the threshold calibration.
+        /// 0: fit on every row and calibrate on 5-fold cross-fitted scores.
         #[arg(long, default_value_t = 0.2)]
         holdout: f64,
         /// Ridge, relative to the mean feature variance.
@@ -243,6 +245,9 @@ enum Command {
         /// Head folder to write (default SAE/dark, where `darkwatch run` looks).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace a head already in the folder.
+        #[arg(long)]
+        force: bool,
     },
     /// Score activation rows through an SAE and its dark-matter head: per token ‖e‖², the
     /// predicted ‖e‖², the nonlinear error and the deviation; prompt-level max/mean; with
@@ -432,6 +437,8 @@ async fn reload(
     notify.send("RELOADING=1");
     let loaded = load_config(config).and_then(|cfg| {
         let model = Detector::load_configured(&cfg.agent.model_dir, &cfg)?;
+        // Refused here, a reload is counted as failed and the agent runs on.
+        darkwatch::agent::validate(&cfg, &model)?;
         Ok(Reload { cfg, model })
     });
     match loaded {
@@ -590,6 +597,7 @@ fn run(command: Command) -> Result<()> {
             let cfg = load_config(config.as_deref())?;
             // Fail before telling systemd we are ready if the model cannot be loaded.
             let model = Detector::load_configured(&cfg.agent.model_dir, &cfg)?;
+            darkwatch::agent::validate(&cfg, &model)?;
             let control = Control::default();
             let counters = Arc::new(AgentCounters::default());
             let notify = notifier();
@@ -807,6 +815,7 @@ fn run(command: Command) -> Result<()> {
             holdout,
             ridge,
             out,
+            force,
         } => {
             let args = darkwatch::sae::eval::SaeHeadArgs {
                 sae,
@@ -816,6 +825,7 @@ fn run(command: Command) -> Result<()> {
                 holdout,
                 dark: darkwatch::sae::dark::DarkConfig { ridge },
                 out,
+                force,
             };
             emit(&darkwatch::sae::eval::sae_head_command(&args)?)?;
             Ok(())

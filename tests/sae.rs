@@ -660,7 +660,9 @@ fn forward_and_dark_scoring_do_not_allocate() {
 #[test]
 fn live_sae_scorer_does_not_allocate_and_matches_score_tokens() {
     use darkwatch::pipeline::{BatchScorer, Contribution};
-    use darkwatch::sae::detector::{Calibration, SaeDetector, SaeScoreKind, SaeScorer};
+    use darkwatch::sae::detector::{
+        Calibration, CalibrationRows, SaeDetector, SaeScoreKind, SaeScorer,
+    };
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("saelens_topk_v6");
     for f in ["cfg.json", "sae_weights.safetensors"] {
@@ -673,7 +675,7 @@ fn live_sae_scorer_does_not_allocate_and_matches_score_tokens() {
     fit.head.save(&dark).unwrap();
     let offline = darkwatch::sae::eval::score_tokens(&sae, &fit.head, x.view()).unwrap();
     let many: Vec<_> = (0..60).map(|i| offline[i % offline.len()]).collect();
-    Calibration::from_scores(&many, "training", 1000)
+    Calibration::from_scores(&many, CalibrationRows::Training, 1000)
         .save(&dark)
         .unwrap();
     for kind in SaeScoreKind::ALL {

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use darkwatch::agent::{self, AgentCounters, AgentError, InputFormat};
 use darkwatch::alert::AlertStatus;
 use darkwatch::config::DarkwatchConfig;
+use darkwatch::detector::Detector;
 use darkwatch::mqtt::{self, BrokerMode};
 use darkwatch::sae::Sae;
 use darkwatch::sae::dark::{DarkConfig, DarkHead};
-use darkwatch::sae::detector::{SaeDetector, SaeScoreKind};
+use darkwatch::sae::detector::{Calibration, CalibrationRows, SaeDetector, SaeScoreKind};
 use darkwatch::sae::eval::{
     DARK_DIR, SaeHeadArgs, SaeTrainArgs, read_activations, read_labels, sae_head_command,
     sae_train_command, score_tokens,
@@ -50,7 +51,7 @@ fn train_sae(out: &std::path::Path) {
         meta: SaveMeta::default(),
     };
     let (summary, _) = sae_train_command(&args, &mut |_| {}).unwrap();
-    assert_eq!(summary.calibration_rows, "held_out");
+    assert_eq!(summary.calibration_rows, "held-out");
     assert_eq!(summary.calibration_count, summary.held_out_rows);
 }
 
@@ -195,22 +196,51 @@ fn sae_head_makes_a_published_sae_watchable_and_bad_setups_are_refused() {
     assert!(err.to_string().contains("darkwatch sae-head"), "{err}");
 
     let a = repo("tests/data/activations");
-    let text = sae_head_command(&SaeHeadArgs {
-        sae: sae_dir.clone(),
-        input: a.join("train.npy"),
-        tensor: None,
-        prompt_ids: Some(a.join("train_prompt_ids.npy")),
-        holdout: 0.25,
-        dark: DarkConfig { ridge: 1.0 },
-        out: None,
-    })
-    .unwrap();
+    let head = |holdout: f64, force: bool| {
+        sae_head_command(&SaeHeadArgs {
+            sae: sae_dir.clone(),
+            input: a.join("train.npy"),
+            tensor: None,
+            prompt_ids: Some(a.join("train_prompt_ids.npy")),
+            holdout,
+            dark: DarkConfig { ridge: 1.0 },
+            out: None,
+            force,
+        })
+    };
+    // Without rows held out, the calibration is cross-fitted: every score comes from a head
+    // that did not see the token.
+    let text = head(0.0, false).unwrap();
+    assert!(text.contains("out-of-fold rows"), "{text}");
+    let det = SaeDetector::load(&sae_dir, SaeScoreKind::Nonlinear).unwrap();
+    assert_eq!(det.calibration_rows(), Some(CalibrationRows::OutOfFold));
+    // Unseen tokens score above what the head gives its own fit rows: the cross-fitted
+    // calibration is not the in-sample one.
+    let x = read_activations(&a.join("train.npy"), None).unwrap();
+    let sae = Sae::load(&sae_dir).unwrap();
+    let own = score_tokens(&sae, &det.head, x.view()).unwrap();
+    let mean = |v: &mut dyn Iterator<Item = f32>| {
+        let v: Vec<f32> = v.collect();
+        v.iter().sum::<f32>() / v.len() as f32
+    };
+    let in_sample = mean(&mut own.iter().map(|s| s.nonlinear_sq_norm));
+    let crossed = mean(&mut det.calibration_scores().iter().copied());
+    assert!(
+        crossed > in_sample,
+        "cross-fitted {crossed} vs in-sample {in_sample}"
+    );
+
+    // A head in place is not replaced without --force.
+    let err = head(0.25, false).unwrap_err().to_string();
+    assert!(err.contains("--force"), "{err}");
+    let text = head(0.25, true).unwrap();
     assert!(text.contains("held-out rows"), "{text}");
     for kind in SaeScoreKind::ALL {
         let det = SaeDetector::load(&sae_dir, kind).unwrap();
         assert!(det.calibration_scores().len() >= 50, "{kind:?}");
         assert!(det.calibration_scores().iter().all(|s| s.is_finite()));
         assert_eq!(det.features()[7], "d7");
+        assert_eq!(det.calibration_rows(), Some(CalibrationRows::HeldOut));
     }
     // The id changes with the score that alerts.
     let ids: std::collections::HashSet<String> = SaeScoreKind::ALL
@@ -221,11 +251,14 @@ fn sae_head_makes_a_published_sae_watchable_and_bad_setups_are_refused() {
 
     let port = mqtt::start_embedded_broker("127.0.0.1", 0).unwrap();
     let refused = |cfg: DarkwatchConfig| -> String {
+        let det = Detector::load_configured(&cfg.agent.model_dir, &cfg).unwrap();
+        let checked = agent::validate(&cfg, &det).unwrap_err().to_string();
         let stop = Arc::new(AtomicBool::new(true));
         match agent::run(&cfg, stop, Arc::default(), false) {
-            Err(e @ AgentError::Config(_)) => e.to_string(),
+            Err(e @ AgentError::Config(_)) => assert_eq!(e.to_string(), checked),
             other => panic!("expected a configuration error, got {other:?}"),
         }
+        checked
     };
     let mut cfg = agent_config(dir.path(), &sae_dir, port);
     cfg.agent.format = InputFormat::Examon;
@@ -233,4 +266,27 @@ fn sae_head_makes_a_published_sae_watchable_and_bad_setups_are_refused() {
     let mut cfg = agent_config(dir.path(), &sae_dir, port);
     cfg.retrain.enabled = true;
     assert!(refused(cfg).contains("online retraining"));
+    let cfg = agent_config(dir.path(), &sae_dir, port);
+    let det = Detector::load_configured(&sae_dir, &cfg).unwrap();
+    agent::validate(&cfg, &det).unwrap();
+
+    // Too few calibration scores are refused where they are read, naming the file.
+    let few = Calibration::from_scores(
+        &score_tokens(&sae, &det_head(&sae_dir), x.slice(ndarray::s![..20, ..])).unwrap(),
+        CalibrationRows::HeldOut,
+        usize::MAX,
+    );
+    assert!(few.describe().contains("WARNING"), "{}", few.describe());
+    few.save(&sae_dir.join(DARK_DIR)).unwrap();
+    let err = SaeDetector::load(&sae_dir, SaeScoreKind::ErrorNorm)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("calibration.safetensors") && err.contains("20 finite scores"),
+        "{err}"
+    );
+}
+
+fn det_head(sae_dir: &std::path::Path) -> DarkHead {
+    DarkHead::load(&sae_dir.join(DARK_DIR)).unwrap()
 }

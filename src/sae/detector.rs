@@ -25,6 +25,7 @@ use super::eval::DARK_DIR;
 use super::{CONFIG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, Sae, SaeError, SaeWorkspace};
 use crate::config::MAX_TOP_CONTRIBUTIONS;
 use crate::pipeline::{BatchScorer, Contribution, fill_top};
+use crate::threshold::MIN_CALIBRATION_SCORES;
 
 /// The file, in the head's folder, that holds the calibration scores.
 pub const CALIBRATION_FILE: &str = "calibration.safetensors";
@@ -85,6 +86,37 @@ pub struct SaeConfig {
     pub score: SaeScoreKind,
 }
 
+/// Which tokens' scores a calibration holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalibrationRows {
+    /// Rows held out from the SAE and the head.
+    HeldOut,
+    /// Every row, each scored by an SAE and a head fitted without its fold.
+    OutOfFold,
+    /// The rows the head (and the SAE) were fitted on: too small errors, thresholds too low.
+    Training,
+}
+
+impl CalibrationRows {
+    pub fn name(self) -> &'static str {
+        match self {
+            CalibrationRows::HeldOut => "held-out",
+            CalibrationRows::OutOfFold => "out-of-fold",
+            CalibrationRows::Training => "training",
+        }
+    }
+
+    fn parse(s: &str) -> Option<CalibrationRows> {
+        [
+            CalibrationRows::HeldOut,
+            CalibrationRows::OutOfFold,
+            CalibrationRows::Training,
+        ]
+        .into_iter()
+        .find(|r| r.name() == s)
+    }
+}
+
 /// Why a detector folder cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DetectorError {
@@ -98,7 +130,10 @@ pub enum DetectorError {
          published SAE"
     )]
     NoHead { dir: PathBuf },
-    #[error("the dark-matter head in {dir} takes d = {head}, the SAE d_in = {sae}")]
+    #[error(
+        "the dark-matter head in {dir} takes d = {head}, the SAE d_in = {sae}: it belongs to \
+         another SAE; fit this one's with `darkwatch sae-head`"
+    )]
     Width {
         dir: PathBuf,
         head: usize,
@@ -116,35 +151,70 @@ pub enum DetectorError {
 /// A loaded SAE, its head, and the calibration of the chosen score.
 #[derive(Debug)]
 pub struct SaeDetector {
+    /// The checkpoint.
     pub sae: Sae,
+    /// The dark-matter head fitted for it.
     pub head: DarkHead,
+    /// The head output each token is scored by.
     pub score: SaeScoreKind,
     id: String,
     features: Vec<String>,
     calibration: Vec<f32>,
+    calibration_rows: Option<CalibrationRows>,
 }
 
 /// Scores of normal tokens, one vector per [`SaeScoreKind`], for threshold calibration.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Calibration {
     pub error_sq_norm: Vec<f32>,
     pub nonlinear_sq_norm: Vec<f32>,
     pub deviation: Vec<f32>,
-    /// Which rows they come from (`held_out`, `out_of_fold` or `training`).
-    pub rows: String,
+    /// Which rows they come from.
+    pub rows: CalibrationRows,
 }
 
 impl Calibration {
     /// The last `max` tokens' scores.
-    pub fn from_scores(scores: &[DarkScore], rows: &str, max: usize) -> Calibration {
+    pub fn from_scores(scores: &[DarkScore], rows: CalibrationRows, max: usize) -> Calibration {
         let tail = &scores[scores.len().saturating_sub(max)..];
         let take = |kind: SaeScoreKind| tail.iter().map(|s| kind.pick(s)).collect();
         Calibration {
             error_sq_norm: take(SaeScoreKind::ErrorNorm),
             nonlinear_sq_norm: take(SaeScoreKind::Nonlinear),
             deviation: take(SaeScoreKind::Deviation),
-            rows: rows.to_string(),
+            rows,
         }
+    }
+
+    /// Tokens calibrated on.
+    pub fn len(&self) -> usize {
+        self.error_sq_norm.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.error_sq_norm.is_empty()
+    }
+
+    /// One line for `sae-train` and `sae-head`: how many scores of which rows, and a warning
+    /// when thresholds cannot be trusted (or built) from them.
+    pub fn describe(&self) -> String {
+        let mut line = format!(
+            "threshold calibration: scores of {} {} rows",
+            self.len(),
+            self.rows.name()
+        );
+        if self.len() < MIN_CALIBRATION_SCORES {
+            line.push_str(&format!(
+                "; WARNING: thresholds need at least {MIN_CALIBRATION_SCORES}, so `darkwatch run` \
+                 will refuse this folder (hold out more rows)"
+            ));
+        } else if self.rows == CalibrationRows::Training {
+            line.push_str(
+                "; WARNING: the head was fitted on these rows, so their errors are small and \
+                 thresholds will be low (hold rows out)",
+            );
+        }
+        line
     }
 
     fn get(&self, kind: SaeScoreKind) -> &[f32] {
@@ -180,7 +250,8 @@ impl Calibration {
                 .map_err(|e| bad(e.to_string()))?;
             views.push((k.tensor(), view));
         }
-        let meta = std::collections::HashMap::from([("rows".to_string(), self.rows.clone())]);
+        let meta =
+            std::collections::HashMap::from([("rows".to_string(), self.rows.name().to_string())]);
         let st = safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))?;
         fs::write(&path, st).map_err(|source| DetectorError::Io {
             path: path.clone(),
@@ -188,8 +259,12 @@ impl Calibration {
         })
     }
 
-    /// Reads one score's calibration from `dir/calibration.safetensors`.
-    fn load(dir: &Path, kind: SaeScoreKind) -> Result<Vec<f32>, DetectorError> {
+    /// Reads one score's calibration from `dir/calibration.safetensors`, and which rows it
+    /// came from (if the file says).
+    fn load(
+        dir: &Path,
+        kind: SaeScoreKind,
+    ) -> Result<(Vec<f32>, Option<CalibrationRows>), DetectorError> {
         let path = dir.join(CALIBRATION_FILE);
         let bad = |reason: String| DetectorError::Calibration {
             path: path.clone(),
@@ -214,18 +289,37 @@ impl Calibration {
                 t.shape()
             )));
         }
-        Ok(t.data()
+        let scores: Vec<f32> = t
+            .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+            .collect();
+        let finite = scores.iter().filter(|s| s.is_finite()).count();
+        if finite < MIN_CALIBRATION_SCORES {
+            return Err(bad(format!(
+                "`{}` holds {finite} finite scores; thresholds need at least \
+                 {MIN_CALIBRATION_SCORES} (rerun `darkwatch sae-head` with more held-out rows)",
+                kind.tensor()
+            )));
+        }
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let rows = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("rows"))
+            .and_then(|r| CalibrationRows::parse(r));
+        Ok((scores, rows))
     }
 }
 
 impl SaeDetector {
-    /// Whether `dir` holds an SAE checkpoint (rather than a darkwatch autoencoder).
+    /// Whether `dir` is meant as an SAE folder rather than a darkwatch autoencoder: no
+    /// `model.json`, and an SAE `cfg.json` or a head folder (a sparsify run folder keeps
+    /// its checkpoint one level down). [`SaeDetector::load`] then says what is missing.
     pub fn is_sae_dir(dir: &Path) -> bool {
-        dir.join(CONFIG_FILE).is_file()
-            && (dir.join(SAELENS_WEIGHTS).is_file() || dir.join(SPARSIFY_WEIGHTS).is_file())
+        !dir.join(crate::model::io::META_FILE).exists()
+            && (dir.join(CONFIG_FILE).is_file() || dir.join(DARK_DIR).is_dir())
     }
 
     /// Loads the SAE in `dir`, its head and calibration from `dir/dark`.
@@ -247,18 +341,24 @@ impl SaeDetector {
                 sae: sae.d_in(),
             });
         }
-        let calibration = Calibration::load(&dark, score)?;
-        // The id covers everything that changes a score.
+        let (calibration, calibration_rows) = Calibration::load(&dark, score)?;
+        // The id covers everything that changes a score or a threshold. The checkpoint is
+        // hashed where it was read (a sparsify run folder's layer folder), streamed.
+        let ckpt = sae.info().dir.clone().unwrap_or_else(|| dir.to_path_buf());
         let mut hash = Sha256::new();
         for path in [
-            dir.join(CONFIG_FILE),
-            dir.join(SAELENS_WEIGHTS),
-            dir.join(SPARSIFY_WEIGHTS),
+            ckpt.join(CONFIG_FILE),
+            ckpt.join(SAELENS_WEIGHTS),
+            ckpt.join(SPARSIFY_WEIGHTS),
             dark.join(DARK_WEIGHTS_FILE),
             dark.join(DARK_META_FILE),
+            dark.join(CALIBRATION_FILE),
         ] {
-            match fs::read(&path) {
-                Ok(bytes) => hash.update(&bytes),
+            match fs::File::open(&path) {
+                Ok(mut f) => {
+                    std::io::copy(&mut f, &mut hash)
+                        .map_err(|source| DetectorError::Io { path, source })?;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => return Err(DetectorError::Io { path, source }),
             }
@@ -276,7 +376,13 @@ impl SaeDetector {
             id,
             features,
             calibration,
+            calibration_rows,
         })
+    }
+
+    /// Which tokens the calibration scores come from, if the file says.
+    pub fn calibration_rows(&self) -> Option<CalibrationRows> {
+        self.calibration_rows
     }
 
     /// Content hash of the SAE, head and score kind (12 hex digits).
@@ -325,6 +431,8 @@ pub struct SaeScorer {
 }
 
 impl SaeScorer {
+    /// Buffers for batches of up to `max_batch` tokens, naming the `top_k` largest
+    /// contributions per token.
     pub fn new(detector: Arc<SaeDetector>, max_batch: usize, top_k: usize) -> SaeScorer {
         let (n, d) = (max_batch.max(1), detector.sae.d_in());
         SaeScorer {
@@ -393,8 +501,8 @@ impl BatchScorer for SaeScorer {
         let n = n.min(self.max_batch());
         self.last = n;
         if let Err(e) = self.try_score(n) {
-            // Shapes are checked at load, so this is a bug; the frames score NaN (counted
-            // invalid by the sink's threshold) rather than stopping the agent.
+            // Shapes are checked at load, so this is a bug; the frames score NaN (thresholds
+            // skip them) rather than stopping the agent.
             self.errors += 1;
             if self.errors.is_power_of_two() {
                 tracing::error!(error = %e, failures = self.errors, "SAE scoring failed");

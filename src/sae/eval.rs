@@ -30,13 +30,14 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use serde::Serialize;
 
 use super::dark::{DarkConfig, DarkError, DarkHead, DarkScore, DarkStats, R2};
-use super::detector::{Calibration, DetectorError};
+use super::detector::{Calibration, CalibrationRows, DetectorError};
 use super::train::{
     EpochStats, SaeTrainConfig, SaeTrainError, SaeTrainReport, SaveMeta, save_saelens, train_topk,
 };
 use super::{Sae, SaeError};
 use crate::eval::{self, EvalError};
 use crate::ingest::IngestError;
+use crate::model::io::MAX_CALIBRATION_SCORES;
 
 /// Why an evaluation step failed.
 #[derive(Debug, thiserror::Error)]
@@ -729,27 +730,53 @@ pub fn crossfit_dark_stats(
     config: &SaeTrainConfig,
     folds: usize,
 ) -> Result<DarkStats, SaeEvalError> {
-    crossfit_dark(x, prompt_ids, config, folds).map(|(stats, _)| stats)
+    Ok(crossfit_dark(x, prompt_ids, config, folds, 0)?.stats())
 }
 
-/// [`crossfit_dark_stats`], and every row's out-of-fold SAE error (`[rows, d]`, in row
-/// order): what `sae-train` calibrates thresholds on when it holds no rows out.
-///
-/// # Errors
-/// As [`crossfit_dark_stats`].
-pub fn crossfit_dark(
-    x: ArrayView2<f32>,
-    prompt_ids: Option<&[i64]>,
-    config: &SaeTrainConfig,
-    folds: usize,
-) -> Result<(DarkStats, Array2<f32>), SaeEvalError> {
-    let rows = x.nrows();
-    if folds < 2 || folds > rows {
-        return Err(SaeEvalError::Invalid(format!(
-            "cross-fitting needs 2..={rows} folds, got {folds}"
-        )));
+/// What [`crossfit_dark`] returns.
+#[derive(Debug, Clone)]
+pub struct CrossFit {
+    /// Each row's fold.
+    pub fold_of: Vec<usize>,
+    /// Per fold, the statistics of its rows' out-of-fold errors.
+    pub fold_stats: Vec<DarkStats>,
+    /// The rows whose errors were kept (the last `keep`), and their errors, in that order.
+    pub kept: Vec<usize>,
+    pub errors: Array2<f32>,
+}
+
+impl CrossFit {
+    /// The statistics of every fold together.
+    pub fn stats(&self) -> DarkStats {
+        merge_except(&self.fold_stats, None)
     }
-    let fold_of: Vec<usize> = match prompt_ids {
+
+    /// Scores of the kept rows (`x` holds every row), each by a head fitted on the other
+    /// folds' statistics: what a head fitted on all of them will see on new tokens.
+    ///
+    /// # Errors
+    /// A fold's head cannot be fitted.
+    pub fn out_of_fold_scores(
+        &self,
+        x: ArrayView2<f32>,
+        dark: &DarkConfig,
+    ) -> Result<Vec<DarkScore>, SaeEvalError> {
+        let xk = x.select(Axis(0), &self.kept);
+        let folds: Vec<usize> = self.kept.iter().map(|&r| self.fold_of[r]).collect();
+        out_of_fold_scores(
+            &self.fold_stats,
+            &folds,
+            xk.view(),
+            self.errors.view(),
+            dark,
+        )
+    }
+}
+
+/// The fold of each of `rows` rows: whole prompts round-robin in order of first appearance
+/// when `prompt_ids` are given, else contiguous blocks.
+fn fold_assignment(rows: usize, prompt_ids: Option<&[i64]>, folds: usize) -> Vec<usize> {
+    match prompt_ids {
         Some(ids) => {
             let p = Prompts::group(ids);
             let mut f = vec![0; rows];
@@ -761,35 +788,104 @@ pub fn crossfit_dark(
             f
         }
         None => (0..rows).map(|r| r * folds / rows).collect(),
-    };
-    let mut stats = DarkStats::new(x.ncols());
-    let mut errors = Array2::zeros(x.dim());
-    for fold in 0..folds {
-        let inside: Vec<usize> = (0..rows).filter(|&r| fold_of[r] == fold).collect();
-        let outside: Vec<usize> = (0..rows).filter(|&r| fold_of[r] != fold).collect();
-        if inside.is_empty() {
-            continue;
-        }
-        if outside.len() < 2 {
-            return Err(SaeEvalError::Invalid(format!(
-                "fold {fold} leaves {} rows to train on",
-                outside.len()
-            )));
-        }
-        let cfg = SaeTrainConfig {
-            seed: config.seed.wrapping_add(fold as u64 + 1),
-            ..config.clone()
-        };
-        let xo = x.select(Axis(0), &outside);
-        let trained = train_topk(xo.view(), None, &cfg, &mut |_| {})?;
-        let xi = x.select(Axis(0), &inside);
-        let e = sae_errors(&trained.sae, xi.view())?;
-        stats.accumulate(xi.view(), e.view())?;
-        for (&r, row) in inside.iter().zip(e.rows()) {
-            errors.row_mut(r).assign(&row);
+    }
+}
+
+/// The sum of every fold's statistics but `except`'s.
+fn merge_except(stats: &[DarkStats], except: Option<usize>) -> DarkStats {
+    let mut all = DarkStats::new(stats.first().map_or(0, DarkStats::d));
+    for (i, s) in stats.iter().enumerate() {
+        if Some(i) != except {
+            all.merge(s).expect("folds share d");
         }
     }
-    Ok((stats, errors))
+    all
+}
+
+/// Scores rows (x, e) whose folds are `folds`, each by a head fitted on the statistics of
+/// every other fold.
+fn out_of_fold_scores(
+    fold_stats: &[DarkStats],
+    folds: &[usize],
+    x: ArrayView2<f32>,
+    e: ArrayView2<f32>,
+    dark: &DarkConfig,
+) -> Result<Vec<DarkScore>, SaeEvalError> {
+    let mut out = vec![DarkScore::default(); x.nrows()];
+    for k in 0..fold_stats.len() {
+        let rows: Vec<usize> = (0..folds.len()).filter(|&i| folds[i] == k).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let head = DarkHead::fit(&merge_except(fold_stats, Some(k)), dark, None)?.head;
+        let mut ws = head.workspace(256);
+        for chunk in rows.chunks(256) {
+            let (xc, ec) = (x.select(Axis(0), chunk), e.select(Axis(0), chunk));
+            for (&i, s) in chunk.iter().zip(head.score(xc.view(), ec.view(), &mut ws)?) {
+                out[i] = *s;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// [`crossfit_dark_stats`] per fold, keeping the out-of-fold SAE errors of the last `keep`
+/// rows: what `sae-train` calibrates thresholds on when it holds no rows out.
+///
+/// # Errors
+/// As [`crossfit_dark_stats`].
+pub fn crossfit_dark(
+    x: ArrayView2<f32>,
+    prompt_ids: Option<&[i64]>,
+    config: &SaeTrainConfig,
+    folds: usize,
+    keep: usize,
+) -> Result<CrossFit, SaeEvalError> {
+    let rows = x.nrows();
+    if folds < 2 || folds > rows {
+        return Err(SaeEvalError::Invalid(format!(
+            "cross-fitting needs 2..={rows} folds, got {folds}"
+        )));
+    }
+    let fold_of = fold_assignment(rows, prompt_ids, folds);
+    let kept: Vec<usize> = (rows.saturating_sub(keep)..rows).collect();
+    let mut errors = Array2::zeros((kept.len(), x.ncols()));
+    let mut fold_stats = Vec::with_capacity(folds);
+    for fold in 0..folds {
+        let mut stats = DarkStats::new(x.ncols());
+        let inside: Vec<usize> = (0..rows).filter(|&r| fold_of[r] == fold).collect();
+        let outside: Vec<usize> = (0..rows).filter(|&r| fold_of[r] != fold).collect();
+        if !inside.is_empty() {
+            if outside.len() < 2 {
+                return Err(SaeEvalError::Invalid(format!(
+                    "fold {fold} leaves {} rows to train on",
+                    outside.len()
+                )));
+            }
+            let cfg = SaeTrainConfig {
+                seed: config.seed.wrapping_add(fold as u64 + 1),
+                ..config.clone()
+            };
+            let xo = x.select(Axis(0), &outside);
+            let trained = train_topk(xo.view(), None, &cfg, &mut |_| {})?;
+            let xi = x.select(Axis(0), &inside);
+            let e = sae_errors(&trained.sae, xi.view())?;
+            stats.accumulate(xi.view(), e.view())?;
+            let first_kept = rows - kept.len();
+            for (&r, row) in inside.iter().zip(e.rows()) {
+                if r >= first_kept {
+                    errors.row_mut(r - first_kept).assign(&row);
+                }
+            }
+        }
+        fold_stats.push(stats);
+    }
+    Ok(CrossFit {
+        fold_of,
+        fold_stats,
+        kept,
+        errors,
+    })
 }
 
 /// The folder, under an SAE folder, where `sae-train` writes the dark-matter head.
@@ -826,7 +922,7 @@ pub struct SaeTrainSummary {
     pub dark_folds: usize,
     pub dark_train_r2: R2,
     pub dark_held_out_r2: Option<R2>,
-    /// Which rows' scores thresholds calibrate on: `held_out`, `out_of_fold` or `training`.
+    /// Which rows' scores thresholds calibrate on: `held-out`, `out-of-fold` or `training`.
     pub calibration_rows: String,
     pub calibration_count: usize,
 }
@@ -859,53 +955,61 @@ pub fn sae_train_command(
     })?;
     let trained = train_topk(train.view(), held_view, &args.config, on_epoch)?;
     save_saelens(&trained.parts, &args.out, &args.meta)?;
-    let mut oof_errors = None;
+    let mut crossfit = None;
     let fit = if args.dark_folds >= 2 {
         let train_ids = ids
             .as_ref()
             .map(|ids| train_rows.iter().map(|&r| ids[r]).collect::<Vec<i64>>());
-        let (stats, errors) = crossfit_dark(
+        // Out-of-fold errors are kept for calibration only when no rows are held out.
+        let keep = if held_view.is_some() {
+            0
+        } else {
+            MAX_CALIBRATION_SCORES
+        };
+        let cf = crossfit_dark(
             train.view(),
             train_ids.as_deref(),
             &args.config,
             args.dark_folds,
+            keep,
         )?;
-        oof_errors = Some(errors);
         let held = match held_view {
             Some(h) => Some((h, sae_errors(&trained.sae, h)?)),
             None => None,
         };
-        DarkHead::fit(
-            &stats,
+        let fit = DarkHead::fit(
+            &cf.stats(),
             &args.dark,
             held.as_ref().map(|(h, e)| (*h, e.view())),
-        )?
+        )?;
+        crossfit = Some(cf);
+        fit
     } else {
         fit_dark_head(&trained.sae, train.view(), held_view, &args.dark)?
     };
     let dark_dir = args.out.join(DARK_DIR);
     fit.head.save(&dark_dir)?;
-    // Thresholds calibrate on scores of tokens the SAE did not train on: held-out rows,
-    // else out-of-fold errors; the SAE's own training rows only as a last resort (their
-    // errors are too small, so thresholds come out low).
-    let (calibration_scores, calibration_rows) = match (held_view, &oof_errors) {
-        (Some(h), _) => (score_tokens(&trained.sae, &fit.head, h)?, "held_out"),
-        (None, Some(e)) => {
-            let mut ws = fit.head.workspace(train.nrows());
-            let s = fit.head.score(train.view(), e.view(), &mut ws)?.to_vec();
-            (s, "out_of_fold")
-        }
-        (None, None) => (
-            score_tokens(&trained.sae, &fit.head, train.view())?,
-            "training",
+    // Thresholds calibrate on scores of tokens neither the SAE nor the head saw: held-out
+    // rows, else cross-fitted ones (each row's error from an SAE, and its score from a
+    // head, fitted without its fold); the training rows only as a last resort.
+    let calibration = match (held_view, &crossfit) {
+        (Some(h), _) => Calibration::from_scores(
+            &score_tokens(&trained.sae, &fit.head, tail(h))?,
+            CalibrationRows::HeldOut,
+            MAX_CALIBRATION_SCORES,
+        ),
+        (None, Some(cf)) => Calibration::from_scores(
+            &cf.out_of_fold_scores(train.view(), &args.dark)?,
+            CalibrationRows::OutOfFold,
+            MAX_CALIBRATION_SCORES,
+        ),
+        (None, None) => Calibration::from_scores(
+            &score_tokens(&trained.sae, &fit.head, tail(train.view()))?,
+            CalibrationRows::Training,
+            MAX_CALIBRATION_SCORES,
         ),
     };
-    Calibration::from_scores(
-        &calibration_scores,
-        calibration_rows,
-        crate::model::io::MAX_CALIBRATION_SCORES,
-    )
-    .save(&dark_dir)?;
+    calibration.save(&dark_dir)?;
     let summary = SaeTrainSummary {
         input: args.input.clone(),
         sae: trained.report.clone(),
@@ -915,8 +1019,8 @@ pub fn sae_train_command(
         dark_folds: args.dark_folds,
         dark_train_r2: fit.train,
         dark_held_out_r2: fit.held_out,
-        calibration_rows: calibration_rows.into(),
-        calibration_count: calibration_scores.len(),
+        calibration_rows: calibration.rows.name().into(),
+        calibration_count: calibration.len(),
     };
     let report_path = args.out.join(TRAIN_REPORT_FILE);
     let json =
@@ -969,17 +1073,7 @@ pub fn sae_train_command(
         r2(Some(fit.train)),
         r2(fit.held_out)
     );
-    let _ = writeln!(
-        text,
-        "threshold calibration: scores of {} {} rows{}",
-        calibration_scores.len(),
-        calibration_rows.replace('_', "-"),
-        if calibration_rows == "training" {
-            " (the SAE's own: thresholds will be low; hold rows out or cross-fit)"
-        } else {
-            ""
-        }
-    );
+    let _ = writeln!(text, "{}", calibration.describe());
     let _ = writeln!(text, "wrote {}", args.out.display());
     Ok((summary, text))
 }
@@ -993,22 +1087,38 @@ pub struct SaeHeadArgs {
     pub input: PathBuf,
     pub tensor: Option<String>,
     pub prompt_ids: Option<PathBuf>,
-    /// Share of prompts (or rows) held out from the fit: R² and the threshold calibration
-    /// come from them.
+    /// Share of prompts (or rows) held out from the fit: held-out R² and the threshold
+    /// calibration come from them. 0: fit on every row, calibrate on cross-fitted scores.
     pub holdout: f64,
     pub dark: DarkConfig,
     /// Where to write the head; default `<sae>/dark`, where the agent looks for it.
     pub out: Option<PathBuf>,
+    /// Replace a head already there.
+    pub force: bool,
 }
 
+/// Folds of the cross-fitted calibration of `sae-head --holdout 0`.
+const HEAD_FOLDS: usize = 5;
+
 /// `darkwatch sae-head`: fits the dark-matter head of an existing SAE (a published one,
-/// say) on normal activations, and writes it with the threshold calibration (the scores of
-/// the held-out rows), so that the agent can score live activations with the SAE.
+/// say) on normal activations, and writes it with the threshold calibration, so that the
+/// agent can score live activations with the SAE. The calibration holds the scores of the
+/// held-out rows; with no rows held out, each row's score by a head fitted on the other
+/// [`HEAD_FOLDS`] − 1 folds.
 ///
 /// # Errors
-/// Bad input or a failed fit or write, each naming its file.
+/// Bad input, a head already in place (without `force`), a failed fit or write, each
+/// naming its file.
 pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
     let sae = Sae::load(&args.sae)?;
+    let dir = args.out.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
+    if !args.force && dir.join(super::dark::DARK_META_FILE).exists() {
+        return Err(input_err(
+            &dir,
+            "already holds a dark-matter head (`sae-train` writes a cross-fitted one); \
+             pass --force to replace it, or --out to write elsewhere",
+        ));
+    }
     let x = read_activations(&args.input, args.tensor.as_deref())?;
     if x.ncols() != sae.d_in() {
         return Err(input_err(
@@ -1028,26 +1138,44 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
     };
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
     let train = x.select(Axis(0), &train_rows);
-    let held = x.select(Axis(0), &held_rows);
-    let held_view = (!held_rows.is_empty()).then(|| held.view());
-    let fit = fit_dark_head(&sae, train.view(), held_view, &args.dark)?;
-    let dir = args.out.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
-    fit.head.save(&dir)?;
-    let (rows, which) = match held_view {
-        Some(h) => (h, "held-out"),
-        None => (train.view(), "fit"),
+    let (fit, calibration) = if held_rows.is_empty() {
+        let rows = train.nrows();
+        if rows < HEAD_FOLDS {
+            return Err(input_err(
+                &args.input,
+                format!("{rows} rows; the head needs at least {HEAD_FOLDS}"),
+            ));
+        }
+        let e = sae_errors(&sae, train.view())?;
+        let fold_of = fold_assignment(rows, ids.as_deref(), HEAD_FOLDS);
+        let mut fold_stats: Vec<DarkStats> = (0..HEAD_FOLDS)
+            .map(|_| DarkStats::new(sae.d_in()))
+            .collect();
+        for (f, stats) in fold_stats.iter_mut().enumerate() {
+            let rows: Vec<usize> = (0..rows).filter(|&r| fold_of[r] == f).collect();
+            let (xf, ef) = (train.select(Axis(0), &rows), e.select(Axis(0), &rows));
+            stats.accumulate(xf.view(), ef.view())?;
+        }
+        let fit = DarkHead::fit(&merge_except(&fold_stats, None), &args.dark, None)?;
+        let first = rows.saturating_sub(MAX_CALIBRATION_SCORES);
+        let scores = out_of_fold_scores(
+            &fold_stats,
+            &fold_of[first..],
+            train.slice(s![first.., ..]),
+            e.slice(s![first.., ..]),
+            &args.dark,
+        )?;
+        let c = Calibration::from_scores(&scores, CalibrationRows::OutOfFold, usize::MAX);
+        (fit, c)
+    } else {
+        let held = x.select(Axis(0), &held_rows);
+        let fit = fit_dark_head(&sae, train.view(), Some(held.view()), &args.dark)?;
+        let scores = score_tokens(&sae, &fit.head, tail(held.view()))?;
+        let c = Calibration::from_scores(&scores, CalibrationRows::HeldOut, usize::MAX);
+        (fit, c)
     };
-    let scores = score_tokens(&sae, &fit.head, rows)?;
-    Calibration::from_scores(
-        &scores,
-        if held_view.is_some() {
-            "held_out"
-        } else {
-            "training"
-        },
-        crate::model::io::MAX_CALIBRATION_SCORES,
-    )
-    .save(&dir)?;
+    fit.head.save(&dir)?;
+    calibration.save(&dir)?;
     let r2 = |v: R2| format!("vector {:.3}, norm {:.3}", v.vector, v.norm);
     let mut text = String::new();
     let _ = writeln!(
@@ -1060,13 +1188,15 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
         r2(fit.train),
         fit.held_out.map_or("n/a".into(), r2)
     );
-    let _ = writeln!(
-        text,
-        "threshold calibration: scores of {} {which} rows; wrote {}",
-        scores.len(),
-        dir.display()
-    );
+    let _ = writeln!(text, "{}", calibration.describe());
+    let _ = writeln!(text, "wrote {}", dir.display());
     Ok(text)
+}
+
+/// The last [`MAX_CALIBRATION_SCORES`] rows of `x`: all a calibration keeps.
+fn tail(x: ArrayView2<'_, f32>) -> ArrayView2<'_, f32> {
+    let first = x.nrows().saturating_sub(MAX_CALIBRATION_SCORES);
+    x.slice_move(s![first.., ..])
 }
 
 /// Arguments of `darkwatch sae-score`.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::util::broker::{
     Agent, Collector, Mosquitto, Relay, final_count, free_port, publish_all, unique, wait_for,
 };
-use crate::util::repo;
+use crate::util::{darkwatch, repo, run};
 
 mod load;
 
@@ -167,6 +167,15 @@ fn watchdog_pings_while_idle_and_while_scoring_and_status_counts_frames() {
 #[test]
 fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
     let (dir, trained_model, test_csv, _) = crate::trained();
+    // Trained first: the stream's event-time clock must not run on while it trains.
+    let sae = dir.path().join("sae");
+    let (code, _, err) = run(darkwatch()
+        .args(["sae-train", "--latents", "64", "--k", "8", "--epochs", "1"])
+        .args(["--dark-folds", "0", "--holdout", "0.2", "--input"])
+        .arg(repo("tests/data/activations/train.npy"))
+        .arg("--out")
+        .arg(&sae));
+    assert_eq!(code, 0, "{err}");
     let (notify, sock) = notify_socket(dir.path());
     let broker = free_port();
     let metrics = free_port();
@@ -234,6 +243,13 @@ fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
     agent.wait_metric("darkwatch_config_reloads_total{result=\"failed\"}", |v| {
         v == 2.0
     });
+    // An SAE folder with ExaMon input: it loads, but the agent cannot run it (SAEs score
+    // raw activation frames), so the reload is refused before it is handed over.
+    config(dir.path(), "agent.toml", &sae, metrics, "", &mqtt, "");
+    agent.signal("HUP");
+    agent.wait_metric("darkwatch_config_reloads_total{result=\"failed\"}", |v| {
+        v == 3.0
+    });
     assert!(agent.is_running(), "{}", agent.stderr());
     assert_eq!(agent.metric(&info(&id(&trained_model))), Some(1.0));
     assert_eq!(
@@ -250,7 +266,8 @@ fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
         "the refused key is logged: {err}"
     );
     assert!(err.contains("no-such-model"), "{err}");
-    assert_eq!(err.matches("Reload failed").count(), 2, "{err}");
+    assert!(err.contains("format must be"), "{err}");
+    assert_eq!(err.matches("Reload failed").count(), 3, "{err}");
 }
 
 /// Alert payloads (JSON) of the agent's node `node` in `got`.
