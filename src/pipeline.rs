@@ -107,6 +107,8 @@ pub fn fill_top(row: &[f32], top_k: usize, out: &mut [Contribution; MAX_TOP_CONT
 pub struct Scorer {
     model: Arc<Model>,
     head: Head,
+    /// The model's wnll constants ([`crate::score::prepare_baseline`]).
+    baseline: Vec<f32>,
     ws: Workspace,
     input: Array2<f32>,
     scaled: Array2<f32>,
@@ -173,6 +175,7 @@ impl Scorer {
             last: 0,
             contrib: Array2::zeros((max_batch, d)),
             top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
+            baseline: crate::score::prepare_baseline(&model.meta.log_variance_baseline),
             model,
             head,
         })
@@ -216,6 +219,7 @@ impl Scorer {
         self.mss = model.active_bank().map(ReferenceBank::scratch);
         self.onnx = onnx;
         self.cuda = cuda;
+        self.baseline = crate::score::prepare_baseline(&model.meta.log_variance_baseline);
         self.model = model;
         Ok(())
     }
@@ -269,7 +273,7 @@ impl Scorer {
             }
             _ => x,
         };
-        let (head, baseline) = (&self.head, &self.model.meta.log_variance_baseline);
+        let (head, baseline) = (&self.head, &self.baseline);
         let (scores, contrib) = (&mut self.scores[..n], self.contrib.view_mut());
         match (self.onnx.as_mut(), self.cuda.as_mut()) {
             (None, None) => {
