@@ -125,7 +125,8 @@ pub struct AgentCounters {
     pub frames_scored: AtomicU64,
     /// Frames dropped because the ring to the scorer was full (`drop_newest`).
     pub frames_dropped: AtomicU64,
-    /// Raw input only: MQTT receipt of a frame to its alert handed to the MQTT client.
+    /// MQTT receipt of a raw frame, or of an assembled frame's last metric, to its alert
+    /// handed to the MQTT client.
     pub alert_latency: LatencyBuckets,
     /// A complete frame entering the ring to its score (queueing, batching, scoring).
     pub scoring_latency: LatencyBuckets,
@@ -770,6 +771,7 @@ impl AgentSource {
                 stream: f.stream_index,
                 timestamp: f.window_end,
                 enqueued_ns: clock.now_ns(),
+                received: f.received,
             };
             queued(counters, producer.push(meta, f.values), f.values);
             pushed += 1;
@@ -801,7 +803,7 @@ impl AgentSource {
             ..
         } = self;
         let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
-            if assembler.push(sample).is_err() {
+            if assembler.push_received(sample, msg.received).is_err() {
                 counters.samples_rejected.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -864,6 +866,7 @@ impl AgentSource {
                         stream: index,
                         timestamp: msg.received,
                         enqueued_ns: clock.now_ns(),
+                        received: msg.received,
                     };
                     queued(counters, producer.push(meta, frame), frame);
                     return 1;
@@ -942,8 +945,6 @@ struct AgentSink {
     record: bool,
     scores: Vec<(u32, u64, f32)>,
     events: Vec<AlertEvent>,
-    /// Frame timestamps are MQTT receipt times (raw input): alert latency is measured.
-    receipt_times: bool,
     /// Online retraining's side of the sink, when it is on.
     retrain: Option<crate::retrain::SinkSide>,
     /// How thresholds are rebuilt for a retrained model.
@@ -984,7 +985,6 @@ impl AgentSink {
             record,
             scores: Vec::new(),
             events: Vec::new(),
-            receipt_times: cfg.agent.format == InputFormat::Raw,
             retrain: None,
             threshold_cfg: cfg.threshold.clone(),
         })
@@ -1100,11 +1100,11 @@ impl Sink for AgentSink {
         if let Some(event) = event {
             let name = event.stream.clone();
             self.publish(&name, event);
-            if self.receipt_times {
+            if f.meta.received > 0.0 {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(f64::NAN, |d| d.as_secs_f64());
-                self.counters.alert_latency.record(now - f.meta.timestamp);
+                self.counters.alert_latency.record(now - f.meta.received);
             }
         }
     }

@@ -176,7 +176,7 @@ pub fn render(e: &Exposed) -> String {
     histogram(
         &mut s,
         "darkwatch_alert_latency_seconds",
-        "MQTT receipt of a raw frame to its alert handed to the MQTT client (raw input only).",
+        "MQTT receipt of a frame (raw input) or of its last metric (ExaMon, Telegraf) to its alert handed to the MQTT client.",
         &c.alert_latency,
     );
     histogram(

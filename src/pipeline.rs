@@ -501,6 +501,7 @@ impl Source for FileSource {
                 stream: 0,
                 timestamp: self.timestamps.as_ref().map_or(f64::NAN, |t| t[i]),
                 enqueued_ns: clock.now_ns(),
+                received: 0.0,
             };
             offered += 1;
             let values = row.to_slice().expect("standard layout rows are contiguous");

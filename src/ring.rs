@@ -36,6 +36,9 @@ pub struct FrameMeta {
     pub timestamp: f64,
     /// When the frame entered the ring, in ns of the pipeline's monotonic clock.
     pub enqueued_ns: u64,
+    /// MQTT receipt of the frame (raw input) or of its last sample (assembled input), in
+    /// epoch seconds; 0 when unknown (replay). The agent's alert latency starts here.
+    pub received: f64,
 }
 
 /// Counters shared by both ends; read them from any thread.

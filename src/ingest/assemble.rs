@@ -10,7 +10,8 @@
 //!
 //! A window closes once a sample of the same stream lands `lateness_windows + 1`
 //! windows later, or once the caller's clock ([`Assembler::poll`]'s `now`) is that far
-//! past it. Windows that received no sample at all produce no frame. Memory is bounded:
+//! past it; with `close_when_complete`, also as soon as every feature has a sample in it
+//! (with the stream's older windows), so that its frame leaves with the last metric. Windows that received no sample at all produce no frame. Memory is bounded:
 //! at most `max_streams` streams, each with `(lateness_windows + 1) × d` accumulators
 //! sized when the stream first appears; after warm-up a sample for a known stream
 //! allocates nothing.
@@ -186,6 +187,11 @@ pub struct AssemblerConfig {
     /// How many windows behind a stream's newest window a late sample may still land.
     /// Default 1; at most [`MAX_LATENESS_WINDOWS`].
     pub lateness_windows: u32,
+    /// Close a window as soon as every feature has a sample in it, instead of waiting for
+    /// a later window: the frame then leaves with its last metric (lowest alert latency),
+    /// and further samples for that window count as late. For sources that send each
+    /// metric once per window. Default false.
+    pub close_when_complete: bool,
 }
 
 impl Default for AssemblerConfig {
@@ -196,6 +202,7 @@ impl Default for AssemblerConfig {
             stale_secs: None,
             max_streams: 1024,
             lateness_windows: 1,
+            close_when_complete: false,
         }
     }
 }
@@ -290,6 +297,8 @@ pub struct FrameOut<'a> {
     pub values: &'a [f32],
     /// True when some value is NaN (missing and not carried forward).
     pub incomplete: bool,
+    /// Receipt of the window's latest sample, epoch seconds (0 when unknown).
+    pub received: f64,
 }
 
 /// A closed window waiting for [`Assembler::poll`].
@@ -299,6 +308,7 @@ struct Pending {
     seq: u64,
     window: i64,
     incomplete: bool,
+    received: f64,
     values: Vec<f32>,
 }
 
@@ -313,6 +323,10 @@ struct StreamState {
     /// Window held by each of the `lateness + 1` slots; window `w` lives in slot
     /// `w mod (lateness + 1)`, and the open windows never span more than that.
     slot_window: Vec<Option<i64>>,
+    /// Per slot, the features with a sample, and the latest receipt time of one (epoch
+    /// seconds, 0 when unknown).
+    filled: Vec<u32>,
+    received: Vec<f64>,
     /// `slots × d` aggregation state.
     acc: Vec<f64>,
     acc_ts: Vec<f64>,
@@ -330,6 +344,8 @@ impl StreamState {
             newest: None,
             closed_before: i64::MIN,
             slot_window: vec![None; slots],
+            filled: vec![0; slots],
+            received: vec![0.0; slots],
             acc: vec![0.0; slots * d],
             acc_ts: vec![0.0; slots * d],
             count: vec![0; slots * d],
@@ -348,6 +364,7 @@ pub struct Assembler {
     stale_windows: f64,
     max_streams: usize,
     lateness: i64,
+    close_when_complete: bool,
     feature_names: Vec<String>,
     features: HashMap<String, usize>,
     index: HashMap<String, usize>,
@@ -396,6 +413,7 @@ impl Assembler {
             stale_windows: stale_secs / cfg.window_secs,
             max_streams: cfg.max_streams,
             lateness: i64::from(cfg.lateness_windows),
+            close_when_complete: cfg.close_when_complete,
             feature_names,
             features,
             index: HashMap::new(),
@@ -444,6 +462,16 @@ impl Assembler {
     /// # Errors
     /// [`Reject`] when the sample is not used; each reason is also counted.
     pub fn push(&mut self, s: &Sample<'_>) -> Result<(), Reject> {
+        self.push_received(s, 0.0)
+    }
+
+    /// [`Self::push`] for a sample that arrived at `received` (epoch seconds): the frame
+    /// carries its latest sample's receipt time, from which the agent measures alert
+    /// latency.
+    ///
+    /// # Errors
+    /// As [`Self::push`].
+    pub fn push_received(&mut self, s: &Sample<'_>, received: f64) -> Result<(), Reject> {
         self.counters.samples_in += 1;
         // Frames hold f32: a value beyond its range would be ±inf in this frame and in
         // every frame it is carried forward to. Accepted values keep means in range too.
@@ -494,6 +522,9 @@ impl Assembler {
         let k = slot * d + j;
         let first = st.count[k] == 0;
         st.count[k] = st.count[k].saturating_add(1);
+        st.filled[slot] += u32::from(first);
+        st.received[slot] = st.received[slot].max(received);
+        let complete = st.filled[slot] as usize == d;
         match self.aggregation {
             Aggregation::Mean => {
                 st.acc[k] = if first { s.value } else { st.acc[k] + s.value };
@@ -511,6 +542,9 @@ impl Assembler {
                     st.acc_ts[k] = s.timestamp;
                 }
             }
+        }
+        if complete && self.close_when_complete {
+            self.close(idx, w.saturating_add(1));
         }
         Ok(())
     }
@@ -582,6 +616,8 @@ impl Assembler {
             values.push(v as f32);
             st.count[k] = 0;
         }
+        let received = std::mem::take(&mut st.received[slot]);
+        st.filled[slot] = 0;
         if incomplete {
             self.counters.frames_incomplete += 1;
         } else {
@@ -594,6 +630,7 @@ impl Assembler {
             seq,
             window: w,
             incomplete,
+            received,
             values,
         });
     }
@@ -638,6 +675,7 @@ impl Assembler {
                 window_end: (p.window as f64 + 1.0) * self.window_secs,
                 values: &p.values,
                 incomplete: p.incomplete,
+                received: p.received,
             });
             self.pool.push(p.values);
         }
@@ -656,6 +694,54 @@ mod tests {
             value,
             timestamp,
         }
+    }
+
+    #[test]
+    fn close_when_complete_emits_with_the_last_metric_and_its_receipt_time() {
+        let cfg = AssemblerConfig {
+            close_when_complete: true,
+            ..AssemblerConfig::default()
+        };
+        let mut a = cfg.build(names(&["a", "b"])).unwrap();
+        let take = |a: &mut Assembler| {
+            let mut got = Vec::new();
+            a.poll(f64::NAN, &mut |f: FrameOut<'_>| {
+                got.push((f.seq, f.values.to_vec(), f.received));
+            });
+            got
+        };
+        a.push_received(&sample("n", "a", 1.0, 10.2), 100.0)
+            .unwrap();
+        assert!(take(&mut a).is_empty(), "half a window stays open");
+        a.push_received(&sample("n", "b", 2.0, 10.7), 101.5)
+            .unwrap();
+        let mut received = take(&mut a);
+        assert_eq!(
+            received,
+            vec![(0, vec![1.0, 2.0], 101.5)],
+            "the last metric closes it"
+        );
+        // A further sample for that window is late now.
+        assert_eq!(a.push(&sample("n", "a", 9.0, 10.9)), Err(Reject::Late));
+        // An older window still open closes first, in order.
+        a.push_received(&sample("n", "a", 3.0, 12.1), 103.0)
+            .unwrap();
+        a.push_received(&sample("n", "a", 4.0, 13.1), 104.0)
+            .unwrap();
+        a.push_received(&sample("n", "b", 5.0, 13.2), 104.2)
+            .unwrap();
+        received.extend(take(&mut a));
+        assert_eq!(received.len(), 3);
+        assert_eq!(received[1].0, 1);
+        assert_eq!(received[1].2, 103.0);
+        assert_eq!(received[2], (2, vec![4.0, 5.0], 104.2));
+        // Off (the default), the window waits for a later one.
+        let mut b = AssemblerConfig::default()
+            .build(names(&["a", "b"]))
+            .unwrap();
+        b.push(&sample("n", "a", 1.0, 10.2)).unwrap();
+        b.push(&sample("n", "b", 2.0, 10.7)).unwrap();
+        assert!(collect(&mut b, f64::NAN).is_empty());
     }
 
     fn names(n: &[&str]) -> Vec<String> {

@@ -155,6 +155,7 @@ fn load() {
     flood(&mosq, &model, dir.path(), &data, tck, 38_000.0);
     latency(&mosq, &model, dir.path(), &data, tck, true);
     latency(&mosq, &model, dir.path(), &data, tck, false);
+    examon_latency(&mosq, &model, dir.path(), &data, tck);
 }
 
 fn flood(
@@ -427,6 +428,100 @@ fn latency(
         "RSS         {:.1} MB idle (one 38-feature model), {:.1} MB at {rate} frames/s",
         rss_idle as f64 / 1024.0,
         rss_busy as f64 / 1024.0
+    );
+    println!(
+        "CPU         {:.2} s over {publish_secs:.1} s ({:.1} % of a core)",
+        cpu,
+        100.0 * cpu / publish_secs
+    );
+    println!(
+        "final       {}",
+        err.lines()
+            .find(|l| l.contains("stopped after"))
+            .unwrap_or("")
+    );
+}
+
+/// ExaMon input at 1k frames/s (38 messages a frame), every other frame anomalous, windows
+/// closed as soon as complete: the agent's MQTT receipt of a frame's last metric to its
+/// alert handed to the MQTT client.
+fn examon_latency(
+    mosq: &Mosquitto,
+    model: &Path,
+    dir: &Path,
+    data: &ndarray::Array2<f32>,
+    tck: f64,
+) {
+    let (org, node) = (unique("org"), unique("exlat"));
+    let metrics = free_port();
+    let work = dir.join("examon-latency");
+    std::fs::create_dir_all(&work).unwrap();
+    let cfg = config(
+        &work,
+        "agent.toml",
+        model,
+        metrics,
+        "",
+        &external(
+            mosq.port,
+            &node,
+            &format!("org/{org}/cluster/+/node/+/plugin/+/chnl/data/#"),
+        ),
+        "[alert]\nfire_k = 1\nfire_n = 1\nresolve_after_frames = 1\n\
+         [assemble]\nclose_when_complete = true\n",
+    );
+    let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    status.wait("online", |g| !g.is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = agent.pid();
+    let cpu0 = cpu_ticks(pid);
+    let (client, _pump) = publisher(mosq.port);
+    let names = darkwatch::model::Model::load(model).unwrap().meta.features;
+    let topics: Vec<String> = names
+        .iter()
+        .map(|f| format!("org/{org}/cluster/c/node/n0/plugin/p/chnl/data/{f}"))
+        .collect();
+    let (rate, n) = (1000.0, 10_000usize);
+    let start = Instant::now();
+    for k in 0..n {
+        let due = Duration::from_secs_f64(k as f64 / rate);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let row = data.row(k % data.nrows());
+        let shift = if k % 2 == 1 { 5.0 } else { 0.0 };
+        for (topic, &v) in topics.iter().zip(row.iter()) {
+            let payload = format!("{};{}", v + shift, 1_800_000_000 + k);
+            while client
+                .try_publish(
+                    topic.as_str(),
+                    rumqttc::QoS::AtMostOnce,
+                    false,
+                    payload.clone(),
+                )
+                .is_err()
+            {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+    let publish_secs = start.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks(pid) - cpu0) as f64 / tck;
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v as usize >= n - 1);
+    std::thread::sleep(Duration::from_secs(1));
+    let raised = agent.alerts_raised();
+    let inside = agent_latency(&agent);
+    let late = agent
+        .metric("darkwatch_samples_rejected_total")
+        .unwrap_or(f64::NAN);
+    let (_, err) = agent.stop();
+    println!(
+        "== ExaMon at {rate} frames/s (38 messages each) for {n} frames, every other one anomalous, close_when_complete"
+    );
+    println!("alerts      {raised} raised; {late} samples rejected");
+    println!(
+        "in agent    MQTT receipt of a frame's last metric to its alert handed to the MQTT client: {inside}"
     );
     println!(
         "CPU         {:.2} s over {publish_secs:.1} s ({:.1} % of a core)",
