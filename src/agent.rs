@@ -335,7 +335,7 @@ pub fn run_with(
     let spool = Spool::open(cfg.spool.clone())?;
     let (in_tx, in_rx) =
         std::sync::mpsc::sync_channel::<Incoming>(mqtt_cfg.incoming_capacity.max(1));
-    let (out_tx, out_rx) = std::sync::mpsc::channel::<Outgoing>();
+    let (out_tx, out_rx) = mqtt::outgoing_channel();
     let mqtt_stats = Arc::new(MqttStats::default());
     let client_stop = Arc::new(AtomicBool::new(false));
     let client = mqtt::spawn_client(
@@ -576,12 +576,13 @@ impl Retraining {
             self.shared.clone(),
             consumer,
             self.requests.clone(),
-            false,
+            None,
         ));
         sink.threshold_cfg = cfg.threshold.clone();
         pipeline::ScorerHooks {
             cell: self.shared.cell.clone(),
             values,
+            gate: None,
         }
     }
 
@@ -940,7 +941,7 @@ struct AgentSink {
     model_id: String,
     model_version: String,
     features: Arc<[String]>,
-    out: Sender<Outgoing>,
+    out: mqtt::OutgoingSender,
     counters: Arc<AgentCounters>,
     record: bool,
     scores: Vec<(u32, u64, f32)>,
@@ -958,7 +959,7 @@ impl AgentSink {
         model: &Detector,
         streams: Arc<Mutex<Vec<String>>>,
         mqtt: &mqtt::MqttConfig,
-        out: Sender<Outgoing>,
+        out: mqtt::OutgoingSender,
         counters: &Arc<AgentCounters>,
         record: bool,
     ) -> Result<AgentSink, AgentError> {

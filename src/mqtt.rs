@@ -16,9 +16,10 @@
 //!   received publishes to the agent itself and forwards ConnAck, PubAck, the packet id of
 //!   every outgoing publish and every connection error to the controller. After an error
 //!   it sleeps (100 ms doubling to 5 s): rumqttc has no backoff of its own.
-//! - the *controller* owns the spool. It wakes on a driver event or on a tick (1 ms while
-//!   alerts flow, 10 ms when quiet), drains the outgoing channel into the spool, and
-//!   publishes from the spool in order.
+//! - the *controller* owns the spool. It wakes on a driver event, on an alert sent to the
+//!   outgoing channel, or on a 10 ms tick (to notice `stop`), drains the outgoing channel
+//!   into the spool, and publishes from the spool in order. It never polls: an idle agent
+//!   costs it 100 wake-ups a second.
 //!
 //! # Spool-driven publishing
 //!
@@ -48,7 +49,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,6 +58,7 @@ use rumqttc::{
     Packet, QoS, SubscribeFilter,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tracing::{debug, info, warn};
 
@@ -81,12 +83,8 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How often the controller looks at the outgoing channel when no event wakes it: often
-/// while alerts flow, less when quiet (an idle 1 ms tick costs about 5% of a core).
-const TICK_BUSY: Duration = Duration::from_millis(1);
-const TICK_IDLE: Duration = Duration::from_millis(10);
-/// Quiet time after which the idle tick applies.
-const BUSY_FOR: Duration = Duration::from_millis(200);
+/// How often the controller wakes when nothing else wakes it, to notice `stop`.
+const TICK: Duration = Duration::from_millis(10);
 /// Outgoing alerts moved into the spool per wake-up, so events are not starved.
 const DRAIN_PER_TURN: usize = 1024;
 /// Packet ids rumqttc may use beyond `inflight_max`: subscribe and the two status publishes.
@@ -474,6 +472,16 @@ pub struct Incoming {
     pub received: f64,
 }
 
+/// Where the agent sends the messages to publish; sending wakes the MQTT client.
+pub type OutgoingSender = UnboundedSender<Outgoing>;
+/// The MQTT client's end of [`OutgoingSender`].
+pub type OutgoingReceiver = UnboundedReceiver<Outgoing>;
+
+/// A channel for [`spawn_client`]'s outgoing messages.
+pub fn outgoing_channel() -> (OutgoingSender, OutgoingReceiver) {
+    unbounded_channel()
+}
+
 /// A message to publish (at QoS 1, through the spool).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
@@ -534,7 +542,7 @@ pub fn spawn_client(
     cfg: MqttConfig,
     spool: Spool,
     incoming: SyncSender<Incoming>,
-    outgoing: Receiver<Outgoing>,
+    outgoing: OutgoingReceiver,
     stats: Arc<MqttStats>,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, MqttError> {
@@ -770,7 +778,7 @@ async fn run_client(
     options: MqttOptions,
     mut publisher: Publisher,
     incoming: SyncSender<Incoming>,
-    outgoing: Receiver<Outgoing>,
+    mut outgoing: OutgoingReceiver,
     stats: Arc<MqttStats>,
     stop: Arc<AtomicBool>,
 ) {
@@ -801,22 +809,26 @@ async fn run_client(
         "MQTT client starting."
     );
 
-    let mut last_busy = Instant::now();
     let mut outgoing_closed = false;
     let mut deadline: Option<Instant> = None;
     loop {
-        let tick = if last_busy.elapsed() < BUSY_FOR {
-            TICK_BUSY
-        } else {
-            TICK_IDLE
-        };
         let alive = tokio::select! {
             biased;
             event = events.recv() => match event {
                 Some(event) => { session.handle(event, &mut publisher); true }
                 None => false,
             },
-            _ = tokio::time::sleep(tick) => true,
+            message = outgoing.recv(), if !outgoing_closed => {
+                match message {
+                    Some(message) => publisher.append(message),
+                    None => {
+                        debug!("Outgoing alert channel closed.");
+                        outgoing_closed = true;
+                    }
+                }
+                true
+            }
+            _ = tokio::time::sleep(TICK) => true,
         };
         if !alive {
             warn!("MQTT event loop task ended; stopping the MQTT client.");
@@ -830,10 +842,7 @@ async fn run_client(
         if !outgoing_closed {
             for _ in 0..DRAIN_PER_TURN {
                 match outgoing.try_recv() {
-                    Ok(message) => {
-                        publisher.append(message);
-                        last_busy = Instant::now();
-                    }
+                    Ok(message) => publisher.append(message),
                     Err(TryRecvError::Empty) => {
                         outgoing_empty = true;
                         break;
@@ -1233,6 +1242,7 @@ mod tests {
     use std::path::Path;
     use std::sync::Mutex;
     use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc::Receiver;
 
     const WAIT: Duration = Duration::from_secs(20);
 
@@ -1669,14 +1679,14 @@ mod tests {
     struct Running {
         handle: JoinHandle<()>,
         incoming: Receiver<Incoming>,
-        outgoing: mpsc::Sender<Outgoing>,
+        outgoing: OutgoingSender,
         stats: Arc<MqttStats>,
         stop: Arc<AtomicBool>,
     }
 
     fn run(cfg: &MqttConfig, dir: &Path) -> Running {
         let (in_tx, incoming) = mpsc::sync_channel(cfg.incoming_capacity);
-        let (outgoing, out_rx) = mpsc::channel();
+        let (outgoing, out_rx) = outgoing_channel();
         let stats = Arc::new(MqttStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let handle = spawn_client(
@@ -1909,7 +1919,7 @@ mod tests {
                 ..MqttConfig::default()
             };
             let (in_tx, _in_rx) = mpsc::sync_channel(1);
-            let (_out_tx, out_rx) = mpsc::channel();
+            let (_out_tx, out_rx) = outgoing_channel();
             spawn_client(
                 cfg,
                 spool_at(dir.path(), 1 << 16),
@@ -1945,7 +1955,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let (in_tx, _in_rx) = mpsc::sync_channel(1);
-        let (_out_tx, out_rx) = mpsc::channel();
+        let (_out_tx, out_rx) = outgoing_channel();
         let err = spawn_client(
             cfg,
             spool_at(dir.path(), 1 << 16),

@@ -558,6 +558,48 @@ pub enum PipelineError {
 pub struct ScorerHooks {
     pub cell: Arc<crate::retrain::ModelCell>,
     pub values: FrameProducer,
+    /// Replay: switch models only at the swap point a retrain request set, so that which
+    /// frames a new model scores does not depend on thread timing. `None` (the agent):
+    /// switch as soon as a model is published.
+    pub gate: Option<SwapGate>,
+}
+
+/// A replay's deterministic model switch: the sink sets [`Self::at`] (a frame seq a fixed
+/// lag after the frame that triggered a retrain) and raises `busy`; the scorer scores the
+/// frames before that seq with the old model, waits at it until the trainer is done
+/// (accepted or rejected), and takes whatever model is published then. Single-stream
+/// (replay) seqs.
+#[derive(Debug, Clone)]
+pub struct SwapGate {
+    pub at: Arc<AtomicU64>,
+    pub busy: Arc<AtomicBool>,
+}
+
+impl SwapGate {
+    /// No swap pending.
+    pub const NONE: u64 = u64::MAX;
+
+    /// Where in `metas` the swap point falls (the index of the first frame at or past it),
+    /// and the point.
+    fn split(&self, metas: &[FrameMeta]) -> Option<(usize, u64)> {
+        let at = self.at.load(Ordering::Acquire);
+        if at == Self::NONE {
+            return None;
+        }
+        metas.iter().position(|m| m.seq >= at).map(|k| (k, at))
+    }
+
+    /// Waits (at most [`MAX_PAUSE`]) until the trainer is done, then clears the point `at`
+    /// (unless a newer request has replaced it meanwhile).
+    fn wait_and_clear(&self, at: u64) {
+        let since = Instant::now();
+        while self.busy.load(Ordering::Acquire) && since.elapsed() < MAX_PAUSE {
+            thread::sleep(Duration::from_micros(200));
+        }
+        let _ = self
+            .at
+            .compare_exchange(at, Self::NONE, Ordering::AcqRel, Ordering::Acquire);
+    }
 }
 
 /// The ring of [`ScorerHooks::values`]: one slot more than the result ring, so that the
@@ -690,10 +732,6 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
 /// Longest a paused [`FileSource`] waits (a trainer that died must not hang a replay).
 pub const MAX_PAUSE: Duration = Duration::from_secs(120);
 
-/// How long the scorer spins before parking when the ring is empty. Short: at a node's
-/// rates (about a frame a millisecond) every frame ends in a spin, so its length is the
-/// idle agent's CPU; the producer's unpark wakes a parked scorer within microseconds.
-const IDLE_SPIN: Duration = Duration::from_micros(10);
 /// Longest park; the producer unparks the scorer sooner when it pushes.
 const IDLE_PARK: Duration = Duration::from_millis(5);
 
@@ -713,7 +751,6 @@ fn score_loop(
     let mut latency = LatencyHistogram::new();
     let mut compute = LatencyHistogram::new();
     let (mut scored, mut batches) = (0u64, 0u64);
-    let mut idle_since: Option<u64> = None;
     let mut frame = ScoredFrame::default();
     loop {
         let n = consumer.pop_batch(&mut metas, scorer.input_mut());
@@ -721,58 +758,77 @@ fn score_loop(
             if consumer.is_finished() {
                 break;
             }
-            let now = clock.now_ns();
-            let since = *idle_since.get_or_insert(now);
-            if now - since < IDLE_SPIN.as_nanos() as u64 {
-                std::hint::spin_loop();
-            } else {
-                consumer.wait(IDLE_PARK);
-            }
+            // No spin first: at a node's rates (about a frame a millisecond) every frame
+            // would end in one, and a 10 µs spin per frame was 1 % of a core. The
+            // producer's unpark wakes the parked scorer within microseconds.
+            consumer.wait(IDLE_PARK);
             continue;
         }
-        idle_since = None;
         let t0 = clock.now_ns();
         // A stream may carry NaN/Inf: count and skip those frames, compacting the batch.
-        let n = compact_finite(scorer.input_mut(), &mut metas[..n], d, invalid);
+        let mut n = compact_finite(scorer.input_mut(), &mut metas[..n], d, invalid);
         if n == 0 {
             continue;
         }
-        if let Some(h) = hooks.as_ref() {
-            scorer.follow(&h.cell);
-        }
-        let version = scorer.model_version();
-        scorer.score_batch(n);
-        let t1 = clock.now_ns();
-        compute.record((t1 - t0) / n as u64);
-        batches += 1;
-        for (i, meta) in metas[..n].iter().enumerate() {
-            frame.meta = *meta;
-            frame.score = scorer.batch_scores()[i];
-            frame.n_top = scorer.top_contributions(i, &mut frame.top);
-            frame.latency_ns = t1.saturating_sub(meta.enqueued_ns);
-            frame.model_version = version;
-            latency.record(frame.latency_ns);
-            if let Some(h) = hooks.as_mut() {
-                // Before the result: the sink pops a frame's values right after its result.
-                if h.values.push(*meta, scorer.input_row(i)) == Pushed::Closed {
-                    hooks = None;
+        let mut t0 = t0;
+        // A batch is scored in one piece, or, when a replay's swap point falls inside it,
+        // in two: the frames before it with the old model, the rest with the new one.
+        loop {
+            let mut end = n;
+            if let Some(h) = hooks.as_ref() {
+                match &h.gate {
+                    None => scorer.follow(&h.cell),
+                    Some(gate) => match gate.split(&metas[..n]) {
+                        Some((0, at)) => {
+                            gate.wait_and_clear(at);
+                            scorer.follow(&h.cell);
+                        }
+                        Some((k, _)) => end = k,
+                        None => {}
+                    },
                 }
             }
-            let mut spins = 0u32;
-            while out.try_push(frame).is_err() {
-                if !out.read_is_held() {
-                    return (scored, batches, latency, compute);
+            let version = scorer.model_version();
+            scorer.score_batch(end);
+            let t1 = clock.now_ns();
+            compute.record((t1 - t0) / end as u64);
+            batches += 1;
+            for (i, meta) in metas[..end].iter().enumerate() {
+                frame.meta = *meta;
+                frame.score = scorer.batch_scores()[i];
+                frame.n_top = scorer.top_contributions(i, &mut frame.top);
+                frame.latency_ns = t1.saturating_sub(meta.enqueued_ns);
+                frame.model_version = version;
+                latency.record(frame.latency_ns);
+                if let Some(h) = hooks.as_mut() {
+                    // Before the result: the sink pops a frame's values right after its result.
+                    if h.values.push(*meta, scorer.input_row(i)) == Pushed::Closed {
+                        hooks = None;
+                    }
                 }
-                spins += 1;
-                if spins < 64 {
-                    std::hint::spin_loop();
-                } else {
-                    thread::sleep(Duration::from_micros(20));
+                let mut spins = 0u32;
+                while out.try_push(frame).is_err() {
+                    if !out.read_is_held() {
+                        return (scored, batches, latency, compute);
+                    }
+                    spins += 1;
+                    if spins < 64 {
+                        std::hint::spin_loop();
+                    } else {
+                        thread::sleep(Duration::from_micros(20));
+                    }
                 }
+                scored += 1;
             }
-            scored += 1;
+            sink.unpark();
+            if end == n {
+                break;
+            }
+            scorer.input_mut().copy_within(end * d..n * d, 0);
+            metas.copy_within(end..n, 0);
+            n -= end;
+            t0 = clock.now_ns();
         }
-        sink.unpark();
     }
     sink.unpark();
     (scored, batches, latency, compute)

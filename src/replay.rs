@@ -21,7 +21,7 @@ use crate::ingest::{self, IngestError, Table, TableOptions};
 use crate::model::{Model, ModelError};
 use crate::mss::MssConfig;
 use crate::pipeline::{
-    self, FileSource, PipelineError, PipelineReport, ScoredFrame, ScorerHooks, Sink,
+    self, FileSource, PipelineError, PipelineReport, ScoredFrame, ScorerHooks, Sink, SwapGate,
 };
 use crate::plot::{self, PlotError, PlotSpec};
 use crate::retrain;
@@ -338,6 +338,19 @@ pub fn replay_frames(
     );
     let mut sink = ReplaySink::new(rows, features, outputs, threshold, alerts)?;
     let mut source = FileSource::new(values, timestamps, rate);
+    // With retraining paused on, few frames are in flight when a retrain starts, and the
+    // new model takes over a fixed number of frames after the one that asked for it
+    // (past every frame the scorer can have scored by then), so a replay with retraining
+    // gives the same scores however its threads are scheduled.
+    let mut pipeline_cfg = cfg.pipeline.clone();
+    let gated = cfg.retrain.enabled && cfg.retrain.replay_pause;
+    if gated {
+        // Small batches keep the swap lag (and so the time a new model waits) short.
+        pipeline_cfg.batch_max_frames = pipeline_cfg.batch_max_frames.min(64);
+        pipeline_cfg.ring_capacity_frames = pipeline_cfg.batch_max_frames;
+    }
+    let swap_lag =
+        (pipeline_cfg.ring_capacity_frames + 2 * pipeline_cfg.batch_max_frames + 2) as u64;
     // Online retraining: the trainer thread, the scorer's hooks and the sink's side.
     let mut hooks = None;
     let mut trainer = None;
@@ -354,6 +367,10 @@ pub fn replay_frames(
         hooks = Some(ScorerHooks {
             cell: shared.cell.clone(),
             values: values_p,
+            gate: gated.then(|| SwapGate {
+                at: shared.swap_at.clone(),
+                busy: shared.busy.clone(),
+            }),
         });
         if cfg.retrain.replay_pause {
             source = source.paused_by(shared.busy.clone());
@@ -363,16 +380,10 @@ pub fn replay_frames(
             shared.clone(),
             values_c,
             requests,
-            cfg.retrain.replay_pause,
+            gated.then_some(swap_lag),
         ));
         sink.threshold_cfg = Some(cfg.threshold.clone());
         trainer = Some((shared, handle));
-    }
-    // With retraining paused on, few frames may be in flight when a retrain starts, so
-    // that when the new model takes over does not depend on how full the rings were.
-    let mut pipeline_cfg = cfg.pipeline.clone();
-    if trainer.is_some() && cfg.retrain.replay_pause {
-        pipeline_cfg.ring_capacity_frames = pipeline_cfg.batch_max_frames;
     }
     let (report, mut sink) = pipeline::run_hooked(
         model.clone(),

@@ -96,8 +96,10 @@ pub struct RetrainConfig {
     pub state_dir: PathBuf,
     /// Newest checkpoints kept.
     pub keep_checkpoints: usize,
-    /// Replay only: pause the replayed stream while a retrain runs, so that evaluation does
-    /// not depend on how fast this machine trains.
+    /// Replay only: pause the replayed stream while a retrain runs, train on the reservoir
+    /// as the request saw it, and swap at a fixed lag after the requesting frame
+    /// ([`crate::pipeline::SwapGate`]), so that a replay's scores depend neither on how
+    /// fast this machine trains nor on thread timing.
     pub replay_pause: bool,
 }
 
@@ -713,6 +715,10 @@ pub struct RetrainCounters {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub trigger: String,
+    /// Replay: the reservoir as the request saw it (rows, clean flags), so that what the
+    /// trainer learns does not depend on how far the sink got meanwhile. `None`: the
+    /// trainer reads the reservoir when it starts.
+    pub snapshot: Option<(Array2<f32>, Vec<bool>)>,
 }
 
 /// Everything the trainer thread shares with the pipeline.
@@ -727,6 +733,9 @@ pub struct Shared {
     /// Set from a retrain request until the trainer is done with it (a replay pauses its
     /// source on it).
     pub busy: Arc<AtomicBool>,
+    /// Replay: the frame seq at which the scorer takes the model of the pending retrain
+    /// ([`crate::pipeline::SwapGate`]); `u64::MAX` when none is pending.
+    pub swap_at: Arc<std::sync::atomic::AtomicU64>,
     /// Every retrain of this run, accepted or not, oldest first.
     pub history: Arc<Mutex<Vec<HistoryEntry>>>,
 }
@@ -749,6 +758,7 @@ impl Shared {
             cell: Arc::new(ArcSwap::new(model)),
             counters: Arc::new(counters),
             busy: Arc::new(AtomicBool::new(false)),
+            swap_at: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             history: Arc::new(Mutex::new(Vec::new())),
         }
     }
@@ -789,14 +799,28 @@ impl Trainer {
     /// Too few frames, training failed, or the checkpoint could not be written (the model
     /// is then not published either: what is scored is always what is on disk).
     pub fn retrain_once(&mut self, trigger: &str) -> Result<HistoryEntry, RetrainError> {
+        self.retrain_on(trigger, None)
+    }
+
+    /// [`Self::retrain_once`] on `snapshot` (rows and clean flags) instead of the
+    /// reservoir as it is now.
+    ///
+    /// # Errors
+    /// As [`Self::retrain_once`].
+    pub fn retrain_on(
+        &mut self,
+        trigger: &str,
+        snapshot: Option<(Array2<f32>, Vec<bool>)>,
+    ) -> Result<HistoryEntry, RetrainError> {
         let c = &self.shared.counters;
         c.requested.fetch_add(1, Ordering::Relaxed);
-        let (rows, clean) = self
-            .shared
-            .reservoir
-            .lock()
-            .map(|r| r.snapshot())
-            .unwrap_or_else(|p| p.into_inner().snapshot());
+        let (rows, clean) = snapshot.unwrap_or_else(|| {
+            self.shared
+                .reservoir
+                .lock()
+                .map(|r| r.snapshot())
+                .unwrap_or_else(|p| p.into_inner().snapshot())
+        });
         let current = self.shared.cell.load_full();
         self.seed = self.seed.wrapping_add(1);
         let candidate = refit(&current, rows.view(), &clean, &self.cfg, self.seed)?;
@@ -853,7 +877,7 @@ impl Trainer {
             // Coalesce a burst of requests into one retrain.
             while requests.try_recv().is_ok() {}
             self.shared.busy.store(true, Ordering::Release);
-            if let Err(e) = self.retrain_once(&req.trigger) {
+            if let Err(e) = self.retrain_on(&req.trigger, req.snapshot) {
                 self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(trigger = %req.trigger, error = %e, "retrain failed");
             }
@@ -1110,8 +1134,14 @@ pub struct SinkSide {
     clean_limit: f32,
     /// Latest seq seen per stream.
     latest: Vec<u64>,
-    /// Replay: raise [`Shared::busy`] with each request (the source waits on it).
-    pause: bool,
+    /// Replay: swap models this many frames after the frame that asks for a retrain (see
+    /// [`crate::pipeline::SwapGate`]); `None` in the agent (swap when published).
+    swap_lag: Option<u64>,
+    /// Replay: until the sink reaches this seq (the swap point), further requests wait, so
+    /// that one retrain is in flight at a time and none is coalesced.
+    hold_until: u64,
+    /// A request that arrived while held, made once the hold ends.
+    deferred: Option<String>,
 }
 
 impl SinkSide {
@@ -1120,7 +1150,7 @@ impl SinkSide {
         shared: Shared,
         values: FrameConsumer,
         requests: Sender<Request>,
-        pause: bool,
+        swap_lag: Option<u64>,
     ) -> Self {
         let admission = Admission::new(cfg);
         let current = shared.cell.load_full();
@@ -1137,7 +1167,9 @@ impl SinkSide {
             meta_buf: [FrameMeta::default()],
             buf: vec![0.0; d],
             latest: Vec::new(),
-            pause,
+            swap_lag,
+            hold_until: 0,
+            deferred: None,
             shared,
         }
     }
@@ -1186,7 +1218,12 @@ impl SinkSide {
             self.pending.push_back((f.meta, slot, candidate));
         }
         self.release();
-        match event {
+        if f.meta.seq >= self.hold_until
+            && let Some(trigger) = self.deferred.take()
+        {
+            self.request(&trigger, f.meta.seq);
+        }
+        let trigger = match event {
             Some(AdmissionEvent::Adopted { stream }) => {
                 self.shared
                     .counters
@@ -1196,9 +1233,14 @@ impl SinkSide {
                     stream,
                     "a sustained change is adopted as the new normal; retraining on it"
                 );
-                self.request("adoption");
+                Some("adoption".to_string())
             }
-            Some(AdmissionEvent::Retrain(trigger)) => self.request(&trigger),
+            Some(AdmissionEvent::Retrain(trigger)) => Some(trigger),
+            None => None,
+        };
+        match trigger {
+            Some(t) if f.meta.seq < self.hold_until => self.deferred = Some(t),
+            Some(t) => self.request(&t, f.meta.seq),
             None => {}
         }
     }
@@ -1230,12 +1272,23 @@ impl SinkSide {
         }
     }
 
-    fn request(&mut self, trigger: &str) {
-        if self.pause {
+    /// Asks for a retrain on behalf of frame `seq`. In a replay, the trainer learns the
+    /// reservoir as it is now, and the scorer switches to the outcome at `seq + swap_lag`
+    /// exactly.
+    fn request(&mut self, trigger: &str, seq: u64) {
+        let mut snapshot = None;
+        if let Some(lag) = self.swap_lag {
+            snapshot = self.shared.reservoir.lock().ok().map(|r| r.snapshot());
+            // busy before the swap point: a scorer that sees the point also sees busy.
             self.shared.busy.store(true, Ordering::Release);
+            self.hold_until = seq.saturating_add(lag);
+            self.shared
+                .swap_at
+                .store(self.hold_until, Ordering::Release);
         }
         let sent = self.requests.send(Request {
             trigger: trigger.to_string(),
+            snapshot,
         });
         if sent.is_err() {
             self.shared.busy.store(false, Ordering::Release);

@@ -220,7 +220,7 @@ impl Head {
 /// from the `2·d` of [`crate::model::ModelMeta::log_variance_baseline`]. Anything else
 /// (an old model's empty baseline) gives an empty slice: the head then uses the raw form.
 pub fn prepare_baseline(log_variance_baseline: &[f32]) -> Vec<f32> {
-    if log_variance_baseline.len() % 2 != 0 {
+    if !log_variance_baseline.len().is_multiple_of(2) {
         return Vec::new();
     }
     let d = log_variance_baseline.len() / 2;
