@@ -193,6 +193,30 @@ pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>
     Ok(a)
 }
 
+/// [`read_activations`] for `sae` (read from `sae_dir`): a width that does not match is an
+/// error naming both shapes.
+fn read_activations_for(
+    sae: &Sae,
+    sae_dir: &Path,
+    path: &Path,
+    tensor: Option<&str>,
+) -> Result<Array2<f32>, SaeEvalError> {
+    let x = read_activations(path, tensor)?;
+    if x.ncols() != sae.d_in() {
+        return Err(input_err(
+            path,
+            format!(
+                "activations are [{}, {}], the SAE in {} takes d_in = {}",
+                x.nrows(),
+                x.ncols(),
+                sae_dir.display(),
+                sae.d_in()
+            ),
+        ));
+    }
+    Ok(x)
+}
+
 /// Reads one integer per row (prompt ids or labels) from `.npy` or `.safetensors`, checking
 /// that there are `rows` of them.
 ///
@@ -1119,19 +1143,7 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
              pass --force to replace it, or --out to write elsewhere",
         ));
     }
-    let x = read_activations(&args.input, args.tensor.as_deref())?;
-    if x.ncols() != sae.d_in() {
-        return Err(input_err(
-            &args.input,
-            format!(
-                "activations are [{}, {}], the SAE in {} takes d_in = {}",
-                x.nrows(),
-                x.ncols(),
-                args.sae.display(),
-                sae.d_in()
-            ),
-        ));
-    }
+    let x = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
     let ids = match &args.prompt_ids {
         Some(p) => Some(read_ints(p, None, x.nrows(), "prompt ids")?),
         None => None,
@@ -1248,19 +1260,7 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
     let sae = Sae::load(&args.sae)?;
     let dark_dir = args.dark.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
     let head = DarkHead::load(&dark_dir)?;
-    let x = read_activations(&args.input, args.tensor.as_deref())?;
-    if x.ncols() != sae.d_in() {
-        return Err(input_err(
-            &args.input,
-            format!(
-                "activations are [{}, {}], the SAE in {} takes d_in = {}",
-                x.nrows(),
-                x.ncols(),
-                args.sae.display(),
-                sae.d_in()
-            ),
-        ));
-    }
+    let x = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
     let rows = x.nrows();
     let labels = match &args.labels {
         Some(p) => Some(read_labels(p, None, rows)?),

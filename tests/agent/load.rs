@@ -105,6 +105,17 @@ fn publisher(port: u16) -> (rumqttc::Client, std::thread::JoinHandle<()>) {
     (client, pump)
 }
 
+/// Publishes at QoS 0, waiting while the client's request queue is full.
+fn send(client: &rumqttc::Client, topic: &str, payload: impl Into<Vec<u8>>) {
+    let payload = payload.into();
+    while client
+        .try_publish(topic, rumqttc::QoS::AtMostOnce, false, payload.clone())
+        .is_err()
+    {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 /// The agent's own alert latency histogram (from `/metrics`): p50 and p99 bucket bounds.
 fn agent_latency(agent: &Agent) -> String {
     let body = agent.scrape().unwrap_or_default();
@@ -209,17 +220,7 @@ fn flood(
         for (n, node_topics) in topics.iter().enumerate() {
             for (j, topic) in node_topics.iter().enumerate() {
                 let payload = format!("{};{}", row[j] + n as f32 * 1e-4, 1_800_000_000 + tick);
-                while client
-                    .try_publish(
-                        topic.as_str(),
-                        rumqttc::QoS::AtMostOnce,
-                        false,
-                        payload.clone(),
-                    )
-                    .is_err()
-                {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
+                send(&client, topic, payload);
                 sent += 1;
             }
         }
@@ -370,17 +371,7 @@ fn latency(
             .flat_map(|&v| (v + shift).to_le_bytes())
             .collect();
         sent_at.push(Instant::now());
-        while client
-            .try_publish(
-                topic.as_str(),
-                rumqttc::QoS::AtMostOnce,
-                false,
-                bytes.clone(),
-            )
-            .is_err()
-        {
-            std::thread::sleep(Duration::from_micros(100));
-        }
+        send(&client, &topic, bytes);
     }
     let publish_secs = start.elapsed().as_secs_f64();
     let cpu = (cpu_ticks(pid) - cpu0) as f64 / tck;
@@ -493,17 +484,7 @@ fn examon_latency(
         let shift = if k % 2 == 1 { 5.0 } else { 0.0 };
         for (topic, &v) in topics.iter().zip(row.iter()) {
             let payload = format!("{};{}", v + shift, 1_800_000_000 + k);
-            while client
-                .try_publish(
-                    topic.as_str(),
-                    rumqttc::QoS::AtMostOnce,
-                    false,
-                    payload.clone(),
-                )
-                .is_err()
-            {
-                std::thread::sleep(Duration::from_micros(100));
-            }
+            send(&client, topic, payload);
         }
     }
     let publish_secs = start.elapsed().as_secs_f64();
