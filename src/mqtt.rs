@@ -18,8 +18,8 @@
 //!   it sleeps (100 ms doubling to 5 s): rumqttc has no backoff of its own.
 //! - the *controller* owns the spool. It wakes on a driver event, on an alert sent to the
 //!   outgoing channel, or on a 10 ms tick (to notice `stop`), drains the outgoing channel
-//!   into the spool, and publishes from the spool in order. It never polls: an idle agent
-//!   costs it 100 wake-ups a second.
+//!   into the spool, and publishes from the spool in order. It does not poll the channel
+//!   for alerts; the tick costs an idle agent 100 wake-ups a second.
 //!
 //! # Spool-driven publishing
 //!

@@ -565,10 +565,11 @@ pub struct ScorerHooks {
 }
 
 /// A replay's deterministic model switch: the sink sets [`Self::at`] (a frame seq a fixed
-/// lag after the frame that triggered a retrain) and raises `busy`; the scorer scores the
+/// lag after the frame that requests a retrain) and raises `busy`; the scorer scores the
 /// frames before that seq with the old model, waits at it until the trainer is done
 /// (accepted or rejected), and takes whatever model is published then. Single-stream
-/// (replay) seqs.
+/// (replay) seqs, all finite: the file readers reject NaN, and a frame the scorer drops
+/// as non-finite would let it run past the point.
 #[derive(Debug, Clone)]
 pub struct SwapGate {
     pub at: Arc<AtomicU64>,
@@ -593,7 +594,15 @@ impl SwapGate {
     /// (unless a newer request has replaced it meanwhile).
     fn wait_and_clear(&self, at: u64) {
         let since = Instant::now();
-        while self.busy.load(Ordering::Acquire) && since.elapsed() < MAX_PAUSE {
+        while self.busy.load(Ordering::Acquire) {
+            if since.elapsed() >= MAX_PAUSE {
+                tracing::warn!(
+                    seq = at,
+                    waited_secs = MAX_PAUSE.as_secs(),
+                    "the retrain did not finish in time; the replay goes on with the current model and is no longer reproducible"
+                );
+                break;
+            }
             thread::sleep(Duration::from_micros(200));
         }
         let _ = self
@@ -782,6 +791,7 @@ fn score_loop(
                         Some((0, at)) => {
                             gate.wait_and_clear(at);
                             scorer.follow(&h.cell);
+                            t0 = clock.now_ns();
                         }
                         Some((k, _)) => end = k,
                         None => {}

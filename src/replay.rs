@@ -343,7 +343,8 @@ pub fn replay_frames(
     // (past every frame the scorer can have scored by then), so a replay with retraining
     // gives the same scores however its threads are scheduled.
     let mut pipeline_cfg = cfg.pipeline.clone();
-    let gated = cfg.retrain.enabled && cfg.retrain.replay_pause;
+    let retraining = cfg.retrain.enabled && same_scoring && sink.threshold.is_some();
+    let gated = retraining && cfg.retrain.replay_pause;
     if gated {
         // Small batches keep the swap lag (and so the time a new model waits) short.
         pipeline_cfg.batch_max_frames = pipeline_cfg.batch_max_frames.min(64);
@@ -354,7 +355,7 @@ pub fn replay_frames(
     // Online retraining: the trainer thread, the scorer's hooks and the sink's side.
     let mut hooks = None;
     let mut trainer = None;
-    if cfg.retrain.enabled && same_scoring && sink.threshold.is_some() {
+    if retraining {
         let shared = retrain::Shared::new(model.clone(), &cfg.retrain, cfg.train.seed);
         let (requests, handle) =
             retrain::Trainer::new(cfg, shared.clone())
@@ -363,7 +364,7 @@ pub fn replay_frames(
                     name: "trainer",
                     source,
                 })?;
-        let (values_p, values_c) = pipeline::values_ring(&cfg.pipeline, model.n_features());
+        let (values_p, values_c) = pipeline::values_ring(&pipeline_cfg, model.n_features());
         hooks = Some(ScorerHooks {
             cell: shared.cell.clone(),
             values: values_p,

@@ -76,7 +76,8 @@ pub struct RetrainConfig {
     pub guard_frames: u64,
     /// Retrain after this many scored frames (0: only on adoption).
     pub every_frames: u64,
-    /// ... or after this many seconds, whichever comes first (0: no time trigger).
+    /// ... or after this many seconds, whichever comes first (0: no time trigger). A
+    /// paused replay ignores it: a wall-clock trigger would make it irreproducible.
     pub every_secs: u64,
     /// A retrain needs at least this many frames in the reservoir.
     pub min_frames: usize,
@@ -873,15 +874,27 @@ impl Trainer {
     /// Serves requests until the channel closes. Errors are logged and counted.
     pub fn serve(mut self, requests: Receiver<Request>) {
         lower_priority();
-        while let Ok(req) = requests.recv() {
-            // Coalesce a burst of requests into one retrain.
-            while requests.try_recv().is_ok() {}
-            self.shared.busy.store(true, Ordering::Release);
+        /// Clears `busy` however the retrain ends, a panic included, so that a replay
+        /// waiting on it fails on the panicked trainer instead of hanging.
+        struct NotBusy<'a>(&'a AtomicBool);
+        impl Drop for NotBusy<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let busy = self.shared.busy.clone();
+        while let Ok(mut req) = requests.recv() {
+            // Coalesce a burst of requests into one retrain (the agent's); a replay sends one
+            // at a time, each with its snapshot, so nothing is dropped there.
+            while let Ok(next) = requests.try_recv() {
+                req = next;
+            }
+            busy.store(true, Ordering::Release);
+            let _clear = NotBusy(&busy);
             if let Err(e) = self.retrain_on(&req.trigger, req.snapshot) {
                 self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(trigger = %req.trigger, error = %e, "retrain failed");
             }
-            self.shared.busy.store(false, Ordering::Release);
         }
     }
 
@@ -1138,9 +1151,10 @@ pub struct SinkSide {
     /// [`crate::pipeline::SwapGate`]); `None` in the agent (swap when published).
     swap_lag: Option<u64>,
     /// Replay: until the sink reaches this seq (the swap point), further requests wait, so
-    /// that one retrain is in flight at a time and none is coalesced.
+    /// that one retrain is in flight at a time and the trainer never coalesces two.
     hold_until: u64,
-    /// A request that arrived while held, made once the hold ends.
+    /// The last trigger that arrived while held (earlier ones there are merged into it),
+    /// requested once the hold ends; its swap point counts from that frame.
     deferred: Option<String>,
 }
 
@@ -1152,7 +1166,10 @@ impl SinkSide {
         requests: Sender<Request>,
         swap_lag: Option<u64>,
     ) -> Self {
-        let admission = Admission::new(cfg);
+        let mut admission = Admission::new(cfg);
+        if swap_lag.is_some() {
+            admission.every_secs = 0;
+        }
         let current = shared.cell.load_full();
         let clean_limit = admission.clean_limit(&current);
         let d = current.n_features();

@@ -159,6 +159,10 @@ impl FrameProducer {
     }
 
     fn wake_consumer(&self) {
+        // Pairs with the fence in `wait`: either the consumer sees this frame before it
+        // parks, or this load sees it sleeping (a Release store then a load may otherwise
+        // be reordered, and the consumer would sleep a whole park timeout).
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.shared.consumer_sleeping.load(Ordering::SeqCst)
             && let Some(t) = self.shared.consumer.get()
         {
@@ -226,6 +230,7 @@ impl FrameConsumer {
     /// ready or the producer is gone.
     pub fn wait(&self, timeout: Duration) {
         self.shared.consumer_sleeping.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.meta.is_empty() && self.meta.write_is_held() {
             std::thread::park_timeout(timeout);
         }

@@ -149,6 +149,14 @@ impl Head {
             (HeadKind::Wnll, Some(var)) => {
                 let (alpha, beta) = (self.alpha, self.beta);
                 let d = x.ncols();
+                debug_assert!(
+                    recon.mean.dim() == x.dim() && var.dim() == x.dim() && contrib.dim() == x.dim(),
+                    "wnll shapes: x {:?}, mean {:?}, var {:?}, contributions {:?}",
+                    x.dim(),
+                    recon.mean.dim(),
+                    var.dim(),
+                    contrib.dim()
+                );
                 if self.log_variance == LogVariance::Excess && baseline.len() == 3 * d {
                     let (median, rest) = baseline.split_at(d);
                     let (ceiling, inv_cap) = rest.split_at(d);
@@ -509,7 +517,15 @@ mod tests {
             assert!(a == b || (a.is_nan() && b.is_nan()), "{a} vs {b}");
         }
         assert!(s[3].is_nan() && s2[3].is_nan());
-        assert!(c[[4, 6]].is_finite(), "a huge variance is capped");
+        // A huge variance is capped at e^ceiling: 1/v = e^-2 and the log term counts
+        // ceiling − median.
+        let e = x[[4, 6]] - m[[4, 6]];
+        let capped = e * e * (-2.0f32).exp() + 0.7 * (2.0 - (0.1 * 6.0 - 2.0));
+        assert!(
+            (c[[4, 6]] - capped).abs() <= 1e-5 * capped,
+            "{} vs {capped}",
+            c[[4, 6]]
+        );
         assert!(s.iter().enumerate().all(|(i, v)| i == 3 || v.is_finite()));
     }
 

@@ -189,8 +189,10 @@ pub struct AssemblerConfig {
     pub lateness_windows: u32,
     /// Close a window as soon as every feature has a sample in it, instead of waiting for
     /// a later window: the frame then leaves with its last metric (lowest alert latency),
-    /// and further samples for that window count as late. For sources that send each
-    /// metric once per window. Default false.
+    /// and further samples for that window count as late. The stream's older windows still
+    /// open close with it (incomplete ones carry values forward or are marked incomplete),
+    /// so frames stay in order. For sources that send each metric once per window.
+    /// Default false.
     pub close_when_complete: bool,
 }
 
@@ -735,6 +737,18 @@ mod tests {
         assert_eq!(received[1].0, 1);
         assert_eq!(received[1].2, 103.0);
         assert_eq!(received[2], (2, vec![4.0, 5.0], 104.2));
+        // An older window completed late closes alone: the newer one stays open.
+        a.push_received(&sample("n", "a", 6.0, 20.1), 110.0)
+            .unwrap();
+        a.push_received(&sample("n", "a", 7.0, 21.1), 111.0)
+            .unwrap();
+        a.push_received(&sample("n", "b", 8.0, 20.9), 112.0)
+            .unwrap();
+        let got = take(&mut a);
+        assert_eq!(got, vec![(3, vec![6.0, 8.0], 112.0)]);
+        a.push_received(&sample("n", "b", 9.0, 21.5), 113.0)
+            .unwrap();
+        assert_eq!(take(&mut a), vec![(4, vec![7.0, 9.0], 113.0)]);
         // Off (the default), the window waits for a later one.
         let mut b = AssemblerConfig::default()
             .build(names(&["a", "b"]))
