@@ -287,7 +287,8 @@ enum Command {
     /// Print a model directory's metadata, or an online-retraining state directory's
     /// checkpoints and retrain history.
     Inspect {
-        /// Model directory written by `darkwatch train`, or `[retrain] state_dir`.
+        /// Model directory written by `darkwatch train`, `[retrain] state_dir`, or an SAE
+        /// folder with its dark-matter head (`sae-train`, `sae-head`).
         dir: PathBuf,
         /// Print the model's metadata as JSON (what model.json holds) instead of a summary.
         #[arg(long)]
@@ -870,6 +871,11 @@ fn run(command: Command) -> Result<()> {
                 return Ok(());
             }
             let cfg = load_config(config.as_deref())?;
+            if darkwatch::sae::detector::SaeDetector::is_sae_dir(&dir) {
+                let det = darkwatch::sae::detector::SaeDetector::load(&dir, cfg.sae.score)?;
+                emit(&det.summary())?;
+                return Ok(());
+            }
             let model = Model::load(&dir)?.with_configured_backend(&dir, &cfg)?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&model.meta)?))?;

@@ -176,6 +176,13 @@ fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
         .arg("--out")
         .arg(&sae));
     assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(darkwatch().arg("inspect").arg(&sae));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("SAE detector") && out.contains("d_in 384, 64 latents"),
+        "{out}"
+    );
+    assert!(out.contains("scores of held-out rows"), "{out}");
     let (notify, sock) = notify_socket(dir.path());
     let broker = free_port();
     let metrics = free_port();
