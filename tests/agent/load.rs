@@ -105,6 +105,41 @@ fn publisher(port: u16) -> (rumqttc::Client, std::thread::JoinHandle<()>) {
     (client, pump)
 }
 
+/// Writes an agent config in `work` (the broker `mosq`, node `node`, subscribed to
+/// `filter`, with `agent` lines and `extra` sections) and starts the agent; returns once it
+/// is online and has settled.
+fn start_agent(
+    mosq: &Mosquitto,
+    model: &Path,
+    work: &Path,
+    node: &str,
+    agent: &str,
+    filter: &str,
+    extra: &str,
+) -> Agent {
+    let metrics = free_port();
+    std::fs::create_dir_all(work).unwrap();
+    let cfg = config(
+        work,
+        "agent.toml",
+        model,
+        metrics,
+        agent,
+        &external(mosq.port, node, filter),
+        extra,
+    );
+    let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
+    let agent = Agent::start(&cfg, metrics, &[]);
+    status.wait("online", |g| !g.is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    agent
+}
+
+/// ExaMon's topic filter for organisation `org`.
+fn examon_filter(org: &str) -> String {
+    format!("org/{org}/cluster/+/node/+/plugin/+/chnl/data/#")
+}
+
 /// Publishes at QoS 0, waiting while the client's request queue is full.
 fn send(client: &rumqttc::Client, topic: &str, payload: impl Into<Vec<u8>>) {
     let payload = payload.into();
@@ -177,27 +212,16 @@ fn flood(
     tck: f64,
     rate: f64,
 ) {
-    let (org, node) = (unique("org"), unique("load"));
-    let metrics = free_port();
-    let work = dir.join(format!("flood{rate}"));
-    std::fs::create_dir_all(&work).unwrap();
-    let cfg = config(
-        &work,
-        "agent.toml",
+    let org = unique("org");
+    let agent = start_agent(
+        mosq,
         model,
-        metrics,
+        &dir.join(format!("flood{rate}")),
+        &unique("load"),
         "",
-        &external(
-            mosq.port,
-            &node,
-            &format!("org/{org}/cluster/+/node/+/plugin/+/chnl/data/#"),
-        ),
+        &examon_filter(&org),
         "",
     );
-    let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
-    let agent = Agent::start(&cfg, metrics, &[]);
-    status.wait("online", |g| !g.is_empty());
-    std::thread::sleep(Duration::from_secs(1));
     let pid = agent.pid();
     let rss_before = rss_kib(pid);
     let cpu0 = cpu_ticks(pid);
@@ -301,18 +325,6 @@ fn latency(
     alternate: bool,
 ) {
     let (prefix, node) = (unique("act"), unique("lat"));
-    let metrics = free_port();
-    let work = dir.join(format!("latency{alternate}"));
-    std::fs::create_dir_all(&work).unwrap();
-    let cfg = config(
-        &work,
-        "agent.toml",
-        model,
-        metrics,
-        "format = \"raw\"",
-        &external(mosq.port, &node, &format!("{prefix}/#")),
-        "[alert]\nfire_k = 1\nfire_n = 1\nresolve_after_frames = 1\n",
-    );
     // The subscriber notes when each alert arrives.
     let (tx, rx) = channel::<(Instant, Vec<u8>)>();
     let mut o = rumqttc::MqttOptions::new(unique("lat-sub"), "127.0.0.1", mosq.port);
@@ -345,10 +357,15 @@ fn latency(
         }
     });
     ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
-    let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    status.wait("online", |g| !g.is_empty());
-    std::thread::sleep(Duration::from_secs(1));
+    let mut agent = start_agent(
+        mosq,
+        model,
+        &dir.join(format!("latency{alternate}")),
+        &node,
+        "format = \"raw\"",
+        &format!("{prefix}/#"),
+        "[alert]\nfire_k = 1\nfire_n = 1\nresolve_after_frames = 1\n",
+    );
     let pid = agent.pid();
     let rss_idle = rss_kib(pid);
     let cpu0 = cpu_ticks(pid);
@@ -443,28 +460,17 @@ fn examon_latency(
     data: &ndarray::Array2<f32>,
     tck: f64,
 ) {
-    let (org, node) = (unique("org"), unique("exlat"));
-    let metrics = free_port();
-    let work = dir.join("examon-latency");
-    std::fs::create_dir_all(&work).unwrap();
-    let cfg = config(
-        &work,
-        "agent.toml",
+    let org = unique("org");
+    let mut agent = start_agent(
+        mosq,
         model,
-        metrics,
+        &dir.join("examon-latency"),
+        &unique("exlat"),
         "",
-        &external(
-            mosq.port,
-            &node,
-            &format!("org/{org}/cluster/+/node/+/plugin/+/chnl/data/#"),
-        ),
+        &examon_filter(&org),
         "[alert]\nfire_k = 1\nfire_n = 1\nresolve_after_frames = 1\n\
          [assemble]\nclose_when_complete = true\n",
     );
-    let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    status.wait("online", |g| !g.is_empty());
-    std::thread::sleep(Duration::from_secs(1));
     let pid = agent.pid();
     let cpu0 = cpu_ticks(pid);
     let (client, _pump) = publisher(mosq.port);
