@@ -89,9 +89,13 @@ pub struct ScoreConfig {
     pub wnll_alpha: f32,
     /// wnll weight of the log-variance.
     pub wnll_beta: f32,
-    /// `excess`: only log-variance above the feature's usual level counts (a confident
-    /// prediction cannot cancel an error elsewhere); `raw`: β·ln v as in the paper.
+    /// `bounded`: the variance clamped between the feature's usual level (at least its
+    /// spread) and its held-out maximum, only log-variance above the floor counts;
+    /// `excess`: the same without the spread floor; `raw`: β·ln v as in the paper.
     pub wnll_log_variance: LogVariance,
+    /// The `bounded` floor of each predicted variance, as a share of the feature's spread
+    /// (its variance over the training rows after scaling: 1 under z-scoring).
+    pub wnll_variance_floor: f32,
     /// Contributing features reported per frame (at most 16).
     pub top_contributions: usize,
     /// What runs the autoencoder: `native` (darkwatch's own kernels), `onnx` (the model
@@ -204,7 +208,8 @@ impl Default for ScoreConfig {
             head: HeadKind::Wnll,
             wnll_alpha: 0.5,
             wnll_beta: 2.0,
-            wnll_log_variance: LogVariance::Excess,
+            wnll_log_variance: LogVariance::Bounded,
+            wnll_variance_floor: crate::score::DEFAULT_VARIANCE_FLOOR,
             top_contributions: 3,
             backend: Backend::Native,
         }
@@ -219,6 +224,7 @@ impl ScoreConfig {
             alpha: self.wnll_alpha,
             beta: self.wnll_beta,
             log_variance: self.wnll_log_variance,
+            variance_floor: self.wnll_variance_floor,
         }
     }
 }

@@ -175,7 +175,7 @@ impl Scorer {
             last: 0,
             contrib: Array2::zeros((max_batch, d)),
             top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
-            baseline: crate::score::prepare_baseline(&model.meta.log_variance_baseline),
+            baseline: crate::score::prepare_baseline(&head, &model.meta.log_variance_baseline, d),
             model,
             head,
         })
@@ -219,7 +219,11 @@ impl Scorer {
         self.mss = model.active_bank().map(ReferenceBank::scratch);
         self.onnx = onnx;
         self.cuda = cuda;
-        self.baseline = crate::score::prepare_baseline(&model.meta.log_variance_baseline);
+        self.baseline = crate::score::prepare_baseline(
+            &self.head,
+            &model.meta.log_variance_baseline,
+            model.n_features(),
+        );
         self.model = model;
         Ok(())
     }

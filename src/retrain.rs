@@ -45,7 +45,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
 use crate::config::DarkwatchConfig;
-use crate::model::fit::{calibrate, log_variance_baseline, quantile_sorted};
+use crate::model::fit::{calibrate, ln_spread, log_variance_baseline, quantile_sorted};
 use crate::model::io::MAX_CALIBRATION_SCORES;
 use crate::model::{Model, ModelError};
 use crate::mss::ReferenceBank;
@@ -407,7 +407,14 @@ pub fn refit(
     meta.provenance.train_losses = report.train_losses.clone();
     meta.provenance.validation_losses = Vec::new();
     let scaled_hold = scaler.transform(holdout.view());
-    meta.log_variance_baseline = log_variance_baseline(&ae, scaled_hold.view());
+    // The `bounded` floor stays the first training's spread: a quiet reservoir must not let
+    // a feature's variance collapse again.
+    let d = ae.n_features;
+    let spread = match current.meta.log_variance_baseline.get(2 * d..3 * d) {
+        Some(s) => s.to_vec(),
+        None => ln_spread(x.view()),
+    };
+    meta.log_variance_baseline = log_variance_baseline(&ae, scaled_hold.view(), &spread);
     let bank = current
         .bank
         .as_ref()
@@ -454,6 +461,7 @@ fn losses(model: &Model, rows: ArrayView2<f32>) -> Vec<f32> {
             alpha: 0.5,
             beta: 0.5,
             log_variance: LogVariance::Raw,
+            variance_floor: 1.0,
         },
         crate::model::OutputKind::Plain => Head {
             kind: HeadKind::Mse,

@@ -48,6 +48,16 @@ pub struct Head {
     /// How the wnll log-variance term counts (wnll only).
     #[serde(default)]
     pub log_variance: LogVariance,
+    /// The `bounded` floor as a share of each feature's spread (wnll `bounded` only).
+    #[serde(default = "default_variance_floor")]
+    pub variance_floor: f32,
+}
+
+/// The documented `[score] wnll_variance_floor`.
+pub const DEFAULT_VARIANCE_FLOOR: f32 = 0.1;
+
+fn default_variance_floor() -> f32 {
+    DEFAULT_VARIANCE_FLOOR
 }
 
 /// The wnll log-variance term.
@@ -65,6 +75,15 @@ pub enum LogVariance {
     Excess,
     /// β·ln v_j, exactly as in Tan et al.
     Raw,
+    /// v_j clamped to [lo_j, hi_j] and β·(ln v_j − ln lo_j): `excess` with a floor. lo_j is the
+    /// larger of the feature's median predicted variance on held-out training rows and
+    /// [`Head::variance_floor`] times its spread (the variance of the scaled feature over
+    /// the training rows, 1 under z-scoring); hi_j is the largest variance predicted on the
+    /// held-out rows. The model may say a feature is less predictable than usual, never
+    /// that it knows it far better than the feature's own spread: a variance head
+    /// that collapses on a sparse or near-constant feature (different from seed to seed)
+    /// would otherwise turn a tiny deviation there into the largest score of the stream.
+    Bounded,
 }
 
 /// Error when a head cannot run on a model.
@@ -78,17 +97,22 @@ pub enum HeadError {
         "wnll weights must be finite, not negative and not both zero (alpha = {alpha}, beta = {beta})"
     )]
     BadWeights { alpha: f32, beta: f32 },
+    #[error("wnll_variance_floor must be a finite number above 0, not {0}")]
+    BadFloor(f32),
 }
 
 impl Head {
     /// Checks that this head can score a model with the given output kind.
     ///
     /// # Errors
-    /// A `wnll` head on a plain model, or non-finite weights.
+    /// A `wnll` head on a plain model, non-finite weights or a floor that is not above 0.
     pub fn check(&self, output: OutputKind) -> Result<(), HeadError> {
         if self.kind == HeadKind::Wnll {
             if output != OutputKind::Probabilistic {
                 return Err(HeadError::NeedsVariance);
+            }
+            if !(self.variance_floor.is_finite() && self.variance_floor > 0.0) {
+                return Err(HeadError::BadFloor(self.variance_floor));
             }
             if !self.alpha.is_finite()
                 || !self.beta.is_finite()
@@ -157,7 +181,40 @@ impl Head {
                     var.dim(),
                     contrib.dim()
                 );
-                if self.log_variance == LogVariance::Excess && baseline.len() == 3 * d {
+                if self.log_variance == LogVariance::Bounded && baseline.len() == 4 * d {
+                    let (lo, rest) = baseline.split_at(d);
+                    let (hi, rest) = rest.split_at(d);
+                    let (inv_hi, inv_lo) = rest.split_at(d);
+                    let consts = BoundedConsts {
+                        lo,
+                        hi,
+                        inv_hi,
+                        inv_lo,
+                        alpha,
+                        beta,
+                    };
+                    for (((xr, mr), vr), mut cr) in x
+                        .rows()
+                        .into_iter()
+                        .zip(recon.mean.rows())
+                        .zip(var.rows())
+                        .zip(contrib.rows_mut())
+                    {
+                        match (
+                            xr.to_slice(),
+                            mr.to_slice(),
+                            vr.to_slice(),
+                            cr.as_slice_mut(),
+                        ) {
+                            (Some(xs), Some(ms), Some(vs), Some(cs)) => consts.row(xs, ms, vs, cs),
+                            _ => {
+                                for (j, c) in cr.iter_mut().enumerate() {
+                                    *c = consts.one(j, xr[j], mr[j], vr[j]);
+                                }
+                            }
+                        }
+                    }
+                } else if self.log_variance == LogVariance::Excess && baseline.len() == 3 * d {
                     let (median, rest) = baseline.split_at(d);
                     let (ceiling, inv_cap) = rest.split_at(d);
                     let consts = ExcessConsts {
@@ -223,18 +280,136 @@ impl Head {
     }
 }
 
-/// The wnll `excess` constants of a model, laid out for [`Head::score_batch`]: per feature
-/// the median ln v, the ceiling ln v, and 1/v at the ceiling (e^−ceiling), `3·d` values,
-/// from the `2·d` of [`crate::model::ModelMeta::log_variance_baseline`]. Anything else
-/// (an old model's empty baseline) gives an empty slice: the head then uses the raw form.
-pub fn prepare_baseline(log_variance_baseline: &[f32]) -> Vec<f32> {
-    if !log_variance_baseline.len().is_multiple_of(2) {
-        return Vec::new();
+/// A `d`-feature model's wnll constants, laid out for [`Head::score_batch`], from its
+/// [`crate::model::ModelMeta::log_variance_baseline`] (`[median, ceiling]` or
+/// `[median, ceiling, ln spread]`, `d` each):
+/// - `excess`: the median ln v, the ceiling ln v and e^−ceiling, `3·d` values; without a
+///   stored baseline, none (the head then uses the raw form);
+/// - `bounded`: lo = max(median, ln spread + ln floor), hi = max(ceiling, lo), e^−hi and
+///   e^−lo, `4·d` values. A model stored without the spread counts it as 1 (z-scored
+///   units); one without any baseline gets lo = ln floor and no ceiling;
+/// - `raw`: none.
+pub fn prepare_baseline(head: &Head, stored: &[f32], d: usize) -> Vec<f32> {
+    let has = |k: usize| stored.len() >= k * d && d > 0;
+    let ln_floor = head.variance_floor.ln();
+    match head.log_variance {
+        LogVariance::Raw => Vec::new(),
+        LogVariance::Excess if has(2) => {
+            let mut out = stored[..2 * d].to_vec();
+            out.extend(stored[d..2 * d].iter().map(|&top| (-top).exp()));
+            out
+        }
+        LogVariance::Excess => Vec::new(),
+        LogVariance::Bounded => {
+            let lo: Vec<f32> = (0..d)
+                .map(|j| {
+                    let spread = if has(3) { stored[2 * d + j] } else { 0.0 };
+                    let median = if has(2) { stored[j] } else { f32::NEG_INFINITY };
+                    median.max(spread + ln_floor)
+                })
+                .collect();
+            let hi: Vec<f32> = (0..d)
+                .map(|j| {
+                    if has(2) {
+                        stored[d + j].max(lo[j])
+                    } else {
+                        f32::INFINITY
+                    }
+                })
+                .collect();
+            let mut out = lo.clone();
+            out.extend_from_slice(&hi);
+            out.extend(hi.iter().map(|&h| (-h).exp()));
+            out.extend(lo.iter().map(|&l| (-l).exp()));
+            out
+        }
     }
-    let d = log_variance_baseline.len() / 2;
-    let mut out = log_variance_baseline.to_vec();
-    out.extend(log_variance_baseline[d..].iter().map(|&top| (-top).exp()));
-    out
+}
+
+/// The `bounded` wnll head's per-feature constants (see [`LogVariance::Bounded`]).
+struct BoundedConsts<'a> {
+    lo: &'a [f32],
+    hi: &'a [f32],
+    inv_hi: &'a [f32],
+    inv_lo: &'a [f32],
+    alpha: f32,
+    beta: f32,
+}
+
+impl BoundedConsts<'_> {
+    /// Feature `j`'s contribution.
+    #[inline(always)]
+    fn one(&self, j: usize, x: f32, m: f32, s: f32) -> f32 {
+        Self::term(
+            self.alpha,
+            self.beta,
+            x - m,
+            s + VARIANCE_EPSILON,
+            [self.lo[j], self.hi[j], self.inv_hi[j], self.inv_lo[j]],
+        )
+    }
+
+    /// α e²/v' + β (ln v' − lo) with v' = v clamped to [e^lo, e^hi], branch-free.
+    #[inline(always)]
+    fn term(alpha: f32, beta: f32, e: f32, v: f32, [lo, hi, inv_hi, inv_lo]: [f32; 4]) -> f32 {
+        let ln_v = ln(v);
+        let below = ln_v < lo;
+        let above = ln_v > hi;
+        let ln_c = if below {
+            lo
+        } else if above {
+            hi
+        } else {
+            ln_v
+        };
+        let inv_v = if below {
+            inv_lo
+        } else if above {
+            inv_hi
+        } else {
+            1.0 / v
+        };
+        alpha * e * e * inv_v + beta * (ln_c - lo)
+    }
+
+    /// One row's contributions, vectorised like [`ExcessConsts::row`].
+    #[inline]
+    fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            unsafe { self.row_avx2(x, m, s, out) };
+            return;
+        }
+        self.row_portable(x, m, s, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_avx2(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
+        self.row_portable(x, m, s, out);
+    }
+
+    #[inline(always)]
+    fn row_portable(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
+        let d = out.len();
+        let (x, m, s) = (&x[..d], &m[..d], &s[..d]);
+        let (lo, hi, inv_hi, inv_lo) = (
+            &self.lo[..d],
+            &self.hi[..d],
+            &self.inv_hi[..d],
+            &self.inv_lo[..d],
+        );
+        for j in 0..d {
+            out[j] = Self::term(
+                self.alpha,
+                self.beta,
+                x[j] - m[j],
+                s[j] + VARIANCE_EPSILON,
+                [lo[j], hi[j], inv_hi[j], inv_lo[j]],
+            );
+        }
+    }
 }
 
 /// The `excess` wnll head's per-feature constants (see [`LogVariance::Excess`]).
@@ -356,7 +531,7 @@ mod tests {
         };
         let mut scores = vec![0.0; x.nrows()];
         let mut contrib = Array2::zeros(x.dim());
-        let baseline = prepare_baseline(baseline);
+        let baseline = prepare_baseline(&head, baseline, x.ncols());
         head.score_batch(x.view(), &recon, &baseline, &mut scores, contrib.view_mut());
         (scores, contrib)
     }
@@ -379,6 +554,7 @@ mod tests {
             alpha: 1.0,
             beta: 1.0,
             log_variance: LogVariance::Raw,
+            variance_floor: 1.0,
         };
         let (s, c) = run(mse, &x, &m, None);
         assert_eq!(s, vec![0.25 + 0.0 + 4.0]);
@@ -402,6 +578,7 @@ mod tests {
             alpha: 1.0,
             beta: 1.0,
             log_variance: LogVariance::Raw,
+            variance_floor: 1.0,
         };
         let (s, _) = run(head, &x, &m, Some(&v));
         let e = 1e-5f64;
@@ -413,6 +590,7 @@ mod tests {
             alpha: 0.5,
             beta: 2.0,
             log_variance: LogVariance::Raw,
+            variance_floor: 1.0,
         };
         let (s, c) = run(head, &x, &m, Some(&v));
         let want = 0.5 / (0.25 + e) + 2.0 * ((0.25 + e).ln() + (2.0 + e).ln());
@@ -432,6 +610,7 @@ mod tests {
             alpha: 0.5,
             beta: 2.0,
             log_variance: LogVariance::Excess,
+            variance_floor: 1.0,
         };
         let baseline = [0.0f32, 0.5f32.ln(), 10.0, 10.0];
         let (s, c) = run_with(head, &baseline, &x, &m, Some(&v));
@@ -484,6 +663,106 @@ mod tests {
     }
 
     #[test]
+    fn bounded_clamps_the_variance_between_floor_and_ceiling() {
+        // One row, three features. Stored: medians, ceilings, ln spreads.
+        //   f0: median −4, spread 1 (ln 0): floor 0; ceiling 2.
+        //   f1: median 0.5 above the spread ln 0.25: floor 0.5; ceiling 1.
+        //   f2: ceiling −1 below the floor 0: the ceiling rises to the floor.
+        let stored = [-4.0f32, 0.5, -3.0, 2.0, 1.0, -1.0, 0.0, 0.25f32.ln(), 0.0];
+        let head = Head {
+            kind: HeadKind::Wnll,
+            alpha: 0.5,
+            beta: 2.0,
+            log_variance: LogVariance::Bounded,
+            variance_floor: 1.0,
+        };
+        let x = array![[2.0f32, 1.0, 3.0]];
+        let m = array![[0.0f32, 0.0, 0.0]];
+        let eps = VARIANCE_EPSILON;
+        // f0: a collapsed variance (e^−8) is raised to the floor 1: 0.5·4/1 + 0.
+        // f1: e^0.8 lies inside [e^0.5, e^1]: 0.5·1/e^0.8 + 2·(0.8 − 0.5).
+        // f2: a huge variance is capped at e^0: 0.5·9/1 + 0.
+        let v = array![[(-8.0f32).exp() - eps, 0.8f32.exp() - eps, 1e6]];
+        let (s, c) = run_with(head, &stored, &x, &m, Some(&v));
+        let want = [2.0, 0.5 * (-0.8f32).exp() + 2.0 * 0.3, 4.5];
+        for (j, w) in want.iter().enumerate() {
+            assert!(
+                (c[[0, j]] - w).abs() <= 1e-5 * w.max(1.0),
+                "f{j}: {} vs {w}",
+                c[[0, j]]
+            );
+        }
+        assert!((s[0] - want.iter().sum::<f32>()).abs() < 1e-4);
+        // The same frame under `excess` lets f0's collapsed variance blow it up.
+        let excess = Head {
+            log_variance: LogVariance::Excess,
+            variance_floor: 1.0,
+            ..head
+        };
+        let (s_excess, _) = run_with(excess, &stored, &x, &m, Some(&v));
+        assert!(s_excess[0] > 100.0 * s[0], "{} vs {}", s_excess[0], s[0]);
+        // A model stored before the spread counts it as 1; one without any baseline gets
+        // the unit floor and no ceiling.
+        assert_eq!(
+            prepare_baseline(&head, &stored[..6], 3)[..3],
+            [0.0, 0.5, 0.0]
+        );
+        let bare = prepare_baseline(&head, &[], 2);
+        assert_eq!(bare[..4], [0.0, 0.0, f32::INFINITY, f32::INFINITY]);
+        // The floor is a share of the spread: 0.1 puts f0's floor at ln 0.1.
+        let tenth = Head {
+            variance_floor: 0.1,
+            ..head
+        };
+        let lo = prepare_baseline(&tenth, &stored, 3);
+        assert!((lo[0] - 0.1f32.ln()).abs() < 1e-6 && lo[1] == 0.5, "{lo:?}");
+        let raw = Head {
+            log_variance: LogVariance::Raw,
+            ..head
+        };
+        assert_eq!(prepare_baseline(&raw, &stored, 3), Vec::<f32>::new());
+    }
+
+    #[test]
+    fn bounded_rows_match_the_element_wise_form_and_keep_nan() {
+        let mut rng = crate::rng::Rng::new(11);
+        let (n, d) = (9, 38);
+        let x = Array2::from_shape_fn((n, d), |_| rng.uniform(-2.0, 2.0));
+        let m = Array2::from_shape_fn((n, d), |_| rng.uniform(-1.0, 1.0));
+        let mut v = Array2::from_shape_fn((n, d), |_| rng.uniform(-4.0, 4.0).exp());
+        v[[3, 5]] = f32::NAN;
+        let stored: Vec<f32> = (0..3 * d)
+            .map(|i| match i / d {
+                0 => 0.1 * (i % d) as f32 - 2.0,
+                1 => 2.0,
+                _ => -0.5,
+            })
+            .collect();
+        let head = Head {
+            kind: HeadKind::Wnll,
+            alpha: 1.0,
+            beta: 0.7,
+            log_variance: LogVariance::Bounded,
+            variance_floor: 1.0,
+        };
+        let (s, c) = run_with(head, &stored, &x, &m, Some(&v));
+        let (xt, mt, vt) = (x.t().to_owned(), m.t().to_owned(), v.t().to_owned());
+        let recon = Recon {
+            mean: mt.t(),
+            var: Some(vt.t()),
+        };
+        let prepared = prepare_baseline(&head, &stored, d);
+        let mut s2 = vec![0.0; n];
+        let mut c2 = Array2::zeros((n, d));
+        head.score_batch(xt.t(), &recon, &prepared, &mut s2, c2.view_mut());
+        for (a, b) in c.iter().zip(c2.iter()) {
+            assert!(a == b || (a.is_nan() && b.is_nan()), "{a} vs {b}");
+        }
+        assert!(s[3].is_nan() && s2[3].is_nan());
+        assert!(c.iter().all(|&v| v.is_nan() || v >= 0.0));
+    }
+
+    #[test]
     fn excess_rows_match_the_element_wise_form_and_keep_nan() {
         let mut rng = crate::rng::Rng::new(7);
         let (n, d) = (9, 38);
@@ -500,6 +779,7 @@ mod tests {
             alpha: 1.0,
             beta: 0.7,
             log_variance: LogVariance::Excess,
+            variance_floor: 1.0,
         };
         let (s, c) = run_with(head, &baseline, &x, &m, Some(&v));
         // A strided view takes the element-wise path.
@@ -509,7 +789,7 @@ mod tests {
             mean: mt.t(),
             var: Some(vt.t()),
         };
-        let prepared = prepare_baseline(&baseline);
+        let prepared = prepare_baseline(&head, &baseline, d);
         let mut s2 = vec![0.0; n];
         let mut c2 = Array2::zeros((n, d));
         head.score_batch(xt.t(), &recon, &prepared, &mut s2, c2.view_mut());
@@ -536,6 +816,7 @@ mod tests {
             alpha: 0.5,
             beta: 2.0,
             log_variance: LogVariance::Excess,
+            variance_floor: 1.0,
         };
         assert_eq!(head.check(OutputKind::Plain), Err(HeadError::NeedsVariance));
         assert!(head.check(OutputKind::Probabilistic).is_ok());
@@ -545,6 +826,14 @@ mod tests {
         };
         assert!(bad.check(OutputKind::Probabilistic).is_err());
         let negative = Head { beta: -1.0, ..head };
+        let no_floor = Head {
+            variance_floor: 0.0,
+            ..head
+        };
+        assert_eq!(
+            no_floor.check(OutputKind::Probabilistic),
+            Err(HeadError::BadFloor(0.0))
+        );
         assert!(negative.check(OutputKind::Probabilistic).is_err());
     }
 }

@@ -74,7 +74,11 @@ pub fn fit(
         report.validation_rows.clone()
     };
     let mut meta = new_meta(&ae, table.features.clone(), scaler, cfg, provenance);
-    meta.log_variance_baseline = log_variance_baseline(&ae, x.select(Axis(0), &held_out).view());
+    meta.log_variance_baseline = log_variance_baseline(
+        &ae,
+        x.select(Axis(0), &held_out).view(),
+        &ln_spread(x.view()),
+    );
     let mut model = Model::new(ae, meta, bank);
     let (calibration, scores) = calibrate(&model, table.values.select(Axis(0), &held_out).view());
     model.meta.calibration = calibration;
@@ -121,10 +125,15 @@ fn new_meta(
     }
 }
 
-/// Per-feature median and maximum of ln(s + ε) over `rows` (scaled), stored as
-/// `[median_0..d, max_0..d]`: the baseline and the ceiling of the wnll `excess` term.
+/// Per-feature median and maximum of ln(s + ε) over held-out `rows` (scaled), then
+/// `ln_spread` (see [`ln_spread`]), stored as `[median_0..d, max_0..d, ln_spread_0..d]`: the
+/// baseline and ceiling of the wnll `excess` term, and the floor of the `bounded` one.
 /// Empty for plain models.
-pub fn log_variance_baseline(ae: &Autoencoder, rows: ArrayView2<f32>) -> Vec<f32> {
+pub fn log_variance_baseline(
+    ae: &Autoencoder,
+    rows: ArrayView2<f32>,
+    ln_spread: &[f32],
+) -> Vec<f32> {
     if ae.output != OutputKind::Probabilistic || rows.nrows() == 0 {
         return Vec::new();
     }
@@ -142,13 +151,36 @@ pub fn log_variance_baseline(ae: &Autoencoder, rows: ArrayView2<f32>) -> Vec<f32
             }
         }
     }
-    let mut out = vec![0.0; 2 * d];
+    let mut out = vec![0.0; 3 * d];
     for (j, v) in per.iter_mut().enumerate() {
         v.sort_by(f32::total_cmp);
         out[j] = v[v.len() / 2];
         out[d + j] = v[v.len() - 1];
+        out[2 * d + j] = ln_spread.get(j).copied().unwrap_or(0.0);
     }
     out
+}
+
+/// ln of each scaled feature's variance over all training `rows`: its spread, 0 (a spread
+/// of 1) under z-scoring, and also for a constant feature or no rows.
+pub fn ln_spread(rows: ArrayView2<f32>) -> Vec<f32> {
+    let n = rows.nrows() as f64;
+    rows.columns()
+        .into_iter()
+        .map(|col| {
+            let mean = col.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+            let var = col
+                .iter()
+                .map(|&x| (f64::from(x) - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            if var > 0.0 && var.is_finite() {
+                var.ln() as f32
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// Scores `rows` (raw, unscaled) with the model's own head through the pipeline's

@@ -61,7 +61,8 @@ pub struct ModelMeta {
     pub head: Head,
     /// Per-feature median, then maximum, of ln(predicted variance + ε) on held-out training
     /// rows (`2·d` values): where the wnll `excess` term starts and where the variance is
-    /// capped (empty: none, the head then uses the paper's raw form).
+    /// capped (empty: none, the head then uses the paper's raw form), then (newer models)
+    /// the log of each scaled feature's variance there, the floor of the `bounded` head.
     #[serde(default)]
     pub log_variance_baseline: Vec<f32>,
     /// Mean-shift scoring; when on, the weights file holds the reference frames.
