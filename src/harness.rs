@@ -377,10 +377,8 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     };
     let _ = writeln!(
         s,
-        "head {} (alpha {}, beta {}), model {:?}, MSS {mss}; point-wise metrics, no point adjustment",
-        cfg.score.head.name(),
-        cfg.score.wnll_alpha,
-        cfg.score.wnll_beta,
+        "head {}, model {:?}, MSS {mss}; point-wise metrics, no point adjustment",
+        cfg.score.head().describe(),
         cfg.model.kind
     );
     let _ = writeln!(

@@ -186,12 +186,14 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         None => None,
     };
     let (values, timestamps) = align_features(&model, table)?;
+    // `--head` naming the model's own kind keeps the model's parameters (and so its
+    // threshold); another kind takes its parameters from the config.
     let head = match req.head {
-        Some(kind) => Head {
+        Some(kind) if kind != model.meta.head.kind => Head {
             kind,
             ..cfg.score.head()
         },
-        None => model.meta.head,
+        _ => model.meta.head,
     };
     let frames = Frames {
         values,
@@ -298,7 +300,7 @@ pub fn replay_frames(
     // The threshold calibrates on the model's own training scores, which were computed
     // with the model's head and MSS settings. Scored any other way, those scores do not
     // describe normal frames, so the replay then reports scores without a threshold.
-    let same_scoring = head == model.meta.head;
+    let same_scoring = head.scores_like(&model.meta.head);
     let (threshold, threshold_note) = if model.calibration_scores.is_empty() {
         (
             None,
@@ -312,8 +314,8 @@ pub fn replay_frames(
             None,
             Some(format!(
                 "no threshold: the stored training scores are {} scores, not {}",
-                model.meta.head.kind.name(),
-                head.kind.name()
+                model.meta.head.describe(),
+                head.describe()
             )),
         )
     } else {

@@ -45,7 +45,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
 use crate::config::DarkwatchConfig;
-use crate::model::fit::{calibrate, ln_spread, log_variance_baseline, quantile_sorted};
+use crate::model::fit::{calibrate, log_variance_baseline, quantile_sorted};
 use crate::model::io::MAX_CALIBRATION_SCORES;
 use crate::model::{Model, ModelError};
 use crate::mss::ReferenceBank;
@@ -407,12 +407,12 @@ pub fn refit(
     meta.provenance.train_losses = report.train_losses.clone();
     meta.provenance.validation_losses = Vec::new();
     let scaled_hold = scaler.transform(holdout.view());
-    // The `bounded` floor stays the first training's spread: a quiet reservoir must not let
-    // a feature's variance collapse again.
+    // The `bounded` floor stays the first training's spread (a quiet reservoir must not let
+    // a feature's variance collapse again); a model stored without one counts it as 1.
     let d = ae.n_features;
     let spread = match current.meta.log_variance_baseline.get(2 * d..3 * d) {
         Some(s) => s.to_vec(),
-        None => ln_spread(x.view()),
+        None => vec![0.0; d],
     };
     meta.log_variance_baseline = log_variance_baseline(&ae, scaled_hold.view(), &spread);
     let bank = current

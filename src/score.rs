@@ -49,7 +49,12 @@ pub struct Head {
     #[serde(default)]
     pub log_variance: LogVariance,
     /// The `bounded` floor as a share of each feature's spread (wnll `bounded` only).
-    #[serde(default = "default_variance_floor")]
+    /// Written to `model.json` only when it is not the default, so that a model whose head
+    /// does not use it reads the same in darkwatch versions that predate it.
+    #[serde(
+        default = "default_variance_floor",
+        skip_serializing_if = "is_default_variance_floor"
+    )]
     pub variance_floor: f32,
 }
 
@@ -58,6 +63,10 @@ pub const DEFAULT_VARIANCE_FLOOR: f32 = 0.1;
 
 fn default_variance_floor() -> f32 {
     DEFAULT_VARIANCE_FLOOR
+}
+
+fn is_default_variance_floor(floor: &f32) -> bool {
+    *floor == DEFAULT_VARIANCE_FLOOR
 }
 
 /// The wnll log-variance term.
@@ -97,11 +106,49 @@ pub enum HeadError {
         "wnll weights must be finite, not negative and not both zero (alpha = {alpha}, beta = {beta})"
     )]
     BadWeights { alpha: f32, beta: f32 },
-    #[error("wnll_variance_floor must be a finite number above 0, not {0}")]
+    #[error(
+        "the wnll variance floor ([score] wnll_variance_floor, or the model's head.variance_floor) must be a finite number above 0, not {0}"
+    )]
     BadFloor(f32),
 }
 
 impl Head {
+    /// The kind and the parameters that matter for it, e.g. `wnll (alpha 0.5, beta 2,
+    /// bounded log-variance, floor 0.1 of the spread)`.
+    pub fn describe(&self) -> String {
+        let (a, b) = (self.alpha, self.beta);
+        match (self.kind, self.log_variance) {
+            (HeadKind::Wnll, LogVariance::Bounded) => format!(
+                "wnll (alpha {a}, beta {b}, bounded log-variance, floor {} of the spread)",
+                self.variance_floor
+            ),
+            (HeadKind::Wnll, LogVariance::Excess) => {
+                format!("wnll (alpha {a}, beta {b}, excess log-variance)")
+            }
+            (HeadKind::Wnll, LogVariance::Raw) => {
+                format!("wnll (alpha {a}, beta {b}, raw log-variance)")
+            }
+            (kind, _) => kind.name().to_string(),
+        }
+    }
+
+    /// Whether `other` scores exactly as this head: the same kind and, for `wnll`, the same
+    /// weights and log-variance term (and floor, for `bounded`). Parameters a kind ignores
+    /// do not count.
+    pub fn scores_like(&self, other: &Head) -> bool {
+        if self.kind != other.kind {
+            return false;
+        }
+        if self.kind != HeadKind::Wnll {
+            return true;
+        }
+        self.alpha == other.alpha
+            && self.beta == other.beta
+            && self.log_variance == other.log_variance
+            && (self.log_variance != LogVariance::Bounded
+                || self.variance_floor == other.variance_floor)
+    }
+
     /// Checks that this head can score a model with the given output kind.
     ///
     /// # Errors
@@ -132,7 +179,7 @@ impl Head {
     /// Scores every row of `x` (scaled inputs, n × d) against `recon`, writing `scores[..n]`
     /// and the per-feature contributions into `contrib` (n × d). Allocation-free.
     /// The caller has run [`Head::check`]; a missing variance then falls back to unit variance.
-    /// `baseline` is the model's [`prepare_baseline`] (wnll `excess` only).
+    /// `baseline` is the model's [`prepare_baseline`] (wnll `excess` and `bounded` only).
     pub fn score_batch(
         &self,
         x: ArrayView2<f32>,
@@ -826,6 +873,34 @@ mod tests {
         };
         assert!(bad.check(OutputKind::Probabilistic).is_err());
         let negative = Head { beta: -1.0, ..head };
+        // Only the parameters a kind uses decide whether two heads score alike.
+        let mse = Head {
+            kind: HeadKind::Mse,
+            ..head
+        };
+        let mse_bounded = Head {
+            log_variance: LogVariance::Bounded,
+            variance_floor: 0.5,
+            alpha: 3.0,
+            ..mse
+        };
+        assert!(mse.scores_like(&mse_bounded));
+        assert!(!head.scores_like(&negative) && !head.scores_like(&mse));
+        let bounded = Head {
+            log_variance: LogVariance::Bounded,
+            ..head
+        };
+        let other_floor = Head {
+            variance_floor: 0.5,
+            ..bounded
+        };
+        assert!(!bounded.scores_like(&other_floor));
+        assert!(head.scores_like(&Head {
+            variance_floor: 0.5,
+            ..head
+        }));
+        assert_eq!(mse.describe(), "mse");
+        assert!(bounded.describe().contains("bounded log-variance, floor"));
         let no_floor = Head {
             variance_floor: 0.0,
             ..head

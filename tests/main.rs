@@ -159,6 +159,30 @@ fn corrupt_or_truncated_model_is_refused_with_file_named() {
 }
 
 #[test]
+fn a_variance_baseline_of_the_wrong_length_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["model.json", "model.safetensors"] {
+        std::fs::copy(repo("models/smd-machine-1-6").join(f), model.join(f)).unwrap();
+    }
+    let path = model.join("model.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    meta["log_variance_baseline"]
+        .as_array_mut()
+        .expect("the bundled PAE stores a baseline")
+        .push(serde_json::json!(0.0));
+    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
+    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("log_variance_baseline") && err.contains("has 115 values"),
+        "{err}"
+    );
+}
+
+#[test]
 fn model_for_other_feature_count_is_refused() {
     let (dir, model, _, _) = trained();
     let narrow = dir.path().join("narrow.csv");
@@ -367,6 +391,34 @@ fn bundled_model_replays_bundled_smd_slice_above_target() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("23689 frames scored"), "{out}");
     assert!(out.contains("AUPRC"), "{out}");
+}
+
+/// `--head` naming the model's own kind keeps its threshold; another kind drops it and says
+/// why, naming both heads.
+#[test]
+fn replay_head_override_keeps_the_threshold_only_for_the_models_own_scores() {
+    let replay = |model: &str, head: &str| {
+        run(darkwatch()
+            .args(["replay", "--model"])
+            .arg(repo(model))
+            .arg("--input")
+            .arg(repo("tests/data/smd/machine-1-6_test.npy"))
+            .args(["--head", head]))
+    };
+    let (code, out, err) = replay("models/smd-machine-1-6-mse", "mse");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("threshold   spot"), "{out}\n{err}");
+    assert!(
+        !format!("{out}{err}").contains("no threshold"),
+        "{out}\n{err}"
+    );
+    let (code, out, err) = replay("models/smd-machine-1-6", "mse");
+    assert_eq!(code, 0, "{out}\n{err}");
+    let all = format!("{out}{err}");
+    assert!(
+        all.contains("no threshold: the stored training scores are wnll (alpha 0.5, beta 2, bounded log-variance, floor 0.1 of the spread) scores, not mse"),
+        "{all}"
+    );
 }
 
 #[test]

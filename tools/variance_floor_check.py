@@ -11,6 +11,10 @@ neither of which reads a test label:
 - seed agreement: the mean Spearman correlation between the three seeds' scores of the
   unlabelled test half (a head whose ranking depends on the seed will not generalise).
 
+The head's median and ceiling come from 2,000 rows of the training half, in-sample for the
+network (darkwatch takes them from its held-out validation rows), and the spread is 1 (as
+under z-scoring): close to the shipped head, not bit for bit.
+
 Usage: tools/variance_floor_check.py [SMD_DIR] [DARKWATCH_BINARY]
 Needs numpy, scipy and scikit-learn (pip), and a release build of darkwatch.
 """
@@ -95,11 +99,9 @@ def main():
             tensors, meta = load(out)
             rng = np.random.default_rng(100 + seed)
             order = rng.permutation(len(train))
-            z_cal, _, v_cal = forward(tensors, meta, train[order[:2000]])
+            _, _, v_cal = forward(tensors, meta, train[order[:2000]])
             median, ceiling = np.median(np.log(v_cal), 0), np.log(v_cal).max(0)
-            z_all = (train - np.array(meta["scaler"]["offset"])) / np.array(meta["scaler"]["scale"])
-            var = z_all.var(0)
-            ln_spread = np.where(var > 0, np.log(np.maximum(var, 1e-300)), 0.0)
+            ln_spread = np.zeros(train.shape[1])  # z-scoring: every spread is 1
             sd = train.std(0)
             moving = np.where(sd > 1e-6)[0]
             for kind in ["shift 3 metrics", "spike 1 metric"]:

@@ -77,7 +77,7 @@ pub fn fit(
     meta.log_variance_baseline = log_variance_baseline(
         &ae,
         x.select(Axis(0), &held_out).view(),
-        &ln_spread(x.view()),
+        &ln_spread(x.view(), meta.scaler.kind),
     );
     let mut model = Model::new(ae, meta, bank);
     let (calibration, scores) = calibrate(&model, table.values.select(Axis(0), &held_out).view());
@@ -161,9 +161,15 @@ pub fn log_variance_baseline(
     out
 }
 
-/// ln of each scaled feature's variance over all training `rows`: its spread, 0 (a spread
-/// of 1) under z-scoring, and also for a constant feature or no rows.
-pub fn ln_spread(rows: ArrayView2<f32>) -> Vec<f32> {
+/// ln of each feature's spread over all scaled training `rows`: 0 (a spread of 1) under
+/// z-scoring, which makes every feature's variance 1 by construction (a near-constant
+/// column, whose std is under z-scoring's 1e-5, counts as 1 too, not as the tiny variance
+/// the 1e-5 leaves it); under min-max scaling the variance of the scaled column, and 0 for
+/// a constant column or no rows.
+pub fn ln_spread(rows: ArrayView2<f32>, kind: ScalerKind) -> Vec<f32> {
+    if kind == ScalerKind::ZScore {
+        return vec![0.0; rows.ncols()];
+    }
     let n = rows.nrows() as f64;
     rows.columns()
         .into_iter()

@@ -60,9 +60,10 @@ pub struct ModelMeta {
     pub architecture: Architecture,
     pub head: Head,
     /// Per-feature median, then maximum, of ln(predicted variance + ε) on held-out training
-    /// rows (`2·d` values): where the wnll `excess` term starts and where the variance is
-    /// capped (empty: none, the head then uses the paper's raw form), then (newer models)
-    /// the log of each scaled feature's variance there, the floor of the `bounded` head.
+    /// rows: where the wnll `excess` term starts and where the variance is capped; then (in
+    /// models since the `bounded` head) the log of each feature's spread over the scaled
+    /// training rows, which the `bounded` floor scales. `2·d` or `3·d` values, or none
+    /// (the wnll head then uses the paper's raw form).
     #[serde(default)]
     pub log_variance_baseline: Vec<f32>,
     /// Mean-shift scoring; when on, the weights file holds the reference frames.
@@ -582,6 +583,24 @@ fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
     meta.head
         .check(arch.output)
         .map_err(|e| field("head", e.to_string()))?;
+    let baseline = &meta.log_variance_baseline;
+    if ![0, 2 * d, 3 * d].contains(&baseline.len()) {
+        return Err(field(
+            "log_variance_baseline",
+            format!(
+                "has {} values: expected none, {} or {} for {d} features",
+                baseline.len(),
+                2 * d,
+                3 * d
+            ),
+        ));
+    }
+    if let Some(i) = baseline.iter().position(|x| x.is_nan()) {
+        return Err(field(
+            "log_variance_baseline",
+            format!("value {i} is not a number"),
+        ));
+    }
     meta.mss
         .validate()
         .map_err(|(k, r)| field(&format!("mss.{k}"), r))?;
@@ -731,13 +750,7 @@ pub fn describe(model: &Model, dir: &Path) -> String {
             let _ = writeln!(s, "backend    {}", model.backend_label());
         }
     }
-    let _ = writeln!(
-        s,
-        "head       {} (alpha {}, beta {})",
-        m.head.kind.name(),
-        m.head.alpha,
-        m.head.beta
-    );
+    let _ = writeln!(s, "head       {}", m.head.describe());
     let _ = writeln!(
         s,
         "scaler     {:?} over {} features",
