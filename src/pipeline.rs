@@ -397,8 +397,11 @@ impl BatchScorer for Scorer {
 /// What feeds the pipeline. Runs on its own thread and pushes frames until it is done or
 /// `stop` is set.
 pub trait Source: Send + 'static {
-    /// Runs to completion; returns the number of frames it offered.
-    fn run(self: Box<Self>, producer: &mut FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64;
+    /// Runs to completion; returns the number of frames it offered. The scorer ends once
+    /// `producer` is dropped and the ring is drained; a source may hand `producer` to
+    /// another thread to push from (the agent's MQTT thread does), as long as it is
+    /// dropped when the source ends.
+    fn run(self: Box<Self>, producer: FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64;
 }
 
 /// What consumes scored frames. Runs on the sink thread.
@@ -465,7 +468,7 @@ impl FileSource {
 }
 
 impl Source for FileSource {
-    fn run(self: Box<Self>, producer: &mut FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64 {
+    fn run(self: Box<Self>, mut producer: FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64 {
         let period_ns = self.rate.filter(|r| *r > 0.0).map(|r| 1e9 / r);
         let start = clock.now_ns();
         let mut offered = 0;
@@ -666,7 +669,7 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
     hooks: Option<ScorerHooks>,
 ) -> Result<(PipelineReport, K), PipelineError> {
     let d = scorer.n_features();
-    let (mut producer, consumer) = frame_ring(cfg.ring_capacity_frames, d, policy);
+    let (producer, consumer) = frame_ring(cfg.ring_capacity_frames, d, policy);
     let (out_p, out_c) = HeapRb::<ScoredFrame>::new(cfg.ring_capacity_frames.max(1)).split();
     let ring_stats = producer.stats();
     let clock = Clock::new();
@@ -704,11 +707,7 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
         })?;
     let source_stop = stop.clone();
     let source_thread = spawn("source")
-        .spawn(move || {
-            let offered = Box::new(source).run(&mut producer, &clock, &source_stop);
-            drop(producer);
-            offered
-        })
+        .spawn(move || Box::new(source).run(producer, &clock, &source_stop))
         .map_err(|source| PipelineError::Spawn {
             name: "source",
             source,
