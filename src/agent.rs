@@ -3,14 +3,15 @@
 //! first, so none is lost while the broker is away).
 //!
 //! ```text
-//! mqtt client thread: decode ▶ assemble ▶ frame ring ▶ scorer ▶ sink thread:
-//!        ▲              (the Feed)                                threshold + alerts per stream
-//!        └───────────────── Outgoing (alert JSON) ◀───────────────┘
+//! mqtt client thread: decode ▶ assemble ▶ frame ring ▶ scorer thread: score ▶ threshold + alerts per stream
+//!        ▲              (the Feed)                                                        │
+//!        └──────────────────────── Outgoing (alert JSON) ◀────────────────────────────────┘
 //! ```
 //!
 //! A received message is decoded and assembled on the MQTT client's thread and its frame
-//! pushed into the scorer's ring there (`Feed`): no thread sits between the client and
-//! the ring, so a frame wakes one thread on its way in, not two. The pipeline's source
+//! pushed into the scorer's ring there (`Feed`); the scorer runs the thresholds and alert
+//! state itself (`AgentSink` is a [`Sink::ON_SCORER_THREAD`] sink). So a frame wakes one
+//! thread, the scorer, on its way from the socket to its alert. The pipeline's source
 //! thread only keeps time (`FeedTurn`): it ends a turn on stop or reload, beats the
 //! watchdog's heartbeat, and closes quiet streams' windows by the event clock.
 //!
@@ -1193,6 +1194,10 @@ impl AgentSink {
 }
 
 impl Sink for AgentSink {
+    // A node's frames come at most a few thousand a second, and an alert is wanted at once:
+    // thresholds and alerts run on the scorer thread, so a frame wakes no sink thread.
+    const ON_SCORER_THREAD: bool = true;
+
     fn accept(&mut self, f: &ScoredFrame) {
         self.counters.frames_scored.fetch_add(1, Ordering::Relaxed);
         self.counters
