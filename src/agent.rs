@@ -811,7 +811,7 @@ impl AgentSource {
             }
         };
         match decoder {
-            Decoder::Examon(d) => match d.decode(&msg.topic, &msg.payload) {
+            Decoder::Examon(d) => match d.decode(msg.topic, msg.payload) {
                 Ok(sample) => accept(&sample),
                 Err(_) => {
                     counters.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -819,7 +819,7 @@ impl AgentSource {
             },
             Decoder::Telegraf(d) => {
                 let mut bad = 0u64;
-                let whole = d.decode(&msg.payload, msg.received, &mut |r| match r {
+                let whole = d.decode(msg.payload, msg.received, &mut |r| match r {
                     Ok(sample) => accept(&sample),
                     Err(_) => bad += 1,
                 });
@@ -831,7 +831,7 @@ impl AgentSource {
                 frame,
                 streams: seen,
             } => {
-                let name = match decoder.decode(&msg.topic, &msg.payload, frame) {
+                let name = match decoder.decode(msg.topic, msg.payload, frame) {
                     Ok(name) => name.unwrap_or("default"),
                     Err(_) => {
                         counters.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -1450,7 +1450,6 @@ mod tests {
         assert_eq!(lock(&feed).waiting.len(), 1);
 
         // The client's thread ending closes the feed; the source thread then ends the turn.
-        drop(deliver);
         drop(inbox);
         assert!(lock(&feed).closed);
     }
