@@ -3,27 +3,35 @@
 //! first, so none is lost while the broker is away).
 //!
 //! ```text
-//! mqtt client thread ──Incoming──▶ source thread: decode ▶ assemble ▶ frame ring ▶ scorer ▶ sink thread:
-//!        ▲                                                                         threshold + alerts per stream
-//!        └──────────────────────────── Outgoing (alert JSON) ◀─────────────────────┘
+//! mqtt client thread: decode ▶ assemble ▶ frame ring ▶ scorer thread: score ▶ threshold + alerts per stream
+//!        ▲              (the Feed)                                                        │
+//!        └──────────────────────── Outgoing (alert JSON) ◀────────────────────────────────┘
 //! ```
+//!
+//! A received message is decoded and assembled on the MQTT client's thread and its frame
+//! pushed into the scorer's ring there (`Feed`); the scorer runs the thresholds and alert
+//! state itself (`AgentSink` is a [`Sink::ON_SCORER_THREAD`] sink). So a frame wakes one
+//! thread, the scorer, on its way from the socket to its alert. The pipeline's source
+//! thread only keeps time (`FeedTurn`): it ends a turn on stop or reload, beats the
+//! watchdog's heartbeat, and closes quiet streams' windows by the event clock.
 //!
 //! # Reload
 //!
 //! [`Control::reload`] hands a running agent a new, already validated configuration and
 //! model (the binary does this on SIGHUP). The MQTT client, the spool, the embedded broker
 //! and `/metrics` stay up; the pipeline (source, scorer, sink) ends its turn, drains, and
-//! starts again with the new model, thresholds and alert settings. Received messages wait
-//! in the incoming channel meanwhile, so none is lost. Open windows and per-stream alert
-//! state carry over when the input format, the `[assemble]` settings and the model's
-//! features are unchanged (and, for alert state, the model id and the `[threshold]` and
-//! `[alert]` settings); otherwise open windows are dropped and firing alerts are resolved
-//! before the new model takes over. Changes to `[mqtt]`, `[spool]` and `[metrics]` need
+//! starts again with the new model, thresholds and alert settings. Received messages are
+//! held in the feed meanwhile (up to `[mqtt] incoming_capacity`), so none is lost. Open
+//! windows and per-stream alert state carry over when the input format, the `[assemble]`
+//! settings and the model's features are unchanged (and, for alert state, the model id
+//! and the `[threshold]` and `[alert]` settings); otherwise open windows are dropped and
+//! firing alerts are resolved before the new model takes over. Changes to `[mqtt]`, `[spool]` and `[metrics]` need
 //! a restart; a reload keeps the running ones and logs a warning.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,7 +43,7 @@ use crate::detector::{self, Detector};
 use crate::ingest::assemble::{Assembler, AssemblerError};
 use crate::ingest::examon::ExamonDecoder;
 use crate::model::{Model, ModelError};
-use crate::mqtt::{self, Incoming, MqttError, MqttStats, Outgoing};
+use crate::mqtt::{self, Incoming, MqttError, MqttStats, Outgoing, Received};
 use crate::pipeline::{self, Clock, PipelineError, PipelineReport, ScoredFrame, Sink, Source};
 use crate::ring::{FrameMeta, FrameProducer, Pushed};
 use crate::sae::detector::SaeScorer;
@@ -333,15 +341,17 @@ pub fn run_with(
     }
     let port = mqtt_cfg.port;
     let spool = Spool::open(cfg.spool.clone())?;
-    let (in_tx, in_rx) =
-        std::sync::mpsc::sync_channel::<Incoming>(mqtt_cfg.incoming_capacity.max(1));
+    let feed = Feed::new(
+        AgentSource::new(cfg, &model, &counters)?,
+        mqtt_cfg.incoming_capacity,
+    );
     let (out_tx, out_rx) = mqtt::outgoing_channel();
     let mqtt_stats = Arc::new(MqttStats::default());
     let client_stop = Arc::new(AtomicBool::new(false));
     let client = mqtt::spawn_client(
         mqtt_cfg.clone(),
         spool,
-        in_tx,
+        FeedInbox(feed.clone()),
         out_rx,
         mqtt_stats.clone(),
         client_stop.clone(),
@@ -352,16 +362,14 @@ pub fn run_with(
     let mut retraining = Retraining::start(cfg, &model, &counters)?;
 
     let handback: Handback = Arc::default();
-    let mut source = AgentSource::new(cfg, &model, in_rx, &counters, control, &handback)?;
-    let mut sink = AgentSink::new(
-        cfg,
-        &model,
-        source.streams.clone(),
-        &mqtt_cfg,
-        out_tx,
-        &counters,
-        record,
-    )?;
+    let streams = lock(&feed).source.streams.clone();
+    let mut source = FeedTurn {
+        feed,
+        counters: counters.clone(),
+        control: control.clone(),
+        handback: handback.clone(),
+    };
+    let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
     let metrics_stop = Arc::new(AtomicBool::new(false));
     if !cfg.metrics.listen.is_empty() {
         let exposed = crate::metrics::Exposed {
@@ -594,7 +602,7 @@ impl Retraining {
 }
 
 /// Where a source that ends its turn for a reload puts itself.
-type Handback = Arc<Mutex<Option<Box<AgentSource>>>>;
+type Handback = Arc<Mutex<Option<Box<FeedTurn>>>>;
 
 /// The counters of two pipeline turns added up.
 fn add_reports(mut a: PipelineReport, b: &PipelineReport) -> PipelineReport {
@@ -618,10 +626,10 @@ fn apply_reload(
     started: &DarkwatchConfig,
     old_cfg: &DarkwatchConfig,
     old_model: &Detector,
-    source: AgentSource,
+    source: FeedTurn,
     mut sink: AgentSink,
     counters: &Arc<AgentCounters>,
-) -> Result<(DarkwatchConfig, Detector, AgentSource, AgentSink), AgentError> {
+) -> Result<(DarkwatchConfig, Detector, FeedTurn, AgentSink), AgentError> {
     let Reload { cfg, model } = reload;
     check_suits(&cfg, &model)?;
     for (section, same) in [
@@ -646,24 +654,19 @@ fn apply_reload(
         && model.id() == old_model.id()
         && cfg.threshold == old_cfg.threshold
         && cfg.alert == old_cfg.alert;
-    let source = if keep_windows {
-        source
-    } else {
-        let AgentSource {
-            incoming,
-            control,
-            handback,
-            ..
-        } = source;
-        AgentSource::new(&cfg, &model, incoming, counters, &control, &handback)?
-    };
+    if !keep_windows {
+        // Messages received meanwhile wait in the feed for the new decoder and assembler.
+        let fresh = AgentSource::new(&cfg, &model, counters)?;
+        lock(&source.feed).source = fresh;
+    }
+    let streams = lock(&source.feed).source.streams.clone();
     if !keep_alerts {
         // The old model's alerts end here; the new one starts from a clean state.
         sink.end_alerts();
         let fresh = AgentSink::new(
             &cfg,
             &model,
-            source.streams.clone(),
+            streams,
             &sink.mqtt,
             sink.out.clone(),
             counters,
@@ -688,16 +691,13 @@ fn apply_reload(
     Ok((cfg, model, source, sink))
 }
 
-/// Decodes MQTT messages and assembles frames into the ring.
+/// Decodes MQTT messages and assembles frames into the ring (on the MQTT thread, inside
+/// the [`Feed`]).
 struct AgentSource {
-    incoming: Receiver<Incoming>,
     decoder: Decoder,
     assembler: Assembler,
     streams: Arc<Mutex<Vec<String>>>,
     counters: Arc<AgentCounters>,
-    control: Control,
-    /// Where the source puts itself when it ends its turn for a reload.
-    handback: Handback,
     /// The newest sample time seen, and when (wall clock) it arrived: the event-time clock
     /// that closes the windows of a quiet stream. Event time, not wall time, so a replay
     /// of old data at any speed closes windows exactly as live data would.
@@ -709,17 +709,13 @@ struct AgentSource {
 }
 
 impl AgentSource {
-    /// A source for `model` in `cfg`'s input format, reading `incoming`.
+    /// A source for `model` in `cfg`'s input format.
     fn new(
         cfg: &DarkwatchConfig,
         model: &Detector,
-        incoming: Receiver<Incoming>,
         counters: &Arc<AgentCounters>,
-        control: &Control,
-        handback: &Handback,
     ) -> Result<AgentSource, AgentError> {
         Ok(AgentSource {
-            incoming,
             decoder: match cfg.agent.format {
                 InputFormat::Examon => Decoder::Examon(cfg.examon.build()),
                 InputFormat::Telegraf => Decoder::Telegraf(cfg.telegraf.build()),
@@ -732,8 +728,6 @@ impl AgentSource {
             assembler: cfg.assemble.build(model.features().to_vec())?,
             streams: Arc::default(),
             counters: counters.clone(),
-            control: control.clone(),
-            handback: handback.clone(),
             newest: None,
             known_streams: 0,
             max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * cfg.assemble.window_secs),
@@ -791,7 +785,7 @@ impl AgentSource {
     /// (or ten windows) ahead: one sample with a wrong clock must not close every
     /// stream's windows.
     /// Returns the frames pushed to the ring directly (raw input only).
-    fn take(&mut self, msg: &Incoming, producer: Option<(&mut FrameProducer, &Clock)>) -> u64 {
+    fn take(&mut self, msg: &Received<'_>, producer: Option<(&mut FrameProducer, &Clock)>) -> u64 {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
         let AgentSource {
             decoder,
@@ -817,7 +811,7 @@ impl AgentSource {
             }
         };
         match decoder {
-            Decoder::Examon(d) => match d.decode(&msg.topic, &msg.payload) {
+            Decoder::Examon(d) => match d.decode(msg.topic, msg.payload) {
                 Ok(sample) => accept(&sample),
                 Err(_) => {
                     counters.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -825,7 +819,7 @@ impl AgentSource {
             },
             Decoder::Telegraf(d) => {
                 let mut bad = 0u64;
-                let whole = d.decode(&msg.payload, msg.received, &mut |r| match r {
+                let whole = d.decode(msg.payload, msg.received, &mut |r| match r {
                     Ok(sample) => accept(&sample),
                     Err(_) => bad += 1,
                 });
@@ -837,7 +831,7 @@ impl AgentSource {
                 frame,
                 streams: seen,
             } => {
-                let name = match decoder.decode(&msg.topic, &msg.payload, frame) {
+                let name = match decoder.decode(msg.topic, msg.payload, frame) {
                     Ok(name) => name.unwrap_or("default"),
                     Err(_) => {
                         counters.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -892,18 +886,156 @@ fn queued(counters: &AgentCounters, pushed: Pushed, values: &[f32]) {
 /// Largest step of the event clock from one sample (see [`AgentSource::take`]).
 pub const MAX_CLOCK_JUMP_SECS: f64 = 3600.0;
 
-impl Source for AgentSource {
-    fn run(
-        mut self: Box<Self>,
-        producer: &mut FrameProducer,
-        clock: &Clock,
-        _stop: &AtomicBool,
-    ) -> u64 {
-        let mut offered = 0;
-        // `stop` and `reload` are checked on every turn: a busy feed never lets recv time out.
+/// How often the source thread turns while the MQTT thread feeds the ring: it checks for
+/// a stop or a reload, beats the watchdog's heartbeat, and, once no message came for a
+/// whole turn, closes quiet windows by the event clock.
+const FEED_TURN: Duration = Duration::from_millis(50);
+
+/// What the MQTT thread and the pipeline's source thread share (behind one mutex that
+/// only the MQTT thread takes per message): the decoder and assembler, and while a
+/// pipeline turn runs, the producer end of its frame ring.
+struct Feed {
+    source: AgentSource,
+    /// The running turn's ring and clock; `None` between turns (a reload).
+    ring: Option<(FrameProducer, Clock)>,
+    /// Messages received while no turn runs, oldest first; the next turn takes them first.
+    waiting: VecDeque<Incoming>,
+    /// Most messages `waiting` holds (`[mqtt] incoming_capacity`); more are refused.
+    capacity: usize,
+    /// Frames offered to the running turn's ring.
+    offered: u64,
+    /// The MQTT client dropped its inbox (its thread ended): no more messages will come.
+    closed: bool,
+    /// Decoding a message panicked on the MQTT thread.
+    failed: bool,
+}
+
+type SharedFeed = Arc<Mutex<Feed>>;
+
+/// Locks the feed. A panic while it was held leaves nothing half-done that matters here
+/// (a message is decoded or not), so a poisoned lock is taken as it is.
+fn lock(feed: &SharedFeed) -> std::sync::MutexGuard<'_, Feed> {
+    feed.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Feed {
+    fn new(source: AgentSource, capacity: usize) -> SharedFeed {
+        Arc::new(Mutex::new(Feed {
+            source,
+            ring: None,
+            waiting: VecDeque::new(),
+            capacity: capacity.max(1),
+            offered: 0,
+            closed: false,
+            failed: false,
+        }))
+    }
+
+    /// Takes one message: decoded and assembled into the ring while a turn runs, else held
+    /// for the next turn. `false` when it is refused (held messages full).
+    fn deliver(&mut self, msg: &Received<'_>) -> bool {
+        let Feed {
+            source,
+            ring,
+            waiting,
+            capacity,
+            offered,
+            ..
+        } = self;
+        match ring {
+            Some((producer, clock)) => {
+                *offered += source.take(msg, Some((&mut *producer, &*clock)));
+                *offered += source.emit(producer, clock, Some(f64::NAN));
+                true
+            }
+            None if waiting.len() < *capacity => {
+                waiting.push_back(msg.to_incoming());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts a turn on `producer`: the messages held meanwhile go first, in order.
+    fn start(&mut self, producer: FrameProducer, clock: Clock) {
+        self.ring = Some((producer, clock));
+        self.offered = 0;
+        while let Some(msg) = self.waiting.pop_front() {
+            self.deliver(&msg.as_received());
+        }
+    }
+
+    /// Closes the windows of quiet streams by the event clock (no message for a while).
+    fn poll_clock(&mut self) {
+        if let Some((producer, clock)) = self.ring.as_mut() {
+            let now = self.source.event_now();
+            self.offered += self.source.emit(producer, clock, Some(now));
+        }
+    }
+
+    /// Ends the turn: with `flush` (shutdown), closes every open window first. Returns the
+    /// frames offered in the turn and the ring's producer (dropping it ends the scorer).
+    fn end(&mut self, flush: bool) -> (u64, Option<FrameProducer>) {
+        let ring = self.ring.take();
+        let Some((mut producer, clock)) = ring else {
+            return (self.offered, None);
+        };
+        if flush {
+            self.offered += self.source.emit(&mut producer, &clock, None);
+        }
+        (self.offered, Some(producer))
+    }
+}
+
+/// The MQTT client's [`mqtt::Inbox`]: each message is decoded, assembled and pushed into
+/// the scorer's ring on the MQTT thread, so a message wakes no thread but the scorer.
+struct FeedInbox(SharedFeed);
+
+impl mqtt::Inbox for FeedInbox {
+    fn deliver(&mut self, msg: Received<'_>) -> bool {
+        let mut feed = lock(&self.0);
+        if feed.failed {
+            return false;
+        }
+        // A decoder panic must stop the agent, not the MQTT client: the source thread
+        // sees `failed` and ends the pipeline with an error.
+        let feed = &mut *feed;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| feed.deliver(&msg))) {
+            Ok(taken) => taken,
+            Err(_) => {
+                feed.failed = true;
+                false
+            }
+        }
+    }
+}
+
+impl Drop for FeedInbox {
+    fn drop(&mut self) {
+        lock(&self.0).closed = true;
+    }
+}
+
+/// The agent's pipeline source. It hands the turn's ring to the [`Feed`], where the MQTT
+/// thread pushes frames, and keeps the turn's time on the pipeline's source thread.
+struct FeedTurn {
+    feed: SharedFeed,
+    counters: Arc<AgentCounters>,
+    control: Control,
+    /// Where the source puts itself when it ends its turn for a reload.
+    handback: Handback,
+}
+
+impl Source for FeedTurn {
+    fn run(self: Box<Self>, producer: FrameProducer, clock: &Clock, _stop: &AtomicBool) -> u64 {
+        lock(&self.feed).start(producer, *clock);
+        let mut seen = self.counters.messages.load(Ordering::Relaxed);
         while !self.control.is_stopping() {
             if self.control.reload.load(Ordering::SeqCst) {
-                // A reload: keep the open windows and the queued messages for the next turn.
+                // A reload: keep the open windows; messages are held for the next turn.
+                let (offered, producer) = lock(&self.feed).end(false);
+                drop(producer);
                 let handback = self.handback.clone();
                 if let Ok(mut h) = handback.lock() {
                     *h = Some(self);
@@ -911,23 +1043,28 @@ impl Source for AgentSource {
                 return offered;
             }
             self.counters.source_turns.fetch_add(1, Ordering::Relaxed);
-            match self.incoming.recv_timeout(Duration::from_millis(50)) {
-                Ok(msg) => {
-                    offered += self.take(&msg, Some((&mut *producer, clock)));
-                    offered += self.emit(producer, clock, Some(f64::NAN));
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let now = self.event_now();
-                    offered += self.emit(producer, clock, Some(now));
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
+            std::thread::sleep(FEED_TURN);
+            let mut feed = lock(&self.feed);
+            if feed.failed {
+                let (_, producer) = feed.end(false);
+                drop(feed);
+                drop(producer);
+                panic!("decoding a message panicked on the MQTT thread");
             }
+            if feed.closed {
+                break;
+            }
+            let messages = self.counters.messages.load(Ordering::Relaxed);
+            if messages == seen {
+                feed.poll_clock();
+            }
+            seen = messages;
         }
-        // Shutdown: take what is already queued, then close every open window.
-        while let Ok(msg) = self.incoming.try_recv() {
-            offered += self.take(&msg, Some((&mut *producer, clock)));
-        }
-        offered + self.emit(producer, clock, None)
+        // Shutdown: close every open window. (Held messages were taken when the turn
+        // started; since then every message went straight to the ring.)
+        let (offered, producer) = lock(&self.feed).end(true);
+        drop(producer);
+        offered
     }
 }
 
@@ -1057,6 +1194,10 @@ impl AgentSink {
 }
 
 impl Sink for AgentSink {
+    // A node's frames come at most a few thousand a second, and an alert is wanted at once:
+    // thresholds and alerts run on the scorer thread, so a frame wakes no sink thread.
+    const ON_SCORER_THREAD: bool = true;
+
     fn accept(&mut self, f: &ScoredFrame) {
         self.counters.frames_scored.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -1118,29 +1259,24 @@ impl Sink for AgentSink {
 mod tests {
     use super::*;
 
-    fn source(window_secs: f64) -> (AgentSource, std::sync::mpsc::SyncSender<Incoming>) {
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+    fn source(window_secs: f64) -> AgentSource {
         let mut cfg = DarkwatchConfig::default();
         cfg.assemble.window_secs = window_secs;
         let features: Vec<String> = vec!["a".into(), "b".into()];
-        let src = AgentSource {
-            incoming: rx,
+        AgentSource {
             decoder: Decoder::Examon(cfg.examon.build()),
             assembler: cfg.assemble.build(features).unwrap(),
             streams: Arc::default(),
             counters: Arc::default(),
-            control: Control::default(),
-            handback: Arc::default(),
             newest: None,
             known_streams: 0,
             max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * window_secs),
-        };
-        (src, tx)
+        }
     }
 
     impl AgentSource {
         fn take_one(&mut self, m: &Incoming) {
-            self.take(m, None);
+            self.take(&m.as_received(), None);
         }
     }
 
@@ -1171,7 +1307,7 @@ mod tests {
 
     #[test]
     fn event_clock_ignores_rejected_and_far_future_samples() {
-        let (mut src, _tx) = source(1.0);
+        let mut src = source(1.0);
         src.take_one(&msg("n1", "a", 1.0, 1000.0));
         assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
         // An unknown metric is rejected and does not move the clock.
@@ -1197,7 +1333,7 @@ mod tests {
 
     #[test]
     fn telegraf_and_raw_inputs_reach_the_assembler_and_the_ring() {
-        let (mut src, _tx) = source(1.0);
+        let mut src = source(1.0);
         src.decoder = Decoder::Telegraf(DarkwatchConfig::default().telegraf.build());
         // A JSON batch naming fields m.a and m.b: unknown to a model of "a", "b", so they are
         // decoded (no decode error) and then rejected by the assembler, counted apart.
@@ -1243,5 +1379,78 @@ mod tests {
             received: 5.0,
         });
         assert_eq!(src.counters.frames.load(Ordering::Relaxed), 3);
+    }
+
+    fn raw_frame(a: f32) -> Vec<u8> {
+        [a, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn inbox_decodes_on_the_mqtt_thread_into_the_ring_and_holds_messages_between_turns() {
+        use crate::mqtt::Inbox;
+        use crate::ring::{FullPolicy, frame_ring};
+        let mut src = source(1.0);
+        src.decoder = Decoder::Raw {
+            decoder: DarkwatchConfig::default().raw.build(2),
+            frame: Vec::new(),
+            streams: Default::default(),
+        };
+        let counters = src.counters.clone();
+        let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let feed = Feed::new(src, 2);
+        let mut inbox = FeedInbox(feed.clone());
+        let mut deliver = |topic: &str, payload: Vec<u8>| {
+            inbox.deliver(Received {
+                topic,
+                payload: &payload,
+                received: 5.0,
+            })
+        };
+        // No turn runs (before the first, or during a reload): messages are held, up to
+        // the capacity, and the next one is refused (the client counts it).
+        assert!(deliver("act/s0", raw_frame(1.0)));
+        assert!(deliver("act/s0", vec![0; 5]));
+        assert!(!deliver("act/s0", raw_frame(9.0)));
+        assert_eq!(count(&counters.messages), 0);
+
+        // A turn takes the held messages first, in order: the garbage one is counted.
+        let (producer, mut consumer) = frame_ring(2, 2, FullPolicy::DropNewest);
+        lock(&feed).start(producer, Clock::new());
+        assert_eq!(count(&counters.messages), 2);
+        assert_eq!(count(&counters.decode_errors), 1);
+        assert_eq!(count(&counters.frames_queued), 1);
+        // Then every message goes straight into the ring on the delivering thread: a frame
+        // with NaN is a decode error, a full ring drops the newest and counts it.
+        assert!(deliver("act/s0", raw_frame(f32::NAN)));
+        assert!(deliver("act/s1", raw_frame(4.0)));
+        assert!(deliver("act/s1", raw_frame(6.0)));
+        assert!(deliver("act/s1", vec![1, 2, 3]));
+        assert_eq!(count(&counters.messages), 6);
+        assert_eq!(count(&counters.decode_errors), 3);
+        assert_eq!(count(&counters.frames), 3);
+        assert_eq!(count(&counters.frames_queued), 2);
+        assert_eq!(count(&counters.frames_dropped), 1);
+        let mut metas = [FrameMeta::default(); 4];
+        let mut values = [0.0f32; 8];
+        assert_eq!(consumer.pop_batch(&mut metas, &mut values), 2);
+        assert_eq!((metas[0].stream, metas[0].seq), (0, 0));
+        assert_eq!((metas[1].stream, metas[1].seq), (1, 0));
+        assert_eq!(metas[1].received, 5.0);
+        assert_eq!(values[..4], [1.0, 2.0, 4.0, 2.0]);
+        assert_eq!(*lock(&feed).source.streams.lock().unwrap(), ["s0", "s1"]);
+
+        // The turn ends: the producer goes back (dropping it ends the scorer) and messages
+        // are held again.
+        let (offered, producer) = lock(&feed).end(true);
+        assert_eq!(offered, 3);
+        drop(producer.expect("the turn's producer"));
+        assert!(consumer.is_finished());
+        assert!(deliver("act/s0", raw_frame(5.0)));
+        assert_eq!(count(&counters.messages), 6);
+        assert_eq!(lock(&feed).waiting.len(), 1);
+
+        // The client's thread ending closes the feed; the source thread then ends the turn.
+        drop(inbox);
+        assert!(lock(&feed).closed);
     }
 }

@@ -98,7 +98,7 @@ pub fn render(e: &Exposed) -> String {
         ),
         (
             "darkwatch_mqtt_incoming_dropped_total",
-            "Received messages dropped because the decoder fell behind.",
+            "Received messages dropped: more than [mqtt] incoming_capacity arrived while the pipeline restarted.",
             load(&m.incoming_dropped),
         ),
         (

@@ -1,19 +1,21 @@
 //! The MQTT side of the agent: the client that brings data messages in and takes alerts
 //! out, and the optional in-process broker (rumqttd) for a single-machine setup.
 //!
-//! The agent feeds it [`Outgoing`] alerts through a `std::sync::mpsc` channel; it feeds
-//! the agent [`Incoming`] data messages through a bounded `SyncSender` (full means the
-//! message is dropped and counted in [`MqttStats::incoming_dropped`], the event loop never
-//! blocks). Alerts pass through the crash-safe [`Spool`] before they are published, so
-//! neither an outage of the broker nor a crash of the process loses one (at-least-once:
-//! duplicates are possible, loss is not, unless the spool overflows its `max_bytes`).
+//! The agent feeds it [`Outgoing`] alerts through a channel. It hands every received data
+//! message to the agent's [`Inbox`] on its own thread, borrowed from rumqttc's read buffer;
+//! a refused message is dropped and counted in [`MqttStats::incoming_dropped`]. The agent's
+//! inbox decodes and assembles right there and pushes frames into the scorer's ring, so a
+//! message wakes no other thread on its way in (a bounded `SyncSender` is an inbox too).
+//! Alerts pass through the crash-safe [`Spool`] before they are published, so neither an
+//! outage of the broker nor a crash of the process loses one (at-least-once: duplicates are
+//! possible, loss is not, unless the spool overflows its `max_bytes`).
 //!
 //! # Threads and tasks
 //!
 //! [`spawn_client`] starts one OS thread with a current-thread tokio runtime and two tasks:
 //!
 //! - the *driver* polls rumqttc's `EventLoop` and is never cancelled mid-poll. It hands
-//!   received publishes to the agent itself and forwards ConnAck, PubAck, the packet id of
+//!   received publishes to the [`Inbox`] itself and forwards ConnAck, PubAck, the packet id of
 //!   every outgoing publish and every connection error to the controller. After an error
 //!   it sleeps (100 ms doubling to 5 s): rumqttc has no backoff of its own.
 //! - the *controller* owns the spool. It wakes on a driver event, on an alert sent to the
@@ -138,7 +140,8 @@ pub struct MqttConfig {
     pub node_name: String,
     /// Most alert publishes waiting for a PubAck at once.
     pub inflight_max: u16,
-    /// Capacity of the bounded channel of received messages (created by the caller).
+    /// Received messages held while the agent's pipeline is not running (during a reload):
+    /// the next turn takes them first; more are counted and dropped.
     pub incoming_capacity: usize,
     /// Connect to the (external) broker over TLS (rustls), checking its certificate
     /// against `ca_file` and its name against `host`.
@@ -472,6 +475,55 @@ pub struct Incoming {
     pub received: f64,
 }
 
+/// A received message as the client hands it to an [`Inbox`]: borrowed, not copied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Received<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    /// When it was received, in seconds since the Unix epoch.
+    pub received: f64,
+}
+
+impl Received<'_> {
+    /// An owned copy, to keep past the call.
+    pub fn to_incoming(&self) -> Incoming {
+        Incoming {
+            topic: self.topic.to_string(),
+            payload: self.payload.to_vec(),
+            received: self.received,
+        }
+    }
+}
+
+impl Incoming {
+    /// The message as an [`Inbox`] takes it.
+    pub fn as_received(&self) -> Received<'_> {
+        Received {
+            topic: &self.topic,
+            payload: &self.payload,
+            received: self.received,
+        }
+    }
+}
+
+/// Where [`spawn_client`] hands every received publish, on the client's own thread.
+pub trait Inbox: Send + 'static {
+    /// Takes one message; `false` when it was refused (the client counts it in
+    /// [`MqttStats::incoming_dropped`]). Runs on the event loop: it must not block for
+    /// long, or the client reads, acknowledges and publishes nothing meanwhile.
+    fn deliver(&mut self, message: Received<'_>) -> bool;
+}
+
+/// A bounded channel as an inbox: a full (or closed) channel refuses the message.
+impl Inbox for SyncSender<Incoming> {
+    fn deliver(&mut self, message: Received<'_>) -> bool {
+        match self.try_send(message.to_incoming()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
 /// Where the agent sends the messages to publish; sending wakes the MQTT client.
 pub type OutgoingSender = UnboundedSender<Outgoing>;
 /// The MQTT client's end of [`OutgoingSender`].
@@ -495,7 +547,7 @@ pub struct Outgoing {
 pub struct MqttStats {
     /// Publishes received on subscribed topics.
     pub received: AtomicU64,
-    /// Received publishes dropped because the incoming channel was full (or closed).
+    /// Received publishes the [`Inbox`] refused (held messages full, or the inbox gone).
     pub incoming_dropped: AtomicU64,
     /// Spooled alerts written to the broker, republishes included.
     pub published: AtomicU64,
@@ -525,8 +577,8 @@ fn bump(counter: &AtomicU64, n: u64) {
 /// - Connects with a clean session, keep-alive, optional credentials and a retained last
 ///   will [`OFFLINE_PAYLOAD`] on the status topic. On every ConnAck it subscribes all
 ///   filters at QoS 1 and publishes a retained `{"status":"online","node":…}`.
-/// - Every received publish goes to `incoming.try_send`; a full channel drops it
-///   (counted), the event loop never blocks.
+/// - Every received publish goes to `inbox`, on this thread; one it refuses is dropped
+///   (counted).
 /// - Every [`Outgoing`] is appended to `spool` first, then published at QoS 1 in spool
 ///   order, at most `inflight_max` unacknowledged; while disconnected alerts only spool.
 /// - After a connection error it sleeps 100 ms, doubling to 5 s, and counts a reconnect.
@@ -541,7 +593,7 @@ fn bump(counter: &AtomicU64, n: u64) {
 pub fn spawn_client(
     cfg: MqttConfig,
     spool: Spool,
-    incoming: SyncSender<Incoming>,
+    inbox: impl Inbox,
     outgoing: OutgoingReceiver,
     stats: Arc<MqttStats>,
     stop: Arc<AtomicBool>,
@@ -561,7 +613,7 @@ pub fn spawn_client(
         .name("darkwatch-mqtt".into())
         .spawn(move || {
             runtime.block_on(run_client(
-                cfg, options, publisher, incoming, outgoing, stats, stop,
+                cfg, options, publisher, inbox, outgoing, stats, stop,
             ));
         })
         .map_err(|source| MqttError::Spawn {
@@ -659,7 +711,7 @@ fn epoch_secs() -> f64 {
 async fn drive(
     mut eventloop: EventLoop,
     events: UnboundedSender<DriverEvent>,
-    incoming: SyncSender<Incoming>,
+    mut inbox: impl Inbox,
     stats: Arc<MqttStats>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -684,16 +736,13 @@ async fn drive(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 bump(&stats.received, 1);
-                let message = Incoming {
-                    topic: publish.topic,
-                    payload: publish.payload.to_vec(),
+                let message = Received {
+                    topic: &publish.topic,
+                    payload: &publish.payload,
                     received: epoch_secs(),
                 };
-                match incoming.try_send(message) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                        bump(&stats.incoming_dropped, 1);
-                    }
+                if !inbox.deliver(message) {
+                    bump(&stats.incoming_dropped, 1);
                 }
                 continue;
             }
@@ -777,7 +826,7 @@ async fn run_client(
     cfg: MqttConfig,
     options: MqttOptions,
     mut publisher: Publisher,
-    incoming: SyncSender<Incoming>,
+    inbox: impl Inbox,
     mut outgoing: OutgoingReceiver,
     stats: Arc<MqttStats>,
     stop: Arc<AtomicBool>,
@@ -793,7 +842,7 @@ async fn run_client(
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
     let (events_tx, mut events) = unbounded_channel();
-    let driver = tokio::spawn(drive(eventloop, events_tx, incoming, stats.clone()));
+    let driver = tokio::spawn(drive(eventloop, events_tx, inbox, stats.clone()));
     let mut session = Session {
         client,
         filters: cfg.subscribe.clone(),

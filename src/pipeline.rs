@@ -1,6 +1,7 @@
 //! The one scoring pipeline: a source pushes frames into the [`crate::ring`], a named
 //! scorer thread drains bounded micro-batches, scales them, runs the model and the score
-//! head, and hands [`ScoredFrame`]s through a second ring to a sink thread.
+//! head, and hands [`ScoredFrame`]s through a second ring to a sink thread (or, for a
+//! sink that asks for it, calls the sink itself: [`Sink::ON_SCORER_THREAD`]).
 //!
 //! `replay` runs exactly this with a [`FileSource`]; the agent runs it with live sources.
 //! There is no second, batch-only scoring path: calibration at training time uses the
@@ -401,13 +402,25 @@ impl BatchScorer for Scorer {
 /// What feeds the pipeline. Runs on its own thread and pushes frames until it is done or
 /// `stop` is set.
 pub trait Source: Send + 'static {
-    /// Runs to completion; returns the number of frames it offered.
-    fn run(self: Box<Self>, producer: &mut FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64;
+    /// Runs to completion; returns the number of frames it offered. The scorer ends once
+    /// `producer` is dropped and the ring is drained; a source may hand `producer` to
+    /// another thread to push from (the agent's MQTT thread does), as long as it is
+    /// dropped when the source ends.
+    fn run(self: Box<Self>, producer: FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64;
 }
 
-/// What consumes scored frames. Runs on the sink thread.
+/// What consumes scored frames. Runs on the sink thread, or on the scorer thread when
+/// [`Self::ON_SCORER_THREAD`].
 pub trait Sink: Send + 'static {
-    /// Takes one scored frame. Must not block for long: the scorer waits on a full output ring.
+    /// Whether [`Self::accept`] runs on the scorer thread, right after each frame is
+    /// scored, instead of on a sink thread behind a second ring. On the scorer a frame
+    /// wakes one thread fewer, and nothing waits in a second ring, but the sink's time
+    /// adds to the scorer's: for sinks that are cheap per frame at the rates they see (the
+    /// agent's, at a node's frame rate). Replay's sink (thresholds and files, the limit
+    /// of a replay's throughput) keeps its own thread, so that it runs beside the scorer.
+    const ON_SCORER_THREAD: bool = false;
+    /// Takes one scored frame. Must not block for long: the scorer waits on a full output
+    /// ring (or, on the scorer thread, for the call itself).
     fn accept(&mut self, frame: &ScoredFrame);
     /// Called once after the last frame.
     fn finish(&mut self) -> Result<(), std::io::Error> {
@@ -469,7 +482,7 @@ impl FileSource {
 }
 
 impl Source for FileSource {
-    fn run(self: Box<Self>, producer: &mut FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64 {
+    fn run(self: Box<Self>, mut producer: FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64 {
         let period_ns = self.rate.filter(|r| *r > 0.0).map(|r| 1e9 / r);
         let start = clock.now_ns();
         let mut offered = 0;
@@ -670,8 +683,7 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
     hooks: Option<ScorerHooks>,
 ) -> Result<(PipelineReport, K), PipelineError> {
     let d = scorer.n_features();
-    let (mut producer, consumer) = frame_ring(cfg.ring_capacity_frames, d, policy);
-    let (out_p, out_c) = HeapRb::<ScoredFrame>::new(cfg.ring_capacity_frames.max(1)).split();
+    let (producer, consumer) = frame_ring(cfg.ring_capacity_frames, d, policy);
     let ring_stats = producer.stats();
     let clock = Clock::new();
     let stop = Arc::new(AtomicBool::new(false));
@@ -679,55 +691,55 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
     let started = Instant::now();
 
     let spawn = |name: &'static str| thread::Builder::new().name(format!("darkwatch-{name}"));
-    let sink_thread = spawn("sink")
-        .spawn(move || {
-            drain_sink(out_c, &mut sink);
-            sink.finish().map(|()| sink)
-        })
-        .map_err(|source| PipelineError::Spawn {
-            name: "sink",
-            source,
-        })?;
+    let spawn_err = |name: &'static str| move |source| PipelineError::Spawn { name, source };
     let inv = invalid.clone();
-    let sink_wake = sink_thread.thread().clone();
-    let scorer_thread = spawn("scorer")
-        .spawn(move || {
-            score_loop(
-                &mut scorer,
-                consumer,
-                out_p,
-                &clock,
-                &inv,
-                hooks,
-                &sink_wake,
-            )
-        })
-        .map_err(|source| PipelineError::Spawn {
-            name: "scorer",
-            source,
-        })?;
+    // The scorer thread hands back the sink it ran (finished) when the sink is on it.
+    let (scorer_thread, sink_thread) = if K::ON_SCORER_THREAD {
+        let scorer_thread = spawn("scorer")
+            .spawn(move || {
+                let mut results = OnScorer(&mut sink);
+                let counts = score_loop(&mut scorer, consumer, &mut results, &clock, &inv, hooks);
+                (counts, Some(sink.finish().map(|()| sink)))
+            })
+            .map_err(spawn_err("scorer"))?;
+        (scorer_thread, None)
+    } else {
+        let (out_p, out_c) = HeapRb::<ScoredFrame>::new(cfg.ring_capacity_frames.max(1)).split();
+        let sink_thread = spawn("sink")
+            .spawn(move || {
+                drain_sink(out_c, &mut sink);
+                sink.finish().map(|()| sink)
+            })
+            .map_err(spawn_err("sink"))?;
+        let mut results = ToSinkThread {
+            ring: out_p,
+            sink: sink_thread.thread().clone(),
+        };
+        let scorer_thread = spawn("scorer")
+            .spawn(move || {
+                let counts = score_loop(&mut scorer, consumer, &mut results, &clock, &inv, hooks);
+                (counts, None)
+            })
+            .map_err(spawn_err("scorer"))?;
+        (scorer_thread, Some(sink_thread))
+    };
     let source_stop = stop.clone();
     let source_thread = spawn("source")
-        .spawn(move || {
-            let offered = Box::new(source).run(&mut producer, &clock, &source_stop);
-            drop(producer);
-            offered
-        })
-        .map_err(|source| PipelineError::Spawn {
-            name: "source",
-            source,
-        })?;
+        .spawn(move || Box::new(source).run(producer, &clock, &source_stop))
+        .map_err(spawn_err("source"))?;
 
     let offered = source_thread
         .join()
         .map_err(|_| PipelineError::Panicked("source"))?;
-    let (scored, batches, latency, compute) = scorer_thread
+    let ((scored, batches, latency, compute), finished) = scorer_thread
         .join()
         .map_err(|_| PipelineError::Panicked("scorer"))?;
-    let sink = sink_thread
-        .join()
-        .map_err(|_| PipelineError::Panicked("sink"))?
-        .map_err(PipelineError::Sink)?;
+    let finished = match (finished, sink_thread) {
+        (Some(finished), _) => finished,
+        (None, Some(t)) => t.join().map_err(|_| PipelineError::Panicked("sink"))?,
+        (None, None) => unreachable!("the sink runs on the scorer thread or on its own"),
+    };
+    let sink = finished.map_err(PipelineError::Sink)?;
     let report = PipelineReport {
         frames_offered: offered,
         frames_accepted: ring_stats.pushed.load(Ordering::Relaxed),
@@ -748,14 +760,60 @@ pub const MAX_PAUSE: Duration = Duration::from_secs(120);
 /// Longest park; the producer unparks the scorer sooner when it pushes.
 const IDLE_PARK: Duration = Duration::from_millis(5);
 
+/// Where the scorer puts each scored frame: the result ring to the sink thread, or the
+/// sink itself (see [`Sink::ON_SCORER_THREAD`]).
+trait Results {
+    /// Hands over one frame; `false` once nothing takes them any more.
+    fn put(&mut self, frame: &ScoredFrame) -> bool;
+    /// A batch (or the run) is done: frames put since the last call are complete.
+    fn batch_done(&mut self) {}
+}
+
+/// The result ring to the sink thread, and the thread to unpark after each batch.
+struct ToSinkThread {
+    ring: HeapProd<ScoredFrame>,
+    sink: thread::Thread,
+}
+
+impl Results for ToSinkThread {
+    fn put(&mut self, frame: &ScoredFrame) -> bool {
+        let mut spins = 0u32;
+        while self.ring.try_push(*frame).is_err() {
+            if !self.ring.read_is_held() {
+                return false;
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                thread::sleep(Duration::from_micros(20));
+            }
+        }
+        true
+    }
+
+    fn batch_done(&mut self) {
+        self.sink.unpark();
+    }
+}
+
+/// The sink, called on the scorer thread.
+struct OnScorer<'a, K>(&'a mut K);
+
+impl<K: Sink> Results for OnScorer<'_, K> {
+    fn put(&mut self, frame: &ScoredFrame) -> bool {
+        self.0.accept(frame);
+        true
+    }
+}
+
 fn score_loop(
     scorer: &mut impl BatchScorer,
     mut consumer: FrameConsumer,
-    mut out: HeapProd<ScoredFrame>,
+    out: &mut impl Results,
     clock: &Clock,
     invalid: &AtomicU64,
     mut hooks: Option<ScorerHooks>,
-    sink: &thread::Thread,
 ) -> (u64, u64, LatencyHistogram, LatencyHistogram) {
     consumer.register_current_thread();
     let d = scorer.n_features();
@@ -820,21 +878,12 @@ fn score_loop(
                         hooks = None;
                     }
                 }
-                let mut spins = 0u32;
-                while out.try_push(frame).is_err() {
-                    if !out.read_is_held() {
-                        return (scored, batches, latency, compute);
-                    }
-                    spins += 1;
-                    if spins < 64 {
-                        std::hint::spin_loop();
-                    } else {
-                        thread::sleep(Duration::from_micros(20));
-                    }
+                if !out.put(&frame) {
+                    return (scored, batches, latency, compute);
                 }
                 scored += 1;
             }
-            sink.unpark();
+            out.batch_done();
             if end == n {
                 break;
             }
@@ -844,7 +893,7 @@ fn score_loop(
             t0 = clock.now_ns();
         }
     }
-    sink.unpark();
+    out.batch_done();
     (scored, batches, latency, compute)
 }
 
@@ -978,5 +1027,66 @@ mod tests {
         assert_eq!(invalid.load(Ordering::Relaxed), 1);
         assert_eq!(&values[..4], &[1.0, 2.0, 5.0, 6.0]);
         assert_eq!((metas[0].seq, metas[1].seq), (0, 2));
+    }
+
+    /// Records the seqs it gets and the thread it gets them on.
+    #[derive(Default)]
+    struct Recorder<const ON_SCORER: bool> {
+        seqs: Vec<u64>,
+        threads: Vec<String>,
+        finished: bool,
+    }
+
+    impl<const ON_SCORER: bool> Sink for Recorder<ON_SCORER> {
+        const ON_SCORER_THREAD: bool = ON_SCORER;
+        fn accept(&mut self, f: &ScoredFrame) {
+            self.seqs.push(f.meta.seq);
+            let name = thread::current().name().unwrap_or("?").to_string();
+            if self.threads.last() != Some(&name) {
+                self.threads.push(name);
+            }
+        }
+        fn finish(&mut self) -> Result<(), std::io::Error> {
+            self.finished = true;
+            Ok(())
+        }
+    }
+
+    fn run_recorder<const ON_SCORER: bool>() -> (PipelineReport, Recorder<ON_SCORER>) {
+        let mut rng = Rng::new(5);
+        let x = Array2::from_shape_fn((300, 6), |_| rng.uniform(-1.0, 1.0));
+        let model = synthetic(6, 3);
+        let head = model.meta.head;
+        let cfg = PipelineConfig {
+            ring_capacity_frames: 8,
+            batch_max_frames: 4,
+            ..PipelineConfig::default()
+        };
+        let source = FileSource::new(x, None, None);
+        run(
+            Arc::new(model),
+            head,
+            2,
+            &cfg,
+            FullPolicy::Block,
+            source,
+            Recorder::<ON_SCORER>::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn sink_runs_on_its_thread_or_on_the_scorer_and_sees_every_frame_in_order() {
+        let (report, sink) = run_recorder::<false>();
+        assert_eq!(report.frames_scored, 300);
+        assert_eq!(sink.seqs, (0..300).collect::<Vec<_>>());
+        assert_eq!(sink.threads, ["darkwatch-sink"]);
+        assert!(sink.finished);
+
+        let (report, sink) = run_recorder::<true>();
+        assert_eq!(report.frames_scored, 300);
+        assert_eq!(sink.seqs, (0..300).collect::<Vec<_>>());
+        assert_eq!(sink.threads, ["darkwatch-scorer"]);
+        assert!(sink.finished);
     }
 }
