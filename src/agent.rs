@@ -1027,8 +1027,20 @@ struct FeedTurn {
     handback: Handback,
 }
 
+/// Takes the turn's ring out of the [`Feed`] when the source thread leaves its turn, also
+/// by a panic: the producer must not outlive the turn in the shared feed, or the scorer
+/// (and the trainer waiting on it) would never see the end of its ring.
+struct TurnGuard(SharedFeed);
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        drop(lock(&self.0).ring.take());
+    }
+}
+
 impl Source for FeedTurn {
     fn run(self: Box<Self>, producer: FrameProducer, clock: &Clock, _stop: &AtomicBool) -> u64 {
+        let _guard = TurnGuard(self.feed.clone());
         lock(&self.feed).start(producer, *clock);
         let mut seen = self.counters.messages.load(Ordering::Relaxed);
         while !self.control.is_stopping() {
@@ -1452,5 +1464,24 @@ mod tests {
         // The client's thread ending closes the feed; the source thread then ends the turn.
         drop(inbox);
         assert!(lock(&feed).closed);
+    }
+
+    #[test]
+    fn a_turn_that_panics_leaves_no_producer_in_the_feed() {
+        use crate::ring::{FullPolicy, frame_ring};
+        let feed = Feed::new(source(1.0), 2);
+        let (producer, consumer) = frame_ring(2, 2, FullPolicy::DropNewest);
+        // As in `FeedTurn::run`: the guard first, then the turn starts; then something on
+        // the source thread panics while the feed holds the producer.
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _guard = TurnGuard(feed.clone());
+            lock(&feed).start(producer, Clock::new());
+            assert!(lock(&feed).ring.is_some());
+            panic!("a decoder bug");
+        }));
+        assert!(unwound.is_err());
+        // The producer went with the turn, so the scorer sees its ring end.
+        assert!(lock(&feed).ring.is_none());
+        assert!(consumer.is_finished());
     }
 }

@@ -265,7 +265,8 @@ pub struct PipelineConfig {
     /// Most frames the scorer drains and scores as one micro-batch.
     pub batch_max_frames: usize,
     /// What a live source does when the ring is full: `drop_newest` (counted) or `block`.
-    /// File replay always blocks, so a replay never loses a frame.
+    /// File replay always blocks, so a replay never loses a frame. In the agent `block`
+    /// holds the MQTT client's thread (keep-alive, acknowledgements, the alert spool).
     pub full_policy: FullPolicy,
 }
 

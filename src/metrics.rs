@@ -98,7 +98,7 @@ pub fn render(e: &Exposed) -> String {
         ),
         (
             "darkwatch_mqtt_incoming_dropped_total",
-            "Received messages dropped: more than [mqtt] incoming_capacity arrived while the pipeline restarted.",
+            "Received messages dropped: more than [mqtt] incoming_capacity arrived while no pipeline ran (at start, during a reload), or after a decoder failure.",
             load(&m.incoming_dropped),
         ),
         (

@@ -1138,7 +1138,8 @@ impl Admission {
 /// Most candidates held for their guard window.
 const MAX_PENDING: usize = 1 << 16;
 
-/// Online retraining on the sink thread: pairs each scored frame with its raw values,
+/// Online retraining beside the sink (on the scorer thread in the agent, on the sink thread
+/// in a replay): pairs each scored frame with its raw values,
 /// holds candidates until their guard has passed, feeds the reservoir, requests retrains,
 /// and tells the sink when frames of a new model version begin.
 pub struct SinkSide {

@@ -291,7 +291,7 @@ fn flood(
         sent as f64 / publish_secs
     );
     println!(
-        "agent       {received} taken by the decoder, {incoming_dropped} dropped at the incoming channel, {} lost before the agent (broker or socket)",
+        "agent       {received} taken by the decoder, {incoming_dropped} refused while no pipeline ran, {} lost before the agent (broker or socket)",
         sent as f64 - received - incoming_dropped
     );
     println!(
