@@ -125,15 +125,28 @@ impl LatencyHistogram {
 
 /// Writes into `out` the indices of the `out.len()` largest values of `values`,
 /// largest first (ties: lower index first). `out.len()` must not exceed `values.len()`.
-/// Insertion into a short sorted list: O(d·k) with k small, and no allocation.
-///
-/// ```
-/// let mut top = [0usize; 2];
-/// darkwatch::stats::top_k_indices(&[0.1, 0.9, 0.4], &mut top);
-/// assert_eq!(top, [1, 2]);
-/// ```
+/// Rows of up to 64 values (alerts name contributions of one frame; most models are that
+/// narrow): the values become order keys in a stack buffer, then each entry is one
+/// vectorised maximum and a search for its first position. Longer rows: insertion into a
+/// short sorted list. O(d·k) either way, no allocation. (Insertion alone branched on every
+/// value's rank, which is random in real data: about 180 ns for the top 3 of 38.)
 pub fn top_k_indices(values: &[f32], out: &mut [usize]) {
     let k = out.len().min(values.len());
+    if values.len() <= TOP_K_STACK {
+        let mut keys = [i32::MIN; TOP_K_STACK];
+        let keys = &mut keys[..values.len()];
+        for (key, &v) in keys.iter_mut().zip(values) {
+            *key = order_key(v);
+        }
+        for o in out[..k].iter_mut() {
+            let top = keys.iter().copied().max().unwrap_or(i32::MIN);
+            // The first of equal keys: ties go to the lower index.
+            let j = keys.iter().position(|&x| x == top).unwrap_or(0);
+            *o = j;
+            keys[j] = i32::MIN;
+        }
+        return;
+    }
     let mut filled = 0;
     for (i, &v) in values.iter().enumerate() {
         // NaN sorts as the largest so that a broken feature is named, not hidden.
@@ -158,6 +171,18 @@ pub fn top_k_indices(values: &[f32], out: &mut [usize]) {
             out[pos] = i;
         }
     }
+}
+
+/// Rows up to this long take [`top_k_indices`]'s vectorised path.
+const TOP_K_STACK: usize = 64;
+
+/// An integer in the order of `v`, with every NaN above +∞ (NaN ranks first) and −0 equal to
+/// +0; never `i32::MIN`, which marks a taken entry.
+#[inline(always)]
+fn order_key(v: f32) -> i32 {
+    let b = (v + 0.0).to_bits() as i32;
+    let key = b ^ ((((b >> 31) as u32) >> 1) as i32);
+    if v.is_nan() { i32::MAX } else { key }
 }
 
 #[cfg(test)]
@@ -214,5 +239,36 @@ mod tests {
         let mut two = [0usize; 2];
         top_k_indices(&v[..4], &mut two);
         assert_eq!(two, [1, 3]);
+    }
+
+    #[test]
+    fn top_k_matches_a_stable_sort_with_ties_nan_and_infinities() {
+        let mut rng = crate::rng::Rng::new(5);
+        for trial in 0..2000 {
+            // Both paths: rows up to 64 values and longer ones.
+            let d = 1 + rng.below(90);
+            // Few distinct values, so ties are common; NaN, ±∞ and −0 too.
+            let v: Vec<f32> = (0..d)
+                .map(|_| match rng.below(12) {
+                    0 => f32::NAN,
+                    1 => f32::INFINITY,
+                    2 => f32::NEG_INFINITY,
+                    3 => -0.0,
+                    r => (r % 4) as f32 - 1.0,
+                })
+                .collect();
+            // NaN first, then larger (−0 equal to +0), ties by index (sort_by is stable).
+            let rank = |x: f32| if x.is_nan() { 0.0 } else { x + 0.0 };
+            let mut want: Vec<usize> = (0..d).collect();
+            want.sort_by(|&a, &b| {
+                (v[b].is_nan(), rank(v[b]))
+                    .partial_cmp(&(v[a].is_nan(), rank(v[a])))
+                    .unwrap()
+            });
+            let k = 1 + rng.below(d.min(20));
+            let mut got = vec![0usize; k];
+            top_k_indices(&v, &mut got);
+            assert_eq!(got, want[..k], "trial {trial}: {v:?}");
+        }
     }
 }

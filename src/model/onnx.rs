@@ -370,6 +370,8 @@ pub struct OnnxSession {
 struct Bound {
     n: usize,
     binding: IoBinding,
+    /// Held so that the memory `input_data` points into stays alive (written through it).
+    #[allow(dead_code)]
     input: Tensor<f32>,
     /// In the layout's output order; held so that the memory `output_data` points into
     /// stays alive (the binding holds them too).
@@ -479,15 +481,18 @@ impl OnnxSession {
         &self.model
     }
 
-    /// Times ONNX Runtime's own cost on `x`, which `darkwatch bench` compares the whole
-    /// scorer with: `Session::run_binding` on the preallocated binding for `x`'s batch size
-    /// (what the scorer runs), else `Session::run` with the input tensor made once.
+    /// Times ONNX Runtime's own cost, which `darkwatch bench` compares the whole scorer
+    /// with: `Session::run_binding` on the preallocated binding of `batch` rows (what the
+    /// scorer runs), fed consecutive `batch`-row slices of the scaled `rows` in turn, as the
+    /// scorer is; only the run is timed, not the copy in. Without a binding of that size,
+    /// `Session::run` on the first `batch` rows with the input tensor made once.
     ///
     /// # Errors
     /// ONNX Runtime fails.
     pub fn time_runs(
         &mut self,
-        x: ArrayView2<f32>,
+        rows: ArrayView2<f32>,
+        batch: usize,
         runs: usize,
         mut record: impl FnMut(u64),
     ) -> Result<(), OnnxError> {
@@ -495,18 +500,24 @@ impl OnnxSession {
             path: self.model.path.clone(),
             reason: e.to_string(),
         };
-        if let Some(b) = self.bound.iter_mut().find(|b| b.n == x.nrows()) {
-            let (_, dst) = b.input.extract_tensor_mut();
-            for (o, &v) in dst.iter_mut().zip(x.iter()) {
-                *o = v;
-            }
-            for _ in 0..runs {
+        let (n, d) = (batch.clamp(1, rows.nrows().max(1)), rows.ncols());
+        let chunks = (rows.nrows() / n).max(1);
+        if let Some(b) = self.bound.iter_mut().find(|b| b.n == n) {
+            for i in 0..runs {
+                let start = (i % chunks) * n;
+                let src = rows.slice(s![start..start + n, ..]);
+                for (dst, src) in b.input_mut(d).chunks_exact_mut(d).zip(src.rows()) {
+                    for (o, &v) in dst.iter_mut().zip(&src) {
+                        *o = v;
+                    }
+                }
                 let t = std::time::Instant::now();
                 drop(self.session.run_binding(&b.binding).map_err(fail)?);
                 record(t.elapsed().as_nanos() as u64);
             }
             return Ok(());
         }
+        let x = rows.slice(s![..n, ..]);
         let input = TensorRef::from_array_view(x).map_err(fail)?;
         for _ in 0..runs {
             let t = std::time::Instant::now();

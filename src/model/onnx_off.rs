@@ -60,7 +60,8 @@ impl OnnxSession {
     /// Never returns.
     pub fn time_runs(
         &mut self,
-        _x: ArrayView2<f32>,
+        _rows: ArrayView2<f32>,
+        _batch: usize,
         _runs: usize,
         _record: impl FnMut(u64),
     ) -> Result<(), OnnxError> {
