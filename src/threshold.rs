@@ -63,7 +63,9 @@ pub struct ThresholdConfig {
     /// above t are peaks. In (0, 1).
     pub init_level: f64,
     /// SPOT/DSPOT: most peaks kept for the GPD fit; when full, a new peak overwrites the
-    /// oldest. Each peak refits the GPD in O(`max_peaks`). At least `min_peaks`.
+    /// oldest. The GPD is refitted, in O(`max_peaks`), once the peaks added since the last
+    /// fit reach 2 % of those held (so at every peak while fewer than 100 are held). At
+    /// least `min_peaks`.
     pub max_peaks: usize,
     /// SPOT/DSPOT: while fewer peaks than this are held, the threshold is the empirical
     /// (1 − `risk_q`) quantile of the calibration scores (DSPOT: of the calibration
