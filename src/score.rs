@@ -240,27 +240,7 @@ impl Head {
                         alpha,
                         beta,
                     };
-                    for (((xr, mr), vr), mut cr) in x
-                        .rows()
-                        .into_iter()
-                        .zip(recon.mean.rows())
-                        .zip(var.rows())
-                        .zip(contrib.rows_mut())
-                    {
-                        match (
-                            xr.to_slice(),
-                            mr.to_slice(),
-                            vr.to_slice(),
-                            cr.as_slice_mut(),
-                        ) {
-                            (Some(xs), Some(ms), Some(vs), Some(cs)) => consts.row(xs, ms, vs, cs),
-                            _ => {
-                                for (j, c) in cr.iter_mut().enumerate() {
-                                    *c = consts.one(j, xr[j], mr[j], vr[j]);
-                                }
-                            }
-                        }
-                    }
+                    score_rows(&consts, x, recon.mean, var.view(), contrib.view_mut());
                 } else if self.log_variance == LogVariance::Excess && baseline.len() == 3 * d {
                     let (median, rest) = baseline.split_at(d);
                     let (ceiling, inv_cap) = rest.split_at(d);
@@ -271,29 +251,7 @@ impl Head {
                         alpha,
                         beta,
                     };
-                    for (((xr, mr), vr), mut cr) in x
-                        .rows()
-                        .into_iter()
-                        .zip(recon.mean.rows())
-                        .zip(var.rows())
-                        .zip(contrib.rows_mut())
-                    {
-                        // Rows are contiguous in every caller; a strided view takes the
-                        // element-wise path (same formula, not vectorised).
-                        match (
-                            xr.to_slice(),
-                            mr.to_slice(),
-                            vr.to_slice(),
-                            cr.as_slice_mut(),
-                        ) {
-                            (Some(xs), Some(ms), Some(vs), Some(cs)) => consts.row(xs, ms, vs, cs),
-                            _ => {
-                                for (j, c) in cr.iter_mut().enumerate() {
-                                    *c = consts.one(j, xr[j], mr[j], vr[j]);
-                                }
-                            }
-                        }
-                    }
+                    score_rows(&consts, x, recon.mean, var.view(), contrib.view_mut());
                 } else {
                     Zip::from(&mut contrib)
                         .and(&x)
@@ -373,6 +331,72 @@ pub fn prepare_baseline(head: &Head, stored: &[f32], d: usize) -> Vec<f32> {
     }
 }
 
+/// A wnll variant's per-feature constants: one feature's contribution, and a whole row's.
+trait RowTerms {
+    /// Feature `j`'s contribution.
+    fn one(&self, j: usize, x: f32, m: f32, s: f32) -> f32;
+    /// One row's contributions: a branch-free loop over contiguous slices that the compiler
+    /// vectorises (the logarithm included, see [`ln`]). Inlined into [`row_terms`].
+    fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]);
+}
+
+/// Every row's contributions into `contrib`. Rows are contiguous in every caller; a strided
+/// view takes the element-wise path (same formula, not vectorised).
+fn score_rows<C: RowTerms>(
+    consts: &C,
+    x: ArrayView2<f32>,
+    mean: ArrayView2<f32>,
+    var: ArrayView2<f32>,
+    mut contrib: ArrayViewMut2<f32>,
+) {
+    for (((xr, mr), vr), mut cr) in x
+        .rows()
+        .into_iter()
+        .zip(mean.rows())
+        .zip(var.rows())
+        .zip(contrib.rows_mut())
+    {
+        match (
+            xr.to_slice(),
+            mr.to_slice(),
+            vr.to_slice(),
+            cr.as_slice_mut(),
+        ) {
+            (Some(xs), Some(ms), Some(vs), Some(cs)) => row_terms(consts, xs, ms, vs, cs),
+            _ => {
+                for (j, c) in cr.iter_mut().enumerate() {
+                    *c = consts.one(j, xr[j], mr[j], vr[j]);
+                }
+            }
+        }
+    }
+}
+
+/// One row, eight lanes wide where the CPU has AVX2 (the same operations in the same
+/// order, so the same results, as without).
+#[inline]
+fn row_terms<C: RowTerms>(consts: &C, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        unsafe { row_terms_avx2(consts, x, m, s, out) };
+        return;
+    }
+    consts.row(x, m, s, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_terms_avx2<C: RowTerms>(
+    consts: &C,
+    x: &[f32],
+    m: &[f32],
+    s: &[f32],
+    out: &mut [f32],
+) {
+    consts.row(x, m, s, out);
+}
+
 /// The `bounded` wnll head's per-feature constants (see [`LogVariance::Bounded`]).
 struct BoundedConsts<'a> {
     lo: &'a [f32],
@@ -383,11 +407,11 @@ struct BoundedConsts<'a> {
     beta: f32,
 }
 
-impl BoundedConsts<'_> {
+impl RowTerms for BoundedConsts<'_> {
     /// Feature `j`'s contribution.
     #[inline(always)]
     fn one(&self, j: usize, x: f32, m: f32, s: f32) -> f32 {
-        Self::term(
+        bounded_term(
             self.alpha,
             self.beta,
             x - m,
@@ -396,49 +420,8 @@ impl BoundedConsts<'_> {
         )
     }
 
-    /// α e²/v' + β (ln v' − lo) with v' = v clamped to [e^lo, e^hi], branch-free.
     #[inline(always)]
-    fn term(alpha: f32, beta: f32, e: f32, v: f32, [lo, hi, inv_hi, inv_lo]: [f32; 4]) -> f32 {
-        let ln_v = ln(v);
-        let below = ln_v < lo;
-        let above = ln_v > hi;
-        let ln_c = if below {
-            lo
-        } else if above {
-            hi
-        } else {
-            ln_v
-        };
-        let inv_v = if below {
-            inv_lo
-        } else if above {
-            inv_hi
-        } else {
-            1.0 / v
-        };
-        alpha * e * e * inv_v + beta * (ln_c - lo)
-    }
-
-    /// One row's contributions, vectorised like [`ExcessConsts::row`].
-    #[inline]
     fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked just above.
-            unsafe { self.row_avx2(x, m, s, out) };
-            return;
-        }
-        self.row_portable(x, m, s, out);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn row_avx2(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
-        self.row_portable(x, m, s, out);
-    }
-
-    #[inline(always)]
-    fn row_portable(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
         let d = out.len();
         let (x, m, s) = (&x[..d], &m[..d], &s[..d]);
         let (lo, hi, inv_hi, inv_lo) = (
@@ -448,7 +431,7 @@ impl BoundedConsts<'_> {
             &self.inv_lo[..d],
         );
         for j in 0..d {
-            out[j] = Self::term(
+            out[j] = bounded_term(
                 self.alpha,
                 self.beta,
                 x[j] - m[j],
@@ -457,6 +440,29 @@ impl BoundedConsts<'_> {
             );
         }
     }
+}
+
+/// α e²/v' + β (ln v' − lo) with v' = v clamped to [e^lo, e^hi], branch-free.
+#[inline(always)]
+fn bounded_term(alpha: f32, beta: f32, e: f32, v: f32, [lo, hi, inv_hi, inv_lo]: [f32; 4]) -> f32 {
+    let ln_v = ln(v);
+    let below = ln_v < lo;
+    let above = ln_v > hi;
+    let ln_c = if below {
+        lo
+    } else if above {
+        hi
+    } else {
+        ln_v
+    };
+    let inv_v = if below {
+        inv_lo
+    } else if above {
+        inv_hi
+    } else {
+        1.0 / v
+    };
+    alpha * e * e * inv_v + beta * (ln_c - lo)
 }
 
 /// The `excess` wnll head's per-feature constants (see [`LogVariance::Excess`]).
@@ -468,7 +474,7 @@ struct ExcessConsts<'a> {
     beta: f32,
 }
 
-impl ExcessConsts<'_> {
+impl RowTerms for ExcessConsts<'_> {
     /// Feature `j`'s contribution.
     #[inline(always)]
     fn one(&self, j: usize, x: f32, m: f32, s: f32) -> f32 {
@@ -483,28 +489,8 @@ impl ExcessConsts<'_> {
         self.alpha * e * e * inv_v + self.beta * (ln_v - self.median[j]).max(0.0)
     }
 
-    /// One row's contributions: a branch-free loop over contiguous slices that the compiler
-    /// vectorises (the logarithm included, see [`ln`]), eight lanes wide where the CPU has
-    /// AVX2 (the same operations in the same order, so the same results, as without).
-    #[inline]
-    fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked just above.
-            unsafe { self.row_avx2(x, m, s, out) };
-            return;
-        }
-        self.row_portable(x, m, s, out);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn row_avx2(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
-        self.row_portable(x, m, s, out);
-    }
-
     #[inline(always)]
-    fn row_portable(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
+    fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
         let d = out.len();
         let (x, m, s) = (&x[..d], &m[..d], &s[..d]);
         let (median, ceiling, inv_cap) =
@@ -770,6 +756,32 @@ mod tests {
         assert_eq!(prepare_baseline(&raw, &stored, 3), Vec::<f32>::new());
     }
 
+    /// Scores contiguous rows (the vectorised path) and the same data through strided
+    /// views (the element-wise path); asserts both give the same contributions and scores,
+    /// NaN where NaN. Returns the contiguous result.
+    fn rows_agree_with_the_element_wise_path(
+        head: Head,
+        stored: &[f32],
+        x: &Array2<f32>,
+        m: &Array2<f32>,
+        v: &Array2<f32>,
+    ) -> (Vec<f32>, Array2<f32>) {
+        let (s, c) = run_with(head, stored, x, m, Some(v));
+        let (xt, mt, vt) = (x.t().to_owned(), m.t().to_owned(), v.t().to_owned());
+        let recon = Recon {
+            mean: mt.t(),
+            var: Some(vt.t()),
+        };
+        let prepared = prepare_baseline(&head, stored, x.ncols());
+        let mut s2 = vec![0.0; x.nrows()];
+        let mut c2 = Array2::zeros(x.dim());
+        head.score_batch(xt.t(), &recon, &prepared, &mut s2, c2.view_mut());
+        for (a, b) in c.iter().zip(c2.iter()).chain(s.iter().zip(&s2)) {
+            assert!(a == b || (a.is_nan() && b.is_nan()), "{a} vs {b}");
+        }
+        (s, c)
+    }
+
     #[test]
     fn bounded_rows_match_the_element_wise_form_and_keep_nan() {
         let mut rng = crate::rng::Rng::new(11);
@@ -792,20 +804,8 @@ mod tests {
             log_variance: LogVariance::Bounded,
             variance_floor: 1.0,
         };
-        let (s, c) = run_with(head, &stored, &x, &m, Some(&v));
-        let (xt, mt, vt) = (x.t().to_owned(), m.t().to_owned(), v.t().to_owned());
-        let recon = Recon {
-            mean: mt.t(),
-            var: Some(vt.t()),
-        };
-        let prepared = prepare_baseline(&head, &stored, d);
-        let mut s2 = vec![0.0; n];
-        let mut c2 = Array2::zeros((n, d));
-        head.score_batch(xt.t(), &recon, &prepared, &mut s2, c2.view_mut());
-        for (a, b) in c.iter().zip(c2.iter()) {
-            assert!(a == b || (a.is_nan() && b.is_nan()), "{a} vs {b}");
-        }
-        assert!(s[3].is_nan() && s2[3].is_nan());
+        let (s, c) = rows_agree_with_the_element_wise_path(head, &stored, &x, &m, &v);
+        assert!(s[3].is_nan());
         assert!(c.iter().all(|&v| v.is_nan() || v >= 0.0));
     }
 
@@ -828,22 +828,8 @@ mod tests {
             log_variance: LogVariance::Excess,
             variance_floor: 1.0,
         };
-        let (s, c) = run_with(head, &baseline, &x, &m, Some(&v));
-        // A strided view takes the element-wise path.
-        let xt = x.t().to_owned();
-        let (mt, vt) = (m.t().to_owned(), v.t().to_owned());
-        let recon = Recon {
-            mean: mt.t(),
-            var: Some(vt.t()),
-        };
-        let prepared = prepare_baseline(&head, &baseline, d);
-        let mut s2 = vec![0.0; n];
-        let mut c2 = Array2::zeros((n, d));
-        head.score_batch(xt.t(), &recon, &prepared, &mut s2, c2.view_mut());
-        for (a, b) in c.iter().zip(c2.iter()) {
-            assert!(a == b || (a.is_nan() && b.is_nan()), "{a} vs {b}");
-        }
-        assert!(s[3].is_nan() && s2[3].is_nan());
+        let (s, c) = rows_agree_with_the_element_wise_path(head, &baseline, &x, &m, &v);
+        assert!(s[3].is_nan());
         // A huge variance is capped at e^ceiling: 1/v = e^-2 and the log term counts
         // ceiling − median.
         let e = x[[4, 6]] - m[[4, 6]];
