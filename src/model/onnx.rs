@@ -430,6 +430,16 @@ impl Bound {
         unsafe { std::slice::from_raw_parts_mut(self.input_data.0.as_ptr(), self.n * d) }
     }
 
+    /// Copies the `[n, d]` rows `x` into the input tensor.
+    fn fill(&mut self, x: ArrayView2<f32>) {
+        let d = x.ncols();
+        for (dst, src) in self.input_mut(d).chunks_exact_mut(d).zip(x.rows()) {
+            for (o, &v) in dst.iter_mut().zip(&src) {
+                *o = v;
+            }
+        }
+    }
+
     /// Output `i` after a run, `[n, width]`.
     fn output(&self, i: usize) -> ArrayView2<'_, f32> {
         let (data, width) = &self.output_data[i];
@@ -481,51 +491,28 @@ impl OnnxSession {
         &self.model
     }
 
-    /// Times ONNX Runtime's own cost, which `darkwatch bench` compares the whole scorer
-    /// with: `Session::run_binding` on the preallocated binding of `batch` rows (what the
-    /// scorer runs), fed consecutive `batch`-row slices of the scaled `rows` in turn, as the
-    /// scorer is; only the run is timed, not the copy in. Without a binding of that size,
-    /// `Session::run` on the first `batch` rows with the input tensor made once.
+    /// Times ONNX Runtime's own cost on the scaled rows `x`, which `darkwatch bench`
+    /// compares the whole scorer with: `Session::run_binding` on the preallocated binding
+    /// for `x`'s batch size (what the scorer runs), else `Session::run`. Only the run is
+    /// timed, not copying `x` in. Returns nanoseconds.
     ///
     /// # Errors
     /// ONNX Runtime fails.
-    pub fn time_runs(
-        &mut self,
-        rows: ArrayView2<f32>,
-        batch: usize,
-        runs: usize,
-        mut record: impl FnMut(u64),
-    ) -> Result<(), OnnxError> {
+    pub fn time_run(&mut self, x: ArrayView2<f32>) -> Result<u64, OnnxError> {
         let fail = |e: ort::Error| OnnxError::Run {
             path: self.model.path.clone(),
             reason: e.to_string(),
         };
-        let (n, d) = (batch.clamp(1, rows.nrows().max(1)), rows.ncols());
-        let chunks = (rows.nrows() / n).max(1);
-        if let Some(b) = self.bound.iter_mut().find(|b| b.n == n) {
-            for i in 0..runs {
-                let start = (i % chunks) * n;
-                let src = rows.slice(s![start..start + n, ..]);
-                for (dst, src) in b.input_mut(d).chunks_exact_mut(d).zip(src.rows()) {
-                    for (o, &v) in dst.iter_mut().zip(&src) {
-                        *o = v;
-                    }
-                }
-                let t = std::time::Instant::now();
-                drop(self.session.run_binding(&b.binding).map_err(fail)?);
-                record(t.elapsed().as_nanos() as u64);
-            }
-            return Ok(());
-        }
-        let x = rows.slice(s![..n, ..]);
-        let input = TensorRef::from_array_view(x).map_err(fail)?;
-        for _ in 0..runs {
+        if let Some(b) = self.bound.iter_mut().find(|b| b.n == x.nrows()) {
+            b.fill(x);
             let t = std::time::Instant::now();
-            let out = self.session.run(ort::inputs![input.view()]).map_err(fail)?;
-            drop(out);
-            record(t.elapsed().as_nanos() as u64);
+            drop(self.session.run_binding(&b.binding).map_err(fail)?);
+            return Ok(t.elapsed().as_nanos() as u64);
         }
-        Ok(())
+        let input = TensorRef::from_array_view(x).map_err(fail)?;
+        let t = std::time::Instant::now();
+        drop(self.session.run(ort::inputs![input]).map_err(fail)?);
+        Ok(t.elapsed().as_nanos() as u64)
     }
 
     /// Runs the graph on scaled rows `x` (contiguous) and hands the reconstruction to `f`,
@@ -546,12 +533,7 @@ impl OnnxSession {
         let (n, d) = x.dim();
         let (outputs, bound) = match self.bound.iter_mut().find(|b| b.n == n) {
             Some(b) => {
-                let dst = b.input_mut(d);
-                for (dst, src) in dst.chunks_exact_mut(d).zip(x.rows()) {
-                    for (o, &v) in dst.iter_mut().zip(&src) {
-                        *o = v;
-                    }
-                }
+                b.fill(x);
                 // The outputs land in the bound tensors; what run_binding returns aliases them.
                 drop(
                     self.session

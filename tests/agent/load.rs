@@ -303,17 +303,7 @@ fn flood(
         rss_before as f64 / 1024.0,
         rss_after as f64 / 1024.0
     );
-    println!(
-        "CPU         {:.2} s over {busy_secs:.1} s ({:.0} % of a core)",
-        cpu,
-        100.0 * cpu / busy_secs
-    );
-    println!(
-        "final       {}",
-        err.lines()
-            .find(|l| l.contains("stopped after"))
-            .unwrap_or("")
-    );
+    print_cpu_and_final(cpu, busy_secs, &err);
 }
 
 fn latency(
@@ -437,17 +427,7 @@ fn latency(
         rss_idle as f64 / 1024.0,
         rss_busy as f64 / 1024.0
     );
-    println!(
-        "CPU         {:.2} s over {publish_secs:.1} s ({:.1} % of a core)",
-        cpu,
-        100.0 * cpu / publish_secs
-    );
-    println!(
-        "final       {}",
-        err.lines()
-            .find(|l| l.contains("stopped after"))
-            .unwrap_or("")
-    );
+    print_cpu_and_final(cpu, publish_secs, &err);
 }
 
 /// ExaMon input at 1k frames/s (38 messages a frame), every other frame anomalous, windows
@@ -510,14 +490,19 @@ fn examon_latency(
     println!(
         "in agent    MQTT receipt of a frame's last metric to its alert handed to the MQTT client: {inside}"
     );
+    print_cpu_and_final(cpu, publish_secs, &err);
+}
+
+/// The agent's CPU time over `secs` of load, and the summary line it logged on stopping.
+fn print_cpu_and_final(cpu: f64, secs: f64, stderr: &str) {
     println!(
-        "CPU         {:.2} s over {publish_secs:.1} s ({:.1} % of a core)",
-        cpu,
-        100.0 * cpu / publish_secs
+        "CPU         {cpu:.2} s over {secs:.1} s ({:.1} % of a core)",
+        100.0 * cpu / secs
     );
     println!(
         "final       {}",
-        err.lines()
+        stderr
+            .lines()
             .find(|l| l.contains("stopped after"))
             .unwrap_or("")
     );
