@@ -170,16 +170,10 @@ pub fn ln_spread(rows: ArrayView2<f32>, kind: ScalerKind) -> Vec<f32> {
     if kind == ScalerKind::ZScore {
         return vec![0.0; rows.ncols()];
     }
-    let n = rows.nrows() as f64;
     rows.columns()
         .into_iter()
         .map(|col| {
-            let mean = col.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-            let var = col
-                .iter()
-                .map(|&x| (f64::from(x) - mean).powi(2))
-                .sum::<f64>()
-                / n;
+            let (_, var) = super::scaler::mean_var(col);
             if var > 0.0 && var.is_finite() {
                 var.ln() as f32
             } else {

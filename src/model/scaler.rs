@@ -3,7 +3,7 @@
 //! The autoencoder and the score heads work in the scaled space; the scaler is applied
 //! once per frame on the scorer thread, in place, before the forward pass.
 
-use ndarray::{ArrayView2, ArrayViewMut1};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1};
 use serde::{Deserialize, Serialize};
 
 /// How features are scaled.
@@ -47,14 +47,12 @@ impl Scaler {
     /// Fits per-feature statistics on `x` (rows × features), in f64 for accuracy.
     pub fn fit(kind: ScalerKind, x: ArrayView2<f32>) -> Self {
         let d = x.ncols();
-        let n = x.nrows().max(1) as f64;
         let mut offset = Vec::with_capacity(d);
         let mut scale = Vec::with_capacity(d);
         for col in x.columns() {
             match kind {
                 ScalerKind::ZScore => {
-                    let mean = col.iter().map(|&v| v as f64).sum::<f64>() / n;
-                    let var = col.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                    let (mean, var) = mean_var(col);
                     let std = var.sqrt();
                     offset.push(mean as f32);
                     scale.push(if std < CONSTANT_SPREAD {
@@ -114,6 +112,18 @@ impl Scaler {
         self.inv_scale = self.scale.iter().map(|s| 1.0 / s).collect();
         self
     }
+}
+
+/// Mean and (population) variance of a column, in f64; (0, 0) for an empty one.
+pub(crate) fn mean_var(col: ArrayView1<f32>) -> (f64, f64) {
+    let n = col.len().max(1) as f64;
+    let mean = col.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = col
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (mean, var)
 }
 
 #[cfg(test)]
