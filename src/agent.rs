@@ -706,6 +706,8 @@ struct AgentSource {
     known_streams: usize,
     /// See [`AgentSource::take`].
     max_clock_jump: f64,
+    /// Lag windows per stream, for a windowed model (see [`crate::window::StreamWindows`]).
+    windows: crate::window::StreamWindows,
 }
 
 impl AgentSource {
@@ -720,17 +722,21 @@ impl AgentSource {
                 InputFormat::Examon => Decoder::Examon(cfg.examon.build()),
                 InputFormat::Telegraf => Decoder::Telegraf(cfg.telegraf.build()),
                 InputFormat::Raw => Decoder::Raw {
-                    decoder: cfg.raw.build(model.n_features()),
-                    frame: Vec::with_capacity(model.n_features()),
+                    decoder: cfg.raw.build(model.frame_features().len()),
+                    frame: Vec::with_capacity(model.frame_features().len()),
                     streams: Default::default(),
                 },
             },
-            assembler: cfg.assemble.build(model.features().to_vec())?,
+            assembler: cfg.assemble.build(model.frame_features().to_vec())?,
             streams: Arc::default(),
             counters: counters.clone(),
             newest: None,
             known_streams: 0,
             max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * cfg.assemble.window_secs),
+            windows: crate::window::StreamWindows::new(
+                model.window_frames(),
+                model.frame_features().len(),
+            ),
         })
     }
 
@@ -745,6 +751,7 @@ impl AgentSource {
         let streams = &self.streams;
         let counters = &self.counters;
         let known = &mut self.known_streams;
+        let windows = &mut self.windows;
         let mut push = |f: crate::ingest::assemble::FrameOut<'_>| {
             // A new stream (rare): publish its name for the sink; no lock otherwise.
             let i = f.stream_index as usize;
@@ -768,8 +775,11 @@ impl AgentSource {
                 enqueued_ns: clock.now_ns(),
                 received: f.received,
             };
-            queued(counters, producer.push(meta, f.values), f.values);
-            pushed += 1;
+            // A windowed model scores a stream's frames once its first window is full.
+            if let Some(values) = windows.push(i, f.values) {
+                queued(counters, producer.push(meta, values), values);
+                pushed += 1;
+            }
         };
         match now {
             Some(t) => self.assembler.poll(t, &mut push),
@@ -795,6 +805,7 @@ impl AgentSource {
             max_clock_jump,
             streams,
             known_streams,
+            windows,
             ..
         } = self;
         let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
@@ -863,7 +874,10 @@ impl AgentSource {
                         enqueued_ns: clock.now_ns(),
                         received: msg.received,
                     };
-                    queued(counters, producer.push(meta, frame), frame);
+                    let Some(values) = windows.push(index as usize, frame) else {
+                        return 0;
+                    };
+                    queued(counters, producer.push(meta, values), values);
                     return 1;
                 }
             }
@@ -1283,6 +1297,7 @@ mod tests {
             newest: None,
             known_streams: 0,
             max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * window_secs),
+            windows: crate::window::StreamWindows::new(1, 2),
         }
     }
 

@@ -67,6 +67,9 @@ pub struct ModelConfig {
     pub hidden_sizes: Vec<usize>,
     /// Feature scaling fitted on the training data: `z_score` or `min_max`.
     pub scaler: ScalerKind,
+    /// Frames per lag window (see [`crate::window`]): 1 scores each frame alone; 0 picks
+    /// [`crate::window::auto_window`] (one-feature series get their period, 8 to 64).
+    pub window_frames: usize,
 }
 
 impl Default for ModelConfig {
@@ -75,6 +78,7 @@ impl Default for ModelConfig {
             kind: OutputKind::Probabilistic,
             hidden_sizes: Vec::new(),
             scaler: ScalerKind::ZScore,
+            window_frames: 0,
         }
     }
 }
@@ -378,6 +382,16 @@ impl DarkwatchConfig {
             return Err((
                 "model.hidden_sizes".into(),
                 "layer widths must be at least 1".into(),
+            ));
+        }
+        if self.model.window_frames > crate::window::MAX_WINDOW_FRAMES {
+            return Err((
+                "model.window_frames".into(),
+                format!(
+                    "at most {} frames, got {}",
+                    crate::window::MAX_WINDOW_FRAMES,
+                    self.model.window_frames
+                ),
             ));
         }
         self.score

@@ -79,6 +79,23 @@ impl Detector {
         }
     }
 
+    /// What one live frame holds, in order: [`Self::features`], or for an autoencoder with a
+    /// lag window the current frame's block of them (the agent builds the windows).
+    pub fn frame_features(&self) -> &[String] {
+        match self {
+            Detector::Autoencoder(m) => m.meta.frame_features(),
+            Detector::Sae(s) => s.features(),
+        }
+    }
+
+    /// Frames per lag window (1: none; always 1 for an SAE).
+    pub fn window_frames(&self) -> usize {
+        match self {
+            Detector::Autoencoder(m) => m.meta.window_frames,
+            Detector::Sae(_) => 1,
+        }
+    }
+
     pub fn n_features(&self) -> usize {
         self.features().len()
     }

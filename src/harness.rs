@@ -252,6 +252,7 @@ pub fn run_entity(
         }
     })?;
     let train_seconds = started.elapsed().as_secs_f64();
+    let test = crate::window::windows(test.view(), model.meta.window_frames, true);
     let model = Arc::new(model);
     let replay = |model: Arc<Model>| {
         let head = model.meta.head;
@@ -317,7 +318,8 @@ pub fn split_50_25_25(labels: &[u8], seed: u64) -> (Vec<usize>, Vec<usize>) {
 /// OmniAnomaly's HitRate@P%: for every labelled anomalous frame inside an interpretation
 /// segment with culprit set G, the share of G among the frame's top ⌈P·|G|⌉ contributing
 /// features; averaged over those frames. Contributions come from the pipeline's
-/// [`Scorer`], so they are exactly the ones alerts report. Returns (@100 %, @150 %).
+/// [`Scorer`], so they are exactly the ones alerts report; a windowed model's are summed
+/// over each feature's lags. Returns (@100 %, @150 %).
 pub fn hit_rates(
     model: &Arc<Model>,
     test: &Array2<f32>,
@@ -325,8 +327,10 @@ pub fn hit_rates(
 ) -> Option<(f64, f64)> {
     let mut scorer = Scorer::new(model.clone(), model.meta.head, 256, 1).ok()?;
     let d = model.n_features();
+    let base = model.meta.frame_features().len();
     let (mut h100, mut h150, mut frames) = (0.0, 0.0, 0usize);
-    let mut order: Vec<usize> = Vec::with_capacity(d);
+    let mut order: Vec<usize> = Vec::with_capacity(base);
+    let mut per_feature = vec![0.0f32; base];
     for seg in segments.iter().filter(|s| !s.dims.is_empty()) {
         let end = seg.end.min(test.nrows().saturating_sub(1));
         if seg.start > end {
@@ -340,12 +344,16 @@ pub fn hit_rates(
             scorer.score(n);
             let contrib = scorer.contributions(n);
             for row in contrib.rows() {
+                per_feature.fill(0.0);
+                for (j, &c) in row.iter().enumerate() {
+                    per_feature[j % base] += c;
+                }
                 order.clear();
-                order.extend(0..d);
-                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                order.extend(0..base);
+                order.sort_by(|&a, &b| per_feature[b].total_cmp(&per_feature[a]));
                 let g = seg.dims.len();
                 let hit = |p: f64| {
-                    let k = ((p * g as f64).ceil() as usize).min(d);
+                    let k = ((p * g as f64).ceil() as usize).min(base);
                     order[..k].iter().filter(|j| seg.dims.contains(j)).count() as f64 / g as f64
                 };
                 h100 += hit(1.0);

@@ -55,3 +55,4 @@ pub mod stats;
 pub mod systemd;
 pub mod threshold;
 pub mod train;
+pub mod window;

@@ -954,6 +954,14 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
             .best_val_loss
             .map_or("n/a".into(), |v| format!("{v:.4}")),
     );
+    if model.meta.window_frames > 1 {
+        println!(
+            "lag window: {} frames of {} feature(s), {} inputs ([model] window_frames)",
+            model.meta.window_frames,
+            model.meta.frame_features().len(),
+            model.meta.features.len()
+        );
+    }
     println!(
         "calibration: training scores q0.99 {:.4}, q0.999 {:.4}",
         model.meta.calibration.quantile(0.99).unwrap_or(f32::NAN),

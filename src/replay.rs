@@ -110,7 +110,8 @@ pub enum ReplayError {
     Plot(#[from] PlotError),
 }
 
-/// Puts the table's columns in the model's feature order.
+/// Puts the table's columns in the model's feature order (for a windowed model, the order
+/// of the frame's own block; [`crate::window::windows`] then builds the windows).
 ///
 /// Same names in the same order: used as is. The model's names among the input's columns
 /// (in any order, extra columns allowed): selected and reordered. Generic names (`f0`, `f1`, … from NPY) on either side: matched by position
@@ -119,7 +120,7 @@ pub fn align_features(
     model: &Model,
     table: Table,
 ) -> Result<(Array2<f32>, Option<Vec<f64>>), ReplayError> {
-    let want = &model.meta.features;
+    let want = model.meta.frame_features();
     let have = &table.features;
     let err = |reason: String| ReplayError::Features {
         input: table.path.clone(),
@@ -186,6 +187,9 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         None => None,
     };
     let (values, timestamps) = align_features(&model, table)?;
+    // A windowed model scores every row with the rows before it (the first stands in for
+    // the frames before the file), so scores stay one per row, aligned with the labels.
+    let values = crate::window::windows(values.view(), model.meta.window_frames, true);
     // `--head` naming the model's own kind keeps the model's parameters (and so its
     // threshold); another kind takes its parameters from the config.
     let head = match req.head {

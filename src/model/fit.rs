@@ -35,6 +35,24 @@ pub fn fit(
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<(Model, TrainReport), TrainError> {
     let started = Instant::now();
+    let file_rows = table.values.nrows();
+    let window = match cfg.model.window_frames {
+        0 => crate::window::auto_window(table.values.view()),
+        w => w,
+    };
+    // A windowed model trains on the windows of the rows, each a frame with its past.
+    let windowed;
+    let table = if window > 1 {
+        windowed = Table {
+            path: table.path.clone(),
+            features: crate::window::lag_names(&table.features, window),
+            timestamps: None,
+            values: crate::window::windows(table.values.view(), window, false),
+        };
+        &windowed
+    } else {
+        table
+    };
     let d = table.values.ncols();
     let scaler = Scaler::fit(cfg.model.scaler, table.values.view());
     let x = scaler.transform(table.values.view());
@@ -55,7 +73,7 @@ pub fn fit(
             .map_or(0, |d| d.as_secs()),
         data_file: table.path.display().to_string(),
         data_sha256: data_sha256.into(),
-        rows: table.values.nrows(),
+        rows: file_rows,
         train: cfg.train.clone(),
         rows_train: report.rows_train,
         rows_validation: report.rows_val,
@@ -74,6 +92,7 @@ pub fn fit(
         report.validation_rows.clone()
     };
     let mut meta = new_meta(&ae, table.features.clone(), scaler, cfg, provenance);
+    meta.window_frames = window;
     meta.log_variance_baseline = log_variance_baseline(
         &ae,
         x.select(Axis(0), &held_out).view(),
@@ -103,6 +122,7 @@ fn new_meta(
         id: String::new(),
         version: 0,
         features,
+        window_frames: 1,
         scaler,
         architecture: Architecture {
             kind: "dense_autoencoder".into(),

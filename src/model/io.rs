@@ -54,8 +54,12 @@ pub struct ModelMeta {
     /// 0 for a trained model; each accepted online retrain adds 1.
     #[serde(default)]
     pub version: u64,
-    /// Feature names in input order.
+    /// Feature names in input order; with a lag window, `window_frames` blocks of the
+    /// frame's names, oldest first (see [`crate::window`]).
     pub features: Vec<String>,
+    /// Frames per lag window (1: none). Absent in models without one.
+    #[serde(default = "one_frame", skip_serializing_if = "is_one_frame")]
+    pub window_frames: usize,
     pub scaler: Scaler,
     pub architecture: Architecture,
     pub head: Head,
@@ -108,6 +112,23 @@ impl Calibration {
             .iter()
             .find(|p| (p.q - q).abs() < 1e-12)
             .map(|p| p.score)
+    }
+}
+
+fn one_frame() -> usize {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_one_frame(n: &usize) -> bool {
+    *n == 1
+}
+
+impl ModelMeta {
+    /// The columns a recorded row or a live frame must have: the features, or with a lag
+    /// window the current frame's block of them.
+    pub fn frame_features(&self) -> &[String] {
+        crate::window::base_names(&self.features, self.window_frames)
     }
 }
 
@@ -525,6 +546,16 @@ fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
             "empty: a model needs at least one feature".into(),
         ));
     }
+    let w = meta.window_frames;
+    if w == 0 || w > crate::window::MAX_WINDOW_FRAMES || !d.is_multiple_of(w) {
+        return Err(field(
+            "window_frames",
+            format!(
+                "{w} does not divide the {d} features into windows of 1 to {} frames",
+                crate::window::MAX_WINDOW_FRAMES
+            ),
+        ));
+    }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = meta.features.iter().find(|f| !seen.insert(f.as_str())) {
         return Err(field(
@@ -757,6 +788,16 @@ pub fn describe(model: &Model, dir: &Path) -> String {
         m.scaler.kind,
         m.features.len()
     );
+    if m.window_frames > 1 {
+        let _ = writeln!(
+            s,
+            "window     {} frames of {} features each (lags {} to 0), {} inputs",
+            m.window_frames,
+            m.frame_features().len(),
+            m.window_frames - 1,
+            m.features.len()
+        );
+    }
     let bank = model.bank.as_ref().map_or(0, |b| b.frames());
     if m.mss.is_off() {
         let _ = writeln!(s, "mss        off ({bank} reference frames stored)");

@@ -777,3 +777,55 @@ fn agent_retrains_online_and_resumes_from_its_checkpoint() {
         "{err}"
     );
 }
+
+/// A model with lag windows in the agent: each stream's first w − 1 frames only fill its
+/// own window, then every frame is scored with the frames before it, so a stretch whose
+/// values are all usual but come in the wrong order raises an alert.
+#[test]
+fn agent_scores_lag_windows_per_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::windowed_model(dir.path(), 3000, 24);
+    let broker = free_port();
+    let metrics = free_port();
+    let mqtt = format!("port = {broker}\nnode_name = \"lag\"\nsubscribe = [\"act/#\"]\n");
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "format = \"raw\"",
+        &mqtt,
+        "",
+    );
+    let test = dir.path().join("test.csv");
+    crate::rhythm_csv(&test, 1200, 600..660);
+    let values = rows(&test);
+    let raw = |topic: &str, lo: usize, hi: usize| -> Vec<(String, Vec<u8>)> {
+        values[lo..hi]
+            .iter()
+            .map(|r| (topic.to_string(), (r[0] as f32).to_le_bytes().to_vec()))
+            .collect()
+    };
+    let firing = "darkwatch_alerts_total{status=\"firing\"}";
+
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    publish_all(broker, &raw("act/a", 0, 500));
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 477.0);
+    // A second stream fills its own window first: 30 frames, 7 scored.
+    publish_all(broker, &raw("act/b", 0, 30));
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 484.0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.metric("darkwatch_frames_scored_total"), Some(484.0));
+    assert_eq!(
+        agent.metric(firing).unwrap_or(0.0),
+        0.0,
+        "no alert on the rhythm"
+    );
+
+    publish_all(broker, &raw("act/a", 500, 1200));
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 1184.0);
+    agent.wait_metric(firing, |v| v >= 1.0);
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+}

@@ -1,0 +1,279 @@
+//! Lag windows: a frame becomes the last `w` frames of its stream, oldest first, so that an
+//! autoencoder sees a value in its context. Without one, a one-feature stream gives the
+//! network a single number to reconstruct: it can flag a value outside the usual range but
+//! not a usual value at the wrong time.
+//!
+//! A windowed model's features are the lagged names (`cpu[t-2]`, `cpu[t-1]`, then `cpu`
+//! for the current frame), so the scaler, the network, the head and the contributions work
+//! on them unchanged; only the places that turn rows or messages into frames build the
+//! windows: [`crate::model::fit`], replay and the harness from recorded rows, the agent
+//! per stream ([`StreamWindows`]). `[model] window_frames` picks `w`; its
+//! default gives one-feature series the period of their autocorrelation ([`auto_window`]).
+
+use ndarray::{Array2, ArrayView2, s};
+
+/// Most frames a window may span (`[model] window_frames`).
+pub const MAX_WINDOW_FRAMES: usize = 256;
+
+/// Window of a one-feature series whose autocorrelation shows no period in range.
+pub const FALLBACK_WINDOW_FRAMES: usize = 32;
+
+/// Bounds of the automatic window: short enough that the network stays about as cheap as
+/// the 38-feature default (64 inputs → [32, 16, 32]), long enough to hold a shape.
+pub const AUTO_WINDOW_RANGE: (usize, usize) = (8, 64);
+
+/// Lags the period search looks at, and the training values it reads.
+const PERIOD_MAX_LAG: usize = 400;
+const PERIOD_MAX_VALUES: usize = 20_000;
+/// Periods accepted from the search (TSB-UAD's `find_length` bounds).
+const PERIOD_RANGE: (usize, usize) = (3, 300);
+
+/// The feature names of a window of `w` frames over `base`: lags `w − 1` down to 1 as
+/// `name[t-k]`, then the base names for the current frame.
+pub fn lag_names(base: &[String], w: usize) -> Vec<String> {
+    let mut names = Vec::with_capacity(base.len() * w);
+    for k in (1..w).rev() {
+        names.extend(base.iter().map(|n| format!("{n}[t-{k}]")));
+    }
+    names.extend(base.iter().cloned());
+    names
+}
+
+/// The `d` names of the current frame among a window's `d·w` names: the last block.
+pub fn base_names(features: &[String], w: usize) -> &[String] {
+    &features[features.len() - features.len() / w.max(1)..]
+}
+
+/// Row `t` of the result holds rows `t − w + 1 ..= t` of `values` side by side, oldest
+/// first. With `pad`, every row gets a window (the first row stands in for the frames
+/// before it), so replayed scores line up with their labels; without it the first
+/// `w − 1` rows, which have no full window, are left out (training).
+pub fn windows(values: ArrayView2<f32>, w: usize, pad: bool) -> Array2<f32> {
+    let (n, d) = values.dim();
+    let w = w.max(1);
+    if w == 1 {
+        return values.to_owned();
+    }
+    let skip = if pad { 0 } else { (w - 1).min(n) };
+    let mut out = Array2::<f32>::zeros((n - skip, d * w));
+    for (i, mut row) in out.rows_mut().into_iter().enumerate() {
+        let t = i + skip;
+        for k in 0..w {
+            // Block k holds lag w − 1 − k.
+            let src = t.saturating_sub(w - 1 - k);
+            row.slice_mut(s![k * d..(k + 1) * d])
+                .assign(&values.row(src));
+        }
+    }
+    out
+}
+
+/// The dominant period of `series`, as TSB-UAD's `find_length` finds it: the lag of the
+/// highest local maximum of the autocorrelation over lags 3 to 400 of the first 20,000
+/// values, if that lag is at most 300. `None` for a constant or too short series.
+pub fn period(series: &[f32]) -> Option<usize> {
+    let x = &series[..series.len().min(PERIOD_MAX_VALUES)];
+    let n = x.len();
+    let max_lag = PERIOD_MAX_LAG.min(n / 2);
+    if max_lag < PERIOD_RANGE.0 + 2 {
+        return None;
+    }
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+    let c: Vec<f64> = x.iter().map(|&v| f64::from(v) - mean).collect();
+    let var: f64 = c.iter().map(|v| v * v).sum();
+    if !(var > 0.0 && var.is_finite()) {
+        return None;
+    }
+    let acf: Vec<f64> = (0..=max_lag)
+        .map(|k| {
+            c[..n - k]
+                .iter()
+                .zip(&c[k..])
+                .map(|(a, b)| a * b)
+                .sum::<f64>()
+                / var
+        })
+        .collect();
+    let best = (PERIOD_RANGE.0..max_lag)
+        .filter(|&k| acf[k] > acf[k - 1] && acf[k] > acf[k + 1])
+        .max_by(|&a, &b| acf[a].total_cmp(&acf[b]))?;
+    (best <= PERIOD_RANGE.1).then_some(best)
+}
+
+/// The window `[model] window_frames = 0` gives a training table of `d` features: 1 (no
+/// window) for two or more features, where every frame already holds several views of
+/// the same moment; for one feature, its period ([`period`]) clamped to
+/// [`AUTO_WINDOW_RANGE`], or [`FALLBACK_WINDOW_FRAMES`] when it shows none; and never
+/// more than an eighth of the rows, so that a short series keeps rows to train on.
+pub fn auto_window(values: ArrayView2<f32>) -> usize {
+    if values.ncols() != 1 {
+        return 1;
+    }
+    let series: Vec<f32> = values.column(0).to_vec();
+    let w = period(&series).map_or(FALLBACK_WINDOW_FRAMES, |p| {
+        p.clamp(AUTO_WINDOW_RANGE.0, AUTO_WINDOW_RANGE.1)
+    });
+    w.min(values.nrows() / 8).max(1)
+}
+
+/// The agent's windows: per stream, the last `w` frames, oldest first, kept in one buffer
+/// that shifts by a frame on each new one. A stream's first `w − 1` frames only fill its
+/// window (there is nothing to score them with: a padded window would look unusual and
+/// could fire an alert at every restart); from the `w`-th on, every frame yields its
+/// window. A frame with a non-finite value still yields a window (which the scorer counts
+/// and skips) but does not enter the history, so it does not spoil the next `w − 1`.
+/// Allocates only when a stream is first seen.
+#[derive(Debug, Default)]
+pub struct StreamWindows {
+    w: usize,
+    d: usize,
+    /// Per stream index: the window (`w·d` values) and how many frames it holds.
+    streams: Vec<(Vec<f32>, usize)>,
+    scratch: Vec<f32>,
+}
+
+impl StreamWindows {
+    /// Windows of `w` frames of `d` values (`w` ≤ 1: frames pass through unchanged).
+    pub fn new(w: usize, d: usize) -> Self {
+        StreamWindows {
+            w: w.max(1),
+            d,
+            streams: Vec::new(),
+            scratch: vec![0.0; w.max(1) * d],
+        }
+    }
+
+    /// Adds `frame` (of `d` values) to stream `stream`'s history and returns the window to
+    /// score, or `None` while the stream is still filling its first window. A frame of the
+    /// wrong length passes through unchanged (the ring refuses it).
+    pub fn push<'a>(&'a mut self, stream: usize, frame: &'a [f32]) -> Option<&'a [f32]> {
+        let (w, d) = (self.w, self.d);
+        if w == 1 || frame.len() != d {
+            return Some(frame);
+        }
+        if self.streams.len() <= stream {
+            self.streams
+                .resize_with(stream + 1, || (vec![0.0; w * d], 0));
+        }
+        let (window, held) = &mut self.streams[stream];
+        if !frame.iter().all(|v| v.is_finite()) {
+            if *held < w - 1 {
+                return None;
+            }
+            self.scratch[..(w - 1) * d].copy_from_slice(&window[d..]);
+            self.scratch[(w - 1) * d..].copy_from_slice(frame);
+            return Some(&self.scratch);
+        }
+        window.copy_within(d.., 0);
+        window[(w - 1) * d..].copy_from_slice(frame);
+        *held = (*held + 1).min(w);
+        (*held == w).then_some(&window[..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn lag_names_put_the_oldest_first_and_the_current_frame_last() {
+        let base = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(
+            lag_names(&base, 3),
+            ["a[t-2]", "b[t-2]", "a[t-1]", "b[t-1]", "a", "b"]
+        );
+        assert_eq!(lag_names(&base, 1), base);
+        assert_eq!(base_names(&lag_names(&base, 3), 3), &base[..]);
+        assert_eq!(base_names(&base, 1), &base[..]);
+    }
+
+    #[test]
+    fn windows_hold_the_previous_rows_padded_or_trimmed() {
+        let x = array![[1.0f32, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]];
+        let padded = windows(x.view(), 3, true);
+        assert_eq!(
+            padded,
+            array![
+                [1.0, 10.0, 1.0, 10.0, 1.0, 10.0],
+                [1.0, 10.0, 1.0, 10.0, 2.0, 20.0],
+                [1.0, 10.0, 2.0, 20.0, 3.0, 30.0],
+                [2.0, 20.0, 3.0, 30.0, 4.0, 40.0],
+            ]
+        );
+        let trimmed = windows(x.view(), 3, false);
+        assert_eq!(trimmed, padded.slice(s![2.., ..]));
+        assert_eq!(windows(x.view(), 1, true), x);
+        // Fewer rows than the window: nothing to train on, but no panic.
+        assert_eq!(windows(x.view(), 9, false).nrows(), 0);
+        assert_eq!(windows(x.view(), 9, true).nrows(), 4);
+    }
+
+    #[test]
+    fn period_finds_a_sine_wave_and_nothing_in_noise_or_a_constant() {
+        let sine: Vec<f32> = (0..5_000)
+            .map(|t| (t as f32 * std::f32::consts::TAU / 24.0).sin())
+            .collect();
+        assert_eq!(period(&sine), Some(24));
+        assert_eq!(period(&[3.0; 1_000]), None);
+        assert_eq!(period(&[1.0, 2.0, 3.0]), None);
+        // A period beyond 300 is not accepted.
+        let slow: Vec<f32> = (0..5_000)
+            .map(|t| (t as f32 * std::f32::consts::TAU / 350.0).sin())
+            .collect();
+        assert_eq!(period(&slow), None);
+    }
+
+    #[test]
+    fn stream_windows_fill_per_stream_then_slide_and_keep_bad_frames_out() {
+        let mut sw = StreamWindows::new(3, 2);
+        assert_eq!(sw.push(0, &[1.0, 10.0]), None);
+        assert_eq!(sw.push(1, &[7.0, 70.0]), None);
+        assert_eq!(sw.push(0, &[2.0, 20.0]), None);
+        assert_eq!(
+            sw.push(0, &[3.0, 30.0]),
+            Some(&[1.0, 10.0, 2.0, 20.0, 3.0, 30.0][..])
+        );
+        // A NaN frame is windowed (for the scorer to count) but leaves the history alone.
+        assert_eq!(
+            sw.push(0, &[f32::NAN, 40.0]).map(|w| w[..4].to_vec()),
+            Some(vec![2.0, 20.0, 3.0, 30.0])
+        );
+        assert_eq!(
+            sw.push(0, &[5.0, 50.0]),
+            Some(&[2.0, 20.0, 3.0, 30.0, 5.0, 50.0][..])
+        );
+        // Stream 1 still has one frame.
+        assert_eq!(sw.push(1, &[8.0, 80.0]), None);
+        assert_eq!(
+            sw.push(1, &[9.0, 90.0]),
+            Some(&[7.0, 70.0, 8.0, 80.0, 9.0, 90.0][..])
+        );
+        // Without a window, and for a frame of the wrong length, frames pass through.
+        let mut none = StreamWindows::new(1, 2);
+        assert_eq!(none.push(4, &[1.0, 2.0]), Some(&[1.0, 2.0][..]));
+        assert_eq!(sw.push(0, &[1.0]), Some(&[1.0][..]));
+    }
+
+    #[test]
+    fn auto_window_only_windows_one_feature_series() {
+        let sine: Vec<f32> = (0..5_000)
+            .map(|t| (t as f32 * std::f32::consts::TAU / 24.0).sin())
+            .collect();
+        let one = Array2::from_shape_vec((5_000, 1), sine.clone()).expect("shape");
+        assert_eq!(auto_window(one.view()), 24);
+        let fast: Vec<f32> = (0..5_000)
+            .map(|t| (t as f32 * std::f32::consts::TAU / 4.0).sin())
+            .collect();
+        let fast = Array2::from_shape_vec((5_000, 1), fast).expect("shape");
+        assert_eq!(auto_window(fast.view()), AUTO_WINDOW_RANGE.0);
+        let flat = Array2::<f32>::zeros((1_000, 1));
+        assert_eq!(auto_window(flat.view()), FALLBACK_WINDOW_FRAMES);
+        // A short series keeps most of its rows.
+        let short = Array2::<f32>::zeros((80, 1));
+        assert_eq!(auto_window(short.view()), 10);
+        assert_eq!(auto_window(Array2::<f32>::zeros((3, 1)).view()), 1);
+        let two = Array2::<f32>::zeros((100, 2));
+        assert_eq!(auto_window(two.view()), 1);
+    }
+}
