@@ -733,9 +733,15 @@ impl AgentSource {
             newest: None,
             known_streams: 0,
             max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * cfg.assemble.window_secs),
+            // Assembled frames come once per window: a silence longer than a lag window's
+            // span leaves only stale history. Raw frames keep no such clock.
             windows: crate::window::StreamWindows::new(
                 model.window_frames(),
                 model.frame_features().len(),
+                match cfg.agent.format {
+                    InputFormat::Raw => f64::INFINITY,
+                    _ => model.window_frames() as f64 * cfg.assemble.window_secs,
+                },
             ),
         })
     }
@@ -776,7 +782,7 @@ impl AgentSource {
                 received: f.received,
             };
             // A windowed model scores a stream's frames once its first window is full.
-            if let Some(values) = windows.push(i, f.values) {
+            if let Some(values) = windows.push(i, f.values, f.window_end) {
                 queued(counters, producer.push(meta, values), values);
                 pushed += 1;
             }
@@ -874,7 +880,7 @@ impl AgentSource {
                         enqueued_ns: clock.now_ns(),
                         received: msg.received,
                     };
-                    let Some(values) = windows.push(index as usize, frame) else {
+                    let Some(values) = windows.push(index as usize, frame, msg.received) else {
                         return 0;
                     };
                     queued(counters, producer.push(meta, values), values);
@@ -1297,7 +1303,7 @@ mod tests {
             newest: None,
             known_streams: 0,
             max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * window_secs),
-            windows: crate::window::StreamWindows::new(1, 2),
+            windows: crate::window::StreamWindows::new(1, 2, f64::INFINITY),
         }
     }
 

@@ -223,15 +223,21 @@ pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, Dem
     let _ = subscriber.join();
     let _ = std::fs::remove_dir_all(&spool_dir);
 
+    // The rows the agent scored, with their labels (a lag-windowed model does not score
+    // a stream's first frames, and a frame the agent dropped has no score).
     let eval = labels.as_ref().and_then(|l| {
-        let mut scores = vec![f32::NAN; l.len()];
+        let mut scored = vec![None; l.len()];
         for &(_, seq, s) in &report.scores {
-            if let Some(slot) = scores.get_mut(seq as usize) {
-                *slot = s;
+            if let Some(slot) = scored.get_mut(seq as usize) {
+                *slot = Some(s);
             }
         }
-        let n = report.scores.len().min(l.len());
-        eval::evaluate(&scores[..n], &l[..n]).ok()
+        let (scores, labels): (Vec<f32>, Vec<u8>) = scored
+            .iter()
+            .zip(l)
+            .filter_map(|(s, &y)| s.map(|s| (s, y)))
+            .unzip();
+        eval::evaluate(&scores, &labels).ok()
     });
     Ok(DemoReport {
         agent: report,

@@ -252,15 +252,16 @@ pub fn run_entity(
         }
     })?;
     let train_seconds = started.elapsed().as_secs_f64();
-    let test = crate::window::windows(test.view(), model.meta.window_frames, true);
+    let frames = Frames::windowed(&model, test.view(), None, Some(labels));
+    let (test, labels, first_row) = (
+        frames.values.clone(),
+        frames.labels.clone().unwrap_or_default(),
+        frames.first_row,
+    );
     let model = Arc::new(model);
     let replay = |model: Arc<Model>| {
         let head = model.meta.head;
-        let frames = Frames {
-            values: test.clone(),
-            timestamps: None,
-            labels: Some(labels.clone()),
-        };
+        let frames = frames.clone();
         replay_frames(model, head, frames, Outputs::default(), None, cfg).map_err(|source| {
             HarnessError::Replay {
                 entity: name.clone(),
@@ -270,7 +271,9 @@ pub fn run_entity(
     };
     let main = replay(model.clone())?;
     let toggled = replay(Arc::new(model.with_mss(toggled_mss(model.meta.mss))))?;
-    let hit_rate = segments.as_ref().and_then(|s| hit_rates(&model, &test, s));
+    let hit_rate = segments
+        .as_ref()
+        .and_then(|s| hit_rates(&model, &test, first_row, s));
     let eval = main.eval.clone();
     Ok(EntityResult {
         name,
@@ -319,10 +322,12 @@ pub fn split_50_25_25(labels: &[u8], seed: u64) -> (Vec<usize>, Vec<usize>) {
 /// segment with culprit set G, the share of G among the frame's top ⌈P·|G|⌉ contributing
 /// features; averaged over those frames. Contributions come from the pipeline's
 /// [`Scorer`], so they are exactly the ones alerts report; a windowed model's are summed
-/// over each feature's lags. Returns (@100 %, @150 %).
+/// over each feature's lags. `test` holds the frames of the input rows from `first_row` on
+/// (segments count input rows). Returns (@100 %, @150 %).
 pub fn hit_rates(
     model: &Arc<Model>,
     test: &Array2<f32>,
+    first_row: usize,
     segments: &[Segment],
 ) -> Option<(f64, f64)> {
     let mut scorer = Scorer::new(model.clone(), model.meta.head, 256, 1).ok()?;
@@ -332,11 +337,15 @@ pub fn hit_rates(
     let mut order: Vec<usize> = Vec::with_capacity(base);
     let mut per_feature = vec![0.0f32; base];
     for seg in segments.iter().filter(|s| !s.dims.is_empty()) {
-        let end = seg.end.min(test.nrows().saturating_sub(1));
-        if seg.start > end {
+        let start = seg.start.saturating_sub(first_row);
+        let end = seg
+            .end
+            .saturating_sub(first_row)
+            .min(test.nrows().saturating_sub(1));
+        if seg.end < first_row || start > end {
             continue;
         }
-        let rows = test.slice(ndarray::s![seg.start..=end, ..]);
+        let rows = test.slice(ndarray::s![start..=end, ..]);
         for chunk in rows.axis_chunks_iter(Axis(0), 256) {
             let n = chunk.nrows();
             scorer.input_mut()[..n * d]

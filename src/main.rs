@@ -715,7 +715,15 @@ fn run(command: Command) -> Result<()> {
             emit(&darkwatch::bench::run(model.clone(), &opts).to_string())?;
             if let Some(rows) = retrain_frames {
                 let data = match retrain_data {
-                    Some(path) => ingest::read_table(&path, &TableOptions::default())?.values,
+                    // A windowed model's own training data: build its windows.
+                    Some(path) => {
+                        let rows = ingest::read_table(&path, &TableOptions::default())?.values;
+                        if rows.ncols() == model.meta.frame_features().len() {
+                            darkwatch::window::windows(rows.view(), model.meta.window_frames, false)
+                        } else {
+                            rows
+                        }
+                    }
                     None => ndarray::Array2::from_shape_fn((4096, model.n_features()), |(i, j)| {
                         ((i * 31 + j * 17) % 97) as f32 / 97.0
                     }),

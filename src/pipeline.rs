@@ -460,6 +460,8 @@ pub struct FileSource {
     rate: Option<f64>,
     /// While set, the stream stands still (a replay waits for a retrain to finish).
     pause: Option<Arc<AtomicBool>>,
+    /// The seq of the first row (a lag-windowed replay starts at its first full window).
+    first_seq: u64,
 }
 
 impl FileSource {
@@ -470,7 +472,15 @@ impl FileSource {
             timestamps,
             rate,
             pause: None,
+            first_seq: 0,
         }
+    }
+
+    /// Numbers the frames from `seq` on instead of 0.
+    #[must_use]
+    pub fn starting_at(mut self, seq: u64) -> Self {
+        self.first_seq = seq;
+        self
     }
 
     /// Holds the stream still while `flag` is set (at most [`MAX_PAUSE`] at a time).
@@ -514,7 +524,7 @@ impl Source for FileSource {
                 }
             }
             let meta = FrameMeta {
-                seq: i as u64,
+                seq: self.first_seq + i as u64,
                 stream: 0,
                 timestamp: self.timestamps.as_ref().map_or(f64::NAN, |t| t[i]),
                 enqueued_ns: clock.now_ns(),

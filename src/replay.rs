@@ -12,7 +12,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 
 use crate::alert::{AlertEvent, AlertState, AlertStatus, Observation};
 use crate::config::DarkwatchConfig;
@@ -187,9 +187,15 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         None => None,
     };
     let (values, timestamps) = align_features(&model, table)?;
-    // A windowed model scores every row with the rows before it (the first stands in for
-    // the frames before the file), so scores stay one per row, aligned with the labels.
-    let values = crate::window::windows(values.view(), model.meta.window_frames, true);
+    let w = model.meta.window_frames;
+    if w > rows {
+        return Err(ReplayError::Features {
+            input: req.input.clone(),
+            reason: format!(
+                "{rows} rows, fewer than the model's lag window of {w} frames ([model] window_frames)"
+            ),
+        });
+    }
     // `--head` naming the model's own kind keeps the model's parameters (and so its
     // threshold); another kind takes its parameters from the config.
     let head = match req.head {
@@ -199,11 +205,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         },
         _ => model.meta.head,
     };
-    let frames = Frames {
-        values,
-        timestamps,
-        labels,
-    };
+    let frames = Frames::windowed(&model, values.view(), timestamps, labels);
     let outputs = Outputs {
         csv: req.out_csv.as_deref(),
         events: req.events.as_deref(),
@@ -273,6 +275,32 @@ pub struct Frames {
     pub values: Array2<f32>,
     pub timestamps: Option<Vec<f64>>,
     pub labels: Option<Vec<u8>>,
+    /// The input row of the first frame: frames (the CSV's `frame` column, alert
+    /// annotations) are numbered from it. 0, or `w − 1` for lag windows of `w` frames,
+    /// whose first rows only fill the first window.
+    pub first_row: usize,
+}
+
+impl Frames {
+    /// Frames for `model` from aligned input rows: the rows themselves, or for a windowed
+    /// model each row from the `w`-th on with the `w − 1` before it (the first `w − 1` rows
+    /// are not scored, as in the agent: a padded window would look unusual), with the
+    /// timestamps and labels of the rows that are scored.
+    pub fn windowed(
+        model: &Model,
+        values: ArrayView2<f32>,
+        timestamps: Option<Vec<f64>>,
+        labels: Option<Vec<u8>>,
+    ) -> Frames {
+        let w = model.meta.window_frames.max(1);
+        let skip = (w - 1).min(values.nrows());
+        Frames {
+            values: crate::window::windows(values, w, false),
+            timestamps: timestamps.map(|t| t[skip..].to_vec()),
+            labels: labels.map(|l| l[skip..].to_vec()),
+            first_row: skip,
+        }
+    }
 }
 
 /// Optional output files of a replay.
@@ -299,6 +327,7 @@ pub fn replay_frames(
         values,
         timestamps,
         labels,
+        first_row,
     } = frames;
     let rows = values.nrows();
     // The threshold calibrates on the model's own training scores, which were computed
@@ -343,7 +372,8 @@ pub fn replay_frames(
         features.clone(),
     );
     let mut sink = ReplaySink::new(rows, features, outputs, threshold, alerts)?;
-    let mut source = FileSource::new(values, timestamps, rate);
+    sink.first_row = first_row;
+    let mut source = FileSource::new(values, timestamps, rate).starting_at(first_row as u64);
     // With retraining paused on, few frames are in flight when a retrain starts, and the
     // new model takes over a fixed number of frames after the one that asked for it
     // (past every frame the scorer can have scored by then), so a replay with retraining
@@ -431,7 +461,10 @@ pub fn replay_frames(
         .events
         .iter()
         .filter(|e| e.status == AlertStatus::Resolved)
-        .map(|e| (e.start_seq as usize, e.end_seq.unwrap_or(e.seq) as usize))
+        .map(|e| {
+            let row = |seq: u64| (seq as usize).saturating_sub(first_row);
+            (row(e.start_seq), row(e.end_seq.unwrap_or(e.seq)))
+        })
         .collect();
     let event_report = labels
         .as_deref()
@@ -503,6 +536,8 @@ struct ReplaySink {
     retrain: Option<retrain::SinkSide>,
     /// How thresholds are rebuilt for a retrained model.
     threshold_cfg: Option<crate::threshold::ThresholdConfig>,
+    /// Subtracted from a frame's seq to index the per-frame arrays (see [`Frames::first_row`]).
+    first_row: usize,
 }
 
 fn create(path: &Path) -> Result<(PathBuf, BufWriter<File>), ReplayError> {
@@ -535,6 +570,7 @@ impl ReplaySink {
             error: None,
             retrain: None,
             threshold_cfg: None,
+            first_row: 0,
         })
     }
 
@@ -603,7 +639,7 @@ impl Sink for ReplaySink {
             self.alerts
                 .set_model(&model.meta.id, &model.meta.version.to_string());
         }
-        let i = f.meta.seq as usize;
+        let i = (f.meta.seq as usize).saturating_sub(self.first_row);
         if let Some(slot) = self.scores.get_mut(i) {
             *slot = f.score;
         }

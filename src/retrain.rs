@@ -1180,6 +1180,11 @@ impl SinkSide {
             admission.every_secs = 0;
         }
         let current = shared.cell.load_full();
+        // A lag window holds the w − 1 frames before it: keep every window that holds an
+        // alarm frame out of the reservoir.
+        admission.guard = admission
+            .guard
+            .max(current.meta.window_frames.saturating_sub(1) as u64);
         let clean_limit = admission.clean_limit(&current);
         let d = current.n_features();
         SinkSide {

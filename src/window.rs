@@ -27,6 +27,9 @@ const PERIOD_MAX_LAG: usize = 400;
 const PERIOD_MAX_VALUES: usize = 20_000;
 /// Periods accepted from the search (TSB-UAD's `find_length` bounds).
 const PERIOD_RANGE: (usize, usize) = (3, 300);
+/// Lowest autocorrelation a peak needs to count as a period: white noise has local peaks
+/// of about 3/√n, which would otherwise pick an arbitrary window.
+const PERIOD_MIN_PEAK: f64 = 0.1;
 
 /// The feature names of a window of `w` frames over `base`: lags `w − 1` down to 1 as
 /// `name[t-k]`, then the base names for the current frame.
@@ -70,7 +73,8 @@ pub fn windows(values: ArrayView2<f32>, w: usize, pad: bool) -> Array2<f32> {
 
 /// The dominant period of `series`, as TSB-UAD's `find_length` finds it: the lag of the
 /// highest local maximum of the autocorrelation over lags 3 to 400 of the first 20,000
-/// values, if that lag is at most 300. `None` for a constant or too short series.
+/// values, if that lag is at most 300 and the peak reaches 0.1. `None` for a constant,
+/// too short or aperiodic series.
 pub fn period(series: &[f32]) -> Option<usize> {
     let x = &series[..series.len().min(PERIOD_MAX_VALUES)];
     let n = x.len();
@@ -95,7 +99,7 @@ pub fn period(series: &[f32]) -> Option<usize> {
         })
         .collect();
     let best = (PERIOD_RANGE.0..max_lag)
-        .filter(|&k| acf[k] > acf[k - 1] && acf[k] > acf[k + 1])
+        .filter(|&k| acf[k] > acf[k - 1] && acf[k] > acf[k + 1] && acf[k] >= PERIOD_MIN_PEAK)
         .max_by(|&a, &b| acf[a].total_cmp(&acf[b]))?;
     (best <= PERIOD_RANGE.1).then_some(best)
 }
@@ -120,42 +124,51 @@ pub fn auto_window(values: ArrayView2<f32>) -> usize {
 /// that shifts by a frame on each new one. A stream's first `w − 1` frames only fill its
 /// window (there is nothing to score them with: a padded window would look unusual and
 /// could fire an alert at every restart); from the `w`-th on, every frame yields its
-/// window. A frame with a non-finite value still yields a window (which the scorer counts
-/// and skips) but does not enter the history, so it does not spoil the next `w − 1`.
-/// Allocates only when a stream is first seen.
+/// window. After a silence longer than the window's span (`span_secs`, by the frames'
+/// timestamps) the history is stale and the stream fills its window again. A frame with a
+/// non-finite value does not enter the history: once the window is full it still yields
+/// one (which the scorer counts and skips); while filling it returns `None` like any
+/// other. Allocates only when a stream is first seen.
 #[derive(Debug, Default)]
 pub struct StreamWindows {
     w: usize,
     d: usize,
-    /// Per stream index: the window (`w·d` values) and how many frames it holds.
-    streams: Vec<(Vec<f32>, usize)>,
+    span_secs: f64,
+    /// Per stream index: the window (`w·d` values), how many frames it holds, and the
+    /// timestamp of the newest.
+    streams: Vec<(Vec<f32>, usize, f64)>,
     scratch: Vec<f32>,
 }
 
 impl StreamWindows {
-    /// Windows of `w` frames of `d` values (`w` ≤ 1: frames pass through unchanged).
-    pub fn new(w: usize, d: usize) -> Self {
+    /// Windows of `w` frames of `d` values (`w` ≤ 1: frames pass through unchanged) that
+    /// start over after a gap of more than `span_secs` (infinite: never).
+    pub fn new(w: usize, d: usize, span_secs: f64) -> Self {
         StreamWindows {
             w: w.max(1),
             d,
+            span_secs,
             streams: Vec::new(),
             scratch: vec![0.0; w.max(1) * d],
         }
     }
 
-    /// Adds `frame` (of `d` values) to stream `stream`'s history and returns the window to
-    /// score, or `None` while the stream is still filling its first window. A frame of the
-    /// wrong length passes through unchanged (the ring refuses it).
-    pub fn push<'a>(&'a mut self, stream: usize, frame: &'a [f32]) -> Option<&'a [f32]> {
+    /// Adds `frame` (of `d` values, at time `t`) to stream `stream`'s history and returns
+    /// the window to score, or `None` while the stream is filling its window. A frame of
+    /// the wrong length passes through unchanged (the ring refuses it).
+    pub fn push<'a>(&'a mut self, stream: usize, frame: &'a [f32], t: f64) -> Option<&'a [f32]> {
         let (w, d) = (self.w, self.d);
         if w == 1 || frame.len() != d {
             return Some(frame);
         }
         if self.streams.len() <= stream {
             self.streams
-                .resize_with(stream + 1, || (vec![0.0; w * d], 0));
+                .resize_with(stream + 1, || (vec![0.0; w * d], 0, f64::NAN));
         }
-        let (window, held) = &mut self.streams[stream];
+        let (window, held, newest) = &mut self.streams[stream];
+        if t - *newest > self.span_secs {
+            *held = 0;
+        }
         if !frame.iter().all(|v| v.is_finite()) {
             if *held < w - 1 {
                 return None;
@@ -167,6 +180,7 @@ impl StreamWindows {
         window.copy_within(d.., 0);
         window[(w - 1) * d..].copy_from_slice(frame);
         *held = (*held + 1).min(w);
+        *newest = t;
         (*held == w).then_some(&window[..])
     }
 }
@@ -209,6 +223,12 @@ mod tests {
         assert_eq!(windows(x.view(), 9, true).nrows(), 4);
     }
 
+    fn sine_with(period: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|t| (t as f32 * std::f32::consts::TAU / period as f32).sin())
+            .collect()
+    }
+
     #[test]
     fn period_finds_a_sine_wave_and_nothing_in_noise_or_a_constant() {
         let sine: Vec<f32> = (0..5_000)
@@ -217,6 +237,17 @@ mod tests {
         assert_eq!(period(&sine), Some(24));
         assert_eq!(period(&[3.0; 1_000]), None);
         assert_eq!(period(&[1.0, 2.0, 3.0]), None);
+        // White noise has small local peaks everywhere: none is a period.
+        let mut rng = crate::rng::Rng::new(7);
+        let noise: Vec<f32> = (0..20_000).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        assert_eq!(period(&noise), None);
+        // Noise on top of a period does not hide it.
+        let noisy: Vec<f32> = sine_with(24, 5_000)
+            .iter()
+            .zip(&noise)
+            .map(|(s, n)| s + 0.5 * n)
+            .collect();
+        assert_eq!(period(&noisy), Some(24));
         // A period beyond 300 is not accepted.
         let slow: Vec<f32> = (0..5_000)
             .map(|t| (t as f32 * std::f32::consts::TAU / 350.0).sin())
@@ -226,33 +257,47 @@ mod tests {
 
     #[test]
     fn stream_windows_fill_per_stream_then_slide_and_keep_bad_frames_out() {
-        let mut sw = StreamWindows::new(3, 2);
-        assert_eq!(sw.push(0, &[1.0, 10.0]), None);
-        assert_eq!(sw.push(1, &[7.0, 70.0]), None);
-        assert_eq!(sw.push(0, &[2.0, 20.0]), None);
+        // Frames one second apart; a window spans 3 s.
+        let mut sw = StreamWindows::new(3, 2, 3.0);
+        assert_eq!(sw.push(0, &[1.0, 10.0], 1.0), None);
+        assert_eq!(sw.push(1, &[7.0, 70.0], 1.0), None);
+        // A NaN frame while filling is not scored and not counted towards the window.
+        assert_eq!(sw.push(0, &[f32::NAN, 15.0], 1.5), None);
+        assert_eq!(sw.push(0, &[2.0, 20.0], 2.0), None);
         assert_eq!(
-            sw.push(0, &[3.0, 30.0]),
+            sw.push(0, &[3.0, 30.0], 3.0),
             Some(&[1.0, 10.0, 2.0, 20.0, 3.0, 30.0][..])
         );
         // A NaN frame is windowed (for the scorer to count) but leaves the history alone.
         assert_eq!(
-            sw.push(0, &[f32::NAN, 40.0]).map(|w| w[..4].to_vec()),
+            sw.push(0, &[f32::NAN, 40.0], 4.0).map(|w| w[..4].to_vec()),
             Some(vec![2.0, 20.0, 3.0, 30.0])
         );
         assert_eq!(
-            sw.push(0, &[5.0, 50.0]),
+            sw.push(0, &[5.0, 50.0], 5.0),
             Some(&[2.0, 20.0, 3.0, 30.0, 5.0, 50.0][..])
         );
         // Stream 1 still has one frame.
-        assert_eq!(sw.push(1, &[8.0, 80.0]), None);
+        assert_eq!(sw.push(1, &[8.0, 80.0], 2.0), None);
         assert_eq!(
-            sw.push(1, &[9.0, 90.0]),
+            sw.push(1, &[9.0, 90.0], 3.0),
             Some(&[7.0, 70.0, 8.0, 80.0, 9.0, 90.0][..])
         );
+        // After a silence longer than the window's span, stream 0 fills its window again.
+        assert_eq!(sw.push(0, &[6.0, 60.0], 9.0), None);
+        assert_eq!(sw.push(0, &[7.0, 70.0], 10.0), None);
+        assert_eq!(
+            sw.push(0, &[8.0, 80.0], 11.0),
+            Some(&[6.0, 60.0, 7.0, 70.0, 8.0, 80.0][..])
+        );
         // Without a window, and for a frame of the wrong length, frames pass through.
-        let mut none = StreamWindows::new(1, 2);
-        assert_eq!(none.push(4, &[1.0, 2.0]), Some(&[1.0, 2.0][..]));
-        assert_eq!(sw.push(0, &[1.0]), Some(&[1.0][..]));
+        let mut none = StreamWindows::new(1, 2, 3.0);
+        assert_eq!(none.push(4, &[1.0, 2.0], 0.0), Some(&[1.0, 2.0][..]));
+        assert_eq!(sw.push(0, &[1.0], 12.0), Some(&[1.0][..]));
+        // Raw frames have no regular clock: an infinite span never starts over.
+        let mut raw = StreamWindows::new(2, 1, f64::INFINITY);
+        assert_eq!(raw.push(0, &[1.0], 0.0), None);
+        assert_eq!(raw.push(0, &[2.0], 1e9), Some(&[1.0, 2.0][..]));
     }
 
     #[test]

@@ -790,8 +790,21 @@ fn a_one_feature_series_is_scored_in_lag_windows_of_its_period() {
             &[std::ffi::OsStr::new("--out"), scores.as_os_str()],
         );
         assert_eq!(code, 0, "replay failed: {out}\n{err}");
-        let rows = std::fs::read_to_string(&scores).unwrap().lines().count();
-        assert_eq!(rows, 1 + 1200, "one score per input row");
+        // Without a window every row is scored; with one, the first 23 rows only fill
+        // the first window, and frames keep their input row numbers.
+        let csv = std::fs::read_to_string(&scores).unwrap();
+        let first: usize = csv
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let skipped = if name == "plain" { 0 } else { 23 };
+        assert_eq!(first, skipped);
+        assert_eq!(csv.lines().count(), 1 + 1200 - skipped);
         aurocs.push(auroc_of(&out));
     }
     let (plain, windowed) = (aurocs[0], aurocs[1]);
@@ -815,6 +828,37 @@ fn a_window_that_does_not_divide_the_features_is_refused() {
         err.contains("window_frames") && err.contains("does not divide the 4 features"),
         "{err}"
     );
+
+    // Training refuses a window longer than the data, and lagged names that clash.
+    let short = dir.path().join("short.csv");
+    rhythm_csv(&short, 40, 0..0);
+    let cfg = dir.path().join("long.toml");
+    std::fs::write(&cfg, "[model]\nwindow_frames = 50\n").unwrap();
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&short)
+        .arg("--out")
+        .arg(dir.path().join("m2"))
+        .arg("--config")
+        .arg(&cfg));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("model.window_frames") && err.contains("40 rows"),
+        "{err}"
+    );
+    let clash = dir.path().join("clash.csv");
+    std::fs::write(&clash, "a,a[t-1]\n1,2\n3,4\n5,6\n7,8\n").unwrap();
+    std::fs::write(&cfg, "[model]\nwindow_frames = 2\n").unwrap();
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&clash)
+        .arg("--out")
+        .arg(dir.path().join("m3"))
+        .arg("--config")
+        .arg(&cfg));
+    assert_ne!(code, 0);
+    assert!(err.contains("a[t-1]") && err.contains("rename"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// Trains a model with lag windows of `w` frames on `rows` rows of the rhythm series.

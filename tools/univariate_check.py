@@ -7,7 +7,8 @@ training). Each series is one metric's training half and test half; a test row i
 anomalous when it lies in a segment that blames that metric. darkwatch trains on the
 one-column training half with the default config (`[model] window_frames = 0`: the
 series' autocorrelation period, 8 to 64 frames) and with `window_frames = 1`, replays the
-test half, and the script prints point-wise AUROC and AUPRC for both. The window length
+test half, and the script prints point-wise AUROC and AUPRC for both, over the rows each
+scores (a window of w frames leaves the first w - 1 test rows unscored). The window length
 comes from the training series alone; the labels are only read to score.
 
 Usage: tools/univariate_check.py [SMD_DIR] [DARKWATCH_BINARY]   (about a minute)
@@ -69,9 +70,13 @@ def main():
                 w = json.load(f).get("window_frames", 1)
             subprocess.run([binary, "replay", "--model", paths["m"], "--input", paths["test.npy"],
                             "--out", paths["s.csv"]], check=True, capture_output=True)
+            # A windowed model scores the rows from its first full window on; `frame` is
+            # the input row.
             with open(paths["s.csv"]) as f:
-                s = np.array([float(r["score"]) for r in csv.DictReader(f)])
-            results[c].append((roc_auc_score(y, s), average_precision_score(y, s)))
+                rows = [(int(r["frame"]), float(r["score"])) for r in csv.DictReader(f)]
+            frames = np.array([i for i, _ in rows])
+            s = np.array([v for _, v in rows])
+            results[c].append((roc_auc_score(y[frames], s), average_precision_score(y[frames], s)))
             cells.append(f"({w:2d}) {results[c][-1][0]:.3f} {results[c][-1][1]:.3f}")
         print(f"{name:24s} {len(y):6d} {y.mean():9.3f}   " + "   ".join(cells))
     for c in CONFIGS:

@@ -43,9 +43,30 @@ pub fn fit(
     // A windowed model trains on the windows of the rows, each a frame with its past.
     let windowed;
     let table = if window > 1 {
+        let key = "model.window_frames";
+        if file_rows <= window {
+            return Err(TrainError::InvalidConfig {
+                key,
+                reason: format!(
+                    "{file_rows} rows in {}: too few for windows of {window} frames",
+                    table.path.display()
+                ),
+            });
+        }
+        let names = crate::window::lag_names(&table.features, window);
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
+            return Err(TrainError::InvalidConfig {
+                key,
+                reason: format!(
+                    "the lagged name \"{dup}\" is also a column of {}; rename that column",
+                    table.path.display()
+                ),
+            });
+        }
         windowed = Table {
             path: table.path.clone(),
-            features: crate::window::lag_names(&table.features, window),
+            features: names,
             timestamps: None,
             values: crate::window::windows(table.values.view(), window, false),
         };
