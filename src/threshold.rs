@@ -15,6 +15,8 @@
 
 use serde::{Deserialize, Serialize};
 
+mod sums;
+
 /// Fewest finite calibration scores any kind accepts (DSPOT needs `dspot_depth` more).
 pub const MIN_CALIBRATION_SCORES: usize = 50;
 
@@ -302,15 +304,9 @@ impl Gpd {
         if gamma == 0.0 {
             return -n * sigma.ln() - peaks.iter().sum::<f64>() / sigma;
         }
-        let x = gamma / sigma;
-        let mut acc = 0.0;
-        for &y in peaks {
-            let s = x * y;
-            if s <= -1.0 {
-                return f64::NEG_INFINITY;
-            }
-            acc += s.ln_1p();
-        }
+        let Some(acc) = sums::ln_1p_sum(peaks, gamma / sigma) else {
+            return f64::NEG_INFINITY;
+        };
         -n * sigma.ln() - (1.0 + 1.0 / gamma) * acc
     }
 
@@ -349,15 +345,9 @@ fn grid_steps(span: f64) -> usize {
 /// keeps its relative precision near x = 0 (where it vanishes like x²). NaN if some
 /// 1 + xY ≤ 0.
 fn grimshaw_w(peaks: &[f64], x: f64) -> f64 {
-    let (mut a, mut b) = (0.0, 0.0);
-    for &y in peaks {
-        let s = x * y;
-        if s <= -1.0 {
-            return f64::NAN;
-        }
-        a += s.ln_1p();
-        b -= s / (1.0 + s);
-    }
+    let Some((a, b)) = sums::grimshaw_sums(peaks, x) else {
+        return f64::NAN;
+    };
     let n = peaks.len() as f64;
     let (a, b) = (a / n, b / n);
     a + b + a * b
@@ -445,7 +435,8 @@ fn consider_root(peaks: &[f64], x: f64, best: &mut (Gpd, f64)) {
     if x == 0.0 {
         return;
     }
-    let gamma = peaks.iter().map(|&y| (x * y).ln_1p()).sum::<f64>() / peaks.len() as f64;
+    // Every 1 + xY > 0 here: w(x) was finite.
+    let gamma = sums::ln_1p_sum(peaks, x).unwrap_or(f64::NAN) / peaks.len() as f64;
     let sigma = gamma / x;
     if !(gamma > -1.0 && gamma != 0.0 && sigma > 0.0 && sigma.is_finite()) {
         return;
