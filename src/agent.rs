@@ -347,7 +347,7 @@ pub fn run_with(
     );
     let (out_tx, out_rx) = mqtt::outgoing_channel();
     let mqtt_stats = Arc::new(MqttStats::default());
-    let client_stop = Arc::new(AtomicBool::new(false));
+    let client_stop = mqtt::ClientStop::default();
     let client = mqtt::spawn_client(
         mqtt_cfg.clone(),
         spool,
@@ -476,7 +476,7 @@ pub fn run_with(
     if let Some(r) = retraining.take() {
         r.stop();
     }
-    client_stop.store(true, Ordering::SeqCst);
+    client_stop.stop();
     metrics_stop.store(true, Ordering::SeqCst);
     let _ = client.join();
     if let Some(e) = failed {
