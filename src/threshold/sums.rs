@@ -184,8 +184,18 @@ fn plain<const RATIO: bool>(peaks: &[f64], x: f64) -> Option<(f64, f64)> {
     Some((a, b))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: the plain loop (the code before this module) on any CPU.
+    pub(super) static PLAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 #[inline]
 fn dispatch<const RATIO: bool>(peaks: &[f64], x: f64) -> Option<(f64, f64)> {
+    #[cfg(test)]
+    if PLAIN.with(std::cell::Cell::get) {
+        return plain::<RATIO>(peaks, x);
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         if std::is_x86_feature_detected!("avx512f")
@@ -213,7 +223,7 @@ pub(super) fn ln_1p_sum(peaks: &[f64], x: f64) -> Option<f64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::rng::Rng;
 
@@ -364,8 +374,13 @@ mod tests {
         eprintln!("{same_as_std} of {checked} logarithms equal to f64::ln_1p's bits");
     }
 
-    /// Whether `f64::ln_1p` is fdlibm's with glibc's fused multiply-adds (glibc 2.35 and
-    /// later on a CPU with FMA): then the sums must match the plain loop bit for bit.
+    /// Whether the sums must match the plain loop bit for bit: the plain loop runs anyway
+    /// (no AVX2 and FMA), or `f64::ln_1p` is fdlibm's with glibc's fused multiply-adds
+    /// (glibc 2.35 and later on a CPU with FMA).
+    pub(in crate::threshold) fn sums_are_exact() -> bool {
+        !is_x86_fma() || std_is_fdlibm_fma()
+    }
+
     fn std_is_fdlibm_fma() -> bool {
         is_x86_fma()
             && arguments()
@@ -382,7 +397,7 @@ mod tests {
 
     #[test]
     fn sums_match_the_plain_loop() {
-        let exact = !is_x86_fma() || std_is_fdlibm_fma();
+        let exact = sums_are_exact();
         eprintln!("sums bit for bit like the plain loop: {exact}");
         let mut rng = Rng::new(22);
         for n in [1usize, 7, 8, 9, 50, 101, 500] {
