@@ -3,17 +3,20 @@
 //! first, so none is lost while the broker is away).
 //!
 //! ```text
-//! mqtt client thread: decode ▶ assemble ▶ frame ring ▶ scorer thread: score ▶ threshold + alerts per stream
+//! mqtt client thread: decode ▶ assemble ▶ frame ring ▶ scorer: score ▶ threshold + alerts per stream
 //!        ▲              (the Feed)                                                        │
 //!        └──────────────────────── Outgoing (alert JSON) ◀────────────────────────────────┘
 //! ```
 //!
 //! A received message is decoded and assembled on the MQTT client's thread and its frame
 //! pushed into the scorer's ring there (`Feed`); the scorer runs the thresholds and alert
-//! state itself (`AgentSink` is a [`Sink::ON_SCORER_THREAD`] sink). So a frame wakes one
-//! thread, the scorer, on its way from the socket to its alert. The pipeline's source
-//! thread only keeps time (`FeedTurn`): it ends a turn on stop or reload, beats the
-//! watchdog's heartbeat, and closes quiet streams' windows by the event clock.
+//! state itself (`AgentSink` is a [`Sink::ON_SCORER_THREAD`] sink), and while the scorer
+//! thread is idle the MQTT thread runs the scorer itself right after the push (the
+//! pipeline's `SharedScorer`). So a frame wakes no other thread on its way from the socket
+//! to its alert; the scorer thread scores only what arrives while it is busy. The
+//! pipeline's source thread only keeps time (`FeedTurn`): it ends a turn on stop or
+//! reload, beats the watchdog's heartbeat, and closes quiet streams' windows by the event
+//! clock.
 //!
 //! # Reload
 //!
@@ -347,7 +350,7 @@ pub fn run_with(
     );
     let (out_tx, out_rx) = mqtt::outgoing_channel();
     let mqtt_stats = Arc::new(MqttStats::default());
-    let client_stop = Arc::new(AtomicBool::new(false));
+    let client_stop = mqtt::ClientStop::default();
     let client = mqtt::spawn_client(
         mqtt_cfg.clone(),
         spool,
@@ -476,7 +479,7 @@ pub fn run_with(
     if let Some(r) = retraining.take() {
         r.stop();
     }
-    client_stop.store(true, Ordering::SeqCst);
+    client_stop.stop();
     metrics_stop.store(true, Ordering::SeqCst);
     let _ = client.join();
     if let Some(e) = failed {

@@ -19,9 +19,12 @@
 //!   every outgoing publish and every connection error to the controller. After an error
 //!   it sleeps (100 ms doubling to 5 s): rumqttc has no backoff of its own.
 //! - the *controller* owns the spool. It wakes on a driver event, on an alert sent to the
-//!   outgoing channel, or on a 10 ms tick (to notice `stop`), drains the outgoing channel
-//!   into the spool, and publishes from the spool in order. It does not poll the channel
-//!   for alerts; the tick costs an idle agent 100 wake-ups a second.
+//!   outgoing channel, or on [`ClientStop::stop`], drains the outgoing channel into the
+//!   spool, and publishes from the spool in order. It does not poll the channel for
+//!   alerts. A 10 ms tick runs only while publishing is held up by something no event
+//!   reports (the spool or rumqttc's request queue refused) and after `stop`; otherwise
+//!   the controller sleeps. (An unconditional tick cost 100 wake-ups a second, and each
+//!   re-armed timer woke the thread's own event loop once more.)
 //!
 //! # Spool-driven publishing
 //!
@@ -85,7 +88,8 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How often the controller wakes when nothing else wakes it, to notice `stop`.
+/// How often the controller wakes to retry a stalled publish, or to check its drain after
+/// `stop`.
 const TICK: Duration = Duration::from_millis(10);
 /// Outgoing alerts moved into the spool per wake-up, so events are not starved.
 const DRAIN_PER_TURN: usize = 1024;
@@ -570,6 +574,26 @@ fn bump(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Tells a client started by [`spawn_client`] to stop; clones share one signal.
+#[derive(Debug, Clone, Default)]
+pub struct ClientStop {
+    set: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl ClientStop {
+    /// Asks the client to flush and stop (see [`spawn_client`]), and wakes it.
+    pub fn stop(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Whether [`ClientStop::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+}
+
 /// Runs the MQTT client on its own OS thread (`darkwatch-mqtt`) with a current-thread tokio
 /// runtime until `stop` is set and the outgoing channel is drained, or [`STOP_DEADLINE`]
 /// after `stop`. See the module docs for the publishing scheme.
@@ -596,7 +620,7 @@ pub fn spawn_client(
     inbox: impl Inbox,
     outgoing: OutgoingReceiver,
     stats: Arc<MqttStats>,
-    stop: Arc<AtomicBool>,
+    stop: ClientStop,
 ) -> Result<JoinHandle<()>, MqttError> {
     cfg.validate()
         .map_err(|(key, reason)| MqttError::Config { key, reason })?;
@@ -829,7 +853,7 @@ async fn run_client(
     inbox: impl Inbox,
     mut outgoing: OutgoingReceiver,
     stats: Arc<MqttStats>,
-    stop: Arc<AtomicBool>,
+    stop: ClientStop,
 ) {
     let node = cfg.node();
     let status_topic = cfg.status_topic_for();
@@ -861,6 +885,9 @@ async fn run_client(
     let mut outgoing_closed = false;
     let mut deadline: Option<Instant> = None;
     loop {
+        // No tick while nothing is held up: the controller sleeps until an event, an alert
+        // or `stop`.
+        let tick = stop.is_stopped() || publisher.stalled();
         let alive = tokio::select! {
             biased;
             event = events.recv() => match event {
@@ -877,7 +904,8 @@ async fn run_client(
                 }
                 true
             }
-            _ = tokio::time::sleep(TICK) => true,
+            () = stop.wake.notified(), if !tick => true,
+            () = tokio::time::sleep(TICK), if tick => true,
         };
         if !alive {
             warn!("MQTT event loop task ended; stopping the MQTT client.");
@@ -913,7 +941,7 @@ async fn run_client(
                 .is_ok()
         });
 
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_stopped() {
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + STOP_DEADLINE);
             let flushed = publisher.is_drained() || !session.connected;
             if (outgoing_empty && flushed) || Instant::now() >= deadline {
@@ -1087,6 +1115,14 @@ impl Publisher {
 
     fn is_drained(&self) -> bool {
         self.head_seq == self.end_seq
+    }
+
+    /// Whether publishing waits on something no driver event will report: a record this
+    /// connection has not sent (rumqttc's request queue or the spool refused it, or it waits
+    /// behind the in-flight limit), or an acknowledged record the spool has not taken yet.
+    fn stalled(&self) -> bool {
+        self.connected
+            && (self.next_send < self.end_seq || self.inflight.front().is_some_and(|f| f.acked))
     }
 
     fn mirror_front_seq(&self) -> u64 {
@@ -1730,14 +1766,14 @@ mod tests {
         incoming: Receiver<Incoming>,
         outgoing: OutgoingSender,
         stats: Arc<MqttStats>,
-        stop: Arc<AtomicBool>,
+        stop: ClientStop,
     }
 
     fn run(cfg: &MqttConfig, dir: &Path) -> Running {
         let (in_tx, incoming) = mpsc::sync_channel(cfg.incoming_capacity);
         let (outgoing, out_rx) = outgoing_channel();
         let stats = Arc::new(MqttStats::default());
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = ClientStop::default();
         let handle = spawn_client(
             cfg.clone(),
             spool_at(dir, 1 << 20),
@@ -1776,7 +1812,7 @@ mod tests {
         }
 
         fn stop_and_join(self) -> Arc<MqttStats> {
-            self.stop.store(true, Ordering::Relaxed);
+            self.stop.stop();
             let handle = self.handle;
             wait_until("the client thread to exit", || handle.is_finished());
             handle.join().unwrap();
@@ -1975,7 +2011,7 @@ mod tests {
                 in_tx,
                 out_rx,
                 Arc::default(),
-                Arc::default(),
+                ClientStop::default(),
             )
             .map(|_| ())
             .unwrap_err()
@@ -2011,7 +2047,7 @@ mod tests {
             in_tx,
             out_rx,
             Arc::default(),
-            Arc::default(),
+            ClientStop::default(),
         )
         .unwrap_err();
         assert!(matches!(

@@ -1,7 +1,9 @@
 //! The one scoring pipeline: a source pushes frames into the [`crate::ring`], a named
 //! scorer thread drains bounded micro-batches, scales them, runs the model and the score
 //! head, and hands [`ScoredFrame`]s through a second ring to a sink thread (or, for a
-//! sink that asks for it, calls the sink itself: [`Sink::ON_SCORER_THREAD`]).
+//! sink that asks for it, calls the sink itself: [`Sink::ON_SCORER_THREAD`]). With such a
+//! sink the scorer is shared with the pushing thread, which scores what it pushed itself
+//! whenever the scorer thread is idle (`SharedScorer`).
 //!
 //! `replay` runs exactly this with a [`FileSource`]; the agent runs it with live sources.
 //! There is no second, batch-only scoring path: calibration at training time uses the
@@ -21,7 +23,9 @@ use crate::model::cuda::{CudaError, CudaSession};
 use crate::model::onnx::{OnnxError, OnnxSession};
 use crate::model::{Model, Workspace};
 use crate::mss::{MssScratch, ReferenceBank};
-use crate::ring::{FrameConsumer, FrameMeta, FrameProducer, FullPolicy, Pushed, frame_ring};
+use crate::ring::{
+    Drainer, FrameConsumer, FrameMeta, FrameProducer, FullPolicy, Pushed, frame_ring,
+};
 use crate::score::{Head, HeadError};
 use crate::stats::{LatencyHistogram, top_k_indices};
 
@@ -83,6 +87,11 @@ pub trait BatchScorer: Send + 'static {
     fn top_contributions(&self, i: usize, out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS]) -> u8;
     /// Switches to the model a retrain published in `cell`, if it is new (between batches).
     fn follow(&mut self, _cell: &crate::retrain::ModelCell) {}
+    /// Whether it may score on a thread other than the scorer's (a `SharedScorer`):
+    /// not when it holds a per-thread resource (a CUDA context).
+    fn any_thread(&self) -> bool {
+        true
+    }
     /// The version of the model that scored the last batch.
     fn model_version(&self) -> u64 {
         0
@@ -394,6 +403,11 @@ impl BatchScorer for Scorer {
         }
     }
 
+    fn any_thread(&self) -> bool {
+        // A CUDA context is current on one thread.
+        self.cuda.is_none()
+    }
+
     fn model_version(&self) -> u64 {
         self.model.meta.version
     }
@@ -412,12 +426,15 @@ pub trait Source: Send + 'static {
 /// What consumes scored frames. Runs on the sink thread, or on the scorer thread when
 /// [`Self::ON_SCORER_THREAD`].
 pub trait Sink: Send + 'static {
-    /// Whether [`Self::accept`] runs on the scorer thread, right after each frame is
-    /// scored, instead of on a sink thread behind a second ring. On the scorer a frame
-    /// wakes one thread fewer, and nothing waits in a second ring, but the sink's time
-    /// adds to the scorer's: for sinks that are cheap per frame at the rates they see (the
-    /// agent's, at a node's frame rate). Replay's sink (thresholds and files, the limit
-    /// of a replay's throughput) keeps its own thread, so that it runs beside the scorer.
+    /// Whether [`Self::accept`] runs with the scorer, right after each frame is scored,
+    /// instead of on a sink thread behind a second ring. On the scorer a frame wakes one
+    /// thread fewer, and nothing waits in a second ring, but the sink's time adds to the
+    /// scorer's: for sinks that are cheap per frame at the rates they see (the agent's, at
+    /// a node's frame rate). Such a scorer is also shared with the thread that pushes the
+    /// frames, which then scores them itself while the scorer thread is idle (see
+    /// `SharedScorer`), so the sink may run on either thread (one at a time, in frame
+    /// order). Replay's sink (thresholds and files, the limit of a replay's throughput)
+    /// keeps its own thread, so that it runs beside the scorer.
     const ON_SCORER_THREAD: bool = false;
     /// Takes one scored frame. Must not block for long: the scorer waits on a full output
     /// ring (or, on the scorer thread, for the call itself).
@@ -685,7 +702,7 @@ pub fn run_hooked<S: Source, K: Sink>(
 /// # Errors
 /// As [`run`].
 pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
-    mut scorer: F,
+    scorer: F,
     cfg: &PipelineConfig,
     policy: FullPolicy,
     source: S,
@@ -703,15 +720,30 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
     let spawn = |name: &'static str| thread::Builder::new().name(format!("darkwatch-{name}"));
     let spawn_err = |name: &'static str| move |source| PipelineError::Spawn { name, source };
     let inv = invalid.clone();
+    let mut producer = producer;
     // The scorer thread hands back the sink it ran (finished) when the sink is on it.
     let (scorer_thread, sink_thread) = if K::ON_SCORER_THREAD {
-        let scorer_thread = spawn("scorer")
-            .spawn(move || {
-                let mut results = OnScorer(&mut sink);
-                let counts = score_loop(&mut scorer, consumer, &mut results, &clock, &inv, hooks);
+        let state = ScoreState::new(scorer, consumer, OnScorer(sink), clock, inv, hooks);
+        // Where frames may be scored on the pushing thread: no replay swap point to wait at
+        // there, and a scorer that may run on any thread.
+        let shared =
+            state.hooks.as_ref().is_none_or(|h| h.gate.is_none()) && state.scorer.any_thread();
+        let scorer_thread = if shared {
+            let shared = Arc::new(SharedScorer {
+                state: std::sync::Mutex::new(Some(state)),
+            });
+            producer.set_drainer(shared.clone());
+            spawn("scorer").spawn(move || {
+                let (counts, OnScorer(mut sink)) = shared_score_loop(&shared);
                 (counts, Some(sink.finish().map(|()| sink)))
             })
-            .map_err(spawn_err("scorer"))?;
+        } else {
+            spawn("scorer").spawn(move || {
+                let (counts, OnScorer(mut sink)) = score_loop(state);
+                (counts, Some(sink.finish().map(|()| sink)))
+            })
+        }
+        .map_err(spawn_err("scorer"))?;
         (scorer_thread, None)
     } else {
         let (out_p, out_c) = HeapRb::<ScoredFrame>::new(cfg.ring_capacity_frames.max(1)).split();
@@ -721,14 +753,14 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
                 sink.finish().map(|()| sink)
             })
             .map_err(spawn_err("sink"))?;
-        let mut results = ToSinkThread {
+        let results = ToSinkThread {
             ring: out_p,
             sink: sink_thread.thread().clone(),
         };
         let scorer_thread = spawn("scorer")
             .spawn(move || {
-                let counts = score_loop(&mut scorer, consumer, &mut results, &clock, &inv, hooks);
-                (counts, None)
+                let state = ScoreState::new(scorer, consumer, results, clock, inv, hooks);
+                (score_loop(state).0, None)
             })
             .map_err(spawn_err("scorer"))?;
         (scorer_thread, Some(sink_thread))
@@ -770,6 +802,10 @@ pub const MAX_PAUSE: Duration = Duration::from_secs(120);
 /// Longest park; the producer unparks the scorer sooner when it pushes.
 const IDLE_PARK: Duration = Duration::from_millis(5);
 
+/// Longest park of a [`SharedScorer`]'s thread, which the pusher wakes only when it finds
+/// the scorer busy, and the producer's drop at the end of the run.
+const SHARED_IDLE_PARK: Duration = Duration::from_millis(100);
+
 /// Where the scorer puts each scored frame: the result ring to the sink thread, or the
 /// sink itself (see [`Sink::ON_SCORER_THREAD`]).
 trait Results {
@@ -807,104 +843,239 @@ impl Results for ToSinkThread {
     }
 }
 
-/// The sink, called on the scorer thread.
-struct OnScorer<'a, K>(&'a mut K);
+/// The sink, called on the scorer thread (or, with a [`SharedScorer`], on the thread that
+/// pushed the frame).
+struct OnScorer<K>(K);
 
-impl<K: Sink> Results for OnScorer<'_, K> {
+impl<K: Sink> Results for OnScorer<K> {
     fn put(&mut self, frame: &ScoredFrame) -> bool {
         self.0.accept(frame);
         true
     }
 }
 
-fn score_loop(
-    scorer: &mut impl BatchScorer,
-    mut consumer: FrameConsumer,
-    out: &mut impl Results,
-    clock: &Clock,
-    invalid: &AtomicU64,
-    mut hooks: Option<ScorerHooks>,
-) -> (u64, u64, LatencyHistogram, LatencyHistogram) {
-    consumer.register_current_thread();
-    let d = scorer.n_features();
-    let max_batch = scorer.max_batch();
-    let mut metas = vec![FrameMeta::default(); max_batch];
-    let mut latency = LatencyHistogram::new();
-    let mut compute = LatencyHistogram::new();
-    let (mut scored, mut batches) = (0u64, 0u64);
-    let mut frame = ScoredFrame::default();
-    loop {
-        let n = consumer.pop_batch(&mut metas, scorer.input_mut());
-        if n == 0 {
-            if consumer.is_finished() {
-                break;
-            }
-            // No spin first: at a node's rates (about a frame a millisecond) every frame
-            // would end in one, and a 10 µs spin per frame was 1 % of a core. The
-            // producer's unpark wakes the parked scorer within microseconds.
-            consumer.wait(IDLE_PARK);
-            continue;
-        }
-        let t0 = clock.now_ns();
-        // A stream may carry NaN/Inf: count and skip those frames, compacting the batch.
-        let mut n = compact_finite(scorer.input_mut(), &mut metas[..n], d, invalid);
-        if n == 0 {
-            continue;
-        }
-        let mut t0 = t0;
-        // A batch is scored in one piece, or, when a replay's swap point falls inside it,
-        // in two: the frames before it with the old model, the rest with the new one.
-        loop {
-            let mut end = n;
-            if let Some(h) = hooks.as_ref() {
-                match &h.gate {
-                    None => scorer.follow(&h.cell),
-                    Some(gate) => match gate.split(&metas[..n]) {
-                        Some((0, at)) => {
-                            gate.wait_and_clear(at);
-                            scorer.follow(&h.cell);
-                            t0 = clock.now_ns();
-                        }
-                        Some((k, _)) => end = k,
-                        None => {}
-                    },
-                }
-            }
-            let version = scorer.model_version();
-            scorer.score_batch(end);
-            let t1 = clock.now_ns();
-            compute.record((t1 - t0) / end as u64);
-            batches += 1;
-            for (i, meta) in metas[..end].iter().enumerate() {
-                frame.meta = *meta;
-                frame.score = scorer.batch_scores()[i];
-                frame.n_top = scorer.top_contributions(i, &mut frame.top);
-                frame.latency_ns = t1.saturating_sub(meta.enqueued_ns);
-                frame.model_version = version;
-                latency.record(frame.latency_ns);
-                if let Some(h) = hooks.as_mut() {
-                    // Before the result: the sink pops a frame's values right after its result.
-                    if h.values.push(*meta, scorer.input_row(i)) == Pushed::Closed {
-                        hooks = None;
-                    }
-                }
-                if !out.put(&frame) {
-                    return (scored, batches, latency, compute);
-                }
-                scored += 1;
-            }
-            out.batch_done();
-            if end == n {
-                break;
-            }
-            scorer.input_mut().copy_within(end * d..n * d, 0);
-            metas.copy_within(end..n, 0);
-            n -= end;
-            t0 = clock.now_ns();
+/// The scorer's state between batches: its half of the ring, the model, where results go,
+/// and what it has counted.
+struct ScoreState<F, R> {
+    scorer: F,
+    consumer: FrameConsumer,
+    out: R,
+    clock: Clock,
+    invalid: Arc<AtomicU64>,
+    hooks: Option<ScorerHooks>,
+    metas: Vec<FrameMeta>,
+    latency: LatencyHistogram,
+    compute: LatencyHistogram,
+    scored: u64,
+    batches: u64,
+    frame: ScoredFrame,
+    /// `out` took no more frames: the run is over.
+    closed: bool,
+}
+
+/// What a scorer counted: frames scored, batches, ring-entry-to-score latency, and compute
+/// per frame.
+type ScoreCounts = (u64, u64, LatencyHistogram, LatencyHistogram);
+
+impl<F: BatchScorer, R: Results> ScoreState<F, R> {
+    fn new(
+        scorer: F,
+        consumer: FrameConsumer,
+        out: R,
+        clock: Clock,
+        invalid: Arc<AtomicU64>,
+        hooks: Option<ScorerHooks>,
+    ) -> Self {
+        let max_batch = scorer.max_batch();
+        ScoreState {
+            scorer,
+            consumer,
+            out,
+            clock,
+            invalid,
+            hooks,
+            metas: vec![FrameMeta::default(); max_batch],
+            latency: LatencyHistogram::new(),
+            compute: LatencyHistogram::new(),
+            scored: 0,
+            batches: 0,
+            frame: ScoredFrame::default(),
+            closed: false,
         }
     }
-    out.batch_done();
-    (scored, batches, latency, compute)
+
+    /// Scores what the ring holds, batch by batch, until it is empty (or `out` takes no
+    /// more frames: then [`Self::closed`] is set).
+    fn drain(&mut self) {
+        let ScoreState {
+            scorer,
+            consumer,
+            out,
+            clock,
+            invalid,
+            hooks,
+            metas,
+            latency,
+            compute,
+            scored,
+            batches,
+            frame,
+            closed,
+        } = self;
+        let d = scorer.n_features();
+        while !*closed {
+            let n = consumer.pop_batch(metas, scorer.input_mut());
+            if n == 0 {
+                return;
+            }
+            let t0 = clock.now_ns();
+            // A stream may carry NaN/Inf: count and skip those frames, compacting the batch.
+            let mut n = compact_finite(scorer.input_mut(), &mut metas[..n], d, invalid);
+            if n == 0 {
+                continue;
+            }
+            let mut t0 = t0;
+            // A batch is scored in one piece, or, when a replay's swap point falls inside
+            // it, in two: the frames before it with the old model, the rest with the new one.
+            loop {
+                let mut end = n;
+                if let Some(h) = hooks.as_ref() {
+                    match &h.gate {
+                        None => scorer.follow(&h.cell),
+                        Some(gate) => match gate.split(&metas[..n]) {
+                            Some((0, at)) => {
+                                gate.wait_and_clear(at);
+                                scorer.follow(&h.cell);
+                                t0 = clock.now_ns();
+                            }
+                            Some((k, _)) => end = k,
+                            None => {}
+                        },
+                    }
+                }
+                let version = scorer.model_version();
+                scorer.score_batch(end);
+                let t1 = clock.now_ns();
+                compute.record((t1 - t0) / end as u64);
+                *batches += 1;
+                for (i, meta) in metas[..end].iter().enumerate() {
+                    frame.meta = *meta;
+                    frame.score = scorer.batch_scores()[i];
+                    frame.n_top = scorer.top_contributions(i, &mut frame.top);
+                    frame.latency_ns = t1.saturating_sub(meta.enqueued_ns);
+                    frame.model_version = version;
+                    latency.record(frame.latency_ns);
+                    if let Some(h) = hooks.as_mut() {
+                        // Before the result: the sink pops a frame's values right after
+                        // its result.
+                        if h.values.push(*meta, scorer.input_row(i)) == Pushed::Closed {
+                            *hooks = None;
+                        }
+                    }
+                    if !out.put(frame) {
+                        *closed = true;
+                        return;
+                    }
+                    *scored += 1;
+                }
+                out.batch_done();
+                if end == n {
+                    break;
+                }
+                scorer.input_mut().copy_within(end * d..n * d, 0);
+                metas.copy_within(end..n, 0);
+                n -= end;
+                t0 = clock.now_ns();
+            }
+        }
+    }
+
+    /// The counts, once the run is over.
+    fn counts(self) -> (ScoreCounts, R) {
+        let counts = (self.scored, self.batches, self.latency, self.compute);
+        (counts, self.out)
+    }
+}
+
+/// The scorer thread's loop: drains the ring, parks while it is empty, and ends once the
+/// producer is gone and the ring is empty (or nothing takes results any more).
+fn score_loop<F: BatchScorer, R: Results>(mut state: ScoreState<F, R>) -> (ScoreCounts, R) {
+    state.consumer.register_current_thread();
+    loop {
+        state.drain();
+        if state.closed {
+            return state.counts();
+        }
+        if state.consumer.is_finished() {
+            break;
+        }
+        // No spin first: at a node's rates (about a frame a millisecond) every frame would
+        // end in one, and a 10 µs spin per frame was 1 % of a core. The producer's unpark
+        // wakes the parked scorer within microseconds.
+        state.consumer.wait(IDLE_PARK);
+    }
+    state.out.batch_done();
+    state.counts()
+}
+
+/// A scorer whose sink runs on it, shared with the thread that pushes frames: that thread
+/// scores what it pushed itself whenever the scorer is not busy ([`Drainer`]), so a frame
+/// wakes no thread at all on its way to its alert. The scorer thread only scores when the
+/// pusher found it busy, and ends the run.
+struct SharedScorer<F, K> {
+    state: std::sync::Mutex<Option<ScoreState<F, OnScorer<K>>>>,
+}
+
+impl<F: BatchScorer, K: Sink> Drainer for SharedScorer<F, K> {
+    fn try_drain(&self) -> bool {
+        let Ok(mut state) = self.state.try_lock() else {
+            // Busy (the scorer thread drains, and looks at the ring again before it parks)
+            // or poisoned (a panic while scoring: the scorer thread reports it).
+            return false;
+        };
+        match state.as_mut() {
+            Some(state) if !state.closed => {
+                state.drain();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The scorer thread's loop beside a [`SharedScorer`]: parks until the pusher leaves it
+/// frames (it could not take the lock) or the producer is gone, then hands the state back.
+/// A panic while another thread held the lock is re-raised here.
+fn shared_score_loop<F: BatchScorer, K: Sink>(
+    shared: &SharedScorer<F, K>,
+) -> (ScoreCounts, OnScorer<K>) {
+    let lock = || {
+        shared
+            .state
+            .lock()
+            .unwrap_or_else(|_| panic!("the scorer panicked on the pushing thread"))
+    };
+    let waiter = {
+        let mut state = lock();
+        let state = state.as_mut().expect("the shared scorer's state");
+        state.consumer.register_current_thread();
+        state.consumer.waiter()
+    };
+    loop {
+        {
+            let mut guard = lock();
+            let state = guard.as_mut().expect("the shared scorer's state");
+            state.drain();
+            if state.closed {
+                return guard.take().expect("the shared scorer's state").counts();
+            }
+            if state.consumer.is_finished() {
+                state.out.batch_done();
+                return guard.take().expect("the shared scorer's state").counts();
+            }
+        }
+        waiter.wait(SHARED_IDLE_PARK);
+    }
 }
 
 /// Moves rows holding only finite values to the front; returns how many there are.
@@ -1093,10 +1264,19 @@ mod tests {
         assert_eq!(sink.threads, ["darkwatch-sink"]);
         assert!(sink.finished);
 
+        // On the scorer: the source's thread scores what it pushed whenever the scorer is
+        // idle (a SharedScorer), the scorer thread what the source left it meanwhile.
         let (report, sink) = run_recorder::<true>();
         assert_eq!(report.frames_scored, 300);
         assert_eq!(sink.seqs, (0..300).collect::<Vec<_>>());
-        assert_eq!(sink.threads, ["darkwatch-scorer"]);
+        assert!(
+            sink.threads
+                .iter()
+                .all(|t| t == "darkwatch-source" || t == "darkwatch-scorer"),
+            "{:?}",
+            sink.threads
+        );
+        assert!(sink.threads.iter().any(|t| t == "darkwatch-source"));
         assert!(sink.finished);
     }
 }

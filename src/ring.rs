@@ -12,6 +12,7 @@ use std::thread::Thread;
 use std::time::Duration;
 
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
+use ringbuf::wrap::Wrap;
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 use serde::{Deserialize, Serialize};
 
@@ -66,13 +67,23 @@ pub enum Pushed {
     Closed,
 }
 
+/// Scores what a ring holds on the thread that pushes into it, when the scorer is idle
+/// (see [`FrameProducer::set_drainer`]).
+pub trait Drainer: Send + Sync {
+    /// Scores every frame in the ring now, unless the scorer is busy; `false` then (the
+    /// producer wakes the scorer as usual).
+    fn try_drain(&self) -> bool;
+}
+
 /// The source's half of the ring.
 pub struct FrameProducer {
-    meta: HeapProd<FrameMeta>,
-    values: HeapProd<f32>,
+    /// `None` once dropped (see `Drop`).
+    meta: Option<HeapProd<FrameMeta>>,
+    values: Option<HeapProd<f32>>,
     dim: usize,
     policy: FullPolicy,
     shared: Arc<Shared>,
+    drainer: Option<Arc<dyn Drainer>>,
 }
 
 /// The scorer's half of the ring.
@@ -95,11 +106,12 @@ pub fn frame_ring(
     let shared = Arc::new(Shared::default());
     (
         FrameProducer {
-            meta: meta_p,
-            values: val_p,
+            meta: Some(meta_p),
+            values: Some(val_p),
             dim,
             policy,
             shared: shared.clone(),
+            drainer: None,
         },
         FrameConsumer {
             meta: meta_c,
@@ -121,8 +133,32 @@ impl FrameProducer {
         self.shared.stats.clone()
     }
 
-    fn has_room(&self) -> bool {
-        self.meta.vacant_len() >= 1 && self.values.vacant_len() >= self.dim
+    /// After each push, `drainer` scores the ring on the pushing thread if it can, and only
+    /// if it cannot is the consumer woken: a frame then wakes no other thread.
+    pub fn set_drainer(&mut self, drainer: Arc<dyn Drainer>) {
+        self.drainer = Some(drainer);
+    }
+
+    fn halves(&mut self) -> (&mut HeapProd<FrameMeta>, &mut HeapProd<f32>) {
+        match (self.meta.as_mut(), self.values.as_mut()) {
+            (Some(meta), Some(values)) => (meta, values),
+            _ => unreachable!("the ring halves are only taken on drop"),
+        }
+    }
+
+    fn has_room(&mut self) -> bool {
+        let dim = self.dim;
+        let (meta, values) = self.halves();
+        meta.vacant_len() >= 1 && values.vacant_len() >= dim
+    }
+
+    fn read_is_held(&mut self) -> bool {
+        self.halves().0.read_is_held()
+    }
+
+    /// Scores the ring on this thread if a drainer is set and the scorer is idle.
+    fn drain_here(&self) -> bool {
+        self.drainer.as_ref().is_some_and(|d| d.try_drain())
     }
 
     /// Pushes one frame (`values.len()` must equal [`Self::dim`]; a wrong length is
@@ -134,8 +170,13 @@ impl FrameProducer {
         }
         let mut spins = 0u32;
         while !self.has_room() {
-            if !self.meta.read_is_held() {
+            if !self.read_is_held() {
                 return Pushed::Closed;
+            }
+            // Full while the scorer is idle (only possible with a drainer that was busy a
+            // moment ago): score here, which makes room.
+            if self.drain_here() {
+                continue;
             }
             match self.policy {
                 FullPolicy::DropNewest => {
@@ -148,13 +189,16 @@ impl FrameProducer {
                 }
             }
         }
-        if !self.meta.read_is_held() {
+        if !self.read_is_held() {
             return Pushed::Closed;
         }
-        self.values.push_slice(values);
-        let _ = self.meta.try_push(meta);
+        let (meta_half, values_half) = self.halves();
+        values_half.push_slice(values);
+        let _ = meta_half.try_push(meta);
         self.shared.stats.pushed.fetch_add(1, Ordering::Relaxed);
-        self.wake_consumer();
+        if !self.drain_here() {
+            self.wake_consumer();
+        }
         Pushed::Accepted
     }
 
@@ -173,7 +217,11 @@ impl FrameProducer {
 
 impl Drop for FrameProducer {
     fn drop(&mut self) {
-        // The ring halves drop after this; wake the consumer so it sees the end promptly.
+        // The halves go first, so that the consumer woken here finds the ring finished
+        // (a consumer that parks long, beside a drainer, would otherwise sleep it out).
+        self.meta = None;
+        self.values = None;
+        self.drainer = None;
         if let Some(t) = self.shared.consumer.get() {
             t.unpark();
         }
@@ -229,13 +277,39 @@ impl FrameConsumer {
     /// Parks until a producer signals or `timeout` passes. Returns at once if frames are
     /// ready or the producer is gone.
     pub fn wait(&self, timeout: Duration) {
-        self.shared.consumer_sleeping.store(true, Ordering::SeqCst);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.meta.is_empty() && self.meta.write_is_held() {
-            std::thread::park_timeout(timeout);
-        }
-        self.shared.consumer_sleeping.store(false, Ordering::SeqCst);
+        park_until_pushed(&self.shared, self.meta.rb(), timeout);
     }
+
+    /// A handle that waits like [`Self::wait`] without the consumer, so that another thread
+    /// may hold the consumer meanwhile (see [`Drainer`]).
+    pub fn waiter(&self) -> Waiter {
+        Waiter {
+            shared: self.shared.clone(),
+            meta: self.meta.rb_ref().clone(),
+        }
+    }
+}
+
+/// Waits for a ring's producer, apart from its consumer ([`FrameConsumer::waiter`]).
+pub struct Waiter {
+    shared: Arc<Shared>,
+    meta: Arc<HeapRb<FrameMeta>>,
+}
+
+impl Waiter {
+    /// As [`FrameConsumer::wait`]; call it on the consumer's registered thread.
+    pub fn wait(&self, timeout: Duration) {
+        park_until_pushed(&self.shared, &self.meta, timeout);
+    }
+}
+
+fn park_until_pushed(shared: &Shared, meta: &HeapRb<FrameMeta>, timeout: Duration) {
+    shared.consumer_sleeping.store(true, Ordering::SeqCst);
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if meta.is_empty() && meta.write_is_held() {
+        std::thread::park_timeout(timeout);
+    }
+    shared.consumer_sleeping.store(false, Ordering::SeqCst);
 }
 
 #[cfg(test)]
@@ -247,6 +321,69 @@ mod tests {
             seq,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_consumer_woken_by_the_producers_drop_finds_the_ring_finished() {
+        let (p, c) = frame_ring(4, 1, FullPolicy::Block);
+        let (parked_tx, parked_rx) = std::sync::mpsc::channel();
+        let consumer = std::thread::spawn(move || {
+            c.register_current_thread();
+            parked_tx.send(()).unwrap();
+            // Long enough that only the producer's unpark ends it.
+            c.wait(Duration::from_secs(60));
+            c.is_finished()
+        });
+        parked_rx.recv().unwrap();
+        drop(p);
+        assert!(consumer.join().unwrap());
+    }
+
+    /// Pops every frame it is asked to, unless told it is busy.
+    struct Popper {
+        consumer: std::sync::Mutex<FrameConsumer>,
+        busy: AtomicBool,
+        popped: AtomicU64,
+    }
+
+    impl Drainer for Popper {
+        fn try_drain(&self) -> bool {
+            if self.busy.load(Ordering::SeqCst) {
+                return false;
+            }
+            let mut c = self.consumer.lock().unwrap();
+            let (mut metas, mut values) = ([FrameMeta::default(); 4], [0.0; 8]);
+            let n = c.pop_batch(&mut metas, &mut values) as u64;
+            self.popped.fetch_add(n, Ordering::SeqCst);
+            true
+        }
+    }
+
+    #[test]
+    fn a_drainer_takes_each_frame_on_the_pushing_thread_unless_busy() {
+        let (mut p, c) = frame_ring(4, 2, FullPolicy::DropNewest);
+        let popper = Arc::new(Popper {
+            consumer: std::sync::Mutex::new(c),
+            busy: AtomicBool::new(false),
+            popped: AtomicU64::new(0),
+        });
+        p.set_drainer(popper.clone());
+        for seq in 0..10 {
+            assert_eq!(p.push(meta(seq), &[1.0, 2.0]), Pushed::Accepted);
+        }
+        assert_eq!(popper.popped.load(Ordering::SeqCst), 10);
+        // Busy: frames stay for the consumer, and the ring fills as without a drainer.
+        popper.busy.store(true, Ordering::SeqCst);
+        for seq in 10..14 {
+            assert_eq!(p.push(meta(seq), &[1.0, 2.0]), Pushed::Accepted);
+        }
+        assert_eq!(p.push(meta(14), &[1.0, 2.0]), Pushed::Dropped);
+        assert_eq!(popper.consumer.lock().unwrap().ready(), 4);
+        // Idle again: a full ring is drained on this thread before the push.
+        popper.busy.store(false, Ordering::SeqCst);
+        assert_eq!(p.push(meta(15), &[1.0, 2.0]), Pushed::Accepted);
+        assert_eq!(popper.popped.load(Ordering::SeqCst), 15);
+        assert_eq!(p.stats().dropped.load(Ordering::SeqCst), 1);
     }
 
     #[test]

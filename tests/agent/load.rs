@@ -5,6 +5,10 @@
 //! cargo test --release --test main -- --ignored --nocapture agent::load
 //! ```
 //!
+//! `DARKWATCH_LOAD_CASES` (comma-separated) runs only some of the cases: `flood` (100k
+//! messages/s), `flood-1k`, `alternate` (raw frames, every other one anomalous), `recorded`
+//! (raw frames, recorded rows) and `examon-latency`; unset, all of them.
+//!
 //! 1. ExaMon flood: 100k messages/s for 10 s (100 nodes × 38 metrics of the bundled model,
 //!    QoS 0): frames/s, drops (broker, incoming channel, ring), agent RSS before and after,
 //!    agent CPU.
@@ -196,12 +200,28 @@ fn load() {
     let model = repo("models/smd-machine-1-6");
     let tck = clk_tck();
     let dir = tempfile::tempdir().unwrap();
-    flood(&mosq, &model, dir.path(), &data, tck, 100_000.0);
-    // 1k frames/s of ExaMon input: 38k messages/s.
-    flood(&mosq, &model, dir.path(), &data, tck, 38_000.0);
-    latency(&mosq, &model, dir.path(), &data, tck, true);
-    latency(&mosq, &model, dir.path(), &data, tck, false);
-    examon_latency(&mosq, &model, dir.path(), &data, tck);
+    if wanted("flood") {
+        flood(&mosq, &model, dir.path(), &data, tck, 100_000.0);
+    }
+    if wanted("flood-1k") {
+        // 1k frames/s of ExaMon input: 38k messages/s.
+        flood(&mosq, &model, dir.path(), &data, tck, 38_000.0);
+    }
+    if wanted("alternate") {
+        latency(&mosq, &model, dir.path(), &data, tck, true);
+    }
+    if wanted("recorded") {
+        latency(&mosq, &model, dir.path(), &data, tck, false);
+    }
+    if wanted("examon-latency") {
+        examon_latency(&mosq, &model, dir.path(), &data, tck);
+    }
+}
+
+/// Whether `DARKWATCH_LOAD_CASES` (unset: every case) names `case`.
+fn wanted(case: &str) -> bool {
+    std::env::var("DARKWATCH_LOAD_CASES")
+        .map_or(true, |cases| cases.split(',').any(|c| c.trim() == case))
 }
 
 fn flood(
