@@ -752,13 +752,7 @@ fn a_one_feature_series_is_scored_in_lag_windows_of_its_period() {
     let mut aurocs = Vec::new();
     for (name, cfg) in [("plain", &plain_cfg), ("windowed", &auto_cfg)] {
         let model = dir.path().join(name);
-        let (code, out, err) = run(darkwatch()
-            .args(["train", "--input"])
-            .arg(&train)
-            .arg("--out")
-            .arg(&model)
-            .arg("--config")
-            .arg(cfg));
+        let (code, out, err) = train_with(&train, &model, cfg);
         assert_eq!(code, 0, "train failed: {out}\n{err}");
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap())
@@ -834,13 +828,7 @@ fn a_window_that_does_not_divide_the_features_is_refused() {
     rhythm_csv(&short, 40, 0..0);
     let cfg = dir.path().join("long.toml");
     std::fs::write(&cfg, "[model]\nwindow_frames = 50\n").unwrap();
-    let (code, _, err) = run(darkwatch()
-        .args(["train", "--input"])
-        .arg(&short)
-        .arg("--out")
-        .arg(dir.path().join("m2"))
-        .arg("--config")
-        .arg(&cfg));
+    let (code, _, err) = train_with(&short, &dir.path().join("m2"), &cfg);
     assert_ne!(code, 0);
     assert!(
         err.contains("model.window_frames") && err.contains("40 rows"),
@@ -849,13 +837,7 @@ fn a_window_that_does_not_divide_the_features_is_refused() {
     let clash = dir.path().join("clash.csv");
     std::fs::write(&clash, "a,a[t-1]\n1,2\n3,4\n5,6\n7,8\n").unwrap();
     std::fs::write(&cfg, "[model]\nwindow_frames = 2\n").unwrap();
-    let (code, _, err) = run(darkwatch()
-        .args(["train", "--input"])
-        .arg(&clash)
-        .arg("--out")
-        .arg(dir.path().join("m3"))
-        .arg("--config")
-        .arg(&cfg));
+    let (code, _, err) = train_with(&clash, &dir.path().join("m3"), &cfg);
     assert_ne!(code, 0);
     assert!(err.contains("a[t-1]") && err.contains("rename"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -872,13 +854,22 @@ fn windowed_model(dir: &std::path::Path, rows: usize, w: usize) -> std::path::Pa
         format!("[train]\nepochs_max = 40\nbatch_size = 64\n[model]\nwindow_frames = {w}\n"),
     )
     .unwrap();
-    let (code, out, err) = run(darkwatch()
-        .args(["train", "--input"])
-        .arg(&train)
-        .arg("--out")
-        .arg(&model)
-        .arg("--config")
-        .arg(&cfg));
+    let (code, out, err) = train_with(&train, &model, &cfg);
     assert_eq!(code, 0, "train failed: {out}\n{err}");
     model
+}
+
+/// `darkwatch train --input input --out out --config cfg`.
+fn train_with(
+    input: &std::path::Path,
+    out: &std::path::Path,
+    cfg: &std::path::Path,
+) -> (i32, String, String) {
+    run(darkwatch()
+        .args(["train", "--input"])
+        .arg(input)
+        .arg("--out")
+        .arg(out)
+        .arg("--config")
+        .arg(cfg))
 }
