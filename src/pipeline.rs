@@ -1233,7 +1233,9 @@ mod tests {
         }
     }
 
-    fn run_recorder<const ON_SCORER: bool>() -> (PipelineReport, Recorder<ON_SCORER>) {
+    fn run_recorder<const ON_SCORER: bool>(
+        rate: Option<f64>,
+    ) -> (PipelineReport, Recorder<ON_SCORER>) {
         let mut rng = Rng::new(5);
         let x = Array2::from_shape_fn((300, 6), |_| rng.uniform(-1.0, 1.0));
         let model = synthetic(6, 3);
@@ -1243,7 +1245,7 @@ mod tests {
             batch_max_frames: 4,
             ..PipelineConfig::default()
         };
-        let source = FileSource::new(x, None, None);
+        let source = FileSource::new(x, None, rate);
         run(
             Arc::new(model),
             head,
@@ -1258,7 +1260,7 @@ mod tests {
 
     #[test]
     fn sink_runs_on_its_thread_or_on_the_scorer_and_sees_every_frame_in_order() {
-        let (report, sink) = run_recorder::<false>();
+        let (report, sink) = run_recorder::<false>(None);
         assert_eq!(report.frames_scored, 300);
         assert_eq!(sink.seqs, (0..300).collect::<Vec<_>>());
         assert_eq!(sink.threads, ["darkwatch-sink"]);
@@ -1266,7 +1268,10 @@ mod tests {
 
         // On the scorer: the source's thread scores what it pushed whenever the scorer is
         // idle (a SharedScorer), the scorer thread what the source left it meanwhile.
-        let (report, sink) = run_recorder::<true>();
+        // Paced at 5,000 frames/s, so that the scorer is idle between frames: unpaced, a
+        // slow (debug, loaded) scorer can stay busy until the end, and the source then
+        // never finds it idle (seen in CI).
+        let (report, sink) = run_recorder::<true>(Some(5_000.0));
         assert_eq!(report.frames_scored, 300);
         assert_eq!(sink.seqs, (0..300).collect::<Vec<_>>());
         assert!(
