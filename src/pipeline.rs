@@ -477,8 +477,9 @@ pub struct FileSource {
     rate: Option<f64>,
     /// While set, the stream stands still (a replay waits for a retrain to finish).
     pause: Option<Arc<AtomicBool>>,
-    /// The seq of the first row (a lag-windowed replay starts at its first full window).
-    first_seq: u64,
+    /// Frames per lag window: each row is pushed with the `w − 1` rows before it, from
+    /// row `w − 1` on (whose seq is its row number), built as it goes.
+    window: usize,
 }
 
 impl FileSource {
@@ -489,14 +490,14 @@ impl FileSource {
             timestamps,
             rate,
             pause: None,
-            first_seq: 0,
+            window: 1,
         }
     }
 
-    /// Numbers the frames from `seq` on instead of 0.
+    /// Pushes lag windows of `w` rows instead of single rows (see [`crate::window`]).
     #[must_use]
-    pub fn starting_at(mut self, seq: u64) -> Self {
-        self.first_seq = seq;
+    pub fn windowed(mut self, w: usize) -> Self {
+        self.window = w.max(1);
         self
     }
 
@@ -513,7 +514,13 @@ impl Source for FileSource {
         let period_ns = self.rate.filter(|r| *r > 0.0).map(|r| 1e9 / r);
         let start = clock.now_ns();
         let mut offered = 0;
+        let mut windows =
+            crate::window::StreamWindows::new(self.window, self.values.ncols(), f64::INFINITY);
         for (i, row) in self.values.rows().into_iter().enumerate() {
+            let row = row.to_slice().expect("standard layout rows are contiguous");
+            let Some(values) = windows.push(0, row, 0.0) else {
+                continue;
+            };
             if stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -541,14 +548,13 @@ impl Source for FileSource {
                 }
             }
             let meta = FrameMeta {
-                seq: self.first_seq + i as u64,
+                seq: i as u64,
                 stream: 0,
                 timestamp: self.timestamps.as_ref().map_or(f64::NAN, |t| t[i]),
                 enqueued_ns: clock.now_ns(),
                 received: 0.0,
             };
             offered += 1;
-            let values = row.to_slice().expect("standard layout rows are contiguous");
             if producer.push(meta, values) == Pushed::Closed {
                 break;
             }

@@ -12,7 +12,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::Array2;
 
 use crate::alert::{AlertEvent, AlertState, AlertStatus, Observation};
 use crate::config::DarkwatchConfig;
@@ -205,7 +205,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         },
         _ => model.meta.head,
     };
-    let frames = Frames::windowed(&model, values.view(), timestamps, labels);
+    let frames = Frames::windowed(&model, values, timestamps, labels);
     let outputs = Outputs {
         csv: req.out_csv.as_deref(),
         events: req.events.as_deref(),
@@ -269,34 +269,36 @@ fn check_plot_path(path: &Path) -> Result<(), ReplayError> {
     Ok(())
 }
 
-/// Frames to replay, already aligned to the model's features.
+/// Frames to replay: rows aligned to the model's frame features, one timestamp per row,
+/// and labels for the rows that are scored.
 #[derive(Debug, Clone)]
 pub struct Frames {
     pub values: Array2<f32>,
     pub timestamps: Option<Vec<f64>>,
     pub labels: Option<Vec<u8>>,
-    /// The input row of the first frame: frames (the CSV's `frame` column, alert
-    /// annotations) are numbered from it. 0, or `w − 1` for lag windows of `w` frames,
-    /// whose first rows only fill the first window.
+    /// Rows per lag window (1: none). The source builds the windows as it goes; row `i`
+    /// from `w − 1` on is scored with the `w − 1` rows before it as frame `i` (the first
+    /// `w − 1` rows only fill the first window, as in the agent: a padded window would
+    /// look unusual), so `labels` holds the labels of rows `w − 1` on.
     pub first_row: usize,
 }
 
 impl Frames {
-    /// Frames for `model` from aligned input rows: the rows themselves, or for a windowed
-    /// model each row from the `w`-th on with the `w − 1` before it (the first `w − 1` rows
-    /// are not scored, as in the agent: a padded window would look unusual), with the
-    /// timestamps and labels of the rows that are scored.
+    /// Frames for `model` from aligned input rows, with the labels of the rows it scores.
     pub fn windowed(
         model: &Model,
-        values: ArrayView2<f32>,
+        values: Array2<f32>,
         timestamps: Option<Vec<f64>>,
         labels: Option<Vec<u8>>,
     ) -> Frames {
-        let w = model.meta.window_frames.max(1);
-        let skip = (w - 1).min(values.nrows());
+        let skip = model
+            .meta
+            .window_frames
+            .saturating_sub(1)
+            .min(values.nrows());
         Frames {
-            values: crate::window::windows(values, w, false),
-            timestamps: timestamps.map(|t| t[skip..].to_vec()),
+            values,
+            timestamps,
             labels: labels.map(|l| l[skip..].to_vec()),
             first_row: skip,
         }
@@ -329,7 +331,7 @@ pub fn replay_frames(
         labels,
         first_row,
     } = frames;
-    let rows = values.nrows();
+    let rows = values.nrows() - first_row.min(values.nrows());
     // The threshold calibrates on the model's own training scores, which were computed
     // with the model's head and MSS settings. Scored any other way, those scores do not
     // describe normal frames, so the replay then reports scores without a threshold.
@@ -373,7 +375,7 @@ pub fn replay_frames(
     );
     let mut sink = ReplaySink::new(rows, features, outputs, threshold, alerts)?;
     sink.first_row = first_row;
-    let mut source = FileSource::new(values, timestamps, rate).starting_at(first_row as u64);
+    let mut source = FileSource::new(values, timestamps, rate).windowed(first_row + 1);
     // With retraining paused on, few frames are in flight when a retrain starts, and the
     // new model takes over a fixed number of frames after the one that asked for it
     // (past every frame the scorer can have scored by then), so a replay with retraining
