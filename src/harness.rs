@@ -253,9 +253,12 @@ pub fn run_entity(
     })?;
     let train_seconds = started.elapsed().as_secs_f64();
     let frames = Frames::windowed(&model, test.clone(), None, Some(labels));
-    let (labels, first_row) = (frames.labels.clone().unwrap_or_default(), frames.first_row);
+    let (labels, first_row) = (
+        frames.labels.clone().unwrap_or_default(),
+        frames.first_row(),
+    );
     // The frames the model scores, for HitRate (the replay's source builds its own).
-    let test = crate::window::windows(test.view(), model.meta.window_frames, false);
+    let test = crate::window::windows(test.view(), model.meta.window_frames);
     let model = Arc::new(model);
     let replay = |model: Arc<Model>| {
         let head = model.meta.head;

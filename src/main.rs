@@ -719,7 +719,7 @@ fn run(command: Command) -> Result<()> {
                     Some(path) => {
                         let rows = ingest::read_table(&path, &TableOptions::default())?.values;
                         if rows.ncols() == model.meta.frame_features().len() {
-                            darkwatch::window::windows(rows.view(), model.meta.window_frames, false)
+                            darkwatch::window::windows(rows.view(), model.meta.window_frames)
                         } else {
                             rows
                         }

@@ -280,7 +280,7 @@ pub struct Frames {
     /// from `w − 1` on is scored with the `w − 1` rows before it as frame `i` (the first
     /// `w − 1` rows only fill the first window, as in the agent: a padded window would
     /// look unusual), so `labels` holds the labels of rows `w − 1` on.
-    pub first_row: usize,
+    pub window_frames: usize,
 }
 
 impl Frames {
@@ -291,17 +291,22 @@ impl Frames {
         timestamps: Option<Vec<f64>>,
         labels: Option<Vec<u8>>,
     ) -> Frames {
-        let skip = model
-            .meta
-            .window_frames
-            .saturating_sub(1)
-            .min(values.nrows());
+        let w = model.meta.window_frames.max(1);
+        let skip = (w - 1).min(values.nrows());
         Frames {
             values,
             timestamps,
             labels: labels.map(|l| l[skip..].to_vec()),
-            first_row: skip,
+            window_frames: w,
         }
+    }
+
+    /// The first row that is scored (the CSV's first `frame`): `w − 1`, or 0 without a
+    /// window.
+    pub fn first_row(&self) -> usize {
+        self.window_frames
+            .saturating_sub(1)
+            .min(self.values.nrows())
     }
 }
 
@@ -325,11 +330,12 @@ pub fn replay_frames(
     rate: Option<f64>,
     cfg: &DarkwatchConfig,
 ) -> Result<ReplayOutcome, ReplayError> {
+    let first_row = frames.first_row();
     let Frames {
         values,
         timestamps,
         labels,
-        first_row,
+        window_frames,
     } = frames;
     let rows = values.nrows() - first_row.min(values.nrows());
     // The threshold calibrates on the model's own training scores, which were computed
@@ -375,7 +381,7 @@ pub fn replay_frames(
     );
     let mut sink = ReplaySink::new(rows, features, outputs, threshold, alerts)?;
     sink.first_row = first_row;
-    let mut source = FileSource::new(values, timestamps, rate).windowed(first_row + 1);
+    let mut source = FileSource::new(values, timestamps, rate).windowed(window_frames);
     // With retraining paused on, few frames are in flight when a retrain starts, and the
     // new model takes over a fixed number of frames after the one that asked for it
     // (past every frame the scorer can have scored by then), so a replay with retraining

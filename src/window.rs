@@ -10,7 +10,7 @@
 //! per stream ([`StreamWindows`]). `[model] window_frames` picks `w`; its
 //! default gives one-feature series the period of their autocorrelation ([`auto_window`]).
 
-use ndarray::{Array2, ArrayView2, s};
+use ndarray::{Array2, ArrayView1, ArrayView2};
 
 /// Most frames a window may span (`[model] window_frames`).
 pub const MAX_WINDOW_FRAMES: usize = 256;
@@ -47,25 +47,24 @@ pub fn base_names(features: &[String], w: usize) -> &[String] {
     &features[features.len() - features.len() / w.max(1)..]
 }
 
-/// Row `t` of the result holds rows `t − w + 1 ..= t` of `values` side by side, oldest
-/// first. With `pad`, every row gets a window (the first row stands in for the frames
-/// before it), so replayed scores line up with their labels; without it the first
-/// `w − 1` rows, which have no full window, are left out (training).
-pub fn windows(values: ArrayView2<f32>, w: usize, pad: bool) -> Array2<f32> {
+/// The windows of recorded rows, built by [`StreamWindows`] as the agent and replay build
+/// them: row `t` of the result holds rows `t ..= t + w − 1` of `values` side by side,
+/// oldest first. The first `w − 1` rows only fill the first window, so there are
+/// `n − w + 1` windows (none when there are fewer rows than `w`).
+pub fn windows(values: ArrayView2<f32>, w: usize) -> Array2<f32> {
     let (n, d) = values.dim();
     let w = w.max(1);
-    if w == 1 {
-        return values.to_owned();
-    }
-    let skip = if pad { 0 } else { (w - 1).min(n) };
-    let mut out = Array2::<f32>::zeros((n - skip, d * w));
-    for (i, mut row) in out.rows_mut().into_iter().enumerate() {
-        let t = i + skip;
-        for k in 0..w {
-            // Block k holds lag w − 1 − k.
-            let src = t.saturating_sub(w - 1 - k);
-            row.slice_mut(s![k * d..(k + 1) * d])
-                .assign(&values.row(src));
+    let rows = values.as_standard_layout();
+    let mut out = Array2::<f32>::zeros((n.saturating_sub(w - 1), d * w));
+    let mut stream = StreamWindows::new(w, d, f64::INFINITY);
+    let mut slots = out.rows_mut().into_iter();
+    for row in rows.rows() {
+        let row = row.to_slice().expect("standard layout rows are contiguous");
+        // A slot is taken only once the first window is full.
+        if let Some(window) = stream.push(0, row, 0.0)
+            && let Some(mut slot) = slots.next()
+        {
+            slot.assign(&ArrayView1::from(window));
         }
     }
     out
@@ -203,56 +202,21 @@ mod tests {
     }
 
     #[test]
-    fn windows_hold_the_previous_rows_padded_or_trimmed() {
+    fn windows_hold_the_previous_rows_from_the_first_full_window_on() {
         let x = array![[1.0f32, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]];
-        let padded = windows(x.view(), 3, true);
         assert_eq!(
-            padded,
+            windows(x.view(), 3),
             array![
-                [1.0, 10.0, 1.0, 10.0, 1.0, 10.0],
-                [1.0, 10.0, 1.0, 10.0, 2.0, 20.0],
                 [1.0, 10.0, 2.0, 20.0, 3.0, 30.0],
                 [2.0, 20.0, 3.0, 30.0, 4.0, 40.0],
             ]
         );
-        let trimmed = windows(x.view(), 3, false);
-        assert_eq!(trimmed, padded.slice(s![2.., ..]));
-        assert_eq!(windows(x.view(), 1, true), x);
+        assert_eq!(windows(x.view(), 1), x);
+        // Any strides: a transposed view gives the same windows as its copy.
+        let t = x.t().to_owned();
+        assert_eq!(windows(t.t(), 2), windows(x.view(), 2));
         // Fewer rows than the window: nothing to train on, but no panic.
-        assert_eq!(windows(x.view(), 9, false).nrows(), 0);
-        assert_eq!(windows(x.view(), 9, true).nrows(), 4);
-    }
-
-    fn sine_with(period: usize, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|t| (t as f32 * std::f32::consts::TAU / period as f32).sin())
-            .collect()
-    }
-
-    #[test]
-    fn period_finds_a_sine_wave_and_nothing_in_noise_or_a_constant() {
-        let sine: Vec<f32> = (0..5_000)
-            .map(|t| (t as f32 * std::f32::consts::TAU / 24.0).sin())
-            .collect();
-        assert_eq!(period(&sine), Some(24));
-        assert_eq!(period(&[3.0; 1_000]), None);
-        assert_eq!(period(&[1.0, 2.0, 3.0]), None);
-        // White noise has small local peaks everywhere: none is a period.
-        let mut rng = crate::rng::Rng::new(7);
-        let noise: Vec<f32> = (0..20_000).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        assert_eq!(period(&noise), None);
-        // Noise on top of a period does not hide it.
-        let noisy: Vec<f32> = sine_with(24, 5_000)
-            .iter()
-            .zip(&noise)
-            .map(|(s, n)| s + 0.5 * n)
-            .collect();
-        assert_eq!(period(&noisy), Some(24));
-        // A period beyond 300 is not accepted.
-        let slow: Vec<f32> = (0..5_000)
-            .map(|t| (t as f32 * std::f32::consts::TAU / 350.0).sin())
-            .collect();
-        assert_eq!(period(&slow), None);
+        assert_eq!(windows(x.view(), 9).nrows(), 0);
     }
 
     #[test]

@@ -127,7 +127,7 @@ fn replay_sink_allocates_nothing_per_frame() {
             values,
             timestamps: None,
             labels: None,
-            first_row: 0,
+            window_frames: 1,
         };
         let cfg = DarkwatchConfig::default();
         let before = ALLOCATIONS.load(Ordering::SeqCst);

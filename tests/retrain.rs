@@ -75,7 +75,7 @@ fn replay_frames(x: Array2<f32>, labels: Vec<u8>, retrain: Option<RetrainConfig>
         values: x,
         timestamps: None,
         labels: Some(labels),
-        first_row: 0,
+        window_frames: 1,
     };
     replay::replay_frames(model, head, frames, Outputs::default(), None, &cfg).expect("replay")
 }

@@ -68,7 +68,7 @@ pub fn fit(
             path: table.path.clone(),
             features: names,
             timestamps: None,
-            values: crate::window::windows(table.values.view(), window, false),
+            values: crate::window::windows(table.values.view(), window),
         };
         &windowed
     } else {
