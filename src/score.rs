@@ -331,13 +331,56 @@ pub fn prepare_baseline(head: &Head, stored: &[f32], d: usize) -> Vec<f32> {
     }
 }
 
+/// Features per step of [`RowTerms::row`]: one AVX2 vector of f32.
+const LANES: usize = 8;
+
 /// A wnll variant's per-feature constants: one feature's contribution, and a whole row's.
 trait RowTerms {
     /// Feature `j`'s contribution.
     fn one(&self, j: usize, x: f32, m: f32, s: f32) -> f32;
-    /// One row's contributions: a branch-free loop over contiguous slices that the compiler
-    /// vectorises (the logarithm included, see [`ln`]). Inlined into [`row_terms`].
-    fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]);
+
+    /// Features `at..at + LANES`: a branch-free loop over fixed-size arrays that the
+    /// compiler turns into one vector step (the logarithm included, see [`ln`]).
+    fn lanes(
+        &self,
+        at: usize,
+        x: &[f32; LANES],
+        m: &[f32; LANES],
+        s: &[f32; LANES],
+        out: &mut [f32; LANES],
+    );
+
+    /// One row's contributions, `LANES` features at a time. A row that is not a multiple of
+    /// `LANES` ends with a step over its last `LANES` features, overlapping the one before:
+    /// each term depends only on its own inputs, so recomputing it gives the same value,
+    /// and no feature falls to a scalar tail (38 features: 5 vector steps, not 4 and 6
+    /// scalar logarithms). Inlined into [`row_terms`].
+    #[inline(always)]
+    fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
+        let d = out.len();
+        if d < LANES {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = self.one(j, x[j], m[j], s[j]);
+            }
+            return;
+        }
+        let mut next = 0;
+        loop {
+            let at = next.min(d - LANES);
+            let span = at..at + LANES;
+            self.lanes(
+                at,
+                x[span.clone()].try_into().expect("LANES long"),
+                m[span.clone()].try_into().expect("LANES long"),
+                s[span.clone()].try_into().expect("LANES long"),
+                (&mut out[span]).try_into().expect("LANES long"),
+            );
+            if at + LANES == d {
+                return;
+            }
+            next += LANES;
+        }
+    }
 }
 
 /// Every row's contributions into `contrib`. Rows are contiguous in every caller; a strided
@@ -421,16 +464,20 @@ impl RowTerms for BoundedConsts<'_> {
     }
 
     #[inline(always)]
-    fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
-        let d = out.len();
-        let (x, m, s) = (&x[..d], &m[..d], &s[..d]);
-        let (lo, hi, inv_hi, inv_lo) = (
-            &self.lo[..d],
-            &self.hi[..d],
-            &self.inv_hi[..d],
-            &self.inv_lo[..d],
-        );
-        for j in 0..d {
+    fn lanes(
+        &self,
+        at: usize,
+        x: &[f32; LANES],
+        m: &[f32; LANES],
+        s: &[f32; LANES],
+        out: &mut [f32; LANES],
+    ) {
+        let span = at..at + LANES;
+        let lo: &[f32; LANES] = self.lo[span.clone()].try_into().expect("LANES long");
+        let hi: &[f32; LANES] = self.hi[span.clone()].try_into().expect("LANES long");
+        let inv_hi: &[f32; LANES] = self.inv_hi[span.clone()].try_into().expect("LANES long");
+        let inv_lo: &[f32; LANES] = self.inv_lo[span].try_into().expect("LANES long");
+        for j in 0..LANES {
             out[j] = bounded_term(
                 self.alpha,
                 self.beta,
@@ -490,12 +537,19 @@ impl RowTerms for ExcessConsts<'_> {
     }
 
     #[inline(always)]
-    fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
-        let d = out.len();
-        let (x, m, s) = (&x[..d], &m[..d], &s[..d]);
-        let (median, ceiling, inv_cap) =
-            (&self.median[..d], &self.ceiling[..d], &self.inv_cap[..d]);
-        for j in 0..d {
+    fn lanes(
+        &self,
+        at: usize,
+        x: &[f32; LANES],
+        m: &[f32; LANES],
+        s: &[f32; LANES],
+        out: &mut [f32; LANES],
+    ) {
+        let span = at..at + LANES;
+        let median: &[f32; LANES] = self.median[span.clone()].try_into().expect("LANES long");
+        let ceiling: &[f32; LANES] = self.ceiling[span.clone()].try_into().expect("LANES long");
+        let inv_cap: &[f32; LANES] = self.inv_cap[span].try_into().expect("LANES long");
+        for j in 0..LANES {
             let e = x[j] - m[j];
             let v = s[j] + VARIANCE_EPSILON;
             let ln_v = ln(v);
@@ -807,6 +861,39 @@ mod tests {
         let (s, c) = rows_agree_with_the_element_wise_path(head, &stored, &x, &m, &v);
         assert!(s[3].is_nan());
         assert!(c.iter().all(|&v| v.is_nan() || v >= 0.0));
+    }
+
+    /// Widths below, at and between multiples of the vector step: the last step overlaps the
+    /// one before it, and narrow rows take the element-wise form.
+    #[test]
+    fn rows_of_every_width_match_the_element_wise_form() {
+        let mut rng = crate::rng::Rng::new(5);
+        for d in [1, 3, 7, 8, 9, 15, 16, 17, 38, 65] {
+            let n = 3;
+            let x = Array2::from_shape_fn((n, d), |_| rng.uniform(-2.0, 2.0));
+            let m = Array2::from_shape_fn((n, d), |_| rng.uniform(-1.0, 1.0));
+            let v = Array2::from_shape_fn((n, d), |_| rng.uniform(-6.0, 6.0).exp());
+            let stored: Vec<f32> = (0..3 * d)
+                .map(|i| match i / d {
+                    0 => rng.uniform(-3.0, 0.0),
+                    1 => rng.uniform(0.0, 3.0),
+                    _ => rng.uniform(-1.0, 1.0),
+                })
+                .collect();
+            for log_variance in [LogVariance::Bounded, LogVariance::Excess] {
+                let head = Head {
+                    kind: HeadKind::Wnll,
+                    alpha: 0.5,
+                    beta: 2.0,
+                    log_variance,
+                    variance_floor: 0.1,
+                };
+                let (s, c) = rows_agree_with_the_element_wise_path(head, &stored, &x, &m, &v);
+                assert!(s.iter().all(|v| v.is_finite()), "d = {d}: {s:?}");
+                // Every feature was written: none is left at the buffer's initial zero.
+                assert!(c.iter().all(|&v| v != 0.0), "d = {d}: {c:?}");
+            }
+        }
     }
 
     #[test]

@@ -126,25 +126,19 @@ impl LatencyHistogram {
 /// Writes into `out` the indices of the `out.len()` largest values of `values`,
 /// largest first (ties: lower index first). `out.len()` must not exceed `values.len()`.
 /// Rows of up to 64 values (alerts name contributions of one frame; most models are that
-/// narrow): the values become order keys in a stack buffer, then each entry is one
-/// vectorised maximum and a search for its first position. Longer rows: insertion into a
-/// short sorted list. O(d·k) either way, no allocation. (Insertion alone branched on every
-/// value's rank, which is random in real data: about 180 ns for the top 3 of 38.)
+/// narrow): see [`top_k_keyed`]. Longer rows: insertion into a short sorted list. O(d·k)
+/// either way, no allocation. (Insertion alone branched on every value's rank, which is
+/// random in real data: about 180 ns for the top 3 of 38.)
 pub fn top_k_indices(values: &[f32], out: &mut [usize]) {
     let k = out.len().min(values.len());
     if values.len() <= TOP_K_STACK {
-        let mut keys = [i32::MIN; TOP_K_STACK];
-        let keys = &mut keys[..values.len()];
-        for (key, &v) in keys.iter_mut().zip(values) {
-            *key = order_key(v);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            unsafe { top_k_keyed_avx2(values, &mut out[..k]) };
+            return;
         }
-        for o in out[..k].iter_mut() {
-            let top = keys.iter().copied().max().unwrap_or(i32::MIN);
-            // The first of equal keys: ties go to the lower index.
-            let j = keys.iter().position(|&x| x == top).unwrap_or(0);
-            *o = j;
-            keys[j] = i32::MIN;
-        }
+        top_k_keyed(values, &mut out[..k]);
         return;
     }
     let mut filled = 0;
@@ -175,6 +169,33 @@ pub fn top_k_indices(values: &[f32], out: &mut [usize]) {
 
 /// Rows up to this long take [`top_k_indices`]'s vectorised path.
 const TOP_K_STACK: usize = 64;
+
+/// The top `out.len()` of at most [`TOP_K_STACK`] values. Each value becomes one 64-bit key
+/// in a stack buffer: its order key above, its index reversed below, so the largest key is
+/// the largest value and, among equal values, the lowest index. Each entry of `out` is
+/// then one branch-free maximum over the keys, which names its own position (a separate
+/// search for it cost as much again).
+#[inline(always)]
+fn top_k_keyed(values: &[f32], out: &mut [usize]) {
+    let mut keys = [i64::MIN; TOP_K_STACK];
+    let keys = &mut keys[..values.len()];
+    for (j, (key, &v)) in keys.iter_mut().zip(values).enumerate() {
+        *key = (i64::from(order_key(v)) << 32) | i64::from(u32::MAX - j as u32);
+    }
+    for o in out.iter_mut() {
+        let top = keys.iter().copied().max().unwrap_or(i64::MIN);
+        let j = (u32::MAX - top as u32) as usize;
+        *o = j;
+        keys[j] = i64::MIN;
+    }
+}
+
+/// [`top_k_keyed`] with AVX2's 64-bit compares, four keys per step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn top_k_keyed_avx2(values: &[f32], out: &mut [usize]) {
+    top_k_keyed(values, out);
+}
 
 /// An integer in the order of `v`, with every NaN above +∞ (NaN ranks first) and −0 equal to
 /// +0; never `i32::MIN`, which marks a taken entry.

@@ -98,6 +98,20 @@ impl Scaler {
         }
     }
 
+    /// Scales the rows of `src` (row-major, `len()` values each) into `dst`, which holds as
+    /// many. The per-frame path: plain slices, one loop that vectorises. No allocation.
+    #[inline]
+    pub fn scale_rows_into(&self, src: &[f32], dst: &mut [f32]) {
+        let d = self.offset.len();
+        debug_assert_eq!(src.len(), dst.len());
+        let (offset, inv) = (&self.offset[..d], &self.inv_scale[..d]);
+        for (s, o) in src.chunks_exact(d).zip(dst.chunks_exact_mut(d)) {
+            for j in 0..d {
+                o[j] = (s[j] - offset[j]) * inv[j];
+            }
+        }
+    }
+
     /// Scales a whole matrix, returning a new one (training, not the hot path).
     pub fn transform(&self, x: ArrayView2<f32>) -> ndarray::Array2<f32> {
         let mut out = x.to_owned();
