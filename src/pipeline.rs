@@ -259,17 +259,32 @@ impl Scorer {
     pub fn score(&mut self, n: usize) -> &[f32] {
         let n = n.min(self.max_batch());
         self.last = n;
-        let scaler = &self.model.meta.scaler;
-        for (src, mut dst) in self
-            .input
-            .rows()
-            .into_iter()
-            .zip(self.scaled.rows_mut())
-            .take(n)
+        let d = self.n_features();
+        let raw = &self.input.as_slice().expect("owned arrays are contiguous")[..n * d];
+        // ONNX without MSS: scale straight into ONNX Runtime's bound input, which the head
+        // then reads as x (one copy and one buffer fewer per frame).
+        if self.model.active_bank().is_none()
+            && let Some(session) = self.onnx.as_mut()
+            && let Some(input) = session.bound_input(n)
         {
-            dst.assign(&src);
-            scaler.apply_row(dst);
+            self.model.meta.scaler.scale_rows_into(raw, input);
+            let (head, baseline) = (&self.head, &self.baseline);
+            let (scores, contrib) = (&mut self.scores[..n], self.contrib.view_mut());
+            let ran = session.forward_bound(n, |x, recon| {
+                head.score_batch(x, recon, baseline, scores, contrib);
+            });
+            if let Err(e) = ran {
+                self.onnx_failed(n, &e);
+            }
+            return &self.scores[..n];
         }
+        self.model.meta.scaler.scale_rows_into(
+            raw,
+            &mut self
+                .scaled
+                .as_slice_mut()
+                .expect("owned arrays are contiguous")[..n * d],
+        );
         let x = self.scaled.slice(ndarray::s![..n, ..]);
         // MSS: the AE sees x; its output is scored against x moved toward the normal data.
         let target = match (self.model.active_bank(), self.mss.as_mut()) {
@@ -299,12 +314,7 @@ impl Scorer {
                     head.score_batch(target, recon, baseline, scores, contrib);
                 });
                 if let Err(e) = ran {
-                    // A failed run scores its frames NaN: the pipeline counts them invalid.
-                    self.backend_errors += 1;
-                    if self.backend_errors.is_power_of_two() {
-                        tracing::error!(error = %e, failures = self.backend_errors, "ONNX Runtime run failed");
-                    }
-                    self.scores[..n].fill(f32::NAN);
+                    self.onnx_failed(n, &e);
                 }
             }
             (None, Some(session)) => {
@@ -321,6 +331,15 @@ impl Scorer {
             }
         }
         &self.scores[..n]
+    }
+
+    /// A failed ONNX Runtime run scores its `n` frames NaN: the pipeline counts them invalid.
+    fn onnx_failed(&mut self, n: usize, e: &crate::model::onnx::OnnxError) {
+        self.backend_errors += 1;
+        if self.backend_errors.is_power_of_two() {
+            tracing::error!(error = %e, failures = self.backend_errors, "ONNX Runtime run failed");
+        }
+        self.scores[..n].fill(f32::NAN);
     }
 
     /// Batches the backend failed to score (always 0 for the native backend).

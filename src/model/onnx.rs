@@ -433,11 +433,23 @@ impl Bound {
     /// Copies the `[n, d]` rows `x` into the input tensor.
     fn fill(&mut self, x: ArrayView2<f32>) {
         let d = x.ncols();
-        for (dst, src) in self.input_mut(d).chunks_exact_mut(d).zip(x.rows()) {
+        let dst = self.input_mut(d);
+        if let Some(src) = x.as_slice() {
+            dst.copy_from_slice(src);
+            return;
+        }
+        for (dst, src) in dst.chunks_exact_mut(d).zip(x.rows()) {
             for (o, &v) in dst.iter_mut().zip(&src) {
                 *o = v;
             }
         }
+    }
+
+    /// The input rows, `[n, d]`.
+    fn input(&self, d: usize) -> ArrayView2<'_, f32> {
+        // SAFETY: `input_data` points at this Bound's input tensor of n·d f32, alive as long
+        // as `self`; `&self` rules out writes through `input_mut` meanwhile.
+        unsafe { ArrayView2::from_shape_ptr((self.n, d), self.input_data.0.as_ptr().cast_const()) }
     }
 
     /// Output `i` after a run, `[n, width]`.
@@ -515,6 +527,37 @@ impl OnnxSession {
         Ok(t.elapsed().as_nanos() as u64)
     }
 
+    /// The preallocated input rows for a batch of `n` (`n·d` values, row-major), for a
+    /// caller to scale frames straight into before [`Self::forward_bound`]; `None` when no
+    /// binding is held for `n` (then use [`Self::forward`]).
+    pub fn bound_input(&mut self, n: usize) -> Option<&mut [f32]> {
+        let d = self.model.n_features;
+        self.bound
+            .iter_mut()
+            .find(|b| b.n == n)
+            .map(|b| b.input_mut(d))
+    }
+
+    /// Runs the graph on the `n` rows written through [`Self::bound_input`] and hands them
+    /// and the reconstruction to `f`, both borrowing ONNX Runtime's buffers (no copy).
+    ///
+    /// # Errors
+    /// No binding is held for `n`, or as [`Self::forward`].
+    pub fn forward_bound<R>(
+        &mut self,
+        n: usize,
+        f: impl FnOnce(ArrayView2<'_, f32>, &Recon<'_>) -> R,
+    ) -> Result<R, OnnxError> {
+        let d = self.model.n_features;
+        let Some(i) = self.bound.iter().position(|b| b.n == n) else {
+            return Err(OnnxError::Run {
+                path: self.model.path.clone(),
+                reason: format!("no preallocated input for a batch of {n}"),
+            });
+        };
+        self.run(n, d, Some(i), None, f)
+    }
+
     /// Runs the graph on scaled rows `x` (contiguous) and hands the reconstruction to `f`,
     /// which borrows ONNX Runtime's output buffers (no copy).
     ///
@@ -525,31 +568,51 @@ impl OnnxSession {
         x: ArrayView2<f32>,
         f: impl FnOnce(&Recon<'_>) -> R,
     ) -> Result<R, OnnxError> {
+        let (n, d) = x.dim();
+        match self.bound.iter().position(|b| b.n == n) {
+            Some(i) => {
+                self.bound[i].fill(x);
+                self.run(n, d, Some(i), None, |_, recon| f(recon))
+            }
+            None => self.run(n, d, None, Some(x), |_, recon| f(recon)),
+        }
+    }
+
+    /// One run: on bound binding `bound` (its input already written), else on `x`.
+    fn run<R>(
+        &mut self,
+        n: usize,
+        d: usize,
+        bound: Option<usize>,
+        x: Option<ArrayView2<f32>>,
+        f: impl FnOnce(ArrayView2<'_, f32>, &Recon<'_>) -> R,
+    ) -> Result<R, OnnxError> {
         let m = &*self.model;
         let fail = |reason: String| OnnxError::Run {
             path: m.path.clone(),
             reason,
         };
-        let (n, d) = x.dim();
-        let (outputs, bound) = match self.bound.iter_mut().find(|b| b.n == n) {
-            Some(b) => {
-                b.fill(x);
+        let (outputs, bound, x) = match (bound, x) {
+            (Some(i), _) => {
+                let b = &mut self.bound[i];
                 // The outputs land in the bound tensors; what run_binding returns aliases them.
                 drop(
                     self.session
                         .run_binding(&b.binding)
                         .map_err(|e| fail(e.to_string()))?,
                 );
-                (None, Some(&*b))
+                let b = &*b;
+                (None, Some(b), b.input(d))
             }
-            None => {
+            (None, Some(x)) => {
                 let input = TensorRef::from_array_view(x).map_err(|e| fail(e.to_string()))?;
                 let outputs = self
                     .session
                     .run(ort::inputs![input])
                     .map_err(|e| fail(e.to_string()))?;
-                (Some(outputs), None)
+                (Some(outputs), None, x)
             }
+            (None, None) => unreachable!("a run has a binding or rows"),
         };
         let view = |i: usize, name: &str, width: usize| -> Result<ArrayView2<'_, f32>, OnnxError> {
             let v = match (&outputs, bound) {
@@ -586,6 +649,6 @@ impl OnnxSession {
             }
             (var, _) => var,
         };
-        Ok(f(&Recon { mean, var }))
+        Ok(f(x, &Recon { mean, var }))
     }
 }

@@ -62,6 +62,20 @@ impl OnnxSession {
         match *self {}
     }
 
+    pub fn bound_input(&mut self, _n: usize) -> Option<&mut [f32]> {
+        match *self {}
+    }
+
+    /// # Errors
+    /// Never returns.
+    pub fn forward_bound<R>(
+        &mut self,
+        _n: usize,
+        _f: impl FnOnce(ArrayView2<'_, f32>, &Recon<'_>) -> R,
+    ) -> Result<R, OnnxError> {
+        match *self {}
+    }
+
     /// # Errors
     /// Never returns.
     pub fn forward<R>(
