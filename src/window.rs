@@ -125,9 +125,10 @@ pub fn auto_window(values: ArrayView2<f32>) -> usize {
 /// could fire an alert at every restart); from the `w`-th on, every frame yields its
 /// window. After a silence longer than the window's span (`span_secs`, by the frames'
 /// timestamps) the history is stale and the stream fills its window again. A frame with a
-/// non-finite value does not enter the history: once the window is full it still yields
-/// one (which the scorer counts and skips); while filling it returns `None` like any
-/// other. Allocates only when a stream is first seen.
+/// non-finite value does not enter the history, but always yields a window ending in it,
+/// even while the stream is filling (the earlier slots then hold no real history), so
+/// that the scorer counts and skips every bad frame. Allocates only when a stream is
+/// first seen.
 #[derive(Debug, Default)]
 pub struct StreamWindows {
     w: usize,
@@ -153,8 +154,9 @@ impl StreamWindows {
     }
 
     /// Adds `frame` (of `d` values, at time `t`) to stream `stream`'s history and returns
-    /// the window to score, or `None` while the stream is filling its window. A frame of
-    /// the wrong length passes through unchanged (the ring refuses it).
+    /// the window to score, or `None` while the stream is filling its window (a frame
+    /// with a non-finite value always gets one, to be counted bad). A frame of the wrong
+    /// length passes through unchanged (the ring refuses it).
     pub fn push<'a>(&'a mut self, stream: usize, frame: &'a [f32], t: f64) -> Option<&'a [f32]> {
         let (w, d) = (self.w, self.d);
         if w == 1 || frame.len() != d {
@@ -169,9 +171,6 @@ impl StreamWindows {
             *held = 0;
         }
         if !frame.iter().all(|v| v.is_finite()) {
-            if *held < w - 1 {
-                return None;
-            }
             self.scratch[..(w - 1) * d].copy_from_slice(&window[d..]);
             self.scratch[(w - 1) * d..].copy_from_slice(frame);
             return Some(&self.scratch);
@@ -225,8 +224,11 @@ mod tests {
         let mut sw = StreamWindows::new(3, 2, 3.0);
         assert_eq!(sw.push(0, &[1.0, 10.0], 1.0), None);
         assert_eq!(sw.push(1, &[7.0, 70.0], 1.0), None);
-        // A NaN frame while filling is not scored and not counted towards the window.
-        assert_eq!(sw.push(0, &[f32::NAN, 15.0], 1.5), None);
+        // A NaN frame while filling gets a window ending in it (for the scorer to count as
+        // bad) and does not count towards the stream's own.
+        let bad = sw.push(0, &[f32::NAN, 15.0], 1.5).map(<[f32]>::to_vec);
+        assert_eq!(bad.as_ref().map(Vec::len), Some(6));
+        assert!(bad.is_some_and(|w| w[4].is_nan() && w[5] == 15.0));
         assert_eq!(sw.push(0, &[2.0, 20.0], 2.0), None);
         assert_eq!(
             sw.push(0, &[3.0, 30.0], 3.0),

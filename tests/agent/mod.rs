@@ -781,6 +781,108 @@ fn agent_retrains_online_and_resumes_from_its_checkpoint() {
 /// A model with lag windows in the agent: each stream's first w − 1 frames only fill its
 /// own window, then every frame is scored with the frames before it, so a stretch whose
 /// values are all usual but come in the wrong order raises an alert.
+/// Assembled (ExaMon) input for a windowed model: the first `w − 1` frames of a stream
+/// only fill its window; a reload that keeps the model's features keeps the windows; one
+/// that changes the window starts them over.
+#[test]
+fn agent_windows_assembled_frames_and_keeps_or_restarts_them_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let w24 = crate::windowed_model(dir.path(), 3000, 24);
+    let other = dir.path().join("w12");
+    std::fs::create_dir(&other).unwrap();
+    let w12 = crate::windowed_model(&other, 3000, 12);
+    let (notify, sock) = notify_socket(dir.path());
+    let broker = free_port();
+    let metrics = free_port();
+    let mqtt = format!("port = {broker}\nnode_name = \"lagx\"\n");
+    let cfg = config(dir.path(), "agent.toml", &w24, metrics, "", &mqtt, "");
+    let test = dir.path().join("test.csv");
+    crate::rhythm_csv(&test, 400, 0..0);
+    let values = rows(&test);
+    // One ExaMon sample of the metric `load` per second.
+    let examon_load = |lo: usize, hi: usize| -> Vec<(String, Vec<u8>)> {
+        (lo..hi)
+            .map(|i| {
+                (
+                    "org/o/cluster/c/node/n1/plugin/p/chnl/data/load".to_string(),
+                    format!("{};{}", values[i][0], 1_800_000_000 + i).into_bytes(),
+                )
+            })
+            .collect()
+    };
+    let (assembled, scored) = (
+        "darkwatch_frames_assembled_total",
+        "darkwatch_frames_scored_total",
+    );
+    let mut agent = Agent::start(
+        &cfg,
+        metrics,
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap())],
+    );
+    notified_until(&sock, "READY=1");
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    // Waits until `want` more frames than `before` were assembled (the event-time clock
+    // closes a quiet stream's last window a second or two after its last sample) and every
+    // assembled frame but `filling` was scored; returns both counts.
+    let settle = |agent: &mut Agent, before: f64, want: f64, filling: f64| -> (f64, f64) {
+        agent.wait_metric(assembled, |v| v >= before + want);
+        wait_for("every assembled frame scored or filling a window", || {
+            let (a, s) = (agent.metric(assembled), agent.metric(scored));
+            a.zip(s).is_some_and(|(a, s)| s >= a - filling)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        (
+            agent.metric(assembled).unwrap(),
+            agent.metric(scored).unwrap(),
+        )
+    };
+
+    // 100 samples, 100 frames: the first 23 only fill the window.
+    publish_all(broker, &examon_load(0, 100));
+    let (a1, s1) = settle(&mut agent, 0.0, 100.0, 23.0);
+    assert_eq!((a1, s1), (100.0, 77.0), "assembled, scored");
+
+    // A reload with the same features (only the alert settings change): the window is kept,
+    // so every new frame is scored at once.
+    config(
+        dir.path(),
+        "agent.toml",
+        &w24,
+        metrics,
+        "",
+        &mqtt,
+        "[alert]\nfire_k = 1\nfire_n = 1\n",
+    );
+    agent.signal("HUP");
+    agent.wait_metric("darkwatch_config_reloads_total{result=\"applied\"}", |v| {
+        v == 1.0
+    });
+    publish_all(broker, &examon_load(100, 150));
+    let (a2, s2) = settle(&mut agent, a1, 50.0, 23.0);
+    assert_eq!(
+        (a2, s2),
+        (150.0, 127.0),
+        "kept window: every new frame scored"
+    );
+
+    // A model with a 12-frame window has other features: the stream fills its window again.
+    config(dir.path(), "agent.toml", &w12, metrics, "", &mqtt, "");
+    agent.signal("HUP");
+    agent.wait_metric("darkwatch_config_reloads_total{result=\"applied\"}", |v| {
+        v == 2.0
+    });
+    publish_all(broker, &examon_load(150, 250));
+    let (a3, s3) = settle(&mut agent, a2, 100.0, 23.0 + 11.0);
+    assert_eq!(
+        (a3, s3),
+        (250.0, 216.0),
+        "new window: its first 11 frames fill it"
+    );
+    assert_eq!(agent.metric("darkwatch_samples_rejected_total"), Some(0.0));
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+}
+
 #[test]
 fn agent_scores_lag_windows_per_stream() {
     let dir = tempfile::tempdir().unwrap();
