@@ -367,13 +367,12 @@ trait RowTerms {
         let mut next = 0;
         loop {
             let at = next.min(d - LANES);
-            let span = at..at + LANES;
             self.lanes(
                 at,
-                x[span.clone()].try_into().expect("LANES long"),
-                m[span.clone()].try_into().expect("LANES long"),
-                s[span.clone()].try_into().expect("LANES long"),
-                (&mut out[span]).try_into().expect("LANES long"),
+                lane(x, at),
+                lane(m, at),
+                lane(s, at),
+                (&mut out[at..at + LANES]).try_into().expect("LANES long"),
             );
             if at + LANES == d {
                 return;
@@ -472,11 +471,12 @@ impl RowTerms for BoundedConsts<'_> {
         s: &[f32; LANES],
         out: &mut [f32; LANES],
     ) {
-        let span = at..at + LANES;
-        let lo: &[f32; LANES] = self.lo[span.clone()].try_into().expect("LANES long");
-        let hi: &[f32; LANES] = self.hi[span.clone()].try_into().expect("LANES long");
-        let inv_hi: &[f32; LANES] = self.inv_hi[span.clone()].try_into().expect("LANES long");
-        let inv_lo: &[f32; LANES] = self.inv_lo[span].try_into().expect("LANES long");
+        let (lo, hi, inv_hi, inv_lo) = (
+            lane(self.lo, at),
+            lane(self.hi, at),
+            lane(self.inv_hi, at),
+            lane(self.inv_lo, at),
+        );
         for j in 0..LANES {
             out[j] = bounded_term(
                 self.alpha,
@@ -525,15 +525,13 @@ impl RowTerms for ExcessConsts<'_> {
     /// Feature `j`'s contribution.
     #[inline(always)]
     fn one(&self, j: usize, x: f32, m: f32, s: f32) -> f32 {
-        let e = x - m;
-        let v = s + VARIANCE_EPSILON;
-        let ln_v = ln(v);
-        // Never more uncertain than on any held-out normal row: an autoencoder must not
-        // explain an anomaly away by extrapolating a huge variance for it.
-        let capped = ln_v > self.ceiling[j];
-        let ln_v = if capped { self.ceiling[j] } else { ln_v };
-        let inv_v = if capped { self.inv_cap[j] } else { 1.0 / v };
-        self.alpha * e * e * inv_v + self.beta * (ln_v - self.median[j]).max(0.0)
+        excess_term(
+            self.alpha,
+            self.beta,
+            x - m,
+            s + VARIANCE_EPSILON,
+            [self.median[j], self.ceiling[j], self.inv_cap[j]],
+        )
     }
 
     #[inline(always)]
@@ -545,20 +543,39 @@ impl RowTerms for ExcessConsts<'_> {
         s: &[f32; LANES],
         out: &mut [f32; LANES],
     ) {
-        let span = at..at + LANES;
-        let median: &[f32; LANES] = self.median[span.clone()].try_into().expect("LANES long");
-        let ceiling: &[f32; LANES] = self.ceiling[span.clone()].try_into().expect("LANES long");
-        let inv_cap: &[f32; LANES] = self.inv_cap[span].try_into().expect("LANES long");
+        let (median, ceiling, inv_cap) = (
+            lane(self.median, at),
+            lane(self.ceiling, at),
+            lane(self.inv_cap, at),
+        );
         for j in 0..LANES {
-            let e = x[j] - m[j];
-            let v = s[j] + VARIANCE_EPSILON;
-            let ln_v = ln(v);
-            let capped = ln_v > ceiling[j];
-            let ln_v = if capped { ceiling[j] } else { ln_v };
-            let inv_v = if capped { inv_cap[j] } else { 1.0 / v };
-            out[j] = self.alpha * e * e * inv_v + self.beta * (ln_v - median[j]).max(0.0);
+            out[j] = excess_term(
+                self.alpha,
+                self.beta,
+                x[j] - m[j],
+                s[j] + VARIANCE_EPSILON,
+                [median[j], ceiling[j], inv_cap[j]],
+            );
         }
     }
+}
+
+/// α e²/v' + β max(0, ln v' − median) with v' = v capped at e^ceiling, branch-free: never
+/// more uncertain than on any held-out normal row, so an autoencoder cannot explain an
+/// anomaly away by extrapolating a huge variance for it.
+#[inline(always)]
+fn excess_term(alpha: f32, beta: f32, e: f32, v: f32, [median, ceiling, inv_cap]: [f32; 3]) -> f32 {
+    let ln_v = ln(v);
+    let capped = ln_v > ceiling;
+    let ln_v = if capped { ceiling } else { ln_v };
+    let inv_v = if capped { inv_cap } else { 1.0 / v };
+    alpha * e * e * inv_v + beta * (ln_v - median).max(0.0)
+}
+
+/// `v[at..at + LANES]` as an array.
+#[inline(always)]
+fn lane(v: &[f32], at: usize) -> &[f32; LANES] {
+    v[at..at + LANES].try_into().expect("LANES long")
 }
 
 /// ln x in f32 without a library call, so that a loop of it vectorises: x = 2^k·(1 + f)
