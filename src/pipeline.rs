@@ -261,18 +261,21 @@ impl Scorer {
         self.last = n;
         let d = self.n_features();
         let raw = &self.input.as_slice().expect("owned arrays are contiguous")[..n * d];
-        // ONNX without MSS: scale straight into ONNX Runtime's bound input, which the head
-        // then reads as x (one copy and one buffer fewer per frame).
+        // ONNX without MSS, at a batch size with a preallocated input (1 and the maximum):
+        // scale straight into ONNX Runtime's bound input, which the head then reads as x
+        // (one copy and one buffer fewer per frame).
         if self.model.active_bank().is_none()
             && let Some(session) = self.onnx.as_mut()
-            && let Some(input) = session.bound_input(n)
+            && session.has_binding(n)
         {
-            self.model.meta.scaler.scale_rows_into(raw, input);
+            let scaler = &self.model.meta.scaler;
             let (head, baseline) = (&self.head, &self.baseline);
             let (scores, contrib) = (&mut self.scores[..n], self.contrib.view_mut());
-            let ran = session.forward_bound(n, |x, recon| {
-                head.score_batch(x, recon, baseline, scores, contrib);
-            });
+            let ran = session.forward_bound(
+                n,
+                |input| scaler.scale_rows_into(raw, input),
+                |x, recon| head.score_batch(x, recon, baseline, scores, contrib),
+            );
             if let Err(e) = ran {
                 self.onnx_failed(n, &e);
             }

@@ -198,7 +198,8 @@ unsafe fn top_k_keyed_avx2(values: &[f32], out: &mut [usize]) {
 }
 
 /// An integer in the order of `v`, with every NaN above +∞ (NaN ranks first) and −0 equal to
-/// +0; never `i32::MIN`, which marks a taken entry.
+/// +0; never `i32::MIN`, so its 64-bit key in [`top_k_keyed`] stays above `i64::MIN`, which
+/// marks a taken entry.
 #[inline(always)]
 fn order_key(v: f32) -> i32 {
     let b = (v + 0.0).to_bits() as i32;

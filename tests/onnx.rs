@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use darkwatch::config::{Backend, OnnxConfig, OnnxFallback, OnnxProvider};
 use darkwatch::ingest::{self, TableOptions};
+use darkwatch::model::onnx::OnnxSession;
 use darkwatch::model::{Model, ModelError};
 use darkwatch::pipeline::Scorer;
 use darkwatch::replay;
@@ -112,6 +113,33 @@ fn pae_scores_agree_with_native_for_every_head() {
         "model.onnx",
         &[HeadKind::Wnll, HeadKind::Mse, HeadKind::MaxAbs],
     );
+}
+
+/// The session's preallocated tensors: rows of another width are refused (they would
+/// otherwise run past the tensor), and `forward_bound` hands `f` exactly what `write` wrote.
+#[test]
+fn sessions_refuse_rows_of_another_width_and_run_what_was_written() {
+    let model = load(PAE, Backend::Onnx, &onnx_cfg("model.onnx")).unwrap();
+    let mut session = OnnxSession::new(model.onnx.clone().unwrap(), 4).unwrap();
+    assert!(session.has_binding(1) && session.has_binding(4) && !session.has_binding(2));
+    for n in [1, 2, 4] {
+        let wide = ndarray::Array2::<f32>::zeros((n, 39));
+        let err = session.forward(wide.view(), |_| ()).unwrap_err().to_string();
+        assert!(err.contains("39 values") && err.contains("takes 38"), "{err}");
+        assert!(session.time_run(wide.view()).is_err());
+    }
+    assert!(session.forward_bound(2, |_| (), |_, _| ()).is_err());
+    let (x, mean) = session
+        .forward_bound(
+            1,
+            |input| input.fill(0.5),
+            |x, recon| (x.to_owned(), recon.mean.to_owned()),
+        )
+        .unwrap();
+    assert!(x.dim() == (1, 38) && x.iter().all(|&v| v == 0.5), "{x:?}");
+    // The same rows through the unbound path give the same reconstruction.
+    let again = session.forward(x.view(), |recon| recon.mean.to_owned()).unwrap();
+    assert_eq!(mean, again);
 }
 
 #[test]

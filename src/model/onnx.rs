@@ -395,7 +395,10 @@ impl Bound {
         let n64 = n as i64;
         let alloc = session.allocator();
         let mut binding = session.create_binding()?;
-        let input = Tensor::<f32>::new(alloc, [n64, d])?;
+        let mut input = Tensor::<f32>::new(alloc, [n64, d])?;
+        // ONNX Runtime hands out the tensor uninitialised: zero it, so that no view of it
+        // ever reads undefined memory.
+        input.extract_tensor_mut().1.fill(0.0);
         binding.bind_input(&model.input, &input)?;
         let shapes: Vec<(&str, i64)> = match &model.layout {
             OutputLayout::Plain(x) => vec![(x, d)],
@@ -411,7 +414,6 @@ impl Bound {
             output_data.push((data, width as usize));
             outputs.push(t);
         }
-        let mut input = input;
         let input_data = DataPtr(std::ptr::NonNull::from(input.extract_tensor_mut().1).cast());
         Ok(Bound {
             n,
@@ -479,7 +481,14 @@ impl OnnxSession {
             VarianceKind::Variance => Array2::zeros((0, model.n_features)),
         };
         let mut bound = Vec::new();
-        for n in [1, max_batch.max(1)] {
+        // Only on the CPU provider: ONNX Runtime copies an input to the provider's device
+        // when it is bound, so under CUDA later writes into it would never reach the graph.
+        let sizes: &[usize] = if model.provider() == "cpu" {
+            &[1, max_batch.max(1)]
+        } else {
+            &[]
+        };
+        for &n in sizes {
             if bound.iter().any(|b: &Bound| b.n == n) {
                 continue;
             }
@@ -511,6 +520,7 @@ impl OnnxSession {
     /// # Errors
     /// ONNX Runtime fails.
     pub fn time_run(&mut self, x: ArrayView2<f32>) -> Result<u64, OnnxError> {
+        self.check_width(x)?;
         let fail = |e: ort::Error| OnnxError::Run {
             path: self.model.path.clone(),
             reason: e.to_string(),
@@ -527,25 +537,34 @@ impl OnnxSession {
         Ok(t.elapsed().as_nanos() as u64)
     }
 
-    /// The preallocated input rows for a batch of `n` (`n·d` values, row-major), for a
-    /// caller to scale frames straight into before [`Self::forward_bound`]; `None` when no
-    /// binding is held for `n` (then use [`Self::forward`]).
-    pub fn bound_input(&mut self, n: usize) -> Option<&mut [f32]> {
+    /// Rows must have the model's feature count: the preallocated tensors are that wide.
+    fn check_width(&self, x: ArrayView2<f32>) -> Result<(), OnnxError> {
         let d = self.model.n_features;
-        self.bound
-            .iter_mut()
-            .find(|b| b.n == n)
-            .map(|b| b.input_mut(d))
+        if x.ncols() == d {
+            return Ok(());
+        }
+        Err(OnnxError::Run {
+            path: self.model.path.clone(),
+            reason: format!("rows have {} values, the graph takes {d}", x.ncols()),
+        })
     }
 
-    /// Runs the graph on the `n` rows written through [`Self::bound_input`] and hands them
-    /// and the reconstruction to `f`, both borrowing ONNX Runtime's buffers (no copy).
+    /// Whether a preallocated input is held for batches of `n` rows (then
+    /// [`Self::forward_bound`] runs on it; else use [`Self::forward`]).
+    pub fn has_binding(&self, n: usize) -> bool {
+        self.bound.iter().any(|b| b.n == n)
+    }
+
+    /// Lets `write` fill the preallocated input for `n` rows (`n·d` values, row-major:
+    /// scaled frames), runs the graph on it and hands the rows and the reconstruction to
+    /// `f`, both borrowing ONNX Runtime's buffers (no copy of either).
     ///
     /// # Errors
-    /// No binding is held for `n`, or as [`Self::forward`].
+    /// No binding is held for `n` (see [`Self::has_binding`]), or as [`Self::forward`].
     pub fn forward_bound<R>(
         &mut self,
         n: usize,
+        write: impl FnOnce(&mut [f32]),
         f: impl FnOnce(ArrayView2<'_, f32>, &Recon<'_>) -> R,
     ) -> Result<R, OnnxError> {
         let d = self.model.n_features;
@@ -555,6 +574,7 @@ impl OnnxSession {
                 reason: format!("no preallocated input for a batch of {n}"),
             });
         };
+        write(self.bound[i].input_mut(d));
         self.run(n, d, Some(i), None, f)
     }
 
@@ -568,6 +588,7 @@ impl OnnxSession {
         x: ArrayView2<f32>,
         f: impl FnOnce(&Recon<'_>) -> R,
     ) -> Result<R, OnnxError> {
+        self.check_width(x)?;
         let (n, d) = x.dim();
         match self.bound.iter().position(|b| b.n == n) {
             Some(i) => {

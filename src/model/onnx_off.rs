@@ -62,7 +62,7 @@ impl OnnxSession {
         match *self {}
     }
 
-    pub fn bound_input(&mut self, _n: usize) -> Option<&mut [f32]> {
+    pub fn has_binding(&self, _n: usize) -> bool {
         match *self {}
     }
 
@@ -71,6 +71,7 @@ impl OnnxSession {
     pub fn forward_bound<R>(
         &mut self,
         _n: usize,
+        _write: impl FnOnce(&mut [f32]),
         _f: impl FnOnce(ArrayView2<'_, f32>, &Recon<'_>) -> R,
     ) -> Result<R, OnnxError> {
         match *self {}
