@@ -124,8 +124,14 @@ fn sessions_refuse_rows_of_another_width_and_run_what_was_written() {
     assert!(session.has_binding(1) && session.has_binding(4) && !session.has_binding(2));
     for n in [1, 2, 4] {
         let wide = ndarray::Array2::<f32>::zeros((n, 39));
-        let err = session.forward(wide.view(), |_| ()).unwrap_err().to_string();
-        assert!(err.contains("39 values") && err.contains("takes 38"), "{err}");
+        let err = session
+            .forward(wide.view(), |_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("39 values") && err.contains("takes 38"),
+            "{err}"
+        );
         assert!(session.time_run(wide.view()).is_err());
     }
     assert!(session.forward_bound(2, |_| (), |_, _| ()).is_err());
@@ -138,7 +144,9 @@ fn sessions_refuse_rows_of_another_width_and_run_what_was_written() {
         .unwrap();
     assert!(x.dim() == (1, 38) && x.iter().all(|&v| v == 0.5), "{x:?}");
     // The same rows through the unbound path give the same reconstruction.
-    let again = session.forward(x.view(), |recon| recon.mean.to_owned()).unwrap();
+    let again = session
+        .forward(x.view(), |recon| recon.mean.to_owned())
+        .unwrap();
     assert_eq!(mean, again);
 }
 
