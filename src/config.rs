@@ -257,6 +257,26 @@ fn widths<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<usize>, D::Erro
     }
 }
 
+/// Strings from a TOML array or a comma-separated string (how an environment override
+/// arrives); blank entries are dropped.
+pub(crate) fn strings<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Strings {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Strings::deserialize(de)? {
+        Strings::List(v) => v,
+        Strings::Text(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+    })
+}
+
 /// Most contributions a frame can carry (fixed so records need no allocation).
 pub const MAX_TOP_CONTRIBUTIONS: usize = 16;
 
@@ -337,11 +357,13 @@ where
         .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
         .collect();
     let env_names: Vec<String> = overrides.keys().cloned().collect();
+    // Values stay text: a number, boolean or list is parsed from it only where the key
+    // takes one, so a password `0123` or a client id `007` arrives as written.
     builder = builder.add_source(
         config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
-            .try_parsing(true)
+            .try_parsing(false)
             .source(Some(overrides)),
     );
     let source = if env_names.is_empty() {
@@ -516,6 +538,42 @@ mod tests {
         let cfg = load(Some(f.path()), env).unwrap();
         assert_eq!(cfg.train.epochs_max, 7);
         assert_eq!(cfg.model.hidden_sizes, vec![8, 4, 8]);
+    }
+
+    /// Environment values stay text unless the key takes a number, boolean or list: a
+    /// password or client id of digits keeps its leading zeros.
+    #[test]
+    fn env_values_keep_their_text_and_parse_where_the_key_needs_it() {
+        let env = [
+            ("MQTT__USERNAME", "u"),
+            ("MQTT__PASSWORD", "0123"),
+            ("MQTT__CLIENT_ID", "007"),
+            ("MQTT__NODE_NAME", "1e5"),
+            ("SPOOL__FSYNC", "false"),
+            ("MQTT__SUBSCRIBE", "a/#, b/+/c"),
+            ("MQTT__KEEP_ALIVE_SECS", "15"),
+            ("SCORE__WNLL_ALPHA", "0.25"),
+            ("SCORE__HEAD", "max_abs"),
+            ("MODEL__HIDDEN_SIZES", "16"),
+        ]
+        .map(|(k, v)| (format!("DARKWATCH__{k}"), v.to_string()));
+        let cfg = load(None, env).unwrap();
+        assert_eq!(cfg.mqtt.password, "0123");
+        assert_eq!(cfg.mqtt.client_id, "007");
+        assert_eq!(cfg.mqtt.node_name, "1e5");
+        assert!(!cfg.spool.fsync);
+        assert_eq!(cfg.mqtt.subscribe, ["a/#", "b/+/c"]);
+        assert_eq!(cfg.mqtt.keep_alive_secs, 15);
+        assert_eq!(cfg.score.wnll_alpha, 0.25);
+        assert_eq!(cfg.score.head, crate::score::HeadKind::MaxAbs);
+        assert_eq!(cfg.model.hidden_sizes, [16]);
+        // A TOML array in the file still works.
+        let f = write("[mqtt]\nsubscribe = [\"x/#\", \"y\"]\n");
+        assert_eq!(load(Some(f.path()), Vec::new()).unwrap().mqtt.subscribe, ["x/#", "y"]);
+        // Text where a number belongs is still an error naming the key.
+        let env = [("DARKWATCH__TRAIN__EPOCHS_MAX".to_string(), "many".to_string())];
+        let err = load(None, env).unwrap_err().to_string();
+        assert!(err.contains("epochs_max"), "{err}");
     }
 
     #[test]

@@ -135,6 +135,8 @@ pub struct MqttConfig {
     /// MQTT keep-alive in seconds (0 turns it off; at most 65535).
     pub keep_alive_secs: u64,
     /// Topic filters subscribed at QoS 1 on every connect; what arrives becomes [`Incoming`].
+    /// From the environment: comma-separated (`DARKWATCH__MQTT__SUBSCRIBE=a/#,b/+/c`).
+    #[serde(deserialize_with = "crate::config::strings")]
     pub subscribe: Vec<String>,
     /// Topic of a stream's alerts: `{node}` is this agent's node name, `{stream}` the stream.
     pub alert_topic: String,
