@@ -584,6 +584,8 @@ pub struct CheckpointStore {
 const CKPT_PREFIX: &str = "ckpt-";
 const TMP_PREFIX: &str = ".tmp-";
 pub const HISTORY_FILE: &str = "history.jsonl";
+/// The id of the model (from the model directory) that the checkpoints descend from.
+pub const ORIGIN_FILE: &str = "origin";
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
@@ -677,6 +679,22 @@ impl CheckpointStore {
             }
         }
         (None, skipped)
+    }
+
+    /// The id of the model the checkpoints here descend from, if recorded.
+    pub fn origin(&self) -> Option<String> {
+        let text = fs::read_to_string(self.dir.join(ORIGIN_FILE)).ok()?;
+        Some(text.trim().to_string()).filter(|s| !s.is_empty())
+    }
+
+    /// Records `id` as the model the checkpoints written from now on descend from (best
+    /// effort, logged on failure).
+    pub fn set_origin(&self, id: &str) {
+        let path = self.dir.join(ORIGIN_FILE);
+        let r = fs::create_dir_all(&self.dir).and_then(|()| fs::write(&path, format!("{id}\n")));
+        if let Err(e) = r {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record the checkpoints' origin model");
+        }
     }
 
     /// Appends one line to `history.jsonl` (best effort, logged on failure).
@@ -1437,20 +1455,31 @@ pub fn resume(model: Model, cfg: &RetrainConfig) -> Model {
         return model;
     }
     let store = CheckpointStore::new(&cfg.state_dir, cfg.keep_checkpoints);
-    match store.newest_valid() {
-        (Some((path, m)), _) if m.meta.features == model.meta.features => {
-            tracing::info!(path = %path.display(), version = m.meta.version, model = %m.meta.id,
-                "resuming from the newest valid checkpoint");
-            Model {
-                onnx: model.onnx.clone(),
-                ..m
-            }
-        }
-        (Some((path, _)), _) => {
-            tracing::warn!(path = %path.display(), "the newest checkpoint has other features than the configured model; starting from the model directory");
-            model
-        }
-        (None, _) => model,
+    let newest = store.newest_valid().0;
+    let Some((path, m)) = newest else {
+        // A fresh chain: its checkpoints will descend from this model.
+        store.set_origin(&model.meta.id);
+        return model;
+    };
+    // Checkpoints of another model directory's model (same features or not) never stand in
+    // for the one configured. State directories written before the origin was recorded
+    // only have the features to go by.
+    if let Some(origin) = store.origin()
+        && origin != model.meta.id
+    {
+        tracing::warn!(path = %path.display(), checkpoints_of = %origin, configured = %model.meta.id,
+            "the checkpoints in the state directory descend from another model; starting from the model directory (give it its own [retrain] state_dir)");
+        return model;
+    }
+    if m.meta.features != model.meta.features {
+        tracing::warn!(path = %path.display(), "the newest checkpoint has other features than the configured model; starting from the model directory");
+        return model;
+    }
+    tracing::info!(path = %path.display(), version = m.meta.version, model = %m.meta.id,
+        "resuming from the newest valid checkpoint");
+    Model {
+        onnx: model.onnx.clone(),
+        ..m
     }
 }
 

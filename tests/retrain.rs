@@ -402,3 +402,43 @@ fn a_replay_with_retraining_is_reproducible() {
         assert_eq!(o.thresholds, runs[0].thresholds);
     }
 }
+
+/// A state directory's checkpoints continue only the model they descend from: another
+/// model directory's model with the same features starts from its own weights (a user who
+/// points `--model` elsewhere gets that model, not an old checkpoint).
+#[test]
+fn checkpoints_of_another_model_are_not_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RetrainConfig {
+        state_dir: dir.path().join("state"),
+        ..retrain_cfg()
+    };
+    let a = Model::load(&repo(MODEL)).unwrap();
+    let b = Model::load(&repo("models/smd-machine-1-6-mse")).unwrap();
+    assert_eq!(a.meta.features, b.meta.features);
+    assert_ne!(a.meta.id, b.meta.id);
+
+    // A fresh state directory: the configured model, recorded as the chain's origin.
+    assert_eq!(
+        darkwatch::retrain::resume(a.clone(), &cfg).meta.version,
+        a.meta.version
+    );
+    let store = CheckpointStore::new(&cfg.state_dir, 3);
+    assert_eq!(store.origin().as_deref(), Some(a.meta.id.as_str()));
+
+    // A later version of `a` in the store: `a` resumes from it, `b` does not.
+    let mut next = a.clone();
+    next.meta.version = a.meta.version + 1;
+    store.write(&next).unwrap();
+    assert_eq!(
+        darkwatch::retrain::resume(a.clone(), &cfg).meta.version,
+        a.meta.version + 1
+    );
+    let got = darkwatch::retrain::resume(b.clone(), &cfg);
+    assert_eq!(
+        (got.meta.id.as_str(), got.meta.version),
+        (b.meta.id.as_str(), b.meta.version)
+    );
+    // The origin stays `a`'s: its checkpoints are still there.
+    assert_eq!(store.origin().as_deref(), Some(a.meta.id.as_str()));
+}
