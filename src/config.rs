@@ -569,9 +569,15 @@ mod tests {
         assert_eq!(cfg.model.hidden_sizes, [16]);
         // A TOML array in the file still works.
         let f = write("[mqtt]\nsubscribe = [\"x/#\", \"y\"]\n");
-        assert_eq!(load(Some(f.path()), Vec::new()).unwrap().mqtt.subscribe, ["x/#", "y"]);
+        assert_eq!(
+            load(Some(f.path()), Vec::new()).unwrap().mqtt.subscribe,
+            ["x/#", "y"]
+        );
         // Text where a number belongs is still an error naming the key.
-        let env = [("DARKWATCH__TRAIN__EPOCHS_MAX".to_string(), "many".to_string())];
+        let env = [(
+            "DARKWATCH__TRAIN__EPOCHS_MAX".to_string(),
+            "many".to_string(),
+        )];
         let err = load(None, env).unwrap_err().to_string();
         assert!(err.contains("epochs_max"), "{err}");
     }

@@ -364,9 +364,14 @@ fn main() -> ExitCode {
     };
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    // Colour only for a person at a terminal: journald, files and pipes get plain text
+    // (https://no-color.org: any non-empty NO_COLOR turns it off too).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

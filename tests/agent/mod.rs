@@ -275,6 +275,8 @@ fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
     assert!(err.contains("no-such-model"), "{err}");
     assert!(err.contains("format must be"), "{err}");
     assert_eq!(err.matches("Reload failed").count(), 3, "{err}");
+    // Logs to a pipe (journald, a file) carry no terminal colour codes.
+    assert!(!err.contains('\u{1b}'), "colour codes in the log: {err:?}");
 }
 
 /// Alert payloads (JSON) of the agent's node `node` in `got`.
