@@ -55,6 +55,9 @@ pub struct PlotSpec<'a> {
     pub log_scale: bool,
     /// Image size in pixels (width, height); [`DEFAULT_SIZE_PX`] unless set.
     pub size_px: (u32, u32),
+    /// The input row of `scores[0]`, added to the frame axis's labels (a lag-windowed model
+    /// scores from row `w − 1`, as `replay`'s CSV numbers its frames).
+    pub first_frame: usize,
 }
 
 impl<'a> PlotSpec<'a> {
@@ -68,6 +71,7 @@ impl<'a> PlotSpec<'a> {
             label_spans: &[],
             log_scale: false,
             size_px: DEFAULT_SIZE_PX,
+            first_frame: 0,
         }
     }
 }
@@ -441,6 +445,11 @@ fn band_ranges(spans: &[(usize, usize)], n: usize, min_width: f64) -> Vec<(f64, 
         .collect()
 }
 
+/// The frame axis's label at plot coordinate `x` (0 = the first score): its input row.
+fn frame_label(x: f64, first_frame: usize) -> String {
+    format!("{}", x.round() as i64 + first_frame as i64)
+}
+
 fn draw(tmp: &Path, spec: &PlotSpec<'_>, view: &View) -> Result<(), String> {
     ensure_font()?;
     let e = |err: &dyn std::fmt::Display| err.to_string();
@@ -467,7 +476,7 @@ fn draw(tmp: &Path, spec: &PlotSpec<'_>, view: &View) -> Result<(), String> {
         .build_cartesian_2d(x_lo..x_hi, view.y_lo..view.y_hi)
         .map_err(|x| e(&x))?;
     let y_fmt = |y: &f64| short(*y);
-    let x_fmt = |x: &f64| format!("{}", x.round() as i64);
+    let x_fmt = |x: &f64| frame_label(*x, spec.first_frame);
     let grid = RGBColor(215, 215, 215);
     let mut mesh = chart.configure_mesh();
     mesh.x_desc("frame")
@@ -618,6 +627,15 @@ fn draw(tmp: &Path, spec: &PlotSpec<'_>, view: &View) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_labels_count_input_rows_from_the_first_scored_one() {
+        assert_eq!(frame_label(0.0, 0), "0");
+        assert_eq!(frame_label(2000.2, 0), "2000");
+        // A 48-frame window scores from row 47.
+        assert_eq!(frame_label(0.0, 47), "47");
+        assert_eq!(frame_label(1999.6, 47), "2047");
+    }
 
     /// Width and height from a PNG's IHDR chunk, after checking the signature.
     fn png_size(bytes: &[u8]) -> (u32, u32) {

@@ -206,6 +206,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         _ => model.meta.head,
     };
     let frames = Frames::windowed(&model, values, timestamps, labels);
+    let first_frame = frames.first_row();
     let outputs = Outputs {
         csv: req.out_csv.as_deref(),
         events: req.events.as_deref(),
@@ -240,6 +241,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
                 .map(|_| outcome.thresholds.as_slice()),
             alert_spans: &outcome.alert_spans,
             label_spans: &label_spans,
+            first_frame,
             ..PlotSpec::new(title, &outcome.scores)
         };
         plot::score_plot(path, &spec)?;

@@ -176,6 +176,18 @@ fn a_variance_baseline_of_the_wrong_length_is_refused() {
         err.contains("log_variance_baseline") && err.contains("has 115 values"),
         "{err}"
     );
+    // A scale that is not positive: the message names the entry and its value.
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    meta["log_variance_baseline"].as_array_mut().unwrap().pop();
+    meta["scaler"]["scale"][3] = serde_json::json!(-0.5);
+    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
+    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("scaler.scale") && err.contains("entry 3 is -0.5, not positive"),
+        "{err}"
+    );
 }
 
 #[test]

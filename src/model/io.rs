@@ -574,11 +574,17 @@ fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
             ));
         }
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            return Err(field(name, format!("value {i} is not finite")));
+            return Err(field(
+                name,
+                format!("entry {i} is {}, not a finite number", v[i]),
+            ));
         }
     }
     if let Some(i) = meta.scaler.scale.iter().position(|&s| s <= 0.0) {
-        return Err(field("scaler.scale", format!("value {i} is not positive")));
+        return Err(field(
+            "scaler.scale",
+            format!("entry {i} is {}, not positive", meta.scaler.scale[i]),
+        ));
     }
     let arch = &meta.architecture;
     if arch.kind != "dense_autoencoder" {
