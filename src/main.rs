@@ -659,6 +659,21 @@ fn run(command: Command) -> Result<()> {
             config,
         } => {
             let cfg = load_config(config.as_deref())?;
+            // The defaults are relative paths into a checkout of the repository.
+            for (path, flag) in [
+                (&model, "--model"),
+                (&input, "--input"),
+                (&labels, "--labels"),
+            ] {
+                if path.is_relative() && !path.exists() {
+                    anyhow::bail!(
+                        "{}: not found from {}; the demo's bundled model and data are in the source tree: run it from the repository's root, or name your own with {flag}",
+                        path.display(),
+                        std::env::current_dir()
+                            .map_or_else(|_| "here".into(), |d| d.display().to_string())
+                    );
+                }
+            }
             let opts = darkwatch::demo::DemoOptions {
                 model_dir: model,
                 input,

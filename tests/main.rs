@@ -529,6 +529,19 @@ fn harness_prints_one_table_for_the_bundled_machine() {
     }
 }
 
+/// Outside a checkout the demo's default paths do not resolve: one line says what to do.
+#[test]
+fn demo_outside_the_repository_says_where_to_run_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(darkwatch().current_dir(dir.path()).arg("demo"));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("models/smd-machine-1-6") && err.contains("repository's root"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
 #[test]
 fn demo_streams_over_mqtt_and_alerts_reach_the_subscriber() {
     // Rows 18500.. of machine-1-6 hold the start of its longest anomaly.
