@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::alert::{AlertEvent, AlertState, Observation};
 use crate::config::DarkwatchConfig;
 use crate::detector::{self, Detector};
-use crate::ingest::assemble::{Assembler, AssemblerError};
+use crate::ingest::assemble::{Assembler, AssemblerError, DecodeError, Reject};
 use crate::ingest::examon::ExamonDecoder;
 use crate::model::{Model, ModelError};
 use crate::mqtt::{self, Incoming, MqttError, MqttStats, Outgoing, Received};
@@ -123,7 +123,11 @@ pub enum AgentError {
 pub struct AgentCounters {
     pub messages: AtomicU64,
     pub decode_errors: AtomicU64,
+    /// `decode_errors` by [`DecodeError::REASONS`].
+    pub decode_errors_by_reason: [AtomicU64; DecodeError::REASONS.len()],
     pub samples_rejected: AtomicU64,
+    /// `samples_rejected` by [`Reject::REASONS`].
+    pub samples_rejected_by_reason: [AtomicU64; Reject::REASONS.len()],
     pub frames: AtomicU64,
     pub frames_incomplete: AtomicU64,
     pub alerts_firing: AtomicU64,
@@ -152,6 +156,12 @@ pub struct AgentCounters {
 }
 
 impl AgentCounters {
+    /// Counts a message (or a Telegraf metric) that could not be decoded.
+    fn decode_error(&self, e: &DecodeError) {
+        self.decode_errors.fetch_add(1, Ordering::Relaxed);
+        self.decode_errors_by_reason[e.reason_index()].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The id of the model being scored (empty before the agent has loaded one).
     pub fn model_id(&self) -> String {
         self.model_id.lock().map(|m| m.clone()).unwrap_or_default()
@@ -818,8 +828,10 @@ impl AgentSource {
             ..
         } = self;
         let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
-            if assembler.push_received(sample, msg.received).is_err() {
+            if let Err(why) = assembler.push_received(sample, msg.received) {
                 counters.samples_rejected.fetch_add(1, Ordering::Relaxed);
+                counters.samples_rejected_by_reason[why.reason_index()]
+                    .fetch_add(1, Ordering::Relaxed);
                 return;
             }
             match *newest {
@@ -833,18 +845,16 @@ impl AgentSource {
         match decoder {
             Decoder::Examon(d) => match d.decode(msg.topic, msg.payload) {
                 Ok(sample) => accept(&sample),
-                Err(_) => {
-                    counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-                }
+                Err(e) => counters.decode_error(&e),
             },
             Decoder::Telegraf(d) => {
-                let mut bad = 0u64;
                 let whole = d.decode(msg.payload, msg.received, &mut |r| match r {
                     Ok(sample) => accept(&sample),
-                    Err(_) => bad += 1,
+                    Err(e) => counters.decode_error(&e),
                 });
-                bad += u64::from(whole.is_err());
-                counters.decode_errors.fetch_add(bad, Ordering::Relaxed);
+                if let Err(e) = whole {
+                    counters.decode_error(&e);
+                }
             }
             Decoder::Raw {
                 decoder,
@@ -853,8 +863,8 @@ impl AgentSource {
             } => {
                 let name = match decoder.decode(msg.topic, msg.payload, frame) {
                     Ok(name) => name.unwrap_or("default"),
-                    Err(_) => {
-                        counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    Err(e) => {
+                        counters.decode_error(&e);
                         return 0;
                     }
                 };

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentCounters;
+use crate::ingest::assemble::{DecodeError, Reject};
 use crate::mqtt::MqttStats;
 
 /// Where `/metrics` is served.
@@ -60,21 +61,11 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 9] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
             load(&c.messages),
-        ),
-        (
-            "darkwatch_messages_rejected_total",
-            "Messages that could not be decoded.",
-            load(&c.decode_errors),
-        ),
-        (
-            "darkwatch_samples_rejected_total",
-            "Decoded samples the assembler refused (unknown metric, late, too many streams).",
-            load(&c.samples_rejected),
         ),
         (
             "darkwatch_frames_assembled_total",
@@ -122,6 +113,27 @@ pub fn render(e: &Exposed) -> String {
             s,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
+    }
+    // One series per reason, zeros included, so that rate() and sum() see every one.
+    let by_reason: [(&str, &str, &[&str], &[std::sync::atomic::AtomicU64]); 2] = [
+        (
+            "darkwatch_messages_rejected_total",
+            "Messages (or Telegraf metrics) that could not be decoded, by reason.",
+            &DecodeError::REASONS,
+            &c.decode_errors_by_reason,
+        ),
+        (
+            "darkwatch_samples_rejected_total",
+            "Decoded samples the assembler refused, by reason.",
+            &Reject::REASONS,
+            &c.samples_rejected_by_reason,
+        ),
+    ];
+    for (name, help, reasons, counts) in by_reason {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (reason, count) in reasons.iter().zip(counts) {
+            let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {}", load(count));
+        }
     }
     let _ = writeln!(
         s,

@@ -92,6 +92,28 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// Stable snake_case label of the variant, for counters.
+    /// Every [`DecodeError::reason`], in the order of [`DecodeError::reason_index`].
+    pub const REASONS: [&'static str; 12] = [
+        "too_large",
+        "not_utf8",
+        "bad_topic",
+        "not_data_channel",
+        "missing_stream",
+        "bad_payload",
+        "non_numeric",
+        "string_field",
+        "non_finite",
+        "timestamp_missing",
+        "timestamp_invalid",
+        "wrong_length",
+    ];
+
+    /// The position of [`DecodeError::reason`] in [`DecodeError::REASONS`].
+    pub fn reason_index(&self) -> usize {
+        let reason = self.reason();
+        Self::REASONS.iter().position(|&r| r == reason).unwrap_or(0)
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             DecodeError::TooLarge { .. } => "too_large",
@@ -256,6 +278,15 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// Every [`Reject::reason`], in the order of [`Reject::reason_index`].
+    pub const REASONS: [&'static str; 4] =
+        ["unknown_metric", "late", "too_many_streams", "non_finite"];
+
+    /// The position of [`Reject::reason`] in [`Reject::REASONS`].
+    pub fn reason_index(&self) -> usize {
+        *self as usize
+    }
+
     /// Stable snake_case label, for counters.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -841,6 +872,40 @@ mod tests {
         a.push(&sample("n", "x", 1.0, 0.5)).unwrap();
         a.push(&sample("n", "x", 2.0, 0.5)).unwrap();
         assert_eq!(collect(&mut a, 10.0)[0].values, vec![2.0]);
+    }
+
+    #[test]
+    fn reason_lists_hold_every_reason_at_its_index() {
+        let decode = [
+            DecodeError::TooLarge { len: 2, max: 1 },
+            DecodeError::NotUtf8,
+            DecodeError::BadTopic(""),
+            DecodeError::NotDataChannel(String::new()),
+            DecodeError::MissingStream { key: String::new() },
+            DecodeError::BadPayload(""),
+            DecodeError::NonNumeric(String::new()),
+            DecodeError::StringField,
+            DecodeError::NonFinite,
+            DecodeError::TimestampMissing,
+            DecodeError::TimestampInvalid(String::new()),
+            DecodeError::WrongLength {
+                expected: 4,
+                got: 3,
+            },
+        ];
+        assert_eq!(decode.len(), DecodeError::REASONS.len());
+        for (i, e) in decode.iter().enumerate() {
+            assert_eq!((e.reason_index(), e.reason()), (i, DecodeError::REASONS[i]));
+        }
+        let reject = [
+            Reject::UnknownMetric,
+            Reject::Late,
+            Reject::TooManyStreams,
+            Reject::NonFinite,
+        ];
+        for (i, r) in reject.iter().enumerate() {
+            assert_eq!((r.reason_index(), r.reason()), (i, Reject::REASONS[i]));
+        }
     }
 
     #[test]

@@ -500,7 +500,7 @@ fn examon_latency(
     let raised = agent.alerts_raised();
     let inside = agent_latency(&agent);
     let late = agent
-        .metric("darkwatch_samples_rejected_total")
+        .metric_sum("darkwatch_samples_rejected_total")
         .unwrap_or(f64::NAN);
     let (_, err) = agent.stop();
     println!(

@@ -229,7 +229,10 @@ fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
     let data = rows(&test_csv);
     publish_all(broker, &examon("o", "n1", &data[..40], 1_800_000_000.0));
     agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 39.0);
-    assert_eq!(agent.metric("darkwatch_samples_rejected_total"), Some(0.0));
+    assert_eq!(
+        agent.metric_sum("darkwatch_samples_rejected_total"),
+        Some(0.0)
+    );
 
     // A broken config, then one naming a missing model: each is refused, the agent runs on.
     std::fs::write(&cfg, "[agent]\nmodel_dirr = 3\n").unwrap();
@@ -880,7 +883,40 @@ fn agent_windows_assembled_frames_and_keeps_or_restarts_them_on_reload() {
         (250.0, 216.0),
         "new window: its first 11 frames fill it"
     );
-    assert_eq!(agent.metric("darkwatch_samples_rejected_total"), Some(0.0));
+    assert_eq!(
+        agent.metric_sum("darkwatch_samples_rejected_total"),
+        Some(0.0)
+    );
+    // Rejected input is counted by reason.
+    publish_all(
+        broker,
+        &[
+            (
+                "org/o/cluster/c/node/n1/plugin/p/chnl/data/load".to_string(),
+                b"abc;1800000300".to_vec(),
+            ),
+            (
+                "org/o/cluster/c/node/n1/plugin/p/chnl/data/other".to_string(),
+                b"1.5;1800000300".to_vec(),
+            ),
+        ],
+    );
+    agent.wait_metric(
+        "darkwatch_messages_rejected_total{reason=\"non_numeric\"}",
+        |v| v == 1.0,
+    );
+    agent.wait_metric(
+        "darkwatch_samples_rejected_total{reason=\"unknown_metric\"}",
+        |v| v == 1.0,
+    );
+    assert_eq!(
+        agent.metric_sum("darkwatch_messages_rejected_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        agent.metric_sum("darkwatch_samples_rejected_total"),
+        Some(1.0)
+    );
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
 }

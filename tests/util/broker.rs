@@ -437,6 +437,18 @@ impl Agent {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
+    /// The sum over every labelled series of the metric `name` (`name{…} v` lines).
+    pub fn metric_sum(&self, name: &str) -> Option<f64> {
+        let body = self.scrape()?;
+        let prefix = format!("{name}{{");
+        let values: Vec<f64> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix)?.split_once("} "))
+            .filter_map(|(_, v)| v.trim().parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
     /// Waits until the sample `name` satisfies `cond`; returns its value.
     pub fn wait_metric(&mut self, name: &str, cond: impl Fn(f64) -> bool) -> f64 {
         let start = Instant::now();
