@@ -377,11 +377,12 @@ where
         .map_err(|e| ConfigError::Load {
             file: source.clone(),
             // TOML syntax errors come with a multi-line snippet: keep the message one line.
-            reason: e
-                .to_string()
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" "),
+            reason: with_allowed_values(
+                &e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
         })?;
     cfg.validate()
         .map_err(|(key, reason)| ConfigError::Invalid {
@@ -390,6 +391,49 @@ where
             reason,
         })?;
     Ok(cfg)
+}
+
+/// The `config` crate reports a bad enum value as "enum HeadKind does not have variant
+/// constructor max-abs for key `score.head`", without the values allowed. For the enums a
+/// configuration holds this becomes serde's own message, which lists them: "unknown variant
+/// `max-abs`, expected one of `mse`, `max_abs`, `wnll` for key `score.head`".
+fn with_allowed_values(reason: &str) -> String {
+    fn probe<T: serde::de::DeserializeOwned>(value: &str) -> Option<String> {
+        let de = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(value);
+        T::deserialize(de).err().map(|e| e.to_string())
+    }
+    let Some((head, rest)) = reason.split_once(" does not have variant constructor ") else {
+        return reason.to_string();
+    };
+    let Some(name) = head.rsplit_once("enum ").map(|(_, n)| n.trim()) else {
+        return reason.to_string();
+    };
+    let (value, key) = match rest.split_once(" for key ") {
+        Some((v, k)) => (v, format!(" for key {k}")),
+        None => (rest, String::new()),
+    };
+    let hint = match name {
+        "Aggregation" => probe::<crate::ingest::assemble::Aggregation>(value),
+        "Backend" => probe::<Backend>(value),
+        "BrokerMode" => probe::<crate::mqtt::BrokerMode>(value),
+        "CudaFallback" => probe::<CudaFallback>(value),
+        "FullPolicy" => probe::<crate::ring::FullPolicy>(value),
+        "HeadKind" => probe::<crate::score::HeadKind>(value),
+        "InputFormat" => probe::<crate::agent::InputFormat>(value),
+        "LogVariance" => probe::<crate::score::LogVariance>(value),
+        "OnnxFallback" => probe::<OnnxFallback>(value),
+        "OnnxProvider" => probe::<OnnxProvider>(value),
+        "OutputKind" => probe::<crate::model::OutputKind>(value),
+        "Precision" => probe::<crate::ingest::telegraf::Precision>(value),
+        "ScalerKind" => probe::<crate::model::scaler::ScalerKind>(value),
+        "TelegrafFormat" => probe::<crate::ingest::telegraf::TelegrafFormat>(value),
+        "ThresholdKind" => probe::<crate::threshold::ThresholdKind>(value),
+        _ => None,
+    };
+    match hint {
+        Some(hint) => format!("{hint}{key}"),
+        None => reason.to_string(),
+    }
 }
 
 impl DarkwatchConfig {
@@ -580,6 +624,26 @@ mod tests {
         )];
         let err = load(None, env).unwrap_err().to_string();
         assert!(err.contains("epochs_max"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_enum_value_lists_the_allowed_ones() {
+        let f = write("[score]\nhead = \"max-abs\"\n");
+        let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
+        assert!(
+            err.contains("`max-abs`")
+                && err.contains("`mse`, `max_abs`, `wnll`")
+                && err.contains("score.head"),
+            "{err}"
+        );
+        let env = [(
+            "DARKWATCH__PIPELINE__FULL_POLICY".to_string(),
+            "wait".to_string(),
+        )];
+        let err = load(None, env).unwrap_err().to_string();
+        assert!(err.contains("`drop_newest` or `block`"), "{err}");
+        // Other messages pass unchanged.
+        assert_eq!(with_allowed_values("invalid type"), "invalid type");
     }
 
     #[test]

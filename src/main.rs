@@ -340,6 +340,8 @@ impl From<BackendArg> for Backend {
 #[derive(Clone, Copy, ValueEnum)]
 enum HeadArg {
     Mse,
+    /// Also as written in the config file (`head = "max_abs"`).
+    #[value(alias = "max_abs")]
     MaxAbs,
     Wnll,
 }
