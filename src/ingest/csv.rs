@@ -69,6 +69,15 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
             });
         }
     }
+    // A file without a header would lose its first row to it and train on features named
+    // after numbers.
+    if header.iter().all(|n| n.trim().parse::<f64>().is_ok()) {
+        return Err(IngestError::Syntax {
+            path: err_path(),
+            pos: TextPos::line(header_no),
+            message: "the header line holds only numbers: the first line must name the columns (feature names, and a timestamp column if any)".into(),
+        });
+    }
     let ts_col = timestamp_column(path, &header, opts)?;
     let features: Vec<String> = header
         .iter()
@@ -279,6 +288,15 @@ mod tests {
         assert_eq!(t.timestamps, None);
         assert_eq!(t.values, ndarray::array![[1.0, 2.0, 3.0], [4.5, -0.6, 0.0]]);
         assert_eq!(t.path, Path::new("data.csv"));
+    }
+
+    #[test]
+    fn a_file_without_a_header_is_refused_not_read_with_numbers_for_names() {
+        let err = parse_err("0.5,1,2\n0.6,1,3\n");
+        assert!(err.contains("data.csv") && err.contains("line 1"), "{err}");
+        assert!(err.contains("holds only numbers"), "{err}");
+        // One named column is enough to make a header.
+        assert_eq!(parse("t,1,2\n5,6,7\n").unwrap().features, ["t", "1", "2"]);
     }
 
     #[test]
