@@ -208,6 +208,12 @@ impl MqttConfig {
         if self.username.is_empty() && !self.password.is_empty() {
             return Err(("password", "is set but `username` is empty".into()));
         }
+        if self.subscribe.is_empty() {
+            return Err((
+                "subscribe",
+                "needs at least one topic filter: the agent would receive nothing".into(),
+            ));
+        }
         for filter in &self.subscribe {
             check_filter(filter).map_err(|reason| ("subscribe", format!("`{filter}` {reason}")))?;
         }
@@ -1408,6 +1414,7 @@ mod tests {
         );
         bad(|c| c.keep_alive_secs = 70_000, "keep_alive_secs");
         bad(|c| c.password = "x".into(), "password");
+        bad(|c| c.subscribe = Vec::new(), "subscribe");
         bad(|c| c.subscribe = vec!["a/#/b".into()], "subscribe");
         bad(|c| c.subscribe = vec!["$share//a/#".into()], "subscribe");
         bad(|c| c.subscribe = vec!["$share/g+/a/#".into()], "subscribe");
