@@ -428,6 +428,7 @@ fn with_allowed_values(reason: &str) -> String {
         "ScalerKind" => probe::<crate::model::scaler::ScalerKind>(value),
         "TelegrafFormat" => probe::<crate::ingest::telegraf::TelegrafFormat>(value),
         "ThresholdKind" => probe::<crate::threshold::ThresholdKind>(value),
+        "SaeScoreKind" => probe::<crate::sae::detector::SaeScoreKind>(value),
         _ => None,
     };
     match hint {

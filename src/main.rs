@@ -100,11 +100,11 @@ enum Command {
     /// Everything on this machine: an embedded broker, a publisher replaying a recorded
     /// stream as ExaMon messages, the agent, and a subscriber counting alerts.
     Demo {
-        #[arg(long, default_value = "models/smd-machine-1-6")]
+        #[arg(long, default_value = DEMO_MODEL)]
         model: PathBuf,
-        #[arg(long, default_value = "tests/data/smd/machine-1-6_test.npy")]
+        #[arg(long, default_value = DEMO_INPUT)]
         input: PathBuf,
-        #[arg(long, default_value = "tests/data/smd/machine-1-6_test_label.txt")]
+        #[arg(long, default_value = DEMO_LABELS)]
         labels: PathBuf,
         /// First row replayed.
         #[arg(long, default_value_t = 17_500)]
@@ -355,6 +355,11 @@ impl From<HeadArg> for HeadKind {
         }
     }
 }
+
+/// `darkwatch demo`'s bundled model and data: paths inside a checkout of the repository.
+const DEMO_MODEL: &str = "models/smd-machine-1-6";
+const DEMO_INPUT: &str = "tests/data/smd/machine-1-6_test.npy";
+const DEMO_LABELS: &str = "tests/data/smd/machine-1-6_test_label.txt";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -662,12 +667,12 @@ fn run(command: Command) -> Result<()> {
         } => {
             let cfg = load_config(config.as_deref())?;
             // The defaults are relative paths into a checkout of the repository.
-            for (path, flag) in [
-                (&model, "--model"),
-                (&input, "--input"),
-                (&labels, "--labels"),
+            for (path, flag, default) in [
+                (&model, "--model", DEMO_MODEL),
+                (&input, "--input", DEMO_INPUT),
+                (&labels, "--labels", DEMO_LABELS),
             ] {
-                if path.is_relative() && !path.exists() {
+                if path.as_os_str() == default && !path.exists() {
                     anyhow::bail!(
                         "{}: not found from {}; the demo's bundled model and data are in the source tree: run it from the repository's root, or name your own with {flag}",
                         path.display(),

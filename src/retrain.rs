@@ -697,6 +697,37 @@ impl CheckpointStore {
         }
     }
 
+    /// Moves every checkpoint and the history into `superseded-<label>-<unix secs>/` inside
+    /// the state directory, so that a new chain starts empty and nothing is deleted.
+    /// Returns that directory.
+    ///
+    /// # Errors
+    /// The directory cannot be made or an entry cannot be moved.
+    pub fn set_aside(&self, label: &str) -> Result<PathBuf, RetrainError> {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let safe: String = label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .take(40)
+            .collect();
+        let aside = self.dir.join(format!("superseded-{safe}-{secs}"));
+        fs::create_dir_all(&aside).map_err(self.io(&aside))?;
+        let history = self.dir.join(HISTORY_FILE);
+        let moves = self
+            .list()
+            .into_iter()
+            .map(|(_, path)| path)
+            .chain(history.exists().then_some(history));
+        for path in moves {
+            let to = aside.join(path.file_name().unwrap_or_default());
+            fs::rename(&path, &to).map_err(self.io(&path))?;
+        }
+        fsync_dir(&self.dir).map_err(self.io(&self.dir))?;
+        Ok(aside)
+    }
+
     /// Appends one line to `history.jsonl` (best effort, logged on failure).
     pub fn record(&self, entry: &HistoryEntry) {
         let path = self.dir.join(HISTORY_FILE);
@@ -1463,17 +1494,29 @@ pub fn resume(model: Model, cfg: &RetrainConfig) -> Model {
     };
     // Checkpoints of another model directory's model (same features or not) never stand in
     // for the one configured. State directories written before the origin was recorded
-    // only have the features to go by.
-    if let Some(origin) = store.origin()
-        && origin != model.meta.id
-    {
-        tracing::warn!(path = %path.display(), checkpoints_of = %origin, configured = %model.meta.id,
-            "the checkpoints in the state directory descend from another model; starting from the model directory (give it its own [retrain] state_dir)");
+    // only have the features to go by. Such a chain is set aside, not deleted, so that the
+    // configured model's own checkpoints neither mix with it nor get pruned by it.
+    let origin = store.origin();
+    let foreign = match &origin {
+        Some(o) => *o != model.meta.id,
+        None => m.meta.features != model.meta.features,
+    };
+    if foreign {
+        let of = origin.unwrap_or_else(|| m.meta.id.clone());
+        match store.set_aside(&of) {
+            Ok(aside) => {
+                tracing::warn!(path = %path.display(), checkpoints_of = %of, configured = %model.meta.id, moved_to = %aside.display(),
+                "the checkpoints in the state directory continue another model; set them aside and starting from the model directory")
+            }
+            Err(e) => tracing::warn!(path = %path.display(), checkpoints_of = %of, error = %e,
+                "the checkpoints in the state directory continue another model and could not be set aside; starting from the model directory (give it its own [retrain] state_dir)"),
+        }
+        store.set_origin(&model.meta.id);
         return model;
     }
-    if m.meta.features != model.meta.features {
-        tracing::warn!(path = %path.display(), "the newest checkpoint has other features than the configured model; starting from the model directory");
-        return model;
+    if origin.is_none() {
+        // An older state directory: from now on its chain is this model's.
+        store.set_origin(&model.meta.id);
     }
     tracing::info!(path = %path.display(), version = m.meta.version, model = %m.meta.id,
         "resuming from the newest valid checkpoint");

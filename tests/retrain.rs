@@ -439,6 +439,26 @@ fn checkpoints_of_another_model_are_not_resumed() {
         (got.meta.id.as_str(), got.meta.version),
         (b.meta.id.as_str(), b.meta.version)
     );
-    // The origin stays `a`'s: its checkpoints are still there.
-    assert_eq!(store.origin().as_deref(), Some(a.meta.id.as_str()));
+    // `a`'s chain is set aside, not deleted: the directory now holds `b`'s chain, empty.
+    assert!(store.list().is_empty(), "{:?}", store.list());
+    assert_eq!(store.origin().as_deref(), Some(b.meta.id.as_str()));
+    let aside: Vec<_> = std::fs::read_dir(&cfg.state_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("superseded-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    Model::load(&aside[0].join(format!("ckpt-{:08}", a.meta.version + 1))).unwrap();
+    // `b`'s own checkpoints resume after that.
+    let mut b_next = b.clone();
+    b_next.meta.version = b.meta.version + 1;
+    store.write(&b_next).unwrap();
+    let got = darkwatch::retrain::resume(b.clone(), &cfg);
+    assert_eq!(got.meta.version, b.meta.version + 1);
 }

@@ -49,7 +49,7 @@ impl Sample<'_> {
 }
 
 /// Why a message (or one sample of it) was not decoded. [`Self::reason`] is a stable
-/// label for the `darkwatch_ingest_decode_errors_total{reason}` counter; quoted input
+/// label for the `darkwatch_messages_rejected_total{reason}` counter; quoted input
 /// is clipped so that messages stay short.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DecodeError {
@@ -91,7 +91,6 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// Stable snake_case label of the variant, for counters.
     /// Every [`DecodeError::reason`], in the order of [`DecodeError::reason_index`].
     pub const REASONS: [&'static str; 12] = [
         "too_large",
@@ -114,6 +113,7 @@ impl DecodeError {
         Self::REASONS.iter().position(|&r| r == reason).unwrap_or(0)
     }
 
+    /// Stable snake_case label of the variant, for counters.
     pub fn reason(&self) -> &'static str {
         match self {
             DecodeError::TooLarge { .. } => "too_large",

@@ -52,6 +52,15 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
         });
     }
     let header = split_fields(path, header_no, line_str(path, header_no, header_bytes)?)?;
+    // A file without a header would lose its first row to it and train on features named
+    // after numbers (checked first: such a row often repeats a value, a duplicate name).
+    if header.iter().all(|n| n.trim().parse::<f64>().is_ok()) {
+        return Err(IngestError::Syntax {
+            path: err_path(),
+            pos: TextPos::line(header_no),
+            message: "the header line holds only numbers: the first line must name the columns (feature names, and a timestamp column if any)".into(),
+        });
+    }
     for (i, name) in header.iter().enumerate() {
         if name.is_empty() {
             return Err(IngestError::Syntax {
@@ -68,15 +77,6 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
                 second: i + 1,
             });
         }
-    }
-    // A file without a header would lose its first row to it and train on features named
-    // after numbers.
-    if header.iter().all(|n| n.trim().parse::<f64>().is_ok()) {
-        return Err(IngestError::Syntax {
-            path: err_path(),
-            pos: TextPos::line(header_no),
-            message: "the header line holds only numbers: the first line must name the columns (feature names, and a timestamp column if any)".into(),
-        });
     }
     let ts_col = timestamp_column(path, &header, opts)?;
     let features: Vec<String> = header
@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn a_file_without_a_header_is_refused_not_read_with_numbers_for_names() {
-        let err = parse_err("0.5,1,2\n0.6,1,3\n");
+        let err = parse_err("0.5,1,2,1\n0.6,1,3,1\n");
         assert!(err.contains("data.csv") && err.contains("line 1"), "{err}");
         assert!(err.contains("holds only numbers"), "{err}");
         // One named column is enough to make a header.
