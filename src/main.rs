@@ -906,10 +906,31 @@ fn run(command: Command) -> Result<()> {
                 return Ok(());
             }
             let cfg = load_config(config.as_deref())?;
-            if darkwatch::sae::detector::SaeDetector::is_sae_dir(&dir) {
-                let det = darkwatch::sae::detector::SaeDetector::load(&dir, cfg.sae.score)?;
-                emit(&det.summary())?;
+            use darkwatch::sae::detector::{DetectorError, SaeDetector};
+            // An SAE checkpoint, with a dark-matter head (a detector) or without (as
+            // published: SAELens, a sparsify layer or run folder).
+            let bare = (!dir.join(model::io::META_FILE).exists())
+                .then(|| darkwatch::sae::Sae::load(&dir).ok())
+                .flatten();
+            if bare.is_some() || SaeDetector::is_sae_dir(&dir) {
+                match (SaeDetector::load(&dir, cfg.sae.score), bare) {
+                    (Ok(det), _) => emit(&det.summary())?,
+                    (Err(DetectorError::NoHead { .. }), Some(sae)) => emit(&format!(
+                        "SAE checkpoint, no dark-matter head\n{}\
+                         head         none: `darkwatch sae-head --sae {} --input <normal activations>` fits one\n",
+                        sae.summary(),
+                        dir.display()
+                    ))?,
+                    (Err(e), _) => return Err(e.into()),
+                }
                 return Ok(());
+            }
+            if !dir.join(model::io::META_FILE).exists() && dir.is_dir() {
+                anyhow::bail!(
+                    "{}: not a darkwatch model directory (no {}), an SAE checkpoint (cfg.json with its weights) or an online-retraining state directory",
+                    dir.display(),
+                    model::io::META_FILE
+                );
             }
             let model = Model::load(&dir)?.with_configured_backend(&dir, &cfg)?;
             if json {

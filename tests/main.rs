@@ -126,6 +126,31 @@ fn inspect_prints_metadata() {
     assert_eq!(v["format_version"], 1);
 }
 
+/// Published SAE checkpoints (no dark-matter head yet) are described, with the command
+/// that fits a head; a folder that is none of darkwatch's kinds says what was expected.
+#[test]
+fn inspect_describes_published_sae_checkpoints() {
+    for (dir, format) in [
+        ("tests/data/sae/saelens_topk_v6/checkpoint", "SaeLens"),
+        // A sparsify run folder with one layer.
+        ("tests/data/sae/sparsify_topk_f32/checkpoint", "Sparsify"),
+    ] {
+        let (code, out, err) = run(darkwatch().arg("inspect").arg(repo(dir)));
+        assert_eq!(code, 0, "{dir}: {err}");
+        for want in [
+            "no dark-matter head",
+            format,
+            "d_in 16, 64 latents",
+            "sae-head --sae",
+        ] {
+            assert!(out.contains(want), "{dir}: missing {want:?} in\n{out}");
+        }
+    }
+    let (code, _, err) = run(darkwatch().arg("inspect").arg(repo("tests/data/sae")));
+    assert_eq!(code, 1);
+    assert!(err.contains("not a darkwatch model directory"), "{err}");
+}
+
 #[test]
 fn corrupt_or_truncated_model_is_refused_with_file_named() {
     let (_dir, model, test, _) = trained();

@@ -402,31 +402,18 @@ impl SaeDetector {
 
     /// What `darkwatch inspect` prints for an SAE folder.
     pub fn summary(&self) -> String {
-        let info = self.sae.info();
         let r2 = self.head.train_r2();
         let rows = self
             .calibration_rows
             .map_or("unknown", CalibrationRows::name);
         format!(
             "SAE detector {id}\n\
-             sae          {format:?} from {dir}, hook {hook}, weights {dtype}\n\
-             shape        d_in {d_in}, {d_sae} latents, {act:?}, b_dec applied to input: {bdec}, normalisation {norm}\n\
+             {sae}\
              head         ridge λ {lambda:.3e}, σ {sigma:.4}, R² on its fit rows: vector {rv:.3}, norm {rn:.3}\n\
              score        {score} ([sae] score)\n\
              calibration  {n} scores of {rows} rows\n",
             id = self.id,
-            format = info.format,
-            dir = info
-                .dir
-                .as_ref()
-                .map_or("memory".into(), |d| d.display().to_string()),
-            hook = info.hook.as_deref().unwrap_or("unknown"),
-            dtype = info.stored_dtype,
-            d_in = self.sae.d_in(),
-            d_sae = self.sae.d_sae(),
-            act = self.sae.activation(),
-            bdec = self.sae.apply_b_dec_to_input(),
-            norm = self.sae.normalization().name(),
+            sae = self.sae.summary(),
             lambda = self.head.lambda(),
             sigma = self.head.sigma(),
             rv = r2.vector,

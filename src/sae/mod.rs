@@ -393,6 +393,27 @@ impl Sae {
         self.normalization
     }
 
+    /// Two lines for `inspect`: where the weights came from, and the shape.
+    pub fn summary(&self) -> String {
+        let info = &self.info;
+        format!(
+            "sae          {format:?} from {dir}, hook {hook}, weights {dtype}\n\
+             shape        d_in {d_in}, {d_sae} latents, {act:?}, b_dec applied to input: {bdec}, normalisation {norm}\n",
+            format = info.format,
+            dir = info
+                .dir
+                .as_ref()
+                .map_or("memory".into(), |d| d.display().to_string()),
+            hook = info.hook.as_deref().unwrap_or("unknown"),
+            dtype = info.stored_dtype,
+            d_in = self.d_in,
+            d_sae = self.d_sae,
+            act = self.activation,
+            bdec = self.apply_b_dec_to_input,
+            norm = self.normalization.name(),
+        )
+    }
+
     /// Where the SAE came from.
     pub fn info(&self) -> &SaeInfo {
         &self.info
