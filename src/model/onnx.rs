@@ -366,6 +366,14 @@ pub struct OnnxSession {
     bound: Vec<Bound>,
 }
 
+/// The rows of one run.
+enum Rows<'a> {
+    /// In the input tensor of `bound[i]`, already written.
+    Bound(usize),
+    /// Given by the caller (no binding for its batch size): a fresh tensor refers to them.
+    Given(ArrayView2<'a, f32>),
+}
+
 /// An [`IoBinding`] with its own input and output tensors for batches of `n` rows.
 struct Bound {
     n: usize,
@@ -575,7 +583,7 @@ impl OnnxSession {
             });
         };
         write(self.bound[i].input_mut(d));
-        self.run(n, d, Some(i), None, f)
+        self.run(n, d, Rows::Bound(i), f)
     }
 
     /// Runs the graph on scaled rows `x` (contiguous) and hands the reconstruction to `f`,
@@ -593,19 +601,18 @@ impl OnnxSession {
         match self.bound.iter().position(|b| b.n == n) {
             Some(i) => {
                 self.bound[i].fill(x);
-                self.run(n, d, Some(i), None, |_, recon| f(recon))
+                self.run(n, d, Rows::Bound(i), |_, recon| f(recon))
             }
-            None => self.run(n, d, None, Some(x), |_, recon| f(recon)),
+            None => self.run(n, d, Rows::Given(x), |_, recon| f(recon)),
         }
     }
 
-    /// One run: on bound binding `bound` (its input already written), else on `x`.
+    /// One run of `n` rows of `d` values, handing them and the reconstruction to `f`.
     fn run<R>(
         &mut self,
         n: usize,
         d: usize,
-        bound: Option<usize>,
-        x: Option<ArrayView2<f32>>,
+        rows: Rows<'_>,
         f: impl FnOnce(ArrayView2<'_, f32>, &Recon<'_>) -> R,
     ) -> Result<R, OnnxError> {
         let m = &*self.model;
@@ -613,8 +620,8 @@ impl OnnxSession {
             path: m.path.clone(),
             reason,
         };
-        let (outputs, bound, x) = match (bound, x) {
-            (Some(i), _) => {
+        let (outputs, bound, x) = match rows {
+            Rows::Bound(i) => {
                 let b = &mut self.bound[i];
                 // The outputs land in the bound tensors; what run_binding returns aliases them.
                 drop(
@@ -625,7 +632,7 @@ impl OnnxSession {
                 let b = &*b;
                 (None, Some(b), b.input(d))
             }
-            (None, Some(x)) => {
+            Rows::Given(x) => {
                 let input = TensorRef::from_array_view(x).map_err(|e| fail(e.to_string()))?;
                 let outputs = self
                     .session
@@ -633,7 +640,6 @@ impl OnnxSession {
                     .map_err(|e| fail(e.to_string()))?;
                 (Some(outputs), None, x)
             }
-            (None, None) => unreachable!("a run has a binding or rows"),
         };
         let view = |i: usize, name: &str, width: usize| -> Result<ArrayView2<'_, f32>, OnnxError> {
             let v = match (&outputs, bound) {
