@@ -118,15 +118,17 @@ pub enum AgentError {
     Threshold(String),
 }
 
+fn sum(counts: &[AtomicU64]) -> u64 {
+    counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+}
+
 /// Counters of one agent run.
 #[derive(Debug, Default)]
 pub struct AgentCounters {
     pub messages: AtomicU64,
-    pub decode_errors: AtomicU64,
-    /// `decode_errors` by [`DecodeError::REASONS`].
+    /// Messages (or Telegraf metrics) not decoded, by [`DecodeError::REASONS`].
     pub decode_errors_by_reason: [AtomicU64; DecodeError::REASONS.len()],
-    pub samples_rejected: AtomicU64,
-    /// `samples_rejected` by [`Reject::REASONS`].
+    /// Samples the assembler refused, by [`Reject::REASONS`].
     pub samples_rejected_by_reason: [AtomicU64; Reject::REASONS.len()],
     pub frames: AtomicU64,
     pub frames_incomplete: AtomicU64,
@@ -158,8 +160,17 @@ pub struct AgentCounters {
 impl AgentCounters {
     /// Counts a message (or a Telegraf metric) that could not be decoded.
     fn decode_error(&self, e: &DecodeError) {
-        self.decode_errors.fetch_add(1, Ordering::Relaxed);
         self.decode_errors_by_reason[e.reason_index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages (or Telegraf metrics) not decoded, every reason.
+    pub fn decode_errors(&self) -> u64 {
+        sum(&self.decode_errors_by_reason)
+    }
+
+    /// Samples the assembler refused, every reason.
+    pub fn samples_rejected(&self) -> u64 {
+        sum(&self.samples_rejected_by_reason)
     }
 
     /// The id of the model being scored (empty before the agent has loaded one).
@@ -829,7 +840,6 @@ impl AgentSource {
         } = self;
         let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
             if let Err(why) = assembler.push_received(sample, msg.received) {
-                counters.samples_rejected.fetch_add(1, Ordering::Relaxed);
                 counters.samples_rejected_by_reason[why.reason_index()]
                     .fetch_add(1, Ordering::Relaxed);
                 return;
@@ -1359,7 +1369,7 @@ mod tests {
         // An unknown metric is rejected and does not move the clock.
         src.take_one(&msg("other", "zzz", 1.0, 5000.0));
         assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
-        assert_eq!(src.counters.samples_rejected.load(Ordering::Relaxed), 1);
+        assert_eq!(src.counters.samples_rejected(), 1);
         // A known metric with a clock far ahead lands in its own stream but does not
         // drag every stream's clock with it.
         src.take_one(&msg("n2", "a", 1.0, 1e9));
@@ -1373,7 +1383,7 @@ mod tests {
             payload: vec![0xff; 3],
             received: 0.0,
         });
-        assert_eq!(src.counters.decode_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(src.counters.decode_errors(), 1);
         assert_eq!(src.counters.messages.load(Ordering::Relaxed), 5);
     }
 
@@ -1390,14 +1400,14 @@ mod tests {
             payload: json.to_vec(),
             received: 1000.0,
         });
-        assert_eq!(src.counters.decode_errors.load(Ordering::Relaxed), 0);
-        assert_eq!(src.counters.samples_rejected.load(Ordering::Relaxed), 2);
+        assert_eq!(src.counters.decode_errors(), 0);
+        assert_eq!(src.counters.samples_rejected(), 2);
         src.take_one(&Incoming {
             topic: "telegraf/n1".into(),
             payload: b"{not json".to_vec(),
             received: 1000.0,
         });
-        assert!(src.counters.decode_errors.load(Ordering::Relaxed) >= 1);
+        assert!(src.counters.decode_errors() >= 1);
 
         // Raw frames of the model's width become frames at once, one stream per topic.
         let cfg = DarkwatchConfig::default();
@@ -1463,7 +1473,7 @@ mod tests {
         let (producer, mut consumer) = frame_ring(2, 2, FullPolicy::DropNewest);
         lock(&feed).start(producer, Clock::new());
         assert_eq!(count(&counters.messages), 2);
-        assert_eq!(count(&counters.decode_errors), 1);
+        assert_eq!(counters.decode_errors(), 1);
         assert_eq!(count(&counters.frames_queued), 1);
         // Then every message goes straight into the ring on the delivering thread: a frame
         // with NaN is a decode error, a full ring drops the newest and counts it.
@@ -1472,7 +1482,7 @@ mod tests {
         assert!(deliver("act/s1", raw_frame(6.0)));
         assert!(deliver("act/s1", vec![1, 2, 3]));
         assert_eq!(count(&counters.messages), 6);
-        assert_eq!(count(&counters.decode_errors), 3);
+        assert_eq!(counters.decode_errors(), 3);
         assert_eq!(count(&counters.frames), 3);
         assert_eq!(count(&counters.frames_queued), 2);
         assert_eq!(count(&counters.frames_dropped), 1);

@@ -262,7 +262,7 @@ impl std::fmt::Display for DemoReport {
             f,
             "agent       {} messages, {} decode errors, {} frames assembled ({} incomplete), {} scored",
             c.messages.load(Ordering::Relaxed),
-            c.decode_errors.load(Ordering::Relaxed),
+            c.decode_errors(),
             c.frames.load(Ordering::Relaxed),
             c.frames_incomplete.load(Ordering::Relaxed),
             p.frames_scored

@@ -647,8 +647,8 @@ fn run(command: Command) -> Result<()> {
             eprintln!(
                 "darkwatch: stopped after {} messages ({} undecodable, {} samples rejected), {} frames ({} incomplete, {} dropped at the ring), {} frames scored, {} alerts",
                 load(&c.messages),
-                load(&c.decode_errors),
-                load(&c.samples_rejected),
+                c.decode_errors(),
+                c.samples_rejected(),
                 load(&c.frames),
                 load(&c.frames_incomplete),
                 report.pipeline.frames_dropped,

@@ -155,7 +155,7 @@ pub fn status_line(c: &AgentCounters) -> String {
         load(&c.alerts_firing),
         load(&c.alerts_resolved),
         load(&c.messages),
-        load(&c.decode_errors) + load(&c.samples_rejected),
+        c.decode_errors() + c.samples_rejected(),
     )
 }
 
