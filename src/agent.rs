@@ -526,13 +526,8 @@ pub fn run_with(
 /// What does not fit, naming the setting.
 pub fn validate(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentError> {
     check_suits(cfg, model)?;
-    let calibration: Vec<f64> = model
-        .calibration_scores()
-        .iter()
-        .map(|&s| f64::from(s))
-        .collect();
     cfg.threshold
-        .build(&calibration)
+        .build(&model.threshold_scores())
         .map(drop)
         .map_err(|e| AgentError::Threshold(format!("model {}: {e}", model.id())))
 }
@@ -1155,14 +1150,9 @@ impl AgentSink {
         counters: &Arc<AgentCounters>,
         record: bool,
     ) -> Result<AgentSink, AgentError> {
-        let calibration: Vec<f64> = model
-            .calibration_scores()
-            .iter()
-            .map(|&s| f64::from(s))
-            .collect();
         let template = cfg
             .threshold
-            .build(&calibration)
+            .build(&model.threshold_scores())
             .map_err(|e| AgentError::Threshold(e.to_string()))?;
         Ok(AgentSink {
             template,
@@ -1186,12 +1176,7 @@ impl AgentSink {
     /// The first frame of a retrained model: every stream's threshold restarts from that
     /// model's own calibration, and its alerts carry the new id and version.
     fn switch_model(&mut self, model: &Model) {
-        let calibration: Vec<f64> = model
-            .calibration_scores
-            .iter()
-            .map(|&s| f64::from(s))
-            .collect();
-        match self.threshold_cfg.build(&calibration) {
+        match self.threshold_cfg.build(&model.threshold_scores()) {
             Ok(t) => {
                 for (threshold, _) in self.per_stream.iter_mut().flatten() {
                     *threshold = t.clone();

@@ -205,12 +205,14 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         let mut top = [Contribution::default(); MAX_TOP_CONTRIBUTIONS];
         for i in 0..opts.latency_frames + 1000 {
             let r = i % data.nrows();
-            // What the pipeline does per frame: copy in, score, pick the top contributions.
+            // What the pipeline does per frame: copy in, score, smooth over the stream's
+            // last frames, pick the top contributions.
             let mut scorer = |one: &mut Scorer, sink: &mut f32| {
                 let t = Instant::now();
                 one.input_mut()
                     .copy_from_slice(data.row(r).as_slice().expect("contiguous"));
                 *sink += one.score(1)[0];
+                one.smooth(0, 0);
                 *sink += f32::from(one.top_contributions(0, &mut top));
                 t.elapsed().as_nanos() as u64
             };
@@ -252,6 +254,9 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
             let start = (done % rows) * d;
             many.input_mut()[..b * d].copy_from_slice(&slice[start..start + b * d]);
             sink += many.score(b)[0];
+            for i in 0..b {
+                many.smooth(i, 0);
+            }
             done += b;
         }
         let secs = t.elapsed().as_secs_f64();

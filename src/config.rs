@@ -100,6 +100,10 @@ pub struct ScoreConfig {
     /// The `bounded` floor of each predicted variance, as a share of the feature's spread
     /// (its variance over the training rows after scaling: 1 under z-scoring).
     pub wnll_variance_floor: f32,
+    /// Frames each score (and its contributions) is averaged over, per stream: the mean of
+    /// the frame and the `n − 1` before it ([`crate::smooth`]); 1 scores frames alone.
+    /// Stored with the model at training.
+    pub smooth_frames: usize,
     /// Contributing features reported per frame (at most 16).
     pub top_contributions: usize,
     /// What runs the autoencoder: `native` (darkwatch's own kernels), `onnx` (the model
@@ -206,6 +210,10 @@ pub enum OnnxFallback {
     Error,
 }
 
+/// Frames a score is averaged over by default: the alert rule's window (`[alert] fire_n`),
+/// so the score an alert judges covers the span the rule looks at ([`crate::smooth`]).
+pub const DEFAULT_SMOOTH_FRAMES: usize = 5;
+
 impl Default for ScoreConfig {
     fn default() -> Self {
         ScoreConfig {
@@ -214,6 +222,7 @@ impl Default for ScoreConfig {
             wnll_beta: 2.0,
             wnll_log_variance: LogVariance::Bounded,
             wnll_variance_floor: crate::score::DEFAULT_VARIANCE_FLOOR,
+            smooth_frames: DEFAULT_SMOOTH_FRAMES,
             top_contributions: 3,
             backend: Backend::Native,
         }
@@ -512,6 +521,16 @@ impl DarkwatchConfig {
         }
         if let Err(e) = self.assemble.build(vec!["x".into()]) {
             return Err(("assemble".into(), e.to_string()));
+        }
+        if !(1..=crate::smooth::MAX_SMOOTH_FRAMES).contains(&self.score.smooth_frames) {
+            return Err((
+                "score.smooth_frames".into(),
+                format!(
+                    "must be between 1 and {}, got {}",
+                    crate::smooth::MAX_SMOOTH_FRAMES,
+                    self.score.smooth_frames
+                ),
+            ));
         }
         if !(1..=MAX_TOP_CONTRIBUTIONS).contains(&self.score.top_contributions) {
             return Err((

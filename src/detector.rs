@@ -100,11 +100,15 @@ impl Detector {
         self.features().len()
     }
 
-    /// Scores of normal frames that thresholds calibrate on.
-    pub fn calibration_scores(&self) -> &[f32] {
+    /// Scores of normal frames that thresholds calibrate on ([`Model::threshold_scores`]).
+    pub fn threshold_scores(&self) -> Vec<f64> {
         match self {
-            Detector::Autoencoder(m) => &m.calibration_scores,
-            Detector::Sae(s) => s.calibration_scores(),
+            Detector::Autoencoder(m) => m.threshold_scores(),
+            Detector::Sae(s) => s
+                .calibration_scores()
+                .iter()
+                .map(|&s| f64::from(s))
+                .collect(),
         }
     }
 

@@ -162,6 +162,8 @@ pub struct EntityResult {
     /// AUPRC with MSS toggled relative to the configuration (off if it was on, else m=1 k=10).
     pub auprc_mss_toggled: Option<f64>,
     pub mss_on: bool,
+    /// AUPRC with every frame scored alone, where the model smooths its scores.
+    pub auprc_unsmoothed: Option<f64>,
     /// OmniAnomaly HitRate@100 % and @150 % of the culprit metrics, where labelled.
     pub hit_rate: Option<(f64, f64)>,
     /// Alert events against labelled segments: (precision, recall).
@@ -244,13 +246,24 @@ pub fn run_entity(
             }
         }
     };
+    // A table's rows have no order: averaging a row's score with the rows before it would
+    // mix unrelated points (and reward files that list their outliers together).
+    let mut entity_cfg;
+    let fit_cfg = if family == "ODDS" {
+        entity_cfg = cfg.clone();
+        entity_cfg.score.smooth_frames = 1;
+        &entity_cfg
+    } else {
+        cfg
+    };
     let started = Instant::now();
-    let (model, _) = crate::model::fit::fit(&train, "", cfg, &mut |_| {}).map_err(|source| {
-        HarnessError::Train {
-            entity: name.clone(),
-            source,
-        }
-    })?;
+    let (model, _) =
+        crate::model::fit::fit(&train, "", fit_cfg, &mut |_| {}).map_err(|source| {
+            HarnessError::Train {
+                entity: name.clone(),
+                source,
+            }
+        })?;
     let train_seconds = started.elapsed().as_secs_f64();
     let frames = Frames::windowed(&model, test.clone(), None, Some(labels));
     let (labels, first_row) = (
@@ -272,6 +285,13 @@ pub fn run_entity(
     };
     let main = replay(model.clone())?;
     let toggled = replay(Arc::new(model.with_mss(toggled_mss(model.meta.mss))))?;
+    let unsmoothed = if model.meta.smooth_frames > 1 {
+        replay(Arc::new(model.with_smoothing(1)))?
+            .eval
+            .and_then(|e| e.auprc)
+    } else {
+        None
+    };
     let hit_rate = segments
         .as_ref()
         .and_then(|s| hit_rates(&model, &test, first_row, s));
@@ -290,6 +310,7 @@ pub fn run_entity(
             .and_then(|e| e.pa_best_f1.as_ref().map(|b| b.f1)),
         auprc_mss_toggled: toggled.eval.and_then(|e| e.auprc),
         mss_on: !model.meta.mss.is_off(),
+        auprc_unsmoothed: unsmoothed,
         hit_rate,
         // Alert episodes (k of n consecutive frames) only mean something on a time series.
         events: main
@@ -322,8 +343,8 @@ pub fn split_50_25_25(labels: &[u8], seed: u64) -> (Vec<usize>, Vec<usize>) {
 /// OmniAnomaly's HitRate@P%: for every labelled anomalous frame inside an interpretation
 /// segment with culprit set G, the share of G among the frame's top ⌈P·|G|⌉ contributing
 /// features; averaged over those frames. Contributions come from the pipeline's
-/// [`Scorer`], so they are exactly the ones alerts report; a windowed model's are summed
-/// over each feature's lags. `test` holds the frames of the input rows from `first_row` on
+/// [`Scorer`], smoothed over the whole series in order, so they are exactly the ones alerts
+/// report; a windowed model's are summed over each feature's lags. `test` holds the frames of the input rows from `first_row` on
 /// (segments count input rows). Returns (@100 %, @150 %).
 pub fn hit_rates(
     model: &Arc<Model>,
@@ -337,39 +358,49 @@ pub fn hit_rates(
     let (mut h100, mut h150, mut frames) = (0.0, 0.0, 0usize);
     let mut order: Vec<usize> = Vec::with_capacity(base);
     let mut per_feature = vec![0.0f32; base];
+    // The segment (with culprits) each frame lies in, if any.
+    let mut culprits: Vec<Option<&Segment>> = vec![None; test.nrows()];
     for seg in segments.iter().filter(|s| !s.dims.is_empty()) {
-        let start = seg.start.saturating_sub(first_row);
-        let end = seg
-            .end
-            .saturating_sub(first_row)
-            .min(test.nrows().saturating_sub(1));
-        if seg.end < first_row || start > end {
+        let end = seg.end.saturating_sub(first_row).min(test.nrows());
+        if seg.end < first_row {
             continue;
         }
-        let rows = test.slice(ndarray::s![start..=end, ..]);
-        for chunk in rows.axis_chunks_iter(Axis(0), 256) {
-            let n = chunk.nrows();
-            scorer.input_mut()[..n * d]
-                .copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
-            scorer.score(n);
-            let contrib = scorer.contributions(n);
-            for row in contrib.rows() {
-                per_feature.fill(0.0);
-                for (j, &c) in row.iter().enumerate() {
-                    per_feature[j % base] += c;
-                }
-                order.clear();
-                order.extend(0..base);
-                order.sort_by(|&a, &b| per_feature[b].total_cmp(&per_feature[a]));
-                let g = seg.dims.len();
-                let hit = |p: f64| {
-                    let k = ((p * g as f64).ceil() as usize).min(base);
-                    order[..k].iter().filter(|j| seg.dims.contains(j)).count() as f64 / g as f64
-                };
-                h100 += hit(1.0);
-                h150 += hit(1.5);
-                frames += 1;
+        for slot in culprits
+            .iter_mut()
+            .take(end + 1)
+            .skip(seg.start.saturating_sub(first_row))
+        {
+            *slot = Some(seg);
+        }
+    }
+    for (c, chunk) in test.axis_chunks_iter(Axis(0), 256).enumerate() {
+        let n = chunk.nrows();
+        scorer.input_mut()[..n * d]
+            .copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
+        scorer.score(n);
+        for i in 0..n {
+            scorer.smooth(i, 0);
+        }
+        let contrib = scorer.contributions(n);
+        for (i, row) in contrib.rows().into_iter().enumerate() {
+            let Some(seg) = culprits[c * 256 + i] else {
+                continue;
+            };
+            per_feature.fill(0.0);
+            for (j, &c) in row.iter().enumerate() {
+                per_feature[j % base] += c;
             }
+            order.clear();
+            order.extend(0..base);
+            order.sort_by(|&a, &b| per_feature[b].total_cmp(&per_feature[a]));
+            let g = seg.dims.len();
+            let hit = |p: f64| {
+                let k = ((p * g as f64).ceil() as usize).min(base);
+                order[..k].iter().filter(|j| seg.dims.contains(j)).count() as f64 / g as f64
+            };
+            h100 += hit(1.0);
+            h150 += hit(1.5);
+            frames += 1;
         }
     }
     (frames > 0).then(|| (h100 / frames as f64, h150 / frames as f64))
@@ -401,7 +432,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>7} {:>7} {:>6} {:>6} {:>6}",
+        "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>7} {:>7} {:>6} {:>6} {:>6}",
         "entity",
         "protocol",
         "rows",
@@ -410,6 +441,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         "F1",
         "PA-F1*",
         format!("AUPRC/{alt}"),
+        "AUPRC/1fr",
         "HR@100",
         "HR@150",
         "ev-P",
@@ -423,7 +455,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         for r in &rows {
             let _ = writeln!(
                 s,
-                "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>7} {:>7} {:>6} {:>6} {:>5.1}s",
+                "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>7} {:>7} {:>6} {:>6} {:>5.1}s",
                 r.name,
                 r.protocol,
                 r.rows,
@@ -432,6 +464,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                 cell(r.best_f1),
                 cell(r.pa_f1),
                 cell(r.auprc_mss_toggled),
+                cell(r.auprc_unsmoothed),
                 cell(r.hit_rate.map(|h| h.0)),
                 cell(r.hit_rate.map(|h| h.1)),
                 cell(r.events.and_then(|e| e.0)),
@@ -445,7 +478,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>7} {:>7} {:>6} {:>6}",
+            "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>7} {:>7} {:>6} {:>6}",
             format!("mean {family}"),
             "",
             "",
@@ -454,6 +487,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
             cell(mean(&|r| r.best_f1)),
             cell(mean(&|r| r.pa_f1)),
             cell(mean(&|r| r.auprc_mss_toggled)),
+            cell(mean(&|r| r.auprc_unsmoothed)),
             cell(mean(&|r| r.hit_rate.map(|h| h.0))),
             cell(mean(&|r| r.hit_rate.map(|h| h.1))),
             cell(mean(&|r| r.events.and_then(|e| e.0))),
@@ -462,7 +496,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     }
     let _ = writeln!(
         s,
-        "* PA-F1 is point-adjusted (a segment counts as found if any point in it is flagged): inflated, for comparison with papers only."
+        "AUPRC/1fr: every frame scored alone, where the model averages scores over frames ([score] smooth_frames; tables never do).\n* PA-F1 is point-adjusted (a segment counts as found if any point in it is flagged): inflated, for comparison with papers only."
     );
     let _ = writeln!(
         s,

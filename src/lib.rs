@@ -16,6 +16,7 @@
 //! - [`retrain`]: online retraining: the clean-frame reservoir, warm-start refits, the
 //!   validation gate, hot swap and crash-safe checkpoints.
 //! - [`mss`]: mean-shift scoring: the reference bank and the exact k-NN shift of a frame.
+//! - [`smooth`]: per-stream trailing means of scores and contributions (`[score] smooth_frames`).
 //! - [`score`]: score heads (`mse`, `max_abs`, `wnll`) with per-feature contributions.
 //! - [`threshold`]: alarm thresholds on the scores (SPOT, drift-aware DSPOT, static quantile).
 //! - [`pipeline`]: the scorer thread that drains the ring in micro-batches and feeds sinks.
@@ -50,6 +51,7 @@ pub mod ring;
 pub mod rng;
 pub mod sae;
 pub mod score;
+pub mod smooth;
 pub mod spool;
 pub mod stats;
 pub mod systemd;

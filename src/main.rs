@@ -84,6 +84,10 @@ enum Command {
         /// Mean-shift neighbourhood k for this replay (default: the model's own).
         #[arg(long)]
         mss_neighbours: Option<usize>,
+        /// Average each frame's score over this many frames of its stream instead of the
+        /// model's own span (1: score frames alone; compare with and without smoothing).
+        #[arg(long, value_parser = parse_smooth_frames)]
+        smooth_frames: Option<usize>,
         /// Pace the replay at this many frames per second (default: as fast as possible).
         #[arg(long, value_parser = parse_rate)]
         rate: Option<f64>,
@@ -489,6 +493,14 @@ async fn reload(
 }
 
 /// A frame rate: finite, at least 0.001 and at most 1e9 frames per second.
+fn parse_smooth_frames(s: &str) -> Result<usize, String> {
+    let max = darkwatch::smooth::MAX_SMOOTH_FRAMES;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s} is not a number of frames between 1 and {max}")),
+    }
+}
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if r.is_finite() && (1e-3..=1e9).contains(&r) => Ok(r),
@@ -553,6 +565,7 @@ fn run(command: Command) -> Result<()> {
             no_mss,
             mss_rounds,
             mss_neighbours,
+            smooth_frames,
         } => {
             let mut cfg = load_config(config.as_deref())?;
             if let Some(b) = backend {
@@ -592,6 +605,7 @@ fn run(command: Command) -> Result<()> {
                 rate,
                 head: head.map(Into::into),
                 mss,
+                smooth_frames,
             };
             let outcome = replay::replay(&req, &cfg)?;
             emit(&outcome.to_string())?;

@@ -27,6 +27,7 @@ use crate::ring::{
     Drainer, FrameConsumer, FrameMeta, FrameProducer, FullPolicy, Pushed, frame_ring,
 };
 use crate::score::{Head, HeadError};
+use crate::smooth::Smoother;
 use crate::stats::{LatencyHistogram, top_k_indices};
 
 /// One feature's share of a frame's score.
@@ -40,7 +41,10 @@ pub struct Contribution {
 #[derive(Debug, Clone, Copy)]
 pub struct ScoredFrame {
     pub meta: FrameMeta,
+    /// The anomaly score: with smoothing, the mean over the stream's last frames.
     pub score: f32,
+    /// This frame's own score, before smoothing (online retraining admits frames by it).
+    pub frame_score: f32,
     /// Largest contributions first; only the first `n_top` are set.
     pub top: [Contribution; MAX_TOP_CONTRIBUTIONS],
     pub n_top: u8,
@@ -55,6 +59,7 @@ impl Default for ScoredFrame {
         ScoredFrame {
             meta: FrameMeta::default(),
             score: 0.0,
+            frame_score: 0.0,
             top: [Contribution::default(); MAX_TOP_CONTRIBUTIONS],
             n_top: 0,
             latency_ns: 0,
@@ -81,6 +86,9 @@ pub trait BatchScorer: Send + 'static {
     fn input_row(&self, i: usize) -> &[f32];
     /// Scores the first `n` input rows.
     fn score_batch(&mut self, n: usize);
+    /// Averages row `i`'s score and contributions over its stream's recent frames (see
+    /// [`Scorer::smooth`]); called once per row, in order, after [`Self::score_batch`].
+    fn smooth(&mut self, _i: usize, _stream: u32) {}
     /// The scores of the last batch.
     fn batch_scores(&self) -> &[f32];
     /// Fills the top contributions of row `i` of the last batch; returns how many.
@@ -136,6 +144,8 @@ pub struct Scorer {
     cuda: Option<CudaSession>,
     /// Batches ONNX Runtime or CUDA failed to run (their frames score NaN).
     backend_errors: u64,
+    /// Each stream's recent scores and contributions ([`Scorer::smooth`]).
+    smoother: Smoother,
 }
 
 /// Why a scorer cannot be made for a model.
@@ -186,6 +196,7 @@ impl Scorer {
             contrib: Array2::zeros((max_batch, d)),
             top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
             baseline: crate::score::prepare_baseline(&head, &model.meta.log_variance_baseline, d),
+            smoother: Smoother::new(model.meta.smooth_frames, d),
             model,
             head,
         })
@@ -227,6 +238,10 @@ impl Scorer {
             self.ws = model.ae.workspace(self.max_batch());
         }
         self.mss = model.active_bank().map(ReferenceBank::scratch);
+        // A retrained model keeps the streams' recent scores; another span starts afresh.
+        if model.meta.smooth_frames != self.smoother.frames() {
+            self.smoother = Smoother::new(model.meta.smooth_frames, model.n_features());
+        }
         self.onnx = onnx;
         self.cuda = cuda;
         self.baseline = crate::score::prepare_baseline(
@@ -345,6 +360,19 @@ impl Scorer {
         self.scores[..n].fill(f32::NAN);
     }
 
+    /// Turns row `i` of the last batch (score and contributions) into its mean over
+    /// `stream`'s last `smooth_frames` frames, this one included. Call it once per row, in
+    /// stream order, before reading the row's score or contributions; with one frame (or
+    /// never called) rows stay as scored.
+    pub fn smooth(&mut self, i: usize, stream: u32) {
+        let row = self
+            .contrib
+            .row_mut(i)
+            .into_slice()
+            .expect("rows of an owned array are contiguous");
+        self.smoother.apply(stream, &mut self.scores[i], row);
+    }
+
     /// Batches the backend failed to score (always 0 for the native backend).
     pub fn backend_errors(&self) -> u64 {
         self.backend_errors
@@ -405,6 +433,10 @@ impl BatchScorer for Scorer {
 
     fn score_batch(&mut self, n: usize) {
         self.score(n);
+    }
+
+    fn smooth(&mut self, i: usize, stream: u32) {
+        Scorer::smooth(self, i, stream);
     }
 
     fn batch_scores(&self) -> &[f32] {
@@ -987,6 +1019,8 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
                 compute.record((t1 - t0) / end as u64);
                 *batches += 1;
                 for (i, meta) in metas[..end].iter().enumerate() {
+                    frame.frame_score = scorer.batch_scores()[i];
+                    scorer.smooth(i, meta.stream);
                     frame.meta = *meta;
                     frame.score = scorer.batch_scores()[i];
                     frame.n_top = scorer.top_contributions(i, &mut frame.top);
@@ -1311,5 +1345,88 @@ mod tests {
         );
         assert!(sink.threads.iter().any(|t| t == "darkwatch-source"));
         assert!(sink.finished);
+    }
+
+    /// Rows pushed alternately as streams 0 and 1, each with its own sequence.
+    struct TwoStreams(Array2<f32>);
+
+    impl Source for TwoStreams {
+        fn run(self: Box<Self>, mut producer: FrameProducer, clock: &Clock, _: &AtomicBool) -> u64 {
+            for (i, row) in self.0.rows().into_iter().enumerate() {
+                let meta = FrameMeta {
+                    seq: (i / 2) as u64,
+                    stream: (i % 2) as u32,
+                    timestamp: f64::NAN,
+                    enqueued_ns: clock.now_ns(),
+                    received: 0.0,
+                };
+                let row = row.to_slice().expect("standard layout");
+                if producer.push(meta, row) == Pushed::Closed {
+                    break;
+                }
+            }
+            self.0.nrows() as u64
+        }
+    }
+
+    /// Per stream: (score, the frame's own score, contributions' sum).
+    #[derive(Default)]
+    struct ByStream(Vec<Vec<(f32, f32, f32)>>);
+
+    impl Sink for ByStream {
+        fn accept(&mut self, f: &ScoredFrame) {
+            let s = f.meta.stream as usize;
+            if self.0.len() <= s {
+                self.0.resize(s + 1, Vec::new());
+            }
+            let top: f32 = f.top().iter().map(|c| c.value).sum();
+            self.0[s].push((f.score, f.frame_score, top));
+        }
+    }
+
+    #[test]
+    fn streams_are_smoothed_apart_into_trailing_means_of_their_own_frames() {
+        let mut rng = Rng::new(9);
+        let x = Array2::from_shape_fn((202, 6), |_| rng.uniform(-2.0, 2.0));
+        let model = synthetic(6, 3).with_smoothing(4);
+        let head = model.meta.head;
+        let cfg = PipelineConfig {
+            ring_capacity_frames: 16,
+            batch_max_frames: 8,
+            ..PipelineConfig::default()
+        };
+        // Every contribution reported: their sum is then the (smoothed) score.
+        let (report, sink) = run(
+            Arc::new(model.clone()),
+            head,
+            6,
+            &cfg,
+            FullPolicy::Block,
+            TwoStreams(x.clone()),
+            ByStream::default(),
+        )
+        .unwrap();
+        assert_eq!(report.frames_scored, 202);
+        let alone = scores(model.with_smoothing(1), &x);
+        for s in 0..2 {
+            let got = &sink.0[s];
+            let own: Vec<f32> = alone.iter().skip(s).step_by(2).copied().collect();
+            assert_eq!(got.len(), 101);
+            let frame: Vec<f32> = got.iter().map(|g| g.1).collect();
+            assert_eq!(frame, own, "stream {s}: each frame's own score");
+            let smoothed: Vec<f32> = got.iter().map(|g| g.0).collect();
+            assert_eq!(
+                smoothed,
+                crate::smooth::trailing_means(&own, 4),
+                "stream {s}"
+            );
+            assert_ne!(smoothed, own);
+            for &(score, _, top) in got {
+                assert!(
+                    (top - score).abs() <= 1e-4 * (1.0 + score.abs()),
+                    "{top} vs {score}"
+                );
+            }
+        }
     }
 }

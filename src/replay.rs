@@ -47,6 +47,8 @@ pub struct ReplayRequest {
     pub head: Option<HeadKind>,
     /// Score with these mean-shift settings instead of the model's own (`rounds = 0`: off).
     pub mss: Option<MssConfig>,
+    /// Average each score over this many frames instead of the model's own span (1: off).
+    pub smooth_frames: Option<usize>,
 }
 
 /// Alert events against labelled anomaly segments.
@@ -175,6 +177,9 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
             });
         }
         model = model.with_mss(mss);
+    }
+    if let Some(frames) = req.smooth_frames {
+        model = model.with_smoothing(frames);
     }
     let model = Arc::new(model);
     let opts = TableOptions {
@@ -362,12 +367,7 @@ pub fn replay_frames(
             )),
         )
     } else {
-        let calib: Vec<f64> = model
-            .calibration_scores
-            .iter()
-            .map(|&s| f64::from(s))
-            .collect();
-        match cfg.threshold.build(&calib) {
+        match cfg.threshold.build(&model.threshold_scores()) {
             Ok(t) => (Some(t), None),
             Err(e) => (None, Some(format!("no threshold: {e}"))),
         }
@@ -634,15 +634,10 @@ impl Sink for ReplaySink {
         // The first frame of a retrained model: its threshold comes from that model's own
         // held-out scores, so no frame is judged against another model's threshold.
         if let Some(model) = self.retrain.as_mut().and_then(|r| r.before(f)) {
-            let calib: Vec<f64> = model
-                .calibration_scores
-                .iter()
-                .map(|&s| f64::from(s))
-                .collect();
             if let Some(t) = self
                 .threshold_cfg
                 .as_ref()
-                .and_then(|c| c.build(&calib).ok())
+                .and_then(|c| c.build(&model.threshold_scores()).ok())
             {
                 self.threshold = Some(t);
             }
@@ -700,13 +695,17 @@ impl std::fmt::Display for ReplayOutcome {
         let p = &self.pipeline;
         writeln!(
             f,
-            "model {} ({} head, {}, {}), {} frames scored in {} batches, {:.2} s",
+            "model {} ({} head, {}, {}, {}), {} frames scored in {} batches, {:.2} s",
             self.model.meta.id,
             self.head.kind.name(),
             self.model.backend_label(),
             match self.model.active_bank() {
                 Some(b) => format!("MSS m={} k={}", b.rounds(), b.neighbours()),
                 None => "no MSS".into(),
+            },
+            match self.model.meta.smooth_frames {
+                1 => "frames scored alone".to_string(),
+                n => format!("scores averaged over {n} frames"),
             },
             p.frames_scored,
             p.batches,

@@ -502,13 +502,9 @@ pub fn gate(
 ) -> GateReport {
     let current_loss = trimmed_mean(losses(current, candidate.holdout.view()));
     let candidate_loss = trimmed_mean(losses(&candidate.model, candidate.holdout.view()));
-    let calib: Vec<f64> = candidate
-        .model
-        .calibration_scores
-        .iter()
-        .map(|&s| f64::from(s))
-        .collect();
-    let candidate_threshold = threshold.build(&calib).map_or(f64::NAN, |t| t.threshold());
+    let candidate_threshold = threshold
+        .build(&candidate.model.threshold_scores())
+        .map_or(f64::NAN, |t| t.threshold());
     // Losses can be negative (NLL): compare with a tolerance on their spread, not a ratio.
     let allowed = current_loss + cfg.gate_tolerance * current_loss.abs().max(1.0);
     let (accepted, reason) = if !candidate_loss.is_finite() {
@@ -1039,7 +1035,8 @@ impl Admission {
         }
     }
 
-    /// The clean limit of `model`: its clean quantile of its own held-out scores.
+    /// The clean limit of `model`: its clean quantile of its own held-out scores, frame by
+    /// frame (admission judges each frame's own score, [`ScoredFrame::frame_score`]).
     pub fn clean_limit(&self, model: &Model) -> f32 {
         let mut s: Vec<f32> = model
             .calibration_scores
@@ -1231,9 +1228,12 @@ impl SinkSide {
         let current = shared.cell.load_full();
         // A lag window holds the w − 1 frames before it: keep every window that holds an
         // alarm frame out of the reservoir.
+        // A smoothed score alarms up to n − 1 frames after the frame that raised it: the
+        // guard reaches that much further.
         admission.guard = admission
             .guard
-            .max(current.meta.window_frames.saturating_sub(1) as u64);
+            .max(current.meta.window_frames.saturating_sub(1) as u64)
+            + current.meta.smooth_frames.saturating_sub(1) as u64;
         let clean_limit = admission.clean_limit(&current);
         let d = current.n_features();
         SinkSide {
@@ -1284,12 +1284,12 @@ impl SinkSide {
         let (candidate, event) = self.admission.observe(
             f.meta.stream,
             f.meta.seq,
-            f.score,
+            f.frame_score,
             self.clean_limit,
             alarm,
             len,
         );
-        if paired && f.score.is_finite() {
+        if paired && f.frame_score.is_finite() {
             let mut slot = self
                 .pool
                 .pop()

@@ -302,6 +302,14 @@ fn validate_names_file_key_and_exits_78() {
         "{err}"
     );
 
+    std::fs::write(&bad, "[score]\nsmooth_frames = 0\n").unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&bad));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("score.smooth_frames") && err.contains("between 1 and 1024, got 0"),
+        "{err}"
+    );
+
     std::fs::write(&bad, "[pipline]\nx = 1\n").unwrap();
     let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&bad));
     assert_eq!(code, 78);
@@ -534,6 +542,74 @@ fn replay_compares_with_and_without_mss() {
     let k1 = replay(&["--mss-rounds", "1", "--mss-neighbours", "1"]);
     let auprc = |s: &str| s.lines().find(|l| l.contains("AUPRC")).map(str::to_string);
     assert_eq!(auprc(&k1), auprc(&replay(&["--no-mss"])));
+}
+
+/// The bundled model averages each score over 5 frames: `--smooth-frames 1` scores frames
+/// alone, the default's scores are exactly their trailing means, both keep a threshold,
+/// and a span out of range (in the model or on the command line) is refused by name.
+#[test]
+fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let replay = |extra: &[&str], out: &std::path::Path| {
+        let (code, stdout, err) = run(darkwatch()
+            .args(["replay", "--model"])
+            .arg(repo("models/smd-machine-1-6"))
+            .arg("--input")
+            .arg(repo("tests/data/smd/machine-1-6_test.npy"))
+            .arg("--out")
+            .arg(out)
+            .args(extra));
+        assert_eq!(code, 0, "{stdout}\n{err}");
+        assert!(stdout.contains("threshold   spot"), "{stdout}");
+        let scores: Vec<f32> = std::fs::read_to_string(out)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+            .collect();
+        (stdout, scores)
+    };
+    let (out5, smoothed) = replay(&[], &dir.path().join("five.csv"));
+    assert!(out5.contains("scores averaged over 5 frames"), "{out5}");
+    let (out1, alone) = replay(&["--smooth-frames", "1"], &dir.path().join("one.csv"));
+    assert!(out1.contains("frames scored alone"), "{out1}");
+    assert_eq!(smoothed.len(), 23689);
+    assert_eq!(smoothed, darkwatch::smooth::trailing_means(&alone, 5));
+
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(repo("models/smd-machine-1-6"))
+        .arg("--input")
+        .arg(repo("tests/data/smd/machine-1-6_test.npy"))
+        .args(["--smooth-frames", "0"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("0 is not a number of frames between 1 and 1024"),
+        "{err}"
+    );
+
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["model.json", "model.safetensors"] {
+        std::fs::copy(repo("models/smd-machine-1-6").join(f), model.join(f)).unwrap();
+    }
+    let path = model.join("model.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    meta["smooth_frames"] = serde_json::json!(0);
+    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
+    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("smooth_frames") && err.contains("0 is not between 1 and 1024 frames"),
+        "{err}"
+    );
+    // A model written before smoothing existed scores frames alone.
+    meta.as_object_mut().unwrap().remove("smooth_frames");
+    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
+    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("smoothing"), "{out}");
 }
 
 #[test]

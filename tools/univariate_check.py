@@ -6,10 +6,11 @@ that the interpretation labels blame in the most segments (skipping metrics cons
 training). Each series is one metric's training half and test half; a test row is
 anomalous when it lies in a segment that blames that metric. darkwatch trains on the
 one-column training half with the default config (`[model] window_frames = 0`: the
-series' autocorrelation period, 8 to 64 frames) and with `window_frames = 1`, replays the
-test half, and the script prints point-wise AUROC and AUPRC for both, over the rows each
-scores (a window of w frames leaves the first w - 1 test rows unscored). The window length
-comes from the training series alone; the labels are only read to score.
+series' autocorrelation period, 8 to 64 frames, each score averaged over 5 frames), with
+`smooth_frames = 1` (each window scored alone) and with neither, replays the test half,
+and the script prints point-wise AUROC and AUPRC for each, over the rows each scores (a
+window of w frames leaves the first w - 1 test rows unscored). The window length comes
+from the training series alone; the labels are only read to score.
 
 Usage: tools/univariate_check.py [SMD_DIR] [DARKWATCH_BINARY]   (about a minute)
 Needs numpy and scikit-learn (pip), and a release build of darkwatch.
@@ -26,7 +27,11 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 MACHINES = ["machine-1-6", "machine-2-1", "machine-3-4"]
-CONFIGS = {"window_frames = 1": "[model]\nwindow_frames = 1\n", "default (auto)": ""}
+CONFIGS = {
+    "no window": "[model]\nwindow_frames = 1\n[score]\nsmooth_frames = 1\n",
+    "window": "[score]\nsmooth_frames = 1\n",
+    "window, smoothed (default)": "",
+}
 
 
 def series(smd):

@@ -144,6 +144,7 @@ fn new_meta(
         version: 0,
         features,
         window_frames: 1,
+        smooth_frames: cfg.score.smooth_frames,
         scaler,
         architecture: Architecture {
             kind: "dense_autoencoder".into(),

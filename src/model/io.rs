@@ -60,6 +60,10 @@ pub struct ModelMeta {
     /// Frames per lag window (1: none). Absent in models without one.
     #[serde(default = "one_frame", skip_serializing_if = "is_one_frame")]
     pub window_frames: usize,
+    /// Frames each score is averaged over, per stream ([`crate::smooth`]; 1: none). Absent
+    /// in models trained before smoothing, which score frame by frame.
+    #[serde(default = "one_frame", skip_serializing_if = "is_one_frame")]
+    pub smooth_frames: usize,
     pub scaler: Scaler,
     pub architecture: Architecture,
     pub head: Head,
@@ -291,6 +295,29 @@ impl Model {
             .as_ref()
             .map(|b| ReferenceBank::from_r0(b.r0().clone(), mss.rounds, mss.neighbours));
         m
+    }
+
+    /// The same model with its scores averaged over `frames` frames per stream. Its
+    /// thresholds calibrate on the same stored scores ([`Model::threshold_scores`]), so they
+    /// are kept.
+    pub fn with_smoothing(&self, frames: usize) -> Model {
+        let mut m = self.clone();
+        m.meta.smooth_frames = frames.clamp(1, crate::smooth::MAX_SMOOTH_FRAMES);
+        m
+    }
+
+    /// What thresholds calibrate on: the stored held-out scores, frame by frame, also
+    /// when the stream's scores are smoothed. A mean over frames exceeds a threshold only
+    /// when one of its frames does, so smoothing cannot raise the false-alarm rate above
+    /// the per-frame one. (Means of the held-out scores would not describe a stream: those
+    /// rows are a random tenth of the training rows, or of a retrain's reservoir, so their
+    /// means vary far less than a stream's neighbouring frames do, and such thresholds
+    /// fired on 41 % of the frames after an adopted level shift.)
+    pub fn threshold_scores(&self) -> Vec<f64> {
+        self.calibration_scores
+            .iter()
+            .map(|&s| f64::from(s))
+            .collect()
     }
 
     /// The reference bank when mean-shift scoring is on.
@@ -556,6 +583,16 @@ fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
             ),
         ));
     }
+    if !(1..=crate::smooth::MAX_SMOOTH_FRAMES).contains(&meta.smooth_frames) {
+        return Err(field(
+            "smooth_frames",
+            format!(
+                "{} is not between 1 and {} frames",
+                meta.smooth_frames,
+                crate::smooth::MAX_SMOOTH_FRAMES
+            ),
+        ));
+    }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = meta.features.iter().find(|f| !seen.insert(f.as_str())) {
         return Err(field(
@@ -802,6 +839,13 @@ pub fn describe(model: &Model, dir: &Path) -> String {
             m.frame_features().len(),
             m.window_frames - 1,
             m.features.len()
+        );
+    }
+    if m.smooth_frames > 1 {
+        let _ = writeln!(
+            s,
+            "smoothing  each score the mean of its stream's last {} frames",
+            m.smooth_frames
         );
     }
     let bank = model.bank.as_ref().map_or(0, |b| b.frames());

@@ -53,6 +53,7 @@ pub fn replay_bundled(
         rate: None,
         head: None,
         mss: None,
+        smooth_frames: None,
     };
     darkwatch::replay::replay(&req, &cfg).expect("replay runs")
 }

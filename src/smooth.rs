@@ -1,0 +1,188 @@
+//! Score smoothing: a frame's score and contributions as the mean over its stream's last
+//! `n` frames.
+//!
+//! A fault in server telemetry lasts minutes, while one frame's reconstruction error is
+//! noisy: averaging the last few frames lowers the noise of normal frames more than it
+//! lowers a fault that persists, so the ranking sharpens. The default `n` is the alert
+//! rule's window (`[alert] fire_n`, 5): an alert already needs most of those frames above
+//! the threshold, so the score it judges covers the same span. A one-frame spike still
+//! raises the mean by a fifth of its excess at once. The trailing mean looks only
+//! backwards, so a live stream and its replay score alike.
+//!
+//! Thresholds calibrate on the stored per-frame training scores
+//! ([`crate::model::Model::threshold_scores`]): a mean over frames exceeds such a threshold
+//! only when one of its frames does, so smoothing never raises the false-alarm rate.
+//! [`trailing_means`] is the offline definition that the streaming [`Smoother`] matches.
+
+/// Most frames a score may be averaged over.
+pub const MAX_SMOOTH_FRAMES: usize = 1024;
+
+/// The mean of `values` (oldest first), summed in f64 so that the streaming and the
+/// offline paths agree bit for bit.
+fn mean(values: impl Iterator<Item = f32>) -> f32 {
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for v in values {
+        sum += f64::from(v);
+        n += 1;
+    }
+    if n == 0 {
+        f32::NAN
+    } else {
+        (sum / n as f64) as f32
+    }
+}
+
+/// Each score replaced by the mean of itself and the `n − 1` before it (fewer at the
+/// start), as [`Smoother`] computes them on a stream. `n ≤ 1` returns the scores as they
+/// are.
+pub fn trailing_means(scores: &[f32], n: usize) -> Vec<f32> {
+    let n = n.max(1);
+    (0..scores.len())
+        .map(|i| mean(scores[(i + 1).saturating_sub(n)..=i].iter().copied()))
+        .collect()
+}
+
+/// One stream's last `n` scores and contribution rows, as a ring.
+#[derive(Debug, Clone)]
+struct History {
+    scores: Box<[f32]>,
+    /// `n × d`, row `k` belongs to `scores[k]`.
+    contrib: Box<[f32]>,
+    /// The slot the next frame goes into.
+    next: usize,
+    /// Slots in use (at most `n`).
+    filled: usize,
+}
+
+/// Per-stream trailing means of scores and per-feature contributions.
+///
+/// Streams are the pipeline's dense stream indices; a stream's history is allocated when
+/// its first frame arrives, never per frame.
+#[derive(Debug, Clone)]
+pub struct Smoother {
+    frames: usize,
+    d: usize,
+    streams: Vec<Option<History>>,
+}
+
+impl Smoother {
+    /// Means over `frames` frames (1: scores pass unchanged) of `d` contributions each.
+    pub fn new(frames: usize, d: usize) -> Self {
+        Smoother {
+            frames: frames.clamp(1, MAX_SMOOTH_FRAMES),
+            d,
+            streams: Vec::new(),
+        }
+    }
+
+    /// Frames each mean covers.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Forgets every stream's history.
+    pub fn reset(&mut self) {
+        self.streams.clear();
+    }
+
+    /// Adds a frame to `stream`'s history, then replaces `score` and `contrib` (the
+    /// frame's `d` contributions) with their means over the stream's last `frames` frames,
+    /// this one included. A frame whose score is not finite (a failed backend run) is left
+    /// as it is and kept out of the history.
+    pub fn apply(&mut self, stream: u32, score: &mut f32, contrib: &mut [f32]) {
+        if self.frames == 1 || !score.is_finite() {
+            return;
+        }
+        let (n, d) = (self.frames, self.d);
+        debug_assert_eq!(contrib.len(), d);
+        let s = stream as usize;
+        if s >= self.streams.len() {
+            self.streams.resize(s + 1, None);
+        }
+        let h = self.streams[s].get_or_insert_with(|| History {
+            scores: vec![0.0; n].into(),
+            contrib: vec![0.0; n * d].into(),
+            next: 0,
+            filled: 0,
+        });
+        let slot = h.next;
+        h.scores[slot] = *score;
+        h.contrib[slot * d..(slot + 1) * d].copy_from_slice(contrib);
+        h.next = (slot + 1) % n;
+        h.filled = (h.filled + 1).min(n);
+        // Oldest first: the slots after the newest, wrapping round.
+        let oldest = (h.next + n - h.filled) % n;
+        let order = (0..h.filled).map(|k| (oldest + k) % n);
+        *score = mean(order.clone().map(|k| h.scores[k]));
+        contrib.fill(0.0);
+        for k in order {
+            for (c, &v) in contrib.iter_mut().zip(&h.contrib[k * d..(k + 1) * d]) {
+                *c += v;
+            }
+        }
+        let inv = 1.0 / h.filled as f32;
+        for c in contrib.iter_mut() {
+            *c *= inv;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_means_by_hand() {
+        let s = [1.0, 2.0, 3.0, 10.0, 0.0];
+        assert_eq!(trailing_means(&s, 1), s.to_vec());
+        assert_eq!(trailing_means(&s, 3), vec![1.0, 1.5, 2.0, 5.0, 13.0 / 3.0]);
+        assert_eq!(trailing_means(&s, 0), s.to_vec());
+        assert!(trailing_means(&[], 5).is_empty());
+    }
+
+    #[test]
+    fn the_stream_smoother_matches_the_calibration_means_and_keeps_streams_apart() {
+        let a: Vec<f32> = (0..40).map(|i| ((i * 37) % 11) as f32 * 0.7).collect();
+        let b: Vec<f32> = (0..40).map(|i| 100.0 + i as f32).collect();
+        let mut sm = Smoother::new(5, 2);
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        for (&x, &y) in a.iter().zip(&b) {
+            // Stream 3 first, so stream indices need not arrive in order.
+            let (mut s, mut c) = (y, [y, 0.0]);
+            sm.apply(3, &mut s, &mut c);
+            assert!(
+                (c[0] - s).abs() <= 1e-4 * s.abs(),
+                "contributions sum to the score"
+            );
+            got_b.push(s);
+            let (mut s, mut c) = (x, [0.25 * x, 0.75 * x]);
+            sm.apply(0, &mut s, &mut c);
+            assert!((c[0] + c[1] - s).abs() <= 1e-5 * (1.0 + s.abs()));
+            got_a.push(s);
+        }
+        assert_eq!(got_a, trailing_means(&a, 5));
+        assert_eq!(got_b, trailing_means(&b, 5));
+        sm.reset();
+        let (mut s, mut c) = (7.0, [7.0, 0.0]);
+        sm.apply(0, &mut s, &mut c);
+        assert_eq!((s, c), (7.0, [7.0, 0.0]), "a reset forgets the history");
+    }
+
+    #[test]
+    fn one_frame_and_failed_frames_pass_unchanged() {
+        let mut off = Smoother::new(1, 1);
+        let (mut s, mut c) = (3.0, [3.0]);
+        off.apply(0, &mut s, &mut c);
+        off.apply(0, &mut s, &mut c);
+        assert_eq!((s, c), (3.0, [3.0]));
+        let mut sm = Smoother::new(4, 1);
+        let (mut s, mut c) = (2.0, [2.0]);
+        sm.apply(0, &mut s, &mut c);
+        let (mut nan, mut c_nan) = (f32::NAN, [f32::NAN]);
+        sm.apply(0, &mut nan, &mut c_nan);
+        assert!(nan.is_nan());
+        let (mut s, mut c) = (4.0, [4.0]);
+        sm.apply(0, &mut s, &mut c);
+        assert_eq!((s, c), (3.0, [3.0]), "the NaN frame is not in the history");
+    }
+}
