@@ -212,7 +212,7 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
                 one.input_mut()
                     .copy_from_slice(data.row(r).as_slice().expect("contiguous"));
                 *sink += one.score(1)[0];
-                one.smooth(0, 0);
+                one.smooth(0, 0, f64::NAN);
                 *sink += f32::from(one.top_contributions(0, &mut top));
                 t.elapsed().as_nanos() as u64
             };
@@ -255,7 +255,7 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
             many.input_mut()[..b * d].copy_from_slice(&slice[start..start + b * d]);
             sink += many.score(b)[0];
             for i in 0..b {
-                many.smooth(i, 0);
+                many.smooth(i, 0, f64::NAN);
             }
             done += b;
         }

@@ -379,7 +379,7 @@ pub fn hit_rates(
             .copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
         scorer.score(n);
         for i in 0..n {
-            scorer.smooth(i, 0);
+            scorer.smooth(i, 0, f64::NAN);
         }
         let contrib = scorer.contributions(n);
         for (i, row) in contrib.rows().into_iter().enumerate() {

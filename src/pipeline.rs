@@ -88,7 +88,7 @@ pub trait BatchScorer: Send + 'static {
     fn score_batch(&mut self, n: usize);
     /// Averages row `i`'s score and contributions over its stream's recent frames (see
     /// [`Scorer::smooth`]); called once per row, in order, after [`Self::score_batch`].
-    fn smooth(&mut self, _i: usize, _stream: u32) {}
+    fn smooth(&mut self, _i: usize, _meta: &FrameMeta) {}
     /// The scores of the last batch.
     fn batch_scores(&self) -> &[f32];
     /// Fills the top contributions of row `i` of the last batch; returns how many.
@@ -238,8 +238,11 @@ impl Scorer {
             self.ws = model.ae.workspace(self.max_batch());
         }
         self.mss = model.active_bank().map(ReferenceBank::scratch);
-        // A retrained model keeps the streams' recent scores; another span starts afresh.
-        if model.meta.smooth_frames != self.smoother.frames() {
+        // Means never mix two models' scores (after an adopted level shift the old one
+        // scored the new normal high): every stream's history starts afresh.
+        if model.meta.smooth_frames == self.smoother.frames() {
+            self.smoother.reset();
+        } else {
             self.smoother = Smoother::new(model.meta.smooth_frames, model.n_features());
         }
         self.onnx = onnx;
@@ -361,16 +364,17 @@ impl Scorer {
     }
 
     /// Turns row `i` of the last batch (score and contributions) into its mean over
-    /// `stream`'s last `smooth_frames` frames, this one included. Call it once per row, in
-    /// stream order, before reading the row's score or contributions; with one frame (or
-    /// never called) rows stay as scored.
-    pub fn smooth(&mut self, i: usize, stream: u32) {
+    /// `stream`'s last `smooth_frames` frames, this one included (`t`: the frame's
+    /// timestamp, NaN if none; a long silence starts the history afresh). Call it once per
+    /// row, in stream order, before reading the row's score or contributions; with one
+    /// frame (or never called) rows stay as scored.
+    pub fn smooth(&mut self, i: usize, stream: u32, t: f64) {
         let row = self
             .contrib
             .row_mut(i)
             .into_slice()
             .expect("rows of an owned array are contiguous");
-        self.smoother.apply(stream, &mut self.scores[i], row);
+        self.smoother.apply(stream, t, &mut self.scores[i], row);
     }
 
     /// Batches the backend failed to score (always 0 for the native backend).
@@ -435,8 +439,8 @@ impl BatchScorer for Scorer {
         self.score(n);
     }
 
-    fn smooth(&mut self, i: usize, stream: u32) {
-        Scorer::smooth(self, i, stream);
+    fn smooth(&mut self, i: usize, meta: &FrameMeta) {
+        Scorer::smooth(self, i, meta.stream, meta.timestamp);
     }
 
     fn batch_scores(&self) -> &[f32] {
@@ -1020,7 +1024,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
                 *batches += 1;
                 for (i, meta) in metas[..end].iter().enumerate() {
                     frame.frame_score = scorer.batch_scores()[i];
-                    scorer.smooth(i, meta.stream);
+                    scorer.smooth(i, meta);
                     frame.meta = *meta;
                     frame.score = scorer.batch_scores()[i];
                     frame.n_top = scorer.top_contributions(i, &mut frame.top);
@@ -1428,5 +1432,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_model_switch_starts_every_streams_history_afresh() {
+        let model = Arc::new(synthetic(6, 3).with_smoothing(3));
+        let head = model.meta.head;
+        let mut scorer = Scorer::new(model.clone(), head, 4, 2).unwrap();
+        let mut rng = Rng::new(3);
+        let x = Array2::from_shape_fn((4, 6), |_| rng.uniform(-2.0, 2.0));
+        let score_row = |scorer: &mut Scorer, i: usize| {
+            scorer.input_mut()[..6].copy_from_slice(x.row(i).as_slice().unwrap());
+            let own = scorer.score(1)[0];
+            scorer.smooth(0, 0, f64::NAN);
+            (own, scorer.scores[0])
+        };
+        let (a, _) = score_row(&mut scorer, 0);
+        let (b, mean) = score_row(&mut scorer, 1);
+        assert_eq!(mean, crate::smooth::trailing_means(&[a, b], 3)[1]);
+        // A retrained model (here: the same weights, published anew) scores afresh.
+        scorer.set_model(Arc::new((*model).clone())).unwrap();
+        let (c, alone) = score_row(&mut scorer, 2);
+        assert_eq!(alone, c);
+        let (d, mean) = score_row(&mut scorer, 3);
+        assert_eq!(mean, crate::smooth::trailing_means(&[c, d], 3)[1]);
     }
 }

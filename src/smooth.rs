@@ -11,8 +11,14 @@
 //!
 //! Thresholds calibrate on the stored per-frame training scores
 //! ([`crate::model::Model::threshold_scores`]): a mean over frames exceeds such a threshold
-//! only when one of its frames does, so smoothing never raises the false-alarm rate.
-//! [`trailing_means`] is the offline definition that the streaming [`Smoother`] matches.
+//! only when one of its frames does, so frames that all stay below it never alarm. (One
+//! frame far above it can hold the mean above it for up to `n` frames, enough to fire an
+//! alert that frame-by-frame scoring would not.) [`trailing_means`] is the offline
+//! definition that the streaming [`Smoother`] matches.
+//!
+//! A stream's history starts over after a silence: when the gap to a frame's timestamp is
+//! more than `n` times the stream's previous interval (assembled frames: `n` windows), and
+//! whenever the scorer switches models, so no mean mixes stale scores or another model's.
 
 /// Most frames a score may be averaged over.
 pub const MAX_SMOOTH_FRAMES: usize = 1024;
@@ -48,10 +54,56 @@ struct History {
     scores: Box<[f32]>,
     /// `n × d`, row `k` belongs to `scores[k]`.
     contrib: Box<[f32]>,
+    /// Per feature, the sum of the rows in use (recomputed exactly each time the ring
+    /// wraps, so rounding cannot build up).
+    sum: Box<[f32]>,
     /// The slot the next frame goes into.
     next: usize,
     /// Slots in use (at most `n`).
     filled: usize,
+    /// The newest frame's timestamp and the interval before it (NaN: unknown).
+    last_t: f64,
+    last_dt: f64,
+}
+
+impl History {
+    fn new(n: usize, d: usize) -> Self {
+        History {
+            scores: vec![0.0; n].into(),
+            contrib: vec![0.0; n * d].into(),
+            sum: vec![0.0; d].into(),
+            next: 0,
+            filled: 0,
+            last_t: f64::NAN,
+            last_dt: f64::NAN,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.next = 0;
+        self.filled = 0;
+        self.sum.fill(0.0);
+    }
+
+    /// Notes a frame at time `t`; true when the silence before it makes the history stale
+    /// (a gap of more than `n` previous intervals).
+    fn stale(&mut self, t: f64, n: usize) -> bool {
+        if !t.is_finite() {
+            return false;
+        }
+        let dt = t - self.last_t;
+        self.last_t = t;
+        if !dt.is_finite() {
+            return false;
+        }
+        if self.last_dt > 0.0 && dt > n as f64 * self.last_dt {
+            return true;
+        }
+        if dt > 0.0 {
+            self.last_dt = dt;
+        }
+        false
+    }
 }
 
 /// Per-stream trailing means of scores and per-feature contributions.
@@ -80,16 +132,18 @@ impl Smoother {
         self.frames
     }
 
-    /// Forgets every stream's history.
+    /// Forgets every stream's history (the scorer switched models).
     pub fn reset(&mut self) {
-        self.streams.clear();
+        for h in self.streams.iter_mut().flatten() {
+            h.clear();
+        }
     }
 
-    /// Adds a frame to `stream`'s history, then replaces `score` and `contrib` (the
-    /// frame's `d` contributions) with their means over the stream's last `frames` frames,
-    /// this one included. A frame whose score is not finite (a failed backend run) is left
-    /// as it is and kept out of the history.
-    pub fn apply(&mut self, stream: u32, score: &mut f32, contrib: &mut [f32]) {
+    /// Adds a frame (at time `t`, epoch seconds or NaN) to `stream`'s history, then
+    /// replaces `score` and `contrib` (the frame's `d` contributions) with their means
+    /// over the stream's last `frames` frames, this one included. A frame whose score is
+    /// not finite (a failed backend run) is left as it is and kept out of the history.
+    pub fn apply(&mut self, stream: u32, t: f64, score: &mut f32, contrib: &mut [f32]) {
         if self.frames == 1 || !score.is_finite() {
             return;
         }
@@ -99,30 +153,40 @@ impl Smoother {
         if s >= self.streams.len() {
             self.streams.resize(s + 1, None);
         }
-        let h = self.streams[s].get_or_insert_with(|| History {
-            scores: vec![0.0; n].into(),
-            contrib: vec![0.0; n * d].into(),
-            next: 0,
-            filled: 0,
-        });
+        let h = self.streams[s].get_or_insert_with(|| History::new(n, d));
+        if h.stale(t, n) {
+            h.clear();
+        }
         let slot = h.next;
-        h.scores[slot] = *score;
-        h.contrib[slot * d..(slot + 1) * d].copy_from_slice(contrib);
-        h.next = (slot + 1) % n;
-        h.filled = (h.filled + 1).min(n);
-        // Oldest first: the slots after the newest, wrapping round.
-        let oldest = (h.next + n - h.filled) % n;
-        let order = (0..h.filled).map(|k| (oldest + k) % n);
-        *score = mean(order.clone().map(|k| h.scores[k]));
-        contrib.fill(0.0);
-        for k in order {
-            for (c, &v) in contrib.iter_mut().zip(&h.contrib[k * d..(k + 1) * d]) {
-                *c += v;
+        let row = slot * d..(slot + 1) * d;
+        if h.filled == n {
+            for (sum, &old) in h.sum.iter_mut().zip(&h.contrib[row.clone()]) {
+                *sum -= old;
             }
         }
+        h.scores[slot] = *score;
+        h.contrib[row].copy_from_slice(contrib);
+        h.next = (slot + 1) % n;
+        h.filled = (h.filled + 1).min(n);
+        if h.next == 0 {
+            // Full turn: sum the rows afresh.
+            h.sum.fill(0.0);
+            for row in h.contrib.chunks_exact(d) {
+                for (sum, &v) in h.sum.iter_mut().zip(row) {
+                    *sum += v;
+                }
+            }
+        } else {
+            for (sum, &v) in h.sum.iter_mut().zip(contrib.iter()) {
+                *sum += v;
+            }
+        }
+        // Oldest first: the slots after the newest, wrapping round.
+        let oldest = (h.next + n - h.filled) % n;
+        *score = mean((0..h.filled).map(|k| h.scores[(oldest + k) % n]));
         let inv = 1.0 / h.filled as f32;
-        for c in contrib.iter_mut() {
-            *c *= inv;
+        for (c, &sum) in contrib.iter_mut().zip(h.sum.iter()) {
+            *c = sum * inv;
         }
     }
 }
@@ -149,14 +213,14 @@ mod tests {
         for (&x, &y) in a.iter().zip(&b) {
             // Stream 3 first, so stream indices need not arrive in order.
             let (mut s, mut c) = (y, [y, 0.0]);
-            sm.apply(3, &mut s, &mut c);
+            sm.apply(3, f64::NAN, &mut s, &mut c);
             assert!(
                 (c[0] - s).abs() <= 1e-4 * s.abs(),
                 "contributions sum to the score"
             );
             got_b.push(s);
             let (mut s, mut c) = (x, [0.25 * x, 0.75 * x]);
-            sm.apply(0, &mut s, &mut c);
+            sm.apply(0, f64::NAN, &mut s, &mut c);
             assert!((c[0] + c[1] - s).abs() <= 1e-5 * (1.0 + s.abs()));
             got_a.push(s);
         }
@@ -164,7 +228,7 @@ mod tests {
         assert_eq!(got_b, trailing_means(&b, 5));
         sm.reset();
         let (mut s, mut c) = (7.0, [7.0, 0.0]);
-        sm.apply(0, &mut s, &mut c);
+        sm.apply(0, f64::NAN, &mut s, &mut c);
         assert_eq!((s, c), (7.0, [7.0, 0.0]), "a reset forgets the history");
     }
 
@@ -172,17 +236,73 @@ mod tests {
     fn one_frame_and_failed_frames_pass_unchanged() {
         let mut off = Smoother::new(1, 1);
         let (mut s, mut c) = (3.0, [3.0]);
-        off.apply(0, &mut s, &mut c);
-        off.apply(0, &mut s, &mut c);
+        off.apply(0, f64::NAN, &mut s, &mut c);
+        off.apply(0, f64::NAN, &mut s, &mut c);
         assert_eq!((s, c), (3.0, [3.0]));
         let mut sm = Smoother::new(4, 1);
         let (mut s, mut c) = (2.0, [2.0]);
-        sm.apply(0, &mut s, &mut c);
+        sm.apply(0, f64::NAN, &mut s, &mut c);
         let (mut nan, mut c_nan) = (f32::NAN, [f32::NAN]);
-        sm.apply(0, &mut nan, &mut c_nan);
+        sm.apply(0, f64::NAN, &mut nan, &mut c_nan);
         assert!(nan.is_nan());
         let (mut s, mut c) = (4.0, [4.0]);
-        sm.apply(0, &mut s, &mut c);
+        sm.apply(0, f64::NAN, &mut s, &mut c);
         assert_eq!((s, c), (3.0, [3.0]), "the NaN frame is not in the history");
+    }
+
+    #[test]
+    fn running_contribution_sums_stay_the_exact_means_over_many_turns() {
+        let (n, d) = (7, 3);
+        let mut sm = Smoother::new(n, d);
+        let rows: Vec<[f32; 3]> = (0..500)
+            .map(|i| {
+                let x = ((i * 7919) % 1000) as f32;
+                [
+                    x * 1e3,
+                    1.0 / (1.0 + x),
+                    if i % 97 == 0 { 1e7 } else { 0.5 },
+                ]
+            })
+            .collect();
+        for (i, r) in rows.iter().enumerate() {
+            let (mut s, mut c) = (r.iter().sum::<f32>(), *r);
+            sm.apply(0, f64::NAN, &mut s, &mut c);
+            let lo = (i + 1).saturating_sub(n);
+            for j in 0..d {
+                let want =
+                    rows[lo..=i].iter().map(|r| f64::from(r[j])).sum::<f64>() / (i + 1 - lo) as f64;
+                let err = (f64::from(c[j]) - want).abs();
+                assert!(
+                    err <= 1e-5 * want.abs().max(1.0) + 2.0,
+                    "frame {i}, feature {j}: {} vs {want}",
+                    c[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_silence_longer_than_the_span_starts_the_history_afresh() {
+        let mut sm = Smoother::new(3, 1);
+        let mut at = |t: f64, v: f32| {
+            let (mut s, mut c) = (v, [v]);
+            sm.apply(0, t, &mut s, &mut c);
+            s
+        };
+        // Frames a minute apart: means as usual.
+        assert_eq!(at(0.0, 9.0), 9.0);
+        assert_eq!(at(60.0, 3.0), 6.0);
+        // Three minutes later (3 intervals, not more): still the same history.
+        assert_eq!(at(240.0, 0.0), 4.0);
+        // An hour of silence: the stale frames no longer count.
+        assert_eq!(at(3840.0, 1.0), 1.0);
+        assert_eq!(at(3900.0, 3.0), 2.0);
+        // Frames without timestamps never start over.
+        let mut raw = Smoother::new(2, 1);
+        for (v, want) in [(4.0, 4.0), (2.0, 3.0), (0.0, 1.0)] {
+            let (mut s, mut c) = (v, [v]);
+            raw.apply(0, f64::NAN, &mut s, &mut c);
+            assert_eq!(s, want);
+        }
     }
 }

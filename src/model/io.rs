@@ -308,11 +308,11 @@ impl Model {
 
     /// What thresholds calibrate on: the stored held-out scores, frame by frame, also
     /// when the stream's scores are smoothed. A mean over frames exceeds a threshold only
-    /// when one of its frames does, so smoothing cannot raise the false-alarm rate above
-    /// the per-frame one. (Means of the held-out scores would not describe a stream: those
-    /// rows are a random tenth of the training rows, or of a retrain's reservoir, so their
-    /// means vary far less than a stream's neighbouring frames do, and such thresholds
-    /// fired on 41 % of the frames after an adopted level shift.)
+    /// when one of its frames does, so frames that all stay below it never alarm. (Means
+    /// of the held-out scores would not describe a stream: those rows are a random tenth
+    /// of the training rows, or of a retrain's reservoir, so their means vary far less
+    /// than a stream's neighbouring frames do, and such thresholds fired on 41 % of the
+    /// frames after an adopted level shift.)
     pub fn threshold_scores(&self) -> Vec<f64> {
         self.calibration_scores
             .iter()
