@@ -179,35 +179,49 @@ fn corrupt_or_truncated_model_is_refused_with_file_named() {
     assert!(err.contains("model.json"), "{err}");
 }
 
-#[test]
-fn a_variance_baseline_of_the_wrong_length_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
+/// A copy of the bundled PAE's directory in `dir`, to edit.
+fn bundled_copy(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = dir.join("model");
     std::fs::create_dir(&model).unwrap();
     for f in ["model.json", "model.safetensors"] {
         std::fs::copy(repo("models/smd-machine-1-6").join(f), model.join(f)).unwrap();
     }
+    model
+}
+
+/// Edits `model`'s `model.json` with `edit`, then runs `darkwatch inspect` on it.
+fn inspect_edited(
+    model: &std::path::Path,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (i32, String, String) {
     let path = model.join("model.json");
     let mut meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    meta["log_variance_baseline"]
-        .as_array_mut()
-        .expect("the bundled PAE stores a baseline")
-        .push(serde_json::json!(0.0));
+    edit(&mut meta);
     std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
-    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    run(darkwatch().arg("inspect").arg(model))
+}
+
+#[test]
+fn a_variance_baseline_of_the_wrong_length_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = bundled_copy(dir.path());
+    let (code, out, err) = inspect_edited(&model, |meta| {
+        meta["log_variance_baseline"]
+            .as_array_mut()
+            .expect("the bundled PAE stores a baseline")
+            .push(serde_json::json!(0.0));
+    });
     assert_eq!(code, 1, "{out}");
     assert!(
         err.contains("log_variance_baseline") && err.contains("has 115 values"),
         "{err}"
     );
     // A scale that is not positive: the message names the entry and its value.
-    let mut meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    meta["log_variance_baseline"].as_array_mut().unwrap().pop();
-    meta["scaler"]["scale"][3] = serde_json::json!(-0.5);
-    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
-    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    let (code, out, err) = inspect_edited(&model, |meta| {
+        meta["log_variance_baseline"].as_array_mut().unwrap().pop();
+        meta["scaler"]["scale"][3] = serde_json::json!(-0.5);
+    });
     assert_eq!(code, 1, "{out}");
     assert!(
         err.contains("scaler.scale") && err.contains("entry 3 is -0.5, not positive"),
@@ -588,26 +602,19 @@ fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
         "{err}"
     );
 
-    let model = dir.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["model.json", "model.safetensors"] {
-        std::fs::copy(repo("models/smd-machine-1-6").join(f), model.join(f)).unwrap();
-    }
-    let path = model.join("model.json");
-    let mut meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    meta["smooth_frames"] = serde_json::json!(0);
-    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
-    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    let model = bundled_copy(dir.path());
+    let (code, out, err) = inspect_edited(&model, |meta| {
+        meta["smooth_frames"] = serde_json::json!(0);
+    });
     assert_eq!(code, 1, "{out}");
     assert!(
         err.contains("smooth_frames") && err.contains("0 is not between 1 and 1024 frames"),
         "{err}"
     );
     // A model written before smoothing existed scores frames alone.
-    meta.as_object_mut().unwrap().remove("smooth_frames");
-    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
-    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    let (code, out, err) = inspect_edited(&model, |meta| {
+        meta.as_object_mut().unwrap().remove("smooth_frames");
+    });
     assert_eq!(code, 0, "{err}");
     assert!(!out.contains("smoothing"), "{out}");
 }
@@ -937,12 +944,9 @@ fn a_one_feature_series_is_scored_in_lag_windows_of_its_period() {
 fn a_window_that_does_not_divide_the_features_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let model = windowed_model(dir.path(), 600, 4);
-    let path = model.join("model.json");
-    let mut meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    meta["window_frames"] = serde_json::json!(3);
-    std::fs::write(&path, serde_json::to_string(&meta).unwrap()).unwrap();
-    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    let (code, out, err) = inspect_edited(&model, |meta| {
+        meta["window_frames"] = serde_json::json!(3);
+    });
     assert_eq!(code, 1, "{out}");
     assert!(
         err.contains("window_frames") && err.contains("does not divide the 4 features"),
