@@ -138,8 +138,8 @@ enum Command {
         /// Model to time (default: an untrained model of the default shape for 38 features).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Frames timed one at a time.
-        #[arg(long, default_value_t = 20_000)]
+        /// Frames timed one at a time (at least 100, so that a p99 means something).
+        #[arg(long, default_value_t = 20_000, value_parser = parse_bench_frames)]
         frames: usize,
         /// `onnx`: also time the model directory's ONNX graph through ONNX Runtime (needs
         /// the `onnx` feature), beside the native rows, in the same run.
@@ -493,6 +493,16 @@ async fn reload(
 }
 
 /// A frame rate: finite, at least 0.001 and at most 1e9 frames per second.
+fn parse_bench_frames(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 100 => Ok(n),
+        Ok(_) => Err(format!(
+            "{s} frames are too few for a p99: give at least 100"
+        )),
+        Err(_) => Err(format!("{s} is not a number of frames")),
+    }
+}
+
 fn parse_smooth_frames(s: &str) -> Result<usize, String> {
     let max = darkwatch::smooth::MAX_SMOOTH_FRAMES;
     match s.parse::<usize>() {
@@ -748,7 +758,7 @@ fn run(command: Command) -> Result<()> {
                 None => model::fit::synthetic(38, 0),
             };
             let opts = darkwatch::bench::BenchOptions {
-                latency_frames: frames.max(100),
+                latency_frames: frames,
                 ..Default::default()
             };
             eprintln!("darkwatch: timing each head (about 15 s)…");

@@ -619,6 +619,17 @@ fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
     assert!(!out.contains("smoothing"), "{out}");
 }
 
+/// Too few frames for a p99 is a usage error, not a silent change of the request.
+#[test]
+fn bench_refuses_too_few_frames() {
+    let (code, _, err) = run(darkwatch().args(["bench", "--frames", "5"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("5 frames are too few for a p99: give at least 100"),
+        "{err}"
+    );
+}
+
 #[test]
 fn harness_prints_one_table_for_the_bundled_machine() {
     let (code, out, err) = run(darkwatch()
