@@ -492,7 +492,7 @@ async fn reload(
     }
 }
 
-/// A frame rate: finite, at least 0.001 and at most 1e9 frames per second.
+/// `bench --frames`: at least 100, so that a p99 has a frame to stand on.
 fn parse_bench_frames(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n >= 100 => Ok(n),
@@ -511,6 +511,7 @@ fn parse_smooth_frames(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A frame rate: finite, at least 0.001 and at most 1e9 frames per second.
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if r.is_finite() && (1e-3..=1e9).contains(&r) => Ok(r),
