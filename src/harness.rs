@@ -496,7 +496,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     }
     let _ = writeln!(
         s,
-        "AUPRC/1fr: every frame scored alone, where the model averages scores over frames ([score] smooth_frames; tables never do).\n* PA-F1 is point-adjusted (a segment counts as found if any point in it is flagged): inflated, for comparison with papers only."
+        "AUPRC/1fr: every frame scored alone, where the model averages scores over frames ([score] smooth_frames; \"-\" where it does not, as for tables).\n* PA-F1 is point-adjusted (a segment counts as found if any point in it is flagged): inflated, for comparison with papers only."
     );
     let _ = writeln!(
         s,

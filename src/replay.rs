@@ -705,7 +705,7 @@ impl std::fmt::Display for ReplayOutcome {
             },
             match self.model.meta.smooth_frames {
                 1 => "frames scored alone".to_string(),
-                n => format!("scores averaged over {n} frames"),
+                n => format!("scores averaged over {n} frames, threshold from per-frame scores"),
             },
             p.frames_scored,
             p.batches,

@@ -584,7 +584,10 @@ fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
         (stdout, scores)
     };
     let (out5, smoothed) = replay(&[], &dir.path().join("five.csv"));
-    assert!(out5.contains("scores averaged over 5 frames"), "{out5}");
+    assert!(
+        out5.contains("scores averaged over 5 frames, threshold from per-frame scores"),
+        "{out5}"
+    );
     let (out1, alone) = replay(&["--smooth-frames", "1"], &dir.path().join("one.csv"));
     assert!(out1.contains("frames scored alone"), "{out1}");
     assert_eq!(smoothed.len(), 23689);
