@@ -59,7 +59,7 @@ enum Command {
         /// One 0/1 label per input row (1 = anomalous): enables AUROC / AUPRC / F1.
         #[arg(long)]
         labels: Option<PathBuf>,
-        /// Write one CSV row per frame (score, threshold, alarm, top contributions) here.
+        /// Write one CSV row per frame (score, threshold, alarm, the frame's own score before smoothing, top contributions) here.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Write one JSON line per alert event (Alertmanager-shaped) here.

@@ -35,7 +35,7 @@ pub struct ReplayRequest {
     pub model_dir: PathBuf,
     pub input: PathBuf,
     pub labels: Option<PathBuf>,
-    /// One CSV row per frame: score, threshold, alarm and top contributions.
+    /// One CSV row per frame: score, threshold, alarm, the frame's own score (`frame_score`) and top contributions.
     pub out_csv: Option<PathBuf>,
     /// One JSON line per alert event (Alertmanager-shaped).
     pub events: Option<PathBuf>,
@@ -601,7 +601,7 @@ impl ReplaySink {
         let mut r = Ok(());
         if !self.header_done {
             self.header_done = true;
-            r = write!(w, "frame,timestamp,score,threshold,alarm");
+            r = write!(w, "frame,timestamp,score,threshold,alarm,frame_score");
             for k in 1..=f.n_top {
                 r = r.and_then(|()| write!(w, ",top{k}_feature,top{k}_contribution"));
             }
@@ -615,7 +615,7 @@ impl ReplaySink {
         if threshold.is_finite() {
             r = r.and_then(|()| write!(w, "{threshold}"));
         }
-        r = r.and_then(|()| write!(w, ",{}", u8::from(alarm)));
+        r = r.and_then(|()| write!(w, ",{},{}", u8::from(alarm), f.frame_score));
         for c in f.top() {
             let name = self
                 .features

@@ -72,7 +72,7 @@ fn train_then_replay_detects_injected_anomalies_and_writes_scores() {
     let mut lines = csv.lines();
     let header = lines.next().unwrap();
     assert!(
-        header.starts_with("frame,timestamp,score,threshold,alarm,top1_feature"),
+        header.starts_with("frame,timestamp,score,threshold,alarm,frame_score,top1_feature"),
         "{header}"
     );
     let rows: Vec<&str> = lines.collect();
@@ -81,7 +81,7 @@ fn train_then_replay_detects_injected_anomalies_and_writes_scores() {
     let f700: Vec<&str> = rows[700].split(',').collect();
     assert_eq!(f700[0], "700");
     assert_eq!(f700[1], (1_700_000_000 + 60 * 700).to_string());
-    let named: Vec<&str> = [5, 7, 9].iter().map(|&i| f700[i]).collect();
+    let named: Vec<&str> = [6, 8, 10].iter().map(|&i| f700[i]).collect();
     assert!(named.contains(&"m00"), "{}", rows[700]);
 }
 
@@ -592,6 +592,14 @@ fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
     assert!(out1.contains("frames scored alone"), "{out1}");
     assert_eq!(smoothed.len(), 23689);
     assert_eq!(smoothed, darkwatch::smooth::trailing_means(&alone, 5));
+    // The smoothed replay's CSV keeps each frame's own score beside the mean.
+    let own: Vec<f32> = std::fs::read_to_string(dir.path().join("five.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(5).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(own, alone);
 
     let (code, _, err) = run(darkwatch()
         .args(["replay", "--model"])
