@@ -522,25 +522,26 @@ impl DarkwatchConfig {
         if let Err(e) = self.assemble.build(vec!["x".into()]) {
             return Err(("assemble".into(), e.to_string()));
         }
-        if !(1..=crate::smooth::MAX_SMOOTH_FRAMES).contains(&self.score.smooth_frames) {
-            return Err((
-                "score.smooth_frames".into(),
-                format!(
-                    "must be between 1 and {}, got {}",
-                    crate::smooth::MAX_SMOOTH_FRAMES,
-                    self.score.smooth_frames
-                ),
-            ));
-        }
-        if !(1..=MAX_TOP_CONTRIBUTIONS).contains(&self.score.top_contributions) {
-            return Err((
-                "score.top_contributions".into(),
-                format!(
-                    "must be between 1 and {MAX_TOP_CONTRIBUTIONS}, got {}",
-                    self.score.top_contributions
-                ),
-            ));
-        }
+        let between = |key: &str, value: usize, max: usize| {
+            if (1..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err((
+                    key.to_string(),
+                    format!("must be between 1 and {max}, got {value}"),
+                ))
+            }
+        };
+        between(
+            "score.smooth_frames",
+            self.score.smooth_frames,
+            crate::smooth::MAX_SMOOTH_FRAMES,
+        )?;
+        between(
+            "score.top_contributions",
+            self.score.top_contributions,
+            MAX_TOP_CONTRIBUTIONS,
+        )?;
         if self.pipeline.ring_capacity_frames == 0 {
             return Err((
                 "pipeline.ring_capacity_frames".into(),

@@ -344,8 +344,9 @@ pub fn split_50_25_25(labels: &[u8], seed: u64) -> (Vec<usize>, Vec<usize>) {
 /// segment with culprit set G, the share of G among the frame's top ⌈P·|G|⌉ contributing
 /// features; averaged over those frames. Contributions come from the pipeline's
 /// [`Scorer`], smoothed over the whole series in order, so they are exactly the ones alerts
-/// report; a windowed model's are summed over each feature's lags. `test` holds the frames of the input rows from `first_row` on
-/// (segments count input rows). Returns (@100 %, @150 %).
+/// report; a windowed model's are summed over each feature's lags. `test` holds the frames
+/// of the input rows from `first_row` on (segments count input rows). Returns (@100 %,
+/// @150 %).
 pub fn hit_rates(
     model: &Arc<Model>,
     test: &Array2<f32>,
@@ -373,7 +374,8 @@ pub fn hit_rates(
             *slot = Some(seg);
         }
     }
-    for (c, chunk) in test.axis_chunks_iter(Axis(0), 256).enumerate() {
+    let mut first = 0;
+    for chunk in test.axis_chunks_iter(Axis(0), scorer.max_batch()) {
         let n = chunk.nrows();
         scorer.input_mut()[..n * d]
             .copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
@@ -383,7 +385,7 @@ pub fn hit_rates(
         }
         let contrib = scorer.contributions(n);
         for (i, row) in contrib.rows().into_iter().enumerate() {
-            let Some(seg) = culprits[c * 256 + i] else {
+            let Some(seg) = culprits[first + i] else {
                 continue;
             };
             per_feature.fill(0.0);
@@ -402,6 +404,7 @@ pub fn hit_rates(
             h150 += hit(1.5);
             frames += 1;
         }
+        first += n;
     }
     (frames > 0).then(|| (h100 / frames as f64, h150 / frames as f64))
 }
