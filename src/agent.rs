@@ -89,11 +89,15 @@ enum Decoder {
     Examon(ExamonDecoder),
     Telegraf(crate::ingest::telegraf::TelegrafDecoder),
     /// Raw frames skip the assembler: each message is a frame. Streams are numbered in
-    /// order of appearance (number and next sequence number kept per stream name).
+    /// order of appearance (number and next sequence number kept per stream name), at most
+    /// `max_streams` of them (`[assemble] max_streams`, as for assembled input): a frame of
+    /// a further stream is refused and counted as a `too_many_streams` sample, so a
+    /// publisher cycling topic names cannot grow the agent's memory without bound.
     Raw {
         decoder: crate::ingest::raw::RawDecoder,
         frame: Vec<f32>,
         streams: std::collections::HashMap<String, (u32, u64)>,
+        max_streams: usize,
     },
 }
 
@@ -744,6 +748,7 @@ impl AgentSource {
                     decoder: cfg.raw.build(model.frame_features().len()),
                     frame: Vec::with_capacity(model.frame_features().len()),
                     streams: Default::default(),
+                    max_streams: cfg.assemble.max_streams,
                 },
             },
             assembler: cfg.assemble.build(model.frame_features().to_vec())?,
@@ -865,6 +870,7 @@ impl AgentSource {
                 decoder,
                 frame,
                 streams: seen,
+                max_streams,
             } => {
                 let name = match decoder.decode(msg.topic, msg.payload, frame) {
                     Ok(name) => name.unwrap_or("default"),
@@ -874,8 +880,14 @@ impl AgentSource {
                     }
                 };
                 let next = seen.len() as u32;
+                let full = seen.len() >= *max_streams;
                 let entry = match seen.get_mut(name) {
                     Some(entry) => entry,
+                    None if full => {
+                        counters.samples_rejected_by_reason[Reject::TooManyStreams.reason_index()]
+                            .fetch_add(1, Ordering::Relaxed);
+                        return 0;
+                    }
                     None => seen.entry(name.to_string()).or_insert((next, 0)),
                 };
                 let (index, seq) = *entry;
@@ -1400,6 +1412,7 @@ mod tests {
             decoder: cfg.raw.build(2),
             frame: Vec::new(),
             streams: Default::default(),
+            max_streams: 2,
         };
         let frame: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         for topic in ["act/layer3", "act/layer3", "act/layer7"] {
@@ -1420,6 +1433,25 @@ mod tests {
             received: 5.0,
         });
         assert_eq!(src.counters.frames.load(Ordering::Relaxed), 3);
+
+        // A third stream is past max_streams (2 here): refused and counted, while the
+        // streams already known go on.
+        let rejected = src.counters.samples_rejected();
+        for topic in ["act/layer9", "act/layer3"] {
+            src.take_one(&Incoming {
+                topic: topic.into(),
+                payload: frame.clone(),
+                received: 6.0,
+            });
+        }
+        assert_eq!(src.counters.samples_rejected(), rejected + 1);
+        assert_eq!(
+            src.counters.samples_rejected_by_reason[Reject::TooManyStreams.reason_index()]
+                .load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(src.counters.frames.load(Ordering::Relaxed), 4);
+        assert_eq!(src.streams.lock().unwrap().len(), 2);
     }
 
     fn raw_frame(a: f32) -> Vec<u8> {
@@ -1435,6 +1467,7 @@ mod tests {
             decoder: DarkwatchConfig::default().raw.build(2),
             frame: Vec::new(),
             streams: Default::default(),
+            max_streams: 1024,
         };
         let counters = src.counters.clone();
         let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
