@@ -70,7 +70,21 @@ pub struct ModelConfig {
     /// Frames per lag window (see [`crate::window`]): 1 scores each frame alone; 0 picks
     /// [`crate::window::auto_window`] (one-feature series get their period, 8 to 64).
     pub window_frames: usize,
+    /// Autoencoders trained side by side from different seeds, their per-feature terms
+    /// averaged (see [`crate::model::Autoencoder`]); 0 picks [`default_members`].
+    pub members: usize,
 }
+
+/// Ensemble members `[model] members = 0` gives a model of `d` inputs (after any lag
+/// window): [`SMALL_INPUT_MEMBERS`] below 20 inputs, where the MSS-PAE rule gives one hidden
+/// layer of d/2 units and such a small network's ranking depends on its seed; 1 from 20 on.
+pub fn default_members(d: usize) -> usize {
+    if d < 20 { SMALL_INPUT_MEMBERS } else { 1 }
+}
+
+/// Members of a small-input ensemble: the deep-ensembles paper's M = 5 (Lakshminarayanan
+/// et al., 2017).
+pub const SMALL_INPUT_MEMBERS: usize = 5;
 
 impl Default for ModelConfig {
     fn default() -> Self {
@@ -79,6 +93,7 @@ impl Default for ModelConfig {
             hidden_sizes: Vec::new(),
             scaler: ScalerKind::ZScore,
             window_frames: 0,
+            members: 0,
         }
     }
 }
@@ -458,6 +473,16 @@ impl DarkwatchConfig {
             return Err((
                 "model.hidden_sizes".into(),
                 "layer widths must be at least 1".into(),
+            ));
+        }
+        if self.model.members > crate::model::io::MAX_MEMBERS {
+            return Err((
+                "model.members".into(),
+                format!(
+                    "at most {}, got {} (0 picks the default)",
+                    crate::model::io::MAX_MEMBERS,
+                    self.model.members
+                ),
             ));
         }
         if self.model.window_frames > crate::window::MAX_WINDOW_FRAMES {

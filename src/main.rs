@@ -1001,9 +1001,14 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     );
     let (model, report) = model::fit::fit(&table, &sha, &cfg, &mut |e| {
         bar.set_position(e.epoch as u64);
+        let member = if e.members > 1 {
+            format!(" (member {} of {})", e.member, e.members)
+        } else {
+            String::new()
+        };
         match e.val_loss {
-            Some(v) => bar.set_message(format!("loss {:.4} val {:.4}", e.train_loss, v)),
-            None => bar.set_message(format!("loss {:.4}", e.train_loss)),
+            Some(v) => bar.set_message(format!("loss {:.4} val {:.4}{member}", e.train_loss, v)),
+            None => bar.set_message(format!("loss {:.4}{member}", e.train_loss)),
         }
     })
     .context("training failed")?;
@@ -1035,6 +1040,14 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
             .best_val_loss
             .map_or("n/a".into(), |v| format!("{v:.4}")),
     );
+    if model.ae.members > 1 {
+        println!(
+            "ensemble: {} networks trained from seeds {}..={}, scores averaged (the epochs above are the first's; [model] members)",
+            model.ae.members,
+            cfg.train.seed,
+            cfg.train.seed.wrapping_add(model.ae.members as u64 - 1)
+        );
+    }
     if model.meta.window_frames > 1 {
         println!(
             "lag window: {} frames of {} feature(s), {} inputs ([model] window_frames)",

@@ -195,7 +195,12 @@ impl Scorer {
             last: 0,
             contrib: Array2::zeros((max_batch, d)),
             top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
-            baseline: crate::score::prepare_baseline(&head, &model.meta.log_variance_baseline, d),
+            baseline: crate::score::prepare_member_baselines(
+                &head,
+                &model.meta.log_variance_baseline,
+                d,
+                model.ae.members,
+            ),
             smoother: Smoother::new(model.meta.smooth_frames, d),
             model,
             head,
@@ -247,10 +252,11 @@ impl Scorer {
         }
         self.onnx = onnx;
         self.cuda = cuda;
-        self.baseline = crate::score::prepare_baseline(
+        self.baseline = crate::score::prepare_member_baselines(
             &self.head,
             &model.meta.log_variance_baseline,
             model.n_features(),
+            model.ae.members,
         );
         self.model = model;
         Ok(())

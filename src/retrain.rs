@@ -409,8 +409,8 @@ pub fn refit(
     let scaled_hold = scaler.transform(holdout.view());
     // The `bounded` floor stays the first training's spread (a quiet reservoir must not let
     // a feature's variance collapse again); a model stored without one counts it as 1.
-    let d = ae.n_features;
-    let spread = match current.meta.log_variance_baseline.get(2 * d..3 * d) {
+    let (d, m) = (ae.n_features, ae.recon_width());
+    let spread = match current.meta.log_variance_baseline.get(2 * m..2 * m + d) {
         Some(s) => s.to_vec(),
         None => vec![0.0; d],
     };
@@ -1575,6 +1575,30 @@ mod tests {
             every_secs: 0,
             ..RetrainConfig::default()
         }
+    }
+
+    /// Fine-tuning an ensemble trains its members together but keeps them apart, and
+    /// rebuilds the per-member variance baseline.
+    #[test]
+    fn an_ensemble_is_refitted_member_by_member() {
+        let base = crate::model::fit::synthetic(6, 1);
+        let ae = crate::model::Autoencoder::ensemble(6, &[3], base.ae.output, 3, 1);
+        let current = Model::new(ae, base.meta.clone(), None);
+        let mut rng = Rng::new(9);
+        let rows = Array2::from_shape_simple_fn((600, 6), || rng.uniform(-1.0, 1.0));
+        let c = RetrainConfig {
+            min_frames: 100,
+            epochs: 3,
+            ..cfg()
+        };
+        let cand = refit(&current, rows.view(), &[true; 600], &c, 4).unwrap();
+        let ae = &cand.model.ae;
+        assert_eq!(ae.members, 3);
+        ae.check_shapes().unwrap();
+        assert_ne!(ae.layers, current.ae.layers, "the weights moved");
+        // Medians and maxima per member (3·6 each), then the 6 spreads.
+        assert_eq!(cand.model.meta.log_variance_baseline.len(), 2 * 18 + 6);
+        assert_eq!(cand.model.meta.architecture.members, 3);
     }
 
     #[test]

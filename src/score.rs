@@ -191,6 +191,21 @@ impl Head {
         let n = x.nrows();
         debug_assert!(scores.len() >= n && contrib.nrows() >= n);
         let mut contrib = contrib.slice_mut(ndarray::s![..n, ..]);
+        let members = recon.mean.ncols() / x.ncols().max(1);
+        if members > 1 {
+            self.score_members(x, recon, baseline, members, contrib.view_mut());
+            for (s, row) in scores.iter_mut().zip(contrib.rows()) {
+                *s = if self.kind == HeadKind::MaxAbs {
+                    row.iter().fold(
+                        f32::NEG_INFINITY,
+                        |a, &b| if b > a || b.is_nan() { b } else { a },
+                    )
+                } else {
+                    row.sum()
+                };
+            }
+            return;
+        }
         match (self.kind, recon.var.as_ref()) {
             (HeadKind::Mse, _) => {
                 Zip::from(&mut contrib)
@@ -283,6 +298,174 @@ impl Head {
             }
         }
     }
+}
+
+impl Head {
+    /// The contributions of an ensemble's reconstructions (`members` of them side by side
+    /// in `recon`, see [`crate::model::Autoencoder`]): each feature's term is the mean of
+    /// the members' terms, each member scored with its own constants (`baseline` holds
+    /// `members` equal blocks, see [`prepare_member_baselines`]). Summed member by member in
+    /// order, so a row's result does not depend on its batch.
+    fn score_members(
+        &self,
+        x: ArrayView2<f32>,
+        recon: &Recon,
+        baseline: &[f32],
+        members: usize,
+        mut contrib: ArrayViewMut2<f32>,
+    ) {
+        let d = x.ncols();
+        let inv = 1.0 / members as f32;
+        let block = baseline.len() / members;
+        let (alpha, beta) = (self.alpha, self.beta);
+        let cols = |k: usize| ndarray::s![.., k * d..(k + 1) * d];
+        match (self.kind, recon.var.as_ref()) {
+            (HeadKind::Wnll, Some(var))
+                if self.log_variance == LogVariance::Bounded && block == 4 * d =>
+            {
+                let make = |k: usize, r: std::ops::Range<usize>| {
+                    let b = &baseline[k * block..(k + 1) * block];
+                    BoundedConsts {
+                        lo: &b[r.start..r.end],
+                        hi: &b[d + r.start..d + r.end],
+                        inv_hi: &b[2 * d + r.start..2 * d + r.end],
+                        inv_lo: &b[3 * d + r.start..3 * d + r.end],
+                        alpha,
+                        beta,
+                    }
+                };
+                score_rows_members(make, members, x, recon.mean, var.view(), contrib);
+            }
+            (HeadKind::Wnll, Some(var))
+                if self.log_variance == LogVariance::Excess && block == 3 * d =>
+            {
+                let make = |k: usize, r: std::ops::Range<usize>| {
+                    let b = &baseline[k * block..(k + 1) * block];
+                    ExcessConsts {
+                        median: &b[r.start..r.end],
+                        ceiling: &b[d + r.start..d + r.end],
+                        inv_cap: &b[2 * d + r.start..2 * d + r.end],
+                        alpha,
+                        beta,
+                    }
+                };
+                score_rows_members(make, members, x, recon.mean, var.view(), contrib);
+            }
+            (kind, var) => {
+                for k in 0..members {
+                    let mean = recon.mean.slice(cols(k));
+                    let var = var.map(|v| v.slice(cols(k)));
+                    let log_eps = beta * (1.0 + VARIANCE_EPSILON).ln();
+                    let term = |x: f32, m: f32, s: Option<f32>| {
+                        let e = x - m;
+                        match (kind, s) {
+                            (HeadKind::Mse, _) => e * e,
+                            (HeadKind::MaxAbs, _) => e.abs(),
+                            (HeadKind::Wnll, Some(s)) => {
+                                let v = s + VARIANCE_EPSILON;
+                                alpha * e * e / v + beta * v.ln()
+                            }
+                            (HeadKind::Wnll, None) => {
+                                alpha * e * e / (1.0 + VARIANCE_EPSILON) + log_eps
+                            }
+                        }
+                    };
+                    let zip = Zip::from(&mut contrib).and(&x).and(&mean);
+                    match (k, var) {
+                        (0, Some(v)) => zip
+                            .and(&v)
+                            .for_each(|c, &x, &m, &s| *c = term(x, m, Some(s))),
+                        (_, Some(v)) => zip
+                            .and(&v)
+                            .for_each(|c, &x, &m, &s| *c += term(x, m, Some(s))),
+                        (0, None) => zip.for_each(|c, &x, &m| *c = term(x, m, None)),
+                        (_, None) => zip.for_each(|c, &x, &m| *c += term(x, m, None)),
+                    }
+                }
+                contrib.mapv_inplace(|c| c * inv);
+            }
+        }
+    }
+}
+
+/// Every row's contributions as the mean of `members` members' terms: member k's
+/// reconstruction is columns `k·d..(k+1)·d` of `mean` and `var`, and `make(k, range)` gives its
+/// constants for the features in `range`. Features go in segments of up to [`MEMBER_SEGMENT`],
+/// so the running sum needs no allocation and each member's terms take the vector path.
+fn score_rows_members<C: RowTerms>(
+    make: impl Fn(usize, std::ops::Range<usize>) -> C,
+    members: usize,
+    x: ArrayView2<f32>,
+    mean: ArrayView2<f32>,
+    var: ArrayView2<f32>,
+    mut contrib: ArrayViewMut2<f32>,
+) {
+    let d = x.ncols();
+    let inv = 1.0 / members as f32;
+    let mut tmp = [0.0f32; MEMBER_SEGMENT];
+    for (((xr, mr), vr), mut cr) in x
+        .rows()
+        .into_iter()
+        .zip(mean.rows())
+        .zip(var.rows())
+        .zip(contrib.rows_mut())
+    {
+        for a in (0..d).step_by(MEMBER_SEGMENT) {
+            let b = (a + MEMBER_SEGMENT).min(d);
+            let mut out = cr.slice_mut(ndarray::s![a..b]);
+            for k in 0..members {
+                let consts = make(k, a..b);
+                let (xs, ms, vs) = (
+                    xr.slice(ndarray::s![a..b]),
+                    mr.slice(ndarray::s![k * d + a..k * d + b]),
+                    vr.slice(ndarray::s![k * d + a..k * d + b]),
+                );
+                let t = &mut tmp[..b - a];
+                match (xs.to_slice(), ms.to_slice(), vs.to_slice()) {
+                    (Some(xs), Some(ms), Some(vs)) => row_terms(&consts, xs, ms, vs, t),
+                    _ => {
+                        for (j, t) in t.iter_mut().enumerate() {
+                            *t = consts.one(j, xs[j], ms[j], vs[j]);
+                        }
+                    }
+                }
+                if k == 0 {
+                    out.iter_mut().zip(t.iter()).for_each(|(o, &t)| *o = t);
+                } else {
+                    out.iter_mut().zip(t.iter()).for_each(|(o, &t)| *o += t);
+                }
+            }
+            out.mapv_inplace(|c| c * inv);
+        }
+    }
+}
+
+/// Features per segment of [`score_rows_members`]'s running sum.
+const MEMBER_SEGMENT: usize = 64;
+
+/// [`prepare_baseline`] for each of `members` members, block after block: member k's stored
+/// constants are its slice of the medians and of the maxima (`members · d` each), with the
+/// features' shared spread (see [`crate::model::fit::log_variance_baseline`]).
+pub fn prepare_member_baselines(head: &Head, stored: &[f32], d: usize, members: usize) -> Vec<f32> {
+    if members <= 1 {
+        return prepare_baseline(head, stored, d);
+    }
+    let m = members * d;
+    let has_spread = stored.len() >= 2 * m + d;
+    let has_pair = stored.len() >= 2 * m;
+    let mut out = Vec::new();
+    for k in 0..members {
+        let mut own = Vec::with_capacity(3 * d);
+        if has_pair {
+            own.extend_from_slice(&stored[k * d..(k + 1) * d]);
+            own.extend_from_slice(&stored[m + k * d..m + (k + 1) * d]);
+            if has_spread {
+                own.extend_from_slice(&stored[2 * m..2 * m + d]);
+            }
+        }
+        out.extend(prepare_baseline(head, &own, d));
+    }
+    out
 }
 
 /// A `d`-feature model's wnll constants, laid out for [`Head::score_batch`], from its
@@ -647,6 +830,83 @@ mod tests {
         var: Option<&Array2<f32>>,
     ) -> (Vec<f32>, Array2<f32>) {
         run_with(head, &[], x, mean, var)
+    }
+
+    /// An ensemble's score is the members' mean per feature, each member with its own
+    /// constants: every head and log-variance term, at a width that takes the vector path
+    /// (with a tail) and one that does not, and past a segment of the running sum.
+    #[test]
+    fn an_ensembles_terms_are_the_mean_of_its_members_terms() {
+        let mut rng = crate::rng::Rng::new(3);
+        for d in [5, 21, 70] {
+            let (k, n) = (3, 4);
+            let m = k * d;
+            let x = Array2::from_shape_simple_fn((n, d), || rng.uniform(-3.0, 3.0));
+            let mean = Array2::from_shape_simple_fn((n, m), || rng.uniform(-3.0, 3.0));
+            let var = Array2::from_shape_simple_fn((n, m), || rng.uniform(0.0, 2.0));
+            // Stored like fit::log_variance_baseline: medians, maxima (k·d each), spread (d).
+            let mut stored: Vec<f32> = (0..m).map(|_| rng.uniform(-3.0, 0.0)).collect();
+            stored.extend((0..m).map(|_| rng.uniform(0.0, 1.0)));
+            stored.extend((0..d).map(|_| rng.uniform(-1.0, 0.5)));
+            for (kind, lv) in [
+                (HeadKind::Wnll, LogVariance::Bounded),
+                (HeadKind::Wnll, LogVariance::Excess),
+                (HeadKind::Wnll, LogVariance::Raw),
+                (HeadKind::Mse, LogVariance::Bounded),
+                (HeadKind::MaxAbs, LogVariance::Bounded),
+            ] {
+                let head = Head {
+                    kind,
+                    alpha: 0.5,
+                    beta: 2.0,
+                    log_variance: lv,
+                    variance_floor: 0.1,
+                };
+                let recon = Recon {
+                    mean: mean.view(),
+                    var: Some(var.view()),
+                };
+                let prepared = prepare_member_baselines(&head, &stored, d, k);
+                let mut scores = vec![0.0; n];
+                let mut contrib = Array2::zeros((n, d));
+                head.score_batch(x.view(), &recon, &prepared, &mut scores, contrib.view_mut());
+
+                let mut want = Array2::<f32>::zeros((n, d));
+                for member in 0..k {
+                    let cols = ndarray::s![.., member * d..(member + 1) * d];
+                    let mut own = stored[member * d..(member + 1) * d].to_vec();
+                    own.extend_from_slice(&stored[m + member * d..m + (member + 1) * d]);
+                    own.extend_from_slice(&stored[2 * m..]);
+                    let (_, c) = run_with(
+                        head,
+                        &own,
+                        &x,
+                        &mean.slice(cols).to_owned(),
+                        Some(&var.slice(cols).to_owned()),
+                    );
+                    want += &c;
+                }
+                want /= k as f32;
+                for ((got, want), (i, j)) in contrib
+                    .iter()
+                    .zip(&want)
+                    .zip((0..n).flat_map(|i| (0..d).map(move |j| (i, j))))
+                {
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "d {d} {kind:?} {lv:?} [{i}, {j}]: {got} vs {want}"
+                    );
+                }
+                for (i, row) in want.rows().into_iter().enumerate() {
+                    let want = if kind == HeadKind::MaxAbs {
+                        row.fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+                    } else {
+                        row.sum()
+                    };
+                    assert!((scores[i] - want).abs() <= 1e-4 * want.abs().max(1.0));
+                }
+            }
+        }
     }
 
     #[test]

@@ -108,6 +108,10 @@ pub struct EpochReport {
     pub train_loss: f64,
     /// Loss on the held-out rows after the epoch; `None` without validation.
     pub val_loss: Option<f64>,
+    /// Which ensemble member trains (1-based), and of how many (see
+    /// [`crate::model::Autoencoder`]); 1 of 1 for a single network.
+    pub member: usize,
+    pub members: usize,
 }
 
 /// How a training run went; stored in the model's metadata.
@@ -176,6 +180,23 @@ pub fn train(
     cfg: &TrainConfig,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<TrainReport, TrainError> {
+    train_member(model, x, cfg, 0, on_epoch)
+}
+
+/// [`train`] for member `member` of an ensemble: the same validation split (drawn from
+/// `cfg.seed`), but from member 1 on, epochs shuffled by a generator of its own (seeded
+/// `cfg.seed + member`), so members differ in the order they see the rows and in when they
+/// stop, not only in their initial weights. Member 0 trains exactly as [`train`] does.
+///
+/// # Errors
+/// As [`train`].
+pub fn train_member(
+    model: &mut Autoencoder,
+    x: ArrayView2<f32>,
+    cfg: &TrainConfig,
+    member: u64,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<TrainReport, TrainError> {
     cfg.validate()
         .map_err(|(key, reason)| TrainError::InvalidConfig { key, reason })?;
     if x.ncols() != model.n_features {
@@ -203,6 +224,9 @@ pub fn train(
     let (n_train, n_val) = (train_idx.len(), val_idx.len());
     debug!(rows_train = n_train, rows_val = n_val, "Training starts.");
 
+    if member > 0 {
+        rng = Rng::new(cfg.seed.wrapping_add(member));
+    }
     let initial = model.layers.clone();
     let result = fit(model, x_train.view(), x_val.view(), cfg, &mut rng, on_epoch);
     match result {
@@ -279,6 +303,8 @@ fn fit(
             epochs_max: cfg.epochs_max,
             train_loss,
             val_loss,
+            member: 1,
+            members: 1,
         });
 
         let Some(val) = val_loss else {

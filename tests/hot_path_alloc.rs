@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use darkwatch::config::PipelineConfig;
+use darkwatch::model::Autoencoder;
 use darkwatch::model::fit::synthetic;
 use darkwatch::mss::{MssConfig, ReferenceBank};
 use darkwatch::pipeline::{self, FileSource, ScoredFrame, Sink};
@@ -65,7 +66,18 @@ fn model(mss: bool) -> Arc<darkwatch::model::Model> {
 }
 
 fn allocations_for_replay(frames: usize, mss: bool) -> (u64, u64) {
-    let model = model(mss);
+    allocations_for(frames, model(mss))
+}
+
+/// An ensemble of three of the synthetic model's shape: each member's terms are summed
+/// into the contributions in place, with no buffer per call.
+fn ensemble() -> Arc<darkwatch::model::Model> {
+    let base = synthetic(38, 1);
+    let ae = Autoencoder::ensemble(38, &base.ae.hidden_sizes(), base.ae.output, 3, 1);
+    Arc::new(darkwatch::model::Model::new(ae, base.meta.clone(), None))
+}
+
+fn allocations_for(frames: usize, model: Arc<darkwatch::model::Model>) -> (u64, u64) {
     let head = model.meta.head;
     let data = Array2::from_shape_fn((frames, 38), |(i, j)| ((i * 31 + j * 7) % 17) as f32 / 17.0);
     let source = FileSource::new(data, None, None);
@@ -99,6 +111,18 @@ fn replay_of_10k_frames_allocates_nothing_per_frame() {
     assert!(
         large.abs_diff(small) < 50,
         "allocations grew with frames: {small} for 1k frames, {large} for 10k"
+    );
+}
+
+#[test]
+fn an_ensemble_allocates_nothing_per_frame() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(ensemble().ae.members, 3);
+    let (small, _) = allocations_for(1_000, ensemble());
+    let (large, _) = allocations_for(10_000, ensemble());
+    assert!(
+        large.abs_diff(small) < 50,
+        "allocations grew with frames in an ensemble: {small} for 1k frames, {large} for 10k"
     );
 }
 

@@ -202,6 +202,72 @@ fn inspect_edited(
     run(darkwatch().arg("inspect").arg(model))
 }
 
+/// Below 20 inputs `train` builds an ensemble of five by default; `[model] members` sets
+/// another count, and a model.json whose member count does not fit its widths is refused.
+#[test]
+fn small_inputs_train_an_ensemble_that_inspect_names_and_load_checks() {
+    let (dir, model, test, _) = trained();
+    let (code, out, err) = run(darkwatch().arg("inspect").arg(&model));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ensemble of 5 (scores averaged), widths [8, 20, 80]"),
+        "{out}"
+    );
+    let (code, out, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&test));
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    // One network when asked for.
+    let single = dir.path().join("single");
+    let cfg = dir.path().join("single.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\nmembers = 1\n[train]\nepochs_max = 3\nbatch_size = 64\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(dir.path().join("train.csv"))
+        .arg("--out")
+        .arg(&single)
+        .arg("--config")
+        .arg(&cfg));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!out.contains("ensemble"), "{out}");
+    let (_, out, _) = run(darkwatch().arg("inspect").arg(&single));
+    assert!(
+        out.contains("widths [8, 4, 16]") && !out.contains("ensemble"),
+        "{out}"
+    );
+
+    // A member count the config may not hold.
+    std::fs::write(&cfg, "[model]\nmembers = 17\n").unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("model.members") && err.contains("at most 16"),
+        "{err}"
+    );
+
+    // model.json saying 3 members of a network built for 5, or 0 members.
+    let (code, out, err) = inspect_edited(&model, |meta| {
+        meta["architecture"]["members"] = serde_json::json!(3);
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("architecture.layer_widths") && err.contains("should be 48 for 3 members"),
+        "{err}"
+    );
+    let (code, out, err) = inspect_edited(&model, |meta| {
+        meta["architecture"]["members"] = serde_json::json!(0);
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("architecture.members"), "{err}");
+}
+
 #[test]
 fn a_variance_baseline_of_the_wrong_length_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -20,6 +20,8 @@ use util::{darkwatch, repo, run};
 
 const PAE: &str = "models/smd-machine-1-6";
 const MSE: &str = "models/smd-machine-1-6-mse";
+/// Two PAEs merged into one network (`tools/export_bundled_onnx.sh` says how it was made).
+const ENSEMBLE: &str = "tests/data/onnx/ensemble";
 const STREAM: &str = "tests/data/smd/machine-1-6_test.npy";
 
 fn onnx_cfg(file: &str) -> OnnxConfig {
@@ -110,6 +112,20 @@ fn heads_agree(dir: &str, file: &str, heads: &[HeadKind]) {
 fn pae_scores_agree_with_native_for_every_head() {
     heads_agree(
         PAE,
+        "model.onnx",
+        &[HeadKind::Wnll, HeadKind::Mse, HeadKind::MaxAbs],
+    );
+}
+
+/// An ensemble's outputs are its members' reconstructions side by side (2·38 columns each
+/// here): ONNX Runtime hands them to the heads as the native kernels do.
+#[test]
+fn ensemble_scores_agree_with_native_for_every_head() {
+    let native = load(ENSEMBLE, Backend::Native, &onnx_cfg("model.onnx")).unwrap();
+    assert_eq!(native.ae.members, 2);
+    assert_eq!(native.ae.recon_width(), 76);
+    heads_agree(
+        ENSEMBLE,
         "model.onnx",
         &[HeadKind::Wnll, HeadKind::Mse, HeadKind::MaxAbs],
     );

@@ -20,6 +20,8 @@ in for a model trained in PyTorch:
 * `--variance log_variance`: the variance output holds ln(variance) instead;
 * `--batch N`: a fixed batch dimension instead of a dynamic one (darkwatch refuses it;
   the tests check that it says so).
+* an ensemble (model.json `architecture.members` = K): the outputs are K·d wide, the
+  members' reconstructions side by side, as the native network gives them.
 
 The metadata_props `darkwatch.model_id`, `darkwatch.layout` and `darkwatch.variance`
 ("variance" or "log_variance") tell darkwatch how to read the outputs.
@@ -62,7 +64,10 @@ def export(model_dir, layout, out_path, variance="variance", batch="batch"):
         sys.exit(f"{model_dir}: architecture {arch['kind']!r} is not a dense autoencoder")
     tensors = read_safetensors(os.path.join(model_dir, meta["weights"]["file"]))
     widths = arch["layer_widths"]
-    d = widths[0]
+    # An ensemble's outputs hold its members' reconstructions side by side: the mean and
+    # variance outputs are members * d wide (darkwatch averages the members' terms).
+    d_in = widths[0]
+    d = d_in * arch.get("members", 1)
     n_layers = len(widths) - 1
     probabilistic = arch["output"] == "probabilistic"
     if not probabilistic:
@@ -111,7 +116,7 @@ def export(model_dir, layout, out_path, variance="variance", batch="batch"):
     graph = helper.make_graph(
         nodes,
         "darkwatch_autoencoder",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, d])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, d_in])],
         outputs,
         inits,
     )
@@ -130,7 +135,7 @@ def export(model_dir, layout, out_path, variance="variance", batch="batch"):
         p.key, p.value = k, v
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, out_path)
-    print(f"{out_path}: {layout}, {variance}, d={d}, widths {widths}, model id {meta['id']}")
+    print(f"{out_path}: {layout}, {variance}, d={d_in}, widths {widths}, model id {meta['id']}")
 
 
 def main():

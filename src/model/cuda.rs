@@ -306,6 +306,8 @@ pub struct CudaModel {
     layers: Vec<DeviceLayer>,
     bias_act: CudaFunction,
     n_features: usize,
+    /// Columns of each output part: `members · d` (see [`Autoencoder`]).
+    recon_width: usize,
     output: OutputKind,
     device: usize,
     name: String,
@@ -358,6 +360,7 @@ impl CudaModel {
                 layers,
                 bias_act,
                 n_features: ae.n_features,
+                recon_width: ae.recon_width(),
                 output: ae.output,
                 device: cfg.device,
                 name,
@@ -448,7 +451,7 @@ impl CudaSession {
     }
 
     fn out_width(&self) -> usize {
-        self.model.output.output_width(self.model.n_features)
+        self.model.output.output_width(self.model.recon_width)
     }
 
     /// Makes room for `n` rows (allocates only when `n` exceeds the capacity).
@@ -529,7 +532,7 @@ impl CudaSession {
             let (rows, width) = (n as u32, layer.outputs as u32);
             let relu = i32::from(layer.relu);
             let softplus_from = if l == last && m.output == OutputKind::Probabilistic {
-                m.n_features as u32
+                m.recon_width as u32
             } else {
                 width
             };
@@ -591,7 +594,7 @@ impl CudaSession {
         f: impl FnOnce(&Recon<'_>) -> R,
     ) -> Result<R, CudaError> {
         let n = x.nrows();
-        let d = self.model.n_features;
+        let d = self.model.recon_width;
         if n > 0 {
             guarded("the CUDA forward pass", || self.run(x))?;
         }

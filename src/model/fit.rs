@@ -18,7 +18,7 @@ use crate::ingest::Table;
 use crate::mss::{MssConfig, ReferenceBank};
 use crate::pipeline::Scorer;
 use crate::score::VARIANCE_EPSILON;
-use crate::train::{EpochReport, TrainError, TrainReport, train};
+use crate::train::{EpochReport, TrainError, TrainReport, train, train_member};
 
 /// Quantiles of training scores stored with every model.
 pub const CALIBRATION_QUANTILES: [f64; 8] = [0.5, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0];
@@ -82,8 +82,35 @@ pub fn fit(
     } else {
         cfg.model.hidden_sizes.clone()
     };
-    let mut ae = Autoencoder::new(d, &hidden, cfg.model.kind, cfg.train.seed);
-    let report = train(&mut ae, x.view(), &cfg.train, on_epoch)?;
+    let members = match cfg.model.members {
+        0 => crate::config::default_members(d),
+        k => k,
+    };
+    // Each member trains alone (its own initial weights and epoch order, the same held-out
+    // rows), then they are merged into one network; the report and provenance are the
+    // first member's.
+    let mut nets = Vec::with_capacity(members);
+    let mut report = None;
+    for k in 0..members as u64 {
+        let seed = cfg.train.seed.wrapping_add(k);
+        let mut net = Autoencoder::new(d, &hidden, cfg.model.kind, seed);
+        let r = if members == 1 {
+            train(&mut net, x.view(), &cfg.train, on_epoch)?
+        } else {
+            let mut tell = |e: &EpochReport| {
+                on_epoch(&EpochReport {
+                    member: k as usize + 1,
+                    members,
+                    ..e.clone()
+                })
+            };
+            train_member(&mut net, x.view(), &cfg.train, k, &mut tell)?
+        };
+        report.get_or_insert(r);
+        nets.push(net);
+    }
+    let report = report.expect("at least one member");
+    let ae = Autoencoder::merge(nets);
     let bank =
         (cfg.mss.bank_frames > 0).then(|| ReferenceBank::build(x.view(), &cfg.mss, cfg.train.seed));
 
@@ -151,6 +178,7 @@ fn new_meta(
             output: ae.output,
             layer_widths: ae.widths(),
             activation: Activation::Relu,
+            members: ae.members,
         },
         head: cfg.score.head(),
         log_variance_baseline: Vec::new(),
@@ -168,8 +196,9 @@ fn new_meta(
 }
 
 /// Per-feature median and maximum of ln(s + ε) over held-out `rows` (scaled), then
-/// `ln_spread` (see [`ln_spread`]), stored as `[median_0..d, max_0..d, ln_spread_0..d]`: the
-/// baseline and ceiling of the wnll `excess` term, and the floor of the `bounded` one.
+/// `ln_spread` (see [`ln_spread`]), stored as `[median_0..m, max_0..m, ln_spread_0..d]` with
+/// `m` = members · d (member by member, as the network gives its variances): the baseline
+/// and ceiling of the wnll `excess` term, and the floor of the `bounded` one.
 /// Empty for plain models.
 pub fn log_variance_baseline(
     ae: &Autoencoder,
@@ -179,8 +208,8 @@ pub fn log_variance_baseline(
     if ae.output != OutputKind::Probabilistic || rows.nrows() == 0 {
         return Vec::new();
     }
-    let d = ae.n_features;
-    let mut per: Vec<Vec<f32>> = vec![Vec::with_capacity(rows.nrows()); d];
+    let (d, m) = (ae.n_features, ae.recon_width());
+    let mut per: Vec<Vec<f32>> = vec![Vec::with_capacity(rows.nrows()); m];
     let mut ws = ae.workspace(256);
     for chunk in rows.axis_chunks_iter(Axis(0), 256) {
         let recon = ae.forward(chunk, &mut ws);
@@ -193,12 +222,14 @@ pub fn log_variance_baseline(
             }
         }
     }
-    let mut out = vec![0.0; 3 * d];
+    let mut out = vec![0.0; 2 * m + d];
     for (j, v) in per.iter_mut().enumerate() {
         v.sort_by(f32::total_cmp);
         out[j] = v[v.len() / 2];
-        out[d + j] = v[v.len() - 1];
-        out[2 * d + j] = ln_spread.get(j).copied().unwrap_or(0.0);
+        out[m + j] = v[v.len() - 1];
+    }
+    for j in 0..d {
+        out[2 * m + j] = ln_spread.get(j).copied().unwrap_or(0.0);
     }
     out
 }

@@ -42,6 +42,8 @@ pub const BANK_TENSOR: &str = "mss.bank";
 pub const CALIBRATION_TENSOR: &str = "calibration.scores";
 /// Most training scores stored (the last ones, in order).
 pub const MAX_CALIBRATION_SCORES: usize = 50_000;
+/// Most ensemble members a model may hold (`[model] members`).
+pub const MAX_MEMBERS: usize = 16;
 
 /// Everything about a model except its weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,10 +90,14 @@ pub struct Architecture {
     /// Always `dense_autoencoder` in format 1.
     pub kind: String,
     pub output: OutputKind,
-    /// Input width, hidden widths, output width (d or 2d).
+    /// Input width, hidden widths, output width (d or 2d per member), all members together.
     pub layer_widths: Vec<usize>,
     /// Hidden activation (the last layer is linear).
     pub activation: Activation,
+    /// Autoencoders merged into the network, scored as the mean of their terms (see
+    /// [`Autoencoder`]). Absent (1) in models of one.
+    #[serde(default = "one_frame", skip_serializing_if = "is_one_frame")]
+    pub members: usize,
 }
 
 /// Quantiles of the training data's own scores: a static threshold and a sanity scale.
@@ -249,6 +255,7 @@ impl Model {
             output: ae.output,
             layer_widths: ae.widths(),
             activation: Activation::Relu,
+            members: ae.members,
         };
         let mut model = Model {
             meta,
@@ -441,6 +448,7 @@ impl Model {
             Backend::Onnx => Some(Arc::new(OnnxModel::load(
                 &dir.join(&onnx.file),
                 self.n_features(),
+                self.ae.recon_width(),
                 self.ae.output,
                 onnx,
             )?)),
@@ -643,29 +651,53 @@ fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
             format!("input width {} does not match {d} features", w[0]),
         ));
     }
-    let out = arch.output.output_width(d);
+    let k = arch.members;
+    if !(1..=MAX_MEMBERS).contains(&k) {
+        return Err(field(
+            "architecture.members",
+            format!("must lie in 1..={MAX_MEMBERS}, not {k}"),
+        ));
+    }
+    let out = arch.output.output_width(d) * k;
     if w[w.len() - 1] != out {
         return Err(field(
             "architecture.layer_widths",
             format!(
-                "output width {} should be {out} for a {:?} model of {d} features",
+                "output width {} should be {out} for {} {:?} model of {d} features",
                 w[w.len() - 1],
+                if k == 1 {
+                    "a".to_string()
+                } else {
+                    format!("{k} members of a")
+                },
                 arch.output
             ),
+        ));
+    }
+    if let Some(h) = w[1..w.len() - 1].iter().find(|&&h| h % k != 0) {
+        return Err(field(
+            "architecture.layer_widths",
+            format!("hidden width {h} does not split evenly among {k} members"),
         ));
     }
     meta.head
         .check(arch.output)
         .map_err(|e| field("head", e.to_string()))?;
     let baseline = &meta.log_variance_baseline;
-    if ![0, 2 * d, 3 * d].contains(&baseline.len()) {
+    let per_member = 2 * k * d;
+    if ![0, per_member, per_member + d].contains(&baseline.len()) {
         return Err(field(
             "log_variance_baseline",
             format!(
-                "has {} values: expected none, {} or {} for {d} features",
+                "has {} values: expected none, {} or {} for {d} features{}",
                 baseline.len(),
-                2 * d,
-                3 * d
+                per_member,
+                per_member + d,
+                if k == 1 {
+                    String::new()
+                } else {
+                    format!(" and {k} members")
+                }
             ),
         ));
     }
@@ -779,7 +811,12 @@ fn deserialize_weights(
         n_features: widths[0],
         output: meta.architecture.output,
         layers,
+        members: meta.architecture.members,
     };
+    ae.check_shapes().map_err(|reason| ModelError::Weights {
+        path: path.to_path_buf(),
+        reason,
+    })?;
     let calibration = if with_calibration {
         let n = st
             .tensor(CALIBRATION_TENSOR)
@@ -807,8 +844,12 @@ pub fn describe(model: &Model, dir: &Path) -> String {
     let _ = writeln!(s, "id         {}", m.id);
     let _ = writeln!(
         s,
-        "network    {:?} dense autoencoder, widths {:?}, {} parameters, {} MACs/frame",
+        "network    {:?} dense autoencoder{}, widths {:?}, {} parameters, {} MACs/frame",
         m.architecture.output,
+        match m.architecture.members {
+            1 => String::new(),
+            k => format!(", ensemble of {k} (scores averaged)"),
+        },
         m.architecture.layer_widths,
         model.ae.parameter_count(),
         model.ae.macs_per_frame()

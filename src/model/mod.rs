@@ -73,11 +73,21 @@ impl Dense {
 }
 
 /// A dense autoencoder. Its input and (mean) output live in the scaled feature space.
+///
+/// With `members` = K > 1 it is an ensemble of K autoencoders of the same shape, merged into
+/// one network: every hidden layer holds the K members' units side by side (member k's
+/// block is the k-th K-th of the layer), each weight connects units of one member only (the
+/// first layer reads the shared input), and the last layer gives the K reconstructions,
+/// member by member: the K means (`K·d`), then, for a probabilistic model, the K raw
+/// variances (`K·d`). The forward kernels see one dense network; the score heads average
+/// the members' per-feature terms ([`crate::score::Head::score_batch`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Autoencoder {
     pub n_features: usize,
     pub output: OutputKind,
     pub layers: Vec<Dense>,
+    /// Ensemble members merged into this network (1: a single autoencoder).
+    pub members: usize,
 }
 
 impl Autoencoder {
@@ -88,10 +98,30 @@ impl Autoencoder {
         w
     }
 
-    /// Hidden widths (everything between input and output).
+    /// Hidden widths (everything between input and output), all members together.
     pub fn hidden_sizes(&self) -> Vec<usize> {
         let w = self.widths();
         w[1..w.len() - 1].to_vec()
+    }
+
+    /// Columns of each reconstruction part (the means, and the variances): `members · d`.
+    pub fn recon_width(&self) -> usize {
+        self.members * self.n_features
+    }
+
+    /// The member that output `o` of layer `l` belongs to (see [`Autoencoder`]).
+    pub fn member_of_output(&self, l: usize, o: usize) -> usize {
+        if l + 1 == self.layers.len() {
+            (o % self.recon_width()) / self.n_features
+        } else {
+            o / (self.layers[l].outputs() / self.members)
+        }
+    }
+
+    /// The member that input `i` of layer `l` belongs to; `None` for the shared input of
+    /// the first layer.
+    pub fn member_of_input(&self, l: usize, i: usize) -> Option<usize> {
+        (l > 0).then(|| i / (self.layers[l].inputs() / self.members))
     }
 
     /// Multiply-accumulates per frame in one forward pass.
@@ -99,9 +129,14 @@ impl Autoencoder {
         self.layers.iter().map(|l| l.inputs() * l.outputs()).sum()
     }
 
-    /// Number of trainable parameters.
+    /// Number of trainable parameters (in an ensemble, the members' together: the weights
+    /// held at 0 between members do not count).
     pub fn parameter_count(&self) -> usize {
-        self.layers.iter().map(|l| l.w.len() + l.b.len()).sum()
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| l.w.len() / if i == 0 { 1 } else { self.members } + l.b.len())
+            .sum()
     }
 }
 

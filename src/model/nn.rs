@@ -94,6 +94,8 @@ impl Kernel {
 pub struct Workspace {
     kernel: Kernel,
     n_features: usize,
+    /// Columns of each reconstruction part: `members · d` ([`Autoencoder::recon_width`]).
+    recon_width: usize,
     output: OutputKind,
     /// `(out, in)` of each layer the buffers were laid out for.
     shapes: Vec<(usize, usize)>,
@@ -105,8 +107,8 @@ pub struct Workspace {
     /// `pad8(width)` apart. Each layer has its own region so that the lanes past its width stay 0.
     hidden: Vec<f32>,
     hidden_at: Vec<usize>,
-    /// Output rows, `out_stride` floats apart: the mean at `[0, d)`, the variance at
-    /// `[var_offset, var_offset + d)`.
+    /// Output rows, `out_stride` floats apart: the mean at `[0, m)`, the variance at
+    /// `[var_offset, var_offset + m)`, with `m` the recon width.
     out: Vec<f32>,
     out_stride: usize,
     var_offset: usize,
@@ -124,13 +126,15 @@ impl Workspace {
             hidden_at.push(hidden_len);
             hidden_len += INTERLEAVE * pad8(width);
         }
+        let m = model.recon_width();
         let (out_stride, var_offset) = match model.output {
-            OutputKind::Plain => (pad8(d), 0),
-            OutputKind::Probabilistic => (2 * pad8(d), pad8(d)),
+            OutputKind::Plain => (pad8(m), 0),
+            OutputKind::Probabilistic => (2 * pad8(m), pad8(m)),
         };
         Workspace {
             kernel,
             n_features: d,
+            recon_width: m,
             output: model.output,
             shapes: model.layers.iter().map(|l| l.w.dim()).collect(),
             capacity: max_batch,
@@ -160,6 +164,7 @@ impl Workspace {
     /// Whether the buffers are laid out for `model`'s shapes.
     fn fits(&self, model: &Autoencoder) -> bool {
         self.n_features == model.n_features
+            && self.recon_width == model.recon_width()
             && self.output == model.output
             && self.shapes.len() == model.layers.len()
             && self
@@ -182,11 +187,11 @@ impl Workspace {
 
     fn recon(&self, n: usize) -> Recon<'_> {
         if n == 0 {
-            let empty = ArrayView2::from_shape((0, self.n_features), &[]).expect("empty view");
+            let empty = ArrayView2::from_shape((0, self.recon_width), &[]).expect("empty view");
             let var = (self.output == OutputKind::Probabilistic).then_some(empty);
             return Recon { mean: empty, var };
         }
-        let shape = (n, self.n_features).strides((self.out_stride, 1));
+        let shape = (n, self.recon_width).strides((self.out_stride, 1));
         let mean = ArrayView2::from_shape(shape, &self.out[..])
             .expect("workspace output buffer holds n rows");
         let var = match self.output {
@@ -318,11 +323,103 @@ impl Autoencoder {
             n_features,
             output,
             layers,
+            members: 1,
+        }
+    }
+
+    /// An ensemble of `members` autoencoders `n_features → hidden… → output`, merged into one
+    /// network (see [`Autoencoder`]): member k is initialised as [`Autoencoder::new`] would with
+    /// seed `seed + k`, so one member is exactly `new(…, seed)`.
+    ///
+    /// # Panics
+    /// If `members`, `n_features` or a hidden width is 0.
+    pub fn ensemble(
+        n_features: usize,
+        hidden: &[usize],
+        output: OutputKind,
+        members: usize,
+        seed: u64,
+    ) -> Autoencoder {
+        assert!(members > 0, "an ensemble needs at least one member");
+        let nets: Vec<Autoencoder> = (0..members as u64)
+            .map(|k| Autoencoder::new(n_features, hidden, output, seed.wrapping_add(k)))
+            .collect();
+        Autoencoder::merge(nets)
+    }
+
+    /// One network holding `nets` as ensemble members (see [`Autoencoder`]); one net is
+    /// returned as it is.
+    ///
+    /// # Panics
+    /// If `nets` is empty, or its networks differ in shape or hold members themselves.
+    pub fn merge(nets: Vec<Autoencoder>) -> Autoencoder {
+        assert!(!nets.is_empty(), "an ensemble needs at least one member");
+        assert!(
+            nets.iter().all(|n| n.members == 1
+                && n.widths() == nets[0].widths()
+                && n.output == nets[0].output),
+            "ensemble members must be single networks of one shape"
+        );
+        let members = nets.len();
+        if members == 1 {
+            return nets.into_iter().next().expect("one member");
+        }
+        let (n_features, output) = (nets[0].n_features, nets[0].output);
+        let mut merged = Autoencoder {
+            n_features,
+            output,
+            layers: Vec::with_capacity(nets[0].layers.len()),
+            members,
+        };
+        let m = members * n_features;
+        let last = nets[0].layers.len() - 1;
+        for l in 0..=last {
+            let (o1, i1) = nets[0].layers[l].w.dim();
+            let n_in = if l == 0 { i1 } else { i1 * members };
+            let mut w = Array2::zeros((o1 * members, n_in));
+            let mut b = Array1::zeros(o1 * members);
+            for (k, net) in nets.iter().enumerate() {
+                let layer = &net.layers[l];
+                for o in 0..o1 {
+                    // Where member k's output o goes: its block, or for the last layer its
+                    // slot in the means (and in the variances).
+                    let row = if l == last {
+                        (o / n_features) * m + k * n_features + o % n_features
+                    } else {
+                        k * o1 + o
+                    };
+                    let col = if l == 0 { 0 } else { k * i1 };
+                    w.slice_mut(s![row, col..col + i1]).assign(&layer.w.row(o));
+                    b[row] = layer.b[o];
+                }
+            }
+            merged.layers.push(Dense {
+                w,
+                b,
+                act: nets[0].layers[l].act,
+            });
+        }
+        merged
+    }
+
+    /// Sets every weight that would join two members to 0 (gradients, after each step).
+    fn mask_members(&self, w: &mut [Array2<f32>]) {
+        if self.members == 1 {
+            return;
+        }
+        for (l, g) in w.iter_mut().enumerate().skip(1) {
+            for ((o, i), v) in g.indexed_iter_mut() {
+                if self.member_of_input(l, i) != Some(self.member_of_output(l, o)) {
+                    *v = 0.0;
+                }
+            }
         }
     }
 
     /// Checks that the layers chain: the first takes `n_features` inputs, each takes the previous
-    /// one's outputs, each bias matches its outputs, and the last gives `output_width(n_features)`.
+    /// one's outputs, each bias matches its outputs, and the last gives `output_width(n_features)`
+    /// per member; with several members, that every hidden width splits evenly among them and
+    /// no weight joins two members.
     ///
     /// # Errors
     /// A sentence naming the first layer that does not fit.
@@ -350,12 +447,41 @@ impl Autoencoder {
             }
             width = out;
         }
-        let want = self.output.output_width(self.n_features);
+        if self.members == 0 {
+            return Err("the model has 0 members".into());
+        }
+        let want = self.output.output_width(self.n_features) * self.members;
         if width != want {
-            return Err(format!(
-                "the last layer gives {width} outputs, {:?} needs {want}",
-                self.output
-            ));
+            return Err(match self.members {
+                1 => format!(
+                    "the last layer gives {width} outputs, {:?} needs {want}",
+                    self.output
+                ),
+                k => format!(
+                    "the last layer gives {width} outputs, {k} {:?} members need {want}",
+                    self.output
+                ),
+            });
+        }
+        if self.members > 1 {
+            for (l, layer) in self.layers.iter().enumerate() {
+                if l + 1 < self.layers.len() && layer.outputs() % self.members != 0 {
+                    return Err(format!(
+                        "layer {l} has {} outputs, not a multiple of the {} members",
+                        layer.outputs(),
+                        self.members
+                    ));
+                }
+            }
+            for (l, layer) in self.layers.iter().enumerate().skip(1) {
+                if let Some(((o, i), _)) = layer.w.indexed_iter().find(|&((o, i), &v)| {
+                    v != 0.0 && self.member_of_input(l, i) != Some(self.member_of_output(l, o))
+                }) {
+                    return Err(format!(
+                        "layer {l}'s weight [{o}, {i}] joins two ensemble members; it must be 0"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -538,31 +664,43 @@ impl Autoencoder {
                 }
             }
         }
+        // Members stay apart: a weight joining two of them starts at 0 and never moves.
+        self.mask_members(&mut grads.w);
         loss / n as f64
     }
 }
 
-/// Σ over rows of the per-row training loss of a reconstruction.
+/// Σ over rows of the per-row training loss of a reconstruction; with several members
+/// (reconstructions `members · d` wide), the mean of their losses.
 fn loss_sum(x: ArrayView2<f32>, recon: &Recon) -> f64 {
+    let d = x.ncols();
+    let members = recon.mean.ncols() / d.max(1);
     let mut total = 0.0f64;
-    match recon.var {
-        None => Zip::from(x).and(recon.mean).for_each(|&x, &m| {
-            let e = f64::from(x) - f64::from(m);
-            total += e * e;
-        }),
-        Some(var) => Zip::from(x)
-            .and(recon.mean)
-            .and(var)
-            .for_each(|&x, &m, &s| {
+    for k in 0..members {
+        let cols = s![.., k * d..(k + 1) * d];
+        let mean = recon.mean.slice(cols);
+        match recon.var {
+            None => Zip::from(x).and(mean).for_each(|&x, &m| {
                 let e = f64::from(x) - f64::from(m);
-                let v = f64::from(s + VARIANCE_EPS);
-                total += e * e / v + v.ln();
+                total += e * e;
             }),
+            Some(var) => Zip::from(x)
+                .and(mean)
+                .and(var.slice(cols))
+                .for_each(|&x, &m, &s| {
+                    let e = f64::from(x) - f64::from(m);
+                    let v = f64::from(s + VARIANCE_EPS);
+                    total += e * e / v + v.ln();
+                }),
+        }
     }
-    total
+    total / members.max(1) as f64
 }
 
-/// Writes `d(mean loss)/d(raw output)` into `g` and returns the summed (not yet averaged) loss.
+/// Writes `d(mean loss)/d(raw output)` into `g` and returns the summed (not yet averaged)
+/// loss. With several members (`out` holding `members` reconstructions, see
+/// [`Autoencoder`]), each member's outputs get the gradient of its own loss, as if it trained
+/// alone, and the loss returned is the members' mean.
 fn output_grad(
     kind: OutputKind,
     x: ArrayView2<f32>,
@@ -571,35 +709,44 @@ fn output_grad(
 ) -> f64 {
     let inv_n = 1.0 / x.nrows() as f32;
     let d = x.ncols();
+    let m = out.ncols() / kind.output_width(1);
+    let members = m / d.max(1);
     let mut total = 0.0f64;
-    match kind {
-        OutputKind::Plain => Zip::from(&mut g).and(x).and(out).for_each(|g, &x, &z| {
-            let e = z - x;
-            *g = 2.0 * e * inv_n;
-            total += f64::from(e) * f64::from(e);
-        }),
-        OutputKind::Probabilistic => {
-            let (mut g_mean, mut g_raw) = g.multi_slice_mut((s![.., ..d], s![.., d..]));
-            let (mean, raw) = (out.slice(s![.., ..d]), out.slice(s![.., d..]));
-            Zip::from(&mut g_mean)
-                .and(&mut g_raw)
+    for k in 0..members {
+        let cols = s![.., k * d..(k + 1) * d];
+        match kind {
+            OutputKind::Plain => Zip::from(g.slice_mut(cols))
                 .and(x)
-                .and(mean)
-                .and(raw)
-                .for_each(|gm, gr, &x, &mu, &raw| {
-                    // softplus and its derivative (the logistic) share e^−|raw|.
-                    let t = (-raw.abs()).exp();
-                    let v = relu(raw) + t.ln_1p() + VARIANCE_EPS;
-                    let dv = if raw >= 0.0 { 1.0 } else { t } / (1.0 + t);
-                    let (e, inv_v) = (mu - x, 1.0 / v);
-                    let q = e * e * inv_v;
-                    *gm = 2.0 * e * inv_v * inv_n;
-                    *gr = (1.0 - q) * inv_v * dv * inv_n;
-                    total += f64::from(q) + f64::from(v.ln());
-                });
+                .and(out.slice(cols))
+                .for_each(|g, &x, &z| {
+                    let e = z - x;
+                    *g = 2.0 * e * inv_n;
+                    total += f64::from(e) * f64::from(e);
+                }),
+            OutputKind::Probabilistic => {
+                let raw_cols = s![.., m + k * d..m + (k + 1) * d];
+                let (mut g_mean, mut g_raw) = g.multi_slice_mut((cols, raw_cols));
+                let (mean, raw) = (out.slice(cols), out.slice(raw_cols));
+                Zip::from(&mut g_mean)
+                    .and(&mut g_raw)
+                    .and(x)
+                    .and(mean)
+                    .and(raw)
+                    .for_each(|gm, gr, &x, &mu, &raw| {
+                        // softplus and its derivative (the logistic) share e^−|raw|.
+                        let t = (-raw.abs()).exp();
+                        let v = relu(raw) + t.ln_1p() + VARIANCE_EPS;
+                        let dv = if raw >= 0.0 { 1.0 } else { t } / (1.0 + t);
+                        let (e, inv_v) = (mu - x, 1.0 / v);
+                        let q = e * e * inv_v;
+                        *gm = 2.0 * e * inv_v * inv_n;
+                        *gr = (1.0 - q) * inv_v * dv * inv_n;
+                        total += f64::from(q) + f64::from(v.ln());
+                    });
+            }
         }
     }
-    total
+    total / members.max(1) as f64
 }
 
 /// Portable forward: the same row-at-a-time scheme in plain Rust, for CPUs without AVX2/FMA
@@ -645,10 +792,11 @@ mod portable {
                 if l < last {
                     dense(layer, 0..layer.outputs(), src, dst);
                 } else {
-                    dense(layer, 0..d, src, &mut y[..]);
+                    let m = model.recon_width();
+                    dense(layer, 0..m, src, &mut y[..]);
                     if model.output == OutputKind::Probabilistic {
-                        let var = &mut y[var_offset..var_offset + d];
-                        dense(layer, d..2 * d, src, var);
+                        let var = &mut y[var_offset..var_offset + m];
+                        dense(layer, m..2 * m, src, var);
                         var.iter_mut().for_each(|v| *v = softplus_poly(*v));
                     }
                 }
@@ -805,12 +953,12 @@ mod avx {
         if model.output == OutputKind::Probabilistic {
             // Softplus in its own pass: its long dependency chains then overlap across vectors
             // instead of stalling each output block.
-            let d = model.n_features;
-            let (full, rem) = (d / 8, d % 8);
+            let m = model.recon_width();
+            let (full, rem) = (m / 8, m % 8);
             let keep = _mm256_castsi256_ps(first_lanes(rem));
             let out = ws.out.as_mut_ptr();
             for r in 0..n {
-                // SAFETY: row r's variance occupies pad8(d) floats from var_offset.
+                // SAFETY: row r's variance occupies pad8(m) floats from var_offset.
                 unsafe {
                     let v = out.add(r * ws.out_stride + ws.var_offset);
                     for c in 0..full {
@@ -869,10 +1017,11 @@ mod avx {
             let y: [*mut f32; R] =
                 std::array::from_fn(|i| ws.out.as_mut_ptr().add((r0 + i) * ws.out_stride));
             let top = &model.layers[last];
-            dense::<R>(Rows::of(top, 0, d, last > 0), src, y);
+            let m = model.recon_width();
+            dense::<R>(Rows::of(top, 0, m, last > 0), src, y);
             if model.output == OutputKind::Probabilistic {
                 dense::<R>(
-                    Rows::of(top, d, d, last > 0),
+                    Rows::of(top, m, m, last > 0),
                     src,
                     y.map(|p| p.add(ws.var_offset)),
                 );
@@ -1118,6 +1267,78 @@ mod tests {
         Array2::from_shape_simple_fn((rows, cols), || rng.uniform(-2.0, 2.0))
     }
 
+    #[test]
+    fn an_ensemble_reconstructs_as_its_members_do_alone_and_trains_them_apart() {
+        for output in [OutputKind::Plain, OutputKind::Probabilistic] {
+            let (d, k) = (6, 3);
+            let mut merged = Autoencoder::ensemble(d, &[4, 3], output, k, 7);
+            assert_eq!(merged.members, k);
+            assert_eq!(merged.recon_width(), k * d);
+            assert_eq!(merged.widths(), vec![d, 12, 9, k * output.output_width(d)]);
+            merged.check_shapes().unwrap();
+            let x = random(5, d, 1);
+            let check = |merged: &Autoencoder, alone: &[Autoencoder]| {
+                for mut ws in workspaces(merged, 8) {
+                    let recon = merged.forward(x.view(), &mut ws);
+                    let (mean, var) = (recon.mean.to_owned(), recon.var.map(|v| v.to_owned()));
+                    for (m, member) in alone.iter().enumerate() {
+                        let mut own = member.workspace(8);
+                        let r = member.forward(x.view(), &mut own);
+                        let cols = s![.., m * d..(m + 1) * d];
+                        for (a, b) in mean.slice(cols).iter().zip(r.mean.iter()) {
+                            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+                        }
+                        if let (Some(v), Some(rv)) = (&var, r.var) {
+                            for (a, b) in v.slice(cols).iter().zip(rv.iter()) {
+                                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+                            }
+                        }
+                    }
+                }
+            };
+            let mut alone: Vec<Autoencoder> = (0..k as u64)
+                .map(|m| Autoencoder::new(d, &[4, 3], output, 7 + m))
+                .collect();
+            check(&merged, &alone);
+
+            // A gradient step on the merged network is each member's own step: the weights
+            // joining members stay 0 and each member's loss is the one it has alone.
+            let mut tws = merged.train_workspace(8);
+            let mut grads = Gradients::zeros(&merged);
+            let loss = merged.loss_and_grad(x.view(), &mut tws, &mut grads);
+            let mut alone_loss = 0.0;
+            for member in alone.iter_mut() {
+                let mut t = member.train_workspace(8);
+                let mut g = Gradients::zeros(member);
+                alone_loss += member.loss_and_grad(x.view(), &mut t, &mut g);
+                for (layer, g) in member.layers.iter_mut().zip(&g.w) {
+                    layer.w.scaled_add(-0.1, g);
+                }
+                for (layer, g) in member.layers.iter_mut().zip(&g.b) {
+                    layer.b.scaled_add(-0.1, g);
+                }
+            }
+            assert!((loss - alone_loss / k as f64).abs() < 1e-4 * alone_loss.abs());
+            for (layer, g) in merged.layers.iter_mut().zip(&grads.w) {
+                layer.w.scaled_add(-0.1, g);
+            }
+            for (layer, g) in merged.layers.iter_mut().zip(&grads.b) {
+                layer.b.scaled_add(-0.1, g);
+            }
+            merged.check_shapes().unwrap();
+            check(&merged, &alone);
+
+            // A weight joining two members is refused.
+            merged.layers[1].w[[0, 11]] = 0.5;
+            assert!(
+                merged
+                    .check_shapes()
+                    .unwrap_err()
+                    .contains("joins two ensemble members")
+            );
+        }
+    }
+
     /// Workspaces for every kernel this machine can run (the portable one always).
     fn workspaces(model: &Autoencoder, max_batch: usize) -> Vec<Workspace> {
         let native = model.workspace(max_batch);
@@ -1266,6 +1487,7 @@ mod tests {
                     act: Activation::Identity,
                 },
             ],
+            members: 1,
         }
     }
 

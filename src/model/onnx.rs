@@ -83,6 +83,8 @@ pub struct OnnxModel {
     /// `darkwatch.model_id` from the file's metadata, if it has one.
     pub exported_from: Option<String>,
     n_features: usize,
+    /// Columns of each output part: `members · d` (see [`crate::model::Autoencoder`]).
+    recon_width: usize,
     intra_threads: usize,
 }
 
@@ -125,7 +127,8 @@ pub fn runtime_version() -> Option<String> {
 }
 
 impl OnnxModel {
-    /// Loads and validates `path` for a model of `n_features` features and `output` kind.
+    /// Loads and validates `path` for a model of `n_features` features and `output` kind,
+    /// whose mean (and variance) outputs are `recon_width` wide (`d` times the members).
     ///
     /// # Errors
     /// ONNX Runtime cannot be loaded, the file cannot be read or parsed, its inputs or
@@ -134,6 +137,7 @@ impl OnnxModel {
     pub fn load(
         path: &Path,
         n_features: usize,
+        recon_width: usize,
         output: OutputKind,
         cfg: &OnnxConfig,
     ) -> Result<OnnxModel, OnnxError> {
@@ -154,6 +158,7 @@ impl OnnxModel {
             provider: "cpu",
             exported_from: None,
             n_features,
+            recon_width,
             intra_threads: cfg.intra_threads.max(1),
         };
         let (session, provider) = model.session_with(env, cfg.provider, cfg.fallback)?;
@@ -256,19 +261,19 @@ impl OnnxModel {
 
     /// Checks input and outputs against the model's feature count and output kind.
     fn validate(&mut self, session: &Session, output: OutputKind) -> Result<(), OnnxError> {
-        let d = self.n_features;
+        let (input_width, d) = (self.n_features, self.recon_width);
         let bad = |reason: String| OnnxError::Model {
             path: self.path.clone(),
             reason,
         };
         let [input] = session.inputs() else {
             return Err(bad(format!(
-                "the graph has {} inputs ({}); darkwatch feeds one, [batch, {d}] float32",
+                "the graph has {} inputs ({}); darkwatch feeds one, [batch, {input_width}] float32",
                 session.inputs().len(),
                 names(session.inputs().iter().map(|o| o.name()))
             )));
         };
-        check_matrix(input.name(), input.dtype(), d, "input").map_err(&bad)?;
+        check_matrix(input.name(), input.dtype(), input_width, "input").map_err(&bad)?;
         self.input = input.name().to_owned();
         let outs = session.outputs();
         self.layout = match (output, outs) {
@@ -399,7 +404,7 @@ unsafe impl Send for DataPtr {}
 
 impl Bound {
     fn new(session: &Session, model: &OnnxModel, n: usize) -> ort::Result<Bound> {
-        let d = model.n_features as i64;
+        let (d, m) = (model.n_features as i64, model.recon_width as i64);
         let n64 = n as i64;
         let alloc = session.allocator();
         let mut binding = session.create_binding()?;
@@ -409,9 +414,9 @@ impl Bound {
         input.extract_tensor_mut().1.fill(0.0);
         binding.bind_input(&model.input, &input)?;
         let shapes: Vec<(&str, i64)> = match &model.layout {
-            OutputLayout::Plain(x) => vec![(x, d)],
-            OutputLayout::Split { mean, variance } => vec![(mean, d), (variance, d)],
-            OutputLayout::Stacked(x) => vec![(x, 2 * d)],
+            OutputLayout::Plain(x) => vec![(x, m)],
+            OutputLayout::Split { mean, variance } => vec![(mean, m), (variance, m)],
+            OutputLayout::Stacked(x) => vec![(x, 2 * m)],
         };
         let mut outputs = Vec::new();
         let mut output_data = Vec::new();
@@ -485,8 +490,8 @@ impl OnnxSession {
     pub fn new(model: Arc<OnnxModel>, max_batch: usize) -> Result<Self, OnnxError> {
         let session = model.session()?;
         let var_scratch = match model.variance {
-            VarianceKind::LogVariance => Array2::zeros((max_batch.max(1), model.n_features)),
-            VarianceKind::Variance => Array2::zeros((0, model.n_features)),
+            VarianceKind::LogVariance => Array2::zeros((max_batch.max(1), model.recon_width)),
+            VarianceKind::Variance => Array2::zeros((0, model.recon_width)),
         };
         let mut bound = Vec::new();
         // Only on the CPU provider: ONNX Runtime copies an input to the provider's device
@@ -616,6 +621,7 @@ impl OnnxSession {
         f: impl FnOnce(ArrayView2<'_, f32>, &Recon<'_>) -> R,
     ) -> Result<R, OnnxError> {
         let m = &*self.model;
+        let width = m.recon_width;
         let fail = |reason: String| OnnxError::Run {
             path: m.path.clone(),
             reason,
@@ -655,20 +661,20 @@ impl OnnxSession {
                 .ok_or_else(|| fail(format!("output `{name}` is not [{n}, {width}]")))
         };
         let (mean, var) = match &m.layout {
-            OutputLayout::Plain(name) => (view(0, name, d)?, None),
+            OutputLayout::Plain(name) => (view(0, name, width)?, None),
             OutputLayout::Split { mean, variance } => {
-                (view(0, mean, d)?, Some(view(1, variance, d)?))
+                (view(0, mean, width)?, Some(view(1, variance, width)?))
             }
             OutputLayout::Stacked(name) => {
-                let both = view(0, name, 2 * d)?;
-                let (mean, var) = both.split_at(Axis(1), d);
+                let both = view(0, name, 2 * width)?;
+                let (mean, var) = both.split_at(Axis(1), width);
                 (mean, Some(var))
             }
         };
         let var = match (var, m.variance) {
             (Some(lv), VarianceKind::LogVariance) => {
                 if self.var_scratch.nrows() < n {
-                    self.var_scratch = Array2::zeros((n, d));
+                    self.var_scratch = Array2::zeros((n, width));
                 }
                 let mut dst = self.var_scratch.slice_mut(s![..n, ..]);
                 dst.zip_mut_with(&lv, |o, &l| *o = l.exp());

@@ -30,6 +30,7 @@ impl OnnxModel {
     pub fn load(
         path: &Path,
         _n_features: usize,
+        _recon_width: usize,
         _output: OutputKind,
         _cfg: &OnnxConfig,
     ) -> Result<OnnxModel, OnnxError> {
