@@ -1042,10 +1042,8 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     );
     if model.ae.members > 1 {
         println!(
-            "ensemble: {} networks trained from seeds {}..={}, scores averaged (the epochs above are the first's; [model] members)",
-            model.ae.members,
-            cfg.train.seed,
-            cfg.train.seed.wrapping_add(model.ae.members as u64 - 1)
+            "ensemble: {} networks, each trained from its own seed and epoch order, their per-feature terms averaged; the epochs and losses above are the first network's ([model] members)",
+            model.ae.members
         );
     }
     if model.meta.window_frames > 1 {

@@ -125,7 +125,7 @@ pub fn fill_top(row: &[f32], top_k: usize, out: &mut [Contribution; MAX_TOP_CONT
 pub struct Scorer {
     model: Arc<Model>,
     head: Head,
-    /// The model's wnll constants ([`crate::score::prepare_baseline`]).
+    /// The model's wnll constants ([`crate::score::prepare_member_baselines`]).
     baseline: Vec<f32>,
     ws: Workspace,
     input: Array2<f32>,

@@ -1583,7 +1583,11 @@ mod tests {
     fn an_ensemble_is_refitted_member_by_member() {
         let base = crate::model::fit::synthetic(6, 1);
         let ae = crate::model::Autoencoder::ensemble(6, &[3], base.ae.output, 3, 1);
-        let current = Model::new(ae, base.meta.clone(), None);
+        let mut current = Model::new(ae, base.meta.clone(), None);
+        // Medians and maxima per member (3·6 each), then the 6 spreads, which a refit keeps.
+        let spreads = [-0.5f32, -0.4, -0.3, -0.2, -0.1, 0.1];
+        current.meta.log_variance_baseline = vec![0.0; 2 * 18];
+        current.meta.log_variance_baseline.extend(spreads);
         let mut rng = Rng::new(9);
         let rows = Array2::from_shape_simple_fn((600, 6), || rng.uniform(-1.0, 1.0));
         let c = RetrainConfig {
@@ -1596,8 +1600,9 @@ mod tests {
         assert_eq!(ae.members, 3);
         ae.check_shapes().unwrap();
         assert_ne!(ae.layers, current.ae.layers, "the weights moved");
-        // Medians and maxima per member (3·6 each), then the 6 spreads.
-        assert_eq!(cand.model.meta.log_variance_baseline.len(), 2 * 18 + 6);
+        let baseline = &cand.model.meta.log_variance_baseline;
+        assert_eq!(baseline.len(), 2 * 18 + 6);
+        assert_eq!(baseline[36..], spreads);
         assert_eq!(cand.model.meta.architecture.members, 3);
     }
 

@@ -1,6 +1,25 @@
 //! A small deterministic PRNG (SplitMix64 seeding a xoshiro256**), so that training is
 //! reproducible bit-for-bit from a seed without tying the model format to a crate's stream.
 
+/// SplitMix64's output function: a bijection of u64 whose outputs look unrelated for
+/// neighbouring inputs.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The seed of ensemble member `member` (1 and up) of a run seeded `seed`, for `purpose`
+/// 0 (its initial weights) or 1 (its epoch order). Not additive, so a run with the next
+/// seed shares no member with this one (`seed + k` would: member k of seed 0 would be
+/// member k − 1 of seed 1). Member 0 uses `seed` itself.
+pub fn member_seed(seed: u64, member: u64, purpose: u64) -> u64 {
+    if member == 0 {
+        return seed;
+    }
+    mix(mix(seed) ^ mix(member.wrapping_mul(2).wrapping_add(purpose) ^ 0x243F_6A88_85A3_08D3))
+}
+
 /// xoshiro256** seeded through SplitMix64.
 #[derive(Debug, Clone)]
 pub struct Rng {

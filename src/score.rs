@@ -179,7 +179,9 @@ impl Head {
     /// Scores every row of `x` (scaled inputs, n × d) against `recon`, writing `scores[..n]`
     /// and the per-feature contributions into `contrib` (n × d). Allocation-free.
     /// The caller has run [`Head::check`]; a missing variance then falls back to unit variance.
-    /// `baseline` is the model's [`prepare_baseline`] (wnll `excess` and `bounded` only).
+    /// `baseline` is the model's [`prepare_member_baselines`] (wnll `excess` and `bounded`
+    /// only). An ensemble's reconstructions (`members · d` columns, see
+    /// [`crate::model::Autoencoder`]) score each feature as the mean of the members' terms.
     pub fn score_batch(
         &self,
         x: ArrayView2<f32>,

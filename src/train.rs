@@ -185,8 +185,9 @@ pub fn train(
 
 /// [`train`] for member `member` of an ensemble: the same validation split (drawn from
 /// `cfg.seed`), but from member 1 on, epochs shuffled by a generator of its own (seeded
-/// `cfg.seed + member`), so members differ in the order they see the rows and in when they
-/// stop, not only in their initial weights. Member 0 trains exactly as [`train`] does.
+/// [`crate::rng::member_seed`]`(cfg.seed, member, 1)`), so members differ in the order they
+/// see the rows and in when they stop, not only in their initial weights. Member 0 trains
+/// exactly as [`train`] does.
 ///
 /// # Errors
 /// As [`train`].
@@ -225,7 +226,7 @@ pub fn train_member(
     debug!(rows_train = n_train, rows_val = n_val, "Training starts.");
 
     if member > 0 {
-        rng = Rng::new(cfg.seed.wrapping_add(member));
+        rng = Rng::new(crate::rng::member_seed(cfg.seed, member, 1));
     }
     let initial = model.layers.clone();
     let result = fit(model, x_train.view(), x_val.view(), cfg, &mut rng, on_epoch);

@@ -92,7 +92,7 @@ pub fn fit(
     let mut nets = Vec::with_capacity(members);
     let mut report = None;
     for k in 0..members as u64 {
-        let seed = cfg.train.seed.wrapping_add(k);
+        let seed = crate::rng::member_seed(cfg.train.seed, k, 0);
         let mut net = Autoencoder::new(d, &hidden, cfg.model.kind, seed);
         let r = if members == 1 {
             train(&mut net, x.view(), &cfg.train, on_epoch)?

@@ -925,8 +925,12 @@ pub fn describe(model: &Model, dir: &Path) -> String {
     );
     let _ = writeln!(
         s,
-        "training   seed {}, {} epochs run (best {}{}), {} train / {} validation rows, {:.1} s",
+        "training   seed {}, {}{} epochs run (best {}{}), {} train / {} validation rows, {:.1} s",
         p.train.seed,
+        match m.architecture.members {
+            1 => String::new(),
+            k => format!("{k} networks; the first: "),
+        },
         p.epochs_run,
         p.best_epoch,
         if p.stopped_early {

@@ -18,7 +18,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView2, ShapeBuilder, Zip, s};
 
 use super::{Activation, Autoencoder, Dense, OutputKind};
-use crate::rng::Rng;
+use crate::rng::{Rng, member_seed};
 
 /// The ε added to the predicted variance in the NLL: `(x − μ)² / (s + ε) + ln(s + ε)`
 /// (papers.md §1.2). [`Recon::var`] does not include it.
@@ -329,7 +329,7 @@ impl Autoencoder {
 
     /// An ensemble of `members` autoencoders `n_features → hidden… → output`, merged into one
     /// network (see [`Autoencoder`]): member k is initialised as [`Autoencoder::new`] would with
-    /// seed `seed + k`, so one member is exactly `new(…, seed)`.
+    /// seed [`member_seed`]`(seed, k, 0)`, so one member is exactly `new(…, seed)`.
     ///
     /// # Panics
     /// If `members`, `n_features` or a hidden width is 0.
@@ -342,7 +342,7 @@ impl Autoencoder {
     ) -> Autoencoder {
         assert!(members > 0, "an ensemble needs at least one member");
         let nets: Vec<Autoencoder> = (0..members as u64)
-            .map(|k| Autoencoder::new(n_features, hidden, output, seed.wrapping_add(k)))
+            .map(|k| Autoencoder::new(n_features, hidden, output, member_seed(seed, k, 0)))
             .collect();
         Autoencoder::merge(nets)
     }
@@ -577,7 +577,10 @@ impl Autoencoder {
     }
 
     /// The mini-batch loss of `x` (mean over rows; see [`Autoencoder::loss`]) and, written over
-    /// `grads`, its gradient with respect to every weight and bias. `tws` and `grads` are
+    /// `grads`, its gradient with respect to every weight and bias. For an ensemble the loss is
+    /// the members' mean and each member's parameters get the gradient of its own loss (as if
+    /// it trained alone: `members` times the gradient of the mean); weights joining members
+    /// get 0. `tws` and `grads` are
     /// reshaped if they do not fit this model. No rows gives 0 and zero gradients.
     ///
     /// # Panics
@@ -1297,7 +1300,7 @@ mod tests {
                 }
             };
             let mut alone: Vec<Autoencoder> = (0..k as u64)
-                .map(|m| Autoencoder::new(d, &[4, 3], output, 7 + m))
+                .map(|m| Autoencoder::new(d, &[4, 3], output, member_seed(7, m, 0)))
                 .collect();
             check(&merged, &alone);
 
