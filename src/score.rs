@@ -321,35 +321,34 @@ impl Head {
         let block = baseline.len() / members;
         let (alpha, beta) = (self.alpha, self.beta);
         let cols = |k: usize| ndarray::s![.., k * d..(k + 1) * d];
+        // Member k's i-th constant vector, over the features in `r`.
+        let part = |k: usize, i: usize, r: &std::ops::Range<usize>| {
+            let at = k * block + i * d;
+            &baseline[at + r.start..at + r.end]
+        };
         match (self.kind, recon.var.as_ref()) {
             (HeadKind::Wnll, Some(var))
                 if self.log_variance == LogVariance::Bounded && block == 4 * d =>
             {
-                let make = |k: usize, r: std::ops::Range<usize>| {
-                    let b = &baseline[k * block..(k + 1) * block];
-                    BoundedConsts {
-                        lo: &b[r.start..r.end],
-                        hi: &b[d + r.start..d + r.end],
-                        inv_hi: &b[2 * d + r.start..2 * d + r.end],
-                        inv_lo: &b[3 * d + r.start..3 * d + r.end],
-                        alpha,
-                        beta,
-                    }
+                let make = |k: usize, r: std::ops::Range<usize>| BoundedConsts {
+                    lo: part(k, 0, &r),
+                    hi: part(k, 1, &r),
+                    inv_hi: part(k, 2, &r),
+                    inv_lo: part(k, 3, &r),
+                    alpha,
+                    beta,
                 };
                 score_rows_members(make, members, x, recon.mean, var.view(), contrib);
             }
             (HeadKind::Wnll, Some(var))
                 if self.log_variance == LogVariance::Excess && block == 3 * d =>
             {
-                let make = |k: usize, r: std::ops::Range<usize>| {
-                    let b = &baseline[k * block..(k + 1) * block];
-                    ExcessConsts {
-                        median: &b[r.start..r.end],
-                        ceiling: &b[d + r.start..d + r.end],
-                        inv_cap: &b[2 * d + r.start..2 * d + r.end],
-                        alpha,
-                        beta,
-                    }
+                let make = |k: usize, r: std::ops::Range<usize>| ExcessConsts {
+                    median: part(k, 0, &r),
+                    ceiling: part(k, 1, &r),
+                    inv_cap: part(k, 2, &r),
+                    alpha,
+                    beta,
                 };
                 score_rows_members(make, members, x, recon.mean, var.view(), contrib);
             }

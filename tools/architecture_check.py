@@ -81,11 +81,17 @@ def contaminate(x, rng):
 
 
 def run(binary, x, widths, seed, work):
+    return train_and_score(binary, x, f"[model]\nhidden_sizes = {widths}\n[train]\nseed = {seed}\n", work)
+
+
+def train_and_score(binary, x, config, work):
+    """Trains darkwatch on the rows of `x` with the TOML `config` (rows scored alone: a
+    table's rows have no order) and returns its scores of the same rows."""
     data = os.path.join(work, "data.npy")
     np.save(data, x.astype(np.float32))
     cfg = os.path.join(work, "config.toml")
     with open(cfg, "w") as f:
-        f.write(f"[model]\nhidden_sizes = {widths}\n[train]\nseed = {seed}\n")
+        f.write(config + "[score]\nsmooth_frames = 1\n")
     model = os.path.join(work, "model")
     out = os.path.join(work, "scores.csv")
     for args in (

@@ -18,10 +18,8 @@ Usage: tools/ensemble_check.py DARKWATCH_BINARY FILE...
 Needs numpy, scipy and scikit-learn (pip), and a release build of darkwatch.
 """
 
-import csv
 import itertools
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -30,27 +28,15 @@ from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from architecture_check import KINDS, contaminate, load  # noqa: E402
+from architecture_check import KINDS, contaminate, load, train_and_score  # noqa: E402
 
 SEEDS = [0, 1, 2]
 CONFIGS = {"one network": 1, "5 members": 5}
 
 
 def scores(binary, x, members, seed, work):
-    data = os.path.join(work, "data.npy")
-    np.save(data, x.astype(np.float32))
-    cfg = os.path.join(work, "config.toml")
-    with open(cfg, "w") as f:
-        f.write(f"[model]\nmembers = {members}\n[train]\nseed = {seed}\n[score]\nsmooth_frames = 1\n")
-    model = os.path.join(work, "model")
-    out = os.path.join(work, "scores.csv")
-    for args in (
-        ["train", "--config", cfg, "--input", data, "--out", model],
-        ["replay", "--model", model, "--input", data, "--out", out],
-    ):
-        subprocess.run([binary, *args], check=True, capture_output=True)
-    with open(out) as f:
-        return np.array([float(r["score"]) for r in csv.DictReader(f)])
+    config = f"[model]\nmembers = {members}\n[train]\nseed = {seed}\n"
+    return train_and_score(binary, x, config, work)
 
 
 def main():
