@@ -695,10 +695,14 @@ impl std::fmt::Display for ReplayOutcome {
         let p = &self.pipeline;
         writeln!(
             f,
-            "model {} ({} head, {}, {}, {}), {} frames scored in {} batches, {:.2} s",
+            "model {} ({} head, {}{}, {}, {}), {} frames scored in {} batches, {:.2} s",
             self.model.meta.id,
             self.head.kind.name(),
             self.model.backend_label(),
+            match self.model.ae.members {
+                1 => String::new(),
+                k => format!(", ensemble of {k}"),
+            },
             match self.model.active_bank() {
                 Some(b) => format!("MSS m={} k={}", b.rounds(), b.neighbours()),
                 None => "no MSS".into(),

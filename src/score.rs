@@ -411,32 +411,41 @@ fn score_rows_members<C: RowTerms>(
         .zip(var.rows())
         .zip(contrib.rows_mut())
     {
+        let (Some(xs), Some(ms), Some(vs), Some(out)) = (
+            xr.to_slice(),
+            mr.to_slice(),
+            vr.to_slice(),
+            cr.as_slice_mut(),
+        ) else {
+            // Strided rows (no caller passes them): the same terms, element by element.
+            for (j, c) in cr.iter_mut().enumerate() {
+                let sum: f32 = (0..members)
+                    .map(|k| make(k, j..j + 1).one(0, xr[j], mr[k * d + j], vr[k * d + j]))
+                    .sum();
+                *c = sum * inv;
+            }
+            continue;
+        };
         for a in (0..d).step_by(MEMBER_SEGMENT) {
             let b = (a + MEMBER_SEGMENT).min(d);
-            let mut out = cr.slice_mut(ndarray::s![a..b]);
+            let out = &mut out[a..b];
+            let t = &mut tmp[..b - a];
             for k in 0..members {
-                let consts = make(k, a..b);
-                let (xs, ms, vs) = (
-                    xr.slice(ndarray::s![a..b]),
-                    mr.slice(ndarray::s![k * d + a..k * d + b]),
-                    vr.slice(ndarray::s![k * d + a..k * d + b]),
+                let at = k * d;
+                row_terms(
+                    &make(k, a..b),
+                    &xs[a..b],
+                    &ms[at + a..at + b],
+                    &vs[at + a..at + b],
+                    t,
                 );
-                let t = &mut tmp[..b - a];
-                match (xs.to_slice(), ms.to_slice(), vs.to_slice()) {
-                    (Some(xs), Some(ms), Some(vs)) => row_terms(&consts, xs, ms, vs, t),
-                    _ => {
-                        for (j, t) in t.iter_mut().enumerate() {
-                            *t = consts.one(j, xs[j], ms[j], vs[j]);
-                        }
-                    }
-                }
                 if k == 0 {
-                    out.iter_mut().zip(t.iter()).for_each(|(o, &t)| *o = t);
+                    out.copy_from_slice(t);
                 } else {
                     out.iter_mut().zip(t.iter()).for_each(|(o, &t)| *o += t);
                 }
             }
-            out.mapv_inplace(|c| c * inv);
+            out.iter_mut().for_each(|c| *c *= inv);
         }
     }
 }
@@ -871,6 +880,18 @@ mod tests {
                 let mut scores = vec![0.0; n];
                 let mut contrib = Array2::zeros((n, d));
                 head.score_batch(x.view(), &recon, &prepared, &mut scores, contrib.view_mut());
+                // Strided rows take the element-wise path to the same terms.
+                use ndarray::ShapeBuilder;
+                let x_f = Array2::from_shape_fn((n, d).f(), |ij| x[ij]);
+                let mut strided = Array2::zeros((n, d));
+                let mut s2 = vec![0.0; n];
+                head.score_batch(x_f.view(), &recon, &prepared, &mut s2, strided.view_mut());
+                for (a, b) in strided.iter().zip(&contrib) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "strided {a} vs {b}"
+                    );
+                }
 
                 let mut want = Array2::<f32>::zeros((n, d));
                 for member in 0..k {

@@ -252,6 +252,21 @@ fn small_inputs_train_an_ensemble_that_inspect_names_and_load_checks() {
         "{err}"
     );
 
+    // Members whose merged network would not fit in memory: refused before allocating.
+    std::fs::write(&cfg, "[model]\nmembers = 16\nhidden_sizes = [4096, 4096]\n").unwrap();
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(dir.path().join("train.csv"))
+        .arg("--out")
+        .arg(dir.path().join("huge"))
+        .arg("--config")
+        .arg(&cfg));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("model.members") && err.contains("use fewer members"),
+        "{err}"
+    );
+
     // model.json saying 3 members of a network built for 5, or 0 members.
     let (code, out, err) = inspect_edited(&model, |meta| {
         meta["architecture"]["members"] = serde_json::json!(3);
@@ -262,10 +277,29 @@ fn small_inputs_train_an_ensemble_that_inspect_names_and_load_checks() {
         "{err}"
     );
     let (code, out, err) = inspect_edited(&model, |meta| {
+        meta["architecture"]["members"] = serde_json::json!(1);
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("should be 16 for a probabilistic model of 8 features (80 is 5 members'"),
+        "{err}"
+    );
+    let (code, out, err) = inspect_edited(&model, |meta| {
         meta["architecture"]["members"] = serde_json::json!(0);
     });
     assert_eq!(code, 1, "{out}");
     assert!(err.contains("architecture.members"), "{err}");
+    // A baseline value past f32's range (read as infinite) would make every score NaN.
+    let (code, out, err) = inspect_edited(&model, |meta| {
+        meta["architecture"]["members"] = serde_json::json!(5);
+        meta["log_variance_baseline"][2] = serde_json::json!(1e39);
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("log_variance_baseline")
+            && err.contains("value 2 is inf, not a finite number"),
+        "{err}"
+    );
 }
 
 #[test]

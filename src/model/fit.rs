@@ -20,6 +20,9 @@ use crate::pipeline::Scorer;
 use crate::score::VARIANCE_EPSILON;
 use crate::train::{EpochReport, TrainError, TrainReport, train, train_member};
 
+/// Most weights an ensemble's merged network may hold (512 MiB of f32).
+pub const MAX_MERGED_WEIGHTS: usize = 1 << 27;
+
 /// Quantiles of training scores stored with every model.
 pub const CALIBRATION_QUANTILES: [f64; 8] = [0.5, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0];
 
@@ -86,6 +89,24 @@ pub fn fit(
         0 => crate::config::default_members(d),
         k => k,
     };
+    if members > 1 {
+        // The merged network computes the blocks between members too: its weights grow
+        // with the square of the member count.
+        let mut widths = vec![d];
+        widths.extend(hidden.iter().map(|&h| h * members));
+        widths.push(cfg.model.kind.output_width(d) * members);
+        let weights = widths
+            .windows(2)
+            .fold(0u128, |s, w| s + w[0] as u128 * w[1] as u128);
+        if weights > MAX_MERGED_WEIGHTS as u128 {
+            return Err(TrainError::InvalidConfig {
+                key: "model.members",
+                reason: format!(
+                    "{members} members of hidden widths {hidden:?} merge into a network of widths                      {widths:?}, {weights} weights (the blocks between members are computed too);                      at most {MAX_MERGED_WEIGHTS}: use fewer members or narrower hidden_sizes"
+                ),
+            });
+        }
+    }
     // Each member trains alone (its own initial weights and epoch order, the same held-out
     // rows), then they are merged into one network; the report and provenance are the
     // first member's.
@@ -106,6 +127,13 @@ pub fn fit(
             };
             train_member(&mut net, x.view(), &cfg.train, k, &mut tell)?
         };
+        if k > 0 && r.best_epoch == r.epochs_run && r.epochs_run == cfg.train.epochs_max {
+            tracing::warn!(
+                member = k + 1,
+                epochs = r.epochs_run,
+                "an ensemble member's validation loss was still falling at the last epoch; a larger [train] epochs_max may fit better"
+            );
+        }
         report.get_or_insert(r);
         nets.push(net);
     }

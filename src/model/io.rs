@@ -658,19 +658,31 @@ fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
             format!("must lie in 1..={MAX_MEMBERS}, not {k}"),
         ));
     }
-    let out = arch.output.output_width(d) * k;
-    if w[w.len() - 1] != out {
+    let one = arch.output.output_width(d);
+    let out = one * k;
+    let last = w[w.len() - 1];
+    if last != out {
+        let kind = match arch.output {
+            super::OutputKind::Plain => "plain",
+            super::OutputKind::Probabilistic => "probabilistic",
+        };
         return Err(field(
             "architecture.layer_widths",
             format!(
-                "output width {} should be {out} for {} {:?} model of {d} features",
-                w[w.len() - 1],
+                "output width {last} should be {out} for {} {kind} model of {d} features{}",
                 if k == 1 {
                     "a".to_string()
                 } else {
                     format!("{k} members of a")
                 },
-                arch.output
+                if last.is_multiple_of(one) && last / one <= MAX_MEMBERS {
+                    format!(
+                        " ({last} is {} members' outputs: is architecture.members right?)",
+                        last / one
+                    )
+                } else {
+                    String::new()
+                }
             ),
         ));
     }
@@ -701,10 +713,10 @@ fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
             ),
         ));
     }
-    if let Some(i) = baseline.iter().position(|x| x.is_nan()) {
+    if let Some(i) = baseline.iter().position(|x| !x.is_finite()) {
         return Err(field(
             "log_variance_baseline",
-            format!("value {i} is not a number"),
+            format!("value {i} is {}, not a finite number", baseline[i]),
         ));
     }
     meta.mss
@@ -925,11 +937,11 @@ pub fn describe(model: &Model, dir: &Path) -> String {
     );
     let _ = writeln!(
         s,
-        "training   seed {}, {}{} epochs run (best {}{}), {} train / {} validation rows, {:.1} s",
+        "training   seed {}, {}{} epochs run (best {}{}), {} train / {} validation rows{}",
         p.train.seed,
         match m.architecture.members {
             1 => String::new(),
-            k => format!("{k} networks; the first: "),
+            k => format!("{k} networks in {:.1} s; the first: ", p.train_seconds),
         },
         p.epochs_run,
         p.best_epoch,
@@ -940,7 +952,10 @@ pub fn describe(model: &Model, dir: &Path) -> String {
         },
         p.rows_train,
         p.rows_validation,
-        p.train_seconds
+        match m.architecture.members {
+            1 => format!(", {:.1} s", p.train_seconds),
+            _ => String::new(),
+        }
     );
     if let (Some(t), Some(v)) = (
         p.train_losses.last(),
