@@ -263,7 +263,7 @@ fn small_inputs_train_an_ensemble_that_inspect_names_and_load_checks() {
         .arg(&cfg));
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("model.members") && err.contains("use fewer members"),
+        err.contains("model.members") && err.contains("use fewer members") && !err.contains("  "),
         "{err}"
     );
 

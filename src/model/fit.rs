@@ -102,7 +102,9 @@ pub fn fit(
             return Err(TrainError::InvalidConfig {
                 key: "model.members",
                 reason: format!(
-                    "{members} members of hidden widths {hidden:?} merge into a network of widths                      {widths:?}, {weights} weights (the blocks between members are computed too);                      at most {MAX_MERGED_WEIGHTS}: use fewer members or narrower hidden_sizes"
+                    "{members} members of hidden widths {hidden:?} merge into a network of widths \
+                     {widths:?}, {weights} weights (the blocks between members are computed \
+                     too); at most {MAX_MERGED_WEIGHTS}: use fewer members or narrower hidden_sizes"
                 ),
             });
         }
