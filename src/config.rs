@@ -408,6 +408,24 @@ where
                     .join(" "),
             ),
         })?;
+    // The `config` crate converts between types (a float or `true` into an integer key, a
+    // string of digits into a number) to read environment text; the file itself is held to
+    // its types, so `members = 3.7` is an error rather than 4.
+    if let Some(p) = path {
+        let strict = std::fs::read_to_string(p)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                toml::from_str::<DarkwatchConfig>(&text)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(reason) = strict {
+            return Err(ConfigError::Load {
+                file,
+                reason: reason.split_whitespace().collect::<Vec<_>>().join(" "),
+            });
+        }
+    }
     cfg.validate()
         .map_err(|(key, reason)| ConfigError::Invalid {
             file: source,
@@ -709,6 +727,33 @@ mod tests {
         let f = write("[train]\nepochs_max = \"many\"\n");
         assert!(load(Some(f.path()), Vec::new()).is_err());
         assert!(load(Some(Path::new("/nonexistent/x.toml")), Vec::new()).is_err());
+    }
+
+    /// The file is held to its types: no float, boolean or string of digits becomes an
+    /// integer (the `config` crate would round 3.7 to 4), while an integer still serves
+    /// a float key and the environment's text is still parsed.
+    #[test]
+    fn file_values_of_another_type_are_refused_not_converted() {
+        for (text, got) in [
+            ("[model]\nmembers = 3.7\n", "floating point `3.7`"),
+            ("[train]\nepochs_max = true\n", "boolean `true`"),
+            ("[score]\nsmooth_frames = \"5\"\n", "string \"5\""),
+        ] {
+            let err = load(Some(write(text).path()), Vec::new())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(got) && err.contains("line 2") && !err.contains('\n'),
+                "{text}: {err}"
+            );
+        }
+        let cfg = load(
+            Some(write("[train]\nlearning_rate = 1\n").path()),
+            vec![("DARKWATCH__MODEL__MEMBERS".to_string(), "3".to_string())],
+        )
+        .unwrap();
+        assert_eq!(cfg.train.learning_rate, 1.0);
+        assert_eq!(cfg.model.members, 3);
     }
 
     #[test]
