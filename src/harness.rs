@@ -170,6 +170,8 @@ pub struct EntityResult {
     pub events: Option<(Option<f64>, Option<f64>)>,
     pub train_seconds: f64,
     pub frames_per_second: f64,
+    /// Networks in the model's ensemble ([`crate::model::Autoencoder::members`]).
+    pub members: usize,
 }
 
 /// The MSS setting compared against the configured one.
@@ -311,6 +313,7 @@ pub fn run_entity(
         auprc_mss_toggled: toggled.eval.and_then(|e| e.auprc),
         mss_on: !model.meta.mss.is_off(),
         auprc_unsmoothed: unsmoothed,
+        members: model.ae.members,
         hit_rate,
         // Alert episodes (k of n consecutive frames) only mean something on a time series.
         events: main
@@ -508,6 +511,18 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         cfg.alert.fire_k,
         cfg.alert.fire_n
     );
+    let ensembles: Vec<String> = results
+        .iter()
+        .filter(|r| r.members > 1)
+        .map(|r| format!("{} ({})", r.name, r.members))
+        .collect();
+    if !ensembles.is_empty() {
+        let _ = writeln!(
+            s,
+            "ensembles ([model] members; one network elsewhere): {}.",
+            ensembles.join(", ")
+        );
+    }
     s
 }
 

@@ -757,6 +757,18 @@ fn harness_prints_one_table_for_the_bundled_machine() {
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
+    assert!(!out.contains("ensembles ("), "{out}");
+    // An ensemble asked for from the environment is named under the table.
+    let (code, out, err) = run(darkwatch()
+        .arg("harness")
+        .arg(repo("tests/data/smd/machine-1-6_train.npy"))
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "3")
+        .env("DARKWATCH__MODEL__MEMBERS", "2"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("ensembles ([model] members; one network elsewhere): machine-1-6 (2)."),
+        "{out}"
+    );
 }
 
 /// Outside a checkout the demo's default paths do not resolve: one line says what to do.
