@@ -5,7 +5,7 @@
 //! that `build()` from them; the library never reads the environment itself except
 //! through [`load`], which the binary calls.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -361,6 +361,7 @@ where
 {
     let file = path.map_or_else(|| "(defaults)".to_string(), |p| p.display().to_string());
     let mut builder = config::Config::builder();
+    let mut strict = None;
     if let Some(p) = path {
         if !p.is_file() {
             let reason = if p.is_dir() {
@@ -373,8 +374,21 @@ where
                 reason: reason.into(),
             });
         }
-        builder = builder
-            .add_source(config::File::from(PathBuf::from(p)).format(config::FileFormat::Toml));
+        // Read once: the text the `config` crate merges is the text checked strictly below
+        // (a file rewritten in between, say during a reload, cannot slip past the check).
+        let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Load {
+            file: file.clone(),
+            reason: e.to_string(),
+        })?;
+        // The `config` crate converts between types (a float or `true` into an integer key,
+        // a string of digits into a number) to read environment text; in the file a number
+        // or boolean key is held to its type, so `members = 3.7` is an error rather than 4.
+        // Its own message (a TOML syntax error, an unknown key) comes first where it has
+        // one, from the build below.
+        if let Ok(table) = text.parse::<toml::Table>() {
+            strict = mistyped(&table, &defaults_table(), "");
+        }
+        builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
     let overrides: config::Map<String, String> = env
         .into_iter()
@@ -408,23 +422,8 @@ where
                     .join(" "),
             ),
         })?;
-    // The `config` crate converts between types (a float or `true` into an integer key, a
-    // string of digits into a number) to read environment text; the file itself is held to
-    // its types, so `members = 3.7` is an error rather than 4.
-    if let Some(p) = path {
-        let strict = std::fs::read_to_string(p)
-            .map_err(|e| e.to_string())
-            .and_then(|text| {
-                toml::from_str::<DarkwatchConfig>(&text)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(reason) = strict {
-            return Err(ConfigError::Load {
-                file,
-                reason: reason.split_whitespace().collect::<Vec<_>>().join(" "),
-            });
-        }
+    if let Some((key, reason)) = strict {
+        return Err(ConfigError::Invalid { file, key, reason });
     }
     cfg.validate()
         .map_err(|(key, reason)| ConfigError::Invalid {
@@ -433,6 +432,48 @@ where
             reason,
         })?;
     Ok(cfg)
+}
+
+/// The defaults as a TOML table: the type each key takes.
+fn defaults_table() -> toml::Table {
+    toml::Table::try_from(DarkwatchConfig::default()).unwrap_or_default()
+}
+
+/// The first key of `file` whose value is not of the number or boolean type its default
+/// has (an integer also serves a float key), with the reason. String, list and enum keys
+/// are left to the deserializer, which reads a number as text where a string is wanted;
+/// string values are never echoed (a password may be one).
+fn mistyped(file: &toml::Table, defaults: &toml::Table, prefix: &str) -> Option<(String, String)> {
+    use toml::Value;
+    for (key, value) in file {
+        let dotted = format!("{prefix}{key}");
+        let Some(default) = defaults.get(key) else {
+            continue;
+        };
+        let shown = match value {
+            Value::String(_) => "a string".to_string(),
+            Value::Array(_) => "a list".to_string(),
+            Value::Table(_) => "a table".to_string(),
+            other => format!("{} {other}", other.type_str()),
+        };
+        let want = match (default, value) {
+            (Value::Table(d), Value::Table(f)) => {
+                if let Some(found) = mistyped(f, d, &format!("{dotted}.")) {
+                    return Some(found);
+                }
+                continue;
+            }
+            (Value::Integer(_), Value::Integer(_))
+            | (Value::Float(_), Value::Float(_) | Value::Integer(_))
+            | (Value::Boolean(_), Value::Boolean(_)) => continue,
+            (Value::Integer(_), _) => "an integer",
+            (Value::Float(_), _) => "a number",
+            (Value::Boolean(_), _) => "true or false",
+            _ => continue,
+        };
+        return Some((dotted, format!("must be {want}, not {shown}")));
+    }
+    None
 }
 
 /// The `config` crate reports a bad enum value as "enum HeadKind does not have variant
@@ -735,24 +776,43 @@ mod tests {
     #[test]
     fn file_values_of_another_type_are_refused_not_converted() {
         for (text, got) in [
-            ("[model]\nmembers = 3.7\n", "floating point `3.7`"),
-            ("[train]\nepochs_max = true\n", "boolean `true`"),
-            ("[score]\nsmooth_frames = \"5\"\n", "string \"5\""),
+            (
+                "[model]\nmembers = 3.7\n",
+                "key `model.members`: must be an integer, not float 3.7",
+            ),
+            (
+                "[train]\nepochs_max = true\n",
+                "key `train.epochs_max`: must be an integer, not boolean true",
+            ),
+            (
+                "[score]\nsmooth_frames = \"5\"\n",
+                "key `score.smooth_frames`: must be an integer, not a string",
+            ),
+            (
+                "[mqtt]\ntls = 1\n",
+                "key `mqtt.tls`: must be true or false, not integer 1",
+            ),
         ] {
             let err = load(Some(write(text).path()), Vec::new())
                 .unwrap_err()
                 .to_string();
-            assert!(
-                err.contains(got) && err.contains("line 2") && !err.contains('\n'),
-                "{text}: {err}"
-            );
+            assert!(err.contains(got), "{text}: {err}");
         }
+        // An integer serves a float key; a number serves a string key as its text (and a
+        // password is never echoed); environment text is parsed where a number is wanted.
         let cfg = load(
-            Some(write("[train]\nlearning_rate = 1\n").path()),
+            Some(
+                write("[train]\nlearning_rate = 1\n[mqtt]\nusername = 42\npassword = 1234\n")
+                    .path(),
+            ),
             vec![("DARKWATCH__MODEL__MEMBERS".to_string(), "3".to_string())],
         )
         .unwrap();
         assert_eq!(cfg.train.learning_rate, 1.0);
+        assert_eq!(
+            (cfg.mqtt.username.as_str(), cfg.mqtt.password.as_str()),
+            ("42", "1234")
+        );
         assert_eq!(cfg.model.members, 3);
     }
 

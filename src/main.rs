@@ -1017,6 +1017,7 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     if report.epochs_run == cfg.train.epochs_max
         && !report.stopped_early
         && report.best_epoch == report.epochs_run
+        && report.best_val_loss.is_some()
     {
         eprintln!(
             "darkwatch: note: validation loss was still falling at epoch {}; a larger [train] epochs_max may fit better",

@@ -92,12 +92,11 @@ pub fn fit(
     if members > 1 {
         // The merged network computes the blocks between members too: its weights grow
         // with the square of the member count.
-        let mut widths = vec![d];
-        widths.extend(hidden.iter().map(|&h| h * members));
-        widths.push(cfg.model.kind.output_width(d) * members);
-        let weights = widths
-            .windows(2)
-            .fold(0u128, |s, w| s + w[0] as u128 * w[1] as u128);
+        let k = members as u128;
+        let mut widths = vec![d as u128];
+        widths.extend(hidden.iter().map(|&h| h as u128 * k));
+        widths.push(cfg.model.kind.output_width(d) as u128 * k);
+        let weights: u128 = widths.windows(2).map(|w| w[0] * w[1]).sum();
         if weights > MAX_MERGED_WEIGHTS as u128 {
             return Err(TrainError::InvalidConfig {
                 key: "model.members",
@@ -129,7 +128,11 @@ pub fn fit(
             };
             train_member(&mut net, x.view(), &cfg.train, k, &mut tell)?
         };
-        if k > 0 && r.best_epoch == r.epochs_run && r.epochs_run == cfg.train.epochs_max {
+        if k > 0
+            && r.best_val_loss.is_some()
+            && r.best_epoch == r.epochs_run
+            && r.epochs_run == cfg.train.epochs_max
+        {
             tracing::warn!(
                 member = k + 1,
                 epochs = r.epochs_run,

@@ -675,9 +675,9 @@ fn validate_meta(meta: &ModelMeta, path: &Path) -> Result<(), ModelError> {
                 } else {
                     format!("{k} members of a")
                 },
-                if last.is_multiple_of(one) && last / one <= MAX_MEMBERS {
+                if last.is_multiple_of(one) && (2..=MAX_MEMBERS).contains(&(last / one)) {
                     format!(
-                        " ({last} is {} members' outputs: is architecture.members right?)",
+                        " ({last} is {} members' outputs: are architecture.members and output right?)",
                         last / one
                     )
                 } else {
