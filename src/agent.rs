@@ -840,8 +840,11 @@ impl AgentSource {
         } = self;
         let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
             if let Err(why) = assembler.push_received(sample, msg.received) {
-                counters.samples_rejected_by_reason[why.reason_index()]
+                let before = counters.samples_rejected_by_reason[why.reason_index()]
                     .fetch_add(1, Ordering::Relaxed);
+                if why == Reject::TooManyStreams {
+                    stream_refused(before + 1, &sample.stream);
+                }
                 return;
             }
             match *newest {
@@ -884,8 +887,10 @@ impl AgentSource {
                 let entry = match seen.get_mut(name) {
                     Some(entry) => entry,
                     None if full => {
-                        counters.samples_rejected_by_reason[Reject::TooManyStreams.reason_index()]
-                            .fetch_add(1, Ordering::Relaxed);
+                        let before = counters.samples_rejected_by_reason
+                            [Reject::TooManyStreams.reason_index()]
+                        .fetch_add(1, Ordering::Relaxed);
+                        stream_refused(before + 1, name);
                         return 0;
                     }
                     None => seen.entry(name.to_string()).or_insert((next, 0)),
@@ -919,6 +924,18 @@ impl AgentSource {
             }
         }
         0
+    }
+}
+
+/// Logs a refused new stream (`[assemble] max_streams` reached) at the 1st, 2nd, 4th, 8th…
+/// refusal, so an operator learns why a node is not scored without a line per sample.
+fn stream_refused(refusals: u64, stream: &str) {
+    if refusals.is_power_of_two() {
+        tracing::warn!(
+            stream = ?crate::ingest::Clipped(stream),
+            refusals,
+            "a new stream was refused: [assemble] max_streams streams are already tracked (they are kept until restart); raise it if this stream should be scored"
+        );
     }
 }
 
