@@ -18,7 +18,7 @@ use crate::ingest::Table;
 use crate::mss::{MssConfig, ReferenceBank};
 use crate::pipeline::Scorer;
 use crate::score::VARIANCE_EPSILON;
-use crate::train::{EpochReport, TrainError, TrainReport, train, train_member};
+use crate::train::{EpochReport, TrainError, TrainReport, train_member};
 
 /// Most weights an ensemble's merged network may hold (512 MiB of f32).
 pub const MAX_MERGED_WEIGHTS: usize = 1 << 27;
@@ -116,18 +116,15 @@ pub fn fit(
     for k in 0..members as u64 {
         let seed = crate::rng::member_seed(cfg.train.seed, k, 0);
         let mut net = Autoencoder::new(d, &hidden, cfg.model.kind, seed);
-        let r = if members == 1 {
-            train(&mut net, x.view(), &cfg.train, on_epoch)?
-        } else {
-            let mut tell = |e: &EpochReport| {
-                on_epoch(&EpochReport {
-                    member: k as usize + 1,
-                    members,
-                    ..e.clone()
-                })
-            };
-            train_member(&mut net, x.view(), &cfg.train, k, &mut tell)?
+        // Member 0 trains exactly as `train` does; the reports name the member.
+        let mut tell = |e: &EpochReport| {
+            on_epoch(&EpochReport {
+                member: k as usize + 1,
+                members,
+                ..e.clone()
+            })
         };
+        let r = train_member(&mut net, x.view(), &cfg.train, k, &mut tell)?;
         if k > 0
             && r.best_val_loss.is_some()
             && r.best_epoch == r.epochs_run
