@@ -97,6 +97,11 @@ if ((${#libdirs[@]})); then
 fi
 export DARKWATCH_REQUIRE_GPU=1
 
+# For the ONNX backend (#5): which execution providers this machine's ONNX Runtime offers.
+if command -v python3 >/dev/null; then
+  say "onnxruntime: $(python3 -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())' 2>&1 | tail -1)"
+fi
+
 if command -v cargo >/dev/null; then
   say "cargo: $(cargo --version)"
   step build 300 cargo build --release --features cuda

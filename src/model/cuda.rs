@@ -390,19 +390,141 @@ impl CudaModel {
     }
 }
 
-/// One scorer's device state: stream, cuBLAS handle, activation buffers for `capacity`
-/// rows, and the host buffer the last layer is copied back into.
+/// Page-locked host memory (`cuMemHostAlloc`). Copies from and to it are asynchronous and
+/// run at full bus speed, and a CUDA graph can capture them (a copy from pageable memory
+/// cannot be captured). `write_combined` suits buffers the host only writes (inputs): the
+/// host reading such memory is very slow, so outputs use plain pinned memory.
+struct Pinned {
+    ctx: Arc<CudaContext>,
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the buffer is owned by one session (or SAE), used from one thread at a time, and
+// the owner synchronises its stream before the host reads or writes the memory.
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    fn new(ctx: &Arc<CudaContext>, len: usize, write_combined: bool) -> Result<Pinned, CudaError> {
+        use cudarc::driver::{result, sys};
+        ctx.bind_to_thread()
+            .map_err(run_err("binding the CUDA context"))?;
+        let flags = if write_combined {
+            sys::CU_MEMHOSTALLOC_WRITECOMBINED
+        } else {
+            0
+        };
+        let bytes = len.max(1) * std::mem::size_of::<f32>();
+        // SAFETY: a plain allocation; the pointer is checked and zeroed below.
+        let ptr = unsafe { result::malloc_host(bytes, flags) }
+            .map_err(run_err("cuMemHostAlloc (pinned host memory)"))?
+            .cast::<f32>();
+        if ptr.is_null() {
+            return Err(CudaError::Run {
+                what: "cuMemHostAlloc (pinned host memory)",
+                reason: "returned a null pointer".into(),
+            });
+        }
+        // SAFETY: `ptr` holds `bytes` writable bytes; zeroing makes every f32 initialised.
+        unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, bytes) };
+        Ok(Pinned {
+            ctx: ctx.clone(),
+            ptr,
+            len,
+        })
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: `len` initialised floats (zeroed at allocation) owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as `as_slice`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // Pending copies may still read or write the memory (after a failed forward):
+        // wait for the context before freeing it.
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.ctx.synchronize();
+        // SAFETY: allocated by `cuMemHostAlloc` in `new`, freed once.
+        let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
+    }
+}
+
+/// An async host-to-device copy of `src` into the start of `dst`.
+fn copy_htod(
+    stream: &CudaStream,
+    src: &[f32],
+    dst: &mut CudaSlice<f32>,
+    what: &'static str,
+) -> Result<(), CudaError> {
+    use cudarc::driver::DevicePtrMut;
+    debug_assert!(src.len() <= dst.len());
+    let (ptr, _sync) = dst.device_ptr_mut(stream);
+    // SAFETY: `dst` holds at least `src.len()` floats; the caller keeps `src` (pinned or
+    // not) alive and unchanged until the stream is synchronised.
+    unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, stream.cu_stream()) }
+        .map_err(run_err(what))
+}
+
+/// An async device-to-host copy of the start of `src` into `dst`.
+fn copy_dtoh(
+    stream: &CudaStream,
+    src: &CudaSlice<f32>,
+    dst: &mut [f32],
+    what: &'static str,
+) -> Result<(), CudaError> {
+    use cudarc::driver::DevicePtr;
+    debug_assert!(dst.len() <= src.len());
+    let (ptr, _sync) = src.device_ptr(stream);
+    // SAFETY: `src` holds at least `dst.len()` floats; the caller synchronises the stream
+    // before reading `dst` and keeps it alive until then.
+    unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, stream.cu_stream()) }
+        .map_err(run_err(what))
+}
+
+/// A captured forward pass for one batch size.
+struct Graph {
+    rows: usize,
+    graph: cudarc::driver::CudaGraph,
+}
+
+// SAFETY: a graph is launched only by the session that owns it, from one thread at a time
+// (CUDA requires that graph objects are not used concurrently, not that they stay on the
+// thread that made them).
+unsafe impl Send for Graph {}
+
+/// Batches of up to this many rows replay a captured CUDA graph: one launch instead of one
+/// copy, GEMM and kernel launch per layer. Larger batches are not launch-bound.
+pub const GRAPH_MAX_ROWS: usize = 64;
+/// Captured graphs kept per session (the most recent batch sizes).
+const GRAPHS_KEPT: usize = 8;
+/// The cuBLAS workspace each session provides, so that captured GEMMs allocate nothing.
+const BLAS_WORKSPACE_BYTES: usize = 4 << 20;
+
+/// One scorer's device state: stream, cuBLAS handle (with its own workspace), activation
+/// buffers for `capacity` rows, the pinned host buffers that inputs go up from and outputs
+/// come back into, and the CUDA graphs captured for small batches.
 pub struct CudaSession {
     model: Arc<CudaModel>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
     /// `acts[0]` is the input `[cap, d]`, `acts[l + 1]` layer l's output `[cap, out_l]`.
     acts: Vec<CudaSlice<f32>>,
     capacity: usize,
+    /// The scaled input, `[cap, d]` (write-combined: the host only writes it).
+    host_in: Pinned,
     /// The last layer's output, `[cap, width]`, row-major.
-    host_out: Vec<f32>,
-    /// Staging for inputs that are not contiguous.
-    host_in: Vec<f32>,
+    host_out: Pinned,
+    graphs: Vec<Graph>,
+    /// Why small batches do not use graphs (a capture failed); `None` while they do.
+    graphs_off: Option<String>,
 }
 
 impl std::fmt::Debug for CudaSession {
@@ -410,6 +532,8 @@ impl std::fmt::Debug for CudaSession {
         f.debug_struct("CudaSession")
             .field("model", &self.model)
             .field("capacity", &self.capacity)
+            .field("graphs", &self.graphs.len())
+            .field("graphs_off", &self.graphs_off)
             .finish_non_exhaustive()
     }
 }
@@ -432,14 +556,37 @@ impl CudaSession {
             unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) }
                 .result()
                 .map_err(|e| CudaError::Blas(e.to_string()))?;
+            let mut workspace = stream
+                .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+                .map_err(run_err("allocating the cuBLAS workspace"))?;
+            {
+                use cudarc::driver::DevicePtrMut;
+                let (ptr, _sync) = workspace.device_ptr_mut(&stream);
+                // SAFETY: a valid handle and a device buffer of that many bytes, which the
+                // session keeps (and frees after the handle, declared before it).
+                unsafe {
+                    cudarc::cublas::sys::cublasSetWorkspace_v2(
+                        *blas.handle(),
+                        ptr as *mut std::ffi::c_void,
+                        BLAS_WORKSPACE_BYTES,
+                    )
+                }
+                .result()
+                .map_err(|e| CudaError::Blas(e.to_string()))?;
+            }
+            let host_in = Pinned::new(&model.ctx, 0, true)?;
+            let host_out = Pinned::new(&model.ctx, 0, false)?;
             let mut s = CudaSession {
                 model,
                 stream,
                 blas,
+                _workspace: workspace,
                 acts: Vec::new(),
                 capacity: 0,
-                host_out: Vec::new(),
-                host_in: Vec::new(),
+                host_in,
+                host_out,
+                graphs: Vec::new(),
+                graphs_off: None,
             };
             s.reserve(max_batch.max(1))?;
             Ok(s)
@@ -448,6 +595,19 @@ impl CudaSession {
 
     pub fn model(&self) -> &CudaModel {
         &self.model
+    }
+
+    /// Why batches of up to [`GRAPH_MAX_ROWS`] rows are launched call by call instead of
+    /// as a CUDA graph; `None` when graphs are in use.
+    pub fn graphs_off(&self) -> Option<&str> {
+        self.graphs_off.as_deref()
+    }
+
+    /// Launches every batch call by call, as batches above [`GRAPH_MAX_ROWS`] rows are:
+    /// the baseline `benches/cuda.rs` measures graphs against.
+    pub fn disable_graphs(&mut self) {
+        self.graphs.clear();
+        self.graphs_off = Some("disabled by the caller".into());
     }
 
     fn out_width(&self) -> usize {
@@ -459,6 +619,8 @@ impl CudaSession {
         if n <= self.capacity {
             return Ok(());
         }
+        // The graphs point at the old buffers.
+        self.graphs.clear();
         let m = &*self.model;
         let mut acts = Vec::with_capacity(m.layers.len() + 1);
         acts.push(
@@ -473,42 +635,27 @@ impl CudaSession {
                     .map_err(run_err("allocating device buffers"))?,
             );
         }
+        self.stream
+            .synchronize()
+            .map_err(run_err("allocating device buffers"))?;
         self.acts = acts;
-        self.host_out = vec![0.0; n * self.out_width()];
+        self.host_in = Pinned::new(&m.ctx, n * m.n_features, true)?;
+        self.host_out = Pinned::new(&m.ctx, n * self.out_width(), false)?;
         self.capacity = n;
         Ok(())
     }
 
-    /// Uploads `x`, runs every layer, and copies the last layer back into `host_out`.
-    fn run(&mut self, x: ArrayView2<f32>) -> Result<(), CudaError> {
-        let (n, d) = x.dim();
+    /// Enqueues the whole forward pass for the first `n` rows of `host_in`: upload, every
+    /// layer, copy back into `host_out`. Nothing is synchronised.
+    fn enqueue(&mut self, n: usize) -> Result<(), CudaError> {
         let m = &*self.model;
-        if d != m.n_features {
-            return Err(CudaError::Run {
-                what: "forward",
-                reason: format!("input has {d} features, the model takes {}", m.n_features),
-            });
-        }
-        let widest = m.layers.iter().map(|l| l.outputs).max().unwrap_or(0).max(d);
-        if n.checked_mul(widest).is_none_or(|e| e > u32::MAX as usize) {
-            return Err(CudaError::Run {
-                what: "forward",
-                reason: format!("a batch of {n} rows is too large for the kernels"),
-            });
-        }
-        self.reserve(n)?;
-        let m = &*self.model;
-        let src: &[f32] = match x.as_slice() {
-            Some(v) => v,
-            None => {
-                self.host_in.clear();
-                self.host_in.extend(x.iter().copied());
-                &self.host_in
-            }
-        };
-        self.stream
-            .memcpy_htod(src, &mut self.acts[0])
-            .map_err(run_err("copying the batch to the GPU"))?;
+        let d = m.n_features;
+        copy_htod(
+            &self.stream,
+            &self.host_in.as_slice()[..n * d],
+            &mut self.acts[0],
+            "copying the batch to the GPU",
+        )?;
         let last = m.layers.len() - 1;
         for (l, layer) in m.layers.iter().enumerate() {
             let (before, after) = self.acts.split_at_mut(l + 1);
@@ -555,10 +702,97 @@ impl CudaSession {
             unsafe { builder.launch(launch) }.map_err(run_err("launching bias_act"))?;
         }
         let w = self.out_width();
-        let out = self.acts[m.layers.len()].slice(..n * w);
-        self.stream
-            .memcpy_dtoh(&out, &mut self.host_out[..n * w])
-            .map_err(run_err("copying the output back"))?;
+        copy_dtoh(
+            &self.stream,
+            &self.acts[m.layers.len()],
+            &mut self.host_out.as_mut_slice()[..n * w],
+            "copying the output back",
+        )
+    }
+
+    /// The graph for batches of `n` rows: the cached one, or a new capture. `None` when
+    /// graphs are off (after a failed capture, whose reason is kept and logged once).
+    fn graph_for(&mut self, n: usize) -> Option<usize> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        if self.graphs_off.is_some() {
+            return None;
+        }
+        if let Some(i) = self.graphs.iter().position(|g| g.rows == n) {
+            return Some(i);
+        }
+        let captured = self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(run_err("cuStreamBeginCapture"))
+            .and_then(|()| {
+                let queued = self.enqueue(n);
+                // End the capture whatever happened, so the stream is usable again.
+                let ended = self
+                    .stream
+                    .end_capture(CUgraphInstantiate_flags(0))
+                    .map_err(run_err("cuStreamEndCapture"));
+                queued?;
+                ended?.ok_or_else(|| CudaError::Run {
+                    what: "cuStreamEndCapture",
+                    reason: "captured nothing".into(),
+                })
+            });
+        match captured {
+            Ok(graph) => {
+                if self.graphs.len() == GRAPHS_KEPT {
+                    self.graphs.remove(0);
+                }
+                self.graphs.push(Graph { rows: n, graph });
+                Some(self.graphs.len() - 1)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CUDA graph capture failed; small batches are launched call by call");
+                self.graphs_off = Some(e.to_string());
+                self.graphs.clear();
+                None
+            }
+        }
+    }
+
+    /// Uploads `x`, runs every layer, and copies the last layer back into `host_out`.
+    fn run(&mut self, x: ArrayView2<f32>) -> Result<(), CudaError> {
+        let (n, d) = x.dim();
+        let m = &*self.model;
+        if d != m.n_features {
+            return Err(CudaError::Run {
+                what: "forward",
+                reason: format!("input has {d} features, the model takes {}", m.n_features),
+            });
+        }
+        let widest = m.layers.iter().map(|l| l.outputs).max().unwrap_or(0).max(d);
+        if n.checked_mul(widest).is_none_or(|e| e > u32::MAX as usize) {
+            return Err(CudaError::Run {
+                what: "forward",
+                reason: format!("a batch of {n} rows is too large for the kernels"),
+            });
+        }
+        self.reserve(n)?;
+        let dst = &mut self.host_in.as_mut_slice()[..n * d];
+        match x.as_slice() {
+            Some(v) => dst.copy_from_slice(v),
+            None => {
+                for (o, v) in dst.iter_mut().zip(x.iter()) {
+                    *o = *v;
+                }
+            }
+        }
+        let graph = if n <= GRAPH_MAX_ROWS {
+            self.graph_for(n)
+        } else {
+            None
+        };
+        match graph {
+            Some(i) => self.graphs[i]
+                .graph
+                .launch()
+                .map_err(run_err("cuGraphLaunch"))?,
+            None => self.enqueue(n)?,
+        }
         self.stream
             .synchronize()
             .map_err(run_err("cuStreamSynchronize"))?;
@@ -599,12 +833,13 @@ impl CudaSession {
             guarded("the CUDA forward pass", || self.run(x))?;
         }
         let w = self.out_width();
-        let all = ArrayView2::from_shape((n, w), &self.host_out[..n * w]).map_err(|e| {
-            CudaError::Run {
-                what: "forward",
-                reason: e.to_string(),
-            }
-        })?;
+        let all =
+            ArrayView2::from_shape((n, w), &self.host_out.as_slice()[..n * w]).map_err(|e| {
+                CudaError::Run {
+                    what: "forward",
+                    reason: e.to_string(),
+                }
+            })?;
         let recon = match self.model.output {
             OutputKind::Plain => Recon {
                 mean: all,
@@ -624,16 +859,19 @@ impl CudaSession {
 
 /// Largest `k` the device TopK kernel takes.
 pub const SAE_MAX_K: usize = 256;
-/// Threads per block of the TopK kernel; each thread owns `ceil(d_sae / 1024)` latents, at
-/// most 128 (so `d_sae` ≤ 131072).
-const TOPK_THREADS: u32 = 1024;
-const SAE_MAX_LATENTS: usize = 128 * TOPK_THREADS as usize;
+/// Threads per block of the TopK kernel (one warp per row, so 8 rows per block).
+const TOPK_THREADS: u32 = 256;
+/// Stages of the SAE forward: upload, prep, encoder GEMM, TopK, decode, download.
+const SAE_STAGES: usize = 6;
+/// Most latents the device SAE takes (indices are u32, with `u32::MAX` meaning none).
+const SAE_MAX_LATENTS: usize = 1 << 24;
 
 /// The SAE kernels: input preparation, per-row TopK (with `b_enc` and the ReLU), and the
 /// sparse decode with the squared error norm.
 const SAE_KERNELS: &str = r#"
 #define NEG_INF __int_as_float(0xff800000)
 #define NONE 0xffffffffu
+#define CACHE 8
 
 extern "C" __global__ void sae_prep(const float* x, float* xin, const float* b_dec,
                                     unsigned rows, unsigned d, float scale, int sub) {
@@ -644,61 +882,92 @@ extern "C" __global__ void sae_prep(const float* x, float* xin, const float* b_d
     xin[i] = v;
 }
 
-// One block (1024 threads) per row. Thread t owns latents t, t + 1024, ...; it keeps the best
-// of those not yet taken, the block picks the best of all k times (ties: lower index). The
-// winners below or at 0 are dropped by the ReLU (index NONE, value 0).
-extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsigned d_sae,
-                                    unsigned k, unsigned* idx, float* val) {
-    __shared__ float sv[32];
-    __shared__ unsigned si[32];
-    __shared__ unsigned win;
-    const float* p = pre + (size_t)blockIdx.x * d_sae;
-    unsigned t = threadIdx.x, nt = blockDim.x, lane = t & 31, warp = t >> 5;
-    unsigned nwarps = (nt + 31) >> 5;
-    unsigned taken[4] = {0u, 0u, 0u, 0u};
-    float bv = NEG_INF; unsigned bi = NONE;
-    for (unsigned i = 0, j = t; j < d_sae; ++i, j += nt) {
-        float v = p[j] + b_enc[j];
-        if (v > bv) { bv = v; bi = j; }
-    }
-    for (unsigned s = 0; s < k; ++s) {
-        float v = bv; unsigned ix = bi;
-        for (int off = 16; off > 0; off >>= 1) {
-            float ov = __shfl_down_sync(0xffffffffu, v, off);
-            unsigned oi = __shfl_down_sync(0xffffffffu, ix, off);
-            if (ov > v || (ov == v && oi < ix)) { v = ov; ix = oi; }
-        }
-        if (lane == 0) { sv[warp] = v; si[warp] = ix; }
-        __syncthreads();
-        if (warp == 0) {
-            v = lane < nwarps ? sv[lane] : NEG_INF;
-            ix = lane < nwarps ? si[lane] : NONE;
-            for (int off = 16; off > 0; off >>= 1) {
-                float ov = __shfl_down_sync(0xffffffffu, v, off);
-                unsigned oi = __shfl_down_sync(0xffffffffu, ix, off);
-                if (ov > v || (ov == v && oi < ix)) { v = ov; ix = oi; }
-            }
-            if (lane == 0) {
-                win = ix;
-                size_t o = (size_t)blockIdx.x * k + s;
-                bool keep = ix != NONE && v > 0.0f;
-                idx[o] = keep ? ix : NONE;
-                val[o] = keep ? v : 0.0f;
-            }
-        }
-        __syncthreads();
-        unsigned w = win;
-        if (w != NONE && w % nt == t) {
-            unsigned slot = w / nt;
-            taken[slot >> 5] |= 1u << (slot & 31);
-            bv = NEG_INF; bi = NONE;
-            for (unsigned i = 0, j = t; j < d_sae; ++i, j += nt) {
-                if (taken[i >> 5] & (1u << (i & 31))) continue;
-                float u = p[j] + b_enc[j];
-                if (u > bv) { bv = u; bi = j; }
-            }
+// (v, i) ranks before (w, j): the larger value, then the lower index (NaN never does).
+__device__ __forceinline__ bool before(float v, unsigned i, float w, unsigned j) {
+    return v > w || (v == w && i < j);
+}
+
+// Puts (v, j) into a thread's cache, its best CACHE candidates in rank order.
+__device__ __forceinline__ void keep(float* cv, unsigned* ci, float v, unsigned j) {
+    if (!before(v, j, cv[CACHE - 1], ci[CACHE - 1])) return;
+#pragma unroll
+    for (int p = CACHE - 1; p > 0; --p) {
+        if (before(v, j, cv[p - 1], ci[p - 1])) {
+            cv[p] = cv[p - 1]; ci[p] = ci[p - 1];
+        } else {
+            cv[p] = v; ci[p] = j;
+            return;
         }
     }
+    cv[0] = v; ci[0] = j;
+}
+
+// The best (v, i) of the warp, in every lane.
+__device__ __forceinline__ void warp_best(float& v, unsigned& i) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, off);
+        unsigned oi = __shfl_xor_sync(0xffffffffu, i, off);
+        if (before(ov, oi, v, i)) { v = ov; i = oi; }
+    }
+}
+
+// Lane `lane` of a row's warp scans the latents it owns (lane, lane + 32, ...) into its
+// cache; with `after`, only those that rank after (av, ai). Eight loads are in flight before
+// any is used: the row comes from HBM, and one load at a time leaves the scan latency-bound.
+__device__ __forceinline__ void scan(const float* p, const float* b_enc, unsigned d_sae,
+                                     unsigned lane, float* cv, unsigned* ci, bool after,
+                                     float av, unsigned ai) {
+    unsigned j = lane;
+    for (; j + 7 * 32 < d_sae; j += 8 * 32) {
+        float u[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) u[q] = p[j + q * 32] + b_enc[j + q * 32];
+#pragma unroll
+        for (int q = 0; q < 8; ++q)
+            if (!after || before(av, ai, u[q], j + q * 32)) keep(cv, ci, u[q], j + q * 32);
+    }
+    for (; j < d_sae; j += 32) {
+        float u = p[j] + b_enc[j];
+        if (!after || before(av, ai, u, j)) keep(cv, ci, u, j);
+    }
+}
+
+// One warp per row (no barrier: the warp's shuffles are the whole reduction). Each lane keeps
+// the best CACHE of its latents in registers. k times, the warp finds the best cached head;
+// the lane that owned the winner pops it, and refills an emptied cache from its latents that
+// rank after the winner (exactly the ones not yet taken). Ties go to the lower index. The
+// first winner at or below 0 ends the row: the ReLU drops it and all after it (index NONE,
+// value 0).
+extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsigned rows,
+                                    unsigned d_sae, unsigned k, unsigned* idx, float* val) {
+    unsigned lane = threadIdx.x & 31u;
+    unsigned row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // the whole warp: a warp's lanes share the row
+    const float* p = pre + (size_t)row * d_sae;
+    unsigned* out_i = idx + (size_t)row * k;
+    float* out_v = val + (size_t)row * k;
+    float cv[CACHE];
+    unsigned ci[CACHE];
+#pragma unroll
+    for (int c = 0; c < CACHE; ++c) { cv[c] = NEG_INF; ci[c] = NONE; }
+    scan(p, b_enc, d_sae, lane, cv, ci, false, 0.0f, 0u);
+    unsigned s = 0;
+    for (; s < k; ++s) {
+        float v = cv[0];
+        unsigned ix = ci[0];
+        warp_best(v, ix);
+        // Every lane holds the same winner, so this break is uniform.
+        if (ix == NONE || !(v > 0.0f)) break;
+        if (lane == 0) { out_i[s] = ix; out_v[s] = v; }
+        if ((ix & 31u) == lane) {
+#pragma unroll
+            for (int c = 0; c < CACHE - 1; ++c) { cv[c] = cv[c + 1]; ci[c] = ci[c + 1]; }
+            cv[CACHE - 1] = NEG_INF; ci[CACHE - 1] = NONE;
+            if (ci[0] == NONE) scan(p, b_enc, d_sae, lane, cv, ci, true, v, ix);
+        }
+    }
+    for (unsigned r = s + lane; r < k; r += 32) { out_i[r] = NONE; out_v[r] = 0.0f; }
 }
 
 // One block per row: x_hat = (b_dec + sum_s val_s W_dec[idx_s]) * unscale, e = x - x_hat,
@@ -768,8 +1037,44 @@ pub struct CudaSae {
     idx: CudaSlice<u32>,
     val: CudaSlice<f32>,
     err_sq: CudaSlice<f32>,
-    host_err: Vec<f32>,
+    /// Two pinned input buffers `[capacity, d_in]` (write-combined: the host only writes
+    /// them): the host fills one while the GPU scores the other.
+    host_x: [Pinned; 2],
+    /// The pinned buffers each input buffer's errors come back into.
+    host_err: [Pinned; 2],
+    /// The input buffer [`Self::input_mut`] hands out and the next submit sends.
+    slot: usize,
+    /// The forward submitted and not yet waited for: (buffer, rows).
+    in_flight: Option<(usize, usize)>,
     name: String,
+}
+
+/// Seconds per batch spent in each stage of [`CudaSae::forward_input`], each stage timed
+/// alone (synchronised before and after), so their sum exceeds a pipelined forward.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SaeStages {
+    pub upload: f64,
+    pub prep: f64,
+    pub encoder_gemm: f64,
+    pub topk: f64,
+    pub decode: f64,
+    pub download: f64,
+}
+
+impl SaeStages {
+    /// One line, in milliseconds.
+    pub fn describe(&self) -> String {
+        format!(
+            "upload {:.3} ms, prep {:.3}, encoder GEMM {:.3}, TopK {:.3}, decode {:.3}, \
+             download {:.3}",
+            self.upload * 1e3,
+            self.prep * 1e3,
+            self.encoder_gemm * 1e3,
+            self.topk * 1e3,
+            self.decode * 1e3,
+            self.download * 1e3
+        )
+    }
 }
 
 impl std::fmt::Debug for CudaSae {
@@ -873,7 +1178,16 @@ impl CudaSae {
                 idx: stream.alloc_zeros(cap * k).map_err(&alloc)?,
                 val: stream.alloc_zeros(cap * k).map_err(&alloc)?,
                 err_sq: stream.alloc_zeros(cap).map_err(&alloc)?,
-                host_err: vec![0.0; cap],
+                host_x: [
+                    Pinned::new(&ctx, cap * d_in, true)?,
+                    Pinned::new(&ctx, cap * d_in, true)?,
+                ],
+                host_err: [
+                    Pinned::new(&ctx, cap, false)?,
+                    Pinned::new(&ctx, cap, false)?,
+                ],
+                slot: 0,
+                in_flight: None,
                 stream,
                 blas,
                 prep,
@@ -921,6 +1235,7 @@ impl CudaSae {
             .map_err(|e| CudaError::Blas(e.to_string()))
     }
 
+    /// Copies `x` into the pinned input buffer and runs the forward on it.
     fn run(&mut self, x: ArrayView2<f32>) -> Result<(), CudaError> {
         let (n, d) = x.dim();
         if d != self.d_in {
@@ -929,76 +1244,130 @@ impl CudaSae {
                 reason: format!("input has {d} features, the SAE takes {}", self.d_in),
             });
         }
+        self.check_rows(n)?;
+        let dst = &mut self.host_x[self.slot].as_mut_slice()[..n * d];
+        match x.as_slice() {
+            Some(v) => dst.copy_from_slice(v),
+            None => {
+                for (o, v) in dst.iter_mut().zip(x.iter()) {
+                    *o = *v;
+                }
+            }
+        }
+        self.run_input(n)
+    }
+
+    fn check_rows(&self, n: usize) -> Result<(), CudaError> {
+        if self.in_flight.is_some() {
+            return Err(CudaError::Run {
+                what: "SAE forward",
+                reason: "a submitted forward has not been waited for".into(),
+            });
+        }
         if n > self.capacity {
             return Err(CudaError::Run {
                 what: "SAE forward",
                 reason: format!("{n} rows, buffers for {}", self.capacity),
             });
         }
-        let owned;
-        let src: &[f32] = match x.as_slice() {
-            Some(v) => v,
-            None => {
-                owned = x.iter().copied().collect::<Vec<f32>>();
-                &owned
-            }
-        };
-        self.stream
-            .memcpy_htod(src, &mut self.x)
-            .map_err(run_err("copying the batch to the GPU"))?;
-        let total = (n * d) as u32;
-        let (rows, dd, scale, sub) = (n as u32, d as u32, 1.0f32, i32::from(self.sub_b_dec));
-        let mut b = self.stream.launch_builder(&self.prep);
-        b.arg(&self.x)
-            .arg(&mut self.xin)
-            .arg(&self.b_dec)
-            .arg(&rows)
-            .arg(&dd)
-            .arg(&scale)
-            .arg(&sub);
-        let grid = |threads: u32, blocks: u32| LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: n·d elements of x and x_in (capacity ≥ n), d of b_dec; types match.
-        unsafe { b.launch(grid(256, total.div_ceil(256))) }.map_err(run_err("sae_prep"))?;
-        self.encoder_gemm(n)?;
-        let (d_sae, k) = (self.d_sae as u32, self.k as u32);
-        let mut b = self.stream.launch_builder(&self.topk);
-        b.arg(&self.pre)
-            .arg(&self.b_enc)
-            .arg(&d_sae)
-            .arg(&k)
-            .arg(&mut self.idx)
-            .arg(&mut self.val);
-        // SAFETY: one block per row < capacity; each reads d_sae of pre and b_enc and writes k
-        // of idx and val; d_sae ≤ 128·1024 as the taken mask needs.
-        unsafe { b.launch(grid(TOPK_THREADS, rows)) }.map_err(run_err("sae_topk"))?;
-        let unscale = 1.0f32;
-        let mut b = self.stream.launch_builder(&self.decode);
-        b.arg(&self.x)
-            .arg(&self.w_dec)
-            .arg(&self.b_dec)
-            .arg(&self.idx)
-            .arg(&self.val)
-            .arg(&dd)
-            .arg(&k)
-            .arg(&unscale)
-            .arg(&mut self.err_sq);
-        // SAFETY: one block per row; k ≤ 256 fits the shared arrays; indices are < d_sae or
-        // NONE (skipped).
-        unsafe { b.launch(grid(256, rows)) }.map_err(run_err("sae_decode"))?;
-        let out = self.err_sq.slice(..n);
-        self.stream
-            .memcpy_dtoh(&out, &mut self.host_err[..n])
-            .map_err(run_err("copying the errors back"))?;
+        Ok(())
+    }
+
+    /// Every stage on the first `n` rows of the current input buffer, then one synchronise.
+    fn run_input(&mut self, n: usize) -> Result<(), CudaError> {
+        self.enqueue(n)?;
         self.stream
             .synchronize()
             .map_err(run_err("cuStreamSynchronize"))
     }
 
-    /// ‖x − x̂‖² for every row of `x` (`n` ≤ [`Self::capacity`]).
+    fn enqueue(&mut self, n: usize) -> Result<(), CudaError> {
+        for stage in 0..SAE_STAGES {
+            self.stage(stage, n)?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues one stage of the forward on `n` rows (≤ capacity): 0 upload, 1 prep,
+    /// 2 encoder GEMM, 3 TopK, 4 decode, 5 download.
+    fn stage(&mut self, stage: usize, n: usize) -> Result<(), CudaError> {
+        let d = self.d_in;
+        let (rows, dd) = (n as u32, d as u32);
+        let grid = |threads: u32, blocks: u32| LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match stage {
+            0 => copy_htod(
+                &self.stream,
+                &self.host_x[self.slot].as_slice()[..n * d],
+                &mut self.x,
+                "copying the batch to the GPU",
+            ),
+            1 => {
+                let total = (n * d) as u32;
+                let (scale, sub) = (1.0f32, i32::from(self.sub_b_dec));
+                let mut b = self.stream.launch_builder(&self.prep);
+                b.arg(&self.x)
+                    .arg(&mut self.xin)
+                    .arg(&self.b_dec)
+                    .arg(&rows)
+                    .arg(&dd)
+                    .arg(&scale)
+                    .arg(&sub);
+                // SAFETY: n·d elements of x and x_in (capacity ≥ n), d of b_dec; types match.
+                unsafe { b.launch(grid(256, total.div_ceil(256))) }
+                    .map(drop)
+                    .map_err(run_err("sae_prep"))
+            }
+            2 => self.encoder_gemm(n),
+            3 => {
+                let (d_sae, k) = (self.d_sae as u32, self.k as u32);
+                let mut b = self.stream.launch_builder(&self.topk);
+                b.arg(&self.pre)
+                    .arg(&self.b_enc)
+                    .arg(&rows)
+                    .arg(&d_sae)
+                    .arg(&k)
+                    .arg(&mut self.idx)
+                    .arg(&mut self.val);
+                // SAFETY: one warp per row < n ≤ capacity (the kernel checks the row); each
+                // reads d_sae of pre and b_enc and writes k of idx and val.
+                unsafe { b.launch(grid(TOPK_THREADS, rows.div_ceil(TOPK_THREADS / 32))) }
+                    .map(drop)
+                    .map_err(run_err("sae_topk"))
+            }
+            4 => {
+                let (k, unscale) = (self.k as u32, 1.0f32);
+                let mut b = self.stream.launch_builder(&self.decode);
+                b.arg(&self.x)
+                    .arg(&self.w_dec)
+                    .arg(&self.b_dec)
+                    .arg(&self.idx)
+                    .arg(&self.val)
+                    .arg(&dd)
+                    .arg(&k)
+                    .arg(&unscale)
+                    .arg(&mut self.err_sq);
+                // SAFETY: one block per row; k ≤ 256 fits the shared arrays; indices are
+                // < d_sae or NONE (skipped).
+                unsafe { b.launch(grid(256, rows)) }
+                    .map(drop)
+                    .map_err(run_err("sae_decode"))
+            }
+            _ => copy_dtoh(
+                &self.stream,
+                &self.err_sq,
+                &mut self.host_err[self.slot].as_mut_slice()[..n],
+                "copying the errors back",
+            ),
+        }
+    }
+
+    /// ‖x − x̂‖² for every row of `x` (`n` ≤ [`Self::capacity`]). `x` is first copied into
+    /// the pinned input buffer; a caller that can write there directly uses
+    /// [`Self::input_mut`] and [`Self::forward_input`] instead and saves that copy.
     ///
     /// # Errors
     /// A CUDA failure, the wrong width, or more rows than the buffers hold.
@@ -1007,7 +1376,88 @@ impl CudaSae {
         if n > 0 {
             guarded("the SAE forward pass", || self.run(x))?;
         }
-        Ok(&self.host_err[..n])
+        Ok(&self.host_err[self.slot].as_slice()[..n])
+    }
+
+    /// The pinned input buffer that [`Self::forward_input`] or [`Self::submit`] sends next,
+    /// `[capacity, d_in]` row-major. After a submit it is the *other* buffer, which the host
+    /// may fill while the GPU scores the submitted one.
+    pub fn input_mut(&mut self) -> &mut [f32] {
+        self.host_x[self.slot].as_mut_slice()
+    }
+
+    /// Starts the forward of the first `n` rows of [`Self::input_mut`] and returns without
+    /// waiting; [`Self::wait`] gives its errors. One forward is in flight at a time.
+    ///
+    /// # Errors
+    /// One is already in flight, `n` exceeds the capacity, or a CUDA call fails.
+    pub fn submit(&mut self, n: usize) -> Result<(), CudaError> {
+        self.check_rows(n)?;
+        guarded("submitting an SAE forward", || self.enqueue(n))?;
+        self.in_flight = Some((self.slot, n));
+        self.slot ^= 1;
+        Ok(())
+    }
+
+    /// Waits for the forward [`Self::submit`] started and returns its ‖x − x̂‖² (empty when
+    /// none is in flight).
+    ///
+    /// # Errors
+    /// A CUDA failure while it ran.
+    pub fn wait(&mut self) -> Result<&[f32], CudaError> {
+        let Some((slot, n)) = self.in_flight.take() else {
+            return Ok(&[]);
+        };
+        guarded("waiting for an SAE forward", || {
+            self.stream
+                .synchronize()
+                .map_err(run_err("cuStreamSynchronize"))
+        })?;
+        Ok(&self.host_err[slot].as_slice()[..n])
+    }
+
+    /// ‖x − x̂‖² for the first `n` rows written into [`Self::input_mut`].
+    ///
+    /// # Errors
+    /// A CUDA failure, or more rows than the buffers hold.
+    pub fn forward_input(&mut self, n: usize) -> Result<&[f32], CudaError> {
+        self.check_rows(n)?;
+        if n > 0 {
+            guarded("the SAE forward pass", || self.run_input(n))?;
+        }
+        Ok(&self.host_err[self.slot].as_slice()[..n])
+    }
+
+    /// Times each stage of [`Self::forward_input`] alone on `n` rows, `runs` times after a
+    /// warm-up; returns the mean seconds per stage.
+    ///
+    /// # Errors
+    /// A CUDA failure, or more rows than the buffers hold.
+    pub fn time_stages(&mut self, n: usize, runs: usize) -> Result<SaeStages, CudaError> {
+        self.check_rows(n)?;
+        let runs = runs.max(1);
+        guarded("timing the SAE stages", || {
+            self.run_input(n)?;
+            let mut total = [0.0f64; SAE_STAGES];
+            let sync = run_err("cuStreamSynchronize");
+            for _ in 0..runs {
+                for (stage, t) in total.iter_mut().enumerate() {
+                    let t0 = std::time::Instant::now();
+                    self.stage(stage, n)?;
+                    self.stream.synchronize().map_err(&sync)?;
+                    *t += t0.elapsed().as_secs_f64();
+                }
+            }
+            let per = |i: usize| total[i] / runs as f64;
+            Ok(SaeStages {
+                upload: per(0),
+                prep: per(1),
+                encoder_gemm: per(2),
+                topk: per(3),
+                decode: per(4),
+                download: per(5),
+            })
+        })
     }
 
     /// The active latents of the last forward's first `n` rows: per row, `k` (index, value)

@@ -70,7 +70,18 @@ impl CudaSession {
     ) -> Result<R, CudaError> {
         match *self {}
     }
+
+    pub fn graphs_off(&self) -> Option<&str> {
+        match *self {}
+    }
+
+    pub fn disable_graphs(&mut self) {
+        match *self {}
+    }
 }
+
+/// Batches of up to this many rows replay a CUDA graph (in a `cuda` build).
+pub const GRAPH_MAX_ROWS: usize = 64;
 
 /// Whether CUDA device `index` is usable: always an error in this build.
 ///
@@ -117,6 +128,28 @@ impl CudaSae {
     /// # Errors
     /// Never returns.
     pub fn forward(&mut self, _x: ArrayView2<f32>) -> Result<&[f32], CudaError> {
+        match *self {}
+    }
+
+    pub fn input_mut(&mut self) -> &mut [f32] {
+        match *self {}
+    }
+
+    /// # Errors
+    /// Never returns.
+    pub fn submit(&mut self, _n: usize) -> Result<(), CudaError> {
+        match *self {}
+    }
+
+    /// # Errors
+    /// Never returns.
+    pub fn wait(&mut self) -> Result<&[f32], CudaError> {
+        match *self {}
+    }
+
+    /// # Errors
+    /// Never returns.
+    pub fn forward_input(&mut self, _n: usize) -> Result<&[f32], CudaError> {
         match *self {}
     }
 
