@@ -859,7 +859,8 @@ impl CudaSession {
 
 /// Largest `k` the device TopK kernel takes.
 pub const SAE_MAX_K: usize = 256;
-/// Threads per block of the TopK kernel (one warp per row, so 8 rows per block).
+/// Threads per block of the TopK kernel: one warp per row, `WARPS` = 8 rows per block (the
+/// kernel's shared candidate buffers are sized for that).
 const TOPK_THREADS: u32 = 256;
 /// Stages of the SAE forward: upload, prep, encoder GEMM, TopK, decode, download.
 const SAE_STAGES: usize = 6;
@@ -871,7 +872,9 @@ const SAE_MAX_LATENTS: usize = 1 << 24;
 const SAE_KERNELS: &str = r#"
 #define NEG_INF __int_as_float(0xff800000)
 #define NONE 0xffffffffu
-#define CACHE 8
+// The TopK kernel: rows per block (one warp each) and candidates kept per row.
+#define WARPS 8
+#define BUF 512
 
 extern "C" __global__ void sae_prep(const float* x, float* xin, const float* b_dec,
                                     unsigned rows, unsigned d, float scale, int sub) {
@@ -887,87 +890,94 @@ __device__ __forceinline__ bool before(float v, unsigned i, float w, unsigned j)
     return v > w || (v == w && i < j);
 }
 
-// Puts (v, j) into a thread's cache, its best CACHE candidates in rank order.
-__device__ __forceinline__ void keep(float* cv, unsigned* ci, float v, unsigned j) {
-    if (!before(v, j, cv[CACHE - 1], ci[CACHE - 1])) return;
-#pragma unroll
-    for (int p = CACHE - 1; p > 0; --p) {
-        if (before(v, j, cv[p - 1], ci[p - 1])) {
-            cv[p] = cv[p - 1]; ci[p] = ci[p - 1];
-        } else {
-            cv[p] = v; ci[p] = j;
-            return;
+// Sorts a warp's candidate buffer (BUF entries) into rank order, best first (bitonic).
+__device__ void sort_buffer(float* bv, unsigned* bi, unsigned lane) {
+    for (unsigned size = 2; size <= BUF; size <<= 1) {
+        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
+            for (unsigned t = lane; t < BUF / 2; t += 32) {
+                unsigned lo = 2 * t - (t & (stride - 1)), hi = lo + stride;
+                float a = bv[lo], b = bv[hi];
+                unsigned ai = bi[lo], bj = bi[hi];
+                // Best first within blocks whose bit `size` is clear, worst first otherwise.
+                bool swap = (lo & size) == 0 ? before(b, bj, a, ai) : before(a, ai, b, bj);
+                if (swap) { bv[lo] = b; bi[lo] = bj; bv[hi] = a; bi[hi] = ai; }
+            }
+            __syncwarp();
         }
     }
-    cv[0] = v; ci[0] = j;
 }
 
-// The best (v, i) of the warp, in every lane.
-__device__ __forceinline__ void warp_best(float& v, unsigned& i) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, v, off);
-        unsigned oi = __shfl_xor_sync(0xffffffffu, i, off);
-        if (before(ov, oi, v, i)) { v = ov; i = oi; }
-    }
+// Pads the buffer from `count` with entries that rank after everything, then sorts it.
+__device__ void pad_and_sort(float* bv, unsigned* bi, unsigned count, unsigned lane) {
+    for (unsigned t = count + lane; t < BUF; t += 32) { bv[t] = NEG_INF; bi[t] = NONE; }
+    __syncwarp();
+    sort_buffer(bv, bi, lane);
 }
 
-// Lane `lane` of a row's warp scans the latents it owns (lane, lane + 32, ...) into its
-// cache; with `after`, only those that rank after (av, ai). Eight loads are in flight before
-// any is used: the row comes from HBM, and one load at a time leaves the scan latency-bound.
-__device__ __forceinline__ void scan(const float* p, const float* b_enc, unsigned d_sae,
-                                     unsigned lane, float* cv, unsigned* ci, bool after,
-                                     float av, unsigned ai) {
-    unsigned j = lane;
-    for (; j + 7 * 32 < d_sae; j += 8 * 32) {
-        float u[8];
-#pragma unroll
-        for (int q = 0; q < 8; ++q) u[q] = p[j + q * 32] + b_enc[j + q * 32];
-#pragma unroll
-        for (int q = 0; q < 8; ++q)
-            if (!after || before(av, ai, u[q], j + q * 32)) keep(cv, ci, u[q], j + q * 32);
-    }
-    for (; j < d_sae; j += 32) {
-        float u = p[j] + b_enc[j];
-        if (!after || before(av, ai, u, j)) keep(cv, ci, u, j);
-    }
-}
-
-// One warp per row (no barrier: the warp's shuffles are the whole reduction). Each lane keeps
-// the best CACHE of its latents in registers. k times, the warp finds the best cached head;
-// the lane that owned the winner pops it, and refills an emptied cache from its latents that
-// rank after the winner (exactly the ones not yet taken). Ties go to the lower index. The
-// first winner at or below 0 ends the row: the ReLU drops it and all after it (index NONE,
-// value 0).
+// One warp per row, one pass over it. The warp keeps a candidate buffer in shared memory
+// and a threshold, the k-th best candidate so far (none at first): a latent that ranks
+// before the threshold is appended (ballot, so the common case is a compare and a vote).
+// When the buffer would overflow it is sorted and cut to its best k, which raises the
+// threshold. At the end the buffer is sorted once more; its first k, in rank order (ties:
+// lower index), are the row's TopK. The first at or below 0 ends the row: the ReLU drops it
+// and all after it (index NONE, value 0). Needs k <= BUF / 2, so a cut frees >= 32 slots.
 extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsigned rows,
                                     unsigned d_sae, unsigned k, unsigned* idx, float* val) {
-    unsigned lane = threadIdx.x & 31u;
-    unsigned row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    __shared__ float sbv[WARPS][BUF];
+    __shared__ unsigned sbi[WARPS][BUF];
+    unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    unsigned row = blockIdx.x * WARPS + warp;
     if (row >= rows) return;  // the whole warp: a warp's lanes share the row
+    float* bv = sbv[warp];
+    unsigned* bi = sbi[warp];
     const float* p = pre + (size_t)row * d_sae;
-    unsigned* out_i = idx + (size_t)row * k;
-    float* out_v = val + (size_t)row * k;
-    float cv[CACHE];
-    unsigned ci[CACHE];
+    unsigned below = (1u << lane) - 1u;
+    unsigned count = 0;
+    float tv = NEG_INF;
+    unsigned ti = NONE;
+    bool open = true;  // no threshold yet: every latent is a candidate
+    for (unsigned base = 0; base < d_sae; base += 8 * 32) {
+        // Eight loads in flight per lane before any is used.
+        float u[8];
 #pragma unroll
-    for (int c = 0; c < CACHE; ++c) { cv[c] = NEG_INF; ci[c] = NONE; }
-    scan(p, b_enc, d_sae, lane, cv, ci, false, 0.0f, 0u);
-    unsigned s = 0;
-    for (; s < k; ++s) {
-        float v = cv[0];
-        unsigned ix = ci[0];
-        warp_best(v, ix);
-        // Every lane holds the same winner, so this break is uniform.
-        if (ix == NONE || !(v > 0.0f)) break;
-        if (lane == 0) { out_i[s] = ix; out_v[s] = v; }
-        if ((ix & 31u) == lane) {
+        for (int q = 0; q < 8; ++q) {
+            unsigned j = base + q * 32 + lane;
+            u[q] = j < d_sae ? p[j] + b_enc[j] : 0.0f;
+        }
 #pragma unroll
-            for (int c = 0; c < CACHE - 1; ++c) { cv[c] = cv[c + 1]; ci[c] = ci[c + 1]; }
-            cv[CACHE - 1] = NEG_INF; ci[CACHE - 1] = NONE;
-            if (ci[0] == NONE) scan(p, b_enc, d_sae, lane, cv, ci, true, v, ix);
+        for (int q = 0; q < 8; ++q) {
+            unsigned j = base + q * 32 + lane;
+            bool in = j < d_sae && (open ? !(u[q] != u[q]) : before(u[q], j, tv, ti));
+            unsigned vote = __ballot_sync(0xffffffffu, in);
+            if (vote == 0) continue;
+            if (count + __popc(vote) > BUF) {
+                pad_and_sort(bv, bi, count, lane);
+                count = k;
+                tv = bv[k - 1];
+                ti = bi[k - 1];
+                open = false;
+                in = j < d_sae && before(u[q], j, tv, ti);
+                vote = __ballot_sync(0xffffffffu, in);
+            }
+            if (in) {
+                unsigned slot = count + __popc(vote & below);
+                bv[slot] = u[q];
+                bi[slot] = j;
+            }
+            count += __popc(vote);
+            __syncwarp();
         }
     }
-    for (unsigned r = s + lane; r < k; r += 32) { out_i[r] = NONE; out_v[r] = 0.0f; }
+    pad_and_sort(bv, bi, count, lane);
+    unsigned* out_i = idx + (size_t)row * k;
+    float* out_v = val + (size_t)row * k;
+    for (unsigned s = lane; s < k; s += 32) {
+        float v = bv[s];
+        unsigned i = bi[s];
+        bool keep = i != NONE && v > 0.0f;
+        out_i[s] = keep ? i : NONE;
+        out_v[s] = keep ? v : 0.0f;
+    }
 }
 
 // One block per row: x_hat = (b_dec + sum_s val_s W_dec[idx_s]) * unscale, e = x - x_hat,
