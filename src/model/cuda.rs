@@ -890,11 +890,12 @@ __device__ __forceinline__ bool before(float v, unsigned i, float w, unsigned j)
     return v > w || (v == w && i < j);
 }
 
-// Sorts a warp's candidate buffer (BUF entries) into rank order, best first (bitonic).
-__device__ void sort_buffer(float* bv, unsigned* bi, unsigned lane) {
-    for (unsigned size = 2; size <= BUF; size <<= 1) {
+// Sorts the first `buf` (a power of two) entries of a warp's candidate buffer into rank
+// order, best first (bitonic).
+__device__ void sort_buffer(float* bv, unsigned* bi, unsigned buf, unsigned lane) {
+    for (unsigned size = 2; size <= buf; size <<= 1) {
         for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
-            for (unsigned t = lane; t < BUF / 2; t += 32) {
+            for (unsigned t = lane; t < buf / 2; t += 32) {
                 unsigned lo = 2 * t - (t & (stride - 1)), hi = lo + stride;
                 float a = bv[lo], b = bv[hi];
                 unsigned ai = bi[lo], bj = bi[hi];
@@ -907,11 +908,12 @@ __device__ void sort_buffer(float* bv, unsigned* bi, unsigned lane) {
     }
 }
 
-// Pads the buffer from `count` with entries that rank after everything, then sorts it.
-__device__ void pad_and_sort(float* bv, unsigned* bi, unsigned count, unsigned lane) {
-    for (unsigned t = count + lane; t < BUF; t += 32) { bv[t] = NEG_INF; bi[t] = NONE; }
+// Pads the buffer from `count` to `buf` with entries that rank after everything, then sorts.
+__device__ void pad_and_sort(float* bv, unsigned* bi, unsigned count, unsigned buf,
+                             unsigned lane) {
+    for (unsigned t = count + lane; t < buf; t += 32) { bv[t] = NEG_INF; bi[t] = NONE; }
     __syncwarp();
-    sort_buffer(bv, bi, lane);
+    sort_buffer(bv, bi, buf, lane);
 }
 
 // One warp per row, one pass over it. The warp keeps a candidate buffer in shared memory
@@ -920,7 +922,10 @@ __device__ void pad_and_sort(float* bv, unsigned* bi, unsigned count, unsigned l
 // When the buffer would overflow it is sorted and cut to its best k, which raises the
 // threshold. At the end the buffer is sorted once more; its first k, in rank order (ties:
 // lower index), are the row's TopK. The first at or below 0 ends the row: the ReLU drops it
-// and all after it (index NONE, value 0). Needs k <= BUF / 2, so a cut frees >= 32 slots.
+// and all after it (index NONE, value 0). The buffer holds `buf` = 4k candidates (a power of
+// two, 64 to BUF): a cut then frees 3k slots, and a row of N latents is cut about
+// 1 + ln(N / 4k) / 3 times, each a sort of 4k (small sorts are cheap; the scan dominates).
+// Needs k <= BUF / 2, so a cut frees >= 32 slots.
 extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsigned rows,
                                     unsigned d_sae, unsigned k, unsigned* idx, float* val) {
     __shared__ float sbv[WARPS][BUF];
@@ -932,6 +937,8 @@ extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsign
     unsigned* bi = sbi[warp];
     const float* p = pre + (size_t)row * d_sae;
     unsigned below = (1u << lane) - 1u;
+    unsigned buf = 64;
+    while (buf < 4 * k && buf < BUF) buf <<= 1;
     unsigned count = 0;
     float tv = NEG_INF;
     unsigned ti = NONE;
@@ -950,8 +957,8 @@ extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsign
             bool in = j < d_sae && (open ? !(u[q] != u[q]) : before(u[q], j, tv, ti));
             unsigned vote = __ballot_sync(0xffffffffu, in);
             if (vote == 0) continue;
-            if (count + __popc(vote) > BUF) {
-                pad_and_sort(bv, bi, count, lane);
+            if (count + __popc(vote) > buf) {
+                pad_and_sort(bv, bi, count, buf, lane);
                 count = k;
                 tv = bv[k - 1];
                 ti = bi[k - 1];
@@ -968,7 +975,7 @@ extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsign
             __syncwarp();
         }
     }
-    pad_and_sort(bv, bi, count, lane);
+    pad_and_sort(bv, bi, count, buf, lane);
     unsigned* out_i = idx + (size_t)row * k;
     float* out_v = val + (size_t)row * k;
     for (unsigned s = lane; s < k; s += 32) {
