@@ -430,12 +430,14 @@ fn sae_forward_agrees_with_the_cpu() {
     let Some(_) = gpu("sae_forward_agrees_with_the_cpu") else {
         return;
     };
-    // The second has a tail (1000 is no multiple of 8·32 latents), the third more k than
-    // positive pre-activations (the row ends early).
+    // The second has a tail (1000 is no multiple of 4·4·32 latents), the third more k than
+    // positive pre-activations (the row ends early), the fourth a width that is no multiple
+    // of 4 (the scalar scan).
     for (d, d_sae, k, n) in [
         (64, 512, 8, 300),
         (32, 1000, 40, 100),
         (16, 300, 256, 50),
+        (24, 999, 16, 60),
         (768, 32_768, 32, 512),
     ] {
         let sae = Sae::random(d, d_sae, k, 3).unwrap();
@@ -473,9 +475,9 @@ fn sae_forward_agrees_with_the_cpu() {
     }
 }
 
-/// Streaming: the host fills one pinned buffer while the GPU scores the other. Every batch
-/// submitted gives exactly what a blocking forward of the same rows gives, and a second
-/// submit before `wait` is refused.
+/// Streaming: two batches in flight (one uploads while the other computes), the host
+/// filling the freed pinned buffer meanwhile. Every batch gives exactly what a blocking
+/// forward of the same rows gives, in submission order, and a third submit is refused.
 #[test]
 fn sae_submit_and_wait_match_the_blocking_forward() {
     use darkwatch::model::cuda::CudaSae;
@@ -485,26 +487,34 @@ fn sae_submit_and_wait_match_the_blocking_forward() {
     };
     let (d, n) = (64, 200);
     let sae = Sae::random(d, 512, 8, 5).unwrap();
-    let batches: Vec<_> = (0..4).map(|i| random_rows(n, d, 20 + i)).collect();
+    let batches: Vec<_> = (0..6).map(|i| random_rows(n, d, 20 + i)).collect();
     let mut dev = CudaSae::load(&sae, n, &cuda_cfg(CudaFallback::Error)).unwrap();
     let want: Vec<Vec<f32>> = batches
         .iter()
         .map(|b| dev.forward(b.view()).unwrap().to_vec())
         .collect();
-    let fill = |dev: &mut CudaSae, b: &ndarray::Array2<f32>| {
-        dev.input_mut()[..n * d].copy_from_slice(b.as_slice().unwrap());
-    };
-    fill(&mut dev, &batches[0]);
-    dev.submit(n).unwrap();
-    assert!(dev.submit(n).is_err(), "a second submit before wait");
-    for i in 1..batches.len() {
-        fill(&mut dev, &batches[i]);
-        let got = dev.wait().unwrap().to_vec();
-        assert_eq!(got, want[i - 1], "batch {}", i - 1);
+    let submit = |dev: &mut CudaSae, b: &ndarray::Array2<f32>| {
+        dev.input_mut().unwrap()[..n * d].copy_from_slice(b.as_slice().unwrap());
         dev.submit(n).unwrap();
+    };
+    submit(&mut dev, &batches[0]);
+    submit(&mut dev, &batches[1]);
+    assert!(dev.submit(n).is_err(), "a third submit before wait");
+    assert!(
+        dev.forward_input(n).is_err(),
+        "a blocking forward while two are in flight"
+    );
+    for i in 2..batches.len() {
+        let got = dev.wait().unwrap().to_vec();
+        assert_eq!(got, want[i - 2], "batch {}", i - 2);
+        submit(&mut dev, &batches[i]);
     }
-    assert_eq!(dev.wait().unwrap(), &want[batches.len() - 1][..]);
+    for w in &want[batches.len() - 2..] {
+        assert_eq!(dev.wait().unwrap(), &w[..]);
+    }
     assert!(dev.wait().unwrap().is_empty(), "nothing in flight");
+    // Blocking again: the same errors.
+    assert_eq!(dev.forward(batches[3].view()).unwrap(), &want[3][..]);
 }
 
 /// What the device SAE does not cover is refused before any CUDA call (so this runs

@@ -527,6 +527,13 @@ pub struct CudaSession {
     graphs_off: Option<String>,
 }
 
+impl Drop for CudaSession {
+    fn drop(&mut self) {
+        // A failed forward can leave copies in flight into the buffers about to be freed.
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl std::fmt::Debug for CudaSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaSession")
@@ -916,6 +923,40 @@ __device__ void pad_and_sort(float* bv, unsigned* bi, unsigned count, unsigned b
     sort_buffer(bv, bi, buf, lane);
 }
 
+// A warp's candidate state while it scans a row (every lane holds the same copy).
+struct Candidates {
+    float* bv;
+    unsigned* bi;
+    unsigned buf, k, lane, below, count;
+    float tv;      // the threshold: the k-th best candidate after the last cut
+    unsigned ti;
+    bool open;     // no cut yet: every latent is a candidate
+};
+
+// Offers latent j (value u, `valid` false past the row's end) to the warp's buffer. Every
+// lane of the warp calls it together.
+__device__ __forceinline__ void consider(Candidates& c, float u, unsigned j, bool valid) {
+    bool in = valid && (c.open ? !(u != u) : before(u, j, c.tv, c.ti));
+    unsigned vote = __ballot_sync(0xffffffffu, in);
+    if (vote == 0) return;
+    if (c.count + __popc(vote) > c.buf) {
+        pad_and_sort(c.bv, c.bi, c.count, c.buf, c.lane);
+        c.count = c.k;
+        c.tv = c.bv[c.k - 1];
+        c.ti = c.bi[c.k - 1];
+        c.open = false;
+        in = valid && before(u, j, c.tv, c.ti);
+        vote = __ballot_sync(0xffffffffu, in);
+    }
+    if (in) {
+        unsigned slot = c.count + __popc(vote & c.below);
+        c.bv[slot] = u;
+        c.bi[slot] = j;
+    }
+    c.count += __popc(vote);
+    __syncwarp();
+}
+
 // One warp per row, one pass over it. The warp keeps a candidate buffer in shared memory
 // and a threshold, the k-th best candidate so far (none at first): a latent that ranks
 // before the threshold is appended (ballot, so the common case is a compare and a vote).
@@ -936,45 +977,54 @@ extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsign
     float* bv = sbv[warp];
     unsigned* bi = sbi[warp];
     const float* p = pre + (size_t)row * d_sae;
-    unsigned below = (1u << lane) - 1u;
     unsigned buf = 64;
     while (buf < 4 * k && buf < BUF) buf <<= 1;
-    unsigned count = 0;
-    float tv = NEG_INF;
-    unsigned ti = NONE;
-    bool open = true;  // no threshold yet: every latent is a candidate
-    for (unsigned base = 0; base < d_sae; base += 8 * 32) {
-        // Eight loads in flight per lane before any is used.
-        float u[8];
+    Candidates c = {bv, bi, buf, k, lane, (1u << lane) - 1u, 0u, NEG_INF, NONE, true};
+    if ((d_sae & 3u) == 0) {
+        // Four float4 loads (16 latents) in flight per lane before any is used: the row
+        // comes from HBM, and fewer bytes in flight leave the scan latency-bound. The row
+        // starts 16-byte aligned (d_sae is a multiple of 4).
+        const float4* p4 = (const float4*)p;
+        const float4* b4 = (const float4*)b_enc;
+        unsigned n4 = d_sae >> 2;
+        for (unsigned base = 0; base < n4; base += 4 * 32) {
+            float4 u[4];
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
-            unsigned j = base + q * 32 + lane;
-            u[q] = j < d_sae ? p[j] + b_enc[j] : 0.0f;
+            for (int q = 0; q < 4; ++q) {
+                unsigned m = base + q * 32 + lane;
+                if (m < n4) {
+                    float4 a = p4[m], e = b4[m];
+                    u[q] = make_float4(a.x + e.x, a.y + e.y, a.z + e.z, a.w + e.w);
+                } else {
+                    u[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                unsigned m = base + q * 32 + lane;
+                bool ok = m < n4;
+                consider(c, u[q].x, 4 * m, ok);
+                consider(c, u[q].y, 4 * m + 1, ok);
+                consider(c, u[q].z, 4 * m + 2, ok);
+                consider(c, u[q].w, 4 * m + 3, ok);
+            }
         }
+    } else {
+        for (unsigned base = 0; base < d_sae; base += 8 * 32) {
+            float u[8];
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
-            unsigned j = base + q * 32 + lane;
-            bool in = j < d_sae && (open ? !(u[q] != u[q]) : before(u[q], j, tv, ti));
-            unsigned vote = __ballot_sync(0xffffffffu, in);
-            if (vote == 0) continue;
-            if (count + __popc(vote) > buf) {
-                pad_and_sort(bv, bi, count, buf, lane);
-                count = k;
-                tv = bv[k - 1];
-                ti = bi[k - 1];
-                open = false;
-                in = j < d_sae && before(u[q], j, tv, ti);
-                vote = __ballot_sync(0xffffffffu, in);
+            for (int q = 0; q < 8; ++q) {
+                unsigned j = base + q * 32 + lane;
+                u[q] = j < d_sae ? p[j] + b_enc[j] : 0.0f;
             }
-            if (in) {
-                unsigned slot = count + __popc(vote & below);
-                bv[slot] = u[q];
-                bi[slot] = j;
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                unsigned j = base + q * 32 + lane;
+                consider(c, u[q], j, j < d_sae);
             }
-            count += __popc(vote);
-            __syncwarp();
         }
     }
+    unsigned count = c.count;
     pad_and_sort(bv, bi, count, buf, lane);
     unsigned* out_i = idx + (size_t)row * k;
     float* out_v = val + (size_t)row * k;
@@ -1032,7 +1082,10 @@ extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const 
 /// `none` or `expected_average_only_in` without a scaling factor. Others are refused with
 /// [`CudaError::Unsupported`].
 pub struct CudaSae {
+    /// Runs the kernels, the GEMM and the copies back.
     stream: Arc<CudaStream>,
+    /// Runs the uploads, so that one batch uploads while the previous one computes.
+    copy: Arc<CudaStream>,
     blas: CudaBlas,
     prep: CudaFunction,
     topk: CudaFunction,
@@ -1048,7 +1101,8 @@ pub struct CudaSae {
     k: usize,
     sub_b_dec: bool,
     capacity: usize,
-    x: CudaSlice<f32>,
+    /// The device copy of each input buffer.
+    x: [CudaSlice<f32>; 2],
     xin: CudaSlice<f32>,
     pre: CudaSlice<f32>,
     idx: CudaSlice<u32>,
@@ -1059,10 +1113,17 @@ pub struct CudaSae {
     host_x: [Pinned; 2],
     /// The pinned buffers each input buffer's errors come back into.
     host_err: [Pinned; 2],
+    /// Per input buffer: its upload finished, so the host may refill it.
+    uploaded: [cudarc::driver::CudaEvent; 2],
+    /// Per input buffer: the decode that read its device copy finished, so the next upload
+    /// may overwrite it.
+    consumed: [cudarc::driver::CudaEvent; 2],
+    /// Per input buffer: its errors are in host memory.
+    done: [cudarc::driver::CudaEvent; 2],
     /// The input buffer [`Self::input_mut`] hands out and the next submit sends.
     slot: usize,
-    /// The forward submitted and not yet waited for: (buffer, rows).
-    in_flight: Option<(usize, usize)>,
+    /// The forwards submitted and not yet waited for, oldest first: (buffer, rows).
+    in_flight: std::collections::VecDeque<(usize, usize)>,
     name: String,
 }
 
@@ -1091,6 +1152,15 @@ impl SaeStages {
             self.decode * 1e3,
             self.download * 1e3
         )
+    }
+}
+
+impl Drop for CudaSae {
+    fn drop(&mut self) {
+        // Work still in flight (submitted, never waited for) uses the buffers about to be
+        // freed.
+        let _ = self.copy.synchronize();
+        let _ = self.stream.synchronize();
     }
 }
 
@@ -1182,6 +1252,7 @@ impl CudaSae {
                 .result()
                 .map_err(|e| CudaError::Blas(e.to_string()))?;
             let up = run_err("uploading the SAE");
+            let event = || ctx.new_event(None).map_err(run_err("cuEventCreate"));
             let cap = max_batch.max(1);
             let alloc = run_err("allocating SAE buffers");
             let s = CudaSae {
@@ -1189,7 +1260,10 @@ impl CudaSae {
                 b_enc: stream.clone_htod(&b_enc).map_err(&up)?,
                 w_dec: stream.clone_htod(&w_dec).map_err(&up)?,
                 b_dec: stream.clone_htod(&b_dec).map_err(&up)?,
-                x: stream.alloc_zeros(cap * d_in).map_err(&alloc)?,
+                x: [
+                    stream.alloc_zeros(cap * d_in).map_err(&alloc)?,
+                    stream.alloc_zeros(cap * d_in).map_err(&alloc)?,
+                ],
                 xin: stream.alloc_zeros(cap * d_in).map_err(&alloc)?,
                 pre: stream.alloc_zeros(cap * d_sae).map_err(&alloc)?,
                 idx: stream.alloc_zeros(cap * k).map_err(&alloc)?,
@@ -1203,8 +1277,12 @@ impl CudaSae {
                     Pinned::new(&ctx, cap, false)?,
                     Pinned::new(&ctx, cap, false)?,
                 ],
+                uploaded: [event()?, event()?],
+                consumed: [event()?, event()?],
+                done: [event()?, event()?],
                 slot: 0,
-                in_flight: None,
+                in_flight: std::collections::VecDeque::with_capacity(2),
+                copy: ctx.new_stream().map_err(run_err("cuStreamCreate"))?,
                 stream,
                 blas,
                 prep,
@@ -1275,7 +1353,7 @@ impl CudaSae {
     }
 
     fn check_rows(&self, n: usize) -> Result<(), CudaError> {
-        if self.in_flight.is_some() {
+        if !self.in_flight.is_empty() {
             return Err(CudaError::Run {
                 what: "SAE forward",
                 reason: "a submitted forward has not been waited for".into(),
@@ -1290,24 +1368,34 @@ impl CudaSae {
         Ok(())
     }
 
-    /// Every stage on the first `n` rows of the current input buffer, then one synchronise.
+    /// Every stage on the first `n` rows of the current input buffer, then waits for them.
     fn run_input(&mut self, n: usize) -> Result<(), CudaError> {
-        self.enqueue(n)?;
-        self.stream
+        self.enqueue(n, self.slot)?;
+        self.done[self.slot]
             .synchronize()
-            .map_err(run_err("cuStreamSynchronize"))
+            .map_err(run_err("cuEventSynchronize"))
     }
 
-    fn enqueue(&mut self, n: usize) -> Result<(), CudaError> {
-        for stage in 0..SAE_STAGES {
-            self.stage(stage, n)?;
+    /// Enqueues the forward of input buffer `slot`: its upload on the copy stream (after the
+    /// last decode that read its device copy), everything else on the compute stream (after
+    /// the upload).
+    fn enqueue(&mut self, n: usize, slot: usize) -> Result<(), CudaError> {
+        let order = run_err("ordering the SAE streams");
+        self.copy.wait(&self.consumed[slot]).map_err(&order)?;
+        self.stage(0, n, slot)?;
+        self.uploaded[slot].record(&self.copy).map_err(&order)?;
+        self.stream.wait(&self.uploaded[slot]).map_err(&order)?;
+        for stage in 1..SAE_STAGES - 1 {
+            self.stage(stage, n, slot)?;
         }
-        Ok(())
+        self.consumed[slot].record(&self.stream).map_err(&order)?;
+        self.stage(SAE_STAGES - 1, n, slot)?;
+        self.done[slot].record(&self.stream).map_err(&order)
     }
 
-    /// Enqueues one stage of the forward on `n` rows (≤ capacity): 0 upload, 1 prep,
-    /// 2 encoder GEMM, 3 TopK, 4 decode, 5 download.
-    fn stage(&mut self, stage: usize, n: usize) -> Result<(), CudaError> {
+    /// Enqueues one stage of the forward on `n` rows (≤ capacity) of input buffer `slot`:
+    /// 0 upload (on the copy stream), 1 prep, 2 encoder GEMM, 3 TopK, 4 decode, 5 download.
+    fn stage(&mut self, stage: usize, n: usize, slot: usize) -> Result<(), CudaError> {
         let d = self.d_in;
         let (rows, dd) = (n as u32, d as u32);
         let grid = |threads: u32, blocks: u32| LaunchConfig {
@@ -1317,16 +1405,16 @@ impl CudaSae {
         };
         match stage {
             0 => copy_htod(
-                &self.stream,
-                &self.host_x[self.slot].as_slice()[..n * d],
-                &mut self.x,
+                &self.copy,
+                &self.host_x[slot].as_slice()[..n * d],
+                &mut self.x[slot],
                 "copying the batch to the GPU",
             ),
             1 => {
                 let total = (n * d) as u32;
                 let (scale, sub) = (1.0f32, i32::from(self.sub_b_dec));
                 let mut b = self.stream.launch_builder(&self.prep);
-                b.arg(&self.x)
+                b.arg(&self.x[slot])
                     .arg(&mut self.xin)
                     .arg(&self.b_dec)
                     .arg(&rows)
@@ -1358,7 +1446,7 @@ impl CudaSae {
             4 => {
                 let (k, unscale) = (self.k as u32, 1.0f32);
                 let mut b = self.stream.launch_builder(&self.decode);
-                b.arg(&self.x)
+                b.arg(&self.x[slot])
                     .arg(&self.w_dec)
                     .arg(&self.b_dec)
                     .arg(&self.idx)
@@ -1376,7 +1464,7 @@ impl CudaSae {
             _ => copy_dtoh(
                 &self.stream,
                 &self.err_sq,
-                &mut self.host_err[self.slot].as_mut_slice()[..n],
+                &mut self.host_err[slot].as_mut_slice()[..n],
                 "copying the errors back",
             ),
         }
@@ -1398,37 +1486,61 @@ impl CudaSae {
 
     /// The pinned input buffer that [`Self::forward_input`] or [`Self::submit`] sends next,
     /// `[capacity, d_in]` row-major. After a submit it is the *other* buffer, which the host
-    /// may fill while the GPU scores the submitted one.
-    pub fn input_mut(&mut self) -> &mut [f32] {
-        self.host_x[self.slot].as_mut_slice()
+    /// may fill while the GPU scores the submitted one; if a batch from this buffer is still
+    /// uploading, this first waits for that upload (only the upload: its scores stay for
+    /// [`Self::wait`]).
+    ///
+    /// # Errors
+    /// A CUDA failure while waiting.
+    pub fn input_mut(&mut self) -> Result<&mut [f32], CudaError> {
+        let slot = self.slot;
+        guarded("waiting for an SAE upload", || {
+            self.uploaded[slot]
+                .synchronize()
+                .map_err(run_err("cuEventSynchronize"))
+        })?;
+        Ok(self.host_x[slot].as_mut_slice())
     }
 
     /// Starts the forward of the first `n` rows of [`Self::input_mut`] and returns without
-    /// waiting; [`Self::wait`] gives its errors. One forward is in flight at a time.
+    /// waiting; [`Self::wait`] gives its errors, oldest first. Two forwards may be in flight:
+    /// the second uploads while the first computes.
     ///
     /// # Errors
-    /// One is already in flight, `n` exceeds the capacity, or a CUDA call fails.
+    /// Two are already in flight, `n` exceeds the capacity, or a CUDA call fails.
     pub fn submit(&mut self, n: usize) -> Result<(), CudaError> {
-        self.check_rows(n)?;
-        guarded("submitting an SAE forward", || self.enqueue(n))?;
-        self.in_flight = Some((self.slot, n));
+        if self.in_flight.len() == 2 {
+            return Err(CudaError::Run {
+                what: "SAE submit",
+                reason: "two forwards are in flight: wait for one first".into(),
+            });
+        }
+        if n > self.capacity {
+            return Err(CudaError::Run {
+                what: "SAE submit",
+                reason: format!("{n} rows, buffers for {}", self.capacity),
+            });
+        }
+        let slot = self.slot;
+        guarded("submitting an SAE forward", || self.enqueue(n, slot))?;
+        self.in_flight.push_back((slot, n));
         self.slot ^= 1;
         Ok(())
     }
 
-    /// Waits for the forward [`Self::submit`] started and returns its ‖x − x̂‖² (empty when
-    /// none is in flight).
+    /// Waits for the oldest forward [`Self::submit`] started and returns its ‖x − x̂‖²
+    /// (empty when none is in flight).
     ///
     /// # Errors
     /// A CUDA failure while it ran.
     pub fn wait(&mut self) -> Result<&[f32], CudaError> {
-        let Some((slot, n)) = self.in_flight.take() else {
+        let Some((slot, n)) = self.in_flight.pop_front() else {
             return Ok(&[]);
         };
         guarded("waiting for an SAE forward", || {
-            self.stream
+            self.done[slot]
                 .synchronize()
-                .map_err(run_err("cuStreamSynchronize"))
+                .map_err(run_err("cuEventSynchronize"))
         })?;
         Ok(&self.host_err[slot].as_slice()[..n])
     }
@@ -1453,6 +1565,7 @@ impl CudaSae {
     pub fn time_stages(&mut self, n: usize, runs: usize) -> Result<SaeStages, CudaError> {
         self.check_rows(n)?;
         let runs = runs.max(1);
+        let slot = self.slot;
         guarded("timing the SAE stages", || {
             self.run_input(n)?;
             let mut total = [0.0f64; SAE_STAGES];
@@ -1460,7 +1573,8 @@ impl CudaSae {
             for _ in 0..runs {
                 for (stage, t) in total.iter_mut().enumerate() {
                     let t0 = std::time::Instant::now();
-                    self.stage(stage, n)?;
+                    self.stage(stage, n, slot)?;
+                    self.copy.synchronize().map_err(&sync)?;
                     self.stream.synchronize().map_err(&sync)?;
                     *t += t0.elapsed().as_secs_f64();
                 }

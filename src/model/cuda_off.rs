@@ -131,7 +131,9 @@ impl CudaSae {
         match *self {}
     }
 
-    pub fn input_mut(&mut self) -> &mut [f32] {
+    /// # Errors
+    /// Never returns.
+    pub fn input_mut(&mut self) -> Result<&mut [f32], CudaError> {
         match *self {}
     }
 
