@@ -166,7 +166,7 @@ fn main() {
 
 /// The device SAE against its own encoder GEMM.
 fn sae(out: &mut String) {
-    use darkwatch::model::cuda::CudaSae;
+    use darkwatch::model::cuda::{CudaSae, SAE_SLOTS};
     let (d, d_sae, k, n) = (768usize, 32_768usize, 32usize, 4096usize);
     let sae = darkwatch::sae::Sae::random(d, d_sae, k, 42).expect("valid shape");
     let mut rng = darkwatch::rng::Rng::new(7);
@@ -206,10 +206,10 @@ fn sae(out: &mut String) {
             std::hint::black_box(dev.forward_input(n).expect("SAE forward")[0]);
         }
         let serial = t.elapsed().as_secs_f64() / runs as f64;
-        // Streaming: two batches in flight, so one uploads while the other computes, and the
-        // host writes the next into the freed pinned buffer meanwhile (submit / wait).
+        // Streaming: SAE_SLOTS batches in flight, so one uploads while another computes, and
+        // the host writes the next into the freed pinned buffer meanwhile (submit / wait).
         let t = Instant::now();
-        for _ in 0..2 {
+        for _ in 0..SAE_SLOTS {
             fill(&mut dev);
             dev.submit(n).expect("SAE submit");
         }
@@ -218,10 +218,10 @@ fn sae(out: &mut String) {
             fill(&mut dev);
             dev.submit(n).expect("SAE submit");
         }
-        for _ in 0..2 {
+        for _ in 0..SAE_SLOTS {
             std::hint::black_box(dev.wait().expect("SAE forward")[0]);
         }
-        let per = t.elapsed().as_secs_f64() / (runs + 2) as f64;
+        let per = t.elapsed().as_secs_f64() / (runs + SAE_SLOTS) as f64;
         // The device forward alone: tokens already in the pinned input.
         let t = Instant::now();
         for _ in 0..runs {

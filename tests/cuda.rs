@@ -475,19 +475,19 @@ fn sae_forward_agrees_with_the_cpu() {
     }
 }
 
-/// Streaming: two batches in flight (one uploads while the other computes), the host
+/// Streaming: `SAE_SLOTS` batches in flight (one uploads while another computes), the host
 /// filling the freed pinned buffer meanwhile. Every batch gives exactly what a blocking
-/// forward of the same rows gives, in submission order, and a third submit is refused.
+/// forward of the same rows gives, in submission order, and one more submit is refused.
 #[test]
 fn sae_submit_and_wait_match_the_blocking_forward() {
-    use darkwatch::model::cuda::CudaSae;
+    use darkwatch::model::cuda::{CudaSae, SAE_SLOTS};
     use darkwatch::sae::Sae;
     let Some(_) = gpu("sae_submit_and_wait_match_the_blocking_forward") else {
         return;
     };
     let (d, n) = (64, 200);
     let sae = Sae::random(d, 512, 8, 5).unwrap();
-    let batches: Vec<_> = (0..6).map(|i| random_rows(n, d, 20 + i)).collect();
+    let batches: Vec<_> = (0..7).map(|i| random_rows(n, d, 20 + i)).collect();
     let mut dev = CudaSae::load(&sae, n, &cuda_cfg(CudaFallback::Error)).unwrap();
     let want: Vec<Vec<f32>> = batches
         .iter()
@@ -497,19 +497,23 @@ fn sae_submit_and_wait_match_the_blocking_forward() {
         dev.input_mut().unwrap()[..n * d].copy_from_slice(b.as_slice().unwrap());
         dev.submit(n).unwrap();
     };
-    submit(&mut dev, &batches[0]);
-    submit(&mut dev, &batches[1]);
-    assert!(dev.submit(n).is_err(), "a third submit before wait");
+    for b in &batches[..SAE_SLOTS] {
+        submit(&mut dev, b);
+    }
+    assert!(
+        dev.submit(n).is_err(),
+        "a submit beyond SAE_SLOTS in flight"
+    );
     assert!(
         dev.forward_input(n).is_err(),
-        "a blocking forward while two are in flight"
+        "a blocking forward while forwards are in flight"
     );
-    for i in 2..batches.len() {
+    for i in SAE_SLOTS..batches.len() {
         let got = dev.wait().unwrap().to_vec();
-        assert_eq!(got, want[i - 2], "batch {}", i - 2);
+        assert_eq!(got, want[i - SAE_SLOTS], "batch {}", i - SAE_SLOTS);
         submit(&mut dev, &batches[i]);
     }
-    for w in &want[batches.len() - 2..] {
+    for w in &want[batches.len() - SAE_SLOTS..] {
         assert_eq!(dev.wait().unwrap(), &w[..]);
     }
     assert!(dev.wait().unwrap().is_empty(), "nothing in flight");

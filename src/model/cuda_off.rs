@@ -99,6 +99,9 @@ pub fn compile_kernels(_arch: Option<&str>) -> Result<(), CudaError> {
     Err(CudaError::NotBuilt)
 }
 
+/// Input buffers (forwards in flight) of a device SAE (in a `cuda` build).
+pub const SAE_SLOTS: usize = 2;
+
 /// Largest `k` the device TopK kernel takes (in a `cuda` build).
 pub const SAE_MAX_K: usize = 256;
 
