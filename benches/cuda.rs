@@ -1,9 +1,11 @@
 //! CUDA against native on the bundled 38-feature PAE (models/smd-machine-1-6): batch-1
 //! latency (p50/p99, whole scorer: scale, forward, wnll head, contributions) and batch-65536
-//! throughput, plus the device forward alone (upload, GEMMs, kernels, copy back). Then the
-//! device SAE (d = 768, 32768 latents, k = 32, batch 4096, random weights): tokens/s of the
-//! whole forward (upload, encoder GEMM, TopK, sparse decode, ‖e‖² back) beside the cuBLAS
-//! encoder GEMM alone, against the targets (≥ 1 M tokens/s, ≥ 50 % of the GEMM).
+//! throughput, plus the device forward alone (upload, GEMMs, kernels, copy back), at batch 1
+//! both as a CUDA graph and call by call (the baseline), interleaved. Then the device SAE
+//! (d = 768, 32768 latents, k = 32, batch 4096, random weights, fp32 and TF32): tokens/s
+//! streamed (two batches in flight, the host writing each batch into a pinned buffer) beside
+//! the cuBLAS encoder GEMM alone, against the targets (≥ 1 M tokens/s, ≥ 50 % of the
+//! GEMM), with the unpipelined times and each stage timed alone.
 //!
 //! `cargo bench --features cuda --bench cuda` (tools/gpu-check.sh runs it). Exits 2 with the
 //! cause when no GPU is usable. With `DARKWATCH_BENCH_OUT=FILE` the table also goes there.

@@ -31,9 +31,11 @@
 //!
 //! The last layer's `[n, d]` (plain) or `[n, 2d]` (mean | variance) output is copied back
 //! to the host and scored by the CPU heads ([`crate::score::Head::score_batch`]); the
-//! scores, contributions and top-k are *not* computed on the device. Host buffers are
-//! pageable (no pinned memory, no copy/compute overlap across batches). Device buffers are
-//! sized once for the scorer's largest batch (and regrown only if a larger batch arrives).
+//! scores, contributions and top-k are *not* computed on the device. The autoencoder's
+//! batches are synchronous (a batch of up to [`GRAPH_MAX_ROWS`] rows is one CUDA graph
+//! launch); only the SAE overlaps an upload with the previous batch's compute
+//! ([`CudaSae::submit`]). Host buffers are pinned; device buffers are sized once for the
+//! scorer's largest batch (and regrown only if a larger batch arrives).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -1083,7 +1085,7 @@ extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const 
 /// decode and the squared error norm on the device; only ‖e‖² per row comes back (the
 /// active latents on request).
 ///
-/// Supported: `TopK` activation with `k` ≤ [`SAE_MAX_K`], `d_sae` ≤ 131072, normalisation
+/// Supported: `TopK` activation with `k` ≤ [`SAE_MAX_K`], `d_sae` < 2^24, normalisation
 /// `none` or `expected_average_only_in` without a scaling factor. Others are refused with
 /// [`CudaError::Unsupported`].
 pub struct CudaSae {
