@@ -543,4 +543,10 @@ fn sae_on_the_device_refuses_what_it_does_not_cover() {
         Err(CudaError::Unsupported(why)) => assert!(why.contains("TopK"), "{why}"),
         other => panic!("expected Unsupported, got {other:?}"),
     }
+    // A batch the kernels cannot index in 32 bits.
+    let topk = Sae::random(8, 32, 4, 1).unwrap();
+    match CudaSae::load(&topk, 1 << 30, &CudaConfig::default()) {
+        Err(CudaError::Unsupported(why)) => assert!(why.contains("2^32"), "{why}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
 }

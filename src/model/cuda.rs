@@ -132,9 +132,12 @@ fn open_context(index: usize) -> Result<Arc<CudaContext>, CudaError> {
         })?;
         // SAFETY: darkwatch synchronises by hand, so cudarc's per-slice events (an event
         // record and wait per kernel argument, which batch-1 latency would pay) are off:
-        // weights are uploaded and synchronised before any session reads them, each
-        // session's buffers are used and freed only on its own stream, every forward ends
-        // with a stream synchronise, and weights outlive the sessions (they hold an Arc).
+        // weights are uploaded and synchronised before any session reads them, and weights
+        // outlive the sessions (they hold an Arc). A `CudaSession` uses its buffers on its
+        // own stream only and ends every forward with a stream synchronise. A `CudaSae`
+        // writes each input buffer's device copy on its copy stream and reads it on its
+        // compute stream, ordered by events (`enqueue`). Both synchronise their streams
+        // before their buffers are freed (their `Drop`, and `reserve`).
         unsafe { ctx.disable_event_tracking() };
         Ok(ctx)
     })
@@ -449,10 +452,10 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        // Pending copies may still read or write the memory (after a failed forward):
-        // wait for the context before freeing it.
+        // No copy reads or writes the memory any more: its owner synchronised its streams
+        // first. (A context-wide synchronise here would invalidate a graph another session
+        // is capturing.)
         let _ = self.ctx.bind_to_thread();
-        let _ = self.ctx.synchronize();
         // SAFETY: allocated by `cuMemHostAlloc` in `new`, freed once.
         let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
     }
@@ -504,8 +507,10 @@ unsafe impl Send for Graph {}
 /// Batches of up to this many rows replay a captured CUDA graph: one launch instead of one
 /// copy, GEMM and kernel launch per layer. Larger batches are not launch-bound.
 pub const GRAPH_MAX_ROWS: usize = 64;
-/// Captured graphs kept per session (the most recent batch sizes).
-const GRAPHS_KEPT: usize = 8;
+/// Captured graphs kept per session: one per batch size up to [`GRAPH_MAX_ROWS`], so a
+/// stream whose batch sizes vary captures each size once instead of re-capturing (a capture
+/// and instantiation cost more than the launches a graph saves).
+const GRAPHS_KEPT: usize = GRAPH_MAX_ROWS;
 /// The cuBLAS workspace each session provides, so that captured GEMMs allocate nothing.
 const BLAS_WORKSPACE_BYTES: usize = 4 << 20;
 
@@ -583,8 +588,13 @@ impl CudaSession {
                 .result()
                 .map_err(|e| CudaError::Blas(e.to_string()))?;
             }
-            let host_in = Pinned::new(&model.ctx, 0, true)?;
-            let host_out = Pinned::new(&model.ctx, 0, false)?;
+            let cap = max_batch.max(1);
+            let host_in = Pinned::new(&model.ctx, cap * model.n_features, true)?;
+            let host_out = Pinned::new(
+                &model.ctx,
+                cap * model.output.output_width(model.recon_width),
+                false,
+            )?;
             let mut s = CudaSession {
                 model,
                 stream,
@@ -597,7 +607,7 @@ impl CudaSession {
                 graphs: Vec::new(),
                 graphs_off: None,
             };
-            s.reserve(max_batch.max(1))?;
+            s.reserve(cap)?;
             Ok(s)
         })
     }
@@ -1085,7 +1095,7 @@ extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const 
 /// decode and the squared error norm on the device; only ‖e‖² per row comes back (the
 /// active latents on request).
 ///
-/// Supported: `TopK` activation with `k` ≤ [`SAE_MAX_K`], `d_sae` < 2^24, normalisation
+/// Supported: `TopK` activation with `k` ≤ [`SAE_MAX_K`], `d_sae` ≤ 2^24, normalisation
 /// `none` or `expected_average_only_in` without a scaling factor. Others are refused with
 /// [`CudaError::Unsupported`].
 pub struct CudaSae {
@@ -1131,6 +1141,8 @@ pub struct CudaSae {
     slot: usize,
     /// The forwards submitted and not yet waited for, oldest first: (buffer, rows).
     in_flight: std::collections::VecDeque<(usize, usize)>,
+    /// Rows of the last forward enqueued (what `idx` and `val` hold once it is done).
+    last_rows: usize,
     name: String,
 }
 
@@ -1213,6 +1225,13 @@ impl CudaSae {
         if d_sae > SAE_MAX_LATENTS {
             return unsupported(format!("{d_sae} latents (≤ {SAE_MAX_LATENTS})"));
         }
+        // The element-wise kernels index a batch in 32 bits.
+        if max_batch.max(1).saturating_mul(d_in) > u32::MAX as usize {
+            return unsupported(format!(
+                "batches of {max_batch} rows of {d_in} (the kernels take at most 2^32 \
+                 values per batch)"
+            ));
+        }
         // b_enc has no accessor: it is the pre-activation of an input that prepares to 0
         // (b_dec when b_dec is subtracted from the input, else 0), exactly 0·W_enc + b_enc.
         let zero_in = if sae.apply_b_dec_to_input() {
@@ -1283,6 +1302,7 @@ impl CudaSae {
                 done: slots(event)?,
                 slot: 0,
                 in_flight: std::collections::VecDeque::with_capacity(SAE_SLOTS),
+                last_rows: 0,
                 copy: ctx.new_stream().map_err(run_err("cuStreamCreate"))?,
                 stream,
                 blas,
@@ -1381,6 +1401,18 @@ impl CudaSae {
     /// last decode that read its device copy), everything else on the compute stream (after
     /// the upload).
     fn enqueue(&mut self, n: usize, slot: usize) -> Result<(), CudaError> {
+        let queued = self.enqueue_stages(n, slot);
+        if queued.is_err() {
+            // Let what was queued finish, so no copy still reads an input buffer the host
+            // may now refill.
+            let _ = self.copy.synchronize();
+            let _ = self.stream.synchronize();
+        }
+        self.last_rows = n;
+        queued
+    }
+
+    fn enqueue_stages(&mut self, n: usize, slot: usize) -> Result<(), CudaError> {
         let order = run_err("ordering the SAE streams");
         self.copy.wait(&self.consumed[slot]).map_err(&order)?;
         self.stage(0, n, slot)?;
@@ -1524,7 +1556,9 @@ impl CudaSae {
             });
         }
         let slot = self.slot;
-        guarded("submitting an SAE forward", || self.enqueue(n, slot))?;
+        if n > 0 {
+            guarded("submitting an SAE forward", || self.enqueue(n, slot))?;
+        }
         self.in_flight.push_back((slot, n));
         self.slot = (self.slot + 1) % SAE_SLOTS;
         Ok(())
@@ -1536,14 +1570,17 @@ impl CudaSae {
     /// # Errors
     /// A CUDA failure while it ran.
     pub fn wait(&mut self) -> Result<&[f32], CudaError> {
-        let Some((slot, n)) = self.in_flight.pop_front() else {
+        let Some(&(slot, n)) = self.in_flight.front() else {
             return Ok(&[]);
         };
-        guarded("waiting for an SAE forward", || {
-            self.done[slot]
-                .synchronize()
-                .map_err(run_err("cuEventSynchronize"))
-        })?;
+        if n > 0 {
+            guarded("waiting for an SAE forward", || {
+                self.done[slot]
+                    .synchronize()
+                    .map_err(run_err("cuEventSynchronize"))
+            })?;
+        }
+        self.in_flight.pop_front();
         Ok(&self.host_err[slot].as_slice()[..n])
     }
 
@@ -1566,6 +1603,9 @@ impl CudaSae {
     /// A CUDA failure, or more rows than the buffers hold.
     pub fn time_stages(&mut self, n: usize, runs: usize) -> Result<SaeStages, CudaError> {
         self.check_rows(n)?;
+        if n == 0 {
+            return Ok(SaeStages::default());
+        }
         let runs = runs.max(1);
         let slot = self.slot;
         guarded("timing the SAE stages", || {
@@ -1593,13 +1633,15 @@ impl CudaSae {
         })
     }
 
-    /// The active latents of the last forward's first `n` rows: per row, `k` (index, value)
-    /// pairs, value 0 and index `u32::MAX` where fewer than `k` survived the ReLU.
+    /// The active latents of the last forward's first `n` rows (at most that forward's
+    /// rows): per row, `k` (index, value) pairs, value 0 and index `u32::MAX` where fewer
+    /// than `k` survived the ReLU.
     ///
     /// # Errors
-    /// A CUDA failure.
-    pub fn latents(&self, n: usize) -> Result<(Vec<u32>, Vec<f32>), CudaError> {
-        let n = n.min(self.capacity);
+    /// A submitted forward has not been waited for, or a CUDA failure.
+    pub fn latents(&mut self, n: usize) -> Result<(Vec<u32>, Vec<f32>), CudaError> {
+        self.check_rows(0)?;
+        let n = n.min(self.last_rows);
         let idx = self
             .stream
             .clone_dtoh(&self.idx.slice(..n * self.k))
@@ -1620,6 +1662,7 @@ impl CudaSae {
     /// # Errors
     /// A CUDA or cuBLAS failure, or `n` beyond the capacity.
     pub fn time_encoder_gemm(&mut self, n: usize, runs: usize) -> Result<f64, CudaError> {
+        self.check_rows(0)?;
         if n > self.capacity {
             return Err(CudaError::Run {
                 what: "GEMM timing",

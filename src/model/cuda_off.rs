@@ -160,7 +160,7 @@ impl CudaSae {
 
     /// # Errors
     /// Never returns.
-    pub fn latents(&self, _n: usize) -> Result<(Vec<u32>, Vec<f32>), CudaError> {
+    pub fn latents(&mut self, _n: usize) -> Result<(Vec<u32>, Vec<f32>), CudaError> {
         match *self {}
     }
 
