@@ -107,14 +107,7 @@ fn main() {
     for (label, model) in [("native (1 thread)", &native), ("cuda (scorer)", &gpu)] {
         let h = batch1(model, &x, 20_000);
         let fps = throughput(model, &x, if model.cuda.is_some() { 20 } else { 5 });
-        let _ = writeln!(
-            out,
-            "{:<40} {:>12.1} {:>12.1} {:>16.3e}",
-            label,
-            h.quantile_ns(0.5) / 1e3,
-            h.quantile_ns(0.99) / 1e3,
-            fps
-        );
+        table_row(&mut out, label, &h, fps);
     }
     // The device forward alone: upload, GEMMs, kernels, copy back (no head). Batch 1 as a
     // CUDA graph (the default) and call by call (the baseline), interleaved in blocks.
@@ -148,14 +141,7 @@ fn main() {
         ("cuda forward only, b1 as a graph", &hg),
         ("cuda forward only, b1 call by call", &hc),
     ] {
-        let _ = writeln!(
-            out,
-            "{:<40} {:>12.1} {:>12.1} {:>16.3e}",
-            label,
-            h.quantile_ns(0.5) / 1e3,
-            h.quantile_ns(0.99) / 1e3,
-            big_fps
-        );
+        table_row(&mut out, label, h, big_fps);
     }
     sae(&mut out);
     print!("{out}");
@@ -164,6 +150,18 @@ fn main() {
     {
         eprintln!("cannot write {file}: {e}");
     }
+}
+
+/// One line of the PAE table: batch-1 p50 and p99 (µs), then frames/s at batch `BIG`.
+fn table_row(out: &mut String, label: &str, h: &LatencyHistogram, fps: f64) {
+    let _ = writeln!(
+        out,
+        "{:<40} {:>12.1} {:>12.1} {:>16.3e}",
+        label,
+        h.quantile_ns(0.5) / 1e3,
+        h.quantile_ns(0.99) / 1e3,
+        fps
+    );
 }
 
 /// The device SAE against its own encoder GEMM.
