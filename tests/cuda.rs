@@ -26,6 +26,9 @@ use util::repo;
 
 const PAE: &str = "models/smd-machine-1-6";
 const MSE: &str = "models/smd-machine-1-6-mse";
+/// Two PAEs of 38 features merged into one network (the ONNX tests' fixture; its native
+/// files load here).
+const ENSEMBLE: &str = "tests/data/onnx/ensemble";
 const STREAM: &str = "tests/data/smd/machine-1-6_test.npy";
 
 fn require_gpu() -> bool {
@@ -253,6 +256,51 @@ fn plain_ae_scores_agree_with_native() {
         &[HeadKind::Mse, HeadKind::MaxAbs],
         "plain_ae_scores_agree_with_native",
     );
+}
+
+/// An ensemble's merged network (2 members, 2·38 columns per output part) on the GPU: the
+/// heads average the members' terms as with the native kernels. Added after the last GPU
+/// run: it has not run on a GPU yet.
+#[test]
+fn ensemble_scores_agree_with_native_for_every_head() {
+    let native = load_native(ENSEMBLE);
+    assert_eq!(native.ae.members, 2);
+    assert_eq!(native.ae.recon_width(), 76);
+    heads_agree(
+        ENSEMBLE,
+        &[HeadKind::Wnll, HeadKind::Mse, HeadKind::MaxAbs],
+        "ensemble_scores_agree_with_native_for_every_head",
+    );
+}
+
+/// Mean-shift scoring on the GPU: the target is shifted on the host from the reference
+/// bank, the reconstruction comes from the device. Added after the last GPU run: it has not
+/// run on a GPU yet.
+#[test]
+fn mean_shift_scoring_agrees_with_native() {
+    let Some(_) = gpu("mean_shift_scoring_agrees_with_native") else {
+        return;
+    };
+    let mss = darkwatch::mss::MssConfig {
+        rounds: 1,
+        neighbours: 10,
+        bank_frames: 2048,
+    };
+    let native = Arc::new(load_native(PAE).with_mss(mss));
+    let gpu_model = Arc::new(load_cuda(PAE, &cuda_cfg(CudaFallback::Error)).with_mss(mss));
+    assert!(gpu_model.active_bank().is_some() && gpu_model.cuda.is_some());
+    let x = stream();
+    let x = x.slice(ndarray::s![..4000, ..]);
+    let head = native.meta.head;
+    for batch in [1, 64, 4000] {
+        let a = Scorer::new(native.clone(), head, batch, 3)
+            .unwrap()
+            .score_all(x);
+        let b = Scorer::new(gpu_model.clone(), head, batch, 3)
+            .unwrap()
+            .score_all(x);
+        assert_close(&a, &b, &format!("wnll+mss batch {batch}"));
+    }
 }
 
 /// The same contributions (not only scores) come out: the heads run on the host from the
