@@ -588,13 +588,9 @@ impl CudaSession {
                 .result()
                 .map_err(|e| CudaError::Blas(e.to_string()))?;
             }
-            let cap = max_batch.max(1);
-            let host_in = Pinned::new(&model.ctx, cap * model.n_features, true)?;
-            let host_out = Pinned::new(
-                &model.ctx,
-                cap * model.output.output_width(model.recon_width),
-                false,
-            )?;
+            // Placeholders: `reserve` below sizes every buffer for `max_batch` rows.
+            let host_in = Pinned::new(&model.ctx, 0, true)?;
+            let host_out = Pinned::new(&model.ctx, 0, false)?;
             let mut s = CudaSession {
                 model,
                 stream,
@@ -607,7 +603,7 @@ impl CudaSession {
                 graphs: Vec::new(),
                 graphs_off: None,
             };
-            s.reserve(cap)?;
+            s.reserve(max_batch.max(1))?;
             Ok(s)
         })
     }
