@@ -5,24 +5,15 @@
 //! the loader's message: a build that asks for ONNX must be able to run it.
 #![cfg(feature = "onnx")]
 
+#[macro_use]
 mod util;
 
-use std::sync::Arc;
-
 use darkwatch::config::{Backend, OnnxConfig, OnnxFallback, OnnxProvider};
-use darkwatch::ingest::{self, TableOptions};
 use darkwatch::model::onnx::OnnxSession;
 use darkwatch::model::{Model, ModelError};
-use darkwatch::pipeline::Scorer;
-use darkwatch::replay;
-use darkwatch::score::{Head, HeadKind};
+use darkwatch::score::HeadKind;
+use util::parity::{self, BackendUnderTest, MSE, PAE, STREAM};
 use util::{darkwatch, repo, run};
-
-const PAE: &str = "models/smd-machine-1-6";
-const MSE: &str = "models/smd-machine-1-6-mse";
-/// Two PAEs merged into one network (`tools/export_bundled_onnx.sh` says how it was made).
-const ENSEMBLE: &str = "tests/data/onnx/ensemble";
-const STREAM: &str = "tests/data/smd/machine-1-6_test.npy";
 
 fn onnx_cfg(file: &str) -> OnnxConfig {
     OnnxConfig {
@@ -36,100 +27,27 @@ fn load(dir: &str, backend: Backend, cfg: &OnnxConfig) -> Result<Model, ModelErr
     Model::load(&dir)?.with_backend(&dir, backend, cfg)
 }
 
-fn stream() -> ndarray::Array2<f32> {
-    ingest::read_table(&repo(STREAM), &TableOptions::default())
-        .expect("bundled stream reads")
-        .values
-}
-
-/// Native and ONNX scores agree to 1e-5 relative on every frame.
-///
-/// Both backends compute in f32, in different summation orders. The bundled PAE's `bounded`
-/// wnll head divides by a variance of at least a tenth of each feature's spread; the
-/// `excess` head it replaced let the variance fall to ε = 1e-5, which multiplied an f32
-/// rounding of the mean by up to 1e5 and put 1 frame in 23,689 at 1.2e-5.
-fn assert_close(native: &[f32], onnx: &[f32], what: &str) {
-    assert_eq!(native.len(), onnx.len(), "{what}: lengths");
-    let mut worst = (0.0f32, 0usize);
-    let mut beyond = 0usize;
-    for (i, (&a, &b)) in native.iter().zip(onnx).enumerate() {
-        assert!(
-            a.is_finite() && b.is_finite(),
-            "{what}: row {i}: {a} vs {b}"
-        );
-        let rel = (a - b).abs() / a.abs().max(b.abs()).max(1e-3);
-        beyond += usize::from(rel > 1e-5);
-        if rel > worst.0 {
-            worst = (rel, i);
-        }
-    }
-    println!(
-        "{what}: {} frames, max relative difference {:.2e} (row {}), {beyond} beyond 1e-5",
-        native.len(),
-        worst.0,
-        worst.1
-    );
-    assert!(
-        beyond == 0,
-        "{what}: {beyond} of {} frames differ by more than 1e-5 relative; the worst, row {}, \
-         by {:.2e}: native {} vs onnx {}",
-        native.len(),
-        worst.1,
-        worst.0,
-        native[worst.1],
-        onnx[worst.1]
-    );
-}
-
-/// Every head the model supports, at batch 1 and at batch 256, ONNX against native.
-fn heads_agree(dir: &str, file: &str, heads: &[HeadKind]) {
-    let native = Arc::new(load(dir, Backend::Native, &onnx_cfg(file)).unwrap());
-    let onnx = Arc::new(load(dir, Backend::Onnx, &onnx_cfg(file)).unwrap());
-    assert_eq!(onnx.backend_label(), "onnx/cpu");
-    let x = stream();
-    for &kind in heads {
-        let head = Head {
-            kind,
-            ..native.meta.head
-        };
-        for batch in [1, 256] {
-            let a = Scorer::new(native.clone(), head, batch, 3)
-                .unwrap()
-                .score_all(x.view());
-            let b = Scorer::new(onnx.clone(), head, batch, 3)
-                .unwrap()
-                .score_all(x.view());
-            assert_close(
-                &a,
-                &b,
-                &format!("{dir}/{file} {} batch {batch}", kind.name()),
-            );
-        }
+/// ONNX Runtime on the CPU provider, graph `file` in each model folder. Native and ONNX
+/// scores agree to 1e-5 relative on every frame: both compute in f32, in different
+/// summation orders. (The bundled PAE's `bounded` wnll head divides by a variance of at
+/// least a tenth of each feature's spread; the `excess` head it replaced let the variance
+/// fall to ε = 1e-5, which multiplied an f32 rounding of the mean by up to 1e5 and put 1
+/// frame in 23,689 at 1.2e-5.)
+fn onnx_backend(file: &str) -> BackendUnderTest {
+    let file = file.to_owned();
+    BackendUnderTest {
+        backend: Backend::Onnx,
+        load: Box::new(move |dir| Some(load(dir, Backend::Onnx, &onnx_cfg(&file)).unwrap())),
+        label: "onnx/cpu",
+        tolerance: 1e-5,
+        batches: &[1, 256],
     }
 }
 
-#[test]
-fn pae_scores_agree_with_native_for_every_head() {
-    heads_agree(
-        PAE,
-        "model.onnx",
-        &[HeadKind::Wnll, HeadKind::Mse, HeadKind::MaxAbs],
-    );
-}
-
-/// An ensemble's outputs are its members' reconstructions side by side (2·38 columns each
-/// here): ONNX Runtime hands them to the heads as the native kernels do.
-#[test]
-fn ensemble_scores_agree_with_native_for_every_head() {
-    let native = load(ENSEMBLE, Backend::Native, &onnx_cfg("model.onnx")).unwrap();
-    assert_eq!(native.ae.members, 2);
-    assert_eq!(native.ae.recon_width(), 76);
-    heads_agree(
-        ENSEMBLE,
-        "model.onnx",
-        &[HeadKind::Wnll, HeadKind::Mse, HeadKind::MaxAbs],
-    );
-}
+// Every model test every backend runs against native (tests/util/parity.rs): the PAE, the
+// plain AE and the 2-member ensemble on every head at batches 1 and 256, mean-shift
+// scoring, and a replay of the bundled stream (scores, alert spans, alert events).
+backend_parity_tests!(onnx_backend("model.onnx"));
 
 /// The session's preallocated tensors: rows of another width are refused (they would
 /// otherwise run past the tensor), and `forward_bound` hands `f` exactly what `write` wrote.
@@ -167,65 +85,10 @@ fn sessions_refuse_rows_of_another_width_and_run_what_was_written() {
 }
 
 #[test]
-fn plain_ae_scores_agree_with_native() {
-    heads_agree(MSE, "model.onnx", &[HeadKind::Mse, HeadKind::MaxAbs]);
-}
-
-#[test]
 fn stacked_and_log_variance_outputs_agree_with_native() {
     for file in ["pae-stacked.onnx", "pae-log-variance.onnx"] {
         let rel = format!("../../tests/data/onnx/{file}");
-        heads_agree(PAE, &rel, &[HeadKind::Wnll]);
-    }
-}
-
-#[test]
-fn mean_shift_scoring_agrees_with_native() {
-    let mss = darkwatch::mss::MssConfig {
-        rounds: 1,
-        neighbours: 10,
-        bank_frames: 2048,
-    };
-    let native = Arc::new(
-        load(PAE, Backend::Native, &onnx_cfg("model.onnx"))
-            .unwrap()
-            .with_mss(mss),
-    );
-    let onnx = Arc::new(
-        load(PAE, Backend::Onnx, &onnx_cfg("model.onnx"))
-            .unwrap()
-            .with_mss(mss),
-    );
-    assert!(onnx.active_bank().is_some() && onnx.onnx.is_some());
-    let x = stream();
-    let x = x.slice(ndarray::s![..4000, ..]);
-    let head = native.meta.head;
-    let a = Scorer::new(native, head, 64, 3).unwrap().score_all(x);
-    let b = Scorer::new(onnx, head, 64, 3).unwrap().score_all(x);
-    assert_close(&a, &b, "wnll+mss");
-}
-
-#[test]
-fn replay_of_the_bundled_stream_gives_the_same_scores_and_alerts() {
-    for dir in [PAE, MSE] {
-        let native = util::replay_bundled(Backend::Native, dir);
-        let onnx = util::replay_bundled(Backend::Onnx, dir);
-        assert_eq!(onnx.model.backend_label(), "onnx/cpu");
-        assert_eq!(onnx.pipeline.frames_scored, native.pipeline.frames_scored);
-        assert_eq!(onnx.pipeline.frames_invalid, 0);
-        assert_close(&native.scores, &onnx.scores, &format!("{dir} replay"));
-        assert!(
-            !native.events.is_empty(),
-            "{dir}: the bundled stream raises alerts"
-        );
-        assert_eq!(native.alert_spans, onnx.alert_spans, "{dir}: alert spans");
-        let key = |o: &replay::ReplayOutcome| -> Vec<(String, String)> {
-            o.events
-                .iter()
-                .map(|e| (format!("{:?}", e.status), e.starts_at.clone()))
-                .collect()
-        };
-        assert_eq!(key(&native), key(&onnx), "{dir}: alert events");
+        parity::heads_agree(&onnx_backend(&rel), PAE, &[HeadKind::Wnll]);
     }
 }
 

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod broker;
+#[macro_use]
+pub mod parity;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
