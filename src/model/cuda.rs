@@ -494,10 +494,7 @@ fn copy_dtoh(
 }
 
 /// A captured forward pass for one batch size.
-struct Graph {
-    rows: usize,
-    graph: cudarc::driver::CudaGraph,
-}
+struct Graph(cudarc::driver::CudaGraph);
 
 // SAFETY: a graph is launched only by the session that owns it, from one thread at a time
 // (CUDA requires that graph objects are not used concurrently, not that they stay on the
@@ -507,10 +504,6 @@ unsafe impl Send for Graph {}
 /// Batches of up to this many rows replay a captured CUDA graph: one launch instead of one
 /// copy, GEMM and kernel launch per layer. Larger batches are not launch-bound.
 pub const GRAPH_MAX_ROWS: usize = 64;
-/// Captured graphs kept per session: one per batch size up to [`GRAPH_MAX_ROWS`], so a
-/// stream whose batch sizes vary captures each size once instead of re-capturing (a capture
-/// and instantiation cost more than the launches a graph saves).
-const GRAPHS_KEPT: usize = GRAPH_MAX_ROWS;
 /// The cuBLAS workspace each session provides, so that captured GEMMs allocate nothing.
 const BLAS_WORKSPACE_BYTES: usize = 4 << 20;
 
@@ -529,7 +522,9 @@ pub struct CudaSession {
     host_in: Pinned,
     /// The last layer's output, `[cap, width]`, row-major.
     host_out: Pinned,
-    graphs: Vec<Graph>,
+    /// Slot `n − 1` holds the graph for batches of `n` rows, once captured: each size is
+    /// captured once (a capture and instantiation cost more than the launches it saves).
+    graphs: Vec<Option<Graph>>,
     /// Why small batches do not use graphs (a capture failed); `None` while they do.
     graphs_off: Option<String>,
 }
@@ -546,7 +541,7 @@ impl std::fmt::Debug for CudaSession {
         f.debug_struct("CudaSession")
             .field("model", &self.model)
             .field("capacity", &self.capacity)
-            .field("graphs", &self.graphs.len())
+            .field("graphs", &self.graphs.iter().flatten().count())
             .field("graphs_off", &self.graphs_off)
             .finish_non_exhaustive()
     }
@@ -600,7 +595,7 @@ impl CudaSession {
                 capacity: 0,
                 host_in,
                 host_out,
-                graphs: Vec::new(),
+                graphs: (0..GRAPH_MAX_ROWS).map(|_| None).collect(),
                 graphs_off: None,
             };
             s.reserve(max_batch.max(1))?;
@@ -621,7 +616,7 @@ impl CudaSession {
     /// Launches every batch call by call, as batches above [`GRAPH_MAX_ROWS`] rows are:
     /// the baseline `benches/cuda.rs` measures graphs against.
     pub fn disable_graphs(&mut self) {
-        self.graphs.clear();
+        self.graphs.fill_with(|| None);
         self.graphs_off = Some("disabled by the caller".into());
     }
 
@@ -635,7 +630,7 @@ impl CudaSession {
             return Ok(());
         }
         // The graphs point at the old buffers.
-        self.graphs.clear();
+        self.graphs.fill_with(|| None);
         let m = &*self.model;
         let mut acts = Vec::with_capacity(m.layers.len() + 1);
         acts.push(
@@ -725,16 +720,22 @@ impl CudaSession {
         )
     }
 
-    /// The graph for batches of `n` rows: the cached one, or a new capture. `None` when
-    /// graphs are off (after a failed capture, whose reason is kept and logged once).
-    fn graph_for(&mut self, n: usize) -> Option<usize> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        if self.graphs_off.is_some() {
+    /// The graph for batches of `n` rows: the cached one, or a new capture. `None` above
+    /// [`GRAPH_MAX_ROWS`] rows, or when graphs are off (after a failed capture).
+    fn graph_for(&mut self, n: usize) -> Option<&Graph> {
+        if self.graphs_off.is_some() || n == 0 || n > GRAPH_MAX_ROWS {
             return None;
         }
-        if let Some(i) = self.graphs.iter().position(|g| g.rows == n) {
-            return Some(i);
+        if self.graphs[n - 1].is_none() {
+            self.capture(n);
         }
+        self.graphs[n - 1].as_ref()
+    }
+
+    /// Captures the forward for batches of `n` rows into its slot, or turns graphs off
+    /// (logging why once) when the capture fails.
+    fn capture(&mut self, n: usize) {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let captured = self
             .stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -753,18 +754,11 @@ impl CudaSession {
                 })
             });
         match captured {
-            Ok(graph) => {
-                if self.graphs.len() == GRAPHS_KEPT {
-                    self.graphs.remove(0);
-                }
-                self.graphs.push(Graph { rows: n, graph });
-                Some(self.graphs.len() - 1)
-            }
+            Ok(graph) => self.graphs[n - 1] = Some(Graph(graph)),
             Err(e) => {
                 tracing::warn!(error = %e, "CUDA graph capture failed; small batches are launched call by call");
                 self.graphs_off = Some(e.to_string());
-                self.graphs.clear();
-                None
+                self.graphs.fill_with(|| None);
             }
         }
     }
@@ -796,16 +790,8 @@ impl CudaSession {
                 }
             }
         }
-        let graph = if n <= GRAPH_MAX_ROWS {
-            self.graph_for(n)
-        } else {
-            None
-        };
-        match graph {
-            Some(i) => self.graphs[i]
-                .graph
-                .launch()
-                .map_err(run_err("cuGraphLaunch"))?,
+        match self.graph_for(n) {
+            Some(g) => g.0.launch().map_err(run_err("cuGraphLaunch"))?,
             None => self.enqueue(n)?,
         }
         self.stream
