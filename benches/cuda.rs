@@ -5,7 +5,9 @@
 //! (d = 768, 32768 latents, k = 32, batch 4096, random weights, fp32 and TF32): tokens/s
 //! streamed (two batches in flight, the host writing each batch into a pinned buffer) beside
 //! the cuBLAS encoder GEMM alone, against the issue's targets (≥ 1 M tokens/s, ≥ 50 % of the
-//! GEMM), with the unpipelined times and each stage timed alone.
+//! GEMM), with the unpipelined times and each stage timed alone. Last, the SAE with its
+//! dark-matter head on the device (scores and top contributions back) against the SAE
+//! forward alone and the head on the CPU.
 //!
 //! `cargo bench --features cuda --bench cuda` (tools/gpu-check.sh runs it). Exits 2 with the
 //! cause when no GPU is usable. With `DARKWATCH_BENCH_OUT=FILE` the table also goes there.
@@ -19,6 +21,7 @@ use darkwatch::ingest::{self, TableOptions};
 use darkwatch::model::Model;
 use darkwatch::model::cuda::{self, CudaSession};
 use darkwatch::pipeline::Scorer;
+use darkwatch::sae::dark::{DarkConfig, DarkHead, DarkStats};
 use darkwatch::stats::LatencyHistogram;
 use ndarray::Array2;
 
@@ -171,6 +174,7 @@ fn sae(out: &mut String) {
     let sae = darkwatch::sae::Sae::random(d, d_sae, k, 42).expect("valid shape");
     let mut rng = darkwatch::rng::Rng::new(7);
     let x = Array2::from_shape_fn((n, d), |_| rng.uniform(-1.7, 1.7));
+    let head = random_head(&x);
     for (tf32, label) in [(false, "fp32"), (true, "tf32")] {
         let cfg = CudaConfig {
             fallback: CudaFallback::Error,
@@ -254,5 +258,81 @@ fn sae(out: &mut String) {
             device * 1e3,
             stages.describe(),
         );
+        drop(dev);
+        sae_detector(out, &sae, &head, &x, &cfg, label, device);
     }
+}
+
+/// The SAE with its dark-matter head on the device (`CudaSae::load_detector`, top 5
+/// contributions back) against the SAE forward alone (`device`, the baseline measured just
+/// before) and against the head on the CPU, which it replaces.
+fn sae_detector(
+    out: &mut String,
+    sae: &darkwatch::sae::Sae,
+    head: &DarkHead,
+    x: &Array2<f32>,
+    cfg: &CudaConfig,
+    label: &str,
+    forward_alone: f64,
+) {
+    use darkwatch::model::cuda::CudaSae;
+    use darkwatch::sae::detector::SaeScoreKind;
+    let (n, d) = x.dim();
+    let runs = 20;
+    for kind in [SaeScoreKind::ErrorNorm, SaeScoreKind::Nonlinear] {
+        let mut dev = match CudaSae::load_detector(sae, head, kind, 5, n, cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = writeln!(out, "SAE detector {label}: cannot load: {e}");
+                return;
+            }
+        };
+        dev.input_mut().expect("input buffer")[..n * d]
+            .copy_from_slice(x.as_slice().expect("contiguous"));
+        for _ in 0..3 {
+            dev.forward_input(n).expect("SAE detector forward");
+        }
+        let t = Instant::now();
+        for _ in 0..runs {
+            std::hint::black_box(dev.forward_input(n).expect("SAE detector forward")[0]);
+            std::hint::black_box(dev.top_contributions().0.first());
+        }
+        let per = t.elapsed().as_secs_f64() / runs as f64;
+        let _ = writeln!(
+            out,
+            "SAE detector ({label}, score {}): {:.2} ms/batch on the device = {:.3e} tokens/s, \
+             against {:.2} ms for the SAE forward alone (scores and top-5 contributions back, \
+             no pipelining)",
+            kind.name(),
+            per * 1e3,
+            n as f64 / per,
+            forward_alone * 1e3,
+        );
+    }
+    // What the device head replaces: the head on the CPU for the same rows (one thread).
+    let e = x.mapv(|v| 0.1 * v);
+    let mut ws = head.workspace(n);
+    let t = Instant::now();
+    let reps = 3;
+    for _ in 0..reps {
+        std::hint::black_box(head.score(x.view(), e.view(), &mut ws).expect("CPU head")[0]);
+    }
+    let cpu = t.elapsed().as_secs_f64() / reps as f64;
+    let _ = writeln!(
+        out,
+        "  the head on the CPU (one thread) for the same {n} rows: {:.2} ms ({:.3e} tokens/s)",
+        cpu * 1e3,
+        n as f64 / cpu
+    );
+}
+
+/// A dark-matter head for timing: fitted on random (x, e) rows, its values do not matter.
+fn random_head(x: &Array2<f32>) -> DarkHead {
+    let mut rng = darkwatch::rng::Rng::new(11);
+    let e = Array2::from_shape_fn(x.dim(), |_| rng.uniform(-0.2, 0.2));
+    let mut stats = DarkStats::new(x.ncols());
+    stats.accumulate(x.view(), e.view()).expect("same shapes");
+    DarkHead::fit(&stats, &DarkConfig::default(), None)
+        .expect("a ridge fit")
+        .head
 }

@@ -435,18 +435,24 @@ pub fn run_with(
                     hooks,
                 )
             }
-            Detector::Sae(sae) => pipeline::run_scorer(
-                SaeScorer::new(
+            Detector::Sae(sae) => {
+                let scorer = match SaeScorer::new(
                     sae.clone(),
                     cfg.pipeline.batch_max_frames,
                     cfg.score.top_contributions,
-                ),
-                &cfg.pipeline,
-                cfg.pipeline.full_policy,
-                source,
-                sink,
-                None,
-            ),
+                ) {
+                    Ok(s) => s,
+                    Err(e) => break Err(AgentError::Detector(e.into())),
+                };
+                pipeline::run_scorer(
+                    scorer,
+                    &cfg.pipeline,
+                    cfg.pipeline.full_policy,
+                    source,
+                    sink,
+                    None,
+                )
+            }
         };
         let (report, mut done) = match turn {
             Ok(t) => t,
@@ -540,12 +546,6 @@ pub fn validate(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentErro
 /// online retraining is for autoencoders.
 fn check_suits(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentError> {
     if let Detector::Sae(_) = model {
-        if cfg.score.backend != crate::config::Backend::Native {
-            tracing::warn!(
-                backend = ?cfg.score.backend,
-                "[score] backend applies to autoencoders; the SAE scores on the native kernels"
-            );
-        }
         if cfg.agent.format != InputFormat::Raw {
             return Err(AgentError::Config(format!(
                 "{} is an SAE folder: it scores activation frames, so [agent] format must be \"raw\"",

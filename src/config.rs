@@ -124,6 +124,9 @@ pub struct ScoreConfig {
     /// What runs the autoencoder: `native` (darkwatch's own kernels), `onnx` (the model
     /// directory's ONNX file through ONNX Runtime; needs the `onnx` cargo feature) or `cuda`
     /// (the same network on an NVIDIA GPU, see [`CudaConfig`]; needs the `cuda` feature).
+    /// An SAE folder scores on `native` or `cuda` (the SAE and its dark-matter head on the
+    /// GPU; TopK SAEs only, others fall back as `[cuda] fallback` says); `onnx` does not
+    /// apply to it (a warning, then native).
     pub backend: Backend,
 }
 

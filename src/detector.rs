@@ -37,9 +37,11 @@ impl Detector {
     /// The folder cannot be loaded; the message names the file.
     pub fn load_configured(dir: &Path, cfg: &DarkwatchConfig) -> Result<Detector, LoadError> {
         if SaeDetector::is_sae_dir(dir) {
-            return Ok(Detector::Sae(Arc::new(SaeDetector::load(
+            return Ok(Detector::Sae(Arc::new(SaeDetector::load_on(
                 dir,
                 cfg.sae.score,
+                cfg.score.backend,
+                &cfg.cuda,
             )?)));
         }
         Ok(Detector::Autoencoder(Arc::new(Model::load_configured(
@@ -116,7 +118,7 @@ impl Detector {
     pub fn backend_label(&self) -> String {
         match self {
             Detector::Autoencoder(m) => m.backend_label(),
-            Detector::Sae(s) => s.describe(),
+            Detector::Sae(s) => s.backend_label(),
         }
     }
 

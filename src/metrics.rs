@@ -209,7 +209,7 @@ pub fn render(e: &Exposed) -> String {
     let backend = c.backend();
     let _ = writeln!(
         s,
-        "# HELP darkwatch_backend_info What scores: native, onnx/<execution provider actually obtained>, cuda/<device>, native (cuda unavailable: <cause>) or sae/<activation>/<d_in>x<latents>/<score>.\n\
+        "# HELP darkwatch_backend_info What scores: native, onnx/<execution provider actually obtained>, cuda/<device>, native (cuda unavailable: <cause>), or sae/<activation>/<d_in>x<latents>/<score> followed by on cuda/<device> or (cuda unavailable: <cause>) when CUDA was asked for.\n\
          # TYPE darkwatch_backend_info gauge\n\
          darkwatch_backend_info{{backend=\"{}\"}} 1",
         if backend.is_empty() {

@@ -465,3 +465,229 @@ fn sae_on_the_device_refuses_what_it_does_not_cover() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+// ------------------------------------------------------- the SAE detector (SAE + dark head)
+
+/// An SAE detector folder: a TopK SAE of `latents` latents trained by `sae-train` on the
+/// bundled all-MiniLM-L6-v2 activations (d = 384), with its dark-matter head and
+/// calibration.
+fn sae_detector_dir(out: &std::path::Path, latents: usize, k: usize) {
+    use darkwatch::sae::dark::DarkConfig;
+    use darkwatch::sae::eval::{SaeTrainArgs, sae_train_command};
+    use darkwatch::sae::train::{SaeTrainConfig, SaveMeta};
+    let a = repo("tests/data/activations");
+    let args = SaeTrainArgs {
+        input: a.join("train.npy"),
+        tensor: None,
+        prompt_ids: Some(a.join("train_prompt_ids.npy")),
+        out: out.to_path_buf(),
+        holdout: 0.2,
+        config: SaeTrainConfig {
+            latents,
+            k,
+            epochs: 2,
+            seed: 0,
+            ..Default::default()
+        },
+        dark: DarkConfig { ridge: 1.0 },
+        dark_folds: 0,
+        meta: SaveMeta::default(),
+    };
+    sae_train_command(&args, &mut |_| {}).unwrap();
+}
+
+/// The bundled test activations: 320 prose tokens, then 320 out-of-distribution ones.
+fn test_activations() -> ndarray::Array2<f32> {
+    darkwatch::sae::eval::read_activations(&repo("tests/data/activations/test.npy"), None).unwrap()
+}
+
+/// Scores `x` in batches of `batch` rows; per row the score and its top contributions.
+fn score_rows(
+    scorer: &mut darkwatch::sae::detector::SaeScorer,
+    x: &ndarray::Array2<f32>,
+    batch: usize,
+) -> Vec<(f32, Vec<darkwatch::pipeline::Contribution>)> {
+    use darkwatch::pipeline::{BatchScorer, Contribution};
+    let d = x.ncols();
+    let mut rows = Vec::new();
+    let mut top = [Contribution::default(); darkwatch::config::MAX_TOP_CONTRIBUTIONS];
+    for chunk in x.axis_chunks_iter(ndarray::Axis(0), batch) {
+        let n = chunk.nrows();
+        scorer.input_mut()[..n * d].copy_from_slice(chunk.as_standard_layout().as_slice().unwrap());
+        scorer.score_batch(n);
+        for i in 0..n {
+            let got = scorer.top_contributions(i, &mut top);
+            rows.push((scorer.batch_scores()[i], top[..usize::from(got)].to_vec()));
+        }
+    }
+    rows
+}
+
+/// On the GPU, the SAE and its dark-matter head give every score kind within 1e-4 of the
+/// native scorer (the deviation within 1e-4 of its terms ‖e‖²/σ, which it is the small
+/// difference of), and the same top contributions: each rank's value within 1e-4 of the
+/// row's largest, and the same feature wherever the native values at that rank and the
+/// next are not that close (a near-tie may swap).
+#[test]
+fn sae_detector_on_the_device_agrees_with_the_native_scorer() {
+    use darkwatch::sae::detector::{SaeDetector, SaeScoreKind, SaeScorer};
+    let Some(name) = gpu("sae_detector_on_the_device_agrees_with_the_native_scorer") else {
+        return;
+    };
+    let x = test_activations();
+    let tmp = tempfile::tempdir().unwrap();
+    for (latents, k) in [(256, 16), (2048, 32)] {
+        let dir = tmp.path().join(format!("sae-{latents}"));
+        sae_detector_dir(&dir, latents, k);
+        let load = |kind, backend| {
+            Arc::new(
+                SaeDetector::load_on(&dir, kind, backend, &cuda_cfg(CudaFallback::Error)).unwrap(),
+            )
+        };
+        // ‖e‖² per row, the scale of the deviation's terms.
+        let sq: Vec<f32> = {
+            let mut s =
+                SaeScorer::new(load(SaeScoreKind::ErrorNorm, Backend::Native), 64, 5).unwrap();
+            score_rows(&mut s, &x, 64).iter().map(|r| r.0).collect()
+        };
+        for kind in SaeScoreKind::ALL {
+            let native = load(kind, Backend::Native);
+            let sigma = native.head.sigma();
+            let mut cpu = SaeScorer::new(native, 640, 5).unwrap();
+            let want = score_rows(&mut cpu, &x, 640);
+            let dev = load(kind, Backend::Cuda);
+            assert!(
+                dev.backend_label().ends_with(&format!("on cuda/{name}")),
+                "{}",
+                dev.backend_label()
+            );
+            for batch in [1, 7, 640] {
+                let mut gpu = SaeScorer::new(dev.clone(), batch, 5).unwrap();
+                assert!(gpu.on_gpu());
+                let got = score_rows(&mut gpu, &x, batch);
+                let case = format!("{latents} latents, {}, batch {batch}", kind.name());
+                let mut worst = 0.0f32;
+                for (r, ((g, gt), (w, wt))) in got.iter().zip(&want).enumerate() {
+                    let scale = match kind {
+                        SaeScoreKind::Deviation => sq[r] / sigma + 1e-6,
+                        _ => w.abs().max(1e-6),
+                    };
+                    let rel = (g - w).abs() / scale;
+                    worst = worst.max(rel);
+                    assert!(rel <= 1e-4, "{case} row {r}: {g} against {w}");
+                    assert_eq!(gt.len(), wt.len(), "{case} row {r}");
+                    let top = wt[0].value.max(1e-12);
+                    for (t, (gc, wc)) in gt.iter().zip(wt).enumerate() {
+                        assert!(
+                            (gc.value - wc.value).abs() <= 1e-4 * top,
+                            "{case} row {r} rank {t}: {gc:?} against {wc:?}"
+                        );
+                        let apart = |o: Option<&darkwatch::pipeline::Contribution>| {
+                            o.is_none_or(|o| (o.value - wc.value).abs() > 1e-4 * top)
+                        };
+                        if apart(wt.get(t + 1)) && (t == 0 || apart(wt.get(t - 1))) {
+                            assert_eq!(gc.feature, wc.feature, "{case} row {r} rank {t}");
+                        }
+                    }
+                }
+                println!("{case}: worst relative score difference {worst:.2e}");
+            }
+        }
+    }
+}
+
+/// Without a GPU, an SAE detector configured for CUDA says why in its backend label and
+/// scores exactly as the native one (`fallback = "cpu"`), or is refused naming the cause
+/// (`fallback = "error"`).
+#[test]
+fn sae_detector_without_a_gpu_falls_back_or_is_refused() {
+    use darkwatch::sae::detector::{DetectorError, SaeDetector, SaeScoreKind, SaeScorer};
+    let Some(cause) = no_gpu("sae_detector_without_a_gpu_falls_back_or_is_refused") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    sae_detector_dir(tmp.path(), 256, 16);
+    let kind = SaeScoreKind::Nonlinear;
+    let fell_back = SaeDetector::load_on(
+        tmp.path(),
+        kind,
+        Backend::Cuda,
+        &cuda_cfg(CudaFallback::Cpu),
+    )
+    .unwrap();
+    assert!(
+        fell_back
+            .backend_label()
+            .ends_with(&format!("(cuda unavailable: {cause})")),
+        "{}",
+        fell_back.backend_label()
+    );
+    let native =
+        SaeDetector::load_on(tmp.path(), kind, Backend::Native, &CudaConfig::default()).unwrap();
+    assert_eq!(native.backend_label(), native.describe());
+    let x = test_activations();
+    let mut a = SaeScorer::new(Arc::new(fell_back), 64, 5).unwrap();
+    let mut b = SaeScorer::new(Arc::new(native), 64, 5).unwrap();
+    assert!(!a.on_gpu());
+    assert_eq!(score_rows(&mut a, &x, 64), score_rows(&mut b, &x, 64));
+    // As the agent loads it: `[score] backend = "cuda"`, the default fallback.
+    let mut cfg = DarkwatchConfig::default();
+    cfg.score.backend = Backend::Cuda;
+    cfg.sae.score = kind;
+    let agent = darkwatch::detector::Detector::load_configured(tmp.path(), &cfg).unwrap();
+    assert!(
+        agent.backend_label().contains("(cuda unavailable: "),
+        "{}",
+        agent.backend_label()
+    );
+    match SaeDetector::load_on(
+        tmp.path(),
+        kind,
+        Backend::Cuda,
+        &cuda_cfg(CudaFallback::Error),
+    ) {
+        Err(e @ DetectorError::Cuda(_)) => {
+            assert!(e.to_string().contains(&cause), "{e}");
+            assert!(e.to_string().contains("fallback"), "{e}");
+        }
+        other => panic!("expected a CUDA error, got {other:?}"),
+    }
+}
+
+/// An SAE the device kernels do not cover (ReLU) is named as such, before any CUDA call,
+/// so this runs with or without a GPU: `fallback = "cpu"` scores it natively.
+#[test]
+fn an_sae_the_device_does_not_cover_scores_natively() {
+    use darkwatch::sae::dark::{DarkConfig, DarkHead};
+    use darkwatch::sae::detector::{Calibration, CalibrationRows, SaeDetector, SaeScoreKind};
+    use darkwatch::sae::eval::{DARK_DIR, score_tokens};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = repo("tests/data/sae/saelens_relu_v6");
+    for f in ["cfg.json", "sae_weights.safetensors"] {
+        std::fs::copy(src.join("checkpoint").join(f), tmp.path().join(f)).unwrap();
+    }
+    let sae = darkwatch::sae::Sae::load(tmp.path()).unwrap();
+    let x = darkwatch::ingest::npy::read_npy(&src.join("x.npy"))
+        .unwrap()
+        .values;
+    let fit = DarkHead::fit_sae(&sae, x.view(), None, &DarkConfig::default(), 8).unwrap();
+    let dark = tmp.path().join(DARK_DIR);
+    fit.head.save(&dark).unwrap();
+    let scored = score_tokens(&sae, &fit.head, x.view()).unwrap();
+    let many: Vec<_> = (0..60).map(|i| scored[i % scored.len()]).collect();
+    Calibration::from_scores(&many, CalibrationRows::Training, 1000)
+        .save(&dark)
+        .unwrap();
+    let det = SaeDetector::load_on(
+        tmp.path(),
+        SaeScoreKind::ErrorNorm,
+        Backend::Cuda,
+        &cuda_cfg(CudaFallback::Cpu),
+    )
+    .unwrap();
+    let label = det.backend_label();
+    assert!(
+        label.contains("cuda unavailable: not supported on the GPU") && label.contains("TopK"),
+        "{label}"
+    );
+}

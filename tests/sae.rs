@@ -680,7 +680,7 @@ fn live_sae_scorer_does_not_allocate_and_matches_score_tokens() {
         .unwrap();
     for kind in SaeScoreKind::ALL {
         let det = std::sync::Arc::new(SaeDetector::load(dir.path(), kind).unwrap());
-        let mut scorer = SaeScorer::new(det, 8, 3);
+        let mut scorer = SaeScorer::new(det, 8, 3).unwrap();
         let d = scorer.n_features();
         let n = x.nrows().min(8);
         let mut top = [Contribution::default(); darkwatch::config::MAX_TOP_CONTRIBUTIONS];

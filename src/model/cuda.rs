@@ -29,9 +29,10 @@
 //!
 //! # What is not on the device yet
 //!
-//! The last layer's `[n, d]` (plain) or `[n, 2d]` (mean | variance) output is copied back
-//! to the host and scored by the CPU heads ([`crate::score::Head::score_batch`]); the
-//! scores, contributions and top-k are *not* computed on the device. The autoencoder's
+//! The autoencoder's last layer's `[n, d]` (plain) or `[n, 2d]` (mean | variance) output is
+//! copied back to the host and scored by the CPU heads ([`crate::score::Head::score_batch`]);
+//! its scores, contributions and top-k are *not* computed on the device. (The SAE
+//! detector's are: [`CudaSae::load_detector`].) The autoencoder's
 //! batches are synchronous (a batch of up to [`GRAPH_MAX_ROWS`] rows is one CUDA graph
 //! launch); only the SAE overlaps an upload with the previous batch's compute
 //! ([`CudaSae::submit`]). Host buffers are pinned; device buffers are sized once for the
@@ -50,6 +51,8 @@ use ndarray::{ArrayView2, s};
 use super::nn::Recon;
 use super::{Activation, Autoencoder, OutputKind};
 use crate::config::CudaConfig;
+use crate::sae::dark::DarkHead;
+use crate::sae::detector::SaeScoreKind;
 
 /// Why the CUDA backend cannot be used or failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -399,18 +402,23 @@ impl CudaModel {
 /// run at full bus speed, and a CUDA graph can capture them (a copy from pageable memory
 /// cannot be captured). `write_combined` suits buffers the host only writes (inputs): the
 /// host reading such memory is very slow, so outputs use plain pinned memory.
-struct Pinned {
+struct Pinned<T: Plain = f32> {
     ctx: Arc<CudaContext>,
-    ptr: *mut f32,
+    ptr: *mut T,
     len: usize,
 }
 
+/// What a [`Pinned`] buffer holds: a number for which all-zero bytes are a valid value.
+trait Plain: Copy + cudarc::driver::DeviceRepr {}
+impl Plain for f32 {}
+impl Plain for u32 {}
+
 // SAFETY: the buffer is owned by one session (or SAE), used from one thread at a time, and
 // the owner synchronises its stream before the host reads or writes the memory.
-unsafe impl Send for Pinned {}
+unsafe impl<T: Plain> Send for Pinned<T> {}
 
-impl Pinned {
-    fn new(ctx: &Arc<CudaContext>, len: usize, write_combined: bool) -> Result<Pinned, CudaError> {
+impl<T: Plain> Pinned<T> {
+    fn new(ctx: &Arc<CudaContext>, len: usize, write_combined: bool) -> Result<Self, CudaError> {
         use cudarc::driver::{result, sys};
         ctx.bind_to_thread()
             .map_err(run_err("binding the CUDA context"))?;
@@ -419,18 +427,18 @@ impl Pinned {
         } else {
             0
         };
-        let bytes = len.max(1) * std::mem::size_of::<f32>();
+        let bytes = len.max(1) * std::mem::size_of::<T>();
         // SAFETY: a plain allocation; the pointer is checked and zeroed below.
         let ptr = unsafe { result::malloc_host(bytes, flags) }
             .map_err(run_err("cuMemHostAlloc (pinned host memory)"))?
-            .cast::<f32>();
+            .cast::<T>();
         if ptr.is_null() {
             return Err(CudaError::Run {
                 what: "cuMemHostAlloc (pinned host memory)",
                 reason: "returned a null pointer".into(),
             });
         }
-        // SAFETY: `ptr` holds `bytes` writable bytes; zeroing makes every f32 initialised.
+        // SAFETY: `ptr` holds `bytes` writable bytes; zero bytes are a valid `T` (`Plain`).
         unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, bytes) };
         Ok(Pinned {
             ctx: ctx.clone(),
@@ -439,18 +447,18 @@ impl Pinned {
         })
     }
 
-    fn as_slice(&self) -> &[f32] {
-        // SAFETY: `len` initialised floats (zeroed at allocation) owned by `self`.
+    fn as_slice(&self) -> &[T] {
+        // SAFETY: `len` initialised values (zeroed at allocation) owned by `self`.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [f32] {
+    fn as_mut_slice(&mut self) -> &mut [T] {
         // SAFETY: as `as_slice`, borrowed mutably through `self`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
 
-impl Drop for Pinned {
+impl<T: Plain> Drop for Pinned<T> {
     fn drop(&mut self) {
         // No copy reads or writes the memory any more: its owner synchronised its streams
         // first. (A context-wide synchronise here would invalidate a graph another session
@@ -478,16 +486,16 @@ fn copy_htod(
 }
 
 /// An async device-to-host copy of the start of `src` into `dst`.
-fn copy_dtoh(
+fn copy_dtoh<T: Plain>(
     stream: &CudaStream,
-    src: &CudaSlice<f32>,
-    dst: &mut [f32],
+    src: &CudaSlice<T>,
+    dst: &mut [T],
     what: &'static str,
 ) -> Result<(), CudaError> {
     use cudarc::driver::DevicePtr;
     debug_assert!(dst.len() <= src.len());
     let (ptr, _sync) = src.device_ptr(stream);
-    // SAFETY: `src` holds at least `dst.len()` floats; the caller synchronises the stream
+    // SAFETY: `src` holds at least `dst.len()` values; the caller synchronises the stream
     // before reading `dst` and keeps it alive until then.
     unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, ptr, stream.cu_stream()) }
         .map_err(run_err(what))
@@ -1070,12 +1078,132 @@ extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const 
         err_sq[r] = (float)sum;
     }
 }
+
+// Contributions rank as on the host (top_k_indices): NaN first, then the larger value,
+// then the lower index.
+__device__ __forceinline__ bool ranks_before(float v, unsigned i, float w, unsigned j) {
+    bool vn = isnan(v), wn = isnan(w);
+    if (vn != wn) return vn;
+    if (!vn && v != w) return v > w;
+    return i < j;
+}
+
+// The better of (v, i) and the candidate (w, j); NONE marks no candidate.
+__device__ __forceinline__ void keep_best(float& v, unsigned& i, float w, unsigned j) {
+    if (j != NONE && (i == NONE || ranks_before(w, j, v, i))) {
+        v = w;
+        i = j;
+    }
+}
+
+// One block per row: the reconstruction and error as in sae_decode, then the dark-matter
+// head on the device. Per row: the score of `kind` (0 ||e||^2, 1 ||e - (x A + b)||^2,
+// 2 (||e||^2 - (x.w + c)) / sigma), the contributions into `contrib` (e_j^2, or the
+// unexplained (e_j - e_hat_j)^2 for kind 1), and the `top` largest of them, ranked as on
+// the host. e_hat holds x A (read for kind 1 only). Sums in double, as the host's are exact
+// enough to compare with.
+extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const float* b_dec,
+                                      const unsigned* idx, const float* val, unsigned d,
+                                      unsigned k, float unscale, const float* e_hat,
+                                      const float* head_b, const float* head_w, float head_c,
+                                      float sigma, int kind, unsigned top, float* contrib,
+                                      float* score, unsigned* top_idx, float* top_val) {
+    __shared__ unsigned sidx[256];
+    __shared__ float sval[256];
+    __shared__ double part[3][32];
+    __shared__ float best_v[32];
+    __shared__ unsigned best_i[32];
+    unsigned r = blockIdx.x, t = threadIdx.x, nt = blockDim.x;
+    unsigned lane = t & 31, warp = t >> 5, warps = (nt + 31) / 32;
+    for (unsigned s = t; s < k; s += nt) {
+        sidx[s] = idx[(size_t)r * k + s];
+        sval[s] = val[(size_t)r * k + s];
+    }
+    __syncthreads();
+    const float* xr = x + (size_t)r * d;
+    float* cr = contrib + (size_t)r * d;
+    double sq = 0.0, rest = 0.0, pred = 0.0;
+    for (unsigned c = t; c < d; c += nt) {
+        float y = b_dec[c];
+        for (unsigned s = 0; s < k; ++s) {
+            unsigned j = sidx[s];
+            if (j != NONE) y += sval[s] * w_dec[(size_t)j * d + c];
+        }
+        y = y * unscale;
+        float xv = xr[c];
+        float e = xv - y;
+        float u = e * e;
+        sq += (double)e * (double)e;
+        pred += (double)xv * (double)head_w[c];
+        if (kind == 1) {
+            float f = e - (e_hat[(size_t)r * d + c] + head_b[c]);
+            u = f * f;
+            rest += (double)f * (double)f;
+        }
+        cr[c] = u;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        sq += __shfl_down_sync(0xffffffffu, sq, off);
+        rest += __shfl_down_sync(0xffffffffu, rest, off);
+        pred += __shfl_down_sync(0xffffffffu, pred, off);
+    }
+    if (lane == 0) {
+        part[0][warp] = sq;
+        part[1][warp] = rest;
+        part[2][warp] = pred;
+    }
+    __syncthreads();
+    if (t == 0) {
+        double a = 0.0, b = 0.0, p = 0.0;
+        for (unsigned w = 0; w < warps; ++w) {
+            a += part[0][w];
+            b += part[1][w];
+            p += part[2][w];
+        }
+        float s = (float)a;
+        if (kind == 1) s = (float)b;
+        if (kind == 2) s = ((float)a - ((float)p + head_c)) / sigma;
+        score[r] = s;
+    }
+    // The top contributions, one per round: a block-wide best, then marked taken (-inf:
+    // a contribution is a square, never -inf). __syncthreads orders the block's global
+    // writes to `contrib` before the next round reads them.
+    for (unsigned m = 0; m < top; ++m) {
+        float v = NEG_INF;
+        unsigned i = NONE;
+        for (unsigned c = t; c < d; c += nt) {
+            float u = cr[c];
+            if (u != NEG_INF) keep_best(v, i, u, c);
+        }
+        for (int off = 16; off > 0; off >>= 1) {
+            float w = __shfl_down_sync(0xffffffffu, v, off);
+            unsigned j = __shfl_down_sync(0xffffffffu, i, off);
+            keep_best(v, i, w, j);
+        }
+        if (lane == 0) {
+            best_v[warp] = v;
+            best_i[warp] = i;
+        }
+        __syncthreads();
+        if (t == 0) {
+            for (unsigned w = 1; w < warps; ++w) keep_best(v, i, best_v[w], best_i[w]);
+            top_idx[(size_t)r * top + m] = i;
+            top_val[(size_t)r * top + m] = i == NONE ? 0.0f : v;
+            if (i != NONE) cr[i] = NEG_INF;
+        }
+        __syncthreads();
+    }
+}
 "#;
 
 /// A TopK SAE on a GPU: weights uploaded once, buffers for `capacity` rows. Its forward runs
 /// the input preparation, the encoder GEMM (cuBLAS), TopK with `b_enc` and ReLU, the sparse
 /// decode and the squared error norm on the device; only ‖e‖² per row comes back (the
-/// active latents on request).
+/// active latents on request). Loaded as a detector ([`Self::load_detector`]), the
+/// dark-matter head runs on the device as well (its x·A GEMM for the `nonlinear` score, then
+/// one kernel per row for the error, the three scores and the top contributions), and a
+/// row's result is its chosen score, with its top contributions beside it
+/// ([`Self::top_contributions`]).
 ///
 /// Supported: `TopK` activation with `k` ≤ [`SAE_MAX_K`], `d_sae` ≤ 2^24, normalisation
 /// `none` or `expected_average_only_in` without a scaling factor. Others are refused with
@@ -1125,7 +1253,46 @@ pub struct CudaSae {
     in_flight: std::collections::VecDeque<(usize, usize)>,
     /// Rows of the last forward enqueued (what `idx` and `val` hold once it is done).
     last_rows: usize,
+    /// The input buffer and rows of the result last handed out (what
+    /// [`Self::top_contributions`] reads).
+    shown: (usize, usize),
+    /// The dark-matter head, when loaded as a detector ([`Self::load_detector`]).
+    head: Option<DeviceHead>,
     name: String,
+}
+
+/// The dark-matter head on the device: a forward then brings back per row only the chosen
+/// score and its `top` largest contributions.
+struct DeviceHead {
+    detect: CudaFunction,
+    /// `[d, d]` row-major: ê (row) = x (row)·A + b.
+    a: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+    /// Predicted ‖e‖² = x·w + c.
+    w: CudaSlice<f32>,
+    c: f32,
+    sigma: f32,
+    kind: SaeScoreKind,
+    top: usize,
+    /// `[capacity, d]`: x·A (allocated for the `nonlinear` score only).
+    e_hat: CudaSlice<f32>,
+    /// `[capacity, d]`: each row's contributions, consumed by the top-k rounds.
+    contrib: CudaSlice<f32>,
+    top_idx: CudaSlice<u32>,
+    top_val: CudaSlice<f32>,
+    /// Per input buffer, the pinned buffers its top contributions come back into.
+    host_idx: Vec<Pinned<u32>>,
+    host_val: Vec<Pinned<f32>>,
+}
+
+impl DeviceHead {
+    fn kind_code(&self) -> i32 {
+        match self.kind {
+            SaeScoreKind::ErrorNorm => 0,
+            SaeScoreKind::Nonlinear => 1,
+            SaeScoreKind::Deviation => 2,
+        }
+    }
 }
 
 /// Seconds per batch spent in each stage of [`CudaSae::forward_input`], each stage timed
@@ -1171,6 +1338,7 @@ impl std::fmt::Debug for CudaSae {
             .field("d_in", &self.d_in)
             .field("d_sae", &self.d_sae)
             .field("k", &self.k)
+            .field("head", &self.head.as_ref().map(|h| h.kind.name()))
             .field("device", &self.name)
             .finish_non_exhaustive()
     }
@@ -1187,6 +1355,43 @@ impl CudaSae {
         max_batch: usize,
         cfg: &CudaConfig,
     ) -> Result<CudaSae, CudaError> {
+        Self::load_with(sae, None, max_batch, cfg)
+    }
+
+    /// As [`Self::load`], with the dark-matter head `head` on the device too: a forward's
+    /// result is then each row's `kind` score, and [`Self::top_contributions`] its `top`
+    /// largest contributions (the same the host's [`crate::sae::detector::SaeScorer`]
+    /// computes). The host input buffers are plain pinned memory, since the caller reads
+    /// them as well (not write-combined, which the host reads very slowly).
+    ///
+    /// # Errors
+    /// As [`Self::load`], or a head of another width.
+    pub fn load_detector(
+        sae: &crate::sae::Sae,
+        head: &DarkHead,
+        kind: SaeScoreKind,
+        top: usize,
+        max_batch: usize,
+        cfg: &CudaConfig,
+    ) -> Result<CudaSae, CudaError> {
+        if head.d() != sae.d_in() {
+            return Err(CudaError::Unsupported(format!(
+                "a dark-matter head of width {} for an SAE of d_in {}",
+                head.d(),
+                sae.d_in()
+            )));
+        }
+        Self::load_with(sae, Some((head, kind, top)), max_batch, cfg)
+    }
+
+    /// Whether this kernel set covers `sae` with batches of `max_batch` rows: TopK with
+    /// k ≤ [`SAE_MAX_K`], at most 2^24 latents, normalisation `none` or
+    /// `expected_average_only_in` without a scaling factor, and batches of at most 2^32
+    /// values. Needs no GPU; returns k.
+    ///
+    /// # Errors
+    /// [`CudaError::Unsupported`], naming what is not covered.
+    pub fn check(sae: &crate::sae::Sae, max_batch: usize) -> Result<usize, CudaError> {
         use crate::sae::{Normalization, SaeActivation};
         let unsupported = |what: String| Err(CudaError::Unsupported(what));
         let k = match sae.activation() {
@@ -1214,6 +1419,17 @@ impl CudaSae {
                  values per batch)"
             ));
         }
+        Ok(k)
+    }
+
+    fn load_with(
+        sae: &crate::sae::Sae,
+        head: Option<(&DarkHead, SaeScoreKind, usize)>,
+        max_batch: usize,
+        cfg: &CudaConfig,
+    ) -> Result<CudaSae, CudaError> {
+        let k = Self::check(sae, max_batch)?;
+        let (d_in, d_sae) = (sae.d_in(), sae.d_sae());
         // b_enc has no accessor: it is the pre-activation of an input that prepares to 0
         // (b_dec when b_dec is subtracted from the input, else 0), exactly 0·W_enc + b_enc.
         let zero_in = if sae.apply_b_dec_to_input() {
@@ -1248,6 +1464,7 @@ impl CudaSae {
                     .map_err(run_err("cuModuleGetFunction"))
             };
             let (prep, topk, decode) = (f("sae_prep")?, f("sae_topk")?, f("sae_decode")?);
+            let detect = f("sae_detect")?;
             let stream = ctx.new_stream().map_err(run_err("cuStreamCreate"))?;
             let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(e.to_string()))?;
             let mode = if cfg.tf32 {
@@ -1266,6 +1483,38 @@ impl CudaSae {
             }
             let cap = max_batch.max(1);
             let alloc = run_err("allocating SAE buffers");
+            let head = match head {
+                None => None,
+                Some((h, kind, top)) => {
+                    let top = top.min(d_in);
+                    let flat = |a: ndarray::ArrayView1<f32>| a.iter().copied().collect::<Vec<_>>();
+                    let a: Vec<f32> = h.a().iter().copied().collect();
+                    let (w, c) = h.norm_weights();
+                    let e_hat_len = if kind == SaeScoreKind::Nonlinear {
+                        cap * d_in
+                    } else {
+                        1
+                    };
+                    Some(DeviceHead {
+                        detect,
+                        a: stream.clone_htod(&a).map_err(&up)?,
+                        b: stream.clone_htod(&flat(h.b().view())).map_err(&up)?,
+                        w: stream.clone_htod(&flat(w.view())).map_err(&up)?,
+                        c,
+                        sigma: h.sigma(),
+                        kind,
+                        top,
+                        e_hat: stream.alloc_zeros(e_hat_len).map_err(&alloc)?,
+                        contrib: stream.alloc_zeros(cap * d_in).map_err(&alloc)?,
+                        top_idx: stream.alloc_zeros((cap * top).max(1)).map_err(&alloc)?,
+                        top_val: stream.alloc_zeros((cap * top).max(1)).map_err(&alloc)?,
+                        host_idx: slots(|| Pinned::new(&ctx, cap * top, false))?,
+                        host_val: slots(|| Pinned::new(&ctx, cap * top, false))?,
+                    })
+                }
+            };
+            // A detector's caller reads its inputs too: no write-combining there.
+            let write_combined = head.is_none();
             let s = CudaSae {
                 w_enc: stream.clone_htod(&w_enc).map_err(&up)?,
                 b_enc: stream.clone_htod(&b_enc).map_err(&up)?,
@@ -1277,7 +1526,7 @@ impl CudaSae {
                 idx: stream.alloc_zeros(cap * k).map_err(&alloc)?,
                 val: stream.alloc_zeros(cap * k).map_err(&alloc)?,
                 err_sq: stream.alloc_zeros(cap).map_err(&alloc)?,
-                host_x: slots(|| Pinned::new(&ctx, cap * d_in, true))?,
+                host_x: slots(|| Pinned::new(&ctx, cap * d_in, write_combined))?,
                 host_err: slots(|| Pinned::new(&ctx, cap, false))?,
                 uploaded: slots(event)?,
                 consumed: slots(event)?,
@@ -1285,6 +1534,8 @@ impl CudaSae {
                 slot: 0,
                 in_flight: std::collections::VecDeque::with_capacity(SAE_SLOTS),
                 last_rows: 0,
+                shown: (0, 0),
+                head,
                 copy: ctx.new_stream().map_err(run_err("cuStreamCreate"))?,
                 stream,
                 blas,
@@ -1330,6 +1581,31 @@ impl CudaSae {
         };
         // SAFETY: W_enc holds d_in·d_sae floats, x_in and pre are sized for capacity ≥ n rows.
         unsafe { self.blas.gemm(cfg, &self.w_enc, &self.xin, &mut self.pre) }
+            .map_err(|e| CudaError::Blas(e.to_string()))
+    }
+
+    /// The head's `e_hat = x·A` for the `n` rows of input buffer `slot`, enqueued: as the
+    /// encoder GEMM, with A `[d, d]` row-major read as column-major Aᵀ.
+    fn head_gemm(&mut self, n: usize, slot: usize) -> Result<(), CudaError> {
+        let Some(h) = self.head.as_mut() else {
+            return Ok(());
+        };
+        let d = self.d_in as i32;
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: d,
+            n: n as i32,
+            k: d,
+            alpha: 1.0f32,
+            lda: d,
+            ldb: d,
+            beta: 0.0f32,
+            ldc: d,
+        };
+        // SAFETY: A holds d·d floats; x and e_hat (allocated for the nonlinear score, the only
+        // caller) hold capacity ≥ n rows of d.
+        unsafe { self.blas.gemm(cfg, &h.a, &self.x[slot], &mut h.e_hat) }
             .map_err(|e| CudaError::Blas(e.to_string()))
     }
 
@@ -1458,6 +1734,45 @@ impl CudaSae {
                     .map(drop)
                     .map_err(run_err("sae_topk"))
             }
+            4 if self.head.is_some() => {
+                if self
+                    .head
+                    .as_ref()
+                    .is_some_and(|h| h.kind == SaeScoreKind::Nonlinear)
+                {
+                    self.head_gemm(n, slot)?;
+                }
+                let Some(h) = self.head.as_mut() else {
+                    return Ok(());
+                };
+                let (k, unscale, kind, top) = (self.k as u32, 1.0f32, h.kind_code(), h.top as u32);
+                let mut b = self.stream.launch_builder(&h.detect);
+                b.arg(&self.x[slot])
+                    .arg(&self.w_dec)
+                    .arg(&self.b_dec)
+                    .arg(&self.idx)
+                    .arg(&self.val)
+                    .arg(&dd)
+                    .arg(&k)
+                    .arg(&unscale)
+                    .arg(&h.e_hat)
+                    .arg(&h.b)
+                    .arg(&h.w)
+                    .arg(&h.c)
+                    .arg(&h.sigma)
+                    .arg(&kind)
+                    .arg(&top)
+                    .arg(&mut h.contrib)
+                    .arg(&mut self.err_sq)
+                    .arg(&mut h.top_idx)
+                    .arg(&mut h.top_val);
+                // SAFETY: one block per row < n ≤ capacity; as sae_decode, plus d of the
+                // head's b and w, a row of contrib (and of e_hat, read only when it was
+                // allocated: the nonlinear score), `top` ≤ d of top_idx/top_val per row.
+                unsafe { b.launch(grid(256, rows)) }
+                    .map(drop)
+                    .map_err(run_err("sae_detect"))
+            }
             4 => {
                 let (k, unscale) = (self.k as u32, 1.0f32);
                 let mut b = self.stream.launch_builder(&self.decode);
@@ -1476,16 +1791,57 @@ impl CudaSae {
                     .map(drop)
                     .map_err(run_err("sae_decode"))
             }
-            _ => copy_dtoh(
-                &self.stream,
-                &self.err_sq,
-                &mut self.host_err[slot].as_mut_slice()[..n],
-                "copying the errors back",
-            ),
+            _ => {
+                copy_dtoh(
+                    &self.stream,
+                    &self.err_sq,
+                    &mut self.host_err[slot].as_mut_slice()[..n],
+                    "copying the scores back",
+                )?;
+                match self.head.as_mut() {
+                    Some(h) if h.top > 0 => {
+                        let m = n * h.top;
+                        copy_dtoh(
+                            &self.stream,
+                            &h.top_idx,
+                            &mut h.host_idx[slot].as_mut_slice()[..m],
+                            "copying the top contributions back",
+                        )?;
+                        copy_dtoh(
+                            &self.stream,
+                            &h.top_val,
+                            &mut h.host_val[slot].as_mut_slice()[..m],
+                            "copying the top contributions back",
+                        )
+                    }
+                    _ => Ok(()),
+                }
+            }
         }
     }
 
-    /// ‖x − x̂‖² for every row of `x` (`n` ≤ [`Self::capacity`]). `x` is first copied into
+    /// The top contributions of the rows whose scores [`Self::forward`],
+    /// [`Self::forward_input`] or [`Self::wait`] returned last: per row `top` (feature,
+    /// value) pairs, largest first (NaN first, ties to the lower feature, as the host
+    /// ranks them), and `top`. Empty without a head. Valid until the next forward or
+    /// submit.
+    pub fn top_contributions(&self) -> (&[u32], &[f32], usize) {
+        match &self.head {
+            Some(h) if h.top > 0 => {
+                let (slot, n) = self.shown;
+                let m = n * h.top;
+                (
+                    &h.host_idx[slot].as_slice()[..m],
+                    &h.host_val[slot].as_slice()[..m],
+                    h.top,
+                )
+            }
+            _ => (&[], &[], 0),
+        }
+    }
+
+    /// Each row's result (‖x − x̂‖², or a detector's score) for every row of `x`
+    /// (`n` ≤ [`Self::capacity`]). `x` is first copied into
     /// the pinned input buffer; a caller that can write there directly uses
     /// [`Self::input_mut`] and [`Self::forward_input`] instead and saves that copy.
     ///
@@ -1496,6 +1852,7 @@ impl CudaSae {
         if n > 0 {
             guarded("the SAE forward pass", || self.run(x))?;
         }
+        self.shown = (self.slot, n);
         Ok(&self.host_err[self.slot].as_slice()[..n])
     }
 
@@ -1515,6 +1872,22 @@ impl CudaSae {
                 .map_err(run_err("cuEventSynchronize"))
         })?;
         Ok(self.host_x[slot].as_mut_slice())
+    }
+
+    /// The current input buffer, without waiting: `None` while a submitted forward is in
+    /// flight. A caller that only runs blocking forwards ([`Self::forward_input`]) always
+    /// gets it, since each of those waits for its upload.
+    pub fn idle_input_mut(&mut self) -> Option<&mut [f32]> {
+        if !self.in_flight.is_empty() {
+            return None;
+        }
+        Some(self.host_x[self.slot].as_mut_slice())
+    }
+
+    /// The current input buffer, to read (slowly when write-combined, as [`Self::load`]'s
+    /// are; [`Self::load_detector`]'s are not).
+    pub fn input(&self) -> &[f32] {
+        self.host_x[self.slot].as_slice()
     }
 
     /// Starts the forward of the first `n` rows of [`Self::input_mut`] and returns without
@@ -1546,8 +1919,8 @@ impl CudaSae {
         Ok(())
     }
 
-    /// Waits for the oldest forward [`Self::submit`] started and returns its ‖x − x̂‖²
-    /// (empty when none is in flight).
+    /// Waits for the oldest forward [`Self::submit`] started and returns its rows' results
+    /// (‖x − x̂‖², or a detector's scores; empty when none is in flight).
     ///
     /// # Errors
     /// A CUDA failure while it ran.
@@ -1563,10 +1936,12 @@ impl CudaSae {
             })?;
         }
         self.in_flight.pop_front();
+        self.shown = (slot, n);
         Ok(&self.host_err[slot].as_slice()[..n])
     }
 
-    /// ‖x − x̂‖² for the first `n` rows written into [`Self::input_mut`].
+    /// Each row's result (‖x − x̂‖², or a detector's score) for the first `n` rows written
+    /// into [`Self::input_mut`].
     ///
     /// # Errors
     /// A CUDA failure, or more rows than the buffers hold.
@@ -1575,6 +1950,7 @@ impl CudaSae {
         if n > 0 {
             guarded("the SAE forward pass", || self.run_input(n))?;
         }
+        self.shown = (self.slot, n);
         Ok(&self.host_err[self.slot].as_slice()[..n])
     }
 

@@ -120,6 +120,37 @@ impl CudaSae {
         Err(CudaError::NotBuilt)
     }
 
+    /// # Errors
+    /// Always: the feature is off.
+    pub fn load_detector(
+        _sae: &crate::sae::Sae,
+        _head: &crate::sae::dark::DarkHead,
+        _kind: crate::sae::detector::SaeScoreKind,
+        _top: usize,
+        _max_batch: usize,
+        _cfg: &CudaConfig,
+    ) -> Result<CudaSae, CudaError> {
+        Err(CudaError::NotBuilt)
+    }
+
+    /// # Errors
+    /// Always: the feature is off.
+    pub fn check(_sae: &crate::sae::Sae, _max_batch: usize) -> Result<usize, CudaError> {
+        Err(CudaError::NotBuilt)
+    }
+
+    pub fn top_contributions(&self) -> (&[u32], &[f32], usize) {
+        match *self {}
+    }
+
+    pub fn idle_input_mut(&mut self) -> Option<&mut [f32]> {
+        match *self {}
+    }
+
+    pub fn input(&self) -> &[f32] {
+        match *self {}
+    }
+
     pub fn capacity(&self) -> usize {
         match *self {}
     }

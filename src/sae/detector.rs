@@ -23,7 +23,8 @@ use sha2::{Digest, Sha256};
 use super::dark::{DARK_META_FILE, DARK_WEIGHTS_FILE, DarkError, DarkHead, DarkScore};
 use super::eval::DARK_DIR;
 use super::{CONFIG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, Sae, SaeError, SaeWorkspace};
-use crate::config::MAX_TOP_CONTRIBUTIONS;
+use crate::config::{Backend, CudaConfig, CudaFallback, MAX_TOP_CONTRIBUTIONS};
+use crate::model::cuda::{CudaError, CudaSae};
 use crate::pipeline::{BatchScorer, Contribution, fill_top};
 use crate::threshold::MIN_CALIBRATION_SCORES;
 
@@ -141,6 +142,8 @@ pub enum DetectorError {
     },
     #[error("{path}: {reason}")]
     Calibration { path: PathBuf, reason: String },
+    #[error("the SAE cannot score on the GPU ([cuda] fallback = \"error\"): {0}")]
+    Cuda(#[from] CudaError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -161,6 +164,11 @@ pub struct SaeDetector {
     features: Vec<String>,
     calibration: Vec<f32>,
     calibration_rows: Option<CalibrationRows>,
+    /// Where its scorers run the SAE and the head: `Some` for the GPU (`[score] backend =
+    /// "cuda"` and one was found), `None` for the native kernels.
+    cuda: Option<CudaConfig>,
+    /// `on cuda/<device>`, `(cuda unavailable: <why>)`, or empty (native as configured).
+    backend_note: String,
 }
 
 /// Scores of normal tokens, one vector per [`SaeScoreKind`], for threshold calibration.
@@ -377,7 +385,60 @@ impl SaeDetector {
             features,
             calibration,
             calibration_rows,
+            cuda: None,
+            backend_note: String::new(),
         })
+    }
+
+    /// Loads `dir` (as [`Self::load`]) to score on `backend`: `cuda` runs the SAE and its
+    /// head on the GPU ([`CudaSae::load_detector`]), where the SAE is one the device kernels
+    /// cover and a GPU is found; otherwise, with `[cuda] fallback = "cpu"`, it warns and
+    /// scores on the native kernels ([`Self::backend_label`] says why). `onnx` applies to
+    /// autoencoders only: a warning, then native.
+    ///
+    /// # Errors
+    /// As [`Self::load`]; with `fallback = "error"`, why the GPU cannot be used.
+    pub fn load_on(
+        dir: &Path,
+        score: SaeScoreKind,
+        backend: Backend,
+        cuda: &CudaConfig,
+    ) -> Result<SaeDetector, DetectorError> {
+        let mut det = SaeDetector::load(dir, score)?;
+        match backend {
+            Backend::Native => {}
+            Backend::Onnx => tracing::warn!(
+                "[score] backend = \"onnx\" applies to autoencoders; the SAE scores on the \
+                 native kernels"
+            ),
+            Backend::Cuda => {
+                let found = CudaSae::check(&det.sae, 1)
+                    .and_then(|_| crate::model::cuda::probe(cuda.device));
+                match found {
+                    Ok(name) => {
+                        tracing::info!(device = cuda.device, %name, "the SAE and its head score on the GPU");
+                        det.cuda = Some(cuda.clone());
+                        det.backend_note = format!("on cuda/{name}");
+                    }
+                    Err(e) if cuda.fallback == CudaFallback::Cpu && cfg!(feature = "cuda") => {
+                        tracing::warn!(error = %e, "the SAE cannot score on the GPU; scoring with the native kernels ([cuda] fallback = \"cpu\")");
+                        det.backend_note = format!("(cuda unavailable: {e})");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(det)
+    }
+
+    /// [`Self::describe`], then where it scores when that is not the configured native:
+    /// `… on cuda/<device>` or `… (cuda unavailable: <why>)`.
+    pub fn backend_label(&self) -> String {
+        if self.backend_note.is_empty() {
+            self.describe()
+        } else {
+            format!("{} {}", self.describe(), self.backend_note)
+        }
     }
 
     /// Which tokens the calibration scores come from, if the file says.
@@ -440,51 +501,118 @@ impl SaeDetector {
 }
 
 /// The scorer thread's side of an [`SaeDetector`]: buffers for `max_batch` tokens, so a
-/// batch scores without allocating.
+/// batch scores without allocating, on the native kernels or, for a detector loaded for the
+/// GPU, on the device (only each token's score and top contributions come back).
 pub struct SaeScorer {
     detector: Arc<SaeDetector>,
+    engine: Engine,
+    scores: Vec<f32>,
+    top_k: usize,
+    last: usize,
+    /// The last batch failed (its scores are NaN): no contributions to name.
+    failed: bool,
+    errors: u64,
+}
+
+/// The native kernels' buffers.
+struct NativeEngine {
     ws: SaeWorkspace,
     dark: super::dark::DarkWorkspace,
     input: Array2<f32>,
-    scores: Vec<f32>,
     contrib: Array2<f32>,
-    top_k: usize,
-    last: usize,
-    errors: u64,
+}
+
+/// What runs a [`SaeScorer`]'s batches.
+enum Engine {
+    Native(Box<NativeEngine>),
+    /// The input rows live in the device SAE's pinned buffer, which the GPU uploads from.
+    Cuda(Box<CudaSae>),
 }
 
 impl SaeScorer {
     /// Buffers for batches of up to `max_batch` tokens, naming the `top_k` largest
-    /// contributions per token.
-    pub fn new(detector: Arc<SaeDetector>, max_batch: usize, top_k: usize) -> SaeScorer {
+    /// contributions per token. A detector loaded for the GPU ([`SaeDetector::load_on`])
+    /// uploads the SAE and its head here; if that fails, `[cuda] fallback = "cpu"` logs it
+    /// and scores on the native kernels.
+    ///
+    /// # Errors
+    /// The upload failed and `[cuda] fallback = "error"`.
+    pub fn new(
+        detector: Arc<SaeDetector>,
+        max_batch: usize,
+        top_k: usize,
+    ) -> Result<SaeScorer, DetectorError> {
         let (n, d) = (max_batch.max(1), detector.sae.d_in());
-        SaeScorer {
-            ws: detector.sae.workspace(n),
-            dark: detector.head.workspace(n),
-            input: Array2::zeros((n, d)),
+        let top_k = top_k.min(MAX_TOP_CONTRIBUTIONS).min(d);
+        let engine = match &detector.cuda {
+            None => None,
+            Some(cfg) => match CudaSae::load_detector(
+                &detector.sae,
+                &detector.head,
+                detector.score,
+                top_k,
+                n,
+                cfg,
+            ) {
+                Ok(gpu) => Some(Engine::Cuda(Box::new(gpu))),
+                Err(e) if cfg.fallback == CudaFallback::Cpu => {
+                    tracing::error!(error = %e, "cannot upload the SAE to the GPU; scoring with the native kernels ([cuda] fallback = \"cpu\")");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let engine = engine.unwrap_or_else(|| {
+            Engine::Native(Box::new(NativeEngine {
+                ws: detector.sae.workspace(n),
+                dark: detector.head.workspace(n),
+                input: Array2::zeros((n, d)),
+                contrib: Array2::zeros((n, d)),
+            }))
+        });
+        Ok(SaeScorer {
+            engine,
             scores: vec![0.0; n],
-            contrib: Array2::zeros((n, d)),
-            top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
+            top_k,
             last: 0,
+            failed: false,
             errors: 0,
             detector,
-        }
+        })
+    }
+
+    /// Whether batches score on the GPU.
+    pub fn on_gpu(&self) -> bool {
+        matches!(self.engine, Engine::Cuda(_))
     }
 
     fn try_score(&mut self, n: usize) -> Result<(), DetectorError> {
         let det = &*self.detector;
-        let x = self.input.slice(s![..n, ..]);
-        let out = det.sae.forward(x, &mut self.ws)?;
+        let NativeEngine {
+            ws,
+            dark,
+            input,
+            contrib,
+        } = match &mut self.engine {
+            Engine::Cuda(gpu) => {
+                let scored = gpu.forward_input(n)?;
+                self.scores[..n].copy_from_slice(scored);
+                return Ok(());
+            }
+            Engine::Native(native) => &mut **native,
+        };
+        let x = input.slice(s![..n, ..]);
+        let out = det.sae.forward(x, ws)?;
         let e = out.error();
-        let scored = det.head.score(x, e, &mut self.dark)?;
+        let scored = det.head.score(x, e, dark)?;
         for (dst, s) in self.scores.iter_mut().zip(scored) {
             *dst = det.score.pick(s);
         }
-        for (r, mut row) in self.contrib.rows_mut().into_iter().take(n).enumerate() {
+        for (r, mut row) in contrib.rows_mut().into_iter().take(n).enumerate() {
             let er = e.row(r);
             match det.score {
                 SaeScoreKind::Nonlinear => {
-                    let predicted = self.dark.predicted_error(r);
+                    let predicted = dark.predicted_error(r);
                     for ((c, &ev), &pv) in row.iter_mut().zip(&er).zip(predicted) {
                         *c = (ev - pv) * (ev - pv);
                     }
@@ -502,36 +630,51 @@ impl SaeScorer {
 
 impl BatchScorer for SaeScorer {
     fn max_batch(&self) -> usize {
-        self.input.nrows()
+        self.scores.len()
     }
 
     fn n_features(&self) -> usize {
-        self.input.ncols()
+        self.detector.sae.d_in()
     }
 
     fn input_mut(&mut self) -> &mut [f32] {
-        self.input
-            .as_slice_mut()
-            .expect("owned arrays are contiguous")
+        match &mut self.engine {
+            Engine::Native(native) => native
+                .input
+                .as_slice_mut()
+                .expect("owned arrays are contiguous"),
+            // The scorer only runs blocking forwards, so none is ever in flight here.
+            Engine::Cuda(gpu) => gpu
+                .idle_input_mut()
+                .expect("a blocking scorer leaves no forward in flight"),
+        }
     }
 
     fn input_row(&self, i: usize) -> &[f32] {
         let d = self.n_features();
-        &self.input.as_slice().expect("owned arrays are contiguous")[i * d..(i + 1) * d]
+        let all = match &self.engine {
+            Engine::Native(native) => native
+                .input
+                .as_slice()
+                .expect("owned arrays are contiguous"),
+            Engine::Cuda(gpu) => gpu.input(),
+        };
+        &all[i * d..(i + 1) * d]
     }
 
     fn score_batch(&mut self, n: usize) {
         let n = n.min(self.max_batch());
         self.last = n;
+        self.failed = false;
         if let Err(e) = self.try_score(n) {
-            // Shapes are checked at load, so this is a bug; the frames score NaN (thresholds
-            // skip them) rather than stopping the agent.
+            // Shapes are checked at load, so this is a bug or a failed GPU; the frames score
+            // NaN (thresholds skip them) rather than stopping the agent.
             self.errors += 1;
             if self.errors.is_power_of_two() {
                 tracing::error!(error = %e, failures = self.errors, "SAE scoring failed");
             }
             self.scores[..n].fill(f32::NAN);
-            self.contrib.slice_mut(s![..n, ..]).fill(0.0);
+            self.failed = true;
         }
     }
 
@@ -540,12 +683,39 @@ impl BatchScorer for SaeScorer {
     }
 
     fn top_contributions(&self, i: usize, out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS]) -> u8 {
-        let row = self.contrib.row(i);
-        fill_top(
-            row.as_slice()
-                .expect("rows of an owned array are contiguous"),
-            self.top_k,
-            out,
-        )
+        if self.failed || i >= self.last {
+            return 0;
+        }
+        match &self.engine {
+            Engine::Native(native) => fill_top(
+                native
+                    .contrib
+                    .row(i)
+                    .as_slice()
+                    .expect("rows of an owned array are contiguous"),
+                self.top_k,
+                out,
+            ),
+            Engine::Cuda(gpu) => {
+                let (idx, val, top) = gpu.top_contributions();
+                let row = i * top..(i + 1) * top;
+                let (Some(idx), Some(val)) = (idx.get(row.clone()), val.get(row)) else {
+                    return 0;
+                };
+                let n = self.top_k.min(top);
+                for ((o, &f), &v) in out.iter_mut().zip(&idx[..n]).zip(&val[..n]) {
+                    *o = Contribution {
+                        feature: f,
+                        value: v,
+                    };
+                }
+                n as u8
+            }
+        }
+    }
+
+    fn any_thread(&self) -> bool {
+        // A CUDA context is current on one thread.
+        !self.on_gpu()
     }
 }
