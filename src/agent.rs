@@ -436,11 +436,17 @@ pub fn run_with(
                 )
             }
             Detector::Sae(sae) => {
-                let scorer = match SaeScorer::new(
-                    sae.clone(),
-                    cfg.pipeline.batch_max_frames,
-                    cfg.score.top_contributions,
-                ) {
+                // A GPU batch costs its launches and copies whatever its size, so the GPU
+                // scorer takes every frame that is ready, up to the ring's capacity (a batch
+                // never waits to fill, so this costs no latency).
+                let batch = if sae.on_gpu() {
+                    cfg.pipeline
+                        .batch_max_frames
+                        .max(cfg.pipeline.ring_capacity_frames)
+                } else {
+                    cfg.pipeline.batch_max_frames
+                };
+                let scorer = match SaeScorer::new(sae.clone(), batch, cfg.score.top_contributions) {
                     Ok(s) => s,
                     Err(e) => break Err(AgentError::Detector(e.into())),
                 };

@@ -313,7 +313,8 @@ pub const MAX_TOP_CONTRIBUTIONS: usize = 16;
 pub struct PipelineConfig {
     /// Frames the source-to-scorer ring holds.
     pub ring_capacity_frames: usize,
-    /// Most frames the scorer drains and scores as one micro-batch.
+    /// Most frames the scorer drains and scores as one micro-batch. An SAE scored on the
+    /// GPU takes up to the larger of this and `ring_capacity_frames`.
     pub batch_max_frames: usize,
     /// What a live source does when the ring is full: `drop_newest` (counted) or `block`.
     /// File replay always blocks, so a replay never loses a frame. In the agent `block`

@@ -431,6 +431,11 @@ impl SaeDetector {
         Ok(det)
     }
 
+    /// Whether its scorers run on the GPU (`[score] backend = "cuda"` and one was found).
+    pub fn on_gpu(&self) -> bool {
+        self.cuda.is_some()
+    }
+
     /// [`Self::describe`], then where it scores when that is not the configured native:
     /// `… on cuda/<device>` or `… (cuda unavailable: <why>)`.
     pub fn backend_label(&self) -> String {
