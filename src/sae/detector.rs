@@ -142,7 +142,7 @@ pub enum DetectorError {
     },
     #[error("{path}: {reason}")]
     Calibration { path: PathBuf, reason: String },
-    #[error("the SAE cannot score on the GPU ([cuda] fallback = \"error\"): {0}")]
+    #[error("the SAE cannot score on the GPU: {0}")]
     Cuda(#[from] CudaError),
     #[error("{path}: {source}")]
     Io {
@@ -517,6 +517,8 @@ pub struct SaeScorer {
     /// The last batch failed (its scores are NaN): no contributions to name.
     failed: bool,
     errors: u64,
+    /// Why a detector loaded for the GPU scores natively here (its upload failed).
+    gpu_fallback: Option<String>,
 }
 
 /// The native kernels' buffers.
@@ -549,6 +551,7 @@ impl SaeScorer {
     ) -> Result<SaeScorer, DetectorError> {
         let (n, d) = (max_batch.max(1), detector.sae.d_in());
         let top_k = top_k.min(MAX_TOP_CONTRIBUTIONS).min(d);
+        let mut gpu_fallback = None;
         let engine = match &detector.cuda {
             None => None,
             Some(cfg) => match CudaSae::load_detector(
@@ -562,6 +565,7 @@ impl SaeScorer {
                 Ok(gpu) => Some(Engine::Cuda(Box::new(gpu))),
                 Err(e) if cfg.fallback == CudaFallback::Cpu => {
                     tracing::error!(error = %e, "cannot upload the SAE to the GPU; scoring with the native kernels ([cuda] fallback = \"cpu\")");
+                    gpu_fallback = Some(e.to_string());
                     None
                 }
                 Err(e) => return Err(e.into()),
@@ -582,6 +586,7 @@ impl SaeScorer {
             last: 0,
             failed: false,
             errors: 0,
+            gpu_fallback,
             detector,
         })
     }
@@ -589,6 +594,16 @@ impl SaeScorer {
     /// Whether batches score on the GPU.
     pub fn on_gpu(&self) -> bool {
         matches!(self.engine, Engine::Cuda(_))
+    }
+
+    /// What scores, as [`SaeDetector::backend_label`] but true to this scorer: a detector
+    /// loaded for the GPU whose upload failed here (`fallback = "cpu"`) ends
+    /// `(cuda unavailable: <why>)`.
+    pub fn backend_label(&self) -> String {
+        match &self.gpu_fallback {
+            Some(why) => format!("{} (cuda unavailable: {why})", self.detector.describe()),
+            None => self.detector.backend_label(),
+        }
     }
 
     fn try_score(&mut self, n: usize) -> Result<(), DetectorError> {
