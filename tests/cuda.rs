@@ -468,34 +468,6 @@ fn sae_on_the_device_refuses_what_it_does_not_cover() {
 
 // ------------------------------------------------------- the SAE detector (SAE + dark head)
 
-/// An SAE detector folder: a TopK SAE of `latents` latents trained by `sae-train` on the
-/// bundled all-MiniLM-L6-v2 activations (d = 384), with its dark-matter head and
-/// calibration.
-fn sae_detector_dir(out: &std::path::Path, latents: usize, k: usize) {
-    use darkwatch::sae::dark::DarkConfig;
-    use darkwatch::sae::eval::{SaeTrainArgs, sae_train_command};
-    use darkwatch::sae::train::{SaeTrainConfig, SaveMeta};
-    let a = repo("tests/data/activations");
-    let args = SaeTrainArgs {
-        input: a.join("train.npy"),
-        tensor: None,
-        prompt_ids: Some(a.join("train_prompt_ids.npy")),
-        out: out.to_path_buf(),
-        holdout: 0.2,
-        config: SaeTrainConfig {
-            latents,
-            k,
-            epochs: 2,
-            seed: 0,
-            ..Default::default()
-        },
-        dark: DarkConfig { ridge: 1.0 },
-        dark_folds: 0,
-        meta: SaveMeta::default(),
-    };
-    sae_train_command(&args, &mut |_| {}).unwrap();
-}
-
 /// The bundled test activations: 320 prose tokens, then 320 out-of-distribution ones.
 fn test_activations() -> ndarray::Array2<f32> {
     darkwatch::sae::eval::read_activations(&repo("tests/data/activations/test.npy"), None).unwrap()
@@ -541,7 +513,7 @@ fn sae_detector_on_the_device_agrees_with_the_native_scorer() {
     let tmp = tempfile::tempdir().unwrap();
     for (latents, k) in [(256, 16), (2048, 32)] {
         let dir = tmp.path().join(format!("sae-{latents}"));
-        sae_detector_dir(&dir, latents, k);
+        util::sae::train_detector(&dir, latents, k);
         let load = |kind, backend| {
             Arc::new(
                 SaeDetector::load_on(&dir, kind, backend, &cuda_cfg(CudaFallback::Error)).unwrap(),
@@ -622,7 +594,7 @@ fn sae_detector_without_a_gpu_falls_back_or_is_refused() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    sae_detector_dir(tmp.path(), 256, 16);
+    util::sae::train_detector(tmp.path(), 256, 16);
     let kind = SaeScoreKind::Nonlinear;
     let fell_back = SaeDetector::load_on(
         tmp.path(),

@@ -24,33 +24,13 @@ use darkwatch::sae::Sae;
 use darkwatch::sae::dark::{DarkConfig, DarkHead};
 use darkwatch::sae::detector::{Calibration, CalibrationRows, SaeDetector, SaeScoreKind};
 use darkwatch::sae::eval::{
-    DARK_DIR, SaeHeadArgs, SaeTrainArgs, read_activations, read_labels, sae_head_command,
-    sae_train_command, score_tokens,
+    DARK_DIR, SaeHeadArgs, read_activations, read_labels, sae_head_command, score_tokens,
 };
-use darkwatch::sae::train::{SaeTrainConfig, SaveMeta};
 use util::broker::{Collector, publish_all};
 use util::repo;
 
 fn train_sae(out: &std::path::Path) {
-    let a = repo("tests/data/activations");
-    let args = SaeTrainArgs {
-        input: a.join("train.npy"),
-        tensor: None,
-        prompt_ids: Some(a.join("train_prompt_ids.npy")),
-        out: out.to_path_buf(),
-        holdout: 0.2,
-        config: SaeTrainConfig {
-            latents: 256,
-            k: 16,
-            epochs: 3,
-            seed: 0,
-            ..Default::default()
-        },
-        dark: DarkConfig { ridge: 1.0 },
-        dark_folds: 0,
-        meta: SaveMeta::default(),
-    };
-    let (summary, _) = sae_train_command(&args, &mut |_| {}).unwrap();
+    let summary = util::sae::train_detector(out, 256, 16);
     assert_eq!(summary.calibration_rows, "held-out");
     assert_eq!(summary.calibration_count, summary.held_out_rows);
 }

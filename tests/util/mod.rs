@@ -5,6 +5,7 @@
 pub mod broker;
 #[macro_use]
 pub mod parity;
+pub mod sae;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
