@@ -436,13 +436,8 @@ pub fn run_with(
                 )
             }
             Detector::Sae(sae) => {
-                // A GPU batch costs its launches and copies whatever its size, so the GPU
-                // scorer takes every frame that is ready, up to the ring's capacity (a batch
-                // never waits to fill, so this costs no latency).
                 let batch = if sae.on_gpu() {
-                    cfg.pipeline
-                        .batch_max_frames
-                        .max(cfg.pipeline.ring_capacity_frames)
+                    cfg.pipeline.gpu_batch_frames()
                 } else {
                     cfg.pipeline.batch_max_frames
                 };

@@ -307,14 +307,24 @@ pub(crate) fn strings<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<Str
 /// Most contributions a frame can carry (fixed so records need no allocation).
 pub const MAX_TOP_CONTRIBUTIONS: usize = 16;
 
+impl PipelineConfig {
+    /// The micro-batch of a scorer on the GPU: every frame that is ready, up to the larger
+    /// of `batch_max_frames` and the ring's capacity. A GPU batch pays its launches and
+    /// copies whatever its size, and a batch never waits to fill, so a larger cap costs no
+    /// latency, only device memory.
+    pub fn gpu_batch_frames(&self) -> usize {
+        self.batch_max_frames.max(self.ring_capacity_frames)
+    }
+}
+
 /// The ring and the scorer thread.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Frames the source-to-scorer ring holds.
     pub ring_capacity_frames: usize,
-    /// Most frames the scorer drains and scores as one micro-batch. An SAE scored on the
-    /// GPU takes up to the larger of this and `ring_capacity_frames`.
+    /// Most frames the scorer drains and scores as one micro-batch. A scorer on the GPU
+    /// takes up to the larger of this and `ring_capacity_frames` ([`Self::gpu_batch_frames`]).
     pub batch_max_frames: usize,
     /// What a live source does when the ring is full: `drop_newest` (counted) or `block`.
     /// File replay always blocks, so a replay never loses a frame. In the agent `block`

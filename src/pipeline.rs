@@ -763,7 +763,12 @@ pub fn run_hooked<S: Source, K: Sink>(
     sink: K,
     hooks: Option<ScorerHooks>,
 ) -> Result<(PipelineReport, K), PipelineError> {
-    let scorer = Scorer::new(model, head, cfg.batch_max_frames, top_k)?;
+    let batch = if model.cuda.is_some() {
+        cfg.gpu_batch_frames()
+    } else {
+        cfg.batch_max_frames
+    };
+    let scorer = Scorer::new(model, head, batch, top_k)?;
     run_scorer(scorer, cfg, policy, source, sink, hooks)
 }
 
