@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Label-free check of a heavy-tailed (Student-t) wnll term (README, "Detection").
+"""Label-free checks of two robust variants of the wnll score (README, "Detection").
 
 The wnll head sums per-feature Gaussian terms alpha*(z - mu)^2/v, so one feature far off
 (a drifted metric) can outweigh the rest. A Student-t likelihood with nu degrees of
@@ -12,11 +12,19 @@ metrics, or of 4-10 on one), and prints the AUPRC of the injected frames against
 others, each score the mean of 5 frames as darkwatch's default. No test label is read
 (the test half's own anomalies count as negatives for every variant alike).
 
+The second variant keeps the Gaussian terms but damps drift: each feature's term is
+multiplied by m_j / max(r_j, m_j), where m_j is the feature's median term on training
+rows and r_j its median term over the stream's last W frames (W = 500 or 2000), so a
+feature whose typical term has grown counts that much less.
+
+With --labels it prints instead the point-wise AUPRC of every variant against the real
+test labels (no injection): the labels were read once, after the label-free numbers.
+
 The head is the numpy re-implementation of tools/variance_floor_check.py (bounded, floor
 0.1; median and ceiling from 2,000 training rows): close to the shipped head, not bit for
 bit.
 
-Usage: tools/robust_term_check.py [SMD_DIR] [DARKWATCH_BINARY]   (about 30 s)
+Usage: tools/robust_term_check.py [SMD_DIR] [DARKWATCH_BINARY] [--labels]   (about 40 s)
 Needs numpy and scikit-learn (pip), and a release build of darkwatch.
 """
 
@@ -49,9 +57,38 @@ def trailing_mean(s, w=5):
     return (c[i + 1] - c[j]) / (i + 1 - j)
 
 
+def rolling_median(t, window, step=25):
+    """Per feature, the median of the previous `window` rows (refreshed every `step` rows;
+    NaN until 50 rows are in)."""
+    out = np.full_like(t, np.nan)
+    last = None
+    for i in range(len(t)):
+        if i % step == 0:
+            lo = max(0, i - window)
+            last = np.median(t[lo:i], 0) if i - lo >= 50 else None
+        if last is not None:
+            out[i] = last
+    return out
+
+
+def variants(z, mu, v, lo, hi, ref):
+    """Frame scores of every variant: the Student-t terms, then the drift-damped ones."""
+    out = {}
+    for nu in NUS:
+        out["Gaussian" if nu is None else f"Student-t nu={nu}"] = terms(z, mu, v, lo, hi, nu).sum(1)
+    t = terms(z, mu, v, lo, hi, None)
+    for window in [500, 2000]:
+        recent = rolling_median(t, window)
+        recent = np.where(np.isnan(recent), ref, recent)
+        out[f"drift-damped W={window}"] = (t * ref / np.maximum(recent, ref)).sum(1)
+    return out
+
+
 def main():
-    smd = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/smd"
-    binary = sys.argv[2] if len(sys.argv) > 2 else "target/release/darkwatch"
+    args = [a for a in sys.argv[1:] if a != "--labels"]
+    labels = "--labels" in sys.argv
+    smd = args[0] if len(args) > 0 else "../shared/data/smd"
+    binary = args[1] if len(args) > 1 else "target/release/darkwatch"
     work = tempfile.mkdtemp(prefix="robust-term-check-")
     res = {}
     for machine in MACHINES:
@@ -70,6 +107,15 @@ def main():
             _, _, v_cal = forward(tensors, meta, train[order[:2000]])
             lo = np.maximum(np.median(np.log(v_cal), 0), np.log(0.1))
             hi = np.log(v_cal).max(0)
+            z_ref, mu_ref, v_ref = forward(tensors, meta, train[order[2000:6000]])
+            ref = np.median(terms(z_ref, mu_ref, v_ref, lo, hi, None), 0) + 1e-6
+            if labels:
+                y = np.loadtxt(os.path.join(smd, f"{machine}_test_label.txt"))
+                for name, s in variants(*forward(tensors, meta, test), lo, hi, ref).items():
+                    res.setdefault(name, {}).setdefault(machine, []).append(
+                        average_precision_score(y, trailing_mean(s))
+                    )
+                continue
             sd = train.std(0)
             moving = np.where(sd > 1e-6)[0]
             for kind in ["shift 3 metrics", "shift 1 metric"]:
@@ -82,15 +128,13 @@ def main():
                     size = rng.uniform(2, 6) if k == 3 else rng.uniform(4, 10)
                     x[start : start + length, f] += size * sd[f] * rng.choice([-1, 1], k)
                     y[start : start + length] = 1
-                z, mu, v = forward(tensors, meta, x)
-                for nu in NUS:
-                    s = trailing_mean(terms(z, mu, v, lo, hi, nu).sum(1))
-                    key = f"{machine} {kind}"
-                    res.setdefault(nu, {}).setdefault(key, []).append(average_precision_score(y, s))
-    for nu, cells in res.items():
-        name = "Gaussian" if nu is None else f"Student-t nu={nu}"
+                for name, s in variants(*forward(tensors, meta, x), lo, hi, ref).items():
+                    res.setdefault(name, {}).setdefault(f"{machine} {kind}", []).append(
+                        average_precision_score(y, trailing_mean(s))
+                    )
+    for name, cells in res.items():
         line = "  ".join(f"{k} {np.mean(v):.3f}" for k, v in cells.items())
-        print(f"{name:18s} mean {np.mean([np.mean(v) for v in cells.values()]):.3f}   {line}")
+        print(f"{name:20s} mean {np.mean([np.mean(v) for v in cells.values()]):.3f}   {line}")
 
 
 if __name__ == "__main__":
