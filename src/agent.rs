@@ -436,12 +436,11 @@ pub fn run_with(
                 )
             }
             Detector::Sae(sae) => {
-                let batch = if sae.on_gpu() {
-                    cfg.pipeline.gpu_batch_frames()
-                } else {
-                    cfg.pipeline.batch_max_frames
-                };
-                let scorer = match SaeScorer::new(sae.clone(), batch, cfg.score.top_contributions) {
+                let scorer = match SaeScorer::for_pipeline(
+                    sae.clone(),
+                    &cfg.pipeline,
+                    cfg.score.top_contributions,
+                ) {
                     Ok(s) => s,
                     Err(e) => break Err(AgentError::Detector(e.into())),
                 };

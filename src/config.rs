@@ -126,7 +126,7 @@ pub struct ScoreConfig {
     /// (the same network on an NVIDIA GPU, see [`CudaConfig`]; needs the `cuda` feature).
     /// An SAE folder scores on `native` or `cuda` (the SAE and its dark-matter head on the
     /// GPU; TopK SAEs only, others fall back as `[cuda] fallback` says); `onnx` does not
-    /// apply to it (a warning, then native).
+    /// apply to it (with the `onnx` feature a warning, then native).
     pub backend: Backend,
 }
 
@@ -310,8 +310,8 @@ pub const MAX_TOP_CONTRIBUTIONS: usize = 16;
 impl PipelineConfig {
     /// The micro-batch of a scorer on the GPU: every frame that is ready, up to the larger
     /// of `batch_max_frames` and the ring's capacity. A GPU batch pays its launches and
-    /// copies whatever its size, and a batch never waits to fill, so a larger cap costs no
-    /// latency, only device memory.
+    /// copies whatever its size. A batch never waits to fill (under a backlog a frame's
+    /// result waits for its whole batch), and the buffers grow with the cap.
     pub fn gpu_batch_frames(&self) -> usize {
         self.batch_max_frames.max(self.ring_capacity_frames)
     }

@@ -42,6 +42,7 @@ impl Detector {
                 cfg.sae.score,
                 cfg.score.backend,
                 &cfg.cuda,
+                cfg.pipeline.gpu_batch_frames(),
             )?)));
         }
         Ok(Detector::Autoencoder(Arc::new(Model::load_configured(

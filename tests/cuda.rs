@@ -516,7 +516,8 @@ fn sae_detector_on_the_device_agrees_with_the_native_scorer() {
         util::sae::train_detector(&dir, latents, k);
         let load = |kind, backend| {
             Arc::new(
-                SaeDetector::load_on(&dir, kind, backend, &cuda_cfg(CudaFallback::Error)).unwrap(),
+                SaeDetector::load_on(&dir, kind, backend, &cuda_cfg(CudaFallback::Error), 4096)
+                    .unwrap(),
             )
         };
         // ‖e‖² per row, the scale of the deviation's terms.
@@ -537,11 +538,13 @@ fn sae_detector_on_the_device_agrees_with_the_native_scorer() {
                 "{}",
                 dev.backend_label()
             );
-            for batch in [1, 7, 640] {
-                let mut gpu = SaeScorer::new(dev.clone(), batch, 5).unwrap();
+            // (buffers, batch): the last as the agent's default GPU scorer, with buffers for
+            // the ring's 4096 frames, given batches of 640.
+            for (cap, batch) in [(1, 1), (7, 7), (640, 640), (4096, 640)] {
+                let mut gpu = SaeScorer::new(dev.clone(), cap, 5).unwrap();
                 assert!(gpu.on_gpu());
                 let got = score_rows(&mut gpu, &x, batch);
-                let case = format!("{latents} latents, {}, batch {batch}", kind.name());
+                let case = format!("{latents} latents, {}, batch {batch} of {cap}", kind.name());
                 let (mut worst, mut other_latents) = (0.0f32, 0);
                 for (r, ((g, gt), (w, wt))) in got.iter().zip(&want).enumerate() {
                     let scale = match kind {
@@ -601,6 +604,7 @@ fn sae_detector_without_a_gpu_falls_back_or_is_refused() {
         kind,
         Backend::Cuda,
         &cuda_cfg(CudaFallback::Cpu),
+        64,
     )
     .unwrap();
     assert!(
@@ -610,8 +614,14 @@ fn sae_detector_without_a_gpu_falls_back_or_is_refused() {
         "{}",
         fell_back.backend_label()
     );
-    let native =
-        SaeDetector::load_on(tmp.path(), kind, Backend::Native, &CudaConfig::default()).unwrap();
+    let native = SaeDetector::load_on(
+        tmp.path(),
+        kind,
+        Backend::Native,
+        &CudaConfig::default(),
+        64,
+    )
+    .unwrap();
     assert_eq!(native.backend_label(), native.describe());
     let x = test_activations();
     let mut a = SaeScorer::new(Arc::new(fell_back), 64, 5).unwrap();
@@ -633,6 +643,7 @@ fn sae_detector_without_a_gpu_falls_back_or_is_refused() {
         kind,
         Backend::Cuda,
         &cuda_cfg(CudaFallback::Error),
+        64,
     ) {
         Err(e @ DetectorError::Cuda(_)) => {
             assert!(e.to_string().contains(&cause), "{e}");
@@ -671,6 +682,7 @@ fn an_sae_the_device_does_not_cover_scores_natively() {
         SaeScoreKind::ErrorNorm,
         Backend::Cuda,
         &cuda_cfg(CudaFallback::Cpu),
+        64,
     )
     .unwrap();
     let label = det.backend_label();

@@ -1100,8 +1100,8 @@ __device__ __forceinline__ void keep_best(float& v, unsigned& i, float w, unsign
 // head on the device. Per row: the score of `kind` (0 ||e||^2, 1 ||e - (x A + b)||^2,
 // 2 (||e||^2 - (x.w + c)) / sigma), the contributions into `contrib` (e_j^2, or the
 // unexplained (e_j - e_hat_j)^2 for kind 1), and the `top` largest of them, ranked as on
-// the host. e_hat holds x A (read for kind 1 only). Sums in double, as the host's are exact
-// enough to compare with.
+// the host. e_hat holds x A (read for kind 1 only). Sums in double: more exact than the
+// host's f32 sums, so the two differ by the host's rounding.
 extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const float* b_dec,
                                       const unsigned* idx, const float* val, unsigned d,
                                       unsigned k, float unscale, const float* e_hat,
@@ -1201,8 +1201,8 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
 /// decode and the squared error norm on the device; only ‖e‖² per row comes back (the
 /// active latents on request). Loaded as a detector ([`Self::load_detector`]), the
 /// dark-matter head runs on the device as well (its x·A GEMM for the `nonlinear` score, then
-/// one kernel per row for the error, the three scores and the top contributions), and a
-/// row's result is its chosen score, with its top contributions beside it
+/// one launch with a block per row for the error, the chosen score and the top
+/// contributions), and a row's result is its chosen score, with its top contributions beside it
 /// ([`Self::top_contributions`]).
 ///
 /// Supported: `TopK` activation with `k` ≤ [`SAE_MAX_K`], `d_sae` ≤ 2^24, normalisation

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use super::dark::{DARK_META_FILE, DARK_WEIGHTS_FILE, DarkError, DarkHead, DarkScore};
 use super::eval::DARK_DIR;
 use super::{CONFIG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, Sae, SaeError, SaeWorkspace};
-use crate::config::{Backend, CudaConfig, CudaFallback, MAX_TOP_CONTRIBUTIONS};
+use crate::config::{Backend, CudaConfig, CudaFallback, MAX_TOP_CONTRIBUTIONS, PipelineConfig};
 use crate::model::cuda::{CudaError, CudaSae};
 use crate::pipeline::{BatchScorer, Contribution, fill_top};
 use crate::threshold::MIN_CALIBRATION_SCORES;
@@ -392,9 +392,12 @@ impl SaeDetector {
 
     /// Loads `dir` (as [`Self::load`]) to score on `backend`: `cuda` runs the SAE and its
     /// head on the GPU ([`CudaSae::load_detector`]), where the SAE is one the device kernels
-    /// cover and a GPU is found; otherwise, with `[cuda] fallback = "cpu"`, it warns and
-    /// scores on the native kernels ([`Self::backend_label`] says why). `onnx` applies to
-    /// autoencoders only: a warning, then native.
+    /// cover and it loads onto the GPU with buffers for `gpu_batch` tokens (a trial upload,
+    /// so that a missing GPU or library, a kernel that does not compile or too little
+    /// device memory shows here, before the agent reports ready); otherwise, with `[cuda]
+    /// fallback = "cpu"`, it warns and scores on the native kernels
+    /// ([`Self::backend_label`] says why). `onnx` applies to autoencoders only: a warning,
+    /// then native.
     ///
     /// # Errors
     /// As [`Self::load`]; with `fallback = "error"`, why the GPU cannot be used.
@@ -403,6 +406,7 @@ impl SaeDetector {
         score: SaeScoreKind,
         backend: Backend,
         cuda: &CudaConfig,
+        gpu_batch: usize,
     ) -> Result<SaeDetector, DetectorError> {
         let mut det = SaeDetector::load(dir, score)?;
         match backend {
@@ -412,8 +416,10 @@ impl SaeDetector {
                  native kernels"
             ),
             Backend::Cuda => {
-                let found = CudaSae::check(&det.sae, 1)
-                    .and_then(|_| crate::model::cuda::probe(cuda.device));
+                let top = MAX_TOP_CONTRIBUTIONS.min(det.sae.d_in());
+                let found =
+                    CudaSae::load_detector(&det.sae, &det.head, score, top, gpu_batch, cuda)
+                        .map(|gpu| gpu.device_name().to_string());
                 match found {
                     Ok(name) => {
                         tracing::info!(device = cuda.device, %name, "the SAE and its head score on the GPU");
@@ -549,7 +555,35 @@ impl SaeScorer {
         max_batch: usize,
         top_k: usize,
     ) -> Result<SaeScorer, DetectorError> {
-        let (n, d) = (max_batch.max(1), detector.sae.d_in());
+        Self::build(detector, max_batch, max_batch, top_k)
+    }
+
+    /// As [`Self::new`], with the pipeline's micro-batch: on the GPU
+    /// [`PipelineConfig::gpu_batch_frames`], on the native kernels (a fallback included)
+    /// `batch_max_frames`.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn for_pipeline(
+        detector: Arc<SaeDetector>,
+        pipeline: &PipelineConfig,
+        top_k: usize,
+    ) -> Result<SaeScorer, DetectorError> {
+        Self::build(
+            detector,
+            pipeline.gpu_batch_frames(),
+            pipeline.batch_max_frames,
+            top_k,
+        )
+    }
+
+    fn build(
+        detector: Arc<SaeDetector>,
+        gpu_batch: usize,
+        native_batch: usize,
+        top_k: usize,
+    ) -> Result<SaeScorer, DetectorError> {
+        let d = detector.sae.d_in();
         let top_k = top_k.min(MAX_TOP_CONTRIBUTIONS).min(d);
         let mut gpu_fallback = None;
         let engine = match &detector.cuda {
@@ -559,7 +593,7 @@ impl SaeScorer {
                 &detector.head,
                 detector.score,
                 top_k,
-                n,
+                gpu_batch.max(1),
                 cfg,
             ) {
                 Ok(gpu) => Some(Engine::Cuda(Box::new(gpu))),
@@ -570,6 +604,10 @@ impl SaeScorer {
                 }
                 Err(e) => return Err(e.into()),
             },
+        };
+        let n = match &engine {
+            Some(_) => gpu_batch.max(1),
+            None => native_batch.max(1),
         };
         let engine = engine.unwrap_or_else(|| {
             Engine::Native(Box::new(NativeEngine {
