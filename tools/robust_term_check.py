@@ -7,7 +7,7 @@ freedom replaces the term by alpha*(nu + 1)*ln(1 + (z - mu)^2/(nu*v)), which ten
 Gaussian one as nu grows and grows only logarithmically in the residual. This script
 scores each SMD machine's test half with both, on PAEs trained by darkwatch (default
 config, seeds 0 and 1), after injecting synthetic anomaly segments into that test half
-(40 segments of 10-50 frames: a level shift of 2-6 standard deviations on 3 random
+(40 segments of 10-49 frames: a level shift of 2-6 standard deviations on 3 random
 metrics, or of 4-10 on one), and prints the AUPRC of the injected frames against all
 others, each score the mean of 5 frames as darkwatch's default. No test label is read
 (the test half's own anomalies count as negatives for every variant alike).
