@@ -938,7 +938,14 @@ fn run(command: Command) -> Result<()> {
                 .then(|| darkwatch::sae::Sae::load(&dir).ok())
                 .flatten();
             if bare.is_some() || SaeDetector::is_sae_dir(&dir) {
-                match (SaeDetector::load(&dir, cfg.sae.score), bare) {
+                let loaded = SaeDetector::load_on(
+                    &dir,
+                    cfg.sae.score,
+                    cfg.score.backend,
+                    &cfg.cuda,
+                    cfg.pipeline.gpu_batch_frames(),
+                );
+                match (loaded, bare) {
                     (Ok(det), _) => emit(&det.summary())?,
                     (Err(DetectorError::NoHead { .. }), Some(sae)) => emit(&format!(
                         "SAE checkpoint, no dark-matter head\n{}\

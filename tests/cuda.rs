@@ -614,6 +614,14 @@ fn sae_detector_without_a_gpu_falls_back_or_is_refused() {
         "{}",
         fell_back.backend_label()
     );
+    // `darkwatch inspect` prints the summary.
+    assert!(
+        fell_back
+            .summary()
+            .contains(&format!("backend      native (cuda unavailable: {cause})")),
+        "{}",
+        fell_back.summary()
+    );
     let native = SaeDetector::load_on(
         tmp.path(),
         kind,

@@ -167,8 +167,9 @@ pub struct SaeDetector {
     /// Where its scorers run the SAE and the head: `Some` for the GPU (`[score] backend =
     /// "cuda"` and one was found), `None` for the native kernels.
     cuda: Option<CudaConfig>,
-    /// `on cuda/<device>`, `(cuda unavailable: <why>)`, or empty (native as configured).
-    backend_note: String,
+    /// Where it scores, as `inspect` says: `native`, `cuda/<device>` or
+    /// `native (cuda unavailable: <why>)`.
+    backend: String,
 }
 
 /// Scores of normal tokens, one vector per [`SaeScoreKind`], for threshold calibration.
@@ -386,7 +387,7 @@ impl SaeDetector {
             calibration,
             calibration_rows,
             cuda: None,
-            backend_note: String::new(),
+            backend: "native".into(),
         })
     }
 
@@ -424,11 +425,11 @@ impl SaeDetector {
                     Ok(name) => {
                         tracing::info!(device = cuda.device, %name, "the SAE and its head score on the GPU");
                         det.cuda = Some(cuda.clone());
-                        det.backend_note = format!("on cuda/{name}");
+                        det.backend = format!("cuda/{name}");
                     }
                     Err(e) if cuda.fallback == CudaFallback::Cpu && cfg!(feature = "cuda") => {
                         tracing::warn!(error = %e, "the SAE cannot score on the GPU; scoring with the native kernels ([cuda] fallback = \"cpu\")");
-                        det.backend_note = format!("(cuda unavailable: {e})");
+                        det.backend = format!("native (cuda unavailable: {e})");
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -445,10 +446,12 @@ impl SaeDetector {
     /// [`Self::describe`], then where it scores when that is not the configured native:
     /// `… on cuda/<device>` or `… (cuda unavailable: <why>)`.
     pub fn backend_label(&self) -> String {
-        if self.backend_note.is_empty() {
-            self.describe()
+        if self.cuda.is_some() {
+            format!("{} on {}", self.describe(), self.backend)
+        } else if let Some(why) = self.backend.strip_prefix("native ") {
+            format!("{} {why}", self.describe())
         } else {
-            format!("{} {}", self.describe(), self.backend_note)
+            self.describe()
         }
     }
 
@@ -483,7 +486,8 @@ impl SaeDetector {
              {sae}\
              head         ridge λ {lambda:.3e}, σ {sigma:.4}, R² on its fit rows: vector {rv:.3}, norm {rn:.3}\n\
              score        {score} ([sae] score)\n\
-             calibration  {n} scores of {rows} rows\n",
+             calibration  {n} scores of {rows} rows\n\
+             backend      {backend}\n",
             id = self.id,
             sae = self.sae.summary(),
             lambda = self.head.lambda(),
@@ -492,6 +496,7 @@ impl SaeDetector {
             rn = r2.norm,
             score = self.score.name(),
             n = self.calibration.len(),
+            backend = self.backend,
         )
     }
 
