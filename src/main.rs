@@ -298,7 +298,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Configuration file: with `[score] backend = "onnx"`, also load the ONNX graph and
-        /// report the execution provider it gets.
+        /// report the execution provider it gets; with `"cuda"`, the GPU it would score on
+        /// (or why not).
         #[arg(long)]
         config: Option<PathBuf>,
     },

@@ -538,6 +538,21 @@ fn sae_detector_on_the_device_agrees_with_the_native_scorer() {
                 "{}",
                 dev.backend_label()
             );
+            assert!(
+                dev.summary().contains(&format!("backend      cuda/{name}")),
+                "{}",
+                dev.summary()
+            );
+            // As the agent builds its scorer: the GPU's batch, the ring's 4096 frames.
+            let agents = SaeScorer::for_pipeline(
+                dev.clone(),
+                &darkwatch::config::PipelineConfig::default(),
+                5,
+            )
+            .unwrap();
+            assert!(agents.on_gpu());
+            assert_eq!(darkwatch::pipeline::BatchScorer::max_batch(&agents), 4096);
+            drop(agents);
             // (buffers, batch): the last as the agent's default GPU scorer, with buffers for
             // the ring's 4096 frames, given batches of 640.
             for (cap, batch) in [(1, 1), (7, 7), (640, 640), (4096, 640)] {
@@ -632,7 +647,16 @@ fn sae_detector_without_a_gpu_falls_back_or_is_refused() {
     .unwrap();
     assert_eq!(native.backend_label(), native.describe());
     let x = test_activations();
-    let mut a = SaeScorer::new(Arc::new(fell_back), 64, 5).unwrap();
+    let fell_back = Arc::new(fell_back);
+    // As the agent builds its scorer: after a fallback, the CPU's batch, not the GPU's.
+    let pipeline = darkwatch::config::PipelineConfig {
+        batch_max_frames: 64,
+        ring_capacity_frames: 4096,
+        ..Default::default()
+    };
+    let agents = SaeScorer::for_pipeline(fell_back.clone(), &pipeline, 5).unwrap();
+    assert_eq!(darkwatch::pipeline::BatchScorer::max_batch(&agents), 64);
+    let mut a = SaeScorer::new(fell_back, 64, 5).unwrap();
     let mut b = SaeScorer::new(Arc::new(native), 64, 5).unwrap();
     assert!(!a.on_gpu());
     assert_eq!(score_rows(&mut a, &x, 64), score_rows(&mut b, &x, 64));
@@ -661,30 +685,39 @@ fn sae_detector_without_a_gpu_falls_back_or_is_refused() {
     }
 }
 
-/// An SAE the device kernels do not cover (ReLU) is named as such, before any CUDA call,
-/// so this runs with or without a GPU: `fallback = "cpu"` scores it natively.
-#[test]
-fn an_sae_the_device_does_not_cover_scores_natively() {
+/// A detector folder from one of the bundled SAE fixtures (tests/data/sae/NAME): its
+/// checkpoint, a head fitted on its rows, and a calibration of them.
+fn fixture_detector(name: &str, out: &std::path::Path) {
     use darkwatch::sae::dark::{DarkConfig, DarkHead};
-    use darkwatch::sae::detector::{Calibration, CalibrationRows, SaeDetector, SaeScoreKind};
+    use darkwatch::sae::detector::{Calibration, CalibrationRows};
     use darkwatch::sae::eval::{DARK_DIR, score_tokens};
-    let tmp = tempfile::tempdir().unwrap();
-    let src = repo("tests/data/sae/saelens_relu_v6");
+    let src = repo(&format!("tests/data/sae/{name}"));
     for f in ["cfg.json", "sae_weights.safetensors"] {
-        std::fs::copy(src.join("checkpoint").join(f), tmp.path().join(f)).unwrap();
+        std::fs::copy(src.join("checkpoint").join(f), out.join(f)).unwrap();
     }
-    let sae = darkwatch::sae::Sae::load(tmp.path()).unwrap();
+    let sae = darkwatch::sae::Sae::load(out).unwrap();
     let x = darkwatch::ingest::npy::read_npy(&src.join("x.npy"))
         .unwrap()
         .values;
     let fit = DarkHead::fit_sae(&sae, x.view(), None, &DarkConfig::default(), 8).unwrap();
-    let dark = tmp.path().join(DARK_DIR);
+    let dark = out.join(DARK_DIR);
     fit.head.save(&dark).unwrap();
     let scored = score_tokens(&sae, &fit.head, x.view()).unwrap();
     let many: Vec<_> = (0..60).map(|i| scored[i % scored.len()]).collect();
     Calibration::from_scores(&many, CalibrationRows::Training, 1000)
         .save(&dark)
         .unwrap();
+}
+
+/// What the device kernels do not cover is named before any CUDA call, so this runs with or
+/// without a GPU: a ReLU SAE (`fallback = "cpu"` then scores it natively), and a GPU batch
+/// the kernels cannot index in 32 bits (`fallback = "error"` refuses it at load).
+#[test]
+fn an_sae_the_device_does_not_cover_scores_natively() {
+    use darkwatch::model::cuda::CudaError;
+    use darkwatch::sae::detector::{DetectorError, SaeDetector, SaeScoreKind, SaeScorer};
+    let tmp = tempfile::tempdir().unwrap();
+    fixture_detector("saelens_relu_v6", tmp.path());
     let det = SaeDetector::load_on(
         tmp.path(),
         SaeScoreKind::ErrorNorm,
@@ -698,7 +731,25 @@ fn an_sae_the_device_does_not_cover_scores_natively() {
         label.contains("cuda unavailable: not supported on the GPU") && label.contains("TopK"),
         "{label}"
     );
-    let scorer = darkwatch::sae::detector::SaeScorer::new(Arc::new(det), 8, 3).unwrap();
+    let scorer = SaeScorer::new(Arc::new(det), 8, 3).unwrap();
     assert!(!scorer.on_gpu());
     assert_eq!(scorer.backend_label(), label);
+
+    let topk = tmp.path().join("topk");
+    std::fs::create_dir(&topk).unwrap();
+    fixture_detector("saelens_topk_v6", &topk);
+    let d_in = darkwatch::sae::Sae::load(&topk).unwrap().d_in();
+    let too_big = u32::MAX as usize / d_in + 1;
+    match SaeDetector::load_on(
+        &topk,
+        SaeScoreKind::ErrorNorm,
+        Backend::Cuda,
+        &cuda_cfg(CudaFallback::Error),
+        too_big,
+    ) {
+        Err(DetectorError::Cuda(CudaError::Unsupported(why))) => {
+            assert!(why.contains("2^32"), "{why}")
+        }
+        other => panic!("expected a refused batch, got {other:?}"),
+    }
 }

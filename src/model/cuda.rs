@@ -1422,6 +1422,27 @@ impl CudaSae {
         Ok(k)
     }
 
+    /// What can be checked before uploading anything: [`Self::check`] for batches of
+    /// `max_batch` rows, the driver, device `cfg.device`, cuBLAS and NVRTC, and that the
+    /// SAE kernels compile and load for this GPU. Allocates no buffers (so it can run
+    /// beside a scorer that holds the device's memory); returns the device's name.
+    ///
+    /// # Errors
+    /// The first of these that fails.
+    pub fn preflight(
+        sae: &crate::sae::Sae,
+        max_batch: usize,
+        cfg: &CudaConfig,
+    ) -> Result<String, CudaError> {
+        Self::check(sae, max_batch)?;
+        let ctx = open_context(cfg.device)?;
+        check_libraries()?;
+        guarded("compiling the SAE kernels", || {
+            load_kernels(&ctx, SAE_KERNELS, "darkwatch_sae.cu")?;
+            ctx.name().map_err(run_err("cuDeviceGetName"))
+        })
+    }
+
     fn load_with(
         sae: &crate::sae::Sae,
         head: Option<(&DarkHead, SaeScoreKind, usize)>,

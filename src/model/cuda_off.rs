@@ -139,6 +139,16 @@ impl CudaSae {
         Err(CudaError::NotBuilt)
     }
 
+    /// # Errors
+    /// Always: the feature is off.
+    pub fn preflight(
+        _sae: &crate::sae::Sae,
+        _max_batch: usize,
+        _cfg: &CudaConfig,
+    ) -> Result<String, CudaError> {
+        Err(CudaError::NotBuilt)
+    }
+
     pub fn top_contributions(&self) -> (&[u32], &[f32], usize) {
         match *self {}
     }

@@ -393,12 +393,13 @@ impl SaeDetector {
 
     /// Loads `dir` (as [`Self::load`]) to score on `backend`: `cuda` runs the SAE and its
     /// head on the GPU ([`CudaSae::load_detector`]), where the SAE is one the device kernels
-    /// cover and it loads onto the GPU with buffers for `gpu_batch` tokens (a trial upload,
-    /// so that a missing GPU or library, a kernel that does not compile or too little
-    /// device memory shows here, before the agent reports ready); otherwise, with `[cuda]
-    /// fallback = "cpu"`, it warns and scores on the native kernels
-    /// ([`Self::backend_label`] says why). `onnx` applies to autoencoders only: a warning,
-    /// then native.
+    /// cover with batches of `gpu_batch` tokens and [`CudaSae::preflight`] passes (driver,
+    /// device, libraries, the kernels compile: what can fail is found here, before the
+    /// agent reports ready, without allocating device memory beside a running scorer);
+    /// otherwise, with `[cuda] fallback = "cpu"`, it warns and scores on the native kernels
+    /// ([`Self::backend_label`] says why). The upload itself happens in each scorer
+    /// ([`SaeScorer::for_pipeline`]), which falls back in turn if it fails. `onnx` applies
+    /// to autoencoders only: a warning, then native.
     ///
     /// # Errors
     /// As [`Self::load`]; with `fallback = "error"`, why the GPU cannot be used.
@@ -417,10 +418,7 @@ impl SaeDetector {
                  native kernels"
             ),
             Backend::Cuda => {
-                let top = MAX_TOP_CONTRIBUTIONS.min(det.sae.d_in());
-                let found =
-                    CudaSae::load_detector(&det.sae, &det.head, score, top, gpu_batch, cuda)
-                        .map(|gpu| gpu.device_name().to_string());
+                let found = CudaSae::preflight(&det.sae, gpu_batch, cuda);
                 match found {
                     Ok(name) => {
                         tracing::info!(device = cuda.device, %name, "the SAE and its head score on the GPU");
