@@ -29,7 +29,6 @@ Needs numpy and scikit-learn (pip), and a release build of darkwatch.
 """
 
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -37,7 +36,8 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from variance_floor_check import forward, load  # noqa: E402
+from variance_floor_check import forward  # noqa: E402
+from variance_floor_check import train as train_model  # noqa: E402
 
 MACHINES = ["machine-1-6", "machine-2-1", "machine-3-4"]
 NUS = [None, 16, 4, 1]  # None: the Gaussian term darkwatch uses
@@ -95,13 +95,7 @@ def main():
         train = np.load(os.path.join(smd, f"{machine}_train.npy")).astype(np.float64)
         test = np.load(os.path.join(smd, f"{machine}_test.npy")).astype(np.float64)
         for seed in [0, 1]:
-            out = os.path.join(work, f"{machine}-{seed}")
-            env = dict(os.environ, DARKWATCH__TRAIN__SEED=str(seed))
-            subprocess.run(
-                [binary, "train", "--input", os.path.join(smd, f"{machine}_train.npy"), "--out", out],
-                env=env, check=True, capture_output=True,
-            )
-            tensors, meta = load(out)
+            tensors, meta = train_model(binary, smd, machine, seed, work)
             rng = np.random.default_rng(100 + seed)
             order = rng.permutation(len(train))
             _, _, v_cal = forward(tensors, meta, train[order[:2000]])

@@ -52,6 +52,18 @@ def load(model_dir):
     return tensors, meta
 
 
+def train(binary, smd, machine, seed, work):
+    """Trains a PAE on `machine`'s training half with darkwatch (default config, `seed`)
+    into `work` and loads it."""
+    out = os.path.join(work, f"{machine}-{seed}")
+    env = dict(os.environ, DARKWATCH__TRAIN__SEED=str(seed))
+    subprocess.run(
+        [binary, "train", "--input", os.path.join(smd, f"{machine}_train.npy"), "--out", out],
+        env=env, check=True, capture_output=True,
+    )
+    return load(out)
+
+
 def forward(tensors, meta, x):
     scaler = meta["scaler"]
     z = (x - np.array(scaler["offset"])) / np.array(scaler["scale"])
@@ -86,26 +98,20 @@ def main():
     work = tempfile.mkdtemp(prefix="floor-check-")
     synthetic, agreement = {}, {}
     for machine in MACHINES:
-        train = np.load(os.path.join(smd, f"{machine}_train.npy")).astype(np.float64)
+        rows = np.load(os.path.join(smd, f"{machine}_train.npy")).astype(np.float64)
         test = np.load(os.path.join(smd, f"{machine}_test.npy")).astype(np.float64)
         per_seed = {}
         for seed in SEEDS:
-            out = os.path.join(work, f"{machine}-{seed}")
-            env = dict(os.environ, DARKWATCH__TRAIN__SEED=str(seed))
-            subprocess.run(
-                [binary, "train", "--input", os.path.join(smd, f"{machine}_train.npy"), "--out", out],
-                env=env, check=True, capture_output=True,
-            )
-            tensors, meta = load(out)
+            tensors, meta = train(binary, smd, machine, seed, work)
             rng = np.random.default_rng(100 + seed)
-            order = rng.permutation(len(train))
-            _, _, v_cal = forward(tensors, meta, train[order[:2000]])
+            order = rng.permutation(len(rows))
+            _, _, v_cal = forward(tensors, meta, rows[order[:2000]])
             median, ceiling = np.median(np.log(v_cal), 0), np.log(v_cal).max(0)
-            ln_spread = np.zeros(train.shape[1])  # z-scoring: every spread is 1
-            sd = train.std(0)
+            ln_spread = np.zeros(rows.shape[1])  # z-scoring: every spread is 1
+            sd = rows.std(0)
             moving = np.where(sd > 1e-6)[0]
             for kind in ["shift 3 metrics", "spike 1 metric"]:
-                x = train[order[2000:6000]].copy()
+                x = rows[order[2000:6000]].copy()
                 y = np.zeros(len(x))
                 hit = rng.choice(len(x), len(x) // 10, replace=False)
                 y[hit] = 1
