@@ -7,7 +7,8 @@
 //! the cuBLAS encoder GEMM alone, against the issue's targets (≥ 1 M tokens/s, ≥ 50 % of the
 //! GEMM), with the unpipelined times and each stage timed alone. Last, the SAE with its
 //! dark-matter head on the device (scores and top contributions back) against the SAE
-//! forward alone and the head on the CPU.
+//! forward alone and the head on the CPU. And a JumpReLU SAE of the same shape (the
+//! activation in place, the decoder a second GEMM).
 //!
 //! `cargo bench --features cuda --bench cuda` (tools/gpu-check.sh runs it). Exits 2 with the
 //! cause when no GPU is usable. With `DARKWATCH_BENCH_OUT=FILE` the table also goes there.
@@ -260,6 +261,69 @@ fn sae(out: &mut String) {
         );
         drop(dev);
         sae_detector(out, &sae, &head, &x, &cfg, label, device);
+    }
+    jumprelu(out, &x);
+}
+
+/// A JumpReLU SAE of the same shape (random weights, thresholds in [0, 0.3)): the activation
+/// in place, then the decoder as a second GEMM, against its encoder GEMM alone.
+fn jumprelu(out: &mut String, x: &Array2<f32>) {
+    use darkwatch::model::cuda::CudaSae;
+    use darkwatch::sae::{Normalization, Sae, SaeActivation, SaeParts};
+    let (n, d) = x.dim();
+    let d_sae = 32_768usize;
+    let mut rng = darkwatch::rng::Rng::new(5);
+    let scale = 1.0 / (d as f32).sqrt();
+    let sae = Sae::from_parts(SaeParts {
+        w_enc: Array2::from_shape_fn((d, d_sae), |_| rng.uniform(-scale, scale)),
+        b_enc: ndarray::Array1::from_shape_fn(d_sae, |_| rng.uniform(-0.1, 0.05)),
+        w_dec: Array2::from_shape_fn((d_sae, d), |_| rng.uniform(-scale, scale)),
+        b_dec: ndarray::Array1::zeros(d),
+        threshold: Some(ndarray::Array1::from_shape_fn(d_sae, |_| {
+            rng.uniform(0.0, 0.3)
+        })),
+        activation: SaeActivation::JumpRelu,
+        apply_b_dec_to_input: true,
+        normalization: Normalization::None,
+    })
+    .expect("valid shape");
+    for (tf32, label) in [(false, "fp32"), (true, "tf32")] {
+        let cfg = CudaConfig {
+            fallback: CudaFallback::Error,
+            tf32,
+            ..CudaConfig::default()
+        };
+        let mut dev = match CudaSae::load(&sae, n, &cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = writeln!(out, "JumpReLU SAE {label}: cannot load: {e}");
+                continue;
+            }
+        };
+        dev.input_mut().expect("input buffer")[..n * d]
+            .copy_from_slice(x.as_slice().expect("contiguous"));
+        for _ in 0..3 {
+            dev.forward_input(n).expect("JumpReLU forward");
+        }
+        let runs = 20;
+        let t = Instant::now();
+        for _ in 0..runs {
+            std::hint::black_box(dev.forward_input(n).expect("JumpReLU forward")[0]);
+        }
+        let per = t.elapsed().as_secs_f64() / runs as f64;
+        let gemm = dev.time_encoder_gemm(n, runs).expect("GEMM");
+        let stages = dev.time_stages(n, runs).expect("stages");
+        let _ = writeln!(
+            out,
+            "JumpReLU SAE {d}x{d_sae} batch {n} ({label}): {:.2} ms/batch on the device = \
+             {:.3e} tokens/s; encoder GEMM alone {:.2} ms (the decoder is a second GEMM of \
+             the same size)\n  stages, each timed alone (\"TopK\" is the activation; \
+             \"decode\" includes the decoder GEMM): {}",
+            per * 1e3,
+            n as f64 / per,
+            gemm * 1e3,
+            stages.describe(),
+        );
     }
 }
 

@@ -1044,11 +1044,24 @@ extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsign
     }
 }
 
+// ReLU and JumpReLU SAEs, in place on the encoder's output: f = p where p > thr and p > 0,
+// else 0 (NaN gives 0, as on the host), with p = pre + b_enc. thr is 0 for ReLU.
+extern "C" __global__ void sae_jumprelu(float* pre, const float* b_enc, const float* thr,
+                                        unsigned rows, unsigned d_sae) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * d_sae) return;
+    unsigned j = (unsigned)(i % d_sae);
+    float p = pre[i] + b_enc[j];
+    pre[i] = (p > thr[j] && p > 0.0f) ? p : 0.0f;
+}
+
 // One block per row: x_hat = (b_dec + sum_s val_s W_dec[idx_s]) * unscale, e = x - x_hat,
-// err_sq = sum e^2 (accumulated in double, as on the host).
+// err_sq = sum e^2 (accumulated in double, as on the host). For a dense SAE (ReLU,
+// JumpReLU) k is 0 and `dense` adds the decoder GEMM's row of f W_dec from xhat instead.
 extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const float* b_dec,
                                       const unsigned* idx, const float* val, unsigned d,
-                                      unsigned k, float unscale, float* err_sq) {
+                                      unsigned k, float unscale, const float* xhat, int dense,
+                                      float* err_sq) {
     __shared__ unsigned sidx[256];
     __shared__ float sval[256];
     __shared__ double part[32];
@@ -1061,6 +1074,7 @@ extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const 
     double acc = 0.0;
     for (unsigned c = t; c < d; c += nt) {
         float y = b_dec[c];
+        if (dense) y += xhat[(size_t)r * d + c];
         for (unsigned s = 0; s < k; ++s) {
             unsigned j = sidx[s];
             if (j != NONE) y += sval[s] * w_dec[(size_t)j * d + c];
@@ -1104,7 +1118,8 @@ __device__ __forceinline__ void keep_best(float& v, unsigned& i, float w, unsign
 // host's f32 sums, so the two differ by the host's rounding.
 extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const float* b_dec,
                                       const unsigned* idx, const float* val, unsigned d,
-                                      unsigned k, float unscale, const float* e_hat,
+                                      unsigned k, float unscale, const float* xhat, int dense,
+                                      const float* e_hat,
                                       const float* head_b, const float* head_w, float head_c,
                                       float sigma, int kind, unsigned top, float* contrib,
                                       float* score, unsigned* top_idx, float* top_val) {
@@ -1125,6 +1140,7 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
     double sq = 0.0, rest = 0.0, pred = 0.0;
     for (unsigned c = t; c < d; c += nt) {
         float y = b_dec[c];
+        if (dense) y += xhat[(size_t)r * d + c];
         for (unsigned s = 0; s < k; ++s) {
             unsigned j = sidx[s];
             if (j != NONE) y += sval[s] * w_dec[(size_t)j * d + c];
@@ -1196,18 +1212,19 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
 }
 "#;
 
-/// A TopK SAE on a GPU: weights uploaded once, buffers for `capacity` rows. Its forward runs
+/// An SAE on a GPU: weights uploaded once, buffers for `capacity` rows. Its forward runs
 /// the input preparation, the encoder GEMM (cuBLAS), TopK with `b_enc` and ReLU, the sparse
-/// decode and the squared error norm on the device; only ‖e‖² per row comes back (the
+/// decode and the squared error norm on the device (a ReLU or JumpReLU SAE: the activation
+/// in place, then the decoder as a second GEMM); only ‖e‖² per row comes back (the
 /// active latents on request). Loaded as a detector ([`Self::load_detector`]), the
 /// dark-matter head runs on the device as well (its x·A GEMM for the `nonlinear` score, then
 /// one launch with a block per row for the error, the chosen score and the top
 /// contributions), and a row's result is its chosen score, with its top contributions beside it
 /// ([`Self::top_contributions`]).
 ///
-/// Supported: `TopK` activation with `k` ≤ [`SAE_MAX_K`], `d_sae` ≤ 2^24, normalisation
-/// `none` or `expected_average_only_in` without a scaling factor. Others are refused with
-/// [`CudaError::Unsupported`].
+/// Supported: `TopK` activation with `k` ≤ [`SAE_MAX_K`], ReLU and JumpReLU, `d_sae` ≤
+/// 2^24, normalisation `none` or `expected_average_only_in` without a scaling factor.
+/// Others are refused with [`CudaError::Unsupported`].
 pub struct CudaSae {
     /// Runs the kernels, the GEMM and the copies back.
     stream: Arc<CudaStream>,
@@ -1258,7 +1275,19 @@ pub struct CudaSae {
     shown: (usize, usize),
     /// The dark-matter head, when loaded as a detector ([`Self::load_detector`]).
     head: Option<DeviceHead>,
+    /// A ReLU or JumpReLU SAE (`k` = 0): its activation and threshold; the decoder is then a
+    /// GEMM into `xhat`.
+    dense: Option<DenseSae>,
+    /// `[capacity, d_in]`: f·W_dec for a dense SAE (one placeholder value otherwise).
+    xhat: CudaSlice<f32>,
     name: String,
+}
+
+/// The activation of a ReLU or JumpReLU SAE on the device.
+struct DenseSae {
+    act: CudaFunction,
+    /// `[d_sae]`: JumpReLU's threshold, 0 for ReLU.
+    threshold: CudaSlice<f32>,
 }
 
 /// The dark-matter head on the device: a forward then brings back per row only the chosen
@@ -1302,7 +1331,9 @@ pub struct SaeStages {
     pub upload: f64,
     pub prep: f64,
     pub encoder_gemm: f64,
+    /// TopK, or a ReLU/JumpReLU SAE's activation.
     pub topk: f64,
+    /// The decode (a dense SAE's decoder GEMM included, and a detector's head).
     pub decode: f64,
     pub download: f64,
 }
@@ -1385,7 +1416,7 @@ impl CudaSae {
     }
 
     /// Whether this kernel set covers `sae` with batches of `max_batch` rows: TopK with
-    /// k ≤ [`SAE_MAX_K`], at most 2^24 latents, normalisation `none` or
+    /// k ≤ [`SAE_MAX_K`], ReLU or JumpReLU (then k is 0), at most 2^24 latents, normalisation `none` or
     /// `expected_average_only_in` without a scaling factor, and batches of at most 2^32
     /// values. Needs no GPU; returns k.
     ///
@@ -1399,7 +1430,8 @@ impl CudaSae {
             SaeActivation::TopK { k } => {
                 return unsupported(format!("TopK k = {k} (the kernel takes ≤ {SAE_MAX_K})"));
             }
-            other => return unsupported(format!("activation {other:?} (TopK only)")),
+            // Dense: the decoder is a GEMM over every latent.
+            SaeActivation::Relu | SaeActivation::JumpRelu => 0,
         };
         match sae.normalization() {
             Normalization::None
@@ -1472,6 +1504,12 @@ impl CudaSae {
             }
         }
         let w_dec: Vec<f32> = sae.w_dec().iter().copied().collect();
+        // ReLU and JumpReLU: the activation's threshold (0 for ReLU; the kernel also
+        // requires p > 0, as the host does).
+        let threshold: Option<Vec<f32>> = (k == 0).then(|| match sae.threshold() {
+            Some(t) => t.iter().copied().collect(),
+            None => vec![0.0; d_sae],
+        });
         let b_dec: Vec<f32> = sae.b_dec().iter().copied().collect();
 
         let ctx = open_context(cfg.device)?;
@@ -1486,6 +1524,7 @@ impl CudaSae {
             };
             let (prep, topk, decode) = (f("sae_prep")?, f("sae_topk")?, f("sae_decode")?);
             let detect = f("sae_detect")?;
+            let jumprelu = f("sae_jumprelu")?;
             let stream = ctx.new_stream().map_err(run_err("cuStreamCreate"))?;
             let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(e.to_string()))?;
             let mode = if cfg.tf32 {
@@ -1536,6 +1575,14 @@ impl CudaSae {
             };
             // A detector's caller reads its inputs too: no write-combining there.
             let write_combined = head.is_none();
+            let dense = match &threshold {
+                None => None,
+                Some(t) => Some(DenseSae {
+                    act: jumprelu,
+                    threshold: stream.clone_htod(t).map_err(&up)?,
+                }),
+            };
+            let xhat_len = if dense.is_some() { cap * d_in } else { 1 };
             let s = CudaSae {
                 w_enc: stream.clone_htod(&w_enc).map_err(&up)?,
                 b_enc: stream.clone_htod(&b_enc).map_err(&up)?,
@@ -1544,8 +1591,10 @@ impl CudaSae {
                 x: slots(|| stream.alloc_zeros(cap * d_in).map_err(&alloc))?,
                 xin: stream.alloc_zeros(cap * d_in).map_err(&alloc)?,
                 pre: stream.alloc_zeros(cap * d_sae).map_err(&alloc)?,
-                idx: stream.alloc_zeros(cap * k).map_err(&alloc)?,
-                val: stream.alloc_zeros(cap * k).map_err(&alloc)?,
+                idx: stream.alloc_zeros((cap * k).max(1)).map_err(&alloc)?,
+                val: stream.alloc_zeros((cap * k).max(1)).map_err(&alloc)?,
+                xhat: stream.alloc_zeros(xhat_len).map_err(&alloc)?,
+                dense,
                 err_sq: stream.alloc_zeros(cap).map_err(&alloc)?,
                 host_x: slots(|| Pinned::new(&ctx, cap * d_in, write_combined))?,
                 host_err: slots(|| Pinned::new(&ctx, cap, false))?,
@@ -1602,6 +1651,32 @@ impl CudaSae {
         };
         // SAFETY: W_enc holds d_in·d_sae floats, x_in and pre are sized for capacity ≥ n rows.
         unsafe { self.blas.gemm(cfg, &self.w_enc, &self.xin, &mut self.pre) }
+            .map_err(|e| CudaError::Blas(e.to_string()))
+    }
+
+    /// A dense SAE's decoder, `xhat = f·W_dec` for `n` rows, enqueued (nothing for TopK, whose
+    /// decode kernel sums its k active rows of W_dec itself). Row-major f `[n, d_sae]` is
+    /// column-major fᵀ (ldb = d_sae) and row-major W_dec `[d_sae, d_in]` column-major W_decᵀ
+    /// (lda = d_in), so xhatᵀ `[d_in, n]` = W_decᵀ·fᵀ with no transposes.
+    fn decoder_gemm(&mut self, n: usize) -> Result<(), CudaError> {
+        if self.dense.is_none() {
+            return Ok(());
+        }
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: self.d_in as i32,
+            n: n as i32,
+            k: self.d_sae as i32,
+            alpha: 1.0f32,
+            lda: self.d_in as i32,
+            ldb: self.d_sae as i32,
+            beta: 0.0f32,
+            ldc: self.d_in as i32,
+        };
+        // SAFETY: W_dec holds d_sae·d_in floats; pre (the activations, in place) holds
+        // capacity ≥ n rows of d_sae and xhat (allocated for a dense SAE) n rows of d_in.
+        unsafe { self.blas.gemm(cfg, &self.w_dec, &self.pre, &mut self.xhat) }
             .map_err(|e| CudaError::Blas(e.to_string()))
     }
 
@@ -1739,6 +1814,28 @@ impl CudaSae {
                     .map_err(run_err("sae_prep"))
             }
             2 => self.encoder_gemm(n),
+            3 if self.dense.is_some() => {
+                let Some(dense) = self.dense.as_ref() else {
+                    return Ok(());
+                };
+                let d_sae = self.d_sae as u32;
+                let total = n as u64 * self.d_sae as u64;
+                let blocks = u32::try_from(total.div_ceil(256)).map_err(|_| CudaError::Run {
+                    what: "sae_jumprelu",
+                    reason: format!("{total} pre-activations exceed one launch"),
+                })?;
+                let mut b = self.stream.launch_builder(&dense.act);
+                b.arg(&mut self.pre)
+                    .arg(&self.b_enc)
+                    .arg(&dense.threshold)
+                    .arg(&rows)
+                    .arg(&d_sae);
+                // SAFETY: n·d_sae elements of pre (capacity ≥ n), d_sae of b_enc and threshold;
+                // the kernel checks the index against rows·d_sae.
+                unsafe { b.launch(grid(256, blocks)) }
+                    .map(drop)
+                    .map_err(run_err("sae_jumprelu"))
+            }
             3 => {
                 let (d_sae, k) = (self.d_sae as u32, self.k as u32);
                 let mut b = self.stream.launch_builder(&self.topk);
@@ -1756,6 +1853,7 @@ impl CudaSae {
                     .map_err(run_err("sae_topk"))
             }
             4 if self.head.is_some() => {
+                self.decoder_gemm(n)?;
                 if self
                     .head
                     .as_ref()
@@ -1767,6 +1865,7 @@ impl CudaSae {
                     return Ok(());
                 };
                 let (k, unscale, kind, top) = (self.k as u32, 1.0f32, h.kind_code(), h.top as u32);
+                let dense = i32::from(self.dense.is_some());
                 let mut b = self.stream.launch_builder(&h.detect);
                 b.arg(&self.x[slot])
                     .arg(&self.w_dec)
@@ -1776,6 +1875,8 @@ impl CudaSae {
                     .arg(&dd)
                     .arg(&k)
                     .arg(&unscale)
+                    .arg(&self.xhat)
+                    .arg(&dense)
                     .arg(&h.e_hat)
                     .arg(&h.b)
                     .arg(&h.w)
@@ -1795,7 +1896,9 @@ impl CudaSae {
                     .map_err(run_err("sae_detect"))
             }
             4 => {
+                self.decoder_gemm(n)?;
                 let (k, unscale) = (self.k as u32, 1.0f32);
+                let dense = i32::from(self.dense.is_some());
                 let mut b = self.stream.launch_builder(&self.decode);
                 b.arg(&self.x[slot])
                     .arg(&self.w_dec)
@@ -1805,9 +1908,12 @@ impl CudaSae {
                     .arg(&dd)
                     .arg(&k)
                     .arg(&unscale)
+                    .arg(&self.xhat)
+                    .arg(&dense)
                     .arg(&mut self.err_sq);
                 // SAFETY: one block per row; k ≤ 256 fits the shared arrays; indices are
-                // < d_sae or NONE (skipped).
+                // < d_sae or NONE (skipped); xhat is read (n rows of d) only for a dense SAE,
+                // which allocated it so.
                 unsafe { b.launch(grid(256, rows)) }
                     .map(drop)
                     .map_err(run_err("sae_decode"))
@@ -2020,6 +2126,11 @@ impl CudaSae {
     /// A submitted forward has not been waited for, or a CUDA failure.
     pub fn latents(&mut self, n: usize) -> Result<(Vec<u32>, Vec<f32>), CudaError> {
         self.check_rows(0)?;
+        if self.dense.is_some() {
+            return Err(CudaError::Unsupported(
+                "the active latents of a ReLU or JumpReLU SAE (it keeps no latent list)".into(),
+            ));
+        }
         let n = n.min(self.last_rows);
         let idx = self
             .stream

@@ -429,6 +429,11 @@ impl Sae {
         self.b_dec.view()
     }
 
+    /// JumpReLU's per-latent threshold `[d_sae]` (`None` for ReLU and TopK).
+    pub fn threshold(&self) -> Option<ArrayView1<'_, f32>> {
+        self.threshold.as_ref().map(|t| t.view())
+    }
+
     /// `W_enc[i, j]` (from the packed copy).
     ///
     /// # Panics
