@@ -125,7 +125,7 @@ pub struct ScoreConfig {
     /// directory's ONNX file through ONNX Runtime; needs the `onnx` cargo feature) or `cuda`
     /// (the same network on an NVIDIA GPU, see [`CudaConfig`]; needs the `cuda` feature).
     /// An SAE folder scores on `native` or `cuda` (the SAE and its dark-matter head on the
-    /// GPU; TopK SAEs only, others fall back as `[cuda] fallback` says); `onnx` does not
+    /// GPU; TopK, ReLU and JumpReLU SAEs, others fall back as `[cuda] fallback` says); `onnx` does not
     /// apply to it (with the `onnx` feature a warning, then native).
     pub backend: Backend,
 }
