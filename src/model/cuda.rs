@@ -1369,6 +1369,7 @@ impl std::fmt::Debug for CudaSae {
             .field("d_in", &self.d_in)
             .field("d_sae", &self.d_sae)
             .field("k", &self.k)
+            .field("dense", &self.dense.is_some())
             .field("head", &self.head.as_ref().map(|h| h.kind.name()))
             .field("device", &self.name)
             .finish_non_exhaustive()
