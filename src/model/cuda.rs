@@ -501,6 +501,37 @@ fn copy_dtoh<T: Plain>(
         .map_err(run_err(what))
 }
 
+/// Row-major `out [n, m] = x [n, k] · w [k, m]`, enqueued on `blas`'s stream, with no
+/// transposes: row-major `out` is column-major `outᵀ [m, n]` (ldc = m), and
+/// `outᵀ = wᵀ · xᵀ`, where row-major `w` reads as column-major `wᵀ [m, k]` (lda = m) and
+/// row-major `x` as column-major `xᵀ [k, n]` (ldb = k). The SAE's encoder, decoder and
+/// dark-matter head are all this product.
+///
+/// # Safety
+/// `x` holds at least n·k floats, `w` k·m and `out` n·m.
+unsafe fn gemm_rows(
+    blas: &CudaBlas,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    (n, k, m): (usize, usize, usize),
+) -> Result<(), CudaError> {
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_N,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        alpha: 1.0f32,
+        lda: m as i32,
+        ldb: k as i32,
+        beta: 0.0f32,
+        ldc: m as i32,
+    };
+    // SAFETY: the sizes are the caller's promise; cuBLAS reads and writes within them.
+    unsafe { blas.gemm(cfg, w, x, out) }.map_err(|e| CudaError::Blas(e.to_string()))
+}
+
 /// A captured forward pass for one batch size.
 struct Graph(cudarc::driver::CudaGraph);
 
@@ -1635,75 +1666,47 @@ impl CudaSae {
 
     /// The encoder GEMM `pre = x_in·W_enc` for `n` rows, enqueued (not synchronised).
     fn encoder_gemm(&mut self, n: usize) -> Result<(), CudaError> {
-        // Row-major pre [n, d_sae] = column-major preᵀ [d_sae, n] = W_encᵀ·x_inᵀ, where
-        // row-major W_enc [d_in, d_sae] is column-major W_encᵀ (lda = d_sae) and row-major
-        // x_in [n, d_in] is column-major x_inᵀ (ldb = d_in): no transposes.
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: self.d_sae as i32,
-            n: n as i32,
-            k: self.d_in as i32,
-            alpha: 1.0f32,
-            lda: self.d_sae as i32,
-            ldb: self.d_in as i32,
-            beta: 0.0f32,
-            ldc: self.d_sae as i32,
-        };
-        // SAFETY: W_enc holds d_in·d_sae floats, x_in and pre are sized for capacity ≥ n rows.
-        unsafe { self.blas.gemm(cfg, &self.w_enc, &self.xin, &mut self.pre) }
-            .map_err(|e| CudaError::Blas(e.to_string()))
+        // SAFETY: x_in holds capacity ≥ n rows of d_in, W_enc d_in·d_sae floats, pre
+        // capacity rows of d_sae.
+        unsafe {
+            gemm_rows(
+                &self.blas,
+                &self.xin,
+                &self.w_enc,
+                &mut self.pre,
+                (n, self.d_in, self.d_sae),
+            )
+        }
     }
 
     /// A dense SAE's decoder, `xhat = f·W_dec` for `n` rows, enqueued (nothing for TopK, whose
-    /// decode kernel sums its k active rows of W_dec itself). Row-major f `[n, d_sae]` is
-    /// column-major fᵀ (ldb = d_sae) and row-major W_dec `[d_sae, d_in]` column-major W_decᵀ
-    /// (lda = d_in), so xhatᵀ `[d_in, n]` = W_decᵀ·fᵀ with no transposes.
+    /// decode kernel sums its k active rows of W_dec itself).
     fn decoder_gemm(&mut self, n: usize) -> Result<(), CudaError> {
         if self.dense.is_none() {
             return Ok(());
         }
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: self.d_in as i32,
-            n: n as i32,
-            k: self.d_sae as i32,
-            alpha: 1.0f32,
-            lda: self.d_in as i32,
-            ldb: self.d_sae as i32,
-            beta: 0.0f32,
-            ldc: self.d_in as i32,
-        };
-        // SAFETY: W_dec holds d_sae·d_in floats; pre (the activations, in place) holds
-        // capacity ≥ n rows of d_sae and xhat (allocated for a dense SAE) n rows of d_in.
-        unsafe { self.blas.gemm(cfg, &self.w_dec, &self.pre, &mut self.xhat) }
-            .map_err(|e| CudaError::Blas(e.to_string()))
+        // SAFETY: pre (the activations, in place) holds capacity ≥ n rows of d_sae, W_dec
+        // d_sae·d_in floats, xhat (allocated for a dense SAE) capacity rows of d_in.
+        unsafe {
+            gemm_rows(
+                &self.blas,
+                &self.pre,
+                &self.w_dec,
+                &mut self.xhat,
+                (n, self.d_sae, self.d_in),
+            )
+        }
     }
 
-    /// The head's `e_hat = x·A` for the `n` rows of input buffer `slot`, enqueued: as the
-    /// encoder GEMM, with A `[d, d]` row-major read as column-major Aᵀ.
+    /// The head's `e_hat = x·A` for the `n` rows of input buffer `slot`, enqueued.
     fn head_gemm(&mut self, n: usize, slot: usize) -> Result<(), CudaError> {
         let Some(h) = self.head.as_mut() else {
             return Ok(());
         };
-        let d = self.d_in as i32;
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: d,
-            n: n as i32,
-            k: d,
-            alpha: 1.0f32,
-            lda: d,
-            ldb: d,
-            beta: 0.0f32,
-            ldc: d,
-        };
-        // SAFETY: A holds d·d floats; x and e_hat (allocated for the nonlinear score, the only
-        // caller) hold capacity ≥ n rows of d.
-        unsafe { self.blas.gemm(cfg, &h.a, &self.x[slot], &mut h.e_hat) }
-            .map_err(|e| CudaError::Blas(e.to_string()))
+        let d = self.d_in;
+        // SAFETY: x holds capacity ≥ n rows of d, A d·d floats, e_hat (allocated for the
+        // nonlinear score, the only caller) capacity rows of d.
+        unsafe { gemm_rows(&self.blas, &self.x[slot], &h.a, &mut h.e_hat, (n, d, d)) }
     }
 
     /// Copies `x` into the pinned input buffer and runs the forward on it.
