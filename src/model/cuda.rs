@@ -1086,6 +1086,22 @@ extern "C" __global__ void sae_jumprelu(float* pre, const float* b_enc, const fl
     pre[i] = (p > thr[j] && p > 0.0f) ? p : 0.0f;
 }
 
+// Column c of row r's reconstruction, as sae_decode and sae_detect both need it:
+// (b_dec + the dense decoder's row of f W_dec, or the k active latents' rows of W_dec)
+// * unscale.
+__device__ __forceinline__ float recon_at(unsigned r, unsigned c, unsigned d,
+                                          const float* b_dec, const float* xhat, int dense,
+                                          const unsigned* sidx, const float* sval, unsigned k,
+                                          const float* w_dec, float unscale) {
+    float y = b_dec[c];
+    if (dense) y += xhat[(size_t)r * d + c];
+    for (unsigned s = 0; s < k; ++s) {
+        unsigned j = sidx[s];
+        if (j != NONE) y += sval[s] * w_dec[(size_t)j * d + c];
+    }
+    return y * unscale;
+}
+
 // One block per row: x_hat = (b_dec + sum_s val_s W_dec[idx_s]) * unscale, e = x - x_hat,
 // err_sq = sum e^2 (accumulated in double, as on the host). For a dense SAE (ReLU,
 // JumpReLU) k is 0 and `dense` adds the decoder GEMM's row of f W_dec from xhat instead.
@@ -1104,13 +1120,7 @@ extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const 
     __syncthreads();
     double acc = 0.0;
     for (unsigned c = t; c < d; c += nt) {
-        float y = b_dec[c];
-        if (dense) y += xhat[(size_t)r * d + c];
-        for (unsigned s = 0; s < k; ++s) {
-            unsigned j = sidx[s];
-            if (j != NONE) y += sval[s] * w_dec[(size_t)j * d + c];
-        }
-        y = y * unscale;
+        float y = recon_at(r, c, d, b_dec, xhat, dense, sidx, sval, k, w_dec, unscale);
         float e = x[(size_t)r * d + c] - y;
         acc += (double)e * (double)e;
     }
@@ -1170,13 +1180,7 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
     float* cr = contrib + (size_t)r * d;
     double sq = 0.0, rest = 0.0, pred = 0.0;
     for (unsigned c = t; c < d; c += nt) {
-        float y = b_dec[c];
-        if (dense) y += xhat[(size_t)r * d + c];
-        for (unsigned s = 0; s < k; ++s) {
-            unsigned j = sidx[s];
-            if (j != NONE) y += sval[s] * w_dec[(size_t)j * d + c];
-        }
-        y = y * unscale;
+        float y = recon_at(r, c, d, b_dec, xhat, dense, sidx, sval, k, w_dec, unscale);
         float xv = xr[c];
         float e = xv - y;
         float u = e * e;
@@ -1856,7 +1860,7 @@ impl CudaSae {
                     .map(drop)
                     .map_err(run_err("sae_topk"))
             }
-            4 if self.head.is_some() => {
+            4 => {
                 self.decoder_gemm(n)?;
                 if self
                     .head
@@ -1865,46 +1869,35 @@ impl CudaSae {
                 {
                     self.head_gemm(n, slot)?;
                 }
-                let Some(h) = self.head.as_mut() else {
-                    return Ok(());
-                };
-                let (k, unscale, kind, top) = (self.k as u32, 1.0f32, h.kind_code(), h.top as u32);
-                let dense = i32::from(self.dense.is_some());
-                let mut b = self.stream.launch_builder(&h.detect);
-                b.arg(&self.x[slot])
-                    .arg(&self.w_dec)
-                    .arg(&self.b_dec)
-                    .arg(&self.idx)
-                    .arg(&self.val)
-                    .arg(&dd)
-                    .arg(&k)
-                    .arg(&unscale)
-                    .arg(&self.xhat)
-                    .arg(&dense)
-                    .arg(&h.e_hat)
-                    .arg(&h.b)
-                    .arg(&h.w)
-                    .arg(&h.c)
-                    .arg(&h.sigma)
-                    .arg(&kind)
-                    .arg(&top)
-                    .arg(&mut h.contrib)
-                    .arg(&mut self.err_sq)
-                    .arg(&mut h.top_idx)
-                    .arg(&mut h.top_val);
-                // SAFETY: one block per row < n ≤ capacity; as sae_decode, plus d of the
-                // head's b and w, a row of contrib (and of e_hat, read only when it was
-                // allocated: the nonlinear score), `top` ≤ d of top_idx/top_val per row.
-                unsafe { b.launch(grid(256, rows)) }
-                    .map(drop)
-                    .map_err(run_err("sae_detect"))
-            }
-            4 => {
-                self.decoder_gemm(n)?;
                 let (k, unscale) = (self.k as u32, 1.0f32);
                 let dense = i32::from(self.dense.is_some());
-                let mut b = self.stream.launch_builder(&self.decode);
-                b.arg(&self.x[slot])
+                let (kind, top) = self
+                    .head
+                    .as_ref()
+                    .map_or((0, 0), |h| (h.kind_code(), h.top as u32));
+                // A detector runs sae_detect, else sae_decode; both start with the same
+                // reconstruction arguments.
+                let (func, what, head) = match self.head.as_mut() {
+                    Some(DeviceHead {
+                        detect,
+                        e_hat,
+                        b,
+                        w,
+                        c,
+                        sigma,
+                        contrib,
+                        top_idx,
+                        top_val,
+                        ..
+                    }) => (
+                        &*detect,
+                        "sae_detect",
+                        Some((e_hat, b, w, c, sigma, contrib, top_idx, top_val)),
+                    ),
+                    None => (&self.decode, "sae_decode", None),
+                };
+                let mut args = self.stream.launch_builder(func);
+                args.arg(&self.x[slot])
                     .arg(&self.w_dec)
                     .arg(&self.b_dec)
                     .arg(&self.idx)
@@ -1913,14 +1906,34 @@ impl CudaSae {
                     .arg(&k)
                     .arg(&unscale)
                     .arg(&self.xhat)
-                    .arg(&dense)
-                    .arg(&mut self.err_sq);
-                // SAFETY: one block per row; k ≤ 256 fits the shared arrays; indices are
-                // < d_sae or NONE (skipped); xhat is read (n rows of d) only for a dense SAE,
-                // which allocated it so.
-                unsafe { b.launch(grid(256, rows)) }
+                    .arg(&dense);
+                match head {
+                    Some((e_hat, hb, w, c, sigma, contrib, top_idx, top_val)) => {
+                        args.arg(&*e_hat)
+                            .arg(&*hb)
+                            .arg(&*w)
+                            .arg(&*c)
+                            .arg(&*sigma)
+                            .arg(&kind)
+                            .arg(&top)
+                            .arg(contrib)
+                            .arg(&mut self.err_sq)
+                            .arg(top_idx)
+                            .arg(top_val);
+                    }
+                    None => {
+                        args.arg(&mut self.err_sq);
+                    }
+                }
+                // SAFETY: one block per row < n ≤ capacity; k ≤ 256 fits the shared arrays;
+                // indices are < d_sae or NONE (skipped); xhat is read (n rows of d) only for
+                // a dense SAE, which allocated it so. A detector also reads d of the head's
+                // b and w and a row of e_hat (allocated for the nonlinear score, the only one
+                // that reads it), and writes a row of contrib and `top` ≤ d of
+                // top_idx/top_val per row.
+                unsafe { args.launch(grid(256, rows)) }
                     .map(drop)
-                    .map_err(run_err("sae_decode"))
+                    .map_err(run_err(what))
             }
             _ => {
                 copy_dtoh(
