@@ -176,12 +176,7 @@ fn sae(out: &mut String) {
     let mut rng = darkwatch::rng::Rng::new(7);
     let x = Array2::from_shape_fn((n, d), |_| rng.uniform(-1.7, 1.7));
     let head = random_head(&x);
-    for (tf32, label) in [(false, "fp32"), (true, "tf32")] {
-        let cfg = CudaConfig {
-            fallback: CudaFallback::Error,
-            tf32,
-            ..CudaConfig::default()
-        };
+    for (cfg, label) in gemm_precisions() {
         let mut dev = match CudaSae::load(&sae, n, &cfg) {
             Ok(s) => s,
             Err(e) => {
@@ -287,12 +282,7 @@ fn jumprelu(out: &mut String, x: &Array2<f32>) {
         normalization: Normalization::None,
     })
     .expect("valid shape");
-    for (tf32, label) in [(false, "fp32"), (true, "tf32")] {
-        let cfg = CudaConfig {
-            fallback: CudaFallback::Error,
-            tf32,
-            ..CudaConfig::default()
-        };
+    for (cfg, label) in gemm_precisions() {
         let mut dev = match CudaSae::load(&sae, n, &cfg) {
             Ok(s) => s,
             Err(e) => {
@@ -388,6 +378,18 @@ fn sae_detector(
         cpu * 1e3,
         n as f64 / cpu
     );
+}
+
+/// The SAE benches' two GEMM modes: full fp32, then TF32 tensor cores.
+fn gemm_precisions() -> [(CudaConfig, &'static str); 2] {
+    [(false, "fp32"), (true, "tf32")].map(|(tf32, label)| {
+        let cfg = CudaConfig {
+            fallback: CudaFallback::Error,
+            tf32,
+            ..CudaConfig::default()
+        };
+        (cfg, label)
+    })
 }
 
 /// A dark-matter head for timing: fitted on random (x, e) rows, its values do not matter.
