@@ -170,7 +170,7 @@ fn table_row(out: &mut String, label: &str, h: &LatencyHistogram, fps: f64) {
 
 /// The device SAE against its own encoder GEMM.
 fn sae(out: &mut String) {
-    use darkwatch::model::cuda::{CudaSae, SAE_SLOTS};
+    use darkwatch::model::cuda::{CudaSae, SAE_SLOTS, SAE_TOPK_PARTS};
     let (d, d_sae, k, n) = (768usize, 32_768usize, 32usize, 4096usize);
     let sae = darkwatch::sae::Sae::random(d, d_sae, k, 42).expect("valid shape");
     let mut rng = darkwatch::rng::Rng::new(7);
@@ -222,6 +222,20 @@ fn sae(out: &mut String) {
             std::hint::black_box(dev.wait().expect("SAE forward")[0]);
         }
         let per = t.elapsed().as_secs_f64() / (runs + SAE_SLOTS) as f64;
+        // The device's own pipeline: the same, without the host's writes (each pinned buffer
+        // keeps the batch it holds), so the upload of one batch overlaps the other's compute.
+        let t = Instant::now();
+        for _ in 0..SAE_SLOTS {
+            dev.submit(n).expect("SAE submit");
+        }
+        for _ in 0..runs {
+            std::hint::black_box(dev.wait().expect("SAE forward")[0]);
+            dev.submit(n).expect("SAE submit");
+        }
+        for _ in 0..SAE_SLOTS {
+            std::hint::black_box(dev.wait().expect("SAE forward")[0]);
+        }
+        let pipelined = t.elapsed().as_secs_f64() / (runs + SAE_SLOTS) as f64;
         // The device forward alone: tokens already in the pinned input.
         let t = Instant::now();
         for _ in 0..runs {
@@ -229,8 +243,24 @@ fn sae(out: &mut String) {
         }
         let device = t.elapsed().as_secs_f64() / runs as f64;
         let gemm = dev.time_encoder_gemm(n, runs).expect("GEMM");
-        let stages = dev.time_stages(n, runs).expect("stages");
         let flops = 2.0 * (n * d * d_sae) as f64;
+        let stages = dev.time_stages(n, runs).expect("stages");
+        // The TopK stage with each split of a row over the kernel's warps, at this batch and
+        // at small ones (a batch of few rows leaves most of the GPU idle with one warp each).
+        let mut splits = String::new();
+        for rows in [n, 256, 16, 1] {
+            let _ = write!(
+                splits,
+                "\n    batch {rows} (chosen {}):",
+                dev.topk_parts(rows)
+            );
+            for parts in SAE_TOPK_PARTS {
+                dev.set_topk_parts(Some(parts)).expect("a valid split");
+                let topk = dev.time_stages(rows, runs).expect("stages").topk;
+                let _ = write!(splits, " {parts}: {:.1} us", topk * 1e6);
+            }
+            dev.set_topk_parts(None).expect("the default split");
+        }
         let tokens = n as f64 / per;
         let share = gemm / per;
         let _ = writeln!(
@@ -241,7 +271,10 @@ fn sae(out: &mut String) {
              GEMM's throughput [targets: >= 1e6 tokens/s {}, >= 50 % {}]\n  \
              also: {:.2} ms/batch writing then scoring (no overlap), {:.2} ms from a separate \
              array, {:.2} ms on the device from the filled pinned buffer\n  \
-             stages, each timed alone: {}",
+             the device's pipeline alone (two in flight, no host writes): {:.2} ms/batch = \
+             {:.3e} tokens/s, {:.0} % of the GEMM's throughput\n  \
+             stages, each timed alone: {}\n  \
+             TopK stage by warps per row:{}",
             tokens,
             per * 1e3,
             gemm * 1e3,
@@ -252,7 +285,11 @@ fn sae(out: &mut String) {
             serial * 1e3,
             copied * 1e3,
             device * 1e3,
+            pipelined * 1e3,
+            n as f64 / pipelined,
+            gemm / pipelined * 100.0,
             stages.describe(),
+            splits,
         );
         drop(dev);
         sae_detector(out, &sae, &head, &x, &cfg, label, device);

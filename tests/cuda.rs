@@ -335,7 +335,7 @@ fn random_rows(n: usize, d: usize, seed: u64) -> ndarray::Array2<f32> {
 /// rows are counted (at most 1 %) and left out of the 1e-4 comparison.
 #[test]
 fn sae_forward_agrees_with_the_cpu() {
-    use darkwatch::model::cuda::CudaSae;
+    use darkwatch::model::cuda::{CudaSae, SAE_TOPK_PARTS};
     use darkwatch::sae::Sae;
     let Some(_) = gpu("sae_forward_agrees_with_the_cpu") else {
         return;
@@ -356,7 +356,7 @@ fn sae_forward_agrees_with_the_cpu() {
         let cpu = sae.forward(x.view(), &mut ws).unwrap();
         let mut dev = CudaSae::load(&sae, n, &cuda_cfg(CudaFallback::Error)).unwrap();
         let got = dev.forward(x.view()).unwrap().to_vec();
-        let (idx, _val) = dev.latents(n).unwrap();
+        let (idx, val) = dev.latents(n).unwrap();
         let (mut same_a, mut same_b, mut differ) = (Vec::new(), Vec::new(), 0usize);
         let mut active = Vec::new();
         for r in 0..n {
@@ -387,6 +387,27 @@ fn sae_forward_agrees_with_the_cpu() {
             1e-4,
             &format!("SAE {d}x{d_sae} k={k} error"),
         );
+        // Every split of a row over the TopK kernel's warps gives the same latents, in the
+        // same order, and the same errors, bit for bit (segments shorter than k included).
+        let chosen = dev.topk_parts(n);
+        for parts in SAE_TOPK_PARTS {
+            dev.set_topk_parts(Some(parts)).unwrap();
+            let again = dev.forward(x.view()).unwrap().to_vec();
+            let (idx_p, val_p) = dev.latents(n).unwrap();
+            let what = format!("SAE {d}x{d_sae} k={k}, TopK in {parts} parts (chosen {chosen})");
+            assert_eq!(idx_p, idx, "{what}: latents");
+            assert_eq!(
+                val_p.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                val.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{what}: values"
+            );
+            assert_eq!(
+                again.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{what}: errors"
+            );
+        }
+        assert!(dev.set_topk_parts(Some(3)).is_err(), "3 warps per row");
     }
 }
 

@@ -899,9 +899,26 @@ impl CudaSession {
 
 /// Largest `k` the device TopK kernel takes.
 pub const SAE_MAX_K: usize = 256;
-/// Threads per block of the TopK kernel: one warp per row, `WARPS` = 8 rows per block (the
-/// kernel's shared candidate buffers are sized for that).
+/// Threads per block of the TopK kernel: `WARPS` = 8 warps, each a row or a segment of one
+/// (the kernel's shared candidate buffers are sized for that).
 const TOPK_THREADS: u32 = 256;
+/// Shared memory of one TopK block: its 8 warps' candidate buffers of 4k (a power of two,
+/// 64 to 512) values and indices, as the kernel sizes them.
+fn topk_shared_bytes(k: usize) -> u32 {
+    let buf = (4 * k).clamp(64, 512).next_power_of_two() as u32;
+    8 * buf * 8
+}
+/// Warps per row the TopK kernel can split a row into (divisors of its 8 warps per block).
+pub const SAE_TOPK_PARTS: [u32; 4] = [1, 2, 4, 8];
+/// The TopK kernel splits rows until the batch gives this many warps per SM (or a segment
+/// would be shorter than [`TOPK_MIN_SEGMENT`] latents, or the row is in 8 parts). Each warp
+/// sorts its candidates a few times, so a split costs: on an H100 (132 SMs, 768 × 32768,
+/// k = 32) one warp per row was fastest at 4096 rows (0.40 ms; 8 parts 1.31 ms), 4 at 256
+/// rows (0.10 ms against 0.18), 8 at 16 rows and at one.
+const TOPK_WARPS_PER_SM: usize = 7;
+/// Shortest row segment a TopK warp scans: shorter ones spend more on the merge than they
+/// save on the scan.
+const TOPK_MIN_SEGMENT: usize = 2048;
 /// Input buffers of a device SAE, so forwards in flight: one uploads while the other
 /// computes, and the host fills the freed one meanwhile. Three measured slower on an H200
 /// (1.64 against 1.33 ms per streamed batch of 4096 x 768, TF32): the bound there is the
@@ -954,7 +971,10 @@ __device__ void sort_buffer(float* bv, unsigned* bi, unsigned buf, unsigned lane
 }
 
 // Pads the buffer from `count` to `buf` with entries that rank after everything, then sorts.
-__device__ void pad_and_sort(float* bv, unsigned* bi, unsigned count, unsigned buf,
+// Not inlined: the scan offers 16 latents per lane per step, and a copy of the sort at each
+// of those call sites would spread the hot loop (compare and vote) over far more code than
+// the instruction cache holds.
+__device__ __noinline__ void pad_and_sort(float* bv, unsigned* bi, unsigned count, unsigned buf,
                              unsigned lane) {
     for (unsigned t = count + lane; t < buf; t += 32) { bv[t] = NEG_INF; bi[t] = NONE; }
     __syncwarp();
@@ -995,43 +1015,25 @@ __device__ __forceinline__ void consider(Candidates& c, float u, unsigned j, boo
     __syncwarp();
 }
 
-// One warp per row, one pass over it. The warp keeps a candidate buffer in shared memory
-// and a threshold, the k-th best candidate so far (none at first): a latent that ranks
-// before the threshold is appended (ballot, so the common case is a compare and a vote).
-// When the buffer would overflow it is sorted and cut to its best k, which raises the
-// threshold. At the end the buffer is sorted once more; its first k, in rank order (ties:
-// lower index), are the row's TopK. The first at or below 0 ends the row: the ReLU drops it
-// and all after it (index NONE, value 0). The buffer holds `buf` = 4k candidates (a power of
-// two, 64 to BUF): a cut then frees 3k slots, and a row of N latents is cut about
-// 1 + ln(N / 4k) / 3 times, each a sort of 4k (small sorts are cheap; the scan dominates).
-// Needs k <= BUF / 2, so a cut frees >= 32 slots.
-extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsigned rows,
-                                    unsigned d_sae, unsigned k, unsigned* idx, float* val) {
-    __shared__ float sbv[WARPS][BUF];
-    __shared__ unsigned sbi[WARPS][BUF];
-    unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    unsigned row = blockIdx.x * WARPS + warp;
-    if (row >= rows) return;  // the whole warp: a warp's lanes share the row
-    float* bv = sbv[warp];
-    unsigned* bi = sbi[warp];
-    const float* p = pre + (size_t)row * d_sae;
-    unsigned buf = 64;
-    while (buf < 4 * k && buf < BUF) buf <<= 1;
-    Candidates c = {bv, bi, buf, k, lane, (1u << lane) - 1u, 0u, NEG_INF, NONE, true};
-    if ((d_sae & 3u) == 0) {
+// Offers latents [lo, hi) of a row (`p`, its pre-activations before b_enc) to the warp's
+// candidates, in one pass. `vec`: d_sae and lo are multiples of 4, so the pass loads float4.
+__device__ __forceinline__ void scan(Candidates& c, const float* p, const float* b_enc, unsigned lo,
+                     unsigned hi, bool vec) {
+    unsigned lane = c.lane;
+    if (vec) {
         // Four float4 loads (16 latents) in flight per lane before any is used: the row
-        // comes from HBM, and fewer bytes in flight leave the scan latency-bound. The row
-        // starts 16-byte aligned (d_sae is a multiple of 4).
-        const float4* p4 = (const float4*)p;
-        const float4* b4 = (const float4*)b_enc;
-        unsigned n4 = d_sae >> 2;
+        // comes from HBM, and fewer bytes in flight leave the scan latency-bound.
+        const float4* p4 = (const float4*)(p + lo);
+        const float4* b4 = (const float4*)(b_enc + lo);
+        unsigned n4 = (hi - lo) >> 2;
         for (unsigned base = 0; base < n4; base += 4 * 32) {
             float4 u[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 unsigned m = base + q * 32 + lane;
                 if (m < n4) {
-                    float4 a = p4[m], e = b4[m];
+                    // The row is read once (evict first); b_enc by every row (cached).
+                    float4 a = __ldcs(p4 + m), e = __ldg(b4 + m);
                     u[q] = make_float4(a.x + e.x, a.y + e.y, a.z + e.z, a.w + e.w);
                 } else {
                     u[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -1041,29 +1043,92 @@ extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsign
             for (int q = 0; q < 4; ++q) {
                 unsigned m = base + q * 32 + lane;
                 bool ok = m < n4;
-                consider(c, u[q].x, 4 * m, ok);
-                consider(c, u[q].y, 4 * m + 1, ok);
-                consider(c, u[q].z, 4 * m + 2, ok);
-                consider(c, u[q].w, 4 * m + 3, ok);
+                unsigned j = lo + 4 * m;
+                consider(c, u[q].x, j, ok);
+                consider(c, u[q].y, j + 1, ok);
+                consider(c, u[q].z, j + 2, ok);
+                consider(c, u[q].w, j + 3, ok);
             }
         }
     } else {
-        for (unsigned base = 0; base < d_sae; base += 8 * 32) {
+        for (unsigned base = lo; base < hi; base += 8 * 32) {
             float u[8];
 #pragma unroll
             for (int q = 0; q < 8; ++q) {
                 unsigned j = base + q * 32 + lane;
-                u[q] = j < d_sae ? p[j] + b_enc[j] : 0.0f;
+                u[q] = j < hi ? __ldcs(p + j) + __ldg(b_enc + j) : 0.0f;
             }
 #pragma unroll
             for (int q = 0; q < 8; ++q) {
                 unsigned j = base + q * 32 + lane;
-                consider(c, u[q], j, j < d_sae);
+                consider(c, u[q], j, j < hi);
             }
         }
     }
-    unsigned count = c.count;
-    pad_and_sort(bv, bi, count, buf, lane);
+}
+
+// Per-row TopK, with `parts` warps per row (1, 2, 4 or 8: a divisor of WARPS, so a row's
+// warps share a block). Warp q scans the q-th of `parts` segments of the row (a multiple of 4
+// latents each) in one pass. It keeps a candidate buffer in shared memory and a threshold,
+// the k-th best candidate so far (none at first): a latent that ranks before the threshold
+// is appended (ballot, so the common case is a compare and a vote). When the buffer would
+// overflow it is sorted and cut to its best k, which raises the threshold. At the end the
+// buffer is sorted once more; its first k, in rank order (ties: lower index), are the
+// segment's TopK. With parts > 1 the row's first warp then offers the other segments' TopK
+// to its own buffer, past its own k-th best (a row's k-th best ranks no lower than any
+// segment's), and sorts once more: the row's TopK, the same as one warp's pass over the
+// whole row. Splitting a row puts more warps, each with its loads in flight, on the HBM
+// when a batch has too few rows to fill the GPU with one warp each.
+// The first at or below 0 ends the row: the ReLU drops it and all after it (index NONE,
+// value 0). The buffer holds `buf` = 4k candidates (a power of two, 64 to BUF): a cut then
+// frees 3k slots, and a segment of N latents is cut about 1 + ln(N / 4k) / 3 times, each a
+// sort of 4k (small sorts are cheap; the scan dominates). Needs k <= BUF / 2, so a cut frees
+// >= 32 slots.
+extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsigned rows,
+                                    unsigned d_sae, unsigned k, unsigned parts,
+                                    unsigned* idx, float* val) {
+    // Shared memory, sized by the launch for this k (topk_buffer on the host): WARPS
+    // buffers of `buf` values, then WARPS of `buf` indices. A small buffer leaves the SM
+    // more of its L1 for b_enc, which every row reads.
+    extern __shared__ float smem[];
+    unsigned buf = 64;
+    while (buf < 4 * k && buf < BUF) buf <<= 1;
+    unsigned* smem_i = (unsigned*)(smem + WARPS * buf);
+    unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    unsigned unit = blockIdx.x * WARPS + warp;
+    unsigned row = unit / parts, part = unit % parts;
+    // Past the last row a warp still reaches the block's barrier (parts > 1).
+    bool live = row < rows;
+    float* bv = smem + warp * buf;
+    unsigned* bi = smem_i + warp * buf;
+    unsigned seg = ((d_sae + parts - 1) / parts + 3u) & ~3u;
+    unsigned lo = min(part * seg, d_sae), hi = min(lo + seg, d_sae);
+    unsigned below = (1u << lane) - 1u;
+    if (live) {
+        Candidates c = {bv, bi, buf, k, lane, below, 0u, NEG_INF, NONE, true};
+        scan(c, pre + (size_t)row * d_sae, b_enc, lo, hi, (d_sae & 3u) == 0);
+        pad_and_sort(bv, bi, c.count, buf, lane);
+    }
+    if (parts > 1) {
+        __syncthreads();
+        if (live && part == 0) {
+            // Its buffer's first k are its segment's best, in rank order.
+            Candidates c = {bv, bi, buf, k, lane, below, k, bv[k - 1], bi[k - 1], false};
+            for (unsigned q = 1; q < parts; ++q) {
+                const float* ov = smem + (warp + q) * buf;
+                const unsigned* oi = smem_i + (warp + q) * buf;
+                for (unsigned s = 0; s < k; s += 32) {
+                    unsigned t = s + lane;
+                    bool ok = t < k;
+                    float v = ok ? ov[t] : NEG_INF;
+                    unsigned i = ok ? oi[t] : NONE;
+                    consider(c, v, i, ok && i != NONE);
+                }
+            }
+            pad_and_sort(bv, bi, c.count, buf, lane);
+        }
+    }
+    if (!live || part != 0) return;
     unsigned* out_i = idx + (size_t)row * k;
     float* out_v = val + (size_t)row * k;
     for (unsigned s = lane; s < k; s += 32) {
@@ -1316,6 +1381,10 @@ pub struct CudaSae {
     /// `[capacity, d_in]`: f·W_dec for a dense SAE (one placeholder value otherwise).
     xhat: CudaSlice<f32>,
     name: String,
+    /// The GPU's streaming multiprocessors, for the TopK kernel's split ([`Self::topk_parts`]).
+    sms: usize,
+    /// Warps per row for the TopK kernel, when set by [`Self::set_topk_parts`].
+    topk_parts: Option<u32>,
 }
 
 /// The activation of a ReLU or JumpReLU SAE on the device.
@@ -1552,6 +1621,11 @@ impl CudaSae {
         check_libraries()?;
         guarded("loading the SAE onto the GPU", || {
             let name = ctx.name().map_err(run_err("cuDeviceGetName"))?;
+            let sms = ctx
+                .attribute(
+                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                )
+                .map_err(run_err("cuDeviceGetAttribute"))?;
             let module = load_kernels(&ctx, SAE_KERNELS, "darkwatch_sae.cu")?;
             let f = |n: &str| {
                 module
@@ -1654,6 +1728,8 @@ impl CudaSae {
                 sub_b_dec: sae.apply_b_dec_to_input(),
                 capacity: cap,
                 name,
+                sms: usize::try_from(sms).unwrap_or(1).max(1),
+                topk_parts: None,
             };
             s.stream.synchronize().map_err(up)?;
             Ok(s)
@@ -1846,17 +1922,33 @@ impl CudaSae {
             }
             3 => {
                 let (d_sae, k) = (self.d_sae as u32, self.k as u32);
+                let parts = self.topk_parts(n);
+                let warps = u64::from(rows) * u64::from(parts);
+                let blocks =
+                    u32::try_from(warps.div_ceil(u64::from(TOPK_THREADS / 32))).map_err(|_| {
+                        CudaError::Run {
+                            what: "sae_topk",
+                            reason: format!("{n} rows in {parts} parts exceed one launch"),
+                        }
+                    })?;
                 let mut b = self.stream.launch_builder(&self.topk);
                 b.arg(&self.pre)
                     .arg(&self.b_enc)
                     .arg(&rows)
                     .arg(&d_sae)
                     .arg(&k)
+                    .arg(&parts)
                     .arg(&mut self.idx)
                     .arg(&mut self.val);
-                // SAFETY: one warp per row < n ≤ capacity (the kernel checks the row); each
-                // reads d_sae of pre and b_enc and writes k of idx and val.
-                unsafe { b.launch(grid(TOPK_THREADS, rows.div_ceil(TOPK_THREADS / 32))) }
+                let launch = LaunchConfig {
+                    shared_mem_bytes: topk_shared_bytes(self.k),
+                    ..grid(TOPK_THREADS, blocks)
+                };
+                // SAFETY: `parts` (a divisor of the block's 8 warps) warps per row < n ≤
+                // capacity (the kernel checks the row); each reads a segment of d_sae of pre
+                // and b_enc, and a row's first warp writes k of idx and val; the shared
+                // memory holds the kernel's 8 candidate buffers for this k (≤ 32 KiB).
+                unsafe { b.launch(launch) }
                     .map(drop)
                     .map_err(run_err("sae_topk"))
             }
@@ -2161,6 +2253,43 @@ impl CudaSae {
             .synchronize()
             .map_err(run_err("cuStreamSynchronize"))?;
         Ok((idx, val))
+    }
+
+    /// Warps per row the TopK kernel uses for a batch of `n` rows: the value set by
+    /// [`Self::set_topk_parts`], else the fewest of [`SAE_TOPK_PARTS`] that give the GPU
+    /// enough warps, keeping segments of at least 2048 latents.
+    pub fn topk_parts(&self, n: usize) -> u32 {
+        if let Some(parts) = self.topk_parts {
+            return parts;
+        }
+        let target = self.sms.saturating_mul(TOPK_WARPS_PER_SM);
+        let mut parts = 1u32;
+        while parts < 8
+            && n.saturating_mul(parts as usize) < target
+            && self.d_sae / (2 * parts as usize) >= TOPK_MIN_SEGMENT
+        {
+            parts *= 2;
+        }
+        parts
+    }
+
+    /// Fixes the TopK kernel's warps per row (one of [`SAE_TOPK_PARTS`]), or with `None`
+    /// returns it to [`Self::topk_parts`]'s choice. The TopK is the same for every split;
+    /// only its speed differs (for benches and tests).
+    ///
+    /// # Errors
+    /// A value not in [`SAE_TOPK_PARTS`].
+    pub fn set_topk_parts(&mut self, parts: Option<u32>) -> Result<(), CudaError> {
+        if let Some(p) = parts
+            && !SAE_TOPK_PARTS.contains(&p)
+        {
+            return Err(CudaError::Run {
+                what: "TopK split",
+                reason: format!("{p} warps per row (one of {SAE_TOPK_PARTS:?})"),
+            });
+        }
+        self.topk_parts = parts;
+        Ok(())
     }
 
     /// Times the encoder GEMM alone for `n` rows (on whatever x_in holds), `runs` times after
