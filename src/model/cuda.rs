@@ -913,8 +913,9 @@ pub const SAE_TOPK_PARTS: [u32; 4] = [1, 2, 4, 8];
 /// The TopK kernel splits rows until the batch gives this many warps per SM (or a segment
 /// would be shorter than [`TOPK_MIN_SEGMENT`] latents, or the row is in 8 parts). Each warp
 /// sorts its candidates a few times, so a split costs: on an H100 (132 SMs, 768 × 32768,
-/// k = 32) one warp per row was fastest at 4096 rows (0.40 ms; 8 parts 1.31 ms), 4 at 256
-/// rows (0.10 ms against 0.18), 8 at 16 rows and at one.
+/// k = 32) one warp per row was fastest at 4096 rows (0.37 ms; 2 parts 0.38, 8 parts 0.75),
+/// 4 or 8 at 256 rows (84 and 80 µs against 157), 8 at 16 rows and at one (63 µs against
+/// 130).
 const TOPK_WARPS_PER_SM: usize = 7;
 /// Shortest row segment a TopK warp scans: shorter ones spend more on the merge than they
 /// save on the scan.
