@@ -463,21 +463,21 @@ fn sae_submit_and_wait_match_the_blocking_forward() {
 fn sae_on_the_device_refuses_what_it_does_not_cover() {
     use darkwatch::model::cuda::{CudaError, CudaSae};
     use darkwatch::sae::{Normalization, Sae, SaeActivation, SaeParts};
+    // Every input normalisation is covered (a ReLU SAE: k is 0).
     let (d, d_sae) = (8, 32);
-    let sae = Sae::from_parts(SaeParts {
-        w_enc: ndarray::Array2::from_elem((d, d_sae), 0.1),
-        b_enc: ndarray::Array1::zeros(d_sae),
-        w_dec: ndarray::Array2::from_elem((d_sae, d), 0.1),
-        b_dec: ndarray::Array1::zeros(d),
-        threshold: None,
-        activation: SaeActivation::Relu,
-        apply_b_dec_to_input: false,
-        normalization: Normalization::LayerNorm,
-    })
-    .unwrap();
-    match CudaSae::load(&sae, 4, &CudaConfig::default()) {
-        Err(CudaError::Unsupported(why)) => assert!(why.contains("layer_norm"), "{why}"),
-        other => panic!("expected Unsupported, got {other:?}"),
+    for normalization in [Normalization::LayerNorm, Normalization::ConstantNormRescale] {
+        let sae = Sae::from_parts(SaeParts {
+            w_enc: ndarray::Array2::from_elem((d, d_sae), 0.1),
+            b_enc: ndarray::Array1::zeros(d_sae),
+            w_dec: ndarray::Array2::from_elem((d_sae, d), 0.1),
+            b_dec: ndarray::Array1::zeros(d),
+            threshold: None,
+            activation: SaeActivation::Relu,
+            apply_b_dec_to_input: false,
+            normalization,
+        })
+        .unwrap();
+        assert_eq!(CudaSae::check(&sae, 4).unwrap(), 0, "{normalization:?}");
     }
     // A TopK k beyond the kernel's.
     let wide = Sae::random(8, 512, 300, 1).unwrap();
@@ -740,38 +740,36 @@ fn fixture_detector(name: &str, out: &std::path::Path) {
 }
 
 /// What the device kernels do not cover is named before any CUDA call, so this runs with or
-/// without a GPU: a layer-normalised SAE (`fallback = "cpu"` then scores it natively), and
-/// a GPU batch the kernels cannot index in 32 bits (`fallback = "error"` refuses it at load).
+/// without a GPU: a GPU batch the kernels cannot index in 32 bits (`fallback = "cpu"` then
+/// scores natively; `fallback = "error"` refuses it at load).
 #[test]
 fn an_sae_the_device_does_not_cover_scores_natively() {
     use darkwatch::model::cuda::CudaError;
     use darkwatch::sae::detector::{DetectorError, SaeDetector, SaeScoreKind, SaeScorer};
     let tmp = tempfile::tempdir().unwrap();
-    fixture_detector("saelens_relu_layer_norm", tmp.path());
+    let topk = tmp.path();
+    fixture_detector("saelens_topk_v6", topk);
+    let d_in = darkwatch::sae::Sae::load(topk).unwrap().d_in();
+    let too_big = u32::MAX as usize / d_in + 1;
     let det = SaeDetector::load_on(
-        tmp.path(),
+        topk,
         SaeScoreKind::ErrorNorm,
         Backend::Cuda,
         &cuda_cfg(CudaFallback::Cpu),
-        64,
+        too_big,
     )
     .unwrap();
     let label = det.backend_label();
     assert!(
-        label.contains("cuda unavailable: not supported on the GPU: normalisation layer_norm"),
+        label.contains("cuda unavailable: not supported on the GPU: batches of"),
         "{label}"
     );
     let scorer = SaeScorer::new(Arc::new(det), 8, 3).unwrap();
     assert!(!scorer.on_gpu());
     assert_eq!(scorer.backend_label(), label);
 
-    let topk = tmp.path().join("topk");
-    std::fs::create_dir(&topk).unwrap();
-    fixture_detector("saelens_topk_v6", &topk);
-    let d_in = darkwatch::sae::Sae::load(&topk).unwrap().d_in();
-    let too_big = u32::MAX as usize / d_in + 1;
     match SaeDetector::load_on(
-        &topk,
+        topk,
         SaeScoreKind::ErrorNorm,
         Backend::Cuda,
         &cuda_cfg(CudaFallback::Error),
@@ -806,16 +804,18 @@ fn random_dense_sae(d: usize, d_sae: usize, jump: bool, seed: u64) -> darkwatch:
     .unwrap()
 }
 
-/// ReLU and JumpReLU SAEs on the device (the activation in place, the decoder as a GEMM)
-/// give the CPU's ‖e‖² within 1e-4 relative: the bundled SAELens fixtures (Gemma Scope's
-/// JumpReLU layout, bf16 weights, ReLU) and random ones up to 768 × 4096. A pre-activation
-/// within rounding of its threshold may switch its latent on one side only, so up to 1 % of
-/// rows (plus one) may differ more; they are counted.
+/// ReLU and JumpReLU SAEs on the device (the activation in place, the decoder as a GEMM),
+/// and every input normalisation, give the CPU's ‖e‖² within 1e-4 relative: the bundled
+/// SAELens fixtures (Gemma Scope's JumpReLU layout, bf16 weights, ReLU, `layer_norm`,
+/// `constant_norm_rescale`, `expected_average_only_in` with and without a scaling factor),
+/// random dense ones up to 768 × 4096, and a random layer-normalised TopK SAE. A
+/// pre-activation within rounding of its threshold may switch its latent on one side only,
+/// so up to 1 % of rows (plus one) may differ more; they are counted.
 #[test]
-fn dense_saes_agree_with_the_cpu() {
+fn dense_and_normalised_saes_agree_with_the_cpu() {
     use darkwatch::model::cuda::CudaSae;
-    use darkwatch::sae::Sae;
-    let Some(_) = gpu("dense_saes_agree_with_the_cpu") else {
+    use darkwatch::sae::{Normalization, Sae, SaeActivation, SaeParts};
+    let Some(_) = gpu("dense_and_normalised_saes_agree_with_the_cpu") else {
         return;
     };
     let mut cases: Vec<(String, Sae, ndarray::Array2<f32>)> = Vec::new();
@@ -824,14 +824,43 @@ fn dense_saes_agree_with_the_cpu() {
         "saelens_jumprelu_bf16",
         "saelens_relu_v6",
         "saelens_relu_expected_average_only_in",
+        "saelens_relu_layer_norm",
+        "saelens_relu_constant_norm_rescale_f16",
     ] {
         let dir = repo(&format!("tests/data/sae/{name}"));
         let sae = Sae::load(&dir.join("checkpoint")).unwrap();
         let x = darkwatch::ingest::npy::read_npy(&dir.join("x.npy"))
             .unwrap()
             .values;
+        if name == "saelens_relu_expected_average_only_in" {
+            let mut scaled = sae.clone();
+            scaled.set_norm_scaling_factor(0.7).unwrap();
+            cases.push((format!("{name}, scaling factor 0.7"), scaled, x.clone()));
+        }
         cases.push((name.to_string(), sae, x));
     }
+    // TopK on layer-normalised inputs (the kernel's two block sums per row), b_dec
+    // subtracted from the normalised input.
+    let (d, d_sae) = (96, 1024);
+    let base = Sae::random(d, d_sae, 16, 13).unwrap();
+    let mut rng = darkwatch::rng::Rng::new(17);
+    let layer_norm = Sae::from_parts(SaeParts {
+        w_enc: ndarray::Array2::from_shape_fn((d, d_sae), |(i, j)| base.w_enc_at(i, j)),
+        b_enc: ndarray::Array1::from_vec(base.b_enc().to_vec()),
+        w_dec: base.w_dec().to_owned(),
+        b_dec: ndarray::Array1::from_shape_fn(d, |_| rng.uniform(-0.1, 0.1)),
+        threshold: None,
+        activation: SaeActivation::TopK { k: 16 },
+        apply_b_dec_to_input: true,
+        normalization: Normalization::LayerNorm,
+    })
+    .unwrap();
+    let shifted = random_rows(300, d, 41).mapv(|v| 3.0 * v + 5.0);
+    cases.push((
+        "random 96x1024 TopK, layer_norm".into(),
+        layer_norm,
+        shifted,
+    ));
     for (d, d_sae, jump, n) in [
         (96, 2000, false, 300),
         (96, 2000, true, 300),
@@ -872,28 +901,40 @@ fn dense_saes_agree_with_the_cpu() {
         }
         println!("{name}: worst ‖e‖² difference {worst:.2e}; {apart} of {n} rows apart");
         assert!(apart <= n / 100 + 1, "{name}: {apart} of {n} rows apart");
-        assert!(
-            dev.latents(1).is_err(),
-            "{name}: a dense SAE keeps no latent list"
-        );
+        if !matches!(sae.activation(), SaeActivation::TopK { .. }) {
+            assert!(
+                dev.latents(1).is_err(),
+                "{name}: a dense SAE keeps no latent list"
+            );
+        }
     }
 }
 
-/// The dark-matter head on a JumpReLU SAE on the device: every score kind within 1e-4 of
-/// the native scorer (the deviation against ‖e‖²/σ), and the largest contribution's value
-/// within 1e-4.
+/// The dark-matter head on dense SAEs on the device (Gemma Scope's JumpReLU layout, and
+/// ReLU fixtures with `layer_norm` and `constant_norm_rescale` inputs): every score kind
+/// within 1e-4 of the native scorer (the deviation against ‖e‖²/σ), and the largest
+/// contribution's value within 1e-4.
 #[test]
-fn a_jumprelu_detector_on_the_device_agrees_with_the_native_scorer() {
+fn dense_detectors_on_the_device_agree_with_the_native_scorer() {
+    for name in [
+        "saelens_jumprelu_gemmascope",
+        "saelens_relu_layer_norm",
+        "saelens_relu_constant_norm_rescale_f16",
+    ] {
+        fixture_detector_agrees(name);
+    }
+}
+
+fn fixture_detector_agrees(name: &str) {
     use darkwatch::sae::detector::{SaeDetector, SaeScoreKind, SaeScorer};
-    let Some(_) = gpu("a_jumprelu_detector_on_the_device_agrees_with_the_native_scorer") else {
+    let Some(_) = gpu("dense_detectors_on_the_device_agree_with_the_native_scorer") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    fixture_detector("saelens_jumprelu_gemmascope", tmp.path());
-    let x =
-        darkwatch::ingest::npy::read_npy(&repo("tests/data/sae/saelens_jumprelu_gemmascope/x.npy"))
-            .unwrap()
-            .values;
+    fixture_detector(name, tmp.path());
+    let x = darkwatch::ingest::npy::read_npy(&repo(&format!("tests/data/sae/{name}/x.npy")))
+        .unwrap()
+        .values;
     let load = |kind, backend| {
         Arc::new(
             SaeDetector::load_on(
@@ -924,13 +965,13 @@ fn a_jumprelu_detector_on_the_device_agrees_with_the_native_scorer() {
             };
             assert!(
                 (g - w).abs() <= 1e-4 * scale,
-                "{} row {r}: {g} against {w}",
+                "{name} {} row {r}: {g} against {w}",
                 kind.name()
             );
             let top = wt[0].value.max(1e-12);
             assert!(
                 (gt[0].value - wt[0].value).abs() <= 1e-4 * top,
-                "{} row {r}: {:?} against {:?}",
+                "{name} {} row {r}: {:?} against {:?}",
                 kind.name(),
                 gt[0],
                 wt[0]

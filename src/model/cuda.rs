@@ -939,13 +939,64 @@ const SAE_KERNELS: &str = r#"
 #define WARPS 8
 #define BUF 512
 
+// The sum of v over the block's threads, in double; every thread gets the same value (each
+// sums the warps' partials in the same order). `part` holds 32 doubles.
+__device__ double block_sum(double v, double* part) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    __syncthreads();  // a previous call's partials are read
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    double s = 0.0;
+    for (unsigned w = 0; w < (blockDim.x + 31u) / 32u; ++w) s += part[w];
+    return s;
+}
+
+// Input preparation, one block per row, as the host's prepare_inputs: norm_in by `mode`
+// (0 none; 1 a fixed scale s; 2 constant_norm_rescale, c = sqrt(d) / ||x||; 3 layer_norm,
+// (x - mean) / (std + 1e-5) with the unbiased std), then - b_dec when `sub`. The row's
+// norm_out, y * mul + add, goes to denorm[2r], denorm[2r + 1]. Sums in double, as on the
+// host.
 extern "C" __global__ void sae_prep(const float* x, float* xin, const float* b_dec,
-                                    unsigned rows, unsigned d, float scale, int sub) {
-    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows * d) return;
-    float v = x[i] * scale;
-    if (sub) v -= b_dec[i % d];
-    xin[i] = v;
+                                    unsigned d, int mode, float s, int sub, float* denorm) {
+    __shared__ double part[32];
+    unsigned r = blockIdx.x, t = threadIdx.x, nt = blockDim.x;
+    const float* xr = x + (size_t)r * d;
+    float* out = xin + (size_t)r * d;
+    float mul_in = 1.0f, mul = 1.0f, add = 0.0f;
+    double mean = 0.0, inv = 1.0;
+    if (mode == 1) {
+        mul_in = s;
+        mul = 1.0f / s;
+    } else if (mode == 2) {
+        double sq = 0.0;
+        for (unsigned c = t; c < d; c += nt) sq += (double)xr[c] * (double)xr[c];
+        sq = block_sum(sq, part);
+        mul_in = (float)(sqrt((double)d) / sqrt(sq));
+        mul = 1.0f / mul_in;
+    } else if (mode == 3) {
+        double sum = 0.0;
+        for (unsigned c = t; c < d; c += nt) sum += (double)xr[c];
+        mean = block_sum(sum, part) / (double)d;
+        double ss = 0.0;
+        for (unsigned c = t; c < d; c += nt) {
+            double u = (double)xr[c] - mean;
+            ss += u * u;
+        }
+        double sd = sqrt(block_sum(ss, part) / ((double)d - 1.0));
+        inv = 1.0 / (sd + (double)1e-5f);
+        mul = (float)sd;
+        add = (float)mean;
+    }
+    for (unsigned c = t; c < d; c += nt) {
+        float v = mode == 3 ? (float)(((double)xr[c] - mean) * inv) : xr[c] * mul_in;
+        if (sub) v -= b_dec[c];
+        out[c] = v;
+    }
+    if (t == 0) {
+        denorm[2 * r] = mul;
+        denorm[2 * r + 1] = add;
+    }
 }
 
 // (v, i) ranks before (w, j): the larger value, then the lower index (NaN never does).
@@ -1154,31 +1205,33 @@ extern "C" __global__ void sae_jumprelu(float* pre, const float* b_enc, const fl
 
 // Column c of row r's reconstruction, as sae_decode and sae_detect both need it:
 // (b_dec + the dense decoder's row of f W_dec, or the k active latents' rows of W_dec)
-// * unscale.
+// * mul + add, the row's norm_out (sae_prep).
 __device__ __forceinline__ float recon_at(unsigned r, unsigned c, unsigned d,
                                           const float* b_dec, const float* xhat, int dense,
                                           const unsigned* sidx, const float* sval, unsigned k,
-                                          const float* w_dec, float unscale) {
+                                          const float* w_dec, float mul, float add) {
     float y = b_dec[c];
     if (dense) y += xhat[(size_t)r * d + c];
     for (unsigned s = 0; s < k; ++s) {
         unsigned j = sidx[s];
         if (j != NONE) y += sval[s] * w_dec[(size_t)j * d + c];
     }
-    return y * unscale;
+    return y * mul + add;
 }
 
-// One block per row: x_hat = (b_dec + sum_s val_s W_dec[idx_s]) * unscale, e = x - x_hat,
+// One block per row: x_hat = (b_dec + sum_s val_s W_dec[idx_s]) * mul + add, e = x - x_hat,
 // err_sq = sum e^2 (accumulated in double, as on the host). For a dense SAE (ReLU,
 // JumpReLU) k is 0 and `dense` adds the decoder GEMM's row of f W_dec from xhat instead.
 extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const float* b_dec,
                                       const unsigned* idx, const float* val, unsigned d,
-                                      unsigned k, float unscale, const float* xhat, int dense,
+                                      unsigned k, const float* denorm, const float* xhat,
+                                      int dense,
                                       float* err_sq) {
     __shared__ unsigned sidx[256];
     __shared__ float sval[256];
     __shared__ double part[32];
     unsigned r = blockIdx.x, t = threadIdx.x, nt = blockDim.x;
+    float mul = denorm[2 * r], add = denorm[2 * r + 1];
     for (unsigned s = t; s < k; s += nt) {
         sidx[s] = idx[(size_t)r * k + s];
         sval[s] = val[(size_t)r * k + s];
@@ -1186,7 +1239,7 @@ extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const 
     __syncthreads();
     double acc = 0.0;
     for (unsigned c = t; c < d; c += nt) {
-        float y = recon_at(r, c, d, b_dec, xhat, dense, sidx, sval, k, w_dec, unscale);
+        float y = recon_at(r, c, d, b_dec, xhat, dense, sidx, sval, k, w_dec, mul, add);
         float e = x[(size_t)r * d + c] - y;
         acc += (double)e * (double)e;
     }
@@ -1225,7 +1278,8 @@ __device__ __forceinline__ void keep_best(float& v, unsigned& i, float w, unsign
 // host's f32 sums, so the two differ by the host's rounding.
 extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const float* b_dec,
                                       const unsigned* idx, const float* val, unsigned d,
-                                      unsigned k, float unscale, const float* xhat, int dense,
+                                      unsigned k, const float* denorm, const float* xhat,
+                                      int dense,
                                       const float* e_hat,
                                       const float* head_b, const float* head_w, float head_c,
                                       float sigma, int kind, unsigned top, float* contrib,
@@ -1236,6 +1290,7 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
     __shared__ float best_v[32];
     __shared__ unsigned best_i[32];
     unsigned r = blockIdx.x, t = threadIdx.x, nt = blockDim.x;
+    float mul = denorm[2 * r], add = denorm[2 * r + 1];
     unsigned lane = t & 31, warp = t >> 5, warps = (nt + 31) / 32;
     for (unsigned s = t; s < k; s += nt) {
         sidx[s] = idx[(size_t)r * k + s];
@@ -1246,7 +1301,7 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
     float* cr = contrib + (size_t)r * d;
     double sq = 0.0, rest = 0.0, pred = 0.0;
     for (unsigned c = t; c < d; c += nt) {
-        float y = recon_at(r, c, d, b_dec, xhat, dense, sidx, sval, k, w_dec, unscale);
+        float y = recon_at(r, c, d, b_dec, xhat, dense, sidx, sval, k, w_dec, mul, add);
         float xv = xr[c];
         float e = xv - y;
         float u = e * e;
@@ -1324,8 +1379,9 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
 /// ([`Self::top_contributions`]).
 ///
 /// Supported: `TopK` activation with `k` ≤ [`SAE_MAX_K`], ReLU and JumpReLU, `d_sae` ≤
-/// 2^24, normalisation `none` or `expected_average_only_in` without a scaling factor.
-/// Others are refused with [`CudaError::Unsupported`].
+/// 2^24, every input normalisation (`none`, `expected_average_only_in` with or without a
+/// scaling factor, `constant_norm_rescale`, `layer_norm`). Others are refused with
+/// [`CudaError::Unsupported`].
 pub struct CudaSae {
     /// Runs the kernels, the GEMM and the copies back.
     stream: Arc<CudaStream>,
@@ -1379,6 +1435,10 @@ pub struct CudaSae {
     /// A ReLU or JumpReLU SAE (`k` = 0): its activation and threshold; the decoder is then a
     /// GEMM into `xhat`.
     dense: Option<DenseSae>,
+    /// `[capacity, 2]`: each row's norm_out (mul, add), written by the prep kernel.
+    denorm: CudaSlice<f32>,
+    /// The SAE's input normalisation, as the prep kernel takes it.
+    norm: NormMode,
     /// `[capacity, d_in]`: f·W_dec for a dense SAE (one placeholder value otherwise).
     xhat: CudaSlice<f32>,
     name: String,
@@ -1386,6 +1446,31 @@ pub struct CudaSae {
     sms: usize,
     /// Warps per row for the TopK kernel, when set by [`Self::set_topk_parts`].
     topk_parts: Option<u32>,
+}
+
+/// An SAE's input normalisation as the prep kernel's `mode` and `s` (see its comment).
+#[derive(Debug, Clone, Copy)]
+struct NormMode {
+    mode: i32,
+    s: f32,
+}
+
+impl NormMode {
+    fn of(n: crate::sae::Normalization) -> NormMode {
+        use crate::sae::Normalization;
+        let (mode, s) = match n {
+            Normalization::None
+            | Normalization::ExpectedAverageOnlyIn {
+                scaling_factor: None,
+            } => (0, 1.0),
+            Normalization::ExpectedAverageOnlyIn {
+                scaling_factor: Some(s),
+            } => (1, s),
+            Normalization::ConstantNormRescale => (2, 1.0),
+            Normalization::LayerNorm => (3, 1.0),
+        };
+        NormMode { mode, s }
+    }
 }
 
 /// The activation of a ReLU or JumpReLU SAE on the device.
@@ -1522,14 +1607,13 @@ impl CudaSae {
     }
 
     /// Whether this kernel set covers `sae` with batches of `max_batch` rows: TopK with
-    /// k ≤ [`SAE_MAX_K`], ReLU or JumpReLU (then k is 0), at most 2^24 latents, normalisation `none` or
-    /// `expected_average_only_in` without a scaling factor, and batches of at most 2^32
-    /// values. Needs no GPU; returns k.
+    /// k ≤ [`SAE_MAX_K`], ReLU or JumpReLU (then k is 0), at most 2^24 latents (any input
+    /// normalisation), and batches of at most 2^32 values. Needs no GPU; returns k.
     ///
     /// # Errors
     /// [`CudaError::Unsupported`], naming what is not covered.
     pub fn check(sae: &crate::sae::Sae, max_batch: usize) -> Result<usize, CudaError> {
-        use crate::sae::{Normalization, SaeActivation};
+        use crate::sae::SaeActivation;
         let unsupported = |what: String| Err(CudaError::Unsupported(what));
         let k = match sae.activation() {
             SaeActivation::TopK { k } if k <= SAE_MAX_K => k,
@@ -1539,13 +1623,6 @@ impl CudaSae {
             // Dense: the decoder is a GEMM over every latent.
             SaeActivation::Relu | SaeActivation::JumpRelu => 0,
         };
-        match sae.normalization() {
-            Normalization::None
-            | Normalization::ExpectedAverageOnlyIn {
-                scaling_factor: None,
-            } => {}
-            other => return unsupported(format!("normalisation {}", other.name())),
-        }
         let (d_in, d_sae) = (sae.d_in(), sae.d_sae());
         if d_sae > SAE_MAX_LATENTS {
             return unsupported(format!("{d_sae} latents (≤ {SAE_MAX_LATENTS})"));
@@ -1589,20 +1666,8 @@ impl CudaSae {
     ) -> Result<CudaSae, CudaError> {
         let k = Self::check(sae, max_batch)?;
         let (d_in, d_sae) = (sae.d_in(), sae.d_sae());
-        // b_enc has no accessor: it is the pre-activation of an input that prepares to 0
-        // (b_dec when b_dec is subtracted from the input, else 0), exactly 0·W_enc + b_enc.
-        let zero_in = if sae.apply_b_dec_to_input() {
-            sae.b_dec().insert_axis(ndarray::Axis(0)).to_owned()
-        } else {
-            ndarray::Array2::zeros((1, d_in))
-        };
-        let mut ws = sae.workspace(1);
-        let b_enc: Vec<f32> = sae
-            .pre_acts(zero_in.view(), &mut ws)
-            .map_err(|e| CudaError::Unsupported(e.to_string()))?
-            .iter()
-            .copied()
-            .collect();
+        let b_enc = sae.b_enc().to_vec();
+        let norm = NormMode::of(sae.normalization());
         let mut w_enc = vec![0.0f32; d_in * d_sae];
         for (i, row) in w_enc.chunks_exact_mut(d_sae).enumerate() {
             for (j, w) in row.iter_mut().enumerate() {
@@ -1707,6 +1772,8 @@ impl CudaSae {
                 xhat: stream.alloc_zeros(xhat_len).map_err(&alloc)?,
                 dense,
                 err_sq: stream.alloc_zeros(cap).map_err(&alloc)?,
+                denorm: stream.alloc_zeros(2 * cap).map_err(&alloc)?,
+                norm,
                 host_x: slots(|| Pinned::new(&ctx, cap * d_in, write_combined))?,
                 host_err: slots(|| Pinned::new(&ctx, cap, false))?,
                 uploaded: slots(event)?,
@@ -1883,18 +1950,19 @@ impl CudaSae {
                 "copying the batch to the GPU",
             ),
             1 => {
-                let total = (n * d) as u32;
-                let (scale, sub) = (1.0f32, i32::from(self.sub_b_dec));
+                let sub = i32::from(self.sub_b_dec);
                 let mut b = self.stream.launch_builder(&self.prep);
                 b.arg(&self.x[slot])
                     .arg(&mut self.xin)
                     .arg(&self.b_dec)
-                    .arg(&rows)
                     .arg(&dd)
-                    .arg(&scale)
-                    .arg(&sub);
-                // SAFETY: n·d elements of x and x_in (capacity ≥ n), d of b_dec; types match.
-                unsafe { b.launch(grid(256, total.div_ceil(256))) }
+                    .arg(&self.norm.mode)
+                    .arg(&self.norm.s)
+                    .arg(&sub)
+                    .arg(&mut self.denorm);
+                // SAFETY: one block per row < n ≤ capacity: d elements of x and x_in per row,
+                // d of b_dec, two of denorm; types match.
+                unsafe { b.launch(grid(256, rows)) }
                     .map(drop)
                     .map_err(run_err("sae_prep"))
             }
@@ -1962,7 +2030,7 @@ impl CudaSae {
                 {
                     self.head_gemm(n, slot)?;
                 }
-                let (k, unscale) = (self.k as u32, 1.0f32);
+                let k = self.k as u32;
                 let dense = i32::from(self.dense.is_some());
                 let (kind, top) = self
                     .head
@@ -1997,7 +2065,7 @@ impl CudaSae {
                     .arg(&self.val)
                     .arg(&dd)
                     .arg(&k)
-                    .arg(&unscale)
+                    .arg(&self.denorm)
                     .arg(&self.xhat)
                     .arg(&dense);
                 match head {

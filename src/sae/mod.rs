@@ -424,6 +424,11 @@ impl Sae {
         self.w_dec.view()
     }
 
+    /// `b_enc`, `[d_sae]`.
+    pub fn b_enc(&self) -> &[f32] {
+        &self.b_enc
+    }
+
     /// `b_dec`, `[d_in]`.
     pub fn b_dec(&self) -> ArrayView1<'_, f32> {
         self.b_dec.view()
