@@ -902,11 +902,10 @@ pub const SAE_MAX_K: usize = 256;
 /// Threads per block of the TopK kernel: `WARPS` = 8 warps, each a row or a segment of one
 /// (the kernel's shared candidate buffers are sized for that).
 const TOPK_THREADS: u32 = 256;
-/// Shared memory of one TopK block: its 8 warps' candidate buffers of 4k (a power of two,
-/// 64 to 512) values and indices, as the kernel sizes them.
-fn topk_shared_bytes(k: usize) -> u32 {
-    let buf = (4 * k).clamp(64, 512).next_power_of_two() as u32;
-    8 * buf * 8
+/// Candidates a TopK warp keeps: 4k as a power of two, 64 to 512 (the kernel's `buf`). A
+/// block's shared memory holds its 8 warps' buffers of values and indices.
+fn topk_buffer(k: usize) -> u32 {
+    (4 * k).clamp(64, 512).next_power_of_two() as u32
 }
 /// Warps per row the TopK kernel can split a row into (divisors of its 8 warps per block).
 pub const SAE_TOPK_PARTS: [u32; 4] = [1, 2, 4, 8];
@@ -935,9 +934,8 @@ const SAE_MAX_LATENTS: usize = 1 << 24;
 const SAE_KERNELS: &str = r#"
 #define NEG_INF __int_as_float(0xff800000)
 #define NONE 0xffffffffu
-// The TopK kernel: rows per block (one warp each) and candidates kept per row.
+// The TopK kernel: warps per block (each a row, or a segment of one).
 #define WARPS 8
-#define BUF 512
 
 // The sum of v over the block's threads, in double; every thread gets the same value (each
 // sums the warps' partials in the same order). `part` holds 32 doubles.
@@ -1132,19 +1130,17 @@ __device__ __forceinline__ void scan(Candidates& c, const float* p, const float*
 // whole row. Splitting a row puts more warps, each with its loads in flight, on the HBM
 // when a batch has too few rows to fill the GPU with one warp each.
 // The first at or below 0 ends the row: the ReLU drops it and all after it (index NONE,
-// value 0). The buffer holds `buf` = 4k candidates (a power of two, 64 to BUF): a cut then
+// value 0). The buffer holds `buf` = 4k candidates (a power of two, 64 to 512, from the host): a cut then
 // frees 3k slots, and a segment of N latents is cut about 1 + ln(N / 4k) / 3 times, each a
-// sort of 4k (small sorts are cheap; the scan dominates). Needs k <= BUF / 2, so a cut frees
+// sort of 4k (small sorts are cheap; the scan dominates). Needs k <= buf / 2, so a cut frees
 // >= 32 slots.
 extern "C" __global__ void sae_topk(const float* pre, const float* b_enc, unsigned rows,
-                                    unsigned d_sae, unsigned k, unsigned parts,
+                                    unsigned d_sae, unsigned k, unsigned buf, unsigned parts,
                                     unsigned* idx, float* val) {
-    // Shared memory, sized by the launch for this k (topk_buffer on the host): WARPS
+    // Shared memory, sized by the launch for `buf` (topk_buffer on the host): WARPS
     // buffers of `buf` values, then WARPS of `buf` indices. A small buffer leaves the SM
     // more of its L1 for b_enc, which every row reads.
     extern __shared__ float smem[];
-    unsigned buf = 64;
-    while (buf < 4 * k && buf < BUF) buf <<= 1;
     unsigned* smem_i = (unsigned*)(smem + WARPS * buf);
     unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     unsigned unit = blockIdx.x * WARPS + warp;
@@ -1243,14 +1239,8 @@ extern "C" __global__ void sae_decode(const float* x, const float* w_dec, const 
         float e = x[(size_t)r * d + c] - y;
         acc += (double)e * (double)e;
     }
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-    if ((t & 31) == 0) part[t >> 5] = acc;
-    __syncthreads();
-    if (t == 0) {
-        double sum = 0.0;
-        for (unsigned w = 0; w < (nt + 31) / 32; ++w) sum += part[w];
-        err_sq[r] = (float)sum;
-    }
+    double sum = block_sum(acc, part);
+    if (t == 0) err_sq[r] = (float)sum;
 }
 
 // Contributions rank as on the host (top_k_indices): NaN first, then the larger value,
@@ -1286,7 +1276,7 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
                                       float* score, unsigned* top_idx, float* top_val) {
     __shared__ unsigned sidx[256];
     __shared__ float sval[256];
-    __shared__ double part[3][32];
+    __shared__ double part[32];
     __shared__ float best_v[32];
     __shared__ unsigned best_i[32];
     unsigned r = blockIdx.x, t = threadIdx.x, nt = blockDim.x;
@@ -1314,24 +1304,8 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
         }
         cr[c] = u;
     }
-    for (int off = 16; off > 0; off >>= 1) {
-        sq += __shfl_down_sync(0xffffffffu, sq, off);
-        rest += __shfl_down_sync(0xffffffffu, rest, off);
-        pred += __shfl_down_sync(0xffffffffu, pred, off);
-    }
-    if (lane == 0) {
-        part[0][warp] = sq;
-        part[1][warp] = rest;
-        part[2][warp] = pred;
-    }
-    __syncthreads();
+    double a = block_sum(sq, part), b = block_sum(rest, part), p = block_sum(pred, part);
     if (t == 0) {
-        double a = 0.0, b = 0.0, p = 0.0;
-        for (unsigned w = 0; w < warps; ++w) {
-            a += part[0][w];
-            b += part[1][w];
-            p += part[2][w];
-        }
         float s = (float)a;
         if (kind == 1) s = (float)b;
         if (kind == 2) s = ((float)a - ((float)p + head_c)) / sigma;
@@ -1990,7 +1964,7 @@ impl CudaSae {
                     .map_err(run_err("sae_jumprelu"))
             }
             3 => {
-                let (d_sae, k) = (self.d_sae as u32, self.k as u32);
+                let (d_sae, k, buf) = (self.d_sae as u32, self.k as u32, topk_buffer(self.k));
                 let parts = self.topk_parts(n);
                 let warps = u64::from(rows) * u64::from(parts);
                 let blocks =
@@ -2006,11 +1980,12 @@ impl CudaSae {
                     .arg(&rows)
                     .arg(&d_sae)
                     .arg(&k)
+                    .arg(&buf)
                     .arg(&parts)
                     .arg(&mut self.idx)
                     .arg(&mut self.val);
                 let launch = LaunchConfig {
-                    shared_mem_bytes: topk_shared_bytes(self.k),
+                    shared_mem_bytes: 8 * buf * 8,
                     ..grid(TOPK_THREADS, blocks)
                 };
                 // SAFETY: `parts` (a divisor of the block's 8 warps) warps per row < n ≤
