@@ -1606,6 +1606,61 @@ mod tests {
         assert_eq!(cand.model.meta.architecture.members, 3);
     }
 
+    /// The gate accepts a candidate that explains held-out rows better, rejects one whose
+    /// held-out loss is beyond the current's plus `gate_tolerance` (naming both losses),
+    /// and accepts that same one under a tolerance wide enough to cover it.
+    #[test]
+    fn the_gate_rejects_a_candidate_worse_than_its_tolerance() {
+        let current = crate::model::fit::synthetic(6, 1);
+        let mut rng = Rng::new(5);
+        // A low-dimensional signal: every feature a mix of two sources, plus a little noise.
+        let rows = Array2::from_shape_fn((800, 6), |(_, j)| j as f32 * 0.1)
+            + &Array2::from_shape_simple_fn((800, 2), || rng.uniform(-1.0, 1.0)).dot(
+                &Array2::from_shape_fn((2, 6), |(i, j)| ((i * 6 + j) as f32 * 0.7).sin()),
+            )
+            + &Array2::from_shape_simple_fn((800, 6), || rng.uniform(-0.05, 0.05));
+        let c = RetrainConfig {
+            min_frames: 100,
+            epochs: 5,
+            ..cfg()
+        };
+        let th = crate::threshold::ThresholdConfig::default();
+        let better = refit(&current, rows.view(), &[true; 800], &c, 4).unwrap();
+        let verdict = gate(&current, &better, &c, &th);
+        assert!(verdict.accepted, "{}", verdict.reason);
+        assert!(
+            verdict.candidate_loss < verdict.current_loss,
+            "{}",
+            verdict.reason
+        );
+
+        // The fine-tuned model with its output layer's weights tripled: its threshold still
+        // calibrates (the stored scores), so only its loss can fail it.
+        let mut damaged = better.model.clone();
+        let last = damaged.ae.layers.last_mut().unwrap();
+        last.w.mapv_inplace(|w| 3.0 * w);
+        let worse = Candidate {
+            model: damaged,
+            holdout: better.holdout.clone(),
+            rows_train: 0,
+            seconds: 0.0,
+        };
+        let verdict = gate(&better.model, &worse, &c, &th);
+        assert!(!verdict.accepted, "{}", verdict.reason);
+        assert!(
+            verdict.reason.contains("is worse than the current"),
+            "{}",
+            verdict.reason
+        );
+        let allowed = verdict.current_loss + c.gate_tolerance * verdict.current_loss.abs().max(1.0);
+        assert!(verdict.candidate_loss > allowed, "{verdict:?}");
+        let wide = RetrainConfig {
+            gate_tolerance: 1e6,
+            ..c.clone()
+        };
+        assert!(gate(&better.model, &worse, &wide, &th).accepted);
+    }
+
     #[test]
     fn admission_keeps_frames_around_alarms_out() {
         let mut a = Admission::new(&cfg());

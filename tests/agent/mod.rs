@@ -701,10 +701,16 @@ fn agent_retrains_online_and_resumes_from_its_checkpoint() {
     let metrics = free_port();
     let bundled = repo("models/smd-machine-1-6");
     let mqtt = format!("port = {broker}\nnode_name = \"learn\"\nsubscribe = [\"act/#\"]\n");
+    // The gate's tolerance is wide here: which frames a retrain's snapshot holds depends on
+    // how far scoring got when it fired, and a 5-epoch fine-tune on 1500 of them once came
+    // out 3.7 % worse on its held-out rows than the bundled model (tolerance 2 %) on a busy
+    // machine, and the next retrain did not finish within the wait. This test is about the
+    // retrain → checkpoint → resume path; the gate's judgement is tested in src/retrain.rs
+    // (`the_gate_rejects_a_candidate_worse_than_its_tolerance`).
     let retrain = format!(
         "[retrain]\nenabled = true\nreservoir_frames = 2000\nhorizon_frames = 4000\n\
          every_frames = 1500\nevery_secs = 0\nmin_frames = 1000\nepochs = 5\n\
-         adopt_after_frames = 0\nstate_dir = \"{}\"\n",
+         gate_tolerance = 0.2\nadopt_after_frames = 0\nstate_dir = \"{}\"\n",
         state.display()
     );
     let cfg = config(
