@@ -1,6 +1,6 @@
 //! CUDA against native on the bundled 38-feature PAE (models/smd-machine-1-6): batch-1
 //! latency (p50/p99, whole scorer: scale, forward, wnll head, contributions) and batch-65536
-//! throughput, plus the device forward alone (upload, GEMMs, kernels, copy back), at batch 1
+//! throughput; the scorer's earlier path, with the head on the host, as its baseline; plus the device forward alone (upload, GEMMs, kernels, copy back), at batch 1
 //! both as a CUDA graph and call by call (the baseline), interleaved. Then the device SAE
 //! (d = 768, 32768 latents, k = 32, batch 4096, random weights, fp32 and TF32): tokens/s
 //! streamed (two batches in flight, the host writing each batch into a pinned buffer) beside
@@ -71,6 +71,58 @@ fn throughput(model: &Arc<Model>, x: &Array2<f32>, reps: usize) -> f64 {
     (reps * BIG) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The scorer as it was before its head ran on the device, the baseline of the "cuda
+/// (scorer)" line: scale on the host, forward on the device, the reconstruction (mean and
+/// variance) back, then the head and its contributions on the host. Batch-1 latency over
+/// `frames` and frames/s at batch `BIG`.
+fn host_head(model: &Arc<Model>, x: &Array2<f32>, frames: usize) -> (LatencyHistogram, f64) {
+    let head = model.meta.head;
+    let d = x.ncols();
+    let baseline = darkwatch::score::prepare_member_baselines(
+        &head,
+        &model.meta.log_variance_baseline,
+        d,
+        model.ae.members,
+    );
+    let gm = model.cuda.clone().expect("on the GPU");
+    let mut scores = vec![0.0f32; BIG];
+    let mut contrib = Array2::<f32>::zeros((BIG, d));
+    let mut scaled = Array2::<f32>::zeros((BIG, d));
+    let src = x.as_slice().expect("contiguous");
+    let mut run = |s: &mut CudaSession, n: usize, at: usize| {
+        let dst = &mut scaled.as_slice_mut().expect("contiguous")[..n * d];
+        model
+            .meta
+            .scaler
+            .scale_rows_into(&src[at * d..(at + n) * d], dst);
+        let xs = scaled.slice(ndarray::s![..n, ..]);
+        s.forward(xs, |recon| {
+            head.score_batch(xs, recon, &baseline, &mut scores[..n], contrib.view_mut())
+        })
+        .expect("device forward");
+        scores[0]
+    };
+    let mut one = CudaSession::new(gm.clone(), 1).expect("session");
+    let mut h = LatencyHistogram::new();
+    let mut sink = 0.0f32;
+    for i in 0..frames + 500 {
+        let t = Instant::now();
+        sink += run(&mut one, 1, i % x.nrows());
+        if i >= 500 {
+            h.record(t.elapsed().as_nanos() as u64);
+        }
+    }
+    let mut big = CudaSession::new(gm, BIG).expect("session");
+    sink += run(&mut big, BIG, 0);
+    let t = Instant::now();
+    for _ in 0..20 {
+        sink += run(&mut big, BIG, 0);
+    }
+    let fps = (20 * BIG) as f64 / t.elapsed().as_secs_f64();
+    std::hint::black_box(sink);
+    (h, fps)
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken.
     let mut out = String::new();
@@ -113,6 +165,8 @@ fn main() {
         let fps = throughput(model, &x, if model.cuda.is_some() { 20 } else { 5 });
         table_row(&mut out, label, &h, fps);
     }
+    let (h, fps) = host_head(&gpu, &x, 20_000);
+    table_row(&mut out, "cuda forward + head on the host", &h, fps);
     // The device forward alone: upload, GEMMs, kernels, copy back (no head). Batch 1 as a
     // CUDA graph (the default) and call by call (the baseline), interleaved in blocks.
     let gm = gpu.cuda.clone().expect("on the GPU");
@@ -293,6 +347,7 @@ fn sae(out: &mut String) {
         );
         drop(dev);
         sae_detector(out, &sae, &head, &x, &cfg, label, device);
+        sae_pipeline(out, &sae, &head, &x, &cfg, label);
     }
     jumprelu(out, &x);
 }
@@ -414,6 +469,87 @@ fn sae_detector(
         "  the head on the CPU (one thread) for the same {n} rows: {:.2} ms ({:.3e} tokens/s)",
         cpu * 1e3,
         n as f64 / cpu
+    );
+}
+
+/// Counts the frames a pipeline scored, on the scorer thread as the agent's sink runs.
+struct Count(u64);
+
+impl darkwatch::pipeline::Sink for Count {
+    const ON_SCORER_THREAD: bool = true;
+    fn accept(&mut self, f: &darkwatch::pipeline::ScoredFrame) {
+        self.0 += u64::from(f.score.is_finite());
+    }
+}
+
+/// The agent's path for the SAE detector: a file source pushing tokens unpaced into the
+/// ring (4096 frames), the scorer popping batches of up to 4096 into the pinned buffer, the
+/// sink on the scorer thread. Two batches in flight (the default) against one batch at a
+/// time, interleaved, three runs each; the median tokens/s of each.
+fn sae_pipeline(
+    out: &mut String,
+    sae: &darkwatch::sae::Sae,
+    head: &DarkHead,
+    x: &Array2<f32>,
+    cfg: &CudaConfig,
+    label: &str,
+) {
+    use darkwatch::pipeline::{self, FileSource};
+    use darkwatch::sae::detector::{SaeDetector, SaeScoreKind, SaeScorer};
+    let det = match SaeDetector::from_parts(
+        sae.clone(),
+        head.clone(),
+        SaeScoreKind::ErrorNorm,
+        Some(cfg.clone()),
+    ) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            let _ = writeln!(out, "SAE pipeline {label}: {e}");
+            return;
+        }
+    };
+    let pcfg = darkwatch::config::PipelineConfig::default();
+    let tokens = Array2::from_shape_fn((16 * x.nrows(), x.ncols()), |(r, c)| x[[r % x.nrows(), c]]);
+    let mut rates = [Vec::new(), Vec::new()];
+    for _ in 0..3 {
+        for (overlap, rate) in [true, false].into_iter().zip(rates.iter_mut()) {
+            let scorer = SaeScorer::for_pipeline(det.clone(), &pcfg, 5).expect("GPU scorer");
+            let scorer = if overlap {
+                scorer
+            } else {
+                scorer.without_overlap()
+            };
+            let source = FileSource::new(tokens.clone(), None, None);
+            let t = Instant::now();
+            let (report, sink) = pipeline::run_scorer(
+                scorer,
+                &pcfg,
+                darkwatch::ring::FullPolicy::Block,
+                source,
+                Count(0),
+                None,
+            )
+            .expect("pipeline");
+            let secs = t.elapsed().as_secs_f64();
+            assert_eq!(sink.0, tokens.nrows() as u64, "frames lost or NaN");
+            assert_eq!(report.frames_scored, tokens.nrows() as u64);
+            rate.push(tokens.nrows() as f64 / secs);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (on, off) = (median(&mut rates[0]), median(&mut rates[1]));
+    let _ = writeln!(
+        out,
+        "SAE detector through the pipeline ({label}, error_norm, {} tokens unpaced through \
+         the ring): two batches in flight {:.3e} tokens/s, one at a time {:.3e} ({:.2}x; \
+         median of 3 each)",
+        tokens.nrows(),
+        on,
+        off,
+        on / off
     );
 }
 

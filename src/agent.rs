@@ -947,7 +947,7 @@ fn stream_refused(refusals: u64, stream: &str) {
 fn queued(counters: &AgentCounters, pushed: Pushed, values: &[f32]) {
     if pushed == Pushed::Dropped {
         counters.frames_dropped.fetch_add(1, Ordering::Relaxed);
-    } else if values.iter().all(|v| v.is_finite()) {
+    } else if pipeline::all_finite(values) {
         counters.frames_queued.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -104,6 +104,21 @@ pub trait BatchScorer: Send + 'static {
     fn model_version(&self) -> u64 {
         0
     }
+    /// Whether batches overlap: [`Self::submit`] returns before its batch is scored, and
+    /// [`Self::input_mut`] then gives another buffer, which the pipeline fills and submits
+    /// while the first is scored (at most two batches in flight). A GPU scorer does this,
+    /// so the host's work on one batch runs beside the device's on the other.
+    fn overlaps(&self) -> bool {
+        false
+    }
+    /// Starts scoring the first `n` input rows; [`Self::collect`] makes the oldest batch in
+    /// flight the last batch. Without overlap it scores them at once.
+    fn submit(&mut self, n: usize) {
+        self.score_batch(n);
+    }
+    /// Waits for the oldest batch [`Self::submit`] started: its scores and contributions
+    /// become the last batch's.
+    fn collect(&mut self) {}
 }
 
 /// The `top_k` largest entries of `row`, largest first, into `out`; returns how many.
@@ -118,6 +133,18 @@ pub fn fill_top(row: &[f32], top_k: usize, out: &mut [Contribution; MAX_TOP_CONT
         };
     }
     top_k as u8
+}
+
+/// A device session for `gpu` with `head` (and its constants `baseline`) on the device.
+fn device_session(
+    gpu: &Arc<crate::model::cuda::CudaModel>,
+    max_batch: usize,
+    head: &Head,
+    baseline: &[f32],
+) -> Result<CudaSession, CudaError> {
+    let mut session = CudaSession::new(gpu.clone(), max_batch)?;
+    session.set_head(head, baseline)?;
+    Ok(session)
 }
 
 /// The scoring step for one micro-batch: scale in place, forward pass, score head,
@@ -178,8 +205,14 @@ impl Scorer {
             Some(graph) => Some(OnnxSession::new(graph.clone(), max_batch)?),
             None => None,
         };
+        let baseline = crate::score::prepare_member_baselines(
+            &head,
+            &model.meta.log_variance_baseline,
+            d,
+            model.ae.members,
+        );
         let cuda = match &model.cuda {
-            Some(gpu) => Some(CudaSession::new(gpu.clone(), max_batch)?),
+            Some(gpu) => Some(device_session(gpu, max_batch, &head, &baseline)?),
             None => None,
         };
         Ok(Scorer {
@@ -195,12 +228,7 @@ impl Scorer {
             last: 0,
             contrib: Array2::zeros((max_batch, d)),
             top_k: top_k.min(MAX_TOP_CONTRIBUTIONS).min(d),
-            baseline: crate::score::prepare_member_baselines(
-                &head,
-                &model.meta.log_variance_baseline,
-                d,
-                model.ae.members,
-            ),
+            baseline,
             smoother: Smoother::new(model.meta.smooth_frames, d),
             model,
             head,
@@ -234,9 +262,20 @@ impl Scorer {
             Some(graph) => Some(OnnxSession::new(graph.clone(), self.max_batch())?),
             None => None,
         };
+        let baseline = crate::score::prepare_member_baselines(
+            &self.head,
+            &model.meta.log_variance_baseline,
+            model.n_features(),
+            model.ae.members,
+        );
         // A model swapped in carries its own GPU copy (or none: then it scores natively).
         let cuda = match &model.cuda {
-            Some(gpu) => Some(CudaSession::new(gpu.clone(), self.max_batch())?),
+            Some(gpu) => Some(device_session(
+                gpu,
+                self.max_batch(),
+                &self.head,
+                &baseline,
+            )?),
             None => None,
         };
         if model.ae.widths() != self.model.ae.widths() {
@@ -252,12 +291,7 @@ impl Scorer {
         }
         self.onnx = onnx;
         self.cuda = cuda;
-        self.baseline = crate::score::prepare_member_baselines(
-            &self.head,
-            &model.meta.log_variance_baseline,
-            model.n_features(),
-            model.ae.members,
-        );
+        self.baseline = baseline;
         self.model = model;
         Ok(())
     }
@@ -314,6 +348,7 @@ impl Scorer {
         );
         let x = self.scaled.slice(ndarray::s![..n, ..]);
         // MSS: the AE sees x; its output is scored against x moved toward the normal data.
+        let shifted = self.model.active_bank().is_some() && self.mss.is_some();
         let target = match (self.model.active_bank(), self.mss.as_mut()) {
             (Some(bank), Some(scratch)) => {
                 for (src, mut dst) in x.rows().into_iter().zip(self.target.rows_mut()) {
@@ -345,8 +380,12 @@ impl Scorer {
                 }
             }
             (None, Some(session)) => {
-                let ran = session.forward(x, |recon| {
-                    head.score_batch(target, recon, baseline, scores, contrib);
+                // The head runs on the device too: scores and contributions come back.
+                let ran = session.score(x, shifted.then_some(target)).map(|(s, c)| {
+                    scores.copy_from_slice(s);
+                    let mut contrib = contrib;
+                    contrib.as_slice_mut().expect("owned arrays are contiguous")[..c.len()]
+                        .copy_from_slice(c);
                 });
                 if let Err(e) = ran {
                     self.backend_errors += 1;
@@ -939,6 +978,8 @@ struct ScoreState<F, R> {
     invalid: Arc<AtomicU64>,
     hooks: Option<ScorerHooks>,
     metas: Vec<FrameMeta>,
+    /// The frames of the batch in flight, when batches overlap ([`BatchScorer::overlaps`]).
+    flight_metas: Vec<FrameMeta>,
     latency: LatencyHistogram,
     compute: LatencyHistogram,
     scored: u64,
@@ -962,6 +1003,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
         hooks: Option<ScorerHooks>,
     ) -> Self {
         let max_batch = scorer.max_batch();
+        let overlaps = scorer.overlaps();
         ScoreState {
             scorer,
             consumer,
@@ -970,6 +1012,11 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
             invalid,
             hooks,
             metas: vec![FrameMeta::default(); max_batch],
+            flight_metas: if overlaps {
+                vec![FrameMeta::default(); max_batch]
+            } else {
+                Vec::new()
+            },
             latency: LatencyHistogram::new(),
             compute: LatencyHistogram::new(),
             scored: 0,
@@ -982,6 +1029,10 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
     /// Scores what the ring holds, batch by batch, until it is empty (or `out` takes no
     /// more frames: then [`Self::closed`] is set).
     fn drain(&mut self) {
+        if self.hooks.is_none() && self.scorer.overlaps() {
+            self.drain_overlapped();
+            return;
+        }
         let ScoreState {
             scorer,
             consumer,
@@ -996,6 +1047,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
             batches,
             frame,
             closed,
+            ..
         } = self;
         let d = scorer.n_features();
         while !*closed {
@@ -1033,29 +1085,17 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
                 let t1 = clock.now_ns();
                 compute.record((t1 - t0) / end as u64);
                 *batches += 1;
-                for (i, meta) in metas[..end].iter().enumerate() {
-                    frame.frame_score = scorer.batch_scores()[i];
-                    scorer.smooth(i, meta);
-                    frame.meta = *meta;
-                    frame.score = scorer.batch_scores()[i];
-                    frame.n_top = scorer.top_contributions(i, &mut frame.top);
-                    frame.latency_ns = t1.saturating_sub(meta.enqueued_ns);
-                    frame.model_version = version;
-                    latency.record(frame.latency_ns);
-                    if let Some(h) = hooks.as_mut() {
-                        // Before the result: the sink pops a frame's values right after
-                        // its result.
-                        if h.values.push(*meta, scorer.input_row(i)) == Pushed::Closed {
-                            *hooks = None;
-                        }
-                    }
-                    if !out.put(frame) {
-                        *closed = true;
-                        return;
-                    }
-                    *scored += 1;
+                let mut results = Published {
+                    out: &mut *out,
+                    hooks: &mut *hooks,
+                    frame: &mut *frame,
+                    latency: &mut *latency,
+                    scored: &mut *scored,
+                };
+                if !results.publish(&mut *scorer, &metas[..end], t1, version) {
+                    *closed = true;
+                    return;
                 }
-                out.batch_done();
                 if end == n {
                     break;
                 }
@@ -1067,10 +1107,113 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
         }
     }
 
+    /// [`Self::drain`] for a scorer whose batches overlap: each batch is popped, filled and
+    /// submitted before the results of the one in flight are read, so filling one batch
+    /// and alerting on the other run on the host while the device scores. A batch in
+    /// flight is collected as soon as the ring has nothing more to submit, so a quiet
+    /// stream's frame waits for no second batch. (Not with hooks: a retrain's model swap
+    /// needs the batch scored where it stands.)
+    fn drain_overlapped(&mut self) {
+        let d = self.scorer.n_features();
+        // The batch in flight: its rows and when it was submitted.
+        let mut flight: Option<(usize, u64)> = None;
+        while !self.closed {
+            let popped = self
+                .consumer
+                .pop_batch(&mut self.metas, self.scorer.input_mut());
+            let n = if popped == 0 {
+                0
+            } else {
+                compact_finite(
+                    self.scorer.input_mut(),
+                    &mut self.metas[..popped],
+                    d,
+                    &self.invalid,
+                )
+            };
+            let submitted = (n > 0).then(|| {
+                let t0 = self.clock.now_ns();
+                self.scorer.submit(n);
+                (n, t0)
+            });
+            if let Some((m, t0)) = flight.take() {
+                self.scorer.collect();
+                let t1 = self.clock.now_ns();
+                self.compute.record((t1 - t0) / m as u64);
+                self.batches += 1;
+                let version = self.scorer.model_version();
+                let mut results = Published {
+                    out: &mut self.out,
+                    hooks: &mut self.hooks,
+                    frame: &mut self.frame,
+                    latency: &mut self.latency,
+                    scored: &mut self.scored,
+                };
+                if !results.publish(&mut self.scorer, &self.flight_metas[..m], t1, version) {
+                    self.closed = true;
+                    return;
+                }
+            }
+            if submitted.is_some() {
+                std::mem::swap(&mut self.metas, &mut self.flight_metas);
+                flight = submitted;
+            } else if popped == 0 {
+                // The ring is empty and nothing is in flight.
+                return;
+            }
+        }
+    }
+
     /// The counts, once the run is over.
     fn counts(self) -> (ScoreCounts, R) {
         let counts = (self.scored, self.batches, self.latency, self.compute);
         (counts, self.out)
+    }
+}
+
+/// Where a scored batch's results go, and what counts them.
+struct Published<'a, R> {
+    out: &'a mut R,
+    hooks: &'a mut Option<ScorerHooks>,
+    frame: &'a mut ScoredFrame,
+    latency: &'a mut LatencyHistogram,
+    scored: &'a mut u64,
+}
+
+impl<R: Results> Published<'_, R> {
+    /// Hands the last batch's results (one frame per entry of `metas`, scored at `t1` by
+    /// model `version`) to `out`: smoothed, with their top contributions. False when `out`
+    /// takes no more.
+    fn publish<F: BatchScorer>(
+        &mut self,
+        scorer: &mut F,
+        metas: &[FrameMeta],
+        t1: u64,
+        version: u64,
+    ) -> bool {
+        let frame = &mut *self.frame;
+        for (i, meta) in metas.iter().enumerate() {
+            frame.frame_score = scorer.batch_scores()[i];
+            scorer.smooth(i, meta);
+            frame.meta = *meta;
+            frame.score = scorer.batch_scores()[i];
+            frame.n_top = scorer.top_contributions(i, &mut frame.top);
+            frame.latency_ns = t1.saturating_sub(meta.enqueued_ns);
+            frame.model_version = version;
+            self.latency.record(frame.latency_ns);
+            if let Some(h) = self.hooks.as_mut() {
+                // Before the result: the sink pops a frame's values right after its result.
+                if h.values.push(*meta, scorer.input_row(i)) == Pushed::Closed {
+                    *self.hooks = None;
+                }
+            }
+            if !self.out.put(frame) {
+                return false;
+            }
+            *self.scored += 1;
+        }
+        self.out.batch_done();
+        true
     }
 }
 
@@ -1156,6 +1299,16 @@ fn shared_score_loop<F: BatchScorer, K: Sink>(
 }
 
 /// Moves rows holding only finite values to the front; returns how many there are.
+/// Whether every value is finite (no NaN or ±Inf). Branch-free over the whole slice, so it
+/// runs as vector instructions: a 768-value activation frame is checked in tens of
+/// nanoseconds, where a short-circuiting scan took one branch per value.
+pub fn all_finite(values: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    values.iter().fold(0u32, |bad, v| {
+        bad | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+    }) == 0
+}
+
 fn compact_finite(
     values: &mut [f32],
     metas: &mut [FrameMeta],
@@ -1164,7 +1317,7 @@ fn compact_finite(
 ) -> usize {
     let mut keep = 0;
     for i in 0..metas.len() {
-        let ok = values[i * d..(i + 1) * d].iter().all(|v| v.is_finite());
+        let ok = all_finite(&values[i * d..(i + 1) * d]);
         if !ok {
             invalid.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -1260,6 +1413,27 @@ mod tests {
             .score_all(x.view());
         let b = Scorer::new(model, head, 16, 2).unwrap().score_all(x.view());
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn all_finite_finds_any_nan_or_infinity_at_any_position() {
+        assert!(all_finite(&[]));
+        let ok: Vec<f32> = (0..37).map(|i| i as f32 - 18.5).collect();
+        assert!(all_finite(&ok));
+        assert!(all_finite(&[
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            -0.0,
+            1e-45
+        ]));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+            for at in [0, 1, 17, 36] {
+                let mut v = ok.clone();
+                v[at] = bad;
+                assert!(!all_finite(&v), "{bad} at {at}");
+            }
+        }
     }
 
     #[test]
@@ -1360,6 +1534,133 @@ mod tests {
         );
         assert!(sink.threads.iter().any(|t| t == "darkwatch-source"));
         assert!(sink.finished);
+    }
+
+    /// A scorer whose batches overlap, as the GPU's do: two input buffers, each batch
+    /// scored (each row's sum) only when collected, from the buffer it was submitted from.
+    /// It panics if the pipeline writes a buffer still in flight, keeps more than two in
+    /// flight, or scores a batch synchronously.
+    struct Overlapping {
+        bufs: [Vec<f32>; 2],
+        cur: usize,
+        d: usize,
+        flight: std::collections::VecDeque<(usize, usize)>,
+        scores: Vec<f32>,
+        last: usize,
+        most_in_flight: usize,
+    }
+
+    impl BatchScorer for Overlapping {
+        fn max_batch(&self) -> usize {
+            self.scores.len()
+        }
+        fn n_features(&self) -> usize {
+            self.d
+        }
+        fn input_mut(&mut self) -> &mut [f32] {
+            assert!(
+                self.flight.iter().all(|&(b, _)| b != self.cur),
+                "the pipeline writes a buffer in flight"
+            );
+            &mut self.bufs[self.cur]
+        }
+        fn input_row(&self, _: usize) -> &[f32] {
+            unreachable!("no hooks")
+        }
+        fn score_batch(&mut self, _: usize) {
+            panic!("an overlapping scorer was scored synchronously");
+        }
+        fn batch_scores(&self) -> &[f32] {
+            &self.scores[..self.last]
+        }
+        fn top_contributions(&self, _: usize, _: &mut [Contribution; MAX_TOP_CONTRIBUTIONS]) -> u8 {
+            0
+        }
+        fn overlaps(&self) -> bool {
+            true
+        }
+        fn submit(&mut self, n: usize) {
+            self.flight.push_back((self.cur, n));
+            assert!(self.flight.len() <= 2, "more than two batches in flight");
+            self.most_in_flight = self.most_in_flight.max(self.flight.len());
+            self.cur ^= 1;
+        }
+        fn collect(&mut self) {
+            let (b, n) = self.flight.pop_front().expect("a batch in flight");
+            for (s, row) in self
+                .scores
+                .iter_mut()
+                .zip(self.bufs[b].chunks(self.d).take(n))
+            {
+                *s = row.iter().sum();
+            }
+            self.last = n;
+        }
+    }
+
+    /// (seq, score) of every frame put.
+    #[derive(Default)]
+    struct Collected(Vec<(u64, f32)>);
+
+    impl Results for Collected {
+        fn put(&mut self, frame: &ScoredFrame) -> bool {
+            self.0.push((frame.meta.seq, frame.score));
+            true
+        }
+    }
+
+    #[test]
+    fn overlapped_batches_score_every_frame_once_in_order_from_its_own_buffer() {
+        let (d, max_batch) = (3, 8);
+        let (mut producer, consumer) = frame_ring(64, d, FullPolicy::Block);
+        let scorer = Overlapping {
+            bufs: [vec![0.0; max_batch * d], vec![0.0; max_batch * d]],
+            cur: 0,
+            d,
+            flight: Default::default(),
+            scores: vec![0.0; max_batch],
+            last: 0,
+            most_in_flight: 0,
+        };
+        let clock = Clock::new();
+        let invalid = Arc::new(AtomicU64::new(0));
+        let mut state = ScoreState::new(
+            scorer,
+            consumer,
+            Collected::default(),
+            clock,
+            invalid.clone(),
+            None,
+        );
+        let row = |i: u64| [i as f32, 0.5, if i % 9 == 4 { f32::NAN } else { 1.0 }];
+        let mut push = |from: u64, to: u64| {
+            for i in from..to {
+                let meta = FrameMeta {
+                    seq: i,
+                    ..Default::default()
+                };
+                assert_eq!(producer.push(meta, &row(i)), Pushed::Accepted);
+            }
+        };
+        // 53 frames waiting: batches of 8 (less the NaN frames) with two in flight.
+        push(0, 53);
+        state.drain();
+        assert_eq!(state.scorer.most_in_flight, 2);
+        assert!(
+            state.scorer.flight.is_empty(),
+            "drain returned with a batch in flight"
+        );
+        // One frame: collected without waiting for a second batch.
+        push(53, 54);
+        state.drain();
+        assert!(state.scorer.flight.is_empty());
+        let want: Vec<(u64, f32)> = (0..54)
+            .filter(|i| i % 9 != 4)
+            .map(|i| (i, row(i).iter().sum()))
+            .collect();
+        assert_eq!(state.out.0, want);
+        assert_eq!(invalid.load(Ordering::Relaxed), 6);
+        assert_eq!(state.scored, want.len() as u64);
     }
 
     /// Rows pushed alternately as streams 0 and 1, each with its own sequence.

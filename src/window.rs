@@ -170,7 +170,7 @@ impl StreamWindows {
         if t - *newest > self.span_secs {
             *held = 0;
         }
-        if !frame.iter().all(|v| v.is_finite()) {
+        if !crate::pipeline::all_finite(frame) {
             self.scratch[..(w - 1) * d].copy_from_slice(&window[d..]);
             self.scratch[(w - 1) * d..].copy_from_slice(frame);
             return Some(&self.scratch);

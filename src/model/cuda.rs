@@ -1,6 +1,6 @@
 //! The CUDA backend (cargo feature `cuda`): the native autoencoder's own weights run on an
-//! NVIDIA GPU with cuBLAS and two small NVRTC-compiled kernels, scored by the same heads,
-//! thresholds and alerts as the native kernels.
+//! NVIDIA GPU with cuBLAS and small NVRTC-compiled kernels, scored by the same heads (on the
+//! device), thresholds and alerts as the native kernels.
 //!
 //! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`): `libcuda.so.1`
 //! (the driver), `libcublas.so.13` and `libnvrtc.so.13` (a CUDA 13 toolkit, or the PyPI
@@ -27,16 +27,23 @@
 //! as the native kernels do) and, on a probabilistic model's last layer, turns the
 //! variance half into `softplus(raw) = relu(x) + ln1p(exp(-|x|))` (the head adds ε).
 //!
-//! # What is not on the device yet
+//! # The score head
 //!
-//! The autoencoder's last layer's `[n, d]` (plain) or `[n, 2d]` (mean | variance) output is
-//! copied back to the host and scored by the CPU heads ([`crate::score::Head::score_batch`]);
-//! its scores, contributions and top-k are *not* computed on the device. (The SAE
-//! detector's are: [`CudaSae::load_detector`].) The autoencoder's
-//! batches are synchronous (a batch of up to [`GRAPH_MAX_ROWS`] rows is one CUDA graph
-//! launch); only the SAE overlaps an upload with the previous batch's compute
-//! ([`CudaSae::submit`]). Host buffers are pinned; device buffers are sized once for the
-//! scorer's largest batch (and regrown only if a larger batch arrives).
+//! The `ae_head` kernel scores each row on the device, one warp per row, as
+//! [`crate::score::Head::score_batch`] does on the host: every head (mse, max_abs, wnll with
+//! its raw, excess or bounded log-variance), an ensemble's members averaged per feature, and
+//! against the mean-shifted targets when the model has an MSS bank (the targets are shifted
+//! on the host and uploaded beside the input). Only each row's score and its `d`
+//! contributions come back ([`CudaSession::score`]), not the `[n, 2d]` (or, for an ensemble
+//! of K, `[n, 2Kd]`) reconstruction: the pipeline's per-stream smoothing averages whole
+//! contribution vectors before it ranks them, so the top-k is taken on the host.
+//!
+//! The autoencoder's batches are synchronous (a batch of up to [`GRAPH_MAX_ROWS`] rows is one
+//! CUDA graph launch: upload, layers, head, copies back). The SAE overlaps batches
+//! ([`CudaSae::submit`], [`CudaSae::wait`]), and the pipeline keeps two of its batches in
+//! flight ([`crate::pipeline::BatchScorer::overlaps`]). Host buffers are pinned; device
+//! buffers are sized once for the scorer's largest batch (and regrown only if a larger batch
+//! arrives).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -53,6 +60,7 @@ use super::{Activation, Autoencoder, OutputKind};
 use crate::config::CudaConfig;
 use crate::sae::dark::DarkHead;
 use crate::sae::detector::SaeScoreKind;
+use crate::score::{Head, HeadKind, LogVariance};
 
 /// Why the CUDA backend cannot be used or failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -188,7 +196,73 @@ extern "C" __global__ void bias_act(float* y, const float* b, unsigned rows, uns
     if (col >= softplus_from) v = (v < 0.0f ? 0.0f : v) + log1pf(expf(-fabsf(v)));
     y[i] = v;
 }
+
+// One feature's term for one member of the score head, as crate::score computes it. kind:
+// 0 mse, 1 max_abs, 2 wnll. lv (wnll): 0 raw, 1 excess, 2 bounded, 3 no variance output.
+// c: the member's constants (excess: median, ceiling, e^-ceiling; bounded: lo, hi, e^-hi,
+// e^-lo; d each).
+__device__ __forceinline__ float head_term(int kind, int lv, float e, float s, float alpha,
+                                           float beta, float eps, const float* c,
+                                           unsigned j, unsigned d) {
+    if (kind == 0) return e * e;
+    if (kind == 1) return fabsf(e);
+    if (lv == 3) return alpha * e * e / (1.0f + eps) + beta * logf(1.0f + eps);
+    float v = s + eps;
+    if (lv == 0) return alpha * e * e / v + beta * logf(v);
+    float ln_v = logf(v);
+    if (lv == 1) {
+        float median = c[j], ceiling = c[d + j], inv_cap = c[2 * d + j];
+        bool capped = ln_v > ceiling;
+        float l = capped ? ceiling : ln_v;
+        float inv_v = capped ? inv_cap : 1.0f / v;
+        return alpha * e * e * inv_v + beta * fmaxf(l - median, 0.0f);
+    }
+    float lo = c[j], hi = c[d + j], inv_hi = c[2 * d + j], inv_lo = c[3 * d + j];
+    bool below = ln_v < lo, above = ln_v > hi;
+    float l = below ? lo : (above ? hi : ln_v);
+    float inv_v = below ? inv_lo : (above ? inv_hi : 1.0f / v);
+    return alpha * e * e * inv_v + beta * (l - lo);
+}
+
+// The score head, one warp per row: feature j's contribution is the mean of the members'
+// terms (member k's mean at out[k*d + j], its variance at out[var_at + k*d + j]; var_at 0:
+// none), scored against x (the input, or its mean-shifted target). The row's score is their
+// sum, or for max_abs their maximum (NaN wins, as on the host).
+extern "C" __global__ void ae_head(const float* x, const float* out, unsigned n, unsigned d,
+                                   unsigned members, unsigned width, unsigned var_at, int kind,
+                                   int lv, float alpha, float beta, float eps,
+                                   const float* consts, unsigned block, float* contrib,
+                                   float* scores) {
+    unsigned lane = threadIdx.x & 31u;
+    unsigned r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= n) return;  // the whole warp
+    const float* xr = x + (size_t)r * d;
+    const float* o = out + (size_t)r * width;
+    float* cr = contrib + (size_t)r * d;
+    float inv = 1.0f / (float)members;
+    float acc = kind == 1 ? __int_as_float(0xff800000) : 0.0f;
+    for (unsigned j = lane; j < d; j += 32u) {
+        float xv = xr[j], c = 0.0f;
+        for (unsigned k = 0; k < members; ++k) {
+            float s = var_at ? o[var_at + k * d + j] : 0.0f;
+            float t = head_term(kind, lv, xv - o[k * d + j], s, alpha, beta, eps,
+                                consts + k * block, j, d);
+            c = k == 0 ? t : c + t;
+        }
+        if (members > 1) c *= inv;
+        cr[j] = c;
+        acc = kind == 1 ? ((c > acc || c != c) ? c : acc) : acc + c;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        float other = __shfl_down_sync(0xffffffffu, acc, off);
+        acc = kind == 1 ? ((other > acc || other != other) ? other : acc) : acc + other;
+    }
+    if (lane == 0) scores[r] = acc;
+}
 "#;
+
+/// Rows per block of the `ae_head` kernel (a warp each).
+const HEAD_ROWS_PER_BLOCK: u32 = 8;
 
 /// Compiles every darkwatch kernel (the autoencoder's and the SAE's) with NVRTC: to a CUBIN
 /// for `arch` (e.g. `sm_90`) when given, else to PTX. Needs only `libnvrtc`, no driver or
@@ -313,6 +387,7 @@ pub struct CudaModel {
     ctx: Arc<CudaContext>,
     layers: Vec<DeviceLayer>,
     bias_act: CudaFunction,
+    head: CudaFunction,
     n_features: usize,
     /// Columns of each output part: `members · d` (see [`Autoencoder`]).
     recon_width: usize,
@@ -347,6 +422,9 @@ impl CudaModel {
             let bias_act = module
                 .load_function("bias_act")
                 .map_err(run_err("cuModuleGetFunction"))?;
+            let head = module
+                .load_function("ae_head")
+                .map_err(run_err("cuModuleGetFunction"))?;
             let stream = ctx.default_stream();
             let mut layers = Vec::with_capacity(ae.layers.len());
             for l in &ae.layers {
@@ -367,6 +445,7 @@ impl CudaModel {
                 ctx: ctx.clone(),
                 layers,
                 bias_act,
+                head,
                 n_features: ae.n_features,
                 recon_width: ae.recon_width(),
                 output: ae.output,
@@ -546,9 +625,34 @@ pub const GRAPH_MAX_ROWS: usize = 64;
 /// The cuBLAS workspace each session provides, so that captured GEMMs allocate nothing.
 const BLAS_WORKSPACE_BYTES: usize = 4 << 20;
 
+/// What one enqueued batch does, and which of a session's graphs it is captured in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The network only; its last layer comes back ([`CudaSession::forward`]).
+    Forward = 0,
+    /// Network and score head, scored against the input; scores and contributions come back.
+    Score = 1,
+    /// As `Score`, against mean-shifted targets uploaded beside the input.
+    ScoreShifted = 2,
+}
+
+/// The score head a session runs on the device ([`CudaSession::set_head`]): the `ae_head`
+/// kernel's parameters and the members' constants.
+struct SessionHead {
+    kind: i32,
+    lv: i32,
+    alpha: f32,
+    beta: f32,
+    /// `members` blocks of `block` floats ([`crate::score::prepare_member_baselines`]); one
+    /// unused float when the head has none.
+    consts: CudaSlice<f32>,
+    block: u32,
+}
+
 /// One scorer's device state: stream, cuBLAS handle (with its own workspace), activation
-/// buffers for `capacity` rows, the pinned host buffers that inputs go up from and outputs
-/// come back into, and the CUDA graphs captured for small batches.
+/// buffers for `capacity` rows, the score head's buffers, the pinned host buffers that
+/// inputs go up from and results come back into, and the CUDA graphs captured for small
+/// batches.
 pub struct CudaSession {
     model: Arc<CudaModel>,
     stream: Arc<CudaStream>,
@@ -561,8 +665,19 @@ pub struct CudaSession {
     host_in: Pinned,
     /// The last layer's output, `[cap, width]`, row-major.
     host_out: Pinned,
-    /// Slot `n − 1` holds the graph for batches of `n` rows, once captured: each size is
-    /// captured once (a capture and instantiation cost more than the launches it saves).
+    /// The score head, once set.
+    head: Option<SessionHead>,
+    /// The mean-shifted targets `[cap, d]`, the head's scores `[cap]` and its
+    /// contributions `[cap, d]`, on the device and in pinned host memory.
+    target: CudaSlice<f32>,
+    scores: CudaSlice<f32>,
+    contrib: CudaSlice<f32>,
+    host_target: Pinned,
+    host_scores: Pinned,
+    host_contrib: Pinned,
+    /// Slot `p · GRAPH_MAX_ROWS + n − 1` holds the graph of [`Pass`] p for batches of `n`
+    /// rows, once captured: each is captured once (a capture and instantiation cost more
+    /// than the launches it saves).
     graphs: Vec<Option<Graph>>,
     /// Why small batches do not use graphs (a capture failed); `None` while they do.
     graphs_off: Option<String>,
@@ -623,18 +738,32 @@ impl CudaSession {
                 .map_err(|e| CudaError::Blas(e.to_string()))?;
             }
             // Placeholders: `reserve` below sizes every buffer for `max_batch` rows.
-            let host_in = Pinned::new(&model.ctx, 0, true)?;
-            let host_out = Pinned::new(&model.ctx, 0, false)?;
+            let pinned = |wc| Pinned::new(&model.ctx, 0, wc);
+            let (host_in, host_out, host_target) = (pinned(true)?, pinned(false)?, pinned(true)?);
+            let (host_scores, host_contrib) = (pinned(false)?, pinned(false)?);
+            let empty = || {
+                stream
+                    .alloc_zeros::<f32>(1)
+                    .map_err(run_err("allocating device buffers"))
+            };
+            let (target, scores, contrib) = (empty()?, empty()?, empty()?);
             let mut s = CudaSession {
                 model,
-                stream,
+                stream: stream.clone(),
                 blas,
                 _workspace: workspace,
                 acts: Vec::new(),
                 capacity: 0,
                 host_in,
                 host_out,
-                graphs: (0..GRAPH_MAX_ROWS).map(|_| None).collect(),
+                head: None,
+                target,
+                scores,
+                contrib,
+                host_target,
+                host_scores,
+                host_contrib,
+                graphs: (0..3 * GRAPH_MAX_ROWS).map(|_| None).collect(),
                 graphs_off: None,
             };
             s.reserve(max_batch.max(1))?;
@@ -684,19 +813,83 @@ impl CudaSession {
                     .map_err(run_err("allocating device buffers"))?,
             );
         }
+        let d = m.n_features;
+        let alloc = |len: usize| {
+            self.stream
+                .alloc_zeros::<f32>(len)
+                .map_err(run_err("allocating device buffers"))
+        };
+        let (target, scores, contrib) = (alloc(n * d)?, alloc(n)?, alloc(n * d)?);
         self.stream
             .synchronize()
             .map_err(run_err("allocating device buffers"))?;
         self.acts = acts;
-        self.host_in = Pinned::new(&m.ctx, n * m.n_features, true)?;
+        (self.target, self.scores, self.contrib) = (target, scores, contrib);
+        self.host_in = Pinned::new(&m.ctx, n * d, true)?;
         self.host_out = Pinned::new(&m.ctx, n * self.out_width(), false)?;
+        self.host_target = Pinned::new(&m.ctx, n * d, true)?;
+        self.host_scores = Pinned::new(&m.ctx, n, false)?;
+        self.host_contrib = Pinned::new(&m.ctx, n * d, false)?;
         self.capacity = n;
         Ok(())
     }
 
-    /// Enqueues the whole forward pass for the first `n` rows of `host_in`: upload, every
-    /// layer, copy back into `host_out`. Nothing is synchronised.
-    fn enqueue(&mut self, n: usize) -> Result<(), CudaError> {
+    /// Runs `head` on the device from now on ([`Self::score`]); `baseline` is the model's
+    /// [`crate::score::prepare_member_baselines`] for it, as the host head takes it.
+    ///
+    /// # Errors
+    /// The constants cannot be uploaded.
+    pub fn set_head(&mut self, head: &Head, baseline: &[f32]) -> Result<(), CudaError> {
+        let m = &*self.model;
+        let d = m.n_features;
+        let members = (m.recon_width / d.max(1)).max(1);
+        let block = baseline.len() / members;
+        let has_var = m.output == OutputKind::Probabilistic;
+        let lv = match (head.kind, has_var, head.log_variance) {
+            (HeadKind::Wnll, false, _) => 3,
+            (HeadKind::Wnll, true, LogVariance::Excess) if block == 3 * d => 1,
+            (HeadKind::Wnll, true, LogVariance::Bounded) if block == 4 * d => 2,
+            _ => 0,
+        };
+        let consts = if baseline.is_empty() {
+            &[0.0][..]
+        } else {
+            baseline
+        };
+        let consts = guarded("uploading the score head", || {
+            let c = self
+                .stream
+                .clone_htod(consts)
+                .map_err(run_err("uploading the score head"))?;
+            self.stream
+                .synchronize()
+                .map_err(run_err("uploading the score head"))?;
+            Ok(c)
+        })?;
+        self.head = Some(SessionHead {
+            kind: match head.kind {
+                HeadKind::Mse => 0,
+                HeadKind::MaxAbs => 1,
+                HeadKind::Wnll => 2,
+            },
+            lv,
+            alpha: head.alpha,
+            beta: head.beta,
+            consts,
+            block: block as u32,
+        });
+        // The captured scoring graphs hold the old head's parameters.
+        for slot in &mut self.graphs[GRAPH_MAX_ROWS..] {
+            *slot = None;
+        }
+        Ok(())
+    }
+
+    /// Enqueues `pass` for the first `n` rows of `host_in` (and `host_target`): upload,
+    /// every layer, then either the last layer back into `host_out`, or the score head and
+    /// its scores and contributions back into `host_scores` and `host_contrib`. Nothing is
+    /// synchronised.
+    fn enqueue(&mut self, n: usize, pass: Pass) -> Result<(), CudaError> {
         let m = &*self.model;
         let d = m.n_features;
         copy_htod(
@@ -705,6 +898,14 @@ impl CudaSession {
             &mut self.acts[0],
             "copying the batch to the GPU",
         )?;
+        if pass == Pass::ScoreShifted {
+            copy_htod(
+                &self.stream,
+                &self.host_target.as_slice()[..n * d],
+                &mut self.target,
+                "copying the mean-shifted targets to the GPU",
+            )?;
+        }
         let last = m.layers.len() - 1;
         for (l, layer) in m.layers.iter().enumerate() {
             let (before, after) = self.acts.split_at_mut(l + 1);
@@ -751,36 +952,96 @@ impl CudaSession {
             unsafe { builder.launch(launch) }.map_err(run_err("launching bias_act"))?;
         }
         let w = self.out_width();
+        if pass == Pass::Forward {
+            return copy_dtoh(
+                &self.stream,
+                &self.acts[m.layers.len()],
+                &mut self.host_out.as_mut_slice()[..n * w],
+                "copying the output back",
+            );
+        }
+        let head = self.head.as_ref().ok_or_else(|| CudaError::Run {
+            what: "score",
+            reason: "no score head was set on the session".into(),
+        })?;
+        let x = if pass == Pass::ScoreShifted {
+            &self.target
+        } else {
+            &self.acts[0]
+        };
+        let (rows, d32, w32) = (n as u32, d as u32, w as u32);
+        let members = (m.recon_width / d.max(1)).max(1) as u32;
+        let var_at = if m.output == OutputKind::Probabilistic {
+            m.recon_width as u32
+        } else {
+            0
+        };
+        let eps = crate::model::nn::VARIANCE_EPS;
+        let launch = LaunchConfig {
+            grid_dim: (rows.div_ceil(HEAD_ROWS_PER_BLOCK), 1, 1),
+            block_dim: (32 * HEAD_ROWS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = self.stream.launch_builder(&m.head);
+        builder
+            .arg(x)
+            .arg(&self.acts[m.layers.len()])
+            .arg(&rows)
+            .arg(&d32)
+            .arg(&members)
+            .arg(&w32)
+            .arg(&var_at)
+            .arg(&head.kind)
+            .arg(&head.lv)
+            .arg(&head.alpha)
+            .arg(&head.beta)
+            .arg(&eps)
+            .arg(&head.consts)
+            .arg(&head.block)
+            .arg(&mut self.contrib)
+            .arg(&mut self.scores);
+        // SAFETY: x, contributions and targets hold capacity ≥ n rows of d floats, the
+        // output n rows of w ≥ var_at + members·d, the scores n; the constants `members`
+        // blocks of `block` (the kernel reads them only for the lv that needs them, which
+        // `set_head` picked from their length); the argument types match the signature.
+        unsafe { builder.launch(launch) }.map_err(run_err("launching ae_head"))?;
         copy_dtoh(
             &self.stream,
-            &self.acts[m.layers.len()],
-            &mut self.host_out.as_mut_slice()[..n * w],
-            "copying the output back",
+            &self.scores,
+            &mut self.host_scores.as_mut_slice()[..n],
+            "copying the scores back",
+        )?;
+        copy_dtoh(
+            &self.stream,
+            &self.contrib,
+            &mut self.host_contrib.as_mut_slice()[..n * d],
+            "copying the contributions back",
         )
     }
 
     /// The graph for batches of `n` rows: the cached one, or a new capture. `None` above
     /// [`GRAPH_MAX_ROWS`] rows, or when graphs are off (after a failed capture).
-    fn graph_for(&mut self, n: usize) -> Option<&Graph> {
+    fn graph_for(&mut self, n: usize, pass: Pass) -> Option<&Graph> {
         if self.graphs_off.is_some() || n == 0 || n > GRAPH_MAX_ROWS {
             return None;
         }
-        if self.graphs[n - 1].is_none() {
-            self.capture(n);
+        let slot = pass as usize * GRAPH_MAX_ROWS + n - 1;
+        if self.graphs[slot].is_none() {
+            self.capture(n, pass);
         }
-        self.graphs[n - 1].as_ref()
+        self.graphs[slot].as_ref()
     }
 
     /// Captures the forward for batches of `n` rows into its slot, or turns graphs off
     /// (logging why once) when the capture fails.
-    fn capture(&mut self, n: usize) {
+    fn capture(&mut self, n: usize, pass: Pass) {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let captured = self
             .stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(run_err("cuStreamBeginCapture"))
             .and_then(|()| {
-                let queued = self.enqueue(n);
+                let queued = self.enqueue(n, pass);
                 // End the capture whatever happened, so the stream is usable again.
                 let ended = self
                     .stream
@@ -793,7 +1054,7 @@ impl CudaSession {
                 })
             });
         match captured {
-            Ok(graph) => self.graphs[n - 1] = Some(Graph(graph)),
+            Ok(graph) => self.graphs[pass as usize * GRAPH_MAX_ROWS + n - 1] = Some(Graph(graph)),
             Err(e) => {
                 tracing::warn!(error = %e, "CUDA graph capture failed; small batches are launched call by call");
                 self.graphs_off = Some(e.to_string());
@@ -802,14 +1063,27 @@ impl CudaSession {
         }
     }
 
-    /// Uploads `x`, runs every layer, and copies the last layer back into `host_out`.
-    fn run(&mut self, x: ArrayView2<f32>) -> Result<(), CudaError> {
+    /// Uploads `x` (and `target`, for [`Pass::ScoreShifted`]), and runs `pass`.
+    fn run(
+        &mut self,
+        x: ArrayView2<f32>,
+        target: Option<ArrayView2<f32>>,
+        pass: Pass,
+    ) -> Result<(), CudaError> {
         let (n, d) = x.dim();
         let m = &*self.model;
         if d != m.n_features {
             return Err(CudaError::Run {
                 what: "forward",
                 reason: format!("input has {d} features, the model takes {}", m.n_features),
+            });
+        }
+        if let Some(t) = target
+            && t.dim() != x.dim()
+        {
+            return Err(CudaError::Run {
+                what: "score",
+                reason: format!("targets are {:?}, the input {:?}", t.dim(), x.dim()),
             });
         }
         let widest = m.layers.iter().map(|l| l.outputs).max().unwrap_or(0).max(d);
@@ -820,18 +1094,13 @@ impl CudaSession {
             });
         }
         self.reserve(n)?;
-        let dst = &mut self.host_in.as_mut_slice()[..n * d];
-        match x.as_slice() {
-            Some(v) => dst.copy_from_slice(v),
-            None => {
-                for (o, v) in dst.iter_mut().zip(x.iter()) {
-                    *o = *v;
-                }
-            }
+        fill(&mut self.host_in.as_mut_slice()[..n * d], x);
+        if let Some(t) = target {
+            fill(&mut self.host_target.as_mut_slice()[..n * d], t);
         }
-        match self.graph_for(n) {
+        match self.graph_for(n, pass) {
             Some(g) => g.0.launch().map_err(run_err("cuGraphLaunch"))?,
-            None => self.enqueue(n)?,
+            None => self.enqueue(n, pass)?,
         }
         self.stream
             .synchronize()
@@ -870,7 +1139,7 @@ impl CudaSession {
         let n = x.nrows();
         let d = self.model.recon_width;
         if n > 0 {
-            guarded("the CUDA forward pass", || self.run(x))?;
+            guarded("the CUDA forward pass", || self.run(x, None, Pass::Forward))?;
         }
         let w = self.out_width();
         let all =
@@ -891,6 +1160,55 @@ impl CudaSession {
             },
         };
         Ok(f(&recon))
+    }
+}
+
+impl CudaSession {
+    /// Scores scaled rows `x` on the device: the network, then the head set by
+    /// [`Self::set_head`], against `target` (the mean-shifted rows) when given, else against
+    /// `x`. Returns the `n` scores and the `n × d` contributions (row-major), in this
+    /// session's pinned buffers: all that comes back from the GPU.
+    ///
+    /// # Errors
+    /// No head was set, `x` or `target` has the wrong shape, or a CUDA, cuBLAS or launch
+    /// failure.
+    pub fn score(
+        &mut self,
+        x: ArrayView2<f32>,
+        target: Option<ArrayView2<f32>>,
+    ) -> Result<(&[f32], &[f32]), CudaError> {
+        if self.head.is_none() {
+            return Err(CudaError::Run {
+                what: "score",
+                reason: "no score head was set on the session".into(),
+            });
+        }
+        let n = x.nrows();
+        let pass = if target.is_some() {
+            Pass::ScoreShifted
+        } else {
+            Pass::Score
+        };
+        if n > 0 {
+            guarded("the CUDA scoring pass", || self.run(x, target, pass))?;
+        }
+        let d = self.model.n_features;
+        Ok((
+            &self.host_scores.as_slice()[..n],
+            &self.host_contrib.as_slice()[..n * d],
+        ))
+    }
+}
+
+/// Copies `src`'s rows into `dst` (row-major, `src.len()` floats).
+fn fill(dst: &mut [f32], src: ArrayView2<f32>) {
+    match src.as_slice() {
+        Some(v) => dst.copy_from_slice(v),
+        None => {
+            for (o, v) in dst.iter_mut().zip(src.iter()) {
+                *o = *v;
+            }
+        }
     }
 }
 
@@ -2154,20 +2472,18 @@ impl CudaSae {
         Ok(self.host_x[slot].as_mut_slice())
     }
 
-    /// The current input buffer, without waiting: `None` while a submitted forward is in
-    /// flight. A caller that only runs blocking forwards ([`Self::forward_input`]) always
-    /// gets it, since each of those waits for its upload.
-    pub fn idle_input_mut(&mut self) -> Option<&mut [f32]> {
-        if !self.in_flight.is_empty() {
-            return None;
-        }
-        Some(self.host_x[self.slot].as_mut_slice())
+    /// The buffer [`Self::input_mut`] gives, without waiting for an upload from it: for a
+    /// caller that knows none is running (it waited for the last batch sent from it, or
+    /// [`Self::input_mut`] just did).
+    pub fn input_mut_unchecked(&mut self) -> &mut [f32] {
+        self.host_x[self.slot].as_mut_slice()
     }
 
-    /// The current input buffer, to read (slowly when write-combined, as [`Self::load`]'s
-    /// are; [`Self::load_detector`]'s are not).
+    /// The input rows of the batch whose results were returned last ([`Self::forward`],
+    /// [`Self::forward_input`] or [`Self::wait`]), to read (slowly when write-combined, as
+    /// [`Self::load`]'s are; [`Self::load_detector`]'s are not).
     pub fn input(&self) -> &[f32] {
-        self.host_x[self.slot].as_slice()
+        self.host_x[self.shown.0].as_slice()
     }
 
     /// Starts the forward of the first `n` rows of [`Self::input_mut`] and returns without

@@ -71,6 +71,26 @@ impl CudaSession {
         match *self {}
     }
 
+    /// # Errors
+    /// Never returns.
+    pub fn set_head(
+        &mut self,
+        _head: &crate::score::Head,
+        _baseline: &[f32],
+    ) -> Result<(), CudaError> {
+        match *self {}
+    }
+
+    /// # Errors
+    /// Never returns.
+    pub fn score(
+        &mut self,
+        _x: ArrayView2<f32>,
+        _target: Option<ArrayView2<f32>>,
+    ) -> Result<(&[f32], &[f32]), CudaError> {
+        match *self {}
+    }
+
     pub fn graphs_off(&self) -> Option<&str> {
         match *self {}
     }
@@ -153,7 +173,7 @@ impl CudaSae {
         match *self {}
     }
 
-    pub fn idle_input_mut(&mut self) -> Option<&mut [f32]> {
+    pub fn input_mut_unchecked(&mut self) -> &mut [f32] {
         match *self {}
     }
 

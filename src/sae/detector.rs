@@ -391,6 +391,41 @@ impl SaeDetector {
         })
     }
 
+    /// A detector from an SAE and its head in memory, without calibration scores (its id
+    /// is `in-memory`), scoring on the GPU with `cuda` when given (no preflight, unlike
+    /// [`Self::load_on`]: the scorer's upload finds what fails). For benches and tests that
+    /// make an SAE rather than load one.
+    ///
+    /// # Errors
+    /// The head's width is not the SAE's input width.
+    pub fn from_parts(
+        sae: Sae,
+        head: DarkHead,
+        score: SaeScoreKind,
+        cuda: Option<CudaConfig>,
+    ) -> Result<SaeDetector, DetectorError> {
+        if head.d() != sae.d_in() {
+            return Err(DetectorError::Width {
+                dir: "(in memory)".into(),
+                head: head.d(),
+                sae: sae.d_in(),
+            });
+        }
+        let features = (0..sae.d_in()).map(|j| format!("d{j}")).collect();
+        let backend = if cuda.is_some() { "cuda" } else { "native" };
+        Ok(SaeDetector {
+            sae,
+            head,
+            score,
+            id: "in-memory".into(),
+            features,
+            calibration: Vec::new(),
+            calibration_rows: None,
+            cuda,
+            backend: backend.into(),
+        })
+    }
+
     /// Loads `dir` (as [`Self::load`]) to score on `backend`: `cuda` runs the SAE and its
     /// head on the GPU ([`CudaSae::load_detector`]), where the SAE is one the device kernels
     /// cover with batches of `gpu_batch` tokens and [`CudaSae::preflight`] passes (driver,
@@ -528,6 +563,11 @@ pub struct SaeScorer {
     errors: u64,
     /// Why a detector loaded for the GPU scores natively here (its upload failed).
     gpu_fallback: Option<String>,
+    /// Batches submitted and not yet collected, oldest first: their rows, and whether the
+    /// submit succeeded ([`BatchScorer::submit`]).
+    flight: std::collections::VecDeque<(usize, bool)>,
+    /// Whether a GPU scorer keeps two batches in flight in the pipeline (the default).
+    overlap: bool,
 }
 
 /// The native kernels' buffers.
@@ -628,8 +668,17 @@ impl SaeScorer {
             failed: false,
             errors: 0,
             gpu_fallback,
+            flight: std::collections::VecDeque::with_capacity(crate::model::cuda::SAE_SLOTS),
+            overlap: true,
             detector,
         })
+    }
+
+    /// Scores each batch before the pipeline fills the next one, on the GPU too: the
+    /// baseline that `benches/cuda.rs` measures the overlapped pipeline against.
+    pub fn without_overlap(mut self) -> SaeScorer {
+        self.overlap = false;
+        self
     }
 
     /// Whether batches score on the GPU.
@@ -704,10 +753,16 @@ impl BatchScorer for SaeScorer {
                 .input
                 .as_slice_mut()
                 .expect("owned arrays are contiguous"),
-            // The scorer only runs blocking forwards, so none is ever in flight here.
-            Engine::Cuda(gpu) => gpu
-                .idle_input_mut()
-                .expect("a blocking scorer leaves no forward in flight"),
+            // The buffer the next submit sends. The batch that last used it has been
+            // collected (at most one other is in flight), so this does not wait.
+            Engine::Cuda(gpu) => {
+                if let Err(e) = gpu.input_mut() {
+                    // Only a failed CUDA event wait: the next submit fails too, and its
+                    // frames score NaN.
+                    tracing::error!(error = %e, "waiting for the SAE input buffer failed");
+                }
+                gpu.input_mut_unchecked()
+            }
         }
     }
 
@@ -741,6 +796,52 @@ impl BatchScorer for SaeScorer {
 
     fn batch_scores(&self) -> &[f32] {
         &self.scores[..self.last]
+    }
+
+    fn overlaps(&self) -> bool {
+        self.overlap && self.on_gpu()
+    }
+
+    fn submit(&mut self, n: usize) {
+        let Engine::Cuda(gpu) = &mut self.engine else {
+            self.score_batch(n);
+            return;
+        };
+        let n = n.min(self.scores.len());
+        let ok = match gpu.submit(n) {
+            Ok(()) => true,
+            Err(e) => {
+                self.errors += 1;
+                if self.errors.is_power_of_two() {
+                    tracing::error!(error = %e, failures = self.errors, "SAE scoring failed");
+                }
+                false
+            }
+        };
+        self.flight.push_back((n, ok));
+    }
+
+    fn collect(&mut self) {
+        let (Engine::Cuda(gpu), Some((n, ok))) = (&mut self.engine, self.flight.pop_front()) else {
+            return;
+        };
+        self.last = n;
+        self.failed = !ok;
+        if ok {
+            match gpu.wait() {
+                Ok(scored) => self.scores[..n].copy_from_slice(scored),
+                Err(e) => {
+                    self.errors += 1;
+                    if self.errors.is_power_of_two() {
+                        tracing::error!(error = %e, failures = self.errors, "SAE scoring failed");
+                    }
+                    self.failed = true;
+                }
+            }
+        }
+        if self.failed {
+            self.scores[..n].fill(f32::NAN);
+        }
     }
 
     fn top_contributions(&self, i: usize, out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS]) -> u8 {
