@@ -80,14 +80,15 @@ pub trait BatchScorer: Send + 'static {
     fn max_batch(&self) -> usize;
     fn n_features(&self) -> usize;
     /// The raw input rows, `max_batch × d`, row-major: fill the first n rows, then
-    /// [`Self::score_batch`].
+    /// [`Self::score_batch`] (or [`Self::submit`]).
     fn input_mut(&mut self) -> &mut [f32];
-    /// Row `i` of the raw input of the last batch.
+    /// Row `i` of the raw input of the last batch (scored, or collected).
     fn input_row(&self, i: usize) -> &[f32];
     /// Scores the first `n` input rows.
     fn score_batch(&mut self, n: usize);
     /// Averages row `i`'s score and contributions over its stream's recent frames (see
-    /// [`Scorer::smooth`]); called once per row, in order, after [`Self::score_batch`].
+    /// [`Scorer::smooth`]); called once per row, in order, after [`Self::score_batch`] (or
+    /// [`Self::collect`]).
     fn smooth(&mut self, _i: usize, _meta: &FrameMeta) {}
     /// The scores of the last batch.
     fn batch_scores(&self) -> &[f32];
@@ -680,6 +681,8 @@ pub struct PipelineReport {
     /// Ring entry to score, per frame (includes queueing).
     pub latency: LatencyHistogram,
     /// Scoring compute per frame (batch time / batch size): what the model itself costs.
+    /// Where batches overlap (a GPU SAE scorer), a batch's time runs from its submit to its
+    /// collect, which includes filling and submitting the next batch.
     pub compute: LatencyHistogram,
 }
 
@@ -1151,6 +1154,10 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
                 };
                 if !results.publish(&mut self.scorer, &self.flight_metas[..m], t1, version) {
                     self.closed = true;
+                    if submitted.is_some() {
+                        // Nothing takes its results, but leave no batch in flight.
+                        self.scorer.collect();
+                    }
                     return;
                 }
             }
@@ -1298,7 +1305,6 @@ fn shared_score_loop<F: BatchScorer, K: Sink>(
     }
 }
 
-/// Moves rows holding only finite values to the front; returns how many there are.
 /// Whether every value is finite (no NaN or ±Inf). Branch-free over the whole slice, so it
 /// runs as vector instructions: a 768-value activation frame is checked in tens of
 /// nanoseconds, where a short-circuiting scan took one branch per value.
@@ -1309,6 +1315,7 @@ pub fn all_finite(values: &[f32]) -> bool {
     }) == 0
 }
 
+/// Moves rows holding only finite values to the front; returns how many there are.
 fn compact_finite(
     values: &mut [f32],
     metas: &mut [FrameMeta],

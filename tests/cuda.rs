@@ -247,6 +247,15 @@ fn contributions_agree_with_native() {
     assert_eq!(top_mismatch, 0, "rows whose top five features differ");
 }
 
+/// The bundled PAE, and its copy on the GPU.
+fn pae_on_the_gpu() -> (Model, Arc<cuda::CudaModel>) {
+    let gm = load_cuda(PAE, &cuda_cfg(CudaFallback::Error))
+        .cuda
+        .clone()
+        .expect("on the GPU");
+    (load_native(PAE), gm)
+}
+
 /// The device head against the host's for every wnll log-variance form (raw, excess,
 /// bounded) on the PAE and the 2-member ensemble, at a graph batch and a launched one:
 /// scores within 1e-4 relative, contributions within 2e-4 of the row's largest. (The
@@ -317,37 +326,57 @@ fn the_device_head_agrees_for_every_log_variance_form() {
     }
 }
 
-/// A session scores only with a head set, and only targets shaped like its input.
+/// A session scores only with a head set, and only targets shaped like its input; setting
+/// another head replaces the scoring graph a batch size captured (batches of 4 rows replay
+/// one), so each head's scores match the native scorer's.
 #[test]
 fn device_scoring_refuses_a_missing_head_and_misshaped_targets() {
     use darkwatch::model::cuda::CudaSession;
     let Some(_) = gpu("device_scoring_refuses_a_missing_head_and_misshaped_targets") else {
         return;
     };
-    let native = load_native(PAE);
-    let gm = load_cuda(PAE, &cuda_cfg(CudaFallback::Error))
-        .cuda
-        .clone()
-        .expect("on the GPU");
-    let x = ndarray::Array2::<f32>::zeros((4, native.n_features()));
+    let (native, gm) = pae_on_the_gpu();
+    let raw = stream().slice(ndarray::s![..4, ..]).to_owned();
+    let mut x = raw.clone();
+    for row in x.rows_mut() {
+        native.meta.scaler.apply_row(row);
+    }
     let mut session = CudaSession::new(gm, 4).unwrap();
     let e = session.score(x.view(), None).expect_err("no head set");
     assert!(e.to_string().contains("no score head"), "{e}");
-    let baseline = darkwatch::score::prepare_member_baselines(
-        &native.meta.head,
-        &native.meta.log_variance_baseline,
-        native.n_features(),
-        native.ae.members,
-    );
-    session.set_head(&native.meta.head, &baseline).unwrap();
-    let short = ndarray::Array2::<f32>::zeros((3, native.n_features()));
-    let e = session
-        .score(x.view(), Some(short.view()))
-        .expect_err("3 targets for 4 rows");
-    assert!(e.to_string().contains("targets are"), "{e}");
-    let (scores, contrib) = session.score(x.view(), Some(x.view())).unwrap();
-    assert_eq!((scores.len(), contrib.len()), (4, 4 * native.n_features()));
-    assert!(scores.iter().all(|s| s.is_finite()), "{scores:?}");
+    let native = Arc::new(native);
+    for kind in [HeadKind::Wnll, HeadKind::Mse, HeadKind::Wnll] {
+        let head = Head {
+            kind,
+            ..native.meta.head
+        };
+        let baseline = darkwatch::score::prepare_member_baselines(
+            &head,
+            &native.meta.log_variance_baseline,
+            native.n_features(),
+            native.ae.members,
+        );
+        session.set_head(&head, &baseline).unwrap();
+        let short = ndarray::Array2::<f32>::zeros((3, native.n_features()));
+        let e = session
+            .score(x.view(), Some(short.view()))
+            .expect_err("3 targets for 4 rows");
+        assert!(e.to_string().contains("targets are"), "{e}");
+        let want = Scorer::new(native.clone(), head, 4, 3)
+            .unwrap()
+            .score_all(raw.view());
+        for _ in 0..2 {
+            let (scores, contrib) = session.score(x.view(), Some(x.view())).unwrap();
+            assert_eq!(contrib.len(), 4 * native.n_features());
+            parity::assert_close(
+                &want,
+                scores,
+                1e-4,
+                &format!("{} after set_head", kind.name()),
+            );
+        }
+    }
+    assert_eq!(session.graphs_off(), None, "graph capture failed");
 }
 
 /// Batches of up to `GRAPH_MAX_ROWS` replay a captured CUDA graph; larger ones launch call
@@ -359,11 +388,7 @@ fn small_batches_replay_a_cuda_graph() {
     let Some(_) = gpu("small_batches_replay_a_cuda_graph") else {
         return;
     };
-    let native = load_native(PAE);
-    let gm = load_cuda(PAE, &cuda_cfg(CudaFallback::Error))
-        .cuda
-        .clone()
-        .expect("on the GPU");
+    let (native, gm) = pae_on_the_gpu();
     let mut x = stream().slice(ndarray::s![..512, ..]).to_owned();
     for row in x.rows_mut() {
         native.meta.scaler.apply_row(row);

@@ -197,7 +197,8 @@ extern "C" __global__ void bias_act(float* y, const float* b, unsigned rows, uns
     y[i] = v;
 }
 
-// One feature's term for one member of the score head, as crate::score computes it. kind:
+// One feature's term for one member of the score head, crate::score's formula (within
+// rounding: logf for the host's ln, and the compiler may fuse multiply-adds). kind:
 // 0 mse, 1 max_abs, 2 wnll. lv (wnll): 0 raw, 1 excess, 2 bounded, 3 no variance output.
 // c: the member's constants (excess: median, ceiling, e^-ceiling; bounded: lo, hi, e^-hi,
 // e^-lo; d each).
@@ -1032,8 +1033,8 @@ impl CudaSession {
         self.graphs[slot].as_ref()
     }
 
-    /// Captures the forward for batches of `n` rows into its slot, or turns graphs off
-    /// (logging why once) when the capture fails.
+    /// Captures `pass` for batches of `n` rows into its slot, or turns graphs off (logging
+    /// why once) when the capture fails.
     fn capture(&mut self, n: usize, pass: Pass) {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let captured = self
@@ -2421,8 +2422,8 @@ impl CudaSae {
     /// The top contributions of the rows whose scores [`Self::forward`],
     /// [`Self::forward_input`] or [`Self::wait`] returned last: per row `top` (feature,
     /// value) pairs, largest first (NaN first, ties to the lower feature, as the host
-    /// ranks them), and `top`. Empty without a head. Valid until the next forward or
-    /// submit.
+    /// ranks them), and `top`. Empty without a head. Valid until the next forward or wait,
+    /// or a submit from the same input buffer (each buffer has its own).
     pub fn top_contributions(&self) -> (&[u32], &[f32], usize) {
         match &self.head {
             Some(h) if h.top > 0 => {
@@ -2519,9 +2520,12 @@ impl CudaSae {
     /// (‖x − x̂‖², or a detector's scores; empty when none is in flight).
     ///
     /// # Errors
-    /// A CUDA failure while it ran.
+    /// A CUDA failure while it ran. That batch is then lost: the next wait is for the one
+    /// submitted after it.
     pub fn wait(&mut self) -> Result<&[f32], CudaError> {
-        let Some(&(slot, n)) = self.in_flight.front() else {
+        // Taken off the queue first: a batch whose wait fails is lost, and the next wait is
+        // for the batch after it (else every later wait would return the one before).
+        let Some((slot, n)) = self.in_flight.pop_front() else {
             return Ok(&[]);
         };
         if n > 0 {
@@ -2531,7 +2535,6 @@ impl CudaSae {
                     .map_err(run_err("cuEventSynchronize"))
             })?;
         }
-        self.in_flight.pop_front();
         self.shown = (slot, n);
         Ok(&self.host_err[slot].as_slice()[..n])
     }

@@ -757,9 +757,12 @@ impl BatchScorer for SaeScorer {
             // collected (at most one other is in flight), so this does not wait.
             Engine::Cuda(gpu) => {
                 if let Err(e) = gpu.input_mut() {
-                    // Only a failed CUDA event wait: the next submit fails too, and its
-                    // frames score NaN.
-                    tracing::error!(error = %e, "waiting for the SAE input buffer failed");
+                    // Only a failed CUDA event wait (the context is likely broken, so the
+                    // next submit or wait fails too and its frames score NaN).
+                    self.errors += 1;
+                    if self.errors.is_power_of_two() {
+                        tracing::error!(error = %e, failures = self.errors, "waiting for the SAE input buffer failed");
+                    }
                 }
                 gpu.input_mut_unchecked()
             }
