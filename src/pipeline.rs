@@ -136,6 +136,16 @@ pub fn fill_top(row: &[f32], top_k: usize, out: &mut [Contribution; MAX_TOP_CONT
     top_k as u8
 }
 
+/// `head`'s constants for `model` ([`crate::score::prepare_member_baselines`]).
+fn head_constants(head: &Head, model: &Model) -> Vec<f32> {
+    crate::score::prepare_member_baselines(
+        head,
+        &model.meta.log_variance_baseline,
+        model.n_features(),
+        model.ae.members,
+    )
+}
+
 /// A device session for `gpu` with `head` (and its constants `baseline`) on the device.
 fn device_session(
     gpu: &Arc<crate::model::cuda::CudaModel>,
@@ -206,12 +216,7 @@ impl Scorer {
             Some(graph) => Some(OnnxSession::new(graph.clone(), max_batch)?),
             None => None,
         };
-        let baseline = crate::score::prepare_member_baselines(
-            &head,
-            &model.meta.log_variance_baseline,
-            d,
-            model.ae.members,
-        );
+        let baseline = head_constants(&head, &model);
         let cuda = match &model.cuda {
             Some(gpu) => Some(device_session(gpu, max_batch, &head, &baseline)?),
             None => None,
@@ -263,12 +268,7 @@ impl Scorer {
             Some(graph) => Some(OnnxSession::new(graph.clone(), self.max_batch())?),
             None => None,
         };
-        let baseline = crate::score::prepare_member_baselines(
-            &self.head,
-            &model.meta.log_variance_baseline,
-            model.n_features(),
-            model.ae.members,
-        );
+        let baseline = head_constants(&self.head, &model);
         // A model swapped in carries its own GPU copy (or none: then it scores natively).
         let cuda = match &model.cuda {
             Some(gpu) => Some(device_session(
@@ -349,8 +349,7 @@ impl Scorer {
         );
         let x = self.scaled.slice(ndarray::s![..n, ..]);
         // MSS: the AE sees x; its output is scored against x moved toward the normal data.
-        let shifted = self.model.active_bank().is_some() && self.mss.is_some();
-        let target = match (self.model.active_bank(), self.mss.as_mut()) {
+        let (target, shifted) = match (self.model.active_bank(), self.mss.as_mut()) {
             (Some(bank), Some(scratch)) => {
                 for (src, mut dst) in x.rows().into_iter().zip(self.target.rows_mut()) {
                     let src = src
@@ -361,9 +360,9 @@ impl Scorer {
                         .expect("rows of an owned array are contiguous");
                     bank.shift(src, dst, scratch);
                 }
-                self.target.slice(ndarray::s![..n, ..])
+                (self.target.slice(ndarray::s![..n, ..]), true)
             }
-            _ => x,
+            _ => (x, false),
         };
         let (head, baseline) = (&self.head, &self.baseline);
         let (scores, contrib) = (&mut self.scores[..n], self.contrib.view_mut());

@@ -738,6 +738,15 @@ impl SaeScorer {
     }
 }
 
+/// Counts one failure in `errors` and logs it at the 1st, 2nd, 4th, 8th… (never a line per
+/// batch while a GPU stays broken).
+fn count_failure(errors: &mut u64, e: &dyn std::fmt::Display, what: &str) {
+    *errors += 1;
+    if errors.is_power_of_two() {
+        tracing::error!(error = %e, failures = *errors, "{what}");
+    }
+}
+
 impl BatchScorer for SaeScorer {
     fn max_batch(&self) -> usize {
         self.scores.len()
@@ -759,10 +768,11 @@ impl BatchScorer for SaeScorer {
                 if let Err(e) = gpu.input_mut() {
                     // Only a failed CUDA event wait (the context is likely broken, so the
                     // next submit or wait fails too and its frames score NaN).
-                    self.errors += 1;
-                    if self.errors.is_power_of_two() {
-                        tracing::error!(error = %e, failures = self.errors, "waiting for the SAE input buffer failed");
-                    }
+                    count_failure(
+                        &mut self.errors,
+                        &e,
+                        "waiting for the SAE input buffer failed",
+                    );
                 }
                 gpu.input_mut_unchecked()
             }
@@ -788,10 +798,7 @@ impl BatchScorer for SaeScorer {
         if let Err(e) = self.try_score(n) {
             // Shapes are checked at load, so this is a bug or a failed GPU; the frames score
             // NaN (thresholds skip them) rather than stopping the agent.
-            self.errors += 1;
-            if self.errors.is_power_of_two() {
-                tracing::error!(error = %e, failures = self.errors, "SAE scoring failed");
-            }
+            count_failure(&mut self.errors, &e, "SAE scoring failed");
             self.scores[..n].fill(f32::NAN);
             self.failed = true;
         }
@@ -814,10 +821,7 @@ impl BatchScorer for SaeScorer {
         let ok = match gpu.submit(n) {
             Ok(()) => true,
             Err(e) => {
-                self.errors += 1;
-                if self.errors.is_power_of_two() {
-                    tracing::error!(error = %e, failures = self.errors, "SAE scoring failed");
-                }
+                count_failure(&mut self.errors, &e, "SAE scoring failed");
                 false
             }
         };
@@ -834,10 +838,7 @@ impl BatchScorer for SaeScorer {
             match gpu.wait() {
                 Ok(scored) => self.scores[..n].copy_from_slice(scored),
                 Err(e) => {
-                    self.errors += 1;
-                    if self.errors.is_power_of_two() {
-                        tracing::error!(error = %e, failures = self.errors, "SAE scoring failed");
-                    }
+                    count_failure(&mut self.errors, &e, "SAE scoring failed");
                     self.failed = true;
                 }
             }
