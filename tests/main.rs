@@ -86,6 +86,67 @@ fn train_then_replay_detects_injected_anomalies_and_writes_scores() {
 }
 
 #[test]
+fn a_finite_value_too_large_to_scale_still_alarms_and_names_its_feature() {
+    // 3e38 is a valid f32, but scaled by a training spread of about 0.5 it overflows.
+    let (dir, model, test, lab) = trained();
+    let csv = std::fs::read_to_string(&test).unwrap();
+    let huge = dir.path().join("huge.csv");
+    let edited: Vec<String> = csv
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut cells: Vec<&str> = line.split(',').collect();
+            if (501..=506).contains(&i) {
+                cells[4] = if i % 2 == 0 { "3e38" } else { "-1e30" };
+            }
+            cells.join(",")
+        })
+        .collect();
+    std::fs::write(&huge, edited.join("\n") + "\n").unwrap();
+    let (scores, events) = (dir.path().join("s.csv"), dir.path().join("e.jsonl"));
+    let (code, out, err) = replay_with(
+        &model,
+        &huge,
+        &lab,
+        &[
+            std::ffi::OsStr::new("--out"),
+            scores.as_os_str(),
+            std::ffi::OsStr::new("--events"),
+            events.as_os_str(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let rows: Vec<Vec<String>> = std::fs::read_to_string(&scores)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect();
+    for row in &rows[500..506] {
+        let (score, threshold) = (
+            row[2].parse::<f64>().unwrap(),
+            row[3].parse::<f64>().unwrap(),
+        );
+        assert!(score.is_finite() && score > 100.0 * threshold, "{row:?}");
+        assert_eq!(row[6], "m03", "{row:?}");
+    }
+    assert!(
+        rows[502..506].iter().any(|r| r[4] == "1"),
+        "no alarm: {:?}",
+        &rows[500..506]
+    );
+    let events = std::fs::read_to_string(&events).unwrap();
+    let fired = events
+        .lines()
+        .find(|l| l.contains("m03") && l.contains("firing"))
+        .unwrap_or_else(|| panic!("no firing event names m03:\n{events}"));
+    assert!(
+        !fired.contains("\"score\":null") && !fired.contains("\"peak_score\":null"),
+        "{fired}"
+    );
+}
+
+#[test]
 fn training_is_reproducible_from_the_seed() {
     let (dir, model, _, _) = trained();
     let again = dir.path().join("again");

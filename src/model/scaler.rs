@@ -27,6 +27,14 @@ pub struct Scaler {
     inv_scale: Vec<f32>,
 }
 
+/// Largest scaled magnitude: a finite value farther out (3e38 in a column whose training
+/// spread is 0.1, say) would overflow to ±inf in f32 and turn the frame's score into NaN or
+/// inf, which the pipeline would then drop or could not print. Clamped here, such a frame
+/// scores far above any threshold and names the feature, as a smaller excursion does. A
+/// million training spreads is beyond any real reading, and small enough that the forward
+/// pass and every head stay finite in f32 after it.
+pub const SCALED_LIMIT: f32 = 1e6;
+
 /// Below this spread a training column is treated as constant.
 const CONSTANT_SPREAD: f64 = 1e-12;
 /// Added to the standard deviation, as the MSS-PAE code does.
@@ -90,16 +98,17 @@ impl Scaler {
         self.offset.is_empty()
     }
 
-    /// Scales one row in place. No allocation.
+    /// Scales one row in place, clamped to ±[`SCALED_LIMIT`] (NaN stays NaN). No allocation.
     #[inline]
     pub fn apply_row(&self, mut row: ArrayViewMut1<f32>) {
         for ((v, o), s) in row.iter_mut().zip(&self.offset).zip(&self.inv_scale) {
-            *v = (*v - o) * s;
+            *v = ((*v - o) * s).clamp(-SCALED_LIMIT, SCALED_LIMIT);
         }
     }
 
     /// Scales the rows of `src` (row-major, `len()` values each) into `dst`, which holds as
-    /// many. The per-frame path: plain slices, one loop that vectorises. No allocation.
+    /// many, clamped to ±[`SCALED_LIMIT`] (NaN stays NaN). The per-frame path: plain slices,
+    /// one loop that vectorises. No allocation.
     #[inline]
     pub fn scale_rows_into(&self, src: &[f32], dst: &mut [f32]) {
         let d = self.offset.len();
@@ -107,7 +116,7 @@ impl Scaler {
         let (offset, inv) = (&self.offset[..d], &self.inv_scale[..d]);
         for (s, o) in src.chunks_exact(d).zip(dst.chunks_exact_mut(d)) {
             for j in 0..d {
-                o[j] = (s[j] - offset[j]) * inv[j];
+                o[j] = ((s[j] - offset[j]) * inv[j]).clamp(-SCALED_LIMIT, SCALED_LIMIT);
             }
         }
     }
@@ -155,6 +164,25 @@ mod tests {
         let t = s.transform(array![[3.0f32, 6.0]].view());
         assert!((t[[0, 0]] - 1.0 / 1.00001).abs() < 1e-6);
         assert_eq!(t[[0, 1]], 1.0);
+    }
+
+    #[test]
+    fn finite_values_beyond_f32_scaled_range_are_clamped_not_made_infinite() {
+        let s = Scaler::fit(ScalerKind::ZScore, array![[0.0f32, 1.0], [0.2, 3.0]].view());
+        let raw = [3e38f32, -3e38, f32::NAN, 2.0, 1e20, 2.5];
+        let mut out = [0.0f32; 6];
+        s.scale_rows_into(&raw, &mut out);
+        assert_eq!(out[0], SCALED_LIMIT);
+        assert_eq!(out[1], -SCALED_LIMIT);
+        assert!(
+            out[2].is_nan(),
+            "NaN must stay NaN so the pipeline drops the frame"
+        );
+        assert!((out[3] - 0.0).abs() < 1e-6, "{}", out[3]);
+        assert_eq!(out[4], SCALED_LIMIT);
+        assert!((out[5] - 0.5 / 1.00001).abs() < 1e-6, "{}", out[5]);
+        let t = s.transform(array![[3e38f32, -1e30]].view());
+        assert_eq!(t.row(0).to_vec(), vec![SCALED_LIMIT, -SCALED_LIMIT]);
     }
 
     #[test]
