@@ -166,6 +166,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
     if let Some(path) = &req.plot {
         check_plot_path(path)?;
     }
+    check_output_paths(req, cfg)?;
     let model = Model::load(&req.model_dir)?.with_configured_backend(&req.model_dir, cfg)?;
     // With online retraining and a state directory, continue from the newest checkpoint.
     let mut model = retrain::resume(model, &cfg.retrain);
@@ -272,6 +273,64 @@ fn check_plot_path(path: &Path) -> Result<(), ReplayError> {
         .unwrap_or(Path::new("."));
     if !parent.is_dir() {
         return Err(bad("the folder for the plot does not exist"));
+    }
+    Ok(())
+}
+
+/// Where `path` lives once resolved (links followed): itself when it exists, else its
+/// resolved folder joined with its name; `None` when neither resolves.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Some(p);
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent.unwrap_or(Path::new(".")).canonicalize().ok()?;
+    Some(parent.join(path.file_name()?))
+}
+
+/// Refuses, before any work, an output file that is one of the inputs, another output, or
+/// inside the model's folder or the retraining state folder: each would be truncated
+/// (replay `--out same.csv` of `--input same.csv` destroyed the recording).
+fn check_output_paths(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<(), ReplayError> {
+    let outputs = [
+        ("--out", &req.out_csv),
+        ("--events", &req.events),
+        ("--plot", &req.plot),
+    ];
+    let files = [
+        ("--input", Some(&req.input)),
+        ("--labels", req.labels.as_ref()),
+    ];
+    let mut folders = vec![("the model folder", &req.model_dir)];
+    if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
+        let dir = &cfg.retrain.state_dir;
+        folders.push(("the retraining state folder ([retrain] state_dir)", dir));
+    }
+    let mut taken: Vec<(&str, PathBuf)> = Vec::new();
+    for (flag, path) in outputs {
+        let Some(path) = path else { continue };
+        let Some(out) = resolved(path) else { continue };
+        let clash = |what: String| ReplayError::Output {
+            path: path.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{flag} would overwrite {what}; choose another file"),
+            ),
+        };
+        for (other, input) in files {
+            if input.and_then(|p| resolved(p)).is_some_and(|p| p == out) {
+                return Err(clash(format!("the {other} file")));
+            }
+        }
+        for (what, dir) in &folders {
+            if resolved(dir).is_some_and(|d| out.starts_with(&d)) {
+                return Err(clash(format!("a file in {what}")));
+            }
+        }
+        if let Some((other, _)) = taken.iter().find(|(_, p)| *p == out) {
+            return Err(clash(format!("the {other} output")));
+        }
+        taken.push((flag, out));
     }
     Ok(())
 }

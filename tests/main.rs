@@ -147,6 +147,59 @@ fn a_finite_value_too_large_to_scale_still_alarms_and_names_its_feature() {
 }
 
 #[test]
+fn replay_refuses_outputs_that_would_overwrite_its_inputs_or_each_other() {
+    let (dir, model, test, lab) = trained();
+    let before = std::fs::read(&test).unwrap();
+    let labels_before = std::fs::read(&lab).unwrap();
+    let other = dir.path().join("other.csv");
+    let cases: Vec<(&str, std::path::PathBuf, Vec<std::ffi::OsString>)> = vec![
+        (
+            "--input",
+            test.clone(),
+            vec!["--out".into(), test.clone().into()],
+        ),
+        (
+            "--labels",
+            lab.clone(),
+            vec!["--events".into(), lab.clone().into()],
+        ),
+        (
+            "model folder",
+            model.join("model.json"),
+            vec!["--out".into(), model.join("model.json").into()],
+        ),
+        (
+            "--out output",
+            other.clone(),
+            vec![
+                "--out".into(),
+                other.clone().into(),
+                "--events".into(),
+                // The same file by another spelling.
+                dir.path().join(".").join("other.csv").into(),
+            ],
+        ),
+    ];
+    for (what, victim, extra) in cases {
+        let (code, out, err) = replay_with(&model, &test, &lab, &extra);
+        assert_ne!(code, 0, "{what}: {out}");
+        assert!(
+            err.contains("would overwrite") && err.contains(what),
+            "{what}: {err}"
+        );
+        assert!(!out.contains("AUROC"), "{what}: the replay ran: {out}");
+        if victim != other {
+            assert!(victim.exists(), "{what}: {} was removed", victim.display());
+        }
+    }
+    assert_eq!(std::fs::read(&test).unwrap(), before);
+    assert_eq!(std::fs::read(&lab).unwrap(), labels_before);
+    assert!(!other.exists(), "nothing is written before the check");
+    let (code, _, err) = run(darkwatch().args(["inspect"]).arg(&model));
+    assert_eq!(code, 0, "the model must still load: {err}");
+}
+
+#[test]
 fn training_is_reproducible_from_the_seed() {
     let (dir, model, _, _) = trained();
     let again = dir.path().join("again");
