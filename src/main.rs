@@ -1063,11 +1063,20 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
             model.meta.features.len()
         );
     }
+    let calibration = &model.meta.calibration;
     println!(
-        "calibration: training scores q0.99 {:.4}, q0.999 {:.4}",
-        model.meta.calibration.quantile(0.99).unwrap_or(f32::NAN),
-        model.meta.calibration.quantile(0.999).unwrap_or(f32::NAN)
+        "calibration: {} held-out scores, q0.99 {:.4}, q0.999 {:.4}",
+        calibration.rows,
+        calibration.quantile(0.99).unwrap_or(f32::NAN),
+        calibration.quantile(0.999).unwrap_or(f32::NAN)
     );
+    if calibration.rows < darkwatch::threshold::MIN_CALIBRATION_SCORES {
+        eprintln!(
+            "darkwatch: warning: only {} held-out rows to calibrate a threshold on, and thresholds need at least {}: replay will score without alerts and `run` will refuse this model. Train on more rows, or raise [train] validation_fraction",
+            calibration.rows,
+            darkwatch::threshold::MIN_CALIBRATION_SCORES
+        );
+    }
     println!("wrote {}", out.display());
     Ok(())
 }

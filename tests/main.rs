@@ -200,6 +200,32 @@ fn replay_refuses_outputs_that_would_overwrite_its_inputs_or_each_other() {
 }
 
 #[test]
+fn training_on_too_few_rows_for_a_threshold_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (small, big) = (dir.path().join("small.csv"), dir.path().join("big.csv"));
+    synthetic_csv(&small, 300, 4, &[]);
+    synthetic_csv(&big, 600, 4, &[]);
+    let cfg = quick_config(dir.path());
+    let train = |input: &std::path::Path, out: &str| {
+        run(darkwatch()
+            .args(["train", "--input"])
+            .arg(input)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .arg("--config")
+            .arg(&cfg))
+    };
+    let (code, out, err) = train(&small, "small");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("calibration: 30 held-out scores"), "{out}");
+    assert!(err.contains("warning: only 30 held-out rows"), "{err}");
+    let (code, out, err) = train(&big, "big");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("calibration: 60 held-out scores"), "{out}");
+    assert!(!err.contains("warning"), "{err}");
+}
+
+#[test]
 fn training_is_reproducible_from_the_seed() {
     let (dir, model, _, _) = trained();
     let again = dir.path().join("again");
