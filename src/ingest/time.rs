@@ -1,7 +1,10 @@
 //! Timestamp parsing for the CSV timestamp column: epoch seconds or a calendar date.
 //!
 //! Accepted forms (all resolved to UTC epoch seconds as `f64`):
-//! - a finite decimal number: epoch seconds, e.g. `1700000000` or `1700000000.25`;
+//! - a finite decimal number: epoch seconds, e.g. `1700000000` or `1700000000.25`; a
+//!   number of 1e11 or more (past the year 5138 in seconds) is read as milliseconds, from
+//!   1e14 as microseconds and from 1e17 as nanoseconds, the units exporters write
+//!   (`1700000000000` is the same instant as `1700000000`);
 //! - RFC 3339: `2023-11-14T22:13:20Z`, `2023-11-14T22:13:20.5+01:00` (`t`/`z` too);
 //! - `YYYY-MM-DD HH:MM:SS[.fff]` or `YYYY-MM-DDTHH:MM:SS[.fff]` without an offset: UTC assumed.
 //!
@@ -12,9 +15,20 @@
 /// Returns `None` when the text is neither a finite number nor a valid date-time.
 pub(crate) fn parse_timestamp(text: &str) -> Option<f64> {
     if let Ok(x) = text.parse::<f64>() {
-        return x.is_finite().then_some(x);
+        return x.is_finite().then(|| epoch_seconds(x));
     }
     parse_datetime(text)
+}
+
+/// An epoch number in seconds, whatever unit its size says it was written in (see the
+/// module's list).
+fn epoch_seconds(x: f64) -> f64 {
+    match x.abs() {
+        a if a >= 1e17 => x / 1e9,
+        a if a >= 1e14 => x / 1e6,
+        a if a >= 1e11 => x / 1e3,
+        _ => x,
+    }
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
@@ -156,6 +170,14 @@ mod tests {
     fn parses_epoch_and_calendar_forms() {
         assert_eq!(parse_timestamp("1700000000"), Some(1_700_000_000.0));
         assert_eq!(parse_timestamp("1700000000.25"), Some(1_700_000_000.25));
+        // Milli-, micro- and nanoseconds, by size.
+        assert_eq!(parse_timestamp("1700000000250"), Some(1_700_000_000.25));
+        assert_eq!(parse_timestamp("1700000000250000"), Some(1_700_000_000.25));
+        assert_eq!(
+            parse_timestamp("1700000000000000000"),
+            Some(1_700_000_000.0)
+        );
+        assert_eq!(parse_timestamp("99999999999"), Some(99_999_999_999.0));
         // 1700000000 is 2023-11-14T22:13:20Z.
         for s in [
             "2023-11-14T22:13:20Z",
