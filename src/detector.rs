@@ -66,12 +66,10 @@ impl Detector {
         }
     }
 
-    /// The `model_version` alerts carry: an autoencoder's creation time, 0 for an SAE.
+    /// The `model_version` alerts carry: [`Detector::version`] as text (0 as trained, as
+    /// `inspect` and `darkwatch_model_version` show it).
     pub fn version_label(&self) -> String {
-        match self {
-            Detector::Autoencoder(m) => m.meta.provenance.created_unix_secs.to_string(),
-            Detector::Sae(_) => "0".into(),
-        }
+        self.version().to_string()
     }
 
     /// What alerts call the frame's values, in order.

@@ -412,7 +412,7 @@ pub fn replay_frames(
         (
             None,
             Some(
-                "no threshold: the model has no training scores for these scoring settings"
+                "no threshold: the model has no held-out scores for these scoring settings"
                     .to_string(),
             ),
         )
@@ -420,7 +420,7 @@ pub fn replay_frames(
         (
             None,
             Some(format!(
-                "no threshold: the stored training scores are {} scores, not {}",
+                "no threshold: the stored held-out scores are {} scores, not {}",
                 model.meta.head.describe(),
                 head.describe()
             )),
@@ -432,7 +432,7 @@ pub fn replay_frames(
         }
     };
     let features: Arc<[String]> = model.meta.features.clone().into();
-    let model_version = model.meta.provenance.created_unix_secs.to_string();
+    let model_version = model.meta.version.to_string();
     let alerts = AlertState::new(
         &cfg.alert,
         "replay",
