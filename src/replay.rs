@@ -89,6 +89,9 @@ pub struct ReplayOutcome {
     pub threshold_note: Option<String>,
     /// What online retraining did (`[retrain] enabled`).
     pub retrain: Option<retrain::RetrainSummary>,
+    /// The checkpoint [`replay`] resumed from instead of the model folder's model, when
+    /// `[retrain] state_dir` held one: (its version, its folder).
+    pub resumed: Option<(u64, PathBuf)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,7 +172,10 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
     check_output_paths(req, cfg)?;
     let model = Model::load(&req.model_dir)?.with_configured_backend(&req.model_dir, cfg)?;
     // With online retraining and a state directory, continue from the newest checkpoint.
+    let loaded = (model.meta.id.clone(), model.meta.version);
     let mut model = retrain::resume(model, &cfg.retrain);
+    let resumed = ((model.meta.id.clone(), model.meta.version) != loaded)
+        .then(|| (model.meta.version, cfg.retrain.state_dir.clone()));
     if let Some(mss) = req.mss {
         if !mss.is_off() && model.bank.is_none() {
             return Err(ReplayError::Features {
@@ -217,7 +223,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         csv: req.out_csv.as_deref(),
         events: req.events.as_deref(),
     };
-    let outcome =
+    let mut outcome =
         replay_frames(model, head, frames, outputs, req.rate, cfg).map_err(|e| match e {
             ReplayError::Labels { reason, .. } => ReplayError::Labels {
                 path: req.labels.clone().unwrap_or_default(),
@@ -225,6 +231,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
             },
             e => e,
         })?;
+    outcome.resumed = resumed;
     if let Some(path) = &req.plot {
         let label_spans = outcome
             .labels
@@ -554,6 +561,7 @@ pub fn replay_frames(
         threshold: sink.threshold.as_ref().map(Threshold::snapshot),
         threshold_note,
         retrain,
+        resumed: None,
     })
 }
 
@@ -774,6 +782,13 @@ impl std::fmt::Display for ReplayOutcome {
             p.batches,
             p.elapsed.as_secs_f64()
         )?;
+        if let Some((version, dir)) = &self.resumed {
+            writeln!(
+                f,
+                "resumed: version {version} from the retraining state folder {} ([retrain] state_dir), not the model folder's model; point state_dir at an empty folder to start from the model folder",
+                dir.display()
+            )?;
+        }
         if p.frames_dropped + p.frames_invalid > 0 {
             writeln!(
                 f,

@@ -462,3 +462,49 @@ fn checkpoints_of_another_model_are_not_resumed() {
     let got = darkwatch::retrain::resume(b.clone(), &cfg);
     assert_eq!(got.meta.version, b.meta.version + 1);
 }
+
+/// A replay that continues a state directory's chain says so: scoring with a checkpoint
+/// fine-tuned on earlier replays, silently, made a rerun look better than the model is.
+#[test]
+fn a_replay_that_resumes_a_checkpoint_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = DarkwatchConfig::default();
+    cfg.retrain = RetrainConfig {
+        state_dir: dir.path().join("state"),
+        ..retrain_cfg()
+    };
+    let req = replay::ReplayRequest {
+        model_dir: repo(MODEL),
+        input: repo("tests/data/smd/small.csv"),
+        labels: None,
+        out_csv: None,
+        events: None,
+        plot: None,
+        rate: None,
+        head: None,
+        mss: None,
+        smooth_frames: None,
+    };
+    // A fresh state folder: the model folder's model scores, and nothing is said.
+    let fresh = replay::replay(&req, &cfg).expect("replay");
+    assert_eq!(fresh.resumed, None);
+    assert!(!fresh.to_string().contains("resumed"), "{fresh}");
+
+    let a = Model::load(&repo(MODEL)).unwrap();
+    let mut next = a.clone();
+    next.meta.version = a.meta.version + 1;
+    CheckpointStore::new(&cfg.retrain.state_dir, 3)
+        .write(&next)
+        .unwrap();
+    let again = replay::replay(&req, &cfg).expect("replay");
+    assert_eq!(
+        again.resumed,
+        Some((a.meta.version + 1, cfg.retrain.state_dir.clone()))
+    );
+    let text = again.to_string();
+    assert!(
+        text.contains(&format!("resumed: version {}", a.meta.version + 1))
+            && text.contains(&cfg.retrain.state_dir.display().to_string()),
+        "{text}"
+    );
+}
