@@ -731,11 +731,35 @@ fn run(command: Command) -> Result<()> {
             };
             let entities = harness::discover(&paths)?;
             let mut results = Vec::new();
+            // One unreadable table must not throw away the hours spent on the others: each
+            // failure is reported as it happens, the rest run, and the exit code says so.
+            let mut failed = Vec::new();
             for (i, e) in entities.iter().enumerate() {
                 eprintln!("darkwatch: [{}/{}] {}", i + 1, entities.len(), e.name());
-                results.push(harness::run_entity(e, &cfg, protocol)?);
+                match harness::run_entity(e, &cfg, protocol) {
+                    Ok(r) => results.push(r),
+                    Err(err) => {
+                        eprintln!(
+                            "darkwatch: {}: {}; going on",
+                            e.name(),
+                            one_line(&err.into())
+                        );
+                        failed.push(e.name().to_string());
+                    }
+                }
             }
-            emit(&harness::table(&results, &cfg))
+            if !results.is_empty() {
+                emit(&harness::table(&results, &cfg))?;
+            }
+            if !failed.is_empty() {
+                anyhow::bail!(
+                    "{} of {} entities failed and are not in the table: {}",
+                    failed.len(),
+                    entities.len(),
+                    failed.join(", ")
+                );
+            }
+            Ok(())
         }
         Command::Bench {
             model,

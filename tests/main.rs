@@ -913,6 +913,29 @@ fn harness_prints_one_table_for_the_bundled_machine() {
     );
 }
 
+#[test]
+fn a_harness_entity_that_fails_does_not_lose_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.npz");
+    std::fs::write(&bad, b"not a zip archive").unwrap();
+    let (code, out, err) = run(darkwatch()
+        .arg("harness")
+        .arg(&bad)
+        .arg(repo("tests/data/smd/machine-1-6_train.npy"))
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "3"));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("machine-1-6") && out.contains("AUPRC"),
+        "{out}"
+    );
+    assert!(!out.contains("bad"), "{out}");
+    assert!(err.contains("bad.npz") && err.contains("going on"), "{err}");
+    assert!(
+        err.contains("1 of 2 entities failed and are not in the table: bad"),
+        "{err}"
+    );
+}
+
 /// Outside a checkout the demo's default paths do not resolve: one line says what to do.
 #[test]
 fn demo_outside_the_repository_says_where_to_run_it() {
