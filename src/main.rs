@@ -78,11 +78,11 @@ enum Command {
         /// Turn mean-shift scoring off for this replay (compare with and without MSS).
         #[arg(long, conflicts_with_all = ["mss_rounds", "mss_neighbours"])]
         no_mss: bool,
-        /// Mean-shift rounds m for this replay (default: the model's own).
-        #[arg(long)]
-        mss_rounds: Option<usize>,
-        /// Mean-shift neighbourhood k for this replay (default: the model's own).
-        #[arg(long)]
+        /// Mean-shift rounds m for this replay, 0 to 8 (default: the model's own).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=8))]
+        mss_rounds: Option<u8>,
+        /// Mean-shift neighbourhood k for this replay, at least 1 (default: the model's own).
+        #[arg(long, value_parser = parse_neighbours)]
         mss_neighbours: Option<usize>,
         /// Average each frame's score over this many frames of its stream instead of the
         /// model's own span (1: score frames alone; compare with and without smoothing).
@@ -512,6 +512,16 @@ fn parse_smooth_frames(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A mean-shift neighbourhood: at least 1 (1 turns the shift off).
+fn parse_neighbours(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(k) if k >= 1 => Ok(k),
+        _ => Err(format!(
+            "{s} is not a number of neighbours of at least 1 (1 turns the shift off)"
+        )),
+    }
+}
+
 /// A frame rate: finite, at least 0.001 and at most 1e9 frames per second.
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -591,7 +601,7 @@ fn run(command: Command) -> Result<()> {
             } else if mss_rounds.is_some() || mss_neighbours.is_some() {
                 let model_mss = Model::load(&model)?.meta.mss;
                 let m = MssConfig {
-                    rounds: mss_rounds.unwrap_or(model_mss.rounds.max(1)),
+                    rounds: mss_rounds.map_or(model_mss.rounds.max(1), usize::from),
                     neighbours: mss_neighbours.unwrap_or(model_mss.neighbours),
                     ..model_mss
                 };

@@ -854,6 +854,23 @@ fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
         err.contains("0 is not a number of frames between 1 and 1024"),
         "{err}"
     );
+    // Out-of-range MSS settings are usage errors too (exit 2), named before any work.
+    for (args, want) in [
+        (["--mss-rounds", "9"], "9 is not in 0..=8"),
+        (
+            ["--mss-neighbours", "0"],
+            "0 is not a number of neighbours of at least 1",
+        ),
+    ] {
+        let (code, _, err) = run(darkwatch()
+            .args(["replay", "--model"])
+            .arg(repo("models/smd-machine-1-6"))
+            .arg("--input")
+            .arg(repo("tests/data/smd/machine-1-6_test.npy"))
+            .args(args));
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
 
     let model = bundled_copy(dir.path());
     let (code, out, err) = inspect_edited(&model, |meta| {
