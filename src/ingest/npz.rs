@@ -27,14 +27,24 @@ pub fn read_npz_member(path: &Path, name: &str) -> Result<Table, IngestError> {
     parse_npy_allow_1d(&shown, &member)
 }
 
-/// Reads an ODDS-style `.npz`: the table `X` and the labels `y` (non-zero = anomalous).
+/// Reads an ODDS-style `.npz`: the table `X` and the labels `y` (1 = anomalous).
 ///
 /// # Errors
-/// As [`read_npz_member`], plus `y` not having one value per row of `X`.
+/// As [`read_npz_member`], plus `y` not having one value per row of `X`, or a `y` that is
+/// not 0 or 1 (as in a label file: a 2 or a 0.5 is more likely a class index or a score
+/// than a label).
 pub fn read_npz_labelled(path: &Path) -> Result<(Table, Vec<u8>), IngestError> {
     let x = read_npz_member(path, "X")?;
     let y = read_npz_member(path, "y")?;
-    let labels: Vec<u8> = y.values.iter().map(|&v| u8::from(v != 0.0)).collect();
+    if let Some((i, v)) = y
+        .values
+        .iter()
+        .enumerate()
+        .find(|(_, v)| **v != 0.0 && **v != 1.0)
+    {
+        return Err(bad(path, format!("y[{i}] is {v}, not 0 or 1")));
+    }
+    let labels: Vec<u8> = y.values.iter().map(|&v| u8::from(v == 1.0)).collect();
     if labels.len() != x.values.nrows() {
         return Err(IngestError::LabelCount {
             path: y.path,
@@ -205,10 +215,7 @@ mod tests {
 
     #[test]
     fn reads_x_and_y_from_a_stored_archive() {
-        let x: Vec<u8> = [1.0f64, 2.0, 3.0, 4.0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let x = x_bytes();
         let y: Vec<u8> = [0i64, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
         let zip = stored_zip(&[
             ("X.npy", npy("<f8", "(2, 2)", &x)),
@@ -225,6 +232,30 @@ mod tests {
             err.contains("no member Z.npy") && err.contains("X.npy, y.npy"),
             "{err}"
         );
+        // Labels other than 0 and 1 are refused, as in a label file.
+        for bad_y in [2.0f64, -1.0, 0.5] {
+            let y: Vec<u8> = [0.0f64, bad_y]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            let zip = stored_zip(&[
+                ("X.npy", npy("<f8", "(2, 2)", &x_bytes())),
+                ("y.npy", npy("<f8", "(2,)", &y)),
+            ]);
+            std::fs::write(&p, zip).unwrap();
+            let err = read_npz_labelled(&p).unwrap_err().to_string();
+            assert!(
+                err.contains("y[1] is") && err.contains("not 0 or 1"),
+                "{err}"
+            );
+        }
+    }
+
+    fn x_bytes() -> Vec<u8> {
+        [1.0f64, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
     }
 
     #[test]
