@@ -54,11 +54,28 @@ pub enum DemoError {
 pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, DemoError> {
     let started = Instant::now();
     // Refuse a missing model before anything starts (the agent would fail in its thread).
-    crate::model::Model::load(&opts.model_dir).map_err(AgentError::from)?;
+    let model = crate::model::Model::load(&opts.model_dir).map_err(AgentError::from)?;
     if opts.frames == 0 {
         return Err(DemoError::Other("--frames must be at least 1".into()));
     }
     let table = ingest::read_table(&opts.input, &TableOptions::default())?;
+    // The agent assembles frames from metrics named as the model's features: a model of
+    // other features would see every message rejected and score nothing.
+    let want = model.meta.frame_features();
+    if let Some(missing) = want.iter().find(|f| !table.features.contains(f)) {
+        return Err(DemoError::Other(format!(
+            "{}: the model's feature \"{missing}\" is not among the metrics the demo publishes from {} ({}, …); give it a model trained on that recording",
+            opts.model_dir.display(),
+            opts.input.display(),
+            table
+                .features
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let end = (opts.start + opts.frames).min(table.values.nrows());
     if opts.start >= end {
         return Err(DemoError::Other(format!(

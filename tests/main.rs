@@ -953,6 +953,23 @@ fn a_harness_entity_that_fails_does_not_lose_the_others() {
     );
 }
 
+/// A model of other features would see every published metric rejected and score nothing.
+#[test]
+fn demo_refuses_a_model_of_other_features_before_starting() {
+    let (_dir, model, _, _) = trained();
+    let (code, out, err) = run(darkwatch()
+        .current_dir(repo(""))
+        .args(["demo", "--frames", "50", "--model"])
+        .arg(&model));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("the model's feature \"m00\" is not among the metrics the demo publishes")
+            && err.contains("f0, f1, f2"),
+        "{err}"
+    );
+    assert!(!out.contains("broker"), "{out}");
+}
+
 /// Outside a checkout the demo's default paths do not resolve: one line says what to do.
 #[test]
 fn demo_outside_the_repository_says_where_to_run_it() {
