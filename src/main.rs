@@ -797,11 +797,10 @@ fn run(command: Command) -> Result<()> {
                 latency_frames: frames,
                 ..Default::default()
             };
-            eprintln!("darkwatch: timing each head (about 15 s)…");
-            let model = Arc::new(model);
-            emit(&darkwatch::bench::run(model.clone(), &opts).to_string())?;
-            if let Some(rows) = retrain_frames {
-                let data = match retrain_data {
+            // Read and check the retraining data before the heads are timed, so that a
+            // wrong file fails at once, not after the timing.
+            let retrain_rows = match retrain_frames {
+                Some(_) => Some(match retrain_data {
                     // A windowed model's own training data: build its windows.
                     Some(path) => {
                         let rows = ingest::read_table(&path, &TableOptions::default())?.values;
@@ -814,14 +813,22 @@ fn run(command: Command) -> Result<()> {
                     None => ndarray::Array2::from_shape_fn((4096, model.n_features()), |(i, j)| {
                         ((i * 31 + j * 17) % 97) as f32 / 97.0
                     }),
-                };
-                if data.ncols() != model.n_features() {
-                    anyhow::bail!(
-                        "--retrain-data has {} columns, the model takes {}",
-                        data.ncols(),
-                        model.n_features()
-                    );
-                }
+                }),
+                None => None,
+            };
+            if let Some(data) = &retrain_rows
+                && data.ncols() != model.n_features()
+            {
+                anyhow::bail!(
+                    "--retrain-data has {} columns, the model takes {}",
+                    data.ncols(),
+                    model.n_features()
+                );
+            }
+            eprintln!("darkwatch: timing each head…");
+            let model = Arc::new(model);
+            emit(&darkwatch::bench::run(model.clone(), &opts).to_string())?;
+            if let (Some(rows), Some(data)) = (retrain_frames, retrain_rows) {
                 eprintln!("darkwatch: timing online retraining…");
                 let native = Arc::new(Model {
                     onnx: None,

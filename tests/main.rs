@@ -889,6 +889,33 @@ fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
     assert!(!out.contains("smoothing"), "{out}");
 }
 
+/// Retraining data of the wrong width fails before the heads are timed, not after.
+#[test]
+fn bench_checks_the_retraining_data_before_timing() {
+    let dir = tempfile::tempdir().unwrap();
+    let narrow = dir.path().join("narrow.csv");
+    synthetic_csv(&narrow, 200, 8, &[]);
+    let (code, out, err) = run(darkwatch()
+        .args([
+            "bench",
+            "--frames",
+            "100",
+            "--retrain-frames",
+            "100",
+            "--model",
+        ])
+        .arg(repo("models/smd-machine-1-6"))
+        .arg("--retrain-data")
+        .arg(&narrow));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--retrain-data has 8 columns, the model takes 38"),
+        "{err}"
+    );
+    assert!(!err.contains("timing each head"), "{err}");
+    assert!(out.is_empty(), "{out}");
+}
+
 /// Too few frames for a p99 is a usage error, not a silent change of the request.
 #[test]
 fn bench_refuses_too_few_frames() {
