@@ -1031,6 +1031,13 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     let opts = TableOptions {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
     };
+    // Say so when a model is there already: it is replaced once training succeeds.
+    if out.join("model.json").exists() {
+        eprintln!(
+            "darkwatch: note: {} holds a model; it will be replaced",
+            out.display()
+        );
+    }
     // Find out now, not after training, whether the model can be written.
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create the model directory", out.display()))?;

@@ -224,7 +224,14 @@ fn training_on_too_few_rows_for_a_threshold_warns() {
     let (code, out, err) = train(&big, "big");
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("calibration: 60 held-out scores"), "{out}");
-    assert!(!err.contains("warning"), "{err}");
+    assert!(
+        !err.contains("warning") && !err.contains("replaced"),
+        "{err}"
+    );
+    // Training into a folder that holds a model says that it replaces it.
+    let (code, _, err) = train(&big, "small");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("holds a model; it will be replaced"), "{err}");
 }
 
 #[test]
