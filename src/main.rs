@@ -969,7 +969,12 @@ fn run(command: Command) -> Result<()> {
                         .list()
                         .is_empty())
             {
-                emit(&darkwatch::retrain::describe_state(&dir))?;
+                if json {
+                    let value = darkwatch::retrain::describe_state_json(&dir);
+                    emit(&(serde_json::to_string_pretty(&value)? + "\n"))?;
+                } else {
+                    emit(&darkwatch::retrain::describe_state(&dir))?;
+                }
                 return Ok(());
             }
             let cfg = load_config(config.as_deref())?;

@@ -1479,6 +1479,38 @@ pub fn describe_state(dir: &Path) -> String {
     s
 }
 
+/// [`describe_state`] as JSON (`inspect STATE_DIR --json`): the folder, the model the chain
+/// descends from, every checkpoint (its version and folder, and its model id, rows and fit
+/// time, or why it does not load) and the history's entries as written.
+pub fn describe_state_json(dir: &Path) -> serde_json::Value {
+    let store = CheckpointStore::new(dir, usize::MAX);
+    let checkpoints: Vec<serde_json::Value> = store
+        .list()
+        .iter()
+        .map(|(version, path)| match Model::load(path) {
+            Ok(m) => serde_json::json!({
+                "version": version,
+                "path": path,
+                "model_id": m.meta.id,
+                "rows": m.meta.provenance.rows,
+                "train_seconds": m.meta.provenance.train_seconds,
+            }),
+            Err(e) => serde_json::json!({
+                "version": version,
+                "path": path,
+                "error": e.to_string(),
+            }),
+        })
+        .collect();
+    serde_json::json!({
+        "kind": "retrain_state",
+        "state_dir": dir,
+        "origin": store.origin(),
+        "checkpoints": checkpoints,
+        "history": store.history(),
+    })
+}
+
 /// The model to start from: the newest valid checkpoint in `[retrain] state_dir` when
 /// retraining is on and one exists for the same features, else `model`.
 pub fn resume(model: Model, cfg: &RetrainConfig) -> Model {

@@ -507,4 +507,27 @@ fn a_replay_that_resumes_a_checkpoint_says_so() {
             && text.contains(&cfg.retrain.state_dir.display().to_string()),
         "{text}"
     );
+
+    // `inspect` describes the state folder, as text and as JSON.
+    let inspect = |json: bool| {
+        let mut cmd = darkwatch();
+        cmd.arg("inspect").arg(&cfg.retrain.state_dir);
+        if json {
+            cmd.arg("--json");
+        }
+        let (code, out, err) = run(&mut cmd);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let text = inspect(false);
+    assert!(
+        text.contains("checkpoint v1 ") && text.contains(&a.meta.id),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&inspect(true)).expect("JSON");
+    assert_eq!(json["kind"], "retrain_state");
+    assert_eq!(json["origin"], a.meta.id.as_str());
+    assert_eq!(json["checkpoints"][0]["version"], a.meta.version + 1);
+    assert_eq!(json["checkpoints"][0]["model_id"], a.meta.id.as_str());
+    assert_eq!(json["history"].as_array().map(Vec::len), Some(0));
 }
