@@ -985,6 +985,11 @@ fn run(command: Command) -> Result<()> {
                 .then(|| darkwatch::sae::Sae::load(&dir).ok())
                 .flatten();
             if bare.is_some() || SaeDetector::is_sae_dir(&dir) {
+                if json {
+                    eprintln!(
+                        "darkwatch: note: --json describes model and state folders; an SAE folder is described as text"
+                    );
+                }
                 let loaded = SaeDetector::load_on(
                     &dir,
                     cfg.sae.score,
