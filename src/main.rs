@@ -495,7 +495,11 @@ async fn reload(
 
 /// `bench --frames`: at least 100, so that a p99 has a frame to stand on.
 fn parse_bench_frames(s: &str) -> Result<usize, String> {
+    // Above 10⁸ frames a run takes hours per head; the p99 is stable long before.
     match s.parse::<usize>() {
+        Ok(n) if n > 100_000_000 => Err(format!(
+            "{s} frames would take hours: give at most 100000000"
+        )),
         Ok(n) if n >= 100 => Ok(n),
         Ok(_) => Err(format!(
             "{s} frames are too few for a p99: give at least 100"

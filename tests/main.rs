@@ -926,6 +926,9 @@ fn bench_checks_the_retraining_data_before_timing() {
 /// Too few frames for a p99 is a usage error, not a silent change of the request.
 #[test]
 fn bench_refuses_too_few_frames() {
+    let (code, _, err) = run(darkwatch().args(["bench", "--frames", "18446744073709551615"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("would take hours"), "{err}");
     let (code, _, err) = run(darkwatch().args(["bench", "--frames", "5"]));
     assert_eq!(code, 2, "{err}");
     assert!(
