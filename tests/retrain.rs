@@ -468,10 +468,12 @@ fn checkpoints_of_another_model_are_not_resumed() {
 #[test]
 fn a_replay_that_resumes_a_checkpoint_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = DarkwatchConfig::default();
-    cfg.retrain = RetrainConfig {
-        state_dir: dir.path().join("state"),
-        ..retrain_cfg()
+    let cfg = DarkwatchConfig {
+        retrain: RetrainConfig {
+            state_dir: dir.path().join("state"),
+            ..retrain_cfg()
+        },
+        ..DarkwatchConfig::default()
     };
     let req = replay::ReplayRequest {
         model_dir: repo(MODEL),
