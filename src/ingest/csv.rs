@@ -12,7 +12,7 @@ use std::path::Path;
 
 use ndarray::Array2;
 
-use super::time::parse_timestamp;
+use super::time::{Stamp, epoch_divisor, parse_stamp};
 use super::{IngestError, Table, TableOptions, TextPos, line_str, lines, read_bytes};
 
 /// Header names that are taken as the timestamp column when none is configured.
@@ -91,7 +91,7 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
 
     let width = header.len();
     let mut values: Vec<f32> = Vec::with_capacity(features.len() * (all.len() - 1));
-    let mut timestamps: Vec<f64> = Vec::new();
+    let mut stamps: Vec<Stamp> = Vec::new();
     let mut fields: Vec<String> = Vec::with_capacity(width);
     for &(line_no, raw) in &all[1..] {
         if raw.trim_ascii().is_empty() {
@@ -114,12 +114,12 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
         for (col, field) in fields.iter().enumerate() {
             let pos = || TextPos::cell(line_no, &header[col]);
             if Some(col) == ts_col {
-                let t = parse_timestamp(field).ok_or_else(|| IngestError::BadTimestamp {
+                let t = parse_stamp(field).ok_or_else(|| IngestError::BadTimestamp {
                     path: err_path(),
                     pos: pos(),
                     value: field.clone(),
                 })?;
-                timestamps.push(t);
+                stamps.push(t);
             } else {
                 values.push(parse_value(path, field, pos)?);
             }
@@ -131,6 +131,19 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
     }
     let values = Array2::from_shape_vec((rows, features.len()), values)
         .expect("every row contributed exactly one value per feature");
+    // Plain numbers take one unit for the whole column, from the largest of them.
+    let largest = stamps.iter().fold(0.0f64, |m, s| match s {
+        Stamp::Number(x) => m.max(x.abs()),
+        Stamp::Seconds(_) => m,
+    });
+    let divisor = epoch_divisor(largest);
+    let timestamps: Vec<f64> = stamps
+        .iter()
+        .map(|s| match *s {
+            Stamp::Number(x) => x / divisor,
+            Stamp::Seconds(t) => t,
+        })
+        .collect();
     Ok(Table {
         path: path.to_owned(),
         features,
@@ -324,6 +337,21 @@ mod tests {
         let t = parse("timestamps,time_s\n1,2\n").unwrap();
         assert_eq!(t.features, ["timestamps", "time_s"]);
         assert!(t.timestamps.is_none());
+    }
+
+    #[test]
+    fn a_timestamp_column_takes_one_unit_from_its_largest_number() {
+        // Milliseconds and nanoseconds since the epoch, by size.
+        let t = parse("timestamp,a\n1700000000000,1\n1700000060500,2\n").unwrap();
+        assert_eq!(t.timestamps, Some(vec![1_700_000_000.0, 1_700_000_060.5]));
+        let t = parse("timestamp,a\n1700000000000000000,1\n").unwrap();
+        assert_eq!(t.timestamps, Some(vec![1_700_000_000.0]));
+        // A counter that crosses 1e11 keeps its order: the whole column is milliseconds.
+        let t = parse("timestamp,a\n99999999000,1\n100000001000,2\n").unwrap();
+        assert_eq!(t.timestamps, Some(vec![99_999_999.0, 100_000_001.0]));
+        // Seconds stay seconds, and dates are not rescaled by a column's numbers.
+        let t = parse("timestamp,a\n2023-11-14T22:13:20Z,1\n1700000000000,2\n").unwrap();
+        assert_eq!(t.timestamps, Some(vec![1_700_000_000.0, 1_700_000_000.0]));
     }
 
     #[test]

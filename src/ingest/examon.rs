@@ -11,7 +11,8 @@
 //!
 //! Payload: the legacy `"<value>;<epoch seconds>"` (split on the last `;`, since string
 //! values may hold others), or the newer JSON `{"v": <number>, "ts": <number>}`. In both,
-//! a timestamp over 1e11 is taken as milliseconds (1e11 s is the year 5138).
+//! a timestamp of 1e11 or more is taken as milliseconds (1e11 s is the year 5138), from
+//! 1e14 as microseconds and from 1e17 as nanoseconds, as in a CSV's timestamp column.
 
 use std::borrow::Cow;
 
@@ -19,9 +20,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::assemble::{DecodeError, Sample, clip, parse_value};
-
-/// Timestamps above this are milliseconds, not seconds.
-const MS_THRESHOLD: f64 = 1e11;
 
 /// How ExaMon messages are read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,12 +210,13 @@ fn parse_json_payload(text: &str) -> Result<(f64, f64), DecodeError> {
     Ok((value, timestamp))
 }
 
-/// Seconds from a finite non-negative epoch time in seconds or (above 1e11) ms.
+/// Seconds from a finite non-negative epoch time, its unit by its size
+/// ([`super::time::epoch_divisor`]).
 fn epoch_seconds(t: f64, text: &str) -> Result<f64, DecodeError> {
     if !(t.is_finite() && t >= 0.0) {
         return Err(DecodeError::TimestampInvalid(clip(text)));
     }
-    Ok(if t > MS_THRESHOLD { t / 1000.0 } else { t })
+    Ok(t / super::time::epoch_divisor(t))
 }
 
 /// Decodes the URL escapes ExaMon publishers use in topic values (`%2F %23 %2B %20

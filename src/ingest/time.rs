@@ -1,33 +1,52 @@
 //! Timestamp parsing for the CSV timestamp column: epoch seconds or a calendar date.
 //!
 //! Accepted forms (all resolved to UTC epoch seconds as `f64`):
-//! - a finite decimal number: epoch seconds, e.g. `1700000000` or `1700000000.25`; a
-//!   number of 1e11 or more (past the year 5138 in seconds) is read as milliseconds, from
-//!   1e14 as microseconds and from 1e17 as nanoseconds, the units exporters write
-//!   (`1700000000000` is the same instant as `1700000000`);
+//! - a finite decimal number: epoch seconds, e.g. `1700000000` or `1700000000.25`. A
+//!   column whose largest number is 1e11 or more (past the year 5138 in seconds) holds
+//!   milliseconds, from 1e14 microseconds and from 1e17 nanoseconds, the units exporters
+//!   write (`1700000000000` is the same instant as `1700000000`). The unit is decided once
+//!   per column ([`epoch_divisor`] of its largest number), so a counter that grows past a
+//!   boundary keeps its order;
 //! - RFC 3339: `2023-11-14T22:13:20Z`, `2023-11-14T22:13:20.5+01:00` (`t`/`z` too);
 //! - `YYYY-MM-DD HH:MM:SS[.fff]` or `YYYY-MM-DDTHH:MM:SS[.fff]` without an offset: UTC assumed.
 //!
 //! A leap second (`:60`) is accepted and lands on the next minute's `:00`.
 
-/// Parse one timestamp field (already trimmed) into epoch seconds.
-///
-/// Returns `None` when the text is neither a finite number nor a valid date-time.
-pub(crate) fn parse_timestamp(text: &str) -> Option<f64> {
-    if let Ok(x) = text.parse::<f64>() {
-        return x.is_finite().then(|| epoch_seconds(x));
-    }
-    parse_datetime(text)
+/// One timestamp field (already trimmed): a date-time in epoch seconds, or a plain
+/// number whose unit its column decides ([`epoch_divisor`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Stamp {
+    Seconds(f64),
+    Number(f64),
 }
 
-/// An epoch number in seconds, whatever unit its size says it was written in (see the
-/// module's list).
-fn epoch_seconds(x: f64) -> f64 {
-    match x.abs() {
-        a if a >= 1e17 => x / 1e9,
-        a if a >= 1e14 => x / 1e6,
-        a if a >= 1e11 => x / 1e3,
-        _ => x,
+/// Parses one timestamp field. `None` when the text is neither a finite number nor a valid
+/// date-time.
+pub(crate) fn parse_stamp(text: &str) -> Option<Stamp> {
+    if let Ok(x) = text.parse::<f64>() {
+        return x.is_finite().then_some(Stamp::Number(x));
+    }
+    parse_datetime(text).map(Stamp::Seconds)
+}
+
+/// Parse one timestamp field alone into epoch seconds (a number's unit by its own size).
+#[cfg(test)]
+fn parse_timestamp(text: &str) -> Option<f64> {
+    match parse_stamp(text)? {
+        Stamp::Seconds(t) => Some(t),
+        Stamp::Number(x) => Some(x / epoch_divisor(x.abs())),
+    }
+}
+
+/// What divides an epoch number of this size into seconds: 1 below 1e11 (seconds up to
+/// the year 5138), 1e3 from 1e11 (milliseconds), 1e6 from 1e14 (microseconds), 1e9 from
+/// 1e17 (nanoseconds). CSV columns and ExaMon samples share it.
+pub(crate) fn epoch_divisor(size: f64) -> f64 {
+    match size {
+        a if a >= 1e17 => 1e9,
+        a if a >= 1e14 => 1e6,
+        a if a >= 1e11 => 1e3,
+        _ => 1.0,
     }
 }
 

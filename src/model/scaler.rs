@@ -30,10 +30,12 @@ pub struct Scaler {
 /// Largest scaled magnitude: a finite value farther out (3e38 in a column whose training
 /// spread is 0.1, say) would overflow to ±inf in f32 and turn the frame's score into NaN or
 /// inf, which the pipeline would then drop or could not print. Clamped here, such a frame
-/// scores far above any threshold and names the feature, as a smaller excursion does. A
-/// million training spreads is beyond any real reading, and small enough that the forward
-/// pass and every head stay finite in f32 after it.
-pub const SCALED_LIMIT: f32 = 1e6;
+/// scores far above any threshold and names the feature, as a smaller excursion does.
+/// A billion: a column that was constant in training keeps its raw units (scale 1), and
+/// byte or hertz readings move by millions, so the limit must sit well above them; squared
+/// and divided by the smallest variance a head allows (1e-5), summed over a few thousand
+/// inputs, it still stays far inside f32 (about 1e26 against 3e38).
+pub const SCALED_LIMIT: f32 = 1e9;
 
 /// Below this spread a training column is treated as constant.
 const CONSTANT_SPREAD: f64 = 1e-12;
