@@ -295,9 +295,11 @@ fn resolved(path: &Path) -> Option<PathBuf> {
     Some(parent.join(path.file_name()?))
 }
 
-/// Refuses, before any work, an output file that is one of the inputs, another output, or
-/// inside the model's folder or the retraining state folder: each would be truncated
-/// (replay `--out same.csv` of `--input same.csv` destroyed the recording).
+/// Refuses, before any work, an output file that is one of the inputs, another output, one
+/// of the model's own files (`model.json`, weights, an ONNX graph) or inside the retraining
+/// state folder: each would be truncated (replay `--out same.csv` of `--input same.csv`
+/// destroyed the recording). Outputs that exist but are not regular files (`/dev/null`)
+/// are left alone.
 fn check_output_paths(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<(), ReplayError> {
     let outputs = [
         ("--out", &req.out_csv),
@@ -308,16 +310,27 @@ fn check_output_paths(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<(), 
         ("--input", Some(&req.input)),
         ("--labels", req.labels.as_ref()),
     ];
-    let mut folders = vec![("the model folder", &req.model_dir)];
-    if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
-        let dir = &cfg.retrain.state_dir;
-        folders.push(("the retraining state folder ([retrain] state_dir)", dir));
-    }
+    let model_dir = resolved(&req.model_dir);
+    let state_dir = (cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty())
+        .then(|| resolved(&cfg.retrain.state_dir))
+        .flatten();
+    let model_file = |out: &Path| {
+        let name = out.file_name().map(|n| n.to_string_lossy().to_lowercase());
+        model_dir.as_deref() == out.parent()
+            && name.is_some_and(|n| {
+                n == crate::model::io::META_FILE
+                    || n.ends_with(".safetensors")
+                    || n.ends_with(".onnx")
+            })
+    };
     let mut taken: Vec<(&str, PathBuf)> = Vec::new();
     for (flag, path) in outputs {
         let Some(path) = path else { continue };
+        if path.exists() && !path.is_file() {
+            continue;
+        }
         let Some(out) = resolved(path) else { continue };
-        let clash = |what: String| ReplayError::Output {
+        let clash = |what: &str| ReplayError::Output {
             path: path.clone(),
             source: std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
@@ -326,16 +339,19 @@ fn check_output_paths(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<(), 
         };
         for (other, input) in files {
             if input.and_then(|p| resolved(p)).is_some_and(|p| p == out) {
-                return Err(clash(format!("the {other} file")));
+                return Err(clash(&format!("the {other} file")));
             }
         }
-        for (what, dir) in &folders {
-            if resolved(dir).is_some_and(|d| out.starts_with(&d)) {
-                return Err(clash(format!("a file in {what}")));
-            }
+        if model_file(&out) {
+            return Err(clash("a file of the model folder"));
+        }
+        if state_dir.as_ref().is_some_and(|d| out.starts_with(d)) {
+            return Err(clash(
+                "a file in the retraining state folder ([retrain] state_dir)",
+            ));
         }
         if let Some((other, _)) = taken.iter().find(|(_, p)| *p == out) {
-            return Err(clash(format!("the {other} output")));
+            return Err(clash(&format!("the {other} output")));
         }
         taken.push((flag, out));
     }

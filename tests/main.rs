@@ -199,6 +199,28 @@ fn replay_refuses_outputs_that_would_overwrite_its_inputs_or_each_other() {
     assert!(!other.exists(), "nothing is written before the check");
     let (code, _, err) = run(darkwatch().args(["inspect"]).arg(&model));
     assert_eq!(code, 0, "the model must still load: {err}");
+    // Other files beside the model, and devices such as /dev/null, are fine.
+    let beside = model.join("scores.csv");
+    let (code, out, err) = replay_with(
+        &model,
+        &test,
+        &lab,
+        &[
+            std::ffi::OsStr::new("--out"),
+            beside.as_os_str(),
+            std::ffi::OsStr::new("--events"),
+            std::ffi::OsStr::new("/dev/null"),
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(beside.exists());
+    let (code, out, err) = replay_with(
+        &model,
+        &test,
+        &lab,
+        &["--out", "/dev/null", "--events", "/dev/null"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
 }
 
 #[test]
