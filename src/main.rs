@@ -150,10 +150,10 @@ enum Command {
         config: Option<PathBuf>,
         /// Also time one online retrain on this many frames (from --retrain-data, else
         /// synthetic) and scoring latency while retrains run beside it.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_retrain_frames)]
         retrain_frames: Option<usize>,
         /// Raw frames (.npy/.csv) for --retrain-frames, e.g. the model's training data.
-        #[arg(long)]
+        #[arg(long, requires = "retrain_frames")]
         retrain_data: Option<PathBuf>,
     },
     /// Measure SAE scoring on this CPU: d_in 384/768 × 16k/32k latents, TopK k = 32, random
@@ -505,6 +505,16 @@ fn parse_bench_frames(s: &str) -> Result<usize, String> {
             "{s} frames are too few for a p99: give at least 100"
         )),
         Err(_) => Err(format!("{s} is not a number of frames")),
+    }
+}
+
+/// Rows of one timed retrain: 1 to 10⁷ (a retrain holds them, scaled, in memory).
+fn parse_retrain_frames(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s} is not a number of frames between 1 and 10000000"
+        )),
     }
 }
 
@@ -1132,11 +1142,11 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
         calibration.quantile(0.99).unwrap_or(f32::NAN),
         calibration.quantile(0.999).unwrap_or(f32::NAN)
     );
-    if calibration.rows < darkwatch::threshold::MIN_CALIBRATION_SCORES {
+    // The threshold the config asks for, built as replay and `run` will build it.
+    if let Err(e) = cfg.threshold.build(&model.threshold_scores()) {
         eprintln!(
-            "darkwatch: warning: only {} held-out rows to calibrate a threshold on, and thresholds need at least {}: replay will score without alerts and `run` will refuse this model. Train on more rows, or raise [train] validation_fraction",
-            calibration.rows,
-            darkwatch::threshold::MIN_CALIBRATION_SCORES
+            "darkwatch: warning: no threshold can be calibrated on this model's {} held-out scores ({e}): replay will score without alerts and `run` will refuse this model. Train on more rows, or raise [train] validation_fraction",
+            calibration.rows
         );
     }
     println!("wrote {}", out.display());

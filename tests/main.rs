@@ -242,7 +242,11 @@ fn training_on_too_few_rows_for_a_threshold_warns() {
     let (code, out, err) = train(&small, "small");
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("calibration: 30 held-out scores"), "{out}");
-    assert!(err.contains("warning: only 30 held-out rows"), "{err}");
+    assert!(
+        err.contains("warning: no threshold can be calibrated on this model's 30 held-out scores")
+            && err.contains("at least 50"),
+        "{err}"
+    );
     let (code, out, err) = train(&big, "big");
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("calibration: 60 held-out scores"), "{out}");
@@ -943,6 +947,12 @@ fn bench_checks_the_retraining_data_before_timing() {
     );
     assert!(!err.contains("timing each head"), "{err}");
     assert!(out.is_empty(), "{out}");
+    // Data without --retrain-frames would be ignored: a usage error instead.
+    let (code, _, err) = run(darkwatch()
+        .args(["bench", "--frames", "100", "--retrain-data"])
+        .arg(&narrow));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--retrain-frames"), "{err}");
 }
 
 /// Too few frames for a p99 is a usage error, not a silent change of the request.

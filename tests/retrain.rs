@@ -469,8 +469,11 @@ fn checkpoints_of_another_model_are_not_resumed() {
 fn a_replay_that_resumes_a_checkpoint_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = DarkwatchConfig {
+        // No retrain of its own during the replay: the only checkpoint is the test's.
         retrain: RetrainConfig {
             state_dir: dir.path().join("state"),
+            every_frames: u64::MAX,
+            adopt_after_frames: u64::MAX,
             ..retrain_cfg()
         },
         ..DarkwatchConfig::default()
