@@ -481,14 +481,7 @@ fn a_replay_that_resumes_a_checkpoint_says_so() {
     let req = replay::ReplayRequest {
         model_dir: repo(MODEL),
         input: repo("tests/data/smd/small.csv"),
-        labels: None,
-        out_csv: None,
-        events: None,
-        plot: None,
-        rate: None,
-        head: None,
-        mss: None,
-        smooth_frames: None,
+        ..Default::default()
     };
     // A fresh state folder: the model folder's model scores, and nothing is said.
     let fresh = replay::replay(&req, &cfg).expect("replay");

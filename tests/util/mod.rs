@@ -50,13 +50,7 @@ pub fn replay_bundled(
         model_dir: repo(dir),
         input: repo("tests/data/smd/machine-1-6_test.npy"),
         labels: Some(repo("tests/data/smd/machine-1-6_test_label.txt")),
-        out_csv: None,
-        events: None,
-        plot: None,
-        rate: None,
-        head: None,
-        mss: None,
-        smooth_frames: None,
+        ..Default::default()
     };
     darkwatch::replay::replay(&req, &cfg).expect("replay runs")
 }
