@@ -508,22 +508,21 @@ fn parse_bench_frames(s: &str) -> Result<usize, String> {
     }
 }
 
-/// Rows of one timed retrain: 1 to 10⁷ (a retrain holds them, scaled, in memory).
-fn parse_retrain_frames(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if (1..=10_000_000).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "{s} is not a number of frames between 1 and 10000000"
-        )),
-    }
-}
-
-fn parse_smooth_frames(s: &str) -> Result<usize, String> {
-    let max = darkwatch::smooth::MAX_SMOOTH_FRAMES;
+/// A number of frames from 1 to `max`.
+fn frames_up_to(s: &str, max: usize) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(format!("{s} is not a number of frames between 1 and {max}")),
     }
+}
+
+/// Rows of one timed retrain: 1 to 10⁷ (a retrain holds them, scaled, in memory).
+fn parse_retrain_frames(s: &str) -> Result<usize, String> {
+    frames_up_to(s, 10_000_000)
+}
+
+fn parse_smooth_frames(s: &str) -> Result<usize, String> {
+    frames_up_to(s, darkwatch::smooth::MAX_SMOOTH_FRAMES)
 }
 
 /// A mean-shift neighbourhood: at least 1 (1 turns the shift off).
