@@ -173,7 +173,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
     let model = Model::load(&req.model_dir)?.with_configured_backend(&req.model_dir, cfg)?;
     // With online retraining and a state directory, continue from the newest checkpoint.
     let loaded = (model.meta.id.clone(), model.meta.version);
-    let mut model = retrain::resume(model, &cfg.retrain);
+    let mut model = retrain::resume(model, &cfg.retrain)?;
     let resumed = ((model.meta.id.clone(), model.meta.version) != loaded)
         .then(|| (model.meta.version, cfg.retrain.state_dir.clone()));
     if let Some(mss) = req.mss {

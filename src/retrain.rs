@@ -677,6 +677,27 @@ impl CheckpointStore {
         (None, skipped)
     }
 
+    /// Makes the state directory if it is missing and checks that files can be written in
+    /// it, so that a state directory that can never hold a checkpoint (a file, a read-only
+    /// or virtual file system) is refused at start rather than at the first retrain.
+    ///
+    /// # Errors
+    /// The directory cannot be made, is not a directory, or refuses a new file.
+    pub fn ensure_usable(&self) -> Result<(), RetrainError> {
+        fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        let probe = self
+            .dir
+            .join(format!("{TMP_PREFIX}probe-{}", std::process::id()));
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .and_then(|mut f| f.write_all(b"darkwatch\n"))
+            .map_err(self.io(&self.dir))?;
+        fs::remove_file(&probe).map_err(self.io(&probe))
+    }
+
     /// The id of the model the checkpoints here descend from, if recorded.
     pub fn origin(&self) -> Option<String> {
         let text = fs::read_to_string(self.dir.join(ORIGIN_FILE)).ok()?;
@@ -1513,16 +1534,27 @@ pub fn describe_state_json(dir: &Path) -> serde_json::Value {
 
 /// The model to start from: the newest valid checkpoint in `[retrain] state_dir` when
 /// retraining is on and one exists for the same features, else `model`.
-pub fn resume(model: Model, cfg: &RetrainConfig) -> Model {
+///
+/// # Errors
+/// The state directory cannot be made or written ([`CheckpointStore::ensure_usable`]):
+/// retraining would run and lose every checkpoint.
+pub fn resume(model: Model, cfg: &RetrainConfig) -> Result<Model, ModelError> {
     if !cfg.enabled || cfg.state_dir.as_os_str().is_empty() {
-        return model;
+        return Ok(model);
     }
     let store = CheckpointStore::new(&cfg.state_dir, cfg.keep_checkpoints);
+    store.ensure_usable().map_err(|e| ModelError::StateDir {
+        path: cfg.state_dir.clone(),
+        reason: match e {
+            RetrainError::Io { source, .. } => source.to_string(),
+            other => other.to_string(),
+        },
+    })?;
     let newest = store.newest_valid().0;
     let Some((path, m)) = newest else {
         // A fresh chain: its checkpoints will descend from this model.
         store.set_origin(&model.meta.id);
-        return model;
+        return Ok(model);
     };
     // Checkpoints of another model directory's model (same features or not) never stand in
     // for the one configured. State directories written before the origin was recorded
@@ -1544,7 +1576,7 @@ pub fn resume(model: Model, cfg: &RetrainConfig) -> Model {
                 "the checkpoints in the state directory continue another model and could not be set aside; starting from the model directory (give it its own [retrain] state_dir)"),
         }
         store.set_origin(&model.meta.id);
-        return model;
+        return Ok(model);
     }
     if origin.is_none() {
         // An older state directory: from now on its chain is this model's.
@@ -1552,10 +1584,10 @@ pub fn resume(model: Model, cfg: &RetrainConfig) -> Model {
     }
     tracing::info!(path = %path.display(), version = m.meta.version, model = %m.meta.id,
         "resuming from the newest valid checkpoint");
-    Model {
+    Ok(Model {
         onnx: model.onnx.clone(),
         ..m
-    }
+    })
 }
 
 #[cfg(test)]

@@ -420,7 +420,10 @@ fn checkpoints_of_another_model_are_not_resumed() {
 
     // A fresh state directory: the configured model, recorded as the chain's origin.
     assert_eq!(
-        darkwatch::retrain::resume(a.clone(), &cfg).meta.version,
+        darkwatch::retrain::resume(a.clone(), &cfg)
+            .unwrap()
+            .meta
+            .version,
         a.meta.version
     );
     let store = CheckpointStore::new(&cfg.state_dir, 3);
@@ -431,10 +434,13 @@ fn checkpoints_of_another_model_are_not_resumed() {
     next.meta.version = a.meta.version + 1;
     store.write(&next).unwrap();
     assert_eq!(
-        darkwatch::retrain::resume(a.clone(), &cfg).meta.version,
+        darkwatch::retrain::resume(a.clone(), &cfg)
+            .unwrap()
+            .meta
+            .version,
         a.meta.version + 1
     );
-    let got = darkwatch::retrain::resume(b.clone(), &cfg);
+    let got = darkwatch::retrain::resume(b.clone(), &cfg).unwrap();
     assert_eq!(
         (got.meta.id.as_str(), got.meta.version),
         (b.meta.id.as_str(), b.meta.version)
@@ -459,7 +465,7 @@ fn checkpoints_of_another_model_are_not_resumed() {
     let mut b_next = b.clone();
     b_next.meta.version = b.meta.version + 1;
     store.write(&b_next).unwrap();
-    let got = darkwatch::retrain::resume(b.clone(), &cfg);
+    let got = darkwatch::retrain::resume(b.clone(), &cfg).unwrap();
     assert_eq!(got.meta.version, b.meta.version + 1);
 }
 
@@ -528,4 +534,84 @@ fn a_replay_that_resumes_a_checkpoint_says_so() {
     assert_eq!(json["checkpoints"][0]["version"], a.meta.version + 1);
     assert_eq!(json["checkpoints"][0]["model_id"], a.meta.id.as_str());
     assert_eq!(json["history"].as_array().map(Vec::len), Some(0));
+}
+
+/// A state directory that can never hold a checkpoint is refused when the model loads, by
+/// `replay` and by `run` before it tells systemd it is ready: it used to give WARN lines
+/// and retrain with every checkpoint lost.
+#[test]
+fn an_unusable_state_directory_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let cfg = RetrainConfig {
+        state_dir: file.clone(),
+        ..retrain_cfg()
+    };
+    let a = Model::load(&repo(MODEL)).unwrap();
+    let err = darkwatch::retrain::resume(a.clone(), &cfg)
+        .expect_err("a file as the state directory")
+        .to_string();
+    assert!(
+        err.contains("[retrain] state_dir") && err.contains(&file.display().to_string()),
+        "{err}"
+    );
+    // Below a file: cannot be made either.
+    let below = RetrainConfig {
+        state_dir: file.join("state"),
+        ..retrain_cfg()
+    };
+    assert!(darkwatch::retrain::resume(a.clone(), &below).is_err());
+    // A missing directory is made, and no probe file is left in it.
+    let fresh = RetrainConfig {
+        state_dir: dir.path().join("new/state"),
+        ..retrain_cfg()
+    };
+    darkwatch::retrain::resume(a.clone(), &fresh).unwrap();
+    let names: Vec<String> = std::fs::read_dir(&fresh.state_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["origin"], "{names:?}");
+    // With retraining off the state directory is not looked at.
+    let off = RetrainConfig {
+        enabled: false,
+        ..cfg.clone()
+    };
+    darkwatch::retrain::resume(a, &off).unwrap();
+
+    // The binary: `replay` and `run` exit 1 naming the key and the path.
+    let toml = dir.path().join("bad-state.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
+            repo(MODEL).display(),
+            dir.path().join("spool").display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(repo(MODEL))
+        .arg("--input")
+        .arg(repo("tests/data/smd/small.csv"))
+        .arg("--config")
+        .arg(&toml));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("[retrain] state_dir"), "{err}");
+    // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
+    let (code, _, err) = run(std::process::Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_darkwatch"))
+        .args(["run", "--config"])
+        .arg(&toml)
+        .env_remove("RUST_LOG"));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("[retrain] state_dir") && err.contains(&file.display().to_string()),
+        "{err}"
+    );
 }

@@ -213,6 +213,8 @@ pub enum ModelError {
     },
     #[error("{path}: {reason}")]
     Weights { path: PathBuf, reason: String },
+    #[error("[retrain] state_dir {path}: {reason}")]
+    StateDir { path: PathBuf, reason: String },
     #[error(transparent)]
     Onnx(#[from] OnnxError),
     #[error("[score] backend = \"cuda\": {0}")]
@@ -493,7 +495,7 @@ impl Model {
         cfg: &crate::config::DarkwatchConfig,
     ) -> Result<Model, ModelError> {
         let model = Model::load(dir)?.with_configured_backend(dir, cfg)?;
-        Ok(crate::retrain::resume(model, &cfg.retrain))
+        crate::retrain::resume(model, &cfg.retrain)
     }
 
     /// `native`, `onnx/<provider>`, `cuda/<device name>`, or
