@@ -270,3 +270,57 @@ fn sae_head_makes_a_published_sae_watchable_and_bad_setups_are_refused() {
 fn det_head(sae_dir: &std::path::Path) -> DarkHead {
     DarkHead::load(&sae_dir.join(DARK_DIR)).unwrap()
 }
+
+/// A finite activation too large to square (3e38) used to score inf, which thresholds
+/// skip, so the token never alarmed. It is now clamped to ±1e9: the token scores finite,
+/// above every calibration score, and its dimension leads the contributions, live and
+/// from a file alike.
+#[test]
+fn a_finite_activation_too_large_to_square_still_alarms_and_names_its_dimension() {
+    use darkwatch::pipeline::{BatchScorer, Contribution};
+    let dir = tempfile::tempdir().unwrap();
+    let sae_dir = dir.path().join("sae");
+    train_sae(&sae_dir);
+    let x = read_activations(&repo("tests/data/activations/test.npy"), None).unwrap();
+    let det = Arc::new(SaeDetector::load(&sae_dir, SaeScoreKind::ErrorNorm).unwrap());
+    let ceiling = det
+        .calibration_scores()
+        .iter()
+        .copied()
+        .fold(f32::MIN, f32::max);
+    let mut scorer = darkwatch::sae::detector::SaeScorer::new(det.clone(), 4, 3).unwrap();
+    let d = scorer.n_features();
+    let hot = 7;
+    let mut rows = vec![x.row(0).to_vec(), x.row(0).to_vec(), x.row(0).to_vec()];
+    rows[1][hot] = 3e38;
+    rows[2][hot] = -f32::MAX;
+    for (i, r) in rows.iter().enumerate() {
+        scorer.input_mut()[i * d..(i + 1) * d].copy_from_slice(r);
+    }
+    scorer.score_batch(3);
+    let scores = scorer.batch_scores().to_vec();
+    assert!(scores.iter().all(|s| s.is_finite()), "{scores:?}");
+    for i in [1, 2] {
+        assert!(scores[i] > ceiling && scores[i] > scores[0], "{scores:?}");
+        let mut top = [Contribution::default(); darkwatch::config::MAX_TOP_CONTRIBUTIONS];
+        assert!(scorer.top_contributions(i, &mut top) > 0);
+        assert_eq!(top[0].feature as usize, hot, "{top:?}");
+        assert!(top[0].value.is_finite());
+    }
+
+    // From a file (`sae-score`): the value is read clamped, so it scores the same.
+    let path = dir.path().join("huge.npy");
+    util::write_npy_f32(&path, 2, d, &[rows[0].clone(), rows[1].clone()].concat());
+    let read = read_activations(&path, None).unwrap();
+    assert_eq!(read[[1, hot]], darkwatch::sae::ACTIVATION_LIMIT);
+    let sae = Sae::load(&sae_dir).unwrap();
+    let head = DarkHead::load(&sae_dir.join(DARK_DIR)).unwrap();
+    let offline = score_tokens(&sae, &head, read.view()).unwrap();
+    let want = offline[1].error_sq_norm;
+    assert!(want.is_finite() && want > ceiling, "{want} vs {ceiling}");
+    assert!(
+        (scores[1] - want).abs() <= 1e-4 * want.abs(),
+        "live {} offline {want}",
+        scores[1]
+    );
+}

@@ -793,6 +793,15 @@ impl BatchScorer for SaeScorer {
 
     fn score_batch(&mut self, n: usize) {
         let n = n.min(self.max_batch());
+        let d = self.n_features();
+        let input = match &mut self.engine {
+            Engine::Native(native) => native
+                .input
+                .as_slice_mut()
+                .expect("owned arrays are contiguous"),
+            Engine::Cuda(gpu) => gpu.input_mut_unchecked(),
+        };
+        super::clamp_activations(&mut input[..n * d]);
         self.last = n;
         self.failed = false;
         if let Err(e) = self.try_score(n) {
@@ -818,6 +827,8 @@ impl BatchScorer for SaeScorer {
             return;
         };
         let n = n.min(self.scores.len());
+        let d = self.detector.sae.d_in();
+        super::clamp_activations(&mut gpu.input_mut_unchecked()[..n * d]);
         let ok = match gpu.submit(n) {
             Ok(()) => true,
             Err(e) => {

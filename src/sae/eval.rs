@@ -134,7 +134,7 @@ pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>
                 "a tensor name applies to .safetensors only",
             ));
         }
-        return Ok(crate::ingest::npy::read_npy(path)?.values);
+        return Ok(clamped(crate::ingest::npy::read_npy(path)?.values));
     }
     let bytes = read_file(path)?;
     let st = SafeTensors::deserialize(&bytes)
@@ -190,7 +190,13 @@ pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>
             format!("row {row}, column {col} (0-based): NaN/Inf is not allowed"),
         ));
     }
-    Ok(a)
+    Ok(clamped(a))
+}
+
+/// `a` with its values clamped to ±[`super::ACTIVATION_LIMIT`].
+fn clamped(mut a: Array2<f32>) -> Array2<f32> {
+    super::clamp_activations(a.as_slice_mut().expect("a new array is contiguous"));
+    a
 }
 
 /// [`read_activations`] for `sae` (read from `sae_dir`): a width that does not match is an

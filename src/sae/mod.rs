@@ -93,6 +93,19 @@ pub use load::{CONFIG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS};
 /// Epsilon of SAELens' `layer_norm` input normalisation.
 pub const LAYER_NORM_EPS: f32 = 1e-5;
 
+/// The largest activation magnitude an SAE scores: larger finite values (a 3e38 from a
+/// broken exporter, say) are clamped to ±1e9, so that their squared error stays finite and
+/// the token alarms instead of scoring inf, which thresholds skip. Real activations,
+/// "massive" ones included, are orders of magnitude below it.
+pub const ACTIVATION_LIMIT: f32 = 1e9;
+
+/// Clamps every value of `x` to ±[`ACTIVATION_LIMIT`] in place (NaN stays NaN).
+pub fn clamp_activations(x: &mut [f32]) {
+    for v in x {
+        *v = v.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT);
+    }
+}
+
 /// The encoder's nonlinearity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SaeActivation {

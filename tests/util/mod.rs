@@ -106,3 +106,20 @@ pub fn quick_config(dir: &Path) -> PathBuf {
     std::fs::write(&p, "[train]\nepochs_max = 15\nbatch_size = 64\n").unwrap();
     p
 }
+
+/// Writes `values` (`rows × cols`, row-major) as a little-endian f32 `.npy` file.
+pub fn write_npy_f32(path: &Path, rows: usize, cols: usize, values: &[f32]) {
+    assert_eq!(values.len(), rows * cols);
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // Magic (6) + version (2) + length (2) + header + '\n', padded to 64 bytes.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(path, bytes).unwrap();
+}
