@@ -1053,6 +1053,7 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     let cfg = load_config(config)?;
     let opts = TableOptions {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
+        features: None,
     };
     // Say so when a model is there already: it is replaced once training succeeds.
     if out.join("model.json").exists() {

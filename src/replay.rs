@@ -191,6 +191,8 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
     let model = Arc::new(model);
     let opts = TableOptions {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
+        // Columns the model does not use are skipped unread (a host name, say).
+        features: Some(model.meta.frame_features().to_vec()),
     };
     let table = ingest::read_table(&req.input, &opts)?;
     let rows = table.values.nrows();

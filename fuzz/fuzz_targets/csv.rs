@@ -10,7 +10,10 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let path = Path::new("fuzz.csv");
     for timestamp_column in [None, Some("timestamp".to_owned())] {
-        let opts = TableOptions { timestamp_column };
+        let opts = TableOptions {
+            timestamp_column,
+            features: None,
+        };
         match parse_csv(path, data, &opts) {
             Ok(t) => {
                 assert!(t.rows() > 0, "table without rows");

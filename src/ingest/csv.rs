@@ -79,11 +79,32 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
         }
     }
     let ts_col = timestamp_column(path, &header, opts)?;
+    // The columns read as features: every other column, or only those wanted when the
+    // header names them all.
+    let is_feature: Vec<bool> = {
+        let all = (0..header.len()).map(|i| Some(i) != ts_col);
+        match &opts.features {
+            Some(want)
+                if !want.is_empty()
+                    && want.iter().all(|w| {
+                        header
+                            .iter()
+                            .enumerate()
+                            .any(|(i, h)| h == w && Some(i) != ts_col)
+                    }) =>
+            {
+                all.zip(&header)
+                    .map(|(f, h)| f && want.contains(h))
+                    .collect()
+            }
+            _ => all.collect(),
+        }
+    };
     let features: Vec<String> = header
         .iter()
-        .enumerate()
-        .filter(|&(i, _)| Some(i) != ts_col)
-        .map(|(_, n)| n.clone())
+        .zip(&is_feature)
+        .filter(|&(_, &f)| f)
+        .map(|(n, _)| n.clone())
         .collect();
     if features.is_empty() {
         return Err(IngestError::NoFeatures { path: err_path() });
@@ -120,7 +141,7 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
                     value: field.clone(),
                 })?;
                 stamps.push(t);
-            } else {
+            } else if is_feature[col] {
                 values.push(parse_value(path, field, pos)?);
             }
         }
@@ -354,10 +375,46 @@ mod tests {
         assert_eq!(t.timestamps, Some(vec![1_700_000_000.0, 1_700_000_000.0]));
     }
 
+    /// A replay names the model's features: other columns, text ones included, are skipped
+    /// unread, but only when every wanted name is a column.
+    #[test]
+    fn columns_a_model_does_not_use_are_skipped_unread() {
+        let bytes = b"ts,host,b,a,note\n1,node7,2,1,\"ok, fine\"\n2,node7,4,3,x\n";
+        let want = TableOptions {
+            features: Some(vec!["a".into(), "b".into()]),
+            ..TableOptions::default()
+        };
+        let t = parse_csv(Path::new("x.csv"), bytes, &want).unwrap();
+        assert_eq!(t.features, ["b", "a"]);
+        assert_eq!(t.values.row(1).to_vec(), [4.0, 3.0]);
+        assert_eq!(t.timestamps, Some(vec![1.0, 2.0]));
+        // Without the option, or when a wanted name is missing, the text column is read
+        // and refused, naming it.
+        for opts in [
+            TableOptions::default(),
+            TableOptions {
+                features: Some(vec!["a".into(), "c".into()]),
+                ..TableOptions::default()
+            },
+        ] {
+            let err = parse_csv(Path::new("x.csv"), bytes, &opts)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("host"), "{err}");
+        }
+        // The timestamp column is never a feature, even when a model names it.
+        let ts = TableOptions {
+            features: Some(vec!["ts".into(), "a".into()]),
+            ..TableOptions::default()
+        };
+        assert!(parse_csv(Path::new("x.csv"), bytes, &ts).is_err());
+    }
+
     #[test]
     fn named_timestamp_column() {
         let opts = TableOptions {
             timestamp_column: Some("when".into()),
+            ..TableOptions::default()
         };
         let t = parse_csv(
             Path::new("x.csv"),
@@ -498,6 +555,7 @@ mod tests {
             };
             let opts = TableOptions {
                 timestamp_column: (round % 7 == 0).then(|| "m01".into()),
+                ..TableOptions::default()
             };
             if let Err(e) = parse_csv(Path::new("f.csv"), &bytes, &opts) {
                 let msg = e.to_string();

@@ -70,6 +70,10 @@ pub struct TableOptions {
     /// CSV column that holds timestamps (not a feature). When `None`, a header that is
     /// exactly `timestamp`, `time` or `ts` (any case) is used if there is exactly one.
     pub timestamp_column: Option<String>,
+    /// The feature columns a model wants (CSV only). When the header names every one of
+    /// them, the other columns are skipped unread, so a text column such as a host name
+    /// may be there; otherwise every column is read, as without it.
+    pub features: Option<Vec<String>>,
 }
 
 /// The file formats [`read_table`] understands, by extension.
