@@ -1405,3 +1405,35 @@ fn train_with(
         .arg("--config")
         .arg(cfg))
 }
+
+/// A CSV exported with a text column the model does not use (a host name) replays: the
+/// column is skipped unread, and the scores are those of the file without it.
+#[test]
+fn replay_skips_a_text_column_the_model_does_not_use() {
+    let (dir, model, test, lab) = trained();
+    let text = std::fs::read_to_string(&test).unwrap();
+    let with_host: String = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let host = if i == 0 { "host" } else { "node-7.cluster" };
+            format!("{host},{l}\n")
+        })
+        .collect();
+    let hosted = dir.path().join("hosted.csv");
+    std::fs::write(&hosted, with_host).unwrap();
+    let scores = |input: &std::path::Path, name: &str| {
+        let out = dir.path().join(name);
+        let (code, stdout, err) = replay_with(
+            &model,
+            input,
+            &lab,
+            &[std::ffi::OsStr::new("--out"), out.as_os_str()],
+        );
+        assert_eq!(code, 0, "{stdout}\n{err}");
+        std::fs::read_to_string(out).unwrap()
+    };
+    let plain = scores(&test, "plain.csv");
+    assert_eq!(scores(&hosted, "hosted-scores.csv"), plain);
+    assert!(plain.lines().count() > 1000, "{}", plain.lines().count());
+}
