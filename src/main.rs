@@ -1049,6 +1049,37 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
+/// Says which columns never change in the training rows: the model learns nothing about
+/// them, and later any change in one counts in its raw units.
+fn warn_constant_columns(table: &ingest::Table) {
+    let constant: Vec<&str> = table
+        .values
+        .columns()
+        .into_iter()
+        .zip(&table.features)
+        .filter(|(c, _)| c.iter().all(|&v| v == c[0]))
+        .map(|(_, name)| name.as_str())
+        .collect();
+    let d = table.features.len();
+    if constant.len() == d {
+        eprintln!(
+            "darkwatch: warning: every column of the training data is constant: the model can learn nothing from it, and any change at all will score as an anomaly. Train on rows from normal operation that vary"
+        );
+    } else if !constant.is_empty() {
+        let shown = constant.len().min(8);
+        let more = if constant.len() > shown {
+            format!(" and {} more", constant.len() - shown)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "darkwatch: note: {} of {d} columns are constant in the training data ({}{more}): the model cannot learn them, and any later change in one counts in its raw units",
+            constant.len(),
+            constant[..shown].join(", ")
+        );
+    }
+}
+
 fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     let cfg = load_config(config)?;
     let opts = TableOptions {
@@ -1073,6 +1104,7 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
         table.values.nrows(),
         table.values.ncols()
     );
+    warn_constant_columns(&table);
     let bar = ProgressBar::new(cfg.train.epochs_max as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {pos}/{len} {msg}")

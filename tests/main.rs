@@ -1437,3 +1437,54 @@ fn replay_skips_a_text_column_the_model_does_not_use() {
     assert_eq!(scores(&hosted, "hosted-scores.csv"), plain);
     assert!(plain.lines().count() > 1000, "{}", plain.lines().count());
 }
+
+/// `train` names the columns that never change in its rows, and warns when all of them do
+/// not: such a model flags any change at all.
+#[test]
+fn train_names_constant_columns_and_warns_when_all_are_constant() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = quick_config(dir.path());
+    let train = |csv: &str, name: &str| {
+        let input = dir.path().join(format!("{name}.csv"));
+        std::fs::write(&input, csv).unwrap();
+        let (code, out, err) = run(darkwatch()
+            .args(["train", "--input"])
+            .arg(&input)
+            .arg("--out")
+            .arg(dir.path().join(name))
+            .arg("--config")
+            .arg(&cfg));
+        assert_eq!(code, 0, "{out}\n{err}");
+        err
+    };
+    let mut some = String::from("a,flat,b,zero\n");
+    let mut all = String::from("a,b\n");
+    for i in 0..600 {
+        let x = (i as f32 * 0.1).sin();
+        some.push_str(&format!("{x},3.5,{},0\n", x * 2.0 + 1.0));
+        all.push_str("1,2\n");
+    }
+    let err = train(&some, "some");
+    assert!(
+        err.contains("2 of 4 columns are constant in the training data (flat, zero)"),
+        "{err}"
+    );
+    assert!(!err.contains("every column"), "{err}");
+    let err = train(&all, "all");
+    assert!(
+        err.contains("every column of the training data is constant"),
+        "{err}"
+    );
+    // Varying data: neither.
+    let varying = dir.path().join("v.csv");
+    util::synthetic_csv(&varying, 600, 3, &[]);
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&varying)
+        .arg("--out")
+        .arg(dir.path().join("v"))
+        .arg("--config")
+        .arg(&cfg));
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("constant"), "{err}");
+}
