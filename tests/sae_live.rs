@@ -291,7 +291,7 @@ fn a_finite_activation_too_large_to_square_still_alarms_and_names_its_dimension(
     let mut scorer = darkwatch::sae::detector::SaeScorer::new(det.clone(), 4, 3).unwrap();
     let d = scorer.n_features();
     let hot = 7;
-    let mut rows = vec![x.row(0).to_vec(), x.row(0).to_vec(), x.row(0).to_vec()];
+    let mut rows = [x.row(0).to_vec(), x.row(0).to_vec(), x.row(0).to_vec()];
     rows[1][hot] = 3e38;
     rows[2][hot] = -f32::MAX;
     for (i, r) in rows.iter().enumerate() {
