@@ -90,6 +90,8 @@ pub struct MssScratch {
     dist: Vec<f32>,
     best_d: Vec<f32>,
     best_i: Vec<usize>,
+    /// (distance, frame) pairs for the selection of a large k.
+    pairs: Vec<(f32, usize)>,
     acc: Vec<f32>,
 }
 
@@ -163,6 +165,11 @@ impl ReferenceBank {
             dist: vec![0.0; self.frames()],
             best_d: vec![0.0; self.k],
             best_i: vec![0; self.k],
+            pairs: if self.k > INSERTION_MAX_K {
+                vec![(0.0, 0); self.frames()]
+            } else {
+                Vec::new()
+            },
             acc: vec![0.0; d],
         }
     }
@@ -192,7 +199,12 @@ impl ReferenceBank {
             s.dist[i] = f32::INFINITY;
         }
         let want = (self.k - 1).min(self.frames() - usize::from(skip.is_some()));
-        let found = smallest(&s.dist, &mut s.best_d[..want], &mut s.best_i[..want]);
+        let found = smallest(
+            &s.dist,
+            &mut s.best_d[..want],
+            &mut s.best_i[..want],
+            &mut s.pairs,
+        );
         s.acc.copy_from_slice(y);
         for &j in &s.best_i[..found] {
             for (a, &v) in s.acc.iter_mut().zip(&data[j * d..(j + 1) * d]) {
@@ -247,12 +259,48 @@ fn squared_distances_body(columns: &[f32], frames: usize, y: &[f32], dist: &mut 
     }
 }
 
+/// Up to this many neighbours, [`smallest`] inserts into a short sorted list; above it, it
+/// selects in linear time (insertion costs O(n·k) when most values enter the list).
+const INSERTION_MAX_K: usize = 64;
+
 /// Partial selection: the `best.len()` smallest values of `dist` (indices into `idx`),
-/// by insertion into a short sorted list. O(n) for small k. Returns how many were found.
-fn smallest(dist: &[f32], best: &mut [f32], idx: &mut [usize]) -> usize {
+/// ascending, ties by the lower index; NaN and +inf are skipped. Returns how many were
+/// found. Up to [`INSERTION_MAX_K`] by insertion into a short sorted list (O(n) for small
+/// k); above it by `select_nth_unstable` over `pairs` (at least `dist.len()` long), then a
+/// sort of the k chosen: O(n + k log k). Both give the same result.
+fn smallest(
+    dist: &[f32],
+    best: &mut [f32],
+    idx: &mut [usize],
+    pairs: &mut [(f32, usize)],
+) -> usize {
     let k = best.len();
     if k == 0 {
         return 0;
+    }
+    if k > INSERTION_MAX_K {
+        let mut c = 0;
+        for (i, &v) in dist.iter().enumerate() {
+            if !v.is_nan() && v != f32::INFINITY {
+                pairs[c] = (v, i);
+                c += 1;
+            }
+        }
+        let by = |a: &(f32, usize), b: &(f32, usize)| {
+            a.0.partial_cmp(&b.0)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.1.cmp(&b.1))
+        };
+        let found = k.min(c);
+        if found < c {
+            pairs[..c].select_nth_unstable_by(found - 1, by);
+        }
+        pairs[..found].sort_unstable_by(by);
+        for (j, &(v, i)) in pairs[..found].iter().enumerate() {
+            best[j] = v;
+            idx[j] = i;
+        }
+        return found;
     }
     let mut filled = 0;
     for (i, &v) in dist.iter().enumerate() {
@@ -370,10 +418,40 @@ mod tests {
         }
         let mut best = [0.0f32; 7];
         let mut idx = [0usize; 7];
-        assert_eq!(smallest(&naive, &mut best, &mut idx), 7);
+        assert_eq!(smallest(&naive, &mut best, &mut idx, &mut []), 7);
         let mut sorted: Vec<usize> = (0..300).collect();
         sorted.sort_by(|&a, &b| naive[a].total_cmp(&naive[b]));
         assert_eq!(idx.to_vec(), sorted[..7].to_vec());
+    }
+
+    /// Insertion (small k) and linear-time selection (large k) both pick what a full sort
+    /// by (distance, index) picks, in that order, excluded (+inf) and NaN rows skipped.
+    #[test]
+    fn selection_by_insertion_and_by_select_nth_agree() {
+        let mut rng = Rng::new(3);
+        // Distances with many ties (rounded), one excluded row and one NaN.
+        let mut dist: Vec<f32> = (0..500).map(|_| rng.uniform(0.0, 20.0).round()).collect();
+        dist[17] = f32::INFINITY;
+        dist[40] = f32::NAN;
+        let mut order: Vec<usize> = (0..500).filter(|&i| i != 17 && i != 40).collect();
+        order.sort_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(a.cmp(&b)));
+        let mut pairs = vec![(0.0, 0); 500];
+        for k in [
+            1,
+            7,
+            INSERTION_MAX_K,
+            INSERTION_MAX_K + 1,
+            300,
+            498,
+            499,
+            500,
+        ] {
+            let mut best = vec![0.0f32; k];
+            let mut idx = vec![0usize; k];
+            let found = smallest(&dist, &mut best, &mut idx, &mut pairs);
+            assert_eq!(found, k.min(498), "k {k}");
+            assert_eq!(idx[..found], order[..found], "k {k}");
+        }
     }
 
     #[test]
