@@ -308,6 +308,12 @@ enum Command {
         /// Configuration file to check.
         #[arg(long)]
         config: PathBuf,
+        /// Also check what `darkwatch run` checks before it tells systemd it is ready:
+        /// `[agent] model_dir` loads (on the configured backend), the configured
+        /// thresholds calibrate on it, and `[retrain] state_dir` can be written (made if
+        /// missing).
+        #[arg(long)]
+        agent: bool,
     },
     /// Print the effective configuration (file, then environment overrides, over defaults).
     PrintConfig {
@@ -1037,9 +1043,28 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Validate { config } => {
-            load_config(Some(&config))?;
-            println!("{}: ok", config.display());
+        Command::Validate { config, agent } => {
+            let cfg = load_config(Some(&config))?;
+            if !agent {
+                println!("{}: ok", config.display());
+                return Ok(());
+            }
+            let model = Detector::load_configured(&cfg.agent.model_dir, &cfg)?;
+            darkwatch::agent::validate(&cfg, &model)?;
+            println!(
+                "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate{}",
+                config.display(),
+                model.id(),
+                model.version(),
+                model.features().len(),
+                model.backend_label(),
+                cfg.agent.model_dir.display(),
+                if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
+                    format!("; {} takes checkpoints", cfg.retrain.state_dir.display())
+                } else {
+                    String::new()
+                }
+            );
             Ok(())
         }
         Command::PrintConfig { config } => {

@@ -610,6 +610,85 @@ fn validate_names_file_key_and_exits_78() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// `validate --agent` checks what `run` checks before it is ready: the model loads, its
+/// thresholds calibrate and the state folder takes files; plain `validate` reads only the
+/// file.
+#[test]
+fn validate_agent_loads_the_model_and_checks_the_state_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let model = repo("models/smd-machine-1-6");
+    let good = cfg(
+        "good.toml",
+        &format!(
+            "[agent]\nmodel_dir = \"{}\"\n[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
+            model.display(),
+            dir.path().join("state").display()
+        ),
+    );
+    let (code, out, err) = run(darkwatch()
+        .args(["validate", "--agent", "--config"])
+        .arg(&good));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("loads and its thresholds calibrate") && out.contains("takes checkpoints"),
+        "{out}"
+    );
+    assert!(dir.path().join("state").is_dir());
+
+    let missing = cfg(
+        "missing.toml",
+        &format!(
+            "[agent]\nmodel_dir = \"{}\"\n",
+            dir.path().join("nowhere").display()
+        ),
+    );
+    let (code, _, _) = run(darkwatch().args(["validate", "--config"]).arg(&missing));
+    assert_eq!(code, 0, "plain validate reads only the file");
+    let (code, _, err) = run(darkwatch()
+        .args(["validate", "--agent", "--config"])
+        .arg(&missing));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nowhere"), "{err}");
+
+    // A threshold the model's held-out scores cannot calibrate.
+    let spot = cfg(
+        "spot.toml",
+        &format!(
+            "[agent]\nmodel_dir = \"{}\"\n[threshold]\nkind = \"dspot\"\ndspot_depth = 100000\n",
+            model.display()
+        ),
+    );
+    let (code, out, err) = run(darkwatch()
+        .args(["validate", "--agent", "--config"])
+        .arg(&spot));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("dspot_depth") || err.contains("scores"),
+        "{err}"
+    );
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let state = cfg(
+        "state.toml",
+        &format!(
+            "[agent]\nmodel_dir = \"{}\"\n[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
+            model.display(),
+            file.display()
+        ),
+    );
+    let (code, _, err) = run(darkwatch()
+        .args(["validate", "--agent", "--config"])
+        .arg(&state));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("[retrain] state_dir"), "{err}");
+}
+
 /// A build without the `onnx` feature refuses the ONNX backend up front, with the rebuild
 /// command, from the config and from the command line alike.
 #[cfg(not(feature = "onnx"))]
