@@ -47,7 +47,9 @@ pub struct AlertConfig {
     pub alertname: String,
     /// The `severity` label.
     pub severity: String,
-    /// How many features (largest blame over the episode) an event names.
+    /// How many features (largest blame over the episode) an event names. The blame sums
+    /// each frame's top `[score] top_contributions`, so an event can name more only when
+    /// different frames blame different features.
     pub top_features: usize,
 }
 
@@ -60,7 +62,7 @@ impl Default for AlertConfig {
             suppress_frames: 0,
             alertname: "DarkwatchAnomaly".into(),
             severity: "warning".into(),
-            top_features: 5,
+            top_features: 3,
         }
     }
 }

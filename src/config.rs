@@ -656,15 +656,39 @@ impl DarkwatchConfig {
     }
 
     /// The effective configuration as TOML (what `darkwatch print-config` shows).
+    /// The effective configuration as TOML, for `print-config`: a set `[mqtt] password`
+    /// shows as `"<set>"`, so that the output can be pasted into a ticket.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut shown = self.clone();
+        if !shown.mqtt.password.is_empty() {
+            shown.mqtt.password = REDACTED.into();
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
+
+/// What `print-config` shows for a password that is set.
+pub const REDACTED: &str = "<set>";
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn print_config_hides_a_set_password() {
+        let mut cfg = DarkwatchConfig::default();
+        assert!(cfg.to_toml().contains("password = \"\""));
+        cfg.mqtt.username = "ops".into();
+        cfg.mqtt.password = "hunter2".into();
+        let text = cfg.to_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(
+            text.contains(&format!("password = \"{REDACTED}\"")),
+            "{text}"
+        );
+        assert_eq!(cfg.mqtt.password, "hunter2");
+    }
 
     fn write(text: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
