@@ -723,14 +723,10 @@ struct AgentSource {
     assembler: Assembler,
     streams: Arc<Mutex<Vec<String>>>,
     counters: Arc<AgentCounters>,
-    /// The newest sample time seen, and when (wall clock) it arrived: the event-time clock
-    /// that closes the windows of a quiet stream. Event time, not wall time, so a replay
-    /// of old data at any speed closes windows exactly as live data would.
-    newest: Option<(f64, std::time::Instant)>,
     /// Streams whose names are already in `streams`.
     known_streams: usize,
-    /// See [`AgentSource::take`].
-    max_clock_jump: f64,
+    /// The assembled frame's features, in order (for the log line of an incomplete one).
+    feature_names: Vec<String>,
     /// Lag windows per stream, for a windowed model (see [`crate::window::StreamWindows`]).
     windows: crate::window::StreamWindows,
 }
@@ -756,9 +752,8 @@ impl AgentSource {
             assembler: cfg.assemble.build(model.frame_features().to_vec())?,
             streams: Arc::default(),
             counters: counters.clone(),
-            newest: None,
             known_streams: 0,
-            max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * cfg.assemble.window_secs),
+            feature_names: model.frame_features().to_vec(),
             // Assembled frames come once per window: a silence longer than a lag window's
             // span leaves only stale history. Raw frames keep no such clock.
             windows: crate::window::StreamWindows::new(
@@ -772,18 +767,13 @@ impl AgentSource {
         })
     }
 
-    /// Event time now: the newest sample's time plus the wall time since it arrived.
-    fn event_now(&self) -> f64 {
-        self.newest
-            .map_or(f64::NAN, |(t, at)| t + at.elapsed().as_secs_f64())
-    }
-
     fn emit(&mut self, producer: &mut FrameProducer, clock: &Clock, now: Option<f64>) -> u64 {
         let mut pushed = 0;
         let streams = &self.streams;
         let counters = &self.counters;
         let known = &mut self.known_streams;
         let windows = &mut self.windows;
+        let names = &self.feature_names;
         let mut push = |f: crate::ingest::assemble::FrameOut<'_>| {
             // A new stream (rare): publish its name for the sink; no lock otherwise.
             let i = f.stream_index as usize;
@@ -797,7 +787,8 @@ impl AgentSource {
                 *known = s.len();
             }
             if f.incomplete {
-                counters.frames_incomplete.fetch_add(1, Ordering::Relaxed);
+                let before = counters.frames_incomplete.fetch_add(1, Ordering::Relaxed);
+                incomplete_frame(before + 1, f.stream, f.values, names);
             }
             counters.frames.fetch_add(1, Ordering::Relaxed);
             let meta = FrameMeta {
@@ -814,7 +805,7 @@ impl AgentSource {
             }
         };
         match now {
-            Some(t) => self.assembler.poll(t, &mut push),
+            Some(wall) => self.assembler.poll_streams(wall, &mut push),
             None => self.assembler.flush(&mut push),
         }
         pushed
@@ -822,10 +813,9 @@ impl AgentSource {
 }
 
 impl AgentSource {
-    /// Decodes one message into the assembler, counting what is rejected. The event clock
-    /// moves only with accepted samples, and never jumps more than [`MAX_CLOCK_JUMP_SECS`]
-    /// (or ten windows) ahead: one sample with a wrong clock must not close every
-    /// stream's windows.
+    /// Decodes one message into the assembler, counting what is rejected. Each stream
+    /// keeps its own event clock in the assembler ([`Assembler::poll_streams`]), so a
+    /// sender with a wrong clock closes only its own windows.
     /// Returns the frames pushed to the ring directly (raw input only).
     fn take(&mut self, msg: &Received<'_>, producer: Option<(&mut FrameProducer, &Clock)>) -> u64 {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
@@ -833,8 +823,6 @@ impl AgentSource {
             decoder,
             assembler,
             counters,
-            newest,
-            max_clock_jump,
             streams,
             known_streams,
             windows,
@@ -844,17 +832,16 @@ impl AgentSource {
             if let Err(why) = assembler.push_received(sample, msg.received) {
                 let before = counters.samples_rejected_by_reason[why.reason_index()]
                     .fetch_add(1, Ordering::Relaxed);
-                if why == Reject::TooManyStreams {
-                    stream_refused(before + 1, &sample.stream);
+                match why {
+                    Reject::TooManyStreams => stream_refused(before + 1, &sample.stream),
+                    Reject::UnknownMetric => unknown_metric(
+                        before + 1,
+                        &sample.stream,
+                        &sample.metric,
+                        assembler.feature_names(),
+                    ),
+                    _ => {}
                 }
-                return;
-            }
-            match *newest {
-                None => *newest = Some((sample.timestamp, std::time::Instant::now())),
-                Some((t, _)) if sample.timestamp > t && sample.timestamp - t <= *max_clock_jump => {
-                    *newest = Some((sample.timestamp, std::time::Instant::now()));
-                }
-                _ => {}
             }
         };
         match decoder {
@@ -931,6 +918,41 @@ impl AgentSource {
 
 /// Logs a refused new stream (`[assemble] max_streams` reached) at the 1st, 2nd, 4th, 8th…
 /// refusal, so an operator learns why a node is not scored without a line per sample.
+/// Logs the 1st, 2nd, 4th, 8th… incomplete frame: its stream and the features it lacks.
+fn incomplete_frame(count: u64, stream: &str, values: &[f32], names: &[String]) {
+    if !count.is_power_of_two() {
+        return;
+    }
+    let missing: Vec<&str> = values
+        .iter()
+        .zip(names)
+        .filter(|(v, _)| v.is_nan())
+        .map(|(_, n)| n.as_str())
+        .collect();
+    tracing::warn!(
+        stream = ?crate::ingest::Clipped(stream),
+        missing = %missing.iter().take(8).copied().collect::<Vec<_>>().join(","),
+        features_missing = missing.len(),
+        incomplete_frames = count,
+        "a frame is incomplete: these features had no sample in its window nor within [assemble] stale_secs before it; it is counted (darkwatch_frames_incomplete_total) and not scored"
+    );
+}
+
+/// Logs the 1st, 2nd, 4th, 8th… sample whose metric the model does not know.
+fn unknown_metric(count: u64, stream: &str, metric: &str, features: &[String]) {
+    if !count.is_power_of_two() {
+        return;
+    }
+    let expected: Vec<&str> = features.iter().take(3).map(String::as_str).collect();
+    tracing::warn!(
+        stream = ?crate::ingest::Clipped(stream),
+        metric = ?crate::ingest::Clipped(metric),
+        expected = %format!("{}{}", expected.join(","), if features.len() > 3 { ",…" } else { "" }),
+        rejected = count,
+        "a sample's metric is not one of the model's features; it is counted (darkwatch_samples_rejected_total{{reason=\"unknown_metric\"}}) and skipped. Telegraf metrics are named <measurement>.<field>"
+    );
+}
+
 fn stream_refused(refusals: u64, stream: &str) {
     if refusals.is_power_of_two() {
         tracing::warn!(
@@ -951,9 +973,6 @@ fn queued(counters: &AgentCounters, pushed: Pushed, values: &[f32]) {
         counters.frames_queued.fetch_add(1, Ordering::Relaxed);
     }
 }
-
-/// Largest step of the event clock from one sample (see [`AgentSource::take`]).
-pub const MAX_CLOCK_JUMP_SECS: f64 = 3600.0;
 
 /// How often the source thread turns while the MQTT thread feeds the ring: it checks for
 /// a stop or a reload, beats the watchdog's heartbeat, and, once no message came for a
@@ -1035,10 +1054,10 @@ impl Feed {
         }
     }
 
-    /// Closes the windows of quiet streams by the event clock (no message for a while).
+    /// Closes the windows of quiet streams by their event clocks (no message for a while).
     fn poll_clock(&mut self) {
         if let Some((producer, clock)) = self.ring.as_mut() {
-            let now = self.source.event_now();
+            let now = crate::mqtt::epoch_secs();
             self.offered += self.source.emit(producer, clock, Some(now));
         }
     }
@@ -1339,9 +1358,8 @@ mod tests {
             assembler: cfg.assemble.build(features).unwrap(),
             streams: Arc::default(),
             counters: Arc::default(),
-            newest: None,
             known_streams: 0,
-            max_clock_jump: MAX_CLOCK_JUMP_SECS.max(10.0 * window_secs),
+            feature_names: vec!["a".into(), "b".into()],
             windows: crate::window::StreamWindows::new(1, 2, f64::INFINITY),
         }
     }
@@ -1378,21 +1396,23 @@ mod tests {
     }
 
     #[test]
-    fn event_clock_ignores_rejected_and_far_future_samples() {
+    fn a_sender_with_a_fast_clock_does_not_make_other_streams_late() {
         let mut src = source(1.0);
         src.take_one(&msg("n1", "a", 1.0, 1000.0));
-        assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
-        // An unknown metric is rejected and does not move the clock.
+        // An unknown metric is rejected.
         src.take_one(&msg("other", "zzz", 1.0, 5000.0));
-        assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
         assert_eq!(src.counters.samples_rejected(), 1);
-        // A known metric with a clock far ahead lands in its own stream but does not
-        // drag every stream's clock with it.
-        src.take_one(&msg("n2", "a", 1.0, 1e9));
-        assert_eq!(src.newest.map(|n| n.0), Some(1000.0));
-        // Ordinary progress moves it.
-        src.take_one(&msg("n1", "b", 1.0, 1001.0));
-        assert_eq!(src.newest.map(|n| n.0), Some(1001.0));
+        // A node 3 s ahead, and one far in the future, land in their own streams...
+        src.take_one(&msg("n2", "a", 1.0, 1003.0));
+        src.take_one(&msg("n3", "a", 1.0, 1e9));
+        // ...and closing quiet windows now does not close n1's: its next samples land.
+        let mut closed = Vec::new();
+        src.assembler
+            .poll_streams(1000.5, &mut |f| closed.push(f.stream.to_string()));
+        assert!(!closed.contains(&"n1".to_string()), "{closed:?}");
+        src.take_one(&msg("n1", "b", 1.0, 1000.5));
+        src.take_one(&msg("n1", "a", 1.0, 1001.2));
+        assert_eq!(src.counters.samples_rejected(), 1);
         // Garbage is counted, never a panic.
         src.take_one(&Incoming {
             topic: "nonsense".into(),
@@ -1400,7 +1420,7 @@ mod tests {
             received: 0.0,
         });
         assert_eq!(src.counters.decode_errors(), 1);
-        assert_eq!(src.counters.messages.load(Ordering::Relaxed), 5);
+        assert_eq!(src.counters.messages.load(Ordering::Relaxed), 7);
     }
 
     #[test]

@@ -732,7 +732,7 @@ fn mqtt_options(cfg: &MqttConfig, status_topic: &str) -> Result<MqttOptions, Mqt
     Ok(options)
 }
 
-fn epoch_secs() -> f64 {
+pub(crate) fn epoch_secs() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

@@ -1339,7 +1339,11 @@ fn compact_finite(
         let skipped = (metas.len() - keep) as u64;
         let total = invalid.load(Ordering::Relaxed);
         if (total + 1 - skipped..=total).any(u64::is_power_of_two) {
-            tracing::warn!(skipped, total, "Frames with NaN/Inf values skipped.");
+            tracing::warn!(
+                skipped,
+                total,
+                "Frames with a NaN or infinite value skipped; an assembled frame lacks a value when a feature had no sample recently enough (darkwatch_frames_incomplete_total)."
+            );
         }
     }
     keep

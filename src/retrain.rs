@@ -1202,7 +1202,10 @@ impl Admission {
     }
 }
 
-/// Most candidates held for their guard window.
+/// A scored frame waiting for its guard: its meta, raw values and clean flag.
+type Pending = (FrameMeta, Box<[f32]>, bool);
+
+/// Most candidates one stream holds for their guard window.
 const MAX_PENDING: usize = 1 << 16;
 
 /// Online retraining beside the sink (on the scorer thread in the agent, on the sink thread
@@ -1214,8 +1217,10 @@ pub struct SinkSide {
     admission: Admission,
     values: FrameConsumer,
     requests: Sender<Request>,
-    /// Frames waiting for their guard, oldest first, with their values and clean flag.
-    pending: VecDeque<(FrameMeta, Box<[f32]>, bool)>,
+    /// Per stream, frames waiting for their guard, oldest first, with their values and
+    /// clean flag. One queue per stream: a stream that falls silent holds only its own
+    /// candidates, not every other stream's.
+    pending: Vec<VecDeque<Pending>>,
     pool: Vec<Box<[f32]>>,
     meta_buf: [FrameMeta; 1],
     buf: Vec<f32>,
@@ -1263,7 +1268,7 @@ impl SinkSide {
             admission,
             values,
             requests,
-            pending: VecDeque::new(),
+            pending: Vec::new(),
             pool: Vec::new(),
             meta_buf: [FrameMeta::default()],
             buf: vec![0.0; d],
@@ -1299,6 +1304,7 @@ impl SinkSide {
         let stream = f.meta.stream as usize;
         if self.latest.len() <= stream {
             self.latest.resize(stream + 1, 0);
+            self.pending.resize_with(stream + 1, VecDeque::new);
         }
         self.latest[stream] = f.meta.seq;
         let len = self.reservoir_len();
@@ -1316,9 +1322,9 @@ impl SinkSide {
                 .pop()
                 .unwrap_or_else(|| vec![0.0; self.buf.len()].into_boxed_slice());
             slot.copy_from_slice(&self.buf);
-            self.pending.push_back((f.meta, slot, candidate));
+            self.pending[stream].push_back((f.meta, slot, candidate));
         }
-        self.release();
+        self.release(stream);
         if f.meta.seq >= self.hold_until
             && let Some(trigger) = self.deferred.take()
         {
@@ -1350,18 +1356,19 @@ impl SinkSide {
         self.shared.reservoir.lock().map_or(0, |r| r.clean_len())
     }
 
-    /// Moves candidates whose guard has passed into the reservoir (or drops them).
-    /// Candidates are decided oldest first; a stream that falls silent holds the queue up
-    /// to [`MAX_PENDING`] frames, past which its oldest candidates are dropped unlearned.
-    fn release(&mut self) {
-        while let Some((meta, _, _)) = self.pending.front() {
-            let now = self.latest.get(meta.stream as usize).copied().unwrap_or(0);
+    /// Moves `stream`'s candidates whose guard has passed into the reservoir (or drops
+    /// them), oldest first. A stream holds at most [`MAX_PENDING`] of them, past which its
+    /// oldest are dropped unlearned.
+    fn release(&mut self, stream: usize) {
+        let now = self.latest[stream];
+        let queue = &mut self.pending[stream];
+        while let Some((meta, _, _)) = queue.front() {
             let admit = match self.admission.release(meta.stream, meta.seq, now) {
                 Some(admit) => admit,
-                None if self.pending.len() > MAX_PENDING => false,
+                None if queue.len() > MAX_PENDING => false,
                 None => break,
             };
-            let (meta, values, clean) = self.pending.pop_front().expect("front exists");
+            let (meta, values, clean) = queue.pop_front().expect("front exists");
             if admit && let Ok(mut r) = self.shared.reservoir.lock() {
                 r.offer(meta.seq, &values, clean);
                 self.shared

@@ -9,8 +9,9 @@
 //! ([`crate::ring`]). Raw frames ([`super::raw`]) skip this step.
 //!
 //! A window closes once a sample of the same stream lands `lateness_windows + 1`
-//! windows later, or once the caller's clock ([`Assembler::poll`]'s `now`) is that far
-//! past it; with `close_when_complete`, also as soon as every feature has a sample in it
+//! windows later, or once the stream's own clock ([`Assembler::poll_streams`]: its newest
+//! sample's time plus the wall time since that sample arrived) or the caller's clock
+//! ([`Assembler::poll`]'s `now`) is that far past it; with `close_when_complete`, also as soon as every feature has a sample in it
 //! (with the stream's older windows), so that its frame leaves with the last metric. Windows that received no sample at all produce no frame. Memory is bounded:
 //! at most `max_streams` streams, each with `(lateness_windows + 1) × d` accumulators
 //! sized when the stream first appears; after warm-up a sample for a known stream
@@ -367,6 +368,9 @@ struct StreamState {
     /// Last emitted value of each feature and the window it came from.
     last_val: Vec<f64>,
     last_window: Vec<Option<i64>>,
+    /// The stream's newest accepted sample time and when it arrived (wall clock, epoch
+    /// seconds): this stream's event clock (see [`Assembler::poll_streams`]).
+    clock: Option<(f64, f64)>,
 }
 
 impl StreamState {
@@ -384,6 +388,7 @@ impl StreamState {
             count: vec![0; slots * d],
             last_val: vec![f64::NAN; d],
             last_window: vec![None; d],
+            clock: None,
         }
     }
 }
@@ -536,6 +541,13 @@ impl Assembler {
             self.counters.late_dropped += 1;
             return Err(Reject::Late);
         }
+        if received > 0.0
+            && self.streams[idx]
+                .clock
+                .is_none_or(|(t, _)| s.timestamp >= t)
+        {
+            self.streams[idx].clock = Some((s.timestamp, received));
+        }
         if self.streams[idx].newest.is_none_or(|n| w > n) {
             self.streams[idx].newest = Some(w);
             self.close(idx, w.saturating_sub(self.lateness));
@@ -676,6 +688,29 @@ impl Assembler {
             let before = self.window_of(now).saturating_sub(self.lateness);
             for idx in 0..self.streams.len() {
                 self.close(idx, before);
+            }
+        }
+        self.drain(out);
+    }
+
+    /// Closes, per stream, every window that the stream's own clock puts more than
+    /// `lateness_windows` windows in the past, then hands out every closed frame. A
+    /// stream's clock is its newest sample's time plus the wall time since that sample
+    /// arrived (`wall_now` and the receipt times of [`Self::push_received`], epoch
+    /// seconds): a node whose clock runs ahead, or one far-future timestamp, closes only
+    /// its own stream's windows, and a replay of old data closes them as live data would.
+    /// Streams whose samples carry no receipt time close by data only.
+    pub fn poll_streams(&mut self, wall_now: f64, out: &mut impl FnMut(FrameOut<'_>)) {
+        if wall_now.is_finite() {
+            for idx in 0..self.streams.len() {
+                let Some((t, at)) = self.streams[idx].clock else {
+                    continue;
+                };
+                let now = t + (wall_now - at).max(0.0);
+                if now.is_finite() {
+                    let before = self.window_of(now).saturating_sub(self.lateness);
+                    self.close(idx, before);
+                }
             }
         }
         self.drain(out);
@@ -951,6 +986,45 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert!(got[0].incomplete && got[0].values[1].is_nan());
         assert_eq!(got[0].end, 10.0);
+    }
+
+    /// Each stream closes its windows by its own clock: its newest sample's time plus the
+    /// wall time since that sample arrived. A node whose clock runs 3 s ahead used to
+    /// move one shared clock, so every other node's samples came in "late".
+    #[test]
+    fn each_stream_closes_its_windows_by_its_own_clock() {
+        let cfg = AssemblerConfig {
+            window_secs: 1.0,
+            lateness_windows: 1,
+            ..Default::default()
+        };
+        let mut a = asm(cfg, &["x"]);
+        let at = |stream: &'static str, t: f64| sample(stream, "x", 1.0, t);
+        // Arrivals at wall time 5000 and 5000.1; "fast" stamps 3 s ahead of "ok".
+        a.push_received(&at("ok", 1000.2), 5000.0).unwrap();
+        a.push_received(&at("fast", 1003.2), 5000.1).unwrap();
+        let poll = |a: &mut Assembler, wall: f64| {
+            let mut out = Vec::new();
+            a.poll_streams(wall, &mut |f| {
+                out.push((f.stream.to_string(), f.window_end))
+            });
+            out
+        };
+        // Half a second later "ok" is still in window 1000, which stays open.
+        let out = poll(&mut a, 5000.5);
+        assert!(out.is_empty(), "{out:?}");
+        a.push_received(&at("ok", 1000.6), 5000.6).unwrap();
+        a.push_received(&at("ok", 1001.1), 5001.1).unwrap();
+        assert_eq!(a.counters().late_dropped, 0);
+        // Once each stream's own clock is two windows past, its windows close.
+        assert_eq!(
+            poll(&mut a, 5003.5),
+            [
+                ("ok".to_string(), 1001.0),
+                ("ok".to_string(), 1002.0),
+                ("fast".to_string(), 1004.0)
+            ]
+        );
     }
 
     #[test]

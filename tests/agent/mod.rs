@@ -728,23 +728,29 @@ fn agent_retrains_online_and_resumes_from_its_checkpoint() {
     )
     .unwrap()
     .values;
-    let raw = |lo: usize, hi: usize| -> Vec<(String, Vec<u8>)> {
+    let raw_on = |topic: &str, lo: usize, hi: usize| -> Vec<(String, Vec<u8>)> {
         (lo..hi)
             .map(|i| {
                 let bytes = frames.row(i).iter().flat_map(|v| v.to_le_bytes()).collect();
-                ("act/node1".to_string(), bytes)
+                (topic.to_string(), bytes)
             })
             .collect()
     };
+    let raw = |lo: usize, hi: usize| raw_on("act/node1", lo, hi);
 
     let mut agent = Agent::start(&cfg, metrics, &[]);
     agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
     agent.wait_metric("darkwatch_model_version", |v| v == 0.0);
+    // A stream that sends 10 frames and falls silent first: its candidates never see
+    // their guard pass. They once held every later stream's frames out of the reservoir
+    // (one queue for all streams), so nothing was learnt and no retrain came.
+    publish_all(broker, &raw_on("act/quiet", 0, 10));
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 10.0);
     // In steps, so that a burst does not overflow the input ring (drops are counted, but
     // this test wants every frame scored).
     for step in 0..12 {
         publish_all(broker, &raw(500 * step, 500 * (step + 1)));
-        let want = (500 * (step + 1)) as f64;
+        let want = (10 + 500 * (step + 1)) as f64;
         agent.wait_metric("darkwatch_frames_scored_total", |v| v >= want);
     }
     let accepted = agent.wait_metric("darkwatch_retrains_total{result=\"accepted\"}", |v| {
@@ -975,4 +981,49 @@ fn agent_scores_lag_windows_per_stream() {
     agent.wait_metric(firing, |v| v >= 1.0);
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
+}
+
+/// One node whose clock runs 3 s ahead closes only its own windows: the event clock is per
+/// stream. It used to be one clock for every stream, so the fast node's timestamps closed
+/// the other nodes' windows and their samples all came in `late`.
+#[test]
+fn a_node_with_a_fast_clock_does_not_make_the_others_late() {
+    let (dir, model, test_csv, _) = crate::trained();
+    let broker = free_port();
+    let metrics = free_port();
+    let mqtt = format!("port = {broker}\nnode_name = \"skew\"\n");
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "",
+        &mqtt,
+        "[assemble]\nwindow_secs = 1.0\nlateness_windows = 1\n",
+    );
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let data = rows(&test_csv);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    // Six rows a second apart from each node, in real time; "fast" stamps 3 s ahead.
+    for i in 0..6 {
+        let t = now();
+        let mut msgs = examon("o", "ok", &data[i..i + 1], t);
+        msgs.extend(examon("o", "fast", &data[i..i + 1], t + 3.0));
+        publish_all(broker, &msgs);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    // Both nodes' windows close (by their own clocks) and become frames.
+    agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 10.0);
+    let late = agent
+        .metric("darkwatch_samples_rejected_total{reason=\"late\"}")
+        .unwrap();
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert_eq!(late, 0.0, "{err}");
 }
