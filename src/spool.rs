@@ -44,7 +44,10 @@
 //! begin at a known boundary and are still read, in order. A missing or corrupt cursor
 //! means "start at the oldest segment": duplicates, never loss.
 //!
-//! One process owns a spool directory; nothing locks it.
+//! One process owns a spool directory: [`Spool::open`] takes an exclusive `flock` on its
+//! `lock` file and refuses a directory another live spool holds (two agents sharing one
+//! would each re-send the other's alerts and delete its segments). The lock dies with the
+//! process.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -68,6 +71,7 @@ const SEGMENT_SUFFIX: &str = ".spool";
 const CURSOR_FILE: &str = "cursor";
 const CURSOR_TMP_FILE: &str = "cursor.tmp";
 const CURSOR_BYTES: usize = 20;
+const LOCK_FILE: &str = "lock";
 
 /// Where the spool lives and how large it may grow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +141,11 @@ pub enum SpoolError {
         payload_bytes: usize,
         segment_limit_bytes: u64,
     },
+    #[error(
+        "{dir}: another darkwatch process holds this spool directory (its `lock` file); \
+         give each agent its own [spool] dir"
+    )]
+    Locked { dir: PathBuf },
     #[error("{path}: corrupt record at byte {offset}: {reason}")]
     Corrupt {
         path: PathBuf,
@@ -196,6 +205,8 @@ pub struct Spool {
     /// The head record once read by `peek`, so `ack` need not read it again.
     head: Option<Head>,
     stats: SpoolStats,
+    /// The directory's `lock` file, locked exclusively while this spool is open.
+    _lock: File,
 }
 
 impl Spool {
@@ -211,6 +222,7 @@ impl Spool {
             .map_err(|(key, reason)| SpoolError::Config { key, reason })?;
         let dir = cfg.dir.clone();
         fs::create_dir_all(&dir).map_err(io_err(&dir, "create the spool directory"))?;
+        let lock = lock_dir(&dir)?;
         let tmp = dir.join(CURSOR_TMP_FILE);
         match fs::remove_file(&tmp) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -318,6 +330,7 @@ impl Spool {
                 truncated_tail,
                 ..SpoolStats::default()
             },
+            _lock: lock,
         };
         spool.delete_consumed_segments()?;
         if spool.bytes() > spool.cfg.max_bytes {
@@ -629,6 +642,30 @@ fn record_crc(payload: &[u8]) -> u32 {
     crc32_update(crc32(&len.to_le_bytes()), payload)
 }
 
+/// Opens `dir/lock` and takes an exclusive, non-blocking `flock` on it.
+fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path, "open the lock file"))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            SpoolError::Locked {
+                dir: dir.to_path_buf(),
+            }
+        } else {
+            io_err(&path, "lock the spool directory")(e)
+        });
+    }
+    Ok(file)
+}
+
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SpoolError {
     let path = path.to_path_buf();
     move |source| SpoolError::Io { path, op, source }
@@ -836,6 +873,19 @@ mod tests {
         assert_eq!(segment_files(dir.path()), vec![4]);
         let stats = spool.stats();
         assert_eq!((stats.appended, stats.acked, stats.pending), (20, 20, 0));
+    }
+
+    #[test]
+    fn a_directory_held_by_an_open_spool_is_refused_until_it_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = Spool::open(cfg(dir.path(), 1 << 20)).unwrap();
+        first.append(b"a").unwrap();
+        let err = Spool::open(cfg(dir.path(), 1 << 20)).unwrap_err();
+        assert!(matches!(err, SpoolError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("[spool] dir"), "{err}");
+        drop(first);
+        let mut again = Spool::open(cfg(dir.path(), 1 << 20)).unwrap();
+        assert_eq!(again.peek().unwrap().as_deref(), Some(&b"a"[..]));
     }
 
     #[test]
