@@ -466,7 +466,7 @@ pub fn run_with(
         });
         // The source hands itself back when it ended its turn for a reload.
         let Some(back) = handback.lock().ok().and_then(|mut h| h.take()) else {
-            done.end_alerts();
+            done.end_alerts(ENDED_BY_STOP);
             break Ok(done);
         };
         source = *back;
@@ -626,6 +626,13 @@ impl Retraining {
     }
 }
 
+/// The `ended_by` annotation of an alert resolved because the agent stopped.
+pub const ENDED_BY_STOP: &str =
+    "the agent stopped: resolved without the scores falling, the anomaly may still be going on";
+/// The `ended_by` annotation of an alert resolved because a reload changed the model, its
+/// thresholds or its input.
+pub const ENDED_BY_RELOAD: &str = "a reload changed the model, thresholds or input: resolved without the scores falling, the anomaly may still be going on";
+
 /// Where a source that ends its turn for a reload puts itself.
 type Handback = Arc<Mutex<Option<Box<FeedTurn>>>>;
 
@@ -687,7 +694,7 @@ fn apply_reload(
     let streams = lock(&source.feed).source.streams.clone();
     if !keep_alerts {
         // The old model's alerts end here; the new one starts from a clean state.
-        sink.end_alerts();
+        sink.end_alerts(ENDED_BY_RELOAD);
         let fresh = AgentSink::new(
             &cfg,
             &model,
@@ -1246,10 +1253,13 @@ impl AgentSink {
     }
 
     /// Resolves every firing alert (the agent stops, or a reload replaces the model).
-    fn end_alerts(&mut self) {
+    /// Resolves every firing alert because the agent stops or changes model: each event
+    /// says so in its `ended_by` annotation, since the anomaly may still be going on.
+    fn end_alerts(&mut self, why: &str) {
         let mut ending = Vec::new();
         for (_, alerts) in self.per_stream.iter_mut().flatten() {
-            if let Some(e) = alerts.finish() {
+            if let Some(mut e) = alerts.finish() {
+                e.annotations.insert("ended_by".into(), why.into());
                 ending.push(e);
             }
         }

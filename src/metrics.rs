@@ -61,7 +61,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 9] = [
+    let counters: [(&str, &str, u64); 11] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -106,6 +106,16 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_alerts_acked_total",
             "Alert events the broker acknowledged.",
             load(&m.acked),
+        ),
+        (
+            "darkwatch_alerts_rejected_total",
+            "Alert events lost before or in the spool: an invalid topic, too large for a spool record ([spool] max_bytes / 8) or an MQTT packet, a spool I/O error, or unreadable in the spool.",
+            load(&m.outgoing_rejected),
+        ),
+        (
+            "darkwatch_alerts_spool_dropped_total",
+            "Unacknowledged alert events deleted, oldest first, from a full spool ([spool] max_bytes) to make room: lost.",
+            load(&m.spool_dropped),
         ),
     ];
     for (name, help, value) in counters {
@@ -272,11 +282,13 @@ pub fn serve(listen: &str, exposed: Exposed, stop: Arc<AtomicBool>) -> std::io::
                             }
                         }
                         let request = String::from_utf8_lossy(&buf[..n]);
-                        let response = if request.starts_with("GET /metrics") {
+                        let head = request.starts_with("HEAD /metrics");
+                        let response = if head || request.starts_with("GET /metrics") {
                             let body = render(&exposed);
                             format!(
-                                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                                body.len()
+                                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                                body.len(),
+                                if head { "" } else { &body }
                             )
                         } else {
                             "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
@@ -304,7 +316,11 @@ mod tests {
         counters.alerts_firing.fetch_add(2, Ordering::Relaxed);
         let exposed = Exposed {
             counters,
-            mqtt: Arc::default(),
+            mqtt: Arc::new(MqttStats {
+                outgoing_rejected: 4.into(),
+                spool_dropped: 2.into(),
+                ..MqttStats::default()
+            }),
             model_id: "abc123".into(),
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -346,7 +362,20 @@ mod tests {
             body.contains("darkwatch_alert_latency_seconds_bucket{le=\"+Inf\"} 0\n"),
             "{body}"
         );
+        // Lost alerts, by how they were lost.
+        assert!(
+            body.contains("\ndarkwatch_alerts_rejected_total 4\n")
+                && body.contains("\ndarkwatch_alerts_spool_dropped_total 2\n"),
+            "{body}"
+        );
         assert!(get("/other").starts_with("HTTP/1.1 404"));
+        // HEAD: the headers of GET, no body.
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        write!(conn, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut head = String::new();
+        conn.read_to_string(&mut head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
         stop.store(true, Ordering::SeqCst);
         assert!(
             MetricsConfig {

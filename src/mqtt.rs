@@ -81,7 +81,11 @@ pub const MAX_OUTGOING_PACKET_BYTES: usize = 1 << 20;
 pub const MAX_INFLIGHT: u16 = u16::MAX - 16;
 
 /// Payload of the last will and of the status published on a clean stop.
-pub const OFFLINE_PAYLOAD: &str = r#"{"status":"offline"}"#;
+/// The retained status of node `node`: `{"status":"online"|"offline","node":…}`.
+pub fn status_payload(online: bool, node: &str) -> String {
+    serde_json::json!({"status": if online { "online" } else { "offline" }, "node": node})
+        .to_string()
+}
 
 /// How long [`spawn_client`]'s thread keeps flushing after `stop` is set.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
@@ -607,7 +611,7 @@ impl ClientStop {
 /// after `stop`. See the module docs for the publishing scheme.
 ///
 /// - Connects with a clean session, keep-alive, optional credentials and a retained last
-///   will [`OFFLINE_PAYLOAD`] on the status topic. On every ConnAck it subscribes all
+///   will [`status_payload`] (offline) on the status topic. On every ConnAck it subscribes all
 ///   filters at QoS 1 and publishes a retained `{"status":"online","node":…}`.
 /// - Every received publish goes to `inbox`, on this thread; one it refuses is dropped
 ///   (counted).
@@ -719,7 +723,7 @@ fn mqtt_options(cfg: &MqttConfig, status_topic: &str) -> Result<MqttOptions, Mqt
         .set_max_packet_size(MAX_INCOMING_PACKET_BYTES, MAX_OUTGOING_PACKET_BYTES)
         .set_last_will(LastWill::new(
             status_topic,
-            OFFLINE_PAYLOAD,
+            status_payload(false, &cfg.node()),
             QoS::AtLeastOnce,
             true,
         ));
@@ -811,6 +815,7 @@ struct Session {
     filters: Vec<String>,
     status_topic: String,
     online: String,
+    offline: String,
     connected: bool,
     disconnect_sent: bool,
 }
@@ -879,7 +884,8 @@ async fn run_client(
         client,
         filters: cfg.subscribe.clone(),
         status_topic,
-        online: serde_json::json!({"status": "online", "node": node}).to_string(),
+        online: status_payload(true, &node),
+        offline: status_payload(false, &node),
         connected: false,
         disconnect_sent: false,
     };
@@ -959,7 +965,8 @@ async fn run_client(
     }
 
     if session.connected {
-        session.publish_status(&mut publisher, OFFLINE_PAYLOAD.to_string());
+        let offline = session.offline.clone();
+        session.publish_status(&mut publisher, offline);
         match session.client.try_disconnect() {
             Ok(()) => {
                 let until = tokio::time::Instant::now() + DISCONNECT_WAIT;
@@ -1853,7 +1860,10 @@ mod tests {
         assert!(!stats.connected.load(Ordering::Relaxed));
         // A clean stop leaves the retained status offline.
         let after = Subscriber::new(port, "darkwatch/n/status");
-        assert_eq!(&after.recv().payload[..], OFFLINE_PAYLOAD.as_bytes());
+        assert_eq!(
+            &after.recv().payload[..],
+            status_payload(false, "n").as_bytes()
+        );
         assert_eq!(spool_at(dir.path(), 1 << 20).len(), 0);
     }
 

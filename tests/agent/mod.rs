@@ -362,7 +362,11 @@ fn agent_ingests_examon_from_mosquitto_and_publishes_alerts_to_it() {
     // A clean stop leaves the retained status offline.
     let mut late = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
     late.wait("the retained status", |got| !got.is_empty());
-    assert_eq!(&late.got[0].payload[..], br#"{"status":"offline"}"#);
+    let offline: serde_json::Value = serde_json::from_slice(&late.got[0].payload).unwrap();
+    assert_eq!(
+        offline,
+        serde_json::json!({"status": "offline", "node": node})
+    );
 }
 
 #[test]
@@ -1026,4 +1030,43 @@ fn a_node_with_a_fast_clock_does_not_make_the_others_late() {
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
     assert_eq!(late, 0.0, "{err}");
+}
+
+/// An alert still firing when the agent stops is resolved, and says why: the scores did
+/// not fall, so an operator must not read the resolution as the incident's end.
+#[test]
+fn an_alert_ended_by_a_stop_says_so() {
+    let (dir, model, test_csv, _) = crate::trained();
+    let broker = free_port();
+    let metrics = free_port();
+    let node = unique("stop");
+    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\n");
+    let cfg = config(dir.path(), "agent.toml", &model, metrics, "", &mqtt, "");
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
+    // Rows 690..716 end inside the injected anomaly (rows 700..720, +4 on m00).
+    let data = rows(&test_csv);
+    publish_all(broker, &examon("o", "n1", &data[690..716], 1_800_000_000.0));
+    agent.wait_metric("darkwatch_alerts_total{status=\"firing\"}", |v| v >= 1.0);
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    sub.wait("the firing alert and its resolution", |got| got.len() >= 2);
+    let events: Vec<serde_json::Value> = sub
+        .got
+        .iter()
+        .map(|p| serde_json::from_slice(&p.payload).unwrap())
+        .collect();
+    let last = events.last().unwrap();
+    assert_eq!(last["status"], "resolved", "{events:?}");
+    assert_eq!(
+        last["annotations"]["ended_by"],
+        darkwatch::agent::ENDED_BY_STOP,
+        "{last}"
+    );
+    assert!(
+        events[0]["annotations"].get("ended_by").is_none(),
+        "{}",
+        events[0]
+    );
 }
