@@ -380,8 +380,7 @@ fn main() -> ExitCode {
     } else {
         "warn,rumqttd=off"
     };
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), default);
     // Colour only for a person at a terminal: journald, files and pipes get plain text
     // (https://no-color.org: any non-empty NO_COLOR turns it off too).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -404,6 +403,22 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The log filter: `RUST_LOG` when it parses, else `default`. The embedded broker's own
+/// log (rumqttd reports every probe connection and client disconnect as an ERROR) stays
+/// off unless `RUST_LOG` names `rumqttd` itself; `RUST_LOG=info`, as the systemd unit sets
+/// it, would otherwise fill the journal with it.
+fn log_filter(env: Option<&str>, default: &str) -> tracing_subscriber::EnvFilter {
+    let Some(env) = env.filter(|e| !e.trim().is_empty()) else {
+        return default.into();
+    };
+    let spec = if env.contains("rumqttd") {
+        env.to_string()
+    } else {
+        format!("{env},rumqttd=off")
+    };
+    tracing_subscriber::EnvFilter::try_new(spec).unwrap_or_else(|_| default.into())
 }
 
 /// The systemd notifier of this process (`$NOTIFY_SOCKET`; off when unset).
