@@ -188,6 +188,9 @@ pub enum Aggregation {
     Max,
 }
 
+/// See [`Assembler::max_ahead_secs`].
+pub const MAX_AHEAD_SECS: f64 = 300.0;
+
 /// The largest `lateness_windows` accepted (each window of lateness costs `d`
 /// accumulators per stream).
 pub const MAX_LATENESS_WINDOWS: u32 = 64;
@@ -276,12 +279,21 @@ pub enum Reject {
     /// Value or timestamp is NaN or infinite, or the value is beyond `f32`'s range
     /// (frames hold `f32`, where it would be infinite).
     NonFinite,
+    /// The timestamp lies further ahead of the sample's receipt than
+    /// [`Assembler::max_ahead_secs`]: a sender's broken clock. Accepted, it would close
+    /// every open window of its stream and make the stream's real samples late.
+    Future,
 }
 
 impl Reject {
     /// Every [`Reject::reason`], in the order of [`Reject::reason_index`].
-    pub const REASONS: [&'static str; 4] =
-        ["unknown_metric", "late", "too_many_streams", "non_finite"];
+    pub const REASONS: [&'static str; 5] = [
+        "unknown_metric",
+        "late",
+        "too_many_streams",
+        "non_finite",
+        "future",
+    ];
 
     /// The position of [`Reject::reason`] in [`Reject::REASONS`].
     pub fn reason_index(&self) -> usize {
@@ -295,6 +307,7 @@ impl Reject {
             Reject::Late => "late",
             Reject::TooManyStreams => "too_many_streams",
             Reject::NonFinite => "non_finite",
+            Reject::Future => "future",
         }
     }
 }
@@ -308,6 +321,7 @@ pub struct AssemblerCounters {
     pub late_dropped: u64,
     pub streams_rejected: u64,
     pub non_finite: u64,
+    pub future: u64,
     /// Frames emitted with every feature present or carried forward.
     pub frames_complete: u64,
     /// Frames emitted with NaN in at least one slot.
@@ -469,6 +483,13 @@ impl Assembler {
     }
 
     /// The model's feature names, in frame order.
+    /// How far a sample's timestamp may lie ahead of its receipt (when that is known):
+    /// [`MAX_AHEAD_SECS`], or ten windows if longer. Clocks disagree by seconds; a
+    /// timestamp further ahead is a broken clock.
+    pub fn max_ahead_secs(&self) -> f64 {
+        MAX_AHEAD_SECS.max(10.0 * self.window_secs)
+    }
+
     pub fn feature_names(&self) -> &[String] {
         &self.feature_names
     }
@@ -521,6 +542,10 @@ impl Assembler {
             self.counters.unknown_metric += 1;
             return Err(Reject::UnknownMetric);
         };
+        if received > 0.0 && s.timestamp > received + self.max_ahead_secs() {
+            self.counters.future += 1;
+            return Err(Reject::Future);
+        }
         let idx = match self.index.get(s.stream.as_ref()) {
             Some(&i) => i,
             None => {
@@ -937,6 +962,7 @@ mod tests {
             Reject::Late,
             Reject::TooManyStreams,
             Reject::NonFinite,
+            Reject::Future,
         ];
         for (i, r) in reject.iter().enumerate() {
             assert_eq!((r.reason_index(), r.reason()), (i, Reject::REASONS[i]));
@@ -1025,6 +1051,32 @@ mod tests {
                 ("fast".to_string(), 1004.0)
             ]
         );
+    }
+
+    /// A timestamp far ahead of its receipt is a broken clock: refused, so that it cannot
+    /// close its stream's windows and make that stream's real samples late.
+    #[test]
+    fn a_timestamp_far_ahead_of_its_receipt_is_refused() {
+        let mut a = asm(AssemblerConfig::default(), &["x"]);
+        assert_eq!(a.max_ahead_secs(), MAX_AHEAD_SECS);
+        let at = |t: f64| sample("n", "x", 1.0, t);
+        assert_eq!(
+            a.push_received(&at(5000.0 + MAX_AHEAD_SECS + 1.0), 5000.0),
+            Err(Reject::Future)
+        );
+        assert_eq!(a.counters().future, 1);
+        a.push_received(&at(5000.0 + MAX_AHEAD_SECS - 1.0), 5000.0)
+            .unwrap();
+        // Old data, and samples without a receipt time, are never "future".
+        a.push_received(&at(10.0), 5000.0).unwrap_err();
+        assert_eq!(a.counters().future, 1);
+        let mut b = asm(AssemblerConfig::default(), &["x"]);
+        b.push(&at(1e12)).unwrap();
+        // A real sample right after the refused one lands.
+        let mut c = asm(AssemblerConfig::default(), &["x"]);
+        c.push_received(&at(9e9), 5000.0).unwrap_err();
+        c.push_received(&at(5000.0), 5000.0).unwrap();
+        assert_eq!(c.counters().late_dropped, 0);
     }
 
     #[test]
