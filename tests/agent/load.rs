@@ -263,7 +263,7 @@ fn flood(
         let row = data.row(tick as usize % data.nrows());
         for (n, node_topics) in topics.iter().enumerate() {
             for (j, topic) in node_topics.iter().enumerate() {
-                let payload = format!("{};{}", row[j] + n as f32 * 1e-4, 1_800_000_000 + tick);
+                let payload = format!("{};{}", row[j] + n as f32 * 1e-4, 1_700_000_000 + tick);
                 send(&client, topic, payload);
                 sent += 1;
             }
@@ -489,7 +489,7 @@ fn examon_latency(
         let row = data.row(k % data.nrows());
         let shift = if k % 2 == 1 { 5.0 } else { 0.0 };
         for (topic, &v) in topics.iter().zip(row.iter()) {
-            let payload = format!("{};{}", v + shift, 1_800_000_000 + k);
+            let payload = format!("{};{}", v + shift, 1_700_000_000 + k);
             send(&client, topic, payload);
         }
     }

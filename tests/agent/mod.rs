@@ -140,7 +140,7 @@ fn watchdog_pings_while_idle_and_while_scoring_and_status_counts_frames() {
             (0..38).map(move |j| {
                 (
                     format!("org/o/cluster/c/node/n1/plugin/p/chnl/data/f{j}"),
-                    format!("0.5;{}", 1_800_000_000 + i).into_bytes(),
+                    format!("0.5;{}", 1_700_000_000 + i).into_bytes(),
                 )
             })
         })
@@ -227,7 +227,7 @@ fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
     let mut status = Collector::new(broker, &["darkwatch/hup/status"], None);
     status.wait("online status", |got| !got.is_empty());
     let data = rows(&test_csv);
-    publish_all(broker, &examon("o", "n1", &data[..40], 1_800_000_000.0));
+    publish_all(broker, &examon("o", "n1", &data[..40], 1_700_000_000.0));
     agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 39.0);
     assert_eq!(
         agent.metric_sum("darkwatch_samples_rejected_total"),
@@ -267,7 +267,7 @@ fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
         Some(1.0)
     );
     // Still scoring with the reloaded model.
-    publish_all(broker, &examon("o", "n1", &data[40..60], 1_800_000_040.0));
+    publish_all(broker, &examon("o", "n1", &data[40..60], 1_700_000_040.0));
     agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 59.0);
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
@@ -324,7 +324,7 @@ fn agent_ingests_examon_from_mosquitto_and_publishes_alerts_to_it() {
     let data = rows(&test_csv);
     publish_all(
         mosq.port,
-        &examon(&org, "n1", &data[690..760], 1_800_000_000.0),
+        &examon(&org, "n1", &data[690..760], 1_700_000_000.0),
     );
     agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 69.0);
     agent.wait_metric("darkwatch_alerts_total{status=\"firing\"}", |v| v >= 1.0);
@@ -407,7 +407,7 @@ fn no_alert_lost_while_the_broker_is_unreachable_for_30s() {
             row[0] += 4.0;
         }
     }
-    publish_all(mosq.port, &examon(&org, "n1", &data, 1_800_000_000.0));
+    publish_all(mosq.port, &examon(&org, "n1", &data, 1_700_000_000.0));
     agent.wait_metric("darkwatch_messages_received_total", |v| v == 480.0);
     agent.wait_metric("darkwatch_frames_assembled_total", |v| v >= 3.0);
     relay.cut();
@@ -827,7 +827,7 @@ fn agent_windows_assembled_frames_and_keeps_or_restarts_them_on_reload() {
             .map(|i| {
                 (
                     "org/o/cluster/c/node/n1/plugin/p/chnl/data/load".to_string(),
-                    format!("{};{}", values[i][0], 1_800_000_000 + i).into_bytes(),
+                    format!("{};{}", values[i][0], 1_700_000_000 + i).into_bytes(),
                 )
             })
             .collect()
@@ -910,11 +910,11 @@ fn agent_windows_assembled_frames_and_keeps_or_restarts_them_on_reload() {
         &[
             (
                 "org/o/cluster/c/node/n1/plugin/p/chnl/data/load".to_string(),
-                b"abc;1800000300".to_vec(),
+                b"abc;1700000300".to_vec(),
             ),
             (
                 "org/o/cluster/c/node/n1/plugin/p/chnl/data/other".to_string(),
-                b"1.5;1800000300".to_vec(),
+                b"1.5;1700000300".to_vec(),
             ),
         ],
     );
@@ -1047,7 +1047,7 @@ fn an_alert_ended_by_a_stop_says_so() {
     let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
     // Rows 690..716 end inside the injected anomaly (rows 700..720, +4 on m00).
     let data = rows(&test_csv);
-    publish_all(broker, &examon("o", "n1", &data[690..716], 1_800_000_000.0));
+    publish_all(broker, &examon("o", "n1", &data[690..716], 1_700_000_000.0));
     agent.wait_metric("darkwatch_alerts_total{status=\"firing\"}", |v| v >= 1.0);
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
