@@ -847,6 +847,13 @@ impl AgentSource {
                         &sample.metric,
                         assembler.feature_names(),
                     ),
+                    Reject::Future => future_sample(
+                        before + 1,
+                        &sample.stream,
+                        sample.timestamp,
+                        msg.received,
+                        assembler.max_ahead_secs(),
+                    ),
                     _ => {}
                 }
             }
@@ -923,8 +930,6 @@ impl AgentSource {
     }
 }
 
-/// Logs a refused new stream (`[assemble] max_streams` reached) at the 1st, 2nd, 4th, 8th…
-/// refusal, so an operator learns why a node is not scored without a line per sample.
 /// Logs the 1st, 2nd, 4th, 8th… incomplete frame: its stream and the features it lacks.
 fn incomplete_frame(count: u64, stream: &str, values: &[f32], names: &[String]) {
     if !count.is_power_of_two() {
@@ -960,6 +965,22 @@ fn unknown_metric(count: u64, stream: &str, metric: &str, features: &[String]) {
     );
 }
 
+/// Logs the 1st, 2nd, 4th, 8th… sample stamped too far after its receipt.
+fn future_sample(count: u64, stream: &str, timestamp: f64, received: f64, limit: f64) {
+    if count.is_power_of_two() {
+        tracing::warn!(
+            stream = ?crate::ingest::Clipped(stream),
+            timestamp,
+            received,
+            ahead_secs = timestamp - received,
+            rejected = count,
+            "a sample is stamped {limit} s or more after it arrived: the sender's clock (or this host's) is wrong; it is counted (darkwatch_samples_rejected_total{{reason=\"future\"}}) and skipped. Keep both clocks synchronised (NTP)"
+        );
+    }
+}
+
+/// Logs a refused new stream (`[assemble] max_streams` reached) at the 1st, 2nd, 4th, 8th…
+/// refusal, so an operator learns why a node is not scored without a line per sample.
 fn stream_refused(refusals: u64, stream: &str) {
     if refusals.is_power_of_two() {
         tracing::warn!(
@@ -1137,7 +1158,6 @@ impl Source for FeedTurn {
     fn run(self: Box<Self>, producer: FrameProducer, clock: &Clock, _stop: &AtomicBool) -> u64 {
         let _guard = TurnGuard(self.feed.clone());
         lock(&self.feed).start(producer, *clock);
-        let mut seen = self.counters.messages.load(Ordering::Relaxed);
         while !self.control.is_stopping() {
             if self.control.reload.load(Ordering::SeqCst) {
                 // A reload: keep the open windows; messages are held for the next turn.
@@ -1161,11 +1181,10 @@ impl Source for FeedTurn {
             if feed.closed {
                 break;
             }
-            let messages = self.counters.messages.load(Ordering::Relaxed);
-            if messages == seen {
-                feed.poll_clock();
-            }
-            seen = messages;
+            // Every turn, not only when no message came: each stream has its own clock, and
+            // a node that went quiet while others keep sending must still have its last
+            // windows closed.
+            feed.poll_clock();
         }
         // Shutdown: close every open window. (Held messages were taken when the turn
         // started; since then every message went straight to the ring.)
@@ -1252,7 +1271,6 @@ impl AgentSink {
         self.counters.set_model_id(&model.meta.id);
     }
 
-    /// Resolves every firing alert (the agent stops, or a reload replaces the model).
     /// Resolves every firing alert because the agent stops or changes model: each event
     /// says so in its `ended_by` annotation, since the anomaly may still be going on.
     fn end_alerts(&mut self, why: &str) {
@@ -1412,9 +1430,18 @@ mod tests {
         // An unknown metric is rejected.
         src.take_one(&msg("other", "zzz", 1.0, 5000.0));
         assert_eq!(src.counters.samples_rejected(), 1);
-        // A node 3 s ahead, and one far in the future, land in their own streams...
+        // A node 3 s ahead lands in its own stream...
         src.take_one(&msg("n2", "a", 1.0, 1003.0));
-        src.take_one(&msg("n3", "a", 1.0, 1e9));
+        // ...and one stamped far after its receipt is refused as `future`.
+        src.take_one(&Incoming {
+            received: 1000.0,
+            ..msg("n3", "a", 1.0, 1e9)
+        });
+        assert_eq!(
+            src.counters.samples_rejected_by_reason[Reject::Future.reason_index()]
+                .load(Ordering::Relaxed),
+            1
+        );
         // ...and closing quiet windows now does not close n1's: its next samples land.
         let mut closed = Vec::new();
         src.assembler
@@ -1422,7 +1449,7 @@ mod tests {
         assert!(!closed.contains(&"n1".to_string()), "{closed:?}");
         src.take_one(&msg("n1", "b", 1.0, 1000.5));
         src.take_one(&msg("n1", "a", 1.0, 1001.2));
-        assert_eq!(src.counters.samples_rejected(), 1);
+        assert_eq!(src.counters.samples_rejected(), 2);
         // Garbage is counted, never a panic.
         src.take_one(&Incoming {
             topic: "nonsense".into(),

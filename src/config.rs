@@ -655,15 +655,24 @@ impl DarkwatchConfig {
         Ok(())
     }
 
-    /// The effective configuration as TOML (what `darkwatch print-config` shows).
     /// The effective configuration as TOML, for `print-config`: a set `[mqtt] password`
-    /// shows as `"<set>"`, so that the output can be pasted into a ticket.
+    /// shows as `"<set>"`, with a comment that says so first, so that the output can be
+    /// pasted into a ticket and a saved copy does not pass for the real password.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        if !shown.mqtt.password.is_empty() {
+        let redacted = !shown.mqtt.password.is_empty();
+        if redacted {
             shown.mqtt.password = REDACTED.into();
         }
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let text = toml::to_string_pretty(&shown)
+            .unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
+        if redacted {
+            format!(
+                "# [mqtt] password is shown as \"{REDACTED}\": put the real one back if you save this\n{text}"
+            )
+        } else {
+            text
+        }
     }
 }
 
@@ -683,6 +692,7 @@ mod tests {
         cfg.mqtt.password = "hunter2".into();
         let text = cfg.to_toml();
         assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.starts_with("# [mqtt] password is shown as"), "{text}");
         assert!(
             text.contains(&format!("password = \"{REDACTED}\"")),
             "{text}"

@@ -50,6 +50,21 @@ impl Detector {
         )?)))
     }
 
+    /// As [`Self::load_configured`] without touching the retraining state folder: the
+    /// model directory's own model, the state folder only checked
+    /// ([`crate::retrain::check_state_dir`]). What `validate --agent` loads.
+    ///
+    /// # Errors
+    /// As [`Self::load_configured`].
+    pub fn load_checked(dir: &Path, cfg: &DarkwatchConfig) -> Result<Detector, LoadError> {
+        if SaeDetector::is_sae_dir(dir) {
+            return Self::load_configured(dir, cfg);
+        }
+        let model = Model::load(dir)?.with_configured_backend(dir, cfg)?;
+        crate::retrain::check_state_dir(&cfg.retrain)?;
+        Ok(Detector::Autoencoder(Arc::new(model)))
+    }
+
     /// Content hash of what scores (12 hex digits).
     pub fn id(&self) -> &str {
         match self {

@@ -310,8 +310,8 @@ enum Command {
         config: PathBuf,
         /// Also check what `darkwatch run` checks before it tells systemd it is ready:
         /// `[agent] model_dir` loads (on the configured backend), the configured
-        /// thresholds calibrate on it, and `[retrain] state_dir` can be written (made if
-        /// missing).
+        /// thresholds calibrate on it, and `[retrain] state_dir` is (or could be made as) a
+        /// writable folder. Nothing is written.
         #[arg(long)]
         agent: bool,
     },
@@ -1064,7 +1064,7 @@ fn run(command: Command) -> Result<()> {
                 println!("{}: ok", config.display());
                 return Ok(());
             }
-            let model = Detector::load_configured(&cfg.agent.model_dir, &cfg)?;
+            let model = Detector::load_checked(&cfg.agent.model_dir, &cfg)?;
             darkwatch::agent::validate(&cfg, &model)?;
             println!(
                 "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate{}",
@@ -1075,7 +1075,7 @@ fn run(command: Command) -> Result<()> {
                 model.backend_label(),
                 cfg.agent.model_dir.display(),
                 if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
-                    format!("; {} takes checkpoints", cfg.retrain.state_dir.display())
+                    format!("; {} can take checkpoints", cfg.retrain.state_dir.display())
                 } else {
                     String::new()
                 }

@@ -677,9 +677,11 @@ impl CheckpointStore {
         (None, skipped)
     }
 
-    /// Makes the state directory if it is missing and checks that files can be written in
+    /// Makes the state directory if it is missing and checks that a file can be made in
     /// it, so that a state directory that can never hold a checkpoint (a file, a read-only
-    /// or virtual file system) is refused at start rather than at the first retrain.
+    /// or virtual file system) is refused at start rather than at the first retrain. The
+    /// probe file is empty (a full disk still takes it: retraining then fails and says so,
+    /// detection goes on) and is removed again.
     ///
     /// # Errors
     /// The directory cannot be made, is not a directory, or refuses a new file.
@@ -688,14 +690,13 @@ impl CheckpointStore {
         let probe = self
             .dir
             .join(format!("{TMP_PREFIX}probe-{}", std::process::id()));
-        fs::OpenOptions::new()
+        let made = fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&probe)
-            .and_then(|mut f| f.write_all(b"darkwatch\n"))
-            .map_err(self.io(&self.dir))?;
-        fs::remove_file(&probe).map_err(self.io(&probe))
+            .open(&probe);
+        let _ = fs::remove_file(&probe);
+        made.map(drop).map_err(self.io(&self.dir))
     }
 
     /// The id of the model the checkpoints here descend from, if recorded.
@@ -1537,6 +1538,41 @@ pub fn describe_state_json(dir: &Path) -> serde_json::Value {
         "checkpoints": checkpoints,
         "history": store.history(),
     })
+}
+
+/// Checks, without changing anything, that `[retrain] state_dir` could be used when
+/// retraining is on: it, or the nearest folder above it that exists, is a directory this
+/// process may write. What `validate --agent` runs; [`resume`] makes and probes it.
+///
+/// # Errors
+/// The state directory, or the folder it would be made in, is not a writable directory.
+pub fn check_state_dir(cfg: &RetrainConfig) -> Result<(), ModelError> {
+    if !cfg.enabled || cfg.state_dir.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let err = |reason: String| ModelError::StateDir {
+        path: cfg.state_dir.clone(),
+        reason,
+    };
+    let mut existing = cfg.state_dir.as_path();
+    while !existing.exists() {
+        existing = match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+    }
+    if !existing.is_dir() {
+        return Err(err(format!("{} is not a directory", existing.display())));
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        std::ffi::CString::new(existing.as_os_str().as_bytes()).map_err(|e| err(e.to_string()))?;
+    // SAFETY: access(2) reads a NUL-terminated path this function owns.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(err(format!("{}: {e}", existing.display())));
+    }
+    Ok(())
 }
 
 /// The model to start from: the newest valid checkpoint in `[retrain] state_dir` when

@@ -655,13 +655,13 @@ fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
     // SAFETY: flock on a descriptor this function owns; no memory is passed.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
-        return Err(if e.kind() == io::ErrorKind::WouldBlock {
-            SpoolError::Locked {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(SpoolError::Locked {
                 dir: dir.to_path_buf(),
-            }
-        } else {
-            io_err(&path, "lock the spool directory")(e)
-        });
+            });
+        }
+        // A file system without locks (NFS without lockd, some FUSE mounts): go on unlocked.
+        warn!(path = %path.display(), error = %e, "cannot lock the spool directory; a second agent on it would not be noticed");
     }
     Ok(file)
 }

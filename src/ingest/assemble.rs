@@ -482,7 +482,6 @@ impl Assembler {
         self.feature_names.len()
     }
 
-    /// The model's feature names, in frame order.
     /// How far a sample's timestamp may lie ahead of its receipt (when that is known):
     /// [`MAX_AHEAD_SECS`], or ten windows if longer. Clocks disagree by seconds; a
     /// timestamp further ahead is a broken clock.
@@ -490,6 +489,7 @@ impl Assembler {
         MAX_AHEAD_SECS.max(10.0 * self.window_secs)
     }
 
+    /// The model's feature names, in frame order.
     pub fn feature_names(&self) -> &[String] {
         &self.feature_names
     }
