@@ -696,6 +696,20 @@ impl SaeScorer {
         }
     }
 
+    /// Clamps the first `n` input rows to ±[`super::ACTIVATION_LIMIT`] (the buffer the
+    /// next score or submit reads, on either engine).
+    fn clamp_input(&mut self, n: usize) {
+        let d = self.detector.sae.d_in();
+        let input = match &mut self.engine {
+            Engine::Native(native) => native
+                .input
+                .as_slice_mut()
+                .expect("owned arrays are contiguous"),
+            Engine::Cuda(gpu) => gpu.input_mut_unchecked(),
+        };
+        super::clamp_activations(&mut input[..n * d]);
+    }
+
     fn try_score(&mut self, n: usize) -> Result<(), DetectorError> {
         let det = &*self.detector;
         let NativeEngine {
@@ -793,15 +807,7 @@ impl BatchScorer for SaeScorer {
 
     fn score_batch(&mut self, n: usize) {
         let n = n.min(self.max_batch());
-        let d = self.n_features();
-        let input = match &mut self.engine {
-            Engine::Native(native) => native
-                .input
-                .as_slice_mut()
-                .expect("owned arrays are contiguous"),
-            Engine::Cuda(gpu) => gpu.input_mut_unchecked(),
-        };
-        super::clamp_activations(&mut input[..n * d]);
+        self.clamp_input(n);
         self.last = n;
         self.failed = false;
         if let Err(e) = self.try_score(n) {
@@ -822,13 +828,15 @@ impl BatchScorer for SaeScorer {
     }
 
     fn submit(&mut self, n: usize) {
-        let Engine::Cuda(gpu) = &mut self.engine else {
+        if !matches!(self.engine, Engine::Cuda(_)) {
             self.score_batch(n);
             return;
-        };
+        }
         let n = n.min(self.scores.len());
-        let d = self.detector.sae.d_in();
-        super::clamp_activations(&mut gpu.input_mut_unchecked()[..n * d]);
+        self.clamp_input(n);
+        let Engine::Cuda(gpu) = &mut self.engine else {
+            return;
+        };
         let ok = match gpu.submit(n) {
             Ok(()) => true,
             Err(e) => {
