@@ -57,7 +57,9 @@ use crate::threshold::Threshold;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// Model directory written by `darkwatch train`.
+    /// Model directory written by `darkwatch train`, or an SAE folder with its head. One
+    /// that is missing or holds no usable model is a configuration error when `run` or
+    /// `validate` loads it (exit 78); a reload keeps the running model instead.
     pub model_dir: PathBuf,
     /// What the subscribed topics carry: `examon` (one metric per message), `telegraf`
     /// (Telegraf's MQTT output, JSON or Influx line protocol) or `raw` (one little-endian

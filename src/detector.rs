@@ -3,11 +3,14 @@
 //! checkpoint (`cfg.json` and SAELens or sparsify weights) is an SAE detector, anything
 //! else a model directory written by `darkwatch train`.
 
-use std::path::Path;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::DarkwatchConfig;
 use crate::model::{Model, ModelError};
+use crate::sae::SaeError;
+use crate::sae::dark::DarkError;
 use crate::sae::detector::{DetectorError, SaeDetector};
 
 /// A loaded detector. Cloning shares the weights.
@@ -22,10 +25,84 @@ pub enum Detector {
 /// Why a detector cannot be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The folder itself is not there, or is a file: said as such, rather than as the first
+    /// file looked for in it.
+    #[error("{}: {reason}", dir.display())]
+    Folder { dir: PathBuf, reason: &'static str },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
     Sae(#[from] DetectorError),
+}
+
+impl LoadError {
+    /// Whether the folder is at fault: it is missing, or it holds no usable model (no or
+    /// an invalid `model.json`, weights that are missing, corrupt or not the ones it names,
+    /// an SAE checkpoint, head or calibration that is absent or broken). Restarting cannot
+    /// mend that: the folder or `[agent] model_dir` must change, so `run` and `validate`
+    /// call it a configuration error. Not so an I/O error other than a missing file, ONNX
+    /// Runtime or a GPU that is unavailable, or the retraining state folder: those may
+    /// pass, or lie outside the model.
+    pub fn is_bad_model(&self) -> bool {
+        match self {
+            LoadError::Folder { .. } => true,
+            LoadError::Model(e) => match e {
+                ModelError::Io { source, .. } => is_missing(source),
+                ModelError::Json { .. }
+                | ModelError::Field { .. }
+                | ModelError::Tensor { .. }
+                | ModelError::Weights { .. } => true,
+                ModelError::StateDir { .. } | ModelError::Onnx(_) | ModelError::Cuda(_) => false,
+            },
+            LoadError::Sae(e) => match e {
+                DetectorError::Sae(e) => sae_is_bad(e),
+                DetectorError::Dark(e) => dark_is_bad(e),
+                DetectorError::Io { source, .. } => is_missing(source),
+                DetectorError::NoHead { .. }
+                | DetectorError::Width { .. }
+                | DetectorError::Calibration { .. } => true,
+                DetectorError::Cuda(_) => false,
+            },
+        }
+    }
+}
+
+/// A file or folder that is not there (or a file where a folder should be).
+fn is_missing(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::NotFound | ErrorKind::NotADirectory | ErrorKind::IsADirectory
+    )
+}
+
+/// See [`LoadError::is_bad_model`]: every SAE error but a failed read is about the files.
+fn sae_is_bad(e: &SaeError) -> bool {
+    match e {
+        SaeError::Io { source, .. } => is_missing(source),
+        _ => true,
+    }
+}
+
+fn dark_is_bad(e: &DarkError) -> bool {
+    match e {
+        DarkError::Io { source, .. } => is_missing(source),
+        DarkError::Sae(e) => sae_is_bad(e),
+        _ => true,
+    }
+}
+
+/// [`LoadError::Folder`] when `dir` is missing or not a folder; anything else is left to
+/// the loaders, whose errors name the file.
+fn check_folder(dir: &Path) -> Result<(), LoadError> {
+    let reason = match std::fs::metadata(dir) {
+        Err(e) if e.kind() == ErrorKind::NotFound => "no such folder",
+        Ok(m) if !m.is_dir() => "not a folder",
+        _ => return Ok(()),
+    };
+    Err(LoadError::Folder {
+        dir: dir.to_path_buf(),
+        reason,
+    })
 }
 
 impl Detector {
@@ -36,6 +113,7 @@ impl Detector {
     /// # Errors
     /// The folder cannot be loaded; the message names the file.
     pub fn load_configured(dir: &Path, cfg: &DarkwatchConfig) -> Result<Detector, LoadError> {
+        check_folder(dir)?;
         if SaeDetector::is_sae_dir(dir) {
             return Ok(Detector::Sae(Arc::new(SaeDetector::load_on(
                 dir,
@@ -57,12 +135,30 @@ impl Detector {
     /// # Errors
     /// As [`Self::load_configured`].
     pub fn load_checked(dir: &Path, cfg: &DarkwatchConfig) -> Result<Detector, LoadError> {
+        check_folder(dir)?;
         if SaeDetector::is_sae_dir(dir) {
             return Self::load_configured(dir, cfg);
         }
         let model = Model::load(dir)?.with_configured_backend(dir, cfg)?;
         crate::retrain::check_state_dir(&cfg.retrain)?;
         Ok(Detector::Autoencoder(Arc::new(model)))
+    }
+
+    /// `dir` as it is on disk, on the native kernels: no backend attached, no retraining
+    /// checkpoint looked at, nothing written (an SAE as `[sae] score` says). What plain
+    /// `validate` checks: the folder holds a model that loads.
+    ///
+    /// # Errors
+    /// As [`Self::load_configured`], less the backend and the state folder.
+    pub fn load_native(dir: &Path, cfg: &DarkwatchConfig) -> Result<Detector, LoadError> {
+        check_folder(dir)?;
+        if SaeDetector::is_sae_dir(dir) {
+            return Ok(Detector::Sae(Arc::new(SaeDetector::load(
+                dir,
+                cfg.sae.score,
+            )?)));
+        }
+        Ok(Detector::Autoencoder(Arc::new(Model::load(dir)?)))
     }
 
     /// Content hash of what scores (12 hex digits).

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use darkwatch::agent::{AgentCounters, Control, Reload};
 use darkwatch::config::{self, Backend, ConfigError, DarkwatchConfig};
-use darkwatch::detector::Detector;
+use darkwatch::detector::{Detector, LoadError};
 use darkwatch::harness;
 use darkwatch::ingest::{self, TableOptions};
 use darkwatch::model::{self, Model};
@@ -303,7 +303,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Check a configuration file without starting anything.
+    /// Check a configuration file, and that `[agent] model_dir` holds a model that loads,
+    /// without starting anything. A missing or broken model is a configuration error (78).
     Validate {
         /// Configuration file to check.
         #[arg(long)]
@@ -604,6 +605,29 @@ fn load_config(path: Option<&Path>) -> Result<DarkwatchConfig> {
     Ok(config::load(path, std::env::vars())?)
 }
 
+/// Loads `[agent] model_dir` with `load`, for `run` and `validate`. A folder that is missing
+/// or holds no usable model ([`LoadError::is_bad_model`]) is a configuration error (exit
+/// 78): restarting cannot mend it, and systemd would otherwise restart the agent into it
+/// forever. Other failures (a read error, ONNX Runtime or a GPU, the state folder) exit 1.
+fn load_model(
+    config: Option<&Path>,
+    cfg: &DarkwatchConfig,
+    load: impl FnOnce(&Path, &DarkwatchConfig) -> Result<Detector, LoadError>,
+) -> Result<Detector> {
+    load(&cfg.agent.model_dir, cfg).map_err(|e| {
+        if e.is_bad_model() {
+            ConfigError::Invalid {
+                file: config.map_or_else(|| "(defaults)".into(), |p| p.display().to_string()),
+                key: "agent.model_dir".into(),
+                reason: e.to_string(),
+            }
+            .into()
+        } else {
+            e.into()
+        }
+    })
+}
+
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Train { input, out, config } => train(&input, &out, config.as_deref()),
@@ -679,7 +703,7 @@ fn run(command: Command) -> Result<()> {
         Command::Run { config } => {
             let cfg = load_config(config.as_deref())?;
             // Fail before telling systemd we are ready if the model cannot be loaded.
-            let model = Detector::load_configured(&cfg.agent.model_dir, &cfg)?;
+            let model = load_model(config.as_deref(), &cfg, Detector::load_configured)?;
             darkwatch::agent::validate(&cfg, &model)?;
             let control = Control::default();
             let counters = Arc::new(AgentCounters::default());
@@ -1061,10 +1085,16 @@ fn run(command: Command) -> Result<()> {
         Command::Validate { config, agent } => {
             let cfg = load_config(Some(&config))?;
             if !agent {
-                println!("{}: ok", config.display());
+                let model = load_model(Some(&config), &cfg, Detector::load_native)?;
+                println!(
+                    "{}: ok; model {} in {} loads",
+                    config.display(),
+                    model.id(),
+                    cfg.agent.model_dir.display()
+                );
                 return Ok(());
             }
-            let model = Detector::load_checked(&cfg.agent.model_dir, &cfg)?;
+            let model = load_model(Some(&config), &cfg, Detector::load_checked)?;
             darkwatch::agent::validate(&cfg, &model)?;
             println!(
                 "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate{}",

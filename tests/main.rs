@@ -604,15 +604,20 @@ fn validate_names_file_key_and_exits_78() {
     assert_eq!(code, 78);
     assert!(err.contains("pipline"), "{err}");
 
-    let (code, out, _) = run(darkwatch()
+    // The shipped file is valid; its model folder (/var/lib/darkwatch/model) is not here.
+    let (code, out, err) = run(darkwatch()
         .args(["validate", "--config"])
-        .arg(repo("config/darkwatch.toml")));
-    assert_eq!(code, 0, "{out}");
+        .arg(repo("config/darkwatch.toml"))
+        .env(
+            "DARKWATCH__AGENT__MODEL_DIR",
+            repo("models/smd-machine-1-6"),
+        ));
+    assert_eq!(code, 0, "{out}{err}");
 }
 
-/// `validate --agent` checks what `run` checks before it is ready: the model loads, its
-/// thresholds calibrate and the state folder takes files; plain `validate` reads only the
-/// file.
+/// `validate --agent` checks what `run` checks before it is ready: the model loads on its
+/// backend, its thresholds calibrate and the state folder takes files; plain `validate`
+/// reads the file and loads the model on the native kernels.
 #[test]
 fn validate_agent_loads_the_model_and_checks_the_state_folder() {
     let dir = tempfile::tempdir().unwrap();
@@ -648,13 +653,15 @@ fn validate_agent_loads_the_model_and_checks_the_state_folder() {
             dir.path().join("nowhere").display()
         ),
     );
-    let (code, _, _) = run(darkwatch().args(["validate", "--config"]).arg(&missing));
-    assert_eq!(code, 0, "plain validate reads only the file");
-    let (code, _, err) = run(darkwatch()
-        .args(["validate", "--agent", "--config"])
-        .arg(&missing));
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("nowhere"), "{err}");
+    for agent in [&[][..], &["--agent"]] {
+        let (code, _, err) = run(darkwatch()
+            .arg("validate")
+            .args(agent)
+            .arg("--config")
+            .arg(&missing));
+        assert_eq!(code, 78, "{agent:?}: {err}");
+        assert!(err.contains("nowhere"), "{err}");
+    }
 
     // A threshold the model's held-out scores cannot calibrate.
     let spot = cfg(
@@ -688,6 +695,73 @@ fn validate_agent_loads_the_model_and_checks_the_state_folder() {
         .arg(&state));
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("[retrain] state_dir"), "{err}");
+    // Plain validate loads the model and leaves the state folder to `--agent`.
+    let (code, out, err) = run(darkwatch().args(["validate", "--config"]).arg(&state));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("loads"), "{out}");
+}
+
+/// A model folder that is missing, empty or holds a broken model is a configuration error
+/// for `run` and for `validate` with or without `--agent`: exit 78, which the systemd unit
+/// does not restart on (it used to exit 1, and systemd restarted the agent forever), with
+/// one line naming the key and the folder or file.
+#[test]
+fn missing_or_broken_model_exits_78_from_run_and_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::create_dir(&p).unwrap();
+        p
+    };
+    let empty = folder("empty");
+    let bad_json = folder("bad-json");
+    std::fs::write(bad_json.join("model.json"), "{ not json").unwrap();
+    // The bundled model's metadata with weights that are not the ones it names.
+    let bad_weights = folder("bad-weights");
+    std::fs::copy(
+        repo("models/smd-machine-1-6/model.json"),
+        bad_weights.join("model.json"),
+    )
+    .unwrap();
+    std::fs::write(bad_weights.join("model.safetensors"), b"not weights").unwrap();
+    let cases = [
+        (dir.path().join("nowhere"), "nowhere: no such folder"),
+        (empty.clone(), "empty/model.json"),
+        (bad_json.clone(), "not valid model metadata"),
+        (bad_weights.clone(), "checksum mismatch"),
+    ];
+    for (i, (model_dir, says)) in cases.iter().enumerate() {
+        let cfg = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+                model_dir.display(),
+                dir.path().join("spool").display()
+            ),
+        )
+        .unwrap();
+        for args in [
+            &["validate", "--config"][..],
+            &["validate", "--agent", "--config"],
+            &["run", "--config"],
+        ] {
+            // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
+            let (code, out, err) = run(std::process::Command::new("timeout")
+                .arg("60")
+                .arg(env!("CARGO_BIN_EXE_darkwatch"))
+                .args(args)
+                .arg(&cfg)
+                .env_remove("RUST_LOG"));
+            let what = format!("{args:?} with {}", model_dir.display());
+            assert_eq!(code, 78, "{what}: {out}{err}");
+            assert!(
+                err.contains("agent.model_dir") && err.contains(says),
+                "{what}: {err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
+        }
+    }
 }
 
 /// A build without the `onnx` feature refuses the ONNX backend up front, with the rebuild
@@ -752,7 +826,10 @@ fn cuda_section_is_validated() {
     let cfg = dir.path().join("cuda.toml");
     std::fs::write(
         &cfg,
-        "[cuda]\ndevice = 1\nfallback = \"error\"\ntf32 = true\n",
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\n[cuda]\ndevice = 1\nfallback = \"error\"\ntf32 = true\n",
+            repo("models/smd-machine-1-6").display()
+        ),
     )
     .unwrap();
     let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
