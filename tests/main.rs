@@ -1257,6 +1257,24 @@ fn agent_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
     cfg
 }
 
+/// The unit stops restarting on exit 78, and leaves the checks to `run` itself:
+/// `RestartPreventExitStatus=` looks at the main process only, so an `ExecStartPre=`
+/// that exits 78 would be restarted forever.
+#[test]
+fn systemd_unit_stops_on_78_and_checks_in_run_not_in_a_pre_step() {
+    let unit = std::fs::read_to_string(repo("systemd/darkwatch.service")).unwrap();
+    let settings: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    assert!(settings.contains(&"RestartPreventExitStatus=78"), "{unit}");
+    assert!(
+        !settings.iter().any(|l| l.starts_with("ExecStartPre=")),
+        "{unit}"
+    );
+}
+
 #[test]
 fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
     use std::os::unix::net::UnixDatagram;
