@@ -577,6 +577,21 @@ impl DarkwatchConfig {
         section("alert", self.alert.validate())?;
         section("mqtt", self.mqtt.validate())?;
         section("metrics", self.metrics.validate())?;
+        // The spool itself takes any size from a one-byte record up; the agent's records
+        // are alerts, which must fit.
+        if self.spool.max_bytes < crate::mqtt::MIN_SPOOL_MAX_BYTES {
+            return Err((
+                "spool.max_bytes".into(),
+                format!(
+                    "must be at least {} bytes (8 MiB less 32), got {}: one alert takes up to \
+                     max_bytes / {} of the spool, and the largest alert an MQTT packet holds \
+                     (1 MiB) must fit",
+                    crate::mqtt::MIN_SPOOL_MAX_BYTES,
+                    self.spool.max_bytes,
+                    crate::spool::SEGMENTS_PER_SPOOL
+                ),
+            ));
+        }
         section("spool", self.spool.validate())?;
         if self.score.backend == Backend::Onnx && !cfg!(feature = "onnx") {
             return Err((
@@ -809,6 +824,28 @@ mod tests {
         let f = write("[pipeline]\nbatch_max_frames = 0\n");
         let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("pipeline.batch_max_frames"), "{err}");
+    }
+
+    /// A spool whose records (`max_bytes / 8`) cannot hold an alert used to pass, and the
+    /// agent then rejected every alert (`darkwatch_alerts_rejected_total`).
+    #[test]
+    fn a_spool_too_small_for_an_alert_is_refused() {
+        let err = load(
+            Some(write("[spool]\nmax_bytes = 4096\n").path()),
+            Vec::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("key `spool.max_bytes`: must be at least 8388576 bytes"),
+            "{err}"
+        );
+        assert_eq!(crate::mqtt::MIN_SPOOL_MAX_BYTES, 8388576);
+        let at_least = format!(
+            "[spool]\nmax_bytes = {}\n",
+            crate::mqtt::MIN_SPOOL_MAX_BYTES
+        );
+        load(Some(write(&at_least).path()), Vec::new()).unwrap();
     }
 
     #[test]

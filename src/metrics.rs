@@ -109,7 +109,7 @@ pub fn render(e: &Exposed) -> String {
         ),
         (
             "darkwatch_alerts_rejected_total",
-            "Alert events lost before or in the spool: an invalid topic, too large for a spool record ([spool] max_bytes / 8) or an MQTT packet, a spool I/O error, or unreadable in the spool.",
+            "Alert events lost before or in the spool: an invalid topic, too large for an MQTT packet (or for a spool record, max_bytes / 8, which a valid [spool] max_bytes makes room for), a spool I/O error, or unreadable in the spool.",
             load(&m.outgoing_rejected),
         ),
         (

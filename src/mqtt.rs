@@ -77,6 +77,21 @@ pub const MAX_INCOMING_PACKET_BYTES: usize = 16 << 20;
 /// payload do not fit are refused before they are spooled (see [`MqttStats::outgoing_rejected`]).
 pub const MAX_OUTGOING_PACKET_BYTES: usize = 1 << 20;
 
+/// The largest spool payload an outgoing message makes ([`encode_record`]: its header,
+/// topic and payload, which [`check_outgoing`] keeps within [`MAX_OUTGOING_PACKET_BYTES`]
+/// less the publish header).
+pub const MAX_SPOOL_PAYLOAD_BYTES: u64 =
+    (RECORD_HEADER_BYTES + MAX_OUTGOING_PACKET_BYTES - PUBLISH_OVERHEAD_BYTES) as u64;
+
+/// The smallest `[spool] max_bytes` a configuration may set: 8 MiB less 32 bytes. A spool
+/// record, framing included, may take `max_bytes /`
+/// [`SEGMENTS_PER_SPOOL`](crate::spool::SEGMENTS_PER_SPOOL), and this much holds the
+/// largest one an alert makes ([`MAX_SPOOL_PAYLOAD_BYTES`]), so the spool never refuses
+/// an alert that fits an MQTT packet. (Alerts are a few KiB; no smaller bound holds for
+/// all of them, as feature and stream names have no length limit.)
+pub const MIN_SPOOL_MAX_BYTES: u64 = crate::spool::SEGMENTS_PER_SPOOL
+    * (crate::spool::RECORD_HEADER_BYTES + MAX_SPOOL_PAYLOAD_BYTES);
+
 /// Upper bound on `inflight_max`: rumqttc needs a few packet ids beyond it.
 pub const MAX_INFLIGHT: u16 = u16::MAX - 16;
 
@@ -1616,6 +1631,35 @@ mod tests {
             stats.acked.load(Ordering::Relaxed) + stats.spool_dropped.load(Ordering::Relaxed),
             200
         );
+    }
+
+    /// The smallest spool a configuration may have takes the largest alert that fits an
+    /// MQTT packet, and a spool one byte per segment smaller would refuse it: the bound is
+    /// what the spool stores, no more.
+    #[test]
+    fn the_smallest_configurable_spool_holds_the_largest_alert() {
+        let topic = "darkwatch/n/alerts/s";
+        let largest = || Outgoing {
+            topic: topic.into(),
+            payload: vec![b'x'; MAX_OUTGOING_PACKET_BYTES - PUBLISH_OVERHEAD_BYTES - topic.len()],
+            retain: false,
+        };
+        assert!(check_outgoing(&largest()).is_ok());
+        assert_eq!(
+            encode_record(&largest()).len() as u64,
+            MAX_SPOOL_PAYLOAD_BYTES
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::new(spool_at(dir.path(), MIN_SPOOL_MAX_BYTES), 4);
+        h.p.append(largest());
+        assert_eq!(h.p.spool.len(), 1);
+        assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 0);
+        let dir = tempfile::tempdir().unwrap();
+        let smaller = MIN_SPOOL_MAX_BYTES - crate::spool::SEGMENTS_PER_SPOOL;
+        let mut h = Harness::new(spool_at(dir.path(), smaller), 4);
+        h.p.append(largest());
+        assert_eq!(h.p.spool.len(), 0);
+        assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -80,7 +80,10 @@ pub struct SpoolConfig {
     /// Directory of the segment files and the cursor; created if missing.
     pub dir: PathBuf,
     /// Upper bound on the segment files' total size, framing included. Past it the oldest
-    /// alerts are dropped. One record may take at most `max_bytes / 8`.
+    /// alerts are dropped. One record may take at most `max_bytes / 8`, so the agent's
+    /// configuration needs at least [`crate::mqtt::MIN_SPOOL_MAX_BYTES`] (8 MiB less 32
+    /// bytes): room for the largest alert an MQTT packet holds. The spool alone takes
+    /// [`MIN_MAX_BYTES`] and up.
     pub max_bytes: u64,
     /// `fsync` every append and cursor update. Off trades durability across power loss for
     /// speed; a process crash still loses nothing that `append` returned `Ok` for.
