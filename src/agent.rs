@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::alert::{AlertEvent, AlertState, Observation};
 use crate::config::DarkwatchConfig;
 use crate::detector::{self, Detector};
-use crate::ingest::assemble::{Assembler, AssemblerError, DecodeError, Reject};
+use crate::ingest::assemble::{Assembler, AssemblerError, DecodeError, Receipt, Reject};
 use crate::ingest::examon::ExamonDecoder;
 use crate::model::{Model, ModelError};
 use crate::mqtt::{self, Incoming, MqttError, MqttStats, Outgoing, Received};
@@ -776,6 +776,10 @@ impl AgentSource {
         })
     }
 
+    /// Hands the assembler's closed frames to the ring: after closing the windows that the
+    /// streams' clocks put in the past at `now` (monotonic seconds, as
+    /// [`crate::mqtt::monotonic_secs`]; NaN closes by data only), or with `None` after
+    /// closing every window (shutdown).
     fn emit(&mut self, producer: &mut FrameProducer, clock: &Clock, now: Option<f64>) -> u64 {
         let mut pushed = 0;
         let streams = &self.streams;
@@ -814,7 +818,7 @@ impl AgentSource {
             }
         };
         match now {
-            Some(wall) => self.assembler.poll_streams(wall, &mut push),
+            Some(mono) => self.assembler.poll_streams(mono, &mut push),
             None => self.assembler.flush(&mut push),
         }
         pushed
@@ -838,7 +842,11 @@ impl AgentSource {
             ..
         } = self;
         let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
-            if let Err(why) = assembler.push_received(sample, msg.received) {
+            let receipt = Receipt {
+                wall: msg.received,
+                mono: msg.received_mono,
+            };
+            if let Err(why) = assembler.push_received(sample, receipt) {
                 let before = counters.samples_rejected_by_reason[why.reason_index()]
                     .fetch_add(1, Ordering::Relaxed);
                 match why {
@@ -1084,10 +1092,11 @@ impl Feed {
         }
     }
 
-    /// Closes the windows of quiet streams by their event clocks (no message for a while).
+    /// Closes the windows of quiet streams by their event clocks (no message for a while),
+    /// which run on the monotonic clock: a step of the wall clock closes nothing.
     fn poll_clock(&mut self) {
         if let Some((producer, clock)) = self.ring.as_mut() {
-            let now = crate::mqtt::epoch_secs();
+            let now = crate::mqtt::monotonic_secs();
             self.offered += self.source.emit(producer, clock, Some(now));
         }
     }
@@ -1405,6 +1414,7 @@ mod tests {
             topic: format!("org/o/cluster/c/node/{node}/plugin/p/chnl/data/{metric}"),
             payload: format!("{value};{ts}").into_bytes(),
             received: ts,
+            received_mono: ts,
         }
     }
 
@@ -1437,6 +1447,7 @@ mod tests {
         // ...and one stamped far after its receipt is refused as `future`.
         src.take_one(&Incoming {
             received: 1000.0,
+            received_mono: 1000.0,
             ..msg("n3", "a", 1.0, 1e9)
         });
         assert_eq!(
@@ -1457,6 +1468,7 @@ mod tests {
             topic: "nonsense".into(),
             payload: vec![0xff; 3],
             received: 0.0,
+            received_mono: 0.0,
         });
         assert_eq!(src.counters.decode_errors(), 1);
         assert_eq!(src.counters.messages.load(Ordering::Relaxed), 7);
@@ -1474,6 +1486,7 @@ mod tests {
             topic: "telegraf/n1".into(),
             payload: json.to_vec(),
             received: 1000.0,
+            received_mono: 1000.0,
         });
         assert_eq!(src.counters.decode_errors(), 0);
         assert_eq!(src.counters.samples_rejected(), 2);
@@ -1481,6 +1494,7 @@ mod tests {
             topic: "telegraf/n1".into(),
             payload: b"{not json".to_vec(),
             received: 1000.0,
+            received_mono: 1000.0,
         });
         assert!(src.counters.decode_errors() >= 1);
 
@@ -1498,6 +1512,7 @@ mod tests {
                 topic: topic.into(),
                 payload: frame.clone(),
                 received: 5.0,
+                received_mono: 5.0,
             });
         }
         assert_eq!(src.counters.frames.load(Ordering::Relaxed), 3);
@@ -1509,6 +1524,7 @@ mod tests {
             topic: "act/layer3".into(),
             payload: vec![0; 5],
             received: 5.0,
+            received_mono: 5.0,
         });
         assert_eq!(src.counters.frames.load(Ordering::Relaxed), 3);
 
@@ -1520,6 +1536,7 @@ mod tests {
                 topic: topic.into(),
                 payload: frame.clone(),
                 received: 6.0,
+                received_mono: 6.0,
             });
         }
         assert_eq!(src.counters.samples_rejected(), rejected + 1);
@@ -1556,6 +1573,7 @@ mod tests {
                 topic,
                 payload: &payload,
                 received: 5.0,
+                received_mono: 5.0,
             })
         };
         // No turn runs (before the first, or during a reload): messages are held, up to

@@ -504,6 +504,8 @@ pub struct Incoming {
     pub payload: Vec<u8>,
     /// When it was received, in seconds since the Unix epoch.
     pub received: f64,
+    /// When it was received on the monotonic clock ([`monotonic_secs`]), for elapsed times.
+    pub received_mono: f64,
 }
 
 /// A received message as the client hands it to an [`Inbox`]: borrowed, not copied.
@@ -513,6 +515,8 @@ pub struct Received<'a> {
     pub payload: &'a [u8],
     /// When it was received, in seconds since the Unix epoch.
     pub received: f64,
+    /// When it was received on the monotonic clock ([`monotonic_secs`]), for elapsed times.
+    pub received_mono: f64,
 }
 
 impl Received<'_> {
@@ -522,6 +526,7 @@ impl Received<'_> {
             topic: self.topic.to_string(),
             payload: self.payload.to_vec(),
             received: self.received,
+            received_mono: self.received_mono,
         }
     }
 }
@@ -533,6 +538,7 @@ impl Incoming {
             topic: &self.topic,
             payload: &self.payload,
             received: self.received,
+            received_mono: self.received_mono,
         }
     }
 }
@@ -757,6 +763,14 @@ pub(crate) fn epoch_secs() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Seconds on the monotonic clock ([`Instant`]; origin: this function's first call), for
+/// elapsed times: unlike [`epoch_secs`], an NTP step or a suspend of the host (Linux's
+/// `CLOCK_MONOTONIC` stops while suspended) does not move it.
+pub fn monotonic_secs() -> f64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
 /// Polls the event loop forever. Never cancelled mid-poll: rumqttc's `poll` is not
 /// cancellation-safe while it writes.
 async fn drive(
@@ -791,6 +805,7 @@ async fn drive(
                     topic: &publish.topic,
                     payload: &publish.payload,
                     received: epoch_secs(),
+                    received_mono: monotonic_secs(),
                 };
                 if !inbox.deliver(message) {
                     bump(&stats.incoming_dropped, 1);

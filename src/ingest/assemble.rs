@@ -10,7 +10,7 @@
 //!
 //! A window closes once a sample of the same stream lands `lateness_windows + 1`
 //! windows later, or once the stream's own clock ([`Assembler::poll_streams`]: its newest
-//! sample's time plus the wall time since that sample arrived) or the caller's clock
+//! sample's time plus the monotonic time since that sample arrived) or the caller's clock
 //! ([`Assembler::poll`]'s `now`) is that far past it; with `close_when_complete`, also as soon as every feature has a sample in it
 //! (with the stream's older windows), so that its frame leaves with the last metric. Windows that received no sample at all produce no frame. Memory is bounded:
 //! at most `max_streams` streams, each with `(lateness_windows + 1) × d` accumulators
@@ -190,6 +190,37 @@ pub enum Aggregation {
 
 /// See [`Assembler::max_ahead_secs`].
 pub const MAX_AHEAD_SECS: f64 = 300.0;
+
+/// When a sample arrived, read on two clocks ([`Assembler::push_received`]). Its timestamp
+/// is compared with the wall clock, to refuse one stamped far ahead ([`Reject::Future`]),
+/// and frames carry the wall time for the alert latency. The stream's event clock
+/// advances by the monotonic one ([`Assembler::poll_streams`]), which an NTP step or a
+/// suspend of the host does not move.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Receipt {
+    /// Epoch seconds; unknown when not positive and finite.
+    pub wall: f64,
+    /// Seconds on a monotonic clock whose origin is the caller's (the agent's:
+    /// `mqtt::monotonic_secs`), the one `poll_streams` is given; unknown when not finite.
+    pub mono: f64,
+}
+
+impl Receipt {
+    /// Neither time known: what [`Assembler::push`] uses.
+    pub const UNKNOWN: Receipt = Receipt {
+        wall: 0.0,
+        mono: f64::NAN,
+    };
+
+    /// The wall time if known, else 0.
+    fn wall(self) -> f64 {
+        if self.wall.is_finite() && self.wall > 0.0 {
+            self.wall
+        } else {
+            0.0
+        }
+    }
+}
 
 /// The largest `lateness_windows` accepted (each window of lateness costs `d`
 /// accumulators per stream).
@@ -382,8 +413,8 @@ struct StreamState {
     /// Last emitted value of each feature and the window it came from.
     last_val: Vec<f64>,
     last_window: Vec<Option<i64>>,
-    /// The stream's newest accepted sample time and when it arrived (wall clock, epoch
-    /// seconds): this stream's event clock (see [`Assembler::poll_streams`]).
+    /// The stream's newest accepted sample time and when it arrived (monotonic seconds,
+    /// [`Receipt::mono`]): this stream's event clock (see [`Assembler::poll_streams`]).
     clock: Option<(f64, f64)>,
 }
 
@@ -521,16 +552,19 @@ impl Assembler {
     /// # Errors
     /// [`Reject`] when the sample is not used; each reason is also counted.
     pub fn push(&mut self, s: &Sample<'_>) -> Result<(), Reject> {
-        self.push_received(s, 0.0)
+        self.push_received(s, Receipt::UNKNOWN)
     }
 
-    /// [`Self::push`] for a sample that arrived at `received` (epoch seconds): the frame
-    /// carries its latest sample's receipt time, from which the agent measures alert
-    /// latency.
+    /// [`Self::push`] for a sample that arrived at `receipt`. A timestamp more than
+    /// [`Self::max_ahead_secs`] after its wall time is refused; the frame carries its latest
+    /// sample's wall receipt time, from which the agent measures alert latency; and the
+    /// monotonic time starts the stream's event clock ([`Self::poll_streams`]). Either time
+    /// may be unknown (see [`Receipt`]), and no value of either can make it panic.
     ///
     /// # Errors
     /// As [`Self::push`].
-    pub fn push_received(&mut self, s: &Sample<'_>, received: f64) -> Result<(), Reject> {
+    pub fn push_received(&mut self, s: &Sample<'_>, receipt: Receipt) -> Result<(), Reject> {
+        let received = receipt.wall();
         self.counters.samples_in += 1;
         // Frames hold f32: a value beyond its range would be ±inf in this frame and in
         // every frame it is carried forward to. Accepted values keep means in range too.
@@ -566,12 +600,12 @@ impl Assembler {
             self.counters.late_dropped += 1;
             return Err(Reject::Late);
         }
-        if received > 0.0
+        if receipt.mono.is_finite()
             && self.streams[idx]
                 .clock
                 .is_none_or(|(t, _)| s.timestamp >= t)
         {
-            self.streams[idx].clock = Some((s.timestamp, received));
+            self.streams[idx].clock = Some((s.timestamp, receipt.mono));
         }
         if self.streams[idx].newest.is_none_or(|n| w > n) {
             self.streams[idx].newest = Some(w);
@@ -720,18 +754,21 @@ impl Assembler {
 
     /// Closes, per stream, every window that the stream's own clock puts more than
     /// `lateness_windows` windows in the past, then hands out every closed frame. A
-    /// stream's clock is its newest sample's time plus the wall time since that sample
-    /// arrived (`wall_now` and the receipt times of [`Self::push_received`], epoch
-    /// seconds): a node whose clock runs ahead, or one far-future timestamp, closes only
-    /// its own stream's windows, and a replay of old data closes them as live data would.
-    /// Streams whose samples carry no receipt time close by data only.
-    pub fn poll_streams(&mut self, wall_now: f64, out: &mut impl FnMut(FrameOut<'_>)) {
-        if wall_now.is_finite() {
+    /// stream's clock is its newest sample's time plus the time since that sample arrived,
+    /// on the monotonic clock (`mono_now` and the [`Receipt::mono`] times of
+    /// [`Self::push_received`]): a node whose clock runs ahead, or one far-future
+    /// timestamp, closes only its own stream's windows, a replay of old data closes them
+    /// as live data would, and a step of the host's wall clock (NTP, a suspend) closes
+    /// none. Streams whose samples carry no monotonic receipt time close by data only, and
+    /// so does every stream when `mono_now` is not finite.
+    pub fn poll_streams(&mut self, mono_now: f64, out: &mut impl FnMut(FrameOut<'_>)) {
+        if mono_now.is_finite() {
             for idx in 0..self.streams.len() {
                 let Some((t, at)) = self.streams[idx].clock else {
                     continue;
                 };
-                let now = t + (wall_now - at).max(0.0);
+                // Never back: a clock read before the receipt (another origin) adds 0.
+                let now = t + (mono_now - at).max(0.0);
                 if now.is_finite() {
                     let before = self.window_of(now).saturating_sub(self.lateness);
                     self.close(idx, before);
@@ -803,10 +840,10 @@ mod tests {
             });
             got
         };
-        a.push_received(&sample("n", "a", 1.0, 10.2), 100.0)
+        a.push_received(&sample("n", "a", 1.0, 10.2), receipt(100.0))
             .unwrap();
         assert!(take(&mut a).is_empty(), "half a window stays open");
-        a.push_received(&sample("n", "b", 2.0, 10.7), 101.5)
+        a.push_received(&sample("n", "b", 2.0, 10.7), receipt(101.5))
             .unwrap();
         let mut received = take(&mut a);
         assert_eq!(
@@ -817,11 +854,11 @@ mod tests {
         // A further sample for that window is late now.
         assert_eq!(a.push(&sample("n", "a", 9.0, 10.9)), Err(Reject::Late));
         // An older window still open closes first, in order.
-        a.push_received(&sample("n", "a", 3.0, 12.1), 103.0)
+        a.push_received(&sample("n", "a", 3.0, 12.1), receipt(103.0))
             .unwrap();
-        a.push_received(&sample("n", "a", 4.0, 13.1), 104.0)
+        a.push_received(&sample("n", "a", 4.0, 13.1), receipt(104.0))
             .unwrap();
-        a.push_received(&sample("n", "b", 5.0, 13.2), 104.2)
+        a.push_received(&sample("n", "b", 5.0, 13.2), receipt(104.2))
             .unwrap();
         received.extend(take(&mut a));
         assert_eq!(received.len(), 3);
@@ -829,15 +866,15 @@ mod tests {
         assert_eq!(received[1].2, 103.0);
         assert_eq!(received[2], (2, vec![4.0, 5.0], 104.2));
         // An older window completed late closes alone: the newer one stays open.
-        a.push_received(&sample("n", "a", 6.0, 20.1), 110.0)
+        a.push_received(&sample("n", "a", 6.0, 20.1), receipt(110.0))
             .unwrap();
-        a.push_received(&sample("n", "a", 7.0, 21.1), 111.0)
+        a.push_received(&sample("n", "a", 7.0, 21.1), receipt(111.0))
             .unwrap();
-        a.push_received(&sample("n", "b", 8.0, 20.9), 112.0)
+        a.push_received(&sample("n", "b", 8.0, 20.9), receipt(112.0))
             .unwrap();
         let got = take(&mut a);
         assert_eq!(got, vec![(3, vec![6.0, 8.0], 112.0)]);
-        a.push_received(&sample("n", "b", 9.0, 21.5), 113.0)
+        a.push_received(&sample("n", "b", 9.0, 21.5), receipt(113.0))
             .unwrap();
         assert_eq!(take(&mut a), vec![(4, vec![7.0, 9.0], 113.0)]);
         // Off (the default), the window waits for a later one.
@@ -880,6 +917,11 @@ mod tests {
 
     fn asm(cfg: AssemblerConfig, features: &[&str]) -> Assembler {
         Assembler::new(cfg, names(features)).unwrap()
+    }
+
+    /// A receipt at `t` seconds on both clocks (no step between them).
+    fn receipt(t: f64) -> Receipt {
+        Receipt { wall: t, mono: t }
     }
 
     #[test]
@@ -1015,7 +1057,7 @@ mod tests {
     }
 
     /// Each stream closes its windows by its own clock: its newest sample's time plus the
-    /// wall time since that sample arrived. A node whose clock runs 3 s ahead used to
+    /// (monotonic) time since that sample arrived. A node whose clock runs 3 s ahead used to
     /// move one shared clock, so every other node's samples came in "late".
     #[test]
     fn each_stream_closes_its_windows_by_its_own_clock() {
@@ -1026,21 +1068,20 @@ mod tests {
         };
         let mut a = asm(cfg, &["x"]);
         let at = |stream: &'static str, t: f64| sample(stream, "x", 1.0, t);
-        // Arrivals at wall time 5000 and 5000.1; "fast" stamps 3 s ahead of "ok".
-        a.push_received(&at("ok", 1000.2), 5000.0).unwrap();
-        a.push_received(&at("fast", 1003.2), 5000.1).unwrap();
-        let poll = |a: &mut Assembler, wall: f64| {
+        // Arrivals at 5000 and 5000.1; "fast" stamps 3 s ahead of "ok".
+        a.push_received(&at("ok", 1000.2), receipt(5000.0)).unwrap();
+        a.push_received(&at("fast", 1003.2), receipt(5000.1))
+            .unwrap();
+        let poll = |a: &mut Assembler, now: f64| {
             let mut out = Vec::new();
-            a.poll_streams(wall, &mut |f| {
-                out.push((f.stream.to_string(), f.window_end))
-            });
+            a.poll_streams(now, &mut |f| out.push((f.stream.to_string(), f.window_end)));
             out
         };
         // Half a second later "ok" is still in window 1000, which stays open.
         let out = poll(&mut a, 5000.5);
         assert!(out.is_empty(), "{out:?}");
-        a.push_received(&at("ok", 1000.6), 5000.6).unwrap();
-        a.push_received(&at("ok", 1001.1), 5001.1).unwrap();
+        a.push_received(&at("ok", 1000.6), receipt(5000.6)).unwrap();
+        a.push_received(&at("ok", 1001.1), receipt(5001.1)).unwrap();
         assert_eq!(a.counters().late_dropped, 0);
         // Once each stream's own clock is two windows past, its windows close.
         assert_eq!(
@@ -1053,6 +1094,54 @@ mod tests {
         );
     }
 
+    /// A stream's clock advances by monotonic time since its newest sample arrived. It
+    /// used to be wall time: a forward step of the host's clock (NTP, a resume from
+    /// suspend) closed the open windows at once, and the samples still on their way came
+    /// in late.
+    #[test]
+    fn a_wall_clock_step_does_not_close_windows() {
+        let mut a = asm(AssemblerConfig::default(), &["x"]);
+        let x = |v: f64, t: f64| sample("n", "x", v, t);
+        // Wall and monotonic clocks with different origins, as on a host.
+        a.push_received(
+            &x(1.0, 1000.2),
+            Receipt {
+                wall: 5000.0,
+                mono: 7.0,
+            },
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        // Half a second later the wall clock stepped an hour ahead; the monotonic one did not.
+        a.poll_streams(7.5, &mut |f| out.push(f.window_end));
+        assert!(out.is_empty(), "{out:?}");
+        a.push_received(
+            &x(2.0, 1000.7),
+            Receipt {
+                wall: 8600.7,
+                mono: 7.7,
+            },
+        )
+        .unwrap();
+        // A sample stamped ahead of the stepped-back wall time is still refused, by the
+        // wall clock alone.
+        let ahead = 5000.0 + MAX_AHEAD_SECS + 1.0;
+        assert_eq!(
+            a.push_received(
+                &x(3.0, ahead),
+                Receipt {
+                    wall: 5000.0,
+                    mono: 7.8
+                }
+            ),
+            Err(Reject::Future)
+        );
+        // Once the stream's own clock is two windows on, its windows close, in order.
+        a.poll_streams(9.1, &mut |f| out.push(f.window_end));
+        assert_eq!(out, [1001.0]);
+        assert_eq!(a.counters().late_dropped, 0);
+    }
+
     /// A timestamp far ahead of its receipt is a broken clock: refused, so that it cannot
     /// close its stream's windows and make that stream's real samples late.
     #[test]
@@ -1061,21 +1150,21 @@ mod tests {
         assert_eq!(a.max_ahead_secs(), MAX_AHEAD_SECS);
         let at = |t: f64| sample("n", "x", 1.0, t);
         assert_eq!(
-            a.push_received(&at(5000.0 + MAX_AHEAD_SECS + 1.0), 5000.0),
+            a.push_received(&at(5000.0 + MAX_AHEAD_SECS + 1.0), receipt(5000.0)),
             Err(Reject::Future)
         );
         assert_eq!(a.counters().future, 1);
-        a.push_received(&at(5000.0 + MAX_AHEAD_SECS - 1.0), 5000.0)
+        a.push_received(&at(5000.0 + MAX_AHEAD_SECS - 1.0), receipt(5000.0))
             .unwrap();
         // Old data, and samples without a receipt time, are never "future".
-        a.push_received(&at(10.0), 5000.0).unwrap_err();
+        a.push_received(&at(10.0), receipt(5000.0)).unwrap_err();
         assert_eq!(a.counters().future, 1);
         let mut b = asm(AssemblerConfig::default(), &["x"]);
         b.push(&at(1e12)).unwrap();
         // A real sample right after the refused one lands.
         let mut c = asm(AssemblerConfig::default(), &["x"]);
-        c.push_received(&at(9e9), 5000.0).unwrap_err();
-        c.push_received(&at(5000.0), 5000.0).unwrap();
+        c.push_received(&at(9e9), receipt(5000.0)).unwrap_err();
+        c.push_received(&at(5000.0), receipt(5000.0)).unwrap();
         assert_eq!(c.counters().late_dropped, 0);
     }
 
