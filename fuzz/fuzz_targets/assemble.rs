@@ -1,13 +1,16 @@
 //! The frame assembler: an arbitrary configuration and an arbitrary sequence of samples
-//! (built directly, or decoded from ExaMon payloads and Telegraf lines), polls and a
-//! final flush. Checks the frame invariants the ring and the scorer rely on.
+//! (built directly, or decoded from ExaMon payloads and Telegraf lines; with or without
+//! receipt times, which may be anything: huge, negative, non-finite), polls by the
+//! caller's clock and by the streams' own clocks, and a final flush. Checks the frame
+//! invariants the ring and the scorer rely on.
 #![no_main]
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
 use darkwatch::ingest::assemble::{
-    Aggregation, Assembler, AssemblerConfig, DecodeError, FrameOut, MAX_LATENESS_WINDOWS, Sample,
+    Aggregation, Assembler, AssemblerConfig, DecodeError, FrameOut, MAX_LATENESS_WINDOWS, Receipt,
+    Sample,
 };
 use darkwatch::ingest::examon::ExamonConfig;
 use darkwatch::ingest::telegraf::{Precision, TelegrafConfig, TelegrafFormat};
@@ -20,6 +23,7 @@ const STREAMS: [&str; 4] = ["n1", "n2", "n3", ""];
 #[derive(Debug, Arbitrary)]
 struct Input {
     window: u8,
+    /// The aggregation (mod 3); from 128 on, also `close_when_complete`.
     aggregation: u8,
     stale: Option<u8>,
     max_streams: u8,
@@ -44,12 +48,48 @@ enum Op {
         value: f64,
         timestamp: f64,
     },
+    /// A sample with its receipt on the wall and the monotonic clock
+    /// (`Assembler::push_received`).
+    PushReceived {
+        stream: u8,
+        metric: u8,
+        value: Value,
+        timestamp: Time,
+        wall: Time,
+        mono: Time,
+    },
     /// An ExaMon payload for node `stream`, metric `m`.
     Examon { stream: u8, payload: String },
+    /// An ExaMon payload with its receipt, as the agent feeds one.
+    ExamonReceived {
+        stream: u8,
+        payload: String,
+        wall: Time,
+        mono: Time,
+    },
     /// A Telegraf line-protocol message (seconds precision).
     Telegraf(String),
     /// Poll at base time + offset (quarter seconds), or with NaN.
     Poll(Option<i16>),
+    /// Close quiet windows by the streams' own clocks at this monotonic time
+    /// (`Assembler::poll_streams`), as the agent does between messages.
+    PollStreams(Time),
+}
+
+/// A time near its clock's base (an offset in quarter seconds), or any value at all.
+#[derive(Debug, Arbitrary)]
+enum Time {
+    Near(i16),
+    Any(f64),
+}
+
+impl Time {
+    fn on(&self, base: f64) -> f64 {
+        match *self {
+            Time::Near(offset) => base + f64::from(offset) / 4.0,
+            Time::Any(t) => t,
+        }
+    }
 }
 
 #[derive(Debug, Arbitrary)]
@@ -58,7 +98,17 @@ enum Value {
     Any(f64),
 }
 
+/// Base of sample timestamps and wall receipt times (epoch seconds).
 const BASE: f64 = 1_700_000_000.0;
+/// Base of monotonic receipt and poll times (seconds since the agent started, say).
+const MONO: f64 = 1_000.0;
+
+fn receipt(wall: &Time, mono: &Time) -> Receipt {
+    Receipt {
+        wall: wall.on(BASE),
+        mono: mono.on(MONO),
+    }
+}
 
 struct Checker {
     d: usize,
@@ -86,6 +136,11 @@ impl Checker {
             .entry(f.stream_index)
             .or_insert_with(|| f.stream.to_owned());
         assert_eq!(name, f.stream, "stream index maps to two names");
+        assert!(
+            f.received.is_finite() && f.received >= 0.0,
+            "receipt time {} handed out",
+            f.received
+        );
         let seq = self.next_seq.entry(f.stream_index).or_insert(0);
         assert_eq!(f.seq, *seq, "sequence gap in stream {}", f.stream);
         *seq += 1;
@@ -125,6 +180,7 @@ fuzz_target!(|input: Input| {
         stale_secs: input.stale.map(|s| f64::from(s) / 4.0),
         max_streams: usize::from(input.max_streams % 4) + 1,
         lateness_windows: u32::from(input.lateness) % (MAX_LATENESS_WINDOWS + 1),
+        close_when_complete: input.aggregation >= 128,
     };
     let features: Vec<String> = FEATURES.iter().map(|s| s.to_string()).collect();
     let mut asm = Assembler::new(cfg.clone(), features).expect("valid configuration");
@@ -168,13 +224,37 @@ fuzz_target!(|input: Input| {
                 let _ = asm.push(&sample(*stream, *metric, *value, *timestamp));
                 pushed += 1;
             }
-            Op::Examon { stream, payload } => {
+            Op::PushReceived {
+                stream,
+                metric,
+                value,
+                timestamp,
+                wall,
+                mono,
+            } => {
+                let value = match *value {
+                    Value::Small(v) => f64::from(v),
+                    Value::Any(v) => v,
+                };
+                let s = sample(*stream, *metric, value, timestamp.on(BASE));
+                let _ = asm.push_received(&s, receipt(wall, mono));
+                pushed += 1;
+            }
+            Op::Examon { stream, payload }
+            | Op::ExamonReceived {
+                stream, payload, ..
+            } => {
                 let topic = format!(
                     "org/o/cluster/c/node/{}/plugin/p/chnl/data/m",
                     STREAMS[usize::from(stream % 4)]
                 );
                 if let Ok(s) = examon.decode(&topic, payload.as_bytes()) {
-                    let _ = asm.push(&s);
+                    let _ = match op {
+                        Op::ExamonReceived { wall, mono, .. } => {
+                            asm.push_received(&s, receipt(wall, mono))
+                        }
+                        _ => asm.push(&s),
+                    };
                     pushed += 1;
                 }
             }
@@ -193,6 +273,7 @@ fuzz_target!(|input: Input| {
                 let now = at.map_or(f64::NAN, |o| BASE + f64::from(o) / 4.0);
                 asm.poll(now, &mut |f| check.frame(f));
             }
+            Op::PollStreams(at) => asm.poll_streams(at.on(MONO), &mut |f| check.frame(f)),
         }
         assert!(asm.stream_count() <= cfg.max_streams, "too many streams");
     }
@@ -205,5 +286,7 @@ fuzz_target!(|input: Input| {
         check.frames,
         "frame counters disagree with the frames handed out"
     );
-    assert!(c.unknown_metric + c.late_dropped + c.streams_rejected + c.non_finite <= pushed);
+    assert!(
+        c.unknown_metric + c.late_dropped + c.streams_rejected + c.non_finite + c.future <= pushed
+    );
 });
