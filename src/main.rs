@@ -132,6 +132,10 @@ enum Command {
         /// Configuration file used for every entity (default: the documented defaults).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also write the numbers as CSV (one row per entity and per family mean, full
+        /// precision, an empty cell where the table shows "-").
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Measure scoring latency and throughput on this machine.
     Bench {
@@ -767,6 +771,7 @@ fn run(command: Command) -> Result<()> {
             paths,
             odds_protocol,
             config,
+            out,
         } => {
             let cfg = load_config(config.as_deref())?;
             let protocol = match odds_protocol {
@@ -774,6 +779,22 @@ fn run(command: Command) -> Result<()> {
                 ProtocolArg::Split => harness::OddsProtocol::Split,
             };
             let entities = harness::discover(&paths)?;
+            // The CSV file is made before the first entity trains, so a wrong path fails in
+            // a second rather than after the whole run; it never replaces an input.
+            let mut csv_out = match &out {
+                Some(path) => {
+                    if harness::reads(&entities, path) {
+                        anyhow::bail!(
+                            "--out {} is one of the harness's inputs; choose another file",
+                            path.display()
+                        );
+                    }
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("--out {}", path.display()))?;
+                    Some((path, file))
+                }
+                None => None,
+            };
             let mut results = Vec::new();
             // One unreadable table must not throw away the hours spent on the others: each
             // failure is reported as it happens, the rest run, and the exit code says so.
@@ -794,6 +815,12 @@ fn run(command: Command) -> Result<()> {
             }
             if !results.is_empty() {
                 emit(&harness::table(&results, &cfg))?;
+            }
+            if let Some((path, file)) = csv_out.as_mut() {
+                std::io::Write::write_all(file, harness::csv(&results, &cfg).as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .with_context(|| format!("--out {}", path.display()))?;
+                eprintln!("darkwatch: wrote {}", path.display());
             }
             if !failed.is_empty() {
                 anyhow::bail!(
