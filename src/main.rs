@@ -1193,15 +1193,8 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     .context("training failed")?;
     bar.finish_and_clear();
     model.save(out)?;
-    if report.epochs_run == cfg.train.epochs_max
-        && !report.stopped_early
-        && report.best_epoch == report.epochs_run
-        && report.best_val_loss.is_some()
-    {
-        eprintln!(
-            "darkwatch: note: validation loss was still falling at epoch {}; a larger [train] epochs_max may fit better",
-            report.epochs_run
-        );
+    if let Some(note) = report.still_falling_note(model.ae.members, cfg.train.epochs_max) {
+        eprintln!("darkwatch: note: {note}");
     }
     let p = &model.meta.provenance;
     println!(

@@ -1117,6 +1117,30 @@ fn a_harness_entity_that_fails_does_not_lose_the_others() {
     );
 }
 
+/// An ensemble whose members all run out of epochs while improving gets one note naming
+/// them, not a log line per member.
+#[test]
+fn train_notes_once_which_members_were_still_improving() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.csv");
+    synthetic_csv(&train, 300, 3, &[]);
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&train)
+        .arg("--out")
+        .arg(dir.path().join("m"))
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "1"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(err.matches("still falling").count(), 1, "{err}");
+    assert!(
+        err.contains(
+            "note: validation loss of 5 of 5 ensemble members (1, 2, 3, 4, 5) was still falling at epoch 1"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("WARN"), "{err}");
+}
+
 /// `--out` naming one of the harness's inputs is refused before any training, and the
 /// input is left as it was.
 #[test]
