@@ -68,6 +68,11 @@ enum Command {
         /// Draw score, threshold, alert spans and labelled segments into this PNG.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Draw the plot's scores on a symmetric log axis: nothing is clipped, so a few huge
+        /// scores do not hide the rest (default: a linear axis clipped to the bulk of the
+        /// scores, frames beyond it drawn at the edge).
+        #[arg(long, requires = "plot")]
+        plot_log: bool,
         /// Score with this head instead of the model's own.
         #[arg(long, value_enum)]
         head: Option<HeadArg>,
@@ -618,6 +623,7 @@ fn run(command: Command) -> Result<()> {
             out,
             events,
             plot,
+            plot_log,
             head,
             backend,
             rate,
@@ -662,6 +668,7 @@ fn run(command: Command) -> Result<()> {
                 out_csv: out,
                 events,
                 plot,
+                plot_log,
                 rate,
                 head: head.map(Into::into),
                 mss,

@@ -41,6 +41,8 @@ pub struct ReplayRequest {
     pub events: Option<PathBuf>,
     /// A PNG of score, threshold, alert spans and labelled segments.
     pub plot: Option<PathBuf>,
+    /// Draw the plot on a symmetric log axis ([`crate::plot::PlotSpec::log_scale`]).
+    pub plot_log: bool,
     /// Frames per second; `None` = as fast as the scorer goes.
     pub rate: Option<f64>,
     /// Score with this head instead of the model's own (α, β from the config).
@@ -257,6 +259,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
             alert_spans: &outcome.alert_spans,
             label_spans: &label_spans,
             first_frame,
+            log_scale: req.plot_log,
             ..PlotSpec::new(title, &outcome.scores)
         };
         plot::score_plot(path, &spec)?;

@@ -894,6 +894,22 @@ fn replay_thresholds_alerts_and_plots_the_injected_anomalies() {
     }
     let png = std::fs::read(&plot).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // --plot-log draws the same scores on a log axis: another picture.
+    let log_plot = dir.path().join("log.png");
+    let args = [
+        std::ffi::OsStr::new("--plot"),
+        log_plot.as_os_str(),
+        std::ffi::OsStr::new("--plot-log"),
+    ];
+    let (code, out, err) = replay_with(&model, &test, &lab, &args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let log_png = std::fs::read(&log_plot).unwrap();
+    assert_eq!(&log_png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_ne!(log_png, png);
+    // Without a plot there is nothing to draw on a log axis.
+    let (code, _, err) = replay_with(&model, &test, &lab, &[std::ffi::OsStr::new("--plot-log")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--plot"), "{err}");
 }
 
 #[test]
