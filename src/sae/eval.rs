@@ -61,6 +61,8 @@ pub enum SaeEvalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Output(#[from] crate::outputs::OutputClash),
     #[error("{0}")]
     Invalid(String),
 }
@@ -1256,13 +1258,47 @@ fn write_file(path: &Path, text: &str) -> Result<(), SaeEvalError> {
     })
 }
 
+/// Refuses, before anything is read or written, a `sae-score` output that is one of its
+/// inputs, the other output, or a file in the SAE's folder or the head's: `--out
+/// cfg.json` once left the SAE unusable.
+fn check_score_outputs(args: &SaeScoreArgs) -> Result<(), SaeEvalError> {
+    use crate::outputs::Protected;
+    let mut protected = vec![Protected::File("--input", &args.input)];
+    for (flag, path) in [
+        ("--labels", &args.labels),
+        ("--prompt-ids", &args.prompt_ids),
+        ("--baseline", &args.baseline),
+    ] {
+        if let Some(path) = path {
+            protected.push(Protected::File(flag, path));
+        }
+    }
+    protected.push(Protected::Folder {
+        what: "a file of the SAE folder",
+        dir: &args.sae,
+    });
+    if let Some(dark) = &args.dark {
+        protected.push(Protected::Folder {
+            what: "a file of the dark-matter head's folder (--dark)",
+            dir: dark,
+        });
+    }
+    let outputs = [
+        ("--out", args.out.as_deref()),
+        ("--prompt-out", args.prompt_out.as_deref()),
+    ];
+    Ok(crate::outputs::check(&outputs, &protected)?)
+}
+
 /// `darkwatch sae-score`: scores every token row through the SAE and its head, writes the
 /// token (and prompt) CSVs if asked, and with labels returns the OOD table.
 ///
 /// # Errors
-/// Bad input (shape mismatches are named with both shapes), a missing SAE or head, a failed
+/// An output that would overwrite an input or a file of the SAE or its head (checked first);
+/// bad input (shape mismatches are named with both shapes), a missing SAE or head, a failed
 /// write.
 pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String), SaeEvalError> {
+    check_score_outputs(args)?;
     let sae = Sae::load(&args.sae)?;
     let dark_dir = args.dark.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
     let head = DarkHead::load(&dark_dir)?;
@@ -1444,6 +1480,151 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::npy::tests::npy_bytes;
+
+    /// Writes `[rows, d]` little-endian f32 `values` as an `.npy` file.
+    fn write_f32(path: &Path, shape: &[usize], values: &[f32]) {
+        let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+        let header = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+            dims.join(", ")
+        );
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        fs::write(path, npy_bytes(1, &header, &data)).unwrap();
+    }
+
+    /// `rows` rows of `d` features: a few sparse factors plus a little noise, deterministic.
+    fn rows(rows: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut out = Vec::with_capacity(rows * d);
+        for _ in 0..rows {
+            let (a, b) = (rng.next_f64() - 0.5, rng.next_f64() - 0.5);
+            for j in 0..d {
+                let v = a * (j as f64 * 0.7).cos() + b * (j as f64 * 0.3).sin();
+                out.push((v + 0.05 * (rng.next_f64() - 0.5)) as f32);
+            }
+        }
+        out
+    }
+
+    /// `sae-train`'s arguments for a tiny SAE (16 latents, k 2, 2 epochs, a held-out head)
+    /// on `input`, written to `out`.
+    fn tiny_train_args(input: &Path, out: &Path) -> SaeTrainArgs {
+        SaeTrainArgs {
+            input: input.to_path_buf(),
+            tensor: None,
+            prompt_ids: None,
+            out: out.to_path_buf(),
+            holdout: 0.25,
+            config: SaeTrainConfig {
+                latents: 16,
+                k: 2,
+                epochs: 2,
+                ..Default::default()
+            },
+            dark: DarkConfig { ridge: 1.0 },
+            dark_folds: 0,
+            meta: SaveMeta::default(),
+        }
+    }
+
+    /// A folder holding `acts.npy` (240 rows of 8 features) and `sae/`, a tiny SAE trained
+    /// on it with its dark-matter head.
+    fn tiny_sae() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let acts = dir.path().join("acts.npy");
+        write_f32(&acts, &[240, 8], &rows(240, 8, 1));
+        let sae = dir.path().join("sae");
+        sae_train_command(&tiny_train_args(&acts, &sae), &mut |_| {}).unwrap();
+        (dir, acts, sae)
+    }
+
+    /// Every file under `dir` with its bytes.
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                out.extend(snapshot(&p));
+            } else {
+                out.push((p.clone(), fs::read(&p).unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn sae_score_refuses_outputs_onto_its_inputs_and_the_sae_folder() {
+        let (dir, acts, sae) = tiny_sae();
+        let before = snapshot(dir.path());
+        let score = |out: Option<PathBuf>, prompt_out: Option<PathBuf>| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: acts.clone(),
+                baseline: Some(acts.clone()),
+                baseline_shrinkage: 0.1,
+                out,
+                prompt_out,
+                ..Default::default()
+            })
+        };
+        for (out, prompt_out, what) in [
+            (
+                Some(acts.clone()),
+                None,
+                "--out would overwrite the --input file",
+            ),
+            (
+                Some(sae.join("cfg.json")),
+                None,
+                "--out would overwrite a file of the SAE folder",
+            ),
+            (
+                None,
+                Some(sae.join(DARK_DIR).join(super::super::dark::DARK_META_FILE)),
+                "--prompt-out would overwrite a file of the SAE folder",
+            ),
+            (
+                Some(sae.join("tokens.csv")),
+                None,
+                "--out would overwrite a file of the SAE folder",
+            ),
+            (
+                Some(dir.path().join("t.csv")),
+                Some(dir.path().join("sae/../t.csv")),
+                "--prompt-out would overwrite the --out output",
+            ),
+        ] {
+            let e = score(out, prompt_out).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains("choose another file"), "{e}");
+        }
+        assert_eq!(snapshot(dir.path()), before, "nothing may be written");
+        // The head's own folder, when given apart from the SAE's.
+        let elsewhere = dir.path().join("head");
+        fs::rename(sae.join(DARK_DIR), &elsewhere).unwrap();
+        let e = sae_score_command(&SaeScoreArgs {
+            sae: sae.clone(),
+            dark: Some(elsewhere.clone()),
+            input: acts.clone(),
+            out: Some(elsewhere.join(super::super::dark::DARK_WEIGHTS_FILE)),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("the dark-matter head's folder"), "{e}");
+        // A new file elsewhere is written.
+        let tokens = dir.path().join("tokens.csv");
+        sae_score_command(&SaeScoreArgs {
+            sae: sae.clone(),
+            dark: Some(elsewhere),
+            input: acts,
+            out: Some(tokens.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(fs::read_to_string(tokens).unwrap().lines().count(), 241);
+    }
 
     #[test]
     fn prompts_group_and_aggregate() {
