@@ -222,6 +222,10 @@ enum Command {
         /// `metadata.hook_name` in cfg.json.
         #[arg(long)]
         hook_name: Option<String>,
+        /// Replace an SAE already in OUT (a folder holding an autoencoder model is always
+        /// refused).
+        #[arg(long)]
+        force: bool,
     },
     /// Fit the dark-matter head of an existing SAE (SAELens or sparsify folder) on normal
     /// activations and write it, with the thresholds' calibration, to SAE/dark/, so that
@@ -904,6 +908,7 @@ fn run(command: Command) -> Result<()> {
             dark_folds,
             model_name,
             hook_name,
+            force,
         } => {
             use darkwatch::sae::{dark::DarkConfig, eval, train};
             let args = eval::SaeTrainArgs {
@@ -930,6 +935,7 @@ fn run(command: Command) -> Result<()> {
                     hook_name,
                     dataset_path: Some(input.display().to_string()),
                 },
+                force,
             };
             let (_, text) = eval::sae_train_command(&args, &mut |e| {
                 eprintln!(

@@ -940,6 +940,8 @@ pub struct SaeTrainArgs {
     /// cross-fit it on out-of-fold errors (see [`crossfit_dark_stats`]).
     pub dark_folds: usize,
     pub meta: SaveMeta,
+    /// Replace an SAE already in `out` (an autoencoder model folder is refused regardless).
+    pub force: bool,
 }
 
 /// What `sae-train` writes to `train_report.json`.
@@ -971,6 +973,7 @@ pub fn sae_train_command(
     args: &SaeTrainArgs,
     on_epoch: &mut dyn FnMut(&EpochStats),
 ) -> Result<(SaeTrainSummary, String), SaeEvalError> {
+    check_train_out(&args.out, args.force)?;
     let x = read_activations(&args.input, args.tensor.as_deref())?;
     let ids = match &args.prompt_ids {
         Some(p) => Some(read_ints(p, None, x.nrows(), "prompt ids")?),
@@ -1108,6 +1111,60 @@ pub fn sae_train_command(
     let _ = writeln!(text, "{}", calibration.describe());
     let _ = writeln!(text, "wrote {}", args.out.display());
     Ok((summary, text))
+}
+
+/// The SAE files of `dir` that `sae-train` would replace: a checkpoint (SAELens or sparsify,
+/// or a sparsify layer folder), a dark-matter head folder, a training report.
+fn sae_files_in(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = [
+        super::load::CONFIG_FILE,
+        super::load::SAELENS_WEIGHTS,
+        super::load::SPARSIFY_WEIGHTS,
+        DARK_DIR,
+        TRAIN_REPORT_FILE,
+    ]
+    .into_iter()
+    .filter(|name| dir.join(name).exists())
+    .map(String::from)
+    .collect();
+    if let Ok(entries) = fs::read_dir(dir) {
+        let mut layers: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().join(super::load::CONFIG_FILE).is_file())
+            .map(|e| format!("{}/", e.file_name().to_string_lossy()))
+            .collect();
+        layers.sort();
+        found.extend(layers);
+    }
+    found
+}
+
+/// Refuses an `sae-train` output folder that holds an autoencoder model (an SAE beside it
+/// would make the folder both, and `run`, `inspect` and `replay` would each pick one), or
+/// an SAE, unless `force` (as `sae-head` does for a head).
+fn check_train_out(out: &Path, force: bool) -> Result<(), SaeEvalError> {
+    if out.join(crate::model::io::META_FILE).exists() {
+        return Err(input_err(
+            out,
+            format!(
+                "holds an autoencoder model ({}); an SAE written beside it would leave a folder \
+                 that is both: choose another --out folder",
+                crate::model::io::META_FILE
+            ),
+        ));
+    }
+    let found = sae_files_in(out);
+    if !force && !found.is_empty() {
+        return Err(input_err(
+            out,
+            format!(
+                "already holds an SAE ({}); pass --force to replace it, or choose another --out \
+                 folder",
+                found.join(", ")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Arguments of `darkwatch sae-head`.
@@ -1525,6 +1582,7 @@ mod tests {
             dark: DarkConfig { ridge: 1.0 },
             dark_folds: 0,
             meta: SaveMeta::default(),
+            force: false,
         }
     }
 
@@ -1624,6 +1682,56 @@ mod tests {
         })
         .unwrap();
         assert_eq!(fs::read_to_string(tokens).unwrap().lines().count(), 241);
+    }
+
+    #[test]
+    fn sae_train_refuses_an_existing_sae_without_force_and_any_autoencoder_folder() {
+        let (dir, acts, sae) = tiny_sae();
+        let train = |out: &Path, force: bool| {
+            let args = SaeTrainArgs {
+                force,
+                config: SaeTrainConfig {
+                    seed: 7,
+                    ..tiny_train_args(&acts, out).config
+                },
+                ..tiny_train_args(&acts, out)
+            };
+            sae_train_command(&args, &mut |_| {}).map(|_| ())
+        };
+        let before = snapshot(&sae);
+        let e = train(&sae, false).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "already holds an SAE (cfg.json, sae_weights.safetensors, dark, train_report.json)"
+            ) && e.contains("--force"),
+            "{e}"
+        );
+        assert_eq!(snapshot(&sae), before, "nothing may be written");
+        train(&sae, true).unwrap();
+        assert_ne!(snapshot(&sae), before, "--force replaces it");
+        Sae::load(&sae).unwrap();
+        // A sparsify run folder (one layer folder) counts too.
+        let run = dir.path().join("run");
+        fs::create_dir_all(run.join("layers.3")).unwrap();
+        fs::write(
+            run.join("layers.3").join(super::super::load::CONFIG_FILE),
+            "{}",
+        )
+        .unwrap();
+        let e = train(&run, false).unwrap_err().to_string();
+        assert!(e.contains("already holds an SAE (layers.3/)"), "{e}");
+        // An autoencoder's model folder is refused, --force or not.
+        let model = dir.path().join("model");
+        fs::create_dir_all(&model).unwrap();
+        fs::write(model.join(crate::model::io::META_FILE), "{}").unwrap();
+        for force in [false, true] {
+            let e = train(&model, force).unwrap_err().to_string();
+            assert!(e.contains("holds an autoencoder model (model.json)"), "{e}");
+        }
+        assert_eq!(fs::read_dir(&model).unwrap().count(), 1);
+        // An empty folder, or a new one, is fine.
+        fs::create_dir_all(dir.path().join("empty")).unwrap();
+        train(&dir.path().join("empty"), false).unwrap();
     }
 
     #[test]
