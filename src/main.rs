@@ -171,14 +171,15 @@ enum Command {
     /// threshold calibration in OUT/dark/ (so `darkwatch run` can watch live activations with
     /// it) and the training report in OUT/train_report.json.
     SaeTrain {
-        /// Activations [tokens, d]: .npy or .safetensors.
+        /// Activations [tokens, d], or [batch, seq, d] read as batch·seq rows in row-major order
+        /// (token t of sequence b is row b·seq + t): .npy (float16/32/64) or .safetensors.
         #[arg(long)]
         input: PathBuf,
         /// Tensor name in a .safetensors input with several tensors.
         #[arg(long)]
         tensor: Option<String>,
-        /// One prompt id per row (.npy / .safetensors, integers): the held-out share is then
-        /// whole prompts.
+        /// One prompt id per row (.npy / .safetensors, integers; one per flattened row for a
+        /// [batch, seq, d] input): the held-out share is then whole prompts.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
         /// SAE folder to write.
@@ -234,13 +235,16 @@ enum Command {
         /// SAE folder (SAELens or sparsify).
         #[arg(long)]
         sae: PathBuf,
-        /// Normal activations [tokens, d]: .npy or .safetensors.
+        /// Normal activations [tokens, d], or [batch, seq, d] read as batch·seq rows in
+        /// row-major order (token t of sequence b is row b·seq + t): .npy (float16/32/64) or
+        /// .safetensors.
         #[arg(long)]
         input: PathBuf,
         /// Tensor name in a .safetensors input with several tensors.
         #[arg(long)]
         tensor: Option<String>,
-        /// One prompt id per row: the held-out share is then whole prompts.
+        /// One prompt id per row (one per flattened row for a [batch, seq, d] input): the
+        /// held-out share is then whole prompts.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
         /// Share of prompts (or rows) held out: held-out R² and the threshold calibration.
@@ -267,7 +271,8 @@ enum Command {
         /// Dark-matter head folder (default SAE/dark).
         #[arg(long)]
         dark: Option<PathBuf>,
-        /// Activations [tokens, d]: .npy or .safetensors.
+        /// Activations [tokens, d], or [batch, seq, d] read as batch·seq rows in row-major order
+        /// (token t of sequence b is row b·seq + t): .npy (float16/32/64) or .safetensors.
         #[arg(long)]
         input: PathBuf,
         /// Tensor name in a .safetensors input with several tensors.
@@ -276,7 +281,8 @@ enum Command {
         /// One 0/1 label per row (1 = out of distribution), integer .npy / .safetensors.
         #[arg(long)]
         labels: Option<PathBuf>,
-        /// One prompt id per row, integer .npy / .safetensors.
+        /// One prompt id per row (one per flattened row for a [batch, seq, d] input), integer
+        /// .npy / .safetensors.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
         /// In-distribution activations to fit a Mahalanobis baseline on (adds its AUROC).

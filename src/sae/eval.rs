@@ -6,9 +6,11 @@
 //!
 //! # Inputs
 //!
-//! - Activations: `.npy` (2-D, float32/float64; see [`crate::ingest::npy`]) or
-//!   `.safetensors` (a 2-D F32, F16, BF16 or F64 tensor, named with `tensor`, or the only
-//!   tensor of the file).
+//! - Activations: `.npy` (float16/float32/float64, or integers; see [`crate::ingest::npy`])
+//!   or `.safetensors` (an F32, F16, BF16 or F64 tensor, named with `tensor`, or the only
+//!   tensor of the file), `[tokens, d]` or `[batch, seq, d]`: leading dimensions are
+//!   flattened in row-major order, so token `t` of sequence `b` is row `b·seq + t`, and
+//!   prompt ids and labels count the flattened rows.
 //! - Prompt ids and labels: 1-D (or `[n, 1]`) integer arrays in `.npy` (int8–int64, uint8–
 //!   uint64; read exactly up to |id| ≤ 2²⁴) or `.safetensors` (I8–I64, U8–U64, exact). Labels
 //!   must be 0 or 1. Their length must equal the number of activation rows.
@@ -120,14 +122,28 @@ fn pick_tensor<'a>(
 /// tensor in a safetensors file with several).
 ///
 /// # Errors
-/// A missing file, an unknown extension, a tensor that is not 2-D or not a float type, no
-/// rows or columns, or a non-finite value — each naming the file.
+/// As [`read_activations_shaped`].
 pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>, SaeEvalError> {
+    read_activations_shaped(path, tensor).map(|(x, _)| x)
+}
+
+/// [`read_activations`], also returning the shape of the file's array: an array of more
+/// than two dimensions (`[batch, seq, d]`) is read as rows of its last dimension, its
+/// leading ones flattened in row-major order (token `t` of sequence `b` is row `b·seq + t`).
+///
+/// # Errors
+/// A missing file, an unknown extension, an array of fewer than two dimensions or not of a
+/// float type (`.npy`: float16, float32, float64, or integers), no rows or columns, or a
+/// non-finite value — each naming the file.
+pub fn read_activations_shaped(
+    path: &Path,
+    tensor: Option<&str>,
+) -> Result<(Array2<f32>, Vec<usize>), SaeEvalError> {
     if !is_safetensors(path) {
         if path.extension().and_then(|e| e.to_str()) != Some("npy") {
             return Err(input_err(
                 path,
-                "activations must be .npy or .safetensors [tokens, d]",
+                "activations must be .npy or .safetensors [tokens, d] (or [batch, seq, d])",
             ));
         }
         if tensor.is_some() {
@@ -136,29 +152,31 @@ pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>
                 "a tensor name applies to .safetensors only",
             ));
         }
-        return Ok(clamped(crate::ingest::npy::read_npy(path)?.values));
+        let (table, shape) = crate::ingest::npy::read_npy_rows(path)?;
+        // Each dimension fits in usize: the array is in memory.
+        let shape = shape.iter().map(|&n| n as usize).collect();
+        return Ok((clamped(table.values), shape));
     }
     let bytes = read_file(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| input_err(path, format!("not a valid safetensors file: {e}")))?;
     let t = pick_tensor(path, &st, tensor)?;
-    let (rows, cols) = match *t.shape() {
-        [r, c] => (r, c),
+    let shape = t.shape().to_vec();
+    // safetensors checked the data against the shape, so the product fits.
+    let (rows, cols) = match shape.as_slice() {
+        [lead @ .., cols] if !lead.is_empty() => (lead.iter().product::<usize>(), *cols),
         _ => {
             return Err(input_err(
                 path,
                 format!(
-                    "activations must be 2-D [tokens, d], found shape {:?}",
-                    t.shape()
+                    "activations must be [tokens, d] or [batch, seq, d] (leading dimensions are \
+                     flattened), found shape {shape:?}"
                 ),
             ));
         }
     };
     if rows == 0 || cols == 0 {
-        return Err(input_err(
-            path,
-            format!("empty activations [{rows}, {cols}]"),
-        ));
+        return Err(input_err(path, format!("empty activations {shape:?}")));
     }
     let d = t.data();
     let v: Vec<f32> = match t.dtype() {
@@ -192,7 +210,21 @@ pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>
             format!("row {row}, column {col} (0-based): NaN/Inf is not allowed"),
         ));
     }
-    Ok(clamped(a))
+    Ok((clamped(a), shape))
+}
+
+/// For an error about per-row inputs (prompt ids, labels) of activations read from `path`
+/// with `shape`: how an array of more than two dimensions became rows, else nothing.
+fn rows_note(path: &Path, shape: &[usize]) -> String {
+    match shape {
+        [lead @ .., seq, _] if !lead.is_empty() => format!(
+            "; {} has shape {shape:?}, read as {} rows in row-major order (token t of sequence b \
+             is row b·{seq} + t)",
+            path.display(),
+            shape[..shape.len() - 1].iter().product::<usize>()
+        ),
+        _ => String::new(),
+    }
 }
 
 /// `a` with its values clamped to ±[`super::ACTIVATION_LIMIT`].
@@ -201,15 +233,15 @@ fn clamped(mut a: Array2<f32>) -> Array2<f32> {
     a
 }
 
-/// [`read_activations`] for `sae` (read from `sae_dir`): a width that does not match is an
-/// error naming both shapes.
+/// [`read_activations_shaped`] for `sae` (read from `sae_dir`): a width that does not match
+/// is an error naming both shapes.
 fn read_activations_for(
     sae: &Sae,
     sae_dir: &Path,
     path: &Path,
     tensor: Option<&str>,
-) -> Result<Array2<f32>, SaeEvalError> {
-    let x = read_activations(path, tensor)?;
+) -> Result<(Array2<f32>, Vec<usize>), SaeEvalError> {
+    let (x, shape) = read_activations_shaped(path, tensor)?;
     if x.ncols() != sae.d_in() {
         return Err(input_err(
             path,
@@ -222,7 +254,7 @@ fn read_activations_for(
             ),
         ));
     }
-    Ok(x)
+    Ok((x, shape))
 }
 
 /// Reads one integer per row (prompt ids or labels) from `.npy` or `.safetensors`, checking
@@ -237,6 +269,17 @@ pub fn read_ints(
     rows: usize,
     what: &str,
 ) -> Result<Vec<i64>, SaeEvalError> {
+    read_ints_noted(path, tensor, rows, what, "")
+}
+
+/// [`read_ints`], with `note` (from [`rows_note`]) after a shape or count error.
+fn read_ints_noted(
+    path: &Path,
+    tensor: Option<&str>,
+    rows: usize,
+    what: &str,
+    note: &str,
+) -> Result<Vec<i64>, SaeEvalError> {
     let values: Vec<i64> = if is_safetensors(path) {
         let bytes = read_file(path)?;
         let st = SafeTensors::deserialize(&bytes)
@@ -245,7 +288,7 @@ pub fn read_ints(
         if !matches!(*t.shape(), [_] | [_, 1]) {
             return Err(input_err(
                 path,
-                format!("{what} must be 1-D, found shape {:?}", t.shape()),
+                format!("{what} must be 1-D, found shape {:?}{note}", t.shape()),
             ));
         }
         let d = t.data();
@@ -292,7 +335,7 @@ pub fn read_ints(
             return Err(input_err(
                 path,
                 format!(
-                    "{what} must be 1-D, found [{}, {}]",
+                    "{what} must be 1-D, found [{}, {}]{note}",
                     table.values.nrows(),
                     table.values.ncols()
                 ),
@@ -322,7 +365,7 @@ pub fn read_ints(
         return Err(input_err(
             path,
             format!(
-                "{} {what} for {rows} activation rows (one per row is needed)",
+                "{} {what} for {rows} activation rows (one per row is needed){note}",
                 values.len()
             ),
         ));
@@ -339,7 +382,17 @@ pub fn read_labels(
     tensor: Option<&str>,
     rows: usize,
 ) -> Result<Vec<u8>, SaeEvalError> {
-    read_ints(path, tensor, rows, "labels")?
+    read_labels_noted(path, tensor, rows, "")
+}
+
+/// [`read_labels`], with `note` (from [`rows_note`]) after a shape or count error.
+fn read_labels_noted(
+    path: &Path,
+    tensor: Option<&str>,
+    rows: usize,
+    note: &str,
+) -> Result<Vec<u8>, SaeEvalError> {
+    read_ints_noted(path, tensor, rows, "labels", note)?
         .into_iter()
         .enumerate()
         .map(|(i, v)| match v {
@@ -974,9 +1027,10 @@ pub fn sae_train_command(
     on_epoch: &mut dyn FnMut(&EpochStats),
 ) -> Result<(SaeTrainSummary, String), SaeEvalError> {
     check_train_out(&args.out, args.force)?;
-    let x = read_activations(&args.input, args.tensor.as_deref())?;
+    let (x, shape) = read_activations_shaped(&args.input, args.tensor.as_deref())?;
+    let note = rows_note(&args.input, &shape);
     let ids = match &args.prompt_ids {
-        Some(p) => Some(read_ints(p, None, x.nrows(), "prompt ids")?),
+        Some(p) => Some(read_ints_noted(p, None, x.nrows(), "prompt ids", &note)?),
         None => None,
     };
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
@@ -1208,9 +1262,10 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
              pass --force to replace it, or --out to write elsewhere",
         ));
     }
-    let x = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
+    let (x, shape) = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
+    let note = rows_note(&args.input, &shape);
     let ids = match &args.prompt_ids {
-        Some(p) => Some(read_ints(p, None, x.nrows(), "prompt ids")?),
+        Some(p) => Some(read_ints_noted(p, None, x.nrows(), "prompt ids", &note)?),
         None => None,
     };
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
@@ -1359,14 +1414,15 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
     let sae = Sae::load(&args.sae)?;
     let dark_dir = args.dark.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
     let head = DarkHead::load(&dark_dir)?;
-    let x = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
+    let (x, shape) = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
+    let note = rows_note(&args.input, &shape);
     let rows = x.nrows();
     let labels = match &args.labels {
-        Some(p) => Some(read_labels(p, None, rows)?),
+        Some(p) => Some(read_labels_noted(p, None, rows, &note)?),
         None => None,
     };
     let ids = match &args.prompt_ids {
-        Some(p) => Some(read_ints(p, None, rows, "prompt ids")?),
+        Some(p) => Some(read_ints_noted(p, None, rows, "prompt ids", &note)?),
         None => None,
     };
     let prompts = ids.as_deref().map(Prompts::group);
@@ -1684,6 +1740,82 @@ mod tests {
         assert_eq!(fs::read_to_string(tokens).unwrap().lines().count(), 241);
     }
 
+    /// Activation dumps as language-model code writes them: float16, and `[batch, seq, d]`
+    /// (read as batch·seq rows, token t of sequence b at row b·seq + t) in .npy and
+    /// .safetensors alike; per-row inputs must count the flattened rows.
+    #[test]
+    fn sae_score_reads_float16_and_batch_seq_d_activations() {
+        use safetensors::tensor::TensorView;
+        let (dir, acts, sae) = tiny_sae();
+        let x = read_activations(&acts, None).unwrap();
+        let flat: Vec<f32> = x.iter().copied().collect();
+        let score = |input: &Path, prompt_ids: Option<PathBuf>| {
+            let out = dir.path().join("tokens.csv");
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: input.to_path_buf(),
+                prompt_ids,
+                out: Some(out.clone()),
+                ..Default::default()
+            })
+            .map(|_| fs::read_to_string(out).unwrap())
+        };
+        let want = score(&acts, None).unwrap();
+        let npy3 = dir.path().join("acts3.npy");
+        write_f32(&npy3, &[4, 60, 8], &flat);
+        let (x3, shape) = read_activations_shaped(&npy3, None).unwrap();
+        assert_eq!((x3, shape), (x.clone(), vec![4, 60, 8]));
+        assert_eq!(score(&npy3, None).unwrap(), want);
+        let st3 = dir.path().join("acts3.safetensors");
+        let bytes: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![4, 60, 8], &bytes).unwrap();
+        fs::write(
+            &st3,
+            safetensors::serialize(vec![("acts", view)], None).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(score(&st3, None).unwrap(), want);
+
+        // float16 .npy: the values the safetensors F16 path gives.
+        let halves: Vec<u8> = flat
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        let npy16 = dir.path().join("acts16.npy");
+        let header = "{'descr': '<f2', 'fortran_order': False, 'shape': (4, 60, 8), }";
+        fs::write(&npy16, npy_bytes(1, header, &halves)).unwrap();
+        let st16 = dir.path().join("acts16.safetensors");
+        let view = TensorView::new(Dtype::F16, vec![240, 8], &halves).unwrap();
+        fs::write(
+            &st16,
+            safetensors::serialize(vec![("a", view)], None).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            read_activations(&npy16, None).unwrap(),
+            read_activations(&st16, None).unwrap()
+        );
+        assert_eq!(score(&npy16, None).unwrap(), score(&st16, None).unwrap());
+
+        // One prompt id per sequence is not one per row: the error says how rows were made.
+        let ids = dir.path().join("ids.npy");
+        let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (4,), }";
+        let data: Vec<u8> = (0..4i32).flat_map(|v| v.to_le_bytes()).collect();
+        fs::write(&ids, npy_bytes(1, header, &data)).unwrap();
+        let e = score(&npy3, Some(ids.clone())).unwrap_err().to_string();
+        assert!(
+            e.contains("4 prompt ids for 240 activation rows (one per row is needed)")
+                && e.contains("has shape [4, 60, 8], read as 240 rows in row-major order")
+                && e.contains("token t of sequence b is row b·60 + t"),
+            "{e}"
+        );
+        // One per flattened row is right.
+        let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (240,), }";
+        let data: Vec<u8> = (0..240i32).flat_map(|r| (r / 60).to_le_bytes()).collect();
+        fs::write(&ids, npy_bytes(1, header, &data)).unwrap();
+        score(&npy3, Some(ids)).unwrap();
+    }
+
     #[test]
     fn sae_train_refuses_an_existing_sae_without_force_and_any_autoencoder_folder() {
         let (dir, acts, sae) = tiny_sae();
@@ -1816,7 +1948,7 @@ mod tests {
         );
         // Activations: shape and dtype errors.
         let e = read_activations(&f, None).unwrap_err().to_string();
-        assert!(e.contains("2-D"), "{e}");
+        assert!(e.contains("[tokens, d] or [batch, seq, d]"), "{e}");
         let a = st("a.safetensors", Dtype::F16, vec![2, 3], vec![0; 12]);
         assert_eq!(read_activations(&a, None).unwrap().dim(), (2, 3));
         let e = read_activations(&dir.path().join("x.csv"), None)
