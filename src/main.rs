@@ -278,7 +278,9 @@ enum Command {
         /// Tensor name in a .safetensors input with several tensors.
         #[arg(long)]
         tensor: Option<String>,
-        /// One 0/1 label per row (1 = out of distribution), integer .npy / .safetensors.
+        /// One 0/1 label per row (1 = out of distribution; one per flattened row for a
+        /// [batch, seq, d] input), as `replay` reads them: a text file with one per line, or
+        /// an .npy vector of any integer, bool or float dtype; or an integer .safetensors.
         #[arg(long)]
         labels: Option<PathBuf>,
         /// One prompt id per row (one per flattened row for a [batch, seq, d] input), integer

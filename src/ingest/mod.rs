@@ -13,7 +13,8 @@
 //! - [`csv`]: comma-separated tables with a header and an optional timestamp column.
 //! - [`npy`]: NumPy `.npy` arrays (2-D, or rows with leading dimensions flattened; `<f2`/`<f4`/`<f8`
 //!   or integer, C or Fortran order).
-//! - [`labels`]: point labels (one 0/1 per line) and SMD interpretation labels.
+//! - [`labels`]: point labels (one 0/1 per line, or an `.npy` vector of 0/1) and SMD
+//!   interpretation labels.
 //! - [`examon`]: ExaMon MQTT messages (tags in the topic, `value;timestamp` payload) to samples.
 //! - [`telegraf`]: Telegraf MQTT output (JSON or Influx line protocol) to samples.
 //! - [`raw`]: raw MQTT frames of `d` little-endian `f32` values.
@@ -275,6 +276,19 @@ pub enum IngestError {
         pos: TextPos,
         value: String,
     },
+
+    #[error("{}: element {index} (0-based): label {value} is not 0 or 1", .path.display())]
+    BadLabelAt {
+        path: PathBuf,
+        index: usize,
+        value: f32,
+    },
+
+    #[error(
+        "{}: labels must be a vector, one per row ([n] or [n, 1]), found shape {shape:?}",
+        .path.display()
+    )]
+    LabelShape { path: PathBuf, shape: Vec<u64> },
 
     #[error("{}: {found} labels, but the data has {expected} rows", .path.display())]
     LabelCount {

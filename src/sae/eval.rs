@@ -11,9 +11,12 @@
 //!   tensor of the file), `[tokens, d]` or `[batch, seq, d]`: leading dimensions are
 //!   flattened in row-major order, so token `t` of sequence `b` is row `b·seq + t`, and
 //!   prompt ids and labels count the flattened rows.
-//! - Prompt ids and labels: 1-D (or `[n, 1]`) integer arrays in `.npy` (int8–int64, uint8–
-//!   uint64; read exactly up to |id| ≤ 2²⁴) or `.safetensors` (I8–I64, U8–U64, exact). Labels
-//!   must be 0 or 1. Their length must equal the number of activation rows.
+//! - Prompt ids: 1-D (or `[n, 1]`) integer arrays in `.npy` (int8–int64, uint8–uint64; read
+//!   exactly up to |id| ≤ 2²⁴) or `.safetensors` (I8–I64, U8–U64, exact).
+//! - Labels, 0 or 1: what `replay` reads ([`crate::ingest::read_labels`]: an `.npy` vector of
+//!   any integer, bool or float dtype, or text with one label per line), or an integer
+//!   `.safetensors` tensor.
+//! - Both hold one value per activation row.
 //!
 //! # Prompt-level scores
 //!
@@ -373,10 +376,13 @@ fn read_ints_noted(
     Ok(values)
 }
 
-/// Reads 0/1 labels, one per row (any integer dtype).
+/// Reads 0/1 labels, one per row: from `.safetensors`, an integer tensor; from any other
+/// file, what [`crate::ingest::read_labels`] reads for `replay` (an `.npy` vector of 0/1 of
+/// any integer, bool or float dtype, or text with one label per line).
 ///
 /// # Errors
-/// As [`read_ints`], and a label other than 0 or 1.
+/// As [`read_ints`] for safetensors, else as [`crate::ingest::read_labels`]; a label other
+/// than 0 or 1.
 pub fn read_labels(
     path: &Path,
     tensor: Option<&str>,
@@ -392,6 +398,20 @@ fn read_labels_noted(
     rows: usize,
     note: &str,
 ) -> Result<Vec<u8>, SaeEvalError> {
+    if !is_safetensors(path) {
+        if tensor.is_some() {
+            return Err(input_err(
+                path,
+                "a tensor name applies to .safetensors only",
+            ));
+        }
+        return crate::ingest::read_labels(path, Some(rows)).map_err(|e| match e {
+            IngestError::LabelCount { .. } | IngestError::LabelShape { .. } if !note.is_empty() => {
+                SaeEvalError::Invalid(format!("{e}{note}"))
+            }
+            e => e.into(),
+        });
+    }
     read_ints_noted(path, tensor, rows, "labels", note)?
         .into_iter()
         .enumerate()
@@ -1814,6 +1834,70 @@ mod tests {
         let data: Vec<u8> = (0..240i32).flat_map(|r| (r / 60).to_le_bytes()).collect();
         fs::write(&ids, npy_bytes(1, header, &data)).unwrap();
         score(&npy3, Some(ids)).unwrap();
+    }
+
+    /// sae-score reads the labels `replay` reads: a text file (one per line) and an .npy
+    /// vector of any dtype give the same table; errors stay those of the labels reader.
+    #[test]
+    fn sae_score_takes_text_and_npy_labels_as_replay_does() {
+        let (dir, acts, sae) = tiny_sae();
+        let labels: Vec<u8> = (0..240).map(|r| u8::from(r % 3 == 0)).collect();
+        let txt = dir.path().join("labels.txt");
+        let text: String = labels.iter().map(|l| format!("{l}\n")).collect();
+        fs::write(&txt, text).unwrap();
+        let npy = dir.path().join("labels.npy");
+        let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (240,), }";
+        let data: Vec<u8> = labels
+            .iter()
+            .flat_map(|&l| f64::from(l).to_le_bytes())
+            .collect();
+        fs::write(&npy, npy_bytes(1, header, &data)).unwrap();
+        let score = |input: &Path, labels: &Path| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: input.to_path_buf(),
+                labels: Some(labels.to_path_buf()),
+                ..Default::default()
+            })
+            .map(|(summary, _)| summary.table)
+        };
+        let from_text = score(&acts, &txt).unwrap();
+        assert_eq!(from_text.len(), 3);
+        assert_eq!((from_text[0].n, from_text[0].n_ood), (240, 80));
+        assert_eq!(score(&acts, &npy).unwrap(), from_text);
+        assert_eq!(
+            crate::ingest::read_labels(&npy, Some(240)).unwrap(),
+            labels,
+            "replay's reader"
+        );
+        // The text format's own errors, by line.
+        fs::write(&txt, "0\n1\nyes\n").unwrap();
+        let e = score(&acts, &txt).unwrap_err().to_string();
+        assert!(
+            e.ends_with("labels.txt: line 3: label \"yes\" is not 0 or 1"),
+            "{e}"
+        );
+        fs::write(&txt, "0\n1\n").unwrap();
+        let e = score(&acts, &txt).unwrap_err().to_string();
+        assert!(
+            e.ends_with("labels.txt: 2 labels, but the data has 240 rows"),
+            "{e}"
+        );
+        // With [batch, seq, d] activations the count names the flattened rows.
+        let flat: Vec<f32> = read_activations(&acts, None)
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let npy3 = dir.path().join("acts3.npy");
+        write_f32(&npy3, &[4, 60, 8], &flat);
+        let e = score(&npy3, &txt).unwrap_err().to_string();
+        assert!(
+            e.contains("2 labels, but the data has 240 rows; ")
+                && e.contains("has shape [4, 60, 8], read as 240 rows"),
+            "{e}"
+        );
+        assert_eq!(score(&npy3, &npy).unwrap(), from_text);
     }
 
     #[test]
