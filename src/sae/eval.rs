@@ -1433,6 +1433,10 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
     check_score_outputs(args)?;
     let sae = Sae::load(&args.sae)?;
     let dark_dir = args.dark.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
+    // A published SAE has no head yet: say how to fit one, as `inspect` and `run` do.
+    if !dark_dir.join(super::dark::DARK_META_FILE).is_file() {
+        return Err(DetectorError::NoHead { dir: dark_dir }.into());
+    }
     let head = DarkHead::load(&dark_dir)?;
     let (x, shape) = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
     let note = rows_note(&args.input, &shape);
@@ -1898,6 +1902,41 @@ mod tests {
             "{e}"
         );
         assert_eq!(score(&npy3, &npy).unwrap(), from_text);
+    }
+
+    /// A published SAE (no head yet) is refused as `inspect` and `run` refuse it: with the
+    /// command that fits a head, not a raw "No such file or directory".
+    #[test]
+    fn sae_score_without_a_head_says_how_to_fit_one() {
+        let (dir, acts, sae) = tiny_sae();
+        fs::remove_dir_all(sae.join(DARK_DIR)).unwrap();
+        let score = |dark: Option<PathBuf>| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                dark,
+                input: acts.clone(),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        let e = score(None);
+        assert!(
+            e.contains("no dark-matter head")
+                && e.contains(
+                    "`darkwatch sae-head --sae <SAE> --input <normal activations>` fits one"
+                )
+                && !e.contains("os error"),
+            "{e}"
+        );
+        let detector = super::super::detector::SaeDetector::load(
+            &sae,
+            super::super::detector::SaeScoreKind::ErrorNorm,
+        )
+        .unwrap_err();
+        assert_eq!(e, detector.to_string(), "the agent's wording");
+        let e = score(Some(dir.path().join("nowhere")));
+        assert!(e.contains("nowhere: no dark-matter head"), "{e}");
     }
 
     #[test]
