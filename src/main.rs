@@ -191,6 +191,7 @@ enum Command {
         /// Active latents per token.
         #[arg(long, default_value_t = 32)]
         k: usize,
+        /// Epochs over the training rows (at least 1).
         #[arg(long, default_value_t = 50)]
         epochs: usize,
         #[arg(long, default_value_t = 0)]
@@ -213,8 +214,9 @@ enum Command {
         /// Ridge of the dark-matter head, relative to the mean feature variance.
         #[arg(long, default_value_t = 1e-2)]
         ridge: f64,
-        /// Cross-fit the dark-matter head on out-of-fold SAE errors over this many folds
-        /// (trains this many extra SAEs); 0 fits it on the final SAE's own training rows.
+        /// Cross-fit the dark-matter head on out-of-fold SAE errors over this many folds, 2 or
+        /// more (trains this many extra SAEs); 0 fits it on the final SAE's own training rows
+        /// (whose errors are smaller than on new tokens). 1 is refused.
         #[arg(long, default_value_t = 5)]
         dark_folds: usize,
         /// `metadata.model_name` in cfg.json.

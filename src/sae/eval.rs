@@ -1047,6 +1047,7 @@ pub fn sae_train_command(
     on_epoch: &mut dyn FnMut(&EpochStats),
 ) -> Result<(SaeTrainSummary, String), SaeEvalError> {
     check_train_out(&args.out, args.force)?;
+    check_train_settings(args)?;
     let (x, shape) = read_activations_shaped(&args.input, args.tensor.as_deref())?;
     let note = rows_note(&args.input, &shape);
     let ids = match &args.prompt_ids {
@@ -1058,6 +1059,24 @@ pub fn sae_train_command(
     let held = x.select(Axis(0), &held_rows);
     let held_view = (!held_rows.is_empty()).then(|| held.view());
     args.config.validate(x.ncols())?;
+    check_head_rows(&args.input, train_rows.len(), x.nrows(), x.ncols())?;
+    if args.dark_folds >= 2 {
+        // Whole prompts go to folds: more folds than prompts would leave some empty.
+        let (units, unit) = match &ids {
+            Some(ids) => {
+                let train_ids: Vec<i64> = train_rows.iter().map(|&r| ids[r]).collect();
+                (Prompts::group(&train_ids).len(), "prompts")
+            }
+            None => (train_rows.len(), "rows"),
+        };
+        if args.dark_folds > units {
+            return Err(SaeEvalError::Invalid(format!(
+                "--dark-folds {}: the training rows hold only {units} {unit} to split into \
+                 folds; give at most {units}",
+                args.dark_folds
+            )));
+        }
+    }
     fs::create_dir_all(&args.out).map_err(|source| SaeEvalError::Io {
         path: args.out.clone(),
         source,
@@ -1241,6 +1260,41 @@ fn check_train_out(out: &Path, force: bool) -> Result<(), SaeEvalError> {
     Ok(())
 }
 
+/// Refuses `sae-train` settings that would quietly do something else than asked: one
+/// cross-fit fold (none of the head's rows would be out of fold: it would be the
+/// non-cross-fitted head of `--dark-folds 0`), or no epoch (an untrained SAE).
+fn check_train_settings(args: &SaeTrainArgs) -> Result<(), SaeEvalError> {
+    if args.dark_folds == 1 {
+        return Err(SaeEvalError::Invalid(
+            "--dark-folds 1: cross-fitting takes at least 2 folds (each fold's SAE trains on \
+             the others); give 2 or more, or 0 to fit the head on the final SAE's own training \
+             rows (their errors are smaller than on new tokens, so its thresholds come out low)"
+                .into(),
+        ));
+    }
+    if args.config.epochs == 0 {
+        return Err(SaeEvalError::Invalid(
+            "--epochs 0 would write an untrained SAE (its random initialisation); give at \
+             least 1"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses, before any work, to fit a dark-matter head of width `d` on `rows` rows of
+/// `input` (of `total`; the rest are held out): see [`super::dark::min_fit_rows`].
+fn check_head_rows(input: &Path, rows: usize, total: usize, d: usize) -> Result<(), SaeEvalError> {
+    super::dark::check_fit_rows(rows, d).map_err(|e| {
+        let held = if rows < total {
+            format!(" ({rows} of {total}; the others are held out)")
+        } else {
+            String::new()
+        };
+        input_err(input, format!("{e}{held}"))
+    })
+}
+
 /// Arguments of `darkwatch sae-head`.
 #[derive(Debug, Clone)]
 pub struct SaeHeadArgs {
@@ -1289,6 +1343,7 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
         None => None,
     };
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
+    check_head_rows(&args.input, train_rows.len(), x.nrows(), x.ncols())?;
     let train = x.select(Axis(0), &train_rows);
     let (fit, calibration) = if held_rows.is_empty() {
         let rows = train.nrows();
@@ -1937,6 +1992,87 @@ mod tests {
         assert_eq!(e, detector.to_string(), "the agent's wording");
         let e = score(Some(dir.path().join("nowhere")));
         assert!(e.contains("nowhere: no dark-matter head"), "{e}");
+    }
+
+    /// Settings that used to be taken silently: one cross-fit fold (quietly no cross-fit),
+    /// no epoch (an untrained SAE), and a head on a handful of rows (a perfect in-sample fit
+    /// that predicts nothing). Each is refused before anything is written.
+    #[test]
+    fn sae_train_and_sae_head_refuse_settings_that_would_mislead() {
+        let (dir, acts, _) = tiny_sae();
+        let out = dir.path().join("refused");
+        let train = |f: &dyn Fn(&mut SaeTrainArgs)| {
+            let mut args = tiny_train_args(&acts, &out);
+            f(&mut args);
+            sae_train_command(&args, &mut |_| {})
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = train(&|a| a.dark_folds = 1);
+        assert!(
+            e.contains("--dark-folds 1: cross-fitting takes at least 2 folds")
+                && e.contains("or 0 to fit the head"),
+            "{e}"
+        );
+        // 240 rows, 180 of them for training.
+        let e = train(&|a| a.dark_folds = 181);
+        assert!(
+            e.contains("--dark-folds 181: the training rows hold only 180 rows"),
+            "{e}"
+        );
+        let e = train(&|a| a.config.epochs = 0);
+        assert!(e.contains("--epochs 0 would write an untrained SAE"), "{e}");
+        // d = 8: each regression fits 9 coefficients, so at least 18 rows.
+        let few = dir.path().join("few.npy");
+        write_f32(&few, &[20, 8], &rows(20, 8, 3));
+        let e = {
+            let args = tiny_train_args(&few, &out);
+            sae_train_command(&args, &mut |_| {})
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            e.contains("few.npy: 15 rows are too few to fit a dark-matter head on d = 8")
+                && e.contains("give at least 18 rows")
+                && e.contains("(15 of 20; the others are held out)"),
+            "{e}"
+        );
+        assert!(!out.exists(), "nothing may be written");
+
+        // The trial's case: sae-head on a published 16-dimensional SAE and its 8 rows.
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sae/saelens_topk_v6");
+        let head = |input: &Path, holdout: f64| {
+            sae_head_command(&SaeHeadArgs {
+                sae: fixture.join("checkpoint"),
+                input: input.to_path_buf(),
+                tensor: None,
+                prompt_ids: None,
+                holdout,
+                dark: DarkConfig { ridge: 1.0 },
+                out: Some(out.clone()),
+                force: false,
+            })
+        };
+        let e = head(&fixture.join("x.npy"), 0.0).unwrap_err().to_string();
+        assert!(
+            e.contains("8 rows are too few to fit a dark-matter head on d = 16")
+                && e.contains("it fits 17 coefficients")
+                && e.contains("give at least 34 rows"),
+            "{e}"
+        );
+        let e = head(&fixture.join("x.npy"), 0.2).unwrap_err().to_string();
+        assert!(
+            e.contains("6 rows are too few") && e.contains("(6 of 8;"),
+            "{e}"
+        );
+        assert!(!out.exists(), "nothing may be written");
+        // At the minimum the head is fitted.
+        let enough = dir.path().join("enough.npy");
+        write_f32(&enough, &[34, 16], &rows(34, 16, 4));
+        head(&enough, 0.0).unwrap();
+        assert!(out.join(super::super::dark::DARK_META_FILE).is_file());
     }
 
     #[test]
