@@ -947,15 +947,24 @@ fn run(command: Command) -> Result<()> {
                 },
                 force,
             };
-            let (_, text) = eval::sae_train_command(&args, &mut |e| {
-                eprintln!(
+            let (_, text) = eval::sae_train_command(&args, &mut |p| match p {
+                eval::SaeTrainProgress::Epoch(e) => eprintln!(
                     "epoch {:>3}: train NMSE {:.4}, held-out {}, dead {:.1} %, aux {:.4}",
                     e.epoch,
                     e.train_nmse,
                     e.held_out_nmse.map_or("n/a".into(), |v| format!("{v:.4}")),
                     100.0 * e.dead_share,
                     e.aux_loss
-                );
+                ),
+                // The head's cross-fit SAEs: most of the time with the default 5 folds.
+                eval::SaeTrainProgress::Fold(f) => eprintln!(
+                    "fold {}/{}: SAE trained on {} rows, NMSE {} on the fold's {} rows it did not see",
+                    f.fold,
+                    f.folds,
+                    f.train_rows,
+                    f.nmse.map_or("n/a".into(), |v| format!("{v:.4}")),
+                    f.rows
+                ),
             })?;
             emit(&text)?;
             Ok(())

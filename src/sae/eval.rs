@@ -835,7 +835,30 @@ pub fn crossfit_dark_stats(
     config: &SaeTrainConfig,
     folds: usize,
 ) -> Result<DarkStats, SaeEvalError> {
-    Ok(crossfit_dark(x, prompt_ids, config, folds, 0)?.stats())
+    Ok(crossfit_dark(x, prompt_ids, config, folds, 0, &mut |_| {})?.stats())
+}
+
+/// One cross-fit fold done: its SAE trained on the other folds, its errors on the fold's
+/// rows taken ([`crossfit_dark`] reports one per fold that holds rows).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FoldStats {
+    /// 1-based.
+    pub fold: usize,
+    pub folds: usize,
+    /// Rows the fold's SAE trained on (the other folds').
+    pub train_rows: usize,
+    /// The fold's own rows, which its SAE did not see.
+    pub rows: usize,
+    /// Normalised MSE of the fold's SAE on its own rows; `None` when they do not vary.
+    pub nmse: Option<f64>,
+}
+
+/// What `sae-train` reports as it goes: the final SAE's epochs, then the cross-fit folds
+/// (which take most of the time with the default 5 folds).
+#[derive(Debug, Clone, Copy)]
+pub enum SaeTrainProgress<'a> {
+    Epoch(&'a EpochStats),
+    Fold(&'a FoldStats),
 }
 
 /// What [`crossfit_dark`] returns.
@@ -876,6 +899,23 @@ impl CrossFit {
             dark,
         )
     }
+}
+
+/// Σ‖e‖² / Σ‖x − x̄‖² of rows `x` with SAE errors `e`; `None` when the rows do not vary.
+fn nmse_of_errors(x: ArrayView2<f32>, e: ArrayView2<f32>) -> Option<f64> {
+    let mean = x.mapv(f64::from).mean_axis(Axis(0))?;
+    let tss: f64 = x
+        .rows()
+        .into_iter()
+        .map(|r| {
+            r.iter()
+                .zip(&mean)
+                .map(|(&v, m)| (f64::from(v) - m).powi(2))
+                .sum::<f64>()
+        })
+        .sum();
+    let rss: f64 = e.iter().map(|&v| f64::from(v).powi(2)).sum();
+    (tss > 0.0).then(|| rss / tss)
 }
 
 /// The fold of each of `rows` rows: whole prompts round-robin in order of first appearance
@@ -935,7 +975,8 @@ fn out_of_fold_scores(
 }
 
 /// [`crossfit_dark_stats`] per fold, keeping the out-of-fold SAE errors of the last `keep`
-/// rows: what `sae-train` calibrates thresholds on when it holds no rows out.
+/// rows: what `sae-train` calibrates thresholds on when it holds no rows out. `on_fold` is
+/// called as each fold is done.
 ///
 /// # Errors
 /// As [`crossfit_dark_stats`].
@@ -945,6 +986,7 @@ pub fn crossfit_dark(
     config: &SaeTrainConfig,
     folds: usize,
     keep: usize,
+    on_fold: &mut dyn FnMut(&FoldStats),
 ) -> Result<CrossFit, SaeEvalError> {
     let rows = x.nrows();
     if folds < 2 || folds > rows {
@@ -976,6 +1018,13 @@ pub fn crossfit_dark(
             let xi = x.select(Axis(0), &inside);
             let e = sae_errors(&trained.sae, xi.view())?;
             stats.accumulate(xi.view(), e.view())?;
+            on_fold(&FoldStats {
+                fold: fold + 1,
+                folds,
+                train_rows: outside.len(),
+                rows: inside.len(),
+                nmse: nmse_of_errors(xi.view(), e.view()),
+            });
             let first_kept = rows - kept.len();
             for (&r, row) in inside.iter().zip(e.rows()) {
                 if r >= first_kept {
@@ -1044,7 +1093,7 @@ pub struct SaeTrainSummary {
 /// Bad input, config or a failed write, each naming its file or setting.
 pub fn sae_train_command(
     args: &SaeTrainArgs,
-    on_epoch: &mut dyn FnMut(&EpochStats),
+    on_progress: &mut dyn FnMut(SaeTrainProgress<'_>),
 ) -> Result<(SaeTrainSummary, String), SaeEvalError> {
     check_train_out(&args.out, args.force)?;
     check_train_settings(args)?;
@@ -1081,7 +1130,9 @@ pub fn sae_train_command(
         path: args.out.clone(),
         source,
     })?;
-    let trained = train_topk(train.view(), held_view, &args.config, on_epoch)?;
+    let trained = train_topk(train.view(), held_view, &args.config, &mut |e| {
+        on_progress(SaeTrainProgress::Epoch(e));
+    })?;
     save_saelens(&trained.parts, &args.out, &args.meta)?;
     let mut crossfit = None;
     let fit = if args.dark_folds >= 2 {
@@ -1100,6 +1151,7 @@ pub fn sae_train_command(
             &args.config,
             args.dark_folds,
             keep,
+            &mut |f| on_progress(SaeTrainProgress::Fold(f)),
         )?;
         let held = match held_view {
             Some(h) => Some((h, sae_errors(&trained.sae, h)?)),
@@ -2073,6 +2125,33 @@ mod tests {
         write_f32(&enough, &[34, 16], &rows(34, 16, 4));
         head(&enough, 0.0).unwrap();
         assert!(out.join(super::super::dark::DARK_META_FILE).is_file());
+    }
+
+    /// The cross-fit folds, most of `sae-train`'s time, report as the epochs do: once per
+    /// fold, after the final SAE's epochs.
+    #[test]
+    fn sae_train_reports_each_cross_fit_fold_after_the_epochs() {
+        let (dir, acts, _) = tiny_sae();
+        let args = SaeTrainArgs {
+            dark_folds: 3,
+            ..tiny_train_args(&acts, &dir.path().join("folds"))
+        };
+        let mut seen = Vec::new();
+        sae_train_command(&args, &mut |p| {
+            seen.push(match p {
+                SaeTrainProgress::Epoch(e) => format!("epoch {}", e.epoch),
+                SaeTrainProgress::Fold(f) => {
+                    assert_eq!(f.folds, 3);
+                    // 180 training rows in 3 blocks of 60.
+                    assert_eq!((f.train_rows, f.rows), (120, 60), "{f:?}");
+                    let nmse = f.nmse.unwrap();
+                    assert!(nmse.is_finite() && nmse > 0.0, "{f:?}");
+                    format!("fold {}", f.fold)
+                }
+            })
+        })
+        .unwrap();
+        assert_eq!(seen, ["epoch 1", "epoch 2", "fold 1", "fold 2", "fold 3"]);
     }
 
     #[test]

@@ -61,3 +61,59 @@ fn replay_takes_npy_labels_as_it_takes_text_ones() {
         "{err}"
     );
 }
+
+/// `rows` deterministic rows of `d` features (two smooth factors plus noise), written as
+/// an f32 `.npy` file.
+fn write_activations(path: &Path, rows: usize, d: usize) {
+    let mut state = 7u64;
+    let mut noise = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+    };
+    let mut values = Vec::with_capacity(rows * d);
+    for i in 0..rows {
+        let (a, b) = ((i as f64 * 0.37).sin(), (i as f64 * 0.11).cos());
+        for j in 0..d {
+            let v = a * (j as f64 * 0.7).cos() + b * (j as f64 * 0.3).sin() + 0.05 * noise();
+            values.push(v as f32);
+        }
+    }
+    crate::util::write_npy_f32(path, rows, d, &values);
+}
+
+/// After the last epoch line, the cross-fit folds (most of the time with 5 folds) used to
+/// run without a word: each now prints one line, in the epochs' style.
+#[test]
+fn sae_train_prints_a_line_per_cross_fit_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let acts = dir.path().join("acts.npy");
+    write_activations(&acts, 160, 8);
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-train", "--latents", "16", "--k", "2", "--epochs", "2"])
+            .args(["--dark-folds", "3", "--holdout", "0.25", "--input"])
+            .arg(&acts)
+            .arg("--out")
+            .arg(dir.path().join("sae")),
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let last_epoch = lines.iter().rposition(|l| l.starts_with("epoch   2:"));
+    let folds: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("fold "))
+        .collect();
+    assert_eq!(folds.len(), 3, "{err}");
+    assert!(last_epoch.is_some_and(|e| folds[0] > e), "{err}");
+    // 120 training rows in 3 folds of 40.
+    for (k, &i) in folds.iter().enumerate() {
+        let want = format!("fold {}/3: SAE trained on 80 rows, NMSE ", k + 1);
+        assert!(
+            lines[i].starts_with(&want)
+                && lines[i].ends_with("on the fold's 40 rows it did not see"),
+            "{}",
+            lines[i]
+        );
+    }
+}
