@@ -1485,9 +1485,32 @@ pub struct SaeScoreSummary {
     pub table: Vec<OodRow>,
     /// Dark-matter R² on the rows labelled 0 (held-out in-distribution), when labels are given.
     pub r2_label0: Option<R2>,
-    /// Normalised MSE of the SAE on the rows labelled 0, and on all rows.
+    /// Normalised MSE of the SAE on the rows labelled 0, and on all rows; `None` where it is
+    /// not defined (fewer than 2 rows, or rows that are all equal: it divides by their spread
+    /// around their mean).
     pub nmse_label0: Option<f64>,
-    pub nmse_all: f64,
+    pub nmse_all: Option<f64>,
+}
+
+/// The normalised MSE of `sae` on `x`, where it is defined: at least 2 rows that differ.
+fn defined_nmse(sae: &Sae, x: ArrayView2<f32>) -> Result<Option<f64>, SaeError> {
+    if x.nrows() < 2 {
+        return Ok(None);
+    }
+    let nmse = super::train::evaluate_sae(sae, x)?.nmse;
+    let spread = x.rows().into_iter().any(|r| r != x.row(0));
+    Ok((spread && nmse.is_finite()).then_some(nmse))
+}
+
+/// A normalised MSE from [`defined_nmse`] on `rows` rows, or why there is none.
+fn nmse_text(nmse: Option<f64>, rows: usize) -> String {
+    const WHY: &str = "it divides by the rows' spread around their mean";
+    match (nmse, rows) {
+        (Some(v), _) => format!("{v:.4}"),
+        (None, 0) => "n/a (no rows)".into(),
+        (None, 1) => format!("n/a (one row: {WHY}, which one row does not have)"),
+        (None, _) => format!("n/a (the rows are all equal: {WHY})"),
+    }
 }
 
 fn write_file(path: &Path, text: &str) -> Result<(), SaeEvalError> {
@@ -1646,17 +1669,19 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
         write_file(out, &csv)?;
     }
 
-    let nmse_all = super::train::evaluate_sae(&sae, x.view())?.nmse;
+    let nmse_all = defined_nmse(&sae, x.view())?;
+    let mut normal_rows = 0;
     let (table, r2_label0, nmse_label0) = match &labels {
         Some(l) => {
             let table = ood_table(&named, l, prompts.as_ref())?;
             let normal: Vec<usize> = (0..rows).filter(|&r| l[r] == 0).collect();
+            normal_rows = normal.len();
             let (r2, nmse) = if normal.len() >= 2 {
                 let xn = x.select(Axis(0), &normal);
                 let en = sae_errors(&sae, xn.view())?;
                 (
                     Some(head.r2(xn.view(), en.view())?),
-                    Some(super::train::evaluate_sae(&sae, xn.view())?.nmse),
+                    defined_nmse(&sae, xn.view())?,
                 )
             } else {
                 (None, None)
@@ -1686,9 +1711,13 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
     );
     let _ = writeln!(
         text,
-        "normalised MSE: all rows {:.4}{}",
-        nmse_all,
-        nmse_label0.map_or(String::new(), |v| format!(", label-0 rows {v:.4}"))
+        "normalised MSE: all rows {}{}",
+        nmse_text(nmse_all, rows),
+        if labels.is_some() {
+            format!(", label-0 rows {}", nmse_text(nmse_label0, normal_rows))
+        } else {
+            String::new()
+        }
     );
     if let Some(r2) = r2_label0 {
         let _ = writeln!(
@@ -2152,6 +2181,54 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, ["epoch 1", "epoch 2", "fold 1", "fold 2", "fold 3"]);
+    }
+
+    /// Normalised MSE divides by the rows' spread: on one row (or equal rows) there is none,
+    /// and sae-score says so instead of printing "inf".
+    #[test]
+    fn sae_score_on_one_row_gives_no_normalised_mse_and_says_why() {
+        let (dir, acts, sae) = tiny_sae();
+        let x = read_activations(&acts, None).unwrap();
+        let score = |rows: usize, same: bool, labels: Option<&str>| {
+            let path = dir.path().join("few.npy");
+            let values: Vec<f32> = (0..rows)
+                .flat_map(|r| x.row(if same { 0 } else { r }).to_vec())
+                .collect();
+            write_f32(&path, &[rows, 8], &values);
+            let lab = labels.map(|text| {
+                let p = dir.path().join("few.txt");
+                fs::write(&p, text).unwrap();
+                p
+            });
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: path,
+                labels: lab,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let (summary, text) = score(1, false, None);
+        assert_eq!(summary.nmse_all, None);
+        assert!(
+            text.contains("normalised MSE: all rows n/a (one row: it divides by the rows' spread"),
+            "{text}"
+        );
+        assert!(!text.contains("inf"), "{text}");
+        let (summary, text) = score(3, true, Some("0\n0\n1\n"));
+        assert_eq!((summary.nmse_all, summary.nmse_label0), (None, None));
+        assert!(
+            text.contains("all rows n/a (the rows are all equal")
+                && text.contains("label-0 rows n/a (the rows are all equal"),
+            "{text}"
+        );
+        let (summary, text) = score(4, false, Some("0\n1\n1\n1\n"));
+        let all = summary.nmse_all.unwrap();
+        assert!(all.is_finite() && all > 0.0, "{all}");
+        assert!(
+            text.contains(&format!("all rows {all:.4}, label-0 rows n/a (one row")),
+            "{text}"
+        );
     }
 
     #[test]
