@@ -54,6 +54,29 @@ impl Entity {
             Entity::Smd { name, .. } | Entity::Odds { name, .. } => name,
         }
     }
+
+    /// Every file the entity reads.
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            Entity::Smd {
+                train,
+                test,
+                labels,
+                interpretation,
+                ..
+            } => [
+                Some(train),
+                Some(test),
+                Some(labels),
+                interpretation.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect(),
+            Entity::Odds { path, .. } => vec![path.as_path()],
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +89,18 @@ pub enum HarnessError {
     Train { entity: String, source: TrainError },
     #[error("{entity}: {source}")]
     Replay { entity: String, source: ReplayError },
+}
+
+/// True when `out` names a file one of the `entities` reads (so writing it would destroy
+/// an input). A file that does not exist yet is no input.
+pub fn reads(entities: &[Entity], out: &Path) -> bool {
+    let Ok(out) = out.canonicalize() else {
+        return false;
+    };
+    entities
+        .iter()
+        .flat_map(Entity::files)
+        .any(|f| f.canonicalize().is_ok_and(|f| f == out))
 }
 
 /// Turns paths into entities: an SMD `*_train.npy` (its test, label and interpretation
@@ -307,8 +342,11 @@ pub fn run_entity(
         auroc: eval.as_ref().and_then(|e| e.auroc),
         auprc: eval.as_ref().and_then(|e| e.auprc),
         best_f1: eval.as_ref().and_then(|e| e.best_f1.as_ref().map(|b| b.f1)),
+        // Point adjustment credits a whole segment of consecutive rows; a table's rows
+        // have no order, so a table gets none (its "segments" are runs of outlier rows).
         pa_f1: eval
             .as_ref()
+            .filter(|_| family == "SMD")
             .and_then(|e| e.pa_best_f1.as_ref().map(|b| b.f1)),
         auprc_mss_toggled: toggled.eval.and_then(|e| e.auprc),
         mss_on: !model.meta.mss.is_off(),
@@ -412,6 +450,115 @@ pub fn hit_rates(
     (frames > 0).then(|| (h100 / frames as f64, h150 / frames as f64))
 }
 
+/// Header of [`csv`]: one column per number of [`EntityResult`] that a reader compares.
+const CSV_HEADER: &str = "entity,family,protocol,rows,anomalous,auroc,auprc,best_f1,pa_f1,\
+auprc_mss_toggled,auprc_frames_alone,hit_rate_100,hit_rate_150,event_precision,event_recall,\
+mss_toggled_to,members,train_seconds";
+
+/// The numbers of one entity, in the order of [`table`]'s and [`CSV_HEADER`]'s columns.
+fn numbers(r: &EntityResult) -> [Option<f64>; 10] {
+    [
+        r.auroc,
+        r.auprc,
+        r.best_f1,
+        r.pa_f1,
+        r.auprc_mss_toggled,
+        r.auprc_unsmoothed,
+        r.hit_rate.map(|h| h.0),
+        r.hit_rate.map(|h| h.1),
+        r.events.and_then(|e| e.0),
+        r.events.and_then(|e| e.1),
+    ]
+}
+
+/// The results as CSV for spreadsheets and scripts: one row per entity and a `mean
+/// <family>` row per family (its counts, members and training time empty), the same
+/// numbers as [`table`] at full precision, an empty cell where the table prints "-".
+pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
+    let alt = describe_mss(toggled_mss(cfg.mss));
+    let mut s = String::new();
+    let _ = writeln!(s, "{CSV_HEADER}");
+    let mut row = |name: &str,
+                   family: &str,
+                   protocol: &str,
+                   counts: [String; 2],
+                   v: [Option<f64>; 10],
+                   tail: [String; 2]| {
+        let mut line = [csv_field(name), family.into(), protocol.into()].join(",");
+        for c in counts.iter().cloned().chain(
+            v.iter()
+                .map(|x| x.map_or_else(String::new, |x| x.to_string())),
+        ) {
+            line.push(',');
+            line.push_str(&c);
+        }
+        let _ = writeln!(s, "{line},{},{},{}", csv_field(&alt), tail[0], tail[1]);
+    };
+    let mut families: Vec<&str> = results.iter().map(|r| r.family).collect();
+    families.dedup();
+    for family in families {
+        let rows: Vec<&EntityResult> = results.iter().filter(|r| r.family == family).collect();
+        for r in &rows {
+            row(
+                &r.name,
+                family,
+                &csv_field(r.protocol),
+                [r.rows.to_string(), r.anomalous.to_string()],
+                numbers(r),
+                [r.members.to_string(), format!("{:.3}", r.train_seconds)],
+            );
+        }
+        row(
+            &format!("mean {family}"),
+            family,
+            "",
+            Default::default(),
+            means(&rows),
+            Default::default(),
+        );
+    }
+    s
+}
+
+/// Each of [`numbers`] averaged over `rows` (over those that have it).
+fn means(rows: &[&EntityResult]) -> [Option<f64>; 10] {
+    let mut out = [None; 10];
+    for (k, m) in out.iter_mut().enumerate() {
+        let v: Vec<f64> = rows.iter().filter_map(|r| numbers(r)[k]).collect();
+        *m = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    }
+    out
+}
+
+/// "off", or MSS's rounds and neighbours as the table's header names them.
+fn describe_mss(mss: MssConfig) -> String {
+    if mss.is_off() {
+        "off".to_string()
+    } else {
+        format!("m={} k={}", mss.rounds, mss.neighbours)
+    }
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
+    }
+}
+
+/// [`numbers`] as the table's cells, each right-aligned under its header.
+fn cells(v: [Option<f64>; 10]) -> String {
+    const WIDTHS: [usize; 10] = [6, 6, 6, 7, 10, 9, 7, 7, 6, 6];
+    let cells: Vec<String> = v
+        .iter()
+        .zip(WIDTHS)
+        .map(|(&v, w)| format!("{:>w$}", cell(v)))
+        .collect();
+    cells.join(" ")
+}
+
 fn cell(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.3}"))
 }
@@ -419,17 +566,8 @@ fn cell(v: Option<f64>) -> String {
 /// The results as one table (with a mean row per family).
 pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     let mut s = String::new();
-    let mss = if cfg.mss.is_off() {
-        "off".to_string()
-    } else {
-        format!("m={} k={}", cfg.mss.rounds, cfg.mss.neighbours)
-    };
-    let alt = toggled_mss(cfg.mss);
-    let alt = if alt.is_off() {
-        "off".to_string()
-    } else {
-        format!("m={} k={}", alt.rounds, alt.neighbours)
-    };
+    let mss = describe_mss(cfg.mss);
+    let alt = describe_mss(toggled_mss(cfg.mss));
     let _ = writeln!(
         s,
         "head {}, model {:?}, MSS {mss}; point-wise metrics, no point adjustment",
@@ -461,48 +599,26 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         for r in &rows {
             let _ = writeln!(
                 s,
-                "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>7} {:>7} {:>6} {:>6} {:>5.1}s",
+                "{:<16} {:<18} {:>7} {} {:>5.1}s",
                 r.name,
                 r.protocol,
                 r.rows,
-                cell(r.auroc),
-                cell(r.auprc),
-                cell(r.best_f1),
-                cell(r.pa_f1),
-                cell(r.auprc_mss_toggled),
-                cell(r.auprc_unsmoothed),
-                cell(r.hit_rate.map(|h| h.0)),
-                cell(r.hit_rate.map(|h| h.1)),
-                cell(r.events.and_then(|e| e.0)),
-                cell(r.events.and_then(|e| e.1)),
+                cells(numbers(r)),
                 r.train_seconds
             );
         }
-        let mean = |f: &dyn Fn(&EntityResult) -> Option<f64>| {
-            let v: Vec<f64> = rows.iter().filter_map(|r| f(r)).collect();
-            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-        };
         let _ = writeln!(
             s,
-            "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>7} {:>7} {:>6} {:>6}",
+            "{:<16} {:<18} {:>7} {}",
             format!("mean {family}"),
             "",
             "",
-            cell(mean(&|r| r.auroc)),
-            cell(mean(&|r| r.auprc)),
-            cell(mean(&|r| r.best_f1)),
-            cell(mean(&|r| r.pa_f1)),
-            cell(mean(&|r| r.auprc_mss_toggled)),
-            cell(mean(&|r| r.auprc_unsmoothed)),
-            cell(mean(&|r| r.hit_rate.map(|h| h.0))),
-            cell(mean(&|r| r.hit_rate.map(|h| h.1))),
-            cell(mean(&|r| r.events.and_then(|e| e.0))),
-            cell(mean(&|r| r.events.and_then(|e| e.1))),
+            cells(means(&rows))
         );
     }
     let _ = writeln!(
         s,
-        "AUPRC/1fr: every frame scored alone, where the model averages scores over frames ([score] smooth_frames; \"-\" where it does not, as for tables).\n* PA-F1 is point-adjusted (a segment counts as found if any point in it is flagged): inflated, for comparison with papers only."
+        "AUPRC/1fr: every frame scored alone, where the model averages scores over frames ([score] smooth_frames; \"-\" where it does not, as for tables).\n* PA-F1 is point-adjusted (a segment counts as found if any point in it is flagged): inflated, for comparison with papers only; none for tables, whose rows have no order."
     );
     let _ = writeln!(
         s,
@@ -562,6 +678,101 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("m-1_test.npy"), "{err}");
+    }
+
+    fn result(name: &str, family: &'static str, auroc: Option<f64>) -> EntityResult {
+        EntityResult {
+            name: name.into(),
+            family,
+            protocol: "fit on all",
+            rows: 10,
+            anomalous: 2,
+            auroc,
+            auprc: Some(0.5),
+            best_f1: None,
+            pa_f1: None,
+            auprc_mss_toggled: None,
+            mss_on: false,
+            auprc_unsmoothed: None,
+            hit_rate: Some((0.25, 0.75)),
+            events: None,
+            train_seconds: 1.5,
+            frames_per_second: 1.0,
+            members: 5,
+        }
+    }
+
+    #[test]
+    fn csv_has_a_field_per_header_column_and_a_mean_per_family() {
+        let results = [
+            result("a,b", "ODDS", Some(0.8)),
+            result("c", "ODDS", Some(0.6)),
+            result("m", "SMD", None),
+        ];
+        let out = csv(&results, &DarkwatchConfig::default());
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], CSV_HEADER);
+        let width = CSV_HEADER.split(',').count();
+        assert_eq!(lines.len(), 1 + 3 + 2, "{out}");
+        // The quoted name holds one comma more than its fields.
+        assert!(
+            lines[1].starts_with("\"a,b\",ODDS,fit on all,10,2,0.8,0.5,,,"),
+            "{out}"
+        );
+        assert_eq!(lines[1].split(',').count(), width + 1, "{out}");
+        for l in &lines[2..] {
+            assert_eq!(l.split(',').count(), width, "{l}");
+        }
+        let mean_odds: Vec<&str> = lines[3].split(',').collect();
+        assert_eq!(
+            &mean_odds[..6],
+            ["mean ODDS", "ODDS", "", "", "", "0.7"],
+            "{out}"
+        );
+        assert!(lines[3].ends_with(",m=1 k=10,,"), "{out}");
+        assert!(lines[2].ends_with(",m=1 k=10,5,1.500"), "{out}");
+        // An entity without AUROC leaves the cell (and its family's mean) empty.
+        assert!(lines[4].starts_with("m,SMD,fit on all,10,2,,0.5,"), "{out}");
+        assert!(lines[5].starts_with("mean SMD,SMD,,,,,0.5,"), "{out}");
+        assert!(lines[5].contains(",0.25,0.75,"), "{out}");
+    }
+
+    /// A table's rows have no order, so it gets no point-adjusted F1 (a run of outlier
+    /// rows would pass for a segment).
+    #[test]
+    fn a_table_gets_no_point_adjusted_f1() {
+        use crate::ingest::npz::tests::{npy, stored_zip};
+        let (n, d) = (240usize, 3usize);
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..n {
+            let outlier = i >= n - 24;
+            for j in 0..d {
+                let v = ((i * 7 + j * 13) % 17) as f64 / 17.0;
+                x.push(if outlier { v + 6.0 } else { v });
+            }
+            y.push(i64::from(outlier));
+        }
+        let x: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let y: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let zip = stored_zip(&[
+            ("X.npy", npy("<f8", &format!("({n}, {d})"), &x)),
+            ("y.npy", npy("<i8", &format!("({n},)"), &y)),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.npz");
+        std::fs::write(&path, zip).unwrap();
+        let mut cfg = DarkwatchConfig::default();
+        cfg.train.epochs_max = 3;
+        cfg.model.members = 1;
+        let entity = Entity::Odds {
+            name: "t".into(),
+            path,
+        };
+        let r = run_entity(&entity, &cfg, OddsProtocol::FitAll).unwrap();
+        assert!(r.auroc.is_some() && r.best_f1.is_some(), "{r:?}");
+        assert_eq!(r.pa_f1, None);
+        assert!(table(&[r], &cfg).contains("none for tables"));
     }
 
     #[test]

@@ -26,6 +26,8 @@
 //! - [`eval`]: point-wise AUROC / AUPRC / best-F1 (and the labelled point-adjusted F1).
 //! - [`harness`]: trains and replays every SMD machine and ODDS table given, one table of metrics.
 //! - [`plot`]: the replay score plot (PNG with threshold, alert and label spans).
+//! - [`outputs`]: the check that a command's output files overwrite none of its inputs or
+//!   its model's files.
 //! - [`bench`]: the operator-facing latency and throughput summary.
 //! - [`stats`]: small allocation-free helpers (latency histogram, top-k selection).
 //! - [`sae`]: sparse autoencoders on LM activations (SAELens / sparsify loaders, SIMD forward) and the dark-matter head.
@@ -43,6 +45,7 @@ pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod mss;
+pub mod outputs;
 pub mod pipeline;
 pub mod plot;
 pub mod replay;

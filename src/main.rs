@@ -68,6 +68,11 @@ enum Command {
         /// Draw score, threshold, alert spans and labelled segments into this PNG.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Draw the plot's scores on a symmetric log axis: nothing is clipped, so a few huge
+        /// scores do not hide the rest (default: a linear axis clipped to the bulk of the
+        /// scores, frames beyond it drawn at the edge).
+        #[arg(long, requires = "plot")]
+        plot_log: bool,
         /// Score with this head instead of the model's own.
         #[arg(long, value_enum)]
         head: Option<HeadArg>,
@@ -132,6 +137,10 @@ enum Command {
         /// Configuration file used for every entity (default: the documented defaults).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also write the numbers as CSV (one row per entity and per family mean, full
+        /// precision, an empty cell where the table shows "-").
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Measure scoring latency and throughput on this machine.
     Bench {
@@ -171,14 +180,15 @@ enum Command {
     /// threshold calibration in OUT/dark/ (so `darkwatch run` can watch live activations with
     /// it) and the training report in OUT/train_report.json.
     SaeTrain {
-        /// Activations [tokens, d]: .npy or .safetensors.
+        /// Activations [tokens, d], or [batch, seq, d] read as batch·seq rows in row-major order
+        /// (token t of sequence b is row b·seq + t): .npy (float16/32/64) or .safetensors.
         #[arg(long)]
         input: PathBuf,
         /// Tensor name in a .safetensors input with several tensors.
         #[arg(long)]
         tensor: Option<String>,
-        /// One prompt id per row (.npy / .safetensors, integers): the held-out share is then
-        /// whole prompts.
+        /// One prompt id per row (.npy / .safetensors, integers; one per flattened row for a
+        /// [batch, seq, d] input): the held-out share is then whole prompts.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
         /// SAE folder to write.
@@ -190,6 +200,7 @@ enum Command {
         /// Active latents per token.
         #[arg(long, default_value_t = 32)]
         k: usize,
+        /// Epochs over the training rows (at least 1).
         #[arg(long, default_value_t = 50)]
         epochs: usize,
         #[arg(long, default_value_t = 0)]
@@ -212,8 +223,9 @@ enum Command {
         /// Ridge of the dark-matter head, relative to the mean feature variance.
         #[arg(long, default_value_t = 1e-2)]
         ridge: f64,
-        /// Cross-fit the dark-matter head on out-of-fold SAE errors over this many folds
-        /// (trains this many extra SAEs); 0 fits it on the final SAE's own training rows.
+        /// Cross-fit the dark-matter head on out-of-fold SAE errors over this many folds, 2 or
+        /// more (trains this many extra SAEs); 0 fits it on the final SAE's own training rows
+        /// (whose errors are smaller than on new tokens). 1 is refused.
         #[arg(long, default_value_t = 5)]
         dark_folds: usize,
         /// `metadata.model_name` in cfg.json.
@@ -222,6 +234,10 @@ enum Command {
         /// `metadata.hook_name` in cfg.json.
         #[arg(long)]
         hook_name: Option<String>,
+        /// Replace an SAE already in OUT (a folder holding an autoencoder model is always
+        /// refused).
+        #[arg(long)]
+        force: bool,
     },
     /// Fit the dark-matter head of an existing SAE (SAELens or sparsify folder) on normal
     /// activations and write it, with the thresholds' calibration, to SAE/dark/, so that
@@ -230,13 +246,16 @@ enum Command {
         /// SAE folder (SAELens or sparsify).
         #[arg(long)]
         sae: PathBuf,
-        /// Normal activations [tokens, d]: .npy or .safetensors.
+        /// Normal activations [tokens, d], or [batch, seq, d] read as batch·seq rows in
+        /// row-major order (token t of sequence b is row b·seq + t): .npy (float16/32/64) or
+        /// .safetensors.
         #[arg(long)]
         input: PathBuf,
         /// Tensor name in a .safetensors input with several tensors.
         #[arg(long)]
         tensor: Option<String>,
-        /// One prompt id per row: the held-out share is then whole prompts.
+        /// One prompt id per row (one per flattened row for a [batch, seq, d] input): the
+        /// held-out share is then whole prompts.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
         /// Share of prompts (or rows) held out: held-out R² and the threshold calibration.
@@ -263,16 +282,20 @@ enum Command {
         /// Dark-matter head folder (default SAE/dark).
         #[arg(long)]
         dark: Option<PathBuf>,
-        /// Activations [tokens, d]: .npy or .safetensors.
+        /// Activations [tokens, d], or [batch, seq, d] read as batch·seq rows in row-major order
+        /// (token t of sequence b is row b·seq + t): .npy (float16/32/64) or .safetensors.
         #[arg(long)]
         input: PathBuf,
         /// Tensor name in a .safetensors input with several tensors.
         #[arg(long)]
         tensor: Option<String>,
-        /// One 0/1 label per row (1 = out of distribution), integer .npy / .safetensors.
+        /// One 0/1 label per row (1 = out of distribution; one per flattened row for a
+        /// [batch, seq, d] input), as `replay` reads them: a text file with one per line, or
+        /// an .npy vector of any integer, bool or float dtype; or an integer .safetensors.
         #[arg(long)]
         labels: Option<PathBuf>,
-        /// One prompt id per row, integer .npy / .safetensors.
+        /// One prompt id per row (one per flattened row for a [batch, seq, d] input), integer
+        /// .npy / .safetensors.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
         /// In-distribution activations to fit a Mahalanobis baseline on (adds its AUROC).
@@ -638,6 +661,7 @@ fn run(command: Command) -> Result<()> {
             out,
             events,
             plot,
+            plot_log,
             head,
             backend,
             rate,
@@ -682,6 +706,7 @@ fn run(command: Command) -> Result<()> {
                 out_csv: out,
                 events,
                 plot,
+                plot_log,
                 rate,
                 head: head.map(Into::into),
                 mss,
@@ -791,6 +816,7 @@ fn run(command: Command) -> Result<()> {
             paths,
             odds_protocol,
             config,
+            out,
         } => {
             let cfg = load_config(config.as_deref())?;
             let protocol = match odds_protocol {
@@ -798,6 +824,22 @@ fn run(command: Command) -> Result<()> {
                 ProtocolArg::Split => harness::OddsProtocol::Split,
             };
             let entities = harness::discover(&paths)?;
+            // The CSV file is made before the first entity trains, so a wrong path fails in
+            // a second rather than after the whole run; it never replaces an input.
+            let mut csv_out = match &out {
+                Some(path) => {
+                    if harness::reads(&entities, path) {
+                        anyhow::bail!(
+                            "--out {} is one of the harness's inputs; choose another file",
+                            path.display()
+                        );
+                    }
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("--out {}", path.display()))?;
+                    Some((path, file))
+                }
+                None => None,
+            };
             let mut results = Vec::new();
             // One unreadable table must not throw away the hours spent on the others: each
             // failure is reported as it happens, the rest run, and the exit code says so.
@@ -818,6 +860,12 @@ fn run(command: Command) -> Result<()> {
             }
             if !results.is_empty() {
                 emit(&harness::table(&results, &cfg))?;
+            }
+            if let Some((path, file)) = csv_out.as_mut() {
+                std::io::Write::write_all(file, harness::csv(&results, &cfg).as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .with_context(|| format!("--out {}", path.display()))?;
+                eprintln!("darkwatch: wrote {}", path.display());
             }
             if !failed.is_empty() {
                 anyhow::bail!(
@@ -928,6 +976,7 @@ fn run(command: Command) -> Result<()> {
             dark_folds,
             model_name,
             hook_name,
+            force,
         } => {
             use darkwatch::sae::{dark::DarkConfig, eval, train};
             let args = eval::SaeTrainArgs {
@@ -954,16 +1003,26 @@ fn run(command: Command) -> Result<()> {
                     hook_name,
                     dataset_path: Some(input.display().to_string()),
                 },
+                force,
             };
-            let (_, text) = eval::sae_train_command(&args, &mut |e| {
-                eprintln!(
+            let (_, text) = eval::sae_train_command(&args, &mut |p| match p {
+                eval::SaeTrainProgress::Epoch(e) => eprintln!(
                     "epoch {:>3}: train NMSE {:.4}, held-out {}, dead {:.1} %, aux {:.4}",
                     e.epoch,
                     e.train_nmse,
                     e.held_out_nmse.map_or("n/a".into(), |v| format!("{v:.4}")),
                     100.0 * e.dead_share,
                     e.aux_loss
-                );
+                ),
+                // The head's cross-fit SAEs: most of the time with the default 5 folds.
+                eval::SaeTrainProgress::Fold(f) => eprintln!(
+                    "fold {}/{}: SAE trained on {} rows, NMSE {} on the fold's {} rows it did not see",
+                    f.fold,
+                    f.folds,
+                    f.train_rows,
+                    f.nmse.map_or("n/a".into(), |v| format!("{v:.4}")),
+                    f.rows
+                ),
             })?;
             emit(&text)?;
             Ok(())
@@ -1196,15 +1255,8 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
     .context("training failed")?;
     bar.finish_and_clear();
     model.save(out)?;
-    if report.epochs_run == cfg.train.epochs_max
-        && !report.stopped_early
-        && report.best_epoch == report.epochs_run
-        && report.best_val_loss.is_some()
-    {
-        eprintln!(
-            "darkwatch: note: validation loss was still falling at epoch {}; a larger [train] epochs_max may fit better",
-            report.epochs_run
-        );
+    if let Some(note) = report.still_falling_note(model.ae.members, cfg.train.epochs_max) {
+        eprintln!("darkwatch: note: {note}");
     }
     let p = &model.meta.provenance;
     println!(

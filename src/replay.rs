@@ -41,6 +41,8 @@ pub struct ReplayRequest {
     pub events: Option<PathBuf>,
     /// A PNG of score, threshold, alert spans and labelled segments.
     pub plot: Option<PathBuf>,
+    /// Draw the plot on a symmetric log axis ([`crate::plot::PlotSpec::log_scale`]).
+    pub plot_log: bool,
     /// Frames per second; `None` = as fast as the scorer goes.
     pub rate: Option<f64>,
     /// Score with this head instead of the model's own (α, β from the config).
@@ -257,6 +259,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
             alert_spans: &outcome.alert_spans,
             label_spans: &label_spans,
             first_frame,
+            log_scale: req.plot_log,
             ..PlotSpec::new(title, &outcome.scores)
         };
         plot::score_plot(path, &spec)?;
@@ -286,78 +289,39 @@ fn check_plot_path(path: &Path) -> Result<(), ReplayError> {
     Ok(())
 }
 
-/// Where `path` lives once resolved (links followed): itself when it exists, else its
-/// resolved folder joined with its name; `None` when neither resolves.
-fn resolved(path: &Path) -> Option<PathBuf> {
-    if let Ok(p) = path.canonicalize() {
-        return Some(p);
-    }
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let parent = parent.unwrap_or(Path::new(".")).canonicalize().ok()?;
-    Some(parent.join(path.file_name()?))
-}
-
 /// Refuses, before any work, an output file that is one of the inputs, another output, one
 /// of the model's own files (`model.json`, weights, an ONNX graph) or inside the retraining
 /// state folder: each would be truncated (replay `--out same.csv` of `--input same.csv`
 /// destroyed the recording). Outputs that exist but are not regular files (`/dev/null`)
 /// are left alone.
 fn check_output_paths(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<(), ReplayError> {
+    use crate::outputs::Protected;
     let outputs = [
-        ("--out", &req.out_csv),
-        ("--events", &req.events),
-        ("--plot", &req.plot),
+        ("--out", req.out_csv.as_deref()),
+        ("--events", req.events.as_deref()),
+        ("--plot", req.plot.as_deref()),
     ];
-    let files = [
-        ("--input", Some(&req.input)),
-        ("--labels", req.labels.as_ref()),
-    ];
-    let model_dir = resolved(&req.model_dir);
-    let state_dir = (cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty())
-        .then(|| resolved(&cfg.retrain.state_dir))
-        .flatten();
-    let model_file = |out: &Path| {
-        let name = out.file_name().map(|n| n.to_string_lossy().to_lowercase());
-        model_dir.as_deref() == out.parent()
-            && name.is_some_and(|n| {
-                n == crate::model::io::META_FILE
-                    || n.ends_with(".safetensors")
-                    || n.ends_with(".onnx")
-            })
-    };
-    let mut taken: Vec<(&str, PathBuf)> = Vec::new();
-    for (flag, path) in outputs {
-        let Some(path) = path else { continue };
-        if path.exists() && !path.is_file() {
-            continue;
-        }
-        let Some(out) = resolved(path) else { continue };
-        let clash = |what: &str| ReplayError::Output {
-            path: path.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{flag} would overwrite {what}; choose another file"),
-            ),
-        };
-        for (other, input) in files {
-            if input.and_then(|p| resolved(p)).is_some_and(|p| p == out) {
-                return Err(clash(&format!("the {other} file")));
-            }
-        }
-        if model_file(&out) {
-            return Err(clash("a file of the model folder"));
-        }
-        if state_dir.as_ref().is_some_and(|d| out.starts_with(d)) {
-            return Err(clash(
-                "a file in the retraining state folder ([retrain] state_dir)",
-            ));
-        }
-        if let Some((other, _)) = taken.iter().find(|(_, p)| *p == out) {
-            return Err(clash(&format!("the {other} output")));
-        }
-        taken.push((flag, out));
+    let mut protected = vec![Protected::File("--input", &req.input)];
+    if let Some(labels) = &req.labels {
+        protected.push(Protected::File("--labels", labels));
     }
-    Ok(())
+    protected.push(Protected::OwnFiles {
+        what: "a file of the model folder",
+        dir: &req.model_dir,
+        is_own: |n| {
+            n == crate::model::io::META_FILE || n.ends_with(".safetensors") || n.ends_with(".onnx")
+        },
+    });
+    if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
+        protected.push(Protected::Folder {
+            what: "a file in the retraining state folder ([retrain] state_dir)",
+            dir: &cfg.retrain.state_dir,
+        });
+    }
+    crate::outputs::check(&outputs, &protected).map_err(|c| ReplayError::Output {
+        path: c.path,
+        source: c.source,
+    })
 }
 
 /// Frames to replay: rows aligned to the model's frame features, one timestamp per row,

@@ -138,6 +138,42 @@ pub struct TrainReport {
     /// calibration on rows the weights never saw.
     #[serde(skip)]
     pub validation_rows: Vec<usize>,
+    /// Ensemble members (1-based) whose validation loss was still falling when `epochs_max`
+    /// ended their training (see [`TrainReport::still_falling`]); filled by
+    /// [`crate::model::fit::fit`]; empty when every member stopped in time.
+    #[serde(skip)]
+    pub members_still_falling: Vec<usize>,
+}
+
+impl TrainReport {
+    /// True when training ran out of epochs while the validation loss was still at its
+    /// lowest: more epochs would likely have fitted better.
+    pub fn still_falling(&self, epochs_max: usize) -> bool {
+        self.best_val_loss.is_some()
+            && !self.stopped_early
+            && self.epochs_run == epochs_max
+            && self.best_epoch == self.epochs_run
+    }
+
+    /// One line for `train` to print when [`TrainReport::members_still_falling`] is not
+    /// empty: which of the model's `members` networks ran out of epochs while improving.
+    pub fn still_falling_note(&self, members: usize, epochs_max: usize) -> Option<String> {
+        let falling = &self.members_still_falling;
+        let advice = "a larger [train] epochs_max may fit better";
+        match falling.len() {
+            0 => None,
+            _ if members <= 1 => Some(format!(
+                "validation loss was still falling at epoch {epochs_max}; {advice}"
+            )),
+            n => {
+                let which: Vec<String> = falling.iter().map(usize::to_string).collect();
+                Some(format!(
+                    "validation loss of {n} of {members} ensemble members ({}) was still falling at epoch {epochs_max}; {advice}",
+                    which.join(", ")
+                ))
+            }
+        }
+    }
 }
 
 /// Why training could not run or finish. On any error the model keeps the weights it came with.
@@ -270,6 +306,7 @@ fn fit(
         rows_train: n_train,
         rows_val: n_val,
         validation_rows: Vec::new(),
+        members_still_falling: Vec::new(),
     };
     let mut best: Option<(f64, Vec<Dense>)> = None;
     // Validation loss at the last improvement that counted, and epochs since.

@@ -1,6 +1,7 @@
 //! Integration tests: the real binary on real files, each in its own temp dir.
 
 mod agent;
+mod sae_cli;
 mod util;
 
 use util::{darkwatch, labels, quick_config, repo, run, synthetic_csv};
@@ -971,6 +972,22 @@ fn replay_thresholds_alerts_and_plots_the_injected_anomalies() {
     }
     let png = std::fs::read(&plot).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // --plot-log draws the same scores on a log axis: another picture.
+    let log_plot = dir.path().join("log.png");
+    let args = [
+        std::ffi::OsStr::new("--plot"),
+        log_plot.as_os_str(),
+        std::ffi::OsStr::new("--plot-log"),
+    ];
+    let (code, out, err) = replay_with(&model, &test, &lab, &args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let log_png = std::fs::read(&log_plot).unwrap();
+    assert_eq!(&log_png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_ne!(log_png, png);
+    // Without a plot there is nothing to draw on a log axis.
+    let (code, _, err) = replay_with(&model, &test, &lab, &[std::ffi::OsStr::new("--plot-log")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--plot"), "{err}");
 }
 
 #[test]
@@ -1161,12 +1178,27 @@ fn a_harness_entity_that_fails_does_not_lose_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.npz");
     std::fs::write(&bad, b"not a zip archive").unwrap();
+    let csv = dir.path().join("results.csv");
     let (code, out, err) = run(darkwatch()
         .arg("harness")
         .arg(&bad)
         .arg(repo("tests/data/smd/machine-1-6_train.npy"))
+        .arg("--out")
+        .arg(&csv)
         .env("DARKWATCH__TRAIN__EPOCHS_MAX", "3"));
     assert_eq!(code, 1, "{out}\n{err}");
+    // The CSV holds the entity that ran, and its family's mean, as the table does.
+    let written = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = written.lines().collect();
+    assert_eq!(lines.len(), 3, "{written}");
+    assert!(lines[0].starts_with("entity,family,protocol,rows,anomalous,auroc,auprc,"));
+    assert!(
+        lines[1].starts_with("machine-1-6,SMD,train/test halves,"),
+        "{written}"
+    );
+    assert!(lines[2].starts_with("mean SMD,SMD,"), "{written}");
+    let auroc: f64 = lines[1].split(',').nth(5).unwrap().parse().unwrap();
+    assert!((0.0..=1.0).contains(&auroc), "{written}");
     assert!(
         out.contains("machine-1-6") && out.contains("AUPRC"),
         "{out}"
@@ -1177,6 +1209,59 @@ fn a_harness_entity_that_fails_does_not_lose_the_others() {
         err.contains("1 of 2 entities failed and are not in the table: bad"),
         "{err}"
     );
+}
+
+/// An ensemble whose members all run out of epochs while improving gets one note naming
+/// them, not a log line per member.
+#[test]
+fn train_notes_once_which_members_were_still_improving() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.csv");
+    synthetic_csv(&train, 300, 3, &[]);
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&train)
+        .arg("--out")
+        .arg(dir.path().join("m"))
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "1"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(err.matches("still falling").count(), 1, "{err}");
+    assert!(
+        err.contains(
+            "note: validation loss of 5 of 5 ensemble members (1, 2, 3, 4, 5) was still falling at epoch 1"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("WARN"), "{err}");
+}
+
+/// `--out` naming one of the harness's inputs is refused before any training, and the
+/// input is left as it was.
+#[test]
+fn harness_refuses_to_write_its_csv_over_an_input() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "machine-1-6_train.npy",
+        "machine-1-6_test.npy",
+        "machine-1-6_test_label.txt",
+    ] {
+        std::fs::copy(
+            repo(&format!("tests/data/smd/{name}")),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    let labels = dir.path().join("machine-1-6_test_label.txt");
+    let before = std::fs::read(&labels).unwrap();
+    let (code, out, err) = run(darkwatch()
+        .arg("harness")
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&labels));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("is one of the harness's inputs"), "{err}");
+    assert!(!err.contains("[1/1]"), "trained before refusing: {err}");
+    assert_eq!(std::fs::read(&labels).unwrap(), before);
 }
 
 /// A model of other features would see every published metric rejected and score nothing.

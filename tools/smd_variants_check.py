@@ -17,7 +17,8 @@ point-wise AUPRC, best-F1 and HitRate@150 over the three machines for:
    against the terms measured against a per-feature baseline of the stream, an
    exponentially weighted mean of the terms (half-life 100, 500 or 2,000 frames) that
    either follows every frame or is frozen while the score is above the training
-   scores' 99th percentile;
+   scores' 99th percentile; and the plain squared reconstruction error, in z-space and
+   in the data's own units (the labellers looked at the metrics as plotted);
 3. training longer (`--long`, about 4 minutes more): epochs_max 1000 and patience 40
    against the defaults (200 and 10), with the validation loss each reached.
 
@@ -181,7 +182,12 @@ def main():
                     scores.setdefault(name, {}).setdefault(machine, []).append(
                         (average_precision_score(y, sv), best_f1(y, sv))
                     )
-                for name, c in ranking_variants(t, ref, s).items():
+                z, mu, _ = forward(tensors, meta, test)
+                errors = {
+                    "squared error in z-space (no variance)": (z - mu) ** 2,
+                    "squared error in the data's units": ((z - mu) * np.array(meta["scaler"]["scale"])) ** 2,
+                }
+                for name, c in {**ranking_variants(t, ref, s), **errors}.items():
                     rankings.setdefault(name, {}).setdefault(machine, []).append(
                         hit_rates(smooth_rows(c), segs)
                     )

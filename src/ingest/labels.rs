@@ -1,12 +1,13 @@
 //! Label files: point labels (one 0/1 per row) and SMD interpretation labels
 //! (anomaly segments with the metrics the labellers blamed).
 //!
-//! Point labels feed [`crate::eval`]; segments let a replay check that an alert names
-//! the right metrics.
+//! Point labels feed [`crate::eval`] (`replay`, `harness`) and `sae-score`; segments let a
+//! replay check that an alert names the right metrics. One reader takes both point-label
+//! formats, told apart by their first bytes: an `.npy` vector (the NPY magic), else text.
 
 use std::path::Path;
 
-use super::{IngestError, TextPos, line_str, lines, read_bytes};
+use super::{IngestError, TextPos, line_str, lines, npy, read_bytes};
 
 /// One labelled anomaly segment, converted to 0-based indices.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,12 +37,15 @@ impl Segment {
     }
 }
 
-/// Read point labels: one `0` or `1` per line (`0.0`/`1.0` are accepted too; spaces,
-/// `\r`, a BOM and blank trailing lines are tolerated).
+/// Read point labels: a file that starts with the NPY magic is an `.npy` vector (`[n]` or
+/// `[n, 1]`, of any integer, bool or float dtype, holding only 0 and 1); any other is text,
+/// one `0` or `1` per line (`0.0`/`1.0` are accepted too; spaces, `\r`, a BOM and blank
+/// trailing lines are tolerated).
 ///
 /// # Errors
-/// `Io`; `Empty`; `BadLabel` or `Syntax` (blank line before the end) with the line;
-/// `LabelCount` naming both counts when `expected_rows` is given and differs.
+/// `Io`; `Empty`; for text `BadLabel` or `Syntax` (blank line before the end) with the
+/// line; for NPY whatever the NPY reader refuses, `LabelShape`, or `BadLabelAt` with the
+/// element; `LabelCount` naming both counts when `expected_rows` is given and differs.
 pub fn read_labels(path: &Path, expected_rows: Option<usize>) -> Result<Vec<u8>, IngestError> {
     let bytes = read_bytes(path)?;
     parse_labels(path, &bytes, expected_rows)
@@ -56,6 +60,53 @@ pub fn parse_labels(
     bytes: &[u8],
     expected_rows: Option<usize>,
 ) -> Result<Vec<u8>, IngestError> {
+    let labels = if bytes.starts_with(npy::MAGIC) {
+        parse_npy_labels(path, bytes)?
+    } else {
+        parse_text_labels(path, bytes)?
+    };
+    match expected_rows {
+        Some(expected) if expected != labels.len() => Err(IngestError::LabelCount {
+            path: path.to_owned(),
+            found: labels.len(),
+            expected,
+        }),
+        _ => Ok(labels),
+    }
+}
+
+/// An `.npy` vector of 0/1 labels.
+fn parse_npy_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, IngestError> {
+    let shape_err = |shape: Vec<u64>| IngestError::LabelShape {
+        path: path.to_owned(),
+        shape,
+    };
+    let table = npy::parse_npy_allow_1d(path, bytes).map_err(|e| match e {
+        IngestError::NotTwoD { shape, .. } => shape_err(shape),
+        other => other,
+    })?;
+    let (rows, cols) = table.values.dim();
+    if cols != 1 {
+        return Err(shape_err(vec![rows as u64, cols as u64]));
+    }
+    table
+        .values
+        .iter()
+        .enumerate()
+        .map(|(index, &value)| match value {
+            0.0 => Ok(0),
+            1.0 => Ok(1),
+            _ => Err(IngestError::BadLabelAt {
+                path: path.to_owned(),
+                index,
+                value,
+            }),
+        })
+        .collect()
+}
+
+/// Text labels, one per line.
+fn parse_text_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, IngestError> {
     let mut labels = Vec::new();
     let mut blank_at: Option<usize> = None;
     for (line_no, raw) in lines(bytes) {
@@ -93,14 +144,7 @@ pub fn parse_labels(
             path: path.to_owned(),
         });
     }
-    match expected_rows {
-        Some(expected) if expected != labels.len() => Err(IngestError::LabelCount {
-            path: path.to_owned(),
-            found: labels.len(),
-            expected,
-        }),
-        _ => Ok(labels),
-    }
+    Ok(labels)
 }
 
 /// Read OmniAnomaly SMD interpretation labels: one `a-b:d,d,...` per line.
@@ -226,6 +270,79 @@ mod tests {
             "labels.txt: empty file"
         );
         assert!(labels("0\nnan\n", None).is_err());
+    }
+
+    /// An `.npy` label vector (as numpy writes `y.astype(...)`) reads like the text file,
+    /// with errors that name the element; text keeps its line-numbered errors.
+    #[test]
+    fn reads_npy_label_vectors_of_any_integer_bool_or_float_dtype() {
+        use super::super::npy::tests::npy_bytes;
+        let npy = |descr: &str, shape: &str, data: &[u8]| {
+            let h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+            npy_bytes(1, &h, data)
+        };
+        let parse = |bytes: &[u8], expected| parse_labels(Path::new("y.npy"), bytes, expected);
+        let want = [0u8, 1, 1, 0];
+        let f32s: Vec<u8> = [0.0f32, 1.0, 1.0, 0.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let i64s: Vec<u8> = [0i64, 1, 1, 0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let f16s: Vec<u8> = [0.0f32, 1.0, 1.0, 0.0]
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        for bytes in [
+            npy("|b1", "(4,)", &want),
+            npy("|u1", "(4, 1)", &want),
+            npy("<i8", "(4,)", &i64s),
+            npy("<f4", "(4,)", &f32s),
+            npy("<f2", "(4,)", &f16s),
+        ] {
+            assert_eq!(parse(&bytes, Some(4)).unwrap(), want);
+        }
+        for (bytes, expected, msg) in [
+            (
+                npy("<i8", "(4,)", &i64s),
+                Some(5),
+                "y.npy: 4 labels, but the data has 5 rows",
+            ),
+            (
+                npy("<i4", "(2,)", &[0, 0, 0, 0, 2, 0, 0, 0]),
+                None,
+                "y.npy: element 1 (0-based): label 2 is not 0 or 1",
+            ),
+            (
+                npy("<f4", "(1,)", &0.5f32.to_le_bytes()),
+                None,
+                "y.npy: element 0 (0-based): label 0.5 is not 0 or 1",
+            ),
+            (
+                npy("|u1", "(2, 2)", &want),
+                None,
+                "y.npy: labels must be a vector, one per row ([n] or [n, 1]), found shape [2, 2]",
+            ),
+            (
+                npy("|u1", "(1, 2, 2)", &want),
+                None,
+                "y.npy: labels must be a vector, one per row ([n] or [n, 1]), found shape [1, 2, 2]",
+            ),
+            (
+                npy("<f4", "(1,)", &f32::NAN.to_le_bytes()),
+                None,
+                "y.npy: row 0, column 0 (0-based): NaN/Inf is not allowed",
+            ),
+            (
+                npy("<i4", "(4,)", &want),
+                None,
+                "y.npy: truncated: header says 4×1 int32 (16 bytes of data) but the file has 4 bytes of data",
+            ),
+        ] {
+            assert_eq!(parse(&bytes, expected).unwrap_err().to_string(), msg);
+        }
     }
 
     #[test]

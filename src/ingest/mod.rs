@@ -11,8 +11,10 @@
 //! index for NPY). No input makes these readers panic.
 //!
 //! - [`csv`]: comma-separated tables with a header and an optional timestamp column.
-//! - [`npy`]: NumPy `.npy` arrays (2-D, `<f4`/`<f8`, C or Fortran order).
-//! - [`labels`]: point labels (one 0/1 per line) and SMD interpretation labels.
+//! - [`npy`]: NumPy `.npy` arrays (2-D, or rows with leading dimensions flattened; `<f2`/`<f4`/`<f8`
+//!   or integer, C or Fortran order).
+//! - [`labels`]: point labels (one 0/1 per line, or an `.npy` vector of 0/1) and SMD
+//!   interpretation labels.
 //! - [`examon`]: ExaMon MQTT messages (tags in the topic, `value;timestamp` payload) to samples.
 //! - [`telegraf`]: Telegraf MQTT output (JSON or Influx line protocol) to samples.
 //! - [`raw`]: raw MQTT frames of `d` little-endian `f32` values.
@@ -242,11 +244,17 @@ pub enum IngestError {
     #[error("{}: not an NPY file: {message}", .path.display())]
     NpyHeader { path: PathBuf, message: String },
 
-    #[error("{}: unsupported dtype {:?}; supported: little-endian float32, float64 and integer or bool types", .path.display(), Clipped(.descr))]
+    #[error("{}: unsupported dtype {:?}; supported: little-endian float16, float32, float64 and integer or bool types", .path.display(), Clipped(.descr))]
     UnsupportedDtype { path: PathBuf, descr: String },
 
     #[error("{}: expected a 2-D array, found shape {shape:?}", .path.display())]
     NotTwoD { path: PathBuf, shape: Vec<u64> },
+
+    #[error(
+        "{}: expected rows [tokens, d] or [batch, seq, d] (leading dimensions are flattened), found shape {shape:?}",
+        .path.display()
+    )]
+    NotRows { path: PathBuf, shape: Vec<u64> },
 
     #[error(
         "{}: {}: header says {rows}×{cols} {dtype} ({expected} bytes of data) but the file has {actual} bytes of data",
@@ -268,6 +276,19 @@ pub enum IngestError {
         pos: TextPos,
         value: String,
     },
+
+    #[error("{}: element {index} (0-based): label {value} is not 0 or 1", .path.display())]
+    BadLabelAt {
+        path: PathBuf,
+        index: usize,
+        value: f32,
+    },
+
+    #[error(
+        "{}: labels must be a vector, one per row ([n] or [n, 1]), found shape {shape:?}",
+        .path.display()
+    )]
+    LabelShape { path: PathBuf, shape: Vec<u64> },
 
     #[error("{}: {found} labels, but the data has {expected} rows", .path.display())]
     LabelCount {

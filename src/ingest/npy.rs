@@ -1,6 +1,8 @@
-//! NumPy `.npy` arrays: 2-D, little-endian float32/float64 (or integer/bool, converted to
-//! float32, as in the ODDS tables), format versions 1.0, 2.0 and
-//! 3.0, C or Fortran order. Features are named `f0..f{d-1}`; there are no timestamps.
+//! NumPy `.npy` arrays: 2-D, little-endian float16/float32/float64 (or integer/bool,
+//! converted to float32, as in the ODDS tables), format versions 1.0, 2.0 and 3.0, C or
+//! Fortran order. Features are named `f0..f{d-1}`; there are no timestamps. Activation
+//! dumps (`[batch, seq, d]`) are read as rows by [`read_npy_rows`], which flattens the
+//! leading dimensions.
 //!
 //! The header is a Python dict literal (`{'descr': '<f4', 'fortran_order': False,
 //! 'shape': (23689, 38), }`), parsed here by a small literal reader rather than by
@@ -10,13 +12,24 @@
 
 use std::path::Path;
 
-use ndarray::{Array2, ShapeBuilder};
+use ndarray::{Array2, ArrayD, IxDyn, ShapeBuilder};
 
 use super::{IngestError, Table, read_bytes};
 
-const MAGIC: &[u8] = b"\x93NUMPY";
+pub(crate) const MAGIC: &[u8] = b"\x93NUMPY";
 /// Nesting limit for the header literal; real headers nest two deep.
 const MAX_DEPTH: usize = 16;
+
+/// Which array shapes a reader takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dims {
+    /// `[rows, cols]` only.
+    Two,
+    /// `[rows, cols]`, or `[rows]` as one column.
+    UpToTwo,
+    /// `[..., rows, cols]`: every dimension but the last is flattened into rows.
+    Rows,
+}
 
 /// Read a 2-D float `.npy` file as a [`Table`] (float64 is narrowed to float32).
 ///
@@ -34,7 +47,7 @@ pub fn read_npy(path: &Path) -> Result<Table, IngestError> {
 /// # Errors
 /// As [`read_npy`], minus `Io`.
 pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
-    parse(path, bytes, false)
+    parse(path, bytes, Dims::Two).map(|(t, _)| t)
 }
 
 /// As [`parse_npy`], but a 1-D array is also accepted, as one column (label vectors).
@@ -42,10 +55,30 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
 /// # Errors
 /// As [`parse_npy`], except that 1-D is allowed.
 pub fn parse_npy_allow_1d(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
-    parse(path, bytes, true)
+    parse(path, bytes, Dims::UpToTwo).map(|(t, _)| t)
 }
 
-fn parse(path: &Path, bytes: &[u8], allow_1d: bool) -> Result<Table, IngestError> {
+/// Reads an array of rows of width `d`, `[tokens, d]` or with more leading dimensions
+/// (`[batch, seq, d]`), which are flattened in row-major order: token `t` of sequence `b`
+/// becomes row `b·seq + t`. Returns the rows and the file's shape.
+///
+/// # Errors
+/// As [`read_npy`], with `NotRows` instead of `NotTwoD` for fewer than two dimensions; the
+/// row of a bad value is the flattened row.
+pub fn read_npy_rows(path: &Path) -> Result<(Table, Vec<u64>), IngestError> {
+    let bytes = read_bytes(path)?;
+    parse_npy_rows(path, &bytes)
+}
+
+/// [`read_npy_rows`] on bytes already in memory; `path` is only used in error messages.
+///
+/// # Errors
+/// As [`read_npy_rows`], minus `Io`.
+pub fn parse_npy_rows(path: &Path, bytes: &[u8]) -> Result<(Table, Vec<u64>), IngestError> {
+    parse(path, bytes, Dims::Rows)
+}
+
+fn parse(path: &Path, bytes: &[u8], dims: Dims) -> Result<(Table, Vec<u64>), IngestError> {
     let header_err = |message: String| IngestError::NpyHeader {
         path: path.to_owned(),
         message,
@@ -107,6 +140,10 @@ fn parse(path: &Path, bytes: &[u8], allow_1d: bool) -> Result<Table, IngestError
         "<f4" => (4, "float32", |c| {
             f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         }),
+        // As the safetensors readers convert F16: exactly, with `half`.
+        "<f2" => (2, "float16", |c| {
+            f64::from(half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        }),
         "<f8" => (8, "float64", |c| {
             f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
         }),
@@ -133,9 +170,22 @@ fn parse(path: &Path, bytes: &[u8], allow_1d: bool) -> Result<Table, IngestError
             });
         }
     };
-    let (rows, cols) = match *shape.as_slice() {
-        [rows, cols] => (rows, cols),
-        [rows] if allow_1d => (rows, 1),
+    let (rows, cols) = match (dims, shape.as_slice()) {
+        (_, &[rows, cols]) => (rows, cols),
+        (Dims::UpToTwo, &[rows]) => (rows, 1),
+        (Dims::Rows, [lead @ .., cols]) if !lead.is_empty() => (
+            // An overflowing product cannot match the data: reported as truncated.
+            lead.iter()
+                .try_fold(1u64, |a, &n| a.checked_mul(n))
+                .unwrap_or(u64::MAX),
+            *cols,
+        ),
+        (Dims::Rows, _) => {
+            return Err(IngestError::NotRows {
+                path: path.to_owned(),
+                shape,
+            });
+        }
         _ => {
             return Err(IngestError::NotTwoD {
                 path: path.to_owned(),
@@ -173,7 +223,7 @@ fn parse(path: &Path, bytes: &[u8], allow_1d: bool) -> Result<Table, IngestError
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let a = to_standard(flat, rows, cols, fortran_order);
+        let a = to_standard(flat, &shape, rows, cols, fortran_order);
         if let Some(((row, col), _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
             return Err(IngestError::NonFiniteAt {
                 path: path.to_owned(),
@@ -184,7 +234,7 @@ fn parse(path: &Path, bytes: &[u8], allow_1d: bool) -> Result<Table, IngestError
         a
     } else {
         let flat = data.chunks_exact(item as usize).map(decode).collect();
-        let wide = to_standard(flat, rows, cols, fortran_order);
+        let wide = to_standard(flat, &shape, rows, cols, fortran_order);
         for ((row, col), &v) in wide.indexed_iter() {
             if !v.is_finite() {
                 return Err(IngestError::NonFiniteAt {
@@ -204,23 +254,39 @@ fn parse(path: &Path, bytes: &[u8], allow_1d: bool) -> Result<Table, IngestError
         }
         wide.mapv(|v| v as f32)
     };
-    Ok(Table {
+    let table = Table {
         path: path.to_owned(),
         features: (0..cols).map(|j| format!("f{j}")).collect(),
         timestamps: None,
         values,
-    })
+    };
+    Ok((table, shape))
 }
 
-/// A row-major `rows × cols` array from NPY's flat data in C or Fortran order.
-fn to_standard<T: Clone>(flat: Vec<T>, rows: usize, cols: usize, fortran_order: bool) -> Array2<T> {
-    let shape = (rows, cols).set_f(fortran_order);
-    let a = Array2::from_shape_vec(shape, flat).expect("data length was checked against the shape");
-    if fortran_order {
-        a.as_standard_layout().into_owned()
-    } else {
-        a
+/// A row-major `rows × cols` array from NPY's flat data of `shape` (whose elements number
+/// `rows × cols`) in C or Fortran order; leading dimensions become rows in C order.
+fn to_standard<T: Clone>(
+    flat: Vec<T>,
+    shape: &[u64],
+    rows: usize,
+    cols: usize,
+    fortran_order: bool,
+) -> Array2<T> {
+    const CHECKED: &str = "data length was checked against the shape";
+    if !fortran_order {
+        return Array2::from_shape_vec((rows, cols), flat).expect(CHECKED);
     }
+    if shape.len() <= 2 {
+        let a = Array2::from_shape_vec((rows, cols).f(), flat).expect(CHECKED);
+        return a.as_standard_layout().into_owned();
+    }
+    // Each dimension fits in usize: the product of all of them is a slice length.
+    let dims: Vec<usize> = shape.iter().map(|&n| n as usize).collect();
+    let a = ArrayD::from_shape_vec(IxDyn(&dims).f(), flat).expect(CHECKED);
+    a.as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((rows, cols))
+        .expect(CHECKED)
 }
 
 /// The three keys NumPy writes.
@@ -541,12 +607,12 @@ pub(crate) mod tests {
         let h = |descr: &str, shape: &str| {
             format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
         };
-        for descr in [">f4", ">i4", "<f2", "<c8"] {
+        for descr in [">f4", ">i4", ">f2", "<c8"] {
             let msg = err(&npy_bytes(1, &h(descr, "(1, 1)"), &[0; 8]));
             assert_eq!(
                 msg,
                 format!(
-                    "x.npy: unsupported dtype {descr:?}; supported: little-endian float32, float64 and integer or bool types"
+                    "x.npy: unsupported dtype {descr:?}; supported: little-endian float16, float32, float64 and integer or bool types"
                 )
             );
         }
@@ -575,6 +641,85 @@ pub(crate) mod tests {
             err(&npy_bytes(1, &h("<f4", "(3, 0)"), &[])),
             "x.npy: no feature columns"
         );
+    }
+
+    /// Activation dumps: float16 (as the safetensors readers convert it), and `[batch, seq,
+    /// d]` read as `batch·seq` rows, token t of sequence b at row b·seq + t, in C and in
+    /// Fortran order alike.
+    #[test]
+    fn reads_float16_and_flattens_leading_dimensions_into_rows() {
+        let h = |descr: &str, fortran: &str, shape: &str| {
+            format!("{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}")
+        };
+        let halves: Vec<u8> = [1.0f32, -2.5, 0.099975586, 65504.0]
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let t = parse(&npy_bytes(1, &h("<f2", "False", "(2, 2)"), &halves)).unwrap();
+        assert_eq!(
+            t.values,
+            ndarray::array![[1.0, -2.5], [0.099975586, 65504.0]]
+        );
+        let inf = half::f16::INFINITY.to_le_bytes();
+        assert_eq!(
+            err(&npy_bytes(1, &h("<f2", "False", "(1, 1)"), &inf)),
+            "x.npy: row 0, column 0 (0-based): NaN/Inf is not allowed"
+        );
+
+        // [batch 2, seq 3, d 2]: element (b, t, j) holds 100·b + 10·t + j.
+        let value = |b: usize, t: usize, j: usize| (100 * b + 10 * t + j) as f32;
+        let c_order: Vec<f32> = (0..2)
+            .flat_map(|b| (0..3).flat_map(move |t| (0..2).map(move |j| value(b, t, j))))
+            .collect();
+        let f_order: Vec<f32> = (0..2)
+            .flat_map(|j| (0..3).flat_map(move |t| (0..2).map(move |b| value(b, t, j))))
+            .collect();
+        for (fortran, data) in [("False", c_order), ("True", f_order)] {
+            let bytes = npy_bytes(1, &h("<f4", fortran, "(2, 3, 2)"), &f4(&data));
+            let (t, shape) = parse_npy_rows(Path::new("x.npy"), &bytes).unwrap();
+            assert_eq!(shape, [2, 3, 2]);
+            assert_eq!(t.values.dim(), (6, 2), "{fortran}");
+            for (b, s, j) in cube(2, 3, 2) {
+                assert_eq!(t.values[[b * 3 + s, j]], value(b, s, j), "{fortran}");
+            }
+            // Tables stay 2-D.
+            assert_eq!(
+                err(&bytes),
+                "x.npy: expected a 2-D array, found shape [2, 3, 2]"
+            );
+        }
+        let rows = |shape: &str, data: &[u8]| {
+            parse_npy_rows(
+                Path::new("x.npy"),
+                &npy_bytes(1, &h("<f4", "False", shape), data),
+            )
+        };
+        let (t, shape) = rows("(2, 3)", &f4(&[0.0; 6])).unwrap();
+        assert_eq!((t.values.dim(), shape), ((2, 3), vec![2, 3]));
+        assert_eq!(
+            rows("(4,)", &[0; 16]).unwrap_err().to_string(),
+            "x.npy: expected rows [tokens, d] or [batch, seq, d] (leading dimensions are flattened), found shape [4]"
+        );
+        assert_eq!(
+            rows("(2, 0, 3)", &[]).unwrap_err().to_string(),
+            "x.npy: no data rows"
+        );
+        let mut bad = vec![0.0f32; 12];
+        bad[9] = f32::NAN; // b 1, t 1, j 1: row 4
+        assert_eq!(
+            rows("(2, 3, 2)", &f4(&bad)).unwrap_err().to_string(),
+            "x.npy: row 4, column 1 (0-based): NaN/Inf is not allowed"
+        );
+        assert!(
+            rows("(99999999999, 99999999999, 2)", &[0; 8])
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
+    }
+
+    fn cube(a: usize, b: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).map(move |k| (i, j, k))))
     }
 
     #[test]

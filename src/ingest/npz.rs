@@ -160,11 +160,11 @@ fn extract(path: &Path, zip: &[u8], member: &str) -> Result<Vec<u8>, IngestError
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A stored (uncompressed) zip with the given members, built by hand.
-    fn stored_zip(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    pub(crate) fn stored_zip(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
         let mut out = Vec::new();
         let mut central = Vec::new();
         for (name, data) in members {
@@ -199,7 +199,7 @@ mod tests {
         out
     }
 
-    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    pub(crate) fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
         let mut header =
             format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
         while (10 + header.len() + 1) % 64 != 0 {

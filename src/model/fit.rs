@@ -113,6 +113,7 @@ pub fn fit(
     // first member's.
     let mut nets = Vec::with_capacity(members);
     let mut report = None;
+    let mut still_falling = Vec::new();
     for k in 0..members as u64 {
         let seed = crate::rng::member_seed(cfg.train.seed, k, 0);
         let mut net = Autoencoder::new(d, &hidden, cfg.model.kind, seed);
@@ -125,21 +126,14 @@ pub fn fit(
             })
         };
         let r = train_member(&mut net, x.view(), &cfg.train, k, &mut tell)?;
-        if k > 0
-            && r.best_val_loss.is_some()
-            && r.best_epoch == r.epochs_run
-            && r.epochs_run == cfg.train.epochs_max
-        {
-            tracing::warn!(
-                member = k + 1,
-                epochs = r.epochs_run,
-                "an ensemble member's validation loss was still falling at the last epoch; a larger [train] epochs_max may fit better"
-            );
+        if r.still_falling(cfg.train.epochs_max) {
+            still_falling.push(k as usize + 1);
         }
         report.get_or_insert(r);
         nets.push(net);
     }
-    let report = report.expect("at least one member");
+    let mut report = report.expect("at least one member");
+    report.members_still_falling = still_falling;
     let ae = Autoencoder::merge(nets);
     let bank =
         (cfg.mss.bank_frames > 0).then(|| ReferenceBank::build(x.view(), &cfg.mss, cfg.train.seed));

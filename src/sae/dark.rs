@@ -86,6 +86,14 @@ pub enum DarkError {
     NotPositiveDefinite { pivot: usize, lambda: f64 },
     #[error("`ridge` = {0} must be finite and ≥ 0")]
     BadRidge(f64),
+    #[error(
+        "{rows} rows are too few to fit a dark-matter head on d = {d}: it fits {coefficients} \
+         coefficients (a weight per activation dimension and a bias) for each of the {d} error \
+         dimensions and for ‖e‖², and with so few rows they match those rows in sample and \
+         predict nothing for new tokens; give at least {min} rows (twice the coefficients)",
+        coefficients = .d + 1
+    )]
+    TooFewRows { rows: usize, d: usize, min: usize },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -95,6 +103,28 @@ pub enum DarkError {
     File { path: PathBuf, reason: String },
     #[error(transparent)]
     Sae(#[from] super::SaeError),
+}
+
+/// The fewest rows [`check_fit_rows`] lets a head of width `d` be fitted on: twice the
+/// d + 1 coefficients (d weights and a bias) of each of its regressions. With d + 1 rows or
+/// fewer a regression fits its rows exactly (training R² 1, residual σ 0) whatever they
+/// hold; with n rows, pure noise still reaches a training R² of about (d + 1)/n, so below
+/// twice the coefficients more than half of what the fit reports would be noise.
+pub fn min_fit_rows(d: usize) -> usize {
+    2 * (d + 1)
+}
+
+/// Refuses to fit a head of width `d` on fewer than [`min_fit_rows`] rows: `sae-train` and
+/// `sae-head` check it before any work. ([`DarkHead::fit`] itself fits any number of rows.)
+///
+/// # Errors
+/// [`DarkError::TooFewRows`], saying why.
+pub fn check_fit_rows(rows: usize, d: usize) -> Result<(), DarkError> {
+    let min = min_fit_rows(d);
+    if rows < min {
+        return Err(DarkError::TooFewRows { rows, d, min });
+    }
+    Ok(())
 }
 
 /// Settings of the fit.

@@ -6,12 +6,17 @@
 //!
 //! # Inputs
 //!
-//! - Activations: `.npy` (2-D, float32/float64; see [`crate::ingest::npy`]) or
-//!   `.safetensors` (a 2-D F32, F16, BF16 or F64 tensor, named with `tensor`, or the only
-//!   tensor of the file).
-//! - Prompt ids and labels: 1-D (or `[n, 1]`) integer arrays in `.npy` (int8–int64, uint8–
-//!   uint64; read exactly up to |id| ≤ 2²⁴) or `.safetensors` (I8–I64, U8–U64, exact). Labels
-//!   must be 0 or 1. Their length must equal the number of activation rows.
+//! - Activations: `.npy` (float16/float32/float64, or integers; see [`crate::ingest::npy`])
+//!   or `.safetensors` (an F32, F16, BF16 or F64 tensor, named with `tensor`, or the only
+//!   tensor of the file), `[tokens, d]` or `[batch, seq, d]`: leading dimensions are
+//!   flattened in row-major order, so token `t` of sequence `b` is row `b·seq + t`, and
+//!   prompt ids and labels count the flattened rows.
+//! - Prompt ids: 1-D (or `[n, 1]`) integer arrays in `.npy` (int8–int64, uint8–uint64; read
+//!   exactly up to |id| ≤ 2²⁴) or `.safetensors` (I8–I64, U8–U64, exact).
+//! - Labels, 0 or 1: what `replay` reads ([`crate::ingest::read_labels`]: an `.npy` vector of
+//!   any integer, bool or float dtype, or text with one label per line), or an integer
+//!   `.safetensors` tensor.
+//! - Both hold one value per activation row.
 //!
 //! # Prompt-level scores
 //!
@@ -61,6 +66,8 @@ pub enum SaeEvalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Output(#[from] crate::outputs::OutputClash),
     #[error("{0}")]
     Invalid(String),
 }
@@ -118,14 +125,28 @@ fn pick_tensor<'a>(
 /// tensor in a safetensors file with several).
 ///
 /// # Errors
-/// A missing file, an unknown extension, a tensor that is not 2-D or not a float type, no
-/// rows or columns, or a non-finite value — each naming the file.
+/// As [`read_activations_shaped`].
 pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>, SaeEvalError> {
+    read_activations_shaped(path, tensor).map(|(x, _)| x)
+}
+
+/// [`read_activations`], also returning the shape of the file's array: an array of more
+/// than two dimensions (`[batch, seq, d]`) is read as rows of its last dimension, its
+/// leading ones flattened in row-major order (token `t` of sequence `b` is row `b·seq + t`).
+///
+/// # Errors
+/// A missing file, an unknown extension, an array of fewer than two dimensions or not of a
+/// float type (`.npy`: float16, float32, float64, or integers), no rows or columns, or a
+/// non-finite value — each naming the file.
+pub fn read_activations_shaped(
+    path: &Path,
+    tensor: Option<&str>,
+) -> Result<(Array2<f32>, Vec<usize>), SaeEvalError> {
     if !is_safetensors(path) {
         if path.extension().and_then(|e| e.to_str()) != Some("npy") {
             return Err(input_err(
                 path,
-                "activations must be .npy or .safetensors [tokens, d]",
+                "activations must be .npy or .safetensors [tokens, d] (or [batch, seq, d])",
             ));
         }
         if tensor.is_some() {
@@ -134,29 +155,31 @@ pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>
                 "a tensor name applies to .safetensors only",
             ));
         }
-        return Ok(clamped(crate::ingest::npy::read_npy(path)?.values));
+        let (table, shape) = crate::ingest::npy::read_npy_rows(path)?;
+        // Each dimension fits in usize: the array is in memory.
+        let shape = shape.iter().map(|&n| n as usize).collect();
+        return Ok((clamped(table.values), shape));
     }
     let bytes = read_file(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| input_err(path, format!("not a valid safetensors file: {e}")))?;
     let t = pick_tensor(path, &st, tensor)?;
-    let (rows, cols) = match *t.shape() {
-        [r, c] => (r, c),
+    let shape = t.shape().to_vec();
+    // safetensors checked the data against the shape, so the product fits.
+    let (rows, cols) = match shape.as_slice() {
+        [lead @ .., cols] if !lead.is_empty() => (lead.iter().product::<usize>(), *cols),
         _ => {
             return Err(input_err(
                 path,
                 format!(
-                    "activations must be 2-D [tokens, d], found shape {:?}",
-                    t.shape()
+                    "activations must be [tokens, d] or [batch, seq, d] (leading dimensions are \
+                     flattened), found shape {shape:?}"
                 ),
             ));
         }
     };
     if rows == 0 || cols == 0 {
-        return Err(input_err(
-            path,
-            format!("empty activations [{rows}, {cols}]"),
-        ));
+        return Err(input_err(path, format!("empty activations {shape:?}")));
     }
     let d = t.data();
     let v: Vec<f32> = match t.dtype() {
@@ -190,7 +213,21 @@ pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>
             format!("row {row}, column {col} (0-based): NaN/Inf is not allowed"),
         ));
     }
-    Ok(clamped(a))
+    Ok((clamped(a), shape))
+}
+
+/// For an error about per-row inputs (prompt ids, labels) of activations read from `path`
+/// with `shape`: how an array of more than two dimensions became rows, else nothing.
+fn rows_note(path: &Path, shape: &[usize]) -> String {
+    match shape {
+        [lead @ .., seq, _] if !lead.is_empty() => format!(
+            "; {} has shape {shape:?}, read as {} rows in row-major order (token t of sequence b \
+             is row b·{seq} + t)",
+            path.display(),
+            shape[..shape.len() - 1].iter().product::<usize>()
+        ),
+        _ => String::new(),
+    }
 }
 
 /// `a` with its values clamped to ±[`super::ACTIVATION_LIMIT`].
@@ -199,15 +236,15 @@ fn clamped(mut a: Array2<f32>) -> Array2<f32> {
     a
 }
 
-/// [`read_activations`] for `sae` (read from `sae_dir`): a width that does not match is an
-/// error naming both shapes.
+/// [`read_activations_shaped`] for `sae` (read from `sae_dir`): a width that does not match
+/// is an error naming both shapes.
 fn read_activations_for(
     sae: &Sae,
     sae_dir: &Path,
     path: &Path,
     tensor: Option<&str>,
-) -> Result<Array2<f32>, SaeEvalError> {
-    let x = read_activations(path, tensor)?;
+) -> Result<(Array2<f32>, Vec<usize>), SaeEvalError> {
+    let (x, shape) = read_activations_shaped(path, tensor)?;
     if x.ncols() != sae.d_in() {
         return Err(input_err(
             path,
@@ -220,7 +257,7 @@ fn read_activations_for(
             ),
         ));
     }
-    Ok(x)
+    Ok((x, shape))
 }
 
 /// Reads one integer per row (prompt ids or labels) from `.npy` or `.safetensors`, checking
@@ -235,6 +272,17 @@ pub fn read_ints(
     rows: usize,
     what: &str,
 ) -> Result<Vec<i64>, SaeEvalError> {
+    read_ints_noted(path, tensor, rows, what, "")
+}
+
+/// [`read_ints`], with `note` (from [`rows_note`]) after a shape or count error.
+fn read_ints_noted(
+    path: &Path,
+    tensor: Option<&str>,
+    rows: usize,
+    what: &str,
+    note: &str,
+) -> Result<Vec<i64>, SaeEvalError> {
     let values: Vec<i64> = if is_safetensors(path) {
         let bytes = read_file(path)?;
         let st = SafeTensors::deserialize(&bytes)
@@ -243,7 +291,7 @@ pub fn read_ints(
         if !matches!(*t.shape(), [_] | [_, 1]) {
             return Err(input_err(
                 path,
-                format!("{what} must be 1-D, found shape {:?}", t.shape()),
+                format!("{what} must be 1-D, found shape {:?}{note}", t.shape()),
             ));
         }
         let d = t.data();
@@ -290,7 +338,7 @@ pub fn read_ints(
             return Err(input_err(
                 path,
                 format!(
-                    "{what} must be 1-D, found [{}, {}]",
+                    "{what} must be 1-D, found [{}, {}]{note}",
                     table.values.nrows(),
                     table.values.ncols()
                 ),
@@ -320,7 +368,7 @@ pub fn read_ints(
         return Err(input_err(
             path,
             format!(
-                "{} {what} for {rows} activation rows (one per row is needed)",
+                "{} {what} for {rows} activation rows (one per row is needed){note}",
                 values.len()
             ),
         ));
@@ -328,16 +376,43 @@ pub fn read_ints(
     Ok(values)
 }
 
-/// Reads 0/1 labels, one per row (any integer dtype).
+/// Reads 0/1 labels, one per row: from `.safetensors`, an integer tensor; from any other
+/// file, what [`crate::ingest::read_labels`] reads for `replay` (an `.npy` vector of 0/1 of
+/// any integer, bool or float dtype, or text with one label per line).
 ///
 /// # Errors
-/// As [`read_ints`], and a label other than 0 or 1.
+/// As [`read_ints`] for safetensors, else as [`crate::ingest::read_labels`]; a label other
+/// than 0 or 1.
 pub fn read_labels(
     path: &Path,
     tensor: Option<&str>,
     rows: usize,
 ) -> Result<Vec<u8>, SaeEvalError> {
-    read_ints(path, tensor, rows, "labels")?
+    read_labels_noted(path, tensor, rows, "")
+}
+
+/// [`read_labels`], with `note` (from [`rows_note`]) after a shape or count error.
+fn read_labels_noted(
+    path: &Path,
+    tensor: Option<&str>,
+    rows: usize,
+    note: &str,
+) -> Result<Vec<u8>, SaeEvalError> {
+    if !is_safetensors(path) {
+        if tensor.is_some() {
+            return Err(input_err(
+                path,
+                "a tensor name applies to .safetensors only",
+            ));
+        }
+        return crate::ingest::read_labels(path, Some(rows)).map_err(|e| match e {
+            IngestError::LabelCount { .. } | IngestError::LabelShape { .. } if !note.is_empty() => {
+                SaeEvalError::Invalid(format!("{e}{note}"))
+            }
+            e => e.into(),
+        });
+    }
+    read_ints_noted(path, tensor, rows, "labels", note)?
         .into_iter()
         .enumerate()
         .map(|(i, v)| match v {
@@ -760,7 +835,30 @@ pub fn crossfit_dark_stats(
     config: &SaeTrainConfig,
     folds: usize,
 ) -> Result<DarkStats, SaeEvalError> {
-    Ok(crossfit_dark(x, prompt_ids, config, folds, 0)?.stats())
+    Ok(crossfit_dark(x, prompt_ids, config, folds, 0, &mut |_| {})?.stats())
+}
+
+/// One cross-fit fold done: its SAE trained on the other folds, its errors on the fold's
+/// rows taken ([`crossfit_dark`] reports one per fold that holds rows).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FoldStats {
+    /// 1-based.
+    pub fold: usize,
+    pub folds: usize,
+    /// Rows the fold's SAE trained on (the other folds').
+    pub train_rows: usize,
+    /// The fold's own rows, which its SAE did not see.
+    pub rows: usize,
+    /// Normalised MSE of the fold's SAE on its own rows; `None` when they do not vary.
+    pub nmse: Option<f64>,
+}
+
+/// What `sae-train` reports as it goes: the final SAE's epochs, then the cross-fit folds
+/// (which take most of the time with the default 5 folds).
+#[derive(Debug, Clone, Copy)]
+pub enum SaeTrainProgress<'a> {
+    Epoch(&'a EpochStats),
+    Fold(&'a FoldStats),
 }
 
 /// What [`crossfit_dark`] returns.
@@ -801,6 +899,23 @@ impl CrossFit {
             dark,
         )
     }
+}
+
+/// Σ‖e‖² / Σ‖x − x̄‖² of rows `x` with SAE errors `e`; `None` when the rows do not vary.
+fn nmse_of_errors(x: ArrayView2<f32>, e: ArrayView2<f32>) -> Option<f64> {
+    let mean = x.mapv(f64::from).mean_axis(Axis(0))?;
+    let tss: f64 = x
+        .rows()
+        .into_iter()
+        .map(|r| {
+            r.iter()
+                .zip(&mean)
+                .map(|(&v, m)| (f64::from(v) - m).powi(2))
+                .sum::<f64>()
+        })
+        .sum();
+    let rss: f64 = e.iter().map(|&v| f64::from(v).powi(2)).sum();
+    (tss > 0.0).then(|| rss / tss)
 }
 
 /// The fold of each of `rows` rows: whole prompts round-robin in order of first appearance
@@ -860,7 +975,8 @@ fn out_of_fold_scores(
 }
 
 /// [`crossfit_dark_stats`] per fold, keeping the out-of-fold SAE errors of the last `keep`
-/// rows: what `sae-train` calibrates thresholds on when it holds no rows out.
+/// rows: what `sae-train` calibrates thresholds on when it holds no rows out. `on_fold` is
+/// called as each fold is done.
 ///
 /// # Errors
 /// As [`crossfit_dark_stats`].
@@ -870,6 +986,7 @@ pub fn crossfit_dark(
     config: &SaeTrainConfig,
     folds: usize,
     keep: usize,
+    on_fold: &mut dyn FnMut(&FoldStats),
 ) -> Result<CrossFit, SaeEvalError> {
     let rows = x.nrows();
     if folds < 2 || folds > rows {
@@ -901,6 +1018,13 @@ pub fn crossfit_dark(
             let xi = x.select(Axis(0), &inside);
             let e = sae_errors(&trained.sae, xi.view())?;
             stats.accumulate(xi.view(), e.view())?;
+            on_fold(&FoldStats {
+                fold: fold + 1,
+                folds,
+                train_rows: outside.len(),
+                rows: inside.len(),
+                nmse: nmse_of_errors(xi.view(), e.view()),
+            });
             let first_kept = rows - kept.len();
             for (&r, row) in inside.iter().zip(e.rows()) {
                 if r >= first_kept {
@@ -938,6 +1062,8 @@ pub struct SaeTrainArgs {
     /// cross-fit it on out-of-fold errors (see [`crossfit_dark_stats`]).
     pub dark_folds: usize,
     pub meta: SaveMeta,
+    /// Replace an SAE already in `out` (an autoencoder model folder is refused regardless).
+    pub force: bool,
 }
 
 /// What `sae-train` writes to `train_report.json`.
@@ -967,11 +1093,14 @@ pub struct SaeTrainSummary {
 /// Bad input, config or a failed write, each naming its file or setting.
 pub fn sae_train_command(
     args: &SaeTrainArgs,
-    on_epoch: &mut dyn FnMut(&EpochStats),
+    on_progress: &mut dyn FnMut(SaeTrainProgress<'_>),
 ) -> Result<(SaeTrainSummary, String), SaeEvalError> {
-    let x = read_activations(&args.input, args.tensor.as_deref())?;
+    check_train_out(&args.out, args.force)?;
+    check_train_settings(args)?;
+    let (x, shape) = read_activations_shaped(&args.input, args.tensor.as_deref())?;
+    let note = rows_note(&args.input, &shape);
     let ids = match &args.prompt_ids {
-        Some(p) => Some(read_ints(p, None, x.nrows(), "prompt ids")?),
+        Some(p) => Some(read_ints_noted(p, None, x.nrows(), "prompt ids", &note)?),
         None => None,
     };
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
@@ -979,11 +1108,31 @@ pub fn sae_train_command(
     let held = x.select(Axis(0), &held_rows);
     let held_view = (!held_rows.is_empty()).then(|| held.view());
     args.config.validate(x.ncols())?;
+    check_head_rows(&args.input, train_rows.len(), x.nrows(), x.ncols())?;
+    if args.dark_folds >= 2 {
+        // Whole prompts go to folds: more folds than prompts would leave some empty.
+        let (units, unit) = match &ids {
+            Some(ids) => {
+                let train_ids: Vec<i64> = train_rows.iter().map(|&r| ids[r]).collect();
+                (Prompts::group(&train_ids).len(), "prompts")
+            }
+            None => (train_rows.len(), "rows"),
+        };
+        if args.dark_folds > units {
+            return Err(SaeEvalError::Invalid(format!(
+                "--dark-folds {}: the training rows hold only {units} {unit} to split into \
+                 folds; give at most {units}",
+                args.dark_folds
+            )));
+        }
+    }
     fs::create_dir_all(&args.out).map_err(|source| SaeEvalError::Io {
         path: args.out.clone(),
         source,
     })?;
-    let trained = train_topk(train.view(), held_view, &args.config, on_epoch)?;
+    let trained = train_topk(train.view(), held_view, &args.config, &mut |e| {
+        on_progress(SaeTrainProgress::Epoch(e));
+    })?;
     save_saelens(&trained.parts, &args.out, &args.meta)?;
     let mut crossfit = None;
     let fit = if args.dark_folds >= 2 {
@@ -1002,6 +1151,7 @@ pub fn sae_train_command(
             &args.config,
             args.dark_folds,
             keep,
+            &mut |f| on_progress(SaeTrainProgress::Fold(f)),
         )?;
         let held = match held_view {
             Some(h) => Some((h, sae_errors(&trained.sae, h)?)),
@@ -1108,6 +1258,95 @@ pub fn sae_train_command(
     Ok((summary, text))
 }
 
+/// The SAE files of `dir` that `sae-train` would replace: a checkpoint (SAELens or sparsify,
+/// or a sparsify layer folder), a dark-matter head folder, a training report.
+fn sae_files_in(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = [
+        super::load::CONFIG_FILE,
+        super::load::SAELENS_WEIGHTS,
+        super::load::SPARSIFY_WEIGHTS,
+        DARK_DIR,
+        TRAIN_REPORT_FILE,
+    ]
+    .into_iter()
+    .filter(|name| dir.join(name).exists())
+    .map(String::from)
+    .collect();
+    if let Ok(entries) = fs::read_dir(dir) {
+        let mut layers: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().join(super::load::CONFIG_FILE).is_file())
+            .map(|e| format!("{}/", e.file_name().to_string_lossy()))
+            .collect();
+        layers.sort();
+        found.extend(layers);
+    }
+    found
+}
+
+/// Refuses an `sae-train` output folder that holds an autoencoder model (an SAE beside it
+/// would make the folder both, and `run`, `inspect` and `replay` would each pick one), or
+/// an SAE, unless `force` (as `sae-head` does for a head).
+fn check_train_out(out: &Path, force: bool) -> Result<(), SaeEvalError> {
+    if out.join(crate::model::io::META_FILE).exists() {
+        return Err(input_err(
+            out,
+            format!(
+                "holds an autoencoder model ({}); an SAE written beside it would leave a folder \
+                 that is both: choose another --out folder",
+                crate::model::io::META_FILE
+            ),
+        ));
+    }
+    let found = sae_files_in(out);
+    if !force && !found.is_empty() {
+        return Err(input_err(
+            out,
+            format!(
+                "already holds an SAE ({}); pass --force to replace it, or choose another --out \
+                 folder",
+                found.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses `sae-train` settings that would quietly do something else than asked: one
+/// cross-fit fold (none of the head's rows would be out of fold: it would be the
+/// non-cross-fitted head of `--dark-folds 0`), or no epoch (an untrained SAE).
+fn check_train_settings(args: &SaeTrainArgs) -> Result<(), SaeEvalError> {
+    if args.dark_folds == 1 {
+        return Err(SaeEvalError::Invalid(
+            "--dark-folds 1: cross-fitting takes at least 2 folds (each fold's SAE trains on \
+             the others); give 2 or more, or 0 to fit the head on the final SAE's own training \
+             rows (their errors are smaller than on new tokens, so its thresholds come out low)"
+                .into(),
+        ));
+    }
+    if args.config.epochs == 0 {
+        return Err(SaeEvalError::Invalid(
+            "--epochs 0 would write an untrained SAE (its random initialisation); give at \
+             least 1"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses, before any work, to fit a dark-matter head of width `d` on `rows` rows of
+/// `input` (of `total`; the rest are held out): see [`super::dark::min_fit_rows`].
+fn check_head_rows(input: &Path, rows: usize, total: usize, d: usize) -> Result<(), SaeEvalError> {
+    super::dark::check_fit_rows(rows, d).map_err(|e| {
+        let held = if rows < total {
+            format!(" ({rows} of {total}; the others are held out)")
+        } else {
+            String::new()
+        };
+        input_err(input, format!("{e}{held}"))
+    })
+}
+
 /// Arguments of `darkwatch sae-head`.
 #[derive(Debug, Clone)]
 pub struct SaeHeadArgs {
@@ -1149,12 +1388,14 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
              pass --force to replace it, or --out to write elsewhere",
         ));
     }
-    let x = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
+    let (x, shape) = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
+    let note = rows_note(&args.input, &shape);
     let ids = match &args.prompt_ids {
-        Some(p) => Some(read_ints(p, None, x.nrows(), "prompt ids")?),
+        Some(p) => Some(read_ints_noted(p, None, x.nrows(), "prompt ids", &note)?),
         None => None,
     };
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
+    check_head_rows(&args.input, train_rows.len(), x.nrows(), x.ncols())?;
     let train = x.select(Axis(0), &train_rows);
     let (fit, calibration) = if held_rows.is_empty() {
         let rows = train.nrows();
@@ -1244,9 +1485,32 @@ pub struct SaeScoreSummary {
     pub table: Vec<OodRow>,
     /// Dark-matter R² on the rows labelled 0 (held-out in-distribution), when labels are given.
     pub r2_label0: Option<R2>,
-    /// Normalised MSE of the SAE on the rows labelled 0, and on all rows.
+    /// Normalised MSE of the SAE on the rows labelled 0, and on all rows; `None` where it is
+    /// not defined (fewer than 2 rows, or rows that are all equal: it divides by their spread
+    /// around their mean).
     pub nmse_label0: Option<f64>,
-    pub nmse_all: f64,
+    pub nmse_all: Option<f64>,
+}
+
+/// The normalised MSE of `sae` on `x`, where it is defined: at least 2 rows that differ.
+fn defined_nmse(sae: &Sae, x: ArrayView2<f32>) -> Result<Option<f64>, SaeError> {
+    if x.nrows() < 2 {
+        return Ok(None);
+    }
+    let nmse = super::train::evaluate_sae(sae, x)?.nmse;
+    let spread = x.rows().into_iter().any(|r| r != x.row(0));
+    Ok((spread && nmse.is_finite()).then_some(nmse))
+}
+
+/// A normalised MSE from [`defined_nmse`] on `rows` rows, or why there is none.
+fn nmse_text(nmse: Option<f64>, rows: usize) -> String {
+    const WHY: &str = "it divides by the rows' spread around their mean";
+    match (nmse, rows) {
+        (Some(v), _) => format!("{v:.4}"),
+        (None, 0) => "n/a (no rows)".into(),
+        (None, 1) => format!("n/a (one row: {WHY}, which one row does not have)"),
+        (None, _) => format!("n/a (the rows are all equal: {WHY})"),
+    }
 }
 
 fn write_file(path: &Path, text: &str) -> Result<(), SaeEvalError> {
@@ -1256,24 +1520,63 @@ fn write_file(path: &Path, text: &str) -> Result<(), SaeEvalError> {
     })
 }
 
+/// Refuses, before anything is read or written, a `sae-score` output that is one of its
+/// inputs, the other output, or a file in the SAE's folder or the head's: `--out
+/// cfg.json` once left the SAE unusable.
+fn check_score_outputs(args: &SaeScoreArgs) -> Result<(), SaeEvalError> {
+    use crate::outputs::Protected;
+    let mut protected = vec![Protected::File("--input", &args.input)];
+    for (flag, path) in [
+        ("--labels", &args.labels),
+        ("--prompt-ids", &args.prompt_ids),
+        ("--baseline", &args.baseline),
+    ] {
+        if let Some(path) = path {
+            protected.push(Protected::File(flag, path));
+        }
+    }
+    protected.push(Protected::Folder {
+        what: "a file of the SAE folder",
+        dir: &args.sae,
+    });
+    if let Some(dark) = &args.dark {
+        protected.push(Protected::Folder {
+            what: "a file of the dark-matter head's folder (--dark)",
+            dir: dark,
+        });
+    }
+    let outputs = [
+        ("--out", args.out.as_deref()),
+        ("--prompt-out", args.prompt_out.as_deref()),
+    ];
+    Ok(crate::outputs::check(&outputs, &protected)?)
+}
+
 /// `darkwatch sae-score`: scores every token row through the SAE and its head, writes the
 /// token (and prompt) CSVs if asked, and with labels returns the OOD table.
 ///
 /// # Errors
-/// Bad input (shape mismatches are named with both shapes), a missing SAE or head, a failed
+/// An output that would overwrite an input or a file of the SAE or its head (checked first);
+/// bad input (shape mismatches are named with both shapes), a missing SAE or head, a failed
 /// write.
 pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String), SaeEvalError> {
+    check_score_outputs(args)?;
     let sae = Sae::load(&args.sae)?;
     let dark_dir = args.dark.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
+    // A published SAE has no head yet: say how to fit one, as `inspect` and `run` do.
+    if !dark_dir.join(super::dark::DARK_META_FILE).is_file() {
+        return Err(DetectorError::NoHead { dir: dark_dir }.into());
+    }
     let head = DarkHead::load(&dark_dir)?;
-    let x = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
+    let (x, shape) = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
+    let note = rows_note(&args.input, &shape);
     let rows = x.nrows();
     let labels = match &args.labels {
-        Some(p) => Some(read_labels(p, None, rows)?),
+        Some(p) => Some(read_labels_noted(p, None, rows, &note)?),
         None => None,
     };
     let ids = match &args.prompt_ids {
-        Some(p) => Some(read_ints(p, None, rows, "prompt ids")?),
+        Some(p) => Some(read_ints_noted(p, None, rows, "prompt ids", &note)?),
         None => None,
     };
     let prompts = ids.as_deref().map(Prompts::group);
@@ -1366,17 +1669,19 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
         write_file(out, &csv)?;
     }
 
-    let nmse_all = super::train::evaluate_sae(&sae, x.view())?.nmse;
+    let nmse_all = defined_nmse(&sae, x.view())?;
+    let mut normal_rows = 0;
     let (table, r2_label0, nmse_label0) = match &labels {
         Some(l) => {
             let table = ood_table(&named, l, prompts.as_ref())?;
             let normal: Vec<usize> = (0..rows).filter(|&r| l[r] == 0).collect();
+            normal_rows = normal.len();
             let (r2, nmse) = if normal.len() >= 2 {
                 let xn = x.select(Axis(0), &normal);
                 let en = sae_errors(&sae, xn.view())?;
                 (
                     Some(head.r2(xn.view(), en.view())?),
-                    Some(super::train::evaluate_sae(&sae, xn.view())?.nmse),
+                    defined_nmse(&sae, xn.view())?,
                 )
             } else {
                 (None, None)
@@ -1406,9 +1711,13 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
     );
     let _ = writeln!(
         text,
-        "normalised MSE: all rows {:.4}{}",
-        nmse_all,
-        nmse_label0.map_or(String::new(), |v| format!(", label-0 rows {v:.4}"))
+        "normalised MSE: all rows {}{}",
+        nmse_text(nmse_all, rows),
+        if labels.is_some() {
+            format!(", label-0 rows {}", nmse_text(nmse_label0, normal_rows))
+        } else {
+            String::new()
+        }
     );
     if let Some(r2) = r2_label0 {
         let _ = writeln!(
@@ -1444,6 +1753,533 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::npy::tests::npy_bytes;
+
+    /// Writes `[rows, d]` little-endian f32 `values` as an `.npy` file.
+    fn write_f32(path: &Path, shape: &[usize], values: &[f32]) {
+        let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+        let header = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+            dims.join(", ")
+        );
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        fs::write(path, npy_bytes(1, &header, &data)).unwrap();
+    }
+
+    /// `rows` rows of `d` features: a few sparse factors plus a little noise, deterministic.
+    fn rows(rows: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut out = Vec::with_capacity(rows * d);
+        for _ in 0..rows {
+            let (a, b) = (rng.next_f64() - 0.5, rng.next_f64() - 0.5);
+            for j in 0..d {
+                let v = a * (j as f64 * 0.7).cos() + b * (j as f64 * 0.3).sin();
+                out.push((v + 0.05 * (rng.next_f64() - 0.5)) as f32);
+            }
+        }
+        out
+    }
+
+    /// `sae-train`'s arguments for a tiny SAE (16 latents, k 2, 2 epochs, a held-out head)
+    /// on `input`, written to `out`.
+    fn tiny_train_args(input: &Path, out: &Path) -> SaeTrainArgs {
+        SaeTrainArgs {
+            input: input.to_path_buf(),
+            tensor: None,
+            prompt_ids: None,
+            out: out.to_path_buf(),
+            holdout: 0.25,
+            config: SaeTrainConfig {
+                latents: 16,
+                k: 2,
+                epochs: 2,
+                ..Default::default()
+            },
+            dark: DarkConfig { ridge: 1.0 },
+            dark_folds: 0,
+            meta: SaveMeta::default(),
+            force: false,
+        }
+    }
+
+    /// A folder holding `acts.npy` (240 rows of 8 features) and `sae/`, a tiny SAE trained
+    /// on it with its dark-matter head.
+    fn tiny_sae() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let acts = dir.path().join("acts.npy");
+        write_f32(&acts, &[240, 8], &rows(240, 8, 1));
+        let sae = dir.path().join("sae");
+        sae_train_command(&tiny_train_args(&acts, &sae), &mut |_| {}).unwrap();
+        (dir, acts, sae)
+    }
+
+    /// Every file under `dir` with its bytes.
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                out.extend(snapshot(&p));
+            } else {
+                out.push((p.clone(), fs::read(&p).unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn sae_score_refuses_outputs_onto_its_inputs_and_the_sae_folder() {
+        let (dir, acts, sae) = tiny_sae();
+        let before = snapshot(dir.path());
+        let score = |out: Option<PathBuf>, prompt_out: Option<PathBuf>| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: acts.clone(),
+                baseline: Some(acts.clone()),
+                baseline_shrinkage: 0.1,
+                out,
+                prompt_out,
+                ..Default::default()
+            })
+        };
+        for (out, prompt_out, what) in [
+            (
+                Some(acts.clone()),
+                None,
+                "--out would overwrite the --input file",
+            ),
+            (
+                Some(sae.join("cfg.json")),
+                None,
+                "--out would overwrite a file of the SAE folder",
+            ),
+            (
+                None,
+                Some(sae.join(DARK_DIR).join(super::super::dark::DARK_META_FILE)),
+                "--prompt-out would overwrite a file of the SAE folder",
+            ),
+            (
+                Some(sae.join("tokens.csv")),
+                None,
+                "--out would overwrite a file of the SAE folder",
+            ),
+            (
+                Some(dir.path().join("t.csv")),
+                Some(dir.path().join("sae/../t.csv")),
+                "--prompt-out would overwrite the --out output",
+            ),
+        ] {
+            let e = score(out, prompt_out).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains("choose another file"), "{e}");
+        }
+        assert_eq!(snapshot(dir.path()), before, "nothing may be written");
+        // The head's own folder, when given apart from the SAE's.
+        let elsewhere = dir.path().join("head");
+        fs::rename(sae.join(DARK_DIR), &elsewhere).unwrap();
+        let e = sae_score_command(&SaeScoreArgs {
+            sae: sae.clone(),
+            dark: Some(elsewhere.clone()),
+            input: acts.clone(),
+            out: Some(elsewhere.join(super::super::dark::DARK_WEIGHTS_FILE)),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("the dark-matter head's folder"), "{e}");
+        // A new file elsewhere is written.
+        let tokens = dir.path().join("tokens.csv");
+        sae_score_command(&SaeScoreArgs {
+            sae: sae.clone(),
+            dark: Some(elsewhere),
+            input: acts,
+            out: Some(tokens.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(fs::read_to_string(tokens).unwrap().lines().count(), 241);
+    }
+
+    /// Activation dumps as language-model code writes them: float16, and `[batch, seq, d]`
+    /// (read as batch·seq rows, token t of sequence b at row b·seq + t) in .npy and
+    /// .safetensors alike; per-row inputs must count the flattened rows.
+    #[test]
+    fn sae_score_reads_float16_and_batch_seq_d_activations() {
+        use safetensors::tensor::TensorView;
+        let (dir, acts, sae) = tiny_sae();
+        let x = read_activations(&acts, None).unwrap();
+        let flat: Vec<f32> = x.iter().copied().collect();
+        let score = |input: &Path, prompt_ids: Option<PathBuf>| {
+            let out = dir.path().join("tokens.csv");
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: input.to_path_buf(),
+                prompt_ids,
+                out: Some(out.clone()),
+                ..Default::default()
+            })
+            .map(|_| fs::read_to_string(out).unwrap())
+        };
+        let want = score(&acts, None).unwrap();
+        let npy3 = dir.path().join("acts3.npy");
+        write_f32(&npy3, &[4, 60, 8], &flat);
+        let (x3, shape) = read_activations_shaped(&npy3, None).unwrap();
+        assert_eq!((x3, shape), (x.clone(), vec![4, 60, 8]));
+        assert_eq!(score(&npy3, None).unwrap(), want);
+        let st3 = dir.path().join("acts3.safetensors");
+        let bytes: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![4, 60, 8], &bytes).unwrap();
+        fs::write(
+            &st3,
+            safetensors::serialize(vec![("acts", view)], None).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(score(&st3, None).unwrap(), want);
+
+        // float16 .npy: the values the safetensors F16 path gives.
+        let halves: Vec<u8> = flat
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        let npy16 = dir.path().join("acts16.npy");
+        let header = "{'descr': '<f2', 'fortran_order': False, 'shape': (4, 60, 8), }";
+        fs::write(&npy16, npy_bytes(1, header, &halves)).unwrap();
+        let st16 = dir.path().join("acts16.safetensors");
+        let view = TensorView::new(Dtype::F16, vec![240, 8], &halves).unwrap();
+        fs::write(
+            &st16,
+            safetensors::serialize(vec![("a", view)], None).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            read_activations(&npy16, None).unwrap(),
+            read_activations(&st16, None).unwrap()
+        );
+        assert_eq!(score(&npy16, None).unwrap(), score(&st16, None).unwrap());
+
+        // One prompt id per sequence is not one per row: the error says how rows were made.
+        let ids = dir.path().join("ids.npy");
+        let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (4,), }";
+        let data: Vec<u8> = (0..4i32).flat_map(|v| v.to_le_bytes()).collect();
+        fs::write(&ids, npy_bytes(1, header, &data)).unwrap();
+        let e = score(&npy3, Some(ids.clone())).unwrap_err().to_string();
+        assert!(
+            e.contains("4 prompt ids for 240 activation rows (one per row is needed)")
+                && e.contains("has shape [4, 60, 8], read as 240 rows in row-major order")
+                && e.contains("token t of sequence b is row b·60 + t"),
+            "{e}"
+        );
+        // One per flattened row is right.
+        let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (240,), }";
+        let data: Vec<u8> = (0..240i32).flat_map(|r| (r / 60).to_le_bytes()).collect();
+        fs::write(&ids, npy_bytes(1, header, &data)).unwrap();
+        score(&npy3, Some(ids)).unwrap();
+    }
+
+    /// sae-score reads the labels `replay` reads: a text file (one per line) and an .npy
+    /// vector of any dtype give the same table; errors stay those of the labels reader.
+    #[test]
+    fn sae_score_takes_text_and_npy_labels_as_replay_does() {
+        let (dir, acts, sae) = tiny_sae();
+        let labels: Vec<u8> = (0..240).map(|r| u8::from(r % 3 == 0)).collect();
+        let txt = dir.path().join("labels.txt");
+        let text: String = labels.iter().map(|l| format!("{l}\n")).collect();
+        fs::write(&txt, text).unwrap();
+        let npy = dir.path().join("labels.npy");
+        let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (240,), }";
+        let data: Vec<u8> = labels
+            .iter()
+            .flat_map(|&l| f64::from(l).to_le_bytes())
+            .collect();
+        fs::write(&npy, npy_bytes(1, header, &data)).unwrap();
+        let score = |input: &Path, labels: &Path| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: input.to_path_buf(),
+                labels: Some(labels.to_path_buf()),
+                ..Default::default()
+            })
+            .map(|(summary, _)| summary.table)
+        };
+        let from_text = score(&acts, &txt).unwrap();
+        assert_eq!(from_text.len(), 3);
+        assert_eq!((from_text[0].n, from_text[0].n_ood), (240, 80));
+        assert_eq!(score(&acts, &npy).unwrap(), from_text);
+        assert_eq!(
+            crate::ingest::read_labels(&npy, Some(240)).unwrap(),
+            labels,
+            "replay's reader"
+        );
+        // The text format's own errors, by line.
+        fs::write(&txt, "0\n1\nyes\n").unwrap();
+        let e = score(&acts, &txt).unwrap_err().to_string();
+        assert!(
+            e.ends_with("labels.txt: line 3: label \"yes\" is not 0 or 1"),
+            "{e}"
+        );
+        fs::write(&txt, "0\n1\n").unwrap();
+        let e = score(&acts, &txt).unwrap_err().to_string();
+        assert!(
+            e.ends_with("labels.txt: 2 labels, but the data has 240 rows"),
+            "{e}"
+        );
+        // With [batch, seq, d] activations the count names the flattened rows.
+        let flat: Vec<f32> = read_activations(&acts, None)
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let npy3 = dir.path().join("acts3.npy");
+        write_f32(&npy3, &[4, 60, 8], &flat);
+        let e = score(&npy3, &txt).unwrap_err().to_string();
+        assert!(
+            e.contains("2 labels, but the data has 240 rows; ")
+                && e.contains("has shape [4, 60, 8], read as 240 rows"),
+            "{e}"
+        );
+        assert_eq!(score(&npy3, &npy).unwrap(), from_text);
+    }
+
+    /// A published SAE (no head yet) is refused as `inspect` and `run` refuse it: with the
+    /// command that fits a head, not a raw "No such file or directory".
+    #[test]
+    fn sae_score_without_a_head_says_how_to_fit_one() {
+        let (dir, acts, sae) = tiny_sae();
+        fs::remove_dir_all(sae.join(DARK_DIR)).unwrap();
+        let score = |dark: Option<PathBuf>| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                dark,
+                input: acts.clone(),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        let e = score(None);
+        assert!(
+            e.contains("no dark-matter head")
+                && e.contains(
+                    "`darkwatch sae-head --sae <SAE> --input <normal activations>` fits one"
+                )
+                && !e.contains("os error"),
+            "{e}"
+        );
+        let detector = super::super::detector::SaeDetector::load(
+            &sae,
+            super::super::detector::SaeScoreKind::ErrorNorm,
+        )
+        .unwrap_err();
+        assert_eq!(e, detector.to_string(), "the agent's wording");
+        let e = score(Some(dir.path().join("nowhere")));
+        assert!(e.contains("nowhere: no dark-matter head"), "{e}");
+    }
+
+    /// Settings that used to be taken silently: one cross-fit fold (quietly no cross-fit),
+    /// no epoch (an untrained SAE), and a head on a handful of rows (a perfect in-sample fit
+    /// that predicts nothing). Each is refused before anything is written.
+    #[test]
+    fn sae_train_and_sae_head_refuse_settings_that_would_mislead() {
+        let (dir, acts, _) = tiny_sae();
+        let out = dir.path().join("refused");
+        let train = |f: &dyn Fn(&mut SaeTrainArgs)| {
+            let mut args = tiny_train_args(&acts, &out);
+            f(&mut args);
+            sae_train_command(&args, &mut |_| {})
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = train(&|a| a.dark_folds = 1);
+        assert!(
+            e.contains("--dark-folds 1: cross-fitting takes at least 2 folds")
+                && e.contains("or 0 to fit the head"),
+            "{e}"
+        );
+        // 240 rows, 180 of them for training.
+        let e = train(&|a| a.dark_folds = 181);
+        assert!(
+            e.contains("--dark-folds 181: the training rows hold only 180 rows"),
+            "{e}"
+        );
+        let e = train(&|a| a.config.epochs = 0);
+        assert!(e.contains("--epochs 0 would write an untrained SAE"), "{e}");
+        // d = 8: each regression fits 9 coefficients, so at least 18 rows.
+        let few = dir.path().join("few.npy");
+        write_f32(&few, &[20, 8], &rows(20, 8, 3));
+        let e = {
+            let args = tiny_train_args(&few, &out);
+            sae_train_command(&args, &mut |_| {})
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            e.contains("few.npy: 15 rows are too few to fit a dark-matter head on d = 8")
+                && e.contains("give at least 18 rows")
+                && e.contains("(15 of 20; the others are held out)"),
+            "{e}"
+        );
+        assert!(!out.exists(), "nothing may be written");
+
+        // The trial's case: sae-head on a published 16-dimensional SAE and its 8 rows.
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sae/saelens_topk_v6");
+        let head = |input: &Path, holdout: f64| {
+            sae_head_command(&SaeHeadArgs {
+                sae: fixture.join("checkpoint"),
+                input: input.to_path_buf(),
+                tensor: None,
+                prompt_ids: None,
+                holdout,
+                dark: DarkConfig { ridge: 1.0 },
+                out: Some(out.clone()),
+                force: false,
+            })
+        };
+        let e = head(&fixture.join("x.npy"), 0.0).unwrap_err().to_string();
+        assert!(
+            e.contains("8 rows are too few to fit a dark-matter head on d = 16")
+                && e.contains("it fits 17 coefficients")
+                && e.contains("give at least 34 rows"),
+            "{e}"
+        );
+        let e = head(&fixture.join("x.npy"), 0.2).unwrap_err().to_string();
+        assert!(
+            e.contains("6 rows are too few") && e.contains("(6 of 8;"),
+            "{e}"
+        );
+        assert!(!out.exists(), "nothing may be written");
+        // At the minimum the head is fitted.
+        let enough = dir.path().join("enough.npy");
+        write_f32(&enough, &[34, 16], &rows(34, 16, 4));
+        head(&enough, 0.0).unwrap();
+        assert!(out.join(super::super::dark::DARK_META_FILE).is_file());
+    }
+
+    /// The cross-fit folds, most of `sae-train`'s time, report as the epochs do: once per
+    /// fold, after the final SAE's epochs.
+    #[test]
+    fn sae_train_reports_each_cross_fit_fold_after_the_epochs() {
+        let (dir, acts, _) = tiny_sae();
+        let args = SaeTrainArgs {
+            dark_folds: 3,
+            ..tiny_train_args(&acts, &dir.path().join("folds"))
+        };
+        let mut seen = Vec::new();
+        sae_train_command(&args, &mut |p| {
+            seen.push(match p {
+                SaeTrainProgress::Epoch(e) => format!("epoch {}", e.epoch),
+                SaeTrainProgress::Fold(f) => {
+                    assert_eq!(f.folds, 3);
+                    // 180 training rows in 3 blocks of 60.
+                    assert_eq!((f.train_rows, f.rows), (120, 60), "{f:?}");
+                    let nmse = f.nmse.unwrap();
+                    assert!(nmse.is_finite() && nmse > 0.0, "{f:?}");
+                    format!("fold {}", f.fold)
+                }
+            })
+        })
+        .unwrap();
+        assert_eq!(seen, ["epoch 1", "epoch 2", "fold 1", "fold 2", "fold 3"]);
+    }
+
+    /// Normalised MSE divides by the rows' spread: on one row (or equal rows) there is none,
+    /// and sae-score says so instead of printing "inf".
+    #[test]
+    fn sae_score_on_one_row_gives_no_normalised_mse_and_says_why() {
+        let (dir, acts, sae) = tiny_sae();
+        let x = read_activations(&acts, None).unwrap();
+        let score = |rows: usize, same: bool, labels: Option<&str>| {
+            let path = dir.path().join("few.npy");
+            let values: Vec<f32> = (0..rows)
+                .flat_map(|r| x.row(if same { 0 } else { r }).to_vec())
+                .collect();
+            write_f32(&path, &[rows, 8], &values);
+            let lab = labels.map(|text| {
+                let p = dir.path().join("few.txt");
+                fs::write(&p, text).unwrap();
+                p
+            });
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: path,
+                labels: lab,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let (summary, text) = score(1, false, None);
+        assert_eq!(summary.nmse_all, None);
+        assert!(
+            text.contains("normalised MSE: all rows n/a (one row: it divides by the rows' spread"),
+            "{text}"
+        );
+        assert!(!text.contains("inf"), "{text}");
+        let (summary, text) = score(3, true, Some("0\n0\n1\n"));
+        assert_eq!((summary.nmse_all, summary.nmse_label0), (None, None));
+        assert!(
+            text.contains("all rows n/a (the rows are all equal")
+                && text.contains("label-0 rows n/a (the rows are all equal"),
+            "{text}"
+        );
+        let (summary, text) = score(4, false, Some("0\n1\n1\n1\n"));
+        let all = summary.nmse_all.unwrap();
+        assert!(all.is_finite() && all > 0.0, "{all}");
+        assert!(
+            text.contains(&format!("all rows {all:.4}, label-0 rows n/a (one row")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn sae_train_refuses_an_existing_sae_without_force_and_any_autoencoder_folder() {
+        let (dir, acts, sae) = tiny_sae();
+        let train = |out: &Path, force: bool| {
+            let args = SaeTrainArgs {
+                force,
+                config: SaeTrainConfig {
+                    seed: 7,
+                    ..tiny_train_args(&acts, out).config
+                },
+                ..tiny_train_args(&acts, out)
+            };
+            sae_train_command(&args, &mut |_| {}).map(|_| ())
+        };
+        let before = snapshot(&sae);
+        let e = train(&sae, false).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "already holds an SAE (cfg.json, sae_weights.safetensors, dark, train_report.json)"
+            ) && e.contains("--force"),
+            "{e}"
+        );
+        assert_eq!(snapshot(&sae), before, "nothing may be written");
+        train(&sae, true).unwrap();
+        assert_ne!(snapshot(&sae), before, "--force replaces it");
+        Sae::load(&sae).unwrap();
+        // A sparsify run folder (one layer folder) counts too.
+        let run = dir.path().join("run");
+        fs::create_dir_all(run.join("layers.3")).unwrap();
+        fs::write(
+            run.join("layers.3").join(super::super::load::CONFIG_FILE),
+            "{}",
+        )
+        .unwrap();
+        let e = train(&run, false).unwrap_err().to_string();
+        assert!(e.contains("already holds an SAE (layers.3/)"), "{e}");
+        // An autoencoder's model folder is refused, --force or not.
+        let model = dir.path().join("model");
+        fs::create_dir_all(&model).unwrap();
+        fs::write(model.join(crate::model::io::META_FILE), "{}").unwrap();
+        for force in [false, true] {
+            let e = train(&model, force).unwrap_err().to_string();
+            assert!(e.contains("holds an autoencoder model (model.json)"), "{e}");
+        }
+        assert_eq!(fs::read_dir(&model).unwrap().count(), 1);
+        // An empty folder, or a new one, is fine.
+        fs::create_dir_all(dir.path().join("empty")).unwrap();
+        train(&dir.path().join("empty"), false).unwrap();
+    }
 
     #[test]
     fn prompts_group_and_aggregate() {
@@ -1527,7 +2363,7 @@ mod tests {
         );
         // Activations: shape and dtype errors.
         let e = read_activations(&f, None).unwrap_err().to_string();
-        assert!(e.contains("2-D"), "{e}");
+        assert!(e.contains("[tokens, d] or [batch, seq, d]"), "{e}");
         let a = st("a.safetensors", Dtype::F16, vec![2, 3], vec![0; 12]);
         assert_eq!(read_activations(&a, None).unwrap().dim(), (2, 3));
         let e = read_activations(&dir.path().join("x.csv"), None)

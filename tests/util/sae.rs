@@ -26,6 +26,7 @@ pub fn train_detector(out: &std::path::Path, latents: usize, k: usize) -> SaeTra
         dark: DarkConfig { ridge: 1.0 },
         dark_folds: 0,
         meta: SaveMeta::default(),
+        force: false,
     };
     sae_train_command(&args, &mut |_| {}).unwrap().0
 }

@@ -1,0 +1,119 @@
+//! The SAE commands and label files as a new user meets them: the real binary, each test in
+//! its own temp dir.
+
+use std::path::Path;
+
+/// Writes 0/1 `labels` as an `.npy` vector of int64, as `np.save("y.npy", y)` does.
+fn write_npy_labels(path: &Path, labels: &[u8]) {
+    let mut header = format!(
+        "{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}",
+        labels.len()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(labels.iter().flat_map(|&l| i64::from(l).to_le_bytes()));
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// `replay --labels y.npy` used to fail with "line 1: not valid UTF-8": the same labels as an
+/// .npy vector now evaluate exactly as the text file does.
+#[test]
+fn replay_takes_npy_labels_as_it_takes_text_ones() {
+    let (dir, model, test, lab) = crate::trained();
+    let text = std::fs::read_to_string(&lab).unwrap();
+    let labels: Vec<u8> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
+    let npy = dir.path().join("labels.npy");
+    write_npy_labels(&npy, &labels);
+    let (code, from_text, err) = crate::replay_with(&model, &test, &lab, &[] as &[&str]);
+    assert_eq!(code, 0, "{err}");
+    let (code, from_npy, err) = crate::replay_with(&model, &test, &npy, &[] as &[&str]);
+    assert_eq!(code, 0, "{err}");
+    assert!(from_text.contains("AUROC"), "{from_text}");
+    // The evaluation, not the timings.
+    let metrics = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| {
+                ["rows:", "point-", "threshold", "events"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(metrics(&from_npy), metrics(&from_text));
+    assert!(
+        metrics(&from_text)
+            .iter()
+            .any(|l| l.starts_with("point-wise AUROC")),
+        "{from_text}"
+    );
+    // A wrong count names both, as for text.
+    write_npy_labels(&npy, &labels[1..]);
+    let (code, _, err) = crate::replay_with(&model, &test, &npy, &[] as &[&str]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("999 labels, but the data has 1000 rows"),
+        "{err}"
+    );
+}
+
+/// `rows` deterministic rows of `d` features (two smooth factors plus noise), written as
+/// an f32 `.npy` file.
+fn write_activations(path: &Path, rows: usize, d: usize) {
+    let mut state = 7u64;
+    let mut noise = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+    };
+    let mut values = Vec::with_capacity(rows * d);
+    for i in 0..rows {
+        let (a, b) = ((i as f64 * 0.37).sin(), (i as f64 * 0.11).cos());
+        for j in 0..d {
+            let v = a * (j as f64 * 0.7).cos() + b * (j as f64 * 0.3).sin() + 0.05 * noise();
+            values.push(v as f32);
+        }
+    }
+    crate::util::write_npy_f32(path, rows, d, &values);
+}
+
+/// After the last epoch line, the cross-fit folds (most of the time with 5 folds) used to
+/// run without a word: each now prints one line, in the epochs' style.
+#[test]
+fn sae_train_prints_a_line_per_cross_fit_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let acts = dir.path().join("acts.npy");
+    write_activations(&acts, 160, 8);
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-train", "--latents", "16", "--k", "2", "--epochs", "2"])
+            .args(["--dark-folds", "3", "--holdout", "0.25", "--input"])
+            .arg(&acts)
+            .arg("--out")
+            .arg(dir.path().join("sae")),
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let last_epoch = lines.iter().rposition(|l| l.starts_with("epoch   2:"));
+    let folds: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("fold "))
+        .collect();
+    assert_eq!(folds.len(), 3, "{err}");
+    assert!(last_epoch.is_some_and(|e| folds[0] > e), "{err}");
+    // 120 training rows in 3 folds of 40.
+    for (k, &i) in folds.iter().enumerate() {
+        let want = format!("fold {}/3: SAE trained on 80 rows, NMSE ", k + 1);
+        assert!(
+            lines[i].starts_with(&want)
+                && lines[i].ends_with("on the fold's 40 rows it did not see"),
+            "{}",
+            lines[i]
+        );
+    }
+}
