@@ -40,7 +40,7 @@ impl LoadError {
     /// an invalid `model.json`, weights that are missing, corrupt or not the ones it names,
     /// an SAE checkpoint, head or calibration that is absent or broken). Restarting cannot
     /// mend that: the folder or `[agent] model_dir` must change, so `run` and `validate`
-    /// call it a configuration error. Not so an I/O error other than a missing file, ONNX
+    /// call it a configuration error. Not so an I/O error other than a missing or unreadable file, ONNX
     /// Runtime or a GPU that is unavailable, or the retraining state folder: those may
     /// pass, or lie outside the model.
     pub fn is_bad_model(&self) -> bool {
@@ -67,11 +67,16 @@ impl LoadError {
     }
 }
 
-/// A file or folder that is not there (or a file where a folder should be).
+/// A file or folder that is not there (or a file where a folder should be), or one the
+/// agent may not read (root's 0600 files under the unit's `DynamicUser=`): restarting
+/// changes neither.
 fn is_missing(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
-        ErrorKind::NotFound | ErrorKind::NotADirectory | ErrorKind::IsADirectory
+        ErrorKind::NotFound
+            | ErrorKind::NotADirectory
+            | ErrorKind::IsADirectory
+            | ErrorKind::PermissionDenied
     )
 }
 
