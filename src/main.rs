@@ -824,19 +824,25 @@ fn run(command: Command) -> Result<()> {
                 ProtocolArg::Split => harness::OddsProtocol::Split,
             };
             let entities = harness::discover(&paths)?;
-            // The CSV file is made before the first entity trains, so a wrong path fails in
-            // a second rather than after the whole run; it never replaces an input.
+            // The CSV is written to `<out>.partial`, made before the first entity trains
+            // (a wrong path fails in a second, not after the whole run), and renamed over
+            // `<out>` at the end: an interrupted run leaves an earlier results file whole.
+            // It never replaces an input or the configuration.
             let mut csv_out = match &out {
                 Some(path) => {
-                    if harness::reads(&entities, path) {
+                    let config_file = config.as_deref().filter(|c| harness::same_file(c, path));
+                    if harness::reads(&entities, path) || config_file.is_some() {
                         anyhow::bail!(
                             "--out {} is one of the harness's inputs; choose another file",
                             path.display()
                         );
                     }
-                    let file = std::fs::File::create(path)
-                        .with_context(|| format!("--out {}", path.display()))?;
-                    Some((path, file))
+                    let mut partial = path.clone().into_os_string();
+                    partial.push(".partial");
+                    let partial = PathBuf::from(partial);
+                    let file = std::fs::File::create(&partial)
+                        .with_context(|| format!("--out {}", partial.display()))?;
+                    Some((path, partial, file))
                 }
                 None => None,
             };
@@ -861,9 +867,10 @@ fn run(command: Command) -> Result<()> {
             if !results.is_empty() {
                 emit(&harness::table(&results, &cfg))?;
             }
-            if let Some((path, file)) = csv_out.as_mut() {
+            if let Some((path, partial, file)) = csv_out.as_mut() {
                 std::io::Write::write_all(file, harness::csv(&results, &cfg).as_bytes())
                     .and_then(|()| file.sync_all())
+                    .and_then(|()| std::fs::rename(&partial, &path))
                     .with_context(|| format!("--out {}", path.display()))?;
                 eprintln!("darkwatch: wrote {}", path.display());
             }

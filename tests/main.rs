@@ -1189,6 +1189,7 @@ fn a_harness_entity_that_fails_does_not_lose_the_others() {
     assert_eq!(code, 1, "{out}\n{err}");
     // The CSV holds the entity that ran, and its family's mean, as the table does.
     let written = std::fs::read_to_string(&csv).unwrap();
+    assert!(!dir.path().join("results.csv.partial").exists());
     let lines: Vec<&str> = written.lines().collect();
     assert_eq!(lines.len(), 3, "{written}");
     assert!(lines[0].starts_with("entity,family,protocol,rows,anomalous,auroc,auprc,"));
@@ -1262,6 +1263,22 @@ fn harness_refuses_to_write_its_csv_over_an_input() {
     assert!(err.contains("is one of the harness's inputs"), "{err}");
     assert!(!err.contains("[1/1]"), "trained before refusing: {err}");
     assert_eq!(std::fs::read(&labels).unwrap(), before);
+    // Nor over the configuration it was given.
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "[train]\nepochs_max = 3\n").unwrap();
+    let (code, out, err) = run(darkwatch()
+        .arg("harness")
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&config));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("is one of the harness's inputs"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        "[train]\nepochs_max = 3\n"
+    );
 }
 
 /// A model of other features would see every published metric rejected and score nothing.
