@@ -1133,7 +1133,6 @@ pub fn sae_train_command(
     let trained = train_topk(train.view(), held_view, &args.config, &mut |e| {
         on_progress(SaeTrainProgress::Epoch(e));
     })?;
-    save_saelens(&trained.parts, &args.out, &args.meta)?;
     let mut crossfit = None;
     let fit = if args.dark_folds >= 2 {
         let train_ids = ids
@@ -1167,7 +1166,18 @@ pub fn sae_train_command(
     } else {
         fit_dark_head(&trained.sae, train.view(), held_view, &args.dark)?
     };
+    // Only now, with the long cross-fit done, is the folder touched: a failure or Ctrl-C
+    // before this leaves an SAE it held whole. With --force the old head goes first, so
+    // an SAE is never paired with a head fitted to another one (an interruption from here
+    // on leaves an SAE without a head, which every command refuses by name).
     let dark_dir = args.out.join(DARK_DIR);
+    if dark_dir.exists() {
+        fs::remove_dir_all(&dark_dir).map_err(|source| SaeEvalError::Io {
+            path: dark_dir.clone(),
+            source,
+        })?;
+    }
+    save_saelens(&trained.parts, &args.out, &args.meta)?;
     fit.head.save(&dark_dir)?;
     // Thresholds calibrate on scores of tokens neither the SAE nor the head saw: held-out
     // rows, else cross-fitted ones (each row's error from an SAE, and its score from a
