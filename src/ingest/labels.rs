@@ -60,7 +60,12 @@ pub fn parse_labels(
     bytes: &[u8],
     expected_rows: Option<usize>,
 ) -> Result<Vec<u8>, IngestError> {
-    let labels = if bytes.starts_with(npy::MAGIC) {
+    // A file named `.npy` is read as one even when its magic is damaged, so the NPY
+    // parser's error names what is wrong, not the text parser's "not valid UTF-8".
+    let named_npy = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    let labels = if named_npy || bytes.starts_with(npy::MAGIC) {
         parse_npy_labels(path, bytes)?
     } else {
         parse_text_labels(path, bytes)?
@@ -295,8 +300,12 @@ mod tests {
             .iter()
             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
             .collect();
+        // A damaged header in a file named .npy gets the NPY parser's error.
+        let mut damaged = npy("<i8", "(4,)", &i64s);
+        damaged[0] = b'x';
+        let e = parse(&damaged, Some(4)).unwrap_err().to_string();
+        assert!(e.contains("NUMPY") && !e.contains("UTF-8"), "{e}");
         for bytes in [
-            npy("|b1", "(4,)", &want),
             npy("|u1", "(4, 1)", &want),
             npy("<i8", "(4,)", &i64s),
             npy("<f4", "(4,)", &f32s),
