@@ -5,19 +5,11 @@ use std::path::Path;
 
 /// Writes 0/1 `labels` as an `.npy` vector of int64, as `np.save("y.npy", y)` does.
 fn write_npy_labels(path: &Path, labels: &[u8]) {
-    let mut header = format!(
-        "{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}",
-        labels.len()
-    );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend(labels.iter().flat_map(|&l| i64::from(l).to_le_bytes()));
-    std::fs::write(path, bytes).unwrap();
+    let data: Vec<u8> = labels
+        .iter()
+        .flat_map(|&l| i64::from(l).to_le_bytes())
+        .collect();
+    crate::util::write_npy(path, "<i8", &format!("({},)", labels.len()), &data);
 }
 
 /// `replay --labels y.npy` used to fail with "line 1: not valid UTF-8": the same labels as an

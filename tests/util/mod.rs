@@ -110,8 +110,14 @@ pub fn quick_config(dir: &Path) -> PathBuf {
 /// Writes `values` (`rows × cols`, row-major) as a little-endian f32 `.npy` file.
 pub fn write_npy_f32(path: &Path, rows: usize, cols: usize, values: &[f32]) {
     assert_eq!(values.len(), rows * cols);
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_npy(path, "<f4", &format!("({rows}, {cols})"), &data);
+}
+
+/// Writes an `.npy` file (version 1.0) of dtype `descr` and `shape` (a Python tuple, as
+/// `"(4,)"`) holding `data`, as `np.save` does.
+pub fn write_npy(path: &Path, descr: &str, shape: &str, data: &[u8]) {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     // Magic (6) + version (2) + length (2) + header + '\n', padded to 64 bytes.
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -120,6 +126,6 @@ pub fn write_npy_f32(path: &Path, rows: usize, cols: usize, values: &[f32]) {
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
     bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
     bytes.extend_from_slice(header.as_bytes());
-    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    bytes.extend_from_slice(data);
     std::fs::write(path, bytes).unwrap();
 }
