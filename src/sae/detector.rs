@@ -322,6 +322,29 @@ impl Calibration {
     }
 }
 
+/// The dark-matter head in `dark` for `sae`: [`DetectorError::NoHead`] (which says how to
+/// fit one) when the folder holds none, [`DetectorError::Width`] when it was fitted to
+/// activations of another width.
+///
+/// # Errors
+/// As above, or a head that cannot be read.
+pub fn load_head(dark: &Path, sae: &Sae) -> Result<DarkHead, DetectorError> {
+    if !dark.join(DARK_META_FILE).is_file() {
+        return Err(DetectorError::NoHead {
+            dir: dark.to_path_buf(),
+        });
+    }
+    let head = DarkHead::load(dark)?;
+    if head.d() != sae.d_in() {
+        return Err(DetectorError::Width {
+            dir: dark.to_path_buf(),
+            head: head.d(),
+            sae: sae.d_in(),
+        });
+    }
+    Ok(head)
+}
+
 impl SaeDetector {
     /// Whether `dir` is meant as an SAE folder rather than a darkwatch autoencoder: no
     /// `model.json`, and an SAE `cfg.json` or a head folder (a sparsify run folder keeps
@@ -339,17 +362,7 @@ impl SaeDetector {
     pub fn load(dir: &Path, score: SaeScoreKind) -> Result<SaeDetector, DetectorError> {
         let sae = Sae::load(dir)?;
         let dark = dir.join(DARK_DIR);
-        if !dark.join(DARK_META_FILE).is_file() {
-            return Err(DetectorError::NoHead { dir: dark });
-        }
-        let head = DarkHead::load(&dark)?;
-        if head.d() != sae.d_in() {
-            return Err(DetectorError::Width {
-                dir: dark,
-                head: head.d(),
-                sae: sae.d_in(),
-            });
-        }
+        let head = load_head(&dark, &sae)?;
         let (calibration, calibration_rows) = Calibration::load(&dark, score)?;
         // The id covers everything that changes a score or a threshold. The checkpoint is
         // hashed where it was read (a sparsify run folder's layer folder), streamed.

@@ -1574,10 +1574,7 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
     let sae = Sae::load(&args.sae)?;
     let dark_dir = args.dark.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
     // A published SAE has no head yet: say how to fit one, as `inspect` and `run` do.
-    if !dark_dir.join(super::dark::DARK_META_FILE).is_file() {
-        return Err(DetectorError::NoHead { dir: dark_dir }.into());
-    }
-    let head = DarkHead::load(&dark_dir)?;
+    let head = super::detector::load_head(&dark_dir, &sae)?;
     let (x, shape) = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
     let note = rows_note(&args.input, &shape);
     let rows = x.nrows();
