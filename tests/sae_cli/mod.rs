@@ -57,13 +57,7 @@ fn replay_takes_npy_labels_as_it_takes_text_ones() {
 /// `rows` deterministic rows of `d` features (two smooth factors plus noise), written as
 /// an f32 `.npy` file.
 fn write_activations(path: &Path, rows: usize, d: usize) {
-    let mut state = 7u64;
-    let mut noise = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
-    };
+    let mut noise = crate::util::noise(7);
     let mut values = Vec::with_capacity(rows * d);
     for i in 0..rows {
         let (a, b) = ((i as f64 * 0.37).sin(), (i as f64 * 0.11).cos());

@@ -69,13 +69,7 @@ pub fn synthetic_csv(path: &Path, rows: usize, d: usize, anomalies: &[usize]) {
         let _ = write!(s, ",m{j:02}");
     }
     s.push('\n');
-    let mut state = 12345u64;
-    let mut noise = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
-    };
+    let mut noise = noise(12345);
     for i in 0..rows {
         let t = i as f64 * 0.05;
         let (a, b) = (t.sin(), (0.7 * t).cos());
@@ -105,6 +99,16 @@ pub fn quick_config(dir: &Path) -> PathBuf {
     let p = dir.join("quick.toml");
     std::fs::write(&p, "[train]\nepochs_max = 15\nbatch_size = 64\n").unwrap();
     p
+}
+
+/// Deterministic uniform noise in [−0.5, 0.5) from a 64-bit LCG started at `state`.
+pub fn noise(mut state: u64) -> impl FnMut() -> f64 {
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+    }
 }
 
 /// Writes `values` (`rows × cols`, row-major) as a little-endian f32 `.npy` file.
