@@ -1378,21 +1378,26 @@ mod tests {
         );
     }
 
+    /// Times and values that have broken parsers and clocks elsewhere: zero, negative,
+    /// huge, non-finite, and just past what an i64 of nanoseconds holds.
+    const EXTREMES: [f64; 11] = [
+        0.0,
+        -1.0,
+        -1e300,
+        1e300,
+        f64::MAX,
+        f64::MIN,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        9.2e18,
+        -9.3e18,
+    ];
+
     #[test]
     fn random_samples_never_panic_and_frames_keep_window_order() {
         let mut rng = Rng::new(7);
-        let extremes = [
-            0.0,
-            -1.0,
-            -1e300,
-            1e300,
-            f64::MAX,
-            f64::MIN,
-            f64::NAN,
-            f64::INFINITY,
-            9.2e18,
-            -9.3e18,
-        ];
+        let extremes = EXTREMES;
         for lateness in [0u32, 1, 3] {
             let cfg = AssemblerConfig {
                 lateness_windows: lateness,
@@ -1434,18 +1439,7 @@ mod tests {
     #[test]
     fn any_receipt_times_and_stream_polls_never_panic_and_frames_stay_in_order() {
         let mut rng = Rng::new(11);
-        let extremes = [
-            0.0,
-            -1.0,
-            -1e300,
-            1e300,
-            f64::MAX,
-            f64::MIN,
-            f64::NAN,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-            9.2e18,
-        ];
+        let extremes = EXTREMES;
         let pick = |rng: &mut Rng, near: f64| {
             if rng.below(8) == 0 {
                 extremes[rng.below(extremes.len())]
