@@ -122,7 +122,8 @@ pub struct EpochStats {
     pub epoch: usize,
     /// Σ‖x − x̂‖² over the epoch's batches (weights changing as they go) / Σ‖x − x̄‖².
     pub train_nmse: f64,
-    /// Normalised MSE on the held-out rows with the weights at the end of the epoch.
+    /// Normalised MSE on the held-out rows with the weights at the end of the epoch; `None`
+    /// without held-out rows or where it is not defined (see [`defined_nmse`]).
     pub held_out_nmse: Option<f64>,
     /// Share of latents dead by the `dead_tokens` rule at the end of the epoch.
     pub dead_share: f64,
@@ -144,7 +145,8 @@ pub struct SaeTrainReport {
     pub epochs: Vec<EpochStats>,
     /// Final normalised MSE Σ‖x − x̂‖²/Σ‖x − x̄‖² on the training rows.
     pub train_nmse: f64,
-    /// The same on the held-out rows (their own mean).
+    /// The same on the held-out rows (their own mean); `None` without held-out rows or where
+    /// it is not defined ([`defined_nmse`]: one held-out row, or equal ones).
     pub held_out_nmse: Option<f64>,
     /// Share of latents that fire on no training row with the final weights.
     pub dead_share: f64,
@@ -204,6 +206,25 @@ pub fn evaluate_sae(sae: &Sae, x: ArrayView2<f32>) -> Result<SaeFit, SaeError> {
         dead_share: fired.iter().filter(|f| !**f).count() as f64 / fired.len() as f64,
         mean_l0: l0 as f64 / x.nrows() as f64,
     })
+}
+
+/// Whether the normalised MSE is defined on rows `x`: it divides by their spread around
+/// their mean, which takes at least 2 rows that differ.
+fn has_spread(x: ArrayView2<f32>) -> bool {
+    x.nrows() >= 2 && x.rows().into_iter().any(|r| r != x.row(0))
+}
+
+/// The normalised MSE of `sae` on `x` ([`evaluate_sae`]) where it is defined: at least 2 rows
+/// that differ. `None` otherwise: on one row, or on equal rows, it would be `inf` (or 0).
+///
+/// # Errors
+/// As [`evaluate_sae`].
+pub fn defined_nmse(sae: &Sae, x: ArrayView2<f32>) -> Result<Option<f64>, SaeError> {
+    if x.nrows() < 2 {
+        return Ok(None);
+    }
+    let nmse = evaluate_sae(sae, x)?.nmse;
+    Ok((has_spread(x) && nmse.is_finite()).then_some(nmse))
 }
 
 fn ratio(rss: f64, tss: f64) -> f64 {
@@ -641,7 +662,10 @@ pub fn train_topk(
             }
             epoch_steps += 1;
         }
-        let held_out_nmse = held_out.map(|h| nmse_params(&p, h, cfg.k));
+        let held_out_nmse = held_out
+            .filter(|&h| has_spread(h))
+            .map(|h| nmse_params(&p, h, cfg.k))
+            .filter(|v| v.is_finite());
         let stats = EpochStats {
             epoch,
             train_nmse: epoch_rss / (var_per_row * rows as f64),
@@ -666,8 +690,8 @@ pub fn train_topk(
     let sae = Sae::from_parts(parts.clone())?;
     let fit = evaluate_sae(&sae, x)?;
     let held = match held_out {
-        Some(h) if h.nrows() > 0 => Some(evaluate_sae(&sae, h)?.nmse),
-        _ => None,
+        Some(h) => defined_nmse(&sae, h)?,
+        None => None,
     };
     let report = SaeTrainReport {
         config: cfg.clone(),
