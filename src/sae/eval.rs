@@ -1325,20 +1325,14 @@ fn check_train_out(out: &Path, force: bool) -> Result<(), SaeEvalError> {
 
 /// Refuses `sae-train` settings that would quietly do something else than asked: one
 /// cross-fit fold (none of the head's rows would be out of fold: it would be the
-/// non-cross-fitted head of `--dark-folds 0`), or no epoch (an untrained SAE).
+/// non-cross-fitted head of `--dark-folds 0`). (No epoch, which would write an untrained SAE,
+/// is refused by [`SaeTrainConfig::validate`].)
 fn check_train_settings(args: &SaeTrainArgs) -> Result<(), SaeEvalError> {
     if args.dark_folds == 1 {
         return Err(SaeEvalError::Invalid(
             "--dark-folds 1: cross-fitting takes at least 2 folds (each fold's SAE trains on \
              the others); give 2 or more, or 0 to fit the head on the final SAE's own training \
              rows (their errors are smaller than on new tokens, so its thresholds come out low)"
-                .into(),
-        ));
-    }
-    if args.config.epochs == 0 {
-        return Err(SaeEvalError::Invalid(
-            "--epochs 0 would write an untrained SAE (its random initialisation); give at \
-             least 1"
                 .into(),
         ));
     }
@@ -2101,7 +2095,10 @@ mod tests {
             "{e}"
         );
         let e = train(&|a| a.config.epochs = 0);
-        assert!(e.contains("--epochs 0 would write an untrained SAE"), "{e}");
+        assert!(
+            e.contains("epochs = 0 would leave the SAE untrained"),
+            "{e}"
+        );
         // d = 8: each regression fits 9 coefficients, so at least 18 rows.
         let few = dir.path().join("few.npy");
         write_f32(&few, &[20, 8], &rows(20, 8, 3));

@@ -386,6 +386,12 @@ fn check_config(cfg: &SaeTrainConfig, d: usize) -> Result<(usize, SaeTrainConfig
             cfg.k, cfg.latents
         ));
     }
+    if cfg.epochs == 0 {
+        return bad(
+            "epochs = 0 would leave the SAE untrained (its random initialisation); give at least 1"
+                .into(),
+        );
+    }
     if cfg.batch_size == 0 {
         return bad("batch_size must be positive".into());
     }
@@ -473,16 +479,7 @@ pub fn train_topk(
         / rows as f64;
     let var_per_row = if var_per_row > 0.0 { var_per_row } else { 1.0 };
 
-    // Init: b_dec at the geometric median; tied unit-norm W_dec = W_encᵀ; b_enc = 0.
-    let b_dec = geometric_median(x, cfg.median_iters);
-    let mut w_dec = Array2::from_shape_simple_fn((n, d), || gaussian(&mut rng));
-    normalise_rows(&mut w_dec);
-    let mut p = Params {
-        w_enc_t: w_dec.clone(),
-        b_enc: Array1::zeros(n),
-        w_dec,
-        b_dec,
-    };
+    let mut p = init_params(x, n, cfg.median_iters, &mut rng);
     let mut adam = [
         Adam::new(n * d),
         Adam::new(n),
@@ -710,6 +707,20 @@ pub fn train_topk(
         mean_l0: fit.mean_l0,
     };
     Ok(TrainedSae { sae, parts, report })
+}
+
+/// The starting parameters for `latents` latents on rows `x`: b_dec at their geometric
+/// median; tied unit-norm W_dec = W_encᵀ, in random directions drawn from `rng`; b_enc = 0.
+fn init_params(x: ArrayView2<f32>, latents: usize, median_iters: usize, rng: &mut Rng) -> Params {
+    let b_dec = geometric_median(x, median_iters);
+    let mut w_dec = Array2::from_shape_simple_fn((latents, x.ncols()), || gaussian(rng));
+    normalise_rows(&mut w_dec);
+    Params {
+        w_enc_t: w_dec.clone(),
+        b_enc: Array1::zeros(latents),
+        w_dec,
+        b_dec,
+    }
 }
 
 /// Backpropagates `grad_out` (dL/dx̂ of one row) through the decoder rows of the `active`
@@ -991,24 +1002,23 @@ mod tests {
         let cfg = SaeTrainConfig {
             latents: 24,
             k: 2,
-            epochs: 0,
+            epochs: 4,
             ..SaeTrainConfig::default()
         };
-        let init = train_topk(x.view(), None, &cfg, &mut |_| {}).unwrap();
-        assert_eq!(init.parts.w_enc.t(), init.parts.w_dec);
-        assert!(init.parts.b_enc.iter().all(|&v| v == 0.0));
-        let trained = train_topk(
+        let init = init_params(
             x.view(),
-            None,
-            &SaeTrainConfig { epochs: 4, ..cfg },
-            &mut |_| {},
-        )
-        .unwrap();
+            cfg.latents,
+            cfg.median_iters,
+            &mut Rng::new(cfg.seed),
+        );
+        assert_eq!(init.w_enc_t, init.w_dec);
+        assert!(init.b_enc.iter().all(|&v| v == 0.0));
+        let trained = train_topk(x.view(), None, &cfg, &mut |_| {}).unwrap();
         for (j, row) in trained.parts.w_dec.rows().into_iter().enumerate() {
             let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-5, "row {j} has norm {norm}");
         }
-        assert_ne!(trained.parts.w_dec, init.parts.w_dec);
+        assert_ne!(trained.parts.w_dec, init.w_dec);
     }
 
     #[test]
@@ -1150,6 +1160,16 @@ mod tests {
             )
             .contains("batch_size")
         );
+        // No epoch is refused by `validate` too, for callers that check before any data.
+        let untrained = SaeTrainConfig {
+            epochs: 0,
+            ..base.clone()
+        };
+        let want = "SAE training config: epochs = 0 would leave the SAE untrained (its random \
+                    initialisation); give at least 1";
+        assert_eq!(run(untrained.clone(), x.view()), want);
+        assert_eq!(untrained.validate(4).unwrap_err().to_string(), want);
+        assert!(base.validate(4).is_ok());
         assert!(run(base.clone(), x.slice(ndarray::s![..1, ..])).contains("at least 2 rows"));
         let mut nan = x.clone();
         nan[[3, 2]] = f32::NAN;
