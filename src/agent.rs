@@ -809,7 +809,7 @@ impl AgentSource {
                 stream: f.stream_index,
                 timestamp: f.window_end,
                 enqueued_ns: clock.now_ns(),
-                received: f.received,
+                received_mono: f.received_mono,
             };
             // A windowed model scores a stream's frames once its first window is full.
             if let Some(values) = windows.push(i, f.values, f.window_end) {
@@ -926,7 +926,7 @@ impl AgentSource {
                         stream: index,
                         timestamp: msg.received,
                         enqueued_ns: clock.now_ns(),
-                        received: msg.received,
+                        received_mono: Some(msg.received_mono),
                     };
                     let Some(values) = windows.push(index as usize, frame, msg.received) else {
                         return 0;
@@ -1371,11 +1371,9 @@ impl Sink for AgentSink {
         if let Some(event) = event {
             let name = event.stream.clone();
             self.publish(&name, event);
-            if f.meta.received > 0.0 {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(f64::NAN, |d| d.as_secs_f64());
-                self.counters.alert_latency.record(now - f.meta.received);
+            if let Some(received) = f.meta.received_mono {
+                let now = mqtt::monotonic_secs();
+                self.counters.alert_latency.record(now - received);
             }
         }
     }
@@ -1605,7 +1603,7 @@ mod tests {
         assert_eq!(consumer.pop_batch(&mut metas, &mut values), 2);
         assert_eq!((metas[0].stream, metas[0].seq), (0, 0));
         assert_eq!((metas[1].stream, metas[1].seq), (1, 0));
-        assert_eq!(metas[1].received, 5.0);
+        assert_eq!(metas[1].received_mono, Some(5.0));
         assert_eq!(values[..4], [1.0, 2.0, 4.0, 2.0]);
         assert_eq!(*lock(&feed).source.streams.lock().unwrap(), ["s0", "s1"]);
 
@@ -1622,6 +1620,68 @@ mod tests {
         // The client's thread ending closes the feed; the source thread then ends the turn.
         drop(inbox);
         assert!(lock(&feed).closed);
+    }
+
+    /// Alert latency is measured on the monotonic clock, from a frame's MQTT receipt to its
+    /// alert. It used to be wall time, so a receipt read before a step of the host's clock
+    /// (NTP, a resume from suspend) gave a latency off by the step: here the wall clock read
+    /// 1970 at one stream's receipts (a huge latency) and a far future at the other's (a
+    /// negative one, dropped).
+    #[test]
+    fn alert_latency_is_monotonic_whatever_the_wall_clock_read_at_receipt() {
+        use crate::ring::{FullPolicy, frame_ring};
+        let cfg = DarkwatchConfig::default();
+        let mut model = crate::model::fit::synthetic(2, 1);
+        model.calibration_scores = (0..1000).map(|i| i as f32 / 1000.0).collect();
+        let (out, _alerts) = mqtt::outgoing_channel();
+        let counters = Arc::<AgentCounters>::default();
+        let mut src = source(1.0);
+        src.decoder = Decoder::Raw {
+            decoder: cfg.raw.build(2),
+            frame: Vec::new(),
+            streams: Default::default(),
+            max_streams: 4,
+        };
+        let mut sink = AgentSink::new(
+            &cfg,
+            &Detector::Autoencoder(Arc::new(model)),
+            src.streams.clone(),
+            &cfg.mqtt,
+            out,
+            &counters,
+            false,
+        )
+        .unwrap();
+        let (mut producer, mut consumer) = frame_ring(8, 2, FullPolicy::DropNewest);
+        let clock = Clock::new();
+        for (topic, wall) in [("act/past", 1.0), ("act/future", 1e12)] {
+            for _ in 0..3 {
+                let m = Incoming {
+                    topic: topic.into(),
+                    payload: raw_frame(1.0),
+                    received: wall,
+                    received_mono: mqtt::monotonic_secs(),
+                };
+                src.take(&m.as_received(), Some((&mut producer, &clock)));
+            }
+        }
+        let mut metas = [FrameMeta::default(); 8];
+        let mut values = [0.0f32; 16];
+        let n = consumer.pop_batch(&mut metas, &mut values);
+        assert_eq!(n, 6);
+        for meta in &metas[..n] {
+            sink.accept(&ScoredFrame {
+                meta: *meta,
+                score: 1e6,
+                frame_score: 1e6,
+                ..Default::default()
+            });
+        }
+        // Three frames far over the threshold: each stream fires (3 of 5), once.
+        assert_eq!(counters.alerts_firing.load(Ordering::Relaxed), 2);
+        let latency = &counters.alert_latency;
+        assert_eq!(latency.count(), 2);
+        assert!(latency.quantile_upper(1.0) <= 1.0, "{:?}", latency.counts);
     }
 
     #[test]

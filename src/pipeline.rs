@@ -655,7 +655,7 @@ impl Source for FileSource {
                 stream: 0,
                 timestamp: self.timestamps.as_ref().map_or(f64::NAN, |t| t[i]),
                 enqueued_ns: clock.now_ns(),
-                received: 0.0,
+                received_mono: None,
             };
             offered += 1;
             if producer.push(meta, values) == Pushed::Closed {
@@ -1684,7 +1684,7 @@ mod tests {
                     stream: (i % 2) as u32,
                     timestamp: f64::NAN,
                     enqueued_ns: clock.now_ns(),
-                    received: 0.0,
+                    received_mono: None,
                 };
                 let row = row.to_slice().expect("standard layout");
                 if producer.push(meta, row) == Pushed::Closed {

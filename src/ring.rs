@@ -38,8 +38,9 @@ pub struct FrameMeta {
     /// When the frame entered the ring, in ns of the pipeline's monotonic clock.
     pub enqueued_ns: u64,
     /// MQTT receipt of the frame (raw input) or of its last sample (assembled input), in
-    /// epoch seconds; 0 when unknown (replay). The agent's alert latency starts here.
-    pub received: f64,
+    /// seconds on the monotonic clock (`mqtt::monotonic_secs`); `None` when unknown (replay).
+    /// The agent's alert latency starts here: a step of the wall clock does not move it.
+    pub received_mono: Option<f64>,
 }
 
 /// Counters shared by both ends; read them from any thread.

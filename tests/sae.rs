@@ -1,6 +1,7 @@
 //! SAE checkpoints: every fixture in tests/data/sae (SAELens v6 and pre-6, sparsify; f32,
 //! f16, bf16) loaded and run against its numpy reference, and malformed checkpoints rejected
-//! with errors that name the file and the key or tensor.
+//! with errors that name the file and the key or tensor. Also what scoring allocates, and
+//! the memory that reading float16 activations takes.
 
 use std::collections::HashMap;
 use std::fs;
@@ -13,24 +14,41 @@ use ndarray::{Array2, ArrayView2, s};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::Value;
 
-/// Counts this thread's allocations (tests run on parallel threads, so the count is per
-/// thread; the `const` thread-local needs no allocation or destructor of its own).
+/// Counts this thread's allocations, and the bytes it holds and the most it held (tests run
+/// on parallel threads, so the counts are per thread; the `const` thread-locals need no
+/// allocation or destructor of their own).
 struct Counting;
 
 thread_local! {
     static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static LIVE_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static PEAK_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Moves this thread's live bytes by `+add − sub` (a block freed on another thread than
+/// the one that allocated it can take it below 0: held at 0).
+fn live_bytes(add: usize, sub: usize) {
+    let live = LIVE_BYTES.with(|c| {
+        let v = c.get().saturating_sub(sub).saturating_add(add);
+        c.set(v);
+        v
+    });
+    PEAK_BYTES.with(|c| c.set(c.get().max(live)));
 }
 
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        live_bytes(layout.size(), 0);
         unsafe { std::alloc::System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        live_bytes(0, layout.size());
         unsafe { std::alloc::System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
         ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        live_bytes(size, layout.size());
         unsafe { std::alloc::System.realloc(ptr, layout, size) }
     }
 }
@@ -40,6 +58,15 @@ static GLOBAL: Counting = Counting;
 
 fn allocations() -> u64 {
     ALLOCATIONS.with(|c| c.get())
+}
+
+/// Runs `f` and returns its result with the most bytes this thread held at once meanwhile,
+/// beyond what it held before (the result's own included).
+fn peak_bytes<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let before = LIVE_BYTES.with(|c| c.get());
+    PEAK_BYTES.with(|c| c.set(before));
+    let out = f();
+    (out, PEAK_BYTES.with(|c| c.get()) - before)
 }
 
 fn fixtures() -> PathBuf {
@@ -615,6 +642,45 @@ fn dark_head_fits_on_sae_errors_of_real_activations() {
         assert!((sc.error_sq_norm - sq).abs() <= 1e-3 * sq);
         assert!(sc.deviation.is_finite() && sc.nonlinear_sq_norm >= 0.0);
     }
+}
+
+/// A float16 `.npy` activation dump (`[batch, seq, d]`, as language-model code writes it) is
+/// read straight into float32: at most the file's bytes and the float32 matrix are held at
+/// once. It used to go through a float64 copy, about 7× the file's size at the peak.
+#[test]
+fn float16_activations_are_read_without_a_wider_copy() {
+    let (batch, seq, d) = (8, 128, 512);
+    let n = batch * seq * d;
+    let mut header =
+        format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({batch}, {seq}, {d}), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    let value = |i: usize| half::f16::from_f32((i % 4001) as f32 / 64.0 - 31.25);
+    bytes.extend((0..n).flat_map(|i| value(i).to_le_bytes()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("acts.npy");
+    fs::write(&path, &bytes).unwrap();
+
+    let ((x, shape), peak) =
+        peak_bytes(|| darkwatch::sae::eval::read_activations_shaped(&path, None).unwrap());
+    assert_eq!(shape, [batch, seq, d]);
+    assert_eq!(x.dim(), (batch * seq, d));
+    for i in [0, 1, 4000, 4001, n / 2 + 7, n - 1] {
+        assert_eq!(x[[i / d, i % d]], value(i).to_f32(), "value {i}");
+    }
+    // 1 MiB of file, 2 MiB of float32; names of the 512 features and the like besides.
+    let (file, out) = (bytes.len(), 4 * n);
+    assert!(
+        peak <= file + out + 64 * 1024,
+        "reading a {file}-byte float16 file into {out} bytes of float32 held {peak} bytes \
+         ({:.1}× the file)",
+        peak as f64 / file as f64
+    );
 }
 
 #[test]

@@ -137,9 +137,9 @@ impl Checker {
             .or_insert_with(|| f.stream.to_owned());
         assert_eq!(name, f.stream, "stream index maps to two names");
         assert!(
-            f.received.is_finite() && f.received >= 0.0,
-            "receipt time {} handed out",
-            f.received
+            f.received_mono.is_none_or(f64::is_finite),
+            "receipt time {:?} handed out",
+            f.received_mono
         );
         let seq = self.next_seq.entry(f.stream_index).or_insert(0);
         assert_eq!(f.seq, *seq, "sequence gap in stream {}", f.stream);

@@ -192,10 +192,10 @@ pub enum Aggregation {
 pub const MAX_AHEAD_SECS: f64 = 300.0;
 
 /// When a sample arrived, read on two clocks ([`Assembler::push_received`]). Its timestamp
-/// is compared with the wall clock, to refuse one stamped far ahead ([`Reject::Future`]),
-/// and frames carry the wall time for the alert latency. The stream's event clock
-/// advances by the monotonic one ([`Assembler::poll_streams`]), which an NTP step or a
-/// suspend of the host does not move.
+/// is compared with the wall clock, to refuse one stamped far ahead ([`Reject::Future`]).
+/// The stream's event clock advances by the monotonic one ([`Assembler::poll_streams`]),
+/// which an NTP step or a suspend of the host does not move, and frames carry the monotonic
+/// time for the alert latency.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Receipt {
     /// Epoch seconds; unknown when not positive and finite.
@@ -376,8 +376,9 @@ pub struct FrameOut<'a> {
     pub values: &'a [f32],
     /// True when some value is NaN (missing and not carried forward).
     pub incomplete: bool,
-    /// Receipt of the window's latest sample, epoch seconds (0 when unknown).
-    pub received: f64,
+    /// Receipt of the window's latest sample on the monotonic clock ([`Receipt::mono`]);
+    /// `None` when no sample of the window had one.
+    pub received_mono: Option<f64>,
 }
 
 /// A closed window waiting for [`Assembler::poll`].
@@ -387,7 +388,7 @@ struct Pending {
     seq: u64,
     window: i64,
     incomplete: bool,
-    received: f64,
+    received_mono: Option<f64>,
     values: Vec<f32>,
 }
 
@@ -402,10 +403,10 @@ struct StreamState {
     /// Window held by each of the `lateness + 1` slots; window `w` lives in slot
     /// `w mod (lateness + 1)`, and the open windows never span more than that.
     slot_window: Vec<Option<i64>>,
-    /// Per slot, the features with a sample, and the latest receipt time of one (epoch
-    /// seconds, 0 when unknown).
+    /// Per slot, the features with a sample, and the latest monotonic receipt time of one
+    /// (`None` when unknown).
     filled: Vec<u32>,
-    received: Vec<f64>,
+    received_mono: Vec<Option<f64>>,
     /// `slots × d` aggregation state.
     acc: Vec<f64>,
     acc_ts: Vec<f64>,
@@ -427,7 +428,7 @@ impl StreamState {
             closed_before: i64::MIN,
             slot_window: vec![None; slots],
             filled: vec![0; slots],
-            received: vec![0.0; slots],
+            received_mono: vec![None; slots],
             acc: vec![0.0; slots * d],
             acc_ts: vec![0.0; slots * d],
             count: vec![0; slots * d],
@@ -556,10 +557,10 @@ impl Assembler {
     }
 
     /// [`Self::push`] for a sample that arrived at `receipt`. A timestamp more than
-    /// [`Self::max_ahead_secs`] after its wall time is refused; the frame carries its latest
-    /// sample's wall receipt time, from which the agent measures alert latency; and the
-    /// monotonic time starts the stream's event clock ([`Self::poll_streams`]). Either time
-    /// may be unknown (see [`Receipt`]), and no value of either can make it panic.
+    /// [`Self::max_ahead_secs`] after its wall time is refused; the monotonic time starts
+    /// the stream's event clock ([`Self::poll_streams`]), and the frame carries its latest
+    /// sample's, from which the agent measures alert latency. Either time may be unknown
+    /// (see [`Receipt`]), and no value of either can make it panic.
     ///
     /// # Errors
     /// As [`Self::push`].
@@ -627,7 +628,10 @@ impl Assembler {
         let first = st.count[k] == 0;
         st.count[k] = st.count[k].saturating_add(1);
         st.filled[slot] += u32::from(first);
-        st.received[slot] = st.received[slot].max(received);
+        if receipt.mono.is_finite() {
+            let latest = st.received_mono[slot].map_or(receipt.mono, |r| r.max(receipt.mono));
+            st.received_mono[slot] = Some(latest);
+        }
         let complete = st.filled[slot] as usize == d;
         match self.aggregation {
             Aggregation::Mean => {
@@ -720,7 +724,7 @@ impl Assembler {
             values.push(v as f32);
             st.count[k] = 0;
         }
-        let received = std::mem::take(&mut st.received[slot]);
+        let received_mono = st.received_mono[slot].take();
         st.filled[slot] = 0;
         if incomplete {
             self.counters.frames_incomplete += 1;
@@ -734,7 +738,7 @@ impl Assembler {
             seq,
             window: w,
             incomplete,
-            received,
+            received_mono,
             values,
         });
     }
@@ -805,7 +809,7 @@ impl Assembler {
                 window_end: (p.window as f64 + 1.0) * self.window_secs,
                 values: &p.values,
                 incomplete: p.incomplete,
-                received: p.received,
+                received_mono: p.received_mono,
             });
             self.pool.push(p.values);
         }
@@ -836,7 +840,8 @@ mod tests {
         let take = |a: &mut Assembler| {
             let mut got = Vec::new();
             a.poll(f64::NAN, &mut |f: FrameOut<'_>| {
-                got.push((f.seq, f.values.to_vec(), f.received));
+                let received = f.received_mono.expect("every sample had a receipt");
+                got.push((f.seq, f.values.to_vec(), received));
             });
             got
         };
@@ -1136,9 +1141,16 @@ mod tests {
             ),
             Err(Reject::Future)
         );
-        // Once the stream's own clock is two windows on, its windows close, in order.
-        a.poll_streams(9.1, &mut |f| out.push(f.window_end));
+        // Once the stream's own clock is two windows on, its windows close, in order. The
+        // frame carries its last sample's monotonic receipt, from which the agent measures
+        // alert latency: the wall one is an hour off.
+        let mut received = Vec::new();
+        a.poll_streams(9.1, &mut |f| {
+            out.push(f.window_end);
+            received.push(f.received_mono);
+        });
         assert_eq!(out, [1001.0]);
+        assert_eq!(received, [Some(7.7)]);
         assert_eq!(a.counters().late_dropped, 0);
     }
 
@@ -1435,7 +1447,7 @@ mod tests {
     /// Receipt times and stream polls of any value (huge, negative, non-finite, a clock
     /// that goes back), as the fuzz target feeds them: no panic, every frame in order with
     /// its stream's next sequence number, and no receipt time but a finite one handed out
-    /// (an infinite wall receipt used to reach the frame).
+    /// (an infinite wall receipt used to reach the frame, when frames carried the wall one).
     #[test]
     fn any_receipt_times_and_stream_polls_never_panic_and_frames_stay_in_order() {
         let mut rng = Rng::new(11);
@@ -1458,9 +1470,9 @@ mod tests {
             let mut last: HashMap<u32, (u64, f64)> = HashMap::new();
             let mut check = |f: FrameOut<'_>| {
                 assert!(
-                    f.received.is_finite() && f.received >= 0.0,
-                    "{}",
-                    f.received
+                    f.received_mono.is_none_or(f64::is_finite),
+                    "{:?}",
+                    f.received_mono
                 );
                 let (seq, end) = last.get(&f.stream_index).copied().unwrap_or((0, f64::MIN));
                 assert_eq!(f.seq, seq, "stream {}", f.stream);

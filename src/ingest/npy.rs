@@ -135,34 +135,50 @@ fn parse(path: &Path, bytes: &[u8], dims: Dims) -> Result<(Table, Vec<u64>), Ing
         shape,
     } = parse_header(&header).map_err(header_err)?;
 
-    type Decode = fn(&[u8]) -> f64;
     let (item, dtype, decode): (u64, &'static str, Decode) = match descr.as_str() {
-        "<f4" => (4, "float32", |c| {
-            f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        }),
-        // As the safetensors readers convert F16: exactly, with `half`.
-        "<f2" => (2, "float16", |c| {
-            f64::from(half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-        }),
-        "<f8" => (8, "float64", |c| {
-            f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-        }),
-        "|u1" | "<u1" | "|b1" => (1, "uint8", |c| f64::from(c[0])),
-        "|i1" | "<i1" => (1, "int8", |c| f64::from(c[0] as i8)),
-        "<u2" => (2, "uint16", |c| f64::from(u16::from_le_bytes([c[0], c[1]]))),
-        "<i2" => (2, "int16", |c| f64::from(i16::from_le_bytes([c[0], c[1]]))),
-        "<u4" => (4, "uint32", |c| {
-            f64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        }),
-        "<i4" => (4, "int32", |c| {
-            f64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        }),
-        "<i8" => (8, "int64", |c| {
-            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64
-        }),
-        "<u8" => (8, "uint64", |c| {
-            u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64
-        }),
+        "<f4" => (4, "float32", Decode::F32),
+        "<f2" => (2, "float16", Decode::F16),
+        "<f8" => (
+            8,
+            "float64",
+            Decode::Wide(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+        ),
+        "|u1" | "<u1" | "|b1" => (1, "uint8", Decode::Wide(|c| f64::from(c[0]))),
+        "|i1" | "<i1" => (1, "int8", Decode::Wide(|c| f64::from(c[0] as i8))),
+        "<u2" => (
+            2,
+            "uint16",
+            Decode::Wide(|c| f64::from(u16::from_le_bytes([c[0], c[1]]))),
+        ),
+        "<i2" => (
+            2,
+            "int16",
+            Decode::Wide(|c| f64::from(i16::from_le_bytes([c[0], c[1]]))),
+        ),
+        "<u4" => (
+            4,
+            "uint32",
+            Decode::Wide(|c| f64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        ),
+        "<i4" => (
+            4,
+            "int32",
+            Decode::Wide(|c| f64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        ),
+        "<i8" => (
+            8,
+            "int64",
+            Decode::Wide(|c| {
+                i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64
+            }),
+        ),
+        "<u8" => (
+            8,
+            "uint64",
+            Decode::Wide(|c| {
+                u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64
+            }),
+        ),
         _ => {
             return Err(IngestError::UnsupportedDtype {
                 path: path.to_owned(),
@@ -218,41 +234,49 @@ fn parse(path: &Path, bytes: &[u8], dims: Dims) -> Result<(Table, Vec<u64>), Ing
     }
     // Both fit in usize: their product is the length of a slice in memory.
     let (rows, cols) = (rows as usize, cols as usize);
-    let values = if descr == "<f4" {
-        let flat = data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let a = to_standard(flat, &shape, rows, cols, fortran_order);
-        if let Some(((row, col), _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
-            return Err(IngestError::NonFiniteAt {
-                path: path.to_owned(),
-                row,
-                col,
-            });
-        }
-        a
-    } else {
-        let flat = data.chunks_exact(item as usize).map(decode).collect();
-        let wide = to_standard(flat, &shape, rows, cols, fortran_order);
-        for ((row, col), &v) in wide.indexed_iter() {
-            if !v.is_finite() {
+    let values = match decode {
+        Decode::F32 | Decode::F16 => {
+            let flat = if matches!(decode, Decode::F32) {
+                data.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            } else {
+                data.chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect()
+            };
+            let a = to_standard(flat, &shape, rows, cols, fortran_order);
+            if let Some(((row, col), _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
                 return Err(IngestError::NonFiniteAt {
                     path: path.to_owned(),
                     row,
                     col,
                 });
             }
-            if !(v as f32).is_finite() {
-                return Err(IngestError::OutOfRangeAt {
-                    path: path.to_owned(),
-                    row,
-                    col,
-                    value: v,
-                });
-            }
+            a
         }
-        wide.mapv(|v| v as f32)
+        Decode::Wide(decode) => {
+            let flat = data.chunks_exact(item as usize).map(decode).collect();
+            let wide = to_standard(flat, &shape, rows, cols, fortran_order);
+            for ((row, col), &v) in wide.indexed_iter() {
+                if !v.is_finite() {
+                    return Err(IngestError::NonFiniteAt {
+                        path: path.to_owned(),
+                        row,
+                        col,
+                    });
+                }
+                if !(v as f32).is_finite() {
+                    return Err(IngestError::OutOfRangeAt {
+                        path: path.to_owned(),
+                        row,
+                        col,
+                        value: v,
+                    });
+                }
+            }
+            wide.mapv(|v| v as f32)
+        }
     };
     let table = Table {
         path: path.to_owned(),
@@ -261,6 +285,19 @@ fn parse(path: &Path, bytes: &[u8], dims: Dims) -> Result<(Table, Vec<u64>), Ing
         values,
     };
     Ok((table, shape))
+}
+
+/// How a dtype's elements become float32.
+#[derive(Debug, Clone, Copy)]
+enum Decode {
+    /// float32: as stored.
+    F32,
+    /// float16: each widened exactly (as the safetensors readers convert F16; every float16
+    /// is a float32, subnormals included) straight into the output. Activation dumps are
+    /// float16 and large: a float64 copy between would take four times the file's data.
+    F16,
+    /// Through float64, to check that each value fits in float32 (float64, integers).
+    Wide(fn(&[u8]) -> f64),
 }
 
 /// A row-major `rows × cols` array from NPY's flat data of `shape` (whose elements number
@@ -715,6 +752,77 @@ pub(crate) mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("truncated")
+        );
+    }
+
+    /// float16 goes straight to float32, with no float64 copy between: every value exactly,
+    /// subnormals and signed zero included (checked against values built from powers of two,
+    /// not through `half`); infinities and NaNs refused at their row and column, in C and
+    /// Fortran order and in `[batch, seq, d]` dumps; big-endian refused by name.
+    #[test]
+    fn float16_decodes_exactly_into_float32() {
+        let h = |fortran: &str, shape: &str| {
+            format!("{{'descr': '<f2', 'fortran_order': {fortran}, 'shape': {shape}, }}")
+        };
+        let two = |e: i32| 2f32.powi(e);
+        let cases: [(u16, f32); 12] = [
+            (0x0000, 0.0),
+            (0x8000, -0.0),
+            (0x0001, two(-24)), // smallest subnormal
+            (0x8001, -two(-24)),
+            (0x0200, two(-15)),          // a subnormal power of two
+            (0x03ff, 1023.0 * two(-24)), // largest subnormal
+            (0x0400, two(-14)),          // smallest normal
+            (0x3c00, 1.0),
+            (0x3c01, 1.0 + two(-10)),    // one ulp above 1
+            (0x3555, 1365.0 * two(-12)), // nearest to 1/3
+            (0x7bff, 65504.0),           // largest finite
+            (0xfbff, -65504.0),
+        ];
+        let bytes: Vec<u8> = cases.iter().flat_map(|(b, _)| b.to_le_bytes()).collect();
+        let bits = |t: &Table| t.values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let want: Vec<u32> = cases.iter().map(|(_, v)| v.to_bits()).collect();
+        // C order, [4, 3]: the values in file order.
+        let t = parse(&npy_bytes(1, &h("False", "(4, 3)"), &bytes)).unwrap();
+        assert_eq!(bits(&t), want);
+        // Fortran order, [3, 4]: the file holds the columns.
+        let t = parse(&npy_bytes(2, &h("True", "(3, 4)"), &bytes)).unwrap();
+        assert_eq!(t.values.dim(), (3, 4));
+        for (k, (_, v)) in cases.iter().enumerate() {
+            assert_eq!(t.values[[k % 3, k / 3]].to_bits(), v.to_bits(), "{k}");
+        }
+        // [batch 2, seq 3, d 2] rows.
+        let (t, shape) = parse_npy_rows(
+            Path::new("x.npy"),
+            &npy_bytes(1, &h("False", "(2, 3, 2)"), &bytes),
+        )
+        .unwrap();
+        assert_eq!((t.values.dim(), shape), ((6, 2), vec![2, 3, 2]));
+        assert_eq!(bits(&t), want);
+
+        // Infinities and NaNs (quiet, signalling, negative) are named where they are.
+        for bad in [0x7c00u16, 0xfc00, 0x7e00, 0x7c01, 0xfe00] {
+            let mut data = bytes.clone();
+            // Flat index 7: C [4, 3] row 2, column 1; Fortran [3, 4] row 1, column 2.
+            data[14..16].copy_from_slice(&bad.to_le_bytes());
+            assert_eq!(
+                err(&npy_bytes(1, &h("False", "(4, 3)"), &data)),
+                "x.npy: row 2, column 1 (0-based): NaN/Inf is not allowed",
+                "{bad:#06x}"
+            );
+            assert_eq!(
+                err(&npy_bytes(1, &h("True", "(3, 4)"), &data)),
+                "x.npy: row 1, column 2 (0-based): NaN/Inf is not allowed",
+                "{bad:#06x}"
+            );
+        }
+        // Big-endian is refused, not read byte-swapped.
+        let big = "{'descr': '>f2', 'fortran_order': False, 'shape': (4, 3), }";
+        assert!(err(&npy_bytes(1, big, &bytes)).contains("unsupported dtype \">f2\""));
+        // Truncated float16 data is reported in float16 bytes.
+        assert_eq!(
+            err(&npy_bytes(1, &h("False", "(4, 3)"), &bytes[..23])),
+            "x.npy: truncated: header says 4×3 float16 (24 bytes of data) but the file has 23 bytes of data"
         );
     }
 

@@ -37,7 +37,8 @@ use serde::Serialize;
 use super::dark::{DarkConfig, DarkError, DarkHead, DarkScore, DarkStats, R2};
 use super::detector::{Calibration, CalibrationRows, DetectorError};
 use super::train::{
-    EpochStats, SaeTrainConfig, SaeTrainError, SaeTrainReport, SaveMeta, save_saelens, train_topk,
+    EpochStats, SaeTrainConfig, SaeTrainError, SaeTrainReport, SaveMeta, defined_nmse,
+    save_saelens, train_topk,
 };
 use super::{Sae, SaeError};
 use crate::eval::{self, EvalError};
@@ -1237,7 +1238,7 @@ pub fn sae_train_command(
         "normalised MSE: train {:.4}, held-out {}; dead latents {:.1} % (fire on no training row), \
          {:.1} % by the {}-token rule; mean L0 {:.2}",
         r.train_nmse,
-        r.held_out_nmse.map_or("n/a".into(), |v| format!("{v:.4}")),
+        nmse_text(r.held_out_nmse, held_rows.len()),
         100.0 * r.dead_share,
         100.0 * r.dead_share_tracked,
         r.dead_tokens,
@@ -1324,20 +1325,14 @@ fn check_train_out(out: &Path, force: bool) -> Result<(), SaeEvalError> {
 
 /// Refuses `sae-train` settings that would quietly do something else than asked: one
 /// cross-fit fold (none of the head's rows would be out of fold: it would be the
-/// non-cross-fitted head of `--dark-folds 0`), or no epoch (an untrained SAE).
+/// non-cross-fitted head of `--dark-folds 0`). (No epoch, which would write an untrained SAE,
+/// is refused by [`SaeTrainConfig::validate`].)
 fn check_train_settings(args: &SaeTrainArgs) -> Result<(), SaeEvalError> {
     if args.dark_folds == 1 {
         return Err(SaeEvalError::Invalid(
             "--dark-folds 1: cross-fitting takes at least 2 folds (each fold's SAE trains on \
              the others); give 2 or more, or 0 to fit the head on the final SAE's own training \
              rows (their errors are smaller than on new tokens, so its thresholds come out low)"
-                .into(),
-        ));
-    }
-    if args.config.epochs == 0 {
-        return Err(SaeEvalError::Invalid(
-            "--epochs 0 would write an untrained SAE (its random initialisation); give at \
-             least 1"
                 .into(),
         ));
     }
@@ -1500,16 +1495,6 @@ pub struct SaeScoreSummary {
     /// around their mean).
     pub nmse_label0: Option<f64>,
     pub nmse_all: Option<f64>,
-}
-
-/// The normalised MSE of `sae` on `x`, where it is defined: at least 2 rows that differ.
-fn defined_nmse(sae: &Sae, x: ArrayView2<f32>) -> Result<Option<f64>, SaeError> {
-    if x.nrows() < 2 {
-        return Ok(None);
-    }
-    let nmse = super::train::evaluate_sae(sae, x)?.nmse;
-    let spread = x.rows().into_iter().any(|r| r != x.row(0));
-    Ok((spread && nmse.is_finite()).then_some(nmse))
 }
 
 /// A normalised MSE from [`defined_nmse`] on `rows` rows, or why there is none.
@@ -2110,7 +2095,10 @@ mod tests {
             "{e}"
         );
         let e = train(&|a| a.config.epochs = 0);
-        assert!(e.contains("--epochs 0 would write an untrained SAE"), "{e}");
+        assert!(
+            e.contains("epochs = 0 would leave the SAE untrained"),
+            "{e}"
+        );
         // d = 8: each regression fits 9 coefficients, so at least 18 rows.
         let few = dir.path().join("few.npy");
         write_f32(&few, &[20, 8], &rows(20, 8, 3));
@@ -2236,6 +2224,57 @@ mod tests {
             text.contains(&format!("all rows {all:.4}, label-0 rows n/a (one row")),
             "{text}"
         );
+    }
+
+    /// The same for sae-train's held-out rows: with one held out, its normalised MSE (at the
+    /// end and after each epoch) is not defined, and the summary says why instead of
+    /// printing "inf".
+    #[test]
+    fn sae_train_with_one_held_out_row_gives_no_held_out_nmse_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let acts = dir.path().join("acts.npy");
+        write_f32(&acts, &[240, 8], &rows(240, 8, 1));
+        let mut args = tiny_train_args(&acts, &dir.path().join("sae"));
+        let train = |args: &SaeTrainArgs| {
+            let mut epochs = Vec::new();
+            let (summary, text) = sae_train_command(args, &mut |p| {
+                if let SaeTrainProgress::Epoch(e) = p {
+                    epochs.push(e.held_out_nmse);
+                }
+            })
+            .unwrap();
+            (summary, text, epochs)
+        };
+        args.holdout = 0.004; // ⌈0.96⌉: 1 of 240 rows
+        let (summary, text, epochs) = train(&args);
+        assert_eq!(summary.held_out_rows, 1);
+        assert_eq!(summary.sae.held_out_nmse, None);
+        assert_eq!(epochs, [None, None]);
+        assert!(
+            text.contains(
+                "held-out n/a (one row: it divides by the rows' spread around their mean, \
+                 which one row does not have)"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("held-out inf"), "{text}");
+        // Two rows that differ: a number, each epoch too.
+        args.holdout = 0.008;
+        args.force = true;
+        let (summary, text, epochs) = train(&args);
+        assert_eq!(summary.held_out_rows, 2);
+        let nmse = summary.sae.held_out_nmse.unwrap();
+        assert!(nmse.is_finite() && nmse > 0.0, "{nmse}");
+        assert!(text.contains(&format!("held-out {nmse:.4};")), "{text}");
+        assert!(
+            epochs.iter().all(|e| e.is_some_and(f64::is_finite)),
+            "{epochs:?}"
+        );
+        // None held out.
+        args.holdout = 0.0;
+        let (_, text, epochs) = train(&args);
+        assert!(text.contains("held-out n/a (no rows);"), "{text}");
+        assert_eq!(epochs, [None, None]);
     }
 
     #[test]

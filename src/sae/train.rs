@@ -122,7 +122,8 @@ pub struct EpochStats {
     pub epoch: usize,
     /// Σ‖x − x̂‖² over the epoch's batches (weights changing as they go) / Σ‖x − x̄‖².
     pub train_nmse: f64,
-    /// Normalised MSE on the held-out rows with the weights at the end of the epoch.
+    /// Normalised MSE on the held-out rows with the weights at the end of the epoch; `None`
+    /// without held-out rows or where it is not defined (see [`defined_nmse`]).
     pub held_out_nmse: Option<f64>,
     /// Share of latents dead by the `dead_tokens` rule at the end of the epoch.
     pub dead_share: f64,
@@ -144,7 +145,8 @@ pub struct SaeTrainReport {
     pub epochs: Vec<EpochStats>,
     /// Final normalised MSE Σ‖x − x̂‖²/Σ‖x − x̄‖² on the training rows.
     pub train_nmse: f64,
-    /// The same on the held-out rows (their own mean).
+    /// The same on the held-out rows (their own mean); `None` without held-out rows or where
+    /// it is not defined ([`defined_nmse`]: one held-out row, or equal ones).
     pub held_out_nmse: Option<f64>,
     /// Share of latents that fire on no training row with the final weights.
     pub dead_share: f64,
@@ -204,6 +206,25 @@ pub fn evaluate_sae(sae: &Sae, x: ArrayView2<f32>) -> Result<SaeFit, SaeError> {
         dead_share: fired.iter().filter(|f| !**f).count() as f64 / fired.len() as f64,
         mean_l0: l0 as f64 / x.nrows() as f64,
     })
+}
+
+/// Whether the normalised MSE is defined on rows `x`: it divides by their spread around
+/// their mean, which takes at least 2 rows that differ.
+fn has_spread(x: ArrayView2<f32>) -> bool {
+    x.nrows() >= 2 && x.rows().into_iter().any(|r| r != x.row(0))
+}
+
+/// The normalised MSE of `sae` on `x` ([`evaluate_sae`]) where it is defined: at least 2 rows
+/// that differ. `None` otherwise: on one row, or on equal rows, it would be `inf` (or 0).
+///
+/// # Errors
+/// As [`evaluate_sae`].
+pub fn defined_nmse(sae: &Sae, x: ArrayView2<f32>) -> Result<Option<f64>, SaeError> {
+    if x.nrows() < 2 {
+        return Ok(None);
+    }
+    let nmse = evaluate_sae(sae, x)?.nmse;
+    Ok((has_spread(x) && nmse.is_finite()).then_some(nmse))
 }
 
 fn ratio(rss: f64, tss: f64) -> f64 {
@@ -365,6 +386,12 @@ fn check_config(cfg: &SaeTrainConfig, d: usize) -> Result<(usize, SaeTrainConfig
             cfg.k, cfg.latents
         ));
     }
+    if cfg.epochs == 0 {
+        return bad(
+            "epochs = 0 would leave the SAE untrained (its random initialisation); give at least 1"
+                .into(),
+        );
+    }
     if cfg.batch_size == 0 {
         return bad("batch_size must be positive".into());
     }
@@ -452,16 +479,7 @@ pub fn train_topk(
         / rows as f64;
     let var_per_row = if var_per_row > 0.0 { var_per_row } else { 1.0 };
 
-    // Init: b_dec at the geometric median; tied unit-norm W_dec = W_encᵀ; b_enc = 0.
-    let b_dec = geometric_median(x, cfg.median_iters);
-    let mut w_dec = Array2::from_shape_simple_fn((n, d), || gaussian(&mut rng));
-    normalise_rows(&mut w_dec);
-    let mut p = Params {
-        w_enc_t: w_dec.clone(),
-        b_enc: Array1::zeros(n),
-        w_dec,
-        b_dec,
-    };
+    let mut p = init_params(x, n, cfg.median_iters, &mut rng);
     let mut adam = [
         Adam::new(n * d),
         Adam::new(n),
@@ -641,7 +659,10 @@ pub fn train_topk(
             }
             epoch_steps += 1;
         }
-        let held_out_nmse = held_out.map(|h| nmse_params(&p, h, cfg.k));
+        let held_out_nmse = held_out
+            .filter(|&h| has_spread(h))
+            .map(|h| nmse_params(&p, h, cfg.k))
+            .filter(|v| v.is_finite());
         let stats = EpochStats {
             epoch,
             train_nmse: epoch_rss / (var_per_row * rows as f64),
@@ -666,8 +687,8 @@ pub fn train_topk(
     let sae = Sae::from_parts(parts.clone())?;
     let fit = evaluate_sae(&sae, x)?;
     let held = match held_out {
-        Some(h) if h.nrows() > 0 => Some(evaluate_sae(&sae, h)?.nmse),
-        _ => None,
+        Some(h) => defined_nmse(&sae, h)?,
+        None => None,
     };
     let report = SaeTrainReport {
         config: cfg.clone(),
@@ -686,6 +707,20 @@ pub fn train_topk(
         mean_l0: fit.mean_l0,
     };
     Ok(TrainedSae { sae, parts, report })
+}
+
+/// The starting parameters for `latents` latents on rows `x`: b_dec at their geometric
+/// median; tied unit-norm W_dec = W_encᵀ, in random directions drawn from `rng`; b_enc = 0.
+fn init_params(x: ArrayView2<f32>, latents: usize, median_iters: usize, rng: &mut Rng) -> Params {
+    let b_dec = geometric_median(x, median_iters);
+    let mut w_dec = Array2::from_shape_simple_fn((latents, x.ncols()), || gaussian(rng));
+    normalise_rows(&mut w_dec);
+    Params {
+        w_enc_t: w_dec.clone(),
+        b_enc: Array1::zeros(latents),
+        w_dec,
+        b_dec,
+    }
 }
 
 /// Backpropagates `grad_out` (dL/dx̂ of one row) through the decoder rows of the `active`
@@ -967,24 +1002,23 @@ mod tests {
         let cfg = SaeTrainConfig {
             latents: 24,
             k: 2,
-            epochs: 0,
+            epochs: 4,
             ..SaeTrainConfig::default()
         };
-        let init = train_topk(x.view(), None, &cfg, &mut |_| {}).unwrap();
-        assert_eq!(init.parts.w_enc.t(), init.parts.w_dec);
-        assert!(init.parts.b_enc.iter().all(|&v| v == 0.0));
-        let trained = train_topk(
+        let init = init_params(
             x.view(),
-            None,
-            &SaeTrainConfig { epochs: 4, ..cfg },
-            &mut |_| {},
-        )
-        .unwrap();
+            cfg.latents,
+            cfg.median_iters,
+            &mut Rng::new(cfg.seed),
+        );
+        assert_eq!(init.w_enc_t, init.w_dec);
+        assert!(init.b_enc.iter().all(|&v| v == 0.0));
+        let trained = train_topk(x.view(), None, &cfg, &mut |_| {}).unwrap();
         for (j, row) in trained.parts.w_dec.rows().into_iter().enumerate() {
             let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-5, "row {j} has norm {norm}");
         }
-        assert_ne!(trained.parts.w_dec, init.parts.w_dec);
+        assert_ne!(trained.parts.w_dec, init.w_dec);
     }
 
     #[test]
@@ -1126,6 +1160,16 @@ mod tests {
             )
             .contains("batch_size")
         );
+        // No epoch is refused by `validate` too, for callers that check before any data.
+        let untrained = SaeTrainConfig {
+            epochs: 0,
+            ..base.clone()
+        };
+        let want = "SAE training config: epochs = 0 would leave the SAE untrained (its random \
+                    initialisation); give at least 1";
+        assert_eq!(run(untrained.clone(), x.view()), want);
+        assert_eq!(untrained.validate(4).unwrap_err().to_string(), want);
+        assert!(base.validate(4).is_ok());
         assert!(run(base.clone(), x.slice(ndarray::s![..1, ..])).contains("at least 2 rows"));
         let mut nan = x.clone();
         nan[[3, 2]] = f32::NAN;
