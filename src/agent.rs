@@ -110,8 +110,10 @@ pub enum AgentError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Detector(#[from] detector::LoadError),
-    #[error("{0}")]
-    Config(String),
+    /// A setting the model cannot run with, `key` as `section.key`: the configuration or
+    /// the model folder must change, so restarting cannot mend it (the binary exits 78).
+    #[error("{reason}")]
+    Config { key: String, reason: String },
     #[error(transparent)]
     Mqtt(#[from] MqttError),
     #[error(transparent)]
@@ -551,16 +553,22 @@ pub fn validate(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentErro
 fn check_suits(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentError> {
     if let Detector::Sae(_) = model {
         if cfg.agent.format != InputFormat::Raw {
-            return Err(AgentError::Config(format!(
-                "{} is an SAE folder: it scores activation frames, so [agent] format must be \"raw\"",
-                cfg.agent.model_dir.display()
-            )));
+            return Err(AgentError::Config {
+                key: "agent.format".into(),
+                reason: format!(
+                    "{} is an SAE folder: it scores activation frames, so [agent] format must be \"raw\"",
+                    cfg.agent.model_dir.display()
+                ),
+            });
         }
         if cfg.retrain.enabled {
-            return Err(AgentError::Config(format!(
-                "{} is an SAE folder: online retraining ([retrain] enabled) is for autoencoders",
-                cfg.agent.model_dir.display()
-            )));
+            return Err(AgentError::Config {
+                key: "retrain.enabled".into(),
+                reason: format!(
+                    "{} is an SAE folder: online retraining ([retrain] enabled) is for autoencoders; set it to false",
+                    cfg.agent.model_dir.display()
+                ),
+            });
         }
     }
     Ok(())

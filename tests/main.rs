@@ -765,6 +765,61 @@ fn missing_or_broken_model_exits_78_from_run_and_validate() {
     }
 }
 
+/// Settings the model cannot run with are configuration errors as well: an SAE folder with
+/// other than raw input or with online retraining. `run` and `validate --agent` exit 78 with the key and what to change
+/// (they exited 1, and systemd restarted the agent into the same refusal forever).
+#[test]
+fn settings_the_model_cannot_run_with_exit_78_from_run_and_validate_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae = dir.path().join("sae");
+    util::sae::train_detector(&sae, 64, 8);
+    let retrain = format!(
+        "[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
+        dir.path().join("state").display()
+    );
+    let cases = [
+        (&sae, "examon", "", "agent.format", "format must be \"raw\""),
+        (
+            &sae,
+            "raw",
+            retrain.as_str(),
+            "retrain.enabled",
+            "set it to false",
+        ),
+    ];
+    for (i, (model_dir, format, extra, key, says)) in cases.iter().enumerate() {
+        let cfg = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[agent]\nmodel_dir = \"{}\"\nformat = \"{format}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
+                model_dir.display(),
+                dir.path().join("spool").display()
+            ),
+        )
+        .unwrap();
+        for args in [
+            &["validate", "--agent", "--config"][..],
+            &["run", "--config"],
+        ] {
+            // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
+            let (code, out, err) = run(std::process::Command::new("timeout")
+                .arg("60")
+                .arg(env!("CARGO_BIN_EXE_darkwatch"))
+                .args(args)
+                .arg(&cfg)
+                .env_remove("RUST_LOG"));
+            let what = format!("{args:?} with {key}");
+            assert_eq!(code, 78, "{what}: {out}{err}");
+            assert!(
+                err.contains(&format!("case{i}.toml: key `{key}`: ")) && err.contains(says),
+                "{what}: {err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
+        }
+    }
+}
+
 /// A build without the `onnx` feature refuses the ONNX backend up front, with the rebuild
 /// command, from the config and from the command line alike.
 #[cfg(not(feature = "onnx"))]
