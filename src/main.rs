@@ -653,7 +653,8 @@ fn load_model(
 
 /// [`darkwatch::agent::validate`] for `run` and `validate --agent`: a setting the model
 /// cannot run with ([`AgentError::Config`]: an SAE with other than raw input or with online
-/// retraining) is a configuration error (exit 78), as a bad model is in [`load_model`].
+/// retraining, a threshold its held-out scores cannot calibrate) is a configuration error
+/// (exit 78), as a bad model is in [`load_model`].
 fn check_runs(config: Option<&Path>, cfg: &DarkwatchConfig, model: &Detector) -> Result<()> {
     darkwatch::agent::validate(cfg, model).map_err(|e| match e {
         AgentError::Config { key, reason } => ConfigError::Invalid {

@@ -675,9 +675,9 @@ fn validate_agent_loads_the_model_and_checks_the_state_folder() {
     let (code, out, err) = run(darkwatch()
         .args(["validate", "--agent", "--config"])
         .arg(&spot));
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 78, "{out}");
     assert!(
-        err.contains("dspot_depth") || err.contains("scores"),
+        err.contains("key `threshold.dspot_depth`") && err.contains("scores"),
         "{err}"
     );
 
@@ -766,7 +766,8 @@ fn missing_or_broken_model_exits_78_from_run_and_validate() {
 }
 
 /// Settings the model cannot run with are configuration errors as well: an SAE folder with
-/// other than raw input or with online retraining. `run` and `validate --agent` exit 78 with the key and what to change
+/// other than raw input or with online retraining, a threshold the model's held-out scores
+/// cannot calibrate (too few of them for the configured kind). `run` and `validate --agent` exit 78 with the key and what to change
 /// (they exited 1, and systemd restarted the agent into the same refusal forever).
 #[test]
 fn settings_the_model_cannot_run_with_exit_78_from_run_and_validate_agent() {
@@ -777,6 +778,21 @@ fn settings_the_model_cannot_run_with_exit_78_from_run_and_validate_agent() {
         "[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
         dir.path().join("state").display()
     );
+    // An autoencoder trained on 300 rows holds fewer held-out scores than any threshold needs.
+    let train = dir.path().join("train.csv");
+    synthetic_csv(&train, 300, 4, &[]);
+    let few = dir.path().join("few");
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&train)
+        .arg("--out")
+        .arg(&few)
+        .arg("--config")
+        .arg(quick_config(dir.path())));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("no threshold can be calibrated"), "{err}");
+    let model = repo("models/smd-machine-1-6");
+    let dspot = "[threshold]\nkind = \"dspot\"\ndspot_depth = 100000\n";
     let cases = [
         (&sae, "examon", "", "agent.format", "format must be \"raw\""),
         (
@@ -785,6 +801,27 @@ fn settings_the_model_cannot_run_with_exit_78_from_run_and_validate_agent() {
             retrain.as_str(),
             "retrain.enabled",
             "set it to false",
+        ),
+        (
+            &sae,
+            "raw",
+            dspot,
+            "threshold.dspot_depth",
+            "sae-head --force",
+        ),
+        (
+            &model,
+            "examon",
+            dspot,
+            "threshold.dspot_depth",
+            "lower [threshold] dspot_depth",
+        ),
+        (
+            &few,
+            "examon",
+            "",
+            "threshold.kind",
+            "use a model trained with more held-out rows",
         ),
     ];
     for (i, (model_dir, format, extra, key, says)) in cases.iter().enumerate() {
