@@ -1243,6 +1243,16 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
         features: None,
     };
+    // An SAE folder is refused, as `sae-train` refuses a model folder: with model.json beside
+    // its checkpoint, `run` and `inspect` would take the folder for an autoencoder.
+    let sae = darkwatch::sae::detector::SaeDetector::files_in(out);
+    if !sae.is_empty() {
+        anyhow::bail!(
+            "{}: holds an SAE ({}); an autoencoder model written beside it would leave a folder that is both: choose another --out folder",
+            out.display(),
+            sae.join(", ")
+        );
+    }
     // Say so when a model is there already: it is replaced once training succeeds.
     if out.join("model.json").exists() {
         eprintln!(

@@ -103,3 +103,41 @@ fn sae_train_prints_a_line_per_cross_fit_fold() {
         );
     }
 }
+
+/// `train --out` into an SAE folder used to write model.json beside the checkpoint, and the
+/// folder then loaded as the autoencoder (the SAE ignored by `run` and `inspect`). It is
+/// refused before anything is written, as `sae-train` refuses a model folder; so is a
+/// sparsify run folder, whose checkpoint is one level down.
+#[test]
+fn train_refuses_an_sae_folder_as_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae = dir.path().join("sae");
+    crate::util::sae::train_detector(&sae, 64, 8);
+    let run_folder = dir.path().join("run");
+    std::fs::create_dir_all(run_folder.join("layers.6")).unwrap();
+    std::fs::write(run_folder.join("layers.6/cfg.json"), "{}").unwrap();
+    let train = dir.path().join("train.csv");
+    crate::util::synthetic_csv(&train, 300, 4, &[]);
+    for (out, files) in [
+        (&sae, "cfg.json, sae_weights.safetensors, dark/"),
+        (&run_folder, "layers.6/"),
+    ] {
+        let (code, stdout, err) = crate::util::run(
+            crate::util::darkwatch()
+                .args(["train", "--input"])
+                .arg(&train)
+                .arg("--out")
+                .arg(out),
+        );
+        assert_eq!(code, 1, "{stdout}{err}");
+        assert!(
+            err.contains(&format!("holds an SAE ({files})"))
+                && err.contains("choose another --out folder"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+        for written in ["model.json", "model.safetensors"] {
+            assert!(!out.join(written).exists(), "{}", out.display());
+        }
+    }
+}
