@@ -1065,6 +1065,17 @@ fn run(command: Command) -> Result<()> {
             out,
             force,
         } => {
+            // A head beside an autoencoder's model.json is never read (the folder loads as the
+            // autoencoder), as `sae-train` refuses to write an SAE there.
+            if let Some(dir) = &out
+                && dir.join(model::io::META_FILE).exists()
+            {
+                anyhow::bail!(
+                    "{}: holds an autoencoder model ({}); a dark-matter head written beside it would leave a folder that is both: choose another --out folder, or drop --out to write the head to SAE/dark, where `run` looks for it",
+                    dir.display(),
+                    model::io::META_FILE
+                );
+            }
             let args = darkwatch::sae::eval::SaeHeadArgs {
                 sae,
                 input,
