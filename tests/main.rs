@@ -858,19 +858,31 @@ fn settings_the_model_cannot_run_with_exit_78_from_run_and_validate_agent() {
 }
 
 /// A build without the `onnx` feature refuses the ONNX backend up front, with the rebuild
-/// command, from the config and from the command line alike.
+/// command, from the config (exit 78, from `run` too) and from the command line alike.
 #[cfg(not(feature = "onnx"))]
 #[test]
 fn onnx_backend_without_the_feature_says_how_to_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("onnx.toml");
     std::fs::write(&cfg, "[score]\nbackend = \"onnx\"\n").unwrap();
-    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
-    assert_eq!(code, 78, "{err}");
-    assert!(
-        err.contains("score.backend") && err.contains("--features onnx"),
-        "{err}"
-    );
+    // A configuration error, so also from `run` (which systemd then does not restart).
+    for args in [
+        &["validate", "--config"][..],
+        &["validate", "--agent", "--config"],
+        &["run", "--config"],
+    ] {
+        let (code, _, err) = run(std::process::Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_darkwatch"))
+            .args(args)
+            .arg(&cfg)
+            .env_remove("RUST_LOG"));
+        assert_eq!(code, 78, "{args:?}: {err}");
+        assert!(
+            err.contains("score.backend") && err.contains("--features onnx"),
+            "{args:?}: {err}"
+        );
+    }
 
     let (code, _, err) = run(darkwatch()
         .args(["replay", "--backend", "onnx", "--model"])
@@ -886,7 +898,7 @@ fn onnx_backend_without_the_feature_says_how_to_rebuild() {
 }
 
 /// A build without the `cuda` feature refuses the CUDA backend up front, with the rebuild
-/// command, from the config and from the command line alike; and retraining is refused
+/// command, from the config (exit 78, from `run` too) and from the command line alike; and retraining is refused
 /// with the CUDA backend in any build.
 #[cfg(not(feature = "cuda"))]
 #[test]
@@ -894,12 +906,24 @@ fn cuda_backend_without_the_feature_says_how_to_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cuda.toml");
     std::fs::write(&cfg, "[score]\nbackend = \"cuda\"\n").unwrap();
-    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
-    assert_eq!(code, 78, "{err}");
-    assert!(
-        err.contains("score.backend") && err.contains("--features cuda"),
-        "{err}"
-    );
+    // A configuration error, so also from `run` (which systemd then does not restart).
+    for args in [
+        &["validate", "--config"][..],
+        &["validate", "--agent", "--config"],
+        &["run", "--config"],
+    ] {
+        let (code, _, err) = run(std::process::Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_darkwatch"))
+            .args(args)
+            .arg(&cfg)
+            .env_remove("RUST_LOG"));
+        assert_eq!(code, 78, "{args:?}: {err}");
+        assert!(
+            err.contains("score.backend") && err.contains("--features cuda"),
+            "{args:?}: {err}"
+        );
+    }
 
     let (code, _, err) = run(darkwatch()
         .args(["replay", "--backend", "cuda", "--model"])
