@@ -51,7 +51,7 @@ use crate::pipeline::{self, Clock, PipelineError, PipelineReport, ScoredFrame, S
 use crate::ring::{FrameMeta, FrameProducer, Pushed};
 use crate::sae::detector::SaeScorer;
 use crate::spool::{Spool, SpoolError};
-use crate::threshold::Threshold;
+use crate::threshold::{Threshold, ThresholdError};
 
 /// What the agent runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,8 +110,10 @@ pub enum AgentError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Detector(#[from] detector::LoadError),
-    #[error("{0}")]
-    Config(String),
+    /// A setting the model cannot run with, `key` as `section.key`: the configuration or
+    /// the model folder must change, so restarting cannot mend it (the binary exits 78).
+    #[error("{reason}")]
+    Config { key: String, reason: String },
     #[error(transparent)]
     Mqtt(#[from] MqttError),
     #[error(transparent)]
@@ -537,13 +539,48 @@ pub fn run_with(
 /// input and no online retraining.
 ///
 /// # Errors
-/// What does not fit, naming the setting.
+/// What does not fit: an [`AgentError::Config`] naming the setting and what to change.
 pub fn validate(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentError> {
     check_suits(cfg, model)?;
     cfg.threshold
         .build(&model.threshold_scores())
         .map(drop)
-        .map_err(|e| AgentError::Threshold(format!("model {}: {e}", model.id())))
+        .map_err(|e| calibration_error(model, &e))
+}
+
+/// The configured threshold cannot calibrate on `model`'s held-out scores: the model or
+/// `[threshold]` must change, so it is a configuration error, keyed and with what to do.
+fn calibration_error(model: &Detector, e: &ThresholdError) -> AgentError {
+    let more = match model {
+        Detector::Autoencoder(_) => {
+            "a model trained with more held-out rows (more rows, or a larger [train] \
+             validation_fraction)"
+        }
+        Detector::Sae(_) => {
+            "a head calibrated on more held-out rows (`darkwatch sae-head --force` with more \
+             rows or a larger --holdout)"
+        }
+    };
+    let (key, hint) = match e {
+        ThresholdError::Config { key, .. } => (format!("threshold.{key}"), String::new()),
+        ThresholdError::TooFewScores { kind: "dspot", .. } => (
+            "threshold.dspot_depth".into(),
+            format!(
+                "; lower [threshold] dspot_depth, choose another [threshold] kind, or use {more}"
+            ),
+        ),
+        ThresholdError::TooFewScores { .. } => ("threshold.kind".into(), format!("; use {more}")),
+        ThresholdError::ConstantScores { .. } => (
+            "threshold.kind".into(),
+            "; retrain the model on rows from normal operation that vary, or use [threshold] \
+             kind = \"quantile\""
+                .into(),
+        ),
+    };
+    AgentError::Config {
+        key,
+        reason: format!("model {}: {e}{hint}", model.id()),
+    }
 }
 
 /// Refuses settings an SAE detector cannot run with: it scores raw activation frames, and
@@ -551,16 +588,22 @@ pub fn validate(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentErro
 fn check_suits(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentError> {
     if let Detector::Sae(_) = model {
         if cfg.agent.format != InputFormat::Raw {
-            return Err(AgentError::Config(format!(
-                "{} is an SAE folder: it scores activation frames, so [agent] format must be \"raw\"",
-                cfg.agent.model_dir.display()
-            )));
+            return Err(AgentError::Config {
+                key: "agent.format".into(),
+                reason: format!(
+                    "{} is an SAE folder: it scores activation frames, so [agent] format must be \"raw\"",
+                    cfg.agent.model_dir.display()
+                ),
+            });
         }
         if cfg.retrain.enabled {
-            return Err(AgentError::Config(format!(
-                "{} is an SAE folder: online retraining ([retrain] enabled) is for autoencoders",
-                cfg.agent.model_dir.display()
-            )));
+            return Err(AgentError::Config {
+                key: "retrain.enabled".into(),
+                reason: format!(
+                    "{} is an SAE folder: online retraining ([retrain] enabled) is for autoencoders; set it to false",
+                    cfg.agent.model_dir.display()
+                ),
+            });
         }
     }
     Ok(())

@@ -38,11 +38,12 @@ pub enum LoadError {
 impl LoadError {
     /// Whether the folder is at fault: it is missing, or it holds no usable model (no or
     /// an invalid `model.json`, weights that are missing, corrupt or not the ones it names,
-    /// an SAE checkpoint, head or calibration that is absent or broken). Restarting cannot
-    /// mend that: the folder or `[agent] model_dir` must change, so `run` and `validate`
-    /// call it a configuration error. Not so an I/O error other than a missing or unreadable file, ONNX
-    /// Runtime or a GPU that is unavailable, or the retraining state folder: those may
-    /// pass, or lie outside the model.
+    /// an SAE checkpoint, head or calibration that is absent or broken, no ONNX graph for
+    /// `[score] backend = "onnx"`). Restarting cannot mend that: the folder or `[agent]
+    /// model_dir` must change, so `run` and `validate` call it a configuration error. Not
+    /// so an I/O error other than a missing or unreadable file, ONNX Runtime or a GPU that
+    /// is unavailable, or the retraining state folder: those may pass, or lie outside the
+    /// model.
     pub fn is_bad_model(&self) -> bool {
         match self {
             LoadError::Folder { .. } => true,
@@ -52,7 +53,9 @@ impl LoadError {
                 | ModelError::Field { .. }
                 | ModelError::Tensor { .. }
                 | ModelError::Weights { .. } => true,
-                ModelError::StateDir { .. } | ModelError::Onnx(_) | ModelError::Cuda(_) => false,
+                // A missing graph is the folder's; ONNX Runtime failing is not.
+                ModelError::Onnx(e) => e.is_missing_graph(),
+                ModelError::StateDir { .. } | ModelError::Cuda(_) => false,
             },
             LoadError::Sae(e) => match e {
                 DetectorError::Sae(e) => sae_is_bad(e),

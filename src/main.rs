@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use darkwatch::agent::{AgentCounters, Control, Reload};
+use darkwatch::agent::{AgentCounters, AgentError, Control, Reload};
 use darkwatch::config::{self, Backend, ConfigError, DarkwatchConfig};
 use darkwatch::detector::{Detector, LoadError};
 use darkwatch::harness;
@@ -495,7 +495,7 @@ async fn reload(
     counters: &AgentCounters,
     notify: &Notifier,
 ) {
-    let shown = config.map_or("(defaults)".into(), |p| p.display().to_string());
+    let shown = config_name(config);
     tracing::info!(config = %shown, "SIGHUP: reloading the configuration and the model.");
     notify.send("RELOADING=1");
     let loaded = load_config(config).and_then(|cfg| {
@@ -640,7 +640,7 @@ fn load_model(
     load(&cfg.agent.model_dir, cfg).map_err(|e| {
         if e.is_bad_model() {
             ConfigError::Invalid {
-                file: config.map_or_else(|| "(defaults)".into(), |p| p.display().to_string()),
+                file: config_name(config),
                 key: "agent.model_dir".into(),
                 reason: e.to_string(),
             }
@@ -649,6 +649,27 @@ fn load_model(
             e.into()
         }
     })
+}
+
+/// [`darkwatch::agent::validate`] for `run` and `validate --agent`: a setting the model
+/// cannot run with ([`AgentError::Config`]: an SAE with other than raw input or with online
+/// retraining, a threshold its held-out scores cannot calibrate) is a configuration error
+/// (exit 78), as a bad model is in [`load_model`].
+fn check_runs(config: Option<&Path>, cfg: &DarkwatchConfig, model: &Detector) -> Result<()> {
+    darkwatch::agent::validate(cfg, model).map_err(|e| match e {
+        AgentError::Config { key, reason } => ConfigError::Invalid {
+            file: config_name(config),
+            key,
+            reason,
+        }
+        .into(),
+        e => e.into(),
+    })
+}
+
+/// The configuration file as [`ConfigError`] names it.
+fn config_name(config: Option<&Path>) -> String {
+    config.map_or_else(|| "(defaults)".into(), |p| p.display().to_string())
 }
 
 fn run(command: Command) -> Result<()> {
@@ -729,7 +750,7 @@ fn run(command: Command) -> Result<()> {
             let cfg = load_config(config.as_deref())?;
             // Fail before telling systemd we are ready if the model cannot be loaded.
             let model = load_model(config.as_deref(), &cfg, Detector::load_configured)?;
-            darkwatch::agent::validate(&cfg, &model)?;
+            check_runs(config.as_deref(), &cfg, &model)?;
             let control = Control::default();
             let counters = Arc::new(AgentCounters::default());
             let notify = notifier();
@@ -1044,6 +1065,17 @@ fn run(command: Command) -> Result<()> {
             out,
             force,
         } => {
+            // A head beside an autoencoder's model.json is never read (the folder loads as the
+            // autoencoder), as `sae-train` refuses to write an SAE there.
+            if let Some(dir) = &out
+                && dir.join(model::io::META_FILE).exists()
+            {
+                anyhow::bail!(
+                    "{}: holds an autoencoder model ({}); a dark-matter head written beside it would leave a folder that is both: choose another --out folder, or drop --out to write the head to SAE/dark, where `run` looks for it",
+                    dir.display(),
+                    model::io::META_FILE
+                );
+            }
             let args = darkwatch::sae::eval::SaeHeadArgs {
                 sae,
                 input,
@@ -1161,7 +1193,7 @@ fn run(command: Command) -> Result<()> {
                 return Ok(());
             }
             let model = load_model(Some(&config), &cfg, Detector::load_checked)?;
-            darkwatch::agent::validate(&cfg, &model)?;
+            check_runs(Some(&config), &cfg, &model)?;
             println!(
                 "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate{}",
                 config.display(),
@@ -1222,6 +1254,16 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
         features: None,
     };
+    // An SAE folder is refused, as `sae-train` refuses a model folder: with model.json beside
+    // its checkpoint, `run` and `inspect` would take the folder for an autoencoder.
+    let sae = darkwatch::sae::detector::SaeDetector::files_in(out);
+    if !sae.is_empty() {
+        anyhow::bail!(
+            "{}: holds an SAE ({}); an autoencoder model written beside it would leave a folder that is both: choose another --out folder",
+            out.display(),
+            sae.join(", ")
+        );
+    }
     // Say so when a model is there already: it is replaced once training succeeds.
     if out.join("model.json").exists() {
         eprintln!(

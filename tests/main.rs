@@ -675,9 +675,9 @@ fn validate_agent_loads_the_model_and_checks_the_state_folder() {
     let (code, out, err) = run(darkwatch()
         .args(["validate", "--agent", "--config"])
         .arg(&spot));
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 78, "{out}");
     assert!(
-        err.contains("dspot_depth") || err.contains("scores"),
+        err.contains("key `threshold.dspot_depth`") && err.contains("scores"),
         "{err}"
     );
 
@@ -765,20 +765,124 @@ fn missing_or_broken_model_exits_78_from_run_and_validate() {
     }
 }
 
+/// Settings the model cannot run with are configuration errors as well: an SAE folder with
+/// other than raw input or with online retraining, a threshold the model's held-out scores
+/// cannot calibrate (too few of them for the configured kind). `run` and `validate --agent` exit 78 with the key and what to change
+/// (they exited 1, and systemd restarted the agent into the same refusal forever).
+#[test]
+fn settings_the_model_cannot_run_with_exit_78_from_run_and_validate_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae = dir.path().join("sae");
+    util::sae::train_detector(&sae, 64, 8);
+    let retrain = format!(
+        "[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
+        dir.path().join("state").display()
+    );
+    // An autoencoder trained on 300 rows holds fewer held-out scores than any threshold needs.
+    let train = dir.path().join("train.csv");
+    synthetic_csv(&train, 300, 4, &[]);
+    let few = dir.path().join("few");
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&train)
+        .arg("--out")
+        .arg(&few)
+        .arg("--config")
+        .arg(quick_config(dir.path())));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("no threshold can be calibrated"), "{err}");
+    let model = repo("models/smd-machine-1-6");
+    let dspot = "[threshold]\nkind = \"dspot\"\ndspot_depth = 100000\n";
+    let cases = [
+        (&sae, "examon", "", "agent.format", "format must be \"raw\""),
+        (
+            &sae,
+            "raw",
+            retrain.as_str(),
+            "retrain.enabled",
+            "set it to false",
+        ),
+        (
+            &sae,
+            "raw",
+            dspot,
+            "threshold.dspot_depth",
+            "sae-head --force",
+        ),
+        (
+            &model,
+            "examon",
+            dspot,
+            "threshold.dspot_depth",
+            "lower [threshold] dspot_depth",
+        ),
+        (
+            &few,
+            "examon",
+            "",
+            "threshold.kind",
+            "use a model trained with more held-out rows",
+        ),
+    ];
+    for (i, (model_dir, format, extra, key, says)) in cases.iter().enumerate() {
+        let cfg = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[agent]\nmodel_dir = \"{}\"\nformat = \"{format}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
+                model_dir.display(),
+                dir.path().join("spool").display()
+            ),
+        )
+        .unwrap();
+        for args in [
+            &["validate", "--agent", "--config"][..],
+            &["run", "--config"],
+        ] {
+            // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
+            let (code, out, err) = run(std::process::Command::new("timeout")
+                .arg("60")
+                .arg(env!("CARGO_BIN_EXE_darkwatch"))
+                .args(args)
+                .arg(&cfg)
+                .env_remove("RUST_LOG"));
+            let what = format!("{args:?} with {key}");
+            assert_eq!(code, 78, "{what}: {out}{err}");
+            assert!(
+                err.contains(&format!("case{i}.toml: key `{key}`: ")) && err.contains(says),
+                "{what}: {err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
+        }
+    }
+}
+
 /// A build without the `onnx` feature refuses the ONNX backend up front, with the rebuild
-/// command, from the config and from the command line alike.
+/// command, from the config (exit 78, from `run` too) and from the command line alike.
 #[cfg(not(feature = "onnx"))]
 #[test]
 fn onnx_backend_without_the_feature_says_how_to_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("onnx.toml");
     std::fs::write(&cfg, "[score]\nbackend = \"onnx\"\n").unwrap();
-    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
-    assert_eq!(code, 78, "{err}");
-    assert!(
-        err.contains("score.backend") && err.contains("--features onnx"),
-        "{err}"
-    );
+    // A configuration error, so also from `run` (which systemd then does not restart).
+    for args in [
+        &["validate", "--config"][..],
+        &["validate", "--agent", "--config"],
+        &["run", "--config"],
+    ] {
+        let (code, _, err) = run(std::process::Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_darkwatch"))
+            .args(args)
+            .arg(&cfg)
+            .env_remove("RUST_LOG"));
+        assert_eq!(code, 78, "{args:?}: {err}");
+        assert!(
+            err.contains("score.backend") && err.contains("--features onnx"),
+            "{args:?}: {err}"
+        );
+    }
 
     let (code, _, err) = run(darkwatch()
         .args(["replay", "--backend", "onnx", "--model"])
@@ -794,7 +898,7 @@ fn onnx_backend_without_the_feature_says_how_to_rebuild() {
 }
 
 /// A build without the `cuda` feature refuses the CUDA backend up front, with the rebuild
-/// command, from the config and from the command line alike; and retraining is refused
+/// command, from the config (exit 78, from `run` too) and from the command line alike; and retraining is refused
 /// with the CUDA backend in any build.
 #[cfg(not(feature = "cuda"))]
 #[test]
@@ -802,12 +906,24 @@ fn cuda_backend_without_the_feature_says_how_to_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cuda.toml");
     std::fs::write(&cfg, "[score]\nbackend = \"cuda\"\n").unwrap();
-    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
-    assert_eq!(code, 78, "{err}");
-    assert!(
-        err.contains("score.backend") && err.contains("--features cuda"),
-        "{err}"
-    );
+    // A configuration error, so also from `run` (which systemd then does not restart).
+    for args in [
+        &["validate", "--config"][..],
+        &["validate", "--agent", "--config"],
+        &["run", "--config"],
+    ] {
+        let (code, _, err) = run(std::process::Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_darkwatch"))
+            .args(args)
+            .arg(&cfg)
+            .env_remove("RUST_LOG"));
+        assert_eq!(code, 78, "{args:?}: {err}");
+        assert!(
+            err.contains("score.backend") && err.contains("--features cuda"),
+            "{args:?}: {err}"
+        );
+    }
 
     let (code, _, err) = run(darkwatch()
         .args(["replay", "--backend", "cuda", "--model"])

@@ -119,10 +119,10 @@ fn mismatched_graphs_are_refused_with_names_and_shapes() {
     // Not an ONNX file at all.
     let e = load_error(PAE, "model.json");
     assert!(e.contains("model.json"), "{e}");
-    // No such file.
+    // No such file: said before ONNX Runtime is looked for, with how to make one.
     let e = load_error(PAE, "missing.onnx");
     assert!(
-        e.contains("missing.onnx") && e.contains("cannot read"),
+        e.contains("missing.onnx: no such file") && e.contains("tools/export_onnx.py"),
         "{e}"
     );
 }
@@ -213,4 +213,64 @@ fn binary_replays_and_inspects_with_the_onnx_backend() {
         out.contains("onnx/cpu") && out.contains("model.onnx"),
         "{out}"
     );
+}
+
+/// A model folder without the ONNX graph `[score] backend = "onnx"` needs is a configuration
+/// error: `run` and `validate --agent` exit 78 (they exited 1, and systemd restarted the
+/// agent into it), whether ONNX Runtime loads or not. ONNX Runtime that does not load stays
+/// a failure (exit 1): installing it mends that without touching the configuration.
+#[test]
+fn missing_graph_exits_78_and_a_missing_runtime_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("no-graph");
+    std::fs::create_dir(&model).unwrap();
+    for file in ["model.json", "model.safetensors"] {
+        std::fs::copy(repo(PAE).join(file), model.join(file)).unwrap();
+    }
+    let config = |name: &str, model_dir: &std::path::Path| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "[agent]\nmodel_dir = \"{}\"\n[score]\nbackend = \"onnx\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+                model_dir.display(),
+                dir.path().join("spool").display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let no_graph = config("no-graph.toml", &model);
+    let no_runtime = config("no-runtime.toml", &repo(PAE));
+    let absent = "/nonexistent/libonnxruntime.so.1.31.1";
+    let runtime = std::env::var("ORT_DYLIB_PATH").unwrap_or_default();
+    for args in [
+        &["validate", "--agent", "--config"][..],
+        &["run", "--config"],
+    ] {
+        // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
+        let binary = |cfg: &std::path::Path, library: &str| {
+            run(std::process::Command::new("timeout")
+                .arg("60")
+                .arg(env!("CARGO_BIN_EXE_darkwatch"))
+                .args(args)
+                .arg(cfg)
+                .env_remove("RUST_LOG")
+                .env("ORT_DYLIB_PATH", library))
+        };
+        for library in [runtime.as_str(), absent] {
+            let (code, out, err) = binary(&no_graph, library);
+            assert_eq!(code, 78, "{args:?} with {library:?}: {out}{err}");
+            assert!(
+                err.contains("key `agent.model_dir`")
+                    && err.contains("no-graph/model.onnx: no such file")
+                    && err.contains("tools/export_onnx.py"),
+                "{err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+        }
+        let (code, out, err) = binary(&no_runtime, absent);
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(err.contains(absent), "{err}");
+    }
 }

@@ -235,7 +235,7 @@ fn sae_head_makes_a_published_sae_watchable_and_bad_setups_are_refused() {
         let checked = agent::validate(&cfg, &det).unwrap_err().to_string();
         let stop = Arc::new(AtomicBool::new(true));
         match agent::run(&cfg, stop, Arc::default(), false) {
-            Err(e @ AgentError::Config(_)) => assert_eq!(e.to_string(), checked),
+            Err(e @ AgentError::Config { .. }) => assert_eq!(e.to_string(), checked),
             other => panic!("expected a configuration error, got {other:?}"),
         }
         checked

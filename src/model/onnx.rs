@@ -37,6 +37,12 @@ pub enum OnnxError {
          (tested with 1.31.1); get it with tools/get-onnxruntime.sh, then set ORT_DYLIB_PATH or [onnx] library"
     )]
     Library { path: String, reason: String },
+    #[error(
+        "{}: no such file: the ONNX backend scores the model's ONNX graph ([onnx] file); \
+         export it with tools/export_onnx.py, or use the native backend",
+        path.display()
+    )]
+    NoGraph { path: PathBuf },
     #[error("{path}: {reason}")]
     Model { path: PathBuf, reason: String },
     #[error(
@@ -49,6 +55,13 @@ pub enum OnnxError {
     },
     #[error("ONNX Runtime failed to run {path}: {reason}")]
     Run { path: PathBuf, reason: String },
+}
+
+impl OnnxError {
+    /// The graph file is not there ([`OnnxError::NoGraph`]): the model folder must change.
+    pub fn is_missing_graph(&self) -> bool {
+        matches!(self, OnnxError::NoGraph { .. })
+    }
 }
 
 /// How the graph's outputs carry the reconstruction.
@@ -141,6 +154,13 @@ impl OnnxModel {
         output: OutputKind,
         cfg: &OnnxConfig,
     ) -> Result<OnnxModel, OnnxError> {
+        // Before the runtime: a missing graph is the model folder's fault wherever the
+        // runtime is, and restarting does not bring it.
+        if std::fs::metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            return Err(OnnxError::NoGraph {
+                path: path.to_path_buf(),
+            });
+        }
         let env = environment(cfg)?;
         let bad = |reason: String| OnnxError::Model {
             path: path.to_path_buf(),

@@ -20,6 +20,13 @@ pub enum OnnxError {
     NotBuilt(String),
 }
 
+impl OnnxError {
+    /// Never: this build reads no graph (see the `onnx` build's `OnnxError`).
+    pub fn is_missing_graph(&self) -> bool {
+        false
+    }
+}
+
 /// Uninhabited: no ONNX model exists in this build.
 #[derive(Debug)]
 pub enum OnnxModel {}

@@ -354,6 +354,31 @@ impl SaeDetector {
             && (dir.join(CONFIG_FILE).is_file() || dir.join(DARK_DIR).is_dir())
     }
 
+    /// The SAE files of `dir` by name (a folder's with a trailing `/`): a checkpoint's
+    /// `cfg.json` and weights (SAELens or sparsify), a sparsify run folder's hookpoint
+    /// folders, and the dark-matter head folder. Empty for a folder with none of them, or
+    /// none at all. What an autoencoder model must not be written beside.
+    pub fn files_in(dir: &Path) -> Vec<String> {
+        let mut found: Vec<String> = [CONFIG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS]
+            .into_iter()
+            .filter(|name| dir.join(name).is_file())
+            .map(String::from)
+            .collect();
+        if dir.join(DARK_DIR).is_dir() {
+            found.push(format!("{DARK_DIR}/"));
+        }
+        if let Ok(entries) = fs::read_dir(dir) {
+            let mut layers: Vec<String> = entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().join(CONFIG_FILE).is_file())
+                .map(|e| format!("{}/", e.file_name().to_string_lossy()))
+                .collect();
+            layers.sort();
+            found.extend(layers);
+        }
+        found
+    }
+
     /// Loads the SAE in `dir`, its head and calibration from `dir/dark`.
     ///
     /// # Errors

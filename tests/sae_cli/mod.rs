@@ -103,3 +103,84 @@ fn sae_train_prints_a_line_per_cross_fit_fold() {
         );
     }
 }
+
+/// `train --out` into an SAE folder used to write model.json beside the checkpoint, and the
+/// folder then loaded as the autoencoder (the SAE ignored by `run` and `inspect`). It is
+/// refused before anything is written, as `sae-train` refuses a model folder; so is a
+/// sparsify run folder, whose checkpoint is one level down.
+#[test]
+fn train_refuses_an_sae_folder_as_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae = dir.path().join("sae");
+    crate::util::sae::train_detector(&sae, 64, 8);
+    let run_folder = dir.path().join("run");
+    std::fs::create_dir_all(run_folder.join("layers.6")).unwrap();
+    std::fs::write(run_folder.join("layers.6/cfg.json"), "{}").unwrap();
+    let train = dir.path().join("train.csv");
+    crate::util::synthetic_csv(&train, 300, 4, &[]);
+    for (out, files) in [
+        (&sae, "cfg.json, sae_weights.safetensors, dark/"),
+        (&run_folder, "layers.6/"),
+    ] {
+        let (code, stdout, err) = crate::util::run(
+            crate::util::darkwatch()
+                .args(["train", "--input"])
+                .arg(&train)
+                .arg("--out")
+                .arg(out),
+        );
+        assert_eq!(code, 1, "{stdout}{err}");
+        assert!(
+            err.contains(&format!("holds an SAE ({files})"))
+                && err.contains("choose another --out folder"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+        for written in ["model.json", "model.safetensors"] {
+            assert!(!out.join(written).exists(), "{}", out.display());
+        }
+    }
+}
+
+/// `sae-head --out` into an autoencoder's model folder used to write the head beside
+/// model.json and exit 0, though nothing reads it there (the folder loads as the
+/// autoencoder). It is refused before anything is written, as `sae-train` refuses such a
+/// folder.
+#[test]
+fn sae_head_refuses_an_autoencoder_folder_as_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae = dir.path().join("sae");
+    crate::util::sae::train_detector(&sae, 64, 8);
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for file in ["model.json", "model.safetensors"] {
+        std::fs::copy(
+            crate::util::repo("models/smd-machine-1-6").join(file),
+            model.join(file),
+        )
+        .unwrap();
+    }
+    let a = crate::util::repo("tests/data/activations");
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-head", "--sae"])
+            .arg(&sae)
+            .arg("--input")
+            .arg(a.join("train.npy"))
+            .arg("--out")
+            .arg(&model),
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("holds an autoencoder model (model.json)")
+            && err.contains("choose another --out folder"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    let mut names: Vec<String> = std::fs::read_dir(&model)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["model.json", "model.safetensors"]);
+}
