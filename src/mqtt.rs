@@ -599,7 +599,8 @@ pub struct MqttStats {
     /// Alerts refused before the spool (invalid topic, too large, spool I/O error) or found
     /// unreadable in it; each one is lost, with a `warn!`.
     pub outgoing_rejected: AtomicU64,
-    /// Unacknowledged alerts the spool deleted to stay within its `max_bytes`.
+    /// Unacknowledged alerts the spool lost: deleted to stay within its `max_bytes`, or
+    /// found corrupt when it was opened (see [`crate::spool::SpoolStats::dropped_corrupt`]).
     pub spool_dropped: AtomicU64,
 }
 
@@ -1137,6 +1138,13 @@ struct Publisher {
 impl Publisher {
     fn new(spool: Spool, inflight_max: usize, stats: Arc<MqttStats>) -> Publisher {
         let backlog = spool.len();
+        // Alerts the spool lost while opening (corrupt records, or a `max_bytes` that
+        // shrank) are lost as surely as those a full spool drops later.
+        let opened = spool.stats();
+        bump(
+            &stats.spool_dropped,
+            opened.dropped_corrupt + opened.dropped_oldest,
+        );
         Publisher {
             spool,
             inflight_max: inflight_max.max(1),
@@ -1608,6 +1616,36 @@ mod tests {
         assert_eq!(h.pump().len(), 2);
         assert_eq!(h.sent_payloads(), names(0..5));
         assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 1);
+    }
+
+    /// The trial's case: two alerts spooled while the broker was down, four bytes of the
+    /// first one's payload overwritten, a restart. The second is still published and the
+    /// first counts as dropped (it fed `darkwatch_alerts_spool_dropped_total` nothing).
+    #[test]
+    fn a_corrupt_spooled_alert_is_counted_as_dropped_and_the_next_one_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut h = Harness::new(spool_at(dir.path(), 1 << 16), 4);
+            h.p.append(alert(0));
+            h.p.append(alert(1));
+        }
+        let segment = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "spool"))
+            .unwrap();
+        let mut data = std::fs::read(&segment).unwrap();
+        // Past the spool's 8-byte frame and this record's 4-byte header: the topic.
+        data[crate::spool::RECORD_HEADER_BYTES as usize + 6..][..4].copy_from_slice(b"XXXX");
+        std::fs::write(&segment, &data).unwrap();
+
+        let mut h = Harness::new(spool_at(dir.path(), 1 << 16), 4);
+        assert_eq!(h.p.stats.spool_dropped.load(Ordering::Relaxed), 1);
+        h.p.reset_connection(true);
+        let pkids = h.pump();
+        assert_eq!(h.sent_payloads(), names(1..2));
+        h.p.on_puback(pkids[0]);
+        assert!(h.p.is_drained());
     }
 
     #[test]
