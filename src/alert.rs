@@ -419,7 +419,7 @@ impl AlertState {
     }
 
     /// The firing event of the open episode as it stands now (latest peak and blame), for
-    /// re-sending active alerts to Alertmanager; `None` when not firing.
+    /// a sink that re-sends active alerts (the agent does not); `None` when not firing.
     pub fn active(&self) -> Option<AlertEvent> {
         match &self.phase {
             Phase::Firing(ep) => Some(self.event(
@@ -433,15 +433,19 @@ impl AlertState {
         }
     }
 
-    /// Resolves an open episode at the end of a finite input (replay), ending it at its
-    /// last above-threshold frame; `None` when not firing. A live agent that shuts down
-    /// should not call this: the anomaly is not over, Alertmanager times it out instead.
     /// Whether an alert is firing, or has just resolved and is suppressed: frames in this
     /// state must not be learned as normal (online retraining asks).
     pub fn in_alert(&self) -> bool {
         !matches!(self.phase, Phase::Idle)
     }
 
+    /// Resolves an open episode, ending it at its last above-threshold frame; `None` when
+    /// not firing. Replay calls it at the end of a finite input. The live agent calls it
+    /// too, when it stops or a reload replaces the alert state, and adds an `ended_by`
+    /// annotation to the event: the scores did not fall, so the anomaly may still be going
+    /// on. It resolves rather than leaving the alert to time out because the firing event
+    /// goes out once, on MQTT, and is never re-sent: a subscriber needs the closing event
+    /// to close what the firing one opened, and nothing else would end it.
     pub fn finish(&mut self) -> Option<AlertEvent> {
         let (seq, score, threshold) = match &self.phase {
             Phase::Firing(ep) => (ep.last_seq, ep.last_score, ep.last_threshold),
@@ -537,7 +541,8 @@ impl AlertState {
             ),
         );
         let mut description = match end_seq {
-            Some(end) => format!("Frames {}..={end}", ep.start_seq),
+            Some(end) if end == ep.start_seq => format!("Frame {end}"),
+            Some(end) => format!("Frames {}–{end}", ep.start_seq),
             None => format!("Since frame {}", ep.start_seq),
         };
         let _ = write!(
@@ -900,8 +905,19 @@ mod tests {
                 },
             ]
         );
+        assert!(
+            fired.annotations["description"].starts_with("Since frame 0, peak at frame 1;"),
+            "{}",
+            fired.annotations["description"]
+        );
         let resolved = &events[1];
         assert_eq!(resolved.end_seq, Some(4));
+        // Prose, not Rust's range syntax (it read "Frames 0..=4").
+        assert!(
+            resolved.annotations["description"].starts_with("Frames 0–4, peak at frame "),
+            "{}",
+            resolved.annotations["description"]
+        );
         assert_eq!(resolved.top_features[0].contribution, 6.0);
         assert_eq!(resolved.top_features[1].contribution, 3.75);
         assert!(
@@ -943,6 +959,16 @@ mod tests {
         let f = st.finish().unwrap();
         assert_eq!((f.status, f.end_seq), (AlertStatus::Resolved, Some(3)));
         assert!(!st.is_firing());
+        // A one-frame episode is one frame, not a range.
+        let mut st = state(&AlertConfig {
+            fire_k: 1,
+            fire_n: 1,
+            resolve_after_frames: 1,
+            ..AlertConfig::default()
+        });
+        let ev = feed(&mut st, 7, &[1, 0]);
+        let d = &ev[1].1.annotations["description"];
+        assert!(d.starts_with("Frame 7, peak at frame 7;"), "{d}");
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub fn render(e: &Exposed) -> String {
         ),
         (
             "darkwatch_alerts_spool_dropped_total",
-            "Unacknowledged alert events deleted, oldest first, from a full spool ([spool] max_bytes) to make room: lost.",
+            "Unacknowledged alert events lost from the spool: deleted, oldest first, from a full spool ([spool] max_bytes) to make room, or found corrupt when the spool was opened.",
             load(&m.spool_dropped),
         ),
     ];

@@ -17,7 +17,10 @@
 //! - the *driver* polls rumqttc's `EventLoop` and is never cancelled mid-poll. It hands
 //!   received publishes to the [`Inbox`] itself and forwards ConnAck, PubAck, the packet id of
 //!   every outgoing publish and every connection error to the controller. After an error
-//!   it sleeps (100 ms doubling to 5 s): rumqttc has no backoff of its own.
+//!   it sleeps (100 ms doubling to 5 s): rumqttc has no backoff of its own. A session the
+//!   broker closes within 10 s of its ConnAck counts as a failed attempt, so two clients
+//!   sharing a client id back off instead of taking the session from each other every
+//!   100 ms.
 //! - the *controller* owns the spool. It wakes on a driver event, on an alert sent to the
 //!   outgoing channel, or on [`ClientStop::stop`], drains the outgoing channel into the
 //!   spool, and publishes from the spool in order. It does not poll the channel for
@@ -107,6 +110,11 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A connection that ends sooner than this after its ConnAck counts as a failed attempt:
+/// the backoff keeps growing instead of starting again at [`BACKOFF_MIN`]. Longer than
+/// [`BACKOFF_MAX`], because two clients that take one client id from each other each hold
+/// the session until the other's backoff ends.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// How often the controller wakes to retry a stalled publish, or to check its drain after
 /// `stop`.
 const TICK: Duration = Duration::from_millis(10);
@@ -594,12 +602,17 @@ pub struct MqttStats {
     pub spooled: AtomicU64,
     /// Connection errors (each one is followed by a reconnect attempt after a backoff).
     pub reconnects: AtomicU64,
+    /// Connections that ended within 10 s of their ConnAck (counted in `reconnects` too):
+    /// the backoff grows over them as over failed attempts. Another client with the same
+    /// client id makes them.
+    pub short_sessions: AtomicU64,
     /// Whether the client holds a connection (ConnAck seen, no error since).
     pub connected: AtomicBool,
     /// Alerts refused before the spool (invalid topic, too large, spool I/O error) or found
     /// unreadable in it; each one is lost, with a `warn!`.
     pub outgoing_rejected: AtomicU64,
-    /// Unacknowledged alerts the spool deleted to stay within its `max_bytes`.
+    /// Unacknowledged alerts the spool lost: deleted to stay within its `max_bytes`, or
+    /// found corrupt when it was opened (see [`crate::spool::SpoolStats::dropped_corrupt`]).
     pub spool_dropped: AtomicU64,
 }
 
@@ -639,6 +652,9 @@ impl ClientStop {
 /// - Every [`Outgoing`] is appended to `spool` first, then published at QoS 1 in spool
 ///   order, at most `inflight_max` unacknowledged; while disconnected alerts only spool.
 /// - After a connection error it sleeps 100 ms, doubling to 5 s, and counts a reconnect.
+///   The delay starts again at 100 ms only after a session that lasted 10 s: one the broker
+///   closes sooner (as it does when another client connects with the same client id) counts
+///   as a failed attempt, with a rate-limited `warn!` naming the client id.
 /// - On `stop`: once the outgoing channel is empty, it exits when the spool is empty or the
 ///   client is disconnected (what is left stays spooled for the next run), or at the
 ///   deadline. When connected it then publishes the retained offline status and disconnects
@@ -771,6 +787,98 @@ pub fn monotonic_secs() -> f64 {
     ORIGIN.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
+/// How a connection attempt ended, as [`Reconnect::failed`] judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// It never got a ConnAck.
+    Attempt,
+    /// The session lasted [`STABLE_SESSION`] or longer.
+    Stable,
+    /// The session ended within [`STABLE_SESSION`] of its ConnAck. `log`: this is the 1st,
+    /// 2nd, 4th, 8th… such session, the ones worth a `warn!`.
+    Short { lasted: Duration, log: bool },
+}
+
+/// The driver's reconnect backoff: [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`] over
+/// failed attempts, and back to the minimum only after a session that held (a ConnAck alone
+/// does not reset it). Two agents with one client id make the broker close each one's
+/// session as the other connects: every reconnect succeeds, and a backoff reset on ConnAck
+/// had them take the session from each other every 100 ms, forever.
+#[derive(Debug)]
+struct Reconnect {
+    delay: Duration,
+    connected_at: Option<Instant>,
+    /// Short sessions since the last stable one.
+    short_in_a_row: u64,
+    /// Short sessions in all.
+    short_total: u64,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            delay: BACKOFF_MIN,
+            connected_at: None,
+            short_in_a_row: 0,
+            short_total: 0,
+        }
+    }
+}
+
+impl Reconnect {
+    /// A ConnAck arrived at `now`.
+    fn connected(&mut self, now: Instant) {
+        self.connected_at = Some(now);
+    }
+
+    /// Whether the last session ended early (so a new ConnAck is not news worth an `info!`).
+    fn flapping(&self) -> bool {
+        self.short_in_a_row > 0
+    }
+
+    /// The connection failed at `now`: how the attempt ended and how long to wait before
+    /// the next one.
+    fn failed(&mut self, now: Instant) -> (Ended, Duration) {
+        let ended = match self.connected_at.take() {
+            None => Ended::Attempt,
+            Some(at) if now.saturating_duration_since(at) >= STABLE_SESSION => {
+                self.delay = BACKOFF_MIN;
+                self.short_in_a_row = 0;
+                Ended::Stable
+            }
+            Some(at) => {
+                self.short_in_a_row += 1;
+                self.short_total += 1;
+                Ended::Short {
+                    lasted: now.saturating_duration_since(at),
+                    log: self.short_total.is_power_of_two(),
+                }
+            }
+        };
+        let wait = self.delay;
+        self.delay = (self.delay * 2).min(BACKOFF_MAX);
+        (ended, wait)
+    }
+}
+
+/// Whether the broker (or something on the way) closed the connection, rather than the
+/// client giving up on it.
+fn closed_by_peer(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted) => true,
+        ConnectionError::MqttState(rumqttc::StateError::Io(e)) | ConnectionError::Io(e) => {
+            matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            )
+        }
+        _ => false,
+    }
+}
+
 /// Polls the event loop forever. Never cancelled mid-poll: rumqttc's `poll` is not
 /// cancellation-safe while it writes.
 async fn drive(
@@ -779,7 +887,7 @@ async fn drive(
     mut inbox: impl Inbox,
     stats: Arc<MqttStats>,
 ) {
-    let mut backoff = BACKOFF_MIN;
+    let mut reconnect = Reconnect::default();
     let mut was_connected = true; // so the first failure is logged
     loop {
         // The event channel is unbounded so that an error is in it before the controller
@@ -789,12 +897,18 @@ async fn drive(
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 let (host, port) = eventloop.mqtt_options.broker_address();
-                info!(
-                    broker = %format!("{host}:{port}"),
-                    session_present = ack.session_present,
-                    "Connected to the MQTT broker."
-                );
-                backoff = BACKOFF_MIN;
+                let broker = format!("{host}:{port}");
+                if reconnect.flapping() {
+                    // The session before ended right away; the warning says why.
+                    debug!(%broker, session_present = ack.session_present, "Connected to the MQTT broker again.");
+                } else {
+                    info!(
+                        %broker,
+                        session_present = ack.session_present,
+                        "Connected to the MQTT broker."
+                    );
+                }
+                reconnect.connected(Instant::now());
                 was_connected = true;
                 stats.connected.store(true, Ordering::Relaxed);
                 DriverEvent::Connected
@@ -819,17 +933,39 @@ async fn drive(
             Err(error) => {
                 stats.connected.store(false, Ordering::Relaxed);
                 bump(&stats.reconnects, 1);
-                if was_connected || !matches!(error, ConnectionError::Io(_)) {
-                    warn!(%error, retry_in = ?backoff, "MQTT connection failed; alerts are spooled until it is back.");
-                } else {
-                    debug!(%error, retry_in = ?backoff, "MQTT connection still failing.");
+                let (ended, retry_in) = reconnect.failed(Instant::now());
+                match ended {
+                    Ended::Short { lasted, log } => {
+                        bump(&stats.short_sessions, 1);
+                        let count = reconnect.short_total;
+                        let client_id = eventloop.mqtt_options.client_id();
+                        if !log {
+                            debug!(%error, ?lasted, count, ?retry_in, "The broker closed the session right after connecting again.");
+                        } else if closed_by_peer(&error) {
+                            warn!(
+                                %error,
+                                ?lasted,
+                                count,
+                                ?retry_in,
+                                "The broker closed the session right after connecting; another client may be using client id {client_id} ([mqtt] client_id). Retrying with a growing backoff; alerts are spooled meanwhile."
+                            );
+                        } else {
+                            warn!(%error, ?lasted, count, ?retry_in, "MQTT connection failed right after connecting; retrying with a growing backoff, alerts are spooled meanwhile.");
+                        }
+                    }
+                    Ended::Attempt | Ended::Stable => {
+                        if was_connected || !matches!(error, ConnectionError::Io(_)) {
+                            warn!(%error, ?retry_in, "MQTT connection failed; alerts are spooled until it is back.");
+                        } else {
+                            debug!(%error, ?retry_in, "MQTT connection still failing.");
+                        }
+                    }
                 }
                 was_connected = false;
                 if events.send(DriverEvent::Disconnected).is_err() {
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tokio::time::sleep(retry_in).await;
                 continue;
             }
         };
@@ -1137,6 +1273,13 @@ struct Publisher {
 impl Publisher {
     fn new(spool: Spool, inflight_max: usize, stats: Arc<MqttStats>) -> Publisher {
         let backlog = spool.len();
+        // Alerts the spool lost while opening (corrupt records, or a `max_bytes` that
+        // shrank) are lost as surely as those a full spool drops later.
+        let opened = spool.stats();
+        bump(
+            &stats.spool_dropped,
+            opened.dropped_corrupt + opened.dropped_oldest,
+        );
         Publisher {
             spool,
             inflight_max: inflight_max.max(1),
@@ -1610,6 +1753,36 @@ mod tests {
         assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 1);
     }
 
+    /// The trial's case: two alerts spooled while the broker was down, four bytes of the
+    /// first one's payload overwritten, a restart. The second is still published and the
+    /// first counts as dropped (it fed `darkwatch_alerts_spool_dropped_total` nothing).
+    #[test]
+    fn a_corrupt_spooled_alert_is_counted_as_dropped_and_the_next_one_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut h = Harness::new(spool_at(dir.path(), 1 << 16), 4);
+            h.p.append(alert(0));
+            h.p.append(alert(1));
+        }
+        let segment = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "spool"))
+            .unwrap();
+        let mut data = std::fs::read(&segment).unwrap();
+        // Past the spool's 8-byte frame and this record's 4-byte header: the topic.
+        data[crate::spool::RECORD_HEADER_BYTES as usize + 6..][..4].copy_from_slice(b"XXXX");
+        std::fs::write(&segment, &data).unwrap();
+
+        let mut h = Harness::new(spool_at(dir.path(), 1 << 16), 4);
+        assert_eq!(h.p.stats.spool_dropped.load(Ordering::Relaxed), 1);
+        h.p.reset_connection(true);
+        let pkids = h.pump();
+        assert_eq!(h.sent_payloads(), names(1..2));
+        h.p.on_puback(pkids[0]);
+        assert!(h.p.is_drained());
+    }
+
     #[test]
     fn spool_overflow_while_in_flight_keeps_order_and_counts() {
         let dir = tempfile::tempdir().unwrap();
@@ -1695,6 +1868,56 @@ mod tests {
         });
         assert_eq!(h.p.spool.len(), 0);
         assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_session_closed_right_after_connack_grows_the_backoff_and_a_stable_one_resets_it() {
+        let ms = Duration::from_millis;
+        let mut r = Reconnect::default();
+        let mut now = Instant::now();
+        let (mut waits, mut logged) = (Vec::new(), Vec::new());
+        for i in 1..=10u64 {
+            r.connected(now);
+            now += ms(100); // another client takes the session over
+            let (ended, wait) = r.failed(now);
+            let Ended::Short { lasted, log } = ended else {
+                panic!("session {i}: {ended:?}");
+            };
+            assert_eq!(lasted, ms(100));
+            waits.push(wait.as_millis());
+            if log {
+                logged.push(i);
+            }
+            now += wait;
+        }
+        assert_eq!(
+            waits,
+            [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000]
+        );
+        assert_eq!(logged, [1, 2, 4, 8]);
+        assert!(r.flapping());
+        // A session that holds starts the backoff again…
+        r.connected(now);
+        now += STABLE_SESSION;
+        assert_eq!(r.failed(now), (Ended::Stable, BACKOFF_MIN));
+        assert!(!r.flapping());
+        // …and failed attempts grow it as before.
+        assert_eq!(r.failed(now), (Ended::Attempt, ms(200)));
+        assert_eq!(r.failed(now), (Ended::Attempt, ms(400)));
+        r.connected(now);
+        assert_eq!(r.failed(now + ms(1)).1, ms(800));
+    }
+
+    #[test]
+    fn a_broker_closing_the_connection_is_told_from_other_errors() {
+        let io = |kind| ConnectionError::Io(io::Error::from(kind));
+        assert!(closed_by_peer(&ConnectionError::MqttState(
+            rumqttc::StateError::ConnectionAborted
+        )));
+        assert!(closed_by_peer(&io(io::ErrorKind::ConnectionReset)));
+        assert!(closed_by_peer(&io(io::ErrorKind::UnexpectedEof)));
+        assert!(!closed_by_peer(&io(io::ErrorKind::ConnectionRefused)));
+        assert!(!closed_by_peer(&ConnectionError::NetworkTimeout));
     }
 
     // ---- against a real in-process rumqttd ----
@@ -1924,6 +2147,39 @@ mod tests {
             status_payload(false, "n").as_bytes()
         );
         assert_eq!(spool_at(dir.path(), 1 << 20).len(), 0);
+    }
+
+    /// Two agents with one client id (the default `darkwatch-<node>` for the same node):
+    /// rumqttd, as MQTT asks, closes the older session when the newer connects. With a
+    /// backoff reset on every ConnAck the two took it from each other every 100 ms or so,
+    /// forever; now each short session counts as a failed attempt and the delays grow.
+    #[test]
+    fn two_clients_with_one_client_id_back_off_instead_of_taking_turns_forever() {
+        let port = start_embedded_broker("127.0.0.1", 0).unwrap();
+        let cfg = client_cfg(port);
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = run(&cfg, d1.path());
+        wait_until("the first client to connect", || {
+            first.stats.connected.load(Ordering::Relaxed)
+        });
+        let second = run(&cfg, d2.path());
+        let count = |c: fn(&MqttStats) -> &AtomicU64| {
+            c(&first.stats).load(Ordering::Relaxed) + c(&second.stats).load(Ordering::Relaxed)
+        };
+        // The broker does take the session over by client id, and each take-over is seen
+        // as a session closed right after its ConnAck.
+        wait_until("sessions taken over", || count(|s| &s.short_sessions) >= 4);
+        assert!(first.stats.short_sessions.load(Ordering::Relaxed) >= 1);
+        assert!(second.stats.short_sessions.load(Ordering::Relaxed) >= 1);
+        // From here each client waits at least 200 ms, then 400, 800, 1600… before it
+        // reconnects (and takes the session back): a handful of reconnects in 3 s, where
+        // the backoff reset on ConnAck made 29 between the two.
+        let before = count(|s| &s.reconnects);
+        std::thread::sleep(Duration::from_secs(3));
+        let during = count(|s| &s.reconnects) - before;
+        assert!(during <= 12, "{during} reconnects in 3 s");
+        first.stop_and_join();
+        second.stop_and_join();
     }
 
     #[test]

@@ -38,10 +38,14 @@ pub enum TelegrafFormat {
     Influx,
 }
 
-/// Unit of an integer timestamp.
+/// Unit of a numeric timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
+    /// Told by its size, as ExaMon and CSV timestamps are ([`super::time::epoch_divisor`]):
+    /// seconds below 1e11, milliseconds from 1e11, microseconds from 1e14, nanoseconds
+    /// from 1e17.
+    Auto,
     #[serde(rename = "s")]
     Seconds,
     #[serde(rename = "ms")]
@@ -53,13 +57,14 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// Seconds per unit.
-    pub fn secs(self) -> f64 {
+    /// Seconds in `t` units.
+    pub fn to_seconds(self, t: f64) -> f64 {
         match self {
-            Precision::Seconds => 1.0,
-            Precision::Millis => 1e-3,
-            Precision::Micros => 1e-6,
-            Precision::Nanos => 1e-9,
+            Precision::Auto => t / super::time::epoch_divisor(t.abs()),
+            Precision::Seconds => t,
+            Precision::Millis => t * 1e-3,
+            Precision::Micros => t * 1e-6,
+            Precision::Nanos => t * 1e-9,
         }
     }
 }
@@ -72,10 +77,12 @@ pub struct TelegrafConfig {
     pub format: TelegrafFormat,
     /// Tag whose value is the stream id. Default `host`.
     pub stream_tag: String,
-    /// Unit of line-protocol timestamps (`s`, `ms`, `us`, `ns`). Default `ns`, Telegraf's
-    /// own default.
+    /// Unit of line-protocol timestamps (`s`, `ms`, `us`, `ns`, or `auto`). Default `ns`,
+    /// Telegraf's own default.
     pub line_precision: Precision,
-    /// Unit of JSON timestamps (Telegraf's `json_timestamp_units`). Default `s`.
+    /// Unit of JSON timestamps (Telegraf's `json_timestamp_units`). Default `auto`: each
+    /// one's unit told by its size, so Telegraf's `1s`, `1ms`, `1us` and `1ns` all read
+    /// right. A unit named here wins.
     pub json_timestamp_units: Precision,
     /// Largest payload accepted, in bytes. Default 1 MiB.
     pub max_payload_bytes: usize,
@@ -87,7 +94,7 @@ impl Default for TelegrafConfig {
             format: TelegrafFormat::Auto,
             stream_tag: "host".to_owned(),
             line_precision: Precision::Nanos,
-            json_timestamp_units: Precision::Seconds,
+            json_timestamp_units: Precision::Auto,
             max_payload_bytes: 1 << 20,
         }
     }
@@ -354,7 +361,7 @@ fn fallback_time(receive_time: f64) -> Result<f64, DecodeError> {
 }
 
 fn scaled_time(t: f64, unit: Precision, text: impl FnOnce() -> String) -> Result<f64, DecodeError> {
-    let secs = t * unit.secs();
+    let secs = unit.to_seconds(t);
     if secs.is_finite() && secs >= 0.0 {
         Ok(secs)
     } else {
@@ -573,6 +580,54 @@ mod tests {
         };
         let msg = r#"{"name": "c", "tags": {"cpu": "0"}, "fields": {"x": 1}, "timestamp": 1500}"#;
         assert_eq!(run(&cfg.build(), msg, 0.0).0, [s("0", "c.x", 1.0, 1.5)]);
+    }
+
+    /// Telegraf's `json_timestamp_units` may be `1ms` (or `1us`, `1ns`): by default each
+    /// timestamp's unit is told by its size, as ExaMon's are. Read as seconds, a
+    /// millisecond stamp lay 54,000 years ahead and every sample was refused as `future`.
+    #[test]
+    fn json_timestamp_units_are_told_by_size_unless_configured() {
+        let msg = |ts: &str| {
+            format!(
+                r#"{{"name": "m", "tags": {{"host": "h"}}, "fields": {{"v": 1}}, "timestamp": {ts}}}"#
+            )
+        };
+        for ts in [
+            "1700000000",
+            "1700000000.5",
+            "1700000000000",
+            "1700000000000000",
+            "1700000000000000000",
+        ] {
+            let (ok, errs) = run(&dec(), &msg(ts), 0.0);
+            assert_eq!(errs, Vec::<&str>::new(), "{ts}");
+            assert!((ok[0].3 - 1.7e9).abs() <= 0.5, "{ts}: {}", ok[0].3);
+        }
+        // A unit named in the configuration wins, and `auto` can be named too.
+        for (units, ts, want) in [
+            ("\"s\"", "1700000000000", 1.7e12),
+            ("\"ms\"", "1700000000", 1.7e6),
+            ("\"auto\"", "1700000000000", 1.7e9),
+        ] {
+            let cfg: TelegrafConfig =
+                serde_json::from_str(&format!(r#"{{"json_timestamp_units": {units}}}"#)).unwrap();
+            assert_eq!(run(&cfg.build(), &msg(ts), 0.0).0[0].3, want, "{units}");
+        }
+        assert_eq!(
+            TelegrafConfig::default().json_timestamp_units,
+            Precision::Auto
+        );
+        // Line protocol keeps Telegraf's nanoseconds unless told otherwise.
+        let auto = TelegrafConfig {
+            line_precision: Precision::Auto,
+            ..Default::default()
+        };
+        assert_eq!(
+            run(&auto.build(), "m,host=h v=1 1700000000000", 0.0).0,
+            [s("h", "m.v", 1.0, 1.7e9)]
+        );
+        let ns = run(&dec(), "m,host=h v=1 1700000000000", 0.0).0[0].3;
+        assert!((ns - 1700.0).abs() < 1e-6, "{ns}");
     }
 
     #[test]
