@@ -103,6 +103,16 @@ enum Decoder {
     },
 }
 
+impl Decoder {
+    fn format(&self) -> InputFormat {
+        match self {
+            Decoder::Examon(_) => InputFormat::Examon,
+            Decoder::Telegraf(_) => InputFormat::Telegraf,
+            Decoder::Raw { .. } => InputFormat::Raw,
+        }
+    }
+}
+
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -166,9 +176,10 @@ pub struct AgentCounters {
 }
 
 impl AgentCounters {
-    /// Counts a message (or a Telegraf metric) that could not be decoded.
-    fn decode_error(&self, e: &DecodeError) {
-        self.decode_errors_by_reason[e.reason_index()].fetch_add(1, Ordering::Relaxed);
+    /// Counts a message (or a Telegraf metric) that could not be decoded; returns how many
+    /// of its reason there were so far, this one included.
+    fn decode_error(&self, e: &DecodeError) -> u64 {
+        self.decode_errors_by_reason[e.reason_index()].fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Messages (or Telegraf metrics) not decoded, every reason.
@@ -875,6 +886,7 @@ impl AgentSource {
     /// Returns the frames pushed to the ring directly (raw input only).
     fn take(&mut self, msg: &Received<'_>, producer: Option<(&mut FrameProducer, &Clock)>) -> u64 {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        let format = self.decoder.format();
         let AgentSource {
             decoder,
             assembler,
@@ -907,22 +919,39 @@ impl AgentSource {
                         msg.received,
                         assembler.max_ahead_secs(),
                     ),
-                    _ => {}
+                    Reject::Late => late_sample(before + 1, msg.topic, sample, assembler),
+                    Reject::NonFinite => refused(
+                        before + 1,
+                        msg.topic,
+                        Some(&sample.stream),
+                        &Rejected::Sample(why),
+                        &"a sample's value is beyond float32's range or its timestamp is not finite",
+                        "Fix what the sender publishes.",
+                    ),
                 }
+            }
+        };
+        // Every message the decoder refuses is counted, and logged at the 1st, 2nd, 4th…
+        // of its reason.
+        let undecodable = |e: &DecodeError| {
+            let count = counters.decode_error(e);
+            if count.is_power_of_two() {
+                let todo = undecodable_todo(e, format);
+                refused(count, msg.topic, None, &Rejected::Message(e), e, &todo);
             }
         };
         match decoder {
             Decoder::Examon(d) => match d.decode(msg.topic, msg.payload) {
                 Ok(sample) => accept(&sample),
-                Err(e) => counters.decode_error(&e),
+                Err(e) => undecodable(&e),
             },
             Decoder::Telegraf(d) => {
                 let whole = d.decode(msg.payload, msg.received, &mut |r| match r {
                     Ok(sample) => accept(&sample),
-                    Err(e) => counters.decode_error(&e),
+                    Err(e) => undecodable(&e),
                 });
                 if let Err(e) = whole {
-                    counters.decode_error(&e);
+                    undecodable(&e);
                 }
             }
             Decoder::Raw {
@@ -934,7 +963,7 @@ impl AgentSource {
                 let name = match decoder.decode(msg.topic, msg.payload, frame) {
                     Ok(name) => name.unwrap_or("default"),
                     Err(e) => {
-                        counters.decode_error(&e);
+                        undecodable(&e);
                         return 0;
                     }
                 };
@@ -1000,6 +1029,131 @@ fn incomplete_frame(count: u64, stream: &str, values: &[f32], names: &[String]) 
         features_missing = missing.len(),
         incomplete_frames = count,
         "a frame is incomplete: these features had no sample in its window nor within [assemble] stale_secs before it; it is counted (darkwatch_frames_incomplete_total) and not scored"
+    );
+}
+
+/// What an input refusal counts in: a message (or a Telegraf metric) not decoded, or a
+/// decoded sample the assembler refused.
+enum Rejected<'a> {
+    Message(&'a DecodeError),
+    Sample(Reject),
+}
+
+impl Rejected<'_> {
+    fn reason(&self) -> &'static str {
+        match self {
+            Rejected::Message(e) => e.reason(),
+            Rejected::Sample(r) => r.reason(),
+        }
+    }
+
+    fn counter(&self) -> &'static str {
+        match self {
+            Rejected::Message(_) => "darkwatch_messages_rejected_total",
+            Rejected::Sample(_) => "darkwatch_samples_rejected_total",
+        }
+    }
+}
+
+/// Logs the 1st, 2nd, 4th, 8th… input refused for one reason (`count`: the refusals of
+/// that reason so far, this one included), never a line per message: the topic it came
+/// on, its stream when known, why, the counter that counts it and what to do (`todo`).
+fn refused(
+    count: u64,
+    topic: &str,
+    stream: Option<&str>,
+    what: &Rejected<'_>,
+    why: &dyn std::fmt::Display,
+    todo: &str,
+) {
+    if !count.is_power_of_two() {
+        return;
+    }
+    let (reason, counter) = (what.reason(), what.counter());
+    tracing::warn!(
+        topic = ?crate::ingest::Clipped(topic),
+        stream = stream.map(|s| tracing::field::debug(crate::ingest::Clipped(s))),
+        reason,
+        rejected = count,
+        "{why}; it is counted ({counter}{{reason=\"{reason}\"}}) and skipped. {todo}"
+    );
+}
+
+/// What to do about a message (or a Telegraf metric) that the `format` decoder refused.
+fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
+    let (section, reads) = match format {
+        InputFormat::Examon => ("examon", "ExaMon's `value;timestamp`"),
+        InputFormat::Telegraf => ("telegraf", "Telegraf JSON or Influx line protocol"),
+        InputFormat::Raw => ("raw", "little-endian float32 frames"),
+    };
+    let width = |bytes: usize| {
+        if bytes.is_multiple_of(4) {
+            format!("{} values", bytes / 4)
+        } else {
+            format!("{bytes} bytes, not a whole number of float32 values")
+        }
+    };
+    match e {
+        DecodeError::TooLarge { len, .. } => format!(
+            "If such messages are expected, raise [{section}] max_payload_bytes to {len} or more; otherwise narrow [mqtt] subscribe to the sender's metric topics."
+        ),
+        DecodeError::NotUtf8 => "This topic carries binary data: narrow [mqtt] subscribe to the sender's metric topics (raw float32 frames need [agent] format = \"raw\").".into(),
+        DecodeError::BadTopic(_) | DecodeError::NotDataChannel(_) => "ExaMon metrics come on …/node/<node>/…/chnl/data/<metric> topics: narrow [mqtt] subscribe to those.".into(),
+        DecodeError::MissingStream { .. } if format == InputFormat::Telegraf => {
+            "Set [telegraf] stream_tag to the tag that names the host.".into()
+        }
+        DecodeError::MissingStream { .. } => {
+            "Set [examon] stream_key to the topic key that names the node.".into()
+        }
+        DecodeError::BadPayload(_) | DecodeError::NonNumeric(_) => format!(
+            "[agent] format = \"{section}\" reads {reads}: check what the sender publishes on this topic, and [agent] format."
+        ),
+        DecodeError::StringField => "Only numbers and booleans are scored: drop string fields at the sender (Telegraf's fielddrop or fieldpass) to quiet this.".into(),
+        DecodeError::NonFinite => "The sender publishes NaN or infinite values: fix the sender.".into(),
+        DecodeError::TimestampMissing | DecodeError::TimestampInvalid(_) => "Timestamps must be epoch seconds (milliseconds, microseconds or nanoseconds are told by size) or RFC 3339: check the sender's time format.".into(),
+        DecodeError::WrongLength { expected, got } => format!(
+            "The model takes frames of {} ({expected} bytes of little-endian float32); this sender's are {}: send frames of the model's width, or point [agent] model_dir at a model of this width.",
+            width(*expected),
+            width(*got)
+        ),
+    }
+}
+
+/// Logs the 1st, 2nd, 4th, 8th… sample that came after its window closed: how late, and
+/// the `[assemble]` settings that decide it.
+fn late_sample(
+    count: u64,
+    topic: &str,
+    sample: &crate::ingest::assemble::Sample<'_>,
+    a: &Assembler,
+) {
+    if !count.is_power_of_two() {
+        return;
+    }
+    let late_by = a
+        .open_since(&sample.stream)
+        .map_or(f64::NAN, |open| open - sample.timestamp);
+    let complete = if a.closes_when_complete() {
+        " (or as soon as every feature has a sample in it: close_when_complete = true)"
+    } else {
+        ""
+    };
+    refused(
+        count,
+        topic,
+        Some(&sample.stream),
+        &Rejected::Sample(Reject::Late),
+        &format_args!(
+            "a sample stamped {} came {late_by:.3} s before its stream's oldest open window: that window had closed",
+            sample.timestamp
+        ),
+        &format!(
+            "[assemble] window_secs = {} and lateness_windows = {}: a window closes once its stream has a sample {} windows later, or its clock passes that{complete}. If this sender delivers samples late or out of order, raise [assemble] lateness_windows (at most {}); else check its clock.",
+            a.window_secs(),
+            a.lateness_windows(),
+            a.lateness_windows() + 1,
+            crate::ingest::assemble::MAX_LATENESS_WINDOWS
+        ),
     );
 }
 
@@ -1457,6 +1611,121 @@ mod tests {
             received: ts,
             received_mono: ts,
         }
+    }
+
+    /// What `f` logs at WARN and above on this thread, as plain text.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = buf.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    fn lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+        log.lines().filter(|l| l.contains(needle)).collect()
+    }
+
+    /// Every refused message or sample is logged at the 1st, 2nd, 4th, 8th… refusal of its
+    /// reason, with the topic, the reason, the counter and what to do. They used to be
+    /// counted only: a raw sender with frames of the wrong width lost every frame, and an
+    /// out-of-order sender most of its samples to `late`, without a line in the log.
+    #[test]
+    fn refused_input_is_logged_with_its_topic_counter_and_what_to_do() {
+        let mut src = source(1.0);
+        let log = logged(|| {
+            // Window 1003 closes windows before 1002 ([assemble] lateness_windows = 1): an
+            // out-of-order sample for 1000 is late, by 1.5 s.
+            src.take_one(&msg("n1", "a", 1.0, 1000.0));
+            src.take_one(&msg("n1", "a", 1.0, 1003.0));
+            for _ in 0..3 {
+                src.take_one(&msg("n1", "b", 1.0, 1000.5));
+            }
+            src.take_one(&Incoming {
+                payload: b"warm;1000".to_vec(),
+                ..msg("n1", "a", 0.0, 1003.0)
+            });
+        });
+        let late = lines_with(&log, "reason=\"late\"");
+        assert_eq!(late.len(), 2, "the 1st and 2nd of 3: {log}");
+        for needle in [
+            "WARN",
+            // Clipped to 40 characters, as every quoted input is.
+            "topic=\"org/o/cluster/c/node/n1/plugin/p/chnl/da\"…",
+            "stream=\"n1\"",
+            "came 1.500 s before",
+            "darkwatch_samples_rejected_total{reason=\"late\"}",
+            "window_secs = 1 and lateness_windows = 1",
+            "raise [assemble] lateness_windows",
+        ] {
+            assert!(late[0].contains(needle), "{needle}: {}", late[0]);
+        }
+        let text = lines_with(&log, "reason=\"non_numeric\"");
+        assert_eq!(text.len(), 1, "{log}");
+        assert!(
+            text[0].contains("\"warm\" is not a number")
+                && text[0].contains("darkwatch_messages_rejected_total{reason=\"non_numeric\"}")
+                && text[0].contains("[agent] format = \"examon\""),
+            "{}",
+            text[0]
+        );
+
+        // A raw sender whose frames are one value wider than the model's.
+        src.decoder = Decoder::Raw {
+            decoder: DarkwatchConfig::default().raw.build(2),
+            frame: Vec::new(),
+            streams: Default::default(),
+            max_streams: 4,
+        };
+        let wide: Vec<u8> = [1.0f32, 2.0, 3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let log = logged(|| {
+            for _ in 0..4 {
+                src.take_one(&Incoming {
+                    topic: "act/layer3".into(),
+                    payload: wide.clone(),
+                    received: 5.0,
+                    received_mono: 5.0,
+                });
+            }
+        });
+        let wrong = lines_with(&log, "reason=\"wrong_length\"");
+        assert_eq!(wrong.len(), 3, "the 1st, 2nd and 4th: {log}");
+        assert!(
+            wrong[2].contains("topic=\"act/layer3\"")
+                && wrong[2].contains("rejected=4")
+                && wrong[2].contains("frames of 2 values (8 bytes")
+                && wrong[2].contains("this sender's are 3 values"),
+            "{}",
+            wrong[2]
+        );
+        assert_eq!(
+            src.counters.decode_errors_by_reason[DecodeError::WrongLength {
+                expected: 0,
+                got: 0
+            }
+            .reason_index()]
+            .load(Ordering::Relaxed),
+            4
+        );
     }
 
     #[test]
