@@ -853,11 +853,14 @@ impl AgentSource {
                 s[i] = f.stream.to_string();
                 *known = s.len();
             }
+            counters.frames.fetch_add(1, Ordering::Relaxed);
             if f.incomplete {
+                // Counted and logged here, and never scored: it does not go to the scorer,
+                // which would count and log it again as a frame with a NaN in it.
                 let before = counters.frames_incomplete.fetch_add(1, Ordering::Relaxed);
                 incomplete_frame(before + 1, f.stream, f.values, names);
+                return;
             }
-            counters.frames.fetch_add(1, Ordering::Relaxed);
             let meta = FrameMeta {
                 seq: f.seq,
                 stream: f.stream_index,
@@ -1726,6 +1729,37 @@ mod tests {
             .load(Ordering::Relaxed),
             4
         );
+    }
+
+    /// An incomplete frame is counted and logged once, by the agent, and not handed to the
+    /// scorer: it used to go on, and the scorer logged it a second time as "Frames with a
+    /// NaN or infinite value skipped", as if NaN data had arrived.
+    #[test]
+    fn an_incomplete_frame_is_logged_once_and_not_handed_to_the_scorer() {
+        use crate::ring::{FullPolicy, frame_ring};
+        let mut src = source(1.0);
+        let (mut producer, mut consumer) = frame_ring(4, 2, FullPolicy::DropNewest);
+        let clock = Clock::new();
+        let log = logged(|| {
+            // Window 1000 has only `a`, and `b` has no earlier value to carry forward.
+            src.take_one(&msg("n1", "a", 1.0, 1000.2));
+            src.take_one(&msg("n1", "a", 2.0, 1001.2));
+            src.take_one(&msg("n1", "b", 2.0, 1001.3));
+            src.take_one(&msg("n1", "a", 3.0, 1002.2));
+            src.take_one(&msg("n1", "b", 3.0, 1002.3));
+            assert_eq!(src.emit(&mut producer, &clock, None), 2);
+        });
+        let counters = &src.counters;
+        assert_eq!(counters.frames.load(Ordering::Relaxed), 3);
+        assert_eq!(counters.frames_incomplete.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.frames_queued.load(Ordering::Relaxed), 2);
+        assert_eq!(lines_with(&log, "incomplete").len(), 1, "{log}");
+        assert!(log.contains("missing=b"), "{log}");
+        let mut metas = [FrameMeta::default(); 4];
+        let mut values = [0.0f32; 8];
+        assert_eq!(consumer.pop_batch(&mut metas, &mut values), 2);
+        assert_eq!(values[..4], [2.0, 2.0, 3.0, 3.0]);
+        assert_eq!((metas[0].seq, metas[1].seq), (1, 2));
     }
 
     #[test]
