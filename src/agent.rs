@@ -124,6 +124,10 @@ pub enum AgentError {
     /// the model folder must change, so restarting cannot mend it (the binary exits 78).
     #[error("{reason}")]
     Config { key: String, reason: String },
+    /// A folder the agent writes (`key`) cannot be used for a reason that may pass (a full
+    /// disk, an I/O error); see [`check_dirs`].
+    #[error("key `{key}`: {reason}")]
+    Folder { key: String, reason: String },
     #[error(transparent)]
     Mqtt(#[from] MqttError),
     #[error(transparent)]
@@ -557,6 +561,56 @@ pub fn validate(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentErro
         .build(&model.threshold_scores())
         .map(drop)
         .map_err(|e| calibration_error(model, &e))
+}
+
+/// Checks that the folders the agent writes can be made and take files: `[spool] dir`, and
+/// `[retrain] state_dir` while retraining is on. The binary runs it in `run` before it
+/// loads the model and tells systemd it is ready, and in `validate --agent`; it leaves
+/// nothing behind ([`crate::config::probe_writable_dir`]).
+///
+/// # Errors
+/// [`AgentError::Config`] naming the key when a folder cannot be made or written for a
+/// reason only the configuration or the host's setup mends (a path that cannot exist, no
+/// permission, a read-only file system: restarting would not help); [`AgentError::Folder`]
+/// for another I/O error (a full disk), which may pass.
+pub fn check_dirs(cfg: &DarkwatchConfig) -> Result<(), AgentError> {
+    let mut dirs = vec![("spool", "dir", "the alert spool", &cfg.spool.dir)];
+    if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
+        dirs.push((
+            "retrain",
+            "state_dir",
+            "online retraining's checkpoints",
+            &cfg.retrain.state_dir,
+        ));
+    }
+    for (section, name, holds, dir) in dirs {
+        let Err(e) = crate::config::probe_writable_dir(dir) else {
+            continue;
+        };
+        let key = format!("{section}.{name}");
+        let reason = format!(
+            "{}: cannot be made or take a file: {e}; it holds {holds}: point [{section}] {name} at a folder this process can write",
+            dir.display()
+        );
+        use std::io::ErrorKind::*;
+        let lasting = matches!(
+            e.kind(),
+            NotFound
+                | PermissionDenied
+                | ReadOnlyFilesystem
+                | NotADirectory
+                | IsADirectory
+                | AlreadyExists
+                | InvalidInput
+                | InvalidFilename
+        );
+        return Err(if lasting {
+            AgentError::Config { key, reason }
+        } else {
+            AgentError::Folder { key, reason }
+        });
+    }
+    Ok(())
 }
 
 /// The configured threshold cannot calibrate on `model`'s held-out scores: the model or

@@ -448,6 +448,40 @@ where
     Ok(cfg)
 }
 
+/// Checks that `dir` can be made (with any missing parents) and take a new file, and
+/// leaves nothing behind: a probe file is made and removed, and so are the folders made
+/// for the check. What `validate --agent` and `run` check of each folder the agent writes
+/// before it starts ([`crate::agent::check_dirs`]); safe beside an agent using `dir`.
+///
+/// # Errors
+/// The error of making the folder or the probe file.
+pub fn probe_writable_dir(dir: &Path) -> std::io::Result<()> {
+    // The folders that are not there yet, deepest first: made here, removed after.
+    let mut made = Vec::new();
+    let mut missing = dir;
+    while std::fs::symlink_metadata(missing).is_err() {
+        made.push(missing);
+        match missing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => missing = p,
+            _ => break,
+        }
+    }
+    let probed = std::fs::create_dir_all(dir).and_then(|()| {
+        let probe = dir.join(format!(".tmp-darkwatch-probe-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe);
+        let removed = std::fs::remove_file(&probe);
+        file.and(removed)
+    });
+    for folder in made {
+        let _ = std::fs::remove_dir(folder);
+    }
+    probed
+}
+
 /// The defaults as a TOML table: the type each key takes.
 fn defaults_table() -> toml::Table {
     toml::Table::try_from(DarkwatchConfig::default()).unwrap_or_default()

@@ -334,8 +334,9 @@ enum Command {
         config: PathBuf,
         /// Also check what `darkwatch run` checks before it tells systemd it is ready:
         /// `[agent] model_dir` loads (on the configured backend), the configured
-        /// thresholds calibrate on it, and `[retrain] state_dir` is (or could be made as) a
-        /// writable folder. Nothing is written.
+        /// thresholds calibrate on it, and `[spool] dir` and `[retrain] state_dir` can be
+        /// made and written (a probe file is made and removed, as are folders made for
+        /// the check: nothing is left behind).
         #[arg(long)]
         agent: bool,
     },
@@ -656,7 +657,20 @@ fn load_model(
 /// retraining, a threshold its held-out scores cannot calibrate) is a configuration error
 /// (exit 78), as a bad model is in [`load_model`].
 fn check_runs(config: Option<&Path>, cfg: &DarkwatchConfig, model: &Detector) -> Result<()> {
-    darkwatch::agent::validate(cfg, model).map_err(|e| match e {
+    darkwatch::agent::validate(cfg, model).map_err(|e| keyed(config, e))
+}
+
+/// [`darkwatch::agent::check_dirs`] for `run` and `validate --agent`: a `[spool] dir` or
+/// `[retrain] state_dir` that cannot be made or written is a configuration error (exit 78),
+/// so systemd does not restart the agent into it every `RestartSec=`.
+fn check_dirs(config: Option<&Path>, cfg: &DarkwatchConfig) -> Result<()> {
+    darkwatch::agent::check_dirs(cfg).map_err(|e| keyed(config, e))
+}
+
+/// An [`AgentError::Config`] as a [`ConfigError`] (exit 78) naming the file and the key;
+/// any other error as it is.
+fn keyed(config: Option<&Path>, e: AgentError) -> anyhow::Error {
+    match e {
         AgentError::Config { key, reason } => ConfigError::Invalid {
             file: config_name(config),
             key,
@@ -664,7 +678,7 @@ fn check_runs(config: Option<&Path>, cfg: &DarkwatchConfig, model: &Detector) ->
         }
         .into(),
         e => e.into(),
-    })
+    }
 }
 
 /// The configuration file as [`ConfigError`] names it.
@@ -748,7 +762,9 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Run { config } => {
             let cfg = load_config(config.as_deref())?;
-            // Fail before telling systemd we are ready if the model cannot be loaded.
+            // Fail before telling systemd we are ready if a folder the agent writes is
+            // unusable or the model cannot be loaded.
+            check_dirs(config.as_deref(), &cfg)?;
             let model = load_model(config.as_deref(), &cfg, Detector::load_configured)?;
             check_runs(config.as_deref(), &cfg, &model)?;
             let control = Control::default();
@@ -1192,16 +1208,18 @@ fn run(command: Command) -> Result<()> {
                 );
                 return Ok(());
             }
+            check_dirs(Some(&config), &cfg)?;
             let model = load_model(Some(&config), &cfg, Detector::load_checked)?;
             check_runs(Some(&config), &cfg, &model)?;
             println!(
-                "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate{}",
+                "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate; {} can take the alert spool{}",
                 config.display(),
                 model.id(),
                 model.version(),
                 model.features().len(),
                 model.backend_label(),
                 cfg.agent.model_dir.display(),
+                cfg.spool.dir.display(),
                 if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
                     format!("; {} can take checkpoints", cfg.retrain.state_dir.display())
                 } else {
