@@ -128,6 +128,14 @@ pub enum AgentError {
     /// disk, an I/O error); see [`check_dirs`].
     #[error("key `{key}`: {reason}")]
     Folder { key: String, reason: String },
+    /// `[metrics] listen` cannot be bound (taken by another process, say).
+    #[error(
+        "[metrics] listen = \"{listen}\": cannot listen: {source}; if another process holds it, Prometheus would scrape that one instead of this agent: stop it, or set [metrics] listen to a free address (\"\" serves no /metrics)"
+    )]
+    Metrics {
+        listen: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Mqtt(#[from] MqttError),
     #[error(transparent)]
@@ -381,6 +389,9 @@ pub fn run_with(
 ) -> Result<AgentReport, AgentError> {
     let mut model: Detector = model.into();
     check_suits(cfg, &model)?;
+    // Bound before anything starts: an agent without its /metrics would run unwatched
+    // while Prometheus scrapes whichever process holds the address.
+    let metrics_listener = bind_metrics(&cfg.metrics.listen)?;
     let mut mqtt_cfg = cfg.mqtt.clone();
     if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
         mqtt_cfg.port = mqtt::start_embedded_broker(&mqtt_cfg.host, mqtt_cfg.port)?;
@@ -418,15 +429,15 @@ pub fn run_with(
     };
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
     let metrics_stop = Arc::new(AtomicBool::new(false));
-    if !cfg.metrics.listen.is_empty() {
+    if let Some(listener) = metrics_listener {
         let exposed = crate::metrics::Exposed {
             counters: counters.clone(),
             mqtt: mqtt_stats.clone(),
             model_id: model.id().to_string(),
         };
-        match crate::metrics::serve(&cfg.metrics.listen, exposed, metrics_stop.clone()) {
+        match crate::metrics::serve(listener, exposed, metrics_stop.clone()) {
             Ok(addr) => tracing::info!(%addr, "Serving /metrics."),
-            // A taken metrics port must not stop anomaly detection: log and go on.
+            // The address is bound: only its thread failed to start. Log and go on.
             Err(e) => {
                 tracing::warn!(listen = %cfg.metrics.listen, error = %e, "Cannot serve /metrics.")
             }
@@ -546,6 +557,19 @@ pub fn run_with(
         events,
         port,
     })
+}
+
+/// Binds `[metrics] listen`; `None` when it is empty (no `/metrics`).
+fn bind_metrics(listen: &str) -> Result<Option<std::net::TcpListener>, AgentError> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    std::net::TcpListener::bind(listen)
+        .map(Some)
+        .map_err(|source| AgentError::Metrics {
+            listen: listen.to_string(),
+            source,
+        })
 }
 
 /// Checks that `cfg` can run `model` before anything starts (the binary calls it before

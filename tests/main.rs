@@ -1632,6 +1632,39 @@ fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
     assert!(!stderr.contains("rumqttd"), "{stderr}");
 }
 
+/// A `[metrics] listen` address that cannot be bound is fatal at start, as a taken
+/// embedded-broker port is: exit 1, naming the key. The agent used to log one warning and
+/// run on unmonitored, while Prometheus scraped whichever process held the port.
+#[test]
+fn a_metrics_address_in_use_stops_the_agent_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"{addr}\"\n",
+            repo("models/smd-machine-1-6").display(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
+    let (code, out, err) = run(std::process::Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_darkwatch"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env_remove("RUST_LOG"));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("[metrics] listen = \"{addr}\": cannot listen")),
+        "{err}"
+    );
+    drop(held);
+}
+
 #[test]
 fn run_stops_on_sigterm_even_while_messages_keep_arriving() {
     use std::sync::Arc;
