@@ -499,10 +499,11 @@ async fn reload(
     let shown = config_name(config);
     tracing::info!(config = %shown, "SIGHUP: reloading the configuration and the model.");
     notify.send("RELOADING=1");
+    // Checked as `run` and `validate` check, so a refusal names the file and the key.
     let loaded = load_config(config).and_then(|cfg| {
-        let model = Detector::load_configured(&cfg.agent.model_dir, &cfg)?;
+        let model = load_model(config, &cfg, Detector::load_configured)?;
         // Refused here, a reload is counted as failed and the agent runs on.
-        darkwatch::agent::validate(&cfg, &model)?;
+        check_runs(config, &cfg, &model)?;
         Ok(Reload { cfg, model })
     });
     match loaded {
