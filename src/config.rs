@@ -858,6 +858,13 @@ mod tests {
         let f = write("[pipeline]\nbatch_max_frames = 0\n");
         let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("pipeline.batch_max_frames"), "{err}");
+        // A topic template with a placeholder it does not fill in would publish it as it is.
+        let f = write("[mqtt]\nalert_topic = \"x/{bogus}\"\n");
+        let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
+        assert!(
+            err.contains("key `mqtt.alert_topic`") && err.contains("`{bogus}`"),
+            "{err}"
+        );
     }
 
     /// A spool whose records (`max_bytes / 8`) cannot hold an alert used to pass, and the
