@@ -667,7 +667,10 @@ impl DarkwatchConfig {
             return Err(("onnx.intra_threads".into(), "must be at least 1".into()));
         }
         if let Err(e) = self.assemble.build(vec!["x".into()]) {
-            return Err(("assemble".into(), e.to_string()));
+            let key = e
+                .key()
+                .map_or("assemble".into(), |k| format!("assemble.{k}"));
+            return Err((key, e.to_string()));
         }
         let between = |key: &str, value: usize, max: usize| {
             if (1..=max).contains(&value) {
@@ -858,6 +861,19 @@ mod tests {
         let f = write("[pipeline]\nbatch_max_frames = 0\n");
         let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("pipeline.batch_max_frames"), "{err}");
+        // `[assemble]` names its key too (it said `assemble`).
+        for (set, key) in [
+            ("window_secs = 0", "assemble.window_secs"),
+            ("stale_secs = -1.0", "assemble.stale_secs"),
+            ("max_streams = 0", "assemble.max_streams"),
+            ("lateness_windows = 65", "assemble.lateness_windows"),
+        ] {
+            let f = write(&format!("[assemble]\n{set}\n"));
+            match load(Some(f.path()), Vec::new()).unwrap_err() {
+                ConfigError::Invalid { key: got, .. } => assert_eq!(got, key, "{set}"),
+                e => panic!("{set}: wrong error {e}"),
+            }
+        }
         // A topic template with a placeholder it does not fill in would publish it as it is.
         let f = write("[mqtt]\nalert_topic = \"x/{bogus}\"\n");
         let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();

@@ -298,6 +298,19 @@ pub enum AssemblerError {
     DuplicateFeature(String),
 }
 
+impl AssemblerError {
+    /// The `[assemble]` key at fault; `None` when the model's features are.
+    pub fn key(&self) -> Option<&'static str> {
+        match self {
+            AssemblerError::WindowSecs(_) => Some("window_secs"),
+            AssemblerError::StaleSecs(_) => Some("stale_secs"),
+            AssemblerError::MaxStreams => Some("max_streams"),
+            AssemblerError::LatenessWindows(_) => Some("lateness_windows"),
+            AssemblerError::NoFeatures | AssemblerError::DuplicateFeature(_) => None,
+        }
+    }
+}
+
 /// Why [`Assembler::push`] did not take a sample (each is also counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {
