@@ -682,6 +682,27 @@ fn keyed(config: Option<&Path>, e: AgentError) -> anyhow::Error {
     }
 }
 
+/// `run` without `--config`: says that the built-in defaults are in use, and where they
+/// listen, so that an agent started so does not pass for a deployed one (its embedded
+/// broker receives nothing from an ExaMon or Telegraf deployment).
+fn warn_defaults(cfg: &DarkwatchConfig) {
+    let mqtt = &cfg.mqtt;
+    let broker = match mqtt.broker {
+        darkwatch::mqtt::BrokerMode::Embedded => format!(
+            "an embedded MQTT broker on {}:{}, which receives only what is published to it",
+            mqtt.host, mqtt.port
+        ),
+        darkwatch::mqtt::BrokerMode::External => {
+            format!("the MQTT broker at {}:{}", mqtt.host, mqtt.port)
+        }
+    };
+    tracing::warn!(
+        model_dir = %cfg.agent.model_dir.display(),
+        subscribe = %mqtt.subscribe.join(","),
+        "No --config: running on the built-in defaults (with any DARKWATCH__ environment overrides), so on {broker}. Give --config FILE for a deployment (config/darkwatch.toml documents every key)."
+    );
+}
+
 /// The configuration file as [`ConfigError`] names it.
 fn config_name(config: Option<&Path>) -> String {
     config.map_or_else(|| "(defaults)".into(), |p| p.display().to_string())
@@ -763,6 +784,9 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Run { config } => {
             let cfg = load_config(config.as_deref())?;
+            if config.is_none() {
+                warn_defaults(&cfg);
+            }
             // Fail before telling systemd we are ready if a folder the agent writes is
             // unusable or the model cannot be loaded.
             check_dirs(config.as_deref(), &cfg)?;

@@ -1632,6 +1632,24 @@ fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
     assert!(!stderr.contains("rumqttd"), "{stderr}");
 }
 
+/// `run` without `--config` says that it runs on the built-in defaults and where it
+/// listens: an embedded broker, which no ExaMon or Telegraf publisher knows about. It used
+/// to start on them without a word.
+#[test]
+fn run_without_a_config_says_it_runs_on_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(darkwatch()
+        .arg("run")
+        .env("DARKWATCH__AGENT__MODEL_DIR", dir.path().join("nowhere"))
+        .env("DARKWATCH__SPOOL__DIR", dir.path().join("spool")));
+    assert_eq!(code, 78, "{out}{err}");
+    assert!(
+        err.contains("No --config: running on the built-in defaults")
+            && err.contains("embedded MQTT broker on 127.0.0.1:1883"),
+        "{err}"
+    );
+}
+
 /// A `[metrics] listen` address that cannot be bound is fatal at start, as a taken
 /// embedded-broker port is: exit 1, naming the key. The agent used to log one warning and
 /// run on unmonitored, while Prometheus scraped whichever process held the port.
