@@ -426,6 +426,7 @@ pub fn run_with(
         counters: counters.clone(),
         control: control.clone(),
         handback: handback.clone(),
+        no_input: NoInput::new(&mqtt_cfg),
     };
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
     let metrics_stop = Arc::new(AtomicBool::new(false));
@@ -1430,6 +1431,61 @@ struct FeedTurn {
     control: Control,
     /// Where the source puts itself when it ends its turn for a reload.
     handback: Handback,
+    /// Warns once if nothing at all arrives after the start.
+    no_input: NoInput,
+}
+
+/// How long after it started an agent that has received no message at all warns, once,
+/// that its input may be wired wrong.
+pub const NO_INPUT_WARN_AFTER: Duration = Duration::from_secs(60);
+
+/// The warning of an agent that has received no message at all [`NO_INPUT_WARN_AFTER`]
+/// after its start, with the broker and the subscribed topics: the senders publish
+/// elsewhere, or on other topics (an agent started on the defaults listens on an embedded
+/// broker that no ExaMon or Telegraf publisher knows about).
+struct NoInput {
+    since: std::time::Instant,
+    after: Duration,
+    broker: String,
+    subscribe: String,
+    /// Warned, or a message came: nothing more to say.
+    done: bool,
+}
+
+impl NoInput {
+    fn new(mqtt: &mqtt::MqttConfig) -> NoInput {
+        let broker = match mqtt.broker {
+            mqtt::BrokerMode::Embedded => format!("embedded on {}:{}", mqtt.host, mqtt.port),
+            mqtt::BrokerMode::External => format!("{}:{}", mqtt.host, mqtt.port),
+        };
+        NoInput {
+            since: std::time::Instant::now(),
+            after: NO_INPUT_WARN_AFTER,
+            broker,
+            subscribe: mqtt.subscribe.join(","),
+            done: false,
+        }
+    }
+
+    /// Warns once `after` has passed with `messages` (received so far) still 0; true when
+    /// it did.
+    fn check(&mut self, messages: u64) -> bool {
+        if self.done || messages > 0 {
+            self.done = true;
+            return false;
+        }
+        if self.since.elapsed() < self.after {
+            return false;
+        }
+        self.done = true;
+        tracing::warn!(
+            broker = %self.broker,
+            subscribe = %self.subscribe,
+            "No MQTT message has arrived in the {} s since the agent started: check that the senders publish to this broker and that [mqtt] subscribe matches their topics (and [mqtt] broker, host and port, if they use another broker); darkwatch_messages_received_total counts what arrives",
+            self.after.as_secs()
+        );
+        true
+    }
 }
 
 /// Takes the turn's ring out of the [`Feed`] when the source thread leaves its turn, also
@@ -1444,7 +1500,7 @@ impl Drop for TurnGuard {
 }
 
 impl Source for FeedTurn {
-    fn run(self: Box<Self>, producer: FrameProducer, clock: &Clock, _stop: &AtomicBool) -> u64 {
+    fn run(mut self: Box<Self>, producer: FrameProducer, clock: &Clock, _stop: &AtomicBool) -> u64 {
         let _guard = TurnGuard(self.feed.clone());
         lock(&self.feed).start(producer, *clock);
         while !self.control.is_stopping() {
@@ -1459,6 +1515,8 @@ impl Source for FeedTurn {
                 return offered;
             }
             self.counters.source_turns.fetch_add(1, Ordering::Relaxed);
+            let messages = self.counters.messages.load(Ordering::Relaxed);
+            self.no_input.check(messages);
             std::thread::sleep(FEED_TURN);
             let mut feed = lock(&self.feed);
             if feed.failed {
@@ -1838,6 +1896,31 @@ mod tests {
         assert_eq!(consumer.pop_batch(&mut metas, &mut values), 2);
         assert_eq!(values[..4], [2.0, 2.0, 3.0, 3.0]);
         assert_eq!((metas[0].seq, metas[1].seq), (1, 2));
+    }
+
+    /// An agent that has received nothing at all a while after its start says where it
+    /// listens, once; one that has received something never does.
+    #[test]
+    fn an_agent_that_receives_nothing_says_where_it_listens_once() {
+        let cfg = DarkwatchConfig::default().mqtt;
+        let mut quiet = NoInput::new(&cfg);
+        assert_eq!(quiet.after, NO_INPUT_WARN_AFTER);
+        quiet.after = Duration::ZERO;
+        let log = logged(|| {
+            assert!(quiet.check(0));
+            assert!(!quiet.check(0));
+        });
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(
+            log.contains("No MQTT message has arrived")
+                && log.contains("broker=embedded on 127.0.0.1:1883")
+                && log.contains("subscribe=org/+/cluster/+/node/+/plugin/+/chnl/data/#"),
+            "{log}"
+        );
+        let mut fed = NoInput::new(&cfg);
+        fed.after = Duration::ZERO;
+        assert!(!fed.check(1));
+        assert!(!fed.check(0));
     }
 
     #[test]
