@@ -103,6 +103,16 @@ enum Decoder {
     },
 }
 
+impl Decoder {
+    fn format(&self) -> InputFormat {
+        match self {
+            Decoder::Examon(_) => InputFormat::Examon,
+            Decoder::Telegraf(_) => InputFormat::Telegraf,
+            Decoder::Raw { .. } => InputFormat::Raw,
+        }
+    }
+}
+
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -114,6 +124,18 @@ pub enum AgentError {
     /// the model folder must change, so restarting cannot mend it (the binary exits 78).
     #[error("{reason}")]
     Config { key: String, reason: String },
+    /// A folder the agent writes (`key`) cannot be used for a reason that may pass (a full
+    /// disk, an I/O error); see [`check_dirs`].
+    #[error("key `{key}`: {reason}")]
+    Folder { key: String, reason: String },
+    /// `[metrics] listen` cannot be bound (taken by another process, say).
+    #[error(
+        "[metrics] listen = \"{listen}\": cannot listen: {source}; if another process holds it, Prometheus would scrape that one instead of this agent: stop it, or set [metrics] listen to a free address (\"\" serves no /metrics)"
+    )]
+    Metrics {
+        listen: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Mqtt(#[from] MqttError),
     #[error(transparent)]
@@ -166,9 +188,10 @@ pub struct AgentCounters {
 }
 
 impl AgentCounters {
-    /// Counts a message (or a Telegraf metric) that could not be decoded.
-    fn decode_error(&self, e: &DecodeError) {
-        self.decode_errors_by_reason[e.reason_index()].fetch_add(1, Ordering::Relaxed);
+    /// Counts a message (or a Telegraf metric) that could not be decoded; returns how many
+    /// of its reason there were so far, this one included.
+    fn decode_error(&self, e: &DecodeError) -> u64 {
+        self.decode_errors_by_reason[e.reason_index()].fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Messages (or Telegraf metrics) not decoded, every reason.
@@ -366,6 +389,9 @@ pub fn run_with(
 ) -> Result<AgentReport, AgentError> {
     let mut model: Detector = model.into();
     check_suits(cfg, &model)?;
+    // Bound before anything starts: an agent without its /metrics would run unwatched
+    // while Prometheus scrapes whichever process holds the address.
+    let metrics_listener = bind_metrics(&cfg.metrics.listen)?;
     let mut mqtt_cfg = cfg.mqtt.clone();
     if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
         mqtt_cfg.port = mqtt::start_embedded_broker(&mqtt_cfg.host, mqtt_cfg.port)?;
@@ -400,18 +426,19 @@ pub fn run_with(
         counters: counters.clone(),
         control: control.clone(),
         handback: handback.clone(),
+        no_input: NoInput::new(&mqtt_cfg),
     };
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
     let metrics_stop = Arc::new(AtomicBool::new(false));
-    if !cfg.metrics.listen.is_empty() {
+    if let Some(listener) = metrics_listener {
         let exposed = crate::metrics::Exposed {
             counters: counters.clone(),
             mqtt: mqtt_stats.clone(),
             model_id: model.id().to_string(),
         };
-        match crate::metrics::serve(&cfg.metrics.listen, exposed, metrics_stop.clone()) {
+        match crate::metrics::serve(listener, exposed, metrics_stop.clone()) {
             Ok(addr) => tracing::info!(%addr, "Serving /metrics."),
-            // A taken metrics port must not stop anomaly detection: log and go on.
+            // The address is bound: only its thread failed to start. Log and go on.
             Err(e) => {
                 tracing::warn!(listen = %cfg.metrics.listen, error = %e, "Cannot serve /metrics.")
             }
@@ -533,6 +560,19 @@ pub fn run_with(
     })
 }
 
+/// Binds `[metrics] listen`; `None` when it is empty (no `/metrics`).
+fn bind_metrics(listen: &str) -> Result<Option<std::net::TcpListener>, AgentError> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    std::net::TcpListener::bind(listen)
+        .map(Some)
+        .map_err(|source| AgentError::Metrics {
+            listen: listen.to_string(),
+            source,
+        })
+}
+
 /// Checks that `cfg` can run `model` before anything starts (the binary calls it before
 /// READY=1, and on SIGHUP before handing a reload over, so that a refused reload leaves the
 /// agent running): the thresholds calibrate on the model's scores, and an SAE gets raw
@@ -546,6 +586,56 @@ pub fn validate(cfg: &DarkwatchConfig, model: &Detector) -> Result<(), AgentErro
         .build(&model.threshold_scores())
         .map(drop)
         .map_err(|e| calibration_error(model, &e))
+}
+
+/// Checks that the folders the agent writes can be made and take files: `[spool] dir`, and
+/// `[retrain] state_dir` while retraining is on. The binary runs it in `run` before it
+/// loads the model and tells systemd it is ready, and in `validate --agent`; it leaves
+/// nothing behind ([`crate::config::probe_writable_dir`]).
+///
+/// # Errors
+/// [`AgentError::Config`] naming the key when a folder cannot be made or written for a
+/// reason only the configuration or the host's setup mends (a path that cannot exist, no
+/// permission, a read-only file system: restarting would not help); [`AgentError::Folder`]
+/// for another I/O error (a full disk), which may pass.
+pub fn check_dirs(cfg: &DarkwatchConfig) -> Result<(), AgentError> {
+    let mut dirs = vec![("spool", "dir", "the alert spool", &cfg.spool.dir)];
+    if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
+        dirs.push((
+            "retrain",
+            "state_dir",
+            "online retraining's checkpoints",
+            &cfg.retrain.state_dir,
+        ));
+    }
+    for (section, name, holds, dir) in dirs {
+        let Err(e) = crate::config::probe_writable_dir(dir) else {
+            continue;
+        };
+        let key = format!("{section}.{name}");
+        let reason = format!(
+            "{}: cannot be made or take a file: {e}; it holds {holds}: point [{section}] {name} at a folder this process can write",
+            dir.display()
+        );
+        use std::io::ErrorKind::*;
+        let lasting = matches!(
+            e.kind(),
+            NotFound
+                | PermissionDenied
+                | ReadOnlyFilesystem
+                | NotADirectory
+                | IsADirectory
+                | AlreadyExists
+                | InvalidInput
+                | InvalidFilename
+        );
+        return Err(if lasting {
+            AgentError::Config { key, reason }
+        } else {
+            AgentError::Folder { key, reason }
+        });
+    }
+    Ok(())
 }
 
 /// The configured threshold cannot calibrate on `model`'s held-out scores: the model or
@@ -842,11 +932,14 @@ impl AgentSource {
                 s[i] = f.stream.to_string();
                 *known = s.len();
             }
+            counters.frames.fetch_add(1, Ordering::Relaxed);
             if f.incomplete {
+                // Counted and logged here, and never scored: it does not go to the scorer,
+                // which would count and log it again as a frame with a NaN in it.
                 let before = counters.frames_incomplete.fetch_add(1, Ordering::Relaxed);
                 incomplete_frame(before + 1, f.stream, f.values, names);
+                return;
             }
-            counters.frames.fetch_add(1, Ordering::Relaxed);
             let meta = FrameMeta {
                 seq: f.seq,
                 stream: f.stream_index,
@@ -875,6 +968,7 @@ impl AgentSource {
     /// Returns the frames pushed to the ring directly (raw input only).
     fn take(&mut self, msg: &Received<'_>, producer: Option<(&mut FrameProducer, &Clock)>) -> u64 {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        let format = self.decoder.format();
         let AgentSource {
             decoder,
             assembler,
@@ -907,22 +1001,39 @@ impl AgentSource {
                         msg.received,
                         assembler.max_ahead_secs(),
                     ),
-                    _ => {}
+                    Reject::Late => late_sample(before + 1, msg.topic, sample, assembler),
+                    Reject::NonFinite => refused(
+                        before + 1,
+                        msg.topic,
+                        Some(&sample.stream),
+                        &Rejected::Sample(why),
+                        &"a sample's value is beyond float32's range or its timestamp is not finite",
+                        "Fix what the sender publishes.",
+                    ),
                 }
+            }
+        };
+        // Every message the decoder refuses is counted, and logged at the 1st, 2nd, 4th…
+        // of its reason.
+        let undecodable = |e: &DecodeError| {
+            let count = counters.decode_error(e);
+            if count.is_power_of_two() {
+                let todo = undecodable_todo(e, format);
+                refused(count, msg.topic, None, &Rejected::Message(e), e, &todo);
             }
         };
         match decoder {
             Decoder::Examon(d) => match d.decode(msg.topic, msg.payload) {
                 Ok(sample) => accept(&sample),
-                Err(e) => counters.decode_error(&e),
+                Err(e) => undecodable(&e),
             },
             Decoder::Telegraf(d) => {
                 let whole = d.decode(msg.payload, msg.received, &mut |r| match r {
                     Ok(sample) => accept(&sample),
-                    Err(e) => counters.decode_error(&e),
+                    Err(e) => undecodable(&e),
                 });
                 if let Err(e) = whole {
-                    counters.decode_error(&e);
+                    undecodable(&e);
                 }
             }
             Decoder::Raw {
@@ -934,7 +1045,7 @@ impl AgentSource {
                 let name = match decoder.decode(msg.topic, msg.payload, frame) {
                     Ok(name) => name.unwrap_or("default"),
                     Err(e) => {
-                        counters.decode_error(&e);
+                        undecodable(&e);
                         return 0;
                     }
                 };
@@ -1000,6 +1111,131 @@ fn incomplete_frame(count: u64, stream: &str, values: &[f32], names: &[String]) 
         features_missing = missing.len(),
         incomplete_frames = count,
         "a frame is incomplete: these features had no sample in its window nor within [assemble] stale_secs before it; it is counted (darkwatch_frames_incomplete_total) and not scored"
+    );
+}
+
+/// What an input refusal counts in: a message (or a Telegraf metric) not decoded, or a
+/// decoded sample the assembler refused.
+enum Rejected<'a> {
+    Message(&'a DecodeError),
+    Sample(Reject),
+}
+
+impl Rejected<'_> {
+    fn reason(&self) -> &'static str {
+        match self {
+            Rejected::Message(e) => e.reason(),
+            Rejected::Sample(r) => r.reason(),
+        }
+    }
+
+    fn counter(&self) -> &'static str {
+        match self {
+            Rejected::Message(_) => "darkwatch_messages_rejected_total",
+            Rejected::Sample(_) => "darkwatch_samples_rejected_total",
+        }
+    }
+}
+
+/// Logs the 1st, 2nd, 4th, 8th… input refused for one reason (`count`: the refusals of
+/// that reason so far, this one included), never a line per message: the topic it came
+/// on, its stream when known, why, the counter that counts it and what to do (`todo`).
+fn refused(
+    count: u64,
+    topic: &str,
+    stream: Option<&str>,
+    what: &Rejected<'_>,
+    why: &dyn std::fmt::Display,
+    todo: &str,
+) {
+    if !count.is_power_of_two() {
+        return;
+    }
+    let (reason, counter) = (what.reason(), what.counter());
+    tracing::warn!(
+        topic = ?crate::ingest::Clipped(topic),
+        stream = stream.map(|s| tracing::field::debug(crate::ingest::Clipped(s))),
+        reason,
+        rejected = count,
+        "{why}; it is counted ({counter}{{reason=\"{reason}\"}}) and skipped. {todo}"
+    );
+}
+
+/// What to do about a message (or a Telegraf metric) that the `format` decoder refused.
+fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
+    let (section, reads) = match format {
+        InputFormat::Examon => ("examon", "ExaMon's `value;timestamp`"),
+        InputFormat::Telegraf => ("telegraf", "Telegraf JSON or Influx line protocol"),
+        InputFormat::Raw => ("raw", "little-endian float32 frames"),
+    };
+    let width = |bytes: usize| {
+        if bytes.is_multiple_of(4) {
+            format!("{} values", bytes / 4)
+        } else {
+            format!("{bytes} bytes, not a whole number of float32 values")
+        }
+    };
+    match e {
+        DecodeError::TooLarge { len, .. } => format!(
+            "If such messages are expected, raise [{section}] max_payload_bytes to {len} or more; otherwise narrow [mqtt] subscribe to the sender's metric topics."
+        ),
+        DecodeError::NotUtf8 => "This topic carries binary data: narrow [mqtt] subscribe to the sender's metric topics (raw float32 frames need [agent] format = \"raw\").".into(),
+        DecodeError::BadTopic(_) | DecodeError::NotDataChannel(_) => "ExaMon metrics come on …/node/<node>/…/chnl/data/<metric> topics: narrow [mqtt] subscribe to those.".into(),
+        DecodeError::MissingStream { .. } if format == InputFormat::Telegraf => {
+            "Set [telegraf] stream_tag to the tag that names the host.".into()
+        }
+        DecodeError::MissingStream { .. } => {
+            "Set [examon] stream_key to the topic key that names the node.".into()
+        }
+        DecodeError::BadPayload(_) | DecodeError::NonNumeric(_) => format!(
+            "[agent] format = \"{section}\" reads {reads}: check what the sender publishes on this topic, and [agent] format."
+        ),
+        DecodeError::StringField => "Only numbers and booleans are scored: drop string fields at the sender (Telegraf's fielddrop or fieldpass) to quiet this.".into(),
+        DecodeError::NonFinite => "The sender publishes NaN or infinite values: fix the sender.".into(),
+        DecodeError::TimestampMissing | DecodeError::TimestampInvalid(_) => "Timestamps must be epoch seconds (milliseconds, microseconds or nanoseconds are told by size) or RFC 3339: check the sender's time format.".into(),
+        DecodeError::WrongLength { expected, got } => format!(
+            "The model takes frames of {} ({expected} bytes of little-endian float32); this sender's are {}: send frames of the model's width, or point [agent] model_dir at a model of this width.",
+            width(*expected),
+            width(*got)
+        ),
+    }
+}
+
+/// Logs the 1st, 2nd, 4th, 8th… sample that came after its window closed: how late, and
+/// the `[assemble]` settings that decide it.
+fn late_sample(
+    count: u64,
+    topic: &str,
+    sample: &crate::ingest::assemble::Sample<'_>,
+    a: &Assembler,
+) {
+    if !count.is_power_of_two() {
+        return;
+    }
+    let late_by = a
+        .open_since(&sample.stream)
+        .map_or(f64::NAN, |open| open - sample.timestamp);
+    let complete = if a.closes_when_complete() {
+        " (or as soon as every feature has a sample in it: close_when_complete = true)"
+    } else {
+        ""
+    };
+    refused(
+        count,
+        topic,
+        Some(&sample.stream),
+        &Rejected::Sample(Reject::Late),
+        &format_args!(
+            "a sample stamped {} came {late_by:.3} s before its stream's oldest open window: that window had closed",
+            sample.timestamp
+        ),
+        &format!(
+            "[assemble] window_secs = {} and lateness_windows = {}: a window closes once its stream has a sample {} windows later, or its clock passes that{complete}. If this sender delivers samples late or out of order, raise [assemble] lateness_windows (at most {}); else check its clock.",
+            a.window_secs(),
+            a.lateness_windows(),
+            a.lateness_windows() + 1,
+            crate::ingest::assemble::MAX_LATENESS_WINDOWS
+        ),
     );
 }
 
@@ -1195,6 +1431,61 @@ struct FeedTurn {
     control: Control,
     /// Where the source puts itself when it ends its turn for a reload.
     handback: Handback,
+    /// Warns once if nothing at all arrives after the start.
+    no_input: NoInput,
+}
+
+/// How long after it started an agent that has received no message at all warns, once,
+/// that its input may be wired wrong.
+pub const NO_INPUT_WARN_AFTER: Duration = Duration::from_secs(60);
+
+/// The warning of an agent that has received no message at all [`NO_INPUT_WARN_AFTER`]
+/// after its start, with the broker and the subscribed topics: the senders publish
+/// elsewhere, or on other topics (an agent started on the defaults listens on an embedded
+/// broker that no ExaMon or Telegraf publisher knows about).
+struct NoInput {
+    since: std::time::Instant,
+    after: Duration,
+    broker: String,
+    subscribe: String,
+    /// Warned, or a message came: nothing more to say.
+    done: bool,
+}
+
+impl NoInput {
+    fn new(mqtt: &mqtt::MqttConfig) -> NoInput {
+        let broker = match mqtt.broker {
+            mqtt::BrokerMode::Embedded => format!("embedded on {}:{}", mqtt.host, mqtt.port),
+            mqtt::BrokerMode::External => format!("{}:{}", mqtt.host, mqtt.port),
+        };
+        NoInput {
+            since: std::time::Instant::now(),
+            after: NO_INPUT_WARN_AFTER,
+            broker,
+            subscribe: mqtt.subscribe.join(","),
+            done: false,
+        }
+    }
+
+    /// Warns once `after` has passed with `messages` (received so far) still 0; true when
+    /// it did.
+    fn check(&mut self, messages: u64) -> bool {
+        if self.done || messages > 0 {
+            self.done = true;
+            return false;
+        }
+        if self.since.elapsed() < self.after {
+            return false;
+        }
+        self.done = true;
+        tracing::warn!(
+            broker = %self.broker,
+            subscribe = %self.subscribe,
+            "No MQTT message has arrived in the {} s since the agent started: check that the senders publish to this broker and that [mqtt] subscribe matches their topics (and [mqtt] broker, host and port, if they use another broker); darkwatch_messages_received_total counts what arrives",
+            self.after.as_secs()
+        );
+        true
+    }
 }
 
 /// Takes the turn's ring out of the [`Feed`] when the source thread leaves its turn, also
@@ -1209,7 +1500,7 @@ impl Drop for TurnGuard {
 }
 
 impl Source for FeedTurn {
-    fn run(self: Box<Self>, producer: FrameProducer, clock: &Clock, _stop: &AtomicBool) -> u64 {
+    fn run(mut self: Box<Self>, producer: FrameProducer, clock: &Clock, _stop: &AtomicBool) -> u64 {
         let _guard = TurnGuard(self.feed.clone());
         lock(&self.feed).start(producer, *clock);
         while !self.control.is_stopping() {
@@ -1224,6 +1515,8 @@ impl Source for FeedTurn {
                 return offered;
             }
             self.counters.source_turns.fetch_add(1, Ordering::Relaxed);
+            let messages = self.counters.messages.load(Ordering::Relaxed);
+            self.no_input.check(messages);
             std::thread::sleep(FEED_TURN);
             let mut feed = lock(&self.feed);
             if feed.failed {
@@ -1457,6 +1750,177 @@ mod tests {
             received: ts,
             received_mono: ts,
         }
+    }
+
+    /// What `f` logs at WARN and above on this thread, as plain text.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = buf.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    fn lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+        log.lines().filter(|l| l.contains(needle)).collect()
+    }
+
+    /// Every refused message or sample is logged at the 1st, 2nd, 4th, 8th… refusal of its
+    /// reason, with the topic, the reason, the counter and what to do. They used to be
+    /// counted only: a raw sender with frames of the wrong width lost every frame, and an
+    /// out-of-order sender most of its samples to `late`, without a line in the log.
+    #[test]
+    fn refused_input_is_logged_with_its_topic_counter_and_what_to_do() {
+        let mut src = source(1.0);
+        let log = logged(|| {
+            // Window 1003 closes windows before 1002 ([assemble] lateness_windows = 1): an
+            // out-of-order sample for 1000 is late, by 1.5 s.
+            src.take_one(&msg("n1", "a", 1.0, 1000.0));
+            src.take_one(&msg("n1", "a", 1.0, 1003.0));
+            for _ in 0..3 {
+                src.take_one(&msg("n1", "b", 1.0, 1000.5));
+            }
+            src.take_one(&Incoming {
+                payload: b"warm;1000".to_vec(),
+                ..msg("n1", "a", 0.0, 1003.0)
+            });
+        });
+        let late = lines_with(&log, "reason=\"late\"");
+        assert_eq!(late.len(), 2, "the 1st and 2nd of 3: {log}");
+        for needle in [
+            "WARN",
+            // Clipped to 40 characters, as every quoted input is.
+            "topic=\"org/o/cluster/c/node/n1/plugin/p/chnl/da\"…",
+            "stream=\"n1\"",
+            "came 1.500 s before",
+            "darkwatch_samples_rejected_total{reason=\"late\"}",
+            "window_secs = 1 and lateness_windows = 1",
+            "raise [assemble] lateness_windows",
+        ] {
+            assert!(late[0].contains(needle), "{needle}: {}", late[0]);
+        }
+        let text = lines_with(&log, "reason=\"non_numeric\"");
+        assert_eq!(text.len(), 1, "{log}");
+        assert!(
+            text[0].contains("\"warm\" is not a number")
+                && text[0].contains("darkwatch_messages_rejected_total{reason=\"non_numeric\"}")
+                && text[0].contains("[agent] format = \"examon\""),
+            "{}",
+            text[0]
+        );
+
+        // A raw sender whose frames are one value wider than the model's.
+        src.decoder = Decoder::Raw {
+            decoder: DarkwatchConfig::default().raw.build(2),
+            frame: Vec::new(),
+            streams: Default::default(),
+            max_streams: 4,
+        };
+        let wide: Vec<u8> = [1.0f32, 2.0, 3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let log = logged(|| {
+            for _ in 0..4 {
+                src.take_one(&Incoming {
+                    topic: "act/layer3".into(),
+                    payload: wide.clone(),
+                    received: 5.0,
+                    received_mono: 5.0,
+                });
+            }
+        });
+        let wrong = lines_with(&log, "reason=\"wrong_length\"");
+        assert_eq!(wrong.len(), 3, "the 1st, 2nd and 4th: {log}");
+        assert!(
+            wrong[2].contains("topic=\"act/layer3\"")
+                && wrong[2].contains("rejected=4")
+                && wrong[2].contains("frames of 2 values (8 bytes")
+                && wrong[2].contains("this sender's are 3 values"),
+            "{}",
+            wrong[2]
+        );
+        assert_eq!(
+            src.counters.decode_errors_by_reason[DecodeError::WrongLength {
+                expected: 0,
+                got: 0
+            }
+            .reason_index()]
+            .load(Ordering::Relaxed),
+            4
+        );
+    }
+
+    /// An incomplete frame is counted and logged once, by the agent, and not handed to the
+    /// scorer: it used to go on, and the scorer logged it a second time as "Frames with a
+    /// NaN or infinite value skipped", as if NaN data had arrived.
+    #[test]
+    fn an_incomplete_frame_is_logged_once_and_not_handed_to_the_scorer() {
+        use crate::ring::{FullPolicy, frame_ring};
+        let mut src = source(1.0);
+        let (mut producer, mut consumer) = frame_ring(4, 2, FullPolicy::DropNewest);
+        let clock = Clock::new();
+        let log = logged(|| {
+            // Window 1000 has only `a`, and `b` has no earlier value to carry forward.
+            src.take_one(&msg("n1", "a", 1.0, 1000.2));
+            src.take_one(&msg("n1", "a", 2.0, 1001.2));
+            src.take_one(&msg("n1", "b", 2.0, 1001.3));
+            src.take_one(&msg("n1", "a", 3.0, 1002.2));
+            src.take_one(&msg("n1", "b", 3.0, 1002.3));
+            assert_eq!(src.emit(&mut producer, &clock, None), 2);
+        });
+        let counters = &src.counters;
+        assert_eq!(counters.frames.load(Ordering::Relaxed), 3);
+        assert_eq!(counters.frames_incomplete.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.frames_queued.load(Ordering::Relaxed), 2);
+        assert_eq!(lines_with(&log, "incomplete").len(), 1, "{log}");
+        assert!(log.contains("missing=b"), "{log}");
+        let mut metas = [FrameMeta::default(); 4];
+        let mut values = [0.0f32; 8];
+        assert_eq!(consumer.pop_batch(&mut metas, &mut values), 2);
+        assert_eq!(values[..4], [2.0, 2.0, 3.0, 3.0]);
+        assert_eq!((metas[0].seq, metas[1].seq), (1, 2));
+    }
+
+    /// An agent that has received nothing at all a while after its start says where it
+    /// listens, once; one that has received something never does.
+    #[test]
+    fn an_agent_that_receives_nothing_says_where_it_listens_once() {
+        let cfg = DarkwatchConfig::default().mqtt;
+        let mut quiet = NoInput::new(&cfg);
+        assert_eq!(quiet.after, NO_INPUT_WARN_AFTER);
+        quiet.after = Duration::ZERO;
+        let log = logged(|| {
+            assert!(quiet.check(0));
+            assert!(!quiet.check(0));
+        });
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(
+            log.contains("No MQTT message has arrived")
+                && log.contains("broker=embedded on 127.0.0.1:1883")
+                && log.contains("subscribe=org/+/cluster/+/node/+/plugin/+/chnl/data/#"),
+            "{log}"
+        );
+        let mut fed = NoInput::new(&cfg);
+        fed.after = Duration::ZERO;
+        assert!(!fed.check(1));
+        assert!(!fed.check(0));
     }
 
     #[test]

@@ -448,6 +448,40 @@ where
     Ok(cfg)
 }
 
+/// Checks that `dir` can be made (with any missing parents) and take a new file, and
+/// leaves nothing behind: a probe file is made and removed, and so are the folders made
+/// for the check. What `validate --agent` and `run` check of each folder the agent writes
+/// before it starts ([`crate::agent::check_dirs`]); safe beside an agent using `dir`.
+///
+/// # Errors
+/// The error of making the folder or the probe file.
+pub fn probe_writable_dir(dir: &Path) -> std::io::Result<()> {
+    // The folders that are not there yet, deepest first: made here, removed after.
+    let mut made = Vec::new();
+    let mut missing = dir;
+    while std::fs::symlink_metadata(missing).is_err() {
+        made.push(missing);
+        match missing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => missing = p,
+            _ => break,
+        }
+    }
+    let probed = std::fs::create_dir_all(dir).and_then(|()| {
+        let probe = dir.join(format!(".tmp-darkwatch-probe-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe);
+        let removed = std::fs::remove_file(&probe);
+        file.and(removed)
+    });
+    for folder in made {
+        let _ = std::fs::remove_dir(folder);
+    }
+    probed
+}
+
 /// The defaults as a TOML table: the type each key takes.
 fn defaults_table() -> toml::Table {
     toml::Table::try_from(DarkwatchConfig::default()).unwrap_or_default()
@@ -633,7 +667,10 @@ impl DarkwatchConfig {
             return Err(("onnx.intra_threads".into(), "must be at least 1".into()));
         }
         if let Err(e) = self.assemble.build(vec!["x".into()]) {
-            return Err(("assemble".into(), e.to_string()));
+            let key = e
+                .key()
+                .map_or("assemble".into(), |k| format!("assemble.{k}"));
+            return Err((key, e.to_string()));
         }
         let between = |key: &str, value: usize, max: usize| {
             if (1..=max).contains(&value) {
@@ -824,6 +861,26 @@ mod tests {
         let f = write("[pipeline]\nbatch_max_frames = 0\n");
         let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("pipeline.batch_max_frames"), "{err}");
+        // `[assemble]` names its key too (it said `assemble`).
+        for (set, key) in [
+            ("window_secs = 0", "assemble.window_secs"),
+            ("stale_secs = -1.0", "assemble.stale_secs"),
+            ("max_streams = 0", "assemble.max_streams"),
+            ("lateness_windows = 65", "assemble.lateness_windows"),
+        ] {
+            let f = write(&format!("[assemble]\n{set}\n"));
+            match load(Some(f.path()), Vec::new()).unwrap_err() {
+                ConfigError::Invalid { key: got, .. } => assert_eq!(got, key, "{set}"),
+                e => panic!("{set}: wrong error {e}"),
+            }
+        }
+        // A topic template with a placeholder it does not fill in would publish it as it is.
+        let f = write("[mqtt]\nalert_topic = \"x/{bogus}\"\n");
+        let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
+        assert!(
+            err.contains("key `mqtt.alert_topic`") && err.contains("`{bogus}`"),
+            "{err}"
+        );
     }
 
     /// A spool whose records (`max_bytes / 8`) cannot hold an alert used to pass, and the

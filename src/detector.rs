@@ -137,8 +137,8 @@ impl Detector {
     }
 
     /// As [`Self::load_configured`] without touching the retraining state folder: the
-    /// model directory's own model, the state folder only checked
-    /// ([`crate::retrain::check_state_dir`]). What `validate --agent` loads.
+    /// model directory's own model. What `validate --agent` loads (it checks the state
+    /// folder with [`crate::agent::check_dirs`]).
     ///
     /// # Errors
     /// As [`Self::load_configured`].
@@ -148,7 +148,6 @@ impl Detector {
             return Self::load_configured(dir, cfg);
         }
         let model = Model::load(dir)?.with_configured_backend(dir, cfg)?;
-        crate::retrain::check_state_dir(&cfg.retrain)?;
         Ok(Detector::Autoencoder(Arc::new(model)))
     }
 

@@ -334,8 +334,9 @@ enum Command {
         config: PathBuf,
         /// Also check what `darkwatch run` checks before it tells systemd it is ready:
         /// `[agent] model_dir` loads (on the configured backend), the configured
-        /// thresholds calibrate on it, and `[retrain] state_dir` is (or could be made as) a
-        /// writable folder. Nothing is written.
+        /// thresholds calibrate on it, and `[spool] dir` and `[retrain] state_dir` can be
+        /// made and written (a probe file is made and removed, as are folders made for
+        /// the check: nothing is left behind).
         #[arg(long)]
         agent: bool,
     },
@@ -498,10 +499,11 @@ async fn reload(
     let shown = config_name(config);
     tracing::info!(config = %shown, "SIGHUP: reloading the configuration and the model.");
     notify.send("RELOADING=1");
+    // Checked as `run` and `validate` check, so a refusal names the file and the key.
     let loaded = load_config(config).and_then(|cfg| {
-        let model = Detector::load_configured(&cfg.agent.model_dir, &cfg)?;
+        let model = load_model(config, &cfg, Detector::load_configured)?;
         // Refused here, a reload is counted as failed and the agent runs on.
-        darkwatch::agent::validate(&cfg, &model)?;
+        check_runs(config, &cfg, &model)?;
         Ok(Reload { cfg, model })
     });
     match loaded {
@@ -656,7 +658,20 @@ fn load_model(
 /// retraining, a threshold its held-out scores cannot calibrate) is a configuration error
 /// (exit 78), as a bad model is in [`load_model`].
 fn check_runs(config: Option<&Path>, cfg: &DarkwatchConfig, model: &Detector) -> Result<()> {
-    darkwatch::agent::validate(cfg, model).map_err(|e| match e {
+    darkwatch::agent::validate(cfg, model).map_err(|e| keyed(config, e))
+}
+
+/// [`darkwatch::agent::check_dirs`] for `run` and `validate --agent`: a `[spool] dir` or
+/// `[retrain] state_dir` that cannot be made or written is a configuration error (exit 78),
+/// so systemd does not restart the agent into it every `RestartSec=`.
+fn check_dirs(config: Option<&Path>, cfg: &DarkwatchConfig) -> Result<()> {
+    darkwatch::agent::check_dirs(cfg).map_err(|e| keyed(config, e))
+}
+
+/// An [`AgentError::Config`] as a [`ConfigError`] (exit 78) naming the file and the key;
+/// any other error as it is.
+fn keyed(config: Option<&Path>, e: AgentError) -> anyhow::Error {
+    match e {
         AgentError::Config { key, reason } => ConfigError::Invalid {
             file: config_name(config),
             key,
@@ -664,7 +679,28 @@ fn check_runs(config: Option<&Path>, cfg: &DarkwatchConfig, model: &Detector) ->
         }
         .into(),
         e => e.into(),
-    })
+    }
+}
+
+/// `run` without `--config`: says that the built-in defaults are in use, and where they
+/// listen, so that an agent started so does not pass for a deployed one (its embedded
+/// broker receives nothing from an ExaMon or Telegraf deployment).
+fn warn_defaults(cfg: &DarkwatchConfig) {
+    let mqtt = &cfg.mqtt;
+    let broker = match mqtt.broker {
+        darkwatch::mqtt::BrokerMode::Embedded => format!(
+            "an embedded MQTT broker on {}:{}, which receives only what is published to it",
+            mqtt.host, mqtt.port
+        ),
+        darkwatch::mqtt::BrokerMode::External => {
+            format!("the MQTT broker at {}:{}", mqtt.host, mqtt.port)
+        }
+    };
+    tracing::warn!(
+        model_dir = %cfg.agent.model_dir.display(),
+        subscribe = %mqtt.subscribe.join(","),
+        "No --config: running on the built-in defaults (with any DARKWATCH__ environment overrides), so on {broker}. Give --config FILE for a deployment (config/darkwatch.toml documents every key)."
+    );
 }
 
 /// The configuration file as [`ConfigError`] names it.
@@ -748,7 +784,12 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Run { config } => {
             let cfg = load_config(config.as_deref())?;
-            // Fail before telling systemd we are ready if the model cannot be loaded.
+            if config.is_none() {
+                warn_defaults(&cfg);
+            }
+            // Fail before telling systemd we are ready if a folder the agent writes is
+            // unusable or the model cannot be loaded.
+            check_dirs(config.as_deref(), &cfg)?;
             let model = load_model(config.as_deref(), &cfg, Detector::load_configured)?;
             check_runs(config.as_deref(), &cfg, &model)?;
             let control = Control::default();
@@ -1192,16 +1233,18 @@ fn run(command: Command) -> Result<()> {
                 );
                 return Ok(());
             }
+            check_dirs(Some(&config), &cfg)?;
             let model = load_model(Some(&config), &cfg, Detector::load_checked)?;
             check_runs(Some(&config), &cfg, &model)?;
             println!(
-                "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate{}",
+                "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate; {} can take the alert spool{}",
                 config.display(),
                 model.id(),
                 model.version(),
                 model.features().len(),
                 model.backend_label(),
                 cfg.agent.model_dir.display(),
+                cfg.spool.dir.display(),
                 if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
                     format!("; {} can take checkpoints", cfg.retrain.state_dir.display())
                 } else {

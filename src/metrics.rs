@@ -254,12 +254,16 @@ fn histogram(s: &mut String, name: &str, help: &str, h: &crate::agent::LatencyBu
     );
 }
 
-/// Serves `/metrics` on `listen` until `stop` is set. Returns the bound address.
+/// Serves `/metrics` on `listener` (bound by the caller, so that it can refuse to start
+/// when `[metrics] listen` is taken) until `stop` is set. Returns the bound address.
 ///
 /// # Errors
-/// The address cannot be bound, or the thread cannot start.
-pub fn serve(listen: &str, exposed: Exposed, stop: Arc<AtomicBool>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(listen)?;
+/// The listener cannot be set up, or the thread cannot start.
+pub fn serve(
+    listener: TcpListener,
+    exposed: Exposed,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<SocketAddr> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     std::thread::Builder::new()
@@ -324,7 +328,12 @@ mod tests {
             model_id: "abc123".into(),
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let addr = serve("127.0.0.1:0", exposed, stop.clone()).unwrap();
+        let addr = serve(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            exposed,
+            stop.clone(),
+        )
+        .unwrap();
         let get = |path: &str| {
             let mut conn = std::net::TcpStream::connect(addr).unwrap();
             write!(conn, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

@@ -218,7 +218,8 @@ impl MqttConfig {
     /// # Errors
     /// An empty host, port 0 with an external broker, a keep-alive over 65535 s, a password
     /// without a username, an invalid subscribe filter, an alert or status topic with a
-    /// wildcard, `inflight_max` outside `1..=MAX_INFLIGHT`, or `incoming_capacity` 0.
+    /// wildcard or a `{…}` it does not fill in, `inflight_max` outside
+    /// `1..=MAX_INFLIGHT`, or `incoming_capacity` 0.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.host.trim().is_empty() {
             return Err(("host", "must not be empty".into()));
@@ -244,15 +245,33 @@ impl MqttConfig {
         for filter in &self.subscribe {
             check_filter(filter).map_err(|reason| ("subscribe", format!("`{filter}` {reason}")))?;
         }
-        for (key, topic) in [
-            ("alert_topic", &self.alert_topic),
-            ("status_topic", &self.status_topic),
+        for (key, topic, fills) in [
+            (
+                "alert_topic",
+                &self.alert_topic,
+                &["{node}", "{stream}"][..],
+            ),
+            ("status_topic", &self.status_topic, &["{node}"]),
         ] {
-            let probe = topic.replace("{node}", "n").replace("{stream}", "s");
+            let probe = fills.iter().fold(topic.clone(), |t, p| t.replace(p, "x"));
             if probe.is_empty() || !rumqttc::valid_topic(&probe) || probe.contains('\0') {
                 return Err((
                     key,
                     format!("`{topic}` is not a valid topic (empty, or has `+`, `#` or NUL)"),
+                ));
+            }
+            // Any other `{…}` would be published as it is.
+            if let Some(open) = probe.find('{')
+                && let Some(len) = probe[open..].find('}')
+                && !probe[open..open + len].contains('/')
+            {
+                return Err((
+                    key,
+                    format!(
+                        "`{topic}` has `{}`, which is not a placeholder here and would be published as it is; {key} fills in {}",
+                        &probe[open..=open + len],
+                        fills.join(" and ")
+                    ),
                 ));
             }
         }
@@ -1614,6 +1633,11 @@ mod tests {
         );
         assert_eq!(shared_subscription("act/#"), None);
         bad(|c| c.alert_topic = "a/+/{stream}".into(), "alert_topic");
+        bad(|c| c.alert_topic = "x/{bogus}".into(), "alert_topic");
+        bad(
+            |c| c.status_topic = "s/{node}/{stream}".into(),
+            "status_topic",
+        );
         bad(|c| c.status_topic.clear(), "status_topic");
         bad(|c| c.inflight_max = 0, "inflight_max");
         bad(|c| c.incoming_capacity = 0, "incoming_capacity");

@@ -1342,7 +1342,7 @@ fn compact_finite(
             tracing::warn!(
                 skipped,
                 total,
-                "Frames with a NaN or infinite value skipped; an assembled frame lacks a value when a feature had no sample recently enough (darkwatch_frames_incomplete_total)."
+                "Frames with a NaN or infinite value skipped: they are not scored. (The agent never hands over its incomplete frames: it counts and logs those itself.)"
             );
         }
     }

@@ -1540,41 +1540,6 @@ pub fn describe_state_json(dir: &Path) -> serde_json::Value {
     })
 }
 
-/// Checks, without changing anything, that `[retrain] state_dir` could be used when
-/// retraining is on: it, or the nearest folder above it that exists, is a directory this
-/// process may write. What `validate --agent` runs; [`resume`] makes and probes it.
-///
-/// # Errors
-/// The state directory, or the folder it would be made in, is not a writable directory.
-pub fn check_state_dir(cfg: &RetrainConfig) -> Result<(), ModelError> {
-    if !cfg.enabled || cfg.state_dir.as_os_str().is_empty() {
-        return Ok(());
-    }
-    let err = |reason: String| ModelError::StateDir {
-        path: cfg.state_dir.clone(),
-        reason,
-    };
-    let mut existing = cfg.state_dir.as_path();
-    while !existing.exists() {
-        existing = match existing.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-    }
-    if !existing.is_dir() {
-        return Err(err(format!("{} is not a directory", existing.display())));
-    }
-    use std::os::unix::ffi::OsStrExt;
-    let c =
-        std::ffi::CString::new(existing.as_os_str().as_bytes()).map_err(|e| err(e.to_string()))?;
-    // SAFETY: access(2) reads a NUL-terminated path this function owns.
-    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(err(format!("{}: {e}", existing.display())));
-    }
-    Ok(())
-}
-
 /// The model to start from: the newest valid checkpoint in `[retrain] state_dir` when
 /// retraining is on and one exists for the same features, else `model`.
 ///

@@ -694,12 +694,105 @@ fn validate_agent_loads_the_model_and_checks_the_state_folder() {
     let (code, _, err) = run(darkwatch()
         .args(["validate", "--agent", "--config"])
         .arg(&state));
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("[retrain] state_dir"), "{err}");
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("key `retrain.state_dir`"), "{err}");
     // Plain validate loads the model and leaves the state folder to `--agent`.
     let (code, out, err) = run(darkwatch().args(["validate", "--config"]).arg(&state));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("loads"), "{out}");
+}
+
+/// A `[spool] dir` or `[retrain] state_dir` that cannot be made or written is a
+/// configuration error for `run` and `validate --agent`: exit 78 with the key. `validate
+/// --agent` passed `/proc/nope`, and `run` then exited 1 ("cannot create the spool
+/// directory"), so systemd restarted it every 5 s. A usable one passes, and the check
+/// leaves nothing behind.
+#[test]
+fn an_unusable_spool_or_state_folder_exits_78_from_run_and_validate_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let spool = dir.path().join("spool");
+    let config = |name: &str, extra: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
+                repo("models/smd-machine-1-6").display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let cases = [
+        ("[spool]\ndir = \"/proc/nope\"\n".to_string(), "spool.dir"),
+        (
+            format!("[spool]\ndir = \"{}\"\n", file.join("spool").display()),
+            "spool.dir",
+        ),
+        (
+            format!(
+                "[spool]\ndir = \"{}\"\n[retrain]\nenabled = true\nstate_dir = \"/proc/nope\"\n",
+                spool.display()
+            ),
+            "retrain.state_dir",
+        ),
+    ];
+    for (i, (extra, key)) in cases.iter().enumerate() {
+        let cfg = config(&format!("case{i}.toml"), extra);
+        for args in [
+            &["validate", "--agent", "--config"][..],
+            &["run", "--config"],
+        ] {
+            // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
+            let (code, out, err) = run(std::process::Command::new("timeout")
+                .arg("60")
+                .arg(env!("CARGO_BIN_EXE_darkwatch"))
+                .args(args)
+                .arg(&cfg)
+                .env_remove("RUST_LOG"));
+            let what = format!("{args:?} with {extra}");
+            assert_eq!(code, 78, "{what}: {out}{err}");
+            assert!(
+                err.contains(&format!("key `{key}`")) && err.contains("cannot be made"),
+                "{what}: {err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
+        }
+    }
+    // Folders that are not there yet are made for the check, probed and removed again.
+    let new = dir.path().join("new");
+    let cfg = config(
+        "good.toml",
+        &format!(
+            "[spool]\ndir = \"{}\"\n[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
+            new.join("deeper/spool").display(),
+            new.join("state").display()
+        ),
+    );
+    let (code, out, err) = run(darkwatch()
+        .args(["validate", "--agent", "--config"])
+        .arg(&cfg));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("can take the alert spool"), "{out}");
+    assert!(!new.exists(), "the check left {} behind", new.display());
+    // An existing folder keeps what it holds, and gets nothing more.
+    std::fs::create_dir(&spool).unwrap();
+    std::fs::write(spool.join("keep"), "x").unwrap();
+    let cfg = config(
+        "existing.toml",
+        &format!("[spool]\ndir = \"{}\"\n", spool.display()),
+    );
+    let (code, out, err) = run(darkwatch()
+        .args(["validate", "--agent", "--config"])
+        .arg(&cfg));
+    assert_eq!(code, 0, "{out}{err}");
+    let names: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["keep"]);
 }
 
 /// A model folder that is missing, empty or holds a broken model is a configuration error
@@ -1537,6 +1630,57 @@ fn run_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("stopped after"), "{stderr}");
     assert!(!stderr.contains("rumqttd"), "{stderr}");
+}
+
+/// `run` without `--config` says that it runs on the built-in defaults and where it
+/// listens: an embedded broker, which no ExaMon or Telegraf publisher knows about. It used
+/// to start on them without a word.
+#[test]
+fn run_without_a_config_says_it_runs_on_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(darkwatch()
+        .arg("run")
+        .env("DARKWATCH__AGENT__MODEL_DIR", dir.path().join("nowhere"))
+        .env("DARKWATCH__SPOOL__DIR", dir.path().join("spool")));
+    assert_eq!(code, 78, "{out}{err}");
+    assert!(
+        err.contains("No --config: running on the built-in defaults")
+            && err.contains("embedded MQTT broker on 127.0.0.1:1883"),
+        "{err}"
+    );
+}
+
+/// A `[metrics] listen` address that cannot be bound is fatal at start, as a taken
+/// embedded-broker port is: exit 1, naming the key. The agent used to log one warning and
+/// run on unmonitored, while Prometheus scraped whichever process held the port.
+#[test]
+fn a_metrics_address_in_use_stops_the_agent_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"{addr}\"\n",
+            repo("models/smd-machine-1-6").display(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
+    let (code, out, err) = run(std::process::Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_darkwatch"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env_remove("RUST_LOG"));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("[metrics] listen = \"{addr}\": cannot listen")),
+        "{err}"
+    );
+    drop(held);
 }
 
 #[test]

@@ -581,7 +581,9 @@ fn an_unusable_state_directory_is_refused_at_start() {
     };
     darkwatch::retrain::resume(a, &off).unwrap();
 
-    // The binary: `replay` and `run` exit 1 naming the key and the path.
+    // The binary: `replay` exits 1 naming the key and the path; `run` checks the folder
+    // before it starts, and exits 78 (a configuration error, which systemd does not
+    // restart into).
     let toml = dir.path().join("bad-state.toml");
     std::fs::write(
         &toml,
@@ -609,9 +611,9 @@ fn an_unusable_state_directory_is_refused_at_start() {
         .args(["run", "--config"])
         .arg(&toml)
         .env_remove("RUST_LOG"));
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 78, "{err}");
     assert!(
-        err.contains("[retrain] state_dir") && err.contains(&file.display().to_string()),
+        err.contains("key `retrain.state_dir`") && err.contains(&file.display().to_string()),
         "{err}"
     );
 }

@@ -298,6 +298,19 @@ pub enum AssemblerError {
     DuplicateFeature(String),
 }
 
+impl AssemblerError {
+    /// The `[assemble]` key at fault; `None` when the model's features are.
+    pub fn key(&self) -> Option<&'static str> {
+        match self {
+            AssemblerError::WindowSecs(_) => Some("window_secs"),
+            AssemblerError::StaleSecs(_) => Some("stale_secs"),
+            AssemblerError::MaxStreams => Some("max_streams"),
+            AssemblerError::LatenessWindows(_) => Some("lateness_windows"),
+            AssemblerError::NoFeatures | AssemblerError::DuplicateFeature(_) => None,
+        }
+    }
+}
+
 /// Why [`Assembler::push`] did not take a sample (each is also counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {
@@ -524,6 +537,30 @@ impl Assembler {
     /// The model's feature names, in frame order.
     pub fn feature_names(&self) -> &[String] {
         &self.feature_names
+    }
+
+    /// Window length in seconds (`[assemble] window_secs`).
+    pub fn window_secs(&self) -> f64 {
+        self.window_secs
+    }
+
+    /// How many windows behind its stream's newest a sample may still land
+    /// (`[assemble] lateness_windows`).
+    pub fn lateness_windows(&self) -> i64 {
+        self.lateness
+    }
+
+    /// Whether a window closes as soon as it is complete (`[assemble] close_when_complete`).
+    pub fn closes_when_complete(&self) -> bool {
+        self.close_when_complete
+    }
+
+    /// The start (epoch seconds) of stream `stream`'s oldest window still open: a sample
+    /// stamped before it is [`Reject::Late`]. `None` for a stream not tracked, or one that
+    /// has closed no window yet.
+    pub fn open_since(&self, stream: &str) -> Option<f64> {
+        let st = &self.streams[*self.index.get(stream)?];
+        (st.closed_before != i64::MIN).then_some(st.closed_before as f64 * self.window_secs)
     }
 
     /// Streams tracked so far.
@@ -858,6 +895,9 @@ mod tests {
         );
         // A further sample for that window is late now.
         assert_eq!(a.push(&sample("n", "a", 9.0, 10.9)), Err(Reject::Late));
+        // Its stream's windows are open from the next one on (what the agent's log says).
+        assert_eq!(a.open_since("n"), Some(11.0));
+        assert_eq!(a.open_since("other"), None);
         // An older window still open closes first, in order.
         a.push_received(&sample("n", "a", 3.0, 12.1), receipt(103.0))
             .unwrap();

@@ -275,8 +275,20 @@ fn sighup_reloads_config_and_model_and_survives_a_broken_one() {
         err.contains("model_dirr"),
         "the refused key is logged: {err}"
     );
-    assert!(err.contains("no-such-model"), "{err}");
-    assert!(err.contains("format must be"), "{err}");
+    // Each refusal names the file and the key, as `validate` does (a missing model was
+    // logged as `error=/tmp/…/no-such-model: no such folder` alone).
+    let refusal = |key: &str| {
+        err.lines()
+            .find(|l| l.contains("Reload failed") && l.contains(&format!("key `{key}`")))
+            .unwrap_or_else(|| panic!("no refusal naming {key}: {err}"))
+            .to_string()
+    };
+    assert!(
+        refusal("agent.model_dir").contains("no-such-model: no such folder"),
+        "{err}"
+    );
+    assert!(refusal("agent.format").contains("format must be"), "{err}");
+    assert!(refusal("agent.format").contains("agent.toml"), "{err}");
     assert_eq!(err.matches("Reload failed").count(), 3, "{err}");
     // Logs to a pipe (journald, a file) carry no terminal colour codes.
     assert!(!err.contains('\u{1b}'), "colour codes in the log: {err:?}");
