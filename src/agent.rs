@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -142,6 +142,8 @@ pub struct AgentCounters {
     pub frames_incomplete: AtomicU64,
     pub alerts_firing: AtomicU64,
     pub alerts_resolved: AtomicU64,
+    /// Firing alerts published again (`[alert] resend_secs`), not counted in `alerts_firing`.
+    pub alerts_resent: AtomicU64,
     /// Turns of the source thread's loop (at least one per 50 ms): its heartbeat.
     pub source_turns: AtomicU64,
     /// Complete (finite) frames handed to the scorer, ring drops excluded.
@@ -402,6 +404,7 @@ pub fn run_with(
         handback: handback.clone(),
     };
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
+    sink.link = Some(mqtt_stats.clone());
     let metrics_stop = Arc::new(AtomicBool::new(false));
     if !cfg.metrics.listen.is_empty() {
         let exposed = crate::metrics::Exposed {
@@ -752,6 +755,7 @@ fn apply_reload(
         sink = AgentSink {
             scores: std::mem::take(&mut sink.scores),
             events: std::mem::take(&mut sink.events),
+            link: sink.link.take(),
             ..fresh
         };
     }
@@ -1248,10 +1252,19 @@ impl Source for FeedTurn {
     }
 }
 
+/// One stream's threshold and alert state, and what the sink's ticks keep of it.
+struct StreamState {
+    threshold: Threshold,
+    alerts: AlertState,
+    /// When its firing alert was last published, by the ticks' clock; `None` while it
+    /// does not fire, and from a new firing to the next tick.
+    sent: Option<Instant>,
+}
+
 /// Thresholds and alert state per stream; alerts leave as MQTT messages.
 struct AgentSink {
     template: Threshold,
-    per_stream: Vec<Option<(Threshold, AlertState)>>,
+    per_stream: Vec<Option<StreamState>>,
     streams: Arc<Mutex<Vec<String>>>,
     alert_cfg: crate::alert::AlertConfig,
     mqtt: mqtt::MqttConfig,
@@ -1267,6 +1280,9 @@ struct AgentSink {
     retrain: Option<crate::retrain::SinkSide>,
     /// How thresholds are rebuilt for a retrained model.
     threshold_cfg: crate::threshold::ThresholdConfig,
+    /// The MQTT client's state: re-sends wait while it has no connection (they would only
+    /// fill the spool). `None`: send always.
+    link: Option<Arc<MqttStats>>,
 }
 
 impl AgentSink {
@@ -1300,6 +1316,7 @@ impl AgentSink {
             events: Vec::new(),
             retrain: None,
             threshold_cfg: cfg.threshold.clone(),
+            link: None,
         })
     }
 
@@ -1308,8 +1325,8 @@ impl AgentSink {
     fn switch_model(&mut self, model: &Model) {
         match self.threshold_cfg.build(&model.threshold_scores()) {
             Ok(t) => {
-                for (threshold, _) in self.per_stream.iter_mut().flatten() {
-                    *threshold = t.clone();
+                for st in self.per_stream.iter_mut().flatten() {
+                    st.threshold = t.clone();
                 }
                 self.template = t;
             }
@@ -1319,8 +1336,8 @@ impl AgentSink {
         }
         self.model_id.clone_from(&model.meta.id);
         self.model_version = model.meta.version.to_string();
-        for (_, alerts) in self.per_stream.iter_mut().flatten() {
-            alerts.set_model(&self.model_id, &self.model_version);
+        for st in self.per_stream.iter_mut().flatten() {
+            st.alerts.set_model(&self.model_id, &self.model_version);
         }
         self.counters.set_model_id(&model.meta.id);
     }
@@ -1329,8 +1346,8 @@ impl AgentSink {
     /// says so in its `ended_by` annotation, since the anomaly may still be going on.
     fn end_alerts(&mut self, why: &str) {
         let mut ending = Vec::new();
-        for (_, alerts) in self.per_stream.iter_mut().flatten() {
-            if let Some(mut e) = alerts.finish() {
+        for st in self.per_stream.iter_mut().flatten() {
+            if let Some(mut e) = st.alerts.finish() {
                 e.annotations.insert("ended_by".into(), why.into());
                 ending.push(e);
             }
@@ -1342,6 +1359,7 @@ impl AgentSink {
         }
     }
 
+    /// Publishes a transition of a stream's alert (it fires or resolves).
     fn publish(&mut self, stream: &str, event: AlertEvent) {
         match event.status {
             crate::alert::AlertStatus::Firing => {
@@ -1352,15 +1370,59 @@ impl AgentSink {
                 .alerts_resolved
                 .fetch_add(1, Ordering::Relaxed),
         };
-        let payload = serde_json::to_vec(&event).unwrap_or_default();
+        self.send(stream, &event);
+        // Kept only when recording (the demo): a daemon must not grow with every alert.
+        if self.record {
+            self.events.push(event);
+        }
+    }
+
+    fn send(&self, stream: &str, event: &AlertEvent) {
+        let payload = serde_json::to_vec(event).unwrap_or_default();
         let _ = self.out.send(Outgoing {
             topic: self.mqtt.alert_topic_for(stream),
             payload,
             retain: false,
         });
-        // Kept only when recording (the demo): a daemon must not grow with every alert.
-        if self.record {
-            self.events.push(event);
+    }
+
+    /// Publishes every firing alert again once `[alert] resend_secs` passed since it was
+    /// last published, as it stands now ([`AlertState::active`]: same labels, fingerprint
+    /// and `startsAt`, the latest score, peak and features), so that Alertmanager does not
+    /// time out an anomaly that goes on. Counted apart (`alerts_resent`), not as a firing,
+    /// and not recorded. While the MQTT client has no connection it waits, and catches up
+    /// at the first tick after the reconnect.
+    fn resend(&mut self, now: Instant) {
+        let every = self.alert_cfg.resend_secs;
+        if every <= 0.0 {
+            return;
+        }
+        let connected = self
+            .link
+            .as_ref()
+            .is_none_or(|l| l.connected.load(Ordering::Relaxed));
+        for i in 0..self.per_stream.len() {
+            let Some(st) = self.per_stream[i].as_mut() else {
+                continue;
+            };
+            if !st.alerts.is_firing() {
+                st.sent = None;
+                continue;
+            }
+            let Some(sent) = st.sent else {
+                // Fired since the last tick: its firing event went out then.
+                st.sent = Some(now);
+                continue;
+            };
+            if !connected || now.saturating_duration_since(sent).as_secs_f64() < every {
+                continue;
+            }
+            let Some(event) = st.alerts.active() else {
+                continue;
+            };
+            st.sent = Some(now);
+            self.counters.alerts_resent.fetch_add(1, Ordering::Relaxed);
+            self.send(&event.stream, &event);
         }
     }
 }
@@ -1396,15 +1458,23 @@ impl Sink for AgentSink {
                 &self.model_version,
                 self.features.clone(),
             );
-            self.per_stream[i] = Some((self.template.clone(), state));
+            self.per_stream[i] = Some(StreamState {
+                threshold: self.template.clone(),
+                alerts: state,
+                sent: None,
+            });
         }
-        let Some((threshold, alerts)) = self.per_stream[i].as_mut() else {
+        let Some(st) = self.per_stream[i].as_mut() else {
             return;
         };
-        let t = threshold.threshold();
-        let alarm = threshold.update(f64::from(f.score)).is_alarm();
-        let event = alerts.observe(&Observation::from_scored(f, t));
-        let in_alert = alerts.in_alert();
+        let t = st.threshold.threshold();
+        let alarm = st.threshold.update(f64::from(f.score)).is_alarm();
+        let event = st.alerts.observe(&Observation::from_scored(f, t));
+        let in_alert = st.alerts.in_alert();
+        if event.is_some() {
+            // A new episode's re-sends count from its firing; a resolved one has none.
+            st.sent = None;
+        }
         if let Some(r) = self.retrain.as_mut() {
             r.after(f, alarm || in_alert);
         }
@@ -1423,6 +1493,10 @@ impl Sink for AgentSink {
 
     // Alerts are not ended in `finish`: the turn may end for a reload, which keeps them.
     // The agent calls `end_alerts` when it stops.
+
+    fn tick(&mut self, now: Instant) {
+        self.resend(now);
+    }
 }
 
 #[cfg(test)]
@@ -1725,6 +1799,121 @@ mod tests {
         let latency = &counters.alert_latency;
         assert_eq!(latency.count(), 2);
         assert!(latency.quantile_upper(1.0) <= 1.0, "{:?}", latency.counts);
+    }
+
+    /// A sink for a model whose threshold lies below 1, streams named `s0`, `s1`…, and
+    /// the receiving end of its alerts.
+    fn test_sink(cfg: &DarkwatchConfig) -> (AgentSink, mqtt::OutgoingReceiver) {
+        let mut model = crate::model::fit::synthetic(2, 1);
+        model.calibration_scores = (0..1000).map(|i| i as f32 / 1000.0).collect();
+        let (out, alerts) = mqtt::outgoing_channel();
+        let streams = Arc::new(Mutex::new(vec!["s0".to_string(), "s1".to_string()]));
+        let sink = AgentSink::new(
+            cfg,
+            &Detector::Autoencoder(Arc::new(model)),
+            streams,
+            &cfg.mqtt,
+            out,
+            &Arc::default(),
+            false,
+        )
+        .unwrap();
+        (sink, alerts)
+    }
+
+    /// Feeds `n` frames of `stream` from `seq`, each scoring `score`.
+    fn feed_sink(sink: &mut AgentSink, stream: u32, seq: u64, n: u64, score: f32) {
+        for seq in seq..seq + n {
+            sink.accept(&ScoredFrame {
+                meta: FrameMeta {
+                    seq,
+                    stream,
+                    timestamp: 1_700_000_000.0 + seq as f64,
+                    ..FrameMeta::default()
+                },
+                score,
+                frame_score: score,
+                ..Default::default()
+            });
+        }
+    }
+
+    /// The alert events sent so far, as JSON.
+    fn sent(alerts: &mut mqtt::OutgoingReceiver) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| alerts.try_recv().ok())
+            .map(|o| serde_json::from_slice(&o.payload).unwrap())
+            .collect()
+    }
+
+    /// A firing alert is published again every `[alert] resend_secs` (by the ticks' clock)
+    /// while it fires, as Alertmanager expects of its clients, with the firing event's
+    /// fingerprint and startsAt; re-sends are not firings. The agent used to publish only
+    /// the transitions, so Alertmanager timed a long anomaly out (resolve_timeout).
+    #[test]
+    fn a_firing_alert_is_resent_every_resend_secs_until_it_resolves() {
+        let cfg = DarkwatchConfig::default();
+        assert_eq!(cfg.alert.resend_secs, 60.0);
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        let counters = sink.counters.clone();
+        let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        sink.tick(at(0));
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        let fired = sent(&mut alerts);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0]["status"], "firing");
+        // Stream s1 is quiet: it never fires, so nothing of it is re-sent.
+        feed_sink(&mut sink, 1, 0, 3, 0.0);
+        // The first tick after the firing starts its clock.
+        sink.tick(at(1));
+        sink.tick(at(60));
+        assert!(sent(&mut alerts).is_empty(), "re-sent too soon");
+        // Scored on: the re-send is the episode as it stands, same identity.
+        feed_sink(&mut sink, 0, 3, 4, 2e6);
+        sink.tick(at(61));
+        let again = sent(&mut alerts);
+        assert_eq!(again.len(), 1, "{again:?}");
+        let e = &again[0];
+        assert_eq!(e["status"], "firing");
+        assert_eq!(e["fingerprint"], fired[0]["fingerprint"]);
+        assert_eq!(e["startsAt"], fired[0]["startsAt"]);
+        assert_eq!(e["labels"], fired[0]["labels"]);
+        assert_eq!(e["seq"], 6, "the latest frame");
+        assert_eq!(e["peak_score"], 2e6);
+        assert_eq!(count(&counters.alerts_firing), 1, "a re-send is no firing");
+        assert_eq!(count(&counters.alerts_resent), 1);
+        // Every resend_secs from the last one.
+        sink.tick(at(120));
+        assert!(sent(&mut alerts).is_empty());
+        sink.tick(at(121));
+        assert_eq!(sent(&mut alerts).len(), 1);
+        // Without a broker connection re-sends wait, and catch up once it is back.
+        let link = Arc::new(MqttStats::default());
+        sink.link = Some(link.clone());
+        sink.tick(at(200));
+        assert!(sent(&mut alerts).is_empty());
+        link.connected.store(true, Ordering::Relaxed);
+        sink.tick(at(201));
+        assert_eq!(sent(&mut alerts).len(), 1);
+        assert_eq!(count(&counters.alerts_resent), 3);
+        // Resolved: no more re-sends.
+        feed_sink(&mut sink, 0, 7, 5, 0.0);
+        assert_eq!(sent(&mut alerts)[0]["status"], "resolved");
+        sink.tick(at(400));
+        sink.tick(at(1000));
+        assert!(sent(&mut alerts).is_empty());
+        assert_eq!(count(&counters.alerts_resent), 3);
+
+        // resend_secs = 0: never.
+        let mut cfg = DarkwatchConfig::default();
+        cfg.alert.resend_secs = 0.0;
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        for secs in [0, 1, 100, 10_000] {
+            sink.tick(at(secs));
+        }
+        assert_eq!(sent(&mut alerts).len(), 1, "the firing only");
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct AlertConfig {
     /// each frame's top `[score] top_contributions`, so an event can name more only when
     /// different frames blame different features.
     pub top_features: usize,
+    /// The agent re-publishes each firing alert this often (seconds, by the monotonic
+    /// clock), as Alertmanager clients re-send active alerts; 0 never does.
+    pub resend_secs: f64,
 }
 
 impl Default for AlertConfig {
@@ -63,6 +66,7 @@ impl Default for AlertConfig {
             alertname: "DarkwatchAnomaly".into(),
             severity: "warning".into(),
             top_features: 3,
+            resend_secs: 60.0,
         }
     }
 }
@@ -72,7 +76,8 @@ impl AlertConfig {
     ///
     /// # Errors
     /// `fire_k` outside `1..=fire_n`, `fire_n` above 64, `resolve_after_frames` of 0,
-    /// an empty `alertname`, or `top_features` above 64.
+    /// an empty `alertname`, `top_features` above 64, or a negative or non-finite
+    /// `resend_secs`.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.fire_n == 0 || self.fire_n > MAX_WINDOW_FRAMES {
             return Err((
@@ -104,6 +109,15 @@ impl AlertConfig {
                 format!(
                     "must be at most {MAX_EVENT_FEATURES}, got {}",
                     self.top_features
+                ),
+            ));
+        }
+        if !(self.resend_secs.is_finite() && self.resend_secs >= 0.0) {
+            return Err((
+                "resend_secs",
+                format!(
+                    "must be a non-negative number of seconds (0: never), got {}",
+                    self.resend_secs
                 ),
             ));
         }
@@ -759,6 +773,8 @@ mod tests {
         assert_eq!(bad(|c| c.fire_n = 65), "fire_n");
         assert_eq!(bad(|c| c.resolve_after_frames = 0), "resolve_after_frames");
         assert_eq!(bad(|c| c.alertname.clear()), "alertname");
+        assert_eq!(bad(|c| c.resend_secs = -1.0), "resend_secs");
+        assert_eq!(bad(|c| c.resend_secs = f64::NAN), "resend_secs");
         let c: Result<AlertConfig, _> = toml::from_str("fire_kk = 3");
         assert!(c.is_err(), "unknown keys are rejected");
         let c: AlertConfig = toml::from_str("fire_k = 2").unwrap();

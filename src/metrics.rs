@@ -61,7 +61,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 12] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -96,6 +96,11 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_mqtt_reconnects_total",
             "MQTT connection errors, each followed by a reconnect.",
             load(&m.reconnects),
+        ),
+        (
+            "darkwatch_alerts_resent_total",
+            "Firing alerts published again ([alert] resend_secs) while they fire; not counted in darkwatch_alerts_total.",
+            load(&c.alerts_resent),
         ),
         (
             "darkwatch_alerts_spooled_total",
@@ -147,7 +152,7 @@ pub fn render(e: &Exposed) -> String {
     }
     let _ = writeln!(
         s,
-        "# HELP darkwatch_alerts_total Alert events raised, by status.\n# TYPE darkwatch_alerts_total counter\n\
+        "# HELP darkwatch_alerts_total Alert events raised, by status (re-sends not included).\n# TYPE darkwatch_alerts_total counter\n\
          darkwatch_alerts_total{{status=\"firing\"}} {}\ndarkwatch_alerts_total{{status=\"resolved\"}} {}",
         load(&c.alerts_firing),
         load(&c.alerts_resolved)
@@ -314,6 +319,7 @@ mod tests {
         let counters = Arc::new(AgentCounters::default());
         counters.frames.fetch_add(7, Ordering::Relaxed);
         counters.alerts_firing.fetch_add(2, Ordering::Relaxed);
+        counters.alerts_resent.fetch_add(5, Ordering::Relaxed);
         let exposed = Exposed {
             counters,
             mqtt: Arc::new(MqttStats {
@@ -340,6 +346,10 @@ mod tests {
         );
         assert!(
             body.contains("darkwatch_alerts_total{status=\"firing\"} 2"),
+            "{body}"
+        );
+        assert!(
+            body.contains("\ndarkwatch_alerts_resent_total 5\n"),
             "{body}"
         );
         assert!(
