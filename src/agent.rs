@@ -680,6 +680,23 @@ pub const ENDED_BY_STOP: &str =
 /// The `ended_by` annotation of an alert resolved because a reload changed the model, its
 /// thresholds or its input.
 pub const ENDED_BY_RELOAD: &str = "a reload changed the model, thresholds or input: resolved without the scores falling, the anomaly may still be going on";
+/// The `ended_by` annotation of an alert resolved because its stream went silent.
+pub const ENDED_BY_SILENCE: &str = "the stream went silent (no frame scored for [alert] silence_secs): resolved without the scores falling, the anomaly may still be going on";
+
+/// `[alert] silence_secs` when absent: five minutes.
+pub const DEFAULT_SILENCE_SECS: f64 = 300.0;
+
+/// How long a stream may score no frame before it counts as silent: `[alert]
+/// silence_secs`, by default [`DEFAULT_SILENCE_SECS`] or ten assembler windows if longer
+/// (assembled input sends a frame per window at most); 0 never.
+pub fn silence_secs(cfg: &DarkwatchConfig) -> f64 {
+    cfg.alert
+        .silence_secs
+        .unwrap_or_else(|| match cfg.agent.format {
+            InputFormat::Raw => DEFAULT_SILENCE_SECS,
+            _ => DEFAULT_SILENCE_SECS.max(10.0 * cfg.assemble.window_secs),
+        })
+}
 
 /// Where a source that ends its turn for a reload puts itself.
 type Handback = Arc<Mutex<Option<Box<FeedTurn>>>>;
@@ -1259,6 +1276,14 @@ struct StreamState {
     /// When its firing alert was last published, by the ticks' clock; `None` while it
     /// does not fire, and from a new firing to the next tick.
     sent: Option<Instant>,
+    /// The stream's name, for the log.
+    name: String,
+    /// A frame came since the last tick.
+    seen: bool,
+    /// The tick after its latest frame.
+    last_seen: Option<Instant>,
+    /// No frame for `silence_secs`: logged once, until frames come back.
+    silent: bool,
 }
 
 /// Thresholds and alert state per stream; alerts leave as MQTT messages.
@@ -1280,6 +1305,8 @@ struct AgentSink {
     retrain: Option<crate::retrain::SinkSide>,
     /// How thresholds are rebuilt for a retrained model.
     threshold_cfg: crate::threshold::ThresholdConfig,
+    /// A stream that scores no frame for this long is silent (see [`silence_secs`]).
+    silence_secs: f64,
     /// The MQTT client's state: re-sends wait while it has no connection (they would only
     /// fill the spool). `None`: send always.
     link: Option<Arc<MqttStats>>,
@@ -1316,6 +1343,7 @@ impl AgentSink {
             events: Vec::new(),
             retrain: None,
             threshold_cfg: cfg.threshold.clone(),
+            silence_secs: silence_secs(cfg),
             link: None,
         })
     }
@@ -1386,6 +1414,48 @@ impl AgentSink {
         });
     }
 
+    /// Notes each stream's frames since the last tick, and a stream that has scored none
+    /// for `silence_secs`: it is logged (once per silence) and, if its alert fires, the
+    /// alert is resolved with an `ended_by` that says so: no frame could resolve it any
+    /// more, and its re-sends would keep it firing. Frames that come back are scored as
+    /// before.
+    fn watch_silence(&mut self, now: Instant) {
+        let limit = self.silence_secs;
+        for i in 0..self.per_stream.len() {
+            let Some(st) = self.per_stream[i].as_mut() else {
+                continue;
+            };
+            let seen = std::mem::take(&mut st.seen);
+            let last = match st.last_seen {
+                Some(last) if !seen => last,
+                _ => {
+                    st.last_seen = Some(now);
+                    continue;
+                }
+            };
+            let quiet = now.saturating_duration_since(last).as_secs_f64();
+            if st.silent || limit <= 0.0 || quiet < limit {
+                continue;
+            }
+            st.silent = true;
+            let ended = st.alerts.finish().map(|mut e| {
+                e.annotations
+                    .insert("ended_by".into(), ENDED_BY_SILENCE.into());
+                e
+            });
+            tracing::warn!(
+                stream = ?crate::ingest::Clipped(&st.name),
+                silent_secs = quiet.round(),
+                alert_resolved = ended.is_some(),
+                "a stream scored no frame for [alert] silence_secs: the node, its sender, the network or the broker stopped, or its frames are all incomplete; its firing alert, if any, is resolved with an ended_by annotation"
+            );
+            if let Some(event) = ended {
+                let name = event.stream.clone();
+                self.publish(&name, event);
+            }
+        }
+    }
+
     /// Publishes every firing alert again once `[alert] resend_secs` passed since it was
     /// last published, as it stands now ([`AlertState::active`]: same labels, fingerprint
     /// and `startsAt`, the latest score, peak and features), so that Alertmanager does not
@@ -1451,7 +1521,7 @@ impl Sink for AgentSink {
                 .ok()
                 .and_then(|s| s.get(i).cloned())
                 .unwrap_or_else(|| i.to_string());
-            let state = AlertState::new(
+            let alerts = AlertState::new(
                 &self.alert_cfg,
                 &name,
                 &self.model_id,
@@ -1460,13 +1530,26 @@ impl Sink for AgentSink {
             );
             self.per_stream[i] = Some(StreamState {
                 threshold: self.template.clone(),
-                alerts: state,
+                alerts,
                 sent: None,
+                name,
+                seen: true,
+                last_seen: None,
+                silent: false,
             });
         }
         let Some(st) = self.per_stream[i].as_mut() else {
             return;
         };
+        st.seen = true;
+        if st.silent {
+            st.silent = false;
+            tracing::info!(
+                stream = ?crate::ingest::Clipped(&st.name),
+                silent_secs = st.last_seen.map_or(0.0, |t| t.elapsed().as_secs_f64().round()),
+                "a silent stream scores frames again"
+            );
+        }
         let t = st.threshold.threshold();
         let alarm = st.threshold.update(f64::from(f.score)).is_alarm();
         let event = st.alerts.observe(&Observation::from_scored(f, t));
@@ -1495,6 +1578,8 @@ impl Sink for AgentSink {
     // The agent calls `end_alerts` when it stops.
 
     fn tick(&mut self, now: Instant) {
+        // Silence first: an alert it resolves is not re-sent.
+        self.watch_silence(now);
         self.resend(now);
     }
 }
@@ -1910,10 +1995,88 @@ mod tests {
         cfg.alert.resend_secs = 0.0;
         let (mut sink, mut alerts) = test_sink(&cfg);
         feed_sink(&mut sink, 0, 0, 3, 1e6);
-        for secs in [0, 1, 100, 10_000] {
+        for secs in [0, 1, 100, 250] {
             sink.tick(at(secs));
         }
         assert_eq!(sent(&mut alerts).len(), 1, "the firing only");
+    }
+
+    /// A stream that goes silent while its alert fires has the alert resolved, saying why,
+    /// once `[alert] silence_secs` pass without a frame (by the ticks' clock); a silent
+    /// stream that was not firing only counts as silent. Frames that come back are scored
+    /// as before. The agent used to keep such an alert firing until a reload or a stop.
+    #[test]
+    fn a_stream_that_goes_silent_has_its_alert_resolved_once() {
+        let cfg = DarkwatchConfig::default();
+        assert_eq!(silence_secs(&cfg), 300.0);
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let silent = |sink: &AgentSink| -> Vec<bool> {
+            sink.per_stream.iter().flatten().map(|s| s.silent).collect()
+        };
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        feed_sink(&mut sink, 1, 0, 3, 0.0);
+        sink.tick(at(0));
+        assert_eq!(sent(&mut alerts).len(), 1, "s0 fired");
+        // s1 goes on; s0 sends nothing more (its alert is re-sent meanwhile).
+        for secs in (10..300).step_by(10) {
+            feed_sink(&mut sink, 1, secs, 1, 0.0);
+            sink.tick(at(secs));
+        }
+        assert!(sent(&mut alerts).iter().all(|e| e["status"] == "firing"));
+        assert_eq!(silent(&sink), [false, false]);
+        sink.tick(at(300));
+        let ended = sent(&mut alerts);
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(ended[0]["status"], "resolved");
+        assert_eq!(ended[0]["annotations"]["ended_by"], ENDED_BY_SILENCE);
+        assert_eq!(
+            ended[0]["end_seq"], 2,
+            "ends at its last above-threshold frame"
+        );
+        assert_eq!(silent(&sink), [true, false]);
+        assert!(!sink.per_stream[0].as_ref().unwrap().alerts.is_firing());
+        // Once per silence: nothing more, however long it lasts; no re-send either.
+        for secs in [301, 600, 5000] {
+            sink.tick(at(secs));
+        }
+        assert!(sent(&mut alerts).is_empty());
+        assert_eq!(sink.counters.alerts_resolved.load(Ordering::Relaxed), 1);
+        // s1 goes silent too: it was not firing, so it is only marked.
+        assert_eq!(silent(&sink), [true, true]);
+        // Frames come back: no longer silent, and a new anomaly fires a new episode.
+        feed_sink(&mut sink, 0, 3, 3, 1e6);
+        assert_eq!(silent(&sink), [false, true]);
+        let refired = sent(&mut alerts);
+        assert_eq!(refired.len(), 1);
+        assert_eq!(refired[0]["status"], "firing");
+        assert_eq!(refired[0]["fingerprint"], ended[0]["fingerprint"]);
+        assert_ne!(refired[0]["startsAt"], ended[0]["startsAt"]);
+        // Its silence clock starts again from the tick after its latest frame.
+        sink.tick(at(6000));
+        sink.tick(at(6299));
+        assert!(sent(&mut alerts).iter().all(|e| e["status"] == "firing"));
+        sink.tick(at(6300));
+        assert_eq!(
+            sent(&mut alerts)[0]["annotations"]["ended_by"],
+            ENDED_BY_SILENCE
+        );
+
+        // silence_secs = 0: never; absent, ten assembler windows when that is longer.
+        let mut cfg = DarkwatchConfig::default();
+        cfg.assemble.window_secs = 60.0;
+        assert_eq!(silence_secs(&cfg), 600.0);
+        cfg.agent.format = InputFormat::Raw;
+        assert_eq!(silence_secs(&cfg), 300.0);
+        cfg.alert.silence_secs = Some(0.0);
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        for secs in [0, 1, 1000, 100_000] {
+            sink.tick(at(secs));
+        }
+        assert!(sent(&mut alerts).iter().all(|e| e["status"] == "firing"));
+        assert_eq!(silent(&sink), [false]);
     }
 
     #[test]
