@@ -144,6 +144,12 @@ pub struct AgentCounters {
     pub alerts_resolved: AtomicU64,
     /// Firing alerts published again (`[alert] resend_secs`), not counted in `alerts_firing`.
     pub alerts_resent: AtomicU64,
+    /// Gauges, as the sink last set them (at a transition, a new or returning stream, and
+    /// about once a second): streams whose alert fires now, streams with a threshold and
+    /// alert state, and those of them silent (`[alert] silence_secs`).
+    pub firing_now: AtomicU64,
+    pub streams: AtomicU64,
+    pub streams_silent: AtomicU64,
     /// Turns of the source thread's loop (at least one per 50 ms): its heartbeat.
     pub source_turns: AtomicU64,
     /// Complete (finite) frames handed to the scorer, ring drops excluded.
@@ -1385,6 +1391,22 @@ impl AgentSink {
             let name = e.stream.clone();
             self.publish(&name, e);
         }
+        self.set_gauges();
+    }
+
+    /// Sets the gauges of [`AgentCounters`] from the streams' state (a pass over the
+    /// streams: at rare events and ticks, never per frame).
+    fn set_gauges(&self) {
+        let (mut streams, mut firing, mut silent) = (0, 0, 0);
+        for st in self.per_stream.iter().flatten() {
+            streams += 1;
+            firing += u64::from(st.alerts.is_firing());
+            silent += u64::from(st.silent);
+        }
+        let c = &self.counters;
+        c.streams.store(streams, Ordering::Relaxed);
+        c.firing_now.store(firing, Ordering::Relaxed);
+        c.streams_silent.store(silent, Ordering::Relaxed);
     }
 
     /// Publishes a transition of a stream's alert (it fires or resolves).
@@ -1514,7 +1536,8 @@ impl Sink for AgentSink {
         if self.per_stream.len() <= i {
             self.per_stream.resize_with(i + 1, || None);
         }
-        if self.per_stream[i].is_none() {
+        let created = self.per_stream[i].is_none();
+        if created {
             let name = self
                 .streams
                 .lock()
@@ -1542,8 +1565,12 @@ impl Sink for AgentSink {
             return;
         };
         st.seen = true;
+        // A new stream, a transition or a stream back from silence (all rare) sets the
+        // gauges at once; the ticks set them too.
+        let mut changed = created;
         if st.silent {
             st.silent = false;
+            changed = true;
             tracing::info!(
                 stream = ?crate::ingest::Clipped(&st.name),
                 silent_secs = st.last_seen.map_or(0.0, |t| t.elapsed().as_secs_f64().round()),
@@ -1557,6 +1584,7 @@ impl Sink for AgentSink {
         if event.is_some() {
             // A new episode's re-sends count from its firing; a resolved one has none.
             st.sent = None;
+            changed = true;
         }
         if let Some(r) = self.retrain.as_mut() {
             r.after(f, alarm || in_alert);
@@ -1572,6 +1600,9 @@ impl Sink for AgentSink {
                 self.counters.alert_latency.record(now - received);
             }
         }
+        if changed {
+            self.set_gauges();
+        }
     }
 
     // Alerts are not ended in `finish`: the turn may end for a reload, which keeps them.
@@ -1581,6 +1612,7 @@ impl Sink for AgentSink {
         // Silence first: an alert it resolves is not re-sent.
         self.watch_silence(now);
         self.resend(now);
+        self.set_gauges();
     }
 }
 
@@ -2037,6 +2069,11 @@ mod tests {
         );
         assert_eq!(silent(&sink), [true, false]);
         assert!(!sink.per_stream[0].as_ref().unwrap().alerts.is_firing());
+        let gauges = |sink: &AgentSink| {
+            let c = &sink.counters;
+            [&c.streams, &c.firing_now, &c.streams_silent].map(|g| g.load(Ordering::Relaxed))
+        };
+        assert_eq!(gauges(&sink), [2, 0, 1], "streams, firing, silent");
         // Once per silence: nothing more, however long it lasts; no re-send either.
         for secs in [301, 600, 5000] {
             sink.tick(at(secs));
@@ -2046,8 +2083,10 @@ mod tests {
         // s1 goes silent too: it was not firing, so it is only marked.
         assert_eq!(silent(&sink), [true, true]);
         // Frames come back: no longer silent, and a new anomaly fires a new episode.
+        assert_eq!(gauges(&sink), [2, 0, 2]);
         feed_sink(&mut sink, 0, 3, 3, 1e6);
         assert_eq!(silent(&sink), [false, true]);
+        assert_eq!(gauges(&sink), [2, 1, 1], "set at once, without a tick");
         let refired = sent(&mut alerts);
         assert_eq!(refired.len(), 1);
         assert_eq!(refired[0]["status"], "firing");

@@ -1134,6 +1134,11 @@ fn a_firing_alert_is_resent_then_resolved_when_its_stream_goes_silent() {
         agent.metric("darkwatch_alerts_total{status=\"firing\"}"),
         Some(1.0)
     );
+    // The state now: one stream, silent, no alert firing.
+    agent.wait_metric("darkwatch_streams_silent", |v| v == 1.0);
+    assert_eq!(agent.metric("darkwatch_streams"), Some(1.0));
+    assert_eq!(agent.metric("darkwatch_alerts_firing"), Some(0.0));
+    assert!(agent.metric("process_resident_memory_bytes").unwrap() > 0.0);
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
     assert!(err.contains("silence_secs"), "the silence is logged: {err}");
