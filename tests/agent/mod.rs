@@ -85,13 +85,13 @@ fn notified_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
     }
 }
 
-/// The frame count of a `STATUS=model <id>: <n> frames scored, …` line.
+/// The frame count of a `STATUS=model <id>: …; since start: <n> frames scored, …` line.
 fn scored_in(msg: &str) -> Option<u64> {
     let status = msg.split("STATUS=").nth(1)?;
     status
-        .split(": ")
-        .nth(1)?
-        .split_whitespace()
+        .split(" frames scored")
+        .next()?
+        .rsplit(' ')
         .next()?
         .parse()
         .ok()
