@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -164,6 +164,14 @@ pub struct AgentCounters {
     pub frames_incomplete: AtomicU64,
     pub alerts_firing: AtomicU64,
     pub alerts_resolved: AtomicU64,
+    /// Firing alerts published again (`[alert] resend_secs`), not counted in `alerts_firing`.
+    pub alerts_resent: AtomicU64,
+    /// Gauges, as the sink last set them (at a transition, a new or returning stream, and
+    /// about once a second): streams whose alert fires now, streams with a threshold and
+    /// alert state, and those of them silent (`[alert] silence_secs`).
+    pub firing_now: AtomicU64,
+    pub streams: AtomicU64,
+    pub streams_silent: AtomicU64,
     /// Turns of the source thread's loop (at least one per 50 ms): its heartbeat.
     pub source_turns: AtomicU64,
     /// Complete (finite) frames handed to the scorer, ring drops excluded.
@@ -429,6 +437,7 @@ pub fn run_with(
         no_input: NoInput::new(&mqtt_cfg),
     };
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
+    sink.link = Some(mqtt_stats.clone());
     let metrics_stop = Arc::new(AtomicBool::new(false));
     if let Some(listener) = metrics_listener {
         let exposed = crate::metrics::Exposed {
@@ -767,6 +776,23 @@ pub const ENDED_BY_STOP: &str =
 /// The `ended_by` annotation of an alert resolved because a reload changed the model, its
 /// thresholds or its input.
 pub const ENDED_BY_RELOAD: &str = "a reload changed the model, thresholds or input: resolved without the scores falling, the anomaly may still be going on";
+/// The `ended_by` annotation of an alert resolved because its stream went silent.
+pub const ENDED_BY_SILENCE: &str = "the stream went silent (no frame scored for [alert] silence_secs): resolved without the scores falling, the anomaly may still be going on";
+
+/// `[alert] silence_secs` when absent: five minutes.
+pub const DEFAULT_SILENCE_SECS: f64 = 300.0;
+
+/// How long a stream may score no frame before it counts as silent: `[alert]
+/// silence_secs`, by default [`DEFAULT_SILENCE_SECS`] or ten assembler windows if longer
+/// (assembled input sends a frame per window at most); 0 never.
+pub fn silence_secs(cfg: &DarkwatchConfig) -> f64 {
+    cfg.alert
+        .silence_secs
+        .unwrap_or_else(|| match cfg.agent.format {
+            InputFormat::Raw => DEFAULT_SILENCE_SECS,
+            _ => DEFAULT_SILENCE_SECS.max(10.0 * cfg.assemble.window_secs),
+        })
+}
 
 /// Where a source that ends its turn for a reload puts itself.
 type Handback = Arc<Mutex<Option<Box<FeedTurn>>>>;
@@ -842,6 +868,7 @@ fn apply_reload(
         sink = AgentSink {
             scores: std::mem::take(&mut sink.scores),
             events: std::mem::take(&mut sink.events),
+            link: sink.link.take(),
             ..fresh
         };
     }
@@ -1541,10 +1568,27 @@ impl Source for FeedTurn {
     }
 }
 
+/// One stream's threshold and alert state, and what the sink's ticks keep of it.
+struct StreamState {
+    threshold: Threshold,
+    alerts: AlertState,
+    /// When its firing alert was last published, by the ticks' clock; `None` while it
+    /// does not fire, and from a new firing to the next tick.
+    sent: Option<Instant>,
+    /// The stream's name, for the log.
+    name: String,
+    /// A frame came since the last tick.
+    seen: bool,
+    /// The tick after its latest frame.
+    last_seen: Option<Instant>,
+    /// No frame for `silence_secs`: logged once, until frames come back.
+    silent: bool,
+}
+
 /// Thresholds and alert state per stream; alerts leave as MQTT messages.
 struct AgentSink {
     template: Threshold,
-    per_stream: Vec<Option<(Threshold, AlertState)>>,
+    per_stream: Vec<Option<StreamState>>,
     streams: Arc<Mutex<Vec<String>>>,
     alert_cfg: crate::alert::AlertConfig,
     mqtt: mqtt::MqttConfig,
@@ -1560,6 +1604,11 @@ struct AgentSink {
     retrain: Option<crate::retrain::SinkSide>,
     /// How thresholds are rebuilt for a retrained model.
     threshold_cfg: crate::threshold::ThresholdConfig,
+    /// A stream that scores no frame for this long is silent (see [`silence_secs`]).
+    silence_secs: f64,
+    /// The MQTT client's state: re-sends wait while it has no connection (they would only
+    /// fill the spool). `None`: send always.
+    link: Option<Arc<MqttStats>>,
 }
 
 impl AgentSink {
@@ -1593,6 +1642,8 @@ impl AgentSink {
             events: Vec::new(),
             retrain: None,
             threshold_cfg: cfg.threshold.clone(),
+            silence_secs: silence_secs(cfg),
+            link: None,
         })
     }
 
@@ -1601,8 +1652,8 @@ impl AgentSink {
     fn switch_model(&mut self, model: &Model) {
         match self.threshold_cfg.build(&model.threshold_scores()) {
             Ok(t) => {
-                for (threshold, _) in self.per_stream.iter_mut().flatten() {
-                    *threshold = t.clone();
+                for st in self.per_stream.iter_mut().flatten() {
+                    st.threshold = t.clone();
                 }
                 self.template = t;
             }
@@ -1612,8 +1663,8 @@ impl AgentSink {
         }
         self.model_id.clone_from(&model.meta.id);
         self.model_version = model.meta.version.to_string();
-        for (_, alerts) in self.per_stream.iter_mut().flatten() {
-            alerts.set_model(&self.model_id, &self.model_version);
+        for st in self.per_stream.iter_mut().flatten() {
+            st.alerts.set_model(&self.model_id, &self.model_version);
         }
         self.counters.set_model_id(&model.meta.id);
     }
@@ -1622,8 +1673,8 @@ impl AgentSink {
     /// says so in its `ended_by` annotation, since the anomaly may still be going on.
     fn end_alerts(&mut self, why: &str) {
         let mut ending = Vec::new();
-        for (_, alerts) in self.per_stream.iter_mut().flatten() {
-            if let Some(mut e) = alerts.finish() {
+        for st in self.per_stream.iter_mut().flatten() {
+            if let Some(mut e) = st.alerts.finish() {
                 e.annotations.insert("ended_by".into(), why.into());
                 ending.push(e);
             }
@@ -1633,8 +1684,25 @@ impl AgentSink {
             let name = e.stream.clone();
             self.publish(&name, e);
         }
+        self.set_gauges();
     }
 
+    /// Sets the gauges of [`AgentCounters`] from the streams' state (a pass over the
+    /// streams: at rare events and ticks, never per frame).
+    fn set_gauges(&self) {
+        let (mut streams, mut firing, mut silent) = (0, 0, 0);
+        for st in self.per_stream.iter().flatten() {
+            streams += 1;
+            firing += u64::from(st.alerts.is_firing());
+            silent += u64::from(st.silent);
+        }
+        let c = &self.counters;
+        c.streams.store(streams, Ordering::Relaxed);
+        c.firing_now.store(firing, Ordering::Relaxed);
+        c.streams_silent.store(silent, Ordering::Relaxed);
+    }
+
+    /// Publishes a transition of a stream's alert (it fires or resolves).
     fn publish(&mut self, stream: &str, event: AlertEvent) {
         match event.status {
             crate::alert::AlertStatus::Firing => {
@@ -1645,15 +1713,101 @@ impl AgentSink {
                 .alerts_resolved
                 .fetch_add(1, Ordering::Relaxed),
         };
-        let payload = serde_json::to_vec(&event).unwrap_or_default();
+        self.send(stream, &event);
+        // Kept only when recording (the demo): a daemon must not grow with every alert.
+        if self.record {
+            self.events.push(event);
+        }
+    }
+
+    fn send(&self, stream: &str, event: &AlertEvent) {
+        let payload = serde_json::to_vec(event).unwrap_or_default();
         let _ = self.out.send(Outgoing {
             topic: self.mqtt.alert_topic_for(stream),
             payload,
             retain: false,
         });
-        // Kept only when recording (the demo): a daemon must not grow with every alert.
-        if self.record {
-            self.events.push(event);
+    }
+
+    /// Notes each stream's frames since the last tick, and a stream that has scored none
+    /// for `silence_secs`: it is logged (once per silence) and, if its alert fires, the
+    /// alert is resolved with an `ended_by` that says so: no frame could resolve it any
+    /// more, and its re-sends would keep it firing. Frames that come back are scored as
+    /// before.
+    fn watch_silence(&mut self, now: Instant) {
+        let limit = self.silence_secs;
+        for i in 0..self.per_stream.len() {
+            let Some(st) = self.per_stream[i].as_mut() else {
+                continue;
+            };
+            let seen = std::mem::take(&mut st.seen);
+            let last = match st.last_seen {
+                Some(last) if !seen => last,
+                _ => {
+                    st.last_seen = Some(now);
+                    continue;
+                }
+            };
+            let quiet = now.saturating_duration_since(last).as_secs_f64();
+            if st.silent || limit <= 0.0 || quiet < limit {
+                continue;
+            }
+            st.silent = true;
+            let ended = st.alerts.finish().map(|mut e| {
+                e.annotations
+                    .insert("ended_by".into(), ENDED_BY_SILENCE.into());
+                e
+            });
+            tracing::warn!(
+                stream = ?crate::ingest::Clipped(&st.name),
+                silent_secs = quiet.round(),
+                alert_resolved = ended.is_some(),
+                "a stream scored no frame for [alert] silence_secs: the node, its sender, the network or the broker stopped, or its frames are all incomplete; its firing alert, if any, is resolved with an ended_by annotation"
+            );
+            if let Some(event) = ended {
+                let name = event.stream.clone();
+                self.publish(&name, event);
+            }
+        }
+    }
+
+    /// Publishes every firing alert again once `[alert] resend_secs` passed since it was
+    /// last published, as it stands now ([`AlertState::active`]: same labels, fingerprint
+    /// and `startsAt`, the latest score, peak and features), so that Alertmanager does not
+    /// time out an anomaly that goes on. Counted apart (`alerts_resent`), not as a firing,
+    /// and not recorded. While the MQTT client has no connection it waits, and catches up
+    /// at the first tick after the reconnect.
+    fn resend(&mut self, now: Instant) {
+        let every = self.alert_cfg.resend_secs;
+        if every <= 0.0 {
+            return;
+        }
+        let connected = self
+            .link
+            .as_ref()
+            .is_none_or(|l| l.connected.load(Ordering::Relaxed));
+        for i in 0..self.per_stream.len() {
+            let Some(st) = self.per_stream[i].as_mut() else {
+                continue;
+            };
+            if !st.alerts.is_firing() {
+                st.sent = None;
+                continue;
+            }
+            let Some(sent) = st.sent else {
+                // Fired since the last tick: its firing event went out then.
+                st.sent = Some(now);
+                continue;
+            };
+            if !connected || now.saturating_duration_since(sent).as_secs_f64() < every {
+                continue;
+            }
+            let Some(event) = st.alerts.active() else {
+                continue;
+            };
+            st.sent = Some(now);
+            self.counters.alerts_resent.fetch_add(1, Ordering::Relaxed);
+            self.send(&event.stream, &event);
         }
     }
 }
@@ -1675,29 +1829,56 @@ impl Sink for AgentSink {
         if self.per_stream.len() <= i {
             self.per_stream.resize_with(i + 1, || None);
         }
-        if self.per_stream[i].is_none() {
+        let created = self.per_stream[i].is_none();
+        if created {
             let name = self
                 .streams
                 .lock()
                 .ok()
                 .and_then(|s| s.get(i).cloned())
                 .unwrap_or_else(|| i.to_string());
-            let state = AlertState::new(
+            let alerts = AlertState::new(
                 &self.alert_cfg,
                 &name,
                 &self.model_id,
                 &self.model_version,
                 self.features.clone(),
             );
-            self.per_stream[i] = Some((self.template.clone(), state));
+            self.per_stream[i] = Some(StreamState {
+                threshold: self.template.clone(),
+                alerts,
+                sent: None,
+                name,
+                seen: true,
+                last_seen: None,
+                silent: false,
+            });
         }
-        let Some((threshold, alerts)) = self.per_stream[i].as_mut() else {
+        let Some(st) = self.per_stream[i].as_mut() else {
             return;
         };
-        let t = threshold.threshold();
-        let alarm = threshold.update(f64::from(f.score)).is_alarm();
-        let event = alerts.observe(&Observation::from_scored(f, t));
-        let in_alert = alerts.in_alert();
+        st.seen = true;
+        // A new stream, a transition or a stream back from silence (all rare) sets the
+        // gauges at once; the ticks set them too.
+        let mut changed = created;
+        if st.silent {
+            st.silent = false;
+            changed = true;
+            tracing::info!(
+                stream = ?crate::ingest::Clipped(&st.name),
+                silent_secs = st.last_seen.map_or(0.0, |t| t.elapsed().as_secs_f64().round()),
+                "a silent stream scores frames again"
+            );
+        }
+        let t = st.threshold.threshold();
+        let alarm = st.threshold.update(f64::from(f.score)).is_alarm();
+        let event = st.alerts.observe(&Observation::from_scored(f, t));
+        let in_alert = st.alerts.in_alert();
+        if event.is_some() {
+            // A new episode's re-sends count from its firing; a resolved one has none.
+            st.sent = None;
+            changed = true;
+        }
         if let Some(r) = self.retrain.as_mut() {
             r.after(f, alarm || in_alert);
         }
@@ -1712,10 +1893,20 @@ impl Sink for AgentSink {
                 self.counters.alert_latency.record(now - received);
             }
         }
+        if changed {
+            self.set_gauges();
+        }
     }
 
     // Alerts are not ended in `finish`: the turn may end for a reload, which keeps them.
     // The agent calls `end_alerts` when it stops.
+
+    fn tick(&mut self, now: Instant) {
+        // Silence first: an alert it resolves is not re-sent.
+        self.watch_silence(now);
+        self.resend(now);
+        self.set_gauges();
+    }
 }
 
 #[cfg(test)]
@@ -2189,6 +2380,206 @@ mod tests {
         let latency = &counters.alert_latency;
         assert_eq!(latency.count(), 2);
         assert!(latency.quantile_upper(1.0) <= 1.0, "{:?}", latency.counts);
+    }
+
+    /// A sink for a model whose threshold lies below 1, streams named `s0`, `s1`…, and
+    /// the receiving end of its alerts.
+    fn test_sink(cfg: &DarkwatchConfig) -> (AgentSink, mqtt::OutgoingReceiver) {
+        let mut model = crate::model::fit::synthetic(2, 1);
+        model.calibration_scores = (0..1000).map(|i| i as f32 / 1000.0).collect();
+        let (out, alerts) = mqtt::outgoing_channel();
+        let streams = Arc::new(Mutex::new(vec!["s0".to_string(), "s1".to_string()]));
+        let sink = AgentSink::new(
+            cfg,
+            &Detector::Autoencoder(Arc::new(model)),
+            streams,
+            &cfg.mqtt,
+            out,
+            &Arc::default(),
+            false,
+        )
+        .unwrap();
+        (sink, alerts)
+    }
+
+    /// Feeds `n` frames of `stream` from `seq`, each scoring `score`.
+    fn feed_sink(sink: &mut AgentSink, stream: u32, seq: u64, n: u64, score: f32) {
+        for seq in seq..seq + n {
+            sink.accept(&ScoredFrame {
+                meta: FrameMeta {
+                    seq,
+                    stream,
+                    timestamp: 1_700_000_000.0 + seq as f64,
+                    ..FrameMeta::default()
+                },
+                score,
+                frame_score: score,
+                ..Default::default()
+            });
+        }
+    }
+
+    /// The alert events sent so far, as JSON.
+    fn sent(alerts: &mut mqtt::OutgoingReceiver) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| alerts.try_recv().ok())
+            .map(|o| serde_json::from_slice(&o.payload).unwrap())
+            .collect()
+    }
+
+    /// A firing alert is published again every `[alert] resend_secs` (by the ticks' clock)
+    /// while it fires, as Alertmanager expects of its clients, with the firing event's
+    /// fingerprint and startsAt; re-sends are not firings. The agent used to publish only
+    /// the transitions, so Alertmanager timed a long anomaly out (resolve_timeout).
+    #[test]
+    fn a_firing_alert_is_resent_every_resend_secs_until_it_resolves() {
+        let cfg = DarkwatchConfig::default();
+        assert_eq!(cfg.alert.resend_secs, 60.0);
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        let counters = sink.counters.clone();
+        let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        sink.tick(at(0));
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        let fired = sent(&mut alerts);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0]["status"], "firing");
+        // Stream s1 is quiet: it never fires, so nothing of it is re-sent.
+        feed_sink(&mut sink, 1, 0, 3, 0.0);
+        // The first tick after the firing starts its clock.
+        sink.tick(at(1));
+        sink.tick(at(60));
+        assert!(sent(&mut alerts).is_empty(), "re-sent too soon");
+        // Scored on: the re-send is the episode as it stands, same identity.
+        feed_sink(&mut sink, 0, 3, 4, 2e6);
+        sink.tick(at(61));
+        let again = sent(&mut alerts);
+        assert_eq!(again.len(), 1, "{again:?}");
+        let e = &again[0];
+        assert_eq!(e["status"], "firing");
+        assert_eq!(e["fingerprint"], fired[0]["fingerprint"]);
+        assert_eq!(e["startsAt"], fired[0]["startsAt"]);
+        assert_eq!(e["labels"], fired[0]["labels"]);
+        assert_eq!(e["seq"], 6, "the latest frame");
+        assert_eq!(e["peak_score"], 2e6);
+        assert_eq!(count(&counters.alerts_firing), 1, "a re-send is no firing");
+        assert_eq!(count(&counters.alerts_resent), 1);
+        // Every resend_secs from the last one.
+        sink.tick(at(120));
+        assert!(sent(&mut alerts).is_empty());
+        sink.tick(at(121));
+        assert_eq!(sent(&mut alerts).len(), 1);
+        // Without a broker connection re-sends wait, and catch up once it is back.
+        let link = Arc::new(MqttStats::default());
+        sink.link = Some(link.clone());
+        sink.tick(at(200));
+        assert!(sent(&mut alerts).is_empty());
+        link.connected.store(true, Ordering::Relaxed);
+        sink.tick(at(201));
+        assert_eq!(sent(&mut alerts).len(), 1);
+        assert_eq!(count(&counters.alerts_resent), 3);
+        // Resolved: no more re-sends.
+        feed_sink(&mut sink, 0, 7, 5, 0.0);
+        assert_eq!(sent(&mut alerts)[0]["status"], "resolved");
+        sink.tick(at(400));
+        sink.tick(at(1000));
+        assert!(sent(&mut alerts).is_empty());
+        assert_eq!(count(&counters.alerts_resent), 3);
+
+        // resend_secs = 0: never.
+        let mut cfg = DarkwatchConfig::default();
+        cfg.alert.resend_secs = 0.0;
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        for secs in [0, 1, 100, 250] {
+            sink.tick(at(secs));
+        }
+        assert_eq!(sent(&mut alerts).len(), 1, "the firing only");
+    }
+
+    /// A stream that goes silent while its alert fires has the alert resolved, saying why,
+    /// once `[alert] silence_secs` pass without a frame (by the ticks' clock); a silent
+    /// stream that was not firing only counts as silent. Frames that come back are scored
+    /// as before. The agent used to keep such an alert firing until a reload or a stop.
+    #[test]
+    fn a_stream_that_goes_silent_has_its_alert_resolved_once() {
+        let cfg = DarkwatchConfig::default();
+        assert_eq!(silence_secs(&cfg), 300.0);
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let silent = |sink: &AgentSink| -> Vec<bool> {
+            sink.per_stream.iter().flatten().map(|s| s.silent).collect()
+        };
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        feed_sink(&mut sink, 1, 0, 3, 0.0);
+        sink.tick(at(0));
+        assert_eq!(sent(&mut alerts).len(), 1, "s0 fired");
+        // s1 goes on; s0 sends nothing more (its alert is re-sent meanwhile).
+        for secs in (10..300).step_by(10) {
+            feed_sink(&mut sink, 1, secs, 1, 0.0);
+            sink.tick(at(secs));
+        }
+        assert!(sent(&mut alerts).iter().all(|e| e["status"] == "firing"));
+        assert_eq!(silent(&sink), [false, false]);
+        sink.tick(at(300));
+        let ended = sent(&mut alerts);
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(ended[0]["status"], "resolved");
+        assert_eq!(ended[0]["annotations"]["ended_by"], ENDED_BY_SILENCE);
+        assert_eq!(
+            ended[0]["end_seq"], 2,
+            "ends at its last above-threshold frame"
+        );
+        assert_eq!(silent(&sink), [true, false]);
+        assert!(!sink.per_stream[0].as_ref().unwrap().alerts.is_firing());
+        let gauges = |sink: &AgentSink| {
+            let c = &sink.counters;
+            [&c.streams, &c.firing_now, &c.streams_silent].map(|g| g.load(Ordering::Relaxed))
+        };
+        assert_eq!(gauges(&sink), [2, 0, 1], "streams, firing, silent");
+        // Once per silence: nothing more, however long it lasts; no re-send either.
+        for secs in [301, 600, 5000] {
+            sink.tick(at(secs));
+        }
+        assert!(sent(&mut alerts).is_empty());
+        assert_eq!(sink.counters.alerts_resolved.load(Ordering::Relaxed), 1);
+        // s1 goes silent too: it was not firing, so it is only marked.
+        assert_eq!(silent(&sink), [true, true]);
+        // Frames come back: no longer silent, and a new anomaly fires a new episode.
+        assert_eq!(gauges(&sink), [2, 0, 2]);
+        feed_sink(&mut sink, 0, 3, 3, 1e6);
+        assert_eq!(silent(&sink), [false, true]);
+        assert_eq!(gauges(&sink), [2, 1, 1], "set at once, without a tick");
+        let refired = sent(&mut alerts);
+        assert_eq!(refired.len(), 1);
+        assert_eq!(refired[0]["status"], "firing");
+        assert_eq!(refired[0]["fingerprint"], ended[0]["fingerprint"]);
+        assert_ne!(refired[0]["startsAt"], ended[0]["startsAt"]);
+        // Its silence clock starts again from the tick after its latest frame.
+        sink.tick(at(6000));
+        sink.tick(at(6299));
+        assert!(sent(&mut alerts).iter().all(|e| e["status"] == "firing"));
+        sink.tick(at(6300));
+        assert_eq!(
+            sent(&mut alerts)[0]["annotations"]["ended_by"],
+            ENDED_BY_SILENCE
+        );
+
+        // silence_secs = 0: never; absent, ten assembler windows when that is longer.
+        let mut cfg = DarkwatchConfig::default();
+        cfg.assemble.window_secs = 60.0;
+        assert_eq!(silence_secs(&cfg), 600.0);
+        cfg.agent.format = InputFormat::Raw;
+        assert_eq!(silence_secs(&cfg), 300.0);
+        cfg.alert.silence_secs = Some(0.0);
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        for secs in [0, 1, 1000, 100_000] {
+            sink.tick(at(secs));
+        }
+        assert!(sent(&mut alerts).iter().all(|e| e["status"] == "firing"));
+        assert_eq!(silent(&sink), [false]);
     }
 
     #[test]

@@ -51,6 +51,13 @@ pub struct AlertConfig {
     /// each frame's top `[score] top_contributions`, so an event can name more only when
     /// different frames blame different features.
     pub top_features: usize,
+    /// The agent re-publishes each firing alert this often (seconds, by the monotonic
+    /// clock), as Alertmanager clients re-send active alerts; 0 never does.
+    pub resend_secs: f64,
+    /// The agent counts a stream that scored no frame for this long (seconds, monotonic
+    /// clock) as silent: it logs it once and resolves its firing alert. 0 never does.
+    /// Absent: 300 s, or ten `[assemble] window_secs` if longer (assembled input).
+    pub silence_secs: Option<f64>,
 }
 
 impl Default for AlertConfig {
@@ -63,6 +70,8 @@ impl Default for AlertConfig {
             alertname: "DarkwatchAnomaly".into(),
             severity: "warning".into(),
             top_features: 3,
+            resend_secs: 60.0,
+            silence_secs: None,
         }
     }
 }
@@ -72,7 +81,8 @@ impl AlertConfig {
     ///
     /// # Errors
     /// `fire_k` outside `1..=fire_n`, `fire_n` above 64, `resolve_after_frames` of 0,
-    /// an empty `alertname`, or `top_features` above 64.
+    /// an empty `alertname`, `top_features` above 64, or a negative or non-finite
+    /// `resend_secs` or `silence_secs`.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.fire_n == 0 || self.fire_n > MAX_WINDOW_FRAMES {
             return Err((
@@ -105,6 +115,23 @@ impl AlertConfig {
                     "must be at most {MAX_EVENT_FEATURES}, got {}",
                     self.top_features
                 ),
+            ));
+        }
+        if !(self.resend_secs.is_finite() && self.resend_secs >= 0.0) {
+            return Err((
+                "resend_secs",
+                format!(
+                    "must be a non-negative number of seconds (0: never), got {}",
+                    self.resend_secs
+                ),
+            ));
+        }
+        if let Some(secs) = self.silence_secs
+            && !(secs.is_finite() && secs >= 0.0)
+        {
+            return Err((
+                "silence_secs",
+                format!("must be a non-negative number of seconds (0: never), got {secs}"),
             ));
         }
         Ok(())
@@ -764,6 +791,13 @@ mod tests {
         assert_eq!(bad(|c| c.fire_n = 65), "fire_n");
         assert_eq!(bad(|c| c.resolve_after_frames = 0), "resolve_after_frames");
         assert_eq!(bad(|c| c.alertname.clear()), "alertname");
+        assert_eq!(bad(|c| c.resend_secs = -1.0), "resend_secs");
+        assert_eq!(bad(|c| c.resend_secs = f64::NAN), "resend_secs");
+        assert_eq!(bad(|c| c.silence_secs = Some(-5.0)), "silence_secs");
+        assert_eq!(
+            bad(|c| c.silence_secs = Some(f64::INFINITY)),
+            "silence_secs"
+        );
         let c: Result<AlertConfig, _> = toml::from_str("fire_kk = 3");
         assert!(c.is_err(), "unknown keys are rejected");
         let c: AlertConfig = toml::from_str("fire_k = 2").unwrap();

@@ -61,7 +61,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 12] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -96,6 +96,11 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_mqtt_reconnects_total",
             "MQTT connection errors, each followed by a reconnect.",
             load(&m.reconnects),
+        ),
+        (
+            "darkwatch_alerts_resent_total",
+            "Firing alerts published again ([alert] resend_secs) while they fire; not counted in darkwatch_alerts_total.",
+            load(&c.alerts_resent),
         ),
         (
             "darkwatch_alerts_spooled_total",
@@ -147,7 +152,7 @@ pub fn render(e: &Exposed) -> String {
     }
     let _ = writeln!(
         s,
-        "# HELP darkwatch_alerts_total Alert events raised, by status.\n# TYPE darkwatch_alerts_total counter\n\
+        "# HELP darkwatch_alerts_total Alert events raised, by status (re-sends not included).\n# TYPE darkwatch_alerts_total counter\n\
          darkwatch_alerts_total{{status=\"firing\"}} {}\ndarkwatch_alerts_total{{status=\"resolved\"}} {}",
         load(&c.alerts_firing),
         load(&c.alerts_resolved)
@@ -187,6 +192,29 @@ pub fn render(e: &Exposed) -> String {
          darkwatch_mqtt_connected {}",
         u8::from(m.connected.load(Ordering::Relaxed))
     );
+    let gauges: [(&str, &str, u64); 3] = [
+        (
+            "darkwatch_alerts_firing",
+            "Streams whose alert fires now.",
+            load(&c.firing_now),
+        ),
+        (
+            "darkwatch_streams",
+            "Streams scored, each with its threshold and alert state, since the start or the last reload that changed the model, thresholds or input.",
+            load(&c.streams),
+        ),
+        (
+            "darkwatch_streams_silent",
+            "Of darkwatch_streams, those that scored no frame for [alert] silence_secs.",
+            load(&c.streams_silent),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(
+            s,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    }
     let _ = writeln!(
         s,
         "# HELP darkwatch_config_reloads_total Reloads (SIGHUP) by result; a failed one keeps the running configuration.\n\
@@ -233,7 +261,124 @@ pub fn render(e: &Exposed) -> String {
                 .replace('\n', "\\n")
         }
     );
+    process_metrics(&mut s);
     s
+}
+
+/// What `/proc/self/stat` says of the process: CPU time in clock ticks, its start in
+/// clock ticks after boot, virtual memory in bytes, resident memory in pages.
+#[derive(Debug, PartialEq)]
+struct ProcStat {
+    cpu_ticks: u64,
+    start_ticks: u64,
+    virtual_bytes: u64,
+    resident_pages: u64,
+}
+
+/// Parses `/proc/<pid>/stat` (proc(5)): the fields after the command name, which is in
+/// parentheses and may itself hold spaces and parentheses.
+fn parse_stat(stat: &str) -> Option<ProcStat> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // rest starts at field 3 (state): field n is at n - 3.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(ProcStat {
+        cpu_ticks: field(14)? + field(15)?,
+        start_ticks: field(22)?,
+        virtual_bytes: field(23)?,
+        resident_pages: field(24)?,
+    })
+}
+
+/// The boot time, epoch seconds, from `/proc/stat`'s `btime` line.
+fn parse_btime(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+}
+
+/// The standard process metrics of Prometheus' client libraries, from `/proc/self`, so
+/// that the unit's `MemoryMax=` and `CPUQuota=` can be watched (Linux only; a file that
+/// cannot be read leaves its metrics out).
+fn process_metrics(s: &mut String) {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    // SAFETY: sysconf and getrlimit only read the process's settings.
+    let (tick_hz, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let tick_hz = if tick_hz > 0 { tick_hz as f64 } else { 100.0 };
+    let page = if page > 0 { page as u64 } else { 4096 };
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        if value == f64::INFINITY {
+            let _ = writeln!(s, "{name} +Inf");
+        } else {
+            let _ = writeln!(s, "{name} {value}");
+        }
+    };
+    if let Some(stat) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|t| parse_stat(&t))
+    {
+        metric(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            stat.cpu_ticks as f64 / tick_hz,
+        );
+        metric(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            stat.virtual_bytes as f64,
+        );
+        metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            stat.resident_pages.saturating_mul(page) as f64,
+        );
+        if let Some(btime) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|t| parse_btime(&t))
+        {
+            metric(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since unix epoch in seconds.",
+                btime as f64 + stat.start_ticks as f64 / tick_hz,
+            );
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metric(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds.count() as f64,
+        );
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the one struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        metric(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            if limit.rlim_cur == libc::RLIM_INFINITY {
+                f64::INFINITY
+            } else {
+                limit.rlim_cur as f64
+            },
+        );
+    }
 }
 
 /// One Prometheus histogram from lock-free buckets.
@@ -313,11 +458,148 @@ pub fn serve(
 mod tests {
     use super::*;
 
+    /// Checks `text` against the text exposition format (0.0.4) as a scraper reads it:
+    /// every sample is `name[{labels}] value` with a valid name and a number for value,
+    /// after its family's one `# TYPE` (histogram samples: `_bucket`, `_sum`, `_count`),
+    /// and no sample twice. Returns the samples, `name{labels}` to value.
+    fn check_exposition(text: &str) -> std::collections::HashMap<String, f64> {
+        let valid_name = |n: &str| {
+            !n.is_empty()
+                && !n.starts_with(|c: char| c.is_ascii_digit())
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        };
+        let mut types: std::collections::HashMap<String, String> = Default::default();
+        let mut samples: std::collections::HashMap<String, f64> = Default::default();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# ") {
+                let mut parts = rest.splitn(3, ' ');
+                let (kind, name, what) = (parts.next(), parts.next(), parts.next());
+                let name = name.unwrap_or_else(|| panic!("bad comment: {line}"));
+                assert!(valid_name(name), "{line}");
+                match kind {
+                    Some("HELP") => assert!(what.is_some_and(|h| !h.is_empty()), "{line}"),
+                    Some("TYPE") => {
+                        let t = what.unwrap_or_default();
+                        assert!(["counter", "gauge", "histogram"].contains(&t), "{line}");
+                        assert!(
+                            types.insert(name.to_string(), t.to_string()).is_none(),
+                            "second TYPE: {line}"
+                        );
+                    }
+                    _ => panic!("bad comment: {line}"),
+                }
+                continue;
+            }
+            assert!(!line.is_empty(), "an empty line");
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v
+                    .parse::<f64>()
+                    .unwrap_or_else(|_| panic!("bad value: {line}")),
+            };
+            let name = match series.split_once('{') {
+                Some((name, labels)) => {
+                    assert!(labels.ends_with('}'), "{line}");
+                    name
+                }
+                None => series,
+            };
+            assert!(valid_name(name), "{line}");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|s| name.strip_suffix(s))
+                .find(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+                .unwrap_or(name);
+            let kind = types
+                .get(family)
+                .unwrap_or_else(|| panic!("no TYPE before {line}"));
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "{line}");
+            }
+            assert!(
+                samples.insert(series.to_string(), value).is_none(),
+                "twice: {line}"
+            );
+        }
+        samples
+    }
+
+    /// Every metric, the process ones included, as a scraper parses them.
+    #[test]
+    fn the_exposition_parses_and_has_the_process_metrics() {
+        let counters = Arc::new(AgentCounters::default());
+        counters.alert_latency.record(0.002);
+        let exposed = Exposed {
+            counters,
+            mqtt: Arc::default(),
+            model_id: "abc123".into(),
+        };
+        let samples = check_exposition(&render(&exposed));
+        assert_eq!(samples["darkwatch_alerts_firing"], 0.0);
+        assert_eq!(samples["darkwatch_alert_latency_seconds_count"], 1.0);
+        if cfg!(target_os = "linux") {
+            let get = |name: &str| {
+                *samples
+                    .get(name)
+                    .unwrap_or_else(|| panic!("no {name} in {samples:?}"))
+            };
+            assert!(get("process_resident_memory_bytes") > 1e5);
+            assert!(get("process_virtual_memory_bytes") >= get("process_resident_memory_bytes"));
+            assert!(get("process_cpu_seconds_total") >= 0.0);
+            assert!(get("process_open_fds") >= 3.0);
+            assert!(get("process_max_fds") >= get("process_open_fds"));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            let started = get("process_start_time_seconds");
+            assert!(started > 1e9 && started <= now + 1.0, "{started} vs {now}");
+        }
+    }
+
+    #[test]
+    fn proc_stat_fields_are_read_past_a_command_name_with_parentheses() {
+        // Field n holds n, except those read: utime 14, stime 15, starttime 22, vsize 23, rss 24.
+        let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+        fields[0] = "S".into();
+        for (n, v) in [
+            (14, "150"),
+            (15, "50"),
+            (22, "1000"),
+            (23, "123456789"),
+            (24, "2500"),
+        ] {
+            fields[n - 3] = v.into();
+        }
+        let stat = format!("4242 (dark) (watch ) {}\n", fields.join(" "));
+        assert_eq!(
+            parse_stat(&stat),
+            Some(ProcStat {
+                cpu_ticks: 200,
+                start_ticks: 1000,
+                virtual_bytes: 123_456_789,
+                resident_pages: 2500,
+            })
+        );
+        assert_eq!(parse_stat("4242 (short) S 1 2"), None);
+        assert_eq!(
+            parse_btime("cpu  1 2 3\nbtime 1700000000\nprocesses 9\n"),
+            Some(1_700_000_000)
+        );
+    }
+
     #[test]
     fn scrape_returns_the_counters_in_exposition_format() {
         let counters = Arc::new(AgentCounters::default());
         counters.frames.fetch_add(7, Ordering::Relaxed);
         counters.alerts_firing.fetch_add(2, Ordering::Relaxed);
+        counters.alerts_resent.fetch_add(5, Ordering::Relaxed);
+        counters.firing_now.store(1, Ordering::Relaxed);
+        counters.streams.store(3, Ordering::Relaxed);
+        counters.streams_silent.store(2, Ordering::Relaxed);
         let exposed = Exposed {
             counters,
             mqtt: Arc::new(MqttStats {
@@ -352,6 +634,10 @@ mod tests {
             "{body}"
         );
         assert!(
+            body.contains("\ndarkwatch_alerts_resent_total 5\n"),
+            "{body}"
+        );
+        assert!(
             body.contains("darkwatch_model_info{model_id=\"abc123\"} 1"),
             "{body}"
         );
@@ -377,6 +663,17 @@ mod tests {
                 && body.contains("\ndarkwatch_alerts_spool_dropped_total 2\n"),
             "{body}"
         );
+        // The state now, beside the counters since the start.
+        for line in [
+            "\ndarkwatch_alerts_firing 1\n",
+            "\ndarkwatch_streams 3\n",
+            "\ndarkwatch_streams_silent 2\n",
+            "# TYPE darkwatch_streams_silent gauge\n",
+        ] {
+            assert!(body.contains(line), "{line} in {body}");
+        }
+        let (_, text) = body.split_once("\r\n\r\n").unwrap();
+        check_exposition(text);
         assert!(get("/other").starts_with("HTTP/1.1 404"));
         // HEAD: the headers of GET, no body.
         let mut conn = std::net::TcpStream::connect(addr).unwrap();

@@ -546,7 +546,17 @@ pub trait Sink: Send + 'static {
     fn finish(&mut self) -> Result<(), std::io::Error> {
         Ok(())
     }
+    /// Time passed: called about every [`TICK_EVERY`] (at least once a second, less often
+    /// only while a batch runs longer) on the thread that calls [`Self::accept`], whether
+    /// frames come or not, with a monotonic time read at most a batch ago, so a sink can
+    /// act on time passing without reading a clock per frame (the agent re-sends firing
+    /// alerts and notices streams that went silent). The same rules as `accept`: must not
+    /// block for long. Does nothing by default.
+    fn tick(&mut self, _now: Instant) {}
 }
+
+/// How often [`Sink::tick`] runs.
+pub const TICK_EVERY: Duration = Duration::from_secs(1);
 
 /// The pipeline's monotonic clock (ns since the pipeline started).
 #[derive(Debug, Clone, Copy)]
@@ -563,6 +573,11 @@ impl Clock {
     #[inline]
     pub fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
+    }
+    /// The instant `ns` after the clock started (a [`Self::now_ns`] reading).
+    #[inline]
+    pub fn instant_at(&self, ns: u64) -> Instant {
+        self.start + Duration::from_nanos(ns)
     }
 }
 
@@ -839,7 +854,7 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
     let mut producer = producer;
     // The scorer thread hands back the sink it ran (finished) when the sink is on it.
     let (scorer_thread, sink_thread) = if K::ON_SCORER_THREAD {
-        let state = ScoreState::new(scorer, consumer, OnScorer(sink), clock, inv, hooks);
+        let state = ScoreState::new(scorer, consumer, OnScorer::new(sink), clock, inv, hooks);
         // Where frames may be scored on the pushing thread: no replay swap point to wait at
         // there, and a scorer that may run on any thread.
         let shared =
@@ -850,12 +865,12 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
             });
             producer.set_drainer(shared.clone());
             spawn("scorer").spawn(move || {
-                let (counts, OnScorer(mut sink)) = shared_score_loop(&shared);
+                let (counts, OnScorer { mut sink, .. }) = shared_score_loop(&shared);
                 (counts, Some(sink.finish().map(|()| sink)))
             })
         } else {
             spawn("scorer").spawn(move || {
-                let (counts, OnScorer(mut sink)) = score_loop(state);
+                let (counts, OnScorer { mut sink, .. }) = score_loop(state);
                 (counts, Some(sink.finish().map(|()| sink)))
             })
         }
@@ -929,6 +944,11 @@ trait Results {
     fn put(&mut self, frame: &ScoredFrame) -> bool;
     /// A batch (or the run) is done: frames put since the last call are complete.
     fn batch_done(&mut self) {}
+    /// Whether [`Self::time`] does anything (else the scorer reads no clock for it).
+    const TICKS: bool = false;
+    /// Time passed: `now` is a monotonic time read just now or at the end of the last
+    /// batch. A sink on the scorer gets its [`Sink::tick`] when one is due.
+    fn time(&mut self, _now: Instant) {}
 }
 
 /// The result ring to the sink thread, and the thread to unpark after each batch.
@@ -960,13 +980,34 @@ impl Results for ToSinkThread {
 }
 
 /// The sink, called on the scorer thread (or, with a [`SharedScorer`], on the thread that
-/// pushed the frame).
-struct OnScorer<K>(K);
+/// pushed the frame), and when its next [`Sink::tick`] is due.
+struct OnScorer<K> {
+    sink: K,
+    next_tick: Instant,
+}
+
+impl<K> OnScorer<K> {
+    fn new(sink: K) -> Self {
+        OnScorer {
+            sink,
+            next_tick: Instant::now(),
+        }
+    }
+}
 
 impl<K: Sink> Results for OnScorer<K> {
     fn put(&mut self, frame: &ScoredFrame) -> bool {
-        self.0.accept(frame);
+        self.sink.accept(frame);
         true
+    }
+
+    const TICKS: bool = true;
+
+    fn time(&mut self, now: Instant) {
+        if now >= self.next_tick {
+            self.next_tick = now + TICK_EVERY;
+            self.sink.tick(now);
+        }
     }
 }
 
@@ -1089,6 +1130,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
                 *batches += 1;
                 let mut results = Published {
                     out: &mut *out,
+                    clock: *clock,
                     hooks: &mut *hooks,
                     frame: &mut *frame,
                     latency: &mut *latency,
@@ -1146,6 +1188,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
                 let version = self.scorer.model_version();
                 let mut results = Published {
                     out: &mut self.out,
+                    clock: self.clock,
                     hooks: &mut self.hooks,
                     frame: &mut self.frame,
                     latency: &mut self.latency,
@@ -1180,6 +1223,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
 /// Where a scored batch's results go, and what counts them.
 struct Published<'a, R> {
     out: &'a mut R,
+    clock: Clock,
     hooks: &'a mut Option<ScorerHooks>,
     frame: &'a mut ScoredFrame,
     latency: &'a mut LatencyHistogram,
@@ -1219,6 +1263,11 @@ impl<R: Results> Published<'_, R> {
             *self.scored += 1;
         }
         self.out.batch_done();
+        if R::TICKS {
+            // The batch's own clock reading: a steady flow of frames, which may never leave
+            // the ring empty, still lets the sink's ticks come, at no clock read per frame.
+            self.out.time(self.clock.instant_at(t1));
+        }
         true
     }
 }
@@ -1234,6 +1283,10 @@ fn score_loop<F: BatchScorer, R: Results>(mut state: ScoreState<F, R>) -> (Score
         }
         if state.consumer.is_finished() {
             break;
+        }
+        if R::TICKS {
+            // Off the frames' path: the ring is empty and the scorer is about to park.
+            state.out.time(Instant::now());
         }
         // No spin first: at a node's rates (about a frame a millisecond) every frame would
         // end in one, and a 10 µs spin per frame was 1 % of a core. The producer's unpark
@@ -1299,6 +1352,9 @@ fn shared_score_loop<F: BatchScorer, K: Sink>(
                 state.out.batch_done();
                 return guard.take().expect("the shared scorer's state").counts();
             }
+            // This thread wakes at least every SHARED_IDLE_PARK: the sink's ticks come
+            // from here while the pushing thread scores the frames.
+            state.out.time(Instant::now());
         }
         waiter.wait(SHARED_IDLE_PARK);
     }
@@ -1354,11 +1410,26 @@ fn compact_finite(
 /// no CPU here.
 fn drain_sink<K: Sink>(mut input: HeapCons<ScoredFrame>, sink: &mut K) {
     let mut spins = 0u32;
+    let mut next_tick = Instant::now();
+    let mut tick = |sink: &mut K| {
+        let now = Instant::now();
+        if now >= next_tick {
+            next_tick = now + TICK_EVERY;
+            sink.tick(now);
+        }
+    };
+    // Frames taken since the clock was last read for a tick.
+    let mut taken = 0u32;
     loop {
         match input.try_pop() {
             Some(frame) => {
                 spins = 0;
                 sink.accept(&frame);
+                taken += 1;
+                if taken == SINK_TICK_FRAMES {
+                    taken = 0;
+                    tick(sink);
+                }
             }
             None => {
                 if !input.write_is_held() && input.is_empty() {
@@ -1368,12 +1439,18 @@ fn drain_sink<K: Sink>(mut input: HeapCons<ScoredFrame>, sink: &mut K) {
                 if spins < 64 {
                     std::hint::spin_loop();
                 } else {
+                    taken = 0;
+                    tick(sink);
                     thread::park_timeout(IDLE_PARK);
                 }
             }
         }
     }
 }
+
+/// A sink thread that never runs out of frames reads the clock for its tick once per
+/// this many.
+const SINK_TICK_FRAMES: u32 = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -1544,6 +1621,146 @@ mod tests {
         );
         assert!(sink.threads.iter().any(|t| t == "darkwatch-source"));
         assert!(sink.finished);
+    }
+
+    /// Counts its ticks (shared with the source, which waits for them): when they came and
+    /// on which thread.
+    struct Ticked<const ON_SCORER: bool> {
+        ticks: Arc<AtomicU64>,
+        at: Vec<Instant>,
+        threads: Vec<String>,
+        frames: u64,
+    }
+
+    impl<const ON_SCORER: bool> Sink for Ticked<ON_SCORER> {
+        const ON_SCORER_THREAD: bool = ON_SCORER;
+        fn accept(&mut self, _: &ScoredFrame) {
+            self.frames += 1;
+        }
+        fn tick(&mut self, now: Instant) {
+            self.at.push(now);
+            let name = thread::current().name().unwrap_or("?").to_string();
+            if !self.threads.contains(&name) {
+                self.threads.push(name);
+            }
+            self.ticks.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Pushes `frames` frames, then nothing until the sink has ticked `want` times (a
+    /// minute at most, so a missing tick fails the test instead of hanging it).
+    struct UntilTicked {
+        ticks: Arc<AtomicU64>,
+        want: u64,
+        frames: usize,
+    }
+
+    impl Source for UntilTicked {
+        fn run(self: Box<Self>, mut producer: FrameProducer, clock: &Clock, _: &AtomicBool) -> u64 {
+            for i in 0..self.frames {
+                let meta = FrameMeta {
+                    seq: i as u64,
+                    enqueued_ns: clock.now_ns(),
+                    ..Default::default()
+                };
+                producer.push(meta, &[0.5; 6]);
+            }
+            let waited = Instant::now();
+            while self.ticks.load(Ordering::SeqCst) < self.want
+                && waited.elapsed() < Duration::from_secs(60)
+            {
+                thread::sleep(Duration::from_millis(10));
+            }
+            self.frames as u64
+        }
+    }
+
+    /// A scorer held to the scorer thread, as a CUDA one is (no `SharedScorer`).
+    struct Pinned(Scorer);
+
+    impl BatchScorer for Pinned {
+        fn max_batch(&self) -> usize {
+            self.0.max_batch()
+        }
+        fn n_features(&self) -> usize {
+            BatchScorer::n_features(&self.0)
+        }
+        fn input_mut(&mut self) -> &mut [f32] {
+            BatchScorer::input_mut(&mut self.0)
+        }
+        fn input_row(&self, i: usize) -> &[f32] {
+            BatchScorer::input_row(&self.0, i)
+        }
+        fn score_batch(&mut self, n: usize) {
+            BatchScorer::score_batch(&mut self.0, n);
+        }
+        fn batch_scores(&self) -> &[f32] {
+            BatchScorer::batch_scores(&self.0)
+        }
+        fn top_contributions(
+            &self,
+            i: usize,
+            out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS],
+        ) -> u8 {
+            BatchScorer::top_contributions(&self.0, i, out)
+        }
+        fn any_thread(&self) -> bool {
+            false
+        }
+    }
+
+    fn run_ticked<F: BatchScorer, const ON_SCORER: bool>(scorer: F) -> Ticked<ON_SCORER> {
+        let ticks = Arc::new(AtomicU64::new(0));
+        let source = UntilTicked {
+            ticks: ticks.clone(),
+            want: 3,
+            frames: 5,
+        };
+        let sink = Ticked::<ON_SCORER> {
+            ticks,
+            at: Vec::new(),
+            threads: Vec::new(),
+            frames: 0,
+        };
+        let cfg = PipelineConfig::default();
+        run_scorer(scorer, &cfg, FullPolicy::Block, source, sink, None)
+            .unwrap()
+            .1
+    }
+
+    /// The sink's ticks come without frames (the source pushes five, then waits for three
+    /// ticks), a [`TICK_EVERY`] apart, on the threads that run the sink: on the scorer
+    /// (shared with the pushing thread, or not), or on its own thread.
+    #[test]
+    fn the_sink_ticks_while_no_frames_come() {
+        let scorer = || {
+            let model = synthetic(6, 3);
+            let head = model.meta.head;
+            Scorer::new(Arc::new(model), head, 4, 2).unwrap()
+        };
+        let check = |at: &[Instant], frames: u64| {
+            assert!(at.len() >= 3, "{} ticks", at.len());
+            assert!(at.windows(2).all(|w| w[1] - w[0] >= TICK_EVERY), "{at:?}");
+            assert_eq!(frames, 5);
+        };
+        let shared = run_ticked::<_, true>(scorer());
+        check(&shared.at, shared.frames);
+        // The idle ticks come from the scorer thread; the pushing thread may give the first.
+        assert!(shared.threads.contains(&"darkwatch-scorer".to_string()));
+        assert!(
+            shared
+                .threads
+                .iter()
+                .all(|t| t == "darkwatch-scorer" || t == "darkwatch-source"),
+            "{:?}",
+            shared.threads
+        );
+        let pinned = run_ticked::<_, true>(Pinned(scorer()));
+        check(&pinned.at, pinned.frames);
+        assert_eq!(pinned.threads, ["darkwatch-scorer"]);
+        let own = run_ticked::<_, false>(scorer());
+        check(&own.at, own.frames);
+        assert_eq!(own.threads, ["darkwatch-sink"]);
     }
 
     /// A scorer whose batches overlap, as the GPU's do: two input buffers, each batch

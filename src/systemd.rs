@@ -22,7 +22,7 @@ use std::ffi::OsString;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::agent::AgentCounters;
 
@@ -144,13 +144,25 @@ impl Liveness {
     }
 }
 
-/// A one-line `STATUS=` text for systemd from the agent's counters.
-pub fn status_line(c: &AgentCounters) -> String {
+/// A one-line `STATUS=` text for systemd from the agent's counters: the state now
+/// (alerts firing, streams and silent ones, and `frames_per_sec`, the frames scored per
+/// second since the last line, when known), then what was counted since the start.
+pub fn status_line(c: &AgentCounters, frames_per_sec: Option<f64>) -> String {
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let model = c.model_id();
+    let firing = load(&c.firing_now);
+    let streams = load(&c.streams);
+    let rate = match frames_per_sec {
+        Some(r) if r.is_finite() && r >= 10.0 => format!(", {r:.0} frames/s"),
+        Some(r) if r.is_finite() && r >= 0.0 => format!(", {r:.1} frames/s"),
+        _ => String::new(),
+    };
     format!(
-        "model {}: {} frames scored, {} alerts firing / {} resolved, {} messages ({} rejected)",
+        "model {}: {firing} alert{} firing, {streams} stream{} ({} silent){rate}; since start: {} frames scored, {} alerts fired, {} resolved, {} messages ({} rejected)",
         if model.is_empty() { "-" } else { &model },
+        if firing == 1 { "" } else { "s" },
+        if streams == 1 { "" } else { "s" },
+        load(&c.streams_silent),
         load(&c.frames_scored),
         load(&c.alerts_firing),
         load(&c.alerts_resolved),
@@ -183,6 +195,8 @@ pub fn spawn_watchdog(
             let mut liveness = Liveness::default();
             let mut was_alive = true;
             let mut status = String::new();
+            // Frames scored at the last line, and when: the rate over the interval.
+            let mut last: Option<(u64, Instant)> = None;
             // Sleep in short steps so `stop` is seen quickly.
             let step = tick.min(Duration::from_millis(100));
             loop {
@@ -205,10 +219,19 @@ pub fn spawn_watchdog(
                     }
                     was_alive = alive;
                 }
+                let scored = (
+                    counters.frames_scored.load(Ordering::Relaxed),
+                    Instant::now(),
+                );
+                let rate = last.map(|(n, t)| {
+                    (scored.0.saturating_sub(n)) as f64
+                        / scored.1.duration_since(t).as_secs_f64().max(1e-3)
+                });
+                last = Some(scored);
                 let now = if alive {
-                    status_line(&counters)
+                    status_line(&counters, rate)
                 } else {
-                    format!("stalled ({health:?}); {}", status_line(&counters))
+                    format!("stalled ({health:?}); {}", status_line(&counters, rate))
                 };
                 let mut msg = String::new();
                 if alive && period.is_some() {
@@ -265,6 +288,35 @@ mod tests {
         let mut l = Liveness::default();
         l.check(p(3, 0, 0));
         assert_eq!(l.check(p(3, 0, 0)), Health::SourceStalled);
+    }
+
+    /// STATUS= used to read "N alerts firing / M resolved" from the counters since the
+    /// start: an agent that had fired and resolved five alerts said "5 alerts firing"
+    /// with none firing. It now gives the state now, and says "since start" for counts.
+    #[test]
+    fn status_line_gives_the_state_now_and_the_counts_since_start() {
+        let c = AgentCounters::default();
+        let set = |a: &std::sync::atomic::AtomicU64, v| a.store(v, Ordering::Relaxed);
+        set(&c.alerts_firing, 5);
+        set(&c.alerts_resolved, 5);
+        set(&c.frames_scored, 1234);
+        set(&c.messages, 47_000);
+        set(&c.streams, 3);
+        set(&c.streams_silent, 1);
+        assert_eq!(
+            status_line(&c, Some(12.34)),
+            "model -: 0 alerts firing, 3 streams (1 silent), 12 frames/s; since start: 1234 frames scored, 5 alerts fired, 5 resolved, 47000 messages (0 rejected)"
+        );
+        set(&c.firing_now, 1);
+        set(&c.streams, 1);
+        set(&c.streams_silent, 0);
+        let line = status_line(&c, Some(0.5));
+        assert!(
+            line.starts_with("model -: 1 alert firing, 1 stream (0 silent), 0.5 frames/s; "),
+            "{line}"
+        );
+        // The first line has no rate yet.
+        assert!(status_line(&c, None).contains("(0 silent); since start: "));
     }
 
     #[test]

@@ -85,13 +85,13 @@ fn notified_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
     }
 }
 
-/// The frame count of a `STATUS=model <id>: <n> frames scored, …` line.
+/// The frame count of a `STATUS=model <id>: …; since start: <n> frames scored, …` line.
 fn scored_in(msg: &str) -> Option<u64> {
     let status = msg.split("STATUS=").nth(1)?;
     status
-        .split(": ")
-        .nth(1)?
-        .split_whitespace()
+        .split(" frames scored")
+        .next()?
+        .rsplit(' ')
         .next()?
         .parse()
         .ok()
@@ -1081,4 +1081,77 @@ fn an_alert_ended_by_a_stop_says_so() {
         "{}",
         events[0]
     );
+}
+
+/// A firing alert is re-sent while it fires, and resolved, saying why, once its stream
+/// has sent nothing for `[alert] silence_secs`: the agent's sink gets its ticks with no
+/// frame coming (the re-send and the silence depend on no frame but the first ones).
+#[test]
+fn a_firing_alert_is_resent_then_resolved_when_its_stream_goes_silent() {
+    let (dir, model, test_csv, _) = crate::trained();
+    let broker = free_port();
+    let metrics = free_port();
+    let node = unique("silent");
+    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\n");
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "",
+        &mqtt,
+        "[alert]\nresend_secs = 1\nsilence_secs = 3\n",
+    );
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
+    // Rows 690..716 end inside the injected anomaly (rows 700..720, +4 on m00); then n1
+    // sends nothing more.
+    let data = rows(&test_csv);
+    publish_all(broker, &examon("o", "n1", &data[690..716], 1_700_000_000.0));
+    let events = |sub: &Collector| -> Vec<serde_json::Value> {
+        sub.got
+            .iter()
+            .map(|p| serde_json::from_slice(&p.payload).unwrap())
+            .collect()
+    };
+    sub.wait("the alert resolved by the silence", |got| {
+        got.iter().any(|p| {
+            let e: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            e["status"] == "resolved"
+        })
+    });
+    let events = events(&sub);
+    let (first, last) = (&events[0], events.last().unwrap());
+    assert_eq!(first["status"], "firing", "{events:?}");
+    assert_eq!(last["status"], "resolved", "{events:?}");
+    assert_eq!(
+        last["annotations"]["ended_by"],
+        darkwatch::agent::ENDED_BY_SILENCE,
+        "{last}"
+    );
+    // Re-sends between them: the same episode, firing.
+    let resent = &events[1..events.len() - 1];
+    assert!(
+        !resent.is_empty(),
+        "no re-send before the silence: {events:?}"
+    );
+    for e in resent {
+        assert_eq!(e["status"], "firing", "{e}");
+        assert_eq!(e["fingerprint"], first["fingerprint"], "{e}");
+        assert_eq!(e["startsAt"], first["startsAt"], "{e}");
+    }
+    assert!(agent.metric("darkwatch_alerts_resent_total").unwrap() >= resent.len() as f64);
+    assert_eq!(
+        agent.metric("darkwatch_alerts_total{status=\"firing\"}"),
+        Some(1.0)
+    );
+    // The state now: one stream, silent, no alert firing.
+    agent.wait_metric("darkwatch_streams_silent", |v| v == 1.0);
+    assert_eq!(agent.metric("darkwatch_streams"), Some(1.0));
+    assert_eq!(agent.metric("darkwatch_alerts_firing"), Some(0.0));
+    assert!(agent.metric("process_resident_memory_bytes").unwrap() > 0.0);
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("silence_secs"), "the silence is logged: {err}");
 }
