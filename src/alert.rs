@@ -446,7 +446,8 @@ impl AlertState {
     }
 
     /// The firing event of the open episode as it stands now (latest peak and blame), for
-    /// a sink that re-sends active alerts (the agent does not); `None` when not firing.
+    /// a sink that re-sends active alerts (the agent does, every `[alert] resend_secs`);
+    /// `None` when not firing.
     pub fn active(&self) -> Option<AlertEvent> {
         match &self.phase {
             Phase::Firing(ep) => Some(self.event(
@@ -470,9 +471,10 @@ impl AlertState {
     /// not firing. Replay calls it at the end of a finite input. The live agent calls it
     /// too, when it stops or a reload replaces the alert state, and adds an `ended_by`
     /// annotation to the event: the scores did not fall, so the anomaly may still be going
-    /// on. It resolves rather than leaving the alert to time out because the firing event
-    /// goes out once, on MQTT, and is never re-sent: a subscriber needs the closing event
-    /// to close what the firing one opened, and nothing else would end it.
+    /// on. It resolves rather than leaving the alert to time out because a stopped agent
+    /// no longer re-sends it: an MQTT subscriber needs the closing event to close what the
+    /// firing one opened (Alertmanager would only time it out), and nothing else would end
+    /// it.
     pub fn finish(&mut self) -> Option<AlertEvent> {
         let (seq, score, threshold) = match &self.phase {
             Phase::Firing(ep) => (ep.last_seq, ep.last_score, ep.last_threshold),
