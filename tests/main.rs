@@ -4,7 +4,7 @@ mod agent;
 mod sae_cli;
 mod util;
 
-use util::{darkwatch, labels, quick_config, repo, run, synthetic_csv};
+use util::{darkwatch, darkwatch_within, labels, quick_config, repo, run, synthetic_csv};
 
 fn anomalies() -> Vec<usize> {
     (700..720).chain(900..905).collect()
@@ -746,12 +746,7 @@ fn an_unusable_spool_or_state_folder_exits_78_from_run_and_validate_agent() {
             &["run", "--config"],
         ] {
             // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
-            let (code, out, err) = run(std::process::Command::new("timeout")
-                .arg("60")
-                .arg(env!("CARGO_BIN_EXE_darkwatch"))
-                .args(args)
-                .arg(&cfg)
-                .env_remove("RUST_LOG"));
+            let (code, out, err) = run(darkwatch_within(60).args(args).arg(&cfg));
             let what = format!("{args:?} with {extra}");
             assert_eq!(code, 78, "{what}: {out}{err}");
             assert!(
@@ -841,12 +836,7 @@ fn missing_or_broken_model_exits_78_from_run_and_validate() {
             &["run", "--config"],
         ] {
             // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
-            let (code, out, err) = run(std::process::Command::new("timeout")
-                .arg("60")
-                .arg(env!("CARGO_BIN_EXE_darkwatch"))
-                .args(args)
-                .arg(&cfg)
-                .env_remove("RUST_LOG"));
+            let (code, out, err) = run(darkwatch_within(60).args(args).arg(&cfg));
             let what = format!("{args:?} with {}", model_dir.display());
             assert_eq!(code, 78, "{what}: {out}{err}");
             assert!(
@@ -933,12 +923,7 @@ fn settings_the_model_cannot_run_with_exit_78_from_run_and_validate_agent() {
             &["run", "--config"],
         ] {
             // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
-            let (code, out, err) = run(std::process::Command::new("timeout")
-                .arg("60")
-                .arg(env!("CARGO_BIN_EXE_darkwatch"))
-                .args(args)
-                .arg(&cfg)
-                .env_remove("RUST_LOG"));
+            let (code, out, err) = run(darkwatch_within(60).args(args).arg(&cfg));
             let what = format!("{args:?} with {key}");
             assert_eq!(code, 78, "{what}: {out}{err}");
             assert!(
@@ -964,12 +949,7 @@ fn onnx_backend_without_the_feature_says_how_to_rebuild() {
         &["validate", "--agent", "--config"],
         &["run", "--config"],
     ] {
-        let (code, _, err) = run(std::process::Command::new("timeout")
-            .arg("60")
-            .arg(env!("CARGO_BIN_EXE_darkwatch"))
-            .args(args)
-            .arg(&cfg)
-            .env_remove("RUST_LOG"));
+        let (code, _, err) = run(darkwatch_within(60).args(args).arg(&cfg));
         assert_eq!(code, 78, "{args:?}: {err}");
         assert!(
             err.contains("score.backend") && err.contains("--features onnx"),
@@ -1005,12 +985,7 @@ fn cuda_backend_without_the_feature_says_how_to_rebuild() {
         &["validate", "--agent", "--config"],
         &["run", "--config"],
     ] {
-        let (code, _, err) = run(std::process::Command::new("timeout")
-            .arg("60")
-            .arg(env!("CARGO_BIN_EXE_darkwatch"))
-            .args(args)
-            .arg(&cfg)
-            .env_remove("RUST_LOG"));
+        let (code, _, err) = run(darkwatch_within(60).args(args).arg(&cfg));
         assert_eq!(code, 78, "{args:?}: {err}");
         assert!(
             err.contains("score.backend") && err.contains("--features cuda"),
@@ -1669,12 +1644,7 @@ fn a_metrics_address_in_use_stops_the_agent_at_start() {
     )
     .unwrap();
     // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
-    let (code, out, err) = run(std::process::Command::new("timeout")
-        .arg("60")
-        .arg(env!("CARGO_BIN_EXE_darkwatch"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env_remove("RUST_LOG"));
+    let (code, out, err) = run(darkwatch_within(60).args(["run", "--config"]).arg(&cfg));
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         err.contains(&format!("[metrics] listen = \"{addr}\": cannot listen")),

@@ -13,7 +13,7 @@ use darkwatch::model::onnx::OnnxSession;
 use darkwatch::model::{Model, ModelError};
 use darkwatch::score::HeadKind;
 use util::parity::{self, BackendUnderTest, MSE, PAE, STREAM};
-use util::{darkwatch, repo, run};
+use util::{darkwatch, darkwatch_within, repo, run};
 
 fn onnx_cfg(file: &str) -> OnnxConfig {
     OnnxConfig {
@@ -250,12 +250,9 @@ fn missing_graph_exits_78_and_a_missing_runtime_exits_1() {
     ] {
         // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
         let binary = |cfg: &std::path::Path, library: &str| {
-            run(std::process::Command::new("timeout")
-                .arg("60")
-                .arg(env!("CARGO_BIN_EXE_darkwatch"))
+            run(darkwatch_within(60)
                 .args(args)
                 .arg(cfg)
-                .env_remove("RUST_LOG")
                 .env("ORT_DYLIB_PATH", library))
         };
         for library in [runtime.as_str(), absent] {

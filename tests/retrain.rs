@@ -13,7 +13,7 @@ use darkwatch::replay::{self, Frames, Outputs, ReplayOutcome};
 use darkwatch::retrain::{CheckpointStore, RetrainConfig};
 use darkwatch::rng::Rng;
 use ndarray::{Array2, s};
-use util::{darkwatch, repo, run};
+use util::{darkwatch, darkwatch_within, repo, run};
 
 const MODEL: &str = "models/smd-machine-1-6";
 /// Metrics whose level moves (SMD machine-1-6 columns, min-max scaled to [0, 1]).
@@ -605,12 +605,7 @@ fn an_unusable_state_directory_is_refused_at_start() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("[retrain] state_dir"), "{err}");
     // Under `timeout`: an agent that starts anyway must fail the test, not hang it.
-    let (code, _, err) = run(std::process::Command::new("timeout")
-        .arg("60")
-        .arg(env!("CARGO_BIN_EXE_darkwatch"))
-        .args(["run", "--config"])
-        .arg(&toml)
-        .env_remove("RUST_LOG"));
+    let (code, _, err) = run(darkwatch_within(60).args(["run", "--config"]).arg(&toml));
     assert_eq!(code, 78, "{err}");
     assert!(
         err.contains("key `retrain.state_dir`") && err.contains(&file.display().to_string()),

@@ -14,13 +14,29 @@ use std::process::{Command, Output};
 /// The `darkwatch` binary built for this test run.
 pub fn darkwatch() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_darkwatch"));
+    clean_env(&mut cmd);
+    cmd
+}
+
+/// darkwatch under `timeout SECS`, with the same environment as [`darkwatch`]: for a
+/// command such as `run` that must exit on its own, so that one which starts anyway fails
+/// its test (exit 124) instead of hanging it.
+pub fn darkwatch_within(secs: u32) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(secs.to_string())
+        .arg(env!("CARGO_BIN_EXE_darkwatch"));
+    clean_env(&mut cmd);
+    cmd
+}
+
+/// No log filter and no `DARKWATCH__` override from the caller's environment.
+fn clean_env(cmd: &mut Command) {
     cmd.env_remove("RUST_LOG");
     for (k, _) in std::env::vars() {
         if k.starts_with("DARKWATCH__") {
             cmd.env_remove(k);
         }
     }
-    cmd
 }
 
 /// Runs a command and returns (exit code, stdout, stderr).
