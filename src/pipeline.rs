@@ -558,6 +558,28 @@ pub trait Sink: Send + 'static {
 /// How often [`Sink::tick`] runs.
 pub const TICK_EVERY: Duration = Duration::from_secs(1);
 
+/// When a sink's next [`Sink::tick`] is due, for both places that run sinks (the scorer
+/// and the sink thread).
+struct Ticks {
+    next: Instant,
+}
+
+impl Ticks {
+    fn new() -> Self {
+        Ticks {
+            next: Instant::now(),
+        }
+    }
+
+    /// Ticks `sink` if one is due at `now`.
+    fn at<K: Sink>(&mut self, now: Instant, sink: &mut K) {
+        if now >= self.next {
+            self.next = now + TICK_EVERY;
+            sink.tick(now);
+        }
+    }
+}
+
 /// The pipeline's monotonic clock (ns since the pipeline started).
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
@@ -983,14 +1005,14 @@ impl Results for ToSinkThread {
 /// pushed the frame), and when its next [`Sink::tick`] is due.
 struct OnScorer<K> {
     sink: K,
-    next_tick: Instant,
+    ticks: Ticks,
 }
 
 impl<K> OnScorer<K> {
     fn new(sink: K) -> Self {
         OnScorer {
             sink,
-            next_tick: Instant::now(),
+            ticks: Ticks::new(),
         }
     }
 }
@@ -1004,10 +1026,7 @@ impl<K: Sink> Results for OnScorer<K> {
     const TICKS: bool = true;
 
     fn time(&mut self, now: Instant) {
-        if now >= self.next_tick {
-            self.next_tick = now + TICK_EVERY;
-            self.sink.tick(now);
-        }
+        self.ticks.at(now, &mut self.sink);
     }
 }
 
@@ -1410,14 +1429,7 @@ fn compact_finite(
 /// no CPU here.
 fn drain_sink<K: Sink>(mut input: HeapCons<ScoredFrame>, sink: &mut K) {
     let mut spins = 0u32;
-    let mut next_tick = Instant::now();
-    let mut tick = |sink: &mut K| {
-        let now = Instant::now();
-        if now >= next_tick {
-            next_tick = now + TICK_EVERY;
-            sink.tick(now);
-        }
-    };
+    let mut ticks = Ticks::new();
     // Frames taken since the clock was last read for a tick.
     let mut taken = 0u32;
     loop {
@@ -1428,7 +1440,7 @@ fn drain_sink<K: Sink>(mut input: HeapCons<ScoredFrame>, sink: &mut K) {
                 taken += 1;
                 if taken == SINK_TICK_FRAMES {
                     taken = 0;
-                    tick(sink);
+                    ticks.at(Instant::now(), sink);
                 }
             }
             None => {
@@ -1440,7 +1452,7 @@ fn drain_sink<K: Sink>(mut input: HeapCons<ScoredFrame>, sink: &mut K) {
                     std::hint::spin_loop();
                 } else {
                     taken = 0;
-                    tick(sink);
+                    ticks.at(Instant::now(), sink);
                     thread::park_timeout(IDLE_PARK);
                 }
             }
