@@ -1630,7 +1630,10 @@ impl AgentSink {
             template,
             per_stream: Vec::new(),
             streams,
-            alert_cfg: cfg.alert.clone(),
+            alert_cfg: crate::alert::AlertConfig {
+                labels: cfg.alert.labels_for_node(&mqtt.node()),
+                ..cfg.alert.clone()
+            },
             mqtt: mqtt.clone(),
             model_id: model.id().to_string(),
             model_version: model.version_label(),

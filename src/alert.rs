@@ -58,6 +58,26 @@ pub struct AlertConfig {
     /// clock) as silent: it logs it once and resolves its firing alert. 0 never does.
     /// Absent: 300 s, or ten `[assemble] window_secs` if longer (assembled input).
     pub silence_secs: Option<f64>,
+    /// Labels added to every alert, as Prometheus's `external_labels` are (`cluster`,
+    /// `instance`, `team`…), for Alertmanager's routing and grouping. `{node}` in a value
+    /// is this agent's node name (`[mqtt] node_name` or the hostname). They cannot replace
+    /// the built-in labels (`alertname`, `severity`, `model_id`, `stream`); they are part
+    /// of each alert's `fingerprint`.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The labels every alert carries; `[alert] labels` may not name them.
+pub const BUILT_IN_LABELS: [&str; 4] = ["alertname", "model_id", "severity", "stream"];
+
+/// Whether `name` is a valid Prometheus label name that a user may set: ASCII letters,
+/// digits and `_`, not starting with a digit, and not `__`-prefixed (reserved).
+fn valid_label_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.starts_with("__")
 }
 
 impl Default for AlertConfig {
@@ -72,6 +92,7 @@ impl Default for AlertConfig {
             top_features: 3,
             resend_secs: 60.0,
             silence_secs: None,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -82,7 +103,9 @@ impl AlertConfig {
     /// # Errors
     /// `fire_k` outside `1..=fire_n`, `fire_n` above 64, `resolve_after_frames` of 0,
     /// an empty `alertname`, `top_features` above 64, or a negative or non-finite
-    /// `resend_secs` or `silence_secs`.
+    /// `resend_secs` or `silence_secs`, or a label name in `labels` that is not a valid
+    /// Prometheus label name, is reserved (`__…`) or is built in, or an empty label value
+    /// (Alertmanager drops empty labels, so it would not be there).
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.fire_n == 0 || self.fire_n > MAX_WINDOW_FRAMES {
             return Err((
@@ -134,7 +157,52 @@ impl AlertConfig {
                 format!("must be a non-negative number of seconds (0: never), got {secs}"),
             ));
         }
+        for (name, value) in &self.labels {
+            if !valid_label_name(name) {
+                return Err((
+                    "labels",
+                    format!(
+                        "{name:?} is not a label name Alertmanager accepts: letters, digits and _, not starting with a digit or __"
+                    ),
+                ));
+            }
+            if BUILT_IN_LABELS.contains(&name.as_str()) {
+                return Err((
+                    "labels",
+                    format!(
+                        "{name:?} is built in (alertname, severity, model_id and stream are set by darkwatch; alertname and severity have their own keys)"
+                    ),
+                ));
+            }
+            if value.is_empty() {
+                return Err((
+                    "labels",
+                    format!("{name:?} has an empty value: Alertmanager would drop the label"),
+                ));
+            }
+            // A typo such as `{hostname}` would be sent as it is.
+            let probe = value.replace("{node}", "x");
+            if let Some(open) = probe.find('{')
+                && let Some(len) = probe[open..].find('}')
+            {
+                return Err((
+                    "labels",
+                    format!(
+                        "{name:?} = {value:?} has `{}`, which is not a placeholder and would be sent as it is; only {{node}} is filled in",
+                        &probe[open..=open + len]
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// `labels` with `{node}` in each value replaced by `node`.
+    pub fn labels_for_node(&self, node: &str) -> BTreeMap<String, String> {
+        self.labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.replace("{node}", node)))
+            .collect()
     }
 }
 
@@ -319,6 +387,8 @@ pub struct AlertState {
     stream: String,
     alertname: String,
     severity: String,
+    /// `[alert] labels`, as given (`{node}` is filled in by whoever builds the config).
+    extra_labels: BTreeMap<String, String>,
     model_id: String,
     model_version: String,
     feature_names: Arc<[String]>,
@@ -361,6 +431,7 @@ impl AlertState {
             stream: stream.into(),
             alertname: cfg.alertname.clone(),
             severity: cfg.severity.clone(),
+            extra_labels: cfg.labels.clone(),
             model_id: model_id.into(),
             model_version: model_version.into(),
             blame: vec![0.0; feature_names.len()].into_boxed_slice(),
@@ -486,7 +557,7 @@ impl AlertState {
     /// Opens an episode from the above-threshold frames in the window, oldest first;
     /// `None` only if the window holds no such frame.
     fn open_episode(&mut self) -> Option<Episode> {
-        let mut labels = BTreeMap::new();
+        let mut labels = self.extra_labels.clone();
         labels.insert("alertname".to_string(), self.alertname.clone());
         labels.insert("model_id".to_string(), self.model_id.clone());
         labels.insert("severity".to_string(), self.severity.clone());
@@ -804,6 +875,49 @@ mod tests {
         assert!(c.is_err(), "unknown keys are rejected");
         let c: AlertConfig = toml::from_str("fire_k = 2").unwrap();
         assert_eq!((c.fire_k, c.fire_n), (2, 5));
+    }
+
+    /// `[alert] labels` are validated as Prometheus label names, may not replace a built-in
+    /// label, and label every event (its fingerprint included); `{node}` is filled in.
+    #[test]
+    fn static_labels_are_checked_and_carried() {
+        let with = |name: &str, value: &str| {
+            let mut c = AlertConfig::default();
+            c.labels.insert(name.into(), value.into());
+            c
+        };
+        assert_eq!(with("cluster", "leonardo").validate(), Ok(()));
+        assert_eq!(with("_x9", "{node}.example").validate(), Ok(()));
+        for (name, value) in [
+            ("9lives", "x"),
+            ("has-dash", "x"),
+            ("", "x"),
+            ("__meta", "x"),
+            ("stream", "x"),
+            ("severity", "x"),
+            ("cluster", ""),
+            ("instance", "{hostname}"),
+        ] {
+            let err = with(name, value).validate().unwrap_err();
+            assert_eq!(err.0, "labels", "{name:?} = {value:?}");
+        }
+        let cfg: AlertConfig =
+            toml::from_str("[labels]\ncluster = \"leonardo\"\ninstance = \"{node}:9464\"").unwrap();
+        let mut node_cfg = cfg.clone();
+        node_cfg.labels = cfg.labels_for_node("r7n3");
+        assert_eq!(node_cfg.labels["instance"], "r7n3:9464");
+        let plain = feed(&mut state(&AlertConfig::default()), 0, &[1, 1, 1]);
+        let labelled = feed(&mut state(&node_cfg), 0, &[1, 1, 1]);
+        let (e, p) = (&labelled[0].1, &plain[0].1);
+        assert_eq!(e.labels["cluster"], "leonardo");
+        assert_eq!(e.labels["instance"], "r7n3:9464");
+        assert_eq!(e.labels["stream"], "node7");
+        assert_eq!(e.labels.len(), p.labels.len() + 2);
+        assert_ne!(e.fingerprint, p.fingerprint);
+        assert_eq!(
+            e.fingerprint,
+            fingerprint(e.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        );
     }
 
     #[test]

@@ -422,8 +422,12 @@ pub fn replay_frames(
     };
     let features: Arc<[String]> = model.meta.features.clone().into();
     let model_version = model.meta.version.to_string();
+    let alert_cfg = crate::alert::AlertConfig {
+        labels: cfg.alert.labels_for_node(&cfg.mqtt.node()),
+        ..cfg.alert.clone()
+    };
     let alerts = AlertState::new(
-        &cfg.alert,
+        &alert_cfg,
         "replay",
         &model.meta.id,
         &model_version,

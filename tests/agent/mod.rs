@@ -1046,6 +1046,8 @@ fn a_node_with_a_fast_clock_does_not_make_the_others_late() {
 
 /// An alert still firing when the agent stops is resolved, and says why: the scores did
 /// not fall, so an operator must not read the resolution as the incident's end.
+/// It also carries `[alert] labels`, `{node}` filled in, in the firing and the resolved
+/// event alike.
 #[test]
 fn an_alert_ended_by_a_stop_says_so() {
     let (dir, model, test_csv, _) = crate::trained();
@@ -1053,7 +1055,8 @@ fn an_alert_ended_by_a_stop_says_so() {
     let metrics = free_port();
     let node = unique("stop");
     let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\n");
-    let cfg = config(dir.path(), "agent.toml", &model, metrics, "", &mqtt, "");
+    let labels = "[alert.labels]\ncluster = \"c1\"\ninstance = \"{node}:9464\"\n";
+    let cfg = config(dir.path(), "agent.toml", &model, metrics, "", &mqtt, labels);
     let mut agent = Agent::start(&cfg, metrics, &[]);
     agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
     let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
@@ -1081,6 +1084,11 @@ fn an_alert_ended_by_a_stop_says_so() {
         "{}",
         events[0]
     );
+    for e in [&events[0], last] {
+        assert_eq!(e["labels"]["cluster"], "c1", "{e}");
+        assert_eq!(e["labels"]["instance"], format!("{node}:9464"), "{e}");
+        assert_eq!(e["fingerprint"], events[0]["fingerprint"], "{e}");
+    }
 }
 
 /// A firing alert is re-sent while it fires, and resolved, saying why, once its stream
