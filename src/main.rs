@@ -113,8 +113,10 @@ enum Command {
         model: PathBuf,
         #[arg(long, default_value = DEMO_INPUT)]
         input: PathBuf,
-        #[arg(long, default_value = DEMO_LABELS)]
-        labels: PathBuf,
+        /// Labels of `--input`, one 0/1 per row (default: the bundled labels when `--input`
+        /// is the bundled test half; none for your own input, so no metrics are printed).
+        #[arg(long)]
+        labels: Option<PathBuf>,
         /// First row replayed.
         #[arg(long, default_value_t = 17_500)]
         start: usize,
@@ -847,11 +849,16 @@ fn run(command: Command) -> Result<()> {
             config,
         } => {
             let cfg = load_config(config.as_deref())?;
+            // The bundled labels belong to the bundled input only: scored against them, any
+            // other input would get metrics that mean nothing.
+            let labels = labels
+                .or_else(|| (input.as_os_str() == DEMO_INPUT).then(|| PathBuf::from(DEMO_LABELS)));
             // The defaults are relative paths into a checkout of the repository.
+            let bundled_labels = labels.clone().unwrap_or_default();
             for (path, flag, default) in [
                 (&model, "--model", DEMO_MODEL),
                 (&input, "--input", DEMO_INPUT),
-                (&labels, "--labels", DEMO_LABELS),
+                (&bundled_labels, "--labels", DEMO_LABELS),
             ] {
                 if path.as_os_str() == default && !path.exists() {
                     anyhow::bail!(
@@ -865,7 +872,7 @@ fn run(command: Command) -> Result<()> {
             let opts = darkwatch::demo::DemoOptions {
                 model_dir: model,
                 input,
-                labels: Some(labels),
+                labels,
                 start,
                 frames,
             };

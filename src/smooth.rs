@@ -17,11 +17,19 @@
 //! definition that the streaming [`Smoother`] matches.
 //!
 //! A stream's history starts over after a silence: when the gap to a frame's timestamp is
-//! more than `n` times the stream's previous interval (assembled frames: `n` windows), and
-//! whenever the scorer switches models, so no mean mixes stale scores or another model's.
+//! more than `n` times the stream's previous interval (assembled frames: `n` windows) and
+//! at least [`MIN_SILENCE_SECS`], and whenever the scorer switches models, so no mean mixes
+//! stale scores or another model's.
 
 /// Most frames a score may be averaged over.
 pub const MAX_SMOOTH_FRAMES: usize = 1024;
+
+/// The shortest gap that counts as a silence. Raw frames carry their arrival times, and
+/// a burst arrives microseconds apart with jitter of many times that (thread wake-ups, a
+/// wrong frame refused in between): judged by the interval alone, such jitter cleared a
+/// stream's history in the middle of a burst, and whether a spike fired an alert
+/// depended on when its frames arrived. No telemetry stream is silent for under a second.
+pub const MIN_SILENCE_SECS: f64 = 1.0;
 
 /// The mean of `values` (oldest first), summed in f64 so that the streaming and the
 /// offline paths agree bit for bit.
@@ -87,7 +95,8 @@ impl History {
     }
 
     /// Notes a frame at time `t`; true when the silence before it makes the history stale
-    /// (a gap of more than `n` times the interval before it). Every interval, stale or
+    /// (a gap of more than `n` times the interval before it, and at least
+    /// [`MIN_SILENCE_SECS`]). Every interval, stale or
     /// not, becomes the next one's yardstick, so one short interval (arrival jitter, a
     /// backlog delivered at once) clears the history at most once, never for good.
     fn stale(&mut self, t: f64, n: usize) -> bool {
@@ -100,7 +109,7 @@ impl History {
         if dt.is_nan() || dt <= 0.0 {
             return false;
         }
-        let stale = self.last_dt > 0.0 && dt > n as f64 * self.last_dt;
+        let stale = self.last_dt > 0.0 && dt > n as f64 * self.last_dt && dt >= MIN_SILENCE_SECS;
         self.last_dt = dt;
         stale
     }
@@ -305,6 +314,23 @@ mod tests {
         assert_eq!(at(3966.0, 9.0), 9.0);
         assert_eq!(at(4026.0, 0.0), 4.5);
         assert_eq!(at(4086.0, 3.0), 4.0);
+        // Arrival times of a burst (raw frames): jitter far above n intervals, but under a
+        // second, is no silence.
+        let mut burst = Smoother::new(2, 1);
+        for (t, v, want) in [
+            (0.0, 4.0, 4.0),
+            (1e-5, 2.0, 3.0),
+            (3e-4, 6.0, 4.0),
+            (0.5, 0.0, 3.0),
+        ] {
+            let (mut s, mut c) = (v, [v]);
+            burst.apply(0, t, &mut s, &mut c);
+            assert_eq!(s, want, "at {t}");
+        }
+        // A pause of a second or more, long against the interval, still is.
+        let (mut s, mut c) = (8.0, [8.0]);
+        burst.apply(0, 30.0, &mut s, &mut c);
+        assert_eq!(s, 8.0);
         // Frames without timestamps never start over.
         let mut raw = Smoother::new(2, 1);
         for (v, want) in [(4.0, 4.0), (2.0, 3.0), (0.0, 1.0)] {

@@ -1495,6 +1495,22 @@ fn demo_outside_the_repository_says_where_to_run_it() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
+/// The bundled labels go with the bundled input only: the demo of another input, with no
+/// `--labels`, prints no metrics (it printed AUROC against machine-1-6's labels).
+#[test]
+fn demo_of_your_own_input_without_labels_prints_no_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("mine.npy");
+    std::fs::copy(repo("tests/data/smd/machine-1-6_test.npy"), &input).unwrap();
+    let (code, out, err) = run(darkwatch()
+        .current_dir(repo(""))
+        .args(["demo", "--start", "0", "--frames", "60", "--input"])
+        .arg(&input));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("60 scored"), "{out}");
+    assert!(!out.contains("AUROC"), "{out}");
+}
+
 #[test]
 fn demo_streams_over_mqtt_and_alerts_reach_the_subscriber() {
     // Rows 18500.. of machine-1-6 hold the start of its longest anomaly.
