@@ -15,7 +15,7 @@ mod load;
 
 /// Writes an agent config into `dir`: `model`, a spool in `dir`, `/metrics` on
 /// `metrics_port`, and the given lines of `[agent]` and `[mqtt]`, then `extra` sections.
-fn config(
+pub(crate) fn config(
     dir: &Path,
     name: &str,
     model: &Path,

@@ -1,0 +1,616 @@
+//! What operators load to watch the agent (`deploy/`): the Prometheus rules and the
+//! Grafana dashboard. Every metric they query must be one the real agent exports (or a
+//! recording rule of the rules file, or Prometheus's own `up`), the rules must carry what
+//! Alertmanager routes and shows by, and the dashboard must import.
+//!
+//! With `PROMTOOL` (or `promtool` on `PATH`) the dashboard's queries are also parsed by
+//! Prometheus itself; `.ci/run` fetches promtool from apt and checks and unit-tests the rules
+//! with it (`deploy/prometheus/darkwatch-rules.test.yml`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::util::broker::{Agent, free_port};
+use crate::util::repo;
+
+const RULES: &str = "deploy/prometheus/darkwatch-rules.yml";
+const DASHBOARD: &str = "deploy/grafana/darkwatch.json";
+
+/// Series Prometheus makes itself for every target, which no exporter exposes.
+const FROM_PROMETHEUS: &[&str] = &["up"];
+
+/// Aggregations, keywords and operators: words in an expression that are not metrics.
+const KEYWORDS: &[&str] = &[
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "limitk",
+    "limit_ratio",
+    "atan2",
+];
+
+/// Keywords followed by a parenthesised list of label names.
+const GROUPING: &[&str] = &[
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
+
+/// The metric names a PromQL expression selects: every identifier that is not a function
+/// (followed by `(`), a keyword, a label name (in `{…}` or a `by (…)` list), a duration or
+/// range (`[…]`), a number, a string, or a Grafana variable (`$name`, `${name}`).
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let chars: Vec<char> = expr.chars().collect();
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut names = BTreeSet::new();
+    let (mut braces, mut brackets) = (0usize, 0usize);
+    let (mut label_list, mut grouping_next) = (false, false);
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '"' | '\'' | '`' => {
+                i += 1;
+                while i < chars.len() && chars[i] != c {
+                    if chars[i] == '\\' && c != '`' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+            }
+            '{' => braces += 1,
+            '}' => braces = braces.saturating_sub(1),
+            '[' => brackets += 1,
+            ']' => brackets = brackets.saturating_sub(1),
+            '(' => {
+                label_list = grouping_next;
+                grouping_next = false;
+            }
+            ')' => label_list = false,
+            '$' => {
+                i += 1;
+                if chars.get(i) == Some(&'{') {
+                    while i < chars.len() && chars[i] != '}' {
+                        i += 1;
+                    }
+                } else {
+                    while i < chars.len() && ident(chars[i]) {
+                        i += 1;
+                    }
+                    continue;
+                }
+            }
+            c if c.is_ascii_digit()
+                || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) =>
+            {
+                // A number or a duration: 0.99, 1e-3, 5m, 0x1f.
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                    i += 1;
+                }
+                continue;
+            }
+            c if c.is_ascii_alphabetic() || c == '_' || c == ':' => {
+                let start = i;
+                while i < chars.len() && ident(chars[i]) {
+                    i += 1;
+                }
+                if braces > 0 || brackets > 0 || label_list {
+                    continue;
+                }
+                let word: String = chars[start..i].iter().collect();
+                if GROUPING.contains(&word.as_str()) {
+                    grouping_next = true;
+                    continue;
+                }
+                let function = chars[i..]
+                    .iter()
+                    .find(|c| !c.is_whitespace())
+                    .is_some_and(|&c| c == '(');
+                if !function && !KEYWORDS.contains(&word.to_ascii_lowercase().as_str()) {
+                    names.insert(word);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    names
+}
+
+/// The metric names of a Grafana query variable: `label_values(<selector>, <label>)` reads
+/// the selector's metric; `label_values(<label>)` none; anything else is PromQL.
+fn variable_query_names(query: &str) -> BTreeSet<String> {
+    match query
+        .trim()
+        .strip_prefix("label_values(")
+        .and_then(|q| q.strip_suffix(')'))
+    {
+        Some(args) => match args.rsplit_once(',') {
+            Some((selector, _label)) => metric_names(selector),
+            None => BTreeSet::new(),
+        },
+        None => metric_names(query),
+    }
+}
+
+#[test]
+fn promql_metric_names_leave_out_functions_labels_keywords_and_variables() {
+    let names = |e: &str| metric_names(e).into_iter().collect::<Vec<_>>();
+    assert_eq!(
+        names(
+            r#"histogram_quantile(0.99, sum by (job, le) (rate(a_bucket{le="+Inf", x=~"$instance"}[$__rate_interval])))"#
+        ),
+        ["a_bucket"]
+    );
+    assert_eq!(
+        names("x > 0 and on (instance) group_left (model_id) y offset 5m"),
+        ["x", "y"]
+    );
+    assert_eq!(
+        names("sum(rate(a[5m])) by (reason) / ignoring(reason) b > bool 1e-3"),
+        ["a", "b"]
+    );
+    assert_eq!(
+        names(r#"absent(up{job="darkwatch"}) or vector(0) * .5"#),
+        ["up"]
+    );
+    assert_eq!(
+        names(r#"label_replace(c, "dst", "$1 sum(d)", "src", "(.*)") + ${var}"#),
+        ["c"]
+    );
+    assert_eq!(
+        names("level:metric:rate5m > 0.8 * 536870912 unless max_over_time(m[10m]) == 1"),
+        ["level:metric:rate5m", "m"]
+    );
+    // A misspelt metric is a name too: that is what the scrape check catches.
+    assert_eq!(
+        names("rate(darkwach_frames_total[5m])"),
+        ["darkwach_frames_total"]
+    );
+    assert_eq!(
+        variable_query_names(r#"label_values(darkwatch_model_info{job=~"$job"}, instance)"#)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["darkwatch_model_info"]
+    );
+    assert!(variable_query_names("label_values(instance)").is_empty());
+}
+
+/// The rules file's rules, each a YAML mapping.
+fn rules() -> Vec<Yaml> {
+    let text = std::fs::read_to_string(repo(RULES)).unwrap();
+    let docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{RULES}: {e}"));
+    assert_eq!(docs.len(), 1, "{RULES}: one YAML document");
+    let groups = docs[0]["groups"]
+        .as_vec()
+        .unwrap_or_else(|| panic!("{RULES}: no groups"));
+    assert!(!groups.is_empty(), "{RULES}: no groups");
+    groups
+        .iter()
+        .flat_map(|g| {
+            assert!(
+                g["name"].as_str().is_some(),
+                "{RULES}: a group without a name"
+            );
+            g["rules"]
+                .as_vec()
+                .unwrap_or_else(|| panic!("{RULES}: group {:?} without rules", g["name"]))
+                .clone()
+        })
+        .collect()
+}
+
+/// A rule's string field, or `None`.
+fn field<'a>(rule: &'a Yaml, path: &[&str]) -> Option<&'a str> {
+    // Indexing what is not a mapping gives `Yaml::BadValue`, whose `as_str` is `None`.
+    path.iter().fold(rule, |y, k| &y[*k]).as_str()
+}
+
+/// The names recorded by the rules file's recording rules.
+fn recorded() -> BTreeSet<String> {
+    rules()
+        .iter()
+        .filter_map(|r| field(r, &["record"]).map(String::from))
+        .collect()
+}
+
+/// The dashboard, parsed.
+fn dashboard() -> serde_json::Value {
+    let text = std::fs::read_to_string(repo(DASHBOARD)).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{DASHBOARD}: {e}"))
+}
+
+/// Every panel, those inside collapsed rows included.
+fn panels(dash: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        out.push(p);
+        if let Some(inner) = p["panels"].as_array() {
+            out.extend(inner);
+        }
+    }
+    out
+}
+
+/// Every PromQL expression the dashboard runs (`where`, `expr`): panel targets, and the
+/// query variables (as [`variable_query_names`] reads them, flagged `true`).
+fn dashboard_queries(dash: &serde_json::Value) -> Vec<(String, String, bool)> {
+    let mut out = Vec::new();
+    for p in panels(dash) {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default().to_string();
+            out.push((format!("panel {:?}", p["title"]), expr, false));
+        }
+    }
+    for v in dash["templating"]["list"].as_array().expect("templating") {
+        if v["type"] == "query" {
+            let q = v["query"]["query"]
+                .as_str()
+                .or(v["query"].as_str())
+                .unwrap_or_default();
+            out.push((format!("variable {:?}", v["name"]), q.to_string(), true));
+        }
+    }
+    out
+}
+
+/// Every expression of both files (`where`, names it selects).
+fn referenced() -> Vec<(String, BTreeSet<String>)> {
+    let mut out: Vec<(String, BTreeSet<String>)> = rules()
+        .iter()
+        .map(|r| {
+            let name = field(r, &["alert"])
+                .or(field(r, &["record"]))
+                .unwrap_or("?");
+            let expr = field(r, &["expr"]).unwrap_or_default();
+            (format!("{RULES} rule {name}"), metric_names(expr))
+        })
+        .collect();
+    for (place, expr, variable) in dashboard_queries(&dashboard()) {
+        let names = if variable {
+            variable_query_names(&expr)
+        } else {
+            metric_names(&expr)
+        };
+        out.push((format!("{DASHBOARD} {place}"), names));
+    }
+    out
+}
+
+/// The names of the samples in an exposition (histograms: `_bucket`, `_sum`, `_count`).
+fn sample_names(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(String::from)
+        .collect()
+}
+
+/// The real agent's `/metrics` (online retraining on, so that its metrics are there too).
+fn scrape_agent() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, metrics) = (free_port(), free_port());
+    let retrain = format!(
+        "[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
+        dir.path().join("state").display()
+    );
+    let cfg = crate::agent::config(
+        dir.path(),
+        "agent.toml",
+        &repo("models/smd-machine-1-6"),
+        metrics,
+        "",
+        &format!("port = {broker}\nnode_name = \"deploy\"\n"),
+        &retrain,
+    );
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let body = agent.scrape().expect("/metrics answers");
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    let (_, text) = body.split_once("\r\n\r\n").expect("an HTTP response");
+    text.to_string()
+}
+
+/// Every metric the rules and the dashboard query is one the agent exports (or a recorded
+/// one, or `up`), and every metric family the agent exports has a place on the dashboard.
+#[test]
+fn every_metric_the_rules_and_the_dashboard_query_is_exported_by_the_agent() {
+    let exposition = scrape_agent();
+    let exported = sample_names(&exposition);
+    for want in [
+        "darkwatch_frames_scored_total",
+        "darkwatch_scoring_latency_seconds_bucket",
+        "darkwatch_retrains_total",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            exported.contains(want),
+            "{want} not in the scrape:\n{exposition}"
+        );
+    }
+    let recorded = recorded();
+    let mut unknown = Vec::new();
+    let mut used = BTreeSet::new();
+    for (place, names) in referenced() {
+        assert!(!names.is_empty(), "{place}: selects no metric");
+        for name in names {
+            let known = exported.contains(&name)
+                || recorded.contains(&name)
+                || FROM_PROMETHEUS.contains(&name.as_str());
+            if !known {
+                unknown.push(format!("{place}: {name}"));
+            }
+            used.insert(name);
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "metrics the agent does not export (histograms are queried as <name>_bucket, _sum or _count):\n{}\n\nexported: {exported:?}",
+        unknown.join("\n")
+    );
+    // A histogram family counts as on the dashboard through any of its series.
+    let family = |n: &str| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| n.strip_suffix(s))
+            .filter(|f| exposition.contains(&format!("# TYPE {f} histogram")))
+            .unwrap_or(n)
+            .to_string()
+    };
+    let dash_names: BTreeSet<String> = dashboard_queries(&dashboard())
+        .iter()
+        .flat_map(|(_, e, v)| {
+            if *v {
+                variable_query_names(e)
+            } else {
+                metric_names(e)
+            }
+        })
+        .map(|n| family(&n))
+        .collect();
+    let missing: Vec<String> = exported
+        .iter()
+        .map(|n| family(n))
+        .filter(|f| f.starts_with("darkwatch_") && !dash_names.contains(f))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "exported but on no panel of {DASHBOARD}: {missing:?}"
+    );
+    assert!(used.len() > 20, "{used:?}");
+}
+
+/// Each alerting rule has what Alertmanager routes and shows by; recording rules follow the
+/// `level:metric:operations` naming; the README says what each alert means.
+#[test]
+fn every_alerting_rule_has_a_duration_a_severity_and_a_summary() {
+    let rules = rules();
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let mut alerts = BTreeSet::new();
+    for rule in &rules {
+        let expr = field(rule, &["expr"]).unwrap_or_default();
+        if let Some(record) = field(rule, &["record"]) {
+            assert_eq!(
+                record.split(':').count(),
+                3,
+                "{record}: level:metric:operations"
+            );
+            assert!(!expr.trim().is_empty(), "{record}: no expr");
+            continue;
+        }
+        let alert =
+            field(rule, &["alert"]).unwrap_or_else(|| panic!("neither alert nor record: {rule:?}"));
+        assert!(alerts.insert(alert), "{alert}: twice");
+        assert!(alert.starts_with("Darkwatch"), "{alert}");
+        assert!(!expr.trim().is_empty(), "{alert}: no expr");
+        let duration = field(rule, &["for"]).unwrap_or_else(|| panic!("{alert}: no `for`"));
+        assert!(
+            duration.starts_with(|c: char| c.is_ascii_digit())
+                && duration
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || "smhdwy".contains(c))
+                && !duration.ends_with(|c: char| c.is_ascii_digit()),
+            "{alert}: for: {duration:?} is not a Prometheus duration"
+        );
+        let severity = field(rule, &["labels", "severity"])
+            .unwrap_or_else(|| panic!("{alert}: no labels.severity"));
+        assert!(
+            ["critical", "warning", "info"].contains(&severity),
+            "{alert}: severity {severity:?}"
+        );
+        for annotation in ["summary", "description"] {
+            let text = field(rule, &["annotations", annotation])
+                .unwrap_or_else(|| panic!("{alert}: no annotations.{annotation}"));
+            assert!(!text.trim().is_empty(), "{alert}: empty {annotation}");
+        }
+        assert!(
+            readme.contains(&format!("`{alert}`")),
+            "{alert} is not explained in README.md"
+        );
+    }
+    for required in [
+        "DarkwatchDown",
+        "DarkwatchMqttDisconnected",
+        "DarkwatchFramesDropped",
+        "DarkwatchAlertsSpoolDropped",
+        "DarkwatchAlertsRejected",
+        "DarkwatchStreamsSilent",
+        "DarkwatchNoFramesScored",
+        "DarkwatchScoringLatencyHigh",
+        "DarkwatchMqttReconnectStorm",
+    ] {
+        assert!(alerts.contains(required), "no {required} in {RULES}");
+    }
+    assert!(
+        field(
+            rules
+                .iter()
+                .find(|r| field(r, &["alert"]) == Some("DarkwatchDown"))
+                .unwrap(),
+            &["expr"]
+        )
+        .is_some_and(|e| e.contains(r#"up{job="darkwatch"}"#)),
+        "DarkwatchDown watches the darkwatch job's up"
+    );
+}
+
+/// The dashboard imports: a Prometheus datasource variable that every query uses, `job`
+/// and `instance` variables that every query filters by, unique panel ids, and panels
+/// that fit the 24-column grid.
+#[test]
+fn the_dashboard_is_importable_with_unique_panel_ids_and_filtered_queries() {
+    let dash = dashboard();
+    let schema = dash["schemaVersion"].as_u64().expect("schemaVersion");
+    assert!((36..=41).contains(&schema), "schemaVersion {schema}");
+    assert!(dash["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(
+        dash["uid"]
+            .as_str()
+            .is_some_and(|u| !u.is_empty() && u.len() <= 40)
+    );
+    let vars: BTreeMap<&str, &serde_json::Value> = dash["templating"]["list"]
+        .as_array()
+        .expect("templating.list")
+        .iter()
+        .map(|v| (v["name"].as_str().expect("variable name"), v))
+        .collect();
+    let ds = vars.get("datasource").expect("a datasource variable");
+    assert_eq!(ds["type"], "datasource");
+    assert_eq!(ds["query"], "prometheus");
+    for name in ["job", "instance"] {
+        let v = vars
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} variable"));
+        assert_eq!(v["type"], "query", "{name}");
+        assert_eq!(v["datasource"]["uid"], "${datasource}", "{name}");
+    }
+    let mut ids = BTreeSet::new();
+    let all = panels(&dash);
+    assert!(all.len() > 10, "{} panels", all.len());
+    for p in &all {
+        let title = p["title"].as_str().unwrap_or_default();
+        let id = p["id"].as_u64().unwrap_or_else(|| panic!("{title}: no id"));
+        assert!(ids.insert(id), "panel id {id} twice ({title})");
+        let pos = &p["gridPos"];
+        let (x, w, h) = (pos["x"].as_u64(), pos["w"].as_u64(), pos["h"].as_u64());
+        let (Some(x), Some(w), Some(h)) = (x, w, h) else {
+            panic!("{title}: gridPos {pos}");
+        };
+        assert!(
+            pos["y"].as_u64().is_some() && w > 0 && h > 0 && x + w <= 24,
+            "{title}: {pos}"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        assert!(!title.is_empty(), "panel {id} has no title");
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{title}: no targets"));
+        assert!(!targets.is_empty(), "{title}: no targets");
+        let mut refs = BTreeSet::new();
+        for t in targets {
+            assert!(
+                refs.insert(t["refId"].as_str().expect("refId")),
+                "{title}: refId twice"
+            );
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{title}");
+            let expr = t["expr"].as_str().unwrap_or_default();
+            assert!(
+                expr.contains(r#"job=~"$job""#) && expr.contains(r#"instance=~"$instance""#),
+                "{title}: {expr} does not filter by $job and $instance"
+            );
+        }
+    }
+}
+
+/// The dashboard's queries parse as PromQL (its variables filled in), by promtool's own
+/// parser, when promtool is at hand (`PROMTOOL`, else `promtool` on `PATH`).
+#[test]
+fn the_dashboard_queries_parse_with_promtool_when_it_is_at_hand() {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let found = std::process::Command::new(&promtool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!(
+            "note: no promtool ({promtool}); the dashboard's PromQL is not parsed (.ci/run fetches it)"
+        );
+        return;
+    }
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (place, expr, variable)) in dashboard_queries(&dashboard()).iter().enumerate() {
+        let expr = if *variable {
+            // label_values(<selector>, <label>): the selector is PromQL.
+            match variable_query_names(expr).into_iter().next() {
+                Some(metric) => metric,
+                None => continue,
+            }
+        } else {
+            expr.clone()
+        };
+        let filled = [
+            ("$__rate_interval", "5m"),
+            ("$__range", "1h"),
+            ("$__interval", "1m"),
+            ("$job", "darkwatch"),
+            ("$instance", ".*"),
+        ]
+        .iter()
+        .fold(expr, |e, (var, value)| e.replace(var, value));
+        assert!(
+            !filled.contains('$'),
+            "{place}: an unknown variable in {filled}"
+        );
+        rules.push_str(&format!(
+            "      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(&filled).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-queries.yml");
+    std::fs::write(&file, &rules).unwrap();
+    check_with_promtool(&promtool, &file, &rules);
+}
+
+fn check_with_promtool(promtool: &str, file: &Path, rules: &str) {
+    let out = std::process::Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
