@@ -261,9 +261,30 @@ pub fn render(e: &Exposed) -> String {
                 .replace('\n', "\\n")
         }
     );
+    let _ = writeln!(
+        s,
+        "# HELP darkwatch_build_info The darkwatch release running, and the cargo features it was built with.\n\
+         # TYPE darkwatch_build_info gauge\n\
+         darkwatch_build_info{{version=\"{}\",features=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        BUILD_FEATURES
+    );
     process_metrics(&mut s);
     s
 }
+
+/// The optional cargo features compiled in, comma-separated (empty: the default build).
+const BUILD_FEATURES: &str = {
+    const ONNX: &str = if cfg!(feature = "onnx") { "onnx" } else { "" };
+    const CUDA: &str = if cfg!(feature = "cuda") { "cuda" } else { "" };
+    if ONNX.is_empty() {
+        CUDA
+    } else if CUDA.is_empty() {
+        ONNX
+    } else {
+        "onnx,cuda"
+    }
+};
 
 /// What `/proc/self/stat` says of the process: CPU time in clock ticks, its start in
 /// clock ticks after boot, virtual memory in bytes, resident memory in pages.
@@ -643,6 +664,13 @@ mod tests {
         );
         assert!(
             body.contains("darkwatch_backend_info{backend=\"native\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains(&format!(
+                "darkwatch_build_info{{version=\"{}\",features=\"{BUILD_FEATURES}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
             "{body}"
         );
         assert!(
