@@ -1111,6 +1111,13 @@ fn replay_thresholds_alerts_and_plots_the_injected_anomalies() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("threshold   spot"), "{out}");
     assert!(out.contains("events      precision"), "{out}");
+    // The frames inside alert episodes, beside the episode counts; two short alerts cover
+    // few frames, so no note that they cover most of the stream.
+    assert!(
+        out.contains("alerted     ") && out.contains("frame precision of the alerts"),
+        "{out}"
+    );
+    assert!(!out.contains("cover most of the frames"), "{out}");
     // Two injected segments (700..720, 900..905): each fires an alert; the long one names
     // m00 among its top features (wnll contributions of a short spike smear across the
     // features the autoencoder couples to m00, so the short one is not asserted on).
