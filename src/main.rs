@@ -892,12 +892,8 @@ fn run(command: Command) -> Result<()> {
             // It never replaces an input or the configuration.
             let mut csv_out = match &out {
                 Some(path) => {
-                    let config_file = config.as_deref().filter(|c| harness::same_file(c, path));
-                    if harness::reads(&entities, path) || config_file.is_some() {
-                        anyhow::bail!(
-                            "--out {} is one of the harness's inputs; choose another file",
-                            path.display()
-                        );
+                    if let Err(why) = harness::check_out(&entities, config.as_deref(), path) {
+                        anyhow::bail!("--out {} {why}", path.display());
                     }
                     let mut partial = path.clone().into_os_string();
                     partial.push(".partial");

@@ -1347,6 +1347,9 @@ fn harness_prints_one_table_for_the_bundled_machine() {
         "HR@150",
         "mean SMD",
         "point-adjusted",
+        "alerted",
+        "al-P",
+        "frame precision of the alerts",
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
@@ -1470,6 +1473,15 @@ fn harness_refuses_to_write_its_csv_over_an_input() {
         std::fs::read_to_string(&config).unwrap(),
         "[train]\nepochs_max = 3\n"
     );
+    // Nor onto a folder, which the final rename would refuse only after every entity ran.
+    let (code, out, err) = run(darkwatch()
+        .arg("harness")
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path()));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("is a folder"), "{err}");
+    assert!(!err.contains("[1/1]"), "trained before refusing: {err}");
 }
 
 /// A model of other features would see every published metric rejected and score nothing.
