@@ -364,6 +364,27 @@ pub enum ConfigError {
     },
 }
 
+/// Where a configuration came from, as [`ConfigError`] names it: the file (or
+/// `(defaults)`) and any `DARKWATCH__` variables that override it. For errors found after
+/// loading (`train` refusing a setting its data cannot take).
+pub fn source_name<I>(path: Option<&Path>, env: I) -> String
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let file = path.map_or_else(|| "(defaults)".to_string(), |p| p.display().to_string());
+    let mut names: Vec<String> = env
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        file
+    } else {
+        format!("{file} (with environment {})", names.join(", "))
+    }
+}
+
 /// Loads `path` (or only the defaults when `None`) with environment overrides from `env`
 /// (pairs of name and value; the binary passes `std::env::vars()`), then validates it.
 ///
@@ -576,6 +597,20 @@ impl DarkwatchConfig {
             checked.map_err(|(k, r)| (format!("{name}.{k}"), r))
         };
         section("train", self.train.validate())?;
+        // `train` and `harness` calibrate the threshold on the held-out rows: with none they
+        // would be training rows, whose scores are optimistic. (0 stays open to code that
+        // holds out rows itself: online retraining does.)
+        if self.train.validation_fraction <= 0.0 {
+            return Err((
+                "train.validation_fraction".into(),
+                format!(
+                    "must lie in (0, 0.5], not {}: the held-out rows decide early stopping and \
+                     calibrate the threshold, and without them it would calibrate on training \
+                     rows (in-sample scores, too low a threshold)",
+                    self.train.validation_fraction
+                ),
+            ));
+        }
         if self.model.hidden_sizes.contains(&0) {
             return Err((
                 "model.hidden_sizes".into(),
@@ -881,6 +916,32 @@ mod tests {
             err.contains("key `mqtt.alert_topic`") && err.contains("`{bogus}`"),
             "{err}"
         );
+    }
+
+    /// `[train] validation_fraction = 0` trained on every row and calibrated the threshold
+    /// on those same rows, which `train` then called "held-out scores".
+    #[test]
+    fn no_held_out_rows_is_a_config_error() {
+        for set in ["validation_fraction = 0", "validation_fraction = 0.0"] {
+            let f = write(&format!("[train]\n{set}\n"));
+            match load(Some(f.path()), Vec::new()).unwrap_err() {
+                ConfigError::Invalid { key, reason, .. } => {
+                    assert_eq!(key, "train.validation_fraction", "{reason}");
+                    assert!(reason.contains("(0, 0.5]"), "{reason}");
+                }
+                e => panic!("{set}: wrong error {e}"),
+            }
+        }
+        let env = vec![(
+            "DARKWATCH__TRAIN__VALIDATION_FRACTION".to_string(),
+            "0".to_string(),
+        )];
+        assert!(load(None, env).is_err());
+        load(
+            Some(write("[train]\nvalidation_fraction = 0.05\n").path()),
+            Vec::new(),
+        )
+        .unwrap();
     }
 
     /// A spool whose records (`max_bytes / 8`) cannot hold an alert used to pass, and the

@@ -1340,7 +1340,18 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
             None => bar.set_message(format!("loss {:.4}{member}", e.train_loss)),
         }
     })
-    .context("training failed")?;
+    .map_err(|e| match e {
+        // A setting the data cannot take (a network too large, no held-out rows) is a
+        // configuration error (exit 78), as one found when loading the config is.
+        darkwatch::train::TrainError::InvalidConfig { key, reason } => {
+            anyhow::Error::from(ConfigError::Invalid {
+                file: config::source_name(config, std::env::vars()),
+                key: key.into(),
+                reason,
+            })
+        }
+        e => anyhow::Error::from(e).context("training failed"),
+    })?;
     bar.finish_and_clear();
     model.save(out)?;
     if let Some(note) = report.still_falling_note(model.ae.members, cfg.train.epochs_max) {

@@ -31,7 +31,11 @@ pub struct TrainConfig {
     /// Adam's step size (positive).
     pub learning_rate: f64,
     /// Share of the rows held out, by a seeded draw before training, to measure the validation
-    /// loss, in [0, 0.5]. With 0 every row trains, every epoch runs and the last weights are kept.
+    /// loss, in [0, 0.5]. The held-out rows also calibrate the threshold, so `[train]` (the
+    /// `train` and `harness` commands) takes (0, 0.5] only ([`crate::config`] refuses 0, and
+    /// so does [`crate::model::fit::fit`]). 0 is for callers that hold out rows of their own
+    /// (online retraining does): every row trains, every epoch runs and the last weights are
+    /// kept.
     pub validation_fraction: f64,
     /// Stop after this many epochs in a row without a validation-loss improvement of at least
     /// `min_improvement` (at least 1; set it to `epochs_max` or more to never stop early).

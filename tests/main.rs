@@ -428,7 +428,8 @@ fn small_inputs_train_an_ensemble_that_inspect_names_and_load_checks() {
         "{err}"
     );
 
-    // Members whose merged network would not fit in memory: refused before allocating.
+    // Members whose merged network would not fit in memory: refused before allocating,
+    // as a configuration error (78) naming the file and the key.
     std::fs::write(&cfg, "[model]\nmembers = 16\nhidden_sizes = [4096, 4096]\n").unwrap();
     let (code, _, err) = run(darkwatch()
         .args(["train", "--input"])
@@ -437,11 +438,38 @@ fn small_inputs_train_an_ensemble_that_inspect_names_and_load_checks() {
         .arg(dir.path().join("huge"))
         .arg("--config")
         .arg(&cfg));
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 78, "{err}");
     assert!(
-        err.contains("model.members") && err.contains("use fewer members") && !err.contains("  "),
+        err.contains("single.toml: key `model.members`")
+            && err.contains("use fewer members")
+            && !err.contains("  "),
         "{err}"
     );
+    // One network that large: the cap held only for ensembles, and this aborted the
+    // process (`memory allocation of 40000000000 bytes failed`, SIGABRT).
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(dir.path().join("train.csv"))
+        .arg("--out")
+        .arg(dir.path().join("huge"))
+        .env("DARKWATCH__MODEL__MEMBERS", "1")
+        .env("DARKWATCH__MODEL__HIDDEN_SIZES", "100000,100000"));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("(with environment DARKWATCH__MODEL__HIDDEN_SIZES, DARKWATCH__MODEL__MEMBERS): key `model.hidden_sizes`")
+            && err.contains("narrower hidden_sizes"),
+        "{err}"
+    );
+    assert!(!dir.path().join("huge").join("model.json").exists());
+    // No held-out rows: the "held-out" calibration scores would be training rows.
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(dir.path().join("train.csv"))
+        .arg("--out")
+        .arg(dir.path().join("in-sample"))
+        .env("DARKWATCH__TRAIN__VALIDATION_FRACTION", "0"));
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("key `train.validation_fraction`"), "{err}");
 
     // model.json saying 3 members of a network built for 5, or 0 members.
     let (code, out, err) = inspect_edited(&model, |meta| {
