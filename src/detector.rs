@@ -53,8 +53,9 @@ impl LoadError {
                 | ModelError::Field { .. }
                 | ModelError::Tensor { .. }
                 | ModelError::Weights { .. } => true,
-                // A missing graph is the folder's; ONNX Runtime failing is not.
-                ModelError::Onnx(e) => e.is_missing_graph(),
+                // A missing graph, or one exported from another model, is the folder's;
+                // ONNX Runtime failing is not.
+                ModelError::Onnx(e) => e.is_folders_fault(),
                 ModelError::StateDir { .. } | ModelError::Cuda(_) => false,
             },
             LoadError::Sae(e) => match e {

@@ -47,6 +47,10 @@ enum Command {
         /// Configuration file (default: the documented defaults).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Replace a model already in OUT (and remove its ONNX graph, which was exported
+        /// from the old model).
+        #[arg(long)]
+        force: bool,
     },
     /// Replay a recorded file through the scoring pipeline and evaluate it.
     Replay {
@@ -710,7 +714,12 @@ fn config_name(config: Option<&Path>) -> String {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train { input, out, config } => train(&input, &out, config.as_deref()),
+        Command::Train {
+            input,
+            out,
+            config,
+            force,
+        } => train(&input, &out, config.as_deref(), force),
         Command::Replay {
             model,
             input,
@@ -1287,7 +1296,7 @@ fn warn_constant_columns(table: &ingest::Table) {
     }
 }
 
-fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
+fn train(input: &Path, out: &Path, config: Option<&Path>, force: bool) -> Result<()> {
     let cfg = load_config(config)?;
     let opts = TableOptions {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
@@ -1303,13 +1312,8 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
             sae.join(", ")
         );
     }
-    // Say so when a model is there already: it is replaced once training succeeds.
-    if out.join("model.json").exists() {
-        eprintln!(
-            "darkwatch: note: {} holds a model; it will be replaced",
-            out.display()
-        );
-    }
+    // A model already there is replaced only with --force, once training succeeds.
+    let old_model = darkwatch::train::check_model_folder(out, &cfg.onnx.file, force)?;
     // Find out now, not after training, whether the model can be written.
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create the model directory", out.display()))?;
@@ -1353,6 +1357,12 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
         e => anyhow::Error::from(e).context("training failed"),
     })?;
     bar.finish_and_clear();
+    for removed in darkwatch::train::clear_model_folder(&old_model)? {
+        eprintln!(
+            "darkwatch: note: removed {}, which belonged to the model replaced",
+            removed.display()
+        );
+    }
     model.save(out)?;
     if let Some(note) = report.still_falling_note(model.ae.members, cfg.train.epochs_max) {
         eprintln!("darkwatch: note: {note}");

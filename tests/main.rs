@@ -255,10 +255,36 @@ fn training_on_too_few_rows_for_a_threshold_warns() {
         !err.contains("warning") && !err.contains("replaced"),
         "{err}"
     );
-    // Training into a folder that holds a model says that it replaces it.
+    // A folder that holds a model is not overwritten: its ONNX graph (exported from the
+    // old model) would stay beside the new model.json, and `--backend onnx` would run the
+    // old network with the new scaler.
+    let small_dir = dir.path().join("small");
+    std::fs::write(small_dir.join("model.onnx"), b"old graph").unwrap();
+    let before = std::fs::read(small_dir.join("model.json")).unwrap();
     let (code, _, err) = train(&big, "small");
-    assert_eq!(code, 0, "{err}");
-    assert!(err.contains("holds a model; it will be replaced"), "{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("holds a model already (model.json, model.safetensors, model.onnx)")
+            && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(small_dir.join("model.json")).unwrap(), before);
+    // With --force it is replaced, and the old graph goes with it.
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--force", "--input"])
+        .arg(&big)
+        .arg("--out")
+        .arg(&small_dir)
+        .arg("--config")
+        .arg(&cfg));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("calibration: 60 held-out scores"), "{out}");
+    assert!(
+        err.contains("removed") && err.contains("model.onnx"),
+        "{err}"
+    );
+    assert!(!small_dir.join("model.onnx").exists());
+    assert_ne!(std::fs::read(small_dir.join("model.json")).unwrap(), before);
 }
 
 #[test]

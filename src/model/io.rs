@@ -449,6 +449,7 @@ impl Model {
             Backend::Native => None,
             Backend::Onnx => Some(Arc::new(OnnxModel::load(
                 &dir.join(&onnx.file),
+                &self.meta.id,
                 self.n_features(),
                 self.ae.recon_width(),
                 self.ae.output,
