@@ -1202,6 +1202,13 @@ fn replay_thresholds_alerts_and_plots_the_injected_anomalies() {
         if start == 700 {
             assert!(names.contains(&"m00"), "{names:?}");
         }
+        // The blame is a sum over the episode's frames, and the description says so.
+        let description = hit["annotations"]["description"].as_str().unwrap();
+        assert!(
+            description.contains("contributions summed over its")
+                && description.contains("above-threshold frame"),
+            "{description}"
+        );
         assert!(
             hit["startsAt"].as_str().unwrap().starts_with("2023-11-"),
             "{hit}"
