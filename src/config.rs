@@ -398,22 +398,23 @@ where
     let mut builder = config::Config::builder();
     let mut strict = None;
     if let Some(p) = path {
-        if !p.is_file() {
-            let reason = if p.is_dir() {
-                "is a directory, not a file"
-            } else {
-                "no such file"
-            };
+        // Anything readable that is not a folder: a file, or a pipe or process
+        // substitution (`--config <(…)`, `/dev/stdin`), which is no regular file.
+        if p.is_dir() {
             return Err(ConfigError::Load {
                 file,
-                reason: reason.into(),
+                reason: "is a directory, not a file".into(),
             });
         }
         // Read once: the text the `config` crate merges is the text checked strictly below
         // (a file rewritten in between, say during a reload, cannot slip past the check).
         let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Load {
             file: file.clone(),
-            reason: e.to_string(),
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                "no such file".into()
+            } else {
+                e.to_string()
+            },
         })?;
         // The `config` crate converts between types (a float or `true` into an integer key,
         // a string of digits into a number) to read environment text; in the file a number
@@ -942,6 +943,33 @@ mod tests {
             Vec::new(),
         )
         .unwrap();
+    }
+
+    /// `--config <(…)` names a pipe, which is no regular file: it is read, not refused as
+    /// missing. A folder and a missing path still say what they are.
+    #[cfg(unix)]
+    #[test]
+    fn a_config_may_come_from_a_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("cfg.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, "[train]\nepochs_max = 7\n").unwrap())
+        };
+        let cfg = load(Some(&fifo), Vec::new()).unwrap();
+        writer.join().unwrap();
+        assert_eq!(cfg.train.epochs_max, 7);
+        let err = load(Some(dir.path()), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        let err = load(Some(&dir.path().join("nope.toml")), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("nope.toml: no such file"), "{err}");
     }
 
     /// A spool whose records (`max_bytes / 8`) cannot hold an alert used to pass, and the

@@ -49,7 +49,8 @@ impl LoadError {
             LoadError::Folder { .. } => true,
             LoadError::Model(e) => match e {
                 ModelError::Io { source, .. } => is_missing(source),
-                ModelError::Json { .. }
+                ModelError::NoFolder { .. }
+                | ModelError::Json { .. }
                 | ModelError::Field { .. }
                 | ModelError::Tensor { .. }
                 | ModelError::Weights { .. } => true,

@@ -634,6 +634,82 @@ fn bad_input_files_give_one_line_errors() {
     }
 }
 
+/// A CSV column auto-detected as the timestamps is no feature: an info line names it.
+#[test]
+fn train_says_which_column_it_took_as_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("t.csv");
+    let mut csv = String::from("a,time,b\n");
+    for i in 0..300 {
+        let x = (i as f32 * 0.1).sin();
+        csv.push_str(&format!("{x},{},{}\n", 1_700_000_000 + 60 * i, x * 2.0));
+    }
+    std::fs::write(&input, csv).unwrap();
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(dir.path().join("m"))
+        .env("RUST_LOG", "info")
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "2"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("column \"time\" (column 2) taken as the timestamps, not as a feature"),
+        "{err}"
+    );
+    assert!(err.contains("(300 rows × 2 features)"), "{err}");
+}
+
+/// A model folder that is not there is said as such, not as a missing `model.json`.
+#[test]
+fn a_missing_model_folder_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nonexist");
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "a\n1\n").unwrap();
+    let (code, _, err) = run(darkwatch().arg("inspect").arg(&missing));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no model folder at") && err.contains("nonexist"),
+        "{err}"
+    );
+    assert!(!err.contains("model.json"), "{err}");
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(&missing)
+        .arg("--input")
+        .arg(&input));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no model folder at"), "{err}");
+    assert!(!err.contains("No such file"), "{err}");
+}
+
+/// `--config <(…)`: a pipe is no regular file, but it is readable.
+#[test]
+fn a_config_can_come_from_a_pipe() {
+    use std::io::Write;
+    let mut child = darkwatch()
+        .args(["print-config", "--config", "/dev/stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"[train]\nepochs_max = 7\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("epochs_max = 7"), "{stdout}");
+}
+
 #[test]
 fn validate_names_file_key_and_exits_78() {
     let dir = tempfile::tempdir().unwrap();
