@@ -140,10 +140,14 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
         let first = entity.files()[0].to_path_buf();
         let key = first.canonicalize().unwrap_or_else(|_| first.clone());
         if let Some((_, earlier)) = seen.iter().find(|(k, _)| *k == key) {
+            let also = if earlier == &first {
+                String::new()
+            } else {
+                format!(" (also as {})", earlier.display())
+            };
             tracing::warn!(
-                "{} is named more than once (also as {}): evaluated once",
-                first.display(),
-                earlier.display()
+                "{} is named more than once{also}: evaluated once",
+                first.display()
             );
             continue;
         }
