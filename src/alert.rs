@@ -244,9 +244,17 @@ pub enum AlertStatus {
 
 /// One feature's blame over an episode: the sum of its contributions over the
 /// above-threshold frames in which it was among the frame's top contributions.
+///
+/// A sum, not a per-frame value: it grows with the episode's length, so it is not on the
+/// scale of `score` or `peak_score` (an episode of 20 frames peaking at 180 can blame a
+/// feature with 362), and it compares features within one event, not events with each
+/// other. The event's description says over how many frames it was summed; divide by that
+/// count for a mean per frame.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FeatureBlame {
     pub feature: String,
+    /// Sum of the feature's contributions over the episode's above-threshold frames (in
+    /// those where it was among the frame's top `[score] top_contributions`).
     pub contribution: f64,
 }
 
@@ -259,7 +267,8 @@ pub struct AlertEvent {
     /// `alertname`, `stream`, `model_id`, `severity`; frozen for the whole episode so the
     /// resolved event matches the firing one.
     pub labels: BTreeMap<String, String>,
-    /// `summary` and `description` (which names the top features).
+    /// `summary` and `description` (which names the top features with their blame, the
+    /// sum over the episode's N above-threshold frames, and says N).
     pub annotations: BTreeMap<String, String>,
     /// Event time of the episode's first above-threshold frame (RFC 3339, UTC).
     #[serde(rename = "startsAt")]
@@ -286,7 +295,8 @@ pub struct AlertEvent {
     pub stream: String,
     pub model_id: String,
     pub model_version: String,
-    /// Largest blame first.
+    /// Largest blame first; each a sum over the episode's above-threshold frames (see
+    /// [`FeatureBlame`]).
     pub top_features: Vec<FeatureBlame>,
 }
 
@@ -350,6 +360,8 @@ struct Episode {
     peak_seq: u64,
     last_above_seq: u64,
     last_above_time: f64,
+    /// Above-threshold frames so far: those the blame sums over.
+    above_frames: u64,
     /// Consecutive frames at or below the threshold since the last above one.
     quiet_frames: u32,
     /// The latest frame seen, for [`AlertState::active`].
@@ -366,6 +378,7 @@ impl Episode {
         }
         self.last_above_seq = seq;
         self.last_above_time = time;
+        self.above_frames += 1;
         self.quiet_frames = 0;
     }
 }
@@ -583,6 +596,7 @@ impl AlertState {
                 peak_seq: slot.seq,
                 last_above_seq: slot.seq,
                 last_above_time: slot.time,
+                above_frames: 0,
                 quiet_frames: 0,
                 last_seq: slot.seq,
                 last_score: slot.score,
@@ -645,11 +659,16 @@ impl AlertState {
             Some(end) => format!("Frames {}–{end}", ep.start_seq),
             None => format!("Since frame {}", ep.start_seq),
         };
-        let _ = write!(
-            description,
-            ", peak at frame {}; top features:",
-            ep.peak_seq
-        );
+        let _ = write!(description, ", peak at frame {}; top features", ep.peak_seq);
+        if !top_features.is_empty() {
+            let _ = write!(
+                description,
+                " (contributions summed over its {} above-threshold frame{})",
+                ep.above_frames,
+                if ep.above_frames == 1 { "" } else { "s" }
+            );
+        }
+        description.push(':');
         if top_features.is_empty() {
             description.push_str(" none reported.");
         }
@@ -1056,7 +1075,9 @@ mod tests {
             ]
         );
         assert!(
-            fired.annotations["description"].starts_with("Since frame 0, peak at frame 1;"),
+            fired.annotations["description"].starts_with(
+                "Since frame 0, peak at frame 1; top features (contributions summed over its 3 above-threshold frames): f3 (4.000), f1 (3.500)."
+            ),
             "{}",
             fired.annotations["description"]
         );
@@ -1071,7 +1092,8 @@ mod tests {
         assert_eq!(resolved.top_features[0].contribution, 6.0);
         assert_eq!(resolved.top_features[1].contribution, 3.75);
         assert!(
-            resolved.annotations["description"].contains("f3 (6.000), f1 (3.750)"),
+            resolved.annotations["description"]
+                .contains("summed over its 4 above-threshold frames): f3 (6.000), f1 (3.750)"),
             "{}",
             resolved.annotations["description"]
         );

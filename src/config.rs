@@ -364,6 +364,27 @@ pub enum ConfigError {
     },
 }
 
+/// Where a configuration came from, as [`ConfigError`] names it: the file (or
+/// `(defaults)`) and any `DARKWATCH__` variables that override it. For errors found after
+/// loading (`train` refusing a setting its data cannot take).
+pub fn source_name<I>(path: Option<&Path>, env: I) -> String
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let file = path.map_or_else(|| "(defaults)".to_string(), |p| p.display().to_string());
+    let mut names: Vec<String> = env
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        file
+    } else {
+        format!("{file} (with environment {})", names.join(", "))
+    }
+}
+
 /// Loads `path` (or only the defaults when `None`) with environment overrides from `env`
 /// (pairs of name and value; the binary passes `std::env::vars()`), then validates it.
 ///
@@ -377,22 +398,23 @@ where
     let mut builder = config::Config::builder();
     let mut strict = None;
     if let Some(p) = path {
-        if !p.is_file() {
-            let reason = if p.is_dir() {
-                "is a directory, not a file"
-            } else {
-                "no such file"
-            };
+        // Anything readable that is not a folder: a file, or a pipe or process
+        // substitution (`--config <(…)`, `/dev/stdin`), which is no regular file.
+        if p.is_dir() {
             return Err(ConfigError::Load {
                 file,
-                reason: reason.into(),
+                reason: "is a directory, not a file".into(),
             });
         }
         // Read once: the text the `config` crate merges is the text checked strictly below
         // (a file rewritten in between, say during a reload, cannot slip past the check).
         let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Load {
             file: file.clone(),
-            reason: e.to_string(),
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                "no such file".into()
+            } else {
+                e.to_string()
+            },
         })?;
         // The `config` crate converts between types (a float or `true` into an integer key,
         // a string of digits into a number) to read environment text; in the file a number
@@ -576,6 +598,20 @@ impl DarkwatchConfig {
             checked.map_err(|(k, r)| (format!("{name}.{k}"), r))
         };
         section("train", self.train.validate())?;
+        // `train` and `harness` calibrate the threshold on the held-out rows: with none they
+        // would be training rows, whose scores are optimistic. (0 stays open to code that
+        // holds out rows itself: online retraining does.)
+        if self.train.validation_fraction <= 0.0 {
+            return Err((
+                "train.validation_fraction".into(),
+                format!(
+                    "must lie in (0, 0.5], not {}: the held-out rows decide early stopping and \
+                     calibrate the threshold, and without them it would calibrate on training \
+                     rows (in-sample scores, too low a threshold)",
+                    self.train.validation_fraction
+                ),
+            ));
+        }
         if self.model.hidden_sizes.contains(&0) {
             return Err((
                 "model.hidden_sizes".into(),
@@ -881,6 +917,59 @@ mod tests {
             err.contains("key `mqtt.alert_topic`") && err.contains("`{bogus}`"),
             "{err}"
         );
+    }
+
+    /// `[train] validation_fraction = 0` trained on every row and calibrated the threshold
+    /// on those same rows, which `train` then called "held-out scores".
+    #[test]
+    fn no_held_out_rows_is_a_config_error() {
+        for set in ["validation_fraction = 0", "validation_fraction = 0.0"] {
+            let f = write(&format!("[train]\n{set}\n"));
+            match load(Some(f.path()), Vec::new()).unwrap_err() {
+                ConfigError::Invalid { key, reason, .. } => {
+                    assert_eq!(key, "train.validation_fraction", "{reason}");
+                    assert!(reason.contains("(0, 0.5]"), "{reason}");
+                }
+                e => panic!("{set}: wrong error {e}"),
+            }
+        }
+        let env = vec![(
+            "DARKWATCH__TRAIN__VALIDATION_FRACTION".to_string(),
+            "0".to_string(),
+        )];
+        assert!(load(None, env).is_err());
+        load(
+            Some(write("[train]\nvalidation_fraction = 0.05\n").path()),
+            Vec::new(),
+        )
+        .unwrap();
+    }
+
+    /// `--config <(…)` names a pipe, which is no regular file: it is read, not refused as
+    /// missing. A folder and a missing path still say what they are.
+    #[cfg(unix)]
+    #[test]
+    fn a_config_may_come_from_a_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("cfg.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, "[train]\nepochs_max = 7\n").unwrap())
+        };
+        let cfg = load(Some(&fifo), Vec::new()).unwrap();
+        writer.join().unwrap();
+        assert_eq!(cfg.train.epochs_max, 7);
+        let err = load(Some(dir.path()), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        let err = load(Some(&dir.path().join("nope.toml")), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("nope.toml: no such file"), "{err}");
     }
 
     /// A spool whose records (`max_bytes / 8`) cannot hold an alert used to pass, and the

@@ -49,12 +49,14 @@ impl LoadError {
             LoadError::Folder { .. } => true,
             LoadError::Model(e) => match e {
                 ModelError::Io { source, .. } => is_missing(source),
-                ModelError::Json { .. }
+                ModelError::NoFolder { .. }
+                | ModelError::Json { .. }
                 | ModelError::Field { .. }
                 | ModelError::Tensor { .. }
                 | ModelError::Weights { .. } => true,
-                // A missing graph is the folder's; ONNX Runtime failing is not.
-                ModelError::Onnx(e) => e.is_missing_graph(),
+                // A missing graph, or one exported from another model, is the folder's;
+                // ONNX Runtime failing is not.
+                ModelError::Onnx(e) => e.is_folders_fault(),
                 ModelError::StateDir { .. } | ModelError::Cuda(_) => false,
             },
             LoadError::Sae(e) => match e {

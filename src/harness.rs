@@ -18,7 +18,7 @@ use crate::ingest::{self, IngestError, Segment, Table};
 use crate::model::Model;
 use crate::mss::MssConfig;
 use crate::pipeline::Scorer;
-use crate::replay::{Frames, Outputs, ReplayError, replay_frames};
+use crate::replay::{EventReport, Frames, Outputs, ReplayError, replay_frames};
 use crate::rng::Rng;
 use crate::train::TrainError;
 
@@ -79,15 +79,17 @@ impl Entity {
     }
 }
 
+/// Why an entity could not be evaluated. The messages leave out the entity's name: the
+/// caller reports each failure under it (`tiny: training failed: …`, not `tiny: tiny: …`).
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
     #[error("{path}: {reason}")]
     Discover { path: PathBuf, reason: String },
     #[error(transparent)]
     Ingest(#[from] IngestError),
-    #[error("{entity}: training failed: {source}")]
+    #[error("training failed: {source}")]
     Train { entity: String, source: TrainError },
-    #[error("{entity}: {source}")]
+    #[error("replay failed: {source}")]
     Replay { entity: String, source: ReplayError },
 }
 
@@ -108,12 +110,55 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Checks `harness --out PATH` before any entity runs: not a folder (the CSV is renamed
+/// over it at the end, which a folder refuses, after hours of work), not one of the
+/// entities' files and not the configuration file. Returns why not.
+pub fn check_out(entities: &[Entity], config: Option<&Path>, out: &Path) -> Result<(), String> {
+    if out.is_dir() {
+        return Err("is a folder; name the CSV file to write (e.g. results.csv)".into());
+    }
+    if reads(entities, out) || config.is_some_and(|c| same_file(c, out)) {
+        return Err("is one of the harness's inputs; choose another file".into());
+    }
+    Ok(())
+}
+
 /// Turns paths into entities: an SMD `*_train.npy` (its test, label and interpretation
 /// files are found beside it), a folder (every `*_train.npy` and `*.npz` in it), or a `.npz`.
+///
+/// Each machine or table is evaluated once, however often it is named: a path given
+/// twice, or a folder and a file in it, would otherwise count twice in the family's mean.
+/// Duplicates are found by canonical path (so `./a.npz` and `a.npz`, or a link to it, are
+/// one), dropped, and reported with a warning.
 ///
 /// # Errors
 /// A path that is none of these, or an SMD machine whose test or label file is missing.
 pub fn discover(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
+    let mut seen: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut out = Vec::new();
+    for entity in discover_all(paths)? {
+        let first = entity.files()[0].to_path_buf();
+        let key = first.canonicalize().unwrap_or_else(|_| first.clone());
+        if let Some((_, earlier)) = seen.iter().find(|(k, _)| *k == key) {
+            let also = if earlier == &first {
+                String::new()
+            } else {
+                format!(" (also as {})", earlier.display())
+            };
+            tracing::warn!(
+                "{} is named more than once{also}: evaluated once",
+                first.display()
+            );
+            continue;
+        }
+        seen.push((key, first));
+        out.push(entity);
+    }
+    Ok(out)
+}
+
+/// [`discover`] without removing duplicates.
+fn discover_all(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
     let mut out = Vec::new();
     for path in paths {
         if path.is_dir() {
@@ -138,7 +183,7 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
                     reason: "holds no SMD <machine>_train.npy and no .npz file".into(),
                 });
             }
-            out.extend(discover(&inner)?);
+            out.extend(discover_all(&inner)?);
             continue;
         }
         let file = path
@@ -206,8 +251,9 @@ pub struct EntityResult {
     pub auprc_unsmoothed: Option<f64>,
     /// OmniAnomaly HitRate@100 % and @150 % of the culprit metrics, where labelled.
     pub hit_rate: Option<(f64, f64)>,
-    /// Alert events against labelled segments: (precision, recall).
-    pub events: Option<(Option<f64>, Option<f64>)>,
+    /// Alert events against labelled segments (episode precision and recall, and the
+    /// frames inside episodes), for time series.
+    pub events: Option<EventReport>,
     pub train_seconds: f64,
     pub frames_per_second: f64,
     /// Networks in the model's ensemble ([`crate::model::Autoencoder::members`]).
@@ -363,7 +409,7 @@ pub fn run_entity(
             .event_report
             .as_ref()
             .filter(|_| family == "SMD")
-            .map(|e| (e.precision, e.recall)),
+            .cloned(),
         train_seconds,
         frames_per_second: main.pipeline.frames_per_second(),
     })
@@ -387,8 +433,8 @@ pub fn split_50_25_25(labels: &[u8], seed: u64) -> (Vec<usize>, Vec<usize>) {
 }
 
 /// OmniAnomaly's HitRate@P%: for every labelled anomalous frame inside an interpretation
-/// segment with culprit set G, the share of G among the frame's top ⌈P·|G|⌉ contributing
-/// features; averaged over those frames. Contributions come from the pipeline's
+/// segment with culprit set G, the share of G among the frame's top ⌊P·|G|⌋ contributing
+/// features (see [`hit_rate_at`]); averaged over those frames. Contributions come from the pipeline's
 /// [`Scorer`], smoothed over the whole series in order, so they are exactly the ones alerts
 /// report; a windowed model's are summed over each feature's lags. `test` holds the frames
 /// of the input rows from `first_row` on (segments count input rows). Returns (@100 %,
@@ -441,13 +487,8 @@ pub fn hit_rates(
             order.clear();
             order.extend(0..base);
             order.sort_by(|&a, &b| per_feature[b].total_cmp(&per_feature[a]));
-            let g = seg.dims.len();
-            let hit = |p: f64| {
-                let k = ((p * g as f64).ceil() as usize).min(base);
-                order[..k].iter().filter(|j| seg.dims.contains(j)).count() as f64 / g as f64
-            };
-            h100 += hit(1.0);
-            h150 += hit(1.5);
+            h100 += hit_rate_at(&order, &seg.dims, 100);
+            h150 += hit_rate_at(&order, &seg.dims, 150);
             frames += 1;
         }
         first += n;
@@ -455,13 +496,30 @@ pub fn hit_rates(
     (frames > 0).then(|| (h100 / frames as f64, h150 / frames as f64))
 }
 
+/// One frame's HitRate@`percent`%: the share of the culprit features `culprits` among the
+/// first ⌊percent/100 · |culprits|⌋ features of `order` (largest contribution first), as
+/// OmniAnomaly's evaluation computes it (InterFusion's `get_hit_rate`, `chance_num =
+/// min(int(p / 100 * len(label)), len(pred))`; the paper's Hit@⌊P% × |GT|⌋). At 150 % and
+/// an odd number of culprits that is one feature fewer than rounding up would give (one
+/// culprit: its top feature only).
+pub fn hit_rate_at(order: &[usize], culprits: &[usize], percent: usize) -> f64 {
+    if culprits.is_empty() {
+        return 0.0;
+    }
+    let k = (percent * culprits.len() / 100).min(order.len());
+    order[..k].iter().filter(|j| culprits.contains(j)).count() as f64 / culprits.len() as f64
+}
+
 /// Header of [`csv`]: one column per number of [`EntityResult`] that a reader compares.
 const CSV_HEADER: &str = "entity,family,protocol,rows,anomalous,auroc,auprc,best_f1,pa_f1,\
 auprc_mss_toggled,auprc_frames_alone,hit_rate_100,hit_rate_150,event_precision,event_recall,\
-mss_toggled_to,members,train_seconds";
+alerted_share,alerted_precision,mss_toggled_to,members,train_seconds";
+
+/// Numbers per entity in [`numbers`].
+const NUMBERS: usize = 12;
 
 /// The numbers of one entity, in the order of [`table`]'s and [`CSV_HEADER`]'s columns.
-fn numbers(r: &EntityResult) -> [Option<f64>; 10] {
+fn numbers(r: &EntityResult) -> [Option<f64>; NUMBERS] {
     [
         r.auroc,
         r.auprc,
@@ -471,8 +529,10 @@ fn numbers(r: &EntityResult) -> [Option<f64>; 10] {
         r.auprc_unsmoothed,
         r.hit_rate.map(|h| h.0),
         r.hit_rate.map(|h| h.1),
-        r.events.and_then(|e| e.0),
-        r.events.and_then(|e| e.1),
+        r.events.as_ref().and_then(|e| e.precision),
+        r.events.as_ref().and_then(|e| e.recall),
+        r.events.as_ref().and_then(|e| e.alerted_share),
+        r.events.as_ref().and_then(|e| e.alerted_precision),
     ]
 }
 
@@ -487,7 +547,7 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                    family: &str,
                    protocol: &str,
                    counts: [String; 2],
-                   v: [Option<f64>; 10],
+                   v: [Option<f64>; NUMBERS],
                    tail: [String; 2]| {
         let mut line = [csv_field(name), family.into(), protocol.into()].join(",");
         for c in counts.iter().cloned().chain(
@@ -525,8 +585,8 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
 }
 
 /// Each of [`numbers`] averaged over `rows` (over those that have it).
-fn means(rows: &[&EntityResult]) -> [Option<f64>; 10] {
-    let mut out = [None; 10];
+fn means(rows: &[&EntityResult]) -> [Option<f64>; NUMBERS] {
+    let mut out = [None; NUMBERS];
     for (k, m) in out.iter_mut().enumerate() {
         let v: Vec<f64> = rows.iter().filter_map(|r| numbers(r)[k]).collect();
         *m = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
@@ -565,8 +625,8 @@ fn csv_field(v: &str) -> String {
 }
 
 /// [`numbers`] as the table's cells, each right-aligned under its header.
-fn cells(v: [Option<f64>; 10]) -> String {
-    const WIDTHS: [usize; 10] = [6, 6, 6, 7, 10, 9, 7, 7, 6, 6];
+fn cells(v: [Option<f64>; NUMBERS]) -> String {
+    const WIDTHS: [usize; NUMBERS] = [6, 6, 6, 7, 10, 9, 7, 7, 6, 6, 7, 6];
     let cells: Vec<String> = v
         .iter()
         .zip(WIDTHS)
@@ -592,7 +652,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>7} {:>7} {:>6} {:>6} {:>6}",
+        "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>7} {:>7} {:>6} {:>6} {:>7} {:>6} {:>6}",
         "entity",
         "protocol",
         "rows",
@@ -606,6 +666,8 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         "HR@150",
         "ev-P",
         "ev-R",
+        "alerted",
+        "al-P",
         "train"
     );
     let families = families(results);
@@ -637,7 +699,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     );
     let _ = writeln!(
         s,
-        "ev-P / ev-R: alert episodes ({} threshold, {}-of-{} firing) that overlap a labelled segment / segments an episode overlaps.",
+        "ev-P / ev-R: alert episodes ({} threshold, {}-of-{} firing) that overlap a labelled segment / segments an episode overlaps; they count episodes, so an alert that never ends scores ev-R 1.\nalerted / al-P: share of frames inside alert episodes / labelled-anomalous frames among them (the frame precision of the alerts).\nHR@100 / HR@150: OmniAnomaly's HitRate, the top floor(P·|culprits|) contributions (InterFusion's rounding), over every labelled frame in an interpretation segment.",
         cfg.threshold.kind.name(),
         cfg.alert.fire_k,
         cfg.alert.fire_n
@@ -693,6 +755,93 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("m-1_test.npy"), "{err}");
+    }
+
+    /// A file named twice, or a folder and a file in it, is one entity: counted twice it
+    /// would weigh double in the family's mean.
+    #[test]
+    fn discover_evaluates_each_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "a.npz",
+            "b.npz",
+            "m-1_train.npy",
+            "m-1_test.npy",
+            "m-1_test_label.txt",
+        ] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let a = dir.path().join("a.npz");
+        let dotted = dir.path().join(".").join("a.npz");
+        let names = |paths: &[PathBuf]| -> Vec<String> {
+            discover(paths)
+                .unwrap()
+                .iter()
+                .map(|e| e.name().to_string())
+                .collect()
+        };
+        assert_eq!(
+            names(&[a.clone(), dotted, dir.path().join("b.npz")]),
+            ["a", "b"]
+        );
+        assert_eq!(
+            names(&[
+                dir.path().to_path_buf(),
+                a.clone(),
+                dir.path().join("m-1_train.npy")
+            ]),
+            ["a", "b", "m-1"]
+        );
+        // Same names in different folders are different tables.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("a.npz"), b"").unwrap();
+        assert_eq!(names(&[a, other.path().join("a.npz")]), ["a", "a"]);
+    }
+
+    #[test]
+    fn out_may_not_be_a_folder_or_an_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let npz = dir.path().join("t.npz");
+        std::fs::write(&npz, b"").unwrap();
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(&cfg, b"").unwrap();
+        let entities = discover(std::slice::from_ref(&npz)).unwrap();
+        let err = check_out(&entities, None, dir.path()).unwrap_err();
+        assert!(err.contains("is a folder"), "{err}");
+        assert!(check_out(&entities, None, &npz).is_err());
+        assert!(check_out(&entities, Some(&cfg), &cfg).is_err());
+        assert!(check_out(&entities, Some(&cfg), &dir.path().join("r.csv")).is_ok());
+    }
+
+    /// InterFusion's `get_hit_rate`: the top ⌊P/100 · |G|⌋ features, not ⌈…⌉.
+    #[test]
+    fn hit_rate_rounds_down_as_omnianomaly_does() {
+        let order = [4, 2, 7, 1, 0, 3, 5, 6];
+        // One culprit, ranked second: @100 and @150 both look at the top one only.
+        assert_eq!(hit_rate_at(&order, &[2], 100), 0.0);
+        assert_eq!(hit_rate_at(&order, &[2], 150), 0.0);
+        assert_eq!(hit_rate_at(&order, &[4], 150), 1.0);
+        // Three culprits: @150 looks at 4 features (4.5 rounded down), not 5.
+        assert_eq!(hit_rate_at(&order, &[4, 1, 0], 100), 1.0 / 3.0);
+        assert_eq!(hit_rate_at(&order, &[4, 1, 0], 150), 2.0 / 3.0);
+        // Two culprits: 3 features either way.
+        assert_eq!(hit_rate_at(&order, &[7, 1], 150), 0.5);
+        assert_eq!(hit_rate_at(&order, &[7, 2], 150), 1.0);
+        // Never past the features there are.
+        assert_eq!(hit_rate_at(&[1, 0], &[0, 1], 150), 1.0);
+        assert_eq!(hit_rate_at(&order, &[], 150), 0.0);
+    }
+
+    #[test]
+    fn errors_leave_the_entity_name_to_the_caller() {
+        let e = HarnessError::Train {
+            entity: "tiny".into(),
+            source: TrainError::Diverged { epoch: 3 },
+        };
+        assert_eq!(
+            e.to_string(),
+            "training failed: training diverged at epoch 3: the loss is not finite"
+        );
     }
 
     fn result(name: &str, family: &'static str, auroc: Option<f64>) -> EntityResult {

@@ -47,6 +47,10 @@ enum Command {
         /// Configuration file (default: the documented defaults).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Replace a model already in OUT (and remove its ONNX graph, which was exported
+        /// from the old model).
+        #[arg(long)]
+        force: bool,
     },
     /// Replay a recorded file through the scoring pipeline and evaluate it.
     Replay {
@@ -712,7 +716,12 @@ fn config_name(config: Option<&Path>) -> String {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train { input, out, config } => train(&input, &out, config.as_deref()),
+        Command::Train {
+            input,
+            out,
+            config,
+            force,
+        } => train(&input, &out, config.as_deref(), force),
         Command::Replay {
             model,
             input,
@@ -899,12 +908,8 @@ fn run(command: Command) -> Result<()> {
             // It never replaces an input or the configuration.
             let mut csv_out = match &out {
                 Some(path) => {
-                    let config_file = config.as_deref().filter(|c| harness::same_file(c, path));
-                    if harness::reads(&entities, path) || config_file.is_some() {
-                        anyhow::bail!(
-                            "--out {} is one of the harness's inputs; choose another file",
-                            path.display()
-                        );
+                    if let Err(why) = harness::check_out(&entities, config.as_deref(), path) {
+                        anyhow::bail!("--out {} {why}", path.display());
                     }
                     let mut partial = path.clone().into_os_string();
                     partial.push(".partial");
@@ -1298,7 +1303,7 @@ fn warn_constant_columns(table: &ingest::Table) {
     }
 }
 
-fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
+fn train(input: &Path, out: &Path, config: Option<&Path>, force: bool) -> Result<()> {
     let cfg = load_config(config)?;
     let opts = TableOptions {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
@@ -1314,13 +1319,8 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
             sae.join(", ")
         );
     }
-    // Say so when a model is there already: it is replaced once training succeeds.
-    if out.join("model.json").exists() {
-        eprintln!(
-            "darkwatch: note: {} holds a model; it will be replaced",
-            out.display()
-        );
-    }
+    // A model already there is replaced only with --force, once training succeeds.
+    let old_model = darkwatch::train::check_model_folder(out, &cfg.onnx.file, force)?;
     // Find out now, not after training, whether the model can be written.
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create the model directory", out.display()))?;
@@ -1351,8 +1351,25 @@ fn train(input: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
             None => bar.set_message(format!("loss {:.4}{member}", e.train_loss)),
         }
     })
-    .context("training failed")?;
+    .map_err(|e| match e {
+        // A setting the data cannot take (a network too large, no held-out rows) is a
+        // configuration error (exit 78), as one found when loading the config is.
+        darkwatch::train::TrainError::InvalidConfig { key, reason } => {
+            anyhow::Error::from(ConfigError::Invalid {
+                file: config::source_name(config, std::env::vars()),
+                key: key.into(),
+                reason,
+            })
+        }
+        e => anyhow::Error::from(e).context("training failed"),
+    })?;
     bar.finish_and_clear();
+    for removed in darkwatch::train::clear_model_folder(&old_model)? {
+        eprintln!(
+            "darkwatch: note: removed {}, which belonged to the model replaced",
+            removed.display()
+        );
+    }
     model.save(out)?;
     if let Some(note) = report.still_falling_note(model.ae.members, cfg.train.epochs_max) {
         eprintln!("darkwatch: note: {note}");

@@ -54,6 +54,12 @@ pub struct ReplayRequest {
 }
 
 /// Alert events against labelled anomaly segments.
+///
+/// Episode precision and recall count episodes and segments, not frames: one episode that
+/// never ends overlaps every segment after its start, so it scores recall 1 and counts as
+/// one true episode however many normal frames it covers. [`EventReport::alerted_share`]
+/// and [`EventReport::alerted_precision`] count the frames inside episodes, which shows
+/// such an alert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventReport {
     pub episodes: usize,
@@ -65,6 +71,16 @@ pub struct EventReport {
     /// Mean frames from a detected segment's start to the first frame of the episode that
     /// caught it (0 when the episode began before the segment).
     pub mean_delay_frames: Option<f64>,
+    /// Frames scored (labels given), and how many of them lie inside an alert episode
+    /// (from its first to its last above-threshold frame, both included).
+    pub frames: usize,
+    pub alerted_frames: usize,
+    /// `alerted_frames / frames`: the share of the stream spent alerting.
+    pub alerted_share: Option<f64>,
+    /// Labelled-anomalous frames among the frames inside episodes: a frame-level
+    /// precision of the alerts (not of the threshold alone: frames inside an episode that
+    /// are below the threshold count too).
+    pub alerted_precision: Option<f64>,
 }
 
 /// Everything a replay measured.
@@ -531,7 +547,7 @@ pub fn replay_frames(
     let event_report = labels
         .as_deref()
         .filter(|_| sink.threshold.is_some())
-        .map(|l| event_report(&alert_spans, &plot::flag_spans(l)));
+        .map(|l| event_report(&alert_spans, l));
     Ok(ReplayOutcome {
         model,
         head,
@@ -551,8 +567,10 @@ pub fn replay_frames(
     })
 }
 
-/// Matches alert episodes with labelled segments (both inclusive frame ranges).
-pub fn event_report(episodes: &[(usize, usize)], segments: &[(usize, usize)]) -> EventReport {
+/// Matches alert episodes (inclusive frame ranges) with the labelled segments of `labels`
+/// (one 0/1 per frame), and counts the frames inside episodes.
+pub fn event_report(episodes: &[(usize, usize)], labels: &[u8]) -> EventReport {
+    let segments = &plot::flag_spans(labels)[..];
     let overlaps = |a: (usize, usize), b: (usize, usize)| a.0 <= b.1 && b.0 <= a.1;
     let true_episodes = episodes
         .iter()
@@ -569,6 +587,20 @@ pub fn event_report(episodes: &[(usize, usize)], segments: &[(usize, usize)]) ->
             delays.push(first.saturating_sub(s.0) as f64);
         }
     }
+    // Frames inside an episode, each counted once (episodes do not overlap, but a frame
+    // range past the labels is clipped rather than trusted).
+    let mut inside = vec![false; labels.len()];
+    for &(start, end) in episodes {
+        if start < labels.len() {
+            inside[start..=end.min(labels.len() - 1)].fill(true);
+        }
+    }
+    let alerted_frames = inside.iter().filter(|&&i| i).count();
+    let alerted_anomalous = inside
+        .iter()
+        .zip(labels)
+        .filter(|&(&i, &l)| i && l != 0)
+        .count();
     let ratio = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
     EventReport {
         episodes: episodes.len(),
@@ -577,6 +609,10 @@ pub fn event_report(episodes: &[(usize, usize)], segments: &[(usize, usize)]) ->
         recall: ratio(delays.len(), segments.len()),
         mean_delay_frames: (!delays.is_empty())
             .then(|| delays.iter().sum::<f64>() / delays.len() as f64),
+        frames: labels.len(),
+        alerted_frames,
+        alerted_share: ratio(alerted_frames, labels.len()),
+        alerted_precision: ratio(alerted_anomalous, alerted_frames),
     }
 }
 
@@ -821,6 +857,22 @@ impl std::fmt::Display for ReplayOutcome {
                 e.mean_delay_frames
                     .map_or("-".into(), |d| format!("{d:.1} frames"))
             )?;
+            writeln!(
+                f,
+                "alerted     {} of the frames inside alert episodes ({} of {}), {} of them labelled anomalous (frame precision of the alerts)",
+                pct(e.alerted_share),
+                e.alerted_frames,
+                e.frames,
+                pct(e.alerted_precision),
+            )?;
+            // Episode precision and recall count episodes and segments: an alert that stays
+            // on through most of the stream scores well on both.
+            if e.alerted_share.is_some_and(|s| s > 0.5) {
+                writeln!(
+                    f,
+                    "            note: alert episodes cover most of the frames, so the episode precision and recall above say little (an alert that stays on overlaps every segment)"
+                )?;
+            }
         }
         writeln!(
             f,
@@ -859,16 +911,52 @@ impl ReplayOutcome {
 mod tests {
     use super::*;
 
+    /// 0/1 labels of `n` frames, 1 inside the inclusive `segments`.
+    fn labels(n: usize, segments: &[(usize, usize)]) -> Vec<u8> {
+        let mut l = vec![0u8; n];
+        for &(a, b) in segments {
+            l[a..=b].fill(1);
+        }
+        l
+    }
+
     #[test]
     fn event_matching_by_hand() {
         // Segments [10,20] and [50,60]; episodes [15,25] (true, delay 5), [30,31] (false),
         // [45,52] (true, began before the segment: delay 0).
-        let r = event_report(&[(15, 25), (30, 31), (45, 52)], &[(10, 20), (50, 60)]);
+        let l = labels(100, &[(10, 20), (50, 60)]);
+        let r = event_report(&[(15, 25), (30, 31), (45, 52)], &l);
         assert_eq!(r.episodes, 3);
+        assert_eq!(r.segments, 2);
         assert_eq!(r.precision, Some(2.0 / 3.0));
         assert_eq!(r.recall, Some(1.0));
         assert_eq!(r.mean_delay_frames, Some(2.5));
-        let none = event_report(&[], &[(1, 2)]);
+        // Inside episodes: 11 + 2 + 8 = 21 frames, of which 6 (15–20) + 3 (50–52) labelled.
+        assert_eq!((r.frames, r.alerted_frames), (100, 21));
+        assert_eq!(r.alerted_share, Some(0.21));
+        assert_eq!(r.alerted_precision, Some(9.0 / 21.0));
+        let none = event_report(&[], &labels(5, &[(1, 2)]));
         assert_eq!((none.precision, none.recall), (None, Some(0.0)));
+        assert_eq!(
+            (none.alerted_share, none.alerted_precision),
+            (Some(0.0), None)
+        );
+    }
+
+    /// An alert that never ends (machine-3-4 under SPOT: one episode from frame 2742 to
+    /// the end of the file) scores episode precision 0.5 and recall 1; the frames inside
+    /// episodes show what it is.
+    #[test]
+    fn a_never_ending_alert_shows_in_the_alerted_frames() {
+        let n = 1000;
+        let l = labels(n, &[(100, 110), (400, 420), (800, 805)]);
+        let r = event_report(&[(30, 32), (300, n - 1)], &l);
+        assert_eq!((r.precision, r.recall), (Some(0.5), Some(2.0 / 3.0)));
+        assert_eq!(r.alerted_frames, 3 + 700);
+        assert!(r.alerted_share.unwrap() > 0.7, "{r:?}");
+        assert!(r.alerted_precision.unwrap() < 0.04, "{r:?}");
+        // An episode past the labels is clipped, not a panic.
+        let r = event_report(&[(n - 2, n + 5)], &l);
+        assert_eq!(r.alerted_frames, 2);
     }
 }

@@ -5,6 +5,8 @@
 //! [`TrainReport`], which the model directory stores as training provenance. There are no labels
 //! here: early stopping watches the validation loss only.
 
+use std::path::{Path, PathBuf};
+
 use ndarray::{Array2, ArrayView2, Axis, Zip, s};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
@@ -31,7 +33,11 @@ pub struct TrainConfig {
     /// Adam's step size (positive).
     pub learning_rate: f64,
     /// Share of the rows held out, by a seeded draw before training, to measure the validation
-    /// loss, in [0, 0.5]. With 0 every row trains, every epoch runs and the last weights are kept.
+    /// loss, in [0, 0.5]. The held-out rows also calibrate the threshold, so `[train]` (the
+    /// `train` and `harness` commands) takes (0, 0.5] only ([`crate::config`] refuses 0, and
+    /// so does [`crate::model::fit::fit`]). 0 is for callers that hold out rows of their own
+    /// (online retraining does): every row trains, every epoch runs and the last weights are
+    /// kept.
     pub validation_fraction: f64,
     /// Stop after this many epochs in a row without a validation-loss improvement of at least
     /// `min_improvement` (at least 1; set it to `epochs_max` or more to never stop early).
@@ -196,6 +202,103 @@ pub enum TrainError {
     Diverged { epoch: usize },
     #[error("invalid train config key `{key}`: {reason}")]
     InvalidConfig { key: &'static str, reason: String },
+}
+
+/// Files of a model folder that `darkwatch train` writes or that describe the model it
+/// holds: `model.json`, the weights, the temporary file of an interrupted save and the
+/// ONNX graph exported from the model (`model.onnx`, or `[onnx] file` when it names a file
+/// in the folder). A graph left beside a new model would be run by `--backend onnx` with
+/// the new model's scaler and calibration.
+pub fn model_folder_files(dir: &Path, onnx_file: &str) -> Vec<PathBuf> {
+    let mut names = vec![
+        crate::model::io::META_FILE.to_string(),
+        crate::model::io::WEIGHTS_FILE.to_string(),
+        "model.tmp".to_string(),
+        "model.onnx".to_string(),
+    ];
+    let bare = Path::new(onnx_file);
+    if bare.components().count() == 1
+        && bare.extension().is_some_and(|e| e == "onnx")
+        && !names.iter().any(|n| n == onnx_file)
+    {
+        names.push(onnx_file.to_string());
+    }
+    names
+        .iter()
+        .map(|n| dir.join(n))
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+}
+
+/// Why `darkwatch train` will not write into its `--out` folder.
+#[derive(Debug, thiserror::Error)]
+pub enum OutFolderError {
+    #[error(
+        "{}: holds a model already ({}); train does not overwrite one: choose another --out folder, or give --force to replace it (its ONNX graph is removed too: export the new model's with tools/export_onnx.py)",
+        .dir.display(),
+        .files.join(", ")
+    )]
+    HoldsModel { dir: PathBuf, files: Vec<String> },
+    #[error("{}: cannot remove the old model's file: {source}", .path.display())]
+    Remove {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Checks `train --out dir` before training: a folder holding a model (any of
+/// [`model_folder_files`]) is refused unless `force`. Returns the files found, for
+/// [`clear_model_folder`] once training has succeeded.
+///
+/// # Errors
+/// [`OutFolderError::HoldsModel`] when the folder holds a model and `force` is false.
+pub fn check_model_folder(
+    dir: &Path,
+    onnx_file: &str,
+    force: bool,
+) -> Result<Vec<PathBuf>, OutFolderError> {
+    let found = model_folder_files(dir, onnx_file);
+    if !found.is_empty() && !force {
+        return Err(OutFolderError::HoldsModel {
+            dir: dir.to_path_buf(),
+            files: found
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect(),
+        });
+    }
+    Ok(found)
+}
+
+/// Removes the old model's files that the new one does not overwrite (its ONNX graph, a
+/// temporary file), before the new model is saved; `model.json` and the weights are
+/// replaced by the save itself, each atomically.
+///
+/// # Errors
+/// A file that cannot be removed.
+pub fn clear_model_folder(found: &[PathBuf]) -> Result<Vec<PathBuf>, OutFolderError> {
+    let kept = [crate::model::io::META_FILE, crate::model::io::WEIGHTS_FILE];
+    let mut removed = Vec::new();
+    for path in found {
+        if path
+            .file_name()
+            .is_some_and(|n| kept.iter().any(|k| n == *k))
+        {
+            continue;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => removed.push(path.clone()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(OutFolderError::Remove {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Trains `model` in place on `x` (`[rows, n_features]`, already scaled).
@@ -772,5 +875,51 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A model folder is not overwritten without --force; with it, the old model's ONNX
+    /// graph goes (a graph left beside a new model.json would run the old network with the
+    /// new scaler), and files train does not own stay.
+    #[test]
+    fn a_model_folder_is_replaced_only_when_forced_and_loses_its_stale_graph() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(
+            check_model_folder(d, "model.onnx", false)
+                .unwrap()
+                .is_empty()
+        );
+        for f in [
+            "model.json",
+            "model.safetensors",
+            "model.onnx",
+            "other.onnx",
+            "notes.txt",
+        ] {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        let err = check_model_folder(d, "model.onnx", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("holds a model already (model.json, model.safetensors, model.onnx)")
+                && err.contains("--force"),
+            "{err}"
+        );
+        // A graph named by `[onnx] file` in the folder is the model's too; a path elsewhere
+        // is not.
+        let found = check_model_folder(d, "other.onnx", true).unwrap();
+        assert_eq!(found.len(), 4, "{found:?}");
+        assert_eq!(model_folder_files(d, "../other.onnx").len(), 3);
+        let removed = clear_model_folder(&found).unwrap();
+        assert_eq!(removed, vec![d.join("model.onnx"), d.join("other.onnx")]);
+        // model.json and the weights are replaced by the save, each atomically.
+        assert!(d.join("model.json").exists() && d.join("model.safetensors").exists());
+        assert!(d.join("notes.txt").exists());
+        // Only the graph left: still a model's folder.
+        std::fs::write(d.join("model.onnx"), b"x").unwrap();
+        std::fs::remove_file(d.join("model.json")).unwrap();
+        std::fs::remove_file(d.join("model.safetensors")).unwrap();
+        assert!(check_model_folder(d, "model.onnx", false).is_err());
     }
 }

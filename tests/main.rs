@@ -256,10 +256,36 @@ fn training_on_too_few_rows_for_a_threshold_warns() {
         !err.contains("warning") && !err.contains("replaced"),
         "{err}"
     );
-    // Training into a folder that holds a model says that it replaces it.
+    // A folder that holds a model is not overwritten: its ONNX graph (exported from the
+    // old model) would stay beside the new model.json, and `--backend onnx` would run the
+    // old network with the new scaler.
+    let small_dir = dir.path().join("small");
+    std::fs::write(small_dir.join("model.onnx"), b"old graph").unwrap();
+    let before = std::fs::read(small_dir.join("model.json")).unwrap();
     let (code, _, err) = train(&big, "small");
-    assert_eq!(code, 0, "{err}");
-    assert!(err.contains("holds a model; it will be replaced"), "{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("holds a model already (model.json, model.safetensors, model.onnx)")
+            && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(small_dir.join("model.json")).unwrap(), before);
+    // With --force it is replaced, and the old graph goes with it.
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--force", "--input"])
+        .arg(&big)
+        .arg("--out")
+        .arg(&small_dir)
+        .arg("--config")
+        .arg(&cfg));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("calibration: 60 held-out scores"), "{out}");
+    assert!(
+        err.contains("removed") && err.contains("model.onnx"),
+        "{err}"
+    );
+    assert!(!small_dir.join("model.onnx").exists());
+    assert_ne!(std::fs::read(small_dir.join("model.json")).unwrap(), before);
 }
 
 #[test]
@@ -429,7 +455,8 @@ fn small_inputs_train_an_ensemble_that_inspect_names_and_load_checks() {
         "{err}"
     );
 
-    // Members whose merged network would not fit in memory: refused before allocating.
+    // Members whose merged network would not fit in memory: refused before allocating,
+    // as a configuration error (78) naming the file and the key.
     std::fs::write(&cfg, "[model]\nmembers = 16\nhidden_sizes = [4096, 4096]\n").unwrap();
     let (code, _, err) = run(darkwatch()
         .args(["train", "--input"])
@@ -438,11 +465,38 @@ fn small_inputs_train_an_ensemble_that_inspect_names_and_load_checks() {
         .arg(dir.path().join("huge"))
         .arg("--config")
         .arg(&cfg));
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 78, "{err}");
     assert!(
-        err.contains("model.members") && err.contains("use fewer members") && !err.contains("  "),
+        err.contains("single.toml: key `model.members`")
+            && err.contains("use fewer members")
+            && !err.contains("  "),
         "{err}"
     );
+    // One network that large: the cap held only for ensembles, and this aborted the
+    // process (`memory allocation of 40000000000 bytes failed`, SIGABRT).
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(dir.path().join("train.csv"))
+        .arg("--out")
+        .arg(dir.path().join("huge"))
+        .env("DARKWATCH__MODEL__MEMBERS", "1")
+        .env("DARKWATCH__MODEL__HIDDEN_SIZES", "100000,100000"));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("(with environment DARKWATCH__MODEL__HIDDEN_SIZES, DARKWATCH__MODEL__MEMBERS): key `model.hidden_sizes`")
+            && err.contains("narrower hidden_sizes"),
+        "{err}"
+    );
+    assert!(!dir.path().join("huge").join("model.json").exists());
+    // No held-out rows: the "held-out" calibration scores would be training rows.
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(dir.path().join("train.csv"))
+        .arg("--out")
+        .arg(dir.path().join("in-sample"))
+        .env("DARKWATCH__TRAIN__VALIDATION_FRACTION", "0"));
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("key `train.validation_fraction`"), "{err}");
 
     // model.json saying 3 members of a network built for 5, or 0 members.
     let (code, out, err) = inspect_edited(&model, |meta| {
@@ -579,6 +633,82 @@ fn bad_input_files_give_one_line_errors() {
         assert_eq!(err.trim().lines().count(), 1, "{name}: not one line: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// A CSV column auto-detected as the timestamps is no feature: an info line names it.
+#[test]
+fn train_says_which_column_it_took_as_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("t.csv");
+    let mut csv = String::from("a,time,b\n");
+    for i in 0..300 {
+        let x = (i as f32 * 0.1).sin();
+        csv.push_str(&format!("{x},{},{}\n", 1_700_000_000 + 60 * i, x * 2.0));
+    }
+    std::fs::write(&input, csv).unwrap();
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(dir.path().join("m"))
+        .env("RUST_LOG", "info")
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "2"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("column \"time\" (column 2) taken as the timestamps, not as a feature"),
+        "{err}"
+    );
+    assert!(err.contains("(300 rows × 2 features)"), "{err}");
+}
+
+/// A model folder that is not there is said as such, not as a missing `model.json`.
+#[test]
+fn a_missing_model_folder_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nonexist");
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "a\n1\n").unwrap();
+    let (code, _, err) = run(darkwatch().arg("inspect").arg(&missing));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no model folder at") && err.contains("nonexist"),
+        "{err}"
+    );
+    assert!(!err.contains("model.json"), "{err}");
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(&missing)
+        .arg("--input")
+        .arg(&input));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no model folder at"), "{err}");
+    assert!(!err.contains("No such file"), "{err}");
+}
+
+/// `--config <(…)`: a pipe is no regular file, but it is readable.
+#[test]
+fn a_config_can_come_from_a_pipe() {
+    use std::io::Write;
+    let mut child = darkwatch()
+        .args(["print-config", "--config", "/dev/stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"[train]\nepochs_max = 7\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("epochs_max = 7"), "{stdout}");
 }
 
 #[test]
@@ -1112,6 +1242,13 @@ fn replay_thresholds_alerts_and_plots_the_injected_anomalies() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("threshold   spot"), "{out}");
     assert!(out.contains("events      precision"), "{out}");
+    // The frames inside alert episodes, beside the episode counts; two short alerts cover
+    // few frames, so no note that they cover most of the stream.
+    assert!(
+        out.contains("alerted     ") && out.contains("frame precision of the alerts"),
+        "{out}"
+    );
+    assert!(!out.contains("cover most of the frames"), "{out}");
     // Two injected segments (700..720, 900..905): each fires an alert; the long one names
     // m00 among its top features (wnll contributions of a short spike smear across the
     // features the autoencoder couples to m00, so the short one is not asserted on).
@@ -1142,6 +1279,13 @@ fn replay_thresholds_alerts_and_plots_the_injected_anomalies() {
         if start == 700 {
             assert!(names.contains(&"m00"), "{names:?}");
         }
+        // The blame is a sum over the episode's frames, and the description says so.
+        let description = hit["annotations"]["description"].as_str().unwrap();
+        assert!(
+            description.contains("contributions summed over its")
+                && description.contains("above-threshold frame"),
+            "{description}"
+        );
         assert!(
             hit["startsAt"].as_str().unwrap().starts_with("2023-11-"),
             "{hit}"
@@ -1341,6 +1485,9 @@ fn harness_prints_one_table_for_the_bundled_machine() {
         "HR@150",
         "mean SMD",
         "point-adjusted",
+        "alerted",
+        "al-P",
+        "frame precision of the alerts",
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
@@ -1464,6 +1611,15 @@ fn harness_refuses_to_write_its_csv_over_an_input() {
         std::fs::read_to_string(&config).unwrap(),
         "[train]\nepochs_max = 3\n"
     );
+    // Nor onto a folder, which the final rename would refuse only after every entity ran.
+    let (code, out, err) = run(darkwatch()
+        .arg("harness")
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path()));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("is a folder"), "{err}");
+    assert!(!err.contains("[1/1]"), "trained before refusing: {err}");
 }
 
 /// A model of other features would see every published metric rejected and score nothing.

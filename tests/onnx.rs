@@ -150,6 +150,53 @@ fn a_model_with_other_features_is_refused() {
     assert!(e.contains("[-1, 38]") && e.contains("[batch, 5]"), "{e}");
 }
 
+/// A graph exported from another model (the folder's model retrained since, or a graph
+/// copied in) has the right shapes but another network: it is refused, naming both ids and
+/// how to re-export, instead of running the old network with the new scaler and threshold.
+#[test]
+fn a_graph_exported_from_another_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let (code, _, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(repo("tests/data/smd/small.csv"))
+        .arg("--out")
+        .arg(&out)
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "2"));
+    assert_eq!(code, 0, "{err}");
+    // Same 38 features and widths as the bundled PAE, so only the id tells them apart.
+    std::fs::copy(repo(PAE).join("model.onnx"), out.join("model.onnx")).unwrap();
+    let model = Model::load(&out).unwrap();
+    let id = model.meta.id.clone();
+    let e = model
+        .with_backend(&out, Backend::Onnx, &onnx_cfg("model.onnx"))
+        .unwrap_err();
+    let text = e.to_string();
+    let bundled = Model::load(&repo(PAE)).unwrap().meta.id;
+    assert!(
+        text.contains(&format!("exported from model {bundled}"))
+            && text.contains(&format!("model.json holds model {id}"))
+            && text.contains("tools/export_onnx.py"),
+        "{text}"
+    );
+    // The folder is at fault: `run` and `validate` call it a configuration error.
+    assert!(
+        darkwatch::detector::LoadError::Model(e).is_bad_model(),
+        "{text}"
+    );
+    let (code, _, err) = run(darkwatch()
+        .args(["replay", "--backend", "onnx", "--model"])
+        .arg(&out)
+        .arg("--input")
+        .arg(repo("tests/data/smd/small.csv")));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("re-export"), "{err}");
+    // The bundled graphs name their own model.
+    for dir in [PAE, MSE] {
+        load(dir, Backend::Onnx, &onnx_cfg("model.onnx")).unwrap();
+    }
+}
+
 #[test]
 fn cuda_provider_follows_the_fallback_policy() {
     let strict = OnnxConfig {

@@ -95,7 +95,7 @@ def train_and_score(binary, x, config, work):
     model = os.path.join(work, "model")
     out = os.path.join(work, "scores.csv")
     for args in (
-        ["train", "--config", cfg, "--input", data, "--out", model],
+        ["train", "--force", "--config", cfg, "--input", data, "--out", model],
         ["replay", "--model", model, "--input", data, "--out", out],
     ):
         subprocess.run([binary, *args], check=True, capture_output=True)

@@ -69,7 +69,7 @@ def main():
         for c, text in CONFIGS.items():
             with open(paths["c.toml"], "w") as f:
                 f.write(text)
-            subprocess.run([binary, "train", "--config", paths["c.toml"], "--input",
+            subprocess.run([binary, "train", "--force", "--config", paths["c.toml"], "--input",
                             paths["train.npy"], "--out", paths["m"]], check=True, capture_output=True)
             with open(os.path.join(paths["m"], "model.json")) as f:
                 w = json.load(f).get("window_frames", 1)

@@ -197,7 +197,17 @@ fn timestamp_column(
         .collect();
     match candidates.as_slice() {
         [] => Ok(None),
-        [i] => Ok(Some(*i)),
+        [i] => {
+            // Said, because the column then is no feature: a metric that happens to be
+            // called `time` would otherwise vanish from the model without a word.
+            tracing::info!(
+                "{}: column {:?} (column {}) taken as the timestamps, not as a feature (a header named timestamp, time or ts is; rename it to keep it as a feature, or name another with [input] timestamp_column)",
+                path.display(),
+                header[*i],
+                i + 1
+            );
+            Ok(Some(*i))
+        }
         _ => Err(IngestError::AmbiguousTimestampColumn {
             path: path.to_owned(),
             candidates: candidates

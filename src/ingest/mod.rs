@@ -238,7 +238,10 @@ pub enum IngestError {
         value: f64,
     },
 
-    #[error("{}: not an NPZ archive: {message}", .path.display())]
+    /// An `.npz` that is no zip archive, a corrupt one, or a valid archive whose members
+    /// are not what the reader needs (a missing `y`, a label that is not 0 or 1): the
+    /// message says which.
+    #[error("{}: {message}", .path.display())]
     Npz { path: PathBuf, message: String },
 
     #[error("{}: not an NPY file: {message}", .path.display())]
@@ -308,6 +311,7 @@ impl IngestError {
 }
 
 /// Read a table, choosing the parser by the file extension (`.csv` or `.npy`, any case).
+/// An `.npy` may be 2-D (rows × features) or 1-D (a univariate series: one feature, `f0`).
 ///
 /// # Errors
 /// [`IngestError::UnsupportedFormat`] for any other extension, and whatever the
@@ -339,7 +343,8 @@ pub fn read_table(path: &Path, opts: &TableOptions) -> Result<Table, IngestError
                     name: name.clone(),
                 });
             }
-            npy::read_npy(path)
+            // A 1-D array is a series of one feature: one column.
+            npy::parse_npy_allow_1d(path, &read_bytes(path)?)
         }
         _ => Err(IngestError::UnsupportedFormat {
             path: path.to_owned(),
@@ -487,6 +492,29 @@ mod tests {
         ));
         let p = s.write("UPPER.CSV", b"a,b\n1,2\n");
         assert_eq!(read_table(&p, &TableOptions::default()).unwrap().rows(), 1);
+    }
+
+    /// A univariate series saved as a 1-D `.npy` is n rows of one feature (it was refused
+    /// as "expected a 2-D array").
+    #[test]
+    fn a_one_dimensional_npy_is_one_feature() {
+        use super::npz::tests::npy;
+        let s = Scratch::new("one-d");
+        let data: Vec<u8> = [1.0f32, 2.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let p = s.write("series.npy", npy("<f4", "(3,)", &data));
+        let t = read_table(&p, &TableOptions::default()).unwrap();
+        assert_eq!(t.values.dim(), (3, 1));
+        assert_eq!(t.features, ["f0"]);
+        assert_eq!(t.values.column(0).to_vec(), vec![1.0, 2.0, 4.0]);
+        // Three dimensions are still no table.
+        let p = s.write("cube.npy", npy("<f4", "(1, 1, 3)", &data));
+        let err = read_table(&p, &TableOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected a 2-D array"), "{err}");
     }
 
     #[test]

@@ -42,7 +42,10 @@ pub fn read_npz_labelled(path: &Path) -> Result<(Table, Vec<u8>), IngestError> {
         .enumerate()
         .find(|(_, v)| **v != 0.0 && **v != 1.0)
     {
-        return Err(bad(path, format!("y[{i}] is {v}, not 0 or 1")));
+        return Err(bad(
+            path,
+            format!("label y[{i}] is {v}, not 0 or 1 (y must hold one 0/1 label per row of X)"),
+        ));
     }
     let labels: Vec<u8> = y.values.iter().map(|&v| u8::from(v == 1.0)).collect();
     if labels.len() != x.values.nrows() {
@@ -77,7 +80,7 @@ fn extract(path: &Path, zip: &[u8], member: &str) -> Result<Vec<u8>, IngestError
     const EOCD: [u8; 4] = [0x50, 0x4b, 0x05, 0x06];
     const CENTRAL: [u8; 4] = [0x50, 0x4b, 0x01, 0x02];
     const LOCAL: [u8; 4] = [0x50, 0x4b, 0x03, 0x04];
-    let not_zip = || bad(path, "not an .npz (zip) archive");
+    let not_zip = || bad(path, "not an NPZ archive (no zip directory found)");
     let eocd = (0..zip.len().saturating_sub(21))
         .rev()
         .take(65_557)
@@ -88,7 +91,7 @@ fn extract(path: &Path, zip: &[u8], member: &str) -> Result<Vec<u8>, IngestError
     let mut names = Vec::new();
     for _ in 0..entries {
         if zip.get(at..at + 4) != Some(&CENTRAL[..]) {
-            return Err(bad(path, "corrupt zip central directory"));
+            return Err(bad(path, "corrupt NPZ archive: bad zip central directory"));
         }
         let field = |off: usize, wide: bool| {
             if wide {
@@ -115,24 +118,30 @@ fn extract(path: &Path, zip: &[u8], member: &str) -> Result<Vec<u8>, IngestError
             field(42, true),
         )
         else {
-            return Err(bad(path, "truncated zip central directory"));
+            return Err(bad(
+                path,
+                "corrupt NPZ archive: truncated zip central directory",
+            ));
         };
         let name = zip
             .get(at + 46..at + 46 + nlen)
             .map(|n| String::from_utf8_lossy(n).into_owned())
-            .ok_or_else(|| bad(path, "truncated zip central directory"))?;
+            .ok_or_else(|| bad(path, "corrupt NPZ archive: truncated zip central directory"))?;
         if name == member {
             if zip.get(local..local + 4) != Some(&LOCAL[..]) {
-                return Err(bad(path, format!("{member}: corrupt local header")));
+                return Err(bad(path, format!("member {member}: corrupt local header")));
             }
             let (Some(ln), Some(lx)) = (u16_at(zip, local + 26), u16_at(zip, local + 28)) else {
-                return Err(bad(path, format!("{member}: truncated local header")));
+                return Err(bad(
+                    path,
+                    format!("member {member}: truncated local header"),
+                ));
             };
             let start = local + 30 + ln + lx;
             let data = zip.get(start..start + csize).ok_or_else(|| {
                 bad(
                     path,
-                    format!("{member}: truncated ({csize} bytes expected)"),
+                    format!("member {member}: truncated ({csize} bytes expected)"),
                 )
             })?;
             return match method {
@@ -141,12 +150,12 @@ fn extract(path: &Path, zip: &[u8], member: &str) -> Result<Vec<u8>, IngestError
                     .map_err(|e| {
                         bad(
                             path,
-                            format!("{member}: corrupt deflate data ({:?})", e.status),
+                            format!("member {member}: corrupt deflate data ({:?})", e.status),
                         )
                     }),
                 m => Err(bad(
                     path,
-                    format!("{member}: unsupported zip compression method {m}"),
+                    format!("member {member}: unsupported zip compression method {m}"),
                 )),
             };
         }
@@ -155,7 +164,10 @@ fn extract(path: &Path, zip: &[u8], member: &str) -> Result<Vec<u8>, IngestError
     }
     Err(bad(
         path,
-        format!("no member {member} (members: {})", names.join(", ")),
+        format!(
+            "the archive has no member {member} (its members: {})",
+            names.join(", ")
+        ),
     ))
 }
 
@@ -256,6 +268,37 @@ pub(crate) mod tests {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect()
+    }
+
+    /// A valid archive with the wrong contents is not "not an NPZ archive": each error
+    /// says its cause.
+    #[test]
+    fn errors_are_worded_by_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.npz");
+        let y2: Vec<u8> = [0i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let cases: [(Vec<u8>, &str); 3] = [
+            (
+                stored_zip(&[
+                    ("X.npy", npy("<f8", "(2, 2)", &x_bytes())),
+                    ("y.npy", npy("<i8", "(2,)", &y2)),
+                ]),
+                "t.npz: label y[1] is 2, not 0 or 1",
+            ),
+            (
+                stored_zip(&[("X.npy", npy("<f8", "(2, 2)", &x_bytes()))]),
+                "t.npz: the archive has no member y.npy (its members: X.npy)",
+            ),
+            (b"plain text".to_vec(), "t.npz: not an NPZ archive"),
+        ];
+        for (bytes, want) in cases {
+            std::fs::write(&p, bytes).unwrap();
+            let err = read_npz_labelled(&p).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+            if !want.contains("not an NPZ") {
+                assert!(!err.contains("not an NPZ archive"), "{err}");
+            }
+        }
     }
 
     #[test]

@@ -20,7 +20,10 @@ use crate::pipeline::Scorer;
 use crate::score::VARIANCE_EPSILON;
 use crate::train::{EpochReport, TrainError, TrainReport, train_member};
 
-/// Most weights an ensemble's merged network may hold (512 MiB of f32).
+/// Most weights a model's network may hold (512 MiB of f32; an ensemble's merged network,
+/// whose blocks between members are computed too, counts whole). Training holds several
+/// copies (gradients, Adam's two moments, the best epoch's weights), so more would ask the
+/// allocator for many gigabytes, and a failed allocation aborts the process.
 pub const MAX_MERGED_WEIGHTS: usize = 1 << 27;
 
 /// Quantiles of training scores stored with every model.
@@ -89,24 +92,19 @@ pub fn fit(
         0 => crate::config::default_members(d),
         k => k,
     };
-    if members > 1 {
-        // The merged network computes the blocks between members too: its weights grow
-        // with the square of the member count.
-        let k = members as u128;
-        let mut widths = vec![d as u128];
-        widths.extend(hidden.iter().map(|&h| h as u128 * k));
-        widths.push(cfg.model.kind.output_width(d) as u128 * k);
-        let weights: u128 = widths.windows(2).map(|w| w[0] * w[1]).sum();
-        if weights > MAX_MERGED_WEIGHTS as u128 {
-            return Err(TrainError::InvalidConfig {
-                key: "model.members",
-                reason: format!(
-                    "{members} members of hidden widths {hidden:?} merge into a network of widths \
-                     {widths:?}, {weights} weights (the blocks between members are computed \
-                     too); at most {MAX_MERGED_WEIGHTS}: use fewer members or narrower hidden_sizes"
-                ),
-            });
-        }
+    check_size(d, &hidden, members, cfg)?;
+    // Held-out rows decide early stopping and calibrate the threshold; without them the
+    // "held-out" scores would be training rows, whose scores are optimistic.
+    if cfg.train.validation_fraction <= 0.0 {
+        return Err(TrainError::InvalidConfig {
+            key: "train.validation_fraction",
+            reason: format!(
+                "{} holds out no rows, but a model needs held-out rows: they decide early \
+                 stopping and calibrate the threshold (in-sample scores would set it too low); \
+                 use a share in (0, 0.5], 0.1 by default",
+                cfg.train.validation_fraction
+            ),
+        });
     }
     // Each member trains alone (its own initial weights and epoch order, the same held-out
     // rows), then they are merged into one network; the report and provenance are the
@@ -157,12 +155,9 @@ pub fn fit(
         train_seconds: started.elapsed().as_secs_f64(),
     };
     // Calibrate on rows the weights never saw: in-sample scores are optimistic, and a
-    // threshold fitted to them fires too often. Without a validation split, all rows.
-    let held_out: Vec<usize> = if report.validation_rows.is_empty() {
-        (0..table.values.nrows()).collect()
-    } else {
-        report.validation_rows.clone()
-    };
+    // threshold fitted to them fires too often. A positive validation_fraction always
+    // holds out a row (train_member refuses too few rows for that).
+    let held_out = report.validation_rows.clone();
     let mut meta = new_meta(&ae, table.features.clone(), scaler, cfg, provenance);
     meta.window_frames = window;
     meta.log_variance_baseline = log_variance_baseline(
@@ -177,6 +172,61 @@ pub fn fit(
     model.calibration_scores = scores[keep..].to_vec();
     model.seal();
     Ok((model, report))
+}
+
+/// Refuses, before anything is allocated, a network of more than [`MAX_MERGED_WEIGHTS`]
+/// weights: `members` networks of `d` inputs and `hidden` widths merged into one, whose
+/// blocks between members are computed too, so its weights grow with the square of the
+/// member count. The error names the key to change: `model.members` when one network
+/// would fit, else `model.hidden_sizes` (or the input width, when the default widths for
+/// `d` inputs are too large).
+fn check_size(
+    d: usize,
+    hidden: &[usize],
+    members: usize,
+    cfg: &DarkwatchConfig,
+) -> Result<(), TrainError> {
+    let widths = |k: usize| {
+        let k = k as u128;
+        let mut w = vec![d as u128];
+        w.extend(hidden.iter().map(|&h| h as u128 * k));
+        w.push(cfg.model.kind.output_width(d) as u128 * k);
+        w
+    };
+    let weights = |w: &[u128]| -> u128 { w.windows(2).map(|w| w[0] * w[1]).sum() };
+    let merged = widths(members);
+    let n = weights(&merged);
+    if n <= MAX_MERGED_WEIGHTS as u128 {
+        return Ok(());
+    }
+    let single = weights(&widths(1));
+    if members > 1 && single <= MAX_MERGED_WEIGHTS as u128 {
+        return Err(TrainError::InvalidConfig {
+            key: "model.members",
+            reason: format!(
+                "{members} members of hidden widths {hidden:?} merge into a network of widths \
+                 {merged:?}, {n} weights (the blocks between members are computed too); at \
+                 most {MAX_MERGED_WEIGHTS}: use fewer members or narrower hidden_sizes"
+            ),
+        });
+    }
+    let whose = if cfg.model.hidden_sizes.is_empty() {
+        format!("the default hidden widths {hidden:?} for {d} inputs (after any lag window) give")
+    } else {
+        format!("hidden widths {hidden:?} for {d} inputs give")
+    };
+    let members_note = if members > 1 {
+        format!(" each of the {members} members, more merged")
+    } else {
+        String::new()
+    };
+    Err(TrainError::InvalidConfig {
+        key: "model.hidden_sizes",
+        reason: format!(
+            "{whose} a network of {single} weights{members_note}; at most {MAX_MERGED_WEIGHTS} \
+             (512 MiB of float32, before training's copies): set narrower hidden_sizes"
+        ),
+    })
 }
 
 /// Metadata for a freshly built model (id, weights reference and calibration are filled
@@ -355,6 +405,65 @@ pub fn synthetic(d: usize, seed: u64) -> Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::Array2;
+
+    fn table(rows: usize, d: usize) -> Table {
+        Table {
+            path: "t.npy".into(),
+            features: (0..d).map(|i| format!("f{i}")).collect(),
+            timestamps: None,
+            values: Array2::from_shape_fn((rows, d), |(i, j)| ((i * 7 + j * 3) % 11) as f32),
+        }
+    }
+
+    fn invalid_key(r: Result<(Model, TrainReport), TrainError>) -> (&'static str, String) {
+        match r {
+            Err(TrainError::InvalidConfig { key, reason }) => (key, reason),
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("trained"),
+        }
+    }
+
+    /// A single network too large to allocate is refused (it aborted the process with
+    /// `memory allocation of 40000000000 bytes failed`), naming the key that is too large.
+    #[test]
+    fn an_oversized_network_is_refused_before_allocating_naming_the_key() {
+        let t = table(40, 4);
+        let mut cfg = DarkwatchConfig::default();
+        cfg.model.members = 1;
+        cfg.model.hidden_sizes = vec![100_000, 100_000];
+        let (key, reason) = invalid_key(fit(&t, "", &cfg, &mut |_| {}));
+        assert_eq!(key, "model.hidden_sizes", "{reason}");
+        assert!(reason.contains("narrower hidden_sizes"), "{reason}");
+        // One network fits, sixteen merged do not: the member count is at fault.
+        cfg.model.members = 16;
+        cfg.model.hidden_sizes = vec![4096, 4096];
+        let (key, reason) = invalid_key(fit(&t, "", &cfg, &mut |_| {}));
+        assert_eq!(key, "model.members", "{reason}");
+        // Too large even alone, with members: still the widths.
+        cfg.model.hidden_sizes = vec![100_000, 100_000];
+        assert_eq!(
+            invalid_key(fit(&t, "", &cfg, &mut |_| {})).0,
+            "model.hidden_sizes"
+        );
+    }
+
+    /// Without held-out rows the calibration scores would be training rows, reported as
+    /// held out.
+    #[test]
+    fn no_validation_rows_is_refused() {
+        let t = table(40, 4);
+        let mut cfg = DarkwatchConfig::default();
+        cfg.model.members = 1;
+        cfg.train.epochs_max = 1;
+        cfg.train.validation_fraction = 0.0;
+        let (key, reason) = invalid_key(fit(&t, "", &cfg, &mut |_| {}));
+        assert_eq!(key, "train.validation_fraction", "{reason}");
+        cfg.train.validation_fraction = 0.1;
+        let (model, report) = fit(&t, "", &cfg, &mut |_| {}).unwrap();
+        assert_eq!(model.meta.calibration.rows, report.rows_val);
+        assert!(report.rows_val > 0 && report.rows_val < 40);
+    }
 
     #[test]
     fn quantiles_by_nearest_rank() {

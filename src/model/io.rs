@@ -192,6 +192,9 @@ pub struct Model {
 /// Why a model directory cannot be used. Each message names the file and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The model folder itself is missing (said as such, not as its `model.json`).
+    #[error("no model folder at {}: `darkwatch train --out {}` writes one", .path.display(), .path.display())]
+    NoFolder { path: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -363,6 +366,11 @@ impl Model {
     /// Missing or unreadable files, malformed JSON, an unsupported format version, shapes
     /// that do not chain, wrong dtypes, non-finite values, or a weights checksum mismatch.
     pub fn load(dir: &Path) -> Result<Model, ModelError> {
+        if fs::metadata(dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            return Err(ModelError::NoFolder {
+                path: dir.to_path_buf(),
+            });
+        }
         let meta_path = dir.join(META_FILE);
         let text = fs::read_to_string(&meta_path).map_err(|source| ModelError::Io {
             path: meta_path.clone(),
@@ -449,6 +457,7 @@ impl Model {
             Backend::Native => None,
             Backend::Onnx => Some(Arc::new(OnnxModel::load(
                 &dir.join(&onnx.file),
+                &self.meta.id,
                 self.n_features(),
                 self.ae.recon_width(),
                 self.ae.output,

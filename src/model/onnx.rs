@@ -43,6 +43,18 @@ pub enum OnnxError {
         path.display()
     )]
     NoGraph { path: PathBuf },
+    #[error(
+        "{}: the graph was exported from model {graph_id}, but model.json holds model {model_id} \
+         (retrained since?): scoring it would run the old network with the new model's scaler \
+         and threshold; re-export it with tools/export_onnx.py (tools/export_bundled_onnx.sh for \
+         the bundled models)",
+        path.display()
+    )]
+    OtherModel {
+        path: PathBuf,
+        graph_id: String,
+        model_id: String,
+    },
     #[error("{path}: {reason}")]
     Model { path: PathBuf, reason: String },
     #[error(
@@ -58,9 +70,13 @@ pub enum OnnxError {
 }
 
 impl OnnxError {
-    /// The graph file is not there ([`OnnxError::NoGraph`]): the model folder must change.
-    pub fn is_missing_graph(&self) -> bool {
-        matches!(self, OnnxError::NoGraph { .. })
+    /// The model folder must change: its graph is not there ([`OnnxError::NoGraph`]) or
+    /// was exported from another model ([`OnnxError::OtherModel`]).
+    pub fn is_folders_fault(&self) -> bool {
+        matches!(
+            self,
+            OnnxError::NoGraph { .. } | OnnxError::OtherModel { .. }
+        )
     }
 }
 
@@ -140,15 +156,19 @@ pub fn runtime_version() -> Option<String> {
 }
 
 impl OnnxModel {
-    /// Loads and validates `path` for a model of `n_features` features and `output` kind,
-    /// whose mean (and variance) outputs are `recon_width` wide (`d` times the members).
+    /// Loads and validates `path` for model `model_id` (model.json's `id`) of `n_features`
+    /// features and `output` kind, whose mean (and variance) outputs are `recon_width` wide
+    /// (`d` times the members). A graph that names the model it was exported from
+    /// (metadata `darkwatch.model_id`, as tools/export_onnx.py writes it) must name this
+    /// one; a graph without that key (exported by other tools) is taken on its shapes.
     ///
     /// # Errors
     /// ONNX Runtime cannot be loaded, the file cannot be read or parsed, its inputs or
-    /// outputs do not match the model, or the configured provider is missing and
-    /// `fallback = "error"`.
+    /// outputs do not match the model, it was exported from another model, or the
+    /// configured provider is missing and `fallback = "error"`.
     pub fn load(
         path: &Path,
+        model_id: &str,
         n_features: usize,
         recon_width: usize,
         output: OutputKind,
@@ -186,6 +206,17 @@ impl OnnxModel {
         model.validate(&session, output)?;
         let meta = session.metadata().map_err(|e| bad(e.to_string()))?;
         model.exported_from = meta.custom("darkwatch.model_id");
+        // The id hashes the weights (and the stored calibration): another id means another
+        // network, or this one calibrated otherwise.
+        if let Some(graph_id) = model.exported_from.as_deref()
+            && graph_id != model_id
+        {
+            return Err(OnnxError::OtherModel {
+                path: path.to_path_buf(),
+                graph_id: graph_id.to_string(),
+                model_id: model_id.to_string(),
+            });
+        }
         model.variance = match meta.custom("darkwatch.variance").as_deref() {
             None | Some("variance") => VarianceKind::Variance,
             Some("log_variance") => VarianceKind::LogVariance,

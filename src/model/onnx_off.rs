@@ -22,7 +22,7 @@ pub enum OnnxError {
 
 impl OnnxError {
     /// Never: this build reads no graph (see the `onnx` build's `OnnxError`).
-    pub fn is_missing_graph(&self) -> bool {
+    pub fn is_folders_fault(&self) -> bool {
         false
     }
 }
@@ -36,6 +36,7 @@ impl OnnxModel {
     /// Always: the feature is off.
     pub fn load(
         path: &Path,
+        _model_id: &str,
         _n_features: usize,
         _recon_width: usize,
         _output: OutputKind,
