@@ -402,7 +402,11 @@ pub fn run_with(
     let metrics_listener = bind_metrics(&cfg.metrics.listen)?;
     let mut mqtt_cfg = cfg.mqtt.clone();
     if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
-        mqtt_cfg.port = mqtt::start_embedded_broker(&mqtt_cfg.host, mqtt_cfg.port)?;
+        mqtt_cfg.port = mqtt::start_embedded_broker_with(
+            &mqtt_cfg.host,
+            mqtt_cfg.port,
+            mqtt_cfg.embedded_log_bytes,
+        )?;
         tracing::info!(host = %mqtt_cfg.host, port = mqtt_cfg.port, "Embedded MQTT broker started.");
     }
     let port = mqtt_cfg.port;
@@ -435,6 +439,7 @@ pub fn run_with(
         control: control.clone(),
         handback: handback.clone(),
         no_input: NoInput::new(&mqtt_cfg),
+        skips: BrokerSkipWatch::new(&mqtt_cfg),
     };
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
     sink.link = Some(mqtt_stats.clone());
@@ -1460,6 +1465,54 @@ struct FeedTurn {
     handback: Handback,
     /// Warns once if nothing at all arrives after the start.
     no_input: NoInput,
+    /// Warns when the embedded broker skips messages.
+    skips: BrokerSkipWatch,
+}
+
+/// Warns when the embedded broker skipped messages for a subscriber that fell behind
+/// ([`mqtt::broker_skipped`]): at the 1st, 2nd, 4th, 8th… skip, with how many messages
+/// were lost since the last warning and in all. rumqttd acknowledged them to their
+/// publisher and delivered them to nobody.
+struct BrokerSkipWatch {
+    /// `None` with an external broker: nothing to watch.
+    log_bytes: Option<u64>,
+    /// Messages skipped when it last warned.
+    warned_messages: u64,
+    /// Warn again once this many skips have happened.
+    next_warn: u64,
+}
+
+impl BrokerSkipWatch {
+    fn new(mqtt: &mqtt::MqttConfig) -> BrokerSkipWatch {
+        let skips = mqtt::broker_skipped();
+        BrokerSkipWatch {
+            log_bytes: (mqtt.broker == mqtt::BrokerMode::Embedded)
+                .then_some(mqtt.embedded_log_bytes),
+            warned_messages: skips.messages,
+            next_warn: skips.times + 1,
+        }
+    }
+
+    /// Warns when the skips reached the next power of two; true when it did.
+    fn check(&mut self) -> bool {
+        let Some(log_bytes) = self.log_bytes else {
+            return false;
+        };
+        let skips = mqtt::broker_skipped();
+        if skips.times < self.next_warn {
+            return false;
+        }
+        tracing::warn!(
+            skipped = skips.messages - self.warned_messages,
+            skipped_in_all = skips.messages,
+            filter = %skips.last_filter,
+            embedded_log_bytes = log_bytes,
+            "The embedded MQTT broker skipped messages that a subscriber had not taken yet: it fell more than [mqtt] embedded_log_bytes behind the publishers (this agent when it scores slower than they publish, or another client of the broker). Their publishers had them acknowledged; nobody received them. They are counted in darkwatch_mqtt_broker_skipped_total. Raise [mqtt] embedded_log_bytes to ride out longer bursts, or make the scoring keep up (a smaller model, [score] backend)"
+        );
+        self.warned_messages = skips.messages;
+        self.next_warn = skips.times.saturating_mul(2).max(skips.times + 1);
+        true
+    }
 }
 
 /// How long after it started an agent that has received no message at all warns, once,
@@ -1544,6 +1597,7 @@ impl Source for FeedTurn {
             self.counters.source_turns.fetch_add(1, Ordering::Relaxed);
             let messages = self.counters.messages.load(Ordering::Relaxed);
             self.no_input.check(messages);
+            self.skips.check();
             std::thread::sleep(FEED_TURN);
             let mut feed = lock(&self.feed);
             if feed.failed {

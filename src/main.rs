@@ -410,10 +410,19 @@ fn main() -> ExitCode {
     // (https://no-color.org: any non-empty NO_COLOR turns it off too).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
+    // rumqttd's warning that the embedded broker skipped messages a subscriber had not
+    // taken is shown whatever the filter, and counted (darkwatch_mqtt_broker_skipped_total).
+    use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let skips = tracing_subscriber::filter::filter_fn(darkwatch::mqtt::is_broker_skip_warning);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(colour)
+                .with_filter(tracing_subscriber::filter::FilterExt::or(filter, skips)),
+        )
+        .with(darkwatch::mqtt::broker_skip_hook())
         .init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -433,7 +442,8 @@ fn main() -> ExitCode {
 /// The log filter: `RUST_LOG` when it parses, else `default`. The embedded broker's own
 /// log (rumqttd reports every probe connection and client disconnect as an ERROR) stays
 /// off unless `RUST_LOG` names `rumqttd` itself; `RUST_LOG=info`, as the systemd unit sets
-/// it, would otherwise fill the journal with it.
+/// it, would otherwise fill the journal with it. (`main` shows rumqttd's warning that it
+/// skipped messages whatever this filter says.)
 fn log_filter(env: Option<&str>, default: &str) -> tracing_subscriber::EnvFilter {
     let Some(env) = env.filter(|e| !e.trim().is_empty()) else {
         return default.into();
@@ -825,8 +835,17 @@ fn run(command: Command) -> Result<()> {
             let c = &report.counters;
             let load =
                 |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            // Messages the embedded broker acknowledged and then skipped never reached the
+            // agent: said here, since no other count above includes them.
+            let skipped = match cfg.mqtt.broker {
+                darkwatch::mqtt::BrokerMode::Embedded => format!(
+                    ", {} messages skipped by the embedded broker",
+                    darkwatch::mqtt::broker_skipped().messages
+                ),
+                darkwatch::mqtt::BrokerMode::External => String::new(),
+            };
             eprintln!(
-                "darkwatch: stopped after {} messages ({} undecodable, {} samples rejected), {} frames ({} incomplete, {} dropped at the ring), {} frames scored, {} alerts",
+                "darkwatch: stopped after {} messages ({} undecodable, {} samples rejected), {} frames ({} incomplete, {} dropped at the ring), {} frames scored, {} alerts{skipped}",
                 load(&c.messages),
                 c.decode_errors(),
                 c.samples_rejected(),
