@@ -326,17 +326,18 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Check a configuration file, and that `[agent] model_dir` holds a model that loads,
-    /// without starting anything. A missing or broken model is a configuration error (78).
+    /// Check a configuration file, and that `[agent] model_dir` holds a model that loads and
+    /// that the configuration can run (an SAE needs raw input and no online retraining; the
+    /// thresholds calibrate on its held-out scores), without starting anything. A missing
+    /// or broken model, or one the configuration cannot run, is a configuration error (78).
     Validate {
         /// Configuration file to check.
         #[arg(long)]
         config: PathBuf,
         /// Also check what `darkwatch run` checks before it tells systemd it is ready:
-        /// `[agent] model_dir` loads (on the configured backend), the configured
-        /// thresholds calibrate on it, and `[spool] dir` and `[retrain] state_dir` can be
-        /// made and written (a probe file is made and removed, as are folders made for
-        /// the check: nothing is left behind).
+        /// `[agent] model_dir` loads on the configured backend, and `[spool] dir` and
+        /// `[retrain] state_dir` can be made and written (a probe file is made and
+        /// removed, as are folders made for the check: nothing is left behind).
         #[arg(long)]
         agent: bool,
     },
@@ -663,7 +664,7 @@ fn load_model(
     })
 }
 
-/// [`darkwatch::agent::validate`] for `run` and `validate --agent`: a setting the model
+/// [`darkwatch::agent::validate`] for `run` and `validate`: a setting the model
 /// cannot run with ([`AgentError::Config`]: an SAE with other than raw input or with online
 /// retraining, a threshold its held-out scores cannot calibrate) is a configuration error
 /// (exit 78), as a bad model is in [`load_model`].
@@ -1244,8 +1245,12 @@ fn run(command: Command) -> Result<()> {
             let cfg = load_config(Some(&config))?;
             if !agent {
                 let model = load_model(Some(&config), &cfg, Detector::load_native)?;
+                // What `run` refuses with 78 for this model and configuration alone (an SAE
+                // with other than raw input or with retraining, thresholds that cannot
+                // calibrate) is refused here too; the backend and folders need --agent.
+                check_runs(Some(&config), &cfg, &model)?;
                 println!(
-                    "{}: ok; model {} in {} loads",
+                    "{}: ok; model {} in {} loads, suits the configuration and its thresholds calibrate",
                     config.display(),
                     model.id(),
                     cfg.agent.model_dir.display()

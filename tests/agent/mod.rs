@@ -1163,3 +1163,66 @@ fn a_firing_alert_is_resent_then_resolved_when_its_stream_goes_silent() {
     assert!(status.success(), "{err}");
     assert!(err.contains("silence_secs"), "the silence is logged: {err}");
 }
+
+/// Plain `validate` refuses what `run` refuses for the model and the configuration alone.
+/// It used to load the model and stop there, so an SAE folder with ExaMon input, or with
+/// online retraining, passed `validate` and then `run` exited 78.
+#[test]
+fn plain_validate_refuses_what_run_refuses_for_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae = dir.path().join("sae");
+    let (code, _, err) = run(darkwatch()
+        .args(["sae-train", "--latents", "64", "--k", "8", "--epochs", "1"])
+        .args(["--dark-folds", "0", "--holdout", "0.2", "--input"])
+        .arg(repo("tests/data/activations/train.npy"))
+        .arg("--out")
+        .arg(&sae));
+    assert_eq!(code, 0, "{err}");
+    let port = free_port();
+    let mqtt = format!("port = {port}\n");
+    let bundled = repo("models/smd-machine-1-6");
+    let cases: [(&Path, &str, &str, Option<&str>); 4] = [
+        (&sae, "", "", Some("agent.format")),
+        (
+            &sae,
+            "format = \"raw\"",
+            "[retrain]\nenabled = true\n",
+            Some("retrain.enabled"),
+        ),
+        (
+            &bundled,
+            "",
+            "[threshold]\nkind = \"dspot\"\ndspot_depth = 100000\n",
+            Some("threshold.dspot_depth"),
+        ),
+        (&sae, "format = \"raw\"", "", None),
+    ];
+    for (model, agent, extra, refused) in cases {
+        let cfg = config(
+            dir.path(),
+            "v.toml",
+            model,
+            free_port(),
+            agent,
+            &mqtt,
+            extra,
+        );
+        let (code, out, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
+        let Some(key) = refused else {
+            assert_eq!(code, 0, "{out}{err}");
+            assert!(out.contains("loads, suits the configuration"), "{out}");
+            continue;
+        };
+        assert_eq!(code, 78, "{key}: {out}{err}");
+        assert!(
+            err.contains(&format!("key `{key}`")) && err.contains("v.toml"),
+            "{key}: {err}"
+        );
+        // `run` refuses it alike, before it starts anything.
+        let (code, _, err) = run(crate::util::darkwatch_within(60)
+            .args(["run", "--config"])
+            .arg(&cfg));
+        assert_eq!(code, 78, "{key}: {err}");
+        assert!(err.contains(&format!("key `{key}`")), "{key}: {err}");
+    }
+}
