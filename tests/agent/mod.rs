@@ -1226,3 +1226,134 @@ fn plain_validate_refuses_what_run_refuses_for_the_model() {
         assert!(err.contains(&format!("key `{key}`")), "{key}: {err}");
     }
 }
+
+/// An MQTT client that subscribes and then reads nothing until [`Stalled::resume`], as an
+/// agent busy scoring does: the broker keeps what it has not delivered in its log.
+struct Stalled {
+    gate: std::sync::mpsc::Sender<()>,
+    got: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl Stalled {
+    fn new(port: u16, filter: &str) -> Stalled {
+        let mut options = rumqttc::MqttOptions::new(unique("stalled"), "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(60));
+        let (client, mut connection) = rumqttc::Client::new(options, 64);
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
+        let (gate, gate_rx) = std::sync::mpsc::channel();
+        let (got_tx, got) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _client = client;
+            let mut events = connection.iter();
+            for e in events.by_ref() {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) = e {
+                    let _ = ready_tx.send(());
+                    break;
+                }
+            }
+            let _ = gate_rx.recv();
+            for e in events {
+                match e {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        if got_tx.send(p.payload.to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the stalled client subscribed");
+        Stalled { gate, got }
+    }
+
+    /// Lets it read; returns the distinct messages it got once none came for 2 s.
+    fn resume(self) -> usize {
+        self.gate.send(()).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        while let Ok(p) = self.got.recv_timeout(Duration::from_secs(2)) {
+            seen.insert(p);
+        }
+        seen.len()
+    }
+}
+
+/// A subscriber further behind than `[mqtt] embedded_log_bytes` loses the oldest messages
+/// it had not had, although their publisher was acknowledged. The embedded broker used to
+/// do that silently (its warning was filtered out, no counter moved); now every skipped
+/// message is counted in `darkwatch_mqtt_broker_skipped_total` and the stop summary, and
+/// logged. Here the subscriber that falls behind is a stalled client beside the agent: what
+/// it and the agent got, plus what was skipped, is what was published.
+#[test]
+fn the_embedded_broker_counts_and_logs_what_it_skips() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo("models/smd-machine-1-6");
+    let broker = free_port();
+    let metrics = free_port();
+    let mqtt = format!(
+        "port = {broker}\nnode_name = \"skip\"\nsubscribe = [\"act/#\"]\nembedded_log_bytes = 1048576\n"
+    );
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "format = \"raw\"",
+        &mqtt,
+        "",
+    );
+    let mut agent = Agent::start(&cfg, metrics, &[("RUST_LOG", "")]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let stalled = Stalled::new(broker, "act/#");
+    // 20,000 frames of 38 float32 (3.2 MB with topics): three times the log.
+    let n = 20_000u32;
+    let frames: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let mut v = vec![0u8; 38 * 4];
+            v[..4].copy_from_slice(&(i as f32).to_le_bytes());
+            ("act/n1".to_string(), v)
+        })
+        .collect();
+    publish_all(broker, &frames);
+    let stalled_got = stalled.resume() as f64;
+    assert!(stalled_got < f64::from(n), "a 1 MiB log held 3.2 MB");
+    let skipped = agent.wait_metric("darkwatch_mqtt_broker_skipped_total", |v| v > 0.0);
+    // The agent's own messages settle (it may have fallen behind too).
+    let mut taken = -1.0;
+    while agent.metric("darkwatch_messages_received_total") != Some(taken) {
+        taken = agent.metric("darkwatch_messages_received_total").unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let skipped = agent
+        .metric("darkwatch_mqtt_broker_skipped_total")
+        .unwrap_or(skipped);
+    assert_eq!(
+        skipped,
+        2.0 * f64::from(n) - stalled_got - taken,
+        "stalled client {stalled_got}, agent {taken}"
+    );
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("The embedded MQTT broker skipped messages")
+            && err.contains("embedded_log_bytes=1048576")
+            && err.contains("darkwatch_mqtt_broker_skipped_total"),
+        "{err}"
+    );
+    // rumqttd's own warning is no longer filtered out.
+    assert!(err.contains("Read cursor start jumped"), "{err}");
+    let summary = err
+        .lines()
+        .find(|l| l.contains("stopped after"))
+        .unwrap_or_default();
+    assert!(
+        summary.ends_with(&format!(
+            "{skipped} messages skipped by the embedded broker"
+        )),
+        "the stop summary: {summary}"
+    );
+}
