@@ -1227,6 +1227,87 @@ fn plain_validate_refuses_what_run_refuses_for_the_model() {
     }
 }
 
+/// One raw frame: `DWF1`, the time and the id, then the values as float32.
+fn headed_frame(time: f64, id: u64, values: &[f64]) -> Vec<u8> {
+    let mut p = b"DWF1".to_vec();
+    p.extend_from_slice(&time.to_le_bytes());
+    p.extend_from_slice(&id.to_le_bytes());
+    p.extend(values.iter().flat_map(|v| (*v as f32).to_le_bytes()));
+    p
+}
+
+/// Raw frames on `act/#`: each topic is its own stream, named by the levels `#` stands
+/// for. They used to be named by the last level alone, so `act/mA/l6` and `act/mB/l6` were
+/// one stream `l6` (one threshold, one alert state), and `act/` was `default`. A frame's
+/// header gives the alert its time (`startsAt`) and the sender's id (`seq`, `start_seq`).
+#[test]
+fn raw_streams_are_told_apart_by_topic_and_alerts_carry_the_frame_header() {
+    let (dir, model, test_csv, _) = crate::trained();
+    let broker = free_port();
+    let metrics = free_port();
+    let node = unique("rawnames");
+    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\nsubscribe = [\"act/#\"]\n");
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "format = \"raw\"",
+        &mqtt,
+        "",
+    );
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
+    let data = rows(&test_csv);
+    let t0 = 1_700_000_000.0;
+    // Rows 600..760 hold the injected anomaly (rows 700..720, +4 on m00) on model A's
+    // layer; model B's layer has normal rows, bare; and one frame on `act/`.
+    let mut messages: Vec<(String, Vec<u8>)> = (600..760)
+        .map(|i| {
+            (
+                "act/mA/l6".to_string(),
+                headed_frame(t0 + i as f64, 5000 + i as u64, &data[i]),
+            )
+        })
+        .collect();
+    messages.extend((600..660).map(|i| {
+        let bare: Vec<u8> = data[i]
+            .iter()
+            .flat_map(|v| (*v as f32).to_le_bytes())
+            .collect();
+        ("act/mB/l6".to_string(), bare)
+    }));
+    messages.push(("act/".to_string(), headed_frame(0.0, 1, &data[600])));
+    publish_all(broker, &messages);
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 221.0);
+    assert_eq!(agent.metric("darkwatch_streams"), Some(3.0));
+    sub.wait("model A's alert", |got| !got.is_empty());
+    let alert = &sub.got[0];
+    assert_eq!(alert.topic, format!("darkwatch/{node}/alerts/mA/l6"));
+    let e: serde_json::Value = serde_json::from_slice(&alert.payload).unwrap();
+    assert_eq!(e["status"], "firing", "{e}");
+    assert_eq!(e["labels"]["stream"], "mA/l6", "{e}");
+    // The sender's ids and times, of rows inside the anomaly.
+    let start = e["start_seq"].as_u64().unwrap();
+    assert!((5700..5720).contains(&start), "{e}");
+    let row = (start - 5000) as f64;
+    assert_eq!(
+        e["startsAt"],
+        darkwatch::alert::rfc3339_utc(t0 + row),
+        "{e}"
+    );
+    assert!(e["seq"].as_u64().unwrap() >= start, "{e}");
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert_eq!(final_count(&err, "undecodable"), 0, "{err}");
+    // None of model B's frames fired: its own threshold and alert state.
+    assert!(
+        sub.payloads(&format!("darkwatch/{node}/alerts/mB"))
+            .is_empty()
+    );
+}
+
 /// An MQTT client that subscribes and then reads nothing until [`Stalled::resume`], as an
 /// agent busy scoring does: the broker keeps what it has not delivered in its log.
 struct Stalled {
