@@ -29,8 +29,9 @@
 //! of the first `[mqtt] subscribe` filter matching it stand for, joined with `/`
 //! (`activations/#` names `activations/modelA/layer6` `modelA/layer6`; `act/+` names
 //! `act/node1` `node1`). When the wildcards stand for nothing (a filter without any, or
-//! only empty levels) or no filter matches, the whole topic names it. So distinct topics
-//! are distinct streams. With `stream_from_topic = false` every frame is one stream.
+//! only empty levels) or no filter matches, the whole topic names it. So the topics of one
+//! filter that differ in its wildcard levels are distinct streams. With
+//! `stream_from_topic = false` every frame is one stream.
 
 use serde::{Deserialize, Serialize};
 
