@@ -63,7 +63,8 @@ pub struct AgentConfig {
     pub model_dir: PathBuf,
     /// What the subscribed topics carry: `examon` (one metric per message), `telegraf`
     /// (Telegraf's MQTT output, JSON or Influx line protocol) or `raw` (one little-endian
-    /// f32 frame of the model's width per message; the topic's last segment names the stream).
+    /// f32 frame of the model's width per message, optionally behind a header; the topic
+    /// names the stream: see [`crate::ingest::raw`]).
     pub format: InputFormat,
 }
 
@@ -90,8 +91,9 @@ impl Default for AgentConfig {
 enum Decoder {
     Examon(ExamonDecoder),
     Telegraf(crate::ingest::telegraf::TelegrafDecoder),
-    /// Raw frames skip the assembler: each message is a frame. Streams are numbered in
-    /// order of appearance (number and next sequence number kept per stream name), at most
+    /// Raw frames skip the assembler: each message is a frame. Streams are named by their
+    /// topic ([`crate::ingest::raw`]) and numbered in order of appearance (number and next
+    /// sequence number kept per stream name), at most
     /// `max_streams` of them (`[assemble] max_streams`, as for assembled input): a frame of
     /// a further stream is refused and counted as a `too_many_streams` sample, so a
     /// publisher cycling topic names cannot grow the agent's memory without bound.
@@ -100,6 +102,9 @@ enum Decoder {
         frame: Vec<f32>,
         streams: std::collections::HashMap<String, (u32, u64)>,
         max_streams: usize,
+        /// Header ids not taken as the frame's seq (not above the stream's last, or over
+        /// [`crate::ingest::raw::MAX_FRAME_ID`]).
+        ids_unused: u64,
     },
 }
 
@@ -402,13 +407,17 @@ pub fn run_with(
     let metrics_listener = bind_metrics(&cfg.metrics.listen)?;
     let mut mqtt_cfg = cfg.mqtt.clone();
     if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
-        mqtt_cfg.port = mqtt::start_embedded_broker(&mqtt_cfg.host, mqtt_cfg.port)?;
+        mqtt_cfg.port = mqtt::start_embedded_broker_with(
+            &mqtt_cfg.host,
+            mqtt_cfg.port,
+            mqtt_cfg.embedded_log_bytes,
+        )?;
         tracing::info!(host = %mqtt_cfg.host, port = mqtt_cfg.port, "Embedded MQTT broker started.");
     }
     let port = mqtt_cfg.port;
     let spool = Spool::open(cfg.spool.clone())?;
     let feed = Feed::new(
-        AgentSource::new(cfg, &model, &counters)?,
+        AgentSource::new(cfg, &model, &counters, &cfg.mqtt.subscribe)?,
         mqtt_cfg.incoming_capacity,
     );
     let (out_tx, out_rx) = mqtt::outgoing_channel();
@@ -435,6 +444,7 @@ pub fn run_with(
         control: control.clone(),
         handback: handback.clone(),
         no_input: NoInput::new(&mqtt_cfg),
+        skips: BrokerSkipWatch::new(&mqtt_cfg),
     };
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
     sink.link = Some(mqtt_stats.clone());
@@ -849,7 +859,7 @@ fn apply_reload(
         && cfg.alert == old_cfg.alert;
     if !keep_windows {
         // Messages received meanwhile wait in the feed for the new decoder and assembler.
-        let fresh = AgentSource::new(&cfg, &model, counters)?;
+        let fresh = AgentSource::new(&cfg, &model, counters, &started.mqtt.subscribe)?;
         lock(&source.feed).source = fresh;
     }
     let streams = lock(&source.feed).source.streams.clone();
@@ -901,21 +911,25 @@ struct AgentSource {
 }
 
 impl AgentSource {
-    /// A source for `model` in `cfg`'s input format.
+    /// A source for `model` in `cfg`'s input format, on the MQTT client's `subscribe`
+    /// filters (the running client's: a reload does not change them), which name raw
+    /// streams.
     fn new(
         cfg: &DarkwatchConfig,
         model: &Detector,
         counters: &Arc<AgentCounters>,
+        subscribe: &[String],
     ) -> Result<AgentSource, AgentError> {
         Ok(AgentSource {
             decoder: match cfg.agent.format {
                 InputFormat::Examon => Decoder::Examon(cfg.examon.build()),
                 InputFormat::Telegraf => Decoder::Telegraf(cfg.telegraf.build()),
                 InputFormat::Raw => Decoder::Raw {
-                    decoder: cfg.raw.build(model.frame_features().len()),
+                    decoder: cfg.raw.build_for(model.frame_features().len(), subscribe),
                     frame: Vec::with_capacity(model.frame_features().len()),
                     streams: Default::default(),
                     max_streams: cfg.assemble.max_streams,
+                    ids_unused: 0,
                 },
             },
             assembler: cfg.assemble.build(model.frame_features().to_vec())?,
@@ -1068,9 +1082,14 @@ impl AgentSource {
                 frame,
                 streams: seen,
                 max_streams,
+                ids_unused,
             } => {
-                let name = match decoder.decode(msg.topic, msg.payload, frame) {
-                    Ok(name) => name.unwrap_or("default"),
+                let (name, time, id) = match decoder.decode(msg.topic, msg.payload, frame) {
+                    Ok(f) => (
+                        f.stream.filter(|s| !s.is_empty()).unwrap_or("default"),
+                        f.time,
+                        f.id,
+                    ),
                     Err(e) => {
                         undecodable(&e);
                         return 0;
@@ -1089,8 +1108,19 @@ impl AgentSource {
                     }
                     None => seen.entry(name.to_string()).or_insert((next, 0)),
                 };
-                let (index, seq) = *entry;
-                entry.1 += 1;
+                // A header's id is the frame's seq while it rises within its stream, so an
+                // alert names the sender's frames; otherwise the stream's count goes on.
+                let (index, next) = *entry;
+                let seq = match id {
+                    Some(id) if id >= next && id <= crate::ingest::raw::MAX_FRAME_ID => id,
+                    Some(id) => {
+                        *ids_unused += 1;
+                        frame_id_unused(*ids_unused, name, id, next);
+                        next
+                    }
+                    None => next,
+                };
+                entry.1 = seq + 1;
                 if index as usize >= *known_streams
                     && let Ok(mut names) = streams.lock()
                 {
@@ -1105,7 +1135,7 @@ impl AgentSource {
                     let meta = FrameMeta {
                         seq,
                         stream: index,
-                        timestamp: msg.received,
+                        timestamp: time.unwrap_or(msg.received),
                         enqueued_ns: clock.now_ns(),
                         received_mono: Some(msg.received_mono),
                     };
@@ -1138,6 +1168,21 @@ fn incomplete_frame(count: u64, stream: &str, values: &[f32], names: &[String]) 
         features_missing = missing.len(),
         incomplete_frames = count,
         "a frame is incomplete: these features had no sample in its window nor within [assemble] stale_secs before it; it is counted (darkwatch_frames_incomplete_total) and not scored"
+    );
+}
+
+/// Logs the 1st, 2nd, 4th, 8th… raw frame whose header id could not be its seq: not above
+/// its stream's previous frame (the sender restarted or reordered), or too large for JSON.
+fn frame_id_unused(count: u64, stream: &str, id: u64, next: u64) {
+    if !count.is_power_of_two() {
+        return;
+    }
+    tracing::warn!(
+        stream = ?crate::ingest::Clipped(stream),
+        id,
+        seq = next,
+        ids_unused = count,
+        "a raw frame's header id is not above its stream's previous one (or is over 2^53): it is scored, and its alerts give it the stream's next seq instead of the id. Send ids that rise within each stream (a restarted sender can continue from its last id)"
     );
 }
 
@@ -1193,7 +1238,10 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
     let (section, reads) = match format {
         InputFormat::Examon => ("examon", "ExaMon's `value;timestamp`"),
         InputFormat::Telegraf => ("telegraf", "Telegraf JSON or Influx line protocol"),
-        InputFormat::Raw => ("raw", "little-endian float32 frames"),
+        InputFormat::Raw => (
+            "raw",
+            "little-endian float32 frames (behind a 20-byte DWF1 header or bare)",
+        ),
     };
     let width = |bytes: usize| {
         if bytes.is_multiple_of(4) {
@@ -1219,12 +1267,29 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
         ),
         DecodeError::StringField => "Only numbers and booleans are scored: drop string fields at the sender (Telegraf's fielddrop or fieldpass) to quiet this.".into(),
         DecodeError::NonFinite => "The sender publishes NaN or infinite values: fix the sender.".into(),
+        DecodeError::TimestampInvalid(_) if format == InputFormat::Raw => "A DWF1 header's time must be epoch seconds (milliseconds, microseconds or nanoseconds are told by size), or 0 or NaN for none: check what the sender writes after DWF1.".into(),
         DecodeError::TimestampMissing | DecodeError::TimestampInvalid(_) => "Timestamps must be epoch seconds (milliseconds, microseconds or nanoseconds are told by size) or RFC 3339: check the sender's time format.".into(),
-        DecodeError::WrongLength { expected, got } => format!(
-            "The model takes frames of {} ({expected} bytes of little-endian float32); this sender's are {}: send frames of the model's width, or point [agent] model_dir at a model of this width.",
-            width(*expected),
-            width(*got)
-        ),
+        DecodeError::WrongLength { expected, got } => {
+            // Half or twice the bytes of a frame: most likely the right width in another
+            // float type (a model's activations are often float16, bfloat16 or float64).
+            let values = expected / 4;
+            let precision = if got.saturating_mul(2) == *expected {
+                format!(
+                    ", exactly half the bytes: it probably sends {values} float16 (or bfloat16) values instead of float32. Convert them at the sender (numpy: x.astype(\"<f4\"); torch: x.float()). Otherwise"
+                )
+            } else if *got == expected.saturating_mul(2) {
+                format!(
+                    ", exactly twice the bytes: it probably sends {values} float64 values instead of float32. Convert them at the sender (numpy: x.astype(\"<f4\"); torch: x.float()). Otherwise"
+                )
+            } else {
+                ":".into()
+            };
+            format!(
+                "The model takes frames of {} ({expected} bytes of little-endian float32); this sender's are {}{precision} send frames of the model's width, or point [agent] model_dir at a model of this width.",
+                width(*expected),
+                width(*got)
+            )
+        }
     }
 }
 
@@ -1460,6 +1525,54 @@ struct FeedTurn {
     handback: Handback,
     /// Warns once if nothing at all arrives after the start.
     no_input: NoInput,
+    /// Warns when the embedded broker skips messages.
+    skips: BrokerSkipWatch,
+}
+
+/// Warns when the embedded broker skipped messages for a subscriber that fell behind
+/// ([`mqtt::broker_skipped`]): at the 1st, 2nd, 4th, 8th… skip, with how many messages
+/// were lost since the last warning and in all. rumqttd acknowledged them to their
+/// publisher and delivered them to nobody.
+struct BrokerSkipWatch {
+    /// `None` with an external broker: nothing to watch.
+    log_bytes: Option<u64>,
+    /// Messages skipped when it last warned.
+    warned_messages: u64,
+    /// Warn again once this many skips have happened.
+    next_warn: u64,
+}
+
+impl BrokerSkipWatch {
+    fn new(mqtt: &mqtt::MqttConfig) -> BrokerSkipWatch {
+        let skips = mqtt::broker_skipped();
+        BrokerSkipWatch {
+            log_bytes: (mqtt.broker == mqtt::BrokerMode::Embedded)
+                .then_some(mqtt.embedded_log_bytes),
+            warned_messages: skips.messages,
+            next_warn: skips.times + 1,
+        }
+    }
+
+    /// Warns when the skips reached the next power of two; true when it did.
+    fn check(&mut self) -> bool {
+        let Some(log_bytes) = self.log_bytes else {
+            return false;
+        };
+        let skips = mqtt::broker_skipped();
+        if skips.times < self.next_warn {
+            return false;
+        }
+        tracing::warn!(
+            skipped = skips.messages - self.warned_messages,
+            skipped_in_all = skips.messages,
+            filter = %skips.last_filter,
+            embedded_log_bytes = log_bytes,
+            "The embedded MQTT broker skipped messages that a subscriber had not taken yet: it fell more than [mqtt] embedded_log_bytes behind the publishers (this agent when it scores slower than they publish, or another client of the broker). Their publishers had them acknowledged; nobody received them. They are counted in darkwatch_mqtt_broker_skipped_total. Raise [mqtt] embedded_log_bytes to ride out longer bursts, or make the scoring keep up (a smaller model, [score] backend)"
+        );
+        self.warned_messages = skips.messages;
+        self.next_warn = skips.times.saturating_mul(2).max(skips.times + 1);
+        true
+    }
 }
 
 /// How long after it started an agent that has received no message at all warns, once,
@@ -1544,6 +1657,7 @@ impl Source for FeedTurn {
             self.counters.source_turns.fetch_add(1, Ordering::Relaxed);
             let messages = self.counters.messages.load(Ordering::Relaxed);
             self.no_input.check(messages);
+            self.skips.check();
             std::thread::sleep(FEED_TURN);
             let mut feed = lock(&self.feed);
             if feed.failed {
@@ -2021,10 +2135,13 @@ mod tests {
 
         // A raw sender whose frames are one value wider than the model's.
         src.decoder = Decoder::Raw {
-            decoder: DarkwatchConfig::default().raw.build(2),
+            decoder: DarkwatchConfig::default()
+                .raw
+                .build_for(2, &["act/+".to_string()]),
             frame: Vec::new(),
             streams: Default::default(),
             max_streams: 4,
+            ids_unused: 0,
         };
         let wide: Vec<u8> = [1.0f32, 2.0, 3.0]
             .iter()
@@ -2058,6 +2175,130 @@ mod tests {
             .reason_index()]
             .load(Ordering::Relaxed),
             4
+        );
+    }
+
+    /// The trial: frames of half or twice the model's bytes were logged as "this sender's
+    /// are 32 values" (or 128) with no hint that they are float16 or float64 frames of the
+    /// right width.
+    #[test]
+    fn a_raw_frame_of_half_or_twice_the_bytes_is_told_as_float16_or_float64() {
+        let raw = |payload: Vec<u8>| {
+            let mut src = source(1.0);
+            src.decoder = Decoder::Raw {
+                decoder: DarkwatchConfig::default()
+                    .raw
+                    .build_for(64, &["act/+".to_string()]),
+                frame: Vec::new(),
+                streams: Default::default(),
+                max_streams: 4,
+                ids_unused: 0,
+            };
+            let log = logged(|| {
+                src.take_one(&Incoming {
+                    topic: "act/l6".into(),
+                    payload,
+                    received: 5.0,
+                    received_mono: 5.0,
+                })
+            });
+            lines_with(&log, "reason=\"wrong_length\"").concat()
+        };
+        let half = raw(vec![0; 128]);
+        assert!(
+            half.contains("frames of 64 values (256 bytes")
+                && half.contains("this sender's are 32 values, exactly half the bytes")
+                && half.contains("64 float16 (or bfloat16) values")
+                && half.contains("astype"),
+            "{half}"
+        );
+        let twice = raw(vec![0; 512]);
+        assert!(
+            twice.contains("this sender's are 128 values, exactly twice the bytes")
+                && twice.contains("64 float64 values"),
+            "{twice}"
+        );
+        // Behind a header, the frame's own length counts.
+        let mut headed = crate::ingest::raw::HEADER_MAGIC.to_vec();
+        headed.extend_from_slice(&[0; 16]);
+        headed.extend_from_slice(&[0; 128]);
+        assert!(raw(headed).contains("exactly half the bytes"));
+        let other = raw(vec![0; 12]);
+        assert!(
+            other.contains("this sender's are 3 values: send frames")
+                && !other.contains("float16")
+                && !other.contains("float64"),
+            "{other}"
+        );
+    }
+
+    /// A raw frame's header time is its event time (so the alert's `startsAt`), and its
+    /// id its `seq` while ids rise within the stream; otherwise the stream's count goes on,
+    /// and the first unused id is logged.
+    #[test]
+    fn a_raw_header_gives_the_frame_its_time_and_seq() {
+        use crate::ring::{FullPolicy, frame_ring};
+        let mut src = source(1.0);
+        src.decoder = Decoder::Raw {
+            decoder: DarkwatchConfig::default()
+                .raw
+                .build_for(2, &["act/#".to_string()]),
+            frame: Vec::new(),
+            streams: Default::default(),
+            max_streams: 4,
+            ids_unused: 0,
+        };
+        let headed = |time: f64, id: u64| {
+            let mut p = crate::ingest::raw::HEADER_MAGIC.to_vec();
+            p.extend_from_slice(&time.to_le_bytes());
+            p.extend_from_slice(&id.to_le_bytes());
+            p.extend(raw_frame(1.0));
+            p
+        };
+        let (mut producer, mut consumer) = frame_ring(16, 2, FullPolicy::DropNewest);
+        let clock = Clock::new();
+        let log = logged(|| {
+            for (topic, payload) in [
+                ("act/m/a", headed(1_700_000_000.5, 100)),
+                ("act/m/a", headed(1_700_000_001.5, 105)),
+                ("act/m/a", raw_frame(1.0)),
+                ("act/m/a", headed(0.0, 3)),
+                ("act/m/b", headed(0.0, 3)),
+                ("act/m/a", headed(0.0, 1 << 60)),
+            ] {
+                let m = Incoming {
+                    topic: topic.into(),
+                    payload,
+                    received: 9.0,
+                    received_mono: 9.0,
+                };
+                src.take(&m.as_received(), Some((&mut producer, &clock)));
+            }
+        });
+        let mut metas = [FrameMeta::default(); 8];
+        let mut values = [0.0f32; 16];
+        assert_eq!(consumer.pop_batch(&mut metas, &mut values), 6);
+        let got: Vec<(u32, u64, f64)> = metas[..6]
+            .iter()
+            .map(|m| (m.stream, m.seq, m.timestamp))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 100, 1_700_000_000.5),
+                (0, 105, 1_700_000_001.5),
+                (0, 106, 9.0),
+                (0, 107, 9.0),
+                (1, 3, 9.0),
+                (0, 108, 9.0),
+            ]
+        );
+        assert_eq!(*src.streams.lock().unwrap(), ["m/a", "m/b"]);
+        let unused = lines_with(&log, "header id");
+        assert_eq!(unused.len(), 2, "the 1st and 2nd: {log}");
+        assert!(
+            unused[0].contains("id=3") && unused[0].contains("seq=107"),
+            "{log}"
         );
     }
 
@@ -2200,10 +2441,11 @@ mod tests {
         // Raw frames of the model's width become frames at once, one stream per topic.
         let cfg = DarkwatchConfig::default();
         src.decoder = Decoder::Raw {
-            decoder: cfg.raw.build(2),
+            decoder: cfg.raw.build_for(2, &["act/+".to_string()]),
             frame: Vec::new(),
             streams: Default::default(),
             max_streams: 2,
+            ids_unused: 0,
         };
         let frame: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         for topic in ["act/layer3", "act/layer3", "act/layer7"] {
@@ -2258,10 +2500,13 @@ mod tests {
         use crate::ring::{FullPolicy, frame_ring};
         let mut src = source(1.0);
         src.decoder = Decoder::Raw {
-            decoder: DarkwatchConfig::default().raw.build(2),
+            decoder: DarkwatchConfig::default()
+                .raw
+                .build_for(2, &["act/+".to_string()]),
             frame: Vec::new(),
             streams: Default::default(),
             max_streams: 1024,
+            ids_unused: 0,
         };
         let counters = src.counters.clone();
         let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -2338,10 +2583,11 @@ mod tests {
         let counters = Arc::<AgentCounters>::default();
         let mut src = source(1.0);
         src.decoder = Decoder::Raw {
-            decoder: cfg.raw.build(2),
+            decoder: cfg.raw.build_for(2, &["act/+".to_string()]),
             frame: Vec::new(),
             streams: Default::default(),
             max_streams: 4,
+            ids_unused: 0,
         };
         let mut sink = AgentSink::new(
             &cfg,

@@ -332,17 +332,18 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Check a configuration file, and that `[agent] model_dir` holds a model that loads,
-    /// without starting anything. A missing or broken model is a configuration error (78).
+    /// Check a configuration file, and that `[agent] model_dir` holds a model that loads and
+    /// that the configuration can run (an SAE needs raw input and no online retraining; the
+    /// thresholds calibrate on its held-out scores), without starting anything. A missing
+    /// or broken model, or one the configuration cannot run, is a configuration error (78).
     Validate {
         /// Configuration file to check.
         #[arg(long)]
         config: PathBuf,
         /// Also check what `darkwatch run` checks before it tells systemd it is ready:
-        /// `[agent] model_dir` loads (on the configured backend), the configured
-        /// thresholds calibrate on it, and `[spool] dir` and `[retrain] state_dir` can be
-        /// made and written (a probe file is made and removed, as are folders made for
-        /// the check: nothing is left behind).
+        /// `[agent] model_dir` loads on the configured backend, and `[spool] dir` and
+        /// `[retrain] state_dir` can be made and written (a probe file is made and
+        /// removed, as are folders made for the check: nothing is left behind).
         #[arg(long)]
         agent: bool,
     },
@@ -416,10 +417,19 @@ fn main() -> ExitCode {
     // (https://no-color.org: any non-empty NO_COLOR turns it off too).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour)
+    // rumqttd's warning that the embedded broker skipped messages a subscriber had not
+    // taken is shown whatever the filter, and counted (darkwatch_mqtt_broker_skipped_total).
+    use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let skips = tracing_subscriber::filter::filter_fn(darkwatch::mqtt::is_broker_skip_warning);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(colour)
+                .with_filter(tracing_subscriber::filter::FilterExt::or(filter, skips)),
+        )
+        .with(darkwatch::mqtt::broker_skip_hook())
         .init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -439,7 +449,8 @@ fn main() -> ExitCode {
 /// The log filter: `RUST_LOG` when it parses, else `default`. The embedded broker's own
 /// log (rumqttd reports every probe connection and client disconnect as an ERROR) stays
 /// off unless `RUST_LOG` names `rumqttd` itself; `RUST_LOG=info`, as the systemd unit sets
-/// it, would otherwise fill the journal with it.
+/// it, would otherwise fill the journal with it. (`main` shows rumqttd's warning that it
+/// skipped messages whatever this filter says.)
 fn log_filter(env: Option<&str>, default: &str) -> tracing_subscriber::EnvFilter {
     let Some(env) = env.filter(|e| !e.trim().is_empty()) else {
         return default.into();
@@ -659,7 +670,7 @@ fn load_model(
     })
 }
 
-/// [`darkwatch::agent::validate`] for `run` and `validate --agent`: a setting the model
+/// [`darkwatch::agent::validate`] for `run` and `validate`: a setting the model
 /// cannot run with ([`AgentError::Config`]: an SAE with other than raw input or with online
 /// retraining, a threshold its held-out scores cannot calibrate) is a configuration error
 /// (exit 78), as a bad model is in [`load_model`].
@@ -836,8 +847,17 @@ fn run(command: Command) -> Result<()> {
             let c = &report.counters;
             let load =
                 |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            // Messages the embedded broker acknowledged and then skipped never reached the
+            // agent: said here, since no other count above includes them.
+            let skipped = match cfg.mqtt.broker {
+                darkwatch::mqtt::BrokerMode::Embedded => format!(
+                    ", {} messages skipped by the embedded broker",
+                    darkwatch::mqtt::broker_skipped().messages
+                ),
+                darkwatch::mqtt::BrokerMode::External => String::new(),
+            };
             eprintln!(
-                "darkwatch: stopped after {} messages ({} undecodable, {} samples rejected), {} frames ({} incomplete, {} dropped at the ring), {} frames scored, {} alerts",
+                "darkwatch: stopped after {} messages ({} undecodable, {} samples rejected), {} frames ({} incomplete, {} dropped at the ring), {} frames scored, {} alerts{skipped}",
                 load(&c.messages),
                 c.decode_errors(),
                 c.samples_rejected(),
@@ -1237,8 +1257,12 @@ fn run(command: Command) -> Result<()> {
             let cfg = load_config(Some(&config))?;
             if !agent {
                 let model = load_model(Some(&config), &cfg, Detector::load_native)?;
+                // What `run` refuses with 78 for this model and configuration alone (an SAE
+                // with other than raw input or with retraining, thresholds that cannot
+                // calibrate) is refused here too; the backend and folders need --agent.
+                check_runs(Some(&config), &cfg, &model)?;
                 println!(
-                    "{}: ok; model {} in {} loads",
+                    "{}: ok; model {} in {} loads, suits the configuration and its thresholds calibrate",
                     config.display(),
                     model.id(),
                     cfg.agent.model_dir.display()

@@ -61,7 +61,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 12] = [
+    let counters: [(&str, &str, u64); 13] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -91,6 +91,11 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_mqtt_incoming_dropped_total",
             "Received messages dropped: more than [mqtt] incoming_capacity arrived while no pipeline ran (at start, during a reload), or after a decoder failure.",
             load(&m.incoming_dropped),
+        ),
+        (
+            "darkwatch_mqtt_broker_skipped_total",
+            "Messages the embedded MQTT broker acknowledged to their publisher and skipped for a subscriber (this agent, or another client of the broker) that fell more than [mqtt] embedded_log_bytes behind. Always 0 with an external broker.",
+            crate::mqtt::broker_skipped().messages,
         ),
         (
             "darkwatch_mqtt_reconnects_total",

@@ -98,6 +98,23 @@ pub const MIN_SPOOL_MAX_BYTES: u64 = crate::spool::SEGMENTS_PER_SPOOL
 /// Upper bound on `inflight_max`: rumqttc needs a few packet ids beyond it.
 pub const MAX_INFLIGHT: u16 = u16::MAX - 16;
 
+/// Default `[mqtt] embedded_log_bytes`: 64 MiB of topic and payload bytes per subscription
+/// filter. That holds 21,000 raw frames of 768 float32 values (3 KiB each) that the agent
+/// has not taken yet, about 9 s of them at 2,300 frames/s; the old fixed 10 MiB held about
+/// 3,400, so a burst of 5,000 lost over a thousand. The log stays full once that much has
+/// been published, and rumqttd keeps more than it counts: measured
+/// (`embedded_log_memory`), a full log takes about 1.8 times its size in resident memory
+/// with 3 KiB frames and 4 times with ExaMon-sized messages (82 bytes, 330 held). So 64 MiB
+/// (about 120 MiB resident for frames, 260 MiB for ExaMon) fits the unit's `MemoryMax=512M`
+/// beside a model; 256 MiB would not.
+pub const DEFAULT_EMBEDDED_LOG_BYTES: u64 = 64 << 20;
+/// Smallest `[mqtt] embedded_log_bytes`.
+pub const MIN_EMBEDDED_LOG_BYTES: u64 = 1 << 20;
+/// Largest `[mqtt] embedded_log_bytes` (64 GiB): a bound on a typo, not a recommendation.
+pub const MAX_EMBEDDED_LOG_BYTES: u64 = 64 << 30;
+/// Segments of the embedded broker's log: it drops one at a time, oldest first.
+const EMBEDDED_LOG_SEGMENTS: u64 = 16;
+
 /// Payload of the last will and of the status published on a clean stop.
 /// The retained status of node `node`: `{"status":"online"|"offline","node":…}`.
 pub fn status_payload(online: bool, node: &str) -> String {
@@ -176,6 +193,13 @@ pub struct MqttConfig {
     /// Received messages held while the agent's pipeline is not running (during a reload):
     /// the next turn takes them first; more are counted and dropped.
     pub incoming_capacity: usize,
+    /// The embedded broker's in-memory log, in bytes of topic and payload per subscription
+    /// filter: how far a subscriber (this agent) may fall behind the publishers before the
+    /// broker skips the oldest messages it has not delivered (counted in
+    /// [`broker_skipped`]). The log stays this full once this much has been published, so
+    /// it is memory the process holds ([`DEFAULT_EMBEDDED_LOG_BYTES`]; at least
+    /// [`MIN_EMBEDDED_LOG_BYTES`]). Ignored with an external broker.
+    pub embedded_log_bytes: u64,
     /// Connect to the (external) broker over TLS (rustls), checking its certificate
     /// against `ca_file` and its name against `host`.
     pub tls: bool,
@@ -204,6 +228,7 @@ impl Default for MqttConfig {
             node_name: String::new(),
             inflight_max: 100,
             incoming_capacity: 65536,
+            embedded_log_bytes: DEFAULT_EMBEDDED_LOG_BYTES,
             tls: false,
             ca_file: PathBuf::new(),
             client_cert_file: PathBuf::new(),
@@ -219,7 +244,8 @@ impl MqttConfig {
     /// An empty host, port 0 with an external broker, a keep-alive over 65535 s, a password
     /// without a username, an invalid subscribe filter, an alert or status topic with a
     /// wildcard or a `{…}` it does not fill in, `inflight_max` outside
-    /// `1..=MAX_INFLIGHT`, or `incoming_capacity` 0.
+    /// `1..=MAX_INFLIGHT`, `incoming_capacity` 0, or `embedded_log_bytes` outside
+    /// `MIN_EMBEDDED_LOG_BYTES..=MAX_EMBEDDED_LOG_BYTES`.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.host.trim().is_empty() {
             return Err(("host", "must not be empty".into()));
@@ -283,6 +309,15 @@ impl MqttConfig {
         }
         if self.incoming_capacity == 0 {
             return Err(("incoming_capacity", "must be at least 1".into()));
+        }
+        if !(MIN_EMBEDDED_LOG_BYTES..=MAX_EMBEDDED_LOG_BYTES).contains(&self.embedded_log_bytes) {
+            return Err((
+                "embedded_log_bytes",
+                format!(
+                    "must be in {MIN_EMBEDDED_LOG_BYTES}..={MAX_EMBEDDED_LOG_BYTES} (1 MiB to 64 GiB), got {}",
+                    self.embedded_log_bytes
+                ),
+            ));
         }
         let files = [
             ("ca_file", &self.ca_file),
@@ -437,14 +472,32 @@ pub enum MqttError {
 }
 
 /// Starts rumqttd in-process on `host:port` (0 = a free port) on its own thread and returns
+/// the bound port once it accepts TCP connections, with the default log
+/// ([`DEFAULT_EMBEDDED_LOG_BYTES`]); see [`start_embedded_broker_with`].
+///
+/// # Errors
+/// As [`start_embedded_broker_with`].
+pub fn start_embedded_broker(host: &str, port: u16) -> Result<u16, MqttError> {
+    start_embedded_broker_with(host, port, DEFAULT_EMBEDDED_LOG_BYTES)
+}
+
+/// Starts rumqttd in-process on `host:port` (0 = a free port) on its own thread and returns
 /// the bound port once it accepts TCP connections. rumqttd has no shutdown: the broker
 /// lives until the process exits.
 ///
+/// rumqttd keeps the messages of each subscription filter in an in-memory log of
+/// `log_bytes` (topic and payload bytes; [`embedded_router`]) and delivers from it at each
+/// subscriber's pace. A subscriber that falls further behind than that loses the oldest
+/// messages it has not had, although their publishers were acknowledged: the broker moves
+/// its read cursor past them. [`BrokerSkipHook`] counts those ([`broker_skipped`]).
+///
 /// # Errors
 /// [`MqttError::Broker`] (with the address) if `host` does not resolve, the port is taken,
-/// the broker stops, or it does not accept a connection within 5 s; [`MqttError::Spawn`] if
-/// the thread cannot start.
-pub fn start_embedded_broker(host: &str, port: u16) -> Result<u16, MqttError> {
+/// the broker stops, or it does not accept a connection within 5 s; [`MqttError::Config`]
+/// if `log_bytes` is outside `MIN_EMBEDDED_LOG_BYTES..=MAX_EMBEDDED_LOG_BYTES`;
+/// [`MqttError::Spawn`] if the thread cannot start.
+pub fn start_embedded_broker_with(host: &str, port: u16, log_bytes: u64) -> Result<u16, MqttError> {
+    let router = embedded_router(log_bytes)?;
     let shown = format!("{host}:{port}");
     let broker_err = |addr: &str, reason: String| MqttError::Broker {
         addr: addr.to_string(),
@@ -461,15 +514,6 @@ pub fn start_embedded_broker(host: &str, port: u16) -> Result<u16, MqttError> {
         .map_err(|e| broker_err(&shown, format!("cannot listen: {e}")))?;
     let shown = addr.to_string();
 
-    let router = rumqttd::RouterConfig {
-        max_connections: 1000,
-        max_outgoing_packet_count: 200,
-        max_segment_size: 1 << 20,
-        max_segment_count: 10,
-        custom_segment: None,
-        initialized_filters: None,
-        shared_subscriptions_strategy: Default::default(),
-    };
     let server = rumqttd::ServerSettings {
         name: "darkwatch-mqttd-v4".into(),
         listen: addr,
@@ -521,6 +565,184 @@ pub fn start_embedded_broker(host: &str, port: u16) -> Result<u16, MqttError> {
             ));
         }
         std::thread::sleep(BROKER_POLL);
+    }
+}
+
+/// The embedded broker's router settings for a log of `log_bytes` per subscription filter.
+///
+/// rumqttd keeps `max_segment_count` segments of `max_segment_size` bytes (the active one
+/// included) and drops the oldest segment when the active one fills and the count is
+/// reached. With 16 segments of `log_bytes / 16` and one more as the active one, a
+/// subscriber that is `log_bytes` behind has lost nothing yet.
+///
+/// # Errors
+/// [`MqttError::Config`] (`embedded_log_bytes`) outside
+/// `MIN_EMBEDDED_LOG_BYTES..=MAX_EMBEDDED_LOG_BYTES` (rumqttd panics on a segment under
+/// 1 KiB).
+pub fn embedded_router(log_bytes: u64) -> Result<rumqttd::RouterConfig, MqttError> {
+    if !(MIN_EMBEDDED_LOG_BYTES..=MAX_EMBEDDED_LOG_BYTES).contains(&log_bytes) {
+        return Err(MqttError::Config {
+            key: "embedded_log_bytes",
+            reason: format!(
+                "must be in {MIN_EMBEDDED_LOG_BYTES}..={MAX_EMBEDDED_LOG_BYTES}, got {log_bytes}"
+            ),
+        });
+    }
+    let segment = usize::try_from(log_bytes.div_ceil(EMBEDDED_LOG_SEGMENTS)).map_err(|_| {
+        MqttError::Config {
+            key: "embedded_log_bytes",
+            reason: format!("{log_bytes} does not fit this machine's address space"),
+        }
+    })?;
+    Ok(rumqttd::RouterConfig {
+        max_connections: 1000,
+        max_outgoing_packet_count: 200,
+        max_segment_size: segment,
+        max_segment_count: EMBEDDED_LOG_SEGMENTS as usize + 1,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    })
+}
+
+/// Messages the embedded broker skipped since the process started ([`broker_skipped`]).
+static BROKER_SKIPPED: AtomicU64 = AtomicU64::new(0);
+/// Times it skipped (each one message or more).
+static BROKER_SKIPS: AtomicU64 = AtomicU64::new(0);
+/// The subscription filter of the latest skip.
+static BROKER_SKIP_FILTER: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+/// Whether a [`BrokerSkipHook`] was made (the binary installs one; the counts are 0
+/// without).
+static BROKER_SKIP_HOOKED: AtomicBool = AtomicBool::new(false);
+
+/// What the embedded broker skipped for subscribers that fell behind, since the process
+/// started (the broker lives as long as the process).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerSkips {
+    /// Messages skipped: acknowledged to their publisher, never delivered to a subscriber.
+    pub messages: u64,
+    /// Times a subscriber's read cursor was moved past messages it had not had.
+    pub times: u64,
+    /// The subscription filter of the latest skip (empty before the first).
+    pub last_filter: String,
+    /// Whether skips are counted at all: a [`BrokerSkipHook`] is installed.
+    pub counted: bool,
+}
+
+/// The embedded broker's skips so far ([`BrokerSkipHook`] counts them).
+pub fn broker_skipped() -> BrokerSkips {
+    BrokerSkips {
+        messages: BROKER_SKIPPED.load(Ordering::Relaxed),
+        times: BROKER_SKIPS.load(Ordering::Relaxed),
+        last_filter: BROKER_SKIP_FILTER
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_default(),
+        counted: BROKER_SKIP_HOOKED.load(Ordering::Relaxed),
+    }
+}
+
+/// Where rumqttd logs that it moved a subscriber's read cursor past messages.
+const RUMQTTD_ROUTING: &str = "rumqttd::router::routing";
+
+/// Counts the messages the embedded broker skips. rumqttd (0.20) reports a skip only as
+/// a WARN log line (`Read cursor start jumped from (segment, offset) to (segment, offset)
+/// on <filter>`, its alerts carry no count), so this is a `tracing` layer that reads that
+/// line's `request_cursor` and `start_cursor`: offsets count the filter's messages, so their
+/// difference is what the subscriber lost. Install it beside the log output with its own
+/// filter ([`broker_skip_hook`]), so it counts whatever the log shows.
+#[derive(Debug, Default)]
+pub struct BrokerSkipHook(());
+
+/// A [`BrokerSkipHook`] that sees rumqttd's skip warnings whatever the other layers'
+/// filters show: `registry().with(fmt_layer.with_filter(env)).with(broker_skip_hook())`.
+pub fn broker_skip_hook<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer as _;
+    BROKER_SKIP_HOOKED.store(true, Ordering::Relaxed);
+    BrokerSkipHook(()).with_filter(tracing_subscriber::filter::filter_fn(
+        is_broker_skip_warning,
+    ))
+}
+
+/// Whether `meta` is rumqttd's warning that it skipped messages for a subscriber (its
+/// routing WARN with a `request_cursor`): the one rumqttd line the binary's log shows by
+/// default (the rest of rumqttd's log reports every probe connection and disconnect).
+pub fn is_broker_skip_warning(meta: &tracing::Metadata<'_>) -> bool {
+    meta.target() == RUMQTTD_ROUTING
+        && *meta.level() == tracing::Level::WARN
+        && meta.fields().field("request_cursor").is_some()
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for BrokerSkipHook {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if !is_broker_skip_warning(event.metadata()) {
+            return;
+        }
+        let mut jump = CursorJump::default();
+        event.record(&mut jump);
+        if let Some(lost) = jump.lost() {
+            BROKER_SKIPPED.fetch_add(lost, Ordering::Relaxed);
+            BROKER_SKIPS.fetch_add(1, Ordering::Relaxed);
+            if let (Some(filter), Ok(mut last)) = (jump.filter(), BROKER_SKIP_FILTER.lock()) {
+                last.clear();
+                last.push_str(filter);
+            }
+        }
+    }
+}
+
+/// The fields of rumqttd's cursor-jump warning.
+#[derive(Debug, Default)]
+struct CursorJump {
+    from: Option<(u64, u64)>,
+    to: Option<(u64, u64)>,
+    error: String,
+}
+
+impl CursorJump {
+    /// Messages skipped: the jump's offsets apart (they count the filter's messages).
+    fn lost(&self) -> Option<u64> {
+        Some(self.to?.1.saturating_sub(self.from?.1))
+    }
+
+    /// The subscription filter, from `… on <filter>`.
+    fn filter(&self) -> Option<&str> {
+        self.error.rsplit_once(" on ").map(|(_, f)| f)
+    }
+}
+
+/// `(a, b)` as rumqttd's cursors print.
+fn parse_cursor(text: &str) -> Option<(u64, u64)> {
+    let (a, b) = text
+        .trim()
+        .strip_prefix('(')?
+        .strip_suffix(')')?
+        .split_once(',')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+impl tracing::field::Visit for CursorJump {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "error" {
+            self.error = value.to_string();
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        match field.name() {
+            "request_cursor" => self.from = parse_cursor(&text),
+            "start_cursor" => self.to = parse_cursor(&text),
+            "error" if self.error.is_empty() => self.error = text.trim_matches('"').to_string(),
+            _ => {}
+        }
     }
 }
 
@@ -2415,5 +2637,229 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    // ---- the embedded broker's log: a subscriber that falls behind ----
+
+    /// A subscriber that takes nothing until [`Gated::open`]: it subscribes, then stops
+    /// polling, so it acknowledges nothing and rumqttd keeps what it has not delivered in
+    /// its log, as for an agent busy scoring. Keep-alive 60 s: the broker must not drop it.
+    struct Gated {
+        gate: mpsc::Sender<()>,
+        rx: Receiver<rumqttc::Publish>,
+    }
+
+    impl Gated {
+        fn new(port: u16, filter: &str) -> Gated {
+            let id = format!("gated-{}", CLIENT_IDS.fetch_add(1, Ordering::Relaxed));
+            let mut options = MqttOptions::new(id, "127.0.0.1", port);
+            options.set_keep_alive(Duration::from_secs(60));
+            options.set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut connection) = rumqttc::Client::new(options, 64);
+            client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+            let (tx, rx) = mpsc::channel();
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let (gate, gate_rx) = mpsc::channel::<()>();
+            std::thread::spawn(move || {
+                let _client = client;
+                let mut iter = connection.iter();
+                for event in iter.by_ref() {
+                    if let Ok(Event::Incoming(Packet::SubAck(_))) = event {
+                        let _ = ready_tx.send(());
+                        break;
+                    }
+                }
+                let _ = gate_rx.recv();
+                for event in iter {
+                    match event {
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            if tx.send(p).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+            ready_rx
+                .recv_timeout(WAIT)
+                .expect("gated subscriber subscribed");
+            Gated { gate, rx }
+        }
+
+        /// Lets it read, and counts the distinct frame numbers it gets until none came for
+        /// 2 s.
+        fn open_and_count(self) -> usize {
+            self.gate.send(()).unwrap();
+            let mut seen = std::collections::HashSet::new();
+            while let Ok(p) = self.rx.recv_timeout(Duration::from_secs(2)) {
+                seen.insert(u32::from_le_bytes(p.payload[..4].try_into().unwrap()));
+            }
+            seen.len()
+        }
+    }
+
+    /// Publishes `n` messages of `bytes` bytes (the frame number first) on `topic` at QoS 1
+    /// and returns once the broker acknowledged every one.
+    fn publish_acked(port: u16, topic: &str, n: u32, bytes: usize) {
+        let id = format!("pub-{}", CLIENT_IDS.fetch_add(1, Ordering::Relaxed));
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut connection) = rumqttc::Client::new(options, 256);
+        let (acked_tx, acked_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut acked = 0u32;
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked += 1;
+                        if acked == n {
+                            let _ = acked_tx.send(());
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        for i in 0..n {
+            let mut payload = vec![0u8; bytes];
+            payload[..4].copy_from_slice(&i.to_le_bytes());
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .unwrap();
+        }
+        acked_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("every publish acknowledged");
+        let _ = client.disconnect();
+    }
+
+    /// The trial: 5,000 raw frames of 768 float32 values (3 KiB), all acknowledged, while
+    /// the subscriber takes none. rumqttd's log was 10 segments of 1 MiB, which skipped the
+    /// oldest ~1,100 of them (the agent got 3,819 to 3,931); the default log holds them all.
+    #[test]
+    fn the_default_embedded_log_keeps_a_backlog_larger_than_the_old_10_mib() {
+        let port = start_embedded_broker("127.0.0.1", 0).unwrap();
+        let slow = Gated::new(port, "act/#");
+        publish_acked(port, "act/m/l6", 5_000, 768 * 4);
+        assert_eq!(slow.open_and_count(), 5_000);
+    }
+
+    /// Installs [`broker_skip_hook`] as the process's subscriber (once; tests that capture
+    /// the log install their own for their thread).
+    fn hook_installed() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            let _ = tracing::subscriber::set_global_default(
+                tracing_subscriber::registry().with(broker_skip_hook()),
+            );
+        });
+    }
+
+    /// A backlog beyond the log is lost, but not silently: every message the broker
+    /// skipped is counted, so what the subscriber got and what was skipped add up to what
+    /// was published.
+    #[test]
+    fn messages_skipped_beyond_the_embedded_log_are_counted() {
+        hook_installed();
+        let port = start_embedded_broker_with("127.0.0.1", 0, MIN_EMBEDDED_LOG_BYTES).unwrap();
+        let slow = Gated::new(port, "skip/#");
+        let before = broker_skipped();
+        assert!(before.counted);
+        publish_acked(port, "skip/m/l6", 2_000, 768 * 4);
+        let got = slow.open_and_count();
+        let after = broker_skipped();
+        let skipped = after.messages - before.messages;
+        assert!(got < 2_000, "a 1 MiB log cannot hold 6 MB: got {got}");
+        assert_eq!(got as u64 + skipped, 2_000, "got {got}, skipped {skipped}");
+        assert!(after.times > before.times);
+        assert_eq!(after.last_filter, "skip/#");
+    }
+
+    #[test]
+    fn embedded_log_bytes_is_checked() {
+        assert!(embedded_router(MIN_EMBEDDED_LOG_BYTES - 1).is_err());
+        assert!(embedded_router(MAX_EMBEDDED_LOG_BYTES + 1).is_err());
+        let r = embedded_router(DEFAULT_EMBEDDED_LOG_BYTES).unwrap();
+        // Sixteen full segments stay when the oldest goes: the whole log is kept.
+        assert_eq!(
+            (r.max_segment_count as u64 - 1) * r.max_segment_size as u64,
+            DEFAULT_EMBEDDED_LOG_BYTES
+        );
+        let mut c = MqttConfig {
+            embedded_log_bytes: 1000,
+            ..MqttConfig::default()
+        };
+        assert_eq!(c.validate().unwrap_err().0, "embedded_log_bytes");
+        c.embedded_log_bytes = 256 << 20;
+        assert!(c.validate().is_ok());
+        let err = start_embedded_broker_with("127.0.0.1", 0, 0).unwrap_err();
+        assert!(err.to_string().contains("embedded_log_bytes"), "{err}");
+    }
+
+    #[test]
+    fn cursor_jump_fields_parse() {
+        assert_eq!(parse_cursor("(3, 1200)"), Some((3, 1200)));
+        assert_eq!(parse_cursor("(3,1200)"), Some((3, 1200)));
+        assert_eq!(parse_cursor("3, 1200"), None);
+        assert_eq!(parse_cursor("(x, 1)"), None);
+        let jump = CursorJump {
+            from: Some((0, 30)),
+            to: Some((2, 530)),
+            error: "Read cursor start jumped from (0, 30) to (2, 530) on a/+/b on c".into(),
+        };
+        assert_eq!(jump.lost(), Some(500));
+        assert_eq!(jump.filter(), Some("c"));
+        assert_eq!(CursorJump::default().lost(), None);
+    }
+
+    /// Resident memory of the embedded broker's full log, per message and per counted
+    /// byte (ignored: it prints, and asserts nothing). Run with
+    /// `cargo test --release --lib -- --ignored --nocapture embedded_log_memory`.
+    #[test]
+    #[ignore]
+    fn embedded_log_memory() {
+        fn rss() -> u64 {
+            std::fs::read_to_string("/proc/self/status")
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        }
+        for (what, topic, bytes, n) in [
+            (
+                "ExaMon-like",
+                "org/o/cluster/c/node/n001/plugin/p/chnl/data/cpu.usage",
+                24usize,
+                400_000u32,
+            ),
+            ("3 KiB frames", "act/m/l6", 768 * 4, 12_000),
+        ] {
+            let log = 16u64 << 20;
+            let port = start_embedded_broker_with("127.0.0.1", 0, log).unwrap();
+            // A subscriber that keeps up (its messages are dropped as they come), so the
+            // growth is the broker's log.
+            let sub = Subscriber::new(port, "#");
+            std::thread::spawn(move || while sub.rx.recv().is_ok() {});
+            let before = rss();
+            publish_acked(port, topic, n, bytes);
+            std::thread::sleep(Duration::from_secs(1));
+            let grown = rss().saturating_sub(before);
+            let counted = (4 + topic.len() + bytes) as u64;
+            let held = (log / counted).min(u64::from(n));
+            println!(
+                "{what}: {n} published, {counted} counted bytes each, log {log} bytes holds {held}: RSS +{} MiB, {} bytes per message held, {:.2}x the counted bytes",
+                grown >> 20,
+                grown / held,
+                grown as f64 / (held * counted) as f64
+            );
+        }
     }
 }

@@ -1,19 +1,56 @@
-//! Raw frames: one whole model frame per MQTT message, as `d` little-endian `f32`.
+//! Raw frames: one whole model frame per MQTT message, as `d` little-endian `f32`, with an
+//! optional header that carries the frame's time and the sender's id for it.
 //!
 //! Fed by the MQTT source (topic and payload); the frame goes straight to the frame
 //! ring ([`crate::ring`]) without the assembler, since it already holds every feature in
-//! the model's order. The stream id may be the topic's last segment (e.g.
-//! `darkwatch/raw/<node>`).
+//! the model's order.
+//!
+//! # Payload
+//!
+//! Either the bare frame, `d × 4` bytes, or the frame behind a 20-byte header
+//! ([`HEADER_BYTES`]):
+//!
+//! ```text
+//! "DWF1" | time: f64 LE | id: u64 LE | d × f32 LE
+//! ```
+//!
+//! - `time`: the frame's event time in epoch seconds (milliseconds, microseconds or
+//!   nanoseconds are told by size, as for ExaMon); 0 or NaN for none (the time of receipt
+//!   stands in). It becomes the alert's `startsAt` and `endsAt`.
+//! - `id`: the sender's number for the frame (a token index, a counter), at most 2^53 so
+//!   that it stays exact in JSON. It becomes the frame's `seq` in alerts while it rises
+//!   within its stream (see the agent).
+//!
+//! In Python: `b"DWF1" + struct.pack("<dQ", time.time(), i) + x.astype("<f4").tobytes()`.
+//!
+//! # Stream names
+//!
+//! A frame's stream is named by its topic: the topic levels that the wildcards (`+`, `#`)
+//! of the first `[mqtt] subscribe` filter matching it stand for, joined with `/`
+//! (`activations/#` names `activations/modelA/layer6` `modelA/layer6`; `act/+` names
+//! `act/node1` `node1`). When the wildcards stand for nothing (a filter without any, or
+//! only empty levels) or no filter matches, the whole topic names it. So the topics of one
+//! filter that differ in its wildcard levels are distinct streams. With
+//! `stream_from_topic = false` every frame is one stream.
 
 use serde::{Deserialize, Serialize};
 
 use super::assemble::DecodeError;
 
+/// First bytes of a frame with a header.
+pub const HEADER_MAGIC: [u8; 4] = *b"DWF1";
+/// Bytes of the header: magic, time (f64), id (u64).
+pub const HEADER_BYTES: usize = 20;
+/// Largest frame id taken from a header: 2^53, the largest integer JSON readers (a double)
+/// hold exactly.
+pub const MAX_FRAME_ID: u64 = 1 << 53;
+
 /// How raw frames are read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
-    /// Take the stream id from the topic's last segment. Default true.
+    /// Name the stream by the topic (see the module docs); false: every frame is one
+    /// stream, `default`. Default true.
     pub stream_from_topic: bool,
 }
 
@@ -26,13 +63,42 @@ impl Default for RawConfig {
 }
 
 impl RawConfig {
-    /// The running decoder for frames of `dim` values.
+    /// The running decoder for frames of `dim` values, with no subscription known: the
+    /// whole topic names the stream.
     pub fn build(&self, dim: usize) -> RawDecoder {
+        self.build_for(dim, &[])
+    }
+
+    /// The running decoder for frames of `dim` values arriving on the subscription
+    /// `filters` (`[mqtt] subscribe`; `$share/<group>/` is taken off), which name streams.
+    pub fn build_for(&self, dim: usize, filters: &[String]) -> RawDecoder {
         RawDecoder {
             dim,
             stream_from_topic: self.stream_from_topic,
+            filters: filters
+                .iter()
+                .map(|f| {
+                    crate::mqtt::shared_subscription(f)
+                        .map_or(f.as_str(), |(_, inner)| inner)
+                        .split('/')
+                        .map(str::to_string)
+                        .collect()
+                })
+                .collect(),
+            name: String::new(),
         }
     }
+}
+
+/// One decoded frame's stream, time and id (the values are in the caller's buffer).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RawFrame<'a> {
+    /// The stream's name; `None` with `stream_from_topic = false`.
+    pub stream: Option<&'a str>,
+    /// The header's time in epoch seconds; `None` without a header or with time 0 or NaN.
+    pub time: Option<f64>,
+    /// The header's frame id; `None` without a header.
+    pub id: Option<u64>,
 }
 
 /// Decodes raw `f32` frames.
@@ -40,6 +106,10 @@ impl RawConfig {
 pub struct RawDecoder {
     dim: usize,
     stream_from_topic: bool,
+    /// The subscription filters, split into levels.
+    filters: Vec<Vec<String>>,
+    /// The latest stream name that is not a slice of its topic.
+    name: String,
 }
 
 impl RawDecoder {
@@ -48,34 +118,65 @@ impl RawDecoder {
         self.dim
     }
 
-    /// Payload length a frame must have: `d × 4` bytes.
+    /// Payload length a bare frame must have: `d × 4` bytes.
     pub fn frame_bytes(&self) -> usize {
         self.dim.saturating_mul(4)
     }
 
     /// Decodes one frame into `out` (cleared first; reuse it and nothing is allocated)
-    /// and returns the stream id: the topic's last segment when configured and non-empty.
+    /// and returns its stream (see the module docs), time and id.
     ///
     /// # Errors
-    /// `WrongLength` (with the expected and actual byte counts) unless the payload is
-    /// exactly `d × 4` bytes; `NonFinite` when a value is NaN or infinite (the frame is
-    /// then not written).
-    pub fn decode<'t>(
-        &self,
-        topic: &'t str,
+    /// `WrongLength` (the frame's expected and actual byte counts, behind the header for a
+    /// payload that starts with its magic) unless the payload is a frame of `d` values;
+    /// `NonFinite` when a value is NaN or infinite (the frame is then not written);
+    /// `TimestampInvalid` for a header time that is negative or infinite.
+    pub fn decode<'a>(
+        &'a mut self,
+        topic: &'a str,
         payload: &[u8],
         out: &mut Vec<f32>,
-    ) -> Result<Option<&'t str>, DecodeError> {
+    ) -> Result<RawFrame<'a>, DecodeError> {
         out.clear();
-        let expected = self.frame_bytes();
-        if payload.len() != expected {
-            return Err(DecodeError::WrongLength {
-                expected,
-                got: payload.len(),
-            });
-        }
+        let bare = self.frame_bytes();
+        let headed = bare.saturating_add(HEADER_BYTES);
+        let has_magic = payload.starts_with(&HEADER_MAGIC);
+        let split = payload.split_at_checked(HEADER_BYTES).filter(|_| has_magic);
+        let (header, values) = match split {
+            _ if payload.len() == bare => (None, payload),
+            Some((header, values)) if payload.len() == headed => (Some(header), values),
+            // The lengths of the frame itself, behind its header if it has one, so that
+            // the count of values the log names is the sender's.
+            Some((_, values)) => {
+                return Err(DecodeError::WrongLength {
+                    expected: bare,
+                    got: values.len(),
+                });
+            }
+            None => {
+                return Err(DecodeError::WrongLength {
+                    expected: bare,
+                    got: payload.len(),
+                });
+            }
+        };
+        let (time, id) = match header {
+            None => (None, None),
+            Some(h) => {
+                let time = f64::from_le_bytes(h[4..12].try_into().unwrap_or_default());
+                let id = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
+                let time = if time.is_nan() || time == 0.0 {
+                    None
+                } else if time.is_finite() && time > 0.0 {
+                    Some(time / super::time::epoch_divisor(time))
+                } else {
+                    return Err(DecodeError::TimestampInvalid(format!("header time {time}")));
+                };
+                (time, Some(id))
+            }
+        };
         out.extend(
-            payload
+            values
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         );
@@ -84,12 +185,99 @@ impl RawDecoder {
             return Err(DecodeError::NonFinite);
         }
         let stream = if self.stream_from_topic {
-            topic.rsplit('/').next().filter(|s| !s.is_empty())
+            Some(self.stream_of(topic))
         } else {
             None
         };
-        Ok(stream)
+        Ok(RawFrame { stream, time, id })
     }
+
+    /// The stream `topic` names (see the module docs): a slice of the topic when the
+    /// levels its filter's wildcards stand for are adjacent (`a/+/+`, `a/#`), else those
+    /// levels joined in `self.name` (`+/x/+`).
+    fn stream_of<'a>(&'a mut self, topic: &'a str) -> &'a str {
+        let Some(filter) = self.filters.iter().find(|f| matches(f, topic)) else {
+            return topic;
+        };
+        // The first wildcard level's start, the last one's end, and whether a level of the
+        // filter's own lies between two wildcards.
+        let mut span: Option<(usize, usize)> = None;
+        let mut literal_after_wildcard = false;
+        let mut apart = false;
+        let mut start = 0;
+        for (level, f) in topic.split('/').zip(filter) {
+            let end = if f == "#" {
+                topic.len()
+            } else {
+                start + level.len()
+            };
+            if f == "+" || f == "#" {
+                apart |= literal_after_wildcard;
+                span = Some(span.map_or((start, end), |(s, _)| (s, end)));
+            } else if span.is_some() {
+                literal_after_wildcard = true;
+            }
+            if f == "#" {
+                break;
+            }
+            start = end + 1;
+        }
+        let Some((first, last)) = span else {
+            return topic;
+        };
+        if !apart {
+            let name = &topic[first..last];
+            return if name.split('/').all(str::is_empty) {
+                topic
+            } else {
+                name
+            };
+        }
+        self.name.clear();
+        let mut start = 0;
+        let mut first = true;
+        for (level, f) in topic.split('/').zip(filter) {
+            if f == "+" || f == "#" {
+                if !first {
+                    self.name.push('/');
+                }
+                first = false;
+                self.name
+                    .push_str(if f == "#" { &topic[start..] } else { level });
+            }
+            if f == "#" {
+                break;
+            }
+            start += level.len() + 1;
+        }
+        if self.name.split('/').all(str::is_empty) {
+            topic
+        } else {
+            &self.name
+        }
+    }
+}
+
+/// Whether the topic filter `filter` (split into levels) matches `topic`, as MQTT matches
+/// them (`#` also matches its parent level; wildcards do not match a first level that
+/// starts with `$`).
+fn matches(filter: &[String], topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    for (i, f) in filter.iter().enumerate() {
+        if f == "#" {
+            return !(i == 0 && topic.starts_with('$'));
+        }
+        let Some(level) = levels.next() else {
+            return false;
+        };
+        match f.as_str() {
+            "+" if i == 0 && level.starts_with('$') => return false,
+            "+" => {}
+            exact if exact == level => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
 }
 
 #[cfg(test)]
@@ -102,14 +290,36 @@ mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
+    fn headed(time: f64, id: u64, v: &[f32]) -> Vec<u8> {
+        let mut p = HEADER_MAGIC.to_vec();
+        p.extend_from_slice(&time.to_le_bytes());
+        p.extend_from_slice(&id.to_le_bytes());
+        p.extend(bytes(v));
+        p
+    }
+
+    fn on(filters: &[&str]) -> RawDecoder {
+        let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+        RawConfig::default().build_for(3, &filters)
+    }
+
+    fn stream(d: &mut RawDecoder, topic: &str) -> Option<String> {
+        let mut out = Vec::new();
+        d.decode(topic, &bytes(&[0.0; 3]), &mut out)
+            .unwrap()
+            .stream
+            .map(str::to_string)
+    }
+
     #[test]
     fn decodes_little_endian_frame_and_stream() {
-        let d = RawConfig::default().build(3);
+        let mut d = on(&["darkwatch/raw/+"]);
         let mut out = Vec::new();
-        let stream = d
+        let f = d
             .decode("darkwatch/raw/n1", &bytes(&[1.5, -2.0, 1e-3]), &mut out)
             .unwrap();
-        assert_eq!(stream, Some("n1"));
+        assert_eq!(f.stream, Some("n1"));
+        assert_eq!((f.time, f.id), (None, None));
         assert_eq!(out, [1.5, -2.0, 1e-3]);
         // Exact byte order: 1.0f32 is 00 00 80 3f.
         d.decode(
@@ -119,17 +329,126 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, [1.0, 0.0, -2.0]);
-        assert_eq!(d.decode("a/", &bytes(&[0.0; 3]), &mut out).unwrap(), None);
-        let anon = RawConfig {
+        let mut anon = RawConfig {
             stream_from_topic: false,
         }
         .build(1);
-        assert_eq!(anon.decode("a/b", &bytes(&[0.0]), &mut out).unwrap(), None);
+        assert_eq!(
+            anon.decode("a/b", &bytes(&[0.0]), &mut out).unwrap().stream,
+            None
+        );
+    }
+
+    /// The trial: `activations/#` made `activations/modelA/layer6` and
+    /// `activations/modelB/layer6` one stream, `layer6` (the last level), with one
+    /// threshold and alert state, and `activations/` the stream `default`.
+    #[test]
+    fn distinct_topics_are_distinct_streams() {
+        let mut d = on(&["activations/#"]);
+        assert_eq!(
+            stream(&mut d, "activations/modelA/layer6").unwrap(),
+            "modelA/layer6"
+        );
+        assert_eq!(
+            stream(&mut d, "activations/modelB/layer6").unwrap(),
+            "modelB/layer6"
+        );
+        assert_eq!(stream(&mut d, "activations/layer6").unwrap(), "layer6");
+        // Nothing left for the wildcard: the whole topic.
+        assert_eq!(stream(&mut d, "activations/").unwrap(), "activations/");
+        assert_eq!(stream(&mut d, "activations").unwrap(), "activations");
+
+        // One `+` at the end names the stream by the last level, as before.
+        let mut d = on(&["act/+", "$share/g/gpu/+/layer/+", "fixed/topic"]);
+        assert_eq!(stream(&mut d, "act/node1").unwrap(), "node1");
+        assert_eq!(stream(&mut d, "act/").unwrap(), "act/");
+        // Wildcards apart: their levels joined.
+        assert_eq!(stream(&mut d, "gpu/0/layer/6").unwrap(), "0/6");
+        assert_eq!(stream(&mut d, "gpu/1/layer/6").unwrap(), "1/6");
+        assert_eq!(stream(&mut d, "gpu//layer/6").unwrap(), "/6");
+        assert_eq!(stream(&mut d, "gpu//layer/").unwrap(), "gpu//layer/");
+        // A filter without wildcards, or a topic no filter matches: the whole topic.
+        assert_eq!(stream(&mut d, "fixed/topic").unwrap(), "fixed/topic");
+        assert_eq!(stream(&mut d, "other/x/y").unwrap(), "other/x/y");
+        // The first matching filter decides.
+        let mut d = on(&["a/+/+", "a/#"]);
+        assert_eq!(stream(&mut d, "a/b/c").unwrap(), "b/c");
+        assert_eq!(stream(&mut d, "a/b/c/d").unwrap(), "b/c/d");
+        // No subscription known (`build`): the whole topic.
+        let mut d = RawConfig::default().build(3);
+        assert_eq!(stream(&mut d, "act/node1").unwrap(), "act/node1");
+    }
+
+    #[test]
+    fn filters_match_as_mqtt_does() {
+        let f = |s: &str| s.split('/').map(str::to_string).collect::<Vec<_>>();
+        assert!(matches(&f("a/#"), "a"));
+        assert!(matches(&f("a/#"), "a/b/c"));
+        assert!(matches(&f("#"), "a/b"));
+        assert!(!matches(&f("#"), "$SYS/x"));
+        assert!(!matches(&f("+/x"), "$SYS/x"));
+        assert!(matches(&f("a/+"), "a/"));
+        assert!(!matches(&f("a/+"), "a"));
+        assert!(!matches(&f("a/+"), "a/b/c"));
+        assert!(!matches(&f("a/b"), "a/c"));
+        assert!(matches(&f("a/b"), "a/b"));
+    }
+
+    /// A header carries the frame's time (in seconds, or milliseconds… told by size) and
+    /// the sender's id; a bare frame neither.
+    #[test]
+    fn a_header_carries_time_and_id() {
+        let mut d = on(&["act/+"]);
+        let mut out = Vec::new();
+        let f = d
+            .decode(
+                "act/a",
+                &headed(1_700_000_000.25, 42, &[1.0, 2.0, 3.0]),
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(
+            (f.stream, f.time, f.id),
+            (Some("a"), Some(1_700_000_000.25), Some(42))
+        );
+        assert_eq!(out, [1.0, 2.0, 3.0]);
+        let f = d
+            .decode(
+                "act/a",
+                &headed(1_700_000_000_500.0, 0, &[1.0; 3]),
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!((f.time, f.id), (Some(1_700_000_000.5), Some(0)));
+        for none in [0.0, f64::NAN] {
+            let f = d
+                .decode("act/a", &headed(none, 7, &[1.0; 3]), &mut out)
+                .unwrap();
+            assert_eq!((f.time, f.id), (None, Some(7)));
+        }
+        for bad in [-1.0, f64::INFINITY] {
+            let e = d
+                .decode("act/a", &headed(bad, 7, &[1.0; 3]), &mut out)
+                .unwrap_err();
+            assert_eq!(e.reason(), "timestamp_invalid");
+            assert!(out.is_empty());
+        }
+        // A header with a frame of the wrong width: the frame's lengths, behind the header.
+        let e = d
+            .decode("act/a", &headed(1.0, 7, &[1.0; 4]), &mut out)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::WrongLength {
+                expected: 12,
+                got: 16
+            }
+        );
     }
 
     #[test]
     fn every_error_reason() {
-        let d = RawConfig::default().build(2);
+        let mut d = RawConfig::default().build(2);
         let mut out = vec![9.0];
         let e = d.decode("t", &[0; 7], &mut out).unwrap_err();
         assert_eq!(
@@ -153,23 +472,30 @@ mod tests {
     fn fuzzed_payloads_never_panic() {
         let mut rng = Rng::new(0x4A3);
         let valid = bytes(&[1.0, 2.0, 3.0, 4.0]);
-        let d = RawConfig::default().build(4);
+        let valid_headed = headed(1.7e9, 3, &[1.0, 2.0, 3.0, 4.0]);
+        let filters: Vec<String> = ["a/+/é", "+/#", "$share/g/+/+"]
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        let mut d = RawConfig::default().build_for(4, &filters);
         let mut out = Vec::new();
         for _ in 0..20_000 {
-            let payload: Vec<u8> = if rng.below(2) == 0 {
-                (0..rng.below(40)).map(|_| rng.next_u64() as u8).collect()
-            } else {
-                mutate(&mut rng, &valid)
+            let payload: Vec<u8> = match rng.below(3) {
+                0 => (0..rng.below(40)).map(|_| rng.next_u64() as u8).collect(),
+                1 => mutate(&mut rng, &valid),
+                _ => mutate(&mut rng, &valid_headed),
             };
             let topic: String = (0..rng.below(10))
-                .map(|_| ['/', 'a', 'é'][rng.below(3)])
+                .map(|_| ['/', 'a', 'é', '+', '$'][rng.below(5)])
                 .collect();
-            if d.decode(&topic, &payload, &mut out).is_ok() {
+            if let Ok(f) = d.decode(&topic, &payload, &mut out) {
                 assert_eq!(out.len(), 4);
                 assert!(out.iter().all(|v| v.is_finite()));
+                // Only an empty topic (which MQTT does not allow) names an empty stream.
+                assert!(f.stream.is_some_and(|s| !s.is_empty() || topic.is_empty()));
             }
         }
-        let huge = RawConfig::default().build(usize::MAX);
+        let mut huge = RawConfig::default().build(usize::MAX);
         assert_eq!(
             huge.decode("t", &[0; 4], &mut out).unwrap_err().reason(),
             "wrong_length"

@@ -527,3 +527,141 @@ fn print_cpu_and_final(cpu: f64, secs: f64, stderr: &str) {
             .unwrap_or("")
     );
 }
+
+/// The new-user trial of the embedded broker, as a measurement (ignored; it asserts
+/// nothing): an SAE of d_in 768 (32768 latents, trained here on noise;
+/// `DARKWATCH_BACKLOG_LATENTS` sets another number) scores slower than
+/// 5,000 raw frames of 3 KiB come at QoS 1 (2,300/s), while a second client subscribes to
+/// them too. Prints what the publisher had acknowledged, what the second client and the
+/// agent got, and what the embedded broker says it skipped. `DARKWATCH_BACKLOG_LOG_BYTES`
+/// sets `[mqtt] embedded_log_bytes` (unset: the default); 10485760 is about the old fixed
+/// log (10 segments of 1 MiB). `DARKWATCH_BACKLOG_FULL_POLICY` sets `[pipeline]
+/// full_policy` (unset: `drop_newest`).
+///
+/// ```text
+/// DARKWATCH_BACKLOG_LOG_BYTES=10485760 cargo test --release --test main -- --ignored --nocapture agent::load::embedded_backlog
+/// ```
+#[test]
+#[ignore = "a measurement: run on a release build with --ignored --nocapture"]
+fn embedded_backlog() {
+    use crate::util::{darkwatch, run, write_npy_f32};
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, d) = (3000, 768);
+    let mut noise = crate::util::noise(7);
+    let values: Vec<f32> = (0..rows * d).map(|_| noise() as f32).collect();
+    let acts = dir.path().join("acts.npy");
+    write_npy_f32(&acts, rows, d, &values);
+    let sae = dir.path().join("sae");
+    let latents = std::env::var("DARKWATCH_BACKLOG_LATENTS").unwrap_or_else(|_| "32768".into());
+    let (code, _, err) = run(darkwatch()
+        .args([
+            "sae-train",
+            "--latents",
+            &latents,
+            "--k",
+            "32",
+            "--epochs",
+            "1",
+        ])
+        .args(["--dark-folds", "0", "--holdout", "0.2", "--input"])
+        .arg(&acts)
+        .arg("--out")
+        .arg(&sae));
+    assert_eq!(code, 0, "{err}");
+    let broker = free_port();
+    let metrics = free_port();
+    let log = std::env::var("DARKWATCH_BACKLOG_LOG_BYTES")
+        .map(|b| format!("embedded_log_bytes = {b}\n"))
+        .unwrap_or_default();
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &sae,
+        metrics,
+        "format = \"raw\"",
+        &format!("port = {broker}\nnode_name = \"burst\"\nsubscribe = [\"activations/#\"]\n{log}"),
+        &std::env::var("DARKWATCH_BACKLOG_FULL_POLICY")
+            .map(|p| format!("[pipeline]\nfull_policy = \"{p}\"\n"))
+            .unwrap_or_default(),
+    );
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut second = Collector::new(broker, &["activations/#"], None);
+
+    let n = 5_000usize;
+    let mut o = rumqttc::MqttOptions::new(unique("burst-pub"), "127.0.0.1", broker);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(o, 1024);
+    let (acked_tx, acked_rx) = channel();
+    std::thread::spawn(move || {
+        let mut acked = 0usize;
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    acked += 1;
+                    if acked == n {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = acked_tx.send(acked);
+    });
+    let start = Instant::now();
+    for i in 0..n {
+        let due = Duration::from_secs_f64(i as f64 / 2300.0);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let frame: Vec<u8> = values[(i % rows) * d..(i % rows + 1) * d]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        client
+            .publish(
+                "activations/m/layer6",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                frame,
+            )
+            .unwrap();
+    }
+    let acked = acked_rx.recv_timeout(Duration::from_secs(60)).unwrap_or(0);
+    let sent_in = start.elapsed().as_secs_f64();
+    // Until the agent and the second client take (and the agent scores) nothing more
+    // for 3 s.
+    let mut last = (-1.0, 0, 0.0);
+    loop {
+        std::thread::sleep(Duration::from_secs(3));
+        let now = (
+            agent
+                .metric("darkwatch_messages_received_total")
+                .unwrap_or(0.0),
+            second.poll().len(),
+            agent.metric("darkwatch_frames_scored_total").unwrap_or(0.0),
+        );
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let skipped = agent.metric("darkwatch_mqtt_broker_skipped_total");
+    let scored = last.2;
+    let (_, err) = agent.stop();
+    println!(
+        "== embedded broker backlog: {n} frames of {d} f32 at QoS 1 in {sent_in:.1} s ({:.0}/s), SAE of {latents} latents, [mqtt] embedded_log_bytes {}\n\
+         publisher acknowledged {acked}; second subscriber got {}; agent took {} (scored {scored}); \
+         darkwatch_mqtt_broker_skipped_total {skipped:?}\n{}",
+        n as f64 / sent_in,
+        std::env::var("DARKWATCH_BACKLOG_LOG_BYTES").unwrap_or_else(|_| "default".into()),
+        last.1,
+        last.0,
+        err.lines()
+            .filter(|l| l.contains("stopped after") || l.contains("skipped"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -1163,3 +1163,278 @@ fn a_firing_alert_is_resent_then_resolved_when_its_stream_goes_silent() {
     assert!(status.success(), "{err}");
     assert!(err.contains("silence_secs"), "the silence is logged: {err}");
 }
+
+/// Plain `validate` refuses what `run` refuses for the model and the configuration alone.
+/// It used to load the model and stop there, so an SAE folder with ExaMon input, or with
+/// online retraining, passed `validate` and then `run` exited 78.
+#[test]
+fn plain_validate_refuses_what_run_refuses_for_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae = dir.path().join("sae");
+    let (code, _, err) = run(darkwatch()
+        .args(["sae-train", "--latents", "64", "--k", "8", "--epochs", "1"])
+        .args(["--dark-folds", "0", "--holdout", "0.2", "--input"])
+        .arg(repo("tests/data/activations/train.npy"))
+        .arg("--out")
+        .arg(&sae));
+    assert_eq!(code, 0, "{err}");
+    let port = free_port();
+    let mqtt = format!("port = {port}\n");
+    let bundled = repo("models/smd-machine-1-6");
+    let cases: [(&Path, &str, &str, Option<&str>); 4] = [
+        (&sae, "", "", Some("agent.format")),
+        (
+            &sae,
+            "format = \"raw\"",
+            "[retrain]\nenabled = true\n",
+            Some("retrain.enabled"),
+        ),
+        (
+            &bundled,
+            "",
+            "[threshold]\nkind = \"dspot\"\ndspot_depth = 100000\n",
+            Some("threshold.dspot_depth"),
+        ),
+        (&sae, "format = \"raw\"", "", None),
+    ];
+    for (model, agent, extra, refused) in cases {
+        let cfg = config(
+            dir.path(),
+            "v.toml",
+            model,
+            free_port(),
+            agent,
+            &mqtt,
+            extra,
+        );
+        let (code, out, err) = run(darkwatch().args(["validate", "--config"]).arg(&cfg));
+        let Some(key) = refused else {
+            assert_eq!(code, 0, "{out}{err}");
+            assert!(out.contains("loads, suits the configuration"), "{out}");
+            continue;
+        };
+        assert_eq!(code, 78, "{key}: {out}{err}");
+        assert!(
+            err.contains(&format!("key `{key}`")) && err.contains("v.toml"),
+            "{key}: {err}"
+        );
+        // `run` refuses it alike, before it starts anything.
+        let (code, _, err) = run(crate::util::darkwatch_within(60)
+            .args(["run", "--config"])
+            .arg(&cfg));
+        assert_eq!(code, 78, "{key}: {err}");
+        assert!(err.contains(&format!("key `{key}`")), "{key}: {err}");
+    }
+}
+
+/// One raw frame: `DWF1`, the time and the id, then the values as float32.
+fn headed_frame(time: f64, id: u64, values: &[f64]) -> Vec<u8> {
+    let mut p = b"DWF1".to_vec();
+    p.extend_from_slice(&time.to_le_bytes());
+    p.extend_from_slice(&id.to_le_bytes());
+    p.extend(values.iter().flat_map(|v| (*v as f32).to_le_bytes()));
+    p
+}
+
+/// Raw frames on `act/#`: each topic is its own stream, named by the levels `#` stands
+/// for. They used to be named by the last level alone, so `act/mA/l6` and `act/mB/l6` were
+/// one stream `l6` (one threshold, one alert state), and `act/` was `default`. A frame's
+/// header gives the alert its time (`startsAt`) and the sender's id (`seq`, `start_seq`).
+#[test]
+fn raw_streams_are_told_apart_by_topic_and_alerts_carry_the_frame_header() {
+    let (dir, model, test_csv, _) = crate::trained();
+    let broker = free_port();
+    let metrics = free_port();
+    let node = unique("rawnames");
+    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\nsubscribe = [\"act/#\"]\n");
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "format = \"raw\"",
+        &mqtt,
+        "",
+    );
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
+    let data = rows(&test_csv);
+    let t0 = 1_700_000_000.0;
+    // Rows 600..760 hold the injected anomaly (rows 700..720, +4 on m00) on model A's
+    // layer; model B's layer has normal rows, bare; and one frame on `act/`.
+    let mut messages: Vec<(String, Vec<u8>)> = (600..760)
+        .map(|i| {
+            (
+                "act/mA/l6".to_string(),
+                headed_frame(t0 + i as f64, 5000 + i as u64, &data[i]),
+            )
+        })
+        .collect();
+    messages.extend((600..660).map(|i| {
+        let bare: Vec<u8> = data[i]
+            .iter()
+            .flat_map(|v| (*v as f32).to_le_bytes())
+            .collect();
+        ("act/mB/l6".to_string(), bare)
+    }));
+    messages.push(("act/".to_string(), headed_frame(0.0, 1, &data[600])));
+    publish_all(broker, &messages);
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 221.0);
+    assert_eq!(agent.metric("darkwatch_streams"), Some(3.0));
+    sub.wait("model A's alert", |got| !got.is_empty());
+    let alert = &sub.got[0];
+    assert_eq!(alert.topic, format!("darkwatch/{node}/alerts/mA/l6"));
+    let e: serde_json::Value = serde_json::from_slice(&alert.payload).unwrap();
+    assert_eq!(e["status"], "firing", "{e}");
+    assert_eq!(e["labels"]["stream"], "mA/l6", "{e}");
+    // The sender's ids and times, of rows inside the anomaly.
+    let start = e["start_seq"].as_u64().unwrap();
+    assert!((5700..5720).contains(&start), "{e}");
+    let row = (start - 5000) as f64;
+    assert_eq!(
+        e["startsAt"],
+        darkwatch::alert::rfc3339_utc(t0 + row),
+        "{e}"
+    );
+    assert!(e["seq"].as_u64().unwrap() >= start, "{e}");
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert_eq!(final_count(&err, "undecodable"), 0, "{err}");
+    // None of model B's frames fired: its own threshold and alert state.
+    assert!(
+        sub.payloads(&format!("darkwatch/{node}/alerts/mB"))
+            .is_empty()
+    );
+}
+
+/// An MQTT client that subscribes and then reads nothing until [`Stalled::resume`], as an
+/// agent busy scoring does: the broker keeps what it has not delivered in its log.
+struct Stalled {
+    gate: std::sync::mpsc::Sender<()>,
+    got: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl Stalled {
+    fn new(port: u16, filter: &str) -> Stalled {
+        let mut options = rumqttc::MqttOptions::new(unique("stalled"), "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(60));
+        let (client, mut connection) = rumqttc::Client::new(options, 64);
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
+        let (gate, gate_rx) = std::sync::mpsc::channel();
+        let (got_tx, got) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _client = client;
+            let mut events = connection.iter();
+            for e in events.by_ref() {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) = e {
+                    let _ = ready_tx.send(());
+                    break;
+                }
+            }
+            let _ = gate_rx.recv();
+            for e in events {
+                match e {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        if got_tx.send(p.payload.to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the stalled client subscribed");
+        Stalled { gate, got }
+    }
+
+    /// Lets it read; returns the distinct messages it got once none came for 2 s.
+    fn resume(self) -> usize {
+        self.gate.send(()).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        while let Ok(p) = self.got.recv_timeout(Duration::from_secs(2)) {
+            seen.insert(p);
+        }
+        seen.len()
+    }
+}
+
+/// A subscriber further behind than `[mqtt] embedded_log_bytes` loses the oldest messages
+/// it had not had, although their publisher was acknowledged. The embedded broker used to
+/// do that silently (its warning was filtered out, no counter moved); now every skipped
+/// message is counted in `darkwatch_mqtt_broker_skipped_total` and the stop summary, and
+/// logged. Here the subscriber that falls behind is a stalled client beside the agent: what
+/// it and the agent got, plus what was skipped, is what was published.
+#[test]
+fn the_embedded_broker_counts_and_logs_what_it_skips() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo("models/smd-machine-1-6");
+    let broker = free_port();
+    let metrics = free_port();
+    let mqtt = format!(
+        "port = {broker}\nnode_name = \"skip\"\nsubscribe = [\"act/#\"]\nembedded_log_bytes = 1048576\n"
+    );
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "format = \"raw\"",
+        &mqtt,
+        "",
+    );
+    let mut agent = Agent::start(&cfg, metrics, &[("RUST_LOG", "")]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let stalled = Stalled::new(broker, "act/#");
+    // 20,000 frames of 38 float32 (3.2 MB with topics): three times the log.
+    let n = 20_000u32;
+    let frames: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let mut v = vec![0u8; 38 * 4];
+            v[..4].copy_from_slice(&(i as f32).to_le_bytes());
+            ("act/n1".to_string(), v)
+        })
+        .collect();
+    publish_all(broker, &frames);
+    let stalled_got = stalled.resume() as f64;
+    assert!(stalled_got < f64::from(n), "a 1 MiB log held 3.2 MB");
+    let skipped = agent.wait_metric("darkwatch_mqtt_broker_skipped_total", |v| v > 0.0);
+    // The agent's own messages settle (it may have fallen behind too).
+    let mut taken = -1.0;
+    while agent.metric("darkwatch_messages_received_total") != Some(taken) {
+        taken = agent.metric("darkwatch_messages_received_total").unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let skipped = agent
+        .metric("darkwatch_mqtt_broker_skipped_total")
+        .unwrap_or(skipped);
+    assert_eq!(
+        skipped,
+        2.0 * f64::from(n) - stalled_got - taken,
+        "stalled client {stalled_got}, agent {taken}"
+    );
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("The embedded MQTT broker skipped messages")
+            && err.contains("embedded_log_bytes=1048576")
+            && err.contains("darkwatch_mqtt_broker_skipped_total"),
+        "{err}"
+    );
+    // rumqttd's own warning is no longer filtered out.
+    assert!(err.contains("Read cursor start jumped"), "{err}");
+    let summary = err
+        .lines()
+        .find(|l| l.contains("stopped after"))
+        .unwrap_or_default();
+    assert!(
+        summary.ends_with(&format!(
+            "{skipped} messages skipped by the embedded broker"
+        )),
+        "the stop summary: {summary}"
+    );
+}
