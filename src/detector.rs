@@ -63,6 +63,8 @@ impl LoadError {
                 DetectorError::Io { source, .. } => is_missing(source),
                 DetectorError::NoHead { .. }
                 | DetectorError::Width { .. }
+                | DetectorError::OtherSae(_)
+                | DetectorError::Scaling { .. }
                 | DetectorError::Calibration { .. } => true,
                 DetectorError::Cuda(_) => false,
             },
@@ -125,7 +127,7 @@ impl Detector {
         if SaeDetector::is_sae_dir(dir) {
             return Ok(Detector::Sae(Arc::new(SaeDetector::load_on(
                 dir,
-                cfg.sae.score,
+                cfg.sae.clone(),
                 cfg.score.backend,
                 &cfg.cuda,
                 cfg.pipeline.gpu_batch_frames(),
@@ -162,7 +164,7 @@ impl Detector {
         if SaeDetector::is_sae_dir(dir) {
             return Ok(Detector::Sae(Arc::new(SaeDetector::load(
                 dir,
-                cfg.sae.score,
+                cfg.sae.clone(),
             )?)));
         }
         Ok(Detector::Autoencoder(Arc::new(Model::load(dir)?)))

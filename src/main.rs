@@ -191,6 +191,10 @@ enum Command {
         /// [batch, seq, d] input): the held-out share is then whole prompts.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
+        /// Tensor name in a .safetensors --prompt-ids file with several (--tensor names the
+        /// --input's: the same file may hold both).
+        #[arg(long, requires = "prompt_ids")]
+        prompt_ids_tensor: Option<String>,
         /// SAE folder to write.
         #[arg(long)]
         out: PathBuf,
@@ -258,6 +262,15 @@ enum Command {
         /// held-out share is then whole prompts.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
+        /// Tensor name in a .safetensors --prompt-ids file with several (--tensor names the
+        /// --input's: the same file may hold both).
+        #[arg(long, requires = "prompt_ids")]
+        prompt_ids_tensor: Option<String>,
+        /// The scaling factor of an SAE trained with normalize_activations =
+        /// expected_average_only_in (SAELens' `norm_scaling_factor`, not in the checkpoint):
+        /// recorded with the head, so `run` and `sae-score` apply it too.
+        #[arg(long)]
+        norm_scaling_factor: Option<f32>,
         /// Share of prompts (or rows) held out: held-out R² and the threshold calibration.
         /// 0: fit on every row and calibrate on 5-fold cross-fitted scores.
         #[arg(long, default_value_t = 0.2)]
@@ -294,13 +307,26 @@ enum Command {
         /// an .npy vector of any integer, bool or float dtype; or an integer .safetensors.
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// Tensor name in a .safetensors --labels file with several.
+        #[arg(long, requires = "labels")]
+        labels_tensor: Option<String>,
         /// One prompt id per row (one per flattened row for a [batch, seq, d] input), integer
         /// .npy / .safetensors.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
+        /// Tensor name in a .safetensors --prompt-ids file with several.
+        #[arg(long, requires = "prompt_ids")]
+        prompt_ids_tensor: Option<String>,
         /// In-distribution activations to fit a Mahalanobis baseline on (adds its AUROC).
         #[arg(long)]
         baseline: Option<PathBuf>,
+        /// Tensor name in a .safetensors --baseline file with several.
+        #[arg(long, requires = "baseline")]
+        baseline_tensor: Option<String>,
+        /// The scaling factor of an SAE trained with normalize_activations =
+        /// expected_average_only_in (default: the one `sae-head` recorded with the head).
+        #[arg(long)]
+        norm_scaling_factor: Option<f32>,
         /// Covariance shrinkage of the Mahalanobis baseline towards the scaled identity.
         #[arg(long, default_value_t = 0.1)]
         shrinkage: f64,
@@ -1031,6 +1057,7 @@ fn run(command: Command) -> Result<()> {
             input,
             tensor,
             prompt_ids,
+            prompt_ids_tensor,
             out,
             latents,
             k,
@@ -1052,6 +1079,7 @@ fn run(command: Command) -> Result<()> {
                 input: input.clone(),
                 tensor,
                 prompt_ids,
+                prompt_ids_tensor,
                 out,
                 holdout,
                 config: train::SaeTrainConfig {
@@ -1101,6 +1129,8 @@ fn run(command: Command) -> Result<()> {
             input,
             tensor,
             prompt_ids,
+            prompt_ids_tensor,
+            norm_scaling_factor,
             holdout,
             ridge,
             out,
@@ -1122,6 +1152,8 @@ fn run(command: Command) -> Result<()> {
                 input,
                 tensor,
                 prompt_ids,
+                prompt_ids_tensor,
+                norm_scaling_factor,
                 holdout,
                 dark: darkwatch::sae::dark::DarkConfig { ridge },
                 out,
@@ -1136,8 +1168,12 @@ fn run(command: Command) -> Result<()> {
             input,
             tensor,
             labels,
+            labels_tensor,
             prompt_ids,
+            prompt_ids_tensor,
             baseline,
+            baseline_tensor,
+            norm_scaling_factor,
             shrinkage,
             out,
             prompt_out,
@@ -1148,8 +1184,12 @@ fn run(command: Command) -> Result<()> {
                 input,
                 tensor,
                 labels,
+                labels_tensor,
                 prompt_ids,
+                prompt_ids_tensor,
                 baseline,
+                baseline_tensor,
+                norm_scaling_factor,
                 baseline_shrinkage: shrinkage,
                 out,
                 prompt_out,
@@ -1178,7 +1218,7 @@ fn run(command: Command) -> Result<()> {
             use darkwatch::sae::detector::{DetectorError, SaeDetector};
             // An SAE checkpoint, with a dark-matter head (a detector) or without (as
             // published: SAELens, a sparsify layer or run folder).
-            let bare = (!dir.join(model::io::META_FILE).exists())
+            let mut bare = (!dir.join(model::io::META_FILE).exists())
                 .then(|| darkwatch::sae::Sae::load(&dir).ok())
                 .flatten();
             if bare.is_some() || SaeDetector::is_sae_dir(&dir) {
@@ -1189,11 +1229,21 @@ fn run(command: Command) -> Result<()> {
                 }
                 let loaded = SaeDetector::load_on(
                     &dir,
-                    cfg.sae.score,
+                    cfg.sae.clone(),
                     cfg.score.backend,
                     &cfg.cuda,
                     cfg.pipeline.gpu_batch_frames(),
                 );
+                if let (Err(DetectorError::NoHead { .. }), Some(sae)) = (&loaded, bare.as_mut()) {
+                    // The factor reaches the summary; a missing one warns, as for `run`.
+                    darkwatch::sae::detector::apply_norm_scaling(
+                        sae,
+                        cfg.sae
+                            .norm_scaling_factor
+                            .map(|s| (s, "[sae] norm_scaling_factor")),
+                        None,
+                    )?;
+                }
                 match (loaded, bare) {
                     (Ok(det), _) => emit(&det.summary())?,
                     (Err(DetectorError::NoHead { .. }), Some(sae)) => emit(&format!(
