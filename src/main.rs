@@ -168,11 +168,11 @@ enum Command {
     /// Measure SAE scoring on this CPU: d_in 384/768 × 16k/32k latents, TopK k = 32, random
     /// weights; tokens/s at batch 1 and at a batch, and the encoder's share of sgemm.
     SaeBench {
-        /// Seconds per measurement (three per shape, four shapes).
-        #[arg(long, default_value_t = 2.0)]
+        /// Seconds per measurement (four per shape, four shapes).
+        #[arg(long, default_value_t = 2.0, value_parser = parse_bench_secs)]
         secs: f64,
-        /// The large batch.
-        #[arg(long, default_value_t = 256)]
+        /// The large batch (at least 1).
+        #[arg(long, default_value_t = 256, value_parser = parse_positive)]
         batch: usize,
     },
     /// Train a TopK sparse autoencoder on activation rows [tokens, d] (.npy / .safetensors)
@@ -643,6 +643,25 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// `sae-bench --secs`: finite and positive.
+fn parse_bench_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "{s}: give seconds per measurement, a number above 0"
+        )),
+    }
+}
+
+/// A count of at least 1 (`sae-bench --batch 0` used to run batch 1 silently).
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0: give at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s}: {e}")),
+    }
+}
+
 /// Writes to stdout, returning (not panicking on) a closed pipe.
 fn emit(text: &str) -> Result<()> {
     use std::io::Write;
@@ -1049,7 +1068,10 @@ fn run(command: Command) -> Result<()> {
                 batch,
                 ..Default::default()
             };
-            eprintln!("darkwatch: timing SAE scoring (about a minute)…");
+            eprintln!(
+                "darkwatch: timing SAE scoring (about {})…",
+                darkwatch::sae::bench::duration_text(opts.estimated_secs())
+            );
             emit(&darkwatch::sae::bench::run(&opts)?.to_string())?;
             Ok(())
         }
