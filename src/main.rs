@@ -773,6 +773,7 @@ fn run(command: Command) -> Result<()> {
             mss_neighbours,
             smooth_frames,
         } => {
+            replay::check_model_dir(&model)?;
             let mut cfg = load_config(config.as_deref())?;
             if let Some(b) = backend {
                 cfg.score.backend = b.into();
@@ -891,6 +892,7 @@ fn run(command: Command) -> Result<()> {
             frames,
             config,
         } => {
+            darkwatch::demo::check_model_dir(&model)?;
             let cfg = load_config(config.as_deref())?;
             // The defaults are relative paths into a checkout of the repository.
             for (path, flag, default) in [
@@ -1004,7 +1006,10 @@ fn run(command: Command) -> Result<()> {
                 cfg.score.backend = b.into();
             }
             let model = match model {
-                Some(dir) => Model::load(&dir)?.with_configured_backend(&dir, &cfg)?,
+                Some(dir) => {
+                    darkwatch::bench::check_model_dir(&dir).map_err(anyhow::Error::msg)?;
+                    Model::load(&dir)?.with_configured_backend(&dir, &cfg)?
+                }
                 None if cfg.score.backend == Backend::Onnx => {
                     anyhow::bail!("--backend onnx needs --model DIR with an ONNX graph");
                 }
