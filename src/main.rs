@@ -204,8 +204,8 @@ enum Command {
         /// Active latents per token.
         #[arg(long, default_value_t = 32)]
         k: usize,
-        /// Epochs over the training rows (at least 1).
-        #[arg(long, default_value_t = 50)]
+        /// Epochs over the training rows (at least 1; 30 won the README's selection).
+        #[arg(long, default_value_t = 30)]
         epochs: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -224,8 +224,9 @@ enum Command {
         /// scores live thresholds calibrate on (0: cross-fitted scores, with --dark-folds).
         #[arg(long, default_value_t = 0.1)]
         holdout: f64,
-        /// Ridge of the dark-matter head, relative to the mean feature variance.
-        #[arg(long, default_value_t = 1e-2)]
+        /// Ridge of the dark-matter head, relative to the mean feature variance (≥ 0; 1 won
+        /// the README's selection).
+        #[arg(long, default_value_t = 1.0)]
         ridge: f64,
         /// Cross-fit the dark-matter head on out-of-fold SAE errors over this many folds, 2 or
         /// more (trains this many extra SAEs); 0 fits it on the final SAE's own training rows
