@@ -19,6 +19,18 @@ use crate::rng::Rng;
 use crate::score::{Head, HeadKind};
 use crate::stats::LatencyHistogram;
 
+/// Refuses an SAE folder as `bench --model`, saying what to use instead (it used to fail
+/// with `…/model.json: No such file or directory`).
+///
+/// # Errors
+/// The message, naming `sae-bench`, `sae-score` and `run`.
+pub fn check_model_dir(dir: &std::path::Path) -> Result<(), String> {
+    match crate::sae::detector::autoencoder_only(dir, "bench") {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
+}
+
 /// How long and how big.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

@@ -647,6 +647,7 @@ impl DarkwatchConfig {
         section("alert", self.alert.validate())?;
         section("mqtt", self.mqtt.validate())?;
         section("metrics", self.metrics.validate())?;
+        section("sae", self.sae.validate())?;
         // The spool itself takes any size from a one-byte record up; the agent's records
         // are alerts, which must fit.
         if self.spool.max_bytes < crate::mqtt::MIN_SPOOL_MAX_BYTES {

@@ -47,12 +47,25 @@ pub enum DemoError {
     Other(String),
 }
 
+/// Refuses an SAE folder as `demo --model`, saying what to use instead (it used to fail
+/// with `…/model.json: No such file or directory`).
+///
+/// # Errors
+/// [`DemoError::Other`] with that message.
+pub fn check_model_dir(dir: &std::path::Path) -> Result<(), DemoError> {
+    match crate::sae::detector::autoencoder_only(dir, "demo") {
+        Some(why) => Err(DemoError::Other(why)),
+        None => Ok(()),
+    }
+}
+
 /// Runs the demo.
 ///
 /// # Errors
 /// Unreadable inputs, a broker that does not start, or an agent failure.
 pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, DemoError> {
     let started = Instant::now();
+    check_model_dir(&opts.model_dir)?;
     // Refuse a missing model before anything starts (the agent would fail in its thread).
     let model = crate::model::Model::load(&opts.model_dir).map_err(AgentError::from)?;
     if opts.frames == 0 {

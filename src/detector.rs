@@ -65,6 +65,8 @@ impl LoadError {
                 DetectorError::Io { source, .. } => is_missing(source),
                 DetectorError::NoHead { .. }
                 | DetectorError::Width { .. }
+                | DetectorError::OtherSae(_)
+                | DetectorError::Scaling { .. }
                 | DetectorError::Calibration { .. } => true,
                 DetectorError::Cuda(_) => false,
             },
@@ -127,7 +129,7 @@ impl Detector {
         if SaeDetector::is_sae_dir(dir) {
             return Ok(Detector::Sae(Arc::new(SaeDetector::load_on(
                 dir,
-                cfg.sae.score,
+                cfg.sae.clone(),
                 cfg.score.backend,
                 &cfg.cuda,
                 cfg.pipeline.gpu_batch_frames(),
@@ -164,7 +166,7 @@ impl Detector {
         if SaeDetector::is_sae_dir(dir) {
             return Ok(Detector::Sae(Arc::new(SaeDetector::load(
                 dir,
-                cfg.sae.score,
+                cfg.sae.clone(),
             )?)));
         }
         Ok(Detector::Autoencoder(Arc::new(Model::load(dir)?)))

@@ -174,11 +174,11 @@ enum Command {
     /// Measure SAE scoring on this CPU: d_in 384/768 × 16k/32k latents, TopK k = 32, random
     /// weights; tokens/s at batch 1 and at a batch, and the encoder's share of sgemm.
     SaeBench {
-        /// Seconds per measurement (three per shape, four shapes).
-        #[arg(long, default_value_t = 2.0)]
+        /// Seconds per measurement (four per shape, four shapes).
+        #[arg(long, default_value_t = 2.0, value_parser = parse_bench_secs)]
         secs: f64,
-        /// The large batch.
-        #[arg(long, default_value_t = 256)]
+        /// The large batch (at least 1).
+        #[arg(long, default_value_t = 256, value_parser = parse_positive)]
         batch: usize,
     },
     /// Train a TopK sparse autoencoder on activation rows [tokens, d] (.npy / .safetensors)
@@ -197,6 +197,10 @@ enum Command {
         /// [batch, seq, d] input): the held-out share is then whole prompts.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
+        /// Tensor name in a .safetensors --prompt-ids file with several (--tensor names the
+        /// --input's: the same file may hold both).
+        #[arg(long, requires = "prompt_ids")]
+        prompt_ids_tensor: Option<String>,
         /// SAE folder to write.
         #[arg(long)]
         out: PathBuf,
@@ -206,8 +210,8 @@ enum Command {
         /// Active latents per token.
         #[arg(long, default_value_t = 32)]
         k: usize,
-        /// Epochs over the training rows (at least 1).
-        #[arg(long, default_value_t = 50)]
+        /// Epochs over the training rows (at least 1; 30 won the README's selection).
+        #[arg(long, default_value_t = 30)]
         epochs: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -226,8 +230,9 @@ enum Command {
         /// scores live thresholds calibrate on (0: cross-fitted scores, with --dark-folds).
         #[arg(long, default_value_t = 0.1)]
         holdout: f64,
-        /// Ridge of the dark-matter head, relative to the mean feature variance.
-        #[arg(long, default_value_t = 1e-2)]
+        /// Ridge of the dark-matter head, relative to the mean feature variance (≥ 0; 1 won
+        /// the README's selection).
+        #[arg(long, default_value_t = 1.0)]
         ridge: f64,
         /// Cross-fit the dark-matter head on out-of-fold SAE errors over this many folds, 2 or
         /// more (trains this many extra SAEs); 0 fits it on the final SAE's own training rows
@@ -264,11 +269,22 @@ enum Command {
         /// held-out share is then whole prompts.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
+        /// Tensor name in a .safetensors --prompt-ids file with several (--tensor names the
+        /// --input's: the same file may hold both).
+        #[arg(long, requires = "prompt_ids")]
+        prompt_ids_tensor: Option<String>,
+        /// The scaling factor of an SAE trained with normalize_activations =
+        /// expected_average_only_in (SAELens' `norm_scaling_factor`, not in the checkpoint):
+        /// recorded with the head, so `run` and `sae-score` apply it too.
+        #[arg(long)]
+        norm_scaling_factor: Option<f32>,
         /// Share of prompts (or rows) held out: held-out R² and the threshold calibration.
         /// 0: fit on every row and calibrate on 5-fold cross-fitted scores.
         #[arg(long, default_value_t = 0.2)]
         holdout: f64,
-        /// Ridge, relative to the mean feature variance.
+        /// Ridge, relative to the mean feature variance (≥ 0). 0.01 suits a published SAE
+        /// and many tokens; on about as few rows per dimension as the README's fixture, 1
+        /// fits better (the held-out R² printed shows which).
         #[arg(long, default_value_t = 1e-2)]
         ridge: f64,
         /// Head folder to write (default SAE/dark, where `darkwatch run` looks).
@@ -300,13 +316,26 @@ enum Command {
         /// an .npy vector of any integer, bool or float dtype; or an integer .safetensors.
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// Tensor name in a .safetensors --labels file with several.
+        #[arg(long, requires = "labels")]
+        labels_tensor: Option<String>,
         /// One prompt id per row (one per flattened row for a [batch, seq, d] input), integer
         /// .npy / .safetensors.
         #[arg(long)]
         prompt_ids: Option<PathBuf>,
+        /// Tensor name in a .safetensors --prompt-ids file with several.
+        #[arg(long, requires = "prompt_ids")]
+        prompt_ids_tensor: Option<String>,
         /// In-distribution activations to fit a Mahalanobis baseline on (adds its AUROC).
         #[arg(long)]
         baseline: Option<PathBuf>,
+        /// Tensor name in a .safetensors --baseline file with several.
+        #[arg(long, requires = "baseline")]
+        baseline_tensor: Option<String>,
+        /// The scaling factor of an SAE trained with normalize_activations =
+        /// expected_average_only_in (default: the one `sae-head` recorded with the head).
+        #[arg(long)]
+        norm_scaling_factor: Option<f32>,
         /// Covariance shrinkage of the Mahalanobis baseline towards the scaled identity.
         #[arg(long, default_value_t = 0.1)]
         shrinkage: f64,
@@ -634,6 +663,25 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// `sae-bench --secs`: finite and positive.
+fn parse_bench_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "{s}: give seconds per measurement, a number above 0"
+        )),
+    }
+}
+
+/// A count of at least 1 (`sae-bench --batch 0` used to run batch 1 silently).
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0: give at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s}: {e}")),
+    }
+}
+
 /// Writes to stdout, returning (not panicking on) a closed pipe.
 fn emit(text: &str) -> Result<()> {
     use std::io::Write;
@@ -750,6 +798,7 @@ fn run(command: Command) -> Result<()> {
             mss_neighbours,
             smooth_frames,
         } => {
+            replay::check_model_dir(&model)?;
             let mut cfg = load_config(config.as_deref())?;
             if let Some(b) = backend {
                 cfg.score.backend = b.into();
@@ -877,6 +926,7 @@ fn run(command: Command) -> Result<()> {
             frames,
             config,
         } => {
+            darkwatch::demo::check_model_dir(&model)?;
             let cfg = load_config(config.as_deref())?;
             // The bundled labels belong to the bundled input only: scored against them, any
             // other input would get metrics that mean nothing.
@@ -991,7 +1041,10 @@ fn run(command: Command) -> Result<()> {
                 cfg.score.backend = b.into();
             }
             let model = match model {
-                Some(dir) => Model::load(&dir)?.with_configured_backend(&dir, &cfg)?,
+                Some(dir) => {
+                    darkwatch::bench::check_model_dir(&dir).map_err(anyhow::Error::msg)?;
+                    Model::load(&dir)?.with_configured_backend(&dir, &cfg)?
+                }
                 None if cfg.score.backend == Backend::Onnx => {
                     anyhow::bail!("--backend onnx needs --model DIR with an ONNX graph");
                 }
@@ -1055,7 +1108,10 @@ fn run(command: Command) -> Result<()> {
                 batch,
                 ..Default::default()
             };
-            eprintln!("darkwatch: timing SAE scoring (about a minute)…");
+            eprintln!(
+                "darkwatch: timing SAE scoring (about {})…",
+                darkwatch::sae::bench::duration_text(opts.estimated_secs())
+            );
             emit(&darkwatch::sae::bench::run(&opts)?.to_string())?;
             Ok(())
         }
@@ -1063,6 +1119,7 @@ fn run(command: Command) -> Result<()> {
             input,
             tensor,
             prompt_ids,
+            prompt_ids_tensor,
             out,
             latents,
             k,
@@ -1084,6 +1141,7 @@ fn run(command: Command) -> Result<()> {
                 input: input.clone(),
                 tensor,
                 prompt_ids,
+                prompt_ids_tensor,
                 out,
                 holdout,
                 config: train::SaeTrainConfig {
@@ -1133,6 +1191,8 @@ fn run(command: Command) -> Result<()> {
             input,
             tensor,
             prompt_ids,
+            prompt_ids_tensor,
+            norm_scaling_factor,
             holdout,
             ridge,
             out,
@@ -1154,6 +1214,8 @@ fn run(command: Command) -> Result<()> {
                 input,
                 tensor,
                 prompt_ids,
+                prompt_ids_tensor,
+                norm_scaling_factor,
                 holdout,
                 dark: darkwatch::sae::dark::DarkConfig { ridge },
                 out,
@@ -1168,8 +1230,12 @@ fn run(command: Command) -> Result<()> {
             input,
             tensor,
             labels,
+            labels_tensor,
             prompt_ids,
+            prompt_ids_tensor,
             baseline,
+            baseline_tensor,
+            norm_scaling_factor,
             shrinkage,
             out,
             prompt_out,
@@ -1180,8 +1246,12 @@ fn run(command: Command) -> Result<()> {
                 input,
                 tensor,
                 labels,
+                labels_tensor,
                 prompt_ids,
+                prompt_ids_tensor,
                 baseline,
+                baseline_tensor,
+                norm_scaling_factor,
                 baseline_shrinkage: shrinkage,
                 out,
                 prompt_out,
@@ -1210,7 +1280,7 @@ fn run(command: Command) -> Result<()> {
             use darkwatch::sae::detector::{DetectorError, SaeDetector};
             // An SAE checkpoint, with a dark-matter head (a detector) or without (as
             // published: SAELens, a sparsify layer or run folder).
-            let bare = (!dir.join(model::io::META_FILE).exists())
+            let mut bare = (!dir.join(model::io::META_FILE).exists())
                 .then(|| darkwatch::sae::Sae::load(&dir).ok())
                 .flatten();
             if bare.is_some() || SaeDetector::is_sae_dir(&dir) {
@@ -1221,11 +1291,21 @@ fn run(command: Command) -> Result<()> {
                 }
                 let loaded = SaeDetector::load_on(
                     &dir,
-                    cfg.sae.score,
+                    cfg.sae.clone(),
                     cfg.score.backend,
                     &cfg.cuda,
                     cfg.pipeline.gpu_batch_frames(),
                 );
+                if let (Err(DetectorError::NoHead { .. }), Some(sae)) = (&loaded, bare.as_mut()) {
+                    // The factor reaches the summary; a missing one warns, as for `run`.
+                    darkwatch::sae::detector::apply_norm_scaling(
+                        sae,
+                        cfg.sae
+                            .norm_scaling_factor
+                            .map(|s| (s, "[sae] norm_scaling_factor")),
+                        None,
+                    )?;
+                }
                 match (loaded, bare) {
                     (Ok(det), _) => emit(&det.summary())?,
                     (Err(DetectorError::NoHead { .. }), Some(sae)) => emit(&format!(

@@ -131,6 +131,21 @@ pub enum ReplayError {
     Labels { path: PathBuf, reason: String },
     #[error(transparent)]
     Plot(#[from] PlotError),
+    /// `--model` is an SAE folder: what to use instead.
+    #[error("{0}")]
+    SaeFolder(String),
+}
+
+/// Refuses an SAE folder as `replay --model`, saying what to use instead (it used to fail
+/// with `…/model.json: No such file or directory`).
+///
+/// # Errors
+/// [`ReplayError::SaeFolder`].
+pub fn check_model_dir(dir: &Path) -> Result<(), ReplayError> {
+    match crate::sae::detector::autoencoder_only(dir, "replay") {
+        Some(why) => Err(ReplayError::SaeFolder(why)),
+        None => Ok(()),
+    }
 }
 
 /// Puts the table's columns in the model's feature order (for a windowed model, the order
@@ -184,6 +199,7 @@ pub fn align_features(
 /// Unusable model or input, mismatched features or labels, a pipeline failure, or an
 /// output file that cannot be written.
 pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcome, ReplayError> {
+    check_model_dir(&req.model_dir)?;
     if let Some(path) = &req.plot {
         check_plot_path(path)?;
     }

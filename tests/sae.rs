@@ -851,3 +851,97 @@ fn finetuning_scaling_factor_scales_the_latents_before_decoding() {
         1e-4,
     );
 }
+
+/// numpy saves float64 by default; such weights used to be refused ("has dtype F64, expected
+/// F32, F16 or BF16"). They load, rounded to f32: the same SAE as the f32 file.
+#[test]
+fn f64_weights_load_as_their_f32_rounding() {
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    let f32_sae = Sae::load(&dir).unwrap();
+    edit_weights(&dir.join("sae_weights.safetensors"), |t| {
+        for (dtype, _, data) in t.values_mut() {
+            assert_eq!(*dtype, Dtype::F32);
+            *data = data
+                .chunks_exact(4)
+                .flat_map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+                .collect();
+            *dtype = Dtype::F64;
+        }
+    });
+    let f64_sae = Sae::load(&dir).unwrap();
+    assert_eq!(f64_sae.info().stored_dtype, "F64");
+    assert_eq!(f64_sae.w_dec(), f32_sae.w_dec());
+    assert_eq!(f64_sae.b_enc(), f32_sae.b_enc());
+    let x = npy(&fixtures().join("saelens_relu_v6/x.npy"));
+    let (mut w1, mut w2) = (f32_sae.workspace(8), f64_sae.workspace(8));
+    assert_eq!(
+        f32_sae.forward(x.view(), &mut w1).unwrap().error(),
+        f64_sae.forward(x.view(), &mut w2).unwrap().error()
+    );
+    // Beyond f32's range a value is not finite, and is refused as such.
+    edit_weights(&dir.join("sae_weights.safetensors"), |t| {
+        t.get_mut("b_dec").unwrap().2[..8].copy_from_slice(&1e300f64.to_le_bytes());
+    });
+    let (err, msg) = load_err(&dir);
+    assert!(matches!(err, SaeError::NonFinite { index: 0, .. }), "{msg}");
+}
+
+/// A sparsify cfg.json with neither `num_latents` nor `expansion_factor` used to be read as
+/// sparsify's default factor 32 and fail on the shape of `encoder.weight`; the missing keys
+/// are named.
+#[test]
+fn sparsify_config_without_a_latent_count_names_the_keys() {
+    let (_tmp, dir) = copy_checkpoint("sparsify_topk_f32");
+    edit_cfg(&dir.join("layers.3"), |cfg| {
+        cfg.remove("num_latents");
+        cfg.remove("expansion_factor");
+    });
+    let (err, msg) = load_err(&dir);
+    assert!(
+        matches!(err, SaeError::Config { ref key, .. } if key == "num_latents"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("layers.3/cfg.json")
+            && msg.contains("`expansion_factor`")
+            && msg.contains("encoder.weight [64, 16]"),
+        "{msg}"
+    );
+    // Either key alone is enough.
+    edit_cfg(&dir.join("layers.3"), |cfg| {
+        cfg.insert("expansion_factor".into(), 4.into());
+    });
+    assert_eq!(Sae::load(&dir).unwrap().d_sae(), 64);
+}
+
+/// `cfg.json` holding `[]` (valid JSON, but no object) used to be called "not valid JSON".
+#[test]
+fn a_config_that_is_not_an_object_says_so() {
+    let (_tmp, dir) = copy_checkpoint("saelens_relu_v6");
+    for (text, found) in [("[]", "an array"), ("16", "a number"), ("null", "null")] {
+        fs::write(dir.join("cfg.json"), text).unwrap();
+        let (err, msg) = load_err(&dir);
+        assert!(matches!(err, SaeError::NotAnObject { .. }), "{msg}");
+        assert!(
+            msg.contains("cfg.json: must be a JSON object")
+                && msg.contains(&format!("found {found}"))
+                && !msg.contains("not valid JSON"),
+            "{msg}"
+        );
+    }
+}
+
+/// The weights' sha256 is taken as they load: what a dark-matter head records and checks.
+#[test]
+fn loading_records_the_weights_sha256() {
+    use sha2::Digest;
+    let case = fixtures().join("sparsify_topk_f32/checkpoint");
+    let sae = Sae::load(&case).unwrap();
+    let bytes = fs::read(case.join("layers.3/sae.safetensors")).unwrap();
+    let want: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(sae.info().weights_sha256.as_deref(), Some(want.as_str()));
+    assert_eq!(Sae::random(4, 8, 2, 0).unwrap().info().weights_sha256, None);
+}

@@ -182,6 +182,8 @@ fn sae_head_makes_a_published_sae_watchable_and_bad_setups_are_refused() {
             input: a.join("train.npy"),
             tensor: None,
             prompt_ids: Some(a.join("train_prompt_ids.npy")),
+            prompt_ids_tensor: None,
+            norm_scaling_factor: None,
             holdout,
             dark: DarkConfig { ridge: 1.0 },
             out: None,

@@ -46,6 +46,30 @@ impl Default for SaeBenchOptions {
     }
 }
 
+impl SaeBenchOptions {
+    /// About how long [`run`] takes: each shape's measurements (batch 1, the batch, the
+    /// encoder, and ndarray's product when compared) at `secs_per_measurement` each, plus
+    /// the sgemm reference twice, and setting up each shape (random weights, packing, the
+    /// warm-up calls: about 2.5 s for the default shapes on a 2-vCPU machine).
+    pub fn estimated_secs(&self) -> f64 {
+        let per_shape = 3.0 + f64::from(u8::from(self.compare_ndarray));
+        let shapes = self.shapes.len() as f64;
+        shapes * (per_shape * self.secs_per_measurement + 2.5) + 2.0
+    }
+}
+
+/// `about …` text for a duration in seconds: `20 s`, `a minute`, `3 minutes`.
+pub fn duration_text(secs: f64) -> String {
+    let secs = secs.max(1.0).round();
+    if secs < 45.0 {
+        format!("{secs} s")
+    } else if secs < 90.0 {
+        "a minute".into()
+    } else {
+        format!("{} minutes", (secs / 60.0).round())
+    }
+}
+
 /// One shape's numbers.
 #[derive(Debug, Clone)]
 pub struct SaeBenchRow {
@@ -117,8 +141,7 @@ pub struct SaeBenchReport {
     pub rows: Vec<SaeBenchRow>,
 }
 
-/// Runs the benchmark (single thread; takes about 4 × 3 × `secs_per_measurement` plus the
-/// weight set-up).
+/// Runs the benchmark (single thread; takes about [`SaeBenchOptions::estimated_secs`]).
 ///
 /// # Errors
 /// [`SaeError::Invalid`] for a shape of 0 or `k` outside `1..=d_sae`.
@@ -271,5 +294,29 @@ impl fmt::Display for SaeBenchReport {
              shared machine affects them alike); ndarray: general_mat_mul on the same product, p50."
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The "about …" that `sae-bench` prints follows `--secs` (it said "about a minute"
+    /// whatever was asked).
+    #[test]
+    fn the_estimate_follows_the_seconds_per_measurement() {
+        let at = |secs: f64| {
+            duration_text(
+                SaeBenchOptions {
+                    secs_per_measurement: secs,
+                    ..Default::default()
+                }
+                .estimated_secs(),
+            )
+        };
+        assert_eq!(at(0.1), "14 s");
+        assert_eq!(at(2.0), "44 s");
+        assert_eq!(at(4.0), "a minute");
+        assert_eq!(at(30.0), "8 minutes");
     }
 }

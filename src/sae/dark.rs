@@ -317,6 +317,37 @@ struct DarkMeta {
     c_norm: f64,
     sigma_norm: f64,
     train_r2: R2,
+    /// The SAE the head was fitted with (`sae-head`, `sae-train`): what its errors, and so the
+    /// head and its calibration, belong to. Absent from heads written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sae: Option<SaeRecord>,
+}
+
+/// What a head records of the SAE it was fitted with ([`DarkHead::record_sae`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaeRecord {
+    /// The weights file's name (`sae_weights.safetensors`, `sae.safetensors`), for messages.
+    pub weights_file: String,
+    /// The lowercase hex sha256 of that file as loaded.
+    pub weights_sha256: String,
+    /// The `expected_average_only_in` scaling factor the SAE ran with, if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_scaling_factor: Option<f32>,
+}
+
+impl DarkConfig {
+    /// Checks the settings before any work (`sae-train` would otherwise train every epoch
+    /// and only then refuse the ridge).
+    ///
+    /// # Errors
+    /// [`DarkError::BadRidge`].
+    pub fn validate(&self) -> Result<(), DarkError> {
+        if !(self.ridge.is_finite() && self.ridge >= 0.0) {
+            return Err(DarkError::BadRidge(self.ridge));
+        }
+        Ok(())
+    }
 }
 
 /// Preallocated buffers for [`DarkHead::score`].
@@ -356,9 +387,7 @@ impl DarkHead {
         config: &DarkConfig,
         held_out: Option<(ArrayView2<f32>, ArrayView2<f32>)>,
     ) -> Result<DarkFit, DarkError> {
-        if !(config.ridge.is_finite() && config.ridge >= 0.0) {
-            return Err(DarkError::BadRidge(config.ridge));
-        }
+        config.validate()?;
         if stats.n == 0 {
             return Err(DarkError::NoRows);
         }
@@ -429,6 +458,7 @@ impl DarkHead {
                 c_norm: c,
                 sigma_norm: sigma,
                 train_r2: train,
+                sae: None,
             },
         );
         let held_out = match held_out {
@@ -513,6 +543,18 @@ impl DarkHead {
     /// σ of the norm prediction on the fit data.
     pub fn sigma(&self) -> f32 {
         self.sigma
+    }
+
+    /// The SAE the head was fitted with, when it was recorded (heads written before
+    /// darkwatch recorded it have none).
+    pub fn sae_record(&self) -> Option<&SaeRecord> {
+        self.meta.sae.as_ref()
+    }
+
+    /// Records the SAE the head was fitted with (saved in `dark_head.json`): loading the head
+    /// for any other weights is then refused ([`super::detector::load_head`]).
+    pub fn record_sae(&mut self, record: SaeRecord) {
+        self.meta.sae = Some(record);
     }
 
     /// The absolute λ the fit used.

@@ -85,6 +85,39 @@ impl SaeScoreKind {
 pub struct SaeConfig {
     /// `error_norm`, `nonlinear` or `deviation` (see [`SaeScoreKind`]).
     pub score: SaeScoreKind,
+    /// The dataset-level factor s of an SAE trained with `normalize_activations =
+    /// "expected_average_only_in"` (SAELens keeps it outside the checkpoint, as its release
+    /// registry's `norm_scaling_factor`): x·s goes in, x̂/s comes out. Unset: the factor
+    /// `sae-head --norm-scaling-factor` recorded with the head, else none (a warning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_scaling_factor: Option<f32>,
+}
+
+impl From<SaeScoreKind> for SaeConfig {
+    fn from(score: SaeScoreKind) -> SaeConfig {
+        SaeConfig {
+            score,
+            ..SaeConfig::default()
+        }
+    }
+}
+
+impl SaeConfig {
+    /// Checks the keys the types cannot: the key (within `[sae]`) and why.
+    ///
+    /// # Errors
+    /// A `norm_scaling_factor` that is not finite and positive.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(s) = self.norm_scaling_factor
+            && !(s.is_finite() && s > 0.0)
+        {
+            return Err((
+                "norm_scaling_factor",
+                format!("{s} must be finite and positive"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Which tokens' scores a calibration holds.
@@ -126,11 +159,16 @@ pub enum DetectorError {
     #[error(transparent)]
     Dark(#[from] DarkError),
     #[error(
-        "{dir}: no dark-matter head (expected {DARK_META_FILE}); `darkwatch sae-train` writes \
-         one, `darkwatch sae-head --sae <SAE> --input <normal activations>` fits one for a \
-         published SAE"
+        "{dir}: no dark-matter head (expected {DARK_META_FILE}); `darkwatch sae-head --sae {sae} \
+         --input <normal activations>` fits one for this SAE (`darkwatch sae-train` trains an \
+         SAE with its head)",
+        sae = sae.display()
     )]
-    NoHead { dir: PathBuf },
+    NoHead { dir: PathBuf, sae: PathBuf },
+    #[error(transparent)]
+    OtherSae(Box<HeadForOtherSae>),
+    #[error("{what}: {reason}")]
+    Scaling { what: String, reason: String },
     #[error(
         "the dark-matter head in {dir} takes d = {head}, the SAE d_in = {sae}: it belongs to \
          another SAE; fit this one's with `darkwatch sae-head`"
@@ -149,6 +187,29 @@ pub enum DetectorError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// A head whose recorded SAE weights are not those of the SAE beside it
+/// ([`DetectorError::OtherSae`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{head} was fitted on SAE weights {recorded_file} with sha256 {recorded}…, but this SAE's \
+     {weights} has sha256 {found}…: the head and its calibration belong to another SAE, and \
+     thresholds from them would be wrong; fit this SAE's own with `{fix}`",
+    head = head.display(),
+    weights = weights.display()
+)]
+pub struct HeadForOtherSae {
+    /// The head's `dark_head.json`.
+    pub head: PathBuf,
+    /// The weights file name and (12 hex digits of) the sha256 the head records.
+    pub recorded_file: String,
+    pub recorded: String,
+    /// The SAE's weights file and (12 hex digits of) its sha256.
+    pub weights: PathBuf,
+    pub found: String,
+    /// The `sae-head` command that fits this SAE's head.
+    pub fix: String,
 }
 
 /// A loaded SAE, its head, and the calibration of the chosen score.
@@ -215,7 +276,9 @@ impl Calibration {
         if self.len() < MIN_CALIBRATION_SCORES {
             line.push_str(&format!(
                 "; WARNING: thresholds need at least {MIN_CALIBRATION_SCORES}, so `darkwatch run` \
-                 will refuse this folder (hold out more rows)"
+                 will refuse this folder (offline `sae-score` works): rerun with more rows or a \
+                 larger --holdout and --force (the folder exists now), or --holdout 0 to \
+                 calibrate on every row"
             ));
         } else if self.rows == CalibrationRows::Training {
             line.push_str(
@@ -269,10 +332,12 @@ impl Calibration {
     }
 
     /// Reads one score's calibration from `dir/calibration.safetensors`, and which rows it
-    /// came from (if the file says).
+    /// came from (if the file says); `sae_dir` is the SAE's folder, for the command that
+    /// makes a new one.
     fn load(
         dir: &Path,
         kind: SaeScoreKind,
+        sae_dir: &Path,
     ) -> Result<(Vec<f32>, Option<CalibrationRows>), DetectorError> {
         let path = dir.join(CALIBRATION_FILE);
         let bad = |reason: String| DetectorError::Calibration {
@@ -282,7 +347,8 @@ impl Calibration {
         let bytes = fs::read(&path).map_err(|e| {
             bad(format!(
                 "{e}: the streaming thresholds calibrate on these scores of normal tokens \
-                 (`darkwatch sae-train` and `darkwatch sae-head` write them)"
+                 (`darkwatch sae-train` and `darkwatch sae-head` write them: `{}`)",
+                sae_head_fix(sae_dir, dir)
             ))
         })?;
         let st = SafeTensors::deserialize(&bytes)
@@ -307,8 +373,10 @@ impl Calibration {
         if finite < MIN_CALIBRATION_SCORES {
             return Err(bad(format!(
                 "`{}` holds {finite} finite scores; thresholds need at least \
-                 {MIN_CALIBRATION_SCORES} (rerun `darkwatch sae-head` with more held-out rows)",
-                kind.tensor()
+                 {MIN_CALIBRATION_SCORES}: refit with at least {MIN_CALIBRATION_SCORES} \
+                 held-out rows (`{}`, with --holdout 0 every row counts)",
+                kind.tensor(),
+                sae_head_fix(sae_dir, dir)
             )));
         }
         let (_, meta) = SafeTensors::read_metadata(&bytes)
@@ -322,16 +390,70 @@ impl Calibration {
     }
 }
 
-/// The dark-matter head in `dark` for `sae`: [`DetectorError::NoHead`] (which says how to
-/// fit one) when the folder holds none, [`DetectorError::Width`] when it was fitted to
-/// activations of another width.
+/// The command that fits a head for the SAE in `sae_dir` (the folder as the user named it)
+/// into `dark`: `--out` when that is not where `run` looks, `--force` when a head is there.
+pub fn sae_head_fix(sae_dir: &Path, dark: &Path) -> String {
+    let mut cmd = format!(
+        "darkwatch sae-head --sae {} --input <normal activations>",
+        sae_dir.display()
+    );
+    if dark != sae_dir.join(DARK_DIR) {
+        cmd.push_str(&format!(" --out {}", dark.display()));
+    }
+    if dark.join(DARK_META_FILE).exists() {
+        cmd.push_str(" --force");
+    }
+    cmd
+}
+
+/// Why `command` (`replay`, `demo`, `bench`: autoencoder commands on metric tables) cannot
+/// take the SAE folder `dir`, with what to use instead; `None` when `dir` is not one.
+pub fn autoencoder_only(dir: &Path, command: &str) -> Option<String> {
+    if !SaeDetector::is_sae_dir(dir) {
+        return None;
+    }
+    let d = dir.display();
+    Some(format!(
+        "{d} is an SAE folder (cfg.json and SAE weights, not a darkwatch model.json): `darkwatch \
+         {command}` runs the autoencoders `darkwatch train` writes, on metric tables. With an \
+         SAE use `darkwatch sae-score --sae {d} --input <activations.npy> [--labels …]` for \
+         offline scores (AUROC with labels), `darkwatch sae-bench` for its speed, or `darkwatch \
+         run` with [agent] model_dir = \"{d}\" and format = \"raw\" to watch live activations \
+         with thresholds and alerts"
+    ))
+}
+
+/// The [`SaeRecord`](super::dark::SaeRecord) of `sae` as loaded from a folder (`None` for
+/// one built in memory): what a head fitted on it records.
+pub fn sae_record(sae: &Sae) -> Option<super::dark::SaeRecord> {
+    let sha = sae.info().weights_sha256.clone()?;
+    let file = match sae.info().format {
+        super::SaeFormat::Sparsify => SPARSIFY_WEIGHTS,
+        _ => SAELENS_WEIGHTS,
+    };
+    Some(super::dark::SaeRecord {
+        weights_file: file.into(),
+        weights_sha256: sha,
+        norm_scaling_factor: match sae.normalization() {
+            super::Normalization::ExpectedAverageOnlyIn { scaling_factor } => scaling_factor,
+            _ => None,
+        },
+    })
+}
+
+/// The dark-matter head in `dark` for `sae`, read from `sae_dir` (the folder as named):
+/// [`DetectorError::NoHead`] (which says how to fit one) when the folder holds none,
+/// [`DetectorError::Width`] when it was fitted to activations of another width,
+/// [`DetectorError::OtherSae`] when it records other SAE weights than `sae`'s. A head that
+/// records none (written before darkwatch recorded them) loads, with a warning.
 ///
 /// # Errors
 /// As above, or a head that cannot be read.
-pub fn load_head(dark: &Path, sae: &Sae) -> Result<DarkHead, DetectorError> {
+pub fn load_head(dark: &Path, sae: &Sae, sae_dir: &Path) -> Result<DarkHead, DetectorError> {
     if !dark.join(DARK_META_FILE).is_file() {
         return Err(DetectorError::NoHead {
             dir: dark.to_path_buf(),
+            sae: sae_dir.to_path_buf(),
         });
     }
     let head = DarkHead::load(dark)?;
@@ -342,7 +464,87 @@ pub fn load_head(dark: &Path, sae: &Sae) -> Result<DarkHead, DetectorError> {
             sae: sae.d_in(),
         });
     }
+    let weights = || {
+        let file = sae_record(sae).map_or(SAELENS_WEIGHTS.into(), |r| r.weights_file);
+        sae.info()
+            .dir
+            .as_ref()
+            .map_or_else(|| PathBuf::from(&file), |d| d.join(&file))
+    };
+    match (head.sae_record(), &sae.info().weights_sha256) {
+        (Some(rec), Some(found)) if rec.weights_sha256 != *found => {
+            return Err(DetectorError::OtherSae(Box::new(HeadForOtherSae {
+                head: dark.join(DARK_META_FILE),
+                recorded_file: rec.weights_file.clone(),
+                recorded: rec.weights_sha256.chars().take(12).collect(),
+                weights: weights(),
+                found: found.chars().take(12).collect(),
+                fix: sae_head_fix(sae_dir, dark),
+            })));
+        }
+        (None, Some(_)) => tracing::warn!(
+            "{}: the head records no SAE weights (written before darkwatch recorded them), so \
+             it cannot be checked against {}; if it was fitted on another SAE its calibration \
+             is wrong. `{}` refits it and records them",
+            dark.join(DARK_META_FILE).display(),
+            weights().display(),
+            sae_head_fix(sae_dir, dark)
+        ),
+        _ => {}
+    }
     Ok(head)
+}
+
+/// Sets the `expected_average_only_in` scaling factor of `sae`: `given` (with the option or
+/// key that gave it, for messages) or else the one `head` recorded. Warns when an SAE that
+/// needs one gets none.
+///
+/// # Errors
+/// [`DetectorError::Scaling`]: a given factor for an SAE of another normalisation, one that
+/// is not finite and positive, or one other than the head's calibration was computed with.
+pub fn apply_norm_scaling(
+    sae: &mut Sae,
+    given: Option<(f32, &str)>,
+    head: Option<(&DarkHead, &Path)>,
+) -> Result<(), DetectorError> {
+    let recorded = head.and_then(|(h, dir)| {
+        h.sae_record()
+            .and_then(|r| r.norm_scaling_factor)
+            .map(|s| (s, dir.join(DARK_META_FILE)))
+    });
+    let factor = match (given, &recorded) {
+        (Some((g, what)), Some((r, file))) if g != *r => {
+            return Err(DetectorError::Scaling {
+                what: what.into(),
+                reason: format!(
+                    "{g}, but the head in {} was fitted and calibrated with the SAE scaled by \
+                     {r}: drop the setting to use {r}, or refit the head with `sae-head \
+                     --norm-scaling-factor {g} --force`",
+                    file.display()
+                ),
+            });
+        }
+        (Some((g, what)), _) => Some((g, what.to_string())),
+        (None, Some((r, file))) => Some((*r, format!("{} (norm_scaling_factor)", file.display()))),
+        (None, None) => None,
+    };
+    match factor {
+        Some((s, what)) => sae
+            .set_norm_scaling_factor(s)
+            .map_err(|e| DetectorError::Scaling {
+                what,
+                reason: match e {
+                    SaeError::Invalid(r) => r,
+                    e => e.to_string(),
+                },
+            }),
+        None => {
+            if let Some(why) = sae.unscaled_warning() {
+                tracing::warn!("{why}");
+            }
+            Ok(())
+        }
+    }
 }
 
 impl SaeDetector {
@@ -351,7 +553,20 @@ impl SaeDetector {
     /// its checkpoint one level down). [`SaeDetector::load`] then says what is missing.
     pub fn is_sae_dir(dir: &Path) -> bool {
         !dir.join(crate::model::io::META_FILE).exists()
-            && (dir.join(CONFIG_FILE).is_file() || dir.join(DARK_DIR).is_dir())
+            && (dir.join(CONFIG_FILE).is_file()
+                || dir.join(DARK_DIR).is_dir()
+                || Self::has_layer_folder(dir))
+    }
+
+    /// Whether `dir` holds a sparsify hookpoint folder (`layers.5/` with `cfg.json` and
+    /// `sae.safetensors`): a sparsify run folder.
+    fn has_layer_folder(dir: &Path) -> bool {
+        fs::read_dir(dir).is_ok_and(|entries| {
+            entries.filter_map(Result::ok).any(|e| {
+                let p = e.path();
+                p.join(CONFIG_FILE).is_file() && p.join(SPARSIFY_WEIGHTS).is_file()
+            })
+        })
     }
 
     /// The SAE files of `dir` by name (a folder's with a trailing `/`): a checkpoint's
@@ -379,24 +594,43 @@ impl SaeDetector {
         found
     }
 
-    /// Loads the SAE in `dir`, its head and calibration from `dir/dark`.
+    /// Loads the SAE in `dir`, its head and calibration from `dir/dark`, scored as `config`
+    /// (`[sae]`, or just a [`SaeScoreKind`]) says.
     ///
     /// # Errors
     /// A bad checkpoint or head, a missing head or calibration (each naming the file and
-    /// how to make it), or a head of another width.
-    pub fn load(dir: &Path, score: SaeScoreKind) -> Result<SaeDetector, DetectorError> {
-        let sae = Sae::load(dir)?;
+    /// how to make it), a head of another width or fitted on other SAE weights, or a
+    /// scaling factor that does not apply ([`apply_norm_scaling`]).
+    pub fn load(dir: &Path, config: impl Into<SaeConfig>) -> Result<SaeDetector, DetectorError> {
+        let config = config.into();
+        let score = config.score;
+        let mut sae = Sae::load(dir)?;
         let dark = dir.join(DARK_DIR);
-        let head = load_head(&dark, &sae)?;
-        let (calibration, calibration_rows) = Calibration::load(&dark, score)?;
+        let head = load_head(&dark, &sae, dir)?;
+        apply_norm_scaling(
+            &mut sae,
+            config
+                .norm_scaling_factor
+                .map(|s| (s, "[sae] norm_scaling_factor")),
+            Some((&head, &dark)),
+        )?;
+        let (calibration, calibration_rows) = Calibration::load(&dark, score, dir)?;
         // The id covers everything that changes a score or a threshold. The checkpoint is
-        // hashed where it was read (a sparsify run folder's layer folder), streamed.
+        // hashed where it was read (a sparsify run folder's layer folder), streamed; its
+        // weights by the sha256 taken as they were loaded.
         let ckpt = sae.info().dir.clone().unwrap_or_else(|| dir.to_path_buf());
         let mut hash = Sha256::new();
+        if let Some(sha) = &sae.info().weights_sha256 {
+            hash.update(sha.as_bytes());
+        }
+        if let super::Normalization::ExpectedAverageOnlyIn {
+            scaling_factor: Some(s),
+        } = sae.normalization()
+        {
+            hash.update(s.to_le_bytes());
+        }
         for path in [
             ckpt.join(CONFIG_FILE),
-            ckpt.join(SAELENS_WEIGHTS),
-            ckpt.join(SPARSIFY_WEIGHTS),
             dark.join(DARK_WEIGHTS_FILE),
             dark.join(DARK_META_FILE),
             dark.join(CALIBRATION_FILE),
@@ -478,12 +712,12 @@ impl SaeDetector {
     /// As [`Self::load`]; with `fallback = "error"`, why the GPU cannot be used.
     pub fn load_on(
         dir: &Path,
-        score: SaeScoreKind,
+        config: impl Into<SaeConfig>,
         backend: Backend,
         cuda: &CudaConfig,
         gpu_batch: usize,
     ) -> Result<SaeDetector, DetectorError> {
-        let mut det = SaeDetector::load(dir, score)?;
+        let mut det = SaeDetector::load(dir, config)?;
         match backend {
             Backend::Native => {}
             Backend::Onnx => tracing::warn!(

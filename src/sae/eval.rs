@@ -44,6 +44,7 @@ use super::{Sae, SaeError};
 use crate::eval::{self, EvalError};
 use crate::ingest::IngestError;
 use crate::model::io::MAX_CALIBRATION_SCORES;
+use crate::threshold::MIN_CALIBRATION_SCORES;
 
 /// Why an evaluation step failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,11 +94,17 @@ fn is_safetensors(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
 }
 
-/// Picks the tensor `name`, or the only tensor of the file.
+/// The option that names the tensor, for messages, when the caller does not say.
+const TENSOR_OPTION: &str = "the tensor option";
+
+/// Picks the tensor `name`, or the only tensor of the file; `flag` is the option that
+/// names it (`--tensor`, `--prompt-ids-tensor`, …), for the message when the file holds
+/// several and none was named.
 fn pick_tensor<'a>(
     path: &Path,
     st: &'a SafeTensors<'a>,
     name: Option<&str>,
+    flag: &str,
 ) -> Result<safetensors::tensor::TensorView<'a>, SaeEvalError> {
     let mut names: Vec<&str> = st.names();
     names.sort_unstable();
@@ -114,7 +121,7 @@ fn pick_tensor<'a>(
         None => Err(input_err(
             path,
             format!(
-                "holds {} tensors ({}); name one with the tensor option",
+                "holds {} tensors ({}); name one with {flag}",
                 names.len(),
                 names.join(", ")
             ),
@@ -143,6 +150,15 @@ pub fn read_activations_shaped(
     path: &Path,
     tensor: Option<&str>,
 ) -> Result<(Array2<f32>, Vec<usize>), SaeEvalError> {
+    read_activations_flagged(path, tensor, TENSOR_OPTION)
+}
+
+/// [`read_activations_shaped`], `flag` naming the option that names the tensor.
+fn read_activations_flagged(
+    path: &Path,
+    tensor: Option<&str>,
+    flag: &str,
+) -> Result<(Array2<f32>, Vec<usize>), SaeEvalError> {
     if !is_safetensors(path) {
         if path.extension().and_then(|e| e.to_str()) != Some("npy") {
             return Err(input_err(
@@ -153,7 +169,7 @@ pub fn read_activations_shaped(
         if tensor.is_some() {
             return Err(input_err(
                 path,
-                "a tensor name applies to .safetensors only",
+                format!("{flag} applies to .safetensors only"),
             ));
         }
         let (table, shape) = crate::ingest::npy::read_npy_rows(path)?;
@@ -164,7 +180,7 @@ pub fn read_activations_shaped(
     let bytes = read_file(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| input_err(path, format!("not a valid safetensors file: {e}")))?;
-    let t = pick_tensor(path, &st, tensor)?;
+    let t = pick_tensor(path, &st, tensor, flag)?;
     let shape = t.shape().to_vec();
     // safetensors checked the data against the shape, so the product fits.
     let (rows, cols) = match shape.as_slice() {
@@ -245,7 +261,7 @@ fn read_activations_for(
     path: &Path,
     tensor: Option<&str>,
 ) -> Result<(Array2<f32>, Vec<usize>), SaeEvalError> {
-    let (x, shape) = read_activations_shaped(path, tensor)?;
+    let (x, shape) = read_activations_flagged(path, tensor, "--tensor")?;
     if x.ncols() != sae.d_in() {
         return Err(input_err(
             path,
@@ -273,13 +289,14 @@ pub fn read_ints(
     rows: usize,
     what: &str,
 ) -> Result<Vec<i64>, SaeEvalError> {
-    read_ints_noted(path, tensor, rows, what, "")
+    read_ints_noted(path, (tensor, TENSOR_OPTION), rows, what, "")
 }
 
-/// [`read_ints`], with `note` (from [`rows_note`]) after a shape or count error.
+/// [`read_ints`], with `note` (from [`rows_note`]) after a shape or count error; the tensor
+/// comes with the option that names it (`--prompt-ids-tensor`), for messages.
 fn read_ints_noted(
     path: &Path,
-    tensor: Option<&str>,
+    (tensor, flag): (Option<&str>, &str),
     rows: usize,
     what: &str,
     note: &str,
@@ -288,7 +305,7 @@ fn read_ints_noted(
         let bytes = read_file(path)?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| input_err(path, format!("not a valid safetensors file: {e}")))?;
-        let t = pick_tensor(path, &st, tensor)?;
+        let t = pick_tensor(path, &st, tensor, flag)?;
         if !matches!(*t.shape(), [_] | [_, 1]) {
             return Err(input_err(
                 path,
@@ -330,7 +347,7 @@ fn read_ints_noted(
         if tensor.is_some() {
             return Err(input_err(
                 path,
-                "a tensor name applies to .safetensors only",
+                format!("{flag} applies to .safetensors only"),
             ));
         }
         let bytes = read_file(path)?;
@@ -389,13 +406,14 @@ pub fn read_labels(
     tensor: Option<&str>,
     rows: usize,
 ) -> Result<Vec<u8>, SaeEvalError> {
-    read_labels_noted(path, tensor, rows, "")
+    read_labels_noted(path, (tensor, TENSOR_OPTION), rows, "")
 }
 
-/// [`read_labels`], with `note` (from [`rows_note`]) after a shape or count error.
+/// [`read_labels`], with `note` (from [`rows_note`]) after a shape or count error; the tensor
+/// comes with the option that names it (`--labels-tensor`), for messages.
 fn read_labels_noted(
     path: &Path,
-    tensor: Option<&str>,
+    (tensor, flag): (Option<&str>, &str),
     rows: usize,
     note: &str,
 ) -> Result<Vec<u8>, SaeEvalError> {
@@ -403,7 +421,7 @@ fn read_labels_noted(
         if tensor.is_some() {
             return Err(input_err(
                 path,
-                "a tensor name applies to .safetensors only",
+                format!("{flag} applies to .safetensors only"),
             ));
         }
         return crate::ingest::read_labels(path, Some(rows)).map_err(|e| match e {
@@ -413,7 +431,7 @@ fn read_labels_noted(
             e => e.into(),
         });
     }
-    read_ints_noted(path, tensor, rows, "labels", note)?
+    read_ints_noted(path, (tensor, flag), rows, "labels", note)?
         .into_iter()
         .enumerate()
         .map(|(i, v)| match v {
@@ -1054,6 +1072,8 @@ pub struct SaeTrainArgs {
     pub input: PathBuf,
     pub tensor: Option<String>,
     pub prompt_ids: Option<PathBuf>,
+    /// The tensor of a `.safetensors` `prompt_ids` file with several (`--prompt-ids-tensor`).
+    pub prompt_ids_tensor: Option<String>,
     pub out: PathBuf,
     /// Share of prompts (or rows) held out from SAE and head training, for reporting.
     pub holdout: f64,
@@ -1098,12 +1118,14 @@ pub fn sae_train_command(
 ) -> Result<(SaeTrainSummary, String), SaeEvalError> {
     check_train_out(&args.out, args.force)?;
     check_train_settings(args)?;
-    let (x, shape) = read_activations_shaped(&args.input, args.tensor.as_deref())?;
+    let (x, shape) = read_activations_flagged(&args.input, args.tensor.as_deref(), "--tensor")?;
     let note = rows_note(&args.input, &shape);
-    let ids = match &args.prompt_ids {
-        Some(p) => Some(read_ints_noted(p, None, x.nrows(), "prompt ids", &note)?),
-        None => None,
-    };
+    let ids = read_prompt_ids(
+        args.prompt_ids.as_deref(),
+        &args.prompt_ids_tensor,
+        x.nrows(),
+        &note,
+    )?;
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
     let train = x.select(Axis(0), &train_rows);
     let held = x.select(Axis(0), &held_rows);
@@ -1179,7 +1201,15 @@ pub fn sae_train_command(
         })?;
     }
     save_saelens(&trained.parts, &args.out, &args.meta)?;
-    fit.head.save(&dark_dir)?;
+    // The head records the weights as written, which is how every command loads them.
+    let mut head = fit.head.clone();
+    let weights = args.out.join(super::load::SAELENS_WEIGHTS);
+    head.record_sae(super::dark::SaeRecord {
+        weights_file: super::load::SAELENS_WEIGHTS.into(),
+        weights_sha256: super::load::file_sha256(&weights)?,
+        norm_scaling_factor: None,
+    });
+    head.save(&dark_dir)?;
     // Thresholds calibrate on scores of tokens neither the SAE nor the head saw: held-out
     // rows, else cross-fitted ones (each row's error from an SAE, and its score from a
     // head, fitted without its fold); the training rows only as a last resort.
@@ -1328,6 +1358,7 @@ fn check_train_out(out: &Path, force: bool) -> Result<(), SaeEvalError> {
 /// non-cross-fitted head of `--dark-folds 0`). (No epoch, which would write an untrained SAE,
 /// is refused by [`SaeTrainConfig::validate`].)
 fn check_train_settings(args: &SaeTrainArgs) -> Result<(), SaeEvalError> {
+    check_ridge(&args.dark)?;
     if args.dark_folds == 1 {
         return Err(SaeEvalError::Invalid(
             "--dark-folds 1: cross-fitting takes at least 2 folds (each fold's SAE trains on \
@@ -1337,6 +1368,42 @@ fn check_train_settings(args: &SaeTrainArgs) -> Result<(), SaeEvalError> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a head setting before any work (`--ridge -1` used to train every epoch first).
+fn check_ridge(dark: &DarkConfig) -> Result<(), SaeEvalError> {
+    dark.validate().map_err(|_| {
+        SaeEvalError::Invalid(format!(
+            "--ridge {}: the dark-matter head's ridge must be finite and at least 0 (relative \
+             to the mean feature variance; 0 is plain least squares)",
+            dark.ridge
+        ))
+    })
+}
+
+/// The prompt ids of `rows` activation rows, from `path` (the tensor `tensor` of a
+/// `.safetensors` file with several, named by `--prompt-ids-tensor`).
+fn read_prompt_ids(
+    path: Option<&Path>,
+    tensor: &Option<String>,
+    rows: usize,
+    note: &str,
+) -> Result<Option<Vec<i64>>, SaeEvalError> {
+    if let (None, Some(_)) = (path, tensor) {
+        return Err(SaeEvalError::Invalid(
+            "--prompt-ids-tensor names a tensor of the --prompt-ids file; give --prompt-ids".into(),
+        ));
+    }
+    path.map(|p| {
+        read_ints_noted(
+            p,
+            (tensor.as_deref(), "--prompt-ids-tensor"),
+            rows,
+            "prompt ids",
+            note,
+        )
+    })
+    .transpose()
 }
 
 /// Refuses, before any work, to fit a dark-matter head of width `d` on `rows` rows of
@@ -1361,6 +1428,11 @@ pub struct SaeHeadArgs {
     pub input: PathBuf,
     pub tensor: Option<String>,
     pub prompt_ids: Option<PathBuf>,
+    /// The tensor of a `.safetensors` `prompt_ids` file with several (`--prompt-ids-tensor`).
+    pub prompt_ids_tensor: Option<String>,
+    /// The `expected_average_only_in` scaling factor (`--norm-scaling-factor`), recorded
+    /// with the head.
+    pub norm_scaling_factor: Option<f32>,
     /// Share of prompts (or rows) held out from the fit: held-out R² and the threshold
     /// calibration come from them. 0: fit on every row, calibrate on cross-fitted scores.
     pub holdout: f64,
@@ -1384,8 +1456,16 @@ const HEAD_FOLDS: usize = 5;
 /// Bad input, a head already in place (without `force`), a failed fit or write, each
 /// naming its file.
 pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
-    let sae = Sae::load(&args.sae)?;
+    check_ridge(&args.dark)?;
+    let mut sae = Sae::load(&args.sae)?;
+    super::detector::apply_norm_scaling(
+        &mut sae,
+        args.norm_scaling_factor
+            .map(|s| (s, "--norm-scaling-factor")),
+        None,
+    )?;
     let dir = args.out.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
+    check_head_out(&sae, &args.sae, &dir)?;
     if !args.force && dir.join(super::dark::DARK_META_FILE).exists() {
         return Err(input_err(
             &dir,
@@ -1395,12 +1475,15 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
     }
     let (x, shape) = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
     let note = rows_note(&args.input, &shape);
-    let ids = match &args.prompt_ids {
-        Some(p) => Some(read_ints_noted(p, None, x.nrows(), "prompt ids", &note)?),
-        None => None,
-    };
+    let ids = read_prompt_ids(
+        args.prompt_ids.as_deref(),
+        &args.prompt_ids_tensor,
+        x.nrows(),
+        &note,
+    )?;
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
     check_head_rows(&args.input, train_rows.len(), x.nrows(), x.ncols())?;
+    check_calibration_rows(args, x.nrows(), ids.is_some(), &train_rows, &held_rows)?;
     let train = x.select(Axis(0), &train_rows);
     let (fit, calibration) = if held_rows.is_empty() {
         let rows = train.nrows();
@@ -1438,7 +1521,11 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
         let c = Calibration::from_scores(&scores, CalibrationRows::HeldOut, usize::MAX);
         (fit, c)
     };
-    fit.head.save(&dir)?;
+    let mut head = fit.head.clone();
+    if let Some(record) = super::detector::sae_record(&sae) {
+        head.record_sae(record);
+    }
+    head.save(&dir)?;
     calibration.save(&dir)?;
     let r2 = |v: R2| format!("vector {:.3}, norm {:.3}", v.vector, v.norm);
     let mut text = String::new();
@@ -1457,6 +1544,75 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
     Ok(text)
 }
 
+/// Refuses a `sae-head --out` folder inside another SAE's folder: `out` itself, or the
+/// folder above it (`other-sae/dark`, where `run` would take the head for that SAE's own),
+/// holding a checkpoint whose weights are not `sae`'s.
+fn check_head_out(sae: &Sae, sae_dir: &Path, out: &Path) -> Result<(), SaeEvalError> {
+    let mine = &sae.info().weights_sha256;
+    for dir in [Some(out), out.parent()].into_iter().flatten() {
+        if dir.as_os_str().is_empty() || !super::detector::SaeDetector::is_sae_dir(dir) {
+            continue;
+        }
+        if let Ok(other) = Sae::load(dir)
+            && other.info().weights_sha256 != *mine
+        {
+            return Err(input_err(
+                out,
+                format!(
+                    "is in {}, which holds another SAE than --sae {} (other weights): a head \
+                     fitted for one SAE and written into another's folder would be used for it \
+                     with the wrong calibration; drop --out to write {}, or choose a folder \
+                     outside other SAEs",
+                    dir.display(),
+                    sae_dir.display(),
+                    sae_dir.join(DARK_DIR).display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses, before the fit, a `sae-head` run whose calibration would hold fewer scores than
+/// thresholds need ([`MIN_CALIBRATION_SCORES`]): the held-out rows, or with `--holdout 0`
+/// every row. `run` would refuse the folder it wrote.
+fn check_calibration_rows(
+    args: &SaeHeadArgs,
+    rows: usize,
+    prompts: bool,
+    train_rows: &[usize],
+    held_rows: &[usize],
+) -> Result<(), SaeEvalError> {
+    let (n, which) = if held_rows.is_empty() {
+        (
+            train_rows.len(),
+            "rows (--holdout 0 calibrates on every row)",
+        )
+    } else {
+        (held_rows.len(), "held-out rows")
+    };
+    if n >= MIN_CALIBRATION_SCORES {
+        return Ok(());
+    }
+    let unit = if prompts { "prompts" } else { "rows" };
+    let more = if held_rows.is_empty() {
+        format!("give at least {MIN_CALIBRATION_SCORES} rows")
+    } else {
+        format!(
+            "hold out more {unit} (--holdout {}: {n} of {rows} rows), give more rows, or use \
+             --holdout 0 (every row calibrates, cross-fitted)",
+            args.holdout
+        )
+    };
+    Err(input_err(
+        &args.input,
+        format!(
+            "{n} {which} would give the threshold calibration {n} scores; `darkwatch run` needs \
+             at least {MIN_CALIBRATION_SCORES}: {more}"
+        ),
+    ))
+}
+
 /// The last [`MAX_CALIBRATION_SCORES`] rows of `x`: all a calibration keeps.
 fn tail(x: ArrayView2<'_, f32>) -> ArrayView2<'_, f32> {
     let first = x.nrows().saturating_sub(MAX_CALIBRATION_SCORES);
@@ -1472,9 +1628,18 @@ pub struct SaeScoreArgs {
     pub input: PathBuf,
     pub tensor: Option<String>,
     pub labels: Option<PathBuf>,
+    /// The tensor of a `.safetensors` `labels` file with several (`--labels-tensor`).
+    pub labels_tensor: Option<String>,
     pub prompt_ids: Option<PathBuf>,
+    /// The tensor of a `.safetensors` `prompt_ids` file with several (`--prompt-ids-tensor`).
+    pub prompt_ids_tensor: Option<String>,
     /// Activations to fit the Mahalanobis baseline on (e.g. the SAE's training rows).
     pub baseline: Option<PathBuf>,
+    /// The tensor of a `.safetensors` `baseline` file with several (`--baseline-tensor`).
+    pub baseline_tensor: Option<String>,
+    /// The `expected_average_only_in` scaling factor (`--norm-scaling-factor`); default the
+    /// one the head recorded.
+    pub norm_scaling_factor: Option<f32>,
     pub baseline_shrinkage: f64,
     /// Token CSV.
     pub out: Option<PathBuf>,
@@ -1556,26 +1721,59 @@ fn check_score_outputs(args: &SaeScoreArgs) -> Result<(), SaeEvalError> {
 /// write.
 pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String), SaeEvalError> {
     check_score_outputs(args)?;
-    let sae = Sae::load(&args.sae)?;
+    for (tensor, flag, file) in [
+        (
+            &args.labels_tensor,
+            "--labels-tensor",
+            args.labels.is_some(),
+        ),
+        (
+            &args.baseline_tensor,
+            "--baseline-tensor",
+            args.baseline.is_some(),
+        ),
+    ] {
+        if tensor.is_some() && !file {
+            let of = flag.trim_end_matches("-tensor");
+            return Err(SaeEvalError::Invalid(format!(
+                "{flag} names a tensor of the {of} file; give {of}"
+            )));
+        }
+    }
+    let mut sae = Sae::load(&args.sae)?;
     let dark_dir = args.dark.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
     // A published SAE has no head yet: say how to fit one, as `inspect` and `run` do.
-    let head = super::detector::load_head(&dark_dir, &sae)?;
+    let head = super::detector::load_head(&dark_dir, &sae, &args.sae)?;
+    super::detector::apply_norm_scaling(
+        &mut sae,
+        args.norm_scaling_factor
+            .map(|s| (s, "--norm-scaling-factor")),
+        Some((&head, &dark_dir)),
+    )?;
     let (x, shape) = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
     let note = rows_note(&args.input, &shape);
     let rows = x.nrows();
     let labels = match &args.labels {
-        Some(p) => Some(read_labels_noted(p, None, rows, &note)?),
+        Some(p) => Some(read_labels_noted(
+            p,
+            (args.labels_tensor.as_deref(), "--labels-tensor"),
+            rows,
+            &note,
+        )?),
         None => None,
     };
-    let ids = match &args.prompt_ids {
-        Some(p) => Some(read_ints_noted(p, None, rows, "prompt ids", &note)?),
-        None => None,
-    };
+    let ids = read_prompt_ids(
+        args.prompt_ids.as_deref(),
+        &args.prompt_ids_tensor,
+        rows,
+        &note,
+    )?;
     let prompts = ids.as_deref().map(Prompts::group);
     let scores = score_tokens(&sae, &head, x.view())?;
     let maha = match &args.baseline {
         Some(p) => {
-            let base = read_activations(p, None)?;
+            let (base, _) =
+                read_activations_flagged(p, args.baseline_tensor.as_deref(), "--baseline-tensor")?;
             if base.ncols() != x.ncols() {
                 return Err(input_err(
                     p,
@@ -1746,6 +1944,7 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
 mod tests {
     use super::*;
     use crate::ingest::npy::tests::npy_bytes;
+    use safetensors::tensor::TensorView;
 
     /// Writes `[rows, d]` little-endian f32 `values` as an `.npy` file.
     fn write_f32(path: &Path, shape: &[usize], values: &[f32]) {
@@ -1779,6 +1978,7 @@ mod tests {
             input: input.to_path_buf(),
             tensor: None,
             prompt_ids: None,
+            prompt_ids_tensor: None,
             out: out.to_path_buf(),
             holdout: 0.25,
             config: SaeTrainConfig {
@@ -2051,9 +2251,10 @@ mod tests {
         let e = score(None);
         assert!(
             e.contains("no dark-matter head")
-                && e.contains(
-                    "`darkwatch sae-head --sae <SAE> --input <normal activations>` fits one"
-                )
+                && e.contains(&format!(
+                    "`darkwatch sae-head --sae {} --input <normal activations>` fits one",
+                    sae.display()
+                ))
                 && !e.contains("os error"),
             "{e}"
         );
@@ -2125,6 +2326,8 @@ mod tests {
                 input: input.to_path_buf(),
                 tensor: None,
                 prompt_ids: None,
+                prompt_ids_tensor: None,
+                norm_scaling_factor: None,
                 holdout,
                 dark: DarkConfig { ridge: 1.0 },
                 out: Some(out.clone()),
@@ -2144,11 +2347,407 @@ mod tests {
             "{e}"
         );
         assert!(!out.exists(), "nothing may be written");
+        // Enough rows for the fit but not for the thresholds' calibration: `run` would refuse
+        // the folder, so it is refused before the fit, with the minimum (it used to be
+        // written with a WARNING and exit 0).
+        let fit_only = dir.path().join("fit_only.npy");
+        write_f32(&fit_only, &[34, 16], &rows(34, 16, 4));
+        let e = head(&fit_only, 0.0).unwrap_err().to_string();
+        assert!(
+            e.contains("fit_only.npy: 34 rows (--holdout 0 calibrates on every row)")
+                && e.contains("needs at least 50")
+                && e.contains("give at least 50 rows"),
+            "{e}"
+        );
+        let held = dir.path().join("held.npy");
+        write_f32(&held, &[100, 16], &rows(100, 16, 5));
+        let e = head(&held, 0.2).unwrap_err().to_string();
+        assert!(
+            e.contains("20 held-out rows would give the threshold calibration 20 scores")
+                && e.contains("--holdout 0.2: 20 of 100 rows")
+                && e.contains("--holdout 0"),
+            "{e}"
+        );
+        assert!(!out.exists(), "nothing may be written");
         // At the minimum the head is fitted.
         let enough = dir.path().join("enough.npy");
-        write_f32(&enough, &[34, 16], &rows(34, 16, 4));
+        write_f32(&enough, &[50, 16], &rows(50, 16, 4));
         head(&enough, 0.0).unwrap();
         assert!(out.join(super::super::dark::DARK_META_FILE).is_file());
+        // --ridge is checked before anything is read.
+        let e = sae_head_command(&SaeHeadArgs {
+            dark: DarkConfig { ridge: -1.0 },
+            force: true,
+            ..head_args(&fixture.join("checkpoint"), &enough, Some(out.clone()))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--ridge -1: the dark-matter head's ridge must be finite"),
+            "{e}"
+        );
+    }
+
+    /// `sae-head`'s arguments: `sae`, `input`, 20 % held out, ridge 1, `out`.
+    fn head_args(sae: &Path, input: &Path, out: Option<PathBuf>) -> SaeHeadArgs {
+        SaeHeadArgs {
+            sae: sae.to_path_buf(),
+            input: input.to_path_buf(),
+            tensor: None,
+            prompt_ids: None,
+            prompt_ids_tensor: None,
+            norm_scaling_factor: None,
+            holdout: 0.2,
+            dark: DarkConfig { ridge: 1.0 },
+            out,
+            force: false,
+        }
+    }
+
+    /// `sae-train --ridge=-1` (or inf) used to train every epoch, and the cross-fit SAEs,
+    /// before refusing the ridge: it is refused before the input is read.
+    #[test]
+    fn sae_train_refuses_a_bad_ridge_before_training() {
+        let (dir, acts, _) = tiny_sae();
+        let out = dir.path().join("refused");
+        for ridge in [-1.0, f64::INFINITY, f64::NAN] {
+            let args = SaeTrainArgs {
+                dark: DarkConfig { ridge },
+                dark_folds: 2,
+                ..tiny_train_args(&acts, &out)
+            };
+            let mut progress = 0;
+            let e = sae_train_command(&args, &mut |_| progress += 1)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "--ridge {ridge}: the dark-matter head's ridge must be finite and at least 0"
+                )),
+                "{e}"
+            );
+            assert_eq!(progress, 0, "no epoch may run");
+            assert!(!out.exists(), "nothing may be written");
+        }
+    }
+
+    /// A head records the SAE weights it was fitted on; a head copied beside another SAE
+    /// (or written into another SAE's folder) used to load there and threshold with the
+    /// wrong calibration.
+    #[test]
+    fn a_head_is_refused_beside_other_sae_weights() {
+        let (dir, acts, sae) = tiny_sae();
+        let meta: serde_json::Value = serde_json::from_slice(
+            &fs::read(sae.join(DARK_DIR).join(super::super::dark::DARK_META_FILE)).unwrap(),
+        )
+        .unwrap();
+        let sha = super::super::load::file_sha256(&sae.join("sae_weights.safetensors")).unwrap();
+        assert_eq!(meta["sae"]["weights_sha256"], sha.as_str(), "{meta}");
+        assert_eq!(meta["sae"]["weights_file"], "sae_weights.safetensors");
+        // Another SAE (another seed) with sae1's head copied in.
+        let other = dir.path().join("other");
+        let args = SaeTrainArgs {
+            config: SaeTrainConfig {
+                seed: 9,
+                ..tiny_train_args(&acts, &other).config
+            },
+            ..tiny_train_args(&acts, &other)
+        };
+        sae_train_command(&args, &mut |_| {}).unwrap();
+        fs::remove_dir_all(other.join(DARK_DIR)).unwrap();
+        copy_dir(&sae.join(DARK_DIR), &other.join(DARK_DIR));
+        let want = |e: &str| {
+            assert!(
+                e.contains(&format!("{}", other.join("dark/dark_head.json").display()))
+                    && e.contains(&format!(
+                        "{}",
+                        other.join("sae_weights.safetensors").display()
+                    ))
+                    && e.contains(&format!("with sha256 {}…", &sha[..12]))
+                    && e.contains("belong to another SAE")
+                    && e.contains(&format!(
+                        "`darkwatch sae-head --sae {} --input <normal activations> --force`",
+                        other.display()
+                    )),
+                "{e}"
+            );
+        };
+        let e = super::super::detector::SaeDetector::load(
+            &other,
+            super::super::detector::SaeScoreKind::ErrorNorm,
+        )
+        .unwrap_err()
+        .to_string();
+        want(&e);
+        let score = sae_score_command(&SaeScoreArgs {
+            sae: other.clone(),
+            input: acts.clone(),
+            ..Default::default()
+        });
+        want(&score.unwrap_err().to_string());
+        // `sae-head --out` into another SAE's head folder is refused before anything is read,
+        // with --force too; into its own folder it is not.
+        for out in [sae.join(DARK_DIR), sae.clone()] {
+            let e = sae_head_command(&SaeHeadArgs {
+                force: true,
+                holdout: 0.0,
+                ..head_args(&other, &acts, Some(out.clone()))
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!(
+                    "which holds another SAE than --sae {}",
+                    other.display()
+                )) && e.contains(&format!(
+                    "drop --out to write {}",
+                    other.join(DARK_DIR).display()
+                )),
+                "{e}"
+            );
+        }
+        sae_head_command(&SaeHeadArgs {
+            force: true,
+            holdout: 0.0,
+            ..head_args(&other, &acts, Some(other.join(DARK_DIR)))
+        })
+        .unwrap();
+        super::super::detector::SaeDetector::load(
+            &other,
+            super::super::detector::SaeScoreKind::ErrorNorm,
+        )
+        .unwrap();
+        // A head written before the weights were recorded still loads (with a warning).
+        let head_json = other
+            .join(DARK_DIR)
+            .join(super::super::dark::DARK_META_FILE);
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&fs::read(&head_json).unwrap()).unwrap();
+        assert!(meta["sae"].is_object(), "sae-head records the SAE: {meta}");
+        meta.as_object_mut().unwrap().remove("sae");
+        fs::write(&head_json, serde_json::to_vec(&meta).unwrap()).unwrap();
+        super::super::detector::SaeDetector::load(
+            &other,
+            super::super::detector::SaeScoreKind::ErrorNorm,
+        )
+        .unwrap();
+    }
+
+    /// SAELens keeps an `expected_average_only_in` SAE's scaling factor outside the
+    /// checkpoint, and nothing from the CLI could set it: the SAE ran unscaled, silently.
+    /// `sae-head --norm-scaling-factor` now sets it and records it with the head, which every
+    /// later load applies; `[sae] norm_scaling_factor` must agree with it.
+    #[test]
+    fn the_norm_scaling_factor_reaches_the_sae_and_stays_with_its_head() {
+        use super::super::Normalization;
+        use super::super::detector::{SaeConfig, SaeDetector, SaeScoreKind};
+        let (dir, acts, plain) = tiny_sae();
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sae/saelens_relu_v6/checkpoint");
+        let sae_dir = dir.path().join("eaoi");
+        copy_dir(&fixture, &sae_dir);
+        let cfg_path = sae_dir.join("cfg.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&fs::read(&cfg_path).unwrap()).unwrap();
+        cfg["normalize_activations"] = "expected_average_only_in".into();
+        fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+        let bare = Sae::load(&sae_dir).unwrap();
+        assert!(
+            bare.unscaled_warning()
+                .is_some_and(|w| w.contains("--norm-scaling-factor")
+                    && w.contains("[sae] norm_scaling_factor")),
+            "an SAE that needs a factor says so"
+        );
+        assert!(
+            bare.summary().contains("WITHOUT a scaling factor"),
+            "{}",
+            bare.summary()
+        );
+        let x16 = dir.path().join("x16.npy");
+        write_f32(&x16, &[200, 16], &rows(200, 16, 6));
+        sae_head_command(&SaeHeadArgs {
+            norm_scaling_factor: Some(0.5),
+            holdout: 0.0,
+            ..head_args(&sae_dir, &x16, None)
+        })
+        .unwrap();
+        // Loaded with no setting, the SAE runs with the head's factor.
+        let det = SaeDetector::load(&sae_dir, SaeScoreKind::ErrorNorm).unwrap();
+        assert_eq!(
+            det.sae.normalization(),
+            Normalization::ExpectedAverageOnlyIn {
+                scaling_factor: Some(0.5)
+            }
+        );
+        assert!(
+            det.summary()
+                .contains("expected_average_only_in, scaling factor 0.5"),
+            "{}",
+            det.summary()
+        );
+        let with = |s: f32| {
+            SaeDetector::load(
+                &sae_dir,
+                SaeConfig {
+                    norm_scaling_factor: Some(s),
+                    ..SaeConfig::default()
+                },
+            )
+        };
+        assert_eq!(with(0.5).unwrap().id(), det.id());
+        let e = with(0.25).unwrap_err().to_string();
+        assert!(
+            e.starts_with("[sae] norm_scaling_factor: 0.25, but the head in")
+                && e.contains("scaled by 0.5"),
+            "{e}"
+        );
+        // The factor changes the errors: the calibration is of the scaled SAE.
+        let score = |factor: Option<f32>| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae_dir.clone(),
+                input: x16.clone(),
+                norm_scaling_factor: factor,
+                ..Default::default()
+            })
+        };
+        let (recorded, _) = score(None).unwrap();
+        assert!(score(Some(0.5)).is_ok());
+        assert!(
+            score(Some(2.0))
+                .unwrap_err()
+                .to_string()
+                .contains("--norm-scaling-factor: 2")
+        );
+        assert!(recorded.nmse_all.is_some());
+        let mut unscaled = Sae::load(&sae_dir).unwrap();
+        let mut scaled = unscaled.clone();
+        scaled.set_norm_scaling_factor(0.5).unwrap();
+        let x = read_activations(&x16, None).unwrap();
+        assert_ne!(
+            sae_errors(&scaled, x.view()).unwrap(),
+            sae_errors(&unscaled, x.view()).unwrap()
+        );
+        // A factor for an SAE of another normalisation, or a bad one, names the option.
+        let e = sae_head_command(&SaeHeadArgs {
+            norm_scaling_factor: Some(2.0),
+            force: true,
+            ..head_args(&plain, &acts, None)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("--norm-scaling-factor: a norm scaling factor applies to normalize_activations = expected_average_only_in, this SAE uses none"),
+            "{e}"
+        );
+        let e = super::super::detector::apply_norm_scaling(
+            &mut unscaled,
+            Some((-1.0, "--norm-scaling-factor")),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("must be finite and positive"), "{e}");
+        let bad = SaeConfig {
+            norm_scaling_factor: Some(f32::NAN),
+            ..SaeConfig::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().0, "norm_scaling_factor");
+    }
+
+    /// Copies the files of `src` into `dst` (made), one level.
+    fn copy_dir(src: &Path, dst: &Path) {
+        fs::create_dir_all(dst).unwrap();
+        for e in fs::read_dir(src).unwrap() {
+            let p = e.unwrap().path();
+            fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+
+    /// A .safetensors file holding activations and their prompt ids (and labels) used to be
+    /// refused as `--prompt-ids` ("holds 3 tensors; name one with the tensor option") though
+    /// --tensor was given: --tensor names the input's, --prompt-ids-tensor and
+    /// --labels-tensor the others'.
+    #[test]
+    fn prompt_ids_and_labels_can_come_from_the_activations_safetensors() {
+        let (dir, acts, sae) = tiny_sae();
+        let x = read_activations(&acts, None).unwrap();
+        let n = x.nrows();
+        let acts_bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let ids: Vec<u8> = (0..n as i64).flat_map(|i| (i / 8).to_le_bytes()).collect();
+        let labels: Vec<u8> = (0..n as i64)
+            .flat_map(|i| i64::from(i >= 200).to_le_bytes())
+            .collect();
+        let st = dir.path().join("all.safetensors");
+        let views = vec![
+            (
+                "acts",
+                TensorView::new(Dtype::F32, vec![n, 8], &acts_bytes).unwrap(),
+            ),
+            ("ids", TensorView::new(Dtype::I64, vec![n], &ids).unwrap()),
+            (
+                "labels",
+                TensorView::new(Dtype::I64, vec![n], &labels).unwrap(),
+            ),
+        ];
+        fs::write(&st, safetensors::serialize(views, None).unwrap()).unwrap();
+        let train = |ids_tensor: Option<&str>, out: &str| {
+            let args = SaeTrainArgs {
+                tensor: Some("acts".into()),
+                prompt_ids: Some(st.clone()),
+                prompt_ids_tensor: ids_tensor.map(String::from),
+                ..tiny_train_args(&st, &dir.path().join(out))
+            };
+            sae_train_command(&args, &mut |_| {}).map(|(s, _)| s)
+        };
+        let e = train(None, "a").unwrap_err().to_string();
+        assert!(
+            e.contains("holds 3 tensors (acts, ids, labels); name one with --prompt-ids-tensor"),
+            "{e}"
+        );
+        let summary = train(Some("ids"), "b").unwrap();
+        // 30 prompts of 8 rows; a quarter held out, as whole prompts.
+        assert_eq!(summary.held_out_rows, 64, "{summary:?}");
+        let score = |labels_tensor: Option<&str>| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: st.clone(),
+                tensor: Some("acts".into()),
+                labels: Some(st.clone()),
+                labels_tensor: labels_tensor.map(String::from),
+                prompt_ids: Some(st.clone()),
+                prompt_ids_tensor: Some("ids".into()),
+                baseline: Some(st.clone()),
+                baseline_tensor: Some("acts".into()),
+                baseline_shrinkage: 0.1,
+                ..Default::default()
+            })
+        };
+        let e = score(None).unwrap_err().to_string();
+        assert!(e.contains("name one with --labels-tensor"), "{e}");
+        let (summary, _) = score(Some("labels")).unwrap();
+        assert_eq!(summary.prompts, Some(30));
+        let token: Vec<&OodRow> = summary
+            .table
+            .iter()
+            .filter(|r| r.level == "token")
+            .collect();
+        assert_eq!(token.len(), 4, "three SAE scores and the baseline");
+        assert!(token.iter().all(|r| r.n_ood == 40), "{token:?}");
+        // A tensor name for an .npy file says which option is misplaced.
+        let e = sae_score_command(&SaeScoreArgs {
+            sae: sae.clone(),
+            input: acts.clone(),
+            labels: Some(acts.clone()),
+            labels_tensor: Some("labels".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--labels-tensor applies to .safetensors only"),
+            "{e}"
+        );
     }
 
     /// The cross-fit folds, most of `sae-train`'s time, report as the epochs do: once per

@@ -8,6 +8,7 @@ use half::{bf16, f16};
 use ndarray::{Array1, Array2};
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use super::{Normalization, Sae, SaeActivation, SaeError, SaeFormat, SaeInfo, SaeParts};
 
@@ -79,16 +80,37 @@ fn read(path: &Path) -> Result<Vec<u8>, SaeError> {
     })
 }
 
+/// The lowercase hex sha256 of `bytes`: what a dark-matter head records of the weights file
+/// it was fitted with.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// [`sha256_hex`] of a file, streamed.
+///
+/// # Errors
+/// The file cannot be read.
+pub(crate) fn file_sha256(path: &Path) -> Result<String, SaeError> {
+    let io = |source| SaeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = fs::File::open(path).map_err(io)?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut f, &mut hash).map_err(io)?;
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn read_config(path: &Path) -> Result<serde_json::Map<String, Value>, SaeError> {
     let bytes = read(path)?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(SaeError::Json {
+        Ok(other) => Err(SaeError::NotAnObject {
             path: path.to_path_buf(),
-            reason: format!(
-                "expected an object at the top level, found {}",
-                kind(&other)
-            ),
+            found: kind(&other).into(),
         }),
         Err(e) => Err(SaeError::Json {
             path: path.to_path_buf(),
@@ -333,6 +355,7 @@ fn load_saelens(dir: &Path) -> Result<Sae, SaeError> {
         dir: Some(dir.to_path_buf()),
         hook,
         stored_dtype: st.dtype_summary(),
+        weights_sha256: Some(sha256_hex(&bytes)),
     };
     Ok(sae)
 }
@@ -375,7 +398,25 @@ fn load_sparsify(dir: &Path) -> Result<Sae, SaeError> {
     }
     let num_latents = match cfg.opt_usize("num_latents")?.unwrap_or(0) {
         0 => {
-            let factor = cfg.opt_usize("expansion_factor")?.unwrap_or(32);
+            // sparsify writes both keys; guessing its default factor (32) for a config with
+            // neither would only turn into a shape error on `encoder.weight`.
+            let Some(factor) = cfg.opt_usize("expansion_factor")? else {
+                let found = st.shape_of("encoder.weight").map_or_else(
+                    |_| String::new(),
+                    |s| {
+                        format!(
+                            "; {SPARSIFY_WEIGHTS} holds encoder.weight {s:?}, [num_latents, d_in]"
+                        )
+                    },
+                );
+                return Err(cfg.err(
+                    "num_latents",
+                    format!(
+                        "missing (or 0), and so is `expansion_factor`: one of them gives the \
+                         number of latents (num_latents, else d_in × expansion_factor){found}"
+                    ),
+                ));
+            };
             d_in.checked_mul(factor)
                 .filter(|&n| n > 0)
                 .ok_or_else(|| cfg.err("expansion_factor", format!("{factor} gives no latents")))?
@@ -411,6 +452,7 @@ fn load_sparsify(dir: &Path) -> Result<Sae, SaeError> {
         dir: Some(dir.to_path_buf()),
         hook: dir.file_name().map(|n| n.to_string_lossy().into_owned()),
         stored_dtype: st.dtype_summary(),
+        weights_sha256: Some(sha256_hex(&bytes)),
     };
     Ok(sae)
 }
@@ -488,6 +530,12 @@ impl<'a> Tensors<'a> {
             Dtype::BF16 => data
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            // numpy's default: rounded to the nearest f32 (a value beyond f32's range becomes
+            // infinite and is refused below as not finite).
+            Dtype::F64 => data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
                 .collect(),
             other => {
                 return Err(SaeError::Dtype {

@@ -59,9 +59,9 @@
 //!   transposed. A sparsify run folder holds one subfolder per hookpoint (`layers.3/`): either
 //!   that subfolder or a parent with exactly one of them is accepted.
 //!
-//! Weights may be stored as F32, F16 or BF16 (each tensor's stored dtype counts; the config's
-//! `dtype` is informational); they are converted exactly to f32 at load and all arithmetic is
-//! f32. Anything malformed gives a [`SaeError`] naming the file, the key or tensor, and what
+//! Weights may be stored as F32, F16, BF16 or F64 (each tensor's stored dtype counts; the
+//! config's `dtype` is informational); F16 and BF16 convert exactly to f32 at load, F64 (numpy's
+//! default) is rounded to the nearest f32, and all arithmetic is f32. Anything malformed gives a [`SaeError`] naming the file, the key or tensor, and what
 //! was expected versus found; nothing in a checkpoint can make the loader panic.
 //!
 //! Not supported (each a clear [`SaeError::Unsupported`]): gated and batchtopk architectures,
@@ -159,8 +159,11 @@ pub struct SaeInfo {
     pub dir: Option<PathBuf>,
     /// The hook / hookpoint the SAE reads (`blocks.12.hook_resid_post`, `layers.3`), if known.
     pub hook: Option<String>,
-    /// The stored dtype of the weights (`F32`, `F16`, `BF16`).
+    /// The stored dtype of the weights (`F32`, `F16`, `BF16`, `F64`).
     pub stored_dtype: String,
+    /// The lowercase hex sha256 of the weights file as loaded (`None` in memory): what a
+    /// dark-matter head records of the SAE it was fitted on, and checks at load.
+    pub weights_sha256: Option<String>,
 }
 
 /// Why an SAE cannot be loaded or built. Every message names the file and the key or tensor.
@@ -184,6 +187,8 @@ pub enum SaeError {
     SeveralLayers { dir: PathBuf, layers: Vec<String> },
     #[error("{path}: not valid JSON: {reason}")]
     Json { path: PathBuf, reason: String },
+    #[error("{path}: must be a JSON object ({{\"d_in\": …, …}}), found {found}")]
+    NotAnObject { path: PathBuf, found: String },
     #[error("{path}: key `{key}`: {reason}")]
     Config {
         path: PathBuf,
@@ -205,7 +210,7 @@ pub enum SaeError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    #[error("{path}: tensor `{tensor}` has dtype {found}, expected F32, F16 or BF16")]
+    #[error("{path}: tensor `{tensor}` has dtype {found}, expected F32, F16, BF16 or F64")]
     Dtype {
         path: PathBuf,
         tensor: String,
@@ -354,6 +359,7 @@ impl Sae {
                 dir: None,
                 hook: None,
                 stored_dtype: "F32".into(),
+                weights_sha256: None,
             },
         })
     }
@@ -406,6 +412,46 @@ impl Sae {
         self.normalization
     }
 
+    /// The normalisation as `inspect` shows it: the SAELens name, and for
+    /// `expected_average_only_in` the scaling factor in use or that there is none.
+    pub fn normalization_label(&self) -> String {
+        match self.normalization {
+            Normalization::ExpectedAverageOnlyIn {
+                scaling_factor: Some(s),
+            } => format!("expected_average_only_in, scaling factor {s}"),
+            Normalization::ExpectedAverageOnlyIn {
+                scaling_factor: None,
+            } => "expected_average_only_in WITHOUT a scaling factor (runs unscaled; give \
+                  --norm-scaling-factor or [sae] norm_scaling_factor)"
+                .into(),
+            n => n.name().into(),
+        }
+    }
+
+    /// Why this SAE's errors are not those it was trained for: an `expected_average_only_in`
+    /// SAE without its scaling factor (SAELens keeps the factor outside the checkpoint).
+    /// `None` when nothing is missing.
+    pub fn unscaled_warning(&self) -> Option<String> {
+        if self.normalization
+            != (Normalization::ExpectedAverageOnlyIn {
+                scaling_factor: None,
+            })
+        {
+            return None;
+        }
+        let cfg = self.info.dir.as_ref().map_or_else(
+            || "the SAE".into(),
+            |d| d.join(CONFIG_FILE).display().to_string(),
+        );
+        Some(format!(
+            "{cfg}: normalize_activations = expected_average_only_in, and no scaling factor was \
+             given: the SAE runs on unscaled activations (as SAELens' load_from_disk does), so \
+             its errors are not those it was trained for. Give its `norm_scaling_factor` (SAELens' \
+             pretrained_saes.yaml lists it: √d_in over the mean activation norm it was trained \
+             on) with --norm-scaling-factor (sae-head, sae-score) or [sae] norm_scaling_factor (run)"
+        ))
+    }
+
     /// Two lines for `inspect`: where the weights came from, and the shape.
     pub fn summary(&self) -> String {
         let info = &self.info;
@@ -423,7 +469,7 @@ impl Sae {
             d_sae = self.d_sae,
             act = self.activation,
             bdec = self.apply_b_dec_to_input,
-            norm = self.normalization.name(),
+            norm = self.normalization_label(),
         )
     }
 

@@ -82,7 +82,7 @@ impl Default for SaeTrainConfig {
         SaeTrainConfig {
             latents: 1536,
             k: 32,
-            epochs: 50,
+            epochs: 30,
             batch_size: 64,
             lr: 1e-3,
             beta1: 0.9,

@@ -184,3 +184,246 @@ fn sae_head_refuses_an_autoencoder_folder_as_out() {
     names.sort();
     assert_eq!(names, ["model.json", "model.safetensors"]);
 }
+
+/// Copies the files of `src` into `dst`, recursively.
+fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let to = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &to);
+        } else {
+            std::fs::copy(&p, &to).unwrap();
+        }
+    }
+}
+
+/// Writes `[agent] model_dir = dir` (raw input) plus `extra` as `name` in `tmp`.
+fn sae_config(tmp: &Path, name: &str, dir: &Path, extra: &str) -> std::path::PathBuf {
+    let p = tmp.join(name);
+    std::fs::write(
+        &p,
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\nformat = \"raw\"\n[spool]\ndir = \"{}\"\n{extra}",
+            dir.display(),
+            tmp.join("spool").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// A sparsify run folder (one `layers.3/`, no `dark/`) used to give `…/model.json: No such
+/// file or directory` from `validate` and `run`, while `inspect` said "no dark-matter head":
+/// all now say the latter, with the `sae-head` command for that folder (exit 78).
+#[test]
+fn validate_and_run_say_a_sparsify_run_folder_has_no_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_folder = tmp.path().join("run");
+    copy_tree(
+        &crate::util::repo("tests/data/sae/sparsify_topk_f32/checkpoint"),
+        &run_folder,
+    );
+    let cfg = sae_config(tmp.path(), "sae.toml", &run_folder, "");
+    let want = format!(
+        "no dark-matter head (expected dark_head.json); `darkwatch sae-head --sae {} --input <normal activations>` fits one",
+        run_folder.display()
+    );
+    for args in [
+        &["validate", "--config"][..],
+        &["validate", "--agent", "--config"],
+        &["run", "--config"],
+    ] {
+        let (code, out, err) =
+            crate::util::run(crate::util::darkwatch_within(60).args(args).arg(&cfg));
+        assert_eq!(code, 78, "{args:?}: {out}{err}");
+        assert!(
+            err.contains(&want) && !err.contains("model.json"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, out, err) =
+        crate::util::run(crate::util::darkwatch().arg("inspect").arg(&run_folder));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no dark-matter head"), "{out}");
+}
+
+/// `replay`, `demo` and `bench` with an SAE folder used to fail with `sae1/model.json: No
+/// such file or directory`: they say what the folder is and what takes it.
+#[test]
+fn replay_demo_and_bench_send_an_sae_folder_to_the_sae_commands() {
+    let sae = crate::util::repo("tests/data/sae/saelens_topk_v6/checkpoint");
+    let x = crate::util::repo("tests/data/sae/saelens_topk_v6/x.npy");
+    let mut replay = crate::util::darkwatch();
+    replay
+        .args(["replay", "--model"])
+        .arg(&sae)
+        .arg("--input")
+        .arg(&x);
+    let mut demo = crate::util::darkwatch_within(60);
+    demo.args(["demo", "--model"])
+        .arg(&sae)
+        .arg("--input")
+        .arg(&x);
+    let mut bench = crate::util::darkwatch();
+    bench.args(["bench", "--model"]).arg(&sae);
+    for (name, cmd) in [
+        ("replay", &mut replay),
+        ("demo", &mut demo),
+        ("bench", &mut bench),
+    ] {
+        let (code, out, err) = crate::util::run(cmd);
+        assert_eq!(code, 1, "{name}: {out}{err}");
+        for want in [
+            format!("{} is an SAE folder", sae.display()),
+            format!("`darkwatch {name}` runs the autoencoders"),
+            format!("darkwatch sae-score --sae {}", sae.display()),
+            "darkwatch sae-bench".into(),
+            "format = \"raw\"".into(),
+        ] {
+            assert!(err.contains(&want), "{name}: missing {want:?} in {err}");
+        }
+        assert!(!err.contains("No such file"), "{name}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{name}: not one line: {err}");
+    }
+}
+
+/// A head copied from one SAE's folder into another's used to be accepted by `inspect`,
+/// `validate` and `sae-score`, which then thresholded with the first SAE's calibration.
+#[test]
+fn a_head_copied_beside_another_sae_is_refused_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sae1, sae2) = (tmp.path().join("sae1"), tmp.path().join("sae2"));
+    crate::util::sae::train_detector(&sae1, 64, 8);
+    crate::util::sae::train_detector(&sae2, 32, 4);
+    std::fs::remove_dir_all(sae2.join("dark")).unwrap();
+    copy_tree(&sae1.join("dark"), &sae2.join("dark"));
+    let want = [
+        format!("{}", sae2.join("dark/dark_head.json").display()),
+        format!("{}", sae2.join("sae_weights.safetensors").display()),
+        "belong to another SAE".into(),
+        format!(
+            "darkwatch sae-head --sae {} --input <normal activations> --force",
+            sae2.display()
+        ),
+    ];
+    let a = crate::util::repo("tests/data/activations");
+    let cfg = sae_config(tmp.path(), "sae2.toml", &sae2, "");
+    let mut inspect = crate::util::darkwatch();
+    inspect.arg("inspect").arg(&sae2);
+    let mut validate = crate::util::darkwatch();
+    validate.args(["validate", "--config"]).arg(&cfg);
+    let mut score = crate::util::darkwatch();
+    score
+        .args(["sae-score", "--sae"])
+        .arg(&sae2)
+        .arg("--input")
+        .arg(a.join("test.npy"));
+    for (name, cmd, rc) in [
+        ("inspect", &mut inspect, 1),
+        ("validate", &mut validate, 78),
+        ("sae-score", &mut score, 1),
+    ] {
+        let (code, out, err) = crate::util::run(cmd);
+        assert_eq!(code, rc, "{name}: {out}{err}");
+        for w in &want {
+            assert!(err.contains(w.as_str()), "{name}: missing {w:?} in {err}");
+        }
+    }
+    // `sae-head` of sae1 writing into sae2's head folder is refused, with --force too.
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-head", "--force", "--sae"])
+            .arg(&sae1)
+            .arg("--input")
+            .arg(a.join("train.npy"))
+            .arg("--out")
+            .arg(sae2.join("dark")),
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "which holds another SAE than --sae {}",
+            sae1.display()
+        )),
+        "{err}"
+    );
+}
+
+/// `sae-bench --batch 0` used to run batch 1 without a word; `--secs` must be a positive
+/// number.
+#[test]
+fn sae_bench_refuses_batch_0_and_no_time() {
+    for (flag, value, want) in [
+        ("--batch", "0", "0: give at least 1"),
+        ("--secs", "0", "give seconds per measurement"),
+        ("--secs", "nan", "give seconds per measurement"),
+    ] {
+        let (code, out, err) =
+            crate::util::run(crate::util::darkwatch().args(["sae-bench", flag, value]));
+        assert_eq!(code, 2, "{flag} {value}: {out}{err}");
+        assert!(err.contains(want), "{flag} {value}: {err}");
+    }
+}
+
+/// An `expected_average_only_in` SAE used to load and run unscaled with no word, and no
+/// option could give it its factor: `inspect` shows the factor in use (from `[sae]
+/// norm_scaling_factor`, or the environment) or that there is none, with a warning.
+#[test]
+fn inspect_shows_the_norm_scaling_factor_or_warns_without_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sae = crate::util::repo("tests/data/sae/saelens_relu_expected_average_only_in/checkpoint");
+    let (code, out, err) = crate::util::run(crate::util::darkwatch().arg("inspect").arg(&sae));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("normalisation expected_average_only_in WITHOUT a scaling factor"),
+        "{out}"
+    );
+    assert!(
+        err.contains("WARN")
+            && err.contains("no scaling factor was given")
+            && err.contains("[sae] norm_scaling_factor"),
+        "{err}"
+    );
+    let cfg = tmp.path().join("s.toml");
+    std::fs::write(&cfg, "[sae]\nnorm_scaling_factor = 0.5\n").unwrap();
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .arg("inspect")
+            .arg(&sae)
+            .arg("--config")
+            .arg(&cfg),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("expected_average_only_in, scaling factor 0.5"),
+        "{out}"
+    );
+    assert!(!err.contains("WARN"), "{err}");
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .env("DARKWATCH__SAE__NORM_SCALING_FACTOR", "0.25")
+            .arg("inspect")
+            .arg(&sae),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("scaling factor 0.25"), "{out}");
+    // Checked with the configuration, naming the key.
+    let bad = sae_config(
+        tmp.path(),
+        "bad.toml",
+        &sae,
+        "[sae]\nnorm_scaling_factor = -1.0\n",
+    );
+    let (code, _, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["validate", "--config"])
+            .arg(&bad),
+    );
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("sae.norm_scaling_factor") && err.contains("finite and positive"),
+        "{err}"
+    );
+}

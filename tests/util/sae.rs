@@ -14,6 +14,7 @@ pub fn train_detector(out: &std::path::Path, latents: usize, k: usize) -> SaeTra
         input: a.join("train.npy"),
         tensor: None,
         prompt_ids: Some(a.join("train_prompt_ids.npy")),
+        prompt_ids_tensor: None,
         out: out.to_path_buf(),
         holdout: 0.2,
         config: SaeTrainConfig {
