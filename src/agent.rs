@@ -100,10 +100,12 @@ enum Decoder {
     Raw {
         decoder: crate::ingest::raw::RawDecoder,
         frame: Vec<f32>,
-        streams: std::collections::HashMap<String, (u32, u64)>,
+        /// Per stream: its index, the seq its next frame takes, and how many header ids in
+        /// a row were not taken.
+        streams: std::collections::HashMap<String, (u32, u64, u32)>,
         max_streams: usize,
-        /// Header ids not taken as the frame's seq (not above the stream's last, or over
-        /// [`crate::ingest::raw::MAX_FRAME_ID`]).
+        /// Header ids not taken as the frame's seq (not above the stream's last, or from
+        /// [`crate::ingest::raw::MAX_FRAME_ID`] on).
         ids_unused: u64,
     },
 }
@@ -1106,15 +1108,24 @@ impl AgentSource {
                         stream_refused(before + 1, name);
                         return 0;
                     }
-                    None => seen.entry(name.to_string()).or_insert((next, 0)),
+                    None => seen.entry(name.to_string()).or_insert((next, 0, 0)),
                 };
                 // A header's id is the frame's seq while it rises within its stream, so an
-                // alert names the sender's frames; otherwise the stream's count goes on.
-                let (index, next) = *entry;
+                // alert names the sender's frames; otherwise the stream's count goes on. After
+                // RESYNC_IDS ids in a row not taken, the sender restarted (or one corrupt id
+                // jumped ahead): its ids are taken again from there.
+                let (index, next, not_taken) = *entry;
                 let seq = match id {
-                    Some(id) if id >= next && id <= crate::ingest::raw::MAX_FRAME_ID => id,
+                    Some(id)
+                        if id < crate::ingest::raw::MAX_FRAME_ID
+                            && (id >= next || not_taken + 1 >= RESYNC_IDS) =>
+                    {
+                        entry.2 = 0;
+                        id
+                    }
                     Some(id) => {
                         *ids_unused += 1;
+                        entry.2 += 1;
                         frame_id_unused(*ids_unused, name, id, next);
                         next
                     }
@@ -1173,6 +1184,9 @@ fn incomplete_frame(count: u64, stream: &str, values: &[f32], names: &[String]) 
 
 /// Logs the 1st, 2nd, 4th, 8th… raw frame whose header id could not be its seq: not above
 /// its stream's previous frame (the sender restarted or reordered), or too large for JSON.
+/// Header ids in a row not above a stream's last after which its ids are taken again.
+const RESYNC_IDS: u32 = 3;
+
 fn frame_id_unused(count: u64, stream: &str, id: u64, next: u64) {
     if !count.is_power_of_two() {
         return;
@@ -1182,7 +1196,7 @@ fn frame_id_unused(count: u64, stream: &str, id: u64, next: u64) {
         id,
         seq = next,
         ids_unused = count,
-        "a raw frame's header id is not above its stream's previous one (or is over 2^53): it is scored, and its alerts give it the stream's next seq instead of the id. Send ids that rise within each stream (a restarted sender can continue from its last id)"
+        "a raw frame's header id is not above its stream's previous one (or is 2^53 or more): it is scored, and its alerts give it the stream's next seq instead of the id; after 3 such ids in a row the stream takes its ids again (a restarted sender). Send ids that rise within each stream"
     );
 }
 
@@ -2300,6 +2314,21 @@ mod tests {
             unused[0].contains("id=3") && unused[0].contains("seq=107"),
             "{log}"
         );
+        // Three ids in a row not taken (3, 2^60, 5): the third is taken again, a restarted
+        // sender's ids count. One corrupt id that jumps ahead costs three frames' ids.
+        for id in [5, 6, 1_000_000, 7, 8, 9, 10] {
+            let m = Incoming {
+                topic: "act/m/a".into(),
+                payload: headed(0.0, id),
+                received: 9.0,
+                received_mono: 9.0,
+            };
+            src.take(&m.as_received(), Some((&mut producer, &clock)));
+        }
+        let mut metas = [FrameMeta::default(); 8];
+        assert_eq!(consumer.pop_batch(&mut metas, &mut values), 7);
+        let seqs: Vec<u64> = metas[..7].iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [5, 6, 1_000_000, 1_000_001, 1_000_002, 9, 10]);
     }
 
     /// An incomplete frame is counted and logged once, by the agent, and not handed to the

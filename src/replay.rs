@@ -960,8 +960,8 @@ mod tests {
     }
 
     /// An alert that never ends (machine-3-4 under SPOT: one episode from frame 2742 to
-    /// the end of the file) scores episode precision 0.5 and recall 1; the frames inside
-    /// episodes show what it is.
+    /// the end of the file) scores a high episode recall (here 2 of 3 segments, recall 1
+    /// on machine-3-4) at precision 0.5; the frames inside episodes show what it is.
     #[test]
     fn a_never_ending_alert_shows_in_the_alerted_frames() {
         let n = 1000;

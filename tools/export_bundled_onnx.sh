@@ -13,5 +13,5 @@ mkdir -p tests/data/onnx
 "$PY" tools/export_onnx.py models/smd-machine-1-6 --batch 1 --out tests/data/onnx/pae-fixed-batch.onnx
 # An ensemble of two PAEs, trained with (no MSS bank, to keep it small):
 #   printf '[model]\nmembers = 2\n[mss]\nbank_frames = 0\n[train]\nepochs_max = 20\n' > ens.toml
-#   darkwatch train --input tests/data/smd/machine-1-6_train.npy --out tests/data/onnx/ensemble --config ens.toml
+#   darkwatch train --input tests/data/smd/machine-1-6_train.npy --out tests/data/onnx/ensemble --config ens.toml --force
 "$PY" tools/export_onnx.py tests/data/onnx/ensemble

@@ -41,8 +41,8 @@ use super::assemble::DecodeError;
 pub const HEADER_MAGIC: [u8; 4] = *b"DWF1";
 /// Bytes of the header: magic, time (f64), id (u64).
 pub const HEADER_BYTES: usize = 20;
-/// Largest frame id taken from a header: 2^53, the largest integer JSON readers (a double)
-/// hold exactly.
+/// Header ids from this one on are not taken: 2^53, past the integers JSON readers (a
+/// double) hold exactly, counting the seqs that follow an id.
 pub const MAX_FRAME_ID: u64 = 1 << 53;
 
 /// How raw frames are read.
@@ -142,8 +142,12 @@ impl RawDecoder {
         let headed = bare.saturating_add(HEADER_BYTES);
         let has_magic = payload.starts_with(&HEADER_MAGIC);
         let split = payload.split_at_checked(HEADER_BYTES).filter(|_| has_magic);
+        // A payload that starts with the magic is read as headed even when its length is
+        // a bare frame's: a headed frame of d − 5 values would otherwise have its header
+        // scored as values. (A bare frame whose first value has the magic's bytes, the
+        // f32 2.88e-9, is refused as such.)
         let (header, values) = match split {
-            _ if payload.len() == bare => (None, payload),
+            _ if payload.len() == bare && !has_magic => (None, payload),
             Some((header, values)) if payload.len() == headed => (Some(header), values),
             // The lengths of the frame itself, behind its header if it has one, so that
             // the count of values the log names is the sender's.
@@ -444,6 +448,20 @@ mod tests {
                 got: 16
             }
         );
+        // A headed frame as long as a bare one: with d = 8 (32 bytes) a header (20) and 3
+        // values (12) make 32 bytes too. Refused, not scored with its header as values.
+        let mut d8 = RawConfig::default().build_for(8, &["act/+".to_string()]);
+        let e = d8
+            .decode("act/a", &headed(1.0, 7, &[1.0; 3]), &mut out)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::WrongLength {
+                expected: 32,
+                got: 12
+            }
+        );
+        assert!(out.is_empty());
     }
 
     #[test]

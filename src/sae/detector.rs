@@ -524,6 +524,21 @@ pub fn apply_norm_scaling(
                 ),
             });
         }
+        // A head that records its SAE but no factor was calibrated on the SAE unscaled.
+        (Some((g, what)), None)
+            if let Some((h, dir)) = head
+                && h.sae_record().is_some() =>
+        {
+            return Err(DetectorError::Scaling {
+                what: what.into(),
+                reason: format!(
+                    "{g}, but the head in {} was fitted and calibrated with the SAE unscaled: \
+                     drop the setting, or refit the head with `sae-head \
+                     --norm-scaling-factor {g} --force`",
+                    dir.join(DARK_META_FILE).display()
+                ),
+            });
+        }
         (Some((g, what)), _) => Some((g, what.to_string())),
         (None, Some((r, file))) => Some((*r, format!("{} (norm_scaling_factor)", file.display()))),
         (None, None) => None,

@@ -2602,6 +2602,30 @@ mod tests {
                 && e.contains("scaled by 0.5"),
             "{e}"
         );
+        // A head fitted on the SAE unscaled refuses a factor given later: its calibration
+        // is of unscaled errors.
+        let unscaled_dir = dir.path().join("eaoi-unscaled");
+        copy_dir(&fixture, &unscaled_dir);
+        fs::write(
+            unscaled_dir.join("cfg.json"),
+            serde_json::to_vec(&cfg).unwrap(),
+        )
+        .unwrap();
+        sae_head_command(&SaeHeadArgs {
+            holdout: 0.0,
+            ..head_args(&unscaled_dir, &x16, None)
+        })
+        .unwrap();
+        let e = SaeDetector::load(
+            &unscaled_dir,
+            SaeConfig {
+                norm_scaling_factor: Some(0.5),
+                ..SaeConfig::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("calibrated with the SAE unscaled"), "{e}");
         // The factor changes the errors: the calibration is of the scaled SAE.
         let score = |factor: Option<f32>| {
             sae_score_command(&SaeScoreArgs {
