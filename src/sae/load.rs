@@ -80,14 +80,7 @@ fn read(path: &Path) -> Result<Vec<u8>, SaeError> {
     })
 }
 
-/// The lowercase hex sha256 of `bytes`: what a dark-matter head records of the weights file
-/// it was fitted with.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub(crate) use crate::model::io::sha256_hex;
 
 /// [`sha256_hex`] of a file, streamed.
 ///
