@@ -254,15 +254,22 @@ impl AgentCounters {
 }
 
 /// Upper bounds (seconds) of the buckets of [`LatencyBuckets`]; a last one is +Inf.
-pub const LATENCY_BUCKETS_SECS: [f64; 12] = [
-    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 1.0,
+///
+/// Fine below a millisecond, where raw frames and `close_when_complete` windows land, and
+/// up to a minute: an assembled frame otherwise waits for a later window to close it
+/// (about one to two `[assemble] window_secs`, 1 s by default), and the buckets must see
+/// that, not put it all past the last bound (`histogram_quantile` then answers the last
+/// finite bound, whatever the latency).
+pub const LATENCY_BUCKETS_SECS: [f64; 19] = [
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
 ];
 
 /// A latency histogram that threads update without locks (Prometheus-style buckets).
 #[derive(Debug, Default)]
 pub struct LatencyBuckets {
     /// Observations per bucket of [`LATENCY_BUCKETS_SECS`], then one for larger ones.
-    pub counts: [AtomicU64; 13],
+    pub counts: [AtomicU64; LATENCY_BUCKETS_SECS.len() + 1],
     pub sum_ns: AtomicU64,
 }
 
@@ -2395,12 +2402,14 @@ mod tests {
             b.record(0.0003); // in the 0.5 ms bucket
         }
         b.record(0.004); // 5 ms bucket
-        b.record(7.0); // past the last bound
+        b.record(1.7); // an assembled frame that waited for the next 1 s window
+        b.record(100.0); // past the last bound
         b.record(-1.0); // a clock step: ignored
         b.record(f64::NAN);
-        assert_eq!(b.count(), 100);
+        assert_eq!(b.count(), 101);
         assert_eq!(b.quantile_upper(0.5), 5e-4);
-        assert_eq!(b.quantile_upper(0.99), 5e-3);
+        assert_eq!(b.quantile_upper(0.98), 5e-3);
+        assert_eq!(b.quantile_upper(0.99), 2.5);
         assert_eq!(b.quantile_upper(1.0), f64::INFINITY);
     }
 

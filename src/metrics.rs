@@ -61,7 +61,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 13] = [
+    let counters: [(&str, &str, u64); 14] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -101,6 +101,11 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_mqtt_reconnects_total",
             "MQTT connection errors, each followed by a reconnect.",
             load(&m.reconnects),
+        ),
+        (
+            "darkwatch_mqtt_short_sessions_total",
+            "Of darkwatch_mqtt_reconnects_total, connections that ended within 10 s of the broker accepting them: usually another client with the same [mqtt] client_id taking the session over.",
+            load(&m.short_sessions),
         ),
         (
             "darkwatch_alerts_resent_total",
@@ -197,7 +202,7 @@ pub fn render(e: &Exposed) -> String {
          darkwatch_mqtt_connected {}",
         u8::from(m.connected.load(Ordering::Relaxed))
     );
-    let gauges: [(&str, &str, u64); 3] = [
+    let gauges: [(&str, &str, u64); 5] = [
         (
             "darkwatch_alerts_firing",
             "Streams whose alert fires now.",
@@ -212,6 +217,16 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_streams_silent",
             "Of darkwatch_streams, those that scored no frame for [alert] silence_secs.",
             load(&c.streams_silent),
+        ),
+        (
+            "darkwatch_alerts_spool_pending",
+            "Alert events in the on-disk spool that the broker has not acknowledged yet: the backlog an outage leaves.",
+            load(&m.spool_pending),
+        ),
+        (
+            "darkwatch_alerts_spool_bytes",
+            "Bytes of the alert spool's files now; at [spool] max_bytes the oldest alerts are dropped to make room.",
+            load(&m.spool_bytes),
         ),
     ];
     for (name, help, value) in gauges {

@@ -855,6 +855,10 @@ pub struct MqttStats {
     /// Unacknowledged alerts the spool lost: deleted to stay within its `max_bytes`, or
     /// found corrupt when it was opened (see [`crate::spool::SpoolStats::dropped_corrupt`]).
     pub spool_dropped: AtomicU64,
+    /// Alerts in the spool not yet acknowledged by the broker, now (a gauge).
+    pub spool_pending: AtomicU64,
+    /// Bytes of the spool's segment files now, what `[spool] max_bytes` bounds (a gauge).
+    pub spool_bytes: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -1521,7 +1525,7 @@ impl Publisher {
             &stats.spool_dropped,
             opened.dropped_corrupt + opened.dropped_oldest,
         );
-        Publisher {
+        let publisher = Publisher {
             spool,
             inflight_max: inflight_max.max(1),
             stats,
@@ -1534,7 +1538,9 @@ impl Publisher {
             inflight: VecDeque::new(),
             awaiting: VecDeque::new(),
             spool_warn: RateLimit::default(),
-        }
+        };
+        publisher.check_invariants();
+        publisher
     }
 
     /// Records in the spool not yet acknowledged.
@@ -1558,7 +1564,15 @@ impl Publisher {
         self.head_seq.max(self.backlog_end)
     }
 
+    /// Publishes the spool's backlog gauges, and checks the bookkeeping in debug builds.
+    /// Called after every change to the spool.
     fn check_invariants(&self) {
+        self.stats
+            .spool_pending
+            .store(self.len(), Ordering::Relaxed);
+        self.stats
+            .spool_bytes
+            .store(self.spool.bytes(), Ordering::Relaxed);
         debug_assert_eq!(self.spool.len(), self.len());
         debug_assert_eq!(
             self.mirror.len() as u64,
@@ -1686,6 +1700,7 @@ impl Publisher {
         self.head_seq += 1;
         self.next_send = self.next_send.max(self.head_seq);
         bump(&self.stats.outgoing_rejected, 1);
+        self.check_invariants();
         true
     }
 
@@ -2477,12 +2492,18 @@ mod tests {
         });
         assert!(!stats.connected.load(Ordering::Relaxed));
         assert!(alerts.rx.try_recv().is_err());
+        // The backlog gauges (darkwatch_alerts_spool_pending and _bytes) show what waits.
+        wait_until("the backlog gauge", || {
+            stats.spool_pending.load(Ordering::Relaxed) == n as u64
+        });
+        assert!(stats.spool_bytes.load(Ordering::Relaxed) >= n as u64 * (8 + 7));
 
         let _relay = Relay::start(port, broker); // the broker becomes reachable
         let all = alerts.recv_distinct(n);
         assert_eq!(dedup_first(&all), names(0..n), "received {all:?}");
         let stats = running.stop_and_join();
         assert_eq!(stats.acked.load(Ordering::Relaxed), n as u64);
+        assert_eq!(stats.spool_pending.load(Ordering::Relaxed), 0);
         assert_eq!(spool_at(dir.path(), 1 << 20).len(), 0);
     }
 
