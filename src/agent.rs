@@ -1181,7 +1181,7 @@ fn incomplete_frame(count: u64, stream: &str, values: &[f32], names: &[String]) 
         .map(|(_, n)| n.as_str())
         .collect();
     tracing::warn!(
-        stream = ?crate::ingest::Clipped(stream),
+        stream = ?crate::ingest::clipped_name(stream),
         missing = %missing.iter().take(8).copied().collect::<Vec<_>>().join(","),
         features_missing = missing.len(),
         incomplete_frames = count,
@@ -1199,7 +1199,7 @@ fn frame_id_unused(count: u64, stream: &str, id: u64, next: u64) {
         return;
     }
     tracing::warn!(
-        stream = ?crate::ingest::Clipped(stream),
+        stream = ?crate::ingest::clipped_name(stream),
         id,
         seq = next,
         ids_unused = count,
@@ -1246,8 +1246,8 @@ fn refused(
     }
     let (reason, counter) = (what.reason(), what.counter());
     tracing::warn!(
-        topic = ?crate::ingest::Clipped(topic),
-        stream = stream.map(|s| tracing::field::debug(crate::ingest::Clipped(s))),
+        topic = ?crate::ingest::clipped_name(topic),
+        stream = stream.map(|s| tracing::field::debug(crate::ingest::clipped_name(s))),
         reason,
         rejected = count,
         "{why}; it is counted ({counter}{{reason=\"{reason}\"}}) and skipped. {todo}"
@@ -1359,8 +1359,8 @@ fn unknown_metric(count: u64, stream: &str, metric: &str, features: &[String]) {
     }
     let expected: Vec<&str> = features.iter().take(3).map(String::as_str).collect();
     tracing::warn!(
-        stream = ?crate::ingest::Clipped(stream),
-        metric = ?crate::ingest::Clipped(metric),
+        stream = ?crate::ingest::clipped_name(stream),
+        metric = ?crate::ingest::clipped_name(metric),
         expected = %format!("{}{}", expected.join(","), if features.len() > 3 { ",…" } else { "" }),
         rejected = count,
         "a sample's metric is not one of the model's features; it is counted (darkwatch_samples_rejected_total{{reason=\"unknown_metric\"}}) and skipped. Telegraf metrics are named <measurement>.<field>"
@@ -1371,7 +1371,7 @@ fn unknown_metric(count: u64, stream: &str, metric: &str, features: &[String]) {
 fn future_sample(count: u64, stream: &str, timestamp: f64, received: f64, limit: f64) {
     if count.is_power_of_two() {
         tracing::warn!(
-            stream = ?crate::ingest::Clipped(stream),
+            stream = ?crate::ingest::clipped_name(stream),
             timestamp,
             received,
             ahead_secs = timestamp - received,
@@ -1386,7 +1386,7 @@ fn future_sample(count: u64, stream: &str, timestamp: f64, received: f64, limit:
 fn stream_refused(refusals: u64, stream: &str) {
     if refusals.is_power_of_two() {
         tracing::warn!(
-            stream = ?crate::ingest::Clipped(stream),
+            stream = ?crate::ingest::clipped_name(stream),
             refusals,
             "a new stream was refused: [assemble] max_streams streams are already tracked (they are kept until restart); raise it if this stream should be scored"
         );
@@ -1897,7 +1897,7 @@ impl AgentSink {
                 e
             });
             tracing::warn!(
-                stream = ?crate::ingest::Clipped(&st.name),
+                stream = ?crate::ingest::clipped_name(&st.name),
                 silent_secs = quiet.round(),
                 alert_resolved = ended.is_some(),
                 "a stream scored no frame for [alert] silence_secs: the node, its sender, the network or the broker stopped, or its frames are all incomplete; its firing alert, if any, is resolved with an ended_by annotation"
@@ -2003,7 +2003,7 @@ impl Sink for AgentSink {
             st.silent = false;
             changed = true;
             tracing::info!(
-                stream = ?crate::ingest::Clipped(&st.name),
+                stream = ?crate::ingest::clipped_name(&st.name),
                 silent_secs = st.last_seen.map_or(0.0, |t| t.elapsed().as_secs_f64().round()),
                 "a silent stream scores frames again"
             );
@@ -2134,8 +2134,8 @@ mod tests {
         assert_eq!(late.len(), 2, "the 1st and 2nd of 3: {log}");
         for needle in [
             "WARN",
-            // Clipped to 40 characters, as every quoted input is.
-            "topic=\"org/o/cluster/c/node/n1/plugin/p/chnl/da\"…",
+            // The whole topic: the metric is its last level.
+            "topic=\"org/o/cluster/c/node/n1/plugin/p/chnl/data/b\"",
             "stream=\"n1\"",
             "came 1.500 s before",
             "darkwatch_samples_rejected_total{reason=\"late\"}",

@@ -105,6 +105,18 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Run the agent: subscribe to MQTT, score every frame, publish alerts (until SIGTERM/SIGINT).
+    #[command(after_help = "\
+Settings come from the file, then from environment variables DARKWATCH__SECTION__KEY
+(for example DARKWATCH__MQTT__HOST=broker1, DARKWATCH__ALERT__FIRE_K=2), over the
+documented defaults; `darkwatch print-config` shows the result and `darkwatch validate
+--agent` checks it without starting anything.
+
+Signals: SIGTERM or SIGINT stop it (firing alerts are resolved and a retained \"offline\"
+status is published); SIGHUP reloads the file and the model, keeping the running ones
+if the new ones are invalid ([mqtt], [spool] and [metrics] need a restart).
+
+Exit status: 0 after a stop, 78 for a configuration or model error (systemd's unit does
+not restart it), 1 for other failures.")]
     Run {
         /// Configuration file ([agent] model_dir, [mqtt], [assemble], [spool], …).
         #[arg(long)]
@@ -377,6 +389,10 @@ enum Command {
         agent: bool,
     },
     /// Print the effective configuration (file, then environment overrides, over defaults).
+    #[command(
+        after_help = "Environment overrides are named DARKWATCH__SECTION__KEY, double underscores \
+between the parts (DARKWATCH__MQTT__PORT=1884, DARKWATCH__SCORE__BACKEND=onnx)."
+    )]
     PrintConfig {
         /// Configuration file (default: only the documented defaults and the environment).
         #[arg(long)]

@@ -40,7 +40,10 @@ impl MetricsConfig {
         if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
             return Err((
                 "listen",
-                format!("\"{}\" is not host:port (e.g. 127.0.0.1:9464)", self.listen),
+                format!(
+                    "\"{}\" is not an IP address and port (e.g. 127.0.0.1:9464, 0.0.0.0:9464 for every IPv4 interface, [::]:9464); host names such as localhost are not resolved",
+                    self.listen
+                ),
             ));
         }
         Ok(())
@@ -167,7 +170,10 @@ pub fn render(e: &Exposed) -> String {
         load(&c.alerts_firing),
         load(&c.alerts_resolved)
     );
-    if let Some(r) = c.retrain() {
+    // Exported without online retraining too, as zeros (version 0: the model as trained),
+    // so dashboards and rules see a value rather than an empty series.
+    {
+        let r = c.retrain().unwrap_or_default();
         let _ = writeln!(
             s,
             "# HELP darkwatch_retrains_total Online retrains, by result (rejected: the validation gate refused the candidate).\n\
@@ -599,6 +605,31 @@ mod tests {
             let started = get("process_start_time_seconds");
             assert!(started > 1e9 && started <= now + 1.0, "{started} vs {now}");
         }
+    }
+
+    /// The trial's `listen = "localhost:9464"` was told it "is not host:port".
+    #[test]
+    fn listen_takes_an_ip_address_and_says_so() {
+        let listen = |l: &str| {
+            MetricsConfig {
+                listen: l.to_string(),
+            }
+            .validate()
+        };
+        for ok in ["", "127.0.0.1:9464", "0.0.0.0:9464", "[::]:9464"] {
+            assert_eq!(listen(ok), Ok(()), "{ok}");
+        }
+        for bad in ["localhost:9464", "9464", "127.0.0.1"] {
+            let (key, why) = listen(bad).unwrap_err();
+            assert_eq!(key, "listen");
+            assert!(why.contains("not an IP address and port"), "{why}");
+        }
+        assert!(
+            listen("localhost:9464")
+                .unwrap_err()
+                .1
+                .contains("not resolved")
+        );
     }
 
     #[test]

@@ -1133,7 +1133,9 @@ async fn drive(
     stats: Arc<MqttStats>,
 ) {
     let mut reconnect = Reconnect::default();
-    let mut was_connected = true; // so the first failure is logged
+    // Failed attempts since the last connection: logged at the 1st, 2nd, 4th, 8th…, so a
+    // broker that stays away keeps showing in the log without filling it.
+    let mut failures: u64 = 0;
     loop {
         // The event channel is unbounded so that an error is in it before the controller
         // can run again (a bounded send could wait): the controller must see a disconnect
@@ -1154,7 +1156,7 @@ async fn drive(
                     );
                 }
                 reconnect.connected(Instant::now());
-                was_connected = true;
+                failures = 0;
                 stats.connected.store(true, Ordering::Relaxed);
                 DriverEvent::Connected
             }
@@ -1199,14 +1201,16 @@ async fn drive(
                         }
                     }
                     Ended::Attempt | Ended::Stable => {
-                        if was_connected || !matches!(error, ConnectionError::Io(_)) {
-                            warn!(%error, ?retry_in, "MQTT connection failed; alerts are spooled until it is back.");
+                        failures += 1;
+                        let (host, port) = eventloop.mqtt_options.broker_address();
+                        let broker = format!("{host}:{port}");
+                        if failures.is_power_of_two() {
+                            warn!(%broker, %error, failures, ?retry_in, "MQTT connection failed; retrying with a growing backoff (logged at the 1st, 2nd, 4th… failure in a row); alerts are spooled until it is back.");
                         } else {
-                            debug!(%error, ?retry_in, "MQTT connection still failing.");
+                            debug!(%broker, %error, failures, ?retry_in, "MQTT connection still failing.");
                         }
                     }
                 }
-                was_connected = false;
                 if events.send(DriverEvent::Disconnected).is_err() {
                     return;
                 }

@@ -113,17 +113,41 @@ impl fmt::Display for TextPos {
     }
 }
 
-/// Text quoted from a bad input, shortened so that an error message stays short.
+/// Text quoted from a bad input, shortened so that an error message stays short. Names an
+/// operator must find again (topics, streams, metrics) use [`clipped_name`] instead.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Clipped<'a>(pub &'a str);
 
+/// Most characters of a topic, stream or metric name quoted in a log line: whole for any
+/// sensible name (an ExaMon topic is about 60), bounded for a hostile one (MQTT allows 65,535).
+pub const NAME_CHARS: usize = 256;
+
+/// A name quoted in a log line, whole up to [`NAME_CHARS`] characters: see [`clipped_name`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClippedName<'a>(&'a str);
+
+/// A topic, stream or metric name for a log line: whole up to [`NAME_CHARS`] characters.
+pub fn clipped_name(name: &str) -> ClippedName<'_> {
+    ClippedName(name)
+}
+
+/// `text` quoted, cut after `max` characters with a `…`.
+fn quote_clipped(f: &mut fmt::Formatter<'_>, text: &str, max: usize) -> fmt::Result {
+    match text.char_indices().nth(max) {
+        None => write!(f, "{text:?}"),
+        Some((cut, _)) => write!(f, "{:?}…", &text[..cut]),
+    }
+}
+
 impl fmt::Debug for Clipped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const MAX_CHARS: usize = 40;
-        match self.0.char_indices().nth(MAX_CHARS) {
-            None => write!(f, "{:?}", self.0),
-            Some((cut, _)) => write!(f, "{:?}…", &self.0[..cut]),
-        }
+        quote_clipped(f, self.0, 40)
+    }
+}
+
+impl fmt::Debug for ClippedName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        quote_clipped(f, self.0, NAME_CHARS)
     }
 }
 
@@ -573,6 +597,11 @@ mod tests {
         let shown = format!("{:?}", Clipped(&long));
         assert!(shown.len() < 50, "{shown}");
         assert_eq!(format!("{:?}", Clipped("a\nb")), "\"a\\nb\"");
+        // Names stay whole up to NAME_CHARS: an ExaMon topic's metric is its last level.
+        let topic = "org/o/cluster/c/node/n2/plugin/p/chnl/data/f0";
+        assert_eq!(format!("{:?}", clipped_name(topic)), format!("{topic:?}"));
+        let shown = format!("{:?}", clipped_name(&long));
+        assert_eq!(shown, format!("{:?}…", &long[..NAME_CHARS]));
     }
 
     #[test]
