@@ -26,12 +26,38 @@
 //! # Stream names
 //!
 //! A frame's stream is named by its topic: the topic levels that the wildcards (`+`, `#`)
-//! of the first `[mqtt] subscribe` filter matching it stand for, joined with `/`
-//! (`activations/#` names `activations/modelA/layer6` `modelA/layer6`; `act/+` names
-//! `act/node1` `node1`). When the wildcards stand for nothing (a filter without any, or
-//! only empty levels) or no filter matches, the whole topic names it. So the topics of one
-//! filter that differ in its wildcard levels are distinct streams. With
-//! `stream_from_topic = false` every frame is one stream.
+//! of the first `[mqtt] subscribe` filter matching it stand for, joined with `/` (its
+//! short name: `activations/#` names `activations/modelA/layer6` `modelA/layer6`; `act/+`
+//! names `act/node1` `node1`). When the wildcards stand for nothing (a filter without
+//! any, or only empty levels) or no filter matches, the whole topic names it. So the
+//! topics of one filter that differ in its wildcard levels are distinct streams.
+//!
+//! Different topics never share a stream, with several filters too (a topic no filter
+//! matches apart, which the broker does not deliver). Where short names could meet, the
+//! whole topic names the stream instead:
+//!
+//! - Two filters whose short names could be the same for different topics both name
+//!   their streams by the whole topic: with `subscribe = ["gpu0/+", "gpu1/+"]`,
+//!   `gpu0/layer6` and `gpu1/layer6` (both `layer6` by short names) are the streams
+//!   `gpu0/layer6` and `gpu1/layer6`. Told by the filters alone: for some name of as many
+//!   levels as both filters' names can have (a filter with only `+` has names of as many
+//!   levels as its `+`; one with `#` that many or more), the two filters put its levels,
+//!   or their own levels, in different places of the topic. Filters that overlap only on
+//!   the same topics (`a/+/+` and `a/#`) keep their short names, as does a third filter
+//!   whose names cannot meet theirs. Logged (warn) at startup, naming both filters.
+//! - A topic whose short name is itself a topic some filter matches is named by its whole
+//!   topic, since that topic could have the name: with `["x/+", "y"]`, `x/y` is the stream
+//!   `x/y` (topic `y` is `y`) and `x/z` is `z`; with `["activations/#"]`,
+//!   `activations/activations` is `activations/activations` (the parent topic
+//!   `activations` is `activations`). Checked per frame only for a filter whose short
+//!   names can have as many levels as some filter's topics (`act/+` beside
+//!   `gpu/+/layer/+` cannot: its names have one level, their topics two and four). Logged
+//!   (info) at startup where other filters make it so.
+//!
+//! A filter with no level of its own (`+/+`, `#`) names its streams by the whole topic,
+//! its short name. The names depend only on the topic and the filters, so a topic keeps
+//! its stream across restarts and whatever order messages come in (a changed subscription
+//! may rename streams). With `stream_from_topic = false` every frame is one stream.
 
 use serde::{Deserialize, Serialize};
 
@@ -71,23 +97,172 @@ impl RawConfig {
 
     /// The running decoder for frames of `dim` values arriving on the subscription
     /// `filters` (`[mqtt] subscribe`; `$share/<group>/` is taken off), which name streams.
+    ///
+    /// Decides here, once, how each filter names its streams (see the module docs), and
+    /// logs a filter whose names that decision lengthens.
     pub fn build_for(&self, dim: usize, filters: &[String]) -> RawDecoder {
+        let filters = name_rules(filters);
         RawDecoder {
             dim,
             stream_from_topic: self.stream_from_topic,
-            filters: filters
-                .iter()
-                .map(|f| {
-                    crate::mqtt::shared_subscription(f)
-                        .map_or(f.as_str(), |(_, inner)| inner)
-                        .split('/')
-                        .map(str::to_string)
-                        .collect()
-                })
-                .collect(),
+            filters,
             name: String::new(),
         }
     }
+}
+
+/// One subscribe filter as the decoder names streams by it.
+#[derive(Debug, Clone)]
+struct Filter {
+    /// The filter, `$share/<group>/` taken off, split into levels.
+    levels: Vec<String>,
+    /// Its topics are named by the whole topic: it has no wildcard, or no level of its
+    /// own (`+/+`, `#`: the short name is the topic), or its short names could equal
+    /// another filter's for a different topic.
+    whole: bool,
+    /// A short name could be a topic some filter matches: such a topic's stream is
+    /// named by its whole topic, checked per frame.
+    check: bool,
+}
+
+/// A level of the topic that a filter's short name of `n` levels stands for: a level of
+/// the filter's own, or the name's level `i`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Slot<'a> {
+    Own(&'a str),
+    Name(usize),
+}
+
+/// The filter `levels` (with wildcards) has short names of `n` levels: exactly as many as
+/// its `+` without `#`; with `#`, as many as its `+` (the parent level, `#` standing for
+/// no level) or more, and at least one.
+fn names_have(levels: &[String], n: usize) -> bool {
+    let plus = levels.iter().filter(|l| *l == "+").count();
+    if levels.last().is_some_and(|l| l == "#") {
+        n >= plus.max(1)
+    } else {
+        n == plus
+    }
+}
+
+/// The filter `levels` matches topics of `n` levels: its own count without `#`; with `#`,
+/// the levels before it (the parent) or more, and at least one.
+fn topics_have(levels: &[String], n: usize) -> bool {
+    match levels.iter().position(|l| l == "#") {
+        Some(before) => n >= before.max(1),
+        None => n == levels.len(),
+    }
+}
+
+/// The topic that the filter `levels` names by a short name of `n` levels (which
+/// [`names_have`]), slot by slot.
+fn topic_of(levels: &[String], n: usize) -> Vec<Slot<'_>> {
+    let mut slots = Vec::new();
+    let mut i = 0;
+    for level in levels {
+        match level.as_str() {
+            "+" => {
+                slots.push(Slot::Name(i));
+                i += 1;
+            }
+            "#" => {
+                slots.extend((i..n).map(Slot::Name));
+                i = n;
+            }
+            own => slots.push(Slot::Own(own)),
+        }
+    }
+    slots
+}
+
+/// How each of `filters` names streams (see the module docs), logging each one whose
+/// names are lengthened.
+fn name_rules(filters: &[String]) -> Vec<Filter> {
+    let mut rules: Vec<Filter> = filters
+        .iter()
+        .map(|f| {
+            let levels: Vec<String> = crate::mqtt::shared_subscription(f)
+                .map_or(f.as_str(), |(_, inner)| inner)
+                .split('/')
+                .map(str::to_string)
+                .collect();
+            let wild = |l: &String| l == "+" || l == "#";
+            let whole = !levels.iter().any(wild) || levels.iter().all(wild);
+            Filter {
+                levels,
+                whole,
+                check: false,
+            }
+        })
+        .collect();
+    // Names (and topics) of more levels than this behave as those of this many: past
+    // every filter's own levels, a `#` only adds a level to both.
+    let most = rules.iter().map(|r| r.levels.len()).max().unwrap_or(0) + 1;
+    // Two filters whose short names of one length stand for different topics (a level of
+    // one's own where the other has a wildcard or another level of its own, the name's
+    // levels in other places) give different topics the same name for some name: both
+    // name by the whole topic. (Filters that overlap only on the same topics, `a/+/+`
+    // and `a/#`, keep their short names.)
+    let mut clash: Vec<Option<usize>> = vec![None; rules.len()];
+    for i in 0..rules.len() {
+        for j in i + 1..rules.len() {
+            let (a, b) = (&rules[i], &rules[j]);
+            if a.whole || b.whole {
+                continue;
+            }
+            let differ = (1..=most).any(|n| {
+                names_have(&a.levels, n)
+                    && names_have(&b.levels, n)
+                    && topic_of(&a.levels, n) != topic_of(&b.levels, n)
+            });
+            if differ {
+                clash[i].get_or_insert(j);
+                clash[j].get_or_insert(i);
+            }
+        }
+    }
+    for (i, other) in clash.iter().enumerate() {
+        if let Some(j) = *other {
+            rules[i].whole = true;
+            tracing::warn!(
+                filter = %filters[i],
+                other = %filters[j],
+                "Raw streams: this [mqtt] subscribe filter names its streams by the whole topic, not by the levels its wildcards stand for, since those could be the same for a topic of the other filter (subscribe = [\"gpu0/+\", \"gpu1/+\"] would name gpu0/layer6 and gpu1/layer6 both layer6: they are streams gpu0/layer6 and gpu1/layer6)."
+            );
+        }
+    }
+    // A short name that is itself a topic some filter matches could be that topic's name
+    // (the whole topic, or the short name of a topic named in full): where a filter's
+    // short names can have as many levels as another's topics, each frame's short name
+    // is checked against the filters.
+    for i in 0..rules.len() {
+        if rules[i].whole {
+            continue;
+        }
+        let by: Vec<usize> = (0..rules.len())
+            .filter(|&j| {
+                (1..=most)
+                    .any(|n| names_have(&rules[i].levels, n) && topics_have(&rules[j].levels, n))
+            })
+            .collect();
+        rules[i].check = !by.is_empty();
+        let others: Vec<&str> = by
+            .iter()
+            .filter(|&&j| j != i)
+            .map(|&j| filters[j].as_str())
+            .collect();
+        // Only a `#` filter with a level of its own is its own such filter
+        // (`activations/activations`, named in full for the parent topic `activations`):
+        // too usual to say at every start.
+        if !others.is_empty() {
+            tracing::info!(
+                filter = %filters[i],
+                others = ?others,
+                "Raw streams: a topic of this [mqtt] subscribe filter whose short name (the levels its wildcards stand for) is itself a topic the other filters match is named by its whole topic (with subscribe = [\"x/+\", \"y\"], x/y is stream x/y since topic y is stream y; x/z is z)."
+            );
+        }
+    }
+    rules
 }
 
 /// One decoded frame's stream, time and id (the values are in the caller's buffer).
@@ -106,8 +281,8 @@ pub struct RawFrame<'a> {
 pub struct RawDecoder {
     dim: usize,
     stream_from_topic: bool,
-    /// The subscription filters, split into levels.
-    filters: Vec<Vec<String>>,
+    /// The subscription filters and how they name streams.
+    filters: Vec<Filter>,
     /// The latest stream name that is not a slice of its topic.
     name: String,
 }
@@ -196,13 +371,20 @@ impl RawDecoder {
         Ok(RawFrame { stream, time, id })
     }
 
-    /// The stream `topic` names (see the module docs): a slice of the topic when the
-    /// levels its filter's wildcards stand for are adjacent (`a/+/+`, `a/#`), else those
-    /// levels joined in `self.name` (`+/x/+`).
+    /// The stream `topic` names (see the module docs): the whole topic where its filter
+    /// names by it, where the wildcards stand for nothing, or where the short name is a
+    /// topic the filters match (looked for only when the filter's `check` says it can
+    /// be); else the short name, a slice of the topic when the levels its filter's
+    /// wildcards stand for are adjacent (`a/+/+`, `a/#`), else those levels joined in
+    /// `self.name` (`+/x/+`).
     fn stream_of<'a>(&'a mut self, topic: &'a str) -> &'a str {
-        let Some(filter) = self.filters.iter().find(|f| matches(f, topic)) else {
+        let Some(rule) = self.filters.iter().find(|f| matches(&f.levels, topic)) else {
             return topic;
         };
+        if rule.whole {
+            return topic;
+        }
+        let filter = &rule.levels;
         // The first wildcard level's start, the last one's end, and whether a level of the
         // filter's own lies between two wildcards.
         let mut span: Option<(usize, usize)> = None;
@@ -229,35 +411,36 @@ impl RawDecoder {
         let Some((first, last)) = span else {
             return topic;
         };
-        if !apart {
-            let name = &topic[first..last];
-            return if name.split('/').all(str::is_empty) {
-                topic
-            } else {
-                name
-            };
-        }
-        self.name.clear();
-        let mut start = 0;
-        let mut first = true;
-        for (level, f) in topic.split('/').zip(filter) {
-            if f == "+" || f == "#" {
-                if !first {
-                    self.name.push('/');
+        let name = if apart {
+            self.name.clear();
+            let mut start = 0;
+            let mut first = true;
+            for (level, f) in topic.split('/').zip(filter) {
+                if f == "+" || f == "#" {
+                    if !first {
+                        self.name.push('/');
+                    }
+                    first = false;
+                    self.name
+                        .push_str(if f == "#" { &topic[start..] } else { level });
                 }
-                first = false;
-                self.name
-                    .push_str(if f == "#" { &topic[start..] } else { level });
+                if f == "#" {
+                    break;
+                }
+                start += level.len() + 1;
             }
-            if f == "#" {
-                break;
-            }
-            start += level.len() + 1;
-        }
-        if self.name.split('/').all(str::is_empty) {
+            &self.name
+        } else {
+            &topic[first..last]
+        };
+        // Wildcards standing for nothing, or a short name that is a topic the filters
+        // match (whose own name may be that topic): the whole topic.
+        if name.split('/').all(str::is_empty)
+            || (rule.check && self.filters.iter().any(|f| matches(&f.levels, name)))
+        {
             topic
         } else {
-            &self.name
+            name
         }
     }
 }
@@ -381,6 +564,168 @@ mod tests {
         // No subscription known (`build`): the whole topic.
         let mut d = RawConfig::default().build(3);
         assert_eq!(stream(&mut d, "act/node1").unwrap(), "act/node1");
+    }
+
+    /// Filters that could give different topics one name (the levels their wildcards
+    /// stand for) name their streams by the whole topic, both of them.
+    #[test]
+    fn filters_that_could_share_names_name_by_the_whole_topic() {
+        // Were both `layer6`: one stream, one threshold, one alert state.
+        let mut d = on(&["gpu0/+", "gpu1/+"]);
+        assert_eq!(stream(&mut d, "gpu0/layer6").unwrap(), "gpu0/layer6");
+        assert_eq!(stream(&mut d, "gpu1/layer6").unwrap(), "gpu1/layer6");
+        assert!(d.filters.iter().all(|f| f.whole));
+        // Were both `x`; `b/#` names more levels too.
+        let mut d = on(&["a/+", "$share/g/b/#"]);
+        assert_eq!(stream(&mut d, "a/x").unwrap(), "a/x");
+        assert_eq!(stream(&mut d, "b/x").unwrap(), "b/x");
+        assert_eq!(stream(&mut d, "b/x/y").unwrap(), "b/x/y");
+        // The name's levels in other places: `a/b/z` and `a/z/b` were both `z`.
+        let mut d = on(&["a/b/+", "a/+/b"]);
+        assert_eq!(stream(&mut d, "a/b/z").unwrap(), "a/b/z");
+        assert_eq!(stream(&mut d, "a/z/b").unwrap(), "a/z/b");
+        // A third filter that names two levels keeps its short names, but not for a
+        // name that is a topic the others match.
+        let mut d = on(&["gpu0/+", "gpu1/+", "cpu/+/+"]);
+        assert!(!d.filters[2].whole);
+        assert_eq!(stream(&mut d, "cpu/0/1").unwrap(), "0/1");
+        assert_eq!(stream(&mut d, "cpu/gpu0/x").unwrap(), "cpu/gpu0/x");
+        assert_eq!(stream(&mut d, "gpu0/x").unwrap(), "gpu0/x");
+    }
+
+    /// A short name that is itself a topic the subscription matches is not used: that
+    /// topic's stream has the name (its whole topic, or its own short name's topic).
+    #[test]
+    fn a_short_name_that_is_a_subscribed_topic_is_not_used() {
+        // `x/y` was `y`, the stream of topic `y`.
+        let mut d = on(&["x/+", "y"]);
+        assert_eq!(stream(&mut d, "x/y").unwrap(), "x/y");
+        assert_eq!(stream(&mut d, "y").unwrap(), "y");
+        assert_eq!(stream(&mut d, "x/z").unwrap(), "z");
+        assert!(!d.filters[0].whole && d.filters[0].check);
+        // `gpu/fixed/layer/topic` was `fixed/topic`, and `gpu/act/layer/` was `act/`, the
+        // whole topics of `fixed/topic` and of `act/` (the `+` standing for nothing).
+        let mut d = on(&["act/+", "$share/g/gpu/+/layer/+", "fixed/topic"]);
+        assert_eq!(
+            stream(&mut d, "gpu/fixed/layer/topic").unwrap(),
+            "gpu/fixed/layer/topic"
+        );
+        assert_eq!(stream(&mut d, "fixed/topic").unwrap(), "fixed/topic");
+        assert_eq!(stream(&mut d, "gpu/act/layer/").unwrap(), "gpu/act/layer/");
+        assert_eq!(stream(&mut d, "act/").unwrap(), "act/");
+        assert_eq!(stream(&mut d, "gpu/0/layer/6").unwrap(), "0/6");
+        // One `#` filter: `activations/activations` was `activations`, the parent topic's
+        // stream; `activations/activations/` was `activations/`.
+        let mut d = on(&["activations/#"]);
+        assert_eq!(stream(&mut d, "activations").unwrap(), "activations");
+        assert_eq!(
+            stream(&mut d, "activations/activations").unwrap(),
+            "activations/activations"
+        );
+        assert_eq!(
+            stream(&mut d, "activations/activations/activations").unwrap(),
+            "activations/activations/activations"
+        );
+        assert_eq!(stream(&mut d, "activations/").unwrap(), "activations/");
+        assert_eq!(
+            stream(&mut d, "activations/activations/").unwrap(),
+            "activations/activations/"
+        );
+        assert_eq!(
+            stream(&mut d, "activations/modelA/layer6").unwrap(),
+            "modelA/layer6"
+        );
+    }
+
+    /// Filters whose names cannot meet keep the short names, and skip the per-frame check
+    /// where no topic has as many levels as their names.
+    #[test]
+    fn filters_that_cannot_share_names_keep_short_names() {
+        // Overlapping on the same topics only: the first decides, as before.
+        let mut d = on(&["a/+/+", "a/#"]);
+        assert!(d.filters.iter().all(|f| !f.whole));
+        assert_eq!(stream(&mut d, "a/b/c").unwrap(), "b/c");
+        assert_eq!(stream(&mut d, "a/b").unwrap(), "b");
+        assert_eq!(stream(&mut d, "a/b/c/d").unwrap(), "b/c/d");
+        // The same filter twice, once shared.
+        let mut d = on(&["$share/g/act/+", "act/+"]);
+        assert!(d.filters.iter().all(|f| !f.whole && !f.check));
+        assert_eq!(stream(&mut d, "act/n1").unwrap(), "n1");
+        // Names of one level and of two, topics of three and four.
+        let mut d = on(&["darkwatch/raw/+", "darkwatch/sae/+/+"]);
+        assert!(d.filters.iter().all(|f| !f.whole && !f.check));
+        assert_eq!(stream(&mut d, "darkwatch/raw/n1").unwrap(), "n1");
+        assert_eq!(stream(&mut d, "darkwatch/sae/m/l6").unwrap(), "m/l6");
+        // The test above's mix: `act/+` names one level, which no topic has.
+        let d = on(&["act/+", "$share/g/gpu/+/layer/+", "fixed/topic"]);
+        assert!(!d.filters[0].whole && !d.filters[0].check);
+        assert!(!d.filters[1].whole && d.filters[1].check);
+        assert!(d.filters[2].whole);
+        // No wildcard, or no level of its own (the short name is the topic).
+        let d = on(&["a/b", "+/+", "#"]);
+        assert!(d.filters.iter().all(|f| f.whole));
+    }
+
+    /// Every topic of up to a level more than the longest filter, over the filters' own
+    /// levels and a few more, that some filter matches: no two share a stream, and the
+    /// names do not depend on the order the topics come in.
+    #[test]
+    fn no_two_topics_share_a_stream() {
+        let sets: &[&[&str]] = &[
+            &["gpu0/+", "gpu1/+"],
+            &["x/+", "y"],
+            &["a/+", "b/#"],
+            &["activations/#"],
+            &["act/+", "$share/g/gpu/+/layer/+", "fixed/topic"],
+            &["a/+/+", "a/#"],
+            &["a/b/+", "a/+/b"],
+            &["+/a", "a/+"],
+            &["+/x/+", "x/#"],
+            &["a/+/#", "+/a"],
+            &["a/+", "#"],
+            &["a/#", "a/+/b", "b"],
+            &["$share/g/a/+", "a/+", "a"],
+            &["+/+/x", "x/+", "x/x"],
+            &["$s/+", "+/b"],
+        ];
+        for filters in sets {
+            let mut alphabet: Vec<String> = vec!["".into(), "z".into(), "$s".into()];
+            for f in filters.iter() {
+                let inner = crate::mqtt::shared_subscription(f).map_or(*f, |(_, i)| i);
+                for level in inner.split('/') {
+                    if level != "+" && level != "#" && !alphabet.iter().any(|a| a == level) {
+                        alphabet.push(level.to_string());
+                    }
+                }
+            }
+            let d = on(filters);
+            let most = d.filters.iter().map(|f| f.levels.len()).max().unwrap() + 1;
+            let mut topics: Vec<String> = Vec::new();
+            let mut layer: Vec<String> = alphabet.clone();
+            for _ in 0..most {
+                topics.extend(layer.iter().cloned());
+                layer = layer
+                    .iter()
+                    .flat_map(|t| alphabet.iter().map(move |l| format!("{t}/{l}")))
+                    .collect();
+            }
+            topics.retain(|t| !t.is_empty() && d.filters.iter().any(|f| matches(&f.levels, t)));
+            let mut forward = on(filters);
+            let names: Vec<String> = topics
+                .iter()
+                .map(|t| stream(&mut forward, t).unwrap())
+                .collect();
+            let mut seen = std::collections::HashMap::new();
+            for (t, n) in topics.iter().zip(&names) {
+                if let Some(other) = seen.insert(n.clone(), t.clone()) {
+                    panic!("{filters:?}: topics {other:?} and {t:?} are both stream {n:?}");
+                }
+            }
+            let mut backward = on(filters);
+            for (t, n) in topics.iter().zip(&names).rev() {
+                assert_eq!(&stream(&mut backward, t).unwrap(), n, "{filters:?}: {t:?}");
+            }
+        }
     }
 
     #[test]
