@@ -274,18 +274,24 @@ pub struct AlertEvent {
     #[serde(rename = "startsAt")]
     pub starts_at: String,
     /// Event time of the episode's last above-threshold frame once resolved;
-    /// [`ENDS_AT_UNSET`] while firing.
+    /// [`ENDS_AT_UNSET`] (Go's zero time) while firing and in re-sends.
     #[serde(rename = "endsAt")]
     pub ends_at: String,
     /// 16 hex digits of FNV-1a 64 over the sorted labels (see [`fingerprint`]).
     pub fingerprint: String,
-    /// Score of the frame that caused this transition.
+    /// Score of frame `seq`, the frame that caused this event (of a resolved event, the
+    /// quiet frame that resolved it; of a re-send, the latest frame).
     pub score: f32,
-    /// Threshold in force at that frame.
+    /// Threshold in force at frame `seq`, beside `score`. An adaptive threshold (SPOT,
+    /// DSPOT) moves during an episode, so of a resolved event this is not the threshold the
+    /// peak crossed: that is `peak_threshold`.
     pub threshold: f64,
     /// Highest score of the episode so far, and its frame.
     pub peak_score: f32,
     pub peak_seq: u64,
+    /// Threshold in force at the peak frame (`peak_seq`): the one `peak_score` crossed.
+    /// The `summary` annotation pairs these two.
+    pub peak_threshold: f64,
     /// First above-threshold frame of the episode.
     pub start_seq: u64,
     /// Last above-threshold frame of the episode; `null` while firing.
@@ -331,6 +337,7 @@ struct Slot {
     seq: u64,
     time: f64,
     score: f32,
+    threshold: f64,
     n_top: u8,
     top: [Contribution; MAX_TOP_CONTRIBUTIONS],
 }
@@ -341,6 +348,7 @@ impl Default for Slot {
             seq: 0,
             time: 0.0,
             score: 0.0,
+            threshold: f64::NAN,
             n_top: 0,
             top: [Contribution::default(); MAX_TOP_CONTRIBUTIONS],
         }
@@ -358,6 +366,8 @@ struct Episode {
     start_time: f64,
     peak_score: f32,
     peak_seq: u64,
+    /// The threshold the peak crossed (in force at `peak_seq`).
+    peak_threshold: f64,
     last_above_seq: u64,
     last_above_time: f64,
     /// Above-threshold frames so far: those the blame sums over.
@@ -371,10 +381,11 @@ struct Episode {
 }
 
 impl Episode {
-    fn take_above(&mut self, seq: u64, time: f64, score: f32) {
+    fn take_above(&mut self, seq: u64, time: f64, score: f32, threshold: f64) {
         if score > self.peak_score || self.peak_score.is_nan() {
             self.peak_score = score;
             self.peak_seq = seq;
+            self.peak_threshold = threshold;
         }
         self.last_above_seq = seq;
         self.last_above_time = time;
@@ -486,6 +497,7 @@ impl AlertState {
         slot.seq = obs.seq;
         slot.time = time;
         slot.score = obs.score;
+        slot.threshold = obs.threshold;
         slot.n_top = n_top as u8;
         slot.top[..n_top].copy_from_slice(&obs.top[..n_top]);
         self.frames_seen += 1;
@@ -516,7 +528,7 @@ impl AlertState {
                 ep.last_score = obs.score;
                 ep.last_threshold = obs.threshold;
                 if above {
-                    ep.take_above(obs.seq, time, obs.score);
+                    ep.take_above(obs.seq, time, obs.score, obs.threshold);
                     add_blame(&mut self.blame, &obs.top[..n_top]);
                     return None;
                 }
@@ -594,6 +606,7 @@ impl AlertState {
                 start_time: slot.time,
                 peak_score: slot.score,
                 peak_seq: slot.seq,
+                peak_threshold: slot.threshold,
                 last_above_seq: slot.seq,
                 last_above_time: slot.time,
                 above_frames: 0,
@@ -602,7 +615,7 @@ impl AlertState {
                 last_score: slot.score,
                 last_threshold: f64::NAN,
             });
-            ep.take_above(slot.seq, slot.time, slot.score);
+            ep.take_above(slot.seq, slot.time, slot.score, slot.threshold);
         }
         let mut ep = ep?;
         // Frames since the last above one count towards resolving.
@@ -647,12 +660,7 @@ impl AlertState {
         let mut annotations = BTreeMap::new();
         annotations.insert(
             "summary".to_string(),
-            format!(
-                "Anomaly on stream {}: peak score {} above threshold {}",
-                self.stream,
-                fmt_num(f64::from(ep.peak_score)),
-                fmt_num(threshold)
-            ),
+            summary(&self.stream, ep.peak_score, ep.peak_threshold),
         );
         let mut description = match end_seq {
             Some(end) if end == ep.start_seq => format!("Frame {end}"),
@@ -696,6 +704,7 @@ impl AlertState {
             threshold,
             peak_score: ep.peak_score,
             peak_seq: ep.peak_seq,
+            peak_threshold: ep.peak_threshold,
             start_seq: ep.start_seq,
             end_seq,
             seq,
@@ -740,6 +749,33 @@ fn event_time(seq: u64, timestamp: f64) -> f64 {
         timestamp
     } else {
         seq as f64
+    }
+}
+
+/// The `summary` annotation: the episode's peak score with the threshold in force at the
+/// peak frame (the one it crossed), never with another frame's: an adaptive threshold
+/// moves during an episode. It used to pair the peak with the threshold of the frame that
+/// caused the event, so a resolved event could read "peak score 242.574 above threshold
+/// 344.883".
+fn summary(stream: &str, peak: f32, threshold: f64) -> String {
+    let peak_text = fmt_num(f64::from(peak));
+    let ratio = f64::from(peak) / threshold;
+    if threshold > 0.0 && ratio.is_finite() {
+        let times = if ratio < 100.0 {
+            format!("{ratio:.2}")
+        } else {
+            fmt_num(ratio)
+        };
+        format!(
+            "Anomaly on stream {stream}: peak score {peak_text}, {times} × the threshold {} in force at that frame",
+            fmt_num(threshold)
+        )
+    } else {
+        // A ratio to a threshold of 0 or below says nothing.
+        format!(
+            "Anomaly on stream {stream}: peak score {peak_text}, above the threshold {} in force at that frame",
+            fmt_num(threshold)
+        )
     }
 }
 
@@ -1192,6 +1228,68 @@ mod tests {
         // Moving bytes between name and value changes it.
         assert_ne!(fingerprint([("ab", "c")]), fingerprint([("a", "bc")]));
         assert_ne!(a, fingerprint([("alertname", "X"), ("stream", "s2")]));
+    }
+
+    /// The trial: with a threshold that moved during the episode (SPOT adapts), the
+    /// resolved event's summary paired the peak with the resolving frame's threshold and
+    /// read "peak score 242.574 above threshold 344.883". The peak now goes with the
+    /// threshold it crossed, in the summary and in `peak_threshold`; `threshold` stays the
+    /// one beside `score`, at frame `seq`.
+    #[test]
+    fn the_peak_is_reported_with_the_threshold_it_crossed() {
+        let mut st = state(&AlertConfig {
+            resolve_after_frames: 2,
+            ..AlertConfig::default()
+        });
+        // (score, threshold): the peak, 242.574, crosses 186.6 at frame 1; the threshold
+        // then climbs to 344.883 by the resolving frame.
+        let frames: [(f32, f64); 7] = [
+            (200.0, 180.0),
+            (242.574, 186.6),
+            (230.0, 190.0),
+            (250.0, 260.0),
+            (300.0, 290.0),
+            (100.0, 320.0),
+            (120.0, 344.883),
+        ];
+        let mut events = Vec::new();
+        for (seq, (score, threshold)) in frames.into_iter().enumerate() {
+            let obs = Observation {
+                seq: seq as u64,
+                timestamp: 1000.0 + seq as f64,
+                score,
+                threshold,
+                top: &[],
+            };
+            events.extend(st.observe(&obs));
+        }
+        assert_eq!(events.len(), 2, "{events:?}");
+        let (fired, resolved) = (&events[0], &events[1]);
+        // Fired at frame 2; its peak (frame 1) is from the window, before the firing frame.
+        assert_eq!((fired.seq, fired.peak_seq), (2, 1));
+        assert_eq!((fired.threshold, fired.peak_threshold), (190.0, 186.6));
+        assert_eq!(resolved.status, AlertStatus::Resolved);
+        // Frame 4 (300 above 290) became the peak.
+        assert_eq!((resolved.peak_score, resolved.peak_seq), (300.0, 4));
+        assert_eq!(resolved.peak_threshold, 290.0);
+        assert_eq!((resolved.seq, resolved.threshold), (6, 344.883));
+        assert_eq!(
+            resolved.annotations["summary"],
+            "Anomaly on stream node7: peak score 300.000, 1.03 × the threshold 290.000 in force at that frame"
+        );
+        assert_eq!(
+            fired.annotations["summary"],
+            "Anomaly on stream node7: peak score 242.574, 1.30 × the threshold 186.600 in force at that frame"
+        );
+        let json = serde_json::to_value(resolved).unwrap();
+        assert_eq!(json["peak_threshold"], 290.0);
+        assert_eq!(json["threshold"], 344.883);
+        // A threshold of 0 or below gives no ratio.
+        assert_eq!(
+            summary("s", 2.0, 0.0),
+            "Anomaly on stream s: peak score 2.000, above the threshold 0.000 in force at that frame"
+        );
+        assert!(summary("s", 2e6, 0.5).contains("4.000e6 × the threshold 0.500"));
     }
 
     #[test]
