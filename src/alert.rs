@@ -7,10 +7,11 @@
 //! sinks (MQTT, Alertmanager) forward unchanged. Pure logic: no I/O, no clock, and nothing
 //! is allocated per frame; only building an event allocates.
 //!
-//! Times: `startsAt`/`endsAt` are the event times of frames, formatted by [`rfc3339_utc`].
+//! Times: `startsAt`/`endsAt` are the event times of frames, formatted by [`rfc3339_utc`]
+//! (always to the millisecond; a firing alert's `endsAt` is [`ENDS_AT_UNSET`]).
 //! A frame without an event time (NaN timestamp) uses its frame index as epoch seconds, so
-//! a replay without timestamps gets `1970-01-01T00:00:05Z` for frame 5: still ordered and
-//! still valid RFC 3339, and obviously not wall-clock time.
+//! a replay without timestamps gets `1970-01-01T00:00:05.000Z` for frame 5: still ordered
+//! and still valid RFC 3339, and obviously not wall-clock time.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -27,9 +28,13 @@ pub const MAX_WINDOW_FRAMES: u32 = 64;
 /// Largest `top_features` an event may name.
 pub const MAX_EVENT_FEATURES: usize = 64;
 
-/// `endsAt` of a firing alert: Go's zero time, as Alertmanager itself writes it in webhook
-/// payloads; on `POST /api/v2/alerts` it means "not set" (resolve timeout applies).
-pub const ENDS_AT_UNSET: &str = "0001-01-01T00:00:00Z";
+/// `endsAt` of a firing (or re-sent) alert: Go's zero time, which Alertmanager itself puts
+/// in the webhook payloads of firing alerts, in the one format of every time in an event
+/// (milliseconds always, see [`rfc3339_utc`]). Alertmanager's `POST /api/v2/alerts` takes
+/// it as "not set" (its resolve timeout applies); [`AlertEvent::postable`] leaves it out.
+/// Compare with this constant, or parse the time and test for year 1, rather than with
+/// another spelling of the zero time.
+pub const ENDS_AT_UNSET: &str = "0001-01-01T00:00:00.000Z";
 
 /// When a stream's alert fires and resolves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -823,8 +828,9 @@ where
     format!("{h:016x}")
 }
 
-/// Epoch seconds as an RFC 3339 UTC timestamp, `YYYY-MM-DDTHH:MM:SSZ`, with `.mmm` when
-/// the time has a non-zero millisecond part (rounded to the nearest millisecond).
+/// Epoch seconds as an RFC 3339 UTC timestamp, `YYYY-MM-DDTHH:MM:SS.mmmZ`: always with
+/// milliseconds (rounded to the nearest), so every time in an event has one format and
+/// length whether the input's times had a fraction (raw frames) or not (ExaMon windows).
 /// Clamped to years 0000–9999; NaN formats as the epoch.
 pub fn rfc3339_utc(epoch_secs: f64) -> String {
     // 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z.
@@ -841,17 +847,12 @@ pub fn rfc3339_utc(epoch_secs: f64) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let mut s = format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
         sod / 3600,
         sod % 3600 / 60,
         sod % 60
-    );
-    if millis != 0 {
-        let _ = write!(s, ".{millis:03}");
-    }
-    s.push('Z');
-    s
+    )
 }
 
 /// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01
@@ -987,7 +988,7 @@ mod tests {
             e.start_seq, 0,
             "the episode starts at its first above frame"
         );
-        assert_eq!(e.starts_at, "1970-01-01T00:16:40Z"); // timestamp 1000
+        assert_eq!(e.starts_at, "1970-01-01T00:16:40.000Z"); // timestamp 1000
         assert_eq!(e.ends_at, ENDS_AT_UNSET);
         assert_eq!(e.end_seq, None);
         assert!(st.is_firing());
@@ -1027,7 +1028,7 @@ mod tests {
         assert_eq!((e.start_seq, e.end_seq), (10, Some(14)));
         assert_eq!(e.starts_at, rfc3339_utc(1010.0));
         assert_eq!(e.ends_at, rfc3339_utc(1014.0));
-        assert_eq!(e.ends_at, "1970-01-01T00:16:54Z");
+        assert_eq!(e.ends_at, "1970-01-01T00:16:54.000Z");
         assert_eq!(e.fingerprint, ev[0].1.fingerprint);
         assert_eq!(e.labels, ev[0].1.labels);
         assert!(!st.is_firing());
@@ -1134,8 +1135,8 @@ mod tests {
             resolved.annotations["description"]
         );
         // NaN timestamps: the frame index stands in as epoch seconds.
-        assert_eq!(resolved.starts_at, "1970-01-01T00:00:00Z");
-        assert_eq!(resolved.ends_at, "1970-01-01T00:00:04Z");
+        assert_eq!(resolved.starts_at, "1970-01-01T00:00:00.000Z");
+        assert_eq!(resolved.ends_at, "1970-01-01T00:00:04.000Z");
         // Blame starts afresh for the next episode.
         let ev = feed(&mut st, 6, &[0, 0, 0, 0, 0, 0, 1, 1, 1]);
         assert_eq!(ev[0].1.top_features[0].contribution, 4.5); // f2 = 3 x 1.5
@@ -1230,6 +1231,46 @@ mod tests {
         assert_ne!(a, fingerprint([("alertname", "X"), ("stream", "s2")]));
     }
 
+    /// Every time in an event has one format, to the millisecond: an ExaMon window's end
+    /// (whole seconds) used to read `…15:07:59Z` and a raw frame's `…15:23:34.545Z`, and a
+    /// firing alert's `endsAt` Go's zero time without milliseconds.
+    #[test]
+    fn every_time_in_an_event_is_to_the_millisecond() {
+        let shape = |t: &str| {
+            t.len() == 24
+                && t.ends_with('Z')
+                && t.as_bytes()[19] == b'.'
+                && t[20..23].bytes().all(|b| b.is_ascii_digit())
+        };
+        for timestamp in [1_795_000_000.0, 1_795_000_000.545, f64::NAN] {
+            let mut st = state(&AlertConfig {
+                resolve_after_frames: 1,
+                ..AlertConfig::default()
+            });
+            let mut events = Vec::new();
+            for (seq, score) in [2.0f32, 2.0, 2.0, 0.5].into_iter().enumerate() {
+                let obs = Observation {
+                    seq: seq as u64,
+                    timestamp: timestamp + seq as f64,
+                    score,
+                    threshold: 1.0,
+                    top: &[],
+                };
+                events.extend(st.observe(&obs));
+            }
+            assert_eq!(events.len(), 2);
+            for e in &events {
+                let v = serde_json::to_value(e).unwrap();
+                for key in ["startsAt", "endsAt"] {
+                    let t = v[key].as_str().unwrap();
+                    assert!(shape(t), "{key} {t:?} of {timestamp}");
+                }
+            }
+            assert_eq!(events[0].ends_at, ENDS_AT_UNSET);
+        }
+        assert_eq!(ENDS_AT_UNSET, "0001-01-01T00:00:00.000Z");
+    }
+
     /// The trial: with a threshold that moved during the episode (SPOT adapts), the
     /// resolved event's summary paired the peak with the resolving frame's threshold and
     /// read "peak score 242.574 above threshold 344.883". The peak now goes with the
@@ -1294,20 +1335,21 @@ mod tests {
 
     #[test]
     fn rfc3339_by_hand() {
-        assert_eq!(rfc3339_utc(1_700_000_000.0), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339_utc(1_700_000_000.0), "2023-11-14T22:13:20.000Z");
         assert_eq!(rfc3339_utc(1_700_000_000.25), "2023-11-14T22:13:20.250Z");
-        assert_eq!(rfc3339_utc(1_700_000_000.000_4), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339_utc(1_700_000_000.999_6), "2023-11-14T22:13:21Z");
-        assert_eq!(rfc3339_utc(0.0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(f64::NAN), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(-1.0), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339_utc(1_700_000_000.000_4), "2023-11-14T22:13:20.000Z");
+        assert_eq!(rfc3339_utc(1_700_000_000.999_6), "2023-11-14T22:13:21.000Z");
+        assert_eq!(rfc3339_utc(0.0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_utc(f64::NAN), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_utc(-1.0), "1969-12-31T23:59:59.000Z");
         assert_eq!(rfc3339_utc(-0.5), "1969-12-31T23:59:59.500Z");
+        assert_eq!(rfc3339_utc(1_700_000_000.007), "2023-11-14T22:13:20.007Z");
         // 2000-02-29 (a leap day of a century leap year): 11016 days.
-        assert_eq!(rfc3339_utc(951_782_400.0), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400.0), "2000-02-29T00:00:00.000Z");
         // 2100 is not a leap year: 2100-02-28 + 1 day = 2100-03-01.
-        assert_eq!(rfc3339_utc(4_107_542_400.0), "2100-03-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(4_107_542_400.0), "2100-03-01T00:00:00.000Z");
         assert_eq!(rfc3339_utc(1e300), "9999-12-31T23:59:59.999Z");
-        assert_eq!(rfc3339_utc(-1e300), "0000-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(-1e300), "0000-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_utc(f64::INFINITY), "9999-12-31T23:59:59.999Z");
     }
 
@@ -1356,7 +1398,7 @@ mod tests {
 
         let resolved = serde_json::to_value(&ev[1].1).unwrap();
         assert_eq!(resolved["status"], "resolved");
-        assert_eq!(resolved["endsAt"], "1970-01-01T00:16:42Z");
+        assert_eq!(resolved["endsAt"], "1970-01-01T00:16:42.000Z");
 
         // The Alertmanager API view: only its own fields; endsAt only once resolved.
         let p = serde_json::to_value(ev[0].1.postable()).unwrap();
@@ -1364,7 +1406,7 @@ mod tests {
         keys.sort_unstable();
         assert_eq!(keys, ["annotations", "labels", "startsAt"]);
         let p = serde_json::to_value(ev[1].1.postable()).unwrap();
-        assert_eq!(p["endsAt"], "1970-01-01T00:16:42Z");
+        assert_eq!(p["endsAt"], "1970-01-01T00:16:42.000Z");
     }
 
     #[test]
