@@ -1040,6 +1040,7 @@ impl AgentSource {
                     Reject::TooManyStreams => stream_refused(before + 1, &sample.stream),
                     Reject::UnknownMetric => unknown_metric(
                         before + 1,
+                        format,
                         &sample.stream,
                         &sample.metric,
                         assembler.feature_names(),
@@ -1352,18 +1353,35 @@ fn late_sample(
     );
 }
 
-/// Logs the 1st, 2nd, 4th, 8th… sample whose metric the model does not know.
-fn unknown_metric(count: u64, stream: &str, metric: &str, features: &[String]) {
+/// Logs the 1st, 2nd, 4th, 8th… sample whose metric the model does not know, with how
+/// `format` names metrics (it used to give Telegraf's naming whatever the input was).
+fn unknown_metric(
+    count: u64,
+    format: InputFormat,
+    stream: &str,
+    metric: &str,
+    features: &[String],
+) {
     if !count.is_power_of_two() {
         return;
     }
     let expected: Vec<&str> = features.iter().take(3).map(String::as_str).collect();
+    let naming = match format {
+        InputFormat::Examon => {
+            " An ExaMon sample's metric is its topic's last level (…/chnl/data/<metric>, URL-decoded): the model's feature names must match those."
+        }
+        InputFormat::Telegraf => {
+            " Telegraf metrics are named <measurement>.<field> (cpu.usage_user): the model's feature names must match those."
+        }
+        // Raw frames have no metric names.
+        InputFormat::Raw => "",
+    };
     tracing::warn!(
         stream = ?crate::ingest::Clipped(stream),
         metric = ?crate::ingest::Clipped(metric),
         expected = %format!("{}{}", expected.join(","), if features.len() > 3 { ",…" } else { "" }),
         rejected = count,
-        "a sample's metric is not one of the model's features; it is counted (darkwatch_samples_rejected_total{{reason=\"unknown_metric\"}}) and skipped. Telegraf metrics are named <measurement>.<field>"
+        "a sample's metric is not one of the model's features; it is counted (darkwatch_samples_rejected_total{{reason=\"unknown_metric\"}}) and skipped.{naming}"
     );
 }
 
@@ -2196,6 +2214,43 @@ mod tests {
             .reason_index()]
             .load(Ordering::Relaxed),
             4
+        );
+    }
+
+    /// The trial: with ExaMon input an unknown metric's warning said "Telegraf metrics are
+    /// named <measurement>.<field>". Each format now gives its own naming.
+    #[test]
+    fn an_unknown_metric_is_logged_with_the_naming_of_its_input_format() {
+        let mut src = source(1.0);
+        let log = logged(|| src.take_one(&msg("n2", "bogus", 1.0, 1000.0)));
+        let lines = lines_with(&log, "metric=\"bogus\"");
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(
+            lines[0].contains("stream=\"n2\"")
+                && lines[0].contains("reason=\"unknown_metric\"")
+                && lines[0].contains("An ExaMon sample's metric is its topic's last level")
+                && !lines[0].contains("Telegraf"),
+            "{}",
+            lines[0]
+        );
+        src.decoder = Decoder::Telegraf(DarkwatchConfig::default().telegraf.build());
+        let json = br#"{"name":"m","tags":{"host":"n1"},"fields":{"zz":1.5},"timestamp":1000}"#;
+        let log = logged(|| {
+            src.take_one(&Incoming {
+                topic: "telegraf/n1".into(),
+                payload: json.to_vec(),
+                received: 1000.0,
+                received_mono: 1000.0,
+            })
+        });
+        // The second unknown metric of this source: logged (1st, 2nd, 4th…).
+        let lines = lines_with(&log, "metric=\"m.zz\"");
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(
+            lines[0].contains("Telegraf metrics are named <measurement>.<field>")
+                && !lines[0].contains("ExaMon"),
+            "{}",
+            lines[0]
         );
     }
 
