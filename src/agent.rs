@@ -219,6 +219,23 @@ impl AgentCounters {
         sum(&self.samples_rejected_by_reason)
     }
 
+    /// The alert events published since the start, in words, for the stop summary and
+    /// systemd's `STATUS=`: `2 alert events (1 firing, 1 resolved), 3 re-sends`. An event is
+    /// a transition (a firing, or a resolve, those of a stop, a reload or a silence
+    /// included); re-sends of firing alerts are counted apart. The summary used to say
+    /// "2 alerts" for one alert fired and resolved, and `STATUS=` "1 alerts fired".
+    pub fn alert_events_text(&self) -> String {
+        let firing = self.alerts_firing.load(Ordering::Relaxed);
+        let resolved = self.alerts_resolved.load(Ordering::Relaxed);
+        let resent = self.alerts_resent.load(Ordering::Relaxed);
+        let events = firing + resolved;
+        format!(
+            "{events} alert event{} ({firing} firing, {resolved} resolved), {resent} re-send{}",
+            if events == 1 { "" } else { "s" },
+            if resent == 1 { "" } else { "s" },
+        )
+    }
+
     /// The id of the model being scored (empty before the agent has loaded one).
     pub fn model_id(&self) -> String {
         self.model_id.lock().map(|m| m.clone()).unwrap_or_default()
@@ -2640,6 +2657,26 @@ mod tests {
         fed.after = Duration::ZERO;
         assert!(!fed.check(1));
         assert!(!fed.check(0));
+    }
+
+    #[test]
+    fn alert_events_are_counted_in_words_with_plurals() {
+        let c = AgentCounters::default();
+        assert_eq!(
+            c.alert_events_text(),
+            "0 alert events (0 firing, 0 resolved), 0 re-sends"
+        );
+        c.alerts_firing.store(1, Ordering::Relaxed);
+        assert_eq!(
+            c.alert_events_text(),
+            "1 alert event (1 firing, 0 resolved), 0 re-sends"
+        );
+        c.alerts_resolved.store(1, Ordering::Relaxed);
+        c.alerts_resent.store(1, Ordering::Relaxed);
+        assert_eq!(
+            c.alert_events_text(),
+            "2 alert events (1 firing, 1 resolved), 1 re-send"
+        );
     }
 
     #[test]
