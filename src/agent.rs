@@ -219,6 +219,23 @@ impl AgentCounters {
         sum(&self.samples_rejected_by_reason)
     }
 
+    /// The alert events published since the start, in words, for the stop summary and
+    /// systemd's `STATUS=`: `2 alert events (1 firing, 1 resolved), 3 re-sends`. An event is
+    /// a transition (a firing, or a resolve, those of a stop, a reload or a silence
+    /// included); re-sends of firing alerts are counted apart. The summary used to say
+    /// "2 alerts" for one alert fired and resolved, and `STATUS=` "1 alerts fired".
+    pub fn alert_events_text(&self) -> String {
+        let firing = self.alerts_firing.load(Ordering::Relaxed);
+        let resolved = self.alerts_resolved.load(Ordering::Relaxed);
+        let resent = self.alerts_resent.load(Ordering::Relaxed);
+        let events = firing + resolved;
+        format!(
+            "{events} alert event{} ({firing} firing, {resolved} resolved), {resent} re-send{}",
+            if events == 1 { "" } else { "s" },
+            if resent == 1 { "" } else { "s" },
+        )
+    }
+
     /// The id of the model being scored (empty before the agent has loaded one).
     pub fn model_id(&self) -> String {
         self.model_id.lock().map(|m| m.clone()).unwrap_or_default()
@@ -792,9 +809,10 @@ impl Retraining {
 /// The `ended_by` annotation of an alert resolved because the agent stopped.
 pub const ENDED_BY_STOP: &str =
     "the agent stopped: resolved without the scores falling, the anomaly may still be going on";
-/// The `ended_by` annotation of an alert resolved because a reload changed the model, its
-/// thresholds or its input.
-pub const ENDED_BY_RELOAD: &str = "a reload changed the model, thresholds or input: resolved without the scores falling, the anomaly may still be going on";
+/// The end of the `ended_by` annotation of an alert resolved by a reload, after
+/// "a reload changed <what>" ([`ReloadChange::ended_by`]).
+pub const ENDED_BY_RELOAD_TAIL: &str =
+    "resolved without the scores falling, the anomaly may still be going on";
 /// The `ended_by` annotation of an alert resolved because its stream went silent.
 pub const ENDED_BY_SILENCE: &str = "the stream went silent (no frame scored for [alert] silence_secs): resolved without the scores falling, the anomaly may still be going on";
 
@@ -811,6 +829,145 @@ pub fn silence_secs(cfg: &DarkwatchConfig) -> f64 {
             InputFormat::Raw => DEFAULT_SILENCE_SECS,
             _ => DEFAULT_SILENCE_SECS.max(10.0 * cfg.assemble.window_secs),
         })
+}
+
+/// What a reload changed of what the per-stream state rests on: open windows (the input),
+/// thresholds (also the model and `[threshold]`) and alert episodes (also the `[alert]`
+/// keys that make an alert's labels or its firing rules). `[alert] resend_secs` and
+/// `silence_secs` are not among them: they apply to the running alerts at once.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadChange {
+    /// The model's features, `[agent] format`, `[assemble]`, `[examon]`, `[telegraf]` or
+    /// `[raw]`.
+    pub input: bool,
+    /// The model (another id).
+    pub model: bool,
+    /// `[threshold]`.
+    pub thresholds: bool,
+    /// The `[alert]` keys that changed an alert's labels (`labels`, `alertname`,
+    /// `severity`: part of its fingerprint).
+    pub labels: Vec<&'static str>,
+    /// The `[alert]` keys that changed how an episode fires, resolves or is reported.
+    pub rules: Vec<&'static str>,
+}
+
+impl ReloadChange {
+    /// What changed from `old_cfg`/`old_model` to `cfg`/`model`.
+    pub fn between(
+        old_cfg: &DarkwatchConfig,
+        old_model: &Detector,
+        cfg: &DarkwatchConfig,
+        model: &Detector,
+    ) -> Self {
+        let input = model.features() != old_model.features()
+            || cfg.agent.format != old_cfg.agent.format
+            || cfg.assemble != old_cfg.assemble
+            || cfg.examon != old_cfg.examon
+            || cfg.telegraf != old_cfg.telegraf
+            || cfg.raw != old_cfg.raw;
+        // Every key named, so that a new one must be placed here.
+        let crate::alert::AlertConfig {
+            fire_k,
+            fire_n,
+            resolve_after_frames,
+            suppress_frames,
+            alertname,
+            severity,
+            top_features,
+            resend_secs: _,
+            silence_secs: _,
+            labels,
+        } = &old_cfg.alert;
+        let new = &cfg.alert;
+        let changed = |keys: &[(&'static str, bool)]| -> Vec<&'static str> {
+            keys.iter()
+                .filter(|(_, same)| !same)
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        ReloadChange {
+            input,
+            model: model.id() != old_model.id(),
+            thresholds: cfg.threshold != old_cfg.threshold,
+            labels: changed(&[
+                ("alertname", *alertname == new.alertname),
+                ("severity", *severity == new.severity),
+                ("labels", *labels == new.labels),
+            ]),
+            rules: changed(&[
+                ("fire_k", *fire_k == new.fire_k),
+                ("fire_n", *fire_n == new.fire_n),
+                (
+                    "resolve_after_frames",
+                    *resolve_after_frames == new.resolve_after_frames,
+                ),
+                ("suppress_frames", *suppress_frames == new.suppress_frames),
+                ("top_features", *top_features == new.top_features),
+            ]),
+        }
+    }
+
+    /// Whether open windows (and a windowed model's lag windows) carry over.
+    pub fn keeps_windows(&self) -> bool {
+        !self.input
+    }
+
+    /// Whether each stream's threshold carries over (an adaptive one keeps what it learned).
+    pub fn keeps_thresholds(&self) -> bool {
+        !self.input && !self.model && !self.thresholds
+    }
+
+    /// Whether each stream's alert state (a firing episode included) carries over.
+    pub fn keeps_alerts(&self) -> bool {
+        self.keeps_thresholds() && self.labels.is_empty() && self.rules.is_empty()
+    }
+
+    /// What changed, in words (empty when nothing did): `the alert's labels ([alert]
+    /// labels)`, `the model and the thresholds ([threshold])`…
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.input {
+            parts.push(
+                "the input (the model's features, [agent] format, [assemble], [examon], [telegraf] or [raw])"
+                    .to_string(),
+            );
+        }
+        if self.model {
+            parts.push("the model".to_string());
+        }
+        if self.thresholds {
+            parts.push("the thresholds ([threshold])".to_string());
+        }
+        if !self.labels.is_empty() {
+            parts.push(format!(
+                "the alert's labels ([alert] {})",
+                self.labels.join(", ")
+            ));
+        }
+        if !self.rules.is_empty() {
+            parts.push(format!(
+                "the alert's firing rules ([alert] {})",
+                self.rules.join(", ")
+            ));
+        }
+        match parts.len() {
+            0 => String::new(),
+            1 => parts.remove(0),
+            n => {
+                let last = parts.remove(n - 1);
+                format!("{} and {last}", parts.join(", "))
+            }
+        }
+    }
+
+    /// The `ended_by` annotation of an alert this reload resolves: what changed, and that
+    /// the anomaly may go on.
+    pub fn ended_by(&self) -> String {
+        format!(
+            "a reload changed {}: {ENDED_BY_RELOAD_TAIL}",
+            self.describe()
+        )
+    }
 }
 
 /// Where a source that ends its turn for a reload puts itself.
@@ -856,41 +1013,15 @@ fn apply_reload(
             );
         }
     }
-    let keep_windows = model.features() == old_model.features()
-        && cfg.agent.format == old_cfg.agent.format
-        && cfg.assemble == old_cfg.assemble
-        && cfg.examon == old_cfg.examon
-        && cfg.telegraf == old_cfg.telegraf
-        && cfg.raw == old_cfg.raw;
-    let keep_alerts = keep_windows
-        && model.id() == old_model.id()
-        && cfg.threshold == old_cfg.threshold
-        && cfg.alert == old_cfg.alert;
+    let change = ReloadChange::between(old_cfg, old_model, &cfg, &model);
+    let keep_windows = change.keeps_windows();
     if !keep_windows {
         // Messages received meanwhile wait in the feed for the new decoder and assembler.
         let fresh = AgentSource::new(&cfg, &model, counters, &started.mqtt.subscribe)?;
         lock(&source.feed).source = fresh;
     }
     let streams = lock(&source.feed).source.streams.clone();
-    if !keep_alerts {
-        // The old model's alerts end here; the new one starts from a clean state.
-        sink.end_alerts(ENDED_BY_RELOAD);
-        let fresh = AgentSink::new(
-            &cfg,
-            &model,
-            streams,
-            &sink.mqtt,
-            sink.out.clone(),
-            counters,
-            sink.record,
-        )?;
-        sink = AgentSink {
-            scores: std::mem::take(&mut sink.scores),
-            events: std::mem::take(&mut sink.events),
-            link: sink.link.take(),
-            ..fresh
-        };
-    }
+    sink = sink.reload(&cfg, &model, streams, &change)?;
     counters.set_model_id(model.id());
     counters.set_backend(&model.backend_label());
     counters.reloads.fetch_add(1, Ordering::Relaxed);
@@ -898,7 +1029,9 @@ fn apply_reload(
         model = %model.id(),
         model_dir = %cfg.agent.model_dir.display(),
         kept_open_windows = keep_windows,
-        kept_alert_state = keep_alerts,
+        kept_thresholds = change.keeps_thresholds(),
+        kept_alert_state = change.keeps_alerts(),
+        changed = %change.describe(),
         "Reloaded the configuration and the model."
     );
     Ok((cfg, model, source, sink))
@@ -1040,6 +1173,7 @@ impl AgentSource {
                     Reject::TooManyStreams => stream_refused(before + 1, &sample.stream),
                     Reject::UnknownMetric => unknown_metric(
                         before + 1,
+                        format,
                         &sample.stream,
                         &sample.metric,
                         assembler.feature_names(),
@@ -1352,18 +1486,35 @@ fn late_sample(
     );
 }
 
-/// Logs the 1st, 2nd, 4th, 8th… sample whose metric the model does not know.
-fn unknown_metric(count: u64, stream: &str, metric: &str, features: &[String]) {
+/// Logs the 1st, 2nd, 4th, 8th… sample whose metric the model does not know, with how
+/// `format` names metrics (it used to give Telegraf's naming whatever the input was).
+fn unknown_metric(
+    count: u64,
+    format: InputFormat,
+    stream: &str,
+    metric: &str,
+    features: &[String],
+) {
     if !count.is_power_of_two() {
         return;
     }
     let expected: Vec<&str> = features.iter().take(3).map(String::as_str).collect();
+    let naming = match format {
+        InputFormat::Examon => {
+            " An ExaMon sample's metric is its topic's last level (…/chnl/data/<metric>, URL-decoded): the model's feature names must match those."
+        }
+        InputFormat::Telegraf => {
+            " Telegraf metrics are named <measurement>.<field> (cpu.usage_user): the model's feature names must match those."
+        }
+        // Raw frames have no metric names.
+        InputFormat::Raw => "",
+    };
     tracing::warn!(
         stream = ?crate::ingest::clipped_name(stream),
         metric = ?crate::ingest::clipped_name(metric),
         expected = %format!("{}{}", expected.join(","), if features.len() > 3 { ",…" } else { "" }),
         rejected = count,
-        "a sample's metric is not one of the model's features; it is counted (darkwatch_samples_rejected_total{{reason=\"unknown_metric\"}}) and skipped. Telegraf metrics are named <measurement>.<field>"
+        "a sample's metric is not one of the model's features; it is counted (darkwatch_samples_rejected_total{{reason=\"unknown_metric\"}}) and skipped.{naming}"
     );
 }
 
@@ -1807,6 +1958,83 @@ impl AgentSink {
         self.counters.set_model_id(&model.meta.id);
     }
 
+    /// Takes over a reload that made `change`, to the new `cfg` and `model` (`streams`: the
+    /// source's stream names, new when the input changed).
+    ///
+    /// - Nothing alert state rests on changed: it all carries over, firing alerts
+    ///   included; `[alert] resend_secs` and `silence_secs` apply at once.
+    /// - Only the alert's labels or firing rules changed: each firing alert is resolved,
+    ///   its `ended_by` naming the keys (new labels make a new fingerprint, so the old
+    ///   episode cannot go on), and each stream's alert starts afresh; its threshold and
+    ///   silence bookkeeping carry over, so an adaptive threshold keeps what it learned.
+    /// - The input, the model or `[threshold]` changed: firing alerts are resolved, saying
+    ///   which, and every stream starts afresh (thresholds from the new calibration).
+    ///
+    /// Every such alert used to be resolved with "a reload changed the model, thresholds or
+    /// input", also when only `[alert.labels]` had changed.
+    fn reload(
+        mut self,
+        cfg: &DarkwatchConfig,
+        model: &Detector,
+        streams: Arc<Mutex<Vec<String>>>,
+        change: &ReloadChange,
+    ) -> Result<AgentSink, AgentError> {
+        let alert_cfg = crate::alert::AlertConfig {
+            labels: cfg.alert.labels_for_node(&self.mqtt.node()),
+            ..cfg.alert.clone()
+        };
+        if change.keeps_alerts() {
+            self.alert_cfg = alert_cfg;
+            self.silence_secs = silence_secs(cfg);
+            self.streams = streams;
+            return Ok(self);
+        }
+        if !change.keeps_thresholds() {
+            let fresh = AgentSink::new(
+                cfg,
+                model,
+                streams,
+                &self.mqtt,
+                self.out.clone(),
+                &self.counters,
+                self.record,
+            )?;
+            // The old model's alerts end here; the new one starts from a clean state.
+            self.end_alerts(&change.ended_by());
+            return Ok(AgentSink {
+                scores: std::mem::take(&mut self.scores),
+                events: std::mem::take(&mut self.events),
+                link: self.link.take(),
+                ..fresh
+            });
+        }
+        let ended_by = change.ended_by();
+        let mut ending = Vec::new();
+        for st in self.per_stream.iter_mut().flatten() {
+            if let Some(mut e) = st.alerts.finish() {
+                e.annotations.insert("ended_by".into(), ended_by.clone());
+                ending.push(e);
+            }
+            st.alerts = AlertState::new(
+                &alert_cfg,
+                &st.name,
+                &self.model_id,
+                &self.model_version,
+                self.features.clone(),
+            );
+            st.sent = None;
+        }
+        self.alert_cfg = alert_cfg;
+        self.silence_secs = silence_secs(cfg);
+        self.streams = streams;
+        for e in ending {
+            let name = e.stream.clone();
+            self.publish(&name, e);
+        }
+        self.set_gauges();
+        Ok(self)
+    }
+
     /// Resolves every firing alert because the agent stops or changes model: each event
     /// says so in its `ended_by` annotation, since the anomaly may still be going on.
     fn end_alerts(&mut self, why: &str) {
@@ -2199,6 +2427,43 @@ mod tests {
         );
     }
 
+    /// The trial: with ExaMon input an unknown metric's warning said "Telegraf metrics are
+    /// named <measurement>.<field>". Each format now gives its own naming.
+    #[test]
+    fn an_unknown_metric_is_logged_with_the_naming_of_its_input_format() {
+        let mut src = source(1.0);
+        let log = logged(|| src.take_one(&msg("n2", "bogus", 1.0, 1000.0)));
+        let lines = lines_with(&log, "metric=\"bogus\"");
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(
+            lines[0].contains("stream=\"n2\"")
+                && lines[0].contains("reason=\"unknown_metric\"")
+                && lines[0].contains("An ExaMon sample's metric is its topic's last level")
+                && !lines[0].contains("Telegraf"),
+            "{}",
+            lines[0]
+        );
+        src.decoder = Decoder::Telegraf(DarkwatchConfig::default().telegraf.build());
+        let json = br#"{"name":"m","tags":{"host":"n1"},"fields":{"zz":1.5},"timestamp":1000}"#;
+        let log = logged(|| {
+            src.take_one(&Incoming {
+                topic: "telegraf/n1".into(),
+                payload: json.to_vec(),
+                received: 1000.0,
+                received_mono: 1000.0,
+            })
+        });
+        // The second unknown metric of this source: logged (1st, 2nd, 4th…).
+        let lines = lines_with(&log, "metric=\"m.zz\"");
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(
+            lines[0].contains("Telegraf metrics are named <measurement>.<field>")
+                && !lines[0].contains("ExaMon"),
+            "{}",
+            lines[0]
+        );
+    }
+
     /// The trial: frames of half or twice the model's bytes were logged as "this sender's
     /// are 32 values" (or 128) with no hint that they are float16 or float64 frames of the
     /// right width.
@@ -2392,6 +2657,26 @@ mod tests {
         fed.after = Duration::ZERO;
         assert!(!fed.check(1));
         assert!(!fed.check(0));
+    }
+
+    #[test]
+    fn alert_events_are_counted_in_words_with_plurals() {
+        let c = AgentCounters::default();
+        assert_eq!(
+            c.alert_events_text(),
+            "0 alert events (0 firing, 0 resolved), 0 re-sends"
+        );
+        c.alerts_firing.store(1, Ordering::Relaxed);
+        assert_eq!(
+            c.alert_events_text(),
+            "1 alert event (1 firing, 0 resolved), 0 re-sends"
+        );
+        c.alerts_resolved.store(1, Ordering::Relaxed);
+        c.alerts_resent.store(1, Ordering::Relaxed);
+        assert_eq!(
+            c.alert_events_text(),
+            "2 alert events (1 firing, 1 resolved), 1 re-send"
+        );
     }
 
     #[test]
@@ -2672,14 +2957,11 @@ mod tests {
     /// A sink for a model whose threshold lies below 1, streams named `s0`, `s1`…, and
     /// the receiving end of its alerts.
     fn test_sink(cfg: &DarkwatchConfig) -> (AgentSink, mqtt::OutgoingReceiver) {
-        let mut model = crate::model::fit::synthetic(2, 1);
-        model.calibration_scores = (0..1000).map(|i| i as f32 / 1000.0).collect();
         let (out, alerts) = mqtt::outgoing_channel();
-        let streams = Arc::new(Mutex::new(vec!["s0".to_string(), "s1".to_string()]));
         let sink = AgentSink::new(
             cfg,
-            &Detector::Autoencoder(Arc::new(model)),
-            streams,
+            &test_model(),
+            test_streams(),
             &cfg.mqtt,
             out,
             &Arc::default(),
@@ -2687,6 +2969,103 @@ mod tests {
         )
         .unwrap();
         (sink, alerts)
+    }
+
+    /// The model of [`test_sink`]: its threshold lies below 1.
+    fn test_model() -> Detector {
+        let mut model = crate::model::fit::synthetic(2, 1);
+        model.calibration_scores = (0..1000).map(|i| i as f32 / 1000.0).collect();
+        Detector::Autoencoder(Arc::new(model))
+    }
+
+    fn test_streams() -> Arc<Mutex<Vec<String>>> {
+        Arc::new(Mutex::new(vec!["s0".to_string(), "s1".to_string()]))
+    }
+
+    /// The trial: a SIGHUP that changed only `[alert.labels]` resolved the firing alert
+    /// with "a reload changed the model, thresholds or input", and reset every threshold.
+    /// New labels make a new fingerprint, so the episode still ends, but `ended_by` says
+    /// what changed and the thresholds carry over; a change of `resend_secs` only keeps
+    /// the firing alert.
+    #[test]
+    fn a_reload_of_the_alert_labels_says_so_and_keeps_the_thresholds() {
+        let cfg = DarkwatchConfig::default();
+        let model = test_model();
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        feed_sink(&mut sink, 1, 0, 3, 0.5);
+        let fired = sent(&mut alerts);
+        assert_eq!(fired.len(), 1);
+        let threshold =
+            |sink: &AgentSink, i: usize| sink.per_stream[i].as_ref().unwrap().threshold.threshold();
+        let before = threshold(&sink, 0);
+
+        // resend_secs only: the alert keeps firing, and re-sends at the new interval.
+        let mut resend = cfg.clone();
+        resend.alert.resend_secs = 5.0;
+        let change = ReloadChange::between(&cfg, &model, &resend, &model);
+        assert!(change.keeps_alerts(), "{change:?}");
+        sink = sink
+            .reload(&resend, &model, test_streams(), &change)
+            .unwrap();
+        assert!(sent(&mut alerts).is_empty());
+        assert!(sink.per_stream[0].as_ref().unwrap().alerts.is_firing());
+        assert_eq!(sink.alert_cfg.resend_secs, 5.0);
+
+        let mut labelled = resend.clone();
+        labelled
+            .alert
+            .labels
+            .insert("cluster".into(), "leonardo".into());
+        let change = ReloadChange::between(&resend, &model, &labelled, &model);
+        assert!(change.keeps_windows() && change.keeps_thresholds() && !change.keeps_alerts());
+        sink = sink
+            .reload(&labelled, &model, test_streams(), &change)
+            .unwrap();
+        let ended = sent(&mut alerts);
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(ended[0]["status"], "resolved");
+        assert_eq!(ended[0]["fingerprint"], fired[0]["fingerprint"]);
+        assert_eq!(
+            ended[0]["annotations"]["ended_by"],
+            "a reload changed the alert's labels ([alert] labels): resolved without the scores falling, the anomaly may still be going on"
+        );
+        assert_eq!(threshold(&sink, 0).to_bits(), before.to_bits());
+        assert_eq!(sink.counters.streams.load(Ordering::Relaxed), 2);
+        // The anomaly goes on: a new episode under the new labels.
+        feed_sink(&mut sink, 0, 3, 3, 1e6);
+        let refired = sent(&mut alerts);
+        assert_eq!(refired.len(), 1, "{refired:?}");
+        assert_eq!(refired[0]["labels"]["cluster"], "leonardo");
+        assert_ne!(refired[0]["fingerprint"], fired[0]["fingerprint"]);
+
+        // Another model and threshold: all starts afresh, and ended_by names both.
+        let mut spot = labelled.clone();
+        spot.threshold.risk_q /= 2.0;
+        let other = {
+            let Detector::Autoencoder(m) = test_model() else {
+                unreachable!()
+            };
+            let mut m = (*m).clone();
+            m.meta.id = "another".into();
+            Detector::Autoencoder(Arc::new(m))
+        };
+        let change = ReloadChange::between(&labelled, &model, &spot, &other);
+        assert!(!change.keeps_thresholds() && change.keeps_windows());
+        sink = sink.reload(&spot, &other, test_streams(), &change).unwrap();
+        let ended = sent(&mut alerts);
+        assert_eq!(
+            ended[0]["annotations"]["ended_by"],
+            "a reload changed the model and the thresholds ([threshold]): resolved without the scores falling, the anomaly may still be going on"
+        );
+        assert!(sink.per_stream.is_empty());
+        let mut rules = spot.clone();
+        rules.alert.fire_k = 2;
+        rules.alert.severity = "critical".into();
+        assert_eq!(
+            ReloadChange::between(&spot, &other, &rules, &other).describe(),
+            "the alert's labels ([alert] severity) and the alert's firing rules ([alert] fire_k)"
+        );
     }
 
     /// Feeds `n` frames of `stream` from `seq`, each scoring `score`.

@@ -7,10 +7,11 @@
 //! sinks (MQTT, Alertmanager) forward unchanged. Pure logic: no I/O, no clock, and nothing
 //! is allocated per frame; only building an event allocates.
 //!
-//! Times: `startsAt`/`endsAt` are the event times of frames, formatted by [`rfc3339_utc`].
+//! Times: `startsAt`/`endsAt` are the event times of frames, formatted by [`rfc3339_utc`]
+//! (always to the millisecond; a firing alert's `endsAt` is [`ENDS_AT_UNSET`]).
 //! A frame without an event time (NaN timestamp) uses its frame index as epoch seconds, so
-//! a replay without timestamps gets `1970-01-01T00:00:05Z` for frame 5: still ordered and
-//! still valid RFC 3339, and obviously not wall-clock time.
+//! a replay without timestamps gets `1970-01-01T00:00:05.000Z` for frame 5: still ordered
+//! and still valid RFC 3339, and obviously not wall-clock time.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -27,9 +28,13 @@ pub const MAX_WINDOW_FRAMES: u32 = 64;
 /// Largest `top_features` an event may name.
 pub const MAX_EVENT_FEATURES: usize = 64;
 
-/// `endsAt` of a firing alert: Go's zero time, as Alertmanager itself writes it in webhook
-/// payloads; on `POST /api/v2/alerts` it means "not set" (resolve timeout applies).
-pub const ENDS_AT_UNSET: &str = "0001-01-01T00:00:00Z";
+/// `endsAt` of a firing (or re-sent) alert: Go's zero time, which Alertmanager itself puts
+/// in the webhook payloads of firing alerts, in the one format of every time in an event
+/// (milliseconds always, see [`rfc3339_utc`]). Alertmanager's `POST /api/v2/alerts` takes
+/// it as "not set" (its resolve timeout applies); [`AlertEvent::postable`] leaves it out.
+/// Compare with this constant, or parse the time and test for year 1, rather than with
+/// another spelling of the zero time.
+pub const ENDS_AT_UNSET: &str = "0001-01-01T00:00:00.000Z";
 
 /// When a stream's alert fires and resolves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -274,18 +279,24 @@ pub struct AlertEvent {
     #[serde(rename = "startsAt")]
     pub starts_at: String,
     /// Event time of the episode's last above-threshold frame once resolved;
-    /// [`ENDS_AT_UNSET`] while firing.
+    /// [`ENDS_AT_UNSET`] (Go's zero time) while firing and in re-sends.
     #[serde(rename = "endsAt")]
     pub ends_at: String,
     /// 16 hex digits of FNV-1a 64 over the sorted labels (see [`fingerprint`]).
     pub fingerprint: String,
-    /// Score of the frame that caused this transition.
+    /// Score of frame `seq`, the frame that caused this event (of a resolved event, the
+    /// quiet frame that resolved it; of a re-send, the latest frame).
     pub score: f32,
-    /// Threshold in force at that frame.
+    /// Threshold in force at frame `seq`, beside `score`. An adaptive threshold (SPOT,
+    /// DSPOT) moves during an episode, so of a resolved event this is not the threshold the
+    /// peak crossed: that is `peak_threshold`.
     pub threshold: f64,
     /// Highest score of the episode so far, and its frame.
     pub peak_score: f32,
     pub peak_seq: u64,
+    /// Threshold in force at the peak frame (`peak_seq`): the one `peak_score` crossed.
+    /// The `summary` annotation pairs these two.
+    pub peak_threshold: f64,
     /// First above-threshold frame of the episode.
     pub start_seq: u64,
     /// Last above-threshold frame of the episode; `null` while firing.
@@ -331,6 +342,7 @@ struct Slot {
     seq: u64,
     time: f64,
     score: f32,
+    threshold: f64,
     n_top: u8,
     top: [Contribution; MAX_TOP_CONTRIBUTIONS],
 }
@@ -341,6 +353,7 @@ impl Default for Slot {
             seq: 0,
             time: 0.0,
             score: 0.0,
+            threshold: f64::NAN,
             n_top: 0,
             top: [Contribution::default(); MAX_TOP_CONTRIBUTIONS],
         }
@@ -358,6 +371,8 @@ struct Episode {
     start_time: f64,
     peak_score: f32,
     peak_seq: u64,
+    /// The threshold the peak crossed (in force at `peak_seq`).
+    peak_threshold: f64,
     last_above_seq: u64,
     last_above_time: f64,
     /// Above-threshold frames so far: those the blame sums over.
@@ -371,10 +386,11 @@ struct Episode {
 }
 
 impl Episode {
-    fn take_above(&mut self, seq: u64, time: f64, score: f32) {
+    fn take_above(&mut self, seq: u64, time: f64, score: f32, threshold: f64) {
         if score > self.peak_score || self.peak_score.is_nan() {
             self.peak_score = score;
             self.peak_seq = seq;
+            self.peak_threshold = threshold;
         }
         self.last_above_seq = seq;
         self.last_above_time = time;
@@ -486,6 +502,7 @@ impl AlertState {
         slot.seq = obs.seq;
         slot.time = time;
         slot.score = obs.score;
+        slot.threshold = obs.threshold;
         slot.n_top = n_top as u8;
         slot.top[..n_top].copy_from_slice(&obs.top[..n_top]);
         self.frames_seen += 1;
@@ -516,7 +533,7 @@ impl AlertState {
                 ep.last_score = obs.score;
                 ep.last_threshold = obs.threshold;
                 if above {
-                    ep.take_above(obs.seq, time, obs.score);
+                    ep.take_above(obs.seq, time, obs.score, obs.threshold);
                     add_blame(&mut self.blame, &obs.top[..n_top]);
                     return None;
                 }
@@ -594,6 +611,7 @@ impl AlertState {
                 start_time: slot.time,
                 peak_score: slot.score,
                 peak_seq: slot.seq,
+                peak_threshold: slot.threshold,
                 last_above_seq: slot.seq,
                 last_above_time: slot.time,
                 above_frames: 0,
@@ -602,7 +620,7 @@ impl AlertState {
                 last_score: slot.score,
                 last_threshold: f64::NAN,
             });
-            ep.take_above(slot.seq, slot.time, slot.score);
+            ep.take_above(slot.seq, slot.time, slot.score, slot.threshold);
         }
         let mut ep = ep?;
         // Frames since the last above one count towards resolving.
@@ -647,12 +665,7 @@ impl AlertState {
         let mut annotations = BTreeMap::new();
         annotations.insert(
             "summary".to_string(),
-            format!(
-                "Anomaly on stream {}: peak score {} above threshold {}",
-                self.stream,
-                fmt_num(f64::from(ep.peak_score)),
-                fmt_num(threshold)
-            ),
+            summary(&self.stream, ep.peak_score, ep.peak_threshold),
         );
         let mut description = match end_seq {
             Some(end) if end == ep.start_seq => format!("Frame {end}"),
@@ -696,6 +709,7 @@ impl AlertState {
             threshold,
             peak_score: ep.peak_score,
             peak_seq: ep.peak_seq,
+            peak_threshold: ep.peak_threshold,
             start_seq: ep.start_seq,
             end_seq,
             seq,
@@ -743,6 +757,33 @@ fn event_time(seq: u64, timestamp: f64) -> f64 {
     }
 }
 
+/// The `summary` annotation: the episode's peak score with the threshold in force at the
+/// peak frame (the one it crossed), never with another frame's: an adaptive threshold
+/// moves during an episode. It used to pair the peak with the threshold of the frame that
+/// caused the event, so a resolved event could read "peak score 242.574 above threshold
+/// 344.883".
+fn summary(stream: &str, peak: f32, threshold: f64) -> String {
+    let peak_text = fmt_num(f64::from(peak));
+    let ratio = f64::from(peak) / threshold;
+    if threshold > 0.0 && ratio.is_finite() {
+        let times = if ratio < 100.0 {
+            format!("{ratio:.2}")
+        } else {
+            fmt_num(ratio)
+        };
+        format!(
+            "Anomaly on stream {stream}: peak score {peak_text}, {times} × the threshold {} in force at that frame",
+            fmt_num(threshold)
+        )
+    } else {
+        // A ratio to a threshold of 0 or below says nothing.
+        format!(
+            "Anomaly on stream {stream}: peak score {peak_text}, above the threshold {} in force at that frame",
+            fmt_num(threshold)
+        )
+    }
+}
+
 /// Short human form of a score for annotations.
 fn fmt_num(v: f64) -> String {
     let a = v.abs();
@@ -787,8 +828,9 @@ where
     format!("{h:016x}")
 }
 
-/// Epoch seconds as an RFC 3339 UTC timestamp, `YYYY-MM-DDTHH:MM:SSZ`, with `.mmm` when
-/// the time has a non-zero millisecond part (rounded to the nearest millisecond).
+/// Epoch seconds as an RFC 3339 UTC timestamp, `YYYY-MM-DDTHH:MM:SS.mmmZ`: always with
+/// milliseconds (rounded to the nearest), so every time in an event has one format and
+/// length whether the input's times had a fraction (raw frames) or not (ExaMon windows).
 /// Clamped to years 0000–9999; NaN formats as the epoch.
 pub fn rfc3339_utc(epoch_secs: f64) -> String {
     // 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z.
@@ -805,17 +847,12 @@ pub fn rfc3339_utc(epoch_secs: f64) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let mut s = format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
         sod / 3600,
         sod % 3600 / 60,
         sod % 60
-    );
-    if millis != 0 {
-        let _ = write!(s, ".{millis:03}");
-    }
-    s.push('Z');
-    s
+    )
 }
 
 /// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01
@@ -951,7 +988,7 @@ mod tests {
             e.start_seq, 0,
             "the episode starts at its first above frame"
         );
-        assert_eq!(e.starts_at, "1970-01-01T00:16:40Z"); // timestamp 1000
+        assert_eq!(e.starts_at, "1970-01-01T00:16:40.000Z"); // timestamp 1000
         assert_eq!(e.ends_at, ENDS_AT_UNSET);
         assert_eq!(e.end_seq, None);
         assert!(st.is_firing());
@@ -991,7 +1028,7 @@ mod tests {
         assert_eq!((e.start_seq, e.end_seq), (10, Some(14)));
         assert_eq!(e.starts_at, rfc3339_utc(1010.0));
         assert_eq!(e.ends_at, rfc3339_utc(1014.0));
-        assert_eq!(e.ends_at, "1970-01-01T00:16:54Z");
+        assert_eq!(e.ends_at, "1970-01-01T00:16:54.000Z");
         assert_eq!(e.fingerprint, ev[0].1.fingerprint);
         assert_eq!(e.labels, ev[0].1.labels);
         assert!(!st.is_firing());
@@ -1098,8 +1135,8 @@ mod tests {
             resolved.annotations["description"]
         );
         // NaN timestamps: the frame index stands in as epoch seconds.
-        assert_eq!(resolved.starts_at, "1970-01-01T00:00:00Z");
-        assert_eq!(resolved.ends_at, "1970-01-01T00:00:04Z");
+        assert_eq!(resolved.starts_at, "1970-01-01T00:00:00.000Z");
+        assert_eq!(resolved.ends_at, "1970-01-01T00:00:04.000Z");
         // Blame starts afresh for the next episode.
         let ev = feed(&mut st, 6, &[0, 0, 0, 0, 0, 0, 1, 1, 1]);
         assert_eq!(ev[0].1.top_features[0].contribution, 4.5); // f2 = 3 x 1.5
@@ -1194,22 +1231,125 @@ mod tests {
         assert_ne!(a, fingerprint([("alertname", "X"), ("stream", "s2")]));
     }
 
+    /// Every time in an event has one format, to the millisecond: an ExaMon window's end
+    /// (whole seconds) used to read `…15:07:59Z` and a raw frame's `…15:23:34.545Z`, and a
+    /// firing alert's `endsAt` Go's zero time without milliseconds.
+    #[test]
+    fn every_time_in_an_event_is_to_the_millisecond() {
+        let shape = |t: &str| {
+            t.len() == 24
+                && t.ends_with('Z')
+                && t.as_bytes()[19] == b'.'
+                && t[20..23].bytes().all(|b| b.is_ascii_digit())
+        };
+        for timestamp in [1_795_000_000.0, 1_795_000_000.545, f64::NAN] {
+            let mut st = state(&AlertConfig {
+                resolve_after_frames: 1,
+                ..AlertConfig::default()
+            });
+            let mut events = Vec::new();
+            for (seq, score) in [2.0f32, 2.0, 2.0, 0.5].into_iter().enumerate() {
+                let obs = Observation {
+                    seq: seq as u64,
+                    timestamp: timestamp + seq as f64,
+                    score,
+                    threshold: 1.0,
+                    top: &[],
+                };
+                events.extend(st.observe(&obs));
+            }
+            assert_eq!(events.len(), 2);
+            for e in &events {
+                let v = serde_json::to_value(e).unwrap();
+                for key in ["startsAt", "endsAt"] {
+                    let t = v[key].as_str().unwrap();
+                    assert!(shape(t), "{key} {t:?} of {timestamp}");
+                }
+            }
+            assert_eq!(events[0].ends_at, ENDS_AT_UNSET);
+        }
+        assert_eq!(ENDS_AT_UNSET, "0001-01-01T00:00:00.000Z");
+    }
+
+    /// The trial: with a threshold that moved during the episode (SPOT adapts), the
+    /// resolved event's summary paired the peak with the resolving frame's threshold and
+    /// read "peak score 242.574 above threshold 344.883". The peak now goes with the
+    /// threshold it crossed, in the summary and in `peak_threshold`; `threshold` stays the
+    /// one beside `score`, at frame `seq`.
+    #[test]
+    fn the_peak_is_reported_with_the_threshold_it_crossed() {
+        let mut st = state(&AlertConfig {
+            resolve_after_frames: 2,
+            ..AlertConfig::default()
+        });
+        // (score, threshold): the peak, 242.574, crosses 186.6 at frame 1; the threshold
+        // then climbs to 344.883 by the resolving frame.
+        let frames: [(f32, f64); 7] = [
+            (200.0, 180.0),
+            (242.574, 186.6),
+            (230.0, 190.0),
+            (250.0, 260.0),
+            (300.0, 290.0),
+            (100.0, 320.0),
+            (120.0, 344.883),
+        ];
+        let mut events = Vec::new();
+        for (seq, (score, threshold)) in frames.into_iter().enumerate() {
+            let obs = Observation {
+                seq: seq as u64,
+                timestamp: 1000.0 + seq as f64,
+                score,
+                threshold,
+                top: &[],
+            };
+            events.extend(st.observe(&obs));
+        }
+        assert_eq!(events.len(), 2, "{events:?}");
+        let (fired, resolved) = (&events[0], &events[1]);
+        // Fired at frame 2; its peak (frame 1) is from the window, before the firing frame.
+        assert_eq!((fired.seq, fired.peak_seq), (2, 1));
+        assert_eq!((fired.threshold, fired.peak_threshold), (190.0, 186.6));
+        assert_eq!(resolved.status, AlertStatus::Resolved);
+        // Frame 4 (300 above 290) became the peak.
+        assert_eq!((resolved.peak_score, resolved.peak_seq), (300.0, 4));
+        assert_eq!(resolved.peak_threshold, 290.0);
+        assert_eq!((resolved.seq, resolved.threshold), (6, 344.883));
+        assert_eq!(
+            resolved.annotations["summary"],
+            "Anomaly on stream node7: peak score 300.000, 1.03 × the threshold 290.000 in force at that frame"
+        );
+        assert_eq!(
+            fired.annotations["summary"],
+            "Anomaly on stream node7: peak score 242.574, 1.30 × the threshold 186.600 in force at that frame"
+        );
+        let json = serde_json::to_value(resolved).unwrap();
+        assert_eq!(json["peak_threshold"], 290.0);
+        assert_eq!(json["threshold"], 344.883);
+        // A threshold of 0 or below gives no ratio.
+        assert_eq!(
+            summary("s", 2.0, 0.0),
+            "Anomaly on stream s: peak score 2.000, above the threshold 0.000 in force at that frame"
+        );
+        assert!(summary("s", 2e6, 0.5).contains("4.000e6 × the threshold 0.500"));
+    }
+
     #[test]
     fn rfc3339_by_hand() {
-        assert_eq!(rfc3339_utc(1_700_000_000.0), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339_utc(1_700_000_000.0), "2023-11-14T22:13:20.000Z");
         assert_eq!(rfc3339_utc(1_700_000_000.25), "2023-11-14T22:13:20.250Z");
-        assert_eq!(rfc3339_utc(1_700_000_000.000_4), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339_utc(1_700_000_000.999_6), "2023-11-14T22:13:21Z");
-        assert_eq!(rfc3339_utc(0.0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(f64::NAN), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(-1.0), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339_utc(1_700_000_000.000_4), "2023-11-14T22:13:20.000Z");
+        assert_eq!(rfc3339_utc(1_700_000_000.999_6), "2023-11-14T22:13:21.000Z");
+        assert_eq!(rfc3339_utc(0.0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_utc(f64::NAN), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_utc(-1.0), "1969-12-31T23:59:59.000Z");
         assert_eq!(rfc3339_utc(-0.5), "1969-12-31T23:59:59.500Z");
+        assert_eq!(rfc3339_utc(1_700_000_000.007), "2023-11-14T22:13:20.007Z");
         // 2000-02-29 (a leap day of a century leap year): 11016 days.
-        assert_eq!(rfc3339_utc(951_782_400.0), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400.0), "2000-02-29T00:00:00.000Z");
         // 2100 is not a leap year: 2100-02-28 + 1 day = 2100-03-01.
-        assert_eq!(rfc3339_utc(4_107_542_400.0), "2100-03-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(4_107_542_400.0), "2100-03-01T00:00:00.000Z");
         assert_eq!(rfc3339_utc(1e300), "9999-12-31T23:59:59.999Z");
-        assert_eq!(rfc3339_utc(-1e300), "0000-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(-1e300), "0000-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_utc(f64::INFINITY), "9999-12-31T23:59:59.999Z");
     }
 
@@ -1258,7 +1398,7 @@ mod tests {
 
         let resolved = serde_json::to_value(&ev[1].1).unwrap();
         assert_eq!(resolved["status"], "resolved");
-        assert_eq!(resolved["endsAt"], "1970-01-01T00:16:42Z");
+        assert_eq!(resolved["endsAt"], "1970-01-01T00:16:42.000Z");
 
         // The Alertmanager API view: only its own fields; endsAt only once resolved.
         let p = serde_json::to_value(ev[0].1.postable()).unwrap();
@@ -1266,7 +1406,7 @@ mod tests {
         keys.sort_unstable();
         assert_eq!(keys, ["annotations", "labels", "startsAt"]);
         let p = serde_json::to_value(ev[1].1.postable()).unwrap();
-        assert_eq!(p["endsAt"], "1970-01-01T00:16:42Z");
+        assert_eq!(p["endsAt"], "1970-01-01T00:16:42.000Z");
     }
 
     #[test]

@@ -922,7 +922,7 @@ fn run(command: Command) -> Result<()> {
                 darkwatch::mqtt::BrokerMode::External => String::new(),
             };
             eprintln!(
-                "darkwatch: stopped after {} messages ({} undecodable, {} samples rejected), {} frames ({} incomplete, {} dropped at the ring), {} frames scored, {} alerts{skipped}",
+                "darkwatch: stopped after {} messages ({} undecodable, {} samples rejected), {} frames ({} incomplete, {} dropped at the ring), {} frames scored, {}{skipped}",
                 load(&c.messages),
                 c.decode_errors(),
                 c.samples_rejected(),
@@ -930,7 +930,7 @@ fn run(command: Command) -> Result<()> {
                 load(&c.frames_incomplete),
                 report.pipeline.frames_dropped,
                 report.pipeline.frames_scored,
-                load(&c.alerts_firing) + load(&c.alerts_resolved)
+                c.alert_events_text()
             );
             Ok(())
         }

@@ -158,14 +158,13 @@ pub fn status_line(c: &AgentCounters, frames_per_sec: Option<f64>) -> String {
         _ => String::new(),
     };
     format!(
-        "model {}: {firing} alert{} firing, {streams} stream{} ({} silent){rate}; since start: {} frames scored, {} alerts fired, {} resolved, {} messages ({} rejected)",
+        "model {}: {firing} alert{} firing, {streams} stream{} ({} silent){rate}; since start: {} frames scored, {}, {} messages ({} rejected)",
         if model.is_empty() { "-" } else { &model },
         if firing == 1 { "" } else { "s" },
         if streams == 1 { "" } else { "s" },
         load(&c.streams_silent),
         load(&c.frames_scored),
-        load(&c.alerts_firing),
-        load(&c.alerts_resolved),
+        c.alert_events_text(),
         load(&c.messages),
         c.decode_errors() + c.samples_rejected(),
     )
@@ -305,7 +304,7 @@ mod tests {
         set(&c.streams_silent, 1);
         assert_eq!(
             status_line(&c, Some(12.34)),
-            "model -: 0 alerts firing, 3 streams (1 silent), 12 frames/s; since start: 1234 frames scored, 5 alerts fired, 5 resolved, 47000 messages (0 rejected)"
+            "model -: 0 alerts firing, 3 streams (1 silent), 12 frames/s; since start: 1234 frames scored, 10 alert events (5 firing, 5 resolved), 0 re-sends, 47000 messages (0 rejected)"
         );
         set(&c.firing_now, 1);
         set(&c.streams, 1);
@@ -317,6 +316,16 @@ mod tests {
         );
         // The first line has no rate yet.
         assert!(status_line(&c, None).contains("(0 silent); since start: "));
+        // The trial read "1 alerts fired" for one alert fired.
+        set(&c.alerts_firing, 1);
+        set(&c.alerts_resolved, 0);
+        set(&c.alerts_resent, 1);
+        assert!(
+            status_line(&c, None)
+                .contains("frames scored, 1 alert event (1 firing, 0 resolved), 1 re-send, "),
+            "{}",
+            status_line(&c, None)
+        );
     }
 
     #[test]

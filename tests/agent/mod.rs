@@ -344,7 +344,7 @@ fn agent_ingests_examon_from_mosquitto_and_publishes_alerts_to_it() {
     assert!(status.success(), "{err}");
     assert_eq!(final_count(&err, "messages"), 70 * 8, "{err}");
     assert_eq!(final_count(&err, "undecodable"), 0, "{err}");
-    let raised = final_count(&err, "alerts");
+    let raised = final_count(&err, "alert");
     assert!(raised >= 2, "a firing and its resolution: {err}");
     sub.wait("every alert", |got| {
         got.iter()
@@ -445,7 +445,7 @@ fn no_alert_lost_while_the_broker_is_unreachable_for_30s() {
     agent.wait_metric("darkwatch_alerts_acked_total", |v| v as u64 >= raised);
     let (status_code, err) = agent.stop();
     assert!(status_code.success(), "{err}");
-    let raised = final_count(&err, "alerts");
+    let raised = final_count(&err, "alert");
     sub.wait("every alert raised", |got| {
         let distinct: std::collections::HashSet<&[u8]> =
             got.iter().map(|p| &p.payload[..]).collect();
