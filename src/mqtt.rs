@@ -2875,4 +2875,41 @@ mod tests {
             );
         }
     }
+
+    /// How much of a burst the embedded broker's log rides out for a subscriber that takes
+    /// nothing until the burst is over (ignored: it prints, and asserts nothing): for logs
+    /// of 1, 2, 4 and 16 MiB, a burst of twice what the log holds, of ExaMon-sized messages
+    /// and of 3 KiB frames. Run with
+    /// `cargo test --release --lib -- --ignored --nocapture embedded_log_burst`.
+    #[test]
+    #[ignore]
+    fn embedded_log_burst() {
+        hook_installed();
+        for log in [1u64 << 20, 2 << 20, 4 << 20, 16 << 20] {
+            for (what, topic, bytes) in [
+                (
+                    "ExaMon-like",
+                    "org/o/cluster/c/node/n001/plugin/p/chnl/data/cpu.usage",
+                    24usize,
+                ),
+                ("3 KiB frames", "act/m/l6", 768 * 4),
+            ] {
+                let port = start_embedded_broker_with("127.0.0.1", 0, log).unwrap();
+                let slow = Gated::new(port, "#");
+                let counted = (4 + topic.len() + bytes) as u64;
+                let fits = log / counted;
+                let n = u32::try_from(2 * fits).unwrap();
+                let before = broker_skipped().messages;
+                publish_acked(port, topic, n, bytes);
+                let got = slow.open_and_count(|got| {
+                    got as u64 + broker_skipped().messages - before >= u64::from(n)
+                });
+                println!(
+                    "log {} MiB, {what} ({counted} counted bytes): {fits} fit; a burst of {n}: {got} delivered, {} skipped",
+                    log >> 20,
+                    broker_skipped().messages - before
+                );
+            }
+        }
+    }
 }
