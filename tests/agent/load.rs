@@ -7,7 +7,8 @@
 //!
 //! `DARKWATCH_LOAD_CASES` (comma-separated) runs only some of the cases: `flood` (100k
 //! messages/s), `flood-1k`, `alternate` (raw frames, every other one anomalous), `recorded`
-//! (raw frames, recorded rows) and `examon-latency`; unset, all of them.
+//! (raw frames, recorded rows) and `examon-latency`; unset, all of them. `embedded-rss`
+//! (its own test, [`embedded_rss`]) is the agent's RSS with its embedded broker.
 //!
 //! 1. ExaMon flood: 100k messages/s for 10 s (100 nodes × 38 metrics of the bundled model,
 //!    QoS 0): frames/s, drops (broker, incoming channel, ring), agent RSS before and after,
@@ -664,4 +665,164 @@ fn embedded_backlog() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// The agent's resident memory with its embedded broker under sustained ExaMon input
+/// (ignored; it asserts nothing about memory or time). For each `[mqtt] embedded_log_bytes`
+/// in `DARKWATCH_RSS_LOG_BYTES` (comma-separated, `default` for the built-in one; unset:
+/// `1048576,2097152,3145728,4194304,16777216,67108864`, the README's table) an agent with
+/// the bundled model and an embedded broker takes ExaMon messages (100 nodes × 38 metrics,
+/// QoS 0) at `DARKWATCH_RSS_RATE` messages/s (unset: 38,000, 1k frames/s) until twice the
+/// log (in the bytes rumqttd counts: topic, payload and 4 more a message) has passed
+/// through it, and at least `DARKWATCH_RSS_SECS` (unset: 20) seconds. Prints its VmRSS
+/// every 5 s, and what the broker skipped. `DARKWATCH_LOAD_CASES` without `embedded-rss`
+/// skips it.
+///
+/// ```text
+/// DARKWATCH_LOAD_CASES=embedded-rss cargo test --release --test main -- --ignored --nocapture agent::load::embedded_rss
+/// ```
+#[test]
+#[ignore = "a measurement: run on a release build with --ignored --nocapture"]
+fn embedded_rss() {
+    if !wanted("embedded-rss") {
+        return;
+    }
+    let data = rows();
+    let model = repo("models/smd-machine-1-6");
+    let dir = tempfile::tempdir().unwrap();
+    let rate: f64 = std::env::var("DARKWATCH_RSS_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(38_000.0);
+    let min_secs = Duration::from_secs(
+        std::env::var("DARKWATCH_RSS_SECS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(20),
+    );
+    let sizes = std::env::var("DARKWATCH_RSS_LOG_BYTES")
+        .unwrap_or_else(|_| "1048576,2097152,3145728,4194304,16777216,67108864".into());
+    for (k, size) in sizes.split(',').map(str::trim).enumerate() {
+        let log_bytes = match size {
+            "default" => darkwatch::mqtt::DEFAULT_EMBEDDED_LOG_BYTES,
+            b => b
+                .parse()
+                .expect("DARKWATCH_RSS_LOG_BYTES: bytes or `default`"),
+        };
+        let work = dir.path().join(format!("rss{k}"));
+        std::fs::create_dir_all(&work).unwrap();
+        let (broker, metrics) = (free_port(), free_port());
+        let node = unique("rss");
+        let cfg = config(
+            &work,
+            "agent.toml",
+            &model,
+            metrics,
+            "",
+            &format!(
+                "broker = \"embedded\"\nport = {broker}\nnode_name = \"{node}\"\n\
+                 subscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\"]\n\
+                 embedded_log_bytes = {log_bytes}\n"
+            ),
+            "",
+        );
+        let mut agent = Agent::start(&cfg, metrics, &[]);
+        agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+        std::thread::sleep(Duration::from_secs(1));
+        let pid = agent.pid();
+        let rss_idle = rss_kib(pid);
+        let (client, pump) = publisher(broker);
+        let (nodes, d) = (100usize, 38usize);
+        let topics: Vec<Vec<String>> = (0..nodes)
+            .map(|n| {
+                (0..d)
+                    .map(|j| format!("org/o/cluster/c/node/n{n:03}/plugin/p/chnl/data/f{j}"))
+                    .collect()
+            })
+            .collect();
+        let start = Instant::now();
+        let (mut sent, mut counted, mut tick) = (0u64, 0u64, 0u64);
+        let mut samples: Vec<(f64, u64, u64)> = Vec::new(); // (s, counted bytes, RSS KiB)
+        let mut next_sample = 0.0;
+        let mut sample = |counted: u64, samples: &mut Vec<(f64, u64, u64)>| {
+            let t = start.elapsed().as_secs_f64();
+            if t >= next_sample {
+                samples.push((t, counted, rss_kib(pid)));
+                next_sample += 1.0;
+            }
+        };
+        while counted < 2 * log_bytes || start.elapsed() < min_secs {
+            let row = data.row(tick as usize % data.nrows());
+            for (n, node_topics) in topics.iter().enumerate() {
+                for (j, topic) in node_topics.iter().enumerate() {
+                    let payload = format!("{};{}", row[j] + n as f32 * 1e-4, 1_700_000_000 + tick);
+                    counted += (4 + topic.len() + payload.len()) as u64;
+                    send(&client, topic, payload);
+                    sent += 1;
+                }
+            }
+            tick += 1;
+            let due = Duration::from_secs_f64(sent as f64 / rate);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            sample(counted, &mut samples);
+        }
+        let publish_secs = start.elapsed().as_secs_f64();
+        // Until the agent takes nothing more for 1 s, sampling on.
+        let mut last = -1.0;
+        loop {
+            std::thread::sleep(Duration::from_millis(1000));
+            sample(counted, &mut samples);
+            let got = agent
+                .metric("darkwatch_messages_received_total")
+                .unwrap_or(0.0);
+            if got == last || got as u64 >= sent {
+                break;
+            }
+            last = got;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let rss_end = rss_kib(pid);
+        let m = |name: &str| agent.metric(name).unwrap_or(f64::NAN);
+        let received = m("darkwatch_messages_received_total");
+        let scored = m("darkwatch_frames_scored_total");
+        let skipped = m("darkwatch_mqtt_broker_skipped_total");
+        drop(client);
+        let _ = pump;
+        let (_, err) = agent.stop();
+        let per_msg = counted as f64 / sent as f64;
+        let held = log_bytes as f64 / per_msg;
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        println!(
+            "== embedded broker RSS: [mqtt] embedded_log_bytes {log_bytes} ({:.0} MiB), ExaMon {nodes} nodes x {d} metrics at QoS 0",
+            mib(log_bytes)
+        );
+        println!(
+            "published   {sent} messages ({:.1} MiB counted, {per_msg:.1} bytes each) in {publish_secs:.1} s ({:.0}/s); the log holds {held:.0} of them, {:.1} s at that rate",
+            mib(counted),
+            sent as f64 / publish_secs,
+            held / (sent as f64 / publish_secs)
+        );
+        println!(
+            "agent       {received} taken, {scored} frames scored, darkwatch_mqtt_broker_skipped_total {skipped}"
+        );
+        let series: Vec<String> = samples
+            .iter()
+            .filter(|(t, ..)| (*t as u64).is_multiple_of(5))
+            .map(|(t, c, r)| format!("{t:.0}s/{:.0}MiB:{:.1}", mib(*c), *r as f64 / 1024.0))
+            .collect();
+        println!(
+            "RSS (MB)    idle {:.1}; by time/log bytes passed: {}; end {:.1}",
+            rss_idle as f64 / 1024.0,
+            series.join(" "),
+            rss_end as f64 / 1024.0
+        );
+        println!(
+            "final       {}",
+            err.lines()
+                .find(|l| l.contains("stopped after"))
+                .unwrap_or("")
+        );
+    }
 }
