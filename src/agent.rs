@@ -198,6 +198,9 @@ pub struct AgentCounters {
     /// counts these: it validates before handing a reload over).
     pub reloads_failed: AtomicU64,
     model_id: Mutex<String>,
+    /// The version of the model loaded (0 as trained; a checkpoint of online retraining
+    /// loaded as `model_dir` carries its own): `darkwatch_model_version` without retraining.
+    pub model_version: AtomicU64,
     backend: Mutex<String>,
     retrain: Mutex<Option<Arc<crate::retrain::RetrainCounters>>>,
 }
@@ -458,6 +461,9 @@ pub fn run_with(
         client_stop.clone(),
     )?;
     counters.set_model_id(model.id());
+    counters
+        .model_version
+        .store(model.version(), Ordering::Relaxed);
     counters.set_backend(&model.backend_label());
     tracing::info!(model = %model.id(), version = model.version(), backend = %model.backend_label(), "model loaded");
     let mut retraining = Retraining::start(cfg, &model, &counters)?;
@@ -853,6 +859,15 @@ pub struct ReloadChange {
 
 impl ReloadChange {
     /// What changed from `old_cfg`/`old_model` to `cfg`/`model`.
+    /// The model judged against the one the sink scores now rather than the one last
+    /// loaded: online retraining moves the sink to a retrained model (its thresholds, id
+    /// and version), so reloading the model on disk changes the model scored even when it
+    /// is the one loaded before.
+    fn against_scored(mut self, sink: &AgentSink, model: &Detector) -> Self {
+        self.model = sink.model_id != model.id() || sink.model_version != model.version_label();
+        self
+    }
+
     pub fn between(
         old_cfg: &DarkwatchConfig,
         old_model: &Detector,
@@ -1013,7 +1028,8 @@ fn apply_reload(
             );
         }
     }
-    let change = ReloadChange::between(old_cfg, old_model, &cfg, &model);
+    let change =
+        ReloadChange::between(old_cfg, old_model, &cfg, &model).against_scored(&sink, &model);
     let keep_windows = change.keeps_windows();
     if !keep_windows {
         // Messages received meanwhile wait in the feed for the new decoder and assembler.
@@ -1023,6 +1039,9 @@ fn apply_reload(
     let streams = lock(&source.feed).source.streams.clone();
     sink = sink.reload(&cfg, &model, streams, &change)?;
     counters.set_model_id(model.id());
+    counters
+        .model_version
+        .store(model.version(), Ordering::Relaxed);
     counters.set_backend(&model.backend_label());
     counters.reloads.fetch_add(1, Ordering::Relaxed);
     tracing::info!(
@@ -3066,6 +3085,43 @@ mod tests {
             ReloadChange::between(&spot, &other, &rules, &other).describe(),
             "the alert's labels ([alert] severity) and the alert's firing rules ([alert] fire_k)"
         );
+    }
+
+    /// A review: after online retraining moved the sink to a retrained model, a reload of
+    /// the same configuration and the model on disk compared that model with the one
+    /// loaded before (the same), kept the retrained model's thresholds for the model on
+    /// disk, and went on labelling alerts with the retrained id. It is compared with the
+    /// model the sink scores.
+    #[test]
+    fn a_reload_after_retraining_compares_with_the_model_scored() {
+        let cfg = DarkwatchConfig::default();
+        let model = test_model();
+        let (mut sink, _alerts) = test_sink(&cfg);
+        let same = ReloadChange::between(&cfg, &model, &cfg, &model).against_scored(&sink, &model);
+        assert!(same.keeps_thresholds() && same.keeps_alerts(), "{same:?}");
+
+        let Detector::Autoencoder(on_disk) = &model else {
+            unreachable!()
+        };
+        let mut retrained = (**on_disk).clone();
+        retrained.meta.id = "retrained".into();
+        retrained.meta.version = 1;
+        sink.switch_model(&retrained);
+        let change =
+            ReloadChange::between(&cfg, &model, &cfg, &model).against_scored(&sink, &model);
+        assert!(change.model && !change.keeps_thresholds(), "{change:?}");
+        sink = sink.reload(&cfg, &model, test_streams(), &change).unwrap();
+        assert_eq!(
+            (sink.model_id.as_str(), sink.model_version.as_str()),
+            (model.id(), "0")
+        );
+
+        // A reload of the very model the sink scores keeps the thresholds.
+        sink.switch_model(&retrained);
+        let resumed = Detector::Autoencoder(Arc::new(retrained));
+        let change =
+            ReloadChange::between(&cfg, &model, &cfg, &resumed).against_scored(&sink, &resumed);
+        assert!(!change.model && change.keeps_thresholds(), "{change:?}");
     }
 
     /// Feeds `n` frames of `stream` from `seq`, each scoring `score`.

@@ -551,6 +551,9 @@ fn mistyped(file: &toml::Table, defaults: &toml::Table, prefix: &str) -> Option<
 /// configuration holds this becomes serde's own message, which lists them: "unknown variant
 /// `max-abs`, expected one of `mse`, `max_abs`, `wnll` for key `score.head`".
 fn with_allowed_values(reason: &str) -> String {
+    if let Some(range) = out_of_range(reason) {
+        return range;
+    }
     fn probe<T: serde::de::DeserializeOwned>(value: &str) -> Option<String> {
         let de = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(value);
         T::deserialize(de).err().map(|e| e.to_string())
@@ -588,6 +591,33 @@ fn with_allowed_values(reason: &str) -> String {
         Some(hint) => format!("{hint}{key}"),
         None => reason.to_string(),
     }
+}
+
+/// serde's "invalid type: 64-bit unsigned integer `70000`, expected an unsigned 16 bit
+/// integer" (a number that does not fit the key's type) as "70000 is out of range: expected
+/// an integer from 0 to 65535", the key kept; `None` for any other message.
+fn out_of_range(reason: &str) -> Option<String> {
+    let rest = reason.strip_prefix("invalid type: ")?;
+    let (found, rest) = rest.split_once(" integer `")?;
+    if !(found.ends_with("signed") || found.ends_with("-bit")) {
+        return None;
+    }
+    let (value, rest) = rest.split_once("`, expected ")?;
+    let (expected, key) = match rest.split_once(" for key ") {
+        Some((e, k)) => (e, format!(" for key {k}")),
+        None => (rest, String::new()),
+    };
+    let expected = match expected {
+        "an unsigned 8 bit integer" => "an integer from 0 to 255".to_string(),
+        "an unsigned 16 bit integer" => "an integer from 0 to 65535".to_string(),
+        "an unsigned 32 bit integer" => format!("an integer from 0 to {}", u32::MAX),
+        "an unsigned 64 bit integer" => format!("an integer from 0 to {}", u64::MAX),
+        "a signed 32 bit integer" => format!("an integer from {} to {}", i32::MIN, i32::MAX),
+        // The config crate's own words for a negative number where an unsigned one goes.
+        e if e.starts_with("an unsigned") => "a non-negative integer".to_string(),
+        _ => return None,
+    };
+    Some(format!("{value} is out of range: expected {expected}{key}"))
 }
 
 impl DarkwatchConfig {
@@ -886,6 +916,21 @@ mod tests {
         assert!(err.contains("`drop_newest` or `block`"), "{err}");
         // Other messages pass unchanged.
         assert_eq!(with_allowed_values("invalid type"), "invalid type");
+        // A number the key's type cannot hold says so, with the range (the trial's port).
+        for (toml, want) in [
+            (
+                "[mqtt]\nport = 70000\n",
+                "70000 is out of range: expected an integer from 0 to 65535",
+            ),
+            (
+                "[mqtt]\nport = -1\n",
+                "-1 is out of range: expected a non-negative integer",
+            ),
+        ] {
+            let f = write(toml);
+            let err = load(Some(f.path()), Vec::new()).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("mqtt.port"), "{err}");
+        }
     }
 
     #[test]

@@ -170,10 +170,15 @@ pub fn render(e: &Exposed) -> String {
         load(&c.alerts_firing),
         load(&c.alerts_resolved)
     );
-    // Exported without online retraining too, as zeros (version 0: the model as trained),
-    // so dashboards and rules see a value rather than an empty series.
+    // Exported without online retraining too, as zeros and the loaded model's version, so
+    // dashboards and rules see a value rather than an empty series.
     {
-        let r = c.retrain().unwrap_or_default();
+        let retraining = c.retrain();
+        let version = match &retraining {
+            Some(r) => load(&r.version),
+            None => load(&c.model_version),
+        };
+        let r = retraining.unwrap_or_default();
         let _ = writeln!(
             s,
             "# HELP darkwatch_retrains_total Online retrains, by result (rejected: the validation gate refused the candidate).\n\
@@ -199,7 +204,7 @@ pub fn render(e: &Exposed) -> String {
             load(&r.adoptions),
             load(&r.admitted),
             load(&r.last_micros) as f64 / 1e6,
-            load(&r.version)
+            version
         );
     }
     let _ = writeln!(
@@ -672,11 +677,16 @@ mod tests {
         counters.firing_now.store(1, Ordering::Relaxed);
         counters.streams.store(3, Ordering::Relaxed);
         counters.streams_silent.store(2, Ordering::Relaxed);
+        // A retrained checkpoint loaded as model_dir, without online retraining running.
+        counters.model_version.store(3, Ordering::Relaxed);
         let exposed = Exposed {
             counters,
             mqtt: Arc::new(MqttStats {
                 outgoing_rejected: 4.into(),
                 spool_dropped: 2.into(),
+                spool_pending: 6.into(),
+                spool_bytes: 4096.into(),
+                short_sessions: 1.into(),
                 ..MqttStats::default()
             }),
             model_id: "abc123".into(),
@@ -705,6 +715,15 @@ mod tests {
             body.contains("darkwatch_alerts_total{status=\"firing\"} 2"),
             "{body}"
         );
+        for line in [
+            "\ndarkwatch_model_version 3\n",
+            "\ndarkwatch_retrains_total{result=\"accepted\"} 0\n",
+            "\ndarkwatch_alerts_spool_pending 6\n",
+            "\ndarkwatch_alerts_spool_bytes 4096\n",
+            "\ndarkwatch_mqtt_short_sessions_total 1\n",
+        ] {
+            assert!(body.contains(line), "{line:?} in {body}");
+        }
         assert!(
             body.contains("\ndarkwatch_alerts_resent_total 5\n"),
             "{body}"
