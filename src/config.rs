@@ -53,6 +53,8 @@ pub struct DarkwatchConfig {
     pub cuda: CudaConfig,
     pub retrain: RetrainConfig,
     pub sae: crate::sae::detector::SaeConfig,
+    /// `darkwatch alertmanager`: the bridge from MQTT alert events to Alertmanager.
+    pub alertmanager: crate::alertmanager::AlertmanagerConfig,
 }
 
 /// Shape of the autoencoder that `train` builds.
@@ -676,6 +678,7 @@ impl DarkwatchConfig {
         section("threshold", self.threshold.validate())?;
         section("alert", self.alert.validate())?;
         section("mqtt", self.mqtt.validate())?;
+        section("alertmanager", self.alertmanager.validate())?;
         section("metrics", self.metrics.validate())?;
         section("sae", self.sae.validate())?;
         // The spool itself takes any size from a one-byte record up; the agent's records

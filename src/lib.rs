@@ -23,6 +23,7 @@
 //! - [`alert`]: per-stream alert state (k-of-n hysteresis) and Alertmanager-shaped events.
 //! - [`spool`]: the on-disk, size-bounded FIFO that keeps alerts while the broker is unreachable.
 //! - [`mqtt`]: the MQTT client (data in, alerts out through the spool) and the embedded broker.
+//! - [`alertmanager`]: `darkwatch alertmanager`, the bridge from MQTT alert events to Alertmanager.
 //! - [`eval`]: point-wise AUROC / AUPRC / best-F1 (and the labelled point-adjusted F1).
 //! - [`harness`]: trains and replays every SMD machine and ODDS table given, one table of metrics.
 //! - [`plot`]: the replay score plot (PNG with threshold, alert and label spans).
@@ -34,6 +35,7 @@
 
 pub mod agent;
 pub mod alert;
+pub mod alertmanager;
 pub mod bench;
 pub mod config;
 pub mod demo;

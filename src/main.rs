@@ -122,6 +122,15 @@ not restart it), 1 for other failures.")]
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Forward darkwatch's alert events from MQTT to Prometheus Alertmanager (`POST
+    /// /api/v2/alerts`), at least once, until SIGTERM/SIGINT. Connects to `[mqtt]`'s broker;
+    /// `[alertmanager]` says where to post and what to subscribe to.
+    Alertmanager {
+        /// Configuration file ([mqtt] for the broker, [alertmanager]; other sections are
+        /// ignored).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Everything on this machine: an embedded broker, a publisher replaying a recorded
     /// stream as ExaMon messages, the agent, and a subscriber counting alerts.
     Demo {
@@ -452,7 +461,10 @@ const DEMO_LABELS: &str = "tests/data/smd/machine-1-6_test_label.txt";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon logs its life cycle (journald keeps it); one-shot commands only warn.
-    let default = if matches!(cli.command, Command::Run { .. }) {
+    let default = if matches!(
+        cli.command,
+        Command::Run { .. } | Command::Alertmanager { .. }
+    ) {
         "info,rumqttd=off"
     } else {
         "warn,rumqttd=off"
@@ -548,6 +560,73 @@ fn handle_signals(
                 control.stop();
             });
         })?;
+    Ok(())
+}
+
+/// `darkwatch alertmanager`: the bridge, with SIGTERM/SIGINT stopping it (after the batch
+/// in flight) and SIGHUP only logged (no reload: a restart applies a new configuration).
+fn alertmanager(config: Option<&Path>) -> Result<()> {
+    let cfg = load_config(config)?;
+    if config.is_none() {
+        tracing::warn!(
+            url = %cfg.alertmanager.url,
+            broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port),
+            "No --config: bridging on the built-in defaults (with any DARKWATCH__ environment overrides)."
+        );
+    }
+    let as_config = |e: darkwatch::alertmanager::BridgeError| -> anyhow::Error {
+        match e {
+            darkwatch::alertmanager::BridgeError::Config { key, reason } => ConfigError::Invalid {
+                file: config_name(config),
+                key,
+                reason,
+            }
+            .into(),
+            e => e.into(),
+        }
+    };
+    darkwatch::alertmanager::check(&cfg).map_err(as_config)?;
+    let stop = darkwatch::mqtt::ClientStop::default();
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (mut term, mut hup) = rt.block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::hangup())?,
+            ))
+        })?;
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("darkwatch-signals".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    loop {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => break,
+                            _ = term.recv() => break,
+                            _ = hup.recv() => tracing::info!("SIGHUP: the bridge does not reload; restart it to apply a new configuration."),
+                        }
+                    }
+                    tracing::info!("Signal received; posting the batch in hand and stopping.");
+                    stop.stop();
+                });
+            })?;
+    }
+    let watchdog = systemd::watchdog_period(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    );
+    let stats = Arc::new(darkwatch::alertmanager::BridgeStats::default());
+    darkwatch::alertmanager::run(&cfg, stop, notifier(), watchdog, stats.clone())
+        .map_err(as_config)?;
+    eprintln!(
+        "darkwatch: alertmanager bridge stopped after {}",
+        stats.summary()
+    );
     Ok(())
 }
 
@@ -934,6 +1013,7 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Alertmanager { config } => alertmanager(config.as_deref()),
         Command::Demo {
             model,
             input,

@@ -413,7 +413,7 @@ pub fn shared_subscription(filter: &str) -> Option<(&str, &str)> {
 
 /// Checks a subscribe filter: an MQTT topic filter, or a shared subscription whose group
 /// is a non-empty name without wildcards and whose filter is valid.
-fn check_filter(filter: &str) -> Result<(), String> {
+pub(crate) fn check_filter(filter: &str) -> Result<(), String> {
     if filter.contains('\0') {
         return Err("contains NUL".into());
     }
@@ -887,6 +887,17 @@ impl ClientStop {
     pub fn is_stopped(&self) -> bool {
         self.set.load(Ordering::SeqCst)
     }
+
+    /// Returns once [`ClientStop::stop`] was called (at once if it was).
+    pub(crate) async fn wait(&self) {
+        loop {
+            let woken = self.wake.notified();
+            if self.is_stopped() {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 /// Runs the MQTT client on its own OS thread (`darkwatch-mqtt`) with a current-thread tokio
@@ -1001,18 +1012,34 @@ fn tls_transport(cfg: &MqttConfig) -> Result<rumqttc::Transport, MqttError> {
 }
 
 fn mqtt_options(cfg: &MqttConfig, status_topic: &str) -> Result<MqttOptions, MqttError> {
-    let mut options = MqttOptions::new(cfg.client_id_for(), cfg.host.clone(), cfg.port);
+    let mut options = broker_options(cfg, cfg.client_id_for())?;
     options
-        .set_keep_alive(Duration::from_secs(cfg.keep_alive_secs))
         .set_clean_session(true)
         .set_inflight(cfg.inflight_max.saturating_add(EXTRA_PKIDS))
-        .set_max_packet_size(MAX_INCOMING_PACKET_BYTES, MAX_OUTGOING_PACKET_BYTES)
         .set_last_will(LastWill::new(
             status_topic,
             status_payload(false, &cfg.node()),
             QoS::AtLeastOnce,
             true,
         ));
+    Ok(options)
+}
+
+/// The connection to `[mqtt]`'s broker as client `client_id`: host and port, keep-alive,
+/// packet size limits, credentials and TLS (files read and checked now). What the agent's
+/// client and the Alertmanager bridge ([`crate::alertmanager`]) share; each sets its own
+/// session, in-flight window and last will.
+///
+/// # Errors
+/// [`MqttError::Tls`] when a TLS file cannot be read or is not PEM.
+pub(crate) fn broker_options(
+    cfg: &MqttConfig,
+    client_id: String,
+) -> Result<MqttOptions, MqttError> {
+    let mut options = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+    options
+        .set_keep_alive(Duration::from_secs(cfg.keep_alive_secs))
+        .set_max_packet_size(MAX_INCOMING_PACKET_BYTES, MAX_OUTGOING_PACKET_BYTES);
     if !cfg.username.is_empty() {
         options.set_credentials(cfg.username.clone(), cfg.password.clone());
     }
@@ -1038,7 +1065,7 @@ pub fn monotonic_secs() -> f64 {
 
 /// How a connection attempt ended, as [`Reconnect::failed`] judges it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
+pub(crate) enum Ended {
     /// It never got a ConnAck.
     Attempt,
     /// The session lasted [`STABLE_SESSION`] or longer.
@@ -1054,7 +1081,7 @@ enum Ended {
 /// session as the other connects: every reconnect succeeds, and a backoff reset on ConnAck
 /// had them take the session from each other every 100 ms, forever.
 #[derive(Debug)]
-struct Reconnect {
+pub(crate) struct Reconnect {
     delay: Duration,
     connected_at: Option<Instant>,
     /// Short sessions since the last stable one.
@@ -1076,7 +1103,7 @@ impl Default for Reconnect {
 
 impl Reconnect {
     /// A ConnAck arrived at `now`.
-    fn connected(&mut self, now: Instant) {
+    pub(crate) fn connected(&mut self, now: Instant) {
         self.connected_at = Some(now);
     }
 
@@ -1087,7 +1114,7 @@ impl Reconnect {
 
     /// The connection failed at `now`: how the attempt ended and how long to wait before
     /// the next one.
-    fn failed(&mut self, now: Instant) -> (Ended, Duration) {
+    pub(crate) fn failed(&mut self, now: Instant) -> (Ended, Duration) {
         let ended = match self.connected_at.take() {
             None => Ended::Attempt,
             Some(at) if now.saturating_duration_since(at) >= STABLE_SESSION => {
@@ -1112,7 +1139,7 @@ impl Reconnect {
 
 /// Whether the broker (or something on the way) closed the connection, rather than the
 /// client giving up on it.
-fn closed_by_peer(error: &ConnectionError) -> bool {
+pub(crate) fn closed_by_peer(error: &ConnectionError) -> bool {
     match error {
         ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted) => true,
         ConnectionError::MqttState(rumqttc::StateError::Io(e)) | ConnectionError::Io(e) => {
@@ -1470,12 +1497,12 @@ fn check_outgoing(message: &Outgoing) -> Result<(), String> {
 
 /// A `warn!` at most every 10 s for a condition that repeats every tick.
 #[derive(Debug, Default)]
-struct RateLimit {
+pub(crate) struct RateLimit {
     last: Option<Instant>,
 }
 
 impl RateLimit {
-    fn ready(&mut self) -> bool {
+    pub(crate) fn ready(&mut self) -> bool {
         let now = Instant::now();
         if self
             .last

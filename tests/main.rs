@@ -1,6 +1,7 @@
 //! Integration tests: the real binary on real files, each in its own temp dir.
 
 mod agent;
+mod alertmanager;
 mod deploy;
 mod sae_cli;
 mod util;

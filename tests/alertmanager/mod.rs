@@ -1,0 +1,507 @@
+//! `darkwatch alertmanager`, the real binary, between the in-process embedded broker
+//! (rumqttd) and an Alertmanager: a small HTTP endpoint of the test's own that records
+//! every POST and answers as scripted, and (in `real`) the real Alertmanager when it is
+//! installed.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::util::broker::{WAIT, free_port, publish_all, unique, wait_for};
+use crate::util::{darkwatch, run};
+
+mod real;
+
+/// One request the fake Alertmanager got, and what it answered.
+#[derive(Debug, Clone)]
+pub(crate) struct Request {
+    pub head: String,
+    pub body: String,
+    pub status: u16,
+}
+
+impl Request {
+    /// The POSTed array.
+    pub fn alerts(&self) -> Vec<Value> {
+        match serde_json::from_str(&self.body) {
+            Ok(Value::Array(a)) => a,
+            _ => panic!("not a JSON array: {}", self.body),
+        }
+    }
+}
+
+/// An HTTP endpoint that records requests. It answers 400 to a body containing `poison`,
+/// else the next status of its script, else 200.
+pub(crate) struct FakeAm {
+    pub port: u16,
+    requests: Arc<Mutex<Vec<Request>>>,
+}
+
+impl FakeAm {
+    pub fn start(script: &[u16]) -> FakeAm {
+        FakeAm::on(TcpListener::bind("127.0.0.1:0").unwrap(), script)
+    }
+
+    pub fn on(listener: TcpListener, script: &[u16]) -> FakeAm {
+        let port = listener.local_addr().unwrap().port();
+        let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
+        let log = requests.clone();
+        let mut script: std::collections::VecDeque<u16> = script.iter().copied().collect();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let Some((head, body)) = read_request(&mut conn) else {
+                    continue;
+                };
+                let status = if body.contains("poison") {
+                    400
+                } else {
+                    script.pop_front().unwrap_or(200)
+                };
+                let text = if status == 400 {
+                    "bad alert: invalid label set"
+                } else {
+                    ""
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+                log.lock().unwrap().push(Request { head, body, status });
+            }
+        });
+        FakeAm { port, requests }
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// The alerts of the POSTs answered 2xx, in order.
+    pub fn accepted(&self) -> Vec<Value> {
+        self.requests()
+            .iter()
+            .filter(|r| r.status < 300)
+            .flat_map(Request::alerts)
+            .collect()
+    }
+}
+
+/// Reads one HTTP request: its head and its body (by Content-Length).
+fn read_request(conn: &mut TcpStream) -> Option<(String, String)> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&raw[end + 4..end + 4 + len]).into_owned();
+                return Some((head, body));
+            }
+        }
+        let n = conn.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// `darkwatch alertmanager` as a child process, its stderr collected.
+pub(crate) struct Bridge {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Bridge {
+    pub fn start(config: &Path) -> Bridge {
+        let mut child = darkwatch()
+            .args(["alertmanager", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr: Arc<Mutex<String>> = Arc::default();
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Bridge { child, stderr }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr holds `text` `times` times (fails if the bridge exits first).
+    pub fn wait_log(&mut self, text: &str, times: usize) {
+        let start = Instant::now();
+        while self.stderr().matches(text).count() < times {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the bridge exited ({status}) before {text:?}:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out waiting for {text:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status and stderr (with its final line).
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > WAIT {
+                let _ = self.child.kill();
+                panic!("the bridge ignored SIGTERM:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let start = Instant::now();
+        while !self.stderr().contains("bridge stopped after") && start.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (status, self.stderr())
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A bridge config in `dir`: broker on `broker_port`, Alertmanager at `url`, `extra` lines
+/// of `[alertmanager]`.
+pub(crate) fn bridge_config(dir: &Path, broker_port: u16, url: &str, extra: &str) -> PathBuf {
+    let path = dir.join("bridge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[mqtt]\nbroker = \"external\"\nport = {broker_port}\nnode_name = \"{}\"\nkeep_alive_secs = 5\n[alertmanager]\nurl = \"{url}\"\n{extra}\n",
+            unique("bridge")
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A darkwatch alert event as the agent publishes it.
+pub(crate) fn event(
+    status: &str,
+    stream: &str,
+    starts_at: &str,
+    ends_at: &str,
+    score: f64,
+) -> Vec<u8> {
+    json!({
+        "status": status,
+        "labels": {"alertname": "DarkwatchAnomaly", "model_id": "m1", "severity": "warning", "stream": stream, "cluster": "test"},
+        "annotations": {"summary": format!("anomaly on {stream}"), "description": "top features …"},
+        "startsAt": starts_at,
+        "endsAt": ends_at,
+        "fingerprint": "0011223344556677",
+        "score": score, "threshold": 2.5, "peak_score": score, "peak_seq": 3,
+        "start_seq": 1, "end_seq": if status == "resolved" { json!(9) } else { Value::Null }, "seq": 3,
+        "stream": stream, "model_id": "m1", "model_version": "v1",
+        "top_features": [{"feature": "cpu_load", "contribution": 4.5}, {"feature": "mem", "contribution": 0.25}]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+pub(crate) const UNSET: &str = "0001-01-01T00:00:00Z";
+
+fn topic(node: &str, stream: &str) -> String {
+    format!("darkwatch/{node}/alerts/{stream}")
+}
+
+fn embedded_broker() -> u16 {
+    darkwatch::mqtt::start_embedded_broker("127.0.0.1", 0).unwrap()
+}
+
+#[test]
+fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
+    let port = embedded_broker();
+    let am = FakeAm::start(&[503]);
+    let dir = tempfile::tempdir().unwrap();
+    // Large flush interval: a batch goes out when it holds 4 alerts, and the last one
+    // (2 alerts) when the interval has passed.
+    let config = bridge_config(
+        dir.path(),
+        port,
+        &format!("http://127.0.0.1:{}", am.port),
+        "batch_max = 4\nflush_ms = 2000\n",
+    );
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_log("Subscribed.", 1);
+    let node = unique("n");
+    let t0 = "2024-05-01T10:00:00Z";
+    let mut messages = vec![
+        // Not alert events: acknowledged, counted, never posted.
+        (topic(&node, "junk"), b"not json".to_vec()),
+        (
+            format!("darkwatch/{node}/alerts/status"),
+            br#"{"status":"online","node":"x"}"#.to_vec(),
+        ),
+        (topic(&node, "s0"), event("firing", "s0", t0, UNSET, 10.0)),
+        // A re-send of the same episode, then its resolution.
+        (topic(&node, "s0"), event("firing", "s0", t0, UNSET, 11.0)),
+        (
+            topic(&node, "s0"),
+            event("resolved", "s0", t0, "2024-05-01T10:05:00Z", 1.0),
+        ),
+    ];
+    for i in 1..=7 {
+        messages.push((
+            topic(&node, &format!("s{i}")),
+            event("firing", &format!("s{i}"), t0, UNSET, i as f64),
+        ));
+    }
+    publish_all(port, &messages);
+    wait_for("10 alerts accepted", || am.accepted().len() >= 10);
+
+    let requests = am.requests();
+    for r in &requests {
+        assert!(
+            r.head.starts_with("POST /api/v2/alerts HTTP/1.1\r\n"),
+            "{}",
+            r.head
+        );
+        assert!(
+            r.head.contains("Content-Type: application/json"),
+            "{}",
+            r.head
+        );
+        assert!(r.alerts().len() <= 4, "batch over batch_max: {}", r.body);
+    }
+    // The first POST got a 503; the same batch was posted again.
+    assert_eq!(requests[0].status, 503);
+    assert_eq!(requests[1].status, 200);
+    assert_eq!(requests[1].body, requests[0].body);
+    assert_eq!(requests[0].alerts().len(), 4, "{}", requests[0].body);
+
+    let accepted = am.accepted();
+    assert_eq!(accepted.len(), 10, "{accepted:?}");
+    let order: Vec<(String, String)> = accepted
+        .iter()
+        .map(|a| {
+            (
+                a["labels"]["stream"].as_str().unwrap().to_string(),
+                a["annotations"]["score"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut want = vec![
+        ("s0".to_string(), "10.0".to_string()),
+        ("s0".into(), "11.0".into()),
+        ("s0".into(), "1.0".into()),
+    ];
+    want.extend((1..=7).map(|i| (format!("s{i}"), format!("{}.0", i))));
+    assert_eq!(order, want);
+    for a in &accepted {
+        let keys: Vec<&str> = a.as_object().unwrap().keys().map(String::as_str).collect();
+        assert!(!keys.contains(&"fingerprint"), "{a}");
+        assert!(!keys.contains(&"status"), "{a}");
+        assert_eq!(a["startsAt"], t0);
+        assert_eq!(a["labels"]["alertname"], "DarkwatchAnomaly");
+        assert_eq!(a["labels"]["cluster"], "test");
+        assert_eq!(
+            a["annotations"]["top_features"],
+            "cpu_load (4.500), mem (0.250)"
+        );
+        assert_eq!(a["annotations"]["threshold"], "2.5");
+        assert_eq!(
+            a["annotations"]["darkwatch_fingerprint"],
+            "0011223344556677"
+        );
+        for v in a["labels"].as_object().unwrap().values() {
+            assert!(v.is_string(), "{a}");
+        }
+        for v in a["annotations"].as_object().unwrap().values() {
+            assert!(v.is_string(), "{a}");
+        }
+    }
+    // Firing: no endsAt (Alertmanager's resolve timeout applies); resolved: its end.
+    assert!(accepted[0].get("endsAt").is_none(), "{}", accepted[0]);
+    assert!(accepted[1].get("endsAt").is_none(), "{}", accepted[1]);
+    assert_eq!(accepted[2]["endsAt"], "2024-05-01T10:05:00Z");
+
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{status}\n{err}");
+    assert!(err.contains("10 alerts forwarded"), "{err}");
+    assert!(err.contains("2 not darkwatch alert events"), "{err}");
+    assert!(err.contains("1 failed POSTs retried"), "{err}");
+    assert!(err.contains("not darkwatch alert events (count"), "{err}");
+    assert!(err.contains("POST to Alertmanager failed"), "{err}");
+}
+
+#[test]
+fn nothing_is_lost_while_alertmanager_is_unreachable_or_the_bridge_is_stopped() {
+    let port = embedded_broker();
+    // A port nothing listens on yet: Alertmanager is down.
+    let am_port = free_port();
+    let url = format!("http://127.0.0.1:{am_port}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        port,
+        &url,
+        "flush_ms = 50\nretry_max_secs = 0.5\n",
+    );
+    let node = unique("n");
+    let t0 = "2024-05-01T10:00:00Z";
+    let ev = |s: &str| (topic(&node, s), event("firing", s, t0, UNSET, 5.0));
+
+    // Stopped while its POST fails: the batch stays unacknowledged in the broker.
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_log("Subscribed.", 1);
+    publish_all(port, &[ev("a1"), ev("a2")]);
+    bridge.wait_log("POST to Alertmanager failed", 1);
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{status}\n{err}");
+    assert!(err.contains("0 alerts forwarded"), "{err}");
+    assert!(err.contains("stay unacknowledged"), "{err}");
+
+    // Published while no bridge runs: the broker keeps it in the bridge's session.
+    publish_all(port, &[ev("b1")]);
+
+    // The bridge again (same client id, so the same session), Alertmanager still down;
+    // then Alertmanager comes up under the running bridge.
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_log("POST to Alertmanager failed", 1);
+    let am = FakeAm::on(TcpListener::bind(("127.0.0.1", am_port)).unwrap(), &[]);
+    let streams = || {
+        let mut got: Vec<String> = am
+            .accepted()
+            .iter()
+            .map(|a| a["labels"]["stream"].as_str().unwrap().to_string())
+            .collect();
+        got.sort();
+        got.dedup();
+        got
+    };
+    wait_for("a1, a2 and b1 at Alertmanager", || {
+        streams() == ["a1", "a2", "b1"]
+    });
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{status}\n{err}");
+    assert!(err.contains("session_present=true"), "{err}");
+    assert!(err.contains("Alertmanager accepts alerts again"), "{err}");
+}
+
+#[test]
+fn an_alert_alertmanager_refuses_is_dropped_alone_and_logged() {
+    let port = embedded_broker();
+    let am = FakeAm::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        port,
+        &format!("http://127.0.0.1:{}", am.port),
+        "flush_ms = 1000\n",
+    );
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_log("Subscribed.", 1);
+    let node = unique("n");
+    let t0 = "2024-05-01T10:00:00Z";
+    publish_all(
+        port,
+        &[
+            (topic(&node, "ok1"), event("firing", "ok1", t0, UNSET, 3.0)),
+            (
+                topic(&node, "poison"),
+                event("firing", "poison", t0, UNSET, 3.0),
+            ),
+            (topic(&node, "ok2"), event("firing", "ok2", t0, UNSET, 3.0)),
+        ],
+    );
+    wait_for("ok1 and ok2 accepted", || am.accepted().len() >= 2);
+    // Then a later alert still goes through: the queue is not blocked.
+    publish_all(
+        port,
+        &[(topic(&node, "ok3"), event("firing", "ok3", t0, UNSET, 3.0))],
+    );
+    wait_for("ok3 accepted", || am.accepted().len() >= 3);
+    let streams: Vec<String> = am
+        .accepted()
+        .iter()
+        .map(|a| a["labels"]["stream"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(streams, ["ok1", "ok2", "ok3"]);
+    let requests = am.requests();
+    // The batch of three was refused, then each alert posted alone.
+    assert_eq!(requests[0].status, 400);
+    assert_eq!(requests[0].alerts().len(), 3);
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{status}\n{err}");
+    assert!(err.contains("1 refused by Alertmanager"), "{err}");
+    assert!(err.contains("bad alert: invalid label set"), "{err}");
+    assert!(err.contains("3 alerts forwarded"), "{err}");
+}
+
+#[test]
+fn a_bad_alertmanager_url_or_port_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for (lines, key) in [
+        (
+            "[alertmanager]\nurl = \"localhost:9093\"\n",
+            "alertmanager.url",
+        ),
+        (
+            "[alertmanager]\nurl = \"https://am:9093\"\n",
+            "alertmanager.ca_file",
+        ),
+        (
+            "[alertmanager]\nurl = \"https://am:9093\"\nca_file = \"/nonexistent/ca.pem\"\n",
+            "alertmanager.ca_file",
+        ),
+        ("[mqtt]\nport = 0\n", "mqtt.port"),
+        ("[alertmanager]\nbatch_max = 0\n", "alertmanager.batch_max"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, lines).unwrap();
+        let (code, _, err) = run(darkwatch().args(["alertmanager", "--config"]).arg(&path));
+        assert_eq!(code, 78, "{lines}: {err}");
+        assert!(err.contains(key), "{lines}: {err}");
+    }
+}
