@@ -362,11 +362,11 @@ pub fn rfc3339_ms(s: &str) -> Option<i64> {
 
 /// Converts one MQTT payload, a darkwatch alert event, into one element of the array
 /// Alertmanager's `POST /api/v2/alerts` takes: `labels` (all text), `annotations` (the
-/// event's, plus `score`, `threshold`, `peak_score`, `model_version`, `top_features` and
-/// `darkwatch_fingerprint` unless it has them), `startsAt`, `endsAt` (omitted for a firing
-/// event with Go's zero time, [`ENDS_AT_UNSET`]; for a resolved one without a usable end,
-/// `now`), and `generatorURL` when the event has one. `fingerprint` is not sent: Alertmanager
-/// derives its own from the labels.
+/// event's, plus `score`, `threshold`, `peak_score`, `peak_threshold`, `model_version`,
+/// `top_features` and `darkwatch_fingerprint` unless it has them), `startsAt`, `endsAt`
+/// (omitted for a firing event with Go's zero time, [`ENDS_AT_UNSET`]; for a resolved one
+/// without a usable end, `now`), and `generatorURL` when the event has one. `fingerprint`
+/// is not sent: Alertmanager derives its own from the labels.
 ///
 /// # Errors
 /// Why the payload is not a darkwatch alert event: not a JSON object, no `labels` object
@@ -404,7 +404,8 @@ pub fn to_postable(payload: &[u8], now_epoch_secs: f64) -> Result<Value, String>
         .ok_or_else(|| format!("`startsAt` {starts_at:?} is not an RFC 3339 time"))?;
     let ends_at = match event.get("endsAt") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s == ENDS_AT_UNSET || s.is_empty() => None,
+        // Go's zero time, to the millisecond (earlier agents wrote it to the second).
+        Some(Value::String(s)) if s.starts_with("0001-01-01T00:00:00") || s.is_empty() => None,
         Some(Value::String(s)) => {
             let ms =
                 rfc3339_ms(s).ok_or_else(|| format!("`endsAt` {s:?} is not an RFC 3339 time"))?;
@@ -420,7 +421,13 @@ pub fn to_postable(payload: &[u8], now_epoch_secs: f64) -> Result<Value, String>
         (false, None) => None,
     };
     // darkwatch's own fields, as text annotations (never replacing the event's own).
-    for key in ["score", "threshold", "peak_score", "model_version"] {
+    for key in [
+        "score",
+        "threshold",
+        "peak_score",
+        "peak_threshold",
+        "model_version",
+    ] {
         if let Some(text) = event.get(key).and_then(as_text) {
             annotations.entry(key.to_string()).or_insert(text);
         }
@@ -1195,7 +1202,7 @@ mod tests {
             "startsAt": "2024-05-01T10:00:00.250Z",
             "endsAt": ends_at,
             "fingerprint": "0123456789abcdef",
-            "score": 12.5, "threshold": 3.0, "peak_score": 20.0, "peak_seq": 4,
+            "score": 12.5, "threshold": 3.0, "peak_score": 20.0, "peak_threshold": 2.5, "peak_seq": 4,
             "start_seq": 1, "end_seq": null, "seq": 5, "stream": "node7",
             "model_id": "m1", "model_version": "v3",
             "top_features": [{"feature": "cpu", "contribution": 9.25}, {"feature": "mem", "contribution": 1.0}]
@@ -1207,6 +1214,8 @@ mod tests {
     #[test]
     fn a_firing_event_becomes_a_postable_alert_without_ends_at() {
         let a = to_postable(&event("firing", ENDS_AT_UNSET), 0.0).unwrap();
+        let whole_seconds = to_postable(&event("firing", "0001-01-01T00:00:00Z"), 0.0).unwrap();
+        assert_eq!(whole_seconds.get("endsAt"), None, "{whole_seconds}");
         let o = a.as_object().unwrap();
         let keys: Vec<&str> = o.keys().map(String::as_str).collect();
         assert_eq!(keys, ["annotations", "labels", "startsAt"]);
@@ -1218,6 +1227,7 @@ mod tests {
         assert_eq!(ann["score"], "12.5");
         assert_eq!(ann["threshold"], "3.0");
         assert_eq!(ann["peak_score"], "20.0");
+        assert_eq!(ann["peak_threshold"], "2.5");
         assert_eq!(ann["model_version"], "v3");
         assert_eq!(ann["top_features"], "cpu (9.250), mem (1.000)");
         assert_eq!(ann["darkwatch_fingerprint"], "0123456789abcdef");
@@ -1240,7 +1250,7 @@ mod tests {
         assert_eq!(a["endsAt"], "2024-05-01T10:05:00Z");
         let now = 1_714_557_900.0; // 2024-05-01T10:05:00Z
         let b = to_postable(&event("resolved", ENDS_AT_UNSET), now).unwrap();
-        assert_eq!(b["endsAt"], "2024-05-01T10:05:00Z");
+        assert_eq!(b["endsAt"], "2024-05-01T10:05:00.000Z");
         // An end before the start still ends it, at the start.
         let c = to_postable(&event("resolved", "2024-05-01T09:00:00Z"), 0.0).unwrap();
         assert_eq!(c["endsAt"], "2024-05-01T10:00:00.250Z");
