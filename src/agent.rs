@@ -3017,7 +3017,17 @@ mod tests {
         assert_eq!(fired.len(), 1);
         let threshold =
             |sink: &AgentSink, i: usize| sink.per_stream[i].as_ref().unwrap().threshold.threshold();
+        // Stream 0's threshold set apart from what a fresh one would be (the calibration
+        // scores' q0.999 under 1, against 40 here), so that keeping it can be told from
+        // rebuilding it.
+        sink.per_stream[0].as_mut().unwrap().threshold = crate::threshold::ThresholdConfig {
+            kind: crate::threshold::ThresholdKind::Quantile,
+            ..Default::default()
+        }
+        .build(&[40.0; 100])
+        .unwrap();
         let before = threshold(&sink, 0);
+        assert_ne!(before.to_bits(), sink.template.threshold().to_bits());
 
         // resend_secs only: the alert keeps firing, and re-sends at the new interval.
         let mut resend = cfg.clone();
