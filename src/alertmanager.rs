@@ -8,10 +8,13 @@
 //! client id), so alerts published while it is down wait in the broker, and it acknowledges
 //! an MQTT message (manual PubAcks, in the order received, as MQTT 3.1.1 asks) only once
 //! Alertmanager accepted the POST that carried it. A POST that fails to connect, times out
-//! or gets a 5xx (or 408/429) is retried with a capped exponential backoff; the messages
-//! behind it wait, unacknowledged. A 4xx will never succeed: a batch refused with one is
-//! split and each alert posted alone, so only the alert Alertmanager refuses is dropped
-//! (logged with the response body, counted). Duplicates are possible (a batch accepted just
+//! or gets a 5xx, or a 4xx that says the request went to the wrong place or was not let
+//! in (404, 405, 401, 403, 408, 429…: a wrong `url` or route prefix, a proxy's
+//! authentication) is retried with a capped exponential backoff; the messages behind it
+//! wait, unacknowledged, until the configuration is mended. Only 400, 413 and 422 judge
+//! the alerts themselves and will never succeed: a batch refused with one is split and
+//! each alert posted alone, so only the alert Alertmanager refuses is dropped (logged with
+//! the response body, counted). Duplicates are possible (a batch accepted just
 //! before the connection to the broker broke is delivered again) and harmless: Alertmanager
 //! merges alerts by their labels.
 //!
@@ -491,9 +494,11 @@ pub fn to_postable(payload: &[u8], now_epoch_secs: f64) -> Result<Value, String>
 pub enum Answer {
     /// 2xx.
     Accepted,
-    /// A 4xx other than 408 and 429: sending the same again cannot succeed.
+    /// 400, 413 or 422: Alertmanager judged the alerts themselves; sending the same again
+    /// cannot succeed.
     Refused { status: u16, body: String },
-    /// No answer, a timeout, a 5xx, 408, 429 or anything else: worth a retry.
+    /// No answer, a timeout, a 5xx, any other 4xx (the wrong place, not let in, too
+    /// many requests) or anything else: worth a retry.
     Failed(String),
 }
 
@@ -515,8 +520,15 @@ pub fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
 fn answer(status: u16, body: String) -> Answer {
     match status {
         200..=299 => Answer::Accepted,
-        408 | 429 => Answer::Failed(format!("HTTP {status}: {}", shorten(&body))),
-        400..=499 => Answer::Refused { status, body },
+        // What Alertmanager answers for alerts it will not take (validation), and for a
+        // batch too large (split, each alert goes alone).
+        400 | 413 | 422 => Answer::Refused { status, body },
+        // The request went to the wrong place or was not let in: every alert would be
+        // refused alike, so none is dropped; they wait for the configuration to be mended.
+        401 | 403 | 404 | 405 | 407 | 421 => Answer::Failed(format!(
+            "HTTP {status}: {} (check [alertmanager] url, its path or route prefix, and any proxy's authentication)",
+            shorten(&body)
+        )),
         _ => Answer::Failed(format!("HTTP {status}: {}", shorten(&body))),
     }
 }
@@ -885,7 +897,8 @@ async fn drive(
     stats: Arc<BridgeStats>,
 ) {
     let mut reconnect = Reconnect::default();
-    let mut was_connected = true;
+    // Failed attempts since the last connection: logged at the 1st, 2nd, 4th, 8th…
+    let mut failures: u64 = 0;
     let mut first = true;
     loop {
         match eventloop.poll().await {
@@ -899,7 +912,7 @@ async fn drive(
                 }
                 stats.connected.store(true, Ordering::Relaxed);
                 reconnect.connected(Instant::now());
-                was_connected = true;
+                failures = 0;
                 let (host, port) = eventloop.mqtt_options.broker_address();
                 if !ack.session_present && !first {
                     warn!(
@@ -968,12 +981,14 @@ async fn drive(
                 stats.connected.store(false, Ordering::Relaxed);
                 stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 let (_, retry_in) = reconnect.failed(Instant::now());
-                if was_connected {
-                    warn!(%error, ?retry_in, "MQTT connection failed; alerts wait in the broker's session until it is back.");
+                failures += 1;
+                let (host, port) = eventloop.mqtt_options.broker_address();
+                let broker = format!("{host}:{port}");
+                if failures.is_power_of_two() {
+                    warn!(%broker, %error, failures, ?retry_in, "MQTT connection failed; retrying with a growing backoff (logged at the 1st, 2nd, 4th… failure in a row). Alerts published meanwhile wait in the broker only if it holds this client id's session from an earlier connection.");
                 } else {
-                    debug!(%error, ?retry_in, "MQTT connection still failing.");
+                    debug!(%broker, %error, failures, ?retry_in, "MQTT connection still failing.");
                 }
-                was_connected = false;
                 tokio::time::sleep(retry_in).await;
             }
         }
@@ -1381,6 +1396,19 @@ mod tests {
         ));
         assert!(matches!(answer(429, String::new()), Answer::Failed(_)));
         assert!(matches!(answer(503, String::new()), Answer::Failed(_)));
+        // The trial's wrong route prefix (404) dropped every alert; now they wait.
+        for status in [401, 403, 404, 405] {
+            match answer(status, "404 page not found".into()) {
+                Answer::Failed(why) => assert!(why.contains("[alertmanager] url"), "{why}"),
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+        for status in [413, 422] {
+            assert!(matches!(
+                answer(status, String::new()),
+                Answer::Refused { .. }
+            ));
+        }
         assert_eq!(parse_response(b"garbage"), None);
         assert_eq!(
             content_length(b"HTTP/1.1 200 OK\r\ncontent-length: 12"),
