@@ -534,17 +534,7 @@ fn handle_signals(
     counters: Arc<AgentCounters>,
     notify: Notifier,
 ) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    // Registered here, before the agent starts, so an early SIGHUP is not fatal.
-    let (mut term, mut hup) = rt.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::hangup())?,
-        ))
-    })?;
+    let (rt, mut term, mut hup) = signal_runtime()?;
     std::thread::Builder::new()
         .name("darkwatch-signals".into())
         .spawn(move || {
@@ -561,6 +551,26 @@ fn handle_signals(
             });
         })?;
     Ok(())
+}
+
+/// A current-thread runtime for a signal thread, with SIGTERM and SIGHUP registered on it.
+/// Registered by the caller before the work starts, so an early SIGHUP is not fatal.
+fn signal_runtime() -> Result<(
+    tokio::runtime::Runtime,
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (term, hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
+    Ok((rt, term, hup))
 }
 
 /// `darkwatch alertmanager`: the bridge, with SIGTERM/SIGINT stopping it (after the batch
@@ -588,16 +598,7 @@ fn alertmanager(config: Option<&Path>) -> Result<()> {
     darkwatch::alertmanager::check(&cfg).map_err(as_config)?;
     let stop = darkwatch::mqtt::ClientStop::default();
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (mut term, mut hup) = rt.block_on(async {
-            Ok::<_, std::io::Error>((
-                signal(SignalKind::terminate())?,
-                signal(SignalKind::hangup())?,
-            ))
-        })?;
+        let (rt, mut term, mut hup) = signal_runtime()?;
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("darkwatch-signals".into())
