@@ -32,12 +32,9 @@ pub mod telegraf;
 mod time;
 
 use std::fmt;
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
-use sha2::{Digest, Sha256};
 
 pub use labels::{Segment, read_interpretation_labels, read_labels};
 
@@ -377,28 +374,12 @@ pub fn read_table(path: &Path, opts: &TableOptions) -> Result<Table, IngestError
     }
 }
 
-/// Lowercase hex SHA-256 of a file's bytes, read in 64 KiB chunks (model provenance).
+/// Lowercase hex SHA-256 of a file's bytes, streamed (model provenance).
 ///
 /// # Errors
 /// [`IngestError::Io`] when the file cannot be opened or read.
 pub fn file_sha256(path: &Path) -> Result<String, IngestError> {
-    let mut file = File::open(path).map_err(|e| IngestError::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(IngestError::io(path, e)),
-        };
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    crate::model::io::file_sha256(path).map_err(|e| IngestError::io(path, e))
 }
 
 /// Read a whole file, mapping failures to [`IngestError::Io`] with the path.

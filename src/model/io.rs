@@ -234,6 +234,21 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     s
 }
 
+/// [`sha256_hex`] of a file, streamed (model and data provenance); the callers add the path
+/// to their own error.
+///
+/// # Errors
+/// The file cannot be opened or read.
+pub(crate) fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    let mut hash = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hash)?;
+    let mut s = String::with_capacity(64);
+    for b in hash.finalize() {
+        let _ = write!(s, "{b:02x}");
+    }
+    Ok(s)
+}
+
 fn f32_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
     values.flat_map(f32::to_le_bytes).collect()
 }

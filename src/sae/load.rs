@@ -8,7 +8,6 @@ use half::{bf16, f16};
 use ndarray::{Array1, Array2};
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::{Normalization, Sae, SaeActivation, SaeError, SaeFormat, SaeInfo, SaeParts};
 
@@ -87,14 +86,10 @@ pub(crate) use crate::model::io::sha256_hex;
 /// # Errors
 /// The file cannot be read.
 pub(crate) fn file_sha256(path: &Path) -> Result<String, SaeError> {
-    let io = |source| SaeError::Io {
+    crate::model::io::file_sha256(path).map_err(|source| SaeError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = fs::File::open(path).map_err(io)?;
-    let mut hash = Sha256::new();
-    std::io::copy(&mut f, &mut hash).map_err(io)?;
-    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    })
 }
 
 fn read_config(path: &Path) -> Result<serde_json::Map<String, Value>, SaeError> {
