@@ -23,13 +23,25 @@
 //! the [`Gate`] lets a PubAck through only on that same connection; the broker re-sends the
 //! others on reconnect (it must: persistent session).
 //!
-//! Messages that are not darkwatch alert events (the retained status topic, garbage) are
-//! counted, logged rate-limited and acknowledged: they never block the queue.
+//! Messages that are not alerts Alertmanager would take (the retained status topic,
+//! garbage, an event with an invalid label name) are counted, logged rate-limited (the
+//! first at once, with its topic; see `InvalidLog`) and acknowledged: they never block
+//! the queue.
+//!
+//! # Counts
+//!
+//! Every message received ends forwarded, refused, ignored, or is still in hand
+//! (unacknowledged), and is counted in one of those when its batch is settled, so the
+//! counts add up ([`BridgeStats`]). The bridge serves them on `/metrics`
+//! (`[alertmanager] metrics_listen`, with [`crate::metrics`]'s responder), in systemd's
+//! STATUS and in the final line.
 //!
 //! # Threads and tasks
 //!
 //! One current-thread tokio runtime runs the MQTT driver (polls rumqttc's event loop), the
-//! forwarder (batches, posts, acknowledges) and the systemd watchdog pings.
+//! forwarder (batches, posts, acknowledges), the systemd watchdog pings, and once at the
+//! start the check of Alertmanager's status (`GET <url>/api/v2/status`, only logged). The
+//! `/metrics` responder has its own thread.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
