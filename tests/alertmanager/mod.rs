@@ -760,4 +760,23 @@ fn a_bad_alertmanager_url_or_port_is_a_configuration_error() {
         assert_eq!(code, 78, "{lines}: {err}");
         assert!(err.contains(key), "{lines}: {err}");
     }
+    // metrics_listen taken by another process: the bridge stops at once (1: not the
+    // file's fault, a restart may find it free), naming the key, rather than run with
+    // Prometheus scraping the other process.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        free_port(),
+        "http://127.0.0.1:9",
+        &format!("metrics_listen = \"{listen}\"\n"),
+    );
+    let (code, _, err) = run(darkwatch().args(["alertmanager", "--config"]).arg(&config));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "[alertmanager] metrics_listen = \"{listen}\": cannot listen"
+        )),
+        "{err}"
+    );
 }
