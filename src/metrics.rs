@@ -1,5 +1,7 @@
 //! Prometheus `/metrics` for the agent: a minimal HTTP/1.1 responder on its own thread
-//! that renders the agent's counters in the text exposition format when scraped.
+//! that renders the agent's counters in the text exposition format when scraped. The
+//! Alertmanager bridge serves its own counters through the same responder ([`serve_with`])
+//! and the same helpers ([`histogram`], [`process_metrics`], [`BUILD_FEATURES`]).
 //!
 //! Names follow the Prometheus conventions (`darkwatch_<noun>_<verb>_total` counters,
 //! gauges without a suffix) with bounded labels. Fed by the atomics the agent's threads
@@ -305,7 +307,7 @@ pub fn render(e: &Exposed) -> String {
 }
 
 /// The optional cargo features compiled in, comma-separated (empty: the default build).
-const BUILD_FEATURES: &str = {
+pub(crate) const BUILD_FEATURES: &str = {
     const ONNX: &str = if cfg!(feature = "onnx") { "onnx" } else { "" };
     const CUDA: &str = if cfg!(feature = "cuda") { "cuda" } else { "" };
     if ONNX.is_empty() {
@@ -351,7 +353,7 @@ fn parse_btime(stat: &str) -> Option<u64> {
 /// The standard process metrics of Prometheus' client libraries, from `/proc/self`, so
 /// that the unit's `MemoryMax=` and `CPUQuota=` can be watched (Linux only; a file that
 /// cannot be read leaves its metrics out).
-fn process_metrics(s: &mut String) {
+pub(crate) fn process_metrics(s: &mut String) {
     if !cfg!(target_os = "linux") {
         return;
     }
@@ -434,7 +436,7 @@ fn process_metrics(s: &mut String) {
 }
 
 /// One Prometheus histogram from lock-free buckets.
-fn histogram(s: &mut String, name: &str, help: &str, h: &crate::agent::LatencyBuckets) {
+pub(crate) fn histogram(s: &mut String, name: &str, help: &str, h: &crate::agent::LatencyBuckets) {
     let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
     let mut cumulative = 0;
     for (i, n) in h.counts.iter().enumerate() {
@@ -461,10 +463,29 @@ pub fn serve(
     exposed: Exposed,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<SocketAddr> {
+    serve_with(
+        listener,
+        "darkwatch-metrics",
+        move || render(&exposed),
+        stop,
+    )
+}
+
+/// Serves `/metrics` on `listener` from a thread named `thread`, answering each scrape with
+/// what `render` returns, until `stop` is set. Returns the bound address.
+///
+/// # Errors
+/// The listener cannot be set up, or the thread cannot start.
+pub fn serve_with(
+    listener: TcpListener,
+    thread: &str,
+    render: impl Fn() -> String + Send + 'static,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<SocketAddr> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     std::thread::Builder::new()
-        .name("darkwatch-metrics".into())
+        .name(thread.into())
         .spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 match listener.accept() {
@@ -485,7 +506,7 @@ pub fn serve(
                         let request = String::from_utf8_lossy(&buf[..n]);
                         let head = request.starts_with("HEAD /metrics");
                         let response = if head || request.starts_with("GET /metrics") {
-                            let body = render(&exposed);
+                            let body = render();
                             format!(
                                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
                                 body.len(),
@@ -507,14 +528,14 @@ pub fn serve(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Checks `text` against the text exposition format (0.0.4) as a scraper reads it:
     /// every sample is `name[{labels}] value` with a valid name and a number for value,
     /// after its family's one `# TYPE` (histogram samples: `_bucket`, `_sum`, `_count`),
     /// and no sample twice. Returns the samples, `name{labels}` to value.
-    fn check_exposition(text: &str) -> std::collections::HashMap<String, f64> {
+    pub(crate) fn check_exposition(text: &str) -> std::collections::HashMap<String, f64> {
         let valid_name = |n: &str| {
             !n.is_empty()
                 && !n.starts_with(|c: char| c.is_ascii_digit())

@@ -35,11 +35,25 @@ impl Request {
     }
 }
 
+/// How the fake answers `GET …/api/v2/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatusReply {
+    /// As Alertmanager does: its status JSON (chunked, as Go sends a large body), version
+    /// [`FAKE_VERSION`].
+    Alertmanager,
+    /// 404, as anything that is not Alertmanager at that path.
+    NotFound,
+}
+
+pub(crate) const FAKE_VERSION: &str = "0.99.0-fake";
+
 /// An HTTP endpoint that records requests. It answers 400 to a body containing `poison`,
-/// else the next status of its script, else 200.
+/// else the next status of its script, else 200; `GET …/api/v2/status` as its
+/// [`StatusReply`] says (recorded apart, in `gets`).
 pub(crate) struct FakeAm {
     pub port: u16,
     requests: Arc<Mutex<Vec<Request>>>,
+    gets: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeAm {
@@ -48,9 +62,14 @@ impl FakeAm {
     }
 
     pub fn on(listener: TcpListener, script: &[u16]) -> FakeAm {
+        FakeAm::answering(listener, script, StatusReply::Alertmanager)
+    }
+
+    pub fn answering(listener: TcpListener, script: &[u16], reply: StatusReply) -> FakeAm {
         let port = listener.local_addr().unwrap().port();
         let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
-        let log = requests.clone();
+        let gets: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (log, get_log) = (requests.clone(), gets.clone());
         let mut script: std::collections::VecDeque<u16> = script.iter().copied().collect();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -59,6 +78,35 @@ impl FakeAm {
                 let Some((head, body)) = read_request(&mut conn) else {
                     continue;
                 };
+                if head.starts_with("GET ") {
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    match reply {
+                        StatusReply::Alertmanager if path.ends_with("/api/v2/status") => {
+                            let json = json!({
+                                "cluster": {"name": "01FAKE", "peers": [], "status": "ready"},
+                                "config": {"original": format!("route:\n  receiver: \"null\"\n# {}\n", "x".repeat(5000))},
+                                "uptime": "2024-05-01T10:00:00.000Z",
+                                "versionInfo": {"branch": "HEAD", "buildDate": "", "buildUser": "", "goVersion": "go1.22", "revision": "fake", "version": FAKE_VERSION}
+                            })
+                            .to_string();
+                            let (a, b) = json.split_at(json.len() / 2);
+                            let _ = write!(
+                                conn,
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                                a.len(),
+                                b.len()
+                            );
+                        }
+                        _ => {
+                            let _ = write!(
+                                conn,
+                                "HTTP/1.1 404 Not Found\r\nContent-Length: 19\r\nConnection: close\r\n\r\n404 page not found\n"
+                            );
+                        }
+                    }
+                    get_log.lock().unwrap().push(path);
+                    continue;
+                }
                 let status = if body.contains("poison") {
                     400
                 } else {
@@ -77,11 +125,20 @@ impl FakeAm {
                 log.lock().unwrap().push(Request { head, body, status });
             }
         });
-        FakeAm { port, requests }
+        FakeAm {
+            port,
+            requests,
+            gets,
+        }
     }
 
     pub fn requests(&self) -> Vec<Request> {
         self.requests.lock().unwrap().clone()
+    }
+
+    /// The paths of the GETs it answered.
+    pub fn gets(&self) -> Vec<String> {
+        self.gets.lock().unwrap().clone()
     }
 
     /// The alerts of the POSTs answered 2xx, in order.
@@ -211,18 +268,42 @@ impl Drop for Bridge {
 }
 
 /// A bridge config in `dir`: broker on `broker_port`, Alertmanager at `url`, `extra` lines
-/// of `[alertmanager]`.
+/// of `[alertmanager]`. No `/metrics` unless `extra` sets `metrics_listen` (tests run in
+/// parallel: the default port would be taken).
 pub(crate) fn bridge_config(dir: &Path, broker_port: u16, url: &str, extra: &str) -> PathBuf {
     let path = dir.join("bridge.toml");
+    let metrics = if extra.contains("metrics_listen") {
+        ""
+    } else {
+        "metrics_listen = \"\"\n"
+    };
     std::fs::write(
         &path,
         format!(
-            "[mqtt]\nbroker = \"external\"\nport = {broker_port}\nnode_name = \"{}\"\nkeep_alive_secs = 5\n[alertmanager]\nurl = \"{url}\"\n{extra}\n",
+            "[mqtt]\nbroker = \"external\"\nport = {broker_port}\nnode_name = \"{}\"\nkeep_alive_secs = 5\n[alertmanager]\nurl = \"{url}\"\n{metrics}{extra}\n",
             unique("bridge")
         ),
     )
     .unwrap();
     path
+}
+
+/// The bridge's `/metrics` on `port`: the exposition text, or `None`.
+pub(crate) fn scrape(port: u16) -> Option<String> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(conn, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    conn.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// One sample of an exposition (`name` with its labels, as exposed).
+pub(crate) fn sample(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// A darkwatch alert event as the agent publishes it.
@@ -264,18 +345,30 @@ fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
     let port = embedded_broker();
     let am = FakeAm::start(&[503]);
     let dir = tempfile::tempdir().unwrap();
+    let metrics = free_port();
     // Large flush interval: a batch goes out when it holds 4 alerts, and the last one
     // (2 alerts) when the interval has passed.
     let config = bridge_config(
         dir.path(),
         port,
         &format!("http://127.0.0.1:{}", am.port),
-        "batch_max = 4\nflush_ms = 2000\n",
+        &format!("batch_max = 4\nflush_ms = 2000\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"),
     );
     let mut bridge = Bridge::start(&config);
     bridge.wait_log("Subscribed.", 1);
+    // The start-up check found Alertmanager (through a chunked answer, as Go sends it).
+    bridge.wait_log("Alertmanager answers at [alertmanager] url.", 1);
+    assert!(
+        bridge.stderr().contains(&format!("version={FAKE_VERSION}")),
+        "{}",
+        bridge.stderr()
+    );
+    assert_eq!(am.gets(), ["/api/v2/status"]);
     let node = unique("n");
     let t0 = "2024-05-01T10:00:00Z";
+    let mut bad_label: Value =
+        serde_json::from_slice(&event("firing", "s9", t0, UNSET, 1.0)).unwrap();
+    bad_label["labels"]["rack-id"] = json!("r1");
     let mut messages = vec![
         // Not alert events: acknowledged, counted, never posted.
         (topic(&node, "junk"), b"not json".to_vec()),
@@ -283,6 +376,8 @@ fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
             format!("darkwatch/{node}/alerts/status"),
             br#"{"status":"online","node":"x"}"#.to_vec(),
         ),
+        // An alert event with a label name Alertmanager refuses: dropped alike.
+        (topic(&node, "badlabel"), bad_label.to_string().into_bytes()),
         (topic(&node, "s0"), event("firing", "s0", t0, UNSET, 10.0)),
         // A re-send of the same episode, then its resolution.
         (topic(&node, "s0"), event("firing", "s0", t0, UNSET, 11.0)),
@@ -299,6 +394,27 @@ fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
     }
     publish_all(port, &messages);
     wait_for("10 alerts accepted", || am.accepted().len() >= 10);
+    // /metrics: every message accounted for, once the last batch is acknowledged.
+    wait_for("nothing in hand", || {
+        scrape(metrics).and_then(|m| sample(&m, "darkwatch_bridge_messages_in_hand")) == Some(0.0)
+    });
+    let m = scrape(metrics).unwrap();
+    for (name, want) in [
+        ("darkwatch_bridge_messages_received_total", 13.0),
+        ("darkwatch_bridge_alerts_forwarded_total", 10.0),
+        ("darkwatch_bridge_messages_ignored_total", 3.0),
+        ("darkwatch_bridge_alerts_refused_total", 0.0),
+        ("darkwatch_bridge_posts_total{result=\"failed\"}", 1.0),
+        ("darkwatch_bridge_posts_total{result=\"accepted\"}", 3.0),
+        ("darkwatch_bridge_mqtt_connected", 1.0),
+        ("darkwatch_bridge_post_duration_seconds_count", 4.0),
+    ] {
+        assert_eq!(sample(&m, name), Some(want), "{name}:\n{m}");
+    }
+    let last = sample(&m, "darkwatch_bridge_last_post_success_timestamp_seconds").unwrap();
+    assert!(last > 1.7e9, "{last}");
+    assert!(m.contains("darkwatch_build_info{version="), "{m}");
+    assert!(m.contains("\nprocess_resident_memory_bytes "), "{m}");
 
     let requests = am.requests();
     for r in &requests {
@@ -368,11 +484,47 @@ fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
 
     let (status, err) = bridge.stop();
     assert!(status.success(), "{status}\n{err}");
-    assert!(err.contains("10 alerts forwarded"), "{err}");
-    assert!(err.contains("2 not darkwatch alert events"), "{err}");
-    assert!(err.contains("1 failed POSTs retried"), "{err}");
-    assert!(err.contains("not darkwatch alert events (count"), "{err}");
+    assert!(
+        err.contains("13 messages received = 10 alerts forwarded (in 3 POSTs) + 0 refused by Alertmanager + 3 not darkwatch alert events + 0 unacknowledged in hand; 1 failed POSTs retried"),
+        "{err}"
+    );
     assert!(err.contains("POST to Alertmanager failed"), "{err}");
+    // Alerts flowing show at INFO, once (the next summary is 10 minutes away).
+    assert_eq!(
+        err.matches("First alerts forwarded to Alertmanager")
+            .count(),
+        1,
+        "{err}"
+    );
+    // The first dropped message at once, with its topic and what to check; the two held
+    // back by the rate limit at stop, naming the first of them and the latest.
+    let first = err
+        .lines()
+        .find(|l| l.contains("Dropped an MQTT message that is not a darkwatch alert event"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        first.contains(&format!("topic={}", topic(&node, "junk")))
+            && first.contains("check [alertmanager] subscribe"),
+        "{first}"
+    );
+    let held = err
+        .lines()
+        .find(|l| l.contains("Dropped MQTT messages that are not alerts Alertmanager would take"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(held.contains("count=2"), "{held}");
+    assert!(
+        held.contains(&format!("topic=darkwatch/{node}/alerts/status")),
+        "{held}"
+    );
+    assert!(
+        held.contains(&format!("last_topic={}", topic(&node, "badlabel"))),
+        "{held}"
+    );
+    assert!(
+        held.contains(r#"last_why=label name "rack-id" is invalid: it holds '-' at character 5"#),
+        "{held}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -395,12 +547,23 @@ fn nothing_is_lost_while_alertmanager_is_unreachable_or_the_bridge_is_stopped() 
     // Stopped while its POST fails: the batch stays unacknowledged in the broker.
     let mut bridge = Bridge::start(&config);
     bridge.wait_log("Subscribed.", 1);
+    // Alertmanager down at the start: a warning, and the bridge goes on.
+    bridge.wait_log("Alertmanager does not answer yet", 1);
     publish_all(port, &[ev("a1"), ev("a2")]);
     bridge.wait_log("POST to Alertmanager failed", 1);
     let (status, err) = bridge.stop();
     assert!(status.success(), "{status}\n{err}");
-    assert!(err.contains("0 alerts forwarded"), "{err}");
-    assert!(err.contains("stay unacknowledged"), "{err}");
+    // The trial's "2 received, 1 in hand": a2 could wait in the queue behind a1's batch,
+    // counted nowhere. Both are in hand, whichever batch each was in.
+    assert!(
+        err.contains("2 messages received = 0 alerts forwarded (in 0 POSTs) + 0 refused by Alertmanager + 0 not darkwatch alert events + 2 unacknowledged in hand"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Stopping with messages Alertmanager has not accepted"),
+        "{err}"
+    );
+    assert!(err.contains("unacknowledged=2"), "{err}");
 
     // Published while no bridge runs: the broker keeps it in the bridge's session.
     publish_all(port, &[ev("b1")]);
@@ -479,6 +642,95 @@ fn an_alert_alertmanager_refuses_is_dropped_alone_and_logged() {
     assert!(err.contains("3 alerts forwarded"), "{err}");
 }
 
+/// The trial's hung Alertmanager: "retrying" was logged just before "stopping". A POST
+/// that fails once the bridge stops is not retried, and the stop says what is left.
+#[test]
+fn a_stop_under_a_hung_alertmanager_says_what_is_left_and_claims_no_retry() {
+    let port = embedded_broker();
+    // Accepts connections and never answers.
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let am_port = hung.local_addr().unwrap().port();
+    let (conn_tx, conn_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in hung.incoming().flatten() {
+            let _ = conn_tx.send(());
+            held.push(conn);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        port,
+        &format!("http://127.0.0.1:{am_port}"),
+        "flush_ms = 50\ntimeout_secs = 3\n",
+    );
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_log("Subscribed.", 1);
+    // The start-up check's GET, which times out in the background.
+    conn_rx.recv_timeout(WAIT).unwrap();
+    let node = unique("n");
+    let t0 = "2024-05-01T10:00:00Z";
+    publish_all(
+        port,
+        &[(topic(&node, "h1"), event("firing", "h1", t0, UNSET, 5.0))],
+    );
+    // The POST is in flight (and will hang): stop now.
+    conn_rx.recv_timeout(WAIT).unwrap();
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{status}\n{err}");
+    assert!(
+        err.contains("POST to Alertmanager failed while stopping; not retried."),
+        "{err}"
+    );
+    assert!(!err.contains("retrying"), "{err}");
+    assert!(err.contains("unacknowledged=1"), "{err}");
+    assert!(
+        err.contains("1 messages received = 0 alerts forwarded (in 0 POSTs) + 0 refused by Alertmanager + 0 not darkwatch alert events + 1 unacknowledged in hand"),
+        "{err}"
+    );
+}
+
+/// A url without Alertmanager's route prefix: 404 on every POST. The start says so loudly,
+/// naming the key and the prefix, and the bridge runs on (the alerts wait).
+#[test]
+fn a_url_that_is_not_alertmanager_is_reported_loudly_at_the_start() {
+    let port = embedded_broker();
+    let am = FakeAm::answering(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        &[],
+        StatusReply::NotFound,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        port,
+        &format!("http://127.0.0.1:{}/wrong-prefix", am.port),
+        "",
+    );
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_log("NOT ALERTMANAGER", 1);
+    bridge.wait_log("Subscribed.", 1);
+    assert_eq!(am.gets(), ["/wrong-prefix/api/v2/status"]);
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{status}\n{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("NOT ALERTMANAGER"))
+        .unwrap();
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(line.contains("[alertmanager] url"), "{line}");
+    assert!(line.contains("--web.route-prefix"), "{line}");
+    assert!(line.contains("HTTP 404"), "{line}");
+    assert!(
+        line.contains(&format!(
+            "url=http://127.0.0.1:{}/wrong-prefix/api/v2/status",
+            am.port
+        )),
+        "{line}"
+    );
+}
+
 #[test]
 fn a_bad_alertmanager_url_or_port_is_a_configuration_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -497,6 +749,10 @@ fn a_bad_alertmanager_url_or_port_is_a_configuration_error() {
         ),
         ("[mqtt]\nport = 0\n", "mqtt.port"),
         ("[alertmanager]\nbatch_max = 0\n", "alertmanager.batch_max"),
+        (
+            "[alertmanager]\nmetrics_listen = \"localhost:9465\"\n",
+            "alertmanager.metrics_listen",
+        ),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, lines).unwrap();
@@ -504,4 +760,23 @@ fn a_bad_alertmanager_url_or_port_is_a_configuration_error() {
         assert_eq!(code, 78, "{lines}: {err}");
         assert!(err.contains(key), "{lines}: {err}");
     }
+    // metrics_listen taken by another process: the bridge stops at once (1: not the
+    // file's fault, a restart may find it free), naming the key, rather than run with
+    // Prometheus scraping the other process.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        free_port(),
+        "http://127.0.0.1:9",
+        &format!("metrics_listen = \"{listen}\"\n"),
+    );
+    let (code, _, err) = run(darkwatch().args(["alertmanager", "--config"]).arg(&config));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "[alertmanager] metrics_listen = \"{listen}\": cannot listen"
+        )),
+        "{err}"
+    );
 }

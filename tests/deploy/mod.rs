@@ -335,12 +335,37 @@ fn scrape_agent() -> String {
     text.to_string()
 }
 
-/// Every metric the rules and the dashboard query is one the agent exports (or a recorded
-/// one, or `up`), and every metric family the agent exports has a place on the dashboard.
+/// The real Alertmanager bridge's `/metrics` (its rules query these).
+fn scrape_bridge() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = darkwatch::mqtt::start_embedded_broker("127.0.0.1", 0).unwrap();
+    let metrics = free_port();
+    let cfg = crate::alertmanager::bridge_config(
+        dir.path(),
+        broker,
+        &format!("http://127.0.0.1:{}", free_port()),
+        &format!("metrics_listen = \"127.0.0.1:{metrics}\"\n"),
+    );
+    let mut bridge = crate::alertmanager::Bridge::start(&cfg);
+    bridge.wait_log("Serving /metrics.", 1);
+    let text = crate::alertmanager::scrape(metrics).expect("the bridge's /metrics answers");
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{err}");
+    text
+}
+
+/// Every metric the rules and the dashboard query is one the agent (or, for the bridge's
+/// rules, the Alertmanager bridge) exports (or a recorded one, or `up`), and every metric
+/// family the agent exports has a place on the dashboard.
 #[test]
 fn every_metric_the_rules_and_the_dashboard_query_is_exported_by_the_agent() {
     let exposition = scrape_agent();
     let exported = sample_names(&exposition);
+    let bridge = sample_names(&scrape_bridge());
+    assert!(
+        bridge.contains("darkwatch_bridge_messages_in_hand"),
+        "{bridge:?}"
+    );
     for want in [
         "darkwatch_frames_scored_total",
         "darkwatch_scoring_latency_seconds_bucket",
@@ -359,6 +384,7 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported_by_the_agent() {
         assert!(!names.is_empty(), "{place}: selects no metric");
         for name in names {
             let known = exported.contains(&name)
+                || bridge.contains(&name)
                 || recorded.contains(&name)
                 || FROM_PROMETHEUS.contains(&name.as_str());
             if !known {
@@ -599,6 +625,37 @@ fn the_dashboard_queries_parse_with_promtool_when_it_is_at_hand() {
     let file = dir.path().join("dashboard-queries.yml");
     std::fs::write(&file, &rules).unwrap();
     check_with_promtool(&promtool, &file, &rules);
+}
+
+/// `promtool check rules` and `promtool test rules` on the shipped files (as `.ci/run`
+/// does), when promtool is at hand: a rule edited without its unit tests fails here too.
+#[test]
+fn the_rules_pass_promtool_check_and_their_unit_tests_when_it_is_at_hand() {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let found = std::process::Command::new(&promtool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("note: no promtool ({promtool}); the rules are not unit-tested here");
+        return;
+    }
+    for (command, file) in [
+        ("check", RULES),
+        ("test", "deploy/prometheus/darkwatch-rules.test.yml"),
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .args([command, "rules"])
+            .arg(repo(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {command} rules {file}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 fn check_with_promtool(promtool: &str, file: &Path, rules: &str) {
