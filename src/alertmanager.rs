@@ -596,7 +596,7 @@ pub fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
     let status: u16 = parts.next()?.parse().ok()?;
     let body = &raw[head_end + 4..];
     let body = if is_chunked(head.as_bytes()) {
-        dechunk(body)
+        dechunk(body).0
     } else {
         body.to_vec()
     };
@@ -615,25 +615,52 @@ fn is_chunked(head: &[u8]) -> bool {
     })
 }
 
-/// A chunked body's chunks joined, as far as they are complete.
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+/// A chunked body's chunks joined, and whether it is complete (the last, empty chunk and
+/// the trailer section's closing empty line have arrived). A body cut short keeps the part
+/// of the chunk it was cut in; a malformed size line ends the body there. Every length is
+/// checked against what arrived, so no size line can overflow or loop.
+fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
-    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&raw[..eol])
-            .ok()
-            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok());
-        let Some(size @ 1..) = size else { break };
-        let start = eol + 2;
-        let Some(end) = start.checked_add(size) else {
+    while let Some(eol) = find_crlf(raw) {
+        let Some(size) = chunk_size(&raw[..eol]) else {
             break;
         };
-        out.extend_from_slice(&raw[start..end.min(raw.len())]);
-        match raw.get(end + 2..) {
-            Some(rest) => raw = rest,
+        let rest = &raw[eol + 2..];
+        if size == 0 {
+            // Trailer fields, each ending in CRLF, then an empty line.
+            let mut trailers = rest;
+            while let Some(at) = find_crlf(trailers) {
+                if at == 0 {
+                    return (out, true);
+                }
+                trailers = &trailers[at + 2..];
+            }
+            break;
+        }
+        if size > rest.len() {
+            out.extend_from_slice(rest);
+            break;
+        }
+        out.extend_from_slice(&rest[..size]);
+        match rest[size..].strip_prefix(b"\r\n") {
+            Some(next) => raw = next,
             None => break,
         }
     }
-    out
+    (out, false)
+}
+
+fn find_crlf(raw: &[u8]) -> Option<usize> {
+    raw.windows(2).position(|w| w == b"\r\n")
+}
+
+/// A chunk-size line's size: hex digits only (at most 16), before any `;extension`.
+fn chunk_size(line: &[u8]) -> Option<usize> {
+    let digits = line.split(|&b| b == b';').next()?.trim_ascii();
+    if digits.is_empty() || digits.len() > 16 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    usize::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
 }
 
 /// Classifies a status and body.
@@ -690,8 +717,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         raw.extend_from_slice(&buf[..n]);
         if let Some(h) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
             let complete = match content_length(&raw[..h]) {
-                Some(len) => raw.len() >= h + 4 + len,
-                None => is_chunked(&raw[..h]) && raw.ends_with(b"\r\n0\r\n\r\n"),
+                Some(len) => raw.len() - (h + 4) >= len,
+                None => is_chunked(&raw[..h]) && dechunk(&raw[h + 4..]).1,
             };
             if complete {
                 break;
@@ -1073,7 +1100,7 @@ pub fn render_metrics(stats: &BridgeStats) -> String {
     }
     let _ = writeln!(
         s,
-        "# HELP darkwatch_bridge_posts_total POSTs to Alertmanager by result: accepted, refused (400, 413, 422: its alerts dropped), failed (no answer, timeout, 5xx, any other 4xx: retried).\n\
+        "# HELP darkwatch_bridge_posts_total POSTs to Alertmanager by result: accepted, refused (400, 413, 422: its alerts dropped), failed (no answer, timeout, 5xx, any other 4xx: retried, unless the bridge is stopping).\n\
          # TYPE darkwatch_bridge_posts_total counter\n\
          darkwatch_bridge_posts_total{{result=\"accepted\"}} {}\n\
          darkwatch_bridge_posts_total{{result=\"refused\"}} {}\n\
@@ -1384,15 +1411,13 @@ async fn drive(
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .connection;
-                if tx
-                    .send(Received {
-                        publish,
-                        connection,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
+                // After the forwarder ended (stopping), a message is left unacknowledged
+                // for the broker to re-send; keep polling, so the clean disconnect that
+                // the stop queues still goes out and keeps the session.
+                let _ = tx.send(Received {
+                    publish,
+                    connection,
+                });
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let refused = ack
@@ -1783,6 +1808,14 @@ impl Forwarder {
                 );
                 let (mut forwarded, mut refused) = (0, 0);
                 for alert in alerts {
+                    // A stop ends the split too, not only a failed POST: with a slow
+                    // Alertmanager and a large batch the split could outlast systemd's
+                    // stop timeout. What is left stays unacknowledged in the broker.
+                    if self.stop.is_stopped() {
+                        return Delivery::Stopped {
+                            accepted: forwarded,
+                        };
+                    }
                     match self.post_until_answered(&[alert]).await {
                         None => {
                             return Delivery::Stopped {
@@ -2246,9 +2279,25 @@ mod tests {
         // Cut short: what is complete, no panic.
         let cut = &raw[..raw.len() - 12];
         assert_eq!(parse_response(cut), Some((200, "hello, the ".to_string())));
-        assert_eq!(dechunk(b"zz\r\n"), b"");
-        assert_eq!(dechunk(b"ffff\r\nab"), b"ab");
-        assert_eq!(dechunk(b"ffffffffffffffff\r\nab"), b"");
+        assert_eq!(dechunk(b"zz\r\n"), (b"".to_vec(), false));
+        assert_eq!(dechunk(b"+5\r\nhello\r\n0\r\n\r\n"), (b"".to_vec(), false));
+        assert_eq!(dechunk(b"ffff\r\nab"), (b"ab".to_vec(), false));
+        assert_eq!(dechunk(b"ffffffffffffffff\r\nab"), (b"ab".to_vec(), false));
+        // Sizes near usize::MAX - start, where the end of the chunk plus its CRLF used to
+        // overflow (a panic in debug builds, an endless loop in release).
+        for size in [usize::MAX - 3, usize::MAX - 4, usize::MAX - 5, usize::MAX] {
+            let raw = format!("{size:x}\r\nab");
+            assert_eq!(dechunk(raw.as_bytes()), (b"ab".to_vec(), false), "{size:x}");
+        }
+        assert_eq!(dechunk(b"10000000000000000\r\nab"), (b"".to_vec(), false));
+        // Complete only once the last chunk and the trailers' empty line arrived; a last
+        // chunk with an extension and a trailer field counts.
+        assert_eq!(dechunk(b"2\r\nok\r\n0\r\n"), (b"ok".to_vec(), false));
+        assert_eq!(
+            dechunk(b"2\r\nok\r\n0;done\r\nX-Trace: 1\r\n\r\n"),
+            (b"ok".to_vec(), true)
+        );
+        assert_eq!(dechunk(b"2\r\nokXY0\r\n\r\n"), (b"ok".to_vec(), false));
     }
 
     #[test]
