@@ -253,7 +253,14 @@ impl Head {
                         alpha,
                         beta,
                     };
-                    score_rows(&consts, x, recon.mean, var.view(), scores, contrib.view_mut());
+                    score_rows(
+                        &consts,
+                        x,
+                        recon.mean,
+                        var.view(),
+                        scores,
+                        contrib.view_mut(),
+                    );
                 } else if self.log_variance == LogVariance::Excess && baseline.len() == 3 * d {
                     let (median, rest) = baseline.split_at(d);
                     let (ceiling, inv_cap) = rest.split_at(d);
@@ -264,7 +271,14 @@ impl Head {
                         alpha,
                         beta,
                     };
-                    score_rows(&consts, x, recon.mean, var.view(), scores, contrib.view_mut());
+                    score_rows(
+                        &consts,
+                        x,
+                        recon.mean,
+                        var.view(),
+                        scores,
+                        contrib.view_mut(),
+                    );
                 } else {
                     Zip::from(&mut contrib)
                         .and(&x)
@@ -433,9 +447,8 @@ fn score_rows_members<C: RowTerms>(
             ) else {
                 // Strided rows (no caller passes them): the same terms, element by element.
                 for (j, c) in cr.iter_mut().enumerate() {
-                    let one = |k: usize| {
-                        make(k, j..j + 1).one(0, xr[j], mr[k * d + j], vr[k * d + j])
-                    };
+                    let one =
+                        |k: usize| make(k, j..j + 1).one(0, xr[j], mr[k * d + j], vr[k * d + j]);
                     let t: f32 = (0..members).map(|k| one(k).0).sum();
                     let own: f32 = (0..members).map(|k| one(k).1).sum();
                     terms[j] = t * inv;
@@ -612,7 +625,9 @@ trait RowTerms {
                 lane(m, at),
                 lane(s, at),
                 (&mut term[at..at + LANES]).try_into().expect("LANES long"),
-                (&mut contrib[at..at + LANES]).try_into().expect("LANES long"),
+                (&mut contrib[at..at + LANES])
+                    .try_into()
+                    .expect("LANES long"),
             );
             if at + LANES == d {
                 return;
@@ -983,7 +998,10 @@ mod tests {
                         Some(&var.slice(cols).to_owned()),
                     );
                     want += &c;
-                    want_scores.iter_mut().zip(&s).for_each(|(w, s)| *w += s / k as f32);
+                    want_scores
+                        .iter_mut()
+                        .zip(&s)
+                        .for_each(|(w, s)| *w += s / k as f32);
                 }
                 want /= k as f32;
                 for ((got, want), (i, j)) in contrib
