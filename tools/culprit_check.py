@@ -12,6 +12,12 @@ The culprit rankings compared, each the mean of its stream's last 5 frames as da
   (b) error part       alpha*e^2/v'                       (the same clamped v')
   (c) error vs floor   e^2 / e^lo                         (the feature's floor variance only)
   (d) excess NLL       the full term minus its median over 2,400 training rows
+  (b') scaled error    (b) times the frame's score over the sum of its (b) parts, so a
+                       frame's contributions still sum to its score: each frame ranks its
+                       features as (b) does, but the 5-frame mean weighs frames as the
+                       score does. Added after the labelled run, when (b) turned out to
+                       break that sum (which the pipeline's tests and the alert text use);
+                       it must meet the same rule against (a) without labels.
 
 For each SMD machine and seeds 0 and 1 it trains a PAE with darkwatch (default config),
 re-scores it with the numpy head of tools/smd_variants_check.py (the model's stored median
@@ -68,6 +74,7 @@ def variants(tensors, meta, x, ref_rows):
         "(b) error part a*e^2/v'": err,
         "(c) error vs floor e^2/e^lo": e2 / np.exp(lo),
         "(d) full term - training median": full - np.median(ref, 0),
+        "(b') error part scaled to the score": err * (full.sum(1) / err.sum(1))[:, None],
     }
 
 
