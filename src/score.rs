@@ -92,12 +92,6 @@ pub enum LogVariance {
     /// that it knows it far better than the feature's own spread: a variance head
     /// that collapses on a sparse or near-constant feature (different from seed to seed)
     /// would otherwise turn a tiny deviation there into the largest score of the stream.
-    ///
-    /// The score sums both parts, but a feature's contribution (what alerts and HitRate
-    /// rank) is its error part α·e_j²/v'_j alone: the log part says only that the model is
-    /// less sure of a feature than usual, which it also is when *another* feature is off
-    /// and the network couples the two, so it named bystanders. Chosen by a label-free check
-    /// (`tools/culprit_check.py`, README "Detection").
     Bounded,
 }
 
@@ -201,7 +195,17 @@ impl Head {
         let mut contrib = contrib.slice_mut(ndarray::s![..n, ..]);
         let members = recon.mean.ncols() / x.ncols().max(1);
         if members > 1 {
-            self.score_members(x, recon, baseline, members, scores, contrib.view_mut());
+            self.score_members(x, recon, baseline, members, contrib.view_mut());
+            for (s, row) in scores.iter_mut().zip(contrib.rows()) {
+                *s = if self.kind == HeadKind::MaxAbs {
+                    row.iter().fold(
+                        f32::NEG_INFINITY,
+                        |a, &b| if b > a || b.is_nan() { b } else { a },
+                    )
+                } else {
+                    row.sum()
+                };
+            }
             return;
         }
         match (self.kind, recon.var.as_ref()) {
@@ -253,14 +257,7 @@ impl Head {
                         alpha,
                         beta,
                     };
-                    score_rows(
-                        &consts,
-                        x,
-                        recon.mean,
-                        var.view(),
-                        scores,
-                        contrib.view_mut(),
-                    );
+                    score_rows(&consts, x, recon.mean, var.view(), contrib.view_mut());
                 } else if self.log_variance == LogVariance::Excess && baseline.len() == 3 * d {
                     let (median, rest) = baseline.split_at(d);
                     let (ceiling, inv_cap) = rest.split_at(d);
@@ -271,14 +268,7 @@ impl Head {
                         alpha,
                         beta,
                     };
-                    score_rows(
-                        &consts,
-                        x,
-                        recon.mean,
-                        var.view(),
-                        scores,
-                        contrib.view_mut(),
-                    );
+                    score_rows(&consts, x, recon.mean, var.view(), contrib.view_mut());
                 } else {
                     Zip::from(&mut contrib)
                         .and(&x)
@@ -289,9 +279,9 @@ impl Head {
                             let v = s + VARIANCE_EPSILON;
                             *c = alpha * e * e / v + beta * v.ln();
                         });
-                    for (s, row) in scores.iter_mut().zip(contrib.rows()) {
-                        *s = row.sum();
-                    }
+                }
+                for (s, row) in scores.iter_mut().zip(contrib.rows()) {
+                    *s = row.sum();
                 }
             }
             (HeadKind::Wnll, None) => {
@@ -317,16 +307,13 @@ impl Head {
     /// in `recon`, see [`crate::model::Autoencoder`]): each feature's term is the mean of
     /// the members' terms, each member scored with its own constants (`baseline` holds
     /// `members` equal blocks, see [`prepare_member_baselines`]). Summed member by member in
-    /// order, so a row's result does not depend on its batch. A row's score is the sum (the
-    /// maximum for max_abs) of its features' mean terms, its contributions their mean
-    /// contributions (see [`LogVariance::Bounded`]).
+    /// order, so a row's result does not depend on its batch.
     fn score_members(
         &self,
         x: ArrayView2<f32>,
         recon: &Recon,
         baseline: &[f32],
         members: usize,
-        scores: &mut [f32],
         mut contrib: ArrayViewMut2<f32>,
     ) {
         let d = x.ncols();
@@ -351,7 +338,7 @@ impl Head {
                     alpha,
                     beta,
                 };
-                score_rows_members(make, members, x, recon.mean, var.view(), scores, contrib);
+                score_rows_members(make, members, x, recon.mean, var.view(), contrib);
             }
             (HeadKind::Wnll, Some(var))
                 if self.log_variance == LogVariance::Excess && block == 3 * d =>
@@ -363,7 +350,7 @@ impl Head {
                     alpha,
                     beta,
                 };
-                score_rows_members(make, members, x, recon.mean, var.view(), scores, contrib);
+                score_rows_members(make, members, x, recon.mean, var.view(), contrib);
             }
             (kind, var) => {
                 for k in 0..members {
@@ -397,113 +384,70 @@ impl Head {
                     }
                 }
                 contrib.mapv_inplace(|c| c * inv);
-                for (s, row) in scores.iter_mut().zip(contrib.rows()) {
-                    *s = if kind == HeadKind::MaxAbs {
-                        row.iter().fold(
-                            f32::NEG_INFINITY,
-                            |a, &b| if b > a || b.is_nan() { b } else { a },
-                        )
-                    } else {
-                        row.sum()
-                    };
-                }
             }
         }
     }
 }
 
-/// Every row's score and contributions from the mean of `members` members' terms: member
-/// k's reconstruction is columns `k·d..(k+1)·d` of `mean` and `var`, and `make(k, range)` gives
-/// its constants for the features in `range`. Features go in segments of up to
-/// [`MEMBER_SEGMENT`], so the running sums need no allocation per call and each member's terms
-/// take the vector path; a row's score is the sum of its mean terms.
+/// Every row's contributions as the mean of `members` members' terms: member k's
+/// reconstruction is columns `k·d..(k+1)·d` of `mean` and `var`, and `make(k, range)` gives its
+/// constants for the features in `range`. Features go in segments of up to [`MEMBER_SEGMENT`],
+/// so the running sum needs no allocation and each member's terms take the vector path.
 fn score_rows_members<C: RowTerms>(
     make: impl Fn(usize, std::ops::Range<usize>) -> C,
     members: usize,
     x: ArrayView2<f32>,
     mean: ArrayView2<f32>,
     var: ArrayView2<f32>,
-    scores: &mut [f32],
     mut contrib: ArrayViewMut2<f32>,
 ) {
     let d = x.ncols();
     let inv = 1.0 / members as f32;
     let mut tmp = [0.0f32; MEMBER_SEGMENT];
-    let mut tmp_c = [0.0f32; MEMBER_SEGMENT];
-    with_row_terms(d, |terms| {
-        for ((((xr, mr), vr), mut cr), score) in x
-            .rows()
-            .into_iter()
-            .zip(mean.rows())
-            .zip(var.rows())
-            .zip(contrib.rows_mut())
-            .zip(scores.iter_mut())
-        {
-            let (Some(xs), Some(ms), Some(vs), Some(out)) = (
-                xr.to_slice(),
-                mr.to_slice(),
-                vr.to_slice(),
-                cr.as_slice_mut(),
-            ) else {
-                // Strided rows (no caller passes them): the same terms, element by element.
-                for (j, c) in cr.iter_mut().enumerate() {
-                    let one =
-                        |k: usize| make(k, j..j + 1).one(0, xr[j], mr[k * d + j], vr[k * d + j]);
-                    let t: f32 = (0..members).map(|k| one(k).0).sum();
-                    let own: f32 = (0..members).map(|k| one(k).1).sum();
-                    terms[j] = t * inv;
-                    *c = own * inv;
-                }
-                *score = ndarray::ArrayView1::from(&*terms).sum();
-                continue;
-            };
-            for a in (0..d).step_by(MEMBER_SEGMENT) {
-                let b = (a + MEMBER_SEGMENT).min(d);
-                let (sum_t, sum_c) = (&mut terms[a..b], &mut out[a..b]);
-                let (t, c) = (&mut tmp[..b - a], &mut tmp_c[..b - a]);
-                for k in 0..members {
-                    let at = k * d;
-                    row_terms(
-                        &make(k, a..b),
-                        &xs[a..b],
-                        &ms[at + a..at + b],
-                        &vs[at + a..at + b],
-                        t,
-                        c,
-                    );
-                    if k == 0 {
-                        sum_t.copy_from_slice(t);
-                        sum_c.copy_from_slice(c);
-                    } else {
-                        sum_t.iter_mut().zip(t.iter()).for_each(|(o, &t)| *o += t);
-                        sum_c.iter_mut().zip(c.iter()).for_each(|(o, &c)| *o += c);
-                    }
-                }
-                sum_t.iter_mut().for_each(|v| *v *= inv);
-                sum_c.iter_mut().for_each(|v| *v *= inv);
+    for (((xr, mr), vr), mut cr) in x
+        .rows()
+        .into_iter()
+        .zip(mean.rows())
+        .zip(var.rows())
+        .zip(contrib.rows_mut())
+    {
+        let (Some(xs), Some(ms), Some(vs), Some(out)) = (
+            xr.to_slice(),
+            mr.to_slice(),
+            vr.to_slice(),
+            cr.as_slice_mut(),
+        ) else {
+            // Strided rows (no caller passes them): the same terms, element by element.
+            for (j, c) in cr.iter_mut().enumerate() {
+                let sum: f32 = (0..members)
+                    .map(|k| make(k, j..j + 1).one(0, xr[j], mr[k * d + j], vr[k * d + j]))
+                    .sum();
+                *c = sum * inv;
             }
-            *score = ndarray::ArrayView1::from(&*terms).sum();
+            continue;
+        };
+        for a in (0..d).step_by(MEMBER_SEGMENT) {
+            let b = (a + MEMBER_SEGMENT).min(d);
+            let out = &mut out[a..b];
+            let t = &mut tmp[..b - a];
+            for k in 0..members {
+                let at = k * d;
+                row_terms(
+                    &make(k, a..b),
+                    &xs[a..b],
+                    &ms[at + a..at + b],
+                    &vs[at + a..at + b],
+                    t,
+                );
+                if k == 0 {
+                    out.copy_from_slice(t);
+                } else {
+                    out.iter_mut().zip(t.iter()).for_each(|(o, &t)| *o += t);
+                }
+            }
+            out.iter_mut().for_each(|c| *c *= inv);
         }
-    });
-}
-
-thread_local! {
-    /// One row's score terms, where they differ from its contributions (see
-    /// [`with_row_terms`]).
-    static ROW_TERMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with a buffer for one row's `d` score terms: the wnll rows write their terms
-/// there and their contributions into the caller's buffer, and sum the terms with
-/// ndarray's `sum`, as the heads that sum their contributions do. Per scoring thread it
-/// allocates once for its widest model, not per call.
-fn with_row_terms<R>(d: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    ROW_TERMS.with_borrow_mut(|v| {
-        if v.len() < d {
-            v.resize(d, 0.0);
-        }
-        f(&mut v[..d])
-    })
+    }
 }
 
 /// Features per segment of [`score_rows_members`]'s running sum.
@@ -583,36 +527,33 @@ pub fn prepare_baseline(head: &Head, stored: &[f32], d: usize) -> Vec<f32> {
 /// Features per step of [`RowTerms::row`]: one AVX2 vector of f32.
 const LANES: usize = 8;
 
-/// A wnll variant's per-feature constants: one feature's score term and contribution, and a
-/// whole row's.
+/// A wnll variant's per-feature constants: one feature's contribution, and a whole row's.
 trait RowTerms {
-    /// Feature `j`'s score term and its contribution.
-    fn one(&self, j: usize, x: f32, m: f32, s: f32) -> (f32, f32);
+    /// Feature `j`'s contribution.
+    fn one(&self, j: usize, x: f32, m: f32, s: f32) -> f32;
 
-    /// Features `at..at + LANES`, terms into `term` and contributions into `contrib`: a
-    /// branch-free loop over fixed-size arrays that the compiler turns into one vector step
-    /// (the logarithm included, see [`ln`]).
+    /// Features `at..at + LANES`: a branch-free loop over fixed-size arrays that the
+    /// compiler turns into one vector step (the logarithm included, see [`ln`]).
     fn lanes(
         &self,
         at: usize,
         x: &[f32; LANES],
         m: &[f32; LANES],
         s: &[f32; LANES],
-        term: &mut [f32; LANES],
-        contrib: &mut [f32; LANES],
+        out: &mut [f32; LANES],
     );
 
-    /// One row's terms and contributions, `LANES` features at a time. A row that is not a
-    /// multiple of `LANES` ends with a step over its last `LANES` features, overlapping the
-    /// one before: each term depends only on its own inputs, so recomputing it gives the
-    /// same value, and no feature falls to a scalar tail (38 features: 5 vector steps, not 4
-    /// and 6 scalar logarithms). Inlined into [`row_terms`].
+    /// One row's contributions, `LANES` features at a time. A row that is not a multiple of
+    /// `LANES` ends with a step over its last `LANES` features, overlapping the one before:
+    /// each term depends only on its own inputs, so recomputing it gives the same value,
+    /// and no feature falls to a scalar tail (38 features: 5 vector steps, not 4 and 6
+    /// scalar logarithms). Inlined into [`row_terms`].
     #[inline(always)]
-    fn row(&self, x: &[f32], m: &[f32], s: &[f32], term: &mut [f32], contrib: &mut [f32]) {
-        let d = term.len();
+    fn row(&self, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
+        let d = out.len();
         if d < LANES {
-            for j in 0..d {
-                (term[j], contrib[j]) = self.one(j, x[j], m[j], s[j]);
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = self.one(j, x[j], m[j], s[j]);
             }
             return;
         }
@@ -624,10 +565,7 @@ trait RowTerms {
                 lane(x, at),
                 lane(m, at),
                 lane(s, at),
-                (&mut term[at..at + LANES]).try_into().expect("LANES long"),
-                (&mut contrib[at..at + LANES])
-                    .try_into()
-                    .expect("LANES long"),
+                (&mut out[at..at + LANES]).try_into().expect("LANES long"),
             );
             if at + LANES == d {
                 return;
@@ -637,64 +575,49 @@ trait RowTerms {
     }
 }
 
-/// Every row's contributions into `contrib` and score (the sum of its terms) into `scores`.
-/// Rows are contiguous in every caller; a strided view takes the element-wise path (same
-/// formula, not vectorised).
+/// Every row's contributions into `contrib`. Rows are contiguous in every caller; a strided
+/// view takes the element-wise path (same formula, not vectorised).
 fn score_rows<C: RowTerms>(
     consts: &C,
     x: ArrayView2<f32>,
     mean: ArrayView2<f32>,
     var: ArrayView2<f32>,
-    scores: &mut [f32],
     mut contrib: ArrayViewMut2<f32>,
 ) {
-    with_row_terms(x.ncols(), |terms| {
-        for ((((xr, mr), vr), mut cr), score) in x
-            .rows()
-            .into_iter()
-            .zip(mean.rows())
-            .zip(var.rows())
-            .zip(contrib.rows_mut())
-            .zip(scores.iter_mut())
-        {
-            match (
-                xr.to_slice(),
-                mr.to_slice(),
-                vr.to_slice(),
-                cr.as_slice_mut(),
-            ) {
-                (Some(xs), Some(ms), Some(vs), Some(cs)) => {
-                    row_terms(consts, xs, ms, vs, terms, cs)
-                }
-                _ => {
-                    for (j, c) in cr.iter_mut().enumerate() {
-                        (terms[j], *c) = consts.one(j, xr[j], mr[j], vr[j]);
-                    }
+    for (((xr, mr), vr), mut cr) in x
+        .rows()
+        .into_iter()
+        .zip(mean.rows())
+        .zip(var.rows())
+        .zip(contrib.rows_mut())
+    {
+        match (
+            xr.to_slice(),
+            mr.to_slice(),
+            vr.to_slice(),
+            cr.as_slice_mut(),
+        ) {
+            (Some(xs), Some(ms), Some(vs), Some(cs)) => row_terms(consts, xs, ms, vs, cs),
+            _ => {
+                for (j, c) in cr.iter_mut().enumerate() {
+                    *c = consts.one(j, xr[j], mr[j], vr[j]);
                 }
             }
-            *score = ndarray::ArrayView1::from(&*terms).sum();
         }
-    });
+    }
 }
 
 /// One row, eight lanes wide where the CPU has AVX2 (the same operations in the same
 /// order, so the same results, as without).
 #[inline]
-fn row_terms<C: RowTerms>(
-    consts: &C,
-    x: &[f32],
-    m: &[f32],
-    s: &[f32],
-    term: &mut [f32],
-    contrib: &mut [f32],
-) {
+fn row_terms<C: RowTerms>(consts: &C, x: &[f32], m: &[f32], s: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        unsafe { row_terms_avx2(consts, x, m, s, term, contrib) };
+        unsafe { row_terms_avx2(consts, x, m, s, out) };
         return;
     }
-    consts.row(x, m, s, term, contrib);
+    consts.row(x, m, s, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -704,10 +627,9 @@ unsafe fn row_terms_avx2<C: RowTerms>(
     x: &[f32],
     m: &[f32],
     s: &[f32],
-    term: &mut [f32],
-    contrib: &mut [f32],
+    out: &mut [f32],
 ) {
-    consts.row(x, m, s, term, contrib);
+    consts.row(x, m, s, out);
 }
 
 /// The `bounded` wnll head's per-feature constants (see [`LogVariance::Bounded`]).
@@ -721,9 +643,9 @@ struct BoundedConsts<'a> {
 }
 
 impl RowTerms for BoundedConsts<'_> {
-    /// Feature `j`'s term and its error part.
+    /// Feature `j`'s contribution.
     #[inline(always)]
-    fn one(&self, j: usize, x: f32, m: f32, s: f32) -> (f32, f32) {
+    fn one(&self, j: usize, x: f32, m: f32, s: f32) -> f32 {
         bounded_term(
             self.alpha,
             self.beta,
@@ -740,8 +662,7 @@ impl RowTerms for BoundedConsts<'_> {
         x: &[f32; LANES],
         m: &[f32; LANES],
         s: &[f32; LANES],
-        term: &mut [f32; LANES],
-        contrib: &mut [f32; LANES],
+        out: &mut [f32; LANES],
     ) {
         let (lo, hi, inv_hi, inv_lo) = (
             lane(self.lo, at),
@@ -750,7 +671,7 @@ impl RowTerms for BoundedConsts<'_> {
             lane(self.inv_lo, at),
         );
         for j in 0..LANES {
-            (term[j], contrib[j]) = bounded_term(
+            out[j] = bounded_term(
                 self.alpha,
                 self.beta,
                 x[j] - m[j],
@@ -761,16 +682,9 @@ impl RowTerms for BoundedConsts<'_> {
     }
 }
 
-/// The term α e²/v' + β (ln v' − lo) with v' = v clamped to [e^lo, e^hi], and its error part
-/// α e²/v' (the contribution, see [`LogVariance::Bounded`]), branch-free.
+/// α e²/v' + β (ln v' − lo) with v' = v clamped to [e^lo, e^hi], branch-free.
 #[inline(always)]
-fn bounded_term(
-    alpha: f32,
-    beta: f32,
-    e: f32,
-    v: f32,
-    [lo, hi, inv_hi, inv_lo]: [f32; 4],
-) -> (f32, f32) {
+fn bounded_term(alpha: f32, beta: f32, e: f32, v: f32, [lo, hi, inv_hi, inv_lo]: [f32; 4]) -> f32 {
     let ln_v = ln(v);
     let below = ln_v < lo;
     let above = ln_v > hi;
@@ -788,8 +702,7 @@ fn bounded_term(
     } else {
         1.0 / v
     };
-    let error = alpha * e * e * inv_v;
-    (error + beta * (ln_c - lo), error)
+    alpha * e * e * inv_v + beta * (ln_c - lo)
 }
 
 /// The `excess` wnll head's per-feature constants (see [`LogVariance::Excess`]).
@@ -802,17 +715,16 @@ struct ExcessConsts<'a> {
 }
 
 impl RowTerms for ExcessConsts<'_> {
-    /// Feature `j`'s term, which is also its contribution.
+    /// Feature `j`'s contribution.
     #[inline(always)]
-    fn one(&self, j: usize, x: f32, m: f32, s: f32) -> (f32, f32) {
-        let t = excess_term(
+    fn one(&self, j: usize, x: f32, m: f32, s: f32) -> f32 {
+        excess_term(
             self.alpha,
             self.beta,
             x - m,
             s + VARIANCE_EPSILON,
             [self.median[j], self.ceiling[j], self.inv_cap[j]],
-        );
-        (t, t)
+        )
     }
 
     #[inline(always)]
@@ -822,8 +734,7 @@ impl RowTerms for ExcessConsts<'_> {
         x: &[f32; LANES],
         m: &[f32; LANES],
         s: &[f32; LANES],
-        term: &mut [f32; LANES],
-        contrib: &mut [f32; LANES],
+        out: &mut [f32; LANES],
     ) {
         let (median, ceiling, inv_cap) = (
             lane(self.median, at),
@@ -831,7 +742,7 @@ impl RowTerms for ExcessConsts<'_> {
             lane(self.inv_cap, at),
         );
         for j in 0..LANES {
-            term[j] = excess_term(
+            out[j] = excess_term(
                 self.alpha,
                 self.beta,
                 x[j] - m[j],
@@ -839,7 +750,6 @@ impl RowTerms for ExcessConsts<'_> {
                 [median[j], ceiling[j], inv_cap[j]],
             );
         }
-        *contrib = *term;
     }
 }
 
@@ -984,13 +894,12 @@ mod tests {
                 }
 
                 let mut want = Array2::<f32>::zeros((n, d));
-                let mut want_scores = vec![0.0f32; n];
                 for member in 0..k {
                     let cols = ndarray::s![.., member * d..(member + 1) * d];
                     let mut own = stored[member * d..(member + 1) * d].to_vec();
                     own.extend_from_slice(&stored[m + member * d..m + (member + 1) * d]);
                     own.extend_from_slice(&stored[2 * m..]);
-                    let (s, c) = run_with(
+                    let (_, c) = run_with(
                         head,
                         &own,
                         &x,
@@ -998,10 +907,6 @@ mod tests {
                         Some(&var.slice(cols).to_owned()),
                     );
                     want += &c;
-                    want_scores
-                        .iter_mut()
-                        .zip(&s)
-                        .for_each(|(w, s)| *w += s / k as f32);
                 }
                 want /= k as f32;
                 for ((got, want), (i, j)) in contrib
@@ -1014,19 +919,13 @@ mod tests {
                         "d {d} {kind:?} {lv:?} [{i}, {j}]: {got} vs {want}"
                     );
                 }
-                // Sums of the mean terms (the mean of the members' scores): under `bounded`
-                // the contributions leave out the log term, so they do not sum to the score.
                 for (i, row) in want.rows().into_iter().enumerate() {
                     let want = if kind == HeadKind::MaxAbs {
                         row.fold(f32::NEG_INFINITY, |a, &b| a.max(b))
                     } else {
-                        want_scores[i]
+                        row.sum()
                     };
-                    assert!(
-                        (scores[i] - want).abs() <= 1e-4 * want.abs().max(1.0),
-                        "d {d} {kind:?} {lv:?} row {i}: {} vs {want}",
-                        scores[i]
-                    );
+                    assert!((scores[i] - want).abs() <= 1e-4 * want.abs().max(1.0));
                 }
             }
         }
@@ -1169,12 +1068,10 @@ mod tests {
         // f0: a collapsed variance (e^−8) is raised to the floor 1: 0.5·4/1 + 0.
         // f1: e^0.8 lies inside [e^0.5, e^1]: 0.5·1/e^0.8 + 2·(0.8 − 0.5).
         // f2: a huge variance is capped at e^0: 0.5·9/1 + 0.
-        // The contributions are the error parts, 0.5·e²/v'.
         let v = array![[(-8.0f32).exp() - eps, 0.8f32.exp() - eps, 1e6]];
         let (s, c) = run_with(head, &stored, &x, &m, Some(&v));
         let want = [2.0, 0.5 * (-0.8f32).exp() + 2.0 * 0.3, 4.5];
-        let errors = [2.0, 0.5 * (-0.8f32).exp(), 4.5];
-        for (j, w) in errors.iter().enumerate() {
+        for (j, w) in want.iter().enumerate() {
             assert!(
                 (c[[0, j]] - w).abs() <= 1e-5 * w.max(1.0),
                 "f{j}: {} vs {w}",
@@ -1210,44 +1107,6 @@ mod tests {
             ..head
         };
         assert_eq!(prepare_baseline(&raw, &stored, 3), Vec::<f32>::new());
-    }
-
-    /// A feature the model is merely unsure of (no error, a variance above its floor) adds
-    /// its log term to the score but is not blamed: `bounded` contributions are the error
-    /// parts α·e²/v' alone. (They were the whole terms, which ranked f1 first here.)
-    #[test]
-    fn bounded_blames_the_error_not_the_uncertainty() {
-        // lo = 0 (floor 1, spread 1, medians below it), hi = 1 for every feature.
-        let stored = [-4.0f32, -4.0, -4.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0];
-        let head = Head {
-            kind: HeadKind::Wnll,
-            alpha: 0.5,
-            beta: 2.0,
-            log_variance: LogVariance::Bounded,
-            variance_floor: 1.0,
-        };
-        // f0: error 1.5 at the floor: term 0.5·2.25 = 1.125, all of it error.
-        // f1: no error, variance e^1: term 2·1 = 2, no error.
-        // f2: error 1, variance e^0.8: term 0.5·e^−0.8 + 2·0.8, error 0.5·e^−0.8.
-        let eps = VARIANCE_EPSILON;
-        let x = array![[1.5f32, 0.0, 1.0], [0.0, 0.0, 0.0]];
-        let m = Array2::zeros((2, 3));
-        let v = array![
-            [1.0 - eps, 1.0f32.exp() - eps, 0.8f32.exp() - eps],
-            [1.0 - eps, 1.0f32.exp() - eps, 0.8f32.exp() - eps]
-        ];
-        let (s, c) = run_with(head, &stored, &x, &m, Some(&v));
-        let e2 = 0.5 * (-0.8f32).exp();
-        let want_score = 1.125 + 2.0 + e2 + 1.6;
-        assert!((s[0] - want_score).abs() < 1e-4, "{} vs {want_score}", s[0]);
-        for (j, w) in [1.125, 0.0, e2].iter().enumerate() {
-            assert!((c[[0, j]] - w).abs() < 1e-5, "f{j}: {} vs {w}", c[[0, j]]);
-        }
-        let top = (0..3).max_by(|&a, &b| c[[0, a]].total_cmp(&c[[0, b]]));
-        assert_eq!(top, Some(0), "{c}");
-        // No error anywhere: the score still counts the uncertainty, nothing is blamed.
-        assert!((s[1] - (2.0 + 1.6)).abs() < 1e-4, "{}", s[1]);
-        assert!(c.row(1).iter().all(|&c| c == 0.0), "{c}");
     }
 
     /// Scores contiguous rows (the vectorised path) and the same data through strided

@@ -198,51 +198,37 @@ extern "C" __global__ void bias_act(float* y, const float* b, unsigned rows, uns
 }
 
 // One feature's term for one member of the score head, crate::score's formula (within
-// rounding: logf for the host's ln, and the compiler may fuse multiply-adds), and into
-// *own its contribution: the term itself, but for bounded its error part alpha*e^2/v'
-// alone. kind: 0 mse, 1 max_abs, 2 wnll. lv (wnll): 0 raw, 1 excess, 2 bounded, 3 no
-// variance output. c: the member's constants (excess: median, ceiling, e^-ceiling;
-// bounded: lo, hi, e^-hi, e^-lo; d each).
+// rounding: logf for the host's ln, and the compiler may fuse multiply-adds). kind:
+// 0 mse, 1 max_abs, 2 wnll. lv (wnll): 0 raw, 1 excess, 2 bounded, 3 no variance output.
+// c: the member's constants (excess: median, ceiling, e^-ceiling; bounded: lo, hi, e^-hi,
+// e^-lo; d each).
 __device__ __forceinline__ float head_term(int kind, int lv, float e, float s, float alpha,
                                            float beta, float eps, const float* c,
-                                           unsigned j, unsigned d, float* own) {
-    float t;
-    if (kind == 0) {
-        t = e * e;
-    } else if (kind == 1) {
-        t = fabsf(e);
-    } else if (lv == 3) {
-        t = alpha * e * e / (1.0f + eps) + beta * logf(1.0f + eps);
-    } else {
-        float v = s + eps;
-        float ln_v = logf(v);
-        if (lv == 0) {
-            t = alpha * e * e / v + beta * ln_v;
-        } else if (lv == 1) {
-            float median = c[j], ceiling = c[d + j], inv_cap = c[2 * d + j];
-            bool capped = ln_v > ceiling;
-            float l = capped ? ceiling : ln_v;
-            float inv_v = capped ? inv_cap : 1.0f / v;
-            t = alpha * e * e * inv_v + beta * fmaxf(l - median, 0.0f);
-        } else {
-            float lo = c[j], hi = c[d + j], inv_hi = c[2 * d + j], inv_lo = c[3 * d + j];
-            bool below = ln_v < lo, above = ln_v > hi;
-            float l = below ? lo : (above ? hi : ln_v);
-            float inv_v = below ? inv_lo : (above ? inv_hi : 1.0f / v);
-            float error = alpha * e * e * inv_v;
-            *own = error;
-            return error + beta * (l - lo);
-        }
+                                           unsigned j, unsigned d) {
+    if (kind == 0) return e * e;
+    if (kind == 1) return fabsf(e);
+    if (lv == 3) return alpha * e * e / (1.0f + eps) + beta * logf(1.0f + eps);
+    float v = s + eps;
+    if (lv == 0) return alpha * e * e / v + beta * logf(v);
+    float ln_v = logf(v);
+    if (lv == 1) {
+        float median = c[j], ceiling = c[d + j], inv_cap = c[2 * d + j];
+        bool capped = ln_v > ceiling;
+        float l = capped ? ceiling : ln_v;
+        float inv_v = capped ? inv_cap : 1.0f / v;
+        return alpha * e * e * inv_v + beta * fmaxf(l - median, 0.0f);
     }
-    *own = t;
-    return t;
+    float lo = c[j], hi = c[d + j], inv_hi = c[2 * d + j], inv_lo = c[3 * d + j];
+    bool below = ln_v < lo, above = ln_v > hi;
+    float l = below ? lo : (above ? hi : ln_v);
+    float inv_v = below ? inv_lo : (above ? inv_hi : 1.0f / v);
+    return alpha * e * e * inv_v + beta * (l - lo);
 }
 
-// The score head, one warp per row: feature j's term is the mean of the members' terms
-// (member k's mean at out[k*d + j], its variance at out[var_at + k*d + j]; var_at 0: none),
-// scored against x (the input, or its mean-shifted target), and its contribution the mean
-// of their contributions (see head_term). The row's score is the sum of its terms, or for
-// max_abs their maximum (NaN wins, as on the host).
+// The score head, one warp per row: feature j's contribution is the mean of the members'
+// terms (member k's mean at out[k*d + j], its variance at out[var_at + k*d + j]; var_at 0:
+// none), scored against x (the input, or its mean-shifted target). The row's score is their
+// sum, or for max_abs their maximum (NaN wins, as on the host).
 extern "C" __global__ void ae_head(const float* x, const float* out, unsigned n, unsigned d,
                                    unsigned members, unsigned width, unsigned var_at, int kind,
                                    int lv, float alpha, float beta, float eps,
@@ -257,19 +243,15 @@ extern "C" __global__ void ae_head(const float* x, const float* out, unsigned n,
     float inv = 1.0f / (float)members;
     float acc = kind == 1 ? __int_as_float(0xff800000) : 0.0f;
     for (unsigned j = lane; j < d; j += 32u) {
-        float xv = xr[j], c = 0.0f, own = 0.0f;
+        float xv = xr[j], c = 0.0f;
         for (unsigned k = 0; k < members; ++k) {
-            float s = var_at ? o[var_at + k * d + j] : 0.0f, ok;
+            float s = var_at ? o[var_at + k * d + j] : 0.0f;
             float t = head_term(kind, lv, xv - o[k * d + j], s, alpha, beta, eps,
-                                consts + k * block, j, d, &ok);
+                                consts + k * block, j, d);
             c = k == 0 ? t : c + t;
-            own = k == 0 ? ok : own + ok;
         }
-        if (members > 1) {
-            c *= inv;
-            own *= inv;
-        }
-        cr[j] = own;
+        if (members > 1) c *= inv;
+        cr[j] = c;
         acc = kind == 1 ? ((c > acc || c != c) ? c : acc) : acc + c;
     }
     for (int off = 16; off > 0; off >>= 1) {
