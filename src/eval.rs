@@ -145,29 +145,59 @@ pub fn point_adjusted_best_f1(scores: &[f32], labels: &[u8]) -> Result<Option<Be
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ratio = if self.n == 0 {
+        Shown {
+            report: self,
+            point_adjusted: true,
+        }
+        .fmt(f)
+    }
+}
+
+/// A [`Report`] as text, with or without its point-adjusted F1.
+struct Shown<'a> {
+    report: &'a Report,
+    point_adjusted: bool,
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.report;
+        let ratio = if r.n == 0 {
             0.0
         } else {
-            100.0 * self.n_anomalous as f64 / self.n as f64
+            100.0 * r.n_anomalous as f64 / r.n as f64
         };
         writeln!(
             f,
             "rows: {} ({} anomalous, {:.2}%)",
-            self.n, self.n_anomalous, ratio
+            r.n, r.n_anomalous, ratio
         )?;
         let num = |x: Option<f64>| x.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"));
-        writeln!(f, "point-wise AUROC: {}", num(self.auroc))?;
-        writeln!(f, "point-wise AUPRC: {}", num(self.auprc))?;
-        writeln!(f, "point-wise best F1: {}", ShowF1(self.best_f1))?;
-        write!(
-            f,
-            "point-adjusted F1 (not point-wise, inflated; for comparison only): {}",
-            ShowF1(self.pa_best_f1)
-        )?;
-        if self.auroc.is_none() {
+        writeln!(f, "point-wise AUROC: {}", num(r.auroc))?;
+        writeln!(f, "point-wise AUPRC: {}", num(r.auprc))?;
+        write!(f, "point-wise best F1: {}", ShowF1(r.best_f1))?;
+        if self.point_adjusted {
+            write!(
+                f,
+                "\npoint-adjusted F1 (not point-wise, inflated; for comparison only): {}",
+                ShowF1(r.pa_best_f1)
+            )?;
+        }
+        if r.auroc.is_none() {
             write!(f, "\n(n/a: the labels hold only one class)")?;
         }
         Ok(())
+    }
+}
+
+impl Report {
+    /// The report without its point-adjusted F1, for rows that have no order (a table),
+    /// where runs of outlier rows are not segments.
+    pub fn pointwise(&self) -> impl fmt::Display + '_ {
+        Shown {
+            report: self,
+            point_adjusted: false,
+        }
     }
 }
 

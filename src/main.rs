@@ -97,6 +97,10 @@ enum Command {
         /// model's own span (1: score frames alone; compare with and without smoothing).
         #[arg(long, value_parser = parse_smooth_frames)]
         smooth_frames: Option<usize>,
+        /// The input is a table whose rows have no order (ODDS-style data): score every row
+        /// alone, and leave out what assumes an order (point-adjusted F1, alert episodes).
+        #[arg(long, conflicts_with_all = ["smooth_frames", "events"])]
+        table: bool,
         /// Pace the replay at this many frames per second (default: as fast as possible).
         #[arg(long, value_parser = parse_rate)]
         rate: Option<f64>,
@@ -893,6 +897,7 @@ fn run(command: Command) -> Result<()> {
             mss_rounds,
             mss_neighbours,
             smooth_frames,
+            table,
         } => {
             replay::check_model_dir(&model)?;
             let mut cfg = load_config(config.as_deref())?;
@@ -935,6 +940,7 @@ fn run(command: Command) -> Result<()> {
                 head: head.map(Into::into),
                 mss,
                 smooth_frames,
+                table,
             };
             let outcome = replay::replay(&req, &cfg)?;
             emit(&outcome.to_string())?;

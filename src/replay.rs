@@ -51,6 +51,11 @@ pub struct ReplayRequest {
     pub mss: Option<MssConfig>,
     /// Average each score over this many frames instead of the model's own span (1: off).
     pub smooth_frames: Option<usize>,
+    /// The input is a table, whose rows have no order (ODDS-style data): every row is
+    /// scored alone (smoothing 1, over `smooth_frames`), and nothing that assumes an order
+    /// is reported: no point-adjusted F1, alert episodes or events (with `events` set,
+    /// [`replay`] refuses). A model with a lag window is refused.
+    pub table: bool,
 }
 
 /// Alert events against labelled anomaly segments.
@@ -110,6 +115,9 @@ pub struct ReplayOutcome {
     /// The checkpoint [`replay`] resumed from instead of the model folder's model, when
     /// `[retrain] state_dir` held one: (its version, its folder).
     pub resumed: Option<(u64, PathBuf)>,
+    /// The input was a table ([`ReplayRequest::table`]): [`Self::eval`] has no meaningful
+    /// point-adjusted F1, and [`Self::event_report`] is `None`.
+    pub table: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +208,12 @@ pub fn align_features(
 /// output file that cannot be written.
 pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcome, ReplayError> {
     check_model_dir(&req.model_dir)?;
+    if let (true, Some(path)) = (req.table, &req.events) {
+        return Err(ReplayError::Features {
+            input: path.clone(),
+            reason: "a table's rows have no order, so it has no alert events to write".into(),
+        });
+    }
     if let Some(path) = &req.plot {
         check_plot_path(path)?;
     }
@@ -221,6 +235,19 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
     }
     if let Some(frames) = req.smooth_frames {
         model = model.with_smoothing(frames);
+    }
+    if req.table {
+        let w = model.meta.window_frames;
+        if w > 1 {
+            return Err(ReplayError::Features {
+                input: req.model_dir.clone(),
+                reason: format!(
+                    "the model reads a lag window of {w} frames ([model] window_frames), which needs rows in order; a table's rows have none"
+                ),
+            });
+        }
+        // A row's mean with the rows before it would mix unrelated rows.
+        model = model.with_smoothing(1);
     }
     let model = Arc::new(model);
     let opts = TableOptions {
@@ -268,6 +295,14 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
             e => e,
         })?;
     outcome.resumed = resumed;
+    if req.table {
+        // Episodes of consecutive rows (and so their precision, recall and frames) mean
+        // nothing where the rows have no order.
+        outcome.table = true;
+        outcome.event_report = None;
+        outcome.alert_spans.clear();
+        outcome.events.clear();
+    }
     if let Some(path) = &req.plot {
         let label_spans = outcome
             .labels
@@ -580,6 +615,7 @@ pub fn replay_frames(
         threshold_note,
         retrain,
         resumed: None,
+        table: false,
     })
 }
 
@@ -812,9 +848,12 @@ impl std::fmt::Display for ReplayOutcome {
                 Some(b) => format!("MSS m={} k={}", b.rounds(), b.neighbours()),
                 None => "no MSS".into(),
             },
-            match self.model.meta.smooth_frames {
-                1 => "frames scored alone".to_string(),
-                n => format!("scores averaged over {n} frames, threshold from per-frame scores"),
+            match (self.table, self.model.meta.smooth_frames) {
+                (true, _) => "a table: rows scored alone, in no order".to_string(),
+                (false, 1) => "frames scored alone".to_string(),
+                (false, n) => {
+                    format!("scores averaged over {n} frames, threshold from per-frame scores")
+                }
             },
             p.frames_scored,
             p.batches,
@@ -835,6 +874,7 @@ impl std::fmt::Display for ReplayOutcome {
             )?;
         }
         match &self.eval {
+            Some(r) if self.table => writeln!(f, "{}", r.pointwise())?,
             Some(r) => writeln!(f, "{r}")?,
             None => writeln!(f, "no labels given: no detection metrics")?,
         }
@@ -846,13 +886,17 @@ impl std::fmt::Display for ReplayOutcome {
                     .zip(&self.thresholds)
                     .filter(|(s, t)| f64::from(**s) > **t)
                     .count();
+                let episodes = if self.table {
+                    String::new()
+                } else {
+                    format!(", {} alert episodes", self.alert_spans.len())
+                };
                 writeln!(
                     f,
-                    "threshold   {} (final {:.4}): {alarms} frames above ({:.2} %), {} alert episodes",
+                    "threshold   {} (final {:.4}): {alarms} frames above ({:.2} %){episodes}",
                     t.kind.name(),
                     t.threshold,
                     100.0 * alarms as f64 / self.scores.len().max(1) as f64,
-                    self.alert_spans.len()
                 )?;
             }
             (None, Some(note)) => writeln!(f, "threshold   {note}")?,

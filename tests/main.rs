@@ -1426,6 +1426,68 @@ fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
     assert!(!out.contains("smoothing"), "{out}");
 }
 
+/// `replay --table`: a table's rows have no order, so every row is scored alone and
+/// nothing that assumes an order (point-adjusted F1, alert episodes and events) is printed.
+#[test]
+fn replay_of_a_table_scores_rows_alone_and_prints_nothing_that_needs_an_order() {
+    let (dir, model, test, lab) = trained();
+    let replay = |extra: &[&str], name: &str| {
+        let out = dir.path().join(name);
+        let mut args: Vec<std::ffi::OsString> = extra.iter().map(Into::into).collect();
+        args.extend(["--out".into(), out.clone().into_os_string()]);
+        let (code, stdout, err) = replay_with(&model, &test, &lab, &args);
+        assert_eq!(code, 0, "{extra:?}: {stdout}\n{err}");
+        let scores: Vec<f32> = std::fs::read_to_string(out)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+            .collect();
+        (stdout, scores)
+    };
+    let (ordered, smoothed) = replay(&[], "ordered.csv");
+    for want in [
+        "point-adjusted F1",
+        "events      precision",
+        "alert episodes",
+    ] {
+        assert!(ordered.contains(want), "{want}: {ordered}");
+    }
+    let (table, as_table) = replay(&["--table"], "table.csv");
+    for gone in [
+        "point-adjusted",
+        "events      ",
+        "alerted     ",
+        "alert episodes",
+    ] {
+        assert!(!table.contains(gone), "{gone}: {table}");
+    }
+    for want in [
+        "a table: rows scored alone",
+        "point-wise AUPRC",
+        "threshold   spot",
+    ] {
+        assert!(table.contains(want), "{want}: {table}");
+    }
+    // Rows scored alone: the scores of `--smooth-frames 1`, not the model's 5-frame means.
+    let (_, alone) = replay(&["--smooth-frames", "1"], "alone.csv");
+    assert_eq!(as_table, alone);
+    assert_ne!(as_table, smoothed);
+    // Smoothing and alert events contradict a table: usage errors, before any work.
+    let events = dir.path().join("events.jsonl");
+    for extra in [
+        vec!["--smooth-frames".into(), "3".into()],
+        vec!["--events".into(), events.clone().into_os_string()],
+    ] {
+        let mut args: Vec<std::ffi::OsString> = vec!["--table".into()];
+        args.extend(extra);
+        let (code, _, err) = replay_with(&model, &test, &lab, &args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("cannot be used with"), "{args:?}: {err}");
+    }
+    assert!(!events.exists());
+}
+
 /// Retraining data of the wrong width fails before the heads are timed, not after.
 #[test]
 fn bench_checks_the_retraining_data_before_timing() {

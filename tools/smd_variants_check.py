@@ -58,14 +58,21 @@ def train(binary, smd, machine, seed, work, extra):
     return tensors, meta, min(p["validation_losses"])
 
 
-def terms(tensors, meta, x):
-    """The bounded wnll head's per-feature terms (alpha 0.5, beta 2, floor 0.1)."""
+def head_parts(tensors, meta, x):
+    """The bounded wnll head's pieces (floor 0.1, z-scored spread 1): the scaled input z, the
+    reconstruction mu, ln v clamped to [lo, hi], and lo, from the model's stored median and
+    ceiling."""
     z, mu, v = forward(tensors, meta, x)
     d = z.shape[1]
     base = np.array(meta["log_variance_baseline"])
     lo = np.maximum(base[:d], np.log(0.1))
     hi = np.maximum(base[d : 2 * d], lo)
-    ln_v = np.clip(np.log(v), lo, hi)
+    return z, mu, np.clip(np.log(v), lo, hi), lo
+
+
+def terms(tensors, meta, x):
+    """The bounded wnll head's per-feature terms (alpha 0.5, beta 2, floor 0.1)."""
+    z, mu, ln_v, lo = head_parts(tensors, meta, x)
     return 0.5 * (z - mu) ** 2 / np.exp(ln_v) + 2.0 * (ln_v - lo)
 
 
