@@ -558,15 +558,40 @@ pub fn run_with(
             // flushes the open windows.
             continue;
         }
-        let Some(reload) = control.take_reload() else {
+        let Some(mut reload) = control.take_reload() else {
             continue;
         };
+        // A reload that loaded a model of the running retraining (the newest checkpoint of
+        // its state_dir) goes on with the model that retraining scores: loading it anew
+        // would restart every threshold and resolve every firing alert for the same model.
+        let continued = retraining
+            .as_ref()
+            .and_then(|r| r.continued_by(&cfg, &reload.cfg, &reload.model));
+        let keep_trainer =
+            continued.is_some() && Retraining::carries_over(&cfg, &reload.cfg);
+        if let Some(newest) = &continued {
+            // The sink moves to the newest model before the change is judged, as the
+            // first frame of that model would have moved it (thresholds from its
+            // calibration, firing alerts kept).
+            sink.catch_up(newest);
+            tracing::info!(
+                model = %newest.meta.id,
+                version = newest.meta.version,
+                kept_retraining = keep_trainer,
+                "Reload: the model loaded is the running retraining's; scoring goes on with its newest model."
+            );
+            reload.model = Detector::Autoencoder(newest.clone());
+        }
         match apply_reload(reload, &started, &cfg, &model, source, sink, &counters) {
             Ok((c, m, so, si)) => (cfg, model, source, sink) = (c, m, so, si),
             Err(e) => break Err(e),
         }
-        // A reloaded model (or config) starts its own retraining history.
+        // The sink's side of retraining belongs to the turn that ended.
         sink.retrain = None;
+        if keep_trainer {
+            continue;
+        }
+        // Another model (or retraining config) starts its own retraining history.
         if let Some(r) = retraining.take() {
             r.stop();
         }
@@ -803,6 +828,46 @@ impl Retraining {
             values,
             gate: None,
         }
+    }
+
+    /// The model this retraining scores now (its newest published), when `loaded` (what a
+    /// reload of `new` loaded) is one of the models it published and the reload leaves it
+    /// where it stands: retraining on in both with the same non-empty `state_dir`, and the
+    /// same `[score]`, `[onnx]` and `[cuda]`. Loading resumes the newest checkpoint of
+    /// `state_dir`, which this retraining wrote: the model loaded is the one scored, or
+    /// one it already replaced (a retrain accepted while the reload loaded), never a model
+    /// to go back to. `None`: the reload's model starts over (another model, another
+    /// `state_dir`, retraining turned off, or none written: an empty `state_dir` loads the
+    /// model directory's model, as a restart would).
+    fn continued_by(
+        &self,
+        old: &DarkwatchConfig,
+        new: &DarkwatchConfig,
+        loaded: &Detector,
+    ) -> Option<Arc<Model>> {
+        let loaded = loaded.autoencoder()?;
+        let keeps = new.retrain.enabled
+            && !new.retrain.state_dir.as_os_str().is_empty()
+            && new.retrain.state_dir == old.retrain.state_dir
+            && new.score == old.score
+            && new.onnx == old.onnx
+            && new.cuda == old.cuda;
+        if !keeps {
+            return None;
+        }
+        self.shared
+            .model_of(loaded.meta.version)
+            .filter(|m| m.meta.id == loaded.meta.id)?;
+        Some(self.shared.cell.load_full())
+    }
+
+    /// Whether this retraining can go on unchanged under `new`: it continues the model
+    /// ([`Self::continued_by`]) and the settings its trainer reads (`[retrain]`, `[train]
+    /// seed`, `[threshold]` for the gate) did not change. Its reservoir is then kept.
+    fn carries_over(old: &DarkwatchConfig, new: &DarkwatchConfig) -> bool {
+        new.retrain == old.retrain
+            && new.train.seed == old.train.seed
+            && new.threshold == old.threshold
     }
 
     /// Ends the trainer once it finishes a retrain in progress.
@@ -1975,6 +2040,15 @@ impl AgentSink {
             st.alerts.set_model(&self.model_id, &self.model_version);
         }
         self.counters.set_model_id(&model.meta.id);
+    }
+
+    /// Moves to `model` of the running retraining if the sink still scores an older one:
+    /// what the first frame of `model` does ([`Self::switch_model`]).
+    fn catch_up(&mut self, model: &Model) {
+        if self.model_id != model.meta.id || self.model_version != model.meta.version.to_string()
+        {
+            self.switch_model(model);
+        }
     }
 
     /// Takes over a reload that made `change`, to the new `cfg` and `model` (`streams`: the
