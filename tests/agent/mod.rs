@@ -879,9 +879,8 @@ fn a_reload_with_online_retraining_keeps_the_scored_model_its_thresholds_and_ale
     publish_all(broker, &raw(490, 500, 5.0));
     agent.wait_metric(scored, |v| v >= 500.0);
     agent.wait_metric("darkwatch_alerts_firing", |v| v == 1.0);
-    let event = |p: &rumqttc::Publish| -> serde_json::Value {
-        serde_json::from_slice(&p.payload).unwrap()
-    };
+    let event =
+        |p: &rumqttc::Publish| -> serde_json::Value { serde_json::from_slice(&p.payload).unwrap() };
     // Normal frames may have raised an episode before; this one fires at the anomaly.
     sub.wait("the anomaly's firing alert", |got| {
         got.iter()
@@ -925,7 +924,9 @@ fn a_reload_with_online_retraining_keeps_the_scored_model_its_thresholds_and_ale
     );
     // Only the stop ended the episode, with the model version that fired it.
     sub.wait("the episode resolved by the stop", |got| {
-        got.iter().any(|p| event(p)["fingerprint"] == fired["fingerprint"] && event(p)["status"] == "resolved")
+        got.iter().any(|p| {
+            event(p)["fingerprint"] == fired["fingerprint"] && event(p)["status"] == "resolved"
+        })
     });
     let ended: Vec<serde_json::Value> = sub
         .got
