@@ -643,7 +643,9 @@ impl Assembler {
     /// downstream has dropped that. Streams whose samples had no monotonic time are kept.
     pub fn retire_quiet(&mut self, before: f64, out: &mut Vec<u32>) {
         for (idx, st) in self.streams.iter_mut().enumerate() {
-            if st.retired || !(st.last_mono < before) {
+            // An unknown arrival time (NaN) is never quiet.
+            let quiet = st.last_mono < before;
+            if st.retired || !quiet {
                 continue;
             }
             st.retired = true;
