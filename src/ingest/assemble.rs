@@ -1043,6 +1043,71 @@ mod tests {
         n.iter().map(|s| s.to_string()).collect()
     }
 
+    /// A forgotten stream's slot goes to a new stream only once freed, and the new stream
+    /// inherits nothing: its frames count from 0 and no value of the old one is carried
+    /// forward into them. Streams whose samples had no monotonic time are never forgotten.
+    #[test]
+    fn a_retired_slot_is_reused_only_once_freed_and_carries_nothing_over() {
+        let cfg = AssemblerConfig {
+            max_streams: 2,
+            stale_secs: Some(1e9),
+            ..AssemblerConfig::default()
+        };
+        let mut a = cfg.build(names(&["a", "b"])).unwrap();
+        let at = |mono: f64| Receipt { wall: 0.0, mono };
+        let mut frames = Vec::new();
+        let take = |a: &mut Assembler, frames: &mut Vec<(u32, u64, String, Vec<f32>)>| {
+            a.flush(&mut |f: FrameOut<'_>| {
+                frames.push((
+                    f.stream_index,
+                    f.seq,
+                    f.stream.to_string(),
+                    f.values.to_vec(),
+                ))
+            });
+        };
+        a.push_received(&sample("old", "a", 1.0, 10.0), at(10.0))
+            .unwrap();
+        a.push_received(&sample("old", "b", 2.0, 10.0), at(10.0))
+            .unwrap();
+        a.push(&sample("untimed", "a", 3.0, 10.0)).unwrap();
+        assert_eq!(a.stream_count(), 2);
+        take(&mut a, &mut frames);
+        let mut gone = Vec::new();
+        a.retire_quiet(10.0, &mut gone);
+        assert!(gone.is_empty(), "not before its last arrival");
+        a.retire_quiet(1e12, &mut gone);
+        assert_eq!(gone, [0], "the untimed stream is kept");
+        assert_eq!((a.stream_count(), a.index_of("old")), (1, None));
+        // Not freed yet: the slot is held, and max_streams is reached.
+        assert_eq!(
+            a.push_received(&sample("new", "a", 5.0, 20.0), at(20.0)),
+            Err(Reject::TooManyStreams)
+        );
+        a.free(1);
+        a.free(0);
+        a.free(0);
+        let allocated = a.allocated();
+        a.push_received(&sample("new", "a", 5.0, 20.0), at(20.0))
+            .unwrap();
+        assert_eq!((a.index_of("new"), a.allocated()), (Some(0), allocated + 1));
+        assert_eq!(
+            a.push_received(&sample("newer", "a", 5.0, 20.0), at(20.0)),
+            Err(Reject::TooManyStreams),
+            "freed once, taken once"
+        );
+        frames.clear();
+        take(&mut a, &mut frames);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        let (index, seq, name, values) = &frames[0];
+        assert_eq!((*index, *seq, name.as_str()), (0, 0, "new"));
+        assert_eq!(values[0], 5.0);
+        assert!(
+            values[1].is_nan(),
+            "old's b is not carried into new: {values:?}"
+        );
+    }
+
     #[derive(Debug, Clone, PartialEq)]
     struct Got {
         stream: String,
