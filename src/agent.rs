@@ -100,15 +100,39 @@ enum Decoder {
     Raw {
         decoder: crate::ingest::raw::RawDecoder,
         frame: Vec<f32>,
-        /// Per stream: its index, the seq its next frame takes, and how many header ids in
-        /// a row were not taken.
-        streams: std::collections::HashMap<String, (u32, u64, u32)>,
+        /// The streams, their indexes and the indexes free again.
+        streams: RawStreams,
         max_streams: usize,
         /// Header ids not taken as the frame's seq (not above the stream's last, or from
         /// [`crate::ingest::raw::MAX_FRAME_ID`] on).
         ids_unused: u64,
     },
 }
+
+/// The raw decoder's streams: per stream name, its index, the seq its next frame takes,
+/// how many header ids in a row were not taken, and when its latest frame arrived
+/// (monotonic seconds); the indexes of forgotten streams given back by the sink; and the
+/// next index never used.
+#[derive(Debug, Default)]
+struct RawStreams {
+    by_name: std::collections::HashMap<String, (u32, u64, u32, f64)>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+/// What the source and the sink exchange to forget streams (`[assemble]
+/// forget_after_secs`), locked about once a second by each, never per frame: the source
+/// puts the index of each stream it forgot in `retired`; the sink drops its state for
+/// it, resolving a firing alert, and puts the index in `free`, from where the source gives
+/// it to a new stream. An index thus goes to another stream only after the sink let go of
+/// the old one.
+#[derive(Debug, Default)]
+struct Recycling {
+    retired: Vec<u32>,
+    free: Vec<u32>,
+}
+
+type SharedRecycling = Arc<Mutex<Recycling>>;
 
 impl Decoder {
     fn format(&self) -> InputFormat {
@@ -197,6 +221,8 @@ pub struct AgentCounters {
     /// Reloads refused because the new configuration or model was invalid (the binary
     /// counts these: it validates before handing a reload over).
     pub reloads_failed: AtomicU64,
+    /// Streams forgotten after `[assemble] forget_after_secs` without a message.
+    pub streams_forgotten: AtomicU64,
     model_id: Mutex<String>,
     /// The version of the model loaded (0 as trained; a checkpoint of online retraining
     /// loaded as `model_dir` carries its own): `darkwatch_model_version` without retraining.
@@ -469,7 +495,10 @@ pub fn run_with(
     let mut retraining = Retraining::start(cfg, &model, &counters)?;
 
     let handback: Handback = Arc::default();
-    let streams = lock(&feed).source.streams.clone();
+    let (streams, recycling) = {
+        let feed = lock(&feed);
+        (feed.source.streams.clone(), feed.source.recycling.clone())
+    };
     let mut source = FeedTurn {
         feed,
         counters: counters.clone(),
@@ -480,6 +509,7 @@ pub fn run_with(
     };
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
     sink.link = Some(mqtt_stats.clone());
+    sink.recycling = recycling;
     let metrics_stop = Arc::new(AtomicBool::new(false));
     if let Some(listener) = metrics_listener {
         let exposed = crate::metrics::Exposed {
@@ -558,15 +588,39 @@ pub fn run_with(
             // flushes the open windows.
             continue;
         }
-        let Some(reload) = control.take_reload() else {
+        let Some(mut reload) = control.take_reload() else {
             continue;
         };
+        // A reload that loaded a model of the running retraining (the newest checkpoint of
+        // its state_dir) goes on with the model that retraining scores: loading it anew
+        // would restart every threshold and resolve every firing alert for the same model.
+        let continued = retraining
+            .as_ref()
+            .and_then(|r| r.continued_by(&cfg, &reload.cfg, &reload.model));
+        let keep_trainer = continued.is_some() && Retraining::carries_over(&cfg, &reload.cfg);
+        if let Some(newest) = &continued {
+            // The sink moves to the newest model before the change is judged, as the
+            // first frame of that model would have moved it (thresholds from its
+            // calibration, firing alerts kept).
+            sink.catch_up(newest);
+            tracing::info!(
+                model = %newest.meta.id,
+                version = newest.meta.version,
+                kept_retraining = keep_trainer,
+                "Reload: the model loaded is the running retraining's; scoring goes on with its newest model."
+            );
+            reload.model = Detector::Autoencoder(newest.clone());
+        }
         match apply_reload(reload, &started, &cfg, &model, source, sink, &counters) {
             Ok((c, m, so, si)) => (cfg, model, source, sink) = (c, m, so, si),
             Err(e) => break Err(e),
         }
-        // A reloaded model (or config) starts its own retraining history.
+        // The sink's side of retraining belongs to the turn that ended.
         sink.retrain = None;
+        if keep_trainer {
+            continue;
+        }
+        // Another model (or retraining config) starts its own retraining history.
         if let Some(r) = retraining.take() {
             r.stop();
         }
@@ -805,6 +859,46 @@ impl Retraining {
         }
     }
 
+    /// The model this retraining scores now (its newest published), when `loaded` (what a
+    /// reload of `new` loaded) is one of the models it published and the reload leaves it
+    /// where it stands: retraining on in both with the same non-empty `state_dir`, and the
+    /// same `[score]`, `[onnx]` and `[cuda]`. Loading resumes the newest checkpoint of
+    /// `state_dir`, which this retraining wrote: the model loaded is the one scored, or
+    /// one it already replaced (a retrain accepted while the reload loaded), never a model
+    /// to go back to. `None`: the reload's model starts over (another model, another
+    /// `state_dir`, retraining turned off, or none written: an empty `state_dir` loads the
+    /// model directory's model, as a restart would).
+    fn continued_by(
+        &self,
+        old: &DarkwatchConfig,
+        new: &DarkwatchConfig,
+        loaded: &Detector,
+    ) -> Option<Arc<Model>> {
+        let loaded = loaded.autoencoder()?;
+        let keeps = new.retrain.enabled
+            && !new.retrain.state_dir.as_os_str().is_empty()
+            && new.retrain.state_dir == old.retrain.state_dir
+            && new.score == old.score
+            && new.onnx == old.onnx
+            && new.cuda == old.cuda;
+        if !keeps {
+            return None;
+        }
+        self.shared
+            .model_of(loaded.meta.version)
+            .filter(|m| m.meta.id == loaded.meta.id)?;
+        Some(self.shared.cell.load_full())
+    }
+
+    /// Whether this retraining can go on unchanged under `new`: it continues the model
+    /// ([`Self::continued_by`]) and the settings its trainer reads (`[retrain]`, `[train]
+    /// seed`, `[threshold]` for the gate) did not change. Its reservoir is then kept.
+    fn carries_over(old: &DarkwatchConfig, new: &DarkwatchConfig) -> bool {
+        new.retrain == old.retrain
+            && new.train.seed == old.train.seed
+            && new.threshold == old.threshold
+    }
+
     /// Ends the trainer once it finishes a retrain in progress.
     fn stop(self) {
         drop(self.requests);
@@ -819,6 +913,10 @@ pub const ENDED_BY_STOP: &str =
 /// "a reload changed <what>" ([`ReloadChange::ended_by`]).
 pub const ENDED_BY_RELOAD_TAIL: &str =
     "resolved without the scores falling, the anomaly may still be going on";
+/// The `ended_by` annotation of an alert resolved because its stream was forgotten (only
+/// when `[alert] silence_secs` did not resolve it before: 0, or not shorter than
+/// `[assemble] forget_after_secs`).
+pub const ENDED_BY_FORGOTTEN: &str = "the stream sent nothing for [assemble] forget_after_secs and was forgotten: resolved without the scores falling, the anomaly may still be going on";
 /// The `ended_by` annotation of an alert resolved because its stream went silent.
 pub const ENDED_BY_SILENCE: &str = "the stream went silent (no frame scored for [alert] silence_secs): resolved without the scores falling, the anomaly may still be going on";
 
@@ -1036,8 +1134,13 @@ fn apply_reload(
         let fresh = AgentSource::new(&cfg, &model, counters, &started.mqtt.subscribe)?;
         lock(&source.feed).source = fresh;
     }
-    let streams = lock(&source.feed).source.streams.clone();
+    let (streams, recycling) = {
+        let feed = lock(&source.feed);
+        (feed.source.streams.clone(), feed.source.recycling.clone())
+    };
     sink = sink.reload(&cfg, &model, streams, &change)?;
+    // A new source (the input changed) forgets with the sink afresh.
+    sink.recycling = recycling;
     counters.set_model_id(model.id());
     counters
         .model_version
@@ -1056,6 +1159,14 @@ fn apply_reload(
     Ok((cfg, model, source, sink))
 }
 
+/// A hash of a stream name (to recognise a forgotten stream without keeping its name).
+fn name_hash(name: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
+}
+
 /// Decodes MQTT messages and assembles frames into the ring (on the MQTT thread, inside
 /// the [`Feed`]).
 struct AgentSource {
@@ -1069,6 +1180,16 @@ struct AgentSource {
     feature_names: Vec<String>,
     /// Lag windows per stream, for a windowed model (see [`crate::window::StreamWindows`]).
     windows: crate::window::StreamWindows,
+    /// Forgetting streams with the sink (see [`Recycling`]).
+    recycling: SharedRecycling,
+    /// `[assemble] forget_after_secs` (0: never).
+    forget_after_secs: f64,
+    /// When (monotonic seconds) to look for streams to forget next.
+    next_forget_check: f64,
+    /// Hashes of the names of streams forgotten, to say so when one comes back (at most
+    /// `max_streams`, then cleared).
+    forgotten_names: std::collections::HashSet<u64>,
+    max_streams: usize,
 }
 
 impl AgentSource {
@@ -1088,7 +1209,7 @@ impl AgentSource {
                 InputFormat::Raw => Decoder::Raw {
                     decoder: cfg.raw.build_for(model.frame_features().len(), subscribe),
                     frame: Vec::with_capacity(model.frame_features().len()),
-                    streams: Default::default(),
+                    streams: RawStreams::default(),
                     max_streams: cfg.assemble.max_streams,
                     ids_unused: 0,
                 },
@@ -1108,7 +1229,92 @@ impl AgentSource {
                     _ => model.window_frames() as f64 * cfg.assemble.window_secs,
                 },
             ),
+            recycling: SharedRecycling::default(),
+            forget_after_secs: cfg.assemble.forget_after_secs,
+            next_forget_check: f64::NEG_INFINITY,
+            forgotten_names: Default::default(),
+            max_streams: cfg.assemble.max_streams,
         })
+    }
+
+    /// Forgets the streams that sent nothing for `[assemble] forget_after_secs` at `now`
+    /// (monotonic seconds), at most once a second, and first takes back the indexes the
+    /// sink has let go of (see [`Recycling`]). On the source thread, never per message.
+    fn forget_quiet(&mut self, now: f64) {
+        if self.forget_after_secs <= 0.0 || !now.is_finite() {
+            return;
+        }
+        let freed = match self.recycling.lock() {
+            Ok(mut r) if !r.free.is_empty() => std::mem::take(&mut r.free),
+            _ => Vec::new(),
+        };
+        for i in freed {
+            match &mut self.decoder {
+                Decoder::Raw { streams, .. } => streams.free.push(i),
+                _ => self.assembler.free(i),
+            }
+        }
+        if now < self.next_forget_check {
+            return;
+        }
+        self.next_forget_check = now + 1.0;
+        let before = now - self.forget_after_secs;
+        let mut gone = Vec::new();
+        match &mut self.decoder {
+            Decoder::Raw { streams, .. } => streams.by_name.retain(|_, e| {
+                let quiet = e.3 < before;
+                if quiet {
+                    gone.push(e.0);
+                }
+                !quiet
+            }),
+            _ => self.assembler.retire_quiet(before, &mut gone),
+        }
+        if gone.is_empty() {
+            return;
+        }
+        let names = self.streams.lock().map(|n| n.clone()).unwrap_or_default();
+        if self.forgotten_names.len() + gone.len() > self.max_streams {
+            self.forgotten_names.clear();
+        }
+        for &i in &gone {
+            self.windows.forget(i as usize);
+            let name = names.get(i as usize).map_or("", String::as_str);
+            self.forgotten_names.insert(name_hash(name));
+            self.counters
+                .streams_forgotten
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                stream = ?crate::ingest::clipped_name(name),
+                forget_after_secs = self.forget_after_secs,
+                "A stream sent nothing for [assemble] forget_after_secs and is forgotten: its threshold and alert state go, and its slot goes to the next new stream. If it comes back it starts afresh (threshold warm-up)."
+            );
+        }
+        if let Ok(mut r) = self.recycling.lock() {
+            r.retired.extend_from_slice(&gone);
+        }
+    }
+
+    /// A stream was given index `i` (new, or forgotten before): publishes its name for the
+    /// sink, and says so once when it is a stream forgotten before.
+    fn stream_started(
+        streams: &Mutex<Vec<String>>,
+        forgotten: &mut std::collections::HashSet<u64>,
+        i: usize,
+        name: &str,
+    ) {
+        if let Ok(mut s) = streams.lock() {
+            if s.len() <= i {
+                s.resize(i + 1, String::new());
+            }
+            name.clone_into(&mut s[i]);
+        }
+        if !forgotten.is_empty() && forgotten.remove(&name_hash(name)) {
+            tracing::info!(
+                stream = ?crate::ingest::clipped_name(name),
+                "A forgotten stream sends again: it starts afresh, its threshold warming up from the model's calibration."
+            );
+        }
     }
 
     /// Hands the assembler's closed frames to the ring: after closing the windows that the
@@ -1178,6 +1384,7 @@ impl AgentSource {
             streams,
             known_streams,
             windows,
+            forgotten_names,
             ..
         } = self;
         let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
@@ -1185,7 +1392,14 @@ impl AgentSource {
                 wall: msg.received,
                 mono: msg.received_mono,
             };
-            if let Err(why) = assembler.push_received(sample, receipt) {
+            let allocated = assembler.allocated();
+            let pushed = assembler.push_received(sample, receipt);
+            if assembler.allocated() != allocated
+                && let Some(i) = assembler.index_of(&sample.stream)
+            {
+                AgentSource::stream_started(streams, forgotten_names, i, &sample.stream);
+            }
+            if let Err(why) = pushed {
                 let before = counters.samples_rejected_by_reason[why.reason_index()]
                     .fetch_add(1, Ordering::Relaxed);
                 match why {
@@ -1257,24 +1471,37 @@ impl AgentSource {
                         return 0;
                     }
                 };
-                let next = seen.len() as u32;
-                let full = seen.len() >= *max_streams;
-                let entry = match seen.get_mut(name) {
-                    Some(entry) => entry,
-                    None if full => {
-                        let before = counters.samples_rejected_by_reason
-                            [Reject::TooManyStreams.reason_index()]
-                        .fetch_add(1, Ordering::Relaxed);
-                        stream_refused(before + 1, name);
-                        return 0;
-                    }
-                    None => seen.entry(name.to_string()).or_insert((next, 0, 0)),
+                // A new stream takes the index of a forgotten one, else the next unused.
+                let fresh = match seen.free.last() {
+                    Some(&i) => Some(i),
+                    None => ((seen.next as usize) < *max_streams).then_some(seen.next),
                 };
+                let mut started = false;
+                let entry = match seen.by_name.get_mut(name) {
+                    Some(entry) => entry,
+                    None => {
+                        let Some(index) = fresh else {
+                            let before = counters.samples_rejected_by_reason
+                                [Reject::TooManyStreams.reason_index()]
+                            .fetch_add(1, Ordering::Relaxed);
+                            stream_refused(before + 1, name);
+                            return 0;
+                        };
+                        if seen.free.pop().is_none() {
+                            seen.next += 1;
+                        }
+                        started = true;
+                        seen.by_name
+                            .entry(name.to_string())
+                            .or_insert((index, 0, 0, f64::NAN))
+                    }
+                };
+                entry.3 = msg.received_mono;
                 // A header's id is the frame's seq while it rises within its stream, so an
                 // alert names the sender's frames; otherwise the stream's count goes on. After
                 // RESYNC_IDS ids in a row not taken, the sender restarted (or one corrupt id
                 // jumped ahead): its ids are taken again from there.
-                let (index, next, not_taken) = *entry;
+                let (index, next, not_taken, _) = *entry;
                 let seq = match id {
                     Some(id)
                         if id < crate::ingest::raw::MAX_FRAME_ID
@@ -1292,14 +1519,11 @@ impl AgentSource {
                     None => next,
                 };
                 entry.1 = seq + 1;
-                if index as usize >= *known_streams
-                    && let Ok(mut names) = streams.lock()
-                {
-                    if names.len() <= index as usize {
-                        names.resize(index as usize + 1, String::new());
+                if started {
+                    AgentSource::stream_started(streams, forgotten_names, index as usize, name);
+                    if let Ok(names) = streams.lock() {
+                        *known_streams = names.len();
                     }
-                    names[index as usize] = name.to_string();
-                    *known_streams = names.len();
                 }
                 counters.frames.fetch_add(1, Ordering::Relaxed);
                 if let Some((producer, clock)) = producer {
@@ -1558,7 +1782,7 @@ fn stream_refused(refusals: u64, stream: &str) {
         tracing::warn!(
             stream = ?crate::ingest::clipped_name(stream),
             refusals,
-            "a new stream was refused: [assemble] max_streams streams are already tracked (they are kept until restart); raise it if this stream should be scored"
+            "a new stream was refused: [assemble] max_streams streams are already tracked (a stream is forgotten after [assemble] forget_after_secs without a message, 0: kept until restart); raise max_streams if this stream should be scored, or lower forget_after_secs if old streams hold the slots"
         );
     }
 }
@@ -1657,10 +1881,12 @@ impl Feed {
     /// Closes the windows of quiet streams by their event clocks (no message for a while),
     /// which run on the monotonic clock: a step of the wall clock closes nothing.
     fn poll_clock(&mut self) {
+        let now = crate::mqtt::monotonic_secs();
         if let Some((producer, clock)) = self.ring.as_mut() {
-            let now = crate::mqtt::monotonic_secs();
             self.offered += self.source.emit(producer, clock, Some(now));
         }
+        // After the windows closed: a stream quiet for so long has none open anyway.
+        self.source.forget_quiet(now);
     }
 
     /// Ends the turn: with `flush` (shutdown), closes every open window first. Returns the
@@ -1914,6 +2140,8 @@ struct AgentSink {
     /// The MQTT client's state: re-sends wait while it has no connection (they would only
     /// fill the spool). `None`: send always.
     link: Option<Arc<MqttStats>>,
+    /// Streams the source forgot, for the sink to let go of (see [`Recycling`]).
+    recycling: SharedRecycling,
 }
 
 impl AgentSink {
@@ -1952,7 +2180,40 @@ impl AgentSink {
             threshold_cfg: cfg.threshold.clone(),
             silence_secs: silence_secs(cfg),
             link: None,
+            recycling: SharedRecycling::default(),
         })
+    }
+
+    /// Lets go of the streams the source forgot: a firing alert is resolved (its
+    /// `ended_by` says so; `[alert] silence_secs` has resolved it before unless it is 0 or
+    /// not shorter than `[assemble] forget_after_secs`), the stream's threshold, alert and
+    /// retraining state go, and its index goes back to the source for a new stream.
+    fn forget_retired(&mut self) {
+        let retired = match self.recycling.lock() {
+            Ok(mut r) if !r.retired.is_empty() => std::mem::take(&mut r.retired),
+            _ => return,
+        };
+        for &i in &retired {
+            let i = i as usize;
+            let ended = self
+                .per_stream
+                .get_mut(i)
+                .and_then(Option::take)
+                .and_then(|mut st| st.alerts.finish());
+            if let Some(mut e) = ended {
+                e.annotations
+                    .insert("ended_by".into(), ENDED_BY_FORGOTTEN.into());
+                let name = e.stream.clone();
+                self.publish(&name, e);
+            }
+            if let Some(r) = self.retrain.as_mut() {
+                r.forget(i);
+            }
+        }
+        if let Ok(mut r) = self.recycling.lock() {
+            r.free.extend_from_slice(&retired);
+        }
+        self.set_gauges();
     }
 
     /// The first frame of a retrained model: every stream's threshold restarts from that
@@ -1975,6 +2236,14 @@ impl AgentSink {
             st.alerts.set_model(&self.model_id, &self.model_version);
         }
         self.counters.set_model_id(&model.meta.id);
+    }
+
+    /// Moves to `model` of the running retraining if the sink still scores an older one:
+    /// what the first frame of `model` does ([`Self::switch_model`]).
+    fn catch_up(&mut self, model: &Model) {
+        if self.model_id != model.meta.id || self.model_version != model.meta.version.to_string() {
+            self.switch_model(model);
+        }
     }
 
     /// Takes over a reload that made `change`, to the new `cfg` and `model` (`streams`: the
@@ -2024,6 +2293,7 @@ impl AgentSink {
                 scores: std::mem::take(&mut self.scores),
                 events: std::mem::take(&mut self.events),
                 link: self.link.take(),
+                recycling: self.recycling.clone(),
                 ..fresh
             });
         }
@@ -2287,6 +2557,7 @@ impl Sink for AgentSink {
     // The agent calls `end_alerts` when it stops.
 
     fn tick(&mut self, now: Instant) {
+        self.forget_retired();
         // Silence first: an alert it resolves is not re-sent.
         self.watch_silence(now);
         self.resend(now);
@@ -2301,6 +2572,10 @@ mod tests {
     fn source(window_secs: f64) -> AgentSource {
         let mut cfg = DarkwatchConfig::default();
         cfg.assemble.window_secs = window_secs;
+        source_with(&cfg)
+    }
+
+    fn source_with(cfg: &DarkwatchConfig) -> AgentSource {
         let features: Vec<String> = vec!["a".into(), "b".into()];
         AgentSource {
             decoder: Decoder::Examon(cfg.examon.build()),
@@ -2310,6 +2585,11 @@ mod tests {
             known_streams: 0,
             feature_names: vec!["a".into(), "b".into()],
             windows: crate::window::StreamWindows::new(1, 2, f64::INFINITY),
+            recycling: SharedRecycling::default(),
+            forget_after_secs: cfg.assemble.forget_after_secs,
+            next_forget_check: f64::NEG_INFINITY,
+            forgotten_names: Default::default(),
+            max_streams: cfg.assemble.max_streams,
         }
     }
 
@@ -3233,6 +3513,133 @@ mod tests {
     /// once `[alert] silence_secs` pass without a frame (by the ticks' clock); a silent
     /// stream that was not firing only counts as silent. Frames that come back are scored
     /// as before. The agent used to keep such an alert firing until a reload or a stop.
+    /// With `[assemble] max_streams` full, a new stream was refused until restart, however
+    /// long the old ones had been gone ("they are kept until restart"). A stream that sends
+    /// nothing for `forget_after_secs` is forgotten: the sink resolves its firing alert
+    /// (here `silence_secs` = 0 has not) and drops its state, and its slot goes to the next
+    /// new stream, only after the sink let go of it. One that comes back starts afresh.
+    #[test]
+    fn a_quiet_stream_is_forgotten_and_its_slot_taken_by_a_new_one() {
+        let mut cfg = DarkwatchConfig::default();
+        assert_eq!(cfg.assemble.forget_after_secs, 3600.0);
+        cfg.assemble.max_streams = 1;
+        cfg.assemble.forget_after_secs = 60.0;
+        cfg.alert.silence_secs = Some(0.0);
+        let mut src = source_with(&cfg);
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        sink.streams = src.streams.clone();
+        sink.recycling = src.recycling.clone();
+        let counters = src.counters.clone();
+        let refusals = || {
+            counters.samples_rejected_by_reason[Reject::TooManyStreams.reason_index()]
+                .load(Ordering::Relaxed)
+        };
+        let names = |src: &AgentSource| src.streams.lock().unwrap().clone();
+        src.take_one(&msg("n1", "a", 1.0, 1000.0));
+        src.take_one(&msg("n2", "a", 1.0, 1001.0));
+        assert_eq!((refusals(), names(&src)), (1, vec!["n1".to_string()]));
+        // n1's frames fire its alert.
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        assert_eq!(sent(&mut alerts).len(), 1);
+        let t0 = Instant::now();
+        sink.tick(t0);
+
+        // Quiet for less than forget_after_secs: kept.
+        src.forget_quiet(1059.0);
+        assert!(src.recycling.lock().unwrap().retired.is_empty());
+        src.forget_quiet(1061.0);
+        assert_eq!(src.recycling.lock().unwrap().retired, [0]);
+        assert_eq!(counters.streams_forgotten.load(Ordering::Relaxed), 1);
+        assert_eq!(src.assembler.index_of("n1"), None);
+        // The sink has not let go yet: the slot is not free.
+        src.take_one(&msg("n2", "a", 1.0, 1062.0));
+        assert_eq!(refusals(), 2);
+
+        sink.tick(t0 + Duration::from_secs(1));
+        let ended = sent(&mut alerts);
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(ended[0]["status"], "resolved");
+        assert_eq!(ended[0]["annotations"]["ended_by"], ENDED_BY_FORGOTTEN);
+        assert!(sink.per_stream.iter().all(Option::is_none));
+        assert_eq!(sink.counters.streams.load(Ordering::Relaxed), 0);
+        assert_eq!(src.recycling.lock().unwrap().free, [0]);
+
+        // The source takes the slot back; n2 gets it.
+        src.forget_quiet(1062.5);
+        src.take_one(&msg("n2", "a", 1.0, 1063.0));
+        assert_eq!(refusals(), 2);
+        assert_eq!(src.assembler.index_of("n2"), Some(0));
+        assert_eq!(names(&src), ["n2"]);
+        // Its frames start a fresh state under its own name, not n1's firing one.
+        feed_sink(&mut sink, 0, 0, 1, 0.0);
+        let st = sink.per_stream[0].as_ref().unwrap();
+        assert_eq!(st.name, "n2");
+        assert!(!st.alerts.is_firing());
+        assert!(sent(&mut alerts).is_empty());
+
+        // 0: never forgotten.
+        src.forget_after_secs = 0.0;
+        src.forget_quiet(1e9);
+        assert!(src.recycling.lock().unwrap().retired.is_empty());
+        assert_eq!(src.assembler.index_of("n2"), Some(0));
+    }
+
+    /// Raw streams are forgotten the same way: a returning topic starts afresh, its seq
+    /// from 0, in the slot a forgotten stream left.
+    #[test]
+    fn a_quiet_raw_stream_is_forgotten_and_comes_back_afresh() {
+        let mut cfg = DarkwatchConfig::default();
+        cfg.assemble.forget_after_secs = 60.0;
+        let mut src = source_with(&cfg);
+        src.decoder = Decoder::Raw {
+            decoder: DarkwatchConfig::default()
+                .raw
+                .build_for(2, &["act/+".to_string()]),
+            frame: Vec::new(),
+            streams: Default::default(),
+            max_streams: 2,
+            ids_unused: 0,
+        };
+        let (producer, mut consumer) =
+            crate::ring::frame_ring(8, 2, crate::ring::FullPolicy::DropNewest);
+        let mut producer = producer;
+        let clock = Clock::new();
+        let mut deliver = |src: &mut AgentSource, topic: &str, at: f64| {
+            let payload = raw_frame(1.0);
+            src.take(
+                &Received {
+                    topic,
+                    payload: &payload,
+                    received: at,
+                    received_mono: at,
+                },
+                Some((&mut producer, &clock)),
+            )
+        };
+        assert_eq!(deliver(&mut src, "act/a", 10.0), 1);
+        assert_eq!(deliver(&mut src, "act/a", 11.0), 1);
+        assert_eq!(deliver(&mut src, "act/b", 50.0), 1);
+        assert_eq!(deliver(&mut src, "act/c", 50.0), 0, "max_streams 2");
+        src.forget_quiet(80.0);
+        assert_eq!(
+            src.recycling.lock().unwrap().retired,
+            [0],
+            "a, quiet since 11"
+        );
+        // The sink lets go of it; the source takes the slot back at its next look.
+        let freed = std::mem::take(&mut src.recycling.lock().unwrap().retired);
+        src.recycling.lock().unwrap().free = freed;
+        src.forget_quiet(80.5);
+        assert_eq!(deliver(&mut src, "act/a", 81.0), 1);
+        let mut metas = [FrameMeta::default(); 8];
+        let mut values = [0.0f32; 16];
+        let n = consumer.pop_batch(&mut metas, &mut values);
+        let got: Vec<(u32, u64)> = metas[..n].iter().map(|m| (m.stream, m.seq)).collect();
+        assert_eq!(got, [(0, 0), (0, 1), (1, 0), (0, 0)]);
+        assert_eq!(*src.streams.lock().unwrap(), ["a", "b"]);
+        assert_eq!(src.counters.streams_forgotten.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn a_stream_that_goes_silent_has_its_alert_resolved_once() {
         let cfg = DarkwatchConfig::default();

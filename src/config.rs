@@ -952,6 +952,7 @@ mod tests {
             ("stale_secs = -1.0", "assemble.stale_secs"),
             ("max_streams = 0", "assemble.max_streams"),
             ("lateness_windows = 65", "assemble.lateness_windows"),
+            ("forget_after_secs = 30", "assemble.forget_after_secs"),
         ] {
             let f = write(&format!("[assemble]\n{set}\n"));
             match load(Some(f.path()), Vec::new()).unwrap_err() {

@@ -256,6 +256,13 @@ pub fn render(e: &Exposed) -> String {
         load(&c.reloads),
         load(&c.reloads_failed)
     );
+    let _ = writeln!(
+        s,
+        "# HELP darkwatch_streams_forgotten_total Streams forgotten after [assemble] forget_after_secs without a message; their slots went to new streams.
+         # TYPE darkwatch_streams_forgotten_total counter
+         darkwatch_streams_forgotten_total {}",
+        load(&c.streams_forgotten)
+    );
     histogram(
         &mut s,
         "darkwatch_alert_latency_seconds",

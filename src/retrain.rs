@@ -1083,6 +1083,18 @@ impl Admission {
         }
     }
 
+    /// Stream `stream` was forgotten (its index may go to another stream): what was noted
+    /// of it goes.
+    pub fn forget(&mut self, stream: usize) {
+        if stream < self.blocked.len() {
+            self.blocked[stream].clear();
+            self.high_bits[stream] = 0;
+            self.high_run[stream] = (0, 0);
+            self.adopted[stream] = None;
+            self.recent[stream].clear();
+        }
+    }
+
     /// A new model is being scored: adoption ends (the new model has learned the regime
     /// or will be judged afresh).
     pub fn model_changed(&mut self) {
@@ -1351,6 +1363,17 @@ impl SinkSide {
             Some(t) => self.request(&t, f.meta.seq),
             None => {}
         }
+    }
+
+    /// Stream `stream` was forgotten (its index may go to another stream): its frames
+    /// still waiting for their guard are dropped unlearned, and its admission state goes.
+    pub fn forget(&mut self, stream: usize) {
+        if let Some(queue) = self.pending.get_mut(stream) {
+            self.pool
+                .extend(queue.drain(..).map(|(_, values, _)| values));
+            self.latest[stream] = 0;
+        }
+        self.admission.forget(stream);
     }
 
     fn reservoir_len(&self) -> usize {

@@ -153,6 +153,15 @@ impl StreamWindows {
         }
     }
 
+    /// Drops stream `stream`'s history (it was forgotten; its index may go to another
+    /// stream, which then fills its own window).
+    pub fn forget(&mut self, stream: usize) {
+        if let Some((_, held, newest)) = self.streams.get_mut(stream) {
+            *held = 0;
+            *newest = f64::NAN;
+        }
+    }
+
     /// Adds `frame` (of `d` values, at time `t`) to stream `stream`'s history and returns
     /// the window to score, or `None` while the stream is filling its window (a frame
     /// with a non-finite value always gets one, to be counted bad). A frame of the wrong

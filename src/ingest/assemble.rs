@@ -251,7 +251,22 @@ pub struct AssemblerConfig {
     /// so frames stay in order. For sources that send each metric once per window.
     /// Default false.
     pub close_when_complete: bool,
+    /// A stream that sent nothing for this long is forgotten: its state is dropped here,
+    /// in the lag windows and in the sink (threshold, alert, retraining), and its slot is
+    /// taken by the next new stream, so that streams with changing names (job or pod
+    /// topics) never fill `max_streams` for good. A stream that comes back starts afresh.
+    /// 0: never. Otherwise at least [`MIN_FORGET_AFTER_SECS`]. Default 3600 (an hour,
+    /// well after `[alert] silence_secs` resolved its alert). Raw input too.
+    pub forget_after_secs: f64,
 }
+
+/// `[assemble] forget_after_secs` when absent: an hour.
+pub const DEFAULT_FORGET_AFTER_SECS: f64 = 3600.0;
+
+/// The shortest `[assemble] forget_after_secs` other than 0: a stream's last frames leave
+/// within `lateness_windows + 1` windows of its last sample, and must have been scored
+/// before its slot can go to another stream.
+pub const MIN_FORGET_AFTER_SECS: f64 = 60.0;
 
 impl Default for AssemblerConfig {
     fn default() -> Self {
@@ -262,6 +277,7 @@ impl Default for AssemblerConfig {
             max_streams: 1024,
             lateness_windows: 1,
             close_when_complete: false,
+            forget_after_secs: DEFAULT_FORGET_AFTER_SECS,
         }
     }
 }
@@ -290,6 +306,10 @@ pub enum AssemblerError {
     StaleSecs(f64),
     #[error("max_streams must be at least 1")]
     MaxStreams,
+    #[error(
+        "forget_after_secs must be 0 (never) or a finite number of seconds of at least {MIN_FORGET_AFTER_SECS}, got {0}"
+    )]
+    ForgetAfterSecs(f64),
     #[error("lateness_windows must be at most {MAX_LATENESS_WINDOWS}, got {0}")]
     LatenessWindows(u32),
     #[error("the model has no features")]
@@ -305,6 +325,7 @@ impl AssemblerError {
             AssemblerError::WindowSecs(_) => Some("window_secs"),
             AssemblerError::StaleSecs(_) => Some("stale_secs"),
             AssemblerError::MaxStreams => Some("max_streams"),
+            AssemblerError::ForgetAfterSecs(_) => Some("forget_after_secs"),
             AssemblerError::LatenessWindows(_) => Some("lateness_windows"),
             AssemblerError::NoFeatures | AssemblerError::DuplicateFeature(_) => None,
         }
@@ -430,6 +451,10 @@ struct StreamState {
     /// The stream's newest accepted sample time and when it arrived (monotonic seconds,
     /// [`Receipt::mono`]): this stream's event clock (see [`Assembler::poll_streams`]).
     clock: Option<(f64, f64)>,
+    /// When its latest accepted sample arrived (monotonic seconds; NaN: unknown).
+    last_mono: f64,
+    /// Forgotten ([`Assembler::retire_quiet`]): no name maps here any more.
+    retired: bool,
 }
 
 impl StreamState {
@@ -448,7 +473,28 @@ impl StreamState {
             last_val: vec![f64::NAN; d],
             last_window: vec![None; d],
             clock: None,
+            last_mono: f64::NAN,
+            retired: false,
         }
+    }
+
+    /// The state of a new stream `name` in this slot, keeping its buffers.
+    fn reuse(&mut self, name: &str) {
+        name.clone_into(&mut self.name);
+        self.next_seq = 0;
+        self.newest = None;
+        self.closed_before = i64::MIN;
+        self.slot_window.fill(None);
+        self.filled.fill(0);
+        self.received_mono.fill(None);
+        self.acc.fill(0.0);
+        self.acc_ts.fill(0.0);
+        self.count.fill(0);
+        self.last_val.fill(f64::NAN);
+        self.last_window.fill(None);
+        self.clock = None;
+        self.last_mono = f64::NAN;
+        self.retired = false;
     }
 }
 
@@ -466,6 +512,10 @@ pub struct Assembler {
     features: HashMap<String, usize>,
     index: HashMap<String, usize>,
     streams: Vec<StreamState>,
+    /// Slots of forgotten streams that a new stream may take ([`Self::free`]).
+    free: Vec<usize>,
+    /// Streams ever given a slot (a new one, or a freed one again).
+    allocated: u64,
     queue: VecDeque<Pending>,
     /// Value buffers of frames already handed out, reused for the next ones.
     pool: Vec<Vec<f32>>,
@@ -492,6 +542,10 @@ impl Assembler {
         if cfg.max_streams == 0 {
             return Err(AssemblerError::MaxStreams);
         }
+        let f = cfg.forget_after_secs;
+        if !(f == 0.0 || (f.is_finite() && f >= MIN_FORGET_AFTER_SECS)) {
+            return Err(AssemblerError::ForgetAfterSecs(f));
+        }
         if cfg.lateness_windows > MAX_LATENESS_WINDOWS {
             return Err(AssemblerError::LatenessWindows(cfg.lateness_windows));
         }
@@ -515,6 +569,8 @@ impl Assembler {
             features,
             index: HashMap::new(),
             streams: Vec::new(),
+            free: Vec::new(),
+            allocated: 0,
             queue: VecDeque::new(),
             pool: Vec::new(),
             buffers_allocated: 0,
@@ -563,9 +619,48 @@ impl Assembler {
         (st.closed_before != i64::MIN).then_some(st.closed_before as f64 * self.window_secs)
     }
 
-    /// Streams tracked so far.
+    /// Streams tracked now (forgotten ones not included).
     pub fn stream_count(&self) -> usize {
-        self.streams.len()
+        self.index.len()
+    }
+
+    /// The slot (frame `stream_index`) of stream `name`, if tracked.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// How many times a stream was given a slot: it changes when a sample started a new
+    /// stream (or one forgotten before).
+    pub fn allocated(&self) -> u64 {
+        self.allocated
+    }
+
+    /// Forgets every stream whose latest sample arrived before `before` (monotonic
+    /// seconds, as [`Receipt::mono`]): its name no longer maps to its slot, and its open
+    /// windows, if any, are dropped unemitted (a stream quiet for that long has had them
+    /// closed by [`Self::poll_streams`]). Appends each slot to `out`. The slot is not
+    /// taken again until [`Self::free`] gives it back, once whatever holds state for it
+    /// downstream has dropped that. Streams whose samples had no monotonic time are kept.
+    pub fn retire_quiet(&mut self, before: f64, out: &mut Vec<u32>) {
+        for (idx, st) in self.streams.iter_mut().enumerate() {
+            // An unknown arrival time (NaN) is never quiet.
+            let quiet = st.last_mono < before;
+            if st.retired || !quiet {
+                continue;
+            }
+            st.retired = true;
+            st.slot_window.fill(None);
+            self.index.remove(&st.name);
+            out.push(idx as u32);
+        }
+    }
+
+    /// Gives back slot `idx` of a stream [`Self::retire_quiet`] forgot, for a new stream.
+    pub fn free(&mut self, idx: u32) {
+        let i = idx as usize;
+        if self.streams.get(i).is_some_and(|st| st.retired) && !self.free.contains(&i) {
+            self.free.push(i);
+        }
     }
 
     /// Counters since creation.
@@ -621,22 +716,35 @@ impl Assembler {
         let idx = match self.index.get(s.stream.as_ref()) {
             Some(&i) => i,
             None => {
-                if self.streams.len() >= self.max_streams {
+                let idx = if let Some(i) = self.free.pop() {
+                    self.streams[i].reuse(&s.stream);
+                    i
+                } else if self.streams.len() < self.max_streams {
+                    let slots = self.lateness as usize + 1;
+                    self.streams
+                        .push(StreamState::new(&s.stream, slots, self.dim()));
+                    self.streams.len() - 1
+                } else {
                     self.counters.streams_rejected += 1;
                     return Err(Reject::TooManyStreams);
-                }
-                let slots = self.lateness as usize + 1;
-                self.streams
-                    .push(StreamState::new(&s.stream, slots, self.dim()));
-                self.index
-                    .insert(s.stream.as_ref().to_owned(), self.streams.len() - 1);
-                self.streams.len() - 1
+                };
+                self.index.insert(s.stream.as_ref().to_owned(), idx);
+                self.allocated += 1;
+                idx
             }
         };
         let w = self.window_of(s.timestamp);
         if w < self.streams[idx].closed_before {
             self.counters.late_dropped += 1;
             return Err(Reject::Late);
+        }
+        if receipt.mono.is_finite() {
+            let st = &mut self.streams[idx];
+            st.last_mono = if st.last_mono.is_nan() {
+                receipt.mono
+            } else {
+                st.last_mono.max(receipt.mono)
+            };
         }
         if receipt.mono.is_finite()
             && self.streams[idx]
@@ -933,6 +1041,71 @@ mod tests {
 
     fn names(n: &[&str]) -> Vec<String> {
         n.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A forgotten stream's slot goes to a new stream only once freed, and the new stream
+    /// inherits nothing: its frames count from 0 and no value of the old one is carried
+    /// forward into them. Streams whose samples had no monotonic time are never forgotten.
+    #[test]
+    fn a_retired_slot_is_reused_only_once_freed_and_carries_nothing_over() {
+        let cfg = AssemblerConfig {
+            max_streams: 2,
+            stale_secs: Some(1e9),
+            ..AssemblerConfig::default()
+        };
+        let mut a = cfg.build(names(&["a", "b"])).unwrap();
+        let at = |mono: f64| Receipt { wall: 0.0, mono };
+        let mut frames = Vec::new();
+        let take = |a: &mut Assembler, frames: &mut Vec<(u32, u64, String, Vec<f32>)>| {
+            a.flush(&mut |f: FrameOut<'_>| {
+                frames.push((
+                    f.stream_index,
+                    f.seq,
+                    f.stream.to_string(),
+                    f.values.to_vec(),
+                ))
+            });
+        };
+        a.push_received(&sample("old", "a", 1.0, 10.0), at(10.0))
+            .unwrap();
+        a.push_received(&sample("old", "b", 2.0, 10.0), at(10.0))
+            .unwrap();
+        a.push(&sample("untimed", "a", 3.0, 10.0)).unwrap();
+        assert_eq!(a.stream_count(), 2);
+        take(&mut a, &mut frames);
+        let mut gone = Vec::new();
+        a.retire_quiet(10.0, &mut gone);
+        assert!(gone.is_empty(), "not before its last arrival");
+        a.retire_quiet(1e12, &mut gone);
+        assert_eq!(gone, [0], "the untimed stream is kept");
+        assert_eq!((a.stream_count(), a.index_of("old")), (1, None));
+        // Not freed yet: the slot is held, and max_streams is reached.
+        assert_eq!(
+            a.push_received(&sample("new", "a", 5.0, 20.0), at(20.0)),
+            Err(Reject::TooManyStreams)
+        );
+        a.free(1);
+        a.free(0);
+        a.free(0);
+        let allocated = a.allocated();
+        a.push_received(&sample("new", "a", 5.0, 20.0), at(20.0))
+            .unwrap();
+        assert_eq!((a.index_of("new"), a.allocated()), (Some(0), allocated + 1));
+        assert_eq!(
+            a.push_received(&sample("newer", "a", 5.0, 20.0), at(20.0)),
+            Err(Reject::TooManyStreams),
+            "freed once, taken once"
+        );
+        frames.clear();
+        take(&mut a, &mut frames);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        let (index, seq, name, values) = &frames[0];
+        assert_eq!((*index, *seq, name.as_str()), (0, 0, "new"));
+        assert_eq!(values[0], 5.0);
+        assert!(
+            values[1].is_nan(),
+            "old's b is not carried into new: {values:?}"
+        );
     }
 
     #[derive(Debug, Clone, PartialEq)]

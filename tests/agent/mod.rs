@@ -812,6 +812,142 @@ fn agent_retrains_online_and_resumes_from_its_checkpoint() {
     );
 }
 
+/// A SIGHUP with online retraining and a `state_dir`, and nothing changed: the reload
+/// loads the newest checkpoint, which the running retraining wrote, and scoring goes on
+/// with that retraining's model, its thresholds and its firing alert. When the sink had
+/// not yet scored a frame of the newest retrained model, the reload judged that model a
+/// change ("a reload changed the model"): every threshold restarted and the firing alert
+/// was resolved, although the model scored after the reload was the one the running
+/// retraining had published before it.
+#[test]
+fn a_reload_with_online_retraining_keeps_the_scored_model_its_thresholds_and_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let broker = free_port();
+    let metrics = free_port();
+    let node = unique("rehup");
+    let bundled = repo("models/smd-machine-1-6");
+    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\nsubscribe = [\"act/#\"]\n");
+    // One retrain, after the first 500 frames; the next would need 500 more. The gate
+    // lets any candidate through: this test is about what a reload does after one.
+    let extra = format!(
+        "[retrain]\nenabled = true\nreservoir_frames = 400\nhorizon_frames = 800\n\
+         every_frames = 500\nevery_secs = 0\nmin_frames = 100\nepochs = 2\n\
+         gate_tolerance = 100\nholdout_fraction = 0.5\nadopt_after_frames = 0\nstate_dir = \"{}\"\n\
+         [alert]\nfire_k = 3\nfire_n = 3\nresend_secs = 0\n",
+        state.display()
+    );
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &bundled,
+        metrics,
+        "format = \"raw\"",
+        &mqtt,
+        &extra,
+    );
+    let frames = darkwatch::ingest::read_table(
+        &repo("tests/data/smd/machine-1-6_train.npy"),
+        &darkwatch::ingest::TableOptions::default(),
+    )
+    .unwrap()
+    .values;
+    // Rows `lo..hi` on act/node1, each value raised by `shift`.
+    let raw = |lo: usize, hi: usize, shift: f32| -> Vec<(String, Vec<u8>)> {
+        (lo..hi)
+            .map(|i| {
+                let bytes = frames
+                    .row(i)
+                    .iter()
+                    .flat_map(|v| (v + shift).to_le_bytes())
+                    .collect();
+                ("act/node1".to_string(), bytes)
+            })
+            .collect()
+    };
+    let scored = "darkwatch_frames_scored_total";
+    let mut agent = Agent::start(&cfg, metrics, &[]);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
+    // 490 normal frames and 10 anomalous ones: the anomaly fires, and the 500th frame
+    // asks for the retrain. No frame follows, so the sink still judges by the model it
+    // started with when the trainer publishes the retrained one (and checkpoints it).
+    publish_all(broker, &raw(0, 300, 0.0));
+    agent.wait_metric(scored, |v| v >= 300.0);
+    publish_all(broker, &raw(300, 490, 0.0));
+    agent.wait_metric(scored, |v| v >= 490.0);
+    publish_all(broker, &raw(490, 500, 5.0));
+    agent.wait_metric(scored, |v| v >= 500.0);
+    agent.wait_metric("darkwatch_alerts_firing", |v| v == 1.0);
+    let event =
+        |p: &rumqttc::Publish| -> serde_json::Value { serde_json::from_slice(&p.payload).unwrap() };
+    // Normal frames may have raised an episode before; this one fires at the anomaly.
+    sub.wait("the anomaly's firing alert", |got| {
+        got.iter()
+            .any(|p| event(p)["status"] == "firing" && event(p)["seq"].as_u64() >= Some(490))
+    });
+    let fired = event(sub.got.last().unwrap());
+    assert_eq!(fired["status"], "firing", "{fired}");
+    assert_eq!(fired["model_version"], "0", "{fired}");
+    agent.wait_metric("darkwatch_retrains_total{result=\"accepted\"}", |v| {
+        v == 1.0
+    });
+    let version = agent.wait_metric("darkwatch_model_version", |v| v >= 1.0);
+    assert!(state.join("ckpt-00000001").is_dir());
+    let resolved = "darkwatch_alerts_total{status=\"resolved\"}";
+    let resolved_before = agent.metric(resolved).unwrap();
+
+    // The same configuration again.
+    agent.signal("HUP");
+    agent.wait_metric("darkwatch_config_reloads_total{result=\"applied\"}", |v| {
+        v == 1.0
+    });
+    publish_all(broker, &raw(500, 510, 5.0));
+    agent.wait_metric(scored, |v| v >= 510.0);
+    assert_eq!(agent.metric("darkwatch_model_version"), Some(version));
+    assert_eq!(agent.metric("darkwatch_alerts_firing"), Some(1.0));
+    assert_eq!(
+        agent.metric(resolved),
+        Some(resolved_before),
+        "{:?}",
+        alerts(&mut sub, &node)
+    );
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    let reloaded = err
+        .lines()
+        .find(|l| l.contains("Reloaded the configuration and the model."))
+        .unwrap_or_else(|| panic!("no reload logged: {err}"));
+    assert!(
+        reloaded.contains("kept_thresholds=true") && reloaded.contains("kept_alert_state=true"),
+        "{reloaded}"
+    );
+    // Only the stop ended the episode, with the model version that fired it.
+    sub.wait("the episode resolved by the stop", |got| {
+        got.iter().any(|p| {
+            event(p)["fingerprint"] == fired["fingerprint"] && event(p)["status"] == "resolved"
+        })
+    });
+    let ended: Vec<serde_json::Value> = sub
+        .got
+        .iter()
+        .map(event)
+        .filter(|e| e["annotations"]["ended_by"].is_string())
+        .collect();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0]["fingerprint"], fired["fingerprint"], "{ended:?}");
+    assert_eq!(
+        ended[0]["annotations"]["ended_by"],
+        darkwatch::agent::ENDED_BY_STOP,
+        "{ended:?}"
+    );
+    assert_eq!(ended[0]["model_version"], "0", "{ended:?}");
+    assert!(
+        err.contains("Reload: the model loaded is the running retraining's"),
+        "{err}"
+    );
+}
+
 /// A model with lag windows in the agent: each stream's first w − 1 frames only fill its
 /// own window, then every frame is scored with the frames before it, so a stretch whose
 /// values are all usual but come in the wrong order raises an alert.
