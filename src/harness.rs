@@ -334,12 +334,15 @@ pub fn run_entity(
             }
         }
     };
-    // A table's rows have no order: averaging a row's score with the rows before it would
-    // mix unrelated points (and reward files that list their outliers together).
+    // A table's rows have no order: averaging a row's score with the rows before it, or
+    // feeding a row to the network beside the rows before it (a lag window, which a
+    // one-column table would get by default), would mix unrelated points, reward files
+    // that list their outliers together, and leave the first rows without a score.
     let mut entity_cfg;
     let fit_cfg = if family == "ODDS" {
         entity_cfg = cfg.clone();
         entity_cfg.score.smooth_frames = 1;
+        entity_cfg.model.window_frames = 1;
         &entity_cfg
     } else {
         cfg
@@ -907,14 +910,19 @@ mod tests {
 
     /// A table's rows have no order, so it gets no point-adjusted F1 (a run of outlier
     /// rows would pass for a segment).
-    #[test]
-    fn a_table_gets_no_point_adjusted_f1() {
+    /// An ODDS-shaped `.npz` of `n` rows × `d` columns in `dir`, its rows where `outlier`
+    /// holds shifted by 6 and labelled 1.
+    fn table_npz(
+        dir: &Path,
+        n: usize,
+        d: usize,
+        outlier: impl Fn(usize) -> bool,
+    ) -> PathBuf {
         use crate::ingest::npz::tests::{npy, stored_zip};
-        let (n, d) = (240usize, 3usize);
         let mut x = Vec::new();
         let mut y = Vec::new();
         for i in 0..n {
-            let outlier = i >= n - 24;
+            let outlier = outlier(i);
             for j in 0..d {
                 let v = ((i * 7 + j * 13) % 17) as f64 / 17.0;
                 x.push(if outlier { v + 6.0 } else { v });
@@ -927,9 +935,16 @@ mod tests {
             ("X.npy", npy("<f8", &format!("({n}, {d})"), &x)),
             ("y.npy", npy("<i8", &format!("({n},)"), &y)),
         ]);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.npz");
+        let path = dir.join("t.npz");
         std::fs::write(&path, zip).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_table_gets_no_point_adjusted_f1() {
+        let n = 240;
+        let dir = tempfile::tempdir().unwrap();
+        let path = table_npz(dir.path(), n, 3, |i| i >= n - 24);
         let mut cfg = DarkwatchConfig::default();
         cfg.train.epochs_max = 3;
         cfg.model.members = 1;
@@ -940,6 +955,28 @@ mod tests {
         let r = run_entity(&entity, &cfg, OddsProtocol::FitAll).unwrap();
         assert!(r.auroc.is_some() && r.best_f1.is_some(), "{r:?}");
         assert_eq!(r.pa_f1, None);
+    }
+
+    /// A one-column table would get a lag window by default (a one-feature series does),
+    /// and its first `w − 1` rows, outliers among them, would drop out of the metrics.
+    #[test]
+    fn a_one_column_table_scores_every_row() {
+        let n = 300;
+        let dir = tempfile::tempdir().unwrap();
+        // Outliers among the first rows, which a window would only fill.
+        let path = table_npz(dir.path(), n, 1, |i| i < 6 || i % 40 == 39);
+        let mut cfg = DarkwatchConfig::default();
+        cfg.train.epochs_max = 3;
+        cfg.model.members = 1;
+        assert_eq!(cfg.model.window_frames, 0, "the default picks a window");
+        let entity = Entity::Odds {
+            name: "t".into(),
+            path,
+        };
+        let r = run_entity(&entity, &cfg, OddsProtocol::FitAll).unwrap();
+        assert_eq!(r.rows, n, "{r:?}");
+        assert_eq!(r.anomalous, 6 + n / 40, "{r:?}");
+        assert!(r.auroc.is_some(), "{r:?}");
     }
 
     #[test]
