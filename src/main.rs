@@ -164,7 +164,7 @@ not restart it), 1 for other failures.")]
         /// files, or folders of them.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// How ODDS tables are split.
+        /// How tables (.npz) are split.
         #[arg(long, value_enum, default_value_t = ProtocolArg::FitAll)]
         odds_protocol: ProtocolArg,
         /// Configuration file used for every entity (default: the documented defaults).
@@ -419,7 +419,9 @@ between the parts (DARKWATCH__MQTT__PORT=1884, DARKWATCH__SCORE__BACKEND=onnx)."
 enum ProtocolArg {
     /// Train on every row, score every row.
     FitAll,
-    /// MSS-PAE 50/25/25 split per class; train on 75 %, score 25 %.
+    /// MSS-PAE's split: each class (inliers, outliers) shuffled and cut 75/25 (seeded by
+    /// [train] seed); train on the 75 %, three quarters of the outliers included, and score
+    /// the other 25 %.
     Split,
 }
 

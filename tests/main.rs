@@ -2295,3 +2295,44 @@ fn replay_says_when_it_matches_columns_by_position_and_names_a_missing_one() {
         "{err}"
     );
 }
+
+/// A folder holding a training file without its test partner evaluates everything else
+/// and names what is missing, instead of stopping before training anything.
+#[test]
+fn harness_goes_on_past_a_training_file_without_its_test_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "machine-1-6_train.npy",
+        "machine-1-6_test.npy",
+        "machine-1-6_test_label.txt",
+    ] {
+        std::fs::copy(
+            repo(&format!("tests/data/smd/{name}")),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        repo("tests/data/smd/machine-1-6_train.npy"),
+        dir.path().join("raw_train.npy"),
+    )
+    .unwrap();
+    let (code, out, err) = run(darkwatch()
+        .arg("harness")
+        .arg(dir.path())
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "2"));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("machine-1-6") && out.contains("mean SMD"),
+        "{out}"
+    );
+    assert!(
+        err.contains("raw: ") && err.contains("missing: ") && err.contains("raw_test.npy"),
+        "{err}"
+    );
+    assert!(err.contains("going on"), "{err}");
+    assert!(
+        err.contains("1 of 2 entities failed and are not in the table: raw"),
+        "{err}"
+    );
+}

@@ -932,7 +932,10 @@ pub fn describe(model: &Model, dir: &Path) -> String {
             m.smooth_frames, m.smooth_frames
         );
     } else {
-        let _ = writeln!(s, "smoothing  none: each score its frame's own (smooth_frames 1)");
+        let _ = writeln!(
+            s,
+            "smoothing  none: each score its frame's own (smooth_frames 1)"
+        );
     }
     let bank = model.bank.as_ref().map_or(0, |b| b.frames());
     if m.mss.is_off() {
