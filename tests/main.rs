@@ -1423,7 +1423,11 @@ fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
         meta.as_object_mut().unwrap().remove("smooth_frames");
     });
     assert_eq!(code, 0, "{err}");
-    assert!(!out.contains("smoothing"), "{out}");
+    // inspect now always shows the span, 1 included.
+    assert!(
+        out.contains("smoothing  none: each score its frame's own (smooth_frames 1)"),
+        "{out}"
+    );
 }
 
 /// Retraining data of the wrong width fails before the heads are timed, not after.
