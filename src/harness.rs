@@ -489,6 +489,33 @@ pub fn split_50_25_25(labels: &[u8], seed: u64) -> (Vec<usize>, Vec<usize>) {
     (train, test)
 }
 
+/// The rows of each table under [`OddsProtocol::Split`] with `seed` (`[train] seed`), as
+/// CSV: `entity,row,part`, `part` being `train` or `test` and `row` counting the `.npz`'s
+/// rows from 0, so that baselines can be run on the same split. A table that cannot be
+/// read is left out (the harness reports it as failed).
+pub fn split_rows_csv(entities: &[Entity], seed: u64) -> String {
+    let mut s = String::from("entity,row,part\n");
+    for e in entities {
+        let Entity::Odds { name, path } = e else {
+            continue;
+        };
+        let Ok((_, y)) = ingest::npz::read_npz_labelled(path) else {
+            continue;
+        };
+        let (train, test) = split_50_25_25(&y, seed);
+        let mut rows: Vec<(usize, &str)> = train
+            .iter()
+            .map(|&i| (i, "train"))
+            .chain(test.iter().map(|&i| (i, "test")))
+            .collect();
+        rows.sort_unstable();
+        for (i, part) in rows {
+            let _ = writeln!(s, "{},{i},{part}", csv_field(name));
+        }
+    }
+    s
+}
+
 /// OmniAnomaly's HitRate@P%: for every labelled anomalous frame inside an interpretation
 /// segment with culprit set G, the share of G among the frame's top ⌊P·|G|⌋ contributing
 /// features (see [`hit_rate_at`]); averaged over those frames. Contributions come from the pipeline's
@@ -1102,6 +1129,33 @@ mod tests {
         let r = run_entity(&entity, &cfg, OddsProtocol::FitAll).unwrap();
         assert!(r.auroc.is_some() && r.best_f1.is_some(), "{r:?}");
         assert_eq!(r.pa_f1, None);
+    }
+
+    /// The split written beside `--out` is the one trained and scored: every row once,
+    /// three quarters of each class in `train`.
+    #[test]
+    fn split_rows_are_the_split_the_harness_uses() {
+        let n = 200;
+        let dir = tempfile::tempdir().unwrap();
+        let outlier = |i: usize| i.is_multiple_of(10);
+        let path = table_npz(dir.path(), n, 2, outlier);
+        let labels: Vec<u8> = (0..n).map(|i| u8::from(outlier(i))).collect();
+        let entities = [Entity::Odds {
+            name: "t".into(),
+            path,
+        }];
+        let csv = split_rows_csv(&entities, 7);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "entity,row,part");
+        assert_eq!(lines.len(), 1 + n);
+        let (train, test) = split_50_25_25(&labels, 7);
+        for (i, line) in lines[1..].iter().enumerate() {
+            let part = if train.contains(&i) { "train" } else { "test" };
+            assert_eq!(*line, format!("t,{i},{part}"));
+        }
+        assert_eq!(test.len(), 50);
+        assert_eq!(test.iter().filter(|&&i| outlier(i)).count(), 5);
+        assert_eq!(train.iter().filter(|&&i| outlier(i)).count(), 15);
     }
 
     /// A one-column table would get a lag window by default (a one-feature series does),

@@ -171,7 +171,8 @@ not restart it), 1 for other failures.")]
         #[arg(long)]
         config: Option<PathBuf>,
         /// Also write the numbers as CSV (one row per entity and per family mean, full
-        /// precision, an empty cell where the table shows "-").
+        /// precision, an empty cell where the table shows "-"). With `--odds-protocol
+        /// split`, the split's rows go beside it (`results.split.csv`: entity,row,part).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -1123,6 +1124,31 @@ fn run(command: Command) -> Result<()> {
                     .and_then(|()| std::fs::rename(&partial, &path))
                     .with_context(|| format!("--out {}", path.display()))?;
                 eprintln!("darkwatch: wrote {}", path.display());
+                // The split's rows beside the results, so baselines can score the same rows.
+                let split = path.with_extension("split.csv");
+                if protocol == harness::OddsProtocol::Split
+                    && entities
+                        .iter()
+                        .any(|e| matches!(e, harness::Entity::Odds { .. }))
+                {
+                    if harness::reads(&entities, &split)
+                        || config
+                            .as_deref()
+                            .is_some_and(|c| harness::same_file(c, &split))
+                    {
+                        eprintln!(
+                            "darkwatch: note: the split's rows are not written: {} is an input",
+                            split.display()
+                        );
+                    } else {
+                        std::fs::write(&split, harness::split_rows_csv(&entities, cfg.train.seed))
+                            .with_context(|| format!("{}", split.display()))?;
+                        eprintln!(
+                            "darkwatch: wrote {} (each table's rows in the split: entity,row,part)",
+                            split.display()
+                        );
+                    }
+                }
             }
             if !failed.is_empty() {
                 anyhow::bail!(
