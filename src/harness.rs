@@ -27,8 +27,9 @@ use crate::train::TrainError;
 pub enum OddsProtocol {
     /// Train on every row, score every row (the usual unsupervised protocol).
     FitAll,
-    /// MSS-PAE: inliers and outliers each split 50/25/25 (seeded); train on the first 75 %,
-    /// score the last 25 %.
+    /// MSS-PAE's split: inliers and outliers each shuffled (seeded) and cut 75/25; train
+    /// on the 75 % (MSS-PAE's train and validation halves, so three quarters of the
+    /// outliers too), score the other 25 %.
     Split,
 }
 
@@ -46,12 +47,22 @@ pub enum Entity {
     },
     /// An ODDS / ADBench `.npz` with `X` and `y`.
     Odds { name: String, path: PathBuf },
+    /// A file found that cannot be evaluated (an SMD-style `_train.npy` without its test
+    /// or label file): reported as a failed entity when its turn comes, so that the
+    /// others still run.
+    Incomplete {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 impl Entity {
     pub fn name(&self) -> &str {
         match self {
-            Entity::Smd { name, .. } | Entity::Odds { name, .. } => name,
+            Entity::Smd { name, .. }
+            | Entity::Odds { name, .. }
+            | Entity::Incomplete { name, .. } => name,
         }
     }
 
@@ -74,7 +85,42 @@ impl Entity {
             .flatten()
             .map(PathBuf::as_path)
             .collect(),
-            Entity::Odds { path, .. } => vec![path.as_path()],
+            Entity::Odds { path, .. } | Entity::Incomplete { path, .. } => vec![path.as_path()],
+        }
+    }
+
+    /// The family the entity is reported in, each with its own mean: `SMD` and `ODDS` for
+    /// those benchmarks' files (an SMD `machine-<g>-<m>`; an ADBench `<n>_<name>.npz`, or
+    /// a `.npz` in a folder whose name holds "odds" or "adbench"), else `series` for a
+    /// time series of one's own and `tables` for a table (rows without order).
+    pub fn family(&self) -> &'static str {
+        let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+        match self {
+            Entity::Smd { name, .. } => {
+                let smd = name
+                    .strip_prefix("machine-")
+                    .and_then(|rest| rest.split_once('-'))
+                    .is_some_and(|(g, m)| digits(g) && digits(m));
+                if smd { "SMD" } else { "series" }
+            }
+            Entity::Odds { name, path } => {
+                let adbench = name
+                    .split_once('_')
+                    .is_some_and(|(n, rest)| digits(n) && !rest.is_empty());
+                let folder = path
+                    .canonicalize()
+                    .unwrap_or_else(|_| path.clone())
+                    .parent()
+                    .and_then(Path::file_name)
+                    .map(|f| f.to_string_lossy().to_lowercase())
+                    .unwrap_or_default();
+                if adbench || folder.contains("odds") || folder.contains("adbench") {
+                    "ODDS"
+                } else {
+                    "tables"
+                }
+            }
+            Entity::Incomplete { .. } => "",
         }
     }
 }
@@ -194,13 +240,23 @@ fn discover_all(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
             let dir = path.parent().unwrap_or(Path::new("."));
             let test = dir.join(format!("{machine}_test.npy"));
             let labels = dir.join(format!("{machine}_test_label.txt"));
-            for needed in [&test, &labels] {
-                if !needed.is_file() {
-                    return Err(HarnessError::Discover {
-                        path: path.clone(),
-                        reason: format!("SMD machine needs {} beside it", needed.display()),
-                    });
-                }
+            // A missing partner fails this entity only (when its turn comes), not the run:
+            // a folder of data often holds a training file of something else.
+            let missing: Vec<String> = [&test, &labels]
+                .into_iter()
+                .filter(|p| !p.is_file())
+                .map(|p| p.display().to_string())
+                .collect();
+            if !missing.is_empty() {
+                out.push(Entity::Incomplete {
+                    name: machine.to_string(),
+                    path: path.clone(),
+                    reason: format!(
+                        "a <name>_train.npy is evaluated with its <name>_test.npy and <name>_test_label.txt beside it; missing: {}",
+                        missing.join(", ")
+                    ),
+                });
+                continue;
             }
             let interpretation = [
                 dir.join("interpretation_label")
@@ -283,7 +339,16 @@ pub fn run_entity(
     protocol: OddsProtocol,
 ) -> Result<EntityResult, HarnessError> {
     let name = entity.name().to_string();
-    let (train, test, labels, segments, family, proto) = match entity {
+    let family = entity.family();
+    // A table's rows have no order; a series' do.
+    let table = matches!(entity, Entity::Odds { .. });
+    let (train, test, labels, segments, proto) = match entity {
+        Entity::Incomplete { path, reason, .. } => {
+            return Err(HarnessError::Discover {
+                path: path.clone(),
+                reason: reason.clone(),
+            });
+        }
         Entity::Smd {
             train,
             test,
@@ -299,21 +364,14 @@ pub fn run_entity(
                 Some(p) => Some(ingest::read_interpretation_labels(p)?),
                 None => None,
             };
-            (
-                train,
-                test.values,
-                labels,
-                segments,
-                "SMD",
-                "train/test halves",
-            )
+            (train, test.values, labels, segments, "train/test halves")
         }
         Entity::Odds { path, .. } => {
             let (x, y) = ingest::npz::read_npz_labelled(path)?;
             match protocol {
                 OddsProtocol::FitAll => {
                     let values = x.values.clone();
-                    (x, values, y, None, "ODDS", "fit on all")
+                    (x, values, y, None, "fit on all")
                 }
                 OddsProtocol::Split => {
                     let (tr, te) = split_50_25_25(&y, cfg.train.seed);
@@ -327,19 +385,21 @@ pub fn run_entity(
                         x.values.select(Axis(0), &te),
                         labels,
                         None,
-                        "ODDS",
-                        "50/25/25 split",
+                        "75/25 split",
                     )
                 }
             }
         }
     };
-    // A table's rows have no order: averaging a row's score with the rows before it would
-    // mix unrelated points (and reward files that list their outliers together).
+    // A table's rows have no order: averaging a row's score with the rows before it, or
+    // feeding a row to the network beside the rows before it (a lag window, which a
+    // one-column table would get by default), would mix unrelated points, reward files
+    // that list their outliers together, and leave the first rows without a score.
     let mut entity_cfg;
-    let fit_cfg = if family == "ODDS" {
+    let fit_cfg = if table {
         entity_cfg = cfg.clone();
         entity_cfg.score.smooth_frames = 1;
+        entity_cfg.model.window_frames = 1;
         &entity_cfg
     } else {
         cfg
@@ -397,7 +457,7 @@ pub fn run_entity(
         // have no order, so a table gets none (its "segments" are runs of outlier rows).
         pa_f1: eval
             .as_ref()
-            .filter(|_| family == "SMD")
+            .filter(|_| !table)
             .and_then(|e| e.pa_best_f1.as_ref().map(|b| b.f1)),
         auprc_mss_toggled: toggled.eval.and_then(|e| e.auprc),
         mss_on: !model.meta.mss.is_off(),
@@ -405,18 +465,15 @@ pub fn run_entity(
         members: model.ae.members,
         hit_rate,
         // Alert episodes (k of n consecutive frames) only mean something on a time series.
-        events: main
-            .event_report
-            .as_ref()
-            .filter(|_| family == "SMD")
-            .cloned(),
+        events: main.event_report.as_ref().filter(|_| !table).cloned(),
         train_seconds,
         frames_per_second: main.pipeline.frames_per_second(),
     })
 }
 
-/// MSS-PAE split: inliers and outliers each shuffled (seeded) and cut 50/25/25; returns
-/// (train ∪ valid rows, test rows), each sorted.
+/// MSS-PAE's split: inliers and outliers each shuffled (seeded) and cut 50/25/25 into
+/// train, validation and test; returns (train ∪ validation rows, test rows), each sorted:
+/// a 75/25 cut per class, so three quarters of the outliers are trained on.
 pub fn split_50_25_25(labels: &[u8], seed: u64) -> (Vec<usize>, Vec<usize>) {
     let mut rng = Rng::new(seed ^ 0x0053_504C_4954);
     let (mut train, mut test) = (Vec::new(), Vec::new());
@@ -430,6 +487,33 @@ pub fn split_50_25_25(labels: &[u8], seed: u64) -> (Vec<usize>, Vec<usize>) {
     train.sort_unstable();
     test.sort_unstable();
     (train, test)
+}
+
+/// The rows of each table under [`OddsProtocol::Split`] with `seed` (`[train] seed`), as
+/// CSV: `entity,row,part`, `part` being `train` or `test` and `row` counting the `.npz`'s
+/// rows from 0, so that baselines can be run on the same split. A table that cannot be
+/// read is left out (the harness reports it as failed).
+pub fn split_rows_csv(entities: &[Entity], seed: u64) -> String {
+    let mut s = String::from("entity,row,part\n");
+    for e in entities {
+        let Entity::Odds { name, path } = e else {
+            continue;
+        };
+        let Ok((_, y)) = ingest::npz::read_npz_labelled(path) else {
+            continue;
+        };
+        let (train, test) = split_50_25_25(&y, seed);
+        let mut rows: Vec<(usize, &str)> = train
+            .iter()
+            .map(|&i| (i, "train"))
+            .chain(test.iter().map(|&i| (i, "test")))
+            .collect();
+        rows.sort_unstable();
+        for (i, part) in rows {
+            let _ = writeln!(s, "{},{i},{part}", csv_field(name));
+        }
+    }
+    s
 }
 
 /// OmniAnomaly's HitRate@P%: for every labelled anomalous frame inside an interpretation
@@ -704,6 +788,22 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         cfg.alert.fire_k,
         cfg.alert.fire_n
     );
+    // Without both classes among the scored rows a ranking cannot be judged: said, rather
+    // than left as "-" cells.
+    for r in results {
+        let why = if r.anomalous == 0 {
+            "no anomalous rows in the labels"
+        } else if r.anomalous == r.rows {
+            "every row is labelled anomalous"
+        } else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "{}: {why}: AUROC/AUPRC and F1 undefined (\"-\").",
+            r.name
+        );
+    }
     let ensembles: Vec<String> = results
         .iter()
         .filter(|r| r.members > 1)
@@ -750,11 +850,93 @@ mod tests {
         let names: Vec<&str> = found.iter().map(Entity::name).collect();
         assert_eq!(names, vec!["m-1", "x"]);
         assert!(discover(&[dir.path().join("notes.txt")]).is_err());
-        std::fs::remove_file(dir.path().join("m-1_test.npy")).unwrap();
-        let err = discover(&[dir.path().join("m-1_train.npy")])
+    }
+
+    /// A training file without its test partner fails alone, when its turn comes: the
+    /// other entities of the folder still run (it used to stop the harness at discovery).
+    #[test]
+    fn an_incomplete_machine_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "m-1_train.npy",
+            "m-1_test_label.txt",
+            "x.npz",
+            "y_train.npy",
+        ] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let found = discover(&[dir.path().to_path_buf()]).unwrap();
+        let names: Vec<&str> = found.iter().map(Entity::name).collect();
+        assert_eq!(names, vec!["m-1", "x", "y"]);
+        assert!(matches!(found[0], Entity::Incomplete { .. }));
+        assert!(matches!(found[1], Entity::Odds { .. }));
+        let err = run_entity(&found[0], &DarkwatchConfig::default(), OddsProtocol::FitAll)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("m-1_test.npy"), "{err}");
+        assert!(
+            err.contains("m-1_train.npy")
+                && err.contains("missing: ")
+                && err.contains("m-1_test.npy"),
+            "{err}"
+        );
+        assert!(!err.contains("m-1_test_label.txt"), "{err}");
+        let err = run_entity(&found[2], &DarkwatchConfig::default(), OddsProtocol::FitAll)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("y_test.npy") && err.contains("y_test_label.txt"),
+            "{err}"
+        );
+    }
+
+    /// The benchmarks keep their names; one's own data is named by what it is.
+    #[test]
+    fn families_name_the_benchmarks_and_otherwise_what_the_data_is() {
+        let smd = |name: &str| Entity::Smd {
+            name: name.into(),
+            train: PathBuf::new(),
+            test: PathBuf::new(),
+            labels: PathBuf::new(),
+            interpretation: None,
+        };
+        assert_eq!(smd("machine-1-6").family(), "SMD");
+        assert_eq!(smd("machine-12-10").family(), "SMD");
+        assert_eq!(smd("co2").family(), "series");
+        assert_eq!(smd("machine-1").family(), "series");
+        let odds = |path: &str| Entity::Odds {
+            name: Path::new(path)
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+            path: path.into(),
+        };
+        assert_eq!(odds("data/odds_adbench/cardio.npz").family(), "ODDS");
+        assert_eq!(odds("/srv/ODDS/wine.npz").family(), "ODDS");
+        assert_eq!(odds("mine/6_cardio.npz").family(), "ODDS");
+        assert_eq!(odds("mine/wine.npz").family(), "tables");
+        assert_eq!(odds("mine/bc_1col.npz").family(), "tables");
+        assert_eq!(odds("wine.npz").family(), "tables");
+    }
+
+    /// Labels without an anomaly leave nothing to rank: the table says so instead of only
+    /// printing "-".
+    #[test]
+    fn the_table_says_why_metrics_are_undefined() {
+        let mut none = result("calm", "tables", None);
+        none.anomalous = 0;
+        let mut all = result("loud", "tables", None);
+        all.anomalous = all.rows;
+        let t = table(
+            &[none, all, result("fine", "tables", Some(0.7))],
+            &DarkwatchConfig::default(),
+        );
+        assert!(
+            t.contains("calm: no anomalous rows in the labels: AUROC/AUPRC and F1 undefined"),
+            "{t}"
+        );
+        assert!(t.contains("loud: every row is labelled anomalous"), "{t}");
+        assert!(!t.contains("fine: "), "{t}");
     }
 
     /// A file named twice, or a folder and a file in it, is one entity: counted twice it
@@ -907,14 +1089,14 @@ mod tests {
 
     /// A table's rows have no order, so it gets no point-adjusted F1 (a run of outlier
     /// rows would pass for a segment).
-    #[test]
-    fn a_table_gets_no_point_adjusted_f1() {
+    /// An ODDS-shaped `.npz` of `n` rows × `d` columns in `dir`, its rows where `outlier`
+    /// holds shifted by 6 and labelled 1.
+    fn table_npz(dir: &Path, n: usize, d: usize, outlier: impl Fn(usize) -> bool) -> PathBuf {
         use crate::ingest::npz::tests::{npy, stored_zip};
-        let (n, d) = (240usize, 3usize);
         let mut x = Vec::new();
         let mut y = Vec::new();
         for i in 0..n {
-            let outlier = i >= n - 24;
+            let outlier = outlier(i);
             for j in 0..d {
                 let v = ((i * 7 + j * 13) % 17) as f64 / 17.0;
                 x.push(if outlier { v + 6.0 } else { v });
@@ -927,9 +1109,16 @@ mod tests {
             ("X.npy", npy("<f8", &format!("({n}, {d})"), &x)),
             ("y.npy", npy("<i8", &format!("({n},)"), &y)),
         ]);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.npz");
+        let path = dir.join("t.npz");
         std::fs::write(&path, zip).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_table_gets_no_point_adjusted_f1() {
+        let n = 240;
+        let dir = tempfile::tempdir().unwrap();
+        let path = table_npz(dir.path(), n, 3, |i| i >= n - 24);
         let mut cfg = DarkwatchConfig::default();
         cfg.train.epochs_max = 3;
         cfg.model.members = 1;
@@ -940,6 +1129,55 @@ mod tests {
         let r = run_entity(&entity, &cfg, OddsProtocol::FitAll).unwrap();
         assert!(r.auroc.is_some() && r.best_f1.is_some(), "{r:?}");
         assert_eq!(r.pa_f1, None);
+    }
+
+    /// The split written beside `--out` is the one trained and scored: every row once,
+    /// three quarters of each class in `train`.
+    #[test]
+    fn split_rows_are_the_split_the_harness_uses() {
+        let n = 200;
+        let dir = tempfile::tempdir().unwrap();
+        let outlier = |i: usize| i.is_multiple_of(10);
+        let path = table_npz(dir.path(), n, 2, outlier);
+        let labels: Vec<u8> = (0..n).map(|i| u8::from(outlier(i))).collect();
+        let entities = [Entity::Odds {
+            name: "t".into(),
+            path,
+        }];
+        let csv = split_rows_csv(&entities, 7);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "entity,row,part");
+        assert_eq!(lines.len(), 1 + n);
+        let (train, test) = split_50_25_25(&labels, 7);
+        for (i, line) in lines[1..].iter().enumerate() {
+            let part = if train.contains(&i) { "train" } else { "test" };
+            assert_eq!(*line, format!("t,{i},{part}"));
+        }
+        assert_eq!(test.len(), 50);
+        assert_eq!(test.iter().filter(|&&i| outlier(i)).count(), 5);
+        assert_eq!(train.iter().filter(|&&i| outlier(i)).count(), 15);
+    }
+
+    /// A one-column table would get a lag window by default (a one-feature series does),
+    /// and its first `w − 1` rows, outliers among them, would drop out of the metrics.
+    #[test]
+    fn a_one_column_table_scores_every_row() {
+        let n = 300;
+        let dir = tempfile::tempdir().unwrap();
+        // Outliers among the first rows, which a window would only fill.
+        let path = table_npz(dir.path(), n, 1, |i| i < 6 || i % 40 == 39);
+        let mut cfg = DarkwatchConfig::default();
+        cfg.train.epochs_max = 3;
+        cfg.model.members = 1;
+        assert_eq!(cfg.model.window_frames, 0, "the default picks a window");
+        let entity = Entity::Odds {
+            name: "t".into(),
+            path,
+        };
+        let r = run_entity(&entity, &cfg, OddsProtocol::FitAll).unwrap();
+        assert_eq!(r.rows, n, "{r:?}");
+        assert_eq!(r.anomalous, 6 + n / 40, "{r:?}");
+        assert!(r.auroc.is_some(), "{r:?}");
     }
 
     #[test]

@@ -51,6 +51,12 @@ enum Command {
         /// from the old model).
         #[arg(long)]
         force: bool,
+        /// The input is a table whose rows have no order (an ODDS / ADBench set, not a time
+        /// series): scores are not averaged over rows (smooth_frames 1) and no row gets a
+        /// lag window of the rows before it (window_frames 1), whatever the configuration
+        /// says. `replay --table` scores such a model's tables.
+        #[arg(long)]
+        table: bool,
     },
     /// Replay a recorded file through the scoring pipeline and evaluate it.
     Replay {
@@ -162,14 +168,15 @@ not restart it), 1 for other failures.")]
         /// files, or folders of them.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// How ODDS tables are split.
+        /// How tables (.npz) are split.
         #[arg(long, value_enum, default_value_t = ProtocolArg::FitAll)]
         odds_protocol: ProtocolArg,
         /// Configuration file used for every entity (default: the documented defaults).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Also write the numbers as CSV (one row per entity and per family mean, full
-        /// precision, an empty cell where the table shows "-").
+        /// precision, an empty cell where the table shows "-"). With `--odds-protocol
+        /// split`, the split's rows go beside it (`results.split.csv`: entity,row,part).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -417,7 +424,9 @@ between the parts (DARKWATCH__MQTT__PORT=1884, DARKWATCH__SCORE__BACKEND=onnx)."
 enum ProtocolArg {
     /// Train on every row, score every row.
     FitAll,
-    /// MSS-PAE 50/25/25 split per class; train on 75 %, score 25 %.
+    /// MSS-PAE's split: each class (inliers, outliers) shuffled and cut 75/25 (seeded by
+    /// [train] seed); train on the 75 %, three quarters of the outliers included, and score
+    /// the other 25 %.
     Split,
 }
 
@@ -880,7 +889,8 @@ fn run(command: Command) -> Result<()> {
             out,
             config,
             force,
-        } => train(&input, &out, config.as_deref(), force),
+            table,
+        } => train(&input, &out, config.as_deref(), force, table),
         Command::Replay {
             model,
             input,
@@ -1120,6 +1130,31 @@ fn run(command: Command) -> Result<()> {
                     .and_then(|()| std::fs::rename(&partial, &path))
                     .with_context(|| format!("--out {}", path.display()))?;
                 eprintln!("darkwatch: wrote {}", path.display());
+                // The split's rows beside the results, so baselines can score the same rows.
+                let split = path.with_extension("split.csv");
+                if protocol == harness::OddsProtocol::Split
+                    && entities
+                        .iter()
+                        .any(|e| matches!(e, harness::Entity::Odds { .. }))
+                {
+                    if harness::reads(&entities, &split)
+                        || config
+                            .as_deref()
+                            .is_some_and(|c| harness::same_file(c, &split))
+                    {
+                        eprintln!(
+                            "darkwatch: note: the split's rows are not written: {} is an input",
+                            split.display()
+                        );
+                    } else {
+                        std::fs::write(&split, harness::split_rows_csv(&entities, cfg.train.seed))
+                            .with_context(|| format!("{}", split.display()))?;
+                        eprintln!(
+                            "darkwatch: wrote {} (each table's rows in the split: entity,row,part)",
+                            split.display()
+                        );
+                    }
+                }
             }
             if !failed.is_empty() {
                 anyhow::bail!(
@@ -1430,7 +1465,18 @@ fn run(command: Command) -> Result<()> {
             }
             let model = Model::load(&dir)?.with_configured_backend(&dir, &cfg)?;
             if json {
-                emit(&format!("{}\n", serde_json::to_string_pretty(&model.meta)?))?;
+                // model.json leaves out a window and a smoothing span of 1; inspect shows
+                // both always, so that a model that scores rows alone says so.
+                let mut meta = serde_json::to_value(&model.meta)?;
+                if let Some(obj) = meta.as_object_mut() {
+                    for (key, v) in [
+                        ("window_frames", model.meta.window_frames),
+                        ("smooth_frames", model.meta.smooth_frames),
+                    ] {
+                        obj.entry(key).or_insert_with(|| v.into());
+                    }
+                }
+                emit(&format!("{}\n", serde_json::to_string_pretty(&meta)?))?;
             } else {
                 emit(&model::io::describe(&model, &dir))?;
             }
@@ -1510,8 +1556,21 @@ fn warn_constant_columns(table: &ingest::Table) {
     }
 }
 
-fn train(input: &Path, out: &Path, config: Option<&Path>, force: bool) -> Result<()> {
-    let cfg = load_config(config)?;
+fn train(
+    input: &Path,
+    out: &Path,
+    config: Option<&Path>,
+    force: bool,
+    rows_unordered: bool,
+) -> Result<()> {
+    let mut cfg = load_config(config)?;
+    // A table's rows have no order: averaging a row's score with the rows before it, or a
+    // lag window of them, would mix unrelated points (and reward files that list their
+    // outliers together).
+    if rows_unordered {
+        cfg.score.smooth_frames = 1;
+        cfg.model.window_frames = 1;
+    }
     let opts = TableOptions {
         timestamp_column: Some(cfg.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
         features: None,
@@ -1604,9 +1663,22 @@ fn train(input: &Path, out: &Path, config: Option<&Path>, force: bool) -> Result
             model.ae.members
         );
     }
-    if model.meta.window_frames > 1 {
+    if rows_unordered {
         println!(
-            "lag window: {} frames of {} feature(s), {} inputs ([model] window_frames)",
+            "table: rows have no order, so each row is scored alone: no smoothing (smooth_frames 1), no lag window (window_frames 1)"
+        );
+    }
+    if model.meta.window_frames > 1 {
+        // A window chosen from the data says how, a fallback above all: a period the search
+        // could not take (a weekly one of a half-hourly series) is otherwise silent.
+        let (auto, why) = darkwatch::window::auto_window_explained(table.values.view());
+        let why = if cfg.model.window_frames == 0 && auto == model.meta.window_frames {
+            format!(" ({why})")
+        } else {
+            String::new()
+        };
+        println!(
+            "lag window: {} frames{why}, of {} feature(s), {} inputs ([model] window_frames)",
             model.meta.window_frames,
             model.meta.frame_features().len(),
             model.meta.features.len()

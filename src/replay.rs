@@ -173,17 +173,54 @@ pub fn align_features(
         reason,
     };
     let generic = |names: &[String]| names.iter().enumerate().all(|(i, n)| *n == format!("f{i}"));
+    // Up to six names, then how many more.
+    let list = |names: &[&String]| -> String {
+        let shown: Vec<&str> = names.iter().take(6).map(|n| n.as_str()).collect();
+        match names.len().saturating_sub(6) {
+            0 => shown.join(", "),
+            more => format!("{}, … (+{more})", shown.join(", ")),
+        }
+    };
     let by_name = want.iter().all(|w| have.contains(w));
     // A different width is fine only when the model's (real, not f0…) names are all there.
     if have.len() != want.len() && (!by_name || generic(want)) {
+        // With names on both sides, say which of the model's the input lacks.
+        let missing: Vec<&String> = want.iter().filter(|w| !have.contains(w)).collect();
+        let named = if generic(want) || generic(have) || missing.is_empty() {
+            String::new()
+        } else {
+            format!("; not in the input: {}", list(&missing))
+        };
         return Err(err(format!(
-            "{} features in the input, but the model was trained on {} ({})",
+            "{} features in the input, but the model was trained on {} ({}){named}",
             have.len(),
             want.len(),
             model.meta.provenance.data_file
         )));
     }
     if have == want || (have.len() == want.len() && (generic(have) || generic(want))) {
+        // Unnamed on one side only: the named columns are taken by position, which is right
+        // only if they come in the training file's order. Said, since a wrong order scores
+        // every frame as an anomaly without any other sign.
+        let (unnamed, named) = (generic(want), generic(have));
+        if unnamed != named {
+            let span = |n: usize| format!("f0…f{}", n.saturating_sub(1));
+            let all = |names: &[String]| list(&names.iter().collect::<Vec<_>>());
+            if unnamed {
+                tracing::warn!(
+                    "The model's features are unnamed ({}, trained from {}): the input's columns {} are used in that order.",
+                    span(want.len()),
+                    model.meta.provenance.data_file,
+                    all(have)
+                );
+            } else {
+                tracing::warn!(
+                    "The input's columns are unnamed ({}): they are used as the model's features {} in that order.",
+                    span(have.len()),
+                    all(want)
+                );
+            }
+        }
         return Ok((table.values, table.timestamps));
     }
     let mut order = Vec::with_capacity(want.len());

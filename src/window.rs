@@ -70,22 +70,46 @@ pub fn windows(values: ArrayView2<f32>, w: usize) -> Array2<f32> {
     out
 }
 
+/// What the period search ([`period_search`]) found in a series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PeriodSearch {
+    /// The lag of the highest autocorrelation peak, within [`PERIOD_RANGE`].
+    Period(usize),
+    /// The highest peak (at `lag`, autocorrelation `peak`) lies past 300 lags: TSB-UAD's
+    /// `find_length` takes no period then, even if a lower peak lies in range.
+    TooLong { lag: usize, peak: f64 },
+    /// No local maximum of the autocorrelation over the lags searched reaches 0.1.
+    NoPeak { max_lag: usize },
+    /// Too few values to search (fewer than 10).
+    TooShort,
+    /// Every value the same, or not finite.
+    Flat,
+}
+
 /// The dominant period of `series`, as TSB-UAD's `find_length` finds it: the lag of the
 /// highest local maximum of the autocorrelation over lags 3 to 400 of the first 20,000
 /// values, if that lag is at most 300 and the peak reaches 0.1. `None` for a constant,
-/// too short or aperiodic series.
+/// too short or aperiodic series ([`period_search`] says which).
 pub fn period(series: &[f32]) -> Option<usize> {
+    match period_search(series) {
+        PeriodSearch::Period(p) => Some(p),
+        _ => None,
+    }
+}
+
+/// [`period`], with the reason when there is none.
+pub fn period_search(series: &[f32]) -> PeriodSearch {
     let x = &series[..series.len().min(PERIOD_MAX_VALUES)];
     let n = x.len();
     let max_lag = PERIOD_MAX_LAG.min(n / 2);
     if max_lag < PERIOD_RANGE.0 + 2 {
-        return None;
+        return PeriodSearch::TooShort;
     }
     let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
     let c: Vec<f64> = x.iter().map(|&v| f64::from(v) - mean).collect();
     let var: f64 = c.iter().map(|v| v * v).sum();
     if !(var > 0.0 && var.is_finite()) {
-        return None;
+        return PeriodSearch::Flat;
     }
     let acf: Vec<f64> = (0..=max_lag)
         .map(|k| {
@@ -99,8 +123,15 @@ pub fn period(series: &[f32]) -> Option<usize> {
         .collect();
     let best = (PERIOD_RANGE.0..max_lag)
         .filter(|&k| acf[k] > acf[k - 1] && acf[k] > acf[k + 1] && acf[k] >= PERIOD_MIN_PEAK)
-        .max_by(|&a, &b| acf[a].total_cmp(&acf[b]))?;
-    (best <= PERIOD_RANGE.1).then_some(best)
+        .max_by(|&a, &b| acf[a].total_cmp(&acf[b]));
+    match best {
+        None => PeriodSearch::NoPeak { max_lag },
+        Some(lag) if lag > PERIOD_RANGE.1 => PeriodSearch::TooLong {
+            lag,
+            peak: acf[lag],
+        },
+        Some(lag) => PeriodSearch::Period(lag),
+    }
 }
 
 /// The window `[model] window_frames = 0` gives a training table of `d` features: 1 (no
@@ -109,14 +140,59 @@ pub fn period(series: &[f32]) -> Option<usize> {
 /// [`AUTO_WINDOW_RANGE`], or [`FALLBACK_WINDOW_FRAMES`] when it shows none; and never
 /// more than an eighth of the rows, so that a short series keeps rows to train on.
 pub fn auto_window(values: ArrayView2<f32>) -> usize {
+    auto_window_explained(values).0
+}
+
+/// [`auto_window`], and why that window, in words for `train` to print: the period found,
+/// or why the fallback was taken ("fallback: the highest autocorrelation peak, lag 336, is
+/// above 300"), and any bound applied.
+pub fn auto_window_explained(values: ArrayView2<f32>) -> (usize, String) {
     if values.ncols() != 1 {
-        return 1;
+        return (1, "two or more features get no window".into());
     }
     let series: Vec<f32> = values.column(0).to_vec();
-    let w = period(&series).map_or(FALLBACK_WINDOW_FRAMES, |p| {
-        p.clamp(AUTO_WINDOW_RANGE.0, AUTO_WINDOW_RANGE.1)
-    });
-    w.min(values.nrows() / 8).max(1)
+    let (lo, hi) = AUTO_WINDOW_RANGE;
+    let (w, mut why) = match period_search(&series) {
+        PeriodSearch::Period(p) if p < lo => (
+            lo,
+            format!("the training series' period, lag {p}, raised to the {lo}-frame minimum"),
+        ),
+        PeriodSearch::Period(p) if p > hi => (
+            hi,
+            format!("the training series' period, lag {p}, lowered to the {hi}-frame maximum"),
+        ),
+        PeriodSearch::Period(p) => (p, format!("the training series' period, lag {p}")),
+        PeriodSearch::TooLong { lag, .. } => (
+            FALLBACK_WINDOW_FRAMES,
+            format!(
+                "fallback: the highest autocorrelation peak, lag {lag}, is above {}",
+                PERIOD_RANGE.1
+            ),
+        ),
+        PeriodSearch::NoPeak { max_lag } => (
+            FALLBACK_WINDOW_FRAMES,
+            format!(
+                "fallback: no autocorrelation peak over lags {}–{max_lag} reaches {PERIOD_MIN_PEAK}",
+                PERIOD_RANGE.0
+            ),
+        ),
+        PeriodSearch::TooShort => (
+            FALLBACK_WINDOW_FRAMES,
+            "fallback: too few rows to look for a period".into(),
+        ),
+        PeriodSearch::Flat => (
+            FALLBACK_WINDOW_FRAMES,
+            "fallback: the training series is constant, so it has no period".into(),
+        ),
+    };
+    let rows = values.nrows();
+    let capped = w.min(rows / 8).max(1);
+    if capped != w {
+        why.push_str(&format!(
+            "; {w} cut to {capped}, an eighth of the {rows} training rows"
+        ));
+    }
+    (capped, why)
 }
 
 /// The agent's windows: per stream, the last `w` frames, oldest first, kept in one buffer
@@ -273,6 +349,73 @@ mod tests {
         let mut raw = StreamWindows::new(2, 1, f64::INFINITY);
         assert_eq!(raw.push(0, &[1.0], 0.0), None);
         assert_eq!(raw.push(0, &[2.0], 1e9), Some(&[1.0, 2.0][..]));
+    }
+
+    /// The reason `train` prints for its window: a weekly peak of a half-hourly series
+    /// (lag 336) lies past 300, so the fallback is taken, and said so.
+    #[test]
+    fn auto_window_says_why_it_fell_back() {
+        let wave = |period: f32, n: usize| -> Array2<f32> {
+            Array2::from_shape_fn((n, 1), |(t, _)| {
+                (t as f32 * std::f32::consts::TAU / period).sin()
+            })
+        };
+        let weekly = wave(336.0, 5_000);
+        assert!(matches!(
+            period_search(weekly.column(0).as_slice().unwrap()),
+            PeriodSearch::TooLong { lag: 336, .. }
+        ));
+        let (w, why) = auto_window_explained(weekly.view());
+        assert_eq!(w, FALLBACK_WINDOW_FRAMES);
+        assert_eq!(
+            why,
+            "fallback: the highest autocorrelation peak, lag 336, is above 300"
+        );
+        let (w, why) = auto_window_explained(wave(24.0, 5_000).view());
+        assert_eq!(
+            (w, why.as_str()),
+            (24, "the training series' period, lag 24")
+        );
+        let (w, why) = auto_window_explained(wave(4.0, 5_000).view());
+        assert_eq!(w, 8);
+        assert!(
+            why.contains("lag 4, raised to the 8-frame minimum"),
+            "{why}"
+        );
+        let (w, why) = auto_window_explained(wave(100.0, 5_000).view());
+        assert_eq!(w, 64);
+        assert!(
+            why.contains("lag 100, lowered to the 64-frame maximum"),
+            "{why}"
+        );
+        // White noise has no peak of 0.1.
+        let mut state = 7u64;
+        let noise = Array2::from_shape_fn((4_000, 1), |_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        });
+        let (w, why) = auto_window_explained(noise.view());
+        assert_eq!(w, FALLBACK_WINDOW_FRAMES);
+        assert_eq!(
+            why,
+            "fallback: no autocorrelation peak over lags 3–400 reaches 0.1"
+        );
+        let (w, why) = auto_window_explained(Array2::<f32>::zeros((1_000, 1)).view());
+        assert_eq!(w, FALLBACK_WINDOW_FRAMES);
+        assert!(why.contains("constant"), "{why}");
+        // A short series: the window's cut to an eighth of the rows is said too.
+        let (w, why) = auto_window_explained(wave(24.0, 120).view());
+        assert_eq!(w, 15);
+        assert!(
+            why.ends_with("; 24 cut to 15, an eighth of the 120 training rows"),
+            "{why}"
+        );
+        assert_eq!(
+            auto_window_explained(Array2::<f32>::zeros((9, 2)).view()).0,
+            1
+        );
     }
 
     #[test]

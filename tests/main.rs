@@ -1423,7 +1423,11 @@ fn replay_smooths_scores_over_the_models_span_and_compares_with_frames_alone() {
         meta.as_object_mut().unwrap().remove("smooth_frames");
     });
     assert_eq!(code, 0, "{err}");
-    assert!(!out.contains("smoothing"), "{out}");
+    // inspect now always shows the span, 1 included.
+    assert!(
+        out.contains("smoothing  none: each score its frame's own (smooth_frames 1)"),
+        "{out}"
+    );
 }
 
 /// `replay --table`: a table's rows have no order, so every row is scored alone and
@@ -2234,4 +2238,167 @@ fn train_names_constant_columns_and_warns_when_all_are_constant() {
         .arg(&cfg));
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("constant"), "{err}");
+}
+
+/// `train --table`: rows without order get neither smoothing nor a lag window, which a
+/// one-column input would otherwise get by default, and the model records both as 1.
+#[test]
+fn train_table_records_no_smoothing_and_no_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("rows.csv");
+    rhythm_csv(&train, 1200, 0..0);
+    let cfg = dir.path().join("quick.toml");
+    std::fs::write(&cfg, "[train]\nepochs_max = 2\n[model]\nmembers = 1\n").unwrap();
+    let meta_of = |model: &std::path::Path| -> serde_json::Value {
+        let (code, out, err) = run(darkwatch().arg("inspect").arg("--json").arg(model));
+        assert_eq!(code, 0, "{out}\n{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    // Without --table: the series' period as a window, and the default 5-frame smoothing.
+    let series = dir.path().join("series");
+    let (code, out, err) = train_with(&train, &series, &cfg);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let meta = meta_of(&series);
+    assert_eq!(meta["window_frames"], 24, "{meta}");
+    assert_eq!(meta["smooth_frames"], 5, "{meta}");
+    assert!(!out.contains("table:"), "{out}");
+    assert!(
+        out.contains("lag window: 24 frames (the training series' period, lag 24), of 1 feature"),
+        "{out}"
+    );
+
+    let table = dir.path().join("table");
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--table", "--input"])
+        .arg(&train)
+        .arg("--out")
+        .arg(&table)
+        .arg("--config")
+        .arg(&cfg));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("table: rows have no order")
+            && out.contains("smooth_frames 1")
+            && out.contains("window_frames 1"),
+        "{out}"
+    );
+    assert!(!out.contains("lag window:"), "{out}");
+    let meta = meta_of(&table);
+    assert_eq!(meta["window_frames"], 1, "{meta}");
+    assert_eq!(meta["smooth_frames"], 1, "{meta}");
+    assert_eq!(meta["features"], serde_json::json!(["load"]), "{meta}");
+    let (code, out, _) = run(darkwatch().arg("inspect").arg(&table));
+    assert_eq!(code, 0);
+    assert!(out.contains("window     none"), "{out}");
+    assert!(out.contains("smoothing  none"), "{out}");
+}
+
+/// Columns matched by position to unnamed features (a model trained from an NPY, or an
+/// NPY input) are said to be, naming both sides: in the wrong order they score every
+/// frame as an anomaly with no other sign. A missing column is named.
+#[test]
+fn replay_says_when_it_matches_columns_by_position_and_names_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("rows.csv");
+    synthetic_csv(&csv, 400, 3, &[]);
+    // The same rows as an NPY, whose columns are f0, f1, f2.
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let values: Vec<f32> = text
+        .lines()
+        .skip(1)
+        .flat_map(|l| l.split(',').skip(1).map(|v| v.parse::<f32>().unwrap()))
+        .collect();
+    let npy = dir.path().join("rows.npy");
+    util::write_npy_f32(&npy, 400, 3, &values);
+    let cfg = dir.path().join("quick.toml");
+    std::fs::write(&cfg, "[train]\nepochs_max = 2\n[model]\nmembers = 1\n").unwrap();
+    let (unnamed, named) = (dir.path().join("unnamed"), dir.path().join("named"));
+    for (input, model) in [(&npy, &unnamed), (&csv, &named)] {
+        let (code, out, err) = train_with(input, model, &cfg);
+        assert_eq!(code, 0, "{out}\n{err}");
+    }
+    let replay = |model: &std::path::Path, input: &std::path::Path| {
+        run(darkwatch()
+            .args(["replay", "--model"])
+            .arg(model)
+            .arg("--input")
+            .arg(input))
+    };
+    let (code, out, err) = replay(&unnamed, &csv);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("The model's features are unnamed (f0…f2, trained from ")
+            && err.contains("the input's columns m00, m01, m02 are used in that order"),
+        "{err}"
+    );
+    let (code, out, err) = replay(&named, &npy);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains(
+            "The input's columns are unnamed (f0…f2): they are used as the model's features m00, m01, m02 in that order"
+        ),
+        "{err}"
+    );
+    // Names on both sides: matched by name, nothing to say.
+    let (code, out, err) = replay(&named, &csv);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains("unnamed"), "{err}");
+    // A column missing: named.
+    let short = dir.path().join("short.csv");
+    let dropped: String = text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            format!("{},{},{}\n", f[0], f[1], f[3])
+        })
+        .collect();
+    std::fs::write(&short, dropped).unwrap();
+    let (code, out, err) = replay(&named, &short);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("2 features in the input, but the model was trained on 3")
+            && err.contains("; not in the input: m01"),
+        "{err}"
+    );
+}
+
+/// A folder holding a training file without its test partner evaluates everything else
+/// and names what is missing, instead of stopping before training anything.
+#[test]
+fn harness_goes_on_past_a_training_file_without_its_test_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "machine-1-6_train.npy",
+        "machine-1-6_test.npy",
+        "machine-1-6_test_label.txt",
+    ] {
+        std::fs::copy(
+            repo(&format!("tests/data/smd/{name}")),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        repo("tests/data/smd/machine-1-6_train.npy"),
+        dir.path().join("raw_train.npy"),
+    )
+    .unwrap();
+    let (code, out, err) = run(darkwatch()
+        .arg("harness")
+        .arg(dir.path())
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "2"));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("machine-1-6") && out.contains("mean SMD"),
+        "{out}"
+    );
+    assert!(
+        err.contains("raw: ") && err.contains("missing: ") && err.contains("raw_test.npy"),
+        "{err}"
+    );
+    assert!(err.contains("going on"), "{err}");
+    assert!(
+        err.contains("1 of 2 entities failed and are not in the table: raw"),
+        "{err}"
+    );
 }

@@ -911,21 +911,30 @@ pub fn describe(model: &Model, dir: &Path) -> String {
         m.scaler.kind,
         m.features.len()
     );
+    // Both lines always show, so a model that scores rows alone (a table's) says so.
     if m.window_frames > 1 {
         let _ = writeln!(
             s,
-            "window     {} frames of {} features each (lags {} to 0), {} inputs",
+            "window     {} frames of {} features each (lags {} to 0), {} inputs (window_frames {})",
             m.window_frames,
             m.frame_features().len(),
             m.window_frames - 1,
-            m.features.len()
+            m.features.len(),
+            m.window_frames
         );
+    } else {
+        let _ = writeln!(s, "window     none: each frame alone (window_frames 1)");
     }
     if m.smooth_frames > 1 {
         let _ = writeln!(
             s,
-            "smoothing  each score the mean of its stream's last {} frames",
-            m.smooth_frames
+            "smoothing  each score the mean of its stream's last {} frames (smooth_frames {})",
+            m.smooth_frames, m.smooth_frames
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "smoothing  none: each score its frame's own (smooth_frames 1)"
         );
     }
     let bank = model.bank.as_ref().map_or(0, |b| b.frames());
