@@ -121,7 +121,8 @@ struct RawStreams {
 }
 
 /// What the source and the sink exchange to forget streams (`[assemble]
-/// forget_after_secs`), locked about once a second by each, never per frame: the source
+/// forget_after_secs`), locked by the source on its clock polls (every 50 ms) and by the
+/// sink on its tick, never per frame: the source
 /// puts the index of each stream it forgot in `retired`; the sink drops its state for
 /// it, resolving a firing alert, and puts the index in `free`, from where the source gives
 /// it to a new stream. An index thus goes to another stream only after the sink let go of
@@ -844,13 +845,20 @@ impl Retraining {
     fn hook(&self, cfg: &DarkwatchConfig, sink: &mut AgentSink) -> pipeline::ScorerHooks {
         let d = self.shared.cell.load().n_features();
         let (values, consumer) = pipeline::values_ring(&cfg.pipeline, d);
-        sink.retrain = Some(crate::retrain::SinkSide::new(
+        let side = crate::retrain::SinkSide::new(
             &cfg.retrain,
             self.shared.clone(),
             consumer,
             self.requests.clone(),
             None,
-        ));
+        );
+        // A kept trainer may have published since a reload caught the sink up: the sink
+        // must be at the version this side expects, or frames of that version would not
+        // count as a switch and keep the older model's thresholds.
+        if let Some(m) = self.shared.model_of(side.version()) {
+            sink.catch_up(&m);
+        }
+        sink.retrain = Some(side);
         sink.threshold_cfg = cfg.threshold.clone();
         pipeline::ScorerHooks {
             cell: self.shared.cell.clone(),
@@ -867,7 +875,8 @@ impl Retraining {
     /// one it already replaced (a retrain accepted while the reload loaded), never a model
     /// to go back to. `None`: the reload's model starts over (another model, another
     /// `state_dir`, retraining turned off, or none written: an empty `state_dir` loads the
-    /// model directory's model, as a restart would).
+    /// model directory's model, as a restart would; or a newer model's checkpoint was
+    /// deleted, a rollback).
     fn continued_by(
         &self,
         old: &DarkwatchConfig,
@@ -887,7 +896,17 @@ impl Retraining {
         self.shared
             .model_of(loaded.meta.version)
             .filter(|m| m.meta.id == loaded.meta.id)?;
-        Some(self.shared.cell.load_full())
+        let newest = self.shared.cell.load_full();
+        // An older model than the newest is one a retrain replaced while the reload
+        // loaded, unless the newest's checkpoint is gone: an operator who deleted it to
+        // roll back gets the model loaded, not the one deleted.
+        let rolled_back = newest.meta.version != loaded.meta.version
+            && !new
+                .retrain
+                .state_dir
+                .join(crate::retrain::checkpoint_name(newest.meta.version))
+                .is_dir();
+        (!rolled_back).then_some(newest)
     }
 
     /// Whether this retraining can go on unchanged under `new`: it continues the model
@@ -974,7 +993,11 @@ impl ReloadChange {
     ) -> Self {
         let input = model.features() != old_model.features()
             || cfg.agent.format != old_cfg.agent.format
-            || cfg.assemble != old_cfg.assemble
+            // forget_after_secs is bookkeeping: a kept source takes the new value.
+            || crate::ingest::assemble::AssemblerConfig {
+                forget_after_secs: old_cfg.assemble.forget_after_secs,
+                ..cfg.assemble.clone()
+            } != old_cfg.assemble
             || cfg.examon != old_cfg.examon
             || cfg.telegraf != old_cfg.telegraf
             || cfg.raw != old_cfg.raw;
@@ -1133,6 +1156,8 @@ fn apply_reload(
         // Messages received meanwhile wait in the feed for the new decoder and assembler.
         let fresh = AgentSource::new(&cfg, &model, counters, &started.mqtt.subscribe)?;
         lock(&source.feed).source = fresh;
+    } else {
+        lock(&source.feed).source.forget_after_secs = cfg.assemble.forget_after_secs;
     }
     let (streams, recycling) = {
         let feed = lock(&source.feed);
@@ -3523,7 +3548,7 @@ mod tests {
         let mut cfg = DarkwatchConfig::default();
         assert_eq!(cfg.assemble.forget_after_secs, 3600.0);
         cfg.assemble.max_streams = 1;
-        cfg.assemble.forget_after_secs = 60.0;
+        cfg.assemble.forget_after_secs = 62.0;
         cfg.alert.silence_secs = Some(0.0);
         let mut src = source_with(&cfg);
         let (mut sink, mut alerts) = test_sink(&cfg);
@@ -3545,14 +3570,14 @@ mod tests {
         sink.tick(t0);
 
         // Quiet for less than forget_after_secs: kept.
-        src.forget_quiet(1059.0);
-        assert!(src.recycling.lock().unwrap().retired.is_empty());
         src.forget_quiet(1061.0);
+        assert!(src.recycling.lock().unwrap().retired.is_empty());
+        src.forget_quiet(1063.0);
         assert_eq!(src.recycling.lock().unwrap().retired, [0]);
         assert_eq!(counters.streams_forgotten.load(Ordering::Relaxed), 1);
         assert_eq!(src.assembler.index_of("n1"), None);
         // The sink has not let go yet: the slot is not free.
-        src.take_one(&msg("n2", "a", 1.0, 1062.0));
+        src.take_one(&msg("n2", "a", 1.0, 1064.0));
         assert_eq!(refusals(), 2);
 
         sink.tick(t0 + Duration::from_secs(1));
@@ -3565,8 +3590,8 @@ mod tests {
         assert_eq!(src.recycling.lock().unwrap().free, [0]);
 
         // The source takes the slot back; n2 gets it.
-        src.forget_quiet(1062.5);
-        src.take_one(&msg("n2", "a", 1.0, 1063.0));
+        src.forget_quiet(1064.5);
+        src.take_one(&msg("n2", "a", 1.0, 1065.0));
         assert_eq!(refusals(), 2);
         assert_eq!(src.assembler.index_of("n2"), Some(0));
         assert_eq!(names(&src), ["n2"]);
@@ -3589,7 +3614,7 @@ mod tests {
     #[test]
     fn a_quiet_raw_stream_is_forgotten_and_comes_back_afresh() {
         let mut cfg = DarkwatchConfig::default();
-        cfg.assemble.forget_after_secs = 60.0;
+        cfg.assemble.forget_after_secs = 62.0;
         let mut src = source_with(&cfg);
         src.decoder = Decoder::Raw {
             decoder: DarkwatchConfig::default()

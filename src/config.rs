@@ -953,6 +953,11 @@ mod tests {
             ("max_streams = 0", "assemble.max_streams"),
             ("lateness_windows = 65", "assemble.lateness_windows"),
             ("forget_after_secs = 30", "assemble.forget_after_secs"),
+            // 60 s past the last window's close: 60 + 2 × 60 here.
+            (
+                "window_secs = 60.0\nforget_after_secs = 179",
+                "assemble.forget_after_secs",
+            ),
         ] {
             let f = write(&format!("[assemble]\n{set}\n"));
             match load(Some(f.path()), Vec::new()).unwrap_err() {

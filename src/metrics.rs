@@ -258,8 +258,8 @@ pub fn render(e: &Exposed) -> String {
     );
     let _ = writeln!(
         s,
-        "# HELP darkwatch_streams_forgotten_total Streams forgotten after [assemble] forget_after_secs without a message; their slots went to new streams.
-         # TYPE darkwatch_streams_forgotten_total counter
+        "# HELP darkwatch_streams_forgotten_total Streams forgotten after [assemble] forget_after_secs without a message; their slots went to new streams.\n\
+         # TYPE darkwatch_streams_forgotten_total counter\n\
          darkwatch_streams_forgotten_total {}",
         load(&c.streams_forgotten)
     );

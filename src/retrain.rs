@@ -578,6 +578,11 @@ pub struct CheckpointStore {
 
 /// Prefix of a checkpoint directory: `ckpt-00000042`.
 const CKPT_PREFIX: &str = "ckpt-";
+
+/// The directory name of version `version`'s checkpoint in a state directory.
+pub fn checkpoint_name(version: u64) -> String {
+    format!("{CKPT_PREFIX}{version:08}")
+}
 const TMP_PREFIX: &str = ".tmp-";
 pub const HISTORY_FILE: &str = "history.jsonl";
 /// The id of the model (from the model directory) that the checkpoints descend from.
@@ -614,7 +619,7 @@ impl CheckpointStore {
     /// The state directory cannot be written.
     pub fn write(&self, model: &Model) -> Result<PathBuf, RetrainError> {
         fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
-        let name = format!("{CKPT_PREFIX}{:08}", model.meta.version);
+        let name = checkpoint_name(model.meta.version);
         let tmp = self.dir.join(format!("{TMP_PREFIX}{name}"));
         let done = self.dir.join(&name);
         if tmp.exists() {
@@ -1291,6 +1296,11 @@ impl SinkSide {
             deferred: None,
             shared,
         }
+    }
+
+    /// The model version this side expects its frames to be scored by.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Call first for each scored frame: when it is the first frame of a new model version,

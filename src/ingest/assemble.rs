@@ -255,7 +255,8 @@ pub struct AssemblerConfig {
     /// in the lag windows and in the sink (threshold, alert, retraining), and its slot is
     /// taken by the next new stream, so that streams with changing names (job or pod
     /// topics) never fill `max_streams` for good. A stream that comes back starts afresh.
-    /// 0: never. Otherwise at least [`MIN_FORGET_AFTER_SECS`]. Default 3600 (an hour,
+    /// 0: never. Otherwise at least [`MIN_FORGET_AFTER_SECS`] after the stream's last window
+    /// can have closed, `(lateness_windows + 1) × window_secs`. Default 3600 (an hour,
     /// well after `[alert] silence_secs` resolved its alert). Raw input too.
     pub forget_after_secs: f64,
 }
@@ -263,10 +264,20 @@ pub struct AssemblerConfig {
 /// `[assemble] forget_after_secs` when absent: an hour.
 pub const DEFAULT_FORGET_AFTER_SECS: f64 = 3600.0;
 
-/// The shortest `[assemble] forget_after_secs` other than 0: a stream's last frames leave
-/// within `lateness_windows + 1` windows of its last sample, and must have been scored
-/// before its slot can go to another stream.
+/// The least margin of `[assemble] forget_after_secs` (other than 0) past the close of a
+/// stream's last window: its last frames leave within `lateness_windows + 1` windows of its
+/// last sample, and must have been scored before its slot can go to another stream. The
+/// slot's hand-back is not ordered against the frame ring, so this margin is what keeps a
+/// frame of the old stream from reaching the sink after its state was dropped: it would
+/// take a sink a minute behind its source (a ring of 4096 frames full for that long).
 pub const MIN_FORGET_AFTER_SECS: f64 = 60.0;
+
+impl AssemblerConfig {
+    /// The shortest `forget_after_secs` other than 0 (see [`MIN_FORGET_AFTER_SECS`]).
+    pub fn min_forget_after_secs(&self) -> f64 {
+        MIN_FORGET_AFTER_SECS + f64::from(self.lateness_windows + 1) * self.window_secs
+    }
+}
 
 impl Default for AssemblerConfig {
     fn default() -> Self {
@@ -307,9 +318,9 @@ pub enum AssemblerError {
     #[error("max_streams must be at least 1")]
     MaxStreams,
     #[error(
-        "forget_after_secs must be 0 (never) or a finite number of seconds of at least {MIN_FORGET_AFTER_SECS}, got {0}"
+        "forget_after_secs must be 0 (never) or a finite number of seconds of at least {min}, got {got}: {MIN_FORGET_AFTER_SECS} s after a stream's last window can close ((lateness_windows + 1) × window_secs)"
     )]
-    ForgetAfterSecs(f64),
+    ForgetAfterSecs { got: f64, min: f64 },
     #[error("lateness_windows must be at most {MAX_LATENESS_WINDOWS}, got {0}")]
     LatenessWindows(u32),
     #[error("the model has no features")]
@@ -325,7 +336,7 @@ impl AssemblerError {
             AssemblerError::WindowSecs(_) => Some("window_secs"),
             AssemblerError::StaleSecs(_) => Some("stale_secs"),
             AssemblerError::MaxStreams => Some("max_streams"),
-            AssemblerError::ForgetAfterSecs(_) => Some("forget_after_secs"),
+            AssemblerError::ForgetAfterSecs { .. } => Some("forget_after_secs"),
             AssemblerError::LatenessWindows(_) => Some("lateness_windows"),
             AssemblerError::NoFeatures | AssemblerError::DuplicateFeature(_) => None,
         }
@@ -542,12 +553,13 @@ impl Assembler {
         if cfg.max_streams == 0 {
             return Err(AssemblerError::MaxStreams);
         }
-        let f = cfg.forget_after_secs;
-        if !(f == 0.0 || (f.is_finite() && f >= MIN_FORGET_AFTER_SECS)) {
-            return Err(AssemblerError::ForgetAfterSecs(f));
-        }
         if cfg.lateness_windows > MAX_LATENESS_WINDOWS {
             return Err(AssemblerError::LatenessWindows(cfg.lateness_windows));
+        }
+        let f = cfg.forget_after_secs;
+        let min = cfg.min_forget_after_secs();
+        if !(f == 0.0 || (f.is_finite() && f >= min)) {
+            return Err(AssemblerError::ForgetAfterSecs { got: f, min });
         }
         if feature_names.is_empty() {
             return Err(AssemblerError::NoFeatures);

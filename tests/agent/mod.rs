@@ -922,6 +922,12 @@ fn a_reload_with_online_retraining_keeps_the_scored_model_its_thresholds_and_ale
         reloaded.contains("kept_thresholds=true") && reloaded.contains("kept_alert_state=true"),
         "{reloaded}"
     );
+    // The trainer and its reservoir went on: a restarted one would say nothing here.
+    let continued = err
+        .lines()
+        .find(|l| l.contains("Reload: the model loaded is the running retraining's"))
+        .unwrap_or_else(|| panic!("the reload did not continue the retraining: {err}"));
+    assert!(continued.contains("kept_retraining=true"), "{continued}");
     // Only the stop ended the episode, with the model version that fired it.
     sub.wait("the episode resolved by the stop", |got| {
         got.iter().any(|p| {
