@@ -581,17 +581,10 @@ fn the_dashboard_is_importable_with_unique_panel_ids_and_filtered_queries() {
 /// parser, when promtool is at hand (`PROMTOOL`, else `promtool` on `PATH`).
 #[test]
 fn the_dashboard_queries_parse_with_promtool_when_it_is_at_hand() {
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let found = std::process::Command::new(&promtool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!(
-            "note: no promtool ({promtool}); the dashboard's PromQL is not parsed (.ci/run fetches it)"
-        );
+    let Some(promtool) = promtool("the dashboard's PromQL is not parsed (.ci/run fetches it)")
+    else {
         return;
-    }
+    };
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, (place, expr, variable)) in dashboard_queries(&dashboard()).iter().enumerate() {
         let expr = if *variable {
@@ -631,15 +624,9 @@ fn the_dashboard_queries_parse_with_promtool_when_it_is_at_hand() {
 /// does), when promtool is at hand: a rule edited without its unit tests fails here too.
 #[test]
 fn the_rules_pass_promtool_check_and_their_unit_tests_when_it_is_at_hand() {
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let found = std::process::Command::new(&promtool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!("note: no promtool ({promtool}); the rules are not unit-tested here");
+    let Some(promtool) = promtool("the rules are not unit-tested here") else {
         return;
-    }
+    };
     for (command, file) in [
         ("check", RULES),
         ("test", "deploy/prometheus/darkwatch-rules.test.yml"),
@@ -670,4 +657,20 @@ fn check_with_promtool(promtool: &str, file: &Path, rules: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// promtool (`PROMTOOL`, else `promtool` on `PATH`) when it runs; otherwise a note saying
+/// what is `skipped`, and `None`.
+fn promtool(skipped: &str) -> Option<String> {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let found = std::process::Command::new(&promtool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        Some(promtool)
+    } else {
+        eprintln!("note: no promtool ({promtool}); {skipped}");
+        None
+    }
 }
