@@ -738,20 +738,8 @@ fn agent_retrains_online_and_resumes_from_its_checkpoint() {
         &mqtt,
         &retrain,
     );
-    let frames = darkwatch::ingest::read_table(
-        &repo("tests/data/smd/machine-1-6_train.npy"),
-        &darkwatch::ingest::TableOptions::default(),
-    )
-    .unwrap()
-    .values;
-    let raw_on = |topic: &str, lo: usize, hi: usize| -> Vec<(String, Vec<u8>)> {
-        (lo..hi)
-            .map(|i| {
-                let bytes = frames.row(i).iter().flat_map(|v| v.to_le_bytes()).collect();
-                (topic.to_string(), bytes)
-            })
-            .collect()
-    };
+    let frames = smd_train_rows();
+    let raw_on = |topic: &str, lo: usize, hi: usize| raw_rows(&frames, topic, lo, hi, 0.0);
     let raw = |lo: usize, hi: usize| raw_on("act/node1", lo, hi);
 
     let mut agent = Agent::start(&cfg, metrics, &[]);
@@ -846,25 +834,9 @@ fn a_reload_with_online_retraining_keeps_the_scored_model_its_thresholds_and_ale
         &mqtt,
         &extra,
     );
-    let frames = darkwatch::ingest::read_table(
-        &repo("tests/data/smd/machine-1-6_train.npy"),
-        &darkwatch::ingest::TableOptions::default(),
-    )
-    .unwrap()
-    .values;
+    let frames = smd_train_rows();
     // Rows `lo..hi` on act/node1, each value raised by `shift`.
-    let raw = |lo: usize, hi: usize, shift: f32| -> Vec<(String, Vec<u8>)> {
-        (lo..hi)
-            .map(|i| {
-                let bytes = frames
-                    .row(i)
-                    .iter()
-                    .flat_map(|v| (v + shift).to_le_bytes())
-                    .collect();
-                ("act/node1".to_string(), bytes)
-            })
-            .collect()
-    };
+    let raw = |lo: usize, hi: usize, shift: f32| raw_rows(&frames, "act/node1", lo, hi, shift);
     let scored = "darkwatch_frames_scored_total";
     let mut agent = Agent::start(&cfg, metrics, &[]);
     agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
@@ -1592,4 +1564,35 @@ fn the_embedded_broker_counts_and_logs_what_it_skips() {
         )),
         "the stop summary: {summary}"
     );
+}
+
+/// The bundled machine-1-6 training rows: the frames the retraining tests publish.
+fn smd_train_rows() -> ndarray::Array2<f32> {
+    darkwatch::ingest::read_table(
+        &repo("tests/data/smd/machine-1-6_train.npy"),
+        &darkwatch::ingest::TableOptions::default(),
+    )
+    .unwrap()
+    .values
+}
+
+/// Rows `lo..hi` of `rows` as raw little-endian f32 frames on `topic`, each value raised by
+/// `shift` (0: the values as they are, bit for bit).
+fn raw_rows(
+    rows: &ndarray::Array2<f32>,
+    topic: &str,
+    lo: usize,
+    hi: usize,
+    shift: f32,
+) -> Vec<(String, Vec<u8>)> {
+    (lo..hi)
+        .map(|i| {
+            let bytes = rows
+                .row(i)
+                .iter()
+                .flat_map(|&v| if shift == 0.0 { v } else { v + shift }.to_le_bytes())
+                .collect();
+            (topic.to_string(), bytes)
+        })
+        .collect()
 }
