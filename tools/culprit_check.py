@@ -114,6 +114,9 @@ def report(res):
 
 
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     labels = "--labels" in sys.argv
     smd = args[0] if len(args) > 0 else "../shared/data/smd"
