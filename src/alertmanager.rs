@@ -736,6 +736,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 pub struct Poster {
     target: Target,
     timeout: Duration,
+    /// `[alertmanager] ca_file`, named when Alertmanager's certificate is not trusted.
+    ca_file: PathBuf,
     tls: Option<(
         tokio_rustls::TlsConnector,
         rustls::pki_types::ServerName<'static>,
@@ -783,6 +785,7 @@ impl Poster {
         Ok(Poster {
             target,
             timeout: Duration::from_secs_f64(cfg.timeout_secs),
+            ca_file: cfg.ca_file.clone(),
             tls,
         })
     }
@@ -834,7 +837,10 @@ impl Poster {
             let _ = tcp.set_nodelay(true);
             match &self.tls {
                 Some((connector, name)) => {
-                    let tls = connector.connect(name.clone(), tcp).await?;
+                    let tls = connector
+                        .connect(name.clone(), tcp)
+                        .await
+                        .map_err(|e| self.handshake_error(e))?;
                     exchange(tls, &request, max).await
                 }
                 None => exchange(tcp, &request, max).await,
@@ -846,6 +852,23 @@ impl Poster {
             Ok(Ok(raw)) if raw.is_empty() => Err("connection closed without an answer".into()),
             Ok(Ok(raw)) => Ok(raw),
         }
+    }
+
+    /// A failed TLS handshake, saying what to mend when Alertmanager's certificate is not
+    /// trusted: rustls's own words (`invalid peer certificate: UnknownIssuer`) do not name
+    /// the key, and the log line would read like a network failure.
+    fn handshake_error(&self, e: std::io::Error) -> std::io::Error {
+        let certificate = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+        if !certificate {
+            return e;
+        }
+        std::io::Error::other(format!(
+            "TLS: Alertmanager's certificate is not trusted ({e}): [alertmanager] ca_file ({}) must hold the CA certificate that signed it, and the certificate must name the host of [alertmanager] url",
+            self.ca_file.display()
+        ))
     }
 
     /// One POST of `body` (a JSON array), within the timeout.
