@@ -1,7 +1,7 @@
 //! `darkwatch alertmanager`, the real binary, between the in-process embedded broker
 //! (rumqttd) and an Alertmanager: a small HTTP endpoint of the test's own that records
-//! every POST and answers as scripted, and (in `real`) the real Alertmanager when it is
-//! installed.
+//! every POST and answers as scripted (plain, or https with the self-signed certificate
+//! in `tests/data/tls`), and (in `real`) the real Alertmanager when it is installed.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::util::broker::{WAIT, free_port, publish_all, unique, wait_for};
-use crate::util::{darkwatch, run};
+use crate::util::{darkwatch, repo, run};
 
 mod real;
 
@@ -66,6 +66,25 @@ impl FakeAm {
     }
 
     pub fn answering(listener: TcpListener, script: &[u16], reply: StatusReply) -> FakeAm {
+        FakeAm::serving(listener, script, reply, None)
+    }
+
+    /// The fake over TLS: it presents `tests/data/tls/localhost.pem` (see [`tls_server`]).
+    pub fn tls(script: &[u16]) -> FakeAm {
+        FakeAm::serving(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            script,
+            StatusReply::Alertmanager,
+            Some(tls_server()),
+        )
+    }
+
+    fn serving(
+        listener: TcpListener,
+        script: &[u16],
+        reply: StatusReply,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> FakeAm {
         let port = listener.local_addr().unwrap().port();
         let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
         let gets: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -75,54 +94,23 @@ impl FakeAm {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                let Some((head, body)) = read_request(&mut conn) else {
-                    continue;
+                let mut answer = |conn: &mut dyn ReadWrite| {
+                    answer_one(conn, reply, &mut script, &log, &get_log);
                 };
-                if head.starts_with("GET ") {
-                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
-                    match reply {
-                        StatusReply::Alertmanager if path.ends_with("/api/v2/status") => {
-                            let json = json!({
-                                "cluster": {"name": "01FAKE", "peers": [], "status": "ready"},
-                                "config": {"original": format!("route:\n  receiver: \"null\"\n# {}\n", "x".repeat(5000))},
-                                "uptime": "2024-05-01T10:00:00.000Z",
-                                "versionInfo": {"branch": "HEAD", "buildDate": "", "buildUser": "", "goVersion": "go1.22", "revision": "fake", "version": FAKE_VERSION}
-                            })
-                            .to_string();
-                            let (a, b) = json.split_at(json.len() / 2);
-                            let _ = write!(
-                                conn,
-                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
-                                a.len(),
-                                b.len()
-                            );
-                        }
-                        _ => {
-                            let _ = write!(
-                                conn,
-                                "HTTP/1.1 404 Not Found\r\nContent-Length: 19\r\nConnection: close\r\n\r\n404 page not found\n"
-                            );
-                        }
+                match &tls {
+                    None => answer(&mut conn),
+                    Some(config) => {
+                        let Ok(server) = rustls::ServerConnection::new(config.clone()) else {
+                            continue;
+                        };
+                        // A client that refuses the certificate ends the handshake: the
+                        // read fails, and nothing is recorded.
+                        let mut tls = rustls::StreamOwned::new(server, conn);
+                        answer(&mut tls);
+                        tls.conn.send_close_notify();
+                        let _ = tls.flush();
                     }
-                    get_log.lock().unwrap().push(path);
-                    continue;
                 }
-                let status = if body.contains("poison") {
-                    400
-                } else {
-                    script.pop_front().unwrap_or(200)
-                };
-                let text = if status == 400 {
-                    "bad alert: invalid label set"
-                } else {
-                    ""
-                };
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                    text.len()
-                );
-                log.lock().unwrap().push(Request { head, body, status });
             }
         });
         FakeAm {
@@ -151,8 +139,91 @@ impl FakeAm {
     }
 }
 
+/// A connection the fake answers on: TCP, or TLS over it.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Reads one request on `conn` and answers it as [`FakeAm`] says, recording it.
+fn answer_one(
+    conn: &mut dyn ReadWrite,
+    reply: StatusReply,
+    script: &mut std::collections::VecDeque<u16>,
+    log: &Mutex<Vec<Request>>,
+    get_log: &Mutex<Vec<String>>,
+) {
+    let Some((head, body)) = read_request(conn) else {
+        return;
+    };
+    if head.starts_with("GET ") {
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+        match reply {
+            StatusReply::Alertmanager if path.ends_with("/api/v2/status") => {
+                let json = json!({
+                    "cluster": {"name": "01FAKE", "peers": [], "status": "ready"},
+                    "config": {"original": format!("route:\n  receiver: \"null\"\n# {}\n", "x".repeat(5000))},
+                    "uptime": "2024-05-01T10:00:00.000Z",
+                    "versionInfo": {"branch": "HEAD", "buildDate": "", "buildUser": "", "goVersion": "go1.22", "revision": "fake", "version": FAKE_VERSION}
+                })
+                .to_string();
+                let (a, b) = json.split_at(json.len() / 2);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                    a.len(),
+                    b.len()
+                );
+            }
+            _ => {
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 19\r\nConnection: close\r\n\r\n404 page not found\n"
+                );
+            }
+        }
+        get_log.lock().unwrap().push(path);
+        return;
+    }
+    let status = if body.contains("poison") {
+        400
+    } else {
+        script.pop_front().unwrap_or(200)
+    };
+    let text = if status == 400 {
+        "bad alert: invalid label set"
+    } else {
+        ""
+    };
+    let _ = write!(
+        conn,
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    log.lock().unwrap().push(Request { head, body, status });
+}
+
+/// The test's TLS server configuration: `tests/data/tls/localhost.pem` and its key, a
+/// self-signed certificate for `localhost` and `127.0.0.1` (see the README there).
+fn tls_server() -> Arc<rustls::ServerConfig> {
+    let read = |name: &str| std::fs::read(repo(&format!("tests/data/tls/{name}"))).unwrap();
+    let certs = rustls_pemfile::certs(&mut &*read("localhost.pem"))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut &*read("localhost.key"))
+        .unwrap()
+        .expect("a private key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    Arc::new(config)
+}
+
 /// Reads one HTTP request: its head and its body (by Content-Length).
-fn read_request(conn: &mut TcpStream) -> Option<(String, String)> {
+fn read_request(conn: &mut dyn ReadWrite) -> Option<(String, String)> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -729,6 +800,170 @@ fn a_url_that_is_not_alertmanager_is_reported_loudly_at_the_start() {
         )),
         "{line}"
     );
+}
+
+/// `tests/data/tls/<name>` as a TOML string value.
+fn tls_file(name: &str) -> String {
+    format!("\"{}\"", repo(&format!("tests/data/tls/{name}")).display())
+}
+
+/// https with `ca_file` holding Alertmanager's certificate: the start-up check and the
+/// POSTs go over TLS (through rustls, the crate's own), and every alert arrives.
+#[test]
+fn bridge_posts_over_https_to_an_alertmanager_its_ca_file_trusts() {
+    let port = embedded_broker();
+    let am = FakeAm::tls(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        port,
+        &format!("https://127.0.0.1:{}", am.port),
+        &format!("ca_file = {}\nflush_ms = 50\n", tls_file("localhost.pem")),
+    );
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_log("Subscribed.", 1);
+    // The status GET went over TLS too (its answer chunked, as Go sends it).
+    bridge.wait_log("Alertmanager answers at [alertmanager] url.", 1);
+    assert_eq!(am.gets(), ["/api/v2/status"]);
+    assert!(
+        bridge
+            .stderr()
+            .contains(&format!("url=https://127.0.0.1:{}/api/v2/status", am.port)),
+        "{}",
+        bridge.stderr()
+    );
+    let node = unique("n");
+    let t0 = "2024-05-01T10:00:00Z";
+    publish_all(
+        port,
+        &[
+            (topic(&node, "t1"), event("firing", "t1", t0, UNSET, 4.0)),
+            (topic(&node, "t2"), event("firing", "t2", t0, UNSET, 5.0)),
+            (
+                topic(&node, "t1"),
+                event("resolved", "t1", t0, "2024-05-01T10:05:00Z", 1.0),
+            ),
+        ],
+    );
+    wait_for("3 alerts accepted over TLS", || am.accepted().len() >= 3);
+    let mut streams: Vec<String> = am
+        .accepted()
+        .iter()
+        .map(|a| a["labels"]["stream"].as_str().unwrap().to_string())
+        .collect();
+    streams.sort();
+    assert_eq!(streams, ["t1", "t1", "t2"]);
+    for r in am.requests() {
+        assert!(
+            r.head.starts_with("POST /api/v2/alerts HTTP/1.1\r\n"),
+            "{}",
+            r.head
+        );
+        assert!(
+            r.head.contains(&format!("Host: 127.0.0.1:{}\r\n", am.port)),
+            "{}",
+            r.head
+        );
+    }
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{status}\n{err}");
+    assert!(
+        err.contains("3 messages received = 3 alerts forwarded"),
+        "{err}"
+    );
+    assert!(!err.contains("POST to Alertmanager failed"), "{err}");
+}
+
+/// Alertmanager's certificate is not one `ca_file` trusts: nothing goes over that
+/// connection, the WARN says which key to mend, and the alerts stay unacknowledged in
+/// the broker; once `ca_file` is mended (same client id, so the same session), they arrive.
+#[test]
+fn an_untrusted_alertmanager_certificate_is_refused_loudly_and_nothing_is_lost() {
+    let port = embedded_broker();
+    let am = FakeAm::tls(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = free_port();
+    let untrusted = format!("ca_file = {}\n", tls_file("other.pem"));
+    let config = bridge_config(
+        dir.path(),
+        port,
+        &format!("https://127.0.0.1:{}", am.port),
+        &format!(
+            "{untrusted}flush_ms = 50\nretry_max_secs = 0.5\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"
+        ),
+    );
+    let node = unique("n");
+    let t0 = "2024-05-01T10:00:00Z";
+    let ev = |s: &str| (topic(&node, s), event("firing", s, t0, UNSET, 5.0));
+
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_log("Subscribed.", 1);
+    // The start-up check fails the handshake as the POSTs will.
+    bridge.wait_log("Alertmanager does not answer yet", 1);
+    publish_all(port, &[ev("u1"), ev("u2")]);
+    bridge.wait_log("POST to Alertmanager failed", 1);
+    wait_for("u1 and u2 in hand", || {
+        scrape(metrics).and_then(|m| sample(&m, "darkwatch_bridge_messages_in_hand")) == Some(2.0)
+    });
+    let m = scrape(metrics).unwrap();
+    assert_eq!(
+        sample(&m, "darkwatch_bridge_alerts_forwarded_total"),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "darkwatch_bridge_posts_total{result=\"failed\"}").is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    // Refused in the handshake: no request reached the server.
+    assert!(am.requests().is_empty(), "{:?}", am.requests());
+    assert!(am.gets().is_empty(), "{:?}", am.gets());
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{status}\n{err}");
+    for start in [
+        "POST to Alertmanager failed; retrying",
+        "Alertmanager does not answer yet",
+    ] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(start))
+            .unwrap_or_else(|| panic!("no {start:?}:\n{err}"));
+        assert!(line.contains(" WARN "), "{line}");
+        assert!(
+            line.contains("Alertmanager's certificate is not trusted")
+                && line.contains("UnknownIssuer")
+                && line.contains("[alertmanager] ca_file")
+                && line.contains("other.pem"),
+            "{line}"
+        );
+    }
+    assert!(
+        err.contains("2 messages received = 0 alerts forwarded (in 0 POSTs) + 0 refused by Alertmanager + 0 not darkwatch alert events + 2 unacknowledged in hand"),
+        "{err}"
+    );
+    assert!(err.contains("unacknowledged=2"), "{err}");
+
+    // ca_file mended, nothing else: the broker kept both for the bridge's session.
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(&untrusted), "{text}");
+    let trusted = format!("ca_file = {}\n", tls_file("localhost.pem"));
+    std::fs::write(&config, text.replace(&untrusted, &trusted)).unwrap();
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_log("Alertmanager answers at [alertmanager] url.", 1);
+    wait_for("u1 and u2 at Alertmanager", || {
+        let mut got: Vec<String> = am
+            .accepted()
+            .iter()
+            .map(|a| a["labels"]["stream"].as_str().unwrap().to_string())
+            .collect();
+        got.sort();
+        got.dedup();
+        got == ["u1", "u2"]
+    });
+    let (status, err) = bridge.stop();
+    assert!(status.success(), "{status}\n{err}");
+    assert!(err.contains("session_present=true"), "{err}");
+    assert!(err.contains("0 unacknowledged in hand"), "{err}");
 }
 
 #[test]
