@@ -1,9 +1,11 @@
-//! What operators load to watch the agent (`deploy/`): the Prometheus rules and the
-//! Grafana dashboard. Every metric they query must be one the real agent exports (or a
-//! recording rule of the rules file, or Prometheus's own `up`), the rules must carry what
-//! Alertmanager routes and shows by, and the dashboard must import.
+//! What operators load to watch the agent and its Alertmanager bridge (`deploy/`): the
+//! Prometheus rules and the two Grafana dashboards, the agent's and the bridge's. Every
+//! metric they query must be one the real process they watch exports (the rules watch
+//! both; or a recording rule of the rules file, or Prometheus's own `up`), every
+//! `darkwatch_*` metric a process exports must have a panel on its dashboard, the rules
+//! must carry what Alertmanager routes and shows by, and the dashboards must import.
 //!
-//! With `PROMTOOL` (or `promtool` on `PATH`) the dashboard's queries are also parsed by
+//! With `PROMTOOL` (or `promtool` on `PATH`) the dashboards' queries are also parsed by
 //! Prometheus itself; `.ci/run` fetches promtool from apt and checks and unit-tests the rules
 //! with it (`deploy/prometheus/darkwatch-rules.test.yml`).
 
@@ -16,7 +18,12 @@ use crate::util::broker::{Agent, free_port};
 use crate::util::repo;
 
 const RULES: &str = "deploy/prometheus/darkwatch-rules.yml";
+/// The agent's dashboard: its `job` variable reads `darkwatch_model_info`.
 const DASHBOARD: &str = "deploy/grafana/darkwatch.json";
+/// The bridge's dashboard: its `job` variable reads `darkwatch_bridge_mqtt_connected`
+/// (the bridge scraped in a job of its own; see the README, "Alerts into Alertmanager").
+const BRIDGE_DASHBOARD: &str = "deploy/grafana/darkwatch-bridge.json";
+const DASHBOARDS: [&str; 2] = [DASHBOARD, BRIDGE_DASHBOARD];
 
 /// Series Prometheus makes itself for every target, which no exporter exposes.
 const FROM_PROMETHEUS: &[&str] = &["up"];
@@ -236,10 +243,10 @@ fn recorded() -> BTreeSet<String> {
         .collect()
 }
 
-/// The dashboard, parsed.
-fn dashboard() -> serde_json::Value {
-    let text = std::fs::read_to_string(repo(DASHBOARD)).unwrap();
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{DASHBOARD}: {e}"))
+/// A dashboard (`DASHBOARD`, `BRIDGE_DASHBOARD`), parsed.
+fn dashboard(file: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo(file)).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
 /// Every panel, those inside collapsed rows included.
@@ -254,7 +261,7 @@ fn panels(dash: &serde_json::Value) -> Vec<&serde_json::Value> {
     out
 }
 
-/// Every PromQL expression the dashboard runs (`where`, `expr`): panel targets, and the
+/// Every PromQL expression a dashboard runs (`where`, `expr`): panel targets, and the
 /// query variables (as [`variable_query_names`] reads them, flagged `true`).
 fn dashboard_queries(dash: &serde_json::Value) -> Vec<(String, String, bool)> {
     let mut out = Vec::new();
@@ -276,9 +283,9 @@ fn dashboard_queries(dash: &serde_json::Value) -> Vec<(String, String, bool)> {
     out
 }
 
-/// Every expression of both files (`where`, names it selects).
-fn referenced() -> Vec<(String, BTreeSet<String>)> {
-    let mut out: Vec<(String, BTreeSet<String>)> = rules()
+/// Every expression of the rules file (`where`, names it selects).
+fn rule_references() -> Vec<(String, BTreeSet<String>)> {
+    rules()
         .iter()
         .map(|r| {
             let name = field(r, &["alert"])
@@ -287,16 +294,76 @@ fn referenced() -> Vec<(String, BTreeSet<String>)> {
             let expr = field(r, &["expr"]).unwrap_or_default();
             (format!("{RULES} rule {name}"), metric_names(expr))
         })
-        .collect();
-    for (place, expr, variable) in dashboard_queries(&dashboard()) {
-        let names = if variable {
-            variable_query_names(&expr)
-        } else {
-            metric_names(&expr)
-        };
-        out.push((format!("{DASHBOARD} {place}"), names));
+        .collect()
+}
+
+/// Every expression of a dashboard (`where`, names it selects).
+fn dashboard_references(file: &str) -> Vec<(String, BTreeSet<String>)> {
+    dashboard_queries(&dashboard(file))
+        .into_iter()
+        .map(|(place, expr, variable)| {
+            let names = if variable {
+                variable_query_names(&expr)
+            } else {
+                metric_names(&expr)
+            };
+            (format!("{file} {place}"), names)
+        })
+        .collect()
+}
+
+/// The metric family of a sample name: a histogram's `_bucket`, `_sum` and `_count`
+/// series are its family (by the exposition's `# TYPE` line); any other name is its own.
+fn family(exposition: &str, name: &str) -> String {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .filter(|f| exposition.contains(&format!("# TYPE {f} histogram")))
+        .unwrap_or(name)
+        .to_string()
+}
+
+/// Checks `file` against the real `/metrics` of the process it watches: every metric its
+/// panels and variables select is exported there (or recorded by the rules, or `up`), and
+/// every `darkwatch_*` family exported there is selected by a panel (a variable alone is
+/// no place to see it). Returns the names the dashboard selects.
+fn check_dashboard(file: &str, exposition: &str, recorded: &BTreeSet<String>) -> BTreeSet<String> {
+    let exported = sample_names(exposition);
+    let mut unknown = Vec::new();
+    let mut used = BTreeSet::new();
+    for (place, names) in dashboard_references(file) {
+        assert!(!names.is_empty(), "{place}: selects no metric");
+        for name in names {
+            let known = exported.contains(&name)
+                || recorded.contains(&name)
+                || FROM_PROMETHEUS.contains(&name.as_str());
+            if !known {
+                unknown.push(format!("{place}: {name}"));
+            }
+            used.insert(name);
+        }
     }
-    out
+    assert!(
+        unknown.is_empty(),
+        "metrics the process {file} watches does not export (histograms are queried as <name>_bucket, _sum or _count):\n{}\n\nexported: {exported:?}",
+        unknown.join("\n")
+    );
+    let on_panels: BTreeSet<String> = dashboard_queries(&dashboard(file))
+        .iter()
+        .filter(|(_, _, variable)| !variable)
+        .flat_map(|(_, e, _)| metric_names(e))
+        .map(|n| family(exposition, &n))
+        .collect();
+    let missing: BTreeSet<String> = exported
+        .iter()
+        .map(|n| family(exposition, n))
+        .filter(|f| f.starts_with("darkwatch_") && !on_panels.contains(f))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "exported but on no panel of {file}: {missing:?}"
+    );
+    used
 }
 
 /// The names of the samples in an exposition (histograms: `_bucket`, `_sum`, `_count`).
@@ -354,9 +421,9 @@ fn scrape_bridge() -> String {
     text
 }
 
-/// Every metric the rules and the dashboard query is one the agent (or, for the bridge's
-/// rules, the Alertmanager bridge) exports (or a recorded one, or `up`), and every metric
-/// family the agent exports has a place on the dashboard.
+/// Every metric the rules query is one the agent or the Alertmanager bridge exports (or a
+/// recorded one, or `up`); every metric the agent's dashboard queries is one the agent
+/// exports, and every `darkwatch_*` metric the agent exports has a panel there.
 #[test]
 fn every_metric_the_rules_and_the_dashboard_query_is_exported_by_the_agent() {
     let exposition = scrape_agent();
@@ -380,7 +447,7 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported_by_the_agent() {
     let recorded = recorded();
     let mut unknown = Vec::new();
     let mut used = BTreeSet::new();
-    for (place, names) in referenced() {
+    for (place, names) in rule_references() {
         assert!(!names.is_empty(), "{place}: selects no metric");
         for name in names {
             let known = exported.contains(&name)
@@ -395,41 +462,40 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported_by_the_agent() {
     }
     assert!(
         unknown.is_empty(),
-        "metrics the agent does not export (histograms are queried as <name>_bucket, _sum or _count):\n{}\n\nexported: {exported:?}",
+        "metrics neither the agent nor the bridge exports (histograms are queried as <name>_bucket, _sum or _count):\n{}\n\nagent: {exported:?}\nbridge: {bridge:?}",
         unknown.join("\n")
     );
-    // A histogram family counts as on the dashboard through any of its series.
-    let family = |n: &str| {
-        ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| n.strip_suffix(s))
-            .filter(|f| exposition.contains(&format!("# TYPE {f} histogram")))
-            .unwrap_or(n)
-            .to_string()
-    };
-    let dash_names: BTreeSet<String> = dashboard_queries(&dashboard())
-        .iter()
-        .flat_map(|(_, e, v)| {
-            if *v {
-                variable_query_names(e)
-            } else {
-                metric_names(e)
-            }
-        })
-        .map(|n| family(&n))
-        .collect();
-    let missing: Vec<String> = exported
-        .iter()
-        .map(|n| family(n))
-        .filter(|f| f.starts_with("darkwatch_") && !dash_names.contains(f))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "exported but on no panel of {DASHBOARD}: {missing:?}"
-    );
+    used.extend(check_dashboard(DASHBOARD, &exposition, &recorded));
     assert!(used.len() > 20, "{used:?}");
+}
+
+/// The bridge's dashboard against the real bridge's `/metrics`: every `darkwatch_*`
+/// metric it exports (`darkwatch_bridge_*`, its build info) has a panel, and every
+/// query selects only what the bridge exports (or `up`), none of the agent's.
+#[test]
+fn every_bridge_metric_has_a_panel_on_the_bridge_dashboard_which_queries_only_the_bridge() {
+    let exposition = scrape_bridge();
+    let exported = sample_names(&exposition);
+    for want in [
+        "darkwatch_bridge_messages_in_hand",
+        "darkwatch_bridge_posts_total",
+        "darkwatch_bridge_post_duration_seconds_bucket",
+        "darkwatch_build_info",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            exported.contains(want),
+            "{want} not in the scrape:\n{exposition}"
+        );
+    }
+    let bridge_metrics = exported
+        .iter()
+        .filter(|n| n.starts_with("darkwatch_bridge_"))
+        .count();
+    assert!(bridge_metrics >= 10, "{exported:?}");
+    // The agent's recording rules are the agent's: the bridge's dashboard takes none.
+    let used = check_dashboard(BRIDGE_DASHBOARD, &exposition, &BTreeSet::new());
+    assert!(used.len() >= 10, "{used:?}");
 }
 
 /// Each alerting rule has what Alertmanager routes and shows by; recording rules follow the
@@ -506,19 +572,42 @@ fn every_alerting_rule_has_a_duration_a_severity_and_a_summary() {
     );
 }
 
-/// The dashboard imports: a Prometheus datasource variable that every query uses, `job`
+/// Each dashboard imports: a Prometheus datasource variable that every query uses, `job`
 /// and `instance` variables that every query filters by, unique panel ids, and panels
-/// that fit the 24-column grid.
+/// that fit the 24-column grid; the two have different uids and titles (an import would
+/// replace the other).
 #[test]
-fn the_dashboard_is_importable_with_unique_panel_ids_and_filtered_queries() {
-    let dash = dashboard();
+fn the_dashboards_are_importable_with_unique_panel_ids_and_filtered_queries() {
+    let mut uids = BTreeSet::new();
+    let mut titles = BTreeSet::new();
+    for file in DASHBOARDS {
+        let dash = dashboard(file);
+        check_importable(file, &dash);
+        assert!(uids.insert(dash["uid"].to_string()), "{file}: uid twice");
+        assert!(
+            titles.insert(dash["title"].to_string()),
+            "{file}: title twice"
+        );
+    }
+}
+
+/// The checks of [`the_dashboards_are_importable_with_unique_panel_ids_and_filtered_queries`]
+/// on one dashboard.
+fn check_importable(file: &str, dash: &serde_json::Value) {
     let schema = dash["schemaVersion"].as_u64().expect("schemaVersion");
-    assert!((36..=41).contains(&schema), "schemaVersion {schema}");
-    assert!(dash["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(
+        (36..=41).contains(&schema),
+        "{file}: schemaVersion {schema}"
+    );
+    assert!(
+        dash["title"].as_str().is_some_and(|t| !t.is_empty()),
+        "{file}: title"
+    );
     assert!(
         dash["uid"]
             .as_str()
-            .is_some_and(|u| !u.is_empty() && u.len() <= 40)
+            .is_some_and(|u| !u.is_empty() && u.len() <= 40),
+        "{file}: uid"
     );
     let vars: BTreeMap<&str, &serde_json::Value> = dash["templating"]["list"]
         .as_array()
@@ -526,21 +615,23 @@ fn the_dashboard_is_importable_with_unique_panel_ids_and_filtered_queries() {
         .iter()
         .map(|v| (v["name"].as_str().expect("variable name"), v))
         .collect();
-    let ds = vars.get("datasource").expect("a datasource variable");
-    assert_eq!(ds["type"], "datasource");
-    assert_eq!(ds["query"], "prometheus");
+    let ds = vars
+        .get("datasource")
+        .unwrap_or_else(|| panic!("{file}: no datasource variable"));
+    assert_eq!(ds["type"], "datasource", "{file}");
+    assert_eq!(ds["query"], "prometheus", "{file}");
     for name in ["job", "instance"] {
         let v = vars
             .get(name)
-            .unwrap_or_else(|| panic!("no {name} variable"));
-        assert_eq!(v["type"], "query", "{name}");
-        assert_eq!(v["datasource"]["uid"], "${datasource}", "{name}");
+            .unwrap_or_else(|| panic!("{file}: no {name} variable"));
+        assert_eq!(v["type"], "query", "{file}: {name}");
+        assert_eq!(v["datasource"]["uid"], "${datasource}", "{file}: {name}");
     }
     let mut ids = BTreeSet::new();
-    let all = panels(&dash);
-    assert!(all.len() > 10, "{} panels", all.len());
+    let all = panels(dash);
+    assert!(all.len() > 10, "{file}: {} panels", all.len());
     for p in &all {
-        let title = p["title"].as_str().unwrap_or_default();
+        let title = format!("{file}: {}", p["title"].as_str().unwrap_or_default());
         let id = p["id"].as_u64().unwrap_or_else(|| panic!("{title}: no id"));
         assert!(ids.insert(id), "panel id {id} twice ({title})");
         let pos = &p["gridPos"];
@@ -555,7 +646,10 @@ fn the_dashboard_is_importable_with_unique_panel_ids_and_filtered_queries() {
         if p["type"] == "row" {
             continue;
         }
-        assert!(!title.is_empty(), "panel {id} has no title");
+        assert!(
+            p["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "{file}: panel {id} has no title"
+        );
         assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
         let targets = p["targets"]
             .as_array()
@@ -577,24 +671,29 @@ fn the_dashboard_is_importable_with_unique_panel_ids_and_filtered_queries() {
     }
 }
 
-/// The dashboard's queries parse as PromQL (its variables filled in), by promtool's own
+/// The dashboards' queries parse as PromQL (their variables filled in), by promtool's own
 /// parser, when promtool is at hand (`PROMTOOL`, else `promtool` on `PATH`).
 #[test]
 fn the_dashboard_queries_parse_with_promtool_when_it_is_at_hand() {
-    let Some(promtool) = promtool("the dashboard's PromQL is not parsed (.ci/run fetches it)")
+    let Some(promtool) = promtool("the dashboards' PromQL is not parsed (.ci/run fetches it)")
     else {
         return;
     };
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
-    for (i, (place, expr, variable)) in dashboard_queries(&dashboard()).iter().enumerate() {
-        let expr = if *variable {
+    let queries = DASHBOARDS.iter().flat_map(|file| {
+        dashboard_queries(&dashboard(file))
+            .into_iter()
+            .map(move |(place, expr, variable)| (format!("{file} {place}"), expr, variable))
+    });
+    for (i, (place, expr, variable)) in queries.enumerate() {
+        let expr = if variable {
             // label_values(<selector>, <label>): the selector is PromQL.
-            match variable_query_names(expr).into_iter().next() {
+            match variable_query_names(&expr).into_iter().next() {
                 Some(metric) => metric,
                 None => continue,
             }
         } else {
-            expr.clone()
+            expr
         };
         let filled = [
             ("$__rate_interval", "5m"),
