@@ -866,7 +866,7 @@ impl Poster {
             return e;
         }
         std::io::Error::other(format!(
-            "TLS: Alertmanager's certificate is not trusted ({e}): [alertmanager] ca_file ({}) must hold the CA certificate that signed it, and the certificate must name the host of [alertmanager] url",
+            "{UNTRUSTED} ({e}): [alertmanager] ca_file ({}) must hold the CA certificate that signed it, and the certificate must name the host of [alertmanager] url",
             self.ca_file.display()
         ))
     }
@@ -898,6 +898,10 @@ impl Poster {
     }
 }
 
+/// How a refused Alertmanager certificate's error begins ([`Poster::handshake_error`]);
+/// [`judge_status`] tells it from a network failure by it.
+const UNTRUSTED: &str = "TLS: Alertmanager's certificate is not trusted";
+
 /// What `GET <url>/api/v2/status` at the start says of `[alertmanager] url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
@@ -909,11 +913,15 @@ pub enum Status {
     WrongPlace(String),
     /// No answer, or one that says "later" (5xx, 408, 429): alerts wait and are retried.
     Unreachable(String),
+    /// Alertmanager's certificate is not trusted (`[alertmanager] ca_file`): a setting to
+    /// mend, which waiting will not.
+    Untrusted(String),
 }
 
 /// Judges the answer to `GET /api/v2/status` (status and body), or why there is none.
 pub fn judge_status(got: Result<(u16, String), String>) -> Status {
     let (status, body) = match got {
+        Err(why) if why.starts_with(UNTRUSTED) => return Status::Untrusted(why),
         Err(why) => return Status::Unreachable(why),
         Ok(answer) => answer,
     };
@@ -960,6 +968,11 @@ async fn check_alertmanager(poster: Poster) {
             %url,
             %error,
             "Alertmanager does not answer yet; alerts will wait unacknowledged in the broker and be retried until it does (it may start after the bridge)."
+        ),
+        Status::Untrusted(error) => warn!(
+            %url,
+            %error,
+            "CERTIFICATE NOT TRUSTED: Alertmanager's certificate was refused, and every alert will wait unacknowledged in the broker until [alertmanager] ca_file holds the CA that signed it (retrying will not mend this)."
         ),
         Status::WrongPlace(answer) => warn!(
             %url,
@@ -2279,6 +2292,11 @@ mod tests {
         assert_eq!(
             judge_status(Err("Connection refused".into())),
             Status::Unreachable("Connection refused".into())
+        );
+        let refused = format!("{UNTRUSTED} (invalid peer certificate: UnknownIssuer): …");
+        assert_eq!(
+            judge_status(Err(refused.clone())),
+            Status::Untrusted(refused)
         );
         for (url, path) in [
             ("http://am:9093", "/api/v2/status"),
