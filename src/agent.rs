@@ -2323,9 +2323,9 @@ impl AgentSink {
         }
     }
 
-    /// Counts and drops a frame of a forgotten stream (see [`AgentSink::admit`]), logging
-    /// the 1st, 2nd, 4th, 8th… one.
-    fn stale(&self, meta: &FrameMeta) -> bool {
+    /// Counts a frame of a forgotten stream, which [`AgentSink::admit`] refuses (returns
+    /// false for it), logging the 1st, 2nd, 4th, 8th… one.
+    fn drop_stale(&self, meta: &FrameMeta) -> bool {
         let count = self.counters.frames_stale.fetch_add(1, Ordering::Relaxed) + 1;
         if count.is_power_of_two() {
             tracing::warn!(
@@ -2605,7 +2605,7 @@ impl Sink for AgentSink {
         let i = self.slot(meta.stream);
         let generation = meta.generation;
         if generation < self.generations[i] {
-            return self.stale(meta);
+            return self.drop_stale(meta);
         }
         if generation > self.generations[i] {
             self.generations[i] = generation;
@@ -2615,7 +2615,8 @@ impl Sink for AgentSink {
             return true;
         }
         // A stream's first frame (rare): its name, unless the source has given the slot to
-        // a newer stream since (its state was dropped before this frame came).
+        // a newer stream since. Then this stream was forgotten before the sink saw any of
+        // its frames, and its name is gone with it.
         let (name, latest) = self
             .streams
             .lock()
@@ -2624,7 +2625,7 @@ impl Sink for AgentSink {
             .unwrap_or_else(|| (i.to_string(), generation));
         if latest > generation {
             self.generations[i] = latest;
-            return self.stale(meta);
+            return self.drop_stale(meta);
         }
         let alerts = AlertState::new(
             &self.alert_cfg,
