@@ -109,29 +109,56 @@ enum Decoder {
     },
 }
 
-/// The raw decoder's streams: per stream name, its index, the seq its next frame takes,
-/// how many header ids in a row were not taken, and when its latest frame arrived
-/// (monotonic seconds); the indexes of forgotten streams given back by the sink; and the
-/// next index never used.
+/// The raw decoder's streams by name; the slots of forgotten streams, each with the
+/// generation its next stream takes; and the next slot never used.
 #[derive(Debug, Default)]
 struct RawStreams {
-    by_name: std::collections::HashMap<String, (u32, u64, u32, f64)>,
-    free: Vec<u32>,
+    by_name: std::collections::HashMap<String, RawStream>,
+    free: Vec<(u32, u32)>,
     next: u32,
 }
 
-/// What the source and the sink exchange to forget streams (`[assemble]
-/// forget_after_secs`), locked by the source on its clock polls (every 50 ms) and by the
-/// sink on its tick, never per frame: the source
-/// puts the index of each stream it forgot in `retired`; the sink drops its state for
-/// it, resolving a firing alert, and puts the index in `free`, from where the source gives
-/// it to a new stream. An index thus goes to another stream only after the sink let go of
-/// the old one.
+/// One raw stream: its slot and the slot's generation ([`FrameMeta::generation`]), the
+/// seq its next frame takes, how many header ids in a row were not taken, and when its
+/// latest frame arrived (monotonic seconds).
+#[derive(Debug, Clone, Copy)]
+struct RawStream {
+    index: u32,
+    generation: u32,
+    next_seq: u64,
+    ids_not_taken: u32,
+    last_mono: f64,
+}
+
+/// What the source tells the sink of the streams it forgot (`[assemble]
+/// forget_after_secs`), locked by the source on its clock polls (at most once a second)
+/// and by the sink on its tick, never per frame: the slot and generation of each. The
+/// sink then drops their state, resolving a firing alert, and frames of those generations
+/// that reach it later are dropped (see [`AgentSink::admit`]).
+///
+/// The slot itself is free at the source at once: each frame carries its slot's
+/// generation, and frames travel in order, so the scorer and the sink start a slot's state
+/// afresh at the first frame of its new stream, however far behind the input they run,
+/// whether or not the sink heard of the old stream's end yet. (The slot used to go to a
+/// new stream only once the sink had let go of it, a round trip of about a second in
+/// which a new stream was refused when `max_streams` was full; and that hand-back was
+/// not ordered against the ring of frames.)
 #[derive(Debug, Default)]
 struct Recycling {
-    retired: Vec<u32>,
-    free: Vec<u32>,
+    retired: Vec<(u32, u32)>,
 }
+
+/// A slot's stream as the source gave it out, for the sink and the log: its name and the
+/// slot's generation.
+#[derive(Debug, Clone, Default)]
+struct SlotName {
+    name: String,
+    generation: u32,
+}
+
+/// The streams' names by slot (see [`SlotName`]): written by the source when a stream
+/// takes a slot, read when the sink starts a stream's state; rare, never per frame.
+type StreamNames = Arc<Mutex<Vec<SlotName>>>;
 
 type SharedRecycling = Arc<Mutex<Recycling>>;
 
@@ -224,6 +251,10 @@ pub struct AgentCounters {
     pub reloads_failed: AtomicU64,
     /// Streams forgotten after `[assemble] forget_after_secs` without a message.
     pub streams_forgotten: AtomicU64,
+    /// Frames of a forgotten stream that reached the scorer after the sink let go of the
+    /// stream (the scorer ran about `forget_after_secs` behind its input): dropped, not
+    /// scored against another stream's state. Logged, not exported.
+    pub frames_stale: AtomicU64,
     model_id: Mutex<String>,
     /// The version of the model loaded (0 as trained; a checkpoint of online retraining
     /// loaded as `model_dir` carries its own): `darkwatch_model_version` without retraining.
@@ -1197,7 +1228,7 @@ fn name_hash(name: &str) -> u64 {
 struct AgentSource {
     decoder: Decoder,
     assembler: Assembler,
-    streams: Arc<Mutex<Vec<String>>>,
+    streams: StreamNames,
     counters: Arc<AgentCounters>,
     /// Streams whose names are already in `streams`.
     known_streams: usize,
@@ -1263,36 +1294,30 @@ impl AgentSource {
     }
 
     /// Forgets the streams that sent nothing for `[assemble] forget_after_secs` at `now`
-    /// (monotonic seconds), at most once a second, and first takes back the indexes the
-    /// sink has let go of (see [`Recycling`]). On the source thread, never per message.
+    /// (monotonic seconds), at most once a second: their slots are free for new streams at
+    /// once, as the slots' next generations, and the sink is told (see [`Recycling`]). On
+    /// the source thread, never per message.
     fn forget_quiet(&mut self, now: f64) {
-        if self.forget_after_secs <= 0.0 || !now.is_finite() {
-            return;
-        }
-        let freed = match self.recycling.lock() {
-            Ok(mut r) if !r.free.is_empty() => std::mem::take(&mut r.free),
-            _ => Vec::new(),
-        };
-        for i in freed {
-            match &mut self.decoder {
-                Decoder::Raw { streams, .. } => streams.free.push(i),
-                _ => self.assembler.free(i),
-            }
-        }
-        if now < self.next_forget_check {
+        if self.forget_after_secs <= 0.0 || !now.is_finite() || now < self.next_forget_check {
             return;
         }
         self.next_forget_check = now + 1.0;
         let before = now - self.forget_after_secs;
         let mut gone = Vec::new();
         match &mut self.decoder {
-            Decoder::Raw { streams, .. } => streams.by_name.retain(|_, e| {
-                let quiet = e.3 < before;
-                if quiet {
-                    gone.push(e.0);
-                }
-                !quiet
-            }),
+            Decoder::Raw { streams, .. } => {
+                let RawStreams { by_name, free, .. } = streams;
+                by_name.retain(|_, st| {
+                    let quiet = st.last_mono < before;
+                    if quiet {
+                        gone.push((st.index, st.generation));
+                        // A slot changes hands at most once per forget_after_secs (a minute
+                        // or more): u32 outlasts any agent.
+                        free.push((st.index, st.generation.saturating_add(1)));
+                    }
+                    !quiet
+                });
+            }
             _ => self.assembler.retire_quiet(before, &mut gone),
         }
         if gone.is_empty() {
@@ -1302,9 +1327,9 @@ impl AgentSource {
         if self.forgotten_names.len() + gone.len() > self.max_streams {
             self.forgotten_names.clear();
         }
-        for &i in &gone {
+        for &(i, _) in &gone {
             self.windows.forget(i as usize);
-            let name = names.get(i as usize).map_or("", String::as_str);
+            let name = names.get(i as usize).map_or("", |n| n.name.as_str());
             self.forgotten_names.insert(name_hash(name));
             self.counters
                 .streams_forgotten
@@ -1320,19 +1345,22 @@ impl AgentSource {
         }
     }
 
-    /// A stream was given index `i` (new, or forgotten before): publishes its name for the
-    /// sink, and says so once when it is a stream forgotten before.
+    /// A stream was given slot `i` as its `generation` (new, or forgotten before):
+    /// publishes its name for the sink, and says so once when it is a stream forgotten
+    /// before.
     fn stream_started(
-        streams: &Mutex<Vec<String>>,
+        streams: &Mutex<Vec<SlotName>>,
         forgotten: &mut std::collections::HashSet<u64>,
         i: usize,
+        generation: u32,
         name: &str,
     ) {
         if let Ok(mut s) = streams.lock() {
             if s.len() <= i {
-                s.resize(i + 1, String::new());
+                s.resize(i + 1, SlotName::default());
             }
-            name.clone_into(&mut s[i]);
+            name.clone_into(&mut s[i].name);
+            s[i].generation = generation;
         }
         if !forgotten.is_empty() && forgotten.remove(&name_hash(name)) {
             tracing::info!(
@@ -1360,9 +1388,12 @@ impl AgentSource {
                 && let Ok(mut s) = streams.lock()
             {
                 if s.len() <= i {
-                    s.resize(i + 1, String::new());
+                    s.resize(i + 1, SlotName::default());
                 }
-                s[i] = f.stream.to_string();
+                s[i] = SlotName {
+                    name: f.stream.to_string(),
+                    generation: f.generation,
+                };
                 *known = s.len();
             }
             counters.frames.fetch_add(1, Ordering::Relaxed);
@@ -1376,6 +1407,7 @@ impl AgentSource {
             let meta = FrameMeta {
                 seq: f.seq,
                 stream: f.stream_index,
+                generation: f.generation,
                 timestamp: f.window_end,
                 enqueued_ns: clock.now_ns(),
                 received_mono: f.received_mono,
@@ -1422,7 +1454,14 @@ impl AgentSource {
             if assembler.allocated() != allocated
                 && let Some(i) = assembler.index_of(&sample.stream)
             {
-                AgentSource::stream_started(streams, forgotten_names, i, &sample.stream);
+                let generation = assembler.generation(i);
+                AgentSource::stream_started(
+                    streams,
+                    forgotten_names,
+                    i,
+                    generation,
+                    &sample.stream,
+                );
             }
             if let Err(why) = pushed {
                 let before = counters.samples_rejected_by_reason[why.reason_index()]
@@ -1496,16 +1535,17 @@ impl AgentSource {
                         return 0;
                     }
                 };
-                // A new stream takes the index of a forgotten one, else the next unused.
+                // A new stream takes the slot of a forgotten one (its next generation), else
+                // the next unused.
                 let fresh = match seen.free.last() {
-                    Some(&i) => Some(i),
-                    None => ((seen.next as usize) < *max_streams).then_some(seen.next),
+                    Some(&slot) => Some(slot),
+                    None => ((seen.next as usize) < *max_streams).then_some((seen.next, 0)),
                 };
                 let mut started = false;
                 let entry = match seen.by_name.get_mut(name) {
                     Some(entry) => entry,
                     None => {
-                        let Some(index) = fresh else {
+                        let Some((index, generation)) = fresh else {
                             let before = counters.samples_rejected_by_reason
                                 [Reject::TooManyStreams.reason_index()]
                             .fetch_add(1, Ordering::Relaxed);
@@ -1516,36 +1556,52 @@ impl AgentSource {
                             seen.next += 1;
                         }
                         started = true;
-                        seen.by_name
-                            .entry(name.to_string())
-                            .or_insert((index, 0, 0, f64::NAN))
+                        seen.by_name.entry(name.to_string()).or_insert(RawStream {
+                            index,
+                            generation,
+                            next_seq: 0,
+                            ids_not_taken: 0,
+                            last_mono: f64::NAN,
+                        })
                     }
                 };
-                entry.3 = msg.received_mono;
+                entry.last_mono = msg.received_mono;
                 // A header's id is the frame's seq while it rises within its stream, so an
                 // alert names the sender's frames; otherwise the stream's count goes on. After
                 // RESYNC_IDS ids in a row not taken, the sender restarted (or one corrupt id
                 // jumped ahead): its ids are taken again from there.
-                let (index, next, not_taken, _) = *entry;
+                let RawStream {
+                    index,
+                    generation,
+                    next_seq: next,
+                    ids_not_taken: not_taken,
+                    ..
+                } = *entry;
                 let seq = match id {
                     Some(id)
                         if id < crate::ingest::raw::MAX_FRAME_ID
                             && (id >= next || not_taken + 1 >= RESYNC_IDS) =>
                     {
-                        entry.2 = 0;
+                        entry.ids_not_taken = 0;
                         id
                     }
                     Some(id) => {
                         *ids_unused += 1;
-                        entry.2 += 1;
+                        entry.ids_not_taken += 1;
                         frame_id_unused(*ids_unused, name, id, next);
                         next
                     }
                     None => next,
                 };
-                entry.1 = seq + 1;
+                entry.next_seq = seq + 1;
                 if started {
-                    AgentSource::stream_started(streams, forgotten_names, index as usize, name);
+                    AgentSource::stream_started(
+                        streams,
+                        forgotten_names,
+                        index as usize,
+                        generation,
+                        name,
+                    );
                     if let Ok(names) = streams.lock() {
                         *known_streams = names.len();
                     }
@@ -1555,6 +1611,7 @@ impl AgentSource {
                     let meta = FrameMeta {
                         seq,
                         stream: index,
+                        generation,
                         timestamp: time.unwrap_or(msg.received),
                         enqueued_ns: clock.now_ns(),
                         received_mono: Some(msg.received_mono),
@@ -2144,8 +2201,13 @@ struct StreamState {
 /// Thresholds and alert state per stream; alerts leave as MQTT messages.
 struct AgentSink {
     template: Threshold,
+    /// Per slot, the state of the stream that holds it, from its first frame on.
     per_stream: Vec<Option<StreamState>>,
-    streams: Arc<Mutex<Vec<String>>>,
+    /// Per slot, the generation of the stream that holds it as far as the sink knows (the
+    /// state in `per_stream` is of this one): frames of an older generation are of a
+    /// stream forgotten since (see [`AgentSink::admit`]).
+    generations: Vec<u32>,
+    streams: StreamNames,
     alert_cfg: crate::alert::AlertConfig,
     mqtt: mqtt::MqttConfig,
     model_id: String,
@@ -2174,7 +2236,7 @@ impl AgentSink {
     fn new(
         cfg: &DarkwatchConfig,
         model: &Detector,
-        streams: Arc<Mutex<Vec<String>>>,
+        streams: StreamNames,
         mqtt: &mqtt::MqttConfig,
         out: mqtt::OutgoingSender,
         counters: &Arc<AgentCounters>,
@@ -2187,6 +2249,7 @@ impl AgentSink {
         Ok(AgentSink {
             template,
             per_stream: Vec::new(),
+            generations: Vec::new(),
             streams,
             alert_cfg: crate::alert::AlertConfig {
                 labels: cfg.alert.labels_for_node(&mqtt.node()),
@@ -2209,36 +2272,71 @@ impl AgentSink {
         })
     }
 
-    /// Lets go of the streams the source forgot: a firing alert is resolved (its
-    /// `ended_by` says so; `[alert] silence_secs` has resolved it before unless it is 0 or
-    /// not shorter than `[assemble] forget_after_secs`), the stream's threshold, alert and
-    /// retraining state go, and its index goes back to the source for a new stream.
+    /// Lets go of the streams the source forgot (see [`Recycling`]), unless the first
+    /// frame of the next stream in the slot came first and did: a firing alert is resolved
+    /// (its `ended_by` says so; `[alert] silence_secs` has resolved it before unless it is
+    /// 0 or not shorter than `[assemble] forget_after_secs`), and the stream's threshold,
+    /// alert and retraining state go. Its frames that come later are dropped.
     fn forget_retired(&mut self) {
         let retired = match self.recycling.lock() {
             Ok(mut r) if !r.retired.is_empty() => std::mem::take(&mut r.retired),
             _ => return,
         };
-        for &i in &retired {
-            let i = i as usize;
-            let ended = self
-                .per_stream
-                .get_mut(i)
-                .and_then(Option::take)
-                .and_then(|mut st| st.alerts.finish());
-            if let Some(mut e) = ended {
-                e.annotations
-                    .insert("ended_by".into(), ENDED_BY_FORGOTTEN.into());
-                let name = e.stream.clone();
-                self.publish(&name, e);
+        for (slot, generation) in retired {
+            let i = self.slot(slot);
+            if self.generations[i] > generation {
+                continue;
             }
-            if let Some(r) = self.retrain.as_mut() {
-                r.forget(i);
-            }
-        }
-        if let Ok(mut r) = self.recycling.lock() {
-            r.free.extend_from_slice(&retired);
+            self.generations[i] = generation.saturating_add(1);
+            self.let_go(i);
         }
         self.set_gauges();
+    }
+
+    /// Slot `slot`'s index in `per_stream` and `generations`, which grow to hold it.
+    fn slot(&mut self, slot: u32) -> usize {
+        let i = slot as usize;
+        if self.per_stream.len() <= i {
+            self.per_stream.resize_with(i + 1, || None);
+        }
+        if self.generations.len() <= i {
+            self.generations.resize(i + 1, 0);
+        }
+        i
+    }
+
+    /// Drops the state of the (forgotten) stream in slot `i`, resolving its firing alert.
+    fn let_go(&mut self, i: usize) {
+        let ended = self
+            .per_stream
+            .get_mut(i)
+            .and_then(Option::take)
+            .and_then(|mut st| st.alerts.finish());
+        if let Some(mut e) = ended {
+            e.annotations
+                .insert("ended_by".into(), ENDED_BY_FORGOTTEN.into());
+            let name = e.stream.clone();
+            self.publish(&name, e);
+        }
+        if let Some(r) = self.retrain.as_mut() {
+            r.forget(i);
+        }
+    }
+
+    /// Counts a frame of a forgotten stream, which [`AgentSink::admit`] refuses (returns
+    /// false for it), logging the 1st, 2nd, 4th, 8th… one.
+    fn drop_stale(&self, meta: &FrameMeta) -> bool {
+        let count = self.counters.frames_stale.fetch_add(1, Ordering::Relaxed) + 1;
+        if count.is_power_of_two() {
+            tracing::warn!(
+                slot = meta.stream,
+                generation = meta.generation,
+                seq = meta.seq,
+                frames_stale = count,
+                "A frame of a forgotten stream reached the scorer after the stream's state was dropped: the scorer ran about [assemble] forget_after_secs behind its input. It is dropped, not scored against another stream's state; if this recurs, the scorer does not keep up with the input (a smaller model, [score] backend)."
+            );
+        }
+        false
     }
 
     /// The first frame of a retrained model: every stream's threshold restarts from that
@@ -2289,7 +2387,7 @@ impl AgentSink {
         mut self,
         cfg: &DarkwatchConfig,
         model: &Detector,
-        streams: Arc<Mutex<Vec<String>>>,
+        streams: StreamNames,
         change: &ReloadChange,
     ) -> Result<AgentSink, AgentError> {
         let alert_cfg = crate::alert::AlertConfig {
@@ -2497,7 +2595,63 @@ impl Sink for AgentSink {
     // thresholds and alerts run on the scorer thread, so a frame wakes no sink thread.
     const ON_SCORER_THREAD: bool = true;
 
+    /// Whether frame `meta` is of the stream that holds its slot now, starting that
+    /// stream's state at its first frame. Frames come in order, so a newer generation of
+    /// the slot than the sink knows is a new stream: the old one was forgotten (the sink
+    /// lets go of it now if it had not yet heard so), and an older generation is a
+    /// forgotten stream's frame, dropped and counted. Asked once per frame by the
+    /// pipeline, before smoothing and retraining see it, and again by `accept`.
+    fn admit(&mut self, meta: &FrameMeta) -> bool {
+        let i = self.slot(meta.stream);
+        let generation = meta.generation;
+        if generation < self.generations[i] {
+            return self.drop_stale(meta);
+        }
+        if generation > self.generations[i] {
+            self.generations[i] = generation;
+            self.let_go(i);
+        }
+        if self.per_stream[i].is_some() {
+            return true;
+        }
+        // A stream's first frame (rare): its name, unless the source has given the slot to
+        // a newer stream since. Then this stream was forgotten before the sink saw any of
+        // its frames, and its name is gone with it.
+        let (name, latest) = self
+            .streams
+            .lock()
+            .ok()
+            .and_then(|s| s.get(i).map(|n| (n.name.clone(), n.generation)))
+            .unwrap_or_else(|| (i.to_string(), generation));
+        if latest > generation {
+            self.generations[i] = latest;
+            return self.drop_stale(meta);
+        }
+        let alerts = AlertState::new(
+            &self.alert_cfg,
+            &name,
+            &self.model_id,
+            &self.model_version,
+            self.features.clone(),
+        );
+        self.per_stream[i] = Some(StreamState {
+            threshold: self.template.clone(),
+            alerts,
+            sent: None,
+            name,
+            seen: true,
+            last_seen: None,
+            silent: false,
+        });
+        // A new stream sets the gauges at once; the ticks set them too.
+        self.set_gauges();
+        true
+    }
+
     fn accept(&mut self, f: &ScoredFrame) {
+        if !self.admit(&f.meta) {
+            return;
+        }
         self.counters.frames_scored.fetch_add(1, Ordering::Relaxed);
         self.counters
             .scoring_latency
@@ -2506,41 +2660,13 @@ impl Sink for AgentSink {
             self.switch_model(&model);
         }
         let i = f.meta.stream as usize;
-        if self.per_stream.len() <= i {
-            self.per_stream.resize_with(i + 1, || None);
-        }
-        let created = self.per_stream[i].is_none();
-        if created {
-            let name = self
-                .streams
-                .lock()
-                .ok()
-                .and_then(|s| s.get(i).cloned())
-                .unwrap_or_else(|| i.to_string());
-            let alerts = AlertState::new(
-                &self.alert_cfg,
-                &name,
-                &self.model_id,
-                &self.model_version,
-                self.features.clone(),
-            );
-            self.per_stream[i] = Some(StreamState {
-                threshold: self.template.clone(),
-                alerts,
-                sent: None,
-                name,
-                seen: true,
-                last_seen: None,
-                silent: false,
-            });
-        }
         let Some(st) = self.per_stream[i].as_mut() else {
             return;
         };
         st.seen = true;
-        // A new stream, a transition or a stream back from silence (all rare) sets the
-        // gauges at once; the ticks set them too.
-        let mut changed = created;
+        // A transition or a stream back from silence (both rare) sets the gauges at once;
+        // the ticks set them too.
+        let mut changed = false;
         if st.silent {
             st.silent = false;
             changed = true;
@@ -3302,8 +3428,25 @@ mod tests {
         Detector::Autoencoder(Arc::new(model))
     }
 
-    fn test_streams() -> Arc<Mutex<Vec<String>>> {
-        Arc::new(Mutex::new(vec!["s0".to_string(), "s1".to_string()]))
+    fn test_streams() -> StreamNames {
+        let name = |n: &str| SlotName {
+            name: n.to_string(),
+            generation: 0,
+        };
+        Arc::new(Mutex::new(vec![name("s0"), name("s1")]))
+    }
+
+    /// Names compare with plain strings in assertions.
+    impl PartialEq<&str> for SlotName {
+        fn eq(&self, other: &&str) -> bool {
+            self.name == *other
+        }
+    }
+
+    impl PartialEq<String> for SlotName {
+        fn eq(&self, other: &String) -> bool {
+            self.name == *other
+        }
     }
 
     /// The trial: a SIGHUP that changed only `[alert.labels]` resolved the firing alert
@@ -3441,18 +3584,35 @@ mod tests {
 
     /// Feeds `n` frames of `stream` from `seq`, each scoring `score`.
     fn feed_sink(sink: &mut AgentSink, stream: u32, seq: u64, n: u64, score: f32) {
+        feed_generation(sink, stream, 0, seq, n, score);
+    }
+
+    /// [`feed_sink`] for the stream that holds slot `stream` as its `generation`, as the
+    /// pipeline does: each frame is admitted, then accepted.
+    fn feed_generation(
+        sink: &mut AgentSink,
+        stream: u32,
+        generation: u32,
+        seq: u64,
+        n: u64,
+        score: f32,
+    ) {
         for seq in seq..seq + n {
-            sink.accept(&ScoredFrame {
-                meta: FrameMeta {
-                    seq,
-                    stream,
-                    timestamp: 1_700_000_000.0 + seq as f64,
-                    ..FrameMeta::default()
-                },
-                score,
-                frame_score: score,
-                ..Default::default()
-            });
+            let meta = FrameMeta {
+                seq,
+                stream,
+                generation,
+                timestamp: 1_700_000_000.0 + seq as f64,
+                ..FrameMeta::default()
+            };
+            if sink.admit(&meta) {
+                sink.accept(&ScoredFrame {
+                    meta,
+                    score,
+                    frame_score: score,
+                    ..Default::default()
+                });
+            }
         }
     }
 
@@ -3534,17 +3694,16 @@ mod tests {
         assert_eq!(sent(&mut alerts).len(), 1, "the firing only");
     }
 
-    /// A stream that goes silent while its alert fires has the alert resolved, saying why,
-    /// once `[alert] silence_secs` pass without a frame (by the ticks' clock); a silent
-    /// stream that was not firing only counts as silent. Frames that come back are scored
-    /// as before. The agent used to keep such an alert firing until a reload or a stop.
     /// With `[assemble] max_streams` full, a new stream was refused until restart, however
     /// long the old ones had been gone ("they are kept until restart"). A stream that sends
-    /// nothing for `forget_after_secs` is forgotten: the sink resolves its firing alert
-    /// (here `silence_secs` = 0 has not) and drops its state, and its slot goes to the next
-    /// new stream, only after the sink let go of it. One that comes back starts afresh.
+    /// nothing for `forget_after_secs` is forgotten and its slot is free at once: the next
+    /// new stream takes it as the slot's next generation, also before the sink has heard
+    /// (it used to be refused for the second or so until the sink gave the slot back). The
+    /// sink resolves the forgotten stream's firing alert (here `silence_secs` = 0 has not)
+    /// and drops its state once, at the new stream's first frame or at its tick, whichever
+    /// comes first; a frame of the old stream that comes after is dropped and counted.
     #[test]
-    fn a_quiet_stream_is_forgotten_and_its_slot_taken_by_a_new_one() {
+    fn a_quiet_stream_is_forgotten_and_its_slot_taken_by_a_new_one_at_once() {
         let mut cfg = DarkwatchConfig::default();
         assert_eq!(cfg.assemble.forget_after_secs, 3600.0);
         cfg.assemble.max_streams = 1;
@@ -3559,10 +3718,17 @@ mod tests {
             counters.samples_rejected_by_reason[Reject::TooManyStreams.reason_index()]
                 .load(Ordering::Relaxed)
         };
-        let names = |src: &AgentSource| src.streams.lock().unwrap().clone();
+        let names = |src: &AgentSource| {
+            let names = src.streams.lock().unwrap();
+            names
+                .iter()
+                .map(|n| (n.name.clone(), n.generation))
+                .collect::<Vec<_>>()
+        };
         src.take_one(&msg("n1", "a", 1.0, 1000.0));
         src.take_one(&msg("n2", "a", 1.0, 1001.0));
-        assert_eq!((refusals(), names(&src)), (1, vec!["n1".to_string()]));
+        assert_eq!(refusals(), 1);
+        assert_eq!(names(&src), [("n1".to_string(), 0)]);
         // n1's frames fire its alert.
         feed_sink(&mut sink, 0, 0, 3, 1e6);
         assert_eq!(sent(&mut alerts).len(), 1);
@@ -3573,44 +3739,176 @@ mod tests {
         src.forget_quiet(1061.0);
         assert!(src.recycling.lock().unwrap().retired.is_empty());
         src.forget_quiet(1063.0);
-        assert_eq!(src.recycling.lock().unwrap().retired, [0]);
+        assert_eq!(src.recycling.lock().unwrap().retired, [(0, 0)]);
         assert_eq!(counters.streams_forgotten.load(Ordering::Relaxed), 1);
         assert_eq!(src.assembler.index_of("n1"), None);
-        // The sink has not let go yet: the slot is not free.
-        src.take_one(&msg("n2", "a", 1.0, 1064.0));
-        assert_eq!(refusals(), 2);
+        // The slot is free at once, though the sink has not heard yet.
+        src.take_one(&msg("n2", "a", 1.0, 1063.5));
+        assert_eq!(refusals(), 1);
+        assert_eq!(src.assembler.index_of("n2"), Some(0));
+        assert_eq!(names(&src), [("n2".to_string(), 1)]);
 
-        sink.tick(t0 + Duration::from_secs(1));
+        // n2's first frame ends n1 in the sink: its alert resolves, saying why, and n2
+        // starts a fresh state under its own name, not n1's firing one.
+        feed_generation(&mut sink, 0, 1, 0, 1, 0.0);
         let ended = sent(&mut alerts);
         assert_eq!(ended.len(), 1, "{ended:?}");
         assert_eq!(ended[0]["status"], "resolved");
+        assert_eq!(ended[0]["labels"]["stream"], "n1");
         assert_eq!(ended[0]["annotations"]["ended_by"], ENDED_BY_FORGOTTEN);
-        assert!(sink.per_stream.iter().all(Option::is_none));
-        assert_eq!(sink.counters.streams.load(Ordering::Relaxed), 0);
-        assert_eq!(src.recycling.lock().unwrap().free, [0]);
-
-        // The source takes the slot back; n2 gets it.
-        src.forget_quiet(1064.5);
-        src.take_one(&msg("n2", "a", 1.0, 1065.0));
-        assert_eq!(refusals(), 2);
-        assert_eq!(src.assembler.index_of("n2"), Some(0));
-        assert_eq!(names(&src), ["n2"]);
-        // Its frames start a fresh state under its own name, not n1's firing one.
-        feed_sink(&mut sink, 0, 0, 1, 0.0);
         let st = sink.per_stream[0].as_ref().unwrap();
         assert_eq!(st.name, "n2");
         assert!(!st.alerts.is_firing());
+        // The sink hears of n1 at its tick: n1 is over already, n2 stays.
+        sink.tick(t0 + Duration::from_secs(1));
+        assert!(sent(&mut alerts).is_empty());
+        assert!(src.recycling.lock().unwrap().retired.is_empty());
+        assert_eq!(sink.per_stream[0].as_ref().unwrap().name, "n2");
+        assert_eq!(sink.counters.streams.load(Ordering::Relaxed), 1);
+        // A frame of n1 still queued: dropped, counted, n2 untouched.
+        feed_generation(&mut sink, 0, 0, 3, 1, 1e6);
+        assert_eq!(sink.counters.frames_stale.load(Ordering::Relaxed), 1);
+        assert_eq!(sink.counters.frames_scored.load(Ordering::Relaxed), 4);
         assert!(sent(&mut alerts).is_empty());
 
+        // n2 is forgotten in turn, and the sink hears first: its state goes at the tick.
+        src.forget_quiet(1126.0);
+        assert_eq!(src.recycling.lock().unwrap().retired, [(0, 1)]);
+        sink.tick(t0 + Duration::from_secs(2));
+        assert!(sink.per_stream.iter().all(Option::is_none));
+        assert_eq!(sink.counters.streams.load(Ordering::Relaxed), 0);
+
         // 0: never forgotten.
+        src.take_one(&msg("n3", "a", 1.0, 1130.0));
         src.forget_after_secs = 0.0;
         src.forget_quiet(1e9);
         assert!(src.recycling.lock().unwrap().retired.is_empty());
-        assert_eq!(src.assembler.index_of("n2"), Some(0));
+        assert_eq!(src.assembler.index_of("n3"), Some(0));
+    }
+
+    /// The trial: forgetting a stream dropped its state in the sink at the sink's tick,
+    /// unordered against the frames still in the ring, so with the scorer running behind,
+    /// a forgotten stream's queued frames started a fresh state that the next stream in
+    /// its slot inherited (its alerts named after the old stream), or the new stream's
+    /// frames were scored against the old stream's state. Each frame now carries its
+    /// slot's generation, so however the sink's tick and the queued frames interleave, the
+    /// old stream's frames meet only its own state or are dropped, and the new stream
+    /// starts afresh under its own name. Raw input, through a real ring.
+    #[test]
+    fn a_slot_recycled_while_old_frames_are_queued_keeps_the_two_streams_apart() {
+        use crate::ring::{FrameConsumer, FullPolicy, frame_ring};
+        /// When the sink hears that `a` was forgotten, and what it scored of `a` before.
+        #[derive(Debug, Clone, Copy)]
+        enum Order {
+            /// It scored a's first frame before a was forgotten, and hears last.
+            ScoredThenHearsLast,
+            /// It scored nothing of a, and hears before it reaches a's frames.
+            HearsFirst,
+            /// It scored nothing of a, and hears last: a's name is b's by then.
+            HearsLast,
+        }
+        let mut cfg = DarkwatchConfig::default();
+        cfg.assemble.forget_after_secs = 62.0;
+        cfg.alert.silence_secs = Some(0.0);
+        for order in [
+            Order::ScoredThenHearsLast,
+            Order::HearsFirst,
+            Order::HearsLast,
+        ] {
+            let mut src = source_with(&cfg);
+            src.decoder = Decoder::Raw {
+                decoder: DarkwatchConfig::default()
+                    .raw
+                    .build_for(2, &["act/+".to_string()]),
+                frame: Vec::new(),
+                streams: Default::default(),
+                max_streams: 1,
+                ids_unused: 0,
+            };
+            let (mut sink, mut alerts) = test_sink(&cfg);
+            sink.streams = src.streams.clone();
+            sink.recycling = src.recycling.clone();
+            let (mut producer, mut consumer) = frame_ring(16, 2, FullPolicy::DropNewest);
+            let clock = Clock::new();
+            let mut send = |src: &mut AgentSource, topic: &str, at: f64, score: f32| {
+                let payload = raw_frame(score);
+                let msg = Received {
+                    topic,
+                    payload: &payload,
+                    received: at,
+                    received_mono: at,
+                };
+                assert_eq!(src.take(&msg, Some((&mut producer, &clock))), 1, "{topic}");
+            };
+            // The scorer pops up to `n` frames and scores each by its first value.
+            let pop_and_score = |consumer: &mut FrameConsumer, sink: &mut AgentSink, n: usize| {
+                let mut metas = [FrameMeta::default(); 16];
+                let mut values = [0.0f32; 32];
+                let got = consumer.pop_batch(&mut metas[..n], &mut values);
+                for (k, meta) in metas[..got].iter().enumerate() {
+                    if sink.admit(meta) {
+                        sink.accept(&ScoredFrame {
+                            meta: *meta,
+                            score: values[2 * k],
+                            frame_score: values[2 * k],
+                            ..Default::default()
+                        });
+                    }
+                }
+            };
+            let t0 = Instant::now();
+            // a sends three anomalous frames, then nothing.
+            for at in [10.0, 11.0, 12.0] {
+                send(&mut src, "act/a", at, 1e6);
+            }
+            if let Order::ScoredThenHearsLast = order {
+                pop_and_score(&mut consumer, &mut sink, 1);
+            }
+            // A minute later a is forgotten; b takes the slot at once (max_streams 1).
+            src.forget_quiet(80.0);
+            send(&mut src, "act/b", 81.0, 0.0);
+            send(&mut src, "act/b", 82.0, 0.0);
+            if let Order::HearsFirst = order {
+                sink.tick(t0);
+            }
+            pop_and_score(&mut consumer, &mut sink, 16);
+            sink.tick(t0 + Duration::from_secs(1));
+
+            let events = sent(&mut alerts);
+            let st = sink.per_stream[0].as_ref().unwrap();
+            assert_eq!(st.name, "b", "{order:?}");
+            assert!(!st.alerts.is_firing(), "{order:?}");
+            let stale = sink.counters.frames_stale.load(Ordering::Relaxed);
+            match order {
+                Order::ScoredThenHearsLast => {
+                    // a's queued frames met a's own state and fired its alert; b's first
+                    // frame ended it.
+                    let got: Vec<(String, String)> = events
+                        .iter()
+                        .map(|e| {
+                            let field = |v: &serde_json::Value| v.as_str().unwrap().to_string();
+                            (field(&e["status"]), field(&e["labels"]["stream"]))
+                        })
+                        .collect();
+                    let want = [("firing", "a"), ("resolved", "a")]
+                        .map(|(s, n)| (s.to_string(), n.to_string()));
+                    assert_eq!(got, want, "{events:?}");
+                    assert_eq!(events[1]["annotations"]["ended_by"], ENDED_BY_FORGOTTEN);
+                    assert_eq!(stale, 0);
+                }
+                // a's frames went nowhere: no state of a's for b to inherit, no alert
+                // under either name.
+                Order::HearsFirst | Order::HearsLast => {
+                    assert!(events.is_empty(), "{order:?}: {events:?}");
+                    assert_eq!(stale, 3, "{order:?}");
+                }
+            }
+            assert_eq!(sink.counters.streams.load(Ordering::Relaxed), 1);
+        }
     }
 
     /// Raw streams are forgotten the same way: a returning topic starts afresh, its seq
-    /// from 0, in the slot a forgotten stream left.
+    /// from 0, in the slot a forgotten stream left, as the slot's next generation.
     #[test]
     fn a_quiet_raw_stream_is_forgotten_and_comes_back_afresh() {
         let mut cfg = DarkwatchConfig::default();
@@ -3648,23 +3946,28 @@ mod tests {
         src.forget_quiet(80.0);
         assert_eq!(
             src.recycling.lock().unwrap().retired,
-            [0],
+            [(0, 0)],
             "a, quiet since 11"
         );
-        // The sink lets go of it; the source takes the slot back at its next look.
-        let freed = std::mem::take(&mut src.recycling.lock().unwrap().retired);
-        src.recycling.lock().unwrap().free = freed;
-        src.forget_quiet(80.5);
+        // The slot is free at once.
         assert_eq!(deliver(&mut src, "act/a", 81.0), 1);
         let mut metas = [FrameMeta::default(); 8];
         let mut values = [0.0f32; 16];
         let n = consumer.pop_batch(&mut metas, &mut values);
-        let got: Vec<(u32, u64)> = metas[..n].iter().map(|m| (m.stream, m.seq)).collect();
-        assert_eq!(got, [(0, 0), (0, 1), (1, 0), (0, 0)]);
+        let got: Vec<(u32, u32, u64)> = metas[..n]
+            .iter()
+            .map(|m| (m.stream, m.generation, m.seq))
+            .collect();
+        assert_eq!(got, [(0, 0, 0), (0, 0, 1), (1, 0, 0), (0, 1, 0)]);
         assert_eq!(*src.streams.lock().unwrap(), ["a", "b"]);
+        assert_eq!(src.streams.lock().unwrap()[0].generation, 1);
         assert_eq!(src.counters.streams_forgotten.load(Ordering::Relaxed), 1);
     }
 
+    /// A stream that goes silent while its alert fires has the alert resolved, saying why,
+    /// once `[alert] silence_secs` pass without a frame (by the ticks' clock); a silent
+    /// stream that was not firing only counts as silent. Frames that come back are scored
+    /// as before. The agent used to keep such an alert firing until a reload or a stop.
     #[test]
     fn a_stream_that_goes_silent_has_its_alert_resolved_once() {
         let cfg = DarkwatchConfig::default();

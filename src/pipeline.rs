@@ -412,14 +412,35 @@ impl Scorer {
     /// `stream`'s last `smooth_frames` frames, this one included (`t`: the frame's
     /// timestamp, NaN if none; a long silence starts the history afresh). Call it once per
     /// row, in stream order, before reading the row's score or contributions; with one
-    /// frame (or never called) rows stay as scored.
+    /// frame (or never called) rows stay as scored. For streams whose slots change hands,
+    /// see [`Self::smooth_frame`].
     pub fn smooth(&mut self, i: usize, stream: u32, t: f64) {
+        self.smooth_frame(
+            i,
+            &FrameMeta {
+                stream,
+                timestamp: t,
+                ..FrameMeta::default()
+            },
+        );
+    }
+
+    /// [`Self::smooth`] for row `i` of frame `meta`: a newer
+    /// [`FrameMeta::generation`] of its stream's slot (another stream took the slot)
+    /// starts the history afresh.
+    pub fn smooth_frame(&mut self, i: usize, meta: &FrameMeta) {
         let row = self
             .contrib
             .row_mut(i)
             .into_slice()
             .expect("rows of an owned array are contiguous");
-        self.smoother.apply(stream, t, &mut self.scores[i], row);
+        self.smoother.apply(
+            meta.stream,
+            meta.generation,
+            meta.timestamp,
+            &mut self.scores[i],
+            row,
+        );
     }
 
     /// Batches the backend failed to score (always 0 for the native backend).
@@ -485,7 +506,7 @@ impl BatchScorer for Scorer {
     }
 
     fn smooth(&mut self, i: usize, meta: &FrameMeta) {
-        Scorer::smooth(self, i, meta.stream, meta.timestamp);
+        self.smooth_frame(i, meta);
     }
 
     fn batch_scores(&self) -> &[f32] {
@@ -542,6 +563,15 @@ pub trait Sink: Send + 'static {
     /// Takes one scored frame. Must not block for long: the scorer waits on a full output
     /// ring (or, on the scorer thread, for the call itself).
     fn accept(&mut self, frame: &ScoredFrame);
+    /// Whether the frame `meta` is still wanted, asked right after its batch is scored
+    /// and before the frame is smoothed, handed to online retraining or to
+    /// [`Self::accept`]: a refused frame goes nowhere and is not counted as scored. Only a
+    /// sink on the scorer thread ([`Self::ON_SCORER_THREAD`]) is asked, in frame order,
+    /// so it can refuse what it knows to be over (the agent: the frames of a stream it
+    /// forgot, still queued when it let go of the stream). Wants everything by default.
+    fn admit(&mut self, _meta: &FrameMeta) -> bool {
+        true
+    }
     /// Called once after the last frame.
     fn finish(&mut self) -> Result<(), std::io::Error> {
         Ok(())
@@ -689,10 +719,9 @@ impl Source for FileSource {
             }
             let meta = FrameMeta {
                 seq: i as u64,
-                stream: 0,
                 timestamp: self.timestamps.as_ref().map_or(f64::NAN, |t| t[i]),
                 enqueued_ns: clock.now_ns(),
-                received_mono: None,
+                ..FrameMeta::default()
             };
             offered += 1;
             if producer.push(meta, values) == Pushed::Closed {
@@ -962,6 +991,10 @@ const SHARED_IDLE_PARK: Duration = Duration::from_millis(100);
 /// Where the scorer puts each scored frame: the result ring to the sink thread, or the
 /// sink itself (see [`Sink::ON_SCORER_THREAD`]).
 trait Results {
+    /// Whether the frame `meta` of the batch just scored is wanted ([`Sink::admit`]).
+    fn admit(&mut self, _meta: &FrameMeta) -> bool {
+        true
+    }
     /// Hands over one frame; `false` once nothing takes them any more.
     fn put(&mut self, frame: &ScoredFrame) -> bool;
     /// A batch (or the run) is done: frames put since the last call are complete.
@@ -1018,6 +1051,10 @@ impl<K> OnScorer<K> {
 }
 
 impl<K: Sink> Results for OnScorer<K> {
+    fn admit(&mut self, meta: &FrameMeta) -> bool {
+        self.sink.admit(meta)
+    }
+
     fn put(&mut self, frame: &ScoredFrame) -> bool {
         self.sink.accept(frame);
         true
@@ -1251,8 +1288,8 @@ struct Published<'a, R> {
 
 impl<R: Results> Published<'_, R> {
     /// Hands the last batch's results (one frame per entry of `metas`, scored at `t1` by
-    /// model `version`) to `out`: smoothed, with their top contributions. False when `out`
-    /// takes no more.
+    /// model `version`) to `out`: smoothed, with their top contributions, each frame that
+    /// `out` admits ([`Sink::admit`]). False when `out` takes no more.
     fn publish<F: BatchScorer>(
         &mut self,
         scorer: &mut F,
@@ -1262,6 +1299,9 @@ impl<R: Results> Published<'_, R> {
     ) -> bool {
         let frame = &mut *self.frame;
         for (i, meta) in metas.iter().enumerate() {
+            if !self.out.admit(meta) {
+                continue;
+            }
             frame.frame_score = scorer.batch_scores()[i];
             scorer.smooth(i, meta);
             frame.meta = *meta;
@@ -1635,6 +1675,114 @@ mod tests {
         assert!(sink.finished);
     }
 
+    /// Pushes its frames, each with every feature at one value, then ends.
+    struct Frames(Vec<(FrameMeta, f32)>);
+
+    impl Source for Frames {
+        fn run(self: Box<Self>, mut producer: FrameProducer, clock: &Clock, _: &AtomicBool) -> u64 {
+            let d = producer.dim();
+            let n = self.0.len() as u64;
+            for (mut meta, v) in self.0 {
+                meta.enqueued_ns = clock.now_ns();
+                assert_eq!(producer.push(meta, &vec![v; d]), Pushed::Accepted);
+            }
+            n
+        }
+    }
+
+    /// A sink on the scorer that refuses the frames of generation 0 from seq 100 on (as
+    /// the agent refuses a forgotten stream's frames still queued), keeping the rest.
+    #[derive(Default)]
+    struct Admitting {
+        got: Vec<ScoredFrame>,
+        refused: u64,
+    }
+
+    impl Sink for Admitting {
+        const ON_SCORER_THREAD: bool = true;
+        fn admit(&mut self, meta: &FrameMeta) -> bool {
+            let admit = meta.generation > 0 || meta.seq < 100;
+            self.refused += u64::from(!admit);
+            admit
+        }
+        fn accept(&mut self, f: &ScoredFrame) {
+            self.got.push(*f);
+        }
+    }
+
+    /// A slot that goes to another stream (a newer generation) starts its smoothing afresh,
+    /// however its timestamps lie: the new stream's clock here runs far behind the old
+    /// one's, so no silence shows, and its first scores used to be means over the old
+    /// stream's last ones. Frames the sink refuses are neither smoothed nor handed on nor
+    /// counted as scored.
+    #[test]
+    fn a_new_generation_starts_smoothing_afresh_and_refused_frames_go_nowhere() {
+        let model = synthetic(6, 3).with_smoothing(5);
+        let head = model.meta.head;
+        let meta = |generation: u32, seq: u64, timestamp: f64| FrameMeta {
+            seq,
+            generation,
+            timestamp,
+            ..FrameMeta::default()
+        };
+        let mut frames = Vec::new();
+        for seq in 0..5 {
+            frames.push((meta(0, seq, 1000.0 + seq as f64), 3.0));
+        }
+        for seq in 100..103 {
+            frames.push((meta(0, seq, 1100.0 + seq as f64), 3.0));
+        }
+        for seq in 0..3 {
+            frames.push((meta(1, seq, 10.0 + seq as f64), 0.1 * (seq + 1) as f32));
+        }
+        let cfg = PipelineConfig {
+            ring_capacity_frames: 16,
+            batch_max_frames: 4,
+            ..PipelineConfig::default()
+        };
+        let (report, sink) = run(
+            Arc::new(model),
+            head,
+            2,
+            &cfg,
+            FullPolicy::Block,
+            Frames(frames),
+            Admitting::default(),
+        )
+        .unwrap();
+        assert_eq!(sink.refused, 3);
+        assert_eq!(report.frames_scored, 8);
+        let got: Vec<(u32, u64)> = sink
+            .got
+            .iter()
+            .map(|f| (f.meta.generation, f.meta.seq))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 0),
+                (0, 1),
+                (0, 2),
+                (0, 3),
+                (0, 4),
+                (1, 0),
+                (1, 1),
+                (1, 2)
+            ]
+        );
+        let new = &sink.got[5..];
+        assert!(new[0].frame_score < sink.got[4].frame_score);
+        assert_eq!(
+            new[0].score, new[0].frame_score,
+            "none of the old stream's scores"
+        );
+        let mean = |fs: &[ScoredFrame]| {
+            (fs.iter().map(|f| f64::from(f.frame_score)).sum::<f64>() / fs.len() as f64) as f32
+        };
+        assert_eq!(new[1].score, mean(&new[..2]));
+        assert_eq!(new[2].score, mean(&new[..3]));
+    }
+
     /// Counts its ticks (shared with the source, which waits for them): when they came and
     /// on which thread.
     struct Ticked<const ON_SCORER: bool> {
@@ -1913,7 +2061,7 @@ mod tests {
                     stream: (i % 2) as u32,
                     timestamp: f64::NAN,
                     enqueued_ns: clock.now_ns(),
-                    received_mono: None,
+                    ..FrameMeta::default()
                 };
                 let row = row.to_slice().expect("standard layout");
                 if producer.push(meta, row) == Pushed::Closed {

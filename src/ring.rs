@@ -31,8 +31,16 @@ pub enum FullPolicy {
 pub struct FrameMeta {
     /// Position of the frame in its stream (0-based).
     pub seq: u64,
-    /// Stream the frame belongs to.
+    /// Stream the frame belongs to: a slot, which a forgotten stream's source gives to a
+    /// new stream (the agent's `[assemble] forget_after_secs`).
     pub stream: u32,
+    /// Which of the streams that held slot `stream` the frame belongs to: the source adds
+    /// one each time it gives the slot to a new stream. Per-stream state downstream (the
+    /// scorer's smoothing, the agent's thresholds and alerts) starts afresh at a newer
+    /// generation, and frames of an older one are from a forgotten stream. Frames travel
+    /// in order, so this is exact however far the scorer runs behind. (It fills what was
+    /// padding after `stream`: the meta stays 48 bytes.)
+    pub generation: u32,
     /// Event time in epoch seconds (NaN when the input has none).
     pub timestamp: f64,
     /// When the frame entered the ring, in ns of the pipeline's monotonic clock.
@@ -442,6 +450,13 @@ mod tests {
         }
         producer.join().unwrap();
         assert_eq!(next, n);
+    }
+
+    /// The meta travels beside every frame: the slot's generation took the padding after
+    /// `stream`, not another word.
+    #[test]
+    fn frame_meta_stays_48_bytes() {
+        assert_eq!(std::mem::size_of::<FrameMeta>(), 48);
     }
 
     #[test]

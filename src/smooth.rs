@@ -19,7 +19,11 @@
 //! A stream's history starts over after a silence: when the gap to a frame's timestamp is
 //! more than `n` times the stream's previous interval (assembled frames: `n` windows) and
 //! at least [`MIN_SILENCE_SECS`], and whenever the scorer switches models, so no mean mixes
-//! stale scores or another model's.
+//! stale scores or another model's. It also starts over, timestamps and all, when its slot
+//! goes to another stream (a newer [`crate::ring::FrameMeta::generation`]): the agent gives
+//! a forgotten stream's slot to the next new stream, whose clock may run behind the old
+//! one's, so no gap would show; its first scores must not be averaged with the old
+//! stream's last ones.
 
 /// Most frames a score may be averaged over.
 pub const MAX_SMOOTH_FRAMES: usize = 1024;
@@ -73,6 +77,8 @@ struct History {
     /// The newest frame's timestamp and the interval before it (NaN: unknown).
     last_t: f64,
     last_dt: f64,
+    /// The generation of the stream in this slot whose frames these are.
+    generation: u32,
 }
 
 impl History {
@@ -85,7 +91,16 @@ impl History {
             filled: 0,
             last_t: f64::NAN,
             last_dt: f64::NAN,
+            generation: 0,
         }
+    }
+
+    /// Another stream took the slot: nothing of the old one's is kept, not even its clock.
+    fn restart(&mut self, generation: u32) {
+        self.clear();
+        self.last_t = f64::NAN;
+        self.last_dt = f64::NAN;
+        self.generation = generation;
     }
 
     fn clear(&mut self) {
@@ -152,7 +167,17 @@ impl Smoother {
     /// replaces `score` and `contrib` (the frame's `d` contributions) with their means
     /// over the stream's last `frames` frames, this one included. A frame whose score is
     /// not finite (a failed backend run) is left as it is and kept out of the history.
-    pub fn apply(&mut self, stream: u32, t: f64, score: &mut f32, contrib: &mut [f32]) {
+    /// `generation` is the frame's [`crate::ring::FrameMeta::generation`]: a frame of
+    /// another generation than the history's starts it afresh (its slot went to another
+    /// stream). Frames come in order, so a slot's generations only rise.
+    pub fn apply(
+        &mut self,
+        stream: u32,
+        generation: u32,
+        t: f64,
+        score: &mut f32,
+        contrib: &mut [f32],
+    ) {
         if self.frames == 1 || !score.is_finite() {
             return;
         }
@@ -163,6 +188,9 @@ impl Smoother {
             self.streams.resize(s + 1, None);
         }
         let h = self.streams[s].get_or_insert_with(|| History::new(n, d));
+        if h.generation != generation {
+            h.restart(generation);
+        }
         if h.stale(t, n) {
             h.clear();
         }
@@ -222,14 +250,14 @@ mod tests {
         for (&x, &y) in a.iter().zip(&b) {
             // Stream 3 first, so stream indices need not arrive in order.
             let (mut s, mut c) = (y, [y, 0.0]);
-            sm.apply(3, f64::NAN, &mut s, &mut c);
+            sm.apply(3, 0, f64::NAN, &mut s, &mut c);
             assert!(
                 (c[0] - s).abs() <= 1e-4 * s.abs(),
                 "contributions sum to the score"
             );
             got_b.push(s);
             let (mut s, mut c) = (x, [0.25 * x, 0.75 * x]);
-            sm.apply(0, f64::NAN, &mut s, &mut c);
+            sm.apply(0, 0, f64::NAN, &mut s, &mut c);
             assert!((c[0] + c[1] - s).abs() <= 1e-5 * (1.0 + s.abs()));
             got_a.push(s);
         }
@@ -237,25 +265,48 @@ mod tests {
         assert_eq!(got_b, trailing_means(&b, 5));
         sm.reset();
         let (mut s, mut c) = (7.0, [7.0, 0.0]);
-        sm.apply(0, f64::NAN, &mut s, &mut c);
+        sm.apply(0, 0, f64::NAN, &mut s, &mut c);
         assert_eq!((s, c), (7.0, [7.0, 0.0]), "a reset forgets the history");
+    }
+
+    /// The agent gives a forgotten stream's slot to the next new stream. One whose clock
+    /// ran behind the old stream's showed no gap, so its first means averaged in the old
+    /// stream's last scores. A new generation starts the slot's history afresh.
+    #[test]
+    fn a_slot_given_to_another_stream_starts_afresh_whatever_its_clock() {
+        let mut sm = Smoother::new(5, 1);
+        let mut at = |generation: u32, t: f64, v: f32| {
+            let (mut s, mut c) = (v, [v]);
+            sm.apply(7, generation, t, &mut s, &mut c);
+            (s, c[0])
+        };
+        for k in 0..5 {
+            assert_eq!(at(0, 1000.0 + f64::from(k), 10.0), (10.0, 10.0));
+        }
+        // The new stream's clock runs an hour behind the old one's.
+        assert_eq!(at(1, -2600.0, 0.0), (0.0, 0.0), "none of the old scores");
+        assert_eq!(at(1, -2599.0, 2.0), (1.0, 1.0));
+        // Its clock is its own: the second interval is judged against the first.
+        assert_eq!(at(1, -2598.0, 4.0), (2.0, 2.0));
+        // Streams without timestamps too.
+        assert_eq!(at(2, f64::NAN, 6.0), (6.0, 6.0));
     }
 
     #[test]
     fn one_frame_and_failed_frames_pass_unchanged() {
         let mut off = Smoother::new(1, 1);
         let (mut s, mut c) = (3.0, [3.0]);
-        off.apply(0, f64::NAN, &mut s, &mut c);
-        off.apply(0, f64::NAN, &mut s, &mut c);
+        off.apply(0, 0, f64::NAN, &mut s, &mut c);
+        off.apply(0, 0, f64::NAN, &mut s, &mut c);
         assert_eq!((s, c), (3.0, [3.0]));
         let mut sm = Smoother::new(4, 1);
         let (mut s, mut c) = (2.0, [2.0]);
-        sm.apply(0, f64::NAN, &mut s, &mut c);
+        sm.apply(0, 0, f64::NAN, &mut s, &mut c);
         let (mut nan, mut c_nan) = (f32::NAN, [f32::NAN]);
-        sm.apply(0, f64::NAN, &mut nan, &mut c_nan);
+        sm.apply(0, 0, f64::NAN, &mut nan, &mut c_nan);
         assert!(nan.is_nan());
         let (mut s, mut c) = (4.0, [4.0]);
-        sm.apply(0, f64::NAN, &mut s, &mut c);
+        sm.apply(0, 0, f64::NAN, &mut s, &mut c);
         assert_eq!((s, c), (3.0, [3.0]), "the NaN frame is not in the history");
     }
 
@@ -275,7 +326,7 @@ mod tests {
             .collect();
         for (i, r) in rows.iter().enumerate() {
             let (mut s, mut c) = (r.iter().sum::<f32>(), *r);
-            sm.apply(0, f64::NAN, &mut s, &mut c);
+            sm.apply(0, 0, f64::NAN, &mut s, &mut c);
             let lo = (i + 1).saturating_sub(n);
             for j in 0..d {
                 let want =
@@ -297,7 +348,7 @@ mod tests {
         let mut sm = Smoother::new(3, 1);
         let mut at = |t: f64, v: f32| {
             let (mut s, mut c) = (v, [v]);
-            sm.apply(0, t, &mut s, &mut c);
+            sm.apply(0, 0, t, &mut s, &mut c);
             s
         };
         // Frames a minute apart: means as usual.
@@ -324,18 +375,18 @@ mod tests {
             (0.5, 0.0, 3.0),
         ] {
             let (mut s, mut c) = (v, [v]);
-            burst.apply(0, t, &mut s, &mut c);
+            burst.apply(0, 0, t, &mut s, &mut c);
             assert_eq!(s, want, "at {t}");
         }
         // A pause of a second or more, long against the interval, still is.
         let (mut s, mut c) = (8.0, [8.0]);
-        burst.apply(0, 30.0, &mut s, &mut c);
+        burst.apply(0, 0, 30.0, &mut s, &mut c);
         assert_eq!(s, 8.0);
         // Frames without timestamps never start over.
         let mut raw = Smoother::new(2, 1);
         for (v, want) in [(4.0, 4.0), (2.0, 3.0), (0.0, 1.0)] {
             let (mut s, mut c) = (v, [v]);
-            raw.apply(0, f64::NAN, &mut s, &mut c);
+            raw.apply(0, 0, f64::NAN, &mut s, &mut c);
             assert_eq!(s, want);
         }
     }

@@ -252,12 +252,13 @@ pub struct AssemblerConfig {
     /// Default false.
     pub close_when_complete: bool,
     /// A stream that sent nothing for this long is forgotten: its state is dropped here,
-    /// in the lag windows and in the sink (threshold, alert, retraining), and its slot is
-    /// taken by the next new stream, so that streams with changing names (job or pod
-    /// topics) never fill `max_streams` for good. A stream that comes back starts afresh.
-    /// 0: never. Otherwise at least [`MIN_FORGET_AFTER_SECS`] after the stream's last window
-    /// can have closed, `(lateness_windows + 1) × window_secs`. Default 3600 (an hour,
-    /// well after `[alert] silence_secs` resolved its alert). Raw input too.
+    /// in the lag windows and downstream (smoothing, threshold, alert, retraining), and
+    /// its slot is free at once for the next new stream (a new generation of the slot,
+    /// [`crate::ring::FrameMeta::generation`]), so that streams with changing names (job
+    /// or pod topics) never fill `max_streams` for good. A stream that comes back starts
+    /// afresh. 0: never. Otherwise at least [`MIN_FORGET_AFTER_SECS`] after the stream's
+    /// last window can have closed, `(lateness_windows + 1) × window_secs`. Default 3600
+    /// (an hour, well after `[alert] silence_secs` resolved its alert). Raw input too.
     pub forget_after_secs: f64,
 }
 
@@ -266,10 +267,12 @@ pub const DEFAULT_FORGET_AFTER_SECS: f64 = 3600.0;
 
 /// The least margin of `[assemble] forget_after_secs` (other than 0) past the close of a
 /// stream's last window: its last frames leave within `lateness_windows + 1` windows of its
-/// last sample, and must have been scored before its slot can go to another stream. The
-/// slot's hand-back is not ordered against the frame ring, so this margin is what keeps a
-/// frame of the old stream from reaching the sink after its state was dropped: it would
-/// take a sink a minute behind its source (a ring of 4096 frames full for that long).
+/// last sample, so they all leave before it is forgotten. The margin is no longer what
+/// keeps streams apart (each frame carries its slot's generation, so no frame of a
+/// forgotten stream meets the next stream's state, however far behind the scorer runs),
+/// but it keeps their scores: a forgotten stream's frames that the scorer reaches only
+/// after the agent let go of the stream are dropped and counted, which takes a scorer a
+/// minute behind its source (a ring of 4096 frames full for that long).
 pub const MIN_FORGET_AFTER_SECS: f64 = 60.0;
 
 impl AssemblerConfig {
@@ -411,8 +414,12 @@ pub struct AssemblerCounters {
 pub struct FrameOut<'a> {
     /// Stream id.
     pub stream: &'a str,
-    /// The stream's number in order of first appearance (for [`crate::ring::FrameMeta::stream`]).
+    /// The stream's number in order of first appearance (for [`crate::ring::FrameMeta::stream`]):
+    /// its slot, which a forgotten stream leaves to the next new one.
     pub stream_index: u32,
+    /// How many streams held the slot before this one (for
+    /// [`crate::ring::FrameMeta::generation`]).
+    pub generation: u32,
     /// Position of the frame in its stream, 0-based (for [`crate::ring::FrameMeta::seq`]).
     pub seq: u64,
     /// End of the window, epoch seconds.
@@ -466,6 +473,8 @@ struct StreamState {
     last_mono: f64,
     /// Forgotten ([`Assembler::retire_quiet`]): no name maps here any more.
     retired: bool,
+    /// How many streams held this slot before this one ([`FrameOut::generation`]).
+    generation: u32,
 }
 
 impl StreamState {
@@ -486,10 +495,12 @@ impl StreamState {
             clock: None,
             last_mono: f64::NAN,
             retired: false,
+            generation: 0,
         }
     }
 
-    /// The state of a new stream `name` in this slot, keeping its buffers.
+    /// The state of a new stream `name` in this slot, keeping its buffers: the slot's next
+    /// generation.
     fn reuse(&mut self, name: &str) {
         name.clone_into(&mut self.name);
         self.next_seq = 0;
@@ -506,6 +517,9 @@ impl StreamState {
         self.clock = None;
         self.last_mono = f64::NAN;
         self.retired = false;
+        // A slot changes hands at most once per `forget_after_secs` (a minute or more):
+        // u32 outlasts any agent.
+        self.generation = self.generation.saturating_add(1);
     }
 }
 
@@ -523,7 +537,7 @@ pub struct Assembler {
     features: HashMap<String, usize>,
     index: HashMap<String, usize>,
     streams: Vec<StreamState>,
-    /// Slots of forgotten streams that a new stream may take ([`Self::free`]).
+    /// Slots of forgotten streams that a new stream may take ([`Self::retire_quiet`]).
     free: Vec<usize>,
     /// Streams ever given a slot (a new one, or a freed one again).
     allocated: u64,
@@ -641,6 +655,12 @@ impl Assembler {
         self.index.get(name).copied()
     }
 
+    /// The generation of slot `idx` ([`FrameOut::generation`]): how many streams held it
+    /// before the one that holds it now (or held it last); 0 for a slot never given out.
+    pub fn generation(&self, idx: usize) -> u32 {
+        self.streams.get(idx).map_or(0, |st| st.generation)
+    }
+
     /// How many times a stream was given a slot: it changes when a sample started a new
     /// stream (or one forgotten before).
     pub fn allocated(&self) -> u64 {
@@ -650,10 +670,13 @@ impl Assembler {
     /// Forgets every stream whose latest sample arrived before `before` (monotonic
     /// seconds, as [`Receipt::mono`]): its name no longer maps to its slot, and its open
     /// windows, if any, are dropped unemitted (a stream quiet for that long has had them
-    /// closed by [`Self::poll_streams`]). Appends each slot to `out`. The slot is not
-    /// taken again until [`Self::free`] gives it back, once whatever holds state for it
-    /// downstream has dropped that. Streams whose samples had no monotonic time are kept.
-    pub fn retire_quiet(&mut self, before: f64, out: &mut Vec<u32>) {
+    /// closed by [`Self::poll_streams`]), as are its closed frames not yet handed out.
+    /// Appends each slot and its generation to `out`. The slot is free at once: the next
+    /// new stream takes it as its next generation ([`FrameOut::generation`]), by which
+    /// whatever holds state for the slot downstream tells the two streams apart. Streams
+    /// whose samples had no monotonic time are kept.
+    pub fn retire_quiet(&mut self, before: f64, out: &mut Vec<(u32, u32)>) {
+        let first = out.len();
         for (idx, st) in self.streams.iter_mut().enumerate() {
             // An unknown arrival time (NaN) is never quiet.
             let quiet = st.last_mono < before;
@@ -663,15 +686,20 @@ impl Assembler {
             st.retired = true;
             st.slot_window.fill(None);
             self.index.remove(&st.name);
-            out.push(idx as u32);
+            self.free.push(idx);
+            out.push((idx as u32, st.generation));
         }
-    }
-
-    /// Gives back slot `idx` of a stream [`Self::retire_quiet`] forgot, for a new stream.
-    pub fn free(&mut self, idx: u32) {
-        let i = idx as usize;
-        if self.streams.get(i).is_some_and(|st| st.retired) && !self.free.contains(&i) {
-            self.free.push(i);
+        if out.len() > first && !self.queue.is_empty() {
+            // Handed out later, they would carry the next stream's name.
+            let streams = &self.streams;
+            let pool = &mut self.pool;
+            self.queue.retain_mut(|p| {
+                let keep = !streams[p.stream].retired;
+                if !keep {
+                    pool.push(std::mem::take(&mut p.values));
+                }
+                keep
+            });
         }
     }
 
@@ -962,6 +990,7 @@ impl Assembler {
             out(FrameOut {
                 stream: &st.name,
                 stream_index: p.stream as u32,
+                generation: st.generation,
                 seq: p.seq,
                 window_end: (p.window as f64 + 1.0) * self.window_secs,
                 values: &p.values,
@@ -1055,11 +1084,15 @@ mod tests {
         n.iter().map(|s| s.to_string()).collect()
     }
 
-    /// A forgotten stream's slot goes to a new stream only once freed, and the new stream
-    /// inherits nothing: its frames count from 0 and no value of the old one is carried
-    /// forward into them. Streams whose samples had no monotonic time are never forgotten.
+    /// A forgotten stream's slot is free at once, and the new stream that takes it is the
+    /// slot's next generation and inherits nothing: its frames count from 0 and no value of
+    /// the old one is carried forward into them; a closed frame of the old stream not yet
+    /// handed out goes with it (it would carry the new stream's name). Streams whose
+    /// samples had no monotonic time are never forgotten. (The slot used to be held until
+    /// the agent's sink gave it back, about a second later: a stream arriving meanwhile
+    /// was refused.)
     #[test]
-    fn a_retired_slot_is_reused_only_once_freed_and_carries_nothing_over() {
+    fn a_retired_slot_is_free_at_once_as_a_new_generation_that_carries_nothing_over() {
         let cfg = AssemblerConfig {
             max_streams: 2,
             stale_secs: Some(1e9),
@@ -1067,11 +1100,13 @@ mod tests {
         };
         let mut a = cfg.build(names(&["a", "b"])).unwrap();
         let at = |mono: f64| Receipt { wall: 0.0, mono };
-        let mut frames = Vec::new();
-        let take = |a: &mut Assembler, frames: &mut Vec<(u32, u64, String, Vec<f32>)>| {
+        type Out = (u32, u32, u64, String, Vec<f32>);
+        let mut frames: Vec<u64> = Vec::new();
+        let take = |a: &mut Assembler, frames: &mut Vec<Out>| {
             a.flush(&mut |f: FrameOut<'_>| {
                 frames.push((
                     f.stream_index,
+                    f.generation,
                     f.seq,
                     f.stream.to_string(),
                     f.values.to_vec(),
@@ -1084,21 +1119,25 @@ mod tests {
             .unwrap();
         a.push(&sample("untimed", "a", 3.0, 10.0)).unwrap();
         assert_eq!(a.stream_count(), 2);
-        take(&mut a, &mut frames);
+        a.push_received(&sample("old", "a", 4.0, 15.0), at(15.0))
+            .unwrap();
+        a.poll(f64::NAN, &mut |f: FrameOut<'_>| {
+            assert_eq!((f.stream, f.stream_index, f.generation), ("old", 0, 0));
+            frames.push(f.seq);
+        });
+        assert_eq!(frames, [0], "a slot's first stream is its generation 0");
+        // A later window closes another of old's, not handed out yet when old is forgotten.
+        a.push_received(&sample("old", "a", 6.0, 17.0), at(17.0))
+            .unwrap();
+        assert_eq!(a.pending_frames(), 1);
         let mut gone = Vec::new();
-        a.retire_quiet(10.0, &mut gone);
+        a.retire_quiet(17.0, &mut gone);
         assert!(gone.is_empty(), "not before its last arrival");
         a.retire_quiet(1e12, &mut gone);
-        assert_eq!(gone, [0], "the untimed stream is kept");
+        assert_eq!(gone, [(0, 0)], "the untimed stream is kept");
         assert_eq!((a.stream_count(), a.index_of("old")), (1, None));
-        // Not freed yet: the slot is held, and max_streams is reached.
-        assert_eq!(
-            a.push_received(&sample("new", "a", 5.0, 20.0), at(20.0)),
-            Err(Reject::TooManyStreams)
-        );
-        a.free(1);
-        a.free(0);
-        a.free(0);
+        assert_eq!(a.pending_frames(), 0, "old's closed frame went with it");
+        // Free at once, though max_streams is reached.
         let allocated = a.allocated();
         a.push_received(&sample("new", "a", 5.0, 20.0), at(20.0))
             .unwrap();
@@ -1108,16 +1147,21 @@ mod tests {
             Err(Reject::TooManyStreams),
             "freed once, taken once"
         );
-        frames.clear();
+        let mut frames = Vec::new();
         take(&mut a, &mut frames);
-        assert_eq!(frames.len(), 1, "{frames:?}");
-        let (index, seq, name, values) = &frames[0];
-        assert_eq!((*index, *seq, name.as_str()), (0, 0, "new"));
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        let (index, generation, seq, name, values) = &frames[0];
+        assert_eq!((*index, *generation, *seq, name.as_str()), (0, 1, 0, "new"));
         assert_eq!(values[0], 5.0);
         assert!(
             values[1].is_nan(),
             "old's b is not carried into new: {values:?}"
         );
+        assert_eq!((frames[1].0, frames[1].1), (1, 0), "untimed, as it was");
+        // Forgotten again: the slot's next stream is its third generation.
+        let mut gone = Vec::new();
+        a.retire_quiet(1e12, &mut gone);
+        assert_eq!(gone, [(0, 1)]);
     }
 
     #[derive(Debug, Clone, PartialEq)]
