@@ -90,7 +90,7 @@ pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, Dem
         e => DemoError::Other(e.to_string()),
     };
     let (mut values, _) = replay::align_features(&model, table).map_err(mismatch)?;
-    replay::fill_input_gaps(&model, &opts.input, &mut values).map_err(mismatch)?;
+    replay::fill_input_gaps(&model, &opts.input, &mut values, true).map_err(mismatch)?;
     let features = model.meta.frame_features().to_vec();
     let end = (opts.start + opts.frames).min(values.nrows());
     if opts.start >= end {

@@ -1604,8 +1604,15 @@ fn train(
     // Gaps are filled as replay and the agent fill them (the last value carried forward),
     // not dropped: a dropped row would join the rows on either side of it into one lag
     // window, and the model would learn from inputs unlike the ones it will score.
-    let gaps = replay::fill_gaps(input, &mut table.values, &table.features, None)
-        .map_err(|reason| anyhow::anyhow!("{}: {reason}", input.display()))?;
+    // A table's rows have no order: its gaps take the column's mean, not a neighbour's value.
+    let gaps = replay::fill_gaps(
+        input,
+        &mut table.values,
+        &table.features,
+        None,
+        !rows_unordered,
+    )
+    .map_err(|reason| anyhow::anyhow!("{}: {reason}", input.display()))?;
     eprintln!(
         "darkwatch: training on {} ({} rows × {} features)",
         input.display(),

@@ -272,6 +272,9 @@ pub struct Gaps {
     pub columns: Vec<(String, usize)>,
     /// What a gap before a column's first value took: "the training mean", say.
     pub leading: String,
+    /// Gaps took the column's last value before them; false for a table, whose rows have
+    /// no order: every gap then took `leading`.
+    pub carried: bool,
 }
 
 impl Gaps {
@@ -298,16 +301,26 @@ impl std::fmt::Display for Gaps {
             0 => String::new(),
             k => format!(", … (+{k} columns)"),
         };
+        let how = if self.carried {
+            format!(
+                "the column's last value before a gap ({} before its first value)",
+                self.leading
+            )
+        } else {
+            format!(
+                "{} (a table's rows have no order to carry a value along)",
+                self.leading
+            )
+        };
         write!(
             f,
-            "{}: {} empty, NaN or Inf {} in {} of {} columns ({}{more}) filled with the column's last value before a gap ({} before its first value); all {} rows kept",
+            "{}: {} empty, NaN or Inf {} in {} of {} columns ({}{more}) filled with {how}; all {} rows kept",
             self.path.display(),
             self.cells(),
             if self.cells() == 1 { "cell" } else { "cells" },
             self.columns.len(),
             self.of_columns,
             shown.join(", "),
-            self.leading,
             self.rows
         )
     }
@@ -316,7 +329,8 @@ impl std::fmt::Display for Gaps {
 /// Fills the gaps (NaN) in `values` as the agent's assembler fills a metric missing from
 /// a window: with the column's last value before it (carried forward). A gap before a
 /// column's first value takes `lead[j]` (replay: the training mean, which the scaler maps
-/// to 0), or without `lead` the mean of the column's values. No row is dropped: labels and
+/// to 0), or without `lead` the mean of the column's values. Without `carry` (a table,
+/// whose rows have no order) every gap takes that value. No row is dropped: labels and
 /// timestamps align with rows by position.
 ///
 /// # Errors
@@ -327,6 +341,7 @@ pub fn fill_gaps(
     values: &mut Array2<f32>,
     names: &[String],
     lead: Option<&[f32]>,
+    carry: bool,
 ) -> Result<Gaps, String> {
     let (rows, d) = values.dim();
     let mut gaps = Gaps {
@@ -338,6 +353,7 @@ pub fn fill_gaps(
             Some(_) => "the training mean".into(),
             None => "the column's mean".into(),
         },
+        carried: carry,
     };
     let name = |j: usize| names.get(j).map_or_else(|| format!("f{j}"), Clone::clone);
     let counts: Vec<usize> = values
@@ -364,7 +380,7 @@ pub fn fill_gaps(
         if counts[j] == 0 {
             continue;
         }
-        let mut last = match lead {
+        let fallback = match lead {
             Some(lead) => lead.get(j).copied().unwrap_or(0.0),
             None => {
                 let (sum, n) = col
@@ -374,10 +390,11 @@ pub fn fill_gaps(
                 (sum / n.max(1) as f64) as f32
             }
         };
+        let mut last = fallback;
         for v in &mut col {
             if v.is_nan() {
                 *v = last;
-            } else {
+            } else if carry {
                 last = *v;
             }
         }
@@ -388,7 +405,8 @@ pub fn fill_gaps(
 
 /// Fills a replay's aligned rows (in the model's frame-feature order) with [`fill_gaps`],
 /// a gap before a column's first value taking the training mean (scaled 0), and warns once
-/// when there were any. Shared by `replay` and `demo`.
+/// when there were any. Shared by `replay` and `demo`. `carry` false: a table, every gap
+/// takes the training mean.
 ///
 /// # Errors
 /// [`ReplayError::Features`] when the input is mostly gaps or a column has no value.
@@ -396,13 +414,14 @@ pub fn fill_input_gaps(
     model: &Model,
     input: &Path,
     values: &mut Array2<f32>,
+    carry: bool,
 ) -> Result<Gaps, ReplayError> {
     let names = model.meta.frame_features();
     let offsets = &model.meta.scaler.offset;
     // The frame's own block is the last of a lag window's blocks.
     let lead = offsets.get(offsets.len().saturating_sub(names.len())..);
     let mut gaps =
-        fill_gaps(input, values, names, lead).map_err(|reason| ReplayError::Features {
+        fill_gaps(input, values, names, lead, carry).map_err(|reason| ReplayError::Features {
             input: input.to_owned(),
             reason,
         })?;
@@ -478,7 +497,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         None => None,
     };
     let (mut values, timestamps) = align_features(&model, table)?;
-    fill_input_gaps(&model, &req.input, &mut values)?;
+    fill_input_gaps(&model, &req.input, &mut values, !req.table)?;
     let w = model.meta.window_frames;
     if w > rows {
         return Err(ReplayError::Features {
@@ -1214,6 +1233,7 @@ mod tests {
             &mut v,
             &names,
             Some(&[10.0, 20.0, 30.0]),
+            true,
         )
         .unwrap();
         assert_eq!(
@@ -1235,12 +1255,21 @@ mod tests {
         );
         // Without a lead, a leading gap takes the mean of the column's values: (2 + 4) / 2.
         let mut v = ndarray::array![[nan], [2.0], [4.0]];
-        fill_gaps(Path::new("x.csv"), &mut v, &names[..1], None).unwrap();
+        fill_gaps(Path::new("x.csv"), &mut v, &names[..1], None, true).unwrap();
         assert_eq!(v, ndarray::array![[3.0], [2.0], [4.0]]);
+        // A table's rows have no order: every gap takes the lead, none is carried.
+        let mut v = ndarray::array![[1.0], [nan], [3.0], [nan]];
+        let gaps = fill_gaps(Path::new("t.csv"), &mut v, &names[..1], Some(&[9.0]), false).unwrap();
+        assert_eq!(v, ndarray::array![[1.0], [9.0], [3.0], [9.0]]);
+        assert!(
+            gaps.to_string()
+                .contains("filled with the training mean (a table's rows have no order"),
+            "{gaps}"
+        );
         // Nothing to fill: nothing said.
         let mut v = ndarray::array![[1.0f32]];
         assert!(
-            fill_gaps(Path::new("x.csv"), &mut v, &names[..1], None)
+            fill_gaps(Path::new("x.csv"), &mut v, &names[..1], None, true)
                 .unwrap()
                 .is_empty()
         );
@@ -1251,13 +1280,13 @@ mod tests {
         let nan = f32::NAN;
         let names = vec!["a".to_string(), "b".into()];
         let mut v = ndarray::array![[1.0, nan], [2.0, nan], [3.0, nan]];
-        let err = fill_gaps(Path::new("x.csv"), &mut v, &names, None).unwrap_err();
+        let err = fill_gaps(Path::new("x.csv"), &mut v, &names, None, true).unwrap_err();
         assert_eq!(
             err,
             "column \"b\" has no values: all 3 rows are empty, NaN or Inf"
         );
         let mut v = ndarray::array![[nan, nan], [2.0, nan], [nan, 4.0]];
-        let err = fill_gaps(Path::new("x.csv"), &mut v, &names, None).unwrap_err();
+        let err = fill_gaps(Path::new("x.csv"), &mut v, &names, None, true).unwrap_err();
         assert!(
             err.starts_with("4 of 6 cells (67 %) are empty, NaN or Inf"),
             "{err}"
@@ -1265,7 +1294,7 @@ mod tests {
         // Half is still filled.
         let mut v = ndarray::array![[nan, 1.0], [2.0, nan], [nan, 4.0], [1.0, 1.0]];
         assert_eq!(
-            fill_gaps(Path::new("x.csv"), &mut v, &names, None)
+            fill_gaps(Path::new("x.csv"), &mut v, &names, None, true)
                 .unwrap()
                 .cells(),
             3
