@@ -12,6 +12,7 @@ use crate::config::DarkwatchConfig;
 use crate::eval::{self, Report};
 use crate::ingest::{self, IngestError, TableOptions};
 use crate::mqtt::{self, BrokerMode};
+use crate::replay::{self, ReplayError};
 
 /// What the demo replays.
 #[derive(Debug, Clone)]
@@ -71,37 +72,37 @@ pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, Dem
     if opts.frames == 0 {
         return Err(DemoError::Other("--frames must be at least 1".into()));
     }
-    let table = ingest::read_table(&opts.input, &TableOptions::default())?;
-    // The agent assembles frames from metrics named as the model's features: a model of
-    // other features would see every message rejected and score nothing.
-    let want = model.meta.frame_features();
-    if let Some(missing) = want.iter().find(|f| !table.features.contains(f)) {
-        return Err(DemoError::Other(format!(
-            "{}: the model's feature \"{missing}\" is not among the metrics the demo publishes from {} ({}, …); give it a model trained on that recording",
+    // The columns become the model's features as replay takes them (by name, or by
+    // position when one side is unnamed, with a warning), gaps filled as replay fills
+    // them; each is then published under the model's name for it, which the agent's
+    // assembler matches.
+    let opts_table = TableOptions {
+        timestamp_column: Some(base.input.timestamp_column.clone()).filter(|s| !s.is_empty()),
+        features: Some(model.meta.frame_features().to_vec()),
+    };
+    let table = replay::read_input(&opts.input, &opts_table)?;
+    let mismatch = |e: ReplayError| match e {
+        ReplayError::Features { reason, .. } => DemoError::Other(format!(
+            "{}: the model's features are not among the metrics the demo publishes from {}: {reason}; give it a model trained on that recording",
             opts.model_dir.display(),
             opts.input.display(),
-            table
-                .features
-                .iter()
-                .take(3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    let end = (opts.start + opts.frames).min(table.values.nrows());
+        )),
+        e => DemoError::Other(e.to_string()),
+    };
+    let (mut values, _) = replay::align_features(&model, table).map_err(mismatch)?;
+    replay::fill_input_gaps(&model, &opts.input, &mut values, true).map_err(mismatch)?;
+    let features = model.meta.frame_features().to_vec();
+    let end = (opts.start + opts.frames).min(values.nrows());
     if opts.start >= end {
         return Err(DemoError::Other(format!(
             "{}: --start {} is past its {} rows",
             opts.input.display(),
             opts.start,
-            table.values.nrows()
+            values.nrows()
         )));
     }
     let labels = match &opts.labels {
-        Some(p) => {
-            Some(ingest::read_labels(p, Some(table.values.nrows()))?[opts.start..end].to_vec())
-        }
+        Some(p) => Some(ingest::read_labels(p, Some(values.nrows()))?[opts.start..end].to_vec()),
         None => None,
     };
     let port = mqtt::start_embedded_broker("127.0.0.1", 0)?;
@@ -180,11 +181,9 @@ pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, Dem
             }
         })
     };
-    let features = table.features.clone();
     let t0 = 1_700_000_000.0;
     let mut published = 0u64;
-    for (i, row) in table
-        .values
+    for (i, row) in values
         .rows()
         .into_iter()
         .enumerate()

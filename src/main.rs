@@ -37,8 +37,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train an autoencoder on a CSV or NPY file and write a model directory.
+    ///
+    /// Without a terminal (a pipe, CI, journald), progress is one line per epoch, at most
+    /// every 5 s, and the last.
     Train {
-        /// Training data (.csv with a header row, or 2-D .npy).
+        /// Training data (.csv with a header row, or 2-D .npy). CSV gaps (empty, NaN, Inf,
+        /// null, NA cells) take the column's last value (its mean before its first), with one
+        /// warning; a file over half gaps, or a column with no value, is refused. Timestamps:
+        /// epoch seconds or ISO 8601 dates and date-times (UTC without an offset).
         #[arg(long)]
         input: PathBuf,
         /// Model directory to write.
@@ -63,7 +69,10 @@ enum Command {
         /// Model directory written by `darkwatch train`.
         #[arg(long)]
         model: PathBuf,
-        /// Recorded frames (.csv or .npy) with the model's features.
+        /// Recorded frames (.csv or .npy) with the model's features. CSV gaps (empty, NaN,
+        /// Inf, null, NA cells) take the column's last value (the training mean before its
+        /// first), with one warning, and no row is dropped; a file over half gaps, or a
+        /// column with no value, is refused. Rows out of time order are warned about.
         #[arg(long)]
         input: PathBuf,
         /// One 0/1 label per input row (1 = anomalous): enables AUROC / AUPRC / F1.
@@ -1590,15 +1599,34 @@ fn train(
     // Find out now, not after training, whether the model can be written.
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create the model directory", out.display()))?;
-    let table = ingest::read_table(input, &opts)?;
+    let mut table = replay::read_input(input, &opts)?;
     let sha = ingest::file_sha256(input)?;
+    // Gaps are filled as replay and the agent fill them (the last value carried forward),
+    // not dropped: a dropped row would join the rows on either side of it into one lag
+    // window, and the model would learn from inputs unlike the ones it will score.
+    // A table's rows have no order: its gaps take the column's mean, not a neighbour's value.
+    let gaps = replay::fill_gaps(
+        input,
+        &mut table.values,
+        &table.features,
+        None,
+        !rows_unordered,
+    )
+    .map_err(|reason| anyhow::anyhow!("{}: {reason}", input.display()))?;
     eprintln!(
         "darkwatch: training on {} ({} rows × {} features)",
         input.display(),
         table.values.nrows(),
         table.values.ncols()
     );
+    if !gaps.is_empty() {
+        eprintln!("darkwatch: warning: {gaps}");
+    }
     warn_constant_columns(&table);
+    // The bar draws only on a terminal; a pipe, a CI log or journald gets epoch lines.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut epoch_log = darkwatch::train::EpochLog::new(std::time::Duration::from_secs(5));
+    let started = std::time::Instant::now();
     let bar = ProgressBar::new(cfg.train.epochs_max as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {pos}/{len} {msg}")
@@ -1606,6 +1634,9 @@ fn train(
             .progress_chars("=> "),
     );
     let (model, report) = model::fit::fit(&table, &sha, &cfg, &mut |e| {
+        if !tty && let Some(line) = epoch_log.epoch(e, started.elapsed()) {
+            eprintln!("darkwatch: {line}");
+        }
         bar.set_position(e.epoch as u64);
         let member = if e.members > 1 {
             format!(" (member {} of {})", e.member, e.members)
@@ -1630,6 +1661,9 @@ fn train(
         e => anyhow::Error::from(e).context("training failed"),
     })?;
     bar.finish_and_clear();
+    if let Some(line) = epoch_log.finish().filter(|_| !tty) {
+        eprintln!("darkwatch: {line}");
+    }
     for removed in darkwatch::train::clear_model_folder(&old_model)? {
         eprintln!(
             "darkwatch: note: removed {}, which belonged to the model replaced",

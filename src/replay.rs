@@ -238,6 +238,204 @@ pub fn align_features(
     Ok((values, table.timestamps))
 }
 
+/// Most of the cells [`fill_gaps`] fills before it refuses: a file mostly of gaps would be
+/// scored (or trained) on values it does not hold.
+pub const MAX_GAP_SHARE: f64 = 0.5;
+
+/// Reads a recorded input for `replay`, `demo` and `train`: as [`ingest::read_table`], but
+/// a CSV's gaps (empty, NaN, Inf, `null`, `NA` cells) are NaN instead of an error
+/// ([`ingest::csv::read_csv_with_gaps`]), for [`fill_gaps`]. An `.npy` stays strict.
+///
+/// # Errors
+/// As [`ingest::read_table`].
+pub fn read_input(path: &Path, opts: &TableOptions) -> Result<Table, IngestError> {
+    let csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    if csv && path.is_file() {
+        ingest::csv::read_csv_with_gaps(path, opts)
+    } else {
+        ingest::read_table(path, opts)
+    }
+}
+
+/// The gaps [`fill_gaps`] filled. `Display` is the one-line warning replay and train print.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Gaps {
+    /// The file the values came from.
+    pub path: PathBuf,
+    /// Rows of the file (all kept).
+    pub rows: usize,
+    /// Columns looked at.
+    pub of_columns: usize,
+    /// The columns that had gaps, in column order, with how many cells were filled.
+    pub columns: Vec<(String, usize)>,
+    /// What a gap before a column's first value took: "the training mean", say.
+    pub leading: String,
+    /// Gaps took the column's last value before them; false for a table, whose rows have
+    /// no order: every gap then took `leading`.
+    pub carried: bool,
+}
+
+impl Gaps {
+    /// Cells filled, over all columns.
+    pub fn cells(&self) -> usize {
+        self.columns.iter().map(|(_, n)| n).sum()
+    }
+
+    /// True when there was nothing to fill.
+    pub fn is_empty(&self) -> bool {
+        self.columns.is_empty()
+    }
+}
+
+impl std::fmt::Display for Gaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<String> = self
+            .columns
+            .iter()
+            .take(8)
+            .map(|(name, n)| format!("{name}: {n}"))
+            .collect();
+        let more = match self.columns.len().saturating_sub(8) {
+            0 => String::new(),
+            k => format!(", … (+{k} columns)"),
+        };
+        let how = if self.carried {
+            format!(
+                "the column's last value before a gap ({} before its first value)",
+                self.leading
+            )
+        } else {
+            format!(
+                "{} (a table's rows have no order to carry a value along)",
+                self.leading
+            )
+        };
+        write!(
+            f,
+            "{}: {} empty, NaN or Inf {} in {} of {} columns ({}{more}) filled with {how}; all {} rows kept",
+            self.path.display(),
+            self.cells(),
+            if self.cells() == 1 { "cell" } else { "cells" },
+            self.columns.len(),
+            self.of_columns,
+            shown.join(", "),
+            self.rows
+        )
+    }
+}
+
+/// Fills the gaps (NaN) in `values` as the agent's assembler fills a metric missing from
+/// a window: with the column's last value before it (carried forward). A gap before a
+/// column's first value takes `lead[j]` (replay: the training mean, which the scaler maps
+/// to 0), or without `lead` the mean of the column's values. Without `carry` (a table,
+/// whose rows have no order) every gap takes that value. No row is dropped: labels and
+/// timestamps align with rows by position.
+///
+/// # Errors
+/// The reason, when a column holds no value at all or more than [`MAX_GAP_SHARE`] of all
+/// cells are gaps.
+pub fn fill_gaps(
+    path: &Path,
+    values: &mut Array2<f32>,
+    names: &[String],
+    lead: Option<&[f32]>,
+    carry: bool,
+) -> Result<Gaps, String> {
+    let (rows, d) = values.dim();
+    let mut gaps = Gaps {
+        path: path.to_owned(),
+        rows,
+        of_columns: d,
+        columns: Vec::new(),
+        leading: match lead {
+            Some(_) => "the training mean".into(),
+            None => "the column's mean".into(),
+        },
+        carried: carry,
+    };
+    let name = |j: usize| names.get(j).map_or_else(|| format!("f{j}"), Clone::clone);
+    let counts: Vec<usize> = values
+        .columns()
+        .into_iter()
+        .map(|col| col.iter().filter(|v| v.is_nan()).count())
+        .collect();
+    let total: usize = counts.iter().sum();
+    let cells = rows * d;
+    if total as f64 > MAX_GAP_SHARE * cells as f64 {
+        return Err(format!(
+            "{total} of {cells} cells ({:.0} %) are empty, NaN or Inf: too few values to use (gaps are filled only while they are at most {:.0} % of the cells)",
+            100.0 * total as f64 / cells as f64,
+            100.0 * MAX_GAP_SHARE
+        ));
+    }
+    if let Some(j) = counts.iter().position(|&n| rows > 0 && n == rows) {
+        return Err(format!(
+            "column \"{}\" has no values: all {rows} rows are empty, NaN or Inf",
+            name(j)
+        ));
+    }
+    for (j, mut col) in values.columns_mut().into_iter().enumerate() {
+        if counts[j] == 0 {
+            continue;
+        }
+        let fallback = match lead {
+            Some(lead) => lead.get(j).copied().unwrap_or(0.0),
+            None => {
+                let (sum, n) = col
+                    .iter()
+                    .filter(|v| !v.is_nan())
+                    .fold((0.0f64, 0usize), |(s, n), &v| (s + f64::from(v), n + 1));
+                (sum / n.max(1) as f64) as f32
+            }
+        };
+        let mut last = fallback;
+        for v in &mut col {
+            if v.is_nan() {
+                *v = last;
+            } else if carry {
+                last = *v;
+            }
+        }
+        gaps.columns.push((name(j), counts[j]));
+    }
+    Ok(gaps)
+}
+
+/// Fills a replay's aligned rows (in the model's frame-feature order) with [`fill_gaps`],
+/// a gap before a column's first value taking the training mean (scaled 0), and warns once
+/// when there were any. Shared by `replay` and `demo`. `carry` false: a table, every gap
+/// takes the training mean.
+///
+/// # Errors
+/// [`ReplayError::Features`] when the input is mostly gaps or a column has no value.
+pub fn fill_input_gaps(
+    model: &Model,
+    input: &Path,
+    values: &mut Array2<f32>,
+    carry: bool,
+) -> Result<Gaps, ReplayError> {
+    let names = model.meta.frame_features();
+    let offsets = &model.meta.scaler.offset;
+    // The frame's own block is the last of a lag window's blocks.
+    let lead = offsets.get(offsets.len().saturating_sub(names.len())..);
+    let mut gaps =
+        fill_gaps(input, values, names, lead, carry).map_err(|reason| ReplayError::Features {
+            input: input.to_owned(),
+            reason,
+        })?;
+    gaps.leading = match model.meta.scaler.kind {
+        crate::model::ScalerKind::ZScore => "the training mean",
+        crate::model::ScalerKind::MinMax => "the training minimum",
+    }
+    .into();
+    if !gaps.is_empty() {
+        tracing::warn!("{gaps}");
+    }
+    Ok(gaps)
+}
+
 /// Runs a replay end to end.
 ///
 /// # Errors
@@ -292,13 +490,14 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         // Columns the model does not use are skipped unread (a host name, say).
         features: Some(model.meta.frame_features().to_vec()),
     };
-    let table = ingest::read_table(&req.input, &opts)?;
+    let table = read_input(&req.input, &opts)?;
     let rows = table.values.nrows();
     let labels = match &req.labels {
         Some(path) => Some(ingest::read_labels(path, Some(rows))?),
         None => None,
     };
-    let (values, timestamps) = align_features(&model, table)?;
+    let (mut values, timestamps) = align_features(&model, table)?;
+    fill_input_gaps(&model, &req.input, &mut values, !req.table)?;
     let w = model.meta.window_frames;
     if w > rows {
         return Err(ReplayError::Features {
@@ -1015,6 +1214,91 @@ mod tests {
             l[a..=b].fill(1);
         }
         l
+    }
+
+    /// Gaps are carried forward as the assembler carries a missing metric, counted per
+    /// column; no row is dropped.
+    #[test]
+    fn fill_gaps_carries_the_last_value_forward_and_counts_per_column() {
+        let nan = f32::NAN;
+        let names = vec!["a".to_string(), "b".into(), "c".into()];
+        let mut v = ndarray::array![
+            [nan, 1.0, 7.0],
+            [2.0, nan, 7.0],
+            [nan, nan, 7.0],
+            [4.0, 5.0, 7.0]
+        ];
+        let gaps = fill_gaps(
+            Path::new("x.csv"),
+            &mut v,
+            &names,
+            Some(&[10.0, 20.0, 30.0]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            ndarray::array![
+                [10.0, 1.0, 7.0],
+                [2.0, 1.0, 7.0],
+                [2.0, 1.0, 7.0],
+                [4.0, 5.0, 7.0]
+            ]
+        );
+        assert_eq!(gaps.columns, [("a".to_string(), 2), ("b".to_string(), 2)]);
+        assert_eq!((gaps.cells(), gaps.rows, gaps.of_columns), (4, 4, 3));
+        let text = gaps.to_string();
+        assert!(
+            text.starts_with("x.csv: 4 empty, NaN or Inf cells in 2 of 3 columns (a: 2, b: 2)")
+                && text.contains("all 4 rows kept"),
+            "{text}"
+        );
+        // Without a lead, a leading gap takes the mean of the column's values: (2 + 4) / 2.
+        let mut v = ndarray::array![[nan], [2.0], [4.0]];
+        fill_gaps(Path::new("x.csv"), &mut v, &names[..1], None, true).unwrap();
+        assert_eq!(v, ndarray::array![[3.0], [2.0], [4.0]]);
+        // A table's rows have no order: every gap takes the lead, none is carried.
+        let mut v = ndarray::array![[1.0], [nan], [3.0], [nan]];
+        let gaps = fill_gaps(Path::new("t.csv"), &mut v, &names[..1], Some(&[9.0]), false).unwrap();
+        assert_eq!(v, ndarray::array![[1.0], [9.0], [3.0], [9.0]]);
+        assert!(
+            gaps.to_string()
+                .contains("filled with the training mean (a table's rows have no order"),
+            "{gaps}"
+        );
+        // Nothing to fill: nothing said.
+        let mut v = ndarray::array![[1.0f32]];
+        assert!(
+            fill_gaps(Path::new("x.csv"), &mut v, &names[..1], None, true)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn fill_gaps_refuses_an_empty_column_or_a_file_mostly_of_gaps() {
+        let nan = f32::NAN;
+        let names = vec!["a".to_string(), "b".into()];
+        let mut v = ndarray::array![[1.0, nan], [2.0, nan], [3.0, nan]];
+        let err = fill_gaps(Path::new("x.csv"), &mut v, &names, None, true).unwrap_err();
+        assert_eq!(
+            err,
+            "column \"b\" has no values: all 3 rows are empty, NaN or Inf"
+        );
+        let mut v = ndarray::array![[nan, nan], [2.0, nan], [nan, 4.0]];
+        let err = fill_gaps(Path::new("x.csv"), &mut v, &names, None, true).unwrap_err();
+        assert!(
+            err.starts_with("4 of 6 cells (67 %) are empty, NaN or Inf"),
+            "{err}"
+        );
+        // Half is still filled.
+        let mut v = ndarray::array![[nan, 1.0], [2.0, nan], [nan, 4.0], [1.0, 1.0]];
+        assert_eq!(
+            fill_gaps(Path::new("x.csv"), &mut v, &names, None, true)
+                .unwrap()
+                .cells(),
+            3
+        );
     }
 
     #[test]

@@ -120,6 +120,64 @@ pub struct EpochReport {
     pub members: usize,
 }
 
+/// Epoch lines for a log that is no terminal (a pipe, a CI log, journald), where the
+/// `train` command's progress bar draws nothing: the first epoch, then at most one line per
+/// `every`, then (from [`Self::finish`]) the last epoch if its line was not due. A run of
+/// minutes thus shows that it moves, and a fast one prints two lines, not hundreds.
+#[derive(Debug, Clone)]
+pub struct EpochLog {
+    every: std::time::Duration,
+    last_printed: Option<std::time::Duration>,
+    /// The newest epoch's line while it is unprinted.
+    pending: Option<String>,
+}
+
+impl EpochLog {
+    /// A log that prints at most one epoch line per `every` (after the first).
+    pub fn new(every: std::time::Duration) -> Self {
+        EpochLog {
+            every,
+            last_printed: None,
+            pending: None,
+        }
+    }
+
+    /// The line for epoch `e`, finished `elapsed` after training began, when one is due.
+    pub fn epoch(&mut self, e: &EpochReport, elapsed: std::time::Duration) -> Option<String> {
+        let member = if e.members > 1 {
+            format!(" (member {} of {})", e.member, e.members)
+        } else {
+            String::new()
+        };
+        let val = e
+            .val_loss
+            .map_or_else(String::new, |v| format!(", validation loss {v:.4}"));
+        let line = format!(
+            "epoch {}/{}{member}: train loss {:.4}{val}, {:.1} s",
+            e.epoch,
+            e.epochs_max,
+            e.train_loss,
+            elapsed.as_secs_f64()
+        );
+        let due = self
+            .last_printed
+            .is_none_or(|t| elapsed.saturating_sub(t) >= self.every);
+        if due {
+            self.last_printed = Some(elapsed);
+            self.pending = None;
+            Some(line)
+        } else {
+            self.pending = Some(line);
+            None
+        }
+    }
+
+    /// The last epoch's line, when [`Self::epoch`] held it back.
+    pub fn finish(&mut self) -> Option<String> {
+        self.pending.take()
+    }
+}
+
 /// How a training run went; stored in the model's metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainReport {
@@ -581,6 +639,49 @@ mod tests {
             }
         }
         x
+    }
+
+    /// Without a terminal the progress bar is not drawn: a line per epoch, at most one per
+    /// interval after the first, and the last one at the end.
+    #[test]
+    fn epoch_log_prints_the_first_then_at_most_one_per_interval_then_the_last() {
+        use std::time::Duration;
+        let e = |epoch: usize| EpochReport {
+            epoch,
+            epochs_max: 50,
+            train_loss: 0.5,
+            val_loss: Some(0.25),
+            member: 1,
+            members: 1,
+        };
+        let mut log = EpochLog::new(Duration::from_secs(5));
+        let secs = |s: f64| Duration::from_secs_f64(s);
+        assert_eq!(
+            log.epoch(&e(1), secs(1.5)).as_deref(),
+            Some("epoch 1/50: train loss 0.5000, validation loss 0.2500, 1.5 s")
+        );
+        assert_eq!(log.epoch(&e(2), secs(3.0)), None);
+        assert_eq!(log.epoch(&e(3), secs(6.4)), None);
+        assert!(
+            log.epoch(&e(4), secs(6.5))
+                .unwrap()
+                .starts_with("epoch 4/50")
+        );
+        assert_eq!(log.finish(), None, "the last line was printed already");
+        assert_eq!(log.epoch(&e(5), secs(8.0)), None);
+        assert!(log.finish().unwrap().starts_with("epoch 5/50"));
+        assert_eq!(log.finish(), None);
+        let mut log = EpochLog::new(Duration::from_secs(5));
+        let member = EpochReport {
+            val_loss: None,
+            member: 2,
+            members: 3,
+            ..e(7)
+        };
+        assert_eq!(
+            log.epoch(&member, secs(81.0)).as_deref(),
+            Some("epoch 7/50 (member 2 of 3): train loss 0.5000, 81.0 s")
+        );
     }
 
     fn quick(epochs: usize) -> TrainConfig {

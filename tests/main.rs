@@ -605,7 +605,13 @@ fn label_file_of_wrong_length_is_refused() {
 fn bad_input_files_give_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("nan.csv", b"a,b\n1,2\n3,NaN\n".to_vec(), "line 3"),
+        ("text.csv", b"a,b\n1,2\n3,abc\n".to_vec(), "line 3"),
+        // Gaps are filled, but not a column that holds no value at all.
+        (
+            "gaps.csv",
+            b"a,b\n1,\n2,NaN\n".to_vec(),
+            "column \"b\" has no values",
+        ),
         ("short.csv", b"a,b\n1,2\n3\n".to_vec(), "line 3"),
         ("empty.csv", Vec::new(), "empty"),
         (
@@ -634,6 +640,202 @@ fn bad_input_files_give_one_line_errors() {
         assert_eq!(err.trim().lines().count(), 1, "{name}: not one line: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// `src` (a CSV) with some cells changed: `edit(line index, cells)`, line 0 the header.
+fn edited_csv(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    edit: impl Fn(usize, &mut Vec<String>),
+) {
+    let text = std::fs::read_to_string(src).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut cells: Vec<String> = line.split(',').map(String::from).collect();
+            edit(i, &mut cells);
+            cells.join(",")
+        })
+        .collect();
+    std::fs::write(dst, lines.join("\n") + "\n").unwrap();
+}
+
+/// Telemetry exports have gaps: one empty or NaN cell refused the whole file. Gaps take the
+/// column's last value, one warning counts them per column, and no row is dropped, so the
+/// labels still align (the anomalies are still found where they are labelled).
+#[test]
+fn replay_fills_csv_gaps_with_the_last_value_and_keeps_every_row() {
+    let (dir, model, test, lab) = trained();
+    let gappy = dir.path().join("gappy.csv");
+    // Columns: timestamp, m00 .. m07. Line 1 is row 0.
+    edited_csv(&test, &gappy, |i, cells| match i {
+        1 => cells[3] = String::new(),
+        10 | 11 => cells[2] = "NaN".into(),
+        500 => cells[3] = "inf".into(),
+        600 => cells[8] = "null".into(),
+        _ => {}
+    });
+    let scores = dir.path().join("s.csv");
+    let (code, out, err) = replay_with(
+        &model,
+        &gappy,
+        &lab,
+        &[std::ffi::OsStr::new("--out"), scores.as_os_str()],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("5 empty, NaN or Inf cells in 3 of 8 columns (m01: 2, m02: 2, m07: 1)"),
+        "{err}"
+    );
+    assert_eq!(err.matches("NaN or Inf cells").count(), 1, "{err}");
+    assert!(out.contains("1000 frames scored"), "{out}");
+    assert!(auroc_of(&out) > 0.95, "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&scores).unwrap().lines().count(),
+        1001
+    );
+    // A file mostly of gaps, or a column without any value, is refused.
+    let holes = dir.path().join("holes.csv");
+    edited_csv(&test, &holes, |i, cells| {
+        if i > 0 && i % 4 != 1 {
+            for c in &mut cells[1..7] {
+                c.clear();
+            }
+        }
+    });
+    let (code, _, err) = replay_with(&model, &holes, &lab, &[] as &[&str]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("4500 of 8000 cells (56 %) are empty, NaN or Inf"),
+        "{err}"
+    );
+    let empty = dir.path().join("empty_col.csv");
+    edited_csv(&test, &empty, |i, cells| {
+        if i > 0 {
+            cells[5].clear();
+        }
+    });
+    let (code, _, err) = replay_with(&model, &empty, &lab, &[] as &[&str]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("column \"m04\" has no values"), "{err}");
+}
+
+/// `train` fills gaps as replay does (dropping the rows would join their neighbours into
+/// one lag window), says how many, and logs epoch lines when stderr is no terminal (a
+/// pipe, as here): the progress bar draws nothing there.
+#[test]
+fn train_fills_gaps_and_logs_epochs_without_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean.csv");
+    synthetic_csv(&clean, 600, 4, &[]);
+    let input = dir.path().join("gappy.csv");
+    edited_csv(&clean, &input, |i, cells| {
+        if i % 50 == 3 {
+            cells[2] = String::new();
+        }
+    });
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(dir.path().join("m"))
+        .arg("--config")
+        .arg(quick_config(dir.path())));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("warning: ")
+            && err.contains("12 empty, NaN or Inf cells in 1 of 4 columns (m01: 12)"),
+        "{err}"
+    );
+    assert!(err.contains("all 600 rows kept"), "{err}");
+    // The first epoch at once, then at most one line per 5 s, and the last: here a quick
+    // run (of 4 features: an ensemble of 5), so about the first and the last.
+    let epochs: Vec<&str> = err.lines().filter(|l| l.contains(": epoch ")).collect();
+    assert!(
+        epochs.first().is_some_and(|l| l
+            .starts_with("darkwatch: epoch 1/15 (member 1 of 5): train loss ")
+            && l.contains("validation loss")
+            && l.ends_with(" s")),
+        "{err}"
+    );
+    assert!(epochs.len() >= 2 && epochs.len() < 15, "{err}");
+    assert!(epochs.last().unwrap().contains("(member 5 of 5)"), "{err}");
+}
+
+/// Plain ISO 8601 dates and date-times without a zone were refused as timestamps; rows out
+/// of time order were taken silently, though smoothing and lag windows assume the order.
+#[test]
+fn replay_takes_iso_dates_and_warns_once_about_rows_out_of_time_order() {
+    let (dir, model, test, lab) = trained();
+    // One row a day from 2024-03-01 (1709251200), a few written as date-times.
+    let dated = dir.path().join("dated.csv");
+    edited_csv(&test, &dated, |i, cells| {
+        if i > 0 {
+            let day = 1_709_251_200 + 86_400 * (i as i64 - 1);
+            let (y, m, d) = civil(day.div_euclid(86_400));
+            cells[0] = match i % 3 {
+                0 => format!("{y:04}-{m:02}-{d:02}"),
+                1 => format!("{y:04}-{m:02}-{d:02} 00:00:00"),
+                _ => format!("{y:04}-{m:02}-{d:02}T00:00:00Z"),
+            };
+        }
+    });
+    let scores = dir.path().join("s.csv");
+    let (code, out, err) = replay_with(
+        &model,
+        &dated,
+        &lab,
+        &[std::ffi::OsStr::new("--out"), scores.as_os_str()],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains("time order"), "{err}");
+    let csv = std::fs::read_to_string(&scores).unwrap();
+    let stamps: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap())
+        .collect();
+    assert_eq!(stamps[0], "1709251200");
+    assert_eq!(stamps[999], (1_709_251_200 + 86_400 * 999).to_string());
+    // Two rows swapped (file lines 102 and 103) and one repeated (line 302): one warning.
+    let unordered = dir.path().join("unordered.csv");
+    let lines: Vec<String> = std::fs::read_to_string(&test)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    edited_csv(&test, &unordered, |i, cells| {
+        if i == 101 || i == 102 {
+            let other = if i == 101 { 102 } else { 101 };
+            cells[0] = lines[other].split(',').next().unwrap().to_string();
+        }
+        if i == 301 {
+            cells[0] = lines[300].split(',').next().unwrap().to_string();
+        }
+    });
+    let (code, out, err) = replay_with(&model, &unordered, &lab, &[] as &[&str]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("timestamps are not in time order: 1 row goes back in time (the first at line 103), and 1 row repeats the time of the row before (the first at line 302)"),
+        "{err}"
+    );
+    assert_eq!(err.matches("time order").count(), 1, "{err}");
+    assert!(out.contains("1000 frames scored"), "{out}");
+}
+
+/// Year, month and day of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = (if mp < 10 { mp + 3 } else { mp - 9 }) as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 /// A CSV column auto-detected as the timestamps is no feature: an info line names it.
@@ -1699,11 +1901,41 @@ fn demo_refuses_a_model_of_other_features_before_starting() {
         .arg(&model));
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(
-        err.contains("the model's feature \"m00\" is not among the metrics the demo publishes")
-            && err.contains("f0, f1, f2"),
+        err.contains("the model's features are not among the metrics the demo publishes")
+            && err.contains("38 features in the input, but the model was trained on 8"),
         "{err}"
     );
     assert!(!out.contains("broker"), "{out}");
+}
+
+/// `demo` takes columns as `replay` does: the bundled model's features are unnamed (it was
+/// trained from an .npy), so a CSV's named columns are its features by position, with a
+/// warning (demo refused them: "the model's feature \"f0\" is not among the metrics"); its
+/// gaps are filled as replay fills them.
+#[test]
+fn demo_matches_named_columns_to_an_unnamed_model_by_position_as_replay_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("named.csv");
+    edited_csv(&repo("tests/data/smd/small.csv"), &input, |i, cells| {
+        if i == 5 {
+            cells[3] = String::new();
+        }
+    });
+    let (code, out, err) = run(darkwatch()
+        .current_dir(repo(""))
+        .args(["demo", "--start", "0", "--frames", "60", "--input"])
+        .arg(&input));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("The model's features are unnamed (f0…f37")
+            && err.contains("the input's columns m01, m02"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 empty, NaN or Inf cell in 1 of 38 columns (f2: 1)"),
+        "{err}"
+    );
+    assert!(out.contains("60 scored"), "{out}");
 }
 
 /// Outside a checkout the demo's default paths do not resolve: one line says what to do.

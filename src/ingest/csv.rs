@@ -5,8 +5,10 @@
 //! fields (`"a,b"`, with `""` for a quote; no line breaks inside quotes) and blank
 //! trailing lines. Rejected, with the line and column: blank lines between rows, rows
 //! with the wrong number of fields, non-numbers, NaN/Inf, values that overflow float32,
-//! duplicate or empty column names. Timestamps are parsed but their order is not
-//! checked here.
+//! duplicate or empty column names. [`read_csv_with_gaps`] instead reads a gap (an empty
+//! cell, `NaN`, `Inf`, `null`, `NA`, `N/A`) in a feature column as NaN, for its caller
+//! to fill ([`crate::replay::fill_gaps`]). Timestamps out of time order (a row earlier
+//! than, or as early as, the row before) are read in file order, with one warning.
 
 use std::path::Path;
 
@@ -35,6 +37,44 @@ pub fn read_csv(path: &Path, opts: &TableOptions) -> Result<Table, IngestError> 
 /// # Errors
 /// As [`read_csv`], minus `Io`.
 pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table, IngestError> {
+    parse(path, bytes, opts, false)
+}
+
+/// As [`read_csv`], but a gap in a feature column (an empty cell, `NaN`, `Inf`, `null`,
+/// `NA` or `N/A`, any case) is read as NaN instead of refusing the file: telemetry exports
+/// have gaps. The table's values are then not all finite: fill them before use
+/// ([`crate::replay::fill_gaps`]). Text that is no number, and numbers beyond float32,
+/// are still errors.
+///
+/// # Errors
+/// As [`read_csv`], without `NonFinite`.
+pub fn read_csv_with_gaps(path: &Path, opts: &TableOptions) -> Result<Table, IngestError> {
+    let bytes = read_bytes(path)?;
+    parse_csv_with_gaps(path, &bytes, opts)
+}
+
+/// [`read_csv_with_gaps`] on bytes already in memory; `path` is only used in error messages.
+///
+/// # Errors
+/// As [`read_csv_with_gaps`], minus `Io`.
+pub fn parse_csv_with_gaps(
+    path: &Path,
+    bytes: &[u8],
+    opts: &TableOptions,
+) -> Result<Table, IngestError> {
+    parse(path, bytes, opts, true)
+}
+
+/// Whether a field is a gap: no value at all, as exporters write one.
+fn is_gap(field: &str) -> bool {
+    const WORDS: &[&str] = &["null", "na", "n/a"];
+    field.is_empty()
+        || WORDS.iter().any(|w| field.eq_ignore_ascii_case(w))
+        || field.parse::<f32>().is_ok_and(|v| v.is_nan())
+        || (field.to_ascii_lowercase().contains("inf") && field.parse::<f32>().is_ok())
+}
+
+fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<Table, IngestError> {
     let err_path = || path.to_owned();
     let all: Vec<(usize, &[u8])> = lines(bytes).collect();
     // Blank trailing lines are tolerated; any other blank line is an error below.
@@ -113,6 +153,8 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
     let width = header.len();
     let mut values: Vec<f32> = Vec::with_capacity(features.len() * (all.len() - 1));
     let mut stamps: Vec<Stamp> = Vec::new();
+    // The line of each row, for the warning about time order.
+    let mut stamp_lines: Vec<usize> = Vec::new();
     let mut fields: Vec<String> = Vec::with_capacity(width);
     for &(line_no, raw) in &all[1..] {
         if raw.trim_ascii().is_empty() {
@@ -141,8 +183,13 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
                     value: field.clone(),
                 })?;
                 stamps.push(t);
+                stamp_lines.push(line_no);
             } else if is_feature[col] {
-                values.push(parse_value(path, field, pos)?);
+                if gaps && is_gap(field) {
+                    values.push(f32::NAN);
+                } else {
+                    values.push(parse_value(path, field, pos)?);
+                }
             }
         }
     }
@@ -165,6 +212,7 @@ pub fn parse_csv(path: &Path, bytes: &[u8], opts: &TableOptions) -> Result<Table
             Stamp::Seconds(t) => t,
         })
         .collect();
+    warn_out_of_order(path, &timestamps, &stamp_lines);
     Ok(Table {
         path: path.to_owned(),
         features,
@@ -218,6 +266,64 @@ fn timestamp_column(
     }
 }
 
+/// Rows out of time order: how many are earlier than the row before, the first of them,
+/// how many repeat the row before's time, and the first of those (0-based row indices).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct OrderBreaks {
+    backwards: usize,
+    first_backwards: Option<usize>,
+    repeated: usize,
+    first_repeated: Option<usize>,
+}
+
+fn order_breaks(timestamps: &[f64]) -> OrderBreaks {
+    let mut b = OrderBreaks::default();
+    for (i, w) in timestamps.windows(2).enumerate() {
+        if w[1] < w[0] {
+            b.backwards += 1;
+            b.first_backwards.get_or_insert(i + 1);
+        } else if w[1] == w[0] {
+            b.repeated += 1;
+            b.first_repeated.get_or_insert(i + 1);
+        }
+    }
+    b
+}
+
+/// Warns once when the timestamps are not strictly increasing. Not refused: the rows are
+/// still scored in file order (labels align by position), but score smoothing and lag
+/// windows take the rows before a row as its past, which only holds in time order.
+fn warn_out_of_order(path: &Path, timestamps: &[f64], lines: &[usize]) {
+    let b = order_breaks(timestamps);
+    let line = |i: Option<usize>| i.and_then(|i| lines.get(i)).copied().unwrap_or(0);
+    let rows = |n: usize, one: &str, many: &str| match n {
+        1 => format!("1 row {one}"),
+        n => format!("{n} rows {many}"),
+    };
+    let mut parts = Vec::new();
+    if b.backwards > 0 {
+        parts.push(format!(
+            "{} back in time (the first at line {})",
+            rows(b.backwards, "goes", "go"),
+            line(b.first_backwards)
+        ));
+    }
+    if b.repeated > 0 {
+        parts.push(format!(
+            "{} the time of the row before (the first at line {})",
+            rows(b.repeated, "repeats", "repeat"),
+            line(b.first_repeated)
+        ));
+    }
+    if !parts.is_empty() {
+        tracing::warn!(
+            "{}: timestamps are not in time order: {}. Rows are used in file order, but score smoothing and lag windows take the rows before a row as its past: sort the file by time if it should be in order.",
+            path.display(),
+            parts.join(", and ")
+        );
+    }
+}
+
 /// One numeric field as a finite float32 (parsed directly as `f32`, correctly rounded).
 fn parse_value(path: &Path, field: &str, pos: impl Fn() -> TextPos) -> Result<f32, IngestError> {
     match field.parse::<f32>() {
@@ -237,6 +343,17 @@ fn parse_value(path: &Path, field: &str, pos: impl Fn() -> TextPos) -> Result<f3
                     value: field.to_owned(),
                 })
             }
+        }
+        // A date in a feature column: most likely the timestamp column under another name.
+        Err(_) if matches!(parse_stamp(field), Some(Stamp::Seconds(_))) => {
+            Err(IngestError::Syntax {
+                path: path.to_owned(),
+                pos: pos(),
+                message: format!(
+                    "value {:?} is a date, not a number: name this column timestamp, time or ts, or set [input] timestamp_column to it",
+                    super::Clipped(field)
+                ),
+            })
         }
         Err(_) => Err(IngestError::NotANumber {
             path: path.to_owned(),
@@ -486,6 +603,81 @@ mod tests {
         );
     }
 
+    /// Telemetry exports have gaps: the whole file was refused over one NaN or empty cell.
+    #[test]
+    fn with_gaps_reads_empty_nan_inf_and_null_cells_as_nan() {
+        let text = "ts,cpu,mem\n1,1,\n2,NaN,2\n3, inf ,-Infinity\n4,null,N/A\n5,na,5\n";
+        let t = parse_csv_with_gaps(
+            Path::new("g.csv"),
+            text.as_bytes(),
+            &TableOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(t.values.dim(), (5, 2), "rows are never dropped");
+        let nan: Vec<(usize, usize)> = t
+            .values
+            .indexed_iter()
+            .filter(|(_, v)| v.is_nan())
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(
+            nan,
+            [(0, 1), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (4, 0)]
+        );
+        assert_eq!((t.values[[0, 0]], t.values[[4, 1]]), (1.0, 5.0));
+        // The strict reader still refuses them, and the lenient one still refuses text,
+        // numbers beyond float32 and a gap in the timestamp column.
+        assert!(parse_err(text).contains("line 2, column \"mem\""));
+        assert!(parse_err("a\n1\nNaN\n").contains("NaN/Inf is not allowed"));
+        let gappy = |t: &str| {
+            parse_csv_with_gaps(Path::new("g.csv"), t.as_bytes(), &TableOptions::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            gappy("a\n1\nabc\n"),
+            "g.csv: line 3, column \"a\": value \"abc\" is not a number"
+        );
+        assert!(gappy("a\n1e39\n").contains("out of range"));
+        assert!(gappy("ts,a\n1,1\n,2\n").contains("not a timestamp"));
+    }
+
+    #[test]
+    fn a_date_in_a_feature_column_says_how_to_make_it_the_timestamps() {
+        let err = parse_err("date,cpu\n2024-03-01,1\n");
+        assert!(
+            err.starts_with("data.csv: line 2, column \"date\": value \"2024-03-01\" is a date")
+                && err.contains("timestamp_column"),
+            "{err}"
+        );
+        let opts = TableOptions {
+            timestamp_column: Some("date".into()),
+            ..TableOptions::default()
+        };
+        let t = parse_csv(
+            Path::new("x.csv"),
+            b"date,cpu\n2024-03-01,1\n2024-03-02,2\n",
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(t.timestamps, Some(vec![1_709_251_200.0, 1_709_337_600.0]));
+    }
+
+    #[test]
+    fn order_breaks_counts_rows_that_go_back_or_repeat() {
+        assert_eq!(order_breaks(&[1.0, 2.0, 3.0]), OrderBreaks::default());
+        assert_eq!(order_breaks(&[]), OrderBreaks::default());
+        assert_eq!(
+            order_breaks(&[1.0, 3.0, 2.0, 2.0, 5.0, 4.0, 4.0]),
+            OrderBreaks {
+                backwards: 2,
+                first_backwards: Some(2),
+                repeated: 2,
+                first_repeated: Some(3),
+            }
+        );
+    }
+
     #[test]
     fn structural_errors() {
         assert_eq!(parse_err(""), "data.csv: empty file");
@@ -567,7 +759,12 @@ mod tests {
                 timestamp_column: (round % 7 == 0).then(|| "m01".into()),
                 ..TableOptions::default()
             };
-            if let Err(e) = parse_csv(Path::new("f.csv"), &bytes, &opts) {
+            let read = if round % 2 == 0 {
+                parse_csv(Path::new("f.csv"), &bytes, &opts)
+            } else {
+                parse_csv_with_gaps(Path::new("f.csv"), &bytes, &opts)
+            };
+            if let Err(e) = read {
                 let msg = e.to_string();
                 assert!(msg.starts_with("f.csv: ") && !msg.contains('\n'), "{msg}");
             }

@@ -8,7 +8,10 @@
 //!   per column ([`epoch_divisor`] of its largest number), so a counter that grows past a
 //!   boundary keeps its order;
 //! - RFC 3339: `2023-11-14T22:13:20Z`, `2023-11-14T22:13:20.5+01:00` (`t`/`z` too);
-//! - `YYYY-MM-DD HH:MM:SS[.fff]` or `YYYY-MM-DDTHH:MM:SS[.fff]` without an offset: UTC assumed.
+//! - ISO 8601 dates and date-times: `2023-11-14` (midnight), `2023-11-14 22:13`,
+//!   `2023-11-14T22:13:20[.fff]`, with a space or `T` between date and time, seconds
+//!   optional, and an offset `Z`, `+hh:mm`, `+hhmm` or `+hh`. Without an offset, UTC is
+//!   assumed (exporters that write local time without saying so shift by their offset).
 //!
 //! A leap second (`:60`) is accepted and lands on the next minute's `:00`.
 
@@ -118,6 +121,10 @@ fn parse_datetime(text: &str) -> Option<f64> {
     if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
         return None;
     }
+    // A date alone is its midnight, UTC.
+    if c.peek().is_none() {
+        return Some((days_from_civil(year, month, day) * 86_400) as f64);
+    }
     match c.peek()? {
         b'T' | b't' | b' ' => c.i += 1,
         _ => return None,
@@ -125,13 +132,19 @@ fn parse_datetime(text: &str) -> Option<f64> {
     let hour = c.digits(2)?;
     c.eat(b':')?;
     let minute = c.digits(2)?;
-    c.eat(b':')?;
-    let second = c.digits(2)?;
+    // Seconds are optional (`2024-03-01 12:00`); a fraction needs them.
+    let has_seconds = c.peek() == Some(b':');
+    let second = if has_seconds {
+        c.i += 1;
+        c.digits(2)?
+    } else {
+        0
+    };
     if hour > 23 || minute > 59 || second > 60 {
         return None;
     }
     let mut frac = 0.0f64;
-    if c.peek() == Some(b'.') {
+    if has_seconds && c.peek() == Some(b'.') {
         let start = c.i;
         c.i += 1;
         let digits_start = c.i;
@@ -152,9 +165,16 @@ fn parse_datetime(text: &str) -> Option<f64> {
         }
         Some(sign @ (b'+' | b'-')) => {
             c.i += 1;
+            // `+hh:mm` (RFC 3339), or ISO 8601's `+hhmm` and `+hh`.
             let oh = c.digits(2)?;
-            c.eat(b':')?;
-            let om = c.digits(2)?;
+            let om = match c.peek() {
+                None => 0,
+                Some(b':') => {
+                    c.i += 1;
+                    c.digits(2)?
+                }
+                Some(_) => c.digits(2)?,
+            };
             if oh > 23 || om > 59 {
                 return None;
             }
@@ -219,6 +239,28 @@ mod tests {
         );
     }
 
+    /// Plain dates and date-times without seconds were refused as "not a timestamp".
+    /// 2024-03-01 is day 19 783 (19 782 is 2024-02-29, above): 1 709 251 200 s.
+    #[test]
+    fn parses_iso_dates_and_date_times_without_seconds() {
+        let midnight = 1_709_251_200.0;
+        assert_eq!(parse_timestamp("2024-03-01"), Some(midnight));
+        assert_eq!(parse_timestamp("1970-01-01"), Some(0.0));
+        for (s, secs) in [
+            ("2024-03-01 12:00", 43_200.0),
+            ("2024-03-01T12:00", 43_200.0),
+            ("2024-03-01T12:00Z", 43_200.0),
+            ("2024-03-01 12:00:00", 43_200.0),
+            ("2024-03-01T12:00:00Z", 43_200.0),
+            ("2024-03-01T13:00:00+01:00", 43_200.0),
+            ("2024-03-01T13:00:00+0100", 43_200.0),
+            ("2024-03-01T13:00:00+01", 43_200.0),
+            ("2024-03-01T10:30-0130", 43_200.0),
+        ] {
+            assert_eq!(parse_timestamp(s), Some(midnight + secs), "{s}");
+        }
+    }
+
     #[test]
     fn rejects_malformed_dates() {
         for s in [
@@ -232,11 +274,24 @@ mod tests {
             "2023-11-14 24:00:00",
             "2023-11-14 22:60:00",
             "2023-11-14 22:13:61",
-            "2023-11-14",
-            "2023-11-14 22:13",
+            "2023-11-14 ",
+            "2023-11-14T",
+            "2023-11-14 22",
+            "2023-11-14 22:",
+            "2023-11-14 22:1",
+            "2023-11-14 22:13.5",
+            "2023-11-14 22:13:",
             "2023-11-14 22:13:20.",
-            "2023-11-14 22:13:20+0100",
+            "2023-11-14 22:13:20+1",
+            "2023-11-14 22:13:20+01:",
+            "2023-11-14 22:13:20+01:0",
+            "2023-11-14 22:13:20+010",
             "2023-11-14 22:13:20+24:00",
+            "2023-11-14 22:13:20+01:60",
+            "2023-11-14Z",
+            "2023-11-14+01:00",
+            "2024-02-30",
+            "2024-00-10",
             "2023-11-14 22:13:20Zjunk",
             "23-11-14 22:13:20",
             "2023-1-14 22:13:20",
