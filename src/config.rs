@@ -348,7 +348,9 @@ impl Default for PipelineConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InputConfig {
-    /// CSV column holding timestamps; empty means auto-detect `timestamp`, `time` or `ts`.
+    /// CSV column holding timestamps (epoch seconds, ms, µs or ns by size; RFC 3339 or an
+    /// ISO 8601 date or date-time, UTC unless it has an offset); empty means auto-detect
+    /// `timestamp`, `time` or `ts`.
     pub timestamp_column: String,
 }
 

@@ -19,7 +19,7 @@
 //! - [`telegraf`]: Telegraf MQTT output (JSON or Influx line protocol) to samples.
 //! - [`raw`]: raw MQTT frames of `d` little-endian `f32` values.
 //! - [`assemble`]: the decoders' `Sample`/`DecodeError`, and samples to per-stream window frames.
-//! - `time`: epoch-seconds / RFC 3339 timestamp parsing.
+//! - `time`: timestamp parsing (epoch seconds and units, RFC 3339, ISO 8601 dates).
 
 pub mod assemble;
 pub mod csv;
@@ -47,7 +47,8 @@ pub struct Table {
     pub features: Vec<String>,
     /// Epoch seconds per row, when the file had a timestamp column (CSV only).
     pub timestamps: Option<Vec<f64>>,
-    /// rows × features, all finite.
+    /// rows × features: finite, except where a CSV left a gap (NaN), which
+    /// `replay::read_input` fills before anything scores or trains on it.
     pub values: Array2<f32>,
 }
 
@@ -224,7 +225,7 @@ pub enum IngestError {
     },
 
     #[error(
-        "{}: {pos}: value {:?} is not a timestamp (epoch seconds, RFC 3339, or YYYY-MM-DD HH:MM:SS[.fff] UTC)",
+        "{}: {pos}: value {:?} is not a timestamp (epoch seconds, RFC 3339, or an ISO 8601 date or date-time such as 2024-03-01 or 2024-03-01 12:00[:00[.fff]], UTC unless it has an offset)",
         .path.display(),
         Clipped(.value)
     )]
