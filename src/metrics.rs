@@ -66,7 +66,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 14] = [
+    let counters: [(&str, &str, u64); 15] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -91,6 +91,11 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_frames_dropped_total",
             "Frames dropped because the ring to the scorer was full.",
             load(&c.frames_dropped),
+        ),
+        (
+            "darkwatch_frames_stale_total",
+            "Frames of a forgotten stream ([assemble] forget_after_secs) that reached the scorer after its slot went to a new stream: dropped, never scored against the new stream's state. Normal is 0; more means the scorer ran far behind its input.",
+            load(&c.frames_stale),
         ),
         (
             "darkwatch_mqtt_incoming_dropped_total",

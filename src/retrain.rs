@@ -1323,7 +1323,8 @@ impl SinkSide {
         let got = self.values.pop_batch(&mut self.meta_buf, &mut self.buf);
         let paired = got == 1
             && self.meta_buf[0].seq == f.meta.seq
-            && self.meta_buf[0].stream == f.meta.stream;
+            && self.meta_buf[0].stream == f.meta.stream
+            && self.meta_buf[0].generation == f.meta.generation;
         let stream = f.meta.stream as usize;
         if self.latest.len() <= stream {
             self.latest.resize(stream + 1, 0);
