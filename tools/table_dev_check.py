@@ -121,15 +121,20 @@ def main():
     base = iforest(folder)
     names = sorted(base)
     dense = [n for n in names if not n.startswith("digits")]
-    print(f"IsolationForest: mean AUROC {np.mean(list(base.values())):.3f} "
-          f"(dense tables {np.mean([base[n] for n in dense]):.3f})")
+    digits = [n for n in names if n.startswith("digits")]
+
+    def means(r):
+        return (f"mean AUROC {np.mean([r[n] for n in names]):.3f} "
+                f"(dense tables {np.mean([r[n] for n in dense]):.3f}, "
+                f"digits tables {np.mean([r[n] for n in digits]):.3f})")
+
+    print(f"IsolationForest: {means(base)}")
     configs = {k: v for k, v in CONFIGS.items() if not quick or not v}
     for name, env in configs.items():
         for seed in SEEDS[:1] if quick else SEEDS:
             r = harness(binary, folder, dict(env), seed, work)
             per = " ".join(f"{n} {r[n]:.3f}" for n in names)
-            print(f"{name:28s} seed {seed}: mean AUROC {np.mean([r[n] for n in names]):.3f} "
-                  f"(dense tables {np.mean([r[n] for n in dense]):.3f})  {per}", flush=True)
+            print(f"{name:28s} seed {seed}: {means(r)}  {per}", flush=True)
 
 
 if __name__ == "__main__":
