@@ -42,8 +42,8 @@ enum Command {
     /// every 5 s, and the last.
     Train {
         /// Training data (.csv with a header row, or 2-D .npy). CSV gaps (empty, NaN, Inf,
-        /// null, NA cells) take the column's last value (its mean before its first), with one
-        /// warning; a file over half gaps, or a column with no value, is refused. Timestamps:
+        /// null, NA cells) take the column's last value (its mean before its first; with
+        /// --table always its mean), with one warning; a file over half gaps, or a column with no value, is refused. Timestamps:
         /// epoch seconds or ISO 8601 dates and date-times (UTC without an offset).
         #[arg(long)]
         input: PathBuf,
@@ -71,7 +71,7 @@ enum Command {
         model: PathBuf,
         /// Recorded frames (.csv or .npy) with the model's features. CSV gaps (empty, NaN,
         /// Inf, null, NA cells) take the column's last value (the training mean before its
-        /// first), with one warning, and no row is dropped; a file over half gaps, or a
+        /// first; with --table always the training mean), with one warning, and no row is dropped; a file over half gaps, or a
         /// column with no value, is refused. Rows out of time order are warned about.
         #[arg(long)]
         input: PathBuf,
@@ -1601,7 +1601,8 @@ fn train(
         .with_context(|| format!("{}: cannot create the model directory", out.display()))?;
     let mut table = replay::read_input(input, &opts)?;
     let sha = ingest::file_sha256(input)?;
-    // Gaps are filled as replay and the agent fill them (the last value carried forward),
+    // Gaps are filled as replay fills them (the last value carried forward, as the agent
+    // does for up to [assemble] stale_secs),
     // not dropped: a dropped row would join the rows on either side of it into one lag
     // window, and the model would learn from inputs unlike the ones it will score.
     // A table's rows have no order: its gaps take the column's mean, not a neighbour's value.

@@ -157,6 +157,14 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     let mut stamp_lines: Vec<usize> = Vec::new();
     let mut fields: Vec<String> = Vec::with_capacity(width);
     for &(line_no, raw) in &all[1..] {
+        // With one column an empty cell is an empty line: a gap, when gaps are allowed
+        // (blank lines at the end of the file are its end, not gaps).
+        if gaps && width == 1 && raw.trim_ascii().is_empty() {
+            if is_feature[0] {
+                values.push(f32::NAN);
+            }
+            continue;
+        }
         if raw.trim_ascii().is_empty() {
             return Err(IngestError::Syntax {
                 path: err_path(),
@@ -568,7 +576,8 @@ mod tests {
         assert_eq!(
             parse_err("timestamp,a\n1,2\nyesterday,3\n"),
             "data.csv: line 3, column \"timestamp\": value \"yesterday\" is not a timestamp \
-             (epoch seconds, RFC 3339, or YYYY-MM-DD HH:MM:SS[.fff] UTC)"
+             (epoch seconds, RFC 3339, or an ISO 8601 date or date-time such as 2024-03-01 or \
+             2024-03-01 12:00[:00[.fff]], UTC unless it has an offset)"
         );
         assert!(parse_err("ts,a\nnan,1\n").contains("line 2, column \"ts\""));
     }
@@ -640,6 +649,24 @@ mod tests {
         );
         assert!(gappy("a\n1e39\n").contains("out of range"));
         assert!(gappy("ts,a\n1,1\n,2\n").contains("not a timestamp"));
+    }
+
+    /// In a one-column file an empty cell is an empty line: a gap row, not a refusal,
+    /// so the rows still line up with their labels. Blank lines at the end stay the end.
+    #[test]
+    fn with_gaps_an_empty_line_of_a_one_column_file_is_a_gap_row() {
+        let read = |t: &str| {
+            parse_csv_with_gaps(Path::new("g.csv"), t.as_bytes(), &TableOptions::default())
+        };
+        let t = read("value\n1\n\n3\n\n\n").unwrap();
+        let v: Vec<f32> = t.values.iter().copied().collect();
+        assert_eq!(v.len(), 3);
+        assert_eq!((v[0], v[2]), (1.0, 3.0));
+        assert!(v[1].is_nan());
+        // The strict reader and wider files keep refusing a blank line between rows.
+        assert!(parse_err("value\n1\n\n3\n").contains("blank line between data rows"));
+        let two = read("a,b\n1,2\n\n3,4\n").unwrap_err().to_string();
+        assert!(two.contains("blank line between data rows"), "{two}");
     }
 
     #[test]

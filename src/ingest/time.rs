@@ -12,6 +12,8 @@
 //!   `2023-11-14T22:13:20[.fff]`, with a space or `T` between date and time, seconds
 //!   optional, and an offset `Z`, `+hh:mm`, `+hhmm` or `+hh`. Without an offset, UTC is
 //!   assumed (exporters that write local time without saying so shift by their offset).
+//!   Only the extended form: a basic-form date such as `20231114` is a plain number, read
+//!   as epoch seconds like any other.
 //!
 //! A leap second (`:60`) is accepted and lands on the next minute's `:00`.
 
