@@ -945,3 +945,33 @@ fn loading_records_the_weights_sha256() {
     assert_eq!(sae.info().weights_sha256.as_deref(), Some(want.as_str()));
     assert_eq!(Sae::random(4, 8, 2, 0).unwrap().info().weights_sha256, None);
 }
+
+/// A JumpReLU checkpoint saved from SAELens' training SAE holds `log_threshold`, not
+/// `threshold`; it used to be refused as missing `threshold`. It loads with
+/// threshold = exp(log_threshold), the SAE the inference save would have written.
+#[test]
+fn jumprelu_log_threshold_loads_as_its_exponential() {
+    let case = fixtures().join("saelens_jumprelu_gemmascope");
+    let reference = Sae::load(&case.join("checkpoint")).unwrap();
+    let (_tmp, dir) = copy_checkpoint("saelens_jumprelu_gemmascope");
+    edit_weights(&dir.join("sae_weights.safetensors"), |tensors| {
+        let (dtype, shape, data) = tensors.remove("threshold").unwrap();
+        assert_eq!(dtype, Dtype::F32);
+        let logs: Vec<u8> = data
+            .chunks_exact(4)
+            .flat_map(|c| f32::from_le_bytes(c.try_into().unwrap()).ln().to_le_bytes())
+            .collect();
+        tensors.insert("log_threshold".into(), (dtype, shape, logs));
+    });
+    let sae = Sae::load(&dir).unwrap();
+    let x = npy(&case.join("x.npy"));
+    let (mut a, mut b) = (reference.workspace(8), sae.workspace(8));
+    let want = reference
+        .forward(x.view(), &mut a)
+        .unwrap()
+        .recon()
+        .to_owned();
+    let got = sae.forward(x.view(), &mut b).unwrap().recon().to_owned();
+    let diff = max_abs_diff(got.view(), want.view());
+    assert!(diff < 1e-4, "{diff}");
+}

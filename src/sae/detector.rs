@@ -195,7 +195,7 @@ pub enum DetectorError {
 #[error(
     "{head} was fitted on SAE weights {recorded_file} with sha256 {recorded}…, but this SAE's \
      {weights} has sha256 {found}…: the head and its calibration belong to another SAE, and \
-     thresholds from them would be wrong; fit this SAE's own with `{fix}`",
+     thresholds from them would be wrong; fit this SAE's own with `{fix}`{then}",
     head = head.display(),
     weights = weights.display()
 )]
@@ -210,6 +210,9 @@ pub struct HeadForOtherSae {
     pub found: String,
     /// The `sae-head` command that fits this SAE's head.
     pub fix: String,
+    /// What to do after it, when the head should not be looked for where it was
+    /// (`, then score without --dark`), else empty.
+    pub then: String,
 }
 
 /// A loaded SAE, its head, and the calibration of the chosen score.
@@ -392,18 +395,85 @@ impl Calibration {
 
 /// The command that fits a head for the SAE in `sae_dir` (the folder as the user named it)
 /// into `dark`: `--out` when that is not where `run` looks, `--force` when a head is there.
+///
+/// A `dark` inside another SAE's folder (`other/dark`, as `--dark` may name) is one that
+/// `sae-head --out` refuses, so the command writes this SAE's own head folder instead.
 pub fn sae_head_fix(sae_dir: &Path, dark: &Path) -> String {
     let mut cmd = format!(
         "darkwatch sae-head --sae {} --input <normal activations>",
         sae_dir.display()
     );
-    if dark != sae_dir.join(DARK_DIR) {
+    let own = head_dir(sae_dir);
+    let dark = if in_other_sae(sae_dir, dark) {
+        own.as_path()
+    } else {
+        dark
+    };
+    if dark != own {
         cmd.push_str(&format!(" --out {}", dark.display()));
     }
     if dark.join(DARK_META_FILE).exists() {
         cmd.push_str(" --force");
     }
     cmd
+}
+
+/// The head folder of the SAE named by `sae_dir`: `sae_dir/dark`, unless that is missing
+/// and the head of the same sparsify SAE sits beside the other name for it — the hookpoint
+/// folder's (`run/layers.3/dark`) for a run folder with that one hookpoint, or the run
+/// folder's (`run/dark`) for its only hookpoint folder. `sae-head` writes where the path it
+/// was given points (`--sae run` → `run/dark`), so either may hold it; `sae_dir/dark` when
+/// neither does.
+pub fn head_dir(sae_dir: &Path) -> PathBuf {
+    let own = sae_dir.join(DARK_DIR);
+    if own.is_dir() {
+        return own;
+    }
+    let is_hookpoint =
+        |d: &Path| d.join(CONFIG_FILE).is_file() && d.join(SPARSIFY_WEIGHTS).is_file();
+    let only_hookpoint = |run: &Path| -> Option<PathBuf> {
+        if run.join(CONFIG_FILE).is_file() {
+            return None;
+        }
+        let mut layers = fs::read_dir(run)
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| is_hookpoint(p));
+        let first = layers.next()?;
+        layers.next().is_none().then_some(first)
+    };
+    if let Some(layer) = only_hookpoint(sae_dir)
+        && layer.join(DARK_DIR).is_dir()
+    {
+        return layer.join(DARK_DIR);
+    }
+    if is_hookpoint(sae_dir)
+        && let Some(run) = sae_dir.parent().filter(|p| !p.as_os_str().is_empty())
+        && only_hookpoint(run).is_some()
+        && run.join(DARK_DIR).is_dir()
+    {
+        return run.join(DARK_DIR);
+    }
+    own
+}
+
+/// Whether the head folder `dark` is, or is directly inside, the folder of an SAE other
+/// than the one in `sae_dir` (where `sae-head --out` refuses to write).
+fn in_other_sae(sae_dir: &Path, dark: &Path) -> bool {
+    let other = |d: &Path| {
+        !d.as_os_str().is_empty() && d != sae_dir && SaeDetector::is_sae_dir(d) && {
+            // The same folder by another spelling (`./m/sae`), or a sparsify run folder and
+            // its hookpoint folder, are not another SAE.
+            match (fs::canonicalize(d), fs::canonicalize(sae_dir)) {
+                (Ok(a), Ok(b)) => {
+                    a != b && a.parent() != Some(b.as_path()) && b.parent() != Some(a.as_path())
+                }
+                _ => true,
+            }
+        }
+    };
+    dark != sae_dir.join(DARK_DIR) && (other(dark) || dark.parent().is_some_and(other))
 }
 
 /// Why `command` (`replay`, `demo`, `bench`: autoencoder commands on metric tables) cannot
@@ -480,6 +550,15 @@ pub fn load_head(dark: &Path, sae: &Sae, sae_dir: &Path) -> Result<DarkHead, Det
                 weights: weights(),
                 found: found.chars().take(12).collect(),
                 fix: sae_head_fix(sae_dir, dark),
+                then: if in_other_sae(sae_dir, dark) {
+                    format!(
+                        ", then drop --dark (or give --dark {}): {} is another SAE's head",
+                        head_dir(sae_dir).display(),
+                        dark.display()
+                    )
+                } else {
+                    String::new()
+                },
             })));
         }
         (None, Some(_)) => tracing::warn!(
@@ -507,6 +586,24 @@ pub fn apply_norm_scaling(
     given: Option<(f32, &str)>,
     head: Option<(&DarkHead, &Path)>,
 ) -> Result<(), DetectorError> {
+    // A factor for an SAE of another normalisation is wrong whatever the head recorded:
+    // say so first, rather than suggest a head refit that would refuse it too.
+    if let Some((g, what)) = given
+        && !matches!(
+            sae.normalization(),
+            super::Normalization::ExpectedAverageOnlyIn { .. }
+        )
+    {
+        return sae
+            .set_norm_scaling_factor(g)
+            .map_err(|e| DetectorError::Scaling {
+                what: what.into(),
+                reason: match e {
+                    SaeError::Invalid(r) => r,
+                    e => e.to_string(),
+                },
+            });
+    }
     let recorded = head.and_then(|(h, dir)| {
         h.sae_record()
             .and_then(|r| r.norm_scaling_factor)
@@ -620,7 +717,7 @@ impl SaeDetector {
         let config = config.into();
         let score = config.score;
         let mut sae = Sae::load(dir)?;
-        let dark = dir.join(DARK_DIR);
+        let dark = head_dir(dir);
         let head = load_head(&dark, &sae, dir)?;
         apply_norm_scaling(
             &mut sae,

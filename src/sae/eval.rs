@@ -94,6 +94,179 @@ fn is_safetensors(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
 }
 
+/// The elements of a 1-D id or label array, as stored: integers exactly, floats with the
+/// number of significand bits that bounds the integers they hold exactly.
+enum Elems {
+    Ints(Vec<i128>),
+    Floats {
+        values: Vec<f64>,
+        exact_bits: u32,
+        dtype: &'static str,
+    },
+}
+
+/// The element types of an id or label file (little-endian).
+#[derive(Debug, Clone, Copy)]
+enum ElemType {
+    I8,
+    U8,
+    I16,
+    U16,
+    I32,
+    U32,
+    I64,
+    U64,
+    F16,
+    Bf16,
+    F32,
+    F64,
+}
+
+impl Elems {
+    /// The elements of `data`, stored as `ty`.
+    fn decode(ty: ElemType, data: &[u8]) -> Elems {
+        macro_rules! ints {
+            ($ty:ty, $n:expr) => {
+                Elems::Ints(
+                    data.chunks_exact($n)
+                        .map(|c| i128::from(<$ty>::from_le_bytes(c.try_into().expect("width"))))
+                        .collect(),
+                )
+            };
+        }
+        // Each float dtype holds every integer up to 2^(significand bits) exactly.
+        macro_rules! floats {
+            ($ty:ty, $n:expr, $bits:expr, $name:expr) => {
+                Elems::Floats {
+                    values: data
+                        .chunks_exact($n)
+                        .map(|c| f64::from(<$ty>::from_le_bytes(c.try_into().expect("width"))))
+                        .collect(),
+                    exact_bits: $bits,
+                    dtype: $name,
+                }
+            };
+        }
+        match ty {
+            ElemType::I8 => ints!(i8, 1),
+            ElemType::U8 => ints!(u8, 1),
+            ElemType::I16 => ints!(i16, 2),
+            ElemType::U16 => ints!(u16, 2),
+            ElemType::I32 => ints!(i32, 4),
+            ElemType::U32 => ints!(u32, 4),
+            ElemType::I64 => ints!(i64, 8),
+            ElemType::U64 => ints!(u64, 8),
+            ElemType::F16 => floats!(f16, 2, 11, "float16"),
+            ElemType::Bf16 => floats!(bf16, 2, 8, "bfloat16"),
+            ElemType::F32 => floats!(f32, 4, 24, "float32"),
+            ElemType::F64 => floats!(f64, 8, 53, "float64"),
+        }
+    }
+
+    /// Every element as an `i64`: integers when they fit, floats when they are whole and
+    /// within ±2^`exact_bits` (beyond it, neighbouring integers share one float, so two
+    /// prompt ids could silently merge).
+    fn exact(self, path: &Path, what: &str) -> Result<Vec<i64>, SaeEvalError> {
+        match self {
+            Elems::Ints(values) => values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    i64::try_from(v).map_err(|_| {
+                        input_err(
+                            path,
+                            format!(
+                                "{what}: element {i} = {v} is above the largest signed 64-bit \
+                                 integer ({}); {what} must fit in int64",
+                                i64::MAX
+                            ),
+                        )
+                    })
+                })
+                .collect(),
+            Elems::Floats {
+                values,
+                exact_bits,
+                dtype,
+            } => {
+                let limit = 2f64.powi(exact_bits as i32);
+                values
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        if v.is_finite() && v.fract() == 0.0 && v.abs() <= limit {
+                            Ok(v as i64)
+                        } else {
+                            Err(input_err(
+                                path,
+                                format!(
+                                    "{what}: element {i} = {v} is not an integer in \
+                                     ±2^{exact_bits}, the range a {dtype} file holds exactly \
+                                     (write the {what} with an integer dtype such as int64)"
+                                ),
+                            ))
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The `descr` of an `.npy` header (`'<i8'`), from the header text.
+fn npy_descr(header: &str) -> Option<&str> {
+    let rest = &header[header.find("descr")? + "descr".len()..];
+    let rest = rest[rest.find(':')? + 1..].trim_start();
+    let quote = rest.chars().next().filter(|&q| q == '\'' || q == '"')?;
+    let body = &rest[1..];
+    Some(&body[..body.find(quote)?])
+}
+
+/// The header and data of an `.npy` file that [`crate::ingest::npy`] has already accepted
+/// (magic, version, header length and data size checked there).
+fn npy_parts(bytes: &[u8]) -> Option<(String, &[u8])> {
+    let header_start = if *bytes.get(6)? == 1 { 10 } else { 12 };
+    let header_len = bytes
+        .get(8..header_start)?
+        .iter()
+        .rev()
+        .fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
+    let header = bytes.get(header_start..header_start + header_len)?;
+    let header = header.iter().map(|&b| char::from(b)).collect();
+    Some((header, &bytes[header_start + header_len..]))
+}
+
+/// The elements of a checked 1-D (or `[n, 1]`, where C and Fortran order agree) `.npy`
+/// array, decoded from its dtype: integers exactly, floats as wide as stored.
+fn npy_elems(path: &Path, bytes: &[u8]) -> Result<Elems, SaeEvalError> {
+    let unreadable = || input_err(path, "could not read the .npy header");
+    let (header, d) = npy_parts(bytes).ok_or_else(unreadable)?;
+    let descr = npy_descr(&header).ok_or_else(unreadable)?;
+    let ty = match descr {
+        "|u1" | "<u1" | "|b1" => ElemType::U8,
+        "|i1" | "<i1" => ElemType::I8,
+        "<u2" => ElemType::U16,
+        "<i2" => ElemType::I16,
+        "<u4" => ElemType::U32,
+        "<i4" => ElemType::I32,
+        "<u8" => ElemType::U64,
+        "<i8" => ElemType::I64,
+        "<f2" => ElemType::F16,
+        "<f4" => ElemType::F32,
+        "<f8" => ElemType::F64,
+        other => return Err(input_err(path, format!("unsupported dtype {other:?}"))),
+    };
+    Ok(Elems::decode(ty, d))
+}
+
+/// Whether an `.npy` file's dtype is an integer or bool type (for activations, which must
+/// be floats: an integer array is most likely token ids passed by mistake).
+fn npy_integer_dtype(bytes: &[u8]) -> Option<String> {
+    let (header, _) = npy_parts(bytes)?;
+    let descr = npy_descr(&header)?;
+    matches!(descr.as_bytes().get(1), Some(b'i' | b'u' | b'b')).then(|| descr.to_owned())
+}
+
 /// The option that names the tensor, for messages, when the caller does not say.
 const TENSOR_OPTION: &str = "the tensor option";
 
@@ -144,7 +317,7 @@ pub fn read_activations(path: &Path, tensor: Option<&str>) -> Result<Array2<f32>
 ///
 /// # Errors
 /// A missing file, an unknown extension, an array of fewer than two dimensions or not of a
-/// float type (`.npy`: float16, float32, float64, or integers), no rows or columns, or a
+/// float type (float16, float32 or float64; bfloat16 too in safetensors), no rows or columns, or a
 /// non-finite value — each naming the file.
 pub fn read_activations_shaped(
     path: &Path,
@@ -172,7 +345,18 @@ fn read_activations_flagged(
                 format!("{flag} applies to .safetensors only"),
             ));
         }
-        let (table, shape) = crate::ingest::npy::read_npy_rows(path)?;
+        let bytes = read_file(path)?;
+        if let Some(descr) = npy_integer_dtype(&bytes) {
+            return Err(input_err(
+                path,
+                format!(
+                    "activations have the integer dtype {descr:?}; they must be float16, \
+                     float32 or float64 (an integer array is usually token or prompt ids \
+                     passed as activations by mistake)"
+                ),
+            ));
+        }
+        let (table, shape) = crate::ingest::npy::parse_npy_rows(path, &bytes)?;
         // Each dimension fits in usize: the array is in memory.
         let shape = shape.iter().map(|&n| n as usize).collect();
         return Ok((clamped(table.values), shape));
@@ -281,8 +465,10 @@ fn read_activations_for(
 /// that there are `rows` of them.
 ///
 /// # Errors
-/// A non-integer or (for `.npy`) out-of-exact-range value, a float dtype in safetensors, a
-/// shape other than `[rows]` or `[rows, 1]` — each naming the file and what was found.
+/// Integer dtypes are read exactly (a `uint64` above `i64::MAX` is refused); a float file's
+/// elements must be whole and within the range its dtype holds exactly (±2^24 for float32,
+/// ±2^53 for float64). Errors on those, and on a shape other than `[rows]` or `[rows, 1]`
+/// — each naming the file and what was found.
 pub fn read_ints(
     path: &Path,
     tensor: Option<&str>,
@@ -312,37 +498,27 @@ fn read_ints_noted(
                 format!("{what} must be 1-D, found shape {:?}{note}", t.shape()),
             ));
         }
-        let d = t.data();
-        macro_rules! ints {
-            ($ty:ty, $n:expr) => {
-                d.chunks_exact($n)
-                    .map(|c| <$ty>::from_le_bytes(c.try_into().expect("width")) as i128)
-                    .collect::<Vec<i128>>()
-            };
-        }
-        let wide = match t.dtype() {
-            Dtype::I8 => ints!(i8, 1),
-            Dtype::U8 | Dtype::BOOL => ints!(u8, 1),
-            Dtype::I16 => ints!(i16, 2),
-            Dtype::U16 => ints!(u16, 2),
-            Dtype::I32 => ints!(i32, 4),
-            Dtype::U32 => ints!(u32, 4),
-            Dtype::I64 => ints!(i64, 8),
-            Dtype::U64 => ints!(u64, 8),
+        let ty = match t.dtype() {
+            Dtype::I8 => ElemType::I8,
+            Dtype::U8 | Dtype::BOOL => ElemType::U8,
+            Dtype::I16 => ElemType::I16,
+            Dtype::U16 => ElemType::U16,
+            Dtype::I32 => ElemType::I32,
+            Dtype::U32 => ElemType::U32,
+            Dtype::I64 => ElemType::I64,
+            Dtype::U64 => ElemType::U64,
+            Dtype::F16 => ElemType::F16,
+            Dtype::BF16 => ElemType::Bf16,
+            Dtype::F32 => ElemType::F32,
+            Dtype::F64 => ElemType::F64,
             other => {
                 return Err(input_err(
                     path,
-                    format!("{what} have dtype {other:?}, expected an integer type"),
+                    format!("{what} have dtype {other:?}, expected an integer or float type"),
                 ));
             }
         };
-        wide.into_iter()
-            .enumerate()
-            .map(|(i, v)| {
-                i64::try_from(v)
-                    .map_err(|_| input_err(path, format!("{what}: element {i} = {v} is too large")))
-            })
-            .collect::<Result<_, _>>()?
+        Elems::decode(ty, t.data()).exact(path, what)?
     } else {
         if tensor.is_some() {
             return Err(input_err(
@@ -351,6 +527,8 @@ fn read_ints_noted(
             ));
         }
         let bytes = read_file(path)?;
+        // The ingest reader checks the header, shape and data size, but reads through
+        // float32; the elements are then decoded again here, exactly, from the dtype.
         let table = crate::ingest::npy::parse_npy_allow_1d(path, &bytes)?;
         if table.values.ncols() != 1 {
             return Err(input_err(
@@ -362,25 +540,7 @@ fn read_ints_noted(
                 ),
             ));
         }
-        const EXACT: f32 = 16_777_216.0;
-        table
-            .values
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                if v.fract() != 0.0 || v.abs() > EXACT {
-                    Err(input_err(
-                        path,
-                        format!(
-                            "{what}: element {i} = {v} is not an integer in ±2^24 (use an \
-                             integer .npy or a safetensors file)"
-                        ),
-                    ))
-                } else {
-                    Ok(v as i64)
-                }
-            })
-            .collect::<Result<_, _>>()?
+        npy_elems(path, &bytes)?.exact(path, what)?
     };
     if values.len() != rows {
         return Err(input_err(
@@ -1329,6 +1489,14 @@ fn sae_files_in(dir: &Path) -> Vec<String> {
 /// would make the folder both, and `run`, `inspect` and `replay` would each pick one), or
 /// an SAE, unless `force` (as `sae-head` does for a head).
 fn check_train_out(out: &Path, force: bool) -> Result<(), SaeEvalError> {
+    // Checked before the training, which would otherwise end in a bare "File exists".
+    if out.exists() && !out.is_dir() {
+        return Err(input_err(
+            out,
+            "is a file, and --out names the folder the SAE is written into: choose a folder \
+             path (a new one is made), or remove the file",
+        ));
+    }
     if out.join(crate::model::io::META_FILE).exists() {
         return Err(input_err(
             out,
@@ -1464,7 +1632,10 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
             .map(|s| (s, "--norm-scaling-factor")),
         None,
     )?;
-    let dir = args.out.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| super::detector::head_dir(&args.sae));
     check_head_out(&sae, &args.sae, &dir)?;
     if !args.force && dir.join(super::dark::DARK_META_FILE).exists() {
         return Err(input_err(
@@ -1741,7 +1912,10 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
         }
     }
     let mut sae = Sae::load(&args.sae)?;
-    let dark_dir = args.dark.clone().unwrap_or_else(|| args.sae.join(DARK_DIR));
+    let dark_dir = args
+        .dark
+        .clone()
+        .unwrap_or_else(|| super::detector::head_dir(&args.sae));
     // A published SAE has no head yet: say how to fit one, as `inspect` and `run` do.
     let head = super::detector::load_head(&dark_dir, &sae, &args.sae)?;
     super::detector::apply_norm_scaling(
@@ -2664,6 +2838,22 @@ mod tests {
             e.starts_with("--norm-scaling-factor: a norm scaling factor applies to normalize_activations = expected_average_only_in, this SAE uses none"),
             "{e}"
         );
+        // sae-score on that SAE, whose head records it unscaled, used to suggest refitting
+        // the head with the factor, which sae-head then refused as above: the normalisation
+        // is the first thing said.
+        let e = sae_score_command(&SaeScoreArgs {
+            sae: plain.clone(),
+            input: acts.clone(),
+            norm_scaling_factor: Some(0.06),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("expected_average_only_in, this SAE uses none: drop the setting")
+                && !e.contains("sae-head"),
+            "{e}"
+        );
         let e = super::super::detector::apply_norm_scaling(
             &mut unscaled,
             Some((-1.0, "--norm-scaling-factor")),
@@ -2677,6 +2867,130 @@ mod tests {
             ..SaeConfig::default()
         };
         assert_eq!(bad.validate().unwrap_err().0, "norm_scaling_factor");
+    }
+
+    /// `sae-score --dark` naming another SAE's head used to suggest `sae-head --out` into
+    /// that SAE's folder, which sae-head refuses: the suggested command is run here.
+    #[test]
+    fn the_head_fix_for_another_saes_head_is_a_command_sae_head_accepts() {
+        let (dir, acts, victim) = tiny_sae();
+        let jr = dir.path().join("jr");
+        let args = SaeTrainArgs {
+            config: SaeTrainConfig {
+                seed: 9,
+                ..tiny_train_args(&acts, &jr).config
+            },
+            ..tiny_train_args(&acts, &jr)
+        };
+        sae_train_command(&args, &mut |_| {}).unwrap();
+        let e = sae_score_command(&SaeScoreArgs {
+            sae: jr.clone(),
+            dark: Some(victim.join(DARK_DIR)),
+            input: acts.clone(),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        let fix = e
+            .split('`')
+            .find(|c| c.starts_with("darkwatch sae-head"))
+            .unwrap_or_else(|| panic!("{e}"));
+        assert!(
+            e.contains(&format!(
+                "then drop --dark (or give --dark {})",
+                jr.join(DARK_DIR).display()
+            )),
+            "{e}"
+        );
+        let words: Vec<&str> = fix.split(' ').collect();
+        let value = |flag: &str| {
+            words
+                .iter()
+                .position(|w| *w == flag)
+                .map(|i| PathBuf::from(words[i + 1]))
+        };
+        assert_eq!(value("--sae").as_deref(), Some(jr.as_path()), "{fix}");
+        // (--holdout 0: the tiny input holds too few rows to hold out 50.)
+        sae_head_command(&SaeHeadArgs {
+            force: words.contains(&"--force"),
+            holdout: 0.0,
+            ..head_args(&jr, &acts, value("--out"))
+        })
+        .unwrap_or_else(|e| panic!("`{fix}` was refused: {e}"));
+        sae_score_command(&SaeScoreArgs {
+            sae: jr.clone(),
+            input: acts.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+
+    /// A sparsify head fitted with `--sae run/layers.3` used to be missed by `run` (and
+    /// `validate`, `inspect`), and one fitted with `--sae run` by `run/layers.3`: each name
+    /// of the SAE now finds the head wherever the other wrote it, and a refit replaces it.
+    #[test]
+    fn a_sparsify_head_is_found_from_the_run_folder_and_the_hookpoint_folder() {
+        use super::super::detector::{SaeDetector, SaeScoreKind};
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let layer = run.join("layers.3");
+        copy_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/sae/sparsify_topk_f32/checkpoint/layers.3"),
+            &layer,
+        );
+        let acts = dir.path().join("acts.npy");
+        write_f32(&acts, &[240, 16], &rows(240, 16, 1));
+        let fit = |sae: &Path, force: bool| {
+            sae_head_command(&SaeHeadArgs {
+                holdout: 0.0,
+                force,
+                ..head_args(sae, &acts, None)
+            })
+            .unwrap()
+        };
+        let score = |sae: &Path| {
+            SaeDetector::load(sae, SaeScoreKind::ErrorNorm).unwrap();
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.to_path_buf(),
+                input: acts.clone(),
+                ..Default::default()
+            })
+            .unwrap();
+        };
+        let meta = super::super::dark::DARK_META_FILE;
+        fit(&layer, false);
+        assert!(layer.join(DARK_DIR).join(meta).is_file());
+        score(&run);
+        score(&layer);
+        fit(&run, true);
+        assert!(!run.join(DARK_DIR).exists(), "a second head was written");
+        fs::rename(layer.join(DARK_DIR), run.join(DARK_DIR)).unwrap();
+        score(&layer);
+        score(&run);
+        fit(&layer, true);
+        assert!(!layer.join(DARK_DIR).exists(), "a second head was written");
+    }
+
+    /// `sae-train --out` naming a file used to train, then fail with "aemodel: File exists
+    /// (os error 17)": refused first, naming the path and what to do.
+    #[test]
+    fn sae_train_out_naming_a_file_is_refused_before_training() {
+        let dir = tempfile::tempdir().unwrap();
+        let acts = dir.path().join("acts.npy");
+        write_f32(&acts, &[240, 8], &rows(240, 8, 1));
+        let out = dir.path().join("aemodel");
+        fs::write(&out, "x").unwrap();
+        let mut epochs = 0;
+        let e = sae_train_command(&tiny_train_args(&acts, &out), &mut |_| epochs += 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{}: is a file", out.display()))
+                && e.contains("choose a folder path"),
+            "{e}"
+        );
+        assert_eq!(epochs, 0);
     }
 
     /// Copies the files of `src` into `dst` (made), one level.
@@ -3024,12 +3338,11 @@ mod tests {
             .to_string();
         assert!(e.contains("no tensor `nope`") && e.contains("ids"), "{e}");
         let f = st("f.safetensors", Dtype::F32, vec![2], vec![0; 8]);
-        assert!(
-            read_ints(&f, None, 2, "ids")
-                .unwrap_err()
-                .to_string()
-                .contains("integer")
-        );
+        assert_eq!(read_ints(&f, None, 2, "ids").unwrap(), vec![0, 0]);
+        let half: Vec<u8> = [0.5f32, 1.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let h = st("h.safetensors", Dtype::F32, vec![2], half);
+        let e = read_ints(&h, None, 2, "ids").unwrap_err().to_string();
+        assert!(e.contains("element 0 = 0.5 is not an integer"), "{e}");
         // Activations: shape and dtype errors.
         let e = read_activations(&f, None).unwrap_err().to_string();
         assert!(e.contains("[tokens, d] or [batch, seq, d]"), "{e}");
@@ -3055,5 +3368,89 @@ mod tests {
         let p = dir.path().join("l.npy");
         fs::write(&p, npy).unwrap();
         assert_eq!(read_labels(&p, None, 3).unwrap(), vec![0, 1, 1]);
+    }
+
+    /// Writes `values` as a 1-D `.npy` of dtype `descr`, each value encoded by `enc`.
+    fn write_1d<T: Copy>(path: &Path, descr: &str, values: &[T], enc: fn(T) -> Vec<u8>) {
+        let header = format!(
+            "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}",
+            values.len()
+        );
+        let data: Vec<u8> = values.iter().flat_map(|&v| enc(v)).collect();
+        fs::write(path, npy_bytes(1, &header, &data)).unwrap();
+    }
+
+    /// Integer `.npy` ids are read exactly, whatever their width: large int64 ids are not
+    /// refused, and 2^24 and 2^24 + 1 stay two prompts (float32 would merge them).
+    #[test]
+    fn npy_integer_ids_are_read_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ids.npy");
+        let ids = [89_060_441_862_201i64, 16_777_216, 16_777_217, -3];
+        write_1d(&p, "<i8", &ids, |v| v.to_le_bytes().to_vec());
+        assert_eq!(read_ints(&p, None, 4, "prompt ids").unwrap(), ids.to_vec());
+        write_1d(&p, "<u8", &[7u64, 1 << 60], |v| v.to_le_bytes().to_vec());
+        assert_eq!(
+            read_ints(&p, None, 2, "prompt ids").unwrap(),
+            vec![7, 1 << 60]
+        );
+        write_1d(&p, "<u8", &[u64::MAX], |v| v.to_le_bytes().to_vec());
+        let e = read_ints(&p, None, 1, "prompt ids")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("above the largest signed 64-bit integer"), "{e}");
+        write_1d(&p, "<i4", &[-2i32, 70_000], |v| v.to_le_bytes().to_vec());
+        assert_eq!(read_ints(&p, None, 2, "ids").unwrap(), vec![-2, 70_000]);
+        write_1d(&p, "<u2", &[65_535u16], |v| v.to_le_bytes().to_vec());
+        assert_eq!(read_ints(&p, None, 1, "ids").unwrap(), vec![65_535]);
+        write_1d(&p, "|i1", &[-128i8], |v| v.to_le_bytes().to_vec());
+        assert_eq!(read_ints(&p, None, 1, "ids").unwrap(), vec![-128]);
+        // Floats: whole values within the dtype's exact range only, and the message says
+        // that the rule is the float file's.
+        write_1d(&p, "<f4", &[16_777_218f32], |v| v.to_le_bytes().to_vec());
+        let e = read_ints(&p, None, 1, "prompt ids")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("±2^24, the range a float32 file holds exactly"),
+            "{e}"
+        );
+        assert!(e.contains("integer dtype such as int64"), "{e}");
+        write_1d(&p, "<f8", &[16_777_217f64], |v| v.to_le_bytes().to_vec());
+        assert_eq!(read_ints(&p, None, 1, "ids").unwrap(), vec![16_777_217]);
+    }
+
+    /// Float 0/1 labels are accepted in safetensors as they are in `.npy`.
+    #[test]
+    fn float_labels_accepted_in_npy_and_safetensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let labels = [0f32, 1.0, 1.0];
+        let npy = dir.path().join("l.npy");
+        write_1d(&npy, "<f4", &labels, |v| v.to_le_bytes().to_vec());
+        assert_eq!(read_labels(&npy, None, 3).unwrap(), vec![0, 1, 1]);
+        let data: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let v = TensorView::new(Dtype::F32, vec![3], &data).unwrap();
+        let st = dir.path().join("l.safetensors");
+        fs::write(
+            &st,
+            safetensors::serialize(vec![("labels", v)], None).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(read_labels(&st, None, 3).unwrap(), vec![0, 1, 1]);
+    }
+
+    /// An integer `.npy` passed as activations (token ids, most likely) is refused.
+    #[test]
+    fn integer_npy_activations_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokens.npy");
+        let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }";
+        let data: Vec<u8> = (0..6i32).flat_map(|v| v.to_le_bytes()).collect();
+        fs::write(&p, npy_bytes(1, header, &data)).unwrap();
+        let e = read_activations(&p, None).unwrap_err().to_string();
+        assert!(
+            e.contains("integer dtype \"<i4\"") && e.contains("float32"),
+            "{e}"
+        );
     }
 }

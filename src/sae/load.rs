@@ -315,6 +315,13 @@ fn load_saelens(dir: &Path) -> Result<Sae, SaeError> {
     let mut w_dec = st.matrix("W_dec", d_sae, d_in)?;
     let b_dec = st.vector("b_dec", d_in)?;
     let threshold = match activation {
+        // SAELens' JumpReLU training SAE keeps `log_threshold` (saved for inference as
+        // `threshold` = exp of it); a training checkpoint holds only the former.
+        SaeActivation::JumpRelu
+            if st.st.tensor("threshold").is_err() && st.st.tensor("log_threshold").is_ok() =>
+        {
+            Some(st.vector("log_threshold", d_sae)?.mapv(f32::exp))
+        }
         SaeActivation::JumpRelu => Some(st.vector("threshold", d_sae)?),
         _ => None,
     };
@@ -545,7 +552,7 @@ impl<'a> Tensors<'a> {
         }
         // A NaN threshold is as bad as a NaN weight; an infinite threshold just disables a
         // latent, so only weights must be finite.
-        let bad = if name == "threshold" {
+        let bad = if name == "threshold" || name == "log_threshold" {
             values.iter().position(|v| v.is_nan())
         } else {
             values.iter().position(|v| !v.is_finite())

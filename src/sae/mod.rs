@@ -523,7 +523,8 @@ impl Sae {
         ) {
             return Err(SaeError::Invalid(format!(
                 "a norm scaling factor applies to normalize_activations = \
-                 expected_average_only_in, this SAE uses {}",
+                 expected_average_only_in, this SAE uses {}: drop the setting (no head refit \
+                 can use it)",
                 self.normalization.name()
             )));
         }
