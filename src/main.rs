@@ -1726,12 +1726,26 @@ fn train(
         calibration.quantile(0.99).unwrap_or(f32::NAN),
         calibration.quantile(0.999).unwrap_or(f32::NAN)
     );
-    // The threshold the config asks for, built as replay and `run` will build it.
-    if let Err(e) = cfg.threshold.build(&model.threshold_scores()) {
-        eprintln!(
+    // The threshold the config asks for, built as replay and `run` will build it: where it
+    // starts says how often the model will alert, which the loss does not.
+    let scores = model.threshold_scores();
+    match cfg.threshold.build(&scores) {
+        Ok(t) if t.kind() != darkwatch::threshold::ThresholdKind::Dspot => {
+            let start = t.threshold();
+            let above = scores.iter().filter(|&&s| s > start).count();
+            let largest = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            println!(
+                "threshold: {} (risk_q {}) starts at {start:.4}: {above} of {} held-out scores above it (the largest {largest:.4})",
+                t.kind().name(),
+                cfg.threshold.risk_q,
+                scores.len()
+            );
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!(
             "darkwatch: warning: no threshold can be calibrated on this model's {} held-out scores ({e}): replay will score without alerts and `run` will refuse this model. Train on more rows, or raise [train] validation_fraction",
             calibration.rows
-        );
+        ),
     }
     println!("wrote {}", out.display());
     Ok(())

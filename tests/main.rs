@@ -253,6 +253,23 @@ fn training_on_too_few_rows_for_a_threshold_warns() {
     let (code, out, err) = train(&big, "big");
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("calibration: 60 held-out scores"), "{out}");
+    // Where the threshold starts against the held-out scores: how often the model will
+    // alert, which the loss does not say (a user read a quiet model as a broken one).
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("threshold: spot (risk_q 0.0001) starts at "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let (above, largest) = (
+        line.split(": ")
+            .nth(2)
+            .and_then(|r| r.split(" of 60 held-out scores above it").next()),
+        line.rsplit("(the largest ").next(),
+    );
+    assert!(
+        above.is_some_and(|n| n.parse::<usize>().is_ok_and(|n| n <= 1)),
+        "{line}"
+    );
+    assert!(largest.is_some_and(|l| l.ends_with(')')), "{line}");
     assert!(
         !err.contains("warning") && !err.contains("replaced"),
         "{err}"
