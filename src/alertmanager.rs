@@ -44,7 +44,7 @@
 //! `/metrics` responder has its own thread.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -855,20 +855,9 @@ impl Poster {
     }
 
     /// A failed TLS handshake, saying what to mend when Alertmanager's certificate is not
-    /// trusted: rustls's own words (`invalid peer certificate: UnknownIssuer`) do not name
-    /// the key, and the log line would read like a network failure.
+    /// trusted ([`refused_certificate`]).
     fn handshake_error(&self, e: std::io::Error) -> std::io::Error {
-        let certificate = e
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
-        if !certificate {
-            return e;
-        }
-        std::io::Error::other(format!(
-            "{UNTRUSTED} ({e}): [alertmanager] ca_file ({}) must hold the CA certificate that signed it, and the certificate must name the host of [alertmanager] url",
-            self.ca_file.display()
-        ))
+        refused_certificate(e, &self.ca_file, &self.target.host)
     }
 
     /// One POST of `body` (a JSON array), within the timeout.
@@ -898,6 +887,45 @@ impl Poster {
     }
 }
 
+/// A failed TLS handshake to Alertmanager at `host` with `ca_file`: when rustls refused
+/// the certificate, an error that begins with [`UNTRUSTED`] and says what to mend for
+/// that refusal, as rustls's own words (`invalid peer certificate: UnknownIssuer`) do not
+/// name the key and the log line would read like a network failure. Any other error is
+/// returned as it is.
+fn refused_certificate(e: std::io::Error, ca_file: &Path, host: &str) -> std::io::Error {
+    let refusal = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::InvalidCertificate(why) => Some(certificate_advice(why, ca_file, host)),
+            _ => None,
+        });
+    match refusal {
+        Some(advice) => std::io::Error::other(format!("{UNTRUSTED} ({e}): {advice}")),
+        None => e,
+    }
+}
+
+/// What to mend when rustls refuses Alertmanager's certificate for `why`.
+fn certificate_advice(why: &rustls::CertificateError, ca_file: &Path, host: &str) -> String {
+    use rustls::CertificateError as E;
+    match why {
+        E::UnknownIssuer | E::BadSignature => format!(
+            "[alertmanager] ca_file ({}) must hold the CA certificate that signed it",
+            ca_file.display()
+        ),
+        E::Expired | E::ExpiredContext { .. } => "Alertmanager's certificate has expired: renew it (or this machine's clock is wrong)".into(),
+        E::NotValidYet | E::NotValidYetContext { .. } => "Alertmanager's certificate is not valid yet: check this machine's clock (and the certificate's notBefore)".into(),
+        E::NotValidForName | E::NotValidForNameContext { .. } => format!(
+            "the certificate does not name the host of [alertmanager] url ({host}): use a host it names (its subjectAltName)"
+        ),
+        _ => format!(
+            "check Alertmanager's certificate and [alertmanager] ca_file ({})",
+            ca_file.display()
+        ),
+    }
+}
+
 /// How a refused Alertmanager certificate's error begins ([`Poster::handshake_error`]);
 /// [`judge_status`] tells it from a network failure by it.
 const UNTRUSTED: &str = "TLS: Alertmanager's certificate is not trusted";
@@ -913,8 +941,9 @@ pub enum Status {
     WrongPlace(String),
     /// No answer, or one that says "later" (5xx, 408, 429): alerts wait and are retried.
     Unreachable(String),
-    /// Alertmanager's certificate is not trusted (`[alertmanager] ca_file`): a setting to
-    /// mend, which waiting will not.
+    /// Alertmanager's certificate is not trusted: the error says why and what to mend
+    /// (`[alertmanager] ca_file`, the certificate, the host in the url, the clock), which
+    /// waiting will not.
     Untrusted(String),
 }
 
@@ -972,7 +1001,7 @@ async fn check_alertmanager(poster: Poster) {
         Status::Untrusted(error) => warn!(
             %url,
             %error,
-            "CERTIFICATE NOT TRUSTED: Alertmanager's certificate was refused, and every alert will wait unacknowledged in the broker until [alertmanager] ca_file holds the CA that signed it (retrying will not mend this)."
+            "CERTIFICATE NOT TRUSTED: Alertmanager's certificate was refused, and every alert will wait unacknowledged in the broker until what `error` names is mended (retrying alone will not mend this)."
         ),
         Status::WrongPlace(answer) => warn!(
             %url,
@@ -2259,6 +2288,110 @@ mod tests {
         assert_eq!(
             content_length(b"HTTP/1.1 200 OK\r\ncontent-length: 12"),
             Some(12)
+        );
+    }
+
+    #[test]
+    fn a_refused_certificate_says_what_to_mend_for_its_refusal() {
+        use rustls::CertificateError as E;
+        use rustls::pki_types::{ServerName, UnixTime};
+        let at = |s| UnixTime::since_unix_epoch(Duration::from_secs(s));
+        let ca = Path::new("/etc/darkwatch/am-ca.pem");
+        // As tokio-rustls hands it over: an io::Error wrapping rustls's.
+        let refuse = |why: E| {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(why),
+            );
+            refused_certificate(e, ca, "am.example").to_string()
+        };
+        let cases: Vec<(E, &[&str], &[&str])> = vec![
+            (
+                E::UnknownIssuer,
+                &["ca_file (/etc/darkwatch/am-ca.pem) must hold the CA"],
+                &[],
+            ),
+            (
+                E::BadSignature,
+                &["ca_file (/etc/darkwatch/am-ca.pem) must hold the CA"],
+                &[],
+            ),
+            (
+                E::Expired,
+                &["has expired: renew it", "clock"],
+                &["ca_file"],
+            ),
+            (
+                E::ExpiredContext {
+                    time: at(2_000_000_000),
+                    not_after: at(1_900_000_000),
+                },
+                &["has expired: renew it", "clock"],
+                &["ca_file"],
+            ),
+            (
+                E::NotValidYet,
+                &["not valid yet: check this machine's clock"],
+                &["ca_file", "renew"],
+            ),
+            (
+                E::NotValidYetContext {
+                    time: at(1_700_000_000),
+                    not_before: at(1_800_000_000),
+                },
+                &["not valid yet: check this machine's clock"],
+                &["ca_file", "renew"],
+            ),
+            (
+                E::NotValidForName,
+                &["does not name the host of [alertmanager] url (am.example): use a host it names"],
+                &["ca_file", "clock"],
+            ),
+            (
+                E::NotValidForNameContext {
+                    expected: ServerName::try_from("am.example").unwrap().to_owned(),
+                    presented: vec!["DnsName(\"localhost\")".into()],
+                },
+                &["does not name the host of [alertmanager] url (am.example): use a host it names"],
+                &["ca_file", "clock"],
+            ),
+            (
+                E::Revoked,
+                &[
+                    "check Alertmanager's certificate and [alertmanager] ca_file (/etc/darkwatch/am-ca.pem)",
+                ],
+                &["must hold", "renew", "clock", "does not name"],
+            ),
+            (
+                E::BadEncoding,
+                &["check Alertmanager's certificate and [alertmanager] ca_file"],
+                &["must hold", "renew", "clock", "does not name"],
+            ),
+        ];
+        for (why, has, lacks) in cases {
+            let name = format!("{why:?}");
+            let said = refuse(why);
+            assert!(said.starts_with(UNTRUSTED), "{name}: {said}");
+            for text in has {
+                assert!(said.contains(text), "{name}: {said} lacks {text:?}");
+            }
+            for text in lacks {
+                assert!(!said.contains(text), "{name}: {said} has {text:?}");
+            }
+            // Whatever the refusal, the start-up check calls it untrusted.
+            assert_eq!(judge_status(Err(said.clone())), Status::Untrusted(said));
+        }
+        // Not a certificate refusal: the error as it was, not called untrusted.
+        let other = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure),
+        );
+        let said = refused_certificate(other, ca, "am.example").to_string();
+        assert!(!said.starts_with(UNTRUSTED), "{said}");
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            refused_certificate(reset, ca, "am.example").kind(),
+            std::io::ErrorKind::ConnectionReset
         );
     }
 
