@@ -394,6 +394,7 @@ not restart it), 1 for other failures.")]
         /// folder with its dark-matter head (`sae-train`, `sae-head`).
         dir: PathBuf,
         /// Print the model's metadata as JSON (what model.json holds) instead of a summary.
+        /// Autoencoder models only: an SAE folder is always shown as a summary (with a note).
         #[arg(long)]
         json: bool,
         /// Configuration file: with `[score] backend = "onnx"`, also load the ONNX graph and
