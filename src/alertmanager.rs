@@ -911,11 +911,11 @@ fn certificate_advice(why: &rustls::CertificateError, ca_file: &Path, host: &str
     use rustls::CertificateError as E;
     match why {
         E::UnknownIssuer | E::BadSignature => format!(
-            "[alertmanager] ca_file ({}) must hold the CA certificate that signed it",
+            "[alertmanager] ca_file ({}) must hold the CA certificate that signed it (and any intermediate certificate Alertmanager does not send)",
             ca_file.display()
         ),
         E::Expired | E::ExpiredContext { .. } => "Alertmanager's certificate has expired: renew it (or this machine's clock is wrong)".into(),
-        E::NotValidYet | E::NotValidYetContext { .. } => "Alertmanager's certificate is not valid yet: check this machine's clock (and the certificate's notBefore)".into(),
+        E::NotValidYet | E::NotValidYetContext { .. } => "Alertmanager's certificate is not valid yet: check this machine's clock (a certificate just issued mends itself at its notBefore; the alerts are retried meanwhile)".into(),
         E::NotValidForName | E::NotValidForNameContext { .. } => format!(
             "the certificate does not name the host of [alertmanager] url ({host}): use a host it names (its subjectAltName)"
         ),
@@ -1001,7 +1001,7 @@ async fn check_alertmanager(poster: Poster) {
         Status::Untrusted(error) => warn!(
             %url,
             %error,
-            "CERTIFICATE NOT TRUSTED: Alertmanager's certificate was refused, and every alert will wait unacknowledged in the broker until what `error` names is mended (retrying alone will not mend this)."
+            "CERTIFICATE NOT TRUSTED: Alertmanager's certificate was refused, and every alert will wait unacknowledged in the broker, retried, until what `error` names is mended (only a certificate that is not valid yet mends itself, at its notBefore)."
         ),
         Status::WrongPlace(answer) => warn!(
             %url,

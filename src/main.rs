@@ -1735,10 +1735,17 @@ fn train(
             let start = t.threshold();
             let above = scores.iter().filter(|&&s| s > start).count();
             let largest = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            // A quantile threshold is fixed by [threshold] quantile; risk_q moves only SPOT.
+            let (setting, verb) = match t.kind() {
+                darkwatch::threshold::ThresholdKind::Quantile => (
+                    format!("quantile {}", cfg.threshold.quantile),
+                    "is fixed at",
+                ),
+                _ => (format!("risk_q {}", cfg.threshold.risk_q), "starts at"),
+            };
             println!(
-                "threshold: {} (risk_q {}) starts at {start:.4}: {above} of {} held-out scores above it (the largest {largest:.4})",
+                "threshold: {} ({setting}) {verb} {start:.4}: {above} of {} held-out scores above it (the largest {largest:.4})",
                 t.kind().name(),
-                cfg.threshold.risk_q,
                 scores.len()
             );
         }
