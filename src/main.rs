@@ -328,7 +328,9 @@ not restart it), 1 for other failures.")]
         /// fits better (the held-out R² printed shows which).
         #[arg(long, default_value_t = 1e-2)]
         ridge: f64,
-        /// Head folder to write (default SAE/dark, where `darkwatch run` looks).
+        /// Head folder to write (default SAE/dark, where `darkwatch run` looks; for a
+        /// sparsify run folder or its one hookpoint folder, whichever of run/dark and
+        /// run/HOOKPOINT/dark already holds the head).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Replace a head already in the folder.
@@ -342,7 +344,8 @@ not restart it), 1 for other failures.")]
         /// SAE folder (SAELens or sparsify).
         #[arg(long)]
         sae: PathBuf,
-        /// Dark-matter head folder (default SAE/dark).
+        /// Dark-matter head folder (default SAE/dark; for a sparsify run folder or its one
+        /// hookpoint folder, whichever of run/dark and run/HOOKPOINT/dark holds the head).
         #[arg(long)]
         dark: Option<PathBuf>,
         /// Activations [tokens, d], or [batch, seq, d] read as batch·seq rows in row-major order

@@ -975,3 +975,36 @@ fn jumprelu_log_threshold_loads_as_its_exponential() {
     let diff = max_abs_diff(got.view(), want.view());
     assert!(diff < 1e-4, "{diff}");
 }
+
+/// A JumpReLU checkpoint holding both `threshold` and `log_threshold` used to load with
+/// `threshold`, silently, whatever the other held: it loads when they agree (exp of the log
+/// within rounding) and is refused, naming both, when they do not.
+#[test]
+fn jumprelu_threshold_and_log_threshold_must_agree() {
+    let (_tmp, dir) = copy_checkpoint("saelens_jumprelu_gemmascope");
+    let weights = dir.join("sae_weights.safetensors");
+    let with_logs = |scale: f32| {
+        edit_weights(&weights, |tensors| {
+            let (dtype, shape, data) = tensors.get("threshold").cloned().unwrap();
+            assert_eq!(dtype, Dtype::F32);
+            let logs: Vec<u8> = data
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    (f32::from_le_bytes(c.try_into().unwrap()) * scale)
+                        .ln()
+                        .to_le_bytes()
+                })
+                .collect();
+            tensors.insert("log_threshold".into(), (dtype, shape, logs));
+        });
+    };
+    with_logs(1.0);
+    Sae::load(&dir).unwrap();
+    with_logs(1.5);
+    let e = Sae::load(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("holds both `threshold` and `log_threshold`, and they disagree")
+            && e.contains("sae_weights.safetensors"),
+        "{e}"
+    );
+}

@@ -195,7 +195,7 @@ pub enum DetectorError {
 #[error(
     "{head} was fitted on SAE weights {recorded_file} with sha256 {recorded}…, but this SAE's \
      {weights} has sha256 {found}…: the head and its calibration belong to another SAE, and \
-     thresholds from them would be wrong; fit this SAE's own with `{fix}`{then}",
+     thresholds from them would be wrong; {remedy}",
     head = head.display(),
     weights = weights.display()
 )]
@@ -208,11 +208,11 @@ pub struct HeadForOtherSae {
     /// The SAE's weights file and (12 hex digits of) its sha256.
     pub weights: PathBuf,
     pub found: String,
-    /// The `sae-head` command that fits this SAE's head.
-    pub fix: String,
-    /// What to do after it, when the head should not be looked for where it was
-    /// (`, then score without --dark`), else empty.
-    pub then: String,
+    /// What to do: `drop --dark (this SAE's head is at …)` when `--dark` named another
+    /// folder and this SAE's own head folder holds a head fitted on its weights, else the
+    /// `sae-head` command that fits one (and, for another SAE's head folder, `then drop
+    /// --dark`).
+    pub remedy: String,
 }
 
 /// A loaded SAE, its head, and the calibration of the chosen score.
@@ -335,12 +335,12 @@ impl Calibration {
     }
 
     /// Reads one score's calibration from `dir/calibration.safetensors`, and which rows it
-    /// came from (if the file says); `sae_dir` is the SAE's folder, for the command that
-    /// makes a new one.
+    /// came from (if the file says); `sae_dir` is the SAE's folder and `sha` its weights'
+    /// sha256, for the command that makes a new one.
     fn load(
         dir: &Path,
         kind: SaeScoreKind,
-        sae_dir: &Path,
+        (sae_dir, sha): (&Path, Option<&str>),
     ) -> Result<(Vec<f32>, Option<CalibrationRows>), DetectorError> {
         let path = dir.join(CALIBRATION_FILE);
         let bad = |reason: String| DetectorError::Calibration {
@@ -351,7 +351,7 @@ impl Calibration {
             bad(format!(
                 "{e}: the streaming thresholds calibrate on these scores of normal tokens \
                  (`darkwatch sae-train` and `darkwatch sae-head` write them: `{}`)",
-                sae_head_fix(sae_dir, dir)
+                sae_head_fix(sae_dir, sha, dir)
             ))
         })?;
         let st = SafeTensors::deserialize(&bytes)
@@ -379,7 +379,7 @@ impl Calibration {
                  {MIN_CALIBRATION_SCORES}: refit with at least {MIN_CALIBRATION_SCORES} \
                  held-out rows (`{}`, with --holdout 0 every row counts)",
                 kind.tensor(),
-                sae_head_fix(sae_dir, dir)
+                sae_head_fix(sae_dir, sha, dir)
             )));
         }
         let (_, meta) = SafeTensors::read_metadata(&bytes)
@@ -393,18 +393,20 @@ impl Calibration {
     }
 }
 
-/// The command that fits a head for the SAE in `sae_dir` (the folder as the user named it)
-/// into `dark`: `--out` when that is not where `run` looks, `--force` when a head is there.
+/// The command that fits a head for the SAE in `sae_dir` (the folder as the user named it,
+/// with weights sha256 `sha`) into `dark`: `--out` when that is not where `run` looks,
+/// `--force` when a head is there.
 ///
 /// A `dark` inside another SAE's folder (`other/dark`, as `--dark` may name) is one that
-/// `sae-head --out` refuses, so the command writes this SAE's own head folder instead.
-pub fn sae_head_fix(sae_dir: &Path, dark: &Path) -> String {
+/// `sae-head --out` refuses ([`other_sae_folder`], the test it makes), so the command
+/// writes this SAE's own head folder instead.
+pub fn sae_head_fix(sae_dir: &Path, sha: Option<&str>, dark: &Path) -> String {
     let mut cmd = format!(
         "darkwatch sae-head --sae {} --input <normal activations>",
         sae_dir.display()
     );
-    let own = head_dir(sae_dir);
-    let dark = if in_other_sae(sae_dir, dark) {
+    let own = head_dirs(sae_dir).0;
+    let dark = if other_sae_folder(sae_dir, sha, dark).is_some() {
         own.as_path()
     } else {
         dark
@@ -418,17 +420,39 @@ pub fn sae_head_fix(sae_dir: &Path, dark: &Path) -> String {
     cmd
 }
 
-/// The head folder of the SAE named by `sae_dir`: `sae_dir/dark`, unless that is missing
-/// and the head of the same sparsify SAE sits beside the other name for it — the hookpoint
-/// folder's (`run/layers.3/dark`) for a run folder with that one hookpoint, or the run
-/// folder's (`run/dark`) for its only hookpoint folder. `sae-head` writes where the path it
-/// was given points (`--sae run` → `run/dark`), so either may hold it; `sae_dir/dark` when
-/// neither does.
+/// The head folder of the SAE named by `sae_dir`: `sae_dir/dark`, unless that holds no head
+/// (no [`DARK_META_FILE`]: missing, empty or half-written) and the head of the same sparsify
+/// SAE sits beside the other name for it — the hookpoint folder's (`run/layers.3/dark`) for
+/// a run folder with that one hookpoint, or the run folder's (`run/dark`) for its only
+/// hookpoint folder (`--sae layers.3` from inside the run folder included). `sae-head`
+/// writes where the path it was given points (`--sae run` → `run/dark`), so either may hold
+/// it; `sae_dir/dark` when neither does.
+///
+/// When both hold a head, `sae_dir/dark` is used — the folder the name given points to,
+/// where `sae-head --force` with that name refits — and a warning names both: refusing
+/// would stop `run` over a head that is most likely right, and silently picking one would
+/// hide a stale head beside it.
 pub fn head_dir(sae_dir: &Path) -> PathBuf {
-    let own = sae_dir.join(DARK_DIR);
-    if own.is_dir() {
-        return own;
+    let (dir, also) = head_dirs(sae_dir);
+    if let Some(also) = also {
+        tracing::warn!(
+            "both {} and {} hold a dark-matter head for the same sparsify SAE; using {} (the \
+             folder --sae {} names): remove the other one, or score with --dark naming the one \
+             to use",
+            dir.display(),
+            also.display(),
+            dir.display(),
+            sae_dir.display()
+        );
     }
+    dir
+}
+
+/// [`head_dir`] without the warning: the folder used, and the other name's head folder
+/// when that holds a head too.
+pub(crate) fn head_dirs(sae_dir: &Path) -> (PathBuf, Option<PathBuf>) {
+    let has_head = |d: &Path| d.join(DARK_META_FILE).is_file();
+    let own = sae_dir.join(DARK_DIR);
     let is_hookpoint =
         |d: &Path| d.join(CONFIG_FILE).is_file() && d.join(SPARSIFY_WEIGHTS).is_file();
     let only_hookpoint = |run: &Path| -> Option<PathBuf> {
@@ -443,37 +467,63 @@ pub fn head_dir(sae_dir: &Path) -> PathBuf {
         let first = layers.next()?;
         layers.next().is_none().then_some(first)
     };
-    if let Some(layer) = only_hookpoint(sae_dir)
-        && layer.join(DARK_DIR).is_dir()
-    {
-        return layer.join(DARK_DIR);
-    }
-    if is_hookpoint(sae_dir)
-        && let Some(run) = sae_dir.parent().filter(|p| !p.as_os_str().is_empty())
+    // The same SAE's head folder under its other name, if that holds a head.
+    let other = if let Some(layer) = only_hookpoint(sae_dir) {
+        Some(layer.join(DARK_DIR))
+    } else if is_hookpoint(sae_dir)
+        && let Some(run) = sae_dir.parent().map(|p| {
+            // `layers.3` (relative, from inside the run folder) has the parent "".
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         && only_hookpoint(run).is_some()
-        && run.join(DARK_DIR).is_dir()
     {
-        return run.join(DARK_DIR);
+        Some(run.join(DARK_DIR))
+    } else {
+        None
+    };
+    let other = other.filter(|d| has_head(d));
+    match (has_head(&own), other) {
+        (true, other) => (own, other),
+        (false, Some(other)) => (other, None),
+        (false, None) => (own, None),
     }
-    own
 }
 
-/// Whether the head folder `dark` is, or is directly inside, the folder of an SAE other
-/// than the one in `sae_dir` (where `sae-head --out` refuses to write).
-fn in_other_sae(sae_dir: &Path, dark: &Path) -> bool {
-    let other = |d: &Path| {
-        !d.as_os_str().is_empty() && d != sae_dir && SaeDetector::is_sae_dir(d) && {
-            // The same folder by another spelling (`./m/sae`), or a sparsify run folder and
-            // its hookpoint folder, are not another SAE.
-            match (fs::canonicalize(d), fs::canonicalize(sae_dir)) {
-                (Ok(a), Ok(b)) => {
-                    a != b && a.parent() != Some(b.as_path()) && b.parent() != Some(a.as_path())
-                }
-                _ => true,
-            }
-        }
+/// The folder of an SAE other than the one in `sae_dir` (weights sha256 `sha`) that the
+/// head folder `dark` is, or is directly inside: one holding an SAE that loads with other
+/// weights. `sae-head --out` refuses such a folder and `sae-score`'s remedies avoid it, by
+/// this one test, so a suggested command is never one that is refused (a nested SAE folder,
+/// a hookpoint folder by a symlink, a run folder and its hookpoint folder all decide by
+/// their weights, not by their paths). `dark` = `name` (relative) is inside `.`.
+pub(crate) fn other_sae_folder(sae_dir: &Path, sha: Option<&str>, dark: &Path) -> Option<PathBuf> {
+    // The same folder by another spelling holds the same SAE: not loaded again.
+    let same = |d: &Path| {
+        matches!(
+            (fs::canonicalize(d), fs::canonicalize(sae_dir)),
+            (Ok(a), Ok(b)) if a == b
+        )
     };
-    dark != sae_dir.join(DARK_DIR) && (other(dark) || dark.parent().is_some_and(other))
+    let parent = dark.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    });
+    [Some(dark), parent]
+        .into_iter()
+        .flatten()
+        .find(|d| {
+            !d.as_os_str().is_empty()
+                && SaeDetector::is_sae_dir(d)
+                && !same(d)
+                && Sae::load(d).is_ok_and(|other| other.info().weights_sha256.as_deref() != sha)
+        })
+        .map(Path::to_path_buf)
 }
 
 /// Why `command` (`replay`, `demo`, `bench`: autoencoder commands on metric tables) cannot
@@ -549,16 +599,7 @@ pub fn load_head(dark: &Path, sae: &Sae, sae_dir: &Path) -> Result<DarkHead, Det
                 recorded: rec.weights_sha256.chars().take(12).collect(),
                 weights: weights(),
                 found: found.chars().take(12).collect(),
-                fix: sae_head_fix(sae_dir, dark),
-                then: if in_other_sae(sae_dir, dark) {
-                    format!(
-                        ", then drop --dark (or give --dark {}): {} is another SAE's head",
-                        head_dir(sae_dir).display(),
-                        dark.display()
-                    )
-                } else {
-                    String::new()
-                },
+                remedy: other_head_remedy(sae_dir, dark, found),
             })));
         }
         (None, Some(_)) => tracing::warn!(
@@ -567,11 +608,38 @@ pub fn load_head(dark: &Path, sae: &Sae, sae_dir: &Path) -> Result<DarkHead, Det
              is wrong. `{}` refits it and records them",
             dark.join(DARK_META_FILE).display(),
             weights().display(),
-            sae_head_fix(sae_dir, dark)
+            sae_head_fix(sae_dir, sae.info().weights_sha256.as_deref(), dark)
         ),
         _ => {}
     }
     Ok(head)
+}
+
+/// What to do about the head in `dark` fitted on other SAE weights than `sha` (this SAE's,
+/// named `sae_dir`): when `dark` is not this SAE's head folder and that holds a head fitted
+/// on `sha`, only to drop `--dark` — a refit with `--force` would overwrite that good head —
+/// else the `sae-head` command that fits one.
+fn other_head_remedy(sae_dir: &Path, dark: &Path, sha: &str) -> String {
+    let own = head_dirs(sae_dir).0;
+    let fits = |d: &Path| {
+        DarkHead::load(d).is_ok_and(|h| h.sae_record().is_some_and(|r| r.weights_sha256 == sha))
+    };
+    if own != dark && fits(&own) {
+        return format!("drop --dark (this SAE's head is at {})", own.display());
+    }
+    let fix = format!(
+        "fit this SAE's own with `{}`",
+        sae_head_fix(sae_dir, Some(sha), dark)
+    );
+    if other_sae_folder(sae_dir, Some(sha), dark).is_some() {
+        format!(
+            "{fix}, then drop --dark (or give --dark {}): {} is another SAE's head",
+            own.display(),
+            dark.display()
+        )
+    } else {
+        fix
+    }
 }
 
 /// Sets the `expected_average_only_in` scaling factor of `sae`: `given` (with the option or
@@ -726,7 +794,8 @@ impl SaeDetector {
                 .map(|s| (s, "[sae] norm_scaling_factor")),
             Some((&head, &dark)),
         )?;
-        let (calibration, calibration_rows) = Calibration::load(&dark, score, dir)?;
+        let (calibration, calibration_rows) =
+            Calibration::load(&dark, score, (dir, sae.info().weights_sha256.as_deref()))?;
         // The id covers everything that changes a score or a threshold. The checkpoint is
         // hashed where it was read (a sparsify run folder's layer folder), streamed; its
         // weights by the sha256 taken as they were loaded.

@@ -12,7 +12,8 @@
 //!   flattened in row-major order, so token `t` of sequence `b` is row `b·seq + t`, and
 //!   prompt ids and labels count the flattened rows.
 //! - Prompt ids: 1-D (or `[n, 1]`) integer arrays in `.npy` (int8–int64, uint8–uint64; read
-//!   exactly up to |id| ≤ 2²⁴) or `.safetensors` (I8–I64, U8–U64, exact).
+//!   exactly; float ids whole and below 2^24 in magnitude for float32) or `.safetensors`
+//!   (I8–I64, U8–U64, exact).
 //! - Labels, 0 or 1: what `replay` reads ([`crate::ingest::read_labels`]: an `.npy` vector of
 //!   any integer, bool or float dtype, or text with one label per line), or an integer
 //!   `.safetensors` tensor.
@@ -164,8 +165,9 @@ impl Elems {
     }
 
     /// Every element as an `i64`: integers when they fit, floats when they are whole and
-    /// within ±2^`exact_bits` (beyond it, neighbouring integers share one float, so two
-    /// prompt ids could silently merge).
+    /// below 2^`exact_bits` in magnitude (from it on, neighbouring integers share one float:
+    /// 2^24 + 1 is stored as 2^24 in float32, so two prompt ids could silently merge). A
+    /// float that is not one is refused, for `what` = `labels` as not 0 or 1.
     fn exact(self, path: &Path, what: &str) -> Result<Vec<i64>, SaeEvalError> {
         match self {
             Elems::Ints(values) => values
@@ -194,15 +196,21 @@ impl Elems {
                     .into_iter()
                     .enumerate()
                     .map(|(i, v)| {
-                        if v.is_finite() && v.fract() == 0.0 && v.abs() <= limit {
+                        if v.is_finite() && v.fract() == 0.0 && v.abs() < limit {
                             Ok(v as i64)
+                        } else if what == "labels" {
+                            Err(input_err(
+                                path,
+                                format!("label {i} is {v}, expected 0 or 1"),
+                            ))
                         } else {
                             Err(input_err(
                                 path,
                                 format!(
-                                    "{what}: element {i} = {v} is not an integer in \
-                                     ±2^{exact_bits}, the range a {dtype} file holds exactly \
-                                     (write the {what} with an integer dtype such as int64)"
+                                    "{what}: element {i} = {v} is not an integer below \
+                                     2^{exact_bits} in magnitude, the range a {dtype} file holds \
+                                     exactly (write the {what} with an integer dtype such as \
+                                     int64)"
                                 ),
                             ))
                         }
@@ -466,9 +474,9 @@ fn read_activations_for(
 ///
 /// # Errors
 /// Integer dtypes are read exactly (a `uint64` above `i64::MAX` is refused); a float file's
-/// elements must be whole and within the range its dtype holds exactly (±2^24 for float32,
-/// ±2^53 for float64). Errors on those, and on a shape other than `[rows]` or `[rows, 1]`
-/// — each naming the file and what was found.
+/// elements must be whole and below 2^24 in magnitude for float32 (2^53 for float64), the
+/// range its dtype holds exactly. Errors on those, and on a shape other than `[rows]` or
+/// `[rows, 1]` — each naming the file and what was found.
 pub fn read_ints(
     path: &Path,
     tensor: Option<&str>,
@@ -1605,7 +1613,9 @@ pub struct SaeHeadArgs {
     /// calibration come from them. 0: fit on every row, calibrate on cross-fitted scores.
     pub holdout: f64,
     pub dark: DarkConfig,
-    /// Where to write the head; default `<sae>/dark`, where the agent looks for it.
+    /// Where to write the head; default [`head_dir`](super::detector::head_dir) of `sae`
+    /// (`<sae>/dark`, or for a sparsify SAE with one hookpoint the one of `run/dark` and
+    /// `run/<hookpoint>/dark` that already holds its head), where the agent looks for it.
     pub out: Option<PathBuf>,
     /// Replace a head already there.
     pub force: bool,
@@ -1717,29 +1727,24 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
 
 /// Refuses a `sae-head --out` folder inside another SAE's folder: `out` itself, or the
 /// folder above it (`other-sae/dark`, where `run` would take the head for that SAE's own),
-/// holding a checkpoint whose weights are not `sae`'s.
+/// holding a checkpoint whose weights are not `sae`'s
+/// ([`other_sae_folder`](super::detector::other_sae_folder), the test `sae-score`'s
+/// remedies make too).
 fn check_head_out(sae: &Sae, sae_dir: &Path, out: &Path) -> Result<(), SaeEvalError> {
-    let mine = &sae.info().weights_sha256;
-    for dir in [Some(out), out.parent()].into_iter().flatten() {
-        if dir.as_os_str().is_empty() || !super::detector::SaeDetector::is_sae_dir(dir) {
-            continue;
-        }
-        if let Ok(other) = Sae::load(dir)
-            && other.info().weights_sha256 != *mine
-        {
-            return Err(input_err(
-                out,
-                format!(
-                    "is in {}, which holds another SAE than --sae {} (other weights): a head \
-                     fitted for one SAE and written into another's folder would be used for it \
-                     with the wrong calibration; drop --out to write {}, or choose a folder \
-                     outside other SAEs",
-                    dir.display(),
-                    sae_dir.display(),
-                    sae_dir.join(DARK_DIR).display()
-                ),
-            ));
-        }
+    let mine = sae.info().weights_sha256.as_deref();
+    if let Some(dir) = super::detector::other_sae_folder(sae_dir, mine, out) {
+        return Err(input_err(
+            out,
+            format!(
+                "is in {}, which holds another SAE than --sae {} (other weights): a head \
+                 fitted for one SAE and written into another's folder would be used for it \
+                 with the wrong calibration; drop --out to write {}, or choose a folder \
+                 outside other SAEs",
+                dir.display(),
+                sae_dir.display(),
+                super::detector::head_dirs(sae_dir).0.display()
+            ),
+        ));
     }
     Ok(())
 }
@@ -1794,7 +1799,7 @@ fn tail(x: ArrayView2<'_, f32>) -> ArrayView2<'_, f32> {
 #[derive(Debug, Clone, Default)]
 pub struct SaeScoreArgs {
     pub sae: PathBuf,
-    /// The head's folder; default `<sae>/dark`.
+    /// The head's folder; default [`head_dir`](super::detector::head_dir) of `sae`.
     pub dark: Option<PathBuf>,
     pub input: PathBuf,
     pub tensor: Option<String>,
@@ -2870,7 +2875,9 @@ mod tests {
     }
 
     /// `sae-score --dark` naming another SAE's head used to suggest `sae-head --out` into
-    /// that SAE's folder, which sae-head refuses: the suggested command is run here.
+    /// that SAE's folder, which sae-head refuses, and then a `sae-head --force` refit that
+    /// overwrote this SAE's good head: with this SAE's own head in place the remedy is only
+    /// to drop --dark; with a stale one there the suggested refit is run here.
     #[test]
     fn the_head_fix_for_another_saes_head_is_a_command_sae_head_accepts() {
         let (dir, acts, victim) = tiny_sae();
@@ -2883,14 +2890,38 @@ mod tests {
             ..tiny_train_args(&acts, &jr)
         };
         sae_train_command(&args, &mut |_| {}).unwrap();
-        let e = sae_score_command(&SaeScoreArgs {
+        let score_with_victims = || {
+            sae_score_command(&SaeScoreArgs {
+                sae: jr.clone(),
+                dark: Some(victim.join(DARK_DIR)),
+                input: acts.clone(),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        // jr's own head (sae-train wrote it) fits jr: nothing to refit.
+        let meta = super::super::dark::DARK_META_FILE;
+        let good = fs::read(jr.join(DARK_DIR).join(meta)).unwrap();
+        let e = score_with_victims();
+        assert!(
+            e.contains(&format!(
+                "drop --dark (this SAE's head is at {})",
+                jr.join(DARK_DIR).display()
+            )) && !e.contains("sae-head"),
+            "{e}"
+        );
+        assert_eq!(fs::read(jr.join(DARK_DIR).join(meta)).unwrap(), good);
+        sae_score_command(&SaeScoreArgs {
             sae: jr.clone(),
-            dark: Some(victim.join(DARK_DIR)),
             input: acts.clone(),
             ..Default::default()
         })
-        .unwrap_err()
-        .to_string();
+        .unwrap();
+        // A stale head in jr/dark (the victim's, copied): the refit is suggested.
+        fs::remove_dir_all(jr.join(DARK_DIR)).unwrap();
+        copy_dir(&victim.join(DARK_DIR), &jr.join(DARK_DIR));
+        let e = score_with_victims();
         let fix = e
             .split('`')
             .find(|c| c.starts_with("darkwatch sae-head"))
@@ -2899,7 +2930,7 @@ mod tests {
             e.contains(&format!(
                 "then drop --dark (or give --dark {})",
                 jr.join(DARK_DIR).display()
-            )),
+            )) && !e.contains("this SAE's head is at"),
             "{e}"
         );
         let words: Vec<&str> = fix.split(' ').collect();
@@ -2910,6 +2941,7 @@ mod tests {
                 .map(|i| PathBuf::from(words[i + 1]))
         };
         assert_eq!(value("--sae").as_deref(), Some(jr.as_path()), "{fix}");
+        assert!(words.contains(&"--force"), "{fix}");
         // (--holdout 0: the tiny input holds too few rows to hold out 50.)
         sae_head_command(&SaeHeadArgs {
             force: words.contains(&"--force"),
@@ -2919,6 +2951,66 @@ mod tests {
         .unwrap_or_else(|e| panic!("`{fix}` was refused: {e}"));
         sae_score_command(&SaeScoreArgs {
             sae: jr.clone(),
+            input: acts.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+
+    /// A head folder of an SAE nested in this SAE's folder (`sae/inner/dark`) used to count
+    /// as this SAE's by its path, so the suggested `sae-head --out sae/inner/dark --force`
+    /// was one sae-head refuses (it decides by the weights): both decide by the weights now.
+    #[test]
+    fn the_head_fix_for_a_nested_saes_head_is_a_command_sae_head_accepts() {
+        let (dir, acts, outer) = tiny_sae();
+        let jr = dir.path().join("jr");
+        let args = SaeTrainArgs {
+            config: SaeTrainConfig {
+                seed: 9,
+                ..tiny_train_args(&acts, &jr).config
+            },
+            ..tiny_train_args(&acts, &jr)
+        };
+        sae_train_command(&args, &mut |_| {}).unwrap();
+        let inner = outer.join("inner");
+        fs::rename(&jr, &inner).unwrap();
+        fs::remove_dir_all(outer.join(DARK_DIR)).unwrap();
+        let e = sae_score_command(&SaeScoreArgs {
+            sae: outer.clone(),
+            dark: Some(inner.join(DARK_DIR)),
+            input: acts.clone(),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        let fix = e
+            .split('`')
+            .find(|c| c.starts_with("darkwatch sae-head"))
+            .unwrap_or_else(|| panic!("{e}"));
+        assert!(!fix.contains("--out") && !fix.contains("--force"), "{fix}");
+        assert!(
+            e.contains(&format!(
+                "then drop --dark (or give --dark {})",
+                outer.join(DARK_DIR).display()
+            )),
+            "{e}"
+        );
+        sae_head_command(&SaeHeadArgs {
+            holdout: 0.0,
+            ..head_args(&outer, &acts, None)
+        })
+        .unwrap_or_else(|e| panic!("`{fix}` was refused: {e}"));
+        // The folder the old command named is refused by sae-head.
+        let e = sae_head_command(&SaeHeadArgs {
+            force: true,
+            holdout: 0.0,
+            ..head_args(&outer, &acts, Some(inner.join(DARK_DIR)))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("which holds another SAE"), "{e}");
+        sae_score_command(&SaeScoreArgs {
+            sae: outer.clone(),
             input: acts.clone(),
             ..Default::default()
         })
@@ -2961,15 +3053,51 @@ mod tests {
         let meta = super::super::dark::DARK_META_FILE;
         fit(&layer, false);
         assert!(layer.join(DARK_DIR).join(meta).is_file());
+        // An empty (or half-written) run/dark used to hide layers.3/dark.
+        fs::create_dir_all(run.join(DARK_DIR)).unwrap();
         score(&run);
         score(&layer);
+        fs::remove_dir(run.join(DARK_DIR)).unwrap();
         fit(&run, true);
         assert!(!run.join(DARK_DIR).exists(), "a second head was written");
         fs::rename(layer.join(DARK_DIR), run.join(DARK_DIR)).unwrap();
+        fs::create_dir_all(layer.join(DARK_DIR)).unwrap();
         score(&layer);
         score(&run);
+        fs::remove_dir(layer.join(DARK_DIR)).unwrap();
         fit(&layer, true);
         assert!(!layer.join(DARK_DIR).exists(), "a second head was written");
+        // Heads under both names: each name uses its own, and the other one is reported
+        // (for the warning).
+        copy_dir(&run.join(DARK_DIR), &layer.join(DARK_DIR));
+        use super::super::detector::head_dirs;
+        assert_eq!(
+            head_dirs(&run),
+            (run.join(DARK_DIR), Some(layer.join(DARK_DIR)))
+        );
+        assert_eq!(
+            head_dirs(&layer),
+            (layer.join(DARK_DIR), Some(run.join(DARK_DIR)))
+        );
+        fs::remove_dir_all(run.join(DARK_DIR)).unwrap();
+        assert_eq!(head_dirs(&run), (layer.join(DARK_DIR), None));
+        // `--out` into another SAE's folder is refused naming the folder a plain `sae-head
+        // --sae run` writes (it used to say run/dark).
+        let (_other_dir, _, other) = tiny_sae();
+        let e = sae_head_command(&SaeHeadArgs {
+            force: true,
+            holdout: 0.0,
+            ..head_args(&run, &acts, Some(other.join(DARK_DIR)))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!(
+                "drop --out to write {}",
+                layer.join(DARK_DIR).display()
+            )),
+            "{e}"
+        );
     }
 
     /// `sae-train --out` naming a file used to train, then fail with "aemodel: File exists
@@ -3407,15 +3535,25 @@ mod tests {
         assert_eq!(read_ints(&p, None, 1, "ids").unwrap(), vec![-128]);
         // Floats: whole values within the dtype's exact range only, and the message says
         // that the rule is the float file's.
-        write_1d(&p, "<f4", &[16_777_218f32], |v| v.to_le_bytes().to_vec());
-        let e = read_ints(&p, None, 1, "prompt ids")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("±2^24, the range a float32 file holds exactly"),
-            "{e}"
+        // 2^24 itself is refused: 16777217 is stored as it too.
+        for id in [16_777_218f32, 16_777_216.0, -16_777_216.0] {
+            write_1d(&p, "<f4", &[id], |v| v.to_le_bytes().to_vec());
+            let e = read_ints(&p, None, 1, "prompt ids")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("below 2^24 in magnitude, the range a float32 file holds exactly"),
+                "{e}"
+            );
+            assert!(e.contains("integer dtype such as int64"), "{e}");
+        }
+        write_1d(&p, "<f4", &[16_777_215f32, -16_777_215.0], |v| {
+            v.to_le_bytes().to_vec()
+        });
+        assert_eq!(
+            read_ints(&p, None, 2, "ids").unwrap(),
+            vec![16_777_215, -16_777_215]
         );
-        assert!(e.contains("integer dtype such as int64"), "{e}");
         write_1d(&p, "<f8", &[16_777_217f64], |v| v.to_le_bytes().to_vec());
         assert_eq!(read_ints(&p, None, 1, "ids").unwrap(), vec![16_777_217]);
     }
@@ -3437,6 +3575,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_labels(&st, None, 3).unwrap(), vec![0, 1, 1]);
+        // 0.5 used to get the ids' message ("not an integer … integer dtype").
+        let data: Vec<u8> = [0f32, 0.5, 1.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let v = TensorView::new(Dtype::F32, vec![3], &data).unwrap();
+        fs::write(
+            &st,
+            safetensors::serialize(vec![("labels", v)], None).unwrap(),
+        )
+        .unwrap();
+        let e = read_labels(&st, None, 3).unwrap_err().to_string();
+        assert!(
+            e.contains("label 1 is 0.5, expected 0 or 1") && !e.contains("integer dtype"),
+            "{e}"
+        );
     }
 
     /// An integer `.npy` passed as activations (token ids, most likely) is refused.

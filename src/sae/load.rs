@@ -322,7 +322,17 @@ fn load_saelens(dir: &Path) -> Result<Sae, SaeError> {
         {
             Some(st.vector("log_threshold", d_sae)?.mapv(f32::exp))
         }
-        SaeActivation::JumpRelu => Some(st.vector("threshold", d_sae)?),
+        SaeActivation::JumpRelu => {
+            let threshold = st.vector("threshold", d_sae)?;
+            if st.st.tensor("log_threshold").is_ok() {
+                check_log_threshold(
+                    &weights_path,
+                    &threshold,
+                    &st.vector("log_threshold", d_sae)?,
+                )?;
+            }
+            Some(threshold)
+        }
         _ => None,
     };
     if finetuning {
@@ -577,5 +587,39 @@ impl<'a> Tensors<'a> {
 
     fn vector(&self, name: &str, len: usize) -> Result<Array1<f32>, SaeError> {
         Ok(Array1::from(self.f32s(name, &[len])?))
+    }
+}
+
+/// Refuses a JumpReLU checkpoint holding both `threshold` and `log_threshold` that disagree
+/// beyond rounding (relative 1e-5): `threshold` would be used silently, though the other
+/// may be the one that was trained. Agreeing ones (both saved from one SAE) are accepted.
+fn check_log_threshold(
+    path: &Path,
+    threshold: &Array1<f32>,
+    log_threshold: &Array1<f32>,
+) -> Result<(), SaeError> {
+    let off = threshold
+        .iter()
+        .zip(log_threshold)
+        .map(|(&t, &l)| (f64::from(t), f64::from(l).exp()))
+        .position(|(t, e)| {
+            // (NaN was refused on reading; an infinite one only agrees with itself.)
+            t != e
+                && (t.is_infinite()
+                    || e.is_infinite()
+                    || (t - e).abs() > 1e-5 * t.abs().max(e.abs()))
+        });
+    match off {
+        None => Ok(()),
+        Some(i) => Err(SaeError::Weights {
+            path: path.to_path_buf(),
+            reason: format!(
+                "holds both `threshold` and `log_threshold`, and they disagree: threshold[{i}] \
+                 = {}, exp(log_threshold[{i}]) = {}; keep only the one the SAE was trained with \
+                 (SAELens saves `threshold` = exp(`log_threshold`) for inference)",
+                threshold[i],
+                f64::from(log_threshold[i]).exp()
+            ),
+        }),
     }
 }

@@ -427,3 +427,35 @@ fn inspect_shows_the_norm_scaling_factor_or_warns_without_one() {
         "{err}"
     );
 }
+
+/// `sae-score --sae layers.3` run from inside the sparsify run folder used to miss the head
+/// `sae-head --sae run` wrote to `run/dark` (the relative hookpoint folder's parent is "",
+/// which was not looked in): it is found as `./dark`.
+#[test]
+fn a_relative_hookpoint_folder_finds_the_run_folders_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_folder = tmp.path().join("run");
+    copy_tree(
+        &crate::util::repo("tests/data/sae/sparsify_topk_f32/checkpoint/layers.3"),
+        &run_folder.join("layers.3"),
+    );
+    let acts = tmp.path().join("acts.npy");
+    write_activations(&acts, 240, 16);
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-head", "--holdout", "0", "--sae"])
+            .arg(&run_folder)
+            .arg("--input")
+            .arg(&acts),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(run_folder.join("dark/dark_head.json").is_file());
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .current_dir(&run_folder)
+            .args(["sae-score", "--sae", "layers.3", "--input"])
+            .arg(&acts),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("no dark-matter head"), "{err}");
+}
