@@ -1355,7 +1355,7 @@ fn run(command: Command) -> Result<()> {
                 && dir.join(model::io::META_FILE).exists()
             {
                 anyhow::bail!(
-                    "{}: holds an autoencoder model ({}); a dark-matter head written beside it would leave a folder that is both: choose another --out folder, or drop --out to write the head to SAE/dark, where `run` looks for it",
+                    "{}: holds an autoencoder model ({}); a dark-matter head written beside it would leave a folder that is both: choose another --out folder, or drop --out to write the head to the SAE's own dark/ folder, where `run` looks for it",
                     dir.display(),
                     model::io::META_FILE
                 );
