@@ -283,6 +283,26 @@ fn dashboard_queries(dash: &serde_json::Value) -> Vec<(String, String, bool)> {
     out
 }
 
+/// The references (`where`, names) that select a name neither `known` nor Prometheus's own
+/// (as `where: name`), and every name selected. Each expression must select one.
+fn references_check(
+    references: Vec<(String, BTreeSet<String>)>,
+    known: impl Fn(&str) -> bool,
+) -> (Vec<String>, BTreeSet<String>) {
+    let mut unknown = Vec::new();
+    let mut used = BTreeSet::new();
+    for (place, names) in references {
+        assert!(!names.is_empty(), "{place}: selects no metric");
+        for name in names {
+            if !known(&name) && !FROM_PROMETHEUS.contains(&name.as_str()) {
+                unknown.push(format!("{place}: {name}"));
+            }
+            used.insert(name);
+        }
+    }
+    (unknown, used)
+}
+
 /// Every expression of the rules file (`where`, names it selects).
 fn rule_references() -> Vec<(String, BTreeSet<String>)> {
     rules()
@@ -329,20 +349,9 @@ fn family(exposition: &str, name: &str) -> String {
 /// no place to see it). Returns the names the dashboard selects.
 fn check_dashboard(file: &str, exposition: &str, recorded: &BTreeSet<String>) -> BTreeSet<String> {
     let exported = sample_names(exposition);
-    let mut unknown = Vec::new();
-    let mut used = BTreeSet::new();
-    for (place, names) in dashboard_references(file) {
-        assert!(!names.is_empty(), "{place}: selects no metric");
-        for name in names {
-            let known = exported.contains(&name)
-                || recorded.contains(&name)
-                || FROM_PROMETHEUS.contains(&name.as_str());
-            if !known {
-                unknown.push(format!("{place}: {name}"));
-            }
-            used.insert(name);
-        }
-    }
+    let (unknown, used) = references_check(dashboard_references(file), |name| {
+        exported.contains(name) || recorded.contains(name)
+    });
     assert!(
         unknown.is_empty(),
         "metrics the process {file} watches does not export (histograms are queried as <name>_bucket, _sum or _count):\n{}\n\nexported: {exported:?}",
@@ -445,21 +454,9 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported_by_the_agent() {
         );
     }
     let recorded = recorded();
-    let mut unknown = Vec::new();
-    let mut used = BTreeSet::new();
-    for (place, names) in rule_references() {
-        assert!(!names.is_empty(), "{place}: selects no metric");
-        for name in names {
-            let known = exported.contains(&name)
-                || bridge.contains(&name)
-                || recorded.contains(&name)
-                || FROM_PROMETHEUS.contains(&name.as_str());
-            if !known {
-                unknown.push(format!("{place}: {name}"));
-            }
-            used.insert(name);
-        }
-    }
+    let (unknown, mut used) = references_check(rule_references(), |name| {
+        exported.contains(name) || bridge.contains(name) || recorded.contains(name)
+    });
     assert!(
         unknown.is_empty(),
         "metrics neither the agent nor the bridge exports (histograms are queried as <name>_bucket, _sum or _count):\n{}\n\nagent: {exported:?}\nbridge: {bridge:?}",
