@@ -2150,6 +2150,19 @@ mod tests {
         out
     }
 
+    /// Trains a tiny SAE of other weights than [`tiny_sae`]'s (seed 9) on `input` into `out`:
+    /// "another SAE" for the tests of heads that belong to a different one.
+    fn train_other_tiny_sae(input: &Path, out: &Path) {
+        let args = SaeTrainArgs {
+            config: SaeTrainConfig {
+                seed: 9,
+                ..tiny_train_args(input, out).config
+            },
+            ..tiny_train_args(input, out)
+        };
+        sae_train_command(&args, &mut |_| {}).unwrap();
+    }
+
     /// `sae-train`'s arguments for a tiny SAE (16 latents, k 2, 2 epochs, a held-out head)
     /// on `input`, written to `out`.
     fn tiny_train_args(input: &Path, out: &Path) -> SaeTrainArgs {
@@ -2626,14 +2639,7 @@ mod tests {
         assert_eq!(meta["sae"]["weights_file"], "sae_weights.safetensors");
         // Another SAE (another seed) with sae1's head copied in.
         let other = dir.path().join("other");
-        let args = SaeTrainArgs {
-            config: SaeTrainConfig {
-                seed: 9,
-                ..tiny_train_args(&acts, &other).config
-            },
-            ..tiny_train_args(&acts, &other)
-        };
-        sae_train_command(&args, &mut |_| {}).unwrap();
+        train_other_tiny_sae(&acts, &other);
         fs::remove_dir_all(other.join(DARK_DIR)).unwrap();
         copy_dir(&sae.join(DARK_DIR), &other.join(DARK_DIR));
         let want = |e: &str| {
@@ -2882,14 +2888,7 @@ mod tests {
     fn the_head_fix_for_another_saes_head_is_a_command_sae_head_accepts() {
         let (dir, acts, victim) = tiny_sae();
         let jr = dir.path().join("jr");
-        let args = SaeTrainArgs {
-            config: SaeTrainConfig {
-                seed: 9,
-                ..tiny_train_args(&acts, &jr).config
-            },
-            ..tiny_train_args(&acts, &jr)
-        };
-        sae_train_command(&args, &mut |_| {}).unwrap();
+        train_other_tiny_sae(&acts, &jr);
         let score_with_victims = || {
             sae_score_command(&SaeScoreArgs {
                 sae: jr.clone(),
@@ -2964,14 +2963,7 @@ mod tests {
     fn the_head_fix_for_a_nested_saes_head_is_a_command_sae_head_accepts() {
         let (dir, acts, outer) = tiny_sae();
         let jr = dir.path().join("jr");
-        let args = SaeTrainArgs {
-            config: SaeTrainConfig {
-                seed: 9,
-                ..tiny_train_args(&acts, &jr).config
-            },
-            ..tiny_train_args(&acts, &jr)
-        };
-        sae_train_command(&args, &mut |_| {}).unwrap();
+        train_other_tiny_sae(&acts, &jr);
         let inner = outer.join("inner");
         fs::rename(&jr, &inner).unwrap();
         fs::remove_dir_all(outer.join(DARK_DIR)).unwrap();
