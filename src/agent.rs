@@ -1246,6 +1246,31 @@ struct AgentSource {
     /// `max_streams`, then cleared).
     forgotten_names: std::collections::HashSet<u64>,
     max_streams: usize,
+    /// The counters as this source started, by reason: a source's refusals are logged at
+    /// its own 1st, 2nd, 4th… ([`LogCounts`]), so a reload that changes the input (a new
+    /// model width, say) gets its first refusal logged at once, not at the next power of
+    /// two of the process's total.
+    log_from: LogCounts,
+}
+
+/// Counts at a source's start, which its log lines count from (the exported counters go
+/// on over reloads).
+#[derive(Debug)]
+struct LogCounts {
+    decode: [u64; DecodeError::REASONS.len()],
+    rejected: [u64; Reject::REASONS.len()],
+    incomplete: u64,
+}
+
+impl LogCounts {
+    fn now(counters: &AgentCounters) -> LogCounts {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        LogCounts {
+            decode: std::array::from_fn(|i| load(&counters.decode_errors_by_reason[i])),
+            rejected: std::array::from_fn(|i| load(&counters.samples_rejected_by_reason[i])),
+            incomplete: load(&counters.frames_incomplete),
+        }
+    }
 }
 
 impl AgentSource {
@@ -1290,6 +1315,7 @@ impl AgentSource {
             next_forget_check: f64::NEG_INFINITY,
             forgotten_names: Default::default(),
             max_streams: cfg.assemble.max_streams,
+            log_from: LogCounts::now(counters),
         })
     }
 
@@ -1381,6 +1407,7 @@ impl AgentSource {
         let known = &mut self.known_streams;
         let windows = &mut self.windows;
         let names = &self.feature_names;
+        let incomplete_from = self.log_from.incomplete;
         let mut push = |f: crate::ingest::assemble::FrameOut<'_>| {
             // A new stream (rare): publish its name for the sink; no lock otherwise.
             let i = f.stream_index as usize;
@@ -1400,7 +1427,10 @@ impl AgentSource {
             if f.incomplete {
                 // Counted and logged here, and never scored: it does not go to the scorer,
                 // which would count and log it again as a frame with a NaN in it.
-                let before = counters.frames_incomplete.fetch_add(1, Ordering::Relaxed);
+                let before = counters
+                    .frames_incomplete
+                    .fetch_add(1, Ordering::Relaxed)
+                    .saturating_sub(incomplete_from);
                 incomplete_frame(before + 1, f.stream, f.values, names);
                 return;
             }
@@ -1442,6 +1472,7 @@ impl AgentSource {
             known_streams,
             windows,
             forgotten_names,
+            log_from,
             ..
         } = self;
         let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
@@ -1464,8 +1495,10 @@ impl AgentSource {
                 );
             }
             if let Err(why) = pushed {
-                let before = counters.samples_rejected_by_reason[why.reason_index()]
-                    .fetch_add(1, Ordering::Relaxed);
+                let i = why.reason_index();
+                let before = counters.samples_rejected_by_reason[i]
+                    .fetch_add(1, Ordering::Relaxed)
+                    .saturating_sub(log_from.rejected[i]);
                 match why {
                     Reject::TooManyStreams => stream_refused(before + 1, &sample.stream),
                     Reject::UnknownMetric => unknown_metric(
@@ -1497,7 +1530,9 @@ impl AgentSource {
         // Every message the decoder refuses is counted, and logged at the 1st, 2nd, 4th…
         // of its reason.
         let undecodable = |e: &DecodeError| {
-            let count = counters.decode_error(e);
+            let count = counters
+                .decode_error(e)
+                .saturating_sub(log_from.decode[e.reason_index()]);
             if count.is_power_of_two() {
                 let todo = undecodable_todo(e, format);
                 refused(count, msg.topic, None, &Rejected::Message(e), e, &todo);
@@ -1690,7 +1725,8 @@ impl Rejected<'_> {
 }
 
 /// Logs the 1st, 2nd, 4th, 8th… input refused for one reason (`count`: the refusals of
-/// that reason so far, this one included), never a line per message: the topic it came
+/// that reason since the source started, this one included; a reload that changes the
+/// input starts a new source, see [`LogCounts`]), never a line per message: the topic it came
 /// on, its stream when known, why, the counter that counts it and what to do (`todo`).
 fn refused(
     count: u64,
@@ -2741,6 +2777,7 @@ mod tests {
             next_forget_check: f64::NEG_INFINITY,
             forgotten_names: Default::default(),
             max_streams: cfg.assemble.max_streams,
+            log_from: LogCounts::now(&AgentCounters::default()),
         }
     }
 
@@ -2965,6 +3002,64 @@ mod tests {
                 && !other.contains("float16")
                 && !other.contains("float64"),
             "{other}"
+        );
+    }
+
+    /// A review: after a SIGHUP that changed the model's width, a sender of the old width
+    /// was logged at the next power of two of the process's total refusals (the 1,024th,
+    /// say), so the float64 hint could stay unsaid for a long time. A new source (what such
+    /// a reload makes) logs its own 1st, 2nd, 4th… refusal; the exported counter goes on.
+    #[test]
+    fn a_reloaded_source_logs_its_first_refusal_whatever_came_before() {
+        let wrong_length = DecodeError::WrongLength {
+            expected: 0,
+            got: 0,
+        }
+        .reason_index();
+        let counters = Arc::new(AgentCounters::default());
+        counters.decode_errors_by_reason[wrong_length].store(1000, Ordering::Relaxed);
+        let wide = |src: &mut AgentSource| {
+            src.decoder = Decoder::Raw {
+                decoder: DarkwatchConfig::default()
+                    .raw
+                    .build_for(64, &["act/+".to_string()]),
+                frame: Vec::new(),
+                streams: Default::default(),
+                max_streams: 4,
+                ids_unused: 0,
+            };
+            logged(|| {
+                src.take_one(&Incoming {
+                    topic: "act/l6".into(),
+                    payload: vec![0; 512],
+                    received: 5.0,
+                    received_mono: 5.0,
+                })
+            })
+        };
+        // A source that started before those 1,000 refusals: the 1,001st is not logged.
+        let mut old = source(1.0);
+        old.counters = counters.clone();
+        let log = wide(&mut old);
+        assert!(
+            lines_with(&log, "reason=\"wrong_length\"").is_empty(),
+            "{log}"
+        );
+        // One made after them, as a reload makes it: its first is, with the hint.
+        let mut fresh = source(1.0);
+        fresh.counters = counters.clone();
+        fresh.log_from = LogCounts::now(&counters);
+        let log = wide(&mut fresh);
+        let lines = lines_with(&log, "reason=\"wrong_length\"");
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(
+            lines[0].contains("64 float64 values") && lines[0].contains("rejected=1"),
+            "{}",
+            lines[0]
+        );
+        assert_eq!(
+            counters.decode_errors_by_reason[wrong_length].load(Ordering::Relaxed),
+            1002
         );
     }
 
