@@ -74,8 +74,13 @@ pub struct EventReport {
     /// Share of labelled segments that an alert episode overlaps.
     pub recall: Option<f64>,
     /// Mean frames from a detected segment's start to the first frame of the episode that
-    /// caught it (0 when the episode began before the segment).
+    /// caught it, its first above-threshold frame (0 when the episode began before the
+    /// segment).
     pub mean_delay_frames: Option<f64>,
+    /// As [`Self::mean_delay_frames`], to the frame at which that episode's alert fired
+    /// (`[alert] fire_k` of `fire_n` frames above the threshold): when an operator hears
+    /// of it. 0 when it fired before the segment began.
+    pub mean_delay_to_firing: Option<f64>,
     /// Frames scored (labels given), and how many of them lie inside an alert episode
     /// (from its first to its last above-threshold frame, both included).
     pub frames: usize,
@@ -118,6 +123,76 @@ pub struct ReplayOutcome {
     /// The input was a table ([`ReplayRequest::table`]): [`Self::eval`] has no meaningful
     /// point-adjusted F1, and [`Self::event_report`] is `None`.
     pub table: bool,
+    /// The labels of the rows a lag window's first frames fill and that get no score, so
+    /// no evaluation (a model with `window_frames` > 1 and labels given).
+    pub unscored_labels: Option<UnscoredLabels>,
+}
+
+/// The labels of the first `w − 1` rows, which only fill a model's lag window: they are
+/// not scored, so they leave the evaluation (a trial found a labelled segment there
+/// dropped without a word, and recall that looked better for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnscoredLabels {
+    /// Rows not scored.
+    pub rows: usize,
+    /// Of them, labelled anomalous.
+    pub anomalous: usize,
+    /// Labelled segments that lie wholly in those rows (not evaluated at all).
+    pub segments: usize,
+    /// Whether a segment starts there and goes on into the scored rows (evaluated from
+    /// the first scored row).
+    pub cut: bool,
+}
+
+impl UnscoredLabels {
+    /// What the first `rows` rows of `labels` hold.
+    pub fn of(labels: &[u8], rows: usize) -> UnscoredLabels {
+        let rows = rows.min(labels.len());
+        let head = &labels[..rows];
+        let starts = head
+            .iter()
+            .enumerate()
+            .filter(|&(i, &l)| l != 0 && (i == 0 || head[i - 1] == 0))
+            .count();
+        let cut = rows > 0 && head[rows - 1] != 0 && labels.get(rows).is_some_and(|&l| l != 0);
+        UnscoredLabels {
+            rows,
+            anomalous: head.iter().filter(|&&l| l != 0).count(),
+            segments: starts - usize::from(cut),
+            cut,
+        }
+    }
+}
+
+impl std::fmt::Display for UnscoredLabels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the first {} rows only fill the model's lag window: they get no score and are not evaluated",
+            self.rows
+        )?;
+        match (self.anomalous, self.segments, self.cut) {
+            (0, ..) => write!(f, " (none of them is labelled anomalous)"),
+            (a, s, cut) => {
+                write!(f, "; {a} of them labelled anomalous")?;
+                if s > 0 {
+                    write!(
+                        f,
+                        ", {s} labelled segment{} wholly among them (not counted in recall)",
+                        if s == 1 { "" } else { "s" }
+                    )?;
+                }
+                if cut {
+                    write!(
+                        f,
+                        ", and a segment that goes on past them counts from row {}",
+                        self.rows
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -516,6 +591,10 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         },
         _ => model.meta.head,
     };
+    let unscored_labels = labels
+        .as_deref()
+        .filter(|_| w > 1)
+        .map(|l| UnscoredLabels::of(l, w - 1));
     let frames = Frames::windowed(&model, values, timestamps, labels);
     let first_frame = frames.first_row();
     let outputs = Outputs {
@@ -531,6 +610,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
             e => e,
         })?;
     outcome.resumed = resumed;
+    outcome.unscored_labels = unscored_labels;
     if req.table {
         // Episodes of consecutive rows (and so their precision, recall and frames) mean
         // nothing where the rows have no order.
@@ -822,19 +902,28 @@ pub fn replay_frames(
         }
         None => None,
     };
-    let alert_spans: Vec<(usize, usize)> = sink
-        .events
-        .iter()
-        .filter(|e| e.status == AlertStatus::Resolved)
-        .map(|e| {
-            let row = |seq: u64| (seq as usize).saturating_sub(first_row);
-            (row(e.start_seq), row(e.end_seq.unwrap_or(e.seq)))
+    let row = |seq: u64| (seq as usize).saturating_sub(first_row);
+    let resolved = || {
+        sink.events
+            .iter()
+            .filter(|e| e.status == AlertStatus::Resolved)
+    };
+    let alert_spans: Vec<(usize, usize)> = resolved()
+        .map(|e| (row(e.start_seq), row(e.end_seq.unwrap_or(e.seq))))
+        .collect();
+    // The frame each episode fired at: its firing event's (same first frame).
+    let fired: Vec<usize> = resolved()
+        .map(|r| {
+            sink.events
+                .iter()
+                .find(|e| e.status == AlertStatus::Firing && e.start_seq == r.start_seq)
+                .map_or(row(r.start_seq), |e| row(e.seq))
         })
         .collect();
     let event_report = labels
         .as_deref()
         .filter(|_| sink.threshold.is_some())
-        .map(|l| event_report(&alert_spans, l));
+        .map(|l| event_report(&alert_spans, &fired, l));
     Ok(ReplayOutcome {
         model,
         head,
@@ -852,29 +941,35 @@ pub fn replay_frames(
         retrain,
         resumed: None,
         table: false,
+        unscored_labels: None,
     })
 }
 
 /// Matches alert episodes (inclusive frame ranges) with the labelled segments of `labels`
-/// (one 0/1 per frame), and counts the frames inside episodes.
-pub fn event_report(episodes: &[(usize, usize)], labels: &[u8]) -> EventReport {
+/// (one 0/1 per frame), and counts the frames inside episodes. `fired` holds the frame at
+/// which each episode's alert fired (as many as `episodes`; the episode's first frame
+/// where it is missing).
+pub fn event_report(episodes: &[(usize, usize)], fired: &[usize], labels: &[u8]) -> EventReport {
     let segments = &plot::flag_spans(labels)[..];
     let overlaps = |a: (usize, usize), b: (usize, usize)| a.0 <= b.1 && b.0 <= a.1;
     let true_episodes = episodes
         .iter()
         .filter(|&&e| segments.iter().any(|&s| overlaps(e, s)))
         .count();
-    let mut delays = Vec::new();
+    let (mut delays, mut to_firing) = (Vec::new(), Vec::new());
     for &s in segments {
-        if let Some(first) = episodes
+        if let Some((i, first)) = episodes
             .iter()
-            .filter(|&&e| overlaps(e, s))
-            .map(|e| e.0)
-            .min()
+            .enumerate()
+            .filter(|&(_, &e)| overlaps(e, s))
+            .min_by_key(|&(_, e)| e.0)
         {
-            delays.push(first.saturating_sub(s.0) as f64);
+            delays.push(first.0.saturating_sub(s.0) as f64);
+            let fired = fired.get(i).copied().unwrap_or(first.0);
+            to_firing.push(fired.saturating_sub(s.0) as f64);
         }
     }
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     // Frames inside an episode, each counted once (episodes do not overlap, but a frame
     // range past the labels is clipped rather than trusted).
     let mut inside = vec![false; labels.len()];
@@ -895,8 +990,8 @@ pub fn event_report(episodes: &[(usize, usize)], labels: &[u8]) -> EventReport {
         segments: segments.len(),
         precision: ratio(true_episodes, episodes.len()),
         recall: ratio(delays.len(), segments.len()),
-        mean_delay_frames: (!delays.is_empty())
-            .then(|| delays.iter().sum::<f64>() / delays.len() as f64),
+        mean_delay_frames: mean(&delays),
+        mean_delay_to_firing: mean(&to_firing),
         frames: labels.len(),
         alerted_frames,
         alerted_share: ratio(alerted_frames, labels.len()),
@@ -1114,6 +1209,9 @@ impl std::fmt::Display for ReplayOutcome {
             Some(r) => writeln!(f, "{r}")?,
             None => writeln!(f, "no labels given: no detection metrics")?,
         }
+        if let Some(u) = &self.unscored_labels {
+            writeln!(f, "labels      {u}")?;
+        }
         match (&self.threshold, &self.threshold_note) {
             (Some(t), _) => {
                 let alarms = self
@@ -1150,8 +1248,12 @@ impl std::fmt::Display for ReplayOutcome {
                 e.episodes,
                 pct(e.recall),
                 e.segments,
-                e.mean_delay_frames
-                    .map_or("-".into(), |d| format!("{d:.1} frames"))
+                match (e.mean_delay_frames, e.mean_delay_to_firing) {
+                    (Some(d), Some(f)) => format!(
+                        "{d:.1} frames to the first frame above the threshold, {f:.1} to the alert firing"
+                    ),
+                    _ => "-".into(),
+                }
             )?;
             writeln!(
                 f,
@@ -1303,25 +1405,58 @@ mod tests {
 
     #[test]
     fn event_matching_by_hand() {
-        // Segments [10,20] and [50,60]; episodes [15,25] (true, delay 5), [30,31] (false),
-        // [45,52] (true, began before the segment: delay 0).
+        // Segments [10,20] and [50,60]; episodes [15,25] (true, delay 5, fired at 17: 7),
+        // [30,31] (false), [45,52] (true, began before the segment: delay 0; fired at 52:
+        // 2).
         let l = labels(100, &[(10, 20), (50, 60)]);
-        let r = event_report(&[(15, 25), (30, 31), (45, 52)], &l);
+        let r = event_report(&[(15, 25), (30, 31), (45, 52)], &[17, 31, 52], &l);
         assert_eq!(r.episodes, 3);
         assert_eq!(r.segments, 2);
         assert_eq!(r.precision, Some(2.0 / 3.0));
         assert_eq!(r.recall, Some(1.0));
         assert_eq!(r.mean_delay_frames, Some(2.5));
+        assert_eq!(r.mean_delay_to_firing, Some(4.5));
         // Inside episodes: 11 + 2 + 8 = 21 frames, of which 6 (15–20) + 3 (50–52) labelled.
         assert_eq!((r.frames, r.alerted_frames), (100, 21));
         assert_eq!(r.alerted_share, Some(0.21));
         assert_eq!(r.alerted_precision, Some(9.0 / 21.0));
-        let none = event_report(&[], &labels(5, &[(1, 2)]));
+        let none = event_report(&[], &[], &labels(5, &[(1, 2)]));
         assert_eq!((none.precision, none.recall), (None, Some(0.0)));
         assert_eq!(
             (none.alerted_share, none.alerted_precision),
             (Some(0.0), None)
         );
+    }
+
+    /// The trial: labels in the rows a lag window fills dropped out of the evaluation
+    /// without a word.
+    #[test]
+    fn labels_in_the_unscored_window_rows_are_told() {
+        let l = labels(100, &[(3, 5), (8, 12), (40, 41)]);
+        let u = UnscoredLabels::of(&l, 9);
+        assert_eq!(
+            u,
+            UnscoredLabels {
+                rows: 9,
+                anomalous: 4,
+                segments: 1,
+                cut: true
+            }
+        );
+        let text = u.to_string();
+        assert!(
+            text.contains("first 9 rows")
+                && text.contains("4 of them labelled anomalous")
+                && text.contains("1 labelled segment wholly")
+                && text.contains("counts from row 9"),
+            "{text}"
+        );
+        let clean = UnscoredLabels::of(&l, 3);
+        assert_eq!((clean.anomalous, clean.segments, clean.cut), (0, 0, false));
+        assert!(clean.to_string().contains("none of them"), "{clean}");
+        // A segment ending exactly at the last unscored row is wholly there.
+        let edge = UnscoredLabels::of(&l, 13);
+        assert_eq!((edge.segments, edge.cut), (2, false));
     }
 
     /// An alert that never ends (machine-3-4 under SPOT: one episode from frame 2742 to
@@ -1331,13 +1466,13 @@ mod tests {
     fn a_never_ending_alert_shows_in_the_alerted_frames() {
         let n = 1000;
         let l = labels(n, &[(100, 110), (400, 420), (800, 805)]);
-        let r = event_report(&[(30, 32), (300, n - 1)], &l);
+        let r = event_report(&[(30, 32), (300, n - 1)], &[32, 302], &l);
         assert_eq!((r.precision, r.recall), (Some(0.5), Some(2.0 / 3.0)));
         assert_eq!(r.alerted_frames, 3 + 700);
         assert!(r.alerted_share.unwrap() > 0.7, "{r:?}");
         assert!(r.alerted_precision.unwrap() < 0.04, "{r:?}");
         // An episode past the labels is clipped, not a panic.
-        let r = event_report(&[(n - 2, n + 5)], &l);
+        let r = event_report(&[(n - 2, n + 5)], &[n], &l);
         assert_eq!(r.alerted_frames, 2);
     }
 }
