@@ -402,8 +402,7 @@ fn scrape_agent() -> String {
         &format!("port = {broker}\nnode_name = \"deploy\"\n"),
         &retrain,
     );
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let agent = Agent::connected(&cfg, metrics, &[]);
     let body = agent.scrape().expect("/metrics answers");
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
@@ -413,16 +412,12 @@ fn scrape_agent() -> String {
 
 /// The real Alertmanager bridge's `/metrics` (its rules query these).
 fn scrape_bridge() -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = darkwatch::mqtt::start_embedded_broker("127.0.0.1", 0).unwrap();
     let metrics = free_port();
-    let cfg = crate::alertmanager::bridge_config(
-        dir.path(),
-        broker,
+    let setup = crate::alertmanager::Setup::new(
         &format!("http://127.0.0.1:{}", free_port()),
         &format!("metrics_listen = \"127.0.0.1:{metrics}\"\n"),
     );
-    let mut bridge = crate::alertmanager::Bridge::start(&cfg);
+    let mut bridge = crate::alertmanager::Bridge::start(&setup.config);
     bridge.wait_log("Serving /metrics.", 1);
     let text = crate::alertmanager::scrape(metrics).expect("the bridge's /metrics answers");
     let (status, err) = bridge.stop();
