@@ -811,17 +811,8 @@ fn status_panels_turn_red_when_one_target_of_three_is_out() {
     let file = dir.path().join("status-panels.test.yml");
     let text = format!("rule_files: []\nevaluation_interval: 1m\ntests:\n{promtool_cases}");
     std::fs::write(&file, &text).unwrap();
-    let out = std::process::Command::new(&promtool)
-        .args(["test", "rules"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "promtool test rules (the status panels' values as this test computes them):\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Fails where promtool's value differs from this test's (`exp_samples`).
+    promtool_rules(&promtool, "test", &file, &text);
 }
 
 /// The dashboards' queries parse as PromQL (their variables filled in), by promtool's own
@@ -869,7 +860,7 @@ fn the_dashboard_queries_parse_with_promtool_when_it_is_at_hand() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dashboard-queries.yml");
     std::fs::write(&file, &rules).unwrap();
-    check_with_promtool(&promtool, &file, &rules);
+    promtool_rules(&promtool, "check", &file, &rules);
 }
 
 /// `promtool check rules` and `promtool test rules` on the shipped files (as `.ci/run`
@@ -883,29 +874,22 @@ fn the_rules_pass_promtool_check_and_their_unit_tests_when_it_is_at_hand() {
         ("check", RULES),
         ("test", "deploy/prometheus/darkwatch-rules.test.yml"),
     ] {
-        let out = std::process::Command::new(&promtool)
-            .args([command, "rules"])
-            .arg(repo(file))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "promtool {command} rules {file}:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        promtool_rules(&promtool, command, &repo(file), "");
     }
 }
 
-fn check_with_promtool(promtool: &str, file: &Path, rules: &str) {
+/// `promtool <command> rules <file>`, which must succeed; a failure shows promtool's
+/// output, then `context` (what the file holds).
+fn promtool_rules(promtool: &str, command: &str, file: &Path, context: &str) {
     let out = std::process::Command::new(promtool)
-        .args(["check", "rules"])
+        .args([command, "rules"])
         .arg(file)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "promtool check rules:\n{}{}\n{rules}",
+        "promtool {command} rules {}:\n{}{}\n{context}",
+        file.display(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
