@@ -44,6 +44,52 @@ fn external(port: u16, node: &str, filter: &str) -> String {
     )
 }
 
+/// A subscriber to the alerts of agent `node` on the broker at `port`.
+fn alert_collector(port: u16, node: &str) -> Collector {
+    Collector::new(port, &[&format!("darkwatch/{node}/alerts/#")], None)
+}
+
+/// What the tests that publish the trained model's test rows start from: a quick model
+/// trained on synthetic data ([`crate::trained`]; `test_csv` holds its test rows), and
+/// the agent on an embedded broker of its own as node `unique(node)`, with `agent` lines
+/// of `[agent]`, `mqtt` lines added to `[mqtt]` and `extra` sections, started and
+/// connected, with a subscriber to its alerts.
+struct OnTrained {
+    _dir: tempfile::TempDir,
+    test_csv: PathBuf,
+    broker: u16,
+    node: String,
+    agent: Agent,
+    sub: Collector,
+}
+
+fn on_trained(node: &str, agent: &str, mqtt: &str, extra: &str) -> OnTrained {
+    let (dir, model, test_csv, _) = crate::trained();
+    let broker = free_port();
+    let metrics = free_port();
+    let node = unique(node);
+    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\n{mqtt}");
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        agent,
+        &mqtt,
+        extra,
+    );
+    let agent = Agent::connected(&cfg, metrics, &[]);
+    let sub = alert_collector(broker, &node);
+    OnTrained {
+        _dir: dir,
+        test_csv,
+        broker,
+        node,
+        agent,
+        sub,
+    }
+}
+
 /// The rows of a CSV written by `synthetic_csv`, without the timestamp column.
 fn rows(csv: &Path) -> Vec<Vec<f64>> {
     std::fs::read_to_string(csv)
@@ -407,7 +453,7 @@ fn no_alert_lost_while_the_broker_is_unreachable_for_30s() {
         "[assemble]\nwindow_secs = 1.0\nlateness_windows = 64\n\
          [alert]\nfire_k = 1\nfire_n = 1\nresolve_after_frames = 1\n",
     );
-    let mut sub = Collector::new(mosq.port, &[&format!("darkwatch/{node}/alerts/#")], None);
+    let mut sub = alert_collector(mosq.port, &node);
     let mut status = Collector::new(mosq.port, &[&format!("darkwatch/{node}/status")], None);
     let mut agent = Agent::start(&cfg, metrics, &[]);
     status.wait("the agent's online status", |got| !got.is_empty());
@@ -742,8 +788,7 @@ fn agent_retrains_online_and_resumes_from_its_checkpoint() {
     let raw_on = |topic: &str, lo: usize, hi: usize| raw_rows(&frames, topic, lo, hi, 0.0);
     let raw = |lo: usize, hi: usize| raw_on("act/node1", lo, hi);
 
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut agent = Agent::connected(&cfg, metrics, &[]);
     agent.wait_metric("darkwatch_model_version", |v| v == 0.0);
     // A stream that sends 10 frames and falls silent first: its candidates never see
     // their guard pass. They once held every later stream's frames out of the reservoir
@@ -838,9 +883,8 @@ fn a_reload_with_online_retraining_keeps_the_scored_model_its_thresholds_and_ale
     // Rows `lo..hi` on act/node1, each value raised by `shift`.
     let raw = |lo: usize, hi: usize, shift: f32| raw_rows(&frames, "act/node1", lo, hi, shift);
     let scored = "darkwatch_frames_scored_total";
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
-    let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
+    let mut agent = Agent::connected(&cfg, metrics, &[]);
+    let mut sub = alert_collector(broker, &node);
     // 490 normal frames and 10 anomalous ones: the anomaly fires, and the 500th frame
     // asks for the retrain. No frame follows, so the sink still judges by the model it
     // started with when the trainer publishes the retrained one (and checkpoints it).
@@ -1091,8 +1135,7 @@ fn agent_scores_lag_windows_per_stream() {
     };
     let firing = "darkwatch_alerts_total{status=\"firing\"}";
 
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut agent = Agent::connected(&cfg, metrics, &[]);
     publish_all(broker, &raw("act/a", 0, 500));
     agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 477.0);
     // A second stream fills its own window first: 30 frames, 7 scored.
@@ -1131,8 +1174,7 @@ fn a_node_with_a_fast_clock_does_not_make_the_others_late() {
         &mqtt,
         "[assemble]\nwindow_secs = 1.0\nlateness_windows = 1\n",
     );
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut agent = Agent::connected(&cfg, metrics, &[]);
     let data = rows(&test_csv);
     let now = || {
         std::time::SystemTime::now()
@@ -1164,16 +1206,15 @@ fn a_node_with_a_fast_clock_does_not_make_the_others_late() {
 /// event alike.
 #[test]
 fn an_alert_ended_by_a_stop_says_so() {
-    let (dir, model, test_csv, _) = crate::trained();
-    let broker = free_port();
-    let metrics = free_port();
-    let node = unique("stop");
-    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\n");
     let labels = "[alert.labels]\ncluster = \"c1\"\ninstance = \"{node}:9464\"\n";
-    let cfg = config(dir.path(), "agent.toml", &model, metrics, "", &mqtt, labels);
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
-    let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
+    let OnTrained {
+        _dir,
+        test_csv,
+        broker,
+        node,
+        mut agent,
+        mut sub,
+    } = on_trained("stop", "", "", labels);
     // Rows 690..716 end inside the injected anomaly (rows 700..720, +4 on m00).
     let data = rows(&test_csv);
     publish_all(broker, &examon("o", "n1", &data[690..716], 1_700_000_000.0));
@@ -1210,23 +1251,19 @@ fn an_alert_ended_by_a_stop_says_so() {
 /// frame coming (the re-send and the silence depend on no frame but the first ones).
 #[test]
 fn a_firing_alert_is_resent_then_resolved_when_its_stream_goes_silent() {
-    let (dir, model, test_csv, _) = crate::trained();
-    let broker = free_port();
-    let metrics = free_port();
-    let node = unique("silent");
-    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\n");
-    let cfg = config(
-        dir.path(),
-        "agent.toml",
-        &model,
-        metrics,
+    let OnTrained {
+        _dir,
+        test_csv,
+        broker,
+        mut agent,
+        mut sub,
+        ..
+    } = on_trained(
+        "silent",
         "",
-        &mqtt,
+        "",
         "[alert]\nresend_secs = 1\nsilence_secs = 3\n",
     );
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
-    let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
     // Rows 690..716 end inside the injected anomaly (rows 700..720, +4 on m00); then n1
     // sends nothing more.
     let data = rows(&test_csv);
@@ -1356,23 +1393,19 @@ fn headed_frame(time: f64, id: u64, values: &[f64]) -> Vec<u8> {
 /// header gives the alert its time (`startsAt`) and the sender's id (`seq`, `start_seq`).
 #[test]
 fn raw_streams_are_told_apart_by_topic_and_alerts_carry_the_frame_header() {
-    let (dir, model, test_csv, _) = crate::trained();
-    let broker = free_port();
-    let metrics = free_port();
-    let node = unique("rawnames");
-    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\nsubscribe = [\"act/#\"]\n");
-    let cfg = config(
-        dir.path(),
-        "agent.toml",
-        &model,
-        metrics,
+    let OnTrained {
+        _dir,
+        test_csv,
+        broker,
+        node,
+        mut agent,
+        mut sub,
+    } = on_trained(
+        "rawnames",
         "format = \"raw\"",
-        &mqtt,
+        "subscribe = [\"act/#\"]\n",
         "",
     );
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
-    let mut sub = Collector::new(broker, &[&format!("darkwatch/{node}/alerts/#")], None);
     let data = rows(&test_csv);
     let t0 = 1_700_000_000.0;
     // Rows 600..760 hold the injected anomaly (rows 700..720, +4 on m00) on model A's
@@ -1510,8 +1543,7 @@ fn the_embedded_broker_counts_and_logs_what_it_skips() {
         &mqtt,
         "",
     );
-    let mut agent = Agent::start(&cfg, metrics, &[("RUST_LOG", "")]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let agent = Agent::connected(&cfg, metrics, &[("RUST_LOG", "")]);
     let stalled = Stalled::new(broker, "act/#");
     // 20,000 frames of 38 float32 (3.2 MB with topics): three times the log.
     let n = 20_000u32;

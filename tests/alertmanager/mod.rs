@@ -4,15 +4,16 @@
 //! in `tests/data/tls`), and (in `real`) the real Alertmanager when it is installed.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::util::broker::{WAIT, free_port, publish_all, unique, wait_for};
+use crate::util::process::{Logged, sample};
 use crate::util::{darkwatch, repo, run};
 
 mod real;
@@ -137,6 +138,22 @@ impl FakeAm {
             .flat_map(Request::alerts)
             .collect()
     }
+
+    /// The `stream` label of each alert accepted, in order.
+    pub fn streams(&self) -> Vec<String> {
+        self.accepted()
+            .iter()
+            .map(|a| a["labels"]["stream"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// [`FakeAm::streams`] sorted, each once: what arrived, duplicates or not.
+    pub fn streams_seen(&self) -> Vec<String> {
+        let mut got = self.streams();
+        got.sort();
+        got.dedup();
+        got
+    }
 }
 
 /// A connection the fake answers on: TCP, or TLS over it.
@@ -251,43 +268,24 @@ fn read_request(conn: &mut dyn ReadWrite) -> Option<(String, String)> {
 }
 
 /// `darkwatch alertmanager` as a child process, its stderr collected.
-pub(crate) struct Bridge {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-}
+pub(crate) struct Bridge(Logged);
 
 impl Bridge {
     pub fn start(config: &Path) -> Bridge {
-        let mut child = darkwatch()
-            .args(["alertmanager", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr: Arc<Mutex<String>> = Arc::default();
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Bridge { child, stderr }
+        Bridge(Logged::spawn(
+            darkwatch().args(["alertmanager", "--config"]).arg(config),
+        ))
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.0.stderr()
     }
 
     /// Waits until stderr holds `text` `times` times (fails if the bridge exits first).
     pub fn wait_log(&mut self, text: &str, times: usize) {
         let start = Instant::now();
         while self.stderr().matches(text).count() < times {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.0.exited() {
                 panic!(
                     "the bridge exited ({status}) before {text:?}:\n{}",
                     self.stderr()
@@ -303,38 +301,36 @@ impl Bridge {
     }
 
     /// SIGTERM, then the exit status and stderr (with its final line).
-    pub fn stop(mut self) -> (ExitStatus, String) {
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM failed");
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > WAIT {
-                let _ = self.child.kill();
-                panic!("the bridge ignored SIGTERM:\n{}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let start = Instant::now();
-        while !self.stderr().contains("bridge stopped after") && start.elapsed() < WAIT {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        (status, self.stderr())
+    pub fn stop(self) -> (ExitStatus, String) {
+        self.0.stop("the bridge", "bridge stopped after", WAIT)
     }
 }
 
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+/// What most tests start a bridge on: an embedded broker, and a bridge config for it in a
+/// temp dir of its own ([`bridge_config`]: Alertmanager at `url`, `extra` lines of
+/// `[alertmanager]`).
+pub(crate) struct Setup {
+    pub broker: u16,
+    pub config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new(url: &str, extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = embedded_broker();
+        Setup {
+            broker,
+            config: bridge_config(dir.path(), broker, url, extra),
+            _dir: dir,
         }
+    }
+
+    /// The bridge on this config, once it has subscribed.
+    pub fn subscribed(&self) -> Bridge {
+        let mut bridge = Bridge::start(&self.config);
+        bridge.wait_log("Subscribed.", 1);
+        bridge
     }
 }
 
@@ -361,20 +357,9 @@ pub(crate) fn bridge_config(dir: &Path, broker_port: u16, url: &str, extra: &str
 
 /// The bridge's `/metrics` on `port`: the exposition text, or `None`.
 pub(crate) fn scrape(port: u16) -> Option<String> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(conn, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    conn.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
-
-/// One sample of an exposition (`name` with its labels, as exposed).
-pub(crate) fn sample(exposition: &str, name: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    let response = crate::util::process::scrape(port)?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    Some(body.to_string())
 }
 
 /// A darkwatch alert event as the agent publishes it.
@@ -403,6 +388,17 @@ pub(crate) fn event(
 
 pub(crate) const UNSET: &str = "0001-01-01T00:00:00Z";
 
+/// The start of the test alerts' episodes.
+const T0: &str = "2024-05-01T10:00:00Z";
+
+/// A firing alert event for `stream` from `node`, on its topic.
+fn firing(node: &str, stream: &str, score: f64) -> (String, Vec<u8>) {
+    (
+        topic(node, stream),
+        event("firing", stream, T0, UNSET, score),
+    )
+}
+
 fn topic(node: &str, stream: &str) -> String {
     format!("darkwatch/{node}/alerts/{stream}")
 }
@@ -413,20 +409,16 @@ fn embedded_broker() -> u16 {
 
 #[test]
 fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
-    let port = embedded_broker();
     let am = FakeAm::start(&[503]);
-    let dir = tempfile::tempdir().unwrap();
     let metrics = free_port();
     // Large flush interval: a batch goes out when it holds 4 alerts, and the last one
     // (2 alerts) when the interval has passed.
-    let config = bridge_config(
-        dir.path(),
-        port,
+    let setup = Setup::new(
         &format!("http://127.0.0.1:{}", am.port),
         &format!("batch_max = 4\nflush_ms = 2000\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"),
     );
-    let mut bridge = Bridge::start(&config);
-    bridge.wait_log("Subscribed.", 1);
+    let port = setup.broker;
+    let mut bridge = setup.subscribed();
     // The start-up check found Alertmanager (through a chunked answer, as Go sends it).
     bridge.wait_log("Alertmanager answers at [alertmanager] url.", 1);
     assert!(
@@ -436,9 +428,8 @@ fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
     );
     assert_eq!(am.gets(), ["/api/v2/status"]);
     let node = unique("n");
-    let t0 = "2024-05-01T10:00:00Z";
     let mut bad_label: Value =
-        serde_json::from_slice(&event("firing", "s9", t0, UNSET, 1.0)).unwrap();
+        serde_json::from_slice(&event("firing", "s9", T0, UNSET, 1.0)).unwrap();
     bad_label["labels"]["rack-id"] = json!("r1");
     let mut messages = vec![
         // Not alert events: acknowledged, counted, never posted.
@@ -449,19 +440,16 @@ fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
         ),
         // An alert event with a label name Alertmanager refuses: dropped alike.
         (topic(&node, "badlabel"), bad_label.to_string().into_bytes()),
-        (topic(&node, "s0"), event("firing", "s0", t0, UNSET, 10.0)),
+        firing(&node, "s0", 10.0),
         // A re-send of the same episode, then its resolution.
-        (topic(&node, "s0"), event("firing", "s0", t0, UNSET, 11.0)),
+        firing(&node, "s0", 11.0),
         (
             topic(&node, "s0"),
-            event("resolved", "s0", t0, "2024-05-01T10:05:00Z", 1.0),
+            event("resolved", "s0", T0, "2024-05-01T10:05:00Z", 1.0),
         ),
     ];
     for i in 1..=7 {
-        messages.push((
-            topic(&node, &format!("s{i}")),
-            event("firing", &format!("s{i}"), t0, UNSET, i as f64),
-        ));
+        messages.push(firing(&node, &format!("s{i}"), i as f64));
     }
     publish_all(port, &messages);
     wait_for("10 alerts accepted", || am.accepted().len() >= 10);
@@ -529,7 +517,7 @@ fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
         let keys: Vec<&str> = a.as_object().unwrap().keys().map(String::as_str).collect();
         assert!(!keys.contains(&"fingerprint"), "{a}");
         assert!(!keys.contains(&"status"), "{a}");
-        assert_eq!(a["startsAt"], t0);
+        assert_eq!(a["startsAt"], T0);
         assert_eq!(a["labels"]["alertname"], "DarkwatchAnomaly");
         assert_eq!(a["labels"]["cluster"], "test");
         assert_eq!(
@@ -600,24 +588,16 @@ fn bridge_posts_alertmanager_arrays_in_batches_and_retries_after_a_503() {
 
 #[test]
 fn nothing_is_lost_while_alertmanager_is_unreachable_or_the_bridge_is_stopped() {
-    let port = embedded_broker();
     // A port nothing listens on yet: Alertmanager is down.
     let am_port = free_port();
     let url = format!("http://127.0.0.1:{am_port}");
-    let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(
-        dir.path(),
-        port,
-        &url,
-        "flush_ms = 50\nretry_max_secs = 0.5\n",
-    );
+    let setup = Setup::new(&url, "flush_ms = 50\nretry_max_secs = 0.5\n");
+    let (port, config) = (setup.broker, &setup.config);
     let node = unique("n");
-    let t0 = "2024-05-01T10:00:00Z";
-    let ev = |s: &str| (topic(&node, s), event("firing", s, t0, UNSET, 5.0));
+    let ev = |s: &str| firing(&node, s, 5.0);
 
     // Stopped while its POST fails: the batch stays unacknowledged in the broker.
-    let mut bridge = Bridge::start(&config);
-    bridge.wait_log("Subscribed.", 1);
+    let mut bridge = setup.subscribed();
     // Alertmanager down at the start: a warning, and the bridge goes on.
     bridge.wait_log("Alertmanager does not answer yet", 1);
     publish_all(port, &[ev("a1"), ev("a2")]);
@@ -641,21 +621,11 @@ fn nothing_is_lost_while_alertmanager_is_unreachable_or_the_bridge_is_stopped() 
 
     // The bridge again (same client id, so the same session), Alertmanager still down;
     // then Alertmanager comes up under the running bridge.
-    let mut bridge = Bridge::start(&config);
+    let mut bridge = Bridge::start(config);
     bridge.wait_log("POST to Alertmanager failed", 1);
     let am = FakeAm::on(TcpListener::bind(("127.0.0.1", am_port)).unwrap(), &[]);
-    let streams = || {
-        let mut got: Vec<String> = am
-            .accepted()
-            .iter()
-            .map(|a| a["labels"]["stream"].as_str().unwrap().to_string())
-            .collect();
-        got.sort();
-        got.dedup();
-        got
-    };
     wait_for("a1, a2 and b1 at Alertmanager", || {
-        streams() == ["a1", "a2", "b1"]
+        am.streams_seen() == ["a1", "a2", "b1"]
     });
     let (status, err) = bridge.stop();
     assert!(status.success(), "{status}\n{err}");
@@ -665,43 +635,27 @@ fn nothing_is_lost_while_alertmanager_is_unreachable_or_the_bridge_is_stopped() 
 
 #[test]
 fn an_alert_alertmanager_refuses_is_dropped_alone_and_logged() {
-    let port = embedded_broker();
     let am = FakeAm::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(
-        dir.path(),
-        port,
+    let setup = Setup::new(
         &format!("http://127.0.0.1:{}", am.port),
         "flush_ms = 1000\n",
     );
-    let mut bridge = Bridge::start(&config);
-    bridge.wait_log("Subscribed.", 1);
+    let port = setup.broker;
+    let bridge = setup.subscribed();
     let node = unique("n");
-    let t0 = "2024-05-01T10:00:00Z";
     publish_all(
         port,
         &[
-            (topic(&node, "ok1"), event("firing", "ok1", t0, UNSET, 3.0)),
-            (
-                topic(&node, "poison"),
-                event("firing", "poison", t0, UNSET, 3.0),
-            ),
-            (topic(&node, "ok2"), event("firing", "ok2", t0, UNSET, 3.0)),
+            firing(&node, "ok1", 3.0),
+            firing(&node, "poison", 3.0),
+            firing(&node, "ok2", 3.0),
         ],
     );
     wait_for("ok1 and ok2 accepted", || am.accepted().len() >= 2);
     // Then a later alert still goes through: the queue is not blocked.
-    publish_all(
-        port,
-        &[(topic(&node, "ok3"), event("firing", "ok3", t0, UNSET, 3.0))],
-    );
+    publish_all(port, &[firing(&node, "ok3", 3.0)]);
     wait_for("ok3 accepted", || am.accepted().len() >= 3);
-    let streams: Vec<String> = am
-        .accepted()
-        .iter()
-        .map(|a| a["labels"]["stream"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(streams, ["ok1", "ok2", "ok3"]);
+    assert_eq!(am.streams(), ["ok1", "ok2", "ok3"]);
     let requests = am.requests();
     // The batch of three was refused, then each alert posted alone.
     assert_eq!(requests[0].status, 400);
@@ -717,7 +671,6 @@ fn an_alert_alertmanager_refuses_is_dropped_alone_and_logged() {
 /// that fails once the bridge stops is not retried, and the stop says what is left.
 #[test]
 fn a_stop_under_a_hung_alertmanager_says_what_is_left_and_claims_no_retry() {
-    let port = embedded_broker();
     // Accepts connections and never answers.
     let hung = TcpListener::bind("127.0.0.1:0").unwrap();
     let am_port = hung.local_addr().unwrap().port();
@@ -729,23 +682,15 @@ fn a_stop_under_a_hung_alertmanager_says_what_is_left_and_claims_no_retry() {
             held.push(conn);
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(
-        dir.path(),
-        port,
+    let setup = Setup::new(
         &format!("http://127.0.0.1:{am_port}"),
         "flush_ms = 50\ntimeout_secs = 3\n",
     );
-    let mut bridge = Bridge::start(&config);
-    bridge.wait_log("Subscribed.", 1);
+    let bridge = setup.subscribed();
     // The start-up check's GET, which times out in the background.
     conn_rx.recv_timeout(WAIT).unwrap();
     let node = unique("n");
-    let t0 = "2024-05-01T10:00:00Z";
-    publish_all(
-        port,
-        &[(topic(&node, "h1"), event("firing", "h1", t0, UNSET, 5.0))],
-    );
+    publish_all(setup.broker, &[firing(&node, "h1", 5.0)]);
     // The POST is in flight (and will hang): stop now.
     conn_rx.recv_timeout(WAIT).unwrap();
     let (status, err) = bridge.stop();
@@ -766,20 +711,13 @@ fn a_stop_under_a_hung_alertmanager_says_what_is_left_and_claims_no_retry() {
 /// naming the key and the prefix, and the bridge runs on (the alerts wait).
 #[test]
 fn a_url_that_is_not_alertmanager_is_reported_loudly_at_the_start() {
-    let port = embedded_broker();
     let am = FakeAm::answering(
         TcpListener::bind("127.0.0.1:0").unwrap(),
         &[],
         StatusReply::NotFound,
     );
-    let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(
-        dir.path(),
-        port,
-        &format!("http://127.0.0.1:{}/wrong-prefix", am.port),
-        "",
-    );
-    let mut bridge = Bridge::start(&config);
+    let setup = Setup::new(&format!("http://127.0.0.1:{}/wrong-prefix", am.port), "");
+    let mut bridge = Bridge::start(&setup.config);
     bridge.wait_log("NOT ALERTMANAGER", 1);
     bridge.wait_log("Subscribed.", 1);
     assert_eq!(am.gets(), ["/wrong-prefix/api/v2/status"]);
@@ -811,17 +749,12 @@ fn tls_file(name: &str) -> String {
 /// POSTs go over TLS (through rustls, the crate's own), and every alert arrives.
 #[test]
 fn bridge_posts_over_https_to_an_alertmanager_its_ca_file_trusts() {
-    let port = embedded_broker();
     let am = FakeAm::tls(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(
-        dir.path(),
-        port,
+    let setup = Setup::new(
         &format!("https://127.0.0.1:{}", am.port),
         &format!("ca_file = {}\nflush_ms = 50\n", tls_file("localhost.pem")),
     );
-    let mut bridge = Bridge::start(&config);
-    bridge.wait_log("Subscribed.", 1);
+    let mut bridge = setup.subscribed();
     // The status GET went over TLS too (its answer chunked, as Go sends it).
     bridge.wait_log("Alertmanager answers at [alertmanager] url.", 1);
     assert_eq!(am.gets(), ["/api/v2/status"]);
@@ -833,24 +766,19 @@ fn bridge_posts_over_https_to_an_alertmanager_its_ca_file_trusts() {
         bridge.stderr()
     );
     let node = unique("n");
-    let t0 = "2024-05-01T10:00:00Z";
     publish_all(
-        port,
+        setup.broker,
         &[
-            (topic(&node, "t1"), event("firing", "t1", t0, UNSET, 4.0)),
-            (topic(&node, "t2"), event("firing", "t2", t0, UNSET, 5.0)),
+            firing(&node, "t1", 4.0),
+            firing(&node, "t2", 5.0),
             (
                 topic(&node, "t1"),
-                event("resolved", "t1", t0, "2024-05-01T10:05:00Z", 1.0),
+                event("resolved", "t1", T0, "2024-05-01T10:05:00Z", 1.0),
             ),
         ],
     );
     wait_for("3 alerts accepted over TLS", || am.accepted().len() >= 3);
-    let mut streams: Vec<String> = am
-        .accepted()
-        .iter()
-        .map(|a| a["labels"]["stream"].as_str().unwrap().to_string())
-        .collect();
+    let mut streams = am.streams();
     streams.sort();
     assert_eq!(streams, ["t1", "t1", "t2"]);
     for r in am.requests() {
@@ -879,25 +807,20 @@ fn bridge_posts_over_https_to_an_alertmanager_its_ca_file_trusts() {
 /// the broker; once `ca_file` is mended (same client id, so the same session), they arrive.
 #[test]
 fn an_untrusted_alertmanager_certificate_is_refused_loudly_and_nothing_is_lost() {
-    let port = embedded_broker();
     let am = FakeAm::tls(&[]);
-    let dir = tempfile::tempdir().unwrap();
     let metrics = free_port();
     let untrusted = format!("ca_file = {}\n", tls_file("other.pem"));
-    let config = bridge_config(
-        dir.path(),
-        port,
+    let setup = Setup::new(
         &format!("https://127.0.0.1:{}", am.port),
         &format!(
             "{untrusted}flush_ms = 50\nretry_max_secs = 0.5\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"
         ),
     );
+    let (port, config) = (setup.broker, &setup.config);
     let node = unique("n");
-    let t0 = "2024-05-01T10:00:00Z";
-    let ev = |s: &str| (topic(&node, s), event("firing", s, t0, UNSET, 5.0));
+    let ev = |s: &str| firing(&node, s, 5.0);
 
-    let mut bridge = Bridge::start(&config);
-    bridge.wait_log("Subscribed.", 1);
+    let mut bridge = setup.subscribed();
     // The start-up check fails the handshake as the POSTs will, and says it is a setting.
     bridge.wait_log("CERTIFICATE NOT TRUSTED", 1);
     publish_all(port, &[ev("u1"), ev("u2")]);
@@ -944,21 +867,14 @@ fn an_untrusted_alertmanager_certificate_is_refused_loudly_and_nothing_is_lost()
     assert!(err.contains("unacknowledged=2"), "{err}");
 
     // ca_file mended, nothing else: the broker kept both for the bridge's session.
-    let text = std::fs::read_to_string(&config).unwrap();
+    let text = std::fs::read_to_string(config).unwrap();
     assert!(text.contains(&untrusted), "{text}");
     let trusted = format!("ca_file = {}\n", tls_file("localhost.pem"));
-    std::fs::write(&config, text.replace(&untrusted, &trusted)).unwrap();
-    let mut bridge = Bridge::start(&config);
+    std::fs::write(config, text.replace(&untrusted, &trusted)).unwrap();
+    let mut bridge = Bridge::start(config);
     bridge.wait_log("Alertmanager answers at [alertmanager] url.", 1);
     wait_for("u1 and u2 at Alertmanager", || {
-        let mut got: Vec<String> = am
-            .accepted()
-            .iter()
-            .map(|a| a["labels"]["stream"].as_str().unwrap().to_string())
-            .collect();
-        got.sort();
-        got.dedup();
-        got == ["u1", "u2"]
+        am.streams_seen() == ["u1", "u2"]
     });
     let (status, err) = bridge.stop();
     assert!(status.success(), "{status}\n{err}");

@@ -5,13 +5,14 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Bridge, UNSET, bridge_config, embedded_broker, event, topic};
+use super::{Setup, UNSET, event, topic};
 use crate::util::broker::{WAIT, free_port, publish_all, unique, wait_for};
+use crate::util::process::Logged;
 
 /// The Alertmanager binary, or `None` (skip) when there is none.
 fn alertmanager_bin() -> Option<PathBuf> {
@@ -48,16 +49,10 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body.to_string()))
 }
 
+/// Alertmanager, killed on drop, and its directory.
 struct Running {
-    child: Child,
+    process: Logged,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Starts Alertmanager on a free port with a null receiver and no clustering; returns once
@@ -70,24 +65,26 @@ fn start(bin: &PathBuf, port: u16) -> Running {
         "route:\n  receiver: \"null\"\nreceivers:\n  - name: \"null\"\n",
     )
     .unwrap();
-    let child = Command::new(bin)
-        .arg(format!("--config.file={}", conf.display()))
-        .arg(format!(
-            "--storage.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        // No gossip port: this test's Alertmanager is alone.
-        .arg("--cluster.listen-address=")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let mut running = Running { child, _dir: dir };
+    let process = Logged::spawn(
+        Command::new(bin)
+            .arg(format!("--config.file={}", conf.display()))
+            .arg(format!(
+                "--storage.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            // No gossip port: this test's Alertmanager is alone.
+            .arg("--cluster.listen-address="),
+    );
+    let mut running = Running { process, _dir: dir };
     let start = Instant::now();
     while get(port, "/-/ready").is_none_or(|(s, _)| s != 200) {
-        if let Ok(Some(status)) = running.child.try_wait() {
-            panic!("{} exited ({status}) before it was ready", bin.display());
+        if let Some(status) = running.process.exited() {
+            panic!(
+                "{} exited ({status}) before it was ready:\n{}",
+                bin.display(),
+                running.process.stderr()
+            );
         }
         assert!(start.elapsed() < WAIT, "Alertmanager not ready on {port}");
         std::thread::sleep(Duration::from_millis(50));
@@ -120,16 +117,9 @@ fn real_alertmanager_shows_a_firing_alert_updates_it_and_ends_it_when_resolved()
     };
     let am_port = free_port();
     let _am = start(&bin, am_port);
-    let broker = embedded_broker();
-    let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(
-        dir.path(),
-        broker,
-        &format!("http://127.0.0.1:{am_port}"),
-        "flush_ms = 50\n",
-    );
-    let mut bridge = Bridge::start(&config);
-    bridge.wait_log("Subscribed.", 1);
+    let setup = Setup::new(&format!("http://127.0.0.1:{am_port}"), "flush_ms = 50\n");
+    let broker = setup.broker;
+    let mut bridge = setup.subscribed();
     // The start-up check: the real Alertmanager's status, its version and cluster.
     bridge.wait_log("Alertmanager answers at [alertmanager] url.", 1);
     let line = bridge

@@ -402,8 +402,7 @@ fn scrape_agent() -> String {
         &format!("port = {broker}\nnode_name = \"deploy\"\n"),
         &retrain,
     );
-    let mut agent = Agent::start(&cfg, metrics, &[]);
-    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let agent = Agent::connected(&cfg, metrics, &[]);
     let body = agent.scrape().expect("/metrics answers");
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
@@ -413,16 +412,12 @@ fn scrape_agent() -> String {
 
 /// The real Alertmanager bridge's `/metrics` (its rules query these).
 fn scrape_bridge() -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = darkwatch::mqtt::start_embedded_broker("127.0.0.1", 0).unwrap();
     let metrics = free_port();
-    let cfg = crate::alertmanager::bridge_config(
-        dir.path(),
-        broker,
+    let setup = crate::alertmanager::Setup::new(
         &format!("http://127.0.0.1:{}", free_port()),
         &format!("metrics_listen = \"127.0.0.1:{metrics}\"\n"),
     );
-    let mut bridge = crate::alertmanager::Bridge::start(&cfg);
+    let mut bridge = crate::alertmanager::Bridge::start(&setup.config);
     bridge.wait_log("Serving /metrics.", 1);
     let text = crate::alertmanager::scrape(metrics).expect("the bridge's /metrics answers");
     let (status, err) = bridge.stop();
@@ -556,17 +551,22 @@ fn every_alerting_rule_has_a_duration_a_severity_and_a_summary() {
     ] {
         assert!(alerts.contains(required), "no {required} in {RULES}");
     }
-    assert!(
-        field(
-            rules
-                .iter()
-                .find(|r| field(r, &["alert"]) == Some("DarkwatchDown"))
-                .unwrap(),
-            &["expr"]
-        )
-        .is_some_and(|e| e.contains(r#"up{job="darkwatch"}"#)),
-        "DarkwatchDown watches the darkwatch job's up"
-    );
+    // One target down of many fires, for that target: `up == 0` per target, no
+    // aggregation that waits for all of them (`sum(up) == 0`).
+    for (alert, job) in [
+        ("DarkwatchDown", "darkwatch"),
+        ("DarkwatchBridgeDown", "darkwatch-alertmanager"),
+    ] {
+        let rule = rules
+            .iter()
+            .find(|r| field(r, &["alert"]) == Some(alert))
+            .unwrap_or_else(|| panic!("no {alert} in {RULES}"));
+        assert_eq!(
+            field(rule, &["expr"]).map(str::trim),
+            Some(format!(r#"up{{job="{job}"}} == 0"#).as_str()),
+            "{alert} watches each target of job {job} alone"
+        );
+    }
 }
 
 /// Each dashboard imports: a Prometheus datasource variable that every query uses, `job`
@@ -668,6 +668,153 @@ fn check_importable(file: &str, dash: &serde_json::Value) {
     }
 }
 
+/// The status panels of both dashboards (targets up, MQTT connected) and the metric each
+/// reads per target (0 out, 1 fine).
+const STATUS_PANELS: [(&str, &str, &str); 4] = [
+    (DASHBOARD, "Agents up", "up"),
+    (DASHBOARD, "MQTT connected", "darkwatch_mqtt_connected"),
+    (BRIDGE_DASHBOARD, "Bridges up", "up"),
+    (
+        BRIDGE_DASHBOARD,
+        "MQTT connected",
+        "darkwatch_bridge_mqtt_connected",
+    ),
+];
+
+/// What each status panel is judged on: the metric's value on each of three targets, and
+/// whether the panel must show red.
+const OUTAGES: [(&[f64], bool); 4] = [
+    (&[1.0, 1.0, 1.0], false),
+    (&[1.0, 0.0, 1.0], true),
+    (&[0.0, 0.0, 1.0], true),
+    (&[0.0, 0.0, 0.0], true),
+];
+
+/// A status panel's query evaluated over `values` (one series of `metric` per target), for
+/// the forms a status panel may take: `sum`, `count`, `min` or `max` of `metric`,
+/// `1 - metric`, or `metric == 0`, optionally `or vector(N)`. `None` is Prometheus's empty
+/// result (Grafana's "no value"). Another form fails: teach it here, and promtool checks it.
+fn evaluate_status_query(expr: &str, metric: &str, values: &[f64]) -> Option<f64> {
+    let compact: String = expr
+        .replace(r#"{job=~"$job", instance=~"$instance"}"#, "")
+        .split_whitespace()
+        .collect();
+    let (query, fallback) = match compact.split_once("orvector(") {
+        Some((q, n)) => (q, Some(n.trim_end_matches(')').parse::<f64>().unwrap())),
+        None => (compact.as_str(), None),
+    };
+    let unknown = format!("{expr}: not a form this test can evaluate");
+    let (aggregation, inner) = query
+        .strip_suffix(')')
+        .and_then(|q| q.split_once('('))
+        .unwrap_or_else(|| panic!("{unknown}"));
+    let vector: Vec<f64> = if inner == metric {
+        values.to_vec()
+    } else if inner == format!("1-{metric}") {
+        values.iter().map(|v| 1.0 - v).collect()
+    } else if inner == format!("{metric}==0") {
+        values.iter().copied().filter(|&v| v == 0.0).collect()
+    } else {
+        panic!("{unknown}")
+    };
+    let result = (!vector.is_empty()).then(|| match aggregation {
+        "sum" => vector.iter().sum(),
+        "count" => vector.len() as f64,
+        "min" => vector.iter().copied().fold(f64::INFINITY, f64::min),
+        "max" => vector.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        _ => panic!("{unknown}"),
+    });
+    result.or(fallback)
+}
+
+/// The colour a stat panel gives the field of query `ref_id` at `value`: its field
+/// config's defaults, then the overrides that match `ref_id`; a fixed colour, or the
+/// thresholds' step the value reaches; `None` for no value.
+fn stat_colour(panel: &serde_json::Value, ref_id: &str, value: Option<f64>) -> Option<String> {
+    let mut config = panel["fieldConfig"]["defaults"].clone();
+    for o in panel["fieldConfig"]["overrides"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if o["matcher"]["id"] == "byFrameRefID" && o["matcher"]["options"] == ref_id {
+            for p in o["properties"].as_array().into_iter().flatten() {
+                config[p["id"].as_str().unwrap()] = p["value"].clone();
+            }
+        }
+    }
+    let value = value?;
+    if config["color"]["mode"] == "fixed" {
+        return config["color"]["fixedColor"].as_str().map(String::from);
+    }
+    assert_eq!(config["color"]["mode"], "thresholds", "{}", panel["title"]);
+    config["thresholds"]["steps"]
+        .as_array()
+        .expect("thresholds.steps")
+        .iter()
+        .rfind(|s| s["value"].as_f64().is_none_or(|t| value >= t))
+        .and_then(|s| s["color"].as_str())
+        .map(String::from)
+}
+
+/// Each status panel turns red when one target of three is out, not only when all are:
+/// a `sum(up)` with red below 1 reads 2 and stays green while a third of the bridges is
+/// down. And it stays free of red while all are fine. The queries are evaluated here by
+/// [`evaluate_status_query`], and by promtool too when it is at hand.
+#[test]
+fn status_panels_turn_red_when_one_target_of_three_is_out() {
+    let mut promtool_cases = String::new();
+    for (file, title, metric) in STATUS_PANELS {
+        let dash = dashboard(file);
+        let panel = panels(&dash)
+            .into_iter()
+            .find(|p| p["type"] == "stat" && p["title"] == title)
+            .unwrap_or_else(|| panic!("{file}: no stat panel {title:?}"));
+        for (values, want_red) in OUTAGES {
+            let mut colours = Vec::new();
+            let mut series = String::new();
+            for (i, v) in values.iter().enumerate() {
+                series.push_str(&format!(
+                    "      - series: '{metric}{{job=\"darkwatch\", instance=\"n{i}:9464\"}}'\n        values: '{v}'\n"
+                ));
+            }
+            let mut exprs = String::new();
+            for t in panel["targets"].as_array().expect("targets") {
+                let expr = t["expr"].as_str().unwrap();
+                let ref_id = t["refId"].as_str().unwrap();
+                let value = evaluate_status_query(expr, metric, values);
+                colours.push((ref_id, value, stat_colour(panel, ref_id, value)));
+                let samples = match value {
+                    Some(v) => format!("\n          - labels: '{{}}'\n            value: {v}"),
+                    None => " []".into(),
+                };
+                let filled = expr.replace("$job", "darkwatch").replace("$instance", ".*");
+                exprs.push_str(&format!(
+                    "      - expr: {}\n        eval_time: 0m\n        exp_samples:{samples}\n",
+                    serde_json::to_string(&filled).unwrap()
+                ));
+            }
+            let red = colours.iter().any(|(_, _, c)| c.as_deref() == Some("red"));
+            assert_eq!(
+                red, want_red,
+                "{file} {title:?} with {metric} {values:?} per target: fields (refId, value, colour) {colours:?}"
+            );
+            promtool_cases.push_str(&format!(
+                "  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n{exprs}"
+            ));
+        }
+    }
+    let Some(promtool) = promtool("the status panels' values are not checked by Prometheus") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("status-panels.test.yml");
+    let text = format!("rule_files: []\nevaluation_interval: 1m\ntests:\n{promtool_cases}");
+    std::fs::write(&file, &text).unwrap();
+    // Fails where promtool's value differs from this test's (`exp_samples`).
+    promtool_rules(&promtool, "test", &file, &text);
+}
+
 /// The dashboards' queries parse as PromQL (their variables filled in), by promtool's own
 /// parser, when promtool is at hand (`PROMTOOL`, else `promtool` on `PATH`).
 #[test]
@@ -713,7 +860,7 @@ fn the_dashboard_queries_parse_with_promtool_when_it_is_at_hand() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dashboard-queries.yml");
     std::fs::write(&file, &rules).unwrap();
-    check_with_promtool(&promtool, &file, &rules);
+    promtool_rules(&promtool, "check", &file, &rules);
 }
 
 /// `promtool check rules` and `promtool test rules` on the shipped files (as `.ci/run`
@@ -727,29 +874,22 @@ fn the_rules_pass_promtool_check_and_their_unit_tests_when_it_is_at_hand() {
         ("check", RULES),
         ("test", "deploy/prometheus/darkwatch-rules.test.yml"),
     ] {
-        let out = std::process::Command::new(&promtool)
-            .args([command, "rules"])
-            .arg(repo(file))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "promtool {command} rules {file}:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        promtool_rules(&promtool, command, &repo(file), "");
     }
 }
 
-fn check_with_promtool(promtool: &str, file: &Path, rules: &str) {
+/// `promtool <command> rules <file>`, which must succeed; a failure shows promtool's
+/// output, then `context` (what the file holds).
+fn promtool_rules(promtool: &str, command: &str, file: &Path, context: &str) {
     let out = std::process::Command::new(promtool)
-        .args(["check", "rules"])
+        .args([command, "rules"])
         .arg(file)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "promtool check rules:\n{}{}\n{rules}",
+        "promtool {command} rules {}:\n{}{}\n{context}",
+        file.display(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -13,6 +13,8 @@ use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::process::{Logged, sample};
+
 /// The longest any wait in these tests lasts before it fails: a hang becomes a failure.
 /// A liveness bound, never a timing claim.
 pub const WAIT: Duration = Duration::from_secs(90);
@@ -364,77 +366,55 @@ pub fn publish_all(port: u16, messages: &[(String, Vec<u8>)]) {
 
 /// `darkwatch run` as a child process, its stderr collected, its `/metrics` scraped.
 pub struct Agent {
-    child: Child,
+    process: Logged,
     pub metrics_port: u16,
-    stderr: Arc<Mutex<String>>,
 }
 
 impl Agent {
     /// Starts `darkwatch run --config config` with extra environment `env`.
     pub fn start(config: &Path, metrics_port: u16, env: &[(&str, &str)]) -> Agent {
         let mut cmd = super::darkwatch();
-        cmd.args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(["run", "--config"]).arg(config);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap();
-        let stderr: Arc<Mutex<String>> = Arc::default();
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
         Agent {
-            child,
+            process: Logged::spawn(&mut cmd),
             metrics_port,
-            stderr,
         }
     }
 
+    /// [`Agent::start`], then waits until its MQTT client is connected.
+    pub fn connected(config: &Path, metrics_port: u16, env: &[(&str, &str)]) -> Agent {
+        let mut agent = Agent::start(config, metrics_port, env);
+        agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+        agent
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.process.stderr()
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.process.exited().is_none()
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        self.process.signal(sig);
     }
 
     /// The `/metrics` text, or `None` while it is not served.
     pub fn scrape(&self) -> Option<String> {
-        let mut conn = TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
-        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(conn, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-        let mut out = String::new();
-        conn.read_to_string(&mut out).ok()?;
-        out.starts_with("HTTP/1.1 200").then_some(out)
+        super::process::scrape(self.metrics_port)
     }
 
     /// One sample's value from `/metrics` (`name` with its labels, as exposed).
     pub fn metric(&self, name: &str) -> Option<f64> {
-        let body = self.scrape()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        sample(&self.scrape()?, name)
     }
 
     /// The sum over every labelled series of the metric `name` (`name{…} v` lines).
@@ -484,34 +464,10 @@ impl Agent {
     }
 
     /// SIGTERM, then waits for the exit; returns the status and stderr.
-    pub fn stop(mut self) -> (ExitStatus, String) {
-        self.signal("TERM");
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > WAIT {
-                let _ = self.child.kill();
-                panic!("darkwatch ignored SIGTERM:\n{}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        // Let the reader thread take the last lines.
-        let start = Instant::now();
-        while !self.stderr().contains("stopped after") && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        (status, self.stderr())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    pub fn stop(self) -> (ExitStatus, String) {
+        // The reader thread may not have taken the last lines yet.
+        self.process
+            .stop("darkwatch", "stopped after", Duration::from_secs(5))
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod broker;
 #[macro_use]
 pub mod parity;
+pub mod process;
 pub mod sae;
 
 use std::fmt::Write as _;
