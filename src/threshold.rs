@@ -21,6 +21,9 @@ mod sums;
 /// Fewest finite calibration scores any kind accepts (DSPOT needs `dspot_depth` more).
 pub const MIN_CALIBRATION_SCORES: usize = 50;
 
+/// Largest accepted `decluster_frames`: a run that needs longer to end is not a run.
+pub const MAX_DECLUSTER_FRAMES: usize = 10_000;
+
 /// Largest accepted `max_peaks`: the peak buffer is allocated up front and every peak
 /// refits over all of it.
 pub const MAX_PEAKS_LIMIT: usize = 1_000_000;
@@ -78,6 +81,14 @@ pub struct ThresholdConfig {
     /// DSPOT: the drift estimate is the mean of the last this many normal (non-alarm)
     /// scores, in samples. Calibration then needs `dspot_depth` + 50 finite scores.
     pub dspot_depth: usize,
+    /// SPOT/DSPOT, runs declustering of a stream's peaks: scores above t come in runs (a
+    /// score is the mean of the last 5 frames, and a fault outlasts a frame), and a run ends
+    /// after this many scores in a row at or below t. Only the run's largest score enters
+    /// the peaks, when the run ends, and nothing of it if any of its scores was an alarm,
+    /// so neither the climb into an incident nor its decay teaches the threshold. 0: every
+    /// score above t is a peak at once (the SPOT paper, which assumes independent scores).
+    /// Calibration scores (held-out rows in no order) are peaks one by one.
+    pub decluster_frames: usize,
     /// `quantile` kind: the threshold is this empirical quantile of the calibration scores.
     /// In (0, 1).
     pub quantile: f64,
@@ -92,6 +103,7 @@ impl Default for ThresholdConfig {
             max_peaks: 500,
             min_peaks: 50,
             dspot_depth: 50,
+            decluster_frames: 5,
             quantile: 0.999,
         }
     }
@@ -144,6 +156,15 @@ impl ThresholdConfig {
         }
         if self.dspot_depth == 0 {
             return Err(("dspot_depth", "must be at least 1".into()));
+        }
+        if self.decluster_frames > MAX_DECLUSTER_FRAMES {
+            return Err((
+                "decluster_frames",
+                format!(
+                    "must be at most {MAX_DECLUSTER_FRAMES}, got {}",
+                    self.decluster_frames
+                ),
+            ));
         }
         if !open_unit(self.quantile) {
             return Err((
@@ -203,7 +224,8 @@ pub enum ThresholdError {
 pub enum Verdict {
     /// At or below the initial threshold t (static kind: at or below the threshold).
     Normal,
-    /// Above t but not above the threshold: stored as a peak, and the threshold was refitted.
+    /// Above t but not above the threshold: a peak (stored at once, or as part of its run
+    /// when declustering; see [`ThresholdConfig::decluster_frames`]).
     Peak,
     /// Above the threshold. The state is untouched.
     Alarm,
@@ -697,6 +719,21 @@ pub struct Spot {
     ignored: u64,
     /// Peaks added since the GPD was last fitted.
     stale_peaks: usize,
+    /// `decluster_frames` (0: no declustering).
+    decluster: usize,
+    /// The run of scores above t going on, if any (see [`Run`]).
+    run: Option<Run>,
+}
+
+/// A run of a stream's scores above t (runs declustering, [`ThresholdConfig::decluster_frames`]).
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// The largest excess over t of its non-alarm scores.
+    max_excess: f64,
+    /// Whether one of its scores was an alarm: then none of it becomes a peak.
+    alarmed: bool,
+    /// Scores in a row at or below t since its last score above t.
+    quiet: usize,
 }
 
 /// The GPD is refitted once the peaks added since the last fit reach this share of the
@@ -748,6 +785,8 @@ impl Spot {
             alarms: 0,
             ignored: 0,
             stale_peaks: 0,
+            decluster: cfg.decluster_frames,
+            run: None,
         };
         for &x in values.iter().filter(|&&x| x > t) {
             spot.peaks.push(x - t);
@@ -817,7 +856,9 @@ impl Spot {
     }
 
     /// Classifies `score` against the current threshold and, unless it is an alarm or not
-    /// finite, counts it (and stores it as a peak and refits when above t).
+    /// finite, counts it. Above t it is a peak: stored at once without declustering;
+    /// with it, the run it belongs to is stored as one peak (its largest) when the run
+    /// ends, unless the run held an alarm ([`ThresholdConfig::decluster_frames`]).
     /// O(1) for normal scores; a peak refits the GPD (O(`max_peaks`)) only when the peaks
     /// added since the last fit reach 2 % of those held. Never allocates.
     pub fn update(&mut self, score: f64) -> Verdict {
@@ -827,16 +868,50 @@ impl Spot {
         }
         if score > self.z {
             self.alarms += 1;
+            if self.decluster > 0 {
+                let run = self.run.get_or_insert(Run {
+                    max_excess: 0.0,
+                    alarmed: true,
+                    quiet: 0,
+                });
+                run.alarmed = true;
+                run.quiet = 0;
+            }
             return Verdict::Alarm;
         }
         self.n += 1;
         if score > self.t {
-            self.peaks.push(score - self.t);
-            self.n_t += 1;
-            self.peak_added();
+            let excess = score - self.t;
+            if self.decluster == 0 {
+                self.add_peak(excess);
+                return Verdict::Peak;
+            }
+            let run = self.run.get_or_insert(Run {
+                max_excess: excess,
+                alarmed: false,
+                quiet: 0,
+            });
+            run.max_excess = run.max_excess.max(excess);
+            run.quiet = 0;
             return Verdict::Peak;
         }
+        if let Some(run) = &mut self.run {
+            run.quiet += 1;
+            if run.quiet >= self.decluster {
+                let run = *run;
+                self.run = None;
+                if !run.alarmed {
+                    self.add_peak(run.max_excess);
+                }
+            }
+        }
         Verdict::Normal
+    }
+
+    fn add_peak(&mut self, excess: f64) {
+        self.peaks.push(excess);
+        self.n_t += 1;
+        self.peak_added();
     }
 
     /// The state for reports.
@@ -1126,12 +1201,135 @@ mod tests {
     }
 
     /// The defaults with `min_peaks` = 10, which the tests below were written around.
+    /// The defaults with `min_peaks` = 10 and no declustering (every peak alone, the
+    /// SPOT paper's independent scores), which the tests below were written around.
     fn cfg(kind: ThresholdKind) -> ThresholdConfig {
         ThresholdConfig {
             kind,
             min_peaks: 10,
+            decluster_frames: 0,
             ..ThresholdConfig::default()
         }
+    }
+
+    /// Held-out scores like those of the operator's trial (an 8-metric model, 2,368
+    /// held-out rows): most near 3, 47 of them (under `min_peaks` = 50) in a heavy tail up
+    /// to 84, so the threshold starts on the empirical fallback.
+    fn heavy_tailed_calibration(rng: &mut Rng) -> Vec<f64> {
+        let mut v: Vec<f64> = (0..2321).map(|_| 1.0 + 4.0 * rng.next_f64()).collect();
+        // A Pareto tail (γ = 1): 5 + 0.85·(1/(1 − u) − 1) at u = (i + ½)/47, up to about 84.
+        v.extend((0..47).map(|i| {
+            let u = (f64::from(i) + 0.5) / 47.0;
+            5.0 + 0.85 * (1.0 / (1.0 - u) - 1.0)
+        }));
+        v
+    }
+
+    /// Each score the mean of the last 5 frames' scores (the agent's `smooth_frames`).
+    fn smoothed(frames: &[f64]) -> Vec<f64> {
+        (0..frames.len())
+            .map(|i| {
+                let w = &frames[i.saturating_sub(4)..=i];
+                w.iter().sum::<f64>() / w.len() as f64
+            })
+            .collect()
+    }
+
+    /// Alarms and the final threshold of SPOT (defaults, `decluster_frames` as given) on
+    /// `frames`' smoothed scores.
+    fn spot_on(frames: &[f64], decluster_frames: usize) -> (Vec<usize>, f64, f64) {
+        let cfg = ThresholdConfig {
+            decluster_frames,
+            ..ThresholdConfig::default()
+        };
+        let mut spot = Spot::calibrate(&heavy_tailed_calibration(&mut Rng::new(3)), &cfg).unwrap();
+        let start = spot.threshold();
+        let alarms = smoothed(frames)
+            .iter()
+            .enumerate()
+            .filter(|&(_, &x)| spot.update(x).is_alarm())
+            .map(|(i, _)| i)
+            .collect();
+        (alarms, start, spot.threshold())
+    }
+
+    /// The operator's trial: a fault scoring just above every held-out score (90 against
+    /// 84) never alarmed, because the mean of 5 frames climbs into it below the threshold:
+    /// those scores were peaks, the 50th peak brought the first GPD fit, on the fault's
+    /// own climb, and each fault frame then fed the tail (84 → 51,538). Declustered, the
+    /// climb and the fault are one run with an alarm in it: nothing of it is learnt.
+    #[test]
+    fn the_climb_into_a_fault_does_not_teach_the_threshold() {
+        let mut frames = vec![3.0; 25];
+        frames.extend([90.0; 20]);
+        frames.extend([3.0; 30]);
+        let (alarms, start, end) = spot_on(&frames, 5);
+        assert!(!alarms.is_empty() && alarms[0] < 30, "{alarms:?}");
+        assert_eq!(end, start, "the threshold learnt the fault");
+        // The paper's SPOT (every peak alone) on the same scores: the failure.
+        let (alarms, start, end) = spot_on(&frames, 0);
+        assert!(alarms.is_empty(), "{alarms:?}");
+        assert!(end > 10.0 * start, "{start} -> {end}");
+    }
+
+    /// The operator's trial: a one-frame glitch, then a fault at row 300 that was never
+    /// alarmed (the glitch's five smoothed scores were five peaks in a row that sent the
+    /// threshold from 84 to 2,394). Declustered, the glitch is one peak.
+    #[test]
+    fn a_glitch_is_one_peak_and_leaves_the_next_fault_visible() {
+        let mut frames = vec![3.0; 400];
+        frames[50] = 150.0;
+        frames[300..320].fill(120.0);
+        let (alarms, start, end) = spot_on(&frames, 5);
+        assert!(
+            alarms.iter().any(|&i| (300..330).contains(&i)),
+            "{alarms:?}"
+        );
+        assert!(end < 2.0 * start, "{start} -> {end}");
+        let (alarms, ..) = spot_on(&frames, 0);
+        assert!(
+            !alarms.iter().any(|&i| (300..330).contains(&i)),
+            "{alarms:?}"
+        );
+    }
+
+    /// Runs declustering by hand: a run is one peak, its largest, stored when
+    /// `decluster_frames` scores in a row have been at or below t; a run with an alarm in
+    /// it stores nothing.
+    #[test]
+    fn a_run_is_one_peak_its_largest_and_an_alarmed_run_none() {
+        let scores: Vec<f64> = (0..100).map(|i| ((i * 37) % 100) as f64).collect();
+        let cfg = ThresholdConfig {
+            decluster_frames: 3,
+            min_peaks: 10,
+            ..ThresholdConfig::default()
+        };
+        let mut spot = Spot::calibrate(&scores, &cfg).unwrap();
+        let t = spot.initial_threshold();
+        let held = |s: &Spot| s.snapshot().peaks_held;
+        assert_eq!(held(&spot), 2);
+        for x in [t + 0.5, t + 1.5, 10.0, t + 1.0, 10.0, 10.0] {
+            assert_ne!(spot.update(x), Verdict::Alarm);
+        }
+        assert_eq!(
+            held(&spot),
+            2,
+            "the run has not ended: two quiet scores of three"
+        );
+        spot.update(10.0);
+        assert_eq!(held(&spot), 3);
+        assert!(spot.peaks.buf.contains(&1.5), "{:?}", spot.peaks.buf);
+        let z = spot.threshold();
+        for x in [t + 0.2, z + 5.0, t + 0.3, 1.0, 1.0, 1.0, 1.0] {
+            spot.update(x);
+        }
+        assert_eq!(held(&spot), 3, "a run with an alarm in it");
+        assert_eq!(spot.snapshot().alarms, 1);
+        // An alarm alone opens a run too: the decay after it is not learnt.
+        for x in [z + 5.0, t + 0.4, 1.0, 1.0, 1.0] {
+            spot.update(x);
+        }
+        assert_eq!(held(&spot), 3);
     }
 
     fn assert_local_max(peaks: &[f64], fit: Gpd) {
@@ -1571,7 +1769,11 @@ mod tests {
     fn config_validation_names_the_key() {
         assert_eq!(ThresholdConfig::default().validate(), Ok(()));
         type Edit = fn(&mut ThresholdConfig);
-        let cases: [(Edit, &str); 13] = [
+        let cases: [(Edit, &str); 14] = [
+            (
+                |c| c.decluster_frames = MAX_DECLUSTER_FRAMES + 1,
+                "decluster_frames",
+            ),
             (|c| c.risk_q = 0.0, "risk_q"),
             (|c| c.risk_q = 1.0, "risk_q"),
             (|c| c.risk_q = f64::NAN, "risk_q"),
