@@ -156,8 +156,8 @@ impl DataFile {
 /// # Errors
 /// [`IngestError::Io`] for a folder, a missing file (`-` says to give `/dev/stdin`) or a
 /// read error; [`IngestError::UnsupportedFormat`] for another extension (before
-/// reading); [`IngestError::UnknownContent`] for a name without an extension whose
-/// content is compressed or an archive.
+/// reading); [`IngestError::UnknownContent`] for a compressed file (`.gz`, `.zst`, …) or a
+/// name without an extension whose content is compressed or an archive.
 pub fn read_data_file(path: &Path) -> Result<DataFile, IngestError> {
     if path.is_dir() {
         return Err(IngestError::io(
@@ -187,6 +187,22 @@ pub fn read_data_file(path: &Path) -> Result<DataFile, IngestError> {
         Some("csv") => Some(TableFormat::Csv),
         Some("npy") => Some(TableFormat::Npy),
         None => None,
+        // A compressed export: say how to read it without unpacking it to disk.
+        Some(packed @ ("gz" | "zst" | "xz" | "bz2")) => {
+            let cat = match packed {
+                "gz" => "zcat",
+                "zst" => "zstdcat",
+                "xz" => "xzcat",
+                _ => "bzcat",
+            };
+            return Err(IngestError::UnknownContent {
+                path: path.to_owned(),
+                what: format!(
+                    "compressed (.{packed}): decompress it first, or read it through a pipe: --input <({cat} {})",
+                    path.display()
+                ),
+            });
+        }
         Some(other) => {
             return Err(IngestError::UnsupportedFormat {
                 path: path.to_owned(),
@@ -314,8 +330,10 @@ pub enum IngestError {
     )]
     UnsupportedFormat { path: PathBuf, extension: String },
 
+    /// Compressed data or an archive where a table was wanted: `what` says which, and how
+    /// to read it.
     #[error(
-        "{}: {what}; a name without an extension is read by its content, which must be CSV text or an NPY array",
+        "{}: {what}; a table is CSV text or an NPY array (a name without an extension is read by its content)",
         .path.display()
     )]
     UnknownContent { path: PathBuf, what: String },
@@ -650,6 +668,14 @@ mod tests {
                 "{err}"
             );
         }
+        let p = s.write("data.csv.gz", b"\x1f\x8b\x08\x00");
+        let err = read_table(&p, &opts).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "compressed (.gz): decompress it first, or read it through a pipe: --input <(zcat "
+            ) && err.contains("data.csv.gz)"),
+            "{err}"
+        );
         // The extension still decides when there is one.
         let p = s.write("data.txt", b"a\n1\n");
         assert!(matches!(
