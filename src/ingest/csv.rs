@@ -4,7 +4,7 @@
 //! Tolerated: a UTF-8 BOM, `\r\n` line ends, spaces around fields, simple double-quoted
 //! fields (`"a,b"`, `"1.5"`, with `""` for a quote; no line breaks inside quotes), a
 //! trailing comma on a line, blank trailing lines, and semicolons or tabs instead of
-//! commas when the header line has no comma. Rejected, with the line and column: blank
+//! commas when the header line has no comma (or Excel's `sep=;` line names one). Rejected, with the line and column: blank
 //! lines between rows, rows with the wrong number of fields, non-numbers (a decimal comma
 //! is named as such), NaN/Inf, values that overflow float32, duplicate or empty column
 //! names, UTF-16 text. [`read_csv_with_gaps`] instead reads a gap (an empty
@@ -93,7 +93,15 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     let Some(last) = last_nonblank else {
         return Err(IngestError::Empty { path: err_path() });
     };
-    let all = &all[..=last];
+    let mut all = &all[..=last];
+    // Excel's `sep=;` first line names the separator; the header follows it.
+    let named_sep = match all[0].1.trim_ascii() {
+        [b's', b'e', b'p', b'=', c] if all.len() > 1 && matches!(c, b',' | b';' | b'\t') => {
+            all = &all[1..];
+            Some(char::from(*c))
+        }
+        _ => None,
+    };
     let (header_no, header_bytes) = all[0];
     if header_bytes.trim_ascii().is_empty() {
         return Err(IngestError::Syntax {
@@ -103,7 +111,7 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
         });
     }
     let header_text = line_str(path, header_no, header_bytes)?;
-    let sep = separator(header_text);
+    let sep = named_sep.unwrap_or_else(|| separator(header_text));
     let mut header = split_fields(path, header_no, header_text, sep)?;
     // A trailing comma on every line (some exporters write one) is an unnamed, empty last
     // column: dropped, with the empty last field of each row below.
@@ -402,6 +410,20 @@ fn parse_value(
                 pos: pos(),
                 message: format!(
                     "value {:?} is a date, not a number: {how}",
+                    super::Clipped(field)
+                ),
+            })
+        }
+        // Numbers separated by blanks: a space-separated file, read as one column.
+        Err(_)
+            if field.split_whitespace().count() > 1
+                && field.split_whitespace().all(|v| v.parse::<f64>().is_ok()) =>
+        {
+            Err(IngestError::Syntax {
+                path: path.to_owned(),
+                pos: pos(),
+                message: format!(
+                    "value {:?} is several numbers: separate fields with commas (or semicolons or tabs), not spaces",
                     super::Clipped(field)
                 ),
             })
@@ -828,6 +850,19 @@ mod tests {
         assert_eq!(t.values.dim(), (3, 3));
         assert_eq!(t.values[[0, 2]], 3.0);
         assert!(t.values[[0, 1]].is_nan() && t.values.row(1).iter().all(|v| v.is_nan()));
+        // Excel's `sep=;` line names the separator (line numbers still count it).
+        let t = parse("sep=;\na,b;c\n1;2\n").unwrap();
+        assert_eq!(t.features, ["a,b", "c"]);
+        assert_eq!(
+            parse_err("sep=;\na;b\n1;x\n"),
+            "data.csv: line 3, column \"b\": value \"x\" is not a number"
+        );
+        // A space-separated file is one column of text: said as such.
+        assert_eq!(
+            parse_err("a b\n1 2.5\n"),
+            "data.csv: line 2, column \"a b\": value \"1 2.5\" is several numbers: separate \
+             fields with commas (or semicolons or tabs), not spaces"
+        );
         // A value under the trailing comma is a field too many, not dropped.
         assert_eq!(
             parse_err("a,b,\n1,2,3\n"),
