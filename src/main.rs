@@ -1603,8 +1603,8 @@ fn train(
     // Find out now, not after training, whether the model can be written.
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create the model directory", out.display()))?;
-    let mut table = replay::read_input(input, &opts)?;
-    let sha = ingest::file_sha256(input)?;
+    // Read once, hashed from the same bytes: a pipe cannot be read again.
+    let (mut table, sha) = replay::read_input_hashed(input, &opts)?;
     // Gaps are filled as replay fills them (the last value carried forward, as the agent
     // does for up to [assemble] stale_secs),
     // not dropped: a dropped row would join the rows on either side of it into one lag

@@ -317,21 +317,28 @@ pub fn align_features(
 /// scored (or trained) on values it does not hold.
 pub const MAX_GAP_SHARE: f64 = 0.5;
 
-/// Reads a recorded input for `replay`, `demo` and `train`: as [`ingest::read_table`], but
-/// a CSV's gaps (empty, NaN, Inf, `null`, `NA` cells) are NaN instead of an error
-/// ([`ingest::csv::read_csv_with_gaps`]), for [`fill_gaps`]. An `.npy` stays strict.
+/// Reads a recorded input for `replay` and `demo`: as [`ingest::read_table`], but gaps are
+/// NaN instead of an error, for [`fill_gaps`]: a CSV's empty, NaN, Inf, `null` and `NA`
+/// cells ([`ingest::csv::read_csv_with_gaps`]) and an NPY's NaN and ±Inf
+/// ([`ingest::npy::parse_npy_with_gaps`]). The file is read once, so a pipe, a FIFO or a
+/// process substitution works as a file does; a name without `.csv` or `.npy` is read
+/// by its content ([`ingest::read_data_file`]).
 ///
 /// # Errors
-/// As [`ingest::read_table`].
+/// As [`ingest::read_table`], but a gap is none.
 pub fn read_input(path: &Path, opts: &TableOptions) -> Result<Table, IngestError> {
-    let csv = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-    if csv && path.is_file() {
-        ingest::csv::read_csv_with_gaps(path, opts)
-    } else {
-        ingest::read_table(path, opts)
-    }
+    ingest::read_data_file(path)?.table_with_gaps(opts)
+}
+
+/// [`read_input`] for `train`, with the SHA-256 of the bytes read (the model's data
+/// provenance): a pipe cannot be read a second time to hash it.
+///
+/// # Errors
+/// As [`read_input`].
+pub fn read_input_hashed(path: &Path, opts: &TableOptions) -> Result<(Table, String), IngestError> {
+    let file = ingest::read_data_file(path)?;
+    let table = file.table_with_gaps(opts)?;
+    Ok((table, file.sha256()))
 }
 
 /// The gaps [`fill_gaps`] filled. `Display` is the one-line warning replay and train print.

@@ -3,6 +3,7 @@
 mod agent;
 mod alertmanager;
 mod deploy;
+mod input;
 mod sae_cli;
 mod util;
 

@@ -2,10 +2,12 @@
 //! timestamp column.
 //!
 //! Tolerated: a UTF-8 BOM, `\r\n` line ends, spaces around fields, simple double-quoted
-//! fields (`"a,b"`, with `""` for a quote; no line breaks inside quotes) and blank
-//! trailing lines. Rejected, with the line and column: blank lines between rows, rows
-//! with the wrong number of fields, non-numbers, NaN/Inf, values that overflow float32,
-//! duplicate or empty column names. [`read_csv_with_gaps`] instead reads a gap (an empty
+//! fields (`"a,b"`, `"1.5"`, with `""` for a quote; no line breaks inside quotes), a
+//! trailing comma on a line, blank trailing lines, and semicolons or tabs instead of
+//! commas when the header line has no comma (or Excel's `sep=;` line names one). Rejected, with the line and column: blank
+//! lines between rows, rows with the wrong number of fields, non-numbers (a decimal comma
+//! is named as such), NaN/Inf, values that overflow float32, duplicate or empty column
+//! names, UTF-16 text. [`read_csv_with_gaps`] instead reads a gap (an empty
 //! cell, `NaN`, `Inf`, `null`, `NA`, `N/A`) in a feature column as NaN, for its caller
 //! to fill ([`crate::replay::fill_gaps`]). Timestamps out of time order (a row earlier
 //! than, or as early as, the row before) are read in file order, with one warning.
@@ -76,13 +78,30 @@ fn is_gap(field: &str) -> bool {
 
 fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<Table, IngestError> {
     let err_path = || path.to_owned();
+    // A spreadsheet's "Unicode text" export: every other byte is zero, so line 1 would be
+    // "not valid UTF-8" or a column name full of NULs.
+    if bytes.starts_with(b"\xFF\xFE") || bytes.starts_with(b"\xFE\xFF") {
+        return Err(IngestError::Syntax {
+            path: err_path(),
+            pos: TextPos::line(1),
+            message: "the file is UTF-16 text: save it as UTF-8 (iconv -f UTF-16 -t UTF-8)".into(),
+        });
+    }
     let all: Vec<(usize, &[u8])> = lines(bytes).collect();
     // Blank trailing lines are tolerated; any other blank line is an error below.
     let last_nonblank = all.iter().rposition(|(_, l)| !l.trim_ascii().is_empty());
     let Some(last) = last_nonblank else {
         return Err(IngestError::Empty { path: err_path() });
     };
-    let all = &all[..=last];
+    let mut all = &all[..=last];
+    // Excel's `sep=;` first line names the separator; the header follows it.
+    let named_sep = match all[0].1.trim_ascii() {
+        [b's', b'e', b'p', b'=', c] if all.len() > 1 && matches!(c, b',' | b';' | b'\t') => {
+            all = &all[1..];
+            Some(char::from(*c))
+        }
+        _ => None,
+    };
     let (header_no, header_bytes) = all[0];
     if header_bytes.trim_ascii().is_empty() {
         return Err(IngestError::Syntax {
@@ -91,7 +110,15 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
             message: "the header line is blank".into(),
         });
     }
-    let header = split_fields(path, header_no, line_str(path, header_no, header_bytes)?)?;
+    let header_text = line_str(path, header_no, header_bytes)?;
+    let sep = named_sep.unwrap_or_else(|| separator(header_text));
+    let mut header = split_fields(path, header_no, header_text, sep)?;
+    // A trailing comma on every line (some exporters write one) is an unnamed, empty last
+    // column: dropped, with the empty last field of each row below.
+    let trailing = header.len() > 1 && header.last().is_some_and(String::is_empty);
+    if trailing {
+        header.pop();
+    }
     // A file without a header would lose its first row to it and train on features named
     // after numbers (checked first: such a row often repeats a value, a duplicate name).
     if header.iter().all(|n| n.trim().parse::<f64>().is_ok()) {
@@ -151,6 +178,7 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     }
 
     let width = header.len();
+    let ts_name = ts_col.map(|i| header[i].as_str());
     let mut values: Vec<f32> = Vec::with_capacity(features.len() * (all.len() - 1));
     let mut stamps: Vec<Stamp> = Vec::new();
     // The line of each row, for the warning about time order.
@@ -165,7 +193,8 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
             }
             continue;
         }
-        if raw.trim_ascii().is_empty() {
+        // A row of empty cells of a tab-separated file is its tabs, not a blank line.
+        if raw.trim_ascii().is_empty() && !(sep == '\t' && raw.contains(&b'\t')) {
             return Err(IngestError::Syntax {
                 path: err_path(),
                 pos: TextPos::line(line_no),
@@ -173,7 +202,11 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
             });
         }
         let text = line_str(path, line_no, raw)?;
-        split_fields_into(path, line_no, text, &mut fields)?;
+        split_fields_into(path, line_no, text, sep, &mut fields)?;
+        // A trailing comma: one more field than the header names, and an empty one.
+        if fields.len() == width + 1 && fields.last().is_some_and(String::is_empty) {
+            fields.pop();
+        }
         if fields.len() != width {
             return Err(IngestError::FieldCount {
                 path: err_path(),
@@ -196,7 +229,7 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
                 if gaps && is_gap(field) {
                     values.push(f32::NAN);
                 } else {
-                    values.push(parse_value(path, field, pos)?);
+                    values.push(parse_value(path, field, pos, ts_name)?);
                 }
             }
         }
@@ -333,7 +366,13 @@ fn warn_out_of_order(path: &Path, timestamps: &[f64], lines: &[usize]) {
 }
 
 /// One numeric field as a finite float32 (parsed directly as `f32`, correctly rounded).
-fn parse_value(path: &Path, field: &str, pos: impl Fn() -> TextPos) -> Result<f32, IngestError> {
+/// `timestamps` names the file's timestamp column, if it has one (for the hint on a date).
+fn parse_value(
+    path: &Path,
+    field: &str,
+    pos: impl Fn() -> TextPos,
+    timestamps: Option<&str>,
+) -> Result<f32, IngestError> {
     match field.parse::<f32>() {
         Ok(v) if v.is_finite() => Ok(v),
         Ok(v) => {
@@ -353,13 +392,51 @@ fn parse_value(path: &Path, field: &str, pos: impl Fn() -> TextPos) -> Result<f3
             }
         }
         // A date in a feature column: most likely the timestamp column under another name.
+        // A date in a feature column: most likely the timestamp column under another name,
+        // unless the file has one already.
         Err(_) if matches!(parse_stamp(field), Some(Stamp::Seconds(_))) => {
+            let how = match timestamps {
+                None => {
+                    "name this column timestamp, time or ts, or set [input] timestamp_column to it"
+                        .to_owned()
+                }
+                Some(ts) => format!(
+                    "the timestamps are column {:?}, so this one is read as a feature: drop it from the file, or set [input] timestamp_column to it if it holds the times instead",
+                    super::Clipped(ts)
+                ),
+            };
             Err(IngestError::Syntax {
                 path: path.to_owned(),
                 pos: pos(),
                 message: format!(
-                    "value {:?} is a date, not a number: name this column timestamp, time or ts, or set [input] timestamp_column to it",
+                    "value {:?} is a date, not a number: {how}",
                     super::Clipped(field)
+                ),
+            })
+        }
+        // Numbers separated by blanks: a space-separated file, read as one column.
+        Err(_)
+            if field.split_whitespace().count() > 1
+                && field.split_whitespace().all(|v| v.parse::<f64>().is_ok()) =>
+        {
+            Err(IngestError::Syntax {
+                path: path.to_owned(),
+                pos: pos(),
+                message: format!(
+                    "value {:?} is several numbers: separate fields with commas (or semicolons or tabs), not spaces",
+                    super::Clipped(field)
+                ),
+            })
+        }
+        // A decimal comma (a European export): said, not "not a number".
+        Err(_) if field.contains(',') && field.replacen(',', ".", 1).parse::<f32>().is_ok() => {
+            Err(IngestError::Syntax {
+                path: path.to_owned(),
+                pos: pos(),
+                message: format!(
+                    "value {:?} has a decimal comma: write numbers with a decimal point ({})",
+                    super::Clipped(field),
+                    field.replacen(',', ".", 1)
                 ),
             })
         }
@@ -371,19 +448,42 @@ fn parse_value(path: &Path, field: &str, pos: impl Fn() -> TextPos) -> Result<f3
     }
 }
 
-fn split_fields(path: &Path, line_no: usize, text: &str) -> Result<Vec<String>, IngestError> {
+/// The field separator, told from the header line: a comma, unless the header has none
+/// and holds a semicolon (a spreadsheet's export where the comma is the decimal mark) or
+/// a tab.
+fn separator(header: &str) -> char {
+    if header.contains(',') {
+        ','
+    } else if header.contains(';') {
+        ';'
+    } else if header.contains('\t') {
+        '\t'
+    } else {
+        ','
+    }
+}
+
+fn split_fields(
+    path: &Path,
+    line_no: usize,
+    text: &str,
+    sep: char,
+) -> Result<Vec<String>, IngestError> {
     let mut out = Vec::new();
-    split_fields_into(path, line_no, text, &mut out)?;
+    split_fields_into(path, line_no, text, sep, &mut out)?;
     Ok(out)
 }
 
-/// Split one line into trimmed, unquoted fields, reusing `out`'s allocation.
+/// Split one line at `sep` into trimmed, unquoted fields, reusing `out`'s allocation.
 fn split_fields_into(
     path: &Path,
     line_no: usize,
     text: &str,
+    sep: char,
     out: &mut Vec<String>,
 ) -> Result<(), IngestError> {
+    // Blanks before a field are skipped; a tab is one unless it separates fields.
+    let blank = |c: char| c == ' ' || (c == '\t' && sep != '\t');
     out.clear();
     let syntax = |message: &str| IngestError::Syntax {
         path: path.to_owned(),
@@ -392,7 +492,7 @@ fn split_fields_into(
     };
     let mut rest = text;
     loop {
-        let field = rest.trim_start_matches([' ', '\t']);
+        let field = rest.trim_start_matches(blank);
         if let Some(quoted) = field.strip_prefix('"') {
             let mut value = String::new();
             let mut chars = quoted.char_indices();
@@ -410,18 +510,18 @@ fn split_fields_into(
                     Some((_, c)) => value.push(c),
                 }
             };
-            let after = after.trim_start_matches([' ', '\t']);
+            let after = after.trim_start_matches(blank);
             out.push(value.trim().to_owned());
-            match after.strip_prefix(',') {
+            match after.strip_prefix(sep) {
                 Some(next) => rest = next,
                 None if after.is_empty() => return Ok(()),
                 None => return Err(syntax("text after a closing quote")),
             }
         } else {
-            match field.find(',') {
+            match field.find(sep) {
                 Some(i) => {
                     out.push(field[..i].trim().to_owned());
-                    rest = &field[i + 1..];
+                    rest = &field[i + sep.len_utf8()..];
                 }
                 None => {
                     out.push(field.trim().to_owned());
@@ -597,7 +697,7 @@ mod tests {
             "data.csv: line 3: expected 2 fields, found 1"
         );
         assert_eq!(
-            parse_err("cpu,mem\n1,2,\n"),
+            parse_err("cpu,mem\n1,2,3\n"),
             "data.csv: line 2: expected 2 fields, found 3"
         );
         for bad in ["NaN", "nan", "inf", "-Infinity", "+inf"] {
@@ -671,10 +771,32 @@ mod tests {
 
     #[test]
     fn a_date_in_a_feature_column_says_how_to_make_it_the_timestamps() {
-        let err = parse_err("date,cpu\n2024-03-01,1\n");
+        assert_eq!(
+            parse_err("date,cpu\n2024-03-01,1\n"),
+            "data.csv: line 2, column \"date\": value \"2024-03-01\" is a date, not a number: \
+             name this column timestamp, time or ts, or set [input] timestamp_column to it"
+        );
+        // With a timestamp column already there, naming this one `timestamp` would make
+        // two: the hint says what is true instead.
+        assert_eq!(
+            parse_err("ts,date,cpu\n1700000000,2024-03-01,1\n"),
+            "data.csv: line 2, column \"date\": value \"2024-03-01\" is a date, not a number: \
+             the timestamps are column \"ts\", so this one is read as a feature: drop it from \
+             the file, or set [input] timestamp_column to it if it holds the times instead"
+        );
+        let named = TableOptions {
+            timestamp_column: Some("when".into()),
+            ..TableOptions::default()
+        };
+        let err = parse_csv(
+            Path::new("x.csv"),
+            b"when,date,cpu\n1,2024-03-01T00:00:00Z,1\n",
+            &named,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
-            err.starts_with("data.csv: line 2, column \"date\": value \"2024-03-01\" is a date")
-                && err.contains("timestamp_column"),
+            err.contains("the timestamps are column \"when\"") && !err.contains("name this column"),
             "{err}"
         );
         let opts = TableOptions {
@@ -688,6 +810,81 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.timestamps, Some(vec![1_709_251_200.0, 1_709_337_600.0]));
+    }
+
+    /// Exports from spreadsheets and other tools: a trailing comma on each line, quoted
+    /// numbers, semicolons (with a decimal comma) or tabs between fields, UTF-16 text.
+    #[test]
+    fn reads_a_trailing_comma_quoted_numbers_semicolons_and_tabs() {
+        let want = ndarray::array![[1.5, 2.0], [3.0, 4.0]];
+        for text in [
+            "a,b,\n1.5,2,\n3,4,\n",
+            // Only the rows, or only the header, end with one.
+            "a,b\n1.5,2,\n3,4\n",
+            "a,b,\n1.5,2\n3,4\n",
+            "\"a\",\"b\"\n\"1.5\",\"2\"\n\" 3 \",4\n",
+            "a;b\n1.5;2\n3 ; 4\n",
+            "a\tb\n1.5\t2\n3\t 4\n",
+            "\u{feff}a;b;\r\n1.5;2;\r\n3;4;\r\n",
+        ] {
+            let t = parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(t.features, ["a", "b"], "{text:?}");
+            assert_eq!(t.values, want, "{text:?}");
+        }
+        // A one-column file with a trailing comma, and its gaps.
+        let t = parse_csv_with_gaps(
+            Path::new("g.csv"),
+            b"a,\n1,\n,\n3,\n",
+            &TableOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(t.values.dim(), (3, 1));
+        assert!(t.values[[1, 0]].is_nan());
+        // An empty cell between tabs is a gap, not skipped over.
+        let t = parse_csv_with_gaps(
+            Path::new("g.tsv"),
+            b"a\tb\tc\n1\t\t3\n\t\t\n4\t5\t6\n",
+            &TableOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(t.values.dim(), (3, 3));
+        assert_eq!(t.values[[0, 2]], 3.0);
+        assert!(t.values[[0, 1]].is_nan() && t.values.row(1).iter().all(|v| v.is_nan()));
+        // Excel's `sep=;` line names the separator (line numbers still count it).
+        let t = parse("sep=;\na,b;c\n1;2\n").unwrap();
+        assert_eq!(t.features, ["a,b", "c"]);
+        assert_eq!(
+            parse_err("sep=;\na;b\n1;x\n"),
+            "data.csv: line 3, column \"b\": value \"x\" is not a number"
+        );
+        // A space-separated file is one column of text: said as such.
+        assert_eq!(
+            parse_err("a b\n1 2.5\n"),
+            "data.csv: line 2, column \"a b\": value \"1 2.5\" is several numbers: separate \
+             fields with commas (or semicolons or tabs), not spaces"
+        );
+        // A value under the trailing comma is a field too many, not dropped.
+        assert_eq!(
+            parse_err("a,b,\n1,2,3\n"),
+            "data.csv: line 2: expected 2 fields, found 3"
+        );
+        // A decimal comma is named, whichever the separator.
+        assert_eq!(
+            parse_err("a;b\n1,5;2\n"),
+            "data.csv: line 2, column \"a\": value \"1,5\" has a decimal comma: write numbers \
+             with a decimal point (1.5)"
+        );
+        assert!(parse_err("a,b\n\"1,5\",2\n").contains("has a decimal comma"));
+        assert_eq!(
+            parse_csv(
+                Path::new("u.csv"),
+                b"\xFF\xFEa\x00,\x00b\x00\n\x00",
+                &TableOptions::default()
+            )
+            .unwrap_err()
+            .to_string(),
+            "u.csv: line 1: the file is UTF-16 text: save it as UTF-8 (iconv -f UTF-16 -t UTF-8)"
+        );
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! Everything here is strict: a file given on the command line is either read
 //! completely and finitely, or rejected with an [`IngestError`] whose message is one
 //! line naming the file and the position (line and column for text, row and column
-//! index for NPY). No input makes these readers panic.
+//! index for NPY). No input makes these readers panic. The one exception is asked for by
+//! name: [`DataFile::table_with_gaps`] reads gaps (empty, NaN, Inf cells) as NaN for
+//! `replay`, `demo` and `train` to fill. A file is read once ([`read_data_file`]), so a
+//! pipe works as a file does.
 //!
 //! - [`csv`]: comma-separated tables with a header and an optional timestamp column.
 //! - [`npy`]: NumPy `.npy` arrays (2-D, or rows with leading dimensions flattened; `<f2`/`<f4`/`<f8`
@@ -78,6 +81,167 @@ pub struct TableOptions {
 
 /// The file formats [`read_table`] understands, by extension.
 pub const SUPPORTED_TABLE_EXTENSIONS: &[&str] = &["csv", "npy"];
+
+/// A table file's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableFormat {
+    Csv,
+    Npy,
+}
+
+/// A table file read whole, once: a pipe, a FIFO or a process substitution (`<(zcat
+/// x.csv.gz)`, `/dev/stdin`) can be read only once, so the bytes are parsed (and, for
+/// `train`, hashed) from here.
+#[derive(Debug, Clone)]
+pub struct DataFile {
+    /// The path as given, for messages.
+    pub path: PathBuf,
+    pub format: TableFormat,
+    pub bytes: Vec<u8>,
+}
+
+impl DataFile {
+    /// The table, strictly: any NaN, Inf or empty cell is an error.
+    ///
+    /// # Errors
+    /// What the format's reader rejects ([`csv::parse_csv`], [`npy::parse_npy_allow_1d`]),
+    /// and a timestamp column asked of an NPY.
+    pub fn table(&self, opts: &TableOptions) -> Result<Table, IngestError> {
+        self.parse(opts, false)
+    }
+
+    /// The table with its gaps (a CSV's empty, NaN, Inf, `null`, `NA` cells, an NPY's NaN
+    /// and ±Inf) as NaN, for [`crate::replay::fill_gaps`] to fill.
+    ///
+    /// # Errors
+    /// As [`DataFile::table`], but a gap is none.
+    pub fn table_with_gaps(&self, opts: &TableOptions) -> Result<Table, IngestError> {
+        self.parse(opts, true)
+    }
+
+    /// Lowercase hex SHA-256 of the bytes (model provenance), as [`file_sha256`] of the
+    /// file.
+    pub fn sha256(&self) -> String {
+        crate::model::io::sha256_hex(&self.bytes)
+    }
+
+    fn parse(&self, opts: &TableOptions, gaps: bool) -> Result<Table, IngestError> {
+        let path = &self.path;
+        match self.format {
+            TableFormat::Csv if gaps => csv::parse_csv_with_gaps(path, &self.bytes, opts),
+            TableFormat::Csv => csv::parse_csv(path, &self.bytes, opts),
+            TableFormat::Npy => {
+                // NPY has no timestamp column; ignoring a requested one would hide a mistake.
+                if let Some(name) = &opts.timestamp_column {
+                    return Err(IngestError::TimestampColumnInNpy {
+                        path: path.to_owned(),
+                        name: name.clone(),
+                    });
+                }
+                // A 1-D array is a series of one feature: one column.
+                if gaps {
+                    npy::parse_npy_with_gaps(path, &self.bytes)
+                } else {
+                    npy::parse_npy_allow_1d(path, &self.bytes)
+                }
+            }
+        }
+    }
+}
+
+/// Reads a table file whole, once. The format is the name's extension (`.csv` or `.npy`,
+/// any case); a name without one (`/dev/stdin`, `/dev/fd/63` from a process substitution,
+/// a FIFO) is read by its content: NPY when it starts with NPY's magic, CSV otherwise.
+///
+/// # Errors
+/// [`IngestError::Io`] for a folder, a missing file (`-` says to give `/dev/stdin`) or a
+/// read error; [`IngestError::UnsupportedFormat`] for another extension (before
+/// reading); [`IngestError::UnknownContent`] for a compressed file (`.gz`, `.zst`, …) or a
+/// name without an extension whose content is compressed or an archive.
+pub fn read_data_file(path: &Path) -> Result<DataFile, IngestError> {
+    if path.is_dir() {
+        return Err(IngestError::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory, not a data file",
+            ),
+        ));
+    }
+    if let Err(e) = std::fs::metadata(path) {
+        // `-` is no name for standard input here (as for --config): say which one is.
+        let e = if path.as_os_str() == "-" && e.kind() == std::io::ErrorKind::NotFound {
+            std::io::Error::new(
+                e.kind(),
+                "no such file (for standard input, give /dev/stdin)",
+            )
+        } else {
+            e
+        };
+        return Err(IngestError::io(path, e));
+    }
+    let extension = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let named = match extension.as_deref() {
+        Some("csv") => Some(TableFormat::Csv),
+        Some("npy") => Some(TableFormat::Npy),
+        None => None,
+        // A compressed export: say how to read it without unpacking it to disk.
+        Some(packed @ ("gz" | "zst" | "xz" | "bz2")) => {
+            let cat = match packed {
+                "gz" => "zcat",
+                "zst" => "zstdcat",
+                "xz" => "xzcat",
+                _ => "bzcat",
+            };
+            return Err(IngestError::UnknownContent {
+                path: path.to_owned(),
+                what: format!(
+                    "compressed (.{packed}): decompress it first, or read it through a pipe: --input <({cat} {})",
+                    path.display()
+                ),
+            });
+        }
+        Some(other) => {
+            return Err(IngestError::UnsupportedFormat {
+                path: path.to_owned(),
+                extension: other.to_owned(),
+            });
+        }
+    };
+    let bytes = read_bytes(path)?;
+    let format = match named {
+        Some(format) => format,
+        None => sniff(path, &bytes)?,
+    };
+    Ok(DataFile {
+        path: path.to_owned(),
+        format,
+        bytes,
+    })
+}
+
+/// The format of a table read from a name without an extension, by its first bytes.
+fn sniff(path: &Path, bytes: &[u8]) -> Result<TableFormat, IngestError> {
+    let unknown = |what: &str| IngestError::UnknownContent {
+        path: path.to_owned(),
+        what: what.to_owned(),
+    };
+    if bytes.starts_with(npy::MAGIC) {
+        Ok(TableFormat::Npy)
+    } else if bytes.starts_with(b"\x1f\x8b") {
+        Err(unknown("gzip-compressed data: decompress it first (zcat)"))
+    } else if bytes.starts_with(b"\x28\xb5\x2f\xfd") {
+        Err(unknown(
+            "zstd-compressed data: decompress it first (zstdcat)",
+        ))
+    } else if bytes.starts_with(b"PK\x03\x04") {
+        Err(unknown("a zip archive (an .npz?)"))
+    } else {
+        Ok(TableFormat::Csv)
+    }
+}
 
 /// Where in a text file something went wrong: a line, optionally a named column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +329,14 @@ pub enum IngestError {
         SUPPORTED_TABLE_EXTENSIONS.iter().map(|e| format!(".{e}")).collect::<Vec<_>>().join(", ")
     )]
     UnsupportedFormat { path: PathBuf, extension: String },
+
+    /// Compressed data or an archive where a table was wanted: `what` says which, and how
+    /// to read it.
+    #[error(
+        "{}: {what}; a table is CSV text or an NPY array (a name without an extension is read by its content)",
+        .path.display()
+    )]
+    UnknownContent { path: PathBuf, what: String },
 
     #[error("{}: empty file", .path.display())]
     Empty { path: PathBuf },
@@ -332,47 +504,16 @@ impl IngestError {
     }
 }
 
-/// Read a table, choosing the parser by the file extension (`.csv` or `.npy`, any case).
+/// Read a table, strictly, choosing the parser by the file extension (`.csv` or `.npy`,
+/// any case) or, for a name without one (a pipe), by its content ([`read_data_file`]).
 /// An `.npy` may be 2-D (rows × features) or 1-D (a univariate series: one feature, `f0`).
 ///
 /// # Errors
-/// [`IngestError::UnsupportedFormat`] for any other extension, and whatever the
-/// format's reader rejects ([`csv::read_csv`], [`npy::read_npy`]).
+/// [`IngestError::UnsupportedFormat`] for any other extension, and whatever
+/// [`read_data_file`] and the format's reader reject ([`csv::read_csv`],
+/// [`npy::read_npy`]).
 pub fn read_table(path: &Path, opts: &TableOptions) -> Result<Table, IngestError> {
-    if path.is_dir() {
-        return Err(IngestError::io(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                "is a directory, not a data file",
-            ),
-        ));
-    }
-    if let Err(e) = std::fs::metadata(path) {
-        return Err(IngestError::io(path, e));
-    }
-    let extension = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    match extension.as_str() {
-        "csv" => csv::read_csv(path, opts),
-        "npy" => {
-            // NPY has no timestamp column; ignoring a requested one would hide a mistake.
-            if let Some(name) = &opts.timestamp_column {
-                return Err(IngestError::TimestampColumnInNpy {
-                    path: path.to_owned(),
-                    name: name.clone(),
-                });
-            }
-            // A 1-D array is a series of one feature: one column.
-            npy::parse_npy_allow_1d(path, &read_bytes(path)?)
-        }
-        _ => Err(IngestError::UnsupportedFormat {
-            path: path.to_owned(),
-            extension,
-        }),
-    }
+    read_data_file(path)?.table(opts)
 }
 
 /// Lowercase hex SHA-256 of a file's bytes, streamed (model provenance).
@@ -491,13 +632,104 @@ mod tests {
             msg.contains("data.parquet") && msg.contains(".csv, .npy"),
             "{msg}"
         );
-        let p = s.write("noext", b"x");
-        assert!(matches!(
-            read_table(&p, &TableOptions::default()),
-            Err(IngestError::UnsupportedFormat { .. })
-        ));
         let p = s.write("UPPER.CSV", b"a,b\n1,2\n");
         assert_eq!(read_table(&p, &TableOptions::default()).unwrap().rows(), 1);
+    }
+
+    /// A pipe has no extension to go by (`/dev/stdin`, `/dev/fd/63` from `<(zcat …)`):
+    /// such a name is read by its content. It was refused as `unsupported file type ""`.
+    #[test]
+    fn a_name_without_an_extension_is_read_by_its_content() {
+        use super::npz::tests::npy;
+        let s = Scratch::new("sniff");
+        let opts = TableOptions::default();
+        let p = s.write("63", b"a,b\n1,2\n");
+        let f = read_data_file(&p).unwrap();
+        assert_eq!(f.format, TableFormat::Csv);
+        assert_eq!(f.table(&opts).unwrap().values, ndarray::array![[1.0, 2.0]]);
+        let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let p = s.write("stdin", npy("<f4", "(2,)", &data));
+        assert_eq!(read_table(&p, &opts).unwrap().values.dim(), (2, 1));
+        // Text that is no table still says what is wrong with it.
+        let p = s.write("noext", b"x");
+        let err = read_table(&p, &opts).unwrap_err().to_string();
+        assert!(err.ends_with("noext: no data rows"), "{err}");
+        for (bytes, want) in [
+            (
+                &b"\x1f\x8b\x08\x00"[..],
+                "gzip-compressed data: decompress it first (zcat)",
+            ),
+            (&b"PK\x03\x04"[..], "a zip archive"),
+        ] {
+            let p = s.write("packed", bytes);
+            let err = read_table(&p, &opts).unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("read by its content"),
+                "{err}"
+            );
+        }
+        let p = s.write("data.csv.gz", b"\x1f\x8b\x08\x00");
+        let err = read_table(&p, &opts).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "compressed (.gz): decompress it first, or read it through a pipe: --input <(zcat "
+            ) && err.contains("data.csv.gz)"),
+            "{err}"
+        );
+        // The extension still decides when there is one.
+        let p = s.write("data.txt", b"a\n1\n");
+        assert!(matches!(
+            read_table(&p, &opts),
+            Err(IngestError::UnsupportedFormat { .. })
+        ));
+        let err = read_table(Path::new("-"), &opts).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "-: cannot read: no such file (for standard input, give /dev/stdin)"
+        );
+    }
+
+    /// `replay`, `demo` and `train` read an NPY's NaN and ±Inf as gaps, as a CSV's; the
+    /// strict reader (the harness, labels) still refuses them.
+    #[test]
+    fn with_gaps_an_npy_reads_nan_and_inf_as_nan() {
+        use super::npz::tests::npy;
+        let s = Scratch::new("npy-gaps");
+        let opts = TableOptions::default();
+        let f32s: Vec<u8> = [1.0f32, f32::NAN, f32::INFINITY, 4.0, f32::NEG_INFINITY, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let f64s: Vec<u8> = [1.0f64, f64::NAN, f64::INFINITY, 4.0, f64::NEG_INFINITY, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        for (name, bytes) in [
+            ("a.npy", npy("<f4", "(3, 2)", &f32s)),
+            ("b.npy", npy("<f8", "(3, 2)", &f64s)),
+        ] {
+            let p = s.write(name, bytes);
+            let f = read_data_file(&p).unwrap();
+            let t = f.table_with_gaps(&opts).unwrap();
+            let gaps: Vec<bool> = t.values.iter().map(|v| v.is_nan()).collect();
+            assert_eq!(gaps, [false, true, true, false, true, false], "{name}");
+            assert_eq!((t.values[[0, 0]], t.values[[2, 1]]), (1.0, 6.0), "{name}");
+            let err = f.table(&opts).unwrap_err().to_string();
+            assert!(err.contains("row 0, column 1 (0-based): NaN/Inf"), "{err}");
+        }
+        // A finite float64 beyond float32 is still no gap.
+        let big: Vec<u8> = [1e39f64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let p = s.write("big.npy", npy("<f8", "(1, 1)", &big));
+        let err = read_data_file(&p)
+            .unwrap()
+            .table_with_gaps(&opts)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("out of range for float32"), "{err}");
+        // Labels stay strict.
+        let p = s.write("labels.npy", npy("<f4", "(3,)", &f32s[..12]));
+        let err = read_labels(&p, None).unwrap_err().to_string();
+        assert!(err.contains("NaN/Inf"), "{err}");
     }
 
     /// A univariate series saved as a 1-D `.npy` is n rows of one feature (it was refused

@@ -47,7 +47,7 @@ pub fn read_npy(path: &Path) -> Result<Table, IngestError> {
 /// # Errors
 /// As [`read_npy`], minus `Io`.
 pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
-    parse(path, bytes, Dims::Two).map(|(t, _)| t)
+    parse(path, bytes, Dims::Two, false).map(|(t, _)| t)
 }
 
 /// As [`parse_npy`], but a 1-D array is also accepted, as one column (label vectors).
@@ -55,7 +55,18 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
 /// # Errors
 /// As [`parse_npy`], except that 1-D is allowed.
 pub fn parse_npy_allow_1d(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
-    parse(path, bytes, Dims::UpToTwo).map(|(t, _)| t)
+    parse(path, bytes, Dims::UpToTwo, false).map(|(t, _)| t)
+}
+
+/// As [`parse_npy_allow_1d`], but a NaN or ±Inf is read as a gap (NaN) instead of
+/// refusing the file, as [`super::csv::read_csv_with_gaps`] reads a CSV's gaps: fill them
+/// before use ([`crate::replay::fill_gaps`]). A finite float64 beyond float32 is still
+/// an error.
+///
+/// # Errors
+/// As [`parse_npy_allow_1d`], without `NonFiniteAt`.
+pub fn parse_npy_with_gaps(path: &Path, bytes: &[u8]) -> Result<Table, IngestError> {
+    parse(path, bytes, Dims::UpToTwo, true).map(|(t, _)| t)
 }
 
 /// Reads an array of rows of width `d`, `[tokens, d]` or with more leading dimensions
@@ -75,10 +86,16 @@ pub fn read_npy_rows(path: &Path) -> Result<(Table, Vec<u64>), IngestError> {
 /// # Errors
 /// As [`read_npy_rows`], minus `Io`.
 pub fn parse_npy_rows(path: &Path, bytes: &[u8]) -> Result<(Table, Vec<u64>), IngestError> {
-    parse(path, bytes, Dims::Rows)
+    parse(path, bytes, Dims::Rows, false)
 }
 
-fn parse(path: &Path, bytes: &[u8], dims: Dims) -> Result<(Table, Vec<u64>), IngestError> {
+/// `gaps`: NaN and ±Inf become NaN (gaps) instead of an error.
+fn parse(
+    path: &Path,
+    bytes: &[u8],
+    dims: Dims,
+    gaps: bool,
+) -> Result<(Table, Vec<u64>), IngestError> {
     let header_err = |message: String| IngestError::NpyHeader {
         path: path.to_owned(),
         message,
@@ -245,8 +262,10 @@ fn parse(path: &Path, bytes: &[u8], dims: Dims) -> Result<(Table, Vec<u64>), Ing
                     .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                     .collect()
             };
-            let a = to_standard(flat, &shape, rows, cols, fortran_order);
-            if let Some(((row, col), _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            let mut a = to_standard(flat, &shape, rows, cols, fortran_order);
+            if gaps {
+                a.mapv_inplace(|v| if v.is_finite() { v } else { f32::NAN });
+            } else if let Some(((row, col), _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
                 return Err(IngestError::NonFiniteAt {
                     path: path.to_owned(),
                     row,
@@ -259,6 +278,9 @@ fn parse(path: &Path, bytes: &[u8], dims: Dims) -> Result<(Table, Vec<u64>), Ing
             let flat = data.chunks_exact(item as usize).map(decode).collect();
             let wide = to_standard(flat, &shape, rows, cols, fortran_order);
             for ((row, col), &v) in wide.indexed_iter() {
+                if !v.is_finite() && gaps {
+                    continue;
+                }
                 if !v.is_finite() {
                     return Err(IngestError::NonFiniteAt {
                         path: path.to_owned(),
@@ -275,7 +297,8 @@ fn parse(path: &Path, bytes: &[u8], dims: Dims) -> Result<(Table, Vec<u64>), Ing
                     });
                 }
             }
-            wide.mapv(|v| v as f32)
+            // An infinite float64 becomes a gap (NaN) here too, as float32 ones do.
+            wide.mapv(|v| if v.is_finite() { v as f32 } else { f32::NAN })
         }
     };
     let table = Table {
