@@ -336,6 +336,10 @@ not restart it), 1 for other failures.")]
         /// Replace a head already in the folder.
         #[arg(long)]
         force: bool,
+        /// Threads for the passes over the rows (default: every core). Any count writes the
+        /// same head and calibration.
+        #[arg(long, value_parser = parse_positive)]
+        threads: Option<usize>,
     },
     /// Score activation rows through an SAE and its dark-matter head: per token ‖e‖², the
     /// predicted ‖e‖², the nonlinear error and the deviation; prompt-level max/mean; with
@@ -389,6 +393,10 @@ not restart it), 1 for other failures.")]
         /// Prompt-level CSV to write (needs --prompt-ids).
         #[arg(long)]
         prompt_out: Option<PathBuf>,
+        /// Threads for the passes over the rows (default: every core). Any count gives the
+        /// same scores.
+        #[arg(long, value_parser = parse_positive)]
+        threads: Option<usize>,
     },
     /// Print a model directory's metadata, or an online-retraining state directory's
     /// checkpoints and retrain history.
@@ -783,6 +791,83 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// Progress of `sae-head`'s and `sae-score`'s passes over the rows, on stderr as `train`
+/// shows its epochs: a bar on a terminal; otherwise (a pipe, a CI log, journald) a line at
+/// most every 5 s, so short runs print none.
+struct RowsProgress {
+    tty: bool,
+    bar: ProgressBar,
+    started: std::time::Instant,
+    state: std::sync::Mutex<RowsState>,
+}
+
+struct RowsState {
+    stage: &'static str,
+    done: usize,
+    last_line: std::time::Duration,
+}
+
+impl RowsProgress {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new() -> RowsProgress {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} rows: {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        RowsProgress {
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            bar,
+            started: std::time::Instant::now(),
+            state: std::sync::Mutex::new(RowsState {
+                stage: "",
+                done: 0,
+                last_line: std::time::Duration::ZERO,
+            }),
+        }
+    }
+
+    /// Called by the worker threads after each batch; reports arrive out of order by a batch
+    /// or two, so only a larger count moves the display.
+    fn report(&self, p: darkwatch::sae::pass::RowProgress) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if p.stage != st.stage {
+            st.stage = p.stage;
+            st.done = 0;
+            if self.tty {
+                self.bar.set_length(p.total as u64);
+                self.bar.set_position(0);
+                self.bar.set_message(p.stage);
+            }
+        }
+        if p.done <= st.done {
+            return;
+        }
+        st.done = p.done;
+        if self.tty {
+            self.bar.set_position(p.done as u64);
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        if elapsed.saturating_sub(st.last_line) >= Self::EVERY {
+            st.last_line = elapsed;
+            eprintln!(
+                "darkwatch: {}: {}/{} rows, {:.1} s",
+                p.stage,
+                p.done,
+                p.total,
+                elapsed.as_secs_f64()
+            );
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 /// `sae-bench --secs`: finite and positive.
@@ -1348,6 +1433,7 @@ fn run(command: Command) -> Result<()> {
             ridge,
             out,
             force,
+            threads,
         } => {
             // A head beside an autoencoder's model.json is never read (the folder loads as the
             // autoencoder), as `sae-train` refuses to write an SAE there.
@@ -1372,7 +1458,15 @@ fn run(command: Command) -> Result<()> {
                 out,
                 force,
             };
-            emit(&darkwatch::sae::eval::sae_head_command(&args)?)?;
+            let progress = RowsProgress::new();
+            let report = |p| progress.report(p);
+            let passes = darkwatch::sae::pass::Passes {
+                threads: threads.unwrap_or_else(darkwatch::sae::pass::available_threads),
+                progress: &report,
+            };
+            let text = darkwatch::sae::eval::sae_head_command_with(&args, &passes);
+            progress.finish();
+            emit(&text?)?;
             Ok(())
         }
         Command::SaeScore {
@@ -1390,6 +1484,7 @@ fn run(command: Command) -> Result<()> {
             shrinkage,
             out,
             prompt_out,
+            threads,
         } => {
             let args = darkwatch::sae::eval::SaeScoreArgs {
                 sae,
@@ -1407,7 +1502,15 @@ fn run(command: Command) -> Result<()> {
                 out,
                 prompt_out,
             };
-            let (_, text) = darkwatch::sae::eval::sae_score_command(&args)?;
+            let progress = RowsProgress::new();
+            let report = |p| progress.report(p);
+            let passes = darkwatch::sae::pass::Passes {
+                threads: threads.unwrap_or_else(darkwatch::sae::pass::available_threads),
+                progress: &report,
+            };
+            let scored = darkwatch::sae::eval::sae_score_command_with(&args, &passes);
+            progress.finish();
+            let (_, text) = scored?;
             emit(&text)?;
             Ok(())
         }
