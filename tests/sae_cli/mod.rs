@@ -459,3 +459,56 @@ fn a_relative_hookpoint_folder_finds_the_run_folders_head() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(!err.contains("no dark-matter head"), "{err}");
 }
+
+/// A sparsify head found both in the run folder and in its hookpoint folder is used from the
+/// folder named, with a warning naming both (one is stale): nothing asserted the warning, so
+/// it could go unnoticed. Each name uses its own head and warns about the other.
+#[test]
+fn heads_in_both_the_run_and_the_hookpoint_folder_are_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_folder = tmp.path().join("run");
+    let layer = run_folder.join("layers.3");
+    copy_tree(
+        &crate::util::repo("tests/data/sae/sparsify_topk_f32/checkpoint/layers.3"),
+        &layer,
+    );
+    let acts = tmp.path().join("acts.npy");
+    write_activations(&acts, 240, 16);
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-head", "--holdout", "0", "--sae"])
+            .arg(&layer)
+            .arg("--input")
+            .arg(&acts),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let score = |sae: &Path| {
+        let (code, out, err) = crate::util::run(
+            crate::util::darkwatch()
+                .arg("sae-score")
+                .arg("--sae")
+                .arg(sae)
+                .arg("--input")
+                .arg(&acts),
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        (out, err)
+    };
+    // One head: no warning.
+    let (_, err) = score(&run_folder);
+    assert!(!err.contains("hold a dark-matter head"), "{err}");
+    copy_tree(&layer.join("dark"), &run_folder.join("dark"));
+    for (named, other) in [(&run_folder, &layer), (&layer, &run_folder)] {
+        let (used, stale) = (named.join("dark"), other.join("dark"));
+        let (out, err) = score(named);
+        let warning = format!(
+            "both {} and {} hold a dark-matter head for the same sparsify SAE; using {}",
+            used.display(),
+            stale.display(),
+            used.display()
+        );
+        assert!(err.contains(&warning), "missing {warning:?} in {err}");
+        assert!(err.contains("remove the other one"), "{err}");
+        assert!(out.contains(&used.display().to_string()), "{out}");
+    }
+}
