@@ -213,8 +213,17 @@ not restart it), 1 for other failures.")]
         retrain_data: Option<PathBuf>,
     },
     /// Measure SAE scoring on this CPU: d_in 384/768 × 16k/32k latents, TopK k = 32, random
-    /// weights; tokens/s at batch 1 and at a batch, and the encoder's share of sgemm.
+    /// weights; tokens/s at batch 1 and at a batch, and the encoder's share of sgemm. With
+    /// --sae, your own SAE instead: its per-frame latency (median and p99) with its head.
     SaeBench {
+        /// SAE folder (SAELens or sparsify, as sae-score takes) to time instead of the random
+        /// shapes, with its dark-matter head when it has one (as the agent scores a frame).
+        #[arg(long)]
+        sae: Option<PathBuf>,
+        /// Activations [tokens, d] (.npy / .safetensors) to feed --sae, reused in turn
+        /// (default: random rows; a ReLU or JumpReLU SAE's time depends on the rows).
+        #[arg(long, requires = "sae")]
+        input: Option<PathBuf>,
         /// Seconds per measurement (four per shape, four shapes).
         #[arg(long, default_value_t = 2.0, value_parser = parse_bench_secs)]
         secs: f64,
@@ -793,6 +802,49 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// `sae-bench --sae DIR`: the SAE loaded as `sae-score` loads it, timed with its head when
+/// one is found where `sae-score` looks (one that does not load is reported and left out).
+fn sae_bench_own(
+    dir: &Path,
+    input: Option<&Path>,
+    mut opts: darkwatch::sae::bench::SaeBenchOptions,
+) -> Result<()> {
+    use darkwatch::sae::{Sae, bench, detector};
+    let sae = Sae::load(dir)?;
+    let dark = detector::head_dir(dir);
+    let head = match detector::load_head(&dark, &sae, dir) {
+        Ok(head) => Some(head),
+        Err(detector::DetectorError::NoHead { .. }) => None,
+        Err(e) => {
+            eprintln!("darkwatch: warning: timing the SAE without its head: {e}");
+            None
+        }
+    };
+    let inputs = input
+        .map(|p| darkwatch::sae::eval::read_activations(p, None))
+        .transpose()?;
+    opts.shapes = vec![(sae.d_in(), sae.d_sae())];
+    // The ndarray comparison checks the kernel choice on the random shapes; not needed here.
+    opts.compare_ndarray = false;
+    eprintln!(
+        "darkwatch: timing {} (about {})…",
+        dir.display(),
+        bench::duration_text(opts.estimated_secs())
+    );
+    let name = dir.display().to_string();
+    let own = bench::OwnSae {
+        sae: &sae,
+        name: &name,
+        head: head.as_ref(),
+        inputs: inputs.as_ref().map(|x| x.view()),
+    };
+    let report = bench::run_own(&own, &opts).with_context(|| match input {
+        Some(p) => format!("{} with --input {}", dir.display(), p.display()),
+        None => dir.display().to_string(),
+    })?;
+    emit(&report.to_string())
+}
+
 /// Progress of `sae-head`'s and `sae-score`'s passes over the rows, on stderr as `train`
 /// shows its epochs: a bar on a terminal; otherwise (a pipe, a CI log, journald) a line at
 /// most every 5 s, so short runs print none.
@@ -1338,12 +1390,20 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::SaeBench { secs, batch } => {
+        Command::SaeBench {
+            sae,
+            input,
+            secs,
+            batch,
+        } => {
             let opts = darkwatch::sae::bench::SaeBenchOptions {
                 secs_per_measurement: secs,
                 batch,
                 ..Default::default()
             };
+            if let Some(dir) = sae {
+                return sae_bench_own(&dir, input.as_deref(), opts);
+            }
             eprintln!(
                 "darkwatch: timing SAE scoring (about {})…",
                 darkwatch::sae::bench::duration_text(opts.estimated_secs())
