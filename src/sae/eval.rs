@@ -22,8 +22,9 @@
 //! # Prompt-level scores
 //!
 //! Tokens are grouped by prompt id (in order of first appearance; a prompt's tokens need not
-//! be contiguous). A prompt's score is the max, or the mean, of its tokens' scores; its label
-//! is the max of its tokens' labels.
+//! be contiguous, but the commands warn when an id comes back after other ids' rows:
+//! [`Reappearing`]). A prompt's score is the max, or the mean, of its tokens' scores; its
+//! label is the max of its tokens' labels.
 //!
 //! # Threads
 //!
@@ -1692,16 +1693,65 @@ fn read_prompt_ids(
             "--prompt-ids-tensor names a tensor of the --prompt-ids file; give --prompt-ids".into(),
         ));
     }
-    path.map(|p| {
-        read_ints_noted(
-            p,
-            (tensor.as_deref(), "--prompt-ids-tensor"),
-            rows,
-            "prompt ids",
-            note,
-        )
-    })
-    .transpose()
+    let ids = path
+        .map(|p| {
+            read_ints_noted(
+                p,
+                (tensor.as_deref(), "--prompt-ids-tensor"),
+                rows,
+                "prompt ids",
+                note,
+            )
+        })
+        .transpose()?;
+    if let (Some(p), Some(r)) = (path, ids.as_deref().and_then(Reappearing::find)) {
+        tracing::warn!(
+            file = %p.display(),
+            "Prompt id {} reappears at row {} after other prompts' tokens ({} ids do); each \
+             id's tokens are taken as one prompt wherever they are. If the ids restart per \
+             batch or file, make them unique (add an offset per batch).",
+            r.id,
+            r.row,
+            r.ids
+        );
+    }
+    Ok(ids)
+}
+
+/// Prompt ids that come back after other ids' rows: [`Prompts::group`] merges them into one
+/// prompt, which is right for interleaved prompts but most likely a mistake when ids restart
+/// per batch (two prompts with id 0 become one). Commands warn about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reappearing {
+    /// The first id that reappears, and the row where it does.
+    pub id: i64,
+    pub row: usize,
+    /// How many ids reappear.
+    pub ids: usize,
+}
+
+impl Reappearing {
+    /// The ids of `ids` whose rows are not contiguous, or `None` when every id's rows are.
+    pub fn find(ids: &[i64]) -> Option<Reappearing> {
+        let mut closed = std::collections::HashSet::new();
+        let mut counted = std::collections::HashSet::new();
+        let mut first = None;
+        for (row, w) in ids.windows(2).enumerate() {
+            if w[0] == w[1] {
+                continue;
+            }
+            closed.insert(w[0]);
+            if closed.contains(&w[1]) {
+                first.get_or_insert((w[1], row + 1));
+                counted.insert(w[1]);
+            }
+        }
+        first.map(|(id, row)| Reappearing {
+            id,
+            row,
+            ids: counted.len(),
+        })
+    }
 }
 
 /// Refuses, before any work, to fit a dark-matter head of width `d` on `rows` rows of
@@ -3656,6 +3706,34 @@ mod tests {
         // An empty folder, or a new one, is fine.
         fs::create_dir_all(dir.path().join("empty")).unwrap();
         train(&dir.path().join("empty"), false).unwrap();
+    }
+
+    /// Ids whose rows are not contiguous are found (the commands warn: ids that restart per
+    /// batch merge two prompts); contiguous ones, in any order, are not.
+    #[test]
+    fn reappearing_prompt_ids_are_found() {
+        assert_eq!(Reappearing::find(&[]), None);
+        assert_eq!(Reappearing::find(&[3, 3, 1, 1, 7, 2, 2]), None);
+        assert_eq!(
+            Reappearing::find(&[0, 0, 1, 1, 0, 0, 1, 2, 2]),
+            Some(Reappearing {
+                id: 0,
+                row: 4,
+                ids: 2
+            })
+        );
+        assert_eq!(
+            Reappearing::find(&[5, 6, 5, 5, 6]),
+            Some(Reappearing {
+                id: 5,
+                row: 2,
+                ids: 2
+            })
+        );
+        // What `group` does with them: one prompt per id, in order of first appearance.
+        let p = Prompts::group(&[0, 0, 1, 1, 0]);
+        assert_eq!(p.members, vec![vec![0, 1, 4], vec![2, 3]]);
+        assert_eq!(p.labels(&[0, 0, 0, 0, 1]), vec![1, 0]);
     }
 
     #[test]
