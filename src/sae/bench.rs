@@ -6,6 +6,10 @@
 //! large batch and compared with the machine's single-thread sgemm throughput
 //! ([`crate::bench::matmul_gflops`]); ndarray's `general_mat_mul` (matrixmultiply) on the same
 //! product is timed next to it, so the choice of kernel stays checked.
+//!
+//! With `sae-bench --sae` ([`run_own`]) the user's own SAE takes the place of the random
+//! shapes: the same columns for its shape, each frame scored through the SAE and, when it
+//! has one, its dark-matter head, as the agent scores a frame.
 
 use std::fmt;
 use std::time::Instant;
