@@ -213,8 +213,17 @@ not restart it), 1 for other failures.")]
         retrain_data: Option<PathBuf>,
     },
     /// Measure SAE scoring on this CPU: d_in 384/768 × 16k/32k latents, TopK k = 32, random
-    /// weights; tokens/s at batch 1 and at a batch, and the encoder's share of sgemm.
+    /// weights; tokens/s at batch 1 and at a batch, and the encoder's share of sgemm. With
+    /// --sae, your own SAE instead: its per-frame latency (median and p99) with its head.
     SaeBench {
+        /// SAE folder (SAELens or sparsify, as sae-score takes) to time instead of the random
+        /// shapes, with its dark-matter head when it has one (as the agent scores a frame).
+        #[arg(long)]
+        sae: Option<PathBuf>,
+        /// Activations [tokens, d] (.npy / .safetensors) to feed --sae, reused in turn
+        /// (default: random rows; a ReLU or JumpReLU SAE's time depends on the rows).
+        #[arg(long, requires = "sae")]
+        input: Option<PathBuf>,
         /// Seconds per measurement (four per shape, four shapes).
         #[arg(long, default_value_t = 2.0, value_parser = parse_bench_secs)]
         secs: f64,
@@ -336,6 +345,10 @@ not restart it), 1 for other failures.")]
         /// Replace a head already in the folder.
         #[arg(long)]
         force: bool,
+        /// Threads for the passes over the rows (default: every core). Any count writes the
+        /// same head and calibration.
+        #[arg(long, value_parser = parse_positive)]
+        threads: Option<usize>,
     },
     /// Score activation rows through an SAE and its dark-matter head: per token ‖e‖², the
     /// predicted ‖e‖², the nonlinear error and the deviation; prompt-level max/mean; with
@@ -389,6 +402,10 @@ not restart it), 1 for other failures.")]
         /// Prompt-level CSV to write (needs --prompt-ids).
         #[arg(long)]
         prompt_out: Option<PathBuf>,
+        /// Threads for the passes over the rows (default: every core). Any count gives the
+        /// same scores.
+        #[arg(long, value_parser = parse_positive)]
+        threads: Option<usize>,
     },
     /// Print a model directory's metadata, or an online-retraining state directory's
     /// checkpoints and retrain history.
@@ -783,6 +800,126 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// `sae-bench --sae DIR`: the SAE loaded as `sae-score` loads it, timed with its head when
+/// one is found where `sae-score` looks (one that does not load is reported and left out).
+fn sae_bench_own(
+    dir: &Path,
+    input: Option<&Path>,
+    mut opts: darkwatch::sae::bench::SaeBenchOptions,
+) -> Result<()> {
+    use darkwatch::sae::{Sae, bench, detector};
+    let sae = Sae::load(dir)?;
+    let dark = detector::head_dir(dir);
+    let head = match detector::load_head(&dark, &sae, dir) {
+        Ok(head) => Some(head),
+        Err(detector::DetectorError::NoHead { .. }) => None,
+        Err(e) => {
+            eprintln!("darkwatch: warning: timing the SAE without its head: {e}");
+            None
+        }
+    };
+    let inputs = input
+        .map(|p| darkwatch::sae::eval::read_activations(p, None))
+        .transpose()?;
+    opts.shapes = vec![(sae.d_in(), sae.d_sae())];
+    // The ndarray comparison checks the kernel choice on the random shapes; not needed here.
+    opts.compare_ndarray = false;
+    eprintln!(
+        "darkwatch: timing {} (about {})…",
+        dir.display(),
+        bench::duration_text(opts.estimated_secs())
+    );
+    let name = dir.display().to_string();
+    let own = bench::OwnSae {
+        sae: &sae,
+        name: &name,
+        head: head.as_ref(),
+        inputs: inputs.as_ref().map(|x| x.view()),
+    };
+    let report = bench::run_own(&own, &opts).with_context(|| match input {
+        Some(p) => format!("{} with --input {}", dir.display(), p.display()),
+        None => dir.display().to_string(),
+    })?;
+    emit(&report.to_string())
+}
+
+/// Progress of `sae-head`'s and `sae-score`'s passes over the rows, on stderr as `train`
+/// shows its epochs: a bar on a terminal; otherwise (a pipe, a CI log, journald) a line at
+/// most every 5 s, so short runs print none.
+struct RowsProgress {
+    tty: bool,
+    bar: ProgressBar,
+    started: std::time::Instant,
+    state: std::sync::Mutex<RowsState>,
+}
+
+struct RowsState {
+    stage: &'static str,
+    done: usize,
+    last_line: std::time::Duration,
+}
+
+impl RowsProgress {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new() -> RowsProgress {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} rows: {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        RowsProgress {
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            bar,
+            started: std::time::Instant::now(),
+            state: std::sync::Mutex::new(RowsState {
+                stage: "",
+                done: 0,
+                last_line: std::time::Duration::ZERO,
+            }),
+        }
+    }
+
+    /// Called by the worker threads after each batch; reports arrive out of order by a batch
+    /// or two, so only a larger count moves the display.
+    fn report(&self, p: darkwatch::sae::pass::RowProgress) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if p.stage != st.stage {
+            st.stage = p.stage;
+            st.done = 0;
+            if self.tty {
+                self.bar.set_length(p.total as u64);
+                self.bar.set_position(0);
+                self.bar.set_message(p.stage);
+            }
+        }
+        if p.done <= st.done {
+            return;
+        }
+        st.done = p.done;
+        if self.tty {
+            self.bar.set_position(p.done as u64);
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        if elapsed.saturating_sub(st.last_line) >= Self::EVERY {
+            st.last_line = elapsed;
+            eprintln!(
+                "darkwatch: {}: {}/{} rows, {:.1} s",
+                p.stage,
+                p.done,
+                p.total,
+                elapsed.as_secs_f64()
+            );
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 /// `sae-bench --secs`: finite and positive.
@@ -1253,12 +1390,20 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::SaeBench { secs, batch } => {
+        Command::SaeBench {
+            sae,
+            input,
+            secs,
+            batch,
+        } => {
             let opts = darkwatch::sae::bench::SaeBenchOptions {
                 secs_per_measurement: secs,
                 batch,
                 ..Default::default()
             };
+            if let Some(dir) = sae {
+                return sae_bench_own(&dir, input.as_deref(), opts);
+            }
             eprintln!(
                 "darkwatch: timing SAE scoring (about {})…",
                 darkwatch::sae::bench::duration_text(opts.estimated_secs())
@@ -1348,6 +1493,7 @@ fn run(command: Command) -> Result<()> {
             ridge,
             out,
             force,
+            threads,
         } => {
             // A head beside an autoencoder's model.json is never read (the folder loads as the
             // autoencoder), as `sae-train` refuses to write an SAE there.
@@ -1372,7 +1518,15 @@ fn run(command: Command) -> Result<()> {
                 out,
                 force,
             };
-            emit(&darkwatch::sae::eval::sae_head_command(&args)?)?;
+            let progress = RowsProgress::new();
+            let report = |p| progress.report(p);
+            let passes = darkwatch::sae::pass::Passes {
+                threads: threads.unwrap_or_else(darkwatch::sae::pass::available_threads),
+                progress: &report,
+            };
+            let text = darkwatch::sae::eval::sae_head_command_with(&args, &passes);
+            progress.finish();
+            emit(&text?)?;
             Ok(())
         }
         Command::SaeScore {
@@ -1390,6 +1544,7 @@ fn run(command: Command) -> Result<()> {
             shrinkage,
             out,
             prompt_out,
+            threads,
         } => {
             let args = darkwatch::sae::eval::SaeScoreArgs {
                 sae,
@@ -1407,7 +1562,15 @@ fn run(command: Command) -> Result<()> {
                 out,
                 prompt_out,
             };
-            let (_, text) = darkwatch::sae::eval::sae_score_command(&args)?;
+            let progress = RowsProgress::new();
+            let report = |p| progress.report(p);
+            let passes = darkwatch::sae::pass::Passes {
+                threads: threads.unwrap_or_else(darkwatch::sae::pass::available_threads),
+                progress: &report,
+            };
+            let scored = darkwatch::sae::eval::sae_score_command_with(&args, &passes);
+            progress.finish();
+            let (_, text) = scored?;
             emit(&text)?;
             Ok(())
         }

@@ -6,13 +6,18 @@
 //! large batch and compared with the machine's single-thread sgemm throughput
 //! ([`crate::bench::matmul_gflops`]); ndarray's `general_mat_mul` (matrixmultiply) on the same
 //! product is timed next to it, so the choice of kernel stays checked.
+//!
+//! With `sae-bench --sae` ([`run_own`]) the user's own SAE takes the place of the random
+//! shapes: the same columns for its shape, each frame scored through the SAE and, when it
+//! has one, its dark-matter head, as the agent scores a frame.
 
 use std::fmt;
 use std::time::Instant;
 
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 
-use super::{Sae, SaeError};
+use super::dark::DarkHead;
+use super::{Sae, SaeActivation, SaeError};
 use crate::rng::Rng;
 use crate::stats::LatencyHistogram;
 
@@ -75,8 +80,10 @@ pub fn duration_text(secs: f64) -> String {
 pub struct SaeBenchRow {
     pub d_in: usize,
     pub d_sae: usize,
-    pub k: usize,
-    /// Per-token latency of the full forward pass at batch 1.
+    /// TopK's k; `None` for a ReLU or JumpReLU SAE (`sae-bench --sae`).
+    pub k: Option<usize>,
+    /// Per-token latency of the full forward pass at batch 1 (with the head's score, for a
+    /// user's SAE that has one).
     pub batch1: LatencyHistogram,
     /// Per-batch latency of the full forward pass at the large batch.
     pub batched: LatencyHistogram,
@@ -139,6 +146,8 @@ pub struct SaeBenchReport {
     pub kernel: &'static str,
     pub batch: usize,
     pub rows: Vec<SaeBenchRow>,
+    /// With `sae-bench --sae`: which SAE, and what was timed.
+    pub own: Option<String>,
 }
 
 /// Runs the benchmark (single thread; takes about [`SaeBenchOptions::estimated_secs`]).
@@ -152,74 +161,10 @@ pub fn run(opts: &SaeBenchOptions) -> Result<SaeBenchReport, SaeError> {
     let mut kernel = "portable";
     for (i, &(d_in, d_sae)) in opts.shapes.iter().enumerate() {
         let sae = Sae::random(d_in, d_sae, opts.k, 42 + i as u64)?;
-        let mut rng = Rng::new(7);
-        // Inputs on the scale of real residual streams (norm ≈ √d).
-        let pool = Array2::from_shape_fn((4 * batch, d_in), |_| rng.uniform(-1.7, 1.7));
-        let mut ws = sae.workspace(batch);
-        kernel = ws.kernel_name();
-        let timed = |f: &mut dyn FnMut(usize)| {
-            let mut hist = LatencyHistogram::new();
-            f(0); // warm-up
-            let start = Instant::now();
-            let mut it = 0;
-            while it < opts.min_iters || start.elapsed().as_secs_f64() < opts.secs_per_measurement {
-                let t = Instant::now();
-                f(it + 1);
-                hist.record(t.elapsed().as_nanos() as u64);
-                it += 1;
-            }
-            hist
-        };
-        let n_pool = pool.nrows();
-        let batch1 = timed(&mut |it| {
-            let r = it % n_pool;
-            let out = sae
-                .forward(pool.slice(ndarray::s![r..r + 1, ..]), &mut ws)
-                .expect("width matches");
-            std::hint::black_box(out.error_sq_norm()[0]);
-        });
-        let blocks = n_pool / batch;
-        let batched = timed(&mut |it| {
-            let r = (it % blocks) * batch;
-            let out = sae
-                .forward(pool.slice(ndarray::s![r..r + batch, ..]), &mut ws)
-                .expect("width matches");
-            std::hint::black_box(out.error_sq_norm()[0]);
-        });
-        let mut cpu = thread_cpu_ns().map(|_| LatencyHistogram::new());
-        let encoder = timed(&mut |it| {
-            let r = (it % blocks) * batch;
-            let before = thread_cpu_ns();
-            let pre = sae
-                .pre_acts(pool.slice(ndarray::s![r..r + batch, ..]), &mut ws)
-                .expect("width matches");
-            std::hint::black_box(pre[[0, 0]]);
-            if let (Some(h), Some(a), Some(b)) = (cpu.as_mut(), before, thread_cpu_ns())
-                && it > 0
-            {
-                h.record(b.saturating_sub(a));
-            }
-        });
-        let ndarray_gemm = opts.compare_ndarray.then(|| {
-            let w = Array2::from_shape_fn((d_in, d_sae), |(i, j)| sae.w_enc_at(i, j));
-            let mut out = Array2::<f32>::zeros((batch, d_sae));
-            timed(&mut |it| {
-                let r = (it % blocks) * batch;
-                let x = pool.slice(ndarray::s![r..r + batch, ..]);
-                ndarray::linalg::general_mat_mul(1.0, &x, &w, 0.0, &mut out);
-                std::hint::black_box(out[[0, 0]]);
-            })
-        });
-        rows.push(SaeBenchRow {
-            d_in,
-            d_sae,
-            k: opts.k,
-            batch1,
-            batched,
-            encoder,
-            encoder_cpu: cpu,
-            ndarray_gemm,
-        });
+        let pool = random_rows(4 * batch, d_in);
+        let (row, k) = measure(&sae, None, pool.view(), opts)?;
+        kernel = k;
+        rows.push(row);
     }
     // Best of before and after: a shared machine can slow either one.
     let matmul_gflops = matmul_gflops.max(crate::bench::matmul_gflops());
@@ -228,7 +173,171 @@ pub fn run(opts: &SaeBenchOptions) -> Result<SaeBenchReport, SaeError> {
         kernel,
         batch,
         rows,
+        own: None,
     })
+}
+
+/// A user's SAE to time (`sae-bench --sae`) instead of the random shapes.
+#[derive(Debug, Clone, Copy)]
+pub struct OwnSae<'a> {
+    pub sae: &'a Sae,
+    /// Where it was loaded from, for the report.
+    pub name: &'a str,
+    /// Its dark-matter head, scored with every frame as the agent scores it; `None` times
+    /// the SAE alone.
+    pub head: Option<&'a DarkHead>,
+    /// Rows to feed it (real activations, reused in turn); `None`: random rows on the scale
+    /// of residual streams (norm ≈ √d). A ReLU or JumpReLU SAE decodes every latent that
+    /// fires, so its time depends on the rows.
+    pub inputs: Option<ArrayView2<'a, f32>>,
+}
+
+/// [`run`] on one SAE of the user's (`sae-bench --sae`): per-frame latency at batch 1 and
+/// per-batch latency at `opts.batch`, median and p99, with its head when given. `opts.shapes`
+/// and `opts.k` are not used.
+///
+/// # Errors
+/// [`SaeError::Invalid`] when the inputs or the head do not have the SAE's width, or no
+/// input row is given.
+pub fn run_own(own: &OwnSae, opts: &SaeBenchOptions) -> Result<SaeBenchReport, SaeError> {
+    let (sae, batch) = (own.sae, opts.batch.max(1));
+    if let Some(head) = own.head
+        && head.d() != sae.d_in()
+    {
+        return Err(SaeError::Invalid(format!(
+            "the dark-matter head takes d = {}, the SAE d_in = {}",
+            head.d(),
+            sae.d_in()
+        )));
+    }
+    let pool = match own.inputs {
+        Some(x) if x.ncols() != sae.d_in() => {
+            return Err(SaeError::Invalid(format!(
+                "the input rows have {} features, the SAE d_in = {}",
+                x.ncols(),
+                sae.d_in()
+            )));
+        }
+        Some(x) if x.nrows() == 0 => {
+            return Err(SaeError::Invalid("the input holds no rows".into()));
+        }
+        Some(x) => Array2::from_shape_fn((4 * batch, x.ncols()), |(r, c)| x[[r % x.nrows(), c]]),
+        None => random_rows(4 * batch, sae.d_in()),
+    };
+    let matmul_gflops = crate::bench::matmul_gflops();
+    let (row, kernel) = measure(sae, own.head, pool.view(), opts)?;
+    let matmul_gflops = matmul_gflops.max(crate::bench::matmul_gflops());
+    let per_frame = if own.head.is_some() {
+        "the SAE and its dark-matter head, as the agent scores a frame"
+    } else {
+        "the SAE alone (no dark-matter head found)"
+    };
+    let inputs = if own.inputs.is_some() {
+        "the given activations"
+    } else {
+        "random rows"
+    };
+    Ok(SaeBenchReport {
+        matmul_gflops,
+        kernel,
+        batch,
+        rows: vec![row],
+        own: Some(format!(
+            "{}: {:?}, normalisation {}; timed: {per_frame}, on {inputs}",
+            own.name,
+            sae.activation(),
+            sae.normalization_label()
+        )),
+    })
+}
+
+/// `n` rows of width `d` on the scale of real residual streams (norm ≈ √d).
+fn random_rows(n: usize, d: usize) -> Array2<f32> {
+    let mut rng = Rng::new(7);
+    Array2::from_shape_fn((n, d), |_| rng.uniform(-1.7, 1.7))
+}
+
+/// Times `sae` (and `head`, per batch, when given) on rows of `pool` (at least
+/// `4·opts.batch`): one row of the table, and the kernel's name.
+fn measure(
+    sae: &Sae,
+    head: Option<&DarkHead>,
+    pool: ArrayView2<f32>,
+    opts: &SaeBenchOptions,
+) -> Result<(SaeBenchRow, &'static str), SaeError> {
+    let batch = opts.batch.max(1);
+    let (d_in, d_sae) = (sae.d_in(), sae.d_sae());
+    let mut ws = sae.workspace(batch);
+    let mut dws = head.map(|h| h.workspace(batch));
+    let kernel = ws.kernel_name();
+    let timed = |f: &mut dyn FnMut(usize)| {
+        let mut hist = LatencyHistogram::new();
+        f(0); // warm-up
+        let start = Instant::now();
+        let mut it = 0;
+        while it < opts.min_iters || start.elapsed().as_secs_f64() < opts.secs_per_measurement {
+            let t = Instant::now();
+            f(it + 1);
+            hist.record(t.elapsed().as_nanos() as u64);
+            it += 1;
+        }
+        hist
+    };
+    // The whole per-frame work on rows `r..r + n`: the forward pass, and the head's scores.
+    let mut frame = |r: usize, n: usize| {
+        let x = pool.slice(ndarray::s![r..r + n, ..]);
+        let out = sae.forward(x, &mut ws).expect("width checked");
+        std::hint::black_box(out.error_sq_norm()[0]);
+        if let (Some(head), Some(dws)) = (head, dws.as_mut()) {
+            let s = head.score(x, out.error(), dws).expect("width checked");
+            std::hint::black_box(s[0].deviation);
+        }
+    };
+    let n_pool = pool.nrows();
+    let batch1 = timed(&mut |it| frame(it % n_pool, 1));
+    let blocks = n_pool / batch;
+    let batched = timed(&mut |it| frame((it % blocks) * batch, batch));
+    let mut cpu = thread_cpu_ns().map(|_| LatencyHistogram::new());
+    let encoder = timed(&mut |it| {
+        let r = (it % blocks) * batch;
+        let before = thread_cpu_ns();
+        let pre = sae
+            .pre_acts(pool.slice(ndarray::s![r..r + batch, ..]), &mut ws)
+            .expect("width checked");
+        std::hint::black_box(pre[[0, 0]]);
+        if let (Some(h), Some(a), Some(b)) = (cpu.as_mut(), before, thread_cpu_ns())
+            && it > 0
+        {
+            h.record(b.saturating_sub(a));
+        }
+    });
+    let ndarray_gemm = opts.compare_ndarray.then(|| {
+        let w = Array2::from_shape_fn((d_in, d_sae), |(i, j)| sae.w_enc_at(i, j));
+        let mut out = Array2::<f32>::zeros((batch, d_sae));
+        timed(&mut |it| {
+            let r = (it % blocks) * batch;
+            let x = pool.slice(ndarray::s![r..r + batch, ..]);
+            ndarray::linalg::general_mat_mul(1.0, &x, &w, 0.0, &mut out);
+            std::hint::black_box(out[[0, 0]]);
+        })
+    });
+    let k = match sae.activation() {
+        SaeActivation::TopK { k } => Some(k),
+        SaeActivation::Relu | SaeActivation::JumpRelu => None,
+    };
+    Ok((
+        SaeBenchRow {
+            d_in,
+            d_sae,
+            k,
+            batch1,
+            batched,
+            encoder,
+            encoder_cpu: cpu,
+            ndarray_gemm,
+        },
+        kernel,
+    ))
 }
 
 /// This thread's time on a CPU so far, in ns (Linux: `/proc/thread-self/schedstat`).
@@ -240,11 +349,19 @@ fn thread_cpu_ns() -> Option<u64> {
 impl fmt::Display for SaeBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.batch;
-        writeln!(
-            f,
-            "SAE scoring on CPU (1 thread, TopK, kernel {}); sgemm roofline {:.1} GFLOP/s",
-            self.kernel, self.matmul_gflops
-        )?;
+        match &self.own {
+            Some(own) => writeln!(
+                f,
+                "SAE scoring on CPU (1 thread, kernel {}); sgemm roofline {:.1} GFLOP/s\nSAE {own}",
+                self.kernel, self.matmul_gflops
+            )?,
+            None => writeln!(
+                f,
+                "SAE scoring on CPU (1 thread, TopK, random weights, kernel {}); sgemm roofline \
+                 {:.1} GFLOP/s",
+                self.kernel, self.matmul_gflops
+            )?,
+        }
         writeln!(
             f,
             "{:>5} {:>6} {:>3} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>7} {:>7} {:>7} {:>6} | {:>7}",
@@ -272,7 +389,7 @@ impl fmt::Display for SaeBenchReport {
                  {:>7.1} {:>7.1} {:>7} {:>5.0}% | {:>7}",
                 r.d_in,
                 r.d_sae,
-                r.k,
+                r.k.map_or_else(|| "-".into(), |k| k.to_string()),
                 r.batch1.quantile_ns(0.5) / 1e3,
                 r.batch1.quantile_ns(0.99) / 1e3,
                 r.batch1_tokens_per_s(),

@@ -537,8 +537,8 @@ pub fn autoencoder_only(dir: &Path, command: &str) -> Option<String> {
         "{d} is an SAE folder (cfg.json and SAE weights, not a darkwatch model.json): `darkwatch \
          {command}` runs the autoencoders `darkwatch train` writes, on metric tables. With an \
          SAE use `darkwatch sae-score --sae {d} --input <activations.npy> [--labels …]` for \
-         offline scores (AUROC with labels), `darkwatch sae-bench` for its speed, or `darkwatch \
-         run` with [agent] model_dir = \"{d}\" and format = \"raw\" to watch live activations \
+         offline scores (AUROC with labels), `darkwatch sae-bench --sae {d}` for its speed, or \
+         `darkwatch run` with [agent] model_dir = \"{d}\" and format = \"raw\" to watch live activations \
          with thresholds and alerts"
     ))
 }

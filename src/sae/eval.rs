@@ -22,8 +22,15 @@
 //! # Prompt-level scores
 //!
 //! Tokens are grouped by prompt id (in order of first appearance; a prompt's tokens need not
-//! be contiguous). A prompt's score is the max, or the mean, of its tokens' scores; its label
-//! is the max of its tokens' labels.
+//! be contiguous, but the commands warn when an id comes back after other ids' rows:
+//! [`Reappearing`]). A prompt's score is the max, or the mean, of its tokens' scores; its
+//! label is the max of its tokens' labels.
+//!
+//! # Threads
+//!
+//! The commands' passes over the rows run on every core ([`super::pass`]), with the same
+//! bits on any thread count; the `*_with` functions take the thread count and a progress
+//! callback.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -37,8 +44,9 @@ use serde::Serialize;
 
 use super::dark::{DarkConfig, DarkError, DarkHead, DarkScore, DarkStats, R2};
 use super::detector::{Calibration, CalibrationRows, DetectorError};
+use super::pass::{self, BATCH, Passes};
 use super::train::{
-    EpochStats, SaeTrainConfig, SaeTrainError, SaeTrainReport, SaveMeta, defined_nmse,
+    EpochStats, SaeTrainConfig, SaeTrainError, SaeTrainReport, SaveMeta, defined_nmse_of_errors,
     save_saelens, train_topk,
 };
 use super::{Sae, SaeError};
@@ -613,23 +621,43 @@ fn read_labels_noted(
         .collect()
 }
 
-/// The SAE error e = x − SAE(x) of every row.
+/// The SAE error e = x − SAE(x) of every row, on every core ([`sae_errors_with`]).
 ///
 /// # Errors
 /// [`SaeError::InputWidth`] when `x` does not have `d_in` columns.
 pub fn sae_errors(sae: &Sae, x: ArrayView2<f32>) -> Result<Array2<f32>, SaeError> {
-    let mut e = Array2::zeros(x.dim());
-    let mut ws = sae.workspace(256);
-    for (i, chunk) in x.axis_chunks_iter(Axis(0), 256).enumerate() {
-        let out = sae.forward(chunk, &mut ws)?;
-        e.slice_mut(s![i * 256..i * 256 + chunk.nrows(), ..])
-            .assign(&out.error());
+    sae_errors_with(sae, x, &Passes::default(), "SAE errors")
+}
+
+/// [`sae_errors`] on `passes.threads` threads, reporting progress as `stage`. Every thread
+/// count gives the same bits (each 256-row batch is one forward call, wherever it runs).
+///
+/// # Errors
+/// As [`sae_errors`].
+pub fn sae_errors_with(
+    sae: &Sae,
+    x: ArrayView2<f32>,
+    passes: &Passes,
+    stage: &'static str,
+) -> Result<Array2<f32>, SaeError> {
+    let d = x.ncols();
+    let batches = pass::map_batches(
+        x,
+        passes,
+        stage,
+        || sae.workspace(BATCH),
+        |ws, chunk| Ok::<_, SaeError>(sae.forward(chunk, ws)?.error().to_owned()),
+    )?;
+    let mut e = Array2::zeros((x.nrows(), d));
+    for (i, b) in batches.iter().enumerate() {
+        e.slice_mut(s![i * BATCH..i * BATCH + b.nrows(), ..])
+            .assign(b);
     }
     Ok(e)
 }
 
 /// Streams the rows of `x` through the SAE and the head in batches of 256, one
-/// [`DarkScore`] per row.
+/// [`DarkScore`] per row, on every core ([`score_tokens_with`]).
 ///
 /// # Errors
 /// Width mismatches between `x`, the SAE and the head.
@@ -638,6 +666,34 @@ pub fn score_tokens(
     head: &DarkHead,
     x: ArrayView2<f32>,
 ) -> Result<Vec<DarkScore>, SaeEvalError> {
+    score_tokens_with(sae, head, x, &Passes::default(), "scoring tokens")
+}
+
+/// [`score_tokens`] on `passes.threads` threads, reporting progress as `stage`. Every
+/// thread count gives the same bits.
+///
+/// # Errors
+/// As [`score_tokens`].
+pub fn score_tokens_with(
+    sae: &Sae,
+    head: &DarkHead,
+    x: ArrayView2<f32>,
+    passes: &Passes,
+    stage: &'static str,
+) -> Result<Vec<DarkScore>, SaeEvalError> {
+    Ok(score_pass(sae, head, x, passes, stage)?.0)
+}
+
+/// One pass of the rows through the SAE and the head: the head's scores, and the SAE's
+/// ‖e‖² per row as its forward pass gives it (what [`defined_nmse`](super::train::defined_nmse) sums), so that
+/// `sae-score` runs the SAE over its rows once, not twice.
+fn score_pass(
+    sae: &Sae,
+    head: &DarkHead,
+    x: ArrayView2<f32>,
+    passes: &Passes,
+    stage: &'static str,
+) -> Result<(Vec<DarkScore>, Vec<f32>), SaeEvalError> {
     if head.d() != sae.d_in() {
         return Err(SaeEvalError::Invalid(format!(
             "the dark-matter head takes d = {}, the SAE d_in = {}",
@@ -645,14 +701,24 @@ pub fn score_tokens(
             sae.d_in()
         )));
     }
-    let mut out = Vec::with_capacity(x.nrows());
-    let mut ws = sae.workspace(256);
-    let mut dws = head.workspace(256);
-    for chunk in x.axis_chunks_iter(Axis(0), 256) {
-        let fwd = sae.forward(chunk, &mut ws)?;
-        out.extend_from_slice(head.score(chunk, fwd.error(), &mut dws)?);
+    let batches = pass::map_batches(
+        x,
+        passes,
+        stage,
+        || (sae.workspace(BATCH), head.workspace(BATCH)),
+        |(ws, dws), chunk| {
+            let fwd = sae.forward(chunk, ws)?;
+            let sq = fwd.error_sq_norm().to_vec();
+            Ok::<_, SaeEvalError>((head.score(chunk, fwd.error(), dws)?.to_vec(), sq))
+        },
+    )?;
+    let mut scores = Vec::with_capacity(x.nrows());
+    let mut sq = Vec::with_capacity(x.nrows());
+    for (b, q) in batches {
+        scores.extend(b);
+        sq.extend(q);
     }
-    Ok(out)
+    Ok((scores, sq))
 }
 
 /// Squared Mahalanobis distance to training rows, with the covariance shrunk towards the
@@ -711,6 +777,19 @@ impl Mahalanobis {
     /// # Errors
     /// [`SaeEvalError::Invalid`] for a width mismatch.
     pub fn score(&self, x: ArrayView2<f32>) -> Result<Vec<f32>, SaeEvalError> {
+        self.score_with(x, &Passes::default())
+    }
+
+    /// [`score`](Self::score) on `passes.threads` threads (the rows are independent, so
+    /// every thread count gives the same bits).
+    ///
+    /// # Errors
+    /// As [`score`](Self::score).
+    pub fn score_with(
+        &self,
+        x: ArrayView2<f32>,
+        passes: &Passes,
+    ) -> Result<Vec<f32>, SaeEvalError> {
         let d = self.mean.len();
         if x.ncols() != d {
             return Err(SaeEvalError::Invalid(format!(
@@ -718,8 +797,20 @@ impl Mahalanobis {
                 x.ncols()
             )));
         }
-        let mut y = vec![0.0f64; d];
-        Ok(x.rows()
+        let batches = pass::map_batches(
+            x,
+            passes,
+            "Mahalanobis baseline",
+            || vec![0.0f64; d],
+            |y, chunk| Ok::<_, SaeEvalError>(self.score_rows(chunk, y)),
+        )?;
+        Ok(batches.into_iter().flatten().collect())
+    }
+
+    /// The distances of `x`'s rows, with `y` (length d) as scratch.
+    fn score_rows(&self, x: ArrayView2<f32>, y: &mut [f64]) -> Vec<f32> {
+        let d = self.mean.len();
+        x.rows()
             .into_iter()
             .map(|row| {
                 // Forward substitution L y = x − μ; distance = ‖y‖².
@@ -734,7 +825,7 @@ impl Mahalanobis {
                 }
                 dist as f32
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -979,7 +1070,8 @@ pub fn holdout_split(
     Ok((train, held))
 }
 
-/// Fits the dark-matter head on the SAE errors of `x` (and reports R² on `held_out` rows).
+/// Fits the dark-matter head on the SAE errors of `x` (and reports R² on `held_out` rows),
+/// on every core ([`fit_dark_head_with`]).
 ///
 /// # Errors
 /// Width mismatches or a failed fit.
@@ -989,14 +1081,45 @@ pub fn fit_dark_head(
     held_out: Option<ArrayView2<f32>>,
     config: &DarkConfig,
 ) -> Result<super::dark::DarkFit, SaeEvalError> {
+    fit_dark_head_with(sae, x, held_out, config, &Passes::default())
+}
+
+/// [`fit_dark_head`] on `passes.threads` threads. The statistics are summed per block of
+/// [`STATS_ROWS`](pass::STATS_ROWS) rows and the blocks merged in row order, so every thread
+/// count gives the same head.
+///
+/// # Errors
+/// As [`fit_dark_head`].
+pub fn fit_dark_head_with(
+    sae: &Sae,
+    x: ArrayView2<f32>,
+    held_out: Option<ArrayView2<f32>>,
+    config: &DarkConfig,
+    passes: &Passes,
+) -> Result<super::dark::DarkFit, SaeEvalError> {
     let mut stats = DarkStats::new(sae.d_in());
-    let mut ws = sae.workspace(256);
-    for chunk in x.axis_chunks_iter(Axis(0), 256) {
-        let out = sae.forward(chunk, &mut ws)?;
-        stats.accumulate(chunk, out.error())?;
-    }
+    pass::for_units(
+        x,
+        pass::STATS_ROWS,
+        1,
+        passes,
+        "fitting the head on the SAE's errors",
+        || sae.workspace(BATCH),
+        |ws, block| {
+            let mut block_stats = DarkStats::new(sae.d_in());
+            for chunk in block.axis_chunks_iter(Axis(0), BATCH) {
+                let out = sae.forward(chunk, ws)?;
+                block_stats.accumulate(chunk, out.error())?;
+            }
+            Ok::<_, SaeEvalError>(block_stats)
+        },
+        |block_stats| Ok(stats.merge(&block_stats)?),
+    )?;
     let held = match held_out {
-        Some(h) if h.nrows() > 0 => Some((h, sae_errors(sae, h)?)),
+        Some(h) if h.nrows() > 0 => Some((
+            h,
+            sae_errors_with(sae, h, passes, "SAE errors of the held-out rows")?,
+        )),
         _ => None,
     };
     Ok(DarkHead::fit(
@@ -1570,16 +1693,65 @@ fn read_prompt_ids(
             "--prompt-ids-tensor names a tensor of the --prompt-ids file; give --prompt-ids".into(),
         ));
     }
-    path.map(|p| {
-        read_ints_noted(
-            p,
-            (tensor.as_deref(), "--prompt-ids-tensor"),
-            rows,
-            "prompt ids",
-            note,
-        )
-    })
-    .transpose()
+    let ids = path
+        .map(|p| {
+            read_ints_noted(
+                p,
+                (tensor.as_deref(), "--prompt-ids-tensor"),
+                rows,
+                "prompt ids",
+                note,
+            )
+        })
+        .transpose()?;
+    if let (Some(p), Some(r)) = (path, ids.as_deref().and_then(Reappearing::find)) {
+        tracing::warn!(
+            file = %p.display(),
+            "Prompt id {} reappears at row {} after other prompts' tokens ({} ids do); each \
+             id's tokens are taken as one prompt wherever they are. If the ids restart per \
+             batch or file, make them unique (add an offset per batch).",
+            r.id,
+            r.row,
+            r.ids
+        );
+    }
+    Ok(ids)
+}
+
+/// Prompt ids that come back after other ids' rows: [`Prompts::group`] merges them into one
+/// prompt, which is right for interleaved prompts but most likely a mistake when ids restart
+/// per batch (two prompts with id 0 become one). Commands warn about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reappearing {
+    /// The first id that reappears, and the row where it does.
+    pub id: i64,
+    pub row: usize,
+    /// How many ids reappear.
+    pub ids: usize,
+}
+
+impl Reappearing {
+    /// The ids of `ids` whose rows are not contiguous, or `None` when every id's rows are.
+    pub fn find(ids: &[i64]) -> Option<Reappearing> {
+        let mut closed = std::collections::HashSet::new();
+        let mut counted = std::collections::HashSet::new();
+        let mut first = None;
+        for (row, w) in ids.windows(2).enumerate() {
+            if w[0] == w[1] {
+                continue;
+            }
+            closed.insert(w[0]);
+            if closed.contains(&w[1]) {
+                first.get_or_insert((w[1], row + 1));
+                counted.insert(w[1]);
+            }
+        }
+        first.map(|(id, row)| Reappearing {
+            id,
+            row,
+            ids: counted.len(),
+        })
+    }
 }
 
 /// Refuses, before any work, to fit a dark-matter head of width `d` on `rows` rows of
@@ -1634,6 +1806,15 @@ const HEAD_FOLDS: usize = 5;
 /// Bad input, a head already in place (without `force`), a failed fit or write, each
 /// naming its file.
 pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
+    sae_head_command_with(args, &Passes::default())
+}
+
+/// [`sae_head_command`] with its passes over the rows on `passes.threads` threads, reporting
+/// progress to `passes.progress`. Every thread count writes the same head and calibration.
+///
+/// # Errors
+/// As [`sae_head_command`].
+pub fn sae_head_command_with(args: &SaeHeadArgs, passes: &Passes) -> Result<String, SaeEvalError> {
     check_ridge(&args.dark)?;
     let mut sae = Sae::load(&args.sae)?;
     super::detector::apply_norm_scaling(
@@ -1674,7 +1855,7 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
                 format!("{rows} rows; the head needs at least {HEAD_FOLDS}"),
             ));
         }
-        let e = sae_errors(&sae, train.view())?;
+        let e = sae_errors_with(&sae, train.view(), passes, "SAE errors of the rows")?;
         let fold_of = fold_assignment(rows, ids.as_deref(), HEAD_FOLDS);
         let mut fold_stats: Vec<DarkStats> = (0..HEAD_FOLDS)
             .map(|_| DarkStats::new(sae.d_in()))
@@ -1697,8 +1878,14 @@ pub fn sae_head_command(args: &SaeHeadArgs) -> Result<String, SaeEvalError> {
         (fit, c)
     } else {
         let held = x.select(Axis(0), &held_rows);
-        let fit = fit_dark_head(&sae, train.view(), Some(held.view()), &args.dark)?;
-        let scores = score_tokens(&sae, &fit.head, tail(held.view()))?;
+        let fit = fit_dark_head_with(&sae, train.view(), Some(held.view()), &args.dark, passes)?;
+        let scores = score_tokens_with(
+            &sae,
+            &fit.head,
+            tail(held.view()),
+            passes,
+            "calibration scores of the held-out rows",
+        )?;
         let c = Calibration::from_scores(&scores, CalibrationRows::HeldOut, usize::MAX);
         (fit, c)
     };
@@ -1838,7 +2025,7 @@ pub struct SaeScoreSummary {
     pub nmse_all: Option<f64>,
 }
 
-/// A normalised MSE from [`defined_nmse`] on `rows` rows, or why there is none.
+/// A normalised MSE from [`defined_nmse`](super::train::defined_nmse) on `rows` rows, or why there is none.
 fn nmse_text(nmse: Option<f64>, rows: usize) -> String {
     const WHY: &str = "it divides by the rows' spread around their mean";
     match (nmse, rows) {
@@ -1896,6 +2083,18 @@ fn check_score_outputs(args: &SaeScoreArgs) -> Result<(), SaeEvalError> {
 /// bad input (shape mismatches are named with both shapes), a missing SAE or head, a failed
 /// write.
 pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String), SaeEvalError> {
+    sae_score_command_with(args, &Passes::default())
+}
+
+/// [`sae_score_command`] with its passes over the rows on `passes.threads` threads,
+/// reporting progress to `passes.progress`. Every thread count gives the same scores.
+///
+/// # Errors
+/// As [`sae_score_command`].
+pub fn sae_score_command_with(
+    args: &SaeScoreArgs,
+    passes: &Passes,
+) -> Result<(SaeScoreSummary, String), SaeEvalError> {
     check_score_outputs(args)?;
     for (tensor, flag, file) in [
         (
@@ -1948,7 +2147,7 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
         &note,
     )?;
     let prompts = ids.as_deref().map(Prompts::group);
-    let scores = score_tokens(&sae, &head, x.view())?;
+    let (scores, error_sq) = score_pass(&sae, &head, x.view(), passes, "scoring tokens")?;
     let maha = match &args.baseline {
         Some(p) => {
             let (base, _) =
@@ -1963,7 +2162,10 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
                     ),
                 ));
             }
-            Some(Mahalanobis::fit(base.view(), args.baseline_shrinkage)?.score(x.view())?)
+            Some(
+                Mahalanobis::fit(base.view(), args.baseline_shrinkage)?
+                    .score_with(x.view(), passes)?,
+            )
         }
         None => None,
     };
@@ -2038,7 +2240,8 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
         write_file(out, &csv)?;
     }
 
-    let nmse_all = defined_nmse(&sae, x.view())?;
+    // The scoring pass's own errors: the same sum as `defined_nmse`, without a second pass.
+    let nmse_all = defined_nmse_of_errors(x.view(), &error_sq);
     let mut normal_rows = 0;
     let (table, r2_label0, nmse_label0) = match &labels {
         Some(l) => {
@@ -2047,10 +2250,12 @@ pub fn sae_score_command(args: &SaeScoreArgs) -> Result<(SaeScoreSummary, String
             normal_rows = normal.len();
             let (r2, nmse) = if normal.len() >= 2 {
                 let xn = x.select(Axis(0), &normal);
-                let en = sae_errors(&sae, xn.view())?;
+                let en =
+                    sae_errors_with(&sae, xn.view(), passes, "SAE errors of the label-0 rows")?;
+                let en_sq: Vec<f32> = normal.iter().map(|&r| error_sq[r]).collect();
                 (
                     Some(head.r2(xn.view(), en.view())?),
-                    defined_nmse(&sae, xn.view())?,
+                    defined_nmse_of_errors(xn.view(), &en_sq),
                 )
             } else {
                 (None, None)
@@ -2195,6 +2400,125 @@ mod tests {
         let sae = dir.path().join("sae");
         sae_train_command(&tiny_train_args(&acts, &sae), &mut |_| {}).unwrap();
         (dir, acts, sae)
+    }
+
+    /// The passes over the rows give the same bits on 1 thread and on several: SAE errors,
+    /// token scores, the head's fit, the Mahalanobis baseline, and what `sae-head` and
+    /// `sae-score` write. Each 256-row batch (and each block of the head's statistics) is cut
+    /// at the same rows whatever the thread count; a split that moved a row, reordered the
+    /// results or merged the statistics in thread order would show here.
+    #[test]
+    fn passes_give_the_same_bits_on_one_thread_and_on_several() {
+        let (dir, _, sae_dir) = tiny_sae();
+        let sae = Sae::load(&sae_dir).unwrap();
+        // Several blocks of head statistics, and a short last batch.
+        let n = 2 * pass::STATS_ROWS + 300;
+        let x = Array2::from_shape_vec((n, 8), rows(n, 8, 5)).unwrap();
+        let head =
+            super::super::detector::load_head(&sae_dir.join(DARK_DIR), &sae, &sae_dir).unwrap();
+        let bits = |s: &[DarkScore]| -> Vec<[u32; 4]> {
+            s.iter()
+                .map(|s| {
+                    [
+                        s.error_sq_norm.to_bits(),
+                        s.predicted_sq_norm.to_bits(),
+                        s.nonlinear_sq_norm.to_bits(),
+                        s.deviation.to_bits(),
+                    ]
+                })
+                .collect()
+        };
+        let floats = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let one = Passes::threads(1);
+        let (scores, error_sq) = score_pass(&sae, &head, x.view(), &one, "test").unwrap();
+        assert_eq!(scores.len(), n);
+        // The scoring pass's ‖e‖² give `defined_nmse` without a second pass.
+        assert_eq!(
+            defined_nmse_of_errors(x.view(), &error_sq).map(f64::to_bits),
+            super::super::train::defined_nmse(&sae, x.view())
+                .unwrap()
+                .map(f64::to_bits)
+        );
+        let errors = sae_errors_with(&sae, x.view(), &one, "test").unwrap();
+        let held = x.slice(s![..1000, ..]);
+        let fit =
+            fit_dark_head_with(&sae, x.view(), Some(held), &DarkConfig::default(), &one).unwrap();
+        let maha = Mahalanobis::fit(held, 0.1).unwrap();
+        let distances = maha.score_with(x.view(), &one).unwrap();
+        for threads in [2, 3, 8] {
+            let many = Passes::threads(threads);
+            let (s, q) = score_pass(&sae, &head, x.view(), &many, "test").unwrap();
+            assert_eq!(bits(&s), bits(&scores), "{threads} threads: token scores");
+            assert_eq!(floats(&q), floats(&error_sq), "{threads} threads: ‖e‖²");
+            let e = sae_errors_with(&sae, x.view(), &many, "test").unwrap();
+            assert_eq!(
+                floats(e.as_slice().unwrap()),
+                floats(errors.as_slice().unwrap()),
+                "{threads} threads: SAE errors"
+            );
+            let f = fit_dark_head_with(&sae, x.view(), Some(held), &DarkConfig::default(), &many)
+                .unwrap();
+            assert!(f.head == fit.head, "{threads} threads: the head differs");
+            assert_eq!(f.train, fit.train);
+            assert_eq!(f.held_out, fit.held_out);
+            let m = maha.score_with(x.view(), &many).unwrap();
+            assert_eq!(
+                floats(&m),
+                floats(&distances),
+                "{threads} threads: Mahalanobis"
+            );
+        }
+        // The commands: the same head, calibration and CSVs byte for byte.
+        let acts = dir.path().join("big.npy");
+        write_f32(&acts, &[n, 8], x.as_slice().unwrap());
+        let ids = dir.path().join("ids.npy");
+        let id_values: Vec<i64> = (0..n as i64).map(|r| r / 7).collect();
+        write_1d(&ids, "<i8", &id_values, |v: i64| v.to_le_bytes().to_vec());
+        let run = |threads: usize, holdout: f64| {
+            let out = dir.path().join(format!("head-{threads}-{holdout}"));
+            let text = sae_head_command_with(
+                &SaeHeadArgs {
+                    holdout,
+                    prompt_ids: Some(ids.clone()),
+                    ..head_args(&sae_dir, &acts, Some(out.clone()))
+                },
+                &Passes::threads(threads),
+            )
+            .unwrap();
+            let files: Vec<_> = snapshot(&out)
+                .into_iter()
+                .map(|(p, b)| (p.file_name().unwrap().to_owned(), b))
+                .collect();
+            let (tokens, prompts) = (dir.path().join("t.csv"), dir.path().join("p.csv"));
+            let (_, scored) = sae_score_command_with(
+                &SaeScoreArgs {
+                    sae: sae_dir.clone(),
+                    dark: Some(out.clone()),
+                    input: acts.clone(),
+                    prompt_ids: Some(ids.clone()),
+                    baseline: Some(acts.clone()),
+                    baseline_shrinkage: 0.1,
+                    out: Some(tokens.clone()),
+                    prompt_out: Some(prompts.clone()),
+                    ..Default::default()
+                },
+                &Passes::threads(threads),
+            )
+            .unwrap();
+            let text = text.replace(&out.display().to_string(), "OUT");
+            let scored = scored.replace(&out.display().to_string(), "OUT");
+            let csv = (fs::read(tokens).unwrap(), fs::read(prompts).unwrap());
+            (text, files, scored, csv)
+        };
+        for holdout in [0.0, 0.2] {
+            let one = run(1, holdout);
+            assert!(one.1.len() >= 3, "{:?}", one.0);
+            assert_eq!(
+                run(4, holdout),
+                one,
+                "holdout {holdout}: 4 threads against 1"
+            );
+        }
     }
 
     /// Every file under `dir` with its bytes.
@@ -3382,6 +3706,34 @@ mod tests {
         // An empty folder, or a new one, is fine.
         fs::create_dir_all(dir.path().join("empty")).unwrap();
         train(&dir.path().join("empty"), false).unwrap();
+    }
+
+    /// Ids whose rows are not contiguous are found (the commands warn: ids that restart per
+    /// batch merge two prompts); contiguous ones, in any order, are not.
+    #[test]
+    fn reappearing_prompt_ids_are_found() {
+        assert_eq!(Reappearing::find(&[]), None);
+        assert_eq!(Reappearing::find(&[3, 3, 1, 1, 7, 2, 2]), None);
+        assert_eq!(
+            Reappearing::find(&[0, 0, 1, 1, 0, 0, 1, 2, 2]),
+            Some(Reappearing {
+                id: 0,
+                row: 4,
+                ids: 2
+            })
+        );
+        assert_eq!(
+            Reappearing::find(&[5, 6, 5, 5, 6]),
+            Some(Reappearing {
+                id: 5,
+                row: 2,
+                ids: 2
+            })
+        );
+        // What `group` does with them: one prompt per id, in order of first appearance.
+        let p = Prompts::group(&[0, 0, 1, 1, 0]);
+        assert_eq!(p.members, vec![vec![0, 1, 4], vec![2, 3]]);
+        assert_eq!(p.labels(&[0, 0, 0, 0, 1]), vec![1, 0]);
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub mod detector;
 pub mod eval;
 mod kernel;
 mod load;
+pub mod pass;
 pub mod train;
 
 use std::path::PathBuf;

@@ -227,6 +227,25 @@ pub fn defined_nmse(sae: &Sae, x: ArrayView2<f32>) -> Result<Option<f64>, SaeErr
     Ok((has_spread(x) && nmse.is_finite()).then_some(nmse))
 }
 
+/// [`defined_nmse`] from the SAE's ‖e‖² of each row of `x`, as its forward pass gave them
+/// (`SaeOutput::error_sq_norm`), summed in row order as [`evaluate_sae`] sums them: the same
+/// value, for a caller that has run the SAE over the rows already.
+///
+/// # Panics
+/// When `error_sq` does not hold one value per row of `x`.
+pub fn defined_nmse_of_errors(x: ArrayView2<f32>, error_sq: &[f32]) -> Option<f64> {
+    assert_eq!(x.nrows(), error_sq.len(), "one ‖e‖² per row");
+    if x.nrows() < 2 {
+        return None;
+    }
+    let mean = mean_rows(x);
+    let tss: f64 = x.rows().into_iter().map(|r| sq_dist(r, mean.view())).sum();
+    // A fold from +0.0, as `evaluate_sae` adds (a float `sum` starts from −0.0).
+    let rss = error_sq.iter().fold(0.0f64, |a, &v| a + f64::from(v));
+    let nmse = ratio(rss, tss);
+    (has_spread(x) && nmse.is_finite()).then_some(nmse)
+}
+
 fn ratio(rss: f64, tss: f64) -> f64 {
     if tss > 0.0 {
         rss / tss

@@ -279,7 +279,8 @@ fn replay_demo_and_bench_send_an_sae_folder_to_the_sae_commands() {
             format!("{} is an SAE folder", sae.display()),
             format!("`darkwatch {name}` runs the autoencoders"),
             format!("darkwatch sae-score --sae {}", sae.display()),
-            "darkwatch sae-bench".into(),
+            // The command `sae_bench_times_a_given_sae_with_its_head_when_it_has_one` runs.
+            format!("darkwatch sae-bench --sae {}", sae.display()),
             "format = \"raw\"".into(),
         ] {
             assert!(err.contains(&want), "{name}: missing {want:?} in {err}");
@@ -458,4 +459,145 @@ fn a_relative_hookpoint_folder_finds_the_run_folders_head() {
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(!err.contains("no dark-matter head"), "{err}");
+}
+
+/// A sparsify head found both in the run folder and in its hookpoint folder is used from the
+/// folder named, with a warning naming both (one is stale): nothing asserted the warning, so
+/// it could go unnoticed. Each name uses its own head and warns about the other.
+#[test]
+fn heads_in_both_the_run_and_the_hookpoint_folder_are_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_folder = tmp.path().join("run");
+    let layer = run_folder.join("layers.3");
+    copy_tree(
+        &crate::util::repo("tests/data/sae/sparsify_topk_f32/checkpoint/layers.3"),
+        &layer,
+    );
+    let acts = tmp.path().join("acts.npy");
+    write_activations(&acts, 240, 16);
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-head", "--holdout", "0", "--sae"])
+            .arg(&layer)
+            .arg("--input")
+            .arg(&acts),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let score = |sae: &Path| {
+        let (code, out, err) = crate::util::run(
+            crate::util::darkwatch()
+                .arg("sae-score")
+                .arg("--sae")
+                .arg(sae)
+                .arg("--input")
+                .arg(&acts),
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        (out, err)
+    };
+    // One head: no warning.
+    let (_, err) = score(&run_folder);
+    assert!(!err.contains("hold a dark-matter head"), "{err}");
+    copy_tree(&layer.join("dark"), &run_folder.join("dark"));
+    for (named, other) in [(&run_folder, &layer), (&layer, &run_folder)] {
+        let (used, stale) = (named.join("dark"), other.join("dark"));
+        let (out, err) = score(named);
+        let warning = format!(
+            "both {} and {} hold a dark-matter head for the same sparsify SAE; using {}",
+            used.display(),
+            stale.display(),
+            used.display()
+        );
+        assert!(err.contains(&warning), "missing {warning:?} in {err}");
+        assert!(err.contains("remove the other one"), "{err}");
+        assert!(out.contains(&used.display().to_string()), "{out}");
+    }
+}
+
+/// `sae-bench` had no `--sae`, though `replay`, `demo` and `bench` sent SAE folders to it:
+/// it now times the given SAE (loaded as `sae-score` loads it), one row of its shape with the
+/// median and p99 per frame, with its dark-matter head when it has one, on its own rows with
+/// `--input`.
+#[test]
+fn sae_bench_times_a_given_sae_with_its_head_when_it_has_one() {
+    let bench = |args: &[&std::ffi::OsStr]| {
+        crate::util::run(
+            crate::util::darkwatch()
+                .args(["sae-bench", "--secs", "0.05", "--batch", "4"])
+                .args(args),
+        )
+    };
+    // The row of a d_in × latents SAE: its first three columns.
+    let row = |out: &str, d_in: &str, latents: &str, k: &str| {
+        out.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 10 && f[..4] == [d_in, latents, k, "|"]
+        })
+    };
+    let fixture = crate::util::repo("tests/data/sae/saelens_topk_v6/checkpoint");
+    let (code, out, err) = bench(&["--sae".as_ref(), fixture.as_os_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("SAE {}: TopK", fixture.display())),
+        "{out}"
+    );
+    assert!(
+        out.contains("the SAE alone (no dark-matter head found)"),
+        "{out}"
+    );
+    assert!(out.contains("on random rows"), "{out}");
+    assert!(
+        out.contains("b1 p50µs") && out.contains("b1 p99µs"),
+        "{out}"
+    );
+    assert!(row(&out, "16", "64", "8"), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" | ")).count(),
+        2,
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let acts = dir.path().join("acts.npy");
+    write_activations(&acts, 160, 8);
+    let sae = dir.path().join("sae");
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-train", "--latents", "16", "--k", "2", "--epochs", "2"])
+            .args(["--dark-folds", "0", "--holdout", "0.25", "--input"])
+            .arg(&acts)
+            .arg("--out")
+            .arg(&sae),
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = bench(&[
+        "--sae".as_ref(),
+        sae.as_os_str(),
+        "--input".as_ref(),
+        acts.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("the SAE and its dark-matter head, as the agent scores a frame"),
+        "{out}"
+    );
+    assert!(out.contains("on the given activations"), "{out}");
+    assert!(row(&out, "8", "16", "2"), "{out}");
+
+    // Rows of another width are refused, naming both; --input needs --sae.
+    let wide = dir.path().join("wide.npy");
+    write_activations(&wide, 10, 16);
+    let (code, _, err) = bench(&[
+        "--sae".as_ref(),
+        sae.as_os_str(),
+        "--input".as_ref(),
+        wide.as_os_str(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("the input rows have 16 features, the SAE d_in = 8"),
+        "{err}"
+    );
+    let (code, _, err) = bench(&["--input".as_ref(), acts.as_os_str()]);
+    assert_eq!(code, 2, "{err}");
 }
