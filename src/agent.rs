@@ -1581,9 +1581,10 @@ impl AgentSource {
                     Some(entry) => entry,
                     None => {
                         let Some((index, generation)) = fresh else {
-                            let before = counters.samples_rejected_by_reason
-                                [Reject::TooManyStreams.reason_index()]
-                            .fetch_add(1, Ordering::Relaxed);
+                            let i = Reject::TooManyStreams.reason_index();
+                            let before = counters.samples_rejected_by_reason[i]
+                                .fetch_add(1, Ordering::Relaxed)
+                                .saturating_sub(log_from.rejected[i]);
                             stream_refused(before + 1, name);
                             return 0;
                         };

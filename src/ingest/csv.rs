@@ -95,7 +95,12 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     };
     let mut all = &all[..=last];
     // Excel's `sep=;` first line names the separator; the header follows it.
-    let named_sep = match all[0].1.trim_ascii() {
+    // Only the line end and spaces are trimmed: `sep=` followed by a tab names the tab.
+    let mut first = all[0].1.trim_ascii_start();
+    while let [rest @ .., b'\r' | b' '] = first {
+        first = rest;
+    }
+    let named_sep = match first {
         [b's', b'e', b'p', b'=', c] if all.len() > 1 && matches!(c, b',' | b';' | b'\t') => {
             all = &all[1..];
             Some(char::from(*c))
@@ -434,7 +439,7 @@ fn parse_value(
                 path: path.to_owned(),
                 pos: pos(),
                 message: format!(
-                    "value {:?} has a decimal comma: write numbers with a decimal point ({})",
+                    "value {:?} has a comma in a number (a decimal comma, or a thousands separator): write numbers with a decimal point and no separator ({})",
                     super::Clipped(field),
                     field.replacen(',', ".", 1)
                 ),
@@ -851,6 +856,9 @@ mod tests {
         assert_eq!(t.values[[0, 2]], 3.0);
         assert!(t.values[[0, 1]].is_nan() && t.values.row(1).iter().all(|v| v.is_nan()));
         // Excel's `sep=;` line names the separator (line numbers still count it).
+        // A review: `sep=` and a tab used to lose the tab to the trimming.
+        let tab = parse("sep=\t\r\na\tb\n1\t2\n").unwrap();
+        assert_eq!(tab.features, ["a", "b"]);
         let t = parse("sep=;\na,b;c\n1;2\n").unwrap();
         assert_eq!(t.features, ["a,b", "c"]);
         assert_eq!(
@@ -871,10 +879,10 @@ mod tests {
         // A decimal comma is named, whichever the separator.
         assert_eq!(
             parse_err("a;b\n1,5;2\n"),
-            "data.csv: line 2, column \"a\": value \"1,5\" has a decimal comma: write numbers \
-             with a decimal point (1.5)"
+            "data.csv: line 2, column \"a\": value \"1,5\" has a comma in a number (a decimal comma, or a thousands separator): write numbers \
+             with a decimal point and no separator (1.5)"
         );
-        assert!(parse_err("a,b\n\"1,5\",2\n").contains("has a decimal comma"));
+        assert!(parse_err("a,b\n\"1,5\",2\n").contains("has a comma in a number"));
         assert_eq!(
             parse_csv(
                 Path::new("u.csv"),

@@ -236,6 +236,12 @@ fn sniff(path: &Path, bytes: &[u8]) -> Result<TableFormat, IngestError> {
         Err(unknown(
             "zstd-compressed data: decompress it first (zstdcat)",
         ))
+    } else if bytes.starts_with(b"\xfd7zXZ\x00") {
+        Err(unknown("xz-compressed data: decompress it first (xzcat)"))
+    } else if bytes.starts_with(b"BZh") {
+        Err(unknown(
+            "bzip2-compressed data: decompress it first (bzcat)",
+        ))
     } else if bytes.starts_with(b"PK\x03\x04") {
         Err(unknown("a zip archive (an .npz?)"))
     } else {

@@ -77,8 +77,10 @@ pub struct TelegrafConfig {
     pub format: TelegrafFormat,
     /// Tag whose value is the stream id. Default `host`.
     pub stream_tag: String,
-    /// Unit of line-protocol timestamps (`s`, `ms`, `us`, `ns`, or `auto`). Default `ns`,
-    /// Telegraf's own default.
+    /// Unit of line-protocol timestamps (`s`, `ms`, `us`, `ns`, or `auto`). Default `auto`:
+    /// each one's unit told by its size, so Telegraf's default nanoseconds and its
+    /// `precision = "1ms"` (or `1s`, `1us`) all read right. `ns` used to be the default,
+    /// and a trial's millisecond lines were read as 1970 and lost without a word.
     pub line_precision: Precision,
     /// Unit of JSON timestamps (Telegraf's `json_timestamp_units`). Default `auto`: each
     /// one's unit told by its size, so Telegraf's `1s`, `1ms`, `1us` and `1ns` all read
@@ -93,7 +95,7 @@ impl Default for TelegrafConfig {
         TelegrafConfig {
             format: TelegrafFormat::Auto,
             stream_tag: "host".to_owned(),
-            line_precision: Precision::Nanos,
+            line_precision: Precision::Auto,
             json_timestamp_units: Precision::Auto,
             max_payload_bytes: 1 << 20,
         }
@@ -617,16 +619,21 @@ mod tests {
             TelegrafConfig::default().json_timestamp_units,
             Precision::Auto
         );
-        // Line protocol keeps Telegraf's nanoseconds unless told otherwise.
-        let auto = TelegrafConfig {
-            line_precision: Precision::Auto,
+        // Line protocol tells each timestamp's unit by its size by default (an operator's
+        // trial: Telegraf's `precision = "1ms"` lines were read as nanoseconds, so 1970);
+        // a unit named in the configuration wins.
+        for ts in ["1700000000", "1700000000000", "1700000000000000000"] {
+            assert_eq!(
+                run(&dec(), &format!("m,host=h v=1 {ts}"), 0.0).0,
+                [s("h", "m.v", 1.0, 1.7e9)],
+                "{ts}"
+            );
+        }
+        let ns = TelegrafConfig {
+            line_precision: Precision::Nanos,
             ..Default::default()
         };
-        assert_eq!(
-            run(&auto.build(), "m,host=h v=1 1700000000000", 0.0).0,
-            [s("h", "m.v", 1.0, 1.7e9)]
-        );
-        let ns = run(&dec(), "m,host=h v=1 1700000000000", 0.0).0[0].3;
+        let ns = run(&ns.build(), "m,host=h v=1 1700000000000", 0.0).0[0].3;
         assert!((ns - 1700.0).abs() < 1e-6, "{ns}");
     }
 
@@ -735,10 +742,10 @@ mod tests {
             ["bad_payload"]
         );
         // A bad line does not stop the next one.
-        let (ok, errs) = run(&d, "bad\nm,host=h v=1 1000000000", 0.0);
+        let (ok, errs) = run(&d, "bad\nm,host=h v=1 1700000000000000000", 0.0);
         assert_eq!(
             (ok, errs),
-            (vec![s("h", "m.v", 1.0, 1.0)], vec!["bad_payload"])
+            (vec![s("h", "m.v", 1.0, 1.7e9)], vec!["bad_payload"])
         );
     }
 

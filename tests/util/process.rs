@@ -13,7 +13,7 @@ use super::broker::WAIT;
 /// A child process whose stderr a thread collects; killed on drop if it still runs.
 pub struct Logged {
     child: Child,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Logged {
@@ -24,15 +24,15 @@ impl Logged {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr: Arc<Mutex<String>> = Arc::default();
+        // Bytes, decoded whole in `stderr()`: a character split between two reads must not
+        // turn into two replacement characters that a `contains` would miss.
+        let stderr: Arc<Mutex<Vec<u8>>> = Arc::default();
         let mut pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
         Logged { child, stderr }
@@ -44,7 +44,7 @@ impl Logged {
 
     /// Its stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 
     /// Its exit status, once it has exited.
