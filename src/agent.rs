@@ -1839,7 +1839,7 @@ fn late_sample(
             sample.timestamp
         ),
         &format!(
-            "[assemble] window_secs = {} and lateness_windows = {}: a window closes once its stream has a sample {} windows later, or its clock passes that{complete}. If this sender delivers samples late or out of order, raise [assemble] lateness_windows (at most {}); else check its clock.",
+            "[assemble] window_secs = {} and lateness_windows = {}: a window closes once its stream has a sample {} windows later, or its clock passes that{complete}. If this sender delivers samples late or out of order, raise [assemble] lateness_windows (at most {}). Just after a broker outage or an agent restart, a sender's backlog arrives late too: nothing to mend then. Else check its clock.",
             a.window_secs(),
             a.lateness_windows(),
             a.lateness_windows() + 1,

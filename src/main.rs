@@ -1909,8 +1909,20 @@ fn train(
                 ),
                 _ => (format!("risk_q {}", cfg.threshold.risk_q), "starts at"),
             };
+            // SPOT below min_peaks: the start is the empirical fallback, which an operator's
+            // trial read as a fitted tail.
+            let snap = t.snapshot();
+            let fallback = match (t.kind(), snap.gamma) {
+                (darkwatch::threshold::ThresholdKind::Spot, None) => format!(
+                    "; that is the held-out scores' empirical 1 - risk_q quantile until the stream adds {} peaks to their {} (min_peaks {}), then the GPD tail's",
+                    cfg.threshold.min_peaks.saturating_sub(snap.peaks_held),
+                    snap.peaks_held,
+                    cfg.threshold.min_peaks
+                ),
+                _ => String::new(),
+            };
             println!(
-                "threshold: {} ({setting}) {verb} {start:.4}: {above} of {} held-out scores above it (the largest {largest:.4})",
+                "threshold: {} ({setting}) {verb} {start:.4}: {above} of {} held-out scores above it (the largest {largest:.4}){fallback}",
                 t.kind().name(),
                 scores.len()
             );

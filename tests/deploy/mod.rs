@@ -683,11 +683,15 @@ const STATUS_PANELS: [(&str, &str, &str); 4] = [
 
 /// What each status panel is judged on: the metric's value on each of three targets, and
 /// whether the panel must show red.
-const OUTAGES: [(&[f64], bool); 4] = [
+const OUTAGES: [(&[f64], bool); 5] = [
     (&[1.0, 1.0, 1.0], false),
     (&[1.0, 0.0, 1.0], true),
     (&[0.0, 0.0, 1.0], true),
     (&[0.0, 0.0, 0.0], true),
+    // Nothing scraped (every target gone from discovery, or a wrong job): Grafana colours
+    // "no value" with the base step, green, so a query must give a value to colour (a
+    // review).
+    (&[], true),
 ];
 
 /// A status panel's query evaluated over `values` (one series of `metric` per target), for
@@ -799,6 +803,9 @@ fn status_panels_turn_red_when_one_target_of_three_is_out() {
                 red, want_red,
                 "{file} {title:?} with {metric} {values:?} per target: fields (refId, value, colour) {colours:?}"
             );
+            if values.is_empty() {
+                continue;
+            }
             promtool_cases.push_str(&format!(
                 "  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n{exprs}"
             ));
