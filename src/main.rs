@@ -220,8 +220,9 @@ not restart it), 1 for other failures.")]
         /// shapes, with its dark-matter head when it has one (as the agent scores a frame).
         #[arg(long)]
         sae: Option<PathBuf>,
-        /// Activations [tokens, d] (.npy / .safetensors) to feed --sae, reused in turn
-        /// (default: random rows; a ReLU or JumpReLU SAE's time depends on the rows).
+        /// Activations [tokens, d] (.npy / .safetensors) to feed --sae: 4 × batch rows spread
+        /// evenly over the file, reused in turn (default: random rows; a ReLU or JumpReLU
+        /// SAE's time depends on the rows).
         #[arg(long, requires = "sae")]
         input: Option<PathBuf>,
         /// Seconds per measurement (four per shape, four shapes).

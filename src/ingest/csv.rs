@@ -89,7 +89,10 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     }
     let all: Vec<(usize, &[u8])> = lines(bytes).collect();
     // Blank trailing lines are tolerated; any other blank line is an error below.
-    let last_nonblank = all.iter().rposition(|(_, l)| !l.trim_ascii().is_empty());
+    // A line of tabs is a row of gaps in a tab-separated file, not a blank line (a review).
+    let last_nonblank = all
+        .iter()
+        .rposition(|(_, l)| !l.trim_ascii().is_empty() || l.contains(&b'\t'));
     let Some(last) = last_nonblank else {
         return Err(IngestError::Empty { path: err_path() });
     };
@@ -855,6 +858,16 @@ mod tests {
         assert_eq!(t.values.dim(), (3, 3));
         assert_eq!(t.values[[0, 2]], 3.0);
         assert!(t.values[[0, 1]].is_nan() && t.values.row(1).iter().all(|v| v.is_nan()));
+        // Also as the last row: it used to be dropped as a blank trailing line, leaving the
+        // file a row short of its labels.
+        let t = parse_csv_with_gaps(
+            Path::new("g.tsv"),
+            b"a\tb\n1\t2\n\t\n",
+            &TableOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(t.values.dim(), (2, 2));
+        assert!(t.values.row(1).iter().all(|v| v.is_nan()));
         // Excel's `sep=;` line names the separator (line numbers still count it).
         // A review: `sep=` and a tab used to lose the tab to the trimming.
         let tab = parse("sep=\t\r\na\tb\n1\t2\n").unwrap();

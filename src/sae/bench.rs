@@ -186,7 +186,7 @@ pub struct OwnSae<'a> {
     /// Its dark-matter head, scored with every frame as the agent scores it; `None` times
     /// the SAE alone.
     pub head: Option<&'a DarkHead>,
-    /// Rows to feed it (real activations, reused in turn); `None`: random rows on the scale
+    /// Rows to feed it (real activations: 4 · batch of them spread evenly over the rows, reused in turn); `None`: random rows on the scale
     /// of residual streams (norm ≈ √d). A ReLU or JumpReLU SAE decodes every latent that
     /// fires, so its time depends on the rows.
     pub inputs: Option<ArrayView2<'a, f32>>,
@@ -221,7 +221,12 @@ pub fn run_own(own: &OwnSae, opts: &SaeBenchOptions) -> Result<SaeBenchReport, S
         Some(x) if x.nrows() == 0 => {
             return Err(SaeError::Invalid("the input holds no rows".into()));
         }
-        Some(x) => Array2::from_shape_fn((4 * batch, x.ncols()), |(r, c)| x[[r % x.nrows(), c]]),
+        // 4·batch rows spread evenly over the file (every row, in turn, when it is shorter).
+        Some(x) => {
+            let (n, want) = (x.nrows(), 4 * batch);
+            let pick = |r: usize| if n >= want { r * n / want } else { r % n };
+            Array2::from_shape_fn((want, x.ncols()), |(r, c)| x[[pick(r), c]])
+        }
         None => random_rows(4 * batch, sae.d_in()),
     };
     let matmul_gflops = crate::bench::matmul_gflops();
