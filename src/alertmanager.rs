@@ -496,9 +496,19 @@ pub fn to_postable(payload: &[u8], now_epoch_secs: f64) -> Result<Value, Unfit> 
         }
         Some(_) => return Err(invalid("`endsAt` is not a string".into())),
     };
+    let now_ms = (now_epoch_secs * 1e3).round() as i64;
     let ends_at = match (resolved, ends_at) {
         // Alertmanager refuses an end before the start; a resolution must still end it.
         (_, Some((_, ms))) if ms < start_ms => Some(starts_at.to_string()),
+        // A resolution stamped in the future (a sender's clock ahead: an operator's trial,
+        // 2 minutes) would keep the alert active in Alertmanager until then: it ends now,
+        // or at its start if that is later still.
+        (true, Some(_)) if now_epoch_secs > 0.0 && (start_ms > now_ms) => {
+            Some(starts_at.to_string())
+        }
+        (true, Some((_, ms))) if now_epoch_secs > 0.0 && ms > now_ms => {
+            Some(rfc3339_utc(now_epoch_secs))
+        }
         (_, Some((s, _))) => Some(s),
         (true, None) => Some(rfc3339_utc(now_epoch_secs)),
         (false, None) => None,
@@ -2058,6 +2068,13 @@ mod tests {
         // An end before the start still ends it, at the start.
         let c = to_postable(&event("resolved", "2024-05-01T09:00:00Z"), 0.0).unwrap();
         assert_eq!(c["endsAt"], "2024-05-01T10:00:00.250Z");
+        // An end in the bridge's future (the sender's clock ahead) ends it now.
+        let d = to_postable(&event("resolved", "2024-05-01T10:07:00Z"), now).unwrap();
+        assert_eq!(d["endsAt"], "2024-05-01T10:05:00.000Z");
+        // Not before its start, though.
+        let early = 1_714_557_000.0; // 2024-05-01T09:50:00Z, before the start
+        let e = to_postable(&event("resolved", "2024-05-01T10:07:00Z"), early).unwrap();
+        assert_eq!(e["endsAt"], "2024-05-01T10:00:00.250Z");
     }
 
     #[test]
