@@ -186,9 +186,10 @@ pub struct OwnSae<'a> {
     /// Its dark-matter head, scored with every frame as the agent scores it; `None` times
     /// the SAE alone.
     pub head: Option<&'a DarkHead>,
-    /// Rows to feed it (real activations: 4 · batch of them spread evenly over the rows, reused in turn); `None`: random rows on the scale
-    /// of residual streams (norm ≈ √d). A ReLU or JumpReLU SAE decodes every latent that
-    /// fires, so its time depends on the rows.
+    /// Rows to feed it (real activations: 4 · batch of them spread evenly over the rows,
+    /// reused in turn); `None`: random rows on the scale of residual streams (norm ≈ √d).
+    /// A ReLU or JumpReLU SAE decodes every latent that fires, so its time depends on the
+    /// rows.
     pub inputs: Option<ArrayView2<'a, f32>>,
 }
 
