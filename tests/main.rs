@@ -272,15 +272,13 @@ fn training_on_too_few_rows_for_a_threshold_warns() {
         above.is_some_and(|n| n.parse::<usize>().is_ok_and(|n| n <= 1)),
         "{line}"
     );
-    assert!(
-        largest.is_some_and(|l| l.parse::<f64>().is_ok()),
-        "{line}"
-    );
+    assert!(largest.is_some_and(|l| l.parse::<f64>().is_ok()), "{line}");
     // 60 held-out scores give a peak or two, under min_peaks: the start is the empirical
     // fallback, and the line says so (an operator read it as a fitted tail).
     assert!(
-        line.contains("; that is the held-out scores' empirical 1 - risk_q quantile until the stream adds ")
-            && line.ends_with("(min_peaks 50), then the GPD tail's"),
+        line.contains(
+            "; that is the held-out scores' empirical 1 - risk_q quantile until the stream adds "
+        ) && line.ends_with("(min_peaks 50), then the GPD tail's"),
         "{line}"
     );
     assert!(
@@ -2067,7 +2065,10 @@ fn systemd_unit_stops_on_78_and_checks_in_run_not_in_a_pre_step() {
 /// rated the agent's unit 3.4 without the kernel, clock, namespace and realtime lines).
 #[test]
 fn systemd_units_keep_their_hardening() {
-    for unit in ["systemd/darkwatch.service", "systemd/darkwatch-alertmanager.service"] {
+    for unit in [
+        "systemd/darkwatch.service",
+        "systemd/darkwatch-alertmanager.service",
+    ] {
         let text = std::fs::read_to_string(repo(unit)).unwrap();
         let settings: Vec<&str> = text.lines().map(str::trim).collect();
         for want in [
