@@ -89,14 +89,18 @@ pub struct Mixed {
 enum MixState {
     /// No second origin seen.
     Clean,
-    /// In stream `stream`, origin `second` (text kept) came after `first`; reported when
-    /// `first` comes again, so a sender whose tags changed once is not taken for two
-    /// series sent side by side.
+    /// In stream `stream`, origin `second` came after `first`; reported once both have a
+    /// sample in one window (their latest windows and texts are kept), so that a tag
+    /// that changes now and then (`nvidia_smi`'s `pstate`) is not taken for two series
+    /// sent side by side.
     Pending {
         stream: usize,
         first: u64,
         second: u64,
-        text: String,
+        first_text: String,
+        first_window: Option<i64>,
+        second_text: String,
+        second_window: i64,
     },
     /// Reported (once per feature for the assembler's life).
     Reported,
@@ -890,7 +894,7 @@ impl Assembler {
             self.finalize(idx, slot);
         }
         if origin.hash != 0 {
-            self.track_origin(idx, j, origin);
+            self.track_origin(idx, j, w, origin);
         }
         let st = &mut self.streams[idx];
         st.slot_window[slot] = Some(w);
@@ -927,39 +931,68 @@ impl Assembler {
         Ok(())
     }
 
-    /// Merge detection for feature `j` of stream `idx` (see [`Self::push_from`]).
-    fn track_origin(&mut self, idx: usize, j: usize, origin: Origin<'_>) {
+    /// Merge detection for feature `j` of stream `idx`, for a sample in window `w` (see
+    /// [`Self::push_from`]).
+    fn track_origin(&mut self, idx: usize, j: usize, w: i64, origin: Origin<'_>) {
         let first = &mut self.streams[idx].origin[j];
         if *first == 0 {
             *first = origin.hash;
             return;
         }
         let first = *first;
-        match &self.mix[j] {
-            MixState::Reported => {}
-            MixState::Clean if origin.hash != first => {
-                self.mix[j] = MixState::Pending {
-                    stream: idx,
-                    first,
-                    second: origin.hash,
-                    text: origin.text.to_owned(),
-                };
+        let h = origin.hash;
+        match &mut self.mix[j] {
+            MixState::Reported => return,
+            MixState::Clean => {
+                if h != first {
+                    self.mix[j] = MixState::Pending {
+                        stream: idx,
+                        first,
+                        second: h,
+                        first_text: String::new(),
+                        first_window: None,
+                        second_text: origin.text.to_owned(),
+                        second_window: w,
+                    };
+                }
+                return;
             }
             MixState::Pending {
                 stream,
                 first: f,
                 second,
-                text,
-            } if *stream == idx && *f == first && origin.hash == first && *second != first => {
+                first_text,
+                first_window,
+                second_text,
+                second_window,
+            } => {
+                // Only the one slot pending pays for this (a copy into a kept buffer).
+                if *stream != idx || *f != first {
+                    return;
+                }
+                if h == first {
+                    origin.text.clone_into(first_text);
+                    *first_window = Some(w);
+                    if *second_window != w {
+                        return;
+                    }
+                } else if h == *second {
+                    *second_window = w;
+                    if *first_window != Some(w) {
+                        return;
+                    }
+                } else {
+                    return;
+                }
+                let origins = [std::mem::take(first_text), std::mem::take(second_text)];
                 self.mixed = Some(Mixed {
                     metric: self.feature_names[j].clone(),
                     stream: self.streams[idx].name.clone(),
-                    origins: [origin.text.to_owned(), text.clone()],
+                    origins,
                 });
-                self.mix[j] = MixState::Reported;
             }
-            _ => {}
         }
+        self.mix[j] = MixState::Reported;
     }
 
     /// The latest merge of two series into one feature found by [`Self::push_from`], if
@@ -1344,9 +1377,9 @@ mod tests {
         }
     }
 
-    /// Two origins of one feature in one stream, back and forth, are reported once per
-    /// feature with both texts; one origin, an origin change that does not go back, or
-    /// two origins in two streams, never.
+    /// Two origins of one feature in one stream and one window are reported once per
+    /// feature with both texts; one origin, two origins in two streams, or origins that
+    /// alternate but never share a window, never.
     #[test]
     fn two_origins_of_one_feature_are_reported_once() {
         let o = |hash, text| Origin { hash, text };
@@ -1370,17 +1403,22 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(a.take_mixed(), None);
-        // A change of tags that does not go back: not yet.
-        a.push_from(&sample("n1", "y", 1.0, 15.0), r, o(1, "a"))
-            .unwrap();
-        a.push_from(&sample("n1", "y", 1.0, 15.0), r, o(2, "b"))
+        // A tag that changes now and then (a GPU's pstate), never two in one window: no.
+        for (t, h, text) in [
+            (20.0, 1, "a"),
+            (21.0, 2, "b"),
+            (22.0, 1, "a"),
+            (23.0, 2, "b"),
+        ] {
+            a.push_from(&sample("n1", "y", 1.0, t), r, o(h, text))
+                .unwrap();
+        }
+        assert_eq!(a.take_mixed(), None);
+        // Both in one window, in either order: two series side by side.
+        a.push_from(&sample("n1", "y", 1.0, 24.0), r, o(2, "b"))
             .unwrap();
         assert_eq!(a.take_mixed(), None);
-        a.push_from(&sample("n1", "y", 1.0, 15.0), r, o(2, "b"))
-            .unwrap();
-        assert_eq!(a.take_mixed(), None);
-        // ...and back: two series side by side.
-        a.push_from(&sample("n1", "y", 1.0, 15.0), r, o(1, "a"))
+        a.push_from(&sample("n1", "y", 1.0, 24.5), r, o(1, "a"))
             .unwrap();
         assert_eq!(
             a.take_mixed(),
@@ -1391,16 +1429,16 @@ mod tests {
             })
         );
         for _ in 0..4 {
-            a.push_from(&sample("n1", "y", 1.0, 15.0), r, o(2, "b"))
+            a.push_from(&sample("n1", "y", 1.0, 25.0), r, o(2, "b"))
                 .unwrap();
-            a.push_from(&sample("n1", "y", 1.0, 15.0), r, o(1, "a"))
+            a.push_from(&sample("n1", "y", 1.0, 25.0), r, o(1, "a"))
                 .unwrap();
         }
         assert_eq!(a.take_mixed(), None);
         // The other feature, by itself.
-        a.push_from(&sample("n2", "x", 1.0, 16.0), r, o(9, "cpu=cpu2"))
+        a.push_from(&sample("n2", "x", 1.0, 26.0), r, o(9, "cpu=cpu2"))
             .unwrap();
-        a.push_from(&sample("n2", "x", 1.0, 16.0), r, o(8, "cpu=cpu1"))
+        a.push_from(&sample("n2", "x", 1.0, 26.0), r, o(8, "cpu=cpu1"))
             .unwrap();
         assert_eq!(
             a.take_mixed().map(|m| m.origins),
