@@ -1475,13 +1475,17 @@ impl AgentSource {
             log_from,
             ..
         } = self;
-        let mut accept = |sample: &crate::ingest::assemble::Sample<'_>| {
+        let mut accept = |sample: &crate::ingest::assemble::Sample<'_>,
+                          origin: crate::ingest::assemble::Origin<'_>| {
             let receipt = Receipt {
                 wall: msg.received,
                 mono: msg.received_mono,
             };
             let allocated = assembler.allocated();
-            let pushed = assembler.push_received(sample, receipt);
+            let pushed = assembler.push_from(sample, receipt, origin);
+            if let Some(mixed) = assembler.take_mixed() {
+                series_merged(format, &mixed);
+            }
             if assembler.allocated() != allocated
                 && let Some(i) = assembler.index_of(&sample.stream)
             {
@@ -1540,14 +1544,15 @@ impl AgentSource {
         };
         match decoder {
             Decoder::Examon(d) => match d.decode(msg.topic, msg.payload) {
-                Ok(sample) => accept(&sample),
+                Ok(sample) => accept(&sample, ExamonDecoder::origin(msg.topic)),
                 Err(e) => undecodable(&e),
             },
             Decoder::Telegraf(d) => {
-                let whole = d.decode(msg.payload, msg.received, &mut |r| match r {
-                    Ok(sample) => accept(&sample),
-                    Err(e) => undecodable(&e),
-                });
+                let whole =
+                    d.decode_with_origin(msg.payload, msg.received, &mut |r, origin| match r {
+                        Ok(sample) => accept(&sample, origin),
+                        Err(e) => undecodable(&e),
+                    });
                 if let Err(e) = whole {
                     undecodable(&e);
                 }
@@ -1892,6 +1897,28 @@ fn future_sample(count: u64, stream: &str, timestamp: f64, received: f64, limit:
             "a sample is stamped {limit} s or more after it arrived: the sender's clock (or this host's) is wrong; it is counted (darkwatch_samples_rejected_total{{reason=\"future\"}}) and skipped. Keep both clocks synchronised (NTP)"
         );
     }
+}
+
+/// Logs two series (tag sets, topics) found merged into one feature of one stream, once per
+/// feature ([`crate::ingest::assemble::Assembler::take_mixed`]), with the remedy.
+fn series_merged(format: InputFormat, mixed: &crate::ingest::assemble::Mixed) {
+    let clip = crate::ingest::clipped_name;
+    let todo = match format {
+        InputFormat::Telegraf => {
+            "name the tag that tells them apart in [telegraf] name_tags (name_tags = [\"cpu\"] makes cpu.cpu0.usage_user, cpu.cpu-total.usage_user; train on those names), or send one series only (Telegraf's cpu input: percpu = false; or tagexclude / tagdrop)"
+        }
+        _ => {
+            "keep the levels that tell them apart in the metric name with [examon] metric_levels (3 makes core/0/cpu_load; train on those names), or publish one series only"
+        }
+    };
+    tracing::warn!(
+        metric = ?clip(&mixed.metric),
+        stream = ?clip(&mixed.stream),
+        one = ?clip(&mixed.origins[0]),
+        other = ?clip(&mixed.origins[1]),
+        todo,
+        "samples of two series (tag sets or topics) reach one feature of one stream and are merged into one value by [assemble] aggregation; its alerts cannot say which series moved"
+    );
 }
 
 /// Logs a refused new stream (`[assemble] max_streams` reached) at the 1st, 2nd, 4th, 8th…
@@ -2950,6 +2977,90 @@ mod tests {
             "{}",
             lines[0]
         );
+    }
+
+    /// The trial: Telegraf's `cpu` input sends cpu-total and every core as `cpu.usage_user`
+    /// of one host, and the assembler averaged them into one feature without a word (a +4
+    /// on cpu1 alerted as `cpu.usage_user`). Two tag sets of one feature are now logged
+    /// once, with both tag sets and the remedy; one tag set, however often, is not; nor
+    /// are two ExaMon topics once their levels are kept in the names.
+    #[test]
+    fn two_tag_sets_or_topics_merged_into_one_feature_are_logged_once() {
+        let mut src = source(1.0);
+        src.decoder = Decoder::Telegraf(DarkwatchConfig::default().telegraf.build());
+        src.assembler = DarkwatchConfig::default()
+            .assemble
+            .build(vec!["m.a".into(), "m.b".into()])
+            .unwrap();
+        let line = |cpu: &str, t: u64| Incoming {
+            topic: "telegraf/n1".into(),
+            payload: format!("m,cpu={cpu},host=n1 a=1,b=2 {t}").into_bytes(),
+            received: t as f64,
+            received_mono: t as f64,
+        };
+        let log = logged(|| {
+            for t in 1000..1010 {
+                src.take_one(&line("cpu-total", t));
+            }
+        });
+        assert!(lines_with(&log, "two series").is_empty(), "{log}");
+        let log = logged(|| {
+            for t in 1010..1020 {
+                src.take_one(&line("cpu-total", t));
+                src.take_one(&line("cpu1", t));
+            }
+        });
+        // Once per feature (m.a, m.b), naming both tag sets and the remedy.
+        let lines = lines_with(&log, "two series");
+        assert_eq!(lines.len(), 2, "{log}");
+        for l in &lines {
+            assert!(
+                l.contains("cpu=cpu-total,host=n1")
+                    && l.contains("cpu=cpu1,host=n1")
+                    && l.contains("stream=\"n1\"")
+                    && l.contains("name_tags = [\\\"cpu\\\"]")
+                    && l.contains("percpu = false"),
+                "{l}"
+            );
+        }
+        assert!(lines[0].contains("metric=\"m.a\"") || lines[1].contains("metric=\"m.a\""));
+
+        // ExaMon: two topics of one metric name; none once the core level is kept.
+        let topic = |core: u32| format!("org/o/node/n1/plugin/p/chnl/data/core/{core}/a");
+        let examon = |src: &mut AgentSource| {
+            logged(|| {
+                for t in 1000..1010 {
+                    for core in 0..2 {
+                        src.take_one(&Incoming {
+                            topic: topic(core),
+                            payload: format!("1;{t}").into_bytes(),
+                            received: t as f64,
+                            received_mono: t as f64,
+                        });
+                    }
+                }
+            })
+        };
+        let log = examon(&mut source(1.0));
+        let lines = lines_with(&log, "two series");
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(
+            lines[0].contains(&topic(0))
+                && lines[0].contains(&topic(1))
+                && lines[0].contains("metric_levels"),
+            "{}",
+            lines[0]
+        );
+        let mut cfg = DarkwatchConfig::default();
+        cfg.examon.metric_levels = 3;
+        let mut src = source_with(&cfg);
+        src.assembler = cfg
+            .assemble
+            .build(vec!["core/0/a".into(), "core/1/a".into()])
+            .unwrap();
+        let log = examon(&mut src);
+        assert!(lines_with(&log, "two series").is_empty(), "{log}");
+        assert_eq!(src.assembler.counters().unknown_metric, 0);
     }
 
     /// The trial: frames of half or twice the model's bytes were logged as "this sender's

@@ -49,6 +49,63 @@ impl Sample<'_> {
     }
 }
 
+/// Where a decoded sample came from, beyond its stream and metric: its Telegraf tag set or
+/// its ExaMon topic. Two samples of one stream and metric with different origins are two
+/// series merged into one feature ([`Assembler::take_mixed`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Origin<'a> {
+    /// A hash of the origin; 0: unknown, not tracked.
+    pub hash: u64,
+    /// The origin as the sender wrote it (tags `k=v,…` or the topic), for the log.
+    pub text: &'a str,
+}
+
+/// 64-bit FNV-1a of `bytes`, continuing from `h` (start with [`FNV_START`]): the origin
+/// hashes, cheap over a topic or a tag, and the same on every platform and run.
+pub(crate) fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// FNV-1a's offset basis.
+pub(crate) const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Two series found merged into one feature of one stream ([`Assembler::take_mixed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mixed {
+    /// The feature (metric) name.
+    pub metric: String,
+    /// The stream.
+    pub stream: String,
+    /// The origins of two of its series ([`Origin::text`]).
+    pub origins: [String; 2],
+}
+
+/// Where merge detection stands for one feature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MixState {
+    /// No second origin seen.
+    Clean,
+    /// In stream `stream`, origin `second` came after `first`; reported once both have a
+    /// sample in one window (their latest windows and texts are kept), so that a tag
+    /// that changes now and then (`nvidia_smi`'s `pstate`) is not taken for two series
+    /// sent side by side.
+    Pending {
+        stream: usize,
+        first: u64,
+        second: u64,
+        first_text: String,
+        first_window: Option<i64>,
+        second_text: String,
+        second_window: i64,
+    },
+    /// Reported (once per feature for the assembler's life).
+    Reported,
+}
+
 /// Why a message (or one sample of it) was not decoded. [`Self::reason`] is a stable
 /// label for the `darkwatch_messages_rejected_total{reason}` counter; quoted input
 /// is clipped so that messages stay short.
@@ -471,6 +528,9 @@ struct StreamState {
     clock: Option<(f64, f64)>,
     /// When its latest accepted sample arrived (monotonic seconds; NaN: unknown).
     last_mono: f64,
+    /// Per feature, the [`Origin::hash`] of its first sample (0: none yet), to tell
+    /// series merged into one feature.
+    origin: Vec<u64>,
     /// Forgotten ([`Assembler::retire_quiet`]): no name maps here any more.
     retired: bool,
     /// How many streams held this slot before this one ([`FrameOut::generation`]).
@@ -494,6 +554,7 @@ impl StreamState {
             last_window: vec![None; d],
             clock: None,
             last_mono: f64::NAN,
+            origin: vec![0; d],
             retired: false,
             generation: 0,
         }
@@ -516,6 +577,7 @@ impl StreamState {
         self.last_window.fill(None);
         self.clock = None;
         self.last_mono = f64::NAN;
+        self.origin.fill(0);
         self.retired = false;
         // A slot changes hands at most once per `forget_after_secs` (a minute or more):
         // u32 outlasts any agent.
@@ -547,6 +609,10 @@ pub struct Assembler {
     /// Buffers ever allocated (tests check that it stops growing after warm-up).
     buffers_allocated: usize,
     counters: AssemblerCounters,
+    /// Per feature, whether two series were seen merged into it ([`Self::take_mixed`]).
+    mix: Vec<MixState>,
+    /// A merge found and not yet taken.
+    mixed: Option<Mixed>,
 }
 
 impl Assembler {
@@ -578,6 +644,7 @@ impl Assembler {
         if feature_names.is_empty() {
             return Err(AssemblerError::NoFeatures);
         }
+        let d = feature_names.len();
         let mut features = HashMap::with_capacity(feature_names.len());
         for (j, name) in feature_names.iter().enumerate() {
             if features.insert(name.clone(), j).is_some() {
@@ -601,6 +668,8 @@ impl Assembler {
             pool: Vec::new(),
             buffers_allocated: 0,
             counters: AssemblerCounters::default(),
+            mix: vec![MixState::Clean; d],
+            mixed: None,
         })
     }
 
@@ -737,6 +806,23 @@ impl Assembler {
     /// # Errors
     /// As [`Self::push`].
     pub fn push_received(&mut self, s: &Sample<'_>, receipt: Receipt) -> Result<(), Reject> {
+        self.push_from(s, receipt, Origin::default())
+    }
+
+    /// [`Self::push_received`] for a sample from `origin` (its tag set or topic). When
+    /// one stream's feature gets samples from two origins, back and forth (cpu0 and cpu1
+    /// both named `cpu.usage_user`), the first time for each feature, [`Self::take_mixed`]
+    /// then names them. It costs a comparison of two hashes per sample; the origins' text
+    /// is copied only when a second origin turns up.
+    ///
+    /// # Errors
+    /// As [`Self::push`].
+    pub fn push_from(
+        &mut self,
+        s: &Sample<'_>,
+        receipt: Receipt,
+        origin: Origin<'_>,
+    ) -> Result<(), Reject> {
         let received = receipt.wall();
         self.counters.samples_in += 1;
         // Frames hold f32: a value beyond its range would be ±inf in this frame and in
@@ -807,6 +893,9 @@ impl Assembler {
             debug_assert!(false, "slot {slot} holds window {held}, wanted {w}");
             self.finalize(idx, slot);
         }
+        if origin.hash != 0 {
+            self.track_origin(idx, j, w, origin);
+        }
         let st = &mut self.streams[idx];
         st.slot_window[slot] = Some(w);
         let k = slot * d + j;
@@ -840,6 +929,76 @@ impl Assembler {
             self.close(idx, w.saturating_add(1));
         }
         Ok(())
+    }
+
+    /// Merge detection for feature `j` of stream `idx`, for a sample in window `w` (see
+    /// [`Self::push_from`]).
+    fn track_origin(&mut self, idx: usize, j: usize, w: i64, origin: Origin<'_>) {
+        let first = &mut self.streams[idx].origin[j];
+        if *first == 0 {
+            *first = origin.hash;
+            return;
+        }
+        let first = *first;
+        let h = origin.hash;
+        match &mut self.mix[j] {
+            MixState::Reported => return,
+            MixState::Clean => {
+                if h != first {
+                    self.mix[j] = MixState::Pending {
+                        stream: idx,
+                        first,
+                        second: h,
+                        first_text: String::new(),
+                        first_window: None,
+                        second_text: origin.text.to_owned(),
+                        second_window: w,
+                    };
+                }
+                return;
+            }
+            MixState::Pending {
+                stream,
+                first: f,
+                second,
+                first_text,
+                first_window,
+                second_text,
+                second_window,
+            } => {
+                // Only the one slot pending pays for this (a copy into a kept buffer).
+                if *stream != idx || *f != first {
+                    return;
+                }
+                if h == first {
+                    origin.text.clone_into(first_text);
+                    *first_window = Some(w);
+                    if *second_window != w {
+                        return;
+                    }
+                } else if h == *second {
+                    *second_window = w;
+                    if *first_window != Some(w) {
+                        return;
+                    }
+                } else {
+                    return;
+                }
+                let origins = [std::mem::take(first_text), std::mem::take(second_text)];
+                self.mixed = Some(Mixed {
+                    metric: self.feature_names[j].clone(),
+                    stream: self.streams[idx].name.clone(),
+                    origins,
+                });
+            }
+        }
+        self.mix[j] = MixState::Reported;
+    }
+
+    /// The latest merge of two series into one feature found by [`Self::push_from`], if
+    /// not taken yet: each feature's first only.
+    pub fn take_mixed(&mut self) -> Option<Mixed> {
+        self.mixed.take()
     }
 
     /// Closes every window of stream `idx` below `before`, oldest first.
@@ -1216,6 +1375,82 @@ mod tests {
             assert!(!got[0].incomplete);
             assert_eq!(a.counters().frames_complete, 1);
         }
+    }
+
+    /// Two origins of one feature in one stream and one window are reported once per
+    /// feature with both texts; one origin, two origins in two streams, or origins that
+    /// alternate but never share a window, never.
+    #[test]
+    fn two_origins_of_one_feature_are_reported_once() {
+        let o = |hash, text| Origin { hash, text };
+        let mut a = asm(AssemblerConfig::default(), &["x", "y"]);
+        let r = receipt(10.0);
+        for t in 0..5 {
+            a.push_from(
+                &sample("n1", "x", 1.0, 10.0 + f64::from(t)),
+                r,
+                o(7, "cpu=cpu0"),
+            )
+            .unwrap();
+            a.push_from(
+                &sample("n2", "x", 1.0, 10.0 + f64::from(t)),
+                r,
+                o(8, "cpu=cpu1"),
+            )
+            .unwrap();
+            // Untracked samples (0) never count.
+            a.push_from(&sample("n1", "x", 1.0, 10.0 + f64::from(t)), r, o(0, ""))
+                .unwrap();
+        }
+        assert_eq!(a.take_mixed(), None);
+        // A tag that changes now and then (a GPU's pstate), never two in one window: no.
+        for (t, h, text) in [
+            (20.0, 1, "a"),
+            (21.0, 2, "b"),
+            (22.0, 1, "a"),
+            (23.0, 2, "b"),
+        ] {
+            a.push_from(&sample("n1", "y", 1.0, t), r, o(h, text))
+                .unwrap();
+        }
+        assert_eq!(a.take_mixed(), None);
+        // Both in one window, in either order: two series side by side.
+        a.push_from(&sample("n1", "y", 1.0, 24.0), r, o(2, "b"))
+            .unwrap();
+        assert_eq!(a.take_mixed(), None);
+        a.push_from(&sample("n1", "y", 1.0, 24.5), r, o(1, "a"))
+            .unwrap();
+        assert_eq!(
+            a.take_mixed(),
+            Some(Mixed {
+                metric: "y".into(),
+                stream: "n1".into(),
+                origins: ["a".into(), "b".into()],
+            })
+        );
+        for _ in 0..4 {
+            a.push_from(&sample("n1", "y", 1.0, 25.0), r, o(2, "b"))
+                .unwrap();
+            a.push_from(&sample("n1", "y", 1.0, 25.0), r, o(1, "a"))
+                .unwrap();
+        }
+        assert_eq!(a.take_mixed(), None);
+        // The other feature, by itself.
+        a.push_from(&sample("n2", "x", 1.0, 26.0), r, o(9, "cpu=cpu2"))
+            .unwrap();
+        a.push_from(&sample("n2", "x", 1.0, 26.0), r, o(8, "cpu=cpu1"))
+            .unwrap();
+        assert_eq!(
+            a.take_mixed().map(|m| m.origins),
+            Some(["cpu=cpu1".into(), "cpu=cpu2".into()])
+        );
+        // Merged values are what an operator saw: the mean of both series.
+        let mut a = asm(AssemblerConfig::default(), &["x"]);
+        a.push_from(&sample("n", "x", 1.0, 1.0), r, o(1, "a"))
+            .unwrap();
+        a.push_from(&sample("n", "x", 3.0, 1.0), r, o(2, "b"))
+            .unwrap();
+        a.flush(&mut |f| assert_eq!(f.values, [2.0]));
     }
 
     #[test]

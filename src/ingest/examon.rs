@@ -6,7 +6,10 @@
 //! Topic: `org/<o>/cluster/<c>/node/<n>/plugin/<p>/chnl/data[/<k>/<v>…]/<metric>`, read
 //! as key/value pairs then the metric as the last segment. The pairs must be complete
 //! and include `chnl/data`; the stream id is the value of a configurable key (default
-//! `node`). Values and the metric may be URL-encoded (`%2F`, `%23`, `%2B`, `%20`, `%25`);
+//! `node`). With `metric_levels = N` above 1, the metric name keeps up to `N - 1` levels
+//! before the last, from those after `chnl/data` (never the stream's pair), joined by `/`
+//! as in the topic: `…/chnl/data/core/3/cpu_load` is `core/3/cpu_load` with 3, so that
+//! per-core (per-GPU, per-device) metrics are features of their own. Values and the metric may be URL-encoded (`%2F`, `%23`, `%2B`, `%20`, `%25`);
 //! other `%` sequences are kept as they are.
 //!
 //! Payload: the legacy `"<value>;<epoch seconds>"` (split on the last `;`, since string
@@ -19,7 +22,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::assemble::{DecodeError, Sample, clip, parse_value};
+use super::assemble::{DecodeError, FNV_START, Origin, Sample, clip, fnv1a, parse_value};
 
 /// How ExaMon messages are read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +32,13 @@ pub struct ExamonConfig {
     pub stream_key: String,
     /// Largest payload accepted, in bytes. Default 4096.
     pub max_payload_bytes: usize,
+    /// Topic levels kept in the metric name, counting the last: 1 (default) is the last
+    /// level only (`cpu_load`); 3 keeps the key/value pair before it too
+    /// (`core/3/cpu_load`), 5 two pairs (`cpu/0/core/3/cpu_load`). Only levels after
+    /// `chnl/data` count, and the stream key's pair is skipped, so a metric with fewer
+    /// levels keeps a shorter name. Use an odd number, so that whole pairs are kept.
+    /// 0 reads as 1.
+    pub metric_levels: usize,
 }
 
 impl Default for ExamonConfig {
@@ -36,6 +46,7 @@ impl Default for ExamonConfig {
         ExamonConfig {
             stream_key: "node".to_owned(),
             max_payload_bytes: 4096,
+            metric_levels: 1,
         }
     }
 }
@@ -66,6 +77,17 @@ impl ExamonDecoder {
     /// `NonFinite`, `TimestampMissing`, `TimestampInvalid`.
     pub fn decode<'t>(&self, topic: &'t str, payload: &[u8]) -> Result<Sample<'t>, DecodeError> {
         self.decode_inner(topic, payload, None)
+    }
+
+    /// The [`Origin`] of a sample decoded from `topic`: the topic itself. Two topics that
+    /// give one stream the same metric name are two series merged into one feature (the
+    /// metric is only the last level by default: `core/0/cpu_load` and `core/1/cpu_load`).
+    pub fn origin(topic: &str) -> Origin<'_> {
+        Origin {
+            // 0 means "not tracked"; no topic is given it.
+            hash: fnv1a(FNV_START, topic.as_bytes()).max(1),
+            text: topic,
+        }
     }
 
     /// As [`Self::decode`], and also fills `tags` (cleared first) with every topic pair
@@ -105,6 +127,8 @@ impl ExamonDecoder {
         }
         let mut stream = None;
         let mut channel = None;
+        // Byte offset in `topic` just past the `chnl/data` pair's value.
+        let mut data_end = 0;
         let mut segments = pairs.split('/');
         while let Some(key) = segments.next() {
             let Some(value) = segments.next() else {
@@ -123,6 +147,7 @@ impl ExamonDecoder {
             }
             if key == "chnl" && channel.is_none() {
                 channel = Some(value);
+                data_end = value.as_ptr() as usize - topic.as_ptr() as usize + value.len();
             }
             if let Some(tags) = tags.as_deref_mut() {
                 tags.push((Cow::Borrowed(key), url_decode(value)));
@@ -142,12 +167,55 @@ impl ExamonDecoder {
             }
         };
         let (value, timestamp) = parse_payload(payload)?;
+        let metric = if self.cfg.metric_levels > 1 {
+            // `data_end` is at a '/' (or the end of `pairs`), and the metric follows.
+            self.long_metric(&topic[(data_end + 1).min(topic.len())..])
+        } else {
+            url_decode(metric)
+        };
         Ok(Sample {
             stream,
-            metric: url_decode(metric),
+            metric,
             value,
             timestamp,
         })
+    }
+}
+
+impl ExamonDecoder {
+    /// The metric name from `tail`, the topic after `chnl/data/` (whole pairs, then the
+    /// metric): its last `metric_levels` levels, skipping the stream key's pair. Borrows
+    /// unless a level had to be URL-decoded or the stream's pair dropped.
+    fn long_metric<'t>(&self, tail: &'t str) -> Cow<'t, str> {
+        let levels = self.cfg.metric_levels;
+        let mut has_stream = false;
+        let mut segments = tail.split('/');
+        while let (Some(key), Some(_)) = (segments.next(), segments.next()) {
+            has_stream |= key == self.cfg.stream_key;
+        }
+        if !has_stream && !tail.contains('%') {
+            let start = tail
+                .rmatch_indices('/')
+                .nth(levels - 1)
+                .map_or(0, |(i, _)| i + 1);
+            return Cow::Borrowed(&tail[start..]);
+        }
+        // Rare: build it.
+        let mut kept: Vec<Cow<'t, str>> = Vec::new();
+        let mut segments = tail.split('/').peekable();
+        while let Some(seg) = segments.next() {
+            if segments.peek().is_none() {
+                kept.push(url_decode(seg));
+                break;
+            }
+            let value = segments.next().unwrap_or("");
+            if seg != self.cfg.stream_key {
+                kept.push(url_decode(seg));
+                kept.push(url_decode(value));
+            }
+        }
+        let from = kept.len().saturating_sub(levels);
+        Cow::Owned(kept[from..].join("/"))
     }
 }
 
@@ -314,6 +382,60 @@ mod tests {
         }
         .build();
         assert_eq!(by_cluster.decode(topic, b"1;2").unwrap().stream, "c");
+    }
+
+    /// `metric_levels` keeps levels after `chnl/data` in the metric name (never the stream
+    /// key's pair, never `chnl/data` itself); 1 is the last level only, as before.
+    #[test]
+    fn metric_levels_keep_the_levels_that_tell_cores_apart() {
+        let levels = |n: usize, topic: &str| {
+            ExamonConfig {
+                metric_levels: n,
+                ..Default::default()
+            }
+            .build()
+            .decode(topic, b"1;2")
+            .unwrap()
+            .metric
+            .into_owned()
+        };
+        let core = "org/o/node/n1/plugin/p/chnl/data/cpu/0/core/3/cpu_load";
+        assert_eq!(levels(1, core), "cpu_load");
+        assert_eq!(levels(0, core), "cpu_load");
+        assert_eq!(levels(3, core), "core/3/cpu_load");
+        assert_eq!(levels(5, core), "cpu/0/core/3/cpu_load");
+        assert_eq!(levels(9, core), "cpu/0/core/3/cpu_load");
+        // Fewer levels after chnl/data: the name as it is.
+        assert_eq!(levels(3, TOPIC), "total_power");
+        // The stream's pair is skipped, URL escapes decoded.
+        assert_eq!(
+            levels(3, "org/o/chnl/data/gpu/0/node/n1/power"),
+            "gpu/0/power"
+        );
+        assert_eq!(
+            levels(3, "org/o/node/n/chnl/data/dev/sd%2Fa/m%20x"),
+            "dev/sd/a/m x"
+        );
+        // Borrowed from the topic when nothing was decoded or dropped.
+        let d = ExamonConfig {
+            metric_levels: 3,
+            ..Default::default()
+        }
+        .build();
+        assert!(matches!(
+            d.decode(core, b"1;2").unwrap().metric,
+            Cow::Borrowed(_)
+        ));
+        let cfg: ExamonConfig = serde_json::from_str(r#"{"metric_levels": 3}"#).unwrap();
+        assert_eq!(cfg.metric_levels, 3);
+        assert_eq!(ExamonConfig::default().metric_levels, 1);
+        // Origins: the topic; another core, another origin.
+        let o = ExamonDecoder::origin(core);
+        assert_eq!(o.text, core);
+        assert_ne!(
+            o.hash,
+            ExamonDecoder::origin(&core.replace("core/3", "core/4")).hash
+        );
     }
 
     #[test]

@@ -2,7 +2,11 @@
 //!
 //! Fed by the MQTT source (the payload of each message and its receive time); feeds the
 //! [`super::assemble::Assembler`] one [`Sample`] per numeric field, named
-//! `<measurement>.<field>`, with the stream taken from a tag (default `host`).
+//! `<measurement>.<field>`, with the stream taken from a tag (default `host`). With
+//! `name_tags`, the values of those tags (when the metric has them) come between:
+//! `name_tags = ["cpu"]` names `cpu,cpu=cpu0 usage_user=1` `cpu.cpu0.usage_user`. Each
+//! sample comes with its [`Origin`], the metric's tags, so that the assembler can tell
+//! two tag sets merged into one feature.
 //!
 //! JSON: one metric `{"name", "tags", "fields", "timestamp"}`, an array of them, or
 //! `{"metrics": [...]}` (Telegraf's batch layout). Line protocol:
@@ -23,7 +27,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::assemble::{DecodeError, Sample, clip, parse_value};
+use super::assemble::{DecodeError, FNV_START, Origin, Sample, clip, fnv1a, parse_value};
 
 /// Which encoding the messages use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +92,12 @@ pub struct TelegrafConfig {
     pub json_timestamp_units: Precision,
     /// Largest payload accepted, in bytes. Default 1 MiB.
     pub max_payload_bytes: usize,
+    /// Tags whose values go into the metric name, in this order, between measurement and
+    /// field: `["cpu"]` names the `cpu` input's per-core metrics `cpu.cpu0.usage_user`,
+    /// `cpu.cpu1.usage_user`, `cpu.cpu-total.usage_user`. A tag a metric lacks (or has
+    /// empty) adds nothing, so `mem.used` stays `mem.used`. Default empty: every tag set
+    /// of a measurement gives the same names, merged into one feature per host.
+    pub name_tags: Vec<String>,
 }
 
 impl Default for TelegrafConfig {
@@ -98,6 +108,7 @@ impl Default for TelegrafConfig {
             line_precision: Precision::Auto,
             json_timestamp_units: Precision::Auto,
             max_payload_bytes: 1 << 20,
+            name_tags: Vec::new(),
         }
     }
 }
@@ -130,6 +141,20 @@ impl TelegrafDecoder {
         receive_time: f64,
         out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
     ) -> Result<(), DecodeError> {
+        self.decode_with_origin(payload, receive_time, &mut |r, _| out(r))
+    }
+
+    /// As [`Self::decode`], with each sample's [`Origin`]: a hash of its metric's tags (in
+    /// any order) and the tags as written (`cpu=cpu0,host=n1`).
+    ///
+    /// # Errors
+    /// As [`Self::decode`].
+    pub fn decode_with_origin(
+        &self,
+        payload: &[u8],
+        receive_time: f64,
+        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>, Origin<'_>),
+    ) -> Result<(), DecodeError> {
         if payload.len() > self.cfg.max_payload_bytes {
             return Err(DecodeError::TooLarge {
                 len: payload.len(),
@@ -154,7 +179,7 @@ impl TelegrafDecoder {
                     continue;
                 }
                 if let Err(e) = self.decode_line(line, receive_time, &mut name, out) {
-                    out(Err(e));
+                    out(Err(e), Origin::default());
                 }
             }
             Ok(())
@@ -182,7 +207,7 @@ impl TelegrafDecoder {
         text: &str,
         receive_time: f64,
         name: &mut String,
-        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
+        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>, Origin<'_>),
     ) -> Result<(), DecodeError> {
         let doc: Value =
             serde_json::from_str(text).map_err(|_| DecodeError::BadPayload("invalid JSON"))?;
@@ -201,14 +226,18 @@ impl TelegrafDecoder {
                 ));
             }
         };
+        let mut tags_text = String::new();
         for metric in metrics {
             match metric.as_object() {
                 Some(obj) => {
-                    if let Err(e) = self.json_metric(obj, receive_time, name, out) {
-                        out(Err(e));
+                    if let Err(e) = self.json_metric(obj, receive_time, name, &mut tags_text, out) {
+                        out(Err(e), Origin::default());
                     }
                 }
-                None => out(Err(DecodeError::BadPayload("metric is not a JSON object"))),
+                None => out(
+                    Err(DecodeError::BadPayload("metric is not a JSON object")),
+                    Origin::default(),
+                ),
             }
         }
         Ok(())
@@ -219,13 +248,14 @@ impl TelegrafDecoder {
         obj: &Map<String, Value>,
         receive_time: f64,
         name: &mut String,
-        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
+        tags_text: &mut String,
+        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>, Origin<'_>),
     ) -> Result<(), DecodeError> {
         let Some(measurement) = obj.get("name").and_then(Value::as_str) else {
             return Err(DecodeError::BadPayload("metric has no \"name\" string"));
         };
-        let stream = obj
-            .get("tags")
+        let tags = obj.get("tags").and_then(Value::as_object);
+        let stream = tags
             .and_then(|t| t.get(&self.cfg.stream_tag))
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
@@ -241,6 +271,38 @@ impl TelegrafDecoder {
         let Some(fields) = obj.get("fields").and_then(Value::as_object) else {
             return Err(DecodeError::BadPayload("metric has no \"fields\" object"));
         };
+        // The tags as `k=v,…` (reused buffer) and their hash; string values only, as
+        // Telegraf writes them.
+        tags_text.clear();
+        let mut hash = 0u64;
+        for (k, v) in tags.into_iter().flatten() {
+            if let Some(v) = v.as_str() {
+                if !tags_text.is_empty() {
+                    tags_text.push(',');
+                }
+                tags_text.push_str(k);
+                tags_text.push('=');
+                tags_text.push_str(v);
+                hash = hash.wrapping_add(tag_hash(k, v));
+            }
+        }
+        let origin = Origin {
+            hash: hash.max(1),
+            text: tags_text,
+        };
+        let mut prefix = Cow::Borrowed(measurement);
+        if !self.cfg.name_tags.is_empty() {
+            let mut p = measurement.to_owned();
+            for key in &self.cfg.name_tags {
+                if let Some(v) = tags.and_then(|t| t.get(key)).and_then(Value::as_str)
+                    && !v.is_empty()
+                {
+                    p.push('.');
+                    p.push_str(v);
+                }
+            }
+            prefix = Cow::Owned(p);
+        }
         for (field, v) in fields {
             let value = match v {
                 Value::Number(n) => match n.as_f64() {
@@ -251,7 +313,7 @@ impl TelegrafDecoder {
                 Value::String(_) => Err(DecodeError::StringField),
                 other => Err(DecodeError::NonNumeric(clip(&other.to_string()))),
             };
-            emit(out, name, measurement, field, stream, value, timestamp);
+            emit(out, name, &prefix, field, stream, value, timestamp, origin);
         }
         Ok(())
     }
@@ -262,7 +324,7 @@ impl TelegrafDecoder {
         line: &'l str,
         receive_time: f64,
         name: &mut String,
-        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
+        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>, Origin<'_>),
     ) -> Result<(), DecodeError> {
         let (series, rest) = split_section(line)?;
         let (fields, ts) = match rest {
@@ -277,15 +339,23 @@ impl TelegrafDecoder {
         if measurement.is_empty() {
             return Err(DecodeError::BadPayload("empty measurement"));
         }
+        // The tags as written, for the log: after the measurement's unescaped comma.
+        let tags_text = series.get(parts_offset(series, &parts)..).unwrap_or("");
         let mut stream: Option<Cow<'l, str>> = None;
+        let mut hash = 0u64;
         for tag in parts {
             let Some((k, v)) = split_key_value(tag) else {
                 return Err(DecodeError::BadPayload("tag without '='"));
             };
+            hash = hash.wrapping_add(tag_hash(k, v));
             if stream.is_none() && unescape(k) == self.cfg.stream_tag.as_str() {
                 stream = Some(unescape(v));
             }
         }
+        let origin = Origin {
+            hash: hash.max(1),
+            text: tags_text,
+        };
         let stream = stream
             .filter(|s| !s.is_empty())
             .ok_or_else(|| self.missing_stream())?;
@@ -296,24 +366,38 @@ impl TelegrafDecoder {
                 Err(_) => return Err(DecodeError::TimestampInvalid(clip(t))),
             },
         };
+        let mut prefix = measurement;
+        if !self.cfg.name_tags.is_empty() {
+            let mut p = prefix.into_owned();
+            for key in &self.cfg.name_tags {
+                if let Some(v) = line_tag(series, key)
+                    && !v.is_empty()
+                {
+                    p.push('.');
+                    p.push_str(&v);
+                }
+            }
+            prefix = Cow::Owned(p);
+        }
         for field in Splitter::new(fields, b',') {
             let Some((k, v)) = split_key_value(field) else {
-                out(Err(DecodeError::BadPayload("field without '='")));
+                out(Err(DecodeError::BadPayload("field without '='")), origin);
                 continue;
             };
             let key = unescape(k);
             if key.is_empty() {
-                out(Err(DecodeError::BadPayload("empty field key")));
+                out(Err(DecodeError::BadPayload("empty field key")), origin);
                 continue;
             }
             emit(
                 out,
                 name,
-                &measurement,
+                &prefix,
                 &key,
                 &stream,
                 line_value(v),
                 timestamp,
+                origin,
             );
         }
         Ok(())
@@ -326,31 +410,57 @@ impl TelegrafDecoder {
     }
 }
 
-/// Hands one field's sample (named `<measurement>.<field>` in the reused `name`) or error
-/// to `out`.
+/// Hash of one tag (key and value as written): the tag set's hash is the wrapping sum of
+/// its tags', the same in any order.
+fn tag_hash(k: &str, v: &str) -> u64 {
+    fnv1a(fnv1a(FNV_START, k.as_bytes()) ^ 0x3d, v.as_bytes())
+}
+
+/// Byte offset in `series` where the tags (what `parts` has left) start.
+fn parts_offset(series: &str, parts: &Splitter<'_>) -> usize {
+    parts.rest.map_or(series.len(), |r| {
+        r.as_ptr() as usize - series.as_ptr() as usize
+    })
+}
+
+/// The (unescaped) value of tag `key` in a line's series section `measurement,k=v,…`.
+fn line_tag<'l>(series: &'l str, key: &str) -> Option<Cow<'l, str>> {
+    Splitter::new(series, b',').skip(1).find_map(|tag| {
+        let (k, v) = split_key_value(tag)?;
+        (unescape(k) == key).then(|| unescape(v))
+    })
+}
+
+/// Hands one field's sample (named `<prefix>.<field>` in the reused `name`, the prefix
+/// being the measurement and any `name_tags` values) or error to `out`.
+#[allow(clippy::too_many_arguments)]
 fn emit(
-    out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
+    out: &mut impl FnMut(Result<Sample<'_>, DecodeError>, Origin<'_>),
     name: &mut String,
-    measurement: &str,
+    prefix: &str,
     field: &str,
     stream: &str,
     value: Result<f64, DecodeError>,
     timestamp: f64,
+    origin: Origin<'_>,
 ) {
     match value {
         Ok(value) => {
             name.clear();
-            name.push_str(measurement);
+            name.push_str(prefix);
             name.push('.');
             name.push_str(field);
-            out(Ok(Sample {
-                stream: Cow::Borrowed(stream),
-                metric: Cow::Borrowed(name.as_str()),
-                value,
-                timestamp,
-            }));
+            out(
+                Ok(Sample {
+                    stream: Cow::Borrowed(stream),
+                    metric: Cow::Borrowed(name.as_str()),
+                    value,
+                    timestamp,
+                }),
+                origin,
+            );
         }
-        Err(e) => out(Err(e)),
+        Err(e) => out(Err(e), origin),
     }
 }
 
@@ -667,6 +777,84 @@ mod tests {
             run(&cfg.build(), "m,host=h v=1 1700000000", 0.0).0,
             [s("h", "m.v", 1.0, 1.7e9)]
         );
+    }
+
+    /// `name_tags` puts the values of those tags, in the configured order, between the
+    /// measurement and the field, in JSON and line protocol alike (escapes undone); a tag
+    /// a metric lacks adds nothing, and without `name_tags` the names are as before.
+    #[test]
+    fn name_tags_name_per_core_and_per_device_metrics() {
+        let cfg = TelegrafConfig {
+            name_tags: vec!["cpu".into(), "device".into()],
+            ..Default::default()
+        };
+        let d = cfg.build();
+        let json = r#"[{"name": "cpu", "tags": {"host": "n1", "cpu": "cpu0"}, "fields": {"usage_user": 1}, "timestamp": 10},
+            {"name": "cpu", "tags": {"host": "n1", "cpu": "cpu-total"}, "fields": {"usage_user": 2}, "timestamp": 10},
+            {"name": "diskio", "tags": {"host": "n1", "device": "nvme0n1", "cpu": ""}, "fields": {"reads": 3}, "timestamp": 10},
+            {"name": "mem", "tags": {"host": "n1"}, "fields": {"used": 4}, "timestamp": 10}]"#;
+        assert_eq!(
+            run(&d, json, 0.0),
+            (
+                vec![
+                    s("n1", "cpu.cpu0.usage_user", 1.0, 10.0),
+                    s("n1", "cpu.cpu-total.usage_user", 2.0, 10.0),
+                    s("n1", "diskio.nvme0n1.reads", 3.0, 10.0),
+                    s("n1", "mem.used", 4.0, 10.0),
+                ],
+                vec![]
+            )
+        );
+        // Line protocol: tag order on the line does not matter, the configured one does;
+        // escaped values are unescaped.
+        let lines = "cpu,host=n1,cpu=cpu1 usage_user=1,usage_system=2 10\n\
+            x,device=sd\\ a,host=n1,cpu=c\\,1 v=3 10\n\
+            mem,host=n1 used=4 10";
+        assert_eq!(
+            run(&d, lines, 0.0).0,
+            [
+                s("n1", "cpu.cpu1.usage_user", 1.0, 10.0),
+                s("n1", "cpu.cpu1.usage_system", 2.0, 10.0),
+                s("n1", "x.c,1.sd a.v", 3.0, 10.0),
+                s("n1", "mem.used", 4.0, 10.0),
+            ]
+        );
+        // Default: today's names.
+        assert_eq!(
+            run(&dec(), "cpu,host=n1,cpu=cpu1 usage_user=1 10", 0.0).0,
+            [s("n1", "cpu.usage_user", 1.0, 10.0)]
+        );
+        let cfg: TelegrafConfig = serde_json::from_str(r#"{"name_tags": ["cpu"]}"#).unwrap();
+        assert_eq!(cfg.name_tags, ["cpu"]);
+        assert!(TelegrafConfig::default().name_tags.is_empty());
+    }
+
+    /// Each sample's origin is its metric's tag set: the same hash in any tag order and
+    /// in either format, another for another tag set; the text is the tags as written.
+    #[test]
+    fn origins_tell_tag_sets_apart_in_any_order() {
+        let origins = |payload: &str| {
+            let mut got = Vec::new();
+            dec()
+                .decode_with_origin(payload.as_bytes(), 1.0, &mut |r, o| {
+                    assert!(r.is_ok());
+                    got.push((o.hash, o.text.to_owned()));
+                })
+                .unwrap();
+            got
+        };
+        let a = origins("cpu,cpu=cpu0,host=n1 u=1 10");
+        let b = origins("cpu,host=n1,cpu=cpu0 u=1 10");
+        let c = origins("cpu,cpu=cpu1,host=n1 u=1 10");
+        let j = origins(r#"{"name":"cpu","tags":{"host":"n1","cpu":"cpu0"},"fields":{"u":1}}"#);
+        assert_eq!(a[0], (a[0].0, "cpu=cpu0,host=n1".to_owned()));
+        assert_eq!(b[0].1, "host=n1,cpu=cpu0");
+        assert_eq!((a[0].0, j[0].0), (b[0].0, b[0].0));
+        assert_eq!(j[0].1, "cpu=cpu0,host=n1");
+        assert_ne!(a[0].0, c[0].0);
+        assert_ne!(a[0].0, 0);
+        // No tags but the stream's: still tracked (one tag set).
+        assert_ne!(origins("mem,host=n1 used=1 10")[0].0, 0);
     }
 
     #[test]
