@@ -2784,6 +2784,23 @@ impl Sink for AgentSink {
 mod tests {
     use super::*;
 
+    /// A raw decoder for frames of `width` values on `filter`, tracking at most
+    /// `max_streams` streams.
+    fn raw_decoder(
+        cfg: &DarkwatchConfig,
+        width: usize,
+        filter: &str,
+        max_streams: usize,
+    ) -> Decoder {
+        Decoder::Raw {
+            decoder: cfg.raw.build_for(width, &[filter.to_string()]),
+            frame: Vec::new(),
+            streams: Default::default(),
+            max_streams,
+            ids_unused: 0,
+        }
+    }
+
     fn source(window_secs: f64) -> AgentSource {
         let mut cfg = DarkwatchConfig::default();
         cfg.assemble.window_secs = window_secs;
@@ -2898,15 +2915,7 @@ mod tests {
         );
 
         // A raw sender whose frames are one value wider than the model's.
-        src.decoder = Decoder::Raw {
-            decoder: DarkwatchConfig::default()
-                .raw
-                .build_for(2, &["act/+".to_string()]),
-            frame: Vec::new(),
-            streams: Default::default(),
-            max_streams: 4,
-            ids_unused: 0,
-        };
+        src.decoder = raw_decoder(&DarkwatchConfig::default(), 2, "act/+", 4);
         let wide: Vec<u8> = [1.0f32, 2.0, 3.0]
             .iter()
             .flat_map(|v| v.to_le_bytes())
@@ -3070,15 +3079,7 @@ mod tests {
     fn a_raw_frame_of_half_or_twice_the_bytes_is_told_as_float16_or_float64() {
         let raw = |payload: Vec<u8>| {
             let mut src = source(1.0);
-            src.decoder = Decoder::Raw {
-                decoder: DarkwatchConfig::default()
-                    .raw
-                    .build_for(64, &["act/+".to_string()]),
-                frame: Vec::new(),
-                streams: Default::default(),
-                max_streams: 4,
-                ids_unused: 0,
-            };
+            src.decoder = raw_decoder(&DarkwatchConfig::default(), 64, "act/+", 4);
             let log = logged(|| {
                 src.take_one(&Incoming {
                     topic: "act/l6".into(),
@@ -3131,15 +3132,7 @@ mod tests {
         let counters = Arc::new(AgentCounters::default());
         counters.decode_errors_by_reason[wrong_length].store(1000, Ordering::Relaxed);
         let wide = |src: &mut AgentSource| {
-            src.decoder = Decoder::Raw {
-                decoder: DarkwatchConfig::default()
-                    .raw
-                    .build_for(64, &["act/+".to_string()]),
-                frame: Vec::new(),
-                streams: Default::default(),
-                max_streams: 4,
-                ids_unused: 0,
-            };
+            src.decoder = raw_decoder(&DarkwatchConfig::default(), 64, "act/+", 4);
             logged(|| {
                 src.take_one(&Incoming {
                     topic: "act/l6".into(),
@@ -3182,15 +3175,7 @@ mod tests {
     fn a_raw_header_gives_the_frame_its_time_and_seq() {
         use crate::ring::{FullPolicy, frame_ring};
         let mut src = source(1.0);
-        src.decoder = Decoder::Raw {
-            decoder: DarkwatchConfig::default()
-                .raw
-                .build_for(2, &["act/#".to_string()]),
-            frame: Vec::new(),
-            streams: Default::default(),
-            max_streams: 4,
-            ids_unused: 0,
-        };
+        src.decoder = raw_decoder(&DarkwatchConfig::default(), 2, "act/#", 4);
         let headed = |time: f64, id: u64| {
             let mut p = crate::ingest::raw::HEADER_MAGIC.to_vec();
             p.extend_from_slice(&time.to_le_bytes());
@@ -3420,13 +3405,7 @@ mod tests {
 
         // Raw frames of the model's width become frames at once, one stream per topic.
         let cfg = DarkwatchConfig::default();
-        src.decoder = Decoder::Raw {
-            decoder: cfg.raw.build_for(2, &["act/+".to_string()]),
-            frame: Vec::new(),
-            streams: Default::default(),
-            max_streams: 2,
-            ids_unused: 0,
-        };
+        src.decoder = raw_decoder(&cfg, 2, "act/+", 2);
         let frame: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         for topic in ["act/layer3", "act/layer3", "act/layer7"] {
             src.take_one(&Incoming {
@@ -3479,15 +3458,7 @@ mod tests {
         use crate::mqtt::Inbox;
         use crate::ring::{FullPolicy, frame_ring};
         let mut src = source(1.0);
-        src.decoder = Decoder::Raw {
-            decoder: DarkwatchConfig::default()
-                .raw
-                .build_for(2, &["act/+".to_string()]),
-            frame: Vec::new(),
-            streams: Default::default(),
-            max_streams: 1024,
-            ids_unused: 0,
-        };
+        src.decoder = raw_decoder(&DarkwatchConfig::default(), 2, "act/+", 1024);
         let counters = src.counters.clone();
         let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let feed = Feed::new(src, 2);
@@ -3562,13 +3533,7 @@ mod tests {
         let (out, _alerts) = mqtt::outgoing_channel();
         let counters = Arc::<AgentCounters>::default();
         let mut src = source(1.0);
-        src.decoder = Decoder::Raw {
-            decoder: cfg.raw.build_for(2, &["act/+".to_string()]),
-            frame: Vec::new(),
-            streams: Default::default(),
-            max_streams: 4,
-            ids_unused: 0,
-        };
+        src.decoder = raw_decoder(&cfg, 2, "act/+", 4);
         let mut sink = AgentSink::new(
             &cfg,
             &Detector::Autoencoder(Arc::new(model)),
@@ -4023,15 +3988,7 @@ mod tests {
             Order::HearsLast,
         ] {
             let mut src = source_with(&cfg);
-            src.decoder = Decoder::Raw {
-                decoder: DarkwatchConfig::default()
-                    .raw
-                    .build_for(2, &["act/+".to_string()]),
-                frame: Vec::new(),
-                streams: Default::default(),
-                max_streams: 1,
-                ids_unused: 0,
-            };
+            src.decoder = raw_decoder(&DarkwatchConfig::default(), 2, "act/+", 1);
             let (mut sink, mut alerts) = test_sink(&cfg);
             sink.streams = src.streams.clone();
             sink.recycling = src.recycling.clone();
@@ -4121,15 +4078,7 @@ mod tests {
         let mut cfg = DarkwatchConfig::default();
         cfg.assemble.forget_after_secs = 62.0;
         let mut src = source_with(&cfg);
-        src.decoder = Decoder::Raw {
-            decoder: DarkwatchConfig::default()
-                .raw
-                .build_for(2, &["act/+".to_string()]),
-            frame: Vec::new(),
-            streams: Default::default(),
-            max_streams: 2,
-            ids_unused: 0,
-        };
+        src.decoder = raw_decoder(&DarkwatchConfig::default(), 2, "act/+", 2);
         let (producer, mut consumer) =
             crate::ring::frame_ring(8, 2, crate::ring::FullPolicy::DropNewest);
         let mut producer = producer;
