@@ -862,6 +862,24 @@ struct RowsState {
     last_line: std::time::Duration,
 }
 
+/// Runs `f` with the row passes `--threads` asks for (every core without it) and their
+/// progress shown as [`RowsProgress`], finished when `f` returns: `sae-head` and
+/// `sae-score`.
+fn with_passes<T>(
+    threads: Option<usize>,
+    f: impl FnOnce(&darkwatch::sae::pass::Passes<'_>) -> T,
+) -> T {
+    let progress = RowsProgress::new();
+    let report = |p| progress.report(p);
+    let passes = darkwatch::sae::pass::Passes {
+        threads: threads.unwrap_or_else(darkwatch::sae::pass::available_threads),
+        progress: &report,
+    };
+    let out = f(&passes);
+    progress.finish();
+    out
+}
+
 impl RowsProgress {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -1519,14 +1537,9 @@ fn run(command: Command) -> Result<()> {
                 out,
                 force,
             };
-            let progress = RowsProgress::new();
-            let report = |p| progress.report(p);
-            let passes = darkwatch::sae::pass::Passes {
-                threads: threads.unwrap_or_else(darkwatch::sae::pass::available_threads),
-                progress: &report,
-            };
-            let text = darkwatch::sae::eval::sae_head_command_with(&args, &passes);
-            progress.finish();
+            let text = with_passes(threads, |passes| {
+                darkwatch::sae::eval::sae_head_command_with(&args, passes)
+            });
             emit(&text?)?;
             Ok(())
         }
@@ -1563,14 +1576,9 @@ fn run(command: Command) -> Result<()> {
                 out,
                 prompt_out,
             };
-            let progress = RowsProgress::new();
-            let report = |p| progress.report(p);
-            let passes = darkwatch::sae::pass::Passes {
-                threads: threads.unwrap_or_else(darkwatch::sae::pass::available_threads),
-                progress: &report,
-            };
-            let scored = darkwatch::sae::eval::sae_score_command_with(&args, &passes);
-            progress.finish();
+            let scored = with_passes(threads, |passes| {
+                darkwatch::sae::eval::sae_score_command_with(&args, passes)
+            });
             let (_, text) = scored?;
             emit(&text)?;
             Ok(())
