@@ -1044,6 +1044,9 @@ impl ReloadChange {
             resend_secs: _,
             silence_secs: _,
             labels,
+            // Not part of an alert's identity: a firing alert takes them in its next event.
+            annotations: _,
+            generator_url: _,
         } = &old_cfg.alert;
         let new = &cfg.alert;
         let changed = |keys: &[(&'static str, bool)]| -> Vec<&'static str> {
@@ -2315,10 +2318,7 @@ impl AgentSink {
             per_stream: Vec::new(),
             generations: Vec::new(),
             streams,
-            alert_cfg: crate::alert::AlertConfig {
-                labels: cfg.alert.labels_for_node(&mqtt.node()),
-                ..cfg.alert.clone()
-            },
+            alert_cfg: cfg.alert.for_node(&mqtt.node()),
             mqtt: mqtt.clone(),
             model_id: model.id().to_string(),
             model_version: model.version_label(),
@@ -2454,11 +2454,11 @@ impl AgentSink {
         streams: StreamNames,
         change: &ReloadChange,
     ) -> Result<AgentSink, AgentError> {
-        let alert_cfg = crate::alert::AlertConfig {
-            labels: cfg.alert.labels_for_node(&self.mqtt.node()),
-            ..cfg.alert.clone()
-        };
+        let alert_cfg = cfg.alert.for_node(&self.mqtt.node());
         if change.keeps_alerts() {
+            for st in self.per_stream.iter_mut().flatten() {
+                st.alerts.set_links(&alert_cfg);
+            }
             self.alert_cfg = alert_cfg;
             self.silence_secs = silence_secs(cfg);
             self.streams = streams;

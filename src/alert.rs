@@ -69,6 +69,77 @@ pub struct AlertConfig {
     /// the built-in labels (`alertname`, `severity`, `model_id`, `stream`); they are part
     /// of each alert's `fingerprint`.
     pub labels: BTreeMap<String, String>,
+    /// Annotations added to every alert (`runbook_url`, `dashboard`…), beside the built-in
+    /// `summary` and `description`, which they cannot replace. In a value, `{node}`,
+    /// `{stream}` and `{model_id}` are filled in as they are. Annotations are not part of
+    /// the `fingerprint`.
+    pub annotations: BTreeMap<String, String>,
+    /// Each alert's `generatorURL`, the link Alertmanager's UI and notifications show
+    /// ("Source"): an `http://` or `https://` URL, typically a Grafana dashboard. `{node}`,
+    /// `{stream}` and `{model_id}` are filled in percent-encoded. Empty: none is sent.
+    pub generator_url: String,
+}
+
+/// The annotations every alert may carry from darkwatch itself; `[alert] annotations` may
+/// not name them.
+pub const BUILT_IN_ANNOTATIONS: [&str; 3] = ["description", "ended_by", "summary"];
+
+/// Placeholders of `[alert] annotations` and `generator_url` values.
+const EVENT_PLACEHOLDERS: [&str; 3] = ["{node}", "{stream}", "{model_id}"];
+
+/// The first `{…}` in `value` that is not one of `placeholders`, if any: a typo such as
+/// `{hostname}` would otherwise be sent as it is.
+fn unknown_placeholder<'a>(value: &'a str, placeholders: &[&str]) -> Option<&'a str> {
+    let mut rest = value;
+    let mut offset = 0;
+    while let Some(open) = rest.find('{') {
+        let at = offset + open;
+        if let Some(p) = placeholders.iter().find(|p| value[at..].starts_with(**p)) {
+            offset = at + p.len();
+        } else {
+            let len = value[at..].find('}')?;
+            return Some(&value[at..=at + len]);
+        }
+        rest = &value[offset..];
+    }
+    None
+}
+
+/// `template` with each placeholder of `values` replaced by its value, in one pass (a value
+/// that holds a placeholder's text stays as it is).
+fn fill_placeholders(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        rest = &rest[open..];
+        match values.iter().find(|(p, _)| rest.starts_with(p)) {
+            Some((p, v)) => {
+                out.push_str(v);
+                rest = &rest[p.len()..];
+            }
+            None => {
+                out.push('{');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `s` with every byte but RFC 3986's unreserved characters percent-encoded, for a value
+/// put into a URL.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 /// The labels every alert carries; `[alert] labels` may not name them.
@@ -98,6 +169,8 @@ impl Default for AlertConfig {
             resend_secs: 60.0,
             silence_secs: None,
             labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            generator_url: String::new(),
         }
     }
 }
@@ -185,16 +258,66 @@ impl AlertConfig {
                     format!("{name:?} has an empty value: Alertmanager would drop the label"),
                 ));
             }
-            // A typo such as `{hostname}` would be sent as it is.
-            let probe = value.replace("{node}", "x");
-            if let Some(open) = probe.find('{')
-                && let Some(len) = probe[open..].find('}')
-            {
+            if let Some(bad) = unknown_placeholder(value, &["{node}"]) {
                 return Err((
                     "labels",
                     format!(
-                        "{name:?} = {value:?} has `{}`, which is not a placeholder and would be sent as it is; only {{node}} is filled in",
-                        &probe[open..=open + len]
+                        "{name:?} = {value:?} has `{bad}`, which is not a placeholder and would be sent as it is; only {{node}} is filled in (a label is part of the alert's identity, so {{stream}} is a label already)"
+                    ),
+                ));
+            }
+        }
+        for (name, value) in &self.annotations {
+            if !valid_label_name(name) {
+                return Err((
+                    "annotations",
+                    format!(
+                        "{name:?} is not an annotation name Alertmanager accepts: letters, digits and _, not starting with a digit or __"
+                    ),
+                ));
+            }
+            if BUILT_IN_ANNOTATIONS.contains(&name.as_str()) {
+                return Err((
+                    "annotations",
+                    format!(
+                        "{name:?} is built in (darkwatch writes summary, description and ended_by)"
+                    ),
+                ));
+            }
+            if value.is_empty() {
+                return Err(("annotations", format!("{name:?} has an empty value")));
+            }
+            if let Some(bad) = unknown_placeholder(value, &EVENT_PLACEHOLDERS) {
+                return Err((
+                    "annotations",
+                    format!(
+                        "{name:?} = {value:?} has `{bad}`, which is not a placeholder and would be sent as it is; {{node}}, {{stream}} and {{model_id}} are filled in"
+                    ),
+                ));
+            }
+        }
+        let url = &self.generator_url;
+        if !url.is_empty() {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+                return Err((
+                    "generator_url",
+                    format!("{url:?} is not an http:// or https:// URL with a host"),
+                ));
+            }
+            if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err((
+                    "generator_url",
+                    format!("{url:?} has a space or a control character; percent-encode it"),
+                ));
+            }
+            if let Some(bad) = unknown_placeholder(url, &EVENT_PLACEHOLDERS) {
+                return Err((
+                    "generator_url",
+                    format!(
+                        "{url:?} has `{bad}`, which is not a placeholder and would be sent as it is; {{node}}, {{stream}} and {{model_id}} are filled in"
                     ),
                 ));
             }
@@ -208,6 +331,22 @@ impl AlertConfig {
             .iter()
             .map(|(k, v)| (k.clone(), v.replace("{node}", node)))
             .collect()
+    }
+
+    /// This configuration on node `node`: `{node}` filled in the `labels`, the
+    /// `annotations` and (percent-encoded) the `generator_url`. `{stream}` and `{model_id}`
+    /// are left for each event.
+    pub fn for_node(&self, node: &str) -> AlertConfig {
+        AlertConfig {
+            labels: self.labels_for_node(node),
+            annotations: self
+                .annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.replace("{node}", node)))
+                .collect(),
+            generator_url: self.generator_url.replace("{node}", &percent_encode(node)),
+            ..self.clone()
+        }
     }
 }
 
@@ -273,7 +412,8 @@ pub struct AlertEvent {
     /// resolved event matches the firing one.
     pub labels: BTreeMap<String, String>,
     /// `summary` and `description` (which names the top features with their blame, the
-    /// sum over the episode's N above-threshold frames, and says N).
+    /// sum over the episode's N above-threshold frames, and says N), then `[alert]
+    /// annotations`.
     pub annotations: BTreeMap<String, String>,
     /// Event time of the episode's first above-threshold frame (RFC 3339, UTC).
     #[serde(rename = "startsAt")]
@@ -282,6 +422,9 @@ pub struct AlertEvent {
     /// [`ENDS_AT_UNSET`] (Go's zero time) while firing and in re-sends.
     #[serde(rename = "endsAt")]
     pub ends_at: String,
+    /// `[alert] generator_url` filled in for this stream; empty (and left out) when unset.
+    #[serde(rename = "generatorURL", skip_serializing_if = "String::is_empty")]
+    pub generator_url: String,
     /// 16 hex digits of FNV-1a 64 over the sorted labels (see [`fingerprint`]).
     pub fingerprint: String,
     /// Score of frame `seq`, the frame that caused this event (of a resolved event, the
@@ -321,6 +464,8 @@ pub struct PostableAlert<'a> {
     /// Omitted while firing, so Alertmanager applies its resolve timeout.
     #[serde(rename = "endsAt", skip_serializing_if = "Option::is_none")]
     pub ends_at: Option<&'a str>,
+    #[serde(rename = "generatorURL", skip_serializing_if = "str::is_empty")]
+    pub generator_url: &'a str,
 }
 
 impl AlertEvent {
@@ -331,6 +476,7 @@ impl AlertEvent {
             annotations: &self.annotations,
             starts_at: &self.starts_at,
             ends_at: (self.status == AlertStatus::Resolved).then_some(self.ends_at.as_str()),
+            generator_url: &self.generator_url,
         }
     }
 }
@@ -418,6 +564,10 @@ pub struct AlertState {
     severity: String,
     /// `[alert] labels`, as given (`{node}` is filled in by whoever builds the config).
     extra_labels: BTreeMap<String, String>,
+    /// `[alert] annotations` and `generator_url`, as given (`{node}` filled in likewise);
+    /// `{stream}` and `{model_id}` are filled in per event.
+    extra_annotations: BTreeMap<String, String>,
+    generator_url: String,
     model_id: String,
     model_version: String,
     feature_names: Arc<[String]>,
@@ -438,6 +588,14 @@ pub struct AlertState {
 }
 
 impl AlertState {
+    /// Takes `cfg`'s `annotations` and `generator_url` (with `{node}` filled in) for the
+    /// events from now on: they are not part of an alert's identity, so a reload that
+    /// changes only them keeps a firing episode, and its next event carries them.
+    pub fn set_links(&mut self, cfg: &AlertConfig) {
+        self.extra_annotations = cfg.annotations.clone();
+        self.generator_url = cfg.generator_url.clone();
+    }
+
     /// The state of `stream`, scored by model `model_id`/`model_version` whose input
     /// features are `feature_names` (the indices in [`Observation::top`] point into it).
     ///
@@ -461,6 +619,8 @@ impl AlertState {
             alertname: cfg.alertname.clone(),
             severity: cfg.severity.clone(),
             extra_labels: cfg.labels.clone(),
+            extra_annotations: cfg.annotations.clone(),
+            generator_url: cfg.generator_url.clone(),
             model_id: model_id.into(),
             model_version: model_version.into(),
             blame: vec![0.0; feature_names.len()].into_boxed_slice(),
@@ -698,12 +858,32 @@ impl AlertState {
             description.push('.');
         }
         annotations.insert("description".to_string(), description);
+        let fill = |v: &str, encode: fn(&str) -> String| {
+            fill_placeholders(
+                v,
+                &[
+                    ("{stream}", &encode(&self.stream)),
+                    ("{model_id}", &encode(&ep.model_id)),
+                ],
+            )
+        };
+        for (name, value) in &self.extra_annotations {
+            annotations
+                .entry(name.clone())
+                .or_insert_with(|| fill(value, str::to_string));
+        }
+        let generator_url = if self.generator_url.is_empty() {
+            String::new()
+        } else {
+            fill(&self.generator_url, percent_encode)
+        };
         AlertEvent {
             status,
             labels: ep.labels.clone(),
             annotations,
             starts_at: rfc3339_utc(ep.start_time),
             ends_at,
+            generator_url,
             fingerprint: ep.fingerprint.clone(),
             score,
             threshold,
@@ -974,6 +1154,113 @@ mod tests {
             e.fingerprint,
             fingerprint(e.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         );
+    }
+
+    /// `[alert] annotations` and `generator_url` are validated, reach every event (firing
+    /// and resolved) with `{node}`, `{stream}` and `{model_id}` filled in (percent-encoded
+    /// in the URL), never replace the built-in annotations, and leave the fingerprint alone.
+    #[test]
+    fn annotations_and_generator_url_are_checked_and_carried() {
+        let ann = |name: &str, value: &str| {
+            let mut c = AlertConfig::default();
+            c.annotations.insert(name.into(), value.into());
+            c.validate()
+        };
+        assert_eq!(
+            ann("runbook_url", "https://wiki/{stream}?m={model_id}&n={node}"),
+            Ok(())
+        );
+        for (name, value) in [
+            ("summary", "x"),
+            ("ended_by", "x"),
+            ("run-book", "x"),
+            ("__x", "x"),
+            ("runbook_url", ""),
+            ("runbook_url", "https://wiki/{host}"),
+            ("runbook_url", "{stream}{streams}"),
+        ] {
+            assert_eq!(
+                ann(name, value).unwrap_err().0,
+                "annotations",
+                "{name:?} = {value:?}"
+            );
+        }
+        let url = |u: &str| {
+            let c = AlertConfig {
+                generator_url: u.into(),
+                ..AlertConfig::default()
+            };
+            c.validate()
+        };
+        assert_eq!(
+            url("http://grafana:3000/d/dw?var-node={node}&var-stream={stream}"),
+            Ok(())
+        );
+        for u in [
+            "grafana:3000/d",
+            "ftp://x",
+            "https://",
+            "http:///path",
+            "http://g/d?x=a b",
+            "http://g/{node}/{instance}",
+        ] {
+            assert_eq!(url(u).unwrap_err().0, "generator_url", "{u:?}");
+        }
+
+        let mut cfg = AlertConfig::default();
+        cfg.annotations.insert(
+            "runbook_url".into(),
+            "https://wiki/dw#{stream}@{node}".into(),
+        );
+        cfg.annotations.insert("model".into(), "{model_id}".into());
+        cfg.generator_url = "http://g/d?var-node={node}&var-stream={stream}&m={model_id}".into();
+        let cfg = cfg.for_node("r7 n3");
+        let mut st = AlertState::new(&cfg, "rack 4/node{stream}", "abc123", "1", names(4));
+        let ev = feed(&mut st, 0, &[1, 1, 1, 0, 0, 0, 0, 0]);
+        assert_eq!(ev.len(), 2, "fired and resolved");
+        let plain = feed(&mut state(&AlertConfig::default()), 0, &[1, 1, 1]);
+        for (_, e) in &ev {
+            assert_eq!(
+                e.annotations["runbook_url"], "https://wiki/dw#rack 4/node{stream}@r7 n3",
+                "annotation values are filled in as they are, once"
+            );
+            assert_eq!(e.annotations["model"], "abc123");
+            assert!(e.annotations["summary"].contains("rack 4/node{stream}"));
+            assert_eq!(
+                e.generator_url,
+                "http://g/d?var-node=r7%20n3&var-stream=rack%204%2Fnode%7Bstream%7D&m=abc123"
+            );
+            let json = serde_json::to_value(e.postable()).unwrap();
+            assert_eq!(json["generatorURL"], e.generator_url.as_str());
+            assert_eq!(json["annotations"]["model"], "abc123");
+        }
+        let mut same_stream = state(&AlertConfig::default());
+        same_stream.stream = "rack 4/node{stream}".into();
+        let bare = feed(&mut same_stream, 0, &[1, 1, 1]);
+        assert_eq!(
+            ev[0].1.fingerprint, bare[0].1.fingerprint,
+            "annotations are not identity"
+        );
+        let json = serde_json::to_value(&plain[0].1).unwrap();
+        assert!(
+            json.get("generatorURL").is_none(),
+            "left out when unset: {json}"
+        );
+        assert!(
+            serde_json::to_value(plain[0].1.postable())
+                .unwrap()
+                .get("generatorURL")
+                .is_none()
+        );
+
+        // A reload that changes only the links keeps the episode; its next event has them.
+        let mut st = state(&AlertConfig::default());
+        assert_eq!(feed(&mut st, 0, &[1, 1, 1]).len(), 1);
+        st.set_links(&cfg);
+        let resolved = feed(&mut st, 3, &[0, 0, 0, 0, 0]);
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(resolved[0].1.annotations["model"], "abc123");
+        assert!(resolved[0].1.generator_url.contains("var-stream=node7"));
     }
 
     #[test]

@@ -812,10 +812,7 @@ pub fn replay_frames(
     };
     let features: Arc<[String]> = model.meta.features.clone().into();
     let model_version = model.meta.version.to_string();
-    let alert_cfg = crate::alert::AlertConfig {
-        labels: cfg.alert.labels_for_node(&cfg.mqtt.node()),
-        ..cfg.alert.clone()
-    };
+    let alert_cfg = cfg.alert.for_node(&cfg.mqtt.node());
     let alerts = AlertState::new(
         &alert_cfg,
         "replay",

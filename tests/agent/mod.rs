@@ -1202,11 +1202,13 @@ fn a_node_with_a_fast_clock_does_not_make_the_others_late() {
 
 /// An alert still firing when the agent stops is resolved, and says why: the scores did
 /// not fall, so an operator must not read the resolution as the incident's end.
-/// It also carries `[alert] labels`, `{node}` filled in, in the firing and the resolved
-/// event alike.
+/// It also carries `[alert] labels`, `annotations` and `generator_url`, the placeholders
+/// filled in, in the firing and the resolved event alike.
 #[test]
 fn an_alert_ended_by_a_stop_says_so() {
-    let labels = "[alert.labels]\ncluster = \"c1\"\ninstance = \"{node}:9464\"\n";
+    let labels = "[alert]\ngenerator_url = \"http://g/d?n={node}&s={stream}\"\n\
+        [alert.labels]\ncluster = \"c1\"\ninstance = \"{node}:9464\"\n\
+        [alert.annotations]\nrunbook_url = \"https://wiki/dw#{stream}@{node}/{model_id}\"\n";
     let OnTrained {
         _dir,
         test_csv,
@@ -1242,6 +1244,17 @@ fn an_alert_ended_by_a_stop_says_so() {
     for e in [&events[0], last] {
         assert_eq!(e["labels"]["cluster"], "c1", "{e}");
         assert_eq!(e["labels"]["instance"], format!("{node}:9464"), "{e}");
+        let model_id = e["model_id"].as_str().unwrap();
+        assert_eq!(
+            e["annotations"]["runbook_url"],
+            format!("https://wiki/dw#n1@{node}/{model_id}"),
+            "{e}"
+        );
+        assert_eq!(
+            e["generatorURL"],
+            format!("http://g/d?n={node}&s=n1"),
+            "{e}"
+        );
         assert_eq!(e["fingerprint"], events[0]["fingerprint"], "{e}");
     }
 }
