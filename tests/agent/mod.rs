@@ -1641,3 +1641,53 @@ fn raw_rows(
         })
         .collect()
 }
+
+/// Whether an MQTT client with id `id` gets a successful ConnAck from the broker at `port`
+/// within a few seconds.
+fn connects(port: u16, id: &str) -> bool {
+    let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = rumqttc::Client::new(options, 8);
+    let accepted = loop {
+        match connection.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack)))) => {
+                break ack.code == rumqttc::ConnectReturnCode::Success;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break false,
+        }
+    };
+    let _ = client.disconnect();
+    accepted
+}
+
+/// The embedded broker (rumqttd) refuses a client id with `/` in it. Unpatched, the same
+/// id connecting again (as a client's automatic reconnect does) panicked the broker while
+/// it held a lock, and from then on no client could connect, whatever its id
+/// (vendor/rumqttd/DARKWATCH.md). Now the refusal costs only that client.
+#[test]
+fn a_refused_client_id_does_not_break_the_embedded_broker() {
+    let OnTrained {
+        _dir,
+        test_csv,
+        broker,
+        mut agent,
+        ..
+    } = on_trained("refused-id", "", "", "");
+    for attempt in 1..=2 {
+        assert!(
+            !connects(broker, "host/replica-1"),
+            "attempt {attempt}: rumqttd refuses `/` in a client id"
+        );
+    }
+    assert!(connects(broker, &unique("after")), "{}", agent.stderr());
+    let data = rows(&test_csv);
+    let messages = examon("o", "n1", &data[..4], 1_700_000_000.0);
+    publish_all(broker, &messages);
+    agent.wait_metric("darkwatch_messages_received_total", |v| {
+        v >= messages.len() as f64
+    });
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
