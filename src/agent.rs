@@ -1517,6 +1517,7 @@ impl AgentSource {
                     ),
                     Reject::Future => future_sample(
                         before + 1,
+                        "sample",
                         &sample.stream,
                         sample.timestamp,
                         msg.received,
@@ -1578,6 +1579,21 @@ impl AgentSource {
                         return 0;
                     }
                 };
+                // A header time far ahead of the receipt is a broken clock, refused as an
+                // assembled sample's is: it would become the alert's startsAt and endsAt,
+                // and Alertmanager keeps an alert active until its endsAt.
+                let limit = crate::ingest::assemble::MAX_AHEAD_SECS;
+                if let Some(t) = time
+                    && msg.received > 0.0
+                    && t > msg.received + limit
+                {
+                    let i = Reject::Future.reason_index();
+                    let before = counters.samples_rejected_by_reason[i]
+                        .fetch_add(1, Ordering::Relaxed)
+                        .saturating_sub(log_from.rejected[i]);
+                    future_sample(before + 1, "frame", name, t, msg.received, limit);
+                    return 0;
+                }
                 // A new stream takes the slot of a forgotten one (its next generation), else
                 // the next unused.
                 let fresh = match seen.free.last() {
@@ -1889,7 +1905,7 @@ fn unknown_metric(
 }
 
 /// Logs the 1st, 2nd, 4th, 8th… sample stamped too far after its receipt.
-fn future_sample(count: u64, stream: &str, timestamp: f64, received: f64, limit: f64) {
+fn future_sample(count: u64, what: &str, stream: &str, timestamp: f64, received: f64, limit: f64) {
     if count.is_power_of_two() {
         tracing::warn!(
             stream = ?crate::ingest::clipped_name(stream),
@@ -1897,7 +1913,7 @@ fn future_sample(count: u64, stream: &str, timestamp: f64, received: f64, limit:
             received,
             ahead_secs = timestamp - received,
             rejected = count,
-            "a sample is stamped {limit} s or more after it arrived: the sender's clock (or this host's) is wrong; it is counted (darkwatch_samples_rejected_total{{reason=\"future\"}}) and skipped. Keep both clocks synchronised (NTP)"
+            "a {what} is stamped more than {limit} s after it arrived: the sender's clock (or this host's) is wrong; it is counted (darkwatch_samples_rejected_total{{reason=\"future\"}}) and skipped. Keep both clocks synchronised (NTP)"
         );
     }
 }

@@ -1403,7 +1403,9 @@ fn headed_frame(time: f64, id: u64, values: &[f64]) -> Vec<u8> {
 /// Raw frames on `act/#`: each topic is its own stream, named by the levels `#` stands
 /// for. They used to be named by the last level alone, so `act/mA/l6` and `act/mB/l6` were
 /// one stream `l6` (one threshold, one alert state), and `act/` was `default`. A frame's
-/// header gives the alert its time (`startsAt`) and the sender's id (`seq`, `start_seq`).
+/// header gives the alert its time (`startsAt`) and the sender's id (`seq`, `start_seq`);
+/// a header time a year ahead (a broken clock) is refused as `future`, as an assembled
+/// sample's is, and starts no stream: it would have been the alert's `endsAt`.
 #[test]
 fn raw_streams_are_told_apart_by_topic_and_alerts_carry_the_frame_header() {
     let OnTrained {
@@ -1439,8 +1441,17 @@ fn raw_streams_are_told_apart_by_topic_and_alerts_carry_the_frame_header() {
         ("act/mB/l6".to_string(), bare)
     }));
     messages.push(("act/".to_string(), headed_frame(0.0, 1, &data[600])));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let ahead = headed_frame(now + 365.0 * 86_400.0, 1, &data[710]);
+    messages.push(("act/mC/l6".to_string(), ahead));
     publish_all(broker, &messages);
     agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 221.0);
+    agent.wait_metric("darkwatch_samples_rejected_total{reason=\"future\"}", |v| {
+        v >= 1.0
+    });
     assert_eq!(agent.metric("darkwatch_streams"), Some(3.0));
     sub.wait("model A's alert", |got| !got.is_empty());
     let alert = &sub.got[0];
@@ -1461,6 +1472,10 @@ fn raw_streams_are_told_apart_by_topic_and_alerts_carry_the_frame_header() {
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
     assert_eq!(final_count(&err, "undecodable"), 0, "{err}");
+    assert!(
+        err.contains("a frame is stamped more than 300 s after it arrived"),
+        "{err}"
+    );
     // None of model B's frames fired: its own threshold and alert state.
     assert!(
         sub.payloads(&format!("darkwatch/{node}/alerts/mB"))
