@@ -531,6 +531,7 @@ fn main() -> ExitCode {
                 .with_filter(tracing_subscriber::filter::FilterExt::or(filter, skips)),
         )
         .with(darkwatch::mqtt::broker_skip_hook())
+        .with(darkwatch::mqtt::broker_refusal_hook())
         .init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

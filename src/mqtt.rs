@@ -750,6 +750,117 @@ impl tracing::field::Visit for CursorJump {
     }
 }
 
+/// What the embedded broker refuses that a sender would not see it refuse: rumqttd logs
+/// these only in its own log, which the binary keeps off (it reports every probe
+/// connection and disconnect as an ERROR), so a publisher refused for its client id, its
+/// keep-alive or a message over the size limit failed silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerRefusal {
+    /// A client id with `/`, `+`, `#` or `$`, which rumqttd's router refuses.
+    ClientId,
+    /// A CONNECT with keep-alive 0, which rumqttd refuses.
+    ZeroKeepAlive,
+    /// A packet over the broker's size limit: rumqttd drops it and disconnects its sender.
+    TooLarge,
+}
+
+impl BrokerRefusal {
+    const ALL: [BrokerRefusal; 3] = [
+        BrokerRefusal::ClientId,
+        BrokerRefusal::ZeroKeepAlive,
+        BrokerRefusal::TooLarge,
+    ];
+
+    /// The refusal a rumqttd ERROR line (its message and `error` field, as text) reports.
+    pub fn of(text: &str) -> Option<BrokerRefusal> {
+        if text.contains("Invalid client_id") {
+            Some(BrokerRefusal::ClientId)
+        } else if text.contains("ZeroKeepAlive") {
+            Some(BrokerRefusal::ZeroKeepAlive)
+        } else if text.contains("PayloadSizeLimitExceeded") || text.contains("PayloadTooLong") {
+            Some(BrokerRefusal::TooLarge)
+        } else {
+            None
+        }
+    }
+
+    /// What was refused and what to do, for the log.
+    pub fn explain(self) -> String {
+        match self {
+            BrokerRefusal::ClientId => "the embedded MQTT broker refused a client whose id has /, +, # or $ in it (rumqttd allows none of them): the client cannot connect. Give it an id without them, or use an external broker ([mqtt] broker = \"external\")".into(),
+            BrokerRefusal::ZeroKeepAlive => "the embedded MQTT broker refused a client that asked for keep-alive 0 (rumqttd requires one): the client cannot connect. Set a keep-alive (60 s is usual)".into(),
+            BrokerRefusal::TooLarge => format!(
+                "the embedded MQTT broker dropped a message over its limit of {} bytes and disconnected its publisher (rumqttd acknowledges nothing of it). Send smaller messages (fewer frames per message), or use an external broker ([mqtt] broker = \"external\")",
+                MAX_OUTGOING_PACKET_BYTES
+            ),
+        }
+    }
+}
+
+/// How often each [`BrokerRefusal`] happened, in [`BrokerRefusal::ALL`]'s order.
+static BROKER_REFUSED: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+/// How often the embedded broker refused `kind` in this process (see
+/// [`broker_refusal_hook`]).
+pub fn broker_refused(kind: BrokerRefusal) -> u64 {
+    let i = BrokerRefusal::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(0);
+    BROKER_REFUSED[i].load(Ordering::Relaxed)
+}
+
+/// A `tracing` layer that reads rumqttd's ERROR lines whatever the log's filter and, for
+/// the refusals a sender would not notice ([`BrokerRefusal`]), logs a darkwatch WARN at
+/// the 1st, 2nd, 4th… of each kind, with the remedy. Install it beside the log output,
+/// as [`broker_skip_hook`] is.
+pub fn broker_refusal_hook<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer as _;
+    BrokerRefusalHook(()).with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+        meta.target().starts_with("rumqttd") && *meta.level() == tracing::Level::ERROR
+    }))
+}
+
+/// See [`broker_refusal_hook`].
+#[derive(Debug, Default)]
+pub struct BrokerRefusalHook(());
+
+/// Every field of an event, as text.
+#[derive(Default)]
+struct EventText(String);
+
+impl tracing::field::Visit for EventText {
+    fn record_debug(&mut self, _field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, "{value:?} ");
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for BrokerRefusalHook {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut text = EventText::default();
+        event.record(&mut text);
+        let Some(kind) = BrokerRefusal::of(&text.0) else {
+            return;
+        };
+        let i = BrokerRefusal::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
+        let count = BROKER_REFUSED[i].fetch_add(1, Ordering::Relaxed) + 1;
+        if count.is_power_of_two() {
+            tracing::warn!(target: "darkwatch::mqtt", refused = count, "{}", kind.explain());
+        }
+    }
+}
+
 /// A message received on a subscribed topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Incoming {
@@ -1801,6 +1912,37 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The refusals are told from rumqttd's ERROR lines as they read (0.20), and the
+    /// rest of its errors (a probe connection that sent nothing, a client gone) are not.
+    #[test]
+    fn broker_refusals_are_told_from_rumqttd_errors() {
+        for (text, kind) in [
+            (
+                "Invalid client_id: Invalid client_id host/replica-1 ",
+                Some(BrokerRefusal::ClientId),
+            ),
+            (
+                "ZeroKeepAlive Error while handling MQTT connect packet ",
+                Some(BrokerRefusal::ZeroKeepAlive),
+            ),
+            (
+                "Network(Protocol(PayloadSizeLimitExceeded(1075219))) disconnected ",
+                Some(BrokerRefusal::TooLarge),
+            ),
+            (
+                "Network(Io(Kind(UnexpectedEof))) Error while handling MQTT connect packet ",
+                None,
+            ),
+            (
+                "Timeout(Elapsed(())) Error while handling MQTT connect packet ",
+                None,
+            ),
+        ] {
+            assert_eq!(BrokerRefusal::of(text), kind, "{text}");
+        }
+        assert!(BrokerRefusal::TooLarge.explain().contains("1048576 bytes"));
+    }
     use crate::spool::SpoolConfig;
     use std::io::Write as _;
     use std::path::Path;
