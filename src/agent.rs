@@ -255,6 +255,8 @@ pub struct AgentCounters {
     /// stream (the scorer ran about `forget_after_secs` behind its input): dropped, not
     /// scored against another stream's state. Logged, not exported.
     pub frames_stale: AtomicU64,
+    /// Each stream's latest score and threshold (`[metrics] per_stream`), set by the sink.
+    pub stream_gauges: crate::metrics::StreamGauges,
     model_id: Mutex<String>,
     /// The version of the model loaded (0 as trained; a checkpoint of online retraining
     /// loaded as `model_dir` carries its own): `darkwatch_model_version` without retraining.
@@ -492,6 +494,10 @@ pub fn run_with(
     // Bound before anything starts: an agent without its /metrics would run unwatched
     // while Prometheus scrapes whichever process holds the address.
     let metrics_listener = bind_metrics(&cfg.metrics.listen)?;
+    // Fixed for the run, as `[metrics]` is: a reload does not turn them on or off.
+    counters
+        .stream_gauges
+        .enable(cfg.metrics.per_stream && metrics_listener.is_some());
     let mut mqtt_cfg = cfg.mqtt.clone();
     if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
         mqtt_cfg.port = mqtt::start_embedded_broker_with(
@@ -2260,6 +2266,10 @@ struct StreamState {
     last_seen: Option<Instant>,
     /// No frame for `silence_secs`: logged once, until frames come back.
     silent: bool,
+    /// Its series on `/metrics` (`[metrics] per_stream`); they go when this state goes.
+    gauge: Option<Arc<crate::metrics::StreamGauge>>,
+    /// Whether `gauge` is shown: from the first frame scored, hidden while silent.
+    shown: bool,
 }
 
 /// Thresholds and alert state per stream; alerts leave as MQTT messages.
@@ -2595,6 +2605,11 @@ impl AgentSink {
                 continue;
             }
             st.silent = true;
+            // Its last score is not current any more: its series go until it scores again.
+            if let Some(g) = &st.gauge {
+                g.show(false);
+            }
+            st.shown = false;
             let ended = st.alerts.finish().map(|mut e| {
                 e.annotations
                     .insert("ended_by".into(), ENDED_BY_SILENCE.into());
@@ -2698,6 +2713,7 @@ impl Sink for AgentSink {
             &self.model_version,
             self.features.clone(),
         );
+        let gauge = self.counters.stream_gauges.register(&name);
         self.per_stream[i] = Some(StreamState {
             threshold: self.template.clone(),
             alerts,
@@ -2706,6 +2722,8 @@ impl Sink for AgentSink {
             seen: true,
             last_seen: None,
             silent: false,
+            gauge,
+            shown: false,
         });
         // A new stream sets the gauges at once; the ticks set them too.
         self.set_gauges();
@@ -2741,6 +2759,14 @@ impl Sink for AgentSink {
             );
         }
         let t = st.threshold.threshold();
+        // Two relaxed stores into the stream's own gauge: no lock, no allocation.
+        if let Some(g) = &st.gauge {
+            g.set(f64::from(f.score), t);
+            if !st.shown {
+                g.show(true);
+                st.shown = true;
+            }
+        }
         let alarm = st.threshold.update(f64::from(f.score)).is_alarm();
         let event = st.alerts.observe(&Observation::from_scored(f, t));
         let in_alert = st.alerts.in_alert();
