@@ -4146,6 +4146,90 @@ mod tests {
         assert_eq!(src.counters.streams_forgotten.load(Ordering::Relaxed), 1);
     }
 
+    /// Each stream's score and threshold reach the gauges `/metrics` reads, from the
+    /// sink's frames: the threshold each score was judged against, as its alert events
+    /// carry it. A silent stream's series go until it scores again; a forgotten stream's,
+    /// and every stream's at a stop or a reload that restarts them, go with its state.
+    #[test]
+    fn stream_gauges_follow_the_frames_silence_and_forgetting() {
+        let cfg = DarkwatchConfig::default();
+        let (mut sink, _alerts) = test_sink(&cfg);
+        // Off (the default of a bare counters): nothing registered.
+        feed_sink(&mut sink, 0, 0, 1, 0.5);
+        assert!(sink.counters.stream_gauges.snapshot().is_empty());
+        assert!(sink.per_stream[0].as_ref().unwrap().gauge.is_none());
+
+        let (mut sink, _alerts) = test_sink(&cfg);
+        sink.counters.stream_gauges.enable(true);
+        let snapshot = |sink: &AgentSink| sink.counters.stream_gauges.snapshot();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        feed_sink(&mut sink, 0, 0, 3, 0.5);
+        feed_sink(&mut sink, 1, 0, 3, 1e6);
+        let got = snapshot(&sink);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].0.as_str(), got[0].1), ("s0", 0.5));
+        assert_eq!((got[1].0.as_str(), got[1].1), ("s1", 1e6));
+        for (name, _, threshold) in &got {
+            assert!(
+                threshold.is_finite() && *threshold < 1.0,
+                "{name}: {threshold}"
+            );
+        }
+        sink.tick(at(0));
+        // s0 goes on; s1 sends nothing more and goes silent: its series go.
+        for secs in (10..=300).step_by(10) {
+            feed_sink(&mut sink, 0, secs, 1, 0.25);
+            sink.tick(at(secs));
+        }
+        let got = snapshot(&sink);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].0.as_str(), got[0].1), ("s0", 0.25));
+        // Back: shown again, with its new score.
+        feed_sink(&mut sink, 1, 3, 1, 0.75);
+        assert_eq!(
+            snapshot(&sink).iter().map(|g| g.1).collect::<Vec<_>>(),
+            [0.25, 0.75]
+        );
+        // s0 is forgotten (the source retires slot 0, generation 0): gone at the tick.
+        sink.recycling.lock().unwrap().retired.push((0, 0));
+        sink.tick(at(400));
+        let got = snapshot(&sink);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, "s1");
+        // A stop (or a reload that restarts every stream) ends them all.
+        sink.end_alerts(ENDED_BY_STOP);
+        assert!(snapshot(&sink).is_empty());
+    }
+
+    /// The gauges' threshold is the one the alert events carry: the firing event's and a
+    /// re-send's (the latest frame's score and threshold).
+    #[test]
+    fn stream_gauges_carry_the_threshold_of_the_alert_events() {
+        let mut cfg = DarkwatchConfig::default();
+        cfg.alert.resend_secs = 1.0;
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        sink.counters.stream_gauges.enable(true);
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        let fired = sent(&mut alerts);
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        let gauge = |sink: &AgentSink| sink.counters.stream_gauges.snapshot()[0].clone();
+        let (name, score, threshold) = gauge(&sink);
+        assert_eq!(fired[0]["labels"]["stream"], name.as_str());
+        assert_eq!(fired[0]["score"].as_f64(), Some(score));
+        assert_eq!(fired[0]["threshold"].as_f64(), Some(threshold));
+        feed_sink(&mut sink, 0, 3, 1, 2e6);
+        let t0 = Instant::now();
+        sink.tick(t0);
+        sink.tick(t0 + Duration::from_secs(2));
+        let resent = sent(&mut alerts);
+        assert_eq!(resent.len(), 1, "{resent:?}");
+        let (_, score, threshold) = gauge(&sink);
+        assert_eq!(score, 2e6);
+        assert_eq!(resent[0]["score"].as_f64(), Some(score));
+        assert_eq!(resent[0]["threshold"].as_f64(), Some(threshold));
+    }
+
     /// A stream that goes silent while its alert fires has the alert resolved, saying why,
     /// once `[alert] silence_secs` pass without a frame (by the ticks' clock); a silent
     /// stream that was not firing only counts as silent. Frames that come back are scored
