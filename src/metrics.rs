@@ -131,7 +131,7 @@ impl StreamGauges {
     /// (a forgotten stream that came back before the sink let go of its old state, for a
     /// tick at most) give one series, the newer stream's: a sample twice would fail the
     /// whole scrape.
-    pub fn snapshot(&self) -> Vec<(String, f64, f64)> {
+    pub fn snapshot(&self) -> Vec<StreamSample> {
         let mut by_name = std::collections::BTreeMap::new();
         if let Ok(mut live) = self.live.lock() {
             live.retain(|g| g.strong_count() > 0);
@@ -146,6 +146,9 @@ impl StreamGauges {
         by_name.into_iter().map(|(n, (s, t))| (n, s, t)).collect()
     }
 }
+
+/// A shown stream as a scrape reads it: its name, score and threshold.
+pub type StreamSample = (String, f64, f64);
 
 /// A label value as the text exposition format needs it: backslash, double quote and
 /// line feed escaped (`\\`, `\"`, `\n`).
@@ -177,32 +180,42 @@ fn sample_value(v: f64) -> String {
 
 /// The per-stream gauges: each family (`# HELP`, `# TYPE`, its series) only when a stream
 /// is shown.
-fn stream_series(s: &mut String, streams: &[(String, f64, f64)]) {
+fn stream_series(s: &mut String, streams: &[StreamSample]) {
     if streams.is_empty() {
         return;
     }
-    let families: [(&str, &str, fn(&(String, f64, f64)) -> f64); 2] = [
-        (
-            "darkwatch_stream_score",
-            "Per stream ([metrics] per_stream), its latest score: the smoothed score the alert rule compares with darkwatch_stream_threshold. Absent while the stream is silent ([alert] silence_secs), and gone when it is forgotten.",
-            |t| t.1,
-        ),
-        (
-            "darkwatch_stream_threshold",
-            "Per stream ([metrics] per_stream), the threshold (SPOT, DSPOT or quantile) its latest score was judged against; above it the frame counts toward the alert's fire_k of fire_n.",
-            |t| t.2,
-        ),
-    ];
-    for (name, help, value) in families {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for st in streams {
-            let _ = writeln!(
-                s,
-                "{name}{{stream=\"{}\"}} {}",
-                escape_label(&st.0),
-                sample_value(value(st))
-            );
-        }
+    stream_family(
+        s,
+        "darkwatch_stream_score",
+        "Per stream ([metrics] per_stream), its latest score: the smoothed score the alert rule compares with darkwatch_stream_threshold. Absent while the stream is silent ([alert] silence_secs), and gone when it is forgotten.",
+        streams,
+        |t| t.1,
+    );
+    stream_family(
+        s,
+        "darkwatch_stream_threshold",
+        "Per stream ([metrics] per_stream), the threshold (SPOT, DSPOT or quantile) its latest score was judged against; above it the frame counts toward the alert's fire_k of fire_n.",
+        streams,
+        |t| t.2,
+    );
+}
+
+/// One per-stream gauge family: `value` of each stream, labelled by its name.
+fn stream_family(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    streams: &[StreamSample],
+    value: impl Fn(&StreamSample) -> f64,
+) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for st in streams {
+        let _ = writeln!(
+            s,
+            "{name}{{stream=\"{}\"}} {}",
+            escape_label(&st.0),
+            sample_value(value(st))
+        );
     }
 }
 
