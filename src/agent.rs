@@ -255,6 +255,8 @@ pub struct AgentCounters {
     /// stream (the scorer ran about `forget_after_secs` behind its input): dropped, not
     /// scored against another stream's state. Logged, not exported.
     pub frames_stale: AtomicU64,
+    /// Each stream's latest score and threshold (`[metrics] per_stream`), set by the sink.
+    pub stream_gauges: crate::metrics::StreamGauges,
     model_id: Mutex<String>,
     /// The version of the model loaded (0 as trained; a checkpoint of online retraining
     /// loaded as `model_dir` carries its own): `darkwatch_model_version` without retraining.
@@ -492,6 +494,10 @@ pub fn run_with(
     // Bound before anything starts: an agent without its /metrics would run unwatched
     // while Prometheus scrapes whichever process holds the address.
     let metrics_listener = bind_metrics(&cfg.metrics.listen)?;
+    // Fixed for the run, as `[metrics]` is: a reload does not turn them on or off.
+    counters
+        .stream_gauges
+        .enable(cfg.metrics.per_stream && metrics_listener.is_some());
     let mut mqtt_cfg = cfg.mqtt.clone();
     if mqtt_cfg.broker == mqtt::BrokerMode::Embedded {
         mqtt_cfg.port = mqtt::start_embedded_broker_with(
@@ -2279,6 +2285,10 @@ struct StreamState {
     last_seen: Option<Instant>,
     /// No frame for `silence_secs`: logged once, until frames come back.
     silent: bool,
+    /// Its series on `/metrics` (`[metrics] per_stream`); they go when this state goes.
+    gauge: Option<Arc<crate::metrics::StreamGauge>>,
+    /// Whether `gauge` is shown: from the first frame scored, hidden while silent.
+    shown: bool,
 }
 
 /// Thresholds and alert state per stream; alerts leave as MQTT messages.
@@ -2611,6 +2621,11 @@ impl AgentSink {
                 continue;
             }
             st.silent = true;
+            // Its last score is not current any more: its series go until it scores again.
+            if let Some(g) = &st.gauge {
+                g.show(false);
+            }
+            st.shown = false;
             let ended = st.alerts.finish().map(|mut e| {
                 e.annotations
                     .insert("ended_by".into(), ENDED_BY_SILENCE.into());
@@ -2714,6 +2729,7 @@ impl Sink for AgentSink {
             &self.model_version,
             self.features.clone(),
         );
+        let gauge = self.counters.stream_gauges.register(&name);
         self.per_stream[i] = Some(StreamState {
             threshold: self.template.clone(),
             alerts,
@@ -2722,6 +2738,8 @@ impl Sink for AgentSink {
             seen: true,
             last_seen: None,
             silent: false,
+            gauge,
+            shown: false,
         });
         // A new stream sets the gauges at once; the ticks set them too.
         self.set_gauges();
@@ -2757,6 +2775,14 @@ impl Sink for AgentSink {
             );
         }
         let t = st.threshold.threshold();
+        // Two relaxed stores into the stream's own gauge: no lock, no allocation.
+        if let Some(g) = &st.gauge {
+            g.set(f64::from(f.score), t);
+            if !st.shown {
+                g.show(true);
+                st.shown = true;
+            }
+        }
         let alarm = st.threshold.update(f64::from(f.score)).is_alarm();
         let event = st.alerts.observe(&Observation::from_scored(f, t));
         let in_alert = st.alerts.in_alert();
@@ -4134,6 +4160,90 @@ mod tests {
         assert_eq!(*src.streams.lock().unwrap(), ["a", "b"]);
         assert_eq!(src.streams.lock().unwrap()[0].generation, 1);
         assert_eq!(src.counters.streams_forgotten.load(Ordering::Relaxed), 1);
+    }
+
+    /// Each stream's score and threshold reach the gauges `/metrics` reads, from the
+    /// sink's frames: the threshold each score was judged against, as its alert events
+    /// carry it. A silent stream's series go until it scores again; a forgotten stream's,
+    /// and every stream's at a stop or a reload that restarts them, go with its state.
+    #[test]
+    fn stream_gauges_follow_the_frames_silence_and_forgetting() {
+        let cfg = DarkwatchConfig::default();
+        let (mut sink, _alerts) = test_sink(&cfg);
+        // Off (the default of a bare counters): nothing registered.
+        feed_sink(&mut sink, 0, 0, 1, 0.5);
+        assert!(sink.counters.stream_gauges.snapshot().is_empty());
+        assert!(sink.per_stream[0].as_ref().unwrap().gauge.is_none());
+
+        let (mut sink, _alerts) = test_sink(&cfg);
+        sink.counters.stream_gauges.enable(true);
+        let snapshot = |sink: &AgentSink| sink.counters.stream_gauges.snapshot();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        feed_sink(&mut sink, 0, 0, 3, 0.5);
+        feed_sink(&mut sink, 1, 0, 3, 1e6);
+        let got = snapshot(&sink);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].0.as_str(), got[0].1), ("s0", 0.5));
+        assert_eq!((got[1].0.as_str(), got[1].1), ("s1", 1e6));
+        for (name, _, threshold) in &got {
+            assert!(
+                threshold.is_finite() && *threshold < 1.0,
+                "{name}: {threshold}"
+            );
+        }
+        sink.tick(at(0));
+        // s0 goes on; s1 sends nothing more and goes silent: its series go.
+        for secs in (10..=300).step_by(10) {
+            feed_sink(&mut sink, 0, secs, 1, 0.25);
+            sink.tick(at(secs));
+        }
+        let got = snapshot(&sink);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].0.as_str(), got[0].1), ("s0", 0.25));
+        // Back: shown again, with its new score.
+        feed_sink(&mut sink, 1, 3, 1, 0.75);
+        assert_eq!(
+            snapshot(&sink).iter().map(|g| g.1).collect::<Vec<_>>(),
+            [0.25, 0.75]
+        );
+        // s0 is forgotten (the source retires slot 0, generation 0): gone at the tick.
+        sink.recycling.lock().unwrap().retired.push((0, 0));
+        sink.tick(at(400));
+        let got = snapshot(&sink);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, "s1");
+        // A stop (or a reload that restarts every stream) ends them all.
+        sink.end_alerts(ENDED_BY_STOP);
+        assert!(snapshot(&sink).is_empty());
+    }
+
+    /// The gauges' threshold is the one the alert events carry: the firing event's and a
+    /// re-send's (the latest frame's score and threshold).
+    #[test]
+    fn stream_gauges_carry_the_threshold_of_the_alert_events() {
+        let mut cfg = DarkwatchConfig::default();
+        cfg.alert.resend_secs = 1.0;
+        let (mut sink, mut alerts) = test_sink(&cfg);
+        sink.counters.stream_gauges.enable(true);
+        feed_sink(&mut sink, 0, 0, 3, 1e6);
+        let fired = sent(&mut alerts);
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        let gauge = |sink: &AgentSink| sink.counters.stream_gauges.snapshot()[0].clone();
+        let (name, score, threshold) = gauge(&sink);
+        assert_eq!(fired[0]["labels"]["stream"], name.as_str());
+        assert_eq!(fired[0]["score"].as_f64(), Some(score));
+        assert_eq!(fired[0]["threshold"].as_f64(), Some(threshold));
+        feed_sink(&mut sink, 0, 3, 1, 2e6);
+        let t0 = Instant::now();
+        sink.tick(t0);
+        sink.tick(t0 + Duration::from_secs(2));
+        let resent = sent(&mut alerts);
+        assert_eq!(resent.len(), 1, "{resent:?}");
+        let (_, score, threshold) = gauge(&sink);
+        assert_eq!(score, 2e6);
+        assert_eq!(resent[0]["score"].as_f64(), Some(score));
+        assert_eq!(resent[0]["threshold"].as_f64(), Some(threshold));
     }
 
     /// A stream that goes silent while its alert fires has the alert resolved, saying why,

@@ -10,8 +10,8 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -26,12 +26,19 @@ use crate::mqtt::MqttStats;
 pub struct MetricsConfig {
     /// `host:port` to listen on; empty turns the endpoint off.
     pub listen: String,
+    /// Expose each stream's latest score and threshold (`darkwatch_stream_score`,
+    /// `darkwatch_stream_threshold`, labelled by `stream`): one pair of series per stream
+    /// scored, at most `[assemble] max_streams`. `false` leaves them out, for a node with
+    /// so many streams that the series would cost Prometheus more than they tell. Default
+    /// `true`. Like `listen`, a change takes effect at the next restart.
+    pub per_stream: bool,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: "127.0.0.1:9464".into(),
+            per_stream: true,
         }
     }
 }
@@ -49,6 +56,166 @@ impl MetricsConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// One stream's series on `/metrics`: its latest score and the threshold that score was
+/// judged against, as `f64` bits in atomics. The scorer thread (the agent's sink) stores
+/// both at each of the stream's frames (two relaxed stores, no lock); the scrape reads
+/// them. The two are separate stores, so a scrape that lands between them may pair a
+/// frame's score with the previous frame's threshold.
+#[derive(Debug)]
+pub struct StreamGauge {
+    name: String,
+    score: AtomicU64,
+    threshold: AtomicU64,
+    /// Exposed: set once the stream has a score, cleared while it is silent (`[alert]
+    /// silence_secs`), when its last score is no longer current.
+    shown: AtomicBool,
+}
+
+impl StreamGauge {
+    /// The latest frame's `score` and the `threshold` it was judged against.
+    #[inline]
+    pub fn set(&self, score: f64, threshold: f64) {
+        self.score.store(score.to_bits(), Ordering::Relaxed);
+        self.threshold.store(threshold.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Exposes the stream's series (`true`, after a [`StreamGauge::set`]) or hides them.
+    pub fn show(&self, shown: bool) {
+        // Release: a scrape that sees it shown sees the score set before.
+        self.shown.store(shown, Ordering::Release);
+    }
+}
+
+/// The streams' [`StreamGauge`]s, for `/metrics`. The agent's sink registers a stream's
+/// gauge at its first frame and holds the only strong reference in the stream's state: a
+/// stream whose state goes (forgotten after `[assemble] forget_after_secs`, or every
+/// stream at a reload that restarts them) takes its series with it, with no call here.
+/// The lock is taken when a stream appears and at a scrape, never per frame.
+#[derive(Debug, Default)]
+pub struct StreamGauges {
+    on: AtomicBool,
+    live: Mutex<Vec<Weak<StreamGauge>>>,
+}
+
+impl StreamGauges {
+    /// Turns registration on or off (`[metrics] per_stream`, with `/metrics` served).
+    /// Off by default: then [`StreamGauges::register`] gives `None`.
+    pub fn enable(&self, on: bool) {
+        self.on.store(on, Ordering::Relaxed);
+    }
+
+    /// A gauge for the new stream `name`, hidden until it is set and shown; `None` when
+    /// per-stream series are off. Drops the registrations of streams gone since, so the
+    /// list holds at most one more than the streams alive.
+    pub fn register(&self, name: &str) -> Option<Arc<StreamGauge>> {
+        if !self.on.load(Ordering::Relaxed) {
+            return None;
+        }
+        let gauge = Arc::new(StreamGauge {
+            name: name.to_string(),
+            score: AtomicU64::new(f64::NAN.to_bits()),
+            threshold: AtomicU64::new(f64::NAN.to_bits()),
+            shown: AtomicBool::new(false),
+        });
+        if let Ok(mut live) = self.live.lock() {
+            live.retain(|g| g.strong_count() > 0);
+            live.push(Arc::downgrade(&gauge));
+        }
+        Some(gauge)
+    }
+
+    /// The shown streams' `(name, score, threshold)`, by name. Two streams of one name
+    /// (a forgotten stream that came back before the sink let go of its old state, for a
+    /// tick at most) give one series, the newer stream's: a sample twice would fail the
+    /// whole scrape.
+    pub fn snapshot(&self) -> Vec<StreamSample> {
+        let mut by_name = std::collections::BTreeMap::new();
+        if let Ok(mut live) = self.live.lock() {
+            live.retain(|g| g.strong_count() > 0);
+            for g in live.iter().filter_map(Weak::upgrade) {
+                if g.shown.load(Ordering::Acquire) {
+                    let score = f64::from_bits(g.score.load(Ordering::Relaxed));
+                    let threshold = f64::from_bits(g.threshold.load(Ordering::Relaxed));
+                    by_name.insert(g.name.clone(), (score, threshold));
+                }
+            }
+        }
+        by_name.into_iter().map(|(n, (s, t))| (n, s, t)).collect()
+    }
+}
+
+/// A shown stream as a scrape reads it: its name, score and threshold.
+pub type StreamSample = (String, f64, f64);
+
+/// A label value as the text exposition format needs it: backslash, double quote and
+/// line feed escaped (`\\`, `\"`, `\n`).
+pub(crate) fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A sample value in the text exposition format: `NaN`, `+Inf`, `-Inf` or the number.
+fn sample_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v == f64::INFINITY {
+        "+Inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// The per-stream gauges: each family (`# HELP`, `# TYPE`, its series) only when a stream
+/// is shown.
+fn stream_series(s: &mut String, streams: &[StreamSample]) {
+    if streams.is_empty() {
+        return;
+    }
+    stream_family(
+        s,
+        "darkwatch_stream_score",
+        "Per stream ([metrics] per_stream), its latest score: the smoothed score the alert rule compares with darkwatch_stream_threshold. Absent while the stream is silent ([alert] silence_secs), and gone when it is forgotten.",
+        streams,
+        |t| t.1,
+    );
+    stream_family(
+        s,
+        "darkwatch_stream_threshold",
+        "Per stream ([metrics] per_stream), the threshold (SPOT, DSPOT or quantile) its latest score was judged against; above it the frame counts toward the alert's fire_k of fire_n.",
+        streams,
+        |t| t.2,
+    );
+}
+
+/// One per-stream gauge family: `value` of each stream, labelled by its name.
+fn stream_family(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    streams: &[StreamSample],
+    value: impl Fn(&StreamSample) -> f64,
+) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for st in streams {
+        let _ = writeln!(
+            s,
+            "{name}{{stream=\"{}\"}} {}",
+            escape_label(&st.0),
+            sample_value(value(st))
+        );
     }
 }
 
@@ -268,6 +435,7 @@ pub fn render(e: &Exposed) -> String {
          darkwatch_streams_forgotten_total {}",
         load(&c.streams_forgotten)
     );
+    stream_series(&mut s, &c.stream_gauges.snapshot());
     histogram(
         &mut s,
         "darkwatch_alert_latency_seconds",
@@ -300,10 +468,7 @@ pub fn render(e: &Exposed) -> String {
         } else {
             // `native (cuda unavailable: <cause>)` carries free text: escape it as
             // Prometheus label values need.
-            backend
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
+            escape_label(&backend)
         }
     );
     let _ = writeln!(
@@ -645,12 +810,96 @@ pub(crate) mod tests {
         }
     }
 
+    /// Each stream's score and threshold as a scraper reads them: label values escaped
+    /// (backslash, double quote, line feed), NaN and infinities spelt as the format
+    /// wants, a stream hidden until set and while hidden, gone with its state, one series
+    /// for two streams of one name, and nothing at all when turned off.
+    #[test]
+    fn stream_gauges_render_escaped_labels_and_go_with_their_stream() {
+        let counters = Arc::new(AgentCounters::default());
+        let exposed = Exposed {
+            counters: counters.clone(),
+            mqtt: Arc::default(),
+            model_id: "m".into(),
+        };
+        let g = &counters.stream_gauges;
+        assert!(g.register("off").is_none(), "off by default");
+        assert!(!render(&exposed).contains("darkwatch_stream_"));
+        g.enable(true);
+        let plain = g.register("node1").unwrap();
+        let odd = g.register("a\"b\\c\nd").unwrap();
+        let inf = g.register("inf").unwrap();
+        let unset = g.register("unset").unwrap();
+        // Registered but not shown yet: no series, and no family with none.
+        assert!(!render(&exposed).contains("darkwatch_stream_"));
+        plain.set(0.25, 1.5);
+        odd.set(f64::NAN, 2.0);
+        inf.set(f64::INFINITY, f64::NEG_INFINITY);
+        for s in [&plain, &odd, &inf] {
+            s.show(true);
+        }
+        let text = render(&exposed);
+        for line in [
+            "\n# TYPE darkwatch_stream_score gauge\n",
+            "\ndarkwatch_stream_score{stream=\"node1\"} 0.25\n",
+            "\ndarkwatch_stream_threshold{stream=\"node1\"} 1.5\n",
+            "\ndarkwatch_stream_score{stream=\"a\\\"b\\\\c\\nd\"} NaN\n",
+            "\ndarkwatch_stream_threshold{stream=\"a\\\"b\\\\c\\nd\"} 2\n",
+            "\ndarkwatch_stream_score{stream=\"inf\"} +Inf\n",
+            "\ndarkwatch_stream_threshold{stream=\"inf\"} -Inf\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
+        assert!(!text.contains("unset"), "{text}");
+        let samples = check_exposition(&text);
+        assert_eq!(samples["darkwatch_stream_score{stream=\"node1\"}"], 0.25);
+        assert!(samples["darkwatch_stream_score{stream=\"a\\\"b\\\\c\\nd\"}"].is_nan());
+        // Each family's series together, under its one TYPE, sorted by stream.
+        let scores: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("darkwatch_stream_score{"))
+            .collect();
+        assert_eq!(scores.len(), 3, "{text}");
+        assert!(scores[0].contains("\"a\\\""), "{scores:?}");
+        assert!(scores[2].contains("\"node1\""), "{scores:?}");
+        // Hidden (a silent stream): its series go, and come back when shown.
+        inf.show(false);
+        assert!(!render(&exposed).contains("stream=\"inf\""));
+        inf.show(true);
+        assert!(render(&exposed).contains("stream=\"inf\""));
+        // The stream's state goes (forgotten): so do its series.
+        drop(odd);
+        drop(inf);
+        let text = render(&exposed);
+        assert!(
+            !text.contains("a\\\"b") && !text.contains("stream=\"inf\""),
+            "{text}"
+        );
+        assert!(text.contains("stream=\"node1\""), "{text}");
+        // A stream that came back under the same name before its old state went: one
+        // series, the newer one's.
+        let again = g.register("node1").unwrap();
+        again.set(7.0, 8.0);
+        again.show(true);
+        let samples = check_exposition(&render(&exposed));
+        assert_eq!(samples["darkwatch_stream_score{stream=\"node1\"}"], 7.0);
+        assert_eq!(samples["darkwatch_stream_threshold{stream=\"node1\"}"], 8.0);
+        // Registrations of gone streams are dropped, not kept.
+        drop((plain, unset));
+        assert!(g.register("x").is_some());
+        assert_eq!(g.live.lock().unwrap().len(), 2);
+        // Off: no new gauge.
+        g.enable(false);
+        assert!(g.register("later").is_none());
+    }
+
     /// The trial's `listen = "localhost:9464"` was told it "is not host:port".
     #[test]
     fn listen_takes_an_ip_address_and_says_so() {
         let listen = |l: &str| {
             MetricsConfig {
                 listen: l.to_string(),
+                ..MetricsConfig::default()
             }
             .validate()
         };
@@ -816,14 +1065,16 @@ pub(crate) mod tests {
         stop.store(true, Ordering::SeqCst);
         assert!(
             MetricsConfig {
-                listen: "nope".into()
+                listen: "nope".into(),
+                ..MetricsConfig::default()
             }
             .validate()
             .is_err()
         );
         assert!(
             MetricsConfig {
-                listen: String::new()
+                listen: String::new(),
+                ..MetricsConfig::default()
             }
             .validate()
             .is_ok()

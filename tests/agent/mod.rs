@@ -1328,6 +1328,93 @@ fn a_firing_alert_is_resent_then_resolved_when_its_stream_goes_silent() {
     assert!(err.contains("silence_secs"), "the silence is logged: {err}");
 }
 
+/// Each stream's score and threshold on `/metrics` (`[metrics] per_stream`, on by
+/// default) through the real agent: the series carry the stream's name as the alerts
+/// label it, a finite score, and the score and threshold that the alert events carry
+/// for the latest frame (here the resolution by silence's); they go once the stream is
+/// silent (`[alert] silence_secs`). Forgetting (60 s at the least) is tested on the sink.
+#[test]
+fn per_stream_score_and_threshold_are_on_metrics_until_the_stream_goes_silent() {
+    let OnTrained {
+        _dir,
+        test_csv,
+        broker,
+        mut agent,
+        mut sub,
+        ..
+    } = on_trained(
+        "gauges",
+        "",
+        "",
+        "[alert]\nresend_secs = 1\nsilence_secs = 3\n",
+    );
+    // No stream yet: no series, and no family.
+    assert!(!agent.scrape().unwrap().contains("darkwatch_stream_"));
+    // Rows 690..716 end inside the injected anomaly; then n1 sends nothing more.
+    let data = rows(&test_csv);
+    publish_all(broker, &examon("o", "n1", &data[690..716], 1_700_000_000.0));
+    sub.wait("the firing alert", |got| !got.is_empty());
+    let fired: serde_json::Value = serde_json::from_slice(&sub.got[0].payload).unwrap();
+    assert_eq!(fired["status"], "firing", "{fired}");
+    let stream = fired["labels"]["stream"].as_str().unwrap().to_string();
+    let score_series = format!("darkwatch_stream_score{{stream=\"{stream}\"}}");
+    let threshold_series = format!("darkwatch_stream_threshold{{stream=\"{stream}\"}}");
+    let score = agent.wait_metric(&score_series, f64::is_finite);
+    let threshold = agent.metric(&threshold_series).unwrap();
+    assert!(threshold.is_finite(), "{threshold}");
+    assert!(score > threshold, "firing: {score} over {threshold}");
+    let body = agent.scrape().unwrap();
+    assert_eq!(
+        body.lines()
+            .filter(|l| l.starts_with("darkwatch_stream_score{"))
+            .count(),
+        1,
+        "one stream: {body}"
+    );
+    // Scraped until the silence resolves the alert: the last scrape with the series is
+    // of the last frame (silence_secs after it), which the resolution carries.
+    let mut last_seen = None;
+    sub.wait("the alert resolved by the silence", |got| {
+        if let Some(body) = agent.scrape() {
+            let sample = |name: &str| crate::util::process::sample(&body, name);
+            if let (Some(s), Some(t)) = (sample(&score_series), sample(&threshold_series)) {
+                last_seen = Some((s, t));
+            }
+        }
+        got.iter().any(|p| {
+            let e: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            e["status"] == "resolved"
+        })
+    });
+    let resolved: serde_json::Value =
+        serde_json::from_slice(&sub.got.last().unwrap().payload).unwrap();
+    assert_eq!(
+        resolved["annotations"]["ended_by"],
+        darkwatch::agent::ENDED_BY_SILENCE,
+        "{resolved}"
+    );
+    let (score, threshold) = last_seen.expect("the series before the silence");
+    // The event's score is an f32 in its shortest form; the gauge, the same f32 as f64.
+    assert_eq!(
+        resolved["score"].as_f64().map(|v| v as f32),
+        Some(score as f32),
+        "{resolved}"
+    );
+    assert_eq!(
+        resolved["threshold"].as_f64(),
+        Some(threshold),
+        "{resolved}"
+    );
+    // Silent: the series are gone, the stream is still counted.
+    agent.wait_metric("darkwatch_streams_silent", |v| v == 1.0);
+    let body = agent.scrape().unwrap();
+    assert!(!body.contains("darkwatch_stream_score"), "{body}");
+    assert!(!body.contains("darkwatch_stream_threshold"), "{body}");
+    assert_eq!(agent.metric("darkwatch_streams"), Some(1.0));
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+}
+
 /// Plain `validate` refuses what `run` refuses for the model and the configuration alone.
 /// It used to load the model and stop there, so an SAE folder with ExaMon input, or with
 /// online retraining, passed `validate` and then `run` exited 78.
@@ -1627,7 +1714,7 @@ fn the_embedded_broker_counts_and_logs_what_it_skips() {
 }
 
 /// The bundled machine-1-6 training rows: the frames the retraining tests publish.
-fn smd_train_rows() -> ndarray::Array2<f32> {
+pub(crate) fn smd_train_rows() -> ndarray::Array2<f32> {
     darkwatch::ingest::read_table(
         &repo("tests/data/smd/machine-1-6_train.npy"),
         &darkwatch::ingest::TableOptions::default(),
@@ -1638,7 +1725,7 @@ fn smd_train_rows() -> ndarray::Array2<f32> {
 
 /// Rows `lo..hi` of `rows` as raw little-endian f32 frames on `topic`, each value raised by
 /// `shift` (0: the values as they are, bit for bit).
-fn raw_rows(
+pub(crate) fn raw_rows(
     rows: &ndarray::Array2<f32>,
     topic: &str,
     lo: usize,

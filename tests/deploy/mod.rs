@@ -14,7 +14,7 @@ use std::path::Path;
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::util::broker::{Agent, free_port};
+use crate::util::broker::{Agent, free_port, publish_all};
 use crate::util::repo;
 
 const RULES: &str = "deploy/prometheus/darkwatch-rules.yml";
@@ -385,7 +385,9 @@ fn sample_names(exposition: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// The real agent's `/metrics` (online retraining on, so that its metrics are there too).
+/// The real agent's `/metrics` (online retraining on, so that its metrics are there too),
+/// once it has scored a stream's frames (raw input), so that the per-stream series are
+/// there too.
 fn scrape_agent() -> String {
     let dir = tempfile::tempdir().unwrap();
     let (broker, metrics) = (free_port(), free_port());
@@ -398,11 +400,17 @@ fn scrape_agent() -> String {
         "agent.toml",
         &repo("models/smd-machine-1-6"),
         metrics,
-        "",
-        &format!("port = {broker}\nnode_name = \"deploy\"\n"),
+        "format = \"raw\"",
+        &format!("port = {broker}\nnode_name = \"deploy\"\nsubscribe = [\"act/#\"]\n"),
         &retrain,
     );
-    let agent = Agent::connected(&cfg, metrics, &[]);
+    let mut agent = Agent::connected(&cfg, metrics, &[]);
+    let frames = crate::agent::smd_train_rows();
+    publish_all(
+        broker,
+        &crate::agent::raw_rows(&frames, "act/node1", 0, 5, 0.0),
+    );
+    agent.wait_metric("darkwatch_stream_score{stream=\"node1\"}", f64::is_finite);
     let body = agent.scrape().expect("/metrics answers");
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
@@ -852,6 +860,7 @@ fn the_dashboard_queries_parse_with_promtool_when_it_is_at_hand() {
             ("$__interval", "1m"),
             ("$job", "darkwatch"),
             ("$instance", ".*"),
+            ("$stream", ".*"),
         ]
         .iter()
         .fold(expr, |e, (var, value)| e.replace(var, value));
