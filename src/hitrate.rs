@@ -194,6 +194,64 @@ mod tests {
         assert_eq!(hit_rate_at(&order, &[], 150), 0.0);
     }
 
+    /// A lag window's first `w − 1` rows are not scored: a segment wholly among them is not
+    /// ranked, one that goes on past them is ranked from the first scored row, and both
+    /// are counted as unscored; marking every frame detected gives the headline again.
+    #[test]
+    fn rows_that_only_fill_a_lag_window_are_not_ranked() {
+        use crate::config::DarkwatchConfig;
+        use crate::ingest::Table;
+        let (n, d, w) = (300, 4, 4);
+        let values = Array2::from_shape_fn((n, d), |(i, j)| ((i * 7 + j * 13) % 17) as f32 / 17.0);
+        let table = Table {
+            path: "t.npy".into(),
+            features: (0..d).map(|j| format!("f{j}")).collect(),
+            timestamps: None,
+            values: values.clone(),
+        };
+        let mut cfg = DarkwatchConfig::default();
+        cfg.train.epochs_max = 3;
+        cfg.model.members = 1;
+        cfg.model.window_frames = w;
+        let (model, _) = crate::model::fit::fit(&table, "", &cfg, &mut |_| {}).unwrap();
+        assert_eq!(model.meta.window_frames, w);
+        let model = Arc::new(model);
+        let frames = crate::window::windows(values.view(), w);
+        assert_eq!(frames.nrows(), n - (w - 1));
+        let seg = |start, end, dims: &[usize]| Segment {
+            start,
+            end,
+            dims: dims.to_vec(),
+        };
+        let segments = [seg(0, 1, &[0]), seg(2, 5, &[1, 2]), seg(100, 109, &[3])];
+        let all = vec![true; frames.nrows()];
+        let h = hit_rates_with(
+            &model,
+            model.meta.head,
+            &frames,
+            w - 1,
+            &segments,
+            Some(&all),
+        )
+        .unwrap();
+        assert_eq!(
+            (h.frames, h.unscored_frames, h.segments),
+            (3 + 10, 2 + 1, 3)
+        );
+        assert_eq!((h.detected, h.detected_frames), (h.all, h.frames));
+        assert_eq!(
+            hit_rates(&model, &frames, w - 1, &segments),
+            h.all,
+            "the harness's entry point"
+        );
+        let none =
+            hit_rates_with(&model, model.meta.head, &frames, w - 1, &segments, None).unwrap();
+        assert_eq!(
+            (none.all, none.detected, none.detected_frames),
+            (h.all, None, 0)
+        );
+    }
+
     #[test]
     fn detected_frames_are_labelled_and_at_or_above_the_threshold() {
         let scores = [0.1, 0.5, 0.5, 0.9, 0.7];
