@@ -1463,7 +1463,7 @@ fn replay_interpretation_gives_the_harness_hit_rate() {
         (3708, 30, 0)
     );
     // The detected frames: labelled, at or above the replay's point-wise best-F1 threshold.
-    let best = outcome.eval.as_ref().unwrap().best_f1.clone().unwrap();
+    let best = outcome.eval.as_ref().unwrap().best_f1.unwrap();
     let point_labels = outcome.labels.as_deref().unwrap();
     let detected = hitrate::detected_frames(&outcome.scores, point_labels, best.threshold);
     let found = detected.iter().filter(|&&d| d).count();
