@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ndarray::{Array2, Axis};
+use ndarray::Axis;
 
 use crate::config::DarkwatchConfig;
-use crate::ingest::{self, IngestError, Segment, Table};
+use crate::hitrate::{HitRates, detected_frames, hit_rates_with};
+pub use crate::hitrate::{hit_rate_at, hit_rates};
+use crate::ingest::{self, IngestError, Table};
 use crate::model::Model;
 use crate::mss::MssConfig;
-use crate::pipeline::Scorer;
 use crate::replay::{EventReport, Frames, Outputs, ReplayError, replay_frames};
 use crate::rng::Rng;
 use crate::train::TrainError;
@@ -305,8 +306,16 @@ pub struct EntityResult {
     pub mss_on: bool,
     /// AUPRC with every frame scored alone, where the model smooths its scores.
     pub auprc_unsmoothed: Option<f64>,
-    /// OmniAnomaly HitRate@100 % and @150 % of the culprit metrics, where labelled.
+    /// OmniAnomaly HitRate@100 % and @150 % of the culprit metrics, where labelled, over
+    /// every frame inside an interpretation segment (the headline).
     pub hit_rate: Option<(f64, f64)>,
+    /// The same over the detected frames only: labelled anomalous, inside a segment, and
+    /// scored at or above the point-wise best-F1 threshold (InterFusion's choice of
+    /// frames; a second protocol, not the headline). See [`crate::hitrate`].
+    pub hit_rate_detected: Option<(f64, f64)>,
+    /// Frames each HitRate averages over (all, detected), where there are interpretation
+    /// labels.
+    pub hit_rate_frames: Option<(usize, usize)>,
     /// Alert events against labelled segments (episode precision and recall, and the
     /// frames inside episodes), for time series.
     pub events: Option<EventReport>,
@@ -440,10 +449,23 @@ pub fn run_entity(
     } else {
         None
     };
-    let hit_rate = segments
-        .as_ref()
-        .and_then(|s| hit_rates(&model, &test, first_row, s));
     let eval = main.eval.clone();
+    // The frames found at the point-wise best-F1 threshold, for the second protocol.
+    let detected = eval
+        .as_ref()
+        .and_then(|e| e.best_f1.as_ref())
+        .map(|b| detected_frames(&main.scores, &labels, b.threshold));
+    let hits: Option<HitRates> = segments.as_ref().and_then(|s| {
+        hit_rates_with(
+            &model,
+            model.meta.head,
+            &test,
+            first_row,
+            s,
+            detected.as_deref(),
+        )
+        .ok()
+    });
     Ok(EntityResult {
         name,
         family,
@@ -463,7 +485,9 @@ pub fn run_entity(
         mss_on: !model.meta.mss.is_off(),
         auprc_unsmoothed: unsmoothed,
         members: model.ae.members,
-        hit_rate,
+        hit_rate: hits.as_ref().and_then(|h| h.all),
+        hit_rate_detected: hits.as_ref().and_then(|h| h.detected),
+        hit_rate_frames: hits.as_ref().map(|h| (h.frames, h.detected_frames)),
         // Alert episodes (k of n consecutive frames) only mean something on a time series.
         events: main.event_report.as_ref().filter(|_| !table).cloned(),
         train_seconds,
@@ -516,91 +540,14 @@ pub fn split_rows_csv(entities: &[Entity], seed: u64) -> String {
     s
 }
 
-/// OmniAnomaly's HitRate@P%: for every labelled anomalous frame inside an interpretation
-/// segment with culprit set G, the share of G among the frame's top ⌊P·|G|⌋ contributing
-/// features (see [`hit_rate_at`]); averaged over those frames. Contributions come from the pipeline's
-/// [`Scorer`], smoothed over the whole series in order, so they are exactly the ones alerts
-/// report; a windowed model's are summed over each feature's lags. `test` holds the frames
-/// of the input rows from `first_row` on (segments count input rows). Returns (@100 %,
-/// @150 %).
-pub fn hit_rates(
-    model: &Arc<Model>,
-    test: &Array2<f32>,
-    first_row: usize,
-    segments: &[Segment],
-) -> Option<(f64, f64)> {
-    let mut scorer = Scorer::new(model.clone(), model.meta.head, 256, 1).ok()?;
-    let d = model.n_features();
-    let base = model.meta.frame_features().len();
-    let (mut h100, mut h150, mut frames) = (0.0, 0.0, 0usize);
-    let mut order: Vec<usize> = Vec::with_capacity(base);
-    let mut per_feature = vec![0.0f32; base];
-    // The segment (with culprits) each frame lies in, if any.
-    let mut culprits: Vec<Option<&Segment>> = vec![None; test.nrows()];
-    for seg in segments.iter().filter(|s| !s.dims.is_empty()) {
-        let end = seg.end.saturating_sub(first_row).min(test.nrows());
-        if seg.end < first_row {
-            continue;
-        }
-        for slot in culprits
-            .iter_mut()
-            .take(end + 1)
-            .skip(seg.start.saturating_sub(first_row))
-        {
-            *slot = Some(seg);
-        }
-    }
-    let mut first = 0;
-    for chunk in test.axis_chunks_iter(Axis(0), scorer.max_batch()) {
-        let n = chunk.nrows();
-        scorer.input_mut()[..n * d]
-            .copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
-        scorer.score(n);
-        for i in 0..n {
-            scorer.smooth(i, 0, f64::NAN);
-        }
-        let contrib = scorer.contributions(n);
-        for (i, row) in contrib.rows().into_iter().enumerate() {
-            let Some(seg) = culprits[first + i] else {
-                continue;
-            };
-            per_feature.fill(0.0);
-            for (j, &c) in row.iter().enumerate() {
-                per_feature[j % base] += c;
-            }
-            order.clear();
-            order.extend(0..base);
-            order.sort_by(|&a, &b| per_feature[b].total_cmp(&per_feature[a]));
-            h100 += hit_rate_at(&order, &seg.dims, 100);
-            h150 += hit_rate_at(&order, &seg.dims, 150);
-            frames += 1;
-        }
-        first += n;
-    }
-    (frames > 0).then(|| (h100 / frames as f64, h150 / frames as f64))
-}
-
-/// One frame's HitRate@`percent`%: the share of the culprit features `culprits` among the
-/// first ⌊percent/100 · |culprits|⌋ features of `order` (largest contribution first), as
-/// OmniAnomaly's evaluation computes it (InterFusion's `get_hit_rate`, `chance_num =
-/// min(int(p / 100 * len(label)), len(pred))`; the paper's Hit@⌊P% × |GT|⌋). At 150 % and
-/// an odd number of culprits that is one feature fewer than rounding up would give (one
-/// culprit: its top feature only).
-pub fn hit_rate_at(order: &[usize], culprits: &[usize], percent: usize) -> f64 {
-    if culprits.is_empty() {
-        return 0.0;
-    }
-    let k = (percent * culprits.len() / 100).min(order.len());
-    order[..k].iter().filter(|j| culprits.contains(j)).count() as f64 / culprits.len() as f64
-}
-
 /// Header of [`csv`]: one column per number of [`EntityResult`] that a reader compares.
 const CSV_HEADER: &str = "entity,family,protocol,rows,anomalous,auroc,auprc,best_f1,pa_f1,\
-auprc_mss_toggled,auprc_frames_alone,hit_rate_100,hit_rate_150,event_precision,event_recall,\
-alerted_share,alerted_precision,mss_toggled_to,members,train_seconds";
+auprc_mss_toggled,auprc_frames_alone,hit_rate_100,hit_rate_150,hit_rate_100_detected,\
+hit_rate_150_detected,event_precision,event_recall,alerted_share,alerted_precision,mss_toggled_to,\
+members,train_seconds,hit_rate_frames,hit_rate_frames_detected";
 
 /// Numbers per entity in [`numbers`].
-const NUMBERS: usize = 12;
+const NUMBERS: usize = 14;
 
 /// The numbers of one entity, in the order of [`table`]'s and [`CSV_HEADER`]'s columns.
 fn numbers(r: &EntityResult) -> [Option<f64>; NUMBERS] {
@@ -613,6 +560,8 @@ fn numbers(r: &EntityResult) -> [Option<f64>; NUMBERS] {
         r.auprc_unsmoothed,
         r.hit_rate.map(|h| h.0),
         r.hit_rate.map(|h| h.1),
+        r.hit_rate_detected.map(|h| h.0),
+        r.hit_rate_detected.map(|h| h.1),
         r.events.as_ref().and_then(|e| e.precision),
         r.events.as_ref().and_then(|e| e.recall),
         r.events.as_ref().and_then(|e| e.alerted_share),
@@ -622,7 +571,8 @@ fn numbers(r: &EntityResult) -> [Option<f64>; NUMBERS] {
 
 /// The results as CSV for spreadsheets and scripts: one row per entity and a `mean
 /// <family>` row per family (its counts, members and training time empty), the same
-/// numbers as [`table`] at full precision, an empty cell where the table prints "-".
+/// numbers as [`table`] at full precision, an empty cell where the table prints "-". The
+/// last two columns count the frames each HitRate averages over (all, detected).
 pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     let alt = describe_mss(toggled_mss(cfg.mss));
     let mut s = String::new();
@@ -632,7 +582,7 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                    protocol: &str,
                    counts: [String; 2],
                    v: [Option<f64>; NUMBERS],
-                   tail: [String; 2]| {
+                   tail: [String; 4]| {
         let mut line = [csv_field(name), family.into(), protocol.into()].join(",");
         for c in counts.iter().cloned().chain(
             v.iter()
@@ -641,7 +591,7 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
             line.push(',');
             line.push_str(&c);
         }
-        let _ = writeln!(s, "{line},{},{},{}", csv_field(&alt), tail[0], tail[1]);
+        let _ = writeln!(s, "{line},{},{}", csv_field(&alt), tail.join(","));
     };
     let families = families(results);
     for family in families {
@@ -653,7 +603,14 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                 &csv_field(r.protocol),
                 [r.rows.to_string(), r.anomalous.to_string()],
                 numbers(r),
-                [r.members.to_string(), format!("{:.3}", r.train_seconds)],
+                [
+                    r.members.to_string(),
+                    format!("{:.3}", r.train_seconds),
+                    r.hit_rate_frames
+                        .map_or_else(String::new, |f| f.0.to_string()),
+                    r.hit_rate_frames
+                        .map_or_else(String::new, |f| f.1.to_string()),
+                ],
             );
         }
         row(
@@ -710,7 +667,7 @@ fn csv_field(v: &str) -> String {
 
 /// [`numbers`] as the table's cells, each right-aligned under its header.
 fn cells(v: [Option<f64>; NUMBERS]) -> String {
-    const WIDTHS: [usize; NUMBERS] = [6, 6, 6, 7, 10, 9, 7, 7, 6, 6, 7, 6];
+    const WIDTHS: [usize; NUMBERS] = [6, 6, 6, 7, 10, 9, 7, 7, 11, 11, 6, 6, 7, 6];
     let cells: Vec<String> = v
         .iter()
         .zip(WIDTHS)
@@ -736,7 +693,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>7} {:>7} {:>6} {:>6} {:>7} {:>6} {:>6}",
+        "{:<16} {:<18} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10} {:>9} {:>7} {:>7} {:>11} {:>11} {:>6} {:>6} {:>7} {:>6} {:>6}",
         "entity",
         "protocol",
         "rows",
@@ -748,6 +705,8 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
         "AUPRC/1fr",
         "HR@100",
         "HR@150",
+        "HR@100(det)",
+        "HR@150(det)",
         "ev-P",
         "ev-R",
         "alerted",
@@ -783,7 +742,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     );
     let _ = writeln!(
         s,
-        "ev-P / ev-R: alert episodes ({} threshold, {}-of-{} firing) that overlap a labelled segment / segments an episode overlaps; they count episodes, so an alert that never ends scores ev-R 1.\nalerted / al-P: share of frames inside alert episodes / labelled-anomalous frames among them (the frame precision of the alerts).\nHR@100 / HR@150: OmniAnomaly's HitRate, the top floor(P·|culprits|) contributions (InterFusion's rounding), over every labelled frame in an interpretation segment.",
+        "ev-P / ev-R: alert episodes ({} threshold, {}-of-{} firing) that overlap a labelled segment / segments an episode overlaps; they count episodes, so an alert that never ends scores ev-R 1.\nalerted / al-P: share of frames inside alert episodes / labelled-anomalous frames among them (the frame precision of the alerts).\nHR@100 / HR@150: OmniAnomaly's HitRate, the top floor(P·|culprits|) contributions (InterFusion's rounding), over every labelled frame in an interpretation segment (the headline).\nHR@100(det) / HR@150(det): a second protocol, not the headline: the same over the detected frames only, those labelled anomalous in a segment and scored at or above the point-wise best-F1 threshold (the F1 column's, chosen with the labels), as InterFusion's evaluation picks them; each frame is still ranked by its own contributions (InterFusion ranks each segment once).",
         cfg.threshold.kind.name(),
         cfg.alert.fire_k,
         cfg.alert.fire_n
@@ -802,6 +761,21 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
             s,
             "{}: {why}: AUROC/AUPRC and F1 undefined (\"-\").",
             r.name
+        );
+    }
+    // How many frames each HitRate averages over: the detected share can be small.
+    let hit_frames: Vec<String> = results
+        .iter()
+        .filter_map(|r| {
+            r.hit_rate_frames
+                .map(|(all, det)| format!("{} {all} / {det}", r.name))
+        })
+        .collect();
+    if !hit_frames.is_empty() {
+        let _ = writeln!(
+            s,
+            "HitRate frames (all / detected): {}.",
+            hit_frames.join(", ")
         );
     }
     let ensembles: Vec<String> = results
@@ -995,25 +969,6 @@ mod tests {
         assert!(check_out(&entities, Some(&cfg), &dir.path().join("r.csv")).is_ok());
     }
 
-    /// InterFusion's `get_hit_rate`: the top ⌊P/100 · |G|⌋ features, not ⌈…⌉.
-    #[test]
-    fn hit_rate_rounds_down_as_omnianomaly_does() {
-        let order = [4, 2, 7, 1, 0, 3, 5, 6];
-        // One culprit, ranked second: @100 and @150 both look at the top one only.
-        assert_eq!(hit_rate_at(&order, &[2], 100), 0.0);
-        assert_eq!(hit_rate_at(&order, &[2], 150), 0.0);
-        assert_eq!(hit_rate_at(&order, &[4], 150), 1.0);
-        // Three culprits: @150 looks at 4 features (4.5 rounded down), not 5.
-        assert_eq!(hit_rate_at(&order, &[4, 1, 0], 100), 1.0 / 3.0);
-        assert_eq!(hit_rate_at(&order, &[4, 1, 0], 150), 2.0 / 3.0);
-        // Two culprits: 3 features either way.
-        assert_eq!(hit_rate_at(&order, &[7, 1], 150), 0.5);
-        assert_eq!(hit_rate_at(&order, &[7, 2], 150), 1.0);
-        // Never past the features there are.
-        assert_eq!(hit_rate_at(&[1, 0], &[0, 1], 150), 1.0);
-        assert_eq!(hit_rate_at(&order, &[], 150), 0.0);
-    }
-
     #[test]
     fn errors_leave_the_entity_name_to_the_caller() {
         let e = HarnessError::Train {
@@ -1041,6 +996,8 @@ mod tests {
             mss_on: false,
             auprc_unsmoothed: None,
             hit_rate: Some((0.25, 0.75)),
+            hit_rate_detected: Some((0.5, 1.0)),
+            hit_rate_frames: Some((8, 2)),
             events: None,
             train_seconds: 1.5,
             frames_per_second: 1.0,
@@ -1079,12 +1036,23 @@ mod tests {
             ["mean ODDS", "ODDS", "", "", "", "0.7"],
             "{out}"
         );
-        assert!(lines[3].ends_with(",m=1 k=10,,"), "{out}");
-        assert!(lines[2].ends_with(",m=1 k=10,5,1.500"), "{out}");
+        assert!(lines[3].ends_with(",m=1 k=10,,,,"), "{out}");
+        assert!(lines[2].ends_with(",m=1 k=10,5,1.500,8,2"), "{out}");
         // An entity without AUROC leaves the cell (and its family's mean) empty.
         assert!(lines[4].starts_with("m,SMD,fit on all,10,2,,0.5,"), "{out}");
         assert!(lines[5].starts_with("mean SMD,SMD,,,,,0.5,"), "{out}");
-        assert!(lines[5].contains(",0.25,0.75,"), "{out}");
+        // The detected-frames HitRate follows the headline one, labelled as such.
+        assert!(lines[5].contains(",0.25,0.75,0.5,1,"), "{out}");
+        assert!(
+            CSV_HEADER.contains("hit_rate_150,hit_rate_100_detected,hit_rate_150_detected,"),
+            "{CSV_HEADER}"
+        );
+        assert!(t.contains("HR@150(det)"), "{t}");
+        assert!(t.contains("a second protocol, not the headline"), "{t}");
+        assert!(
+            t.contains("HitRate frames (all / detected): a,b 8 / 2, m 8 / 2, c 8 / 2."),
+            "{t}"
+        );
     }
 
     /// A table's rows have no order, so it gets no point-adjusted F1 (a run of outlier

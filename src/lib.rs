@@ -26,6 +26,7 @@
 //! - [`alertmanager`]: `darkwatch alertmanager`, the bridge from MQTT alert events to Alertmanager.
 //! - [`eval`]: point-wise AUROC / AUPRC / best-F1 (and the labelled point-adjusted F1).
 //! - [`harness`]: trains and replays every SMD machine and ODDS table given, one table of metrics.
+//! - [`hitrate`]: OmniAnomaly's HitRate of the culprit metrics on interpretation labels (harness, replay).
 //! - [`plot`]: the replay score plot (PNG with threshold, alert and label spans).
 //! - [`outputs`]: the check that a command's output files overwrite none of its inputs or
 //!   its model's files.
@@ -42,6 +43,7 @@ pub mod demo;
 pub mod detector;
 pub mod eval;
 pub mod harness;
+pub mod hitrate;
 pub mod ingest;
 pub mod metrics;
 pub mod model;

@@ -78,6 +78,13 @@ enum Command {
         /// One 0/1 label per input row (1 = anomalous): enables AUROC / AUPRC / F1.
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// Interpretation labels, one anomaly segment a line as `start-end:dim,dim,...`
+        /// (SMD's interpretation_label format: the segment covers the 1-based rows
+        /// start+1 to end, dims are the blamed features, 1-based): prints OmniAnomaly's
+        /// HitRate@100 % and @150 % of the culprit metrics over every frame in a segment,
+        /// and with --labels the same over the frames detected at the best-F1 threshold.
+        #[arg(long)]
+        interpretation: Option<PathBuf>,
         /// Write one CSV row per frame (score, threshold, alarm, the frame's own score before smoothing, top contributions) here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -1065,6 +1072,7 @@ fn run(command: Command) -> Result<()> {
             model,
             input,
             labels,
+            interpretation,
             out,
             events,
             plot,
@@ -1112,6 +1120,7 @@ fn run(command: Command) -> Result<()> {
                 model_dir: model,
                 input,
                 labels,
+                interpretation,
                 out_csv: out,
                 events,
                 plot,

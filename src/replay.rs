@@ -17,7 +17,8 @@ use ndarray::Array2;
 use crate::alert::{AlertEvent, AlertState, AlertStatus, Observation};
 use crate::config::DarkwatchConfig;
 use crate::eval::{self, Report};
-use crate::ingest::{self, IngestError, Table, TableOptions};
+use crate::hitrate::{HitRates, detected_frames, hit_rates_with};
+use crate::ingest::{self, IngestError, SegmentBounds, Table, TableOptions};
 use crate::model::{Model, ModelError};
 use crate::mss::MssConfig;
 use crate::pipeline::{
@@ -35,6 +36,10 @@ pub struct ReplayRequest {
     pub model_dir: PathBuf,
     pub input: PathBuf,
     pub labels: Option<PathBuf>,
+    /// Interpretation labels (`start-end:dim,dim,...`, SMD's format): OmniAnomaly's
+    /// HitRate@100 % and @150 % of the culprit metrics ([`crate::hitrate`]), and with
+    /// `labels` the same over the frames detected at the best-F1 threshold.
+    pub interpretation: Option<PathBuf>,
     /// One CSV row per frame: score, threshold, alarm, the frame's own score (`frame_score`) and top contributions.
     pub out_csv: Option<PathBuf>,
     /// One JSON line per alert event (Alertmanager-shaped).
@@ -126,6 +131,8 @@ pub struct ReplayOutcome {
     /// The labels of the rows a lag window's first frames fill and that get no score, so
     /// no evaluation (a model with `window_frames` > 1 and labels given).
     pub unscored_labels: Option<UnscoredLabels>,
+    /// HitRate of the culprit metrics ([`ReplayRequest::interpretation`]).
+    pub hit_rates: Option<HitRates>,
 }
 
 /// The labels of the first `w − 1` rows, which only fill a model's lag window: they are
@@ -578,6 +585,17 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         Some(path) => Some(ingest::read_labels(path, Some(rows))?),
         None => None,
     };
+    // Read (and checked against the model and the input) before the replay runs.
+    let segments = match &req.interpretation {
+        Some(path) => Some(ingest::read_interpretation_labels_within(
+            path,
+            SegmentBounds {
+                features: model.meta.frame_features().len(),
+                rows,
+            },
+        )?),
+        None => None,
+    };
     let (mut values, timestamps) = align_features(&model, table)?;
     fill_input_gaps(&model, &req.input, &mut values, !req.table)?;
     let w = model.meta.window_frames;
@@ -602,6 +620,11 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         .as_deref()
         .filter(|_| w > 1)
         .map(|l| UnscoredLabels::of(l, w - 1));
+    // The frames the model scores, for HitRate (the replay's source builds its own), as
+    // the harness builds them: rows before the first scored one are not ranked.
+    let hit_frames = segments
+        .as_ref()
+        .map(|_| crate::window::windows(values.view(), w));
     let frames = Frames::windowed(&model, values, timestamps, labels);
     let first_frame = frames.first_row();
     let outputs = Outputs {
@@ -618,6 +641,25 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         })?;
     outcome.resumed = resumed;
     outcome.unscored_labels = unscored_labels;
+    if let (Some(segments), Some(test)) = (&segments, &hit_frames) {
+        // The frames found at the point-wise best-F1 threshold, for the second protocol.
+        let detected = outcome
+            .eval
+            .as_ref()
+            .and_then(|e| e.best_f1.as_ref())
+            .zip(outcome.labels.as_deref())
+            .map(|(b, l)| detected_frames(&outcome.scores, l, b.threshold));
+        let hits = hit_rates_with(
+            &outcome.model,
+            outcome.head,
+            test,
+            first_frame,
+            segments,
+            detected.as_deref(),
+        )
+        .map_err(PipelineError::from)?;
+        outcome.hit_rates = Some(hits);
+    }
     if req.table {
         // Episodes of consecutive rows (and so their precision, recall and frames) mean
         // nothing where the rows have no order.
@@ -694,6 +736,9 @@ fn check_output_paths(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<(), 
     let mut protected = vec![Protected::File("--input", &req.input)];
     if let Some(labels) = &req.labels {
         protected.push(Protected::File("--labels", labels));
+    }
+    if let Some(interpretation) = &req.interpretation {
+        protected.push(Protected::File("--interpretation", interpretation));
     }
     protected.push(Protected::OwnFiles {
         what: "a file of the model folder",
@@ -946,6 +991,7 @@ pub fn replay_frames(
         resumed: None,
         table: false,
         unscored_labels: None,
+        hit_rates: None,
     })
 }
 
@@ -1216,6 +1262,9 @@ impl std::fmt::Display for ReplayOutcome {
         if let Some(u) = &self.unscored_labels {
             writeln!(f, "labels      {u}")?;
         }
+        if let Some(h) = &self.hit_rates {
+            self.fmt_hit_rates(f, h)?;
+        }
         match (&self.threshold, &self.threshold_note) {
             (Some(t), _) => {
                 let alarms = self
@@ -1303,6 +1352,55 @@ impl std::fmt::Display for ReplayOutcome {
 }
 
 impl ReplayOutcome {
+    /// The `hit rate` lines: the headline HitRate, then the detected-frames protocol.
+    fn fmt_hit_rates(&self, f: &mut std::fmt::Formatter<'_>, h: &HitRates) -> std::fmt::Result {
+        let rates = |r: Option<(f64, f64)>, tag: &str| {
+            r.map_or_else(
+                || format!("HR@100{tag} -, HR@150{tag} -"),
+                |(a, b)| format!("HR@100{tag} {a:.3}, HR@150{tag} {b:.3}"),
+            )
+        };
+        writeln!(
+            f,
+            "hit rate    {} over {} frames in {} interpretation segments (OmniAnomaly's HitRate: culprit metrics among each frame's top floor(P·|culprits|) contributions)",
+            rates(h.all, ""),
+            h.frames,
+            h.segments
+        )?;
+        let best = self.eval.as_ref().and_then(|e| e.best_f1.as_ref());
+        match (&self.labels, best) {
+            (None, _) => writeln!(
+                f,
+                "            HR@100 (detected), HR@150 (detected): need --labels (the frames detected at the best-F1 threshold)"
+            )?,
+            (Some(_), None) => writeln!(
+                f,
+                "            HR@100 (detected), HR@150 (detected): no best-F1 threshold (the labels hold one class)"
+            )?,
+            (Some(_), Some(b)) => writeln!(
+                f,
+                "            {} over the {} of them labelled anomalous and scored at or above the best-F1 threshold {} (InterFusion's choice of frames, a second protocol; each frame still ranked alone)",
+                rates(h.detected, " (detected)"),
+                h.detected_frames,
+                b.threshold
+            )?,
+        }
+        if h.unscored_frames > 0 {
+            writeln!(
+                f,
+                "            {} frames of interpretation segments lie in the rows that only fill the model's lag window: not scored, not ranked",
+                h.unscored_frames
+            )?;
+        }
+        if self.model_versions.windows(2).any(|v| v[0] != v[1]) {
+            writeln!(
+                f,
+                "            note: contributions are the model's the replay started with; online retraining scored later frames with newer models"
+            )?;
+        }
+        Ok(())
+    }
+
     fn pipeline_paced(&self) -> bool {
         // Batches near one frame each mean the scorer kept up: latency is not queueing.
         self.pipeline.frames_scored as f64 / (self.pipeline.batches.max(1) as f64) < 1.5

@@ -1427,6 +1427,137 @@ fn bundled_model_replays_bundled_smd_slice_above_target() {
     assert!(out.contains("AUPRC"), "{out}");
 }
 
+/// `replay --interpretation` gives the harness's HitRate (its `hit_rates`, through the
+/// library) for the same model and input, and beside it the detected-frames protocol.
+#[test]
+fn replay_interpretation_gives_the_harness_hit_rate() {
+    use darkwatch::{harness, hitrate, ingest, model::Model, window};
+    let model_dir = repo("models/smd-machine-1-6");
+    let input = repo("tests/data/smd/machine-1-6_test.npy");
+    let labels = repo("tests/data/smd/machine-1-6_test_label.txt");
+    let interp = repo("tests/data/smd/machine-1-6_interpretation_label.txt");
+    // The harness's computation: the frames the model scores, from its first scored row.
+    let model = std::sync::Arc::new(Model::load(&model_dir).unwrap());
+    let test = ingest::read_table(&input, &Default::default())
+        .unwrap()
+        .values;
+    let w = model.meta.window_frames;
+    let frames = window::windows(test.view(), w);
+    let first_row = w.max(1) - 1;
+    let segments = ingest::read_interpretation_labels(&interp).unwrap();
+    let (h100, h150) = harness::hit_rates(&model, &frames, first_row, &segments).unwrap();
+
+    let cfg = darkwatch::config::DarkwatchConfig::default();
+    let req = darkwatch::replay::ReplayRequest {
+        model_dir: model_dir.clone(),
+        input: input.clone(),
+        labels: Some(labels.clone()),
+        interpretation: Some(interp.clone()),
+        ..Default::default()
+    };
+    let outcome = darkwatch::replay::replay(&req, &cfg).expect("replay runs");
+    let hits = outcome.hit_rates.clone().expect("hit rates");
+    assert_eq!(hits.all, Some((h100, h150)));
+    assert_eq!(
+        (hits.frames, hits.segments, hits.unscored_frames),
+        (3708, 30, 0)
+    );
+    // The detected frames: labelled, at or above the replay's point-wise best-F1 threshold.
+    let best = outcome.eval.as_ref().unwrap().best_f1.unwrap();
+    let point_labels = outcome.labels.as_deref().unwrap();
+    let detected = hitrate::detected_frames(&outcome.scores, point_labels, best.threshold);
+    let found = detected.iter().filter(|&&d| d).count();
+    assert_eq!(hits.detected_frames, found);
+    assert!(found > 0 && found < 3708, "{found}");
+    let again = hitrate::hit_rates_with(
+        &model,
+        model.meta.head,
+        &frames,
+        first_row,
+        &segments,
+        Some(&detected),
+    )
+    .unwrap();
+    assert_eq!(again, hits);
+
+    // The command line prints both, the headline first.
+    let (code, out, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(&model_dir)
+        .arg("--input")
+        .arg(&input)
+        .arg("--labels")
+        .arg(&labels)
+        .arg("--interpretation")
+        .arg(&interp));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let want = format!(
+        "hit rate    HR@100 {h100:.3}, HR@150 {h150:.3} over 3708 frames in 30 interpretation segments"
+    );
+    assert!(out.contains(&want), "{want:?} in\n{out}");
+    let (d100, d150) = hits.detected.unwrap();
+    let want = format!(
+        "HR@100 (detected) {d100:.3}, HR@150 (detected) {d150:.3} over the {found} of them labelled anomalous and scored at or above the best-F1 threshold"
+    );
+    assert!(out.contains(&want), "{want:?} in\n{out}");
+
+    // Without --labels the headline is still there; the detected frames need labels. Two
+    // of the slice's labelled segments (0-based rows 647..=1044 and 1167..=1171).
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small_interpretation.txt");
+    std::fs::write(&small, "647-1045:1,2,3\n1167-1172:4\n").unwrap();
+    let (code, out, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(&model_dir)
+        .arg("--input")
+        .arg(repo("tests/data/smd/small.csv"))
+        .arg("--interpretation")
+        .arg(&small));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("over 403 frames in 2 interpretation segments"),
+        "{out}"
+    );
+    assert!(out.contains("need --labels"), "{out}");
+}
+
+/// Interpretation labels that do not fit the model or the input are refused before the
+/// replay runs, naming the line and what is wrong.
+#[test]
+fn replay_interpretation_errors_name_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let replay = |text: &str| {
+        let path = dir.path().join("interp.txt");
+        std::fs::write(&path, text).unwrap();
+        run(darkwatch()
+            .args(["replay", "--model"])
+            .arg(repo("models/smd-machine-1-6"))
+            .arg("--input")
+            .arg(repo("tests/data/smd/small.csv"))
+            .arg("--interpretation")
+            .arg(&path))
+    };
+    for (text, want) in [
+        (
+            "246-252:1,2\n7-9:2,39\n",
+            "interp.txt: line 2: dim 39 is out of range: the model has 38 features (dims are 1-based, 1 to 38)",
+        ),
+        (
+            "246-252:1,2\n\n1990-2001:4\n",
+            "interp.txt: line 3: segment 1990-2001 runs past the input's 2000 rows",
+        ),
+        (
+            "246-252:1,2\n246-252 1,2\n",
+            "interp.txt: line 2: expected \"start-end:dim,dim,...\", found \"246-252 1,2\"",
+        ),
+    ] {
+        let (code, out, err) = replay(text);
+        assert_ne!(code, 0, "{text:?}: {out}");
+        assert!(err.contains(want), "{want:?} in\n{err}");
+        assert!(!out.contains("frames scored"), "{out}");
+    }
+}
+
 /// `--head` naming the model's own kind keeps its threshold; another kind drops it and says
 /// why, naming both heads.
 #[test]

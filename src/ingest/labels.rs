@@ -168,11 +168,47 @@ pub fn read_interpretation_labels(path: &Path) -> Result<Vec<Segment>, IngestErr
     parse_interpretation_labels(path, &bytes)
 }
 
+/// What interpretation labels may refer to: the features of the model that ranks the
+/// frames and the rows of the input it scores ([`read_interpretation_labels_within`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentBounds {
+    /// The model's features: dims may be 1 to `features` (1-based).
+    pub features: usize,
+    /// The input's rows: a segment `a-b` covers 1-based rows `a+1..=b`, so `b` may be at
+    /// most `rows`.
+    pub rows: usize,
+}
+
+/// [`read_interpretation_labels`], checking every segment against `bounds`.
+///
+/// # Errors
+/// As [`read_interpretation_labels`], and `Syntax` naming the line of a dim past the
+/// model's features or a segment past the input's rows.
+pub fn read_interpretation_labels_within(
+    path: &Path,
+    bounds: SegmentBounds,
+) -> Result<Vec<Segment>, IngestError> {
+    let bytes = read_bytes(path)?;
+    parse_interpretation_labels_within(path, &bytes, Some(bounds))
+}
+
 /// Parse interpretation labels already in memory; `path` is only used in error messages.
 ///
 /// # Errors
 /// As [`read_interpretation_labels`], minus `Io`.
 pub fn parse_interpretation_labels(path: &Path, bytes: &[u8]) -> Result<Vec<Segment>, IngestError> {
+    parse_interpretation_labels_within(path, bytes, None)
+}
+
+/// [`parse_interpretation_labels`], checking every segment against `bounds` when given.
+///
+/// # Errors
+/// As [`read_interpretation_labels_within`], minus `Io`.
+pub fn parse_interpretation_labels_within(
+    path: &Path,
+    bytes: &[u8],
+    bounds: Option<SegmentBounds>,
+) -> Result<Vec<Segment>, IngestError> {
     let mut segments = Vec::new();
     for (line_no, raw) in lines(bytes) {
         let text = line_str(path, line_no, raw)?.trim();
@@ -209,6 +245,22 @@ pub fn parse_interpretation_labels(path: &Path, bytes: &[u8]) -> Result<Vec<Segm
                 ))),
             })
             .collect::<Result<Vec<usize>, _>>()?;
+        if let Some(bounds) = bounds {
+            if let Some(&d) = dims.iter().find(|&&d| d >= bounds.features) {
+                return Err(syntax(format!(
+                    "dim {} is out of range: the model has {} features (dims are 1-based, 1 to {})",
+                    d + 1,
+                    bounds.features,
+                    bounds.features
+                )));
+            }
+            if b > bounds.rows {
+                return Err(syntax(format!(
+                    "segment {a}-{b} runs past the input's {} rows (a segment a-b covers the 1-based rows a+1 to b, so b may be at most {})",
+                    bounds.rows, bounds.rows
+                )));
+            }
+        }
         segments.push(Segment {
             start: a,
             end: b - 1,
@@ -415,6 +467,42 @@ mod tests {
         ] {
             assert_eq!(segments(text).unwrap_err().to_string(), want, "{text:?}");
         }
+    }
+
+    /// `replay --interpretation` checks each segment against the model and the input, and
+    /// names the line.
+    #[test]
+    fn interpretation_labels_beyond_the_model_or_the_input_name_the_line() {
+        let within = |text: &str| {
+            parse_interpretation_labels_within(
+                Path::new("interp.txt"),
+                text.as_bytes(),
+                Some(SegmentBounds {
+                    features: 38,
+                    rows: 2000,
+                }),
+            )
+        };
+        assert_eq!(within("1-2000:1,38\n").unwrap().len(), 1);
+        for (text, want) in [
+            (
+                "1-5:1\n\n7-9:2,39\n",
+                "interp.txt: line 3: dim 39 is out of range: the model has 38 features (dims are 1-based, 1 to 38)",
+            ),
+            (
+                "1-5:1\n1990-2001:4\n",
+                "interp.txt: line 2: segment 1990-2001 runs past the input's 2000 rows (a segment a-b covers the 1-based rows a+1 to b, so b may be at most 2000)",
+            ),
+            // Malformed lines are told as without bounds.
+            (
+                "1-5:1\n5-x:2\n",
+                "interp.txt: line 2: expected \"start-end:dim,dim,...\", found \"5-x:2\"",
+            ),
+        ] {
+            assert_eq!(within(text).unwrap_err().to_string(), want, "{text:?}");
+        }
+        // Without bounds the same lines are read.
+        assert!(segments("1-5:1\n\n7-9:2,39\n").is_ok());
     }
 
     #[test]

@@ -39,7 +39,10 @@ use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 
-pub use labels::{Segment, read_interpretation_labels, read_labels};
+pub use labels::{
+    Segment, SegmentBounds, read_interpretation_labels, read_interpretation_labels_within,
+    read_labels,
+};
 
 /// A numeric table read from a file: one row per sample, one column per feature.
 #[derive(Debug, Clone)]

@@ -1,0 +1,264 @@
+//! OmniAnomaly's HitRate of the culprit metrics on interpretation labels (SMD's
+//! `interpretation_label/*.txt`, or a file of one's own in that format), shared by
+//! `darkwatch harness` and `darkwatch replay --interpretation`.
+//!
+//! Two protocols are measured. The headline ranks every frame inside an interpretation
+//! segment by its own contributions. The second keeps only the frames a detector found:
+//! labelled anomalous, inside a segment, and scored at or above the point-wise best-F1
+//! threshold (the frames InterFusion's evaluation code scores; it then ranks each segment
+//! once, which this does not: every kept frame is still ranked by its own contributions).
+
+use std::sync::Arc;
+
+use ndarray::{Array2, Axis};
+
+use crate::ingest::Segment;
+use crate::model::Model;
+use crate::pipeline::{Scorer, ScorerError};
+use crate::score::Head;
+
+/// HitRate@100 % and @150 % under both protocols, with the frames each averages over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HitRates {
+    /// (@100 %, @150 %) over every scored frame inside an interpretation segment with
+    /// culprits (the headline); `None` when there is none.
+    pub all: Option<(f64, f64)>,
+    /// Frames [`Self::all`] averages over.
+    pub frames: usize,
+    /// (@100 %, @150 %) over the detected frames only ([`detected_frames`]); `None` when
+    /// no frame was detected or nothing says which were (no labels, no best-F1 threshold).
+    pub detected: Option<(f64, f64)>,
+    /// Frames [`Self::detected`] averages over.
+    pub detected_frames: usize,
+    /// Frames of segments that lie in the rows which only fill a lag window: not scored,
+    /// so not ranked (as they leave the point-wise metrics).
+    pub unscored_frames: usize,
+    /// Segments with culprits.
+    pub segments: usize,
+}
+
+/// Which scored frames count as detected for [`HitRates::detected`]: labelled anomalous
+/// (`labels[i] == 1`) and scored at or above `threshold` (the best-F1 threshold, flagged
+/// as [`crate::eval`] flags it: `score >= t`). `scores` and `labels` hold one entry per
+/// scored frame, in order.
+pub fn detected_frames(scores: &[f32], labels: &[u8], threshold: f32) -> Vec<bool> {
+    scores
+        .iter()
+        .zip(labels)
+        .map(|(&s, &l)| l == 1 && s >= threshold)
+        .collect()
+}
+
+/// OmniAnomaly's HitRate@P% (the headline protocol only): see [`hit_rates_with`], with the
+/// model's own head and no detected frames. Returns (@100 %, @150 %).
+pub fn hit_rates(
+    model: &Arc<Model>,
+    test: &Array2<f32>,
+    first_row: usize,
+    segments: &[Segment],
+) -> Option<(f64, f64)> {
+    hit_rates_with(model, model.meta.head, test, first_row, segments, None)
+        .ok()?
+        .all
+}
+
+/// OmniAnomaly's HitRate@P%: for every frame inside an interpretation segment with culprit
+/// set G, the share of G among the frame's top ⌊P·|G|⌋ contributing features (see
+/// [`hit_rate_at`]); averaged over those frames. Contributions come from the pipeline's
+/// [`Scorer`] with `head`, smoothed over the whole series in order, so they are exactly the
+/// ones alerts report; a windowed model's are summed over each feature's lags. `test` holds
+/// the frames of the input rows from `first_row` on (segments count input rows; rows before
+/// `first_row` are not scored and counted in [`HitRates::unscored_frames`]).
+///
+/// `detected`, one entry per frame of `test` (see [`detected_frames`]), picks the frames of
+/// the second protocol, [`HitRates::detected`]; it does not change [`HitRates::all`].
+///
+/// # Errors
+/// The scorer cannot be built (as [`Scorer::new`]; the replay of the same model and head
+/// would have failed first).
+pub fn hit_rates_with(
+    model: &Arc<Model>,
+    head: Head,
+    test: &Array2<f32>,
+    first_row: usize,
+    segments: &[Segment],
+    detected: Option<&[bool]>,
+) -> Result<HitRates, ScorerError> {
+    let mut scorer = Scorer::new(model.clone(), head, 256, 1)?;
+    let d = model.n_features();
+    let base = model.meta.frame_features().len();
+    let (mut h100, mut h150, mut frames) = (0.0, 0.0, 0usize);
+    let (mut d100, mut d150, mut detected_n) = (0.0, 0.0, 0usize);
+    let mut order: Vec<usize> = Vec::with_capacity(base);
+    let mut per_feature = vec![0.0f32; base];
+    // The segment (with culprits) each frame lies in, if any.
+    let mut culprits: Vec<Option<&Segment>> = vec![None; test.nrows()];
+    let mut unscored = vec![false; first_row];
+    for seg in segments.iter().filter(|s| !s.dims.is_empty()) {
+        if seg.start < first_row {
+            unscored[seg.start..=seg.end.min(first_row - 1)].fill(true);
+        }
+        let end = seg.end.saturating_sub(first_row).min(test.nrows());
+        if seg.end < first_row {
+            continue;
+        }
+        for slot in culprits
+            .iter_mut()
+            .take(end + 1)
+            .skip(seg.start.saturating_sub(first_row))
+        {
+            *slot = Some(seg);
+        }
+    }
+    let mut first = 0;
+    for chunk in test.axis_chunks_iter(Axis(0), scorer.max_batch()) {
+        let n = chunk.nrows();
+        scorer.input_mut()[..n * d]
+            .copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
+        scorer.score(n);
+        for i in 0..n {
+            scorer.smooth(i, 0, f64::NAN);
+        }
+        let contrib = scorer.contributions(n);
+        for (i, row) in contrib.rows().into_iter().enumerate() {
+            let Some(seg) = culprits[first + i] else {
+                continue;
+            };
+            per_feature.fill(0.0);
+            for (j, &c) in row.iter().enumerate() {
+                per_feature[j % base] += c;
+            }
+            order.clear();
+            order.extend(0..base);
+            order.sort_by(|&a, &b| per_feature[b].total_cmp(&per_feature[a]));
+            let (a, b) = (
+                hit_rate_at(&order, &seg.dims, 100),
+                hit_rate_at(&order, &seg.dims, 150),
+            );
+            h100 += a;
+            h150 += b;
+            frames += 1;
+            if detected.is_some_and(|m| m.get(first + i).copied().unwrap_or(false)) {
+                d100 += a;
+                d150 += b;
+                detected_n += 1;
+            }
+        }
+        first += n;
+    }
+    let mean = |a: f64, b: f64, n: usize| (n > 0).then(|| (a / n as f64, b / n as f64));
+    Ok(HitRates {
+        all: mean(h100, h150, frames),
+        frames,
+        detected: mean(d100, d150, detected_n),
+        detected_frames: detected_n,
+        unscored_frames: unscored.iter().filter(|&&u| u).count(),
+        segments: segments.iter().filter(|s| !s.dims.is_empty()).count(),
+    })
+}
+
+/// One frame's HitRate@`percent`%: the share of the culprit features `culprits` among the
+/// first ⌊percent/100 · |culprits|⌋ features of `order` (largest contribution first), as
+/// OmniAnomaly's evaluation computes it (InterFusion's `get_hit_rate`, `chance_num =
+/// min(int(p / 100 * len(label)), len(pred))`; the paper's Hit@⌊P% × |GT|⌋). At 150 % and
+/// an odd number of culprits that is one feature fewer than rounding up would give (one
+/// culprit: its top feature only).
+pub fn hit_rate_at(order: &[usize], culprits: &[usize], percent: usize) -> f64 {
+    if culprits.is_empty() {
+        return 0.0;
+    }
+    let k = (percent * culprits.len() / 100).min(order.len());
+    order[..k].iter().filter(|j| culprits.contains(j)).count() as f64 / culprits.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// InterFusion's `get_hit_rate`: the top ⌊P/100 · |G|⌋ features, not ⌈…⌉.
+    #[test]
+    fn hit_rate_rounds_down_as_omnianomaly_does() {
+        let order = [4, 2, 7, 1, 0, 3, 5, 6];
+        // One culprit, ranked second: @100 and @150 both look at the top one only.
+        assert_eq!(hit_rate_at(&order, &[2], 100), 0.0);
+        assert_eq!(hit_rate_at(&order, &[2], 150), 0.0);
+        assert_eq!(hit_rate_at(&order, &[4], 150), 1.0);
+        // Three culprits: @150 looks at 4 features (4.5 rounded down), not 5.
+        assert_eq!(hit_rate_at(&order, &[4, 1, 0], 100), 1.0 / 3.0);
+        assert_eq!(hit_rate_at(&order, &[4, 1, 0], 150), 2.0 / 3.0);
+        // Two culprits: 3 features either way.
+        assert_eq!(hit_rate_at(&order, &[7, 1], 150), 0.5);
+        assert_eq!(hit_rate_at(&order, &[7, 2], 150), 1.0);
+        // Never past the features there are.
+        assert_eq!(hit_rate_at(&[1, 0], &[0, 1], 150), 1.0);
+        assert_eq!(hit_rate_at(&order, &[], 150), 0.0);
+    }
+
+    /// A lag window's first `w − 1` rows are not scored: a segment wholly among them is not
+    /// ranked, one that goes on past them is ranked from the first scored row, and both
+    /// are counted as unscored; marking every frame detected gives the headline again.
+    #[test]
+    fn rows_that_only_fill_a_lag_window_are_not_ranked() {
+        use crate::config::DarkwatchConfig;
+        use crate::ingest::Table;
+        let (n, d, w) = (300, 4, 4);
+        let values = Array2::from_shape_fn((n, d), |(i, j)| ((i * 7 + j * 13) % 17) as f32 / 17.0);
+        let table = Table {
+            path: "t.npy".into(),
+            features: (0..d).map(|j| format!("f{j}")).collect(),
+            timestamps: None,
+            values: values.clone(),
+        };
+        let mut cfg = DarkwatchConfig::default();
+        cfg.train.epochs_max = 3;
+        cfg.model.members = 1;
+        cfg.model.window_frames = w;
+        let (model, _) = crate::model::fit::fit(&table, "", &cfg, &mut |_| {}).unwrap();
+        assert_eq!(model.meta.window_frames, w);
+        let model = Arc::new(model);
+        let frames = crate::window::windows(values.view(), w);
+        assert_eq!(frames.nrows(), n - (w - 1));
+        let seg = |start, end, dims: &[usize]| Segment {
+            start,
+            end,
+            dims: dims.to_vec(),
+        };
+        let segments = [seg(0, 1, &[0]), seg(2, 5, &[1, 2]), seg(100, 109, &[3])];
+        let all = vec![true; frames.nrows()];
+        let h = hit_rates_with(
+            &model,
+            model.meta.head,
+            &frames,
+            w - 1,
+            &segments,
+            Some(&all),
+        )
+        .unwrap();
+        assert_eq!(
+            (h.frames, h.unscored_frames, h.segments),
+            (3 + 10, 2 + 1, 3)
+        );
+        assert_eq!((h.detected, h.detected_frames), (h.all, h.frames));
+        assert_eq!(
+            hit_rates(&model, &frames, w - 1, &segments),
+            h.all,
+            "the harness's entry point"
+        );
+        let none =
+            hit_rates_with(&model, model.meta.head, &frames, w - 1, &segments, None).unwrap();
+        assert_eq!(
+            (none.all, none.detected, none.detected_frames),
+            (h.all, None, 0)
+        );
+    }
+
+    #[test]
+    fn detected_frames_are_labelled_and_at_or_above_the_threshold() {
+        let scores = [0.1, 0.5, 0.5, 0.9, 0.7];
+        let labels = [1, 1, 0, 1, 0];
+        assert_eq!(
+            detected_frames(&scores, &labels, 0.5),
+            [false, true, false, true, false]
+        );
+    }
+}
