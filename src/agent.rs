@@ -3235,11 +3235,13 @@ mod tests {
                 ("act/m/a", headed(0.0, 3)),
                 ("act/m/b", headed(0.0, 3)),
                 ("act/m/a", headed(0.0, 1 << 60)),
+                // More than 300 s ahead of its receipt: refused, and no stream.
+                ("act/m/c", headed(1_700_000_009.0 + 300.5, 1)),
             ] {
                 let m = Incoming {
                     topic: topic.into(),
                     payload,
-                    received: 9.0,
+                    received: 1_700_000_009.0,
                     received_mono: 9.0,
                 };
                 src.take(&m.as_received(), Some((&mut producer, &clock)));
@@ -3257,13 +3259,23 @@ mod tests {
             [
                 (0, 100, 1_700_000_000.5),
                 (0, 105, 1_700_000_001.5),
-                (0, 106, 9.0),
-                (0, 107, 9.0),
-                (1, 3, 9.0),
-                (0, 108, 9.0),
+                (0, 106, 1_700_000_009.0),
+                (0, 107, 1_700_000_009.0),
+                (1, 3, 1_700_000_009.0),
+                (0, 108, 1_700_000_009.0),
             ]
         );
         assert_eq!(*src.streams.lock().unwrap(), ["m/a", "m/b"]);
+        let future = Reject::Future.reason_index();
+        assert_eq!(
+            src.counters.samples_rejected_by_reason[future].load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(
+            lines_with(&log, "a frame is stamped more than 300 s").len(),
+            1,
+            "{log}"
+        );
         let unused = lines_with(&log, "header id");
         assert_eq!(unused.len(), 2, "the 1st and 2nd: {log}");
         assert!(
