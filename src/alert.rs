@@ -392,8 +392,10 @@ pub enum AlertStatus {
 /// A sum, not a per-frame value: it grows with the episode's length, so it is not on the
 /// scale of `score` or `peak_score` (an episode of 20 frames peaking at 180 can blame a
 /// feature with 362), and it compares features within one event, not events with each
-/// other. The event's description says over how many frames it was summed; divide by that
-/// count for a mean per frame.
+/// other. A feature counts only in the frames where it was among the top
+/// `[score] top_contributions`, so with many features the ranking approximates the sums
+/// over all of them. The event's description says over how many frames it was summed;
+/// divided by that count, a blame is a lower bound of the feature's mean per frame.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FeatureBlame {
     pub feature: String,
