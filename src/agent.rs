@@ -106,6 +106,8 @@ enum Decoder {
         /// Header ids not taken as the frame's seq (not above the stream's last, or from
         /// [`crate::ingest::raw::MAX_FRAME_ID`] on).
         ids_unused: u64,
+        /// Header times too far ahead of their receipt, replaced by it.
+        times_ahead: u64,
     },
 }
 
@@ -1302,6 +1304,7 @@ impl AgentSource {
                     streams: RawStreams::default(),
                     max_streams: cfg.assemble.max_streams,
                     ids_unused: 0,
+                    times_ahead: 0,
                 },
             },
             assembler: cfg.assemble.build(model.frame_features().to_vec())?,
@@ -1523,7 +1526,6 @@ impl AgentSource {
                     ),
                     Reject::Future => future_sample(
                         before + 1,
-                        "sample",
                         &sample.stream,
                         sample.timestamp,
                         msg.received,
@@ -1573,6 +1575,7 @@ impl AgentSource {
                 streams: seen,
                 max_streams,
                 ids_unused,
+                times_ahead,
             } => {
                 let (name, time, id) = match decoder.decode(msg.topic, msg.payload, frame) {
                     Ok(f) => (
@@ -1585,21 +1588,19 @@ impl AgentSource {
                         return 0;
                     }
                 };
-                // A header time far ahead of the receipt is a broken clock, refused as an
-                // assembled sample's is: it would become the alert's startsAt and endsAt,
-                // and Alertmanager keeps an alert active until its endsAt.
+                // A header time far ahead of the receipt is a broken clock: it would become
+                // the alert's startsAt and endsAt, and Alertmanager keeps an alert active
+                // until its endsAt. The frame is still scored (its time only stamps alerts,
+                // unlike an assembled sample's, which picks its window), at its receipt.
                 let limit = crate::ingest::assemble::MAX_AHEAD_SECS;
-                if let Some(t) = time
-                    && msg.received > 0.0
-                    && t > msg.received + limit
-                {
-                    let i = Reject::Future.reason_index();
-                    let before = counters.samples_rejected_by_reason[i]
-                        .fetch_add(1, Ordering::Relaxed)
-                        .saturating_sub(log_from.rejected[i]);
-                    future_sample(before + 1, "frame", name, t, msg.received, limit);
-                    return 0;
-                }
+                let time = match time {
+                    Some(t) if msg.received > 0.0 && t > msg.received + limit => {
+                        *times_ahead += 1;
+                        frame_time_ahead(*times_ahead, name, t, msg.received, limit);
+                        None
+                    }
+                    time => time,
+                };
                 // A new stream takes the slot of a forgotten one (its next generation), else
                 // the next unused.
                 let fresh = match seen.free.last() {
@@ -1910,8 +1911,23 @@ fn unknown_metric(
     );
 }
 
+/// Logs the 1st, 2nd, 4th, 8th… raw frame whose header time lies too far after its
+/// receipt (the receipt stands in).
+fn frame_time_ahead(count: u64, stream: &str, timestamp: f64, received: f64, limit: f64) {
+    if count.is_power_of_two() {
+        tracing::warn!(
+            stream = ?crate::ingest::clipped_name(stream),
+            timestamp,
+            received,
+            ahead_secs = timestamp - received,
+            frames = count,
+            "a raw frame's header time is more than {limit} s after the frame arrived: the sender's clock (or this host's) is wrong. The frame is scored with the time it arrived, which its alerts carry. Keep both clocks synchronised (NTP)"
+        );
+    }
+}
+
 /// Logs the 1st, 2nd, 4th, 8th… sample stamped too far after its receipt.
-fn future_sample(count: u64, what: &str, stream: &str, timestamp: f64, received: f64, limit: f64) {
+fn future_sample(count: u64, stream: &str, timestamp: f64, received: f64, limit: f64) {
     if count.is_power_of_two() {
         tracing::warn!(
             stream = ?crate::ingest::clipped_name(stream),
@@ -1919,7 +1935,7 @@ fn future_sample(count: u64, what: &str, stream: &str, timestamp: f64, received:
             received,
             ahead_secs = timestamp - received,
             rejected = count,
-            "a {what} is stamped more than {limit} s after it arrived: the sender's clock (or this host's) is wrong; it is counted (darkwatch_samples_rejected_total{{reason=\"future\"}}) and skipped. Keep both clocks synchronised (NTP)"
+            "a sample is stamped more than {limit} s after it arrived: the sender's clock (or this host's) is wrong; it is counted (darkwatch_samples_rejected_total{{reason=\"future\"}}) and skipped. Keep both clocks synchronised (NTP)"
         );
     }
 }
@@ -2840,6 +2856,7 @@ mod tests {
             streams: Default::default(),
             max_streams,
             ids_unused: 0,
+            times_ahead: 0,
         }
     }
 
@@ -3235,7 +3252,7 @@ mod tests {
                 ("act/m/a", headed(0.0, 3)),
                 ("act/m/b", headed(0.0, 3)),
                 ("act/m/a", headed(0.0, 1 << 60)),
-                // More than 300 s ahead of its receipt: refused, and no stream.
+                // More than 300 s ahead of its receipt: scored at the receipt.
                 ("act/m/c", headed(1_700_000_009.0 + 300.5, 1)),
             ] {
                 let m = Incoming {
@@ -3249,8 +3266,8 @@ mod tests {
         });
         let mut metas = [FrameMeta::default(); 8];
         let mut values = [0.0f32; 16];
-        assert_eq!(consumer.pop_batch(&mut metas, &mut values), 6);
-        let got: Vec<(u32, u64, f64)> = metas[..6]
+        assert_eq!(consumer.pop_batch(&mut metas, &mut values), 7);
+        let got: Vec<(u32, u64, f64)> = metas[..7]
             .iter()
             .map(|m| (m.stream, m.seq, m.timestamp))
             .collect();
@@ -3263,16 +3280,12 @@ mod tests {
                 (0, 107, 1_700_000_009.0),
                 (1, 3, 1_700_000_009.0),
                 (0, 108, 1_700_000_009.0),
+                (2, 1, 1_700_000_009.0),
             ]
         );
-        assert_eq!(*src.streams.lock().unwrap(), ["m/a", "m/b"]);
-        let future = Reject::Future.reason_index();
+        assert_eq!(*src.streams.lock().unwrap(), ["m/a", "m/b", "m/c"]);
         assert_eq!(
-            src.counters.samples_rejected_by_reason[future].load(Ordering::Relaxed),
-            1
-        );
-        assert_eq!(
-            lines_with(&log, "a frame is stamped more than 300 s").len(),
+            lines_with(&log, "header time is more than 300 s after").len(),
             1,
             "{log}"
         );
