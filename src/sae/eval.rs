@@ -283,6 +283,9 @@ fn npy_integer_dtype(bytes: &[u8]) -> Option<String> {
     matches!(descr.as_bytes().get(1), Some(b'i' | b'u' | b'b')).then(|| descr.to_owned())
 }
 
+/// Activation rows and the shape of the file's array.
+type Rows = (Array2<f32>, Vec<usize>);
+
 /// The bytes [`read_npy_floats_direct`] reads from the file at a time.
 const DIRECT_BLOCK_BYTES: usize = 1 << 20;
 
@@ -315,7 +318,7 @@ fn npy_header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 /// the whole-file reader reads those and says what is wrong with them. The values, and
 /// the errors for NaN, ±Inf and float64 values beyond float32, are those of
 /// [`crate::ingest::npy::parse_npy_rows`] (tested against it).
-fn read_npy_floats_direct(path: &Path) -> Result<Option<(Array2<f32>, Vec<usize>)>, SaeEvalError> {
+fn read_npy_floats_direct(path: &Path) -> Result<Option<Rows>, SaeEvalError> {
     use std::io::Read as _;
     let io = |source| SaeEvalError::Io {
         path: path.to_path_buf(),
@@ -4018,7 +4021,8 @@ mod tests {
     #[test]
     fn npy_rows_read_from_the_file_match_the_whole_file_reader() {
         let dir = tempfile::tempdir().unwrap();
-        let whole = |path: &Path| -> Result<(Vec<u32>, Vec<usize>), String> {
+        type Bits = Result<(Vec<u32>, Vec<usize>), String>;
+        let whole = |path: &Path| -> Bits {
             let bytes = fs::read(path).unwrap();
             crate::ingest::npy::parse_npy_rows(path, &bytes)
                 .map(|(t, shape)| {
@@ -4030,7 +4034,7 @@ mod tests {
                 })
                 .map_err(|e| SaeEvalError::from(e).to_string())
         };
-        let direct = |path: &Path| -> Option<Result<(Vec<u32>, Vec<usize>), String>> {
+        let direct = |path: &Path| -> Option<Bits> {
             match read_npy_floats_direct(path) {
                 Ok(Some((a, shape))) => Some(Ok((a.iter().map(|v| v.to_bits()).collect(), shape))),
                 Ok(None) => None,
