@@ -832,6 +832,20 @@ fn sae_bench_own(
     let inputs = input
         .map(|p| darkwatch::sae::eval::read_activations(p, None))
         .transpose()?;
+    // A width that does not match is the input's fault, not "an invalid SAE".
+    if let (Some(p), Some(x)) = (input, &inputs)
+        && x.ncols() != sae.d_in()
+    {
+        anyhow::bail!(
+            "--input {}: activations are [{}, {}], the SAE in {} takes d_in = {}: give \
+             activations of the SAE's hook point",
+            p.display(),
+            x.nrows(),
+            x.ncols(),
+            dir.display(),
+            sae.d_in()
+        );
+    }
     opts.shapes = vec![(sae.d_in(), sae.d_sae())];
     // The ndarray comparison checks the kernel choice on the random shapes; not needed here.
     opts.compare_ndarray = false;

@@ -86,6 +86,23 @@ pub fn check(
                 Protected::File(other, _) if *at == out => {
                     return Err(clash(&format!("the {other} file")));
                 }
+                // A file not there yet is not overwritten: say it would be added.
+                Protected::Folder { what, .. } if out.starts_with(at) && !path.exists() => {
+                    let folder = what
+                        .strip_prefix("a file of ")
+                        .or_else(|| what.strip_prefix("a file in "))
+                        .unwrap_or(what);
+                    return Err(OutputClash {
+                        path: path.to_path_buf(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            format!(
+                                "{flag} would write a new file into {folder}, which this \
+                                 command must leave as it is; choose another file"
+                            ),
+                        ),
+                    });
+                }
                 Protected::Folder { what, .. } if out.starts_with(at) => return Err(clash(what)),
                 Protected::OwnFiles { what, is_own, .. }
                     if Some(at.as_path()) == out.parent()
@@ -140,8 +157,19 @@ mod tests {
             "{e}"
         );
         // Inside the folder at any depth, whether the file exists or not.
+        // A new file is said to be added, not overwritten (the file is not there).
         let e = refusal(&[("--out", Some(&sae.join("dark/new.csv")))], &protected);
-        assert!(e.contains("a file of the SAE folder"), "{e}");
+        assert!(
+            e.contains("--out would write a new file into the SAE folder, which")
+                && e.ends_with("choose another file"),
+            "{e}"
+        );
+        std::fs::write(sae.join("dark/old.csv"), b"x").unwrap();
+        let e = refusal(&[("--out", Some(&sae.join("dark/old.csv")))], &protected);
+        assert!(
+            e.contains("--out would overwrite a file of the SAE folder"),
+            "{e}"
+        );
         let e = refusal(&[("--out", Some(&model.join("Model.JSON")))], &protected);
         assert!(e.contains("a file of the model folder"), "{e}");
         let e = refusal(

@@ -93,6 +93,10 @@ pub struct SaeBenchRow {
     /// `/proc/thread-self/schedstat`): what the product costs when the machine is shared and
     /// the thread is preempted. `None` where the file is not available.
     pub encoder_cpu: Option<LatencyHistogram>,
+    /// The smallest step of that clock seen, in ns ([`thread_cpu_step_ns`]): some kernels
+    /// advance it only at the scheduler tick (4 ms at 250 Hz), so a call shorter than that
+    /// measures 0 ns. `None` where it was not seen to move.
+    pub encoder_cpu_step_ns: Option<u64>,
     /// Per-batch latency of ndarray's `general_mat_mul` on the same product, if measured.
     pub ndarray_gemm: Option<LatencyHistogram>,
 }
@@ -123,11 +127,21 @@ impl SaeBenchRow {
         batch as f64 * self.flops_per_token() / self.encoder.quantile_ns(0.0).max(1.0)
     }
 
-    /// GFLOP/s of the encoder product per on-CPU second (median), if measured.
+    /// GFLOP/s of the encoder product per on-CPU second (median), if measured and resolved:
+    /// `None` when the median call's CPU time is zero or under [`CPU_STEPS_NEEDED`] steps of
+    /// the clock (the quantisation error would then exceed 10 %; on a 4 ms clock, calls
+    /// measured 0 ns and this divided by ~0 into 150994944 GFLOP/s).
     pub fn encoder_cpu_gflops(&self, batch: usize) -> Option<f64> {
-        self.encoder_cpu
-            .as_ref()
-            .map(|h| batch as f64 * self.flops_per_token() / h.quantile_ns(0.5))
+        let ns = self.encoder_cpu.as_ref()?.quantile_ns(0.5);
+        let step = self.encoder_cpu_step_ns? as f64;
+        (ns > 0.0 && ns >= CPU_STEPS_NEEDED * step)
+            .then(|| batch as f64 * self.flops_per_token() / ns)
+    }
+
+    /// Whether on-CPU time was measured but too coarse to give a figure
+    /// ([`encoder_cpu_gflops`](Self::encoder_cpu_gflops) is `None` for that reason).
+    pub fn encoder_cpu_unresolved(&self) -> bool {
+        self.encoder_cpu.is_some() && self.encoder_cpu_gflops(1).is_none()
     }
 
     /// GFLOP/s of ndarray's product at the large batch (median), if measured.
@@ -304,6 +318,7 @@ fn measure(
     let blocks = n_pool / batch;
     let batched = timed(&mut |it| frame((it % blocks) * batch, batch));
     let mut cpu = thread_cpu_ns().map(|_| LatencyHistogram::new());
+    let cpu_step = cpu.as_ref().and_then(|_| thread_cpu_step_ns());
     let encoder = timed(&mut |it| {
         let r = (it % blocks) * batch;
         let before = thread_cpu_ns();
@@ -340,10 +355,35 @@ fn measure(
             batched,
             encoder,
             encoder_cpu: cpu,
+            encoder_cpu_step_ns: cpu_step,
             ndarray_gemm,
         },
         kernel,
     ))
+}
+
+/// How many steps of the thread CPU clock a call must take for its CPU time to be shown:
+/// 10, so that the clock's quantisation is at most a tenth of the figure.
+pub const CPU_STEPS_NEEDED: f64 = 10.0;
+
+/// The smallest step of [`thread_cpu_ns`] seen while spinning on it: 3 steps, each waited
+/// for at most 50 ms of wall time. A kernel that updates the clock only at the scheduler
+/// tick shows the tick (4 ms at 250 Hz); a fine one, about a microsecond. `None` when the
+/// clock is not available or did not move.
+fn thread_cpu_step_ns() -> Option<u64> {
+    let mut step: Option<u64> = None;
+    for _ in 0..3 {
+        let start = thread_cpu_ns()?;
+        let t0 = Instant::now();
+        while t0.elapsed().as_millis() < 50 {
+            let now = thread_cpu_ns()?;
+            if now > start {
+                step = Some(step.map_or(now - start, |s| s.min(now - start)));
+                break;
+            }
+        }
+    }
+    step
 }
 
 /// This thread's time on a CPU so far, in ns (Linux: `/proc/thread-self/schedstat`).
@@ -416,6 +456,23 @@ impl fmt::Display for SaeBenchReport {
              per on-CPU second, p50); share: fastest call / sgemm roofline (both best-of, so a \
              shared machine affects them alike); ndarray: general_mat_mul on the same product, p50."
         )?;
+        if let Some(r) = self.rows.iter().find(|r| r.encoder_cpu_unresolved()) {
+            let step = r
+                .encoder_cpu_step_ns
+                .map_or("not seen to move".into(), |s| {
+                    format!("advances in steps of {:.3} ms", s as f64 / 1e6)
+                });
+            writeln!(
+                f,
+                "enc cpu -: this thread's CPU clock (/proc/thread-self/schedstat) {step}, too \
+                 coarse for calls of {:.3} ms (p50 CPU time; a figure needs at least {} steps): \
+                 use the wall-clock columns, or a larger --batch.",
+                r.encoder_cpu
+                    .as_ref()
+                    .map_or(0.0, |h| h.quantile_ns(0.5) / 1e6),
+                CPU_STEPS_NEEDED
+            )?;
+        }
         Ok(())
     }
 }
@@ -423,6 +480,65 @@ impl fmt::Display for SaeBenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hist(ns: &[u64]) -> LatencyHistogram {
+        let mut h = LatencyHistogram::new();
+        for &v in ns {
+            h.record(v);
+        }
+        h
+    }
+
+    fn row(cpu_ns: &[u64], step: Option<u64>) -> SaeBenchRow {
+        SaeBenchRow {
+            d_in: 768,
+            d_sae: 24576,
+            k: Some(32),
+            batch1: hist(&[100_000; 5]),
+            batched: hist(&[5_000_000; 5]),
+            encoder: hist(&[3_000_000; 5]),
+            encoder_cpu: Some(hist(cpu_ns)),
+            encoder_cpu_step_ns: step,
+            ndarray_gemm: None,
+        }
+    }
+
+    /// On a clock that moves in 4 ms ticks, calls of ~3 ms measure 0 ns (or a whole tick):
+    /// the "enc cpu" column shows `-` with a footnote, not batch·flops / ~0 (it printed
+    /// 150994944.0 GFLOP/s). On a fine clock the figure is shown.
+    #[test]
+    fn enc_cpu_is_suppressed_when_the_cpu_clock_is_too_coarse() {
+        let coarse = row(&[0, 0, 0, 4_000_000, 0], Some(4_000_000));
+        assert_eq!(coarse.encoder_cpu_gflops(64), None);
+        assert!(coarse.encoder_cpu_unresolved());
+        let fine = row(&[2_900_000; 5], Some(1_000));
+        let g = fine.encoder_cpu_gflops(64).unwrap();
+        let want = 64.0 * 2.0 * 768.0 * 24576.0 / 2_900_000.0;
+        assert!((g / want - 1.0).abs() < 0.1, "{g} vs {want}");
+        assert!(!fine.encoder_cpu_unresolved());
+        // Three steps per call are too few either.
+        assert_eq!(row(&[3_000; 5], Some(1_000)).encoder_cpu_gflops(64), None);
+        let report = |r: SaeBenchRow| {
+            SaeBenchReport {
+                matmul_gflops: 50.0,
+                kernel: "test",
+                batch: 64,
+                rows: vec![r],
+                own: None,
+            }
+            .to_string()
+        };
+        let text = report(coarse);
+        let line = text.lines().nth(2).unwrap();
+        let enc: Vec<&str> = line.split('|').nth(3).unwrap().split_whitespace().collect();
+        assert_eq!(enc[2], "-", "{line}");
+        assert!(
+            text.contains("enc cpu -:") && text.contains("steps of 4.000 ms"),
+            "{text}"
+        );
+        let text = report(fine);
+        assert!(!text.contains("enc cpu -:"), "{text}");
+    }
 
     /// The "about …" that `sae-bench` prints follows `--secs` (it said "about a minute"
     /// whatever was asked).

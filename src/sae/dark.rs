@@ -87,6 +87,17 @@ pub enum DarkError {
     #[error("`ridge` = {0} must be finite and ≥ 0")]
     BadRidge(f64),
     #[error(
+        "the fitted head's `{part}` element {index} is {value:e}, not a finite float32: the \
+         activations' scale is out of range for the fit (an SAE input scaling such as \
+         --norm-scaling-factor far from the activations' own scale does this; check it), or \
+         raise `ridge`"
+    )]
+    NotFiniteFit {
+        part: &'static str,
+        index: usize,
+        value: f64,
+    },
+    #[error(
         "{rows} rows are too few to fit a dark-matter head on d = {d}: it fits {coefficients} \
          coefficients (a weight per activation dimension and a bias) for each of the {d} error \
          dimensions and for ‖e‖², and with so few rows they match those rows in sample and \
@@ -442,6 +453,24 @@ impl DarkHead {
         // σ floored so that a perfect fit gives large, finite deviations, never ∞ or NaN.
         let floor = 1e-6 * (stats.snn / n).sqrt().max(f64::MIN_POSITIVE);
         let sigma = rss_n.sqrt().max(floor);
+        // A head that does not fit float32 would be written and then refused by every load
+        // ("element 0 is not finite"): refuse it here, before anything is written.
+        let parts: [(&'static str, Vec<f64>); 5] = [
+            ("A", a.iter().copied().collect()),
+            ("b", b.to_vec()),
+            ("w", w.to_vec()),
+            ("c", vec![c]),
+            ("sigma", vec![sigma]),
+        ];
+        for (part, values) in &parts {
+            if let Some(index) = values.iter().position(|&v| !(v as f32).is_finite()) {
+                return Err(DarkError::NotFiniteFit {
+                    part,
+                    index,
+                    value: values[index],
+                });
+            }
+        }
         let head = DarkHead::assemble(
             a.mapv(|v| v as f32),
             b.mapv(|v| v as f32),
@@ -892,6 +921,39 @@ fn cholesky_solve(l: &Array2<f64>, b: &mut Array2<f64>) {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    /// Rows at 1e-30 of their scale (what `sae-head --norm-scaling-factor 1e-30` made of
+    /// them) with errors growing with them at their own scale: the norm weights
+    /// w ≈ cov(x, ‖e‖²)/var(x) are beyond float32 (the trial's w was 6e45). The fit refuses them, naming the part, instead of giving a head whose saved
+    /// tensors every load refuses ("tensor `w`: element 0 is not finite").
+    #[test]
+    fn a_fit_that_does_not_fit_float32_is_refused() {
+        let (n, d) = (400, 4);
+        let mut rng = Rng::new(3);
+        let mut x = Array2::<f32>::zeros((n, d));
+        let mut e = Array2::<f32>::zeros((n, d));
+        for r in 0..n {
+            for j in 0..d {
+                let v = rng.next_f64() - 0.5;
+                x[[r, j]] = (v * 1e-30) as f32;
+                e[[r, j]] = (1e5 * (v + 0.5) + (rng.next_f64() - 0.5)) as f32;
+            }
+        }
+        let mut stats = DarkStats::new(d);
+        stats.accumulate(x.view(), e.view()).unwrap();
+        let config = DarkConfig { ridge: 1.0 };
+        match DarkHead::fit(&stats, &config, None) {
+            Err(DarkError::NotFiniteFit { part, .. }) => assert!(["A", "w"].contains(&part)),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a head beyond float32 was fitted"),
+        }
+        // The same rows at their own scale fit.
+        let mut stats = DarkStats::new(d);
+        stats
+            .accumulate(x.mapv(|v| v * 1e30).view(), e.view())
+            .unwrap();
+        DarkHead::fit(&stats, &config, None).unwrap();
+    }
 
     /// Rows x with correlated features, and e = x·A₀ + b₀ + noise. The map (mixing, A₀,
     /// b₀) depends only on `seed`; the rows on `rows_seed`.

@@ -654,6 +654,19 @@ pub fn apply_norm_scaling(
     given: Option<(f32, &str)>,
     head: Option<(&DarkHead, &Path)>,
 ) -> Result<(), DetectorError> {
+    // A factor that no SAE can use (0, negative, NaN, ∞) is refused first, with the one
+    // message: the mismatch below would suggest a head refit with it, which refuses it too.
+    if let Some((g, what)) = given
+        && !(g.is_finite() && g > 0.0)
+    {
+        return Err(DetectorError::Scaling {
+            what: what.into(),
+            reason: format!(
+                "{g} is not a scaling factor: it must be finite and positive (the SAE's inputs \
+                 are multiplied by it)"
+            ),
+        });
+    }
     // A factor for an SAE of another normalisation is wrong whatever the head recorded:
     // say so first, rather than suggest a head refit that would refuse it too.
     if let Some((g, what)) = given

@@ -283,6 +283,164 @@ fn npy_integer_dtype(bytes: &[u8]) -> Option<String> {
     matches!(descr.as_bytes().get(1), Some(b'i' | b'u' | b'b')).then(|| descr.to_owned())
 }
 
+/// Activation rows and the shape of the file's array.
+type Rows = (Array2<f32>, Vec<usize>);
+
+/// The bytes [`read_npy_floats_direct`] reads from the file at a time.
+const DIRECT_BLOCK_BYTES: usize = 1 << 20;
+
+/// The value of `key` in an `.npy` header dict, up to the next `,` or `}` outside brackets
+/// (`False`, `(100, 384)`), trimmed.
+fn npy_header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let quoted = [format!("'{key}'"), format!("\"{key}\"")];
+    let at = quoted
+        .iter()
+        .find_map(|q| header.find(q.as_str()).map(|i| i + q.len()))?;
+    let rest = &header[at..];
+    let rest = rest[rest.find(':')? + 1..].trim_start();
+    let mut depth = 0usize;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth = depth.checked_sub(1)?,
+            ',' | '}' if depth == 0 => return Some(rest[..i].trim()),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Reads a C-order float32, float16 or float64 `.npy` array of two or more dimensions
+/// straight from the file into its float32 rows, [`DIRECT_BLOCK_BYTES`] at a time: the
+/// rows are the only copy of the data held (a file read whole first, then converted, took
+/// twice the memory: `sae-score` on a 154 MB input peaked at 315 MB). `None` for any other
+/// file (Fortran order, another dtype or version, an odd header, data of the wrong size):
+/// the whole-file reader reads those and says what is wrong with them. The values, and
+/// the errors for NaN, ±Inf and float64 values beyond float32, are those of
+/// [`crate::ingest::npy::parse_npy_rows`] (tested against it).
+fn read_npy_floats_direct(path: &Path) -> Result<Option<Rows>, SaeEvalError> {
+    use std::io::Read as _;
+    let io = |source| SaeEvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut lead = [0u8; 12];
+    if len < 12 || file.read_exact(&mut lead).is_err() || !lead.starts_with(b"\x93NUMPY") {
+        return Ok(None);
+    }
+    let (header_start, header_len) = match lead[6] {
+        1 => (10u64, u64::from(u16::from_le_bytes([lead[8], lead[9]]))),
+        2 => (
+            12,
+            u64::from(u32::from_le_bytes([lead[8], lead[9], lead[10], lead[11]])),
+        ),
+        _ => return Ok(None),
+    };
+    let data_start = header_start + header_len;
+    if header_len > 1 << 20 || data_start > len {
+        return Ok(None);
+    }
+    let mut header = vec![0u8; header_len as usize];
+    {
+        use std::io::Seek as _;
+        file.seek(std::io::SeekFrom::Start(header_start))
+            .map_err(io)?;
+    }
+    file.read_exact(&mut header).map_err(io)?;
+    let header: String = header.iter().map(|&b| char::from(b)).collect();
+    let item: usize = match npy_descr(&header) {
+        Some("<f4") => 4,
+        Some("<f2") => 2,
+        Some("<f8") => 8,
+        _ => return Ok(None),
+    };
+    if npy_header_value(&header, "fortran_order") != Some("False") {
+        return Ok(None);
+    }
+    let Some(shape) = npy_header_value(&header, "shape")
+        .and_then(|s| s.strip_prefix('(')?.strip_suffix(')'))
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(str::parse::<usize>)
+                .collect::<Result<Vec<usize>, _>>()
+        })
+        .and_then(Result::ok)
+    else {
+        return Ok(None);
+    };
+    let [lead_dims @ .., cols] = shape.as_slice() else {
+        return Ok(None);
+    };
+    let cols = *cols;
+    let Some(rows) = lead_dims.iter().try_fold(1usize, |a, &n| a.checked_mul(n)) else {
+        return Ok(None);
+    };
+    let Some(count) = rows.checked_mul(cols) else {
+        return Ok(None);
+    };
+    if lead_dims.is_empty()
+        || rows == 0
+        || cols == 0
+        || count.checked_mul(item).map(|b| b as u64) != Some(len - data_start)
+    {
+        return Ok(None);
+    }
+    let mut values: Vec<f32> = Vec::with_capacity(count);
+    let mut block = vec![0u8; DIRECT_BLOCK_BYTES.min(count * item)];
+    while values.len() < count {
+        let n = block.len().min((count - values.len()) * item);
+        file.read_exact(&mut block[..n]).map_err(io)?;
+        let first = values.len();
+        let bad = |i: usize, value: Option<f64>| -> SaeEvalError {
+            let at = first + i;
+            let (row, col) = (at / cols, at % cols);
+            let path = path.to_path_buf();
+            SaeEvalError::from(match value {
+                None => IngestError::NonFiniteAt { path, row, col },
+                Some(value) => IngestError::OutOfRangeAt {
+                    path,
+                    row,
+                    col,
+                    value,
+                },
+            })
+        };
+        match item {
+            4 => values.extend(
+                block[..n]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            2 => values.extend(
+                block[..n]
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            _ => {
+                for (i, c) in block[..n].chunks_exact(8).enumerate() {
+                    let v = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+                    if !v.is_finite() {
+                        return Err(bad(i, None));
+                    }
+                    if !(v as f32).is_finite() {
+                        return Err(bad(i, Some(v)));
+                    }
+                    values.push(v as f32);
+                }
+            }
+        }
+        if let Some(i) = values[first..].iter().position(|v| !v.is_finite()) {
+            return Err(bad(i, None));
+        }
+    }
+    let a = Array2::from_shape_vec((rows, cols), values).expect("rows × cols values");
+    Ok(Some((clamped(a), shape)))
+}
+
 /// The option that names the tensor, for messages, when the caller does not say.
 const TENSOR_OPTION: &str = "the tensor option";
 
@@ -360,6 +518,9 @@ fn read_activations_flagged(
                 path,
                 format!("{flag} applies to .safetensors only"),
             ));
+        }
+        if let Some(direct) = read_npy_floats_direct(path)? {
+            return Ok(direct);
         }
         let bytes = read_file(path)?;
         if let Some(descr) = npy_integer_dtype(&bytes) {
@@ -1907,6 +2068,15 @@ pub fn sae_head_command_with(args: &SaeHeadArgs, passes: &Passes) -> Result<Stri
         r2(fit.train),
         fit.held_out.map_or("n/a".into(), r2)
     );
+    if let Some(held) = fit.held_out.filter(|r| r.norm < 0.0) {
+        let _ = writeln!(
+            text,
+            "warning: held-out norm R² {:.3} is below 0: the head predicts the held-out rows' \
+             ‖e‖² worse than a constant (their mean) would, so its deviation scores mean little; \
+             give more or more varied normal rows, or raise --ridge",
+            held.norm
+        );
+    }
     let _ = writeln!(text, "{}", calibration.describe());
     let _ = writeln!(text, "wrote {}", dir.display());
     Ok(text)
@@ -2570,7 +2740,8 @@ mod tests {
             (
                 Some(sae.join("tokens.csv")),
                 None,
-                "--out would overwrite a file of the SAE folder",
+                // Not there yet: not "overwrite" (the trial's `--out sl_topk/x.csv`).
+                "--out would write a new file into the SAE folder, which",
             ),
             (
                 Some(dir.path().join("t.csv")),
@@ -3843,6 +4014,195 @@ mod tests {
     }
 
     /// Writes `values` as a 1-D `.npy` of dtype `descr`, each value encoded by `enc`.
+    /// The `.npy` activations that [`read_npy_floats_direct`] reads from the file (C-order
+    /// float32, float16, float64 of two or more dimensions, header versions 1 and 2) give
+    /// the same values, shape and errors as reading the file whole through
+    /// `parse_npy_rows`, across block boundaries; other files are left to that reader.
+    #[test]
+    fn npy_rows_read_from_the_file_match_the_whole_file_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        type Bits = Result<(Vec<u32>, Vec<usize>), String>;
+        let whole = |path: &Path| -> Bits {
+            let bytes = fs::read(path).unwrap();
+            crate::ingest::npy::parse_npy_rows(path, &bytes)
+                .map(|(t, shape)| {
+                    let a = clamped(t.values);
+                    (
+                        a.iter().map(|v| v.to_bits()).collect(),
+                        shape.iter().map(|&n| n as usize).collect(),
+                    )
+                })
+                .map_err(|e| SaeEvalError::from(e).to_string())
+        };
+        let direct = |path: &Path| -> Option<Bits> {
+            match read_npy_floats_direct(path) {
+                Ok(Some((a, shape))) => Some(Ok((a.iter().map(|v| v.to_bits()).collect(), shape))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e.to_string())),
+            }
+        };
+        // More than one block of DIRECT_BLOCK_BYTES in each dtype, and a short last block.
+        let (n, d) = (DIRECT_BLOCK_BYTES / 7 + 3, 7);
+        let values = rows(n, d, 2);
+        let mut big = values.clone();
+        big[5] = 3e6; // clamped to the activation limit by both
+        type Enc = fn(f32) -> Vec<u8>;
+        let dtypes: [(&str, Enc); 3] = [
+            ("<f4", |v| v.to_le_bytes().to_vec()),
+            ("<f2", |v| f16::from_f32(v).to_le_bytes().to_vec()),
+            ("<f8", |v| f64::from(v).to_le_bytes().to_vec()),
+        ];
+        for (descr, enc) in dtypes {
+            for (version, shape) in [(1u8, vec![n, d]), (2, vec![1, n, d])] {
+                let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+                let header = format!(
+                    "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({}), }}",
+                    dims.join(", ")
+                );
+                let path = dir.path().join(format!("a{version}{}.npy", &descr[1..]));
+                // 3e6 is beyond float16 (refused by both readers, as the errors below).
+                let first = if descr == "<f2" { &values } else { &big };
+                let data: Vec<u8> = first.iter().flat_map(|&v| enc(v)).collect();
+                fs::write(&path, npy_bytes(version, &header, &data)).unwrap();
+                let got = direct(&path).expect("read from the file");
+                assert_eq!(got, whole(&path), "{descr} {shape:?}");
+                assert_eq!(got.unwrap().1, shape);
+                // A NaN, an infinity, and (float64) a value beyond float32 in the second
+                // block: the same error, at the same row and column.
+                let mut bad_values = values.clone();
+                let at = DIRECT_BLOCK_BYTES / 2 / 4 * 3 + 1;
+                for bad in [f64::NAN, f64::INFINITY, 1e300] {
+                    if bad == 1e300 && descr != "<f8" {
+                        continue;
+                    }
+                    let data: Vec<u8> = bad_values
+                        .iter_mut()
+                        .enumerate()
+                        .flat_map(|(i, v)| {
+                            if i == at {
+                                if descr == "<f8" {
+                                    return bad.to_le_bytes().to_vec();
+                                }
+                                *v = bad as f32;
+                            }
+                            enc(*v)
+                        })
+                        .collect();
+                    fs::write(&path, npy_bytes(version, &header, &data)).unwrap();
+                    let got = direct(&path).expect("read from the file");
+                    let want = whole(&path);
+                    assert!(got.is_err(), "{descr} {bad}");
+                    assert_eq!(got, want, "{descr} {bad}");
+                }
+            }
+        }
+        // Fortran order, an integer dtype, a 1-D array, a short file: the whole-file reader.
+        let fortran = dir.path().join("f.npy");
+        let data: Vec<u8> = values[..4].iter().flat_map(|v| v.to_le_bytes()).collect();
+        fs::write(
+            &fortran,
+            npy_bytes(
+                1,
+                "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }",
+                &data,
+            ),
+        )
+        .unwrap();
+        assert!(direct(&fortran).is_none());
+        let short = dir.path().join("s.npy");
+        fs::write(
+            &short,
+            npy_bytes(
+                1,
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }",
+                &data,
+            ),
+        )
+        .unwrap();
+        assert!(direct(&short).is_none());
+        assert!(read_activations(&short, None).is_err());
+        let one = dir.path().join("one.npy");
+        write_f32(&one, &[4], &values[..4]);
+        assert!(direct(&one).is_none());
+        let ints = dir.path().join("i.npy");
+        write_1d(&ints, "<i8", &[1i64, 2], |v: i64| v.to_le_bytes().to_vec());
+        assert!(direct(&ints).is_none());
+    }
+
+    /// `--norm-scaling-factor` 0, −1, NaN, ∞: one message, before anything else, in
+    /// `sae-head` and `sae-score` alike; `sae-score` once called −1 a mismatch with the
+    /// head's factor and suggested `sae-head --norm-scaling-factor -1 --force`.
+    #[test]
+    fn unusable_norm_scaling_factors_are_refused_up_front() {
+        let (dir, acts, sae) = tiny_sae();
+        for s in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let e = sae_score_command(&SaeScoreArgs {
+                sae: sae.clone(),
+                input: acts.clone(),
+                norm_scaling_factor: Some(s),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("is not a scaling factor: it must be finite and positive")
+                    && !e.contains("--force"),
+                "{s}: {e}"
+            );
+            let out = dir.path().join("head");
+            let e = sae_head_command(&SaeHeadArgs {
+                norm_scaling_factor: Some(s),
+                ..head_args(&sae, &acts, Some(out.clone()))
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("is not a scaling factor: it must be finite and positive"),
+                "{s}: {e}"
+            );
+            assert!(!out.exists());
+        }
+    }
+
+    /// A head fitted on rows of noise, held out on rows of a twentieth of their spread, predicts
+    /// the held-out rows' ‖e‖² worse than their mean (held-out norm R² < 0): `sae-head` says
+    /// so, as it did not (the trial's sl_wide).
+    #[test]
+    fn sae_head_warns_when_the_held_out_norm_r2_is_negative() {
+        let (dir, _, sae) = tiny_sae();
+        let noise = dir.path().join("noise.npy");
+        let mut rng = crate::rng::Rng::new(11);
+        // The last half (the held-out rows) at a twentieth of the first half's spread.
+        let values: Vec<f32> = (0..400 * 8)
+            .map(|i| {
+                let v = rng.next_f64() - 0.5;
+                (if i < 200 * 8 { v } else { 0.05 * v }) as f32
+            })
+            .collect();
+        write_f32(&noise, &[400, 8], &values);
+        let text = sae_head_command(&SaeHeadArgs {
+            holdout: 0.5,
+            ..head_args(&sae, &noise, Some(dir.path().join("noise-head")))
+        })
+        .unwrap();
+        let norm: f64 = text
+            .split("held-out vector ")
+            .nth(1)
+            .and_then(|t| t.split("norm ").nth(1))
+            .and_then(|t| t.split(' ').next())
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            norm < 0.0,
+            "this noise gives a negative held-out norm R²: {text}"
+        );
+        assert!(
+            text.contains(&format!("warning: held-out norm R² {norm:.3} is below 0"))
+                && text.contains("worse than a constant"),
+            "{text}"
+        );
+    }
+
     fn write_1d<T: Copy>(path: &Path, descr: &str, values: &[T], enc: fn(T) -> Vec<u8>) {
         let header = format!(
             "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}",

@@ -595,9 +595,34 @@ fn sae_bench_times_a_given_sae_with_its_head_when_it_has_one() {
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("the input rows have 16 features, the SAE d_in = 8"),
+        err.contains("activations are [10, 16]") && err.contains("takes d_in = 8"),
         "{err}"
     );
     let (code, _, err) = bench(&["--input".as_ref(), acts.as_os_str()]);
     assert_eq!(code, 2, "{err}");
+}
+
+/// `sae-bench --input` of another width than the SAE's `d_in` said "invalid SAE", though
+/// the SAE was fine: the message now names the input, its shape and the SAE's `d_in`.
+#[test]
+fn sae_bench_blames_the_input_for_a_width_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let acts = dir.path().join("w15.npy");
+    write_activations(&acts, 40, 15);
+    let fixture = crate::util::repo("tests/data/sae/saelens_topk_v6/checkpoint");
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-bench", "--secs", "0.05", "--batch", "4", "--sae"])
+            .arg(&fixture)
+            .arg("--input")
+            .arg(&acts),
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains(&format!("--input {}", acts.display()))
+            && err.contains("activations are [40, 15]")
+            && err.contains("takes d_in = 16"),
+        "{err}"
+    );
+    assert!(!err.to_lowercase().contains("invalid sae"), "{err}");
 }
