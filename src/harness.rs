@@ -314,8 +314,8 @@ pub struct EntityResult {
     /// frames; a second protocol, not the headline). See [`crate::hitrate`].
     pub hit_rate_detected: Option<(f64, f64)>,
     /// Frames each HitRate averages over (all, detected), where there are interpretation
-    /// labels.
-    pub hit_rate_frames: Option<(usize, usize)>,
+    /// labels; detected is `None` where there is no best-F1 threshold (one class).
+    pub hit_rate_frames: Option<(usize, Option<usize>)>,
     /// Alert events against labelled segments (episode precision and recall, and the
     /// frames inside episodes), for time series.
     pub events: Option<EventReport>,
@@ -487,7 +487,10 @@ pub fn run_entity(
         members: model.ae.members,
         hit_rate: hits.as_ref().and_then(|h| h.all),
         hit_rate_detected: hits.as_ref().and_then(|h| h.detected),
-        hit_rate_frames: hits.as_ref().map(|h| (h.frames, h.detected_frames)),
+        // No best-F1 threshold (one class): no detected frames to count, not zero of them.
+        hit_rate_frames: hits
+            .as_ref()
+            .map(|h| (h.frames, detected.is_some().then_some(h.detected_frames))),
         // Alert episodes (k of n consecutive frames) only mean something on a time series.
         events: main.event_report.as_ref().filter(|_| !table).cloned(),
         train_seconds,
@@ -609,7 +612,8 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                     r.hit_rate_frames
                         .map_or_else(String::new, |f| f.0.to_string()),
                     r.hit_rate_frames
-                        .map_or_else(String::new, |f| f.1.to_string()),
+                        .and_then(|f| f.1)
+                        .map_or_else(String::new, |d| d.to_string()),
                 ],
             );
         }
@@ -742,7 +746,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     );
     let _ = writeln!(
         s,
-        "ev-P / ev-R: alert episodes ({} threshold, {}-of-{} firing) that overlap a labelled segment / segments an episode overlaps; they count episodes, so an alert that never ends scores ev-R 1.\nalerted / al-P: share of frames inside alert episodes / labelled-anomalous frames among them (the frame precision of the alerts).\nHR@100 / HR@150: OmniAnomaly's HitRate, the top floor(P·|culprits|) contributions (InterFusion's rounding), over every labelled frame in an interpretation segment (the headline).\nHR@100(det) / HR@150(det): a second protocol, not the headline: the same over the detected frames only, those labelled anomalous in a segment and scored at or above the point-wise best-F1 threshold (the F1 column's, chosen with the labels), as InterFusion's evaluation picks them; each frame is still ranked by its own contributions (InterFusion ranks each segment once).",
+        "ev-P / ev-R: alert episodes ({} threshold, {}-of-{} firing) that overlap a labelled segment / segments an episode overlaps; they count episodes, so an alert that never ends scores ev-R 1.\nalerted / al-P: share of frames inside alert episodes / labelled-anomalous frames among them (the frame precision of the alerts).\nHR@100 / HR@150: OmniAnomaly's HitRate, the top floor(P·|culprits|) contributions (InterFusion's rounding), over every scored frame in an interpretation segment with culprits, whatever its point label (the headline).\nHR@100(det) / HR@150(det): a second protocol, not the headline: the same over the detected frames only, those labelled anomalous in a segment and scored at or above the point-wise best-F1 threshold (the F1 column's, chosen with the labels), as InterFusion's evaluation picks them; each frame is still ranked by its own contributions (InterFusion ranks each segment once).",
         cfg.threshold.kind.name(),
         cfg.alert.fire_k,
         cfg.alert.fire_n
@@ -767,8 +771,10 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     let hit_frames: Vec<String> = results
         .iter()
         .filter_map(|r| {
-            r.hit_rate_frames
-                .map(|(all, det)| format!("{} {all} / {det}", r.name))
+            r.hit_rate_frames.map(|(all, det)| {
+                let det = det.map_or_else(|| "-".to_owned(), |d| d.to_string());
+                format!("{} {all} / {det}", r.name)
+            })
         })
         .collect();
     if !hit_frames.is_empty() {
@@ -997,7 +1003,7 @@ mod tests {
             auprc_unsmoothed: None,
             hit_rate: Some((0.25, 0.75)),
             hit_rate_detected: Some((0.5, 1.0)),
-            hit_rate_frames: Some((8, 2)),
+            hit_rate_frames: Some((8, Some(2))),
             events: None,
             train_seconds: 1.5,
             frames_per_second: 1.0,
@@ -1043,9 +1049,34 @@ mod tests {
         assert!(lines[5].starts_with("mean SMD,SMD,,,,,0.5,"), "{out}");
         // The detected-frames HitRate follows the headline one, labelled as such.
         assert!(lines[5].contains(",0.25,0.75,0.5,1,"), "{out}");
+        // Each value lands in the column its header names.
+        let cell = |line: &str, column: &str| {
+            let i = CSV_HEADER.split(',').position(|c| c == column).unwrap();
+            line.split(',').nth(i).unwrap().to_owned()
+        };
+        for (column, want) in [
+            ("hit_rate_100", "0.25"),
+            ("hit_rate_150", "0.75"),
+            ("hit_rate_100_detected", "0.5"),
+            ("hit_rate_150_detected", "1"),
+            ("hit_rate_frames", "8"),
+            ("hit_rate_frames_detected", "2"),
+        ] {
+            assert_eq!(cell(lines[4], column), want, "{column}: {out}");
+        }
+        // No best-F1 threshold: no count of detected frames, an empty cell (not 0).
+        let mut one_class = result("o", "SMD", None);
+        one_class.hit_rate_detected = None;
+        one_class.hit_rate_frames = Some((8, None));
+        let out1 = csv(&[one_class.clone()], &DarkwatchConfig::default());
+        let line1 = out1.lines().nth(1).unwrap();
+        assert_eq!(cell(line1, "hit_rate_frames"), "8", "{out1}");
+        assert_eq!(cell(line1, "hit_rate_frames_detected"), "", "{out1}");
+        assert_eq!(cell(line1, "hit_rate_100_detected"), "", "{out1}");
+        let t1 = table(&[one_class], &DarkwatchConfig::default());
         assert!(
-            CSV_HEADER.contains("hit_rate_150,hit_rate_100_detected,hit_rate_150_detected,"),
-            "{CSV_HEADER}"
+            t1.contains("HitRate frames (all / detected): o 8 / -."),
+            "{t1}"
         );
         assert!(t.contains("HR@150(det)"), "{t}");
         assert!(t.contains("a second protocol, not the headline"), "{t}");

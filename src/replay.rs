@@ -1362,10 +1362,12 @@ impl ReplayOutcome {
         };
         writeln!(
             f,
-            "hit rate    {} over {} frames in {} interpretation segments (OmniAnomaly's HitRate: culprit metrics among each frame's top floor(P·|culprits|) contributions)",
+            "hit rate    {} over {} frame{} in {} interpretation segment{} (OmniAnomaly's HitRate: culprit metrics among each frame's top floor(P·|culprits|) contributions)",
             rates(h.all, ""),
             h.frames,
-            h.segments
+            if h.frames == 1 { "" } else { "s" },
+            h.segments,
+            if h.segments == 1 { "" } else { "s" },
         )?;
         let best = self.eval.as_ref().and_then(|e| e.best_f1.as_ref());
         match (&self.labels, best) {

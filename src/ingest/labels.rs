@@ -245,6 +245,15 @@ pub fn parse_interpretation_labels_within(
                 ))),
             })
             .collect::<Result<Vec<usize>, _>>()?;
+        // A repeated culprit would count twice in |G| but match once, capping the frame's
+        // HitRate below 1.
+        if let Some((_, &d)) = dims
+            .iter()
+            .enumerate()
+            .find(|&(i, d)| dims[..i].contains(d))
+        {
+            return Err(syntax(format!("dim {} is listed twice", d + 1)));
+        }
         if let Some(bounds) = bounds {
             if let Some(&d) = dims.iter().find(|&&d| d >= bounds.features) {
                 return Err(syntax(format!(
@@ -452,6 +461,11 @@ mod tests {
                 "1-5:\n",
                 "interp.txt: line 1: dim \"\" is not a 1-based index",
             ),
+            (
+                "1-5:1\n1-3:1,1\n",
+                "interp.txt: line 2: dim 1 is listed twice",
+            ),
+            ("1-3:4,2, 4\n", "interp.txt: line 1: dim 4 is listed twice"),
             (
                 "1-5\n",
                 "interp.txt: line 1: expected \"start-end:dim,dim,...\", found \"1-5\"",
