@@ -71,8 +71,9 @@ pub struct AlertConfig {
     pub labels: BTreeMap<String, String>,
     /// Annotations added to every alert (`runbook_url`, `dashboard`…), beside the built-in
     /// `summary` and `description`, which they cannot replace. In a value, `{node}`,
-    /// `{stream}` and `{model_id}` are filled in as they are. Annotations are not part of
-    /// the `fingerprint`.
+    /// `{stream}` and `{model_id}` are filled in: percent-encoded in a value that starts
+    /// with `http://` or `https://` (a link), as they are elsewhere. Annotations are not
+    /// part of the `fingerprint`.
     pub annotations: BTreeMap<String, String>,
     /// Each alert's `generatorURL`, the link Alertmanager's UI and notifications show
     /// ("Source"): an `http://` or `https://` URL, typically a Grafana dashboard. `{node}`,
@@ -126,6 +127,28 @@ fn fill_placeholders(template: &str, values: &[(&str, &str)]) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// `url` after its `http://` or `https://` (any case), or `None`.
+fn strip_http_scheme(url: &str) -> Option<&str> {
+    let (scheme, rest) = url.split_once("://")?;
+    (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")).then_some(rest)
+}
+
+/// The byte offset of the first `%` in `url` that two hex digits do not follow.
+fn bad_percent_escape(url: &str) -> Option<usize> {
+    let b = url.as_bytes();
+    (0..b.len()).find(|&i| {
+        b[i] == b'%'
+            && !(i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit())
+    })
+}
+
+/// `s` with the [`EVENT_PLACEHOLDERS`] taken out, to look for stray braces.
+fn strip_placeholders(s: &str) -> String {
+    EVENT_PLACEHOLDERS
+        .iter()
+        .fold(s.to_string(), |acc, p| acc.replace(p, ""))
 }
 
 /// `s` with every byte but RFC 3986's unreserved characters percent-encoded, for a value
@@ -272,7 +295,7 @@ impl AlertConfig {
                 return Err((
                     "annotations",
                     format!(
-                        "{name:?} is not an annotation name Alertmanager accepts: letters, digits and _, not starting with a digit or __"
+                        "{name:?} is not an annotation name darkwatch takes: letters, digits and _, not starting with a digit (names starting with __ are kept for Prometheus's internal use)"
                     ),
                 ));
             }
@@ -298,10 +321,8 @@ impl AlertConfig {
         }
         let url = &self.generator_url;
         if !url.is_empty() {
-            let rest = url
-                .strip_prefix("http://")
-                .or_else(|| url.strip_prefix("https://"));
-            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+            let rest = strip_http_scheme(url);
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with(['/', '?', '#'])) {
                 return Err((
                     "generator_url",
                     format!("{url:?} is not an http:// or https:// URL with a host"),
@@ -311,6 +332,24 @@ impl AlertConfig {
                 return Err((
                     "generator_url",
                     format!("{url:?} has a space or a control character; percent-encode it"),
+                ));
+            }
+            if let Some(at) = bad_percent_escape(url) {
+                return Err((
+                    "generator_url",
+                    format!(
+                        "{url:?} has a % at byte {at} that is not followed by two hex digits (write %25 for a % sign): Alertmanager would refuse the URL"
+                    ),
+                ));
+            }
+            if strip_placeholders(url).contains(['{', '}'])
+                && unknown_placeholder(url, &EVENT_PLACEHOLDERS).is_none()
+            {
+                return Err((
+                    "generator_url",
+                    format!(
+                        "{url:?} has a {{ or }} that is not part of a placeholder ({{node}}, {{stream}}, {{model_id}}); percent-encode it (%7B, %7D)"
+                    ),
                 ));
             }
             if let Some(bad) = unknown_placeholder(url, &EVENT_PLACEHOLDERS) {
@@ -342,7 +381,14 @@ impl AlertConfig {
             annotations: self
                 .annotations
                 .iter()
-                .map(|(k, v)| (k.clone(), v.replace("{node}", node)))
+                .map(|(k, v)| {
+                    let node = if strip_http_scheme(v).is_some() {
+                        percent_encode(node)
+                    } else {
+                        node.to_string()
+                    };
+                    (k.clone(), v.replace("{node}", &node))
+                })
                 .collect(),
             generator_url: self.generator_url.replace("{node}", &percent_encode(node)),
             ..self.clone()
@@ -870,9 +916,14 @@ impl AlertState {
             )
         };
         for (name, value) in &self.extra_annotations {
+            let encode = if strip_http_scheme(value).is_some() {
+                percent_encode
+            } else {
+                str::to_string
+            };
             annotations
                 .entry(name.clone())
-                .or_insert_with(|| fill(value, str::to_string));
+                .or_insert_with(|| fill(value, encode));
         }
         let generator_url = if self.generator_url.is_empty() {
             String::new()
@@ -1205,9 +1256,15 @@ mod tests {
             "http:///path",
             "http://g/d?x=a b",
             "http://g/{node}/{instance}",
+            "http://g/d?x={stream",
+            "http://g/d?x=}",
+            "http://g/d/100%-cpu",
+            "http://g/d/%4",
+            "http://?x",
         ] {
             assert_eq!(url(u).unwrap_err().0, "generator_url", "{u:?}");
         }
+        assert_eq!(url("HTTPS://g/d/100%25-cpu?m={model_id}"), Ok(()));
 
         let mut cfg = AlertConfig::default();
         cfg.annotations.insert(
@@ -1215,6 +1272,8 @@ mod tests {
             "https://wiki/dw#{stream}@{node}".into(),
         );
         cfg.annotations.insert("model".into(), "{model_id}".into());
+        cfg.annotations
+            .insert("where".into(), "{stream} on {node}".into());
         cfg.generator_url = "http://g/d?var-node={node}&var-stream={stream}&m={model_id}".into();
         let cfg = cfg.for_node("r7 n3");
         let mut st = AlertState::new(&cfg, "rack 4/node{stream}", "abc123", "1", names(4));
@@ -1223,8 +1282,12 @@ mod tests {
         let plain = feed(&mut state(&AlertConfig::default()), 0, &[1, 1, 1]);
         for (_, e) in &ev {
             assert_eq!(
-                e.annotations["runbook_url"], "https://wiki/dw#rack 4/node{stream}@r7 n3",
-                "annotation values are filled in as they are, once"
+                e.annotations["runbook_url"], "https://wiki/dw#rack%204%2Fnode%7Bstream%7D@r7%20n3",
+                "a link's placeholders are percent-encoded, once"
+            );
+            assert_eq!(
+                e.annotations["where"], "rack 4/node{stream} on r7 n3",
+                "other annotations are filled in as they are, once"
             );
             assert_eq!(e.annotations["model"], "abc123");
             assert!(e.annotations["summary"].contains("rack 4/node{stream}"));

@@ -619,7 +619,14 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            lock_will_handlers(&will_handlers).remove(&client_id);
+            // darkwatch patch: only this connection's own sender, not a newer one's.
+            let mut handlers = lock_will_handlers(&will_handlers);
+            if handlers
+                .get(&client_id)
+                .is_some_and(|s| s.same_channel(&will_tx))
+            {
+                handlers.remove(&client_id);
+            }
             // as will delay interval has passed, publish the will message
             true
         }
