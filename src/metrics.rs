@@ -317,7 +317,7 @@ pub fn render(e: &Exposed) -> String {
         );
     }
     // One series per reason, zeros included, so that rate() and sum() see every one.
-    let by_reason: [(&str, &str, &[&str], &[std::sync::atomic::AtomicU64]); 2] = [
+    let by_reason: [(&str, &str, &[&str], &[std::sync::atomic::AtomicU64]); 3] = [
         (
             "darkwatch_messages_rejected_total",
             "Messages (or Telegraf metrics) that could not be decoded, by reason.",
@@ -329,6 +329,12 @@ pub fn render(e: &Exposed) -> String {
             "Decoded samples the assembler refused, by reason.",
             &Reject::REASONS,
             &c.samples_rejected_by_reason,
+        ),
+        (
+            "darkwatch_mqtt_broker_refused_total",
+            "Clients and messages the embedded MQTT broker refused, by reason: a client id with /, +, # or $ (client_id), a keep-alive of 0 (keep_alive_0), a message over 1 MiB, dropped with its publisher disconnected (too_large). Always 0 with an external broker.",
+            &crate::mqtt::BrokerRefusal::REASONS,
+            crate::mqtt::broker_refused_counts(),
         ),
     ];
     for (name, help, reasons, counts) in by_reason {

@@ -771,6 +771,10 @@ impl BrokerRefusal {
         BrokerRefusal::TooLarge,
     ];
 
+    /// The `reason` label of each kind, in [`BrokerRefusal::ALL`]'s order (that of
+    /// [`broker_refused_counts`]).
+    pub const REASONS: [&'static str; 3] = ["client_id", "keep_alive_0", "too_large"];
+
     /// The refusal a rumqttd ERROR line (its message and `error` field, as text) reports.
     pub fn of(text: &str) -> Option<BrokerRefusal> {
         if text.contains("Invalid client_id") {
@@ -800,14 +804,10 @@ impl BrokerRefusal {
 /// How often each [`BrokerRefusal`] happened, in [`BrokerRefusal::ALL`]'s order.
 static BROKER_REFUSED: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
-/// How often the embedded broker refused `kind` in this process (see
-/// [`broker_refusal_hook`]).
-pub fn broker_refused(kind: BrokerRefusal) -> u64 {
-    let i = BrokerRefusal::ALL
-        .iter()
-        .position(|k| *k == kind)
-        .unwrap_or(0);
-    BROKER_REFUSED[i].load(Ordering::Relaxed)
+/// How often the embedded broker refused each kind in this process, in
+/// [`BrokerRefusal::REASONS`]' order (see [`broker_refusal_hook`]).
+pub fn broker_refused_counts() -> &'static [AtomicU64; 3] {
+    &BROKER_REFUSED
 }
 
 /// A `tracing` layer that reads rumqttd's ERROR lines whatever the log's filter and, for

@@ -1791,6 +1791,16 @@ fn a_refused_client_id_does_not_break_the_embedded_broker() {
     agent.wait_metric("darkwatch_messages_received_total", |v| {
         v >= messages.len() as f64
     });
+    let refused = |reason: &str| {
+        agent
+            .metric(&format!(
+                "darkwatch_mqtt_broker_refused_total{{reason=\"{reason}\"}}"
+            ))
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(refused("client_id"), 2.0, "{}", agent.stderr());
+    assert_eq!(refused("keep_alive_0"), 1.0, "{}", agent.stderr());
+    assert_eq!(refused("too_large"), 0.0, "{}", agent.stderr());
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
     assert!(!err.contains("panicked"), "{err}");
