@@ -1555,30 +1555,27 @@ fn replay_interpretation_gives_the_harness_hit_rate() {
     // of the slice's labelled segments (0-based rows 647..=1044 and 1167..=1171).
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("small_interpretation.txt");
-    std::fs::write(&small, "647-1045:1,2,3\n1167-1172:4\n").unwrap();
-    let (code, out, err) = run(darkwatch()
-        .args(["replay", "--model"])
-        .arg(&model_dir)
-        .arg("--input")
-        .arg(repo("tests/data/smd/small.csv"))
-        .arg("--interpretation")
-        .arg(&small));
-    assert_eq!(code, 0, "{out}\n{err}");
+    // The replay's report with `segments` as the interpretation file.
+    let replay_small = |segments: &str| {
+        std::fs::write(&small, segments).unwrap();
+        let (code, out, err) = run(darkwatch()
+            .args(["replay", "--model"])
+            .arg(&model_dir)
+            .arg("--input")
+            .arg(repo("tests/data/smd/small.csv"))
+            .arg("--interpretation")
+            .arg(&small));
+        assert_eq!(code, 0, "{out}\n{err}");
+        out
+    };
+    let out = replay_small("647-1045:1,2,3\n1167-1172:4\n");
     assert!(
         out.contains("over 403 frames in 2 interpretation segments"),
         "{out}"
     );
     assert!(out.contains("need --labels"), "{out}");
     // One frame of one segment: singular words.
-    std::fs::write(&small, "647-648:1\n").unwrap();
-    let (code, out, err) = run(darkwatch()
-        .args(["replay", "--model"])
-        .arg(&model_dir)
-        .arg("--input")
-        .arg(repo("tests/data/smd/small.csv"))
-        .arg("--interpretation")
-        .arg(&small));
-    assert_eq!(code, 0, "{out}\n{err}");
+    let out = replay_small("647-648:1\n");
     assert!(
         out.contains("over 1 frame in 1 interpretation segment ("),
         "{out}"
