@@ -3,6 +3,8 @@
 //! with errors that name the file and the key or tensor. Also what scoring allocates, and
 //! the memory that reading float16 activations takes.
 
+mod util;
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -651,20 +653,12 @@ fn dark_head_fits_on_sae_errors_of_real_activations() {
 fn float16_activations_are_read_without_a_wider_copy() {
     let (batch, seq, d) = (8, 128, 512);
     let n = batch * seq * d;
-    let mut header =
-        format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({batch}, {seq}, {d}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
     let value = |i: usize| half::f16::from_f32((i % 4001) as f32 / 64.0 - 31.25);
-    bytes.extend((0..n).flat_map(|i| value(i).to_le_bytes()));
+    let data: Vec<u8> = (0..n).flat_map(|i| value(i).to_le_bytes()).collect();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("acts.npy");
-    fs::write(&path, &bytes).unwrap();
+    util::write_npy(&path, "<f2", &format!("({batch}, {seq}, {d})"), &data);
+    let file = fs::metadata(&path).unwrap().len() as usize;
 
     let ((x, shape), peak) =
         peak_bytes(|| darkwatch::sae::eval::read_activations_shaped(&path, None).unwrap());
@@ -674,7 +668,7 @@ fn float16_activations_are_read_without_a_wider_copy() {
         assert_eq!(x[[i / d, i % d]], value(i).to_f32(), "value {i}");
     }
     // 1 MiB of file, 2 MiB of float32; names of the 512 features and the like besides.
-    let (file, out) = (bytes.len(), 4 * n);
+    let out = 4 * n;
     assert!(
         peak <= file + out + 64 * 1024,
         "reading a {file}-byte float16 file into {out} bytes of float32 held {peak} bytes \

@@ -4,6 +4,8 @@
 //! live heap bytes while the rows are read. (Its own test binary, because the allocator is
 //! process-wide.)
 
+mod util;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -41,21 +43,8 @@ static GLOBAL: Peak = Peak;
 
 /// A version-1 `.npy` of `rows × d` float32 values `f(r, c)`.
 fn write_npy(path: &std::path::Path, rows: usize, d: usize, f: impl Fn(usize, usize) -> f32) {
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {d}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    for r in 0..rows {
-        for c in 0..d {
-            bytes.extend(f(r, c).to_le_bytes());
-        }
-    }
-    std::fs::write(path, bytes).unwrap();
+    let values: Vec<f32> = (0..rows * d).map(|i| f(i / d, i % d)).collect();
+    util::write_npy_f32(path, rows, d, &values);
 }
 
 #[test]
