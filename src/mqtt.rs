@@ -666,9 +666,12 @@ where
 {
     use tracing_subscriber::Layer as _;
     BROKER_SKIP_HOOKED.store(true, Ordering::Relaxed);
-    BrokerSkipHook(()).with_filter(tracing_subscriber::filter::filter_fn(
-        is_broker_skip_warning,
-    ))
+    // Decided once per call site (it reads metadata only), not at every event.
+    BrokerSkipHook(()).with_filter(
+        tracing_subscriber::filter::DynFilterFn::new(|meta, _| is_broker_skip_warning(meta))
+            .with_callsite_filter(|meta| interest(is_broker_skip_warning(meta)))
+            .with_max_level_hint(tracing::level_filters::LevelFilter::WARN),
+    )
 }
 
 /// Whether `meta` is rumqttd's warning that it skipped messages for a subscriber (its
@@ -819,9 +822,24 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     use tracing_subscriber::Layer as _;
-    BrokerRefusalHook(()).with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+    fn rumqttd_error(meta: &tracing::Metadata<'_>) -> bool {
         meta.target().starts_with("rumqttd") && *meta.level() == tracing::Level::ERROR
-    }))
+    }
+    // Decided once per call site (it reads metadata only), not at every event.
+    BrokerRefusalHook(()).with_filter(
+        tracing_subscriber::filter::DynFilterFn::new(|meta, _| rumqttd_error(meta))
+            .with_callsite_filter(|meta| interest(rumqttd_error(meta)))
+            .with_max_level_hint(tracing::level_filters::LevelFilter::ERROR),
+    )
+}
+
+/// `always` or `never`: a call site's interest for a filter that reads its metadata only.
+fn interest(wanted: bool) -> tracing::subscriber::Interest {
+    if wanted {
+        tracing::subscriber::Interest::always()
+    } else {
+        tracing::subscriber::Interest::never()
+    }
 }
 
 /// See [`broker_refusal_hook`].
