@@ -20,7 +20,7 @@ both seeds (0 and 1). ECOD alone is printed beside them for reference, not as a
 candidate (it has no streaming story for time series).
 
 Usage: tools/table_ecod_check.py DARKWATCH_BINARY
-Needs numpy and scikit-learn (pip), and a release build of darkwatch. About 4 minutes.
+Needs numpy and scikit-learn (pip), and a release build of darkwatch. About a minute.
 """
 
 import os
