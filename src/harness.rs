@@ -59,11 +59,30 @@ pub enum Entity {
 }
 
 impl Entity {
+    /// The entity's row name in the table and the CSV: unique among one run's entities
+    /// ([`discover`] names clashing ones by their folders).
     pub fn name(&self) -> &str {
         match self {
             Entity::Smd { name, .. }
             | Entity::Odds { name, .. }
             | Entity::Incomplete { name, .. } => name,
+        }
+    }
+
+    fn name_mut(&mut self) -> &mut String {
+        match self {
+            Entity::Smd { name, .. }
+            | Entity::Odds { name, .. }
+            | Entity::Incomplete { name, .. } => name,
+        }
+    }
+
+    /// The file that stands for the entity (its `_train.npy` or its `.npz`), as found.
+    pub fn path(&self) -> &Path {
+        match self {
+            Entity::Smd { train: path, .. }
+            | Entity::Odds { path, .. }
+            | Entity::Incomplete { path, .. } => path,
         }
     }
 
@@ -97,8 +116,14 @@ impl Entity {
     pub fn family(&self) -> &'static str {
         let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
         match self {
-            Entity::Smd { name, .. } => {
-                let smd = name
+            Entity::Smd { name, train, .. } => {
+                // By the file: a clash may have put folders before the name.
+                let stem = train
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .and_then(|f| f.strip_suffix("_train.npy"))
+                    .unwrap_or(name);
+                let smd = stem
                     .strip_prefix("machine-")
                     .and_then(|rest| rest.split_once('-'))
                     .is_some_and(|(g, m)| digits(g) && digits(m));
@@ -178,6 +203,11 @@ pub fn check_out(entities: &[Entity], config: Option<&Path>, out: &Path) -> Resu
 /// Duplicates are found by canonical path (so `./a.npz` and `a.npz`, or a link to it, are
 /// one), dropped, and reported with a warning.
 ///
+/// Names are unique: two files that would share one (`dirA/uni_train.npy` and
+/// `dirB/uni_train.npy`, both `uni`) are named by as many of their folders as it takes to
+/// tell them apart (`dirA/uni`, `dirB/uni`; see [`unique_names`]); a name without a
+/// clash stays plain, so SMD's and ODDS's names do not change.
+///
 /// # Errors
 /// A path that is none of these, or an SMD machine whose test or label file is missing.
 pub fn discover(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
@@ -201,7 +231,85 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
         seen.push((key, first));
         out.push(entity);
     }
+    unique_names(&mut out);
     Ok(out)
+}
+
+/// Renames entities that share a name (different files: duplicates are gone by now) by
+/// the shortest tail of their canonical folder that sets each apart, `<folder>/<name>`:
+/// two rows called `uni` could not be told apart in the table or the CSV, and a reader
+/// could not say which one a number belongs to. Where even the whole folder does not
+/// differ (`uni.npz` beside `uni_train.npy`) the file's name replaces the plain name.
+fn unique_names(entities: &mut [Entity]) {
+    let folders: Vec<Vec<String>> = entities.iter().map(|e| folder_parts(e.path())).collect();
+    let plain: Vec<String> = entities.iter().map(|e| e.name().to_string()).collect();
+    let clashing = |names: &[String], i: usize| {
+        names
+            .iter()
+            .enumerate()
+            .any(|(j, n)| j != i && *n == names[i])
+    };
+    let mut leaf = plain.clone();
+    let mut depth = vec![0; entities.len()];
+    for i in 0..entities.len() {
+        if !clashing(&plain, i) {
+            continue;
+        }
+        depth[i] = 1;
+        // The same name in the same folder (`uni.npz` beside `uni_train.npy`): no folder
+        // tells them apart, the file's name does.
+        if (0..entities.len()).any(|j| j != i && plain[j] == plain[i] && folders[j] == folders[i]) {
+            leaf[i] = entities[i]
+                .path()
+                .file_name()
+                .map_or_else(|| plain[i].clone(), |f| f.to_string_lossy().into_owned());
+        }
+    }
+    let compose = |depth: &[usize]| -> Vec<String> {
+        (0..entities.len())
+            .map(|i| {
+                let f = &folders[i];
+                let mut parts = f[f.len().saturating_sub(depth[i])..].to_vec();
+                parts.push(leaf[i].clone());
+                parts.join("/")
+            })
+            .collect()
+    };
+    let mut names = compose(&depth);
+    loop {
+        let mut grew = false;
+        for i in 0..names.len() {
+            if clashing(&names, i) && depth[i] < folders[i].len() {
+                depth[i] += 1;
+                grew = true;
+            }
+        }
+        if !grew {
+            break;
+        }
+        names = compose(&depth);
+    }
+    for (e, n) in entities.iter_mut().zip(names) {
+        *e.name_mut() = n;
+    }
+}
+
+/// The folders of `path`'s canonical parent, outermost first (absolute, so that `a.npz`
+/// and `../b/a.npz` compare by where they are).
+fn folder_parts(path: &Path) -> Vec<String> {
+    let p = path
+        .canonicalize()
+        .unwrap_or_else(|_| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
+    p.parent()
+        .map(|d| {
+            d.components()
+                .filter_map(|c| match c {
+                    std::path::Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// [`discover`] without removing duplicates.
@@ -292,7 +400,10 @@ fn discover_all(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
 /// One entity's numbers.
 #[derive(Debug, Clone)]
 pub struct EntityResult {
+    /// Unique among the run's entities (see [`discover`]).
     pub name: String,
+    /// The file that stands for the entity ([`Entity::path`]), as it was found.
+    pub path: PathBuf,
     pub family: &'static str,
     pub protocol: &'static str,
     pub rows: usize,
@@ -468,6 +579,7 @@ pub fn run_entity(
     });
     Ok(EntityResult {
         name,
+        path: entity.path().to_path_buf(),
         family,
         protocol: proto,
         rows: test.nrows(),
@@ -547,7 +659,7 @@ pub fn split_rows_csv(entities: &[Entity], seed: u64) -> String {
 const CSV_HEADER: &str = "entity,family,protocol,rows,anomalous,auroc,auprc,best_f1,pa_f1,\
 auprc_mss_toggled,auprc_frames_alone,hit_rate_100,hit_rate_150,hit_rate_100_detected,\
 hit_rate_150_detected,event_precision,event_recall,alerted_share,alerted_precision,mss_toggled_to,\
-members,train_seconds,hit_rate_frames,hit_rate_frames_detected";
+members,train_seconds,hit_rate_frames,hit_rate_frames_detected,seed,path";
 
 /// Numbers per entity in [`numbers`].
 const NUMBERS: usize = 14;
@@ -574,10 +686,14 @@ fn numbers(r: &EntityResult) -> [Option<f64>; NUMBERS] {
 
 /// The results as CSV for spreadsheets and scripts: one row per entity and a `mean
 /// <family>` row per family (its counts, members and training time empty), the same
-/// numbers as [`table`] at full precision, an empty cell where the table prints "-". The
-/// last two columns count the frames each HitRate averages over (all, detected).
+/// numbers as [`table`] at full precision, an empty cell where the table prints "-". Then
+/// the frames each HitRate averages over (all, detected), the seed (`[train] seed`, the
+/// same on every row, so that a CSV says how to get its numbers again) and the entity's
+/// file as it was found (empty on a mean row). Columns are only ever added at the end:
+/// readers take them by name.
 pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     let alt = describe_mss(toggled_mss(cfg.mss));
+    let seed = cfg.train.seed;
     let mut s = String::new();
     let _ = writeln!(s, "{CSV_HEADER}");
     let mut row = |name: &str,
@@ -585,7 +701,7 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                    protocol: &str,
                    counts: [String; 2],
                    v: [Option<f64>; NUMBERS],
-                   tail: [String; 4]| {
+                   tail: [String; 5]| {
         let mut line = [csv_field(name), family.into(), protocol.into()].join(",");
         for c in counts.iter().cloned().chain(
             v.iter()
@@ -594,7 +710,13 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
             line.push(',');
             line.push_str(&c);
         }
-        let _ = writeln!(s, "{line},{},{}", csv_field(&alt), tail.join(","));
+        let _ = writeln!(
+            s,
+            "{line},{},{},{seed},{}",
+            csv_field(&alt),
+            tail[..4].join(","),
+            tail[4]
+        );
     };
     let families = families(results);
     for family in families {
@@ -614,6 +736,7 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                     r.hit_rate_frames
                         .and_then(|f| f.1)
                         .map_or_else(String::new, |d| d.to_string()),
+                    csv_field(&r.path.to_string_lossy()),
                 ],
             );
         }
@@ -883,6 +1006,15 @@ mod tests {
         assert_eq!(smd("machine-12-10").family(), "SMD");
         assert_eq!(smd("co2").family(), "series");
         assert_eq!(smd("machine-1").family(), "series");
+        // Named by its folder (a clash): still SMD.
+        let named = Entity::Smd {
+            name: "dirA/machine-1-6".into(),
+            train: "dirA/machine-1-6_train.npy".into(),
+            test: PathBuf::new(),
+            labels: PathBuf::new(),
+            interpretation: None,
+        };
+        assert_eq!(named.family(), "SMD");
         let odds = |path: &str| Entity::Odds {
             name: Path::new(path)
                 .file_stem()
@@ -954,10 +1086,52 @@ mod tests {
             ]),
             ["a", "b", "m-1"]
         );
-        // Same names in different folders are different tables.
+        // Same names in different folders are different tables, named by their folders.
         let other = tempfile::tempdir().unwrap();
         std::fs::write(other.path().join("a.npz"), b"").unwrap();
-        assert_eq!(names(&[a, other.path().join("a.npz")]), ["a", "a"]);
+        let folder = |d: &Path| d.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(
+            names(&[a, other.path().join("a.npz")]),
+            [
+                format!("{}/a", folder(dir.path())),
+                format!("{}/a", folder(other.path()))
+            ]
+        );
+    }
+
+    /// Two series called `uni` in two folders were two rows called `uni`, in the table and
+    /// the CSV, both in the family's mean: a clash is named by as much of the folder as
+    /// tells the two apart, and a name without a clash stays plain.
+    #[test]
+    fn clashing_names_are_told_apart_by_their_folders() {
+        let root = tempfile::tempdir().unwrap();
+        for d in ["x/dirA", "y/dirA", "dirB"] {
+            let d = root.path().join(d);
+            std::fs::create_dir_all(&d).unwrap();
+            for f in ["uni_train.npy", "uni_test.npy", "uni_test_label.txt"] {
+                std::fs::write(d.join(f), b"").unwrap();
+            }
+        }
+        std::fs::write(root.path().join("dirB/solo.npz"), b"").unwrap();
+        // A table beside a series of the same name: the folder cannot tell them apart.
+        std::fs::write(root.path().join("dirB/uni.npz"), b"").unwrap();
+        let found = discover(&[root.path().join("dirB"), root.path().join("x/dirA")]).unwrap();
+        let names: Vec<&str> = found.iter().map(Entity::name).collect();
+        assert_eq!(
+            names,
+            ["solo", "dirB/uni.npz", "dirB/uni_train.npy", "dirA/uni"]
+        );
+        let found = discover(&[root.path().join("x/dirA"), root.path().join("y/dirA")]).unwrap();
+        let names: Vec<&str> = found.iter().map(Entity::name).collect();
+        assert_eq!(names, ["x/dirA/uni", "y/dirA/uni"]);
+        let found = discover(&[root.path().join("x/dirA"), root.path().join("dirB")]).unwrap();
+        let names: Vec<&str> = found.iter().map(Entity::name).collect();
+        assert_eq!(
+            names,
+            ["dirA/uni", "solo", "dirB/uni.npz", "dirB/uni_train.npy"]
+        );
+        // The family follows the file, not the longer name.
+        assert_eq!(found[0].family(), "series");
     }
 
     #[test]
@@ -990,6 +1164,7 @@ mod tests {
     fn result(name: &str, family: &'static str, auroc: Option<f64>) -> EntityResult {
         EntityResult {
             name: name.into(),
+            path: format!("d/{name}.npz").into(),
             family,
             protocol: "fit on all",
             rows: 10,
@@ -1032,7 +1207,8 @@ mod tests {
             lines[1].starts_with("\"a,b\",ODDS,fit on all,10,2,0.8,0.5,,,"),
             "{out}"
         );
-        assert_eq!(lines[1].split(',').count(), width + 1, "{out}");
+        // The quoted name and the quoted path each hold one comma more than their fields.
+        assert_eq!(lines[1].split(',').count(), width + 2, "{out}");
         for l in &lines[2..] {
             assert_eq!(l.split(',').count(), width, "{l}");
         }
@@ -1042,8 +1218,13 @@ mod tests {
             ["mean ODDS", "ODDS", "", "", "", "0.7"],
             "{out}"
         );
-        assert!(lines[3].ends_with(",m=1 k=10,,,,"), "{out}");
-        assert!(lines[2].ends_with(",m=1 k=10,5,1.500,8,2"), "{out}");
+        // A mean row has the seed but no counts, time or path.
+        assert!(lines[3].ends_with(",m=1 k=10,,,,,0,"), "{out}");
+        assert!(
+            lines[2].ends_with(",m=1 k=10,5,1.500,8,2,0,d/c.npz"),
+            "{out}"
+        );
+        assert!(lines[1].ends_with(",0,\"d/a,b.npz\""), "{out}");
         // An entity without AUROC leaves the cell (and its family's mean) empty.
         assert!(lines[4].starts_with("m,SMD,fit on all,10,2,,0.5,"), "{out}");
         assert!(lines[5].starts_with("mean SMD,SMD,,,,,0.5,"), "{out}");
