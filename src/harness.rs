@@ -159,6 +159,18 @@ pub enum HarnessError {
     Discover { path: PathBuf, reason: String },
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    /// A series refused for its gaps, as `train` and `replay` refuse it.
+    #[error(
+        "{}: {reason}; fill or drop the gaps (or the column) in the file and run the harness again",
+        .path.display()
+    )]
+    Gaps { path: PathBuf, reason: String },
+    /// NaN or Inf in an `.npz` table, which is read strictly (no gap rule for tables in
+    /// an archive).
+    #[error(
+        "{0}; an .npz table is read strictly, without the gap rule of series: drop or fill the rows with NaN/Inf (e.g. with the column's mean, as `train --table` fills a CSV's gaps), or evaluate it as a CSV with `train --table` and `replay --table`"
+    )]
+    TableGaps(IngestError),
     #[error("training failed: {source}")]
     Train { entity: String, source: TrainError },
     #[error("replay failed: {source}")]
@@ -348,20 +360,20 @@ fn discover_all(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
         if let Some(machine) = file.strip_suffix("_train.npy") {
             let dir = path.parent().unwrap_or(Path::new("."));
             let test = dir.join(format!("{machine}_test.npy"));
-            let labels = dir.join(format!("{machine}_test_label.txt"));
+            let labels = test_labels(dir, machine);
             // A missing partner fails this entity only (when its turn comes), not the run:
             // a folder of data often holds a training file of something else.
-            let missing: Vec<String> = [&test, &labels]
+            let missing: Vec<String> = [(&test, ""), (&labels, " (or .npy)")]
                 .into_iter()
-                .filter(|p| !p.is_file())
-                .map(|p| p.display().to_string())
+                .filter(|(p, _)| !p.is_file())
+                .map(|(p, or)| format!("{}{or}", p.display()))
                 .collect();
             if !missing.is_empty() {
                 out.push(Entity::Incomplete {
                     name: machine.to_string(),
                     path: path.clone(),
                     reason: format!(
-                        "a <name>_train.npy is evaluated with its <name>_test.npy and <name>_test_label.txt beside it; missing: {}",
+                        "a <name>_train.npy is evaluated with its <name>_test.npy and <name>_test_label.txt (or .npy) beside it; missing: {}",
                         missing.join(", ")
                     ),
                 });
@@ -395,6 +407,27 @@ fn discover_all(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
         }
     }
     Ok(out)
+}
+
+/// A series' point labels: `<name>_test_label.txt`, else `<name>_test_label.npy` (the
+/// formats `replay` reads). With both there, the `.txt` is read and a warning names the
+/// `.npy` left unread: SMD ships `.txt`, so a `.npy` beside it is most likely a converted
+/// copy. With neither, the `.txt` path (for the message that it is missing).
+fn test_labels(dir: &Path, name: &str) -> PathBuf {
+    let txt = dir.join(format!("{name}_test_label.txt"));
+    let npy = dir.join(format!("{name}_test_label.npy"));
+    match (txt.is_file(), npy.is_file()) {
+        (false, true) => npy,
+        (true, true) => {
+            tracing::warn!(
+                "{} and {} both hold labels: the .txt is read, the .npy is not",
+                txt.display(),
+                npy.display()
+            );
+            txt
+        }
+        _ => txt,
+    }
 }
 
 /// One entity's numbers.
@@ -462,7 +495,9 @@ pub fn run_entity(
     let family = entity.family();
     // A table's rows have no order; a series' do.
     let table = matches!(entity, Entity::Odds { .. });
-    let (train, test, labels, segments, proto) = match entity {
+    // The test file whose gaps are still to fill, once the model knows the training mean.
+    let mut test_gaps: Option<PathBuf> = None;
+    let (train, mut test, labels, segments, proto) = match entity {
         Entity::Incomplete { path, reason, .. } => {
             return Err(HarnessError::Discover {
                 path: path.clone(),
@@ -476,18 +511,47 @@ pub fn run_entity(
             interpretation,
             ..
         } => {
+            // Read as `train` and `replay` read them, gaps (NaN, ±Inf) included: the
+            // training file's are filled here as `train` fills them, the test file's after
+            // fitting, with the training mean, as `replay` fills them.
             let opts = Default::default();
-            let train = ingest::read_table(train, &opts)?;
-            let test = ingest::read_table(test, &opts)?;
-            let labels = ingest::read_labels(labels, Some(test.values.nrows()))?;
+            let mut train_table = crate::replay::read_input(train, &opts)?;
+            let gaps = crate::replay::fill_gaps(
+                train,
+                &mut train_table.values,
+                &train_table.features,
+                None,
+                true,
+            )
+            .map_err(|reason| HarnessError::Gaps {
+                path: train.clone(),
+                reason,
+            })?;
+            if !gaps.is_empty() {
+                tracing::warn!("{gaps}");
+            }
+            let test_table = crate::replay::read_input(test, &opts)?;
+            let labels = ingest::read_labels(labels, Some(test_table.values.nrows()))?;
             let segments = match interpretation {
                 Some(p) => Some(ingest::read_interpretation_labels(p)?),
                 None => None,
             };
-            (train, test.values, labels, segments, "train/test halves")
+            test_gaps = Some(test.clone());
+            (
+                train_table,
+                test_table.values,
+                labels,
+                segments,
+                "train/test halves",
+            )
         }
         Entity::Odds { path, .. } => {
-            let (x, y) = ingest::npz::read_npz_labelled(path)?;
+            let (x, y) = ingest::npz::read_npz_labelled(path).map_err(|e| match e {
+                IngestError::NonFinite { .. } | IngestError::NonFiniteAt { .. } => {
+                    HarnessError::TableGaps(e)
+                }
+                e => e.into(),
+            })?;
             match protocol {
                 OddsProtocol::FitAll => {
                     let values = x.values.clone();
@@ -533,6 +597,18 @@ pub fn run_entity(
             }
         })?;
     let train_seconds = started.elapsed().as_secs_f64();
+    if let Some(path) = &test_gaps {
+        crate::replay::fill_input_gaps(&model, path, &mut test, true).map_err(|e| match e {
+            ReplayError::Features { input, reason } => HarnessError::Gaps {
+                path: input,
+                reason,
+            },
+            source => HarnessError::Replay {
+                entity: name.clone(),
+                source,
+            },
+        })?;
+    }
     let frames = Frames::windowed(&model, test.clone(), None, Some(labels));
     let (labels, first_row) = (
         frames.labels.clone().unwrap_or_default(),
@@ -1358,6 +1434,121 @@ mod tests {
         assert_eq!(r.rows, n, "{r:?}");
         assert_eq!(r.anomalous, 6 + n / 40, "{r:?}");
         assert!(r.auroc.is_some(), "{r:?}");
+    }
+
+    /// A series of `rows` × 3 as `<name>_train.npy` / `_test.npy` / `_test_label.txt` in
+    /// `dir`, the test's rows 150..160 shifted by 5 and labelled 1; `gap` marks the cells
+    /// (file, row, column) written as NaN, `fill` gives what to write there instead.
+    fn series(
+        dir: &Path,
+        name: &str,
+        rows: usize,
+        cell: impl Fn(&str, usize, usize) -> Option<f32>,
+    ) -> PathBuf {
+        use crate::ingest::npz::tests::npy;
+        for part in ["train", "test"] {
+            let mut v: Vec<u8> = Vec::new();
+            for i in 0..rows {
+                for j in 0..3 {
+                    let base = ((i * 7 + j * 13) % 17) as f32 / 17.0 + j as f32;
+                    let base = if part == "test" && (150..160).contains(&i) {
+                        base + 5.0
+                    } else {
+                        base
+                    };
+                    v.extend(cell(part, i, j).unwrap_or(base).to_le_bytes());
+                }
+            }
+            let bytes = npy("<f4", &format!("({rows}, 3)"), &v);
+            std::fs::write(dir.join(format!("{name}_{part}.npy")), bytes).unwrap();
+        }
+        let labels: String = (0..rows)
+            .map(|i| {
+                if (150..160).contains(&i) {
+                    "1\n"
+                } else {
+                    "0\n"
+                }
+            })
+            .collect();
+        std::fs::write(dir.join(format!("{name}_test_label.txt")), labels).unwrap();
+        dir.join(format!("{name}_train.npy"))
+    }
+
+    /// The harness read a series strictly and stopped at the first NaN that `train` and
+    /// `replay` fill as a gap. Now it fills as they do (the column's last value; before
+    /// the first one the column's mean in training), so its numbers equal those of the
+    /// same files filled by hand.
+    #[test]
+    fn series_gaps_are_filled_as_train_and_replay_fill_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 240;
+        let base = |i: usize, j: usize| ((i * 7 + j * 13) % 17) as f32 / 17.0 + j as f32;
+        let gappy = series(dir.path(), "gappy", n, |part, i, j| match (part, i, j) {
+            ("train", 0, 1) | ("train", 10, 2) | ("test", 40, 0) | ("test", 41, 0) => {
+                Some(f32::NAN)
+            }
+            _ => None,
+        });
+        // By hand: training row 0's gap takes its column's mean, the others the value
+        // before them.
+        let mean1 = (1..n).map(|i| f64::from(base(i, 1))).sum::<f64>() / (n - 1) as f64;
+        let filled = series(dir.path(), "filled", n, |part, i, j| match (part, i, j) {
+            ("train", 0, 1) => Some(mean1 as f32),
+            ("train", 10, 2) => Some(base(9, 2)),
+            ("test", 40 | 41, 0) => Some(base(39, 0)),
+            _ => None,
+        });
+        let mut cfg = DarkwatchConfig::default();
+        cfg.train.epochs_max = 3;
+        cfg.model.members = 1;
+        let run = |train: &Path| {
+            let found = discover(&[train.to_path_buf()]).unwrap();
+            run_entity(&found[0], &cfg, OddsProtocol::FitAll).unwrap()
+        };
+        let (a, b) = (run(&gappy), run(&filled));
+        assert!(a.auroc.is_some(), "{a:?}");
+        assert_eq!((a.auroc, a.auprc, a.best_f1), (b.auroc, b.auprc, b.best_f1));
+        // A column with no value is refused as `train` refuses it, saying what to do.
+        let empty = series(dir.path(), "empty", n, |part, _, j| {
+            (part == "train" && j == 2).then_some(f32::NAN)
+        });
+        let found = discover(&[empty]).unwrap();
+        let err = run_entity(&found[0], &cfg, OddsProtocol::FitAll)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("empty_train.npy: column \"f2\" has no values")
+                && err.contains("fill or drop the gaps"),
+            "{err}"
+        );
+    }
+
+    /// README: `harness` reads both label formats. A `.npy` is taken when there is no
+    /// `.txt`; with both, the `.txt`.
+    #[test]
+    fn npy_test_labels_are_found_when_there_is_no_txt() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["sx_train.npy", "sx_test.npy", "sx_test_label.npy"] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let labels = |found: &[Entity]| match &found[0] {
+            Entity::Smd { labels, .. } => labels.file_name().unwrap().to_owned(),
+            other => panic!("{other:?}"),
+        };
+        let found = discover(&[dir.path().to_path_buf()]).unwrap();
+        assert_eq!(labels(&found), "sx_test_label.npy");
+        std::fs::write(dir.path().join("sx_test_label.txt"), b"").unwrap();
+        let found = discover(&[dir.path().to_path_buf()]).unwrap();
+        assert_eq!(labels(&found), "sx_test_label.txt");
+        // Neither: the message names both.
+        std::fs::remove_file(dir.path().join("sx_test_label.txt")).unwrap();
+        std::fs::remove_file(dir.path().join("sx_test_label.npy")).unwrap();
+        let found = discover(&[dir.path().to_path_buf()]).unwrap();
+        let err = run_entity(&found[0], &DarkwatchConfig::default(), OddsProtocol::FitAll)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sx_test_label.txt (or .npy)"), "{err}");
     }
 
     #[test]
