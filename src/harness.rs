@@ -110,9 +110,11 @@ impl Entity {
     }
 
     /// The family the entity is reported in, each with its own mean: `SMD` and `ODDS` for
-    /// those benchmarks' files (an SMD `machine-<g>-<m>`; an ADBench `<n>_<name>.npz`, or
-    /// a `.npz` in a folder whose name holds "odds" or "adbench"), else `series` for a
-    /// time series of one's own and `tables` for a table (rows without order).
+    /// those benchmarks' files (an SMD `machine-<g>-<m>`; a `.npz` in a folder whose name
+    /// holds "odds" or "adbench"), else `series` for a time series of one's own and
+    /// `tables` for a table (rows without order). A name alone does not make a table
+    /// ODDS: ADBench's `<n>_<name>.npz` is also how anyone might number their own tables
+    /// (`2_bc.npz`), and they would then be averaged into the benchmark's mean.
     pub fn family(&self) -> &'static str {
         let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
         match self {
@@ -129,10 +131,7 @@ impl Entity {
                     .is_some_and(|(g, m)| digits(g) && digits(m));
                 if smd { "SMD" } else { "series" }
             }
-            Entity::Odds { name, path } => {
-                let adbench = name
-                    .split_once('_')
-                    .is_some_and(|(n, rest)| digits(n) && !rest.is_empty());
+            Entity::Odds { path, .. } => {
                 let folder = path
                     .canonicalize()
                     .unwrap_or_else(|_| path.clone())
@@ -140,7 +139,7 @@ impl Entity {
                     .and_then(Path::file_name)
                     .map(|f| f.to_string_lossy().to_lowercase())
                     .unwrap_or_default();
-                if adbench || folder.contains("odds") || folder.contains("adbench") {
+                if folder.contains("odds") || folder.contains("adbench") {
                     "ODDS"
                 } else {
                     "tables"
@@ -542,7 +541,7 @@ pub fn run_entity(
                 test_table.values,
                 labels,
                 segments,
-                "train/test halves",
+                "train/test files",
             )
         }
         Entity::Odds { path, .. } => {
@@ -883,11 +882,15 @@ fn cell(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.3}"))
 }
 
-/// The results as one table (with a mean row per family).
-pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
+/// The results as one table (with a mean row per family). `config` says where `cfg` came
+/// from ([`crate::config::source_name`]: the file or `(defaults)`, and the environment
+/// variables that override it): with the seed it heads the
+/// table, so that a pasted table says how to get its numbers again.
+pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig, config: &str) -> String {
     let mut s = String::new();
     let mss = describe_mss(cfg.mss);
     let alt = describe_mss(toggled_mss(cfg.mss));
+    let _ = writeln!(s, "config {config}; seed {} ([train] seed)", cfg.train.seed);
     let _ = writeln!(
         s,
         "head {}, model {:?}, MSS {mss}; point-wise metrics, no point adjustment",
@@ -941,7 +944,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     }
     let _ = writeln!(
         s,
-        "AUPRC/1fr: every frame scored alone, where the model averages scores over frames ([score] smooth_frames; \"-\" where it does not, as for tables).\n* PA-F1 is point-adjusted (a segment counts as found if any point in it is flagged): inflated, for comparison with papers only; none for tables, whose rows have no order."
+        "AUPRC/{alt}: AUPRC with mean-shift scoring toggled against the configuration's (MSS {mss}; [mss] rounds and neighbours), so that MSS earns its place.\nAUPRC/1fr: every frame scored alone, where the model averages scores over frames ([score] smooth_frames; \"-\" where it does not, as for tables).\n* PA-F1 is point-adjusted (a segment counts as found if any point in it is flagged): inflated, for comparison with papers only; none for tables, whose rows have no order."
     );
     let _ = writeln!(
         s,
@@ -1101,7 +1104,9 @@ mod tests {
         };
         assert_eq!(odds("data/odds_adbench/cardio.npz").family(), "ODDS");
         assert_eq!(odds("/srv/ODDS/wine.npz").family(), "ODDS");
-        assert_eq!(odds("mine/6_cardio.npz").family(), "ODDS");
+        // ADBench's numbering alone is no benchmark: anyone's own tables may be numbered.
+        assert_eq!(odds("mine/6_cardio.npz").family(), "tables");
+        assert_eq!(odds("h3/2_bc.npz").family(), "tables");
         assert_eq!(odds("mine/wine.npz").family(), "tables");
         assert_eq!(odds("mine/bc_1col.npz").family(), "tables");
         assert_eq!(odds("wine.npz").family(), "tables");
@@ -1118,6 +1123,7 @@ mod tests {
         let t = table(
             &[none, all, result("fine", "tables", Some(0.7))],
             &DarkwatchConfig::default(),
+            "(defaults)",
         );
         assert!(
             t.contains("calm: no anomalous rows in the labels: AUROC/AUPRC and F1 undefined"),
@@ -1270,7 +1276,16 @@ mod tests {
             result("c", "ODDS", Some(0.6)),
         ];
         // Interleaved families (a folder sorted by name) still give one block each.
-        let t = table(&results, &DarkwatchConfig::default());
+        let t = table(&results, &DarkwatchConfig::default(), "(defaults)");
+        assert!(
+            t.starts_with("config (defaults); seed 0 ([train] seed)\n"),
+            "{t}"
+        );
+        // Every column is explained under the table, the MSS one too.
+        assert!(
+            t.contains("\nAUPRC/m=1 k=10: AUPRC with mean-shift scoring toggled"),
+            "{t}"
+        );
         assert_eq!(t.matches("mean ODDS").count(), 1, "{t}");
         assert_eq!(t.matches("\nc ").count(), 1, "{t}");
         let out = csv(&results, &DarkwatchConfig::default());
@@ -1330,7 +1345,7 @@ mod tests {
         assert_eq!(cell(line1, "hit_rate_frames"), "8", "{out1}");
         assert_eq!(cell(line1, "hit_rate_frames_detected"), "", "{out1}");
         assert_eq!(cell(line1, "hit_rate_100_detected"), "", "{out1}");
-        let t1 = table(&[one_class], &DarkwatchConfig::default());
+        let t1 = table(&[one_class], &DarkwatchConfig::default(), "(defaults)");
         assert!(
             t1.contains("HitRate frames (all / detected): o 8 / -."),
             "{t1}"

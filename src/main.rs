@@ -1315,7 +1315,9 @@ fn run(command: Command) -> Result<()> {
                 }
             }
             if !results.is_empty() {
-                emit(&harness::table(&results, &cfg))?;
+                // The file (or defaults) and any environment overrides head the table.
+                let source = config::source_name(config.as_deref(), std::env::vars());
+                emit(&harness::table(&results, &cfg, &source))?;
             }
             if let Some((path, partial, file)) = csv_out.as_mut() {
                 std::io::Write::write_all(file, harness::csv(&results, &cfg).as_bytes())

@@ -1977,6 +1977,8 @@ fn harness_prints_one_table_for_the_bundled_machine() {
         "alerted",
         "al-P",
         "frame precision of the alerts",
+        // How to get the numbers again: the configuration's source and the seed.
+        "config (defaults) (with environment DARKWATCH__TRAIN__EPOCHS_MAX); seed 0 ([train] seed)",
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
@@ -2015,7 +2017,7 @@ fn a_harness_entity_that_fails_does_not_lose_the_others() {
     assert_eq!(lines.len(), 3, "{written}");
     assert!(lines[0].starts_with("entity,family,protocol,rows,anomalous,auroc,auprc,"));
     assert!(
-        lines[1].starts_with("machine-1-6,SMD,train/test halves,"),
+        lines[1].starts_with("machine-1-6,SMD,train/test files,"),
         "{written}"
     );
     assert!(lines[2].starts_with("mean SMD,SMD,"), "{written}");
