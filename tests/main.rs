@@ -2847,6 +2847,115 @@ fn replay_says_when_it_matches_columns_by_position_and_names_a_missing_one() {
     );
 }
 
+/// The researcher's trial: two folders each with a `uni` series gave two rows called
+/// `uni`; a NaN that `train` and `replay` fill stopped the harness; `.npy` labels were not
+/// found. Now the rows are `dirA/uni` and `dirB/uni` (with their files in `path`), and
+/// the gappy series with `.npy` labels gets the AUROC that `train` + `replay` give.
+#[test]
+fn harness_names_clashes_by_folder_and_equals_train_and_replay_on_gaps() {
+    let root = tempfile::tempdir().unwrap();
+    let (rows, d) = (600, 3);
+    let anomalies: Vec<usize> = (400..420).collect();
+    for (folder, gaps) in [("dirA", false), ("dirB", true)] {
+        let dir = root.path().join(folder);
+        std::fs::create_dir(&dir).unwrap();
+        for (part, seed) in [("train", 1), ("test", 2)] {
+            let mut next = util::noise(seed);
+            let mut v: Vec<f32> = (0..rows * d)
+                .map(|k| {
+                    let (i, j) = (k / d, k % d);
+                    let shift = if part == "test" && anomalies.contains(&i) {
+                        4.0
+                    } else {
+                        0.0
+                    };
+                    ((i as f64 / 20.0 + j as f64).sin() + 0.1 * next() + shift) as f32
+                })
+                .collect();
+            if gaps {
+                // A gap mid-column, one before a column's first value, one as Inf.
+                for (i, j) in [(10, 2), (0, 1), (50, 0)] {
+                    v[i * d + j] = if i == 50 { f32::INFINITY } else { f32::NAN };
+                }
+            }
+            util::write_npy_f32(&dir.join(format!("uni_{part}.npy")), rows, d, &v);
+        }
+        if gaps {
+            let y: Vec<u8> = (0..rows)
+                .flat_map(|i| i64::from(anomalies.contains(&i)).to_le_bytes())
+                .collect();
+            util::write_npy(
+                &dir.join("uni_test_label.npy"),
+                "<i8",
+                &format!("({rows},)"),
+                &y,
+            );
+        } else {
+            labels(&dir.join("uni_test_label.txt"), rows, &anomalies);
+        }
+    }
+    let csv = root.path().join("h.csv");
+    let (code, out, err) = run(darkwatch()
+        .current_dir(root.path())
+        .args(["harness", "dirA", "dirB", "--out"])
+        .arg(&csv)
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "3"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("\ndirA/uni ") && out.contains("\ndirB/uni "),
+        "{out}"
+    );
+    assert!(
+        err.contains("dirB/uni_train.npy: 3 empty, NaN or Inf cells"),
+        "{err}"
+    );
+    let written = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = written.lines().collect();
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let cell = |line: &str, column: &str| {
+        let i = header.iter().position(|c| *c == column).unwrap();
+        line.split(',').nth(i).unwrap().to_owned()
+    };
+    assert_eq!(header[header.len() - 2..], ["seed", "path"], "{written}");
+    assert_eq!(cell(lines[1], "entity"), "dirA/uni", "{written}");
+    assert_eq!(cell(lines[1], "path"), "dirA/uni_train.npy", "{written}");
+    assert_eq!(cell(lines[2], "entity"), "dirB/uni", "{written}");
+    assert_eq!(cell(lines[2], "seed"), "0", "{written}");
+    let harness_auroc: f64 = cell(lines[2], "auroc").parse().unwrap();
+    // The same files through train and replay.
+    let model = root.path().join("model");
+    let (code, out, err) = run(darkwatch()
+        .current_dir(root.path())
+        .args(["train", "--input", "dirB/uni_train.npy", "--out"])
+        .arg(&model)
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "3"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = run(darkwatch()
+        .current_dir(root.path())
+        .args([
+            "replay",
+            "--input",
+            "dirB/uni_test.npy",
+            "--labels",
+            "dirB/uni_test_label.npy",
+            "--model",
+        ])
+        .arg(&model)
+        .env("DARKWATCH__TRAIN__EPOCHS_MAX", "3"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let replay_auroc: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("point-wise AUROC: "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (harness_auroc - replay_auroc).abs() < 5e-5,
+        "harness {harness_auroc}, train + replay {replay_auroc}"
+    );
+}
+
 /// A folder holding a training file without its test partner evaluates everything else
 /// and names what is missing, instead of stopping before training anything.
 #[test]
