@@ -37,7 +37,7 @@ pub enum OddsProtocol {
 /// One thing to evaluate.
 #[derive(Debug, Clone)]
 pub enum Entity {
-    /// An SMD machine: `<m>_train.npy`, `<m>_test.npy`, `<m>_test_label.txt`, and optional
+    /// An SMD machine: `<m>_train.npy`, `<m>_test.npy`, `<m>_test_label.txt` (or `.npy`), and optional
     /// interpretation labels (`interpretation_label/<m>.txt` or `<m>_interpretation_label.txt`).
     Smd {
         name: String,
