@@ -10,12 +10,13 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array2, ArrayView1, Axis};
+use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::ingest::Segment;
 use crate::model::Model;
 use crate::pipeline::{Scorer, ScorerError};
 use crate::score::Head;
+use crate::window::StreamWindows;
 
 /// HitRate@100 % and @150 % under both protocols, with the frames each averages over.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,15 +85,84 @@ pub fn hit_rates_with(
     segments: &[Segment],
     detected: Option<&[bool]>,
 ) -> Result<HitRates, ScorerError> {
+    let mut next = 0;
+    let ranking = rank(
+        model,
+        head,
+        test.nrows(),
+        first_row,
+        segments,
+        |input, n| {
+            let chunk = test.slice(ndarray::s![next..next + n, ..]);
+            input.copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
+            next += n;
+        },
+    )?;
+    Ok(ranking.rates(detected))
+}
+
+/// Ranks the frames of [`hit_rates_with`] from the input `rows` themselves (aligned, gaps
+/// filled, before any lag window): each batch's windows are built as the batch is filled,
+/// as [`crate::window::windows`] and the replay's source build them, so the input is not
+/// copied whole into windows (`w` times its size for a windowed model). The first
+/// `window_frames − 1` rows only fill the first window, as in the replay.
+/// [`Ranking::rates`] then averages, once the detected frames are known.
+///
+/// # Errors
+/// As [`hit_rates_with`].
+pub fn rank_rows<'s>(
+    model: &Arc<Model>,
+    head: Head,
+    rows: ArrayView2<f32>,
+    segments: &'s [Segment],
+) -> Result<Ranking<'s>, ScorerError> {
+    let w = model.meta.window_frames.max(1);
+    let first_row = (w - 1).min(rows.nrows());
+    let rows = rows.as_standard_layout();
+    let width = model.n_features();
+    let mut stream = StreamWindows::new(w, rows.ncols(), f64::INFINITY);
+    let mut pending = rows.rows().into_iter();
+    rank(
+        model,
+        head,
+        rows.nrows() - first_row,
+        first_row,
+        segments,
+        |input, _| {
+            for slot in input.chunks_exact_mut(width) {
+                // A slot takes the next window the stream yields (zeros, as in
+                // `windows`, should the rows run out first).
+                slot.fill(0.0);
+                for row in pending.by_ref() {
+                    let row = row.to_slice().expect("standard layout rows are contiguous");
+                    if let Some(window) = stream.push(0, row, 0.0) {
+                        slot.copy_from_slice(window);
+                        break;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Scores `frames` frames with `head` in batches of the scorer's size, `fill` writing each
+/// batch (`n` frames, in order) into the scorer's input, and ranks those inside segments.
+fn rank<'s>(
+    model: &Arc<Model>,
+    head: Head,
+    frames: usize,
+    first_row: usize,
+    segments: &'s [Segment],
+    mut fill: impl FnMut(&mut [f32], usize),
+) -> Result<Ranking<'s>, ScorerError> {
     let mut scorer = Scorer::new(model.clone(), head, 256, 1)?;
     let d = model.n_features();
     let base = model.meta.frame_features().len();
-    let mut ranking = Ranking::new(segments, first_row, test.nrows(), base);
+    let mut ranking = Ranking::new(segments, first_row, frames, base);
     let mut first = 0;
-    for chunk in test.axis_chunks_iter(Axis(0), scorer.max_batch()) {
-        let n = chunk.nrows();
-        scorer.input_mut()[..n * d]
-            .copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
+    while first < frames {
+        let n = scorer.max_batch().min(frames - first);
+        fill(&mut scorer.input_mut()[..n * d], n);
         scorer.score(n);
         for i in 0..n {
             scorer.smooth(i, 0, f64::NAN);
@@ -102,14 +172,15 @@ pub fn hit_rates_with(
         }
         first += n;
     }
-    Ok(ranking.rates(detected))
+    Ok(ranking)
 }
 
 /// The frames inside interpretation segments with culprits, ranked one at a time in order
 /// by their contributions; each one's hit rates are kept so that [`Self::rates`] can
 /// average them over the frames of either protocol. Holds no model: the rule from
 /// contributions to HitRates, apart from the scorer that computes them.
-struct Ranking<'s> {
+#[derive(Debug)]
+pub struct Ranking<'s> {
     /// The segment (with culprits) each scored frame lies in, if any.
     culprits: Vec<Option<&'s Segment>>,
     /// (scored frame, @100 %, @150 %) of every frame ranked so far, in order.
@@ -182,7 +253,7 @@ impl<'s> Ranking<'s> {
 
     /// The frames ranked so far averaged: all of them, and those `detected` marks (one
     /// entry per scored frame; see [`detected_frames`]).
-    fn rates(&self, detected: Option<&[bool]>) -> HitRates {
+    pub fn rates(&self, detected: Option<&[bool]>) -> HitRates {
         let (mut h100, mut h150) = (0.0, 0.0);
         let (mut d100, mut d150, mut detected_n) = (0.0, 0.0, 0usize);
         for &(frame, a, b) in &self.hits {
@@ -247,6 +318,8 @@ mod tests {
     /// A lag window's first `w − 1` rows are not scored: a segment wholly among them is not
     /// ranked, one that goes on past them is ranked from the first scored row, and both
     /// are counted as unscored; marking every frame detected gives the headline again.
+    /// Ranking the rows themselves ([`rank_rows`], as replay and the harness do) gives
+    /// exactly what ranking their windowed copy gives (300 rows: two batches).
     #[test]
     fn rows_that_only_fill_a_lag_window_are_not_ranked() {
         use crate::config::DarkwatchConfig;
@@ -289,6 +362,13 @@ mod tests {
             (3 + 10, 2 + 1, 3)
         );
         assert_eq!((h.detected, h.detected_frames), (h.all, h.frames));
+        assert_eq!(
+            rank_rows(&model, model.meta.head, values.view(), &segments)
+                .unwrap()
+                .rates(Some(&all)),
+            h,
+            "ranked from the rows, windows built batch by batch"
+        );
         assert_eq!(
             hit_rates(&model, &frames, w - 1, &segments),
             h.all,
