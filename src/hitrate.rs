@@ -109,7 +109,8 @@ pub fn hit_rates_with(
 /// [`Ranking::rates`] then averages, once the detected frames are known.
 ///
 /// # Errors
-/// As [`hit_rates_with`].
+/// The scorer cannot be built (as [`Scorer::new`]), which a replay of the same model and
+/// head fails on too; the replay ranks before it runs, so this error comes first there.
 pub fn rank_rows<'s>(
     model: &Arc<Model>,
     head: Head,
