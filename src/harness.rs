@@ -14,7 +14,7 @@ use std::time::Instant;
 use ndarray::Axis;
 
 use crate::config::DarkwatchConfig;
-use crate::hitrate::{HitRates, detected_frames, hit_rates_with};
+use crate::hitrate::{HitRates, detected_frames, rank_rows};
 pub use crate::hitrate::{hit_rate_at, hit_rates};
 use crate::ingest::{self, IngestError, Table};
 use crate::model::Model;
@@ -608,13 +608,11 @@ pub fn run_entity(
             },
         })?;
     }
-    let frames = Frames::windowed(&model, test.clone(), None, Some(labels));
+    let frames = Frames::windowed(&model, test, None, Some(labels));
     let (labels, first_row) = (
         frames.labels.clone().unwrap_or_default(),
         frames.first_row(),
     );
-    // The frames the model scores, for HitRate (the replay's source builds its own).
-    let test = crate::window::windows(test.view(), model.meta.window_frames);
     let model = Arc::new(model);
     let replay = |model: Arc<Model>| {
         let head = model.meta.head;
@@ -641,23 +639,19 @@ pub fn run_entity(
         .as_ref()
         .and_then(|e| e.best_f1.as_ref())
         .map(|b| detected_frames(&main.scores, &labels, b.threshold));
-    let hits: Option<HitRates> = segments.as_ref().and_then(|s| {
-        hit_rates_with(
-            &model,
-            model.meta.head,
-            &test,
-            first_row,
-            s,
-            detected.as_deref(),
-        )
-        .ok()
+    // Ranked from the rows, each batch's lag windows built as it goes (no windowed copy).
+    let hits: Option<HitRates> = segments.as_deref().and_then(|s| {
+        rank_rows(&model, model.meta.head, frames.values.view(), s)
+            .ok()
+            .map(|r| r.rates(detected.as_deref()))
     });
     Ok(EntityResult {
         name,
         path: entity.path().to_path_buf(),
         family,
         protocol: proto,
-        rows: test.nrows(),
+        // The scored rows: those after the first lag window's filling.
+        rows: frames.values.nrows() - first_row,
         anomalous: labels.iter().filter(|&&l| l == 1).count(),
         auroc: eval.as_ref().and_then(|e| e.auroc),
         auprc: eval.as_ref().and_then(|e| e.auprc),

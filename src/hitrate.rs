@@ -10,12 +10,13 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array2, Axis};
+use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::ingest::Segment;
 use crate::model::Model;
 use crate::pipeline::{Scorer, ScorerError};
 use crate::score::Head;
+use crate::window::StreamWindows;
 
 /// HitRate@100 % and @150 % under both protocols, with the frames each averages over.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,77 +85,198 @@ pub fn hit_rates_with(
     segments: &[Segment],
     detected: Option<&[bool]>,
 ) -> Result<HitRates, ScorerError> {
+    let mut next = 0;
+    let ranking = rank(
+        model,
+        head,
+        test.nrows(),
+        first_row,
+        segments,
+        |input, n| {
+            let chunk = test.slice(ndarray::s![next..next + n, ..]);
+            input.copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
+            next += n;
+        },
+    )?;
+    Ok(ranking.rates(detected))
+}
+
+/// Ranks the frames of [`hit_rates_with`] from the input `rows` themselves (aligned, gaps
+/// filled, before any lag window): each batch's windows are built as the batch is filled,
+/// as [`crate::window::windows`] and the replay's source build them, so the input is not
+/// copied whole into windows (`w` times its size for a windowed model). The first
+/// `window_frames − 1` rows only fill the first window, as in the replay.
+/// [`Ranking::rates`] then averages, once the detected frames are known.
+///
+/// # Errors
+/// The scorer cannot be built (as [`Scorer::new`]), which a replay of the same model and
+/// head fails on too; the replay ranks before it runs, so this error comes first there.
+pub fn rank_rows<'s>(
+    model: &Arc<Model>,
+    head: Head,
+    rows: ArrayView2<f32>,
+    segments: &'s [Segment],
+) -> Result<Ranking<'s>, ScorerError> {
+    let w = model.meta.window_frames.max(1);
+    let first_row = (w - 1).min(rows.nrows());
+    let rows = rows.as_standard_layout();
+    let width = model.n_features();
+    let mut stream = StreamWindows::new(w, rows.ncols(), f64::INFINITY);
+    let mut pending = rows.rows().into_iter();
+    rank(
+        model,
+        head,
+        rows.nrows() - first_row,
+        first_row,
+        segments,
+        |input, _| {
+            for slot in input.chunks_exact_mut(width) {
+                // A slot takes the next window the stream yields (zeros, as in
+                // `windows`, should the rows run out first).
+                slot.fill(0.0);
+                for row in pending.by_ref() {
+                    let row = row.to_slice().expect("standard layout rows are contiguous");
+                    if let Some(window) = stream.push(0, row, 0.0) {
+                        slot.copy_from_slice(window);
+                        break;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Scores `frames` frames with `head` in batches of the scorer's size, `fill` writing each
+/// batch (`n` frames, in order) into the scorer's input, and ranks those inside segments.
+fn rank<'s>(
+    model: &Arc<Model>,
+    head: Head,
+    frames: usize,
+    first_row: usize,
+    segments: &'s [Segment],
+    mut fill: impl FnMut(&mut [f32], usize),
+) -> Result<Ranking<'s>, ScorerError> {
     let mut scorer = Scorer::new(model.clone(), head, 256, 1)?;
     let d = model.n_features();
     let base = model.meta.frame_features().len();
-    let (mut h100, mut h150, mut frames) = (0.0, 0.0, 0usize);
-    let (mut d100, mut d150, mut detected_n) = (0.0, 0.0, 0usize);
-    let mut order: Vec<usize> = Vec::with_capacity(base);
-    let mut per_feature = vec![0.0f32; base];
-    // The segment (with culprits) each frame lies in, if any.
-    let mut culprits: Vec<Option<&Segment>> = vec![None; test.nrows()];
-    let mut unscored = vec![false; first_row];
-    for seg in segments.iter().filter(|s| !s.dims.is_empty()) {
-        if seg.start < first_row {
-            unscored[seg.start..=seg.end.min(first_row - 1)].fill(true);
-        }
-        let end = seg.end.saturating_sub(first_row).min(test.nrows());
-        if seg.end < first_row {
-            continue;
-        }
-        for slot in culprits
-            .iter_mut()
-            .take(end + 1)
-            .skip(seg.start.saturating_sub(first_row))
-        {
-            *slot = Some(seg);
-        }
-    }
+    let mut ranking = Ranking::new(segments, first_row, frames, base);
     let mut first = 0;
-    for chunk in test.axis_chunks_iter(Axis(0), scorer.max_batch()) {
-        let n = chunk.nrows();
-        scorer.input_mut()[..n * d]
-            .copy_from_slice(chunk.as_standard_layout().as_slice().expect("standard"));
+    while first < frames {
+        let n = scorer.max_batch().min(frames - first);
+        fill(&mut scorer.input_mut()[..n * d], n);
         scorer.score(n);
         for i in 0..n {
             scorer.smooth(i, 0, f64::NAN);
         }
-        let contrib = scorer.contributions(n);
-        for (i, row) in contrib.rows().into_iter().enumerate() {
-            let Some(seg) = culprits[first + i] else {
-                continue;
-            };
-            per_feature.fill(0.0);
-            for (j, &c) in row.iter().enumerate() {
-                per_feature[j % base] += c;
+        for (i, row) in scorer.contributions(n).rows().into_iter().enumerate() {
+            ranking.rank(first + i, row);
+        }
+        first += n;
+    }
+    Ok(ranking)
+}
+
+/// The frames inside interpretation segments with culprits, ranked one at a time in order
+/// by their contributions; each one's hit rates are kept so that [`Self::rates`] can
+/// average them over the frames of either protocol. Holds no model: the rule from
+/// contributions to HitRates, apart from the scorer that computes them.
+#[derive(Debug)]
+pub struct Ranking<'s> {
+    /// The segment (with culprits) each scored frame lies in, if any.
+    culprits: Vec<Option<&'s Segment>>,
+    /// (scored frame, @100 %, @150 %) of every frame ranked so far, in order.
+    hits: Vec<(usize, f64, f64)>,
+    /// Frames of segments among the rows before `first_row`.
+    unscored: usize,
+    /// Segments with culprits.
+    segments: usize,
+    /// Features of one frame: a windowed model's contributions are summed over the lags.
+    base: usize,
+    order: Vec<usize>,
+    per_feature: Vec<f32>,
+}
+
+impl<'s> Ranking<'s> {
+    /// For `frames` scored frames, the first of them input row `first_row` (segments count
+    /// input rows), whose frames have `base` features each.
+    fn new(segments: &'s [Segment], first_row: usize, frames: usize, base: usize) -> Self {
+        let mut culprits: Vec<Option<&Segment>> = vec![None; frames];
+        let mut unscored = vec![false; first_row];
+        for seg in segments.iter().filter(|s| !s.dims.is_empty()) {
+            if seg.start < first_row {
+                unscored[seg.start..=seg.end.min(first_row - 1)].fill(true);
             }
-            order.clear();
-            order.extend(0..base);
-            order.sort_by(|&a, &b| per_feature[b].total_cmp(&per_feature[a]));
-            let (a, b) = (
-                hit_rate_at(&order, &seg.dims, 100),
-                hit_rate_at(&order, &seg.dims, 150),
-            );
+            let end = seg.end.saturating_sub(first_row).min(frames);
+            if seg.end < first_row {
+                continue;
+            }
+            for slot in culprits
+                .iter_mut()
+                .take(end + 1)
+                .skip(seg.start.saturating_sub(first_row))
+            {
+                *slot = Some(seg);
+            }
+        }
+        Ranking {
+            culprits,
+            hits: Vec::new(),
+            unscored: unscored.iter().filter(|&&u| u).count(),
+            segments: segments.iter().filter(|s| !s.dims.is_empty()).count(),
+            base,
+            order: Vec::with_capacity(base),
+            per_feature: vec![0.0; base],
+        }
+    }
+
+    /// Ranks scored frame `frame` by its `contributions` (one per model feature, feature
+    /// `j` adding to frame feature `j % base`), if it lies in a segment with culprits.
+    fn rank(&mut self, frame: usize, contributions: ArrayView1<f32>) {
+        let Some(seg) = self.culprits[frame] else {
+            return;
+        };
+        let base = self.base;
+        let per_feature = &mut self.per_feature;
+        per_feature.fill(0.0);
+        for (j, &c) in contributions.iter().enumerate() {
+            per_feature[j % base] += c;
+        }
+        self.order.clear();
+        self.order.extend(0..base);
+        self.order
+            .sort_by(|&a, &b| per_feature[b].total_cmp(&per_feature[a]));
+        self.hits.push((
+            frame,
+            hit_rate_at(&self.order, &seg.dims, 100),
+            hit_rate_at(&self.order, &seg.dims, 150),
+        ));
+    }
+
+    /// The frames ranked so far averaged: all of them, and those `detected` marks (one
+    /// entry per scored frame; see [`detected_frames`]).
+    pub fn rates(&self, detected: Option<&[bool]>) -> HitRates {
+        let (mut h100, mut h150) = (0.0, 0.0);
+        let (mut d100, mut d150, mut detected_n) = (0.0, 0.0, 0usize);
+        for &(frame, a, b) in &self.hits {
             h100 += a;
             h150 += b;
-            frames += 1;
-            if detected.is_some_and(|m| m.get(first + i).copied().unwrap_or(false)) {
+            if detected.is_some_and(|m| m.get(frame).copied().unwrap_or(false)) {
                 d100 += a;
                 d150 += b;
                 detected_n += 1;
             }
         }
-        first += n;
+        let frames = self.hits.len();
+        let mean = |a: f64, b: f64, n: usize| (n > 0).then(|| (a / n as f64, b / n as f64));
+        HitRates {
+            all: mean(h100, h150, frames),
+            frames,
+            detected: mean(d100, d150, detected_n),
+            detected_frames: detected_n,
+            unscored_frames: self.unscored,
+            segments: self.segments,
+        }
     }
-    let mean = |a: f64, b: f64, n: usize| (n > 0).then(|| (a / n as f64, b / n as f64));
-    Ok(HitRates {
-        all: mean(h100, h150, frames),
-        frames,
-        detected: mean(d100, d150, detected_n),
-        detected_frames: detected_n,
-        unscored_frames: unscored.iter().filter(|&&u| u).count(),
-        segments: segments.iter().filter(|s| !s.dims.is_empty()).count(),
-    })
 }
 
 /// One frame's HitRate@`percent`%: the share of the culprit features `culprits` among the
@@ -197,6 +319,8 @@ mod tests {
     /// A lag window's first `w − 1` rows are not scored: a segment wholly among them is not
     /// ranked, one that goes on past them is ranked from the first scored row, and both
     /// are counted as unscored; marking every frame detected gives the headline again.
+    /// Ranking the rows themselves ([`rank_rows`], as replay and the harness do) gives
+    /// exactly what ranking their windowed copy gives (300 rows: two batches).
     #[test]
     fn rows_that_only_fill_a_lag_window_are_not_ranked() {
         use crate::config::DarkwatchConfig;
@@ -240,6 +364,13 @@ mod tests {
         );
         assert_eq!((h.detected, h.detected_frames), (h.all, h.frames));
         assert_eq!(
+            rank_rows(&model, model.meta.head, values.view(), &segments)
+                .unwrap()
+                .rates(Some(&all)),
+            h,
+            "ranked from the rows, windows built batch by batch"
+        );
+        assert_eq!(
             hit_rates(&model, &frames, w - 1, &segments),
             h.all,
             "the harness's entry point"
@@ -259,6 +390,96 @@ mod tests {
         assert_eq!(
             detected_frames(&scores, &labels, 0.5),
             [false, true, false, true, false]
+        );
+    }
+
+    /// The detected-frames protocol end to end on a hand-sized series, every number below
+    /// worked out by hand: best-F1 threshold → detected frames → each frame's hits → both
+    /// averages. Four features, eight frames, no lag window.
+    ///
+    /// ```text
+    /// frame      0    1    2    3     4    5    6    7
+    /// score     0.1  0.9  0.6  0.15  0.2  0.6  0.8  0.3
+    /// label      0    1    1    1     0    1    1    0
+    /// segment    -    A    A    A     -    B    B    B     A: culprits {0, 2}, B: {1}
+    /// ```
+    ///
+    /// Best F1 (5 anomalous frames; flagged = score ≥ t), over the distinct scores:
+    /// t = 0.9: TP 1, FP 0 → F1 1/3; t = 0.8: TP 2 → 4/7; t = 0.6: TP 4 (1, 2, 5, 6), FP 0
+    /// → P 1, R 0.8, F1 8/9; t = 0.3: TP 4, FP 1 → 0.8; t = 0.2: TP 4, FP 2 → 8/11;
+    /// t = 0.15: TP 5, FP 2 → 5/6; t = 0.1: TP 5, FP 3 → 10/13. Best: 8/9 at t = 0.6.
+    ///
+    /// Detected (labelled 1, score ≥ 0.6): frames 1, 6, and 2 and 5, which tie with the
+    /// threshold. Frame 3 is anomalous but below it, frame 7 is in a segment but labelled 0,
+    /// frames 0 and 4 lie in no segment.
+    ///
+    /// Hits: segment A has |G| = 2, so @100 looks at the top 2 features and @150 at the
+    /// top ⌊3⌋ = 3. Segment B has |G| = 1 (odd): @100 the top 1, @150 the top ⌊1.5⌋ = 1
+    /// (rounding up would look at 2).
+    ///
+    /// ```text
+    /// frame  contributions (f0..f3)  ranked        @100      @150
+    ///   1    0.5  0.1  0.3  0.2      0 2 3 1       2/2 = 1   2/2 = 1
+    ///   2    0.1  0.4  0.3  0.05     1 2 0 3       1/2       2/2 = 1
+    ///   3    0.2  0.3  0.1  0.4      3 1 0 2       0/2 = 0   1/2
+    ///   5    0.2  0.3  0.1  0.4      3 1 0 2       0         0 (⌈1.5⌉ would give 1)
+    ///   6    0.1  0.5  0.2  0.3      1 3 2 0       1         1
+    ///   7    0.4  0.1  0.3  0.2      0 2 3 1       0         0
+    /// ```
+    ///
+    /// All six segment frames: @100 (1 + ½ + 0 + 0 + 1 + 0)/6 = 2.5/6, @150
+    /// (1 + 1 + ½ + 0 + 1 + 0)/6 = 3.5/6. Detected frames 1, 2, 5, 6: @100
+    /// (1 + ½ + 0 + 1)/4 = 2.5/4, @150 (1 + 1 + 0 + 1)/4 = 3/4. Were the tie not detected
+    /// (`>`), only frames 1 and 6 would be, and both averages would be 1.
+    #[test]
+    fn detected_frames_hit_rate_by_hand() {
+        let scores = [0.1, 0.9, 0.6, 0.15, 0.2, 0.6, 0.8, 0.3];
+        let labels = [0, 1, 1, 1, 0, 1, 1, 0];
+        // Frames 0 and 4 lie in no segment: whatever they contribute is not ranked.
+        let contributions = ndarray::array![
+            [9.0, 9.0, 9.0, 9.0],
+            [0.5, 0.1, 0.3, 0.2],
+            [0.1, 0.4, 0.3, 0.05],
+            [0.2, 0.3, 0.1, 0.4],
+            [9.0, 9.0, 9.0, 9.0],
+            [0.2, 0.3, 0.1, 0.4],
+            [0.1, 0.5, 0.2, 0.3],
+            [0.4, 0.1, 0.3, 0.2],
+        ];
+        let segments = [
+            Segment {
+                start: 1,
+                end: 3,
+                dims: vec![0, 2],
+            },
+            Segment {
+                start: 5,
+                end: 7,
+                dims: vec![1],
+            },
+        ];
+        let best = crate::eval::best_f1(&scores, &labels).unwrap().unwrap();
+        assert_eq!(best.threshold, 0.6);
+        assert!((best.f1 - 8.0 / 9.0).abs() < 1e-12, "{best:?}");
+        let detected = detected_frames(&scores, &labels, best.threshold);
+        assert_eq!(
+            detected,
+            [false, true, true, false, false, true, true, false]
+        );
+        let mut ranking = Ranking::new(&segments, 0, scores.len(), 4);
+        for (i, row) in contributions.rows().into_iter().enumerate() {
+            ranking.rank(i, row);
+        }
+        assert_eq!(
+            ranking.rates(Some(&detected)),
+            HitRates {
+                all: Some((2.5 / 6.0, 3.5 / 6.0)),
+                frames: 6,
+                detected: Some((2.5 / 4.0, 3.0 / 4.0)),
+                detected_frames: 4,
+                unscored_frames: 0,
+                segments: 2,
+            }
         );
     }
 }

@@ -17,7 +17,7 @@ use ndarray::Array2;
 use crate::alert::{AlertEvent, AlertState, AlertStatus, Observation};
 use crate::config::DarkwatchConfig;
 use crate::eval::{self, Report};
-use crate::hitrate::{HitRates, detected_frames, hit_rates_with};
+use crate::hitrate::{HitRates, detected_frames, rank_rows};
 use crate::ingest::{self, IngestError, SegmentBounds, Table, TableOptions};
 use crate::model::{Model, ModelError};
 use crate::mss::MssConfig;
@@ -620,11 +620,14 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         .as_deref()
         .filter(|_| w > 1)
         .map(|l| UnscoredLabels::of(l, w - 1));
-    // The frames the model scores, for HitRate (the replay's source builds its own), as
-    // the harness builds them: rows before the first scored one are not ranked.
-    let hit_frames = segments
-        .as_ref()
-        .map(|_| crate::window::windows(values.view(), w));
+    // Each frame inside an interpretation segment ranked by its contributions now, while
+    // the rows are at hand (the replay takes them), as the harness ranks them: rows before
+    // the first scored one are not ranked. Which were detected is known after the replay.
+    let ranking = segments
+        .as_deref()
+        .map(|s| rank_rows(&model, head, values.view(), s))
+        .transpose()
+        .map_err(PipelineError::from)?;
     let frames = Frames::windowed(&model, values, timestamps, labels);
     let first_frame = frames.first_row();
     let outputs = Outputs {
@@ -641,7 +644,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         })?;
     outcome.resumed = resumed;
     outcome.unscored_labels = unscored_labels;
-    if let (Some(segments), Some(test)) = (&segments, &hit_frames) {
+    if let Some(ranking) = &ranking {
         // The frames found at the point-wise best-F1 threshold, for the second protocol.
         let detected = outcome
             .eval
@@ -649,16 +652,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
             .and_then(|e| e.best_f1.as_ref())
             .zip(outcome.labels.as_deref())
             .map(|(b, l)| detected_frames(&outcome.scores, l, b.threshold));
-        let hits = hit_rates_with(
-            &outcome.model,
-            outcome.head,
-            test,
-            first_frame,
-            segments,
-            detected.as_deref(),
-        )
-        .map_err(PipelineError::from)?;
-        outcome.hit_rates = Some(hits);
+        outcome.hit_rates = Some(ranking.rates(detected.as_deref()));
     }
     if req.table {
         // Episodes of consecutive rows (and so their precision, recall and frames) mean
