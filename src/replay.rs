@@ -242,8 +242,11 @@ pub fn check_model_dir(dir: &Path) -> Result<(), ReplayError> {
 /// of the frame's own block; [`crate::window::windows`] then builds the windows).
 ///
 /// Same names in the same order: used as is. The model's names among the input's columns
-/// (in any order, extra columns allowed): selected and reordered. Generic names (`f0`, `f1`, … from NPY) on either side: matched by position
-/// when the counts agree. Anything else is an error naming the first difference.
+/// (in any order, extra columns allowed): selected and reordered, also when the model's
+/// names are the generic `f0`, `f1`, … of an NPY and a CSV header names them (a header
+/// `f9,f8,…,f0` is taken by name, not position). Otherwise generic names on either side
+/// are matched by position when the counts agree. Anything else is an error naming the
+/// first difference.
 pub fn align_features(
     model: &Model,
     table: Table,
@@ -264,8 +267,9 @@ pub fn align_features(
         }
     };
     let by_name = want.iter().all(|w| have.contains(w));
-    // A different width is fine only when the model's (real, not f0…) names are all there.
-    if have.len() != want.len() && (!by_name || generic(want)) {
+    // A different width is fine when the model's names are all there, except between two
+    // generic lists (an NPY of 11 columns for a model of 10: there are no names to go by).
+    if have.len() != want.len() && (!by_name || (generic(want) && generic(have))) {
         // With names on both sides, say which of the model's the input lacks.
         let missing: Vec<&String> = want.iter().filter(|w| !have.contains(w)).collect();
         let named = if generic(want) || generic(have) || missing.is_empty() {
@@ -280,25 +284,35 @@ pub fn align_features(
             model.meta.provenance.data_file
         )));
     }
-    if have == want || (have.len() == want.len() && (generic(have) || generic(want))) {
+    if have != want && by_name && generic(want) {
+        // A header that names the model's generated names is taken at its word: by
+        // position, `f9,…,f0` would be scored reversed with nothing but a warning.
+        tracing::info!(
+            "The model's features are unnamed ({}, trained from {}): the input's columns of those names are used by name.",
+            generated_names(want.len()),
+            model.meta.provenance.data_file
+        );
+    }
+    if have == want
+        || (!by_name && have.len() == want.len() && (generic(have) || generic(want)))
+    {
         // Unnamed on one side only: the named columns are taken by position, which is right
         // only if they come in the training file's order. Said, since a wrong order scores
         // every frame as an anomaly without any other sign.
         let (unnamed, named) = (generic(want), generic(have));
         if unnamed != named {
-            let span = |n: usize| format!("f0…f{}", n.saturating_sub(1));
             let all = |names: &[String]| list(&names.iter().collect::<Vec<_>>());
             if unnamed {
                 tracing::warn!(
                     "The model's features are unnamed ({}, trained from {}): the input's columns {} are used in that order.",
-                    span(want.len()),
+                    generated_names(want.len()),
                     model.meta.provenance.data_file,
                     all(have)
                 );
             } else {
                 tracing::warn!(
                     "The input's columns are unnamed ({}): they are used as the model's features {} in that order.",
-                    span(have.len()),
+                    generated_names(have.len()),
                     all(want)
                 );
             }
@@ -318,6 +332,15 @@ pub fn align_features(
     }
     let values = table.values.select(ndarray::Axis(1), &order);
     Ok((values, table.timestamps))
+}
+
+/// The generic names of `n` unnamed features, as the warnings write them: `f0…f9`, or
+/// `f0` alone for one (not `f0…f0`).
+fn generated_names(n: usize) -> String {
+    match n {
+        0 | 1 => "f0".to_string(),
+        n => format!("f0…f{}", n - 1),
+    }
 }
 
 /// Most of the cells [`fill_gaps`] fills before it refuses: a file mostly of gaps would be
@@ -1420,6 +1443,61 @@ mod tests {
             l[a..=b].fill(1);
         }
         l
+    }
+
+    /// A model trained on an NPY (features f0, f1, f2) and a CSV whose header names them in
+    /// another order: matched by name, not by position (a trial's `f9,…,f0` was scored
+    /// reversed, AUROC 0.585 instead of 0.991). Extra columns are left out; two generic
+    /// lists of different widths, and named columns that are not the generated names,
+    /// keep the old rules.
+    #[test]
+    fn generated_feature_names_in_a_header_are_matched_by_name() {
+        let (n, d) = (200, 3);
+        let values =
+            Array2::from_shape_fn((n, d), |(i, j)| ((i * 7 + j * 13) % 17) as f32 + 100.0 * j as f32);
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let table = |features: Vec<String>, values: Array2<f32>| Table {
+            path: "t.csv".into(),
+            features,
+            timestamps: None,
+            values,
+        };
+        let mut cfg = DarkwatchConfig::default();
+        cfg.train.epochs_max = 2;
+        cfg.model.members = 1;
+        cfg.model.window_frames = 1;
+        let train = table(names(&["f0", "f1", "f2"]), values.clone());
+        let (model, _) = crate::model::fit::fit(&train, "", &cfg, &mut |_| {}).unwrap();
+        // Reversed header, reversed columns: back in the model's order.
+        let reversed = values.select(ndarray::Axis(1), &[2, 1, 0]);
+        let (got, _) =
+            align_features(&model, table(names(&["f2", "f1", "f0"]), reversed)).unwrap();
+        assert_eq!(got, values);
+        // A permutation with an extra column.
+        let extra = ndarray::concatenate(
+            ndarray::Axis(1),
+            &[
+                values.select(ndarray::Axis(1), &[1]).view(),
+                Array2::<f32>::zeros((n, 1)).view(),
+                values.select(ndarray::Axis(1), &[2, 0]).view(),
+            ],
+        )
+        .unwrap();
+        let (got, _) =
+            align_features(&model, table(names(&["f1", "x", "f2", "f0"]), extra)).unwrap();
+        assert_eq!(got, values);
+        // Other names: still by position (with the warning).
+        let (got, _) =
+            align_features(&model, table(names(&["a", "b", "c"]), values.clone())).unwrap();
+        assert_eq!(got, values);
+        // An NPY of four columns for a model of three: no names to choose by.
+        let wide = Array2::<f32>::zeros((n, 4));
+        let e = align_features(&model, table(names(&["f0", "f1", "f2", "f3"]), wide))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4 features in the input, but the model was trained on 3"), "{e}");
+        assert_eq!(generated_names(1), "f0");
+        assert_eq!(generated_names(10), "f0…f9");
     }
 
     /// Gaps are carried forward as the assembler carries a missing metric, counted per
