@@ -60,7 +60,8 @@ enum Command {
         /// The input is a table whose rows have no order (an ODDS / ADBench set, not a time
         /// series): scores are not averaged over rows (smooth_frames 1) and no row gets a
         /// lag window of the rows before it (window_frames 1), whatever the configuration
-        /// says. `replay --table` scores such a model's tables.
+        /// says. The model records it: `replay` of it scores its input as a table, as
+        /// `replay --table` does, and `inspect` says "trained as a table".
         #[arg(long)]
         table: bool,
     },
@@ -121,6 +122,7 @@ enum Command {
         smooth_frames: Option<usize>,
         /// The input is a table whose rows have no order (ODDS-style data): score every row
         /// alone, and leave out what assumes an order (point-adjusted F1, alert episodes).
+        /// The default for a model trained with `train --table`.
         #[arg(long, conflicts_with_all = ["smooth_frames", "events"])]
         table: bool,
         /// Pace the replay at this many frames per second (default: as fast as possible).
@@ -1684,6 +1686,8 @@ fn run(command: Command) -> Result<()> {
                     ] {
                         obj.entry(key).or_insert_with(|| v.into());
                     }
+                    obj.entry("table")
+                        .or_insert_with(|| model.meta.table.into());
                 }
                 emit(&format!("{}\n", serde_json::to_string_pretty(&meta)?))?;
             } else {
@@ -1834,7 +1838,7 @@ fn train(
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let (model, report) = model::fit::fit(&table, &sha, &cfg, &mut |e| {
+    let (mut model, report) = model::fit::fit(&table, &sha, &cfg, &mut |e| {
         if !tty && let Some(line) = epoch_log.epoch(e, started.elapsed()) {
             eprintln!("darkwatch: {line}");
         }
@@ -1871,6 +1875,8 @@ fn train(
             removed.display()
         );
     }
+    // Remembered, so that `replay` of this model scores a table without being told again.
+    model.meta.table = rows_unordered;
     model.save(out)?;
     if let Some(note) = report.still_falling_note(model.ae.members, cfg.train.epochs_max) {
         eprintln!("darkwatch: note: {note}");

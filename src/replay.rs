@@ -580,10 +580,31 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         }
         model = model.with_mss(mss);
     }
+    // A model trained as a table scores its input as one, as `--table` would; the
+    // settings `--table` refuses are refused for it too.
+    let as_table = req.table || model.meta.table;
+    if model.meta.table && !req.table {
+        let refused = match (&req.events, req.smooth_frames) {
+            (Some(_), _) => Some("--events"),
+            (None, Some(_)) => Some("--smooth-frames"),
+            (None, None) => None,
+        };
+        if let Some(option) = refused {
+            return Err(ReplayError::Features {
+                input: req.model_dir.clone(),
+                reason: format!(
+                    "the model was trained as a table (train --table), whose rows have no order, so {option} does not apply; train without --table to score frames in order"
+                ),
+            });
+        }
+        tracing::warn!(
+            "The model was trained as a table (train --table): the input is scored as a table, as with --table (rows alone, no point-adjusted F1, alert episodes or events)."
+        );
+    }
     if let Some(frames) = req.smooth_frames {
         model = model.with_smoothing(frames);
     }
-    if req.table {
+    if as_table {
         let w = model.meta.window_frames;
         if w > 1 {
             return Err(ReplayError::Features {
@@ -620,7 +641,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         None => None,
     };
     let (mut values, timestamps) = align_features(&model, table)?;
-    fill_input_gaps(&model, &req.input, &mut values, !req.table)?;
+    fill_input_gaps(&model, &req.input, &mut values, !as_table)?;
     let w = model.meta.window_frames;
     if w > rows {
         return Err(ReplayError::Features {
@@ -683,7 +704,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         .map_err(PipelineError::from)?;
         outcome.hit_rates = Some(hits);
     }
-    if req.table {
+    if as_table {
         // Episodes of consecutive rows (and so their precision, recall and frames) mean
         // nothing where the rows have no order.
         outcome.table = true;
@@ -1253,6 +1274,10 @@ impl std::fmt::Display for ReplayOutcome {
                 None => "no MSS".into(),
             },
             match (self.table, self.model.meta.smooth_frames) {
+                (true, _) if self.model.meta.table => {
+                    "a table (the model was trained as one): rows scored alone, in no order"
+                        .to_string()
+                }
                 (true, _) => "a table: rows scored alone, in no order".to_string(),
                 (false, 1) => "frames scored alone".to_string(),
                 (false, n) => {

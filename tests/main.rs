@@ -2724,7 +2724,9 @@ fn train_names_constant_columns_and_warns_when_all_are_constant() {
 }
 
 /// `train --table`: rows without order get neither smoothing nor a lag window, which a
-/// one-column input would otherwise get by default, and the model records both as 1.
+/// one-column input would otherwise get by default, and the model records both as 1 and
+/// that it is a table: `replay` of it scores a table without `--table` (a trial's replay
+/// printed point-adjusted F1 and alert lines for such a model, with no word).
 #[test]
 fn train_table_records_no_smoothing_and_no_window() {
     let dir = tempfile::tempdir().unwrap();
@@ -2770,10 +2772,35 @@ fn train_table_records_no_smoothing_and_no_window() {
     assert_eq!(meta["window_frames"], 1, "{meta}");
     assert_eq!(meta["smooth_frames"], 1, "{meta}");
     assert_eq!(meta["features"], serde_json::json!(["load"]), "{meta}");
+    assert_eq!(meta["table"], true, "{meta}");
+    assert_eq!(meta_of(&series)["table"], false);
     let (code, out, _) = run(darkwatch().arg("inspect").arg(&table));
     assert_eq!(code, 0);
     assert!(out.contains("window     none"), "{out}");
     assert!(out.contains("smoothing  none"), "{out}");
+    assert!(out.contains("trained as a table"), "{out}");
+    // Only a table model writes the field: other models' model.json stays as it was.
+    let json = std::fs::read_to_string(series.join("model.json")).unwrap();
+    assert!(!json.contains("\"table\""), "{json}");
+
+    let lab = dir.path().join("labels.txt");
+    labels(&lab, 1200, &(600..610).collect::<Vec<_>>());
+    let (code, out, err) = replay_with(&table, &train, &lab, &[] as &[&str]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("The model was trained as a table (train --table)"),
+        "{err}"
+    );
+    assert!(out.contains("a table (the model was trained as one)"), "{out}");
+    for gone in ["point-adjusted", "events      ", "alert episodes"] {
+        assert!(!out.contains(gone), "{gone}: {out}");
+    }
+    // What `--table` refuses is refused for a table model too.
+    let events = dir.path().join("events.jsonl");
+    let (code, _, err) = replay_with(&table, &train, &lab, &[std::ffi::OsStr::new("--events"), events.as_os_str()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("trained as a table") && err.contains("--events"), "{err}");
+    assert!(!events.exists());
 }
 
 /// Columns matched by position to unnamed features (a model trained from an NPY, or an
