@@ -86,7 +86,10 @@ enum Command {
         /// and with --labels the same over the frames detected at the best-F1 threshold.
         #[arg(long)]
         interpretation: Option<PathBuf>,
-        /// Write one CSV row per frame (score, threshold, alarm, the frame's own score before smoothing, top contributions) here.
+        /// Write one CSV row per frame here: frame (the 0-based input row), timestamp,
+        /// score, threshold, alarm (1: the threshold flagged it), frame_score (the frame's own
+        /// score before smoothing), then topN_feature, topN_contribution for N = 1 to
+        /// [score] top_contributions.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Write one JSON line per alert event (Alertmanager-shaped) here.
