@@ -76,7 +76,12 @@ enum Command {
         /// column with no value, is refused. Rows out of time order are warned about.
         #[arg(long)]
         input: PathBuf,
-        /// One 0/1 label per input row (1 = anomalous): enables AUROC / AUPRC / F1.
+        /// One 0/1 label per input row (1 = anomalous): enables point-wise AUROC, AUPRC
+        /// and F1. AUPRC is average precision (scikit-learn's average_precision_score:
+        /// the sum over the distinct scores, highest first, of the recall gained times the
+        /// precision there; a step function, no interpolation). The best F1's threshold is
+        /// chosen with the labels; the F1 of the streaming alarms (the `alarm` column of
+        /// --out) is at the threshold actually used.
         #[arg(long)]
         labels: Option<PathBuf>,
         /// Interpretation labels, one anomaly segment a line as `start-end:dim,dim,...`

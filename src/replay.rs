@@ -16,7 +16,7 @@ use ndarray::Array2;
 
 use crate::alert::{AlertEvent, AlertState, AlertStatus, Observation};
 use crate::config::DarkwatchConfig;
-use crate::eval::{self, Report};
+use crate::eval::{self, FlaggedF1, Report};
 use crate::hitrate::{HitRates, detected_frames, hit_rates_with};
 use crate::ingest::{self, IngestError, SegmentBounds, Table, TableOptions};
 use crate::model::{Model, ModelError};
@@ -110,8 +110,14 @@ pub struct ReplayOutcome {
     pub model_versions: Vec<u32>,
     /// The threshold each frame was compared with (NaN without a threshold).
     pub thresholds: Vec<f64>,
+    /// Whether the streaming threshold flagged each frame (the `alarm` column of `--out`).
+    pub alarms: Vec<bool>,
     pub labels: Option<Vec<u8>>,
     pub eval: Option<Report>,
+    /// Point-wise precision, recall and F1 of [`Self::alarms`] (labels and a threshold
+    /// given): what the threshold actually used achieved, beside the best F1 that the
+    /// labels chose.
+    pub alarm_f1: Option<FlaggedF1>,
     /// Alert episodes as inclusive frame ranges.
     pub alert_spans: Vec<(usize, usize)>,
     pub events: Vec<AlertEvent>,
@@ -293,9 +299,7 @@ pub fn align_features(
             model.meta.provenance.data_file
         );
     }
-    if have == want
-        || (!by_name && have.len() == want.len() && (generic(have) || generic(want)))
-    {
+    if have == want || (!by_name && have.len() == want.len() && (generic(have) || generic(want))) {
         // Unnamed on one side only: the named columns are taken by position, which is right
         // only if they come in the training file's order. Said, since a wrong order scores
         // every frame as an anomaly without any other sign.
@@ -1017,6 +1021,11 @@ pub fn replay_frames(
         .as_deref()
         .filter(|_| sink.threshold.is_some())
         .map(|l| event_report(&alert_spans, &fired, l));
+    // The labels were checked by `evaluate` above.
+    let alarm_f1 = labels
+        .as_deref()
+        .filter(|_| sink.threshold.is_some())
+        .and_then(|l| eval::flagged_f1(&sink.alarms, l).ok());
     Ok(ReplayOutcome {
         model,
         head,
@@ -1024,8 +1033,10 @@ pub fn replay_frames(
         scores,
         model_versions: sink.model_versions,
         thresholds: sink.thresholds,
+        alarms: sink.alarms,
         labels,
         eval,
+        alarm_f1,
         alert_spans,
         events: sink.events,
         event_report,
@@ -1100,6 +1111,7 @@ struct ReplaySink {
     scores: Vec<f32>,
     model_versions: Vec<u32>,
     thresholds: Vec<f64>,
+    alarms: Vec<bool>,
     threshold: Option<Threshold>,
     alerts: AlertState,
     events: Vec<AlertEvent>,
@@ -1136,6 +1148,7 @@ impl ReplaySink {
             scores: vec![f32::NAN; rows],
             model_versions: vec![0; rows],
             thresholds: vec![f64::NAN; rows],
+            alarms: vec![false; rows],
             threshold,
             alerts,
             events: Vec::new(),
@@ -1227,6 +1240,9 @@ impl Sink for ReplaySink {
         if let Some(slot) = self.thresholds.get_mut(i) {
             *slot = threshold;
         }
+        if let Some(slot) = self.alarms.get_mut(i) {
+            *slot = alarm;
+        }
         if self.threshold.is_some()
             && let Some(event) = self.alerts.observe(&Observation::from_scored(f, threshold))
         {
@@ -1302,10 +1318,25 @@ impl std::fmt::Display for ReplayOutcome {
                 p.frames_dropped, p.frames_invalid
             )?;
         }
-        match &self.eval {
-            Some(r) if self.table => writeln!(f, "{}", r.pointwise())?,
-            Some(r) => writeln!(f, "{r}")?,
-            None => writeln!(f, "no labels given: no detection metrics")?,
+        // What the threshold in use flagged, under the best F1 the labels picked.
+        let alarms = self
+            .alarm_f1
+            .as_ref()
+            .zip(self.threshold.as_ref())
+            .map(|(a, t)| {
+                (
+                    format!(
+                        "the streaming alarms ({} threshold, the `alarm` column of --out)",
+                        t.kind.name()
+                    ),
+                    a,
+                )
+            });
+        match (&self.eval, &alarms) {
+            (Some(r), Some((name, a))) => writeln!(f, "{}", r.with_alarms(name, a, !self.table))?,
+            (Some(r), None) if self.table => writeln!(f, "{}", r.pointwise())?,
+            (Some(r), None) => writeln!(f, "{r}")?,
+            (None, _) => writeln!(f, "no labels given: no detection metrics")?,
         }
         if let Some(u) = &self.unscored_labels {
             writeln!(f, "labels      {u}")?;
@@ -1478,8 +1509,9 @@ mod tests {
     #[test]
     fn generated_feature_names_in_a_header_are_matched_by_name() {
         let (n, d) = (200, 3);
-        let values =
-            Array2::from_shape_fn((n, d), |(i, j)| ((i * 7 + j * 13) % 17) as f32 + 100.0 * j as f32);
+        let values = Array2::from_shape_fn((n, d), |(i, j)| {
+            ((i * 7 + j * 13) % 17) as f32 + 100.0 * j as f32
+        });
         let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let table = |features: Vec<String>, values: Array2<f32>| Table {
             path: "t.csv".into(),
@@ -1495,8 +1527,7 @@ mod tests {
         let (model, _) = crate::model::fit::fit(&train, "", &cfg, &mut |_| {}).unwrap();
         // Reversed header, reversed columns: back in the model's order.
         let reversed = values.select(ndarray::Axis(1), &[2, 1, 0]);
-        let (got, _) =
-            align_features(&model, table(names(&["f2", "f1", "f0"]), reversed)).unwrap();
+        let (got, _) = align_features(&model, table(names(&["f2", "f1", "f0"]), reversed)).unwrap();
         assert_eq!(got, values);
         // A permutation with an extra column.
         let extra = ndarray::concatenate(
@@ -1520,7 +1551,10 @@ mod tests {
         let e = align_features(&model, table(names(&["f0", "f1", "f2", "f3"]), wide))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("4 features in the input, but the model was trained on 3"), "{e}");
+        assert!(
+            e.contains("4 features in the input, but the model was trained on 3"),
+            "{e}"
+        );
         assert_eq!(generated_names(1), "f0");
         assert_eq!(generated_names(10), "f0…f9");
     }
