@@ -143,11 +143,75 @@ pub fn point_adjusted_best_f1(scores: &[f32], labels: &[u8]) -> Result<Option<Be
     Ok(sweep_best_f1(&group_sorted(items)))
 }
 
+/// Point-wise precision, recall and F1 of given flags (a streaming threshold's alarms),
+/// not of a threshold chosen with the labels as [`BestF1`] is. `None` where undefined:
+/// precision with nothing flagged, recall with no anomalous row, F1 with neither.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FlaggedF1 {
+    /// Rows flagged.
+    pub flagged: usize,
+    /// Of them, labelled anomalous.
+    pub true_positives: usize,
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    pub f1: Option<f64>,
+}
+
+/// [`FlaggedF1`] of `flags` (one per row, true = flagged) against 0/1 `labels`.
+///
+/// # Errors
+/// As [`evaluate`].
+pub fn flagged_f1(flags: &[bool], labels: &[u8]) -> Result<FlaggedF1, EvalError> {
+    if flags.len() != labels.len() {
+        return Err(EvalError::LengthMismatch {
+            scores: flags.len(),
+            labels: labels.len(),
+        });
+    }
+    if let Some(index) = labels.iter().position(|&l| l > 1) {
+        return Err(EvalError::BadLabel {
+            index,
+            value: labels[index],
+        });
+    }
+    let flagged = flags.iter().filter(|&&a| a).count();
+    let positives = labels.iter().filter(|&&l| l == 1).count();
+    let tp = flags
+        .iter()
+        .zip(labels)
+        .filter(|&(&a, &l)| a && l == 1)
+        .count();
+    let ratio = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
+    Ok(FlaggedF1 {
+        flagged,
+        true_positives: tp,
+        precision: ratio(tp, flagged),
+        recall: ratio(tp, positives),
+        f1: ratio(2 * tp, flagged + positives),
+    })
+}
+
+impl fmt::Display for FlaggedF1 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let num = |x: Option<f64>| x.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"));
+        write!(
+            f,
+            "{} (precision {}, recall {}; {} rows flagged, {} of them anomalous)",
+            num(self.f1),
+            num(self.precision),
+            num(self.recall),
+            self.flagged,
+            self.true_positives
+        )
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         Shown {
             report: self,
             point_adjusted: true,
+            alarms: None,
         }
         .fmt(f)
     }
@@ -157,6 +221,8 @@ impl fmt::Display for Report {
 struct Shown<'a> {
     report: &'a Report,
     point_adjusted: bool,
+    /// The flags of the threshold in use, named, printed under the best F1.
+    alarms: Option<(&'a str, &'a FlaggedF1)>,
 }
 
 impl fmt::Display for Shown<'_> {
@@ -174,8 +240,15 @@ impl fmt::Display for Shown<'_> {
         )?;
         let num = |x: Option<f64>| x.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"));
         writeln!(f, "point-wise AUROC: {}", num(r.auroc))?;
-        writeln!(f, "point-wise AUPRC: {}", num(r.auprc))?;
-        write!(f, "point-wise best F1: {}", ShowF1(r.best_f1))?;
+        writeln!(f, "point-wise AUPRC (average precision): {}", num(r.auprc))?;
+        write!(
+            f,
+            "point-wise best F1 (threshold chosen with the labels): {}",
+            ShowF1(r.best_f1)
+        )?;
+        if let Some((name, a)) = self.alarms {
+            write!(f, "\npoint-wise F1 of {name}: {a}")?;
+        }
         if self.point_adjusted {
             write!(
                 f,
@@ -197,6 +270,22 @@ impl Report {
         Shown {
             report: self,
             point_adjusted: false,
+            alarms: None,
+        }
+    }
+
+    /// The report with the point-wise F1 of the alarms actually raised (`name` says whose)
+    /// under its best F1; without the point-adjusted F1 when `point_adjusted` is false.
+    pub fn with_alarms<'a>(
+        &'a self,
+        name: &'a str,
+        alarms: &'a FlaggedF1,
+        point_adjusted: bool,
+    ) -> impl fmt::Display + 'a {
+        Shown {
+            report: self,
+            point_adjusted,
+            alarms: Some((name, alarms)),
         }
     }
 }
@@ -478,9 +567,12 @@ mod tests {
             .find("point-adjusted F1 (not point-wise, inflated; for comparison only)")
             .unwrap();
         assert!(auroc_at < pa_at, "{text}");
-        assert!(text.contains("point-wise AUPRC: 0.8333"), "{text}");
         assert!(
-            text.contains("best F1: 0.8000 (precision 0.6667, recall 1.0000, at score >= 0.35)"),
+            text.contains("point-wise best F1 (threshold chosen with the labels): 0.8000 (precision 0.6667, recall 1.0000, at score >= 0.35)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("point-wise AUPRC (average precision): 0.8333"),
             "{text}"
         );
         assert!(
@@ -488,6 +580,25 @@ mod tests {
                 .unwrap()
                 .contains("\"pa_best_f1\"")
         );
+    }
+
+    /// Flags counted by hand: 5 rows, 2 anomalous; flagged rows 1, 2, 4 hold one of them.
+    #[test]
+    fn flagged_f1_counts_the_flags_given() {
+        let r = flagged_f1(&[false, true, true, false, true], &[0, 1, 0, 1, 0]).unwrap();
+        assert_eq!((r.flagged, r.true_positives), (3, 1));
+        assert_eq!(r.precision, Some(1.0 / 3.0));
+        assert_eq!(r.recall, Some(0.5));
+        // 2·tp / (flagged + anomalous) = 2 / 5, the harmonic mean of 1/3 and 1/2.
+        assert!((r.f1.unwrap() - 0.4).abs() < 1e-12);
+        assert_eq!(
+            r.to_string(),
+            "0.4000 (precision 0.3333, recall 0.5000; 3 rows flagged, 1 of them anomalous)"
+        );
+        // Nothing flagged: no precision; recall and F1 0.
+        let r = flagged_f1(&[false; 3], &[0, 1, 0]).unwrap();
+        assert_eq!((r.precision, r.recall, r.f1), (None, Some(0.0), Some(0.0)));
+        assert!(flagged_f1(&[true], &[0, 1]).is_err());
     }
 
     /// Brute-force definitions, O(n²), to check the sweeps on random data with ties.

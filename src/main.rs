@@ -60,7 +60,8 @@ enum Command {
         /// The input is a table whose rows have no order (an ODDS / ADBench set, not a time
         /// series): scores are not averaged over rows (smooth_frames 1) and no row gets a
         /// lag window of the rows before it (window_frames 1), whatever the configuration
-        /// says. `replay --table` scores such a model's tables.
+        /// says. The model records it: `replay` of it scores its input as a table, as
+        /// `replay --table` does, and `inspect` says "trained as a table".
         #[arg(long)]
         table: bool,
     },
@@ -75,7 +76,12 @@ enum Command {
         /// column with no value, is refused. Rows out of time order are warned about.
         #[arg(long)]
         input: PathBuf,
-        /// One 0/1 label per input row (1 = anomalous): enables AUROC / AUPRC / F1.
+        /// One 0/1 label per input row (1 = anomalous): enables point-wise AUROC, AUPRC
+        /// and F1. AUPRC is average precision (scikit-learn's average_precision_score:
+        /// the sum over the distinct scores, highest first, of the recall gained times the
+        /// precision there; a step function, no interpolation). The best F1's threshold is
+        /// chosen with the labels; the F1 of the streaming alarms (the `alarm` column of
+        /// --out) is at the threshold actually used.
         #[arg(long)]
         labels: Option<PathBuf>,
         /// Interpretation labels, one anomaly segment a line as `start-end:dim,dim,...`
@@ -85,7 +91,10 @@ enum Command {
         /// and with --labels the same over the frames detected at the best-F1 threshold.
         #[arg(long)]
         interpretation: Option<PathBuf>,
-        /// Write one CSV row per frame (score, threshold, alarm, the frame's own score before smoothing, top contributions) here.
+        /// Write one CSV row per frame here: frame (the 0-based input row), timestamp,
+        /// score, threshold, alarm (1: the threshold flagged it), frame_score (the frame's own
+        /// score before smoothing), then topN_feature, topN_contribution for N = 1 to
+        /// [score] top_contributions.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Write one JSON line per alert event (Alertmanager-shaped) here.
@@ -121,6 +130,7 @@ enum Command {
         smooth_frames: Option<usize>,
         /// The input is a table whose rows have no order (ODDS-style data): score every row
         /// alone, and leave out what assumes an order (point-adjusted F1, alert episodes).
+        /// The default for a model trained with `train --table`.
         #[arg(long, conflicts_with_all = ["smooth_frames", "events"])]
         table: bool,
         /// Pace the replay at this many frames per second (default: as fast as possible).
@@ -1686,6 +1696,8 @@ fn run(command: Command) -> Result<()> {
                     ] {
                         obj.entry(key).or_insert_with(|| v.into());
                     }
+                    obj.entry("table")
+                        .or_insert_with(|| model.meta.table.into());
                 }
                 emit(&format!("{}\n", serde_json::to_string_pretty(&meta)?))?;
             } else {
@@ -1836,7 +1848,7 @@ fn train(
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let (model, report) = model::fit::fit(&table, &sha, &cfg, &mut |e| {
+    let (mut model, report) = model::fit::fit(&table, &sha, &cfg, &mut |e| {
         if !tty && let Some(line) = epoch_log.epoch(e, started.elapsed()) {
             eprintln!("darkwatch: {line}");
         }
@@ -1873,6 +1885,8 @@ fn train(
             removed.display()
         );
     }
+    // Remembered, so that `replay` of this model scores a table without being told again.
+    model.meta.table = rows_unordered;
     model.save(out)?;
     if let Some(note) = report.still_falling_note(model.ae.members, cfg.train.epochs_max) {
         eprintln!("darkwatch: note: {note}");

@@ -16,7 +16,7 @@ use ndarray::Array2;
 
 use crate::alert::{AlertEvent, AlertState, AlertStatus, Observation};
 use crate::config::DarkwatchConfig;
-use crate::eval::{self, Report};
+use crate::eval::{self, FlaggedF1, Report};
 use crate::hitrate::{HitRates, detected_frames, rank_rows};
 use crate::ingest::{self, IngestError, SegmentBounds, Table, TableOptions};
 use crate::model::{Model, ModelError};
@@ -110,8 +110,14 @@ pub struct ReplayOutcome {
     pub model_versions: Vec<u32>,
     /// The threshold each frame was compared with (NaN without a threshold).
     pub thresholds: Vec<f64>,
+    /// Whether the streaming threshold flagged each frame (the `alarm` column of `--out`).
+    pub alarms: Vec<bool>,
     pub labels: Option<Vec<u8>>,
     pub eval: Option<Report>,
+    /// Point-wise precision, recall and F1 of [`Self::alarms`] (labels and a threshold
+    /// given): what the threshold actually used achieved, beside the best F1 that the
+    /// labels chose.
+    pub alarm_f1: Option<FlaggedF1>,
     /// Alert episodes as inclusive frame ranges.
     pub alert_spans: Vec<(usize, usize)>,
     pub events: Vec<AlertEvent>,
@@ -242,8 +248,11 @@ pub fn check_model_dir(dir: &Path) -> Result<(), ReplayError> {
 /// of the frame's own block; [`crate::window::windows`] then builds the windows).
 ///
 /// Same names in the same order: used as is. The model's names among the input's columns
-/// (in any order, extra columns allowed): selected and reordered. Generic names (`f0`, `f1`, … from NPY) on either side: matched by position
-/// when the counts agree. Anything else is an error naming the first difference.
+/// (in any order, extra columns allowed): selected and reordered, also when the model's
+/// names are the generic `f0`, `f1`, … of an NPY and a CSV header names them (a header
+/// `f9,f8,…,f0` is taken by name, not position). Otherwise generic names on either side
+/// are matched by position when the counts agree. Anything else is an error naming the
+/// first difference.
 pub fn align_features(
     model: &Model,
     table: Table,
@@ -264,8 +273,9 @@ pub fn align_features(
         }
     };
     let by_name = want.iter().all(|w| have.contains(w));
-    // A different width is fine only when the model's (real, not f0…) names are all there.
-    if have.len() != want.len() && (!by_name || generic(want)) {
+    // A different width is fine when the model's names are all there, except between two
+    // generic lists (an NPY of 11 columns for a model of 10: there are no names to go by).
+    if have.len() != want.len() && (!by_name || (generic(want) && generic(have))) {
         // With names on both sides, say which of the model's the input lacks.
         let missing: Vec<&String> = want.iter().filter(|w| !have.contains(w)).collect();
         let named = if generic(want) || generic(have) || missing.is_empty() {
@@ -280,25 +290,33 @@ pub fn align_features(
             model.meta.provenance.data_file
         )));
     }
-    if have == want || (have.len() == want.len() && (generic(have) || generic(want))) {
+    if have != want && by_name && generic(want) {
+        // A header that names the model's generated names is taken at its word: by
+        // position, `f9,…,f0` would be scored reversed with nothing but a warning.
+        tracing::info!(
+            "The model's features are unnamed ({}, trained from {}): the input's columns of those names are used by name.",
+            generated_names(want.len()),
+            model.meta.provenance.data_file
+        );
+    }
+    if have == want || (!by_name && have.len() == want.len() && (generic(have) || generic(want))) {
         // Unnamed on one side only: the named columns are taken by position, which is right
         // only if they come in the training file's order. Said, since a wrong order scores
         // every frame as an anomaly without any other sign.
         let (unnamed, named) = (generic(want), generic(have));
         if unnamed != named {
-            let span = |n: usize| format!("f0…f{}", n.saturating_sub(1));
             let all = |names: &[String]| list(&names.iter().collect::<Vec<_>>());
             if unnamed {
                 tracing::warn!(
                     "The model's features are unnamed ({}, trained from {}): the input's columns {} are used in that order.",
-                    span(want.len()),
+                    generated_names(want.len()),
                     model.meta.provenance.data_file,
                     all(have)
                 );
             } else {
                 tracing::warn!(
                     "The input's columns are unnamed ({}): they are used as the model's features {} in that order.",
-                    span(have.len()),
+                    generated_names(have.len()),
                     all(want)
                 );
             }
@@ -318,6 +336,15 @@ pub fn align_features(
     }
     let values = table.values.select(ndarray::Axis(1), &order);
     Ok((values, table.timestamps))
+}
+
+/// The generic names of `n` unnamed features, as the warnings write them: `f0…f9`, or
+/// `f0` alone for one (not `f0…f0`).
+fn generated_names(n: usize) -> String {
+    match n {
+        0 | 1 => "f0".to_string(),
+        n => format!("f0…f{}", n - 1),
+    }
 }
 
 /// Most of the cells [`fill_gaps`] fills before it refuses: a file mostly of gaps would be
@@ -557,10 +584,31 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         }
         model = model.with_mss(mss);
     }
+    // A model trained as a table scores its input as one, as `--table` would; the
+    // settings `--table` refuses are refused for it too.
+    let as_table = req.table || model.meta.table;
+    if model.meta.table && !req.table {
+        let refused = match (&req.events, req.smooth_frames) {
+            (Some(_), _) => Some("--events"),
+            (None, Some(_)) => Some("--smooth-frames"),
+            (None, None) => None,
+        };
+        if let Some(option) = refused {
+            return Err(ReplayError::Features {
+                input: req.model_dir.clone(),
+                reason: format!(
+                    "the model was trained as a table (train --table), whose rows have no order, so {option} does not apply; train without --table to score frames in order"
+                ),
+            });
+        }
+        tracing::warn!(
+            "The model was trained as a table (train --table): the input is scored as a table, as with --table (rows alone, no point-adjusted F1, alert episodes or events)."
+        );
+    }
     if let Some(frames) = req.smooth_frames {
         model = model.with_smoothing(frames);
     }
-    if req.table {
+    if as_table {
         let w = model.meta.window_frames;
         if w > 1 {
             return Err(ReplayError::Features {
@@ -597,7 +645,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         None => None,
     };
     let (mut values, timestamps) = align_features(&model, table)?;
-    fill_input_gaps(&model, &req.input, &mut values, !req.table)?;
+    fill_input_gaps(&model, &req.input, &mut values, !as_table)?;
     let w = model.meta.window_frames;
     if w > rows {
         return Err(ReplayError::Features {
@@ -654,7 +702,7 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
             .map(|(b, l)| detected_frames(&outcome.scores, l, b.threshold));
         outcome.hit_rates = Some(ranking.rates(detected.as_deref()));
     }
-    if req.table {
+    if as_table {
         // Episodes of consecutive rows (and so their precision, recall and frames) mean
         // nothing where the rows have no order.
         outcome.table = true;
@@ -967,6 +1015,11 @@ pub fn replay_frames(
         .as_deref()
         .filter(|_| sink.threshold.is_some())
         .map(|l| event_report(&alert_spans, &fired, l));
+    // The labels were checked by `evaluate` above.
+    let alarm_f1 = labels
+        .as_deref()
+        .filter(|_| sink.threshold.is_some())
+        .and_then(|l| eval::flagged_f1(&sink.alarms, l).ok());
     Ok(ReplayOutcome {
         model,
         head,
@@ -974,8 +1027,10 @@ pub fn replay_frames(
         scores,
         model_versions: sink.model_versions,
         thresholds: sink.thresholds,
+        alarms: sink.alarms,
         labels,
         eval,
+        alarm_f1,
         alert_spans,
         events: sink.events,
         event_report,
@@ -1050,6 +1105,7 @@ struct ReplaySink {
     scores: Vec<f32>,
     model_versions: Vec<u32>,
     thresholds: Vec<f64>,
+    alarms: Vec<bool>,
     threshold: Option<Threshold>,
     alerts: AlertState,
     events: Vec<AlertEvent>,
@@ -1086,6 +1142,7 @@ impl ReplaySink {
             scores: vec![f32::NAN; rows],
             model_versions: vec![0; rows],
             thresholds: vec![f64::NAN; rows],
+            alarms: vec![false; rows],
             threshold,
             alerts,
             events: Vec::new(),
@@ -1177,6 +1234,9 @@ impl Sink for ReplaySink {
         if let Some(slot) = self.thresholds.get_mut(i) {
             *slot = threshold;
         }
+        if let Some(slot) = self.alarms.get_mut(i) {
+            *slot = alarm;
+        }
         if self.threshold.is_some()
             && let Some(event) = self.alerts.observe(&Observation::from_scored(f, threshold))
         {
@@ -1224,6 +1284,10 @@ impl std::fmt::Display for ReplayOutcome {
                 None => "no MSS".into(),
             },
             match (self.table, self.model.meta.smooth_frames) {
+                (true, _) if self.model.meta.table => {
+                    "a table (the model was trained as one): rows scored alone, in no order"
+                        .to_string()
+                }
                 (true, _) => "a table: rows scored alone, in no order".to_string(),
                 (false, 1) => "frames scored alone".to_string(),
                 (false, n) => {
@@ -1248,10 +1312,25 @@ impl std::fmt::Display for ReplayOutcome {
                 p.frames_dropped, p.frames_invalid
             )?;
         }
-        match &self.eval {
-            Some(r) if self.table => writeln!(f, "{}", r.pointwise())?,
-            Some(r) => writeln!(f, "{r}")?,
-            None => writeln!(f, "no labels given: no detection metrics")?,
+        // What the threshold in use flagged, under the best F1 the labels picked.
+        let alarms = self
+            .alarm_f1
+            .as_ref()
+            .zip(self.threshold.as_ref())
+            .map(|(a, t)| {
+                (
+                    format!(
+                        "the streaming alarms ({} threshold, the `alarm` column of --out)",
+                        t.kind.name()
+                    ),
+                    a,
+                )
+            });
+        match (&self.eval, &alarms) {
+            (Some(r), Some((name, a))) => writeln!(f, "{}", r.with_alarms(name, a, !self.table))?,
+            (Some(r), None) if self.table => writeln!(f, "{}", r.pointwise())?,
+            (Some(r), None) => writeln!(f, "{r}")?,
+            (None, _) => writeln!(f, "no labels given: no detection metrics")?,
         }
         if let Some(u) = &self.unscored_labels {
             writeln!(f, "labels      {u}")?;
@@ -1414,6 +1493,64 @@ mod tests {
             l[a..=b].fill(1);
         }
         l
+    }
+
+    /// A model trained on an NPY (features f0, f1, f2) and a CSV whose header names them in
+    /// another order: matched by name, not by position (a trial's `f9,…,f0` was scored
+    /// reversed, AUROC 0.585 instead of 0.991). Extra columns are left out; two generic
+    /// lists of different widths, and named columns that are not the generated names,
+    /// keep the old rules.
+    #[test]
+    fn generated_feature_names_in_a_header_are_matched_by_name() {
+        let (n, d) = (200, 3);
+        let values = Array2::from_shape_fn((n, d), |(i, j)| {
+            ((i * 7 + j * 13) % 17) as f32 + 100.0 * j as f32
+        });
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let table = |features: Vec<String>, values: Array2<f32>| Table {
+            path: "t.csv".into(),
+            features,
+            timestamps: None,
+            values,
+        };
+        let mut cfg = DarkwatchConfig::default();
+        cfg.train.epochs_max = 2;
+        cfg.model.members = 1;
+        cfg.model.window_frames = 1;
+        let train = table(names(&["f0", "f1", "f2"]), values.clone());
+        let (model, _) = crate::model::fit::fit(&train, "", &cfg, &mut |_| {}).unwrap();
+        // Reversed header, reversed columns: back in the model's order.
+        let reversed = values.select(ndarray::Axis(1), &[2, 1, 0]);
+        let (got, _) = align_features(&model, table(names(&["f2", "f1", "f0"]), reversed)).unwrap();
+        assert_eq!(got, values);
+        // A permutation with an extra column.
+        let extra = ndarray::concatenate(
+            ndarray::Axis(1),
+            &[
+                values.select(ndarray::Axis(1), &[1]).view(),
+                Array2::<f32>::zeros((n, 1)).view(),
+                values.select(ndarray::Axis(1), &[2, 0]).view(),
+            ],
+        )
+        .unwrap();
+        let (got, _) =
+            align_features(&model, table(names(&["f1", "x", "f2", "f0"]), extra)).unwrap();
+        assert_eq!(got, values);
+        // Other names: still by position (with the warning).
+        let (got, _) =
+            align_features(&model, table(names(&["a", "b", "c"]), values.clone())).unwrap();
+        assert_eq!(got, values);
+        // An NPY of four columns for a model of three: no names to choose by.
+        let wide = Array2::<f32>::zeros((n, 4));
+        let e = align_features(&model, table(names(&["f0", "f1", "f2", "f3"]), wide))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("4 features in the input, but the model was trained on 3"),
+            "{e}"
+        );
+        assert_eq!(generated_names(1), "f0");
+        assert_eq!(generated_names(10), "f0…f9");
     }
 
     /// Gaps are carried forward as the assembler carries a missing metric, counted per

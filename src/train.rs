@@ -26,7 +26,10 @@ const ADAM_EPS: f32 = 1e-8;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Most passes over the training rows (at least 1).
+    /// Most passes over the training rows (at least 1). Early stopping
+    /// (`patience_epochs`) ends sooner only once the validation loss stops improving; on
+    /// long, smooth series it often runs all of them, and `train` then notes that the
+    /// validation loss was still falling ([`TrainReport::still_falling_note`]).
     pub epochs_max: usize,
     /// Rows per Adam step (at least 1); an epoch's last batch may be smaller.
     pub batch_size: usize,

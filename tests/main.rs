@@ -2726,7 +2726,9 @@ fn train_names_constant_columns_and_warns_when_all_are_constant() {
 }
 
 /// `train --table`: rows without order get neither smoothing nor a lag window, which a
-/// one-column input would otherwise get by default, and the model records both as 1.
+/// one-column input would otherwise get by default, and the model records both as 1 and
+/// that it is a table: `replay` of it scores a table without `--table` (a trial's replay
+/// printed point-adjusted F1 and alert lines for such a model, with no word).
 #[test]
 fn train_table_records_no_smoothing_and_no_window() {
     let dir = tempfile::tempdir().unwrap();
@@ -2772,10 +2774,95 @@ fn train_table_records_no_smoothing_and_no_window() {
     assert_eq!(meta["window_frames"], 1, "{meta}");
     assert_eq!(meta["smooth_frames"], 1, "{meta}");
     assert_eq!(meta["features"], serde_json::json!(["load"]), "{meta}");
+    assert_eq!(meta["table"], true, "{meta}");
+    assert_eq!(meta_of(&series)["table"], false);
     let (code, out, _) = run(darkwatch().arg("inspect").arg(&table));
     assert_eq!(code, 0);
     assert!(out.contains("window     none"), "{out}");
     assert!(out.contains("smoothing  none"), "{out}");
+    assert!(out.contains("trained as a table"), "{out}");
+    // Only a table model writes the field: other models' model.json stays as it was.
+    let json = std::fs::read_to_string(series.join("model.json")).unwrap();
+    assert!(!json.contains("\"table\""), "{json}");
+
+    let lab = dir.path().join("labels.txt");
+    labels(&lab, 1200, &(600..610).collect::<Vec<_>>());
+    let (code, out, err) = replay_with(&table, &train, &lab, &[] as &[&str]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("The model was trained as a table (train --table)"),
+        "{err}"
+    );
+    assert!(
+        out.contains("a table (the model was trained as one)"),
+        "{out}"
+    );
+    for gone in ["point-adjusted", "events      ", "alert episodes"] {
+        assert!(!out.contains(gone), "{gone}: {out}");
+    }
+    // What `--table` refuses is refused for a table model too.
+    let events = dir.path().join("events.jsonl");
+    let (code, _, err) = replay_with(
+        &table,
+        &train,
+        &lab,
+        &[std::ffi::OsStr::new("--events"), events.as_os_str()],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("trained as a table") && err.contains("--events"),
+        "{err}"
+    );
+    assert!(!events.exists());
+}
+
+/// The point-wise F1 of the streaming alarms that replay prints is the one of the `alarm`
+/// column of `--out` against the labels (a trial computed it by hand; replay printed only
+/// the best F1, whose threshold the labels choose).
+#[test]
+fn replay_prints_the_f1_of_the_alarms_in_its_out_file() {
+    let (dir, model, test, lab) = trained();
+    let scores = dir.path().join("s.csv");
+    let (code, out, err) = replay_with(
+        &model,
+        &test,
+        &lab,
+        &[std::ffi::OsStr::new("--out"), scores.as_os_str()],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let labels: Vec<u8> = std::fs::read_to_string(&lab)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    let text = std::fs::read_to_string(&scores).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let (frame, alarm) = (
+        header.iter().position(|&c| c == "frame").unwrap(),
+        header.iter().position(|&c| c == "alarm").unwrap(),
+    );
+    let (mut flagged, mut tp) = (0usize, 0usize);
+    for line in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        if cells[alarm] == "1" {
+            flagged += 1;
+            tp += usize::from(labels[cells[frame].parse::<usize>().unwrap()] == 1);
+        }
+    }
+    let positives = labels.iter().filter(|&&l| l == 1).count();
+    assert!(flagged > 0 && positives > 0, "{out}");
+    let (p, r) = (tp as f64 / flagged as f64, tp as f64 / positives as f64);
+    let f1 = 2.0 * tp as f64 / (flagged + positives) as f64;
+    let want = format!(
+        "point-wise F1 of the streaming alarms (spot threshold, the `alarm` column of --out): {f1:.4} (precision {p:.4}, recall {r:.4}; {flagged} rows flagged, {tp} of them anomalous)"
+    );
+    assert!(out.contains(&want), "{want}\n{out}");
+    // Printed under the best F1, whose threshold the labels chose, and labelled so.
+    let best = out
+        .find("point-wise best F1 (threshold chosen with the labels): ")
+        .unwrap();
+    assert!(best < out.find(&want).unwrap(), "{out}");
 }
 
 /// Columns matched by position to unnamed features (a model trained from an NPY, or an

@@ -246,6 +246,7 @@ fn new_meta(
         features,
         window_frames: 1,
         smooth_frames: cfg.score.smooth_frames,
+        table: false,
         scaler,
         architecture: Architecture {
             kind: "dense_autoencoder".into(),

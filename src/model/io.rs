@@ -66,6 +66,11 @@ pub struct ModelMeta {
     /// in models trained before smoothing, which score frame by frame.
     #[serde(default = "one_frame", skip_serializing_if = "is_one_frame")]
     pub smooth_frames: usize,
+    /// Trained as a table (`train --table`): rows without order, scored alone, so `replay`
+    /// leaves out what assumes an order. Absent (false) in other models and in models
+    /// trained before the field, which load as before.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub table: bool,
     pub scaler: Scaler,
     pub architecture: Architecture,
     pub head: Head,
@@ -132,6 +137,11 @@ fn one_frame() -> usize {
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
 fn is_one_frame(n: &usize) -> bool {
     *n == 1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl ModelMeta {
@@ -937,6 +947,12 @@ pub fn describe(model: &Model, dir: &Path) -> String {
             "smoothing  none: each score its frame's own (smooth_frames 1)"
         );
     }
+    if m.table {
+        let _ = writeln!(
+            s,
+            "table      trained as a table (train --table): rows have no order; replay scores its input as a table"
+        );
+    }
     let bank = model.bank.as_ref().map_or(0, |b| b.frames());
     if m.mss.is_off() {
         let _ = writeln!(s, "mss        off ({bank} reference frames stored)");
@@ -1001,4 +1017,29 @@ pub fn describe(model: &Model, dir: &Path) -> String {
     }
     let _ = writeln!(s, "version    written by darkwatch {}", p.darkwatch_version);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundled models were written before `table`: they load, as not tables, and a
+    /// model that is not a table writes no `table` field, so its model.json is unchanged.
+    #[test]
+    fn a_model_from_before_the_table_field_loads_as_not_a_table() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smd-machine-1-6");
+        let text = fs::read_to_string(dir.join(META_FILE)).unwrap();
+        assert!(!text.contains("\"table\""));
+        let model = Model::load(&dir).unwrap();
+        assert!(!model.meta.table);
+        let json = serde_json::to_string(&model.meta).unwrap();
+        assert!(!json.contains("\"table\""), "{json}");
+        let table = ModelMeta {
+            table: true,
+            ..model.meta
+        };
+        let json = serde_json::to_string(&table).unwrap();
+        assert!(json.contains("\"table\":true"));
+        assert!(serde_json::from_str::<ModelMeta>(&json).unwrap().table);
+    }
 }
