@@ -201,9 +201,15 @@ not restart it), 1 for other failures.")]
         /// Model to time (default: an untrained model of the default shape for 38 features).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Frames timed one at a time (at least 100, so that a p99 means something).
+        /// Frames timed one at a time (at least 100, so that a p99 means something); the
+        /// batch throughput scores 100 times as many per head (ONNX heads an eighth of that).
         #[arg(long, default_value_t = 20_000, value_parser = parse_bench_frames)]
         frames: usize,
+        /// Also write the report as JSON to FILE (`-`: stdout, the table then goes to
+        /// stderr): the machine, and one record per timed row (README "Latency and
+        /// throughput").
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
         /// `onnx`: also time the model directory's ONNX graph through ONNX Runtime (needs
         /// the `onnx` feature), beside the native rows, in the same run.
         #[arg(long, value_enum)]
@@ -757,9 +763,16 @@ fn frames_up_to(s: &str, max: usize) -> Result<usize, String> {
     }
 }
 
-/// Rows of one timed retrain: 1 to 10⁷ (a retrain holds them, scaled, in memory).
+/// Rows of one timed retrain: 100 (what a refit needs) to 10⁷ (a retrain holds them, scaled,
+/// in memory).
 fn parse_retrain_frames(s: &str) -> Result<usize, String> {
-    frames_up_to(s, 10_000_000)
+    let min = darkwatch::bench::RETRAIN_MIN_FRAMES;
+    match s.parse::<usize>() {
+        Ok(n) if n < min => Err(format!(
+            "{s} frames are too few for a retrain: give at least {min} (a refit needs {min})"
+        )),
+        _ => frames_up_to(s, 10_000_000),
+    }
 }
 
 fn parse_smooth_frames(s: &str) -> Result<usize, String> {
@@ -980,6 +993,63 @@ fn parse_positive(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{s}: {e}")),
     }
+}
+
+/// `bench`'s and `sae-bench`'s lines as they are measured: the report on stdout (stderr when
+/// stdout carries the JSON), flushed line by line so an interrupted run keeps its rows;
+/// progress on stderr.
+struct BenchLines {
+    to_stderr: bool,
+    failed: Option<std::io::Error>,
+}
+
+impl BenchLines {
+    fn new(to_stderr: bool) -> BenchLines {
+        BenchLines {
+            to_stderr,
+            failed: None,
+        }
+    }
+
+    /// The first write error, if any (a closed pipe ends the run there).
+    fn result(&mut self) -> Result<()> {
+        match self.failed.take() {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl darkwatch::bench::BenchSink for BenchLines {
+    fn line(&mut self, text: &str) {
+        use std::io::Write;
+        if self.failed.is_some() {
+            return;
+        }
+        let written = if self.to_stderr {
+            let mut err = std::io::stderr().lock();
+            writeln!(err, "{text}").and_then(|()| err.flush())
+        } else {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{text}").and_then(|()| out.flush())
+        };
+        if let Err(e) = written {
+            self.failed = Some(e);
+        }
+    }
+
+    fn status(&mut self, text: &str) {
+        eprintln!("darkwatch: {text}");
+    }
+}
+
+/// Writes a bench's JSON to `path` (`-`: stdout).
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    if path == Path::new("-") {
+        return emit(&text);
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Writes to stdout, returning (not panicking on) a closed pipe.
@@ -1362,6 +1432,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench {
             model,
             frames,
+            json,
             backend,
             config,
             retrain_frames,
@@ -1384,10 +1455,7 @@ fn run(command: Command) -> Result<()> {
                 }
                 None => model::fit::synthetic(38, 0),
             };
-            let opts = darkwatch::bench::BenchOptions {
-                latency_frames: frames,
-                ..Default::default()
-            };
+            let opts = darkwatch::bench::BenchOptions::for_frames(frames);
             // Read and check the retraining data before the heads are timed, so that a
             // wrong file fails at once, not after the timing.
             let retrain_rows = match retrain_frames {
@@ -1416,9 +1484,11 @@ fn run(command: Command) -> Result<()> {
                     model.n_features()
                 );
             }
-            eprintln!("darkwatch: timing each head…");
             let model = Arc::new(model);
-            emit(&darkwatch::bench::run(model.clone(), &opts).to_string())?;
+            let mut sink = BenchLines::new(json.as_deref() == Some(Path::new("-")));
+            let report = darkwatch::bench::run(model.clone(), &opts, &mut sink);
+            sink.result()?;
+            let mut record = report.to_json();
             if let (Some(rows), Some(data)) = (retrain_frames, retrain_rows) {
                 eprintln!("darkwatch: timing online retraining…");
                 let native = Arc::new(Model {
@@ -1426,10 +1496,14 @@ fn run(command: Command) -> Result<()> {
                     cuda: None,
                     ..(*model).clone()
                 });
-                emit(
-                    &darkwatch::bench::retrain(&native, data.view(), rows, opts.latency_frames)
-                        .to_string(),
-                )?;
+                let retrain =
+                    darkwatch::bench::retrain(&native, data.view(), rows, opts.latency_frames)?;
+                darkwatch::bench::BenchSink::line(&mut sink, retrain.to_string().trim_end());
+                sink.result()?;
+                record["retrain"] = retrain.to_json();
+            }
+            if let Some(path) = json {
+                write_json(&path, &record)?;
             }
             Ok(())
         }
