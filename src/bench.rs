@@ -910,7 +910,7 @@ impl fmt::Display for RetrainBench {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "one retrain ({} frames, {} epochs, refit + gate): {:.2} s wall, {:.2} s CPU",
+            "one retrain ({} frames, {} epochs, refit + gate): {:.3} s wall, {:.3} s CPU",
             self.rows, self.epochs, self.wall_secs, self.cpu_secs
         )?;
         writeln!(
@@ -976,7 +976,61 @@ impl fmt::Display for RetrainBench {
 
 #[cfg(test)]
 mod tests {
-    use super::median_ns;
+    use super::*;
+
+    #[test]
+    fn cpu_model_is_the_first_model_name() {
+        let text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n\
+                    processor\t: 1\nmodel name\t: other\n";
+        assert_eq!(cpu_model(text).as_deref(), Some("AMD EPYC 7B13"));
+        assert_eq!(cpu_model("processor\t: 0\nmodel name\t:\n"), None);
+    }
+
+    /// The head column fits its longest label (`wnll+mss(m=1,k=10,2048 synthetic frames)`,
+    /// 40 characters, overflowed a 34-wide column), and a p99 from 100 frames is flagged.
+    #[test]
+    fn rows_fit_the_longest_label_and_flag_small_samples() {
+        let mut batch1 = LatencyHistogram::new();
+        (0..100).for_each(|i| batch1.record(1_000 + i));
+        let label = "wnll+mss(m=1,k=10,2048 synthetic frames)".to_string();
+        let head = |label: &str| HeadBench {
+            label: label.into(),
+            head: "wnll",
+            backend: "native".into(),
+            mss: true,
+            flops_per_frame: 1000,
+            batch1: batch1.clone(),
+            run_alone: None,
+            exact_medians: None,
+            batch_frames: 10_240,
+            batch_frames_per_s: 1e5,
+        };
+        let report = BenchReport {
+            machine: MachineInfo::detect("portable"),
+            clock_overhead_ns: 30.0,
+            model_id: "m".into(),
+            widths: vec![4, 2, 4],
+            flops_per_frame: 1000,
+            matmul_gflops: 10.0,
+            batch: 256,
+            latency_frames: 100,
+            label_width: label.chars().count(),
+            heads: vec![head("mse"), head(&label)],
+        };
+        let text = report.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        let at = |prefix: &str| lines.iter().find(|l| l.starts_with(prefix)).unwrap();
+        // The p50 column starts at the same place on every row, after the longest label.
+        let col = |l: &str| l.find(" µs").unwrap();
+        assert_eq!(col(at("mse ")), col(at(&label)), "{text}");
+        assert!(at(&label).starts_with(&format!("{label} ")), "{text}");
+        assert!(at("mse ").contains("µs*     100"), "{text}");
+        assert!(
+            text.contains("*: p99 from fewer than 1000 samples"),
+            "{text}"
+        );
+        assert!(text.contains("machine: "), "{text}");
+    }
 
     #[test]
     fn median_is_exact_for_odd_and_even_counts() {

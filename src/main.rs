@@ -241,9 +241,14 @@ not restart it), 1 for other failures.")]
         /// Seconds per measurement (four per shape, four shapes).
         #[arg(long, default_value_t = 2.0, value_parser = parse_bench_secs)]
         secs: f64,
-        /// The large batch (at least 1).
-        #[arg(long, default_value_t = 256, value_parser = parse_positive)]
+        /// The large batch (1 to 65536; a batch that needs more than half the memory
+        /// available is refused before anything is allocated).
+        #[arg(long, default_value_t = 256, value_parser = parse_sae_batch)]
         batch: usize,
+        /// Also write the report as JSON to FILE (`-`: stdout, the table then goes to
+        /// stderr): the machine, and one record per row.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Train a TopK sparse autoencoder on activation rows [tokens, d] (.npy / .safetensors)
     /// and write it as a SAELens folder, with a dark-matter head fitted on its errors and the
@@ -830,7 +835,8 @@ fn sae_bench_own(
     dir: &Path,
     input: Option<&Path>,
     mut opts: darkwatch::sae::bench::SaeBenchOptions,
-) -> Result<()> {
+    sink: &mut BenchLines,
+) -> Result<darkwatch::sae::bench::SaeBenchReport> {
     use darkwatch::sae::{Sae, bench, detector};
     let sae = Sae::load(dir)?;
     let dark = detector::head_dir(dir);
@@ -862,10 +868,11 @@ fn sae_bench_own(
     opts.shapes = vec![(sae.d_in(), sae.d_sae())];
     // The ndarray comparison checks the kernel choice on the random shapes; not needed here.
     opts.compare_ndarray = false;
+    sae_bench_batch_fits(&opts)?;
     eprintln!(
         "darkwatch: timing {} (about {})…",
         dir.display(),
-        bench::duration_text(opts.estimated_secs())
+        bench::duration_text(opts.estimated_secs(darkwatch::bench::matmul_gflops()))
     );
     let name = dir.display().to_string();
     let own = bench::OwnSae {
@@ -874,11 +881,10 @@ fn sae_bench_own(
         head: head.as_ref(),
         inputs: inputs.as_ref().map(|x| x.view()),
     };
-    let report = bench::run_own(&own, &opts).with_context(|| match input {
+    bench::run_own(&own, &opts, sink).with_context(|| match input {
         Some(p) => format!("{} with --input {}", dir.display(), p.display()),
         None => dir.display().to_string(),
-    })?;
-    emit(&report.to_string())
+    })
 }
 
 /// Progress of `sae-head`'s and `sae-score`'s passes over the rows, on stderr as `train`
@@ -1050,6 +1056,24 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
         return emit(&text);
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Refuses a `sae-bench --batch` too large for this machine before announcing the run.
+fn sae_bench_batch_fits(opts: &darkwatch::sae::bench::SaeBenchOptions) -> Result<()> {
+    match opts.check_batch() {
+        Err(darkwatch::sae::SaeError::Invalid(why)) => Err(anyhow::Error::msg(why)),
+        other => Ok(other?),
+    }
+}
+
+/// `sae-bench --batch`: 1 to [`darkwatch::sae::bench::MAX_BATCH`] (10⁷ aborted allocating
+/// 61 GB; 2⁶⁴ − 1 overflowed the array shape).
+fn parse_sae_batch(s: &str) -> Result<usize, String> {
+    let max = darkwatch::sae::bench::MAX_BATCH;
+    match parse_positive(s)? {
+        n if n > max => Err(format!("{s}: give at most {max}")),
+        n => Ok(n),
+    }
 }
 
 /// Writes to stdout, returning (not panicking on) a closed pipe.
@@ -1512,20 +1536,32 @@ fn run(command: Command) -> Result<()> {
             input,
             secs,
             batch,
+            json,
         } => {
             let opts = darkwatch::sae::bench::SaeBenchOptions {
                 secs_per_measurement: secs,
                 batch,
                 ..Default::default()
             };
-            if let Some(dir) = sae {
-                return sae_bench_own(&dir, input.as_deref(), opts);
+            let mut sink = BenchLines::new(json.as_deref() == Some(Path::new("-")));
+            let report = match sae {
+                Some(dir) => sae_bench_own(&dir, input.as_deref(), opts, &mut sink)?,
+                None => {
+                    sae_bench_batch_fits(&opts)?;
+                    eprintln!(
+                        "darkwatch: timing SAE scoring (about {})…",
+                        darkwatch::sae::bench::duration_text(
+                            opts.estimated_secs(darkwatch::bench::matmul_gflops())
+                        )
+                    );
+                    darkwatch::sae::bench::run(&opts, &mut sink)?
+                }
+            };
+            darkwatch::bench::BenchSink::line(&mut sink, report.to_string().trim_end());
+            sink.result()?;
+            if let Some(path) = json {
+                write_json(&path, &report.to_json())?;
             }
-            eprintln!(
-                "darkwatch: timing SAE scoring (about {})…",
-                darkwatch::sae::bench::duration_text(opts.estimated_secs())
-            );
-            emit(&darkwatch::sae::bench::run(&opts)?.to_string())?;
             Ok(())
         }
         Command::SaeTrain {
