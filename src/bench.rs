@@ -1,14 +1,18 @@
 //! `darkwatch bench`: an operator-facing summary of what scoring costs on this machine.
 //!
-//! Measures, in one run: the machine's fp32 matmul throughput (the roofline the model is
+//! Measures, in one run: the machine's fp32 matmul throughput (the reference the model is
 //! compared with), batch-1 latency per frame (p50/p99) and batch throughput for every
-//! score head, through the same [`Scorer`] the pipeline uses.
+//! score head, through the same [`Scorer`] the pipeline uses. Each row goes to a
+//! [`BenchSink`] as soon as it is measured, so a long run shows its rows as they come and an
+//! interrupted one keeps them; [`BenchReport::to_json`] is the same report for machines.
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use ndarray::Array2;
+use serde_json::json;
 
 use crate::config::MAX_TOP_CONTRIBUTIONS;
 use crate::model::Model;
@@ -18,6 +22,28 @@ use crate::pipeline::{Contribution, Scorer};
 use crate::rng::Rng;
 use crate::score::{Head, HeadKind};
 use crate::stats::LatencyHistogram;
+
+/// Frames scored before any is timed, per row: caches, branch predictors and the CPU's
+/// clock settle.
+pub const WARMUP_FRAMES: usize = 1_000;
+
+/// Synthetic rows the timing cycles through (they stay in cache).
+pub const DATA_ROWS: usize = 4_096;
+
+/// Batch throughput scores this many times `--frames` frames per native head (ONNX heads an
+/// eighth of that): the default 20,000 gives 2,000,000, and a short run stays short.
+pub const THROUGHPUT_FRAMES_PER_FRAME: usize = 100;
+
+/// A p99 from fewer samples than this is flagged: its top 1 % is under 10 frames.
+pub const FEW_SAMPLES: u64 = 1_000;
+
+/// The fewest frames a timed retrain takes: what [`crate::retrain::refit`] needs with the
+/// bench's `min_frames`.
+pub const RETRAIN_MIN_FRAMES: usize = 100;
+
+/// Busy windows in [`retrain`]: idle windows come before, between and after them (idle,
+/// busy, idle, busy, idle), so drift and noise show as a spread between the idle windows.
+pub const RETRAIN_ROUNDS: usize = 2;
 
 /// Refuses an SAE folder as `bench --model`, saying what to use instead (it used to fail
 /// with `…/model.json: No such file or directory`).
@@ -31,23 +57,130 @@ pub fn check_model_dir(dir: &std::path::Path) -> Result<(), String> {
     }
 }
 
+/// What the numbers were measured on: printed above both benches' tables and written in
+/// their JSON.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MachineInfo {
+    /// `model name` from `/proc/cpuinfo`; "unknown" where there is none.
+    pub cpu: String,
+    /// Logical CPUs this process may run on.
+    pub cpus: usize,
+    /// Threads the timed scoring runs on (the benches are single-threaded).
+    pub threads: usize,
+    /// The forward kernel picked at run time: "avx2+fma" or "portable".
+    pub kernel: &'static str,
+    pub version: &'static str,
+    /// Cargo features compiled in ("onnx", "cuda").
+    pub features: Vec<&'static str>,
+}
+
+impl MachineInfo {
+    /// This machine, with `kernel` as the workspace that does the timed work reports it.
+    pub fn detect(kernel: &'static str) -> MachineInfo {
+        let mut features = Vec::new();
+        if cfg!(feature = "onnx") {
+            features.push("onnx");
+        }
+        if cfg!(feature = "cuda") {
+            features.push("cuda");
+        }
+        MachineInfo {
+            cpu: std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|text| cpu_model(&text))
+                .unwrap_or_else(|| "unknown".into()),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: 1,
+            kernel,
+            version: env!("CARGO_PKG_VERSION"),
+            features,
+        }
+    }
+}
+
+/// The first `model name` of a `/proc/cpuinfo` text.
+fn cpu_model(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "model name" && !value.trim().is_empty()).then(|| value.trim().to_string())
+    })
+}
+
+impl fmt::Display for MachineInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let features = if self.features.is_empty() {
+            "none".to_string()
+        } else {
+            self.features.join(", ")
+        };
+        write!(
+            f,
+            "machine: {} ({} CPUs); kernel {}; darkwatch {} (features: {features}); timed on {} thread",
+            self.cpu, self.cpus, self.kernel, self.version, self.threads
+        )
+    }
+}
+
+/// The per-call overhead of the clock the benches use: the p50 of an empty interval timed
+/// as the benches time a frame (`Instant::now()`, then `elapsed()`), in ns.
+pub fn clock_overhead_ns() -> f64 {
+    let mut hist = LatencyHistogram::new();
+    for _ in 0..10_000 {
+        let t = Instant::now();
+        hist.record(std::hint::black_box(t.elapsed().as_nanos() as u64));
+    }
+    hist.quantile_ns(0.5)
+}
+
+/// Memory this process could still take, in bytes (`MemAvailable` of `/proc/meminfo`);
+/// `None` where that is not known.
+pub fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Where a bench's output goes while it runs.
+pub trait BenchSink {
+    /// Finished lines of the report (one or more, no trailing newline), as soon as known.
+    fn line(&mut self, text: &str);
+    /// What is being timed now, for a person waiting (stderr).
+    fn status(&mut self, text: &str);
+}
+
+/// A sink that drops everything (the report is read at the end).
+pub struct Quiet;
+
+impl BenchSink for Quiet {
+    fn line(&mut self, _: &str) {}
+    fn status(&mut self, _: &str) {}
+}
+
 /// How long and how big.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     /// Frames timed one by one for the batch-1 latency.
     pub latency_frames: usize,
-    /// Frames scored in batches for throughput.
+    /// Frames scored in batches for throughput (native heads; ONNX heads an eighth).
     pub throughput_frames: usize,
     pub batch: usize,
 }
 
-impl Default for BenchOptions {
-    fn default() -> Self {
+impl BenchOptions {
+    /// `bench --frames N`: N frames one by one, [`THROUGHPUT_FRAMES_PER_FRAME`]·N in batches.
+    pub fn for_frames(frames: usize) -> BenchOptions {
         BenchOptions {
-            latency_frames: 20_000,
-            throughput_frames: 2_000_000,
+            latency_frames: frames,
+            throughput_frames: frames.saturating_mul(THROUGHPUT_FRAMES_PER_FRAME),
             batch: 256,
         }
+    }
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions::for_frames(20_000)
     }
 }
 
@@ -57,6 +190,11 @@ pub struct HeadBench {
     /// Head name, with "+mss" when mean-shift scoring was on and the backend when it is
     /// not native.
     pub label: String,
+    /// The head alone ("mse", "max_abs", "wnll").
+    pub head: &'static str,
+    /// "native", or the backend with its provider or device ("onnx/cpu").
+    pub backend: String,
+    pub mss: bool,
     /// Arithmetic per frame: the forward pass, plus the k-NN distances when MSS is on.
     pub flops_per_frame: usize,
     pub batch1: LatencyHistogram,
@@ -66,6 +204,8 @@ pub struct HeadBench {
     /// ONNX heads: the exact medians (ns) of `batch1` and of `run_alone`, from the raw
     /// samples (the histograms' buckets are 64 ns wide at 4–8 µs, 1.5 % of a run).
     pub exact_medians: Option<(f64, f64)>,
+    /// Frames scored in batches for `batch_frames_per_s`.
+    pub batch_frames: usize,
     pub batch_frames_per_s: f64,
 }
 
@@ -86,15 +226,21 @@ fn median_ns(ns: &mut [u64]) -> f64 {
 /// The whole summary.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
+    pub machine: MachineInfo,
+    /// [`clock_overhead_ns`] on this run.
+    pub clock_overhead_ns: f64,
     pub model_id: String,
     pub widths: Vec<usize>,
     pub flops_per_frame: usize,
     pub matmul_gflops: f64,
     pub batch: usize,
+    pub latency_frames: usize,
+    /// Width of the head column: the longest label.
+    pub label_width: usize,
     pub heads: Vec<HeadBench>,
 }
 
-/// Single-thread fp32 matmul throughput (GFLOP/s), best of a few 256³ products.
+/// Single-thread fp32 matmul throughput (GFLOP/s), best of 20 256³ products.
 pub fn matmul_gflops() -> f64 {
     let n = 256;
     let mut rng = Rng::new(1);
@@ -112,17 +258,17 @@ pub fn matmul_gflops() -> f64 {
 }
 
 /// Synthetic standardised frames for timing (the values do not change the cost).
-fn frames(n: usize, d: usize) -> Array2<f32> {
+fn synthetic_frames(n: usize, d: usize) -> Array2<f32> {
     let mut rng = Rng::new(7);
     Array2::from_shape_fn((n, d), |_| rng.uniform(-2.0, 2.0))
 }
 
 /// Runs the benchmark on `model` for every head it supports, on the native kernels and,
 /// when the model has an ONNX graph attached, on ONNX Runtime too (same frames, same run).
-pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
+/// The header, then each row as soon as it is measured, then the notes go to `sink`.
+pub fn run(model: Arc<Model>, opts: &BenchOptions, sink: &mut dyn BenchSink) -> BenchReport {
     let d = model.n_features();
-    let data = frames(4096, d);
-    let mut heads = Vec::new();
+    let data = synthetic_frames(DATA_ROWS, d);
     let no_mss = model.with_mss(MssConfig {
         rounds: 0,
         ..model.meta.mss
@@ -151,7 +297,11 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         Some(_) => model.with_mss(mss_cfg),
         None => {
             let mut m = (*model).clone();
-            m.bank = Some(ReferenceBank::build(frames(2048, d).view(), &mss_cfg, 0));
+            m.bank = Some(ReferenceBank::build(
+                synthetic_frames(2048, d).view(),
+                &mss_cfg,
+                0,
+            ));
             m.with_mss(mss_cfg)
         }
     };
@@ -168,18 +318,9 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
     if let Some(gpu) = &gpu {
         variants.extend([HeadKind::Mse, HeadKind::MaxAbs, HeadKind::Wnll].map(|k| (k, gpu)));
     }
-    for (kind, model) in variants {
-        let head = Head {
-            kind,
-            ..model.meta.head
-        };
-        // ONNX Runtime is an order of magnitude slower per frame: fewer frames, same method.
-        let throughput_frames = if model.onnx.is_some() {
-            opts.throughput_frames / 8
-        } else {
-            opts.throughput_frames
-        };
-        let label = match model.active_bank() {
+    let labels: Vec<String> = variants
+        .iter()
+        .map(|&(kind, model)| match model.active_bank() {
             Some(b) => format!(
                 "{}+mss(m={},k={},{} {}frames)",
                 kind.name(),
@@ -192,7 +333,39 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
                 format!("{} [{}]", kind.name(), model.backend_label())
             }
             None => kind.name().to_string(),
+        })
+        .collect();
+    let mut report = BenchReport {
+        machine: MachineInfo::detect(model.ae.workspace(1).kernel_name()),
+        clock_overhead_ns: clock_overhead_ns(),
+        model_id: model.meta.id.clone(),
+        widths: model.ae.widths(),
+        flops_per_frame: 2 * model.ae.macs_per_frame(),
+        matmul_gflops: matmul_gflops(),
+        batch: opts.batch,
+        latency_frames: opts.latency_frames,
+        label_width: labels.iter().map(|l| l.chars().count()).max().unwrap_or(0),
+        heads: Vec::new(),
+    };
+    sink.line(&report.header());
+    let n_variants = variants.len();
+    for (index, ((kind, model), label)) in variants.into_iter().zip(labels).enumerate() {
+        sink.status(&format!(
+            "timing {label} ({} of {n_variants}): {} frames one by one…",
+            index + 1,
+            opts.latency_frames
+        ));
+        let head = Head {
+            kind,
+            ..model.meta.head
         };
+        // ONNX Runtime is an order of magnitude slower per frame: fewer frames, same method.
+        let throughput_frames = if model.onnx.is_some() {
+            opts.throughput_frames / 8
+        } else {
+            opts.throughput_frames
+        }
+        .max(opts.batch);
         let Ok(mut one) = Scorer::new(model.clone(), head, 1, 3) else {
             continue;
         };
@@ -213,9 +386,9 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
                 Vec::with_capacity(opts.latency_frames),
             )
         });
-        let mut sink = 0.0f32;
+        let mut sink_value = 0.0f32;
         let mut top = [Contribution::default(); MAX_TOP_CONTRIBUTIONS];
-        for i in 0..opts.latency_frames + 1000 {
+        for i in 0..opts.latency_frames + WARMUP_FRAMES {
             let r = i % data.nrows();
             // What the pipeline does per frame: copy in, score, smooth over the stream's
             // last frames, pick the top contributions.
@@ -237,13 +410,13 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
             };
             // Alternate which goes first, so neither always runs on a warmer cache.
             let (ns, run_ns) = if i % 2 == 0 {
-                let ns = scorer(&mut one, &mut sink);
+                let ns = scorer(&mut one, &mut sink_value);
                 (ns, run(&mut alone))
             } else {
                 let run_ns = run(&mut alone);
-                (scorer(&mut one, &mut sink), run_ns)
+                (scorer(&mut one, &mut sink_value), run_ns)
             };
-            if i >= 1000 {
+            if i >= WARMUP_FRAMES {
                 batch1.record(ns);
                 if let Some((_, _, hist)) = alone.as_mut() {
                     hist.record(run_ns);
@@ -257,6 +430,15 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         let Ok(mut many) = Scorer::new(model.clone(), head, opts.batch, 3) else {
             continue;
         };
+        // Batch-1 time per frame bounds the batched time per frame from above.
+        let guess = throughput_frames as f64 * batch1.mean_ns() / 1e9;
+        if guess > 2.0 {
+            sink.status(&format!(
+                "timing {label}: {throughput_frames} frames at batch {} (at most about {})…",
+                opts.batch,
+                crate::sae::bench::duration_text(guess)
+            ));
+        }
         let b = opts.batch;
         let rows = data.nrows() / b * b;
         let slice = data.as_slice().expect("contiguous");
@@ -265,99 +447,247 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions) -> BenchReport {
         while done < throughput_frames {
             let start = (done % rows) * d;
             many.input_mut()[..b * d].copy_from_slice(&slice[start..start + b * d]);
-            sink += many.score(b)[0];
+            sink_value += many.score(b)[0];
             for i in 0..b {
                 many.smooth(i, 0, f64::NAN);
             }
             done += b;
         }
         let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(sink);
+        std::hint::black_box(sink_value);
         let knn_flops = model
             .active_bank()
             .map_or(0, |b| 3 * b.rounds() * b.frames() * d);
-        heads.push(HeadBench {
+        let row = HeadBench {
             flops_per_frame: 2 * model.ae.macs_per_frame() + knn_flops,
             label,
+            head: kind.name(),
+            backend: if model.onnx.is_some() || model.cuda.is_some() {
+                model.backend_label()
+            } else {
+                "native".into()
+            },
+            mss: model.active_bank().is_some(),
             batch1,
             run_alone: alone.map(|(_, _, hist)| hist),
             exact_medians: samples
                 .map(|(mut whole, mut run)| (median_ns(&mut whole), median_ns(&mut run))),
+            batch_frames: done,
             batch_frames_per_s: done as f64 / secs,
-        });
+        };
+        sink.line(&report.row_line(&row));
+        report.heads.push(row);
     }
-    BenchReport {
-        model_id: model.meta.id.clone(),
-        widths: model.ae.widths(),
-        flops_per_frame: 2 * model.ae.macs_per_frame(),
-        matmul_gflops: matmul_gflops(),
-        batch: opts.batch,
-        heads,
-    }
+    sink.line(&report.footer());
+    report
 }
 
-impl fmt::Display for BenchReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "model {} widths {:?}: {} FLOP/frame",
-            self.model_id, self.widths, self.flops_per_frame
-        )?;
-        writeln!(
-            f,
-            "machine fp32 matmul (one thread, 256x256x256): {:.1} GFLOP/s",
-            self.matmul_gflops
-        )?;
-        writeln!(
-            f,
-            "{:<34} {:>12} {:>12} {:>16} {:>14}",
+/// A p99 with its sample count flagged when small: `"  1.23 µs*"`.
+fn p99_flag(hist: &LatencyHistogram) -> &'static str {
+    if hist.count() < FEW_SAMPLES { "*" } else { " " }
+}
+
+/// Quantiles of a histogram for JSON.
+fn hist_json(hist: &LatencyHistogram) -> serde_json::Value {
+    json!({
+        "samples": hist.count(),
+        "p50_ns": hist.quantile_ns(0.5),
+        "p99_ns": hist.quantile_ns(0.99),
+        "mean_ns": hist.mean_ns(),
+    })
+}
+
+impl BenchReport {
+    /// The model, the machine and the column names.
+    pub fn header(&self) -> String {
+        let w = self.label_width.max(4);
+        format!(
+            "model {} widths {:?}: {} FLOP/frame\n{}\nmachine fp32 matmul (one thread, \
+             256x256x256, best of 20): {:.1} GFLOP/s\n{:<w$} {:>12} {:>13} {:>7} {:>16} {:>12}",
+            self.model_id,
+            self.widths,
+            self.flops_per_frame,
+            self.machine,
+            self.matmul_gflops,
             "head",
             "batch-1 p50",
             "batch-1 p99",
+            "n",
             format!("batch-{} fr/s", self.batch),
             "% of matmul"
-        )?;
-        for h in &self.heads {
-            let gflops = h.batch_frames_per_s * h.flops_per_frame as f64 / 1e9;
-            writeln!(
-                f,
-                "{:<34} {:>9.2} µs {:>9.2} µs {:>16.0} {:>13.1}%",
-                h.label,
-                h.batch1.quantile_ns(0.5) / 1e3,
-                h.batch1.quantile_ns(0.99) / 1e3,
-                h.batch_frames_per_s,
-                100.0 * gflops / self.matmul_gflops
-            )?;
-        }
+        )
+    }
+
+    /// One head's row.
+    pub fn row_line(&self, h: &HeadBench) -> String {
+        let w = self.label_width.max(4);
+        let gflops = h.batch_frames_per_s * h.flops_per_frame as f64 / 1e9;
+        format!(
+            "{:<w$} {:>9.2} µs {:>9.2} µs{} {:>7} {:>16.0} {:>11.1}%",
+            h.label,
+            h.batch1.quantile_ns(0.5) / 1e3,
+            h.batch1.quantile_ns(0.99) / 1e3,
+            p99_flag(&h.batch1),
+            h.batch1.count(),
+            h.batch_frames_per_s,
+            100.0 * gflops / self.matmul_gflops
+        )
+    }
+
+    /// The ONNX comparisons and what the columns include.
+    pub fn footer(&self) -> String {
+        use std::fmt::Write as _;
+        let w = self.label_width.max(4);
+        let mut f = String::new();
         for h in &self.heads {
             let (Some(run), Some((whole, alone))) = (&h.run_alone, h.exact_medians) else {
                 continue;
             };
-            writeln!(
+            let _ = writeln!(
                 f,
-                "{:<34} {:>9.2} µs {:>9.2} µs   (timed alternately with it)",
+                "{:<w$} {:>9.2} µs {:>9.2} µs{} {:>7}   (timed alternately with it)",
                 format!("  ONNX Runtime run alone, {}", h.label),
                 run.quantile_ns(0.5) / 1e3,
                 run.quantile_ns(0.99) / 1e3,
-            )?;
-            writeln!(
+                p99_flag(run),
+                run.count(),
+            );
+            let _ = writeln!(
                 f,
                 "darkwatch overhead around Session::run, {}: {:.1}% of the call (exact medians: {:.3} µs whole, {:.3} µs run alone)",
                 h.label,
                 100.0 * (whole - alone) / alone,
                 whole / 1e3,
                 alone / 1e3
-            )?;
+            );
         }
-        writeln!(
+        let native = self
+            .heads
+            .iter()
+            .find(|h| h.backend == "native")
+            .map_or(0, |h| h.batch_frames);
+        let _ = writeln!(
             f,
-            "batch-1 times include copying the frame in, scaling, the forward pass, the head and picking the top 3 contributions;"
-        )?;
-        writeln!(
+            "n: frames timed one by one per row, after {WARMUP_FRAMES} warm-up frames; batch-{b} \
+             fr/s: {native} frames per native row (ONNX rows an eighth), one clock read around \
+             all of them.",
+            b = self.batch
+        );
+        let _ = writeln!(
+            f,
+            "data: {DATA_ROWS} synthetic rows, uniform in [-2, 2), cycled (they stay in cache). \
+             clock: std::time::Instant around each frame; an empty interval reads {:.0} ns \
+             (p50), not subtracted. p50/p99: midpoint of the histogram bucket (about 1.1 % \
+             wide) holding the quantile.",
+            self.clock_overhead_ns
+        );
+        let _ = writeln!(
+            f,
+            "batch-1 includes copying the frame in, scaling, the forward pass, the head, \
+             smoothing over the stream's last frames and picking the top 3 contributions; \
+             batch-{b} the same per frame without the contributions.",
+            b = self.batch
+        );
+        if self.heads.iter().any(|h| h.batch1.count() < FEW_SAMPLES) {
+            let _ = writeln!(
+                f,
+                "*: p99 from fewer than {FEW_SAMPLES} samples (its top 1 % is under 10 frames): \
+                 give more --frames for a steady one."
+            );
+        }
+        let _ = write!(
             f,
             "% of matmul counts the forward pass and, with MSS, 3·frames·d FLOP of distances per round"
-        )
+        );
+        f
     }
+
+    /// The report for machines: the machine, and one record per timed row (batch 1 and the
+    /// batch for each head, and ONNX Runtime's run alone). Fields: README "Latency and
+    /// throughput".
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut rows = Vec::new();
+        for h in &self.heads {
+            let mut one = hist_json(&h.batch1);
+            let mean = h.batch1.mean_ns();
+            one["frames_per_s"] = json!(if mean > 0.0 { 1e9 / mean } else { 0.0 });
+            for (key, value) in [
+                ("name", json!(h.label)),
+                ("head", json!(h.head)),
+                ("backend", json!(h.backend)),
+                ("mss", json!(h.mss)),
+                ("batch", json!(1)),
+            ] {
+                one[key] = value;
+            }
+            rows.push(one);
+            rows.push(json!({
+                "name": h.label,
+                "head": h.head,
+                "backend": h.backend,
+                "mss": h.mss,
+                "batch": self.batch,
+                "samples": h.batch_frames,
+                "p50_ns": null,
+                "p99_ns": null,
+                "mean_ns": 1e9 / h.batch_frames_per_s,
+                "frames_per_s": h.batch_frames_per_s,
+            }));
+            if let Some(run) = &h.run_alone {
+                let mut alone = hist_json(run);
+                let mean = run.mean_ns();
+                alone["frames_per_s"] = json!(if mean > 0.0 { 1e9 / mean } else { 0.0 });
+                alone["name"] = json!(format!("ONNX Runtime run alone, {}", h.label));
+                alone["head"] = json!(h.head);
+                alone["backend"] = json!(h.backend);
+                alone["mss"] = json!(false);
+                alone["batch"] = json!(1);
+                rows.push(alone);
+            }
+        }
+        json!({
+            "machine": self.machine,
+            "clock_overhead_ns": self.clock_overhead_ns,
+            "matmul_gflops": self.matmul_gflops,
+            "warmup_frames": WARMUP_FRAMES,
+            "data_rows": DATA_ROWS,
+            "model": {
+                "id": self.model_id,
+                "widths": self.widths,
+                "flops_per_frame": self.flops_per_frame,
+            },
+            "rows": rows,
+        })
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}", self.header())?;
+        for h in &self.heads {
+            writeln!(f, "{}", self.row_line(h))?;
+        }
+        writeln!(f, "{}", self.footer())
+    }
+}
+
+/// Why [`retrain`] measured nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RetrainBenchError {
+    #[error("the timed retrain: {0}")]
+    Retrain(#[from] crate::retrain::RetrainError),
+    #[error("the model's own head cannot score: {0}")]
+    Scorer(#[from] crate::pipeline::ScorerError),
+}
+
+/// One busy window of [`retrain`]'s comparison.
+#[derive(Debug, Clone)]
+pub struct BusyWindow {
+    /// Frames that started and ended while a retrain was in flight.
+    pub busy: LatencyHistogram,
+    /// Retrains that completed in the window.
+    pub retrains: usize,
+    pub secs: f64,
 }
 
 /// What online retraining costs, and whether it slows scoring.
@@ -368,11 +698,19 @@ pub struct RetrainBench {
     /// Wall time and CPU time of one retrain (refit and gate) on its own thread.
     pub wall_secs: f64,
     pub cpu_secs: f64,
-    /// Batch-1 scoring latency with nothing else running, then while retrains run back to
-    /// back on the (low-priority) trainer thread.
+    /// The head scored (the model's own).
+    pub head: &'static str,
+    /// Batch-1 scoring latency with nothing else running, window by window
+    /// ([`RETRAIN_ROUNDS`] + 1 of them, each at least `frames` frames and one retrain's wall
+    /// time long), and while retrains run back to back on the (low-priority) trainer thread.
+    pub idle_windows: Vec<LatencyHistogram>,
+    pub busy_windows: Vec<BusyWindow>,
+    /// All idle and all busy windows together.
     pub idle: LatencyHistogram,
     pub busy: LatencyHistogram,
     pub retrains_during: usize,
+    /// Why a busy window ended before a retrain completed, if one did.
+    pub cut_short: Option<String>,
 }
 
 /// CPU time of the calling thread, in seconds.
@@ -386,20 +724,26 @@ fn thread_cpu_secs() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// Times one retrain of `model` on `rows` frames drawn from `data` (raw), then the
-/// model's batch-1 scoring latency without and with retrains running beside it.
+/// Times one retrain of `model` on `rows` frames drawn from `data` (raw), then the model's
+/// batch-1 scoring latency in [`RETRAIN_ROUNDS`] rounds of `frames` frames idle, then
+/// frames scored while retrains run back to back beside it: each busy window lasts until at
+/// least `frames` frames were timed during a retrain and at least one retrain completed.
+///
+/// # Errors
+/// The refit's own error (too few frames: fewer than [`RETRAIN_MIN_FRAMES`]; training
+/// failed), from the first, timed retrain; a head the model cannot score with.
 pub fn retrain(
     model: &Arc<Model>,
     data: ndarray::ArrayView2<f32>,
     rows: usize,
     frames: usize,
-) -> RetrainBench {
+) -> Result<RetrainBench, RetrainBenchError> {
     use crate::retrain::{RetrainConfig, gate, refit};
     let cfg = RetrainConfig {
-        min_frames: 100,
+        min_frames: RETRAIN_MIN_FRAMES,
         ..RetrainConfig::default()
     };
-    let take: Vec<usize> = (0..rows).map(|i| i % data.nrows()).collect();
+    let take: Vec<usize> = (0..rows).map(|i| i % data.nrows().max(1)).collect();
     let train_rows = Arc::new(data.select(ndarray::Axis(0), &take));
     let clean = Arc::new(vec![true; rows]);
     let threshold = crate::threshold::ThresholdConfig::default();
@@ -413,103 +757,280 @@ pub fn retrain(
         );
         move || {
             let (w0, c0) = (Instant::now(), thread_cpu_secs());
-            if let Ok(cand) = refit(&m, r.view(), &c, &cfg, 1) {
-                std::hint::black_box(gate(&m, &cand, &cfg, &th));
-            }
-            (w0.elapsed().as_secs_f64(), thread_cpu_secs() - c0)
+            let cand = refit(&m, r.view(), &c, &cfg, 1)?;
+            std::hint::black_box(gate(&m, &cand, &cfg, &th));
+            Ok::<_, crate::retrain::RetrainError>((
+                w0.elapsed().as_secs_f64(),
+                thread_cpu_secs() - c0,
+            ))
         }
     };
-    let (wall_secs, cpu_secs) = std::thread::spawn(once.clone())
-        .join()
-        .unwrap_or((f64::NAN, f64::NAN));
+    let (wall_secs, cpu_secs) = match std::thread::spawn(once.clone()).join() {
+        Ok(timed) => timed?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
 
     let head = model.meta.head;
-    let scaled_free = frames_for_latency(model.n_features());
-    let measure = |hist: &mut LatencyHistogram| {
-        let Ok(mut one) = Scorer::new(model.clone(), head, 1, 3) else {
-            return;
+    let data = synthetic_frames(DATA_ROWS, model.n_features());
+    let mut one = Scorer::new(model.clone(), head, 1, 3)?;
+    let mut next = 0usize;
+    let mut sink = 0.0f32;
+    // One frame as the retrain comparison times it: copy in and score.
+    let mut score = |one: &mut Scorer| {
+        let row = data.row(next % data.nrows());
+        next += 1;
+        let t = Instant::now();
+        one.input_mut()
+            .copy_from_slice(row.as_slice().expect("contiguous"));
+        sink += one.score(1)[0];
+        t.elapsed().as_nanos() as u64
+    };
+    for _ in 0..WARMUP_FRAMES {
+        score(&mut one);
+    }
+    // A busy window that outlasts this gives up (a starved low-priority trainer).
+    let give_up_secs = 30.0 + 10.0 * wall_secs;
+    let mut idle_windows = Vec::with_capacity(RETRAIN_ROUNDS + 1);
+    let mut busy_windows = Vec::with_capacity(RETRAIN_ROUNDS);
+    let mut cut_short = None;
+    for round in 0..=RETRAIN_ROUNDS {
+        // Idle as long as a busy window at least lasts: `frames` frames and one retrain.
+        let mut idle = LatencyHistogram::new();
+        let t0 = Instant::now();
+        while idle.count() < frames as u64 || t0.elapsed().as_secs_f64() < wall_secs {
+            idle.record(score(&mut one));
+        }
+        idle_windows.push(idle);
+        if round == RETRAIN_ROUNDS {
+            break;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(AtomicBool::new(false));
+        let completed = Arc::new(AtomicUsize::new(0));
+        let trainer = {
+            let (stop, in_flight, completed, once) = (
+                stop.clone(),
+                in_flight.clone(),
+                completed.clone(),
+                once.clone(),
+            );
+            std::thread::Builder::new()
+                .name("darkwatch-trainer".into())
+                .spawn(move || {
+                    crate::retrain::lower_priority();
+                    while !stop.load(Ordering::Relaxed) {
+                        in_flight.store(true, Ordering::Release);
+                        let ok = once().is_ok();
+                        in_flight.store(false, Ordering::Release);
+                        if !ok {
+                            return;
+                        }
+                        completed.fetch_add(1, Ordering::AcqRel);
+                    }
+                })
+                .expect("spawn the bench trainer")
         };
-        let mut sink = 0.0f32;
-        for i in 0..frames + 1000 {
-            let row = scaled_free.row(i % scaled_free.nrows());
-            let t = Instant::now();
-            one.input_mut()
-                .copy_from_slice(row.as_slice().expect("contiguous"));
-            sink += one.score(1)[0];
-            if i >= 1000 {
-                hist.record(t.elapsed().as_nanos() as u64);
+        let mut busy = LatencyHistogram::new();
+        let t0 = Instant::now();
+        loop {
+            if busy.count() >= frames as u64 && completed.load(Ordering::Acquire) >= 1 {
+                break;
+            }
+            if trainer.is_finished() {
+                cut_short = Some("a retrain failed on the trainer thread".to_string());
+                break;
+            }
+            if t0.elapsed().as_secs_f64() > give_up_secs {
+                cut_short = Some(format!(
+                    "no retrain completed in {give_up_secs:.0} s (the low-priority trainer got \
+                     too little CPU)"
+                ));
+                break;
+            }
+            // Only frames that start and end while a retrain is in flight count as busy.
+            let before = in_flight.load(Ordering::Acquire);
+            let ns = score(&mut one);
+            if before && in_flight.load(Ordering::Acquire) {
+                busy.record(ns);
             }
         }
-        std::hint::black_box(sink);
-    };
+        let secs = t0.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let _ = trainer.join();
+        busy_windows.push(BusyWindow {
+            busy,
+            retrains: completed.load(Ordering::Acquire),
+            secs,
+        });
+    }
+    std::hint::black_box(sink);
     let mut idle = LatencyHistogram::new();
-    measure(&mut idle);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let trainer = {
-        let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("darkwatch-trainer".into())
-            .spawn(move || {
-                crate::retrain::lower_priority();
-                let mut n = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    once();
-                    n += 1;
-                }
-                n
-            })
-            .expect("spawn the bench trainer")
-    };
     let mut busy = LatencyHistogram::new();
-    measure(&mut busy);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let retrains_during = trainer.join().unwrap_or(0);
-    RetrainBench {
+    idle_windows.iter().for_each(|h| idle.merge(h));
+    busy_windows.iter().for_each(|w| busy.merge(&w.busy));
+    Ok(RetrainBench {
         rows,
         epochs: cfg.epochs,
         wall_secs,
         cpu_secs,
+        head: head.kind.name(),
         idle,
         busy,
-        retrains_during,
-    }
+        retrains_during: busy_windows.iter().map(|w| w.retrains).sum(),
+        idle_windows,
+        busy_windows,
+        cut_short,
+    })
 }
 
-fn frames_for_latency(d: usize) -> Array2<f32> {
-    frames(4096, d)
+impl RetrainBench {
+    /// The comparison for machines (README "Online retraining cost").
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "rows": self.rows,
+            "epochs": self.epochs,
+            "wall_s": self.wall_secs,
+            "cpu_s": self.cpu_secs,
+            "head": self.head,
+            "retrains_during": self.retrains_during,
+            "idle": hist_json(&self.idle),
+            "busy": hist_json(&self.busy),
+            "idle_windows": self.idle_windows.iter().map(hist_json).collect::<Vec<_>>(),
+            "busy_windows": self.busy_windows.iter().map(|w| json!({
+                "busy": hist_json(&w.busy),
+                "retrains": w.retrains,
+                "secs": w.secs,
+            })).collect::<Vec<_>>(),
+            "cut_short": self.cut_short,
+        })
+    }
 }
 
 impl fmt::Display for RetrainBench {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "one retrain ({} frames, {} epochs, refit + gate): {:.2} s wall, {:.2} s CPU",
+            "one retrain ({} frames, {} epochs, refit + gate): {:.3} s wall, {:.3} s CPU",
             self.rows, self.epochs, self.wall_secs, self.cpu_secs
         )?;
-        let (i50, i99) = (
-            self.idle.quantile_ns(0.5) / 1e3,
-            self.idle.quantile_ns(0.99) / 1e3,
-        );
-        let (b50, b99) = (
-            self.busy.quantile_ns(0.5) / 1e3,
-            self.busy.quantile_ns(0.99) / 1e3,
-        );
         writeln!(
             f,
-            "batch-1 scoring, no retrain:        p50 {i50:.2} µs, p99 {i99:.2} µs"
+            "batch-1 scoring, head {} (native; copying the frame in, scaling, the forward pass \
+             and the head; no smoothing or contributions), windows idle, busy, idle, …:",
+            self.head,
         )?;
+        let us = |h: &LatencyHistogram, q: f64| h.quantile_ns(q) / 1e3;
         writeln!(
             f,
-            "batch-1 scoring, retrains running:  p50 {b50:.2} µs, p99 {b99:.2} µs ({} retrains meanwhile; p99 {:+.1} %)",
+            "  no retrain:        p50 {:.2} µs, p99 {:.2} µs{} (n = {}, {} windows)",
+            us(&self.idle, 0.5),
+            us(&self.idle, 0.99),
+            p99_flag(&self.idle).trim(),
+            self.idle.count(),
+            self.idle_windows.len()
+        )?;
+        if self.retrains_during == 0 || self.busy.count() == 0 {
+            return writeln!(
+                f,
+                "  retrains running:  no comparison: no retrain completed while scoring was \
+                 timed ({})",
+                self.cut_short
+                    .as_deref()
+                    .unwrap_or("no frame was scored during one")
+            );
+        }
+        let (i99, b99) = (us(&self.idle, 0.99), us(&self.busy, 0.99));
+        let busy_secs: f64 = self.busy_windows.iter().map(|w| w.secs).sum();
+        writeln!(
+            f,
+            "  retrains running:  p50 {:.2} µs, p99 {:.2} µs{} (n = {}, frames scored while a \
+             retrain was in flight; {} retrains completed in {:.2} s; p99 {:+.1} %)",
+            us(&self.busy, 0.5),
+            b99,
+            p99_flag(&self.busy).trim(),
+            self.busy.count(),
             self.retrains_during,
+            busy_secs,
             100.0 * (b99 - i99) / i99
-        )
+        )?;
+        let p99s = |hists: Vec<&LatencyHistogram>| {
+            hists
+                .iter()
+                .map(|h| format!("{:.2}", us(h, 0.99)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        write!(
+            f,
+            "  p99 per window (µs): idle {}; busy {} (the spread between idle windows is this \
+             machine's noise)",
+            p99s(self.idle_windows.iter().collect()),
+            p99s(self.busy_windows.iter().map(|w| &w.busy).collect())
+        )?;
+        if let Some(why) = &self.cut_short {
+            write!(f, "\n  a busy window ended early: {why}")?;
+        }
+        writeln!(f)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::median_ns;
+    use super::*;
+
+    #[test]
+    fn cpu_model_is_the_first_model_name() {
+        let text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n\
+                    processor\t: 1\nmodel name\t: other\n";
+        assert_eq!(cpu_model(text).as_deref(), Some("AMD EPYC 7B13"));
+        assert_eq!(cpu_model("processor\t: 0\nmodel name\t:\n"), None);
+    }
+
+    /// The head column fits its longest label (`wnll+mss(m=1,k=10,2048 synthetic frames)`,
+    /// 40 characters, overflowed a 34-wide column), and a p99 from 100 frames is flagged.
+    #[test]
+    fn rows_fit_the_longest_label_and_flag_small_samples() {
+        let mut batch1 = LatencyHistogram::new();
+        (0..100).for_each(|i| batch1.record(1_000 + i));
+        let label = "wnll+mss(m=1,k=10,2048 synthetic frames)".to_string();
+        let head = |label: &str| HeadBench {
+            label: label.into(),
+            head: "wnll",
+            backend: "native".into(),
+            mss: true,
+            flops_per_frame: 1000,
+            batch1: batch1.clone(),
+            run_alone: None,
+            exact_medians: None,
+            batch_frames: 10_240,
+            batch_frames_per_s: 1e5,
+        };
+        let report = BenchReport {
+            machine: MachineInfo::detect("portable"),
+            clock_overhead_ns: 30.0,
+            model_id: "m".into(),
+            widths: vec![4, 2, 4],
+            flops_per_frame: 1000,
+            matmul_gflops: 10.0,
+            batch: 256,
+            latency_frames: 100,
+            label_width: label.chars().count(),
+            heads: vec![head("mse"), head(&label)],
+        };
+        let text = report.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        let at = |prefix: &str| lines.iter().find(|l| l.starts_with(prefix)).unwrap();
+        // The p50 column starts at the same place on every row, after the longest label.
+        let col = |l: &str| l.find(" µs").unwrap();
+        assert_eq!(col(at("mse ")), col(at(&label)), "{text}");
+        assert!(at(&label).starts_with(&format!("{label} ")), "{text}");
+        assert!(at("mse ").contains("µs*     100"), "{text}");
+        assert!(
+            text.contains("*: p99 from fewer than 1000 samples"),
+            "{text}"
+        );
+        assert!(text.contains("machine: "), "{text}");
+    }
 
     #[test]
     fn median_is_exact_for_odd_and_even_counts() {

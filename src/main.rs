@@ -211,9 +211,15 @@ not restart it), 1 for other failures.")]
         /// Model to time (default: an untrained model of the default shape for 38 features).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Frames timed one at a time (at least 100, so that a p99 means something).
+        /// Frames timed one at a time (at least 100, so that a p99 means something); the
+        /// batch throughput scores 100 times as many per head (ONNX heads an eighth of that).
         #[arg(long, default_value_t = 20_000, value_parser = parse_bench_frames)]
         frames: usize,
+        /// Also write the report as JSON to FILE (`-`: stdout, the table then goes to
+        /// stderr): the machine, and one record per timed row (README "Latency and
+        /// throughput").
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
         /// `onnx`: also time the model directory's ONNX graph through ONNX Runtime (needs
         /// the `onnx` feature), beside the native rows, in the same run.
         #[arg(long, value_enum)]
@@ -245,9 +251,14 @@ not restart it), 1 for other failures.")]
         /// Seconds per measurement (four per shape, four shapes).
         #[arg(long, default_value_t = 2.0, value_parser = parse_bench_secs)]
         secs: f64,
-        /// The large batch (at least 1).
-        #[arg(long, default_value_t = 256, value_parser = parse_positive)]
+        /// The large batch (1 to 65536; a batch that needs more than half the memory
+        /// available is refused before anything is allocated).
+        #[arg(long, default_value_t = 256, value_parser = parse_sae_batch)]
         batch: usize,
+        /// Also write the report as JSON to FILE (`-`: stdout, the table then goes to
+        /// stderr): the machine, and one record per row.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Train a TopK sparse autoencoder on activation rows [tokens, d] (.npy / .safetensors)
     /// and write it as a SAELens folder, with a dark-matter head fitted on its errors and the
@@ -767,9 +778,16 @@ fn frames_up_to(s: &str, max: usize) -> Result<usize, String> {
     }
 }
 
-/// Rows of one timed retrain: 1 to 10⁷ (a retrain holds them, scaled, in memory).
+/// Rows of one timed retrain: 100 (what a refit needs) to 10⁷ (a retrain holds them, scaled,
+/// in memory).
 fn parse_retrain_frames(s: &str) -> Result<usize, String> {
-    frames_up_to(s, 10_000_000)
+    let min = darkwatch::bench::RETRAIN_MIN_FRAMES;
+    match s.parse::<usize>() {
+        Ok(n) if n < min => Err(format!(
+            "{s} frames are too few for a retrain: give at least {min} (a refit needs {min})"
+        )),
+        _ => frames_up_to(s, 10_000_000),
+    }
 }
 
 fn parse_smooth_frames(s: &str) -> Result<usize, String> {
@@ -827,7 +845,8 @@ fn sae_bench_own(
     dir: &Path,
     input: Option<&Path>,
     mut opts: darkwatch::sae::bench::SaeBenchOptions,
-) -> Result<()> {
+    sink: &mut BenchLines,
+) -> Result<darkwatch::sae::bench::SaeBenchReport> {
     use darkwatch::sae::{Sae, bench, detector};
     let sae = Sae::load(dir)?;
     let dark = detector::head_dir(dir);
@@ -859,10 +878,11 @@ fn sae_bench_own(
     opts.shapes = vec![(sae.d_in(), sae.d_sae())];
     // The ndarray comparison checks the kernel choice on the random shapes; not needed here.
     opts.compare_ndarray = false;
+    sae_bench_batch_fits(&opts)?;
     eprintln!(
         "darkwatch: timing {} (about {})…",
         dir.display(),
-        bench::duration_text(opts.estimated_secs())
+        bench::duration_text(opts.estimated_secs(darkwatch::bench::matmul_gflops()))
     );
     let name = dir.display().to_string();
     let own = bench::OwnSae {
@@ -871,11 +891,10 @@ fn sae_bench_own(
         head: head.as_ref(),
         inputs: inputs.as_ref().map(|x| x.view()),
     };
-    let report = bench::run_own(&own, &opts).with_context(|| match input {
+    bench::run_own(&own, &opts, sink).with_context(|| match input {
         Some(p) => format!("{} with --input {}", dir.display(), p.display()),
         None => dir.display().to_string(),
-    })?;
-    emit(&report.to_string())
+    })
 }
 
 /// Progress of `sae-head`'s and `sae-score`'s passes over the rows, on stderr as `train`
@@ -989,6 +1008,81 @@ fn parse_positive(s: &str) -> Result<usize, String> {
         Ok(0) => Err("0: give at least 1".into()),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{s}: {e}")),
+    }
+}
+
+/// `bench`'s and `sae-bench`'s lines as they are measured: the report on stdout (stderr when
+/// stdout carries the JSON), flushed line by line so an interrupted run keeps its rows;
+/// progress on stderr.
+struct BenchLines {
+    to_stderr: bool,
+    failed: Option<std::io::Error>,
+}
+
+impl BenchLines {
+    fn new(to_stderr: bool) -> BenchLines {
+        BenchLines {
+            to_stderr,
+            failed: None,
+        }
+    }
+
+    /// The first write error, if any (a closed pipe ends the run there).
+    fn result(&mut self) -> Result<()> {
+        match self.failed.take() {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl darkwatch::bench::BenchSink for BenchLines {
+    fn line(&mut self, text: &str) {
+        use std::io::Write;
+        if self.failed.is_some() {
+            return;
+        }
+        let written = if self.to_stderr {
+            let mut err = std::io::stderr().lock();
+            writeln!(err, "{text}").and_then(|()| err.flush())
+        } else {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{text}").and_then(|()| out.flush())
+        };
+        if let Err(e) = written {
+            self.failed = Some(e);
+        }
+    }
+
+    fn status(&mut self, text: &str) {
+        eprintln!("darkwatch: {text}");
+    }
+}
+
+/// Writes a bench's JSON to `path` (`-`: stdout).
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    if path == Path::new("-") {
+        return emit(&text);
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Refuses a `sae-bench --batch` too large for this machine before announcing the run.
+fn sae_bench_batch_fits(opts: &darkwatch::sae::bench::SaeBenchOptions) -> Result<()> {
+    match opts.check_batch() {
+        Err(darkwatch::sae::SaeError::Invalid(why)) => Err(anyhow::Error::msg(why)),
+        other => Ok(other?),
+    }
+}
+
+/// `sae-bench --batch`: 1 to [`darkwatch::sae::bench::MAX_BATCH`] (10⁷ aborted allocating
+/// 61 GB; 2⁶⁴ − 1 overflowed the array shape).
+fn parse_sae_batch(s: &str) -> Result<usize, String> {
+    let max = darkwatch::sae::bench::MAX_BATCH;
+    match parse_positive(s)? {
+        n if n > max => Err(format!("{s}: give at most {max}")),
+        n => Ok(n),
     }
 }
 
@@ -1374,6 +1468,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench {
             model,
             frames,
+            json,
             backend,
             config,
             retrain_frames,
@@ -1396,10 +1491,7 @@ fn run(command: Command) -> Result<()> {
                 }
                 None => model::fit::synthetic(38, 0),
             };
-            let opts = darkwatch::bench::BenchOptions {
-                latency_frames: frames,
-                ..Default::default()
-            };
+            let opts = darkwatch::bench::BenchOptions::for_frames(frames);
             // Read and check the retraining data before the heads are timed, so that a
             // wrong file fails at once, not after the timing.
             let retrain_rows = match retrain_frames {
@@ -1428,9 +1520,11 @@ fn run(command: Command) -> Result<()> {
                     model.n_features()
                 );
             }
-            eprintln!("darkwatch: timing each head…");
             let model = Arc::new(model);
-            emit(&darkwatch::bench::run(model.clone(), &opts).to_string())?;
+            let mut sink = BenchLines::new(json.as_deref() == Some(Path::new("-")));
+            let report = darkwatch::bench::run(model.clone(), &opts, &mut sink);
+            sink.result()?;
+            let mut record = report.to_json();
             if let (Some(rows), Some(data)) = (retrain_frames, retrain_rows) {
                 eprintln!("darkwatch: timing online retraining…");
                 let native = Arc::new(Model {
@@ -1438,10 +1532,14 @@ fn run(command: Command) -> Result<()> {
                     cuda: None,
                     ..(*model).clone()
                 });
-                emit(
-                    &darkwatch::bench::retrain(&native, data.view(), rows, opts.latency_frames)
-                        .to_string(),
-                )?;
+                let retrain =
+                    darkwatch::bench::retrain(&native, data.view(), rows, opts.latency_frames)?;
+                darkwatch::bench::BenchSink::line(&mut sink, retrain.to_string().trim_end());
+                sink.result()?;
+                record["retrain"] = retrain.to_json();
+            }
+            if let Some(path) = json {
+                write_json(&path, &record)?;
             }
             Ok(())
         }
@@ -1450,20 +1548,32 @@ fn run(command: Command) -> Result<()> {
             input,
             secs,
             batch,
+            json,
         } => {
             let opts = darkwatch::sae::bench::SaeBenchOptions {
                 secs_per_measurement: secs,
                 batch,
                 ..Default::default()
             };
-            if let Some(dir) = sae {
-                return sae_bench_own(&dir, input.as_deref(), opts);
+            let mut sink = BenchLines::new(json.as_deref() == Some(Path::new("-")));
+            let report = match sae {
+                Some(dir) => sae_bench_own(&dir, input.as_deref(), opts, &mut sink)?,
+                None => {
+                    sae_bench_batch_fits(&opts)?;
+                    eprintln!(
+                        "darkwatch: timing SAE scoring (about {})…",
+                        darkwatch::sae::bench::duration_text(
+                            opts.estimated_secs(darkwatch::bench::matmul_gflops())
+                        )
+                    );
+                    darkwatch::sae::bench::run(&opts, &mut sink)?
+                }
+            };
+            darkwatch::bench::BenchSink::line(&mut sink, report.to_string().trim_end());
+            sink.result()?;
+            if let Some(path) = json {
+                write_json(&path, &report.to_json())?;
             }
-            eprintln!(
-                "darkwatch: timing SAE scoring (about {})…",
-                darkwatch::sae::bench::duration_text(opts.estimated_secs())
-            );
-            emit(&darkwatch::sae::bench::run(&opts)?.to_string())?;
             Ok(())
         }
         Command::SaeTrain {

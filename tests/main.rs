@@ -1961,6 +1961,65 @@ fn bench_refuses_too_few_frames() {
     );
 }
 
+/// A retrain of fewer frames than a refit needs was timed as 0.00 s (the refit's error was
+/// dropped): refused up front, with the minimum.
+#[test]
+fn bench_refuses_too_few_retrain_frames() {
+    let (code, _, err) =
+        run(darkwatch().args(["bench", "--frames", "100", "--retrain-frames", "5"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("5 frames are too few for a retrain: give at least 100"),
+        "{err}"
+    );
+}
+
+/// `bench --json -`: the machine, one record per timed row with its sample count, and a
+/// retrain comparison only from a busy window in which a retrain completed (it printed
+/// "0 retrains meanwhile; p99 +1.2 %"). The table goes to stderr, rows flagged where the
+/// p99 rests on fewer than 1,000 frames. Nothing here depends on how fast the machine is.
+#[test]
+fn bench_json_names_the_machine_and_compares_only_with_a_retrain_done() {
+    let (code, out, err) = run(darkwatch().args([
+        "bench",
+        "--frames",
+        "100",
+        "--retrain-frames",
+        "100",
+        "--json",
+        "-",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    let machine = &v["machine"];
+    assert!(machine["cpu"].is_string(), "{v}");
+    assert!(
+        ["avx2+fma", "portable"].contains(&machine["kernel"].as_str().unwrap()),
+        "{v}"
+    );
+    assert_eq!(machine["threads"], 1, "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    // Four native heads, each at batch 1 and at batch 256.
+    assert_eq!(rows.len(), 8, "{v}");
+    for r in rows {
+        match r["batch"].as_u64().unwrap() {
+            1 => assert_eq!(r["samples"], 100, "{r}"),
+            // 100 · 100 frames, in 40 whole batches of 256.
+            256 => assert_eq!(r["samples"], 10_240, "{r}"),
+            b => panic!("batch {b}: {r}"),
+        }
+        assert!(r["frames_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let retrain = &v["retrain"];
+    assert!(retrain["retrains_during"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(retrain["idle_windows"].as_array().unwrap().len(), 3, "{v}");
+    assert!(retrain["busy"]["samples"].as_u64().unwrap() >= 100, "{v}");
+    let row = err.lines().find(|l| l.starts_with("wnll ")).expect(&err);
+    assert!(row.contains("µs*"), "{row}");
+    assert!(err.contains("machine: "), "{err}");
+    assert!(err.contains("retrains completed in"), "{err}");
+}
+
 #[test]
 fn harness_prints_one_table_for_the_bundled_machine() {
     let (code, out, err) = run(darkwatch()

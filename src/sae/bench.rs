@@ -3,8 +3,8 @@
 //! For each shape (d_in, d_sae) a TopK SAE with random weights runs the full forward pass
 //! (normalise, encode, TopK, sparse decode, error, ‖e‖²) at batch 1 (per-token latency) and at
 //! a larger batch (per-batch latency, tokens/s). The encoder product alone is timed at the
-//! large batch and compared with the machine's single-thread sgemm throughput
-//! ([`crate::bench::matmul_gflops`]); ndarray's `general_mat_mul` (matrixmultiply) on the same
+//! large batch and compared with a single-thread sgemm reference, a 256³ product
+//! ([`crate::bench::matmul_gflops`]: a reference, not a bound); ndarray's `general_mat_mul` (matrixmultiply) on the same
 //! product is timed next to it, so the choice of kernel stays checked.
 //!
 //! With `sae-bench --sae` ([`run_own`]) the user's own SAE takes the place of the random
@@ -16,10 +16,17 @@ use std::time::Instant;
 
 use ndarray::{Array2, ArrayView2};
 
+use serde_json::json;
+
 use super::dark::DarkHead;
 use super::{Sae, SaeActivation, SaeError};
+use crate::bench::{BenchSink, FEW_SAMPLES, MachineInfo};
 use crate::rng::Rng;
 use crate::stats::LatencyHistogram;
+
+/// The largest `--batch`: beyond it one batch of the largest default shape needs gigabytes
+/// and a measurement of five calls takes minutes.
+pub const MAX_BATCH: usize = 65_536;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -52,14 +59,74 @@ impl Default for SaeBenchOptions {
 }
 
 impl SaeBenchOptions {
-    /// About how long [`run`] takes: each shape's measurements (batch 1, the batch, the
-    /// encoder, and ndarray's product when compared) at `secs_per_measurement` each, plus
-    /// the sgemm reference twice, and setting up each shape (random weights, packing, the
-    /// warm-up calls: about 2.5 s for the default shapes on a 2-vCPU machine).
-    pub fn estimated_secs(&self) -> f64 {
-        let per_shape = 3.0 + f64::from(u8::from(self.compare_ndarray));
-        let shapes = self.shapes.len() as f64;
-        shapes * (per_shape * self.secs_per_measurement + 2.5) + 2.0
+    /// About how long [`run`] takes on a machine whose sgemm reference runs at `gflops`
+    /// ([`crate::bench::matmul_gflops`]): each shape's measurements (batch 1, the batch, the
+    /// encoder, and ndarray's product when compared) take `secs_per_measurement` or the
+    /// warm-up and `min_iters` calls, whichever is longer (a call of the batch costs its
+    /// encoder product, 2·batch·d_in·d_sae FLOP, and about as much again for the rest of the
+    /// forward pass); plus the sgemm reference twice and setting up each shape (random
+    /// weights, packing: about 2.5 s for the default shapes on a 2-vCPU machine).
+    pub fn estimated_secs(&self, gflops: f64) -> f64 {
+        let gflops = if gflops.is_finite() && gflops > 0.0 {
+            gflops
+        } else {
+            10.0
+        };
+        let calls = (self.min_iters + 1) as f64;
+        let measure = |call_secs: f64| self.secs_per_measurement.max(calls * call_secs);
+        let shapes: f64 = self
+            .shapes
+            .iter()
+            .map(|&(d_in, d_sae)| {
+                let product = 2.0 * (d_in * d_sae) as f64 / (gflops * 1e9);
+                let batch = self.batch.max(1) as f64;
+                // Batch 1 streams W_enc from memory: take it as 4 times the product's time.
+                let mut secs = measure(4.0 * product) + measure(2.0 * batch * product);
+                secs += measure(batch * product);
+                if self.compare_ndarray {
+                    secs += measure(batch * product);
+                }
+                secs + 2.5
+            })
+            .sum();
+        shapes + 2.0
+    }
+
+    /// About the bytes one shape needs at `batch`: the rows fed (4·batch), the workspace
+    /// (inputs, pre-activations, reconstruction, error), the SAE's weights (twice: packed and
+    /// plain) and, when compared, ndarray's output and its copy of `W_enc`.
+    pub fn bytes_needed(&self, d_in: usize, d_sae: usize) -> u128 {
+        let (b, d_in, d_sae) = (self.batch.max(1) as u128, d_in as u128, d_sae as u128);
+        let k = self.k as u128;
+        let mut floats = 4 * b * d_in + b * (3 * d_in + d_sae + 2 * k) + 4 * d_in * d_sae;
+        if self.compare_ndarray {
+            floats += b * d_sae + d_in * d_sae;
+        }
+        4 * floats
+    }
+
+    /// Refuses a batch that would not fit: more than half of `available` bytes for a shape.
+    ///
+    /// # Errors
+    /// [`SaeError::Invalid`] naming the batch, the shape, what it needs and what there is.
+    pub fn check_memory(&self, available: Option<u64>) -> Result<(), SaeError> {
+        let Some(available) = available else {
+            return Ok(());
+        };
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        for &(d_in, d_sae) in &self.shapes {
+            let need = self.bytes_needed(d_in, d_sae);
+            if need > u128::from(available) / 2 {
+                return Err(SaeError::Invalid(format!(
+                    "--batch {} needs about {:.1} GiB for d_in {d_in} × d_sae {d_sae}, more than \
+                     half of the {:.1} GiB available: give a smaller --batch",
+                    self.batch,
+                    gib(need),
+                    gib(u128::from(available))
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -155,25 +222,41 @@ impl SaeBenchRow {
 /// The whole table.
 #[derive(Debug, Clone)]
 pub struct SaeBenchReport {
-    /// Single-thread sgemm GFLOP/s of this machine (the roofline).
+    /// Single-thread sgemm GFLOP/s of this machine on a 256³ product, best of 20 (a
+    /// reference to compare with, not a bound: see the report's footnote).
     pub matmul_gflops: f64,
     pub kernel: &'static str,
+    /// What it ran on (its kernel: the SAE encoder's).
+    pub machine: MachineInfo,
+    /// The fewest calls timed per measurement.
+    pub min_iters: usize,
     pub batch: usize,
     pub rows: Vec<SaeBenchRow>,
     /// With `sae-bench --sae`: which SAE, and what was timed.
     pub own: Option<String>,
 }
 
-/// Runs the benchmark (single thread; takes about [`SaeBenchOptions::estimated_secs`]).
+/// Runs the benchmark (single thread; takes about [`SaeBenchOptions::estimated_secs`]),
+/// telling `sink` which shape it is timing.
 ///
 /// # Errors
-/// [`SaeError::Invalid`] for a shape of 0 or `k` outside `1..=d_sae`.
-pub fn run(opts: &SaeBenchOptions) -> Result<SaeBenchReport, SaeError> {
+/// [`SaeError::Invalid`] for a shape of 0, `k` outside `1..=d_sae`, a batch above
+/// [`MAX_BATCH`] or one that needs more than half the memory available (checked before
+/// anything is allocated).
+pub fn run(opts: &SaeBenchOptions, sink: &mut dyn BenchSink) -> Result<SaeBenchReport, SaeError> {
+    check_batch(opts)?;
     let matmul_gflops = crate::bench::matmul_gflops();
     let batch = opts.batch.max(1);
     let mut rows = Vec::new();
     let mut kernel = "portable";
+    let started = Instant::now();
     for (i, &(d_in, d_sae)) in opts.shapes.iter().enumerate() {
+        sink.status(&format!(
+            "timing d_in {d_in} × d_sae {d_sae} ({} of {}, {:.0} s so far)…",
+            i + 1,
+            opts.shapes.len(),
+            started.elapsed().as_secs_f64()
+        ));
         let sae = Sae::random(d_in, d_sae, opts.k, 42 + i as u64)?;
         let pool = random_rows(4 * batch, d_in);
         let (row, k) = measure(&sae, None, pool.view(), opts)?;
@@ -185,10 +268,35 @@ pub fn run(opts: &SaeBenchOptions) -> Result<SaeBenchReport, SaeError> {
     Ok(SaeBenchReport {
         matmul_gflops,
         kernel,
+        machine: MachineInfo::detect(kernel),
+        min_iters: opts.min_iters,
         batch,
         rows,
         own: None,
     })
+}
+
+/// The batch bounds of [`run`] and [`run_own`]: [`SaeBenchOptions::check_batch`].
+fn check_batch(opts: &SaeBenchOptions) -> Result<(), SaeError> {
+    opts.check_batch()
+}
+
+impl SaeBenchOptions {
+    /// Whether the batch can run here: at most [`MAX_BATCH`], and within half the memory
+    /// available for every shape ([`Self::check_memory`]). [`run`] and [`run_own`] check it
+    /// before allocating; a caller can check it before announcing the run.
+    ///
+    /// # Errors
+    /// [`SaeError::Invalid`] saying which limit, and by how much.
+    pub fn check_batch(&self) -> Result<(), SaeError> {
+        if self.batch > MAX_BATCH {
+            return Err(SaeError::Invalid(format!(
+                "--batch {} is above the limit of {MAX_BATCH}",
+                self.batch
+            )));
+        }
+        self.check_memory(crate::bench::available_memory_bytes())
+    }
 }
 
 /// A user's SAE to time (`sae-bench --sae`) instead of the random shapes.
@@ -214,8 +322,16 @@ pub struct OwnSae<'a> {
 /// # Errors
 /// [`SaeError::Invalid`] when the inputs or the head do not have the SAE's width, or no
 /// input row is given.
-pub fn run_own(own: &OwnSae, opts: &SaeBenchOptions) -> Result<SaeBenchReport, SaeError> {
+pub fn run_own(
+    own: &OwnSae,
+    opts: &SaeBenchOptions,
+    sink: &mut dyn BenchSink,
+) -> Result<SaeBenchReport, SaeError> {
     let (sae, batch) = (own.sae, opts.batch.max(1));
+    check_batch(&SaeBenchOptions {
+        shapes: vec![(sae.d_in(), sae.d_sae())],
+        ..opts.clone()
+    })?;
     if let Some(head) = own.head
         && head.d() != sae.d_in()
     {
@@ -245,6 +361,12 @@ pub fn run_own(own: &OwnSae, opts: &SaeBenchOptions) -> Result<SaeBenchReport, S
         None => random_rows(4 * batch, sae.d_in()),
     };
     let matmul_gflops = crate::bench::matmul_gflops();
+    sink.status(&format!(
+        "timing {} (d_in {} × d_sae {})…",
+        own.name,
+        sae.d_in(),
+        sae.d_sae()
+    ));
     let (row, kernel) = measure(sae, own.head, pool.view(), opts)?;
     let matmul_gflops = matmul_gflops.max(crate::bench::matmul_gflops());
     let per_frame = if own.head.is_some() {
@@ -260,6 +382,8 @@ pub fn run_own(own: &OwnSae, opts: &SaeBenchOptions) -> Result<SaeBenchReport, S
     Ok(SaeBenchReport {
         matmul_gflops,
         kernel,
+        machine: MachineInfo::detect(kernel),
+        min_iters: opts.min_iters,
         batch,
         rows: vec![row],
         own: Some(format!(
@@ -392,38 +516,91 @@ fn thread_cpu_ns() -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
+/// `"*"` after a p99 from fewer than [`FEW_SAMPLES`] samples.
+fn flag(h: &LatencyHistogram) -> &'static str {
+    if h.count() < FEW_SAMPLES { "*" } else { " " }
+}
+
+/// A histogram for JSON.
+fn hist_json(h: &LatencyHistogram) -> serde_json::Value {
+    json!({
+        "samples": h.count(),
+        "p50_ns": h.quantile_ns(0.5),
+        "p99_ns": h.quantile_ns(0.99),
+        "mean_ns": h.mean_ns(),
+    })
+}
+
+impl SaeBenchReport {
+    /// The report for machines: the machine, and one record per row (README "SAE scoring
+    /// speed").
+    pub fn to_json(&self) -> serde_json::Value {
+        let b = self.batch;
+        let rows: Vec<_> = self
+            .rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "d_in": r.d_in,
+                    "d_sae": r.d_sae,
+                    "k": r.k,
+                    "batch1": hist_json(&r.batch1),
+                    "batch1_tokens_per_s": r.batch1_tokens_per_s(),
+                    "batched": hist_json(&r.batched),
+                    "batched_tokens_per_s": r.batched_tokens_per_s(b),
+                    "encoder": hist_json(&r.encoder),
+                    "encoder_gflops_p50": r.encoder_gflops(b),
+                    "encoder_gflops_best": r.encoder_best_gflops(b),
+                    "encoder_cpu_gflops": r.encoder_cpu_gflops(b),
+                    "ndarray_gflops": r.ndarray_gflops(b),
+                })
+            })
+            .collect();
+        json!({
+            "machine": self.machine,
+            "sgemm_reference_gflops": self.matmul_gflops,
+            "batch": b,
+            "sae": self.own,
+            "rows": rows,
+        })
+    }
+}
+
 impl fmt::Display for SaeBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.batch;
+        writeln!(f, "{}", self.machine)?;
         match &self.own {
             Some(own) => writeln!(
                 f,
-                "SAE scoring on CPU (1 thread, kernel {}); sgemm roofline {:.1} GFLOP/s\nSAE {own}",
+                "SAE scoring on CPU (1 thread, kernel {}); sgemm reference {:.1} GFLOP/s\nSAE {own}",
                 self.kernel, self.matmul_gflops
             )?,
             None => writeln!(
                 f,
-                "SAE scoring on CPU (1 thread, TopK, random weights, kernel {}); sgemm roofline \
+                "SAE scoring on CPU (1 thread, TopK, random weights, kernel {}); sgemm reference \
                  {:.1} GFLOP/s",
                 self.kernel, self.matmul_gflops
             )?,
         }
         writeln!(
             f,
-            "{:>5} {:>6} {:>3} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>8} | {:>7} {:>7} {:>7} {:>6} | {:>7}",
+            "{:>5} {:>6} {:>3} | {:>9} {:>10} {:>6} {:>8} | {:>9} {:>10} {:>5} {:>8} | {:>7} {:>7} {:>7} {:>7} | {:>7}",
             "d_in",
             "d_sae",
             "k",
             "b1 p50µs",
             "b1 p99µs",
+            "n",
             "b1 tok/s",
             format!("b{b} p50ms"),
             format!("b{b} p99ms"),
+            "n",
             format!("b{b} tok/s"),
             "enc p50",
             "enc max",
             "enc cpu",
-            "share",
+            "vs ref",
             "ndarray"
         )?;
         for r in &self.rows {
@@ -431,16 +608,20 @@ impl fmt::Display for SaeBenchReport {
             let best = r.encoder_best_gflops(b);
             writeln!(
                 f,
-                "{:>5} {:>6} {:>3} | {:>9.0} {:>9.0} {:>8.0} | {:>9.1} {:>9.1} {:>8.0} | \
-                 {:>7.1} {:>7.1} {:>7} {:>5.0}% | {:>7}",
+                "{:>5} {:>6} {:>3} | {:>9.0} {:>9.0}{} {:>6} {:>8.0} | {:>9.1} {:>9.1}{} {:>5} {:>8.0} | \
+                 {:>7.1} {:>7.1} {:>7} {:>6.0}% | {:>7}",
                 r.d_in,
                 r.d_sae,
                 r.k.map_or_else(|| "-".into(), |k| k.to_string()),
                 r.batch1.quantile_ns(0.5) / 1e3,
                 r.batch1.quantile_ns(0.99) / 1e3,
+                flag(&r.batch1),
+                r.batch1.count(),
                 r.batch1_tokens_per_s(),
                 r.batched.quantile_ns(0.5) / 1e6,
                 r.batched.quantile_ns(0.99) / 1e6,
+                flag(&r.batched),
+                r.batched.count(),
                 r.batched_tokens_per_s(b),
                 r.encoder_gflops(b),
                 best,
@@ -453,9 +634,29 @@ impl fmt::Display for SaeBenchReport {
         writeln!(
             f,
             "enc: encoder product GFLOP/s at batch {b} (p50 and fastest call, wall clock; cpu: \
-             per on-CPU second, p50); share: fastest call / sgemm roofline (both best-of, so a \
-             shared machine affects them alike); ndarray: general_mat_mul on the same product, p50."
+             per on-CPU second, p50); vs ref: fastest call / the sgemm reference, a reference, \
+             not a bound: it is matrixmultiply on a 256³ product (best of 20 short calls) while \
+             the encoder is a larger product on its own packed kernel, so it can pass 100 %; \
+             ndarray: general_mat_mul on the same product, p50."
         )?;
+        writeln!(
+            f,
+            "n: calls timed (at least {} or --secs each, after one warm-up call); p50/p99: \
+             midpoint of the histogram bucket (about 1.1 % wide) holding the quantile, clock \
+             std::time::Instant.",
+            self.min_iters
+        )?;
+        if self
+            .rows
+            .iter()
+            .any(|r| r.batch1.count() < FEW_SAMPLES || r.batched.count() < FEW_SAMPLES)
+        {
+            writeln!(
+                f,
+                "*: p99 from fewer than {FEW_SAMPLES} calls (its top 1 % is under 10 calls): \
+                 give more --secs for a steady one."
+            )?;
+        }
         if let Some(r) = self.rows.iter().find(|r| r.encoder_cpu_unresolved()) {
             let step = r
                 .encoder_cpu_step_ns
@@ -522,6 +723,8 @@ mod tests {
             SaeBenchReport {
                 matmul_gflops: 50.0,
                 kernel: "test",
+                machine: MachineInfo::detect("test"),
+                min_iters: 5,
                 batch: 64,
                 rows: vec![r],
                 own: None,
@@ -529,7 +732,10 @@ mod tests {
             .to_string()
         };
         let text = report(coarse);
-        let line = text.lines().nth(2).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("768"))
+            .unwrap();
         let enc: Vec<&str> = line.split('|').nth(3).unwrap().split_whitespace().collect();
         assert_eq!(enc[2], "-", "{line}");
         assert!(
@@ -541,21 +747,70 @@ mod tests {
     }
 
     /// The "about …" that `sae-bench` prints follows `--secs` (it said "about a minute"
-    /// whatever was asked).
+    /// whatever was asked), and the batch: five calls of a large batch outlast a short
+    /// `--secs` (`--secs 0.1 --batch 2048` announced 14 s and took 1m48s).
     #[test]
-    fn the_estimate_follows_the_seconds_per_measurement() {
+    fn the_estimate_follows_the_seconds_and_the_batch() {
         let at = |secs: f64| {
             duration_text(
                 SaeBenchOptions {
                     secs_per_measurement: secs,
                     ..Default::default()
                 }
-                .estimated_secs(),
+                .estimated_secs(100.0),
             )
         };
-        assert_eq!(at(0.1), "14 s");
         assert_eq!(at(2.0), "44 s");
         assert_eq!(at(4.0), "a minute");
         assert_eq!(at(30.0), "8 minutes");
+        // By hand, one shape 768 × 32768 at 100 GFLOP/s: the product of one token takes
+        // 2·768·32768 / 1e11 = 0.503 ms, a batch of 2048 1.031 s; six calls each (warm-up and
+        // five) of the batch (2 products), the encoder and ndarray (1 each): 24.74 s; batch 1
+        // is 0.1 s (six calls of 4 products are 12 ms); setup 2.5 s and the reference 2 s.
+        let big = SaeBenchOptions {
+            shapes: vec![(768, 32_768)],
+            secs_per_measurement: 0.1,
+            batch: 2048,
+            ..Default::default()
+        };
+        let product = 2.0 * 768.0 * 32_768.0 / 1e11;
+        let want = 6.0 * 4.0 * 2048.0 * product + 0.1 + 2.5 + 2.0;
+        let got = big.estimated_secs(100.0);
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        assert!(got > 29.0, "{got}");
+    }
+
+    /// A batch whose buffers would not fit in half the memory available is refused before
+    /// anything is allocated (`--batch 10000000` aborted allocating 61 GB).
+    #[test]
+    fn a_batch_too_big_for_memory_is_refused() {
+        let opts = SaeBenchOptions {
+            batch: 10_000_000,
+            ..Default::default()
+        };
+        // 4 · (4·b·768 + b·(3·768 + 32768 + 64) + 4·768·32768 + b·32768 + 768·32768) bytes.
+        let b = 10_000_000u128;
+        let want = 4 * (4 * b * 768 + b * (3 * 768 + 32_768 + 64) + 5 * 768 * 32_768 + b * 32_768);
+        assert_eq!(opts.bytes_needed(768, 32_768), want);
+        let err = opts.check_memory(Some(16 << 30)).unwrap_err().to_string();
+        assert!(err.contains("--batch 10000000 needs about"), "{err}");
+        assert!(err.contains("give a smaller --batch"), "{err}");
+        assert!(
+            SaeBenchOptions::default()
+                .check_memory(Some(16 << 30))
+                .is_ok()
+        );
+        // Unknown memory: the --batch limit alone bounds it.
+        assert!(opts.check_memory(None).is_ok());
+        let over = SaeBenchOptions {
+            batch: MAX_BATCH + 1,
+            ..Default::default()
+        };
+        assert!(
+            check_batch(&over)
+                .unwrap_err()
+                .to_string()
+                .contains("limit of 65536")
+        );
     }
 }

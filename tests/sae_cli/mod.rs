@@ -358,6 +358,9 @@ fn a_head_copied_beside_another_sae_is_refused_everywhere() {
 fn sae_bench_refuses_batch_0_and_no_time() {
     for (flag, value, want) in [
         ("--batch", "0", "0: give at least 1"),
+        // 10⁷ aborted allocating 61 GB; 2⁶⁴ − 1 overflowed the array shape.
+        ("--batch", "10000000", "give at most 65536"),
+        ("--batch", "18446744073709551615", "give at most 65536"),
         ("--secs", "0", "give seconds per measurement"),
         ("--secs", "nan", "give seconds per measurement"),
     ] {
