@@ -206,6 +206,26 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
         return Err(IngestError::NoFeatures { path: err_path() });
     }
     warn_label_columns(path, &features);
+    // Columns left out because a model does not use them: said once, since a column the
+    // model should have had (renamed, say) would otherwise vanish without a word.
+    let skipped: Vec<&String> = header
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| !is_feature[i] && Some(i) != ts_col && !(index_col && i == 0))
+        .map(|(_, h)| h)
+        .collect();
+    if !skipped.is_empty() {
+        tracing::warn!(
+            "{}: {} not among the model's features, skipped: {}",
+            path.display(),
+            if skipped.len() == 1 {
+                "1 column is".to_owned()
+            } else {
+                format!("{} columns are", skipped.len())
+            },
+            name_list(&skipped)
+        );
+    }
 
     let width = header.len();
     let ts_name = ts_col.map(|i| header[i].as_str());
@@ -307,6 +327,19 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
         timestamps: ts_col.map(|_| timestamps),
         values,
     })
+}
+
+/// Up to four names, quoted, then how many more.
+fn name_list(names: &[&String]) -> String {
+    let shown: Vec<String> = names
+        .iter()
+        .take(4)
+        .map(|n| format!("{:?}", super::Clipped(n)))
+        .collect();
+    match names.len().saturating_sub(4) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
 }
 
 /// Whether header names are pandas' default column names: exactly `0, 1, …, d−1`, d ≥ 2.
@@ -558,21 +591,26 @@ const GAP_LIKE: &[&str] = &[
 
 /// What to do about a cell that is no number: a missing value written in a way not
 /// accepted (`None`, `?`) lists the spellings that are; text (`node01`) is a column to drop.
-fn not_a_number_hint(field: &str, gaps: bool) -> String {
+fn not_a_number_hint(field: &str, gaps: bool) -> &'static str {
     let gap_like = !field.chars().any(|c| c.is_alphanumeric())
         || GAP_LIKE.iter().any(|w| field.eq_ignore_ascii_case(w));
     match (gap_like, gaps) {
-        (true, true) => format!(
-            "a missing value is written as {}",
-            GAP_SPELLINGS
-        ),
-        (true, false) => "this reader takes no gaps: every cell must be a number".into(),
-        (false, _) => "features must be numbers: drop the columns that hold text (a host name, a label) from the file (pandas: df.select_dtypes('number')); a timestamp column is recognised by its name (timestamp, time or ts) or [input] timestamp_column".into(),
+        (true, true) => GAP_HINT,
+        (true, false) => "this reader takes no gaps: every cell must be a number",
+        (false, _) => {
+            "features must be numbers: drop the columns that hold text (a host name, a label) from the file (pandas: df.select_dtypes('number')); a timestamp column is recognised by its name (timestamp, time or ts) or [input] timestamp_column"
+        }
     }
 }
 
 /// The spellings of a gap that the gap-reading reader accepts, for messages.
-pub const GAP_SPELLINGS: &str = "an empty cell, NaN, Inf, null, NA or N/A (any case)";
+macro_rules! gap_spellings {
+    () => {
+        "an empty cell, NaN, Inf, null, NA or N/A (any case)"
+    };
+}
+pub const GAP_SPELLINGS: &str = gap_spellings!();
+const GAP_HINT: &str = concat!("a missing value is written as ", gap_spellings!());
 
 /// The field separator, told from the header line: a comma, unless the header has none
 /// and holds a semicolon (a spreadsheet's export where the comma is the decimal mark) or

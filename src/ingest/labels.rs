@@ -85,7 +85,7 @@ pub fn parse_labels(
             note: if text {
                 header_note(bytes, labels.len(), expected)
             } else {
-                String::new()
+                ""
             },
         }),
         _ => Ok(labels),
@@ -95,12 +95,12 @@ pub fn parse_labels(
 /// What to say after a label count one too many when the first line is `0`: pandas'
 /// `pd.Series(y).to_csv(index=False)` writes the header `0` (an unnamed Series' name),
 /// which is also a valid label, so only the count gives it away.
-fn header_note(bytes: &[u8], found: usize, expected: usize) -> String {
+fn header_note(bytes: &[u8], found: usize, expected: usize) -> &'static str {
     let first = lines(bytes).next().map(|(_, l)| l.trim_ascii());
     if found == expected + 1 && first == Some(b"0") {
-        "; the first line, \"0\", looks like a header (pandas writes one for an unnamed Series): remove it, or write the labels with to_csv(index=False, header=False)".into()
+        "; the first line, \"0\", looks like a header (pandas writes one for an unnamed Series): remove it, or write the labels with to_csv(index=False, header=False)"
     } else {
-        String::new()
+        ""
     }
 }
 

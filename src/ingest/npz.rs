@@ -72,7 +72,7 @@ pub fn read_npz_labelled(path: &Path) -> Result<(Table, Vec<u8>), IngestError> {
             path: y.path,
             found: labels.len(),
             expected: x.values.nrows(),
-            note: String::new(),
+            note: "",
         });
     }
     Ok((x, labels))
