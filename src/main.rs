@@ -41,13 +41,17 @@ enum Command {
     /// Without a terminal (a pipe, CI, journald), progress is one line per epoch, at most
     /// every 5 s, and the last.
     Train {
-        /// Training data (.csv with a header row, or 2-D .npy). CSV gaps (empty, NaN, Inf,
-        /// null, NA cells) take the column's last value (its mean before its first; with
+        /// Training data: .csv with a header row naming the columns (pandas' to_csv
+        /// defaults work: column names 0..d-1, and an index column of 0,1,2,… is skipped),
+        /// .npy (2-D rows × features, or 1-D for one feature; either byte order), or .npz
+        /// (its array X). A column named like labels (label, is_anomaly, …) is warned
+        /// about; text columns must be dropped. CSV gaps (empty, NaN, Inf, null, NA, N/A
+        /// cells) take the column's last value (its mean before its first; with
         /// --table always its mean), with one warning; a file over half gaps, or a column with no value, is refused. Timestamps:
         /// epoch seconds or ISO 8601 dates and date-times (UTC without an offset).
         #[arg(long)]
         input: PathBuf,
-        /// Model directory to write.
+        /// Model folder to write (created if missing; not a file).
         #[arg(long)]
         out: PathBuf,
         /// Configuration file (default: the documented defaults).
@@ -70,15 +74,17 @@ enum Command {
         /// Model directory written by `darkwatch train`.
         #[arg(long)]
         model: PathBuf,
-        /// Recorded frames (.csv or .npy) with the model's features. CSV gaps (empty, NaN,
-        /// Inf, null, NA cells) take the column's last value (the training mean before its
+        /// Recorded frames with the model's features: .csv (columns the model lacks are
+        /// skipped, with one warning), .npy (2-D, or 1-D for one feature), or .npz (its
+        /// array X). CSV gaps (empty, NaN, Inf, null, NA, N/A cells) take the column's last value (the training mean before its
         /// first; with --table always the training mean), with one warning, and no row is dropped; a file over half gaps, or a
         /// column with no value, is refused. Rows out of time order are warned about.
         #[arg(long)]
         input: PathBuf,
-        /// One 0/1 label per input row (1 = anomalous): enables point-wise AUROC, AUPRC
-        /// and F1. AUPRC is average precision (scikit-learn's average_precision_score:
-        /// the sum over the distinct scores, highest first, of the recall gained times the
+        /// One 0/1 label per input row (1 = anomalous): text (one label a line, no header),
+        /// an .npy vector, or an .npz (its array y). Enables point-wise AUROC, AUPRC and
+        /// F1. AUPRC is average precision (scikit-learn's average_precision_score: the sum
+        /// over the distinct scores, highest first, of the recall gained times the
         /// precision there; a step function, no interpolation). The best F1's threshold is
         /// chosen with the labels; the F1 of the streaming alarms (the `alarm` column of
         /// --out) is at the threshold actually used.
@@ -1921,8 +1927,14 @@ fn train(
     // A model already there is replaced only with --force, once training succeeds.
     let old_model = darkwatch::train::check_model_folder(out, &cfg.onnx.file, force)?;
     // Find out now, not after training, whether the model can be written.
+    if out.exists() && !out.is_dir() {
+        anyhow::bail!(
+            "{}: --out is a file, not a folder: train writes the model folder (model.json and its weights) there; choose another path",
+            out.display()
+        );
+    }
     std::fs::create_dir_all(out)
-        .with_context(|| format!("{}: cannot create the model directory", out.display()))?;
+        .with_context(|| format!("{}: --out: cannot create the model folder", out.display()))?;
     // Read once, hashed from the same bytes: a pipe cannot be read again.
     let (mut table, sha) = replay::read_input_hashed(input, &opts)?;
     // Gaps are filled as replay fills them (the last value carried forward, as the agent

@@ -1,6 +1,6 @@
 //! Output files of the one-shot commands (`replay`, `sae-score`): the check, made before
-//! anything is written, that no output would overwrite one of the command's inputs, another
-//! output, or a file of the model it reads.
+//! anything is written, that each output's folder exists and that no output would
+//! overwrite one of the command's inputs, another output, or a file of the model it reads.
 //!
 //! Fed by the commands' paths; a refusal is an [`OutputClash`] naming the output, the flag
 //! that named it and what it would have destroyed (`replay --out same.csv` of `--input
@@ -46,8 +46,8 @@ pub fn resolved(path: &Path) -> Option<PathBuf> {
     Some(parent.join(path.file_name()?))
 }
 
-/// Refuses an output (`(flag, path)`, `None` when not asked for) that is one of the
-/// `protected` files or inside a protected folder, or that is another output by any
+/// Refuses an output (`(flag, path)`, `None` when not asked for) whose folder does not
+/// exist, or that is one of the `protected` files or inside a protected folder, or that is another output by any
 /// spelling. Outputs that exist but are not regular files (`/dev/null`) are left alone.
 ///
 /// # Errors
@@ -71,6 +71,27 @@ pub fn check(
         let Some(path) = path else { continue };
         if path.exists() && !path.is_file() {
             continue;
+        }
+        // Said here, before any work, rather than as "(os error 2)" when it is created.
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent
+            && !parent.is_dir()
+        {
+            let what = if parent.exists() {
+                "is not a folder"
+            } else {
+                "does not exist"
+            };
+            return Err(OutputClash {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "{flag}: the folder {} {what}; create it first, or choose another path",
+                        parent.display()
+                    ),
+                ),
+            });
         }
         let Some(out) = resolved(path) else { continue };
         let clash = |what: &str| OutputClash {
@@ -129,6 +150,30 @@ mod tests {
 
     fn refusal(outputs: &[(&str, Option<&Path>)], protected: &[Protected<'_>]) -> String {
         check(outputs, protected).unwrap_err().to_string()
+    }
+
+    /// `replay --out missing/s.csv` failed after the replay with a bare "(os error 2)".
+    #[test]
+    fn an_output_in_a_folder_that_does_not_exist_names_the_flag_and_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let out = d.join("missing/s.csv");
+        assert_eq!(
+            refusal(&[("--events", Some(&out))], &[]),
+            format!(
+                "{}: --events: the folder {} does not exist; create it first, or choose another path",
+                out.display(),
+                d.join("missing").display()
+            )
+        );
+        std::fs::write(d.join("afile"), b"x").unwrap();
+        let out = d.join("afile/s.csv");
+        assert!(
+            refusal(&[("--out", Some(&out))], &[]).contains("--out: the folder")
+                && refusal(&[("--out", Some(&out))], &[]).contains("afile is not a folder"),
+        );
+        // A bare name is in the current folder, which exists.
+        assert!(check(&[("--out", Some(Path::new("s.csv")))], &[]).is_ok());
     }
 
     #[test]

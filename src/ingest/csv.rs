@@ -127,21 +127,42 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     if trailing {
         header.pop();
     }
+    // pandas' `to_csv()` keeps the index unless told `index=False`: an unnamed first
+    // column. It is skipped when its values are the row numbers 0, 1, 2, … (checked row by
+    // row below); any other value there is an error that says so.
+    let index_col =
+        header.len() > 1 && header[0].is_empty() && header[1..].iter().all(|n| !n.is_empty());
+    let names = &header[usize::from(index_col)..];
     // A file without a header would lose its first row to it and train on features named
     // after numbers (checked first: such a row often repeats a value, a duplicate name).
-    if header.iter().all(|n| n.trim().parse::<f64>().is_ok()) {
+    // pandas' default names, exactly 0, 1, …, d−1 with d ≥ 2, are a header: a data row that
+    // counts up from 0 is implausible, but a single 0 is a plausible first value.
+    if names.iter().all(|n| n.trim().parse::<f64>().is_ok()) && !is_pandas_default_header(names) {
+        let single_zero = names.len() == 1 && names[0] == "0";
         return Err(IngestError::Syntax {
             path: err_path(),
             pos: TextPos::line(header_no),
-            message: "the header line holds only numbers: the first line must name the columns (feature names, and a timestamp column if any)".into(),
+            message: format!(
+                "the header line holds only numbers: the first line must name the columns (feature names, and a timestamp column if any): add a header line{}",
+                if single_zero {
+                    " (a lone \"0\" is pandas' name for an unnamed column, but is also a plausible first value, so it is not taken as one)"
+                } else {
+                    ""
+                }
+            ),
         });
     }
     for (i, name) in header.iter().enumerate() {
-        if name.is_empty() {
+        if name.is_empty() && !(index_col && i == 0) {
+            let hint = if i == 0 {
+                ": an unnamed first column is usually a pandas index (write the file with to_csv(index=False))"
+            } else {
+                ""
+            };
             return Err(IngestError::Syntax {
                 path: err_path(),
                 pos: TextPos::line(header_no),
-                message: format!("column {} has an empty name", i + 1),
+                message: format!("column {} has an empty name{hint}", i + 1),
             });
         }
         if let Some(j) = header[..i].iter().position(|n| n == name) {
@@ -157,7 +178,7 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     // The columns read as features: every other column, or only those wanted when the
     // header names them all.
     let is_feature: Vec<bool> = {
-        let all = (0..header.len()).map(|i| Some(i) != ts_col);
+        let all = (0..header.len()).map(|i| Some(i) != ts_col && !(index_col && i == 0));
         match &opts.features {
             Some(want)
                 if !want.is_empty()
@@ -184,6 +205,27 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     if features.is_empty() {
         return Err(IngestError::NoFeatures { path: err_path() });
     }
+    warn_label_columns(path, &features);
+    // Columns left out because a model does not use them: said once, since a column the
+    // model should have had (renamed, say) would otherwise vanish without a word.
+    let skipped: Vec<&String> = header
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| !is_feature[i] && Some(i) != ts_col && !(index_col && i == 0))
+        .map(|(_, h)| h)
+        .collect();
+    if !skipped.is_empty() {
+        tracing::warn!(
+            "{}: {} not among the model's features, skipped: {}",
+            path.display(),
+            if skipped.len() == 1 {
+                "1 column is".to_owned()
+            } else {
+                format!("{} columns are", skipped.len())
+            },
+            name_list(&skipped)
+        );
+    }
 
     let width = header.len();
     let ts_name = ts_col.map(|i| header[i].as_str());
@@ -192,7 +234,7 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     // The line of each row, for the warning about time order.
     let mut stamp_lines: Vec<usize> = Vec::new();
     let mut fields: Vec<String> = Vec::with_capacity(width);
-    for &(line_no, raw) in &all[1..] {
+    for (row, &(line_no, raw)) in all[1..].iter().enumerate() {
         // With one column an empty cell is an empty line: a gap, when gaps are allowed
         // (blank lines at the end of the file are its end, not gaps).
         if gaps && width == 1 && raw.trim_ascii().is_empty() {
@@ -225,7 +267,18 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
         }
         for (col, field) in fields.iter().enumerate() {
             let pos = || TextPos::cell(line_no, &header[col]);
-            if Some(col) == ts_col {
+            if index_col && col == 0 {
+                if field.parse::<usize>().ok() != Some(row) {
+                    return Err(IngestError::Syntax {
+                        path: err_path(),
+                        pos: TextPos::line(line_no),
+                        message: format!(
+                            "column 1 has an empty name and holds {:?}, not the row number {row}: an unnamed first column is usually a pandas index (write the file with to_csv(index=False)); name it if it is data (timestamp, time or ts if it holds the times)",
+                            super::Clipped(field)
+                        ),
+                    });
+                }
+            } else if Some(col) == ts_col {
                 let t = parse_stamp(field).ok_or_else(|| IngestError::BadTimestamp {
                     path: err_path(),
                     pos: pos(),
@@ -237,7 +290,7 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
                 if gaps && is_gap(field) {
                     values.push(f32::NAN);
                 } else {
-                    values.push(parse_value(path, field, pos, ts_name)?);
+                    values.push(parse_value(path, field, pos, ts_name, gaps)?);
                 }
             }
         }
@@ -248,6 +301,12 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     }
     let values = Array2::from_shape_vec((rows, features.len()), values)
         .expect("every row contributed exactly one value per feature");
+    if index_col {
+        tracing::warn!(
+            "{}: column 1 has no name and holds the row numbers 0, 1, 2, …: a pandas index (to_csv without index=False), skipped, not read as a feature",
+            path.display()
+        );
+    }
     // Plain numbers take one unit for the whole column, from the largest of them.
     let largest = stamps.iter().fold(0.0f64, |m, s| match s {
         Stamp::Number(x) => m.max(x.abs()),
@@ -268,6 +327,65 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
         timestamps: ts_col.map(|_| timestamps),
         values,
     })
+}
+
+/// Up to four names, quoted, then how many more.
+fn name_list(names: &[&String]) -> String {
+    let shown: Vec<String> = names
+        .iter()
+        .take(4)
+        .map(|n| format!("{:?}", super::Clipped(n)))
+        .collect();
+    match names.len().saturating_sub(4) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}
+
+/// Whether header names are pandas' default column names: exactly `0, 1, …, d−1`, d ≥ 2.
+fn is_pandas_default_header(names: &[String]) -> bool {
+    names.len() >= 2 && names.iter().enumerate().all(|(i, n)| *n == i.to_string())
+}
+
+/// Column names that usually hold the ground truth, not a measurement (compared in any
+/// case). Short on purpose: `y` is left out (an accelerometer's x, y, z), as are names
+/// that merely contain one of these (`attack_surface_bytes`).
+pub const LABEL_COLUMN_NAMES: &[&str] = &[
+    "label",
+    "labels",
+    "is_anomaly",
+    "anomaly",
+    "attack",
+    "outlier",
+    "target",
+    "class",
+];
+
+/// Warns once when feature columns look like labels: a model that reads the answer as a
+/// feature scores far better in a replay than it ever will on live data. Not refused: a
+/// metric may carry such a name.
+fn warn_label_columns(path: &Path, features: &[String]) {
+    let found: Vec<&String> = features
+        .iter()
+        .filter(|f| {
+            LABEL_COLUMN_NAMES
+                .iter()
+                .any(|n| f.trim().eq_ignore_ascii_case(n))
+        })
+        .collect();
+    if found.is_empty() {
+        return;
+    }
+    let names: Vec<String> = found
+        .iter()
+        .map(|f| format!("{:?}", super::Clipped(f)))
+        .collect();
+    tracing::warn!(
+        "{}: column {} looks like labels, not a measurement, and is read as a feature: a model that sees the labels learns nothing useful (and a replay on the same file looks perfect). Drop it from the file (pandas: df.drop(columns=[{}])) and give the labels to replay with --labels",
+        path.display(),
+        names.join(", "),
+        names.join(", ")
+    );
 }
 
 /// The index of the timestamp column, if any.
@@ -380,6 +498,7 @@ fn parse_value(
     field: &str,
     pos: impl Fn() -> TextPos,
     timestamps: Option<&str>,
+    gaps: bool,
 ) -> Result<f32, IngestError> {
     match field.parse::<f32>() {
         Ok(v) if v.is_finite() => Ok(v),
@@ -452,9 +571,46 @@ fn parse_value(
             path: path.to_owned(),
             pos: pos(),
             value: field.to_owned(),
+            hint: not_a_number_hint(field, gaps),
         }),
     }
 }
+
+/// Words that stand for a missing value in some exporter but are no gap here.
+const GAP_LIKE: &[&str] = &[
+    "none",
+    "nil",
+    "missing",
+    "undefined",
+    "nat",
+    "#n/a",
+    "n.a.",
+    "na.",
+    "-",
+];
+
+/// What to do about a cell that is no number: a missing value written in a way not
+/// accepted (`None`, `?`) lists the spellings that are; text (`node01`) is a column to drop.
+fn not_a_number_hint(field: &str, gaps: bool) -> &'static str {
+    let gap_like = !field.chars().any(|c| c.is_alphanumeric())
+        || GAP_LIKE.iter().any(|w| field.eq_ignore_ascii_case(w));
+    match (gap_like, gaps) {
+        (true, true) => GAP_HINT,
+        (true, false) => "this reader takes no gaps: every cell must be a number",
+        (false, _) => {
+            "features must be numbers: drop the columns that hold text (a host name, a label) from the file (pandas: df.select_dtypes('number')); a timestamp column is recognised by its name (timestamp, time or ts) or [input] timestamp_column"
+        }
+    }
+}
+
+/// The spellings of a gap that the gap-reading reader accepts, for messages.
+macro_rules! gap_spellings {
+    () => {
+        "an empty cell, NaN, Inf, null, NA or N/A (any case)"
+    };
+}
+pub const GAP_SPELLINGS: &str = gap_spellings!();
+const GAP_HINT: &str = concat!("a missing value is written as ", gap_spellings!());
 
 /// The field separator, told from the header line: a comma, unless the header has none
 /// and holds a semicolon (a spreadsheet's export where the comma is the decimal mark) or
@@ -556,6 +712,152 @@ mod tests {
 
     fn parse_err(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    /// The hint after a text cell's "is not a number".
+    const TEXT: &str = ": features must be numbers: drop the columns that hold text (a host name, a label) from the file (pandas: df.select_dtypes('number')); a timestamp column is recognised by its name (timestamp, time or ts) or [input] timestamp_column";
+
+    fn gappy(text: &str) -> Result<Table, IngestError> {
+        parse_csv_with_gaps(
+            Path::new("g.csv"),
+            text.as_bytes(),
+            &TableOptions::default(),
+        )
+    }
+
+    /// `pd.DataFrame(X).to_csv(index=False)` names the columns 0, 1, …, d−1: that header
+    /// was refused as "holds only numbers". A lone `0` is still refused (a plausible first
+    /// value), as is any other all-number line, and the message now says what to do.
+    #[test]
+    fn pandas_default_column_names_are_a_header() {
+        let t = parse(
+            "0,1,2
+0.5,1,2
+0.25,3,4
+",
+        )
+        .unwrap();
+        assert_eq!(t.features, ["0", "1", "2"]);
+        assert_eq!(t.values, ndarray::array![[0.5, 1.0, 2.0], [0.25, 3.0, 4.0]]);
+        for text in [
+            "1,2,3
+4,5,6
+",
+            "0,2,1
+4,5,6
+",
+            "0
+1
+",
+        ] {
+            let err = parse_err(text);
+            assert!(
+                err.contains("holds only numbers") && err.contains("add a header line"),
+                "{err}"
+            );
+        }
+        assert!(
+            parse_err(
+                "0
+1
+"
+            )
+            .contains("pandas' name for an unnamed column")
+        );
+    }
+
+    /// `to_csv()` with its default `index=True` writes an unnamed first column of row
+    /// numbers: skipped (with a warning). Any other unnamed first column is refused with
+    /// the hint, as is a first column whose values are not 0, 1, 2, ….
+    #[test]
+    fn a_pandas_index_column_is_skipped_and_any_other_unnamed_first_column_explained() {
+        let t = parse(
+            ",a,b
+0,1.5,2
+1,3,4
+2,5,6
+",
+        )
+        .unwrap();
+        assert_eq!(t.features, ["a", "b"]);
+        assert_eq!(
+            t.values,
+            ndarray::array![[1.5, 2.0], [3.0, 4.0], [5.0, 6.0]]
+        );
+        // pandas' defaults on both axes.
+        let t = parse(
+            ",0,1
+0,7,8
+1,9,10
+",
+        )
+        .unwrap();
+        assert_eq!(t.features, ["0", "1"]);
+        assert_eq!(t.values, ndarray::array![[7.0, 8.0], [9.0, 10.0]]);
+        let err = parse_err(
+            ",a,b
+0,1,2
+5,3,4
+",
+        );
+        assert!(
+            err.starts_with(
+                "data.csv: line 3: column 1 has an empty name and holds \"5\", not the row number 1"
+            ) && err.contains("to_csv(index=False)"),
+            "{err}"
+        );
+        let err = parse_err(
+            ",a
+2024-01-01,1
+",
+        );
+        assert!(err.contains("timestamp, time or ts"), "{err}");
+        // Two unnamed columns are no index: the first still gets the hint.
+        let err = parse_err(
+            ",,b
+0,1,2
+",
+        );
+        assert!(
+            err.ends_with("column 1 has an empty name: an unnamed first column is usually a pandas index (write the file with to_csv(index=False))"),
+            "{err}"
+        );
+    }
+
+    /// A cell such as `None` or `?` said only "is not a number"; a text column only named
+    /// itself. Now the message lists the gap spellings, or says to drop text columns.
+    #[test]
+    fn not_a_number_says_how_to_write_a_gap_or_to_drop_a_text_column() {
+        for v in ["None", "?", "--", "missing"] {
+            let err = gappy(&format!("a,b\n1,2\n3,{v}\n"))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "g.csv: line 3, column \"b\": value {v:?} is not a number: a missing value is written as {GAP_SPELLINGS}"
+                )
+            );
+        }
+        // Each spelling listed is read as a gap.
+        let t = gappy("a,b\n1,\n1,NaN\n1,Inf\n1,null\n1,NA\n1,N/A\n").unwrap();
+        assert!(t.values.column(1).iter().all(|v| v.is_nan()));
+        let err = gappy("a,host\n1,node01\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("g.csv: line 2, column \"host\": value \"node01\" is not a number{TEXT}")
+        );
+    }
+
+    #[test]
+    fn label_column_names_are_matched_in_any_case_and_exactly() {
+        let hit = |n: &str| {
+            LABEL_COLUMN_NAMES
+                .iter()
+                .any(|l| n.trim().eq_ignore_ascii_case(l))
+        };
+        assert!(hit("Label") && hit("IS_ANOMALY") && hit("attack"));
+        assert!(!hit("y") && !hit("labelled_bytes") && !hit("cpu"));
     }
 
     #[test]
@@ -694,11 +996,11 @@ mod tests {
     fn position_is_named_for_bad_values() {
         assert_eq!(
             parse_err("cpu,mem\n1,2\n3,abc\n"),
-            "data.csv: line 3, column \"mem\": value \"abc\" is not a number"
+            format!("data.csv: line 3, column \"mem\": value \"abc\" is not a number{TEXT}")
         );
         assert_eq!(
             parse_err("cpu,mem\n1,2\n3,\n"),
-            "data.csv: line 3, column \"mem\": value \"\" is not a number"
+            "data.csv: line 3, column \"mem\": value \"\" is not a number: this reader takes no gaps: every cell must be a number"
         );
         assert_eq!(
             parse_err("cpu,mem\n1,2\n3\n"),
@@ -746,14 +1048,10 @@ mod tests {
         // numbers beyond float32 and a gap in the timestamp column.
         assert!(parse_err(text).contains("line 2, column \"mem\""));
         assert!(parse_err("a\n1\nNaN\n").contains("NaN/Inf is not allowed"));
-        let gappy = |t: &str| {
-            parse_csv_with_gaps(Path::new("g.csv"), t.as_bytes(), &TableOptions::default())
-                .unwrap_err()
-                .to_string()
-        };
+        let gappy = |t: &str| gappy(t).unwrap_err().to_string();
         assert_eq!(
             gappy("a\n1\nabc\n"),
-            "g.csv: line 3, column \"a\": value \"abc\" is not a number"
+            format!("g.csv: line 3, column \"a\": value \"abc\" is not a number{TEXT}")
         );
         assert!(gappy("a\n1e39\n").contains("out of range"));
         assert!(gappy("ts,a\n1,1\n,2\n").contains("not a timestamp"));
@@ -876,7 +1174,7 @@ mod tests {
         assert_eq!(t.features, ["a,b", "c"]);
         assert_eq!(
             parse_err("sep=;\na;b\n1;x\n"),
-            "data.csv: line 3, column \"b\": value \"x\" is not a number"
+            format!("data.csv: line 3, column \"b\": value \"x\" is not a number{TEXT}")
         );
         // A space-separated file is one column of text: said as such.
         assert_eq!(

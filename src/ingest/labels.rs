@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::{IngestError, TextPos, line_str, lines, npy, read_bytes};
+use super::{IngestError, TextPos, line_str, lines, npy, npz, read_bytes};
 
 /// One labelled anomaly segment, converted to 0-based indices.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,12 +62,19 @@ pub fn parse_labels(
 ) -> Result<Vec<u8>, IngestError> {
     // A file named `.npy` is read as one even when its magic is damaged, so the NPY
     // parser's error names what is wrong, not the text parser's "not valid UTF-8".
-    let named_npy = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
-    let labels = if named_npy || bytes.starts_with(npy::MAGIC) {
+    let named = |ext: &str| {
+        path.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case(ext))
+    };
+    let mut text = false;
+    let labels = if named("npz") || (!named("npy") && npz::is_zip(bytes)) {
+        // An ODDS / ADBench archive: the labels are its array `y`.
+        let (shown, member) = npz::member_npy(path, bytes, "y")?;
+        parse_npy_labels(&shown, &member)?
+    } else if named("npy") || bytes.starts_with(npy::MAGIC) {
         parse_npy_labels(path, bytes)?
     } else {
+        text = true;
         parse_text_labels(path, bytes)?
     };
     match expected_rows {
@@ -75,8 +82,25 @@ pub fn parse_labels(
             path: path.to_owned(),
             found: labels.len(),
             expected,
+            note: if text {
+                header_note(bytes, labels.len(), expected)
+            } else {
+                ""
+            },
         }),
         _ => Ok(labels),
+    }
+}
+
+/// What to say after a label count one too many when the first line is `0`: pandas'
+/// `pd.Series(y).to_csv(index=False)` writes the header `0` (an unnamed Series' name),
+/// which is also a valid label, so only the count gives it away.
+fn header_note(bytes: &[u8], found: usize, expected: usize) -> &'static str {
+    let first = lines(bytes).next().map(|(_, l)| l.trim_ascii());
+    if found == expected + 1 && first == Some(b"0") {
+        "; the first line, \"0\", looks like a header (pandas writes one for an unnamed Series): remove it, or write the labels with to_csv(index=False, header=False)"
+    } else {
+        ""
     }
 }
 
@@ -127,20 +151,30 @@ fn parse_text_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, IngestError> 
                 message: "blank line between labels".into(),
             });
         }
-        let label = match text {
-            "0" => 0,
-            "1" => 1,
-            _ => match text.parse::<f64>() {
-                Ok(0.0) => 0,
-                Ok(1.0) => 1,
-                _ => {
-                    return Err(IngestError::BadLabel {
-                        path: path.to_owned(),
-                        pos: TextPos::line(line_no),
-                        value: text.to_owned(),
-                    });
-                }
-            },
+        let Some(label) = text_label(text) else {
+            // A header line (`label`, `y`, `is_anomaly`) over valid labels: said so.
+            if labels.is_empty()
+                && lines(bytes)
+                    .skip(1)
+                    .filter_map(|(_, l)| std::str::from_utf8(l).ok())
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .all(|l| text_label(l).is_some())
+            {
+                return Err(IngestError::Syntax {
+                    path: path.to_owned(),
+                    pos: TextPos::line(line_no),
+                    message: format!(
+                        "label {:?} is not 0 or 1, but every line after it is: the first line looks like a header: remove it (pandas: to_csv(index=False, header=False))",
+                        super::Clipped(text)
+                    ),
+                });
+            }
+            return Err(IngestError::BadLabel {
+                path: path.to_owned(),
+                pos: TextPos::line(line_no),
+                value: text.to_owned(),
+            });
         };
         labels.push(label);
     }
@@ -150,6 +184,19 @@ fn parse_text_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, IngestError> 
         });
     }
     Ok(labels)
+}
+
+/// One text label: `0` or `1` (or a number equal to one, such as `1.0`).
+fn text_label(text: &str) -> Option<u8> {
+    match text {
+        "0" => Some(0),
+        "1" => Some(1),
+        _ => match text.parse::<f64>() {
+            Ok(0.0) => Some(0),
+            Ok(1.0) => Some(1),
+            _ => None,
+        },
+    }
 }
 
 /// Read OmniAnomaly SMD interpretation labels: one `a-b:d,d,...` per line.
@@ -336,6 +383,63 @@ mod tests {
             "labels.txt: empty file"
         );
         assert!(labels("0\nnan\n", None).is_err());
+    }
+
+    /// `pd.Series(y).to_csv("y.csv", index=False)` writes the header `0`, a valid label:
+    /// the count was one too many with no word why. A header that is no label said only
+    /// "not 0 or 1".
+    #[test]
+    fn a_header_line_over_labels_is_named_as_one() {
+        let err = labels("0\n1\n0\n1\n", Some(3)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "labels.txt: 4 labels, but the data has 3 rows; the first line, \"0\", looks like a header (pandas writes one for an unnamed Series): remove it, or write the labels with to_csv(index=False, header=False)"
+        );
+        // One too many after a first line `1`, or two too many: no guess.
+        let err = labels("1\n1\n0\n1\n", Some(3)).unwrap_err().to_string();
+        assert_eq!(err, "labels.txt: 4 labels, but the data has 3 rows");
+        let err = labels("0\n1\n0\n1\n", Some(2)).unwrap_err().to_string();
+        assert_eq!(err, "labels.txt: 4 labels, but the data has 2 rows");
+        let err = labels("is_anomaly\n0\n1\n\n", Some(2))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "labels.txt: line 1: label \"is_anomaly\" is not 0 or 1, but every line after it is: the first line looks like a header: remove it (pandas: to_csv(index=False, header=False))"
+        );
+        // A bad label further down is no header.
+        let err = labels("label\n0\nx\n", None).unwrap_err().to_string();
+        assert_eq!(err, "labels.txt: line 1: label \"label\" is not 0 or 1");
+    }
+
+    /// `--labels x.npz` reads the archive's `y`, as the harness does (it was read as text).
+    #[test]
+    fn an_npz_gives_its_array_y() {
+        use super::super::npz::tests::{npy, stored_zip};
+        let y: Vec<u8> = [0i64, 1, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let x: Vec<u8> = [0.5f64; 3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let zip = stored_zip(&[
+            ("X.npy", npy("<f8", "(3, 1)", &x)),
+            ("y.npy", npy("<i8", "(3,)", &y)),
+        ]);
+        for name in ["t.npz", "noext"] {
+            assert_eq!(
+                parse_labels(Path::new(name), &zip, Some(3)).unwrap(),
+                [0, 1, 1]
+            );
+        }
+        let err = parse_labels(Path::new("t.npz"), &zip, Some(4))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "t.npz: 3 labels, but the data has 4 rows");
+        let zip = stored_zip(&[("X.npy", npy("<f8", "(3, 1)", &x))]);
+        let err = parse_labels(Path::new("t.npz"), &zip, None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "t.npz: the archive has no member y.npy (its members: X.npy)"
+        );
     }
 
     /// An `.npy` label vector (as numpy writes `y.astype(...)`) reads like the text file,

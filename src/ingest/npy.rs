@@ -1,4 +1,4 @@
-//! NumPy `.npy` arrays: 2-D, little-endian float16/float32/float64 (or integer/bool,
+//! NumPy `.npy` arrays: 2-D, float16/float32/float64 (or integer/bool, either byte order,
 //! converted to float32, as in the ODDS tables), format versions 1.0, 2.0 and 3.0, C or
 //! Fortran order. Features are named `f0..f{d-1}`; there are no timestamps. Activation
 //! dumps (`[batch, seq, d]`) are read as rows by [`read_npy_rows`], which flattens the
@@ -152,7 +152,14 @@ fn parse(
         shape,
     } = parse_header(&header).map_err(header_err)?;
 
-    let (item, dtype, decode): (u64, &'static str, Decode) = match descr.as_str() {
+    // A big-endian array (`>f8`, as some tools and old NumPy on POWER write) is read by
+    // swapping each item's bytes into little-endian order first.
+    let big_endian = descr.starts_with('>');
+    let little = match descr.strip_prefix('>') {
+        Some(rest) => format!("<{rest}"),
+        None => descr.clone(),
+    };
+    let (item, dtype, decode): (u64, &'static str, Decode) = match little.as_str() {
         "<f4" => (4, "float32", Decode::F32),
         "<f2" => (2, "float16", Decode::F16),
         "<f8" => (
@@ -226,7 +233,7 @@ fn parse(
             });
         }
     };
-    let data = &bytes[data_start..];
+    let mut data = &bytes[data_start..];
     let expected = rows.checked_mul(cols).and_then(|n| n.checked_mul(item));
     let actual = data.len() as u64;
     if expected != Some(actual) {
@@ -251,6 +258,14 @@ fn parse(
     }
     // Both fit in usize: their product is the length of a slice in memory.
     let (rows, cols) = (rows as usize, cols as usize);
+    let swapped: Vec<u8>;
+    if big_endian && item > 1 {
+        swapped = data
+            .chunks_exact(item as usize)
+            .flat_map(|c| c.iter().rev().copied())
+            .collect();
+        data = &swapped;
+    }
     let values = match decode {
         Decode::F32 | Decode::F16 => {
             let flat = if matches!(decode, Decode::F32) {
@@ -662,17 +677,85 @@ pub(crate) mod tests {
         }
     }
 
+    /// `np.save` of a `>f8` array (big-endian) was refused as an unsupported dtype: its
+    /// items are byte-swapped on read, for every width, in either memory order.
+    #[test]
+    fn reads_big_endian_arrays() {
+        let h = |descr: &str, fortran: &str| {
+            format!("{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': (2, 2), }}")
+        };
+        let want = ndarray::array![[1.5, -2.0], [3.0, 4.25]];
+        let f8: Vec<u8> = [1.5f64, -2.0, 3.0, 4.25]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        let f4: Vec<u8> = [1.5f32, -2.0, 3.0, 4.25]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        let f2: Vec<u8> = [1.5f32, -2.0, 3.0, 4.25]
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_be_bytes())
+            .collect();
+        for (descr, data) in [(">f8", &f8), (">f4", &f4), (">f2", &f2)] {
+            assert_eq!(
+                parse(&npy_bytes(1, &h(descr, "False"), data))
+                    .unwrap()
+                    .values,
+                want,
+                "{descr}"
+            );
+        }
+        // Fortran order: columns first.
+        let cols: Vec<u8> = [1.5f64, 3.0, -2.0, 4.25]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        assert_eq!(
+            parse(&npy_bytes(1, &h(">f8", "True"), &cols))
+                .unwrap()
+                .values,
+            want
+        );
+        let i4: Vec<u8> = [-1i32, 2, 70000, 0]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        assert_eq!(
+            parse(&npy_bytes(1, &h(">i4", "False"), &i4))
+                .unwrap()
+                .values,
+            ndarray::array![[-1.0, 2.0], [70000.0, 0.0]]
+        );
+        let i2: Vec<u8> = [-1i16, 2, 7, 0]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        assert_eq!(
+            parse(&npy_bytes(1, &h(">i2", "False"), &i2))
+                .unwrap()
+                .values,
+            ndarray::array![[-1.0, 2.0], [7.0, 0.0]]
+        );
+        // A big-endian NaN is still found (and read as a gap where gaps are wanted).
+        let nan: Vec<u8> = [1.0f64, f64::NAN, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        assert!(err(&npy_bytes(1, &h(">f8", "False"), &nan)).contains("row 0, column 1"));
+    }
+
     #[test]
     fn rejects_bad_dtypes_and_shapes() {
         let h = |descr: &str, shape: &str| {
             format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
         };
-        for descr in [">f4", ">i4", ">f2", "<c8"] {
+        for descr in ["<c8", ">c8", "<U2"] {
             let msg = err(&npy_bytes(1, &h(descr, "(1, 1)"), &[0; 8]));
             assert_eq!(
                 msg,
                 format!(
-                    "x.npy: unsupported dtype {descr:?}; supported: little-endian float16, float32, float64 and integer or bool types"
+                    "x.npy: unsupported dtype {descr:?}; supported: float16, float32, float64 and integer or bool types, little- or big-endian"
                 )
             );
         }
@@ -839,9 +922,6 @@ pub(crate) mod tests {
                 "{bad:#06x}"
             );
         }
-        // Big-endian is refused, not read byte-swapped.
-        let big = "{'descr': '>f2', 'fortran_order': False, 'shape': (4, 3), }";
-        assert!(err(&npy_bytes(1, big, &bytes)).contains("unsupported dtype \">f2\""));
         // Truncated float16 data is reported in float16 bytes.
         assert_eq!(
             err(&npy_bytes(1, &h("False", "(4, 3)"), &bytes[..23])),

@@ -4,7 +4,7 @@
 //! A small reader of the zip central directory; members are inflated with `miniz_oxide`
 //! and parsed by [`super::npy::parse_npy`], so every NPY check applies.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::npy::parse_npy_allow_1d;
 use super::{IngestError, Table};
@@ -17,14 +17,33 @@ use super::{IngestError, Table};
 /// deflate stream, or anything the NPY parser rejects.
 pub fn read_npz_member(path: &Path, name: &str) -> Result<Table, IngestError> {
     let bytes = std::fs::read(path).map_err(|e| IngestError::io(path, e))?;
-    let member = extract(path, &bytes, &format!("{name}.npy"))?;
+    let (shown, member) = member_npy(path, &bytes, name)?;
+    parse_npy_allow_1d(&shown, &member)
+}
+
+/// The NPY bytes of member `name` (without `.npy`) of an `.npz` archive already in memory,
+/// with the name to show in messages about its content (`t.npz:X.npy`).
+///
+/// # Errors
+/// As [`read_npz_member`], minus `Io` and the NPY parser's.
+pub(crate) fn member_npy(
+    path: &Path,
+    zip: &[u8],
+    name: &str,
+) -> Result<(PathBuf, Vec<u8>), IngestError> {
+    let member = extract(path, zip, &format!("{name}.npy"))?;
     let shown = path.with_file_name(format!(
         "{}:{name}.npy",
         path.file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default()
     ));
-    parse_npy_allow_1d(&shown, &member)
+    Ok((shown, member))
+}
+
+/// Whether bytes start as a zip archive (an `.npz`) does.
+pub(crate) fn is_zip(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06")
 }
 
 /// Reads an ODDS-style `.npz`: the table `X` and the labels `y` (1 = anomalous).
@@ -53,6 +72,7 @@ pub fn read_npz_labelled(path: &Path) -> Result<(Table, Vec<u8>), IngestError> {
             path: y.path,
             found: labels.len(),
             expected: x.values.nrows(),
+            note: "",
         });
     }
     Ok((x, labels))

@@ -224,3 +224,156 @@ fn replay_and_train_fill_an_npys_nan_and_inf_as_gaps() {
         "{err}"
     );
 }
+
+/// A stored (uncompressed) zip of `members`, as `np.savez` writes an `.npz`.
+fn stored_zip(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for (name, data) in members {
+        let offset = out.len() as u32;
+        let sizes = [(data.len() as u32).to_le_bytes(); 2].concat();
+        out.extend_from_slice(&[0x50, 0x4b, 0x03, 0x04, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&sizes);
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        central.extend_from_slice(&[0x50, 0x4b, 0x01, 0x02, 20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        central.extend_from_slice(&[0; 4]);
+        central.extend_from_slice(&sizes);
+        central.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        central.extend_from_slice(&[0; 12]);
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(name.as_bytes());
+    }
+    let (cd_offset, cd_len) = (out.len() as u32, central.len() as u32);
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&[0x50, 0x4b, 0x05, 0x06, 0, 0, 0, 0]);
+    out.extend_from_slice(&[(members.len() as u16).to_le_bytes(); 2].concat());
+    out.extend_from_slice(&cd_len.to_le_bytes());
+    out.extend_from_slice(&cd_offset.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out
+}
+
+/// What a researcher's pandas and NumPy files met: a CSV with pandas' index and default
+/// column names was refused, a `label` column was trained on without a word, `.npz` was
+/// an unsupported type, a labels file with pandas' header `0` was one label too many
+/// without a why, and `--out` onto a file said only "File exists".
+#[test]
+fn train_and_replay_take_files_written_by_pandas_and_numpy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("src.csv");
+    synthetic_csv(&src, 400, 3, &[]);
+    // `pd.DataFrame(X).to_csv("pd.csv")`: an unnamed index column, columns 0, 1, 2.
+    let pandas = d.join("pd.csv");
+    edited_csv(&src, &pandas, |i, cells| match i {
+        0 => *cells = vec!["".into(), "0".into(), "1".into(), "2".into()],
+        _ => cells[0] = (i - 1).to_string(),
+    });
+    // The same with a label column.
+    let labelled = d.join("labelled.csv");
+    edited_csv(&pandas, &labelled, |i, cells| {
+        cells.push(if i == 0 { "Label".into() } else { "0".into() })
+    });
+    let train = |input: &Path, out: &str| {
+        run(darkwatch()
+            .args(["train", "--input"])
+            .arg(input)
+            .arg("--out")
+            .arg(d.join(out))
+            .arg("--config")
+            .arg(quick_config(d)))
+    };
+    let (code, out, err) = train(&pandas, "m");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("400 rows × 3 features"), "{err}");
+    assert!(
+        err.contains(
+            "pd.csv: column 1 has no name and holds the row numbers 0, 1, 2, …: a pandas index"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("looks like labels"), "{err}");
+    let (code, out, err) = train(&labelled, "m-label");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("labelled.csv: column \"Label\" looks like labels, not a measurement, and is read as a feature")
+            && err.contains("--labels"),
+        "{err}"
+    );
+    assert!(err.contains("400 rows × 4 features"), "{err}");
+    // replay skips a column the model lacks, and says which.
+    let hosted = d.join("hosted.csv");
+    edited_csv(&pandas, &hosted, |i, cells| {
+        cells.push(if i == 0 {
+            "host".into()
+        } else {
+            "node01".into()
+        })
+    });
+    let (code, out, err) = run(darkwatch()
+        .args(["replay", "--model"])
+        .arg(d.join("m"))
+        .arg("--input")
+        .arg(&hosted));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("hosted.csv: 1 column is not among the model's features, skipped: \"host\""),
+        "{err}"
+    );
+    // The same rows as an .npz (X float64, y int64), for --input and --labels.
+    let text = std::fs::read_to_string(&src).unwrap();
+    let x: Vec<u8> = text
+        .lines()
+        .skip(1)
+        .flat_map(|l| l.split(',').skip(1).map(|v| v.parse::<f64>().unwrap()))
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let y: Vec<u8> = (0..400i64)
+        .map(|i| i64::from(i % 50 == 0))
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let npy = |name: &str, descr: &str, shape: &str, data: &[u8]| {
+        let p = d.join(name);
+        super::util::write_npy(&p, descr, shape, data);
+        std::fs::read(p).unwrap()
+    };
+    let npz = d.join("odds.npz");
+    std::fs::write(
+        &npz,
+        stored_zip(&[
+            ("X.npy", npy("X.npy", "<f8", "(400, 3)", &x)),
+            ("y.npy", npy("y.npy", "<i8", "(400,)", &y)),
+        ]),
+    )
+    .unwrap();
+    let (code, out, err) = train(&npz, "m-npz");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("odds.npz (400 rows × 3 features)"), "{err}");
+    let (code, out, err) = replay_with(&d.join("m-npz"), &npz, &npz, &[] as &[&str]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("AUROC"), "{out}");
+    // `pd.Series(y).to_csv("y.csv", index=False)`: the header `0`, then 400 labels.
+    let ycsv = d.join("y.csv");
+    let labels: String = (0..400)
+        .map(|i| format!("{}\n", u8::from(i % 50 == 0)))
+        .collect();
+    std::fs::write(&ycsv, format!("0\n{labels}")).unwrap();
+    let (code, _, err) = replay_with(&d.join("m-npz"), &npz, &ycsv, &[] as &[&str]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("y.csv: 401 labels, but the data has 400 rows; the first line, \"0\", looks like a header"),
+        "{err}"
+    );
+    // --out onto a file.
+    std::fs::write(d.join("afile"), b"x").unwrap();
+    let (code, _, err) = train(&pandas, "afile");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("afile: --out is a file, not a folder"),
+        "{err}"
+    );
+}
