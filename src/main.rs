@@ -1895,6 +1895,18 @@ fn warn_constant_columns(table: &ingest::Table) {
     }
 }
 
+/// Removes its folder, if it holds one and the folder is empty, when dropped.
+struct RemoveIfEmpty<'a>(Option<&'a Path>);
+
+impl Drop for RemoveIfEmpty<'_> {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0 {
+            // remove_dir refuses a folder with anything in it.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 fn train(
     input: &Path,
     out: &Path,
@@ -1933,6 +1945,9 @@ fn train(
             out.display()
         );
     }
+    // A folder made here is taken away again if training fails before the model is saved
+    // in it, so a failed run does not leave an empty folder that looks like a model's.
+    let mut made = RemoveIfEmpty((!out.exists()).then_some(out));
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: --out: cannot create the model folder", out.display()))?;
     // Read once, hashed from the same bytes: a pipe cannot be read again.
@@ -2010,6 +2025,7 @@ fn train(
     // Remembered, so that `replay` of this model scores a table without being told again.
     model.meta.table = rows_unordered;
     model.save(out)?;
+    made.0 = None;
     if let Some(note) = report.still_falling_note(model.ae.members, cfg.train.epochs_max) {
         eprintln!("darkwatch: note: {note}");
     }

@@ -892,6 +892,29 @@ fn train_says_which_column_it_took_as_timestamps() {
     assert!(err.contains("(300 rows × 2 features)"), "{err}");
 }
 
+/// A train that fails on its input takes away the model folder it made, and leaves alone
+/// an empty folder that was there before.
+#[test]
+fn a_failed_train_leaves_no_empty_model_folder_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("bad.csv");
+    std::fs::write(&input, "a,host\n1,node01\n2,node02\n").unwrap();
+    for (folder, made_before) in [("new", false), ("old", true)] {
+        let out = dir.path().join(folder);
+        if made_before {
+            std::fs::create_dir(&out).unwrap();
+        }
+        let (code, _, err) = run(darkwatch()
+            .args(["train", "--input"])
+            .arg(&input)
+            .arg("--out")
+            .arg(&out));
+        assert_ne!(code, 0, "{err}");
+        assert!(err.contains("node01"), "{err}");
+        assert_eq!(out.is_dir(), made_before, "{folder}: {err}");
+    }
+}
+
 /// A model folder that is not there is said as such, not as a missing `model.json`.
 #[test]
 fn a_missing_model_folder_is_named_as_such() {
