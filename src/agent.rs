@@ -957,8 +957,10 @@ impl Retraining {
             && new.threshold == old.threshold
     }
 
-    /// Ends the trainer once it finishes a retrain in progress.
+    /// Ends the trainer: a retrain in progress gives up within one mini-batch, and nothing
+    /// it had not yet written is kept (checkpoints are written whole or not at all).
     fn stop(self) {
+        self.shared.stopping.store(true, Ordering::Release);
         drop(self.requests);
         let _ = self.trainer.join();
     }

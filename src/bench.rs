@@ -757,7 +757,7 @@ pub fn retrain(
         );
         move || {
             let (w0, c0) = (Instant::now(), thread_cpu_secs());
-            let cand = refit(&m, r.view(), &c, &cfg, 1)?;
+            let cand = refit(&m, r.view(), &c, &cfg, 1, None)?;
             std::hint::black_box(gate(&m, &cand, &cfg, &th));
             Ok::<_, crate::retrain::RetrainError>((
                 w0.elapsed().as_secs_f64(),

@@ -53,7 +53,7 @@ use crate::pipeline::{ScoredFrame, Scorer};
 use crate::ring::{FrameConsumer, FrameMeta};
 use crate::rng::Rng;
 use crate::score::{Head, HeadKind, LogVariance};
-use crate::train::{TrainConfig, TrainError, train};
+use crate::train::{TrainConfig, TrainError, train, train_until};
 
 /// The model the scorer uses, replaced between batches when a retrain is accepted.
 pub type ModelCell = ArcSwap<Model>;
@@ -354,6 +354,7 @@ pub fn refit(
     clean: &[bool],
     cfg: &RetrainConfig,
     seed: u64,
+    stop: Option<&AtomicBool>,
 ) -> Result<Candidate, RetrainError> {
     let started = Instant::now();
     let n = rows.nrows();
@@ -390,7 +391,10 @@ pub fn refit(
         seed,
         ..current.meta.provenance.train.clone()
     };
-    let report = train(&mut ae, x.view(), &tc, &mut |_| {})?;
+    let report = match stop {
+        Some(stop) => train_until(&mut ae, x.view(), &tc, stop, &mut |_| {})?,
+        None => train(&mut ae, x.view(), &tc, &mut |_| {})?,
+    };
     let mut meta = current.meta.clone();
     meta.version = current.meta.version + 1;
     meta.provenance.created_unix_secs = SystemTime::now()
@@ -819,6 +823,10 @@ pub struct Shared {
     pub swap_at: Arc<std::sync::atomic::AtomicU64>,
     /// Every retrain of this run, accepted or not, oldest first.
     pub history: Arc<Mutex<Vec<HistoryEntry>>>,
+    /// Raised when the agent stops, or a reload replaces this trainer: a retrain in
+    /// progress gives up within one mini-batch ([`crate::train::train_until`]) instead of
+    /// holding the stop (a starved nice-19 retrain can take minutes).
+    pub stopping: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -841,6 +849,7 @@ impl Shared {
             busy: Arc::new(AtomicBool::new(false)),
             swap_at: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             history: Arc::new(Mutex::new(Vec::new())),
+            stopping: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -904,7 +913,14 @@ impl Trainer {
         });
         let current = self.shared.cell.load_full();
         self.seed = self.seed.wrapping_add(1);
-        let candidate = refit(&current, rows.view(), &clean, &self.cfg, self.seed)?;
+        let candidate = refit(
+            &current,
+            rows.view(),
+            &clean,
+            &self.cfg,
+            self.seed,
+            Some(&self.shared.stopping),
+        )?;
         let verdict = gate(&current, &candidate, &self.cfg, &self.threshold);
         let entry = HistoryEntry {
             unix_secs: candidate.model.meta.provenance.created_unix_secs,
@@ -971,9 +987,15 @@ impl Trainer {
             }
             busy.store(true, Ordering::Release);
             let _clear = NotBusy(&busy);
-            if let Err(e) = self.retrain_on(&req.trigger, req.snapshot) {
-                self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(trigger = %req.trigger, error = %e, "retrain failed");
+            match self.retrain_on(&req.trigger, req.snapshot) {
+                Ok(_) => {}
+                Err(RetrainError::Train(TrainError::Stopped)) => {
+                    tracing::info!(trigger = %req.trigger, "retrain abandoned: the agent is stopping or reloading");
+                }
+                Err(e) => {
+                    self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(trigger = %req.trigger, error = %e, "retrain failed");
+                }
             }
         }
     }
@@ -1701,7 +1723,7 @@ mod tests {
             epochs: 3,
             ..cfg()
         };
-        let cand = refit(&current, rows.view(), &[true; 600], &c, 4).unwrap();
+        let cand = refit(&current, rows.view(), &[true; 600], &c, 4, None).unwrap();
         let ae = &cand.model.ae;
         assert_eq!(ae.members, 3);
         ae.check_shapes().unwrap();
@@ -1731,7 +1753,7 @@ mod tests {
             ..cfg()
         };
         let th = crate::threshold::ThresholdConfig::default();
-        let better = refit(&current, rows.view(), &[true; 800], &c, 4).unwrap();
+        let better = refit(&current, rows.view(), &[true; 800], &c, 4, None).unwrap();
         let verdict = gate(&current, &better, &c, &th);
         assert!(verdict.accepted, "{}", verdict.reason);
         assert!(

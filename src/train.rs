@@ -6,6 +6,7 @@
 //! here: early stopping watches the validation loss only.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ndarray::{Array2, ArrayView2, Axis, Zip, s};
 use serde::{Deserialize, Serialize};
@@ -263,6 +264,10 @@ pub enum TrainError {
     Diverged { epoch: usize },
     #[error("invalid train config key `{key}`: {reason}")]
     InvalidConfig { key: &'static str, reason: String },
+    /// [`train_until`]'s stop flag was raised (an agent stopping or reloading): the model
+    /// is unchanged.
+    #[error("stopped before it finished (the agent is stopping or reloading)")]
+    Stopped,
 }
 
 /// Files of a model folder that `darkwatch train` writes or that describe the model it
@@ -383,6 +388,22 @@ pub fn train(
     train_member(model, x, cfg, 0, on_epoch)
 }
 
+/// [`train`] that gives up, leaving the model unchanged, once `stop` is raised: it looks
+/// before every mini-batch, so an online retrain on a starved low-priority thread ends
+/// within one batch of an agent's stop instead of holding the stop for the whole retrain.
+///
+/// # Errors
+/// As [`train`], and [`TrainError::Stopped`].
+pub fn train_until(
+    model: &mut Autoencoder,
+    x: ArrayView2<f32>,
+    cfg: &TrainConfig,
+    stop: &AtomicBool,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<TrainReport, TrainError> {
+    train_inner(model, x, cfg, 0, Some(stop), on_epoch)
+}
+
 /// [`train`] for member `member` of an ensemble: the same validation split (drawn from
 /// `cfg.seed`), but from member 1 on, epochs shuffled by a generator of its own (seeded
 /// [`crate::rng::member_seed`]`(cfg.seed, member, 1)`), so members differ in the order they
@@ -396,6 +417,17 @@ pub fn train_member(
     x: ArrayView2<f32>,
     cfg: &TrainConfig,
     member: u64,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<TrainReport, TrainError> {
+    train_inner(model, x, cfg, member, None, on_epoch)
+}
+
+fn train_inner(
+    model: &mut Autoencoder,
+    x: ArrayView2<f32>,
+    cfg: &TrainConfig,
+    member: u64,
+    stop: Option<&AtomicBool>,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<TrainReport, TrainError> {
     cfg.validate()
@@ -429,7 +461,15 @@ pub fn train_member(
         rng = Rng::new(crate::rng::member_seed(cfg.seed, member, 1));
     }
     let initial = model.layers.clone();
-    let result = fit(model, x_train.view(), x_val.view(), cfg, &mut rng, on_epoch);
+    let result = fit(
+        model,
+        x_train.view(),
+        x_val.view(),
+        cfg,
+        &mut rng,
+        stop,
+        on_epoch,
+    );
     match result {
         Ok(mut report) => {
             report.validation_rows = val_idx;
@@ -449,6 +489,7 @@ fn fit(
     x_val: ArrayView2<f32>,
     cfg: &TrainConfig,
     rng: &mut Rng,
+    stop: Option<&AtomicBool>,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<TrainReport, TrainError> {
     let (n_train, n_val, d) = (x_train.nrows(), x_val.nrows(), model.n_features);
@@ -481,6 +522,9 @@ fn fit(
         rng.shuffle(&mut order);
         let mut total = 0.0;
         for chunk in order.chunks(batch) {
+            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                return Err(TrainError::Stopped);
+            }
             let mut xb = xb.slice_mut(s![..chunk.len(), ..]);
             for (mut row, &i) in xb.rows_mut().into_iter().zip(chunk) {
                 row.assign(&x_train.row(i));
@@ -752,6 +796,32 @@ mod tests {
         assert_ne!(a, init);
         run(&mut c, &x, &TrainConfig { seed: 10, ..cfg }).expect("trains");
         assert_ne!(a, c);
+    }
+
+    /// A stop raised during training (here after epoch 2 of 5) ends it at the next
+    /// mini-batch with the model as it was; never raised, training is `train`'s.
+    #[test]
+    fn train_until_gives_up_when_stopped_and_leaves_the_model_unchanged() {
+        let x = low_rank(300, 6, 3);
+        let init = Autoencoder::new(6, &[3], OutputKind::Probabilistic, 4);
+        let stop = AtomicBool::new(false);
+        let mut stopped = init.clone();
+        let mut epochs = 0;
+        let err = train_until(&mut stopped, x.view(), &quick(5), &stop, &mut |e| {
+            epochs = e.epoch;
+            if e.epoch == 2 {
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+        .unwrap_err();
+        assert!(matches!(err, TrainError::Stopped), "{err}");
+        assert_eq!(epochs, 2);
+        assert_eq!(stopped, init);
+        let (mut a, mut b) = (init.clone(), init.clone());
+        let go_on = AtomicBool::new(false);
+        let ra = train_until(&mut a, x.view(), &quick(5), &go_on, &mut |_| {}).unwrap();
+        let rb = run(&mut b, &x, &quick(5)).unwrap();
+        assert_eq!((a, ra), (b, rb));
     }
 
     #[test]
