@@ -264,14 +264,7 @@ pub fn align_features(
         reason,
     };
     let generic = |names: &[String]| names.iter().enumerate().all(|(i, n)| *n == format!("f{i}"));
-    // Up to six names, then how many more.
-    let list = |names: &[&String]| -> String {
-        let shown: Vec<&str> = names.iter().take(6).map(|n| n.as_str()).collect();
-        match names.len().saturating_sub(6) {
-            0 => shown.join(", "),
-            more => format!("{}, … (+{more})", shown.join(", ")),
-        }
-    };
+    let list = |names: &[&String]| ingest::name_list(names, 6);
     let by_name = want.iter().all(|w| have.contains(w));
     // Some of the model's generated names in a named header, but not all: the names cannot
     // be followed and position would contradict them (`f2,x,f0` scored `f2` as `f0`, with
@@ -318,7 +311,7 @@ pub fn align_features(
         // every frame as an anomaly without any other sign.
         let (unnamed, named) = (generic(want), generic(have));
         if unnamed != named {
-            let all = |names: &[String]| list(&names.iter().collect::<Vec<_>>());
+            let all = |names: &[String]| ingest::name_list(names, 6);
             if unnamed {
                 tracing::warn!(
                     "The model's features are unnamed ({}, trained from {}): the input's columns {} are used in that order.",
@@ -1559,7 +1552,7 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                e.contains("names some of them but not f1")
+                e.contains("names some of them but not \"f1\"")
                     && e.contains("name every column f0…f2"),
                 "{e}"
             );
