@@ -2982,14 +2982,14 @@ fn replay_says_when_it_matches_columns_by_position_and_names_a_missing_one() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         err.contains("The model's features are unnamed (f0…f2, trained from ")
-            && err.contains("the input's columns m00, m01, m02 are used in that order"),
+            && err.contains("the input's columns \"m00\", \"m01\", \"m02\" are used in that order"),
         "{err}"
     );
     let (code, out, err) = replay(&named, &npy);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         err.contains(
-            "The input's columns are unnamed (f0…f2): they are used as the model's features m00, m01, m02 in that order"
+            "The input's columns are unnamed (f0…f2): they are used as the model's features \"m00\", \"m01\", \"m02\" in that order"
         ),
         "{err}"
     );
@@ -3011,7 +3011,7 @@ fn replay_says_when_it_matches_columns_by_position_and_names_a_missing_one() {
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(
         err.contains("2 features in the input, but the model was trained on 3")
-            && err.contains("; not in the input: m01"),
+            && err.contains("; not in the input: \"m01\""),
         "{err}"
     );
 }

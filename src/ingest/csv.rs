@@ -128,16 +128,25 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
         header.pop();
     }
     // pandas' `to_csv()` keeps the index unless told `index=False`: an unnamed first
-    // column. It is skipped when its values are the row numbers 0, 1, 2, … (checked row by
-    // row below); any other value there is an error that says so.
-    let index_col =
-        header.len() > 1 && header[0].is_empty() && header[1..].iter().all(|n| !n.is_empty());
+    // column, or `Unnamed: 0` once such a file is read back and written again (the row
+    // counter then became a feature). It is skipped when its values are the row numbers
+    // 0, 1, 2, … (checked row by row below); any other value there is an error that says so.
+    let index_col = header.len() > 1
+        && (header[0].is_empty() || header[0] == PANDAS_INDEX_NAME)
+        && header[1..].iter().all(|n| !n.is_empty());
+    let index_is = if index_col && !header[0].is_empty() {
+        "is named \"Unnamed: 0\" (pandas' name for an unnamed index read back)"
+    } else {
+        "has an empty name"
+    };
     let names = &header[usize::from(index_col)..];
     // A file without a header would lose its first row to it and train on features named
     // after numbers (checked first: such a row often repeats a value, a duplicate name).
     // pandas' default names, exactly 0, 1, …, d−1 with d ≥ 2, are a header: a data row that
-    // counts up from 0 is implausible, but a single 0 is a plausible first value.
-    if names.iter().all(|n| n.trim().parse::<f64>().is_ok()) && !is_pandas_default_header(names) {
+    // counts up from 0 is implausible, but a single 0 is a plausible first value, unless an
+    // index column comes before it (`pd.Series(x).to_csv()` writes `,0`).
+    let pandas_names = is_pandas_default_header(names) || (index_col && names == ["0"]);
+    if names.iter().all(|n| n.trim().parse::<f64>().is_ok()) && !pandas_names {
         let single_zero = names.len() == 1 && names[0] == "0";
         return Err(IngestError::Syntax {
             path: err_path(),
@@ -223,7 +232,7 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
             } else {
                 format!("{} columns are", skipped.len())
             },
-            name_list(&skipped)
+            super::name_list(&skipped, 4)
         );
     }
 
@@ -273,7 +282,7 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
                         path: err_path(),
                         pos: TextPos::line(line_no),
                         message: format!(
-                            "column 1 has an empty name and holds {:?}, not the row number {row}: an unnamed first column is usually a pandas index (write the file with to_csv(index=False)); name it if it is data (timestamp, time or ts if it holds the times)",
+                            "column 1 {index_is} and holds {:?}, not the row number {row}: an unnamed first column is usually a pandas index (write the file with to_csv(index=False)); name it if it is data (timestamp, time or ts if it holds the times)",
                             super::Clipped(field)
                         ),
                     });
@@ -303,8 +312,13 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
         .expect("every row contributed exactly one value per feature");
     if index_col {
         tracing::warn!(
-            "{}: column 1 has no name and holds the row numbers 0, 1, 2, …: a pandas index (to_csv without index=False), skipped, not read as a feature",
-            path.display()
+            "{}: column 1 {} and holds the row numbers 0, 1, 2, …: a pandas index (to_csv without index=False), skipped, not read as a feature",
+            path.display(),
+            if header[0].is_empty() {
+                "has no name"
+            } else {
+                index_is
+            }
         );
     }
     // Plain numbers take one unit for the whole column, from the largest of them.
@@ -329,18 +343,9 @@ fn parse(path: &Path, bytes: &[u8], opts: &TableOptions, gaps: bool) -> Result<T
     })
 }
 
-/// Up to four names, quoted, then how many more.
-fn name_list(names: &[&String]) -> String {
-    let shown: Vec<String> = names
-        .iter()
-        .take(4)
-        .map(|n| format!("{:?}", super::Clipped(n)))
-        .collect();
-    match names.len().saturating_sub(4) {
-        0 => shown.join(", "),
-        more => format!("{} and {more} more", shown.join(", ")),
-    }
-}
+/// The name pandas gives an unnamed first column (the index of a `to_csv()` without
+/// `index=False`) when the file is read back with `read_csv`.
+const PANDAS_INDEX_NAME: &str = "Unnamed: 0";
 
 /// Whether header names are pandas' default column names: exactly `0, 1, …, d−1`, d ≥ 2.
 fn is_pandas_default_header(names: &[String]) -> bool {
@@ -361,18 +366,18 @@ pub const LABEL_COLUMN_NAMES: &[&str] = &[
     "class",
 ];
 
+/// Whether a column name is one of [`LABEL_COLUMN_NAMES`], in any case.
+fn is_label_name(name: &str) -> bool {
+    LABEL_COLUMN_NAMES
+        .iter()
+        .any(|n| name.trim().eq_ignore_ascii_case(n))
+}
+
 /// Warns once when feature columns look like labels: a model that reads the answer as a
 /// feature scores far better in a replay than it ever will on live data. Not refused: a
 /// metric may carry such a name.
 fn warn_label_columns(path: &Path, features: &[String]) {
-    let found: Vec<&String> = features
-        .iter()
-        .filter(|f| {
-            LABEL_COLUMN_NAMES
-                .iter()
-                .any(|n| f.trim().eq_ignore_ascii_case(n))
-        })
-        .collect();
+    let found: Vec<&String> = features.iter().filter(|f| is_label_name(f)).collect();
     if found.is_empty() {
         return;
     }
@@ -812,6 +817,34 @@ mod tests {
 ",
         );
         assert!(err.contains("timestamp, time or ts"), "{err}");
+        // pandas' `pd.read_csv(f).to_csv(g, index=False)`: the old index is `Unnamed: 0`,
+        // skipped as the empty-named one is; not the row numbers, refused with the hint.
+        let t = parse(
+            "Unnamed: 0,0,1,2
+0,1,2,3
+1,4,5,6
+",
+        )
+        .unwrap();
+        assert_eq!(t.features, ["0", "1", "2"]);
+        assert_eq!(t.values, ndarray::array![[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+        let err = parse_err(
+            "Unnamed: 0,a
+0,1
+7,2
+",
+        );
+        assert!(
+            err.starts_with("data.csv: line 3: column 1 is named \"Unnamed: 0\" (pandas' name for an unnamed index read back) and holds \"7\", not the row number 1")
+                && err.contains("to_csv(index=False)"),
+            "{err}"
+        );
+        // `pd.Series(x).to_csv()`: an index, then pandas' lone `0`.
+        for header in ["", "Unnamed: 0"] {
+            let t = parse(&format!("{header},0\n0,0.5\n1,0.25\n")).unwrap();
+            assert_eq!(t.features, ["0"]);
+            assert_eq!(t.values, ndarray::array![[0.5], [0.25]]);
+        }
         // Two unnamed columns are no index: the first still gets the hint.
         let err = parse_err(
             ",,b
@@ -851,12 +884,8 @@ mod tests {
 
     #[test]
     fn label_column_names_are_matched_in_any_case_and_exactly() {
-        let hit = |n: &str| {
-            LABEL_COLUMN_NAMES
-                .iter()
-                .any(|l| n.trim().eq_ignore_ascii_case(l))
-        };
-        assert!(hit("Label") && hit("IS_ANOMALY") && hit("attack"));
+        let hit = is_label_name;
+        assert!(hit("Label") && hit("IS_ANOMALY") && hit(" attack "));
         assert!(!hit("y") && !hit("labelled_bytes") && !hit("cpu"));
     }
 

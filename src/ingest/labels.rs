@@ -170,6 +170,17 @@ fn parse_text_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, IngestError> 
                     ),
                 });
             }
+            // `pd.Series(y).to_csv()` writes the index too: `,0` then `0,1`, `1,0`, ….
+            if text.contains(',') {
+                return Err(IngestError::Syntax {
+                    path: path.to_owned(),
+                    pos: TextPos::line(line_no),
+                    message: format!(
+                        "label {:?} is not 0 or 1: a label file holds one label per line, with no header and no index column (pandas: to_csv(index=False, header=False))",
+                        super::Clipped(text)
+                    ),
+                });
+            }
             return Err(IngestError::BadLabel {
                 path: path.to_owned(),
                 pos: TextPos::line(line_no),
@@ -181,6 +192,20 @@ fn parse_text_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, IngestError> 
     if labels.is_empty() {
         return Err(IngestError::Empty {
             path: path.to_owned(),
+        });
+    }
+    // A first line `0` is pandas' header for an unnamed Series, or a first label: the same
+    // text. When the labels after it are written as decimals (`0.0`, `1.0`: a float Series)
+    // it is the header, and reading it would shift every label by one row.
+    let mut texts = lines(bytes)
+        .filter_map(|(_, l)| std::str::from_utf8(l).ok())
+        .map(str::trim)
+        .filter(|l| !l.is_empty());
+    if texts.next() == Some("0") && labels.len() > 1 && texts.all(|l| l.contains('.')) {
+        return Err(IngestError::Syntax {
+            path: path.to_owned(),
+            pos: TextPos::line(1),
+            message: "the first line is \"0\" and every label after it a decimal (0.0, 1.0): it is pandas' header for an unnamed Series, and would shift every label by one row: remove it (pandas: to_csv(index=False, header=False))".into(),
         });
     }
     Ok(labels)
@@ -407,6 +432,23 @@ mod tests {
             err,
             "labels.txt: line 1: label \"is_anomaly\" is not 0 or 1, but every line after it is: the first line looks like a header: remove it (pandas: to_csv(index=False, header=False))"
         );
+        // `pd.Series(y).to_csv()`: the index and a header, said so.
+        let err = labels(",0\n0,1\n1,0\n", Some(2)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "labels.txt: line 1: label \",0\" is not 0 or 1: a label file holds one label per line, with no header and no index column (pandas: to_csv(index=False, header=False))"
+        );
+        // `pd.Series(y_float[1:]).to_csv(index=False)`: the count matches, the header `0`
+        // is told from a first label by the decimals after it.
+        let err = labels("0\n1.0\n0.0\n", Some(3)).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "labels.txt: line 1: the first line is \"0\" and every label after it a decimal"
+            ),
+            "{err}"
+        );
+        // A first label 0 over integer labels is a label (pandas' int Series is ambiguous).
+        assert_eq!(labels("0\n1\n0\n", Some(3)).unwrap(), [0, 1, 0]);
         // A bad label further down is no header.
         let err = labels("label\n0\nx\n", None).unwrap_err().to_string();
         assert_eq!(err, "labels.txt: line 1: label \"label\" is not 0 or 1");

@@ -326,6 +326,20 @@ pub fn clipped_name(name: &str) -> ClippedName<'_> {
     ClippedName(name)
 }
 
+/// Up to `max` names, quoted (each clipped as [`Clipped`]), then how many more: the lists
+/// of columns in ingest's and replay's messages.
+pub(crate) fn name_list<S: AsRef<str>>(names: &[S], max: usize) -> String {
+    let shown: Vec<String> = names
+        .iter()
+        .take(max)
+        .map(|n| format!("{:?}", Clipped(n.as_ref())))
+        .collect();
+    match names.len().saturating_sub(max) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}
+
 /// `text` quoted, cut after `max` characters with a `…`.
 fn quote_clipped(f: &mut fmt::Formatter<'_>, text: &str, max: usize) -> fmt::Result {
     match text.char_indices().nth(max) {
