@@ -31,8 +31,14 @@ pub const WARMUP_FRAMES: usize = 1_000;
 pub const DATA_ROWS: usize = 4_096;
 
 /// Batch throughput scores this many times `--frames` frames per native head (ONNX heads an
-/// eighth of that): the default 20,000 gives 2,000,000, and a short run stays short.
+/// eighth of that), up to [`MAX_THROUGHPUT_FRAMES`]: the default 20,000 gives 2,000,000, and
+/// a short run stays short.
 pub const THROUGHPUT_FRAMES_PER_FRAME: usize = 100;
+
+/// The most frames a head's batch throughput scores, whatever `--frames` says: at the MSS
+/// row's 70,000 frames/s on a loaded 2-core machine that is about 5 minutes, where
+/// `--frames 100000000` times 100 would be days.
+pub const MAX_THROUGHPUT_FRAMES: usize = 20_000_000;
 
 /// A p99 from fewer samples than this is flagged: its top 1 % is under 10 frames.
 pub const FEW_SAMPLES: u64 = 1_000;
@@ -168,11 +174,14 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// `bench --frames N`: N frames one by one, [`THROUGHPUT_FRAMES_PER_FRAME`]·N in batches.
+    /// `bench --frames N`: N frames one by one, [`THROUGHPUT_FRAMES_PER_FRAME`]·N in batches
+    /// (at most [`MAX_THROUGHPUT_FRAMES`]).
     pub fn for_frames(frames: usize) -> BenchOptions {
         BenchOptions {
             latency_frames: frames,
-            throughput_frames: frames.saturating_mul(THROUGHPUT_FRAMES_PER_FRAME),
+            throughput_frames: frames
+                .saturating_mul(THROUGHPUT_FRAMES_PER_FRAME)
+                .min(MAX_THROUGHPUT_FRAMES),
             batch: 256,
         }
     }
@@ -483,12 +492,12 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions, sink: &mut dyn BenchSink) -> 
 }
 
 /// A p99 with its sample count flagged when small: `"  1.23 µs*"`.
-fn p99_flag(hist: &LatencyHistogram) -> &'static str {
+pub(crate) fn p99_flag(hist: &LatencyHistogram) -> &'static str {
     if hist.count() < FEW_SAMPLES { "*" } else { " " }
 }
 
 /// Quantiles of a histogram for JSON.
-fn hist_json(hist: &LatencyHistogram) -> serde_json::Value {
+pub(crate) fn hist_json(hist: &LatencyHistogram) -> serde_json::Value {
     json!({
         "samples": hist.count(),
         "p50_ns": hist.quantile_ns(0.5),
@@ -820,13 +829,14 @@ pub fn retrain(
                     crate::retrain::lower_priority();
                     while !stop.load(Ordering::Relaxed) {
                         in_flight.store(true, Ordering::Release);
-                        let ok = once().is_ok();
+                        let done = once();
                         in_flight.store(false, Ordering::Release);
-                        if !ok {
-                            return;
+                        if let Err(e) = done {
+                            return Some(e.to_string());
                         }
                         completed.fetch_add(1, Ordering::AcqRel);
                     }
+                    None
                 })
                 .expect("spawn the bench trainer")
         };
@@ -837,6 +847,7 @@ pub fn retrain(
                 break;
             }
             if trainer.is_finished() {
+                // Its error is taken below, once the thread is joined.
                 cut_short = Some("a retrain failed on the trainer thread".to_string());
                 break;
             }
@@ -856,12 +867,20 @@ pub fn retrain(
         }
         let secs = t0.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
-        let _ = trainer.join();
+        match trainer.join() {
+            Ok(Some(e)) => cut_short = Some(format!("a retrain failed on the trainer thread: {e}")),
+            Ok(None) => {}
+            Err(_) => cut_short = Some("the trainer thread panicked".to_string()),
+        }
         busy_windows.push(BusyWindow {
             busy,
             retrains: completed.load(Ordering::Acquire),
             secs,
         });
+        // Once a window gave up, the next would too, each after `give_up_secs`.
+        if cut_short.is_some() {
+            break;
+        }
     }
     std::hint::black_box(sink);
     let mut idle = LatencyHistogram::new();
@@ -977,6 +996,18 @@ impl fmt::Display for RetrainBench {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The throughput frames follow `--frames` a hundredfold, and stop growing where a row
+    /// would take hours.
+    #[test]
+    fn throughput_frames_follow_frames_up_to_a_cap() {
+        assert_eq!(BenchOptions::for_frames(100).throughput_frames, 10_000);
+        assert_eq!(BenchOptions::default().throughput_frames, 2_000_000);
+        assert_eq!(
+            BenchOptions::for_frames(100_000_000).throughput_frames,
+            MAX_THROUGHPUT_FRAMES
+        );
+    }
 
     #[test]
     fn cpu_model_is_the_first_model_name() {

@@ -90,7 +90,10 @@ pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, Dem
         e => DemoError::Other(e.to_string()),
     };
     let (mut values, _) = replay::align_features(&model, table).map_err(mismatch)?;
-    replay::fill_input_gaps(&model, &opts.input, &mut values, true).map_err(mismatch)?;
+    // As replay fills them: a table model's gaps take the training mean, a series' the
+    // last value.
+    replay::fill_input_gaps(&model, &opts.input, &mut values, !model.meta.table)
+        .map_err(mismatch)?;
     let features = model.meta.frame_features().to_vec();
     let end = (opts.start + opts.frames).min(values.nrows());
     if opts.start >= end {

@@ -218,7 +218,8 @@ not restart it), 1 for other failures.")]
         #[arg(long)]
         model: Option<PathBuf>,
         /// Frames timed one at a time (at least 100, so that a p99 means something); the
-        /// batch throughput scores 100 times as many per head (ONNX heads an eighth of that).
+        /// batch throughput scores 100 times as many per head, at most 20,000,000 (ONNX heads
+        /// an eighth of that).
         #[arg(long, default_value_t = 20_000, value_parser = parse_bench_frames)]
         frames: usize,
         /// Also write the report as JSON to FILE (`-`: stdout, the table then goes to
@@ -257,8 +258,8 @@ not restart it), 1 for other failures.")]
         /// Seconds per measurement (four per shape, four shapes).
         #[arg(long, default_value_t = 2.0, value_parser = parse_bench_secs)]
         secs: f64,
-        /// The large batch (1 to 65536; a batch that needs more than half the memory
-        /// available is refused before anything is allocated).
+        /// The large batch (1 to 65536; a batch that needs more than nine tenths of the
+        /// memory available is refused before anything is allocated).
         #[arg(long, default_value_t = 256, value_parser = parse_sae_batch)]
         batch: usize,
         /// Also write the report as JSON to FILE (`-`: stdout, the table then goes to
@@ -1066,6 +1067,14 @@ impl darkwatch::bench::BenchSink for BenchLines {
 }
 
 /// Writes a bench's JSON to `path` (`-`: stdout).
+/// A bench's `--json` file (not `-`, stdout) whose folder is missing, said before the
+/// timing rather than after it.
+fn check_json_out(json: Option<&Path>) -> Result<()> {
+    let file = json.filter(|p| *p != Path::new("-"));
+    darkwatch::outputs::check(&[("--json", file)], &[])?;
+    Ok(())
+}
+
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value)? + "\n";
     if path == Path::new("-") {
@@ -1480,6 +1489,7 @@ fn run(command: Command) -> Result<()> {
             retrain_frames,
             retrain_data,
         } => {
+            check_json_out(json.as_deref())?;
             let mut cfg = load_config(config.as_deref())?;
             if let Some(b) = backend {
                 cfg.score.backend = b.into();
@@ -1556,6 +1566,7 @@ fn run(command: Command) -> Result<()> {
             batch,
             json,
         } => {
+            check_json_out(json.as_deref())?;
             let opts = darkwatch::sae::bench::SaeBenchOptions {
                 secs_per_measurement: secs,
                 batch,
@@ -1895,14 +1906,30 @@ fn warn_constant_columns(table: &ingest::Table) {
     }
 }
 
-/// Removes its folder, if it holds one and the folder is empty, when dropped.
-struct RemoveIfEmpty<'a>(Option<&'a Path>);
+/// The folders `train` made for a model (the model folder, up to the first of its parents
+/// that was not there), removed when dropped, each only if empty, unless `made` is emptied.
+struct RemoveIfEmpty<'a> {
+    made: Vec<&'a Path>,
+}
+
+impl<'a> RemoveIfEmpty<'a> {
+    /// Remembers which of `dir` and its parents do not exist yet, before they are made.
+    fn before_making(dir: &'a Path) -> Self {
+        let made = dir
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .collect();
+        RemoveIfEmpty { made }
+    }
+}
 
 impl Drop for RemoveIfEmpty<'_> {
     fn drop(&mut self) {
-        if let Some(dir) = self.0 {
-            // remove_dir refuses a folder with anything in it.
-            let _ = std::fs::remove_dir(dir);
+        // Innermost first; remove_dir refuses a folder with anything in it.
+        for dir in &self.made {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
         }
     }
 }
@@ -1947,7 +1974,7 @@ fn train(
     }
     // A folder made here is taken away again if training fails before the model is saved
     // in it, so a failed run does not leave an empty folder that looks like a model's.
-    let mut made = RemoveIfEmpty((!out.exists()).then_some(out));
+    let mut made = RemoveIfEmpty::before_making(out);
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: --out: cannot create the model folder", out.display()))?;
     // Read once, hashed from the same bytes: a pipe cannot be read again.
@@ -2025,7 +2052,7 @@ fn train(
     // Remembered, so that `replay` of this model scores a table without being told again.
     model.meta.table = rows_unordered;
     model.save(out)?;
-    made.0 = None;
+    made.made.clear();
     if let Some(note) = report.still_falling_note(model.ae.members, cfg.train.epochs_max) {
         eprintln!("darkwatch: note: {note}");
     }

@@ -892,14 +892,14 @@ fn train_says_which_column_it_took_as_timestamps() {
     assert!(err.contains("(300 rows × 2 features)"), "{err}");
 }
 
-/// A train that fails on its input takes away the model folder it made, and leaves alone
-/// an empty folder that was there before.
+/// A train that fails on its input takes away the model folder it made (and the parents it
+/// made for it), and leaves alone an empty folder that was there before.
 #[test]
 fn a_failed_train_leaves_no_empty_model_folder_behind() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("bad.csv");
     std::fs::write(&input, "a,host\n1,node01\n2,node02\n").unwrap();
-    for (folder, made_before) in [("new", false), ("old", true)] {
+    for (folder, made_before) in [("new", false), ("old", true), ("a/b/c", false)] {
         let out = dir.path().join(folder);
         if made_before {
             std::fs::create_dir(&out).unwrap();
@@ -913,6 +913,8 @@ fn a_failed_train_leaves_no_empty_model_folder_behind() {
         assert!(err.contains("node01"), "{err}");
         assert_eq!(out.is_dir(), made_before, "{folder}: {err}");
     }
+    // The parents it made went too.
+    assert!(!dir.path().join("a").exists());
 }
 
 /// A model folder that is not there is said as such, not as a missing `model.json`.

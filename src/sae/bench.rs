@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::dark::DarkHead;
 use super::{Sae, SaeActivation, SaeError};
-use crate::bench::{BenchSink, FEW_SAMPLES, MachineInfo};
+use crate::bench::{BenchSink, FEW_SAMPLES, MachineInfo, hist_json, p99_flag as flag};
 use crate::rng::Rng;
 use crate::stats::LatencyHistogram;
 
@@ -96,7 +96,12 @@ impl SaeBenchOptions {
     /// (inputs, pre-activations, reconstruction, error), the SAE's weights (twice: packed and
     /// plain) and, when compared, ndarray's output and its copy of `W_enc`.
     pub fn bytes_needed(&self, d_in: usize, d_sae: usize) -> u128 {
-        let (b, d_in, d_sae) = (self.batch.max(1) as u128, d_in as u128, d_sae as u128);
+        self.bytes_needed_at(self.batch, d_in, d_sae)
+    }
+
+    /// [`Self::bytes_needed`] at another batch.
+    fn bytes_needed_at(&self, batch: usize, d_in: usize, d_sae: usize) -> u128 {
+        let (b, d_in, d_sae) = (batch.max(1) as u128, d_in as u128, d_sae as u128);
         let k = self.k as u128;
         let mut floats = 4 * b * d_in + b * (3 * d_in + d_sae + 2 * k) + 4 * d_in * d_sae;
         if self.compare_ndarray {
@@ -105,26 +110,43 @@ impl SaeBenchOptions {
         4 * floats
     }
 
-    /// Refuses a batch that would not fit: more than half of `available` bytes for a shape.
+    /// Refuses a batch that would not fit: more than nine tenths of `available` bytes for a
+    /// shape (the tenth left for the process itself and what else runs). `bytes_needed` is
+    /// an upper bound: the weights are most of it at small batches, and a run's peak RSS
+    /// stays under it.
     ///
     /// # Errors
-    /// [`SaeError::Invalid`] naming the batch, the shape, what it needs and what there is.
+    /// [`SaeError::Invalid`] naming the batch, the shape, what it needs and what there is;
+    /// where even batch 1 would not fit, it says that the shape does not fit, which no
+    /// smaller --batch mends.
     pub fn check_memory(&self, available: Option<u64>) -> Result<(), SaeError> {
         let Some(available) = available else {
             return Ok(());
         };
+        let limit = u128::from(available) / 10 * 9;
         let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
         for &(d_in, d_sae) in &self.shapes {
             let need = self.bytes_needed(d_in, d_sae);
-            if need > u128::from(available) / 2 {
-                return Err(SaeError::Invalid(format!(
-                    "--batch {} needs about {:.1} GiB for d_in {d_in} × d_sae {d_sae}, more than \
-                     half of the {:.1} GiB available: give a smaller --batch",
-                    self.batch,
-                    gib(need),
-                    gib(u128::from(available))
-                )));
+            if need <= limit {
+                continue;
             }
+            let one = self.bytes_needed_at(1, d_in, d_sae);
+            let remedy = if one > limit {
+                format!(
+                    "even --batch 1 needs about {:.1} GiB (mostly the weights), so this shape \
+                     cannot be timed here",
+                    gib(one)
+                )
+            } else {
+                "give a smaller --batch".into()
+            };
+            return Err(SaeError::Invalid(format!(
+                "--batch {} needs about {:.1} GiB for d_in {d_in} × d_sae {d_sae}, more than \
+                 nine tenths of the {:.1} GiB available: {remedy}",
+                self.batch,
+                gib(need),
+                gib(u128::from(available))
+            )));
         }
         Ok(())
     }
@@ -241,7 +263,7 @@ pub struct SaeBenchReport {
 ///
 /// # Errors
 /// [`SaeError::Invalid`] for a shape of 0, `k` outside `1..=d_sae`, a batch above
-/// [`MAX_BATCH`] or one that needs more than half the memory available (checked before
+/// [`MAX_BATCH`] or one that needs more than nine tenths of the memory available (checked before
 /// anything is allocated).
 pub fn run(opts: &SaeBenchOptions, sink: &mut dyn BenchSink) -> Result<SaeBenchReport, SaeError> {
     check_batch(opts)?;
@@ -282,7 +304,7 @@ fn check_batch(opts: &SaeBenchOptions) -> Result<(), SaeError> {
 }
 
 impl SaeBenchOptions {
-    /// Whether the batch can run here: at most [`MAX_BATCH`], and within half the memory
+    /// Whether the batch can run here: at most [`MAX_BATCH`], and within nine tenths of the memory
     /// available for every shape ([`Self::check_memory`]). [`run`] and [`run_own`] check it
     /// before allocating; a caller can check it before announcing the run.
     ///
@@ -516,21 +538,6 @@ fn thread_cpu_ns() -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
-/// `"*"` after a p99 from fewer than [`FEW_SAMPLES`] samples.
-fn flag(h: &LatencyHistogram) -> &'static str {
-    if h.count() < FEW_SAMPLES { "*" } else { " " }
-}
-
-/// A histogram for JSON.
-fn hist_json(h: &LatencyHistogram) -> serde_json::Value {
-    json!({
-        "samples": h.count(),
-        "p50_ns": h.quantile_ns(0.5),
-        "p99_ns": h.quantile_ns(0.99),
-        "mean_ns": h.mean_ns(),
-    })
-}
-
 impl SaeBenchReport {
     /// The report for machines: the machine, and one record per row (README "SAE scoring
     /// speed").
@@ -666,11 +673,9 @@ impl fmt::Display for SaeBenchReport {
             writeln!(
                 f,
                 "enc cpu -: this thread's CPU clock (/proc/thread-self/schedstat) {step}, too \
-                 coarse for calls of {:.3} ms (p50 CPU time; a figure needs at least {} steps): \
+                 coarse for calls of {:.3} ms (p50 wall time; a figure needs at least {} steps): \
                  use the wall-clock columns, or a larger --batch.",
-                r.encoder_cpu
-                    .as_ref()
-                    .map_or(0.0, |h| h.quantile_ns(0.5) / 1e6),
+                r.encoder.quantile_ns(0.5) / 1e6,
                 CPU_STEPS_NEEDED
             )?;
         }
@@ -739,7 +744,11 @@ mod tests {
         let enc: Vec<&str> = line.split('|').nth(3).unwrap().split_whitespace().collect();
         assert_eq!(enc[2], "-", "{line}");
         assert!(
-            text.contains("enc cpu -:") && text.contains("steps of 4.000 ms"),
+            text.contains("enc cpu -:")
+                && text.contains("steps of 4.000 ms")
+                // The calls' wall-clock p50 (3 ms, as its bucket's midpoint), not the CPU
+                // clock's 0.
+                && text.contains("calls of 2.998 ms"),
             "{text}"
         );
         let text = report(fine);
@@ -780,7 +789,7 @@ mod tests {
         assert!(got > 29.0, "{got}");
     }
 
-    /// A batch whose buffers would not fit in half the memory available is refused before
+    /// A batch whose buffers would not fit in nine tenths of the memory available is refused before
     /// anything is allocated (`--batch 10000000` aborted allocating 61 GB).
     #[test]
     fn a_batch_too_big_for_memory_is_refused() {
@@ -795,6 +804,18 @@ mod tests {
         let err = opts.check_memory(Some(16 << 30)).unwrap_err().to_string();
         assert!(err.contains("--batch 10000000 needs about"), "{err}");
         assert!(err.contains("give a smaller --batch"), "{err}");
+        // Batch 1 of 768 × 32768 needs about 0.47 GiB, nearly all weights: it fits in 0.6 GiB
+        // (nine tenths, 0.54 GiB, is the limit), and in 0.5 GiB nothing does.
+        let one = SaeBenchOptions {
+            batch: 1,
+            ..Default::default()
+        };
+        let need = one.bytes_needed(768, 32_768);
+        assert!(need > 480 << 20 && need < 500 << 20, "{need}");
+        assert!(one.check_memory(Some(600 << 20)).is_ok());
+        let err = one.check_memory(Some(500 << 20)).unwrap_err().to_string();
+        assert!(err.contains("even --batch 1 needs about 0.5 GiB"), "{err}");
+        assert!(err.contains("cannot be timed here"), "{err}");
         assert!(
             SaeBenchOptions::default()
                 .check_memory(Some(16 << 30))
