@@ -2234,7 +2234,7 @@ fn demo_matches_named_columns_to_an_unnamed_model_by_position_as_replay_does() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         err.contains("The model's features are unnamed (f0…f37")
-            && err.contains("the input's columns m01, m02"),
+            && err.contains("the input's columns \"m01\", \"m02\""),
         "{err}"
     );
     assert!(
