@@ -264,7 +264,6 @@ pub fn align_features(
         reason,
     };
     let generic = |names: &[String]| names.iter().enumerate().all(|(i, n)| *n == format!("f{i}"));
-    let list = |names: &[&String]| ingest::name_list(names, 6);
     let by_name = want.iter().all(|w| have.contains(w));
     // Some of the model's generated names in a named header, but not all: the names cannot
     // be followed and position would contradict them (`f2,x,f0` scored `f2` as `f0`, with
@@ -275,7 +274,7 @@ pub fn align_features(
             "the model's features are unnamed ({}, trained from {}) and the input's header names some of them but not {}: name every column {} after the model's feature it holds, or put the columns in the training file's order and give them other names",
             generated_names(want.len()),
             model.meta.provenance.data_file,
-            list(&missing),
+            ingest::name_list(&missing, NAMES_SHOWN),
             generated_names(want.len())
         )));
     }
@@ -287,7 +286,10 @@ pub fn align_features(
         let named = if generic(want) || generic(have) || missing.is_empty() {
             String::new()
         } else {
-            format!("; not in the input: {}", list(&missing))
+            format!(
+                "; not in the input: {}",
+                ingest::name_list(&missing, NAMES_SHOWN)
+            )
         };
         return Err(err(format!(
             "{} features in the input, but the model was trained on {} ({}){named}",
@@ -311,19 +313,18 @@ pub fn align_features(
         // every frame as an anomaly without any other sign.
         let (unnamed, named) = (generic(want), generic(have));
         if unnamed != named {
-            let all = |names: &[String]| ingest::name_list(names, 6);
             if unnamed {
                 tracing::warn!(
                     "The model's features are unnamed ({}, trained from {}): the input's columns {} are used in that order.",
                     generated_names(want.len()),
                     model.meta.provenance.data_file,
-                    all(have)
+                    ingest::name_list(have, NAMES_SHOWN)
                 );
             } else {
                 tracing::warn!(
                     "The input's columns are unnamed ({}): they are used as the model's features {} in that order.",
                     generated_names(have.len()),
-                    all(want)
+                    ingest::name_list(want, NAMES_SHOWN)
                 );
             }
         }
@@ -343,6 +344,9 @@ pub fn align_features(
     let values = table.values.select(ndarray::Axis(1), &order);
     Ok((values, table.timestamps))
 }
+
+/// Column names a feature-matching message lists before it says how many more there are.
+const NAMES_SHOWN: usize = 6;
 
 /// The generic names of `n` unnamed features, as the warnings write them: `f0…f9`, or
 /// `f0` alone for one (not `f0…f0`).
