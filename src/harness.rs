@@ -164,12 +164,6 @@ pub enum HarnessError {
         .path.display()
     )]
     Gaps { path: PathBuf, reason: String },
-    /// NaN or Inf in an `.npz` table, which is read strictly (no gap rule for tables in
-    /// an archive).
-    #[error(
-        "{0}; an .npz table is read strictly, without the gap rule of series: drop or fill the rows with NaN/Inf (e.g. with the column's mean, as `train --table` fills a CSV's gaps), or evaluate it as a CSV with `train --table` and `replay --table`"
-    )]
-    TableGaps(IngestError),
     #[error("training failed: {source}")]
     Train { entity: String, source: TrainError },
     #[error("replay failed: {source}")]
@@ -495,7 +489,7 @@ pub fn run_entity(
     // A table's rows have no order; a series' do.
     let table = matches!(entity, Entity::Odds { .. });
     // The test file whose gaps are still to fill, once the model knows the training mean.
-    let mut test_gaps: Option<PathBuf> = None;
+    let test_gaps: &Path;
     let (train, mut test, labels, segments, proto) = match entity {
         Entity::Incomplete { path, reason, .. } => {
             return Err(HarnessError::Discover {
@@ -535,7 +529,7 @@ pub fn run_entity(
                 Some(p) => Some(ingest::read_interpretation_labels(p)?),
                 None => None,
             };
-            test_gaps = Some(test.clone());
+            test_gaps = test;
             (
                 train_table,
                 test_table.values,
@@ -545,23 +539,35 @@ pub fn run_entity(
             )
         }
         Entity::Odds { path, .. } => {
-            let (x, y) = ingest::npz::read_npz_labelled(path).map_err(|e| match e {
-                IngestError::NonFinite { .. } | IngestError::NonFiniteAt { .. } => {
-                    HarnessError::TableGaps(e)
+            // `X` as `train --table` and `replay --table` read it, gaps included: the
+            // training rows' gaps take their column's mean (a table's rows have no order,
+            // so nothing is carried forward), the test rows' the model's training mean.
+            let x = crate::replay::read_input(path, &Default::default())?;
+            let y = ingest::npz::read_npz_labels(path, x.values.nrows())?;
+            test_gaps = path;
+            let fill = |mut train: Table| -> Result<Table, HarnessError> {
+                let gaps =
+                    crate::replay::fill_gaps(path, &mut train.values, &train.features, None, false)
+                        .map_err(|reason| HarnessError::Gaps {
+                            path: path.clone(),
+                            reason,
+                        })?;
+                if !gaps.is_empty() {
+                    tracing::warn!("{gaps}");
                 }
-                e => e.into(),
-            })?;
+                Ok(train)
+            };
             match protocol {
                 OddsProtocol::FitAll => {
                     let values = x.values.clone();
-                    (x, values, y, None, "fit on all")
+                    (fill(x)?, values, y, None, "fit on all")
                 }
                 OddsProtocol::Split => {
                     let (tr, te) = split_50_25_25(&y, cfg.train.seed);
-                    let train = Table {
+                    let train = fill(Table {
                         values: x.values.select(Axis(0), &tr),
                         ..x.clone()
-                    };
+                    })?;
                     let labels = te.iter().map(|&i| y[i]).collect();
                     (
                         train,
@@ -596,18 +602,16 @@ pub fn run_entity(
             }
         })?;
     let train_seconds = started.elapsed().as_secs_f64();
-    if let Some(path) = &test_gaps {
-        crate::replay::fill_input_gaps(&model, path, &mut test, true).map_err(|e| match e {
-            ReplayError::Features { input, reason } => HarnessError::Gaps {
-                path: input,
-                reason,
-            },
-            source => HarnessError::Replay {
-                entity: name.clone(),
-                source,
-            },
-        })?;
-    }
+    crate::replay::fill_input_gaps(&model, test_gaps, &mut test, !table).map_err(|e| match e {
+        ReplayError::Features { input, reason } => HarnessError::Gaps {
+            path: input,
+            reason,
+        },
+        source => HarnessError::Replay {
+            entity: name.clone(),
+            source,
+        },
+    })?;
     let frames = Frames::windowed(&model, test, None, Some(labels));
     let (labels, first_row) = (
         frames.labels.clone().unwrap_or_default(),

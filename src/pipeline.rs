@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{ArcArray2, Array2, ArrayView2, ArrayViewMut2};
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 
@@ -641,7 +641,9 @@ impl Default for Clock {
 
 /// Replays the rows of a matrix as one stream, optionally paced to a frame rate.
 pub struct FileSource {
-    values: Array2<f32>,
+    /// Shared, so a caller replaying the same rows several times (the harness) hands each
+    /// replay the one copy it holds.
+    values: ArcArray2<f32>,
     timestamps: Option<Vec<f64>>,
     /// Frames per second; `None` replays as fast as the scorer takes them.
     rate: Option<f64>,
@@ -653,8 +655,17 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    pub fn new(values: Array2<f32>, timestamps: Option<Vec<f64>>, rate: Option<f64>) -> Self {
-        let values = values.as_standard_layout().into_owned();
+    /// Rows already in standard layout are taken as they are (no copy); others are copied
+    /// into it once, as the source hands out contiguous rows.
+    pub fn new(
+        values: impl Into<ArcArray2<f32>>,
+        timestamps: Option<Vec<f64>>,
+        rate: Option<f64>,
+    ) -> Self {
+        let mut values: ArcArray2<f32> = values.into();
+        if !values.is_standard_layout() {
+            values = values.as_standard_layout().into_owned().into_shared();
+        }
         FileSource {
             values,
             timestamps,

@@ -12,7 +12,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ndarray::Array2;
+use ndarray::{ArcArray2, Array2};
 
 use crate::alert::{AlertEvent, AlertState, AlertStatus, Observation};
 use crate::config::DarkwatchConfig;
@@ -815,7 +815,9 @@ fn check_output_paths(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<(), 
 /// and labels for the rows that are scored.
 #[derive(Debug, Clone)]
 pub struct Frames {
-    pub values: Array2<f32>,
+    /// Shared: a clone of `Frames` (the harness replays one entity three ways) shares the
+    /// rows instead of copying them.
+    pub values: ArcArray2<f32>,
     pub timestamps: Option<Vec<f64>>,
     pub labels: Option<Vec<u8>>,
     /// Rows per lag window (1: none). The source builds the windows as it goes; row `i`
@@ -836,7 +838,7 @@ impl Frames {
         let w = model.meta.window_frames.max(1);
         let skip = (w - 1).min(values.nrows());
         Frames {
-            values,
+            values: values.into_shared(),
             timestamps,
             labels: labels.map(|l| l[skip..].to_vec()),
             window_frames: w,

@@ -54,6 +54,15 @@ pub(crate) fn is_zip(bytes: &[u8]) -> bool {
 /// than a label).
 pub fn read_npz_labelled(path: &Path) -> Result<(Table, Vec<u8>), IngestError> {
     let x = read_npz_member(path, "X")?;
+    let labels = read_npz_labels(path, x.values.nrows())?;
+    Ok((x, labels))
+}
+
+/// The archive's `y`: one 0/1 label per row of an `X` of `rows` rows.
+///
+/// # Errors
+/// As [`read_npz_member`], plus a `y` that is not 0/1 or not `rows` long.
+pub fn read_npz_labels(path: &Path, rows: usize) -> Result<Vec<u8>, IngestError> {
     let y = read_npz_member(path, "y")?;
     if let Some((i, v)) = y
         .values
@@ -67,15 +76,15 @@ pub fn read_npz_labelled(path: &Path) -> Result<(Table, Vec<u8>), IngestError> {
         ));
     }
     let labels: Vec<u8> = y.values.iter().map(|&v| u8::from(v == 1.0)).collect();
-    if labels.len() != x.values.nrows() {
+    if labels.len() != rows {
         return Err(IngestError::LabelCount {
             path: y.path,
             found: labels.len(),
-            expected: x.values.nrows(),
+            expected: rows,
             note: "",
         });
     }
-    Ok((x, labels))
+    Ok(labels)
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> IngestError {
