@@ -51,7 +51,8 @@ pub const MAX_MEMBERS: usize = 16;
 pub struct ModelMeta {
     pub format: String,
     pub format_version: u32,
-    /// Short content hash of the weights: changes whenever the model does.
+    /// Short content hash of what scores (see [`Model::seal`]): changes whenever the model
+    /// does.
     pub id: String,
     /// 0 for a trained model; each accepted online retrain adds 1.
     #[serde(default)]
@@ -302,9 +303,29 @@ impl Model {
     }
 
     /// Recomputes the weights checksum and the id after the tensors changed.
+    ///
+    /// The id hashes everything that decides a frame's score: the weights (network, MSS
+    /// bank, held-out scores) and, from `model.json`, the feature names, the lag window,
+    /// the smoothing span, the scaler, the head, the log-variance baseline and the MSS
+    /// settings. Two models that score differently never share an id, even when trained
+    /// into the same weights (the same history under other metric names): the `model_id`
+    /// label of their alerts tells them apart. Models written before this keep the id
+    /// they recorded (a hash of the weights alone), since loading reads it.
     pub fn seal(&mut self) {
         let sha = sha256_hex(&self.weights_bytes());
-        self.meta.id = sha[..12].to_string();
+        let m = &self.meta;
+        let scoring = serde_json::to_vec(&(
+            &sha,
+            &m.features,
+            m.window_frames,
+            m.smooth_frames,
+            &m.scaler,
+            &m.head,
+            &m.log_variance_baseline,
+            &m.mss,
+        ))
+        .expect("model metadata serialises");
+        self.meta.id = sha256_hex(&scoring)[..12].to_string();
         self.meta.weights = WeightsRef {
             file: WEIGHTS_FILE.into(),
             sha256: sha,
@@ -1041,5 +1062,41 @@ mod tests {
         let json = serde_json::to_string(&table).unwrap();
         assert!(json.contains("\"table\":true"));
         assert!(serde_json::from_str::<ModelMeta>(&json).unwrap().table);
+    }
+
+    /// An operator's trial: two models trained from the same history under other metric
+    /// names had the same weights and so the same id, and their alerts the same
+    /// `model_id`. The id now covers what scores beside the weights; the stored id of a
+    /// model written before still loads as it was recorded.
+    #[test]
+    fn the_id_tells_apart_models_that_score_differently_with_the_same_weights() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smd-machine-1-6");
+        let bundled = Model::load(&dir).unwrap();
+        assert_eq!(
+            bundled.meta.id, "a360dfed2be4",
+            "a stored id is read, not recomputed"
+        );
+        let sealed = |change: &dyn Fn(&mut Model)| {
+            let mut m = bundled.clone();
+            change(&mut m);
+            m.seal();
+            m.meta.id
+        };
+        let same = sealed(&|_| {});
+        assert_eq!(same, sealed(&|_| {}), "the id is a function of the model");
+        assert_eq!(same.len(), 12);
+        let renamed = sealed(&|m| m.meta.features[0] = "cpu_load".into());
+        let span = sealed(&|m| m.meta.smooth_frames = 1);
+        let head = sealed(&|m| m.meta.head.alpha = 1.0);
+        let version = sealed(&|m| m.meta.version = 7);
+        for other in [&renamed, &span, &head] {
+            assert_ne!(&same, other);
+        }
+        // The version counts retrains beside the id; it does not change what scores.
+        assert_eq!(same, version);
+        // The weights checksum is still the weights' own.
+        let mut m = bundled.clone();
+        m.seal();
+        assert_eq!(m.meta.weights.sha256, bundled.meta.weights.sha256);
     }
 }
