@@ -2013,8 +2013,10 @@ fn train(
             .progress_chars("=> "),
     );
     let (mut model, report) = model::fit::fit(&table, &sha, &cfg, &mut |e| {
-        if !tty && let Some(line) = epoch_log.epoch(e, started.elapsed()) {
-            eprintln!("darkwatch: {line}");
+        if !tty {
+            for line in epoch_log.epoch(e, started.elapsed()) {
+                eprintln!("darkwatch: {line}");
+            }
         }
         bar.set_position(e.epoch as u64);
         let member = if e.members > 1 {

@@ -132,8 +132,8 @@ pub struct EpochReport {
 pub struct EpochLog {
     every: std::time::Duration,
     last_printed: Option<std::time::Duration>,
-    /// The newest epoch's line while it is unprinted.
-    pending: Option<String>,
+    /// The newest epoch's line while it is unprinted, with its member.
+    pending: Option<(usize, String)>,
 }
 
 impl EpochLog {
@@ -146,8 +146,11 @@ impl EpochLog {
         }
     }
 
-    /// The line for epoch `e`, finished `elapsed` after training began, when one is due.
-    pub fn epoch(&mut self, e: &EpochReport, elapsed: std::time::Duration) -> Option<String> {
+    /// The lines due after epoch `e`, finished `elapsed` after training began: its own
+    /// line when one is due, and first, when `e` is the first epoch of another ensemble
+    /// member, the previous member's last epoch if it was held back (so each member's end
+    /// is logged: members train one after another, often within one interval).
+    pub fn epoch(&mut self, e: &EpochReport, elapsed: std::time::Duration) -> Vec<String> {
         let member = if e.members > 1 {
             format!(" (member {} of {})", e.member, e.members)
         } else {
@@ -163,22 +166,28 @@ impl EpochLog {
             e.train_loss,
             elapsed.as_secs_f64()
         );
-        let due = self
-            .last_printed
-            .is_none_or(|t| elapsed.saturating_sub(t) >= self.every);
+        let mut lines = Vec::new();
+        let new_member = self.pending.as_ref().is_some_and(|(m, _)| *m != e.member);
+        if new_member && let Some((_, previous)) = self.pending.take() {
+            lines.push(previous);
+        }
+        let due = new_member
+            || self
+                .last_printed
+                .is_none_or(|t| elapsed.saturating_sub(t) >= self.every);
         if due {
             self.last_printed = Some(elapsed);
             self.pending = None;
-            Some(line)
+            lines.push(line);
         } else {
-            self.pending = Some(line);
-            None
+            self.pending = Some((e.member, line));
         }
+        lines
     }
 
     /// The last epoch's line, when [`Self::epoch`] held it back.
     pub fn finish(&mut self) -> Option<String> {
-        self.pending.take()
+        self.pending.take().map(|(_, line)| line)
     }
 }
 
@@ -704,30 +713,47 @@ mod tests {
         let mut log = EpochLog::new(Duration::from_secs(5));
         let secs = |s: f64| Duration::from_secs_f64(s);
         assert_eq!(
-            log.epoch(&e(1), secs(1.5)).as_deref(),
-            Some("epoch 1/50: train loss 0.5000, validation loss 0.2500, 1.5 s")
+            log.epoch(&e(1), secs(1.5)),
+            ["epoch 1/50: train loss 0.5000, validation loss 0.2500, 1.5 s"]
         );
-        assert_eq!(log.epoch(&e(2), secs(3.0)), None);
-        assert_eq!(log.epoch(&e(3), secs(6.4)), None);
+        assert!(log.epoch(&e(2), secs(3.0)).is_empty());
+        assert!(log.epoch(&e(3), secs(6.4)).is_empty());
+        let lines = log.epoch(&e(4), secs(6.5));
         assert!(
-            log.epoch(&e(4), secs(6.5))
-                .unwrap()
-                .starts_with("epoch 4/50")
+            lines.len() == 1 && lines[0].starts_with("epoch 4/50"),
+            "{lines:?}"
         );
         assert_eq!(log.finish(), None, "the last line was printed already");
-        assert_eq!(log.epoch(&e(5), secs(8.0)), None);
+        assert!(log.epoch(&e(5), secs(8.0)).is_empty());
         assert!(log.finish().unwrap().starts_with("epoch 5/50"));
         assert_eq!(log.finish(), None);
         let mut log = EpochLog::new(Duration::from_secs(5));
-        let member = EpochReport {
+        let member = |m: usize, epoch: usize| EpochReport {
             val_loss: None,
-            member: 2,
+            member: m,
             members: 3,
-            ..e(7)
+            ..e(epoch)
         };
         assert_eq!(
-            log.epoch(&member, secs(81.0)).as_deref(),
-            Some("epoch 7/50 (member 2 of 3): train loss 0.5000, 81.0 s")
+            log.epoch(&member(2, 7), secs(81.0)),
+            ["epoch 7/50 (member 2 of 3): train loss 0.5000, 81.0 s"]
+        );
+        // An operator's trial: members train one after another within an interval, so the
+        // lines jumped from member 1 to member 5. A member's last epoch is logged when the
+        // next member starts, and the new member's first epoch with it.
+        assert!(log.epoch(&member(2, 8), secs(82.0)).is_empty());
+        assert_eq!(
+            log.epoch(&member(3, 1), secs(83.0)),
+            [
+                "epoch 8/50 (member 2 of 3): train loss 0.5000, 82.0 s",
+                "epoch 1/50 (member 3 of 3): train loss 0.5000, 83.0 s"
+            ]
+        );
+        assert!(log.epoch(&member(3, 2), secs(84.0)).is_empty());
+        assert!(
+            log.finish()
+                .unwrap()
+                .starts_with("epoch 2/50 (member 3 of 3)")
         );
     }
 
