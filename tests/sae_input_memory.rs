@@ -1,8 +1,8 @@
-//! `sae-score`, `sae-head` and `sae-bench --input` hold their activation rows once: a
-//! float32 `.npy` is read into its rows without a copy of the whole file beside them (the
-//! trial's 154 MB input peaked at 315 MB). A counting global allocator measures the peak of
-//! live heap bytes while the rows are read. (Its own test binary, because the allocator is
-//! process-wide.)
+//! `sae-head` and `sae-bench --input` hold their activation rows once: a float32 `.npy` is
+//! read into its rows without a copy of the whole file beside them (the trial's 154 MB input
+//! peaked at 315 MB). `sae-score` holds no rows at all: it streams the file a block at a
+//! time. A counting global allocator measures the peak of live heap bytes while the rows are
+//! read or scored. (Its own test binary, because the allocator is process-wide.)
 
 mod util;
 
@@ -69,5 +69,93 @@ fn a_float32_npy_is_read_without_a_second_copy_of_the_file() {
         (peak as f64) < 1.25 * data as f64,
         "reading {data} bytes of rows peaked at {peak} bytes of heap ({:.2} ×)",
         peak as f64 / data as f64
+    );
+}
+
+/// `sae-score` streams a C-order float32 `.npy`: with labels, prompt ids, a baseline and both
+/// CSVs, its peak of live heap stays well under half the file (a block of rows, a few numbers
+/// per row), where holding the rows would take the whole file and more.
+#[test]
+fn sae_score_streams_its_input_instead_of_holding_it() {
+    use darkwatch::sae::dark::DarkConfig;
+    use darkwatch::sae::eval::{
+        SaeScoreArgs, SaeTrainArgs, sae_score_command_in_blocks, sae_train_command,
+    };
+    use darkwatch::sae::pass::Passes;
+    use darkwatch::sae::train::{SaeTrainConfig, SaveMeta};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = 128;
+    let value = |r: usize, c: usize| {
+        let (a, b) = (
+            (r * 37 % 101) as f32 / 50.0 - 1.0,
+            (r * 13 % 97) as f32 / 48.0 - 1.0,
+        );
+        a * (c as f32 * 0.7).cos() + b * (c as f32 * 0.3).sin() + ((r + c) % 7) as f32 * 0.01
+    };
+    let train = dir.path().join("train.npy");
+    write_npy(&train, 512, d, value);
+    let sae = dir.path().join("sae");
+    let args = SaeTrainArgs {
+        input: train.clone(),
+        tensor: None,
+        prompt_ids: None,
+        prompt_ids_tensor: None,
+        out: sae.clone(),
+        holdout: 0.25,
+        config: SaeTrainConfig {
+            latents: 32,
+            k: 4,
+            epochs: 1,
+            ..Default::default()
+        },
+        dark: DarkConfig { ridge: 1.0 },
+        dark_folds: 0,
+        meta: SaveMeta::default(),
+        force: false,
+    };
+    sae_train_command(&args, &mut |_| {}).unwrap();
+
+    let rows = 40_000;
+    let input = dir.path().join("acts.npy");
+    write_npy(&input, rows, d, |r, c| value(r + 7, c) * 1.1);
+    let labels = dir.path().join("labels.txt");
+    let text: String = (0..rows)
+        .map(|r| format!("{}\n", u8::from(r % 5 == 0)))
+        .collect();
+    std::fs::write(&labels, text).unwrap();
+    let ids = dir.path().join("ids.npy");
+    let id_bytes: Vec<u8> = (0..rows as i64)
+        .flat_map(|r| (r / 10).to_le_bytes())
+        .collect();
+    util::write_npy(&ids, "<i8", &format!("({rows},)"), &id_bytes);
+    let file = std::fs::metadata(&input).unwrap().len() as usize;
+
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let (summary, _) = sae_score_command_in_blocks(
+        &SaeScoreArgs {
+            sae,
+            input,
+            labels: Some(labels),
+            prompt_ids: Some(ids),
+            baseline: Some(train),
+            baseline_shrinkage: 0.1,
+            out: Some(dir.path().join("tokens.csv")),
+            prompt_out: Some(dir.path().join("prompts.csv")),
+            ..Default::default()
+        },
+        &Passes::threads(2),
+        1024,
+    )
+    .unwrap();
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    assert_eq!(summary.rows, rows);
+    assert!(summary.r2_label0.is_some() && summary.nmse_all.is_some());
+    assert!(
+        peak < file / 2,
+        "scoring a {file}-byte file in blocks of 1024 rows peaked at {peak} bytes of heap \
+         ({:.2} × the file)",
+        peak as f64 / file as f64
     );
 }

@@ -47,7 +47,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array1, Array2, ArrayView2, s};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, s};
 
 use super::kernel::{self, Kernel};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -691,24 +691,11 @@ impl DarkHead {
             .mapv(f64::from)
             .mean_axis(ndarray::Axis(0))
             .expect("n > 0");
-        let norm_bar = scores
-            .iter()
-            .map(|s| f64::from(s.error_sq_norm))
-            .sum::<f64>()
-            / n as f64;
-        let (mut rss_e, mut tss_e, mut rss_n, mut tss_n) = (0.0, 0.0, 0.0, 0.0);
-        for (row, s) in e.rows().into_iter().zip(scores) {
-            for (&v, &m) in row.iter().zip(&e_bar) {
-                tss_e += (f64::from(v) - m).powi(2);
-            }
-            rss_e += f64::from(s.nonlinear_sq_norm);
-            rss_n += (f64::from(s.error_sq_norm) - f64::from(s.predicted_sq_norm)).powi(2);
-            tss_n += (f64::from(s.error_sq_norm) - norm_bar).powi(2);
+        let mut tss_e = 0.0;
+        for row in e.rows() {
+            add_sq_dev(&mut tss_e, row, e_bar.view());
         }
-        Ok(R2 {
-            vector: r2(rss_e, tss_e),
-            norm: r2(rss_n, tss_n),
-        })
+        Ok(r2_of_scores(scores, tss_e))
     }
 
     /// Writes `dark_head.json` and `dark_head.safetensors` into `dir` (created if needed).
@@ -843,6 +830,36 @@ impl DarkHead {
 
 /// 1 − rss/tss. With no variance to explain: 1 when nothing is left over either, else 0
 /// (never ±∞ or NaN).
+/// Adds Σ (eᵢ − ēᵢ)² of one error row `e` to `tss_e`, in column order: the spread of the
+/// errors in [`DarkHead::r2`], which `sae-score` sums a block of rows at a time.
+pub(crate) fn add_sq_dev(tss_e: &mut f64, e: ArrayView1<f32>, e_bar: ArrayView1<f64>) {
+    for (&v, &m) in e.iter().zip(e_bar) {
+        *tss_e += (f64::from(v) - m).powi(2);
+    }
+}
+
+/// [`DarkHead::r2`] from the head's `scores` of the rows and the spread `tss_e` of their
+/// errors around their mean ([`add_sq_dev`]): each sum runs over the rows in order, so a
+/// caller that keeps only the scores (`sae-score`, which streams its rows) gets the same bits.
+pub(crate) fn r2_of_scores(scores: &[DarkScore], tss_e: f64) -> R2 {
+    let n = scores.len();
+    let norm_bar = scores
+        .iter()
+        .map(|s| f64::from(s.error_sq_norm))
+        .sum::<f64>()
+        / n as f64;
+    let (mut rss_e, mut rss_n, mut tss_n) = (0.0, 0.0, 0.0);
+    for s in scores {
+        rss_e += f64::from(s.nonlinear_sq_norm);
+        rss_n += (f64::from(s.error_sq_norm) - f64::from(s.predicted_sq_norm)).powi(2);
+        tss_n += (f64::from(s.error_sq_norm) - norm_bar).powi(2);
+    }
+    R2 {
+        vector: r2(rss_e, tss_e),
+        norm: r2(rss_n, tss_n),
+    }
+}
+
 fn r2(rss: f64, tss: f64) -> f64 {
     if tss > 0.0 {
         1.0 - rss / tss

@@ -44,10 +44,11 @@ use serde::Serialize;
 
 use super::dark::{DarkConfig, DarkError, DarkHead, DarkScore, DarkStats, R2};
 use super::detector::{Calibration, CalibrationRows, DetectorError};
+use super::pass::RowProgress;
 use super::pass::{self, BATCH, Passes};
 use super::train::{
-    EpochStats, SaeTrainConfig, SaeTrainError, SaeTrainReport, SaveMeta, defined_nmse_of_errors,
-    save_saelens, train_topk,
+    self, EpochStats, SaeTrainConfig, SaeTrainError, SaeTrainReport, SaveMeta, save_saelens,
+    train_topk,
 };
 use super::{Sae, SaeError};
 use crate::eval::{self, EvalError};
@@ -311,134 +312,240 @@ fn npy_header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Reads a C-order float32, float16 or float64 `.npy` array of two or more dimensions
-/// straight from the file into its float32 rows, [`DIRECT_BLOCK_BYTES`] at a time: the
-/// rows are the only copy of the data held (a file read whole first, then converted, took
-/// twice the memory: `sae-score` on a 154 MB input peaked at 315 MB). `None` for any other
-/// file (Fortran order, another dtype or version, an odd header, data of the wrong size):
-/// the whole-file reader reads those and says what is wrong with them. The values, and
-/// the errors for NaN, ±Inf and float64 values beyond float32, are those of
-/// [`crate::ingest::npy::parse_npy_rows`] (tested against it).
+/// straight from the file into its float32 rows, [`DIRECT_BLOCK_BYTES`] at a time
+/// ([`NpyRows`]): the rows are the only copy of the data held (a file read whole first, then
+/// converted, took twice the memory: `sae-score` on a 154 MB input peaked at 315 MB). `None`
+/// for any other file (Fortran order, another dtype or version, an odd header): the
+/// whole-file reader reads those and says what is wrong with them.
 fn read_npy_floats_direct(path: &Path) -> Result<Option<Rows>, SaeEvalError> {
-    use std::io::Read as _;
-    let io = |source| SaeEvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = fs::File::open(path).map_err(io)?;
-    let len = file.metadata().map_err(io)?.len();
-    let mut lead = [0u8; 12];
-    if len < 12 || file.read_exact(&mut lead).is_err() || !lead.starts_with(b"\x93NUMPY") {
+    let Some(mut npy) = NpyRows::open(path)? else {
         return Ok(None);
-    }
-    let (header_start, header_len) = match lead[6] {
-        1 => (10u64, u64::from(u16::from_le_bytes([lead[8], lead[9]]))),
-        2 => (
-            12,
-            u64::from(u32::from_le_bytes([lead[8], lead[9], lead[10], lead[11]])),
-        ),
-        _ => return Ok(None),
     };
-    let data_start = header_start + header_len;
-    if header_len > 1 << 20 || data_start > len {
-        return Ok(None);
-    }
-    let mut header = vec![0u8; header_len as usize];
-    {
-        use std::io::Seek as _;
+    let mut values = Vec::new();
+    npy.read_rows(0, npy.rows, &mut values)?;
+    let a = Array2::from_shape_vec((npy.rows, npy.cols), values).expect("rows × cols values");
+    Ok(Some((a, npy.shape)))
+}
+
+/// A C-order float32, float16 or float64 `.npy` array of two or more dimensions, open for
+/// reading its rows a block at a time: `sae-score` streams inputs of hundreds of GB through
+/// one of these without holding them.
+struct NpyRows {
+    path: PathBuf,
+    file: fs::File,
+    /// Where the data starts in the file.
+    data_start: u64,
+    /// Bytes per value: 2, 4 or 8.
+    item: usize,
+    /// The rows (the leading dimensions flattened) and their width.
+    rows: usize,
+    cols: usize,
+    /// The shape in the header.
+    shape: Vec<usize>,
+}
+
+impl NpyRows {
+    /// Opens `path` and reads its header. `None` for a file this reader does not take
+    /// (Fortran order, another dtype or version, an odd header, trailing bytes): the
+    /// whole-file reader reads those and says what is wrong with them.
+    ///
+    /// # Errors
+    /// I/O errors, and data shorter than the header's shape needs: a truncated file is named
+    /// with the row it ends in, here rather than after reading a whole file of hundreds of GB.
+    fn open(path: &Path) -> Result<Option<NpyRows>, SaeEvalError> {
+        use std::io::{Read as _, Seek as _};
+        let io = |source| SaeEvalError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut lead = [0u8; 12];
+        if len < 12 || file.read_exact(&mut lead).is_err() || !lead.starts_with(b"\x93NUMPY") {
+            return Ok(None);
+        }
+        let (header_start, header_len) = match lead[6] {
+            1 => (10u64, u64::from(u16::from_le_bytes([lead[8], lead[9]]))),
+            2 => (
+                12,
+                u64::from(u32::from_le_bytes([lead[8], lead[9], lead[10], lead[11]])),
+            ),
+            _ => return Ok(None),
+        };
+        let data_start = header_start + header_len;
+        if header_len > 1 << 20 || data_start > len {
+            return Ok(None);
+        }
+        let mut header = vec![0u8; header_len as usize];
         file.seek(std::io::SeekFrom::Start(header_start))
             .map_err(io)?;
-    }
-    file.read_exact(&mut header).map_err(io)?;
-    let header: String = header.iter().map(|&b| char::from(b)).collect();
-    let item: usize = match npy_descr(&header) {
-        Some("<f4") => 4,
-        Some("<f2") => 2,
-        Some("<f8") => 8,
-        _ => return Ok(None),
-    };
-    if npy_header_value(&header, "fortran_order") != Some("False") {
-        return Ok(None);
-    }
-    let Some(shape) = npy_header_value(&header, "shape")
-        .and_then(|s| s.strip_prefix('(')?.strip_suffix(')'))
-        .map(|s| {
-            s.split(',')
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-                .map(str::parse::<usize>)
-                .collect::<Result<Vec<usize>, _>>()
-        })
-        .and_then(Result::ok)
-    else {
-        return Ok(None);
-    };
-    let [lead_dims @ .., cols] = shape.as_slice() else {
-        return Ok(None);
-    };
-    let cols = *cols;
-    let Some(rows) = lead_dims.iter().try_fold(1usize, |a, &n| a.checked_mul(n)) else {
-        return Ok(None);
-    };
-    let Some(count) = rows.checked_mul(cols) else {
-        return Ok(None);
-    };
-    if lead_dims.is_empty()
-        || rows == 0
-        || cols == 0
-        || count.checked_mul(item).map(|b| b as u64) != Some(len - data_start)
-    {
-        return Ok(None);
-    }
-    let mut values: Vec<f32> = Vec::with_capacity(count);
-    let mut block = vec![0u8; DIRECT_BLOCK_BYTES.min(count * item)];
-    while values.len() < count {
-        let n = block.len().min((count - values.len()) * item);
-        file.read_exact(&mut block[..n]).map_err(io)?;
-        let first = values.len();
-        let bad = |i: usize, value: Option<f64>| -> SaeEvalError {
-            let at = first + i;
-            let (row, col) = (at / cols, at % cols);
-            let path = path.to_path_buf();
-            SaeEvalError::from(match value {
-                None => IngestError::NonFiniteAt { path, row, col },
-                Some(value) => IngestError::OutOfRangeAt {
-                    path,
-                    row,
-                    col,
-                    value,
-                },
-            })
+        file.read_exact(&mut header).map_err(io)?;
+        let header: String = header.iter().map(|&b| char::from(b)).collect();
+        let (item, dtype) = match npy_descr(&header) {
+            Some("<f4") => (4usize, "float32"),
+            Some("<f2") => (2, "float16"),
+            Some("<f8") => (8, "float64"),
+            _ => return Ok(None),
         };
-        match item {
-            4 => values.extend(
-                block[..n]
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-            2 => values.extend(
-                block[..n]
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
-            _ => {
-                for (i, c) in block[..n].chunks_exact(8).enumerate() {
-                    let v = f64::from_le_bytes(c.try_into().expect("8 bytes"));
-                    if !v.is_finite() {
-                        return Err(bad(i, None));
+        if npy_header_value(&header, "fortran_order") != Some("False") {
+            return Ok(None);
+        }
+        let Some(shape) = npy_header_value(&header, "shape")
+            .and_then(|s| s.strip_prefix('(')?.strip_suffix(')'))
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(str::parse::<usize>)
+                    .collect::<Result<Vec<usize>, _>>()
+            })
+            .and_then(Result::ok)
+        else {
+            return Ok(None);
+        };
+        let [lead_dims @ .., cols] = shape.as_slice() else {
+            return Ok(None);
+        };
+        let cols = *cols;
+        let Some(rows) = lead_dims.iter().try_fold(1usize, |a, &n| a.checked_mul(n)) else {
+            return Ok(None);
+        };
+        let Some(bytes) = rows
+            .checked_mul(cols)
+            .and_then(|c| c.checked_mul(item))
+            .and_then(|b| u64::try_from(b).ok())
+        else {
+            return Ok(None);
+        };
+        if lead_dims.is_empty() || rows == 0 || cols == 0 {
+            return Ok(None);
+        }
+        let have = len - data_start;
+        if have < bytes {
+            let row = have / (cols * item) as u64;
+            return Err(input_err(
+                path,
+                format!(
+                    "truncated: header says {} {dtype} ({bytes} bytes of data) but the file has \
+                     {have} bytes of data: it ends in row {row} of {rows} (0-based)",
+                    shape
+                        .iter()
+                        .map(usize::to_string)
+                        .collect::<Vec<_>>()
+                        .join("×")
+                ),
+            ));
+        }
+        if have != bytes {
+            return Ok(None);
+        }
+        Ok(Some(NpyRows {
+            path: path.to_path_buf(),
+            file,
+            data_start,
+            item,
+            rows,
+            cols,
+            shape,
+        }))
+    }
+
+    /// Reads rows `first..first + n` into `values` (replacing what it held) as float32,
+    /// clamped to ±[`super::ACTIVATION_LIMIT`], [`DIRECT_BLOCK_BYTES`] of the file at a
+    /// time. The values, and the errors for NaN, ±Inf and float64 values beyond float32, are
+    /// those of [`crate::ingest::npy::parse_npy_rows`] (tested against it).
+    ///
+    /// # Errors
+    /// Those values, named by row and column, and a file that ends early (cut short since it
+    /// was opened), named by the row it ends in.
+    fn read_rows(
+        &mut self,
+        first: usize,
+        n: usize,
+        values: &mut Vec<f32>,
+    ) -> Result<(), SaeEvalError> {
+        use std::io::{Read as _, Seek as _};
+        let path = self.path.as_path();
+        let io = |source| SaeEvalError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (cols, item) = (self.cols, self.item);
+        debug_assert!(first + n <= self.rows);
+        let count = n * cols;
+        values.clear();
+        values.reserve_exact(count);
+        self.file
+            .seek(std::io::SeekFrom::Start(
+                self.data_start + (first * cols * item) as u64,
+            ))
+            .map_err(io)?;
+        let mut block = vec![0u8; DIRECT_BLOCK_BYTES.min(count * item)];
+        while values.len() < count {
+            let n = block.len().min((count - values.len()) * item);
+            let start = values.len();
+            if let Err(e) = self.file.read_exact(&mut block[..n]) {
+                if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                    return Err(io(e));
+                }
+                // The row the data now ends in, from the file's length (a failed read
+                // leaves no count of what it read).
+                let len = self.file.metadata().map_err(io)?.len();
+                let row = len.saturating_sub(self.data_start) / (cols * item) as u64;
+                return Err(input_err(
+                    path,
+                    format!(
+                        "the file ended in row {row} of {} (0-based) while it was read: \
+                         truncated after it was opened?",
+                        self.rows
+                    ),
+                ));
+            }
+            let bad = |i: usize, value: Option<f64>| -> SaeEvalError {
+                let at = first * cols + start + i;
+                let (row, col) = (at / cols, at % cols);
+                let path = path.to_path_buf();
+                SaeEvalError::from(match value {
+                    None => IngestError::NonFiniteAt { path, row, col },
+                    Some(value) => IngestError::OutOfRangeAt {
+                        path,
+                        row,
+                        col,
+                        value,
+                    },
+                })
+            };
+            match item {
+                4 => values.extend(
+                    block[..n]
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                ),
+                2 => values.extend(
+                    block[..n]
+                        .chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                ),
+                _ => {
+                    for (i, c) in block[..n].chunks_exact(8).enumerate() {
+                        let v = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+                        if !v.is_finite() {
+                            return Err(bad(i, None));
+                        }
+                        if !(v as f32).is_finite() {
+                            return Err(bad(i, Some(v)));
+                        }
+                        values.push(v as f32);
                     }
-                    if !(v as f32).is_finite() {
-                        return Err(bad(i, Some(v)));
-                    }
-                    values.push(v as f32);
                 }
             }
+            if let Some(i) = values[start..].iter().position(|v| !v.is_finite()) {
+                return Err(bad(i, None));
+            }
         }
-        if let Some(i) = values[first..].iter().position(|v| !v.is_finite()) {
-            return Err(bad(i, None));
-        }
+        super::clamp_activations(values);
+        Ok(())
     }
-    let a = Array2::from_shape_vec((rows, cols), values).expect("rows × cols values");
-    Ok(Some((clamped(a), shape)))
 }
 
 /// The option that names the tensor, for messages, when the caller does not say.
@@ -636,6 +743,101 @@ fn read_activations_for(
         ));
     }
     Ok((x, shape))
+}
+
+/// Activation rows read a block at a time: streamed from a C-order float `.npy` ([`NpyRows`]),
+/// or sliced from an array read whole (`.safetensors`, Fortran-order or otherwise unusual
+/// `.npy`). `sae-score` passes over its input and its baseline through one of these, so that
+/// its memory is bounded by a block, not by the file.
+struct ActivationBlocks {
+    rows: usize,
+    cols: usize,
+    shape: Vec<usize>,
+    source: BlockSource,
+}
+
+enum BlockSource {
+    Npy { npy: NpyRows, values: Vec<f32> },
+    Whole(Array2<f32>),
+}
+
+impl ActivationBlocks {
+    /// Opens activations as [`read_activations_shaped`] reads them (`flag` naming the option
+    /// that names the tensor): a C-order float `.npy` is only opened (its header read), any
+    /// other file is read whole.
+    ///
+    /// # Errors
+    /// As [`read_activations_shaped`]; a streamed file's bad values and early end come from
+    /// [`for_each`](Self::for_each).
+    fn open(
+        path: &Path,
+        tensor: Option<&str>,
+        flag: &str,
+    ) -> Result<ActivationBlocks, SaeEvalError> {
+        let streamed = !is_safetensors(path)
+            && path.extension().and_then(|e| e.to_str()) == Some("npy")
+            && tensor.is_none();
+        if streamed && let Some(npy) = NpyRows::open(path)? {
+            return Ok(ActivationBlocks {
+                rows: npy.rows,
+                cols: npy.cols,
+                shape: npy.shape.clone(),
+                source: BlockSource::Npy {
+                    npy,
+                    values: Vec::new(),
+                },
+            });
+        }
+        let (x, shape) = read_activations_flagged(path, tensor, flag)?;
+        Ok(ActivationBlocks {
+            rows: x.nrows(),
+            cols: x.ncols(),
+            shape,
+            source: BlockSource::Whole(x),
+        })
+    }
+
+    /// Calls `f` with the index of each block's first row and its rows, `block_rows` at a
+    /// time (the last block may be shorter), from the first row on: each call reads the
+    /// input again.
+    ///
+    /// # Errors
+    /// The first error of the reader (a value that is not finite, a file cut short) or of `f`.
+    fn for_each(
+        &mut self,
+        block_rows: usize,
+        mut f: impl FnMut(usize, ArrayView2<f32>) -> Result<(), SaeEvalError>,
+    ) -> Result<(), SaeEvalError> {
+        let block_rows = block_rows.max(1);
+        let mut first = 0;
+        while first < self.rows {
+            let n = block_rows.min(self.rows - first);
+            match &mut self.source {
+                BlockSource::Npy { npy, values } => {
+                    npy.read_rows(first, n, values)?;
+                    let x = ArrayView2::from_shape((n, self.cols), values.as_slice())
+                        .expect("n × cols values");
+                    f(first, x)?;
+                }
+                BlockSource::Whole(x) => f(first, x.slice(s![first..first + n, ..]))?,
+            }
+            first += n;
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of float32 activations `sae-score` reads from its input per block: long runs of
+/// the file per read, and small beside the hundreds of GB an input can hold.
+pub const SCORE_BLOCK_BYTES: usize = 64 << 20;
+
+/// Rows per block of `sae-score`'s passes over `cols`-wide rows on `threads` threads:
+/// [`SCORE_BLOCK_BYTES`] of rows, but at least one [`BATCH`] per thread so that every core
+/// has a batch; always whole batches, so that the SAE sees the same 256-row batches as over
+/// the whole input (and the baseline's covariance the same runs of [`COV_ROWS`] rows).
+pub fn score_block_rows(cols: usize, threads: usize) -> usize {
+    let by_bytes = SCORE_BLOCK_BYTES / (4 * cols.max(1));
+    (by_bytes / BATCH).max(threads.max(1)) * BATCH
 }
 
 /// Reads one integer per row (prompt ids or labels) from `.npy` or `.safetensors`, checking
@@ -882,6 +1084,13 @@ fn score_pass(
     Ok((scores, sq))
 }
 
+/// Rows per matrix product of the Mahalanobis baseline's covariance. ndarray's `dot` runs
+/// matrixmultiply's dgemm, which sums the inner dimension (here the rows) in runs of 256 (its
+/// `D_KC`) and adds each run's product into the result in order; adding per-run products in
+/// the same order gives the same bits as one product over every row, a block of rows at a
+/// time (tested).
+pub const COV_ROWS: usize = 256;
+
 /// Squared Mahalanobis distance to training rows, with the covariance shrunk towards the
 /// scaled identity: Σ_s = (1 − α)·Σ + α·(tr Σ/d)·I (Σ the maximum-likelihood covariance).
 #[derive(Debug, Clone)]
@@ -899,7 +1108,25 @@ impl Mahalanobis {
     /// [`SaeEvalError::Invalid`] for fewer than 2 rows, `shrinkage` outside (0, 1], or a
     /// covariance that is not positive definite (all rows equal).
     pub fn fit(x: ArrayView2<f32>, shrinkage: f64) -> Result<Mahalanobis, SaeEvalError> {
-        let (n, d) = x.dim();
+        Self::fit_blocks(x.dim(), shrinkage, |f| f(0, x))
+    }
+
+    /// [`fit`](Self::fit) on `n × d` rows that `pass` hands, a block at a time with the index
+    /// of its first row, to the function it is given; it is called twice (the mean, then the
+    /// covariance around it), and each block but the last must hold a whole number of
+    /// [`COV_ROWS`]. The sums run over the rows in the order of one pass over a whole array,
+    /// so any cut into blocks gives the bits of [`fit`](Self::fit) (tested against the
+    /// single matrix product it once was).
+    ///
+    /// # Errors
+    /// As [`fit`](Self::fit), and the first error of `pass`.
+    fn fit_blocks(
+        (n, d): (usize, usize),
+        shrinkage: f64,
+        mut pass: impl FnMut(
+            &mut dyn FnMut(usize, ArrayView2<f32>) -> Result<(), SaeEvalError>,
+        ) -> Result<(), SaeEvalError>,
+    ) -> Result<Mahalanobis, SaeEvalError> {
         if n < 2 || d == 0 {
             return Err(SaeEvalError::Invalid(format!(
                 "the Mahalanobis baseline needs at least 2 rows, got [{n}, {d}]"
@@ -910,10 +1137,31 @@ impl Mahalanobis {
                 "shrinkage {shrinkage} must be in (0, 1]"
             )));
         }
-        let x64 = x.mapv(f64::from);
-        let mean = x64.mean_axis(Axis(0)).expect("n > 0");
-        let c = &x64 - &mean;
-        let mut cov = c.t().dot(&c) / n as f64;
+        // The row sums in row order, as `mean_axis` adds a C-order array's rows.
+        let mut sum = Array1::<f64>::zeros(d);
+        pass(&mut |_, x| {
+            for row in x.rows() {
+                for (a, &v) in sum.iter_mut().zip(&row) {
+                    *a += f64::from(v);
+                }
+            }
+            Ok(())
+        })?;
+        let mean = sum / n as f64;
+        let mut cov: Option<Array2<f64>> = None;
+        pass(&mut |first, x| {
+            debug_assert_eq!(first % COV_ROWS, 0, "blocks of whole runs of COV_ROWS rows");
+            for run in x.axis_chunks_iter(Axis(0), COV_ROWS) {
+                let c = &run.mapv(f64::from) - &mean;
+                let product = c.t().dot(&c);
+                match &mut cov {
+                    Some(cov) => *cov += &product,
+                    None => cov = Some(product),
+                }
+            }
+            Ok(())
+        })?;
+        let mut cov = cov.expect("n ≥ 2 rows") / n as f64;
         let scale = cov.diag().sum() / d as f64;
         cov *= 1.0 - shrinkage;
         for i in 0..d {
@@ -1266,7 +1514,7 @@ pub fn fit_dark_head_with(
         passes,
         "fitting the head on the SAE's errors",
         || sae.workspace(BATCH),
-        |ws, block| {
+        |ws, _, block| {
             let mut block_stats = DarkStats::new(sae.d_in());
             for chunk in block.axis_chunks_iter(Axis(0), BATCH) {
                 let out = sae.forward(chunk, ws)?;
@@ -2206,11 +2454,64 @@ fn nmse_text(nmse: Option<f64>, rows: usize) -> String {
     }
 }
 
-fn write_file(path: &Path, text: &str) -> Result<(), SaeEvalError> {
-    fs::write(path, text).map_err(|source| SaeEvalError::Io {
+/// Writes a CSV to `path` through a buffer, line by line as `write` makes it: a token CSV of
+/// tens of millions of rows is never held as one string.
+fn write_csv(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> std::io::Result<()>,
+) -> Result<(), SaeEvalError> {
+    use std::io::Write as _;
+    let io = |source| SaeEvalError::Io {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let mut w = std::io::BufWriter::new(fs::File::create(path).map_err(io)?);
+    write(&mut w).map_err(io)?;
+    w.flush().map_err(io)
+}
+
+/// The mean of rows fed one at a time and their spread around it, summed as
+/// [`defined_nmse_of_errors`](train::defined_nmse_of_errors) sums them over a whole array: the mean in a first pass over
+/// the rows, Σ‖x − mean‖² in a second (`tss`); whether any row differs from the first.
+struct RowSpread {
+    sum: Array1<f64>,
+    n: usize,
+    first: Option<Vec<f32>>,
+    spread: bool,
+    /// Σ‖x − mean‖², from −0.0 as a float `sum` starts.
+    tss: f64,
+    /// For the label-0 rows: Σ‖e − ē‖² of their SAE errors, for the R².
+    tss_e: f64,
+}
+
+impl RowSpread {
+    fn new(cols: usize) -> RowSpread {
+        RowSpread {
+            sum: Array1::zeros(cols),
+            n: 0,
+            first: None,
+            spread: false,
+            tss: -0.0,
+            tss_e: 0.0,
+        }
+    }
+
+    fn add(&mut self, row: ndarray::ArrayView1<f32>) {
+        for (a, &v) in self.sum.iter_mut().zip(&row) {
+            *a += f64::from(v);
+        }
+        self.n += 1;
+        match &self.first {
+            None => self.first = Some(row.to_vec()),
+            Some(first) => {
+                self.spread = self.spread || row.iter().zip(first).any(|(a, b)| a != b);
+            }
+        }
+    }
+
+    fn mean(&self) -> Array1<f64> {
+        &self.sum / self.n.max(1) as f64
+    }
 }
 
 /// Refuses, before anything is read or written, a `sae-score` output that is one of its
@@ -2265,6 +2566,33 @@ pub fn sae_score_command_with(
     args: &SaeScoreArgs,
     passes: &Passes,
 ) -> Result<(SaeScoreSummary, String), SaeEvalError> {
+    score_command(args, passes, None)
+}
+
+/// [`sae_score_command_with`] reading `block_rows` rows of the input at a time (rounded up to
+/// whole 256-row batches) instead of [`score_block_rows`]' tens of MB: how tests cut a small
+/// input into several blocks. Every block size gives the same bits.
+///
+/// # Errors
+/// As [`sae_score_command`].
+pub fn sae_score_command_in_blocks(
+    args: &SaeScoreArgs,
+    passes: &Passes,
+    block_rows: usize,
+) -> Result<(SaeScoreSummary, String), SaeEvalError> {
+    score_command(args, passes, Some(block_rows))
+}
+
+/// `sae-score`, streaming its input: a C-order float `.npy` is read `block_rows` rows at a
+/// time ([`score_block_rows`] by default), twice (the rows' means, then their spread around
+/// them), and each row's scores kept; memory is a block plus a few numbers per row, not the
+/// rows. Other inputs are read whole and passed over the same way.
+fn score_command(
+    args: &SaeScoreArgs,
+    passes: &Passes,
+    block_rows: Option<usize>,
+) -> Result<(SaeScoreSummary, String), SaeEvalError> {
+    use std::io::Write as _;
     check_score_outputs(args)?;
     for (tensor, flag, file) in [
         (
@@ -2298,9 +2626,26 @@ pub fn sae_score_command_with(
             .map(|s| (s, "--norm-scaling-factor")),
         Some((&head, &dark_dir)),
     )?;
-    let (x, shape) = read_activations_for(&sae, &args.sae, &args.input, args.tensor.as_deref())?;
-    let note = rows_note(&args.input, &shape);
-    let rows = x.nrows();
+    let mut input = ActivationBlocks::open(&args.input, args.tensor.as_deref(), "--tensor")?;
+    let (rows, cols) = (input.rows, input.cols);
+    if cols != sae.d_in() {
+        return Err(input_err(
+            &args.input,
+            format!(
+                "activations are [{rows}, {cols}], the SAE in {} takes d_in = {}",
+                args.sae.display(),
+                sae.d_in()
+            ),
+        ));
+    }
+    if head.d() != sae.d_in() {
+        return Err(SaeEvalError::Invalid(format!(
+            "the dark-matter head takes d = {}, the SAE d_in = {}",
+            head.d(),
+            sae.d_in()
+        )));
+    }
+    let note = rows_note(&args.input, &input.shape);
     let labels = match &args.labels {
         Some(p) => Some(read_labels_noted(
             p,
@@ -2317,62 +2662,206 @@ pub fn sae_score_command_with(
         &note,
     )?;
     let prompts = ids.as_deref().map(Prompts::group);
-    let (scores, error_sq) = score_pass(&sae, &head, x.view(), passes, "scoring tokens")?;
+    // Whole 256-row batches per block: the SAE and the baseline see the rows cut as they
+    // would be over the whole input.
+    let block = block_rows.map_or_else(
+        || score_block_rows(cols, passes.threads),
+        |b| b.max(1).div_ceil(BATCH) * BATCH,
+    );
     let maha = match &args.baseline {
         Some(p) => {
-            let (base, _) =
-                read_activations_flagged(p, args.baseline_tensor.as_deref(), "--baseline-tensor")?;
-            if base.ncols() != x.ncols() {
+            let mut base =
+                ActivationBlocks::open(p, args.baseline_tensor.as_deref(), "--baseline-tensor")?;
+            if base.cols != cols {
                 return Err(input_err(
                     p,
                     format!(
-                        "baseline rows have {} features, the scored rows {}",
-                        base.ncols(),
-                        x.ncols()
+                        "baseline rows have {} features, the scored rows {cols}",
+                        base.cols
                     ),
                 ));
             }
-            Some(
-                Mahalanobis::fit(base.view(), args.baseline_shrinkage)?
-                    .score_with(x.view(), passes)?,
-            )
+            let (n, stages) = (
+                base.rows,
+                [
+                    "the Mahalanobis baseline's mean",
+                    "the Mahalanobis baseline's covariance",
+                ],
+            );
+            let mut stage = 0;
+            Some(Mahalanobis::fit_blocks(
+                (n, cols),
+                args.baseline_shrinkage,
+                |f| {
+                    let name = stages[stage.min(1)];
+                    stage += 1;
+                    base.for_each(block, |first, x| {
+                        f(first, x)?;
+                        (passes.progress)(RowProgress {
+                            stage: name,
+                            done: first + x.nrows(),
+                            total: n,
+                        });
+                        Ok(())
+                    })
+                },
+            )?)
         }
         None => None,
     };
+
+    // The first pass: every row through the SAE, the head and the baseline; of the rows, only
+    // their scores are kept, and the sums that the normalised MSEs and the label-0 R² take
+    // their means from.
+    let is_normal = |r: usize| labels.as_ref().is_some_and(|l| l[r] == 0);
+    let mut scores: Vec<DarkScore> = Vec::with_capacity(rows);
+    let mut error_sq: Vec<f32> = Vec::with_capacity(rows);
+    let mut distances: Vec<f32> = Vec::with_capacity(if maha.is_some() { rows } else { 0 });
+    let mut all = RowSpread::new(cols);
+    let mut normal = RowSpread::new(cols);
+    // The label-0 rows' SAE errors, summed in row order as `DarkHead::r2` sums them.
+    let mut e_sum = Array1::<f64>::zeros(cols);
+    input.for_each(block, |first, x| {
+        let report = |p: RowProgress| {
+            (passes.progress)(RowProgress {
+                done: first + p.done,
+                total: rows,
+                ..p
+            })
+        };
+        let block_passes = Passes {
+            threads: passes.threads,
+            progress: &report,
+        };
+        let batches = pass::map_batches_at(
+            x,
+            &block_passes,
+            "scoring tokens",
+            || {
+                (
+                    sae.workspace(BATCH),
+                    head.workspace(BATCH),
+                    vec![0.0f64; cols],
+                )
+            },
+            |(ws, dws, y), at, chunk| {
+                let fwd = sae.forward(chunk, ws)?;
+                let sq = fwd.error_sq_norm().to_vec();
+                let s = head.score(chunk, fwd.error(), dws)?.to_vec();
+                let m = maha.as_ref().map(|m| m.score_rows(chunk, y));
+                let mut e0 = Vec::new();
+                for (i, e) in fwd.error().rows().into_iter().enumerate() {
+                    if is_normal(first + at + i) {
+                        e0.extend(e.iter().copied());
+                    }
+                }
+                Ok::<_, SaeEvalError>((s, sq, m, e0))
+            },
+        )?;
+        for (s, q, m, e0) in batches {
+            scores.extend(s);
+            error_sq.extend(q);
+            distances.extend(m.into_iter().flatten());
+            for e in e0.chunks_exact(cols) {
+                for (a, &v) in e_sum.iter_mut().zip(e) {
+                    *a += f64::from(v);
+                }
+            }
+        }
+        for (i, row) in x.rows().into_iter().enumerate() {
+            all.add(row);
+            if is_normal(first + i) {
+                normal.add(row);
+            }
+        }
+        Ok(())
+    })?;
+    let normal_rows = normal.n;
+
+    // The second pass, for the sums around those means: the rows' spread (the normalised
+    // MSEs divide by it) and the label-0 rows' errors' spread (the R² of the head's vector
+    // prediction), the errors from the SAE again, as before streaming.
+    let all_tss = rows >= 2 && all.spread;
+    let normal_tss = labels.is_some() && normal_rows >= 2;
+    if all_tss || normal_tss {
+        let (mean_all, mean_normal) = (all.mean(), normal.mean());
+        let e_bar = &e_sum / normal_rows.max(1) as f64;
+        let mut tss_e = 0.0;
+        let quiet = |_: RowProgress| {};
+        let inner = Passes {
+            threads: passes.threads,
+            progress: &quiet,
+        };
+        input.for_each(block, |first, x| {
+            if all_tss {
+                for row in x.rows() {
+                    all.tss += train::sq_dist(row, mean_all.view());
+                }
+            }
+            if normal_tss {
+                let picked: Vec<usize> = (0..x.nrows()).filter(|&i| is_normal(first + i)).collect();
+                if !picked.is_empty() {
+                    let xn = x.select(Axis(0), &picked);
+                    if normal.spread {
+                        for row in xn.rows() {
+                            normal.tss += train::sq_dist(row, mean_normal.view());
+                        }
+                    }
+                    let en = sae_errors_with(&sae, xn.view(), &inner, "SAE errors")?;
+                    for e in en.rows() {
+                        super::dark::add_sq_dev(&mut tss_e, e, e_bar.view());
+                    }
+                }
+            }
+            (passes.progress)(RowProgress {
+                stage: "the spread of the rows and of the label-0 rows' SAE errors",
+                done: first + x.nrows(),
+                total: rows,
+            });
+            Ok(())
+        })?;
+        normal.tss_e = tss_e;
+    }
+    let maha = maha.map(|_| distances);
     let named = named_scores(&scores, maha);
 
     if let Some(out) = &args.out {
-        let mut csv = String::from("row");
-        if ids.is_some() {
-            csv.push_str(",prompt_id");
-        }
-        if labels.is_some() {
-            csv.push_str(",label");
-        }
-        csv.push_str(",error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation");
-        if named.len() > 3 {
-            csv.push_str(",mahalanobis");
-        }
-        csv.push('\n');
-        for (r, sc) in scores.iter().enumerate() {
-            let _ = write!(csv, "{r}");
-            if let Some(ids) = &ids {
-                let _ = write!(csv, ",{}", ids[r]);
+        write_csv(out, |csv| {
+            write!(csv, "row")?;
+            if ids.is_some() {
+                write!(csv, ",prompt_id")?;
             }
-            if let Some(l) = &labels {
-                let _ = write!(csv, ",{}", l[r]);
+            if labels.is_some() {
+                write!(csv, ",label")?;
             }
-            let _ = write!(
+            write!(
                 csv,
-                ",{},{},{},{}",
-                sc.error_sq_norm, sc.predicted_sq_norm, sc.nonlinear_sq_norm, sc.deviation
-            );
+                ",error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation"
+            )?;
             if named.len() > 3 {
-                let _ = write!(csv, ",{}", named[3].1[r]);
+                write!(csv, ",mahalanobis")?;
             }
-            csv.push('\n');
-        }
-        write_file(out, &csv)?;
+            writeln!(csv)?;
+            for (r, sc) in scores.iter().enumerate() {
+                write!(csv, "{r}")?;
+                if let Some(ids) = &ids {
+                    write!(csv, ",{}", ids[r])?;
+                }
+                if let Some(l) = &labels {
+                    write!(csv, ",{}", l[r])?;
+                }
+                write!(
+                    csv,
+                    ",{},{},{},{}",
+                    sc.error_sq_norm, sc.predicted_sq_norm, sc.nonlinear_sq_norm, sc.deviation
+                )?;
+                if named.len() > 3 {
+                    write!(csv, ",{}", named[3].1[r])?;
+                }
+                writeln!(csv)?;
+            }
+            Ok(())
+        })?;
     }
     if let Some(out) = &args.prompt_out {
         let Some(p) = &prompts else {
@@ -2380,52 +2869,56 @@ pub fn sae_score_command_with(
                 "prompt-level output needs prompt ids".into(),
             ));
         };
-        let mut csv = String::from("prompt_id,tokens");
-        if labels.is_some() {
-            csv.push_str(",label");
-        }
         let keys = [
             "error_sq_norm",
             "nonlinear_sq_norm",
             "deviation",
             "mahalanobis",
         ];
-        for k in &keys[..named.len()] {
-            let _ = write!(csv, ",{k}_max,{k}_mean");
-        }
-        csv.push('\n');
         let maxes: Vec<Vec<f32>> = named.iter().map(|(_, s)| p.max(s)).collect();
         let means: Vec<Vec<f32>> = named.iter().map(|(_, s)| p.mean(s)).collect();
         let pl = labels.as_deref().map(|l| p.labels(l));
-        for i in 0..p.len() {
-            let _ = write!(csv, "{},{}", p.ids[i], p.members[i].len());
-            if let Some(pl) = &pl {
-                let _ = write!(csv, ",{}", pl[i]);
+        write_csv(out, |csv| {
+            write!(csv, "prompt_id,tokens")?;
+            if labels.is_some() {
+                write!(csv, ",label")?;
             }
-            for (mx, mn) in maxes.iter().zip(&means) {
-                let _ = write!(csv, ",{},{}", mx[i], mn[i]);
+            for k in &keys[..named.len()] {
+                write!(csv, ",{k}_max,{k}_mean")?;
             }
-            csv.push('\n');
-        }
-        write_file(out, &csv)?;
+            writeln!(csv)?;
+            for i in 0..p.len() {
+                write!(csv, "{},{}", p.ids[i], p.members[i].len())?;
+                if let Some(pl) = &pl {
+                    write!(csv, ",{}", pl[i])?;
+                }
+                for (mx, mn) in maxes.iter().zip(&means) {
+                    write!(csv, ",{},{}", mx[i], mn[i])?;
+                }
+                writeln!(csv)?;
+            }
+            Ok(())
+        })?;
     }
 
-    // The scoring pass's own errors: the same sum as `defined_nmse`, without a second pass.
-    let nmse_all = defined_nmse_of_errors(x.view(), &error_sq);
-    let mut normal_rows = 0;
+    // The scoring pass's own errors: the same sums as `defined_nmse`, without a second run
+    // of the SAE over every row.
+    let rss = |sq: &mut dyn Iterator<Item = f32>| sq.fold(0.0f64, |a, v| a + f64::from(v));
+    let nmse_all = (rows >= 2)
+        .then(|| train::nmse_where_defined(rss(&mut error_sq.iter().copied()), all.tss, all.spread))
+        .flatten();
     let (table, r2_label0, nmse_label0) = match &labels {
         Some(l) => {
             let table = ood_table(&named, l, prompts.as_ref())?;
-            let normal: Vec<usize> = (0..rows).filter(|&r| l[r] == 0).collect();
-            normal_rows = normal.len();
-            let (r2, nmse) = if normal.len() >= 2 {
-                let xn = x.select(Axis(0), &normal);
-                let en =
-                    sae_errors_with(&sae, xn.view(), passes, "SAE errors of the label-0 rows")?;
-                let en_sq: Vec<f32> = normal.iter().map(|&r| error_sq[r]).collect();
+            let (r2, nmse) = if normal_rows >= 2 {
+                let normal_scores: Vec<DarkScore> = (0..rows)
+                    .filter(|&r| l[r] == 0)
+                    .map(|r| scores[r])
+                    .collect();
+                let mut en_sq = (0..rows).filter(|&r| l[r] == 0).map(|r| error_sq[r]);
                 (
-                    Some(head.r2(xn.view(), en.view())?),
-                    defined_nmse_of_errors(xn.view(), &en_sq),
+                    Some(super::dark::r2_of_scores(&normal_scores, normal.tss_e)),
+                    train::nmse_where_defined(rss(&mut en_sq), normal.tss, normal.spread),
                 )
             } else {
                 (None, None)
@@ -2496,6 +2989,7 @@ pub fn sae_score_command_with(
 
 #[cfg(test)]
 mod tests {
+    use super::super::train::defined_nmse_of_errors;
     use super::*;
     use crate::ingest::npy::tests::npy_bytes;
     use safetensors::tensor::TensorView;
@@ -4119,7 +4613,11 @@ mod tests {
             ),
         )
         .unwrap();
-        assert!(direct(&short).is_none());
+        // Short data is named as truncated, with the row it ends in, without a whole read.
+        let e = direct(&short)
+            .expect("refused from its header")
+            .unwrap_err();
+        assert!(e.contains("truncated") && e.contains("row 2 of 3"), "{e}");
         assert!(read_activations(&short, None).is_err());
         let one = dir.path().join("one.npy");
         write_f32(&one, &[4], &values[..4]);
@@ -4127,6 +4625,227 @@ mod tests {
         let ints = dir.path().join("i.npy");
         write_1d(&ints, "<i8", &[1i64, 2], |v: i64| v.to_le_bytes().to_vec());
         assert!(direct(&ints).is_none());
+    }
+
+    /// The Mahalanobis baseline as it was fitted before `sae-score` streamed: one matrix
+    /// product over every row (the oracle for the fit in runs of [`COV_ROWS`]).
+    fn fit_in_one_product(x: ArrayView2<f32>, shrinkage: f64) -> Mahalanobis {
+        let (n, d) = x.dim();
+        let x64 = x.mapv(f64::from);
+        let mean = x64.mean_axis(Axis(0)).unwrap();
+        let c = &x64 - &mean;
+        let mut cov = c.t().dot(&c) / n as f64;
+        let scale = cov.diag().sum() / d as f64;
+        cov *= 1.0 - shrinkage;
+        for i in 0..d {
+            cov[[i, i]] += shrinkage * scale;
+        }
+        Mahalanobis {
+            mean,
+            chol: cholesky(cov).unwrap(),
+            shrinkage,
+        }
+    }
+
+    fn bits64(a: &Array2<f64>) -> Vec<u64> {
+        a.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The baseline fitted in runs of 256 rows, a block at a time, has the bits of one matrix
+    /// product over every row: matrixmultiply adds its runs of the inner dimension in the
+    /// same order. Should it change how it cuts them, this fails and `COV_ROWS` must follow.
+    #[test]
+    fn the_baseline_fitted_a_block_at_a_time_matches_one_product() {
+        for (n, d) in [(2, 3), (255, 5), (256, 5), (1000, 20), (2 * 256 + 1, 33)] {
+            let x = Array2::from_shape_vec((n, d), rows(n, d, 7)).unwrap();
+            let want = fit_in_one_product(x.view(), 0.1);
+            let whole = Mahalanobis::fit(x.view(), 0.1).unwrap();
+            assert_eq!(bits64(&whole.chol), bits64(&want.chol), "[{n}, {d}]");
+            assert_eq!(
+                whole.mean.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.mean.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            for block in [COV_ROWS, 2 * COV_ROWS] {
+                let blocks = Mahalanobis::fit_blocks((n, d), 0.1, |f| {
+                    for (i, rows) in x.axis_chunks_iter(Axis(0), block).enumerate() {
+                        f(i * block, rows)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(
+                    bits64(&blocks.chol),
+                    bits64(&want.chol),
+                    "[{n}, {d}] {block}"
+                );
+            }
+        }
+    }
+
+    /// `sae-score` reads its input a block at a time and gives the bits of the computation
+    /// over the whole input that it replaced (rebuilt here from the library's whole-array
+    /// functions, as the command was): token and prompt CSVs, the OOD table, the normalised
+    /// MSEs and the label-0 R², with labels, prompt ids and a baseline, in blocks of one
+    /// batch, of two, and of more than the input; a short last block; a `[batch, seq, d]`
+    /// input; and a Fortran-order `.npy`, read whole, cut into blocks the same way.
+    #[test]
+    fn sae_score_in_blocks_gives_the_bits_of_the_whole_input() {
+        let (dir, _, sae_dir) = tiny_sae();
+        let d = 8;
+        let n = 3 * BATCH + 100;
+        let values = rows(n, d, 11);
+        let x = Array2::from_shape_vec((n, d), values.clone()).unwrap();
+        let flat = dir.path().join("x.npy");
+        write_f32(&flat, &[n, d], &values);
+        let batched = dir.path().join("x3.npy");
+        write_f32(&batched, &[4, n / 4, d], &values);
+        let fortran = dir.path().join("xf.npy");
+        let column_major: Vec<u8> = x.t().iter().flat_map(|v| v.to_le_bytes()).collect();
+        fs::write(
+            &fortran,
+            npy_bytes(
+                1,
+                &format!("{{'descr': '<f4', 'fortran_order': True, 'shape': ({n}, {d}), }}"),
+                &column_major,
+            ),
+        )
+        .unwrap();
+        // Label 0 on rows that cut the batches unevenly, so the label-0 rows' errors come
+        // from batches of other rows than a pass over the label-0 rows alone would form.
+        let labels: Vec<u8> = (0..n)
+            .map(|r| u8::from(r % 3 == 1 || r % 17 == 0))
+            .collect();
+        let label_file = dir.path().join("labels.txt");
+        let text: String = labels.iter().map(|l| format!("{l}\n")).collect();
+        fs::write(&label_file, text).unwrap();
+        let ids: Vec<i64> = (0..n as i64).map(|r| r / 9).collect();
+        let id_file = dir.path().join("ids.npy");
+        write_1d(&id_file, "<i8", &ids, |v: i64| v.to_le_bytes().to_vec());
+        let base_n = 2 * BATCH + 37;
+        let base = Array2::from_shape_vec((base_n, d), rows(base_n, d, 12)).unwrap();
+        let base_file = dir.path().join("base.npy");
+        write_f32(&base_file, &[base_n, d], base.as_slice().unwrap());
+
+        // The whole-input computation, from the whole-array functions.
+        let sae = Sae::load(&sae_dir).unwrap();
+        let head =
+            super::super::detector::load_head(&sae_dir.join(DARK_DIR), &sae, &sae_dir).unwrap();
+        let one = Passes::threads(1);
+        let (scores, error_sq) = score_pass(&sae, &head, x.view(), &one, "test").unwrap();
+        let distances = fit_in_one_product(base.view(), 0.1)
+            .score_with(x.view(), &one)
+            .unwrap();
+        let normal: Vec<usize> = (0..n).filter(|&r| labels[r] == 0).collect();
+        let xn = x.select(Axis(0), &normal);
+        let en = sae_errors_with(&sae, xn.view(), &one, "test").unwrap();
+        let en_sq: Vec<f32> = normal.iter().map(|&r| error_sq[r]).collect();
+        let want_r2 = head.r2(xn.view(), en.view()).unwrap();
+        let want_nmse0 = defined_nmse_of_errors(xn.view(), &en_sq);
+        let want_nmse = defined_nmse_of_errors(x.view(), &error_sq);
+        let named = named_scores(&scores, Some(distances.clone()));
+        let want_table = ood_table(&named, &labels, Some(&Prompts::group(&ids))).unwrap();
+        let mut want_csv = String::from(
+            "row,prompt_id,label,error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation,\
+             mahalanobis\n",
+        );
+        for (r, s) in scores.iter().enumerate() {
+            let _ = writeln!(
+                want_csv,
+                "{r},{},{},{},{},{},{},{}",
+                ids[r],
+                labels[r],
+                s.error_sq_norm,
+                s.predicted_sq_norm,
+                s.nonlinear_sq_norm,
+                s.deviation,
+                distances[r]
+            );
+        }
+
+        let bits = |v: Option<f64>| v.map(f64::to_bits);
+        let mut prompt_csv = None;
+        for input in [&flat, &batched, &fortran] {
+            for block in [BATCH, 2 * BATCH, 100, 10 * n] {
+                let (tokens, prompts) = (dir.path().join("t.csv"), dir.path().join("p.csv"));
+                let (summary, _) = sae_score_command_in_blocks(
+                    &SaeScoreArgs {
+                        sae: sae_dir.clone(),
+                        input: input.clone(),
+                        labels: Some(label_file.clone()),
+                        prompt_ids: Some(id_file.clone()),
+                        baseline: Some(base_file.clone()),
+                        baseline_shrinkage: 0.1,
+                        out: Some(tokens.clone()),
+                        prompt_out: Some(prompts.clone()),
+                        ..Default::default()
+                    },
+                    &Passes::threads(3),
+                    block,
+                )
+                .unwrap();
+                let what = format!("{} in blocks of {block}", input.display());
+                assert_eq!(fs::read_to_string(&tokens).unwrap(), want_csv, "{what}");
+                let p = fs::read(&prompts).unwrap();
+                assert_eq!(prompt_csv.get_or_insert_with(|| p.clone()), &p, "{what}");
+                assert_eq!(summary.table, want_table, "{what}");
+                let r2 = summary.r2_label0.unwrap();
+                assert_eq!(r2.vector.to_bits(), want_r2.vector.to_bits(), "{what}");
+                assert_eq!(r2.norm.to_bits(), want_r2.norm.to_bits(), "{what}");
+                assert_eq!(bits(summary.nmse_all), bits(want_nmse), "{what}");
+                assert_eq!(bits(summary.nmse_label0), bits(want_nmse0), "{what}");
+                assert!(want_nmse0.is_some() && want_nmse.is_some());
+            }
+        }
+    }
+
+    /// A streamed input cut short names the file and the row it ends in: before any row is
+    /// read when the file is short from the start, and while it is read when it was cut
+    /// after it was opened.
+    #[test]
+    fn a_truncated_npy_names_the_file_and_the_row_it_ends_in() {
+        let (dir, _, sae_dir) = tiny_sae();
+        let (n, d) = (600, 8);
+        let path = dir.path().join("cut.npy");
+        write_f32(&path, &[n, d], &rows(n, d, 3));
+        let len = fs::metadata(&path).unwrap().len();
+        // 100 rows and a half short.
+        let cut = len - (100 * d as u64 + 4) * 4;
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let e = sae_score_command(&SaeScoreArgs {
+            sae: sae_dir.clone(),
+            input: path.clone(),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with(&path.display().to_string()), "{e}");
+        assert!(
+            e.contains("truncated") && e.contains("ends in row 499 of 600"),
+            "{e}"
+        );
+
+        // Cut while open: the rows before the cut are read, then the row it falls in is named.
+        write_f32(&path, &[n, d], &rows(n, d, 3));
+        let mut npy = NpyRows::open(&path).unwrap().unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let mut values = Vec::new();
+        npy.read_rows(0, 256, &mut values).unwrap();
+        let e = npy
+            .read_rows(256, 344, &mut values)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(&path.display().to_string()), "{e}");
+        assert!(e.contains("ended in row 499 of 600"), "{e}");
     }
 
     /// `--norm-scaling-factor` 0, −1, NaN, ∞: one message, before anything else, in

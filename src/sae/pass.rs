@@ -77,9 +77,9 @@ impl Passes<'static> {
     }
 }
 
-/// Runs `f` on each `unit`-row slice of `x` (the last may be shorter), each thread with its
-/// own state from `init` (an SAE workspace, say), and hands the results to `sink` in row
-/// order. Threads work on `wave_units` units per thread at a time, so that at most that many
+/// Runs `f` on each `unit`-row slice of `x` (the last may be shorter) and the index of its
+/// first row in `x`, each thread with its own state from `init` (an SAE workspace, say), and
+/// hands the results to `sink` in row order. Threads work on `wave_units` units per thread at a time, so that at most that many
 /// results per thread are held before `sink` takes them. The first error, in row order, is
 /// returned.
 // Eight arguments, each a separate part of the pass; a struct for them would be used once.
@@ -91,7 +91,7 @@ pub(crate) fn for_units<S, T, E>(
     passes: &Passes,
     stage: &'static str,
     init: impl Fn() -> S + Sync,
-    f: impl Fn(&mut S, ArrayView2<f32>) -> Result<T, E> + Sync,
+    f: impl Fn(&mut S, usize, ArrayView2<f32>) -> Result<T, E> + Sync,
     mut sink: impl FnMut(T) -> Result<(), E>,
 ) -> Result<(), E>
 where
@@ -111,7 +111,7 @@ where
         let mut out = Vec::with_capacity(range.len());
         for u in range {
             let rows = x.slice(s![u * unit..((u + 1) * unit).min(n), ..]);
-            out.push(f(state, rows)?);
+            out.push(f(state, u * unit, rows)?);
             let now = done.fetch_add(rows.nrows(), Ordering::Relaxed) + rows.nrows();
             (passes.progress)(RowProgress {
                 stage,
@@ -172,6 +172,22 @@ where
     T: Send,
     E: Send,
 {
+    map_batches_at(x, passes, stage, init, |s, _, rows| f(s, rows))
+}
+
+/// [`map_batches`], `f` also given the index in `x` of its batch's first row.
+pub(crate) fn map_batches_at<S, T, E>(
+    x: ArrayView2<f32>,
+    passes: &Passes,
+    stage: &'static str,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, usize, ArrayView2<f32>) -> Result<T, E> + Sync,
+) -> Result<Vec<T>, E>
+where
+    S: Send,
+    T: Send,
+    E: Send,
+{
     let mut out = Vec::with_capacity(x.nrows().div_ceil(BATCH));
     for_units(x, BATCH, usize::MAX, passes, stage, init, f, |v| {
         out.push(v);
@@ -209,7 +225,10 @@ mod tests {
                     &passes,
                     "test",
                     || (),
-                    |_, rows| Ok::<_, ()>(rows.column(0).to_vec()),
+                    |_, first, rows| {
+                        assert_eq!(rows[[0, 0]], (first * 2) as f32);
+                        Ok::<_, ()>(rows.column(0).to_vec())
+                    },
                     |v| {
                         seen.extend(v);
                         Ok(())
@@ -234,7 +253,7 @@ mod tests {
             &passes,
             "test",
             || 0usize,
-            |count, _| {
+            |count, _, _| {
                 *count += 1;
                 Ok::<_, usize>(())
             },
@@ -249,7 +268,7 @@ mod tests {
             &passes,
             "test",
             || (),
-            |_, rows| {
+            |_, _, rows| {
                 if rows.nrows() == 100 {
                     Err(rows.nrows())
                 } else {

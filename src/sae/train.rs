@@ -242,8 +242,15 @@ pub fn defined_nmse_of_errors(x: ArrayView2<f32>, error_sq: &[f32]) -> Option<f6
     let tss: f64 = x.rows().into_iter().map(|r| sq_dist(r, mean.view())).sum();
     // A fold from +0.0, as `evaluate_sae` adds (a float `sum` starts from −0.0).
     let rss = error_sq.iter().fold(0.0f64, |a, &v| a + f64::from(v));
+    nmse_where_defined(rss, tss, has_spread(x))
+}
+
+/// The normalised MSE rss / tss of rows whose spread around their mean is `tss`, where it is
+/// defined: `spread` (at least 2 rows that differ) and finite. Shared with `sae-score`'s
+/// streamed pass, which sums rss and tss a block of rows at a time in the same order.
+pub(crate) fn nmse_where_defined(rss: f64, tss: f64, spread: bool) -> Option<f64> {
     let nmse = ratio(rss, tss);
-    (has_spread(x) && nmse.is_finite()).then_some(nmse)
+    (spread && nmse.is_finite()).then_some(nmse)
 }
 
 fn ratio(rss: f64, tss: f64) -> f64 {
@@ -266,7 +273,8 @@ fn mean_rows(x: ArrayView2<f32>) -> Array1<f64> {
     m / x.nrows().max(1) as f64
 }
 
-fn sq_dist(a: ArrayView1<f32>, b: ArrayView1<f64>) -> f64 {
+/// ‖a − b‖², summed in f64 over the columns in order.
+pub(crate) fn sq_dist(a: ArrayView1<f32>, b: ArrayView1<f64>) -> f64 {
     a.iter()
         .zip(&b)
         .map(|(&x, &y)| (f64::from(x) - y).powi(2))
