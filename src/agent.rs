@@ -233,6 +233,10 @@ pub struct AgentCounters {
     pub firing_now: AtomicU64,
     pub streams: AtomicU64,
     pub streams_silent: AtomicU64,
+    /// Streams that send samples but whose last frames were all incomplete, so none is
+    /// scored ([`crate::ingest::assemble::Assembler::incomplete_streams`]); set by the
+    /// source after each turn.
+    pub streams_incomplete: AtomicU64,
     /// Turns of the source thread's loop (at least one per 50 ms): its heartbeat.
     pub source_turns: AtomicU64,
     /// Complete (finite) frames handed to the scorer, ring drops excluded.
@@ -512,7 +516,7 @@ pub fn run_with(
     let port = mqtt_cfg.port;
     let spool = Spool::open(cfg.spool.clone())?;
     let feed = Feed::new(
-        AgentSource::new(cfg, &model, &counters, &cfg.mqtt.subscribe)?,
+        AgentSource::new(cfg, &model, &counters, &cfg.mqtt.subscribe_filters())?,
         mqtt_cfg.incoming_capacity,
     );
     let (out_tx, out_rx) = mqtt::outgoing_channel();
@@ -1198,7 +1202,7 @@ fn apply_reload(
     let keep_windows = change.keeps_windows();
     if !keep_windows {
         // Messages received meanwhile wait in the feed for the new decoder and assembler.
-        let fresh = AgentSource::new(&cfg, &model, counters, &started.mqtt.subscribe)?;
+        let fresh = AgentSource::new(&cfg, &model, counters, &started.mqtt.subscribe_filters())?;
         lock(&source.feed).source = fresh;
     } else {
         lock(&source.feed).source.forget_after_secs = cfg.assemble.forget_after_secs;
@@ -1422,6 +1426,9 @@ impl AgentSource {
         let windows = &mut self.windows;
         let names = &self.feature_names;
         let incomplete_from = self.log_from.incomplete;
+        // Streams that became incomplete in this turn, logged together below (rare: no
+        // allocation otherwise).
+        let mut turned = TurnedIncomplete::default();
         let mut push = |f: crate::ingest::assemble::FrameOut<'_>| {
             // A new stream (rare): publish its name for the sink; no lock otherwise.
             let i = f.stream_index as usize;
@@ -1445,7 +1452,14 @@ impl AgentSource {
                     .frames_incomplete
                     .fetch_add(1, Ordering::Relaxed)
                     .saturating_sub(incomplete_from);
-                incomplete_frame(before + 1, f.stream, f.values, names);
+                // A stream that turns incomplete is logged by name below (each stream at
+                // its 1st, 2nd, 4th… turn); other incomplete frames at the 1st, 2nd, 4th…
+                // of all streams.
+                if f.turned_incomplete.is_power_of_two() {
+                    turned.note(f.stream, f.values, names);
+                } else {
+                    incomplete_frame(before + 1, f.stream, f.values, names);
+                }
                 return;
             }
             let meta = FrameMeta {
@@ -1466,6 +1480,11 @@ impl AgentSource {
             Some(mono) => self.assembler.poll_streams(mono, &mut push),
             None => self.assembler.flush(&mut push),
         }
+        turned.log();
+        self.counters.streams_incomplete.store(
+            self.assembler.incomplete_streams() as u64,
+            Ordering::Relaxed,
+        );
         pushed
     }
 }
@@ -1517,8 +1536,18 @@ impl AgentSource {
                 let before = counters.samples_rejected_by_reason[i]
                     .fetch_add(1, Ordering::Relaxed)
                     .saturating_sub(log_from.rejected[i]);
+                if why == Reject::TooManyStreams {
+                    stream_refused(before + 1, &sample.stream);
+                    return;
+                }
+                // Logged at the 1st, 2nd, 4th… refusal of its reason, and at each tracked
+                // stream's first: one node's refusals do not hide another's.
+                let first = assembler.first_reject(&sample.stream, why);
+                if !(first || (before + 1).is_power_of_two()) {
+                    return;
+                }
                 match why {
-                    Reject::TooManyStreams => stream_refused(before + 1, &sample.stream),
+                    Reject::TooManyStreams => {}
                     Reject::UnknownMetric => unknown_metric(
                         before + 1,
                         format,
@@ -1697,6 +1726,102 @@ impl AgentSource {
     }
 }
 
+/// Logs the streams that turned silent in one pass of [`AgentSink::watch_silence`] (name, seconds
+/// quiet, whether a firing alert was resolved; only the first [`STREAMS_NAMED`] + 1 are
+/// named): a line each, or one line for all when more than [`STREAMS_NAMED`] went at once.
+fn log_silenced(silenced: &[(String, f64, bool)]) {
+    const WHY: &str = "scored no frame for [alert] silence_secs: the node, its sender, the network or the broker stopped, or its frames are all incomplete (darkwatch_streams_incomplete); a firing alert is resolved with an ended_by annotation";
+    if silenced.len() <= STREAMS_NAMED {
+        for (stream, silent_secs, alert_resolved) in silenced {
+            tracing::warn!(
+                stream = %stream,
+                silent_secs,
+                alert_resolved,
+                "a stream {WHY}"
+            );
+        }
+        return;
+    }
+    let named: Vec<&str> = silenced[..STREAMS_NAMED]
+        .iter()
+        .map(|(s, ..)| s.as_str())
+        .collect();
+    tracing::warn!(
+        streams = silenced.len(),
+        first = %named.join(","),
+        alerts_resolved = silenced.iter().filter(|s| s.2).count(),
+        "{} streams at once {WHY}",
+        silenced.len()
+    );
+}
+
+/// Streams named in one line when many turn incomplete (or silent) at once.
+const STREAMS_NAMED: usize = 5;
+
+/// Streams that became incomplete ([`crate::ingest::assemble::INCOMPLETE_STREAM_FRAMES`]
+/// incomplete frames in a row) in one turn of the source: each is logged with the features
+/// it lacks, or, when more than [`STREAMS_NAMED`] turn at once (a sender's restart that
+/// drops a metric everywhere), one line gives their number and the first few.
+#[derive(Default)]
+struct TurnedIncomplete {
+    count: usize,
+    /// The first [`STREAMS_NAMED`] + 1: stream and its missing features.
+    first: Vec<(String, String, usize)>,
+}
+
+impl TurnedIncomplete {
+    fn note(&mut self, stream: &str, values: &[f32], names: &[String]) {
+        self.count += 1;
+        if self.first.len() > STREAMS_NAMED {
+            return;
+        }
+        let missing: Vec<&str> = values
+            .iter()
+            .zip(names)
+            .filter(|(v, _)| v.is_nan())
+            .map(|(_, n)| n.as_str())
+            .collect();
+        self.first.push((
+            format!("{:?}", crate::ingest::clipped_name(stream)),
+            missing
+                .iter()
+                .take(8)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(","),
+            missing.len(),
+        ));
+    }
+
+    fn log(self) {
+        const WHY: &str = "frames in a row were incomplete, so none is scored: the stream cannot alert, and one that never scored is not counted as silent either. These features had no sample in their windows nor within [assemble] stale_secs before. The sender does not publish them, or under other names (check the node's plugins and the model's feature names). It counts in darkwatch_streams_incomplete until a frame is complete";
+        let frames = crate::ingest::assemble::INCOMPLETE_STREAM_FRAMES;
+        if self.count <= STREAMS_NAMED {
+            for (stream, missing, features_missing) in &self.first {
+                tracing::warn!(
+                    stream = %stream,
+                    missing = %missing,
+                    features_missing,
+                    "a stream sends samples but its last {frames} {WHY}"
+                );
+            }
+        } else if let Some((_, missing, features_missing)) = self.first.first() {
+            let named: Vec<&str> = self.first[..STREAMS_NAMED]
+                .iter()
+                .map(|(s, ..)| s.as_str())
+                .collect();
+            tracing::warn!(
+                streams = self.count,
+                first = %named.join(","),
+                missing = %missing,
+                features_missing,
+                "{} streams send samples but their last {frames} {WHY} (missing: the first stream's)",
+                self.count
+            );
+        }
+    }
+}
+
 /// Logs the 1st, 2nd, 4th, 8th… incomplete frame: its stream and the features it lacks.
 fn incomplete_frame(count: u64, stream: &str, values: &[f32], names: &[String]) {
     if !count.is_power_of_two() {
@@ -1758,9 +1883,10 @@ impl Rejected<'_> {
     }
 }
 
-/// Logs the 1st, 2nd, 4th, 8th… input refused for one reason (`count`: the refusals of
-/// that reason since the source started, this one included; a reload that changes the
-/// input starts a new source, see [`LogCounts`]), never a line per message: the topic it came
+/// Logs an input refused for one reason; its callers log the 1st, 2nd, 4th, 8th… of the
+/// reason (`count`: the refusals of that reason since the source started, this one
+/// included; a reload that changes the input starts a new source, see [`LogCounts`]), and
+/// a sample's at each stream's first, never a line per message: the topic it came
 /// on, its stream when known, why, the counter that counts it and what to do (`todo`).
 fn refused(
     count: u64,
@@ -1770,9 +1896,6 @@ fn refused(
     why: &dyn std::fmt::Display,
     todo: &str,
 ) {
-    if !count.is_power_of_two() {
-        return;
-    }
     let (reason, counter) = (what.reason(), what.counter());
     tracing::warn!(
         topic = ?crate::ingest::clipped_name(topic),
@@ -1812,6 +1935,7 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
         DecodeError::MissingStream { .. } => {
             "Set [examon] stream_key to the topic key that names the node.".into()
         }
+        DecodeError::BadPayload(why) if *why == crate::ingest::telegraf::BARE_VALUE => "In Telegraf's [[outputs.mqtt]], set layout = \"non-batch\" (or \"batch\") and data_format = \"influx\" (or \"json\"): those carry the measurement, the host tag and the fields in the payload, which [agent] format = \"telegraf\" reads.".into(),
         DecodeError::BadPayload(_) | DecodeError::NonNumeric(_) => format!(
             "[agent] format = \"{section}\" reads {reads}: check what the sender publishes on this topic, and [agent] format."
         ),
@@ -1843,7 +1967,8 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
     }
 }
 
-/// Logs the 1st, 2nd, 4th, 8th… sample that came after its window closed: how late, and
+/// Logs a sample that came after its window closed (the caller logs the 1st, 2nd, 4th…
+/// of the reason and each stream's first): how late, and
 /// the `[assemble]` settings that decide it.
 fn late_sample(
     count: u64,
@@ -1851,9 +1976,6 @@ fn late_sample(
     sample: &crate::ingest::assemble::Sample<'_>,
     a: &Assembler,
 ) {
-    if !count.is_power_of_two() {
-        return;
-    }
     let late_by = a
         .open_since(&sample.stream)
         .map_or(f64::NAN, |open| open - sample.timestamp);
@@ -1881,7 +2003,7 @@ fn late_sample(
     );
 }
 
-/// Logs the 1st, 2nd, 4th, 8th… sample whose metric the model does not know, with how
+/// Logs a sample whose metric the model does not know (when due, as [`late_sample`]), with how
 /// `format` names metrics (it used to give Telegraf's naming whatever the input was).
 fn unknown_metric(
     count: u64,
@@ -1890,9 +2012,6 @@ fn unknown_metric(
     metric: &str,
     features: &[String],
 ) {
-    if !count.is_power_of_two() {
-        return;
-    }
     let expected: Vec<&str> = features.iter().take(3).map(String::as_str).collect();
     let naming = match format {
         InputFormat::Examon => {
@@ -1928,18 +2047,16 @@ fn frame_time_ahead(count: u64, stream: &str, timestamp: f64, received: f64, lim
     }
 }
 
-/// Logs the 1st, 2nd, 4th, 8th… sample stamped too far after its receipt.
+/// Logs a sample stamped too far after its receipt (when due, as [`late_sample`]).
 fn future_sample(count: u64, stream: &str, timestamp: f64, received: f64, limit: f64) {
-    if count.is_power_of_two() {
-        tracing::warn!(
-            stream = ?crate::ingest::clipped_name(stream),
-            timestamp,
-            received,
-            ahead_secs = timestamp - received,
-            rejected = count,
-            "a sample is stamped more than {limit} s after it arrived: the sender's clock (or this host's) is wrong; it is counted (darkwatch_samples_rejected_total{{reason=\"future\"}}) and skipped. Keep both clocks synchronised (NTP)"
-        );
-    }
+    tracing::warn!(
+        stream = ?crate::ingest::clipped_name(stream),
+        timestamp,
+        received,
+        ahead_secs = timestamp - received,
+        rejected = count,
+        "a sample is stamped more than {limit} s after it arrived: the sender's clock (or this host's) is wrong; it is counted (darkwatch_samples_rejected_total{{reason=\"future\"}}) and skipped. Keep both clocks synchronised (NTP)"
+    );
 }
 
 /// Logs two series (tag sets, topics) found merged into one feature of one stream, once per
@@ -1948,18 +2065,16 @@ fn series_merged(format: InputFormat, mixed: &crate::ingest::assemble::Mixed) {
     let clip = crate::ingest::clipped_name;
     let todo = match format {
         InputFormat::Telegraf => {
-            "name the tag that tells them apart in [telegraf] name_tags (name_tags = [\"cpu\"] makes cpu.cpu0.usage_user, cpu.cpu-total.usage_user; train on those names), or send one series only (Telegraf's cpu input: percpu = false; or tagexclude / tagdrop)"
+            "name the tag that tells them apart in [telegraf] name_tags (name_tags = [\"cpu\"] makes cpu.cpu0.usage_user, cpu.cpu-total.usage_user; train on those names), or send one series only (Telegraf's cpu input: percpu = false; or tagexclude / tagdrop)".to_string()
         }
-        _ => {
-            "keep the levels that tell them apart in the metric name with [examon] metric_levels (3 makes core/0/cpu_load; train on those names), or publish one series only"
-        }
+        _ => crate::ingest::examon::merge_remedy(&mixed.origins[0], &mixed.origins[1]),
     };
     tracing::warn!(
         metric = ?clip(&mixed.metric),
         stream = ?clip(&mixed.stream),
         one = ?clip(&mixed.origins[0]),
         other = ?clip(&mixed.origins[1]),
-        todo,
+        todo = todo.as_str(),
         "samples of two series (tag sets or topics) reach one feature of one stream and are merged into one value by [assemble] aggregation; its alerts cannot say which series moved"
     );
 }
@@ -2208,7 +2323,7 @@ impl NoInput {
             since: std::time::Instant::now(),
             after: NO_INPUT_WARN_AFTER,
             broker,
-            subscribe: mqtt.subscribe.join(","),
+            subscribe: mqtt.subscribe_filters().join(","),
             done: false,
         }
     }
@@ -2622,6 +2737,9 @@ impl AgentSink {
     /// before.
     fn watch_silence(&mut self, now: Instant) {
         let limit = self.silence_secs;
+        // Streams that turned silent in this pass: logged one by one, or in one line when
+        // many go at once (a broker outage silences every stream in the same tick).
+        let mut silenced: Vec<(String, f64, bool)> = Vec::new();
         for i in 0..self.per_stream.len() {
             let Some(st) = self.per_stream[i].as_mut() else {
                 continue;
@@ -2649,17 +2767,21 @@ impl AgentSink {
                     .insert("ended_by".into(), ENDED_BY_SILENCE.into());
                 e
             });
-            tracing::warn!(
-                stream = ?crate::ingest::clipped_name(&st.name),
-                silent_secs = quiet.round(),
-                alert_resolved = ended.is_some(),
-                "a stream scored no frame for [alert] silence_secs: the node, its sender, the network or the broker stopped, or its frames are all incomplete; its firing alert, if any, is resolved with an ended_by annotation"
-            );
+            if silenced.len() <= STREAMS_NAMED {
+                silenced.push((
+                    format!("{:?}", crate::ingest::clipped_name(&st.name)),
+                    quiet.round(),
+                    ended.is_some(),
+                ));
+            } else {
+                silenced.push((String::new(), 0.0, ended.is_some()));
+            }
             if let Some(event) = ended {
                 let name = event.stream.clone();
                 self.publish(&name, event);
             }
         }
+        log_silenced(&silenced);
     }
 
     /// Publishes every firing alert again once `[alert] resend_secs` passed since it was
@@ -3345,11 +3467,175 @@ mod tests {
         assert_eq!((metas[0].seq, metas[1].seq), (1, 2));
     }
 
+    /// The trial's broken1: a node that sends samples but never one of the model's
+    /// metrics was in neither darkwatch_streams nor darkwatch_streams_silent, and its
+    /// missing metric was never logged once another node's incomplete frames had taken
+    /// the 1st, 2nd, 4th… Now it counts in darkwatch_streams_incomplete and each such
+    /// stream is named with what it lacks.
+    #[test]
+    fn a_node_that_never_sends_a_metric_is_counted_and_named() {
+        use crate::ring::{FullPolicy, frame_ring};
+        let mut src = source(1.0);
+        let (mut producer, _consumer) = frame_ring(64, 2, FullPolicy::DropNewest);
+        let clock = Clock::new();
+        let log = logged(|| {
+            for w in 0..20 {
+                let t = 1000.0 + f64::from(w) + 0.5;
+                src.take_one(&msg("ok1", "a", 1.0, t));
+                src.take_one(&msg("ok1", "b", 1.0, t));
+                // n3 lacks b from the start, n4 from window 10 (after stale_secs).
+                src.take_one(&msg("n3", "a", 1.0, t));
+                src.take_one(&msg("n4", "a", 1.0, t));
+                if w < 10 {
+                    src.take_one(&msg("n4", "b", 1.0, t));
+                }
+                src.emit(&mut producer, &clock, Some(t));
+            }
+        });
+        assert_eq!(src.counters.streams_incomplete.load(Ordering::Relaxed), 2);
+        let named = lines_with(&log, "sends samples but its last 5 frames");
+        assert_eq!(named.len(), 2, "{log}");
+        assert!(
+            named[0].contains("stream=\"n3\"") && named[0].contains("missing=b"),
+            "{log}"
+        );
+        assert!(
+            named[1].contains("stream=\"n4\"") && named[1].contains("missing=b"),
+            "{log}"
+        );
+        assert!(named[0].contains("darkwatch_streams_incomplete"), "{log}");
+        // A complete frame takes n3 out of the count.
+        for t in [1020.5, 1021.5] {
+            src.take_one(&msg("n3", "a", 1.0, t));
+            src.take_one(&msg("n3", "b", 1.0, t));
+        }
+        src.emit(&mut producer, &clock, Some(1023.0));
+        assert_eq!(src.counters.streams_incomplete.load(Ordering::Relaxed), 1);
+    }
+
+    /// Many streams turning incomplete (or silent) at once give one line with their number
+    /// and the first few names, not a line each.
+    #[test]
+    fn many_streams_at_once_are_one_line() {
+        use crate::ring::{FullPolicy, frame_ring};
+        let mut src = source(1.0);
+        let (mut producer, _consumer) = frame_ring(1024, 2, FullPolicy::DropNewest);
+        let clock = Clock::new();
+        let log = logged(|| {
+            for w in 0..8 {
+                let t = 1000.0 + f64::from(w) + 0.5;
+                for n in 0..30 {
+                    src.take_one(&msg(&format!("n{n:02}"), "a", 1.0, t));
+                }
+            }
+            src.emit(&mut producer, &clock, Some(1010.0));
+        });
+        let lines = lines_with(&log, "samples but");
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(
+            lines[0].contains("30 streams")
+                && lines[0].contains("first=\"n00\",\"n01\",\"n02\",\"n03\",\"n04\" ")
+                && lines[0].contains("missing=b"),
+            "{log}"
+        );
+        assert_eq!(src.counters.streams_incomplete.load(Ordering::Relaxed), 30);
+
+        let silent = |n: usize| -> Vec<(String, f64, bool)> {
+            (0..n)
+                .map(|i| (format!("\"s{i}\""), 300.0, i == 0))
+                .collect()
+        };
+        let log = logged(|| log_silenced(&silent(300)));
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(
+            log.contains("300 streams at once scored no frame")
+                && log.contains("first=\"s0\",\"s1\",\"s2\",\"s3\",\"s4\" ")
+                && log.contains("alerts_resolved=1"),
+            "{log}"
+        );
+        let log = logged(|| log_silenced(&silent(2)));
+        assert_eq!(
+            lines_with(&log, "a stream scored no frame").len(),
+            2,
+            "{log}"
+        );
+    }
+
+    /// One node's refused samples used to hide another's: the 1st, 2nd, 4th… counted per
+    /// reason over all streams, so n4's unknown metric after n3's 20 went unlogged. Each
+    /// tracked stream's first refusal of a reason is logged too.
+    #[test]
+    fn each_streams_first_refusal_of_a_reason_is_logged() {
+        let mut src = source(1.0);
+        let log = logged(|| {
+            for i in 0..20 {
+                let t = 1000.0 + f64::from(i) * 0.01;
+                src.take_one(&msg("n3", "a", 1.0, t));
+                src.take_one(&msg("n3", "x", 1.0, t));
+            }
+            src.take_one(&msg("n4", "a", 1.0, 1000.5));
+            src.take_one(&msg("n4", "y", 1.0, 1000.5));
+            src.take_one(&msg("n4", "y", 1.0, 1000.6));
+        });
+        let unknown = lines_with(&log, "not one of the model's features");
+        // n3: the 1st, 2nd, 4th, 8th, 16th; n4: its first (the 21st) only.
+        assert_eq!(unknown.len(), 6, "{log}");
+        assert!(
+            unknown[5].contains("stream=\"n4\"") && unknown[5].contains("metric=\"y\""),
+            "{log}"
+        );
+    }
+
+    /// With [examon] stream_key = ["cluster", "node"], same-named nodes of two clusters are
+    /// two streams; with the default they are one, and the merge warning now says to name
+    /// streams by the cluster too (it used to point at metric_levels, which cannot help).
+    #[test]
+    fn same_named_nodes_of_two_clusters_are_two_streams_by_cluster_and_node() {
+        let take = |src: &mut AgentSource| {
+            logged(|| {
+                for i in 0..5 {
+                    let t = 1000.0 + f64::from(i);
+                    for cluster in ["c1", "c2"] {
+                        for m in ["a", "b"] {
+                            src.take_one(&Incoming {
+                                topic: format!(
+                                    "org/o/cluster/{cluster}/node/dupnode/plugin/p/chnl/data/{m}"
+                                ),
+                                payload: format!("1;{t}").into_bytes(),
+                                received: t,
+                                received_mono: t,
+                            });
+                        }
+                    }
+                }
+            })
+        };
+        let mut merged = source(1.0);
+        let log = take(&mut merged);
+        assert_eq!(merged.assembler.stream_count(), 1);
+        let warn = lines_with(&log, "two series");
+        assert!(!warn.is_empty(), "{log}");
+        assert!(
+            warn[0].contains(r#"stream_key = [\"cluster\", \"node\"]"#)
+                && !warn[0].contains("metric_levels"),
+            "{log}"
+        );
+        let mut cfg = DarkwatchConfig::default();
+        cfg.examon.stream_key = vec!["cluster".into(), "node".into()];
+        let mut apart = source_with(&cfg);
+        let log = take(&mut apart);
+        assert_eq!(apart.assembler.stream_count(), 2);
+        assert!(apart.assembler.index_of("c1/dupnode").is_some());
+        assert!(apart.assembler.index_of("c2/dupnode").is_some());
+        assert!(lines_with(&log, "two series").is_empty(), "{log}");
+    }
+
     /// An agent that has received nothing at all a while after its start says where it
     /// listens, once; one that has received something never does.
     #[test]
     fn an_agent_that_receives_nothing_says_where_it_listens_once() {
-        let cfg = DarkwatchConfig::default().mqtt;
+        let mut cfg = DarkwatchConfig::default().mqtt;
+        cfg.node_name = "n7".into();
         let mut quiet = NoInput::new(&cfg);
         assert_eq!(quiet.after, NO_INPUT_WARN_AFTER);
         quiet.after = Duration::ZERO;
@@ -3361,7 +3647,7 @@ mod tests {
         assert!(
             log.contains("No MQTT message has arrived")
                 && log.contains("broker=embedded on 127.0.0.1:1883")
-                && log.contains("subscribe=org/+/cluster/+/node/+/plugin/+/chnl/data/#"),
+                && log.contains("subscribe=org/+/cluster/+/node/n7/plugin/+/chnl/data/#"),
             "{log}"
         );
         let mut fed = NoInput::new(&cfg);

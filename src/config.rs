@@ -680,6 +680,7 @@ impl DarkwatchConfig {
         section("threshold", self.threshold.validate())?;
         section("alert", self.alert.validate())?;
         section("mqtt", self.mqtt.validate())?;
+        section("examon", self.examon.validate())?;
         section("alertmanager", self.alertmanager.validate())?;
         section("metrics", self.metrics.validate())?;
         section("sae", self.sae.validate())?;
@@ -835,6 +836,31 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/darkwatch.toml");
         let cfg = load(Some(&path), Vec::new()).unwrap();
         assert_eq!(cfg, DarkwatchConfig::default());
+    }
+
+    /// The shipped file subscribes to this node's ExaMon topics (`{node}` filled in with
+    /// node_name, or the hostname on a fresh node), not to the whole cluster.
+    #[test]
+    fn shipped_file_subscribes_to_its_own_node() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/darkwatch.toml");
+        let env = vec![("DARKWATCH__MQTT__NODE_NAME".to_string(), "sn01".to_string())];
+        let cfg = load(Some(&path), env).unwrap();
+        assert_eq!(
+            cfg.mqtt.subscribe_filters(),
+            ["org/+/cluster/+/node/sn01/plugin/+/chnl/data/#"]
+        );
+        let fresh = load(Some(&path), Vec::new()).unwrap();
+        assert_eq!(fresh.mqtt.node_name, "");
+        let host = fresh.mqtt.node();
+        assert!(
+            !host.is_empty() && !host.contains(['+', '#', '/']),
+            "{host}"
+        );
+        assert_eq!(
+            fresh.mqtt.subscribe_filters(),
+            [format!("org/+/cluster/+/node/{host}/plugin/+/chnl/data/#")]
+        );
+        assert_eq!(fresh.validate(), Ok(()));
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub fn run(opts: &DemoOptions, base: &DarkwatchConfig) -> Result<DemoReport, Dem
     cfg.mqtt.host = "127.0.0.1".into();
     cfg.mqtt.port = port;
     cfg.mqtt.node_name = "demo".into();
+    // The demo's agent watches the replayed node, not its own (a central agent).
+    cfg.mqtt.subscribe = vec!["org/+/cluster/+/node/+/plugin/+/chnl/data/#".into()];
     cfg.spool.dir = spool_dir.clone();
     cfg.spool.fsync = false;
     cfg.metrics.listen = String::new();

@@ -1182,7 +1182,7 @@ fn warn_defaults(cfg: &DarkwatchConfig) {
     };
     tracing::warn!(
         model_dir = %cfg.agent.model_dir.display(),
-        subscribe = %mqtt.subscribe.join(","),
+        subscribe = %mqtt.subscribe_filters().join(","),
         "No --config: running on the built-in defaults (with any DARKWATCH__ environment overrides), so on {broker}. Give --config FILE for a deployment (config/darkwatch.toml documents every key)."
     );
 }

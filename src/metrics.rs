@@ -393,7 +393,7 @@ pub fn render(e: &Exposed) -> String {
          darkwatch_mqtt_connected {}",
         u8::from(m.connected.load(Ordering::Relaxed))
     );
-    let gauges: [(&str, &str, u64); 5] = [
+    let gauges: [(&str, &str, u64); 6] = [
         (
             "darkwatch_alerts_firing",
             "Streams whose alert fires now.",
@@ -408,6 +408,11 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_streams_silent",
             "Of darkwatch_streams, those that scored no frame for [alert] silence_secs.",
             load(&c.streams_silent),
+        ),
+        (
+            "darkwatch_streams_incomplete",
+            "Streams that send samples but whose last 5 frames or more were all incomplete (a feature with no sample within [assemble] stale_secs): none of their frames is scored meanwhile. One that never scored a frame is in neither darkwatch_streams nor darkwatch_streams_silent.",
+            load(&c.streams_incomplete),
         ),
         (
             "darkwatch_alerts_spool_pending",
@@ -965,6 +970,7 @@ pub(crate) mod tests {
         counters.firing_now.store(1, Ordering::Relaxed);
         counters.streams.store(3, Ordering::Relaxed);
         counters.streams_silent.store(2, Ordering::Relaxed);
+        counters.streams_incomplete.store(4, Ordering::Relaxed);
         // A retrained checkpoint loaded as model_dir, without online retraining running.
         counters.model_version.store(3, Ordering::Relaxed);
         let exposed = Exposed {
@@ -1055,6 +1061,8 @@ pub(crate) mod tests {
             "\ndarkwatch_streams 3\n",
             "\ndarkwatch_streams_silent 2\n",
             "# TYPE darkwatch_streams_silent gauge\n",
+            "\ndarkwatch_streams_incomplete 4\n",
+            "# TYPE darkwatch_streams_incomplete gauge\n",
         ] {
             assert!(body.contains(line), "{line} in {body}");
         }

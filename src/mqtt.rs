@@ -183,6 +183,8 @@ pub struct MqttConfig {
     /// MQTT keep-alive in seconds (0 turns it off; at most 65535).
     pub keep_alive_secs: u64,
     /// Topic filters subscribed at QoS 1 on every connect; what arrives becomes [`Incoming`].
+    /// `{node}` is this agent's node name ([`Self::node`]); any other `{…}` is refused.
+    /// Default [`DEFAULT_SUBSCRIBE`]: this node's ExaMon metrics.
     /// From the environment: comma-separated (`DARKWATCH__MQTT__SUBSCRIBE=a/#,b/+/c`).
     #[serde(deserialize_with = "crate::config::strings")]
     pub subscribe: Vec<String>,
@@ -216,6 +218,9 @@ pub struct MqttConfig {
     pub client_key_file: PathBuf,
 }
 
+/// The default `subscribe` filter: this node's ExaMon metrics (one agent per node).
+pub const DEFAULT_SUBSCRIBE: &str = "org/+/cluster/+/node/{node}/plugin/+/chnl/data/#";
+
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
@@ -226,7 +231,7 @@ impl Default for MqttConfig {
             username: String::new(),
             password: String::new(),
             keep_alive_secs: 30,
-            subscribe: vec!["org/+/cluster/+/node/+/plugin/+/chnl/data/#".into()],
+            subscribe: vec![DEFAULT_SUBSCRIBE.into()],
             alert_topic: "darkwatch/{node}/alerts/{stream}".into(),
             status_topic: "darkwatch/{node}/status".into(),
             node_name: String::new(),
@@ -246,7 +251,8 @@ impl MqttConfig {
     ///
     /// # Errors
     /// An empty host, port 0 with an external broker, a keep-alive over 65535 s, a password
-    /// without a username, an invalid subscribe filter, an alert or status topic with a
+    /// without a username, an invalid subscribe filter (or one with a `{…}` other than
+    /// `{node}`), an alert or status topic with a
     /// wildcard or a `{…}` it does not fill in, `inflight_max` outside
     /// `1..=MAX_INFLIGHT`, `incoming_capacity` 0, or `embedded_log_bytes` outside
     /// `MIN_EMBEDDED_LOG_BYTES..=MAX_EMBEDDED_LOG_BYTES`.
@@ -273,7 +279,17 @@ impl MqttConfig {
             ));
         }
         for filter in &self.subscribe {
-            check_filter(filter).map_err(|reason| ("subscribe", format!("`{filter}` {reason}")))?;
+            // `{node}` stands for one topic level; a node name never holds a wildcard.
+            let probe = filter.replace("{node}", "node");
+            check_filter(&probe).map_err(|reason| ("subscribe", format!("`{filter}` {reason}")))?;
+            if let Some(bad) = unknown_placeholder(&probe) {
+                return Err((
+                    "subscribe",
+                    format!(
+                        "`{filter}` has `{bad}`, which is not a placeholder here and would be subscribed as it is; subscribe fills in {{node}} only (this agent's [mqtt] node_name, or the hostname)"
+                    ),
+                ));
+            }
         }
         for (key, topic, fills) in [
             (
@@ -291,15 +307,11 @@ impl MqttConfig {
                 ));
             }
             // Any other `{…}` would be published as it is.
-            if let Some(open) = probe.find('{')
-                && let Some(len) = probe[open..].find('}')
-                && !probe[open..open + len].contains('/')
-            {
+            if let Some(bad) = unknown_placeholder(&probe) {
                 return Err((
                     key,
                     format!(
-                        "`{topic}` has `{}`, which is not a placeholder here and would be published as it is; {key} fills in {}",
-                        &probe[open..=open + len],
+                        "`{topic}` has `{bad}`, which is not a placeholder here and would be published as it is; {key} fills in {}",
                         fills.join(" and ")
                     ),
                 ));
@@ -400,6 +412,24 @@ impl MqttConfig {
     pub fn status_topic_for(&self) -> String {
         self.status_topic.replace("{node}", &self.node())
     }
+
+    /// The `subscribe` filters with `{node}` filled in ([`Self::node`]): what the client
+    /// subscribes and what names raw streams.
+    pub fn subscribe_filters(&self) -> Vec<String> {
+        let node = self.node();
+        self.subscribe
+            .iter()
+            .map(|f| f.replace("{node}", &node))
+            .collect()
+    }
+}
+
+/// The first `{…}` (within one topic level) left in `text` once its placeholders are
+/// filled in: it would go to the broker as it is.
+fn unknown_placeholder(text: &str) -> Option<&str> {
+    let open = text.find('{')?;
+    let len = text[open..].find('}')?;
+    (!text[open..open + len].contains('/')).then(|| &text[open..=open + len])
 }
 
 /// Prefix of a shared subscription: `$share/<group>/<filter>`.
@@ -1457,7 +1487,7 @@ async fn run_client(
     let driver = tokio::spawn(drive(eventloop, events_tx, inbox, stats.clone()));
     let mut session = Session {
         client,
-        filters: cfg.subscribe.clone(),
+        filters: cfg.subscribe_filters(),
         status_topic,
         online: status_payload(true, &node),
         offline: status_payload(false, &node),
@@ -2005,6 +2035,60 @@ mod tests {
         assert_eq!(decode_record(&[2, 0, 1, 0, b't']), None); // unknown version
         assert_eq!(decode_record(&[1, 0, 9, 0, b't']), None); // topic cut short
         assert_eq!(decode_record(&[1, 7, 1, 0, b't']), None); // unknown flags
+    }
+
+    /// `{node}` in a subscribe filter is this agent's node, as in the alert topic: the
+    /// default subscribes to its own node's ExaMon metrics. Any other `{…}`, and a
+    /// `{node}` that is not a whole level, are refused, naming the filter.
+    #[test]
+    fn subscribe_fills_in_node_and_refuses_other_placeholders() {
+        let c = MqttConfig {
+            node_name: "sn01".into(),
+            ..MqttConfig::default()
+        };
+        assert_eq!(
+            c.subscribe_filters(),
+            ["org/+/cluster/+/node/sn01/plugin/+/chnl/data/#"]
+        );
+        assert!(c.validate().is_ok());
+        // Wildcards in a node name become `_`: one level, never a wider filter.
+        let wild = MqttConfig {
+            node_name: "a+b/c".into(),
+            subscribe: vec!["telegraf/{node}/#".into(), "x/{node}-gpu/+".into()],
+            ..MqttConfig::default()
+        };
+        assert!(wild.validate().is_ok());
+        assert_eq!(
+            wild.subscribe_filters(),
+            ["telegraf/a_b_c/#", "x/a_b_c-gpu/+"]
+        );
+        // A filter without placeholders is kept as it is.
+        let central = MqttConfig {
+            subscribe: vec!["org/+/cluster/+/node/+/plugin/+/chnl/data/#".into()],
+            ..MqttConfig::default()
+        };
+        assert_eq!(central.subscribe_filters(), central.subscribe);
+        for (filter, says) in [
+            ("org/+/node/{stream}/#", "`{stream}`"),
+            ("org/+/node/{host}/#", "`{host}`"),
+            ("org/+/node/{Node}/#", "`{Node}`"),
+        ] {
+            let c = MqttConfig {
+                subscribe: vec![filter.into()],
+                ..MqttConfig::default()
+            };
+            let (key, why) = c.validate().unwrap_err();
+            assert_eq!(key, "subscribe");
+            assert!(
+                why.contains(filter) && why.contains(says) && why.contains("{node}"),
+                "{why}"
+            );
+        }
+        let glued = MqttConfig {
+            subscribe: vec!["org/{node}#".into()],
+            ..MqttConfig::default()
+        };
+        assert_eq!(glued.validate().unwrap_err().0, "subscribe");
     }
 
     #[test]

@@ -987,6 +987,24 @@ fn validate_names_file_key_and_exits_78() {
         "{err}"
     );
 
+    // The trial's subnode.toml had `{node}` taken literally; a placeholder subscribe does
+    // not fill in is refused, naming it, as in alert_topic.
+    std::fs::write(
+        &bad,
+        "[mqtt]\nsubscribe = [\"org/+/cluster/+/node/{host}/plugin/+/chnl/data/#\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&bad));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("mqtt.subscribe") && err.contains("`{host}`") && err.contains("{node}"),
+        "{err}"
+    );
+    std::fs::write(&bad, "[examon]\nstream_key = [\"node\", \"node\"]\n").unwrap();
+    let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&bad));
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("examon.stream_key"), "{err}");
+
     std::fs::write(&bad, "[pipline]\nx = 1\n").unwrap();
     let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&bad));
     assert_eq!(code, 78);
@@ -1105,7 +1123,7 @@ fn an_unusable_spool_or_state_folder_exits_78_from_run_and_validate_agent() {
         std::fs::write(
             &p,
             format!(
-                "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
+                "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nsubscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\"]\nport = 0\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
                 repo("models/smd-machine-1-6").display()
             ),
         )
@@ -1211,7 +1229,7 @@ fn missing_or_broken_model_exits_78_from_run_and_validate() {
         std::fs::write(
             &cfg,
             format!(
-                "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+                "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nsubscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\"]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
                 model_dir.display(),
                 dir.path().join("spool").display()
             ),
@@ -1299,7 +1317,7 @@ fn settings_the_model_cannot_run_with_exit_78_from_run_and_validate_agent() {
         std::fs::write(
             &cfg,
             format!(
-                "[agent]\nmodel_dir = \"{}\"\nformat = \"{format}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
+                "[agent]\nmodel_dir = \"{}\"\nformat = \"{format}\"\n[mqtt]\nsubscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\"]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
                 model_dir.display(),
                 dir.path().join("spool").display()
             ),
@@ -2312,7 +2330,7 @@ fn agent_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = {port}\n[spool]\ndir = \"{}\"\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nsubscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\"]\nport = {port}\n[spool]\ndir = \"{}\"\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             repo("models/smd-machine-1-6").display(),
             dir.join("spool").display()
         ),
@@ -2446,7 +2464,7 @@ fn a_metrics_address_in_use_stops_the_agent_at_start() {
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"{addr}\"\n",
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nsubscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\"]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"{addr}\"\n",
             repo("models/smd-machine-1-6").display(),
             dir.path().join("spool").display()
         ),

@@ -279,7 +279,7 @@ fn missing_graph_exits_78_and_a_missing_runtime_exits_1() {
         std::fs::write(
             &p,
             format!(
-                "[agent]\nmodel_dir = \"{}\"\n[score]\nbackend = \"onnx\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+                "[agent]\nmodel_dir = \"{}\"\n[score]\nbackend = \"onnx\"\n[mqtt]\nsubscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\"]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
                 model_dir.display(),
                 dir.path().join("spool").display()
             ),

@@ -72,7 +72,7 @@ fn replay_frames(x: Array2<f32>, labels: Vec<u8>, retrain: Option<RetrainConfig>
     let model = Arc::new(Model::load(&repo(MODEL)).unwrap());
     let head = model.meta.head;
     let frames = Frames {
-        values: x,
+        values: x.into(),
         timestamps: None,
         labels: Some(labels),
         window_frames: 1,
@@ -588,7 +588,7 @@ fn an_unusable_state_directory_is_refused_at_start() {
     std::fs::write(
         &toml,
         format!(
-            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
+            "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nsubscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\"]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[retrain]\nenabled = true\nstate_dir = \"{}\"\n",
             repo(MODEL).display(),
             dir.path().join("spool").display(),
             file.display()

@@ -488,7 +488,17 @@ pub struct FrameOut<'a> {
     /// Receipt of the window's latest sample on the monotonic clock ([`Receipt::mono`]);
     /// `None` when no sample of the window had one.
     pub received_mono: Option<f64>,
+    /// Non-zero on the frame with which its stream became incomplete (the
+    /// [`INCOMPLETE_STREAM_FRAMES`]th incomplete frame in a row): how many times the
+    /// stream has become incomplete, this time included. 0 on every other frame.
+    pub turned_incomplete: u32,
 }
+
+/// Incomplete frames in a row after which a stream counts as incomplete
+/// ([`Assembler::incomplete_streams`]) until its next complete frame: it sends samples,
+/// but never all of the model's features within `stale_secs`, so none of its frames is
+/// scored. A stream's first window or two are often partial; five are not.
+pub const INCOMPLETE_STREAM_FRAMES: u32 = 5;
 
 /// A closed window waiting for [`Assembler::poll`].
 #[derive(Debug)]
@@ -498,6 +508,7 @@ struct Pending {
     window: i64,
     incomplete: bool,
     received_mono: Option<f64>,
+    turned_incomplete: u32,
     values: Vec<f32>,
 }
 
@@ -535,6 +546,13 @@ struct StreamState {
     retired: bool,
     /// How many streams held this slot before this one ([`FrameOut::generation`]).
     generation: u32,
+    /// Incomplete frames in a row, up to the latest (0 after a complete one).
+    incomplete_run: u32,
+    /// Times the stream became incomplete ([`FrameOut::turned_incomplete`]).
+    incomplete_turns: u32,
+    /// Per [`Reject`] reason, whether one of this stream's samples was refused for it
+    /// ([`Assembler::first_reject`]).
+    rejected_reasons: u8,
 }
 
 impl StreamState {
@@ -557,6 +575,9 @@ impl StreamState {
             origin: vec![0; d],
             retired: false,
             generation: 0,
+            incomplete_run: 0,
+            incomplete_turns: 0,
+            rejected_reasons: 0,
         }
     }
 
@@ -579,6 +600,9 @@ impl StreamState {
         self.last_mono = f64::NAN;
         self.origin.fill(0);
         self.retired = false;
+        self.incomplete_run = 0;
+        self.incomplete_turns = 0;
+        self.rejected_reasons = 0;
         // A slot changes hands at most once per `forget_after_secs` (a minute or more):
         // u32 outlasts any agent.
         self.generation = self.generation.saturating_add(1);
@@ -613,6 +637,9 @@ pub struct Assembler {
     mix: Vec<MixState>,
     /// A merge found and not yet taken.
     mixed: Option<Mixed>,
+    /// Streams tracked now whose last [`INCOMPLETE_STREAM_FRAMES`] frames or more were all
+    /// incomplete.
+    incomplete_streams: usize,
 }
 
 impl Assembler {
@@ -670,6 +697,7 @@ impl Assembler {
             counters: AssemblerCounters::default(),
             mix: vec![MixState::Clean; d],
             mixed: None,
+            incomplete_streams: 0,
         })
     }
 
@@ -719,6 +747,28 @@ impl Assembler {
         self.index.len()
     }
 
+    /// Streams tracked now whose last [`INCOMPLETE_STREAM_FRAMES`] frames (or more) were
+    /// all incomplete: they send samples, yet none of their frames is scored. A stream
+    /// leaves the count at its next complete frame, or when it is forgotten.
+    pub fn incomplete_streams(&self) -> usize {
+        self.incomplete_streams
+    }
+
+    /// Notes that a sample of stream `stream` was refused for `why`: true the first time
+    /// for this stream and reason (a bit per tracked stream, cleared when its slot goes to
+    /// another), so that one node's refusals are logged even after other nodes' have
+    /// taken the 1st, 2nd, 4th… of the reason. False for a stream not tracked.
+    pub fn first_reject(&mut self, stream: &str, why: Reject) -> bool {
+        let Some(&idx) = self.index.get(stream) else {
+            return false;
+        };
+        let bit = 1u8 << why.reason_index();
+        let st = &mut self.streams[idx];
+        let first = st.rejected_reasons & bit == 0;
+        st.rejected_reasons |= bit;
+        first
+    }
+
     /// The slot (frame `stream_index`) of stream `name`, if tracked.
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.index.get(name).copied()
@@ -754,6 +804,10 @@ impl Assembler {
             }
             st.retired = true;
             st.slot_window.fill(None);
+            if st.incomplete_run >= INCOMPLETE_STREAM_FRAMES {
+                self.incomplete_streams -= 1;
+            }
+            st.incomplete_run = 0;
             self.index.remove(&st.name);
             self.free.push(idx);
             out.push((idx as u32, st.generation));
@@ -1070,10 +1124,21 @@ impl Assembler {
         }
         let received_mono = st.received_mono[slot].take();
         st.filled[slot] = 0;
+        let mut turned_incomplete = 0;
         if incomplete {
             self.counters.frames_incomplete += 1;
+            st.incomplete_run = st.incomplete_run.saturating_add(1);
+            if st.incomplete_run == INCOMPLETE_STREAM_FRAMES {
+                st.incomplete_turns = st.incomplete_turns.saturating_add(1);
+                turned_incomplete = st.incomplete_turns;
+                self.incomplete_streams += 1;
+            }
         } else {
             self.counters.frames_complete += 1;
+            if st.incomplete_run >= INCOMPLETE_STREAM_FRAMES {
+                self.incomplete_streams -= 1;
+            }
+            st.incomplete_run = 0;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
@@ -1083,6 +1148,7 @@ impl Assembler {
             window: w,
             incomplete,
             received_mono,
+            turned_incomplete,
             values,
         });
     }
@@ -1155,6 +1221,7 @@ impl Assembler {
                 values: &p.values,
                 incomplete: p.incomplete,
                 received_mono: p.received_mono,
+                turned_incomplete: p.turned_incomplete,
             });
             self.pool.push(p.values);
         }
@@ -1548,6 +1615,79 @@ mod tests {
             (3, 1, 2)
         );
         assert_eq!(got.iter().map(|g| g.seq).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    }
+
+    /// A stream that sends samples but never one of the features is counted as
+    /// incomplete once INCOMPLETE_STREAM_FRAMES of its frames in a row were incomplete
+    /// (the frame that makes it so says which time it is), and leaves the count at its
+    /// next complete frame or when it is forgotten. The trial's broken1 (never disk_io)
+    /// was neither a scored stream nor a silent one: invisible.
+    #[test]
+    fn a_stream_whose_frames_are_all_incomplete_is_counted_until_one_is_complete() {
+        let mut a = asm(AssemblerConfig::default(), &["a", "b"]);
+        let n = INCOMPLETE_STREAM_FRAMES as usize;
+        // "ok" sends both, "broken" only a; at mono time = sample time.
+        for w in 0..n + 2 {
+            let t = w as f64 + 0.5;
+            for (stream, metric) in [("ok", "a"), ("ok", "b"), ("broken", "a")] {
+                a.push_received(&sample(stream, metric, 1.0, t), receipt(t))
+                    .unwrap();
+            }
+        }
+        let mut turned = Vec::new();
+        let take = |a: &mut Assembler, now: f64, turned: &mut Vec<(String, u64, u32)>| {
+            a.poll(now, &mut |f: FrameOut<'_>| {
+                if f.turned_incomplete > 0 {
+                    turned.push((f.stream.to_owned(), f.seq, f.turned_incomplete));
+                }
+            });
+        };
+        take(&mut a, (n + 1) as f64, &mut turned);
+        assert_eq!(a.incomplete_streams(), 1);
+        assert_eq!(turned, [("broken".to_owned(), (n - 1) as u64, 1)]);
+        // More incomplete frames: counted once, not announced again.
+        for w in n + 2..n + 6 {
+            let t = w as f64 + 0.5;
+            a.push_received(&sample("broken", "a", 1.0, t), receipt(t))
+                .unwrap();
+        }
+        take(&mut a, (n + 5) as f64, &mut turned);
+        assert_eq!((a.incomplete_streams(), turned.len()), (1, 1));
+        // A complete frame: no longer incomplete. Incomplete again later: the 2nd time.
+        let t = (n + 6) as f64 + 0.5;
+        for m in ["a", "b"] {
+            a.push_received(&sample("broken", m, 1.0, t), receipt(t))
+                .unwrap();
+        }
+        take(&mut a, t + 2.0, &mut turned);
+        assert_eq!(a.incomplete_streams(), 0);
+        // b is carried forward for 3 windows (stale_secs), then missing again.
+        for w in n + 7..n + 7 + 3 + n + 1 {
+            let t = w as f64 + 0.5;
+            a.push_received(&sample("broken", "a", 1.0, t), receipt(t))
+                .unwrap();
+        }
+        take(&mut a, (n + 7 + 3 + n + 1) as f64, &mut turned);
+        assert_eq!(a.incomplete_streams(), 1);
+        assert_eq!(turned.last().map(|t| t.2), Some(2));
+        // Forgotten: out of the count; its slot's next stream starts clean.
+        let mut gone = Vec::new();
+        a.retire_quiet(1e12, &mut gone);
+        assert_eq!((gone.len(), a.incomplete_streams()), (2, 0));
+    }
+
+    /// A refusal is "first" once per tracked stream and reason; an untracked stream
+    /// never is (its name may be anything a sender makes up).
+    #[test]
+    fn first_reject_is_once_per_stream_and_reason() {
+        let mut a = asm(AssemblerConfig::default(), &["a"]);
+        a.push(&sample("n3", "a", 1.0, 0.5)).unwrap();
+        a.push(&sample("n4", "a", 1.0, 0.5)).unwrap();
+        assert!(a.first_reject("n3", Reject::UnknownMetric));
+        assert!(!a.first_reject("n3", Reject::UnknownMetric));
+        assert!(a.first_reject("n3", Reject::Future));
+        assert!(a.first_reject("n4", Reject::UnknownMetric));
+        assert!(!a.first_reject("nobody", Reject::UnknownMetric));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! Topic: `org/<o>/cluster/<c>/node/<n>/plugin/<p>/chnl/data[/<k>/<v>…]/<metric>`, read
 //! as key/value pairs then the metric as the last segment. The pairs must be complete
 //! and include `chnl/data`; the stream id is the value of a configurable key (default
-//! `node`). With `metric_levels = N` above 1, the metric name keeps up to `N - 1` levels
+//! `node`), or the values of several keys joined by `/` in the order configured
+//! (`["cluster", "node"]`: `c1/n7`, for clusters whose node names repeat). With `metric_levels = N` above 1, the metric name keeps up to `N - 1` levels
 //! before the last, from those after `chnl/data` (never the stream's pair), joined by `/`
 //! as in the topic: `…/chnl/data/core/3/cpu_load` is `core/3/cpu_load` with 3, so that
 //! per-core (per-GPU, per-device) metrics are features of their own. Values and the metric may be URL-encoded (`%2F`, `%23`, `%2B`, `%20`, `%25`);
@@ -28,8 +29,11 @@ use super::assemble::{DecodeError, FNV_START, Origin, Sample, clip, fnv1a, parse
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExamonConfig {
-    /// Topic key whose value is the stream id. Default `node`.
-    pub stream_key: String,
+    /// Topic keys whose values, joined by `/` in this order, are the stream id. Default
+    /// `["node"]`; `["cluster", "node"]` keeps same-named nodes of two clusters apart. A
+    /// single string is one key; from the environment, comma-separated.
+    #[serde(deserialize_with = "crate::config::strings")]
+    pub stream_key: Vec<String>,
     /// Largest payload accepted, in bytes. Default 4096.
     pub max_payload_bytes: usize,
     /// Topic levels kept in the metric name, counting the last: 1 (default) is the last
@@ -44,14 +48,49 @@ pub struct ExamonConfig {
 impl Default for ExamonConfig {
     fn default() -> Self {
         ExamonConfig {
-            stream_key: "node".to_owned(),
+            stream_key: vec!["node".to_owned()],
             max_payload_bytes: 4096,
             metric_levels: 1,
         }
     }
 }
 
+/// Most topic keys in `[examon] stream_key`.
+pub const MAX_STREAM_KEYS: usize = 4;
+
 impl ExamonConfig {
+    /// Semantic checks the types cannot express. Returns the key and the reason.
+    ///
+    /// # Errors
+    /// `stream_key` empty, with more than [`MAX_STREAM_KEYS`] keys, an empty or repeated
+    /// key, a key with `/`, or `chnl` (it marks the data channel).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let keys = &self.stream_key;
+        if keys.is_empty() || keys.len() > MAX_STREAM_KEYS {
+            return Err((
+                "stream_key",
+                format!(
+                    "needs 1 to {MAX_STREAM_KEYS} topic keys (\"node\", or [\"cluster\", \"node\"]), got {}",
+                    keys.len()
+                ),
+            ));
+        }
+        for (i, key) in keys.iter().enumerate() {
+            if key.is_empty() || key.contains('/') || key == "chnl" {
+                return Err((
+                    "stream_key",
+                    format!(
+                        "{key:?} is not a topic key that names a stream (a key is one level, not chnl)"
+                    ),
+                ));
+            }
+            if keys[..i].contains(key) {
+                return Err(("stream_key", format!("names {key:?} twice")));
+            }
+        }
+        Ok(())
+    }
+
     /// The running decoder.
     pub fn build(&self) -> ExamonDecoder {
         ExamonDecoder { cfg: self.clone() }
@@ -125,7 +164,8 @@ impl ExamonDecoder {
         if metric.is_empty() {
             return Err(DecodeError::BadTopic("empty metric name"));
         }
-        let mut stream = None;
+        // The value of each stream key (the first pair with that key).
+        let mut parts: [Option<&'t str>; MAX_STREAM_KEYS] = [None; MAX_STREAM_KEYS];
         let mut channel = None;
         // Byte offset in `topic` just past the `chnl/data` pair's value.
         let mut data_end = 0;
@@ -139,9 +179,10 @@ impl ExamonDecoder {
             if key.is_empty() {
                 return Err(DecodeError::BadTopic("empty key"));
             }
-            if key == self.cfg.stream_key {
-                if stream.is_none() {
-                    stream = Some(url_decode(value));
+            if let Some(i) = self.stream_key_index(key) {
+                // The first pair with the key counts, as before.
+                if parts[i].is_none() {
+                    parts[i] = Some(value);
                 }
                 continue;
             }
@@ -158,13 +199,25 @@ impl ExamonDecoder {
             Some("data") => {}
             Some(other) => return Err(DecodeError::NotDataChannel(clip(other))),
         }
-        let stream = match stream {
-            Some(s) if !s.is_empty() => s,
-            _ => {
-                return Err(DecodeError::MissingStream {
-                    key: clip(&self.cfg.stream_key),
-                });
-            }
+        let keys = self.cfg.stream_key.len().min(MAX_STREAM_KEYS);
+        if let Some(i) = parts[..keys]
+            .iter()
+            .position(|p| p.is_none_or(str::is_empty))
+        {
+            return Err(DecodeError::MissingStream {
+                key: clip(&self.cfg.stream_key[i]),
+            });
+        }
+        let stream = match parts[..keys] {
+            [Some(one)] => url_decode(one),
+            _ => Cow::Owned(
+                parts[..keys]
+                    .iter()
+                    .flatten()
+                    .map(|p| url_decode(p))
+                    .collect::<Vec<_>>()
+                    .join("/"),
+            ),
         };
         let (value, timestamp) = parse_payload(payload)?;
         let metric = if self.cfg.metric_levels > 1 {
@@ -183,6 +236,15 @@ impl ExamonDecoder {
 }
 
 impl ExamonDecoder {
+    /// Which of the stream keys `key` is, if any.
+    fn stream_key_index(&self, key: &str) -> Option<usize> {
+        self.cfg
+            .stream_key
+            .iter()
+            .take(MAX_STREAM_KEYS)
+            .position(|k| k == key)
+    }
+
     /// The metric name from `tail`, the topic after `chnl/data/` (whole pairs, then the
     /// metric): its last `metric_levels` levels, skipping the stream key's pair. Borrows
     /// unless a level had to be URL-decoded or the stream's pair dropped.
@@ -191,7 +253,7 @@ impl ExamonDecoder {
         let mut has_stream = false;
         let mut segments = tail.split('/');
         while let (Some(key), Some(_)) = (segments.next(), segments.next()) {
-            has_stream |= key == self.cfg.stream_key;
+            has_stream |= self.stream_key_index(key).is_some();
         }
         if !has_stream && !tail.contains('%') {
             let start = tail
@@ -209,13 +271,50 @@ impl ExamonDecoder {
                 break;
             }
             let value = segments.next().unwrap_or("");
-            if seg != self.cfg.stream_key {
+            if self.stream_key_index(seg).is_none() {
                 kept.push(url_decode(seg));
                 kept.push(url_decode(value));
             }
         }
         let from = kept.len().saturating_sub(levels);
         Cow::Owned(kept[from..].join("/"))
+    }
+}
+
+/// Where two topics differ: the key of the first pair whose value differs, and whether it
+/// comes after `chnl/data` (a level `metric_levels` can keep in the metric name). `None`
+/// when they differ in their keys or length, or not at all.
+pub fn where_topics_differ<'a>(one: &'a str, other: &'a str) -> Option<(&'a str, bool)> {
+    let (mut a, mut b) = (one.split('/'), other.split('/'));
+    let mut after_data = false;
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return None,
+            (Some(ka), Some(kb)) if ka == kb => match (a.next(), b.next()) {
+                (Some(va), Some(vb)) if va == vb => after_data |= ka == "chnl" && va == "data",
+                // The metric itself (the last level) is the same feature: not here.
+                (Some(_), Some(_)) => return Some((ka, after_data)),
+                _ => return None,
+            },
+            _ => return None,
+        }
+    }
+}
+
+/// What to do when samples from topics `one` and `other` reach one feature of one stream
+/// ([`super::assemble::Mixed`]): name the stream by the key they differ in before
+/// `chnl/data` (two clusters with a node of one name), keep the level they differ in
+/// after it in the metric name (per-core metrics), or publish one series only.
+pub fn merge_remedy(one: &str, other: &str) -> String {
+    match where_topics_differ(one, other) {
+        Some((key, true)) => format!(
+            "the topics differ in {key:?} after chnl/data: keep that level in the metric name with [examon] metric_levels (3 makes {key}/<value>/<metric>; train on those names), or publish one series only"
+        ),
+        Some(("plugin", false)) => "the topics differ in their plugin: two plugins publish this metric for one node; publish it from one of them only".into(),
+        Some((key, false)) => format!(
+            "the topics differ in {key:?} before chnl/data: they are two sources under one stream name (a node name used in two clusters, say). Name streams by both keys: [examon] stream_key = [\"{key}\", \"node\"] (streams <{key}>/<node>; alerts and per-stream metrics then carry that name)"
+        ),
+        None => "name the stream by the topic key that tells the sources apart ([examon] stream_key = [\"cluster\", \"node\"]), keep the levels after chnl/data that tell series apart with [examon] metric_levels (3 makes core/0/cpu_load), or publish one series only".into(),
     }
 }
 
@@ -377,7 +476,7 @@ mod tests {
             &(Cow::Borrowed("core"), Cow::Borrowed("23"))
         );
         let by_cluster = ExamonConfig {
-            stream_key: "cluster".into(),
+            stream_key: vec!["cluster".into()],
             ..Default::default()
         }
         .build();
@@ -436,6 +535,80 @@ mod tests {
             o.hash,
             ExamonDecoder::origin(&core.replace("core/3", "core/4")).hash
         );
+    }
+
+    /// `stream_key = ["cluster", "node"]` names a stream by both values, in that order:
+    /// same-named nodes of two clusters are two streams. A single string still reads as
+    /// one key, and neither key's pair is a tag or part of a long metric name.
+    #[test]
+    fn several_stream_keys_keep_same_named_nodes_of_two_clusters_apart() {
+        let cfg: ExamonConfig =
+            serde_json::from_str(r#"{"stream_key": ["cluster", "node"], "metric_levels": 3}"#)
+                .unwrap();
+        assert_eq!(cfg.validate(), Ok(()));
+        let d = cfg.build();
+        let c1 = "org/o/cluster/c1/node/dupnode/plugin/p/chnl/data/core/0/load";
+        let c2 = "org/o/cluster/c%2F2/node/dupnode/plugin/p/chnl/data/core/0/load";
+        let mut tags = Vec::new();
+        let s = d.decode_with_tags(c1, b"1;2", &mut tags).unwrap();
+        assert_eq!(
+            (s.stream.as_ref(), s.metric.as_ref()),
+            ("c1/dupnode", "core/0/load")
+        );
+        assert!(
+            tags.iter().all(|(k, _)| k != "cluster" && k != "node"),
+            "{tags:?}"
+        );
+        assert_eq!(d.decode(c2, b"1;2").unwrap().stream, "c/2/dupnode");
+        // A topic without one of the keys names the missing one.
+        assert_eq!(
+            d.decode("org/o/node/n/chnl/data/m", b"1;2").unwrap_err(),
+            DecodeError::MissingStream {
+                key: "cluster".into()
+            }
+        );
+        // The single-string form is one key, as before.
+        let one: ExamonConfig = serde_json::from_str(r#"{"stream_key": "cluster"}"#).unwrap();
+        assert_eq!(one.stream_key, ["cluster"]);
+        assert_eq!(one.build().decode(c1, b"1;2").unwrap().stream, "c1");
+        assert_eq!(ExamonConfig::default().stream_key, ["node"]);
+        assert!(matches!(
+            dec().decode(TOPIC, b"1;2").unwrap().stream,
+            Cow::Borrowed(_)
+        ));
+        for bad in [
+            r#"{"stream_key": []}"#,
+            r#"{"stream_key": ["node", "node"]}"#,
+            r#"{"stream_key": ["chnl"]}"#,
+            r#"{"stream_key": [""]}"#,
+            r#"{"stream_key": ["a", "b", "c", "d", "e"]}"#,
+        ] {
+            let cfg: ExamonConfig = serde_json::from_str(bad).unwrap();
+            assert_eq!(cfg.validate().unwrap_err().0, "stream_key", "{bad}");
+        }
+    }
+
+    /// The merge warning's remedy follows where the two topics differ: a cluster (before
+    /// chnl/data) needs the stream key, a core (after it) metric_levels.
+    #[test]
+    fn merge_remedy_names_the_setting_that_separates_the_topics() {
+        let c1 = "org/o/cluster/c1/node/dupnode/plugin/p/chnl/data/load";
+        let c2 = "org/o/cluster/c2/node/dupnode/plugin/p/chnl/data/load";
+        assert_eq!(where_topics_differ(c1, c2), Some(("cluster", false)));
+        let r = merge_remedy(c1, c2);
+        assert!(r.contains(r#"stream_key = ["cluster", "node"]"#), "{r}");
+        assert!(!r.contains("metric_levels"), "{r}");
+        let core = |n: u32| format!("org/o/node/n/plugin/p/chnl/data/core/{n}/load");
+        assert_eq!(
+            where_topics_differ(&core(0), &core(1)),
+            Some(("core", true))
+        );
+        assert!(merge_remedy(&core(0), &core(1)).contains("metric_levels"));
+        let plugin = "org/o/cluster/c1/node/dupnode/plugin/q/chnl/data/load";
+        assert!(merge_remedy(c1, plugin).contains("two plugins"));
+        assert_eq!(where_topics_differ(c1, c1), None);
+        assert_eq!(where_topics_differ(c1, &core(0)), None);
+        assert!(merge_remedy(c1, &core(0)).contains("stream_key"));
     }
 
     #[test]

@@ -29,6 +29,20 @@ use serde_json::{Map, Value};
 
 use super::assemble::{DecodeError, FNV_START, Origin, Sample, clip, fnv1a, parse_value};
 
+/// [`DecodeError::BadPayload`] of a message that is one bare value: what Telegraf's MQTT
+/// output publishes with `layout = "field"` (and `homie-v4`), the measurement, host and field
+/// in the topic. Those layouts are not read; `non-batch` and `batch` with
+/// `data_format = "influx"` or `"json"` are.
+pub const BARE_VALUE: &str = "the payload is a bare value, as Telegraf's MQTT output sends with layout = \"field\" or \"homie-v4\", which darkwatch does not read (metric and host are in the topic there)";
+
+/// Whether `text` is one bare value (a number or a boolean), not a metric.
+fn is_bare_value(text: &str) -> bool {
+    let t = text.trim();
+    !t.is_empty()
+        && !t.contains([' ', '=', ','])
+        && (t.parse::<f64>().is_ok() || matches!(t, "true" | "false"))
+}
+
 /// Which encoding the messages use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,7 +148,8 @@ impl TelegrafDecoder {
     ///
     /// # Errors
     /// `TooLarge`, `NotUtf8`, or `BadPayload` when the message as a whole is unreadable
-    /// (invalid JSON, JSON that is not a metric, an array or `{"metrics": [...]}`).
+    /// (invalid JSON, JSON that is not a metric, an array or `{"metrics": [...]}`, or one
+    /// bare value: [`BARE_VALUE`]).
     pub fn decode(
         &self,
         payload: &[u8],
@@ -162,6 +177,9 @@ impl TelegrafDecoder {
             });
         }
         let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
+        if is_bare_value(text) {
+            return Err(DecodeError::BadPayload(BARE_VALUE));
+        }
         let json = match self.cfg.format {
             TelegrafFormat::Json => true,
             TelegrafFormat::Influx => false,
@@ -665,6 +683,49 @@ mod tests {
             ]
         );
         assert_eq!(errs, ["string_field"]);
+    }
+
+    /// Telegraf's `layout = "field"` (and homie-v4) publishes one bare value per message;
+    /// it used to be refused as "line has no fields", which named neither the layout nor
+    /// the settings that work. Whatever `format`, the message names them now.
+    #[test]
+    fn a_bare_value_names_the_field_layout_and_is_refused() {
+        for format in [
+            TelegrafFormat::Auto,
+            TelegrafFormat::Influx,
+            TelegrafFormat::Json,
+        ] {
+            let d = TelegrafConfig {
+                format,
+                ..Default::default()
+            }
+            .build();
+            for payload in ["43.251", " 7\n", "-1e3", "true"] {
+                let mut items = 0;
+                let e = d
+                    .decode(payload.as_bytes(), 5.0, &mut |_: Result<
+                        Sample<'_>,
+                        DecodeError,
+                    >| {
+                        items += 1
+                    })
+                    .unwrap_err();
+                assert_eq!(items, 0);
+                assert_eq!(e, DecodeError::BadPayload(BARE_VALUE), "{payload:?}");
+                assert_eq!(e.reason(), "bad_payload");
+                let text = e.to_string();
+                assert!(
+                    text.contains("layout = \"field\"") && text.contains("homie-v4"),
+                    "{text}"
+                );
+            }
+        }
+        // A line or a JSON metric is not a bare value.
+        assert!(!is_bare_value("m,host=a v=1"));
+        assert!(!is_bare_value("m v=1"));
+        assert!(!is_bare_value(r#"{"v": 1}"#));
+        assert!(!is_bare_value("cpu"));
+        assert!(!is_bare_value(""));
     }
 
     #[test]

@@ -25,10 +25,17 @@ pub(crate) fn config(
     extra: &str,
 ) -> PathBuf {
     let path = dir.join(name);
+    // The tests publish nodes other than the agent's own: subscribe to all of them (a
+    // central agent) unless the test says otherwise.
+    let all = if mqtt.contains("subscribe") {
+        ""
+    } else {
+        "subscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\"]\n"
+    };
     std::fs::write(
         &path,
         format!(
-            "[agent]\nmodel_dir = \"{}\"\n{agent}\n[mqtt]\n{mqtt}\n[spool]\ndir = \"{}\"\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}\n",
+            "[agent]\nmodel_dir = \"{}\"\n{agent}\n[mqtt]\n{all}{mqtt}\n[spool]\ndir = \"{}\"\nfsync = false\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}\n",
             model.display(),
             dir.join("spool").display(),
         ),
