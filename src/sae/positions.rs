@@ -158,6 +158,9 @@ impl RowSelection {
     }
 }
 
+/// What [`select_rows`] returns: the kept rows, their prompt ids, and what was done.
+pub type Selected = (Array2<f32>, Option<Vec<i64>>, RowSelection);
+
 /// Drops the first `skip` tokens of every prompt from `x` and its prompt ids (`skip`
 /// `None`: [`DEFAULT_SKIP_POSITIONS`] when positions are known, else 0), then checks the
 /// kept rows for extreme norms ([`extreme_norms`]) and logs a warning if any are found.
@@ -171,7 +174,7 @@ pub fn select_rows(
     shape: &[usize],
     ids: Option<Vec<i64>>,
     skip: Option<usize>,
-) -> Result<(Array2<f32>, Option<Vec<i64>>, RowSelection), SaeEvalError> {
+) -> Result<Selected, SaeEvalError> {
     let rows = x.nrows();
     let positions = TokenPositions::find(rows, ids.as_deref(), shape);
     let defaulted = skip.is_none();
