@@ -316,6 +316,13 @@ not restart it), 1 for other failures.")]
         /// scores live thresholds calibrate on (0: cross-fitted scores, with --dark-folds).
         #[arg(long, default_value_t = 0.1)]
         holdout: f64,
+        /// Drop the first N tokens of every prompt from SAE training, the head fit and the
+        /// calibration. Positions come from --prompt-ids (a row's index within its prompt) or
+        /// from a [batch, seq, d] input (t of row b·seq + t); without either, N ≥ 1 is
+        /// refused. Default: 1 when positions are known (position 0 is BOS or an attention
+        /// sink in most language models, of a norm many times the others'), else 0.
+        #[arg(long, value_name = "N")]
+        skip_positions: Option<usize>,
         /// Ridge of the dark-matter head, relative to the mean feature variance (≥ 0; 1 won
         /// the README's selection).
         #[arg(long, default_value_t = 1.0)]
@@ -368,6 +375,12 @@ not restart it), 1 for other failures.")]
         /// 0: fit on every row and calibrate on 5-fold cross-fitted scores.
         #[arg(long, default_value_t = 0.2)]
         holdout: f64,
+        /// Drop the first N tokens of every prompt from the head fit and the calibration. Positions come from --prompt-ids (a row's index within its prompt) or
+        /// from a [batch, seq, d] input (t of row b·seq + t); without either, N ≥ 1 is
+        /// refused. Default: 1 when positions are known (position 0 is BOS or an attention
+        /// sink in most language models, of a norm many times the others'), else 0.
+        #[arg(long, value_name = "N")]
+        skip_positions: Option<usize>,
         /// Ridge, relative to the mean feature variance (≥ 0). 0.01 suits a published SAE
         /// and many tokens; on about as few rows per dimension as the README's fixture, 1
         /// fits better (the held-out R² printed shows which).
@@ -1608,6 +1621,7 @@ fn run(command: Command) -> Result<()> {
             k_aux,
             dead_tokens,
             holdout,
+            skip_positions,
             ridge,
             dark_folds,
             model_name,
@@ -1622,6 +1636,7 @@ fn run(command: Command) -> Result<()> {
                 prompt_ids_tensor,
                 out,
                 holdout,
+                skip_positions,
                 config: train::SaeTrainConfig {
                     latents,
                     k,
@@ -1672,6 +1687,7 @@ fn run(command: Command) -> Result<()> {
             prompt_ids_tensor,
             norm_scaling_factor,
             holdout,
+            skip_positions,
             ridge,
             out,
             force,
@@ -1696,6 +1712,7 @@ fn run(command: Command) -> Result<()> {
                 prompt_ids_tensor,
                 norm_scaling_factor,
                 holdout,
+                skip_positions,
                 dark: darkwatch::sae::dark::DarkConfig { ridge },
                 out,
                 force,

@@ -1002,3 +1002,28 @@ fn jumprelu_threshold_and_log_threshold_must_agree() {
         "{e}"
     );
 }
+
+/// The README's live SAE example config ("Watching live activations") sets the SAE live
+/// settings it argues for: `risk_q = 0.01` and alerts that resolve after about one prompt of
+/// quiet tokens. The block is read as the agent reads a config file.
+#[test]
+fn the_readme_live_sae_config_sets_its_thresholds_and_hysteresis() {
+    let readme =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("### Watching live activations")
+        .nth(1)
+        .expect("the section");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("live.toml");
+    fs::write(&path, block).unwrap();
+    let cfg = darkwatch::config::load(Some(&path), Vec::<(String, String)>::new()).unwrap();
+    assert_eq!(cfg.threshold.risk_q, 0.01);
+    assert_eq!(cfg.alert.resolve_after_frames, 64);
+    assert_eq!(cfg.sae.score.name(), "error_norm");
+}

@@ -185,6 +185,7 @@ fn sae_head_makes_a_published_sae_watchable_and_bad_setups_are_refused() {
             prompt_ids_tensor: None,
             norm_scaling_factor: None,
             holdout,
+            skip_positions: None,
             dark: DarkConfig { ridge: 1.0 },
             out: None,
             force,

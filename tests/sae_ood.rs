@@ -253,9 +253,11 @@ fn sae_train_and_sae_score_commands_round_trip() {
             .unwrap();
     // 10 % of the 81 prompts (9) held out by default.
     assert!(report["held_out_rows"].as_u64().unwrap() > 0);
+    // Position 0 of each of the 81 prompts is dropped by default (--skip-positions).
+    assert_eq!(report["skipped_rows"].as_u64(), Some(81));
     assert_eq!(
         report["train_rows"].as_u64().unwrap() + report["held_out_rows"].as_u64().unwrap(),
-        1200
+        1200 - 81
     );
     assert_eq!(report["dark_folds"].as_u64(), Some(2));
 

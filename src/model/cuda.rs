@@ -1627,7 +1627,10 @@ extern "C" __global__ void sae_detect(const float* x, const float* w_dec, const 
     if (t == 0) {
         float s = (float)a;
         if (kind == 1) s = (float)b;
-        if (kind == 2) s = ((float)a - ((float)p + head_c)) / sigma;
+        // The predicted ‖e‖² is clamped at 0, as DarkHead::score does (NaN stays NaN).
+        float pr = (float)p + head_c;
+        if (pr < 0.0f) pr = 0.0f;
+        if (kind == 2) s = ((float)a - pr) / sigma;
         score[r] = s;
     }
     // The top contributions, one per round: a block-wide best, then marked taken (-inf:

@@ -7,12 +7,19 @@
 //! reports per token ([`DarkScore`]):
 //!
 //! - `error_sq_norm` = ‖e‖²;
-//! - `predicted_sq_norm` = wᵀx + c (the linear prediction of ‖e‖²);
+//! - `predicted_sq_norm` = max(0, wᵀx + c) (the linear prediction of ‖e‖², clamped at 0);
 //! - `nonlinear_sq_norm` = ‖e − (Aᵀx + b)‖² (the "nonlinear error" of the paper);
 //! - `deviation` = (‖e‖² − predicted)/σ, with σ the residual std of the norm prediction on
 //!   the fit data.
 //!
 //! Any of them can be the alert score.
+//!
+//! ‖e‖² ≥ 0, so a negative wᵀx + c predicts nothing: it happens when x lies outside what the
+//! fit saw (an activation of a norm the fit rows lacked, say), and taken as it is it would add
+//! |wᵀx + c|/σ to the token's deviation. The prediction is therefore clamped at 0 wherever it
+//! is used (the projection onto ‖e‖² ≥ 0, never further from the true ‖e‖² than the raw
+//! value); [`DarkHead::negative_predictions`] counts the rows where that happens, which
+//! `sae-train` and `sae-head` report. The training R² and σ come from the unclamped fit.
 //!
 //! # Fit
 //!
@@ -272,16 +279,37 @@ pub struct R2 {
     pub norm: f64,
 }
 
+impl R2 {
+    /// A warning line for each held-out R² below 0 (the head predicts worse than the rows'
+    /// mean), else nothing.
+    pub fn below_zero_warning(&self) -> String {
+        let mut text = String::new();
+        for (what, v, target) in [
+            ("vector", self.vector, "error vectors"),
+            ("norm", self.norm, "‖e‖²"),
+        ] {
+            if v < 0.0 {
+                text.push_str(&format!(
+                    "warning: held-out {what} R² {v:.3} is below 0: the head predicts the \
+                     held-out rows' {target} worse than their mean would; give more or more \
+                     varied normal rows, or raise --ridge\n"
+                ));
+            }
+        }
+        text
+    }
+}
+
 /// Per-token output of [`DarkHead::score`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DarkScore {
     /// ‖e‖².
     pub error_sq_norm: f32,
-    /// wᵀx + c.
+    /// max(0, wᵀx + c): ‖e‖² is never negative.
     pub predicted_sq_norm: f32,
     /// ‖e − (Aᵀx + b)‖².
     pub nonlinear_sq_norm: f32,
-    /// (‖e‖² − predicted)/σ.
+    /// (‖e‖² − predicted)/σ, with the clamped prediction.
     pub deviation: f32,
 }
 
@@ -664,7 +692,9 @@ impl DarkHead {
                 sq += ev * ev;
                 nonlinear += rest * rest;
             }
-            let predicted = xr.iter().zip(&self.w).map(|(x, w)| x * w).sum::<f32>() + self.c;
+            // Clamped at 0 (see the module doc); NaN stays NaN.
+            let raw = xr.iter().zip(&self.w).map(|(x, w)| x * w).sum::<f32>() + self.c;
+            let predicted = if raw < 0.0 { 0.0 } else { raw };
             *score = DarkScore {
                 error_sq_norm: sq,
                 predicted_sq_norm: predicted,
@@ -675,7 +705,57 @@ impl DarkHead {
         Ok(&ws.scores[..n])
     }
 
-    /// Vector and norm R² of the head's predictions on (x, e) rows (f64 sums).
+    /// How many rows of `x` (`[n, d]`) have a negative linear prediction wᵀx + c of ‖e‖²
+    /// (which [`DarkHead::score`] clamps to 0), and the most negative one (`None` when
+    /// none is negative).
+    ///
+    /// # Errors
+    /// Width mismatch.
+    pub fn negative_predictions(
+        &self,
+        x: ArrayView2<f32>,
+    ) -> Result<(usize, Option<f32>), DarkError> {
+        if x.ncols() != self.d {
+            return Err(DarkError::Width {
+                what: "x",
+                expected: self.d,
+                found: x.ncols(),
+            });
+        }
+        let (mut count, mut min) = (0, None::<f32>);
+        for row in x.rows() {
+            let raw = row.iter().zip(&self.w).map(|(x, w)| x * w).sum::<f32>() + self.c;
+            if raw < 0.0 {
+                count += 1;
+                min = Some(min.map_or(raw, |m| m.min(raw)));
+            }
+        }
+        Ok((count, min))
+    }
+
+    /// The line `sae-train` and `sae-head` print when some of `x`'s rows have a negative
+    /// prediction of ‖e‖² (`what` names the rows), else nothing.
+    ///
+    /// # Errors
+    /// Width mismatch.
+    pub fn negative_predictions_note(
+        &self,
+        x: ArrayView2<f32>,
+        what: &str,
+    ) -> Result<String, DarkError> {
+        Ok(match self.negative_predictions(x)? {
+            (0, _) | (_, None) => String::new(),
+            (n, Some(min)) => format!(
+                "note: the head's linear prediction of ‖e‖² is negative on {n} of {} {what} \
+                 (down to {min:.4e}); ‖e‖² ≥ 0, so scores use 0 there. Many such rows mean \
+                 the fit rows differ from these (rows of an extreme norm in one set only?)\n",
+                x.nrows()
+            ),
+        })
+    }
+
+    /// Vector and norm R² of the head's predictions on (x, e) rows (f64 sums; the norm with
+    /// the prediction clamped at 0, as scored).
     ///
     /// # Errors
     /// Width or row-count mismatch; [`DarkError::NoRows`] for no rows.
@@ -1078,6 +1158,79 @@ mod tests {
         let mut ws = fit.head.workspace(n);
         let scores = fit.head.score(x.view(), e.view(), &mut ws).unwrap();
         assert!(scores.iter().all(|s| s.deviation.is_finite()));
+    }
+
+    /// ‖e‖² = 1 + x·v exactly on the fit rows (x in [−1, 1]); at x = −10·v/|v|² the linear
+    /// prediction is 1 − 10 = −9. The score uses 0 there (and the deviation ‖e‖²/σ), the
+    /// rows inside the fit range keep their prediction, and the count finds the one row.
+    #[test]
+    fn a_negative_norm_prediction_is_clamped_at_zero_and_counted() {
+        let mut rng = Rng::new(4);
+        let (n, d) = (400, 5);
+        let x = Array2::from_shape_fn((n, d), |_| rng.uniform(-1.0, 1.0));
+        let v = Array1::from(vec![0.3f32, -0.2, 0.1, 0.05, 0.0]);
+        let mut e = Array2::<f32>::zeros((n, d));
+        for r in 0..n {
+            e[[r, 0]] = (1.0 + x.row(r).dot(&v)).sqrt();
+        }
+        let mut stats = DarkStats::new(d);
+        stats.accumulate(x.view(), e.view()).unwrap();
+        let head = DarkHead::fit(&stats, &DarkConfig { ridge: 0.0 }, None)
+            .unwrap()
+            .head;
+        let vv = v.dot(&v);
+        let far = v.mapv(|c| -10.0 * c / vv);
+        let mut xt = Array2::<f32>::zeros((3, d));
+        xt.row_mut(0).assign(&far);
+        xt.row_mut(1).assign(&x.row(0));
+        let mut et = Array2::<f32>::zeros((3, d));
+        et[[0, 0]] = 2.0; // ‖e‖² = 4
+        et[[1, 0]] = e[[0, 0]];
+        let (w, c) = head.norm_weights();
+        let raw = far.dot(w) + c;
+        assert!((raw + 9.0).abs() < 1e-2, "raw prediction {raw}");
+        let mut ws = head.workspace(3);
+        let scores = head.score(xt.view(), et.view(), &mut ws).unwrap().to_vec();
+        assert_eq!(scores[0].predicted_sq_norm, 0.0);
+        assert!((scores[0].deviation - 4.0 / head.sigma()).abs() <= 1e-3 * scores[0].deviation);
+        let inside = x.row(0).dot(w) + c;
+        assert!((scores[1].predicted_sq_norm - inside).abs() < 1e-5);
+        assert!(inside > 0.0);
+        // Row 2 (x = 0) predicts c ≈ 1.
+        assert!((scores[2].predicted_sq_norm - 1.0).abs() < 1e-3);
+        let (count, min) = head.negative_predictions(xt.view()).unwrap();
+        assert_eq!(count, 1);
+        assert!((min.unwrap() - raw).abs() < 1e-6);
+        assert_eq!(head.negative_predictions(x.view()).unwrap(), (0, None));
+        let note = head
+            .negative_predictions_note(xt.view(), "rows read")
+            .unwrap();
+        assert!(note.contains("negative on 1 of 3 rows read"), "{note}");
+        assert_eq!(
+            head.negative_predictions_note(x.view(), "rows").unwrap(),
+            ""
+        );
+    }
+
+    #[test]
+    fn below_zero_r2_is_warned_about() {
+        let w = R2 {
+            vector: -0.152,
+            norm: 0.4,
+        }
+        .below_zero_warning();
+        assert!(
+            w.contains("held-out vector R² -0.152 is below 0") && !w.contains("norm R²"),
+            "{w}"
+        );
+        assert_eq!(
+            R2 {
+                vector: 0.0,
+                norm: 0.9
+            }
+            .below_zero_warning(),
+            ""
+        );
     }
 
     #[test]

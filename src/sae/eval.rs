@@ -1777,6 +1777,9 @@ pub struct SaeTrainArgs {
     pub out: PathBuf,
     /// Share of prompts (or rows) held out from SAE and head training, for reporting.
     pub holdout: f64,
+    /// Tokens dropped from the start of every prompt (`--skip-positions`); `None`: the
+    /// default of [`super::positions::select_rows`].
+    pub skip_positions: Option<usize>,
     pub config: SaeTrainConfig,
     pub dark: DarkConfig,
     /// 0: fit the dark-matter head on the final SAE's errors on its own training rows. K ≥ 2:
@@ -1802,6 +1805,9 @@ pub struct SaeTrainSummary {
     /// Which rows' scores thresholds calibrate on: `held-out`, `out-of-fold` or `training`.
     pub calibration_rows: String,
     pub calibration_count: usize,
+    /// Tokens dropped from the start of every prompt, and the rows that took.
+    pub skip_positions: usize,
+    pub skipped_rows: usize,
 }
 
 /// `darkwatch sae-train`: reads activations, holds out a share, trains a TopK SAE, writes it
@@ -1826,6 +1832,8 @@ pub fn sae_train_command(
         x.nrows(),
         &note,
     )?;
+    let (x, ids, selection) =
+        super::positions::select_rows(&args.input, x, &shape, ids, args.skip_positions)?;
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
     let train = x.select(Axis(0), &train_rows);
     let held = x.select(Axis(0), &held_rows);
@@ -1942,6 +1950,8 @@ pub fn sae_train_command(
         dark_held_out_r2: fit.held_out,
         calibration_rows: calibration.rows.name().into(),
         calibration_count: calibration.len(),
+        skip_positions: selection.skip,
+        skipped_rows: selection.dropped,
     };
     let report_path = args.out.join(TRAIN_REPORT_FILE);
     let json =
@@ -1951,7 +1961,7 @@ pub fn sae_train_command(
         source,
     })?;
     let r = &trained.report;
-    let mut text = String::new();
+    let mut text = selection.text();
     let _ = writeln!(
         text,
         "trained TopK SAE: d_in {}, {} latents, k {}, {} epochs ({} steps) on {} rows ({} held out)",
@@ -1994,6 +2004,12 @@ pub fn sae_train_command(
         r2(Some(fit.train)),
         r2(fit.held_out)
     );
+    text.push_str(&r.notes());
+    text.push_str(
+        &fit.held_out
+            .map_or(String::new(), |h| h.below_zero_warning()),
+    );
+    text.push_str(&fit.head.negative_predictions_note(x.view(), "rows read")?);
     let _ = writeln!(text, "{}", calibration.describe());
     let _ = writeln!(text, "wrote {}", args.out.display());
     Ok((summary, text))
@@ -2193,6 +2209,9 @@ pub struct SaeHeadArgs {
     /// Share of prompts (or rows) held out from the fit: held-out R² and the threshold
     /// calibration come from them. 0: fit on every row, calibrate on cross-fitted scores.
     pub holdout: f64,
+    /// Tokens dropped from the start of every prompt (`--skip-positions`); `None`: the
+    /// default of [`super::positions::select_rows`].
+    pub skip_positions: Option<usize>,
     pub dark: DarkConfig,
     /// Where to write the head; default [`head_dir`](super::detector::head_dir) of `sae`
     /// (`<sae>/dark`, or for a sparsify SAE with one hookpoint the one of `run/dark` and
@@ -2252,6 +2271,8 @@ pub fn sae_head_command_with(args: &SaeHeadArgs, passes: &Passes) -> Result<Stri
         x.nrows(),
         &note,
     )?;
+    let (x, ids, selection) =
+        super::positions::select_rows(&args.input, x, &shape, ids, args.skip_positions)?;
     let (train_rows, held_rows) = holdout_split(x.nrows(), ids.as_deref(), args.holdout)?;
     check_head_rows(&args.input, train_rows.len(), x.nrows(), x.ncols())?;
     check_calibration_rows(args, x.nrows(), ids.is_some(), &train_rows, &held_rows)?;
@@ -2305,7 +2326,7 @@ pub fn sae_head_command_with(args: &SaeHeadArgs, passes: &Passes) -> Result<Stri
     head.save(&dir)?;
     calibration.save(&dir)?;
     let r2 = |v: R2| format!("vector {:.3}, norm {:.3}", v.vector, v.norm);
-    let mut text = String::new();
+    let mut text = selection.text();
     let _ = writeln!(
         text,
         "dark-matter head (ridge {}) fitted on {} rows of {}: R² {} on them, held-out {} \
@@ -2325,6 +2346,7 @@ pub fn sae_head_command_with(args: &SaeHeadArgs, passes: &Passes) -> Result<Stri
             held.norm
         );
     }
+    text.push_str(&fit.head.negative_predictions_note(x.view(), "rows read")?);
     let _ = writeln!(text, "{}", calibration.describe());
     let _ = writeln!(text, "wrote {}", dir.display());
     Ok(text)
@@ -3042,6 +3064,7 @@ mod tests {
             prompt_ids_tensor: None,
             out: out.to_path_buf(),
             holdout: 0.25,
+            skip_positions: None,
             config: SaeTrainConfig {
                 latents: 16,
                 k: 2,
@@ -3510,6 +3533,7 @@ mod tests {
                 prompt_ids_tensor: None,
                 norm_scaling_factor: None,
                 holdout,
+                skip_positions: None,
                 dark: DarkConfig { ridge: 1.0 },
                 out: Some(out.clone()),
                 force: false,
@@ -3579,6 +3603,7 @@ mod tests {
             prompt_ids_tensor: None,
             norm_scaling_factor: None,
             holdout: 0.2,
+            skip_positions: None,
             dark: DarkConfig { ridge: 1.0 },
             out,
             force: false,
@@ -4143,6 +4168,8 @@ mod tests {
                 tensor: Some("acts".into()),
                 prompt_ids: Some(st.clone()),
                 prompt_ids_tensor: ids_tensor.map(String::from),
+                // Every row kept: the held-out count below is of whole 8-row prompts.
+                skip_positions: Some(0),
                 ..tiny_train_args(&st, &dir.path().join(out))
             };
             sae_train_command(&args, &mut |_| {}).map(|(s, _)| s)

@@ -81,6 +81,7 @@ pub mod eval;
 mod kernel;
 mod load;
 pub mod pass;
+pub mod positions;
 pub mod train;
 
 use std::path::PathBuf;
@@ -464,7 +465,10 @@ impl Sae {
                 .dir
                 .as_ref()
                 .map_or("memory".into(), |d| d.display().to_string()),
-            hook = info.hook.as_deref().unwrap_or("unknown"),
+            hook = info.hook.as_deref().unwrap_or(
+                "unknown (cfg.json has no hook_name: `sae-train --hook-name`, or add \
+                 \"hook_name\" to cfg.json)"
+            ),
             dtype = info.stored_dtype,
             d_in = self.d_in,
             d_sae = self.d_sae,

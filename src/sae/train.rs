@@ -156,6 +156,47 @@ pub struct SaeTrainReport {
     pub mean_l0: f64,
 }
 
+/// A share of dead latents (firing on no training row) above which `sae-train` warns: a
+/// tenth of the dictionary wasted is more than AuxK should leave.
+pub const DEAD_SHARE_WARN: f64 = 0.1;
+
+impl SaeTrainReport {
+    /// The epoch (1-based) with the lowest held-out normalised MSE, and that MSE; `None`
+    /// without held-out numbers.
+    pub fn best_held_out_epoch(&self) -> Option<(usize, f64)> {
+        self.epochs
+            .iter()
+            .filter_map(|e| e.held_out_nmse.map(|v| (e.epoch, v)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// The lines `sae-train` prints after its summary: the best held-out epoch when it is not
+    /// the last (the SAE written is the last), and a warning when more than
+    /// [`DEAD_SHARE_WARN`] of the latents are dead.
+    pub fn notes(&self) -> String {
+        let mut text = String::new();
+        if let (Some((best, v)), Some(last)) = (self.best_held_out_epoch(), self.epochs.last())
+            && best != last.epoch
+            && let Some(end) = last.held_out_nmse
+        {
+            text.push_str(&format!(
+                "held-out normalised MSE was lowest at epoch {best} ({v:.4}); the SAE written \
+                 is epoch {}'s ({end:.4}): --epochs {best} would stop there\n",
+                last.epoch
+            ));
+        }
+        if self.dead_share > DEAD_SHARE_WARN {
+            text.push_str(&format!(
+                "warning: {:.1} % of the {} latents are dead (fire on no training row): fewer \
+                 --latents, more rows or more --epochs would use the dictionary better\n",
+                100.0 * self.dead_share,
+                self.config.latents
+            ));
+        }
+        text
+    }
+}
+
 /// A trained SAE: ready to run, its arrays (for [`save_saelens`]) and the report.
 #[derive(Debug, Clone)]
 pub struct TrainedSae {
@@ -1204,5 +1245,46 @@ mod tests {
         let held = Array2::<f32>::zeros((4, 5));
         let err = train_topk(x.view(), Some(held.view()), &base, &mut |_| {}).unwrap_err();
         assert!(err.to_string().contains("5 features"), "{err}");
+    }
+
+    /// The summary names the best held-out epoch only when it is not the last, and warns
+    /// above 10 % dead latents.
+    #[test]
+    fn notes_name_the_best_epoch_and_warn_on_dead_latents() {
+        let epoch = |epoch, held| EpochStats {
+            epoch,
+            train_nmse: 0.5,
+            held_out_nmse: Some(held),
+            dead_share: 0.0,
+            aux_loss: 0.0,
+        };
+        let mut r = SaeTrainReport {
+            config: SaeTrainConfig::default(),
+            rows: 100,
+            held_out_rows: 10,
+            d_in: 8,
+            k_aux: 4,
+            dead_tokens: 100,
+            steps: 10,
+            epochs: vec![epoch(1, 0.5), epoch(2, 0.366), epoch(3, 0.381)],
+            train_nmse: 0.3,
+            held_out_nmse: Some(0.381),
+            dead_share: 0.24,
+            dead_share_tracked: 0.24,
+            mean_l0: 4.0,
+        };
+        assert_eq!(r.best_held_out_epoch(), Some((2, 0.366)));
+        let n = r.notes();
+        assert!(
+            n.contains("lowest at epoch 2 (0.3660); the SAE written is epoch 3's (0.3810)"),
+            "{n}"
+        );
+        assert!(
+            n.contains("warning: 24.0 % of the 1536 latents are dead"),
+            "{n}"
+        );
+        r.epochs.pop();
+        r.dead_share = 0.05;
+        assert_eq!(r.notes(), "");
     }
 }

@@ -629,3 +629,104 @@ fn sae_bench_blames_the_input_for_a_width_mismatch() {
     );
     assert!(!err.to_lowercase().contains("invalid sae"), "{err}");
 }
+
+/// `prompts` prompts of `seq` tokens of width `d` (row norms 1 to 1.2), position 0 of each
+/// scaled by `bos` (a BOS / attention-sink token), with one prompt id per row.
+fn write_prompts(acts: &Path, ids: &Path, prompts: usize, seq: usize, d: usize, bos: f32) {
+    let mut noise = crate::util::noise(11);
+    let mut values = Vec::with_capacity(prompts * seq * d);
+    for i in 0..prompts * seq {
+        let (a, b) = ((i as f64 * 0.37).sin(), (i as f64 * 0.11).cos());
+        let row: Vec<f64> = (0..d)
+            .map(|j| a * (j as f64 * 0.7).cos() + b * (j as f64 * 0.3).sin() + 0.3 * noise())
+            .collect();
+        let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let scale =
+            (1.0 + 0.1 * (i % 3) as f64) / norm * if i % seq == 0 { f64::from(bos) } else { 1.0 };
+        values.extend(row.iter().map(|v| (v * scale) as f32));
+    }
+    crate::util::write_npy_f32(acts, prompts * seq, d, &values);
+    let data: Vec<u8> = (0..prompts * seq)
+        .flat_map(|i| ((i / seq * 7) as i64).to_le_bytes())
+        .collect();
+    crate::util::write_npy(ids, "<i8", &format!("({},)", prompts * seq), &data);
+}
+
+/// The trial's finding: ×30 rows at position 0 of every prompt set the head's R² and the
+/// thresholds. With prompt ids, `sae-train` and `sae-head` drop position 0 by default and say
+/// so; with `--skip-positions 0` (or without ids) they warn, naming the positions and the
+/// option; `--skip-positions 1` without positions is refused.
+#[test]
+fn bos_rows_are_dropped_by_default_and_warned_about_when_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (acts, ids, sae) = (
+        dir.path().join("acts.npy"),
+        dir.path().join("ids.npy"),
+        dir.path().join("sae"),
+    );
+    write_prompts(&acts, &ids, 40, 16, 8, 30.0);
+    let (code, out, err) = crate::util::run(
+        crate::util::darkwatch()
+            .args(["sae-train", "--latents", "16", "--k", "2", "--epochs", "2"])
+            .args(["--dark-folds", "0", "--holdout", "0.25", "--input"])
+            .arg(&acts)
+            .arg("--prompt-ids")
+            .arg(&ids)
+            .arg("--out")
+            .arg(&sae),
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("positions: dropped the first 1 token(s) of each prompt, 40 of 640 rows"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("extreme norm") && !err.contains("extreme norm"),
+        "{out}{err}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sae.join("train_report.json")).unwrap()).unwrap();
+    assert_eq!(report["skip_positions"], 1);
+    assert_eq!(report["skipped_rows"], 40);
+    // 30 training prompts, 15 tokens each, after position 0 went.
+    assert_eq!(report["train_rows"], 450);
+
+    let head = |extra: &[&str], with_ids: bool| {
+        let mut cmd = crate::util::darkwatch();
+        cmd.args(["sae-head", "--force", "--ridge", "1", "--sae"])
+            .arg(&sae)
+            .arg("--input")
+            .arg(&acts)
+            .args(extra);
+        if with_ids {
+            cmd.arg("--prompt-ids").arg(&ids);
+        }
+        crate::util::run(&mut cmd)
+    };
+    let (code, out, err) = head(&["--skip-positions", "0"], true);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for text in [&out, &err] {
+        assert!(
+            text.contains("40 of 640 rows have an extreme norm")
+                && text.contains("position 0 in 40 of 40 prompts")
+                && text.contains("--skip-positions 1 drops them"),
+            "{text}"
+        );
+    }
+    let (code, out, err) = head(&[], false);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("40 of 640 rows have an extreme norm") && err.contains("give --prompt-ids"),
+        "{err}"
+    );
+    let (code, out, err) = head(&["--skip-positions", "1"], false);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("--skip-positions 1 needs each row's position in its prompt"),
+        "{err}"
+    );
+    let (code, out, err) = head(&[], true);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("dropped the first 1 token(s)"), "{out}");
+    assert!(!err.contains("extreme norm"), "{err}");
+}

@@ -17,6 +17,7 @@ pub fn train_detector(out: &std::path::Path, latents: usize, k: usize) -> SaeTra
         prompt_ids_tensor: None,
         out: out.to_path_buf(),
         holdout: 0.2,
+        skip_positions: None,
         config: SaeTrainConfig {
             latents,
             k,
