@@ -1889,7 +1889,9 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
                 format!(
                     ", exactly half the bytes of a frame: it probably sends {values} float16 (or bfloat16) values instead of float32. Convert them at the sender (numpy: x.astype(\"<f4\"); torch: x.float()). Otherwise"
                 )
-            } else if halves {
+            } else if halves && *expected >= 64 {
+                // (Only for frames of 16 values or more: for narrower ones nearly every
+                // length is a whole number of half frames, and the hint would mislead.)
                 format!(
                     ", an odd number of half frames: it probably sends frames of {values} float16 (or bfloat16) values instead of float32. Convert them at the sender (numpy: x.astype(\"<f4\"); torch: x.float()). Otherwise"
                 )
@@ -3161,7 +3163,7 @@ mod tests {
             wrong[2].contains("topic=\"act/layer3\"")
                 && wrong[2].contains("rejected=4")
                 && wrong[2].contains("frames of 2 values (8 bytes")
-                && wrong[2].contains("this sender's are 3 values"),
+                && wrong[2].contains("this sender's messages are 3 values: send whole frames"),
             "{}",
             wrong[2]
         );

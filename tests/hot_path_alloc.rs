@@ -148,7 +148,7 @@ fn replay_sink_allocates_nothing_per_frame() {
         let values =
             Array2::from_shape_fn((frames, 38), |(i, j)| ((i * 31 + j * 7) % 17) as f32 / 17.0);
         let frames = Frames {
-            values,
+            values: values.into(),
             timestamps: None,
             labels: None,
             window_frames: 1,
