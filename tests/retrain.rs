@@ -72,7 +72,7 @@ fn replay_frames(x: Array2<f32>, labels: Vec<u8>, retrain: Option<RetrainConfig>
     let model = Arc::new(Model::load(&repo(MODEL)).unwrap());
     let head = model.meta.head;
     let frames = Frames {
-        values: x,
+        values: x.into(),
         timestamps: None,
         labels: Some(labels),
         window_frames: 1,
