@@ -62,9 +62,9 @@ pub struct AgentConfig {
     /// `validate` loads it (exit 78); a reload keeps the running model instead.
     pub model_dir: PathBuf,
     /// What the subscribed topics carry: `examon` (one metric per message), `telegraf`
-    /// (Telegraf's MQTT output, JSON or Influx line protocol) or `raw` (one little-endian
-    /// f32 frame of the model's width per message, optionally behind a header; the topic
-    /// names the stream: see [`crate::ingest::raw`]).
+    /// (Telegraf's MQTT output, JSON or Influx line protocol) or `raw` (little-endian f32
+    /// frames of the model's width, one or more per message, optionally behind a header;
+    /// the topic names the stream: see [`crate::ingest::raw`]).
     pub format: InputFormat,
 }
 
@@ -250,6 +250,11 @@ pub struct AgentCounters {
     pub alert_latency: LatencyBuckets,
     /// A complete frame entering the ring to its score (queueing, batching, scoring).
     pub scoring_latency: LatencyBuckets,
+    /// Scoring time (the wall clock, read once per batch) less the frame's time: a raw
+    /// frame's header time, else its receipt; an assembled frame's window end.
+    pub frame_age: LatencyBuckets,
+    /// Frames per batch the scorer scored.
+    pub batch_frames: BatchSizes,
     /// Reloads applied ([`Control::reload`]).
     pub reloads: AtomicU64,
     /// Reloads refused because the new configuration or model was invalid (the binary
@@ -398,6 +403,36 @@ impl LatencyBuckets {
             }
         }
         f64::INFINITY
+    }
+}
+
+/// Upper bounds of the scorer's batch-size buckets (`darkwatch_scorer_batch_frames`):
+/// powers of two up to the default `[pipeline] batch_max_frames` and past it.
+pub const BATCH_BUCKETS: [u64; 12] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
+
+/// A histogram of batch sizes that threads update without locks.
+#[derive(Debug, Default)]
+pub struct BatchSizes {
+    /// Batches per bucket of [`BATCH_BUCKETS`], then one for larger ones.
+    pub counts: [AtomicU64; BATCH_BUCKETS.len() + 1],
+    /// Frames in all batches.
+    pub frames: AtomicU64,
+}
+
+impl BatchSizes {
+    /// Adds one batch of `n` frames.
+    pub fn record(&self, n: u64) {
+        let i = BATCH_BUCKETS
+            .iter()
+            .position(|&b| n <= b)
+            .unwrap_or(BATCH_BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.frames.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Batches so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -550,6 +585,7 @@ pub fn run_with(
         handback: handback.clone(),
         no_input: NoInput::new(&mqtt_cfg),
         skips: BrokerSkipWatch::new(&mqtt_cfg),
+        drops: RingDropWatch::new(&counters, cfg.pipeline.ring_capacity_frames),
     };
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
     sink.link = Some(mqtt_stats.clone());
@@ -659,6 +695,7 @@ pub fn run_with(
             Ok((c, m, so, si)) => (cfg, model, source, sink) = (c, m, so, si),
             Err(e) => break Err(e),
         }
+        source.drops.ring_capacity_frames = cfg.pipeline.ring_capacity_frames;
         // The sink's side of retraining belongs to the turn that ended.
         sink.retrain = None;
         if keep_trainer {
@@ -1608,11 +1645,13 @@ impl AgentSource {
                 ids_unused,
                 times_ahead,
             } => {
-                let (name, time, id) = match decoder.decode(msg.topic, msg.payload, frame) {
+                let d = decoder.dim();
+                let (name, time, id, n) = match decoder.decode(msg.topic, msg.payload, frame) {
                     Ok(f) => (
                         f.stream.filter(|s| !s.is_empty()).unwrap_or("default"),
                         f.time,
                         f.id,
+                        f.frames,
                     ),
                     Err(e) => {
                         undecodable(&e);
@@ -1664,34 +1703,33 @@ impl AgentSource {
                     }
                 };
                 entry.last_mono = msg.received_mono;
+                let (index, generation) = (entry.index, entry.generation);
                 // A header's id is the frame's seq while it rises within its stream, so an
                 // alert names the sender's frames; otherwise the stream's count goes on. After
                 // RESYNC_IDS ids in a row not taken, the sender restarted (or one corrupt id
-                // jumped ahead): its ids are taken again from there.
-                let RawStream {
-                    index,
-                    generation,
-                    next_seq: next,
-                    ids_not_taken: not_taken,
-                    ..
-                } = *entry;
-                let seq = match id {
-                    Some(id)
-                        if id < crate::ingest::raw::MAX_FRAME_ID
-                            && (id >= next || not_taken + 1 >= RESYNC_IDS) =>
-                    {
-                        entry.ids_not_taken = 0;
-                        id
-                    }
-                    Some(id) => {
-                        *ids_unused += 1;
-                        entry.ids_not_taken += 1;
-                        frame_id_unused(*ids_unused, name, id, next);
-                        next
-                    }
-                    None => next,
+                // jumped ahead): its ids are taken again from there. Frame i of a message
+                // is id + i.
+                let mut seq_of = |i: usize| {
+                    let next = entry.next_seq;
+                    let seq = match id.map(|id| id.saturating_add(i as u64)) {
+                        Some(id)
+                            if id < crate::ingest::raw::MAX_FRAME_ID
+                                && (id >= next || entry.ids_not_taken + 1 >= RESYNC_IDS) =>
+                        {
+                            entry.ids_not_taken = 0;
+                            id
+                        }
+                        Some(id) => {
+                            *ids_unused += 1;
+                            entry.ids_not_taken += 1;
+                            frame_id_unused(*ids_unused, name, id, next);
+                            next
+                        }
+                        None => next,
+                    };
+                    entry.next_seq = seq + 1;
+                    seq
                 };
-                entry.next_seq = seq + 1;
                 if started {
                     AgentSource::stream_started(
                         streams,
@@ -1704,8 +1742,18 @@ impl AgentSource {
                         *known_streams = names.len();
                     }
                 }
-                counters.frames.fetch_add(1, Ordering::Relaxed);
-                if let Some((producer, clock)) = producer {
+                counters.frames.fetch_add(n as u64, Ordering::Relaxed);
+                // The message's frames, in order, each pushed as a message of one frame
+                // would be: a full ring drops (and counts) those that do not fit. The
+                // scorer is woken (or runs here) once they are all in, so that it takes
+                // them as one batch.
+                let mut producer = producer;
+                let mut pushed = 0;
+                for (i, values) in frame.chunks_exact(d).take(n).enumerate() {
+                    let seq = seq_of(i);
+                    let Some((producer, clock)) = producer.as_mut() else {
+                        continue;
+                    };
                     let meta = FrameMeta {
                         seq,
                         stream: index,
@@ -1714,12 +1762,16 @@ impl AgentSource {
                         enqueued_ns: clock.now_ns(),
                         received_mono: Some(msg.received_mono),
                     };
-                    let Some(values) = windows.push(index as usize, frame, msg.received) else {
-                        return 0;
+                    let Some(values) = windows.push(index as usize, values, msg.received) else {
+                        continue;
                     };
-                    queued(counters, producer.push(meta, values), values);
-                    return 1;
+                    queued(counters, producer.push_quiet(meta, values), values);
+                    pushed += 1;
                 }
+                if let Some((producer, _)) = producer.as_ref() {
+                    producer.wake();
+                }
+                return pushed;
             }
         }
         0
@@ -1924,6 +1976,10 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
         }
     };
     match e {
+        DecodeError::TooLarge { .. } if format == InputFormat::Raw => format!(
+            "A raw message holds at most {} frames: split longer sequences into several messages (a DWF1 header's id numbers each message's first frame).",
+            crate::ingest::raw::MAX_FRAMES_PER_MESSAGE
+        ),
         DecodeError::TooLarge { len, .. } => format!(
             "If such messages are expected, raise [{section}] max_payload_bytes to {len} or more; otherwise narrow [mqtt] subscribe to the sender's metric topics."
         ),
@@ -1940,26 +1996,34 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
             "[agent] format = \"{section}\" reads {reads}: check what the sender publishes on this topic, and [agent] format."
         ),
         DecodeError::StringField => "Only numbers and booleans are scored: drop string fields at the sender (Telegraf's fielddrop or fieldpass) to quiet this.".into(),
+        DecodeError::NonFinite if format == InputFormat::Raw => "The sender publishes NaN or infinite values: fix the sender. (float64 values read as float32 mostly look so: a float64 frame has the length of two float32 frames. Convert them at the sender: numpy x.astype(\"<f4\"), torch x.float().)".into(),
         DecodeError::NonFinite => "The sender publishes NaN or infinite values: fix the sender.".into(),
         DecodeError::TimestampInvalid(_) if format == InputFormat::Raw => "A DWF1 header's time must be epoch seconds (milliseconds, microseconds or nanoseconds are told by size), or 0 or NaN for none: check what the sender writes after DWF1.".into(),
         DecodeError::TimestampMissing | DecodeError::TimestampInvalid(_) => "Timestamps must be epoch seconds (milliseconds, microseconds or nanoseconds are told by size) or RFC 3339: check the sender's time format.".into(),
         DecodeError::WrongLength { expected, got } => {
-            // Half or twice the bytes of a frame: most likely the right width in another
-            // float type (a model's activations are often float16, bfloat16 or float64).
+            // A whole number of half frames: most likely frames of the right width in
+            // float16 or bfloat16 (a model's activations often are). (float64 frames have
+            // the length of whole float32 frames: they are not refused here.)
             let values = expected / 4;
-            let precision = if got.saturating_mul(2) == *expected {
+            let halves = *expected >= 2
+                && expected.is_multiple_of(2)
+                && *got > 0
+                && got.is_multiple_of(expected / 2);
+            let precision = if *got == expected / 2 && halves {
                 format!(
-                    ", exactly half the bytes: it probably sends {values} float16 (or bfloat16) values instead of float32. Convert them at the sender (numpy: x.astype(\"<f4\"); torch: x.float()). Otherwise"
+                    ", exactly half the bytes of a frame: it probably sends {values} float16 (or bfloat16) values instead of float32. Convert them at the sender (numpy: x.astype(\"<f4\"); torch: x.float()). Otherwise"
                 )
-            } else if *got == expected.saturating_mul(2) {
+            } else if halves && *expected >= 64 {
+                // (Only for frames of 16 values or more: for narrower ones nearly every
+                // length is a whole number of half frames, and the hint would mislead.)
                 format!(
-                    ", exactly twice the bytes: it probably sends {values} float64 values instead of float32. Convert them at the sender (numpy: x.astype(\"<f4\"); torch: x.float()). Otherwise"
+                    ", an odd number of half frames: it probably sends frames of {values} float16 (or bfloat16) values instead of float32. Convert them at the sender (numpy: x.astype(\"<f4\"); torch: x.float()). Otherwise"
                 )
             } else {
                 ":".into()
             };
             format!(
-                "The model takes frames of {} ({expected} bytes of little-endian float32); this sender's are {}{precision} send frames of the model's width, or point [agent] model_dir at a model of this width.",
+                "The model takes frames of {} ({expected} bytes of little-endian float32), one or more a message; this sender's messages are {}{precision} send whole frames of the model's width, or point [agent] model_dir at a model of this width.",
                 width(*expected),
                 width(*got)
             )
@@ -2248,6 +2312,8 @@ struct FeedTurn {
     no_input: NoInput,
     /// Warns when the embedded broker skips messages.
     skips: BrokerSkipWatch,
+    /// Warns when frames are dropped at a full ring.
+    drops: RingDropWatch,
 }
 
 /// Warns when the embedded broker skipped messages for a subscriber that fell behind
@@ -2292,6 +2358,55 @@ impl BrokerSkipWatch {
         );
         self.warned_messages = skips.messages;
         self.next_warn = skips.times.saturating_mul(2).max(skips.times + 1);
+        true
+    }
+}
+
+/// Warns while frames are dropped at the full ring to the scorer
+/// (`darkwatch_frames_dropped_total`): checked every turn of the source thread, it warns
+/// at the 1st, 2nd, 4th, 8th… turn that saw drops, with the frames dropped since the last
+/// warning and in all, so that a scorer slower than its input shows in the log while it
+/// happens and a lasting overload does not fill the log.
+struct RingDropWatch {
+    /// `darkwatch_frames_dropped_total` at the last check.
+    seen: u64,
+    /// At the last warning.
+    warned: u64,
+    /// Turns that saw drops.
+    turns: u64,
+    ring_capacity_frames: usize,
+}
+
+impl RingDropWatch {
+    fn new(counters: &AgentCounters, ring_capacity_frames: usize) -> RingDropWatch {
+        let dropped = counters.frames_dropped.load(Ordering::Relaxed);
+        RingDropWatch {
+            seen: dropped,
+            warned: dropped,
+            turns: 0,
+            ring_capacity_frames,
+        }
+    }
+
+    /// Warns when this turn saw drops and their turns reached the next power of two; true
+    /// when it did.
+    fn check(&mut self, counters: &AgentCounters) -> bool {
+        let dropped = counters.frames_dropped.load(Ordering::Relaxed);
+        if dropped == self.seen {
+            return false;
+        }
+        self.seen = dropped;
+        self.turns += 1;
+        if !self.turns.is_power_of_two() {
+            return false;
+        }
+        tracing::warn!(
+            dropped = dropped - self.warned,
+            dropped_in_all = dropped,
+            ring_capacity_frames = self.ring_capacity_frames,
+            "Frames were dropped: the ring to the scorer was full ([pipeline] full_policy = \"drop_newest\"), the scorer slower than its input. They are counted in darkwatch_frames_dropped_total (logged at the 1st, 2nd, 4th… check that saw drops). Make the scoring keep up (a smaller model, [score] backend, a larger [pipeline] batch_max_frames), or raise [pipeline] ring_capacity_frames to ride out longer bursts"
+        );
+        self.warned = dropped;
         true
     }
 }
@@ -2379,6 +2494,7 @@ impl Source for FeedTurn {
             let messages = self.counters.messages.load(Ordering::Relaxed);
             self.no_input.check(messages);
             self.skips.check();
+            self.drops.check(&self.counters);
             std::thread::sleep(FEED_TURN);
             let mut feed = lock(&self.feed);
             if feed.failed {
@@ -2455,6 +2571,8 @@ struct AgentSink {
     link: Option<Arc<MqttStats>>,
     /// Streams the source forgot, for the sink to let go of (see [`Recycling`]).
     recycling: SharedRecycling,
+    /// Epoch seconds when the batch being accepted was scored (read once per batch).
+    batch_wall: f64,
 }
 
 impl AgentSink {
@@ -2492,6 +2610,7 @@ impl AgentSink {
             silence_secs: silence_secs(cfg),
             link: None,
             recycling: SharedRecycling::default(),
+            batch_wall: f64::NAN,
         })
     }
 
@@ -2830,6 +2949,13 @@ impl Sink for AgentSink {
     // thresholds and alerts run on the scorer thread, so a frame wakes no sink thread.
     const ON_SCORER_THREAD: bool = true;
 
+    /// Counts the batch's size and reads the clock its frames' ages are taken at: once per
+    /// batch, not per frame.
+    fn batch(&mut self, frames: usize) {
+        self.counters.batch_frames.record(frames as u64);
+        self.batch_wall = mqtt::epoch_secs();
+    }
+
     /// Whether frame `meta` is of the stream that holds its slot now, starting that
     /// stream's state at its first frame. Frames come in order, so a newer generation of
     /// the slot than the sink knows is a new stream: the old one was forgotten (the sink
@@ -2894,6 +3020,10 @@ impl Sink for AgentSink {
         self.counters
             .scoring_latency
             .record(f.latency_ns as f64 * 1e-9);
+        // A sender's clock ahead of this one gives a negative age, which is not recorded.
+        self.counters
+            .frame_age
+            .record(self.batch_wall - f.meta.timestamp);
         if let Some(model) = self.retrain.as_mut().and_then(|r| r.before(f)) {
             self.switch_model(&model);
         }
@@ -3053,6 +3183,42 @@ mod tests {
         log.lines().filter(|l| l.contains(needle)).collect()
     }
 
+    /// Frames dropped at a full ring were only in the stop summary (the trial: 787 frames
+    /// dropped, no line while it ran). Each check that sees new drops counts; the 1st,
+    /// 2nd, 4th… such check warns with the drops since the last warning and in all.
+    #[test]
+    fn ring_drops_are_warned_while_they_happen_at_powers_of_two_of_the_checks() {
+        let counters = AgentCounters::default();
+        counters.frames_dropped.store(5, Ordering::Relaxed);
+        let mut watch = RingDropWatch::new(&counters, 4096);
+        let mut warned = Vec::new();
+        let log = logged(|| {
+            // No new drop: nothing to say (the 5 came before the watch).
+            warned.push(watch.check(&counters));
+            for dropped in [12, 12, 20, 33, 40, 41, 41, 50] {
+                counters.frames_dropped.store(dropped, Ordering::Relaxed);
+                warned.push(watch.check(&counters));
+            }
+        });
+        // Checks that saw drops: 12 (1st), 20 (2nd), 33 (3rd), 40 (4th), 41, 50 (6th).
+        assert_eq!(
+            warned,
+            [false, true, false, true, false, true, false, false, false]
+        );
+        let lines = lines_with(&log, "Frames were dropped");
+        assert_eq!(lines.len(), 3, "{log}");
+        assert!(lines[0].contains("dropped=7") && lines[0].contains("dropped_in_all=12"));
+        assert!(lines[1].contains("dropped=8") && lines[1].contains("dropped_in_all=20"));
+        assert!(lines[2].contains("dropped=20") && lines[2].contains("dropped_in_all=40"));
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].contains("ring_capacity_frames=4096")
+                && lines[0].contains("darkwatch_frames_dropped_total"),
+            "{}",
+            lines[0]
+        );
+    }
+
     /// Every refused message or sample is logged at the 1st, 2nd, 4th, 8th… refusal of its
     /// reason, with the topic, the reason, the counter and what to do. They used to be
     /// counted only: a raw sender with frames of the wrong width lost every frame, and an
@@ -3119,7 +3285,7 @@ mod tests {
             wrong[2].contains("topic=\"act/layer3\"")
                 && wrong[2].contains("rejected=4")
                 && wrong[2].contains("frames of 2 values (8 bytes")
-                && wrong[2].contains("this sender's are 3 values"),
+                && wrong[2].contains("this sender's messages are 3 values: send whole frames"),
             "{}",
             wrong[2]
         );
@@ -3257,7 +3423,8 @@ mod tests {
 
     /// The trial: frames of half or twice the model's bytes were logged as "this sender's
     /// are 32 values" (or 128) with no hint that they are float16 or float64 frames of the
-    /// right width.
+    /// right width. Since a message may hold several frames, twice a frame is two frames:
+    /// float64 is told where its values are refused as non-finite instead.
     #[test]
     fn a_raw_frame_of_half_or_twice_the_bytes_is_told_as_float16_or_float64() {
         let raw = |payload: Vec<u8>| {
@@ -3276,25 +3443,28 @@ mod tests {
         let half = raw(vec![0; 128]);
         assert!(
             half.contains("frames of 64 values (256 bytes")
-                && half.contains("this sender's are 32 values, exactly half the bytes")
+                && half.contains("this sender's messages are 32 values, exactly half the bytes")
                 && half.contains("64 float16 (or bfloat16) values")
                 && half.contains("astype"),
             "{half}"
         );
-        let twice = raw(vec![0; 512]);
+        // Three float16 frames: a frame and a half of float32.
+        let odd = raw(vec![0; 384]);
         assert!(
-            twice.contains("this sender's are 128 values, exactly twice the bytes")
-                && twice.contains("64 float64 values"),
-            "{twice}"
+            odd.contains("this sender's messages are 96 values, an odd number of half frames")
+                && odd.contains("frames of 64 float16"),
+            "{odd}"
         );
-        // Behind a header, the frame's own length counts.
+        // Twice a frame's bytes are two frames now (float64 is not told by length).
+        assert_eq!(raw(vec![0; 512]), "");
+        // Behind a header, the frames' own length counts.
         let mut headed = crate::ingest::raw::HEADER_MAGIC.to_vec();
         headed.extend_from_slice(&[0; 16]);
         headed.extend_from_slice(&[0; 128]);
         assert!(raw(headed).contains("exactly half the bytes"));
         let other = raw(vec![0; 12]);
         assert!(
-            other.contains("this sender's are 3 values: send frames")
+            other.contains("this sender's messages are 3 values: send whole frames")
                 && !other.contains("float16")
                 && !other.contains("float64"),
             "{other}"
@@ -3303,7 +3473,7 @@ mod tests {
 
     /// A review: after a SIGHUP that changed the model's width, a sender of the old width
     /// was logged at the next power of two of the process's total refusals (the 1,024th,
-    /// say), so the float64 hint could stay unsaid for a long time. A new source (what such
+    /// say), so the float16 or float64 hint could stay unsaid for a long time. A new source (what such
     /// a reload makes) logs its own 1st, 2nd, 4th… refusal; the exported counter goes on.
     #[test]
     fn a_reloaded_source_logs_its_first_refusal_whatever_came_before() {
@@ -3319,7 +3489,7 @@ mod tests {
             logged(|| {
                 src.take_one(&Incoming {
                     topic: "act/l6".into(),
-                    payload: vec![0; 512],
+                    payload: vec![0; 128],
                     received: 5.0,
                     received_mono: 5.0,
                 })
@@ -3341,7 +3511,7 @@ mod tests {
         let lines = lines_with(&log, "reason=\"wrong_length\"");
         assert_eq!(lines.len(), 1, "{log}");
         assert!(
-            lines[0].contains("64 float64 values") && lines[0].contains("rejected=1"),
+            lines[0].contains("64 float16 (or bfloat16) values") && lines[0].contains("rejected=1"),
             "{}",
             lines[0]
         );

@@ -332,7 +332,7 @@ pub fn render(e: &Exposed) -> String {
         ),
         (
             "darkwatch_mqtt_broker_refused_total",
-            "Clients and messages the embedded MQTT broker refused, by reason: a client id with /, +, # or $ (client_id), a keep-alive of 0 (keep_alive_0), a message over 1 MiB, dropped with its publisher disconnected (too_large). Always 0 with an external broker.",
+            "Clients and messages the embedded MQTT broker refused, by reason: a client id with /, +, # or $ (client_id), a keep-alive of 0 (keep_alive_0), a message over its limit (half of [mqtt] embedded_log_bytes, 1 to 16 MiB), dropped with its publisher disconnected (too_large). Always 0 with an external broker.",
             &crate::mqtt::BrokerRefusal::REASONS,
             crate::mqtt::broker_refused_counts(),
         ),
@@ -458,6 +458,18 @@ pub fn render(e: &Exposed) -> String {
         "darkwatch_scoring_latency_seconds",
         "A complete frame entering the ring to its score (queueing, batching and scoring).",
         &c.scoring_latency,
+    );
+    histogram(
+        &mut s,
+        "darkwatch_frame_age_seconds",
+        "Age of a frame when it is scored: the scorer's wall clock less the frame's time, which is the DWF1 header time of a raw frame (its MQTT receipt without one) and the window end of an assembled frame. Counts waiting in the publisher, the broker, the socket and the ring; a sender's clock offset adds to it (a negative age is not counted).",
+        &c.frame_age,
+    );
+    batch_histogram(
+        &mut s,
+        "darkwatch_scorer_batch_frames",
+        "Frames per batch the scorer scored: 1 while it keeps up, up to [pipeline] batch_max_frames under a backlog.",
+        &c.batch_frames,
     );
     // The agent's current model (a reload may have replaced the one it started with).
     let live = c.model_id();
@@ -641,6 +653,24 @@ pub(crate) fn histogram(s: &mut String, name: &str, help: &str, h: &crate::agent
     );
 }
 
+/// The scorer's batch sizes as a Prometheus histogram.
+fn batch_histogram(s: &mut String, name: &str, help: &str, h: &crate::agent::BatchSizes) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, n) in h.counts.iter().enumerate() {
+        cumulative += n.load(Ordering::Relaxed);
+        let le = crate::agent::BATCH_BUCKETS
+            .get(i)
+            .map_or("+Inf".to_string(), |b| b.to_string());
+        let _ = writeln!(s, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(
+        s,
+        "{name}_sum {}\n{name}_count {cumulative}",
+        h.frames.load(Ordering::Relaxed)
+    );
+}
+
 /// Serves `/metrics` on `listener` (bound by the caller, so that it can refuse to start
 /// when `[metrics] listen` is taken) until `stop` is set. Returns the bound address.
 ///
@@ -793,6 +823,9 @@ pub(crate) mod tests {
     fn the_exposition_parses_and_has_the_process_metrics() {
         let counters = Arc::new(AgentCounters::default());
         counters.alert_latency.record(0.002);
+        counters.frame_age.record(0.3);
+        counters.batch_frames.record(1);
+        counters.batch_frames.record(200);
         let exposed = Exposed {
             counters,
             mqtt: Arc::default(),
@@ -801,6 +834,28 @@ pub(crate) mod tests {
         let samples = check_exposition(&render(&exposed));
         assert_eq!(samples["darkwatch_alerts_firing"], 0.0);
         assert_eq!(samples["darkwatch_alert_latency_seconds_count"], 1.0);
+        assert_eq!(
+            samples["darkwatch_frame_age_seconds_bucket{le=\"0.25\"}"],
+            0.0
+        );
+        assert_eq!(
+            samples["darkwatch_frame_age_seconds_bucket{le=\"0.5\"}"],
+            1.0
+        );
+        assert_eq!(
+            samples["darkwatch_scorer_batch_frames_bucket{le=\"1\"}"],
+            1.0
+        );
+        assert_eq!(
+            samples["darkwatch_scorer_batch_frames_bucket{le=\"128\"}"],
+            1.0
+        );
+        assert_eq!(
+            samples["darkwatch_scorer_batch_frames_bucket{le=\"256\"}"],
+            2.0
+        );
+        assert_eq!(samples["darkwatch_scorer_batch_frames_sum"], 201.0);
+        assert_eq!(samples["darkwatch_scorer_batch_frames_count"], 2.0);
         if cfg!(target_os = "linux") {
             let get = |name: &str| {
                 *samples

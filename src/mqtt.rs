@@ -116,6 +116,28 @@ pub const DEFAULT_EMBEDDED_LOG_BYTES: u64 = 2 << 20;
 pub const MIN_EMBEDDED_LOG_BYTES: u64 = 1 << 20;
 /// Largest `[mqtt] embedded_log_bytes` (64 GiB): a bound on a typo, not a recommendation.
 pub const MAX_EMBEDDED_LOG_BYTES: u64 = 64 << 30;
+/// The most the embedded broker takes: [`MAX_INCOMING_PACKET_BYTES`], 16 MiB. rumqttd and
+/// rumqttc both bound a packet's remaining length (its topic, packet id and payload), so
+/// the agent's own client receives every message the broker took; a bigger limit would
+/// let through messages that drop the agent's connection each time they are delivered.
+pub const MAX_EMBEDDED_PAYLOAD_BYTES: usize = MAX_INCOMING_PACKET_BYTES;
+
+/// The embedded broker's packet limit (topic, packet id and payload) for a log of
+/// `log_bytes` per filter: half the log, at least [`MAX_OUTGOING_PACKET_BYTES`] (1 MiB,
+/// the fixed limit before it grew with the log) and at most [`MAX_EMBEDDED_PAYLOAD_BYTES`].
+/// Half, so that the log holds the largest message and as much again: a subscriber a
+/// message behind loses nothing. The default 2 MiB log takes messages up to 1 MiB (340
+/// frames of 768 float32 values); a 16 MiB log, 8 MiB (a 2,730-token prompt at d = 768,
+/// 512 tokens at d = 4096); 32 MiB or more, 16 MiB.
+pub fn embedded_max_payload(log_bytes: u64) -> usize {
+    let half = usize::try_from(log_bytes / 2).unwrap_or(usize::MAX);
+    half.clamp(MAX_OUTGOING_PACKET_BYTES, MAX_EMBEDDED_PAYLOAD_BYTES)
+}
+
+/// The running embedded broker's payload limit (0 before one starts), for its too-large
+/// warning.
+static EMBEDDED_MAX_PAYLOAD: AtomicU64 = AtomicU64::new(0);
+
 /// Segments of the embedded broker's log: it drops one at a time, oldest first.
 const EMBEDDED_LOG_SEGMENTS: u64 = 16;
 
@@ -204,7 +226,9 @@ pub struct MqttConfig {
     /// broker skips the oldest messages it has not delivered (counted in
     /// [`broker_skipped`]). The log stays this full once this much has been published, so
     /// it is memory the process holds ([`DEFAULT_EMBEDDED_LOG_BYTES`]; at least
-    /// [`MIN_EMBEDDED_LOG_BYTES`]). Ignored with an external broker.
+    /// [`MIN_EMBEDDED_LOG_BYTES`]). It also sets the largest message the broker takes,
+    /// half of it within 1 to 16 MiB ([`embedded_max_payload`]). Ignored with an external
+    /// broker.
     pub embedded_log_bytes: u64,
     /// Connect to the (external) broker over TLS (rustls), checking its certificate
     /// against `ca_file` and its name against `host`.
@@ -532,6 +556,7 @@ pub fn start_embedded_broker(host: &str, port: u16) -> Result<u16, MqttError> {
 /// [`MqttError::Spawn`] if the thread cannot start.
 pub fn start_embedded_broker_with(host: &str, port: u16, log_bytes: u64) -> Result<u16, MqttError> {
     let router = embedded_router(log_bytes)?;
+    let max_payload = embedded_max_payload(log_bytes);
     let shown = format!("{host}:{port}");
     let broker_err = |addr: &str, reason: String| MqttError::Broker {
         addr: addr.to_string(),
@@ -555,7 +580,7 @@ pub fn start_embedded_broker_with(host: &str, port: u16, log_bytes: u64) -> Resu
         next_connection_delay_ms: 1,
         connections: rumqttd::ConnectionSettings {
             connection_timeout_ms: 5000,
-            max_payload_size: MAX_OUTGOING_PACKET_BYTES,
+            max_payload_size: max_payload,
             max_inflight_count: 100,
             auth: None,
             external_auth: None,
@@ -589,7 +614,8 @@ pub fn start_embedded_broker_with(host: &str, port: u16, log_bytes: u64) -> Resu
             return Err(broker_err(&shown, reason));
         }
         if TcpStream::connect_timeout(&addr, BROKER_POLL).is_ok() {
-            info!(addr = %addr, "Embedded MQTT broker is listening.");
+            EMBEDDED_MAX_PAYLOAD.store(max_payload as u64, Ordering::Relaxed);
+            info!(addr = %addr, max_payload_bytes = max_payload, "Embedded MQTT broker is listening.");
             return Ok(addr.port());
         }
         if start.elapsed() >= BROKER_WAIT {
@@ -826,10 +852,15 @@ impl BrokerRefusal {
         match self {
             BrokerRefusal::ClientId => "the embedded MQTT broker refused a client whose id has /, +, # or $ in it (rumqttd allows none of them): the client cannot connect. Give it an id without them, or use an external broker ([mqtt] broker = \"external\")".into(),
             BrokerRefusal::ZeroKeepAlive => "the embedded MQTT broker refused a client that asked for keep-alive 0 (rumqttd requires one): the client cannot connect. Set a keep-alive (60 s is usual)".into(),
-            BrokerRefusal::TooLarge => format!(
-                "the embedded MQTT broker dropped a message over its limit of {} bytes and disconnected its publisher (rumqttd acknowledges nothing of it). Send smaller messages (fewer frames per message), or use an external broker ([mqtt] broker = \"external\")",
-                MAX_OUTGOING_PACKET_BYTES
-            ),
+            BrokerRefusal::TooLarge => {
+                let limit = match EMBEDDED_MAX_PAYLOAD.load(Ordering::Relaxed) {
+                    0 => MAX_OUTGOING_PACKET_BYTES as u64,
+                    n => n,
+                };
+                format!(
+                    "the embedded MQTT broker dropped a message over its limit of {limit} bytes and disconnected its publisher (rumqttd acknowledges nothing of it). A QoS 1 publisher (paho, rumqttc) sends the same message again on every reconnect and is disconnected again, so nothing it publishes after it gets through until it is restarted without it. Send messages under {limit} bytes (fewer frames per message), raise [mqtt] embedded_log_bytes (the broker takes messages up to half of it, at most {MAX_EMBEDDED_PAYLOAD_BYTES} bytes), or use an external broker ([mqtt] broker = \"external\")"
+                )
+            }
         }
     }
 }
@@ -1989,7 +2020,28 @@ mod tests {
         ] {
             assert_eq!(BrokerRefusal::of(text), kind, "{text}");
         }
-        assert!(BrokerRefusal::TooLarge.explain().contains("1048576 bytes"));
+        let too_large = BrokerRefusal::TooLarge.explain();
+        assert!(
+            too_large.contains("over its limit of ")
+                && too_large.contains("QoS 1 publisher")
+                && too_large.contains("again on every reconnect")
+                && too_large.contains("embedded_log_bytes"),
+            "{too_large}"
+        );
+    }
+
+    /// The embedded broker takes messages up to half its log, from the old 1 MiB up to
+    /// what the agent's own client receives.
+    #[test]
+    fn the_embedded_payload_limit_is_half_the_log_within_bounds() {
+        let mib = 1usize << 20;
+        assert_eq!(embedded_max_payload(MIN_EMBEDDED_LOG_BYTES), mib);
+        assert_eq!(embedded_max_payload(DEFAULT_EMBEDDED_LOG_BYTES), mib);
+        assert_eq!(embedded_max_payload(16 << 20), 8 * mib);
+        assert_eq!(embedded_max_payload(32 << 20), 16 * mib);
+        assert_eq!(embedded_max_payload(MAX_EMBEDDED_LOG_BYTES), 16 * mib);
+        // What it lets through reaches the agent's client (both bound the same length).
+        const { assert!(MAX_EMBEDDED_PAYLOAD_BYTES <= MAX_INCOMING_PACKET_BYTES) };
     }
     use crate::spool::SpoolConfig;
     use std::io::Write as _;

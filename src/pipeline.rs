@@ -583,6 +583,10 @@ pub trait Sink: Send + 'static {
     /// alerts and notices streams that went silent). The same rules as `accept`: must not
     /// block for long. Does nothing by default.
     fn tick(&mut self, _now: Instant) {}
+    /// A batch of `frames` frames was just scored; their [`Self::admit`] and
+    /// [`Self::accept`] calls follow. Only a sink on the scorer thread
+    /// ([`Self::ON_SCORER_THREAD`]) is told. Does nothing by default.
+    fn batch(&mut self, _frames: usize) {}
 }
 
 /// How often [`Sink::tick`] runs.
@@ -922,9 +926,7 @@ pub fn run_scorer<F: BatchScorer, S: Source, K: Sink>(
         let shared =
             state.hooks.as_ref().is_none_or(|h| h.gate.is_none()) && state.scorer.any_thread();
         let scorer_thread = if shared {
-            let shared = Arc::new(SharedScorer {
-                state: std::sync::Mutex::new(Some(state)),
-            });
+            let shared = Arc::new(SharedScorer::new(state));
             producer.set_drainer(shared.clone());
             spawn("scorer").spawn(move || {
                 let (counts, OnScorer { mut sink, .. }) = shared_score_loop(&shared);
@@ -999,6 +1001,15 @@ const IDLE_PARK: Duration = Duration::from_millis(5);
 /// the scorer busy, and the producer's drop at the end of the run.
 const SHARED_IDLE_PARK: Duration = Duration::from_millis(100);
 
+/// Most compute per frame (of the last batch scored) at which the pushing thread still
+/// scores a [`SharedScorer`]'s ring itself. Scoring in place saves the scorer thread's
+/// wake-up, a few microseconds, and is worth it while a frame costs about as much (the
+/// autoencoder: about 1 to 30 µs). A dearer frame (an SAE: 0.1 to 10 ms) would hold the
+/// pushing thread, the MQTT client's, for that long per frame: the input would wait in the
+/// socket and the broker, one frame would be scored at a time and the ring would never
+/// fill. Above this the scorer thread takes the frames, in batches of what came meanwhile.
+pub const INLINE_MAX_FRAME_NS: u64 = 50_000;
+
 /// Where the scorer puts each scored frame: the result ring to the sink thread, or the
 /// sink itself (see [`Sink::ON_SCORER_THREAD`]).
 trait Results {
@@ -1008,6 +1019,8 @@ trait Results {
     }
     /// Hands over one frame; `false` once nothing takes them any more.
     fn put(&mut self, frame: &ScoredFrame) -> bool;
+    /// A batch of `frames` frames was scored; they are put next ([`Sink::batch`]).
+    fn batch_start(&mut self, _frames: usize) {}
     /// A batch (or the run) is done: frames put since the last call are complete.
     fn batch_done(&mut self) {}
     /// Whether [`Self::time`] does anything (else the scorer reads no clock for it).
@@ -1071,6 +1084,10 @@ impl<K: Sink> Results for OnScorer<K> {
         true
     }
 
+    fn batch_start(&mut self, frames: usize) {
+        self.sink.batch(frames);
+    }
+
     const TICKS: bool = true;
 
     fn time(&mut self, now: Instant) {
@@ -1094,6 +1111,8 @@ struct ScoreState<F, R> {
     compute: LatencyHistogram,
     scored: u64,
     batches: u64,
+    /// Compute per frame of the last batch, in ns (0 before the first).
+    frame_ns: u64,
     frame: ScoredFrame,
     /// `out` took no more frames: the run is over.
     closed: bool,
@@ -1131,6 +1150,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
             compute: LatencyHistogram::new(),
             scored: 0,
             batches: 0,
+            frame_ns: 0,
             frame: ScoredFrame::default(),
             closed: false,
         }
@@ -1155,6 +1175,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
             compute,
             scored,
             batches,
+            frame_ns,
             frame,
             closed,
             ..
@@ -1193,7 +1214,8 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
                 let version = scorer.model_version();
                 scorer.score_batch(end);
                 let t1 = clock.now_ns();
-                compute.record((t1 - t0) / end as u64);
+                *frame_ns = (t1 - t0) / end as u64;
+                compute.record(*frame_ns);
                 *batches += 1;
                 let mut results = Published {
                     out: &mut *out,
@@ -1250,7 +1272,8 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
             if let Some((m, t0)) = flight.take() {
                 self.scorer.collect();
                 let t1 = self.clock.now_ns();
-                self.compute.record((t1 - t0) / m as u64);
+                self.frame_ns = (t1 - t0) / m as u64;
+                self.compute.record(self.frame_ns);
                 self.batches += 1;
                 let version = self.scorer.model_version();
                 let mut results = Published {
@@ -1309,6 +1332,7 @@ impl<R: Results> Published<'_, R> {
         version: u64,
     ) -> bool {
         let frame = &mut *self.frame;
+        self.out.batch_start(metas.len());
         for (i, meta) in metas.iter().enumerate() {
             if !self.out.admit(meta) {
                 continue;
@@ -1368,15 +1392,38 @@ fn score_loop<F: BatchScorer, R: Results>(mut state: ScoreState<F, R>) -> (Score
 }
 
 /// A scorer whose sink runs on it, shared with the thread that pushes frames: that thread
-/// scores what it pushed itself whenever the scorer is not busy ([`Drainer`]), so a frame
-/// wakes no thread at all on its way to its alert. The scorer thread only scores when the
-/// pusher found it busy, and ends the run.
+/// scores what it pushed itself whenever the scorer is not busy ([`Drainer`]) and a frame
+/// is cheap ([`INLINE_MAX_FRAME_NS`]), so a frame wakes no thread at all on its way to its
+/// alert. The scorer thread scores when the pusher found it busy or frames dear, and ends
+/// the run.
 struct SharedScorer<F, K> {
     state: std::sync::Mutex<Option<ScoreState<F, OnScorer<K>>>>,
+    /// [`ScoreState::frame_ns`] after the last drain, read without the lock.
+    frame_ns: AtomicU64,
+}
+
+impl<F, K> SharedScorer<F, K> {
+    fn new(state: ScoreState<F, OnScorer<K>>) -> Self {
+        SharedScorer {
+            state: std::sync::Mutex::new(Some(state)),
+            frame_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the pushing thread may score: the last batch cost at most
+    /// [`INLINE_MAX_FRAME_NS`] a frame (or none was scored yet).
+    fn cheap(&self) -> bool {
+        self.frame_ns.load(Ordering::Relaxed) <= INLINE_MAX_FRAME_NS
+    }
 }
 
 impl<F: BatchScorer, K: Sink> Drainer for SharedScorer<F, K> {
     fn try_drain(&self) -> bool {
+        if !self.cheap() {
+            // Frames are dear: the scorer thread takes them, in batches, while this
+            // thread goes on reading input.
+            return false;
+        }
         let Ok(mut state) = self.state.try_lock() else {
             // Busy (the scorer thread drains, and looks at the ring again before it parks)
             // or poisoned (a panic while scoring: the scorer thread reports it).
@@ -1385,6 +1432,7 @@ impl<F: BatchScorer, K: Sink> Drainer for SharedScorer<F, K> {
         match state.as_mut() {
             Some(state) if !state.closed => {
                 state.drain();
+                self.frame_ns.store(state.frame_ns, Ordering::Relaxed);
                 true
             }
             _ => false,
@@ -1415,6 +1463,7 @@ fn shared_score_loop<F: BatchScorer, K: Sink>(
             let mut guard = lock();
             let state = guard.as_mut().expect("the shared scorer's state");
             state.drain();
+            shared.frame_ns.store(state.frame_ns, Ordering::Relaxed);
             if state.closed {
                 return guard.take().expect("the shared scorer's state").counts();
             }
@@ -1878,6 +1927,124 @@ mod tests {
         fn any_thread(&self) -> bool {
             false
         }
+    }
+
+    /// A scorer whose frames are dear, as an SAE's are: each batch sleeps 200 µs a frame.
+    struct Dear(Scorer);
+
+    impl BatchScorer for Dear {
+        fn max_batch(&self) -> usize {
+            self.0.max_batch()
+        }
+        fn n_features(&self) -> usize {
+            BatchScorer::n_features(&self.0)
+        }
+        fn input_mut(&mut self) -> &mut [f32] {
+            BatchScorer::input_mut(&mut self.0)
+        }
+        fn input_row(&self, i: usize) -> &[f32] {
+            BatchScorer::input_row(&self.0, i)
+        }
+        fn score_batch(&mut self, n: usize) {
+            thread::sleep(Duration::from_micros(200) * n as u32);
+            BatchScorer::score_batch(&mut self.0, n);
+        }
+        fn batch_scores(&self) -> &[f32] {
+            BatchScorer::batch_scores(&self.0)
+        }
+        fn top_contributions(
+            &self,
+            i: usize,
+            out: &mut [Contribution; MAX_TOP_CONTRIBUTIONS],
+        ) -> u8 {
+            BatchScorer::top_contributions(&self.0, i, out)
+        }
+    }
+
+    /// A sink on the scorer that notes each batch's size, the seqs and their threads.
+    #[derive(Default)]
+    struct Batches {
+        sizes: Vec<usize>,
+        seqs: Vec<u64>,
+        threads: Vec<String>,
+    }
+
+    impl Sink for Batches {
+        const ON_SCORER_THREAD: bool = true;
+        fn batch(&mut self, frames: usize) {
+            self.sizes.push(frames);
+        }
+        fn accept(&mut self, f: &ScoredFrame) {
+            self.seqs.push(f.meta.seq);
+            let name = thread::current().name().unwrap_or("?").to_string();
+            if self.threads.last() != Some(&name) {
+                self.threads.push(name);
+            }
+        }
+    }
+
+    /// Frames that cost more than [`INLINE_MAX_FRAME_NS`] are not scored on the pushing
+    /// thread (which would score them one at a time while its input waits): after the
+    /// first, which measures the cost, the scorer thread takes them, and a backlog pushed
+    /// at once is scored in batches of up to `batch_max_frames`, every frame once, in
+    /// order. (The trial's SAE agent scored a burst one frame a batch, at batch-1 speed.)
+    #[test]
+    fn a_backlog_of_dear_frames_is_scored_in_batches_on_the_scorer_thread() {
+        let model = synthetic(6, 3);
+        let head = model.meta.head;
+        let scorer = Dear(Scorer::new(Arc::new(model), head, 32, 2).unwrap());
+        let cfg = PipelineConfig {
+            ring_capacity_frames: 512,
+            batch_max_frames: 32,
+            ..PipelineConfig::default()
+        };
+        let frames = (0..300)
+            .map(|seq| {
+                (
+                    FrameMeta {
+                        seq,
+                        ..FrameMeta::default()
+                    },
+                    seq as f32 / 300.0,
+                )
+            })
+            .collect();
+        let (report, sink) = run_scorer(
+            scorer,
+            &cfg,
+            FullPolicy::Block,
+            Frames(frames),
+            Batches::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(report.frames_scored, 300);
+        assert_eq!(sink.seqs, (0..300).collect::<Vec<_>>());
+        assert_eq!(sink.sizes.iter().sum::<usize>(), 300);
+        assert_eq!(sink.sizes.len() as u64, report.batches);
+        assert!(
+            sink.sizes.iter().all(|&n| (1..=32).contains(&n)),
+            "{:?}",
+            sink.sizes
+        );
+        // Pushed in a few microseconds and scored at 200 µs a frame: most batches are full.
+        assert!(
+            report.batches <= 300 / 4,
+            "{} batches: {:?}",
+            report.batches,
+            sink.sizes
+        );
+        // The pushing thread scored at most the first frame, before its cost was known.
+        let on_source = sink
+            .threads
+            .iter()
+            .filter(|t| *t == "darkwatch-source")
+            .count();
+        assert!(on_source <= 1, "{:?}", sink.threads);
+        assert_eq!(
+            sink.threads.last().map(String::as_str),
+            Some("darkwatch-scorer")
+        );
     }
 
     fn run_ticked<F: BatchScorer, const ON_SCORER: bool>(scorer: F) -> Ticked<ON_SCORER> {

@@ -173,6 +173,17 @@ impl FrameProducer {
     /// Pushes one frame (`values.len()` must equal [`Self::dim`]; a wrong length is
     /// dropped and counted, never half-written). Follows the ring's [`FullPolicy`].
     pub fn push(&mut self, meta: FrameMeta, values: &[f32]) -> Pushed {
+        let pushed = self.push_quiet(meta, values);
+        if pushed == Pushed::Accepted {
+            self.wake();
+        }
+        pushed
+    }
+
+    /// [`Self::push`] without scoring or waking the consumer after it (a full ring still
+    /// does either, to make room): for the frames of one message, pushed together, after
+    /// which [`Self::wake`] makes the consumer take them as one batch instead of one each.
+    pub fn push_quiet(&mut self, meta: FrameMeta, values: &[f32]) -> Pushed {
         if values.len() != self.dim {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return Pushed::Dropped;
@@ -205,10 +216,15 @@ impl FrameProducer {
         values_half.push_slice(values);
         let _ = meta_half.try_push(meta);
         self.shared.stats.pushed.fetch_add(1, Ordering::Relaxed);
+        Pushed::Accepted
+    }
+
+    /// Has what was pushed scored: here, by the drainer, if it can, else by waking the
+    /// consumer.
+    pub fn wake(&self) {
         if !self.drain_here() {
             self.wake_consumer();
         }
-        Pushed::Accepted
     }
 
     fn wake_consumer(&self) {
@@ -393,6 +409,57 @@ mod tests {
         assert_eq!(p.push(meta(15), &[1.0, 2.0]), Pushed::Accepted);
         assert_eq!(popper.popped.load(Ordering::SeqCst), 15);
         assert_eq!(p.stats().dropped.load(Ordering::SeqCst), 1);
+    }
+
+    /// Quiet pushes leave the drainer alone until `wake`, which then takes them all in
+    /// one drain; a full ring still drains to make room.
+    #[test]
+    fn quiet_pushes_are_drained_together_at_the_wake() {
+        struct Counting {
+            consumer: std::sync::Mutex<FrameConsumer>,
+            drains: AtomicU64,
+            sizes: std::sync::Mutex<Vec<usize>>,
+        }
+        impl Drainer for Counting {
+            fn try_drain(&self) -> bool {
+                let mut c = self.consumer.lock().unwrap();
+                let mut metas = [FrameMeta::default(); 8];
+                let mut values = [0.0f32; 16];
+                let n = c.pop_batch(&mut metas, &mut values);
+                self.drains.fetch_add(1, Ordering::Relaxed);
+                self.sizes.lock().unwrap().push(n);
+                true
+            }
+        }
+        let (mut producer, consumer) = frame_ring(8, 2, FullPolicy::DropNewest);
+        let drainer = Arc::new(Counting {
+            consumer: std::sync::Mutex::new(consumer),
+            drains: AtomicU64::new(0),
+            sizes: std::sync::Mutex::new(Vec::new()),
+        });
+        producer.set_drainer(drainer.clone());
+        for seq in 0..5 {
+            assert_eq!(
+                producer.push_quiet(meta(seq), &[1.0, 2.0]),
+                Pushed::Accepted
+            );
+        }
+        assert_eq!(drainer.drains.load(Ordering::Relaxed), 0);
+        producer.wake();
+        assert_eq!(*drainer.sizes.lock().unwrap(), [5]);
+        // Past the ring's 8 frames the full ring drains (the 9th push), then goes on.
+        for seq in 0..10 {
+            assert_eq!(
+                producer.push_quiet(meta(seq), &[1.0, 2.0]),
+                Pushed::Accepted
+            );
+        }
+        assert_eq!(*drainer.sizes.lock().unwrap(), [5, 8]);
+        producer.wake();
+        assert_eq!(*drainer.sizes.lock().unwrap(), [5, 8, 2]);
+        // `push` drains after every frame.
+        assert_eq!(producer.push(meta(0), &[1.0, 2.0]), Pushed::Accepted);
+        assert_eq!(*drainer.sizes.lock().unwrap(), [5, 8, 2, 1]);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! out-of-distribution text on another. Asserted: every frame is scored, each live score
 //! equals what `sae-score` computes offline for that token, the alerts reach an MQTT
 //! subscriber and name activation dimensions, and the OOD stream raises more alerts than
-//! the prose stream. Configurations an SAE cannot run with are refused with clear errors.
+//! the prose stream. A prompt's activations sent as one message are every token scored, in
+//! order, in batches. Configurations an SAE cannot run with are refused with clear errors.
 
 mod util;
 
@@ -326,4 +327,115 @@ fn a_finite_activation_too_large_to_square_still_alarms_and_names_its_dimension(
         "live {} offline {want}",
         scores[1]
     );
+}
+
+/// Publishes one QoS 1 message of any size up to 16 MiB and waits for its PubAck.
+fn publish_one(port: u16, topic: &str, payload: Vec<u8>) {
+    let mut options = rumqttc::MqttOptions::new("sae-live-prompt", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 4);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .unwrap();
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publisher connection: {e}"),
+        }
+    }
+    let _ = client.disconnect();
+}
+
+/// The trial: an ML engineer sends a prompt's `[seq, d]` activations as one message. A
+/// raw message of n × d values behind a DWF1 header is n frames of its stream, in order:
+/// every one is scored (as `sae-score` scores that token), frame i is seq id + i, and the
+/// scorer takes them in batches, not one at a time.
+#[test]
+fn one_message_of_a_prompts_activations_is_every_token_scored_in_order_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae_dir = dir.path().join("sae");
+    train_sae(&sae_dir);
+    let a = repo("tests/data/activations");
+    let x = read_activations(&a.join("test.npy"), None).unwrap();
+    let sae = Sae::load(&sae_dir).unwrap();
+    let head = DarkHead::load(&sae_dir.join(DARK_DIR)).unwrap();
+    let offline = score_tokens(&sae, &head, x.view()).unwrap();
+    let n = x.nrows();
+
+    let port = mqtt::start_embedded_broker("127.0.0.1", 0).unwrap();
+    let cfg = agent_config(dir.path(), &sae_dir, port);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(AgentCounters::default());
+    let running = {
+        let (cfg, stop, counters) = (cfg.clone(), stop.clone(), counters.clone());
+        std::thread::spawn(move || agent::run(&cfg, stop, counters, true))
+    };
+    let started = Instant::now();
+    while counters.frames_scored.load(Ordering::Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60) && !running.is_finished(),
+            "the agent never scored a probe frame"
+        );
+        publish_all(port, &[("act/probe".into(), frame(x.row(0)))]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let probes = counters.frames_scored.load(Ordering::Relaxed);
+    let batches_before = counters.batch_frames.count();
+    let messages_before = counters.messages.load(Ordering::Relaxed);
+
+    // One message: the header (time, first id 1000), then all n rows.
+    let mut payload = mqtt_raw_header(1_700_000_000.0, 1000);
+    for row in x.rows() {
+        payload.extend(frame(row));
+    }
+    assert_eq!(payload.len(), 20 + n * 384 * 4);
+    publish_one(port, "act/prompt", payload);
+    let waiting = Instant::now();
+    while counters.frames_scored.load(Ordering::Relaxed) < probes + n as u64 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "{} of {n} frames scored",
+            counters.frames_scored.load(Ordering::Relaxed) - probes
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let batches = counters.batch_frames.count() - batches_before;
+    assert_eq!(
+        counters.messages.load(Ordering::Relaxed),
+        messages_before + 1
+    );
+    stop.store(true, Ordering::SeqCst);
+    let report = running.join().unwrap().unwrap();
+    assert_eq!(report.pipeline.frames_scored, probes + n as u64);
+    assert_eq!(counters.frames_dropped.load(Ordering::Relaxed), 0);
+
+    let prompt: Vec<(u64, f32)> = report
+        .scores
+        .iter()
+        .filter(|&&(stream, _, _)| stream == 1)
+        .map(|&(_, seq, score)| (seq, score))
+        .collect();
+    let seqs: Vec<u64> = prompt.iter().map(|&(seq, _)| seq).collect();
+    assert_eq!(seqs, (1000..1000 + n as u64).collect::<Vec<_>>());
+    for (i, &(_, score)) in prompt.iter().enumerate() {
+        let want = offline[i].error_sq_norm;
+        assert!(
+            (score - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "token {i}: live {score}, offline {want}"
+        );
+    }
+    // Pushed together, then scored together: batches of up to batch_max_frames (256).
+    eprintln!("{n} frames of one message scored in {batches} batches");
+    assert!(batches >= n.div_ceil(256) as u64, "{batches} batches");
+    assert!(batches < n as u64 / 4, "{batches} batches for {n} frames");
+}
+
+/// A DWF1 header: magic, time (f64 LE), id of the first frame (u64 LE).
+fn mqtt_raw_header(time: f64, id: u64) -> Vec<u8> {
+    let mut h = darkwatch::ingest::raw::HEADER_MAGIC.to_vec();
+    h.extend_from_slice(&time.to_le_bytes());
+    h.extend_from_slice(&id.to_le_bytes());
+    h
 }

@@ -1,27 +1,43 @@
-//! Raw frames: one whole model frame per MQTT message, as `d` little-endian `f32`, with an
-//! optional header that carries the frame's time and the sender's id for it.
+//! Raw frames: whole model frames, one or more per MQTT message, as `d` little-endian
+//! `f32` each, with an optional header that carries the frames' time and the sender's id
+//! for the first.
 //!
-//! Fed by the MQTT source (topic and payload); the frame goes straight to the frame
-//! ring ([`crate::ring`]) without the assembler, since it already holds every feature in
+//! Fed by the MQTT source (topic and payload); the frames go straight to the frame
+//! ring ([`crate::ring`]) without the assembler, since they already hold every feature in
 //! the model's order.
 //!
 //! # Payload
 //!
-//! Either the bare frame, `d × 4` bytes, or the frame behind a 20-byte header
+//! Either bare frames, `n × d × 4` bytes, or the frames behind a 20-byte header
 //! ([`HEADER_BYTES`]):
 //!
 //! ```text
-//! "DWF1" | time: f64 LE | id: u64 LE | d × f32 LE
+//! "DWF1" | time: f64 LE | id: u64 LE | n × d × f32 LE
 //! ```
 //!
-//! - `time`: the frame's event time in epoch seconds (milliseconds, microseconds or
+//! - `n`: 1 to [`MAX_FRAMES_PER_MESSAGE`] frames, consecutive frames of the stream in
+//!   order (a prompt's `[seq, d]` activations, row-major, are its `seq` tokens). A length
+//!   that is not a whole number of frames is refused (`wrong_length`), and so is a
+//!   message of more frames (`too_large`). With a smaller `[pipeline]
+//!   ring_capacity_frames`, the frames that do not fit are dropped and counted
+//!   (`drop_newest`) exactly as `n` messages of one frame would be.
+//! - `time`: the frames' event time in epoch seconds (milliseconds, microseconds or
 //!   nanoseconds are told by size, as for ExaMon); 0 or NaN for none (the time of receipt
-//!   stands in). It becomes the alert's `startsAt` and `endsAt`.
-//! - `id`: the sender's number for the frame (a token index, a counter), at most 2^53 so
-//!   that it stays exact in JSON. It becomes the frame's `seq` in alerts while it rises
-//!   within its stream (see the agent).
+//!   stands in). Every frame of the message has it. It becomes the alert's `startsAt` and
+//!   `endsAt`.
+//! - `id`: the sender's number for the first frame (a token index, a counter); frame `i`
+//!   of the message is `id + i`. At most 2^53 so that it stays exact in JSON. It becomes
+//!   the frame's `seq` in alerts while it rises within its stream (see the agent).
 //!
-//! In Python: `b"DWF1" + struct.pack("<dQ", time.time(), i) + x.astype("<f4").tobytes()`.
+//! Values of another float type do not always show in the length: float16 (or bfloat16)
+//! values of an even number of frames, or float64 ones of any, have a length of whole
+//! float32 frames and are read as such (float64 ones are mostly refused as `non_finite`,
+//! float16 ones are not). Convert at the sender: `x.astype("<f4")`, `x.float()`.
+//!
+//! In Python, one frame: `b"DWF1" + struct.pack("<dQ", time.time(), i) +
+//! x.astype("<f4").tobytes()`; a prompt's activations `acts` of shape `[seq, d]`, its
+//! first token numbered `i`: `b"DWF1" + struct.pack("<dQ", time.time(), i) +
+//! np.ascontiguousarray(acts, "<f4").tobytes()`.
 //!
 //! # Stream names
 //!
@@ -67,6 +83,9 @@ use super::assemble::DecodeError;
 pub const HEADER_MAGIC: [u8; 4] = *b"DWF1";
 /// Bytes of the header: magic, time (f64), id (u64).
 pub const HEADER_BYTES: usize = 20;
+/// Most frames one message may carry: 4096, the default `[pipeline] ring_capacity_frames`
+/// and a long prompt's tokens, so that one message cannot hold more than the default ring.
+pub const MAX_FRAMES_PER_MESSAGE: usize = 4096;
 /// Header ids from this one on are not taken: 2^53, past the integers JSON readers (a
 /// double) hold exactly, counting the seqs that follow an id.
 pub const MAX_FRAME_ID: u64 = 1 << 53;
@@ -265,15 +284,19 @@ fn name_rules(filters: &[String]) -> Vec<Filter> {
     rules
 }
 
-/// One decoded frame's stream, time and id (the values are in the caller's buffer).
+/// One decoded message's stream, time, id and number of frames (the values are in the
+/// caller's buffer, frame after frame).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RawFrame<'a> {
     /// The stream's name; `None` with `stream_from_topic = false`.
     pub stream: Option<&'a str>,
-    /// The header's time in epoch seconds; `None` without a header or with time 0 or NaN.
+    /// The header's time in epoch seconds, every frame's; `None` without a header or with
+    /// time 0 or NaN.
     pub time: Option<f64>,
-    /// The header's frame id; `None` without a header.
+    /// The header's id of the first frame (frame `i` is `id + i`); `None` without a header.
     pub id: Option<u64>,
+    /// Frames in the message: 1 to [`MAX_FRAMES_PER_MESSAGE`].
+    pub frames: usize,
 }
 
 /// Decodes raw `f32` frames.
@@ -298,14 +321,17 @@ impl RawDecoder {
         self.dim.saturating_mul(4)
     }
 
-    /// Decodes one frame into `out` (cleared first; reuse it and nothing is allocated)
-    /// and returns its stream (see the module docs), time and id.
+    /// Decodes a message's frames into `out` (cleared first; reuse it and nothing is
+    /// allocated once it has held the largest message) and returns their stream (see the
+    /// module docs), time, first id and count.
     ///
     /// # Errors
-    /// `WrongLength` (the frame's expected and actual byte counts, behind the header for a
-    /// payload that starts with its magic) unless the payload is a frame of `d` values;
-    /// `NonFinite` when a value is NaN or infinite (the frame is then not written);
-    /// `TimestampInvalid` for a header time that is negative or infinite.
+    /// `WrongLength` (one frame's expected byte count and the actual count, behind the
+    /// header for a payload that starts with its magic) unless the payload is a whole
+    /// number of frames of `d` values, at least one; `TooLarge` for more than
+    /// [`MAX_FRAMES_PER_MESSAGE`] frames; `NonFinite` when a value is NaN or infinite (no
+    /// frame of the message is then written); `TimestampInvalid` for a header time that
+    /// is negative or infinite.
     pub fn decode<'a>(
         &'a mut self,
         topic: &'a str,
@@ -314,31 +340,38 @@ impl RawDecoder {
     ) -> Result<RawFrame<'a>, DecodeError> {
         out.clear();
         let bare = self.frame_bytes();
-        let headed = bare.saturating_add(HEADER_BYTES);
         let has_magic = payload.starts_with(&HEADER_MAGIC);
-        let split = payload.split_at_checked(HEADER_BYTES).filter(|_| has_magic);
         // A payload that starts with the magic is read as headed even when its length is
-        // a bare frame's: a headed frame of d − 5 values would otherwise have its header
+        // bare frames': a headed frame of d − 5 values would otherwise have its header
         // scored as values. (A bare frame whose first value has the magic's bytes, the
         // f32 2.88e-9, is refused as such.)
-        let (header, values) = match split {
-            _ if payload.len() == bare && !has_magic => (None, payload),
-            Some((header, values)) if payload.len() == headed => (Some(header), values),
-            // The lengths of the frame itself, behind its header if it has one, so that
-            // the count of values the log names is the sender's.
-            Some((_, values)) => {
-                return Err(DecodeError::WrongLength {
-                    expected: bare,
-                    got: values.len(),
-                });
-            }
-            None => {
+        let (header, values) = match payload.split_at_checked(HEADER_BYTES) {
+            Some((header, values)) if has_magic => (Some(header), values),
+            _ if !has_magic => (None, payload),
+            _ => {
                 return Err(DecodeError::WrongLength {
                     expected: bare,
                     got: payload.len(),
                 });
             }
         };
+        // The lengths of the frames themselves, behind their header if they have one, so
+        // that the count of values the log names is the sender's.
+        let whole = bare > 0 && !values.is_empty() && values.len().is_multiple_of(bare);
+        if !whole {
+            return Err(DecodeError::WrongLength {
+                expected: bare,
+                got: values.len(),
+            });
+        }
+        let frames = values.len() / bare;
+        if frames > MAX_FRAMES_PER_MESSAGE {
+            return Err(DecodeError::TooLarge {
+                len: payload.len(),
+                max: (payload.len() - values.len())
+                    .saturating_add(MAX_FRAMES_PER_MESSAGE.saturating_mul(bare)),
+            });
+        }
         let (time, id) = match header {
             None => (None, None),
             Some(h) => {
@@ -368,7 +401,12 @@ impl RawDecoder {
         } else {
             None
         };
-        Ok(RawFrame { stream, time, id })
+        Ok(RawFrame {
+            stream,
+            time,
+            id,
+            frames,
+        })
     }
 
     /// The stream `topic` names (see the module docs): the whole topic where its filter
@@ -809,6 +847,91 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// A message of n × d values is n frames of the stream, in order; behind a header they
+    /// share its time, and its id numbers the first. Lengths that are not a whole number
+    /// of frames are refused with one frame's length, and so are more than
+    /// MAX_FRAMES_PER_MESSAGE frames (too_large); MAX_FRAMES_PER_MESSAGE themselves pass.
+    #[test]
+    fn a_message_of_several_frames_is_decoded_in_order() {
+        let mut d = on(&["act/+"]);
+        let mut out = Vec::new();
+        let rows: Vec<f32> = (0..12).map(|v| v as f32 * 0.5).collect();
+        // Bare: four frames of three values.
+        let f = d.decode("act/a", &bytes(&rows), &mut out).unwrap();
+        assert_eq!(
+            (f.stream, f.time, f.id, f.frames),
+            (Some("a"), None, None, 4)
+        );
+        assert_eq!(out, rows);
+        // Headed: the same, with the header's time and first id.
+        let f = d
+            .decode("act/a", &headed(1_700_000_000.5, 40, &rows), &mut out)
+            .unwrap();
+        assert_eq!(
+            (f.time, f.id, f.frames),
+            (Some(1_700_000_000.5), Some(40), 4)
+        );
+        assert_eq!(out, rows);
+        // Headed with no time: still several frames, the receipt stands in.
+        let f = d
+            .decode("act/a", &headed(0.0, 7, &rows[..6]), &mut out)
+            .unwrap();
+        assert_eq!((f.time, f.id, f.frames), (None, Some(7), 2));
+        assert_eq!(out, rows[..6]);
+        // Not a whole number of frames, bare and headed, or no frame at all: one frame's
+        // length, and the sender's.
+        for (payload, got) in [
+            (bytes(&rows[..7]), 28),
+            (bytes(&rows[..2]), 8),
+            (headed(1.0, 7, &rows[..10]), 40),
+            (headed(1.0, 7, &[]), 0),
+            (Vec::new(), 0),
+            (HEADER_MAGIC.to_vec(), 4),
+        ] {
+            let e = d.decode("act/a", &payload, &mut out).unwrap_err();
+            assert_eq!(
+                e,
+                DecodeError::WrongLength { expected: 12, got },
+                "{payload:?}"
+            );
+            assert!(out.is_empty());
+        }
+        // A non-finite value in any frame refuses the whole message.
+        let mut bad = rows.clone();
+        bad[10] = f32::NAN;
+        let e = d.decode("act/a", &bytes(&bad), &mut out).unwrap_err();
+        assert_eq!(e.reason(), "non_finite");
+        assert!(out.is_empty());
+        // The bound: MAX_FRAMES_PER_MESSAGE frames pass, one more is too large.
+        let mut d1 = RawConfig::default().build(1);
+        let most = vec![1.0f32; MAX_FRAMES_PER_MESSAGE];
+        let f = d1.decode("t", &bytes(&most), &mut out).unwrap();
+        assert_eq!(
+            (f.frames, out.len()),
+            (MAX_FRAMES_PER_MESSAGE, MAX_FRAMES_PER_MESSAGE)
+        );
+        let over = vec![1.0f32; MAX_FRAMES_PER_MESSAGE + 1];
+        let e = d1.decode("t", &bytes(&over), &mut out).unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::TooLarge {
+                len: 4 * (MAX_FRAMES_PER_MESSAGE + 1),
+                max: 4 * MAX_FRAMES_PER_MESSAGE
+            }
+        );
+        assert!(out.is_empty());
+        let e = d1
+            .decode("t", &headed(1.0, 0, &over), &mut out)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::TooLarge {
+                len: HEADER_BYTES + 4 * (MAX_FRAMES_PER_MESSAGE + 1),
+                max: HEADER_BYTES + 4 * MAX_FRAMES_PER_MESSAGE
+            }
+        );
+    }
+
     #[test]
     fn every_error_reason() {
         let mut d = RawConfig::default().build(2);
@@ -852,7 +975,8 @@ mod tests {
                 .map(|_| ['/', 'a', 'é', '+', '$'][rng.below(5)])
                 .collect();
             if let Ok(f) = d.decode(&topic, &payload, &mut out) {
-                assert_eq!(out.len(), 4);
+                assert_eq!(out.len(), 4 * f.frames);
+                assert!(f.frames >= 1);
                 assert!(out.iter().all(|v| v.is_finite()));
                 // Only an empty topic (which MQTT does not allow) names an empty stream.
                 assert!(f.stream.is_some_and(|s| !s.is_empty() || topic.is_empty()));
