@@ -101,6 +101,7 @@ fn sae_score_streams_its_input_instead_of_holding_it() {
         tensor: None,
         prompt_ids: None,
         prompt_ids_tensor: None,
+        skip_positions: None,
         out: sae.clone(),
         holdout: 0.25,
         config: SaeTrainConfig {
