@@ -1861,18 +1861,18 @@ impl Publisher {
                 "Cannot spool an alert; publishing it without the spool, at most once (lost if the connection drops before the broker has it). Counted in darkwatch_alerts_unspooled_total; logged at most once a minute, with the count since the last."
             );
         }
-        if self.unspooled.len() >= MAX_UNSPOOLED {
-            if let Some(lost) = self.unspooled.pop_front() {
-                if let Some(count) = self.lost_warn.hit(Instant::now()) {
-                    warn!(
-                        topic = %lost.message.topic,
-                        waiting = MAX_UNSPOOLED,
-                        count,
-                        "Too many alerts wait to be published without the spool; the oldest is lost (logged at most once a minute, with the count since the last)."
-                    );
-                }
-                bump(&self.stats.outgoing_rejected, 1);
+        if self.unspooled.len() >= MAX_UNSPOOLED
+            && let Some(lost) = self.unspooled.pop_front()
+        {
+            if let Some(count) = self.lost_warn.hit(Instant::now()) {
+                warn!(
+                    topic = %lost.message.topic,
+                    waiting = MAX_UNSPOOLED,
+                    count,
+                    "Too many alerts wait to be published without the spool; the oldest is lost (logged at most once a minute, with the count since the last)."
+                );
             }
+            bump(&self.stats.outgoing_rejected, 1);
         }
         self.unspooled.push_back(Unspooled {
             after: self.end_seq,
