@@ -759,6 +759,20 @@ fn bind_metrics(listen: &str) -> Result<Option<std::net::TcpListener>, AgentErro
         })
 }
 
+/// Checks, for `validate --agent`, what `run` takes for itself once it starts, releasing
+/// both at once: `[metrics] listen` can be bound, and no other live process holds the
+/// `[spool] dir` lock. Both may pass by themselves (a stale process exits, the other agent
+/// stops), so `run` exits 1 for them and systemd restarts it; see the README.
+///
+/// # Errors
+/// [`AgentError::Metrics`] if the address cannot be bound, [`AgentError::Spool`]
+/// ([`SpoolError::Locked`]) if another process holds the spool.
+pub fn check_claims(cfg: &DarkwatchConfig) -> Result<(), AgentError> {
+    drop(bind_metrics(&cfg.metrics.listen)?);
+    crate::spool::probe_lock(&cfg.spool.dir)?;
+    Ok(())
+}
+
 /// Checks that `cfg` can run `model` before anything starts (the binary calls it before
 /// READY=1, and on SIGHUP before handing a reload over, so that a refused reload leaves the
 /// agent running): the thresholds calibrate on the model's scores, and an SAE gets raw

@@ -717,6 +717,34 @@ impl DarkwatchConfig {
             ));
         }
         section("retrain", self.retrain.validate())?;
+        if self.retrain.enabled {
+            // A retrain calibrates its candidate's threshold on its held-out rows only; with
+            // fewer than the threshold needs every retrain is rejected.
+            let least = crate::retrain::min_frames_to_calibrate(
+                self.retrain.holdout_fraction,
+                &self.threshold,
+            );
+            if self.retrain.min_frames < least {
+                return Err((
+                    "retrain.min_frames".into(),
+                    format!(
+                        "must be at least {least} with [retrain] holdout_fraction = {} and \
+                         [threshold] kind = \"{}\", got {}: a retrain calibrates its \
+                         threshold on its held-out rows ({} of {} frames here), and the \
+                         threshold needs {} scores; raise min_frames (or holdout_fraction)",
+                        self.retrain.holdout_fraction,
+                        self.threshold.kind.name(),
+                        self.retrain.min_frames,
+                        crate::retrain::holdout_rows(
+                            self.retrain.min_frames,
+                            self.retrain.holdout_fraction
+                        ),
+                        self.retrain.min_frames,
+                        crate::retrain::calibration_scores_needed(&self.threshold),
+                    ),
+                ));
+            }
+        }
         if self.retrain.enabled && self.score.backend == Backend::Cuda {
             return Err((
                 "retrain.enabled".into(),

@@ -1868,8 +1868,12 @@ fn run(command: Command) -> Result<()> {
             check_dirs(Some(&config), &cfg)?;
             let model = load_model(Some(&config), &cfg, Detector::load_checked)?;
             check_runs(Some(&config), &cfg, &model)?;
+            // What `run` takes once it starts: refused there with exit 1 (either may pass),
+            // so refused here with 1 too.
+            darkwatch::agent::check_claims(&cfg)
+                .with_context(|| format!("{}: `run` would fail now", config.display()))?;
             println!(
-                "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate; {} can take the alert spool{}",
+                "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate; {} can take the alert spool and no other agent holds it{}{}",
                 config.display(),
                 model.id(),
                 model.version(),
@@ -1877,6 +1881,11 @@ fn run(command: Command) -> Result<()> {
                 model.backend_label(),
                 cfg.agent.model_dir.display(),
                 cfg.spool.dir.display(),
+                if cfg.metrics.listen.is_empty() {
+                    String::new()
+                } else {
+                    format!("; [metrics] listen {} is free", cfg.metrics.listen)
+                },
                 if cfg.retrain.enabled && !cfg.retrain.state_dir.as_os_str().is_empty() {
                     format!("; {} can take checkpoints", cfg.retrain.state_dir.display())
                 } else {

@@ -233,7 +233,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 15] = [
+    let counters: [(&str, &str, u64); 16] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -295,13 +295,18 @@ pub fn render(e: &Exposed) -> String {
             load(&m.spooled),
         ),
         (
+            "darkwatch_alerts_unspooled_total",
+            "Alert events the spool could not take (a full disk, a read-only file system) and that were published without it, at most once.",
+            load(&m.unspooled),
+        ),
+        (
             "darkwatch_alerts_acked_total",
             "Alert events the broker acknowledged.",
             load(&m.acked),
         ),
         (
             "darkwatch_alerts_rejected_total",
-            "Alert events lost before or in the spool: an invalid topic, too large for an MQTT packet (or for a spool record, max_bytes / 8, which a valid [spool] max_bytes makes room for), a spool I/O error, or unreadable in the spool.",
+            "Alert events lost before or in the spool: an invalid topic, too large for an MQTT packet (or for a spool record, max_bytes / 8, which a valid [spool] max_bytes makes room for), unreadable in the spool, or refused by the spool while 1024 others waited to be published without it.",
             load(&m.outgoing_rejected),
         ),
         (

@@ -161,6 +161,14 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// How often the controller wakes to retry a stalled publish, or to check its drain after
 /// `stop`.
 const TICK: Duration = Duration::from_millis(10);
+/// Alerts the spool could not take that wait, in memory, to be published without it (while
+/// the broker is away or older alerts are ahead of them); past it the oldest is lost.
+pub const MAX_UNSPOOLED: usize = 1024;
+
+/// How often a repeated spool failure is logged: the first one at once, then at most one
+/// `warn!` per period with the count since the last.
+const SPOOL_WARN_PERIOD: Duration = Duration::from_secs(60);
+
 /// Outgoing alerts moved into the spool per wake-up, so events are not starved.
 const DRAIN_PER_TURN: usize = 1024;
 /// Packet ids rumqttc may use beyond `inflight_max`: subscribe and the two status publishes.
@@ -1035,6 +1043,10 @@ pub struct MqttStats {
     pub acked: AtomicU64,
     /// Alerts appended to the spool.
     pub spooled: AtomicU64,
+    /// Alerts the spool could not take (an I/O error: a full disk, a read-only file
+    /// system) and that were published without it: at most once, so one in flight when
+    /// the connection drops, or the process stops, is lost.
+    pub unspooled: AtomicU64,
     /// Connection errors (each one is followed by a reconnect attempt after a backoff).
     pub reconnects: AtomicU64,
     /// Connections that ended within 10 s of their ConnAck (counted in `reconnects` too):
@@ -1043,8 +1055,9 @@ pub struct MqttStats {
     pub short_sessions: AtomicU64,
     /// Whether the client holds a connection (ConnAck seen, no error since).
     pub connected: AtomicBool,
-    /// Alerts refused before the spool (invalid topic, too large, spool I/O error) or found
-    /// unreadable in it; each one is lost, with a `warn!`.
+    /// Alerts refused before the spool (invalid topic, too large), found unreadable in it,
+    /// or that the spool could not take while more than [`MAX_UNSPOOLED`] others waited
+    /// to be published without it; each one is lost, with a `warn!`.
     pub outgoing_rejected: AtomicU64,
     /// Unacknowledged alerts the spool lost: deleted to stay within its `max_bytes`, or
     /// found corrupt when it was opened (see [`crate::spool::SpoolStats::dropped_corrupt`]).
@@ -1616,6 +1629,14 @@ async fn run_client(
             Err(error) => warn!(%error, "Cannot queue the MQTT disconnect."),
         }
     }
+    if !publisher.unspooled.is_empty() {
+        let lost = publisher.unspooled.len() as u64;
+        warn!(
+            lost,
+            "Alerts the spool could not take were still waiting for the broker at the stop; they are lost."
+        );
+        bump(&stats.outgoing_rejected, lost);
+    }
     driver.abort();
     stats.connected.store(false, Ordering::Relaxed);
     info!(
@@ -1705,6 +1726,48 @@ impl RateLimit {
     }
 }
 
+/// Logs a repeated failure the first time and then at most once per `period`, with how
+/// many happened since the last log.
+#[derive(Debug)]
+pub(crate) struct WarnEvery {
+    period: Duration,
+    last: Option<Instant>,
+    /// Failures since the last log, that one included.
+    count: u64,
+}
+
+impl WarnEvery {
+    pub(crate) fn new(period: Duration) -> WarnEvery {
+        WarnEvery {
+            period,
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// Counts one failure at `now`; `Some(n)` when it is to be logged, `n` being the
+    /// failures since the last log (this one included).
+    pub(crate) fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.count += 1;
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.period)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+/// An alert the spool could not take, waiting to be published without it.
+#[derive(Debug)]
+struct Unspooled {
+    /// Published once every spool record below this sequence number has been sent.
+    after: u64,
+    message: Outgoing,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
     seq: u64,
@@ -1737,7 +1800,12 @@ struct Publisher {
     /// Queued QoS 1 publishes whose packet id is not known yet: `Some(seq)` for a record,
     /// `None` for a status publish.
     awaiting: VecDeque<Option<u64>>,
-    spool_warn: RateLimit,
+    /// Alerts the spool could not take, oldest first, at most [`MAX_UNSPOOLED`]; each is
+    /// published once, in its place among the spooled ones.
+    unspooled: VecDeque<Unspooled>,
+    spool_warn: WarnEvery,
+    append_warn: WarnEvery,
+    lost_warn: WarnEvery,
 }
 
 impl Publisher {
@@ -1762,7 +1830,10 @@ impl Publisher {
             connected: false,
             inflight: VecDeque::new(),
             awaiting: VecDeque::new(),
-            spool_warn: RateLimit::default(),
+            unspooled: VecDeque::new(),
+            spool_warn: WarnEvery::new(SPOOL_WARN_PERIOD),
+            append_warn: WarnEvery::new(SPOOL_WARN_PERIOD),
+            lost_warn: WarnEvery::new(SPOOL_WARN_PERIOD),
         };
         publisher.check_invariants();
         publisher
@@ -1774,7 +1845,15 @@ impl Publisher {
     }
 
     fn is_drained(&self) -> bool {
-        self.head_seq == self.end_seq
+        self.head_seq == self.end_seq && self.unspooled.is_empty()
+    }
+
+    /// Whether the oldest unspooled alert is next in line: every spooled record before it
+    /// has been sent on this connection.
+    fn unspooled_due(&self) -> bool {
+        self.unspooled
+            .front()
+            .is_some_and(|u| u.after <= self.next_send)
     }
 
     /// Whether publishing waits on something no driver event will report: a record this
@@ -1782,7 +1861,9 @@ impl Publisher {
     /// behind the in-flight limit), or an acknowledged record the spool has not taken yet.
     fn stalled(&self) -> bool {
         self.connected
-            && (self.next_send < self.end_seq || self.inflight.front().is_some_and(|f| f.acked))
+            && (self.next_send < self.end_seq
+                || self.inflight.front().is_some_and(|f| f.acked)
+                || self.unspooled_due())
     }
 
     fn mirror_front_seq(&self) -> u64 {
@@ -1815,8 +1896,7 @@ impl Publisher {
         }
         let dropped_before = self.spool.stats().dropped_oldest;
         if let Err(error) = self.spool.append(&encode_record(&message)) {
-            warn!(topic = %message.topic, %error, "Cannot spool an alert; it is lost.");
-            bump(&self.stats.outgoing_rejected, 1);
+            self.publish_unspooled(message, &error);
             return;
         }
         let dropped = self.spool.stats().dropped_oldest - dropped_before;
@@ -1827,6 +1907,38 @@ impl Publisher {
         self.end_seq += 1;
         bump(&self.stats.spooled, 1);
         self.check_invariants();
+    }
+
+    /// The spool could not take `message`: it is published without it, once, in its place
+    /// after the spooled alerts before it (at most once: lost if the connection drops
+    /// before the broker has it). Logged the first time and then once a minute with a count.
+    fn publish_unspooled(&mut self, message: Outgoing, error: &SpoolError) {
+        bump(&self.stats.unspooled, 1);
+        if let Some(count) = self.append_warn.hit(Instant::now()) {
+            warn!(
+                topic = %message.topic,
+                %error,
+                count,
+                "Cannot spool an alert; publishing it without the spool, at most once (lost if the connection drops before the broker has it). Counted in darkwatch_alerts_unspooled_total; logged at most once a minute, with the count since the last."
+            );
+        }
+        if self.unspooled.len() >= MAX_UNSPOOLED
+            && let Some(lost) = self.unspooled.pop_front()
+        {
+            if let Some(count) = self.lost_warn.hit(Instant::now()) {
+                warn!(
+                    topic = %lost.message.topic,
+                    waiting = MAX_UNSPOOLED,
+                    count,
+                    "Too many alerts wait to be published without the spool; the oldest is lost (logged at most once a minute, with the count since the last)."
+                );
+            }
+            bump(&self.stats.outgoing_rejected, 1);
+        }
+        self.unspooled.push_back(Unspooled {
+            after: self.end_seq,
+            message,
+        });
     }
 
     /// The spool deleted its `n` oldest records to make room.
@@ -1893,8 +2005,8 @@ impl Publisher {
             }
             if front.seq == self.head_seq {
                 if let Err(error) = self.spool.ack() {
-                    if self.spool_warn.ready() {
-                        warn!(%error, "Cannot acknowledge an alert in the spool; retrying.");
+                    if let Some(count) = self.spool_warn.hit(Instant::now()) {
+                        warn!(%error, count, "Cannot acknowledge an alert in the spool; retrying (logged at most once a minute, with the count since the last).");
                     }
                     return;
                 }
@@ -1917,8 +2029,8 @@ impl Publisher {
             "Dropping an unreadable record from the alert spool."
         );
         if let Err(error) = self.spool.ack() {
-            if self.spool_warn.ready() {
-                warn!(%error, "Cannot drop the unreadable spool record; retrying.");
+            if let Some(count) = self.spool_warn.hit(Instant::now()) {
+                warn!(%error, count, "Cannot drop the unreadable spool record; retrying.");
             }
             return false;
         }
@@ -1932,10 +2044,25 @@ impl Publisher {
     /// Publishes, oldest first, what the connection and the in-flight limit allow.
     /// `send` queues one publish and says whether it could.
     fn pump(&mut self, mut send: impl FnMut(&Outgoing) -> bool) {
-        while self.connected
-            && self.next_send < self.end_seq
-            && self.inflight.len() < self.inflight_max
-        {
+        loop {
+            if !self.connected {
+                break;
+            }
+            if self.unspooled_due() {
+                let Some(front) = self.unspooled.front() else {
+                    break;
+                };
+                if !send(&front.message) {
+                    break;
+                }
+                // Not tracked: nothing to acknowledge in the spool.
+                self.awaiting.push_back(None);
+                self.unspooled.pop_front();
+                continue;
+            }
+            if self.next_send >= self.end_seq || self.inflight.len() >= self.inflight_max {
+                break;
+            }
             let seq = self.next_send;
             let sent = if seq < self.backlog_end {
                 // From an earlier run: only the head is readable, one at a time.
@@ -1963,8 +2090,8 @@ impl Publisher {
                         break;
                     }
                     Err(error) => {
-                        if self.spool_warn.ready() {
-                            warn!(%error, "Cannot read the alert spool; retrying.");
+                        if let Some(count) = self.spool_warn.hit(Instant::now()) {
+                            warn!(%error, count, "Cannot read the alert spool; retrying.");
                         }
                         break;
                     }
@@ -2320,6 +2447,53 @@ mod tests {
         assert_eq!(h.p.spool.len(), 0);
     }
 
+    /// The trial's full disk: the spool refuses appends, and the alerts are published
+    /// without it, each in its place after the spooled ones before it; the failure is
+    /// logged once, not per alert, and counted.
+    #[test]
+    fn alerts_the_spool_refuses_are_published_in_order_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::new(spool_at(dir.path(), 1 << 16), 1);
+        h.p.append(alert(0));
+        h.p.append(alert(1));
+        h.p.spool.break_appends_for_test();
+        for i in 2..6 {
+            h.p.append(alert(i));
+        }
+        assert_eq!(h.p.stats.spooled.load(Ordering::Relaxed), 2);
+        assert_eq!(h.p.stats.unspooled.load(Ordering::Relaxed), 4);
+        assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 0);
+        // One warn! so far (the first), three more counted for the next one.
+        assert_eq!(h.p.append_warn.count, 3);
+        assert!(h.pump().is_empty(), "nothing goes out while disconnected");
+        assert!(!h.p.is_drained());
+        h.p.reset_connection(true);
+        // In-flight limit 1: alert-0 alone; the unspooled ones wait behind alert-1.
+        let pkids = h.pump();
+        assert_eq!(h.sent_payloads(), names(0..1));
+        h.p.on_puback(pkids[0]);
+        let pkids = h.pump();
+        assert_eq!(h.sent_payloads(), names(0..6), "in order");
+        h.p.on_puback(pkids[0]);
+        assert!(h.p.is_drained());
+        assert_eq!(h.p.stats.spool_pending.load(Ordering::Relaxed), 0);
+        assert_eq!(h.p.stats.acked.load(Ordering::Relaxed), 2);
+    }
+
+    /// The first failure is logged, then at most one per period with the count since.
+    #[test]
+    fn warn_every_logs_the_first_then_once_a_period_with_the_count() {
+        let mut w = WarnEvery::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert_eq!(w.hit(t0), Some(1));
+        for s in 1..60 {
+            assert_eq!(w.hit(t0 + Duration::from_secs(s)), None);
+        }
+        assert_eq!(w.hit(t0 + Duration::from_secs(60)), Some(60));
+        assert_eq!(w.hit(t0 + Duration::from_secs(61)), None);
+        assert_eq!(w.hit(t0 + Duration::from_secs(200)), Some(2));
+    }
+
     #[test]
     fn previous_run_backlog_goes_first_one_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
@@ -2439,7 +2613,9 @@ mod tests {
         let mut h = Harness::new(spool_at(dir.path(), smaller), 4);
         h.p.append(largest());
         assert_eq!(h.p.spool.len(), 0);
-        assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 1);
+        // The spool refuses it; it goes out without the spool instead of being lost.
+        assert_eq!(h.p.stats.unspooled.load(Ordering::Relaxed), 1);
+        assert_eq!(h.p.stats.outgoing_rejected.load(Ordering::Relaxed), 0);
     }
 
     #[test]

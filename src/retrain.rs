@@ -79,7 +79,9 @@ pub struct RetrainConfig {
     /// ... or after this many seconds, whichever comes first (0: no time trigger). A
     /// paused replay ignores it: a wall-clock trigger would make it irreproducible.
     pub every_secs: u64,
-    /// A retrain needs at least this many frames in the reservoir.
+    /// A retrain needs at least this many frames in the reservoir. Its held-out share
+    /// (`holdout_fraction`) calibrates the candidate's threshold, so with retraining on the
+    /// configuration refuses fewer than [`min_frames_to_calibrate`] (248 by default).
     pub min_frames: usize,
     /// Epochs of warm-start fine-tuning per retrain (bounded work).
     pub epochs: usize,
@@ -371,7 +373,7 @@ pub fn refit(
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         idx.swap(i, j);
     }
-    let n_hold = ((n as f64 * cfg.holdout_fraction).round() as usize).clamp(1, n - 1);
+    let n_hold = holdout_rows(n, cfg.holdout_fraction);
     let (hold_idx, rest) = idx.split_at(n_hold);
     let train_idx: Vec<usize> = rest
         .iter()
@@ -448,11 +450,20 @@ pub struct GateReport {
     pub accepted: bool,
     /// Mean held-out loss, top 1 % trimmed (NLL for a probabilistic model, squared error
     /// otherwise).
+    #[serde(deserialize_with = "null_as_nan")]
     pub current_loss: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub candidate_loss: f64,
-    /// The candidate's threshold calibrated on its own held-out scores (NaN: none).
+    /// The candidate's threshold calibrated on its own held-out scores (NaN: none). JSON
+    /// writes NaN as `null`, and reads `null` back as NaN.
+    #[serde(deserialize_with = "null_as_nan")]
     pub candidate_threshold: f64,
     pub reason: String,
+}
+
+/// Reads a number that serde_json wrote from a NaN or an infinity as `null`.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// The per-frame training loss of `model` on raw `rows`: Gaussian NLL (the raw wnll with
@@ -506,9 +517,8 @@ pub fn gate(
 ) -> GateReport {
     let current_loss = trimmed_mean(losses(current, candidate.holdout.view()));
     let candidate_loss = trimmed_mean(losses(&candidate.model, candidate.holdout.view()));
-    let candidate_threshold = threshold
-        .build(&candidate.model.threshold_scores())
-        .map_or(f64::NAN, |t| t.threshold());
+    let calibrated = threshold.build(&candidate.model.threshold_scores());
+    let candidate_threshold = calibrated.as_ref().map_or(f64::NAN, |t| t.threshold());
     // Losses can be negative (NLL): compare with a tolerance on their spread, not a ratio.
     let allowed = current_loss + cfg.gate_tolerance * current_loss.abs().max(1.0);
     let (accepted, reason) = if !candidate_loss.is_finite() {
@@ -516,7 +526,12 @@ pub fn gate(
     } else if !candidate_threshold.is_finite() {
         (
             false,
-            "candidate threshold could not be calibrated".to_string(),
+            uncalibrated_reason(
+                calibrated.err().as_ref(),
+                candidate.holdout.nrows(),
+                cfg,
+                threshold,
+            ),
         )
     } else if current_loss.is_finite() && candidate_loss > allowed {
         (
@@ -538,6 +553,65 @@ pub fn gate(
         candidate_threshold,
         reason,
     }
+}
+
+/// Held-out rows of a retrain on `rows` frames: what calibrates the candidate's threshold.
+pub fn holdout_rows(rows: usize, holdout_fraction: f64) -> usize {
+    if rows < 2 {
+        return 0;
+    }
+    ((rows as f64 * holdout_fraction).round() as usize).clamp(1, rows - 1)
+}
+
+/// Finite scores the `[threshold]` kind needs to calibrate (see [`ThresholdConfig::build`](crate::threshold::ThresholdConfig::build)).
+pub fn calibration_scores_needed(threshold: &crate::threshold::ThresholdConfig) -> usize {
+    match threshold.kind {
+        crate::threshold::ThresholdKind::Dspot => {
+            threshold.dspot_depth + crate::threshold::MIN_CALIBRATION_SCORES
+        }
+        _ => crate::threshold::MIN_CALIBRATION_SCORES,
+    }
+}
+
+/// The smallest `[retrain] min_frames` whose held-out share ([`holdout_rows`]) gives the
+/// threshold the scores it needs: a retrain on fewer frames can never calibrate one.
+pub fn min_frames_to_calibrate(
+    holdout_fraction: f64,
+    threshold: &crate::threshold::ThresholdConfig,
+) -> usize {
+    let needed = calibration_scores_needed(threshold);
+    let mut rows = (needed as f64 / holdout_fraction.max(1e-6)).floor() as usize;
+    rows = rows.saturating_sub(2).max(2);
+    while holdout_rows(rows, holdout_fraction) < needed {
+        rows += 1;
+    }
+    rows
+}
+
+/// Why a candidate's threshold could not be calibrated, with its numbers and the remedy.
+fn uncalibrated_reason(
+    error: Option<&crate::threshold::ThresholdError>,
+    held_out: usize,
+    cfg: &RetrainConfig,
+    threshold: &crate::threshold::ThresholdConfig,
+) -> String {
+    use crate::threshold::ThresholdError;
+    let why = error.map_or_else(
+        || "the threshold is not finite".to_string(),
+        |e| e.to_string(),
+    );
+    let remedy = match error {
+        Some(ThresholdError::TooFewScores { .. }) => format!(
+            "; the candidate had {held_out} held-out rows ([retrain] holdout_fraction = {}):              raise [retrain] min_frames to at least {} or holdout_fraction",
+            cfg.holdout_fraction,
+            min_frames_to_calibrate(cfg.holdout_fraction, threshold)
+        ),
+        Some(ThresholdError::ConstantScores { .. }) => format!(
+            "; on its {held_out} held-out rows: the admitted frames do not vary; this mends              itself once they do, or use [threshold] kind = \"quantile\""
+        ),
+        _ => format!("; on its {held_out} held-out rows"),
+    };
+    format!("candidate threshold could not be calibrated: {why}{remedy}")
 }
 
 /// One line of `history.jsonl` in the state directory.
@@ -771,14 +845,49 @@ impl CheckpointStore {
         }
     }
 
-    /// The recorded history, oldest first (unreadable lines are skipped).
+    /// The recorded history, oldest first, without the lines that cannot be read (see
+    /// [`CheckpointStore::read_history`]).
     pub fn history(&self) -> Vec<HistoryEntry> {
-        fs::read_to_string(self.dir.join(HISTORY_FILE))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.read_history().entries
     }
+
+    /// The recorded history, oldest first, and the lines that cannot be read as an entry
+    /// (a line torn by a crash, or one a newer version wrote), each with its number and
+    /// why. A missing file is an empty history.
+    pub fn read_history(&self) -> History {
+        let path = self.dir.join(HISTORY_FILE);
+        let text = match fs::read(&path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return History {
+                    entries: Vec::new(),
+                    unreadable: vec![(0, format!("cannot read {}: {e}", path.display()))],
+                };
+            }
+        };
+        let mut history = History::default();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str(line) {
+                Ok(entry) => history.entries.push(entry),
+                Err(e) => history.unreadable.push((i + 1, e.to_string())),
+            }
+        }
+        history
+    }
+}
+
+/// `history.jsonl` as read by [`CheckpointStore::read_history`].
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// The entries that could be read, oldest first.
+    pub entries: Vec<HistoryEntry>,
+    /// The lines that could not: line number (1-based; 0 when the file itself cannot be
+    /// read) and why.
+    pub unreadable: Vec<(usize, String)>,
 }
 
 /// Counters of the trainer, shared with `/metrics` and reports.
@@ -1550,16 +1659,27 @@ pub fn describe_state(dir: &Path) -> String {
             }
         }
     }
-    let history = store.history();
+    let History {
+        entries: history,
+        unreadable,
+    } = store.read_history();
     let accepted = history.iter().filter(|h| h.gate.accepted).count();
-    let _ = writeln!(
+    let _ = write!(
         s,
         "history    {} retrains: {accepted} accepted, {} rejected",
         history.len(),
         history.len() - accepted
     );
+    if unreadable.is_empty() {
+        let _ = writeln!(s);
+    } else {
+        let _ = writeln!(s, "; {} unreadable lines", unreadable.len());
+    }
     for h in &history {
         let _ = writeln!(s, "  unix {} {h}", h.unix_secs);
+    }
+    for (line, why) in &unreadable {
+        let _ = writeln!(s, "  UNREADABLE line {line}: {why}");
     }
     s
 }
@@ -1587,12 +1707,19 @@ pub fn describe_state_json(dir: &Path) -> serde_json::Value {
             }),
         })
         .collect();
+    let history = store.read_history();
+    let unreadable: Vec<serde_json::Value> = history
+        .unreadable
+        .iter()
+        .map(|(line, why)| serde_json::json!({ "line": line, "error": why }))
+        .collect();
     serde_json::json!({
         "kind": "retrain_state",
         "state_dir": dir,
         "origin": store.origin(),
         "checkpoints": checkpoints,
-        "history": store.history(),
+        "history": history.entries,
+        "history_unreadable": unreadable,
     })
 }
 

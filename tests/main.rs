@@ -1195,6 +1195,140 @@ fn an_unusable_spool_or_state_folder_exits_78_from_run_and_validate_agent() {
     assert_eq!(names, ["keep"]);
 }
 
+/// `validate --agent` checks what `run` takes once it starts: a `[metrics] listen` another
+/// process holds and a `[spool] dir` another process has locked each fail it with exit 1
+/// (as `run` does: both may pass), naming what is taken. It passed both before, and `run`
+/// then exited 1.
+#[test]
+fn validate_agent_reports_a_taken_metrics_port_and_a_locked_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap();
+    let spool = dir.path().join("spool");
+    let config = |name: &str, listen: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"{listen}\"\n",
+                repo("models/smd-machine-1-6").display(),
+                spool.display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let validate = |cfg: &std::path::Path| {
+        run(darkwatch_within(60)
+            .args(["validate", "--agent", "--config"])
+            .arg(cfg))
+    };
+    let port_cfg = config("port.toml", &taken.to_string());
+    let (code, out, err) = validate(&port_cfg);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("listen = \"{taken}\": cannot listen")),
+        "{err}"
+    );
+    drop(held);
+    let (code, out, err) = validate(&port_cfg);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("is free"), "{out}");
+
+    let free = config("free.toml", "127.0.0.1:0");
+    let holder = darkwatch::spool::Spool::open(darkwatch::spool::SpoolConfig {
+        dir: spool.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let (code, out, err) = validate(&free);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("another darkwatch process holds"), "{err}");
+    drop(holder);
+    let (code, out, err) = validate(&free);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no other agent holds it"), "{out}");
+    // The check released the lock: a spool opens there now.
+    darkwatch::spool::Spool::open(darkwatch::spool::SpoolConfig {
+        dir: spool,
+        ..Default::default()
+    })
+    .unwrap();
+}
+
+/// `[retrain] min_frames` too small for the held-out rows to calibrate a threshold is a
+/// configuration error naming the least that works (the trial's `min_frames = 100` made
+/// every retrain fail); with a larger `holdout_fraction` 100 is enough.
+#[test]
+fn retrain_min_frames_too_small_to_calibrate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str, retrain: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "[agent]\nmodel_dir = \"{}\"\n[mqtt]\nport = 0\n[retrain]\nenabled = true\nstate_dir = \"{}\"\n{retrain}",
+                repo("models/smd-machine-1-6").display(),
+                dir.path().join("state").display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let (code, _, err) = run(darkwatch()
+        .args(["validate", "--config"])
+        .arg(config("small.toml", "min_frames = 100\n")));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("retrain.min_frames") && err.contains("must be at least 248"),
+        "{err}"
+    );
+    for (name, retrain) in [
+        ("least.toml", "min_frames = 248\n"),
+        ("half.toml", "min_frames = 100\nholdout_fraction = 0.5\n"),
+    ] {
+        let (code, out, err) = run(darkwatch()
+            .args(["validate", "--config"])
+            .arg(config(name, retrain)));
+        assert_eq!(code, 0, "{retrain}: {out}{err}");
+    }
+}
+
+/// `inspect STATE_DIR` reads rejected retrains whose threshold was not finite (JSON
+/// `null`): the trial's history showed `0 retrains` for two. A line that cannot be read
+/// at all is counted and shown, not skipped.
+#[test]
+fn inspect_reads_null_threshold_retrains_and_reports_unreadable_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |t: u64| {
+        format!(
+            "{{\"unix_secs\":{t},\"version\":1,\"model_id\":\"345ec66d0583\",\"trigger\":\"schedule (frames)\",\"rows\":109,\"seconds\":0.0016,\"gate\":{{\"accepted\":false,\"current_loss\":-8.7,\"candidate_loss\":-8.2,\"candidate_threshold\":null,\"reason\":\"candidate threshold could not be calibrated\"}}}}\n"
+        )
+    };
+    std::fs::write(
+        dir.path().join("history.jsonl"),
+        format!("{}{}{{\"unix_secs\": torn", line(1), line(2)),
+    )
+    .unwrap();
+    let (code, out, err) = run(darkwatch().arg("inspect").arg(dir.path()));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("history    2 retrains: 0 accepted, 2 rejected; 1 unreadable lines"),
+        "{out}"
+    );
+    assert_eq!(out.matches("REJECTED").count(), 2, "{out}");
+    assert!(out.contains("UNREADABLE line 3"), "{out}");
+    let (code, out, err) = run(darkwatch().arg("inspect").arg(dir.path()).arg("--json"));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["history"].as_array().unwrap().len(), 2, "{out}");
+    assert!(
+        v["history"][0]["gate"]["candidate_threshold"].is_null(),
+        "{out}"
+    );
+    assert_eq!(v["history_unreadable"][0]["line"], 3, "{out}");
+}
+
 /// A model folder that is missing, empty or holds a broken model is a configuration error
 /// for `run` and for `validate` with or without `--agent`: exit 78, which the systemd unit
 /// does not restart on (it used to exit 1, and systemd restarted the agent forever), with

@@ -1335,6 +1335,48 @@ fn a_firing_alert_is_resent_then_resolved_when_its_stream_goes_silent() {
     assert!(err.contains("silence_secs"), "the silence is logged: {err}");
 }
 
+/// The trial's full disk: the spool cannot take an alert (here no file may grow past 64
+/// bytes, `RLIMIT_FSIZE`, so every append fails as on a full disk), and the firing alert
+/// and its re-sends still reach the broker, counted as unspooled, not rejected; the
+/// failure is logged once, not once per alert. Before, each one was lost with a WARN.
+#[test]
+fn alerts_reach_the_broker_when_the_spool_cannot_be_written() {
+    let (dir, model, test_csv, _) = crate::trained();
+    let broker = free_port();
+    let metrics = free_port();
+    let node = unique("fulldisk");
+    let mqtt = format!("port = {broker}\nnode_name = \"{node}\"\n");
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "",
+        &mqtt,
+        "[alert]\nresend_secs = 1\n",
+    );
+    let started = std::time::Instant::now();
+    let mut agent = Agent::start_with_file_size_limit(&cfg, metrics, 64);
+    agent.wait_metric("darkwatch_mqtt_connected", |v| v == 1.0);
+    let mut sub = alert_collector(broker, &node);
+    let data = rows(&test_csv);
+    publish_all(broker, &examon("o", "n1", &data[690..716], 1_700_000_000.0));
+    sub.wait("the firing alert and two re-sends", |got| got.len() >= 3);
+    let first: serde_json::Value = serde_json::from_slice(&sub.got[0].payload).unwrap();
+    assert_eq!(first["status"], "firing", "{first}");
+    assert!(agent.metric("darkwatch_alerts_unspooled_total").unwrap() >= 3.0);
+    assert_eq!(agent.metric("darkwatch_alerts_spooled_total"), Some(0.0));
+    assert_eq!(agent.metric("darkwatch_alerts_rejected_total"), Some(0.0));
+    assert_eq!(agent.metric("darkwatch_alerts_spool_pending"), Some(0.0));
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    // Logged the first time, then at most once a minute.
+    let most = 1 + started.elapsed().as_secs() as usize / 60;
+    let warned = err.matches("Cannot spool an alert").count();
+    assert!((1..=most).contains(&warned), "{warned} warnings: {err}");
+    assert!(err.contains("File too large"), "the cause is named: {err}");
+}
+
 /// Each stream's score and threshold on `/metrics` (`[metrics] per_stream`, on by
 /// default) through the real agent: the series carry the stream's name as the alerts
 /// label it, a finite score, and the score and threshold that the alert events carry

@@ -384,6 +384,32 @@ impl Agent {
         }
     }
 
+    /// [`Agent::start`] with writes past `bytes` of any file failing (`RLIMIT_FSIZE`, with
+    /// `SIGXFSZ` ignored, so a write returns `EFBIG` as a full disk returns `ENOSPC`).
+    pub fn start_with_file_size_limit(config: &Path, metrics_port: u16, bytes: u64) -> Agent {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = super::darkwatch();
+        cmd.args(["run", "--config"]).arg(config);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let limit = libc::rlimit {
+                    rlim_cur: bytes as libc::rlim_t,
+                    rlim_max: bytes as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Agent {
+            process: Logged::spawn(&mut cmd),
+            metrics_port,
+        }
+    }
+
     /// [`Agent::start`], then waits until its MQTT client is connected.
     pub fn connected(config: &Path, metrics_port: u16, env: &[(&str, &str)]) -> Agent {
         let mut agent = Agent::start(config, metrics_port, env);
