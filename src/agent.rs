@@ -2010,7 +2010,7 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
             "[agent] format = \"{section}\" reads {reads}: check what the sender publishes on this topic, and [agent] format."
         ),
         DecodeError::StringField => "Only numbers and booleans are scored: drop string fields at the sender (Telegraf's fielddrop or fieldpass) to quiet this.".into(),
-        DecodeError::NonFinite if format == InputFormat::Raw => "The sender publishes NaN or infinite values: fix the sender. (float64 values read as float32 mostly look so: a float64 frame has the length of two float32 frames. Convert them at the sender: numpy x.astype(\"<f4\"), torch x.float().)".into(),
+        DecodeError::NonFinite if format == InputFormat::Raw => "The sender publishes NaN or infinite values: fix the sender. (float64 values computed in float64 and read as float32 often look so: a float64 frame has the length of two float32 frames. Float64 values widened from float32 or float16 look finite and are scored as garbage, unrefused. Convert them at the sender: numpy x.astype(\"<f4\"), torch x.float().)".into(),
         DecodeError::NonFinite => "The sender publishes NaN or infinite values: fix the sender.".into(),
         DecodeError::TimestampInvalid(_) if format == InputFormat::Raw => "A DWF1 header's time must be epoch seconds (milliseconds, microseconds or nanoseconds are told by size), or 0 or NaN for none: check what the sender writes after DWF1.".into(),
         DecodeError::TimestampMissing | DecodeError::TimestampInvalid(_) => "Timestamps must be epoch seconds (milliseconds, microseconds or nanoseconds are told by size) or RFC 3339: check the sender's time format.".into(),
@@ -3438,7 +3438,8 @@ mod tests {
     /// The trial: frames of half or twice the model's bytes were logged as "this sender's
     /// are 32 values" (or 128) with no hint that they are float16 or float64 frames of the
     /// right width. Since a message may hold several frames, twice a frame is two frames:
-    /// float64 is told where its values are refused as non-finite instead.
+    /// float64 is told where its values are refused as non-finite instead (values computed
+    /// in float64; widened ones read as finite float32 and are not told at all).
     #[test]
     fn a_raw_frame_of_half_or_twice_the_bytes_is_told_as_float16_or_float64() {
         let raw = |payload: Vec<u8>| {

@@ -1113,6 +1113,8 @@ struct ScoreState<F, R> {
     batches: u64,
     /// Compute per frame of the last batch, in ns (0 before the first).
     frame_ns: u64,
+    /// What a frame scored on the pushing thread would cost ([`InlineCost`]).
+    inline: InlineCost,
     frame: ScoredFrame,
     /// `out` took no more frames: the run is over.
     closed: bool,
@@ -1151,6 +1153,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
             scored: 0,
             batches: 0,
             frame_ns: 0,
+            inline: InlineCost::default(),
             frame: ScoredFrame::default(),
             closed: false,
         }
@@ -1176,6 +1179,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
             scored,
             batches,
             frame_ns,
+            inline,
             frame,
             closed,
             ..
@@ -1215,6 +1219,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
                 scorer.score_batch(end);
                 let t1 = clock.now_ns();
                 *frame_ns = (t1 - t0) / end as u64;
+                *inline = inline.after_batch(end, *frame_ns);
                 compute.record(*frame_ns);
                 *batches += 1;
                 let mut results = Published {
@@ -1273,6 +1278,7 @@ impl<F: BatchScorer, R: Results> ScoreState<F, R> {
                 self.scorer.collect();
                 let t1 = self.clock.now_ns();
                 self.frame_ns = (t1 - t0) / m as u64;
+                self.inline = self.inline.after_batch(m, self.frame_ns);
                 self.compute.record(self.frame_ns);
                 self.batches += 1;
                 let version = self.scorer.model_version();
@@ -1391,6 +1397,38 @@ fn score_loop<F: BatchScorer, R: Results>(mut state: ScoreState<F, R>) -> (Score
     state.counts()
 }
 
+/// The compute per frame that a batch scored on the pushing thread would cost, as
+/// [`SharedScorer`] decides by it: measured on the smallest batches seen, since the pushing
+/// thread scores small batches (a message's frames) while the scorer thread's, with a
+/// backlog, are large and cheaper a frame. Were every batch to count, a model at 100 µs a
+/// batch of 1 but 20 µs a frame in batches would flip with each message: cheap after a
+/// batch on the scorer thread, so the next message scored at 100 µs on the pushing thread,
+/// then dear again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct InlineCost {
+    /// Compute per frame of the last batch of at most [`Self::batch`] frames (0 before the
+    /// first batch: cheap).
+    frame_ns: u64,
+    /// The fewest frames of a batch so far (0 before the first).
+    batch: usize,
+}
+
+impl InlineCost {
+    /// The estimate after a batch of `n` frames at `frame_ns` a frame: a batch no larger
+    /// than the smallest so far replaces it; a larger one leaves it as it was.
+    fn after_batch(self, n: usize, frame_ns: u64) -> Self {
+        if n == 0 || (self.batch != 0 && n > self.batch) {
+            return self;
+        }
+        InlineCost { frame_ns, batch: n }
+    }
+
+    /// Whether the pushing thread may score: a frame costs at most [`INLINE_MAX_FRAME_NS`].
+    fn cheap(frame_ns: u64) -> bool {
+        frame_ns <= INLINE_MAX_FRAME_NS
+    }
+}
+
 /// A scorer whose sink runs on it, shared with the thread that pushes frames: that thread
 /// scores what it pushed itself whenever the scorer is not busy ([`Drainer`]) and a frame
 /// is cheap ([`INLINE_MAX_FRAME_NS`]), so a frame wakes no thread at all on its way to its
@@ -1398,7 +1436,7 @@ fn score_loop<F: BatchScorer, R: Results>(mut state: ScoreState<F, R>) -> (Score
 /// the run.
 struct SharedScorer<F, K> {
     state: std::sync::Mutex<Option<ScoreState<F, OnScorer<K>>>>,
-    /// [`ScoreState::frame_ns`] after the last drain, read without the lock.
+    /// [`ScoreState::inline`]'s cost per frame after the last drain, read without the lock.
     frame_ns: AtomicU64,
 }
 
@@ -1410,10 +1448,10 @@ impl<F, K> SharedScorer<F, K> {
         }
     }
 
-    /// Whether the pushing thread may score: the last batch cost at most
-    /// [`INLINE_MAX_FRAME_NS`] a frame (or none was scored yet).
+    /// Whether the pushing thread may score: the smallest batches cost at most
+    /// [`INLINE_MAX_FRAME_NS`] a frame (or none was scored yet); see [`InlineCost`].
     fn cheap(&self) -> bool {
-        self.frame_ns.load(Ordering::Relaxed) <= INLINE_MAX_FRAME_NS
+        InlineCost::cheap(self.frame_ns.load(Ordering::Relaxed))
     }
 }
 
@@ -1432,7 +1470,8 @@ impl<F: BatchScorer, K: Sink> Drainer for SharedScorer<F, K> {
         match state.as_mut() {
             Some(state) if !state.closed => {
                 state.drain();
-                self.frame_ns.store(state.frame_ns, Ordering::Relaxed);
+                self.frame_ns
+                    .store(state.inline.frame_ns, Ordering::Relaxed);
                 true
             }
             _ => false,
@@ -1463,7 +1502,9 @@ fn shared_score_loop<F: BatchScorer, K: Sink>(
             let mut guard = lock();
             let state = guard.as_mut().expect("the shared scorer's state");
             state.drain();
-            shared.frame_ns.store(state.frame_ns, Ordering::Relaxed);
+            shared
+                .frame_ns
+                .store(state.inline.frame_ns, Ordering::Relaxed);
             if state.closed {
                 return guard.take().expect("the shared scorer's state").counts();
             }
@@ -1738,6 +1779,17 @@ mod tests {
     /// Pushes its frames, each with every feature at one value, then ends.
     struct Frames(Vec<(FrameMeta, f32)>);
 
+    /// [`Frames`], then sets the flag: every frame is in the ring.
+    struct FramesThen(Frames, Arc<AtomicBool>);
+
+    impl Source for FramesThen {
+        fn run(self: Box<Self>, producer: FrameProducer, clock: &Clock, stop: &AtomicBool) -> u64 {
+            let n = Box::new(self.0).run(producer, clock, stop);
+            self.1.store(true, Ordering::SeqCst);
+            n
+        }
+    }
+
     impl Source for Frames {
         fn run(self: Box<Self>, mut producer: FrameProducer, clock: &Clock, _: &AtomicBool) -> u64 {
             let d = producer.dim();
@@ -1930,7 +1982,9 @@ mod tests {
     }
 
     /// A scorer whose frames are dear, as an SAE's are: each batch sleeps 200 µs a frame.
-    struct Dear(Scorer);
+    /// The scorer thread's batches first wait for the gate (the source sets it once every
+    /// frame is pushed), so that the backlog does not hang on the threads' relative speeds.
+    struct Dear(Scorer, Arc<AtomicBool>);
 
     impl BatchScorer for Dear {
         fn max_batch(&self) -> usize {
@@ -1946,6 +2000,11 @@ mod tests {
             BatchScorer::input_row(&self.0, i)
         }
         fn score_batch(&mut self, n: usize) {
+            if thread::current().name() == Some("darkwatch-scorer") {
+                while !self.1.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
             thread::sleep(Duration::from_micros(200) * n as u32);
             BatchScorer::score_batch(&mut self.0, n);
         }
@@ -1988,11 +2047,17 @@ mod tests {
     /// first, which measures the cost, the scorer thread takes them, and a backlog pushed
     /// at once is scored in batches of up to `batch_max_frames`, every frame once, in
     /// order. (The trial's SAE agent scored a burst one frame a batch, at batch-1 speed.)
+    /// The scorer thread's batches wait until every frame is pushed, so the backlog is
+    /// there whatever the threads' relative speeds.
     #[test]
     fn a_backlog_of_dear_frames_is_scored_in_batches_on_the_scorer_thread() {
         let model = synthetic(6, 3);
         let head = model.meta.head;
-        let scorer = Dear(Scorer::new(Arc::new(model), head, 32, 2).unwrap());
+        let pushed = Arc::new(AtomicBool::new(false));
+        let scorer = Dear(
+            Scorer::new(Arc::new(model), head, 32, 2).unwrap(),
+            pushed.clone(),
+        );
         let cfg = PipelineConfig {
             ring_capacity_frames: 512,
             batch_max_frames: 32,
@@ -2013,7 +2078,7 @@ mod tests {
             scorer,
             &cfg,
             FullPolicy::Block,
-            Frames(frames),
+            FramesThen(Frames(frames), pushed),
             Batches::default(),
             None,
         )
@@ -2027,9 +2092,11 @@ mod tests {
             "{:?}",
             sink.sizes
         );
-        // Pushed in a few microseconds and scored at 200 µs a frame: most batches are full.
+        // The first frame (its cost unknown, on either thread), the scorer thread's first
+        // batch (popped before the gate: what was pushed by then), and the rest, at most
+        // 298 frames, in full batches of 32: 10 batches. Scored alone, 300.
         assert!(
-            report.batches <= 300 / 4,
+            report.batches <= 12,
             "{} batches: {:?}",
             report.batches,
             sink.sizes
@@ -2044,6 +2111,65 @@ mod tests {
         assert_eq!(
             sink.threads.last().map(String::as_str),
             Some("darkwatch-scorer")
+        );
+    }
+
+    /// The pushing thread's decision follows the smallest batches: a model at 100 µs for a
+    /// batch of 1 but 20 µs a frame in batches of 32 stays dear after the scorer thread's
+    /// large batches (the last batch's cost a frame flipped it with every message), and a
+    /// cheap one stays cheap.
+    #[test]
+    fn the_inline_cost_follows_the_smallest_batches_and_does_not_flip() {
+        let first = InlineCost::default();
+        assert!(InlineCost::cheap(first.frame_ns), "nothing measured yet");
+        // A dear model: a message's frame alone, then the backlog's batches, in turns.
+        let mut cost = first.after_batch(1, 100_000);
+        for _ in 0..10 {
+            cost = cost.after_batch(32, 20_000);
+            assert!(!InlineCost::cheap(cost.frame_ns), "{cost:?}");
+            cost = cost.after_batch(1, 100_000);
+            assert!(!InlineCost::cheap(cost.frame_ns), "{cost:?}");
+        }
+        // A batch of 1 measured cheaper (the model got cheaper) still counts.
+        cost = cost.after_batch(1, 10_000);
+        assert!(InlineCost::cheap(cost.frame_ns), "{cost:?}");
+        assert_eq!(
+            cost,
+            InlineCost {
+                frame_ns: 10_000,
+                batch: 1
+            }
+        );
+        // Messages of 4 frames: batches of 4 count, larger ones do not, smaller ones do.
+        let mut cost = first.after_batch(4, 80_000);
+        cost = cost.after_batch(64, 15_000);
+        assert_eq!(
+            cost,
+            InlineCost {
+                frame_ns: 80_000,
+                batch: 4
+            }
+        );
+        cost = cost.after_batch(4, 70_000);
+        assert_eq!(
+            cost,
+            InlineCost {
+                frame_ns: 70_000,
+                batch: 4
+            }
+        );
+        cost = cost.after_batch(2, 90_000);
+        assert_eq!(
+            cost,
+            InlineCost {
+                frame_ns: 90_000,
+                batch: 2
+            }
+        );
+        assert_eq!(
+            cost.after_batch(0, 1),
+            cost,
+            "an empty batch measures nothing"
         );
     }
 

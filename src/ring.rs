@@ -181,8 +181,9 @@ impl FrameProducer {
     }
 
     /// [`Self::push`] without scoring or waking the consumer after it (a full ring still
-    /// does either, to make room): for the frames of one message, pushed together, after
-    /// which [`Self::wake`] makes the consumer take them as one batch instead of one each.
+    /// does either, to make room, even when it then drops the frame): for the frames of one
+    /// message, pushed together, after which [`Self::wake`] makes the consumer take them as
+    /// one batch instead of one each.
     pub fn push_quiet(&mut self, meta: FrameMeta, values: &[f32]) -> Pushed {
         if values.len() != self.dim {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -200,6 +201,9 @@ impl FrameProducer {
             }
             match self.policy {
                 FullPolicy::DropNewest => {
+                    // The quiet frames before this one woke nobody: the consumer may be
+                    // parked beside a full ring.
+                    self.wake_consumer();
                     self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     return Pushed::Dropped;
                 }
@@ -460,6 +464,44 @@ mod tests {
         // `push` drains after every frame.
         assert_eq!(producer.push(meta(0), &[1.0, 2.0]), Pushed::Accepted);
         assert_eq!(*drainer.sizes.lock().unwrap(), [5, 8, 2, 1]);
+    }
+
+    /// A quiet push into a full ring that cannot be scored here (the drainer is busy)
+    /// drops the frame but wakes the parked consumer, which the quiet pushes before it
+    /// did not.
+    #[test]
+    fn a_quiet_push_dropped_by_a_full_ring_wakes_the_consumer() {
+        let (mut p, c) = frame_ring(2, 2, FullPolicy::DropNewest);
+        let waiter = c.waiter();
+        let popper = Arc::new(Popper {
+            consumer: std::sync::Mutex::new(c),
+            busy: AtomicBool::new(true),
+            popped: AtomicU64::new(0),
+        });
+        p.set_drainer(popper.clone());
+        let (woke_tx, woke_rx) = std::sync::mpsc::channel();
+        let consumer = std::thread::spawn(move || {
+            popper.consumer.lock().unwrap().register_current_thread();
+            // Long enough that only the producer's unpark ends it.
+            waiter.wait(Duration::from_secs(600));
+            woke_tx.send(()).unwrap();
+        });
+        while !p.shared.consumer_sleeping.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // Let it reach `park` (were it to find the frames first it would not sleep, and
+        // the test would pass without the wake).
+        std::thread::sleep(Duration::from_millis(50));
+        for seq in 0..2 {
+            assert_eq!(p.push_quiet(meta(seq), &[1.0, 2.0]), Pushed::Accepted);
+        }
+        assert_eq!(p.push_quiet(meta(2), &[1.0, 2.0]), Pushed::Dropped);
+        assert!(
+            woke_rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "the consumer slept on beside a full ring"
+        );
+        consumer.join().unwrap();
+        assert_eq!(p.stats().dropped.load(Ordering::Relaxed), 1);
     }
 
     #[test]

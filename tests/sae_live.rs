@@ -89,7 +89,7 @@ fn agent_scores_live_activation_frames_with_an_sae_as_sae_score_does() {
         publish_all(port, &[("act/probe".into(), frame(x.row(prose[0])))]);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let probes = counters.frames_scored.load(Ordering::Relaxed);
+    settle(&counters);
     // Prose is stream 1, OOD stream 2; in steps, so that no burst overflows a ring.
     for (topic, rows) in [("act/prose", &prose), ("act/ood", &ood)] {
         for chunk in rows.chunks(100) {
@@ -111,6 +111,7 @@ fn agent_scores_live_activation_frames_with_an_sae_as_sae_score_does() {
     }
     stop.store(true, Ordering::SeqCst);
     let report = running.join().unwrap().unwrap();
+    let probes = probes_scored(&report.scores);
     assert_eq!(report.pipeline.frames_scored, probes + x.nrows() as u64);
     assert_eq!(counters.frames_dropped.load(Ordering::Relaxed), 0);
     // `/metrics` says what scores.
@@ -381,9 +382,8 @@ fn one_message_of_a_prompts_activations_is_every_token_scored_in_order_in_batche
         publish_all(port, &[("act/probe".into(), frame(x.row(0)))]);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let probes = counters.frames_scored.load(Ordering::Relaxed);
+    let (messages_before, scored_before) = settle(&counters);
     let batches_before = counters.batch_frames.count();
-    let messages_before = counters.messages.load(Ordering::Relaxed);
 
     // One message: the header (time, first id 1000), then all n rows.
     let mut payload = mqtt_raw_header(1_700_000_000.0, 1000);
@@ -393,21 +393,29 @@ fn one_message_of_a_prompts_activations_is_every_token_scored_in_order_in_batche
     assert_eq!(payload.len(), 20 + n * 384 * 4);
     publish_one(port, "act/prompt", payload);
     let waiting = Instant::now();
-    while counters.frames_scored.load(Ordering::Relaxed) < probes + n as u64 {
+    while counters.frames_scored.load(Ordering::Relaxed) < scored_before + n as u64 {
         assert!(
             waiting.elapsed() < Duration::from_secs(60),
             "{} of {n} frames scored",
-            counters.frames_scored.load(Ordering::Relaxed) - probes
+            counters.frames_scored.load(Ordering::Relaxed) - scored_before
         );
         std::thread::sleep(Duration::from_millis(5));
     }
     let batches = counters.batch_frames.count() - batches_before;
-    assert_eq!(
-        counters.messages.load(Ordering::Relaxed),
-        messages_before + 1
-    );
     stop.store(true, Ordering::SeqCst);
     let report = running.join().unwrap().unwrap();
+    // Probes counted from the report, not from the counters when probing stopped: one
+    // still on its way then (a message of one frame on stream 0) would be miscounted. The
+    // messages since are the prompt and any such late probe.
+    let probes = probes_scored(&report.scores);
+    assert!(
+        probes >= scored_before,
+        "{probes} probes, {scored_before} scored before"
+    );
+    assert_eq!(
+        counters.messages.load(Ordering::Relaxed) - messages_before,
+        1 + (probes - scored_before)
+    );
     assert_eq!(report.pipeline.frames_scored, probes + n as u64);
     assert_eq!(counters.frames_dropped.load(Ordering::Relaxed), 0);
 
@@ -430,6 +438,38 @@ fn one_message_of_a_prompts_activations_is_every_token_scored_in_order_in_batche
     eprintln!("{n} frames of one message scored in {batches} batches");
     assert!(batches >= n.div_ceil(256) as u64, "{batches} batches");
     assert!(batches < n as u64 / 4, "{batches} batches for {n} frames");
+}
+
+/// Waits until the agent's message and scored-frame counts have stood still for half a
+/// second (a probe published just before probing stopped may still be on its way), and
+/// returns them.
+fn settle(counters: &AgentCounters) -> (u64, u64) {
+    let read = || {
+        (
+            counters.messages.load(Ordering::Relaxed),
+            counters.frames_scored.load(Ordering::Relaxed),
+        )
+    };
+    let started = Instant::now();
+    let mut last = read();
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_millis(500) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the counters never stood still: {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        let now = read();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    last
+}
+
+/// The probe frames scored (stream 0, the first subscribed), from the run's scores.
+fn probes_scored(scores: &[(u32, u64, f32)]) -> u64 {
+    scores.iter().filter(|&&(stream, _, _)| stream == 0).count() as u64
 }
 
 /// A DWF1 header: magic, time (f64 LE), id of the first frame (u64 LE).

@@ -31,8 +31,13 @@
 //!
 //! Values of another float type do not always show in the length: float16 (or bfloat16)
 //! values of an even number of frames, or float64 ones of any, have a length of whole
-//! float32 frames and are read as such (float64 ones are mostly refused as `non_finite`,
-//! float16 ones are not). Convert at the sender: `x.astype("<f4")`, `x.float()`.
+//! float32 frames and are read as such, each float64 value as two float32 values. Float64
+//! values widened from float32, float16 or bfloat16 (a model's activations, say) have the
+//! low 29 bits of their mantissa zero, so their low words read as 0, ±1.1e-19, ±2 or
+//! ±3.7e19, always finite: such a message is scored, with no error, as twice its frames,
+//! all garbage. (Values computed in float64 have arbitrary low words, and most of their
+//! frames are refused as `non_finite`.) Float16 ones are scored as garbage likewise.
+//! Convert at the sender: `x.astype("<f4")`, `x.float()`.
 //!
 //! In Python, one frame: `b"DWF1" + struct.pack("<dQ", time.time(), i) +
 //! x.astype("<f4").tobytes()`; a prompt's activations `acts` of shape `[seq, d]`, its

@@ -1581,7 +1581,7 @@ __device__ __forceinline__ void keep_best(float& v, unsigned& i, float w, unsign
 
 // One block per row: the reconstruction and error as in sae_decode, then the dark-matter
 // head on the device. Per row: the score of `kind` (0 ||e||^2, 1 ||e - (x A + b)||^2,
-// 2 (||e||^2 - (x.w + c)) / sigma), the contributions into `contrib` (e_j^2, or the
+// 2 (||e||^2 - max(0, x.w + c)) / sigma), the contributions into `contrib` (e_j^2, or the
 // unexplained (e_j - e_hat_j)^2 for kind 1), and the `top` largest of them, ranked as on
 // the host. e_hat holds x A (read for kind 1 only). Sums in double: more exact than the
 // host's f32 sums, so the two differ by the host's rounding.
@@ -1783,7 +1783,7 @@ struct DeviceHead {
     /// `[d, d]` row-major: ê (row) = x (row)·A + b.
     a: CudaSlice<f32>,
     b: CudaSlice<f32>,
-    /// Predicted ‖e‖² = x·w + c.
+    /// Predicted ‖e‖² = max(0, x·w + c) (clamped in the kernel, as on the host).
     w: CudaSlice<f32>,
     c: f32,
     sigma: f32,

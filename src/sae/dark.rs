@@ -908,8 +908,6 @@ impl DarkHead {
     }
 }
 
-/// 1 − rss/tss. With no variance to explain: 1 when nothing is left over either, else 0
-/// (never ±∞ or NaN).
 /// Adds Σ (eᵢ − ēᵢ)² of one error row `e` to `tss_e`, in column order: the spread of the
 /// errors in [`DarkHead::r2`], which `sae-score` sums a block of rows at a time.
 pub(crate) fn add_sq_dev(tss_e: &mut f64, e: ArrayView1<f32>, e_bar: ArrayView1<f64>) {
@@ -940,6 +938,8 @@ pub(crate) fn r2_of_scores(scores: &[DarkScore], tss_e: f64) -> R2 {
     }
 }
 
+/// 1 − rss/tss. With no variance to explain: 1 when nothing is left over either, else 0
+/// (never ±∞ or NaN).
 fn r2(rss: f64, tss: f64) -> f64 {
     if tss > 0.0 {
         1.0 - rss / tss

@@ -111,6 +111,9 @@ pub struct RowSelection {
     pub skip: usize,
     /// Whether `skip` is the default (no `--skip-positions` given).
     pub defaulted: bool,
+    /// The default would have dropped every row (no prompt is longer than it: prompts of
+    /// one token), so `skip` fell back to 0.
+    pub fell_back: bool,
     /// Rows dropped, and rows read.
     pub dropped: usize,
     pub rows: usize,
@@ -132,7 +135,15 @@ impl RowSelection {
             } else {
                 ""
             };
-            let _ = if self.skip == 0 {
+            let _ = if self.fell_back {
+                writeln!(
+                    text,
+                    "positions: every token kept: the default --skip-positions \
+                     {DEFAULT_SKIP_POSITIONS} would drop every row (no prompt is longer; \
+                     positions from {}), so none are skipped",
+                    p.source
+                )
+            } else if self.skip == 0 {
                 writeln!(
                     text,
                     "positions: every token kept (--skip-positions 0; positions from {})",
@@ -165,9 +176,12 @@ pub type Selected = (Array2<f32>, Option<Vec<i64>>, RowSelection);
 /// `None`: [`DEFAULT_SKIP_POSITIONS`] when positions are known, else 0), then checks the
 /// kept rows for extreme norms ([`extreme_norms`]) and logs a warning if any are found.
 ///
+/// When the default would drop every row (prompts of one token), it falls back to 0
+/// ([`RowSelection::fell_back`]).
+///
 /// # Errors
 /// `skip` ≥ 1 given for rows without positions (neither prompt ids nor a `[batch, seq, d]`
-/// input), or a `skip` that drops every row; each naming `input`.
+/// input), or a `skip` given that drops every row; each naming `input`.
 pub fn select_rows(
     input: &Path,
     x: Array2<f32>,
@@ -178,7 +192,7 @@ pub fn select_rows(
     let rows = x.nrows();
     let positions = TokenPositions::find(rows, ids.as_deref(), shape);
     let defaulted = skip.is_none();
-    let skip = match (&positions, skip) {
+    let mut skip = match (&positions, skip) {
         (Some(_), s) => s.unwrap_or(DEFAULT_SKIP_POSITIONS),
         (None, None | Some(0)) => 0,
         (None, Some(n)) => {
@@ -192,10 +206,21 @@ pub fn select_rows(
             });
         }
     };
+    let mut fell_back = false;
     let (x, ids, positions) = match positions {
         Some(p) if skip > 0 => {
             let keep: Vec<usize> = (0..rows).filter(|&r| p.position[r] >= skip).collect();
-            if keep.is_empty() {
+            if keep.is_empty() && defaulted {
+                // Prompts of one token: the default drops nothing rather than everything.
+                tracing::info!(
+                    file = %input.display(),
+                    "No prompt is longer than {skip} token(s): the default \
+                     --skip-positions {skip} would drop every row, so none are skipped"
+                );
+                skip = 0;
+                fell_back = true;
+                (x, ids, Some(p))
+            } else if keep.is_empty() {
                 let longest = p.position.iter().max().map_or(0, |m| m + 1);
                 return Err(SaeEvalError::Input {
                     path: input.to_path_buf(),
@@ -205,9 +230,10 @@ pub fn select_rows(
                         p.source
                     ),
                 });
+            } else {
+                let ids = ids.map(|ids| keep.iter().map(|&r| ids[r]).collect());
+                (x.select(Axis(0), &keep), ids, Some(p.select(&keep)))
             }
-            let ids = ids.map(|ids| keep.iter().map(|&r| ids[r]).collect());
-            (x.select(Axis(0), &keep), ids, Some(p.select(&keep)))
         }
         p => (x, ids, p),
     };
@@ -215,6 +241,7 @@ pub fn select_rows(
     let selection = RowSelection {
         skip,
         defaulted,
+        fell_back,
         dropped: rows - x.nrows(),
         rows,
         positions,
@@ -450,6 +477,40 @@ mod tests {
             e.contains("drops every row: the longest prompt has 4 tokens"),
             "{e}"
         );
+    }
+
+    /// Prompts of one token: the default skip would drop every row, so it falls back to 0
+    /// and says so; the same skip given still refuses.
+    #[test]
+    fn the_default_skip_falls_back_to_none_when_every_prompt_is_one_token() {
+        let x = Array2::from_shape_fn((4, 2), |(r, _)| r as f32);
+        let id = vec![1, 2, 3, 4];
+        let (kept, kept_ids, sel) = select_rows(
+            Path::new("a.npy"),
+            x.clone(),
+            &[4, 2],
+            Some(id.clone()),
+            None,
+        )
+        .unwrap();
+        assert_eq!(kept, x);
+        assert_eq!(kept_ids.unwrap(), id);
+        assert!(sel.defaulted && sel.fell_back, "{sel:?}");
+        assert_eq!((sel.skip, sel.dropped, sel.rows), (0, 0, 4));
+        let text = sel.text();
+        assert!(
+            text.contains("the default --skip-positions 1 would drop every row"),
+            "{text}"
+        );
+        // A [batch, 1, d] input likewise.
+        let (kept, _, sel) =
+            select_rows(Path::new("a.npy"), x.clone(), &[4, 1, 2], None, None).unwrap();
+        assert_eq!((kept.nrows(), sel.skip, sel.fell_back), (4, 0, true));
+        // Given, it still refuses.
+        let e = select_rows(Path::new("a.npy"), x, &[4, 2], Some(id), Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--skip-positions 1 drops every row"), "{e}");
     }
 
     #[test]
