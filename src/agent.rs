@@ -761,16 +761,37 @@ fn bind_metrics(listen: &str) -> Result<Option<std::net::TcpListener>, AgentErro
 
 /// Checks, for `validate --agent`, what `run` takes for itself once it starts, releasing
 /// both at once: `[metrics] listen` can be bound, and no other live process holds the
-/// `[spool] dir` lock. Both may pass by themselves (a stale process exits, the other agent
-/// stops), so `run` exits 1 for them and systemd restarts it; see the README.
+/// `[spool] dir` lock. A port in use and a held spool are what the running agent itself
+/// holds, so they come back as notes, not errors (validate judges the configuration, and
+/// is run before a restart while the agent still runs); `run` exits 1 for them and systemd
+/// restarts it, see the README.
 ///
 /// # Errors
-/// [`AgentError::Metrics`] if the address cannot be bound, [`AgentError::Spool`]
-/// ([`SpoolError::Locked`]) if another process holds the spool.
-pub fn check_claims(cfg: &DarkwatchConfig) -> Result<(), AgentError> {
-    drop(bind_metrics(&cfg.metrics.listen)?);
-    crate::spool::probe_lock(&cfg.spool.dir)?;
-    Ok(())
+/// [`AgentError::Metrics`] if the address cannot be bound for another reason than being in
+/// use (not an address of this host, a privileged port), [`AgentError::Spool`] for an I/O
+/// error probing the lock.
+pub fn check_claims(cfg: &DarkwatchConfig) -> Result<Vec<String>, AgentError> {
+    let mut notes = Vec::new();
+    match bind_metrics(&cfg.metrics.listen) {
+        Ok(listener) => drop(listener),
+        Err(AgentError::Metrics { listen, source })
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            notes.push(format!(
+                "[metrics] listen {listen} is in use (by the running agent? `run` cannot start while it is)"
+            ));
+        }
+        Err(e) => return Err(e),
+    }
+    match crate::spool::probe_lock(&cfg.spool.dir) {
+        Ok(()) => {}
+        Err(SpoolError::Locked { dir }) => notes.push(format!(
+            "another darkwatch process holds the spool in {} (the running agent? `run` cannot start while it does)",
+            dir.display()
+        )),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(notes)
 }
 
 /// Checks that `cfg` can run `model` before anything starts (the binary calls it before

@@ -483,7 +483,9 @@ not restart it), 1 for other failures.")]
         /// Also check what `darkwatch run` checks before it tells systemd it is ready:
         /// `[agent] model_dir` loads on the configured backend, and `[spool] dir` and
         /// `[retrain] state_dir` can be made and written (a probe file is made and
-        /// removed, as are folders made for the check: nothing is left behind).
+        /// removed, as are folders made for the check: nothing is left behind). A
+        /// `[metrics] listen` in use or a `[spool] dir` another agent holds (the running
+        /// agent's own) is printed as a note and does not fail the check.
         #[arg(long)]
         agent: bool,
     },
@@ -1868,12 +1870,18 @@ fn run(command: Command) -> Result<()> {
             check_dirs(Some(&config), &cfg)?;
             let model = load_model(Some(&config), &cfg, Detector::load_checked)?;
             check_runs(Some(&config), &cfg, &model)?;
-            // What `run` takes once it starts: refused there with exit 1 (either may pass),
-            // so refused here with 1 too.
-            darkwatch::agent::check_claims(&cfg)
+            // What `run` takes once it starts. A port in use or a held spool is most often
+            // the running agent itself (validate is run before a restart): a note, not a
+            // failure; the configuration is what validate judges. Another bind error fails.
+            let notes = darkwatch::agent::check_claims(&cfg)
                 .with_context(|| format!("{}: `run` would fail now", config.display()))?;
+            for note in &notes {
+                println!("note: {note}");
+            }
+            let metrics_taken = notes.iter().any(|n| n.starts_with("[metrics]"));
+            let spool_taken = notes.len() > usize::from(metrics_taken);
             println!(
-                "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate; {} can take the alert spool and no other agent holds it{}{}",
+                "{}: ok; model {} (version {}, {} features, {}) in {} loads and its thresholds calibrate; {} can take the alert spool{}{}{}",
                 config.display(),
                 model.id(),
                 model.version(),
@@ -1881,8 +1889,18 @@ fn run(command: Command) -> Result<()> {
                 model.backend_label(),
                 cfg.agent.model_dir.display(),
                 cfg.spool.dir.display(),
+                if spool_taken {
+                    " (held now, see the note)"
+                } else {
+                    " and no other agent holds it"
+                },
                 if cfg.metrics.listen.is_empty() {
                     String::new()
+                } else if metrics_taken {
+                    format!(
+                        "; [metrics] listen {} is in use now (see the note)",
+                        cfg.metrics.listen
+                    )
                 } else {
                     format!("; [metrics] listen {} is free", cfg.metrics.listen)
                 },

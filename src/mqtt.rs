@@ -235,8 +235,11 @@ pub struct MqttConfig {
     /// [`broker_skipped`]). The log stays this full once this much has been published, so
     /// it is memory the process holds ([`DEFAULT_EMBEDDED_LOG_BYTES`]; at least
     /// [`MIN_EMBEDDED_LOG_BYTES`]). It also sets the largest message the broker takes,
-    /// half of it within 1 to 16 MiB ([`embedded_max_payload`]). Ignored with an external
-    /// broker.
+    /// half of it within 1 to 16 MiB ([`embedded_max_payload`]). The log is 17 segments
+    /// of a sixteenth of it ([`embedded_router`]), and rumqttd starts a new segment only once
+    /// one is full, so each can exceed its size by a whole message: with large messages
+    /// the log holds up to 17 × (log / 16 + the largest message), about 9.6 times this
+    /// setting with messages of half of it. Ignored with an external broker.
     pub embedded_log_bytes: u64,
     /// Connect to the (external) broker over TLS (rustls), checking its certificate
     /// against `ca_file` and its name against `host`.
@@ -1797,12 +1800,16 @@ struct Publisher {
     /// Records published on this connection and not yet acknowledged in the spool, in
     /// sequence order (acknowledged by the broker ones wait here for older ones).
     inflight: VecDeque<InFlight>,
-    /// Queued QoS 1 publishes whose packet id is not known yet: `Some(seq)` for a record,
-    /// `None` for a status publish.
-    awaiting: VecDeque<Option<u64>>,
+    /// Queued QoS 1 publishes whose packet id is not known yet: `Some(Some(seq))` for a
+    /// record, `Some(None)` for an alert sent without the spool, `None` for a status publish.
+    awaiting: VecDeque<Option<Option<u64>>>,
     /// Alerts the spool could not take, oldest first, at most [`MAX_UNSPOOLED`]; each is
     /// published once, in its place among the spooled ones.
     unspooled: VecDeque<Unspooled>,
+    /// Alerts sent without the spool on this connection and not yet acknowledged by the
+    /// broker, with their packet id once known. They count against `inflight_max` beside
+    /// `inflight`, which bounds what is queued on rumqttc's request channel.
+    unspooled_inflight: VecDeque<Option<u16>>,
     spool_warn: WarnEvery,
     append_warn: WarnEvery,
     lost_warn: WarnEvery,
@@ -1831,6 +1838,7 @@ impl Publisher {
             inflight: VecDeque::new(),
             awaiting: VecDeque::new(),
             unspooled: VecDeque::new(),
+            unspooled_inflight: VecDeque::new(),
             spool_warn: WarnEvery::new(SPOOL_WARN_PERIOD),
             append_warn: WarnEvery::new(SPOOL_WARN_PERIOD),
             lost_warn: WarnEvery::new(SPOOL_WARN_PERIOD),
@@ -1895,13 +1903,16 @@ impl Publisher {
             return;
         }
         let dropped_before = self.spool.stats().dropped_oldest;
-        if let Err(error) = self.spool.append(&encode_record(&message)) {
-            self.publish_unspooled(message, &error);
-            return;
-        }
+        let appended = self.spool.append(&encode_record(&message));
+        // The spool drops its oldest records to make room before it writes: they are gone
+        // also when the write then fails, so the mirror forgets them either way.
         let dropped = self.spool.stats().dropped_oldest - dropped_before;
         if dropped > 0 {
             self.forget_oldest(dropped);
+        }
+        if let Err(error) = appended {
+            self.publish_unspooled(message, &error);
+            return;
         }
         self.mirror.push_back(message);
         self.end_seq += 1;
@@ -1962,6 +1973,7 @@ impl Publisher {
     fn reset_connection(&mut self, connected: bool) {
         self.connected = connected;
         self.inflight.clear();
+        self.unspooled_inflight.clear();
         self.awaiting.clear();
         self.next_send = self.head_seq;
     }
@@ -1973,11 +1985,16 @@ impl Publisher {
 
     fn on_publish_sent(&mut self, pkid: u16) {
         match self.awaiting.pop_front() {
-            Some(Some(seq)) => {
+            Some(Some(Some(seq))) => {
                 if let Some(entry) = self.inflight.iter_mut().find(|f| f.seq == seq) {
                     entry.pkid = Some(pkid);
                 }
                 bump(&self.stats.published, 1);
+            }
+            Some(Some(None)) => {
+                if let Some(slot) = self.unspooled_inflight.iter_mut().find(|p| p.is_none()) {
+                    *slot = Some(pkid);
+                }
             }
             Some(None) => {}
             None => debug!(pkid, "Publish written that this connection did not queue."),
@@ -1987,7 +2004,13 @@ impl Publisher {
     fn on_puback(&mut self, pkid: u16) {
         // A PubAck for an unknown id (status, or left over from the previous connection)
         // matches nothing.
-        if let Some(entry) = self
+        if let Some(i) = self
+            .unspooled_inflight
+            .iter()
+            .position(|p| *p == Some(pkid))
+        {
+            self.unspooled_inflight.remove(i);
+        } else if let Some(entry) = self
             .inflight
             .iter_mut()
             .find(|f| f.pkid == Some(pkid) && !f.acked)
@@ -2048,19 +2071,22 @@ impl Publisher {
             if !self.connected {
                 break;
             }
+            // Alerts sent without the spool count against the limit as spooled ones do.
+            let at_limit = self.inflight.len() + self.unspooled_inflight.len() >= self.inflight_max;
             if self.unspooled_due() {
                 let Some(front) = self.unspooled.front() else {
                     break;
                 };
-                if !send(&front.message) {
+                if at_limit || !send(&front.message) {
                     break;
                 }
-                // Not tracked: nothing to acknowledge in the spool.
-                self.awaiting.push_back(None);
+                // Nothing to acknowledge in the spool; in flight until its PubAck.
+                self.awaiting.push_back(Some(None));
+                self.unspooled_inflight.push_back(None);
                 self.unspooled.pop_front();
                 continue;
             }
-            if self.next_send >= self.end_seq || self.inflight.len() >= self.inflight_max {
+            if self.next_send >= self.end_seq || at_limit {
                 break;
             }
             let seq = self.next_send;
@@ -2108,7 +2134,7 @@ impl Publisher {
                 pkid: None,
                 acked: false,
             });
-            self.awaiting.push_back(Some(seq));
+            self.awaiting.push_back(Some(Some(seq)));
             self.next_send += 1;
         }
         self.check_invariants();
@@ -2468,16 +2494,103 @@ mod tests {
         assert!(h.pump().is_empty(), "nothing goes out while disconnected");
         assert!(!h.p.is_drained());
         h.p.reset_connection(true);
-        // In-flight limit 1: alert-0 alone; the unspooled ones wait behind alert-1.
+        // In-flight limit 1: alert-0 alone; the unspooled ones wait behind alert-1, and
+        // each waits for the one before it to be acknowledged (they count against the
+        // limit too).
         let pkids = h.pump();
         assert_eq!(h.sent_payloads(), names(0..1));
         h.p.on_puback(pkids[0]);
-        let pkids = h.pump();
-        assert_eq!(h.sent_payloads(), names(0..6), "in order");
-        h.p.on_puback(pkids[0]);
+        for n in 2..=6 {
+            let pkids = h.pump();
+            assert_eq!(pkids.len(), 1, "in-flight limit");
+            assert_eq!(h.sent_payloads(), names(0..n), "in order");
+            assert!(h.pump().is_empty(), "nothing more until the PubAck");
+            h.p.on_puback(pkids[0]);
+        }
+        assert!(h.pump().is_empty());
         assert!(h.p.is_drained());
         assert_eq!(h.p.stats.spool_pending.load(Ordering::Relaxed), 0);
         assert_eq!(h.p.stats.acked.load(Ordering::Relaxed), 2);
+    }
+
+    /// The spool drops its oldest records to make room before it writes; when the write
+    /// then fails, the publisher forgets those records too (it once kept counting them, and
+    /// a later PubAck acknowledged a record that was never sent).
+    #[test]
+    fn a_failed_append_that_dropped_old_records_keeps_the_mirror_in_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let max_bytes = 2048;
+        let mut h = Harness::new(spool_at(dir.path(), max_bytes), 4);
+        h.p.append(alert(10));
+        let before = h.p.spool.bytes();
+        h.p.append(alert(11));
+        let record = h.p.spool.bytes() - before;
+        let mut i = 12;
+        while h.p.spool.bytes() + record <= max_bytes {
+            h.p.append(alert(i));
+            i += 1;
+        }
+        assert_eq!(h.p.spool.stats().dropped_oldest, 0);
+        let spooled = h.p.stats.spooled.load(Ordering::Relaxed);
+        h.p.spool.fail_writes_for_test();
+        h.p.append(alert(i));
+        let dropped = h.p.spool.stats().dropped_oldest;
+        assert!(dropped > 0, "the append dropped old records first");
+        assert_eq!(h.p.stats.unspooled.load(Ordering::Relaxed), 1);
+        assert_eq!(h.p.stats.spool_dropped.load(Ordering::Relaxed), dropped);
+        assert_eq!(h.p.len(), h.p.spool.len(), "publisher and spool agree");
+        assert_eq!(h.p.len(), spooled - dropped);
+        assert_eq!(h.p.mirror.len() as u64, h.p.len());
+        // What goes out is what the spool holds, then the unspooled alert; every PubAck
+        // acknowledges a record that was sent.
+        h.p.reset_connection(true);
+        let mut sent = 0;
+        loop {
+            let pkids = h.pump();
+            if pkids.is_empty() {
+                break;
+            }
+            sent += pkids.len() as u64;
+            for pkid in pkids {
+                h.p.on_puback(pkid);
+            }
+        }
+        assert_eq!(sent, spooled - dropped + 1);
+        assert!(h.p.is_drained());
+        assert_eq!(h.p.spool.len(), 0);
+        assert_eq!(h.p.stats.acked.load(Ordering::Relaxed), spooled - dropped);
+    }
+
+    /// Alerts sent without the spool count against the in-flight limit (they once went
+    /// out all at once, up to 1024 QoS 1 publishes on rumqttc's request channel): a PubAck
+    /// or a new connection releases them.
+    #[test]
+    fn unspooled_alerts_respect_the_in_flight_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = Harness::new(spool_at(dir.path(), 1 << 16), 2);
+        h.p.spool.fail_writes_for_test();
+        for i in 0..7 {
+            h.p.append(alert(i));
+        }
+        assert_eq!(h.p.stats.unspooled.load(Ordering::Relaxed), 7);
+        h.p.reset_connection(true);
+        let pkids = h.pump();
+        assert_eq!(h.sent_payloads(), names(0..2));
+        assert!(h.pump().is_empty(), "at the limit");
+        // A PubAck for something else (the status) releases nothing.
+        h.p.on_puback(999);
+        assert!(h.pump().is_empty());
+        h.p.on_puback(pkids[1]);
+        assert_eq!(h.pump().len(), 1);
+        assert_eq!(h.sent_payloads(), names(0..3));
+        // A new connection: the unacknowledged ones are not sent again (at most once), and
+        // no longer count.
+        h.p.reset_connection(false);
+        h.p.reset_connection(true);
+        assert_eq!(h.pump().len(), 2);
+        assert_eq!(h.sent_payloads(), names(0..5));
+        assert!(h.pump().is_empty());
+        assert!(!h.p.is_drained());
     }
 
     /// The first failure is logged, then at most one per period with the count since.

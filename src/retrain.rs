@@ -602,12 +602,12 @@ fn uncalibrated_reason(
     );
     let remedy = match error {
         Some(ThresholdError::TooFewScores { .. }) => format!(
-            "; the candidate had {held_out} held-out rows ([retrain] holdout_fraction = {}):              raise [retrain] min_frames to at least {} or holdout_fraction",
+            "; the candidate had {held_out} held-out rows ([retrain] holdout_fraction = {}): raise [retrain] min_frames to at least {} or holdout_fraction",
             cfg.holdout_fraction,
             min_frames_to_calibrate(cfg.holdout_fraction, threshold)
         ),
         Some(ThresholdError::ConstantScores { .. }) => format!(
-            "; on its {held_out} held-out rows: the admitted frames do not vary; this mends              itself once they do, or use [threshold] kind = \"quantile\""
+            "; on its {held_out} held-out rows: the admitted frames do not vary; this mends itself once they do, or use [threshold] kind = \"quantile\""
         ),
         _ => format!("; on its {held_out} held-out rows"),
     };
@@ -1784,6 +1784,42 @@ pub fn resume(model: Model, cfg: &RetrainConfig) -> Result<Model, ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reasons reach history.jsonl, `inspect` and the log: one space between words (a
+    /// lost line continuation once left runs of 14 spaces in them).
+    #[test]
+    fn uncalibrated_reasons_have_no_runs_of_spaces() {
+        use crate::threshold::{ThresholdConfig, ThresholdError};
+        let cfg = RetrainConfig::default();
+        let threshold = ThresholdConfig::default();
+        let too_few = ThresholdError::TooFewScores {
+            kind: "spot",
+            needed: 100,
+            finite: 10,
+            given: 10,
+        };
+        let constant = ThresholdError::ConstantScores {
+            kind: "spot",
+            what: "scores",
+            value: 1.0,
+            count: 10,
+        };
+        for error in [Some(&too_few), Some(&constant), None] {
+            let reason = uncalibrated_reason(error, 10, &cfg, &threshold);
+            assert!(!reason.contains("  "), "{reason:?}");
+            assert!(reason.contains("held-out rows"), "{reason:?}");
+        }
+        let reason = uncalibrated_reason(Some(&too_few), 10, &cfg, &threshold);
+        assert!(
+            reason.contains("): raise [retrain] min_frames"),
+            "{reason:?}"
+        );
+        let reason = uncalibrated_reason(Some(&constant), 10, &cfg, &threshold);
+        assert!(
+            reason.contains("this mends itself once they do"),
+            "{reason:?}"
+        );
+    }
 
     #[test]
     fn reservoir_is_bounded_and_ages_out_old_frames() {

@@ -24,8 +24,10 @@
 //! where the temp file cannot be written, the existing file is overwritten in place).
 //! Segments before the cursor's are consumed and deleted; when the cursor's own segment is
 //! gone, reading starts at the next segment that exists. So deleting a segment never needs
-//! a cursor write, and a restart redelivers at most the one record that was in flight
-//! (at-least-once).
+//! a cursor write. A restart redelivers the records sent but not yet acknowledged (at
+//! most those in flight); after a cursor overwritten in place was torn by a crash, its CRC
+//! fails and everything replays from the oldest segment left (see [`Spool::ack`]). Either
+//! way delivery is at-least-once.
 //!
 //! # Compaction
 //!
@@ -240,6 +242,9 @@ pub struct Spool {
     stats: SpoolStats,
     /// The directory's `lock` file, locked exclusively while this spool is open.
     _lock: File,
+    /// Tests: every append's write fails, also after a rotation.
+    #[cfg(test)]
+    fail_writes: bool,
 }
 
 impl Spool {
@@ -374,6 +379,8 @@ impl Spool {
                 ..SpoolStats::default()
             },
             _lock: lock,
+            #[cfg(test)]
+            fail_writes: false,
         };
         spool.delete_consumed_segments()?;
         if spool.bytes() > spool.cfg.max_bytes {
@@ -425,6 +432,12 @@ impl Spool {
 
         let last = *self.last();
         let path = segment_path(&self.cfg.dir, last.seq);
+        #[cfg(test)]
+        if self.fail_writes {
+            return Err(io_err(&path, "append to the segment")(io::Error::other(
+                "write refused by the test",
+            )));
+        }
         let written = self.writer.write_all(&record).and_then(|()| {
             if self.cfg.fsync {
                 self.writer.sync_data()
@@ -555,6 +568,14 @@ impl Spool {
     /// The configuration the spool was opened with.
     pub fn config(&self) -> &SpoolConfig {
         &self.cfg
+    }
+
+    /// Makes every later append's write fail, after the rotation and the drops of old
+    /// segments it would make (a new segment's handle is not read-only, so
+    /// [`Spool::break_appends_for_test`] lasts only until a rotation).
+    #[cfg(test)]
+    pub(crate) fn fail_writes_for_test(&mut self) {
+        self.fail_writes = true;
     }
 
     /// Makes every later append fail with a real I/O error (the segment's handle turns

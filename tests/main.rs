@@ -1196,9 +1196,9 @@ fn an_unusable_spool_or_state_folder_exits_78_from_run_and_validate_agent() {
 }
 
 /// `validate --agent` checks what `run` takes once it starts: a `[metrics] listen` another
-/// process holds and a `[spool] dir` another process has locked each fail it with exit 1
-/// (as `run` does: both may pass), naming what is taken. It passed both before, and `run`
-/// then exited 1.
+/// process holds and a `[spool] dir` another process has locked are each reported as a
+/// note naming what is taken, and validate still exits 0: on a node where the agent runs it
+/// holds both, and the README has validate run before a restart.
 #[test]
 fn validate_agent_reports_a_taken_metrics_port_and_a_locked_spool() {
     let dir = tempfile::tempdir().unwrap();
@@ -1223,17 +1223,23 @@ fn validate_agent_reports_a_taken_metrics_port_and_a_locked_spool() {
             .args(["validate", "--agent", "--config"])
             .arg(cfg))
     };
+    // A port in use and a held spool are what the running agent holds while validate runs
+    // before a restart: notes, and validate still passes (it judges the configuration).
     let port_cfg = config("port.toml", &taken.to_string());
     let (code, out, err) = validate(&port_cfg);
-    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
     assert!(
-        err.contains(&format!("listen = \"{taken}\": cannot listen")),
-        "{err}"
+        out.contains(&format!(
+            "note: [metrics] listen {taken} is in use (by the running agent? `run` cannot start while it is)"
+        )),
+        "{out}"
     );
+    assert!(!out.contains("is free"), "{out}");
     drop(held);
     let (code, out, err) = validate(&port_cfg);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("is free"), "{out}");
+    assert!(!out.contains("note:"), "{out}");
 
     let free = config("free.toml", "127.0.0.1:0");
     let holder = darkwatch::spool::Spool::open(darkwatch::spool::SpoolConfig {
@@ -1242,12 +1248,17 @@ fn validate_agent_reports_a_taken_metrics_port_and_a_locked_spool() {
     })
     .unwrap();
     let (code, out, err) = validate(&free);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("another darkwatch process holds"), "{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("note: another darkwatch process holds the spool"),
+        "{out}"
+    );
+    assert!(!out.contains("no other agent holds it"), "{out}");
     drop(holder);
     let (code, out, err) = validate(&free);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("no other agent holds it"), "{out}");
+    assert!(!out.contains("note:"), "{out}");
     // The check released the lock: a spool opens there now.
     darkwatch::spool::Spool::open(darkwatch::spool::SpoolConfig {
         dir: spool,

@@ -304,13 +304,16 @@ impl Model {
 
     /// Recomputes the weights checksum and the id after the tensors changed.
     ///
-    /// The id hashes everything that decides a frame's score: the weights (network, MSS
+    /// The id hashes what decides a frame's score as trained: the weights (network, MSS
     /// bank, held-out scores) and, from `model.json`, the feature names, the lag window,
-    /// the smoothing span, the scaler, the head, the log-variance baseline and the MSS
-    /// settings. Two models that score differently never share an id, even when trained
-    /// into the same weights (the same history under other metric names): the `model_id`
-    /// label of their alerts tells them apart. Models written before this keep the id
-    /// they recorded (a hash of the weights alone), since loading reads it.
+    /// the smoothing span, the scaler, the architecture (layer widths, activation, output
+    /// kind, members), the head, the log-variance baseline and the MSS settings. Two models
+    /// trained differently do not share an id, even when trained into the same weights (the
+    /// same history under other metric names): the `model_id` label of their alerts tells
+    /// them apart. The replay-time variants [`Model::with_smoothing`] and
+    /// [`Model::with_mss`] do not reseal: they keep the trained model's id although they
+    /// score differently. Models written before this keep the id they recorded (a hash of
+    /// the weights alone), since loading reads it.
     pub fn seal(&mut self) {
         let sha = sha256_hex(&self.weights_bytes());
         let m = &self.meta;
@@ -320,6 +323,7 @@ impl Model {
             m.window_frames,
             m.smooth_frames,
             &m.scaler,
+            &m.architecture,
             &m.head,
             &m.log_variance_baseline,
             &m.mss,
@@ -1089,7 +1093,9 @@ mod tests {
         let span = sealed(&|m| m.meta.smooth_frames = 1);
         let head = sealed(&|m| m.meta.head.alpha = 1.0);
         let version = sealed(&|m| m.meta.version = 7);
-        for other in [&renamed, &span, &head] {
+        let members = sealed(&|m| m.meta.architecture.members += 1);
+        let kind = sealed(&|m| m.meta.architecture.kind.push('x'));
+        for other in [&renamed, &span, &head, &members, &kind] {
             assert_ne!(&same, other);
         }
         // The version counts retrains beside the id; it does not change what scores.
