@@ -642,38 +642,42 @@ pub(crate) fn process_metrics(s: &mut String) {
 
 /// One Prometheus histogram from lock-free buckets.
 pub(crate) fn histogram(s: &mut String, name: &str, help: &str, h: &crate::agent::LatencyBuckets) {
-    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
-    let mut cumulative = 0;
-    for (i, n) in h.counts.iter().enumerate() {
-        cumulative += n.load(Ordering::Relaxed);
-        let le = crate::agent::LATENCY_BUCKETS_SECS
-            .get(i)
-            .map_or("+Inf".to_string(), |b| b.to_string());
-        let _ = writeln!(s, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-    }
-    let _ = writeln!(
+    let sum = h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+    write_histogram(
         s,
-        "{name}_sum {}\n{name}_count {cumulative}",
-        h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+        name,
+        help,
+        &crate::agent::LATENCY_BUCKETS_SECS,
+        &h.counts,
+        sum,
     );
 }
 
 /// The scorer's batch sizes as a Prometheus histogram.
 fn batch_histogram(s: &mut String, name: &str, help: &str, h: &crate::agent::BatchSizes) {
+    let sum = h.frames.load(Ordering::Relaxed);
+    write_histogram(s, name, help, &crate::agent::BATCH_BUCKETS, &h.counts, sum);
+}
+
+/// Writes a histogram whose `counts` hold one bucket per bound of `bounds`, then +Inf.
+fn write_histogram(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    bounds: &[impl std::fmt::Display],
+    counts: &[AtomicU64],
+    sum: impl std::fmt::Display,
+) {
     let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
     let mut cumulative = 0;
-    for (i, n) in h.counts.iter().enumerate() {
+    for (i, n) in counts.iter().enumerate() {
         cumulative += n.load(Ordering::Relaxed);
-        let le = crate::agent::BATCH_BUCKETS
+        let le = bounds
             .get(i)
-            .map_or("+Inf".to_string(), |b| b.to_string());
+            .map_or("+Inf".to_string(), ToString::to_string);
         let _ = writeln!(s, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
     }
-    let _ = writeln!(
-        s,
-        "{name}_sum {}\n{name}_count {cumulative}",
-        h.frames.load(Ordering::Relaxed)
-    );
+    let _ = writeln!(s, "{name}_sum {sum}\n{name}_count {cumulative}");
 }
 
 /// Serves `/metrics` on `listener` (bound by the caller, so that it can refuse to start
