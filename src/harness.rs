@@ -338,9 +338,26 @@ fn discover_all(paths: &[PathBuf]) -> Result<Vec<Entity>, HarnessError> {
                 .collect();
             inner.sort();
             if inner.is_empty() {
+                // Folders are not searched below their own level: name the ones there.
+                let mut subfolders: Vec<String> = std::fs::read_dir(path)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Result::ok)
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path().display().to_string())
+                    .collect();
+                subfolders.sort();
+                let hint = match subfolders.len() {
+                    0 => String::new(),
+                    n => format!(
+                        "; subfolders are not searched: name them ({}{})",
+                        subfolders[..n.min(3)].join(" "),
+                        if n > 3 { " …" } else { "" }
+                    ),
+                };
                 return Err(HarnessError::Discover {
                     path: path.clone(),
-                    reason: "holds no SMD <machine>_train.npy and no .npz file".into(),
+                    reason: format!("holds no SMD <machine>_train.npy and no .npz file{hint}"),
                 });
             }
             out.extend(discover_all(&inner)?);
@@ -453,6 +470,9 @@ pub struct EntityResult {
     /// Frames each HitRate averages over (all, detected), where there are interpretation
     /// labels; detected is `None` where there is no best-F1 threshold (one class).
     pub hit_rate_frames: Option<(usize, Option<usize>)>,
+    /// (@100 %, @150 %) that a random ranking of the features scores on average over the
+    /// frames of [`Self::hit_rate`]: the floor to read it against ([`crate::hitrate::chance_at`]).
+    pub hit_rate_chance: Option<(f64, f64)>,
     /// Alert events against labelled segments (episode precision and recall, and the
     /// frames inside episodes), for time series.
     pub events: Option<EventReport>,
@@ -676,6 +696,7 @@ pub fn run_entity(
         hit_rate_frames: hits
             .as_ref()
             .map(|h| (h.frames, detected.is_some().then_some(h.detected_frames))),
+        hit_rate_chance: hits.as_ref().and_then(|h| h.chance),
         // Alert episodes (k of n consecutive frames) only mean something on a time series.
         events: main.event_report.as_ref().filter(|_| !table).cloned(),
         train_seconds,
@@ -732,7 +753,8 @@ pub fn split_rows_csv(entities: &[Entity], seed: u64) -> String {
 const CSV_HEADER: &str = "entity,family,protocol,rows,anomalous,auroc,auprc,best_f1,pa_f1,\
 auprc_mss_toggled,auprc_frames_alone,hit_rate_100,hit_rate_150,hit_rate_100_detected,\
 hit_rate_150_detected,event_precision,event_recall,alerted_share,alerted_precision,mss_toggled_to,\
-members,train_seconds,hit_rate_frames,hit_rate_frames_detected,seed,path";
+members,train_seconds,hit_rate_frames,hit_rate_frames_detected,seed,path,hit_rate_100_chance,\
+hit_rate_150_chance";
 
 /// Numbers per entity in [`numbers`].
 const NUMBERS: usize = 14;
@@ -762,8 +784,9 @@ fn numbers(r: &EntityResult) -> [Option<f64>; NUMBERS] {
 /// numbers as [`table`] at full precision, an empty cell where the table prints "-". Then
 /// the frames each HitRate averages over (all, detected), the seed (`[train] seed`, the
 /// same on every row, so that a CSV says how to get its numbers again) and the entity's
-/// file as it was found (empty on a mean row). Columns are only ever added at the end:
-/// readers take them by name.
+/// file as it was found (empty on a mean row), and the HitRates a random ranking of the
+/// features would score on the same frames (on a mean row, their mean). Columns are only
+/// ever added at the end: readers take them by name.
 pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     let alt = describe_mss(toggled_mss(cfg.mss));
     let seed = cfg.train.seed;
@@ -774,7 +797,8 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                    protocol: &str,
                    counts: [String; 2],
                    v: [Option<f64>; NUMBERS],
-                   tail: [String; 5]| {
+                   tail: [String; 5],
+                   chance: Option<(f64, f64)>| {
         let mut line = [csv_field(name), family.into(), protocol.into()].join(",");
         for c in counts.iter().cloned().chain(
             v.iter()
@@ -783,9 +807,11 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
             line.push(',');
             line.push_str(&c);
         }
+        let (c100, c150) =
+            chance.map_or_else(Default::default, |(a, b)| (a.to_string(), b.to_string()));
         let _ = writeln!(
             s,
-            "{line},{},{},{seed},{}",
+            "{line},{},{},{seed},{},{c100},{c150}",
             csv_field(&alt),
             tail[..4].join(","),
             tail[4]
@@ -811,6 +837,7 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                         .map_or_else(String::new, |d| d.to_string()),
                     csv_field(&r.path.to_string_lossy()),
                 ],
+                r.hit_rate_chance,
             );
         }
         row(
@@ -820,6 +847,7 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
             Default::default(),
             means(&rows),
             Default::default(),
+            mean_chance(&rows),
         );
     }
     s
@@ -833,6 +861,18 @@ fn means(rows: &[&EntityResult]) -> [Option<f64>; NUMBERS] {
         *m = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     }
     out
+}
+
+/// [`EntityResult::hit_rate_chance`] averaged over `rows` (over those that have it).
+fn mean_chance(rows: &[&EntityResult]) -> Option<(f64, f64)> {
+    let v: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.hit_rate_chance).collect();
+    let n = v.len() as f64;
+    (!v.is_empty()).then(|| {
+        (
+            v.iter().map(|c| c.0).sum::<f64>() / n,
+            v.iter().map(|c| c.1).sum::<f64>() / n,
+        )
+    })
 }
 
 /// The families of `results` in order of first appearance, each once (a folder sorted by
@@ -918,7 +958,7 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig, config: &str) -> S
         "train"
     );
     let families = families(results);
-    for family in families {
+    for &family in &families {
         let rows: Vec<&EntityResult> = results.iter().filter(|r| r.family == family).collect();
         for r in &rows {
             let _ = writeln!(
@@ -984,6 +1024,30 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig, config: &str) -> S
             hit_frames.join(", ")
         );
     }
+    // What a random ranking scores on the same frames: a segment that blames half the
+    // metrics gets a high HitRate@150 by chance alone.
+    let mut chance: Vec<String> = Vec::new();
+    for &family in &families {
+        let rows: Vec<&EntityResult> = results.iter().filter(|r| r.family == family).collect();
+        let named: Vec<String> = rows
+            .iter()
+            .filter_map(|r| {
+                r.hit_rate_chance
+                    .map(|(a, b)| format!("{} {a:.3} / {b:.3}", r.name))
+            })
+            .collect();
+        if let (false, Some((a, b))) = (named.is_empty(), mean_chance(&rows)) {
+            chance.extend(named);
+            chance.push(format!("mean {family} {a:.3} / {b:.3}"));
+        }
+    }
+    if !chance.is_empty() {
+        let _ = writeln!(
+            s,
+            "HitRate by chance (@100 / @150; a random order of the features on the same frames, the floor to read HR@100 / HR@150 against): {}.",
+            chance.join(", ")
+        );
+    }
     let ensembles: Vec<String> = results
         .iter()
         .filter(|r| r.members > 1)
@@ -1030,6 +1094,17 @@ mod tests {
         let names: Vec<&str> = found.iter().map(Entity::name).collect();
         assert_eq!(names, vec!["m-1", "x"]);
         assert!(discover(&[dir.path().join("notes.txt")]).is_err());
+        // A folder of folders: not searched below, said so, with the subfolders named.
+        let outer = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outer.path().join("smd")).unwrap();
+        let err = discover(&[outer.path().to_path_buf()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("holds no SMD <machine>_train.npy and no .npz file; subfolders are not searched: name them (")
+                && err.contains("/smd)"),
+            "{err}"
+        );
     }
 
     /// A training file without its test partner fails alone, when its turn comes: the
@@ -1259,6 +1334,7 @@ mod tests {
             hit_rate: Some((0.25, 0.75)),
             hit_rate_detected: Some((0.5, 1.0)),
             hit_rate_frames: Some((8, Some(2))),
+            hit_rate_chance: Some((0.125, 0.25)),
             events: None,
             train_seconds: 1.5,
             frames_per_second: 1.0,
@@ -1284,7 +1360,7 @@ mod tests {
             t.contains("\nAUPRC/m=1 k=10: AUPRC with mean-shift scoring toggled"),
             "{t}"
         );
-        assert_eq!(t.matches("mean ODDS").count(), 1, "{t}");
+        assert_eq!(t.matches("\nmean ODDS").count(), 1, "{t}");
         assert_eq!(t.matches("\nc ").count(), 1, "{t}");
         let out = csv(&results, &DarkwatchConfig::default());
         let lines: Vec<&str> = out.lines().collect();
@@ -1308,12 +1384,12 @@ mod tests {
             "{out}"
         );
         // A mean row has the seed but no counts, time or path.
-        assert!(lines[3].ends_with(",m=1 k=10,,,,,0,"), "{out}");
+        assert!(lines[3].ends_with(",m=1 k=10,,,,,0,,0.125,0.25"), "{out}");
         assert!(
-            lines[2].ends_with(",m=1 k=10,5,1.500,8,2,0,d/c.npz"),
+            lines[2].ends_with(",m=1 k=10,5,1.500,8,2,0,d/c.npz,0.125,0.25"),
             "{out}"
         );
-        assert!(lines[1].ends_with(",0,\"d/a,b.npz\""), "{out}");
+        assert!(lines[1].ends_with(",0,\"d/a,b.npz\",0.125,0.25"), "{out}");
         // An entity without AUROC leaves the cell (and its family's mean) empty.
         assert!(lines[4].starts_with("m,SMD,fit on all,10,2,,0.5,"), "{out}");
         assert!(lines[5].starts_with("mean SMD,SMD,,,,,0.5,"), "{out}");
@@ -1331,6 +1407,8 @@ mod tests {
             ("hit_rate_150_detected", "1"),
             ("hit_rate_frames", "8"),
             ("hit_rate_frames_detected", "2"),
+            ("hit_rate_100_chance", "0.125"),
+            ("hit_rate_150_chance", "0.25"),
         ] {
             assert_eq!(cell(lines[4], column), want, "{column}: {out}");
         }
@@ -1338,11 +1416,13 @@ mod tests {
         let mut one_class = result("o", "SMD", None);
         one_class.hit_rate_detected = None;
         one_class.hit_rate_frames = Some((8, None));
+        one_class.hit_rate_chance = None;
         let out1 = csv(&[one_class.clone()], &DarkwatchConfig::default());
         let line1 = out1.lines().nth(1).unwrap();
         assert_eq!(cell(line1, "hit_rate_frames"), "8", "{out1}");
         assert_eq!(cell(line1, "hit_rate_frames_detected"), "", "{out1}");
         assert_eq!(cell(line1, "hit_rate_100_detected"), "", "{out1}");
+        assert_eq!(cell(line1, "hit_rate_150_chance"), "", "{out1}");
         let t1 = table(&[one_class], &DarkwatchConfig::default(), "(defaults)");
         assert!(
             t1.contains("HitRate frames (all / detected): o 8 / -."),
@@ -1354,6 +1434,12 @@ mod tests {
             t.contains("HitRate frames (all / detected): a,b 8 / 2, m 8 / 2, c 8 / 2."),
             "{t}"
         );
+        // The chance level per entity, and its mean per family.
+        assert!(
+            t.contains("a random order of the features on the same frames, the floor to read HR@100 / HR@150 against): a,b 0.125 / 0.250, c 0.125 / 0.250, mean ODDS 0.125 / 0.250, m 0.125 / 0.250, mean SMD 0.125 / 0.250."),
+            "{t}"
+        );
+        assert!(!t1.contains("HitRate by chance"), "{t1}");
     }
 
     /// An ODDS-shaped `.npz` of `n` rows × `d` columns in `dir`, its rows where `outlier`

@@ -36,6 +36,11 @@ pub struct HitRates {
     pub unscored_frames: usize,
     /// Segments with culprits.
     pub segments: usize,
+    /// (@100 %, @150 %) that a random ranking of the features scores on average over the
+    /// frames of [`Self::all`] ([`chance_at`]): the floor a ranking should be read against.
+    /// With 20 culprits of 38 metrics, @150 looks at 30 features and chance alone finds
+    /// 79 % of them.
+    pub chance: Option<(f64, f64)>,
 }
 
 /// Which scored frames count as detected for [`HitRates::detected`]: labelled anomalous
@@ -186,6 +191,8 @@ pub struct Ranking<'s> {
     culprits: Vec<Option<&'s Segment>>,
     /// (scored frame, @100 %, @150 %) of every frame ranked so far, in order.
     hits: Vec<(usize, f64, f64)>,
+    /// The sums of [`chance_at`] @100 % and @150 % over the frames in `hits`.
+    chance: (f64, f64),
     /// Frames of segments among the rows before `first_row`.
     unscored: usize,
     /// Segments with culprits.
@@ -221,6 +228,7 @@ impl<'s> Ranking<'s> {
         Ranking {
             culprits,
             hits: Vec::new(),
+            chance: (0.0, 0.0),
             unscored: unscored.iter().filter(|&&u| u).count(),
             segments: segments.iter().filter(|s| !s.dims.is_empty()).count(),
             base,
@@ -250,6 +258,8 @@ impl<'s> Ranking<'s> {
             hit_rate_at(&self.order, &seg.dims, 100),
             hit_rate_at(&self.order, &seg.dims, 150),
         ));
+        self.chance.0 += chance_at(base, &seg.dims, 100);
+        self.chance.1 += chance_at(base, &seg.dims, 150);
     }
 
     /// The frames ranked so far averaged: all of them, and those `detected` marks (one
@@ -275,6 +285,7 @@ impl<'s> Ranking<'s> {
             detected_frames: detected_n,
             unscored_frames: self.unscored,
             segments: self.segments,
+            chance: mean(self.chance.0, self.chance.1, frames),
         }
     }
 }
@@ -291,6 +302,17 @@ pub fn hit_rate_at(order: &[usize], culprits: &[usize], percent: usize) -> f64 {
     }
     let k = (percent * culprits.len() / 100).min(order.len());
     order[..k].iter().filter(|j| culprits.contains(j)).count() as f64 / culprits.len() as f64
+}
+
+/// The HitRate@`percent`% that a uniformly random order of `features` features scores on
+/// average for these `culprits`: each of the ⌊percent/100 · |culprits|⌋ features looked at
+/// (at most `features`) is a culprit with probability |culprits| / `features`, so the
+/// expected share of the culprits found is that count over `features`.
+pub fn chance_at(features: usize, culprits: &[usize], percent: usize) -> f64 {
+    if culprits.is_empty() || features == 0 {
+        return 0.0;
+    }
+    (percent * culprits.len() / 100).min(features) as f64 / features as f64
 }
 
 #[cfg(test)]
@@ -479,7 +501,55 @@ mod tests {
                 detected_frames: 4,
                 unscored_frames: 0,
                 segments: 2,
+                // Two culprits of 4: 2 and 3 features looked at; one: 1 either way.
+                chance: Some((
+                    (3.0 * 0.5 + 3.0 * 0.25) / 6.0,
+                    (3.0 * 0.75 + 3.0 * 0.25) / 6.0
+                )),
             }
         );
+    }
+
+    /// The chance level is the mean HitRate over every order of the features: all 120
+    /// orders of 5 features, for one to five culprits, at 100 % and 150 %.
+    #[test]
+    fn chance_is_the_mean_hit_rate_of_every_order() {
+        fn orders(rest: Vec<usize>, prefix: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+            if rest.is_empty() {
+                out.push(prefix.clone());
+            }
+            for (i, &x) in rest.iter().enumerate() {
+                let mut r = rest.clone();
+                r.remove(i);
+                prefix.push(x);
+                orders(r, prefix, out);
+                prefix.pop();
+            }
+        }
+        let mut all = Vec::new();
+        orders((0..5).collect(), &mut Vec::new(), &mut all);
+        assert_eq!(all.len(), 120);
+        for culprits in [
+            vec![3],
+            vec![0, 4],
+            vec![1, 2, 3],
+            vec![0, 1, 2, 4],
+            vec![0, 1, 2, 3, 4],
+        ] {
+            for percent in [100, 150] {
+                let mean = all
+                    .iter()
+                    .map(|o| hit_rate_at(o, &culprits, percent))
+                    .sum::<f64>()
+                    / all.len() as f64;
+                let chance = chance_at(5, &culprits, percent);
+                assert!(
+                    (mean - chance).abs() < 1e-12,
+                    "{culprits:?} @{percent}: {mean} {chance}"
+                );
+            }
+        }
+        assert_eq!(chance_at(5, &[], 150), 0.0);
+        assert_eq!(chance_at(0, &[0], 150), 0.0);
     }
 }

@@ -1978,6 +1978,30 @@ impl Drop for RemoveIfEmpty<'_> {
     }
 }
 
+/// The warning for an `.npz` trained on as a stream: ODDS and ADBench tables come as
+/// `.npz` (the harness takes every `.npz` for a table), and one whose outliers are stored
+/// together scores higher with each score the mean of its neighbouring rows, for no merit
+/// of the model. `None` for `--table`, another kind of file, or scores that are not
+/// averaged (`smooth_frames` 1).
+fn npz_read_as_a_stream(
+    input: &Path,
+    rows_unordered: bool,
+    cfg: &darkwatch::config::DarkwatchConfig,
+) -> Option<String> {
+    let npz = input
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npz"));
+    if !npz || rows_unordered || cfg.score.smooth_frames <= 1 {
+        return None;
+    }
+    Some(format!(
+        "{}: an .npz is read as a stream, its rows in order: each score will be the mean of its row's and the {} rows' before it ([score] smooth_frames {}). An ODDS / ADBench table's rows have no order, and where its outliers are stored together that mean raises AUROC and AUPRC for no merit of the model; `harness` scores every .npz as a table. For a table, train with --table.",
+        input.display(),
+        cfg.score.smooth_frames.saturating_sub(1),
+        cfg.score.smooth_frames,
+    ))
+}
+
 fn train(
     input: &Path,
     out: &Path,
@@ -2037,11 +2061,15 @@ fn train(
     )
     .map_err(|reason| anyhow::anyhow!("{}: {reason}", input.display()))?;
     eprintln!(
-        "darkwatch: training on {} ({} rows × {} features)",
+        "darkwatch: training on {} ({} rows × {} feature{})",
         input.display(),
         table.values.nrows(),
-        table.values.ncols()
+        table.values.ncols(),
+        if table.values.ncols() == 1 { "" } else { "s" }
     );
+    if let Some(why) = npz_read_as_a_stream(input, rows_unordered, &cfg) {
+        eprintln!("darkwatch: warning: {why}");
+    }
     if !gaps.is_empty() {
         eprintln!("darkwatch: warning: {gaps}");
     }

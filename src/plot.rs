@@ -341,6 +341,16 @@ impl View {
                 ticks.push(v);
             }
         }
+        // The outermost decade is only partly in view: 2× and 5× its start label it, where
+        // most of a stream's scores may lie (a trial's sat between 100 and 600, unlabelled).
+        for m in [2.0, 5.0] {
+            if step == 1 && c * 10f64.powi(kpos) * m <= hi {
+                ticks.push(c * 10f64.powi(kpos) * m);
+            }
+            if step == 1 && lo < 0.0 && -c * 10f64.powi(kneg) * m >= lo {
+                ticks.push(-c * 10f64.powi(kneg) * m);
+            }
+        }
         ticks
     }
 
@@ -814,6 +824,35 @@ mod tests {
         let v = View::new(Path::new("x.png"), &PlotSpec::new("t", &tame)).unwrap();
         assert_eq!(v.clipped_frames, 0);
         assert!(v.y_lo < 1.0 && v.y_hi > 3.0 && v.y_hi < 4.0, "{v:?}");
+    }
+
+    /// A view whose top decade is partly shown (0.1 to 600 with c = 0.1: decades end at
+    /// 100) gets 200 and 500 as well; one that ends at a decade gets no extra ticks.
+    #[test]
+    fn symlog_ticks_label_the_partial_top_decade() {
+        // The view's ends in plot coordinates (what View::map gives, unclamped).
+        let t = |x: f64| x.signum() * (x.abs() / 0.1).ln_1p() / std::f64::consts::LN_10;
+        let view = |lo: f64, hi: f64| View {
+            symlog: Some(0.1),
+            y_lo: t(lo),
+            y_hi: t(hi),
+            clipped_frames: 0,
+        };
+        let close = |ticks: &[f64], want: f64| {
+            ticks
+                .iter()
+                .any(|t| (t - want).abs() < 1e-9 * want.abs().max(1.0))
+        };
+        let ticks = view(0.0, 600.0).symlog_ticks(0.1);
+        for want in [0.0, 0.1, 1.0, 10.0, 100.0, 200.0, 500.0] {
+            assert!(close(&ticks, want), "{want}: {ticks:?}");
+        }
+        assert!(!close(&ticks, 1000.0), "{ticks:?}");
+        let ticks = view(0.0, 150.0).symlog_ticks(0.1);
+        assert!(!close(&ticks, 200.0), "{ticks:?}");
+        // The negative side likewise.
+        let ticks = view(-600.0, 1.0).symlog_ticks(0.1);
+        assert!(close(&ticks, -500.0) && close(&ticks, -200.0), "{ticks:?}");
     }
 
     #[test]

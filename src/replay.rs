@@ -630,6 +630,19 @@ pub fn replay(req: &ReplayRequest, cfg: &DarkwatchConfig) -> Result<ReplayOutcom
         }
         // A row's mean with the rows before it would mix unrelated rows.
         model = model.with_smoothing(1);
+    } else if model.meta.smooth_frames > 1
+        && req
+            .input
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+    {
+        // ODDS and ADBench tables come as .npz, and `harness` takes every .npz for one: a
+        // replay that averages their rows' scores can report a ranking a table does not have.
+        tracing::warn!(
+            "{}: an .npz is scored as a stream, its rows in order, each score the mean of {} rows ([score] smooth_frames): if its rows have no order (an ODDS / ADBench table, which `harness` scores as one), pass --table, or train with --table; where a table stores its outliers together, that mean raises AUROC and AUPRC for no merit of the model",
+            req.input.display(),
+            model.meta.smooth_frames
+        );
     }
     let model = Arc::new(model);
     let opts = TableOptions {
@@ -1302,9 +1315,10 @@ impl std::fmt::Display for ReplayOutcome {
                 }
                 (true, _) => "a table: rows scored alone, in no order".to_string(),
                 (false, 1) => "frames scored alone".to_string(),
-                (false, n) => {
+                (false, n) if self.threshold.is_some() => {
                     format!("scores averaged over {n} frames, threshold from per-frame scores")
                 }
+                (false, n) => format!("scores averaged over {n} frames"),
             },
             p.frames_scored,
             p.batches,
@@ -1361,7 +1375,8 @@ impl std::fmt::Display for ReplayOutcome {
                 let episodes = if self.table {
                     String::new()
                 } else {
-                    format!(", {} alert episodes", self.alert_spans.len())
+                    let n = self.alert_spans.len();
+                    format!(", {n} alert episode{}", if n == 1 { "" } else { "s" })
                 };
                 writeln!(
                     f,
@@ -1381,11 +1396,13 @@ impl std::fmt::Display for ReplayOutcome {
             let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} %", 100.0 * v));
             writeln!(
                 f,
-                "events      precision {} ({} episodes), recall {} ({} labelled segments), mean delay {}",
+                "events      precision {} ({} episode{}), recall {} ({} labelled segment{}), mean delay {}",
                 pct(e.precision),
                 e.episodes,
+                if e.episodes == 1 { "" } else { "s" },
                 pct(e.recall),
                 e.segments,
+                if e.segments == 1 { "" } else { "s" },
                 match (e.mean_delay_frames, e.mean_delay_to_firing) {
                     (Some(d), Some(f)) => format!(
                         "{d:.1} frames to the first frame above the threshold, {f:.1} to the alert firing"
@@ -1471,6 +1488,12 @@ impl ReplayOutcome {
                 h.detected_frames,
                 b.threshold
             )?,
+        }
+        if let Some((a, b)) = h.chance {
+            writeln!(
+                f,
+                "            by chance HR@100 {a:.3}, HR@150 {b:.3} (a random order of the features on the same frames: the floor to read the above against)"
+            )?;
         }
         if h.unscored_frames > 0 {
             writeln!(

@@ -1650,6 +1650,23 @@ fn replay_interpretation_gives_the_harness_hit_rate() {
         (hits.frames, hits.segments, hits.unscored_frames),
         (3708, 30, 0)
     );
+    // The chance level from the segments alone: each frame's ⌊P·|G|⌋ / 38, averaged.
+    let (mut c100, mut c150, mut n) = (0.0, 0.0, 0usize);
+    for seg in &segments {
+        let g = seg.dims.len();
+        let len = seg.end - seg.start + 1;
+        c100 += len as f64 * (g.min(38)) as f64 / 38.0;
+        c150 += len as f64 * ((3 * g / 2).min(38)) as f64 / 38.0;
+        n += len;
+    }
+    assert_eq!(n, 3708);
+    let (a, b) = hits.chance.expect("chance");
+    assert!((a - c100 / n as f64).abs() < 1e-9 && (b - c150 / n as f64).abs() < 1e-9);
+    assert!(
+        outcome
+            .to_string()
+            .contains("by chance HR@100 0.508, HR@150 0.749")
+    );
     // The detected frames: labelled, at or above the replay's point-wise best-F1 threshold.
     let best = outcome.eval.as_ref().unwrap().best_f1.unwrap();
     let point_labels = outcome.labels.as_deref().unwrap();
@@ -2226,6 +2243,9 @@ fn harness_prints_one_table_for_the_bundled_machine() {
         "frame precision of the alerts",
         // How to get the numbers again: the configuration's source and the seed.
         "config (defaults) (with environment DARKWATCH__TRAIN__EPOCHS_MAX); seed 0 ([train] seed)",
+        // A random ranking's HitRates on the same frames, from the labels alone: whatever
+        // the model, machine-1-6's segments give these (checked by hand from the file).
+        "the floor to read HR@100 / HR@150 against): machine-1-6 0.508 / 0.749, mean SMD 0.508 / 0.749.",
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
@@ -3250,7 +3270,11 @@ fn harness_names_clashes_by_folder_and_equals_train_and_replay_on_gaps() {
         let i = header.iter().position(|c| *c == column).unwrap();
         line.split(',').nth(i).unwrap().to_owned()
     };
-    assert_eq!(header[header.len() - 2..], ["seed", "path"], "{written}");
+    assert_eq!(
+        header[header.len() - 4..],
+        ["seed", "path", "hit_rate_100_chance", "hit_rate_150_chance"],
+        "{written}"
+    );
     assert_eq!(cell(lines[1], "entity"), "dirA/uni", "{written}");
     assert_eq!(cell(lines[1], "path"), "dirA/uni_train.npy", "{written}");
     assert_eq!(cell(lines[2], "entity"), "dirB/uni", "{written}");

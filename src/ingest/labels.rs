@@ -181,6 +181,14 @@ fn parse_text_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, IngestError> 
                     ),
                 });
             }
+            // scikit-learn's `predict` marks outliers -1 and inliers 1.
+            if text == "-1" {
+                return Err(IngestError::Syntax {
+                    path: path.to_owned(),
+                    pos: TextPos::line(line_no),
+                    message: "label \"-1\" is not 0 or 1: -1 for an outlier and 1 for an inlier is scikit-learn's predict() convention, not a label file's: write 1 for anomalous and 0 for normal (numpy: (pred == -1).astype(int))".into(),
+                });
+            }
             return Err(IngestError::BadLabel {
                 path: path.to_owned(),
                 pos: TextPos::line(line_no),
@@ -196,22 +204,28 @@ fn parse_text_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, IngestError> 
     }
     // A first line `0` is pandas' header for an unnamed Series, or a first label: the same
     // text. When the labels after it are written as decimals (`0.0`, `1.0`: a float Series)
-    // it is the header, and reading it would shift every label by one row.
+    // or booleans (`True`, `False`: a bool Series) it is the header, and reading it would
+    // shift every label by one row.
     let mut texts = lines(bytes)
         .filter_map(|(_, l)| std::str::from_utf8(l).ok())
         .map(str::trim)
         .filter(|l| !l.is_empty());
-    if texts.next() == Some("0") && labels.len() > 1 && texts.all(|l| l.contains('.')) {
+    if texts.next() == Some("0")
+        && labels.len() > 1
+        && texts.all(|l| l.contains('.') || boolean_label(l).is_some())
+    {
         return Err(IngestError::Syntax {
             path: path.to_owned(),
             pos: TextPos::line(1),
-            message: "the first line is \"0\" and every label after it a decimal (0.0, 1.0): it is pandas' header for an unnamed Series, and would shift every label by one row: remove it (pandas: to_csv(index=False, header=False))".into(),
+            message: "the first line is \"0\" and every label after it a decimal (0.0, 1.0) or a boolean (True, False): it is pandas' header for an unnamed Series, and would shift every label by one row: remove it (pandas: to_csv(index=False, header=False))".into(),
         });
     }
     Ok(labels)
 }
 
-/// One text label: `0` or `1` (or a number equal to one, such as `1.0`).
+/// One text label: `0` or `1` (or a number equal to one, such as `1.0`), or a boolean as
+/// pandas and Python write one (`True`, `False`; any case): a bool `.npy` reads, so its
+/// text reads too.
 fn text_label(text: &str) -> Option<u8> {
     match text {
         "0" => Some(0),
@@ -219,8 +233,19 @@ fn text_label(text: &str) -> Option<u8> {
         _ => match text.parse::<f64>() {
             Ok(0.0) => Some(0),
             Ok(1.0) => Some(1),
-            _ => None,
+            _ => boolean_label(text),
         },
+    }
+}
+
+/// `True` as 1 and `False` as 0, in any case.
+fn boolean_label(text: &str) -> Option<u8> {
+    if text.eq_ignore_ascii_case("true") {
+        Some(1)
+    } else if text.eq_ignore_ascii_case("false") {
+        Some(0)
+    } else {
+        None
     }
 }
 
@@ -408,6 +433,33 @@ mod tests {
             "labels.txt: empty file"
         );
         assert!(labels("0\nnan\n", None).is_err());
+        // scikit-learn's predict() output, named as such.
+        let err = labels("1\n-1\n", None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("labels.txt: line 2: label \"-1\" is not 0 or 1: -1 for an outlier and 1 for an inlier is scikit-learn's predict() convention"),
+            "{err}"
+        );
+    }
+
+    /// pandas writes a bool Series as `True` / `False`; a bool `.npy` reads, so they do
+    /// too, in any case. Its header `0` over them is told as a header, not a label.
+    #[test]
+    fn boolean_labels_read_as_0_and_1() {
+        assert_eq!(
+            labels("False\nTrue\ntrue\nFALSE\n", Some(4)).unwrap(),
+            [0, 1, 1, 0]
+        );
+        let err = labels("0\nFalse\nTrue\n", Some(3)).unwrap_err().to_string();
+        assert!(
+            err.contains("every label after it a decimal (0.0, 1.0) or a boolean (True, False): it is pandas' header"),
+            "{err}"
+        );
+        // Mixed with integers, a first `0` is a label.
+        assert_eq!(labels("0\nTrue\n1\n", Some(3)).unwrap(), [0, 1, 1]);
+        assert_eq!(
+            labels("0\nyes\n", None).unwrap_err().to_string(),
+            "labels.txt: line 2: label \"yes\" is not 0 or 1"
+        );
     }
 
     /// `pd.Series(y).to_csv("y.csv", index=False)` writes the header `0`, a valid label:

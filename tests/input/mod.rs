@@ -353,9 +353,20 @@ fn train_and_replay_take_files_written_by_pandas_and_numpy() {
     let (code, out, err) = train(&npz, "m-npz");
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(err.contains("odds.npz (400 rows × 3 features)"), "{err}");
+    // An .npz is what ODDS / ADBench tables come as: read in order, it is said so, with
+    // --table named (a researcher's trial got inflated numbers without a word).
+    assert!(
+        err.contains("odds.npz: an .npz is read as a stream, its rows in order")
+            && err.contains("For a table, train with --table."),
+        "{err}"
+    );
     let (code, out, err) = replay_with(&d.join("m-npz"), &npz, &npz, &[] as &[&str]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("AUROC"), "{out}");
+    assert!(err.contains("an .npz is scored as a stream"), "{err}");
+    let (code, out, err) = replay_with(&d.join("m-npz"), &npz, &npz, &["--table"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains("an .npz is scored as a stream"), "{err}");
     // `pd.Series(y).to_csv("y.csv", index=False)`: the header `0`, then 400 labels.
     let ycsv = d.join("y.csv");
     let labels: String = (0..400)
