@@ -1214,13 +1214,12 @@ mod tests {
         cfg.build()
     }
 
+    /// A field-layout message's samples (with their origin text) and item errors.
+    type Decoded = (Vec<(Row, String)>, Vec<&'static str>);
+
     /// (stream, metric, value, time, origin text) of each sample, item errors, or the
     /// message's error.
-    fn field_run(
-        d: &TelegrafDecoder,
-        topic: &str,
-        payload: &str,
-    ) -> Result<(Vec<(Row, String)>, Vec<&'static str>), DecodeError> {
+    fn field_run(d: &TelegrafDecoder, topic: &str, payload: &str) -> Result<Decoded, DecodeError> {
         let mut ok = Vec::new();
         let mut errs = Vec::new();
         d.decode_with_origin(topic, payload.as_bytes(), 50.0, &mut |r, o| match r {
