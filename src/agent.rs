@@ -1664,9 +1664,11 @@ impl AgentSource {
             },
             Decoder::Telegraf(d) => {
                 let whole =
-                    d.decode_with_origin(msg.payload, msg.received, &mut |r, origin| match r {
-                        Ok(sample) => accept(&sample, origin),
-                        Err(e) => undecodable(&e),
+                    d.decode_with_origin(msg.topic, msg.payload, msg.received, &mut |r, origin| {
+                        match r {
+                            Ok(sample) => accept(&sample, origin),
+                            Err(e) => undecodable(&e),
+                        }
                     });
                 if let Err(e) = whole {
                     undecodable(&e);
@@ -2019,6 +2021,7 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
             "If such messages are expected, raise [{section}] max_payload_bytes to {len} or more; otherwise narrow [mqtt] subscribe to the sender's metric topics."
         ),
         DecodeError::NotUtf8 => "This topic carries binary data: narrow [mqtt] subscribe to the sender's metric topics (raw float32 frames need [agent] format = \"raw\").".into(),
+        DecodeError::BadTopic(_) if format == InputFormat::Telegraf => "Compare this topic with [telegraf] field_layout_topic and the topic of Telegraf's [[outputs.mqtt]] (the field is the last level), or narrow [mqtt] subscribe to the field-layout topics.".into(),
         DecodeError::BadTopic(_) | DecodeError::NotDataChannel(_) => "ExaMon metrics come on …/node/<node>/…/chnl/data/<metric> topics: narrow [mqtt] subscribe to those.".into(),
         DecodeError::MissingStream { .. } if format == InputFormat::Telegraf => {
             "Set [telegraf] stream_tag to the tag that names the host.".into()
@@ -2026,7 +2029,8 @@ fn undecodable_todo(e: &DecodeError, format: InputFormat) -> String {
         DecodeError::MissingStream { .. } => {
             "Set [examon] stream_key to the topic key that names the node.".into()
         }
-        DecodeError::BadPayload(why) if *why == crate::ingest::telegraf::BARE_VALUE => "In Telegraf's [[outputs.mqtt]], set layout = \"non-batch\" (or \"batch\") and data_format = \"influx\" (or \"json\"): those carry the measurement, the host tag and the fields in the payload, which [agent] format = \"telegraf\" reads.".into(),
+        DecodeError::BadPayload(why) if *why == crate::ingest::telegraf::BARE_VALUE => "For Telegraf's layout = \"field\", set [telegraf] field_layout_topic to the topic of its [[outputs.mqtt]] as written there (e.g. \"telegraf/{{ .Hostname }}/{{ .PluginName }}\"); or, in [[outputs.mqtt]], set layout = \"non-batch\" (or \"batch\") and data_format = \"influx\" (or \"json\"), which carry the measurement, the host tag and the fields in the payload.".into(),
+        DecodeError::BadPayload(why) if *why == crate::ingest::telegraf::HOMIE_V4 => "In Telegraf's [[outputs.mqtt]], set layout = \"field\" (and [telegraf] field_layout_topic to its topic) or layout = \"non-batch\" with data_format = \"influx\": homie-v4 mixes tags with fields and renames fields, so it is not read.".into(),
         DecodeError::BadPayload(_) | DecodeError::NonNumeric(_) => format!(
             "[agent] format = \"{section}\" reads {reads}: check what the sender publishes on this topic, and [agent] format."
         ),

@@ -681,6 +681,13 @@ impl DarkwatchConfig {
         section("alert", self.alert.validate())?;
         section("mqtt", self.mqtt.validate())?;
         section("examon", self.examon.validate())?;
+        section("telegraf", self.telegraf.validate())?;
+        if self.agent.format == crate::agent::InputFormat::Telegraf {
+            section(
+                "telegraf",
+                self.telegraf.check_subscriptions(&self.mqtt.subscribe),
+            )?;
+        }
         section("alertmanager", self.alertmanager.validate())?;
         section("metrics", self.metrics.validate())?;
         section("sae", self.sae.validate())?;

@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     }
     .build();
     for receive_time in [1.7e9, f64::NAN] {
-        let _ = decoder.decode(data, receive_time, &mut |r: Result<
+        let _ = decoder.decode("telegraf/n1/m", data, receive_time, &mut |r: Result<
             Sample<'_>,
             DecodeError,
         >| match r {

@@ -17,6 +17,11 @@
 //! receive time. Line-protocol fields arrive in line order; JSON fields in serde_json's
 //! map order (sorted by name unless its `preserve_order` feature is on).
 //!
+//! Telegraf's `layout = "field"` sends one bare value per message on its `topic` with the
+//! field name appended as the last level. With [`TelegrafConfig::field_layout_topic`] set to
+//! that `topic` template, such a message's topic gives the stream, the measurement, the
+//! tags (for `name_tags`) and the field, and its receive time is its timestamp.
+//!
 //! Errors come at three levels, all through the caller's callback except the first:
 //! the whole message (too large, not UTF-8, not JSON) is the `Err` of
 //! [`TelegrafDecoder::decode`]; a bad metric or line is one `Err` item and none of its
@@ -29,11 +34,28 @@ use serde_json::{Map, Value};
 
 use super::assemble::{DecodeError, FNV_START, Origin, Sample, clip, fnv1a, parse_value};
 
-/// [`DecodeError::BadPayload`] of a message that is one bare value: what Telegraf's MQTT
-/// output publishes with `layout = "field"` (and `homie-v4`), the measurement, host and field
-/// in the topic. Those layouts are not read; `non-batch` and `batch` with
-/// `data_format = "influx"` or `"json"` are.
-pub const BARE_VALUE: &str = "the payload is a bare value, as Telegraf's MQTT output sends with layout = \"field\" or \"homie-v4\", which darkwatch does not read (metric and host are in the topic there)";
+/// [`DecodeError::BadPayload`] of a message that is one bare value while
+/// [`TelegrafConfig::field_layout_topic`] is unset: what Telegraf's MQTT output publishes
+/// with `layout = "field"` (and `homie-v4`), the measurement, host and field in the topic.
+pub const BARE_VALUE: &str = "the payload is a bare value, as Telegraf's MQTT output sends with layout = \"field\" (read only with [telegraf] field_layout_topic set to its topic) or \"homie-v4\" (not read)";
+
+/// [`DecodeError::BadPayload`] of a Homie message (a topic level starting with `$`, or a
+/// bare value on one): Telegraf's `layout = "homie-v4"`, which is not read. Its properties
+/// mix tags (string values, numeric ones indistinguishable from fields without the
+/// retained `$datatype` messages) with fields, under normalised ids (`usage-user`).
+pub const HOMIE_V4: &str = "the topic has a Homie attribute level ($name, $datatype, ...), as Telegraf's MQTT output sends with layout = \"homie-v4\", which darkwatch does not read";
+
+/// [`DecodeError::BadTopic`] of a bare value whose topic does not fit
+/// [`TelegrafConfig::field_layout_topic`].
+pub const TOPIC_MISMATCH: &str = "a bare value's topic does not fit [telegraf] field_layout_topic (its fixed levels, or its number of levels: the template's, less tags Telegraf left out, and the field)";
+
+/// [`DecodeError::BadTopic`] of a bare value whose topic fits
+/// [`TelegrafConfig::field_layout_topic`] in more than one way (two optional tag levels,
+/// one of them left out: which one cannot be told).
+pub const TOPIC_AMBIGUOUS: &str = "a bare value's topic fits [telegraf] field_layout_topic in more than one way (a tag level is missing and which one cannot be told)";
+
+/// Most levels [`TelegrafConfig::field_layout_topic`] may have (the field's not counted).
+pub const MAX_TOPIC_LEVELS: usize = 16;
 
 /// Whether `text` is one bare value (a number or a boolean), not a metric.
 fn is_bare_value(text: &str) -> bool {
@@ -41,6 +63,28 @@ fn is_bare_value(text: &str) -> bool {
     !t.is_empty()
         && !t.contains([' ', '=', ','])
         && (t.parse::<f64>().is_ok() || matches!(t, "true" | "false"))
+}
+
+/// Whether `text` reads as JSON or line protocol rather than a field-layout value.
+fn looks_like_metric(text: &str) -> bool {
+    let t = text.trim_start();
+    t.starts_with(['{', '[']) || t.contains('=')
+}
+
+/// Whether `topic` has a Homie attribute level (`$homie`, `$name`, `$datatype`, ...).
+fn is_homie(topic: &str) -> bool {
+    topic.split('/').any(|l| l.starts_with('$'))
+}
+
+/// A `layout = "field"` value: Telegraf writes numbers in decimal and booleans as
+/// `true` / `false`; anything else is a string field's text.
+fn field_value(text: &str) -> Result<f64, DecodeError> {
+    match text.trim() {
+        "true" => Ok(1.0),
+        "false" => Ok(0.0),
+        t if is_bare_value(t) => parse_value(t),
+        _ => Err(DecodeError::StringField),
+    }
 }
 
 /// Which encoding the messages use.
@@ -112,6 +156,14 @@ pub struct TelegrafConfig {
     /// empty) adds nothing, so `mem.used` stays `mem.used`. Default empty: every tag set
     /// of a measurement gives the same names, merged into one feature per host.
     pub name_tags: Vec<String>,
+    /// The `topic` of Telegraf's `[[outputs.mqtt]]` with `layout = "field"`, as written
+    /// there (`telegraf/{{ .Hostname }}/{{ .PluginName }}/{{ .Tag "cpu" }}`): a bare-value
+    /// message is then read from its topic, the field being the level Telegraf appends.
+    /// `{{ .Hostname }}` is the `host` tag, `{{ .PluginName }}` the measurement,
+    /// `{{ .Tag "k" }}` tag `k` (a level Telegraf leaves out where the metric lacks the
+    /// tag), `+` any one level; other levels must match as written. The stream is the
+    /// level of the `stream_tag` tag. Default empty: bare values are refused.
+    pub field_layout_topic: String,
 }
 
 impl Default for TelegrafConfig {
@@ -123,14 +175,314 @@ impl Default for TelegrafConfig {
             json_timestamp_units: Precision::Auto,
             max_payload_bytes: 1 << 20,
             name_tags: Vec::new(),
+            field_layout_topic: String::new(),
         }
     }
 }
 
 impl TelegrafConfig {
-    /// The running decoder.
+    /// The running decoder. A `field_layout_topic` that [`Self::validate`] refuses reads
+    /// no bare value (configuration loading refuses it first).
     pub fn build(&self) -> TelegrafDecoder {
-        TelegrafDecoder { cfg: self.clone() }
+        TelegrafDecoder {
+            cfg: self.clone(),
+            field_topic: self.field_topic().ok().flatten(),
+        }
+    }
+
+    /// The parsed `field_layout_topic`; `None` when it is empty.
+    fn field_topic(&self) -> Result<Option<FieldTopic>, String> {
+        if self.field_layout_topic.trim().is_empty() {
+            return Ok(None);
+        }
+        FieldTopic::parse(&self.field_layout_topic, &self.stream_tag).map(Some)
+    }
+
+    /// Checks that the types cannot express. Returns the key and the reason.
+    ///
+    /// # Errors
+    /// A `field_layout_topic` that is not a Telegraf topic template this decoder reads.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.field_topic()
+            .map(|_| ())
+            .map_err(|e| ("field_layout_topic", e))
+    }
+
+    /// With `[agent] format = "telegraf"`: whether one of the `[mqtt] subscribe` filters can
+    /// carry the topics `field_layout_topic` describes (none would leave every bare value
+    /// unsubscribed).
+    ///
+    /// # Errors
+    /// `field_layout_topic` and why, when no filter can match its topics.
+    pub fn check_subscriptions(&self, filters: &[String]) -> Result<(), (&'static str, String)> {
+        let Ok(Some(topic)) = self.field_topic() else {
+            return Ok(());
+        };
+        if filters.iter().any(|f| topic.can_carry(f)) {
+            return Ok(());
+        }
+        let (least, most) = topic.level_counts();
+        let levels = if least == most {
+            format!("{most}")
+        } else {
+            format!("{least} to {most}")
+        };
+        Err((
+            "field_layout_topic",
+            format!(
+                "{:?} makes topics of {levels} levels (the field last), and no [mqtt] subscribe \
+                 filter ({filters:?}) matches such topics: subscribe to them, e.g. {:?}",
+                self.field_layout_topic.trim(),
+                topic.filter()
+            ),
+        ))
+    }
+}
+
+/// One level of a parsed `field_layout_topic`.
+#[derive(Debug, Clone, PartialEq)]
+enum Level {
+    /// Matches itself only.
+    Literal(String),
+    /// `+`: any one level, not read.
+    Any,
+    /// `{{ .PluginName }}`.
+    Measurement,
+    /// `{{ .Tag "key" }}` (optional: Telegraf leaves the level out where the metric lacks
+    /// the tag) or `{{ .Hostname }}` (the `host` tag, always there); the stream's level is
+    /// never optional.
+    Tag { key: String, optional: bool },
+}
+
+impl Level {
+    fn fits(&self, level: &str) -> bool {
+        match self {
+            Level::Literal(l) => level == l,
+            _ => !level.is_empty(),
+        }
+    }
+
+    fn optional(&self) -> bool {
+        matches!(self, Level::Tag { optional: true, .. })
+    }
+}
+
+/// A parsed `field_layout_topic`: the levels before the field.
+#[derive(Debug, Clone, PartialEq)]
+struct FieldTopic {
+    levels: Vec<Level>,
+    measurement: usize,
+    stream: usize,
+}
+
+impl FieldTopic {
+    fn parse(template: &str, stream_tag: &str) -> Result<FieldTopic, String> {
+        const KNOWN: &str = "field_layout_topic is Telegraf's [[outputs.mqtt]] topic as written there: \
+            each level a fixed name, {{ .Hostname }}, {{ .PluginName }}, {{ .Tag \"key\" }} or + (any level)";
+        let template = template.trim();
+        let mut levels = Vec::new();
+        for level in template.split('/') {
+            let parsed = if level.is_empty() {
+                return Err(format!(
+                    "{template:?} has an empty level (a leading, trailing or doubled '/'): \
+                     Telegraf leaves empty levels out, so write the topic without them"
+                ));
+            } else if level == "+" {
+                Level::Any
+            } else if level.contains(['{', '}']) {
+                let inner = level
+                    .strip_prefix("{{")
+                    .and_then(|l| l.strip_suffix("}}"))
+                    .filter(|i| !i.contains(['{', '}']))
+                    .ok_or_else(|| {
+                        format!(
+                            "level {level:?} is not a placeholder darkwatch reads: a placeholder \
+                             must be a whole level, in Telegraf's spelling ({KNOWN})"
+                        )
+                    })?;
+                // Go's trim markers `{{-` and `-}}` change nothing in a level.
+                let inner = inner.trim();
+                let inner = inner.strip_prefix('-').unwrap_or(inner);
+                let inner = inner.strip_suffix('-').unwrap_or(inner).trim();
+                let tag = inner
+                    .strip_prefix(".Tag")
+                    .map(str::trim)
+                    .and_then(|k| k.strip_prefix('"')?.strip_suffix('"'))
+                    .filter(|k| !k.is_empty() && !k.contains(['"', '\\']));
+                match (inner, tag) {
+                    (".Hostname", _) => Level::Tag {
+                        key: "host".into(),
+                        optional: false,
+                    },
+                    (".PluginName", _) => Level::Measurement,
+                    (_, Some(key)) => Level::Tag {
+                        key: key.into(),
+                        optional: true,
+                    },
+                    _ => {
+                        return Err(format!("unknown placeholder {level:?}: {KNOWN}"));
+                    }
+                }
+            } else if level.contains(['+', '#']) {
+                return Err(format!(
+                    "level {level:?}: + stands alone for any one level, and # is not read \
+                     (the field is the last level, after the template's)"
+                ));
+            } else {
+                Level::Literal(level.to_owned())
+            };
+            levels.push(parsed);
+        }
+        if levels.len() > MAX_TOPIC_LEVELS {
+            return Err(format!(
+                "{template:?} has {} levels; at most {MAX_TOPIC_LEVELS} are read",
+                levels.len()
+            ));
+        }
+        let find = |want: &dyn Fn(&Level) -> bool, what: &str| {
+            let mut at = levels.iter().enumerate().filter(|(_, l)| want(l));
+            match (at.next(), at.next()) {
+                (Some((i, _)), None) => Ok(Some(i)),
+                (None, _) => Ok(None),
+                (Some(_), Some(_)) => Err(format!("{template:?} has {what} twice")),
+            }
+        };
+        let measurement =
+            find(&|l| *l == Level::Measurement, "{{ .PluginName }}")?.ok_or_else(|| {
+                format!(
+                    "{template:?} has no {{{{ .PluginName }}}} level: metrics are named \
+                     <measurement>.<field>, and the measurement is that level"
+                )
+            })?;
+        for level in &levels {
+            if let Level::Tag { key, .. } = level {
+                let what = format!("tag {key:?} ({{{{ .Hostname }}}} is the host tag)");
+                find(
+                    &|l| matches!(l, Level::Tag { key: k, .. } if k == key),
+                    &what,
+                )?;
+            }
+        }
+        let stream = find(
+            &|l| matches!(l, Level::Tag { key, .. } if key == stream_tag),
+            "the stream tag",
+        )?
+        .ok_or_else(|| {
+            format!(
+                "{template:?} has no level for the stream: it is the value of [telegraf] \
+                 stream_tag = {stream_tag:?}, so the template needs {{{{ .Tag {stream_tag:?} }}}}{}, \
+                 or stream_tag must name a tag the template has",
+                if stream_tag == "host" {
+                    " or {{ .Hostname }}"
+                } else {
+                    ""
+                }
+            )
+        })?;
+        if let Level::Tag { optional, .. } = &mut levels[stream] {
+            *optional = false;
+        }
+        Ok(FieldTopic {
+            levels,
+            measurement,
+            stream,
+        })
+    }
+
+    /// Fewest and most levels of a topic (the field's included).
+    fn level_counts(&self) -> (usize, usize) {
+        let optional = self.levels.iter().filter(|l| l.optional()).count();
+        (self.levels.len() - optional + 1, self.levels.len() + 1)
+    }
+
+    /// A subscription filter for the topics: the fixed leading levels, then `#`.
+    fn filter(&self) -> String {
+        let mut f = String::new();
+        for level in &self.levels {
+            match level {
+                Level::Literal(l) => f.push_str(l),
+                _ => break,
+            }
+            f.push('/');
+        }
+        f.push('#');
+        f
+    }
+
+    /// Whether subscription filter `filter` (`{node}` counted as any level, a `$share/g/`
+    /// prefix dropped) can match one of the topics.
+    fn can_carry(&self, filter: &str) -> bool {
+        let filter = match filter.strip_prefix("$share/") {
+            Some(rest) => rest.split_once('/').map_or("", |(_, f)| f),
+            None => filter,
+        };
+        let levels: Vec<&str> = filter.split('/').collect();
+        let (least, most) = self.level_counts();
+        let (compared, fits) = match levels.iter().position(|l| *l == "#") {
+            Some(at) => (at, at <= most),
+            None => (levels.len(), (least..=most).contains(&levels.len())),
+        };
+        // Levels line up with the template's up to its first optional one (all of them
+        // where every level is there).
+        let aligned = if levels.len() == most && compared == most {
+            most - 1
+        } else {
+            self.levels.iter().take_while(|l| !l.optional()).count()
+        };
+        fits && self
+            .levels
+            .iter()
+            .zip(&levels)
+            .take(compared.min(aligned))
+            .all(|(t, f)| match t {
+                Level::Literal(l) => *f == "+" || f.starts_with('{') || f == l,
+                _ => true,
+            })
+    }
+
+    /// Matches the levels before the field, `topic`, to the template: the topic's level
+    /// for each template level, `None` where an optional tag level is left out.
+    fn assign<'t>(
+        &self,
+        topic: &[&'t str],
+        got: &mut [Option<&'t str>; MAX_TOPIC_LEVELS],
+    ) -> Result<(), DecodeError> {
+        let (m, n) = (self.levels.len(), topic.len());
+        if n > m {
+            return Err(DecodeError::BadTopic(TOPIC_MISMATCH));
+        }
+        // ways[i][j]: how many ways (0, 1, or 2 for more) template levels i.. fit topic
+        // levels j..; an optional level fits one level or none.
+        let mut ways = [[0u8; MAX_TOPIC_LEVELS + 1]; MAX_TOPIC_LEVELS + 1];
+        ways[m][n] = 1;
+        for i in (0..m).rev() {
+            let level = &self.levels[i];
+            for j in (0..=n).rev() {
+                let mut w = 0;
+                if j < n && level.fits(topic[j]) {
+                    w += ways[i + 1][j + 1];
+                }
+                if level.optional() {
+                    w += ways[i + 1][j];
+                }
+                ways[i][j] = w.min(2);
+            }
+        }
+        match ways[0][0] {
+            0 => return Err(DecodeError::BadTopic(TOPIC_MISMATCH)),
+            1 => {}
+            _ => return Err(DecodeError::BadTopic(TOPIC_AMBIGUOUS)),
+        }
+        let mut j = 0;
+        for (i, level) in self.levels.iter().enumerate() {
+            got[i] = if j < n && level.fits(topic[j]) && ways[i + 1][j + 1] > 0 {
+                j += 1;
+                Some(topic[j - 1])
+            } else {
+                None
+            };
+        }
+        Ok(())
     }
 }
 
@@ -138,25 +490,31 @@ impl TelegrafConfig {
 #[derive(Debug, Clone)]
 pub struct TelegrafDecoder {
     cfg: TelegrafConfig,
+    /// The parsed `field_layout_topic`, if set.
+    field_topic: Option<FieldTopic>,
 }
 
 impl TelegrafDecoder {
-    /// Decodes one message, handing each sample, or each metric's / field's error, to
-    /// `out`. `receive_time` (epoch seconds) stands in for a missing timestamp; pass NaN
-    /// to reject such metrics with `TimestampMissing`. Samples borrow from the payload
-    /// and a name buffer; call [`Sample::into_owned`] to keep one.
+    /// Decodes one message, received on `topic`, handing each sample, or each metric's /
+    /// field's error, to `out`. `receive_time` (epoch seconds) stands in for a missing
+    /// timestamp (and is a field-layout value's time); pass NaN to reject such metrics
+    /// with `TimestampMissing`. Samples borrow from the payload, the topic and a name
+    /// buffer; call [`Sample::into_owned`] to keep one.
     ///
     /// # Errors
     /// `TooLarge`, `NotUtf8`, or `BadPayload` when the message as a whole is unreadable
-    /// (invalid JSON, JSON that is not a metric, an array or `{"metrics": [...]}`, or one
-    /// bare value: [`BARE_VALUE`]).
+    /// (invalid JSON, JSON that is not a metric, an array or `{"metrics": [...]}`, one
+    /// bare value without `field_layout_topic`: [`BARE_VALUE`], a Homie message:
+    /// [`HOMIE_V4`]); `BadTopic` when a bare value's topic does not fit
+    /// `field_layout_topic`.
     pub fn decode(
         &self,
+        topic: &str,
         payload: &[u8],
         receive_time: f64,
         out: &mut impl FnMut(Result<Sample<'_>, DecodeError>),
     ) -> Result<(), DecodeError> {
-        self.decode_with_origin(payload, receive_time, &mut |r, _| out(r))
+        self.decode_with_origin(topic, payload, receive_time, &mut |r, _| out(r))
     }
 
     /// As [`Self::decode`], with each sample's [`Origin`]: a hash of its metric's tags (in
@@ -166,6 +524,7 @@ impl TelegrafDecoder {
     /// As [`Self::decode`].
     pub fn decode_with_origin(
         &self,
+        topic: &str,
         payload: &[u8],
         receive_time: f64,
         out: &mut impl FnMut(Result<Sample<'_>, DecodeError>, Origin<'_>),
@@ -177,8 +536,21 @@ impl TelegrafDecoder {
             });
         }
         let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
-        if is_bare_value(text) {
-            return Err(DecodeError::BadPayload(BARE_VALUE));
+        let mut name = String::new();
+        match &self.field_topic {
+            // A field-layout value: a bare number or boolean, or a string field's text
+            // (anything that is neither JSON nor has the `=` of line protocol).
+            Some(field_topic) if is_bare_value(text) || !looks_like_metric(text) => {
+                return self.decode_field(field_topic, topic, text, receive_time, &mut name, out);
+            }
+            None if is_bare_value(text) => {
+                return Err(DecodeError::BadPayload(if is_homie(topic) {
+                    HOMIE_V4
+                } else {
+                    BARE_VALUE
+                }));
+            }
+            _ => {}
         }
         let json = match self.cfg.format {
             TelegrafFormat::Json => true,
@@ -187,7 +559,6 @@ impl TelegrafDecoder {
                 matches!(text.trim_start().as_bytes().first(), Some(b'{' | b'['))
             }
         };
-        let mut name = String::new();
         if json {
             self.decode_json(text, receive_time, &mut name, out)
         } else {
@@ -207,17 +578,104 @@ impl TelegrafDecoder {
     /// Convenience for tests and tools: every sample, owned, and every item error.
     pub fn decode_to_vec(
         &self,
+        topic: &str,
         payload: &[u8],
         receive_time: f64,
     ) -> Result<Vec<Result<Sample<'static>, DecodeError>>, DecodeError> {
         let mut all = Vec::new();
-        self.decode(payload, receive_time, &mut |r: Result<
+        self.decode(topic, payload, receive_time, &mut |r: Result<
             Sample<'_>,
             DecodeError,
         >| {
             all.push(r.map(Sample::into_owned))
         })?;
         Ok(all)
+    }
+
+    /// One `layout = "field"` message: the value `text` of the field named by the topic's
+    /// last level, the rest of the topic read by `field_topic`.
+    fn decode_field(
+        &self,
+        field_topic: &FieldTopic,
+        topic: &str,
+        text: &str,
+        receive_time: f64,
+        name: &mut String,
+        out: &mut impl FnMut(Result<Sample<'_>, DecodeError>, Origin<'_>),
+    ) -> Result<(), DecodeError> {
+        if is_homie(topic) {
+            return Err(DecodeError::BadPayload(HOMIE_V4));
+        }
+        let mut levels = [""; MAX_TOPIC_LEVELS + 1];
+        let mut n = 0;
+        for level in topic.split('/') {
+            let Some(slot) = levels.get_mut(n) else {
+                return Err(DecodeError::BadTopic(TOPIC_MISMATCH));
+            };
+            *slot = level;
+            n += 1;
+        }
+        let (field, before) = match levels[..n].split_last() {
+            Some((field, before)) if !field.is_empty() => (*field, before),
+            _ => return Err(DecodeError::BadTopic(TOPIC_MISMATCH)),
+        };
+        let mut got = [None; MAX_TOPIC_LEVELS];
+        field_topic.assign(before, &mut got)?;
+        let tag = |key: &str| {
+            field_topic
+                .levels
+                .iter()
+                .zip(got)
+                .find_map(|(level, value)| match level {
+                    Level::Tag { key: k, .. } if k == key => value,
+                    _ => None,
+                })
+        };
+        // The tags in the topic as `k=v,…`, and their hash, as for the other layouts.
+        let mut tags_text = String::new();
+        let mut hash = 0u64;
+        for (level, value) in field_topic.levels.iter().zip(got) {
+            if let (Level::Tag { key, .. }, Some(v)) = (level, value) {
+                if !tags_text.is_empty() {
+                    tags_text.push(',');
+                }
+                tags_text.push_str(key);
+                tags_text.push('=');
+                tags_text.push_str(v);
+                hash = hash.wrapping_add(tag_hash(key, v));
+            }
+        }
+        let origin = Origin {
+            hash: hash.max(1),
+            text: &tags_text,
+        };
+        // The stream's and the measurement's levels are never optional.
+        let (Some(stream), Some(measurement)) =
+            (got[field_topic.stream], got[field_topic.measurement])
+        else {
+            return Err(DecodeError::BadTopic(TOPIC_MISMATCH));
+        };
+        let timestamp = match fallback_time(receive_time) {
+            Ok(t) => t,
+            Err(e) => {
+                out(Err(e), origin);
+                return Ok(());
+            }
+        };
+        let prefix = name_prefix(Cow::Borrowed(measurement), &self.cfg.name_tags, |k| {
+            tag(k).map(Cow::Borrowed)
+        });
+        emit(
+            out,
+            name,
+            &prefix,
+            field,
+            stream,
+            field_value(text),
+            timestamp,
+            origin,
+        );
+        Ok(())
     }
 
     fn decode_json(
@@ -308,19 +766,11 @@ impl TelegrafDecoder {
             hash: hash.max(1),
             text: tags_text,
         };
-        let mut prefix = Cow::Borrowed(measurement);
-        if !self.cfg.name_tags.is_empty() {
-            let mut p = measurement.to_owned();
-            for key in &self.cfg.name_tags {
-                if let Some(v) = tags.and_then(|t| t.get(key)).and_then(Value::as_str)
-                    && !v.is_empty()
-                {
-                    p.push('.');
-                    p.push_str(v);
-                }
-            }
-            prefix = Cow::Owned(p);
-        }
+        let prefix = name_prefix(Cow::Borrowed(measurement), &self.cfg.name_tags, |key| {
+            tags.and_then(|t| t.get(key))
+                .and_then(Value::as_str)
+                .map(Cow::Borrowed)
+        });
         for (field, v) in fields {
             let value = match v {
                 Value::Number(n) => match n.as_f64() {
@@ -384,19 +834,9 @@ impl TelegrafDecoder {
                 Err(_) => return Err(DecodeError::TimestampInvalid(clip(t))),
             },
         };
-        let mut prefix = measurement;
-        if !self.cfg.name_tags.is_empty() {
-            let mut p = prefix.into_owned();
-            for key in &self.cfg.name_tags {
-                if let Some(v) = line_tag(series, key)
-                    && !v.is_empty()
-                {
-                    p.push('.');
-                    p.push_str(&v);
-                }
-            }
-            prefix = Cow::Owned(p);
-        }
+        let prefix = name_prefix(measurement, &self.cfg.name_tags, |key| {
+            line_tag(series, key)
+        });
         for field in Splitter::new(fields, b',') {
             let Some((k, v)) = split_key_value(field) else {
                 out(Err(DecodeError::BadPayload("field without '='")), origin);
@@ -447,6 +887,28 @@ fn line_tag<'l>(series: &'l str, key: &str) -> Option<Cow<'l, str>> {
         let (k, v) = split_key_value(tag)?;
         (unescape(k) == key).then(|| unescape(v))
     })
+}
+
+/// The metric name's prefix: the measurement, then the value of each `name_tags` tag that
+/// `tag` finds (and is not empty), dot-separated. Every layout names its metrics so.
+fn name_prefix<'a, 'b>(
+    measurement: Cow<'a, str>,
+    name_tags: &[String],
+    mut tag: impl FnMut(&str) -> Option<Cow<'b, str>>,
+) -> Cow<'a, str> {
+    if name_tags.is_empty() {
+        return measurement;
+    }
+    let mut p = measurement.into_owned();
+    for key in name_tags {
+        if let Some(v) = tag(key)
+            && !v.is_empty()
+        {
+            p.push('.');
+            p.push_str(&v);
+        }
+    }
+    Cow::Owned(p)
 }
 
 /// Hands one field's sample (named `<prefix>.<field>` in the reused `name`, the prefix
@@ -633,6 +1095,9 @@ mod tests {
     /// (stream, metric, value, timestamp) of one sample.
     type Row = (String, String, f64, f64);
 
+    /// The topic of the tests' non-batch and batch messages (not read).
+    const TOPIC: &str = "telegraf/n1/m";
+
     fn dec() -> TelegrafDecoder {
         TelegrafConfig::default().build()
     }
@@ -641,7 +1106,7 @@ mod tests {
     fn run(d: &TelegrafDecoder, payload: &str, now: f64) -> (Vec<Row>, Vec<&'static str>) {
         let mut ok = Vec::new();
         let mut errs = Vec::new();
-        d.decode(payload.as_bytes(), now, &mut |r: Result<
+        d.decode(TOPIC, payload.as_bytes(), now, &mut |r: Result<
             Sample<'_>,
             DecodeError,
         >| match r {
@@ -703,7 +1168,7 @@ mod tests {
             for payload in ["43.251", " 7\n", "-1e3", "true"] {
                 let mut items = 0;
                 let e = d
-                    .decode(payload.as_bytes(), 5.0, &mut |_: Result<
+                    .decode(TOPIC, payload.as_bytes(), 5.0, &mut |_: Result<
                         Sample<'_>,
                         DecodeError,
                     >| {
@@ -715,10 +1180,17 @@ mod tests {
                 assert_eq!(e.reason(), "bad_payload");
                 let text = e.to_string();
                 assert!(
-                    text.contains("layout = \"field\"") && text.contains("homie-v4"),
+                    text.contains("layout = \"field\"")
+                        && text.contains("field_layout_topic")
+                        && text.contains("homie-v4"),
                     "{text}"
                 );
             }
+            // A Homie attribute is named as homie-v4's.
+            let e = d
+                .decode("homie/n1/$homie", b"4.0", 5.0, &mut |_| {})
+                .unwrap_err();
+            assert_eq!(e, DecodeError::BadPayload(HOMIE_V4));
         }
         // A line or a JSON metric is not a bare value.
         assert!(!is_bare_value("m,host=a v=1"));
@@ -726,6 +1198,389 @@ mod tests {
         assert!(!is_bare_value(r#"{"v": 1}"#));
         assert!(!is_bare_value("cpu"));
         assert!(!is_bare_value(""));
+    }
+
+    /// Telegraf's `topic` default, and the `cpu` tag as a level.
+    const DEFAULT_TOPIC: &str = "telegraf/{{ .Hostname }}/{{ .PluginName }}";
+    const CPU_TOPIC: &str = r#"telegraf/{{ .Hostname }}/{{ .PluginName }}/{{ .Tag "cpu" }}"#;
+
+    fn field_dec(template: &str, name_tags: &[&str]) -> TelegrafDecoder {
+        let cfg = TelegrafConfig {
+            field_layout_topic: template.into(),
+            name_tags: name_tags.iter().map(|t| (*t).to_owned()).collect(),
+            ..Default::default()
+        };
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.build()
+    }
+
+    /// A field-layout message's samples (with their origin text) and item errors.
+    type Decoded = (Vec<(Row, String)>, Vec<&'static str>);
+
+    /// (stream, metric, value, time, origin text) of each sample, item errors, or the
+    /// message's error.
+    fn field_run(d: &TelegrafDecoder, topic: &str, payload: &str) -> Result<Decoded, DecodeError> {
+        let mut ok = Vec::new();
+        let mut errs = Vec::new();
+        d.decode_with_origin(topic, payload.as_bytes(), 50.0, &mut |r, o| match r {
+            Ok(s) => ok.push((
+                (
+                    s.stream.into_owned(),
+                    s.metric.into_owned(),
+                    s.value,
+                    s.timestamp,
+                ),
+                o.text.to_owned(),
+            )),
+            Err(e) => errs.push(e.reason()),
+        })?;
+        Ok((ok, errs))
+    }
+
+    /// Telegraf's `layout = "field"` (its `collectField`): the `topic` template's levels,
+    /// then the field name; the payload the bare value, no timestamp. With
+    /// `field_layout_topic` the topic names the stream and the metric, the receive time
+    /// stamps it, booleans are 0/1 and string fields are refused as in the other layouts.
+    #[test]
+    fn field_layout_values_are_named_from_the_topic() {
+        let d = field_dec(DEFAULT_TOPIC, &[]);
+        let one = |topic: &str, payload: &str| field_run(&d, topic, payload).unwrap();
+        assert_eq!(
+            one("telegraf/n1/cpu/usage_user", "12.5"),
+            (
+                vec![(s("n1", "cpu.usage_user", 12.5, 50.0), "host=n1".into())],
+                vec![]
+            )
+        );
+        assert_eq!(
+            one("telegraf/n2/mem/used", "1024\n").0[0].0,
+            s("n2", "mem.used", 1024.0, 50.0)
+        );
+        assert_eq!(
+            one("telegraf/n1/net/up", "true").0[0].0,
+            s("n1", "net.up", 1.0, 50.0)
+        );
+        assert_eq!(
+            one("telegraf/n1/net/up", "false").0[0].0,
+            s("n1", "net.up", 0.0, 50.0)
+        );
+        assert_eq!(
+            one("telegraf/n1/x/neg", "-1e3").0[0].0,
+            s("n1", "x.neg", -1000.0, 50.0)
+        );
+        // String fields are refused as today's are; NaN as a non-finite value.
+        assert_eq!(
+            one("telegraf/n1/system/uptime_format", "1 day, 2:03"),
+            (vec![], vec!["string_field"])
+        );
+        assert_eq!(
+            one("telegraf/n1/proc/state", "running"),
+            (vec![], vec!["string_field"])
+        );
+        assert_eq!(one("telegraf/n1/x/v", "NaN"), (vec![], vec!["non_finite"]));
+        // Without a receive time there is no timestamp.
+        let mut errs = Vec::new();
+        d.decode("telegraf/n1/cpu/u", b"1", f64::NAN, &mut |r| {
+            errs.push(r.unwrap_err().reason())
+        })
+        .unwrap();
+        assert_eq!(errs, ["timestamp_missing"]);
+        // Line protocol and JSON on the same subscription are still read as before.
+        assert_eq!(
+            one("telegraf/n1/cpu", "cpu,host=n3 u=1 10").0[0].0,
+            s("n3", "cpu.u", 1.0, 10.0)
+        );
+        assert_eq!(
+            one(
+                "telegraf/n1/m",
+                r#"{"name":"m","tags":{"host":"n4"},"fields":{"v":2},"timestamp":10}"#
+            )
+            .0[0]
+                .0,
+            s("n4", "m.v", 2.0, 10.0)
+        );
+    }
+
+    /// A topic that does not fit the template (another prefix, too many or too few
+    /// levels, an empty level) is refused as a whole, as `bad_topic`, naming the option.
+    #[test]
+    fn field_layout_topics_that_do_not_fit_are_refused() {
+        let d = field_dec(DEFAULT_TOPIC, &[]);
+        for topic in [
+            "other/n1/cpu/usage_user",
+            "telegraf/n1/cpu",
+            "telegraf/n1/cpu/cpu0/usage_user",
+            "telegraf/n1/cpu/",
+            "telegraf//cpu/u",
+            "telegraf/n1",
+            "",
+            "a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q/r/s/t",
+        ] {
+            let e = field_run(&d, topic, "1").unwrap_err();
+            assert_eq!(e, DecodeError::BadTopic(TOPIC_MISMATCH), "{topic:?}");
+            assert_eq!(e.reason(), "bad_topic");
+            assert!(e.to_string().contains("field_layout_topic"), "{e}");
+        }
+        // A Homie attribute on a fitting topic is named as homie-v4's, never a field.
+        assert_eq!(
+            field_run(&d, "telegraf/n1/cpu/$name", "cpu").unwrap_err(),
+            DecodeError::BadPayload(HOMIE_V4)
+        );
+    }
+
+    /// Tag levels name the metric through `name_tags`, exactly as tags in the payload do,
+    /// and make its origin; a level Telegraf left out (the metric lacks the tag) is told
+    /// from the level count where that is unambiguous, and refused where it is not.
+    #[test]
+    fn field_layout_tag_levels_feed_name_tags_and_may_be_left_out() {
+        let d = field_dec(CPU_TOPIC, &["cpu"]);
+        let one = |topic: &str| field_run(&d, topic, "3").unwrap().0;
+        assert_eq!(
+            one("telegraf/n1/cpu/cpu0/usage_user"),
+            [(
+                s("n1", "cpu.cpu0.usage_user", 3.0, 50.0),
+                "host=n1,cpu=cpu0".into()
+            )]
+        );
+        assert_eq!(
+            one("telegraf/n1/cpu/cpu-total/usage_user")[0].0.1,
+            "cpu.cpu-total.usage_user"
+        );
+        // mem has no cpu tag: Telegraf leaves the level out.
+        assert_eq!(
+            one("telegraf/n1/mem/used"),
+            [(s("n1", "mem.used", 3.0, 50.0), "host=n1".into())]
+        );
+        // The same names as line protocol gives with the same name_tags.
+        let line = TelegrafConfig {
+            name_tags: vec!["cpu".into()],
+            ..Default::default()
+        }
+        .build();
+        assert_eq!(
+            run(&line, "cpu,host=n1,cpu=cpu0 usage_user=3", 50.0).0,
+            [one("telegraf/n1/cpu/cpu0/usage_user")[0].0.clone()]
+        );
+        // Without name_tags the tag level is read and left out of the name.
+        let plain = field_dec(CPU_TOPIC, &[]);
+        assert_eq!(
+            field_run(&plain, "telegraf/n1/cpu/cpu0/usage_user", "1")
+                .unwrap()
+                .0[0]
+                .0
+                .1,
+            "cpu.usage_user"
+        );
+        // Another stream tag: the stream is that tag's level, and the host is a tag.
+        let cfg = TelegrafConfig {
+            field_layout_topic: r#"site/{{ .Tag "rack" }}/+/{{ .PluginName }}/{{ .Hostname }}"#
+                .into(),
+            stream_tag: "rack".into(),
+            name_tags: vec!["host".into()],
+            ..Default::default()
+        };
+        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(
+            field_run(&cfg.build(), "site/r7/anything/disk/n9/free", "2")
+                .unwrap()
+                .0,
+            [(s("r7", "disk.n9.free", 2.0, 50.0), "rack=r7,host=n9".into())]
+        );
+        // Two optional tag levels and one missing: which one cannot be told.
+        let two = field_dec(
+            r#"telegraf/{{ .Hostname }}/{{ .PluginName }}/{{ .Tag "cpu" }}/{{ .Tag "device" }}"#,
+            &["cpu", "device"],
+        );
+        assert_eq!(
+            field_run(&two, "telegraf/n1/x/a/v", "1").unwrap_err(),
+            DecodeError::BadTopic(TOPIC_AMBIGUOUS)
+        );
+        assert_eq!(
+            field_run(&two, "telegraf/n1/x/a/b/v", "1").unwrap().0[0]
+                .0
+                .1,
+            "x.a.b.v"
+        );
+        assert_eq!(
+            field_run(&two, "telegraf/n1/x/v", "1").unwrap().0[0].0.1,
+            "x.v"
+        );
+        // A fixed level after an optional one anchors it.
+        let anchored = field_dec(
+            r#"telegraf/{{ .Hostname }}/{{ .PluginName }}/{{ .Tag "cpu" }}/data/{{ .Tag "device" }}"#,
+            &["cpu", "device"],
+        );
+        assert_eq!(
+            field_run(&anchored, "telegraf/n1/x/data/sda/v", "1")
+                .unwrap()
+                .0[0]
+                .0
+                .1,
+            "x.sda.v"
+        );
+        assert_eq!(
+            field_run(&anchored, "telegraf/n1/x/c1/data/v", "1")
+                .unwrap()
+                .0[0]
+                .0
+                .1,
+            "x.c1.v"
+        );
+    }
+
+    /// Templates that cannot be read are refused at configuration time, naming the fix.
+    #[test]
+    fn field_layout_topic_is_validated() {
+        let err = |template: &str, stream_tag: &str| {
+            let cfg = TelegrafConfig {
+                field_layout_topic: template.into(),
+                stream_tag: stream_tag.into(),
+                ..Default::default()
+            };
+            let (key, why) = cfg.validate().unwrap_err();
+            assert_eq!(key, "field_layout_topic");
+            // An invalid template reads no bare value.
+            assert!(cfg.build().field_topic.is_none());
+            why
+        };
+        let has = |why: String, words: &[&str]| {
+            for w in words {
+                assert!(why.contains(w), "{w:?} not in {why}");
+            }
+        };
+        has(
+            err("telegraf/{{ .Hostname }}", "host"),
+            &["no {{ .PluginName }}"],
+        );
+        has(
+            err("telegraf/{{ .PluginName }}", "host"),
+            &["no level for the stream", "{{ .Hostname }}"],
+        );
+        has(
+            err(DEFAULT_TOPIC, "rack"),
+            &["stream_tag = \"rack\"", "{{ .Tag \"rack\" }}"],
+        );
+        has(
+            err("telegraf/{host}/{measurement}", "host"),
+            &["not a placeholder", "{{ .Tag \"key\" }}"],
+        );
+        has(
+            err(
+                "telegraf/{{ .Hostname }}/{{ .PluginName }}/{{ .TopicPrefix }}",
+                "host",
+            ),
+            &["unknown placeholder", ".TopicPrefix"],
+        );
+        has(
+            err(
+                "telegraf/{{ .Tag cpu }}/{{ .Hostname }}/{{ .PluginName }}",
+                "host",
+            ),
+            &["unknown placeholder"],
+        );
+        has(
+            err("telegraf/node-{{ .Hostname }}/{{ .PluginName }}", "host"),
+            &["whole level"],
+        );
+        has(
+            err("telegraf/{{ .Hostname }}/{{ .PluginName }}/#", "host"),
+            &["# is not read"],
+        );
+        has(
+            err("telegraf/x+/{{ .Hostname }}/{{ .PluginName }}", "host"),
+            &["+ stands alone"],
+        );
+        has(
+            err("/telegraf/{{ .Hostname }}/{{ .PluginName }}", "host"),
+            &["empty level"],
+        );
+        has(
+            err(
+                "t/{{ .Hostname }}/{{ .PluginName }}/{{ .PluginName }}",
+                "host",
+            ),
+            &["twice"],
+        );
+        has(
+            err(
+                r#"t/{{ .Hostname }}/{{ .PluginName }}/{{ .Tag "host" }}"#,
+                "host",
+            ),
+            &["twice"],
+        );
+        has(
+            err(
+                &format!(
+                    "{}/{{{{ .Hostname }}}}/{{{{ .PluginName }}}}",
+                    ["a"; 15].join("/")
+                ),
+                "host",
+            ),
+            &["at most 16"],
+        );
+        // Accepted: Go's spacing and trim markers, + levels; empty is off.
+        for ok in [
+            "telegraf/{{.Hostname}}/{{.PluginName}}",
+            r#"{{- .Tag "host" -}}/{{ .PluginName }}/+"#,
+            "",
+        ] {
+            let cfg = TelegrafConfig {
+                field_layout_topic: ok.into(),
+                ..Default::default()
+            };
+            assert_eq!(cfg.validate(), Ok(()), "{ok}");
+            assert_eq!(cfg.build().field_topic.is_some(), !ok.is_empty());
+        }
+        let cfg: TelegrafConfig = serde_json::from_str(
+            r#"{"field_layout_topic": "t/{{ .Hostname }}/{{ .PluginName }}"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.field_layout_topic,
+            "t/{{ .Hostname }}/{{ .PluginName }}"
+        );
+        assert_eq!(TelegrafConfig::default().field_layout_topic, "");
+    }
+
+    /// A subscription that cannot carry the template's topics is refused: every bare
+    /// value would be missed.
+    #[test]
+    fn field_layout_topic_must_be_subscribed() {
+        let cfg = TelegrafConfig {
+            field_layout_topic: CPU_TOPIC.into(),
+            ..Default::default()
+        };
+        let check = |filters: &[&str]| {
+            cfg.check_subscriptions(&filters.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>())
+        };
+        for ok in [
+            &["telegraf/#"][..],
+            &["#"],
+            &["telegraf/{node}/#"],
+            &["telegraf/+/+/+"],
+            &["telegraf/+/+/+/+"],
+            &["+/+/+/+/+"],
+            &["$share/g/telegraf/+/cpu/+/+"],
+            &["x/y", "telegraf/n1/#"],
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            &["telegraf/+/+"][..],
+            &["telegraf/+/+/+/+/+"],
+            &["other/#"],
+            &["other/+/+/+/+"],
+            &["org/+/cluster/+/node/{node}/plugin/+/chnl/data/#"],
+        ] {
+            let (key, why) = check(bad).unwrap_err();
+            assert_eq!(key, "field_layout_topic");
+            assert!(
+                why.contains("4 to 5 levels") && why.contains("telegraf/#"),
+                "{why}"
+            );
+        }
+        // Unset: nothing to check.
+        assert_eq!(TelegrafConfig::default().check_subscriptions(&[]), Ok(()));
     }
 
     #[test]
@@ -897,7 +1752,7 @@ mod tests {
         let origins = |payload: &str| {
             let mut got = Vec::new();
             dec()
-                .decode_with_origin(payload.as_bytes(), 1.0, &mut |r, o| {
+                .decode_with_origin(TOPIC, payload.as_bytes(), 1.0, &mut |r, o| {
                     assert!(r.is_ok());
                     got.push((o.hash, o.text.to_owned()));
                 })
@@ -921,7 +1776,7 @@ mod tests {
     #[test]
     fn every_error_reason() {
         let d = dec();
-        let whole = |p: &[u8]| d.decode(p, 0.0, &mut |_| {}).unwrap_err().reason();
+        let whole = |p: &[u8]| d.decode(TOPIC, p, 0.0, &mut |_| {}).unwrap_err().reason();
         assert_eq!(whole(b"\xff"), "not_utf8");
         assert_eq!(whole(b"{\"name\": "), "bad_payload");
         assert_eq!(whole(b"{\"metrics\": 3}"), "bad_payload");
@@ -932,7 +1787,9 @@ mod tests {
         }
         .build();
         assert_eq!(
-            small.decode(b"m,host=h v=1", 0.0, &mut |_| {}).unwrap_err(),
+            small
+                .decode(TOPIC, b"m,host=h v=1", 0.0, &mut |_| {})
+                .unwrap_err(),
             DecodeError::TooLarge { len: 12, max: 4 }
         );
         let items = |p: &str, now: f64| run(&d, p, now).1;
@@ -1026,12 +1883,13 @@ mod tests {
             .build(),
             TelegrafConfig {
                 format: TelegrafFormat::Json,
+                field_layout_topic: CPU_TOPIC.into(),
                 ..Default::default()
             }
             .build(),
         ];
         let check = |d: &TelegrafDecoder, p: &[u8]| {
-            let _ = d.decode(p, 1.0, &mut |r: Result<Sample<'_>, DecodeError>| {
+            let _ = d.decode(TOPIC, p, 1.0, &mut |r: Result<Sample<'_>, DecodeError>| {
                 if let Ok(s) = r {
                     assert!(s.value.is_finite() && s.timestamp.is_finite());
                 }
@@ -1059,5 +1917,23 @@ mod tests {
         }
         // Deep nesting hits serde_json's recursion limit, not the stack.
         check(&decoders[0], "[".repeat(100_000).as_bytes());
+        // Field layout: random topics (levels from a small set, so that some fit) and
+        // bare values; every sample has a stream, a measurement and a field.
+        let d = &decoders[2];
+        let words = ["telegraf", "n1", "cpu", "cpu0", "", "$name", "+", "u", "é"];
+        let values = ["1", "-2.5e3", "true", "x", "", "NaN", "1 2"];
+        for _ in 0..20_000 {
+            let topic = (0..rng.below(8))
+                .map(|_| words[rng.below(words.len())])
+                .collect::<Vec<_>>()
+                .join("/");
+            let value = values[rng.below(values.len())];
+            let _ = d.decode(&topic, value.as_bytes(), 1.0, &mut |r| {
+                if let Ok(s) = r {
+                    assert!(s.value.is_finite() && !s.stream.is_empty());
+                    assert!(s.metric.split('.').all(|p| !p.is_empty()), "{}", s.metric);
+                }
+            });
+        }
     }
 }

@@ -1857,3 +1857,133 @@ fn a_refused_client_id_does_not_break_the_embedded_broker() {
         assert!(err.contains(refusal), "{refusal}: {err}");
     }
 }
+
+/// Telegraf's `layout = "field"`: one bare value per message, the host, measurement and
+/// field in the topic, no timestamp. With `[telegraf] field_layout_topic` set to the
+/// output's `topic`, the agent names each value `<measurement>.<field>` from its topic,
+/// stamps it with its receipt, and the values of each window form frames that are scored;
+/// a topic that does not fit is refused as `bad_topic`, and line protocol on the same
+/// subscription is still read.
+#[test]
+fn telegraf_field_layout_values_are_assembled_into_scored_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    // A model of 8 metrics named as Telegraf names measurement "sys"'s fields m00..m07.
+    let train = dir.path().join("train.csv");
+    crate::util::synthetic_csv(&train, 1500, 8, &[]);
+    let csv = std::fs::read_to_string(&train).unwrap();
+    let (header, body) = csv.split_once('\n').unwrap();
+    std::fs::write(
+        &train,
+        format!("{}\n{body}", header.replace(",m", ",sys.m")),
+    )
+    .unwrap();
+    let test_csv = dir.path().join("test.csv");
+    crate::util::synthetic_csv(&test_csv, 40, 8, &[]);
+    let model = dir.path().join("model");
+    let (code, out, err) = run(darkwatch()
+        .args(["train", "--input"])
+        .arg(&train)
+        .arg("--out")
+        .arg(&model)
+        .arg("--config")
+        .arg(crate::util::quick_config(dir.path())));
+    assert_eq!(code, 0, "train failed: {out}\n{err}");
+
+    let broker = free_port();
+    let metrics = free_port();
+    let node = unique("tgfield");
+    let cfg = config(
+        dir.path(),
+        "agent.toml",
+        &model,
+        metrics,
+        "format = \"telegraf\"",
+        &format!("port = {broker}\nnode_name = \"{node}\"\nsubscribe = [\"telegraf/#\"]\n"),
+        "[telegraf]\nfield_layout_topic = \"telegraf/{{ .Hostname }}/{{ .PluginName }}\"\n\
+         [assemble]\nwindow_secs = 0.2\nclose_when_complete = true\n",
+    );
+    // `validate` refuses a template it cannot read, and one no subscription carries.
+    for (subscribe, telegraf, want) in [
+        (
+            "telegraf/#",
+            "field_layout_topic = \"telegraf/{host}/{{ .PluginName }}\"",
+            "not a placeholder",
+        ),
+        (
+            "telegraf/+/+",
+            "field_layout_topic = \"telegraf/{{ .Hostname }}/{{ .PluginName }}\"",
+            "no [mqtt] subscribe filter",
+        ),
+    ] {
+        let bad = config(
+            dir.path(),
+            "bad.toml",
+            &model,
+            metrics,
+            "format = \"telegraf\"",
+            &format!("subscribe = [\"{subscribe}\"]\n"),
+            &format!("[telegraf]\n{telegraf}\n"),
+        );
+        let (code, _, err) = run(darkwatch().args(["validate", "--config"]).arg(&bad));
+        assert_eq!(code, 78, "{err}");
+        assert!(
+            err.contains("telegraf.field_layout_topic") && err.contains(want),
+            "{err}"
+        );
+    }
+    let mut agent = Agent::connected(&cfg, metrics, &[]);
+    // Each row's 8 values one window apart: the receipt is their time.
+    let rows = rows(&test_csv);
+    for row in &rows[..20] {
+        let msgs: Vec<(String, Vec<u8>)> = row
+            .iter()
+            .enumerate()
+            .map(|(j, v)| {
+                (
+                    format!("telegraf/n1/sys/m{j:02}"),
+                    v.to_string().into_bytes(),
+                )
+            })
+            .collect();
+        publish_all(broker, &msgs);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 10.0);
+    agent.wait_metric("darkwatch_stream_score{stream=\"n1\"}", f64::is_finite);
+    assert_eq!(
+        agent.metric_sum("darkwatch_samples_rejected_total"),
+        Some(0.0)
+    );
+    // A bare value whose topic has a level too many is refused, and counted.
+    publish_all(
+        broker,
+        &[("telegraf/n1/sys/extra/m00".to_string(), b"1.5".to_vec())],
+    );
+    agent.wait_metric(
+        "darkwatch_messages_rejected_total{reason=\"bad_topic\"}",
+        |v| v == 1.0,
+    );
+    // Line protocol (layout = "non-batch") on the same subscription is read as before: a
+    // metric the model lacks is decoded, then rejected as unknown.
+    publish_all(
+        broker,
+        &[(
+            "telegraf/n2/other".to_string(),
+            b"other,host=n2 v=1".to_vec(),
+        )],
+    );
+    agent.wait_metric(
+        "darkwatch_samples_rejected_total{reason=\"unknown_metric\"}",
+        |v| v == 1.0,
+    );
+    assert_eq!(
+        agent.metric_sum("darkwatch_messages_rejected_total"),
+        Some(1.0)
+    );
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("field_layout_topic"),
+        "the bad_topic warning names the option: {err}"
+    );
+}
