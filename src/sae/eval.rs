@@ -3491,6 +3491,105 @@ mod tests {
 
     /// sae-score reads the labels `replay` reads: a text file (one per line) and an .npy
     /// vector of any dtype give the same table; errors stay those of the labels reader.
+    /// A head fitted without position 0 (`sae-train` on a `[batch, seq, d]` input) records
+    /// it, and `sae-score` leaves position 0 out of its scores where positions are known:
+    /// the token CSV keeps every row (marked, no scores), the statistics leave them out. A
+    /// head fitted with every position scores as before, bit for bit.
+    #[test]
+    fn sae_score_leaves_out_the_positions_the_head_skipped() {
+        use super::super::positions::PositionsFrom;
+        let dir = tempfile::tempdir().unwrap();
+        let flat = rows(240, 8, 1);
+        let (acts2, acts3) = (dir.path().join("acts2.npy"), dir.path().join("acts3.npy"));
+        write_f32(&acts2, &[240, 8], &flat);
+        write_f32(&acts3, &[4, 60, 8], &flat);
+        let labels = dir.path().join("labels.txt");
+        let text: String = (0..240).map(|r| format!("{}\n", u8::from(r >= 180))).collect();
+        fs::write(&labels, text).unwrap();
+        let (skip1, skip0) = (dir.path().join("sae1"), dir.path().join("sae0"));
+        sae_train_command(&tiny_train_args(&acts3, &skip1), &mut |_| {}).unwrap();
+        let args0 = SaeTrainArgs {
+            skip_positions: Some(0),
+            ..tiny_train_args(&acts3, &skip0)
+        };
+        sae_train_command(&args0, &mut |_| {}).unwrap();
+        let head = |sae: &Path| DarkHead::load(&sae.join(DARK_DIR)).unwrap();
+        assert_eq!(head(&skip1).skip_positions(), Some(1));
+        assert_eq!(head(&skip1).positions_from(), Some(PositionsFrom::Shape));
+        assert_eq!(head(&skip0).skip_positions(), Some(0));
+
+        let out = dir.path().join("tokens.csv");
+        let score = |sae: &Path, input: &Path, skip: Option<usize>| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.to_path_buf(),
+                input: input.to_path_buf(),
+                labels: Some(labels.clone()),
+                out: Some(out.clone()),
+                skip_positions: skip,
+                ..Default::default()
+            })
+            .map(|(summary, text)| (summary, text, fs::read_to_string(&out).unwrap()))
+        };
+
+        // Skip 1, positions from the shape: rows 0, 60, 120, 180 are kept, marked, unscored.
+        let (summary, text, csv) = score(&skip1, &acts3, None).unwrap();
+        assert_eq!((summary.skip_positions, summary.skipped_rows), (1, 4));
+        assert!(
+            text.contains("scored 236 of 240 tokens (4 below position 1 left out)")
+                && text.contains("skip_positions in"),
+            "{text}"
+        );
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 241);
+        assert_eq!(
+            lines[0],
+            "row,label,position,skipped,error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation"
+        );
+        for (r, line) in lines[1..].iter().enumerate() {
+            let cells: Vec<&str> = line.split(',').collect();
+            assert_eq!(cells[0], r.to_string());
+            assert_eq!(cells[2], (r % 60).to_string(), "{line}");
+            if r % 60 == 0 {
+                assert_eq!(&cells[3..], ["1", "", "", "", ""], "{line}");
+            } else {
+                assert_eq!(cells[3], "0", "{line}");
+                assert!(cells[4].parse::<f32>().is_ok(), "{line}");
+            }
+        }
+        let token = summary.table.iter().find(|r| r.level == "token").unwrap();
+        assert_eq!((token.n, token.n_ood), (236, 59));
+        // The scores of the kept rows are those of --skip-positions 0, which scores all.
+        let (all, text0, csv0) = score(&skip1, &acts3, Some(0)).unwrap();
+        assert_eq!((all.skip_positions, all.skipped_rows), (0, 0));
+        assert!(text0.contains("scored 240 tokens"), "{text0}");
+        let tail = |l: &str| l.splitn(3, ',').nth(2).unwrap().to_string();
+        let scored0: Vec<String> = csv0.lines().skip(1).map(tail).collect();
+        for (r, line) in lines[1..].iter().enumerate() {
+            if r % 60 != 0 {
+                let kept = line.splitn(5, ',').nth(4).unwrap();
+                assert_eq!(kept, scored0[r], "row {r}");
+            }
+        }
+        // Without positions nothing can be left out: every row scored, with a note.
+        let (summary, text, csv) = score(&skip1, &acts2, None).unwrap();
+        assert_eq!(summary.skipped_rows, 0);
+        assert!(text.contains("position-0 (BOS) rows cannot be told apart"), "{text}");
+        assert_eq!(csv, csv0);
+        // Given without positions, or leaving out every row: refused.
+        let e = score(&skip1, &acts2, Some(1)).unwrap_err().to_string();
+        assert!(e.contains("--skip-positions 1 needs") && e.contains("--prompt-ids"), "{e}");
+        let e = score(&skip1, &acts3, Some(60)).unwrap_err().to_string();
+        assert!(e.contains("--skip-positions 60 leaves out every row"), "{e}");
+
+        // A head fitted with every position: position 0 is scored, the outputs as from a
+        // [tokens, d] input, no note.
+        let (summary, text, csv3) = score(&skip0, &acts3, None).unwrap();
+        let (_, text2, csv2) = score(&skip0, &acts2, None).unwrap();
+        assert_eq!(summary.skipped_rows, 0);
+        assert_eq!((csv3, text), (csv2, text2.clone()));
+        assert!(!text2.contains("position"), "{text2}");
+    }
+
     #[test]
     fn sae_score_takes_text_and_npy_labels_as_replay_does() {
         let (dir, acts, sae) = tiny_sae();
