@@ -1426,7 +1426,8 @@ mod tests {
         head.save(dir.path()).unwrap();
         let json = fs::read_to_string(dir.path().join(DARK_META_FILE)).unwrap();
         assert!(
-            json.contains("\"skip_positions\": 2") && json.contains("\"positions_from\": \"prompt_ids\""),
+            json.contains("\"skip_positions\": 2")
+                && json.contains("\"positions_from\": \"prompt_ids\""),
             "{json}"
         );
         let back = DarkHead::load(dir.path()).unwrap();
@@ -1446,9 +1447,6 @@ mod tests {
         let bad = json.replace("\"skip_positions\": 2", "\"skip_positions\": -1");
         fs::write(dir.path().join(DARK_META_FILE), bad).unwrap();
         let err = DarkHead::load(dir.path()).unwrap_err().to_string();
-        assert!(
-            err.contains(DARK_META_FILE) && err.contains("-1"),
-            "{err}"
-        );
+        assert!(err.contains(DARK_META_FILE) && err.contains("-1"), "{err}");
     }
 }

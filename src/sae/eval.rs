@@ -3021,8 +3021,11 @@ fn score_command(
                 .map(|ids| Prompts::group(&keep.iter().map(|&r| ids[r]).collect::<Vec<_>>()));
             let table = ood_table(&kept_named, &kept_labels, kept_prompts.as_ref())?;
             let (r2, nmse) = if normal_rows >= 2 {
-                let normal_scores: Vec<DarkScore> =
-                    keep.iter().filter(|&&r| l[r] == 0).map(|&r| scores[r]).collect();
+                let normal_scores: Vec<DarkScore> = keep
+                    .iter()
+                    .filter(|&&r| l[r] == 0)
+                    .map(|&r| scores[r])
+                    .collect();
                 let mut en_sq = keep.iter().filter(|&&r| l[r] == 0).map(|&r| error_sq[r]);
                 (
                     Some(super::dark::r2_of_scores(&normal_scores, normal.tss_e)),
@@ -3504,7 +3507,9 @@ mod tests {
         write_f32(&acts2, &[240, 8], &flat);
         write_f32(&acts3, &[4, 60, 8], &flat);
         let labels = dir.path().join("labels.txt");
-        let text: String = (0..240).map(|r| format!("{}\n", u8::from(r >= 180))).collect();
+        let text: String = (0..240)
+            .map(|r| format!("{}\n", u8::from(r >= 180)))
+            .collect();
         fs::write(&labels, text).unwrap();
         let (skip1, skip0) = (dir.path().join("sae1"), dir.path().join("sae0"));
         sae_train_command(&tiny_train_args(&acts3, &skip1), &mut |_| {}).unwrap();
@@ -3573,13 +3578,22 @@ mod tests {
         // Without positions nothing can be left out: every row scored, with a note.
         let (summary, text, csv) = score(&skip1, &acts2, None).unwrap();
         assert_eq!(summary.skipped_rows, 0);
-        assert!(text.contains("position-0 (BOS) rows cannot be told apart"), "{text}");
+        assert!(
+            text.contains("position-0 (BOS) rows cannot be told apart"),
+            "{text}"
+        );
         assert_eq!(csv, csv0);
         // Given without positions, or leaving out every row: refused.
         let e = score(&skip1, &acts2, Some(1)).unwrap_err().to_string();
-        assert!(e.contains("--skip-positions 1 needs") && e.contains("--prompt-ids"), "{e}");
+        assert!(
+            e.contains("--skip-positions 1 needs") && e.contains("--prompt-ids"),
+            "{e}"
+        );
         let e = score(&skip1, &acts3, Some(60)).unwrap_err().to_string();
-        assert!(e.contains("--skip-positions 60 leaves out every row"), "{e}");
+        assert!(
+            e.contains("--skip-positions 60 leaves out every row"),
+            "{e}"
+        );
 
         // A head fitted with every position: position 0 is scored, the outputs as from a
         // [tokens, d] input, no note.

@@ -392,7 +392,10 @@ pub fn score_skip(
     let why = if given.is_some() {
         "--skip-positions".to_string()
     } else {
-        format!("as the head was fitted: skip_positions in {}", head_file.display())
+        format!(
+            "as the head was fitted: skip_positions in {}",
+            head_file.display()
+        )
     };
     let note = format!(
         "positions: the first {want} token(s) of each prompt left out of the scores ({why}; \
