@@ -3180,6 +3180,7 @@ mod tests {
             max_streams,
             ids_unused: 0,
             times_ahead: 0,
+            live_skip: None,
         }
     }
 
