@@ -320,7 +320,9 @@ not restart it), 1 for other failures.")]
         /// calibration. Positions come from --prompt-ids (a row's index within its prompt) or
         /// from a [batch, seq, d] input (t of row b·seq + t); without either, N ≥ 1 is
         /// refused. Default: 1 when positions are known (position 0 is BOS or an attention
-        /// sink in most language models, of a norm many times the others'), else 0.
+        /// sink in most language models, of a norm many times the others'), else 0. The skip
+        /// applied is recorded in dark_head.json (skip_positions): sae-score, and the agent
+        /// with [sae] id_is_position = true, leave the same positions out of their scores.
         #[arg(long, value_name = "N")]
         skip_positions: Option<usize>,
         /// Ridge of the dark-matter head, relative to the mean feature variance (≥ 0; 1 won
@@ -378,7 +380,9 @@ not restart it), 1 for other failures.")]
         /// Drop the first N tokens of every prompt from the head fit and the calibration. Positions come from --prompt-ids (a row's index within its prompt) or
         /// from a [batch, seq, d] input (t of row b·seq + t); without either, N ≥ 1 is
         /// refused. Default: 1 when positions are known (position 0 is BOS or an attention
-        /// sink in most language models, of a norm many times the others'), else 0.
+        /// sink in most language models, of a norm many times the others'), else 0. The skip
+        /// applied is recorded in dark_head.json (skip_positions): sae-score, and the agent
+        /// with [sae] id_is_position = true, leave the same positions out of their scores.
         #[arg(long, value_name = "N")]
         skip_positions: Option<usize>,
         /// Ridge, relative to the mean feature variance (≥ 0). 0.01 suits a published SAE

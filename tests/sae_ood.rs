@@ -313,13 +313,22 @@ fn sae_train_and_sae_score_commands_round_trip() {
     assert!(fs::read_to_string(t("tokens0.csv")).unwrap().starts_with(
         "row,prompt_id,label,error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation,mahalanobis\n"
     ));
-    assert_eq!(
-        fs::read_to_string(t("prompts.csv"))
-            .unwrap()
-            .lines()
-            .count(),
-        46
+    let prompts = fs::read_to_string(t("prompts.csv")).unwrap();
+    assert_eq!(prompts.lines().count(), 46);
+    // Each prompt's max and mean are over its tokens but the first.
+    assert!(
+        prompts.starts_with("prompt_id,tokens,scored_tokens,label,"),
+        "{prompts}"
     );
+    for line in prompts.lines().skip(1) {
+        let cells: Vec<usize> = line
+            .split(',')
+            .skip(1)
+            .take(2)
+            .map(|c| c.parse().unwrap())
+            .collect();
+        assert_eq!(cells[0], cells[1] + 1, "{line}");
+    }
 
     // The same rows from a safetensors file with two tensors, picked by name.
     let x = read_activations(&dir.join("test.npy"), None).unwrap();
