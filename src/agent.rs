@@ -108,6 +108,11 @@ enum Decoder {
         ids_unused: u64,
         /// Header times too far ahead of their receipt, replaced by it.
         times_ahead: u64,
+        /// An SAE's `[sae] id_is_position`: header ids are in-prompt positions, not seqs,
+        /// and frames at positions below this are not scored ([`SaeDetector::live_skip`]).
+        ///
+        /// [`SaeDetector::live_skip`]: crate::sae::detector::SaeDetector::live_skip
+        live_skip: Option<u64>,
     },
 }
 
@@ -266,6 +271,9 @@ pub struct AgentCounters {
     /// stream (the scorer ran about `forget_after_secs` behind its input): dropped, not
     /// scored against another stream's state. Logged, not exported.
     pub frames_stale: AtomicU64,
+    /// Raw frames left unscored at an in-prompt position below `[sae] skip_positions`
+    /// (`[sae] id_is_position`): BOS / attention-sink tokens.
+    pub frames_skipped: AtomicU64,
     /// Each stream's latest score and threshold (`[metrics] per_stream`), set by the sink.
     pub stream_gauges: crate::metrics::StreamGauges,
     model_id: Mutex<String>,
@@ -1277,7 +1285,12 @@ fn apply_reload(
         let fresh = AgentSource::new(&cfg, &model, counters, &started.mqtt.subscribe_filters())?;
         lock(&source.feed).source = fresh;
     } else {
-        lock(&source.feed).source.forget_after_secs = cfg.assemble.forget_after_secs;
+        let mut feed = lock(&source.feed);
+        feed.source.forget_after_secs = cfg.assemble.forget_after_secs;
+        // A kept source takes the reloaded SAE's (or [sae]'s) positions left unscored.
+        if let Decoder::Raw { live_skip: s, .. } = &mut feed.source.decoder {
+            *s = live_skip(&model);
+        }
     }
     let (streams, recycling) = {
         let feed = lock(&source.feed);
@@ -1302,6 +1315,15 @@ fn apply_reload(
         "Reloaded the configuration and the model."
     );
     Ok((cfg, model, source, sink))
+}
+
+/// The positions an SAE detector leaves unscored live (`[sae] id_is_position`), `None`
+/// for an autoencoder or ids that are not positions.
+fn live_skip(model: &Detector) -> Option<u64> {
+    match model {
+        Detector::Sae(s) => s.live_skip(),
+        Detector::Autoencoder(_) => None,
+    }
 }
 
 /// A hash of a stream name (to recognise a forgotten stream without keeping its name).
@@ -1383,6 +1405,7 @@ impl AgentSource {
                     max_streams: cfg.assemble.max_streams,
                     ids_unused: 0,
                     times_ahead: 0,
+                    live_skip: live_skip(model),
                 },
             },
             assembler: cfg.assemble.build(model.frame_features().to_vec())?,
@@ -1681,6 +1704,7 @@ impl AgentSource {
                 max_streams,
                 ids_unused,
                 times_ahead,
+                live_skip,
             } => {
                 let d = decoder.dim();
                 let (name, time, id, n) = match decoder.decode(msg.topic, msg.payload, frame) {
@@ -1746,9 +1770,11 @@ impl AgentSource {
                 // RESYNC_IDS ids in a row not taken, the sender restarted (or one corrupt id
                 // jumped ahead): its ids are taken again from there. Frame i of a message
                 // is id + i.
+                // Ids that are in-prompt positions restart at each prompt: not seqs.
+                let seq_id = if live_skip.is_some() { None } else { id };
                 let mut seq_of = |i: usize| {
                     let next = entry.next_seq;
-                    let seq = match id.map(|id| id.saturating_add(i as u64)) {
+                    let seq = match seq_id.map(|id| id.saturating_add(i as u64)) {
                         Some(id)
                             if id < crate::ingest::raw::MAX_FRAME_ID
                                 && (id >= next || entry.ids_not_taken + 1 >= RESYNC_IDS) =>
@@ -1791,6 +1817,14 @@ impl AgentSource {
                     let Some((producer, clock)) = producer.as_mut() else {
                         continue;
                     };
+                    // A frame below [sae] skip_positions in its prompt (BOS, an attention
+                    // sink) is left out as the head's fit and calibration left it out.
+                    if let (Some(skip), Some(id)) = (*live_skip, id)
+                        && id.saturating_add(i as u64) < skip
+                    {
+                        counters.frames_skipped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let meta = FrameMeta {
                         seq,
                         stream: index,
@@ -3150,6 +3184,7 @@ mod tests {
             max_streams,
             ids_unused: 0,
             times_ahead: 0,
+            live_skip: None,
         }
     }
 

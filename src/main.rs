@@ -320,7 +320,9 @@ not restart it), 1 for other failures.")]
         /// calibration. Positions come from --prompt-ids (a row's index within its prompt) or
         /// from a [batch, seq, d] input (t of row b·seq + t); without either, N ≥ 1 is
         /// refused. Default: 1 when positions are known (position 0 is BOS or an attention
-        /// sink in most language models, of a norm many times the others'), else 0.
+        /// sink in most language models, of a norm many times the others'), else 0. The skip
+        /// applied is recorded in dark_head.json (skip_positions): sae-score, and the agent
+        /// with [sae] id_is_position = true, leave the same positions out of their scores.
         #[arg(long, value_name = "N")]
         skip_positions: Option<usize>,
         /// Ridge of the dark-matter head, relative to the mean feature variance (≥ 0; 1 won
@@ -378,7 +380,9 @@ not restart it), 1 for other failures.")]
         /// Drop the first N tokens of every prompt from the head fit and the calibration. Positions come from --prompt-ids (a row's index within its prompt) or
         /// from a [batch, seq, d] input (t of row b·seq + t); without either, N ≥ 1 is
         /// refused. Default: 1 when positions are known (position 0 is BOS or an attention
-        /// sink in most language models, of a norm many times the others'), else 0.
+        /// sink in most language models, of a norm many times the others'), else 0. The skip
+        /// applied is recorded in dark_head.json (skip_positions): sae-score, and the agent
+        /// with [sae] id_is_position = true, leave the same positions out of their scores.
         #[arg(long, value_name = "N")]
         skip_positions: Option<usize>,
         /// Ridge, relative to the mean feature variance (≥ 0). 0.01 suits a published SAE
@@ -451,6 +455,15 @@ not restart it), 1 for other failures.")]
         /// Prompt-level CSV to write (needs --prompt-ids).
         #[arg(long)]
         prompt_out: Option<PathBuf>,
+        /// Leave the first N tokens of every prompt out of the scores: of the AUROC table,
+        /// the R² and normalised MSEs and the prompt max/mean; --out keeps their rows, with
+        /// columns position and skipped = 1 and empty scores. Positions as for sae-train
+        /// (--prompt-ids, or a [batch, seq, d] input); without them, N ≥ 1 is refused.
+        /// Default: the skip_positions the head recorded in dark_head.json (what its fit and
+        /// thresholds left out; 0 for heads written before it was recorded) when positions
+        /// are known, else 0 with a note.
+        #[arg(long, value_name = "N")]
+        skip_positions: Option<usize>,
         /// Threads for the passes over the rows (default: every core). Any count gives the
         /// same scores.
         #[arg(long, value_parser = parse_positive)]
@@ -1740,6 +1753,7 @@ fn run(command: Command) -> Result<()> {
             shrinkage,
             out,
             prompt_out,
+            skip_positions,
             threads,
         } => {
             let args = darkwatch::sae::eval::SaeScoreArgs {
@@ -1757,6 +1771,7 @@ fn run(command: Command) -> Result<()> {
                 baseline_shrinkage: shrinkage,
                 out,
                 prompt_out,
+                skip_positions,
             };
             let scored = with_passes(threads, |passes| {
                 darkwatch::sae::eval::sae_score_command_with(&args, passes)

@@ -233,7 +233,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 16] = [
+    let counters: [(&str, &str, u64); 17] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -263,6 +263,11 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_frames_stale_total",
             "Frames of a forgotten stream ([assemble] forget_after_secs) that reached the scorer after its slot went to a new stream: dropped, never scored against the new stream's state. Normal is 0; more means the scorer ran far behind its input.",
             load(&c.frames_stale),
+        ),
+        (
+            "darkwatch_frames_skipped_total",
+            "Raw frames not scored because their in-prompt position (the header id + i, with [sae] id_is_position = true) is below [sae] skip_positions: BOS / attention-sink tokens, left out as the SAE head's fit and calibration left them out. Always 0 otherwise.",
+            load(&c.frames_skipped),
         ),
         (
             "darkwatch_mqtt_incoming_dropped_total",

@@ -440,6 +440,96 @@ fn one_message_of_a_prompts_activations_is_every_token_scored_in_order_in_batche
     assert!(batches < n as u64 / 4, "{batches} batches for {n} frames");
 }
 
+/// `[sae] id_is_position = true`: a message's header id is the in-prompt position of its
+/// first frame, so frames below the head's recorded skip (position 0 here: `sae-train` with
+/// prompt ids leaves it out) are not scored, and counted; the ids are not taken as seqs
+/// (each prompt restarts them), so seqs count the stream's frames, skipped ones included.
+/// Frames without a header have no position and are scored. Without the setting (the
+/// other tests) every frame is scored, as before.
+#[test]
+fn frames_below_the_heads_skip_are_not_scored_when_ids_are_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let sae_dir = dir.path().join("sae");
+    train_sae(&sae_dir);
+    let head = DarkHead::load(&sae_dir.join(DARK_DIR)).unwrap();
+    assert_eq!(head.skip_positions(), Some(1));
+    let a = repo("tests/data/activations");
+    let x = read_activations(&a.join("test.npy"), None).unwrap();
+    let sae = Sae::load(&sae_dir).unwrap();
+    let offline = score_tokens(&sae, &head, x.view()).unwrap();
+
+    let port = mqtt::start_embedded_broker("127.0.0.1", 0).unwrap();
+    let mut cfg = agent_config(dir.path(), &sae_dir, port);
+    cfg.sae.id_is_position = true;
+    let det = Detector::load_configured(&sae_dir, &cfg).unwrap();
+    match &det {
+        Detector::Sae(s) => assert_eq!(s.live_skip(), Some(1)),
+        _ => panic!("an SAE folder"),
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(AgentCounters::default());
+    let running = {
+        let (cfg, stop, counters) = (cfg.clone(), stop.clone(), counters.clone());
+        std::thread::spawn(move || agent::run(&cfg, stop, counters, true))
+    };
+    // Bare probe frames: no header, no position, scored.
+    let started = Instant::now();
+    while counters.frames_scored.load(Ordering::Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60) && !running.is_finished(),
+            "the agent never scored a probe frame"
+        );
+        publish_all(port, &[("act/probe".into(), frame(x.row(0)))]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, scored_before) = settle(&counters);
+    // Two prompts of 5 and 4 tokens (ids 0), then the second one's next 3 (id 4): rows
+    // 0..12 in order. Positions 0 (rows 0 and 5) are skipped.
+    let message = |id: u64, rows: std::ops::Range<usize>| {
+        let mut payload = mqtt_raw_header(1_700_000_000.0, id);
+        for r in rows {
+            payload.extend(frame(x.row(r)));
+        }
+        payload
+    };
+    for (id, rows) in [(0, 0..5), (0, 5..9), (4, 9..12)] {
+        publish_one(port, "act/prompt", message(id, rows));
+    }
+    let waiting = Instant::now();
+    while counters.frames_scored.load(Ordering::Relaxed) < scored_before + 10 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "{} of 10 frames scored",
+            counters.frames_scored.load(Ordering::Relaxed) - scored_before
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    settle(&counters);
+    stop.store(true, Ordering::SeqCst);
+    let report = running.join().unwrap().unwrap();
+    assert_eq!(counters.frames_skipped.load(Ordering::Relaxed), 2);
+    let prompt: Vec<(u64, f32)> = report
+        .scores
+        .iter()
+        .filter(|&&(stream, _, _)| stream == 1)
+        .map(|&(_, seq, score)| (seq, score))
+        .collect();
+    let seqs: Vec<u64> = prompt.iter().map(|&(seq, _)| seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 6, 7, 8, 9, 10, 11]);
+    for &(seq, score) in &prompt {
+        let want = offline[seq as usize].error_sq_norm;
+        assert!(
+            (score - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "row {seq}: live {score}, offline {want}"
+        );
+    }
+    // The probes (no header) were all scored, none skipped.
+    assert_eq!(
+        report.pipeline.frames_scored,
+        probes_scored(&report.scores) + 10
+    );
+}
+
 /// Waits until the agent's message and scored-frame counts have stood still for half a
 /// second (a probe published just before probing stopped may still be on its way), and
 /// returns them.

@@ -278,7 +278,13 @@ fn sae_train_and_sae_score_commands_round_trip() {
         &["--prompt-out", &t("prompts.csv")],
         &t("tokens.csv"),
     );
-    assert!(stdout.contains("| token | ‖e‖² | 640 (320) |"), "{stdout}");
+    // The head was fitted without position 0, so the scores leave the 45 prompts' first
+    // tokens out (their rows stay in the CSV, marked); --skip-positions 0 scores them.
+    assert!(stdout.contains("| token | ‖e‖² | 595 (297) |"), "{stdout}");
+    assert!(
+        stdout.contains("scored 595 of 640 tokens (45 below position 1 left out)"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("| prompt mean | Mahalanobis (raw x) | 45 (23) |"),
         "{stdout}"
@@ -290,15 +296,39 @@ fn sae_train_and_sae_score_commands_round_trip() {
     let tokens = fs::read_to_string(t("tokens.csv")).unwrap();
     assert_eq!(tokens.lines().count(), 641);
     assert!(tokens.starts_with(
+        "row,prompt_id,label,position,skipped,error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation,mahalanobis\n"
+    ));
+    let skipped: Vec<&str> = tokens.lines().filter(|l| l.contains(",0,1,,")).collect();
+    assert_eq!(skipped.len(), 45, "{tokens}");
+    assert!(
+        skipped.iter().all(|l| l.ends_with(",0,1,,,,,")),
+        "{skipped:?}"
+    );
+    let all = score(
+        &p("test.npy"),
+        &["--skip-positions", "0"],
+        &t("tokens0.csv"),
+    );
+    assert!(all.contains("| token | ‖e‖² | 640 (320) |"), "{all}");
+    assert!(fs::read_to_string(t("tokens0.csv")).unwrap().starts_with(
         "row,prompt_id,label,error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation,mahalanobis\n"
     ));
-    assert_eq!(
-        fs::read_to_string(t("prompts.csv"))
-            .unwrap()
-            .lines()
-            .count(),
-        46
+    let prompts = fs::read_to_string(t("prompts.csv")).unwrap();
+    assert_eq!(prompts.lines().count(), 46);
+    // Each prompt's max and mean are over its tokens but the first.
+    assert!(
+        prompts.starts_with("prompt_id,tokens,scored_tokens,label,"),
+        "{prompts}"
     );
+    for line in prompts.lines().skip(1) {
+        let cells: Vec<usize> = line
+            .split(',')
+            .skip(1)
+            .take(2)
+            .map(|c| c.parse().unwrap())
+            .collect();
+        assert_eq!(cells[0], cells[1] + 1, "{line}");
+    }
 
     // The same rows from a safetensors file with two tensors, picked by name.
     let x = read_activations(&dir.join("test.npy"), None).unwrap();

@@ -360,6 +360,15 @@ struct DarkMeta {
     /// head and its calibration, belong to. Absent from heads written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sae: Option<SaeRecord>,
+    /// The tokens left out of the start of every prompt in the fit and the calibration
+    /// (`--skip-positions` as applied: 0 when none were). Absent from heads written before
+    /// it was recorded, which count as 0 (every position fitted and scored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    skip_positions: Option<usize>,
+    /// What gave the fit rows their positions: `prompt_ids`, `shape`, or `unknown` (none,
+    /// so nothing could be skipped). Absent where `skip_positions` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    positions_from: Option<super::positions::PositionsFrom>,
 }
 
 /// What a head records of the SAE it was fitted with ([`DarkHead::record_sae`]).
@@ -516,6 +525,8 @@ impl DarkHead {
                 sigma_norm: sigma,
                 train_r2: train,
                 sae: None,
+                skip_positions: None,
+                positions_from: None,
             },
         );
         let held_out = match held_out {
@@ -612,6 +623,26 @@ impl DarkHead {
     /// for any other weights is then refused ([`super::detector::load_head`]).
     pub fn record_sae(&mut self, record: SaeRecord) {
         self.meta.sae = Some(record);
+    }
+
+    /// Records the tokens left out of every prompt's start in the fit and the calibration,
+    /// and what gave the positions (saved in `dark_head.json`): `sae-score` and the agent
+    /// leave the same positions out of what they score.
+    pub fn record_positions(&mut self, skip: usize, from: super::positions::PositionsFrom) {
+        self.meta.skip_positions = Some(skip);
+        self.meta.positions_from = Some(from);
+    }
+
+    /// The tokens left out of every prompt's start in the fit and the calibration; `None`
+    /// for a head written before darkwatch recorded it (treat as 0: every position was
+    /// fitted, as scored).
+    pub fn skip_positions(&self) -> Option<usize> {
+        self.meta.skip_positions
+    }
+
+    /// What gave the fit rows their positions, when recorded.
+    pub fn positions_from(&self) -> Option<super::positions::PositionsFrom> {
+        self.meta.positions_from
     }
 
     /// The absolute λ the fit used.
@@ -1371,5 +1402,51 @@ mod tests {
         fs::write(dir.path().join(DARK_WEIGHTS_FILE), b"junk").unwrap();
         let err = DarkHead::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains(DARK_WEIGHTS_FILE), "{err}");
+    }
+
+    /// The skip a head was fitted with survives the file, and a head written before it was
+    /// recorded (no `skip_positions` key) loads as not recorded, which counts as 0.
+    #[test]
+    fn skip_positions_round_trip_and_old_heads_load_without_it() {
+        use super::super::positions::PositionsFrom;
+        let (x, e, _, _) = linear_data(100, 3, 0.1, 6);
+        let mut stats = DarkStats::new(3);
+        stats.accumulate(x.view(), e.view()).unwrap();
+        let mut head = DarkHead::fit(&stats, &DarkConfig::default(), None)
+            .unwrap()
+            .head;
+        let dir = tempfile::tempdir().unwrap();
+        head.save(dir.path()).unwrap();
+        let json = fs::read_to_string(dir.path().join(DARK_META_FILE)).unwrap();
+        assert!(!json.contains("skip_positions"), "{json}");
+        let old = DarkHead::load(dir.path()).unwrap();
+        assert_eq!((old.skip_positions(), old.positions_from()), (None, None));
+
+        head.record_positions(2, PositionsFrom::PromptIds);
+        head.save(dir.path()).unwrap();
+        let json = fs::read_to_string(dir.path().join(DARK_META_FILE)).unwrap();
+        assert!(
+            json.contains("\"skip_positions\": 2")
+                && json.contains("\"positions_from\": \"prompt_ids\""),
+            "{json}"
+        );
+        let back = DarkHead::load(dir.path()).unwrap();
+        assert_eq!(back.skip_positions(), Some(2));
+        assert_eq!(back.positions_from(), Some(PositionsFrom::PromptIds));
+
+        // 0 with unknown positions is recorded as such, not dropped.
+        head.record_positions(0, PositionsFrom::Unknown);
+        head.save(dir.path()).unwrap();
+        let back = DarkHead::load(dir.path()).unwrap();
+        assert_eq!(
+            (back.skip_positions(), back.positions_from()),
+            (Some(0), Some(PositionsFrom::Unknown))
+        );
+
+        // A value of the wrong type is refused, naming the file and the key.
+        let bad = json.replace("\"skip_positions\": 2", "\"skip_positions\": -1");
+        fs::write(dir.path().join(DARK_META_FILE), bad).unwrap();
+        let err = DarkHead::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(DARK_META_FILE) && err.contains("-1"), "{err}");
     }
 }

@@ -91,6 +91,18 @@ pub struct SaeConfig {
     /// `sae-head --norm-scaling-factor` recorded with the head, else none (a warning).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub norm_scaling_factor: Option<f32>,
+    /// Whether a raw frame header's `id` is the in-prompt position of the message's first
+    /// frame (0 at each prompt's first token; frame i is at id + i), rather than a counter.
+    /// Only then are frames at positions below [`Self::skip_positions`] left unscored, and
+    /// the ids are not taken as the frames' seqs (each stream counts its frames). Default
+    /// false: every frame is scored, as before.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub id_is_position: bool,
+    /// With `id_is_position`: frames at positions below this are not scored (BOS /
+    /// attention-sink tokens). Unset: the `skip_positions` the head recorded (what its fit
+    /// and calibration left out; 0 for a head written before darkwatch recorded it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_positions: Option<u64>,
 }
 
 impl From<SaeScoreKind> for SaeConfig {
@@ -116,7 +128,37 @@ impl SaeConfig {
                 format!("{s} must be finite and positive"),
             ));
         }
-        Ok(())
+        match self.skip_positions {
+            Some(n) if n > 0 && !self.id_is_position => Err((
+                "skip_positions",
+                format!(
+                    "{n} needs id_is_position = true: only then does the agent know a frame's \
+                     position in its prompt (the raw header's id, 0 at each prompt's first \
+                     token); with ids that count on across prompts it cannot tell position 0 \
+                     apart. Send in-prompt positions as ids and set id_is_position = true, or \
+                     drop skip_positions"
+                ),
+            )),
+            Some(n) if n >= crate::ingest::raw::MAX_FRAME_ID => Err((
+                "skip_positions",
+                format!(
+                    "{n} is beyond the largest header id ({}): it would leave every frame \
+                     unscored",
+                    crate::ingest::raw::MAX_FRAME_ID - 1
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The positions the agent leaves unscored for `head`: `None` unless `id_is_position`
+    /// (positions unknown, every frame scored), else `skip_positions` or the head's
+    /// recorded skip (0 for a head that records none).
+    pub fn live_skip(&self, head: &DarkHead) -> Option<u64> {
+        self.id_is_position.then(|| {
+            self.skip_positions
+                .unwrap_or_else(|| head.skip_positions().unwrap_or(0) as u64)
+        })
     }
 }
 
@@ -234,6 +276,9 @@ pub struct SaeDetector {
     /// Where it scores, as `inspect` says: `native`, `cuda/<device>` or
     /// `native (cuda unavailable: <why>)`.
     backend: String,
+    /// The positions the agent leaves unscored ([`SaeConfig::live_skip`]): `None` when frame
+    /// ids are not positions.
+    live_skip: Option<u64>,
 }
 
 /// Scores of normal tokens, one vector per [`SaeScoreKind`], for threshold calibration.
@@ -844,6 +889,17 @@ impl SaeDetector {
             .map(|b| format!("{b:02x}"))
             .collect();
         let features = (0..sae.d_in()).map(|j| format!("d{j}")).collect();
+        let live_skip = config.live_skip(&head);
+        if let (None, Some(n @ 1..)) = (live_skip, head.skip_positions()) {
+            tracing::warn!(
+                "{}: the head was fitted and calibrated without the first {n} token(s) of each \
+                 prompt (skip_positions), but frame ids are not positions ([sae] \
+                 id_is_position = false), so the agent scores those tokens too, against \
+                 thresholds calibrated without them (BOS rows may alert). Send each message's \
+                 in-prompt position as its header id and set [sae] id_is_position = true",
+                dark.join(DARK_META_FILE).display()
+            );
+        }
         Ok(SaeDetector {
             sae,
             head,
@@ -854,6 +910,7 @@ impl SaeDetector {
             calibration_rows,
             cuda: None,
             backend: "native".into(),
+            live_skip,
         })
     }
 
@@ -889,6 +946,7 @@ impl SaeDetector {
             calibration_rows: None,
             cuda,
             backend: backend.into(),
+            live_skip: None,
         })
     }
 
@@ -954,6 +1012,12 @@ impl SaeDetector {
         }
     }
 
+    /// Frames at in-prompt positions below this are not scored live (`[sae] id_is_position`
+    /// and `skip_positions`); `None`: frame ids are not positions, every frame is scored.
+    pub fn live_skip(&self) -> Option<u64> {
+        self.live_skip
+    }
+
     /// Which tokens the calibration scores come from, if the file says.
     pub fn calibration_rows(&self) -> Option<CalibrationRows> {
         self.calibration_rows
@@ -986,6 +1050,7 @@ impl SaeDetector {
              head         ridge λ {lambda:.3e}, σ {sigma:.4}, R² on its fit rows: vector {rv:.3}, norm {rn:.3}\n\
              score        {score} ([sae] score)\n\
              calibration  {n} scores of {rows} rows\n\
+             positions    {positions}\n\
              backend      {backend}\n",
             id = self.id,
             sae = self.sae.summary(),
@@ -995,8 +1060,30 @@ impl SaeDetector {
             rn = r2.norm,
             score = self.score.name(),
             n = self.calibration.len(),
+            positions = self.positions_text(),
             backend = self.backend,
         )
+    }
+
+    /// The `positions` line of [`Self::summary`]: what the head left out, and what the
+    /// agent leaves unscored.
+    fn positions_text(&self) -> String {
+        let fitted = match (self.head.skip_positions(), self.head.positions_from()) {
+            (None, _) => "head fitted on every position (it records no skip_positions: \
+                          written before darkwatch recorded it)"
+                .to_string(),
+            (Some(0), Some(super::positions::PositionsFrom::Unknown)) => {
+                "head fitted on every position (its rows had no positions)".to_string()
+            }
+            (Some(0), _) => "head fitted on every position".to_string(),
+            (Some(n), _) => format!("head fitted without the first {n} of each prompt"),
+        };
+        let live = match self.live_skip {
+            None => "every frame scored ([sae] id_is_position = false)".to_string(),
+            Some(0) => "every frame scored".to_string(),
+            Some(n) => format!("frames with header id + i below {n} not scored"),
+        };
+        format!("{fitted}; live: {live}")
     }
 
     /// What scores, for logs and `/metrics`: `sae/<activation>/<d_in>x<latents>/<score>`.

@@ -1917,6 +1917,8 @@ pub fn sae_train_command(
         weights_sha256: super::load::file_sha256(&weights)?,
         norm_scaling_factor: None,
     });
+    let (skip, from) = selection.recorded();
+    head.record_positions(skip, from);
     head.save(&dark_dir)?;
     // Thresholds calibrate on scores of tokens neither the SAE nor the head saw: held-out
     // rows, else cross-fitted ones (each row's error from an SAE, and its score from a
@@ -2323,6 +2325,8 @@ pub fn sae_head_command_with(args: &SaeHeadArgs, passes: &Passes) -> Result<Stri
     if let Some(record) = super::detector::sae_record(&sae) {
         head.record_sae(record);
     }
+    let (skip, from) = selection.recorded();
+    head.record_positions(skip, from);
     head.save(&dir)?;
     calibration.save(&dir)?;
     let r2 = |v: R2| format!("vector {:.3}, norm {:.3}", v.vector, v.norm);
@@ -2448,6 +2452,10 @@ pub struct SaeScoreArgs {
     pub out: Option<PathBuf>,
     /// Prompt CSV.
     pub prompt_out: Option<PathBuf>,
+    /// Tokens left out of the scores at the start of every prompt (`--skip-positions`);
+    /// `None`: the skip the head recorded (with positions known; see
+    /// [`super::positions::score_skip`]).
+    pub skip_positions: Option<usize>,
 }
 
 /// What `sae-score` measured.
@@ -2463,6 +2471,10 @@ pub struct SaeScoreSummary {
     /// around their mean).
     pub nmse_label0: Option<f64>,
     pub nmse_all: Option<f64>,
+    /// The positions left out of each prompt's start (0: none), and the rows that took:
+    /// they are in no statistic above, and in the token CSV without scores.
+    pub skip_positions: usize,
+    pub skipped_rows: usize,
 }
 
 /// A normalised MSE from [`defined_nmse`](super::train::defined_nmse) on `rows` rows, or why there is none.
@@ -2684,6 +2696,25 @@ fn score_command(
         &note,
     )?;
     let prompts = ids.as_deref().map(Prompts::group);
+    let skip = super::positions::score_skip(
+        &args.input,
+        rows,
+        ids.as_deref(),
+        &input.shape,
+        args.skip_positions,
+        head.skip_positions(),
+        &dark_dir.join(super::dark::DARK_META_FILE),
+    )?;
+    if head.skip_positions().is_none() && args.skip_positions.is_none() {
+        tracing::info!(
+            "{}: the head records no skip_positions (written before darkwatch recorded it): \
+             every position is scored, as it was fitted; `sae-head --force` refits it and \
+             records it",
+            dark_dir.join(super::dark::DARK_META_FILE).display()
+        );
+    }
+    let scored = |r: usize| skip.scored(r);
+    let scored_rows = rows - skip.skipped;
     // Whole 256-row batches per block: the SAE and the baseline see the rows cut as they
     // would be over the whole input.
     let block = block_rows.map_or_else(
@@ -2735,7 +2766,7 @@ fn score_command(
     // The first pass: every row through the SAE, the head and the baseline; of the rows, only
     // their scores are kept, and the sums that the normalised MSEs and the label-0 R² take
     // their means from.
-    let is_normal = |r: usize| labels.as_ref().is_some_and(|l| l[r] == 0);
+    let is_normal = |r: usize| scored(r) && labels.as_ref().is_some_and(|l| l[r] == 0);
     let mut scores: Vec<DarkScore> = Vec::with_capacity(rows);
     let mut error_sq: Vec<f32> = Vec::with_capacity(rows);
     let mut distances: Vec<f32> = Vec::with_capacity(if maha.is_some() { rows } else { 0 });
@@ -2791,6 +2822,9 @@ fn score_command(
             }
         }
         for (i, row) in x.rows().into_iter().enumerate() {
+            if !scored(first + i) {
+                continue;
+            }
             all.add(row);
             if is_normal(first + i) {
                 normal.add(row);
@@ -2803,7 +2837,7 @@ fn score_command(
     // The second pass, for the sums around those means: the rows' spread (the normalised
     // MSEs divide by it) and the label-0 rows' errors' spread (the R² of the head's vector
     // prediction), the errors from the SAE again, as before streaming.
-    let all_tss = rows >= 2 && all.spread;
+    let all_tss = scored_rows >= 2 && all.spread;
     let normal_tss = labels.is_some() && normal_rows >= 2;
     if all_tss || normal_tss {
         let (mean_all, mean_normal) = (all.mean(), normal.mean());
@@ -2816,8 +2850,10 @@ fn score_command(
         };
         input.for_each(block, |first, x| {
             if all_tss {
-                for row in x.rows() {
-                    all.tss += train::sq_dist(row, mean_all.view());
+                for (i, row) in x.rows().into_iter().enumerate() {
+                    if scored(first + i) {
+                        all.tss += train::sq_dist(row, mean_all.view());
+                    }
                 }
             }
             if normal_tss {
@@ -2856,6 +2892,9 @@ fn score_command(
             if labels.is_some() {
                 write!(csv, ",label")?;
             }
+            if skip.skip > 0 {
+                write!(csv, ",position,skipped")?;
+            }
             write!(
                 csv,
                 ",error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation"
@@ -2871,6 +2910,18 @@ fn score_command(
                 }
                 if let Some(l) = &labels {
                     write!(csv, ",{}", l[r])?;
+                }
+                if let Some(pos) = skip.position(r) {
+                    if !scored(r) {
+                        // Kept so that rows line up with the input; not scored.
+                        write!(csv, ",{pos},1,,,,")?;
+                        if named.len() > 3 {
+                            write!(csv, ",")?;
+                        }
+                        writeln!(csv)?;
+                        continue;
+                    }
+                    write!(csv, ",{pos},0")?;
                 }
                 write!(
                     csv,
@@ -2897,11 +2948,24 @@ fn score_command(
             "deviation",
             "mahalanobis",
         ];
-        let maxes: Vec<Vec<f32>> = named.iter().map(|(_, s)| p.max(s)).collect();
-        let means: Vec<Vec<f32>> = named.iter().map(|(_, s)| p.mean(s)).collect();
+        // With rows skipped, each prompt's max and mean are over its scored tokens.
+        let scored_members = (skip.skip > 0).then(|| Prompts {
+            ids: p.ids.clone(),
+            members: p
+                .members
+                .iter()
+                .map(|m| m.iter().copied().filter(|&r| scored(r)).collect())
+                .collect(),
+        });
+        let sp = scored_members.as_ref().unwrap_or(p);
+        let maxes: Vec<Vec<f32>> = named.iter().map(|(_, s)| sp.max(s)).collect();
+        let means: Vec<Vec<f32>> = named.iter().map(|(_, s)| sp.mean(s)).collect();
         let pl = labels.as_deref().map(|l| p.labels(l));
         write_csv(out, |csv| {
             write!(csv, "prompt_id,tokens")?;
+            if scored_members.is_some() {
+                write!(csv, ",scored_tokens")?;
+            }
             if labels.is_some() {
                 write!(csv, ",label")?;
             }
@@ -2911,11 +2975,20 @@ fn score_command(
             writeln!(csv)?;
             for i in 0..p.len() {
                 write!(csv, "{},{}", p.ids[i], p.members[i].len())?;
+                let none_scored = sp.members[i].is_empty();
+                if scored_members.is_some() {
+                    write!(csv, ",{}", sp.members[i].len())?;
+                }
                 if let Some(pl) = &pl {
                     write!(csv, ",{}", pl[i])?;
                 }
                 for (mx, mn) in maxes.iter().zip(&means) {
-                    write!(csv, ",{},{}", mx[i], mn[i])?;
+                    if none_scored {
+                        // Every token of the prompt is below the skip: nothing to aggregate.
+                        write!(csv, ",,")?;
+                    } else {
+                        write!(csv, ",{},{}", mx[i], mn[i])?;
+                    }
                 }
                 writeln!(csv)?;
             }
@@ -2926,10 +2999,43 @@ fn score_command(
     // The scoring pass's own errors: the same sums as `defined_nmse`, without a second run
     // of the SAE over every row.
     let rss = |sq: &mut dyn Iterator<Item = f32>| sq.fold(0.0f64, |a, v| a + f64::from(v));
-    let nmse_all = (rows >= 2)
-        .then(|| train::nmse_where_defined(rss(&mut error_sq.iter().copied()), all.tss, all.spread))
+    let mut error_sq_scored = error_sq
+        .iter()
+        .enumerate()
+        .filter(|&(r, _)| scored(r))
+        .map(|(_, &v)| v);
+    let nmse_all = (scored_rows >= 2)
+        .then(|| train::nmse_where_defined(rss(&mut error_sq_scored), all.tss, all.spread))
         .flatten();
     let (table, r2_label0, nmse_label0) = match &labels {
+        Some(l) if skip.skip > 0 => {
+            // The table over the scored rows only, their prompts regrouped.
+            let keep: Vec<usize> = (0..rows).filter(|&r| scored(r)).collect();
+            let kept_named: Vec<(String, Vec<f32>)> = named
+                .iter()
+                .map(|(n, s)| (n.clone(), keep.iter().map(|&r| s[r]).collect()))
+                .collect();
+            let kept_labels: Vec<u8> = keep.iter().map(|&r| l[r]).collect();
+            let kept_prompts = ids
+                .as_deref()
+                .map(|ids| Prompts::group(&keep.iter().map(|&r| ids[r]).collect::<Vec<_>>()));
+            let table = ood_table(&kept_named, &kept_labels, kept_prompts.as_ref())?;
+            let (r2, nmse) = if normal_rows >= 2 {
+                let normal_scores: Vec<DarkScore> = keep
+                    .iter()
+                    .filter(|&&r| l[r] == 0)
+                    .map(|&r| scores[r])
+                    .collect();
+                let mut en_sq = keep.iter().filter(|&&r| l[r] == 0).map(|&r| error_sq[r]);
+                (
+                    Some(super::dark::r2_of_scores(&normal_scores, normal.tss_e)),
+                    train::nmse_where_defined(rss(&mut en_sq), normal.tss, normal.spread),
+                )
+            } else {
+                (None, None)
+            };
+            (table, r2, nmse)
+        }
         Some(l) => {
             let table = ood_table(&named, l, prompts.as_ref())?;
             let (r2, nmse) = if normal_rows >= 2 {
@@ -2956,11 +3062,21 @@ fn score_command(
         r2_label0,
         nmse_label0,
         nmse_all,
+        skip_positions: skip.skip,
+        skipped_rows: skip.skipped,
     };
-    let mut text = String::new();
+    let mut text = skip.note.clone();
     let _ = writeln!(
         text,
-        "scored {rows} tokens{} with {} ({} latents) and {}",
+        "scored {}{} with {} ({} latents) and {}",
+        if skip.skipped > 0 {
+            format!(
+                "{scored_rows} of {rows} tokens ({} below position {} left out)",
+                skip.skipped, skip.skip
+            )
+        } else {
+            format!("{rows} tokens")
+        },
         summary
             .prompts
             .map_or(String::new(), |p| format!(" in {p} prompts")),
@@ -2989,7 +3105,11 @@ fn score_command(
         text.push_str(&format_ood_table(&summary.table));
     } else if labels.is_none() {
         let mean = |f: fn(&DarkScore) -> f32| {
-            scores.iter().map(|s| f64::from(f(s))).sum::<f64>() / rows as f64
+            (0..rows)
+                .filter(|&r| scored(r))
+                .map(|r| f64::from(f(&scores[r])))
+                .sum::<f64>()
+                / scored_rows as f64
         };
         let _ = writeln!(
             text,
@@ -3374,6 +3494,116 @@ mod tests {
 
     /// sae-score reads the labels `replay` reads: a text file (one per line) and an .npy
     /// vector of any dtype give the same table; errors stay those of the labels reader.
+    /// A head fitted without position 0 (`sae-train` on a `[batch, seq, d]` input) records
+    /// it, and `sae-score` leaves position 0 out of its scores where positions are known:
+    /// the token CSV keeps every row (marked, no scores), the statistics leave them out. A
+    /// head fitted with every position scores as before, bit for bit.
+    #[test]
+    fn sae_score_leaves_out_the_positions_the_head_skipped() {
+        use super::super::positions::PositionsFrom;
+        let dir = tempfile::tempdir().unwrap();
+        let flat = rows(240, 8, 1);
+        let (acts2, acts3) = (dir.path().join("acts2.npy"), dir.path().join("acts3.npy"));
+        write_f32(&acts2, &[240, 8], &flat);
+        write_f32(&acts3, &[4, 60, 8], &flat);
+        let labels = dir.path().join("labels.txt");
+        let text: String = (0..240)
+            .map(|r| format!("{}\n", u8::from(r >= 180)))
+            .collect();
+        fs::write(&labels, text).unwrap();
+        let (skip1, skip0) = (dir.path().join("sae1"), dir.path().join("sae0"));
+        sae_train_command(&tiny_train_args(&acts3, &skip1), &mut |_| {}).unwrap();
+        let args0 = SaeTrainArgs {
+            skip_positions: Some(0),
+            ..tiny_train_args(&acts3, &skip0)
+        };
+        sae_train_command(&args0, &mut |_| {}).unwrap();
+        let head = |sae: &Path| DarkHead::load(&sae.join(DARK_DIR)).unwrap();
+        assert_eq!(head(&skip1).skip_positions(), Some(1));
+        assert_eq!(head(&skip1).positions_from(), Some(PositionsFrom::Shape));
+        assert_eq!(head(&skip0).skip_positions(), Some(0));
+
+        let out = dir.path().join("tokens.csv");
+        let score = |sae: &Path, input: &Path, skip: Option<usize>| {
+            sae_score_command(&SaeScoreArgs {
+                sae: sae.to_path_buf(),
+                input: input.to_path_buf(),
+                labels: Some(labels.clone()),
+                out: Some(out.clone()),
+                skip_positions: skip,
+                ..Default::default()
+            })
+            .map(|(summary, text)| (summary, text, fs::read_to_string(&out).unwrap()))
+        };
+
+        // Skip 1, positions from the shape: rows 0, 60, 120, 180 are kept, marked, unscored.
+        let (summary, text, csv) = score(&skip1, &acts3, None).unwrap();
+        assert_eq!((summary.skip_positions, summary.skipped_rows), (1, 4));
+        assert!(
+            text.contains("scored 236 of 240 tokens (4 below position 1 left out)")
+                && text.contains("skip_positions in"),
+            "{text}"
+        );
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 241);
+        assert_eq!(
+            lines[0],
+            "row,label,position,skipped,error_sq_norm,predicted_sq_norm,nonlinear_sq_norm,deviation"
+        );
+        for (r, line) in lines[1..].iter().enumerate() {
+            let cells: Vec<&str> = line.split(',').collect();
+            assert_eq!(cells[0], r.to_string());
+            assert_eq!(cells[2], (r % 60).to_string(), "{line}");
+            if r % 60 == 0 {
+                assert_eq!(&cells[3..], ["1", "", "", "", ""], "{line}");
+            } else {
+                assert_eq!(cells[3], "0", "{line}");
+                assert!(cells[4].parse::<f32>().is_ok(), "{line}");
+            }
+        }
+        let token = summary.table.iter().find(|r| r.level == "token").unwrap();
+        assert_eq!((token.n, token.n_ood), (236, 59));
+        // The scores of the kept rows are those of --skip-positions 0, which scores all.
+        let (all, text0, csv0) = score(&skip1, &acts3, Some(0)).unwrap();
+        assert_eq!((all.skip_positions, all.skipped_rows), (0, 0));
+        assert!(text0.contains("scored 240 tokens"), "{text0}");
+        let tail = |l: &str| l.splitn(3, ',').nth(2).unwrap().to_string();
+        let scored0: Vec<String> = csv0.lines().skip(1).map(tail).collect();
+        for (r, line) in lines[1..].iter().enumerate() {
+            if r % 60 != 0 {
+                let kept = line.splitn(5, ',').nth(4).unwrap();
+                assert_eq!(kept, scored0[r], "row {r}");
+            }
+        }
+        // Without positions nothing can be left out: every row scored, with a note.
+        let (summary, text, csv) = score(&skip1, &acts2, None).unwrap();
+        assert_eq!(summary.skipped_rows, 0);
+        assert!(
+            text.contains("position-0 (BOS) rows cannot be told apart"),
+            "{text}"
+        );
+        assert_eq!(csv, csv0);
+        // Given without positions, or leaving out every row: refused.
+        let e = score(&skip1, &acts2, Some(1)).unwrap_err().to_string();
+        assert!(
+            e.contains("--skip-positions 1 needs") && e.contains("--prompt-ids"),
+            "{e}"
+        );
+        let e = score(&skip1, &acts3, Some(60)).unwrap_err().to_string();
+        assert!(
+            e.contains("--skip-positions 60 leaves out every row"),
+            "{e}"
+        );
+
+        // A head fitted with every position: position 0 is scored, the outputs as from a
+        // [tokens, d] input, no note.
+        let (summary, text, csv3) = score(&skip0, &acts3, None).unwrap();
+        let (_, text2, csv2) = score(&skip0, &acts2, None).unwrap();
+        assert_eq!(summary.skipped_rows, 0);
+        assert_eq!((csv3, text), (csv2, text2.clone()));
+        assert!(!text2.contains("position"), "{text2}");
+    }
+
     #[test]
     fn sae_score_takes_text_and_npy_labels_as_replay_does() {
         let (dir, acts, sae) = tiny_sae();

@@ -39,6 +39,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use ndarray::{Array2, ArrayView2, Axis};
+use serde::{Deserialize, Serialize};
 
 use super::eval::SaeEvalError;
 
@@ -55,14 +56,38 @@ const POSITIONS_SHOWN: usize = 3;
 /// this; later positions are not "the start of the prompt".
 const SKIP_HINT_MAX: usize = 8;
 
+/// What gave the rows their positions, as a head's `dark_head.json` records it
+/// (`positions_from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionsFrom {
+    /// Prompt ids (`--prompt-ids`): a row's index among the rows of its id.
+    PromptIds,
+    /// A `[batch, seq, d]` input: row r is position r mod seq.
+    Shape,
+    /// `[tokens, d]` rows without prompt ids: no positions, nothing skipped.
+    Unknown,
+}
+
+impl PositionsFrom {
+    /// For messages: `prompt ids`, `the [batch, seq, d] shape`, `no positions`.
+    pub fn text(self) -> &'static str {
+        match self {
+            PositionsFrom::PromptIds => "prompt ids",
+            PositionsFrom::Shape => "the [batch, seq, d] shape",
+            PositionsFrom::Unknown => "no positions",
+        }
+    }
+}
+
 /// Where each row sits: its prompt (index in order of first appearance) and its position
 /// within that prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenPositions {
     pub prompt: Vec<usize>,
     pub position: Vec<usize>,
-    /// What gave them: `prompt ids` or `the [batch, seq, d] shape`.
-    pub source: &'static str,
+    /// What gave them: prompt ids or the `[batch, seq, d]` shape.
+    pub from: PositionsFrom,
 }
 
 impl TokenPositions {
@@ -82,14 +107,14 @@ impl TokenPositions {
             return Some(TokenPositions {
                 prompt,
                 position,
-                source: "prompt ids",
+                from: PositionsFrom::PromptIds,
             });
         }
         match shape {
             [lead @ .., seq, _] if !lead.is_empty() && *seq > 0 => Some(TokenPositions {
                 prompt: (0..rows).map(|r| r / seq).collect(),
                 position: (0..rows).map(|r| r % seq).collect(),
-                source: "the [batch, seq, d] shape",
+                from: PositionsFrom::Shape,
             }),
             _ => None,
         }
@@ -99,7 +124,7 @@ impl TokenPositions {
         TokenPositions {
             prompt: keep.iter().map(|&r| self.prompt[r]).collect(),
             position: keep.iter().map(|&r| self.position[r]).collect(),
-            source: self.source,
+            from: self.from,
         }
     }
 }
@@ -124,6 +149,17 @@ pub struct RowSelection {
 }
 
 impl RowSelection {
+    /// What a head fitted on the kept rows records (`skip_positions`, `positions_from` in
+    /// `dark_head.json`): the skip applied, and what gave the positions.
+    pub fn recorded(&self) -> (usize, PositionsFrom) {
+        (
+            self.skip,
+            self.positions
+                .as_ref()
+                .map_or(PositionsFrom::Unknown, |p| p.from),
+        )
+    }
+
     /// The lines a command's summary prints: the rows dropped, and the extreme-norm warning.
     pub fn text(&self) -> String {
         let mut text = String::new();
@@ -141,13 +177,13 @@ impl RowSelection {
                     "positions: every token kept: the default --skip-positions \
                      {DEFAULT_SKIP_POSITIONS} would drop every row (no prompt is longer; \
                      positions from {}), so none are skipped",
-                    p.source
+                    p.from.text()
                 )
             } else if self.skip == 0 {
                 writeln!(
                     text,
                     "positions: every token kept (--skip-positions 0; positions from {})",
-                    p.source
+                    p.from.text()
                 )
             } else {
                 writeln!(
@@ -157,7 +193,7 @@ impl RowSelection {
                     self.skip,
                     self.dropped,
                     self.rows,
-                    p.source,
+                    p.from.text(),
                     self.rows - self.dropped
                 )
             };
@@ -227,7 +263,7 @@ pub fn select_rows(
                     reason: format!(
                         "--skip-positions {skip} drops every row: the longest prompt has \
                          {longest} tokens (positions from {})",
-                        p.source
+                        p.from.text()
                     ),
                 });
             } else {
@@ -256,6 +292,123 @@ pub fn select_rows(
         );
     }
     Ok((x, ids, selection))
+}
+
+/// Which rows `sae-score` leaves out of its anomaly scores: those at positions below the
+/// skip of the head (or `--skip-positions`), so that they are scored as the head was fitted
+/// and calibrated.
+#[derive(Debug, Clone)]
+pub struct ScoreSkip {
+    /// The positions left out of each prompt's start (0: none).
+    pub skip: usize,
+    /// Each row's position, kept only when `skip` ≥ 1.
+    pub positions: Option<TokenPositions>,
+    /// Rows left out.
+    pub skipped: usize,
+    /// The line the summary prints about it (empty when nothing is said).
+    pub note: String,
+}
+
+impl ScoreSkip {
+    /// Whether row `r` is scored (not below the skip).
+    pub fn scored(&self, r: usize) -> bool {
+        self.positions
+            .as_ref()
+            .is_none_or(|p| p.position[r] >= self.skip)
+    }
+
+    /// Row `r`'s position in its prompt, when rows are skipped.
+    pub fn position(&self, r: usize) -> Option<usize> {
+        self.positions.as_ref().map(|p| p.position[r])
+    }
+}
+
+/// The rows `sae-score` scores: with positions known ([`TokenPositions::find`], the rules
+/// of `sae-train`), those at positions from `given` (`--skip-positions`) on, else from the
+/// skip the head recorded (`head`: `None` for a head written before it was recorded, which
+/// skips nothing, as before), falling back to 0 with a note when that would leave out every
+/// row (prompts of one token). Without positions nothing is skipped, with a note when the
+/// head skipped positions (`head_file` names it). For a skip of 0 nothing is kept per row.
+///
+/// # Errors
+/// `given` ≥ 1 without positions, or a `given` that leaves out every row; each naming `input`.
+pub fn score_skip(
+    input: &Path,
+    rows: usize,
+    ids: Option<&[i64]>,
+    shape: &[usize],
+    given: Option<usize>,
+    head: Option<usize>,
+    head_file: &Path,
+) -> Result<ScoreSkip, SaeEvalError> {
+    let none = |note: String| ScoreSkip {
+        skip: 0,
+        positions: None,
+        skipped: 0,
+        note,
+    };
+    let want = given.or(head).unwrap_or(0);
+    if want == 0 {
+        return Ok(none(String::new()));
+    }
+    let Some(p) = TokenPositions::find(rows, ids, shape) else {
+        if given.is_some() {
+            return Err(SaeEvalError::Input {
+                path: input.to_path_buf(),
+                reason: format!(
+                    "--skip-positions {want} needs each row's position in its prompt: give \
+                     --prompt-ids (one id per row) or a [batch, seq, d] input; these \
+                     [tokens, d] rows have neither"
+                ),
+            });
+        }
+        return Ok(none(format!(
+            "note: {} was fitted and calibrated without the first {want} token(s) of each \
+             prompt (skip_positions), but these [tokens, d] rows have no positions, so \
+             position-0 (BOS) rows cannot be told apart and are scored like the others; give \
+             --prompt-ids (one id per row) or a [batch, seq, d] input to leave them out\n",
+            head_file.display()
+        )));
+    };
+    let skipped = p.position.iter().filter(|&&q| q < want).count();
+    if skipped == rows && rows > 0 {
+        let longest = p.position.iter().max().map_or(0, |m| m + 1);
+        if given.is_some() {
+            return Err(SaeEvalError::Input {
+                path: input.to_path_buf(),
+                reason: format!(
+                    "--skip-positions {want} leaves out every row: the longest prompt has \
+                     {longest} tokens (positions from {})",
+                    p.from.text()
+                ),
+            });
+        }
+        return Ok(none(format!(
+            "positions: every token scored: the head's skip_positions {want} would leave out \
+             every row (no prompt is longer than {longest} token(s); positions from {})\n",
+            p.from.text()
+        )));
+    }
+    let why = if given.is_some() {
+        "--skip-positions".to_string()
+    } else {
+        format!(
+            "as the head was fitted: skip_positions in {}",
+            head_file.display()
+        )
+    };
+    let note = format!(
+        "positions: the first {want} token(s) of each prompt left out of the scores ({why}; \
+         positions from {}): {skipped} of {rows} rows, in no statistic (in --out: \
+         skipped = 1, no scores); --skip-positions 0 scores them\n",
+        p.from.text()
+    );
+    Ok(ScoreSkip {
+        skip: want,
+        positions: Some(p),
+        skipped,
+        note,
+    })
 }
 
 /// Rows of an extreme norm (see the module's rule).

@@ -730,3 +730,35 @@ fn bos_rows_are_dropped_by_default_and_warned_about_when_kept() {
     assert!(out.contains("dropped the first 1 token(s)"), "{out}");
     assert!(!err.contains("extreme norm"), "{err}");
 }
+
+/// `[sae] skip_positions` needs `id_is_position = true` (only then are frame ids positions),
+/// and a negative one is no count: both refused by `validate`, naming the key.
+#[test]
+fn bad_skip_positions_settings_are_refused_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sae = crate::util::repo("tests/data/sae/saelens_relu_expected_average_only_in/checkpoint");
+    for (name, extra, want) in [
+        (
+            "no_positions.toml",
+            "[sae]\nskip_positions = 1\n",
+            "needs id_is_position = true",
+        ),
+        (
+            "negative.toml",
+            "[sae]\nid_is_position = true\nskip_positions = -1\n",
+            "non-negative",
+        ),
+    ] {
+        let cfg = sae_config(tmp.path(), name, &sae, extra);
+        let (code, _, err) = crate::util::run(
+            crate::util::darkwatch()
+                .args(["validate", "--config"])
+                .arg(&cfg),
+        );
+        assert_eq!(code, 78, "{name}: {err}");
+        assert!(
+            err.contains("sae.skip_positions") && err.contains(want),
+            "{name}: {err}"
+        );
+    }
+}
