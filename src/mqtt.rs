@@ -461,7 +461,7 @@ impl MqttConfig {
 
 /// The first `{…}` (within one topic level) left in `text` once its placeholders are
 /// filled in: it would go to the broker as it is.
-fn unknown_placeholder(text: &str) -> Option<&str> {
+pub(crate) fn unknown_placeholder(text: &str) -> Option<&str> {
     let open = text.find('{')?;
     let len = text[open..].find('}')?;
     (!text[open..open + len].contains('/')).then(|| &text[open..=open + len])
