@@ -2675,7 +2675,8 @@ impl ScoreOut {
                     .filter(|(k, _)| !matches!(k.as_str(), "org" | "cluster" | "node"))
                     .cloned()
                     .collect();
-                self.cfg.examon_topics(org, cluster, node, &others, model_id)
+                self.cfg
+                    .examon_topics(org, cluster, node, &others, model_id)
             }
             _ => self.cfg.template_topics(&self.node, name),
         };
@@ -2696,7 +2697,13 @@ fn gauge_labels(examon: Option<&crate::ingest::examon::StreamIdentity>) -> Vec<(
         .map(|(k, v)| {
             let mut name: String = k
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             if name.starts_with(|c: char| c.is_ascii_digit())
                 || name.starts_with("__")
@@ -4872,7 +4879,10 @@ mod tests {
             model_id: "m".into(),
         };
         let text = crate::metrics::render(&exposed);
-        assert!(text.contains("\nanomaly_score{stream=\"s0\",model_id="), "{text}");
+        assert!(
+            text.contains("\nanomaly_score{stream=\"s0\",model_id="),
+            "{text}"
+        );
         // s0 is forgotten (the source retires slot 0, generation 0): gone at the tick.
         sink.recycling.lock().unwrap().retired.push((0, 0));
         sink.tick(at(400));
@@ -4881,7 +4891,10 @@ mod tests {
         assert_eq!(got[0].0, "s1");
         let text = crate::metrics::render(&exposed);
         assert!(!text.contains("anomaly_score{stream=\"s0\""), "{text}");
-        assert!(text.contains("\nanomaly_score{stream=\"s1\",model_id="), "{text}");
+        assert!(
+            text.contains("\nanomaly_score{stream=\"s1\",model_id="),
+            "{text}"
+        );
         // A stop (or a reload that restarts every stream) ends them all.
         sink.end_alerts(ENDED_BY_STOP);
         assert!(snapshot(&sink).is_empty());
@@ -4899,7 +4912,7 @@ mod tests {
         let fired = sent(&mut alerts);
         assert_eq!(fired.len(), 1, "{fired:?}");
         let gauge = |sink: &AgentSink| sink.counters.stream_gauges.snapshot()[0].clone();
-        let (name, score, threshold) = gauge(&sink);
+        let (name, score, threshold, _) = gauge(&sink);
         assert_eq!(fired[0]["labels"]["stream"], name.as_str());
         assert_eq!(fired[0]["score"].as_f64(), Some(score));
         assert_eq!(fired[0]["threshold"].as_f64(), Some(threshold));
@@ -4909,7 +4922,7 @@ mod tests {
         sink.tick(t0 + Duration::from_secs(2));
         let resent = sent(&mut alerts);
         assert_eq!(resent.len(), 1, "{resent:?}");
-        let (_, score, threshold) = gauge(&sink);
+        let (_, score, threshold, _) = gauge(&sink);
         assert_eq!(score, 2e6);
         assert_eq!(resent[0]["score"].as_f64(), Some(score));
         assert_eq!(resent[0]["threshold"].as_f64(), Some(threshold));

@@ -954,7 +954,10 @@ pub(crate) mod tests {
         };
         let g = &counters.stream_gauges;
         g.enable(true);
-        let labels = vec![("cluster".to_string(), "c1".to_string()), ("node".into(), "n\"7".into())];
+        let labels = vec![
+            ("cluster".to_string(), "c1".to_string()),
+            ("node".into(), "n\"7".into()),
+        ];
         let examon = g.register("c1/n\"7", labels).unwrap();
         let zero = g.register("zero", Vec::new()).unwrap();
         examon.set(3.0, 1.5);

@@ -512,7 +512,10 @@ mod tests {
         assert_eq!(id.node.as_deref(), Some("n7"));
         assert_eq!(
             id.keys,
-            [("cluster".to_string(), "c/1".to_string()), ("gpu".into(), "0".into())]
+            [
+                ("cluster".to_string(), "c/1".to_string()),
+                ("gpu".into(), "0".into())
+            ]
         );
         let bare = d.identity("cluster/c1/chnl/data/m");
         assert_eq!((bare.org, bare.node), (None, None));

@@ -1962,12 +1962,15 @@ fn scores_are_published_on_examon_topics_and_as_anomaly_score_on_metrics() {
     assert!(peak > 1.0, "{peak}");
     // vmanomaly's gauge: the stream key (node) as a label, and the model.
     let series = format!("anomaly_score{{stream=\"n1\",node=\"n1\",model_id=\"{model}\"}}");
-    let gauge = agent.metric(&series).unwrap_or_else(|| {
-        panic!("no {series} in {}", agent.scrape().unwrap_or_default())
-    });
+    let gauge = agent
+        .metric(&series)
+        .unwrap_or_else(|| panic!("no {series} in {}", agent.scrape().unwrap_or_default()));
     assert!(gauge.is_finite() && gauge > 0.0, "{gauge}");
     let body = agent.scrape().unwrap();
-    assert!(body.contains("anomaly_score{stream=\"n2\",node=\"n2\",model_id="), "{body}");
+    assert!(
+        body.contains("anomaly_score{stream=\"n2\",node=\"n2\",model_id="),
+        "{body}"
+    );
     assert_eq!(agent.metric("darkwatch_scores_dropped_total"), Some(0.0));
     let published = agent.metric("darkwatch_scores_published_total").unwrap();
     assert!(published >= 3.0 * 40.0, "{published}");
@@ -2005,12 +2008,21 @@ fn scores_in_the_compact_topic_and_json_payload_at_most_once_per_interval() {
         let obj = v.as_object().unwrap();
         assert_eq!(obj.len(), 2, "{v}");
         assert!(obj["v"].as_f64().unwrap() > 0.0, "{v}");
-        let ts = obj["ts"].as_u64().unwrap_or_else(|| panic!("ts in ms: {v}")) as f64;
+        let ts = obj["ts"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("ts in ms: {v}")) as f64;
         assert!((t0 * 1e3..=(t0 + 42.0) * 1e3).contains(&ts), "{v}");
-        assert!(ts >= last + 5000.0, "{ts} after {last}: less than interval_secs");
+        assert!(
+            ts >= last + 5000.0,
+            "{ts} after {last}: less than interval_secs"
+        );
         last = ts;
     }
-    assert!(scores.got.len() <= 9, "{} for 40 s of frames", scores.got.len());
+    assert!(
+        scores.got.len() <= 9,
+        "{} for 40 s of frames",
+        scores.got.len()
+    );
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
 }

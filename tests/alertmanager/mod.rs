@@ -924,7 +924,9 @@ fn a_bad_alertmanager_url_or_port_is_a_configuration_error() {
         let (code, _, err) = run(darkwatch().args(args).arg(&path));
         assert_eq!(code, 78, "{args:?}: {err}");
         assert!(
-            err.contains("alertmanager.subscribe") && err.contains("`{host}`") && err.contains("{node}"),
+            err.contains("alertmanager.subscribe")
+                && err.contains("`{host}`")
+                && err.contains("{node}"),
             "{args:?}: {err}"
         );
     }
