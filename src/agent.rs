@@ -28,7 +28,7 @@
 //! windows and per-stream alert state carry over when the input format, the `[assemble]`
 //! settings and the model's features are unchanged (and, for alert state, the model id
 //! and the `[threshold]` and `[alert]` settings); otherwise open windows are dropped and
-//! firing alerts are resolved before the new model takes over. Changes to `[mqtt]`, `[spool]` and `[metrics]` need
+//! firing alerts are resolved before the new model takes over. Changes to `[mqtt]`, `[spool]`, `[metrics]` and `[scores]` need
 //! a restart; a reload keeps the running ones and logs a warning.
 
 use std::collections::VecDeque;
@@ -161,6 +161,9 @@ struct Recycling {
 struct SlotName {
     name: String,
     generation: u32,
+    /// The topic of the stream's first message: an ExaMon stream's org, cluster, node and
+    /// stream keys, read by the sink when the stream starts (`[scores]`, `anomaly_score`).
+    topic: String,
 }
 
 /// The streams' names by slot (see [`SlotName`]): written by the source when a stream
@@ -327,6 +330,12 @@ impl AgentCounters {
         if let Ok(mut m) = self.model_id.lock() {
             *m = id.to_string();
         }
+    }
+
+    /// [`Self::set_model_id`] for the tests of other modules.
+    #[cfg(test)]
+    pub(crate) fn set_model_id_for_test(&self, id: &str) {
+        self.set_model_id(id);
     }
 
     /// What scores the model: `native` or `onnx/<provider>`.
@@ -565,11 +574,18 @@ pub fn run_with(
     let (out_tx, out_rx) = mqtt::outgoing_channel();
     let mqtt_stats = Arc::new(MqttStats::default());
     let client_stop = mqtt::ClientStop::default();
-    let client = mqtt::spawn_client(
+    let (score_tx, score_rx) = if cfg.scores.publish {
+        let (tx, rx) = mqtt::score_channel(&cfg.scores, mqtt_stats.clone());
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let client = mqtt::spawn_client_with_scores(
         mqtt_cfg.clone(),
         spool,
         FeedInbox(feed.clone()),
         out_rx,
+        score_rx,
         mqtt_stats.clone(),
         client_stop.clone(),
     )?;
@@ -598,6 +614,11 @@ pub fn run_with(
     let mut sink = AgentSink::new(cfg, &model, streams, &mqtt_cfg, out_tx, &counters, record)?;
     sink.link = Some(mqtt_stats.clone());
     sink.recycling = recycling;
+    sink.score_out = score_tx.map(|sender| ScoreOut {
+        cfg: cfg.scores.clone(),
+        node: mqtt_cfg.node(),
+        sender,
+    });
     let metrics_stop = Arc::new(AtomicBool::new(false));
     if let Some(listener) = metrics_listener {
         let exposed = crate::metrics::Exposed {
@@ -1269,6 +1290,7 @@ fn apply_reload(
         ("mqtt", cfg.mqtt == started.mqtt),
         ("spool", cfg.spool == started.spool),
         ("metrics", cfg.metrics == started.metrics),
+        ("scores", cfg.scores == started.scores),
     ] {
         if !same {
             tracing::warn!(
@@ -1493,6 +1515,7 @@ impl AgentSource {
         i: usize,
         generation: u32,
         name: &str,
+        topic: &str,
     ) {
         if let Ok(mut s) = streams.lock() {
             if s.len() <= i {
@@ -1500,6 +1523,7 @@ impl AgentSource {
             }
             name.clone_into(&mut s[i].name);
             s[i].generation = generation;
+            topic.clone_into(&mut s[i].topic);
         }
         if !forgotten.is_empty() && forgotten.remove(&name_hash(name)) {
             tracing::info!(
@@ -1533,10 +1557,9 @@ impl AgentSource {
                 if s.len() <= i {
                     s.resize(i + 1, SlotName::default());
                 }
-                s[i] = SlotName {
-                    name: f.stream.to_string(),
-                    generation: f.generation,
-                };
+                // The topic came with the stream's first sample (`stream_started`).
+                f.stream.clone_into(&mut s[i].name);
+                s[i].generation = f.generation;
                 *known = s.len();
             }
             counters.frames.fetch_add(1, Ordering::Relaxed);
@@ -1624,6 +1647,7 @@ impl AgentSource {
                     i,
                     generation,
                     &sample.stream,
+                    msg.topic,
                 );
             }
             if let Err(why) = pushed {
@@ -1800,6 +1824,7 @@ impl AgentSource {
                         index as usize,
                         generation,
                         name,
+                        msg.topic,
                     );
                     if let Ok(names) = streams.lock() {
                         *known_streams = names.len();
@@ -2611,6 +2636,14 @@ struct StreamState {
     gauge: Option<Arc<crate::metrics::StreamGauge>>,
     /// Whether `gauge` is shown: from the first frame scored, hidden while silent.
     shown: bool,
+    /// Who an ExaMon stream is (from its first topic); `None` for other input.
+    examon: Option<crate::ingest::examon::StreamIdentity>,
+    /// Its `[scores]` topics, when scores are published.
+    score_topics: Option<Arc<mqtt::ScoreTopics>>,
+    /// The event time from which its next score is published (`[scores] interval_secs`),
+    /// and that of the last one published.
+    score_next: f64,
+    score_last: f64,
 }
 
 /// Thresholds and alert state per stream; alerts leave as MQTT messages.
@@ -2646,6 +2679,80 @@ struct AgentSink {
     recycling: SharedRecycling,
     /// Epoch seconds when the batch being accepted was scored (read once per batch).
     batch_wall: f64,
+    /// Reads an ExaMon stream's identity from its topic (ExaMon input only).
+    examon: Option<crate::ingest::examon::ExamonDecoder>,
+    /// Where `[scores]` go, when they are published (fixed for the run, as `[mqtt]`).
+    score_out: Option<ScoreOut>,
+}
+
+/// The sink's side of `[scores]`.
+struct ScoreOut {
+    cfg: mqtt::ScoresConfig,
+    node: String,
+    sender: mqtt::ScoreSender,
+}
+
+impl ScoreOut {
+    /// The topics of a stream: an ExaMon stream with org, cluster and node pairs gets
+    /// ExaMon's, its other stream keys after the model; any other stream the template's.
+    fn topics(
+        &self,
+        name: &str,
+        examon: Option<&crate::ingest::examon::StreamIdentity>,
+        model_id: &str,
+    ) -> Arc<mqtt::ScoreTopics> {
+        let topics = match examon {
+            Some(crate::ingest::examon::StreamIdentity {
+                org: Some(org),
+                cluster: Some(cluster),
+                node: Some(node),
+                keys,
+            }) => {
+                let others: Vec<(String, String)> = keys
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "org" | "cluster" | "node"))
+                    .cloned()
+                    .collect();
+                self.cfg
+                    .examon_topics(org, cluster, node, &others, model_id)
+            }
+            _ => self.cfg.template_topics(&self.node, name),
+        };
+        Arc::new(topics)
+    }
+}
+
+/// The labels of a stream's `anomaly_score`: an ExaMon stream's stream keys, each named
+/// as a Prometheus label (characters other than letters, digits and `_` become `_`; a
+/// key that would clash with `stream` or `model_id`, or start with `__`, gets `examon_`
+/// before it).
+fn gauge_labels(examon: Option<&crate::ingest::examon::StreamIdentity>) -> Vec<(String, String)> {
+    let Some(id) = examon else {
+        return Vec::new();
+    };
+    id.keys
+        .iter()
+        .map(|(k, v)| {
+            let mut name: String = k
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            if name.starts_with(|c: char| c.is_ascii_digit())
+                || name.starts_with("__")
+                || name == "stream"
+                || name == "model_id"
+            {
+                name.insert_str(0, "examon_");
+            }
+            (name, v.clone())
+        })
+        .collect()
 }
 
 impl AgentSink {
@@ -2684,6 +2791,8 @@ impl AgentSink {
             link: None,
             recycling: SharedRecycling::default(),
             batch_wall: f64::NAN,
+            examon: (cfg.agent.format == InputFormat::Examon).then(|| cfg.examon.build()),
+            score_out: None,
         })
     }
 
@@ -2772,6 +2881,10 @@ impl AgentSink {
         self.model_version = model.meta.version.to_string();
         for st in self.per_stream.iter_mut().flatten() {
             st.alerts.set_model(&self.model_id, &self.model_version);
+            // An ExaMon score topic names the model.
+            if let Some(out) = &self.score_out {
+                st.score_topics = Some(out.topics(&st.name, st.examon.as_ref(), &self.model_id));
+            }
         }
         self.counters.set_model_id(&model.meta.id);
     }
@@ -2832,6 +2945,7 @@ impl AgentSink {
                 events: std::mem::take(&mut self.events),
                 link: self.link.take(),
                 recycling: self.recycling.clone(),
+                score_out: self.score_out.take(),
                 ..fresh
             });
         }
@@ -3051,12 +3165,15 @@ impl Sink for AgentSink {
         // A stream's first frame (rare): its name, unless the source has given the slot to
         // a newer stream since. Then this stream was forgotten before the sink saw any of
         // its frames, and its name is gone with it.
-        let (name, latest) = self
+        let (name, latest, topic) = self
             .streams
             .lock()
             .ok()
-            .and_then(|s| s.get(i).map(|n| (n.name.clone(), n.generation)))
-            .unwrap_or_else(|| (i.to_string(), generation));
+            .and_then(|s| {
+                s.get(i)
+                    .map(|n| (n.name.clone(), n.generation, n.topic.clone()))
+            })
+            .unwrap_or_else(|| (i.to_string(), generation, String::new()));
         if latest > generation {
             self.generations[i] = latest;
             return self.drop_stale(meta);
@@ -3068,7 +3185,15 @@ impl Sink for AgentSink {
             &self.model_version,
             self.features.clone(),
         );
-        let gauge = self.counters.stream_gauges.register(&name);
+        let examon = self.examon.as_ref().map(|d| d.identity(&topic));
+        let gauge = self
+            .counters
+            .stream_gauges
+            .register(&name, gauge_labels(examon.as_ref()));
+        let score_topics = self
+            .score_out
+            .as_ref()
+            .map(|out| out.topics(&name, examon.as_ref(), &self.model_id));
         self.per_stream[i] = Some(StreamState {
             threshold: self.template.clone(),
             alerts,
@@ -3079,6 +3204,10 @@ impl Sink for AgentSink {
             silent: false,
             gauge,
             shown: false,
+            examon,
+            score_topics,
+            score_next: f64::NEG_INFINITY,
+            score_last: f64::NEG_INFINITY,
         });
         // A new stream sets the gauges at once; the ticks set them too.
         self.set_gauges();
@@ -3124,6 +3253,22 @@ impl Sink for AgentSink {
             if !st.shown {
                 g.show(true);
                 st.shown = true;
+            }
+        }
+        // Its score out over MQTT, at most once per `[scores] interval_secs` of its event
+        // time (a clock that went back starts the interval again): an Arc clone into a
+        // bounded queue, no allocation, never a wait.
+        if let (Some(out), Some(topics)) = (&self.score_out, &st.score_topics) {
+            let ts = f.meta.timestamp;
+            if ts >= st.score_next || ts < st.score_last {
+                st.score_last = ts;
+                st.score_next = ts + out.cfg.interval_secs;
+                out.sender.send(mqtt::ScoreSample {
+                    topics: topics.clone(),
+                    score: f.score,
+                    threshold: t,
+                    timestamp: ts,
+                });
             }
         }
         let alarm = st.threshold.update(f64::from(f.score)).is_alarm();
@@ -4204,6 +4349,7 @@ mod tests {
         let name = |n: &str| SlotName {
             name: n.to_string(),
             generation: 0,
+            topic: String::new(),
         };
         Arc::new(Mutex::new(vec![name("s0"), name("s1")]))
     }
@@ -4744,7 +4890,7 @@ mod tests {
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!((got[0].0.as_str(), got[0].1), ("s0", 0.5));
         assert_eq!((got[1].0.as_str(), got[1].1), ("s1", 1e6));
-        for (name, _, threshold) in &got {
+        for (name, _, threshold, _) in &got {
             assert!(
                 threshold.is_finite() && *threshold < 1.0,
                 "{name}: {threshold}"
@@ -4765,12 +4911,29 @@ mod tests {
             snapshot(&sink).iter().map(|g| g.1).collect::<Vec<_>>(),
             [0.25, 0.75]
         );
+        // vmanomaly's anomaly_score follows the same series.
+        let exposed = crate::metrics::Exposed {
+            counters: sink.counters.clone(),
+            mqtt: Arc::default(),
+            model_id: "m".into(),
+        };
+        let text = crate::metrics::render(&exposed);
+        assert!(
+            text.contains("\nanomaly_score{stream=\"s0\",model_id="),
+            "{text}"
+        );
         // s0 is forgotten (the source retires slot 0, generation 0): gone at the tick.
         sink.recycling.lock().unwrap().retired.push((0, 0));
         sink.tick(at(400));
         let got = snapshot(&sink);
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0].0, "s1");
+        let text = crate::metrics::render(&exposed);
+        assert!(!text.contains("anomaly_score{stream=\"s0\""), "{text}");
+        assert!(
+            text.contains("\nanomaly_score{stream=\"s1\",model_id="),
+            "{text}"
+        );
         // A stop (or a reload that restarts every stream) ends them all.
         sink.end_alerts(ENDED_BY_STOP);
         assert!(snapshot(&sink).is_empty());
@@ -4788,7 +4951,7 @@ mod tests {
         let fired = sent(&mut alerts);
         assert_eq!(fired.len(), 1, "{fired:?}");
         let gauge = |sink: &AgentSink| sink.counters.stream_gauges.snapshot()[0].clone();
-        let (name, score, threshold) = gauge(&sink);
+        let (name, score, threshold, _) = gauge(&sink);
         assert_eq!(fired[0]["labels"]["stream"], name.as_str());
         assert_eq!(fired[0]["score"].as_f64(), Some(score));
         assert_eq!(fired[0]["threshold"].as_f64(), Some(threshold));
@@ -4798,7 +4961,7 @@ mod tests {
         sink.tick(t0 + Duration::from_secs(2));
         let resent = sent(&mut alerts);
         assert_eq!(resent.len(), 1, "{resent:?}");
-        let (_, score, threshold) = gauge(&sink);
+        let (_, score, threshold, _) = gauge(&sink);
         assert_eq!(score, 2e6);
         assert_eq!(resent[0]["score"].as_f64(), Some(score));
         assert_eq!(resent[0]["threshold"].as_f64(), Some(threshold));

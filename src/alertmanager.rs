@@ -127,7 +127,8 @@ impl AlertmanagerConfig {
     ///
     /// # Errors
     /// A URL that [`Target::parse`] refuses, `https` without `ca_file` (or `ca_file` with
-    /// `http`), no or an invalid subscribe filter, `batch_max` outside 1..=10000,
+    /// `http`), no or an invalid subscribe filter (or one with a `{…}` other than
+    /// `{node}`), `batch_max` outside 1..=10000,
     /// `flush_ms` above 60000, `timeout_secs` or `retry_max_secs` not in (0, 3600],
     /// `metrics_listen` neither empty nor an IP address and port.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
@@ -148,8 +149,19 @@ impl AlertmanagerConfig {
             ));
         }
         for filter in &self.subscribe {
-            crate::mqtt::check_filter(&filter.replace("{node}", "node"))
+            // `{node}` stands for one topic level, as in `[mqtt] subscribe`.
+            let probe = filter.replace("{node}", "node");
+            crate::mqtt::check_filter(&probe)
                 .map_err(|reason| ("subscribe", format!("`{filter}` {reason}")))?;
+            // Any other `{…}` would be subscribed as it is and match no alert topic.
+            if let Some(bad) = crate::mqtt::unknown_placeholder(&probe) {
+                return Err((
+                    "subscribe",
+                    format!(
+                        "`{filter}` has `{bad}`, which is not a placeholder here and would be subscribed as it is (matching no alert topic); subscribe fills in {{node}} only ([mqtt] node_name, or the hostname): use + for any one level, e.g. darkwatch/+/alerts/#"
+                    ),
+                ));
+            }
         }
         if !(1..=10_000).contains(&self.batch_max) {
             return Err((
@@ -2268,12 +2280,36 @@ mod tests {
             ..AlertmanagerConfig::default()
         };
         assert_eq!(node.validate(), Ok(()));
+        // Any other placeholder, or a brace left open, is refused, naming the filter and
+        // what subscribe fills in; `{node}` inside a level is filled in like a whole one.
+        for filter in [
+            "darkwatch/{stream}/alerts/#",
+            "darkwatch/{Node}/alerts/#",
+            "darkwatch/{node}/alerts/{cluster}",
+        ] {
+            let c = AlertmanagerConfig {
+                subscribe: vec![filter.into()],
+                ..AlertmanagerConfig::default()
+            };
+            let (key, why) = c.validate().unwrap_err();
+            assert_eq!(key, "subscribe");
+            assert!(
+                why.contains(filter) && why.contains("{node} only"),
+                "{filter}: {why}"
+            );
+        }
+        let inside = AlertmanagerConfig {
+            subscribe: vec!["darkwatch/rack-{node}/alerts/#".into()],
+            ..AlertmanagerConfig::default()
+        };
+        assert_eq!(inside.validate(), Ok(()));
         let mqtt = MqttConfig {
             node_name: "n7".into(),
             ..MqttConfig::default()
         };
         assert_eq!(node.filters_for(&mqtt), ["darkwatch/n7/alerts/#"]);
         assert_eq!(node.client_id_for(&mqtt), "darkwatch-alertmanager-n7");
+        assert_eq!(inside.filters_for(&mqtt), ["darkwatch/rack-n7/alerts/#"]);
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct DarkwatchConfig {
     pub sae: crate::sae::detector::SaeConfig,
     /// `darkwatch alertmanager`: the bridge from MQTT alert events to Alertmanager.
     pub alertmanager: crate::alertmanager::AlertmanagerConfig,
+    /// Each stream's score published over MQTT (ExaMon's `examon-ai_pub` topics).
+    pub scores: crate::mqtt::ScoresConfig,
 }
 
 /// Shape of the autoencoder that `train` builds.
@@ -588,6 +590,8 @@ fn with_allowed_values(reason: &str) -> String {
         "ScalerKind" => probe::<crate::model::scaler::ScalerKind>(value),
         "TelegrafFormat" => probe::<crate::ingest::telegraf::TelegrafFormat>(value),
         "ThresholdKind" => probe::<crate::threshold::ThresholdKind>(value),
+        "ScoreTopicLayout" => probe::<crate::mqtt::ScoreTopicLayout>(value),
+        "ScorePayload" => probe::<crate::mqtt::ScorePayload>(value),
         "SaeScoreKind" => probe::<crate::sae::detector::SaeScoreKind>(value),
         _ => None,
     };
@@ -689,6 +693,25 @@ impl DarkwatchConfig {
             )?;
         }
         section("alertmanager", self.alertmanager.validate())?;
+        section("scores", self.scores.validate())?;
+        // The compact ExaMon topic holds org, cluster, plugin and node only: streams named by
+        // another key would share its topics.
+        if self.scores.publish
+            && self.scores.topic_layout == crate::mqtt::ScoreTopicLayout::Compact
+            && self.agent.format == crate::agent::InputFormat::Examon
+            && let Some(other) = self
+                .examon
+                .stream_key
+                .iter()
+                .find(|k| !matches!(k.as_str(), "org" | "cluster" | "node"))
+        {
+            return Err((
+                "scores.topic_layout".into(),
+                format!(
+                    "\"compact\" (<org>/<cluster>/<plugin>/<node>/<metric>) has no level for the stream key {other:?} of [examon] stream_key, so its streams would share topics; use \"legacy\", which keeps it as a key/value pair"
+                ),
+            ));
+        }
         section("metrics", self.metrics.validate())?;
         section("sae", self.sae.validate())?;
         // The spool itself takes any size from a one-byte record up; the agent's records

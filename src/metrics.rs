@@ -67,6 +67,9 @@ impl MetricsConfig {
 #[derive(Debug)]
 pub struct StreamGauge {
     name: String,
+    /// Labels of `anomaly_score` beside `stream` and `model_id`, rendered once
+    /// (`,key="value"…`): an ExaMon stream's stream keys.
+    labels: String,
     score: AtomicU64,
     threshold: AtomicU64,
     /// Exposed: set once the stream has a score, cleared while it is silent (`[alert]
@@ -110,12 +113,19 @@ impl StreamGauges {
     /// A gauge for the new stream `name`, hidden until it is set and shown; `None` when
     /// per-stream series are off. Drops the registrations of streams gone since, so the
     /// list holds at most one more than the streams alive.
-    pub fn register(&self, name: &str) -> Option<Arc<StreamGauge>> {
+    /// `labels` go on its `anomaly_score` beside `stream` and `model_id` (names valid
+    /// Prometheus label names).
+    pub fn register(&self, name: &str, labels: Vec<(String, String)>) -> Option<Arc<StreamGauge>> {
         if !self.on.load(Ordering::Relaxed) {
             return None;
         }
+        let mut rendered = String::new();
+        for (k, v) in &labels {
+            let _ = write!(rendered, ",{k}=\"{}\"", escape_label(v));
+        }
         let gauge = Arc::new(StreamGauge {
             name: name.to_string(),
+            labels: rendered,
             score: AtomicU64::new(f64::NAN.to_bits()),
             threshold: AtomicU64::new(f64::NAN.to_bits()),
             shown: AtomicBool::new(false),
@@ -127,7 +137,7 @@ impl StreamGauges {
         Some(gauge)
     }
 
-    /// The shown streams' `(name, score, threshold)`, by name. Two streams of one name
+    /// The shown streams' `(name, score, threshold, labels)`, by name. Two streams of one name
     /// (a forgotten stream that came back before the sink let go of its old state, for a
     /// tick at most) give one series, the newer stream's: a sample twice would fail the
     /// whole scrape.
@@ -139,16 +149,20 @@ impl StreamGauges {
                 if g.shown.load(Ordering::Acquire) {
                     let score = f64::from_bits(g.score.load(Ordering::Relaxed));
                     let threshold = f64::from_bits(g.threshold.load(Ordering::Relaxed));
-                    by_name.insert(g.name.clone(), (score, threshold));
+                    by_name.insert(g.name.clone(), (score, threshold, g.labels.clone()));
                 }
             }
         }
-        by_name.into_iter().map(|(n, (s, t))| (n, s, t)).collect()
+        by_name
+            .into_iter()
+            .map(|(n, (s, t, l))| (n, s, t, l))
+            .collect()
     }
 }
 
-/// A shown stream as a scrape reads it: its name, score and threshold.
-pub type StreamSample = (String, f64, f64);
+/// A shown stream as a scrape reads it: its name, score, threshold and the rendered
+/// extra labels of its `anomaly_score`.
+pub type StreamSample = (String, f64, f64, String);
 
 /// A label value as the text exposition format needs it: backslash, double quote and
 /// line feed escaped (`\\`, `\"`, `\n`).
@@ -179,10 +193,34 @@ fn sample_value(v: f64) -> String {
 }
 
 /// The per-stream gauges: each family (`# HELP`, `# TYPE`, its series) only when a stream
-/// is shown.
-fn stream_series(s: &mut String, streams: &[StreamSample]) {
+/// is shown. `anomaly_score` (score / threshold) is left out for a stream whose threshold
+/// is not positive and finite.
+fn stream_series(s: &mut String, streams: &[StreamSample], model_id: &str) {
     if streams.is_empty() {
         return;
+    }
+    let ratio = |st: &StreamSample| {
+        (st.2.is_finite() && st.2 > 0.0)
+            .then(|| st.1 / st.2)
+            .filter(|r| !r.is_nan())
+    };
+    if streams.iter().any(|st| ratio(st).is_some()) {
+        let _ = writeln!(
+            s,
+            "# HELP anomaly_score Per stream ([metrics] per_stream), its latest score over the threshold it was judged against, as vmanomaly's: above 1.0 is anomalous. Labelled by stream, an ExaMon stream's stream keys, and the model. Absent while the stream is silent, gone when it is forgotten.\n# TYPE anomaly_score gauge"
+        );
+        let model_id = escape_label(model_id);
+        for st in streams {
+            if let Some(r) = ratio(st) {
+                let _ = writeln!(
+                    s,
+                    "anomaly_score{{stream=\"{}\"{},model_id=\"{model_id}\"}} {}",
+                    escape_label(&st.0),
+                    st.3,
+                    sample_value(r)
+                );
+            }
+        }
     }
     stream_family(
         s,
@@ -233,7 +271,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 17] = [
+    let counters: [(&str, &str, u64); 19] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -308,6 +346,16 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_alerts_acked_total",
             "Alert events the broker acknowledged.",
             load(&m.acked),
+        ),
+        (
+            "darkwatch_scores_published_total",
+            "[scores] messages handed to the MQTT client (QoS 0: not acknowledged, never spooled).",
+            load(&m.scores_published),
+        ),
+        (
+            "darkwatch_scores_dropped_total",
+            "[scores] messages dropped rather than waited for: the score queue ([scores] queue_capacity) was full, or the MQTT client had no connection or 64 score messages already queued (a broker or network slower than the scores). Scoring and alerts never wait for scores.",
+            load(&m.scores_dropped),
         ),
         (
             "darkwatch_alerts_rejected_total",
@@ -456,7 +504,12 @@ pub fn render(e: &Exposed) -> String {
          darkwatch_streams_forgotten_total {}",
         load(&c.streams_forgotten)
     );
-    stream_series(&mut s, &c.stream_gauges.snapshot());
+    let live = c.model_id();
+    stream_series(
+        &mut s,
+        &c.stream_gauges.snapshot(),
+        if live.is_empty() { &e.model_id } else { &live },
+    );
     histogram(
         &mut s,
         "darkwatch_alert_latency_seconds",
@@ -890,6 +943,52 @@ pub(crate) mod tests {
         }
     }
 
+    /// vmanomaly's `anomaly_score`: score / threshold per shown stream, labelled by the
+    /// stream, its ExaMon stream keys and the model; left out where the threshold is not
+    /// positive, and gone with the stream's state. The score counters are exported.
+    #[test]
+    fn anomaly_score_is_score_over_threshold_with_the_streams_labels_and_goes_with_it() {
+        let counters = Arc::new(AgentCounters::default());
+        let mqtt = Arc::new(MqttStats::default());
+        mqtt.scores_dropped.store(7, Ordering::Relaxed);
+        mqtt.scores_published.store(9, Ordering::Relaxed);
+        let exposed = Exposed {
+            counters: counters.clone(),
+            mqtt,
+            model_id: "m1".into(),
+        };
+        let g = &counters.stream_gauges;
+        g.enable(true);
+        let labels = vec![
+            ("cluster".to_string(), "c1".to_string()),
+            ("node".into(), "n\"7".into()),
+        ];
+        let examon = g.register("c1/n\"7", labels).unwrap();
+        let zero = g.register("zero", Vec::new()).unwrap();
+        examon.set(3.0, 1.5);
+        zero.set(1.0, 0.0);
+        examon.show(true);
+        zero.show(true);
+        let text = render(&exposed);
+        let samples = check_exposition(&text);
+        assert_eq!(
+            samples["anomaly_score{stream=\"c1/n\\\"7\",cluster=\"c1\",node=\"n\\\"7\",model_id=\"m1\"}"],
+            2.0,
+            "{text}"
+        );
+        assert!(text.contains("# TYPE anomaly_score gauge\n"), "{text}");
+        assert!(!text.contains("anomaly_score{stream=\"zero\""), "{text}");
+        assert_eq!(samples["darkwatch_scores_dropped_total"], 7.0);
+        assert_eq!(samples["darkwatch_scores_published_total"], 9.0);
+        // A retrained model relabels the series at the next scrape.
+        counters.set_model_id_for_test("m2");
+        assert!(render(&exposed).contains(",model_id=\"m2\"} 2\n"));
+        drop(examon);
+        let text = render(&exposed);
+        assert!(!text.contains("anomaly_score{"), "{text}");
+        assert!(!text.contains("# TYPE anomaly_score"), "{text}");
+    }
+
     /// Each stream's score and threshold as a scraper reads them: label values escaped
     /// (backslash, double quote, line feed), NaN and infinities spelt as the format
     /// wants, a stream hidden until set and while hidden, gone with its state, one series
@@ -903,13 +1002,13 @@ pub(crate) mod tests {
             model_id: "m".into(),
         };
         let g = &counters.stream_gauges;
-        assert!(g.register("off").is_none(), "off by default");
+        assert!(g.register("off", Vec::new()).is_none(), "off by default");
         assert!(!render(&exposed).contains("darkwatch_stream_"));
         g.enable(true);
-        let plain = g.register("node1").unwrap();
-        let odd = g.register("a\"b\\c\nd").unwrap();
-        let inf = g.register("inf").unwrap();
-        let unset = g.register("unset").unwrap();
+        let plain = g.register("node1", Vec::new()).unwrap();
+        let odd = g.register("a\"b\\c\nd", Vec::new()).unwrap();
+        let inf = g.register("inf", Vec::new()).unwrap();
+        let unset = g.register("unset", Vec::new()).unwrap();
         // Registered but not shown yet: no series, and no family with none.
         assert!(!render(&exposed).contains("darkwatch_stream_"));
         plain.set(0.25, 1.5);
@@ -958,7 +1057,7 @@ pub(crate) mod tests {
         assert!(text.contains("stream=\"node1\""), "{text}");
         // A stream that came back under the same name before its old state went: one
         // series, the newer one's.
-        let again = g.register("node1").unwrap();
+        let again = g.register("node1", Vec::new()).unwrap();
         again.set(7.0, 8.0);
         again.show(true);
         let samples = check_exposition(&render(&exposed));
@@ -966,11 +1065,11 @@ pub(crate) mod tests {
         assert_eq!(samples["darkwatch_stream_threshold{stream=\"node1\"}"], 8.0);
         // Registrations of gone streams are dropped, not kept.
         drop((plain, unset));
-        assert!(g.register("x").is_some());
+        assert!(g.register("x", Vec::new()).is_some());
         assert_eq!(g.live.lock().unwrap().len(), 2);
         // Off: no new gauge.
         g.enable(false);
-        assert!(g.register("later").is_none());
+        assert!(g.register("later", Vec::new()).is_none());
     }
 
     /// The trial's `listen = "localhost:9464"` was told it "is not host:port".

@@ -461,7 +461,7 @@ impl MqttConfig {
 
 /// The first `{…}` (within one topic level) left in `text` once its placeholders are
 /// filled in: it would go to the broker as it is.
-fn unknown_placeholder(text: &str) -> Option<&str> {
+pub(crate) fn unknown_placeholder(text: &str) -> Option<&str> {
     let open = text.find('{')?;
     let len = text[open..].find('}')?;
     (!text[open..open + len].contains('/')).then(|| &text[open..=open + len])
@@ -1033,6 +1033,405 @@ pub struct Outgoing {
     pub retain: bool,
 }
 
+/// `[scores]`: each stream's score published over MQTT beside its metrics, so that a
+/// node's anomaly score can be graphed (KairosDB through ExaMon's bridge, Grafana) next to
+/// what it scores. Opt-in; QoS 0, never spooled (see [`score_channel`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoresConfig {
+    /// Publish scores (default `false`).
+    pub publish: bool,
+    /// At most one publish per stream per this many seconds of the stream's event time
+    /// (its frames' times): the first frame at or past the interval is published, the ones
+    /// between are not. 0 publishes every scored frame. Default 1: every frame of assembled
+    /// telemetry (one frame per `[assemble] window_secs`, 1 s by default), at most 3
+    /// messages a second for a raw activation stream that scores thousands of frames.
+    pub interval_secs: f64,
+    /// What is published per frame, any of `anomaly_score` (score / threshold, above 1 is
+    /// anomalous, as vmanomaly's), `score` and `threshold`. Default all three.
+    #[serde(deserialize_with = "crate::config::strings")]
+    pub metrics: Vec<String>,
+    /// Topic shape of an ExaMon stream: `legacy`
+    /// (`org/<org>/cluster/<cluster>/node/<node>/plugin/<plugin>/chnl/data/model/<model id>[/<key>/<value>…]/<metric>`,
+    /// the other `[examon] stream_key` pairs after the model) or `compact`
+    /// (`<org>/<cluster>/<plugin>/<node>/<metric>`, newer ExaMon; only with streams named
+    /// by org, cluster and node keys, as it has no place for other pairs or the model).
+    pub topic_layout: ScoreTopicLayout,
+    /// Payload: `legacy` (`<value>;<epoch seconds, 3 decimals>`, as ExaMon's metrics) or
+    /// `json` (`{"v": <value>, "ts": <epoch milliseconds>}`, newer ExaMon).
+    pub payload: ScorePayload,
+    /// ExaMon plugin level of the topic, as the thermADNet/GNN publishers use.
+    pub plugin: String,
+    /// Topic of a stream that is not an ExaMon stream (Telegraf, raw, or an ExaMon topic
+    /// without org, cluster and node pairs): `{node}` is this agent's node name, `{stream}`
+    /// the stream, `{metric}` the metric (required: the metrics must not share a topic).
+    pub topic: String,
+    /// Scores waiting for the MQTT client; while it is full (a slow or absent broker) a
+    /// frame's score is dropped and counted (`darkwatch_scores_dropped_total`), never waited for.
+    pub queue_capacity: usize,
+}
+
+/// See [`ScoresConfig::topic_layout`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreTopicLayout {
+    #[default]
+    Legacy,
+    Compact,
+}
+
+/// See [`ScoresConfig::payload`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScorePayload {
+    #[default]
+    Legacy,
+    Json,
+}
+
+/// The metrics `[scores] metrics` may name, in the order of [`ScoreTopics`].
+pub const SCORE_METRICS: [&str; 3] = ["anomaly_score", "score", "threshold"];
+
+impl Default for ScoresConfig {
+    fn default() -> Self {
+        ScoresConfig {
+            publish: false,
+            interval_secs: 1.0,
+            metrics: SCORE_METRICS.iter().map(|m| m.to_string()).collect(),
+            topic_layout: ScoreTopicLayout::Legacy,
+            payload: ScorePayload::Legacy,
+            plugin: "examon-ai_pub".into(),
+            topic: "darkwatch/{node}/scores/{stream}/{metric}".into(),
+            queue_capacity: 1024,
+        }
+    }
+}
+
+impl ScoresConfig {
+    /// Semantic checks the types cannot express. Returns the key and the reason.
+    ///
+    /// # Errors
+    /// `interval_secs` negative or not finite, `metrics` empty or naming another metric,
+    /// a `plugin` that is not one topic level, a `topic` that is invalid, lacks `{metric}`
+    /// or has another `{…}`, `queue_capacity` 0 or above 1,000,000.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(self.interval_secs.is_finite() && self.interval_secs >= 0.0) {
+            return Err((
+                "interval_secs",
+                format!(
+                    "must be 0 (every frame) or a positive number of seconds, got {}",
+                    self.interval_secs
+                ),
+            ));
+        }
+        if self.metrics.is_empty() {
+            return Err((
+                "metrics",
+                format!(
+                    "names nothing to publish: list any of {} (or set publish = false)",
+                    SCORE_METRICS.join(", ")
+                ),
+            ));
+        }
+        if let Some(bad) = self
+            .metrics
+            .iter()
+            .find(|m| !SCORE_METRICS.contains(&m.as_str()))
+        {
+            return Err((
+                "metrics",
+                format!(
+                    "{bad:?} is not a score metric: list any of {}",
+                    SCORE_METRICS.join(", ")
+                ),
+            ));
+        }
+        if self.plugin.is_empty() || self.plugin.contains(['/', '+', '#', '\0']) {
+            return Err((
+                "plugin",
+                format!(
+                    "{:?} is not one topic level (not empty, no /, + or #); ExaMon's AI publishers use \"examon-ai_pub\"",
+                    self.plugin
+                ),
+            ));
+        }
+        let fills = ["{node}", "{stream}", "{metric}"];
+        if !self.topic.contains("{metric}") {
+            return Err((
+                "topic",
+                format!(
+                    "`{}` has no {{metric}}: anomaly_score, score and threshold would share one topic; e.g. darkwatch/{{node}}/scores/{{stream}}/{{metric}}",
+                    self.topic
+                ),
+            ));
+        }
+        let probe = fills
+            .iter()
+            .fold(self.topic.clone(), |t, p| t.replace(p, "x"));
+        if !rumqttc::valid_topic(&probe) || probe.contains('\0') {
+            return Err((
+                "topic",
+                format!(
+                    "`{}` is not a valid topic (has `+`, `#` or NUL)",
+                    self.topic
+                ),
+            ));
+        }
+        if let Some(bad) = unknown_placeholder(&probe) {
+            return Err((
+                "topic",
+                format!(
+                    "`{}` has `{bad}`, which is not a placeholder here and would be published as it is; topic fills in {{node}}, {{stream}} and {{metric}}",
+                    self.topic
+                ),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.queue_capacity) {
+            return Err((
+                "queue_capacity",
+                format!("must be in 1..=1000000, got {}", self.queue_capacity),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Which of [`SCORE_METRICS`] are published.
+    pub fn published(&self) -> [bool; 3] {
+        std::array::from_fn(|i| self.metrics.iter().any(|m| m == SCORE_METRICS[i]))
+    }
+
+    /// The topics of a stream that is not an ExaMon stream: [`Self::topic`] filled in.
+    /// `+`, `#` and NUL in the stream become `_`; `/` is kept and so adds levels.
+    pub fn template_topics(&self, node: &str, stream: &str) -> ScoreTopics {
+        let stream: String = stream
+            .chars()
+            .map(|c| {
+                if matches!(c, '+' | '#' | '\0') {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let on = self.published();
+        ScoreTopics {
+            topics: std::array::from_fn(|i| {
+                on[i].then(|| {
+                    self.topic
+                        .replace("{node}", node)
+                        .replace("{stream}", &stream)
+                        .replace("{metric}", SCORE_METRICS[i])
+                })
+            }),
+        }
+    }
+
+    /// The topics of an ExaMon stream of `org`, `cluster` and `node` whose other stream key
+    /// pairs are `pairs`, scored by `model_id` (see [`Self::topic_layout`]). Values are
+    /// URL-encoded as ExaMon's publishers do (`/`, `+`, `#`, `%`, space).
+    pub fn examon_topics(
+        &self,
+        org: &str,
+        cluster: &str,
+        node: &str,
+        pairs: &[(String, String)],
+        model_id: &str,
+    ) -> ScoreTopics {
+        use crate::ingest::examon::url_encode;
+        let on = self.published();
+        let prefix = match self.topic_layout {
+            ScoreTopicLayout::Legacy => {
+                let mut p = format!(
+                    "org/{}/cluster/{}/node/{}/plugin/{}/chnl/data/model/{}",
+                    url_encode(org),
+                    url_encode(cluster),
+                    url_encode(node),
+                    self.plugin,
+                    url_encode(model_id)
+                );
+                for (k, v) in pairs {
+                    p.push('/');
+                    p.push_str(&url_encode(k));
+                    p.push('/');
+                    p.push_str(&url_encode(v));
+                }
+                p
+            }
+            ScoreTopicLayout::Compact => format!(
+                "{}/{}/{}/{}",
+                url_encode(org),
+                url_encode(cluster),
+                self.plugin,
+                url_encode(node)
+            ),
+        };
+        ScoreTopics {
+            topics: std::array::from_fn(|i| {
+                on[i].then(|| format!("{prefix}/{}", SCORE_METRICS[i]))
+            }),
+        }
+    }
+}
+
+/// A stream's score topics, one per [`SCORE_METRICS`] (`None`: not published). Made when
+/// the stream starts (and again when a retrained model changes the model level), shared
+/// with every [`ScoreSample`] of the stream: sending one allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScoreTopics {
+    pub topics: [Option<String>; 3],
+}
+
+/// One frame's score on its way to the MQTT client.
+#[derive(Debug, Clone)]
+pub struct ScoreSample {
+    pub topics: Arc<ScoreTopics>,
+    pub score: f32,
+    pub threshold: f64,
+    /// The frame's event time, epoch seconds.
+    pub timestamp: f64,
+}
+
+impl ScoreSample {
+    /// The published values, as [`SCORE_METRICS`]: score / threshold (NaN unless the
+    /// threshold is positive and finite), the score, the threshold.
+    pub fn values(&self) -> [f64; 3] {
+        let score = f64::from(self.score);
+        let ratio = if self.threshold.is_finite() && self.threshold > 0.0 {
+            score / self.threshold
+        } else {
+            f64::NAN
+        };
+        [ratio, score, self.threshold]
+    }
+
+    /// Messages this sample makes: one per published metric with a finite value.
+    pub fn messages(&self) -> u64 {
+        let v = self.values();
+        (0..3)
+            .filter(|&i| self.topics.topics[i].is_some() && v[i].is_finite())
+            .count() as u64
+    }
+}
+
+/// The payload of `value` at `timestamp` (epoch seconds) in `format`.
+pub fn score_payload(format: ScorePayload, value: f64, timestamp: f64) -> String {
+    match format {
+        ScorePayload::Legacy => format!("{value};{timestamp:.3}"),
+        ScorePayload::Json => {
+            let ms = (timestamp * 1000.0).round();
+            format!("{{\"v\":{value},\"ts\":{ms:.0}}}")
+        }
+    }
+}
+
+/// The scorer's end of the score queue: [`ScoreSender::send`] never waits.
+#[derive(Debug, Clone)]
+pub struct ScoreSender {
+    tx: SyncSender<ScoreSample>,
+    wake: Arc<tokio::sync::Notify>,
+    stats: Arc<MqttStats>,
+}
+
+/// The MQTT client's end of the score queue.
+#[derive(Debug)]
+pub struct ScoreReceiver {
+    rx: mpsc::Receiver<ScoreSample>,
+    wake: Arc<tokio::sync::Notify>,
+    payload: ScorePayload,
+}
+
+/// The bounded queue of `[scores]` from the scorer to the MQTT client (`queue_capacity`
+/// samples, allocated here: a send allocates nothing). A full queue drops the sample and
+/// counts its messages in [`MqttStats::scores_dropped`]; so does the client for what it
+/// takes while it has no connection, or while [`SCORE_SLOTS`] score messages already wait
+/// in rumqttc's request queue (a broker or network slower than the scores). Scores are
+/// published at QoS 0 and never spooled: they are a graph, not alerts, and a score missed
+/// is followed by the next one; alerts keep the spool and QoS 1, and their room in
+/// rumqttc's queue is their own.
+pub fn score_channel(cfg: &ScoresConfig, stats: Arc<MqttStats>) -> (ScoreSender, ScoreReceiver) {
+    let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity.max(1));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    (
+        ScoreSender {
+            tx,
+            wake: wake.clone(),
+            stats,
+        },
+        ScoreReceiver {
+            rx,
+            wake,
+            payload: cfg.payload,
+        },
+    )
+}
+
+impl ScoreSender {
+    /// Queues `sample` for the MQTT client and wakes it; a full (or closed) queue drops it,
+    /// counted. Never blocks.
+    pub fn send(&self, sample: ScoreSample) {
+        match self.tx.try_send(sample) {
+            Ok(()) => self.wake.notify_one(),
+            Err(TrySendError::Full(s) | TrySendError::Disconnected(s)) => {
+                bump(&self.stats.scores_dropped, s.messages());
+            }
+        }
+    }
+}
+
+/// Score messages that may wait in rumqttc's request queue at once (room added to it for
+/// them, so an alert never finds it full of scores). Past it the samples wait in the score
+/// queue, and once that is full they are dropped.
+pub const SCORE_SLOTS: usize = 64;
+
+impl ScoreReceiver {
+    /// Hands queued scores to rumqttc at QoS 0 while `connected` and fewer than
+    /// [`SCORE_SLOTS`] of its messages are queued there (`queued`, which the caller lowers
+    /// as rumqttc writes them); without a connection they are dropped and counted.
+    /// Returns whether samples are left in the queue.
+    fn pump(
+        &self,
+        client: &AsyncClient,
+        connected: bool,
+        queued: &mut usize,
+        stats: &MqttStats,
+    ) -> bool {
+        for _ in 0..DRAIN_PER_TURN {
+            if connected && *queued >= SCORE_SLOTS {
+                return true;
+            }
+            let Ok(sample) = self.rx.try_recv() else {
+                return false;
+            };
+            if !connected {
+                bump(&stats.scores_dropped, sample.messages());
+                continue;
+            }
+            let values = sample.values();
+            for (i, topic) in sample.topics.topics.iter().enumerate() {
+                let Some(topic) = topic else { continue };
+                if !values[i].is_finite() {
+                    continue;
+                }
+                // A topic MQTT cannot carry (a stream name of 64 KiB) would make rumqttc
+                // drop the connection, alerts and all: dropped alone instead.
+                if topic.len() > usize::from(u16::MAX) {
+                    bump(&stats.scores_dropped, 1);
+                    continue;
+                }
+                let payload = score_payload(self.payload, values[i], sample.timestamp);
+                match client.try_publish(topic.as_str(), QoS::AtMostOnce, false, payload) {
+                    Ok(()) => {
+                        *queued += 1;
+                        bump(&stats.scores_published, 1);
+                    }
+                    Err(_) => bump(&stats.scores_dropped, 1),
+                }
+            }
+        }
+        true
+    }
+}
+
 /// Counters of the MQTT client, shared with the agent.
 #[derive(Debug, Default)]
 pub struct MqttStats {
@@ -1069,6 +1468,11 @@ pub struct MqttStats {
     pub spool_pending: AtomicU64,
     /// Bytes of the spool's segment files now, what `[spool] max_bytes` bounds (a gauge).
     pub spool_bytes: AtomicU64,
+    /// `[scores]` messages handed to the client (QoS 0: written once, not acknowledged).
+    pub scores_published: AtomicU64,
+    /// `[scores]` messages dropped: the score queue was full, or the client had no
+    /// connection or its share of rumqttc's queue was full (see [`score_channel`]).
+    pub scores_dropped: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -1137,6 +1541,24 @@ pub fn spawn_client(
     stats: Arc<MqttStats>,
     stop: ClientStop,
 ) -> Result<JoinHandle<()>, MqttError> {
+    spawn_client_with_scores(cfg, spool, inbox, outgoing, None, stats, stop)
+}
+
+/// [`spawn_client`], also publishing the `[scores]` that come through `scores` (see
+/// [`score_channel`]): after the alerts of each turn, at QoS 0, at most [`SCORE_SLOTS`]
+/// messages queued in rumqttc at once, none while disconnected (dropped, counted).
+///
+/// # Errors
+/// As [`spawn_client`].
+pub fn spawn_client_with_scores(
+    cfg: MqttConfig,
+    spool: Spool,
+    inbox: impl Inbox,
+    outgoing: OutgoingReceiver,
+    scores: Option<ScoreReceiver>,
+    stats: Arc<MqttStats>,
+    stop: ClientStop,
+) -> Result<JoinHandle<()>, MqttError> {
     cfg.validate()
         .map_err(|(key, reason)| MqttError::Config { key, reason })?;
     let options = mqtt_options(&cfg, &cfg.status_topic_for())?;
@@ -1152,7 +1574,7 @@ pub fn spawn_client(
         .name("darkwatch-mqtt".into())
         .spawn(move || {
             runtime.block_on(run_client(
-                cfg, options, publisher, inbox, outgoing, stats, stop,
+                cfg, options, publisher, inbox, outgoing, scores, stats, stop,
             ));
         })
         .map_err(|source| MqttError::Spawn {
@@ -1170,6 +1592,8 @@ enum DriverEvent {
     PublishSent(u16),
     PubAck(u16),
     DisconnectSent,
+    /// rumqttc wrote a QoS 0 publish (packet id 0): a score.
+    ScoreSent,
 }
 
 /// Reads a PEM file for TLS and checks that it holds what `marker` names.
@@ -1411,6 +1835,8 @@ async fn drive(
                 continue;
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => DriverEvent::PubAck(ack.pkid),
+            // QoS 1 publishes get packet ids from 1; only scores go at QoS 0.
+            Ok(Event::Outgoing(Sent::Publish(0))) => DriverEvent::ScoreSent,
             Ok(Event::Outgoing(Sent::Publish(pkid))) => DriverEvent::PublishSent(pkid),
             Ok(Event::Outgoing(Sent::Disconnect)) => DriverEvent::DisconnectSent,
             Ok(_) => continue,
@@ -1470,6 +1896,8 @@ struct Session {
     offline: String,
     connected: bool,
     disconnect_sent: bool,
+    /// Score publishes queued in rumqttc and not yet written (see [`SCORE_SLOTS`]).
+    scores_queued: usize,
 }
 
 impl Session {
@@ -1491,8 +1919,12 @@ impl Session {
             }
             DriverEvent::Disconnected => {
                 self.connected = false;
+                // rumqttc takes what is queued into its pending list, which a clean
+                // session discards.
+                self.scores_queued = 0;
                 publisher.reset_connection(false);
             }
+            DriverEvent::ScoreSent => self.scores_queued = self.scores_queued.saturating_sub(1),
             DriverEvent::PublishSent(pkid) => publisher.on_publish_sent(pkid),
             DriverEvent::PubAck(pkid) => publisher.on_puback(pkid),
             DriverEvent::DisconnectSent => self.disconnect_sent = true,
@@ -1511,12 +1943,15 @@ impl Session {
     }
 }
 
+// The client's parts, each owned by this task: bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn run_client(
     cfg: MqttConfig,
     options: MqttOptions,
     mut publisher: Publisher,
     inbox: impl Inbox,
     mut outgoing: OutgoingReceiver,
+    scores: Option<ScoreReceiver>,
     stats: Arc<MqttStats>,
     stop: ClientStop,
 ) {
@@ -1524,7 +1959,11 @@ async fn run_client(
     let status_topic = cfg.status_topic_for();
     // Room for every request the controller can have queued: its own in-flight limit, the
     // subscribe, the status publishes and the disconnect. So `try_*` never finds it full.
-    let capacity = usize::from(cfg.inflight_max) + usize::from(EXTRA_PKIDS) + 8;
+    // Scores have room of their own (a sample's messages may pass SCORE_SLOTS by 2).
+    let capacity = usize::from(cfg.inflight_max)
+        + usize::from(EXTRA_PKIDS)
+        + 8
+        + if scores.is_some() { SCORE_SLOTS + 3 } else { 0 };
     let (client, mut eventloop) = AsyncClient::new(options, capacity);
     // Alerts are small and wanted now: no Nagle delay (it adds up to 40 ms with delayed ACKs).
     let mut network = rumqttc::NetworkOptions::new();
@@ -1540,6 +1979,7 @@ async fn run_client(
         offline: status_payload(false, &node),
         connected: false,
         disconnect_sent: false,
+        scores_queued: 0,
     };
     info!(
         node = %node,
@@ -1571,6 +2011,7 @@ async fn run_client(
                 true
             }
             () = stop.wake.notified(), if !tick => true,
+            () = scores_queued(scores.as_ref()) => true,
             () = tokio::time::sleep(TICK), if tick => true,
         };
         if !alive {
@@ -1606,6 +2047,20 @@ async fn run_client(
                 .try_publish(&m.topic, QoS::AtLeastOnce, m.retain, m.payload.clone())
                 .is_ok()
         });
+        // Scores after the alerts, in their own share of rumqttc's queue.
+        if let Some(scores) = &scores {
+            let left = scores.pump(
+                client,
+                session.connected,
+                &mut session.scores_queued,
+                &stats,
+            );
+            // More than a turn's worth waits: come back at once. (A full share waits for
+            // rumqttc to write, which its events report.)
+            if left && !(session.connected && session.scores_queued >= SCORE_SLOTS) {
+                scores.wake.notify_one();
+            }
+        }
 
         if stop.is_stopped() {
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + STOP_DEADLINE);
@@ -1646,6 +2101,14 @@ async fn run_client(
         pending = publisher.len(),
         "MQTT client stopped; pending alerts stay in the spool."
     );
+}
+
+/// Returns when scores were queued (never without a score queue).
+async fn scores_queued(scores: Option<&ScoreReceiver>) {
+    match scores {
+        Some(s) => s.wake.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn drain_events(
@@ -3563,5 +4026,121 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn sample(topics: &Arc<ScoreTopics>, score: f32, threshold: f64, ts: f64) -> ScoreSample {
+        ScoreSample {
+            topics: topics.clone(),
+            score,
+            threshold,
+            timestamp: ts,
+        }
+    }
+
+    /// The payloads, by hand: ExaMon's `<value>;<seconds>` and newer ExaMon's JSON with
+    /// milliseconds; anomaly_score = score / threshold, left out (not a NaN) when the
+    /// threshold is not positive.
+    #[test]
+    fn score_payloads_and_values_are_examons() {
+        assert_eq!(
+            score_payload(ScorePayload::Legacy, 1.25, 1_700_000_012.345_6),
+            "1.25;1700000012.346"
+        );
+        assert_eq!(
+            score_payload(ScorePayload::Json, 1.25, 1_700_000_012.345_6),
+            "{\"v\":1.25,\"ts\":1700000012346}"
+        );
+        let cfg = ScoresConfig::default();
+        let topics = Arc::new(cfg.template_topics("n", "s"));
+        let s = sample(&topics, 3.0, 2.0, 0.0);
+        assert_eq!(s.values(), [1.5, 3.0, 2.0]);
+        assert_eq!(s.messages(), 3);
+        let zero = sample(&topics, 3.0, 0.0, 0.0);
+        assert!(zero.values()[0].is_nan());
+        assert_eq!(zero.messages(), 2);
+        assert_eq!(
+            topics.topics[0].as_deref(),
+            Some("darkwatch/n/scores/s/anomaly_score")
+        );
+        let only = ScoresConfig {
+            metrics: vec!["anomaly_score".into()],
+            ..ScoresConfig::default()
+        };
+        let t = only.examon_topics("o", "c/1", "n7", &[("gpu".into(), "0".into())], "m1");
+        assert_eq!(
+            t.topics,
+            [
+                Some("org/o/cluster/c%2F1/node/n7/plugin/examon-ai_pub/chnl/data/model/m1/gpu/0/anomaly_score".to_string()),
+                None,
+                None
+            ]
+        );
+        let compact = ScoresConfig {
+            topic_layout: ScoreTopicLayout::Compact,
+            ..ScoresConfig::default()
+        };
+        assert_eq!(
+            compact.examon_topics("o", "c", "n7", &[], "m1").topics[1].as_deref(),
+            Some("o/c/examon-ai_pub/n7/score")
+        );
+    }
+
+    #[test]
+    fn score_config_refusals_name_the_key() {
+        assert_eq!(ScoresConfig::default().validate(), Ok(()));
+        let bad = |f: &dyn Fn(&mut ScoresConfig)| {
+            let mut c = ScoresConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert_eq!(bad(&|c| c.interval_secs = -1.0).0, "interval_secs");
+        assert_eq!(bad(&|c| c.interval_secs = f64::NAN).0, "interval_secs");
+        assert_eq!(bad(&|c| c.metrics.clear()).0, "metrics");
+        let (key, why) = bad(&|c| c.metrics = vec!["anomaly".into()]);
+        assert!(key == "metrics" && why.contains("anomaly_score"), "{why}");
+        assert_eq!(bad(&|c| c.plugin = "a/b".into()).0, "plugin");
+        let (key, why) = bad(&|c| c.topic = "scores/{stream}".into());
+        assert!(key == "topic" && why.contains("{metric}"), "{why}");
+        let (key, why) = bad(&|c| c.topic = "scores/{host}/{metric}".into());
+        assert!(key == "topic" && why.contains("`{host}`"), "{why}");
+        assert_eq!(bad(&|c| c.topic = "scores/+/{metric}".into()).0, "topic");
+        assert_eq!(bad(&|c| c.queue_capacity = 0).0, "queue_capacity");
+    }
+
+    /// A broker slower than the scores: a client whose event loop never runs writes
+    /// nothing, so its share of the request queue ([`SCORE_SLOTS`]) fills and the rest
+    /// wait in the score queue; a full queue drops at once (the sender never waits), and
+    /// without a connection what waits is dropped. Every message is accounted for.
+    #[test]
+    fn scores_wait_in_their_share_then_drop_when_the_broker_is_slow_or_gone() {
+        let stats = Arc::new(MqttStats::default());
+        let cfg = ScoresConfig {
+            queue_capacity: 40,
+            ..ScoresConfig::default()
+        };
+        let (tx, rx) = score_channel(&cfg, stats.clone());
+        let topics = Arc::new(cfg.template_topics("n", "s"));
+        for i in 0..50 {
+            tx.send(sample(&topics, 1.0, 2.0, f64::from(i)));
+        }
+        let published = || stats.scores_published.load(Ordering::Relaxed);
+        let dropped = || stats.scores_dropped.load(Ordering::Relaxed);
+        // 40 samples wait; 10 are dropped at once, 3 messages each.
+        assert_eq!((published(), dropped()), (0, 30));
+        let (client, _eventloop) = AsyncClient::new(
+            MqttOptions::new("scores-test", "127.0.0.1", 1),
+            SCORE_SLOTS + 3,
+        );
+        let mut queued = 0;
+        assert!(rx.pump(&client, true, &mut queued, &stats), "samples wait");
+        // 22 samples handed over (the share fills within the 22nd), 18 wait.
+        assert_eq!((queued, published(), dropped()), (66, 66, 30));
+        // Nothing written since: the next turn hands over and drops nothing.
+        assert!(rx.pump(&client, true, &mut queued, &stats));
+        assert_eq!((published(), dropped()), (66, 30));
+        // The connection goes: the 18 waiting are dropped, counted.
+        assert!(!rx.pump(&client, false, &mut queued, &stats));
+        assert_eq!((published(), dropped()), (66, 30 + 54));
+        assert_eq!(published() + dropped(), 3 * 50);
     }
 }

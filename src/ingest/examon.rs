@@ -386,6 +386,79 @@ fn epoch_seconds(t: f64, text: &str) -> Result<f64, DecodeError> {
     Ok(t / super::time::epoch_divisor(t))
 }
 
+/// Encodes what cannot stand in a topic level as ExaMon publishers do (`/` `%2F`, `#`
+/// `%23`, `+` `%2B`, space `%20`, `%` `%25`): what [`url_decode`] reads back. Borrows when
+/// there is nothing to encode.
+pub fn url_encode(s: &str) -> Cow<'_, str> {
+    if !s.contains(['/', '#', '+', ' ', '%', '\0']) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '/' => out.push_str("%2F"),
+            '#' => out.push_str("%23"),
+            '+' => out.push_str("%2B"),
+            ' ' => out.push_str("%20"),
+            '%' => out.push_str("%25"),
+            // NUL is never valid in a topic.
+            '\0' => out.push('_'),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Who an ExaMon stream is, read from a topic of its (see [`ExamonDecoder::identity`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamIdentity {
+    /// The values of the topic's `org`, `cluster` and `node` pairs, where it has them.
+    pub org: Option<String>,
+    pub cluster: Option<String>,
+    pub node: Option<String>,
+    /// The `[examon] stream_key` pairs, in the configured order (key, value).
+    pub keys: Vec<(String, String)>,
+}
+
+impl ExamonDecoder {
+    /// The identity of the stream `topic` belongs to: its org, cluster and node and the
+    /// pairs of the stream keys, values URL-decoded (the first pair of a key counts, as in
+    /// [`Self::decode`]). For a stream's first message, never per message.
+    pub fn identity(&self, topic: &str) -> StreamIdentity {
+        let mut id = StreamIdentity::default();
+        let mut keys: Vec<Option<String>> = vec![None; self.cfg.stream_key.len()];
+        let pairs = topic.rsplit_once('/').map_or("", |(p, _)| p);
+        let mut segments = pairs.split('/');
+        while let (Some(key), Some(value)) = (segments.next(), segments.next()) {
+            let value = url_decode(value);
+            let slot = match key {
+                "org" => Some(&mut id.org),
+                "cluster" => Some(&mut id.cluster),
+                "node" => Some(&mut id.node),
+                _ => None,
+            };
+            if let Some(slot) = slot
+                && slot.is_none()
+            {
+                *slot = Some(value.to_string());
+            }
+            if let Some(i) = self.cfg.stream_key.iter().position(|k| k == key)
+                && keys[i].is_none()
+            {
+                keys[i] = Some(value.into_owned());
+            }
+        }
+        id.keys = self
+            .cfg
+            .stream_key
+            .iter()
+            .zip(keys)
+            .filter_map(|(k, v)| v.map(|v| (k.clone(), v)))
+            .collect();
+        id
+    }
+}
+
 /// Decodes the URL escapes ExaMon publishers use in topic values (`%2F %23 %2B %20
 /// %25`, hex in either case); other `%` sequences stay as they are. Borrows when there
 /// is nothing to decode.
@@ -425,6 +498,32 @@ pub fn url_decode(s: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_reads_org_cluster_node_and_the_stream_keys_and_encoding_round_trips() {
+        let d = ExamonConfig {
+            stream_key: vec!["cluster".into(), "gpu".into()],
+            ..ExamonConfig::default()
+        }
+        .build();
+        let id = d.identity("org/o1/cluster/c%2F1/node/n7/plugin/nv/chnl/data/gpu/0/power");
+        assert_eq!(id.org.as_deref(), Some("o1"));
+        assert_eq!(id.cluster.as_deref(), Some("c/1"));
+        assert_eq!(id.node.as_deref(), Some("n7"));
+        assert_eq!(
+            id.keys,
+            [
+                ("cluster".to_string(), "c/1".to_string()),
+                ("gpu".into(), "0".into())
+            ]
+        );
+        let bare = d.identity("cluster/c1/chnl/data/m");
+        assert_eq!((bare.org, bare.node), (None, None));
+        for v in ["plain", "a/b", "50% #1 +x"] {
+            assert_eq!(url_decode(&url_encode(v)), v);
+        }
+        assert!(!url_encode("a/b+c").contains(['/', '+']));
+    }
     use crate::ingest::assemble::mutate;
     use crate::rng::Rng;
 

@@ -1987,3 +1987,172 @@ fn telegraf_field_layout_values_are_assembled_into_scored_frames() {
         "the bad_topic warning names the option: {err}"
     );
 }
+
+/// The model id the agent scores with, from `darkwatch_model_info`.
+fn model_id(agent: &Agent) -> String {
+    let body = agent.scrape().unwrap();
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("darkwatch_model_info{"))
+        .unwrap_or_else(|| panic!("no model info: {body}"));
+    line.split('"').nth(1).unwrap().to_string()
+}
+
+/// `(metric, ts, value)` of each score message whose topic starts with `prefix`, in the
+/// legacy `<value>;<ts>` payload.
+fn legacy_scores(got: &[rumqttc::Publish], prefix: &str) -> Vec<(String, String, f64)> {
+    got.iter()
+        .filter_map(|p| {
+            let metric = p.topic.strip_prefix(prefix)?.to_string();
+            let text = std::str::from_utf8(&p.payload).unwrap();
+            let (value, ts) = text
+                .split_once(';')
+                .unwrap_or_else(|| panic!("not <value>;<ts>: {text}"));
+            Some((metric, ts.to_string(), value.parse().unwrap()))
+        })
+        .collect()
+}
+
+/// `[scores]`: an ExaMon stream's score on ExaMon's `examon-ai_pub` topic, in ExaMon's
+/// `<value>;<ts>` payload at the frame's event time, anomaly_score = score / threshold
+/// (the threshold the alert judged with); a stream from a topic without org gets the
+/// template topic; `anomaly_score` on /metrics carries the stream's keys and the model.
+#[test]
+fn scores_are_published_on_examon_topics_and_as_anomaly_score_on_metrics() {
+    let OnTrained {
+        _dir,
+        test_csv,
+        broker,
+        node,
+        agent,
+        mut sub,
+    } = on_trained(
+        "scores",
+        "",
+        "subscribe = [\"org/+/cluster/+/node/+/plugin/+/chnl/data/#\", \"cluster/+/node/+/plugin/+/chnl/data/#\"]\n",
+        "[scores]\npublish = true\ninterval_secs = 0\n",
+    );
+    let mut scores = Collector::new(
+        broker,
+        &[
+            "org/+/cluster/+/node/+/plugin/examon-ai_pub/#",
+            &format!("darkwatch/{node}/scores/#"),
+        ],
+        None,
+    );
+    let data = rows(&test_csv);
+    let t0 = 1_700_000_000.0;
+    // 40 rows of n1 (org o, cluster c); 20 of n2 from topics without the org pair.
+    let mut messages = examon("o", "n1", &data[690..730], t0);
+    messages.extend(
+        examon("o", "n2", &data[0..20], t0)
+            .into_iter()
+            .map(|(topic, payload)| (topic.replacen("org/o/", "", 1), payload)),
+    );
+    publish_all(broker, &messages);
+    let model = model_id(&agent);
+    let n1 = format!("org/o/cluster/c/node/n1/plugin/examon-ai_pub/chnl/data/model/{model}/");
+    let n2 = format!("darkwatch/{node}/scores/n2/");
+    scores.wait("scores of both streams", |got| {
+        legacy_scores(got, &n1).len() >= 3 * 30 && legacy_scores(got, &n2).len() >= 3 * 10
+    });
+    for prefix in [&n1, &n2] {
+        let got = legacy_scores(&scores.got, prefix);
+        let mut by_ts: std::collections::BTreeMap<String, [Option<f64>; 3]> = Default::default();
+        for (metric, ts, value) in &got {
+            let i = ["anomaly_score", "score", "threshold"]
+                .iter()
+                .position(|m| m == metric)
+                .unwrap_or_else(|| panic!("unexpected metric {metric}"));
+            // Epoch seconds with 3 decimals, within the published rows' span.
+            let (secs, frac) = ts.split_once('.').unwrap();
+            assert_eq!(frac.len(), 3, "{ts}");
+            let secs: f64 = secs.parse().unwrap();
+            assert!((t0..=t0 + 42.0).contains(&secs), "{ts}");
+            by_ts.entry(ts.clone()).or_default()[i] = Some(*value);
+        }
+        assert!(by_ts.len() >= 10, "{prefix}: {by_ts:?}");
+        for (ts, [ratio, score, threshold]) in &by_ts {
+            let (ratio, score, threshold) = (ratio.unwrap(), score.unwrap(), threshold.unwrap());
+            assert!(threshold > 0.0, "{ts}: {threshold}");
+            let want = f64::from(score as f32) / threshold;
+            assert!(
+                (ratio - want).abs() <= 1e-9 * want.abs().max(1.0),
+                "{prefix} at {ts}: anomaly_score {ratio} is not {score} / {threshold}"
+            );
+        }
+    }
+    // The anomaly (rows 690..716) goes above 1, as its alert fires.
+    sub.wait("the firing alert", |got| !got.is_empty());
+    let peak = legacy_scores(&scores.got, &n1)
+        .into_iter()
+        .filter(|(m, ..)| m == "anomaly_score")
+        .map(|(.., v)| v)
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert!(peak > 1.0, "{peak}");
+    // vmanomaly's gauge: the stream key (node) as a label, and the model.
+    let series = format!("anomaly_score{{stream=\"n1\",node=\"n1\",model_id=\"{model}\"}}");
+    let gauge = agent
+        .metric(&series)
+        .unwrap_or_else(|| panic!("no {series} in {}", agent.scrape().unwrap_or_default()));
+    assert!(gauge.is_finite() && gauge > 0.0, "{gauge}");
+    let body = agent.scrape().unwrap();
+    assert!(
+        body.contains("anomaly_score{stream=\"n2\",node=\"n2\",model_id="),
+        "{body}"
+    );
+    assert_eq!(agent.metric("darkwatch_scores_dropped_total"), Some(0.0));
+    let published = agent.metric("darkwatch_scores_published_total").unwrap();
+    assert!(published >= 3.0 * 40.0, "{published}");
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+}
+
+/// `[scores]` in newer ExaMon's shape: the compact topic and the JSON `{"v","ts"}`
+/// payload (ts in epoch milliseconds), only `anomaly_score`, at most one per 5 s of a
+/// stream's event time.
+#[test]
+fn scores_in_the_compact_topic_and_json_payload_at_most_once_per_interval() {
+    let OnTrained {
+        _dir,
+        test_csv,
+        broker,
+        mut agent,
+        ..
+    } = on_trained(
+        "scores-json",
+        "",
+        "",
+        "[scores]\npublish = true\ninterval_secs = 5\nmetrics = [\"anomaly_score\"]\ntopic_layout = \"compact\"\npayload = \"json\"\n",
+    );
+    let mut scores = Collector::new(broker, &["o/c/examon-ai_pub/#"], None);
+    let data = rows(&test_csv);
+    let t0 = 1_700_000_000.0;
+    publish_all(broker, &examon("o", "n1", &data[0..40], t0));
+    agent.wait_metric("darkwatch_frames_scored_total", |v| v >= 35.0);
+    scores.wait("scores of 35 frames", |got| got.len() >= 6);
+    let mut last = f64::NEG_INFINITY;
+    for p in &scores.got {
+        assert_eq!(p.topic, "o/c/examon-ai_pub/n1/anomaly_score");
+        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        let obj = v.as_object().unwrap();
+        assert_eq!(obj.len(), 2, "{v}");
+        assert!(obj["v"].as_f64().unwrap() > 0.0, "{v}");
+        let ts = obj["ts"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("ts in ms: {v}")) as f64;
+        assert!((t0 * 1e3..=(t0 + 42.0) * 1e3).contains(&ts), "{v}");
+        assert!(
+            ts >= last + 5000.0,
+            "{ts} after {last}: less than interval_secs"
+        );
+        last = ts;
+    }
+    assert!(
+        scores.got.len() <= 9,
+        "{} for 40 s of frames",
+        scores.got.len()
+    );
+    let (status, err) = agent.stop();
+    assert!(status.success(), "{err}");
+}

@@ -911,6 +911,25 @@ fn a_bad_alertmanager_url_or_port_is_a_configuration_error() {
         assert_eq!(code, 78, "{lines}: {err}");
         assert!(err.contains(key), "{lines}: {err}");
     }
+    // A subscribe placeholder other than {node} would be subscribed as it is and match no
+    // alert topic: refused by the bridge and by `darkwatch validate`, naming it, as in
+    // `[mqtt] subscribe`.
+    let path = dir.path().join("placeholder.toml");
+    std::fs::write(
+        &path,
+        "[alertmanager]\nsubscribe = [\"darkwatch/{host}/alerts/#\"]\n",
+    )
+    .unwrap();
+    for args in [["alertmanager", "--config"], ["validate", "--config"]] {
+        let (code, _, err) = run(darkwatch().args(args).arg(&path));
+        assert_eq!(code, 78, "{args:?}: {err}");
+        assert!(
+            err.contains("alertmanager.subscribe")
+                && err.contains("`{host}`")
+                && err.contains("{node}"),
+            "{args:?}: {err}"
+        );
+    }
     // metrics_listen taken by another process: the bridge stops at once (1: not the
     // file's fault, a restart may find it free), naming the key, rather than run with
     // Prometheus scraping the other process.

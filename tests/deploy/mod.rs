@@ -449,6 +449,8 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported_by_the_agent() {
         "darkwatch_frames_scored_total",
         "darkwatch_scoring_latency_seconds_bucket",
         "darkwatch_retrains_total",
+        "darkwatch_scores_dropped_total",
+        "anomaly_score",
         "process_resident_memory_bytes",
     ] {
         assert!(
