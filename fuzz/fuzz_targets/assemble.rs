@@ -181,6 +181,8 @@ fuzz_target!(|input: Input| {
         max_streams: usize::from(input.max_streams % 4) + 1,
         lateness_windows: u32::from(input.lateness) % (MAX_LATENESS_WINDOWS + 1),
         close_when_complete: input.aggregation >= 128,
+        // 0: streams are never forgotten, as before the setting existed.
+        forget_after_secs: 0.0,
     };
     let features: Vec<String> = FEATURES.iter().map(|s| s.to_string()).collect();
     let mut asm = Assembler::new(cfg.clone(), features).expect("valid configuration");
@@ -259,7 +261,7 @@ fuzz_target!(|input: Input| {
                 }
             }
             Op::Telegraf(line) => {
-                let _ = telegraf.decode(line.as_bytes(), BASE, &mut |r: Result<
+                let _ = telegraf.decode("telegraf/n1", line.as_bytes(), BASE, &mut |r: Result<
                     Sample<'_>,
                     DecodeError,
                 >| {
