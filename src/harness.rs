@@ -473,6 +473,8 @@ pub struct EntityResult {
     /// (@100 %, @150 %) that a random ranking of the features scores on average over the
     /// frames of [`Self::hit_rate`]: the floor to read it against ([`crate::hitrate::chance_at`]).
     pub hit_rate_chance: Option<(f64, f64)>,
+    /// The same over the frames of [`Self::hit_rate_detected`].
+    pub hit_rate_detected_chance: Option<(f64, f64)>,
     /// Alert events against labelled segments (episode precision and recall, and the
     /// frames inside episodes), for time series.
     pub events: Option<EventReport>,
@@ -697,6 +699,7 @@ pub fn run_entity(
             .as_ref()
             .map(|h| (h.frames, detected.is_some().then_some(h.detected_frames))),
         hit_rate_chance: hits.as_ref().and_then(|h| h.chance),
+        hit_rate_detected_chance: hits.as_ref().and_then(|h| h.chance_detected),
         // Alert episodes (k of n consecutive frames) only mean something on a time series.
         events: main.event_report.as_ref().filter(|_| !table).cloned(),
         train_seconds,
@@ -754,7 +757,7 @@ const CSV_HEADER: &str = "entity,family,protocol,rows,anomalous,auroc,auprc,best
 auprc_mss_toggled,auprc_frames_alone,hit_rate_100,hit_rate_150,hit_rate_100_detected,\
 hit_rate_150_detected,event_precision,event_recall,alerted_share,alerted_precision,mss_toggled_to,\
 members,train_seconds,hit_rate_frames,hit_rate_frames_detected,seed,path,hit_rate_100_chance,\
-hit_rate_150_chance";
+hit_rate_150_chance,hit_rate_100_detected_chance,hit_rate_150_detected_chance";
 
 /// Numbers per entity in [`numbers`].
 const NUMBERS: usize = 14;
@@ -785,7 +788,7 @@ fn numbers(r: &EntityResult) -> [Option<f64>; NUMBERS] {
 /// the frames each HitRate averages over (all, detected), the seed (`[train] seed`, the
 /// same on every row, so that a CSV says how to get its numbers again) and the entity's
 /// file as it was found (empty on a mean row), and the HitRates a random ranking of the
-/// features would score on the same frames (on a mean row, their mean). Columns are only
+/// features would score on the same frames, all and detected (on a mean row, their mean). Columns are only
 /// ever added at the end: readers take them by name.
 pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
     let alt = describe_mss(toggled_mss(cfg.mss));
@@ -798,7 +801,7 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                    counts: [String; 2],
                    v: [Option<f64>; NUMBERS],
                    tail: [String; 5],
-                   chance: Option<(f64, f64)>| {
+                   chance: [Option<(f64, f64)>; 2]| {
         let mut line = [csv_field(name), family.into(), protocol.into()].join(",");
         for c in counts.iter().cloned().chain(
             v.iter()
@@ -807,11 +810,12 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
             line.push(',');
             line.push_str(&c);
         }
-        let (c100, c150) =
-            chance.map_or_else(Default::default, |(a, b)| (a.to_string(), b.to_string()));
+        let pair =
+            |c: Option<(f64, f64)>| c.map_or_else(|| ",".to_owned(), |(a, b)| format!("{a},{b}"));
+        let (all, det) = (pair(chance[0]), pair(chance[1]));
         let _ = writeln!(
             s,
-            "{line},{},{},{seed},{},{c100},{c150}",
+            "{line},{},{},{seed},{},{all},{det}",
             csv_field(&alt),
             tail[..4].join(","),
             tail[4]
@@ -837,7 +841,7 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
                         .map_or_else(String::new, |d| d.to_string()),
                     csv_field(&r.path.to_string_lossy()),
                 ],
-                r.hit_rate_chance,
+                [r.hit_rate_chance, r.hit_rate_detected_chance],
             );
         }
         row(
@@ -847,7 +851,10 @@ pub fn csv(results: &[EntityResult], cfg: &DarkwatchConfig) -> String {
             Default::default(),
             means(&rows),
             Default::default(),
-            mean_chance(&rows),
+            [
+                mean_chance(&rows, |r| r.hit_rate_chance),
+                mean_chance(&rows, |r| r.hit_rate_detected_chance),
+            ],
         );
     }
     s
@@ -863,9 +870,13 @@ fn means(rows: &[&EntityResult]) -> [Option<f64>; NUMBERS] {
     out
 }
 
-/// [`EntityResult::hit_rate_chance`] averaged over `rows` (over those that have it).
-fn mean_chance(rows: &[&EntityResult]) -> Option<(f64, f64)> {
-    let v: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.hit_rate_chance).collect();
+/// A chance level (`get`: [`EntityResult::hit_rate_chance`] or its detected-frames twin)
+/// averaged over `rows` (over those that have it).
+fn mean_chance(
+    rows: &[&EntityResult],
+    get: impl Fn(&EntityResult) -> Option<(f64, f64)>,
+) -> Option<(f64, f64)> {
+    let v: Vec<(f64, f64)> = rows.iter().filter_map(|r| get(r)).collect();
     let n = v.len() as f64;
     (!v.is_empty()).then(|| {
         (
@@ -1029,22 +1040,34 @@ pub fn table(results: &[EntityResult], cfg: &DarkwatchConfig, config: &str) -> S
     let mut chance: Vec<String> = Vec::new();
     for &family in &families {
         let rows: Vec<&EntityResult> = results.iter().filter(|r| r.family == family).collect();
+        let det = |c: Option<(f64, f64)>| {
+            c.map_or_else(String::new, |(a, b)| format!(" (det {a:.3} / {b:.3})"))
+        };
         let named: Vec<String> = rows
             .iter()
             .filter_map(|r| {
-                r.hit_rate_chance
-                    .map(|(a, b)| format!("{} {a:.3} / {b:.3}", r.name))
+                r.hit_rate_chance.map(|(a, b)| {
+                    format!(
+                        "{} {a:.3} / {b:.3}{}",
+                        r.name,
+                        det(r.hit_rate_detected_chance)
+                    )
+                })
             })
             .collect();
-        if let (false, Some((a, b))) = (named.is_empty(), mean_chance(&rows)) {
+        let all = mean_chance(&rows, |r| r.hit_rate_chance);
+        if let (false, Some((a, b))) = (named.is_empty(), all) {
             chance.extend(named);
-            chance.push(format!("mean {family} {a:.3} / {b:.3}"));
+            chance.push(format!(
+                "mean {family} {a:.3} / {b:.3}{}",
+                det(mean_chance(&rows, |r| r.hit_rate_detected_chance))
+            ));
         }
     }
     if !chance.is_empty() {
         let _ = writeln!(
             s,
-            "HitRate by chance (@100 / @150; a random order of the features on the same frames, the floor to read HR@100 / HR@150 against): {}.",
+            "HitRate by chance (@100 / @150; a random order of the features on the same frames, the floor to read HR@100 / HR@150 against; det: on the detected frames, the floor of HR(det)): {}.",
             chance.join(", ")
         );
     }
@@ -1335,6 +1358,7 @@ mod tests {
             hit_rate_detected: Some((0.5, 1.0)),
             hit_rate_frames: Some((8, Some(2))),
             hit_rate_chance: Some((0.125, 0.25)),
+            hit_rate_detected_chance: Some((0.5, 0.625)),
             events: None,
             train_seconds: 1.5,
             frames_per_second: 1.0,
@@ -1384,12 +1408,18 @@ mod tests {
             "{out}"
         );
         // A mean row has the seed but no counts, time or path.
-        assert!(lines[3].ends_with(",m=1 k=10,,,,,0,,0.125,0.25"), "{out}");
         assert!(
-            lines[2].ends_with(",m=1 k=10,5,1.500,8,2,0,d/c.npz,0.125,0.25"),
+            lines[3].ends_with(",m=1 k=10,,,,,0,,0.125,0.25,0.5,0.625"),
             "{out}"
         );
-        assert!(lines[1].ends_with(",0,\"d/a,b.npz\",0.125,0.25"), "{out}");
+        assert!(
+            lines[2].ends_with(",m=1 k=10,5,1.500,8,2,0,d/c.npz,0.125,0.25,0.5,0.625"),
+            "{out}"
+        );
+        assert!(
+            lines[1].ends_with(",0,\"d/a,b.npz\",0.125,0.25,0.5,0.625"),
+            "{out}"
+        );
         // An entity without AUROC leaves the cell (and its family's mean) empty.
         assert!(lines[4].starts_with("m,SMD,fit on all,10,2,,0.5,"), "{out}");
         assert!(lines[5].starts_with("mean SMD,SMD,,,,,0.5,"), "{out}");
@@ -1409,6 +1439,8 @@ mod tests {
             ("hit_rate_frames_detected", "2"),
             ("hit_rate_100_chance", "0.125"),
             ("hit_rate_150_chance", "0.25"),
+            ("hit_rate_100_detected_chance", "0.5"),
+            ("hit_rate_150_detected_chance", "0.625"),
         ] {
             assert_eq!(cell(lines[4], column), want, "{column}: {out}");
         }
@@ -1417,12 +1449,14 @@ mod tests {
         one_class.hit_rate_detected = None;
         one_class.hit_rate_frames = Some((8, None));
         one_class.hit_rate_chance = None;
+        one_class.hit_rate_detected_chance = None;
         let out1 = csv(&[one_class.clone()], &DarkwatchConfig::default());
         let line1 = out1.lines().nth(1).unwrap();
         assert_eq!(cell(line1, "hit_rate_frames"), "8", "{out1}");
         assert_eq!(cell(line1, "hit_rate_frames_detected"), "", "{out1}");
         assert_eq!(cell(line1, "hit_rate_100_detected"), "", "{out1}");
         assert_eq!(cell(line1, "hit_rate_150_chance"), "", "{out1}");
+        assert_eq!(cell(line1, "hit_rate_150_detected_chance"), "", "{out1}");
         let t1 = table(&[one_class], &DarkwatchConfig::default(), "(defaults)");
         assert!(
             t1.contains("HitRate frames (all / detected): o 8 / -."),
@@ -1436,7 +1470,7 @@ mod tests {
         );
         // The chance level per entity, and its mean per family.
         assert!(
-            t.contains("a random order of the features on the same frames, the floor to read HR@100 / HR@150 against): a,b 0.125 / 0.250, c 0.125 / 0.250, mean ODDS 0.125 / 0.250, m 0.125 / 0.250, mean SMD 0.125 / 0.250."),
+            t.contains("the floor of HR(det)): a,b 0.125 / 0.250 (det 0.500 / 0.625), c 0.125 / 0.250 (det 0.500 / 0.625), mean ODDS 0.125 / 0.250 (det 0.500 / 0.625), m 0.125 / 0.250 (det 0.500 / 0.625), mean SMD 0.125 / 0.250 (det 0.500 / 0.625)."),
             "{t}"
         );
         assert!(!t1.contains("HitRate by chance"), "{t1}");

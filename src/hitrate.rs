@@ -41,6 +41,9 @@ pub struct HitRates {
     /// With 20 culprits of 38 metrics, @150 looks at 30 features and chance alone finds
     /// 79 % of them.
     pub chance: Option<(f64, f64)>,
+    /// The same chance level over the frames of [`Self::detected`]: the floor of the
+    /// second protocol (its frames are not the headline's, so neither is its floor).
+    pub chance_detected: Option<(f64, f64)>,
 }
 
 /// Which scored frames count as detected for [`HitRates::detected`]: labelled anomalous
@@ -191,8 +194,8 @@ pub struct Ranking<'s> {
     culprits: Vec<Option<&'s Segment>>,
     /// (scored frame, @100 %, @150 %) of every frame ranked so far, in order.
     hits: Vec<(usize, f64, f64)>,
-    /// The sums of [`chance_at`] @100 % and @150 % over the frames in `hits`.
-    chance: (f64, f64),
+    /// [`chance_at`] @100 % and @150 % of each frame in `hits`, in the same order.
+    chance: Vec<(f64, f64)>,
     /// Frames of segments among the rows before `first_row`.
     unscored: usize,
     /// Segments with culprits.
@@ -228,7 +231,7 @@ impl<'s> Ranking<'s> {
         Ranking {
             culprits,
             hits: Vec::new(),
-            chance: (0.0, 0.0),
+            chance: Vec::new(),
             unscored: unscored.iter().filter(|&&u| u).count(),
             segments: segments.iter().filter(|s| !s.dims.is_empty()).count(),
             base,
@@ -258,8 +261,10 @@ impl<'s> Ranking<'s> {
             hit_rate_at(&self.order, &seg.dims, 100),
             hit_rate_at(&self.order, &seg.dims, 150),
         ));
-        self.chance.0 += chance_at(base, &seg.dims, 100);
-        self.chance.1 += chance_at(base, &seg.dims, 150);
+        self.chance.push((
+            chance_at(base, &seg.dims, 100),
+            chance_at(base, &seg.dims, 150),
+        ));
     }
 
     /// The frames ranked so far averaged: all of them, and those `detected` marks (one
@@ -267,12 +272,17 @@ impl<'s> Ranking<'s> {
     pub fn rates(&self, detected: Option<&[bool]>) -> HitRates {
         let (mut h100, mut h150) = (0.0, 0.0);
         let (mut d100, mut d150, mut detected_n) = (0.0, 0.0, 0usize);
-        for &(frame, a, b) in &self.hits {
+        let (mut c100, mut c150, mut cd100, mut cd150) = (0.0, 0.0, 0.0, 0.0);
+        for (&(frame, a, b), &(ca, cb)) in self.hits.iter().zip(&self.chance) {
             h100 += a;
             h150 += b;
+            c100 += ca;
+            c150 += cb;
             if detected.is_some_and(|m| m.get(frame).copied().unwrap_or(false)) {
                 d100 += a;
                 d150 += b;
+                cd100 += ca;
+                cd150 += cb;
                 detected_n += 1;
             }
         }
@@ -285,7 +295,8 @@ impl<'s> Ranking<'s> {
             detected_frames: detected_n,
             unscored_frames: self.unscored,
             segments: self.segments,
-            chance: mean(self.chance.0, self.chance.1, frames),
+            chance: mean(c100, c150, frames),
+            chance_detected: mean(cd100, cd150, detected_n),
         }
     }
 }
@@ -505,6 +516,11 @@ mod tests {
                 chance: Some((
                     (3.0 * 0.5 + 3.0 * 0.25) / 6.0,
                     (3.0 * 0.75 + 3.0 * 0.25) / 6.0
+                )),
+                // Detected: two frames of each segment.
+                chance_detected: Some((
+                    (2.0 * 0.5 + 2.0 * 0.25) / 4.0,
+                    (2.0 * 0.75 + 2.0 * 0.25) / 4.0
                 )),
             }
         );

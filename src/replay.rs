@@ -1490,9 +1490,12 @@ impl ReplayOutcome {
             )?,
         }
         if let Some((a, b)) = h.chance {
+            let det = h.chance_detected.map_or_else(String::new, |(c, d)| {
+                format!("; on the detected frames HR@100 {c:.3}, HR@150 {d:.3}")
+            });
             writeln!(
                 f,
-                "            by chance HR@100 {a:.3}, HR@150 {b:.3} (a random order of the features on the same frames: the floor to read the above against)"
+                "            by chance HR@100 {a:.3}, HR@150 {b:.3}{det} (a random order of the features on the same frames: the floor to read the above against)"
             )?;
         }
         if h.unscored_frames > 0 {

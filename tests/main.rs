@@ -1665,7 +1665,7 @@ fn replay_interpretation_gives_the_harness_hit_rate() {
     assert!(
         outcome
             .to_string()
-            .contains("by chance HR@100 0.508, HR@150 0.749")
+            .contains("by chance HR@100 0.508, HR@150 0.749; on the detected frames HR@100 ")
     );
     // The detected frames: labelled, at or above the replay's point-wise best-F1 threshold.
     let best = outcome.eval.as_ref().unwrap().best_f1.unwrap();
@@ -1673,6 +1673,19 @@ fn replay_interpretation_gives_the_harness_hit_rate() {
     let detected = hitrate::detected_frames(&outcome.scores, point_labels, best.threshold);
     let found = detected.iter().filter(|&&d| d).count();
     assert_eq!(hits.detected_frames, found);
+    // The chance level of the detected frames, from the same segments.
+    let (mut d100, mut d150) = (0.0, 0.0);
+    for seg in &segments {
+        let g = seg.dims.len();
+        for i in seg.start..=seg.end {
+            if detected[i] {
+                d100 += g.min(38) as f64 / 38.0;
+                d150 += (3 * g / 2).min(38) as f64 / 38.0;
+            }
+        }
+    }
+    let (a, b) = hits.chance_detected.expect("detected chance");
+    assert!((a - d100 / found as f64).abs() < 1e-9 && (b - d150 / found as f64).abs() < 1e-9);
     assert!(found > 0 && found < 3708, "{found}");
     let again = hitrate::hit_rates_with(
         &model,
@@ -2245,7 +2258,7 @@ fn harness_prints_one_table_for_the_bundled_machine() {
         "config (defaults) (with environment DARKWATCH__TRAIN__EPOCHS_MAX); seed 0 ([train] seed)",
         // A random ranking's HitRates on the same frames, from the labels alone: whatever
         // the model, machine-1-6's segments give these (checked by hand from the file).
-        "the floor to read HR@100 / HR@150 against): machine-1-6 0.508 / 0.749, mean SMD 0.508 / 0.749.",
+        "the floor to read HR@100 / HR@150 against; det: on the detected frames, the floor of HR(det)): machine-1-6 0.508 / 0.749 (det ",
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
@@ -3271,8 +3284,15 @@ fn harness_names_clashes_by_folder_and_equals_train_and_replay_on_gaps() {
         line.split(',').nth(i).unwrap().to_owned()
     };
     assert_eq!(
-        header[header.len() - 4..],
-        ["seed", "path", "hit_rate_100_chance", "hit_rate_150_chance"],
+        header[header.len() - 6..],
+        [
+            "seed",
+            "path",
+            "hit_rate_100_chance",
+            "hit_rate_150_chance",
+            "hit_rate_100_detected_chance",
+            "hit_rate_150_detected_chance"
+        ],
         "{written}"
     );
     assert_eq!(cell(lines[1], "entity"), "dirA/uni", "{written}");
