@@ -531,6 +531,9 @@ pub fn run(
     record: bool,
 ) -> Result<AgentReport, AgentError> {
     let model = Detector::load_configured(&cfg.agent.model_dir, cfg)?;
+    if let Some(w) = model.warning() {
+        tracing::warn!("{w}");
+    }
     run_with(cfg, model, &Control::new(stop), counters, record)
 }
 

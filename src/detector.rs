@@ -172,6 +172,16 @@ impl Detector {
         Ok(Detector::Autoencoder(Arc::new(Model::load(dir)?)))
     }
 
+    /// A warning about how the configuration will score with this detector, for `run` to
+    /// log and `validate` to print once the configuration is accepted
+    /// ([`SaeDetector::skip_warning`]); `None` for an autoencoder.
+    pub fn warning(&self) -> Option<&str> {
+        match self {
+            Detector::Autoencoder(_) => None,
+            Detector::Sae(s) => s.skip_warning(),
+        }
+    }
+
     /// Content hash of what scores (12 hex digits).
     pub fn id(&self) -> &str {
         match self {

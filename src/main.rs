@@ -754,6 +754,9 @@ async fn reload(
         let model = load_model(config, &cfg, Detector::load_configured)?;
         // Refused here, a reload is counted as failed and the agent runs on.
         check_runs(config, &cfg, &model)?;
+        if let Some(w) = model.warning() {
+            tracing::warn!("{w}");
+        }
         Ok(Reload { cfg, model })
     });
     match loaded {
@@ -1315,6 +1318,9 @@ fn run(command: Command) -> Result<()> {
             check_dirs(config.as_deref(), &cfg)?;
             let model = load_model(config.as_deref(), &cfg, Detector::load_configured)?;
             check_runs(config.as_deref(), &cfg, &model)?;
+            if let Some(w) = model.warning() {
+                tracing::warn!("{w}");
+            }
             let control = Control::default();
             let counters = Arc::new(AgentCounters::default());
             let notify = notifier();
@@ -1874,6 +1880,9 @@ fn run(command: Command) -> Result<()> {
                 // with other than raw input or with retraining, thresholds that cannot
                 // calibrate) is refused here too; the backend and folders need --agent.
                 check_runs(Some(&config), &cfg, &model)?;
+                if let Some(w) = model.warning() {
+                    println!("note: {w}");
+                }
                 println!(
                     "{}: ok; model {} in {} loads, suits the configuration and its thresholds calibrate",
                     config.display(),
@@ -1885,6 +1894,9 @@ fn run(command: Command) -> Result<()> {
             check_dirs(Some(&config), &cfg)?;
             let model = load_model(Some(&config), &cfg, Detector::load_checked)?;
             check_runs(Some(&config), &cfg, &model)?;
+            if let Some(w) = model.warning() {
+                println!("note: {w}");
+            }
             // What `run` takes once it starts. A port in use or a held spool is most often
             // the running agent itself (validate is run before a restart): a note, not a
             // failure; the configuration is what validate judges. Another bind error fails.

@@ -1483,6 +1483,26 @@ fn settings_the_model_cannot_run_with_exit_78_from_run_and_validate_agent() {
             assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
         }
     }
+    // Accepted, the SAE's head skipped position 0 while frame ids are not positions: said
+    // once the configuration suits it, as a note, and still exit 0.
+    let cfg = dir.path().join("ok.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nmodel_dir = \"{}\"\nformat = \"raw\"\n[mqtt]\nsubscribe = [\"act/+\"]\nport = 0\n[spool]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            sae.display(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(darkwatch()
+        .args(["validate", "--agent", "--config"])
+        .arg(&cfg));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("note: ") && out.contains("set [sae] id_is_position = true"),
+        "{out}{err}"
+    );
 }
 
 /// A build without the `onnx` feature refuses the ONNX backend up front, with the rebuild

@@ -279,6 +279,9 @@ pub struct SaeDetector {
     /// The positions the agent leaves unscored ([`SaeConfig::live_skip`]): `None` when frame
     /// ids are not positions.
     live_skip: Option<u64>,
+    /// The warning for a head fitted without early positions that the agent scores anyway
+    /// ([`Self::skip_warning`]).
+    skip_warning: Option<String>,
 }
 
 /// Scores of normal tokens, one vector per [`SaeScoreKind`], for threshold calibration.
@@ -890,16 +893,19 @@ impl SaeDetector {
             .collect();
         let features = (0..sae.d_in()).map(|j| format!("d{j}")).collect();
         let live_skip = config.live_skip(&head);
-        if let (None, Some(n @ 1..)) = (live_skip, head.skip_positions()) {
-            tracing::warn!(
+        // Said by whoever runs the detector, once the configuration is known to suit it
+        // (`validate` and `run` refuse a wrong one in one line, this warning not before it).
+        let skip_warning = match (live_skip, head.skip_positions()) {
+            (None, Some(n @ 1..)) => Some(format!(
                 "{}: the head was fitted and calibrated without the first {n} token(s) of each \
                  prompt (skip_positions), but frame ids are not positions ([sae] \
                  id_is_position = false), so the agent scores those tokens too, against \
                  thresholds calibrated without them (BOS rows may alert). Send each message's \
                  in-prompt position as its header id and set [sae] id_is_position = true",
                 dark.join(DARK_META_FILE).display()
-            );
-        }
+            )),
+            _ => None,
+        };
         Ok(SaeDetector {
             sae,
             head,
@@ -911,6 +917,7 @@ impl SaeDetector {
             cuda: None,
             backend: "native".into(),
             live_skip,
+            skip_warning,
         })
     }
 
@@ -947,6 +954,7 @@ impl SaeDetector {
             cuda,
             backend: backend.into(),
             live_skip: None,
+            skip_warning: None,
         })
     }
 
@@ -1016,6 +1024,14 @@ impl SaeDetector {
     /// and `skip_positions`); `None`: frame ids are not positions, every frame is scored.
     pub fn live_skip(&self) -> Option<u64> {
         self.live_skip
+    }
+
+    /// Why the agent will score tokens the head was calibrated without: the head skipped
+    /// early positions (`skip_positions`) but `[sae] id_is_position` is off, so frames
+    /// carry no position. `None` otherwise. `run` logs it and `validate` prints it as a
+    /// note, once the configuration is known to suit the detector.
+    pub fn skip_warning(&self) -> Option<&str> {
+        self.skip_warning.as_deref()
     }
 
     /// Which tokens the calibration scores come from, if the file says.
