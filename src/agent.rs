@@ -277,6 +277,9 @@ pub struct AgentCounters {
     /// Raw frames left unscored at an in-prompt position below `[sae] skip_positions`
     /// (`[sae] id_is_position`): BOS / attention-sink tokens.
     pub frames_skipped: AtomicU64,
+    /// ExaMon messages on a `[scores] plugin` topic (`…/plugin/examon-ai_pub/…`): scores,
+    /// this agent's or another's, that the subscription matched; not decoded.
+    pub score_messages_ignored: AtomicU64,
     /// Each stream's latest score and threshold (`[metrics] per_stream`), set by the sink.
     pub stream_gauges: crate::metrics::StreamGauges,
     model_id: Mutex<String>,
@@ -1421,7 +1424,9 @@ impl AgentSource {
     ) -> Result<AgentSource, AgentError> {
         Ok(AgentSource {
             decoder: match cfg.agent.format {
-                InputFormat::Examon => Decoder::Examon(cfg.examon.build()),
+                InputFormat::Examon => {
+                    Decoder::Examon(cfg.examon.build().with_score_plugin(&cfg.scores.plugin))
+                }
                 InputFormat::Telegraf => Decoder::Telegraf(cfg.telegraf.build()),
                 InputFormat::Raw => Decoder::Raw {
                     decoder: cfg.raw.build_for(model.frame_features().len(), subscribe),
@@ -1708,6 +1713,13 @@ impl AgentSource {
             }
         };
         match decoder {
+            // Scores (this agent's, on its own subscription, or another darkwatch's) are
+            // not input: counted apart, never refused or logged.
+            Decoder::Examon(d) if d.is_score_topic(msg.topic) => {
+                counters
+                    .score_messages_ignored
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             Decoder::Examon(d) => match d.decode(msg.topic, msg.payload) {
                 Ok(sample) => accept(&sample, ExamonDecoder::origin(msg.topic)),
                 Err(e) => undecodable(&e),
@@ -2696,8 +2708,10 @@ struct ScoreOut {
 }
 
 impl ScoreOut {
-    /// The topics of a stream: an ExaMon stream with org, cluster and node pairs gets
-    /// ExaMon's, its other stream keys after the model; any other stream the template's.
+    /// The topics of a stream: an ExaMon stream keyed by node (`node` among `[examon]
+    /// stream_key`) whose topic has org and cluster pairs gets ExaMon's, its other stream
+    /// keys after the model; any other stream the template's. A stream not keyed by node
+    /// (`stream_key = "cluster"`) merges nodes, so it is no one node's score.
     fn topics(
         &self,
         name: &str,
@@ -2710,7 +2724,7 @@ impl ScoreOut {
                 cluster: Some(cluster),
                 node: Some(node),
                 keys,
-            }) => {
+            }) if keys.iter().any(|(k, _)| k == "node") => {
                 let others: Vec<(String, String)> = keys
                     .iter()
                     .filter(|(k, _)| !matches!(k.as_str(), "org" | "cluster" | "node"))
@@ -2735,26 +2749,7 @@ fn gauge_labels(examon: Option<&crate::ingest::examon::StreamIdentity>) -> Vec<(
     };
     id.keys
         .iter()
-        .map(|(k, v)| {
-            let mut name: String = k
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '_' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            if name.starts_with(|c: char| c.is_ascii_digit())
-                || name.starts_with("__")
-                || name == "stream"
-                || name == "model_id"
-            {
-                name.insert_str(0, "examon_");
-            }
-            (name, v.clone())
-        })
+        .map(|(k, v)| (crate::ingest::examon::label_name(k), v.clone()))
         .collect()
 }
 
@@ -3408,6 +3403,40 @@ mod tests {
     /// Frames dropped at a full ring were only in the stop summary (the trial: 787 frames
     /// dropped, no line while it ran). Each check that sees new drops counts; the 1st,
     /// 2nd, 4th… such check warns with the drops since the last warning and in all.
+
+    /// A stream not keyed by node is no one node's: the template topic, not the ExaMon
+    /// topic of the node its first message came from.
+    #[test]
+    fn score_topics_use_the_examon_layout_only_for_streams_keyed_by_node() {
+        let cfg = crate::mqtt::ScoresConfig {
+            metrics: vec!["anomaly_score".into()],
+            ..Default::default()
+        };
+        let (sender, _rx) = mqtt::score_channel(&cfg, Arc::default());
+        let out = ScoreOut {
+            cfg,
+            node: "agent1".into(),
+            sender,
+        };
+        let topic = "org/o/cluster/c1/node/n7/plugin/pmu/chnl/data/load";
+        let id_for = |keys: &[&str]| {
+            let examon = crate::ingest::examon::ExamonConfig {
+                stream_key: keys.iter().map(|k| k.to_string()).collect(),
+                ..Default::default()
+            };
+            examon.build().identity(topic)
+        };
+        let by_cluster = out.topics("c1", Some(&id_for(&["cluster"])), "m1");
+        assert_eq!(
+            by_cluster.topics[0].as_deref(),
+            Some("darkwatch/agent1/scores/c1/anomaly_score")
+        );
+        let by_node = out.topics("c1/n7", Some(&id_for(&["cluster", "node"])), "m1");
+        assert_eq!(
+            by_node.topics[0].as_deref(),
+            Some("org/o/cluster/c1/node/n7/plugin/examon-ai_pub/chnl/data/model/m1/anomaly_score")
+        );
+    }
     #[test]
     fn ring_drops_are_warned_while_they_happen_at_powers_of_two_of_the_checks() {
         let counters = AgentCounters::default();

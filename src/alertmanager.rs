@@ -2286,6 +2286,9 @@ mod tests {
             "darkwatch/{stream}/alerts/#",
             "darkwatch/{Node}/alerts/#",
             "darkwatch/{node}/alerts/{cluster}",
+            "darkwatch/{node/alerts/#",
+            "darkwatch/node}/alerts/#",
+            "darkwatch/{node}/alerts/{",
         ] {
             let c = AlertmanagerConfig {
                 subscribe: vec![filter.into()],

@@ -694,6 +694,19 @@ impl DarkwatchConfig {
         }
         section("alertmanager", self.alertmanager.validate())?;
         section("scores", self.scores.validate())?;
+        // Scores under the alert topic would reach what subscribes to alerts (the
+        // Alertmanager bridge, `darkwatch/+/alerts/#`) as alerts.
+        if self.scores.publish
+            && crate::mqtt::templates_overlap(&self.scores.topic, &self.mqtt.alert_topic)
+        {
+            return Err((
+                "scores.topic".into(),
+                format!(
+                    "`{}` can be a topic under [mqtt] alert_topic `{}`: what subscribes to the alerts would take scores for alerts; put the scores apart, e.g. darkwatch/{{node}}/scores/{{stream}}/{{metric}}",
+                    self.scores.topic, self.mqtt.alert_topic
+                ),
+            ));
+        }
         // The compact ExaMon topic holds org, cluster, plugin and node only: streams named by
         // another key would share its topics.
         if self.scores.publish
@@ -1186,6 +1199,17 @@ mod tests {
             ("42", "1234")
         );
         assert_eq!(cfg.model.members, 3);
+    }
+
+    #[test]
+    fn a_score_topic_under_the_alert_topic_is_refused() {
+        let mut cfg = DarkwatchConfig::default();
+        cfg.scores.publish = true;
+        assert!(cfg.validate().is_ok());
+        cfg.scores.topic = "darkwatch/{node}/alerts/{stream}/{metric}".into();
+        let (key, why) = cfg.validate().unwrap_err();
+        assert_eq!(key, "scores.topic");
+        assert!(why.contains("alert_topic"), "{why}");
     }
 
     #[test]

@@ -271,7 +271,7 @@ pub fn render(e: &Exposed) -> String {
     let m = &e.mqtt;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut s = String::new();
-    let counters: [(&str, &str, u64); 19] = [
+    let counters: [(&str, &str, u64); 20] = [
         (
             "darkwatch_messages_received_total",
             "MQTT messages taken by the decoder.",
@@ -306,6 +306,11 @@ pub fn render(e: &Exposed) -> String {
             "darkwatch_frames_skipped_total",
             "Raw frames not scored because their in-prompt position (the header id + i, with [sae] id_is_position = true) is below [sae] skip_positions: BOS / attention-sink tokens, left out as the SAE head's fit and calibration left them out. Always 0 otherwise.",
             load(&c.frames_skipped),
+        ),
+        (
+            "darkwatch_score_messages_ignored_total",
+            "ExaMon messages on a [scores] plugin topic (…/plugin/examon-ai_pub/…) that the subscription matched: scores, this agent's or another darkwatch's, not input; not decoded and not counted as rejected.",
+            load(&c.score_messages_ignored),
         ),
         (
             "darkwatch_mqtt_incoming_dropped_total",

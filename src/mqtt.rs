@@ -459,12 +459,37 @@ impl MqttConfig {
     }
 }
 
-/// The first `{…}` (within one topic level) left in `text` once its placeholders are
-/// filled in: it would go to the broker as it is.
+/// The first `{` or `}` left in `text` once its placeholders are filled in: a `{…}`
+/// within one topic level, or a lone brace with the rest of its level (`{node` of
+/// `darkwatch/{node/alerts`). It would go to the broker as it is.
 pub(crate) fn unknown_placeholder(text: &str) -> Option<&str> {
-    let open = text.find('{')?;
-    let len = text[open..].find('}')?;
-    (!text[open..open + len].contains('/')).then(|| &text[open..=open + len])
+    let at = text.find(['{', '}'])?;
+    let rest = &text[at..];
+    if rest.starts_with('{')
+        && let Some(end) = rest.find(['}', '/'])
+        && rest[end..].starts_with('}')
+    {
+        return Some(&rest[..=end]);
+    }
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
+/// Whether two topic templates can give one topic, or one a topic under the other's: the
+/// literal parts before their first `{stream}`/`{metric}` (`{node}` being one node for
+/// both), one a prefix of the other (a stream may hold `/`). Conservative: a template
+/// that starts with `{stream}` overlaps everything.
+pub(crate) fn templates_overlap(one: &str, other: &str) -> bool {
+    let head = |t: &str| -> String {
+        let t = t.replace("{node}", "\0");
+        let end = ["{stream}", "{metric}"]
+            .iter()
+            .filter_map(|p| t.find(p))
+            .min()
+            .unwrap_or(t.len());
+        t[..end].to_string()
+    };
+    let (a, b) = (head(one), head(other));
+    a.starts_with(&b) || b.starts_with(&a)
 }
 
 /// Prefix of a shared subscription: `$share/<group>/<filter>`.
@@ -1053,7 +1078,8 @@ pub struct ScoresConfig {
     pub metrics: Vec<String>,
     /// Topic shape of an ExaMon stream: `legacy`
     /// (`org/<org>/cluster/<cluster>/node/<node>/plugin/<plugin>/chnl/data/model/<model id>[/<key>/<value>…]/<metric>`,
-    /// the other `[examon] stream_key` pairs after the model) or `compact`
+    /// the other `[examon] stream_key` pairs after the model, a key of the fixed part, as
+    /// `plugin`, renamed `src_plugin`) or `compact`
     /// (`<org>/<cluster>/<plugin>/<node>/<metric>`, newer ExaMon; only with streams named
     /// by org, cluster and node keys, as it has no place for other pairs or the model).
     pub topic_layout: ScoreTopicLayout,
@@ -1146,11 +1172,11 @@ impl ScoresConfig {
                 ),
             ));
         }
-        if self.plugin.is_empty() || self.plugin.contains(['/', '+', '#', '\0']) {
+        if self.plugin.is_empty() || self.plugin.contains(['/', '+', '#', '\0', ' ', '%']) {
             return Err((
                 "plugin",
                 format!(
-                    "{:?} is not one topic level (not empty, no /, + or #); ExaMon's AI publishers use \"examon-ai_pub\"",
+                    "{:?} is not one topic level as ExaMon writes it (not empty, no /, +, #, space or %); ExaMon's AI publishers use \"examon-ai_pub\"",
                     self.plugin
                 ),
             ));
@@ -1251,6 +1277,11 @@ impl ScoresConfig {
                 );
                 for (k, v) in pairs {
                     p.push('/');
+                    // A key of the fixed part would give mqtt2kairosdb two values for one
+                    // tag: `plugin` (the input's) is published as `src_plugin`.
+                    if EXAMON_FIXED_KEYS.contains(&k.as_str()) {
+                        p.push_str("src_");
+                    }
                     p.push_str(&url_encode(k));
                     p.push('/');
                     p.push_str(&url_encode(v));
@@ -1272,6 +1303,10 @@ impl ScoresConfig {
         }
     }
 }
+
+/// The keys of the fixed part of a legacy score topic; a stream key among them is
+/// published after the model as `src_<key>` (`plugin/pmu` as `src_plugin/pmu`).
+pub const EXAMON_FIXED_KEYS: [&str; 6] = ["org", "cluster", "node", "plugin", "chnl", "model"];
 
 /// A stream's score topics, one per [`SCORE_METRICS`] (`None`: not published). Made when
 /// the stream starts (and again when a retrained model changes the model level), shared
@@ -1329,6 +1364,9 @@ pub fn score_payload(format: ScorePayload, value: f64, timestamp: f64) -> String
 pub struct ScoreSender {
     tx: SyncSender<ScoreSample>,
     wake: Arc<tokio::sync::Notify>,
+    /// Shared with the receiver: set when a wake is on its way or the receiver is
+    /// draining; a send wakes only when it finds it clear (see [`ScoreSender::send`]).
+    awake: Arc<AtomicBool>,
     stats: Arc<MqttStats>,
 }
 
@@ -1337,6 +1375,7 @@ pub struct ScoreSender {
 pub struct ScoreReceiver {
     rx: mpsc::Receiver<ScoreSample>,
     wake: Arc<tokio::sync::Notify>,
+    awake: Arc<AtomicBool>,
     payload: ScorePayload,
 }
 
@@ -1351,26 +1390,38 @@ pub struct ScoreReceiver {
 pub fn score_channel(cfg: &ScoresConfig, stats: Arc<MqttStats>) -> (ScoreSender, ScoreReceiver) {
     let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity.max(1));
     let wake = Arc::new(tokio::sync::Notify::new());
+    let awake = Arc::new(AtomicBool::new(false));
     (
         ScoreSender {
             tx,
             wake: wake.clone(),
+            awake: awake.clone(),
             stats,
         },
         ScoreReceiver {
             rx,
             wake,
+            awake,
             payload: cfg.payload,
         },
     )
 }
 
 impl ScoreSender {
-    /// Queues `sample` for the MQTT client and wakes it; a full (or closed) queue drops it,
-    /// counted. Never blocks.
+    /// Queues `sample` for the MQTT client; a full (or closed) queue drops it, counted.
+    /// Never blocks, and wakes the client only when no wake is on its way and it is not
+    /// draining (the flag `awake` is clear): a burst costs one atomic swap per sample and
+    /// one wake-up, not a lock per sample. No wake-up is lost: the receiver clears the
+    /// flag with a swap before its last look at the queue, so either that look sees this
+    /// sample or this swap sees the flag clear and wakes it (`Notify` keeps the permit
+    /// if it is not waiting yet).
     pub fn send(&self, sample: ScoreSample) {
         match self.tx.try_send(sample) {
-            Ok(()) => self.wake.notify_one(),
+            Ok(()) => {
+                if !self.awake.swap(true, Ordering::AcqRel) {
+                    self.wake.notify_one();
+                }
+            }
             Err(TrySendError::Full(s) | TrySendError::Disconnected(s)) => {
                 bump(&self.stats.scores_dropped, s.messages());
             }
@@ -1399,8 +1450,17 @@ impl ScoreReceiver {
             if connected && *queued >= SCORE_SLOTS {
                 return true;
             }
-            let Ok(sample) = self.rx.try_recv() else {
-                return false;
+            let sample = match self.rx.try_recv() {
+                Ok(sample) => sample,
+                Err(_) => {
+                    // Empty: clear the flag, then look once more (see ScoreSender::send).
+                    self.awake.swap(false, Ordering::AcqRel);
+                    let Ok(sample) = self.rx.try_recv() else {
+                        return false;
+                    };
+                    self.awake.store(true, Ordering::Release);
+                    sample
+                }
             };
             if !connected {
                 bump(&stats.scores_dropped, sample.messages());
@@ -2740,6 +2800,9 @@ mod tests {
             ("org/+/node/{stream}/#", "`{stream}`"),
             ("org/+/node/{host}/#", "`{host}`"),
             ("org/+/node/{Node}/#", "`{Node}`"),
+            ("org/+/node/{node/#", "`{node`"),
+            ("org/+/node/node}/#", "`}`"),
+            ("org/+/node/{node}x}/#", "`}`"),
         ] {
             let c = MqttConfig {
                 subscribe: vec![filter.into()],
@@ -2818,6 +2881,8 @@ mod tests {
         assert_eq!(shared_subscription("act/#"), None);
         bad(|c| c.alert_topic = "a/+/{stream}".into(), "alert_topic");
         bad(|c| c.alert_topic = "x/{bogus}".into(), "alert_topic");
+        bad(|c| c.alert_topic = "x/{node/{stream}".into(), "alert_topic");
+        bad(|c| c.status_topic = "x/{node}}".into(), "status_topic");
         bad(
             |c| c.status_topic = "s/{node}/{stream}".into(),
             "status_topic",
@@ -4075,6 +4140,23 @@ mod tests {
                 None
             ]
         );
+        // A stream key of the fixed part is renamed, not repeated (one value per tag).
+        let keyed = only.examon_topics(
+            "o",
+            "c",
+            "n7",
+            &[
+                ("plugin".into(), "pmu".into()),
+                ("model".into(), "x".into()),
+            ],
+            "m1",
+        );
+        assert_eq!(
+            keyed.topics[0].as_deref(),
+            Some(
+                "org/o/cluster/c/node/n7/plugin/examon-ai_pub/chnl/data/model/m1/src_plugin/pmu/src_model/x/anomaly_score"
+            )
+        );
         let compact = ScoresConfig {
             topic_layout: ScoreTopicLayout::Compact,
             ..ScoresConfig::default()
@@ -4098,11 +4180,17 @@ mod tests {
         assert_eq!(bad(&|c| c.metrics.clear()).0, "metrics");
         let (key, why) = bad(&|c| c.metrics = vec!["anomaly".into()]);
         assert!(key == "metrics" && why.contains("anomaly_score"), "{why}");
-        assert_eq!(bad(&|c| c.plugin = "a/b".into()).0, "plugin");
+        for plugin in ["a/b", "a b", "a%2F", "a+", "#", ""] {
+            assert_eq!(bad(&|c| c.plugin = plugin.into()).0, "plugin", "{plugin:?}");
+        }
         let (key, why) = bad(&|c| c.topic = "scores/{stream}".into());
         assert!(key == "topic" && why.contains("{metric}"), "{why}");
         let (key, why) = bad(&|c| c.topic = "scores/{host}/{metric}".into());
         assert!(key == "topic" && why.contains("`{host}`"), "{why}");
+        for open in ["darkwatch/{node/{metric}", "darkwatch/{node}}/{metric}"] {
+            let (key, why) = bad(&|c| c.topic = open.into());
+            assert!(key == "topic" && why.contains(open), "{open}: {why}");
+        }
         assert_eq!(bad(&|c| c.topic = "scores/+/{metric}".into()).0, "topic");
         assert_eq!(bad(&|c| c.queue_capacity = 0).0, "queue_capacity");
     }
@@ -4142,5 +4230,72 @@ mod tests {
         assert!(!rx.pump(&client, false, &mut queued, &stats));
         assert_eq!((published(), dropped()), (66, 30 + 54));
         assert_eq!(published() + dropped(), 3 * 50);
+    }
+
+    /// A burst of scores wakes the MQTT client once, not once per sample; a sample sent
+    /// after it drained the queue wakes it again (no lost wake-up).
+    #[test]
+    fn score_templates_under_the_alert_topic_overlap() {
+        let alert = MqttConfig::default().alert_topic;
+        assert!(!templates_overlap(&ScoresConfig::default().topic, &alert));
+        assert!(templates_overlap(
+            "darkwatch/{node}/alerts/{stream}/{metric}",
+            &alert
+        ));
+        assert!(templates_overlap(
+            "darkwatch/{node}/alerts/x/{metric}",
+            &alert
+        ));
+        assert!(templates_overlap("{stream}/{metric}", &alert));
+        assert!(!templates_overlap(
+            "scores/{node}/{stream}/{metric}",
+            &alert
+        ));
+        assert!(!templates_overlap(
+            "darkwatch/{node}/alertsx/{metric}",
+            "darkwatch/{node}/alerts/{stream}"
+        ));
+    }
+
+    #[test]
+    fn a_burst_of_scores_wakes_the_client_once() {
+        let cfg = ScoresConfig::default();
+        let stats = Arc::new(MqttStats::default());
+        let (tx, rx) = score_channel(&cfg, stats.clone());
+        let topics = Arc::new(cfg.template_topics("n", "s"));
+        let (client, _eventloop) =
+            AsyncClient::new(MqttOptions::new("wake-test", "127.0.0.1", 1), 8);
+        let woken = || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(20), rx.wake.notified())
+                    .await
+                    .is_ok()
+            })
+        };
+        assert!(!rx.awake.load(Ordering::SeqCst));
+        tx.send(sample(&topics, 1.0, 2.0, 0.0));
+        assert!(
+            rx.awake.load(Ordering::SeqCst),
+            "the first send sets the flag"
+        );
+        // The flag is set: the rest of the burst notifies nobody (one permit, one wake).
+        for i in 1..100 {
+            tx.send(sample(&topics, 1.0, 2.0, f64::from(i)));
+            assert!(rx.awake.load(Ordering::SeqCst));
+        }
+        assert!(woken(), "the burst's one wake");
+        assert!(!woken(), "no second permit");
+        let mut queued = 0;
+        assert!(!rx.pump(&client, false, &mut queued, &stats), "drained");
+        assert!(
+            !rx.awake.load(Ordering::SeqCst),
+            "cleared once the queue is empty"
+        );
+        tx.send(sample(&topics, 1.0, 2.0, 100.0));
+        assert!(woken(), "a send after the drain wakes the client again");
     }
 }

@@ -166,3 +166,41 @@ fn replay_sink_allocates_nothing_per_frame() {
         "allocations grew with frames through the replay sink: {small} for 1k, {large} for 10k"
     );
 }
+
+/// `[scores]`: the sink's send of a frame's score (queued, or dropped and counted when the
+/// queue is full) allocates nothing: the topics are shared, the queue is allocated once.
+/// (The sender alone: the agent's sink, which calls it per frame, is not public.)
+#[test]
+fn score_sends_allocate_nothing_per_frame() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    use darkwatch::mqtt::{MqttStats, ScoreSample, ScoresConfig, score_channel};
+    let run = |frames: usize| {
+        let cfg = ScoresConfig {
+            queue_capacity: 4_096,
+            ..ScoresConfig::default()
+        };
+        let stats = Arc::new(MqttStats::default());
+        let (tx, rx) = score_channel(&cfg, stats.clone());
+        let topics = Arc::new(cfg.template_topics("n", "s"));
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        for i in 0..frames {
+            tx.send(ScoreSample {
+                topics: topics.clone(),
+                score: 1.0,
+                threshold: 2.0,
+                timestamp: i as f64,
+            });
+        }
+        let after = ALLOCATIONS.load(Ordering::SeqCst);
+        // Past the queue's 4,096 the samples were dropped, counted.
+        let dropped = stats.scores_dropped.load(Ordering::Relaxed);
+        assert_eq!(dropped, 3 * frames.saturating_sub(4_096) as u64);
+        drop(rx);
+        after - before
+    };
+    let (small, large) = (run(1_000), run(10_000));
+    assert!(
+        large.abs_diff(small) < 50,
+        "allocations grew with score sends: {small} for 1k, {large} for 10k"
+    );
+}

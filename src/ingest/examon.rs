@@ -87,13 +87,27 @@ impl ExamonConfig {
             if keys[..i].contains(key) {
                 return Err(("stream_key", format!("names {key:?} twice")));
             }
+            // Each key is a label of the stream's `anomaly_score`: two labels of one name
+            // would break the scrape.
+            if let Some(other) = keys[..i].iter().find(|k| label_name(k) == label_name(key)) {
+                return Err((
+                    "stream_key",
+                    format!(
+                        "{other:?} and {key:?} are both the label {:?} of anomaly_score on /metrics; rename one at the publisher, or leave one out",
+                        label_name(key)
+                    ),
+                ));
+            }
         }
         Ok(())
     }
 
     /// The running decoder.
     pub fn build(&self) -> ExamonDecoder {
-        ExamonDecoder { cfg: self.clone() }
+        ExamonDecoder {
+            cfg: self.clone(),
+            score_plugin: None,
+        }
     }
 }
 
@@ -101,12 +115,42 @@ impl ExamonConfig {
 #[derive(Debug, Clone)]
 pub struct ExamonDecoder {
     cfg: ExamonConfig,
+    /// The `[scores] plugin` level: topics with it are scores (this agent's or another
+    /// darkwatch's on a shared broker), never input (see [`Self::is_score_topic`]).
+    score_plugin: Option<String>,
 }
 
 /// A topic tag: key and (URL-decoded) value.
 pub type Tag<'t> = (Cow<'t, str>, Cow<'t, str>);
 
 impl ExamonDecoder {
+    /// This decoder, knowing `plugin` (`[scores] plugin`) as the plugin level of score
+    /// topics, which [`Self::is_score_topic`] then recognises.
+    #[must_use]
+    pub fn with_score_plugin(mut self, plugin: &str) -> Self {
+        self.score_plugin = (!plugin.is_empty()).then(|| plugin.to_owned());
+        self
+    }
+
+    /// Whether `topic` is a score topic: its `plugin` pair (the first one) has the
+    /// `[scores] plugin` value, in the legacy ExaMon layout. The agent's default
+    /// subscription (`…/plugin/+/chnl/data/#`) matches its own scores; read as input they
+    /// would be metrics no model knows. Allocates nothing.
+    pub fn is_score_topic(&self, topic: &str) -> bool {
+        let Some(plugin) = self.score_plugin.as_deref() else {
+            return false;
+        };
+        let pairs = topic.rsplit_once('/').map_or("", |(p, _)| p);
+        let mut segments = pairs.split('/');
+        while let (Some(key), Some(value)) = (segments.next(), segments.next()) {
+            if key == "plugin" {
+                // `[scores] plugin` has no `%`, so is published as it is.
+                return value == plugin;
+            }
+        }
+        false
+    }
+
     /// One sample from one message; the strings borrow from `topic` unless they had to
     /// be URL-decoded.
     ///
@@ -409,6 +453,30 @@ pub fn url_encode(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// The Prometheus label name of the stream key `key` on `anomaly_score`: characters other
+/// than letters, digits and `_` become `_`; a name that would clash with `stream` or
+/// `model_id`, or start with a digit or `__`, gets `examon_` before it.
+pub fn label_name(key: &str) -> String {
+    let mut name: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.starts_with(|c: char| c.is_ascii_digit())
+        || name.starts_with("__")
+        || name == "stream"
+        || name == "model_id"
+    {
+        name.insert_str(0, "examon_");
+    }
+    name
+}
+
 /// Who an ExaMon stream is, read from a topic of its (see [`ExamonDecoder::identity`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamIdentity {
@@ -498,6 +566,42 @@ pub fn url_decode(s: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_keys_that_are_one_label_name_are_refused() {
+        for keys in [["gpu-id", "gpu_id"], ["stream", "examon_stream"]] {
+            let c = ExamonConfig {
+                stream_key: keys.iter().map(|k| k.to_string()).collect(),
+                ..ExamonConfig::default()
+            };
+            let (key, why) = c.validate().unwrap_err();
+            assert_eq!(key, "stream_key");
+            assert!(why.contains(keys[0]) && why.contains(keys[1]), "{why}");
+        }
+        let fine = ExamonConfig {
+            stream_key: vec!["cluster".into(), "node".into()],
+            ..ExamonConfig::default()
+        };
+        assert_eq!(fine.validate(), Ok(()));
+    }
+
+    #[test]
+    fn score_topics_are_recognised_by_their_plugin_level() {
+        let d = ExamonConfig::default().build();
+        let own = "org/o/cluster/c/node/n7/plugin/examon-ai_pub/chnl/data/model/m1/anomaly_score";
+        assert!(
+            !d.is_score_topic(own),
+            "no plugin given: nothing is a score"
+        );
+        let d = d.with_score_plugin("examon-ai_pub");
+        assert!(d.is_score_topic(own));
+        assert!(!d.is_score_topic(
+            "org/o/cluster/c/node/n7/plugin/pmu_pub/chnl/data/examon-ai_pub/x/load"
+        ));
+        assert!(!d.is_score_topic("org/o/node/n7/plugin/pmu_pub/chnl/data/load"));
+        assert!(!d.is_score_topic("darkwatch/n7/scores/n7/anomaly_score"));
+        assert!(!d.is_score_topic(""));
+    }
 
     #[test]
     fn identity_reads_org_cluster_node_and_the_stream_keys_and_encoding_round_trips() {

@@ -2024,7 +2024,7 @@ fn scores_are_published_on_examon_topics_and_as_anomaly_score_on_metrics() {
         test_csv,
         broker,
         node,
-        agent,
+        mut agent,
         mut sub,
     } = on_trained(
         "scores",
@@ -2104,6 +2104,18 @@ fn scores_are_published_on_examon_topics_and_as_anomaly_score_on_metrics() {
     assert_eq!(agent.metric("darkwatch_scores_dropped_total"), Some(0.0));
     let published = agent.metric("darkwatch_scores_published_total").unwrap();
     assert!(published >= 3.0 * 40.0, "{published}");
+    // The first subscribe filter matches n1's score topics: the agent receives its own
+    // scores and skips them, counted apart, never read as samples of unknown metrics.
+    let ignored = agent.wait_metric("darkwatch_score_messages_ignored_total", |v| {
+        v >= 3.0 * 30.0
+    });
+    assert!(ignored <= published, "{ignored} > {published}");
+    assert_eq!(
+        agent.metric("darkwatch_samples_rejected_total{reason=\"unknown_metric\"}"),
+        Some(0.0),
+        "{}",
+        agent.scrape().unwrap_or_default()
+    );
     let (status, err) = agent.stop();
     assert!(status.success(), "{err}");
 }
