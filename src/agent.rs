@@ -3400,10 +3400,6 @@ mod tests {
         log.lines().filter(|l| l.contains(needle)).collect()
     }
 
-    /// Frames dropped at a full ring were only in the stop summary (the trial: 787 frames
-    /// dropped, no line while it ran). Each check that sees new drops counts; the 1st,
-    /// 2nd, 4th… such check warns with the drops since the last warning and in all.
-
     /// A stream not keyed by node is no one node's: the template topic, not the ExaMon
     /// topic of the node its first message came from.
     #[test]
@@ -3437,6 +3433,9 @@ mod tests {
             Some("org/o/cluster/c1/node/n7/plugin/examon-ai_pub/chnl/data/model/m1/anomaly_score")
         );
     }
+    /// Frames dropped at a full ring were only in the stop summary (the trial: 787 frames
+    /// dropped, no line while it ran). Each check that sees new drops counts; the 1st,
+    /// 2nd, 4th… such check warns with the drops since the last warning and in all.
     #[test]
     fn ring_drops_are_warned_while_they_happen_at_powers_of_two_of_the_checks() {
         let counters = AgentCounters::default();

@@ -1697,8 +1697,8 @@ fn replay_interpretation_gives_the_harness_hit_rate() {
     let (mut d100, mut d150) = (0.0, 0.0);
     for seg in &segments {
         let g = seg.dims.len();
-        for i in seg.start..=seg.end {
-            if detected[i] {
+        for &found_it in &detected[seg.start..=seg.end] {
+            if found_it {
                 d100 += g.min(38) as f64 / 38.0;
                 d150 += (3 * g / 2).min(38) as f64 / 38.0;
             }

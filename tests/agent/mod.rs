@@ -2053,8 +2053,19 @@ fn scores_are_published_on_examon_topics_and_as_anomaly_score_on_metrics() {
     let model = model_id(&agent);
     let n1 = format!("org/o/cluster/c/node/n1/plugin/examon-ai_pub/chnl/data/model/{model}/");
     let n2 = format!("darkwatch/{node}/scores/n2/");
-    scores.wait("scores of both streams", |got| {
-        legacy_scores(got, &n1).len() >= 3 * 30 && legacy_scores(got, &n2).len() >= 3 * 10
+    // Each frame's three values are three messages: wait until no frame is part-way in.
+    let whole = |got: &[rumqttc::Publish], prefix: &str| {
+        let mut per_ts: std::collections::BTreeMap<String, usize> = Default::default();
+        for (_, ts, _) in legacy_scores(got, prefix) {
+            *per_ts.entry(ts).or_default() += 1;
+        }
+        per_ts.values().all(|&n| n % 3 == 0)
+    };
+    scores.wait("scores of both streams, each frame's three values", |got| {
+        legacy_scores(got, &n1).len() >= 3 * 30
+            && legacy_scores(got, &n2).len() >= 3 * 10
+            && whole(got, &n1)
+            && whole(got, &n2)
     });
     for prefix in [&n1, &n2] {
         let got = legacy_scores(&scores.got, prefix);
@@ -2073,7 +2084,11 @@ fn scores_are_published_on_examon_topics_and_as_anomaly_score_on_metrics() {
         }
         assert!(by_ts.len() >= 10, "{prefix}: {by_ts:?}");
         for (ts, [ratio, score, threshold]) in &by_ts {
-            let (ratio, score, threshold) = (ratio.unwrap(), score.unwrap(), threshold.unwrap());
+            let (ratio, score, threshold) = (
+                ratio.unwrap_or_else(|| panic!("{prefix} at {ts}: no anomaly_score")),
+                score.unwrap_or_else(|| panic!("{prefix} at {ts}: no score")),
+                threshold.unwrap_or_else(|| panic!("{prefix} at {ts}: no threshold")),
+            );
             assert!(threshold > 0.0, "{ts}: {threshold}");
             let want = f64::from(score as f32) / threshold;
             assert!(
