@@ -691,6 +691,8 @@ impl DarkwatchConfig {
                 "telegraf",
                 self.telegraf.check_subscriptions(&self.mqtt.subscribe),
             )?;
+        } else {
+            section("telegraf", self.telegraf.check_format(self.agent.format))?;
         }
         section("alertmanager", self.alertmanager.validate())?;
         section("scores", self.scores.validate())?;

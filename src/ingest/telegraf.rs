@@ -71,6 +71,52 @@ fn looks_like_metric(text: &str) -> bool {
     t.starts_with(['{', '[']) || t.contains('=')
 }
 
+/// Whether `text`, which [`looks_like_metric`], is a metric of `topic` as Telegraf's other
+/// layouts send it: JSON with a `"fields"` key, or line protocol whose first measurement is
+/// one of the topic's levels (a `topic` template with `{{ .PluginName }}` puts it there). A
+/// string field's text with `=` (`key=value text`) is not.
+fn is_metric_of(text: &str, topic: &str) -> bool {
+    let t = text.trim_start();
+    if t.starts_with(['{', '[']) {
+        return t.contains("\"fields\"");
+    }
+    let Some(line) = t
+        .split('\n')
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+    else {
+        return false;
+    };
+    // The measurement ends at the first unescaped `,` or space.
+    let bytes = line.as_bytes();
+    let mut end = 0;
+    while end < bytes.len() && !matches!(bytes[end], b',' | b' ') {
+        end += if bytes[end] == b'\\' { 2 } else { 1 };
+    }
+    let measurement = &line[..end.min(line.len())];
+    !measurement.is_empty()
+        && line[measurement.len()..].contains(' ')
+        && line[measurement.len()..].contains('=')
+        && topic.split('/').any(|l| l == measurement)
+}
+
+/// Splits `topic` into `levels`, returning how many; more than the template can have is
+/// [`TOPIC_MISMATCH`].
+fn split_levels<'t>(
+    topic: &'t str,
+    levels: &mut [&'t str; MAX_TOPIC_LEVELS + 1],
+) -> Result<usize, DecodeError> {
+    let mut n = 0;
+    for level in topic.split('/') {
+        let Some(slot) = levels.get_mut(n) else {
+            return Err(DecodeError::BadTopic(TOPIC_MISMATCH));
+        };
+        *slot = level;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Whether `topic` has a Homie attribute level (`$homie`, `$name`, `$datatype`, ...).
 fn is_homie(topic: &str) -> bool {
     topic.split('/').any(|l| l.starts_with('$'))
@@ -208,6 +254,35 @@ impl TelegrafConfig {
             .map_err(|e| ("field_layout_topic", e))
     }
 
+    /// With another `[agent] format` than `telegraf`: `field_layout_topic` would read
+    /// nothing (the Telegraf decoder is not used), which is refused rather than ignored.
+    ///
+    /// # Errors
+    /// `field_layout_topic`, naming the format, when it is set.
+    pub fn check_format(
+        &self,
+        format: crate::agent::InputFormat,
+    ) -> Result<(), (&'static str, String)> {
+        if format == crate::agent::InputFormat::Telegraf
+            || self.field_layout_topic.trim().is_empty()
+        {
+            return Ok(());
+        }
+        let name = match format {
+            crate::agent::InputFormat::Examon => "examon",
+            crate::agent::InputFormat::Raw => "raw",
+            crate::agent::InputFormat::Telegraf => "telegraf",
+        };
+        Err((
+            "field_layout_topic",
+            format!(
+                "is set, but [agent] format = {name:?} does not read Telegraf messages, so it \
+                 would do nothing: set [agent] format = \"telegraf\", or remove \
+                 field_layout_topic"
+            ),
+        ))
+    }
+
     /// With `[agent] format = "telegraf"`: whether one of the `[mqtt] subscribe` filters can
     /// carry the topics `field_layout_topic` describes (none would leave every bare value
     /// unsubscribed).
@@ -246,11 +321,11 @@ enum Level {
     Literal(String),
     /// `+`: any one level, not read.
     Any,
-    /// `{{ .PluginName }}`.
+    /// `{{ .PluginName }}` or `{{ .Name }}`.
     Measurement,
-    /// `{{ .Tag "key" }}` (optional: Telegraf leaves the level out where the metric lacks
-    /// the tag) or `{{ .Hostname }}` (the `host` tag, always there); the stream's level is
-    /// never optional.
+    /// `{{ .Tag "key" }}` or `{{ .Hostname }}` (the `host` tag), optional: Telegraf leaves
+    /// the level out where the metric lacks the tag (or, for `.Hostname`, has no host);
+    /// the stream's level is never optional.
     Tag { key: String, optional: bool },
 }
 
@@ -278,7 +353,8 @@ struct FieldTopic {
 impl FieldTopic {
     fn parse(template: &str, stream_tag: &str) -> Result<FieldTopic, String> {
         const KNOWN: &str = "field_layout_topic is Telegraf's [[outputs.mqtt]] topic as written there: \
-            each level a fixed name, {{ .Hostname }}, {{ .PluginName }}, {{ .Tag \"key\" }} or + (any level)";
+            each level a fixed name, {{ .Hostname }}, {{ .PluginName }} (or {{ .Name }}), \
+            {{ .Tag \"key\" }} or + (any level)";
         let template = template.trim();
         let mut levels = Vec::new();
         for level in template.split('/') {
@@ -309,12 +385,24 @@ impl FieldTopic {
                     .map(str::trim)
                     .and_then(|k| k.strip_prefix('"')?.strip_suffix('"'))
                     .filter(|k| !k.is_empty() && !k.contains(['"', '\\']));
+                // Telegraf 1.35 rewrites `.Hostname` to `.Tag "host"` and `.PluginName` to
+                // `.Name` and runs the template on the metric; both spellings are read.
+                // `.Hostname` is left out like any tag (an empty level is dropped), e.g.
+                // for a metric without a host under `omit_hostname`.
                 match (inner, tag) {
                     (".Hostname", _) => Level::Tag {
                         key: "host".into(),
-                        optional: false,
+                        optional: true,
                     },
-                    (".PluginName", _) => Level::Measurement,
+                    (".PluginName" | ".Name", _) => Level::Measurement,
+                    (".TopicPrefix", _) => {
+                        return Err(format!(
+                            "{level:?} is the value of Telegraf's topic_prefix (before 1.35; \
+                             1.35 removed it), which the template does not tell: write that \
+                             value in its place, e.g. \"telegraf/{{{{ .Hostname }}}}/{{{{ .PluginName }}}}\" \
+                             for topic_prefix = \"telegraf\" (no level where it is empty)"
+                        ));
+                    }
                     (_, Some(key)) => Level::Tag {
                         key: key.into(),
                         optional: true,
@@ -347,13 +435,16 @@ impl FieldTopic {
                 (Some(_), Some(_)) => Err(format!("{template:?} has {what} twice")),
             }
         };
-        let measurement =
-            find(&|l| *l == Level::Measurement, "{{ .PluginName }}")?.ok_or_else(|| {
-                format!(
-                    "{template:?} has no {{{{ .PluginName }}}} level: metrics are named \
-                     <measurement>.<field>, and the measurement is that level"
-                )
-            })?;
+        let measurement = find(
+            &|l| *l == Level::Measurement,
+            "the measurement ({{ .PluginName }} or {{ .Name }})",
+        )?
+        .ok_or_else(|| {
+            format!(
+                "{template:?} has no {{{{ .PluginName }}}} (or {{{{ .Name }}}}) level: metrics \
+                     are named <measurement>.<field>, and the measurement is that level"
+            )
+        })?;
         for level in &levels {
             if let Level::Tag { key, .. } = level {
                 let what = format!("tag {key:?} ({{{{ .Hostname }}}} is the host tag)");
@@ -438,6 +529,24 @@ impl FieldTopic {
                 Level::Literal(l) => *f == "+" || f.starts_with('{') || f == l,
                 _ => true,
             })
+    }
+
+    /// Whether `topic` is one of the template's field topics: its level count (the
+    /// template's, less tag levels left out, and the field) and its fixed levels fit, in
+    /// one way or more (a topic that fits in two is still a field topic, refused as
+    /// [`TOPIC_AMBIGUOUS`]).
+    fn fits(&self, topic: &str) -> bool {
+        let mut levels = [""; MAX_TOPIC_LEVELS + 1];
+        let Ok(n) = split_levels(topic, &mut levels) else {
+            return false;
+        };
+        match levels[..n].split_last() {
+            Some((field, before)) if !field.is_empty() && !is_homie(topic) => !matches!(
+                self.assign(before, &mut [None; MAX_TOPIC_LEVELS]),
+                Err(DecodeError::BadTopic(TOPIC_MISMATCH))
+            ),
+            _ => false,
+        }
     }
 
     /// Matches the levels before the field, `topic`, to the template: the topic's level
@@ -538,9 +647,16 @@ impl TelegrafDecoder {
         let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
         let mut name = String::new();
         match &self.field_topic {
-            // A field-layout value: a bare number or boolean, or a string field's text
-            // (anything that is neither JSON nor has the `=` of line protocol).
-            Some(field_topic) if is_bare_value(text) || !looks_like_metric(text) => {
+            // A field-layout value: a bare number or boolean; any text on a topic that fits
+            // the template (a string field, `=` and all) unless it is a metric of that
+            // topic (another layout's topic from the same template can fit it too); and
+            // text that is neither JSON nor has the `=` of line protocol, whose topic is
+            // then checked.
+            Some(field_topic)
+                if is_bare_value(text)
+                    || !looks_like_metric(text)
+                    || (field_topic.fits(topic) && !is_metric_of(text, topic)) =>
+            {
                 return self.decode_field(field_topic, topic, text, receive_time, &mut name, out);
             }
             None if is_bare_value(text) => {
@@ -607,14 +723,7 @@ impl TelegrafDecoder {
             return Err(DecodeError::BadPayload(HOMIE_V4));
         }
         let mut levels = [""; MAX_TOPIC_LEVELS + 1];
-        let mut n = 0;
-        for level in topic.split('/') {
-            let Some(slot) = levels.get_mut(n) else {
-                return Err(DecodeError::BadTopic(TOPIC_MISMATCH));
-            };
-            *slot = level;
-            n += 1;
-        }
+        let n = split_levels(topic, &mut levels)?;
         let (field, before) = match levels[..n].split_last() {
             Some((field, before)) if !field.is_empty() => (*field, before),
             _ => return Err(DecodeError::BadTopic(TOPIC_MISMATCH)),
@@ -1428,6 +1537,117 @@ mod tests {
         );
     }
 
+    /// A field-layout message is told by its topic, not its payload: a string field whose
+    /// text has `=` (or starts like JSON) on a topic that fits the template is a string
+    /// field. It used to be read as line protocol and refused as `missing_stream`, with
+    /// advice to set `stream_tag`.
+    #[test]
+    fn a_string_field_with_equals_on_a_field_topic_is_a_string_field() {
+        let d = field_dec(DEFAULT_TOPIC, &[]);
+        for text in ["key=value text", "a=1", r#"{"k": "v"}"#, "[x=1]", "sys x=1"] {
+            assert_eq!(
+                field_run(&d, "telegraf/h1/system/descr", text),
+                Ok((vec![], vec!["string_field"])),
+                "{text:?}"
+            );
+        }
+        // A metric of the topic is still a metric: Telegraf's non-batch topic from a
+        // template with a tag level fits the field template with the tag left out
+        // (`cpu0` taken for the field), and its payload names the topic's measurement.
+        let d = field_dec(CPU_TOPIC, &[]);
+        let line = "cpu,cpu=cpu0,host=h1 usage_user=1.5 1700000000000000000";
+        let json = r#"{"fields":{"usage_user":1.5},"name":"cpu","tags":{"cpu":"cpu0","host":"h1"},"timestamp":1700000000}"#;
+        for payload in [line, json] {
+            let (rows, errs) = field_run(&d, "telegraf/h1/cpu/cpu0", payload).unwrap();
+            assert_eq!(errs, Vec::<&str>::new(), "{payload}");
+            assert_eq!(
+                rows.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(),
+                [s("h1", "cpu.usage_user", 1.5, 1.7e9)],
+                "{payload}"
+            );
+        }
+        // A topic too short for the template is read by its payload, as before.
+        let (rows, _) = field_run(&d, "telegraf/h1", "mem,host=h1 used=3 1700000000").unwrap();
+        assert_eq!(rows[0].0, s("h1", "mem.used", 3.0, 1.7e9));
+        // The topic decides even where the payload names another of its levels' words.
+        assert_eq!(
+            field_run(&d, "telegraf/h1/system/cpu0/descr", "key=value text"),
+            Ok((vec![], vec!["string_field"]))
+        );
+        // Text that is no metric, on a topic that does not fit, is still `bad_topic`.
+        assert_eq!(
+            field_run(&d, "other/h1", "hello"),
+            Err(DecodeError::BadTopic(TOPIC_MISMATCH))
+        );
+        assert!(!d.field_topic.as_ref().unwrap().fits("telegraf/$h/cpu/x"));
+        assert!(is_metric_of(r"c\ pu,h=1 v=1", r"t/c\ pu"));
+        assert!(!is_metric_of("key=value text", "t/key=value"));
+    }
+
+    /// Telegraf 1.35 spells `{{ .Hostname }}` `{{ .Tag "host" }}` and `{{ .PluginName }}`
+    /// `{{ .Name }}`; both are read. A host level is left out like any tag (a metric
+    /// without a host, `omit_hostname`) where it is not the stream.
+    #[test]
+    fn newer_template_spellings_and_a_missing_host_are_read() {
+        let d = field_dec(r#"telegraf/{{ .Tag "host" }}/{{ .Name }}"#, &[]);
+        assert_eq!(
+            field_run(&d, "telegraf/n1/mem/used", "3"),
+            Ok((
+                vec![(s("n1", "mem.used", 3.0, 50.0), "host=n1".into())],
+                vec![]
+            ))
+        );
+        let d = TelegrafConfig {
+            field_layout_topic: r#"t/{{ .Tag "cluster" }}/{{ .Hostname }}/{{.Name}}"#.into(),
+            stream_tag: "cluster".into(),
+            ..Default::default()
+        }
+        .build();
+        assert_eq!(
+            field_run(&d, "t/c1/mem/used", "3"),
+            Ok((
+                vec![(s("c1", "mem.used", 3.0, 50.0), "cluster=c1".into())],
+                vec![]
+            ))
+        );
+        assert_eq!(
+            field_run(&d, "t/c1/h1/mem/used", "4"),
+            Ok((
+                vec![(s("c1", "mem.used", 4.0, 50.0), "cluster=c1,host=h1".into())],
+                vec![]
+            ))
+        );
+    }
+
+    /// `field_layout_topic` with another input format did nothing, without a word; it is
+    /// refused, naming the format.
+    #[test]
+    fn field_layout_topic_needs_the_telegraf_format() {
+        use crate::agent::InputFormat;
+        let cfg = TelegrafConfig {
+            field_layout_topic: DEFAULT_TOPIC.into(),
+            ..Default::default()
+        };
+        for (format, name) in [(InputFormat::Examon, "examon"), (InputFormat::Raw, "raw")] {
+            let (key, why) = cfg.check_format(format).unwrap_err();
+            assert_eq!(key, "field_layout_topic");
+            assert!(
+                why.contains(&format!("format = \"{name}\"")) && why.contains("\"telegraf\""),
+                "{why}"
+            );
+        }
+        assert_eq!(cfg.check_format(InputFormat::Telegraf), Ok(()));
+        // Configuration loading runs the check (the default format is examon).
+        let mut all = crate::config::DarkwatchConfig::default();
+        assert_eq!(all.validate(), Ok(()));
+        all.telegraf = cfg.clone();
+        assert_eq!(all.validate().unwrap_err().0, "telegraf.field_layout_topic");
+        assert_eq!(
+            TelegrafConfig::default().check_format(InputFormat::Examon),
+            Ok(())
+        );
+    }
+
     /// Templates that cannot be read are refused at configuration time, naming the fix.
     #[test]
     fn field_layout_topic_is_validated() {
@@ -1469,7 +1689,11 @@ mod tests {
                 "telegraf/{{ .Hostname }}/{{ .PluginName }}/{{ .TopicPrefix }}",
                 "host",
             ),
-            &["unknown placeholder", ".TopicPrefix"],
+            &[
+                ".TopicPrefix",
+                "topic_prefix",
+                "write that value in its place",
+            ],
         );
         has(
             err(
@@ -1522,6 +1746,9 @@ mod tests {
         for ok in [
             "telegraf/{{.Hostname}}/{{.PluginName}}",
             r#"{{- .Tag "host" -}}/{{ .PluginName }}/+"#,
+            // Telegraf 1.35's spellings.
+            r#"telegraf/{{ .Tag "host" }}/{{ .Name }}"#,
+            "telegraf/{{.Hostname}}/{{.Name}}",
             "",
         ] {
             let cfg = TelegrafConfig {
