@@ -428,16 +428,7 @@ impl MqttConfig {
     /// The alert topic of `stream`. `+`, `#` and NUL in the stream become `_` (they are not
     /// allowed in a topic); `/` is kept and so adds topic levels.
     pub fn alert_topic_for(&self, stream: &str) -> String {
-        let stream: String = stream
-            .chars()
-            .map(|c| {
-                if matches!(c, '+' | '#' | '\0') {
-                    '_'
-                } else {
-                    c
-                }
-            })
-            .collect();
+        let stream = topic_safe(stream);
         self.alert_topic
             .replace("{node}", &self.node())
             .replace("{stream}", &stream)
@@ -457,6 +448,21 @@ impl MqttConfig {
             .map(|f| f.replace("{node}", &node))
             .collect()
     }
+}
+
+/// `stream` as a topic's levels: `+`, `#` and NUL (not allowed in a topic) become `_`;
+/// `/` is kept and so adds levels. Shared by the alert and score topics.
+fn topic_safe(stream: &str) -> String {
+    stream
+        .chars()
+        .map(|c| {
+            if matches!(c, '+' | '#' | '\0') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// The first `{` or `}` left in `text` once its placeholders are filled in: a `{…}`
@@ -1229,16 +1235,7 @@ impl ScoresConfig {
     /// The topics of a stream that is not an ExaMon stream: [`Self::topic`] filled in.
     /// `+`, `#` and NUL in the stream become `_`; `/` is kept and so adds levels.
     pub fn template_topics(&self, node: &str, stream: &str) -> ScoreTopics {
-        let stream: String = stream
-            .chars()
-            .map(|c| {
-                if matches!(c, '+' | '#' | '\0') {
-                    '_'
-                } else {
-                    c
-                }
-            })
-            .collect();
+        let stream = topic_safe(stream);
         let on = self.published();
         ScoreTopics {
             topics: std::array::from_fn(|i| {
