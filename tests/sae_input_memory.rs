@@ -1,12 +1,14 @@
-//! `sae-head` and `sae-bench --input` hold their activation rows once: a float32 `.npy` is
-//! read into its rows without a copy of the whole file beside them (the trial's 154 MB input
-//! peaked at 315 MB). `sae-score` holds no rows at all: it streams the file a block at a
-//! time. A counting global allocator measures the peak of live heap bytes while the rows are
+//! `sae-head` and `sae-bench --input` hold their activation rows once: a float32 `.npy` or a
+//! `.safetensors` tensor is read into its rows without a copy of the whole file beside them
+//! (the trial's 154 MB input peaked at 315 MB). `sae-score` holds no rows at all: it streams
+//! either file a block at a time. A counting global allocator measures the peak of live heap bytes while the rows are
 //! read or scored. (Its own test binary, because the allocator is process-wide.)
 
 mod util;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+
+use safetensors::tensor::{Dtype, TensorView};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 struct Peak;
@@ -72,6 +74,35 @@ fn a_float32_npy_is_read_without_a_second_copy_of_the_file() {
     assert!(
         (peak as f64) < 1.25 * data as f64,
         "reading {data} bytes of rows peaked at {peak} bytes of heap ({:.2} ×)",
+        peak as f64 / data as f64
+    );
+
+    // The same from a .safetensors tensor beside another.
+    let st = dir.path().join("acts.safetensors");
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = [
+        (
+            "acts",
+            TensorView::new(Dtype::F32, vec![rows, d], &bytes).unwrap(),
+        ),
+        (
+            "other",
+            TensorView::new(Dtype::F32, vec![2], &[0u8; 8]).unwrap(),
+        ),
+    ];
+    std::fs::write(&st, safetensors::serialize(views, None).unwrap()).unwrap();
+    drop((x, bytes));
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let x = darkwatch::sae::eval::read_activations(&st, Some("acts")).unwrap();
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    assert_eq!(x.dim(), (rows, d));
+    for (r, c) in [(0, 0), (1, 5), (rows - 1, d - 1), (12_345, 17)] {
+        assert_eq!(x[[r, c]], value(r, c));
+    }
+    assert!(
+        (peak as f64) < 1.25 * data as f64,
+        "reading {data} bytes of rows from .safetensors peaked at {peak} bytes of heap ({:.2} ×)",
         peak as f64 / data as f64
     );
 }
@@ -162,6 +193,58 @@ fn sae_score_streams_its_input_instead_of_holding_it() {
         peak < file / 2,
         "scoring a {file}-byte file in blocks of 1024 rows peaked at {peak} bytes of heap \
          ({:.2} × the file)",
+        peak as f64 / file as f64
+    );
+
+    // The same rows as a .safetensors tensor, with the prompt ids and labels as tensors of
+    // the same file: the activations are streamed, and reading the ids and labels reads
+    // only their own bytes.
+    let st = dir.path().join("acts.safetensors");
+    let acts: Vec<u8> = (0..rows * d)
+        .flat_map(|i| (value(i / d + 7, i % d) * 1.1).to_le_bytes())
+        .collect();
+    let labels: Vec<u8> = (0..rows).map(|r| u8::from(r % 5 == 0)).collect();
+    let views = [
+        ("acts", Dtype::F32, vec![rows, d], acts.as_slice()),
+        ("ids", Dtype::I64, vec![rows], id_bytes.as_slice()),
+        ("labels", Dtype::U8, vec![rows], labels.as_slice()),
+    ]
+    .map(|(n, t, shape, b)| (n, TensorView::new(t, shape, b).unwrap()));
+    std::fs::write(&st, safetensors::serialize(views, None).unwrap()).unwrap();
+    drop((acts, labels));
+    let file = std::fs::metadata(&st).unwrap().len() as usize;
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let (from_st, _) = sae_score_command_in_blocks(
+        &SaeScoreArgs {
+            sae: dir.path().join("sae"),
+            input: st.clone(),
+            tensor: Some("acts".into()),
+            labels: Some(st.clone()),
+            labels_tensor: Some("labels".into()),
+            prompt_ids: Some(st.clone()),
+            prompt_ids_tensor: Some("ids".into()),
+            baseline: Some(dir.path().join("train.npy")),
+            baseline_shrinkage: 0.1,
+            out: Some(dir.path().join("tokens-st.csv")),
+            prompt_out: Some(dir.path().join("prompts-st.csv")),
+            ..Default::default()
+        },
+        &Passes::threads(2),
+        1024,
+    )
+    .unwrap();
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    assert_eq!(from_st.rows, rows);
+    assert_eq!(
+        std::fs::read(dir.path().join("tokens.csv")).unwrap(),
+        std::fs::read(dir.path().join("tokens-st.csv")).unwrap(),
+        "the same rows score the same from .npy and .safetensors"
+    );
+    assert!(
+        peak < file / 2,
+        "scoring a {file}-byte .safetensors file in blocks of 1024 rows peaked at {peak} bytes \
+         of heap ({:.2} × the file)",
         peak as f64 / file as f64
     );
 }

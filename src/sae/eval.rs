@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use ndarray::{Array1, Array2, ArrayView2, Axis, s};
-use safetensors::tensor::{Dtype, SafeTensors};
+use safetensors::tensor::Dtype;
 use serde::Serialize;
 
 use super::dark::{DarkConfig, DarkError, DarkHead, DarkScore, DarkStats, R2};
@@ -55,6 +55,9 @@ use crate::eval::{self, EvalError};
 use crate::ingest::IngestError;
 use crate::model::io::MAX_CALIBRATION_SCORES;
 use crate::threshold::MIN_CALIBRATION_SCORES;
+
+mod tensor_file;
+use tensor_file::{TensorFile, TensorRows};
 
 /// Why an evaluation step failed.
 #[derive(Debug, thiserror::Error)]
@@ -551,38 +554,6 @@ impl NpyRows {
 /// The option that names the tensor, for messages, when the caller does not say.
 const TENSOR_OPTION: &str = "the tensor option";
 
-/// Picks the tensor `name`, or the only tensor of the file; `flag` is the option that
-/// names it (`--tensor`, `--prompt-ids-tensor`, …), for the message when the file holds
-/// several and none was named.
-fn pick_tensor<'a>(
-    path: &Path,
-    st: &'a SafeTensors<'a>,
-    name: Option<&str>,
-    flag: &str,
-) -> Result<safetensors::tensor::TensorView<'a>, SaeEvalError> {
-    let mut names: Vec<&str> = st.names();
-    names.sort_unstable();
-    match name {
-        Some(n) => st.tensor(n).map_err(|_| {
-            input_err(
-                path,
-                format!("no tensor `{n}` (the file holds: {})", names.join(", ")),
-            )
-        }),
-        None if names.len() == 1 => st
-            .tensor(names[0])
-            .map_err(|e| input_err(path, e.to_string())),
-        None => Err(input_err(
-            path,
-            format!(
-                "holds {} tensors ({}); name one with {flag}",
-                names.len(),
-                names.join(", ")
-            ),
-        )),
-    }
-}
-
 /// Reads activation rows `[tokens, d]` from `.npy` or `.safetensors` (`tensor` names the
 /// tensor in a safetensors file with several).
 ///
@@ -645,60 +616,12 @@ fn read_activations_flagged(
         let shape = shape.iter().map(|&n| n as usize).collect();
         return Ok((clamped(table.values), shape));
     }
-    let bytes = read_file(path)?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| input_err(path, format!("not a valid safetensors file: {e}")))?;
-    let t = pick_tensor(path, &st, tensor, flag)?;
-    let shape = t.shape().to_vec();
-    // safetensors checked the data against the shape, so the product fits.
-    let (rows, cols) = match shape.as_slice() {
-        [lead @ .., cols] if !lead.is_empty() => (lead.iter().product::<usize>(), *cols),
-        _ => {
-            return Err(input_err(
-                path,
-                format!(
-                    "activations must be [tokens, d] or [batch, seq, d] (leading dimensions are \
-                     flattened), found shape {shape:?}"
-                ),
-            ));
-        }
-    };
-    if rows == 0 || cols == 0 {
-        return Err(input_err(path, format!("empty activations {shape:?}")));
-    }
-    let d = t.data();
-    let v: Vec<f32> = match t.dtype() {
-        Dtype::F32 => d
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F64 => d
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        Dtype::F16 => d
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => d
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(input_err(
-                path,
-                format!("activations have dtype {other:?}, expected F32, F64, F16 or BF16"),
-            ));
-        }
-    };
-    let a = Array2::from_shape_vec((rows, cols), v).map_err(|e| input_err(path, e.to_string()))?;
-    if let Some(((row, col), _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
-        return Err(input_err(
-            path,
-            format!("row {row}, column {col} (0-based): NaN/Inf is not allowed"),
-        ));
-    }
-    Ok((clamped(a), shape))
+    // Read through the block reader: the rows and a block, not the file's bytes beside them.
+    let mut t = TensorRows::open(path, tensor, flag)?;
+    let mut values = Vec::new();
+    t.read_rows(0, t.rows, &mut values)?;
+    let a = Array2::from_shape_vec((t.rows, t.cols), values).expect("rows × cols values");
+    Ok((a, t.shape().to_vec()))
 }
 
 /// For an error about per-row inputs (prompt ids, labels) of activations read from `path`
@@ -758,6 +681,7 @@ struct ActivationBlocks {
 
 enum BlockSource {
     Npy { npy: NpyRows, values: Vec<f32> },
+    Tensor { rows: TensorRows, values: Vec<f32> },
     Whole(Array2<f32>),
 }
 
@@ -774,9 +698,19 @@ impl ActivationBlocks {
         tensor: Option<&str>,
         flag: &str,
     ) -> Result<ActivationBlocks, SaeEvalError> {
-        let streamed = !is_safetensors(path)
-            && path.extension().and_then(|e| e.to_str()) == Some("npy")
-            && tensor.is_none();
+        if is_safetensors(path) {
+            let rows = TensorRows::open(path, tensor, flag)?;
+            return Ok(ActivationBlocks {
+                rows: rows.rows,
+                cols: rows.cols,
+                shape: rows.shape().to_vec(),
+                source: BlockSource::Tensor {
+                    rows,
+                    values: Vec::new(),
+                },
+            });
+        }
+        let streamed = path.extension().and_then(|e| e.to_str()) == Some("npy") && tensor.is_none();
         if streamed && let Some(npy) = NpyRows::open(path)? {
             return Ok(ActivationBlocks {
                 rows: npy.rows,
@@ -815,6 +749,12 @@ impl ActivationBlocks {
             match &mut self.source {
                 BlockSource::Npy { npy, values } => {
                     npy.read_rows(first, n, values)?;
+                    let x = ArrayView2::from_shape((n, self.cols), values.as_slice())
+                        .expect("n × cols values");
+                    f(first, x)?;
+                }
+                BlockSource::Tensor { rows, values } => {
+                    rows.read_rows(first, n, values)?;
                     let x = ArrayView2::from_shape((n, self.cols), values.as_slice())
                         .expect("n × cols values");
                     f(first, x)?;
@@ -867,17 +807,16 @@ fn read_ints_noted(
     note: &str,
 ) -> Result<Vec<i64>, SaeEvalError> {
     let values: Vec<i64> = if is_safetensors(path) {
-        let bytes = read_file(path)?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| input_err(path, format!("not a valid safetensors file: {e}")))?;
-        let t = pick_tensor(path, &st, tensor, flag)?;
-        if !matches!(*t.shape(), [_] | [_, 1]) {
+        // Only this tensor's bytes: ids and labels often share a file with the activations.
+        let mut file = TensorFile::open(path)?;
+        let t = file.pick(tensor, flag)?;
+        if !matches!(*t.shape, [_] | [_, 1]) {
             return Err(input_err(
                 path,
-                format!("{what} must be 1-D, found shape {:?}{note}", t.shape()),
+                format!("{what} must be 1-D, found shape {:?}{note}", t.shape),
             ));
         }
-        let ty = match t.dtype() {
+        let ty = match t.dtype {
             Dtype::I8 => ElemType::I8,
             Dtype::U8 | Dtype::BOOL => ElemType::U8,
             Dtype::I16 => ElemType::I16,
@@ -897,7 +836,7 @@ fn read_ints_noted(
                 ));
             }
         };
-        Elems::decode(ty, t.data()).exact(path, what)?
+        Elems::decode(ty, &file.read_all(&t)?).exact(path, what)?
     } else {
         if tensor.is_some() {
             return Err(input_err(
