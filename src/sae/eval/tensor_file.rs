@@ -330,7 +330,8 @@ mod tests {
         let (b, s, d) = (3, 11, 5);
         let n = b * s * d;
         type Enc = fn(f32) -> Vec<u8>;
-        let cases: [(Dtype, Enc, fn(f32) -> f32); 4] = [
+        type Held = fn(f32) -> f32;
+        let cases: [(Dtype, Enc, Held); 4] = [
             (Dtype::F32, |v| v.to_le_bytes().to_vec(), |v| v),
             (Dtype::F64, |v| f64::from(v).to_le_bytes().to_vec(), |v| v),
             (
