@@ -171,6 +171,18 @@ pub struct BenchOptions {
     /// Frames scored in batches for throughput (native heads; ONNX heads an eighth).
     pub throughput_frames: usize,
     pub batch: usize,
+    /// Rows to score instead of the synthetic ones (`bench --input`), already in the model's
+    /// input width; `None`: [`DATA_ROWS`] synthetic rows.
+    pub data: Option<BenchData>,
+}
+
+/// Real rows for the bench (`bench --input FILE`), cycled like the synthetic ones.
+#[derive(Debug, Clone)]
+pub struct BenchData {
+    /// Where they came from, for the report.
+    pub source: String,
+    /// One row per frame, the model's input width, every value finite.
+    pub rows: Array2<f32>,
 }
 
 impl BenchOptions {
@@ -183,6 +195,7 @@ impl BenchOptions {
                 .saturating_mul(THROUGHPUT_FRAMES_PER_FRAME)
                 .min(MAX_THROUGHPUT_FRAMES),
             batch: 256,
+            data: None,
         }
     }
 }
@@ -247,6 +260,26 @@ pub struct BenchReport {
     /// Width of the head column: the longest label.
     pub label_width: usize,
     pub heads: Vec<HeadBench>,
+    /// Rows that could not be timed, with why (the bundled `mse` model has no variance
+    /// head, so no `wnll` row): printed and in the JSON, where they used to vanish.
+    pub skipped: Vec<(String, String)>,
+    /// `bench --input`'s file; `None`: synthetic rows.
+    pub data_source: Option<String>,
+    /// Rows the timing cycles through.
+    pub data_rows: usize,
+    /// The load average (1, 5, 15 minutes) when the run started and when it ended, where
+    /// the system has one: the numbers mean little on a loaded machine.
+    pub load_start: Option<[f64; 3]>,
+    pub load_end: Option<[f64; 3]>,
+    /// When the run started (Unix seconds).
+    pub started_unix_s: f64,
+}
+
+/// The load average (1, 5, 15 minutes) from `/proc/loadavg`; `None` elsewhere.
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = text.split_whitespace().map(str::parse::<f64>);
+    Some([it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?])
 }
 
 /// Single-thread fp32 matmul throughput (GFLOP/s), best of 20 256³ products.
@@ -276,8 +309,21 @@ fn synthetic_frames(n: usize, d: usize) -> Array2<f32> {
 /// when the model has an ONNX graph attached, on ONNX Runtime too (same frames, same run).
 /// The header, then each row as soon as it is measured, then the notes go to `sink`.
 pub fn run(model: Arc<Model>, opts: &BenchOptions, sink: &mut dyn BenchSink) -> BenchReport {
+    let load_start = load_average();
+    let started_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |t| t.as_secs_f64());
     let d = model.n_features();
-    let data = synthetic_frames(DATA_ROWS, d);
+    let data = match &opts.data {
+        // At least a batch of rows, for the batch throughput: fewer are cycled up to one.
+        Some(given) => {
+            let n = given.rows.nrows().max(1);
+            let rows = n.max(opts.batch);
+            Array2::from_shape_fn((rows, d), |(i, j)| given.rows[[i % n, j]])
+        }
+        None => synthetic_frames(DATA_ROWS, d),
+    };
+    assert_eq!(data.ncols(), d, "bench data of the model's width");
     let no_mss = model.with_mss(MssConfig {
         rounds: 0,
         ..model.meta.mss
@@ -355,6 +401,12 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions, sink: &mut dyn BenchSink) -> 
         latency_frames: opts.latency_frames,
         label_width: labels.iter().map(|l| l.chars().count()).max().unwrap_or(0),
         heads: Vec::new(),
+        skipped: Vec::new(),
+        data_source: opts.data.as_ref().map(|g| g.source.clone()),
+        data_rows: data.nrows(),
+        load_start,
+        load_end: None,
+        started_unix_s,
     };
     sink.line(&report.header());
     let n_variants = variants.len();
@@ -375,8 +427,15 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions, sink: &mut dyn BenchSink) -> 
             opts.throughput_frames
         }
         .max(opts.batch);
-        let Ok(mut one) = Scorer::new(model.clone(), head, 1, 3) else {
-            continue;
+        let (mut one, mut many) = match Scorer::new(model.clone(), head, 1, 3)
+            .and_then(|one| Ok((one, Scorer::new(model.clone(), head, opts.batch, 3)?)))
+        {
+            Ok(pair) => pair,
+            Err(why) => {
+                sink.line(&report.skipped_line(&label, &why.to_string()));
+                report.skipped.push((label, why.to_string()));
+                continue;
+            }
         };
         let mut batch1 = LatencyHistogram::new();
         // ONNX: the run alone, on a session of its own, fed the same frame scaled.
@@ -436,9 +495,8 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions, sink: &mut dyn BenchSink) -> 
                 }
             }
         }
-        let Ok(mut many) = Scorer::new(model.clone(), head, opts.batch, 3) else {
-            continue;
-        };
+        // Whole batches: the count goes up to the next multiple of the batch.
+        let throughput_frames = throughput_frames.div_ceil(opts.batch) * opts.batch;
         // Batch-1 time per frame bounds the batched time per frame from above.
         let guess = throughput_frames as f64 * batch1.mean_ns() / 1e9;
         if guess > 2.0 {
@@ -487,6 +545,7 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions, sink: &mut dyn BenchSink) -> 
         sink.line(&report.row_line(&row));
         report.heads.push(row);
     }
+    report.load_end = load_average();
     sink.line(&report.footer());
     report
 }
@@ -502,6 +561,7 @@ pub(crate) fn hist_json(hist: &LatencyHistogram) -> serde_json::Value {
         "samples": hist.count(),
         "p50_ns": hist.quantile_ns(0.5),
         "p99_ns": hist.quantile_ns(0.99),
+        "max_ns": hist.max_ns(),
         "mean_ns": hist.mean_ns(),
     })
 }
@@ -512,15 +572,22 @@ impl BenchReport {
         let w = self.label_width.max(4);
         format!(
             "model {} widths {:?}: {} FLOP/frame\n{}\nmachine fp32 matmul (one thread, \
-             256x256x256, best of 20): {:.1} GFLOP/s\n{:<w$} {:>12} {:>13} {:>7} {:>16} {:>12}",
+             256x256x256, best of 20): {:.1} GFLOP/s{}\n{:<w$} {:>12} {:>13} {:>12} {:>7} {:>16} \
+             {:>12}",
             self.model_id,
             self.widths,
             self.flops_per_frame,
             self.machine,
             self.matmul_gflops,
+            match self.load_start {
+                Some([one, five, _]) =>
+                    format!("\nload average at start: {one:.2} (1 min), {five:.2} (5 min)"),
+                None => String::new(),
+            },
             "head",
             "batch-1 p50",
             "batch-1 p99",
+            "batch-1 max",
             "n",
             format!("batch-{} fr/s", self.batch),
             "% of matmul"
@@ -532,15 +599,22 @@ impl BenchReport {
         let w = self.label_width.max(4);
         let gflops = h.batch_frames_per_s * h.flops_per_frame as f64 / 1e9;
         format!(
-            "{:<w$} {:>9.2} µs {:>9.2} µs{} {:>7} {:>16.0} {:>11.1}%",
+            "{:<w$} {:>9.2} µs {:>9.2} µs{} {:>9.1} µs {:>7} {:>16.0} {:>11.1}%",
             h.label,
             h.batch1.quantile_ns(0.5) / 1e3,
             h.batch1.quantile_ns(0.99) / 1e3,
             p99_flag(&h.batch1),
+            h.batch1.max_ns() as f64 / 1e3,
             h.batch1.count(),
             h.batch_frames_per_s,
             100.0 * gflops / self.matmul_gflops
         )
+    }
+
+    /// A row that could not be timed, and why.
+    pub fn skipped_line(&self, label: &str, why: &str) -> String {
+        let w = self.label_width.max(4);
+        format!("{label:<w$} skipped: {why}")
     }
 
     /// The ONNX comparisons and what the columns include.
@@ -582,14 +656,38 @@ impl BenchReport {
              all of them.",
             b = self.batch
         );
+        let data = match &self.data_source {
+            Some(source) => format!(
+                "{} rows of {source}, cycled ({} KiB: {})",
+                self.data_rows,
+                self.data_rows * self.widths[0] * 4 / 1024,
+                if self.data_rows * self.widths[0] * 4 <= 1 << 20 {
+                    "they stay in cache"
+                } else {
+                    "more than a MiB, so partly from memory"
+                }
+            ),
+            None => format!(
+                "{DATA_ROWS} synthetic rows, uniform in [-2, 2), cycled (they stay in cache; \
+                 --input FILE scores your own rows)"
+            ),
+        };
         let _ = writeln!(
             f,
-            "data: {DATA_ROWS} synthetic rows, uniform in [-2, 2), cycled (they stay in cache). \
-             clock: std::time::Instant around each frame; an empty interval reads {:.0} ns \
-             (p50), not subtracted. p50/p99: midpoint of the histogram bucket (about 1.1 % \
-             wide) holding the quantile.",
+            "data: {data}. clock: std::time::Instant around each frame; an empty interval \
+             reads {:.0} ns (p50), not subtracted. p50/p99: midpoint of the histogram bucket \
+             (about 1.1 % wide) holding the quantile; max: the slowest frame.",
             self.clock_overhead_ns
         );
+        if let (Some([s1, ..]), Some([e1, ..])) = (self.load_start, self.load_end) {
+            let _ = writeln!(
+                f,
+                "load average (1 min): {s1:.2} at the start, {e1:.2} at the end, on {} CPUs: \
+                 above about 1, other work shared the machine and the slow tail and the batch \
+                 rate show it first.",
+                self.machine.cpus
+            );
+        }
         let _ = writeln!(
             f,
             "batch-1 includes copying the frame in, scaling, the forward pass, the head, \
@@ -639,6 +737,7 @@ impl BenchReport {
                 "samples": h.batch_frames,
                 "p50_ns": null,
                 "p99_ns": null,
+                "max_ns": null,
                 "mean_ns": 1e9 / h.batch_frames_per_s,
                 "frames_per_s": h.batch_frames_per_s,
             }));
@@ -659,7 +758,18 @@ impl BenchReport {
             "clock_overhead_ns": self.clock_overhead_ns,
             "matmul_gflops": self.matmul_gflops,
             "warmup_frames": WARMUP_FRAMES,
-            "data_rows": DATA_ROWS,
+            "data_rows": self.data_rows,
+            "data": self.data_source.as_deref().unwrap_or("synthetic"),
+            "load_average": {
+                "start": self.load_start,
+                "end": self.load_end,
+            },
+            "started_unix_s": self.started_unix_s,
+            "skipped": self
+                .skipped
+                .iter()
+                .map(|(name, why)| json!({"name": name, "reason": why}))
+                .collect::<Vec<_>>(),
             "model": {
                 "id": self.model_id,
                 "widths": self.widths,
@@ -1047,6 +1157,12 @@ mod tests {
             latency_frames: 100,
             label_width: label.chars().count(),
             heads: vec![head("mse"), head(&label)],
+            skipped: Vec::new(),
+            data_source: None,
+            data_rows: DATA_ROWS,
+            load_start: Some([0.5, 0.4, 0.3]),
+            load_end: Some([0.6, 0.4, 0.3]),
+            started_unix_s: 0.0,
         };
         let text = report.to_string();
         let lines: Vec<&str> = text.lines().collect();

@@ -50,6 +50,7 @@ impl LoadError {
             LoadError::Model(e) => match e {
                 ModelError::Io { source, .. } => is_missing(source),
                 ModelError::NoFolder { .. }
+                | ModelError::NotAModel { .. }
                 | ModelError::Json { .. }
                 | ModelError::Field { .. }
                 | ModelError::Tensor { .. }

@@ -217,11 +217,15 @@ not restart it), 1 for other failures.")]
         /// Model to time (default: an untrained model of the default shape for 38 features).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Frames timed one at a time (at least 100, so that a p99 means something); the
-        /// batch throughput scores 100 times as many per head, at most 20,000,000 (ONNX heads
-        /// an eighth of that).
+        /// Frames timed one at a time (100 to 100,000,000; a p99 from under 1,000 is marked
+        /// `*`); the batch throughput scores 100 times as many per head, at most 20,000,000
+        /// (ONNX heads an eighth of that).
         #[arg(long, default_value_t = 20_000, value_parser = parse_bench_frames)]
         frames: usize,
+        /// Score these rows (.npy/.csv, the model's metrics, e.g. its test data) instead of
+        /// 4,096 synthetic ones; cycled.
+        #[arg(long)]
+        input: Option<PathBuf>,
         /// Also write the report as JSON to FILE (`-`: stdout, the table then goes to
         /// stderr): the machine, and one record per timed row (README "Latency and
         /// throughput").
@@ -804,8 +808,49 @@ fn parse_bench_frames(s: &str) -> Result<usize, String> {
         Ok(_) => Err(format!(
             "{s} frames are too few for a p99: give at least 100"
         )),
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => Err(format!(
+            "{s} frames would take hours: give at most 100000000"
+        )),
         Err(_) => Err(format!("{s} is not a number of frames")),
     }
+}
+
+/// `bench --input`: the file's rows as the model's inputs (a windowed model's windows
+/// built from its metrics), every value finite.
+fn bench_rows(path: &Path, model: &Model) -> anyhow::Result<darkwatch::bench::BenchData> {
+    let rows = ingest::read_table(path, &TableOptions::default())?.values;
+    let metrics = model.meta.frame_features().len();
+    let rows = if rows.ncols() == metrics && model.n_features() != metrics {
+        darkwatch::window::windows(rows.view(), model.meta.window_frames)
+    } else {
+        rows
+    };
+    if rows.ncols() != model.n_features() {
+        anyhow::bail!(
+            "--input {} has {} columns, the model takes {} (its metrics, in its order)",
+            path.display(),
+            rows.ncols(),
+            metrics
+        );
+    }
+    if rows.nrows() == 0 {
+        anyhow::bail!("--input {} has no rows", path.display());
+    }
+    if let Some((i, _)) = rows
+        .outer_iter()
+        .enumerate()
+        .find(|(_, r)| r.iter().any(|v| !v.is_finite()))
+    {
+        anyhow::bail!(
+            "--input {}: row {i} (0-based) holds a value that is not finite; bench times \
+             complete frames only",
+            path.display()
+        );
+    }
+    Ok(darkwatch::bench::BenchData {
+        source: path.display().to_string(),
+        rows,
+    })
 }
 
 /// A number of frames from 1 to `max`.
@@ -1517,6 +1562,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench {
             model,
             frames,
+            input,
             json,
             backend,
             config,
@@ -1541,7 +1587,10 @@ fn run(command: Command) -> Result<()> {
                 }
                 None => model::fit::synthetic(38, 0),
             };
-            let opts = darkwatch::bench::BenchOptions::for_frames(frames);
+            let mut opts = darkwatch::bench::BenchOptions::for_frames(frames);
+            if let Some(path) = input {
+                opts.data = Some(bench_rows(&path, &model)?);
+            }
             // Read and check the retraining data before the heads are timed, so that a
             // wrong file fails at once, not after the timing.
             let retrain_rows = match retrain_frames {

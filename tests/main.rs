@@ -2185,12 +2185,84 @@ fn bench_checks_the_retraining_data_before_timing() {
     assert!(err.contains("--retrain-frames"), "{err}");
 }
 
+/// `bench --input` scores the file's rows (named in the report), a file of another width
+/// is refused before anything is timed, and a row the model cannot run (the plain `mse`
+/// model has no variance head for `wnll`) is printed as skipped, with why, where it used to
+/// vanish from the table and the JSON.
+#[test]
+fn bench_scores_given_rows_and_names_the_rows_it_skips() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("rows.csv");
+    synthetic_csv(&rows, 300, 38, &[]);
+    let (code, out, err) = run(darkwatch()
+        .args(["bench", "--frames", "100", "--json", "-", "--model"])
+        .arg(repo("models/smd-machine-1-6-mse"))
+        .arg("--input")
+        .arg(&rows));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v["data"], rows.display().to_string(), "{v}");
+    assert_eq!(v["data_rows"], 300, "{v}");
+    let skipped = v["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 2, "{v}");
+    assert_eq!(skipped[0]["name"], "wnll", "{v}");
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("probabilistic"),
+        "{v}"
+    );
+    let timed: Vec<&str> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(timed, ["mse", "mse", "max_abs", "max_abs"], "{v}");
+    assert!(v["rows"][0]["max_ns"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        err.contains("wnll                           skipped: score head"),
+        "{err}"
+    );
+    assert!(err.contains("data: 300 rows of"), "{err}");
+
+    let narrow = dir.path().join("narrow.csv");
+    synthetic_csv(&narrow, 300, 8, &[]);
+    let (code, out, err) = run(darkwatch()
+        .args(["bench", "--frames", "100", "--model"])
+        .arg(repo("models/smd-machine-1-6"))
+        .arg("--input")
+        .arg(&narrow));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("has 8 columns, the model takes 38"), "{err}");
+    assert!(!err.contains("timing"), "{err}");
+    assert!(out.is_empty(), "{out}");
+}
+
+/// A folder that holds models but is not one (`--model models`) is said as such, naming
+/// the models inside, not as `models/model.json: No such file or directory`.
+#[test]
+fn a_folder_of_models_is_not_a_model() {
+    let (code, _, err) = run(darkwatch()
+        .args(["bench", "--frames", "100", "--model"])
+        .arg(repo("models")));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("holds no model.json: not a model folder")
+            && err.contains("its subfolders smd-machine-1-6, smd-machine-1-6-mse are models"),
+        "{err}"
+    );
+}
+
 /// Too few frames for a p99 is a usage error, not a silent change of the request.
 #[test]
 fn bench_refuses_too_few_frames() {
-    let (code, _, err) = run(darkwatch().args(["bench", "--frames", "18446744073709551615"]));
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("would take hours"), "{err}");
+    for huge in ["18446744073709551615", "99999999999999999999999"] {
+        let (code, _, err) = run(darkwatch().args(["bench", "--frames", huge]));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("would take hours"), "{err}");
+    }
     let (code, _, err) = run(darkwatch().args(["bench", "--frames", "5"]));
     assert_eq!(code, 2, "{err}");
     assert!(

@@ -200,12 +200,41 @@ pub struct Model {
     pub cuda_unavailable: Option<String>,
 }
 
+/// For [`ModelError::NotAModel`]: the model folders directly inside `dir`, if any (`; its
+/// subfolders smd-machine-1-6 and … are models`), so that `--model models` points on.
+fn subfolder_hint(dir: &Path) -> String {
+    let mut models: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join(META_FILE).is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    models.sort_unstable();
+    match models.len() {
+        0 => String::new(),
+        1 => format!("; its subfolder {} is one", models[0]),
+        n if n <= 4 => format!("; its subfolders {} are models", models.join(", ")),
+        n => format!(
+            "; {n} of its subfolders are models, {} among them",
+            models[..3].join(", ")
+        ),
+    }
+}
+
 /// Why a model directory cannot be used. Each message names the file and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// The model folder itself is missing (said as such, not as its `model.json`).
     #[error("no model folder at {}: `darkwatch train --out {}` writes one", .path.display(), .path.display())]
     NoFolder { path: PathBuf },
+    /// A folder without `model.json`: not a model (a model's parent folder, say).
+    #[error(
+        "{} holds no {META_FILE}: not a model folder (`darkwatch train --out DIR` writes one{})",
+        .path.display(),
+        subfolder_hint(.path)
+    )]
+    NotAModel { path: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -423,9 +452,17 @@ impl Model {
             });
         }
         let meta_path = dir.join(META_FILE);
-        let text = fs::read_to_string(&meta_path).map_err(|source| ModelError::Io {
-            path: meta_path.clone(),
-            source,
+        let text = fs::read_to_string(&meta_path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound && dir.is_dir() {
+                ModelError::NotAModel {
+                    path: dir.to_path_buf(),
+                }
+            } else {
+                ModelError::Io {
+                    path: meta_path.clone(),
+                    source,
+                }
+            }
         })?;
         let meta: ModelMeta = serde_json::from_str(&text).map_err(|e| ModelError::Json {
             path: meta_path.clone(),
