@@ -1171,7 +1171,14 @@ mod tests {
         let col = |l: &str| l.find(" µs").unwrap();
         assert_eq!(col(at("mse ")), col(at(&label)), "{text}");
         assert!(at(&label).starts_with(&format!("{label} ")), "{text}");
-        assert!(at("mse ").contains("µs*     100"), "{text}");
+        assert!(
+            at("mse ").contains("1.10 µs*       1.1 µs     100"),
+            "{text}"
+        );
+        assert!(
+            text.contains("load average (1 min): 0.50 at the start, 0.60 at the end"),
+            "{text}"
+        );
         assert!(
             text.contains("*: p99 from fewer than 1000 samples"),
             "{text}"
