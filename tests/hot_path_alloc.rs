@@ -169,7 +169,7 @@ fn replay_sink_allocates_nothing_per_frame() {
 
 /// `[scores]`: the sink's send of a frame's score (queued, or dropped and counted when the
 /// queue is full) allocates nothing: the topics are shared, the queue is allocated once.
-/// (The sender alone: the agent's sink, which calls it per frame, is not public.)
+/// (The sender alone; the agent's sink around it is the next test.)
 #[test]
 fn score_sends_allocate_nothing_per_frame() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
