@@ -3308,6 +3308,88 @@ impl Sink for AgentSink {
     }
 }
 
+/// The agent's per-frame sink on its own, **for tests only** (not part of the API, hidden
+/// from the docs): `tests/hot_path_alloc.rs` runs its `accept` per frame under a counting
+/// allocator. It is built as [`run_with`] builds the sink: thresholds from the model's
+/// calibration, `[alert]` for this node, per-stream gauges when `[metrics] per_stream` is
+/// on (without serving `/metrics`), and `[scores]` into a score queue when `publish` is
+/// on; no MQTT client, no online retraining, nothing recorded. The agent itself does not
+/// use it.
+#[doc(hidden)]
+pub struct SinkProbe {
+    sink: AgentSink,
+    /// The agent's counters, as `/metrics` would read them.
+    pub counters: Arc<AgentCounters>,
+    /// The score queue's counters (`scores_dropped`).
+    pub mqtt: Arc<MqttStats>,
+    /// The alerts the sink publishes, as the MQTT client would take them.
+    pub alerts: mqtt::OutgoingReceiver,
+    /// The MQTT client's end of the score queue (held, never drained).
+    pub scores: Option<mqtt::ScoreReceiver>,
+}
+
+impl SinkProbe {
+    /// A sink for `model` under `cfg`, its slots 0, 1… holding `streams` (name and the
+    /// topic of its first message, which an ExaMon stream's identity is read from).
+    ///
+    /// # Errors
+    /// A threshold the model's calibration cannot build.
+    pub fn new(
+        cfg: &DarkwatchConfig,
+        model: &Detector,
+        streams: &[(&str, &str)],
+    ) -> Result<SinkProbe, AgentError> {
+        let counters = Arc::<AgentCounters>::default();
+        counters.stream_gauges.enable(cfg.metrics.per_stream);
+        let names: Vec<SlotName> = streams
+            .iter()
+            .map(|(name, topic)| SlotName {
+                name: (*name).to_string(),
+                generation: 0,
+                topic: (*topic).to_string(),
+            })
+            .collect();
+        let (out, alerts) = mqtt::outgoing_channel();
+        let mut sink = AgentSink::new(
+            cfg,
+            model,
+            Arc::new(Mutex::new(names)),
+            &cfg.mqtt,
+            out,
+            &counters,
+            false,
+        )?;
+        let stats = Arc::new(MqttStats::default());
+        let mut scores = None;
+        if cfg.scores.publish {
+            let (tx, rx) = mqtt::score_channel(&cfg.scores, stats.clone());
+            sink.score_out = Some(ScoreOut {
+                cfg: cfg.scores.clone(),
+                node: cfg.mqtt.node(),
+                sender: tx,
+            });
+            scores = Some(rx);
+        }
+        Ok(SinkProbe {
+            sink,
+            counters,
+            mqtt: stats,
+            alerts,
+            scores,
+        })
+    }
+
+    /// What the scorer thread calls once per micro-batch before its frames.
+    pub fn batch(&mut self, frames: usize) {
+        self.sink.batch(frames);
+    }
+
+    /// What the scorer thread calls per frame.
+    pub fn accept(&mut self, f: &ScoredFrame) {
+        self.sink.accept(f);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

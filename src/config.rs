@@ -853,22 +853,123 @@ impl DarkwatchConfig {
         Ok(())
     }
 
-    /// The effective configuration as TOML, for `print-config`: a set `[mqtt] password`
-    /// shows as `"<set>"`, with a comment that says so first, so that the output can be
-    /// pasted into a ticket and a saved copy does not pass for the real password.
+    /// The effective configuration as TOML, for `print-config`: every key of every
+    /// section, defaults included, in the structs' order. A key that is unset (an optional
+    /// key whose default is worked out later, such as `[alert] silence_secs`) has no TOML
+    /// value, so it shows as a comment at the top of its section (`# silence_secs is
+    /// unset: …`). A set `[mqtt] password` shows as `"<set>"`, with a comment that says so
+    /// first, so that the output can be pasted into a ticket and a saved copy does not
+    /// pass for the real password.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         let redacted = !shown.mqtt.password.is_empty();
         if redacted {
             shown.mqtt.password = REDACTED.into();
         }
-        let text = toml::to_string_pretty(&shown)
-            .unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
+        let mut text = String::new();
         if redacted {
-            format!(
-                "# [mqtt] password is shown as \"{REDACTED}\": put the real one back if you save this\n{text}"
-            )
-        } else {
+            text.push_str(&format!(
+                "# [mqtt] password is shown as \"{REDACTED}\": put the real one back if you save this\n"
+            ));
+        }
+        // Every field named, no `..`: a new section that is not printed does not compile.
+        let DarkwatchConfig {
+            model,
+            train,
+            score,
+            mss,
+            threshold,
+            alert,
+            pipeline,
+            input,
+            agent,
+            mqtt,
+            assemble,
+            examon,
+            telegraf,
+            raw,
+            spool,
+            metrics,
+            onnx,
+            cuda,
+            retrain,
+            sae,
+            alertmanager,
+            scores,
+        } = &shown;
+        let sections: [(&str, &dyn erased::Section); 22] = [
+            ("model", model),
+            ("train", train),
+            ("score", score),
+            ("mss", mss),
+            ("threshold", threshold),
+            ("alert", alert),
+            ("pipeline", pipeline),
+            ("input", input),
+            ("agent", agent),
+            ("mqtt", mqtt),
+            ("assemble", assemble),
+            ("examon", examon),
+            ("telegraf", telegraf),
+            ("raw", raw),
+            ("spool", spool),
+            ("metrics", metrics),
+            ("onnx", onnx),
+            ("cuda", cuda),
+            ("retrain", retrain),
+            ("sae", sae),
+            ("alertmanager", alertmanager),
+            ("scores", scores),
+        ];
+        for (i, (name, section)) in sections.into_iter().enumerate() {
+            if i > 0 {
+                text.push('\n');
+            }
+            text.push_str(&section.render(name));
+        }
+        text
+    }
+}
+
+/// One section of `print-config`, rendered on its own so that its unset keys can be
+/// written as comments under its header.
+mod erased {
+    use serde::Serialize;
+
+    pub(super) trait Section {
+        fn render(&self, name: &str) -> String;
+    }
+
+    impl<T: Serialize> Section for T {
+        fn render(&self, name: &str) -> String {
+            let one = std::collections::BTreeMap::from([(name, self)]);
+            let body = match toml::to_string_pretty(&one) {
+                Ok(body) => body,
+                Err(e) => return format!("[{name}]\n# cannot render this section: {e}\n"),
+            };
+            // The keys TOML has no value for: a `None` (JSON's null; TOML leaves the key
+            // out). A NaN is null too, but TOML writes it (`nan`), so it is not one.
+            let json = serde_json::to_value(self).unwrap_or_default();
+            let written = toml::from_str::<toml::Table>(&body).unwrap_or_default();
+            let written = written.get(name).and_then(toml::Value::as_table);
+            let unset: Vec<&String> = json
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| {
+                    v.is_null() && !written.is_some_and(|t| t.contains_key(k.as_str()))
+                })
+                .map(|(k, _)| k)
+                .collect();
+            let header = format!("[{name}]\n");
+            let rest = body.strip_prefix(&header).unwrap_or(&body);
+            let mut text = header;
+            for key in unset {
+                text.push_str(&format!(
+                    "# {key} is unset: its documented default applies (see README.md)\n"
+                ));
+            }
+            text.push_str(rest);
             text
         }
     }
@@ -1212,6 +1313,102 @@ mod tests {
         let (key, why) = cfg.validate().unwrap_err();
         assert_eq!(key, "scores.topic");
         assert!(why.contains("alert_topic"), "{why}");
+    }
+
+    /// The keys a section accepts, as its `Deserialize` knows them (serde lists them when
+    /// it refuses an unknown one, and every section denies unknown fields): `None` for the
+    /// top level. No list kept by hand, so a new key is checked as soon as it exists.
+    fn accepted_keys(section: Option<&str>) -> Vec<String> {
+        const PROBE: &str = "no_such_key_probe";
+        let text = match section {
+            Some(s) => format!("[{s}]\n{PROBE} = 0\n"),
+            None => format!("{PROBE} = 0\n"),
+        };
+        let err = toml::from_str::<DarkwatchConfig>(&text)
+            .unwrap_err()
+            .to_string();
+        let listed = err
+            .split_once(&format!("unknown field `{PROBE}`, expected "))
+            .unwrap_or_else(|| panic!("{section:?}: not serde's unknown-field message: {err}"))
+            .1;
+        let listed = listed.lines().next().unwrap_or_default();
+        let keys: Vec<String> = listed
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(String::from)
+            .collect();
+        assert!(!keys.is_empty(), "{section:?}: {err}");
+        keys
+    }
+
+    /// The keys `print-config` shows in `[section]`: set (`key = …`) or unset (`# key is
+    /// unset`), and the section's sub-tables (`[section.key]`).
+    fn printed_keys(text: &str, section: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut inside = false;
+        for line in text.lines() {
+            if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                inside = header == section;
+                if let Some(sub) = header.strip_prefix(&format!("{section}.")) {
+                    keys.push(sub.to_string());
+                }
+                continue;
+            }
+            if !inside {
+                continue;
+            }
+            if let Some((key, _)) = line.split_once(" = ") {
+                keys.push(key.to_string());
+            } else if let Some((key, _)) = line
+                .strip_prefix("# ")
+                .and_then(|l| l.split_once(" is unset: "))
+            {
+                keys.push(key.to_string());
+            }
+        }
+        keys
+    }
+
+    /// `print-config` leaves no key out: every key of every section that the config file
+    /// accepts is printed, set or unset, for the defaults and for a config with every
+    /// optional key set (`[sae] id_is_position = false` was left out).
+    #[test]
+    fn print_config_shows_every_key_of_every_section() {
+        let sections = accepted_keys(None);
+        assert!(sections.len() >= 22, "{sections:?}");
+        let mut set = DarkwatchConfig::default();
+        set.alert.silence_secs = Some(120.0);
+        set.assemble.stale_secs = Some(3.0);
+        set.sae.norm_scaling_factor = Some(0.5);
+        set.sae.id_is_position = true;
+        set.sae.skip_positions = Some(1);
+        set.mqtt.username = "ops".into();
+        set.mqtt.password = "hunter2".into();
+        for cfg in [DarkwatchConfig::default(), set] {
+            let text = cfg.to_toml();
+            for section in &sections {
+                let mut want = accepted_keys(Some(section));
+                let mut got = printed_keys(&text, section);
+                want.sort();
+                got.sort();
+                assert_eq!(got, want, "[{section}] in\n{text}");
+            }
+            // What is printed loads back as the same configuration, the password aside.
+            let mut loaded = load(Some(write(&text).path()), Vec::new()).unwrap();
+            if !cfg.mqtt.password.is_empty() {
+                assert_eq!(loaded.mqtt.password, REDACTED);
+                loaded.mqtt.password.clone_from(&cfg.mqtt.password);
+            }
+            assert_eq!(loaded, cfg);
+        }
+        let text = DarkwatchConfig::default().to_toml();
+        assert!(text.contains("\n[sae]\n"), "{text}");
+        assert!(text.contains("id_is_position = false"), "{text}");
+        assert!(
+            text.contains("# skip_positions is unset: its documented default applies"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -169,7 +169,7 @@ fn replay_sink_allocates_nothing_per_frame() {
 
 /// `[scores]`: the sink's send of a frame's score (queued, or dropped and counted when the
 /// queue is full) allocates nothing: the topics are shared, the queue is allocated once.
-/// (The sender alone: the agent's sink, which calls it per frame, is not public.)
+/// (The sender alone; the agent's sink around it is the next test.)
 #[test]
 fn score_sends_allocate_nothing_per_frame() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,5 +202,127 @@ fn score_sends_allocate_nothing_per_frame() {
     assert!(
         large.abs_diff(small) < 50,
         "allocations grew with score sends: {small} for 1k, {large} for 10k"
+    );
+}
+
+/// The agent's per-frame sink (thresholds, alert state, the per-stream gauge, the
+/// `[scores]` send) allocates nothing per frame once its streams have started: with
+/// `[scores] publish` on, per-stream metrics on and alerts configured (labels,
+/// annotations), one quiet stream and one whose alert fires at its start and keeps
+/// firing, its contributions adding to the episode's blame. Each run warms up (each
+/// stream's first frame, the firing) apart from the frames counted.
+#[test]
+fn the_agent_sink_allocates_nothing_per_frame() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    use darkwatch::agent::SinkProbe;
+    use darkwatch::config::DarkwatchConfig;
+    use darkwatch::detector::Detector;
+    use darkwatch::pipeline::Contribution;
+    use darkwatch::ring::FrameMeta;
+
+    const WARM_UP: u64 = 200;
+    let mut cfg = DarkwatchConfig::default();
+    cfg.scores.publish = true;
+    cfg.scores.interval_secs = 1.0;
+    cfg.metrics.per_stream = true;
+    cfg.alert
+        .labels
+        .insert("cluster".to_string(), "c1".to_string());
+    cfg.alert.annotations.insert(
+        "runbook_url".to_string(),
+        "https://runbooks.example/{stream}".to_string(),
+    );
+    cfg.alert.generator_url = "https://grafana.example/d/x?var-stream={stream}".to_string();
+    cfg.validate().unwrap();
+    // The calibration scores 0 to 0.999: the threshold lies below 1.
+    let mut model = synthetic(2, 1);
+    model.calibration_scores = (0..1000).map(|i| i as f32 / 1000.0).collect();
+    let model = Detector::Autoencoder(Arc::new(model));
+    let frame = |stream: u32, seq: u64| {
+        let mut f = ScoredFrame {
+            meta: FrameMeta {
+                seq,
+                stream,
+                // Frames half a second apart: every other one is published.
+                timestamp: 1.7e9 + seq as f64 * 0.5,
+                received_mono: Some(1.0),
+                ..FrameMeta::default()
+            },
+            latency_ns: 1_000,
+            ..ScoredFrame::default()
+        };
+        f.score = if stream == 0 {
+            // Quiet: the calibration's own range, below the threshold; one frame in 70 or
+            // so above SPOT's initial level adds a peak to its tail.
+            ((seq * 37) % 995) as f32 / 1000.0
+        } else {
+            1e6
+        };
+        f.frame_score = f.score;
+        f.n_top = 2;
+        f.top[0] = Contribution {
+            feature: (seq % 2) as u32,
+            value: 2.0,
+        };
+        f.top[1] = Contribution {
+            feature: 1 - (seq % 2) as u32,
+            value: 1.0,
+        };
+        f
+    };
+    let run = |frames: u64| {
+        let mut probe = SinkProbe::new(
+            &cfg,
+            &model,
+            &[
+                ("n1", "org/o/cluster/c/node/n1/plugin/p/chnl/data/cpu"),
+                ("n2", "org/o/cluster/c/node/n2/plugin/p/chnl/data/cpu"),
+            ],
+        )
+        .unwrap();
+        let feed = |probe: &mut SinkProbe, from: u64, to: u64| {
+            for seq in from..to {
+                if seq % 32 == 0 {
+                    probe.batch(64);
+                }
+                probe.accept(&frame(0, seq));
+                probe.accept(&frame(1, seq));
+            }
+        };
+        feed(&mut probe, 0, WARM_UP);
+        let firing = probe.counters.alerts_firing.load(Ordering::Relaxed);
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        feed(&mut probe, WARM_UP, WARM_UP + frames);
+        let after = ALLOCATIONS.load(Ordering::SeqCst);
+        let c = &probe.counters;
+        assert_eq!(
+            c.frames_scored.load(Ordering::Relaxed),
+            2 * (WARM_UP + frames)
+        );
+        // Stream n2 fired once, in the warm-up, and is still firing; n1 never fired.
+        assert_eq!(firing, 1);
+        assert_eq!(c.alerts_firing.load(Ordering::Relaxed), 1);
+        assert_eq!(c.alerts_resolved.load(Ordering::Relaxed), 0);
+        let alert = probe.alerts.try_recv().unwrap();
+        assert!(alert.topic.ends_with("/n2"), "{}", alert.topic);
+        assert!(probe.alerts.try_recv().is_err());
+        // Both streams' gauges are shown, with their ExaMon keys as labels.
+        let shown = c.stream_gauges.snapshot();
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert!(shown[0].3.contains("node=\"n1\""), "{shown:?}");
+        // Every other frame's score went to the queue (3 metrics each); past the queue's
+        // capacity they were dropped, counted.
+        let sent = 2 * (WARM_UP + frames).div_ceil(2);
+        let kept = cfg.scores.queue_capacity as u64;
+        assert_eq!(
+            probe.mqtt.scores_dropped.load(Ordering::Relaxed),
+            3 * sent.saturating_sub(kept)
+        );
+        after - before
+    };
+    let (small, large) = (run(1_000), run(10_000));
+    assert!(
+        large.abs_diff(small) < 50,
+        "allocations grew with frames through the agent sink: {small} for 1k frames per stream, {large} for 10k"
     );
 }

@@ -1021,6 +1021,55 @@ fn validate_names_file_key_and_exits_78() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// `[scores] topic_layout = "compact"` (`<org>/<cluster>/<plugin>/<node>/<metric>`) has a
+/// level for org, cluster and node only: `validate` refuses it (78, naming the key and the
+/// stream key) when `[examon] stream_key` names streams by another key, whose streams would
+/// share topics, and takes it when the stream keys are among org, cluster and node.
+#[test]
+fn validate_refuses_compact_score_topics_for_a_stream_key_they_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo("models/smd-machine-1-6");
+    let cfg = |stream_key: &str| {
+        let p = dir.path().join("scores.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[agent]\nmodel_dir = \"{}\"\nformat = \"examon\"\n[examon]\nstream_key = {stream_key}\n[scores]\npublish = true\ntopic_layout = \"compact\"\n",
+                model.display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    for (stream_key, other) in [
+        (r#"["node", "plugin"]"#, "plugin"),
+        (r#"["cluster", "node", "core"]"#, "core"),
+        (r#""cpu""#, "cpu"),
+    ] {
+        let (code, out, err) = run(darkwatch()
+            .args(["validate", "--config"])
+            .arg(cfg(stream_key)));
+        assert_eq!(code, 78, "{stream_key}: {out}{err}");
+        assert!(
+            err.contains("scores.toml: key `scores.topic_layout`: \"compact\" (<org>/<cluster>/<plugin>/<node>/<metric>) has no level for the stream key")
+                && err.contains(&format!("stream key \"{other}\" of [examon] stream_key"))
+                && err.contains("use \"legacy\""),
+            "{stream_key}: {err}"
+        );
+    }
+    for stream_key in [
+        r#"["node"]"#,
+        r#"["org", "cluster", "node"]"#,
+        r#""cluster""#,
+    ] {
+        let (code, out, err) = run(darkwatch()
+            .args(["validate", "--config"])
+            .arg(cfg(stream_key)));
+        assert_eq!(code, 0, "{stream_key}: {out}{err}");
+        assert!(!err.contains("topic_layout"), "{stream_key}: {err}");
+    }
+}
+
 /// `validate --agent` checks what `run` checks before it is ready: the model loads on its
 /// backend, its thresholds calibrate and the state folder takes files; plain `validate`
 /// reads the file and loads the model on the native kernels.

@@ -89,19 +89,16 @@ pub struct SaeConfig {
     /// "expected_average_only_in"` (SAELens keeps it outside the checkpoint, as its release
     /// registry's `norm_scaling_factor`): x·s goes in, x̂/s comes out. Unset: the factor
     /// `sae-head --norm-scaling-factor` recorded with the head, else none (a warning).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub norm_scaling_factor: Option<f32>,
     /// Whether a raw frame header's `id` is the in-prompt position of the message's first
     /// frame (0 at each prompt's first token; frame i is at id + i), rather than a counter.
     /// Only then are frames at positions below [`Self::skip_positions`] left unscored, and
     /// the ids are not taken as the frames' seqs (each stream counts its frames). Default
     /// false: every frame is scored, as before.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub id_is_position: bool,
     /// With `id_is_position`: frames at positions below this are not scored (BOS /
     /// attention-sink tokens). Unset: the `skip_positions` the head recorded (what its fit
     /// and calibration left out; 0 for a head written before darkwatch recorded it).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub skip_positions: Option<u64>,
 }
 
