@@ -117,6 +117,14 @@ fn split_levels<'t>(
     Ok(n)
 }
 
+/// `topic` less one leading '/': Telegraf keeps a rendered topic's leading '/' (a template
+/// that starts with one, or whose first level is a tag the metric lacks) since
+/// influxdata/telegraf#14582 (January 2024), earlier versions drop it, and the empty level
+/// carries nothing; either is read.
+fn without_leading_slash(topic: &str) -> &str {
+    topic.strip_prefix('/').unwrap_or(topic)
+}
+
 /// Whether `topic` has a Homie attribute level (`$homie`, `$name`, `$datatype`, ...).
 fn is_homie(topic: &str) -> bool {
     topic.split('/').any(|l| l.starts_with('$'))
@@ -297,6 +305,10 @@ impl TelegrafConfig {
             return Ok(());
         }
         let (least, most) = topic.level_counts();
+        let (least, most) = (
+            least + usize::from(topic.leading_slash),
+            most + usize::from(topic.leading_slash),
+        );
         let levels = if least == most {
             format!("{most}")
         } else {
@@ -305,9 +317,14 @@ impl TelegrafConfig {
         Err((
             "field_layout_topic",
             format!(
-                "{:?} makes topics of {levels} levels (the field last), and no [mqtt] subscribe \
-                 filter ({filters:?}) matches such topics: subscribe to them, e.g. {:?}",
+                "{:?} makes topics of {levels} levels (the field last{}), and no [mqtt] \
+                 subscribe filter ({filters:?}) matches such topics: subscribe to them, e.g. {:?}",
                 self.field_layout_topic.trim(),
+                if topic.leading_slash {
+                    ", an empty one first: Telegraf keeps a leading '/'"
+                } else {
+                    ""
+                },
                 topic.filter()
             ),
         ))
@@ -348,6 +365,9 @@ struct FieldTopic {
     levels: Vec<Level>,
     measurement: usize,
     stream: usize,
+    /// The template starts with '/': Telegraf (since influxdata/telegraf#14582) publishes
+    /// its topics with an empty first level (`/telegraf/n1/cpu/usage_user`).
+    leading_slash: bool,
 }
 
 impl FieldTopic {
@@ -357,13 +377,12 @@ impl FieldTopic {
             {{ .Tag \"key\" }} or + (any level)";
         let template = template.trim();
         let mut levels = Vec::new();
-        for level in template.split('/') {
-            let parsed = if level.is_empty() {
-                return Err(format!(
-                    "{template:?} has an empty level (a leading, trailing or doubled '/'): \
-                     Telegraf leaves empty levels out, so write the topic without them"
-                ));
-            } else if level == "+" {
+        // Telegraf drops the empty levels of the rendered topic (a doubled or trailing
+        // '/', a missing tag's level) and, since influxdata/telegraf#14582, keeps a leading '/'; an empty
+        // level here is dropped likewise, and the leading '/' remembered.
+        let leading_slash = template.starts_with('/');
+        for level in template.split('/').filter(|l| !l.is_empty()) {
+            let parsed = if level == "+" {
                 Level::Any
             } else if level.contains(['{', '}']) {
                 let inner = level
@@ -477,6 +496,7 @@ impl FieldTopic {
             levels,
             measurement,
             stream,
+            leading_slash,
         })
     }
 
@@ -489,6 +509,9 @@ impl FieldTopic {
     /// A subscription filter for the topics: the fixed leading levels, then `#`.
     fn filter(&self) -> String {
         let mut f = String::new();
+        if self.leading_slash {
+            f.push('/');
+        }
         for level in &self.levels {
             match level {
                 Level::Literal(l) => f.push_str(l),
@@ -501,13 +524,29 @@ impl FieldTopic {
     }
 
     /// Whether subscription filter `filter` (`{node}` counted as any level, a `$share/g/`
-    /// prefix dropped) can match one of the topics.
+    /// prefix dropped) can match one of the topics. As Telegraf publishes
+    /// them: with an empty first level where the template starts with '/', or where its
+    /// first level is a tag the metric lacks; without one otherwise.
     fn can_carry(&self, filter: &str) -> bool {
         let filter = match filter.strip_prefix("$share/") {
             Some(rest) => rest.split_once('/').map_or("", |(_, f)| f),
             None => filter,
         };
         let levels: Vec<&str> = filter.split('/').collect();
+        let plain = !self.leading_slash;
+        let slashed = self.leading_slash || self.levels.first().is_some_and(Level::optional);
+        (plain && self.carries(&levels))
+            || (slashed
+                && match levels.split_first() {
+                    Some((&"#", _)) => true,
+                    Some((&("" | "+"), rest)) => self.carries(rest),
+                    _ => false,
+                })
+    }
+
+    /// Whether filter levels `levels` can match one of the topics less a leading empty
+    /// level.
+    fn carries(&self, levels: &[&str]) -> bool {
         let (least, most) = self.level_counts();
         let (compared, fits) = match levels.iter().position(|l| *l == "#") {
             Some(at) => (at, at <= most),
@@ -523,7 +562,7 @@ impl FieldTopic {
         fits && self
             .levels
             .iter()
-            .zip(&levels)
+            .zip(levels)
             .take(compared.min(aligned))
             .all(|(t, f)| match t {
                 Level::Literal(l) => *f == "+" || f.starts_with('{') || f == l,
@@ -537,7 +576,7 @@ impl FieldTopic {
     /// [`TOPIC_AMBIGUOUS`]).
     fn fits(&self, topic: &str) -> bool {
         let mut levels = [""; MAX_TOPIC_LEVELS + 1];
-        let Ok(n) = split_levels(topic, &mut levels) else {
+        let Ok(n) = split_levels(without_leading_slash(topic), &mut levels) else {
             return false;
         };
         match levels[..n].split_last() {
@@ -723,7 +762,7 @@ impl TelegrafDecoder {
             return Err(DecodeError::BadPayload(HOMIE_V4));
         }
         let mut levels = [""; MAX_TOPIC_LEVELS + 1];
-        let n = split_levels(topic, &mut levels)?;
+        let n = split_levels(without_leading_slash(topic), &mut levels)?;
         let (field, before) = match levels[..n].split_last() {
             Some((field, before)) if !field.is_empty() => (*field, before),
             _ => return Err(DecodeError::BadTopic(TOPIC_MISMATCH)),
@@ -740,50 +779,73 @@ impl TelegrafDecoder {
                     _ => None,
                 })
         };
-        // The tags in the topic as `k=v,…`, and their hash, as for the other layouts.
-        let mut tags_text = String::new();
-        let mut hash = 0u64;
-        for (level, value) in field_topic.levels.iter().zip(got) {
-            if let (Level::Tag { key, .. }, Some(v)) = (level, value) {
-                if !tags_text.is_empty() {
-                    tags_text.push(',');
-                }
-                tags_text.push_str(key);
-                tags_text.push('=');
-                tags_text.push_str(v);
-                hash = hash.wrapping_add(tag_hash(key, v));
-            }
-        }
-        let origin = Origin {
-            hash: hash.max(1),
-            text: &tags_text,
-        };
         // The stream's and the measurement's levels are never optional.
         let (Some(stream), Some(measurement)) =
             (got[field_topic.stream], got[field_topic.measurement])
         else {
             return Err(DecodeError::BadTopic(TOPIC_MISMATCH));
         };
-        let timestamp = match fallback_time(receive_time) {
-            Ok(t) => t,
-            Err(e) => {
-                out(Err(e), origin);
-                return Ok(());
-            }
+        let tags = || {
+            field_topic
+                .levels
+                .iter()
+                .zip(got)
+                .filter_map(|(level, value)| match (level, value) {
+                    (Level::Tag { key, .. }, Some(v)) => Some((key.as_str(), v)),
+                    _ => None,
+                })
         };
-        let prefix = name_prefix(Cow::Borrowed(measurement), &self.cfg.name_tags, |k| {
-            tag(k).map(Cow::Borrowed)
-        });
-        emit(
-            out,
-            name,
-            &prefix,
-            field,
-            stream,
-            field_value(text),
-            timestamp,
-            origin,
-        );
+        // One buffer, sized once, holds the tags in the topic as `k=v,…` (the origin's
+        // text, as for the other layouts) and then the metric's name.
+        let tags_len: usize = tags().map(|(k, v)| k.len() + v.len() + 2).sum();
+        let name_len = measurement.len()
+            + 1
+            + field.len()
+            + self
+                .cfg
+                .name_tags
+                .iter()
+                .filter_map(|k| tag(k))
+                .map(|v| v.len() + 1)
+                .sum::<usize>();
+        name.clear();
+        name.reserve(tags_len + name_len);
+        let mut hash = 0u64;
+        for (k, v) in tags() {
+            push_tag(name, &mut hash, k, v);
+        }
+        let tags_end = name.len();
+        let hash = hash.max(1);
+        let value = fallback_time(receive_time)
+            .and_then(|timestamp| field_value(text).map(|value| (timestamp, value)));
+        match value {
+            Ok((timestamp, value)) => {
+                name.push_str(measurement);
+                push_name_tags(name, &self.cfg.name_tags, |k| tag(k).map(Cow::Borrowed));
+                name.push('.');
+                name.push_str(field);
+                let (tags_text, metric) = name.split_at(tags_end);
+                out(
+                    Ok(Sample {
+                        stream: Cow::Borrowed(stream),
+                        metric: Cow::Borrowed(metric),
+                        value,
+                        timestamp,
+                    }),
+                    Origin {
+                        hash,
+                        text: tags_text,
+                    },
+                );
+            }
+            Err(e) => out(
+                Err(e),
+                Origin {
+                    hash,
+                    text: name.as_str(),
+                },
+            ),
+        }
         Ok(())
     }
 
@@ -862,13 +924,7 @@ impl TelegrafDecoder {
         let mut hash = 0u64;
         for (k, v) in tags.into_iter().flatten() {
             if let Some(v) = v.as_str() {
-                if !tags_text.is_empty() {
-                    tags_text.push(',');
-                }
-                tags_text.push_str(k);
-                tags_text.push('=');
-                tags_text.push_str(v);
-                hash = hash.wrapping_add(tag_hash(k, v));
+                push_tag(tags_text, &mut hash, k, v);
             }
         }
         let origin = Origin {
@@ -983,6 +1039,18 @@ fn tag_hash(k: &str, v: &str) -> u64 {
     fnv1a(fnv1a(FNV_START, k.as_bytes()) ^ 0x3d, v.as_bytes())
 }
 
+/// Adds tag `k=v` to a tag set's text (`k=v,…`, as written) and its hash ([`tag_hash`]'s
+/// sum): the field layout's and JSON's tags, named and told apart as line protocol's are.
+fn push_tag(text: &mut String, hash: &mut u64, k: &str, v: &str) {
+    if !text.is_empty() {
+        text.push(',');
+    }
+    text.push_str(k);
+    text.push('=');
+    text.push_str(v);
+    *hash = hash.wrapping_add(tag_hash(k, v));
+}
+
 /// Byte offset in `series` where the tags (what `parts` has left) start.
 fn parts_offset(series: &str, parts: &Splitter<'_>) -> usize {
     parts.rest.map_or(series.len(), |r| {
@@ -1003,12 +1071,23 @@ fn line_tag<'l>(series: &'l str, key: &str) -> Option<Cow<'l, str>> {
 fn name_prefix<'a, 'b>(
     measurement: Cow<'a, str>,
     name_tags: &[String],
-    mut tag: impl FnMut(&str) -> Option<Cow<'b, str>>,
+    tag: impl FnMut(&str) -> Option<Cow<'b, str>>,
 ) -> Cow<'a, str> {
     if name_tags.is_empty() {
         return measurement;
     }
     let mut p = measurement.into_owned();
+    push_name_tags(&mut p, name_tags, tag);
+    Cow::Owned(p)
+}
+
+/// Appends to a metric name's prefix `p` the value of each `name_tags` tag that `tag`
+/// finds (and is not empty), each after a dot.
+fn push_name_tags<'b>(
+    p: &mut String,
+    name_tags: &[String],
+    mut tag: impl FnMut(&str) -> Option<Cow<'b, str>>,
+) {
     for key in name_tags {
         if let Some(v) = tag(key)
             && !v.is_empty()
@@ -1017,7 +1096,6 @@ fn name_prefix<'a, 'b>(
             p.push_str(&v);
         }
     }
-    Cow::Owned(p)
 }
 
 /// Hands one field's sample (named `<prefix>.<field>` in the reused `name`, the prefix
@@ -1619,6 +1697,98 @@ mod tests {
         );
     }
 
+    /// Telegraf's MQTT output drops the empty levels of its rendered topic and, since
+    /// influxdata/telegraf#14582 (January 2024), keeps a leading '/' (plugins/outputs/mqtt/mqtt.go, `generateTopic`). A template
+    /// with empty levels is read as Telegraf renders it, and a topic's leading '/' is read
+    /// whether or not Telegraf kept it. Such templates used to be refused.
+    #[test]
+    fn empty_levels_and_a_leading_slash_are_read_as_telegraf_publishes_them() {
+        let parse = |t: &str| FieldTopic::parse(t, "host").unwrap();
+        // Doubled and trailing '/' are dropped: the same template as without them.
+        assert_eq!(
+            parse("telegraf//{{ .Hostname }}/{{ .PluginName }}/"),
+            parse(DEFAULT_TOPIC)
+        );
+        let slash = parse("/telegraf/{{ .Hostname }}/{{ .PluginName }}");
+        assert!(slash.leading_slash && !parse(DEFAULT_TOPIC).leading_slash);
+        assert_eq!(slash.levels, parse(DEFAULT_TOPIC).levels);
+        assert_eq!(slash.filter(), "/telegraf/#");
+
+        let d = field_dec("/telegraf/{{ .Hostname }}/{{ .PluginName }}", &[]);
+        let want = Ok((
+            vec![(s("n1", "cpu.usage_user", 2.5, 50.0), "host=n1".into())],
+            vec![],
+        ));
+        // Telegraf publishes the empty first level; versions before #14582 drop it.
+        assert_eq!(field_run(&d, "/telegraf/n1/cpu/usage_user", "2.5"), want);
+        assert_eq!(field_run(&d, "telegraf/n1/cpu/usage_user", "2.5"), want);
+        // One empty level more is no topic Telegraf publishes.
+        for topic in [
+            "//telegraf/n1/cpu/usage_user",
+            "/telegraf//n1/cpu/usage_user",
+            "/telegraf/n1/cpu/",
+            "/",
+        ] {
+            assert_eq!(
+                field_run(&d, topic, "1"),
+                Err(DecodeError::BadTopic(TOPIC_MISMATCH)),
+                "{topic:?}"
+            );
+        }
+        // A first level that is a tag the metric lacks renders as a leading '/' too.
+        let site = field_dec(
+            r#"{{ .Tag "site" }}/telegraf/{{ .Hostname }}/{{ .PluginName }}"#,
+            &[],
+        );
+        assert_eq!(field_run(&site, "/telegraf/n1/cpu/usage_user", "2.5"), want);
+        assert_eq!(
+            field_run(&site, "s1/telegraf/n1/cpu/usage_user", "2.5"),
+            Ok((
+                vec![(
+                    s("n1", "cpu.usage_user", 2.5, 50.0),
+                    "site=s1,host=n1".into()
+                )],
+                vec![]
+            ))
+        );
+
+        // Subscriptions: a filter must carry the topics as Telegraf now publishes them.
+        let check = |template: &str, filters: &[&str]| {
+            TelegrafConfig {
+                field_layout_topic: template.into(),
+                ..Default::default()
+            }
+            .check_subscriptions(&filters.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>())
+        };
+        let slashed = "/telegraf/{{ .Hostname }}/{{ .PluginName }}";
+        for ok in [
+            &["/telegraf/#"][..],
+            &["#"],
+            &["/#"],
+            &["+/#"],
+            &["/telegraf/{node}/#"],
+            &["+/telegraf/+/+/+"],
+            &["$share/g//telegraf/+/cpu/+"],
+        ] {
+            assert_eq!(check(slashed, ok), Ok(()), "{ok:?}");
+        }
+        for bad in [&["telegraf/#"][..], &["/telegraf/+/+"], &["/other/#"]] {
+            let (key, why) = check(slashed, bad).unwrap_err();
+            assert_eq!(key, "field_layout_topic");
+            assert!(
+                why.contains("5 levels")
+                    && why.contains("leading '/'")
+                    && why.contains("\"/telegraf/#\""),
+                "{why}"
+            );
+        }
+        // Without a leading '/' in the template, none comes unless a first tag is missing.
+        assert!(check(DEFAULT_TOPIC, &["/telegraf/#"]).is_err());
+        let site = r#"{{ .Tag "site" }}/telegraf/{{ .Hostname }}/{{ .PluginName }}"#;
+        assert_eq!(check(site, &["/telegraf/#"]), Ok(()));
+        assert_eq!(check(site, &["s1/telegraf/#"]), Ok(()));
+    }
+
     /// `field_layout_topic` with another input format did nothing, without a word; it is
     /// refused, naming the format.
     #[test]
@@ -1715,10 +1885,6 @@ mod tests {
             &["+ stands alone"],
         );
         has(
-            err("/telegraf/{{ .Hostname }}/{{ .PluginName }}", "host"),
-            &["empty level"],
-        );
-        has(
             err(
                 "t/{{ .Hostname }}/{{ .PluginName }}/{{ .PluginName }}",
                 "host",
@@ -1749,6 +1915,9 @@ mod tests {
             // Telegraf 1.35's spellings.
             r#"telegraf/{{ .Tag "host" }}/{{ .Name }}"#,
             "telegraf/{{.Hostname}}/{{.Name}}",
+            // Empty levels, dropped as Telegraf drops them.
+            "/telegraf/{{ .Hostname }}/{{ .PluginName }}",
+            "telegraf//{{ .Hostname }}/{{ .PluginName }}/",
             "",
         ] {
             let cfg = TelegrafConfig {
