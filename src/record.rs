@@ -283,7 +283,7 @@ enum Phase {
         names: BTreeMap<String, BTreeSet<String>>,
     },
     Record {
-        asm: Assembler,
+        asm: Box<Assembler>,
     },
 }
 
@@ -503,7 +503,7 @@ impl Recorder {
         );
         self.summary.stream = stream;
         self.summary.features = features;
-        self.phase = Phase::Record { asm };
+        self.phase = Phase::Record { asm: Box::new(asm) };
         for msg in held {
             self.assemble_msg(&msg.as_received());
             self.emit(Some(msg.received_mono))?;
@@ -600,7 +600,7 @@ impl Recorder {
             Phase::Discover {
                 until: None, held, ..
             } => format!(
-                "waiting for metrics ({}; {} messages, none decoded; refused: see the summary)",
+                "waiting for metrics ({}; {} messages, none decoded yet)",
                 if connected {
                     "connected"
                 } else {

@@ -260,6 +260,38 @@ fn several_streams_are_refused_unless_one_is_named() {
 }
 
 #[test]
+fn an_interrupted_recording_keeps_its_rows_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = broker();
+    let cfg = config(dir.path(), port, "");
+    let out = dir.path().join("rec.csv");
+    let t0 = t0();
+    let p = started(
+        &cfg,
+        &out,
+        &["--discover-secs", "0.3", "--progress-secs", "0.2"],
+    );
+    publish_all(
+        port,
+        &(0..6)
+            .flat_map(|i| window("n1", t0, i, &[]))
+            .collect::<Vec<_>>(),
+    );
+    // Windows 0..=3 close by the data (lateness 1), and are on disk before the stop.
+    wait_for("4 rows", || p.stderr().contains("4 rows written"));
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 5);
+    p.signal("INT");
+    let (status, err) = exit_of(p);
+    assert!(status.success(), "{err}");
+    // The stop closes the open windows 4 and 5, as the agent's stop does.
+    assert!(err.contains("done (signal): 6 rows written"), "{err}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.ends_with('\n'), "{text}");
+    assert_eq!(text.lines().count(), 7, "{text}");
+    assert!(text.lines().all(|l| l.split(',').count() == 3), "{text}");
+}
+
+#[test]
 fn a_bad_configuration_exits_78_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("rec.csv");
