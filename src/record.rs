@@ -871,7 +871,17 @@ pub fn record(
             return Err(e);
         }
     };
-    let summary = rec.finish(ended_by)?;
+    let summary = match rec.finish(ended_by) {
+        Ok(s) => s,
+        Err(e) => {
+            // Stopped in discovery with a refusal (several streams): no header, no file.
+            if !rec.recording() {
+                drop(rec);
+                let _ = std::fs::remove_file(&out);
+            }
+            return Err(e);
+        }
+    };
     if !had_header {
         drop(rec);
         let _ = std::fs::remove_file(&out);
