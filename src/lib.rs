@@ -28,6 +28,8 @@
 //! - [`harness`]: trains and replays every SMD machine and ODDS table given, one table of metrics.
 //! - [`hitrate`]: OmniAnomaly's HitRate of the culprit metrics on interpretation labels (harness, replay).
 //! - [`plot`]: the replay score plot (PNG with threshold, alert and label spans).
+//! - [`record`]: `darkwatch record`: the frames the agent would assemble from MQTT, to a
+//!   training CSV.
 //! - [`outputs`]: the check that a command's output files overwrite none of its inputs or
 //!   its model's files.
 //! - [`bench`]: the operator-facing latency and throughput summary.
@@ -52,6 +54,7 @@ pub mod mss;
 pub mod outputs;
 pub mod pipeline;
 pub mod plot;
+pub mod record;
 pub mod replay;
 pub mod retrain;
 pub mod ring;

@@ -173,6 +173,57 @@ not restart it), 1 for other failures.")]
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Record training data from MQTT: subscribe with the agent's configuration and write
+    /// the frames the agent would assemble (its decoders, `[assemble]` windows and
+    /// aggregation) to a CSV that `darkwatch train --input` reads: a `timestamp` column (the
+    /// window's end; `[input] timestamp_column` if set), then one column per metric.
+    #[command(after_help = "\
+The metric names are discovered: for --discover-secs from the first sample every message
+is held and the names of each stream's metrics collected; the file's columns are the
+recorded stream's names, sorted (or --metrics / --metrics-from, fixed), and the held
+messages are then assembled as they came. A metric first seen later is counted and named
+in the summary, not written. Windows with a metric missing are left out and counted. One
+stream per file: several in discovery are refused unless --stream names one.
+
+Stops on SIGINT/SIGTERM, after --frames rows or --secs seconds; rows are written whole as
+they close, so an interrupted recording keeps them. Progress on stderr every
+--progress-secs, a summary line at the end.
+
+Exit status: 0 with rows written, 78 for a configuration error, 1 otherwise (an existing
+--out without --force, several streams, nothing received).")]
+    Record {
+        /// The agent's configuration file ([agent] format, [mqtt], [examon]/[telegraf],
+        /// [assemble]).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// CSV file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Seconds of discovery from the first sample (default: 3 × [assemble] window_secs).
+        #[arg(long)]
+        discover_secs: Option<f64>,
+        /// The features, comma-separated, instead of discovering them.
+        #[arg(long, value_delimiter = ',', conflicts_with = "metrics_from")]
+        metrics: Option<Vec<String>>,
+        /// Take the features of this model folder (to record more data for a model).
+        #[arg(long)]
+        metrics_from: Option<PathBuf>,
+        /// The stream to record (a node: Telegraf's host tag, ExaMon's node).
+        #[arg(long)]
+        stream: Option<String>,
+        /// Stop after this many rows.
+        #[arg(long)]
+        frames: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        secs: Option<f64>,
+        /// Seconds between progress lines.
+        #[arg(long, default_value_t = 5.0)]
+        progress_secs: f64,
+    },
     /// Everything on this machine: an embedded broker, a publisher replaying a recorded
     /// stream as ExaMon messages, the agent, and a subscriber counting alerts.
     Demo {
@@ -683,6 +734,60 @@ fn signal_runtime() -> Result<(
         ))
     })?;
     Ok((rt, term, hup))
+}
+
+/// `darkwatch record`: training rows from MQTT until SIGTERM/SIGINT, `--frames` or `--secs`.
+fn record(
+    config: Option<&Path>,
+    mut opts: darkwatch::record::RecordOptions,
+    metrics_from: Option<&Path>,
+) -> Result<()> {
+    let cfg = load_config(config)?;
+    for (flag, v) in [
+        ("--discover-secs", opts.discover_secs),
+        ("--secs", opts.secs),
+    ] {
+        if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            anyhow::bail!("{flag} must be a positive number of seconds");
+        }
+    }
+    if opts.frames == Some(0) {
+        anyhow::bail!("--frames must be at least 1");
+    }
+    if let Some(dir) = metrics_from {
+        let model = Detector::load_configured(dir, &cfg)
+            .with_context(|| format!("--metrics-from {}", dir.display()))?;
+        opts.metrics = Some(model.frame_features().to_vec());
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (rt, mut term, mut hup) = signal_runtime()?;
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("darkwatch-signals".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    loop {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => break,
+                            _ = term.recv() => break,
+                            _ = hup.recv() => {}
+                        }
+                    }
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
+            })?;
+    }
+    match darkwatch::record::record(&cfg, opts, &stop) {
+        Ok(_) => Ok(()),
+        Err(darkwatch::record::RecordError::Config { key, reason }) => Err(ConfigError::Invalid {
+            file: config_name(config),
+            key,
+            reason,
+        }
+        .into()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `darkwatch alertmanager`: the bridge, with SIGTERM/SIGINT stopping it (after the batch
@@ -1422,6 +1527,31 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Alertmanager { config } => alertmanager(config.as_deref()),
+        Command::Record {
+            config,
+            out,
+            force,
+            discover_secs,
+            metrics,
+            metrics_from,
+            stream,
+            frames,
+            secs,
+            progress_secs,
+        } => record(
+            config.as_deref(),
+            darkwatch::record::RecordOptions {
+                out,
+                force,
+                metrics,
+                stream,
+                discover_secs,
+                frames,
+                secs,
+                progress_secs,
+            },
+            metrics_from.as_deref(),
+        ),
         Command::Demo {
             model,
             input,
