@@ -913,6 +913,12 @@ impl TelegrafDecoder {
                 Some(t) => scaled_time(t, self.cfg.json_timestamp_units, || n.to_string())?,
                 None => return Err(DecodeError::TimestampInvalid(clip(&n.to_string()))),
             },
+            // Telegraf's `json_timestamp_format` (a Go layout) writes a string: RFC 3339 and
+            // ISO 8601 date-times are read, other layouts refused.
+            Some(Value::String(text)) => match super::time::parse_datetime(text.trim()) {
+                Some(t) if t >= 0.0 => t,
+                _ => return Err(DecodeError::TimestampInvalid(clip(text))),
+            },
             Some(other) => return Err(DecodeError::TimestampInvalid(clip(&other.to_string()))),
         };
         let Some(fields) = obj.get("fields").and_then(Value::as_object) else {
@@ -2041,6 +2047,25 @@ mod tests {
             TelegrafConfig::default().json_timestamp_units,
             Precision::Auto
         );
+        // `json_timestamp_format` writes strings: RFC 3339 (Go's RFC3339 and RFC3339Nano
+        // layouts) and ISO 8601 are read; other layouts, and a time before 1970, are refused.
+        for (ts, want) in [
+            ("\"2023-11-14T22:13:20Z\"", 1_700_000_000.0),
+            ("\"2023-11-14T23:13:20.5+01:00\"", 1_700_000_000.5),
+            ("\"2023-11-14 22:13:20\"", 1_700_000_000.0),
+        ] {
+            let (ok, errs) = run(&dec(), &msg(ts), 0.0);
+            assert_eq!(errs, Vec::<&str>::new(), "{ts}");
+            assert_eq!(ok[0].3, want, "{ts}");
+        }
+        for ts in [
+            "\"Nov 14 22:13:20\"",
+            "\"1969-12-31T00:00:00Z\"",
+            "\"\"",
+            "true",
+        ] {
+            assert_eq!(run(&dec(), &msg(ts), 0.0).1, ["timestamp_invalid"], "{ts}");
+        }
         // Line protocol tells each timestamp's unit by its size by default (an operator's
         // trial: Telegraf's `precision = "1ms"` lines were read as nanoseconds, so 1970);
         // a unit named in the configuration wins.

@@ -110,7 +110,9 @@ impl Cursor<'_> {
     }
 }
 
-fn parse_datetime(text: &str) -> Option<f64> {
+/// A date-time (RFC 3339 or ISO 8601's extended form, above) in epoch seconds; `None` for
+/// anything else, plain numbers included.
+pub(crate) fn parse_datetime(text: &str) -> Option<f64> {
     let mut c = Cursor {
         b: text.as_bytes(),
         i: 0,
