@@ -277,9 +277,11 @@ pub struct AgentCounters {
     /// Raw frames left unscored at an in-prompt position below `[sae] skip_positions`
     /// (`[sae] id_is_position`): BOS / attention-sink tokens.
     pub frames_skipped: AtomicU64,
-    /// ExaMon messages on a `[scores] plugin` topic (`…/plugin/examon-ai_pub/…`): scores,
-    /// this agent's or another's, that the subscription matched; not decoded.
-    pub score_messages_ignored: AtomicU64,
+    /// Messages on darkwatch's own output topics (alerts, status, scores: this agent's or
+    /// another darkwatch's, see [`crate::mqtt::OwnTopics`]) and ExaMon messages on a
+    /// `[scores] plugin` topic (`…/plugin/examon-ai_pub/…`) that the subscription matched;
+    /// not decoded.
+    pub own_messages_ignored: AtomicU64,
     /// Each stream's latest score and threshold (`[metrics] per_stream`), set by the sink.
     pub stream_gauges: crate::metrics::StreamGauges,
     model_id: Mutex<String>,
@@ -1366,6 +1368,8 @@ fn name_hash(name: &str) -> u64 {
 /// the [`Feed`]).
 struct AgentSource {
     decoder: Decoder,
+    /// darkwatch's own output topics, skipped before decoding.
+    own_topics: crate::mqtt::OwnTopics,
     assembler: Assembler,
     streams: StreamNames,
     counters: Arc<AgentCounters>,
@@ -1423,6 +1427,7 @@ impl AgentSource {
         subscribe: &[String],
     ) -> Result<AgentSource, AgentError> {
         Ok(AgentSource {
+            own_topics: crate::mqtt::OwnTopics::of(&cfg.mqtt, &cfg.scores),
             decoder: match cfg.agent.format {
                 InputFormat::Examon => {
                     Decoder::Examon(cfg.examon.build().with_score_plugin(&cfg.scores.plugin))
@@ -1622,6 +1627,14 @@ impl AgentSource {
     /// Returns the frames pushed to the ring directly (raw input only).
     fn take(&mut self, msg: &Received<'_>, producer: Option<(&mut FrameProducer, &Clock)>) -> u64 {
         self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        // darkwatch's own alerts, status and scores (this agent's, on a wide subscription,
+        // or another darkwatch's) are not input: counted apart, never refused or logged.
+        if self.own_topics.matches(msg.topic) {
+            self.counters
+                .own_messages_ignored
+                .fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
         let format = self.decoder.format();
         let AgentSource {
             decoder,
@@ -1713,11 +1726,11 @@ impl AgentSource {
             }
         };
         match decoder {
-            // Scores (this agent's, on its own subscription, or another darkwatch's) are
-            // not input: counted apart, never refused or logged.
+            // ExaMon score topics (…/plugin/examon-ai_pub/…, this agent's or another
+            // darkwatch's) likewise.
             Decoder::Examon(d) if d.is_score_topic(msg.topic) => {
                 counters
-                    .score_messages_ignored
+                    .own_messages_ignored
                     .fetch_add(1, Ordering::Relaxed);
             }
             Decoder::Examon(d) => match d.decode(msg.topic, msg.payload) {
@@ -3423,6 +3436,7 @@ mod tests {
     fn source_with(cfg: &DarkwatchConfig) -> AgentSource {
         let features: Vec<String> = vec!["a".into(), "b".into()];
         AgentSource {
+            own_topics: crate::mqtt::OwnTopics::default(),
             decoder: Decoder::Examon(cfg.examon.build()),
             assembler: cfg.assemble.build(features).unwrap(),
             streams: Arc::default(),

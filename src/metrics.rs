@@ -308,9 +308,9 @@ pub fn render(e: &Exposed) -> String {
             load(&c.frames_skipped),
         ),
         (
-            "darkwatch_score_messages_ignored_total",
-            "ExaMon messages on a [scores] plugin topic (…/plugin/examon-ai_pub/…) that the subscription matched: scores, this agent's or another darkwatch's, not input; not decoded and not counted as rejected.",
-            load(&c.score_messages_ignored),
+            "darkwatch_own_messages_ignored_total",
+            "Messages on darkwatch's own output topics that the subscription matched: [mqtt] alert_topic, status_topic and [scores] topic (any node), and ExaMon [scores] plugin topics (…/plugin/examon-ai_pub/…); this agent's or another darkwatch's, not input: not decoded and not counted as rejected.",
+            load(&c.own_messages_ignored),
         ),
         (
             "darkwatch_mqtt_incoming_dropped_total",

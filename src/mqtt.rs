@@ -465,6 +465,92 @@ fn topic_safe(stream: &str) -> String {
         .collect()
 }
 
+/// darkwatch's own output topics (alerts, status, scores), as patterns its input skips: a
+/// subscription as wide as `#` would otherwise read the agent's own messages (and another
+/// darkwatch's on a shared broker) as input, and refuse them by the hundred (an operator's
+/// trial: 26 `bad_payload` in 8 s against 32 real messages). Each template level is a
+/// literal, a placeholder matching one level (`{node}`, `{metric}`), or `{stream}`, which
+/// matches one level or more ([`topic_safe`] keeps a stream's `/`). Templates with no
+/// literal level would match every topic and are left out. Matching allocates nothing.
+#[derive(Debug, Clone, Default)]
+pub struct OwnTopics {
+    templates: Vec<Vec<OwnLevel>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum OwnLevel {
+    Literal(String),
+    One,
+    Many,
+}
+
+impl OwnTopics {
+    /// The patterns of `templates` (those with at least one literal level).
+    pub fn new<'a>(templates: impl IntoIterator<Item = &'a str>) -> OwnTopics {
+        let templates = templates
+            .into_iter()
+            .map(|t| {
+                t.split('/')
+                    .map(|level| match level {
+                        "{stream}" => OwnLevel::Many,
+                        l if l.contains(['{', '}']) => OwnLevel::One,
+                        l => OwnLevel::Literal(l.to_string()),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .filter(|levels| levels.iter().any(|l| matches!(l, OwnLevel::Literal(_))))
+            .collect();
+        OwnTopics { templates }
+    }
+
+    /// The agent's output topics under `cfg`: `alert_topic`, `status_topic` and `[scores]
+    /// topic` (whether or not this agent publishes scores: another darkwatch may).
+    pub fn of(cfg: &MqttConfig, scores: &ScoresConfig) -> OwnTopics {
+        OwnTopics::new([
+            cfg.alert_topic.as_str(),
+            cfg.status_topic.as_str(),
+            scores.topic.as_str(),
+        ])
+    }
+
+    /// Whether `topic` is one of those outputs.
+    pub fn matches(&self, topic: &str) -> bool {
+        self.templates.iter().any(|t| levels_match(t, Some(topic)))
+    }
+}
+
+/// Whether `topic`'s levels (`None`: no levels left) fit `levels`.
+fn levels_match(levels: &[OwnLevel], topic: Option<&str>) -> bool {
+    fn split(t: &str) -> (&str, Option<&str>) {
+        match t.split_once('/') {
+            Some((first, rest)) => (first, Some(rest)),
+            None => (t, None),
+        }
+    }
+    match (levels.split_first(), topic) {
+        (None, rest) => rest.is_none(),
+        (Some(_), None) => false,
+        (Some((OwnLevel::Literal(l), more)), Some(t)) => {
+            let (first, rest) = split(t);
+            first == l && levels_match(more, rest)
+        }
+        (Some((OwnLevel::One, more)), Some(t)) => levels_match(more, split(t).1),
+        (Some((OwnLevel::Many, more)), Some(t)) => {
+            // One level or more: try every split after the first level.
+            let mut rest = split(t).1;
+            loop {
+                if levels_match(more, rest) {
+                    return true;
+                }
+                match rest {
+                    Some(r) => rest = split(r).1,
+                    None => return false,
+                }
+            }
+        }
+    }
+}
+
 /// The first `{` or `}` left in `text` once its placeholders are filled in: a `{…}`
 /// within one topic level, or a lone brace with the rest of its level (`{node` of
 /// `darkwatch/{node/alerts`). It would go to the broker as it is.
@@ -2663,6 +2749,39 @@ impl Publisher {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn own_output_topics_are_recognised_and_nothing_else() {
+        let own = OwnTopics::new([
+            "darkwatch/{node}/alerts/{stream}",
+            "darkwatch/{node}/status",
+            "darkwatch/{node}/scores/{stream}/{metric}",
+            "{node}/{stream}",
+        ]);
+        for topic in [
+            "darkwatch/n1/status",
+            "darkwatch/n1/alerts/n1",
+            "darkwatch/n1/alerts/gpu/layer6",
+            "darkwatch/other/scores/n1/anomaly_score",
+            "darkwatch/n1/scores/a/b/c/threshold",
+        ] {
+            assert!(own.matches(topic), "{topic}");
+        }
+        for topic in [
+            "telegraf/n1/cpu",
+            "darkwatch/n1/status/x",
+            "darkwatch/n1",
+            "darkwatch/n1/alerts",
+            "darkwatch/n1/scores/n1",
+            "darkwatch",
+            "",
+            "/darkwatch/n1/status",
+        ] {
+            assert!(!own.matches(topic), "{topic}");
+        }
+        // A template of placeholders alone would match every topic: left out.
+        assert!(!OwnTopics::new(["{node}/{stream}"]).matches("a/b"));
+    }
+
     use super::*;
 
     /// The refusals are told from rumqttd's ERROR lines as they read (0.20), and the

@@ -82,7 +82,8 @@ pub struct RecordSummary {
     pub incomplete: u64,
     /// Messages received (score messages included).
     pub messages: u64,
-    /// ExaMon score messages ignored (`[scores] plugin`).
+    /// darkwatch's own messages ignored: on its alert, status or score topics
+    /// ([`crate::mqtt::OwnTopics`]) or an ExaMon `[scores] plugin` topic.
     pub score_messages: u64,
     /// Messages (or Telegraf metrics) not decoded, by [`DecodeError::REASONS`].
     pub decode_errors: [u64; DecodeError::REASONS.len()],
@@ -142,7 +143,11 @@ impl std::fmt::Display for RecordSummary {
             refusals(self)
         )?;
         if self.score_messages > 0 {
-            write!(f, "; {} score messages ignored", self.score_messages)?;
+            write!(
+                f,
+                "; {} darkwatch messages (alerts, status, scores) ignored",
+                self.score_messages
+            )?;
         }
         if !self.new_metrics.is_empty() {
             write!(
@@ -290,6 +295,8 @@ enum Phase {
 /// The recording, apart from MQTT: messages in, rows out.
 pub struct Recorder {
     dec: Dec,
+    /// darkwatch's own output topics: not input, as for the agent.
+    own_topics: crate::mqtt::OwnTopics,
     assemble: AssemblerConfig,
     timestamp_column: String,
     opts: RecordOptions,
@@ -327,6 +334,7 @@ impl Recorder {
         let writer = RowWriter::create(&opts.out, opts.force)?;
         Ok(Recorder {
             dec,
+            own_topics: crate::mqtt::OwnTopics::of(&cfg.mqtt, &cfg.scores),
             assemble: cfg.assemble.clone(),
             timestamp_column: timestamp_column(cfg),
             discover_secs,
@@ -366,7 +374,7 @@ impl Recorder {
     /// As [`Self::tick`].
     pub fn take(&mut self, msg: Incoming) -> Result<(), RecordError> {
         self.summary.messages += 1;
-        if self.dec.is_score(&msg.as_received()) {
+        if self.own_topics.matches(&msg.topic) || self.dec.is_score(&msg.as_received()) {
             self.summary.score_messages += 1;
             return Ok(());
         }
