@@ -403,7 +403,7 @@ pub fn run(model: Arc<Model>, opts: &BenchOptions, sink: &mut dyn BenchSink) -> 
         heads: Vec::new(),
         skipped: Vec::new(),
         data_source: opts.data.as_ref().map(|g| g.source.clone()),
-        data_rows: data.nrows(),
+        data_rows: opts.data.as_ref().map_or(data.nrows(), |g| g.rows.nrows()),
         load_start,
         load_end: None,
         started_unix_s,

@@ -939,7 +939,18 @@ fn bench_rows(path: &Path, model: &Model) -> anyhow::Result<darkwatch::bench::Be
         );
     }
     if rows.nrows() == 0 {
-        anyhow::bail!("--input {} has no rows", path.display());
+        anyhow::bail!(
+            "--input {} has no rows{}",
+            path.display(),
+            if model.meta.window_frames > 1 {
+                format!(
+                    " for the model's windows of {} frames (it needs at least that many rows)",
+                    model.meta.window_frames
+                )
+            } else {
+                String::new()
+            }
+        );
     }
     if let Some((i, _)) = rows
         .outer_iter()

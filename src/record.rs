@@ -87,6 +87,9 @@ pub struct RecordSummary {
     pub score_messages: u64,
     /// Messages (or Telegraf metrics) not decoded, by [`DecodeError::REASONS`].
     pub decode_errors: [u64; DecodeError::REASONS.len()],
+    /// The same during discovery, for a recording that never left it (the held messages
+    /// are decoded again, and counted above, once it ends).
+    pub discovery_errors: [u64; DecodeError::REASONS.len()],
     /// Samples of the recorded stream the assembler refused, by [`Reject::REASONS`].
     pub rejected: [u64; Reject::REASONS.len()],
     /// The stream recorded (empty before discovery ends).
@@ -106,7 +109,12 @@ pub struct RecordSummary {
 
 fn refusals(s: &RecordSummary) -> String {
     let mut parts: Vec<String> = Vec::new();
-    for (n, why) in s.decode_errors.iter().zip(DecodeError::REASONS) {
+    let decode = if s.stream.is_empty() {
+        &s.discovery_errors
+    } else {
+        &s.decode_errors
+    };
+    for (n, why) in decode.iter().zip(DecodeError::REASONS) {
         if *n > 0 {
             parts.push(format!("{n} {why}"));
         }
@@ -218,7 +226,11 @@ impl Dec {
 /// The CSV file, one whole line per write, cut back to its last whole line if a write fails.
 struct RowWriter {
     file: File,
+    /// The file written: `--out`, or beside it a temporary one that replaces it at the end
+    /// (`--force` over an existing file, which a failed recording must leave as it was).
     path: PathBuf,
+    /// `--out`, when `path` is the temporary file.
+    replaces: Option<PathBuf>,
     len: u64,
     line: String,
 }
@@ -235,17 +247,30 @@ impl RowWriter {
                 path.display()
             )));
         }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true);
-        if force {
-            options.create(true).truncate(true);
+        // An existing file is replaced only once the recording has its rows: until then they
+        // go to a hidden file beside it (same folder, so the rename is atomic).
+        let (written, replaces) = if force && path.exists() {
+            let name = path
+                .file_name()
+                .map_or_else(|| "recording".into(), |n| n.to_string_lossy().into_owned());
+            let temp = path.with_file_name(format!(".{name}.record-{}", std::process::id()));
+            (temp, Some(path.to_owned()))
         } else {
-            options.create_new(true);
-        }
-        let file = options.open(path).map_err(io)?;
+            (path.to_owned(), None)
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&written)
+            .map_err(|source| RecordError::Io {
+                path: written.display().to_string(),
+                source,
+            })?;
+        let _ = io;
         Ok(RowWriter {
             file,
-            path: path.to_owned(),
+            path: written,
+            replaces,
             len: 0,
             line: String::new(),
         })
@@ -381,14 +406,18 @@ impl Recorder {
         match &mut self.phase {
             Phase::Discover { until, held, names } => {
                 let mut seen = false;
-                self.dec.decode(&msg.as_received(), &mut |r, _| {
-                    if let Ok(s) = r {
+                let errors = &mut self.summary.discovery_errors;
+                self.dec.decode(&msg.as_received(), &mut |r, _| match r {
+                    Ok(s) => {
                         seen = true;
                         names
                             .entry(s.stream.into_owned())
                             .or_default()
                             .insert(s.metric.into_owned());
                     }
+                    // Held messages are decoded again (and their refusals counted) once
+                    // discovery ends; until then these say why nothing decodes.
+                    Err(e) => errors[e.reason_index()] += 1,
                 });
                 if seen && until.is_none() {
                     *until = Some(msg.received_mono + self.discover_secs);
@@ -679,6 +708,13 @@ fn check_names(features: &[String], ts: &str) -> Result<(), RecordError> {
                 "metric {f:?} cannot be a CSV column name (empty, or a line break): leave it out with --metrics"
             )));
         }
+        // train trims column names: the model would name a metric the agent never sees.
+        if f.trim() != f {
+            return Err(RecordError::Refused(format!(
+                "metric {f:?} begins or ends with a space, which train's CSV reader trims: the model would expect {:?}, which the agent never receives; rename it at the sender, or leave it out with --metrics",
+                f.trim()
+            )));
+        }
         let clash = f.eq_ignore_ascii_case(ts)
             || crate::ingest::csv::AUTO_TIMESTAMP_NAMES
                 .iter()
@@ -730,7 +766,10 @@ pub fn record(
     let (frames, secs, progress_secs) = (opts.frames, opts.secs, opts.progress_secs.max(0.1));
     let mut rec = Recorder::new(cfg, opts)?;
     let filters = mcfg.subscribe_filters();
-    let mut options = mqtt::broker_options(mcfg, format!("{}-record", mcfg.client_id_for()))?;
+    let mut options = mqtt::broker_options(
+        mcfg,
+        format!("{}-record-{}", mcfg.client_id_for(), std::process::id()),
+    )?;
     options.set_clean_session(true);
     let (client, mut connection) = rumqttc::Client::new(options, 64);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Note>(4096);
@@ -867,6 +906,8 @@ pub fn record(
     };
     quit.store(true, Ordering::SeqCst);
     let _ = client.try_disconnect();
+    // The file written (a temporary one under `--force`), and the file it replaces.
+    let (written, replaces) = (rec.writer.path.clone(), rec.writer.replaces.clone());
     let had_header = rec.recording() || matches!(rec.phase, Phase::Discover { until: Some(_), .. });
     let ended_by = match result {
         Ok(e) => e,
@@ -874,7 +915,7 @@ pub fn record(
             // A file without its header line is no recording: it does not stay.
             if !rec.recording() {
                 drop(rec);
-                let _ = std::fs::remove_file(&out);
+                let _ = std::fs::remove_file(&written);
             }
             return Err(e);
         }
@@ -885,14 +926,14 @@ pub fn record(
             // Stopped in discovery with a refusal (several streams): no header, no file.
             if !rec.recording() {
                 drop(rec);
-                let _ = std::fs::remove_file(&out);
+                let _ = std::fs::remove_file(&written);
             }
             return Err(e);
         }
     };
     if !had_header {
         drop(rec);
-        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(&written);
         return Err(RecordError::Refused(format!(
             "no metric decoded from [mqtt] subscribe {} before the stop ({ended_by}; {} messages; refused: {}); {} removed",
             filters.join(","),
@@ -900,6 +941,13 @@ pub fn record(
             refusals(&summary),
             out.display()
         )));
+    }
+    if let Some(out) = &replaces {
+        drop(rec);
+        std::fs::rename(&written, out).map_err(|source| RecordError::Io {
+            path: format!("{} (renaming {} over it)", out.display(), written.display()),
+            source,
+        })?;
     }
     eprintln!(
         "darkwatch record: done ({ended_by}): {summary}; {}",

@@ -229,7 +229,10 @@ fn several_streams_are_refused_unless_one_is_named() {
             })
             .collect()
     };
-    let p = started(&cfg, &out, &["--discover-secs", "0.3"]);
+    // `--force` over a file: a recording that fails leaves it as it was (a review found it
+    // truncated at the start, then removed), and no temporary file behind.
+    std::fs::write(&out, "an earlier recording\n").unwrap();
+    let p = started(&cfg, &out, &["--force", "--discover-secs", "0.3"]);
     publish_all(port, &both(t0));
     let (status, err) = exit_of(p);
     assert_eq!(status.code(), Some(1), "{err}");
@@ -237,6 +240,15 @@ fn several_streams_are_refused_unless_one_is_named() {
         err.contains("2 streams sent metrics in discovery: \"n1\" (2 metrics), \"n2\" (3 metrics)")
             && err.contains("--stream NAME"),
         "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "an earlier recording\n"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "cfg and out only"
     );
     let p = started(
         &cfg,
