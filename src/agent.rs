@@ -1126,6 +1126,10 @@ pub struct ReloadChange {
     pub labels: Vec<&'static str>,
     /// The `[alert]` keys that changed how an episode fires, resolves or is reported.
     pub rules: Vec<&'static str>,
+    /// Keys that changed and take effect without dropping any state (`[alert]
+    /// resend_secs`, …): in the reload's log line too, which named only the others (an
+    /// operator's trial saw `changed=` with nothing after it).
+    pub other: Vec<&'static str>,
 }
 
 impl ReloadChange {
@@ -1164,12 +1168,12 @@ impl ReloadChange {
             alertname,
             severity,
             top_features,
-            resend_secs: _,
-            silence_secs: _,
+            resend_secs,
+            silence_secs,
             labels,
             // Not part of an alert's identity: a firing alert takes them in its next event.
-            annotations: _,
-            generator_url: _,
+            annotations,
+            generator_url,
         } = &old_cfg.alert;
         let new = &cfg.alert;
         let changed = |keys: &[(&'static str, bool)]| -> Vec<&'static str> {
@@ -1197,7 +1201,22 @@ impl ReloadChange {
                 ("suppress_frames", *suppress_frames == new.suppress_frames),
                 ("top_features", *top_features == new.top_features),
             ]),
+            other: changed(&[
+                ("[alert] resend_secs", *resend_secs == new.resend_secs),
+                ("[alert] silence_secs", *silence_secs == new.silence_secs),
+                ("[alert] annotations", *annotations == new.annotations),
+                ("[alert] generator_url", *generator_url == new.generator_url),
+                (
+                    "[assemble] forget_after_secs",
+                    old_cfg.assemble.forget_after_secs == cfg.assemble.forget_after_secs,
+                ),
+            ]),
         }
+    }
+
+    /// The keys of [`Self::other`], comma-separated (empty when none changed).
+    pub fn describe_other(&self) -> String {
+        self.other.join(", ")
     }
 
     /// Whether open windows (and a windowed model's lag windows) carry over.
@@ -1342,6 +1361,7 @@ fn apply_reload(
         kept_thresholds = change.keeps_thresholds(),
         kept_alert_state = change.keeps_alerts(),
         changed = %change.describe(),
+        also_changed = %change.describe_other(),
         "Reloaded the configuration and the model."
     );
     Ok((cfg, model, source, sink))
@@ -4528,6 +4548,9 @@ mod tests {
         resend.alert.resend_secs = 5.0;
         let change = ReloadChange::between(&cfg, &model, &resend, &model);
         assert!(change.keeps_alerts(), "{change:?}");
+        // Named in the reload's log line, though nothing is dropped for it.
+        assert_eq!(change.describe(), "");
+        assert_eq!(change.describe_other(), "[alert] resend_secs");
         sink = sink
             .reload(&resend, &model, test_streams(), &change)
             .unwrap();

@@ -107,6 +107,13 @@ def load_model(model_dir):
             or head.get("log_variance", "excess") != "bounded":
         sys.exit(f"{model_dir}: the numpy/torch peers re-implement a probabilistic model with the "
                  f"bounded wnll head; this one has output {arch.get('output')}, head {head}")
+    members = int(arch.get("members", 1) or 1)
+    window = int(meta.get("window_frames", 1) or 1)
+    if members != 1 or window != 1:
+        sys.exit(f"{model_dir}: the numpy/torch peers re-implement one network on one frame; "
+                 f"this model has {members} ensemble members and a window of {window} frames "
+                 f"(darkwatch trains 5 members below 20 inputs, and windows one-feature series): "
+                 f"time a model of 20 or more metrics, such as models/smd-machine-1-6")
     return meta, tensors
 
 
