@@ -1414,7 +1414,10 @@ fn missing_or_broken_model_exits_78_from_run_and_validate() {
     std::fs::write(bad_weights.join("model.safetensors"), b"not weights").unwrap();
     let cases = [
         (dir.path().join("nowhere"), "nowhere: no such folder"),
-        (empty.clone(), "empty holds no model.json: not a model folder"),
+        (
+            empty.clone(),
+            "empty holds no model.json: not a model folder",
+        ),
         (bad_json.clone(), "not valid model metadata"),
         (bad_weights.clone(), "checksum mismatch"),
     ];
