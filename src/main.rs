@@ -716,6 +716,30 @@ fn handle_signals(
     Ok(())
 }
 
+/// A signal thread for the commands that only stop (`record`, `alertmanager`): SIGTERM or
+/// SIGINT call `on_stop` once; SIGHUP calls `on_hup` and goes on.
+fn stop_on_signal(
+    on_hup: impl Fn() + Send + 'static,
+    on_stop: impl FnOnce() + Send + 'static,
+) -> Result<()> {
+    let (rt, mut term, mut hup) = signal_runtime()?;
+    std::thread::Builder::new()
+        .name("darkwatch-signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = term.recv() => break,
+                        _ = hup.recv() => on_hup(),
+                    }
+                }
+                on_stop();
+            });
+        })?;
+    Ok(())
+}
+
 /// A current-thread runtime for a signal thread, with SIGTERM and SIGHUP registered on it.
 /// Registered by the caller before the work starts, so an early SIGHUP is not fatal.
 fn signal_runtime() -> Result<(
@@ -761,22 +785,11 @@ fn record(
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let (rt, mut term, mut hup) = signal_runtime()?;
         let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("darkwatch-signals".into())
-            .spawn(move || {
-                rt.block_on(async {
-                    loop {
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => break,
-                            _ = term.recv() => break,
-                            _ = hup.recv() => {}
-                        }
-                    }
-                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                });
-            })?;
+        stop_on_signal(
+            || {},
+            move || stop.store(true, std::sync::atomic::Ordering::SeqCst),
+        )?;
     }
     match darkwatch::record::record(&cfg, opts, &stop) {
         Ok(_) => Ok(()),
@@ -815,23 +828,18 @@ fn alertmanager(config: Option<&Path>) -> Result<()> {
     darkwatch::alertmanager::check(&cfg).map_err(as_config)?;
     let stop = darkwatch::mqtt::ClientStop::default();
     {
-        let (rt, mut term, mut hup) = signal_runtime()?;
         let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("darkwatch-signals".into())
-            .spawn(move || {
-                rt.block_on(async {
-                    loop {
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => break,
-                            _ = term.recv() => break,
-                            _ = hup.recv() => tracing::info!("SIGHUP: the bridge does not reload; restart it to apply a new configuration."),
-                        }
-                    }
-                    tracing::info!("Signal received; posting the batch in hand and stopping.");
-                    stop.stop();
-                });
-            })?;
+        stop_on_signal(
+            || {
+                tracing::info!(
+                    "SIGHUP: the bridge does not reload; restart it to apply a new configuration."
+                );
+            },
+            move || {
+                tracing::info!("Signal received; posting the batch in hand and stopping.");
+                stop.stop();
+            },
+        )?;
     }
     let watchdog = systemd::watchdog_period(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),

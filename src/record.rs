@@ -909,27 +909,22 @@ pub fn record(
     // The file written (a temporary one under `--force`), and the file it replaces.
     let (written, replaces) = (rec.writer.path.clone(), rec.writer.replaces.clone());
     let had_header = rec.recording() || matches!(rec.phase, Phase::Discover { until: Some(_), .. });
+    // A file without its header line (a failure in discovery, or a refusal there such as
+    // several streams) is no recording: it does not stay.
+    let fail = |rec: Recorder, e: RecordError| -> Result<RecordSummary, RecordError> {
+        if !rec.recording() {
+            drop(rec);
+            let _ = std::fs::remove_file(&written);
+        }
+        Err(e)
+    };
     let ended_by = match result {
         Ok(e) => e,
-        Err(e) => {
-            // A file without its header line is no recording: it does not stay.
-            if !rec.recording() {
-                drop(rec);
-                let _ = std::fs::remove_file(&written);
-            }
-            return Err(e);
-        }
+        Err(e) => return fail(rec, e),
     };
     let summary = match rec.finish(ended_by) {
         Ok(s) => s,
-        Err(e) => {
-            // Stopped in discovery with a refusal (several streams): no header, no file.
-            if !rec.recording() {
-                drop(rec);
-                let _ = std::fs::remove_file(&written);
-            }
-            return Err(e);
-        }
+        Err(e) => return fail(rec, e),
     };
     if !had_header {
         drop(rec);
